@@ -1,0 +1,54 @@
+// Every limit of the node in one place; those that depend on each other are derived here.
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const GiB = 1024 * MiB;
+const TiB = 1024 * GiB;
+
+/** The unit of allocation, mapping and (later) checksumming in the pool. */
+export const chunkSizeBytes = 4 * KiB;
+/** Volume sizes are whole chunks, so a volume's last chunk is never partly outside it. */
+export const volumeSizeAlignBytes = chunkSizeBytes;
+/** Largest volume: 2^53 bytes would lose integer precision; 1 PiB leaves room in every offset sum. */
+export const volumeSizeMaxBytes = 1024 * TiB;
+
+/** Chunks per chunk file: 1 GiB files keep the count of open descriptors small and each file far below any FS limit. */
+export const chunksPerFile = (1 * GiB) / chunkSizeBytes;
+/** Open chunk files cached (lru-cache); past this the least recently used descriptor is closed. */
+export const openChunkFilesMax = 256;
+
+/** Chunks per page of a volume's map: a page covers 2 MiB of a volume and is allocated on first write. */
+export const mapPageChunks = 512;
+
+/** Largest NBD read or write payload; also the NBD_INFO_BLOCK_SIZE maximum we advertise. */
+export const requestBytesMax = 32 * MiB;
+/** Largest TRIM, WRITE_ZEROES, CACHE or BLOCK_STATUS range (no payload travels, so it can be large). */
+export const rangeRequestBytesMax = 4 * GiB - chunkSizeBytes;
+/** Preferred NBD block size advertised to clients. */
+export const preferredBlockBytes = chunkSizeBytes;
+/** Requests in flight per NBD connection; past this the connection stops reading from its socket. */
+export const requestsInFlightPerConnectionMax = 128;
+/** Payload bytes in flight per connection; bounds memory held by one client. */
+export const bytesInFlightPerConnectionMax = 4 * requestBytesMax;
+/** NBD connections served at once; one past it is closed at accept. */
+export const connectionsMax = 1024;
+/** Bytes one handshake option may carry: names are 64 bytes, so 64 KiB is generous, and bounds memory. */
+export const optionBytesMax = 64 * KiB;
+/** Options one connection may send before NBD_OPT_GO; ends a client that loops forever in the handshake. */
+export const optionsPerHandshakeMax = 1024;
+/** Extents one BLOCK_STATUS reply may carry. */
+export const blockStatusExtentsMax = 4096;
+/** Seconds a client may take to finish the handshake. */
+export const handshakeTimeoutMs = 30_000;
+
+/** Journal size that triggers a checkpoint of the metadata at the next flush. */
+export const journalCheckpointBytes = 64 * MiB;
+/** Journal space reserved ahead (zero-filled) so that a full file system cannot stop a metadata commit. */
+export const journalReserveBytes = 4 * MiB;
+/** Unflushed writes are committed in the background at least this often, as a file system's commit interval. */
+export const backgroundCommitIntervalMs = 5_000;
+
+/** Volumes in one pool. */
+export const volumesMax = 4096;
+/** Bytes one management API request body may carry. */
+export const apiBodyBytesMax = 64 * KiB;

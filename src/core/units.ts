@@ -1,0 +1,36 @@
+// Sizes on the command line take binary units: 512, 4KiB, 64MiB, 10GiB, 1TiB (K/M/G/T mean the same).
+import { ChunkdError } from './errors.ts';
+
+const multipliers: Record<string, number> = {
+  '': 1, B: 1,
+  K: 2 ** 10, KB: 2 ** 10, KIB: 2 ** 10,
+  M: 2 ** 20, MB: 2 ** 20, MIB: 2 ** 20,
+  G: 2 ** 30, GB: 2 ** 30, GIB: 2 ** 30,
+  T: 2 ** 40, TB: 2 ** 40, TIB: 2 ** 40,
+  P: 2 ** 50, PB: 2 ** 50, PIB: 2 ** 50,
+};
+
+/** Parses a size such as "10GiB" into bytes; refuses fractions of a byte and sizes past 2^53. */
+export function parseSize(text: string): number {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$/.exec(text);
+  const multiplier = match ? multipliers[match[2]!.toUpperCase()] : undefined;
+  if (!match || multiplier === undefined) {
+    throw ChunkdError.invalid(`invalid size "${text}": use a number with an optional unit (512, 4KiB, 64MiB, 10GiB, 1TiB)`);
+  }
+  const bytes = Number(match[1]) * multiplier;
+  if (!Number.isSafeInteger(bytes)) throw ChunkdError.invalid(`invalid size "${text}": not a whole number of bytes below 2^53`);
+  return bytes;
+}
+
+/** Formats bytes with the largest binary unit that keeps the number at or above 1. */
+export function formatSize(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  const text = Number.isInteger(value) ? String(value) : value.toFixed(value < 10 ? 2 : 1);
+  return `${text} ${units[unit]}`;
+}
