@@ -1,0 +1,203 @@
+// Physical chunk storage: chunk i lives at byte (i mod chunksPerFile) * chunkSize of chunk file
+// floor(i / chunksPerFile), a sparse file under <pool>/chunks. Files are opened on demand and kept in an LRU
+// cache of descriptors; a descriptor evicted while I/O uses it is closed when the last user lets go, so no
+// read or write ever lands on a reused descriptor. Files written since the last sync are remembered (at the
+// completion of each write, so a sync never misses a write that finished before it started).
+import fs from 'node:fs';
+import path from 'node:path';
+import { LRUCache } from 'lru-cache';
+import { assert } from '../core/assert.ts';
+import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
+import { punchHole, zeroRange } from './native.ts';
+
+const fileBytes = chunksPerFile * chunkSizeBytes;
+
+interface OpenFile {
+  fd: number;
+  users: number;
+  evicted: boolean;
+}
+
+export class ChunkFiles {
+  readonly directory: string;
+  readonly #files: LRUCache<number, OpenFile>;
+  readonly #opening = new Map<number, Promise<OpenFile>>();
+  #dirty = new Set<number>();
+  #zeroRangeWorks = true;
+
+  constructor(directory: string) {
+    this.directory = directory;
+    fs.mkdirSync(directory, { recursive: true });
+    this.#files = new LRUCache<number, OpenFile>({
+      max: openChunkFilesMax,
+      dispose: (file) => {
+        file.evicted = true;
+        if (file.users === 0) fs.close(file.fd, () => {});
+      },
+    });
+  }
+
+  /** Path of the chunk file that holds file index `fileIndex`. */
+  filePath(fileIndex: number): string {
+    return path.join(this.directory, `${fileIndex.toString().padStart(8, '0')}.chunk`);
+  }
+
+  /** Reads target.length bytes starting `offsetBytes` into physical chunk `physicalChunk`; unwritten bytes read as zeros. */
+  read(physicalChunk: number, offsetBytes: number, target: Buffer): Promise<void> {
+    return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, target.length, (file, position, start, end) =>
+      readFully(file.fd, target.subarray(start, end), position),
+    );
+  }
+
+  /** Writes `data` starting `offsetBytes` into physical chunk `physicalChunk`. */
+  write(physicalChunk: number, offsetBytes: number, data: Buffer): Promise<void> {
+    return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, data.length, async (file, position, start, end, fileIndex) => {
+      await writeFully(file.fd, data.subarray(start, end), position);
+      this.#dirty.add(fileIndex);
+    });
+  }
+
+  /** Gives the space of `chunkCount` chunks back to the file system; they read as zeros afterwards. */
+  punch(physicalChunk: number, chunkCount: number): Promise<void> {
+    return this.#eachFile(physicalChunk * chunkSizeBytes, chunkCount * chunkSizeBytes, async (file, position, start, end, fileIndex) => {
+      await punchHole(file.fd, position, end - start);
+      this.#dirty.add(fileIndex);
+    });
+  }
+
+  /** Makes `lengthBytes` from `offsetBytes` into `physicalChunk` read as zeros and stay allocated (WRITE_ZEROES with NO_HOLE). */
+  zero(physicalChunk: number, offsetBytes: number, lengthBytes: number): Promise<void> {
+    return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, lengthBytes, async (file, position, start, end, fileIndex) => {
+      if (this.#zeroRangeWorks) {
+        try {
+          await zeroRange(file.fd, position, end - start);
+          this.#dirty.add(fileIndex);
+          return;
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw error;
+          this.#zeroRangeWorks = false;
+        }
+      }
+      const zeros = Buffer.alloc(Math.min(end - start, 1024 * 1024));
+      for (let done = 0; done < end - start; done += zeros.length) {
+        const length = Math.min(zeros.length, end - start - done);
+        await writeFully(file.fd, zeros.subarray(0, length), position + done);
+      }
+      this.#dirty.add(fileIndex);
+    });
+  }
+
+  /** fdatasyncs every chunk file written since the last sync; on failure the files stay marked dirty. */
+  async sync(): Promise<void> {
+    const dirty = [...this.#dirty];
+    this.#dirty = new Set();
+    try {
+      await Promise.all(dirty.map((fileIndex) => this.#withFile(fileIndex, (file) => fdatasync(file.fd))));
+    } catch (error) {
+      for (const fileIndex of dirty) this.#dirty.add(fileIndex);
+      throw error;
+    }
+  }
+
+  /** Chunk files that exist, by index (for checks). */
+  existingFiles(): number[] {
+    return fs
+      .readdirSync(this.directory)
+      .filter((name) => /^\d{8}\.chunk$/.test(name))
+      .map((name) => Number(name.slice(0, 8)))
+      .sort((a, b) => a - b);
+  }
+
+  /** Closes every descriptor; in-flight I/O must have finished. */
+  close(): void {
+    this.#files.clear();
+  }
+
+  async #eachFile(
+    positionBytes: number,
+    lengthBytes: number,
+    action: (file: OpenFile, filePosition: number, start: number, end: number, fileIndex: number) => Promise<void>,
+  ): Promise<void> {
+    assert(lengthBytes >= 0);
+    const firstFile = Math.floor(positionBytes / fileBytes);
+    const lastFile = Math.floor((positionBytes + lengthBytes - 1) / fileBytes);
+    if (firstFile === lastFile || lengthBytes === 0) {
+      return this.#withFile(firstFile, (file) => action(file, positionBytes - firstFile * fileBytes, 0, lengthBytes, firstFile));
+    }
+    const parts: Promise<void>[] = [];
+    for (let fileIndex = firstFile; fileIndex <= lastFile; fileIndex++) {
+      const start = Math.max(positionBytes, fileIndex * fileBytes) - positionBytes;
+      const end = Math.min(positionBytes + lengthBytes, (fileIndex + 1) * fileBytes) - positionBytes;
+      parts.push(this.#withFile(fileIndex, (file) => action(file, positionBytes + start - fileIndex * fileBytes, start, end, fileIndex)));
+    }
+    await Promise.all(parts);
+  }
+
+  async #withFile<T>(fileIndex: number, action: (file: OpenFile) => Promise<T>): Promise<T> {
+    const file = this.#files.get(fileIndex) ?? (await this.#open(fileIndex));
+    file.users += 1;
+    try {
+      return await action(file);
+    } finally {
+      file.users -= 1;
+      if (file.evicted && file.users === 0) fs.close(file.fd, () => {});
+    }
+  }
+
+  #open(fileIndex: number): Promise<OpenFile> {
+    let opening = this.#opening.get(fileIndex);
+    if (opening === undefined) {
+      opening = new Promise<OpenFile>((resolve, reject) => {
+        fs.open(this.filePath(fileIndex), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600, (error, fd) => {
+          this.#opening.delete(fileIndex);
+          if (error) return reject(error);
+          const file: OpenFile = { fd, users: 0, evicted: false };
+          this.#files.set(fileIndex, file);
+          resolve(file);
+        });
+      });
+      this.#opening.set(fileIndex, opening);
+    }
+    return opening;
+  }
+}
+
+/** Reads until the buffer is full; bytes past the end of the file read as zeros (a sparse file's tail). */
+export function readFully(fd: number, target: Buffer, positionBytes: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let done = 0;
+    const step = (): void => {
+      fs.read(fd, target, done, target.length - done, positionBytes + done, (error, bytesRead) => {
+        if (error) return reject(error);
+        done += bytesRead;
+        if (bytesRead === 0 && done < target.length) {
+          target.fill(0, done);
+          done = target.length;
+        }
+        if (done < target.length) step();
+        else resolve();
+      });
+    };
+    step();
+  });
+}
+
+/** Writes the whole buffer, looping over short writes (they are not errors). */
+export function writeFully(fd: number, data: Buffer, positionBytes: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let done = 0;
+    const step = (): void => {
+      fs.write(fd, data, done, data.length - done, positionBytes + done, (error, written) => {
+        if (error) return reject(error);
+        done += written;
+        if (done < data.length) step();
+        else resolve();
+      });
+    };
+    step();
+  });
+}
+
+export function fdatasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (error) => (error ? reject(error) : resolve())));
+}

@@ -1,0 +1,459 @@
+// # The pool: chunkd's on-disk design
+//
+// A pool is a directory on one local file system:
+//
+//   chunkd-pool.json     format name and version, chunk size, chunks per file (written once, at creation)
+//   lock                 flock()ed by the one process (node or fsck) that owns the pool; holds its pid
+//   checkpoint           the whole catalog (volumes, sizes, chunk maps) as of the start of one journal generation
+//   journal-<gen>        the metadata records committed since that checkpoint (map, unmap, create, resize, remove)
+//   chunks/NNNNNNNN.chunk  sparse data files of 1 GiB each; physical chunk i is at (i mod 2^18) * 4 KiB of file i >> 18
+//
+// Data: a volume maps its 4 KiB virtual chunks to physical chunks (ChunkMap: a two-level table, pages only where
+// written). A write into owned chunks goes in place; a write into a hole gets one contiguous physical run from
+// the allocator. So space used is data written (at 4 KiB granularity, whatever the volume's size), a 1 MiB write
+// is one pwrite, and a 4 KiB overwrite writes 4 KiB. Trim and write-zeroes punch holes (fallocate), so the space
+// goes back to the file system, not only to the pool.
+//
+// Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint,
+// not by a general-purpose database (LMDB was weighed): the records are tiny and few (one per allocation or trim,
+// none for overwrites), replay is a fold of `applyRecord` (the same code the live node runs), group commit falls
+// out of one file append, and the crash-ordering rules below are ours to see and test rather than hidden in a
+// store's sync modes. The cost is that a checkpoint rewrites the whole map (compact: runs, not chunks).
+//
+// Invariants that make a crash at any moment safe:
+//  1. A map record is queued only after its chunk's data write completed; a commit fdatasyncs the chunk files
+//     before it writes the journal. So committed metadata never names a chunk whose data is not durable.
+//  2. A freed chunk is reused only after the commit that recorded the free is durable (deferred frees), so a
+//     crash can never show a volume a chunk that another volume has since written.
+//  3. Journal frames carry a crc32; replay stops at the first bad frame, so the replayed journal is a prefix of
+//     what was committed. A FLUSH replies only after its commit's fdatasync, so everything it covers is in it.
+//  4. A checkpoint is written to a temporary file, fsynced, renamed into place and the directory fsynced; only then
+//     does the next generation's journal start. A crash leaves the old checkpoint and journal, or the new ones.
+//  5. At load, chunks the metadata does not name are punched out: data written but never committed is space only.
+// After any failed fdatasync of data the pool refuses all further writes (a sticky error, as SQLite's pager):
+// the kernel may have dropped the pages, so later flushes could not be trusted.
+import fs from 'node:fs';
+import path from 'node:path';
+import { ChunkdError, fromSystemError } from '../core/errors.ts';
+import {
+  backgroundCommitIntervalMs,
+  chunkSizeBytes,
+  chunksPerFile,
+  journalCheckpointBytes,
+  volumeSizeAlignBytes,
+  volumeSizeMaxBytes,
+  volumesMax,
+} from '../core/limits.ts';
+import { validateName } from '../core/names.ts';
+import { formatSize } from '../core/units.ts';
+import { ChunkAllocator } from './allocator.ts';
+import { ChunkFiles } from './chunk-files.ts';
+import type { ChunkRun } from './chunk-map.ts';
+import { decodeCheckpoint, encodeCheckpoint } from './checkpoint.ts';
+import { JournalFile, readJournal } from './journal-file.ts';
+import { applyRecord, decodeJournal, emptyCatalog, encodeRecords, type Catalog, type MetaRecord } from './metadata.ts';
+import { tryLockExclusive } from './native.ts';
+import { RangeLock } from './range-lock.ts';
+import { Volume, type VolumeRuntime, type VolumeStore } from './volume.ts';
+
+export const poolFormatName = 'chunkd-pool';
+export const poolFormatVersion = 1;
+
+export interface VolumeInfo {
+  name: string;
+  sizeBytes: number;
+  allocatedBytes: number;
+  openCount: number;
+}
+
+export interface PoolStatus {
+  directory: string;
+  formatVersion: number;
+  volumeCount: number;
+  allocatedBytes: number;
+  journalBytes: number;
+  generation: number;
+  fileSystem: { sizeBytes: number; freeBytes: number };
+  failure: string | null;
+}
+
+export interface PoolOptions {
+  directory: string;
+  log?: (line: string) => void;
+}
+
+/** What a pool's metadata says after a checkpoint and journal replay; shared by the node and fsck. */
+export interface LoadedMetadata {
+  catalog: Catalog;
+  generation: number;
+  replayedRecords: number;
+  tornTail: boolean;
+}
+
+export class Pool implements VolumeStore {
+  readonly directory: string;
+  readonly chunkFiles: ChunkFiles;
+  readonly allocator: ChunkAllocator;
+  readonly #catalog: Catalog;
+  readonly #runtimes = new Map<number, VolumeRuntime>();
+  readonly #lockFd: number;
+  readonly #log: (line: string) => void;
+  #generation: number;
+  #journal: JournalFile;
+  #queue: MetaRecord[] = [];
+  #currentCommit: Promise<void> | null = null;
+  #pendingCommit: Promise<void> | null = null;
+  #failure: ChunkdError | null = null;
+  #timer: NodeJS.Timeout;
+  #closed = false;
+
+  private constructor(directory: string, lockFd: number, loaded: LoadedMetadata, allocator: ChunkAllocator, journal: JournalFile, log: (line: string) => void) {
+    this.directory = directory;
+    this.#lockFd = lockFd;
+    this.#catalog = loaded.catalog;
+    this.#generation = loaded.generation;
+    this.allocator = allocator;
+    this.chunkFiles = new ChunkFiles(path.join(directory, 'chunks'));
+    this.#journal = journal;
+    this.#log = log;
+    this.#timer = setInterval(() => {
+      if (this.#queue.length > 0) this.commit().catch((error) => this.#log(`background commit failed: ${(error as Error).message}`));
+    }, backgroundCommitIntervalMs);
+    this.#timer.unref();
+  }
+
+  /** Opens the pool in `directory`, creating it if the directory is missing or empty; locks it for this process. */
+  static async open(options: PoolOptions): Promise<Pool> {
+    const directory = path.resolve(options.directory);
+    const log = options.log ?? (() => {});
+    initializePool(directory);
+    const lockFd = lockPool(directory);
+    try {
+      const loaded = loadMetadata(directory);
+      let allocator: ChunkAllocator;
+      try {
+        allocator = ChunkAllocator.fromUsed(allUsedRuns(loaded.catalog));
+      } catch (error) {
+        throw ChunkdError.corrupt(`pool ${directory}: ${(error as Error).message}`);
+      }
+      // Start a fresh generation: the checkpoint absorbs the replayed journal (and drops any torn tail).
+      const generation = loaded.generation + 1;
+      await writeCheckpointFile(directory, encodeCheckpoint(loaded.catalog, generation));
+      const journal = await JournalFile.create(journalPath(directory, generation));
+      fsyncDirectory(directory);
+      removeOtherJournals(directory, generation);
+      const pool = new Pool(directory, lockFd, { ...loaded, generation }, allocator, journal, log);
+      await pool.#punchUnusedSpace();
+      if (loaded.replayedRecords > 0 || loaded.tornTail) {
+        log(`pool ${directory}: replayed ${loaded.replayedRecords} journal records${loaded.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
+      }
+      return pool;
+    } catch (error) {
+      fs.closeSync(lockFd);
+      throw error;
+    }
+  }
+
+  // ---- control ----
+
+  /** Creates a thin volume; nothing is allocated until it is written. */
+  async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+    this.#checkOpen();
+    validateName(name);
+    checkVolumeSize(sizeBytes);
+    if (this.#catalog.byName.has(name)) throw ChunkdError.exists(`volume ${name} already exists`);
+    if (this.#catalog.volumes.size >= volumesMax) throw ChunkdError.invalid(`a pool holds at most ${volumesMax} volumes`);
+    const volumeId = this.#catalog.nextVolumeId;
+    this.record({ type: 'create', volumeId, name, sizeBytes });
+    await this.commit();
+    return this.volumeInfo(name);
+  }
+
+  /** Removes a volume and gives its space back; refused while it is exported. */
+  async removeVolume(name: string): Promise<void> {
+    this.#checkOpen();
+    const runtime = this.#runtime(name);
+    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients first`);
+    // The chunks must not be handed out again before their space is punched, so they are freed only afterwards.
+    const freed: ChunkRun[] = [];
+    this.#apply({ type: 'remove', volumeId: runtime.meta.id }, (run) => freed.push(run));
+    this.#runtimes.delete(runtime.meta.id);
+    try {
+      await Promise.all(freed.map((run) => this.chunkFiles.punch(run.physicalChunk, run.chunkCount)));
+    } catch (error) {
+      this.#log(`volume ${name} removed, but giving back its space failed: ${(error as Error).message}`);
+    }
+    for (const run of freed) this.allocator.freeDeferred(run.physicalChunk, run.chunkCount);
+    await this.commit();
+  }
+
+  /** Grows a volume at once; shrinking needs `force` (the data past the new end is freed) and no open exports. */
+  async resizeVolume(name: string, sizeBytes: number, force = false): Promise<VolumeInfo> {
+    this.#checkOpen();
+    const runtime = this.#runtime(name);
+    checkVolumeSize(sizeBytes);
+    const oldSize = runtime.meta.sizeBytes;
+    if (sizeBytes < oldSize) {
+      if (!force) throw ChunkdError.invalid(`shrinking volume ${name} from ${formatSize(oldSize)} to ${formatSize(sizeBytes)} discards data: pass --force`);
+      if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); it can shrink only when no client has it open`);
+      const firstCut = sizeBytes / chunkSizeBytes;
+      const runs = runtime.meta.map.runs(firstCut, oldSize / chunkSizeBytes - firstCut).filter((run) => run.physicalChunk >= 0);
+      await Promise.all(runs.map((run) => this.chunkFiles.punch(run.physicalChunk, run.chunkCount)));
+      for (const run of runs) this.record({ type: 'unmap', volumeId: runtime.meta.id, virtualChunk: run.virtualChunk, chunkCount: run.chunkCount });
+    }
+    if (sizeBytes !== oldSize) this.record({ type: 'resize', volumeId: runtime.meta.id, sizeBytes });
+    await this.commit();
+    return this.volumeInfo(name);
+  }
+
+  listVolumes(): VolumeInfo[] {
+    return [...this.#catalog.byName.keys()].sort().map((name) => this.volumeInfo(name));
+  }
+
+  volumeInfo(name: string): VolumeInfo {
+    const runtime = this.#runtime(name);
+    const meta = runtime.meta;
+    return { name: meta.name, sizeBytes: meta.sizeBytes, allocatedBytes: meta.map.mappedCount * chunkSizeBytes, openCount: runtime.openCount };
+  }
+
+  hasVolume(name: string): boolean {
+    return this.#catalog.byName.has(name);
+  }
+
+  /** Opens a volume for I/O; close() the result when done. */
+  openVolume(name: string): Volume {
+    this.#checkOpen();
+    return new Volume(this, this.#runtime(name));
+  }
+
+  async status(): Promise<PoolStatus> {
+    const stats = await fs.promises.statfs(this.directory);
+    return {
+      directory: this.directory,
+      formatVersion: poolFormatVersion,
+      volumeCount: this.#catalog.volumes.size,
+      allocatedBytes: this.allocator.usedCount * chunkSizeBytes,
+      journalBytes: this.#journal.sizeBytes,
+      generation: this.#generation,
+      fileSystem: { sizeBytes: stats.blocks * stats.bsize, freeBytes: stats.bavail * stats.bsize },
+      failure: this.#failure?.message ?? null,
+    };
+  }
+
+  /** Commits everything, writes a final checkpoint and releases the pool's lock. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    clearInterval(this.#timer);
+    try {
+      if (this.#failure === null) await this.commit();
+    } finally {
+      this.#closed = true;
+      this.#journal.close();
+      this.chunkFiles.close();
+      fs.closeSync(this.#lockFd);
+    }
+  }
+
+  // ---- VolumeStore: what volumes call ----
+
+  record(record: MetaRecord): void {
+    this.#apply(record, (run) => this.allocator.freeDeferred(run.physicalChunk, run.chunkCount));
+  }
+
+  #apply(record: MetaRecord, onFree: (run: ChunkRun) => void): void {
+    applyRecord(this.#catalog, record, onFree);
+    this.#queue.push(record);
+  }
+
+  checkHealthy(): void {
+    if (this.#failure !== null) throw this.#failure;
+    if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the pool is closed');
+  }
+
+  /** Makes every write completed before this call durable; concurrent callers share one commit (group commit). */
+  commit(): Promise<void> {
+    if (this.#pendingCommit !== null) return this.#pendingCommit;
+    const previous = this.#currentCommit ?? Promise.resolve();
+    const next: Promise<void> = previous
+      .catch(() => {})
+      .then(() => {
+        this.#pendingCommit = null;
+        this.#currentCommit = next;
+        return this.#runCommit();
+      })
+      .finally(() => {
+        if (this.#currentCommit === next) this.#currentCommit = null;
+      });
+    this.#pendingCommit = next;
+    return next;
+  }
+
+  async #runCommit(): Promise<void> {
+    this.checkHealthy();
+    const records = this.#queue;
+    this.#queue = [];
+    const freeMark = this.allocator.deferredMark();
+    const checkpoint = this.#journal.sizeBytes >= journalCheckpointBytes ? encodeCheckpoint(this.#catalog, this.#generation + 1) : null;
+    try {
+      await this.chunkFiles.sync();
+    } catch (error) {
+      this.#queue = records.concat(this.#queue);
+      this.#failure = ChunkdError.io(`syncing chunk files failed (${(error as Error).message}); the pool refuses writes until the node restarts`, error);
+      this.#log(this.#failure.message);
+      throw this.#failure;
+    }
+    try {
+      if (checkpoint !== null) await this.#startGeneration(checkpoint);
+      else await this.#journal.append(encodeRecords(records));
+    } catch (error) {
+      this.#queue = records.concat(this.#queue);
+      throw fromSystemError(error, 'metadata commit');
+    }
+    this.allocator.releaseDeferred(freeMark);
+  }
+
+  async #startGeneration(checkpoint: Buffer): Promise<void> {
+    const generation = this.#generation + 1;
+    await writeCheckpointFile(this.directory, checkpoint);
+    const journal = await JournalFile.create(journalPath(this.directory, generation));
+    fsyncDirectory(this.directory);
+    const old = this.#journal;
+    this.#journal = journal;
+    this.#generation = generation;
+    old.close();
+    fs.rmSync(old.path, { force: true });
+  }
+
+  async #punchUnusedSpace(): Promise<void> {
+    const tasks: Array<Promise<void>> = [];
+    for (const extent of this.allocator.freeExtents()) tasks.push(this.chunkFiles.punch(extent.start, extent.count));
+    const files = this.chunkFiles.existingFiles();
+    const lastFile = files[files.length - 1];
+    if (lastFile !== undefined) {
+      const end = (lastFile + 1) * chunksPerFile;
+      if (end > this.allocator.highWater) tasks.push(this.chunkFiles.punch(this.allocator.highWater, end - this.allocator.highWater));
+    }
+    await Promise.all(tasks);
+  }
+
+  #runtime(name: string): VolumeRuntime {
+    const meta = this.#catalog.byName.get(name);
+    if (meta === undefined) throw ChunkdError.notFound(`no volume named ${name}`);
+    let runtime = this.#runtimes.get(meta.id);
+    if (runtime === undefined) {
+      runtime = { meta, lock: new RangeLock(), openCount: 0 };
+      this.#runtimes.set(meta.id, runtime);
+    }
+    return runtime;
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the pool is closed');
+  }
+}
+
+function checkVolumeSize(sizeBytes: number): void {
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % volumeSizeAlignBytes !== 0 || sizeBytes > volumeSizeMaxBytes) {
+    throw ChunkdError.invalid(`invalid volume size ${sizeBytes}: it must be a positive multiple of ${formatSize(volumeSizeAlignBytes)} up to ${formatSize(volumeSizeMaxBytes)}`);
+  }
+}
+
+function* allUsedRuns(catalog: Catalog): Generator<{ physicalChunk: number; chunkCount: number }> {
+  for (const volume of catalog.volumes.values()) yield* volume.map.mappedRuns();
+}
+
+function journalPath(directory: string, generation: number): string {
+  return path.join(directory, `journal-${generation}`);
+}
+
+/** Creates the pool's marker file in a missing or empty directory; refuses a non-empty directory that is not a pool. */
+export function initializePool(directory: string): void {
+  fs.mkdirSync(directory, { recursive: true, mode: 0o700 });
+  const markerPath = path.join(directory, 'chunkd-pool.json');
+  if (fs.existsSync(markerPath)) return;
+  const entries = fs.readdirSync(directory).filter((name) => !name.endsWith('.sock') && name !== 'lock');
+  if (entries.length > 0) throw ChunkdError.invalid(`${directory} is not empty and holds no chunkd pool (no chunkd-pool.json); use an empty or new directory`);
+  const marker = { format: poolFormatName, formatVersion: poolFormatVersion, chunkSizeBytes, chunksPerFile, createdAt: new Date().toISOString() };
+  const temporary = `${markerPath}.tmp`;
+  fs.writeFileSync(temporary, `${JSON.stringify(marker, null, 2)}\n`, { mode: 0o600 });
+  fsyncFile(temporary);
+  fs.renameSync(temporary, markerPath);
+  fsyncDirectory(directory);
+}
+
+/** Checks the marker file; throws a clear error for anything that is not a pool of this version. */
+export function checkPoolMarker(directory: string): void {
+  const markerPath = path.join(directory, 'chunkd-pool.json');
+  let marker: { format?: unknown; formatVersion?: unknown; chunkSizeBytes?: unknown; chunksPerFile?: unknown };
+  try {
+    marker = JSON.parse(fs.readFileSync(markerPath, 'utf8'));
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') throw ChunkdError.notFound(`${directory} is not a chunkd pool (no chunkd-pool.json)`);
+    throw ChunkdError.corrupt(`${markerPath} is unreadable: ${(error as Error).message}`);
+  }
+  if (marker.format !== poolFormatName) throw ChunkdError.corrupt(`${markerPath} does not describe a chunkd pool`);
+  if (marker.formatVersion !== poolFormatVersion) throw ChunkdError.invalid(`pool ${directory} has format version ${String(marker.formatVersion)}; this chunkd reads version ${poolFormatVersion}`);
+  if (marker.chunkSizeBytes !== chunkSizeBytes || marker.chunksPerFile !== chunksPerFile) throw ChunkdError.invalid(`pool ${directory} was made with another chunk geometry`);
+}
+
+/** Takes the pool's lock for this process; refuses with EBUSY (naming the holder's pid) if another has it. */
+export function lockPool(directory: string): number {
+  const lockPath = path.join(directory, 'lock');
+  const fd = fs.openSync(lockPath, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+  if (!tryLockExclusive(fd)) {
+    const holder = fs.readFileSync(lockPath, 'utf8').trim();
+    fs.closeSync(fd);
+    throw ChunkdError.busy(`pool ${directory} is in use by another chunkd process${holder ? ` (pid ${holder})` : ''}`);
+  }
+  fs.ftruncateSync(fd, 0);
+  fs.writeSync(fd, `${process.pid}\n`, 0);
+  return fd;
+}
+
+/** Reads the checkpoint and replays its journal, without changing anything on disk. */
+export function loadMetadata(directory: string): LoadedMetadata {
+  checkPoolMarker(directory);
+  const checkpointPath = path.join(directory, 'checkpoint');
+  let catalog = emptyCatalog();
+  let generation = 0;
+  if (fs.existsSync(checkpointPath)) {
+    ({ catalog, generation } = decodeCheckpoint(fs.readFileSync(checkpointPath)));
+  }
+  const bytes = readJournal(journalPath(directory, generation));
+  if (bytes === null) return { catalog, generation, replayedRecords: 0, tornTail: false };
+  const journal = decodeJournal(bytes);
+  for (const record of journal.records) applyRecord(catalog, record, () => {});
+  return { catalog, generation, replayedRecords: journal.records.length, tornTail: journal.tornTail };
+}
+
+async function writeCheckpointFile(directory: string, bytes: Buffer): Promise<void> {
+  const target = path.join(directory, 'checkpoint');
+  const temporary = `${target}.tmp`;
+  const handle = await fs.promises.open(temporary, 'w', 0o600);
+  try {
+    await handle.writeFile(bytes);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await fs.promises.rename(temporary, target);
+}
+
+function removeOtherJournals(directory: string, generation: number): void {
+  for (const name of fs.readdirSync(directory)) {
+    if (/^journal-\d+$/.test(name) && name !== `journal-${generation}`) fs.rmSync(path.join(directory, name), { force: true });
+  }
+}
+
+function fsyncFile(filePath: string): void {
+  const fd = fs.openSync(filePath, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+export function fsyncDirectory(directory: string): void {
+  fsyncFile(directory);
+}
