@@ -88,9 +88,27 @@ export class ChunkMap {
   runs(virtualChunk: number, chunkCount: number): ChunkRun[] {
     const result: ChunkRun[] = [];
     const end = virtualChunk + chunkCount;
+    const firstPage = Math.floor(virtualChunk / mapPageChunks);
+    const pageSpan = Math.ceil(end / mapPageChunks) - firstPage;
+    // A range wider than the pages that exist (a huge, sparse volume) walks the existing pages, not the range.
+    const pageIndexes = pageSpan > 2 * this.#pages.size + 8 ? this.#sortedPagesIn(firstPage, firstPage + pageSpan) : null;
     let v = virtualChunk;
+    let next = 0;
     while (v < end) {
-      const pageIndex = Math.floor(v / mapPageChunks);
+      let pageIndex = Math.floor(v / mapPageChunks);
+      if (pageIndexes !== null) {
+        while (next < pageIndexes.length && pageIndexes[next]! < pageIndex) next += 1;
+        const nextPage = pageIndexes[next];
+        if (nextPage === undefined || nextPage * mapPageChunks >= end) {
+          pushRun(result, v, end - v, -1);
+          break;
+        }
+        if (nextPage > pageIndex) {
+          pushRun(result, v, nextPage * mapPageChunks - v, -1);
+          v = nextPage * mapPageChunks;
+          pageIndex = nextPage;
+        }
+      }
       const pageEnd = Math.min(end, (pageIndex + 1) * mapPageChunks);
       const page = this.#pages.get(pageIndex);
       if (page === undefined) {
@@ -101,6 +119,12 @@ export class ChunkMap {
       for (; v < pageEnd; v++) pushRun(result, v, 1, page.slots[v % mapPageChunks]! - 1);
     }
     return result;
+  }
+
+  #sortedPagesIn(firstPage: number, endPage: number): number[] {
+    const indexes: number[] = [];
+    for (const pageIndex of this.#pages.keys()) if (pageIndex >= firstPage && pageIndex < endPage) indexes.push(pageIndex);
+    return indexes.sort((a, b) => a - b);
   }
 
   /** Every mapped run of the volume in virtual order (for checkpoints and checks). */

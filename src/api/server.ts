@@ -1,0 +1,143 @@
+// The management API: HTTP/1.1 + JSON on a unix socket (mode 0600), routes under /v1/, and /metrics in
+// Prometheus text format. It validates what comes in (names, sizes, body size) and calls the control plane;
+// every ChunkdError becomes a JSON error with a status code and the error's stable code.
+import fs from 'node:fs';
+import http from 'node:http';
+import { ChunkdError, type ErrorCode } from '../core/errors.ts';
+import { apiBodyBytesMax } from '../core/limits.ts';
+import { validateName } from '../core/names.ts';
+import { claimSocketPath } from '../node/unix-socket.ts';
+import type { VolumeInfo } from '../store/pool.ts';
+
+export interface ControlPlane {
+  listVolumes(): VolumeInfo[];
+  volumeInfo(name: string): VolumeInfo;
+  createVolume(name: string, sizeBytes: number): Promise<VolumeInfo>;
+  resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo>;
+  removeVolume(name: string): Promise<void>;
+  status(): Promise<unknown>;
+  metrics(): Promise<string>;
+}
+
+const statusByCode: Partial<Record<ErrorCode, number>> = {
+  EINVAL: 400,
+  EBADNAME: 400,
+  ENOENT: 404,
+  EEXIST: 409,
+  EBUSY: 409,
+  EPERM: 403,
+  ENOSPC: 507,
+  ESHUTDOWN: 503,
+};
+
+export class ApiServer {
+  readonly #control: ControlPlane;
+  readonly #server: http.Server;
+  #socketPath: string | null = null;
+
+  constructor(control: ControlPlane) {
+    this.#control = control;
+    this.#server = http.createServer((request, response) => {
+      this.#handle(request, response).catch((error: unknown) => sendError(response, error));
+    });
+  }
+
+  /** Listens on a unix socket readable by its owner only; a stale socket from a crashed node is replaced. */
+  async listen(socketPath: string): Promise<void> {
+    await claimSocketPath(socketPath);
+    const oldMask = process.umask(0o177);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        this.#server.once('error', reject);
+        this.#server.listen(socketPath, () => {
+          this.#server.off('error', reject);
+          resolve();
+        });
+      });
+    } finally {
+      process.umask(oldMask);
+    }
+    fs.chmodSync(socketPath, 0o600);
+    this.#socketPath = socketPath;
+  }
+
+  async close(): Promise<void> {
+    this.#server.closeAllConnections();
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    if (this.#socketPath !== null) fs.rmSync(this.#socketPath, { force: true });
+  }
+
+  async #handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {
+    const url = new URL(request.url ?? '/', 'http://chunkd');
+    const parts = url.pathname.split('/').filter((part) => part !== '').map((part) => decodeURIComponent(part));
+    const method = request.method ?? 'GET';
+    const route = `${method} /${parts.map((part, i) => (i >= 2 ? ':' : part)).join('/')}`;
+    const body = await readBody(request);
+    switch (route) {
+      case 'GET /metrics':
+        response.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' });
+        response.end(await this.#control.metrics());
+        return;
+      case 'GET /v1/status':
+        return sendJson(response, 200, await this.#control.status());
+      case 'GET /v1/volumes':
+        return sendJson(response, 200, { volumes: this.#control.listVolumes() });
+      case 'POST /v1/volumes': {
+        const name = validateName(body.name);
+        return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes)));
+      }
+      case 'GET /v1/volumes/:':
+        return sendJson(response, 200, this.#control.volumeInfo(validateName(parts[2])));
+      case 'PATCH /v1/volumes/:':
+        return sendJson(response, 200, await this.#control.resizeVolume(validateName(parts[2]), sizeField(body.sizeBytes), body.force === true));
+      case 'DELETE /v1/volumes/:':
+        await this.#control.removeVolume(validateName(parts[2]));
+        return sendJson(response, 200, { removed: parts[2] });
+      default:
+        throw new ChunkdError(parts[0] === 'v1' || parts[0] === 'metrics' ? 'EINVAL' : 'ENOENT', `no route ${method} ${url.pathname}`);
+    }
+  }
+}
+
+function sizeField(value: unknown): number {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value)) throw ChunkdError.invalid('sizeBytes must be a whole number of bytes');
+  return value;
+}
+
+async function readBody(request: http.IncomingMessage): Promise<Record<string, unknown>> {
+  const chunks: Buffer[] = [];
+  let total = 0;
+  for await (const chunk of request) {
+    total += (chunk as Buffer).length;
+    if (total > apiBodyBytesMax) throw ChunkdError.invalid(`request body over ${apiBodyBytesMax} bytes`);
+    chunks.push(chunk as Buffer);
+  }
+  if (total === 0) return {};
+  try {
+    const value: unknown = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+    if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new Error('not an object');
+    return value as Record<string, unknown>;
+  } catch {
+    throw ChunkdError.invalid('request body is not a JSON object');
+  }
+}
+
+function sendJson(response: http.ServerResponse, status: number, value: unknown): void {
+  const body = `${JSON.stringify(value)}\n`;
+  response.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+  response.end(body);
+}
+
+function sendError(response: http.ServerResponse, error: unknown): void {
+  if (!(error instanceof ChunkdError)) {
+    // A bug: answer, so the CLI does not hang, and let it surface in the node's log.
+    console.error(error);
+    if (!response.headersSent) sendJson(response, 500, { error: { code: 'EIO', message: `internal error: ${(error as Error).message}` } });
+    return;
+  }
+  if (response.headersSent) {
+    response.destroy();
+    return;
+  }
+  sendJson(response, statusByCode[error.code] ?? 500, { error: { code: error.code, message: error.message } });
+}

@@ -1,0 +1,168 @@
+// The chunkd command: parses arguments, then either runs a node (serve), checks a pool offline (fsck), or talks
+// to a running node's API. Success exits 0; failure prints one clear line on stderr and exits non-zero.
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import path from 'node:path';
+import { ChunkdError } from '../core/errors.ts';
+import { validateName } from '../core/names.ts';
+import { formatSize, parseSize } from '../core/units.ts';
+import { fsckPool } from '../store/fsck.ts';
+import type { VolumeInfo } from '../store/pool.ts';
+import { callApi } from './api-client.ts';
+import { serve } from './serve.ts';
+
+const usage = `usage: chunkd <command> [options]
+
+  serve [--pool DIR] [--listen HOST:PORT|none] [--socket PATH] [--api PATH] [--default-volume NAME:SIZE]
+                                     run a node in the foreground (pool ./data, NBD on 127.0.0.1:10809)
+  volume create NAME --size SIZE     create a thin volume (sizes: 512, 4KiB, 64MiB, 10GiB, 1TiB)
+  volume list [--json]
+  volume info NAME [--json]          declared size and bytes allocated
+  volume resize NAME --size SIZE [--force]
+                                     grow; shrinking discards data and needs --force
+  volume rm NAME
+  status [--json]                    the node's pool, volumes, connections
+  fsck --pool DIR [--json]           offline check of a pool no node holds; exit 0 only when clean
+
+  The CLI finds the node through --api PATH, else $CHUNKD_API, else ./data/chunkd.sock.`;
+
+/** Runs the command line; returns the exit code. */
+export async function main(argv: string[]): Promise<number> {
+  try {
+    return await run(argv);
+  } catch (error) {
+    if (error instanceof ChunkdError) {
+      process.stderr.write(`chunkd: ${error.message}\n`);
+      return 1;
+    }
+    if ((error as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS')) {
+      process.stderr.write(`chunkd: ${(error as Error).message}\n`);
+      return 2;
+    }
+    throw error;
+  }
+}
+
+const commonOptions = {
+  api: { type: 'string' },
+  json: { type: 'boolean' },
+  help: { type: 'boolean', short: 'h' },
+} as const satisfies ParseArgsConfig['options'];
+
+async function run(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  if (command === undefined || command === 'help' || command === '--help' || command === '-h') {
+    process.stdout.write(`${usage}\n`);
+    return command === undefined ? 2 : 0;
+  }
+  switch (command) {
+    case 'serve':
+      return serve(rest);
+    case 'volume':
+      return volumeCommand(rest);
+    case 'status':
+      return statusCommand(rest);
+    case 'fsck':
+      return fsckCommand(rest);
+    default:
+      throw ChunkdError.invalid(`unknown command "${command}" (run chunkd --help)`);
+  }
+}
+
+function apiPath(option: string | undefined): string {
+  return option ?? process.env.CHUNKD_API ?? path.join('data', 'chunkd.sock');
+}
+
+function print(json: boolean | undefined, value: unknown, text: () => string): void {
+  process.stdout.write(json ? `${JSON.stringify(value, null, 2)}\n` : `${text()}\n`);
+}
+
+function describeVolume(volume: VolumeInfo): string {
+  return `${volume.name}\tsize ${formatSize(volume.sizeBytes)} (${volume.sizeBytes} bytes)\tallocated ${formatSize(volume.allocatedBytes)} (${volume.allocatedBytes} bytes)`;
+}
+
+async function volumeCommand(argv: string[]): Promise<number> {
+  const [verb, ...rest] = argv;
+  const { values, positionals } = parseArgs({
+    args: rest,
+    allowPositionals: true,
+    options: { ...commonOptions, size: { type: 'string' }, force: { type: 'boolean' } },
+  });
+  const socket = apiPath(values.api);
+  const name = (): string => {
+    if (positionals.length !== 1) throw ChunkdError.invalid(`volume ${verb} takes one volume name`);
+    return validateName(positionals[0]);
+  };
+  const size = (): number => {
+    if (values.size === undefined) throw ChunkdError.invalid(`volume ${verb} needs --size SIZE`);
+    return parseSize(values.size);
+  };
+  switch (verb) {
+    case 'create': {
+      const volumeName = name();
+      const volume = (await callApi(socket, 'POST', '/v1/volumes', { name: volumeName, sizeBytes: size() })) as VolumeInfo;
+      print(values.json, volume, () => `created volume ${volume.name} of ${formatSize(volume.sizeBytes)}`);
+      return 0;
+    }
+    case 'list': {
+      const { volumes } = (await callApi(socket, 'GET', '/v1/volumes')) as { volumes: VolumeInfo[] };
+      print(values.json, volumes, () => (volumes.length === 0 ? 'no volumes' : volumes.map(describeVolume).join('\n')));
+      return 0;
+    }
+    case 'info': {
+      const volume = (await callApi(socket, 'GET', `/v1/volumes/${encodeURIComponent(name())}`)) as VolumeInfo;
+      print(values.json, volume, () => describeVolume(volume));
+      return 0;
+    }
+    case 'resize': {
+      const volumeName = name();
+      const volume = (await callApi(socket, 'PATCH', `/v1/volumes/${encodeURIComponent(volumeName)}`, { sizeBytes: size(), force: values.force === true })) as VolumeInfo;
+      print(values.json, volume, () => `volume ${volume.name} is now ${formatSize(volume.sizeBytes)}`);
+      return 0;
+    }
+    case 'rm': {
+      const volumeName = name();
+      await callApi(socket, 'DELETE', `/v1/volumes/${encodeURIComponent(volumeName)}`);
+      print(values.json, { removed: volumeName }, () => `removed volume ${volumeName}`);
+      return 0;
+    }
+    default:
+      throw ChunkdError.invalid(`unknown volume command "${verb ?? ''}": use create, list, info, resize or rm`);
+  }
+}
+
+async function statusCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({ args: argv, options: commonOptions });
+  const status = (await callApi(apiPath(values.api), 'GET', '/v1/status')) as {
+    pid: number;
+    uptimeSeconds: number;
+    pool: { directory: string; allocatedBytes: number; fileSystem: { freeBytes: number }; failure: string | null };
+    volumes: VolumeInfo[];
+    nbd: { listen: string[]; connectionsOpen: number; requestsTotal: number };
+    eventLoopUtilization: number;
+  };
+  print(values.json, status, () =>
+    [
+      `node pid ${status.pid}, up ${status.uptimeSeconds} s`,
+      `pool ${status.pool.directory}: ${formatSize(status.pool.allocatedBytes)} allocated, ${formatSize(status.pool.fileSystem.freeBytes)} free on its file system${status.pool.failure ? `, FAILED: ${status.pool.failure}` : ''}`,
+      `nbd ${status.nbd.listen.join(', ') || '(not listening)'}: ${status.nbd.connectionsOpen} connections, ${status.nbd.requestsTotal} requests served`,
+      `event loop utilisation ${(status.eventLoopUtilization * 100).toFixed(1)}%`,
+      `volumes: ${status.volumes.length}`,
+      ...status.volumes.map((volume) => `  ${describeVolume(volume)}`),
+    ].join('\n'),
+  );
+  return 0;
+}
+
+function fsckCommand(argv: string[]): number {
+  const { values } = parseArgs({ args: argv, options: { ...commonOptions, pool: { type: 'string' } } });
+  const report = fsckPool(values.pool ?? 'data');
+  print(values.json, report, () =>
+    [
+      `pool ${report.directory}: ${report.clean ? 'clean' : 'NOT CLEAN'}`,
+      `  ${report.volumeCount} volumes, ${formatSize(report.mappedBytes)} mapped, generation ${report.generation}, ${report.replayedRecords} journal records`,
+      ...report.errors.map((line) => `  error: ${line}`),
+      ...report.warnings.map((line) => `  warning: ${line}`),
+    ].join('\n'),
+  );
+  return report.clean ? 0 : 1;
+}

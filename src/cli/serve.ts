@@ -1,0 +1,57 @@
+// chunkd serve: runs a node in the foreground until SIGINT or SIGTERM, then stops it cleanly and exits 0.
+import { parseArgs } from 'node:util';
+import { ChunkdError } from '../core/errors.ts';
+import { validateName } from '../core/names.ts';
+import { parseSize } from '../core/units.ts';
+import { ChunkdNode } from '../node/node.ts';
+
+/** Parses HOST:PORT (IPv6 as [::1]:PORT), or "none" for no TCP listener. */
+export function parseListen(text: string): { host: string; port: number } | null {
+  if (text === 'none') return null;
+  const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(text);
+  const port = match ? Number(match[3]) : NaN;
+  if (!match || port > 65535) throw ChunkdError.invalid(`invalid --listen "${text}": use HOST:PORT, e.g. 127.0.0.1:10809, or none`);
+  return { host: match[1] ?? match[2]!, port };
+}
+
+/** Parses NAME:SIZE for --default-volume. */
+export function parseDefaultVolume(text: string): { name: string; sizeBytes: number } {
+  const colon = text.lastIndexOf(':');
+  if (colon < 0) throw ChunkdError.invalid(`invalid --default-volume "${text}": use NAME:SIZE, e.g. default:10GiB`);
+  return { name: validateName(text.slice(0, colon)), sizeBytes: parseSize(text.slice(colon + 1)) };
+}
+
+export async function serve(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      pool: { type: 'string', default: 'data' },
+      listen: { type: 'string', default: '127.0.0.1:10809' },
+      socket: { type: 'string' },
+      api: { type: 'string' },
+      'default-volume': { type: 'string' },
+    },
+  });
+  const log = (line: string): void => {
+    process.stderr.write(`${new Date().toISOString()} chunkd: ${line}\n`);
+  };
+  const node = await ChunkdNode.start({
+    poolDirectory: values.pool,
+    listen: parseListen(values.listen),
+    nbdSocketPath: values.socket ?? null,
+    apiSocketPath: values.api ?? null,
+    defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
+    log,
+  });
+  const listening = node.nbd.addresses();
+  // One line on stdout when ready: scripts and tests wait for it (and read the port when --listen asked for 0).
+  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}\n`);
+  await new Promise<void>((resolve) => {
+    process.once('SIGINT', resolve);
+    process.once('SIGTERM', resolve);
+  });
+  log('stopping: finishing in-flight requests and committing');
+  await node.stop();
+  log('stopped');
+  return 0;
+}

@@ -1,0 +1,23 @@
+// /metrics in Prometheus text exposition format, from a node's status.
+import type { NodeStatus } from './node.ts';
+
+/** Renders the node's status as Prometheus metrics. */
+export function renderMetrics(status: NodeStatus): string {
+  const lines: string[] = [];
+  const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: Array<[labels: string, value: number]>): void => {
+    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    for (const [labels, value] of samples) lines.push(`${name}${labels} ${value}`);
+  };
+  metric('chunkd_pool_allocated_bytes', 'gauge', 'Bytes of chunks allocated in the pool.', [['', status.pool.allocatedBytes]]);
+  metric('chunkd_pool_filesystem_free_bytes', 'gauge', "Free bytes on the pool's file system.", [['', status.pool.fileSystem.freeBytes]]);
+  metric('chunkd_pool_journal_bytes', 'gauge', 'Bytes in the current metadata journal.', [['', status.pool.journalBytes]]);
+  metric('chunkd_volumes', 'gauge', 'Volumes in the pool.', [['', status.volumes.length]]);
+  metric('chunkd_volume_size_bytes', 'gauge', 'Declared size of each volume.', status.volumes.map((v) => [`{volume="${v.name}"}`, v.sizeBytes]));
+  metric('chunkd_volume_allocated_bytes', 'gauge', 'Bytes allocated to each volume.', status.volumes.map((v) => [`{volume="${v.name}"}`, v.allocatedBytes]));
+  metric('chunkd_nbd_connections_open', 'gauge', 'NBD connections open now.', [['', status.nbd.connectionsOpen]]);
+  metric('chunkd_nbd_connections_total', 'counter', 'NBD connections accepted.', [['', status.nbd.connectionsTotal]]);
+  metric('chunkd_nbd_requests_total', 'counter', 'NBD requests served.', [['', status.nbd.requestsTotal]]);
+  metric('chunkd_nbd_request_errors_total', 'counter', 'NBD requests answered with an error.', [['', status.nbd.requestErrorsTotal]]);
+  metric('chunkd_event_loop_utilization', 'gauge', 'Event loop utilisation since the previous scrape.', [['', status.eventLoopUtilization]]);
+  return `${lines.join('\n')}\n`;
+}

@@ -1,0 +1,136 @@
+// A node: one pool, its NBD front end and its management API, started and stopped in order.
+// Stopping reverses starting: no new connections, in-flight requests finish, everything is committed, the
+// pool's lock is released.
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
+import { ChunkdError } from '../core/errors.ts';
+import { checkName } from '../core/names.ts';
+import { ApiServer, type ControlPlane } from '../api/server.ts';
+import { NbdServer } from '../nbd/server.ts';
+import { Pool, type VolumeInfo } from '../store/pool.ts';
+import { renderMetrics } from './metrics.ts';
+
+export interface NodeConfig {
+  poolDirectory: string;
+  /** TCP listener for NBD, or null for none; port 0 picks a free port. */
+  listen: { host: string; port: number } | null;
+  /** Unix socket for NBD, or null. */
+  nbdSocketPath: string | null;
+  /** Unix socket of the management API; default <pool>/chunkd.sock. */
+  apiSocketPath: string | null;
+  /** Created at start when missing. */
+  defaultVolume: { name: string; sizeBytes: number } | null;
+  log: (line: string) => void;
+}
+
+export class ChunkdNode implements ControlPlane, DeviceProvider {
+  readonly config: NodeConfig;
+  readonly pool: Pool;
+  readonly nbd: NbdServer;
+  readonly api: ApiServer;
+  readonly apiSocketPath: string;
+  readonly #startedAt = Date.now();
+  #eventLoop = performance.eventLoopUtilization();
+
+  private constructor(config: NodeConfig, pool: Pool) {
+    this.config = config;
+    this.pool = pool;
+    this.nbd = new NbdServer({ provider: this, log: config.log });
+    this.api = new ApiServer(this);
+    this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
+  }
+
+  /** Opens the pool and starts the front ends; on any failure everything started is stopped again. */
+  static async start(config: NodeConfig): Promise<ChunkdNode> {
+    const pool = await Pool.open({ directory: config.poolDirectory, log: config.log });
+    const node = new ChunkdNode(config, pool);
+    try {
+      if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
+        await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
+        config.log(`created volume ${config.defaultVolume.name}`);
+      }
+      await node.api.listen(node.apiSocketPath);
+      if (config.listen !== null) await node.nbd.listenTcp(config.listen.host, config.listen.port);
+      if (config.nbdSocketPath !== null) await node.nbd.listenUnix(config.nbdSocketPath);
+    } catch (error) {
+      await node.stop().catch(() => {});
+      throw error;
+    }
+    return node;
+  }
+
+  async stop(): Promise<void> {
+    await this.nbd.close();
+    await this.api.close();
+    await this.pool.close();
+  }
+
+  // ---- DeviceProvider (NBD exports) ----
+
+  async open(exportName: string): Promise<BlockDevice> {
+    const at = exportName.indexOf('@');
+    const volumeName = at < 0 ? exportName : exportName.slice(0, at);
+    const nameError = checkName(volumeName);
+    if (nameError) throw nameError;
+    if (at >= 0) throw ChunkdError.notFound(`export ${exportName}: snapshots are not available in this version`);
+    return this.pool.openVolume(volumeName);
+  }
+
+  list(): Array<{ name: string; description: string }> {
+    return this.pool.listVolumes().map((volume) => ({ name: volume.name, description: `chunkd volume ${volume.name}` }));
+  }
+
+  // ---- ControlPlane (management API) ----
+
+  listVolumes(): VolumeInfo[] {
+    return this.pool.listVolumes();
+  }
+
+  volumeInfo(name: string): VolumeInfo {
+    return this.pool.volumeInfo(name);
+  }
+
+  createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+    return this.pool.createVolume(name, sizeBytes);
+  }
+
+  resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
+    return this.pool.resizeVolume(name, sizeBytes, force);
+  }
+
+  removeVolume(name: string): Promise<void> {
+    return this.pool.removeVolume(name);
+  }
+
+  async status(): Promise<NodeStatus> {
+    const now = performance.eventLoopUtilization();
+    const sinceLast = performance.eventLoopUtilization(now, this.#eventLoop);
+    this.#eventLoop = now;
+    return {
+      pid: process.pid,
+      uptimeSeconds: Math.round((Date.now() - this.#startedAt) / 1000),
+      nodeVersion: process.version,
+      pool: await this.pool.status(),
+      volumes: this.pool.listVolumes(),
+      nbd: { listen: this.nbd.addresses(), ...this.nbd.stats() },
+      api: { socket: this.apiSocketPath },
+      eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
+    };
+  }
+
+  async metrics(): Promise<string> {
+    return renderMetrics(await this.status());
+  }
+}
+
+export interface NodeStatus {
+  pid: number;
+  uptimeSeconds: number;
+  nodeVersion: string;
+  pool: Awaited<ReturnType<Pool['status']>>;
+  volumes: VolumeInfo[];
+  nbd: { listen: string[]; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
+  api: { socket: string };
+  eventLoopUtilization: number;
+}

@@ -1,0 +1,26 @@
+// Unix socket paths left behind by a crashed node are replaced; a socket something still answers on is not.
+import fs from 'node:fs';
+import net from 'node:net';
+import { ChunkdError } from '../core/errors.ts';
+
+/** Makes `socketPath` free to listen on: removes a stale socket, refuses a live one or a non-socket file. */
+export async function claimSocketPath(socketPath: string): Promise<void> {
+  let stats: fs.Stats;
+  try {
+    stats = fs.lstatSync(socketPath);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw error;
+  }
+  if (!stats.isSocket()) throw ChunkdError.exists(`${socketPath} exists and is not a socket; refusing to replace it`);
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(socketPath);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (live) throw ChunkdError.busy(`${socketPath} is in use by a running process`);
+  fs.rmSync(socketPath, { force: true });
+}

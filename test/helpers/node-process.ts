@@ -1,0 +1,110 @@
+// Starts a real `chunkd serve` process for integration tests and tools to drive it with real clients.
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+export const repoRoot = path.resolve(import.meta.dirname, '..', '..');
+export const nodeBinary = process.execPath;
+export const chunkdBin = path.join(repoRoot, 'bin', 'chunkd.js');
+
+export interface RunningNode {
+  process: ChildProcess;
+  pool: string;
+  nbdSocket: string;
+  apiSocket: string;
+  tcpPort: number;
+  /** NBD URI of an export over the unix socket, as libnbd and qemu take it. */
+  uri(exportName?: string): string;
+  /** qemu's spelling of the same export (for qemu-io/qemu-img "nbd:unix:...:exportname=..."). */
+  qemuUri(exportName?: string): string;
+  /** Runs the chunkd CLI against this node. */
+  cli(...args: string[]): Promise<ToolResult>;
+  /** SIGTERM and wait for exit; returns the exit code. */
+  stop(): Promise<number | null>;
+  /** SIGKILL and wait for exit. */
+  kill(): Promise<void>;
+  stderr(): string;
+}
+
+export interface ToolResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+export function makeTempDir(label: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `chunkd-${label}-`));
+}
+
+/** Starts a node on `pool` (TCP on a free port, NBD and API unix sockets inside the pool) and waits until ready. */
+export async function startNode(pool: string, extraArgs: string[] = []): Promise<RunningNode> {
+  const nbdSocket = path.join(pool, 'nbd.sock');
+  const apiSocket = path.join(pool, 'api.sock');
+  const child = spawn(nodeBinary, [chunkdBin, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--socket', nbdSocket, '--api', apiSocket, ...extraArgs], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stderr!.on('data', (chunk: Buffer) => {
+    stderr += chunk.toString();
+  });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const tcpPort = await new Promise<number>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`chunkd did not start in 20 s: ${stderr}`)), 20_000);
+    child.stdout!.on('data', (chunk: Buffer) => {
+      stdout += chunk.toString();
+      const match = /chunkd ready: .*nbd .*?127\.0\.0\.1:(\d+)/.exec(stdout);
+      if (match) {
+        clearTimeout(timer);
+        resolve(Number(match[1]));
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`chunkd exited with ${code} before it was ready: ${stderr}`));
+    });
+  });
+  return {
+    process: child,
+    pool,
+    nbdSocket,
+    apiSocket,
+    tcpPort,
+    uri: (exportName = 'default') => `nbd+unix:///${exportName}?socket=${nbdSocket}`,
+    qemuUri: (exportName = 'default') => `nbd:unix:${nbdSocket}:exportname=${exportName}`,
+    cli: (...args) => runTool(nodeBinary, [chunkdBin, ...args, '--api', apiSocket]),
+    stop: async () => {
+      child.kill('SIGTERM');
+      return exited;
+    },
+    kill: async () => {
+      child.kill('SIGKILL');
+      await exited;
+    },
+    stderr: () => stderr,
+  };
+}
+
+/** Runs a program to completion and returns its exit code and output (never throws on a non-zero exit). */
+export function runTool(command: string, args: string[], options: { input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<ToolResult> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(command, args, { maxBuffer: 64 * 1024 * 1024, timeout: options.timeoutMs ?? 120_000, env: options.env ?? process.env }, (error, stdout, stderr) => {
+      if (error && typeof error.code !== 'number') return reject(error);
+      resolve({ code: typeof error?.code === 'number' ? error.code : 0, stdout: stdout.toString(), stderr: stderr.toString() });
+    });
+    if (options.input !== undefined) child.stdin!.end(options.input);
+  });
+}
+
+/** Runs a program and fails with its output unless it exits 0. */
+export async function mustRun(command: string, args: string[], options: { input?: string; timeoutMs?: number } = {}): Promise<string> {
+  const result = await runTool(command, args, options);
+  if (result.code !== 0) throw new Error(`${command} ${args.join(' ')} exited ${result.code}\nstdout: ${result.stdout}\nstderr: ${result.stderr}`);
+  return result.stdout;
+}
+
+/** Whether a program is on PATH (integration tests need the real clients; .ci/run installs them). */
+export function haveTool(name: string): boolean {
+  return (process.env.PATH ?? '').split(':').some((dir) => fs.existsSync(path.join(dir, name)));
+}
