@@ -40,6 +40,8 @@ export const optionsPerHandshakeMax = 1024;
 export const blockStatusExtentsMax = 4096;
 /** Seconds a client may take to finish the handshake. */
 export const handshakeTimeoutMs = 30_000;
+/** Time a closing NBD connection has to flush its last replies before it is cut (a client that stopped reading). */
+export const connectionCloseGraceMs = 10_000;
 
 /** Journal size that triggers a checkpoint of the metadata at the next flush. */
 export const journalCheckpointBytes = 64 * MiB;

@@ -33,6 +33,8 @@ export class InputQueue {
     if (first === undefined) return { buffer: Buffer.alloc(0), offset: 0 };
     if (first.length - this.#headOffset >= count) return { buffer: first, offset: this.#headOffset };
     const merged = this.#gather(count);
+    // #headOffset belongs to the chunk that becomes second: fold it into that chunk first.
+    if (this.#headOffset > 0) this.#chunks[0] = this.#chunks[0]!.subarray(this.#headOffset);
     this.#chunks.unshift(merged);
     this.#headOffset = 0;
     this.#length += count;

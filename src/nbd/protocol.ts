@@ -421,8 +421,11 @@ export function encodeStructuredNone(handle: bigint): Buffer {
  */
 export function writeOffsetDataHeader(target: Buffer, at: number, flags: number, handle: bigint, offsetBytes: number, dataBytes: number): void {
   assert(dataBytes >= 1 && dataBytes <= 0xffffffff - 8, 'OFFSET_DATA carries 1 to 2^32 - 9 bytes');
+  assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0, 'an offset inside an export');
   writeStructuredHeader(target, at, flags, NBD_REPLY_TYPE_OFFSET_DATA, handle, 8 + dataBytes);
-  target.writeBigUInt64BE(BigInt(offsetBytes), at + structuredReplyHeaderBytes);
+  // Two 32-bit halves: this runs for every READ, and a BigInt per reply is measurable there.
+  target.writeUInt32BE(Math.floor(offsetBytes / 2 ** 32), at + structuredReplyHeaderBytes);
+  target.writeUInt32BE(offsetBytes >>> 0, at + structuredReplyHeaderBytes + 4);
 }
 
 /** An OFFSET_DATA chunk with its data copied in (the hot path uses writeOffsetDataHeader instead). */

@@ -28,13 +28,27 @@ function systemError(call: string, errno: number): NodeJS.ErrnoException {
   return error;
 }
 
+// koffi throws once more than max_async_calls (256) are queued; a large trim or a load-time sweep issues many
+// more, so calls past this many wait in our own queue.
+const asyncCallsMax = 64;
+let asyncCallsRunning = 0;
+const waitingCalls: Array<() => void> = [];
+
 function fallocateAsync(fd: number, mode: number, offsetBytes: number, lengthBytes: number): Promise<void> {
   return new Promise((resolve, reject) => {
-    fallocateFn.async(fd, mode, offsetBytes, lengthBytes, (error: unknown, result: number) => {
-      if (error) reject(error);
-      else if (result !== 0) reject(systemError('fallocate', koffi.errno()));
-      else resolve();
-    });
+    const start = (): void => {
+      asyncCallsRunning += 1;
+      fallocateFn.async(fd, mode, offsetBytes, lengthBytes, (error: unknown, result: number) => {
+        const errno = koffi.errno();
+        asyncCallsRunning -= 1;
+        waitingCalls.shift()?.();
+        if (error) reject(error);
+        else if (result !== 0) reject(systemError('fallocate', errno));
+        else resolve();
+      });
+    };
+    if (asyncCallsRunning < asyncCallsMax) start();
+    else waitingCalls.push(start);
   });
 }
 

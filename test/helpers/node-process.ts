@@ -73,7 +73,7 @@ export async function startNode(pool: string, extraArgs: string[] = []): Promise
     tcpPort,
     uri: (exportName = 'default') => `nbd+unix:///${exportName}?socket=${nbdSocket}`,
     qemuUri: (exportName = 'default') => `nbd:unix:${nbdSocket}:exportname=${exportName}`,
-    cli: (...args) => runTool(nodeBinary, [chunkdBin, ...args, '--api', apiSocket]),
+    cli: (...args) => runTool(nodeBinary, [chunkdBin, ...args], { env: { ...process.env, CHUNKD_API: apiSocket } }),
     stop: async () => {
       child.kill('SIGTERM');
       return exited;

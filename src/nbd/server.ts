@@ -1,0 +1,157 @@
+// The NBD server: listeners (TCP and unix sockets) that hand each accepted socket to an NbdConnection, a cap
+// on connections, counters, and an orderly close. The protocol lives in handshake.ts and connection.ts.
+import net from 'node:net';
+import type { AddressInfo } from 'node:net';
+import fs from 'node:fs/promises';
+import { ChunkdError } from '../core/errors.ts';
+import type { DeviceProvider } from '../core/block-device.ts';
+import { connectionsMax, handshakeTimeoutMs } from '../core/limits.ts';
+import { NbdConnection } from './connection.ts';
+import type { RequestCounters } from './connection.ts';
+
+export interface NbdServerOptions {
+  provider: DeviceProvider;
+  log?: (line: string) => void;
+  /** Overrides limits.handshakeTimeoutMs (tests). */
+  handshakeTimeoutMs?: number;
+  /** Overrides limits.connectionsMax (tests). */
+  connectionsMax?: number;
+}
+
+export interface NbdServerStats {
+  connectionsOpen: number;
+  connectionsTotal: number;
+  requestsTotal: number;
+  requestErrorsTotal: number;
+}
+
+export class NbdServer {
+  readonly #provider: DeviceProvider;
+  readonly #log: (line: string) => void;
+  readonly #handshakeTimeoutMs: number;
+  readonly #connectionsMax: number;
+  readonly #listeners: net.Server[] = [];
+  readonly #connections = new Set<NbdConnection>();
+  readonly #counters: RequestCounters = { requestsTotal: 0, requestErrorsTotal: 0 };
+  #connectionsTotal = 0;
+  #closing: Promise<void> | null = null;
+
+  constructor(options: NbdServerOptions) {
+    this.#provider = options.provider;
+    this.#log = options.log ?? (() => {});
+    this.#handshakeTimeoutMs = options.handshakeTimeoutMs ?? handshakeTimeoutMs;
+    this.#connectionsMax = options.connectionsMax ?? connectionsMax;
+  }
+
+  /** Listens on a TCP address (port 0 picks a free port: see addresses()). */
+  async listenTcp(host: string, port: number): Promise<void> {
+    await this.#listen({ host, port }, true);
+  }
+
+  /**
+   * Listens on a unix socket. A stale socket file (nothing accepts on it: ECONNREFUSED) is replaced; a socket
+   * someone answers on, or a path that is not a socket, is refused with ChunkdError EBUSY.
+   */
+  async listenUnix(path: string): Promise<void> {
+    await removeStaleSocket(path);
+    await this.#listen({ path }, false);
+  }
+
+  /** The addresses listened on: "host:port" for TCP (with the port chosen when 0 was asked), the path for unix. */
+  addresses(): string[] {
+    return this.#listeners.map((listener) => describe(listener.address()));
+  }
+
+  /**
+   * Stops accepting, lets in-flight requests finish and get their replies, then closes every connection (those
+   * still in the handshake at once). Resolves when all are closed and every opened device has been closed.
+   */
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  /** Counters since the server was made. */
+  stats(): NbdServerStats {
+    return {
+      connectionsOpen: this.#connections.size,
+      connectionsTotal: this.#connectionsTotal,
+      requestsTotal: this.#counters.requestsTotal,
+      requestErrorsTotal: this.#counters.requestErrorsTotal,
+    };
+  }
+
+  async #listen(address: net.ListenOptions, tcp: boolean): Promise<void> {
+    if (this.#closing !== null) throw new ChunkdError('ESHUTDOWN', 'the NBD server is closed');
+    // allowHalfOpen: a client that shuts down its sending side still gets the replies to what it sent.
+    const listener = net.createServer({ allowHalfOpen: true, noDelay: tcp }, (socket) => this.#accept(socket, tcp));
+    await new Promise<void>((resolve, reject) => {
+      listener.once('error', reject);
+      listener.listen(address, () => {
+        listener.off('error', reject);
+        resolve();
+      });
+    });
+    listener.on('error', (error) => this.#log(`nbd listener: ${error.message}`));
+    this.#listeners.push(listener);
+    this.#log(`nbd: listening on ${describe(listener.address())}`);
+  }
+
+  #accept(socket: net.Socket, tcp: boolean): void {
+    if (this.#closing !== null || this.#connections.size >= this.#connectionsMax) {
+      this.#log(`nbd: refusing a connection: ${this.#closing !== null ? 'closing' : `${this.#connectionsMax} connections open`}`);
+      socket.on('error', () => {});
+      socket.destroy();
+      return;
+    }
+    this.#connectionsTotal += 1;
+    if (tcp) socket.setNoDelay(true);
+    const label = `nbd#${this.#connectionsTotal}${tcp ? ` ${socket.remoteAddress}:${socket.remotePort}` : ''}`;
+    const connection = new NbdConnection(socket, {
+      provider: this.#provider,
+      log: this.#log,
+      counters: this.#counters,
+      handshakeTimeoutMs: this.#handshakeTimeoutMs,
+      label,
+    });
+    this.#connections.add(connection);
+    void connection.done.then(() => this.#connections.delete(connection));
+  }
+
+  async #close(): Promise<void> {
+    const listenersClosed = this.#listeners.map((listener) => new Promise<void>((resolve) => listener.close(() => resolve())));
+    for (const connection of this.#connections) connection.shutdown();
+    await Promise.all([...listenersClosed, ...[...this.#connections].map((connection) => connection.done)]);
+  }
+}
+
+async function removeStaleSocket(path: string): Promise<void> {
+  let stat;
+  try {
+    stat = await fs.lstat(path);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw error;
+  }
+  if (!stat.isSocket()) throw ChunkdError.busy(`${path} exists and is not a socket`);
+  const answered = await new Promise<boolean>((resolve, reject) => {
+    const probe = net.connect({ path });
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', (error: NodeJS.ErrnoException) => {
+      if (error.code === 'ECONNREFUSED') resolve(false);
+      else if (error.code === 'ENOENT') resolve(false); // removed meanwhile
+      else reject(error);
+    });
+  });
+  if (answered) throw ChunkdError.busy(`${path}: another server is listening on it`);
+  await fs.rm(path, { force: true });
+}
+
+function describe(address: AddressInfo | string | null): string {
+  if (address === null) return 'nothing';
+  if (typeof address === 'string') return address;
+  return address.family === 'IPv6' ? `[${address.address}]:${address.port}` : `${address.address}:${address.port}`;
+}
