@@ -6,7 +6,7 @@ import http from 'node:http';
 import { ChunkdError, type ErrorCode } from '../core/errors.ts';
 import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
-import { claimSocketPath } from '../node/unix-socket.ts';
+import { claimSocketPath } from '../core/unix-socket.ts';
 import type { VolumeInfo } from '../store/pool.ts';
 
 export interface ControlPlane {

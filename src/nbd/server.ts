@@ -2,8 +2,8 @@
 // on connections, counters, and an orderly close. The protocol lives in handshake.ts and connection.ts.
 import net from 'node:net';
 import type { AddressInfo } from 'node:net';
-import fs from 'node:fs/promises';
 import { ChunkdError } from '../core/errors.ts';
+import { claimSocketPath } from '../core/unix-socket.ts';
 import type { DeviceProvider } from '../core/block-device.ts';
 import { connectionsMax, handshakeTimeoutMs } from '../core/limits.ts';
 import { NbdConnection } from './connection.ts';
@@ -53,7 +53,7 @@ export class NbdServer {
    * someone answers on, or a path that is not a socket, is refused with ChunkdError EBUSY.
    */
   async listenUnix(path: string): Promise<void> {
-    await removeStaleSocket(path);
+    await claimSocketPath(path);
     await this.#listen({ path }, false);
   }
 
@@ -123,31 +123,6 @@ export class NbdServer {
     for (const connection of this.#connections) connection.shutdown();
     await Promise.all([...listenersClosed, ...[...this.#connections].map((connection) => connection.done)]);
   }
-}
-
-async function removeStaleSocket(path: string): Promise<void> {
-  let stat;
-  try {
-    stat = await fs.lstat(path);
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw error;
-  }
-  if (!stat.isSocket()) throw ChunkdError.busy(`${path} exists and is not a socket`);
-  const answered = await new Promise<boolean>((resolve, reject) => {
-    const probe = net.connect({ path });
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once('error', (error: NodeJS.ErrnoException) => {
-      if (error.code === 'ECONNREFUSED') resolve(false);
-      else if (error.code === 'ENOENT') resolve(false); // removed meanwhile
-      else reject(error);
-    });
-  });
-  if (answered) throw ChunkdError.busy(`${path}: another server is listening on it`);
-  await fs.rm(path, { force: true });
 }
 
 function describe(address: AddressInfo | string | null): string {

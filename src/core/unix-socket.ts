@@ -1,4 +1,5 @@
 // Unix socket paths left behind by a crashed node are replaced; a socket something still answers on is not.
+// Shared by the NBD listener and the management API.
 import fs from 'node:fs';
 import net from 'node:net';
 import { ChunkdError } from '../core/errors.ts';
@@ -12,13 +13,14 @@ export async function claimSocketPath(socketPath: string): Promise<void> {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
     throw error;
   }
-  if (!stats.isSocket()) throw ChunkdError.exists(`${socketPath} exists and is not a socket; refusing to replace it`);
+  if (!stats.isSocket()) throw ChunkdError.busy(`${socketPath} exists and is not a socket; refusing to replace it`);
   const live = await new Promise<boolean>((resolve) => {
     const probe = net.connect(socketPath);
     probe.once('connect', () => {
       probe.destroy();
       resolve(true);
     });
+    // ECONNREFUSED: a socket file no process listens on (a crash left it); ENOENT: removed meanwhile.
     probe.once('error', () => resolve(false));
   });
   if (live) throw ChunkdError.busy(`${socketPath} is in use by a running process`);
