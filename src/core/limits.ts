@@ -54,3 +54,6 @@ export const backgroundCommitIntervalMs = 5_000;
 export const volumesMax = 4096;
 /** Bytes one management API request body may carry. */
 export const apiBodyBytesMax = 64 * KiB;
+
+/** Snapshots one volume may have; reference counts and checkpoints are sized for far more. */
+export const snapshotsPerVolumeMax = 4096;

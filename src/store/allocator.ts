@@ -2,13 +2,13 @@
 // above the mark every chunk is free. Allocation is next-fit: the first free extent at or after a cursor that
 // holds the whole request, else the chunks above the high-water mark, so that one write gets one contiguous run
 // and one pwrite. Frees are deferred: a freed chunk may still be named by the metadata on disk until the commit
-// that records the free is durable, so it is reused only after `releaseDeferred` (else a crash could show one
+// that records the free is durable, so it is reused only after `takeDeferred` and `releaseTaken` (else a crash could show one
 // volume another's data). Pure: no I/O.
 // Known weakness: a request larger than every free extent goes above the mark even when the free total would
 // hold it, so heavy fragmentation grows the files' address space (not their allocated space: holes are punched).
 import { assert } from '../core/assert.ts';
 
-interface FreeExtent {
+export interface FreeExtent {
   start: number;
   count: number;
 }
@@ -18,6 +18,8 @@ export class ChunkAllocator {
   #highWater = 0;
   #cursor = 0;
   #deferred: FreeExtent[] = [];
+  /** Deferred frees claimed by a commit in progress (the first ones). */
+  #sealedCount = 0;
   #usedCount = 0;
 
   /** Builds the allocator from every used run (from the metadata at load); overlapping runs are an error. */
@@ -77,22 +79,31 @@ export class ChunkAllocator {
     this.#insertFree(start, chunkCount);
   }
 
-  /** Gives back chunks that committed metadata may still name: reusable after `releaseDeferred`. */
+  /** Gives back chunks that committed metadata may still name: reusable only after the commit (see `takeDeferred`). */
   freeDeferred(start: number, chunkCount: number): void {
     assert(chunkCount > 0);
     this.#usedCount -= chunkCount;
-    this.#deferred.push({ start, count: chunkCount });
+    const last = this.#deferred[this.#deferred.length - 1];
+    // Merge with the previous free only if no commit has claimed it yet.
+    if (last !== undefined && this.#deferred.length > this.#sealedCount && last.start + last.count === start) last.count += chunkCount;
+    else this.#deferred.push({ start, count: chunkCount });
   }
 
-  /** Marks how many deferred frees a commit is about to make durable; pass the result to `releaseDeferred`. */
+  /** Marks the deferred frees a commit is about to make durable; pass the result to `takeDeferred` after it. */
   deferredMark(): number {
-    return this.#deferred.length;
+    this.#sealedCount = this.#deferred.length;
+    return this.#sealedCount;
   }
 
-  /** Makes the first `mark` deferred frees reusable: the commit that recorded them is durable. */
-  releaseDeferred(mark: number): void {
-    const ready = this.#deferred.splice(0, mark);
-    for (const extent of ready) this.#insertFree(extent.start, extent.count);
+  /** Takes the first `mark` deferred frees, now recorded durably; the caller punches them, then `releaseTaken`. */
+  takeDeferred(mark: number): FreeExtent[] {
+    this.#sealedCount -= mark;
+    return this.#deferred.splice(0, mark);
+  }
+
+  /** Makes extents from `takeDeferred` reusable. */
+  releaseTaken(extents: readonly FreeExtent[]): void {
+    for (const extent of extents) this.#insertFree(extent.start, extent.count);
   }
 
   #findFit(chunkCount: number): number {

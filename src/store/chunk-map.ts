@@ -1,8 +1,16 @@
-// A volume's map from virtual chunks to physical chunks: two levels, as qcow2's L1/L2 tables. The first level is
-// a Map from page index to a page; a page is a Float64Array of `mapPageChunks` slots, each holding the physical
-// chunk index + 1 (0 = never written, reads as zeros). Pages exist only where something was written, so a 64 TiB
-// volume with 100 MiB written costs a few hundred KiB of memory, and a lookup is one Map.get plus an array index.
-// Pure: no I/O. Float64 keeps physical indexes exact up to 2^53 (a pool of any size).
+// A map from a volume's (or snapshot's) virtual chunks to physical chunks: two levels, as qcow2's L1/L2 tables.
+// The first level is a Map from page index to a page; a page is a Float64Array of `mapPageChunks` slots, each
+// holding the physical chunk index + 1 (0 = never written, reads as zeros). Pages exist only where something was
+// written, so a 64 TiB volume with 100 MiB written costs a few hundred KiB, and a lookup is one Map.get plus an
+// index. Float64 keeps physical indexes exact up to 2^53.
+//
+// Snapshots and clones share pages, as qcow2 shares L2 tables: `clone()` copies only the first level and counts
+// one more holder on each page (`shareCount`), so it costs O(pages), not O(data). A map that changes a shared page
+// first takes a private copy of it. Physical chunks are reference-counted per page (ChunkRefs): a chunk named by
+// two pages counts 2, whatever the number of maps holding those pages. So copying a page adds one reference to
+// each chunk in it, and dropping the last holder of a page removes one. A chunk is the writer's alone when its
+// page is not shared and its count is 1; otherwise a write must go elsewhere (copy-on-write).
+// Pure: no I/O.
 import { assert } from '../core/assert.ts';
 import { mapPageChunks } from '../core/limits.ts';
 
@@ -13,18 +21,35 @@ export interface ChunkRun {
   physicalChunk: number;
 }
 
-interface Page {
+/** Reference counts of physical chunks, kept by the pool; a count that falls to zero frees the chunk. */
+export interface ChunkRefs {
+  increment(physicalChunk: number): void;
+  decrement(physicalChunk: number): void;
+}
+
+export interface Page {
   slots: Float64Array;
   usedCount: number;
+  /** Maps that hold this page. */
+  shareCount: number;
 }
 
 export class ChunkMap {
-  readonly #pages = new Map<number, Page>();
-  #mappedCount = 0;
+  readonly #pages: Map<number, Page>;
+  #mappedCount: number;
 
-  /** Chunks mapped in this volume (its allocated size is this times the chunk size). */
+  constructor(pages: Map<number, Page> = new Map(), mappedCount = 0) {
+    this.#pages = pages;
+    this.#mappedCount = mappedCount;
+  }
+
+  /** Chunks mapped (the map's logical allocated size is this times the chunk size). */
   get mappedCount(): number {
     return this.#mappedCount;
+  }
+
+  get pageCount(): number {
+    return this.#pages.size;
   }
 
   /** The physical chunk of `virtualChunk`, or -1 for a hole. */
@@ -34,105 +59,85 @@ export class ChunkMap {
     return page.slots[virtualChunk % mapPageChunks]! - 1;
   }
 
-  /** Maps `chunkCount` chunks from `virtualChunk` to consecutive physical chunks; each must be a hole. */
-  mapRun(virtualChunk: number, physicalChunk: number, chunkCount: number): void {
+  /** A map with the same contents that shares every page with this one: O(pages). */
+  clone(): ChunkMap {
+    for (const page of this.#pages.values()) page.shareCount += 1;
+    return new ChunkMap(new Map(this.#pages), this.#mappedCount);
+  }
+
+  /** Lets go of every page; chunks no other page names lose their last reference. The map is empty after. */
+  drop(refs: ChunkRefs): void {
+    for (const page of this.#pages.values()) releasePage(page, refs);
+    this.#pages.clear();
+    this.#mappedCount = 0;
+  }
+
+  /** Points `chunkCount` chunks from `virtualChunk` at consecutive physical chunks, replacing what they named. */
+  mapRun(virtualChunk: number, physicalChunk: number, chunkCount: number, refs: ChunkRefs): void {
     assert(chunkCount > 0 && physicalChunk >= 0 && virtualChunk >= 0);
     for (let i = 0; i < chunkCount; i++) {
       const v = virtualChunk + i;
-      const pageIndex = Math.floor(v / mapPageChunks);
-      let page = this.#pages.get(pageIndex);
-      if (page === undefined) {
-        page = { slots: new Float64Array(mapPageChunks), usedCount: 0 };
-        this.#pages.set(pageIndex, page);
-      }
+      const page = this.#ownPage(Math.floor(v / mapPageChunks), refs, true)!;
       const slot = v % mapPageChunks;
-      assert(page.slots[slot] === 0, 'mapRun over a mapped chunk');
+      const old = page.slots[slot]! - 1;
+      if (old >= 0) refs.decrement(old);
+      else {
+        page.usedCount += 1;
+        this.#mappedCount += 1;
+      }
       page.slots[slot] = physicalChunk + i + 1;
-      page.usedCount += 1;
+      refs.increment(physicalChunk + i);
     }
-    this.#mappedCount += chunkCount;
   }
 
-  /** Unmaps every chunk in [virtualChunk, virtualChunk + chunkCount); returns the physical runs it held. */
-  unmapRange(virtualChunk: number, chunkCount: number): ChunkRun[] {
-    const freed: ChunkRun[] = [];
+  /** Unmaps every chunk in [virtualChunk, virtualChunk + chunkCount); returns how many were mapped. */
+  unmapRange(virtualChunk: number, chunkCount: number, refs: ChunkRefs): number {
+    let unmapped = 0;
     const end = virtualChunk + chunkCount;
-    let v = virtualChunk;
-    while (v < end) {
-      const pageIndex = Math.floor(v / mapPageChunks);
-      const pageEnd = Math.min(end, (pageIndex + 1) * mapPageChunks);
-      const page = this.#pages.get(pageIndex);
-      if (page !== undefined) {
-        for (; v < pageEnd; v++) {
-          const slot = v % mapPageChunks;
-          const physical = page.slots[slot]! - 1;
-          if (physical < 0) continue;
-          page.slots[slot] = 0;
-          page.usedCount -= 1;
-          this.#mappedCount -= 1;
-          const last = freed[freed.length - 1];
-          if (last !== undefined && last.virtualChunk + last.chunkCount === v && last.physicalChunk + last.chunkCount === physical) {
-            last.chunkCount += 1;
-          } else {
-            freed.push({ virtualChunk: v, chunkCount: 1, physicalChunk: physical });
-          }
-        }
-        if (page.usedCount === 0) this.#pages.delete(pageIndex);
+    for (const pageIndex of this.#pageIndexesIn(virtualChunk, end)) {
+      const page = this.#ownPage(pageIndex, refs, false)!;
+      const from = Math.max(virtualChunk, pageIndex * mapPageChunks);
+      const to = Math.min(end, (pageIndex + 1) * mapPageChunks);
+      for (let v = from; v < to; v++) {
+        const slot = v % mapPageChunks;
+        const physical = page.slots[slot]! - 1;
+        if (physical < 0) continue;
+        page.slots[slot] = 0;
+        page.usedCount -= 1;
+        unmapped += 1;
+        refs.decrement(physical);
       }
-      v = pageEnd;
+      if (page.usedCount === 0) this.#pages.delete(pageIndex);
     }
-    return freed;
+    this.#mappedCount -= unmapped;
+    return unmapped;
+  }
+
+  /** Takes private copies of the shared pages over [virtualChunk, virtualChunk + chunkCount), before a write. */
+  ownRange(virtualChunk: number, chunkCount: number, refs: ChunkRefs): void {
+    for (const pageIndex of this.#pageIndexesIn(virtualChunk, virtualChunk + chunkCount)) this.#ownPage(pageIndex, refs, false);
   }
 
   /** Splits [virtualChunk, virtualChunk + chunkCount) into holes and physically contiguous runs, in order. */
   runs(virtualChunk: number, chunkCount: number): ChunkRun[] {
     const result: ChunkRun[] = [];
     const end = virtualChunk + chunkCount;
-    const firstPage = Math.floor(virtualChunk / mapPageChunks);
-    const pageSpan = Math.ceil(end / mapPageChunks) - firstPage;
-    // A range wider than the pages that exist (a huge, sparse volume) walks the existing pages, not the range.
-    const pageIndexes = pageSpan > 2 * this.#pages.size + 8 ? this.#sortedPagesIn(firstPage, firstPage + pageSpan) : null;
     let v = virtualChunk;
-    let next = 0;
-    while (v < end) {
-      let pageIndex = Math.floor(v / mapPageChunks);
-      if (pageIndexes !== null) {
-        while (next < pageIndexes.length && pageIndexes[next]! < pageIndex) next += 1;
-        const nextPage = pageIndexes[next];
-        if (nextPage === undefined || nextPage * mapPageChunks >= end) {
-          pushRun(result, v, end - v, -1);
-          break;
-        }
-        if (nextPage > pageIndex) {
-          pushRun(result, v, nextPage * mapPageChunks - v, -1);
-          v = nextPage * mapPageChunks;
-          pageIndex = nextPage;
-        }
-      }
+    for (const pageIndex of this.#pageIndexesIn(virtualChunk, end)) {
+      const pageStart = Math.max(virtualChunk, pageIndex * mapPageChunks);
+      if (v < pageStart) pushRun(result, v, pageStart - v, -1);
+      const page = this.#pages.get(pageIndex)!;
       const pageEnd = Math.min(end, (pageIndex + 1) * mapPageChunks);
-      const page = this.#pages.get(pageIndex);
-      if (page === undefined) {
-        pushRun(result, v, pageEnd - v, -1);
-        v = pageEnd;
-        continue;
-      }
-      for (; v < pageEnd; v++) pushRun(result, v, 1, page.slots[v % mapPageChunks]! - 1);
+      for (v = pageStart; v < pageEnd; v++) pushRun(result, v, 1, page.slots[v % mapPageChunks]! - 1);
     }
+    if (v < end) pushRun(result, v, end - v, -1);
     return result;
   }
 
-  #sortedPagesIn(firstPage: number, endPage: number): number[] {
-    const indexes: number[] = [];
-    for (const pageIndex of this.#pages.keys()) if (pageIndex >= firstPage && pageIndex < endPage) indexes.push(pageIndex);
-    return indexes.sort((a, b) => a - b);
-  }
-
-  /** Every mapped run of the volume in virtual order (for checkpoints and checks). */
+  /** Every mapped run in virtual order (for checkpoints, checks and reports). */
   *mappedRuns(): Generator<ChunkRun> {
-    const pageIndexes = [...this.#pages.keys()].sort((a, b) => a - b);
     let pending: ChunkRun | undefined;
-    for (const pageIndex of pageIndexes) {
-      const page = this.#pages.get(pageIndex)!;
+    for (const [pageIndex, page] of this.pages()) {
       for (let slot = 0; slot < mapPageChunks; slot++) {
         const physical = page.slots[slot]! - 1;
         if (physical < 0) continue;
@@ -147,6 +152,54 @@ export class ChunkMap {
     }
     if (pending !== undefined) yield pending;
   }
+
+  /** The pages in page-index order. */
+  pages(): Array<[number, Page]> {
+    return [...this.#pages.entries()].sort((a, b) => a[0] - b[0]);
+  }
+
+  /** The page holding `virtualChunk` (undefined where nothing is mapped); shared pages are returned as they are. */
+  pageAt(pageIndex: number): Page | undefined {
+    return this.#pages.get(pageIndex);
+  }
+
+  /** Indexes of existing pages that overlap [start, end) chunks, in order; walks the pages, not the range, when sparse. */
+  #pageIndexesIn(start: number, end: number): number[] {
+    const first = Math.floor(start / mapPageChunks);
+    const last = Math.ceil(end / mapPageChunks);
+    const indexes: number[] = [];
+    if (last - first <= 2 * this.#pages.size + 8) {
+      for (let pageIndex = first; pageIndex < last; pageIndex++) if (this.#pages.has(pageIndex)) indexes.push(pageIndex);
+      return indexes;
+    }
+    for (const pageIndex of this.#pages.keys()) if (pageIndex >= first && pageIndex < last) indexes.push(pageIndex);
+    return indexes.sort((a, b) => a - b);
+  }
+
+  /** The page, made private to this map (copied if shared); created when `create` and missing. */
+  #ownPage(pageIndex: number, refs: ChunkRefs, create: boolean): Page | undefined {
+    const page = this.#pages.get(pageIndex);
+    if (page === undefined) {
+      if (!create) return undefined;
+      const fresh: Page = { slots: new Float64Array(mapPageChunks), usedCount: 0, shareCount: 1 };
+      this.#pages.set(pageIndex, fresh);
+      return fresh;
+    }
+    if (page.shareCount === 1) return page;
+    const copy: Page = { slots: page.slots.slice(), usedCount: page.usedCount, shareCount: 1 };
+    page.shareCount -= 1;
+    for (const slot of copy.slots) if (slot > 0) refs.increment(slot - 1);
+    this.#pages.set(pageIndex, copy);
+    return copy;
+  }
+}
+
+/** Drops one holder of a page; the last holder takes its chunks' references with it. */
+export function releasePage(page: Page, refs: ChunkRefs): void {
+  assert(page.shareCount > 0);
+  page.shareCount -= 1;
+  if (page.shareCount > 0) return;
+  for (const slot of page.slots) if (slot > 0) refs.decrement(slot - 1);
 }
 
 function pushRun(runs: ChunkRun[], virtualChunk: number, chunkCount: number, physicalChunk: number): void {

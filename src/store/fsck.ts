@@ -8,6 +8,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile, volumeSizeAlignBytes } from '../core/limits.ts';
 import { ChunkAllocator } from './allocator.ts';
 import { ChunkFiles } from './chunk-files.ts';
+import type { ChunkMap } from './chunk-map.ts';
 import { dataRanges } from './native.ts';
 import { loadMetadata, lockPool } from './pool.ts';
 
@@ -17,6 +18,7 @@ export interface FsckReport {
   errors: string[];
   warnings: string[];
   volumeCount: number;
+  snapshotCount: number;
   mappedBytes: number;
   reclaimableBytes: number;
   generation: number;
@@ -39,7 +41,7 @@ function check(directory: string): FsckReport {
   const errors: string[] = [];
   const warnings: string[] = [];
   const report = (clean: boolean, extra: Partial<FsckReport>): FsckReport => ({
-    directory, clean, errors, warnings, volumeCount: 0, mappedBytes: 0, reclaimableBytes: 0, generation: 0, replayedRecords: 0, ...extra,
+    directory, clean, errors, warnings, volumeCount: 0, snapshotCount: 0, mappedBytes: 0, reclaimableBytes: 0, generation: 0, replayedRecords: 0, ...extra,
   });
   let loaded;
   try {
@@ -49,7 +51,7 @@ function check(directory: string): FsckReport {
     errors.push(`metadata: ${error.message}`);
     return report(false, {});
   }
-  const { catalog, generation, replayedRecords, tornTail } = loaded;
+  const { catalog, refs, generation, replayedRecords, tornTail } = loaded;
   if (tornTail) warnings.push(`journal-${generation} ends in a record torn by a crash; the next start drops it (it was never acknowledged)`);
   for (const name of fs.readdirSync(directory)) {
     if (/^journal-\d+$/.test(name) && name !== `journal-${generation}`) warnings.push(`stray journal ${name} (the next start removes it)`);
@@ -58,31 +60,34 @@ function check(directory: string): FsckReport {
   const files = new ChunkFiles(path.join(directory, 'chunks'));
   const fileSizes = new Map(files.existingFiles().map((index) => [index, fs.statSync(files.filePath(index)).size]));
   let mappedBytes = 0;
-  const used: Array<{ physicalChunk: number; chunkCount: number }> = [];
-  for (const volume of catalog.volumes.values()) {
-    if (!Number.isSafeInteger(volume.sizeBytes) || volume.sizeBytes <= 0 || volume.sizeBytes % volumeSizeAlignBytes !== 0) {
-      errors.push(`volume ${volume.name}: invalid size ${volume.sizeBytes}`);
-    }
-    const sizeChunks = volume.sizeBytes / chunkSizeBytes;
-    for (const run of volume.map.mappedRuns()) {
-      used.push(run);
+  const checkMap = (what: string, map: ChunkMap, sizeBytes: number): void => {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % volumeSizeAlignBytes !== 0) errors.push(`${what}: invalid size ${sizeBytes}`);
+    const sizeChunks = sizeBytes / chunkSizeBytes;
+    for (const run of map.mappedRuns()) {
       mappedBytes += run.chunkCount * chunkSizeBytes;
       if (run.virtualChunk + run.chunkCount > sizeChunks) {
-        errors.push(`volume ${volume.name}: chunks ${run.virtualChunk}..${run.virtualChunk + run.chunkCount - 1} are mapped past its end`);
+        errors.push(`${what}: chunks ${run.virtualChunk}..${run.virtualChunk + run.chunkCount - 1} are mapped past its end`);
       }
-      const lastChunk = run.physicalChunk + run.chunkCount - 1;
-      for (let fileIndex = Math.floor(run.physicalChunk / chunksPerFile); fileIndex <= Math.floor(lastChunk / chunksPerFile); fileIndex++) {
-        const needed = (Math.min(lastChunk + 1, (fileIndex + 1) * chunksPerFile) - fileIndex * chunksPerFile) * chunkSizeBytes;
-        const size = fileSizes.get(fileIndex);
-        if (size === undefined) errors.push(`volume ${volume.name}: chunk file ${fileIndex} is missing but holds mapped chunks`);
-        else if (size < needed) errors.push(`volume ${volume.name}: chunk file ${fileIndex} is ${size} bytes, shorter than its mapped chunks (${needed})`);
-      }
+    }
+  };
+  for (const volume of catalog.volumes.values()) {
+    checkMap(`volume ${volume.name}`, volume.map, volume.sizeBytes);
+    for (const snapshot of volume.snapshots.values()) checkMap(`snapshot ${volume.name}@${snapshot.name}`, snapshot.map, snapshot.sizeBytes);
+  }
+  // Every referenced chunk must lie inside a chunk file that was written that far.
+  for (const run of refs.usedRuns()) {
+    const lastChunk = run.physicalChunk + run.chunkCount - 1;
+    for (let fileIndex = Math.floor(run.physicalChunk / chunksPerFile); fileIndex <= Math.floor(lastChunk / chunksPerFile); fileIndex++) {
+      const needed = (Math.min(lastChunk + 1, (fileIndex + 1) * chunksPerFile) - fileIndex * chunksPerFile) * chunkSizeBytes;
+      const size = fileSizes.get(fileIndex);
+      if (size === undefined) errors.push(`chunk file ${fileIndex} is missing but holds referenced chunks`);
+      else if (size < needed) errors.push(`chunk file ${fileIndex} is ${size} bytes, shorter than its referenced chunks (${needed})`);
     }
   }
 
   let allocator: ChunkAllocator | null = null;
   try {
-    allocator = ChunkAllocator.fromUsed(used);
+    allocator = ChunkAllocator.fromUsed(refs.usedRuns());
   } catch (error) {
     errors.push(`allocation: ${(error as Error).message}`);
   }
@@ -96,7 +101,7 @@ function check(directory: string): FsckReport {
     if (reclaimableBytes > 0) warnings.push(`${reclaimableBytes} bytes of unmapped data in the chunk files (writes a crash left uncommitted); the next start gives them back`);
   }
   files.close();
-  return report(errors.length === 0, { volumeCount: catalog.volumes.size, mappedBytes, reclaimableBytes, generation, replayedRecords });
+  return report(errors.length === 0, { volumeCount: catalog.volumes.size, snapshotCount: catalog.snapshots.size, mappedBytes, reclaimableBytes, generation, replayedRecords });
 }
 
 function dataInChunks(files: ChunkFiles, fileSizes: Map<number, number>, startChunk: number, chunkCount: number): number {

@@ -1,110 +1,172 @@
-// The pool's metadata as a value, and the records that change it. The live node and the replay of the journal
-// at load both change metadata only through `applyRecord`, so what was acknowledged and what comes back after a
-// crash cannot drift apart. The record codec is here too: it is pure (bytes in, values out).
+// The pool's metadata as a value (volumes, snapshots, their chunk maps), and the records that change it. The live
+// node and the replay of the journal at load both change metadata only through `applyRecord`, so what was
+// acknowledged and what comes back after a crash cannot drift apart. The record codec is here too: pure.
 //
 // Journal framing: [u32 payload length][u32 crc32 of payload][payload]. A length of 0 (the zeros of the
 // preallocated journal) ends it; so does a record whose crc fails (a write torn by a crash). Replay stops at the
 // first such record: the journal is a prefix of what was committed, never a record out of order.
+// Payload: a type byte, then fixed binary fields for the hot records (map, unmap: one per allocation or trim)
+// and JSON for the rare control records.
 import { crc32 } from 'node:zlib';
-import { assert } from '../core/assert.ts';
+import { unreachable } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
+import { chunkSizeBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
-import { ChunkMap, type ChunkRun } from './chunk-map.ts';
+import { ChunkMap, type ChunkRefs } from './chunk-map.ts';
 
 export interface VolumeMeta {
   id: number;
   name: string;
   sizeBytes: number;
   map: ChunkMap;
+  /** By name. */
+  snapshots: Map<string, SnapshotMeta>;
+}
+
+export interface SnapshotMeta {
+  id: number;
+  volumeId: number;
+  name: string;
+  sizeBytes: number;
+  createdAtMs: number;
+  map: ChunkMap;
 }
 
 export interface Catalog {
   nextVolumeId: number;
+  nextSnapshotId: number;
   volumes: Map<number, VolumeMeta>;
   byName: Map<string, VolumeMeta>;
+  snapshots: Map<number, SnapshotMeta>;
 }
 
 export type MetaRecord =
   | { type: 'map'; volumeId: number; virtualChunk: number; physicalChunk: number; chunkCount: number }
   | { type: 'unmap'; volumeId: number; virtualChunk: number; chunkCount: number }
   | { type: 'create'; volumeId: number; name: string; sizeBytes: number }
+  | { type: 'clone'; volumeId: number; name: string; snapshotId: number }
   | { type: 'resize'; volumeId: number; sizeBytes: number }
-  | { type: 'remove'; volumeId: number };
+  | { type: 'remove'; volumeId: number }
+  | { type: 'snapshot'; volumeId: number; snapshotId: number; name: string; createdAtMs: number }
+  | { type: 'snapshot-remove'; snapshotId: number }
+  | { type: 'rollback'; volumeId: number; snapshotId: number };
 
-const typeCodes = { map: 1, unmap: 2, create: 3, resize: 4, remove: 5 } as const;
+const typeCodes = { map: 1, unmap: 2, create: 3, resize: 4, remove: 5, clone: 6, snapshot: 7, 'snapshot-remove': 8, rollback: 9 } as const;
+const typesByCode = new Map<number, MetaRecord['type']>(Object.entries(typeCodes).map(([type, code]) => [code, type as MetaRecord['type']]));
 const frameHeaderBytes = 8;
 
 export function emptyCatalog(): Catalog {
-  return { nextVolumeId: 1, volumes: new Map(), byName: new Map() };
+  return { nextVolumeId: 1, nextSnapshotId: 1, volumes: new Map(), byName: new Map(), snapshots: new Map() };
 }
 
-/** Applies one record; calls `onFree` for every physical run the record stops using. Throws ECORRUPT if it cannot apply. */
-export function applyRecord(catalog: Catalog, record: MetaRecord, onFree: (run: ChunkRun) => void): void {
-  if (record.type === 'create') {
-    if (catalog.volumes.has(record.volumeId) || catalog.byName.has(record.name)) {
-      throw ChunkdError.corrupt(`volume ${record.name} (id ${record.volumeId}) created twice`);
-    }
-    const volume: VolumeMeta = { id: record.volumeId, name: record.name, sizeBytes: record.sizeBytes, map: new ChunkMap() };
-    catalog.volumes.set(volume.id, volume);
-    catalog.byName.set(volume.name, volume);
-    catalog.nextVolumeId = Math.max(catalog.nextVolumeId, volume.id + 1);
-    return;
-  }
-  const volume = catalog.volumes.get(record.volumeId);
-  if (volume === undefined) throw ChunkdError.corrupt(`record ${record.type} names volume id ${record.volumeId}, which does not exist`);
+/** Adds a volume to the catalog (for records and checkpoints alike). */
+export function addVolume(catalog: Catalog, volume: VolumeMeta): void {
+  if (catalog.volumes.has(volume.id) || catalog.byName.has(volume.name)) throw ChunkdError.corrupt(`volume ${volume.name} (id ${volume.id}) exists twice`);
+  catalog.volumes.set(volume.id, volume);
+  catalog.byName.set(volume.name, volume);
+  catalog.nextVolumeId = Math.max(catalog.nextVolumeId, volume.id + 1);
+}
+
+/** Adds a snapshot to the catalog and to its volume. */
+export function addSnapshot(catalog: Catalog, snapshot: SnapshotMeta): void {
+  const volume = catalog.volumes.get(snapshot.volumeId);
+  if (volume === undefined) throw ChunkdError.corrupt(`snapshot ${snapshot.name} names volume id ${snapshot.volumeId}, which does not exist`);
+  if (catalog.snapshots.has(snapshot.id) || volume.snapshots.has(snapshot.name)) throw ChunkdError.corrupt(`snapshot ${volume.name}@${snapshot.name} exists twice`);
+  catalog.snapshots.set(snapshot.id, snapshot);
+  volume.snapshots.set(snapshot.name, snapshot);
+  catalog.nextSnapshotId = Math.max(catalog.nextSnapshotId, snapshot.id + 1);
+}
+
+/** Applies one record; chunk references go through `refs`. Throws ECORRUPT if the record cannot apply. */
+export function applyRecord(catalog: Catalog, record: MetaRecord, refs: ChunkRefs): void {
   switch (record.type) {
-    case 'map':
-      for (const run of volume.map.runs(record.virtualChunk, record.chunkCount)) {
-        if (run.physicalChunk >= 0) throw ChunkdError.corrupt(`volume ${volume.name}: chunk ${run.virtualChunk} mapped twice`);
-      }
-      volume.map.mapRun(record.virtualChunk, record.physicalChunk, record.chunkCount);
+    case 'create':
+      addVolume(catalog, { id: record.volumeId, name: record.name, sizeBytes: record.sizeBytes, map: new ChunkMap(), snapshots: new Map() });
       return;
+    case 'clone': {
+      const snapshot = snapshotById(catalog, record.snapshotId);
+      addVolume(catalog, { id: record.volumeId, name: record.name, sizeBytes: snapshot.sizeBytes, map: snapshot.map.clone(), snapshots: new Map() });
+      return;
+    }
+    case 'snapshot-remove': {
+      const snapshot = snapshotById(catalog, record.snapshotId);
+      snapshot.map.drop(refs);
+      catalog.snapshots.delete(snapshot.id);
+      volumeById(catalog, snapshot.volumeId).snapshots.delete(snapshot.name);
+      return;
+    }
+    default:
+      break;
+  }
+  const volume = volumeById(catalog, record.volumeId);
+  switch (record.type) {
+    case 'map': {
+      const end = record.virtualChunk + record.chunkCount;
+      if (end * chunkSizeBytes > volume.sizeBytes) throw ChunkdError.corrupt(`volume ${volume.name}: a record maps past its end`);
+      volume.map.mapRun(record.virtualChunk, record.physicalChunk, record.chunkCount, refs);
+      return;
+    }
     case 'unmap':
-      for (const run of volume.map.unmapRange(record.virtualChunk, record.chunkCount)) onFree(run);
+      volume.map.unmapRange(record.virtualChunk, record.chunkCount, refs);
       return;
     case 'resize':
       volume.sizeBytes = record.sizeBytes;
       return;
     case 'remove':
-      for (const run of volume.map.mappedRuns()) onFree(run);
+      if (volume.snapshots.size > 0) throw ChunkdError.corrupt(`volume ${volume.name} removed while it has snapshots`);
+      volume.map.drop(refs);
       catalog.volumes.delete(volume.id);
       catalog.byName.delete(volume.name);
       return;
+    case 'snapshot':
+      addSnapshot(catalog, { id: record.snapshotId, volumeId: volume.id, name: record.name, sizeBytes: volume.sizeBytes, createdAtMs: record.createdAtMs, map: volume.map.clone() });
+      return;
+    case 'rollback': {
+      const snapshot = snapshotById(catalog, record.snapshotId);
+      if (snapshot.volumeId !== volume.id) throw ChunkdError.corrupt(`rollback of ${volume.name} to a snapshot of another volume`);
+      const map = snapshot.map.clone();
+      volume.map.drop(refs);
+      volume.map = map;
+      volume.sizeBytes = snapshot.sizeBytes;
+      return;
+    }
+    default:
+      unreachable(record);
   }
+}
+
+function volumeById(catalog: Catalog, volumeId: number): VolumeMeta {
+  const volume = catalog.volumes.get(volumeId);
+  if (volume === undefined) throw ChunkdError.corrupt(`a record names volume id ${volumeId}, which does not exist`);
+  return volume;
+}
+
+function snapshotById(catalog: Catalog, snapshotId: number): SnapshotMeta {
+  const snapshot = catalog.snapshots.get(snapshotId);
+  if (snapshot === undefined) throw ChunkdError.corrupt(`a record names snapshot id ${snapshotId}, which does not exist`);
+  return snapshot;
 }
 
 /** Encodes records as journal frames, ready to append. */
 export function encodeRecords(records: readonly MetaRecord[]): Buffer {
-  const frames = records.map(encodeFrame);
-  return Buffer.concat(frames);
+  return Buffer.concat(records.map(encodeFrame));
 }
 
 function encodeFrame(record: MetaRecord): Buffer {
-  const name = record.type === 'create' ? Buffer.from(record.name, 'utf8') : Buffer.alloc(0);
-  const payload = Buffer.alloc(1 + 4 + 8 + 8 + 8 + 1 + name.length);
-  payload.writeUInt8(typeCodes[record.type], 0);
-  payload.writeUInt32LE(record.volumeId, 1);
-  switch (record.type) {
-    case 'map':
-      payload.writeDoubleLE(record.virtualChunk, 5);
-      payload.writeDoubleLE(record.physicalChunk, 13);
-      payload.writeDoubleLE(record.chunkCount, 21);
-      break;
-    case 'unmap':
-      payload.writeDoubleLE(record.virtualChunk, 5);
-      payload.writeDoubleLE(record.chunkCount, 21);
-      break;
-    case 'create':
-      payload.writeDoubleLE(record.sizeBytes, 5);
-      payload.writeUInt8(name.length, 29);
-      name.copy(payload, 30);
-      break;
-    case 'resize':
-      payload.writeDoubleLE(record.sizeBytes, 5);
-      break;
-    case 'remove':
-      break;
+  let payload: Buffer;
+  if (record.type === 'map' || record.type === 'unmap') {
+    payload = Buffer.alloc(29);
+    payload.writeUInt32LE(record.volumeId, 1);
+    payload.writeDoubleLE(record.virtualChunk, 5);
+    payload.writeDoubleLE(record.type === 'map' ? record.physicalChunk : 0, 13);
+    payload.writeDoubleLE(record.chunkCount, 21);
+  } else {
+    const { type: _type, ...fields } = record;
+    const json = Buffer.from(JSON.stringify(fields), 'utf8');
+    payload = Buffer.alloc(1 + json.length);
+    json.copy(payload, 1);
   }
+  payload.writeUInt8(typeCodes[record.type], 0);
   const frame = Buffer.alloc(frameHeaderBytes + payload.length);
   frame.writeUInt32LE(payload.length, 0);
   frame.writeUInt32LE(crc32(payload), 4);
@@ -140,30 +202,27 @@ export function decodeJournal(bytes: Buffer): DecodedJournal {
 }
 
 function decodePayload(payload: Buffer): MetaRecord | null {
-  if (payload.length < 30) return null;
-  const code = payload.readUInt8(0);
-  const volumeId = payload.readUInt32LE(1);
-  const a = payload.readDoubleLE(5);
-  const b = payload.readDoubleLE(13);
-  const c = payload.readDoubleLE(21);
-  switch (code) {
-    case typeCodes.map:
-      return wholeNumbers(a, b, c) ? { type: 'map', volumeId, virtualChunk: a, physicalChunk: b, chunkCount: c } : null;
-    case typeCodes.unmap:
-      return wholeNumbers(a, c) ? { type: 'unmap', volumeId, virtualChunk: a, chunkCount: c } : null;
-    case typeCodes.create: {
-      const nameLength = payload.readUInt8(29);
-      if (payload.length < 30 + nameLength || !wholeNumbers(a)) return null;
-      const name = payload.subarray(30, 30 + nameLength).toString('utf8');
-      return checkName(name) === null ? { type: 'create', volumeId, name, sizeBytes: a } : null;
-    }
-    case typeCodes.resize:
-      return wholeNumbers(a) ? { type: 'resize', volumeId, sizeBytes: a } : null;
-    case typeCodes.remove:
-      return { type: 'remove', volumeId };
-    default:
-      return null;
+  const type = typesByCode.get(payload.readUInt8(0));
+  if (type === undefined) return null;
+  if (type === 'map' || type === 'unmap') {
+    if (payload.length !== 29) return null;
+    const volumeId = payload.readUInt32LE(1);
+    const virtualChunk = payload.readDoubleLE(5);
+    const physicalChunk = payload.readDoubleLE(13);
+    const chunkCount = payload.readDoubleLE(21);
+    if (!wholeNumbers(virtualChunk, physicalChunk, chunkCount) || chunkCount === 0) return null;
+    return type === 'map' ? { type, volumeId, virtualChunk, physicalChunk, chunkCount } : { type, volumeId, virtualChunk, chunkCount };
   }
+  let fields: Record<string, unknown>;
+  try {
+    fields = JSON.parse(payload.subarray(1).toString('utf8')) as Record<string, unknown>;
+  } catch {
+    return null;
+  }
+  const numbers = ['volumeId', 'snapshotId', 'sizeBytes', 'createdAtMs'].filter((key) => key in fields);
+  if (!numbers.every((key) => wholeNumbers(fields[key] as number))) return null;
+  if ('name' in fields && checkName(fields.name) !== null) return null;
+  return { type, ...fields } as MetaRecord;
 }
 
 function wholeNumbers(...values: number[]): boolean {
@@ -175,8 +234,20 @@ function isZero(bytes: Buffer, start: number, end: number): boolean {
   return true;
 }
 
-/** Asserts the catalog's own invariants (names unique and indexed, maps inside sizes). */
-export function assertCatalog(catalog: Catalog): void {
-  assert(catalog.byName.size === catalog.volumes.size);
-  for (const volume of catalog.volumes.values()) assert(catalog.byName.get(volume.name) === volume);
+/** Every map of the catalog: volumes' then snapshots'. */
+export function* allMaps(catalog: Catalog): Generator<ChunkMap> {
+  for (const volume of catalog.volumes.values()) yield volume.map;
+  for (const snapshot of catalog.snapshots.values()) yield snapshot.map;
+}
+
+/** Counts each chunk once per distinct page that names it: the reference counts of a freshly loaded catalog. */
+export function countReferences(catalog: Catalog, refs: ChunkRefs): void {
+  const seen = new Set<object>();
+  for (const map of allMaps(catalog)) {
+    for (const [, page] of map.pages()) {
+      if (seen.has(page)) continue;
+      seen.add(page);
+      for (const slot of page.slots) if (slot > 0) refs.increment(slot - 1);
+    }
+  }
 }

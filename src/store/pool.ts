@@ -40,6 +40,7 @@ import {
   chunkSizeBytes,
   chunksPerFile,
   journalCheckpointBytes,
+  snapshotsPerVolumeMax,
   volumeSizeAlignBytes,
   volumeSizeMaxBytes,
   volumesMax,
@@ -48,13 +49,14 @@ import { validateName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
 import { ChunkAllocator } from './allocator.ts';
 import { ChunkFiles } from './chunk-files.ts';
-import type { ChunkRun } from './chunk-map.ts';
+import { ChunkRefcounts } from './chunk-refcounts.ts';
 import { decodeCheckpoint, encodeCheckpoint } from './checkpoint.ts';
 import { JournalFile, readJournal } from './journal-file.ts';
-import { applyRecord, decodeJournal, emptyCatalog, encodeRecords, type Catalog, type MetaRecord } from './metadata.ts';
+import { diffMaps, type ChangedExtent } from './map-diff.ts';
+import { applyRecord, countReferences, decodeJournal, emptyCatalog, encodeRecords, type Catalog, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
 import { tryLockExclusive } from './native.ts';
 import { RangeLock } from './range-lock.ts';
-import { Volume, type VolumeRuntime, type VolumeStore } from './volume.ts';
+import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
 
 export const poolFormatName = 'chunkd-pool';
 export const poolFormatVersion = 1;
@@ -64,12 +66,24 @@ export interface VolumeInfo {
   sizeBytes: number;
   allocatedBytes: number;
   openCount: number;
+  snapshots: string[];
+}
+
+export interface SnapshotInfo {
+  volume: string;
+  name: string;
+  sizeBytes: number;
+  createdAt: string;
+  /** Bytes of chunks that only this snapshot holds: what removing it gives back. */
+  uniqueBytes: number;
+  openCount: number;
 }
 
 export interface PoolStatus {
   directory: string;
   formatVersion: number;
   volumeCount: number;
+  snapshotCount: number;
   allocatedBytes: number;
   journalBytes: number;
   generation: number;
@@ -85,6 +99,7 @@ export interface PoolOptions {
 /** What a pool's metadata says after a checkpoint and journal replay; shared by the node and fsck. */
 export interface LoadedMetadata {
   catalog: Catalog;
+  refs: ChunkRefcounts;
   generation: number;
   replayedRecords: number;
   tornTail: boolean;
@@ -94,8 +109,10 @@ export class Pool implements VolumeStore {
   readonly directory: string;
   readonly chunkFiles: ChunkFiles;
   readonly allocator: ChunkAllocator;
+  readonly refs: ChunkRefcounts;
   readonly #catalog: Catalog;
   readonly #runtimes = new Map<number, VolumeRuntime>();
+  readonly #snapshotRuntimes = new Map<number, ExportRuntime>();
   readonly #lockFd: number;
   readonly #log: (line: string) => void;
   #generation: number;
@@ -113,11 +130,14 @@ export class Pool implements VolumeStore {
     this.#catalog = loaded.catalog;
     this.#generation = loaded.generation;
     this.allocator = allocator;
+    this.refs = loaded.refs;
+    // From now on a chunk whose last reference goes is free, once the commit that records it is durable.
+    this.refs.onFree = (physicalChunk) => allocator.freeDeferred(physicalChunk, 1);
     this.chunkFiles = new ChunkFiles(path.join(directory, 'chunks'));
     this.#journal = journal;
     this.#log = log;
     this.#timer = setInterval(() => {
-      if (this.#queue.length > 0) this.commit().catch((error) => this.#log(`background commit failed: ${(error as Error).message}`));
+      if (this.#queue.length > 0 || this.allocator.deferredCount > 0) this.commit().catch((error) => this.#log(`background commit failed: ${(error as Error).message}`));
     }, backgroundCommitIntervalMs);
     this.#timer.unref();
   }
@@ -130,12 +150,7 @@ export class Pool implements VolumeStore {
     const lockFd = lockPool(directory);
     try {
       const loaded = loadMetadata(directory);
-      let allocator: ChunkAllocator;
-      try {
-        allocator = ChunkAllocator.fromUsed(allUsedRuns(loaded.catalog));
-      } catch (error) {
-        throw ChunkdError.corrupt(`pool ${directory}: ${(error as Error).message}`);
-      }
+      const allocator = ChunkAllocator.fromUsed(loaded.refs.usedRuns());
       // Start a fresh generation: the checkpoint absorbs the replayed journal (and drops any torn tail).
       const generation = loaded.generation + 1;
       await writeCheckpointFile(directory, encodeCheckpoint(loaded.catalog, generation));
@@ -154,36 +169,30 @@ export class Pool implements VolumeStore {
     }
   }
 
-  // ---- control ----
+  // ---- control: volumes ----
 
   /** Creates a thin volume; nothing is allocated until it is written. */
   async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
     this.#checkOpen();
     validateName(name);
     checkVolumeSize(sizeBytes);
-    if (this.#catalog.byName.has(name)) throw ChunkdError.exists(`volume ${name} already exists`);
-    if (this.#catalog.volumes.size >= volumesMax) throw ChunkdError.invalid(`a pool holds at most ${volumesMax} volumes`);
-    const volumeId = this.#catalog.nextVolumeId;
-    this.record({ type: 'create', volumeId, name, sizeBytes });
+    this.#checkNewVolumeName(name);
+    this.record({ type: 'create', volumeId: this.#catalog.nextVolumeId, name, sizeBytes });
     await this.commit();
     return this.volumeInfo(name);
   }
 
-  /** Removes a volume and gives its space back; refused while it is exported. */
+  /** Removes a volume and gives its space back; refused while it is exported or has snapshots. */
   async removeVolume(name: string): Promise<void> {
     this.#checkOpen();
     const runtime = this.#runtime(name);
     if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients first`);
-    // The chunks must not be handed out again before their space is punched, so they are freed only afterwards.
-    const freed: ChunkRun[] = [];
-    this.#apply({ type: 'remove', volumeId: runtime.meta.id }, (run) => freed.push(run));
-    this.#runtimes.delete(runtime.meta.id);
-    try {
-      await Promise.all(freed.map((run) => this.chunkFiles.punch(run.physicalChunk, run.chunkCount)));
-    } catch (error) {
-      this.#log(`volume ${name} removed, but giving back its space failed: ${(error as Error).message}`);
+    const snapshots = [...runtime.meta.snapshots.keys()];
+    if (snapshots.length > 0) {
+      throw ChunkdError.busy(`volume ${name} has ${snapshots.length} snapshot(s) (${snapshots.slice(0, 5).join(', ')}${snapshots.length > 5 ? ', ...' : ''}); remove them first`);
     }
-    for (const run of freed) this.allocator.freeDeferred(run.physicalChunk, run.chunkCount);
+    this.record({ type: 'remove', volumeId: runtime.meta.id });
+    this.#runtimes.delete(runtime.meta.id);
     await this.commit();
   }
 
@@ -197,9 +206,7 @@ export class Pool implements VolumeStore {
       if (!force) throw ChunkdError.invalid(`shrinking volume ${name} from ${formatSize(oldSize)} to ${formatSize(sizeBytes)} discards data: pass --force`);
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); it can shrink only when no client has it open`);
       const firstCut = sizeBytes / chunkSizeBytes;
-      const runs = runtime.meta.map.runs(firstCut, oldSize / chunkSizeBytes - firstCut).filter((run) => run.physicalChunk >= 0);
-      await Promise.all(runs.map((run) => this.chunkFiles.punch(run.physicalChunk, run.chunkCount)));
-      for (const run of runs) this.record({ type: 'unmap', volumeId: runtime.meta.id, virtualChunk: run.virtualChunk, chunkCount: run.chunkCount });
+      this.record({ type: 'unmap', volumeId: runtime.meta.id, virtualChunk: firstCut, chunkCount: oldSize / chunkSizeBytes - firstCut });
     }
     if (sizeBytes !== oldSize) this.record({ type: 'resize', volumeId: runtime.meta.id, sizeBytes });
     await this.commit();
@@ -213,7 +220,13 @@ export class Pool implements VolumeStore {
   volumeInfo(name: string): VolumeInfo {
     const runtime = this.#runtime(name);
     const meta = runtime.meta;
-    return { name: meta.name, sizeBytes: meta.sizeBytes, allocatedBytes: meta.map.mappedCount * chunkSizeBytes, openCount: runtime.openCount };
+    return {
+      name: meta.name,
+      sizeBytes: meta.sizeBytes,
+      allocatedBytes: meta.map.mappedCount * chunkSizeBytes,
+      openCount: runtime.openCount,
+      snapshots: [...meta.snapshots.keys()],
+    };
   }
 
   hasVolume(name: string): boolean {
@@ -226,12 +239,92 @@ export class Pool implements VolumeStore {
     return new Volume(this, this.#runtime(name));
   }
 
+  /** Opens a snapshot read-only; close() the result when done. */
+  openSnapshot(volumeName: string, snapshotName: string): SnapshotDevice {
+    this.#checkOpen();
+    const snapshot = this.#snapshot(volumeName, snapshotName);
+    return new SnapshotDevice(volumeName, snapshot, this.chunkFiles, this.#snapshotRuntime(snapshot.id));
+  }
+
+  // ---- control: snapshots and clones ----
+
+  /**
+   * Takes a snapshot: waits for the volume's writes in flight (blocking new ones meanwhile), so it holds exactly
+   * the writes acknowledged before it, records it, and makes it durable before returning.
+   */
+  async createSnapshot(volumeName: string, snapshotName: string): Promise<SnapshotInfo> {
+    this.#checkOpen();
+    validateName(snapshotName, 'snapshot');
+    const runtime = this.#runtime(volumeName);
+    if (runtime.meta.snapshots.has(snapshotName)) throw ChunkdError.exists(`snapshot ${volumeName}@${snapshotName} already exists`);
+    if (runtime.meta.snapshots.size >= snapshotsPerVolumeMax) throw ChunkdError.invalid(`volume ${volumeName} has ${snapshotsPerVolumeMax} snapshots, the most a volume may have`);
+    const release = await runtime.lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
+    try {
+      this.record({ type: 'snapshot', volumeId: runtime.meta.id, snapshotId: this.#catalog.nextSnapshotId, name: snapshotName, createdAtMs: Date.now() });
+    } finally {
+      release();
+    }
+    await this.commit();
+    return this.snapshotInfo(volumeName, snapshotName);
+  }
+
+  /** Removes a snapshot; chunks that clones or other snapshots still hold stay, the rest go back to the pool. */
+  async removeSnapshot(volumeName: string, snapshotName: string): Promise<void> {
+    this.#checkOpen();
+    const snapshot = this.#snapshot(volumeName, snapshotName);
+    const openCount = this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0;
+    if (openCount > 0) throw ChunkdError.busy(`snapshot ${volumeName}@${snapshotName} is exported (${openCount} open); disconnect its clients first`);
+    this.record({ type: 'snapshot-remove', snapshotId: snapshot.id });
+    this.#snapshotRuntimes.delete(snapshot.id);
+    await this.commit();
+  }
+
+  /** Makes the volume's contents the snapshot's again; refused while the volume is exported. Durable on return. */
+  async rollbackVolume(volumeName: string, snapshotName: string): Promise<VolumeInfo> {
+    this.#checkOpen();
+    const runtime = this.#runtime(volumeName);
+    const snapshot = this.#snapshot(volumeName, snapshotName);
+    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
+    this.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
+    await this.commit();
+    return this.volumeInfo(volumeName);
+  }
+
+  /** Creates a writable volume that starts as the snapshot's image and shares its chunks. */
+  async cloneSnapshot(volumeName: string, snapshotName: string, newName: string): Promise<VolumeInfo> {
+    this.#checkOpen();
+    validateName(newName);
+    const snapshot = this.#snapshot(volumeName, snapshotName);
+    this.#checkNewVolumeName(newName);
+    this.record({ type: 'clone', volumeId: this.#catalog.nextVolumeId, name: newName, snapshotId: snapshot.id });
+    await this.commit();
+    return this.volumeInfo(newName);
+  }
+
+  listSnapshots(volumeName: string): SnapshotInfo[] {
+    const volume = this.#runtime(volumeName).meta;
+    return [...volume.snapshots.values()].sort((a, b) => a.createdAtMs - b.createdAtMs || a.id - b.id).map((s) => this.#describeSnapshot(volume, s));
+  }
+
+  snapshotInfo(volumeName: string, snapshotName: string): SnapshotInfo {
+    return this.#describeSnapshot(this.#runtime(volumeName).meta, this.#snapshot(volumeName, snapshotName));
+  }
+
+  /** The extents that differ between snapshot `from` and snapshot `to` (or the live volume), from metadata alone. */
+  diff(volumeName: string, fromName: string, toName: string | null): ChangedExtent[] {
+    const volume = this.#runtime(volumeName).meta;
+    const from = this.#snapshot(volumeName, fromName);
+    const to = toName === null ? volume : this.#snapshot(volumeName, toName);
+    return diffMaps(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes);
+  }
+
   async status(): Promise<PoolStatus> {
     const stats = await fs.promises.statfs(this.directory);
     return {
       directory: this.directory,
       formatVersion: poolFormatVersion,
       volumeCount: this.#catalog.volumes.size,
+      snapshotCount: this.#catalog.snapshots.size,
       allocatedBytes: this.allocator.usedCount * chunkSizeBytes,
       journalBytes: this.#journal.sizeBytes,
       generation: this.#generation,
@@ -240,7 +333,7 @@ export class Pool implements VolumeStore {
     };
   }
 
-  /** Commits everything, writes a final checkpoint and releases the pool's lock. */
+  /** Commits everything and releases the pool's lock. */
   async close(): Promise<void> {
     if (this.#closed) return;
     clearInterval(this.#timer);
@@ -257,11 +350,7 @@ export class Pool implements VolumeStore {
   // ---- VolumeStore: what volumes call ----
 
   record(record: MetaRecord): void {
-    this.#apply(record, (run) => this.allocator.freeDeferred(run.physicalChunk, run.chunkCount));
-  }
-
-  #apply(record: MetaRecord, onFree: (run: ChunkRun) => void): void {
-    applyRecord(this.#catalog, record, onFree);
+    applyRecord(this.#catalog, record, this.refs);
     this.#queue.push(record);
   }
 
@@ -309,7 +398,12 @@ export class Pool implements VolumeStore {
       this.#queue = records.concat(this.#queue);
       throw fromSystemError(error, 'metadata commit');
     }
-    this.allocator.releaseDeferred(freeMark);
+    // The frees are durable now: punch their space out, then let the allocator hand them out again.
+    const freed = this.allocator.takeDeferred(freeMark);
+    await Promise.all(freed.map((extent) => this.chunkFiles.punch(extent.start, extent.count))).catch((error) =>
+      this.#log(`giving freed space back to the file system failed: ${(error as Error).message}`),
+    );
+    this.allocator.releaseTaken(freed);
   }
 
   async #startGeneration(checkpoint: Buffer): Promise<void> {
@@ -336,6 +430,28 @@ export class Pool implements VolumeStore {
     await Promise.all(tasks);
   }
 
+  #describeSnapshot(volume: VolumeMeta, snapshot: SnapshotMeta): SnapshotInfo {
+    // Chunks only this snapshot holds: on pages no other map shares, with a single reference.
+    let uniqueChunks = 0;
+    for (const [, page] of snapshot.map.pages()) {
+      if (page.shareCount !== 1) continue;
+      for (const slot of page.slots) if (slot > 0 && this.refs.get(slot - 1) === 1) uniqueChunks += 1;
+    }
+    return {
+      volume: volume.name,
+      name: snapshot.name,
+      sizeBytes: snapshot.sizeBytes,
+      createdAt: new Date(snapshot.createdAtMs).toISOString(),
+      uniqueBytes: uniqueChunks * chunkSizeBytes,
+      openCount: this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0,
+    };
+  }
+
+  #checkNewVolumeName(name: string): void {
+    if (this.#catalog.byName.has(name)) throw ChunkdError.exists(`volume ${name} already exists`);
+    if (this.#catalog.volumes.size >= volumesMax) throw ChunkdError.invalid(`a pool holds at most ${volumesMax} volumes`);
+  }
+
   #runtime(name: string): VolumeRuntime {
     const meta = this.#catalog.byName.get(name);
     if (meta === undefined) throw ChunkdError.notFound(`no volume named ${name}`);
@@ -343,6 +459,22 @@ export class Pool implements VolumeStore {
     if (runtime === undefined) {
       runtime = { meta, lock: new RangeLock(), openCount: 0 };
       this.#runtimes.set(meta.id, runtime);
+    }
+    // A rollback replaces the volume's meta fields in place; the runtime keeps pointing at the same object.
+    return runtime;
+  }
+
+  #snapshot(volumeName: string, snapshotName: string): SnapshotMeta {
+    const snapshot = this.#runtime(volumeName).meta.snapshots.get(snapshotName);
+    if (snapshot === undefined) throw ChunkdError.notFound(`no snapshot ${volumeName}@${snapshotName}`);
+    return snapshot;
+  }
+
+  #snapshotRuntime(snapshotId: number): ExportRuntime {
+    let runtime = this.#snapshotRuntimes.get(snapshotId);
+    if (runtime === undefined) {
+      runtime = { openCount: 0 };
+      this.#snapshotRuntimes.set(snapshotId, runtime);
     }
     return runtime;
   }
@@ -356,10 +488,6 @@ function checkVolumeSize(sizeBytes: number): void {
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % volumeSizeAlignBytes !== 0 || sizeBytes > volumeSizeMaxBytes) {
     throw ChunkdError.invalid(`invalid volume size ${sizeBytes}: it must be a positive multiple of ${formatSize(volumeSizeAlignBytes)} up to ${formatSize(volumeSizeMaxBytes)}`);
   }
-}
-
-function* allUsedRuns(catalog: Catalog): Generator<{ physicalChunk: number; chunkCount: number }> {
-  for (const volume of catalog.volumes.values()) yield* volume.map.mappedRuns();
 }
 
 function journalPath(directory: string, generation: number): string {
@@ -419,11 +547,14 @@ export function loadMetadata(directory: string): LoadedMetadata {
   if (fs.existsSync(checkpointPath)) {
     ({ catalog, generation } = decodeCheckpoint(fs.readFileSync(checkpointPath)));
   }
+  // Frees during replay need no action: the allocator is built from the counts that remain.
+  const refs = new ChunkRefcounts(() => {});
+  countReferences(catalog, refs);
   const bytes = readJournal(journalPath(directory, generation));
-  if (bytes === null) return { catalog, generation, replayedRecords: 0, tornTail: false };
+  if (bytes === null) return { catalog, refs, generation, replayedRecords: 0, tornTail: false };
   const journal = decodeJournal(bytes);
-  for (const record of journal.records) applyRecord(catalog, record, () => {});
-  return { catalog, generation, replayedRecords: journal.records.length, tornTail: journal.tornTail };
+  for (const record of journal.records) applyRecord(catalog, record, refs);
+  return { catalog, refs, generation, replayedRecords: journal.records.length, tornTail: journal.tornTail };
 }
 
 async function writeCheckpointFile(directory: string, bytes: Buffer): Promise<void> {

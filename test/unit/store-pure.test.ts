@@ -3,16 +3,25 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ChunkAllocator } from '../../src/store/allocator.ts';
 import { ChunkMap } from '../../src/store/chunk-map.ts';
+import { ChunkRefcounts } from '../../src/store/chunk-refcounts.ts';
+import { diffMaps } from '../../src/store/map-diff.ts';
 import { decodeCheckpoint, encodeCheckpoint } from '../../src/store/checkpoint.ts';
 import { applyRecord, decodeJournal, emptyCatalog, encodeRecords, type MetaRecord } from '../../src/store/metadata.ts';
 import { RangeLock } from '../../src/store/range-lock.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
+/** Reference counts that remember which chunks were freed. */
+function trackingRefs(): { refs: ChunkRefcounts; freed: number[] } {
+  const freed: number[] = [];
+  return { refs: new ChunkRefcounts((chunk) => freed.push(chunk)), freed };
+}
+
 test('chunk map: runs split holes and physically contiguous stretches', () => {
+  const { refs, freed } = trackingRefs();
   const map = new ChunkMap();
-  map.mapRun(10, 100, 4);
-  map.mapRun(14, 200, 2);
+  map.mapRun(10, 100, 4, refs);
+  map.mapRun(14, 200, 2, refs);
   assert.deepEqual(map.runs(8, 10), [
     { virtualChunk: 8, chunkCount: 2, physicalChunk: -1 },
     { virtualChunk: 10, chunkCount: 4, physicalChunk: 100 },
@@ -20,36 +29,62 @@ test('chunk map: runs split holes and physically contiguous stretches', () => {
     { virtualChunk: 16, chunkCount: 2, physicalChunk: -1 },
   ]);
   assert.equal(map.mappedCount, 6);
-  assert.deepEqual(map.unmapRange(12, 3), [
-    { virtualChunk: 12, chunkCount: 2, physicalChunk: 102 },
-    { virtualChunk: 14, chunkCount: 1, physicalChunk: 200 },
-  ]);
+  assert.equal(map.unmapRange(12, 3, refs), 3);
+  assert.deepEqual(freed, [102, 103, 200]);
   assert.equal(map.mappedCount, 3);
   assert.equal(map.get(12), -1);
   assert.equal(map.get(15), 201);
+  map.mapRun(15, 300, 1, refs);
+  assert.deepEqual(freed, [102, 103, 200, 201], 'remapping a chunk releases the old one');
 });
 
 test('chunk map: a 64 TiB volume maps its far end and skips empty pages', () => {
+  const { refs } = trackingRefs();
   const map = new ChunkMap();
   const lastChunk = (64 * 2 ** 40) / 4096 - 1;
-  map.mapRun(lastChunk, 7, 1);
+  map.mapRun(lastChunk, 7, 1, refs);
   assert.equal(map.get(lastChunk), 7);
   const runs = map.runs(0, lastChunk + 1);
   assert.deepEqual(runs[runs.length - 1], { virtualChunk: lastChunk, chunkCount: 1, physicalChunk: 7 });
   assert.deepEqual([...map.mappedRuns()], [{ virtualChunk: lastChunk, chunkCount: 1, physicalChunk: 7 }]);
+  assert.equal(map.unmapRange(0, lastChunk + 1, refs), 1);
 });
 
+test('chunk map: clones share pages; a write copies the page, not the data; drop frees what only it held', () => {
+  const { refs, freed } = trackingRefs();
+  const volume = new ChunkMap();
+  volume.mapRun(0, 0, 600, refs); // two pages
+  const snapshot = volume.clone();
+  assert.equal(refs.get(5), 1, 'a clone adds no chunk references: pages are shared');
+  volume.ownRange(5, 1, refs);
+  assert.equal(refs.get(5), 2, 'owning a shared page references its chunks from both copies');
+  assert.equal(refs.get(550), 1, 'the other page is still shared, untouched');
+  volume.mapRun(5, 1000, 1, refs);
+  assert.equal(snapshot.get(5), 5);
+  assert.equal(volume.get(5), 1000);
+  assert.deepEqual(freed, []);
+  assert.deepEqual(diffMaps(snapshot, volume, 600), [{ virtualChunk: 5, chunkCount: 1 }]);
+  snapshot.drop(refs);
+  assert.deepEqual(freed, [5], 'dropping the snapshot frees only the chunk it alone held');
+  assert.equal(volume.get(550), 550);
+  volume.drop(refs);
+  assert.equal(freed.length, 601);
+});
 test('allocator: contiguous runs, deferred frees reused only after release, high-water mark shrinks', () => {
   const allocator = new ChunkAllocator();
   assert.equal(allocator.allocate(4), 0);
   assert.equal(allocator.allocate(2), 4);
   allocator.freeDeferred(0, 4);
   assert.equal(allocator.allocate(1), 6, 'a deferred free is not reused before its commit');
-  allocator.releaseDeferred(allocator.deferredMark());
+  const mark = allocator.deferredMark();
+  allocator.freeDeferred(4, 2);
+  const taken = allocator.takeDeferred(mark);
+  assert.deepEqual(taken, [{ start: 0, count: 4 }], 'a free after the mark is not merged into one the commit claimed');
+  allocator.releaseTaken(taken);
+  allocator.releaseTaken(allocator.takeDeferred(allocator.deferredMark()));
   assert.equal(allocator.allocate(3), 0);
   allocator.release(6, 1);
   allocator.release(0, 3);
-  allocator.release(4, 2);
   assert.equal(allocator.highWater, 0);
   assert.equal(allocator.usedCount, 0);
 });
@@ -75,7 +110,7 @@ test('allocator: seeded random allocation never hands out a used chunk', () => {
       }
       held.push([start, count]);
     }
-    if (random() < 0.05) allocator.releaseDeferred(allocator.deferredMark());
+    if (random() < 0.05) allocator.releaseTaken(allocator.takeDeferred(allocator.deferredMark()));
   }
   assert.equal(allocator.usedCount, owned.size);
   const rebuilt = ChunkAllocator.fromUsed(held.map(([physicalChunk, chunkCount]) => ({ physicalChunk, chunkCount })));
@@ -91,8 +126,12 @@ const sampleRecords: MetaRecord[] = [
   { type: 'map', volumeId: 1, virtualChunk: 2 ** 33, physicalChunk: 5, chunkCount: 3 },
   { type: 'unmap', volumeId: 1, virtualChunk: 2 ** 33 + 1, chunkCount: 1 },
   { type: 'resize', volumeId: 1, sizeBytes: 128 * 2 ** 40 },
-  { type: 'create', volumeId: 2, name: 'b', sizeBytes: 4096 },
-  { type: 'remove', volumeId: 2 },
+  { type: 'snapshot', volumeId: 1, snapshotId: 1, name: 'snap', createdAtMs: 1_700_000_000_000 },
+  { type: 'map', volumeId: 1, virtualChunk: 2 ** 33, physicalChunk: 9, chunkCount: 1 },
+  { type: 'clone', volumeId: 2, name: 'copy', snapshotId: 1 },
+  { type: 'snapshot-remove', snapshotId: 1 },
+  { type: 'create', volumeId: 3, name: 'b', sizeBytes: 4096 },
+  { type: 'remove', volumeId: 3 },
 ];
 
 test('journal: records round-trip, and replay stops at a torn or zeroed tail', () => {
@@ -107,26 +146,35 @@ test('journal: records round-trip, and replay stops at a torn or zeroed tail', (
   assert.equal(decoded.tornTail, true);
 });
 
-test('journal: applying records builds the catalog and reports frees', () => {
+test('journal: applying records builds the catalog; shared chunks are freed only when nothing holds them', () => {
   const catalog = emptyCatalog();
-  const freed: number[] = [];
-  for (const record of sampleRecords) applyRecord(catalog, record, (run) => freed.push(run.physicalChunk, run.chunkCount));
-  assert.deepEqual(freed, [6, 1]);
+  const { refs, freed } = trackingRefs();
+  for (const record of sampleRecords) applyRecord(catalog, record, refs);
+  assert.deepEqual(freed, [6], 'the unmapped chunk; chunk 5, remapped after the snapshot, lives on in the clone');
   const volume = catalog.byName.get('vol-a')!;
   assert.equal(volume.sizeBytes, 128 * 2 ** 40);
-  assert.equal(volume.map.mappedCount, 2);
+  assert.deepEqual([volume.map.get(2 ** 33), catalog.byName.get('copy')!.map.get(2 ** 33)], [9, 5]);
   assert.equal(catalog.byName.has('b'), false);
-  assert.equal(catalog.nextVolumeId, 3);
-  assert.throws(() => applyRecord(catalog, { type: 'map', volumeId: 1, virtualChunk: 2 ** 33, physicalChunk: 9, chunkCount: 1 }, () => {}), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');
+  assert.equal(catalog.snapshots.size, 0);
+  assert.equal(catalog.nextVolumeId, 4);
+  assert.throws(() => applyRecord(catalog, { type: 'map', volumeId: 77, virtualChunk: 0, physicalChunk: 9, chunkCount: 1 }, refs), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');
+  assert.throws(() => applyRecord(catalog, { type: 'rollback', volumeId: 1, snapshotId: 1 }, refs), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');
 });
 
-test('checkpoint: round-trips the catalog and refuses damage', () => {
+test('checkpoint: round-trips the catalog with shared pages stored once, and refuses damage', () => {
   const catalog = emptyCatalog();
-  for (const record of sampleRecords) applyRecord(catalog, record, () => {});
+  const { refs } = trackingRefs();
+  for (const record of sampleRecords.slice(0, 7)) applyRecord(catalog, record, refs);
+  for (let i = 2; i < 40; i++) applyRecord(catalog, { type: 'snapshot', volumeId: 1, snapshotId: i, name: `s${i}`, createdAtMs: i }, refs);
   const bytes = encodeCheckpoint(catalog, 7);
+  assert.ok(bytes.length < 8192, `40 maps sharing their pages take ${bytes.length} bytes`);
   const decoded = decodeCheckpoint(bytes);
   assert.equal(decoded.generation, 7);
-  assert.deepEqual([...decoded.catalog.byName.get('vol-a')!.map.mappedRuns()], [...catalog.byName.get('vol-a')!.map.mappedRuns()]);
+  assert.equal(decoded.catalog.snapshots.size, 39);
+  for (const name of ['vol-a', 'copy']) {
+    assert.deepEqual([...decoded.catalog.byName.get(name)!.map.mappedRuns()], [...catalog.byName.get(name)!.map.mappedRuns()]);
+  }
+  assert.deepEqual([...decoded.catalog.byName.get('vol-a')!.snapshots.get('s9')!.map.mappedRuns()], [...catalog.byName.get('vol-a')!.map.mappedRuns()]);
   const damaged = Buffer.from(bytes);
   damaged[20]! ^= 1;
   assert.throws(() => decodeCheckpoint(damaged), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');

@@ -1,0 +1,59 @@
+// Reference counts of physical chunks: how many map pages name each chunk (see chunk-map.ts). Kept in memory
+// only and rebuilt from the maps at load, so they can never disagree with the metadata on disk. Counts live in
+// blocks of 65,536 chunks (256 MiB of pool space each), allocated when first touched. Pure: no I/O.
+import { assert } from '../core/assert.ts';
+import type { ChunkRefs } from './chunk-map.ts';
+
+const blockChunks = 65536;
+
+export class ChunkRefcounts implements ChunkRefs {
+  readonly #blocks = new Map<number, Uint32Array>();
+  /** Called for each chunk whose count falls to zero. */
+  onFree: (physicalChunk: number) => void;
+
+  constructor(onFree: (physicalChunk: number) => void) {
+    this.onFree = onFree;
+  }
+
+  get(physicalChunk: number): number {
+    return this.#blocks.get(Math.floor(physicalChunk / blockChunks))?.[physicalChunk % blockChunks] ?? 0;
+  }
+
+  increment(physicalChunk: number): void {
+    const blockIndex = Math.floor(physicalChunk / blockChunks);
+    let block = this.#blocks.get(blockIndex);
+    if (block === undefined) {
+      block = new Uint32Array(blockChunks);
+      this.#blocks.set(blockIndex, block);
+    }
+    block[physicalChunk % blockChunks]! += 1;
+  }
+
+  decrement(physicalChunk: number): void {
+    const block = this.#blocks.get(Math.floor(physicalChunk / blockChunks));
+    const slot = physicalChunk % blockChunks;
+    assert(block !== undefined && block[slot]! > 0, `chunk ${physicalChunk} released more often than referenced`);
+    block[slot]! -= 1;
+    if (block[slot] === 0) this.onFree(physicalChunk);
+  }
+
+  /** Runs of chunks with a nonzero count, in order (to rebuild the allocator at load). */
+  *usedRuns(): Generator<{ physicalChunk: number; chunkCount: number }> {
+    const blockIndexes = [...this.#blocks.keys()].sort((a, b) => a - b);
+    let pending: { physicalChunk: number; chunkCount: number } | undefined;
+    for (const blockIndex of blockIndexes) {
+      const block = this.#blocks.get(blockIndex)!;
+      for (let slot = 0; slot < blockChunks; slot++) {
+        if (block[slot] === 0) continue;
+        const chunk = blockIndex * blockChunks + slot;
+        if (pending !== undefined && pending.physicalChunk + pending.chunkCount === chunk) {
+          pending.chunkCount += 1;
+          continue;
+        }
+        if (pending !== undefined) yield pending;
+        pending = { physicalChunk: chunk, chunkCount: 1 };
+      }
+    }
+    if (pending !== undefined) yield pending;
+  }
+}
