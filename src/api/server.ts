@@ -7,7 +7,15 @@ import { ChunkdError, type ErrorCode } from '../core/errors.ts';
 import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
 import { claimSocketPath } from '../core/unix-socket.ts';
-import type { VolumeInfo } from '../store/pool.ts';
+import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
+
+export interface DiffReport {
+  volume: string;
+  from: string;
+  to: string | null;
+  changedBytes: number;
+  extents: Array<{ offsetBytes: number; lengthBytes: number }>;
+}
 
 export interface ControlPlane {
   listVolumes(): VolumeInfo[];
@@ -15,6 +23,13 @@ export interface ControlPlane {
   createVolume(name: string, sizeBytes: number): Promise<VolumeInfo>;
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo>;
   removeVolume(name: string): Promise<void>;
+  createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo>;
+  listSnapshots(volume: string): SnapshotInfo[];
+  snapshotInfo(volume: string, snapshot: string): SnapshotInfo;
+  removeSnapshot(volume: string, snapshot: string): Promise<void>;
+  rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo>;
+  cloneSnapshot(volume: string, snapshot: string, newName: string): Promise<VolumeInfo>;
+  diff(volume: string, from: string, to: string | null): DiffReport;
   status(): Promise<unknown>;
   metrics(): Promise<string>;
 }
@@ -71,7 +86,10 @@ export class ApiServer {
     const url = new URL(request.url ?? '/', 'http://chunkd');
     const parts = url.pathname.split('/').filter((part) => part !== '').map((part) => decodeURIComponent(part));
     const method = request.method ?? 'GET';
-    const route = `${method} /${parts.map((part, i) => (i >= 2 ? ':' : part)).join('/')}`;
+    // Names sit at even positions from the third on (/v1/volumes/NAME/snapshots/SNAP/...); the rest is the route.
+    const route = `${method} /${parts.map((part, i) => (i >= 2 && i % 2 === 0 ? ':' : part)).join('/')}`;
+    const volumeName = (): string => validateName(parts[2]);
+    const snapshotName = (): string => validateName(parts[4], 'snapshot');
     const body = await readBody(request);
     switch (route) {
       case 'GET /metrics':
@@ -87,12 +105,35 @@ export class ApiServer {
         return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes)));
       }
       case 'GET /v1/volumes/:':
-        return sendJson(response, 200, this.#control.volumeInfo(validateName(parts[2])));
+        return sendJson(response, 200, this.#control.volumeInfo(volumeName()));
       case 'PATCH /v1/volumes/:':
-        return sendJson(response, 200, await this.#control.resizeVolume(validateName(parts[2]), sizeField(body.sizeBytes), body.force === true));
+        return sendJson(response, 200, await this.#control.resizeVolume(volumeName(), sizeField(body.sizeBytes), body.force === true));
       case 'DELETE /v1/volumes/:':
-        await this.#control.removeVolume(validateName(parts[2]));
+        await this.#control.removeVolume(volumeName());
         return sendJson(response, 200, { removed: parts[2] });
+      case 'GET /v1/volumes/:/snapshots':
+        return sendJson(response, 200, { snapshots: this.#control.listSnapshots(volumeName()) });
+      case 'POST /v1/volumes/:/snapshots': {
+        const volume = volumeName();
+        return sendJson(response, 201, await this.#control.createSnapshot(volume, validateName(body.name, 'snapshot')));
+      }
+      case 'GET /v1/volumes/:/snapshots/:':
+        return sendJson(response, 200, this.#control.snapshotInfo(volumeName(), snapshotName()));
+      case 'DELETE /v1/volumes/:/snapshots/:':
+        await this.#control.removeSnapshot(volumeName(), snapshotName());
+        return sendJson(response, 200, { removed: `${parts[2]}@${parts[4]}` });
+      case 'POST /v1/volumes/:/snapshots/:/rollback':
+        return sendJson(response, 200, await this.#control.rollbackVolume(volumeName(), snapshotName()));
+      case 'GET /v1/volumes/:/snapshots/:/diff': {
+        const to = url.searchParams.get('to');
+        return sendJson(response, 200, this.#control.diff(volumeName(), snapshotName(), to === null ? null : validateName(to, 'snapshot')));
+      }
+      case 'POST /v1/clones': {
+        const source = typeof body.source === 'string' ? body.source.split('@') : [];
+        if (source.length !== 2) throw ChunkdError.invalid('source must be VOLUME@SNAPSHOT');
+        const [volume, snapshot] = [validateName(source[0]), validateName(source[1], 'snapshot')];
+        return sendJson(response, 201, await this.#control.cloneSnapshot(volume, snapshot, validateName(body.name)));
+      }
       default:
         throw new ChunkdError(parts[0] === 'v1' || parts[0] === 'metrics' ? 'EINVAL' : 'ENOENT', `no route ${method} ${url.pathname}`);
     }

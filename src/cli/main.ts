@@ -6,7 +6,8 @@ import { ChunkdError } from '../core/errors.ts';
 import { validateName } from '../core/names.ts';
 import { formatSize, parseSize } from '../core/units.ts';
 import { fsckPool } from '../store/fsck.ts';
-import type { VolumeInfo } from '../store/pool.ts';
+import type { DiffReport } from '../api/server.ts';
+import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import { callApi } from './api-client.ts';
 import { serve } from './serve.ts';
 
@@ -19,7 +20,14 @@ const usage = `usage: chunkd <command> [options]
   volume info NAME [--json]          declared size and bytes allocated
   volume resize NAME --size SIZE [--force]
                                      grow; shrinking discards data and needs --force
-  volume rm NAME
+  volume rm NAME                     refused while exported or while it has snapshots
+  snapshot create VOL SNAP           instant, crash-consistent, durable on return
+  snapshot list VOL [--json]         with the bytes each snapshot alone holds
+  snapshot rm VOL SNAP               space held only by it goes back; clones keep what they share
+  snapshot rollback VOL SNAP         the volume becomes the snapshot again (not while exported)
+  snapshot diff VOL FROM [TO] [--json]
+                                     extents that differ (TO omitted: the live volume), from metadata only
+  clone VOL@SNAP NEWVOL              a writable volume sharing the snapshot's data
   status [--json]                    the node's pool, volumes, connections
   fsck --pool DIR [--json]           offline check of a pool no node holds; exit 0 only when clean
 
@@ -59,6 +67,10 @@ async function run(argv: string[]): Promise<number> {
       return serve(rest);
     case 'volume':
       return volumeCommand(rest);
+    case 'snapshot':
+      return snapshotCommand(rest);
+    case 'clone':
+      return cloneCommand(rest);
     case 'status':
       return statusCommand(rest);
     case 'fsck':
@@ -77,7 +89,8 @@ function print(json: boolean | undefined, value: unknown, text: () => string): v
 }
 
 function describeVolume(volume: VolumeInfo): string {
-  return `${volume.name}\tsize ${formatSize(volume.sizeBytes)} (${volume.sizeBytes} bytes)\tallocated ${formatSize(volume.allocatedBytes)} (${volume.allocatedBytes} bytes)`;
+  const snapshots = volume.snapshots.length > 0 ? `\t${volume.snapshots.length} snapshots` : '';
+  return `${volume.name}\tsize ${formatSize(volume.sizeBytes)} (${volume.sizeBytes} bytes)\tallocated ${formatSize(volume.allocatedBytes)} (${volume.allocatedBytes} bytes)${snapshots}`;
 }
 
 async function volumeCommand(argv: string[]): Promise<number> {
@@ -128,6 +141,69 @@ async function volumeCommand(argv: string[]): Promise<number> {
     default:
       throw ChunkdError.invalid(`unknown volume command "${verb ?? ''}": use create, list, info, resize or rm`);
   }
+}
+
+async function snapshotCommand(argv: string[]): Promise<number> {
+  const [verb, ...rest] = argv;
+  const { values, positionals } = parseArgs({ args: rest, allowPositionals: true, options: commonOptions });
+  const socket = apiPath(values.api);
+  const names = (min: number, max: number, usage: string): string[] => {
+    if (positionals.length < min || positionals.length > max) throw ChunkdError.invalid(`usage: chunkd snapshot ${verb} ${usage}`);
+    return positionals.map((name, i) => validateName(name, i === 0 ? 'volume' : 'snapshot'));
+  };
+  const route = (volume: string, snapshot?: string): string =>
+    `/v1/volumes/${encodeURIComponent(volume)}/snapshots${snapshot === undefined ? '' : `/${encodeURIComponent(snapshot)}`}`;
+  switch (verb) {
+    case 'create': {
+      const [volume, snapshot] = names(2, 2, 'VOL SNAP');
+      const info = (await callApi(socket, 'POST', route(volume!), { name: snapshot })) as SnapshotInfo;
+      print(values.json, info, () => `created snapshot ${info.volume}@${info.name}`);
+      return 0;
+    }
+    case 'list': {
+      const [volume] = names(1, 1, 'VOL');
+      const { snapshots } = (await callApi(socket, 'GET', route(volume!))) as { snapshots: SnapshotInfo[] };
+      print(values.json, snapshots, () =>
+        snapshots.length === 0 ? `volume ${volume} has no snapshots` : snapshots.map((s) => `${s.name}\t${s.createdAt}\tholds alone ${formatSize(s.uniqueBytes)} (${s.uniqueBytes} bytes)`).join('\n'));
+      return 0;
+    }
+    case 'rm': {
+      const [volume, snapshot] = names(2, 2, 'VOL SNAP');
+      await callApi(socket, 'DELETE', route(volume!, snapshot));
+      print(values.json, { removed: `${volume}@${snapshot}` }, () => `removed snapshot ${volume}@${snapshot}`);
+      return 0;
+    }
+    case 'rollback': {
+      const [volume, snapshot] = names(2, 2, 'VOL SNAP');
+      const info = (await callApi(socket, 'POST', `${route(volume!, snapshot)}/rollback`)) as VolumeInfo;
+      print(values.json, info, () => `volume ${volume} rolled back to ${snapshot}`);
+      return 0;
+    }
+    case 'diff': {
+      const [volume, from, to] = names(2, 3, 'VOL FROM [TO]');
+      const query = to === undefined ? '' : `?to=${encodeURIComponent(to)}`;
+      const report = (await callApi(socket, 'GET', `${route(volume!, from)}/diff${query}`)) as DiffReport;
+      print(values.json, report, () =>
+        [
+          `${volume}@${from} -> ${to === undefined ? `${volume} (live)` : `${volume}@${to}`}: ${report.extents.length} extents, ${formatSize(report.changedBytes)} (${report.changedBytes} bytes) differ`,
+          ...report.extents.map((e) => `  offset ${e.offsetBytes} length ${e.lengthBytes}`),
+        ].join('\n'));
+      return 0;
+    }
+    default:
+      throw ChunkdError.invalid(`unknown snapshot command "${verb ?? ''}": use create, list, rm, rollback or diff`);
+  }
+}
+
+async function cloneCommand(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: commonOptions });
+  const source = positionals[0]?.split('@') ?? [];
+  if (positionals.length !== 2 || source.length !== 2) throw ChunkdError.invalid('usage: chunkd clone VOL@SNAP NEWVOL');
+  const [volume, snapshot] = [validateName(source[0]), validateName(source[1], 'snapshot')];
+  const newName = validateName(positionals[1]);
+  const info = (await callApi(apiPath(values.api), 'POST', '/v1/clones', { source: `${volume}@${snapshot}`, name: newName })) as VolumeInfo;
+  print(values.json, info, () => `created volume ${info.name} from ${volume}@${snapshot}`);
+  return 0;
 }
 
 async function statusCommand(argv: string[]): Promise<number> {

@@ -4,11 +4,11 @@
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
-import { ChunkdError } from '../core/errors.ts';
 import { checkName } from '../core/names.ts';
-import { ApiServer, type ControlPlane } from '../api/server.ts';
+import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
-import { Pool, type VolumeInfo } from '../store/pool.ts';
+import { chunkSizeBytes } from '../core/limits.ts';
+import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import { renderMetrics } from './metrics.ts';
 
 export interface NodeConfig {
@@ -73,12 +73,20 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const volumeName = at < 0 ? exportName : exportName.slice(0, at);
     const nameError = checkName(volumeName);
     if (nameError) throw nameError;
-    if (at >= 0) throw ChunkdError.notFound(`export ${exportName}: snapshots are not available in this version`);
-    return this.pool.openVolume(volumeName);
+    if (at < 0) return this.pool.openVolume(volumeName);
+    const snapshotName = exportName.slice(at + 1);
+    const snapshotError = checkName(snapshotName, 'snapshot');
+    if (snapshotError) throw snapshotError;
+    return this.pool.openSnapshot(volumeName, snapshotName);
   }
 
   list(): Array<{ name: string; description: string }> {
-    return this.pool.listVolumes().map((volume) => ({ name: volume.name, description: `chunkd volume ${volume.name}` }));
+    const exports: Array<{ name: string; description: string }> = [];
+    for (const volume of this.pool.listVolumes()) {
+      exports.push({ name: volume.name, description: `chunkd volume ${volume.name}` });
+      for (const snapshot of volume.snapshots) exports.push({ name: `${volume.name}@${snapshot}`, description: `snapshot ${snapshot} of ${volume.name} (read-only)` });
+    }
+    return exports;
   }
 
   // ---- ControlPlane (management API) ----
@@ -101,6 +109,35 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   removeVolume(name: string): Promise<void> {
     return this.pool.removeVolume(name);
+  }
+
+  createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo> {
+    return this.pool.createSnapshot(volume, snapshot);
+  }
+
+  listSnapshots(volume: string): SnapshotInfo[] {
+    return this.pool.listSnapshots(volume);
+  }
+
+  snapshotInfo(volume: string, snapshot: string): SnapshotInfo {
+    return this.pool.snapshotInfo(volume, snapshot);
+  }
+
+  removeSnapshot(volume: string, snapshot: string): Promise<void> {
+    return this.pool.removeSnapshot(volume, snapshot);
+  }
+
+  rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo> {
+    return this.pool.rollbackVolume(volume, snapshot);
+  }
+
+  cloneSnapshot(volume: string, snapshot: string, newName: string): Promise<VolumeInfo> {
+    return this.pool.cloneSnapshot(volume, snapshot, newName);
+  }
+
+  diff(volume: string, from: string, to: string | null): DiffReport {
+    const extents = this.pool.diff(volume, from, to).map((extent) => ({ offsetBytes: extent.virtualChunk * chunkSizeBytes, lengthBytes: extent.chunkCount * chunkSizeBytes }));
+    return { volume, from, to, changedBytes: extents.reduce((sum, e) => sum + e.lengthBytes, 0), extents };
   }
 
   async status(): Promise<NodeStatus> {

@@ -1,6 +1,6 @@
 // Offline consistency check of a pool no node holds. It reads the checkpoint and journal exactly as a node's
-// load does (without writing anything), then checks what a load assumes: each volume's map inside its size,
-// no physical chunk named twice, and every named chunk backed by its chunk file. Data left in free space by a
+// load does (without writing anything), then checks what a load assumes: each volume's and snapshot's map inside
+// its size, and every referenced chunk backed by its chunk file. Data left in free space by a
 // crash (written, never committed) is reported as reclaimable, not as an error: the next start punches it out.
 import fs from 'node:fs';
 import path from 'node:path';

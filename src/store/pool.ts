@@ -4,15 +4,19 @@
 //
 //   chunkd-pool.json     format name and version, chunk size, chunks per file (written once, at creation)
 //   lock                 flock()ed by the one process (node or fsck) that owns the pool; holds its pid
-//   checkpoint           the whole catalog (volumes, sizes, chunk maps) as of the start of one journal generation
-//   journal-<gen>        the metadata records committed since that checkpoint (map, unmap, create, resize, remove)
+//   checkpoint           the whole catalog (volumes, snapshots, chunk maps) as of the start of one journal generation
+//   journal-<gen>        the metadata records committed since that checkpoint (map, unmap, create, clone, resize,
+//                        remove, snapshot, snapshot-remove, rollback)
 //   chunks/NNNNNNNN.chunk  sparse data files of 1 GiB each; physical chunk i is at (i mod 2^18) * 4 KiB of file i >> 18
 //
 // Data: a volume maps its 4 KiB virtual chunks to physical chunks (ChunkMap: a two-level table, pages only where
-// written). A write into owned chunks goes in place; a write into a hole gets one contiguous physical run from
-// the allocator. So space used is data written (at 4 KiB granularity, whatever the volume's size), a 1 MiB write
-// is one pwrite, and a 4 KiB overwrite writes 4 KiB. Trim and write-zeroes punch holes (fallocate), so the space
-// goes back to the file system, not only to the pool.
+// written). A write into chunks the volume owns alone goes in place; a write into a hole, or into a chunk that a
+// snapshot or clone shares, gets one contiguous physical run from the allocator. So space used is data written
+// (at 4 KiB granularity, whatever the volume's size), a 1 MiB write is one pwrite, and a 4 KiB write after a
+// snapshot writes 4 KiB. Snapshots and clones share the map's pages and reference-count chunks per page
+// (chunk-map.ts): O(pages) to take, one lookup to read whatever their number, and "what changed between two
+// snapshots" is a page-by-page comparison that skips shared pages. Freed chunks are punched out of the files
+// (fallocate), so trims and removals give space back to the file system, not only to the pool.
 //
 // Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint,
 // not by a general-purpose database (LMDB was weighed): the records are tiny and few (one per allocation or trim,
@@ -23,13 +27,15 @@
 // Invariants that make a crash at any moment safe:
 //  1. A map record is queued only after its chunk's data write completed; a commit fdatasyncs the chunk files
 //     before it writes the journal. So committed metadata never names a chunk whose data is not durable.
-//  2. A freed chunk is reused only after the commit that recorded the free is durable (deferred frees), so a
-//     crash can never show a volume a chunk that another volume has since written.
+//  2. A freed chunk is punched and reused only after the commit that recorded the free is durable (deferred
+//     frees), so a crash can neither show a volume a chunk another has since written, nor bring back a removed
+//     snapshot whose data was already punched.
 //  3. Journal frames carry a crc32; replay stops at the first bad frame, so the replayed journal is a prefix of
 //     what was committed. A FLUSH replies only after its commit's fdatasync, so everything it covers is in it.
 //  4. A checkpoint is written to a temporary file, fsynced, renamed into place and the directory fsynced; only then
 //     does the next generation's journal start. A crash leaves the old checkpoint and journal, or the new ones.
-//  5. At load, chunks the metadata does not name are punched out: data written but never committed is space only.
+//  5. Reference counts are never stored: they are rebuilt from the maps at load, so they cannot disagree with them.
+//  6. At load, chunks the metadata does not name are punched out: data written but never committed is space only.
 // After any failed fdatasync of data the pool refuses all further writes (a sticky error, as SQLite's pager):
 // the kernel may have dropped the pages, so later flushes could not be trusted.
 import fs from 'node:fs';
