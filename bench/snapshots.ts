@@ -192,6 +192,9 @@ async function main(): Promise<void> {
 
 try {
   await main();
+} catch (error) {
+  if (node !== null) console.error(`node log (last lines):\n${node.stderr().split('\n').slice(-30).join('\n')}`);
+  throw error;
 } finally {
   if (node !== null) await node.kill();
   fs.rmSync(scratch, { recursive: true, force: true });
