@@ -117,7 +117,7 @@ function spawnTracked(command: string, args: string[]): ChildProcess {
   const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   liveChildren.add(child);
   child.once('exit', () => liveChildren.delete(child));
-  // A spawn failure (ENOENT) is reported through 'exit' handling below; keep it from throwing as unhandled.
+  // A failed spawn emits 'error' (the tools are checked on PATH first); without a listener it would be thrown.
   child.once('error', () => liveChildren.delete(child));
   return child;
 }

@@ -7,7 +7,8 @@ export function callApi(socketPath: string, method: string, route: string, body?
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : JSON.stringify(body);
     const request = http.request(
-      { socketPath, method, path: route, headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } },
+      // agent: false, a connection per request: a kept-alive socket the node has just timed out would fail with EPIPE.
+      { socketPath, method, path: route, agent: false, headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } },
       (response) => {
         const chunks: Buffer[] = [];
         response.on('data', (chunk: Buffer) => chunks.push(chunk));
