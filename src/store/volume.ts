@@ -152,11 +152,12 @@ export class Volume implements BlockDevice {
         if (!noHole && this.#map.get(Math.floor(start / chunkSizeBytes)) < 0) return;
         parts.push(this.#writeBytes(start, stop - start, (a, b) => Buffer.alloc(b - a)));
       };
-      if (endWhole <= firstWhole) {
-        zeroPart(offsetBytes, end);
-      } else {
-        if (offsetBytes < firstWhole * chunkSizeBytes) zeroPart(offsetBytes, firstWhole * chunkSizeBytes);
-        if (endWhole * chunkSizeBytes < end) zeroPart(endWhole * chunkSizeBytes, end);
+      // A partly covered chunk at each end (one chunk when the range lies inside it), whole chunks between.
+      const headEnd = Math.min(end, firstWhole * chunkSizeBytes);
+      if (offsetBytes < headEnd) zeroPart(offsetBytes, headEnd);
+      const tailStart = Math.max(headEnd, endWhole * chunkSizeBytes);
+      if (tailStart < end) zeroPart(tailStart, end);
+      if (endWhole > firstWhole) {
         if (noHole) parts.push(this.#zeroWholeChunks(firstWhole, endWhole - firstWhole));
         else this.#store.record({ type: 'unmap', volumeId: this.#runtime.meta.id, virtualChunk: firstWhole, chunkCount: endWhole - firstWhole });
       }
