@@ -8,9 +8,10 @@ import path from 'node:path';
 import { LRUCache } from 'lru-cache';
 import { assert } from '../core/assert.ts';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
-import { punchHole, zeroRange } from './native.ts';
+import { punchHole, readIfCached, zeroRange } from './native.ts';
 
 const fileBytes = chunksPerFile * chunkSizeBytes;
+const resolved = Promise.resolve();
 
 interface OpenFile {
   fd: number;
@@ -44,6 +45,18 @@ export class ChunkFiles {
 
   /** Reads target.length bytes starting `offsetBytes` into physical chunk `physicalChunk`; unwritten bytes read as zeros. */
   read(physicalChunk: number, offsetBytes: number, target: Buffer): Promise<void> {
+    // Fast path: data in the page cache is read right here, without the thread pool (see native.ts).
+    const position = physicalChunk * chunkSizeBytes + offsetBytes;
+    const fileIndex = Math.floor(position / fileBytes);
+    const file = this.#files.get(fileIndex);
+    if (file !== undefined && position + target.length <= (fileIndex + 1) * fileBytes) {
+      const bytesRead = readIfCached(file.fd, target, position - fileIndex * fileBytes);
+      if (bytesRead === target.length) return resolved;
+      if (bytesRead === 0) {
+        target.fill(0); // past the end of a sparse file
+        return resolved;
+      }
+    }
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, target.length, (file, position, start, end) =>
       readFully(file.fd, target.subarray(start, end), position),
     );

@@ -1,13 +1,17 @@
 // The few system calls Node's fs lacks, through koffi (a maintained FFI with prebuilt binaries, so nothing is
 // compiled at install): fallocate (punching holes gives space back to the file system; zero-range zeroes without
-// writing), flock (one node per pool) and lseek with SEEK_DATA (fsck finds data left in free space).
-// Calls that touch the disk run on koffi's worker threads (`.async`), never on the event loop.
+// writing), flock (one node per pool), lseek with SEEK_DATA (fsck finds data left in free space), and preadv2
+// with RWF_NOWAIT. Calls that may wait on the disk run on koffi's worker threads (`.async`), never on the event
+// loop; preadv2 with RWF_NOWAIT is the exception by design: the kernel answers from the page cache or refuses
+// with EAGAIN at once, so it never waits, and a cached 4 KiB read costs about a microsecond and a half instead of
+// a round trip through libuv's thread pool (several times that, and most of a small read's CPU cost).
 import koffi from 'koffi';
 
 const libc = koffi.load('libc.so.6');
 const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
 const flockFn = libc.func('int flock(int fd, int operation)');
 const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
+const preadv2Fn = libc.func('int64_t preadv2(int fd, void *iov, int iovcnt, int64_t offset, int flags)');
 
 const FALLOC_FL_KEEP_SIZE = 0x01;
 const FALLOC_FL_PUNCH_HOLE = 0x02;
@@ -16,6 +20,10 @@ const LOCK_EX = 2;
 const LOCK_NB = 4;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
+const RWF_NOWAIT = 0x08;
+/** One iovec, reused: calls on it are synchronous, so no two use it at once. */
+const iovec = Buffer.alloc(16);
+let nowaitReadsWork = true;
 
 const errnoNames = new Map<number, string>(Object.entries(koffi.os.errno as Record<string, number>).map(([name, value]) => [value, name]));
 
@@ -88,4 +96,20 @@ export function dataRanges(fd: number, startBytes: number, endBytes: number): Ar
     offset = holeStart;
   }
   return ranges;
+}
+
+/**
+ * Reads into `target` at `positionBytes` only if the page cache holds the data: returns the bytes read (0 at the
+ * end of the file), or -1 when the read would wait on the disk (or the file system cannot say), so that the caller
+ * goes the asynchronous way instead. Never blocks the calling thread.
+ */
+export function readIfCached(fd: number, target: Buffer, positionBytes: number): number {
+  if (!nowaitReadsWork) return -1;
+  iovec.writeBigUInt64LE(koffi.address(target) as bigint, 0);
+  iovec.writeBigUInt64LE(BigInt(target.length), 8);
+  const result = Number(preadv2Fn(fd, iovec, 1, positionBytes, RWF_NOWAIT));
+  if (result >= 0) return result;
+  const errno = koffi.errno();
+  if (errno === (koffi.os.errno as Record<string, number>).EOPNOTSUPP || errno === (koffi.os.errno as Record<string, number>).EINVAL) nowaitReadsWork = false;
+  return -1;
 }
