@@ -23,6 +23,7 @@ import {
   bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, rangeRequestBytesMax,
   requestsInFlightPerConnectionMax,
 } from '../core/limits.ts';
+import { BufferPool } from './buffer-pool.ts';
 import { blockDescriptors } from './extents.ts';
 import { Handshake } from './handshake.ts';
 import type { Session } from './handshake.ts';
@@ -64,6 +65,7 @@ export class NbdConnection {
   readonly #socket: Socket;
   readonly #options: ConnectionOptions;
   readonly #input = new InputQueue();
+  readonly #payloadBuffers = new BufferPool(bytesInFlightPerConnectionMax);
   readonly #handshake: Handshake;
   #phase: 'handshake' | 'transmission' = 'handshake';
   #session: Session | null = null;
@@ -224,7 +226,8 @@ export class NbdConnection {
         if (pending !== null) {
           if (this.#input.length < pending.lengthBytes) break;
           this.#pendingWrite = null;
-          this.#execute(pending, this.#input.take(pending.lengthBytes));
+          const payload = this.#input.take(pending.lengthBytes, this.#payloadBuffers.acquire);
+          this.#execute(pending, payload, this.#input.gathered ? payload : null);
           continue;
         }
         if (this.#atLimit()) {
@@ -302,7 +305,8 @@ export class NbdConnection {
 
   // ---- Transmission: running requests ----
 
-  #execute(request: NbdRequest, payload: Buffer | null): void {
+  /** Runs a request; `pooled` is a gathered payload buffer to give back to the pool once the device is done with it. */
+  #execute(request: NbdRequest, payload: Buffer | null, pooled: Buffer | null = null): void {
     const device = this.#session!.device;
     const { type, flags, offsetBytes, lengthBytes, handle } = request;
     const costBytes = type === NBD_CMD_READ || type === NBD_CMD_WRITE ? lengthBytes : 0;
@@ -338,10 +342,12 @@ export class NbdConnection {
     }
     operation.then(
       (reply) => {
+        if (pooled !== null) this.#payloadBuffers.release(pooled);
         this.#send(reply instanceof Buffer ? reply : encodeSimpleReply(0, handle));
         this.#finish(costBytes);
       },
       (error: unknown) => {
+        if (pooled !== null) this.#payloadBuffers.release(pooled);
         this.#replyError(request, this.#errorNumber(request, error), error instanceof Error ? error.message : String(error));
         this.#finish(costBytes);
       },

@@ -41,17 +41,25 @@ export class InputQueue {
     return { buffer: merged, offset: 0 };
   }
 
-  /** Consumes and returns the next `count` bytes: a view when they lie in one chunk, else one copy. */
-  take(count: number): Buffer {
+  /**
+   * Consumes and returns the next `count` bytes: a view when they lie in one chunk, else one copy, into a buffer
+   * from `allocate` when given. `gathered` tells which.
+   */
+  take(count: number, allocate?: (size: number) => Buffer): Buffer {
     assert(Number.isInteger(count) && count >= 0 && count <= this.#length, 'take: no more than what is queued');
     const first = this.#chunks[0];
     if (first !== undefined && first.length - this.#headOffset >= count) {
       const view = first.subarray(this.#headOffset, this.#headOffset + count);
       this.#consumeFromHead(count);
+      this.gathered = false;
       return view;
     }
-    return this.#gather(count);
+    this.gathered = true;
+    return this.#gather(count, allocate);
   }
+
+  /** Whether the last take() copied into a new buffer (true) or returned a view of a socket chunk. */
+  gathered = false;
 
   /** Consumes up to `count` bytes without looking at them; returns how many were consumed. */
   skip(count: number): number {
@@ -74,8 +82,8 @@ export class InputQueue {
   }
 
   /** Consumes `count` bytes into a new buffer. */
-  #gather(count: number): Buffer {
-    const target = Buffer.allocUnsafe(count);
+  #gather(count: number, allocate?: (size: number) => Buffer): Buffer {
+    const target = allocate !== undefined ? allocate(count) : Buffer.allocUnsafe(count);
     let copied = 0;
     while (copied < count) {
       const chunk = this.#chunks[0]!;

@@ -143,7 +143,10 @@ export class ChunkFiles {
       const end = Math.min(positionBytes + lengthBytes, (fileIndex + 1) * fileBytes) - positionBytes;
       parts.push(this.#withFile(fileIndex, (file) => action(file, positionBytes + start - fileIndex * fileBytes, start, end, fileIndex)));
     }
-    await Promise.all(parts);
+    // Every part settles before this returns, so no I/O still uses the caller's buffer when it fails.
+    const results = await Promise.allSettled(parts);
+    const failed = results.find((result) => result.status === 'rejected');
+    if (failed !== undefined) throw failed.reason;
   }
 
   async #withFile<T>(fileIndex: number, action: (file: OpenFile) => Promise<T>): Promise<T> {

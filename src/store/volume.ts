@@ -161,7 +161,7 @@ export class Volume implements BlockDevice {
         if (noHole) parts.push(this.#zeroWholeChunks(firstWhole, endWhole - firstWhole));
         else this.#store.record({ type: 'unmap', volumeId: this.#runtime.meta.id, virtualChunk: firstWhole, chunkCount: endWhole - firstWhole });
       }
-      await Promise.all(parts);
+      await settleAll(parts);
     } catch (error) {
       throw fromSystemError(error, `${what} of volume ${this.name} at ${offsetBytes}`);
     } finally {
@@ -187,7 +187,7 @@ export class Volume implements BlockDevice {
       }
     }
     if (tasks.length === 1) return tasks[0];
-    await Promise.all(tasks);
+    await settleAll(tasks);
   }
 
   /** Gives a hole or a shared run a fresh physical run holding the old content (zeros for a hole) overlaid with the new bytes. */
@@ -361,6 +361,13 @@ function blockStatusOfMap(map: ChunkMap, offsetBytes: number, lengthBytes: numbe
     extents.push({ lengthBytes: end - start, hole, zero: hole });
   }
   return extents;
+}
+
+/** Waits for every task, then fails with the first failure: no I/O may still use the caller's buffer after it returns. */
+async function settleAll(tasks: Array<Promise<void>>): Promise<void> {
+  const results = await Promise.allSettled(tasks);
+  const failed = results.find((result) => result.status === 'rejected');
+  if (failed !== undefined) throw failed.reason;
 }
 
 /** The bytes of `run` inside the request [offsetBytes, offsetBytes + lengthBytes), as absolute offsets. */
