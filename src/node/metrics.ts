@@ -12,6 +12,7 @@ export function renderMetrics(status: NodeStatus): string {
   metric('chunkd_pool_filesystem_free_bytes', 'gauge', "Free bytes on the pool's file system.", [['', status.pool.fileSystem.freeBytes]]);
   metric('chunkd_pool_journal_bytes', 'gauge', 'Bytes in the current metadata journal.', [['', status.pool.journalBytes]]);
   metric('chunkd_volumes', 'gauge', 'Volumes in the pool.', [['', status.volumes.length]]);
+  metric('chunkd_snapshots', 'gauge', 'Snapshots in the pool.', [['', status.pool.snapshotCount]]);
   metric('chunkd_volume_size_bytes', 'gauge', 'Declared size of each volume.', status.volumes.map((v) => [`{volume="${v.name}"}`, v.sizeBytes]));
   metric('chunkd_volume_allocated_bytes', 'gauge', 'Bytes allocated to each volume.', status.volumes.map((v) => [`{volume="${v.name}"}`, v.allocatedBytes]));
   metric('chunkd_nbd_connections_open', 'gauge', 'NBD connections open now.', [['', status.nbd.connectionsOpen]]);
