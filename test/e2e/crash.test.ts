@@ -140,3 +140,28 @@ test(`crash: SIGKILL at random moments in ${rounds} rounds loses no flushed writ
   assert.match(fsck.stdout, /clean/);
   fs.rmSync(scratch, { recursive: true, force: true });
 });
+
+test('multi-conn: a FLUSH on one connection makes writes acknowledged on the others durable', { timeout: 60_000 }, async () => {
+  const scratch = makeTempDir('multiconn');
+  const pool = path.join(scratch, 'pool');
+  const node = await startNode(pool, ['--default-volume', 'mc:64MiB']);
+  const writers = await Promise.all([0, 1, 2].map(() => TestNbdClient.connect(node.nbdSocket, 'mc')));
+  const flusher = await TestNbdClient.connect(node.tcpPort, 'mc');
+  assert.ok((flusher.transmissionFlags & (1 << 8)) !== 0, 'the export advertises CAN_MULTI_CONN');
+  const written = await Promise.all(
+    writers.map(async (client, i) => {
+      const data = crypto.randomBytes(256 * 1024);
+      await client.write(i * 8 * 1024 * 1024, data);
+      return data;
+    }),
+  );
+  await flusher.flush();
+  await node.kill();
+  for (const client of [...writers, flusher]) client.close();
+  const again = await startNode(pool);
+  const reader = await TestNbdClient.connect(again.nbdSocket, 'mc');
+  for (const [i, data] of written.entries()) assert.ok((await reader.read(i * 8 * 1024 * 1024, data.length)).equals(data), `connection ${i}'s write`);
+  await reader.disconnect();
+  assert.equal(await again.stop(), 0);
+  fs.rmSync(scratch, { recursive: true, force: true });
+});
