@@ -142,3 +142,38 @@ test('thin provisioning: 100 MiB scattered over a 64 TiB volume uses about 100 M
     fs.rmSync(scratch, { recursive: true, force: true });
   }
 });
+
+test('fsck finds damage: a corrupted checkpoint, a truncated chunk file; the node refuses a damaged pool clearly', async () => {
+  const scratch = makeTempDir('fsck');
+  const pool = path.join(scratch, 'pool');
+  const node = await startNode(pool, ['--default-volume', 'default:64MiB']);
+  const client = await TestNbdClient.connect(node.nbdSocket, 'default');
+  await client.write(32 * MiB, crypto.randomBytes(MiB));
+  await client.disconnect();
+  assert.equal(await node.stop(), 0);
+  const clean = await runTool(nodeBinary, [chunkdBin, 'fsck', '--pool', pool, '--json']);
+  assert.equal(clean.code, 0, clean.stdout);
+  assert.equal(JSON.parse(clean.stdout).mappedBytes, MiB);
+
+  // A chunk file cut short: the mapped chunks past its end are reported.
+  const chunkFile = path.join(pool, 'chunks', '00000000.chunk');
+  const size = fs.statSync(chunkFile).size;
+  fs.truncateSync(chunkFile, size - 8192);
+  const truncated = await runTool(nodeBinary, [chunkdBin, 'fsck', '--pool', pool]);
+  assert.equal(truncated.code, 1);
+  assert.match(truncated.stdout, /NOT CLEAN[\s\S]*error: chunk file 0 is \d+ bytes, shorter than its referenced chunks/);
+  fs.truncateSync(chunkFile, size);
+
+  // A flipped byte in the checkpoint: fsck says so, and the node will not start on it.
+  const checkpoint = path.join(pool, 'checkpoint');
+  const bytes = fs.readFileSync(checkpoint);
+  bytes[bytes.length - 10]! ^= 0xff;
+  fs.writeFileSync(checkpoint, bytes);
+  const corrupt = await runTool(nodeBinary, [chunkdBin, 'fsck', '--pool', pool]);
+  assert.equal(corrupt.code, 1);
+  assert.match(corrupt.stdout, /error: metadata: checkpoint: checksum mismatch/);
+  const refused = await runTool(nodeBinary, [chunkdBin, 'serve', '--pool', pool, '--listen', 'none']);
+  assert.equal(refused.code, 1);
+  assert.match(refused.stderr, /^chunkd: checkpoint: checksum mismatch/m);
+  fs.rmSync(scratch, { recursive: true, force: true });
+});
