@@ -91,6 +91,14 @@ test('a node replaces stale sockets left by a crash, and its data survives the r
   assert.equal(refused.code, 1);
   assert.match(refused.stderr, /in use by a running process/);
   squatter.close();
+  // A directory that holds something else is not taken for a pool.
+  const notAPool = path.join(scratch, 'photos');
+  fs.mkdirSync(notAPool);
+  fs.writeFileSync(path.join(notAPool, 'cat.jpg'), 'meow');
+  const refusedDir = await runTool(nodeBinary, [chunkdBin, 'serve', '--pool', notAPool, '--listen', 'none']);
+  assert.equal(refusedDir.code, 1);
+  assert.match(refusedDir.stderr, /is not empty and holds no chunkd pool/);
+  assert.deepEqual(fs.readdirSync(notAPool), ['cat.jpg'], 'nothing was written into it');
   assert.equal(await node.stop(), 0);
   fs.rmSync(scratch, { recursive: true, force: true });
 });
