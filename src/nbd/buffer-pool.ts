@@ -1,4 +1,4 @@
-// Reuses the buffers that large WRITE payloads are gathered into when they arrive in several socket chunks.
+// Reuses large buffers: WRITE payloads gathered from several socket chunks, and READ replies once written.
 // Allocating a fresh megabyte per request and leaving it to the garbage collector cost more CPU than the copy
 // itself; a client streams requests of one or a few sizes, so a small free list per size serves nearly all.
 // Small payloads are left to Node's own buffer pool.
@@ -18,7 +18,8 @@ export class BufferPool {
 
   /** A buffer of exactly `size` bytes, with unspecified contents. */
   readonly acquire = (size: number): Buffer => {
-    const buffer = size >= pooledBytesMin ? this.#free.get(size)?.pop() : undefined;
+    if (size < pooledBytesMin) return Buffer.allocUnsafe(size);
+    const buffer = this.#free.get(size)?.pop();
     if (buffer === undefined) return Buffer.allocUnsafeSlow(size);
     this.#bytesHeld -= size;
     return buffer;

@@ -66,6 +66,8 @@ export class NbdConnection {
   readonly #options: ConnectionOptions;
   readonly #input = new InputQueue();
   readonly #payloadBuffers = new BufferPool(bytesInFlightPerConnectionMax);
+  /** Large READ replies, reused once the socket has written them. */
+  readonly #replyBuffers = new BufferPool(bytesInFlightPerConnectionMax);
   readonly #handshake: Handshake;
   #phase: 'handshake' | 'transmission' = 'handshake';
   #session: Session | null = null;
@@ -343,7 +345,8 @@ export class NbdConnection {
     operation.then(
       (reply) => {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
-        this.#send(reply instanceof Buffer ? reply : encodeSimpleReply(0, handle));
+        if (reply instanceof Buffer) this.#send(reply, type === NBD_CMD_READ);
+        else this.#send(encodeSimpleReply(0, handle));
         this.#finish(costBytes);
       },
       (error: unknown) => {
@@ -361,12 +364,18 @@ export class NbdConnection {
     if (lengthBytes === 0) return Promise.resolve(structured ? encodeStructuredNone(handle) : encodeSimpleReply(0, handle));
     // One content chunk always, so NBD_CMD_FLAG_DF is honoured as it is (requestBytesMax is far below 2^32).
     const headerBytes = structured ? offsetDataHeaderBytes : simpleReplyHeaderBytes;
-    const reply = Buffer.allocUnsafe(headerBytes + lengthBytes);
-    return device.read(offsetBytes, reply.subarray(headerBytes)).then(() => {
-      if (structured) writeOffsetDataHeader(reply, 0, NBD_REPLY_FLAG_DONE, handle, offsetBytes, lengthBytes);
-      else writeSimpleReplyHeader(reply, 0, 0, handle);
-      return reply;
-    });
+    const reply = this.#replyBuffers.acquire(headerBytes + lengthBytes);
+    return device.read(offsetBytes, reply.subarray(headerBytes)).then(
+      () => {
+        if (structured) writeOffsetDataHeader(reply, 0, NBD_REPLY_FLAG_DONE, handle, offsetBytes, lengthBytes);
+        else writeSimpleReplyHeader(reply, 0, 0, handle);
+        return reply;
+      },
+      (error: unknown) => {
+        this.#replyBuffers.release(reply);
+        throw error;
+      },
+    );
   }
 
   #writeZeroes(device: BlockDevice, request: NbdRequest): Promise<unknown> {
@@ -430,15 +439,20 @@ export class NbdConnection {
   }
 
   /** Writes one whole message; a reply to a client that is gone is dropped. */
-  #send(buffer: Buffer): void {
+  /** `pooled`: the buffer came from #replyBuffers and goes back once the socket is done with it. */
+  #send(buffer: Buffer, pooled = false): void {
     const socket = this.#socket;
-    if (socket.destroyed || !socket.writable) return;
+    if (socket.destroyed || !socket.writable) {
+      if (pooled) this.#replyBuffers.release(buffer);
+      return;
+    }
     if (!this.#corked) {
       this.#corked = true;
       socket.cork();
       setImmediate(this.#uncork);
     }
-    socket.write(buffer);
+    if (pooled) socket.write(buffer, () => this.#replyBuffers.release(buffer));
+    else socket.write(buffer);
   }
 
   readonly #uncork = (): void => {
