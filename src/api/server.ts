@@ -8,6 +8,10 @@ import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
 import { claimSocketPath } from '../core/unix-socket.ts';
 import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
+import type { ScrubReport } from '../store/scrub.ts';
+
+/** Progress lines of a long operation go out at most this often. */
+const progressIntervalMs = 250;
 
 export interface DiffReport {
   volume: string;
@@ -30,6 +34,7 @@ export interface ControlPlane {
   rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo>;
   cloneSnapshot(volume: string, snapshot: string, newName: string): Promise<VolumeInfo>;
   diff(volume: string, from: string, to: string | null): DiffReport;
+  scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport>;
   status(): Promise<unknown>;
   metrics(): Promise<string>;
 }
@@ -128,6 +133,8 @@ export class ApiServer {
         const to = url.searchParams.get('to');
         return sendJson(response, 200, this.#control.diff(volumeName(), snapshotName(), to === null ? null : validateName(to, 'snapshot')));
       }
+      case 'POST /v1/volumes/:/scrub':
+        return this.#scrub(response, volumeName());
       case 'POST /v1/clones': {
         const source = typeof body.source === 'string' ? body.source.split('@') : [];
         if (source.length !== 2) throw ChunkdError.invalid('source must be VOLUME@SNAPSHOT');
@@ -136,6 +143,26 @@ export class ApiServer {
       }
       default:
         throw new ChunkdError(parts[0] === 'v1' || parts[0] === 'metrics' ? 'EINVAL' : 'ENOENT', `no route ${method} ${url.pathname}`);
+    }
+  }
+
+  /** Streams progress lines ({"progress": {...}}) while the scrub runs, then {"report": ...}. */
+  async #scrub(response: http.ServerResponse, volume: string): Promise<void> {
+    this.#control.volumeInfo(volume); // a missing volume is a plain 404, before the stream starts
+    response.writeHead(200, { 'content-type': 'application/x-ndjson' });
+    let lastProgressMs = 0;
+    try {
+      const report = await this.#control.scrub(volume, (doneBytes, totalBytes) => {
+        const now = Date.now();
+        if (now - lastProgressMs < progressIntervalMs && doneBytes < totalBytes) return;
+        lastProgressMs = now;
+        response.write(`${JSON.stringify({ progress: { doneBytes, totalBytes } })}\n`);
+      });
+      response.end(`${JSON.stringify({ report })}\n`);
+    } catch (error) {
+      const known = error instanceof ChunkdError ? error : ChunkdError.io(`internal error: ${(error as Error).message}`);
+      if (!(error instanceof ChunkdError)) console.error(error);
+      response.end(`${JSON.stringify({ error: { code: known.code, message: known.message } })}\n`);
     }
   }
 }

@@ -2,14 +2,22 @@
 import http from 'node:http';
 import { ChunkdError, errorCodes, type ErrorCode } from '../core/errors.ts';
 
-/** Sends one request to the node's API and returns the parsed JSON; API errors come back as ChunkdError. */
-export function callApi(socketPath: string, method: string, route: string, body?: unknown): Promise<unknown> {
+/**
+ * Sends one request to the node's API and returns the parsed JSON; API errors come back as ChunkdError. A long
+ * operation answers with newline-delimited JSON (progress lines, then the result): each line goes to `onLine`,
+ * and the last line is the result (or an `error` object, thrown as ChunkdError).
+ */
+export function callApi(socketPath: string, method: string, route: string, body?: unknown, onLine?: (value: unknown) => void): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : JSON.stringify(body);
     const request = http.request(
       // agent: false, a connection per request: a kept-alive socket the node has just timed out would fail with EPIPE.
       { socketPath, method, path: route, agent: false, headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } },
       (response) => {
+        if ((response.headers['content-type'] ?? '').startsWith('application/x-ndjson')) {
+          readLines(response, socketPath, onLine ?? (() => {})).then(resolve, reject);
+          return;
+        }
         const chunks: Buffer[] = [];
         response.on('data', (chunk: Buffer) => chunks.push(chunk));
         response.on('end', () => {
@@ -41,4 +49,31 @@ export function callApi(socketPath: string, method: string, route: string, body?
     });
     request.end(payload);
   });
+}
+
+async function readLines(response: http.IncomingMessage, socketPath: string, onLine: (value: unknown) => void): Promise<unknown> {
+  let pending = '';
+  let last: unknown;
+  for await (const chunk of response) {
+    pending += (chunk as Buffer).toString('utf8');
+    let newline: number;
+    while ((newline = pending.indexOf('\n')) >= 0) {
+      const line = pending.slice(0, newline);
+      pending = pending.slice(newline + 1);
+      if (line === '') continue;
+      try {
+        last = JSON.parse(line);
+      } catch {
+        throw ChunkdError.io(`the node at ${socketPath} answered with malformed JSON`);
+      }
+      onLine(last);
+    }
+  }
+  const error = (last as { error?: { code?: string; message?: string } } | undefined)?.error;
+  if (last === undefined) throw ChunkdError.io(`the node at ${socketPath} ended the answer early`);
+  if (error !== undefined) {
+    const code = (error.code !== undefined && error.code in errorCodes ? error.code : 'EIO') as ErrorCode;
+    throw new ChunkdError(code, error.message ?? 'failed');
+  }
+  return last;
 }

@@ -9,6 +9,7 @@ import { fsckPool } from '../store/fsck.ts';
 import type { DiffReport } from '../api/server.ts';
 import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import { callApi } from './api-client.ts';
+import { scrubCommand } from './scrub.ts';
 import { serve } from './serve.ts';
 
 const usage = `usage: chunkd <command> [options]
@@ -28,6 +29,8 @@ const usage = `usage: chunkd <command> [options]
   snapshot diff VOL FROM [TO] [--json]
                                      extents that differ (TO omitted: the live volume), from metadata only
   clone VOL@SNAP NEWVOL              a writable volume sharing the snapshot's data
+  scrub VOL | --all [--json]         read every block of the volume(s) and snapshots and check its checksum;
+                                     lists damaged extents, exits 1 if any
   status [--json]                    the node's pool, volumes, connections
   fsck --pool DIR [--json]           offline check of a pool no node holds; exit 0 only when clean
 
@@ -73,6 +76,8 @@ async function run(argv: string[]): Promise<number> {
       return cloneCommand(rest);
     case 'status':
       return statusCommand(rest);
+    case 'scrub':
+      return scrubCommand(rest, apiPath);
     case 'fsck':
       return fsckCommand(rest);
     default:

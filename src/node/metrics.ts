@@ -19,6 +19,7 @@ export function renderMetrics(status: NodeStatus): string {
   metric('chunkd_nbd_connections_total', 'counter', 'NBD connections accepted.', [['', status.nbd.connectionsTotal]]);
   metric('chunkd_nbd_requests_total', 'counter', 'NBD requests served.', [['', status.nbd.requestsTotal]]);
   metric('chunkd_nbd_request_errors_total', 'counter', 'NBD requests answered with an error.', [['', status.nbd.requestErrorsTotal]]);
+  metric('chunkd_checksum_errors_total', 'counter', 'Reads that found a block not matching its checksum (answered with EIO).', [['', status.pool.checksumErrorsTotal]]);
   metric('chunkd_event_loop_utilization', 'gauge', 'Event loop utilisation since the previous scrape.', [['', status.eventLoopUtilization]]);
   return `${lines.join('\n')}\n`;
 }

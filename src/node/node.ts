@@ -9,6 +9,7 @@ import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts'
 import { NbdServer } from '../nbd/server.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
+import type { ScrubReport } from '../store/scrub.ts';
 import { renderMetrics } from './metrics.ts';
 
 export interface NodeConfig {
@@ -138,6 +139,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   diff(volume: string, from: string, to: string | null): DiffReport {
     const extents = this.pool.diff(volume, from, to).map((extent) => ({ offsetBytes: extent.virtualChunk * chunkSizeBytes, lengthBytes: extent.chunkCount * chunkSizeBytes }));
     return { volume, from, to, changedBytes: extents.reduce((sum, e) => sum + e.lengthBytes, 0), extents };
+  }
+
+  scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
+    return this.pool.scrub(volume, onProgress);
   }
 
   async status(): Promise<NodeStatus> {

@@ -1,8 +1,9 @@
 // The checkpoint: the whole catalog (volumes, snapshots and their chunk maps) as of the start of one journal
 // generation. Maps share pages (chunk-map.ts), so pages are stored once and maps refer to them; a checkpoint of
 // a volume with a thousand snapshots is as large as its distinct pages, not a thousand copies.
-// Layout: "CHUNKDC2" | u32 header length | header JSON | pages | page references | u32 crc32 of all before it.
-//   page: u32 run count, then runs of (u16 first slot, u16 slot count, f64 first physical chunk)
+// Layout: "CHUNKDC3" | u32 header length | header JSON | pages | page references | u32 crc32 of all before it.
+//   page: u32 run count, then runs of (u16 first slot, u16 slot count, f64 first physical chunk, then a u32
+//   checksum per chunk of the run); a chunk named by two distinct pages has its checksum stored twice, alike
 //   page references, per map in header order (volumes, then snapshots): (f64 page index, u32 page number)
 // Written to a temporary file, fsynced and renamed into place: a crash leaves the old or the new one, whole.
 // Pure: bytes in, values out.
@@ -13,7 +14,7 @@ import { checkName } from '../core/names.ts';
 import { ChunkMap, type Page } from './chunk-map.ts';
 import { addSnapshot, addVolume, allMaps, emptyCatalog, type Catalog } from './metadata.ts';
 
-const magic = Buffer.from('CHUNKDC2', 'latin1');
+const magic = Buffer.from('CHUNKDC3', 'latin1');
 const pageRunBytes = 12;
 const pageReferenceBytes = 12;
 
@@ -53,7 +54,7 @@ export function encodeCheckpoint(catalog: Catalog, generation: number): Buffer {
     snapshots: snapshots.map((s) => ({ id: s.id, volumeId: s.volumeId, name: s.name, sizeBytes: s.sizeBytes, createdAtMs: s.createdAtMs, pageCount: s.map.pageCount })),
   };
   const headerBytes = Buffer.from(JSON.stringify(header), 'utf8');
-  const runBytes = pageRuns.reduce((sum, runs) => sum + 4 + runs.length * pageRunBytes, 0);
+  const runBytes = pageRuns.reduce((sum, runs) => sum + 4 + runs.reduce((bytes, run) => bytes + pageRunBytes + run[1] * 4, 0), 0);
   const referenceBytes = references.reduce((sum, list) => sum + list.length * pageReferenceBytes, 0);
   const out = Buffer.alloc(magic.length + 4 + headerBytes.length + runBytes + referenceBytes + 4);
   let offset = magic.copy(out, 0);
@@ -65,6 +66,7 @@ export function encodeCheckpoint(catalog: Catalog, generation: number): Buffer {
       offset = out.writeUInt16LE(slot, offset);
       offset = out.writeUInt16LE(count, offset);
       offset = out.writeDoubleLE(physical, offset);
+      for (let i = 0; i < count; i++) offset = out.writeUInt32LE(catalog.sums.get(physical + i), offset);
     }
   }
   for (const list of references) {
@@ -108,19 +110,25 @@ export function decodeCheckpoint(bytes: Buffer): { catalog: Catalog; generation:
     if (offset + count > crcOffset) throw ChunkdError.corrupt('checkpoint: truncated');
   };
 
+  const catalog = emptyCatalog();
   const pages: Page[] = [];
   for (let i = 0; i < header.pageCount; i++) {
     need(4);
     const runCount = bytes.readUInt32LE(offset);
     offset += 4;
-    need(runCount * pageRunBytes);
     const page: Page = { slots: new Float64Array(mapPageChunks), usedCount: 0, shareCount: 0 };
     for (let r = 0; r < runCount; r++) {
+      need(pageRunBytes);
       const slot = bytes.readUInt16LE(offset);
       const count = bytes.readUInt16LE(offset + 2);
       const physical = bytes.readDoubleLE(offset + 4);
       offset += pageRunBytes;
       if (count === 0 || slot + count > mapPageChunks || !Number.isSafeInteger(physical) || physical < 0) throw ChunkdError.corrupt('checkpoint: invalid page run');
+      need(count * 4);
+      const sums = new Uint32Array(count);
+      for (let i = 0; i < count; i++) sums[i] = bytes.readUInt32LE(offset + i * 4);
+      offset += count * 4;
+      catalog.sums.setRun(physical, sums);
       for (let s = slot; s < slot + count; s++) {
         if (page.slots[s] !== 0) throw ChunkdError.corrupt('checkpoint: a page maps one slot twice');
         page.slots[s] = physical + (s - slot) + 1;
@@ -147,7 +155,6 @@ export function decodeCheckpoint(bytes: Buffer): { catalog: Catalog; generation:
     return new ChunkMap(entries, mappedCount);
   };
 
-  const catalog = emptyCatalog();
   for (const entry of header.volumes) {
     if (checkName(entry.name) !== null) throw ChunkdError.corrupt(`checkpoint: invalid volume name ${JSON.stringify(entry.name)}`);
     addVolume(catalog, { id: entry.id, name: entry.name, sizeBytes: entry.sizeBytes, map: readMap(entry.pageCount), snapshots: new Map() });

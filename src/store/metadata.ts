@@ -5,14 +5,15 @@
 // Journal framing: [u32 payload length][u32 crc32 of payload][payload]. A length of 0 (the zeros of the
 // preallocated journal) ends it; so does a record whose crc fails (a write torn by a crash). Replay stops at the
 // first such record: the journal is a prefix of what was committed, never a record out of order.
-// Payload: a type byte, then fixed binary fields for the hot records (map, unmap: one per allocation or trim)
-// and JSON for the rare control records.
+// Payload: a type byte, then fixed binary fields for the hot records (map, unmap: one per write or trim; a map
+// record ends with the checksum of each chunk it maps) and JSON for the rare control records.
 import { crc32 } from 'node:zlib';
 import { unreachable } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { ChunkMap, type ChunkRefs } from './chunk-map.ts';
+import { ChunkSums } from './chunk-sums.ts';
 
 export interface VolumeMeta {
   id: number;
@@ -38,10 +39,12 @@ export interface Catalog {
   volumes: Map<number, VolumeMeta>;
   byName: Map<string, VolumeMeta>;
   snapshots: Map<number, SnapshotMeta>;
+  /** The checksum of every mapped physical chunk. */
+  sums: ChunkSums;
 }
 
 export type MetaRecord =
-  | { type: 'map'; volumeId: number; virtualChunk: number; physicalChunk: number; chunkCount: number }
+  | { type: 'map'; volumeId: number; virtualChunk: number; physicalChunk: number; chunkCount: number; sums: Uint32Array }
   | { type: 'unmap'; volumeId: number; virtualChunk: number; chunkCount: number }
   | { type: 'create'; volumeId: number; name: string; sizeBytes: number }
   | { type: 'clone'; volumeId: number; name: string; snapshotId: number }
@@ -54,9 +57,11 @@ export type MetaRecord =
 const typeCodes = { map: 1, unmap: 2, create: 3, resize: 4, remove: 5, clone: 6, snapshot: 7, 'snapshot-remove': 8, rollback: 9 } as const;
 const typesByCode = new Map<number, MetaRecord['type']>(Object.entries(typeCodes).map(([type, code]) => [code, type as MetaRecord['type']]));
 const frameHeaderBytes = 8;
+/** Type byte, volume id, virtual chunk, physical chunk, chunk count; a map record's checksums follow. */
+const rangeRecordBytes = 29;
 
 export function emptyCatalog(): Catalog {
-  return { nextVolumeId: 1, nextSnapshotId: 1, volumes: new Map(), byName: new Map(), snapshots: new Map() };
+  return { nextVolumeId: 1, nextSnapshotId: 1, volumes: new Map(), byName: new Map(), snapshots: new Map(), sums: new ChunkSums() };
 }
 
 /** Adds a volume to the catalog (for records and checkpoints alike). */
@@ -103,6 +108,8 @@ export function applyRecord(catalog: Catalog, record: MetaRecord, refs: ChunkRef
     case 'map': {
       const end = record.virtualChunk + record.chunkCount;
       if (end * chunkSizeBytes > volume.sizeBytes) throw ChunkdError.corrupt(`volume ${volume.name}: a record maps past its end`);
+      if (record.sums.length !== record.chunkCount) throw ChunkdError.corrupt(`volume ${volume.name}: a map record without a checksum for each chunk`);
+      catalog.sums.setRun(record.physicalChunk, record.sums);
       volume.map.mapRun(record.virtualChunk, record.physicalChunk, record.chunkCount, refs);
       return;
     }
@@ -155,11 +162,12 @@ export function encodeRecords(records: readonly MetaRecord[]): Buffer {
 function encodeFrame(record: MetaRecord): Buffer {
   let payload: Buffer;
   if (record.type === 'map' || record.type === 'unmap') {
-    payload = Buffer.alloc(29);
+    payload = Buffer.alloc(rangeRecordBytes + (record.type === 'map' ? record.chunkCount * 4 : 0));
     payload.writeUInt32LE(record.volumeId, 1);
     payload.writeDoubleLE(record.virtualChunk, 5);
     payload.writeDoubleLE(record.type === 'map' ? record.physicalChunk : 0, 13);
     payload.writeDoubleLE(record.chunkCount, 21);
+    if (record.type === 'map') for (let i = 0; i < record.chunkCount; i++) payload.writeUInt32LE(record.sums[i]!, rangeRecordBytes + i * 4);
   } else {
     const { type: _type, ...fields } = record;
     const json = Buffer.from(JSON.stringify(fields), 'utf8');
@@ -205,13 +213,17 @@ function decodePayload(payload: Buffer): MetaRecord | null {
   const type = typesByCode.get(payload.readUInt8(0));
   if (type === undefined) return null;
   if (type === 'map' || type === 'unmap') {
-    if (payload.length !== 29) return null;
+    if (payload.length < rangeRecordBytes) return null;
     const volumeId = payload.readUInt32LE(1);
     const virtualChunk = payload.readDoubleLE(5);
     const physicalChunk = payload.readDoubleLE(13);
     const chunkCount = payload.readDoubleLE(21);
     if (!wholeNumbers(virtualChunk, physicalChunk, chunkCount) || chunkCount === 0) return null;
-    return type === 'map' ? { type, volumeId, virtualChunk, physicalChunk, chunkCount } : { type, volumeId, virtualChunk, chunkCount };
+    if (type === 'unmap') return payload.length === rangeRecordBytes ? { type, volumeId, virtualChunk, chunkCount } : null;
+    if (payload.length !== rangeRecordBytes + chunkCount * 4) return null;
+    const sums = new Uint32Array(chunkCount);
+    for (let i = 0; i < chunkCount; i++) sums[i] = payload.readUInt32LE(rangeRecordBytes + i * 4);
+    return { type, volumeId, virtualChunk, physicalChunk, chunkCount, sums };
   }
   let fields: Record<string, unknown>;
   try {

@@ -59,13 +59,17 @@ import { ChunkRefcounts } from './chunk-refcounts.ts';
 import { decodeCheckpoint, encodeCheckpoint } from './checkpoint.ts';
 import { JournalFile, readJournal } from './journal-file.ts';
 import { diffMaps, type ChangedExtent } from './map-diff.ts';
+import { scrub, type ScrubReport } from './scrub.ts';
 import { applyRecord, countReferences, decodeJournal, emptyCatalog, encodeRecords, type Catalog, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
 import { tryLockExclusive } from './native.ts';
 import { RangeLock } from './range-lock.ts';
-import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
+import { InlineChunkIo, type ChunkIo } from './chunk-io.ts';
+import type { ChunkSums } from './chunk-sums.ts';
+import { SnapshotDevice, Volume, type CorruptionReport, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
 
 export const poolFormatName = 'chunkd-pool';
-export const poolFormatVersion = 1;
+/** Version 2: every mapped chunk has a checksum in the metadata (version 1 pools had none). */
+export const poolFormatVersion = 2;
 
 export interface VolumeInfo {
   name: string;
@@ -95,11 +99,18 @@ export interface PoolStatus {
   generation: number;
   fileSystem: { sizeBytes: number; freeBytes: number };
   failure: string | null;
+  /** Reads that failed their checksum since the node started. */
+  checksumErrorsTotal: number;
+  verifyReads: boolean;
 }
 
 export interface PoolOptions {
   directory: string;
   log?: (line: string) => void;
+  /** Makes the engine that carries chunk reads and writes (default: inline, on the calling thread). */
+  makeIo?: (chunkFiles: ChunkFiles) => ChunkIo;
+  /** Verify checksums on reads (default true); false only to measure what verification costs. */
+  verifyReads?: boolean;
 }
 
 /** What a pool's metadata says after a checkpoint and journal replay; shared by the node and fsck. */
@@ -116,7 +127,10 @@ export class Pool implements VolumeStore {
   readonly chunkFiles: ChunkFiles;
   readonly allocator: ChunkAllocator;
   readonly refs: ChunkRefcounts;
+  readonly io: ChunkIo;
+  readonly verifyReads: boolean;
   readonly #catalog: Catalog;
+  #checksumErrorsTotal = 0;
   readonly #runtimes = new Map<number, VolumeRuntime>();
   readonly #snapshotRuntimes = new Map<number, ExportRuntime>();
   readonly #lockFd: number;
@@ -130,7 +144,8 @@ export class Pool implements VolumeStore {
   #timer: NodeJS.Timeout;
   #closed = false;
 
-  private constructor(directory: string, lockFd: number, loaded: LoadedMetadata, allocator: ChunkAllocator, journal: JournalFile, log: (line: string) => void) {
+  private constructor(directory: string, lockFd: number, loaded: LoadedMetadata, allocator: ChunkAllocator, journal: JournalFile, options: PoolOptions) {
+    const log = options.log ?? (() => {});
     this.directory = directory;
     this.#lockFd = lockFd;
     this.#catalog = loaded.catalog;
@@ -140,6 +155,8 @@ export class Pool implements VolumeStore {
     // From now on a chunk whose last reference goes is free, once the commit that records it is durable.
     this.refs.onFree = (physicalChunk) => allocator.freeDeferred(physicalChunk, 1);
     this.chunkFiles = new ChunkFiles(path.join(directory, 'chunks'));
+    this.io = options.makeIo?.(this.chunkFiles) ?? new InlineChunkIo(this.chunkFiles);
+    this.verifyReads = options.verifyReads ?? true;
     this.#journal = journal;
     this.#log = log;
     this.#timer = setInterval(() => {
@@ -163,7 +180,7 @@ export class Pool implements VolumeStore {
       const journal = await JournalFile.create(journalPath(directory, generation));
       fsyncDirectory(directory);
       removeOtherJournals(directory, generation);
-      const pool = new Pool(directory, lockFd, { ...loaded, generation }, allocator, journal, log);
+      const pool = new Pool(directory, lockFd, { ...loaded, generation }, allocator, journal, options);
       await pool.#punchUnusedSpace();
       if (loaded.replayedRecords > 0 || loaded.tornTail) {
         log(`pool ${directory}: replayed ${loaded.replayedRecords} journal records${loaded.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
@@ -249,7 +266,7 @@ export class Pool implements VolumeStore {
   openSnapshot(volumeName: string, snapshotName: string): SnapshotDevice {
     this.#checkOpen();
     const snapshot = this.#snapshot(volumeName, snapshotName);
-    return new SnapshotDevice(volumeName, snapshot, this.chunkFiles, this.#snapshotRuntime(snapshot.id));
+    return new SnapshotDevice(volumeName, snapshot, this, this.#snapshotRuntime(snapshot.id));
   }
 
   // ---- control: snapshots and clones ----
@@ -324,6 +341,20 @@ export class Pool implements VolumeStore {
     return diffMaps(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes);
   }
 
+  /** Reads and checks every chunk of a volume and its snapshots while they stay in use (scrub.ts). */
+  async scrub(volumeName: string, onProgress?: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
+    this.#checkOpen();
+    const volume = this.#runtime(volumeName).meta;
+    const exports = [
+      { name: volume.name, runs: [...volume.map.mappedRuns()] },
+      ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, runs: [...snapshot.map.mappedRuns()] })),
+    ];
+    const store = { io: this.io, sums: this.sums, isMapped: (chunk: number) => this.refs.get(chunk) > 0, log: this.#log };
+    const report = await scrub(store, volume.name, exports, onProgress);
+    this.#log(`scrub of ${volume.name}: ${formatSize(report.checkedBytes)} checked in ${exports.length} export(s), ${report.badChunks} bad chunk(s)`);
+    return report;
+  }
+
   async status(): Promise<PoolStatus> {
     const stats = await fs.promises.statfs(this.directory);
     return {
@@ -336,6 +367,8 @@ export class Pool implements VolumeStore {
       generation: this.#generation,
       fileSystem: { sizeBytes: stats.blocks * stats.bsize, freeBytes: stats.bavail * stats.bsize },
       failure: this.#failure?.message ?? null,
+      checksumErrorsTotal: this.#checksumErrorsTotal,
+      verifyReads: this.verifyReads,
     };
   }
 
@@ -348,6 +381,7 @@ export class Pool implements VolumeStore {
     } finally {
       this.#closed = true;
       this.#journal.close();
+      await this.io.close();
       this.chunkFiles.close();
       fs.closeSync(this.#lockFd);
     }
@@ -358,6 +392,21 @@ export class Pool implements VolumeStore {
   record(record: MetaRecord): void {
     applyRecord(this.#catalog, record, this.refs);
     this.#queue.push(record);
+  }
+
+  get sums(): ChunkSums {
+    return this.#catalog.sums;
+  }
+
+  corruption(report: CorruptionReport): ChunkdError {
+    this.#checksumErrorsTotal += 1;
+    const chunkFile = Math.floor(report.physicalChunk / chunksPerFile);
+    const fileOffset = (report.physicalChunk % chunksPerFile) * chunkSizeBytes;
+    const message =
+      `checksum mismatch: ${report.exportName} at byte ${report.offsetBytes} (4 KiB chunk ${report.physicalChunk}, ` +
+      `${this.chunkFiles.filePath(chunkFile)} at byte ${fileOffset}): expected crc32 ${hex(report.expected)}, read ${hex(report.actual)}`;
+    this.#log(message);
+    return ChunkdError.io(`${message}; the read fails rather than return damaged data`);
   }
 
   checkHealthy(): void {
@@ -490,6 +539,10 @@ export class Pool implements VolumeStore {
   }
 }
 
+function hex(value: number): string {
+  return value.toString(16).padStart(8, '0');
+}
+
 function checkVolumeSize(sizeBytes: number): void {
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % volumeSizeAlignBytes !== 0 || sizeBytes > volumeSizeMaxBytes) {
     throw ChunkdError.invalid(`invalid volume size ${sizeBytes}: it must be a positive multiple of ${formatSize(volumeSizeAlignBytes)} up to ${formatSize(volumeSizeMaxBytes)}`);
@@ -526,6 +579,9 @@ export function checkPoolMarker(directory: string): void {
     throw ChunkdError.corrupt(`${markerPath} is unreadable: ${(error as Error).message}`);
   }
   if (marker.format !== poolFormatName) throw ChunkdError.corrupt(`${markerPath} does not describe a chunkd pool`);
+  if (marker.formatVersion === 1) {
+    throw ChunkdError.invalid(`pool ${directory} has format version 1, from before per-block checksums; this chunkd reads version ${poolFormatVersion}: copy its volumes out with chunkd 0.1 (e.g. nbdcopy) into a new pool`);
+  }
   if (marker.formatVersion !== poolFormatVersion) throw ChunkdError.invalid(`pool ${directory} has format version ${String(marker.formatVersion)}; this chunkd reads version ${poolFormatVersion}`);
   if (marker.chunkSizeBytes !== chunkSizeBytes || marker.chunksPerFile !== chunksPerFile) throw ChunkdError.invalid(`pool ${directory} was made with another chunk geometry`);
 }

@@ -2,27 +2,41 @@
 // request holds its chunk range in the volume's RangeLock for its whole life (writes exclusively), which gives
 // DESIGN.md's per-block ordering and lets the rest of the path assume no one else changes those map entries.
 //
-// Writes: a chunk the volume owns alone (its page unshared, its reference count 1) is overwritten in place: no
-// metadata change, no copy. A hole, or a chunk a snapshot shares, gets a fresh contiguous physical run (copy-on-
-// write at 4 KiB: only the partly covered first and last chunks are read to fill in), written whole, and only
-// after the data is written is the mapping recorded, so metadata never names a chunk whose data was not written
-// first. Trims unmap whole chunks (their space is punched out once the unmap is committed) and zero the partly
-// covered ends. A snapshot device reads through the snapshot's frozen map and refuses nothing itself: the NBD
-// edge answers EPERM for writes to a read-only export before they reach it.
+// Writes never overwrite a chunk that metadata names (redirect-on-write, as ZFS and btrfs): every write gets a
+// fresh contiguous physical run for the chunks it covers, written whole (only a partly covered first and last
+// chunk are read, verified, to fill in), and only after the data is written is the mapping recorded, with the
+// checksum of each chunk. The chunks it replaces are freed once that record is committed. So a chunk's bytes
+// and the checksum the metadata holds for it can never disagree, even after a crash in the middle of a write
+// (an in-place overwrite could leave new bytes under an old checksum), snapshots and clones need no special
+// case (a shared chunk is never written), and a write touches no metadata but its own record.
+// Reads check every chunk they return against its checksum; a mismatch is an EIO for that read, reported to
+// the pool (log line, metric), never wrong bytes. Trims unmap whole chunks (their space is punched out once the
+// unmap is committed) and zero the partly covered ends. A snapshot device reads through the snapshot's frozen
+// map and refuses nothing itself: the NBD edge answers EPERM for writes to a read-only export before they reach it.
 import { assert } from '../core/assert.ts';
 import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
 import { fromSystemError } from '../core/errors.ts';
 import { blockStatusExtentsMax, chunkSizeBytes } from '../core/limits.ts';
+import { blockChecksum } from './checksum.ts';
+import type { ChunkdError } from '../core/errors.ts';
 import type { ChunkAllocator } from './allocator.ts';
+import type { ChunkIo } from './chunk-io.ts';
 import type { ChunkMap, ChunkRun } from './chunk-map.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import type { ChunkRefcounts } from './chunk-refcounts.ts';
+import type { ChunkSums } from './chunk-sums.ts';
 import type { MetaRecord, SnapshotMeta, VolumeMeta } from './metadata.ts';
 import type { RangeLock, Release } from './range-lock.ts';
 
 /** What a volume needs from its pool: the narrow waist between data path and pool. */
 export interface VolumeStore {
   readonly chunkFiles: ChunkFiles;
+  readonly io: ChunkIo;
+  readonly sums: ChunkSums;
+  /** False only when a benchmark turned read verification off (CHUNKD_VERIFY=0). */
+  readonly verifyReads: boolean;
+  /** Logs and counts a chunk whose bytes do not match their checksum; returns the error the read fails with. */
+  corruption(report: CorruptionReport): ChunkdError;
   readonly allocator: ChunkAllocator;
   readonly refs: ChunkRefcounts;
   /** Applies a metadata record to the live catalog and queues it for the next commit. */
@@ -31,6 +45,16 @@ export interface VolumeStore {
   commit(): Promise<void>;
   /** Throws the pool's sticky failure, if an earlier sync failed. */
   checkHealthy(): void;
+}
+
+export interface CorruptionReport {
+  /** The volume or VOL@SNAP read. */
+  exportName: string;
+  /** Byte offset in the export of the chunk that failed. */
+  offsetBytes: number;
+  physicalChunk: number;
+  expected: number;
+  actual: number;
 }
 
 /** Shared by every open of one volume or snapshot. */
@@ -42,6 +66,8 @@ export interface VolumeRuntime extends ExportRuntime {
   meta: VolumeMeta;
   lock: RangeLock;
 }
+
+const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
 
 /** Source of the bytes written at absolute volume offsets [start, end). */
 type ByteSource = (start: number, end: number) => Buffer;
@@ -75,7 +101,7 @@ export class Volume implements BlockDevice {
     if (target.length === 0) return;
     const release = await this.#lock(offsetBytes, target.length, false);
     try {
-      await readThroughMap(this.#map, this.#store.chunkFiles, offsetBytes, target);
+      await readThroughMap(this.#store, this.name, this.#map, offsetBytes, target);
     } catch (error) {
       throw fromSystemError(error, `read of volume ${this.name} at ${offsetBytes}`);
     } finally {
@@ -169,96 +195,48 @@ export class Volume implements BlockDevice {
     }
   }
 
-  /** Writes `lengthBytes` at `offsetBytes` from `source`: in place where the volume owns the chunk, else copy-on-write. */
+  /** Writes `lengthBytes` at `offsetBytes` from `source` into a fresh physical run covering its chunks. */
   async #writeBytes(offsetBytes: number, lengthBytes: number, source: ByteSource): Promise<void> {
     const first = Math.floor(offsetBytes / chunkSizeBytes);
     const count = Math.ceil((offsetBytes + lengthBytes) / chunkSizeBytes) - first;
-    this.#map.ownRange(first, count, this.#store.refs);
-    const tasks: Array<Promise<void>> = [];
-    for (const run of this.#map.runs(first, count)) {
-      for (const segment of this.#splitByOwnership(run)) {
-        const [start, end] = clip(segment, offsetBytes, lengthBytes);
-        const segmentStart = segment.virtualChunk * chunkSizeBytes;
-        if (segment.physicalChunk >= 0 && this.#owned(segment.physicalChunk)) {
-          tasks.push(this.#store.chunkFiles.write(segment.physicalChunk, start - segmentStart, source(start, end)));
-        } else {
-          tasks.push(this.#replaceRun(segment, start, end, source));
-        }
-      }
-    }
-    if (tasks.length === 1) return tasks[0];
-    await settleAll(tasks);
-  }
-
-  /** Gives a hole or a shared run a fresh physical run holding the old content (zeros for a hole) overlaid with the new bytes. */
-  async #replaceRun(run: ChunkRun, start: number, end: number, source: ByteSource): Promise<void> {
-    const runStart = run.virtualChunk * chunkSizeBytes;
-    const runBytes = run.chunkCount * chunkSizeBytes;
+    const runStart = first * chunkSizeBytes;
+    const runBytes = count * chunkSizeBytes;
     let payload: Buffer;
-    if (start === runStart && end === runStart + runBytes) {
-      payload = source(start, end);
+    if (offsetBytes === runStart && lengthBytes === runBytes) {
+      payload = source(offsetBytes, offsetBytes + lengthBytes);
     } else {
+      // Only the partly covered first and last chunks keep old bytes; they are read (and verified) to fill in.
       payload = Buffer.alloc(runBytes);
-      if (run.physicalChunk >= 0) {
-        // Copy-on-write of a shared chunk: only the partly covered first and last chunks need their old bytes.
-        const reads: Array<Promise<void>> = [];
-        if (start > runStart) reads.push(this.#store.chunkFiles.read(run.physicalChunk, 0, payload.subarray(0, chunkSizeBytes)));
-        const lastChunk = run.chunkCount - 1;
-        if (end < runStart + runBytes && (lastChunk > 0 || start === runStart)) {
-          reads.push(this.#store.chunkFiles.read(run.physicalChunk + lastChunk, 0, payload.subarray(lastChunk * chunkSizeBytes)));
-        }
-        await Promise.all(reads);
+      const reads: Array<Promise<void>> = [];
+      if (offsetBytes > runStart) reads.push(readThroughMap(this.#store, this.name, this.#map, runStart, payload.subarray(0, chunkSizeBytes)));
+      const end = offsetBytes + lengthBytes;
+      if (end < runStart + runBytes && (count > 1 || offsetBytes === runStart)) {
+        reads.push(readThroughMap(this.#store, this.name, this.#map, runStart + runBytes - chunkSizeBytes, payload.subarray(runBytes - chunkSizeBytes)));
       }
-      source(start, end).copy(payload, start - runStart);
+      await settleAll(reads);
+      source(offsetBytes, end).copy(payload, offsetBytes - runStart);
     }
-    await this.#fillFresh(run, (physicalChunk) => this.#store.chunkFiles.write(physicalChunk, 0, payload));
-  }
-
-  /** NO_HOLE zeroing of whole chunks: in place where owned, else a fresh zeroed run. */
-  async #zeroWholeChunks(firstChunk: number, chunkCount: number): Promise<void> {
-    this.#map.ownRange(firstChunk, chunkCount, this.#store.refs);
-    const tasks: Array<Promise<void>> = [];
-    for (const run of this.#map.runs(firstChunk, chunkCount)) {
-      for (const segment of this.#splitByOwnership(run)) {
-        const bytes = segment.chunkCount * chunkSizeBytes;
-        if (segment.physicalChunk >= 0 && this.#owned(segment.physicalChunk)) tasks.push(this.#store.chunkFiles.zero(segment.physicalChunk, 0, bytes));
-        else tasks.push(this.#fillFresh(segment, (physicalChunk) => this.#store.chunkFiles.zero(physicalChunk, 0, bytes)));
-      }
-    }
-    await Promise.all(tasks);
-  }
-
-  /** Allocates a physical run for `run`, fills it, then maps it; on failure the run goes straight back. */
-  async #fillFresh(run: ChunkRun, fill: (physicalChunk: number) => Promise<void>): Promise<void> {
-    const physicalChunk = this.#store.allocator.allocate(run.chunkCount);
+    const physicalChunk = this.#store.allocator.allocate(count);
+    let sums: Uint32Array;
     try {
-      await fill(physicalChunk);
+      sums = await this.#store.io.writeSummed(physicalChunk, payload);
     } catch (error) {
-      this.#store.allocator.release(physicalChunk, run.chunkCount);
+      this.#store.allocator.release(physicalChunk, count);
       throw error;
     }
-    this.#store.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: run.virtualChunk, physicalChunk, chunkCount: run.chunkCount });
+    this.#store.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: first, physicalChunk, chunkCount: count, sums });
   }
 
-  /** Whether the volume alone holds this chunk (its page was made private by ownRange first). */
-  #owned(physicalChunk: number): boolean {
-    return this.#store.refs.get(physicalChunk) === 1;
-  }
-
-  /** Splits a mapped run where ownership changes, so each piece is either all owned or all shared. */
-  #splitByOwnership(run: ChunkRun): ChunkRun[] {
-    if (run.physicalChunk < 0 || run.chunkCount === 1) return [run];
-    const pieces: ChunkRun[] = [];
-    let pieceStart = 0;
-    let owned = this.#owned(run.physicalChunk);
-    for (let i = 1; i <= run.chunkCount; i++) {
-      const nextOwned = i < run.chunkCount ? this.#owned(run.physicalChunk + i) : !owned;
-      if (nextOwned === owned) continue;
-      pieces.push({ virtualChunk: run.virtualChunk + pieceStart, chunkCount: i - pieceStart, physicalChunk: run.physicalChunk + pieceStart });
-      pieceStart = i;
-      owned = nextOwned;
+  /** NO_HOLE zeroing of whole chunks: a fresh run, zeroed by the file system and kept allocated. */
+  async #zeroWholeChunks(firstChunk: number, chunkCount: number): Promise<void> {
+    const physicalChunk = this.#store.allocator.allocate(chunkCount);
+    try {
+      await this.#store.chunkFiles.zero(physicalChunk, 0, chunkCount * chunkSizeBytes);
+    } catch (error) {
+      this.#store.allocator.release(physicalChunk, chunkCount);
+      throw error;
     }
-    return pieces;
+    this.#store.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: firstChunk, physicalChunk, chunkCount, sums: new Uint32Array(chunkCount).fill(zeroChunkSum) });
   }
 }
 
@@ -267,14 +245,14 @@ export class SnapshotDevice implements BlockDevice {
   readonly readOnly = true;
   readonly name: string;
   readonly #snapshot: SnapshotMeta;
-  readonly #chunkFiles: ChunkFiles;
+  readonly #store: VolumeStore;
   readonly #runtime: ExportRuntime;
   #closed = false;
 
-  constructor(volumeName: string, snapshot: SnapshotMeta, chunkFiles: ChunkFiles, runtime: ExportRuntime) {
+  constructor(volumeName: string, snapshot: SnapshotMeta, store: VolumeStore, runtime: ExportRuntime) {
     this.name = `${volumeName}@${snapshot.name}`;
     this.#snapshot = snapshot;
-    this.#chunkFiles = chunkFiles;
+    this.#store = store;
     this.#runtime = runtime;
     runtime.openCount += 1;
   }
@@ -286,7 +264,7 @@ export class SnapshotDevice implements BlockDevice {
   async read(offsetBytes: number, target: Buffer): Promise<void> {
     assertRange(offsetBytes, target.length, this.sizeBytes);
     try {
-      await readThroughMap(this.#snapshot.map, this.#chunkFiles, offsetBytes, target);
+      await readThroughMap(this.#store, this.name, this.#snapshot.map, offsetBytes, target);
     } catch (error) {
       throw fromSystemError(error, `read of snapshot ${this.name} at ${offsetBytes}`);
     }
@@ -327,21 +305,37 @@ function assertRange(offsetBytes: number, lengthBytes: number, sizeBytes: number
   assert(offsetBytes + lengthBytes <= sizeBytes, 'request past the end of the export');
 }
 
-/** Reads target.length bytes at `offsetBytes` through `map`: holes give zeros, mapped runs one read each. */
-function readThroughMap(map: ChunkMap, chunkFiles: ChunkFiles, offsetBytes: number, target: Buffer): Promise<void> | Promise<void[]> {
+/**
+ * Reads target.length bytes at `offsetBytes` through `map`, checking every chunk read against its checksum:
+ * holes give zeros; each mapped run is one read of its whole chunks (straight into `target` when the request
+ * covers them exactly, else into a scratch buffer that is verified before its middle is copied out).
+ */
+export function readThroughMap(store: VolumeStore, exportName: string, map: ChunkMap, offsetBytes: number, target: Buffer): Promise<void> {
   const first = Math.floor(offsetBytes / chunkSizeBytes);
   const runs = map.runs(first, Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - first);
-  const readRun = (run: ChunkRun): Promise<void> => {
+  const readRun = async (run: ChunkRun): Promise<void> => {
     const [start, end] = clip(run, offsetBytes, target.length);
     const part = target.subarray(start - offsetBytes, end - offsetBytes);
     if (run.physicalChunk < 0) {
       part.fill(0);
-      return Promise.resolve();
+      return;
     }
-    return chunkFiles.read(run.physicalChunk, start - run.virtualChunk * chunkSizeBytes, part);
+    // The whole chunks under [start, end) of this run.
+    const firstChunk = Math.floor(start / chunkSizeBytes);
+    const chunkCount = Math.ceil(end / chunkSizeBytes) - firstChunk;
+    const physicalChunk = run.physicalChunk + (firstChunk - run.virtualChunk);
+    const aligned = start === firstChunk * chunkSizeBytes && end === (firstChunk + chunkCount) * chunkSizeBytes;
+    const buffer = aligned ? part : Buffer.allocUnsafe(chunkCount * chunkSizeBytes);
+    const expected = new Uint32Array(chunkCount);
+    for (let i = 0; i < chunkCount; i++) expected[i] = store.sums.get(physicalChunk + i);
+    const mismatch = await store.io.readVerified(physicalChunk, buffer, expected, store.verifyReads);
+    if (mismatch !== null) {
+      throw store.corruption({ exportName, offsetBytes: (firstChunk + mismatch.chunkIndex) * chunkSizeBytes, physicalChunk: physicalChunk + mismatch.chunkIndex, expected: mismatch.expected, actual: mismatch.actual });
+    }
+    if (!aligned) buffer.copy(part, 0, start - firstChunk * chunkSizeBytes, end - firstChunk * chunkSizeBytes);
   };
   if (runs.length === 1) return readRun(runs[0]!);
-  return Promise.all(runs.map(readRun));
+  return settleAll(runs.map(readRun));
 }
 
 /** The allocation map of [offsetBytes, offsetBytes + lengthBytes): holes (zero) and data, merged. */

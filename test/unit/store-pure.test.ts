@@ -123,11 +123,11 @@ test('allocator: fromUsed refuses a chunk used twice', () => {
 
 const sampleRecords: MetaRecord[] = [
   { type: 'create', volumeId: 1, name: 'vol-a', sizeBytes: 64 * 2 ** 40 },
-  { type: 'map', volumeId: 1, virtualChunk: 2 ** 33, physicalChunk: 5, chunkCount: 3 },
+  { type: 'map', volumeId: 1, virtualChunk: 2 ** 33, physicalChunk: 5, chunkCount: 3, sums: Uint32Array.of(0xdeadbeef, 0, 0xffffffff) },
   { type: 'unmap', volumeId: 1, virtualChunk: 2 ** 33 + 1, chunkCount: 1 },
   { type: 'resize', volumeId: 1, sizeBytes: 128 * 2 ** 40 },
   { type: 'snapshot', volumeId: 1, snapshotId: 1, name: 'snap', createdAtMs: 1_700_000_000_000 },
-  { type: 'map', volumeId: 1, virtualChunk: 2 ** 33, physicalChunk: 9, chunkCount: 1 },
+  { type: 'map', volumeId: 1, virtualChunk: 2 ** 33, physicalChunk: 9, chunkCount: 1, sums: Uint32Array.of(42) },
   { type: 'clone', volumeId: 2, name: 'copy', snapshotId: 1 },
   { type: 'snapshot-remove', snapshotId: 1 },
   { type: 'create', volumeId: 3, name: 'b', sizeBytes: 4096 },
@@ -157,7 +157,9 @@ test('journal: applying records builds the catalog; shared chunks are freed only
   assert.equal(catalog.byName.has('b'), false);
   assert.equal(catalog.snapshots.size, 0);
   assert.equal(catalog.nextVolumeId, 4);
-  assert.throws(() => applyRecord(catalog, { type: 'map', volumeId: 77, virtualChunk: 0, physicalChunk: 9, chunkCount: 1 }, refs), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');
+  assert.deepEqual([catalog.sums.get(5), catalog.sums.get(7), catalog.sums.get(9)], [0xdeadbeef, 0xffffffff, 42], 'checksums belong to physical chunks');
+  assert.throws(() => applyRecord(catalog, { type: 'map', volumeId: 1, virtualChunk: 0, physicalChunk: 20, chunkCount: 2, sums: Uint32Array.of(1) }, refs), /checksum for each chunk/);
+  assert.throws(() => applyRecord(catalog, { type: 'map', volumeId: 77, virtualChunk: 0, physicalChunk: 9, chunkCount: 1, sums: Uint32Array.of(1) }, refs), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');
   assert.throws(() => applyRecord(catalog, { type: 'rollback', volumeId: 1, snapshotId: 1 }, refs), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');
 });
 
@@ -175,6 +177,7 @@ test('checkpoint: round-trips the catalog with shared pages stored once, and ref
     assert.deepEqual([...decoded.catalog.byName.get(name)!.map.mappedRuns()], [...catalog.byName.get(name)!.map.mappedRuns()]);
   }
   assert.deepEqual([...decoded.catalog.byName.get('vol-a')!.snapshots.get('s9')!.map.mappedRuns()], [...catalog.byName.get('vol-a')!.map.mappedRuns()]);
+  assert.deepEqual([5, 7, 9].map((chunk) => decoded.catalog.sums.get(chunk)), [0xdeadbeef, 0xffffffff, 42], 'checksums survive the checkpoint, shared chunks included');
   const damaged = Buffer.from(bytes);
   damaged[20]! ^= 1;
   assert.throws(() => decodeCheckpoint(damaged), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');

@@ -66,12 +66,25 @@ test('FLUSH: chunk data written and synced, then the journal written and synced,
   assert.equal(events[events.length - 1]!.kind, 'flushed');
   assert.ok(journalSync < events.length - 1, 'the flush resolves after the journal sync');
 
-  // An overwrite in place changes no metadata: a FLUSH syncs the chunk file and writes no journal record.
+  // An overwrite goes to a fresh chunk (redirect-on-write), so it too is data, sync, then a journal record; the
+  // chunk it replaced is punched out only after that record is synced (a crash before it still reads the old data).
   events.length = 0;
+  const punches: number[] = [];
+  const punch = pool.chunkFiles.punch.bind(pool.chunkFiles);
+  pool.chunkFiles.punch = (chunk: number, count: number) => {
+    punches.push(events.length);
+    return punch(chunk, count);
+  };
   await volume.write(8 * 1024 * 1024, Buffer.alloc(4096, 9));
   await volume.flush();
-  assert.ok(index('sync', /\.chunk$/) > index('write', /\.chunk$/), `overwrite synced: ${events.map((e) => `${e.kind} ${e.file}`).join(', ')}`);
-  assert.equal(index('write', /^journal-/), -1, 'no journal write for an in-place overwrite');
+  const overwriteOrder = events.map((e) => `${e.kind} ${e.file}`).join(', ');
+  assert.ok(index('sync', /\.chunk$/) > index('write', /\.chunk$/), `overwrite synced: ${overwriteOrder}`);
+  assert.ok(index('write', /^journal-/) > index('sync', /\.chunk$/), `then its map record: ${overwriteOrder}`);
+  assert.equal(punches.length, 1, 'the replaced chunk is punched out once');
+  assert.ok(punches[0]! > lastIndex('sync', /^journal-/), `after the journal sync that records its replacement: ${overwriteOrder}`);
+  const readBack = Buffer.alloc(8192);
+  await volume.read(8 * 1024 * 1024, readBack);
+  assert.ok(readBack.subarray(0, 4096).every((b) => b === 9) && readBack.subarray(4096).every((b) => b === 7));
   await volume.close();
   await pool.close();
   fs.rmSync(directory, { recursive: true, force: true });

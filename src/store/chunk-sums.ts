@@ -1,0 +1,32 @@
+// The checksum of every physical chunk that a map names (checksum.ts), in blocks of 65,536 chunks allocated when
+// first touched. A checksum belongs to the physical chunk, not to a map: a snapshot, a clone and their volume
+// that share a chunk share its checksum. Chunks are never overwritten in place (volume.ts), so a chunk's checksum
+// is set once, by the map record that names it, and the metadata that names a chunk always carries the checksum
+// of the data written there. Pure: no I/O.
+import { assert } from '../core/assert.ts';
+
+const blockChunks = 65536;
+
+export class ChunkSums {
+  readonly #blocks = new Map<number, Uint32Array>();
+
+  /** The checksum recorded for `physicalChunk` (0 where none was; only mapped chunks are ever asked for). */
+  get(physicalChunk: number): number {
+    return this.#blocks.get(Math.floor(physicalChunk / blockChunks))?.[physicalChunk % blockChunks] ?? 0;
+  }
+
+  /** Records the checksums of `sums.length` consecutive chunks from `physicalChunk`. */
+  setRun(physicalChunk: number, sums: ArrayLike<number>): void {
+    assert(physicalChunk >= 0);
+    for (let i = 0; i < sums.length; i++) {
+      const chunk = physicalChunk + i;
+      const blockIndex = Math.floor(chunk / blockChunks);
+      let block = this.#blocks.get(blockIndex);
+      if (block === undefined) {
+        block = new Uint32Array(blockChunks);
+        this.#blocks.set(blockIndex, block);
+      }
+      block[chunk % blockChunks] = sums[i]!;
+    }
+  }
+}

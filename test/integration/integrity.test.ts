@@ -1,0 +1,118 @@
+// End-to-end integrity: a byte flipped on disk under a written block is caught. Reading that block over NBD
+// fails with EIO (our client and qemu-io), the blocks around it read fine, `chunkd scrub` reports exactly that
+// extent (in the volume and in a snapshot that shares it), the node logs and counts it, and it keeps serving.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
+import { makeTempDir, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const blockBytes = 4 * KiB;
+const firstBlockOffset = 1 * MiB;
+const blockCount = 16;
+const damagedBlock = 5;
+
+let node: RunningNode;
+let scratch: string;
+
+/** A block whose bytes name it, so the test can find it in the chunk files without knowing the layout. */
+function blockPattern(index: number): Buffer {
+  return Buffer.from(`chunkd integrity test block ${String(index).padStart(4, '0')};`.padEnd(64, '.').repeat(blockBytes / 64));
+}
+
+before(async () => {
+  scratch = makeTempDir('integrity');
+  node = await startNode(path.join(scratch, 'pool'), ['--default-volume', 'vol:64MiB']);
+  const client = await TestNbdClient.connect(node.nbdSocket, 'vol');
+  for (let i = 0; i < blockCount; i++) await client.write(firstBlockOffset + i * blockBytes, blockPattern(i));
+  await client.flush();
+  await client.disconnect();
+});
+
+after(async () => {
+  if (node.process.exitCode === null) await node.stop();
+  fs.rmSync(scratch, { recursive: true, force: true });
+});
+
+/** Flips one byte inside the on-disk copy of `index`'s block; returns the chunk file and offset changed. */
+function flipByteUnder(index: number): { file: string; offset: number } {
+  const chunks = path.join(node.pool, 'chunks');
+  const pattern = blockPattern(index);
+  for (const name of fs.readdirSync(chunks)) {
+    const file = path.join(chunks, name);
+    const bytes = fs.readFileSync(file);
+    const at = bytes.indexOf(pattern);
+    if (at < 0) continue;
+    assert.equal(bytes.indexOf(pattern, at + 1), -1, 'the block is on disk once');
+    const fd = fs.openSync(file, 'r+');
+    const one = Buffer.alloc(1);
+    fs.readSync(fd, one, 0, 1, at + 100);
+    one[0]! ^= 0x01;
+    fs.writeSync(fd, one, 0, 1, at + 100);
+    fs.closeSync(fd);
+    return { file, offset: at + 100 };
+  }
+  throw new Error(`block ${index} not found in ${chunks}`);
+}
+
+test('a clean volume scrubs clean', async () => {
+  const result = await node.cli('scrub', 'vol');
+  assert.equal(result.code, 0, result.stderr);
+  assert.match(result.stdout, /scrub of vol: 64 KiB \(65536 bytes\) checked across 1 export\(s\); no damage found/);
+});
+
+test('one flipped byte: EIO for that block only, scrub names exactly that extent, the node keeps serving', async () => {
+  assert.equal((await node.cli('snapshot', 'create', 'vol', 'before')).code, 0);
+  const damaged = flipByteUnder(damagedBlock);
+  const damagedOffset = firstBlockOffset + damagedBlock * blockBytes;
+
+  const client = await TestNbdClient.connect(node.nbdSocket, 'vol');
+  await assert.rejects(client.read(damagedOffset, blockBytes), (error) => error instanceof NbdReplyError && error.errno === 5, 'EIO for the damaged block');
+  await assert.rejects(client.read(firstBlockOffset, 1 * MiB), (error) => error instanceof NbdReplyError && error.errno === 5, 'EIO for any read that covers it');
+  await assert.rejects(client.read(damagedOffset + 1000, 10), (error) => error instanceof NbdReplyError && error.errno === 5, 'EIO for a partial read inside it');
+  for (const neighbour of [damagedBlock - 1, damagedBlock + 1, 0, blockCount - 1]) {
+    assert.deepEqual(await client.read(firstBlockOffset + neighbour * blockBytes, blockBytes), blockPattern(neighbour), `block ${neighbour} reads fine`);
+  }
+  // A real client sees the same.
+  const qemu = await runTool('qemu-io', ['-r', '-f', 'raw', node.qemuUri('vol'), '-c', `read ${damagedOffset} 4096`]);
+  assert.match(qemu.stdout + qemu.stderr, /Input\/output error/);
+  const qemuSnapshot = await runTool('qemu-io', ['-r', '-f', 'raw', node.qemuUri('vol@before'), '-c', `read ${damagedOffset} 4096`]);
+  assert.match(qemuSnapshot.stdout + qemuSnapshot.stderr, /Input\/output error/, 'the snapshot shares the block, and its checksum');
+
+  const scrub = await node.cli('scrub', 'vol');
+  assert.equal(scrub.code, 1, `scrub exits 1 on damage: ${scrub.stdout}${scrub.stderr}`);
+  const badLines = scrub.stdout.split('\n').filter((line) => line.startsWith('bad extent:'));
+  assert.deepEqual(badLines, [`bad extent: vol offset ${damagedOffset} length 4096`, `bad extent: vol@before offset ${damagedOffset} length 4096`]);
+  assert.match(scrub.stdout, /1 damaged 4 KiB chunk\(s\) in 2 extent\(s\)/);
+  const json = await node.cli('scrub', 'vol', '--json');
+  assert.equal(json.code, 1);
+  assert.deepEqual(JSON.parse(json.stdout).badExtents, [
+    { export: 'vol', offsetBytes: damagedOffset, lengthBytes: 4096 },
+    { export: 'vol@before', offsetBytes: damagedOffset, lengthBytes: 4096 },
+  ]);
+
+  // Logged with volume, offset and chunk file; counted; and the node goes on serving reads and writes.
+  assert.match(node.stderr(), new RegExp(`checksum mismatch: vol at byte ${damagedOffset} \\(4 KiB chunk \\d+, ${damaged.file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} at byte ${damaged.offset - 100}\\)`));
+  const status = JSON.parse((await node.cli('status', '--json')).stdout);
+  assert.ok(status.pool.checksumErrorsTotal >= 4, `counted: ${status.pool.checksumErrorsTotal}`);
+  const metrics = await runTool('curl', ['-s', '--unix-socket', node.apiSocket, 'http://chunkd/metrics']);
+  assert.match(metrics.stdout, /chunkd_checksum_errors_total [1-9]/);
+  await client.write(2 * MiB, Buffer.alloc(blockBytes, 0x5a));
+  assert.deepEqual(await client.read(2 * MiB, blockBytes), Buffer.alloc(blockBytes, 0x5a));
+
+  // Overwriting the damaged block whole heals the volume (a new chunk); the snapshot keeps the damaged one.
+  await client.write(damagedOffset, blockPattern(99));
+  assert.deepEqual(await client.read(damagedOffset, blockBytes), blockPattern(99));
+  await client.disconnect();
+  const after = await node.cli('scrub', 'vol');
+  assert.deepEqual(after.stdout.split('\n').filter((line) => line.startsWith('bad extent:')), [`bad extent: vol@before offset ${damagedOffset} length 4096`]);
+});
+
+test('scrub of a missing volume is a clear error', async () => {
+  const result = await node.cli('scrub', 'nope');
+  assert.equal(result.code, 1);
+  assert.match(result.stderr, /no volume named nope/);
+});
