@@ -219,6 +219,7 @@ async function statusCommand(argv: string[]): Promise<number> {
     pool: { directory: string; allocatedBytes: number; fileSystem: { freeBytes: number }; failure: string | null };
     volumes: VolumeInfo[];
     nbd: { listen: string[]; connectionsOpen: number; requestsTotal: number };
+    io: { engine: string; workers: Array<{ id: number; inFlight: number }>; queued: number; workerRestarts: number };
     eventLoopUtilization: number;
   };
   print(values.json, status, () =>
@@ -227,6 +228,10 @@ async function statusCommand(argv: string[]): Promise<number> {
       `pool ${status.pool.directory}: ${formatSize(status.pool.allocatedBytes)} allocated, ${formatSize(status.pool.fileSystem.freeBytes)} free on its file system${status.pool.failure ? `, FAILED: ${status.pool.failure}` : ''}`,
       `nbd ${status.nbd.listen.join(', ') || '(not listening)'}: ${status.nbd.connectionsOpen} connections, ${status.nbd.requestsTotal} requests served`,
       `event loop utilisation ${(status.eventLoopUtilization * 100).toFixed(1)}%`,
+      status.io.engine === 'inline'
+        ? 'chunk I/O on the main thread (--workers 0)'
+        : `chunk I/O on ${status.io.workers.length} worker threads, ${status.io.queued} requests queued, ${status.io.workerRestarts} restarted: ` +
+          status.io.workers.map((worker) => `worker ${worker.id} ${worker.inFlight} in flight`).join(', '),
       `volumes: ${status.volumes.length}`,
       ...status.volumes.map((volume) => `  ${describeVolume(volume)}`),
     ].join('\n'),

@@ -2,6 +2,7 @@
 import { parseArgs } from 'node:util';
 import { ChunkdError } from '../core/errors.ts';
 import { validateName } from '../core/names.ts';
+import { workersMax } from '../core/limits.ts';
 import { parseSize } from '../core/units.ts';
 import { ChunkdNode } from '../node/node.ts';
 
@@ -21,6 +22,13 @@ export function parseDefaultVolume(text: string): { name: string; sizeBytes: num
   return { name: validateName(text.slice(0, colon)), sizeBytes: parseSize(text.slice(colon + 1)) };
 }
 
+/** Parses --workers N: 0 (all chunk I/O on the main thread) up to limits.workersMax. */
+export function parseWorkers(text: string): number {
+  const count = Number(text);
+  if (!/^\d+$/.test(text) || count > workersMax) throw ChunkdError.invalid(`invalid --workers "${text}": a whole number from 0 (no worker threads) to ${workersMax}`);
+  return count;
+}
+
 export async function serve(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
@@ -30,6 +38,7 @@ export async function serve(argv: string[]): Promise<number> {
       socket: { type: 'string' },
       api: { type: 'string' },
       'default-volume': { type: 'string' },
+      workers: { type: 'string' },
     },
   });
   const log = (line: string): void => {
@@ -41,6 +50,7 @@ export async function serve(argv: string[]): Promise<number> {
     nbdSocketPath: values.socket ?? null,
     apiSocketPath: values.api ?? null,
     defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
+    workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
     log,
   });
   const listening = node.nbd.addresses();

@@ -50,6 +50,18 @@ export const journalReserveBytes = 4 * MiB;
 /** Unflushed writes are committed in the background at least this often, as a file system's commit interval. */
 export const backgroundCommitIntervalMs = 5_000;
 
+/** Shared-memory request buffers (shared-buffers.ts): a slot holds a request up to 64 KiB with its reply header. */
+export const sharedSlotBytes = 64 * KiB + 64;
+/** Slots in the slab: 32 requests in flight on each of 64 connections; past that, buffers of their own. */
+export const sharedSlotCount = 2048;
+/** Larger shared buffers kept for reuse, in bytes: a few maximal requests per connection on a few connections. */
+export const sharedLargeBytesHeldMax = 16 * requestBytesMax;
+
+/** Chunk I/O tasks queued on one worker thread beyond the one it runs: hides the hand-off, keeps the balance. */
+export const workerTasksQueuedMax = 3;
+/** Worker threads at most (serve --workers). */
+export const workersMax = 64;
+
 /** Volumes in one pool. */
 export const volumesMax = 4096;
 /** Bytes one management API request body may carry. */

@@ -23,6 +23,7 @@ import {
   bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, rangeRequestBytesMax,
   requestsInFlightPerConnectionMax,
 } from '../core/limits.ts';
+import type { SharedBufferPool } from '../core/shared-buffers.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { blockDescriptors } from './extents.ts';
 import { Handshake } from './handshake.ts';
@@ -53,6 +54,18 @@ export interface ConnectionOptions {
   handshakeTimeoutMs: number;
   /** Names the connection in log lines. */
   label: string;
+  /**
+   * Shared-memory buffers for WRITE payloads and READ replies, when chunk I/O runs on worker threads: every
+   * payload is then gathered into one (the copy out of the socket's chunks is the one copy it takes), and every
+   * reply is read into one in place. Null: Node's buffers, payloads as views of socket chunks where they fit.
+   */
+  sharedBuffers?: SharedBufferPool | null;
+}
+
+/** What the connection needs of a buffer pool. */
+interface Buffers {
+  acquire(size: number): Buffer;
+  release(buffer: Buffer): void;
 }
 
 /** Input buffered during the handshake before the socket is paused: two maximal options. */
@@ -65,9 +78,11 @@ export class NbdConnection {
   readonly #socket: Socket;
   readonly #options: ConnectionOptions;
   readonly #input = new InputQueue();
-  readonly #payloadBuffers = new BufferPool(bytesInFlightPerConnectionMax);
+  readonly #payloadBuffers: Buffers;
+  /** Payloads always go into #payloadBuffers (shared memory for the workers), never stay views of socket chunks. */
+  readonly #copyPayloads: boolean;
   /** Large READ replies, reused once the socket has written them. */
-  readonly #replyBuffers = new BufferPool(bytesInFlightPerConnectionMax);
+  readonly #replyBuffers: Buffers;
   readonly #handshake: Handshake;
   #phase: 'handshake' | 'transmission' = 'handshake';
   #session: Session | null = null;
@@ -99,6 +114,10 @@ export class NbdConnection {
   constructor(socket: Socket, options: ConnectionOptions) {
     this.#socket = socket;
     this.#options = options;
+    const shared = options.sharedBuffers ?? null;
+    this.#payloadBuffers = shared ?? new BufferPool(bytesInFlightPerConnectionMax);
+    this.#replyBuffers = shared ?? new BufferPool(bytesInFlightPerConnectionMax);
+    this.#copyPayloads = shared !== null;
     this.#handshake = new Handshake(options.provider);
     const { promise, resolve } = Promise.withResolvers<void>();
     this.done = promise;
@@ -228,7 +247,7 @@ export class NbdConnection {
         if (pending !== null) {
           if (this.#input.length < pending.lengthBytes) break;
           this.#pendingWrite = null;
-          const payload = this.#input.take(pending.lengthBytes, this.#payloadBuffers.acquire);
+          const payload = this.#input.take(pending.lengthBytes, this.#payloadBuffers.acquire, this.#copyPayloads);
           this.#execute(pending, payload, this.#input.gathered ? payload : null);
           continue;
         }

@@ -45,10 +45,10 @@ export class InputQueue {
    * Consumes and returns the next `count` bytes: a view when they lie in one chunk, else one copy, into a buffer
    * from `allocate` when given. `gathered` tells which.
    */
-  take(count: number, allocate?: (size: number) => Buffer): Buffer {
+  take(count: number, allocate?: (size: number) => Buffer, alwaysCopy = false): Buffer {
     assert(Number.isInteger(count) && count >= 0 && count <= this.#length, 'take: no more than what is queued');
     const first = this.#chunks[0];
-    if (first !== undefined && first.length - this.#headOffset >= count) {
+    if (!alwaysCopy && first !== undefined && first.length - this.#headOffset >= count) {
       const view = first.subarray(this.#headOffset, this.#headOffset + count);
       this.#consumeFromHead(count);
       this.gathered = false;

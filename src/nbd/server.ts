@@ -6,6 +6,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { claimSocketPath } from '../core/unix-socket.ts';
 import type { DeviceProvider } from '../core/block-device.ts';
 import { connectionsMax, handshakeTimeoutMs } from '../core/limits.ts';
+import type { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdConnection } from './connection.ts';
 import type { RequestCounters } from './connection.ts';
 
@@ -16,6 +17,8 @@ export interface NbdServerOptions {
   handshakeTimeoutMs?: number;
   /** Overrides limits.connectionsMax (tests). */
   connectionsMax?: number;
+  /** Request buffers in shared memory, when the devices' chunk I/O runs on worker threads (connection.ts). */
+  sharedBuffers?: SharedBufferPool | null;
 }
 
 export interface NbdServerStats {
@@ -30,6 +33,7 @@ export class NbdServer {
   readonly #log: (line: string) => void;
   readonly #handshakeTimeoutMs: number;
   readonly #connectionsMax: number;
+  readonly #sharedBuffers: SharedBufferPool | null;
   readonly #listeners: net.Server[] = [];
   readonly #connections = new Set<NbdConnection>();
   readonly #counters: RequestCounters = { requestsTotal: 0, requestErrorsTotal: 0 };
@@ -41,6 +45,7 @@ export class NbdServer {
     this.#log = options.log ?? (() => {});
     this.#handshakeTimeoutMs = options.handshakeTimeoutMs ?? handshakeTimeoutMs;
     this.#connectionsMax = options.connectionsMax ?? connectionsMax;
+    this.#sharedBuffers = options.sharedBuffers ?? null;
   }
 
   /** Listens on a TCP address (port 0 picks a free port: see addresses()). */
@@ -113,6 +118,7 @@ export class NbdServer {
       counters: this.#counters,
       handshakeTimeoutMs: this.#handshakeTimeoutMs,
       label,
+      sharedBuffers: this.#sharedBuffers,
     });
     this.#connections.add(connection);
     void connection.done.then(() => this.#connections.delete(connection));

@@ -11,6 +11,9 @@ import { chunkSizeBytes } from '../core/limits.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import { renderMetrics } from './metrics.ts';
+import { SharedBufferPool } from '../core/shared-buffers.ts';
+import type { IoEngineStatus } from '../store/chunk-io.ts';
+import { defaultWorkerCount, WorkerChunkIo } from '../store/worker-io.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -23,6 +26,8 @@ export interface NodeConfig {
   /** Created at start when missing. */
   defaultVolume: { name: string; sizeBytes: number } | null;
   log: (line: string) => void;
+  /** Worker threads for chunk I/O and checksums (serve --workers); 0 runs it all on the main thread. Default: one per CPU. */
+  workers?: number;
 }
 
 export class ChunkdNode implements ControlPlane, DeviceProvider {
@@ -34,18 +39,27 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   readonly #startedAt = Date.now();
   #eventLoop = performance.eventLoopUtilization();
 
-  private constructor(config: NodeConfig, pool: Pool) {
+  private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null) {
     this.config = config;
     this.pool = pool;
-    this.nbd = new NbdServer({ provider: this, log: config.log });
+    this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers });
     this.api = new ApiServer(this);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
   }
 
   /** Opens the pool and starts the front ends; on any failure everything started is stopped again. */
   static async start(config: NodeConfig): Promise<ChunkdNode> {
-    const pool = await Pool.open({ directory: config.poolDirectory, log: config.log });
-    const node = new ChunkdNode(config, pool);
+    const workers = config.workers ?? defaultWorkerCount();
+    // With workers, request buffers live in shared memory so that bytes reach a worker without a copy.
+    const sharedBuffers = workers > 0 ? new SharedBufferPool() : null;
+    const pool = await Pool.open({
+      directory: config.poolDirectory,
+      log: config.log,
+      makeIo: sharedBuffers === null ? undefined : (chunkFiles) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log }),
+      verifyReads: process.env.CHUNKD_VERIFY !== '0',
+    });
+    if (!pool.verifyReads) config.log('CHUNKD_VERIFY=0: reads are NOT checked against their checksums (for measuring what verification costs only)');
+    const node = new ChunkdNode(config, pool, sharedBuffers);
     try {
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
@@ -158,6 +172,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       nbd: { listen: this.nbd.addresses(), ...this.nbd.stats() },
       api: { socket: this.apiSocketPath },
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
+      io: this.pool.io.status(),
     };
   }
 
@@ -175,4 +190,6 @@ export interface NodeStatus {
   nbd: { listen: string[]; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
   api: { socket: string };
   eventLoopUtilization: number;
+  /** The chunk I/O engine: inline, or worker threads with each one's requests in flight. */
+  io: IoEngineStatus;
 }

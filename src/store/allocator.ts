@@ -1,39 +1,52 @@
-// Physical chunk allocation for the pool. Free space is a sorted list of free extents below a high-water mark;
-// above the mark every chunk is free. Allocation is next-fit: the first free extent at or after a cursor that
-// holds the whole request, else the chunks above the high-water mark, so that one write gets one contiguous run
-// and one pwrite. Frees are deferred: a freed chunk may still be named by the metadata on disk until the commit
-// that records the free is durable, so it is reused only after `takeDeferred` and `releaseTaken` (else a crash could show one
-// volume another's data). Pure: no I/O.
-// Known weakness: a request larger than every free extent goes above the mark even when the free total would
-// hold it, so heavy fragmentation grows the files' address space (not their allocated space: holes are punched).
+// Physical chunk allocation for the pool: a bitmap of chunks in use (set: allocated, or freed but not yet
+// reusable) below a high-water mark; above the mark every chunk is free. Allocation is next-fit: the first run of
+// free chunks at or after a cursor that holds the whole request (then from the start up to the cursor), else
+// the chunks above the high-water mark, so that one write gets one contiguous run and one pwrite. Every
+// overwrite frees chunks (redirect-on-write, volume.ts), so frees are frequent and scattered: a bitmap makes
+// each free O(chunks) and each allocation a scan that skips whole words.
+// Frees are deferred: a freed chunk may still be named by the metadata on disk until the commit that records the
+// free is durable, so it is reused only after `takeDeferred` and `releaseTaken` (else a crash could show one
+// volume another's data). A deferred free says whether its space should be punched out of the file (a trim, a
+// removal: the space goes back to the file system) or only recycled (an overwrite: a write will soon reuse it).
+// Pure: no I/O.
+// Known weakness: a search gives up after scanning `allocationScanChunksMax` chunks and goes above the mark, so a
+// pool fragmented into small holes grows its files' address space for large writes (not their allocated space
+// when the holes were punched); the holes are reused by smaller writes.
 import { assert } from '../core/assert.ts';
 
 export interface FreeExtent {
   start: number;
   count: number;
+  /** Give the space back to the file system (fallocate punch) before reuse. */
+  punch: boolean;
 }
 
+/** Chunks one allocation scans before it settles for the space above the high-water mark. */
+const allocationScanChunksMax = 1 << 20;
+
 export class ChunkAllocator {
-  #free: FreeExtent[] = [];
+  #bits = new Uint32Array(1024);
   #highWater = 0;
   #cursor = 0;
+  /** Bits set: chunks allocated plus chunks freed but not yet released. */
+  #setCount = 0;
+  #usedCount = 0;
   #deferred: FreeExtent[] = [];
+  #deferredCount = 0;
   /** Deferred frees claimed by a commit in progress (the first ones). */
   #sealedCount = 0;
-  #usedCount = 0;
 
   /** Builds the allocator from every used run (from the metadata at load); overlapping runs are an error. */
   static fromUsed(runs: Iterable<{ physicalChunk: number; chunkCount: number }>): ChunkAllocator {
-    const sorted = [...runs].map((r) => ({ start: r.physicalChunk, count: r.chunkCount })).sort((a, b) => a.start - b.start);
     const allocator = new ChunkAllocator();
-    let next = 0;
-    for (const run of sorted) {
-      if (run.start < next) throw new RangeError(`physical chunk ${run.start} is used twice`);
-      if (run.start > next) allocator.#free.push({ start: next, count: run.start - next });
-      next = run.start + run.count;
-      allocator.#usedCount += run.count;
+    for (const run of runs) {
+      const end = run.physicalChunk + run.chunkCount;
+      allocator.#grow(end);
+      for (let chunk = run.physicalChunk; chunk < end; chunk++) if (allocator.#isSet(chunk)) throw new RangeError(`physical chunk ${chunk} is used twice`);
+      allocator.#setRange(run.physicalChunk, run.chunkCount);
+      allocator.#highWater = Math.max(allocator.#highWater, end);
+      allocator.#usedCount += run.chunkCount;
     }
-    allocator.#highWater = next;
     return allocator;
   }
 
@@ -46,29 +59,38 @@ export class ChunkAllocator {
   }
 
   get deferredCount(): number {
-    return this.#deferred.reduce((sum, e) => sum + e.count, 0);
+    return this.#deferredCount;
   }
 
-  /** Free extents below the high-water mark (for punching leaked space at load). */
-  freeExtents(): ReadonlyArray<Readonly<FreeExtent>> {
-    return this.#free;
+  /** Free runs below the high-water mark (for punching leaked space at load). */
+  freeExtents(): FreeExtent[] {
+    const extents: FreeExtent[] = [];
+    let chunk = 0;
+    while (chunk < this.#highWater) {
+      const start = this.#nextClear(chunk, this.#highWater);
+      if (start < 0) break;
+      const end = this.#nextSet(start, this.#highWater);
+      extents.push({ start, count: end - start, punch: true });
+      chunk = end;
+    }
+    return extents;
   }
 
   /** Returns the first of `chunkCount` consecutive physical chunks now owned by the caller. */
   allocate(chunkCount: number): number {
     assert(Number.isInteger(chunkCount) && chunkCount > 0);
-    this.#usedCount += chunkCount;
-    const index = this.#findFit(chunkCount);
-    if (index < 0) {
-      const start = this.#highWater;
-      this.#highWater += chunkCount;
-      return start;
+    let start = -1;
+    if (this.#highWater - this.#setCount >= chunkCount) {
+      start = this.#findRun(this.#cursor, this.#highWater, chunkCount);
+      if (start < 0) start = this.#findRun(0, Math.min(this.#highWater, this.#cursor + chunkCount - 1), chunkCount);
     }
-    const extent = this.#free[index]!;
-    const start = extent.start;
-    extent.start += chunkCount;
-    extent.count -= chunkCount;
-    if (extent.count === 0) this.#free.splice(index, 1);
+    if (start < 0) {
+      start = this.#highWater;
+      this.#highWater += chunkCount;
+      this.#grow(this.#highWater);
+    }
+    this.#setRange(start, chunkCount);
+    this.#usedCount += chunkCount;
     this.#cursor = start + chunkCount;
     return start;
   }
@@ -76,17 +98,18 @@ export class ChunkAllocator {
   /** Gives back chunks that no committed metadata names (a failed write): reusable at once. */
   release(start: number, chunkCount: number): void {
     this.#usedCount -= chunkCount;
-    this.#insertFree(start, chunkCount);
+    this.#clearRange(start, chunkCount);
   }
 
   /** Gives back chunks that committed metadata may still name: reusable only after the commit (see `takeDeferred`). */
-  freeDeferred(start: number, chunkCount: number): void {
+  freeDeferred(start: number, chunkCount: number, punch = true): void {
     assert(chunkCount > 0);
     this.#usedCount -= chunkCount;
+    this.#deferredCount += chunkCount;
     const last = this.#deferred[this.#deferred.length - 1];
     // Merge with the previous free only if no commit has claimed it yet.
-    if (last !== undefined && this.#deferred.length > this.#sealedCount && last.start + last.count === start) last.count += chunkCount;
-    else this.#deferred.push({ start, count: chunkCount });
+    if (last !== undefined && this.#deferred.length > this.#sealedCount && last.punch === punch && last.start + last.count === start) last.count += chunkCount;
+    else this.#deferred.push({ start, count: chunkCount, punch });
   }
 
   /** Marks the deferred frees a commit is about to make durable; pass the result to `takeDeferred` after it. */
@@ -98,63 +121,93 @@ export class ChunkAllocator {
   /** Takes the first `mark` deferred frees, now recorded durably; the caller punches them, then `releaseTaken`. */
   takeDeferred(mark: number): FreeExtent[] {
     this.#sealedCount -= mark;
-    return this.#deferred.splice(0, mark);
+    const taken = this.#deferred.splice(0, mark);
+    for (const extent of taken) this.#deferredCount -= extent.count;
+    return taken;
   }
 
   /** Makes extents from `takeDeferred` reusable. */
   releaseTaken(extents: readonly FreeExtent[]): void {
-    for (const extent of extents) this.#insertFree(extent.start, extent.count);
+    for (const extent of extents) this.#clearRange(extent.start, extent.count);
   }
 
-  #findFit(chunkCount: number): number {
-    const free = this.#free;
-    if (free.length === 0) return -1;
-    let first = lowerBound(free, this.#cursor);
-    for (let pass = 0; pass < 2; pass++) {
-      const end = pass === 0 ? free.length : Math.min(first, free.length);
-      for (let i = pass === 0 ? first : 0; i < end; i++) if (free[i]!.count >= chunkCount) return i;
-      first = free.length;
+  /** The first run of `count` clear bits starting in [from, to) and ending by `to`, or -1; scans a bounded distance. */
+  #findRun(from: number, to: number, count: number): number {
+    const limit = Math.min(to, from + allocationScanChunksMax);
+    let chunk = from;
+    while (chunk + count <= to && chunk < limit) {
+      const start = this.#nextClear(chunk, to);
+      if (start < 0 || start + count > to) return -1;
+      const end = this.#nextSet(start, Math.min(to, start + count));
+      if (end - start >= count) return start;
+      chunk = end;
     }
     return -1;
   }
 
-  #insertFree(start: number, count: number): void {
-    assert(count > 0 && start >= 0 && start + count <= this.#highWater, 'freeing a chunk never allocated');
-    const free = this.#free;
-    const index = lowerBound(free, start);
-    const before = free[index - 1];
-    const after = free[index];
-    assert(before === undefined || before.start + before.count <= start, 'double free');
-    assert(after === undefined || start + count <= after.start, 'double free');
-    if (before !== undefined && before.start + before.count === start) {
-      before.count += count;
-      if (after !== undefined && start + count === after.start) {
-        before.count += after.count;
-        free.splice(index, 1);
+  /** The first clear bit in [from, to), or -1. */
+  #nextClear(from: number, to: number): number {
+    let chunk = from;
+    while (chunk < to) {
+      const word = this.#bits[chunk >>> 5]!;
+      if (word === 0xffffffff) {
+        chunk = ((chunk >>> 5) + 1) << 5;
+        continue;
       }
-    } else if (after !== undefined && start + count === after.start) {
-      after.start = start;
-      after.count += count;
-    } else {
-      free.splice(index, 0, { start, count });
+      if ((word & (1 << (chunk & 31))) === 0) return chunk;
+      chunk += 1;
     }
-    // Free space that reaches the high-water mark lowers it, so the address space shrinks back.
-    const last = free[free.length - 1];
-    if (last !== undefined && last.start + last.count === this.#highWater) {
-      this.#highWater = last.start;
-      free.pop();
-    }
+    return -1;
   }
-}
 
-/** Index of the first extent whose start is >= `chunk`. */
-function lowerBound(free: FreeExtent[], chunk: number): number {
-  let low = 0;
-  let high = free.length;
-  while (low < high) {
-    const mid = (low + high) >>> 1;
-    if (free[mid]!.start < chunk) low = mid + 1;
-    else high = mid;
+  /** The first set bit in [from, to), or `to`. */
+  #nextSet(from: number, to: number): number {
+    let chunk = from;
+    while (chunk < to) {
+      const word = this.#bits[chunk >>> 5]!;
+      if (word === 0 && (chunk & 31) === 0) {
+        chunk += 32;
+        continue;
+      }
+      if ((word & (1 << (chunk & 31))) !== 0) return chunk;
+      chunk += 1;
+    }
+    return to;
   }
-  return low;
+
+  #isSet(chunk: number): boolean {
+    return (this.#bits[chunk >>> 5]! & (1 << (chunk & 31))) !== 0;
+  }
+
+  #setRange(start: number, count: number): void {
+    for (let chunk = start; chunk < start + count; chunk++) {
+      assert(!this.#isSet(chunk), 'allocating a chunk in use');
+      this.#bits[chunk >>> 5]! |= 1 << (chunk & 31);
+    }
+    this.#setCount += count;
+  }
+
+  #clearRange(start: number, count: number): void {
+    assert(count > 0 && start >= 0 && start + count <= this.#highWater, 'freeing a chunk never allocated');
+    for (let chunk = start; chunk < start + count; chunk++) {
+      assert(this.#isSet(chunk), 'double free');
+      this.#bits[chunk >>> 5]! &= ~(1 << (chunk & 31));
+    }
+    this.#setCount -= count;
+    // Free space that reaches the high-water mark lowers it, so the address space shrinks back.
+    if (start + count === this.#highWater) {
+      let top = start;
+      while (top > 0 && !this.#isSet(top - 1)) top = (top & 31) === 0 && this.#bits[(top >>> 5) - 1] === 0 ? top - 32 : top - 1;
+      this.#highWater = top;
+      this.#cursor = Math.min(this.#cursor, top);
+    }
+  }
+
+  #grow(chunks: number): void {
+    const words = (chunks >>> 5) + 1;
+    if (words <= this.#bits.length) return;
+    const grown = new Uint32Array(Math.max(words, this.#bits.length * 2));
+    grown.set(this.#bits);
+    this.#bits = grown;
+  }
 }

@@ -100,6 +100,11 @@ export class ChunkFiles {
     });
   }
 
+  /** Notes a write that another thread made to chunk file `fileIndex` (after it completed), for the next sync. */
+  markDirty(fileIndex: number): void {
+    this.#dirty.add(fileIndex);
+  }
+
   /** fdatasyncs every chunk file written since the last sync; on failure the files stay marked dirty. */
   async sync(): Promise<void> {
     const dirty = [...this.#dirty];

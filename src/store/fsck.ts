@@ -96,9 +96,9 @@ function check(directory: string): FsckReport {
   if (allocator !== null) {
     const free = [...allocator.freeExtents()];
     const lastFile = Math.max(-1, ...fileSizes.keys());
-    if ((lastFile + 1) * chunksPerFile > allocator.highWater) free.push({ start: allocator.highWater, count: (lastFile + 1) * chunksPerFile - allocator.highWater });
+    if ((lastFile + 1) * chunksPerFile > allocator.highWater) free.push({ start: allocator.highWater, count: (lastFile + 1) * chunksPerFile - allocator.highWater, punch: true });
     for (const extent of free) reclaimableBytes += dataInChunks(files, fileSizes, extent.start, extent.count);
-    if (reclaimableBytes > 0) warnings.push(`${reclaimableBytes} bytes of unmapped data in the chunk files (writes a crash left uncommitted); the next start gives them back`);
+    if (reclaimableBytes > 0) warnings.push(`${reclaimableBytes} bytes of unmapped data in the chunk files (chunks replaced by overwrites and kept for reuse, or writes a crash left uncommitted); the next start gives them back`);
   }
   files.close();
   return report(errors.length === 0, { volumeCount: catalog.volumes.size, snapshotCount: catalog.snapshots.size, mappedBytes, reclaimableBytes, generation, replayedRecords });

@@ -154,32 +154,42 @@ function snapshotById(catalog: Catalog, snapshotId: number): SnapshotMeta {
   return snapshot;
 }
 
-/** Encodes records as journal frames, ready to append. */
+/** Encodes records as journal frames, ready to append: one buffer, written in place (a commit may carry 10^5 records). */
 export function encodeRecords(records: readonly MetaRecord[]): Buffer {
-  return Buffer.concat(records.map(encodeFrame));
+  const jsonPayloads = new Map<MetaRecord, Buffer>();
+  let totalBytes = 0;
+  for (const record of records) totalBytes += frameHeaderBytes + payloadBytes(record, jsonPayloads);
+  const out = Buffer.allocUnsafe(totalBytes);
+  let offset = 0;
+  for (const record of records) {
+    const start = offset + frameHeaderBytes;
+    let end: number;
+    if (record.type === 'map' || record.type === 'unmap') {
+      out.writeUInt8(typeCodes[record.type], start);
+      out.writeUInt32LE(record.volumeId, start + 1);
+      out.writeDoubleLE(record.virtualChunk, start + 5);
+      out.writeDoubleLE(record.type === 'map' ? record.physicalChunk : 0, start + 13);
+      out.writeDoubleLE(record.chunkCount, start + 21);
+      end = start + rangeRecordBytes;
+      if (record.type === 'map') for (let i = 0; i < record.chunkCount; i++) end = out.writeUInt32LE(record.sums[i]!, end);
+    } else {
+      out.writeUInt8(typeCodes[record.type], start);
+      end = start + 1 + jsonPayloads.get(record)!.copy(out, start + 1);
+    }
+    out.writeUInt32LE(end - start, offset);
+    out.writeUInt32LE(crc32(out.subarray(start, end)), offset + 4);
+    offset = end;
+  }
+  return out;
 }
 
-function encodeFrame(record: MetaRecord): Buffer {
-  let payload: Buffer;
-  if (record.type === 'map' || record.type === 'unmap') {
-    payload = Buffer.alloc(rangeRecordBytes + (record.type === 'map' ? record.chunkCount * 4 : 0));
-    payload.writeUInt32LE(record.volumeId, 1);
-    payload.writeDoubleLE(record.virtualChunk, 5);
-    payload.writeDoubleLE(record.type === 'map' ? record.physicalChunk : 0, 13);
-    payload.writeDoubleLE(record.chunkCount, 21);
-    if (record.type === 'map') for (let i = 0; i < record.chunkCount; i++) payload.writeUInt32LE(record.sums[i]!, rangeRecordBytes + i * 4);
-  } else {
-    const { type: _type, ...fields } = record;
-    const json = Buffer.from(JSON.stringify(fields), 'utf8');
-    payload = Buffer.alloc(1 + json.length);
-    json.copy(payload, 1);
-  }
-  payload.writeUInt8(typeCodes[record.type], 0);
-  const frame = Buffer.alloc(frameHeaderBytes + payload.length);
-  frame.writeUInt32LE(payload.length, 0);
-  frame.writeUInt32LE(crc32(payload), 4);
-  payload.copy(frame, frameHeaderBytes);
-  return frame;
+function payloadBytes(record: MetaRecord, jsonPayloads: Map<MetaRecord, Buffer>): number {
+  if (record.type === 'map') return rangeRecordBytes + record.chunkCount * 4;
+  if (record.type === 'unmap') return rangeRecordBytes;
+  const { type: _type, ...fields } = record;
+  const json = Buffer.from(JSON.stringify(fields), 'utf8');
+  jsonPayloads.set(record, json);
+  return 1 + json.length;
 }
 
 export interface DecodedJournal {

@@ -53,7 +53,7 @@ import {
 } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
-import { ChunkAllocator } from './allocator.ts';
+import { ChunkAllocator, type FreeExtent } from './allocator.ts';
 import { ChunkFiles } from './chunk-files.ts';
 import { ChunkRefcounts } from './chunk-refcounts.ts';
 import { decodeCheckpoint, encodeCheckpoint } from './checkpoint.ts';
@@ -131,13 +131,16 @@ export class Pool implements VolumeStore {
   readonly verifyReads: boolean;
   readonly #catalog: Catalog;
   #checksumErrorsTotal = 0;
+  /** Whether chunks freed now go back to the file system (trims, removals) or are only recycled (overwrites). */
+  #punchFrees = true;
   readonly #runtimes = new Map<number, VolumeRuntime>();
   readonly #snapshotRuntimes = new Map<number, ExportRuntime>();
   readonly #lockFd: number;
   readonly #log: (line: string) => void;
   #generation: number;
   #journal: JournalFile;
-  #queue: MetaRecord[] = [];
+  /** Records applied but not yet committed, each already encoded as a journal frame (the cost spread over writes). */
+  #queue: Buffer[] = [];
   #currentCommit: Promise<void> | null = null;
   #pendingCommit: Promise<void> | null = null;
   #failure: ChunkdError | null = null;
@@ -153,7 +156,7 @@ export class Pool implements VolumeStore {
     this.allocator = allocator;
     this.refs = loaded.refs;
     // From now on a chunk whose last reference goes is free, once the commit that records it is durable.
-    this.refs.onFree = (physicalChunk) => allocator.freeDeferred(physicalChunk, 1);
+    this.refs.onFree = (physicalChunk) => allocator.freeDeferred(physicalChunk, 1, this.#punchFrees);
     this.chunkFiles = new ChunkFiles(path.join(directory, 'chunks'));
     this.io = options.makeIo?.(this.chunkFiles) ?? new InlineChunkIo(this.chunkFiles);
     this.verifyReads = options.verifyReads ?? true;
@@ -177,9 +180,14 @@ export class Pool implements VolumeStore {
       // Start a fresh generation: the checkpoint absorbs the replayed journal (and drops any torn tail).
       const generation = loaded.generation + 1;
       await writeCheckpointFile(directory, encodeCheckpoint(loaded.catalog, generation));
-      const journal = await JournalFile.create(journalPath(directory, generation));
       fsyncDirectory(directory);
+      // The durable checkpoint holds everything the old journal did: drop it before reserving the new one, so
+      // that a node restarted on a full file system gets the old journal's space back first.
       removeOtherJournals(directory, generation);
+      const journal = await JournalFile.create(journalPath(directory, generation)).catch((error: unknown) => {
+        throw fromSystemError(error, `reserving the metadata journal in ${directory}`);
+      });
+      fsyncDirectory(directory);
       const pool = new Pool(directory, lockFd, { ...loaded, generation }, allocator, journal, options);
       await pool.#punchUnusedSpace();
       if (loaded.replayedRecords > 0 || loaded.tornTail) {
@@ -390,8 +398,15 @@ export class Pool implements VolumeStore {
   // ---- VolumeStore: what volumes call ----
 
   record(record: MetaRecord): void {
-    applyRecord(this.#catalog, record, this.refs);
-    this.#queue.push(record);
+    // A map record replaces chunks with new ones of the same size: the next writes reuse their space, so punching
+    // it out of the file (and having the file system allocate it again) would be wasted work.
+    this.#punchFrees = record.type !== 'map';
+    try {
+      applyRecord(this.#catalog, record, this.refs);
+    } finally {
+      this.#punchFrees = true;
+    }
+    this.#queue.push(encodeRecords([record]));
   }
 
   get sums(): ChunkSums {
@@ -448,14 +463,14 @@ export class Pool implements VolumeStore {
     }
     try {
       if (checkpoint !== null) await this.#startGeneration(checkpoint);
-      else await this.#journal.append(encodeRecords(records));
+      else await this.#journal.append(Buffer.concat(records));
     } catch (error) {
       this.#queue = records.concat(this.#queue);
       throw fromSystemError(error, 'metadata commit');
     }
     // The frees are durable now: punch their space out, then let the allocator hand them out again.
     const freed = this.allocator.takeDeferred(freeMark);
-    await Promise.all(freed.map((extent) => this.chunkFiles.punch(extent.start, extent.count))).catch((error) =>
+    await Promise.all(coalesce(freed.filter((extent) => extent.punch)).map((extent) => this.chunkFiles.punch(extent.start, extent.count))).catch((error) =>
       this.#log(`giving freed space back to the file system failed: ${(error as Error).message}`),
     );
     this.allocator.releaseTaken(freed);
@@ -537,6 +552,18 @@ export class Pool implements VolumeStore {
   #checkOpen(): void {
     if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the pool is closed');
   }
+}
+
+/** Extents sorted and merged where they touch, so that each stretch of freed space is punched in one call. */
+function coalesce(extents: FreeExtent[]): FreeExtent[] {
+  const sorted = [...extents].sort((a, b) => a.start - b.start);
+  const merged: FreeExtent[] = [];
+  for (const extent of sorted) {
+    const last = merged[merged.length - 1];
+    if (last !== undefined && last.start + last.count === extent.start) last.count += extent.count;
+    else merged.push({ ...extent });
+  }
+  return merged;
 }
 
 function hex(value: number): string {

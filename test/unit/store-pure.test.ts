@@ -79,7 +79,7 @@ test('allocator: contiguous runs, deferred frees reused only after release, high
   const mark = allocator.deferredMark();
   allocator.freeDeferred(4, 2);
   const taken = allocator.takeDeferred(mark);
-  assert.deepEqual(taken, [{ start: 0, count: 4 }], 'a free after the mark is not merged into one the commit claimed');
+  assert.deepEqual(taken, [{ start: 0, count: 4, punch: true }], 'a free after the mark is not merged into one the commit claimed');
   allocator.releaseTaken(taken);
   allocator.releaseTaken(allocator.takeDeferred(allocator.deferredMark()));
   assert.equal(allocator.allocate(3), 0);

@@ -1,0 +1,109 @@
+// What a chunk I/O worker does with one task (workers/chunk-io.ts is the thin piscina entry): a read of whole
+// chunks into shared memory, verified against their checksums, or a write of whole chunks from shared memory,
+// returning their checksums. The I/O is synchronous: a piscina worker must finish its I/O before the task
+// returns (an idle worker sits in Atomics.wait), and a blocked worker thread blocks nobody else. Results carry
+// an error code instead of throwing (STYLE.md 8), so a disk error crosses the thread boundary intact.
+import fs from 'node:fs';
+import path from 'node:path';
+import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
+import { chunkSums, firstMismatch, type Mismatch } from './chunk-io.ts';
+
+const fileBytes = chunksPerFile * chunkSizeBytes;
+
+export type ChunkTask =
+  | { op: 'read'; physicalChunk: number; memory: SharedArrayBuffer; byteOffset: number; lengthBytes: number; expected: Uint32Array; verify: boolean }
+  | { op: 'write'; physicalChunk: number; memory: SharedArrayBuffer; byteOffset: number; lengthBytes: number }
+  /** Test hook (only when the pool was made with testHooks): the worker dies mid-task, as on a fatal error. */
+  | { op: 'die'; afterMs: number };
+
+export type ChunkTaskResult =
+  | { ok: true; mismatch: Mismatch | null; sums: Uint32Array | null; filesWritten: number[] }
+  | { ok: false; code: string; message: string };
+
+/** A worker's own descriptors of the chunk files (opened on first use; all closed past openChunkFilesMax). */
+export class ChunkTaskRunner {
+  readonly #directory: string;
+  readonly #testHooks: boolean;
+  readonly #fds = new Map<number, number>();
+
+  constructor(directory: string, testHooks: boolean) {
+    this.#directory = directory;
+    this.#testHooks = testHooks;
+  }
+
+  run(task: ChunkTask): ChunkTaskResult {
+    try {
+      switch (task.op) {
+        case 'read': {
+          const target = new Uint8Array(task.memory, task.byteOffset, task.lengthBytes);
+          this.#each(task.physicalChunk, target, (fd, part, position) => readFully(fd, part, position));
+          return { ok: true, mismatch: task.verify ? firstMismatch(target, task.expected) : null, sums: null, filesWritten: [] };
+        }
+        case 'write': {
+          const data = new Uint8Array(task.memory, task.byteOffset, task.lengthBytes);
+          const sums = chunkSums(data);
+          const filesWritten = this.#each(task.physicalChunk, data, (fd, part, position) => writeFully(fd, part, position));
+          return { ok: true, mismatch: null, sums, filesWritten };
+        }
+        case 'die': {
+          if (!this.#testHooks) return { ok: false, code: 'EINVAL', message: 'test hooks are off' };
+          Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, task.afterMs);
+          process.exit(70);
+        }
+      }
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      return { ok: false, code: typeof code === 'string' ? code : 'EIO', message: (error as Error).message };
+    }
+  }
+
+  close(): void {
+    for (const fd of this.#fds.values()) fs.closeSync(fd);
+    this.#fds.clear();
+  }
+
+  /** Runs `action` on each chunk file's part of a span of chunks; returns the file indexes touched. */
+  #each(physicalChunk: number, bytes: Uint8Array, action: (fd: number, part: Uint8Array, position: number) => void): number[] {
+    const files: number[] = [];
+    let done = 0;
+    while (done < bytes.length) {
+      const position = physicalChunk * chunkSizeBytes + done;
+      const fileIndex = Math.floor(position / fileBytes);
+      const inFile = position - fileIndex * fileBytes;
+      const length = Math.min(bytes.length - done, fileBytes - inFile);
+      action(this.#fd(fileIndex), bytes.subarray(done, done + length), inFile);
+      files.push(fileIndex);
+      done += length;
+    }
+    return files;
+  }
+
+  #fd(fileIndex: number): number {
+    let fd = this.#fds.get(fileIndex);
+    if (fd === undefined) {
+      if (this.#fds.size >= openChunkFilesMax) this.close();
+      fd = fs.openSync(path.join(this.#directory, `${fileIndex.toString().padStart(8, '0')}.chunk`), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+      this.#fds.set(fileIndex, fd);
+    }
+    return fd;
+  }
+}
+
+/** Reads until full; past the end of a sparse file reads zeros. */
+function readFully(fd: number, target: Uint8Array, position: number): void {
+  let done = 0;
+  while (done < target.length) {
+    const n = fs.readSync(fd, target, done, target.length - done, position + done);
+    if (n === 0) {
+      target.fill(0, done);
+      return;
+    }
+    done += n;
+  }
+}
+
+/** Writes all of it; a short write is looped, not an error. */
+function writeFully(fd: number, data: Uint8Array, position: number): void {
+  let done = 0;
+  while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, position + done);
+}

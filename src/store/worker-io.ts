@@ -1,0 +1,144 @@
+// Chunk I/O on worker threads (piscina): each read or write of whole chunks is one task, run by one of N workers
+// that each hold their own descriptors of the chunk files (chunk-task.ts). Bytes never cross the boundary by
+// copy when they live in shared memory (shared-buffers.ts: the NBD server's request buffers); any other buffer
+// is staged through a shared one. A request spanning several runs of chunks becomes several tasks that run in
+// parallel on different workers; per-block order is the volume's range lock's business, upstream of here.
+//
+// A worker that dies (an exception that escapes, out of memory, the test hook) makes piscina reject the task it
+// was running: that request fails with EIO, piscina starts a replacement, and the node goes on serving. Tasks
+// queued behind it are not lost: they stay in piscina's queue and run on the replacement.
+import os from 'node:os';
+import path from 'node:path';
+import { Piscina } from 'piscina';
+import { ChunkdError } from '../core/errors.ts';
+import { workerTasksQueuedMax } from '../core/limits.ts';
+import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
+import type { ChunkFiles } from './chunk-files.ts';
+import type { ChunkIo, IoEngineStatus, Mismatch } from './chunk-io.ts';
+import type { ChunkTask, ChunkTaskResult } from './chunk-task.ts';
+
+const workerModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'chunk-io.ts');
+
+/** piscina's live view of one worker (its getters read the worker's state now). */
+interface WorkerView {
+  readonly id: number;
+  readonly currentUsage: number;
+  readonly destroyed: boolean;
+}
+
+export interface WorkerIoOptions {
+  workerCount: number;
+  /** Shared buffers for staging bytes that are not in shared memory already. */
+  buffers: SharedBufferPool;
+  log: (line: string) => void;
+  /** Lets tests kill a worker (the 'die' task). */
+  testHooks?: boolean;
+}
+
+/** The default worker count: one per CPU the process may use. */
+export function defaultWorkerCount(): number {
+  return os.availableParallelism();
+}
+
+export class WorkerChunkIo implements ChunkIo {
+  readonly #files: ChunkFiles;
+  readonly #pool: Piscina<ChunkTask, ChunkTaskResult>;
+  readonly #buffers: SharedBufferPool;
+  readonly #log: (line: string) => void;
+  /** Workers, with the thread id each had when it started (the view's id reads -1 once its thread is gone). */
+  readonly #workers = new Map<WorkerView, number>();
+  #restarts = 0;
+  #closing = false;
+
+  constructor(files: ChunkFiles, options: WorkerIoOptions) {
+    this.#files = files;
+    this.#buffers = options.buffers;
+    this.#log = options.log;
+    this.#pool = new Piscina<ChunkTask, ChunkTaskResult>({
+      filename: workerModule,
+      minThreads: options.workerCount,
+      maxThreads: options.workerCount,
+      idleTimeout: Number.MAX_SAFE_INTEGER,
+      concurrentTasksPerWorker: 1 + workerTasksQueuedMax,
+      workerData: { chunkDirectory: files.directory, testHooks: options.testHooks === true },
+      // The workers do file I/O synchronously; they need no libuv threads of their own.
+      env: { ...process.env, UV_THREADPOOL_SIZE: '1' },
+    });
+    this.#pool.on('workerCreate', (worker: WorkerView) => this.#workers.set(worker, worker.id));
+    this.#pool.on('workerDestroy', () => {
+      // The view given here is a new object: find the destroyed worker among those we know.
+      let id: number | undefined;
+      for (const [view, viewId] of this.#workers) {
+        if (!view.destroyed) continue;
+        id = viewId;
+        this.#workers.delete(view);
+      }
+      if (this.#closing) return;
+      this.#restarts += 1;
+      this.#log(`chunk I/O worker ${id} died; its requests failed with EIO and a new worker takes its place`);
+    });
+    // A worker error outside any task (piscina emits it here): log it rather than crash the node.
+    this.#pool.on('error', (error: Error) => this.#log(`chunk I/O worker error: ${error.message}`));
+  }
+
+  async readVerified(physicalChunk: number, target: Buffer, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
+    const staged = isShared(target) ? null : this.#buffers.acquire(target.length);
+    const memory = staged ?? target;
+    try {
+      const result = await this.#run({ op: 'read', physicalChunk, memory: memory.buffer as SharedArrayBuffer, byteOffset: memory.byteOffset, lengthBytes: memory.length, expected, verify });
+      if (staged !== null) staged.copy(target);
+      return result.mismatch;
+    } finally {
+      if (staged !== null) this.#buffers.release(staged);
+    }
+  }
+
+  async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
+    let staged: Buffer | null = null;
+    if (!isShared(data)) {
+      staged = this.#buffers.acquire(data.length);
+      data.copy(staged);
+    }
+    const memory = staged ?? data;
+    try {
+      const result = await this.#run({ op: 'write', physicalChunk, memory: memory.buffer as SharedArrayBuffer, byteOffset: memory.byteOffset, lengthBytes: memory.length });
+      for (const fileIndex of result.filesWritten) this.#files.markDirty(fileIndex);
+      return result.sums!;
+    } finally {
+      if (staged !== null) this.#buffers.release(staged);
+    }
+  }
+
+  /** Test hook: one worker dies `afterMs` into its task (the pool must have been made with testHooks). */
+  async killOneWorkerForTest(afterMs: number): Promise<void> {
+    await this.#run({ op: 'die', afterMs });
+  }
+
+  status(): IoEngineStatus {
+    return {
+      engine: 'workers',
+      workers: [...this.#workers].map(([worker, id]) => ({ id, inFlight: worker.currentUsage })),
+      queued: this.#pool.queueSize,
+      workerRestarts: this.#restarts,
+    };
+  }
+
+  async close(): Promise<void> {
+    this.#closing = true;
+    await this.#pool.close();
+  }
+
+  async #run(task: ChunkTask): Promise<Extract<ChunkTaskResult, { ok: true }>> {
+    let result: ChunkTaskResult;
+    try {
+      result = await this.#pool.run(task);
+    } catch (error) {
+      throw ChunkdError.io(`chunk I/O worker failed: ${(error as Error).message}`, error);
+    }
+    if (!result.ok) {
+      const error = Object.assign(new Error(result.message), { code: result.code }) as NodeJS.ErrnoException;
+      throw error;
+    }
+    return result;
+  }
+}
