@@ -23,9 +23,9 @@ export function parseDefaultVolume(text: string): { name: string; sizeBytes: num
 }
 
 /** Parses --workers N: 0 (all chunk I/O on the main thread) up to limits.workersMax. */
-export function parseWorkers(text: string): number {
+export function parseWorkers(text: string, option = '--workers'): number {
   const count = Number(text);
-  if (!/^\d+$/.test(text) || count > workersMax) throw ChunkdError.invalid(`invalid --workers "${text}": a whole number from 0 (no worker threads) to ${workersMax}`);
+  if (!/^\d+$/.test(text) || count > workersMax) throw ChunkdError.invalid(`invalid ${option} "${text}": a whole number from 0 (none: the main thread does it) to ${workersMax}`);
   return count;
 }
 
@@ -39,6 +39,7 @@ export async function serve(argv: string[]): Promise<number> {
       api: { type: 'string' },
       'default-volume': { type: 'string' },
       workers: { type: 'string' },
+      'nbd-threads': { type: 'string' },
     },
   });
   const log = (line: string): void => {
@@ -51,9 +52,10 @@ export async function serve(argv: string[]): Promise<number> {
     apiSocketPath: values.api ?? null,
     defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
     workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
+    nbdThreads: values['nbd-threads'] !== undefined ? parseWorkers(values['nbd-threads'], '--nbd-threads') : 0,
     log,
   });
-  const listening = node.nbd.addresses();
+  const listening = node.nbdAddresses();
   // One line on stdout when ready: scripts and tests wait for it (and read the port when --listen asked for 0).
   process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}\n`);
   await new Promise<void>((resolve) => {

@@ -22,6 +22,11 @@ export class SharedBufferPool {
     for (let i = 0; i < sharedSlotCount; i++) this.#freeSlots[i] = sharedSlotCount - 1 - i;
   }
 
+  /** The slab's memory, for another thread to see it once (remote-device.ts registers it). */
+  get slab(): SharedArrayBuffer {
+    return this.#slab;
+  }
+
   /** Slots in use now (for status). */
   get slotsInUse(): number {
     return sharedSlotCount - this.#freeSlotCount;

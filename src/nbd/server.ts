@@ -49,8 +49,9 @@ export class NbdServer {
   }
 
   /** Listens on a TCP address (port 0 picks a free port: see addresses()). */
-  async listenTcp(host: string, port: number): Promise<void> {
-    await this.#listen({ host, port }, true);
+  async listenTcp(host: string, port: number, options: { reusePort?: boolean } = {}): Promise<void> {
+    // reusePort: several threads each listen on the same port and the kernel spreads connections among them.
+    await this.#listen({ host, port, reusePort: options.reusePort === true }, true);
   }
 
   /**

@@ -12,6 +12,7 @@ import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import { renderMetrics } from './metrics.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
+import { NbdThreads } from './nbd-threads.ts';
 import type { IoEngineStatus } from '../store/chunk-io.ts';
 import { defaultWorkerCount, WorkerChunkIo } from '../store/worker-io.ts';
 
@@ -28,6 +29,8 @@ export interface NodeConfig {
   log: (line: string) => void;
   /** Worker threads for chunk I/O and checksums (serve --workers); 0 runs it all on the main thread. Default: one per CPU. */
   workers?: number;
+  /** NBD protocol threads with their own TCP listeners on the port (serve --nbd-threads); 0: the main thread serves NBD. */
+  nbdThreads?: number;
 }
 
 export class ChunkdNode implements ControlPlane, DeviceProvider {
@@ -38,6 +41,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   readonly apiSocketPath: string;
   readonly #startedAt = Date.now();
   #eventLoop = performance.eventLoopUtilization();
+  #threads: NbdThreads | null = null;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null) {
     this.config = config;
@@ -66,7 +70,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         config.log(`created volume ${config.defaultVolume.name}`);
       }
       await node.api.listen(node.apiSocketPath);
-      if (config.listen !== null) await node.nbd.listenTcp(config.listen.host, config.listen.port);
+      if (config.listen !== null && (config.nbdThreads ?? 0) > 0) {
+        node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log });
+      } else if (config.listen !== null) {
+        await node.nbd.listenTcp(config.listen.host, config.listen.port);
+      }
       if (config.nbdSocketPath !== null) await node.nbd.listenUnix(config.nbdSocketPath);
     } catch (error) {
       await node.stop().catch(() => {});
@@ -76,6 +84,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async stop(): Promise<void> {
+    await this.#threads?.stop();
     await this.nbd.close();
     await this.api.close();
     await this.pool.close();
@@ -169,10 +178,28 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       nodeVersion: process.version,
       pool: await this.pool.status(),
       volumes: this.pool.listVolumes(),
-      nbd: { listen: this.nbd.addresses(), ...this.nbd.stats() },
+      nbd: await this.#nbdStatus(),
       api: { socket: this.apiSocketPath },
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
       io: this.pool.io.status(),
+    };
+  }
+
+  /** Where NBD clients reach the node: the protocol threads' TCP address, then the main thread's listeners. */
+  nbdAddresses(): string[] {
+    return [...(this.#threads?.addresses() ?? []), ...this.nbd.addresses()];
+  }
+
+  async #nbdStatus(): Promise<NodeStatus['nbd']> {
+    const main = this.nbd.stats();
+    const threads = this.#threads === null ? null : await this.#threads.stats();
+    return {
+      listen: this.nbdAddresses(),
+      threads: this.#threads?.threadCount ?? 0,
+      connectionsOpen: main.connectionsOpen + (threads?.connectionsOpen ?? 0),
+      connectionsTotal: main.connectionsTotal + (threads?.connectionsTotal ?? 0),
+      requestsTotal: main.requestsTotal + (threads?.requestsTotal ?? 0),
+      requestErrorsTotal: main.requestErrorsTotal + (threads?.requestErrorsTotal ?? 0),
     };
   }
 
@@ -187,7 +214,7 @@ export interface NodeStatus {
   nodeVersion: string;
   pool: Awaited<ReturnType<Pool['status']>>;
   volumes: VolumeInfo[];
-  nbd: { listen: string[]; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
+  nbd: { listen: string[]; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
   api: { socket: string };
   eventLoopUtilization: number;
   /** The chunk I/O engine: inline, or worker threads with each one's requests in flight. */

@@ -41,7 +41,12 @@ export function makeTempDir(label: string): string {
 export async function startNode(pool: string, extraArgs: string[] = []): Promise<RunningNode> {
   const nbdSocket = path.join(pool, 'nbd.sock');
   const apiSocket = path.join(pool, 'api.sock');
-  const child = spawn(nodeBinary, [chunkdBin, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--socket', nbdSocket, '--api', apiSocket, ...extraArgs], {
+  // CHUNKD_TEST_WORKERS / CHUNKD_TEST_NBD_THREADS run the whole suite against other thread layouts (npm test does).
+  const layout = [
+    ...(process.env.CHUNKD_TEST_WORKERS !== undefined && !extraArgs.includes('--workers') ? ['--workers', process.env.CHUNKD_TEST_WORKERS] : []),
+    ...(process.env.CHUNKD_TEST_NBD_THREADS !== undefined && !extraArgs.includes('--nbd-threads') ? ['--nbd-threads', process.env.CHUNKD_TEST_NBD_THREADS] : []),
+  ];
+  const child = spawn(nodeBinary, [chunkdBin, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--socket', nbdSocket, '--api', apiSocket, ...layout, ...extraArgs], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stdout = '';

@@ -1,0 +1,159 @@
+// NBD protocol threads: so that protocol work does not all sit on one event loop, each of N worker threads runs
+// its own listener on the node's TCP port (reusePort: the kernel spreads new connections among them), its own
+// connections, codec and socket I/O. The pool's metadata stays with the main thread, the one writer of maps,
+// allocator and journal, so every durability and ordering promise of DESIGN.md holds as it does for connections
+// served by the main thread: each device call is a message to the main thread (batched per event-loop turn),
+// and its bytes stay in shared memory that the chunk I/O workers read and write in place (remote-device.ts).
+// The main thread's share of a request is then the metadata step alone (map lookup, range lock, record),
+// no socket, no parsing, no copying. A thread that dies is logged and started again on the same port.
+import path from 'node:path';
+import { MessageChannel, Worker } from 'node:worker_threads';
+import type { DeviceProvider } from '../core/block-device.ts';
+import { ChunkdError } from '../core/errors.ts';
+import type { NbdServerStats } from '../nbd/server.ts';
+import { DeviceHost } from './device-host.ts';
+
+const threadModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'nbd-thread.ts');
+const threadStartTimeoutMs = 30_000;
+
+interface ProtocolThread {
+  worker: Worker;
+  host: DeviceHost;
+  stats: NbdServerStats;
+  stopping: boolean;
+}
+
+export class NbdThreads {
+  readonly #provider: DeviceProvider;
+  readonly #log: (line: string) => void;
+  readonly #host: string;
+  #port = 0;
+  #address = '';
+  readonly #threads: ProtocolThread[] = [];
+  /** Counters of threads that are gone, so totals never go backwards. */
+  readonly #retired: NbdServerStats = { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 };
+  #nextStatsId = 1;
+  #stopping = false;
+
+  private constructor(provider: DeviceProvider, host: string, log: (line: string) => void) {
+    this.#provider = provider;
+    this.#host = host;
+    this.#log = log;
+  }
+
+  /** Starts `count` threads listening on host:port (port 0: the first picks one and the others share it). */
+  static async start(options: { count: number; host: string; port: number; provider: DeviceProvider; log: (line: string) => void }): Promise<NbdThreads> {
+    const threads = new NbdThreads(options.provider, options.host, options.log);
+    threads.#port = options.port;
+    try {
+      for (let index = 0; index < options.count; index++) await threads.#startThread(index);
+    } catch (error) {
+      await threads.stop();
+      throw error;
+    }
+    return threads;
+  }
+
+  /** The TCP address the threads listen on. */
+  addresses(): string[] {
+    return this.#address === '' ? [] : [this.#address];
+  }
+
+  get threadCount(): number {
+    return this.#threads.length;
+  }
+
+  /** Counters summed over the threads (each asked now). */
+  async stats(): Promise<NbdServerStats> {
+    await Promise.all(this.#threads.map((thread) => this.#refreshStats(thread)));
+    const sum = { ...this.#retired, connectionsOpen: 0 };
+    for (const thread of this.#threads) {
+      sum.connectionsOpen += thread.stats.connectionsOpen;
+      sum.connectionsTotal += thread.stats.connectionsTotal;
+      sum.requestsTotal += thread.stats.requestsTotal;
+      sum.requestErrorsTotal += thread.stats.requestErrorsTotal;
+    }
+    return sum;
+  }
+
+  /** Stops accepting, lets each thread finish its connections as NbdServer.close does, then ends the threads. */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    await Promise.all(
+      this.#threads.map(async (thread) => {
+        thread.stopping = true;
+        const stopped = new Promise<void>((resolve) => {
+          thread.worker.on('message', (message: { type: string }) => message.type === 'stopped' && resolve());
+          thread.worker.once('exit', () => resolve());
+        });
+        thread.worker.postMessage({ type: 'stop' });
+        await stopped;
+        await thread.worker.terminate();
+        await thread.host.closeAll();
+      }),
+    );
+    this.#threads.length = 0;
+  }
+
+  async #startThread(index: number): Promise<void> {
+    const channel = new MessageChannel();
+    const host = new DeviceHost(this.#provider, channel.port1);
+    const worker = new Worker(threadModule, {
+      workerData: { port: channel.port2, host: this.#host, listenPort: this.#port, index },
+      transferList: [channel.port2],
+    });
+    const thread: ProtocolThread = { worker, host, stats: { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 }, stopping: false };
+    const ready = new Promise<string[]>((resolve, reject) => {
+      const timer = setTimeout(() => reject(ChunkdError.io(`NBD thread ${index} did not start in ${threadStartTimeoutMs / 1000} s`)), threadStartTimeoutMs);
+      worker.on('message', (message: { type: string; line?: string; addresses?: string[] }) => {
+        if (message.type === 'log') this.#log(message.line!);
+        if (message.type === 'ready') {
+          clearTimeout(timer);
+          resolve(message.addresses!);
+        }
+      });
+      worker.once('error', (error) => {
+        clearTimeout(timer);
+        reject(ChunkdError.io(`NBD thread ${index} failed to start: ${error.message}`, error));
+      });
+    });
+    worker.on('error', (error) => this.#log(`NBD thread ${index} failed: ${error.stack ?? error.message}`));
+    worker.on('exit', (code) => void this.#onExit(thread, index, code));
+    const addresses = await ready;
+    this.#threads.push(thread);
+    if (this.#address === '') {
+      this.#address = addresses[0]!;
+      this.#port = Number(this.#address.slice(this.#address.lastIndexOf(':') + 1));
+    }
+  }
+
+  async #onExit(thread: ProtocolThread, index: number, code: number): Promise<void> {
+    await thread.host.closeAll();
+    const at = this.#threads.indexOf(thread);
+    if (at < 0 || thread.stopping || this.#stopping) return;
+    this.#threads.splice(at, 1);
+    this.#retired.connectionsTotal += thread.stats.connectionsTotal;
+    this.#retired.requestsTotal += thread.stats.requestsTotal;
+    this.#retired.requestErrorsTotal += thread.stats.requestErrorsTotal;
+    this.#log(`NBD thread ${index} exited (code ${code}); its connections are gone; starting it again`);
+    await this.#startThread(index).catch((error: Error) => this.#log(`NBD thread ${index} could not be restarted: ${error.message}`));
+  }
+
+  #refreshStats(thread: ProtocolThread): Promise<void> {
+    const id = this.#nextStatsId++;
+    return new Promise<void>((resolve) => {
+      const onMessage = (message: { type: string; id?: number; stats?: NbdServerStats }): void => {
+        if (message.type !== 'stats' || message.id !== id) return;
+        thread.worker.off('message', onMessage);
+        thread.stats = message.stats!;
+        resolve();
+      };
+      thread.worker.on('message', onMessage);
+      thread.worker.postMessage({ type: 'stats', id });
+      setTimeout(() => {
+        thread.worker.off('message', onMessage);
+        resolve();
+      }, 1000).unref();
+    });
+  }
+}

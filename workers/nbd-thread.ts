@@ -1,0 +1,27 @@
+// An NBD protocol thread (src/node/nbd-threads.ts): its own TCP listener on the node's port (reusePort), its own
+// connections, codec and socket I/O; every device call goes to the main thread (src/nbd/remote-device.ts).
+import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
+import { SharedBufferPool } from '../src/core/shared-buffers.ts';
+import { RemoteProvider } from '../src/nbd/remote-device.ts';
+import { NbdServer } from '../src/nbd/server.ts';
+
+const { port, host, listenPort, index } = workerData as { port: MessagePort; host: string; listenPort: number; index: number };
+const parent = parentPort!;
+const buffers = new SharedBufferPool();
+const provider = new RemoteProvider(port, buffers.slab);
+const server = new NbdServer({ provider, log: (line) => parent.postMessage({ type: 'log', line: `nbd thread ${index}: ${line}` }), sharedBuffers: buffers });
+
+parent.on('message', (message: { type: 'stats'; id: number } | { type: 'stop' }) => {
+  if (message.type === 'stats') {
+    parent.postMessage({ type: 'stats', id: message.id, stats: server.stats() });
+    return;
+  }
+  void server.close().then(() => {
+    parent.postMessage({ type: 'stopped' });
+    port.close();
+  });
+});
+
+await provider.refreshList();
+await server.listenTcp(host, listenPort, { reusePort: true });
+parent.postMessage({ type: 'ready', addresses: server.addresses() });
