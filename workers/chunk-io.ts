@@ -2,7 +2,7 @@
 import { workerData } from 'node:worker_threads';
 import { ChunkTaskRunner, type ChunkTask, type ChunkTaskResult } from '../src/store/chunk-task.ts';
 
-const runner = new ChunkTaskRunner(workerData.chunkDirectory as string, workerData.testHooks === true);
+const runner = new ChunkTaskRunner(workerData.chunkDirectory as string, (workerData.slab as SharedArrayBuffer | undefined) ?? null, workerData.testHooks === true);
 
 export default function chunkTask(task: ChunkTask): ChunkTaskResult {
   return runner.run(task);

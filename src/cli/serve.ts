@@ -29,6 +29,11 @@ export function parseWorkers(text: string, option = '--workers'): number {
   return count;
 }
 
+function parseOnOff(text: string, option: string): boolean {
+  if (text !== 'on' && text !== 'off') throw ChunkdError.invalid(`invalid ${option} "${text}": on or off`);
+  return text === 'on';
+}
+
 export async function serve(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
@@ -40,6 +45,7 @@ export async function serve(argv: string[]): Promise<number> {
       'default-volume': { type: 'string' },
       workers: { type: 'string' },
       'nbd-threads': { type: 'string' },
+      'verify-reads': { type: 'string', default: 'on' },
     },
   });
   const log = (line: string): void => {
@@ -53,6 +59,7 @@ export async function serve(argv: string[]): Promise<number> {
     defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
     workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
     nbdThreads: values['nbd-threads'] !== undefined ? parseWorkers(values['nbd-threads'], '--nbd-threads') : 0,
+    verifyReads: parseOnOff(values['verify-reads'], '--verify-reads'),
     log,
   });
   const listening = node.nbdAddresses();

@@ -59,6 +59,8 @@ export const sharedLargeBytesHeldMax = 16 * requestBytesMax;
 
 /** Chunk I/O tasks queued on one worker thread beyond the one it runs: hides the hand-off, keeps the balance. */
 export const workerTasksQueuedMax = 3;
+/** Reads up to this size whose bytes are all in the page cache are served on the calling thread, not a worker. */
+export const inlineReadBytesMax = 64 * KiB;
 /** Worker threads at most (serve --workers). */
 export const workersMax = 64;
 

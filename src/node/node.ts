@@ -31,6 +31,8 @@ export interface NodeConfig {
   workers?: number;
   /** NBD protocol threads with their own TCP listeners on the port (serve --nbd-threads); 0: the main thread serves NBD. */
   nbdThreads?: number;
+  /** Check every block read against its checksum (default true); off only to measure what checking costs. */
+  verifyReads?: boolean;
 }
 
 export class ChunkdNode implements ControlPlane, DeviceProvider {
@@ -60,9 +62,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       directory: config.poolDirectory,
       log: config.log,
       makeIo: sharedBuffers === null ? undefined : (chunkFiles) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log }),
-      verifyReads: process.env.CHUNKD_VERIFY !== '0',
+      verifyReads: config.verifyReads ?? true,
     });
-    if (!pool.verifyReads) config.log('CHUNKD_VERIFY=0: reads are NOT checked against their checksums (for measuring what verification costs only)');
+    if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)');
     const node = new ChunkdNode(config, pool, sharedBuffers);
     try {
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {

@@ -43,20 +43,25 @@ export class ChunkFiles {
     return path.join(this.directory, `${fileIndex.toString().padStart(8, '0')}.chunk`);
   }
 
-  /** Reads target.length bytes starting `offsetBytes` into physical chunk `physicalChunk`; unwritten bytes read as zeros. */
-  read(physicalChunk: number, offsetBytes: number, target: Buffer): Promise<void> {
-    // Fast path: data in the page cache is read right here, without the thread pool (see native.ts).
+  /**
+   * Reads the bytes right here if they are all in the page cache (preadv2 RWF_NOWAIT: it never waits on the disk,
+   * see native.ts) and the file is open already; returns whether it did.
+   */
+  readCached(physicalChunk: number, offsetBytes: number, target: Uint8Array): boolean {
     const position = physicalChunk * chunkSizeBytes + offsetBytes;
     const fileIndex = Math.floor(position / fileBytes);
     const file = this.#files.get(fileIndex);
-    if (file !== undefined && position + target.length <= (fileIndex + 1) * fileBytes) {
-      const bytesRead = readIfCached(file.fd, target, position - fileIndex * fileBytes);
-      if (bytesRead === target.length) return resolved;
-      if (bytesRead === 0) {
-        target.fill(0); // past the end of a sparse file
-        return resolved;
-      }
-    }
+    if (file === undefined || position + target.length > (fileIndex + 1) * fileBytes) return false;
+    const bytesRead = readIfCached(file.fd, target, position - fileIndex * fileBytes);
+    if (bytesRead === target.length) return true;
+    if (bytesRead !== 0) return false;
+    target.fill(0); // past the end of a sparse file
+    return true;
+  }
+
+  /** Reads target.length bytes starting `offsetBytes` into physical chunk `physicalChunk`; unwritten bytes read as zeros. */
+  read(physicalChunk: number, offsetBytes: number, target: Buffer): Promise<void> {
+    if (this.readCached(physicalChunk, offsetBytes, target)) return resolved;
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, target.length, (file, position, start, end) =>
       readFully(file.fd, target.subarray(start, end), position),
     );

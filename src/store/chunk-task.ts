@@ -10,9 +10,12 @@ import { chunkSums, firstMismatch, type Mismatch } from './chunk-io.ts';
 
 const fileBytes = chunksPerFile * chunkSizeBytes;
 
+/** A task's bytes: in the slab the worker was given at start (named, so no SharedArrayBuffer is cloned per task), or in a shared buffer of their own. */
+export type TaskMemory = { slab: true; byteOffset: number; lengthBytes: number } | { slab: false; memory: SharedArrayBuffer; byteOffset: number; lengthBytes: number };
+
 export type ChunkTask =
-  | { op: 'read'; physicalChunk: number; memory: SharedArrayBuffer; byteOffset: number; lengthBytes: number; expected: Uint32Array; verify: boolean }
-  | { op: 'write'; physicalChunk: number; memory: SharedArrayBuffer; byteOffset: number; lengthBytes: number }
+  | { op: 'read'; physicalChunk: number; bytes: TaskMemory; expected: Uint32Array; verify: boolean }
+  | { op: 'write'; physicalChunk: number; bytes: TaskMemory }
   /** Test hook (only when the pool was made with testHooks): the worker dies mid-task, as on a fatal error. */
   | { op: 'die'; afterMs: number };
 
@@ -24,23 +27,31 @@ export type ChunkTaskResult =
 export class ChunkTaskRunner {
   readonly #directory: string;
   readonly #testHooks: boolean;
+  readonly #slab: SharedArrayBuffer | null;
   readonly #fds = new Map<number, number>();
 
-  constructor(directory: string, testHooks: boolean) {
+  constructor(directory: string, slab: SharedArrayBuffer | null, testHooks: boolean) {
     this.#directory = directory;
+    this.#slab = slab;
     this.#testHooks = testHooks;
+  }
+
+  #view(bytes: TaskMemory): Uint8Array {
+    const memory = bytes.slab ? this.#slab : bytes.memory;
+    if (memory === null) throw Object.assign(new Error('a task names a slab this worker was not given'), { code: 'EINVAL' });
+    return new Uint8Array(memory, bytes.byteOffset, bytes.lengthBytes);
   }
 
   run(task: ChunkTask): ChunkTaskResult {
     try {
       switch (task.op) {
         case 'read': {
-          const target = new Uint8Array(task.memory, task.byteOffset, task.lengthBytes);
+          const target = this.#view(task.bytes);
           this.#each(task.physicalChunk, target, (fd, part, position) => readFully(fd, part, position));
           return { ok: true, mismatch: task.verify ? firstMismatch(target, task.expected) : null, sums: null, filesWritten: [] };
         }
         case 'write': {
-          const data = new Uint8Array(task.memory, task.byteOffset, task.lengthBytes);
+          const data = this.#view(task.bytes);
           const sums = chunkSums(data);
           const filesWritten = this.#each(task.physicalChunk, data, (fd, part, position) => writeFully(fd, part, position));
           return { ok: true, mismatch: null, sums, filesWritten };

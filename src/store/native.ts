@@ -103,7 +103,7 @@ export function dataRanges(fd: number, startBytes: number, endBytes: number): Ar
  * end of the file), or -1 when the read would wait on the disk (or the file system cannot say), so that the caller
  * goes the asynchronous way instead. Never blocks the calling thread.
  */
-export function readIfCached(fd: number, target: Buffer, positionBytes: number): number {
+export function readIfCached(fd: number, target: Uint8Array, positionBytes: number): number {
   if (!nowaitReadsWork) return -1;
   iovec.writeBigUInt64LE(koffi.address(target) as bigint, 0);
   iovec.writeBigUInt64LE(BigInt(target.length), 8);

@@ -33,7 +33,7 @@ export interface VolumeStore {
   readonly chunkFiles: ChunkFiles;
   readonly io: ChunkIo;
   readonly sums: ChunkSums;
-  /** False only when a benchmark turned read verification off (CHUNKD_VERIFY=0). */
+  /** False only when a benchmark turned read verification off (serve --verify-reads off). */
   readonly verifyReads: boolean;
   /** Logs and counts a chunk whose bytes do not match their checksum; returns the error the read fails with. */
   corruption(report: CorruptionReport): ChunkdError;

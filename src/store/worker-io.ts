@@ -11,11 +11,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { Piscina } from 'piscina';
 import { ChunkdError } from '../core/errors.ts';
-import { workerTasksQueuedMax } from '../core/limits.ts';
+import { inlineReadBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
 import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
 import type { ChunkFiles } from './chunk-files.ts';
-import type { ChunkIo, IoEngineStatus, Mismatch } from './chunk-io.ts';
-import type { ChunkTask, ChunkTaskResult } from './chunk-task.ts';
+import { firstMismatch, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
+import type { ChunkTask, ChunkTaskResult, TaskMemory } from './chunk-task.ts';
 
 const workerModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'chunk-io.ts');
 
@@ -60,7 +60,7 @@ export class WorkerChunkIo implements ChunkIo {
       maxThreads: options.workerCount,
       idleTimeout: Number.MAX_SAFE_INTEGER,
       concurrentTasksPerWorker: 1 + workerTasksQueuedMax,
-      workerData: { chunkDirectory: files.directory, testHooks: options.testHooks === true },
+      workerData: { chunkDirectory: files.directory, slab: options.buffers.slab, testHooks: options.testHooks === true },
       // The workers do file I/O synchronously; they need no libuv threads of their own.
       env: { ...process.env, UV_THREADPOOL_SIZE: '1' },
     });
@@ -82,10 +82,13 @@ export class WorkerChunkIo implements ChunkIo {
   }
 
   async readVerified(physicalChunk: number, target: Buffer, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
+    // A small read whose bytes are in the page cache costs a microsecond or two here, and a hand-off to a worker
+    // and back costs more than that: it stays on this thread (measured: tmp/ebench, BENCHMARKS.md).
+    if (target.length <= inlineReadBytesMax && this.#files.readCached(physicalChunk, 0, target)) return verify ? firstMismatch(target, expected) : null;
     const staged = isShared(target) ? null : this.#buffers.acquire(target.length);
     const memory = staged ?? target;
     try {
-      const result = await this.#run({ op: 'read', physicalChunk, memory: memory.buffer as SharedArrayBuffer, byteOffset: memory.byteOffset, lengthBytes: memory.length, expected, verify });
+      const result = await this.#run({ op: 'read', physicalChunk, bytes: this.#taskMemory(memory), expected, verify });
       if (staged !== null) staged.copy(target);
       return result.mismatch;
     } finally {
@@ -101,7 +104,7 @@ export class WorkerChunkIo implements ChunkIo {
     }
     const memory = staged ?? data;
     try {
-      const result = await this.#run({ op: 'write', physicalChunk, memory: memory.buffer as SharedArrayBuffer, byteOffset: memory.byteOffset, lengthBytes: memory.length });
+      const result = await this.#run({ op: 'write', physicalChunk, bytes: this.#taskMemory(memory) });
       for (const fileIndex of result.filesWritten) this.#files.markDirty(fileIndex);
       return result.sums!;
     } finally {
@@ -126,6 +129,11 @@ export class WorkerChunkIo implements ChunkIo {
   async close(): Promise<void> {
     this.#closing = true;
     await this.#pool.close();
+  }
+
+  #taskMemory(buffer: Buffer): TaskMemory {
+    if (buffer.buffer === this.#buffers.slab) return { slab: true, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
+    return { slab: false, memory: buffer.buffer as SharedArrayBuffer, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
   }
 
   async #run(task: ChunkTask): Promise<Extract<ChunkTaskResult, { ok: true }>> {
