@@ -23,6 +23,9 @@ export type ChunkTaskResult =
   | { ok: true; mismatch: Mismatch | null; sums: Uint32Array | null; filesWritten: number[] }
   | { ok: false; code: string; message: string };
 
+/** What a worker runs: several chunk tasks at once (one hand-off, one wake-up of the thread, for all), or the test hook. */
+export type WorkerTask = { op: 'batch'; tasks: ChunkTask[] } | Extract<ChunkTask, { op: 'die' }>;
+
 /** A worker's own descriptors of the chunk files (opened on first use; all closed past openChunkFilesMax). */
 export class ChunkTaskRunner {
   readonly #directory: string;
@@ -40,6 +43,12 @@ export class ChunkTaskRunner {
     const memory = bytes.slab ? this.#slab : bytes.memory;
     if (memory === null) throw Object.assign(new Error('a task names a slab this worker was not given'), { code: 'EINVAL' });
     return new Uint8Array(memory, bytes.byteOffset, bytes.lengthBytes);
+  }
+
+  /** Runs a batch in order; each task succeeds or fails on its own. */
+  runBatch(task: WorkerTask): ChunkTaskResult[] {
+    if (task.op === 'die') return [this.run(task)];
+    return task.tasks.map((one) => this.run(one));
   }
 
   run(task: ChunkTask): ChunkTaskResult {
