@@ -111,6 +111,26 @@ test('one flipped byte: EIO for that block only, scrub names exactly that extent
   assert.deepEqual(after.stdout.split('\n').filter((line) => line.startsWith('bad extent:')), [`bad extent: vol@before offset ${damagedOffset} length 4096`]);
 });
 
+test('scrub while fio rewrites and verifies the volume: no false damage, and fio sees its data', async () => {
+  assert.equal((await node.cli('volume', 'create', 'busy', '--size', '64MiB')).code, 0);
+  assert.equal((await node.cli('snapshot', 'create', 'busy', 'empty')).code, 0);
+  const fio = runTool('fio', ['--ioengine=nbd', `--uri=${node.uri('busy')}`, '--name=busy', '--rw=randwrite', '--bs=4k', '--iodepth=16', '--size=64M',
+    '--loops=3', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--randrepeat=0'], { timeoutMs: 300_000 });
+  // Scrub over and over while fio writes (and so frees and recycles chunks under the scrub's feet).
+  let scrubs = 0;
+  let fioDone = false;
+  void fio.then(() => (fioDone = true));
+  while (!fioDone || scrubs === 0) {
+    const result = await node.cli('scrub', 'busy');
+    assert.equal(result.code, 0, `scrub ${scrubs} of a busy, healthy volume: ${result.stdout}${result.stderr}`);
+    scrubs += 1;
+  }
+  const output = await fio;
+  assert.equal(output.code, 0, output.stdout + output.stderr);
+  assert.doesNotMatch(output.stdout, /verify: bad/);
+  assert.ok(scrubs >= 2, `scrubbed ${scrubs} times while fio ran`);
+});
+
 test('scrub of a missing volume is a clear error', async () => {
   const result = await node.cli('scrub', 'nope');
   assert.equal(result.code, 1);
