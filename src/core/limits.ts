@@ -61,6 +61,8 @@ export const sharedLargeBytesHeldMax = 16 * requestBytesMax;
 export const workerTasksQueuedMax = 3;
 /** Reads up to this size whose bytes are all in the page cache are served on the calling thread, not a worker. */
 export const inlineReadBytesMax = 64 * KiB;
+/** Writes up to this size are checksummed on the calling thread and written through libuv's pool, not a worker. */
+export const inlineWriteBytesMax = 64 * KiB;
 /** Worker threads at most (serve --workers). */
 export const workersMax = 64;
 

@@ -11,10 +11,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { Piscina } from 'piscina';
 import { ChunkdError } from '../core/errors.ts';
-import { inlineReadBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
+import { inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
 import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
 import type { ChunkFiles } from './chunk-files.ts';
-import { firstMismatch, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
+import { chunkSums, firstMismatch, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerTask } from './chunk-task.ts';
 
 const workerModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'chunk-io.ts');
@@ -101,6 +101,13 @@ export class WorkerChunkIo implements ChunkIo {
   }
 
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
+    // A small write's checksums cost well under a microsecond per 4 KiB here, and libuv's pool takes its pwrite
+    // with a lighter hand-off than a worker task (4 KiB at QD1: 40k/s against 17k/s through a worker).
+    if (data.length <= inlineWriteBytesMax) {
+      const sums = chunkSums(data);
+      await this.#files.write(physicalChunk, 0, data);
+      return sums;
+    }
     let staged: Buffer | null = null;
     if (!isShared(data)) {
       staged = this.#buffers.acquire(data.length);

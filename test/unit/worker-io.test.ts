@@ -32,8 +32,11 @@ after(async () => {
   fs.rmSync(directory, { recursive: true, force: true });
 });
 
+// Requests up to 64 KiB stay on the calling thread (limits.inline*BytesMax); these are larger, so workers run them.
+const large = 32 * chunkSizeBytes;
+
 test('writes return checksums; reads verify them, from plain and from shared memory', async () => {
-  const data = randomBytes(3 * chunkSizeBytes);
+  const data = randomBytes(large);
   const sums = await io.writeSummed(10, data);
   assert.deepEqual(sums, chunkSums(data));
   const plain = Buffer.alloc(data.length);
@@ -48,7 +51,7 @@ test('writes return checksums; reads verify them, from plain and from shared mem
 });
 
 test('a damaged chunk is named, with both checksums; verify false skips the check', async () => {
-  const data = randomBytes(4 * chunkSizeBytes);
+  const data = randomBytes(large);
   const sums = await io.writeSummed(100, data);
   const fd = fs.openSync(files.filePath(0), 'r+');
   fs.writeSync(fd, Buffer.from([data[2 * chunkSizeBytes + 7]! ^ 0x80]), 0, 1, 102 * chunkSizeBytes + 7);
@@ -62,22 +65,22 @@ test('a damaged chunk is named, with both checksums; verify false skips the chec
 });
 
 test('a run across two chunk files', async () => {
-  const data = randomBytes(2 * chunkSizeBytes);
-  const sums = await io.writeSummed(chunksPerFile - 1, data);
+  const data = randomBytes(large);
+  const sums = await io.writeSummed(chunksPerFile - 16, data);
   const target = Buffer.alloc(data.length);
-  assert.equal(await io.readVerified(chunksPerFile - 1, target, sums, true), null);
+  assert.equal(await io.readVerified(chunksPerFile - 16, target, sums, true), null);
   assert.deepEqual(target, data);
   assert.ok(fs.existsSync(files.filePath(1)));
 });
 
 test('a worker that dies fails what it ran with EIO, is replaced, and the engine keeps serving', async () => {
-  const data = randomBytes(chunkSizeBytes);
+  const data = randomBytes(large);
   const sums = await io.writeSummed(500, data);
   const death = io.killOneWorkerForTest(100);
   // Requests in flight meanwhile: each either completes correctly or fails with EIO, nothing else.
   const outcomes = await Promise.allSettled(
     Array.from({ length: 40 }, async () => {
-      const target = Buffer.alloc(chunkSizeBytes);
+      const target = Buffer.alloc(large);
       assert.equal(await io.readVerified(500, target, sums, true), null);
       assert.deepEqual(target, data);
     }),
@@ -88,7 +91,7 @@ test('a worker that dies fails what it ran with EIO, is replaced, and the engine
   }
   assert.ok(outcomes.some((outcome) => outcome.status === 'fulfilled'));
   for (let i = 0; i < 20; i++) {
-    const target = Buffer.alloc(chunkSizeBytes);
+    const target = Buffer.alloc(large);
     assert.equal(await io.readVerified(500, target, sums, true), null, 'served after the death');
   }
   // The replacement starts in the background; wait for it (a bounded poll, not a timing assertion).
