@@ -10,7 +10,7 @@ import type { ChunkFiles } from './chunk-files.ts';
 
 /** The first chunk of a read whose bytes do not match their checksum. */
 export interface Mismatch {
-  /** Index of the chunk within the read (0 = the first chunk read). */
+  /** Index of the chunk among those read, in plan order (see readChunks). */
   chunkIndex: number;
   expected: number;
   actual: number;
@@ -25,8 +25,12 @@ export interface IoEngineStatus {
 }
 
 export interface ChunkIo {
-  /** Reads whole chunks from `physicalChunk` into `target` and checks each against `expected` (skipped when `verify` is false). */
-  readVerified(physicalChunk: number, target: Buffer, expected: Uint32Array, verify: boolean): Promise<Mismatch | null>;
+  /**
+   * Reads runs of whole chunks into one buffer and checks each chunk against its checksum (unless `verify` is
+   * false). `plan` holds (physical chunk, chunk count, chunk index in `target`) triples; `expected` the checksums
+   * of all the chunks read, in plan order. One call per client request, however many runs it is made of.
+   */
+  readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null>;
   /** Writes whole chunks from `physicalChunk` and returns the checksum of each. */
   writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array>;
   status(): IoEngineStatus;
@@ -51,6 +55,30 @@ export function firstMismatch(data: Uint8Array, expected: Uint32Array): Mismatch
   return null;
 }
 
+/** The chunks of `plan` in `target`, verified in plan order: the first whose checksum differs, or null. */
+export function firstPlanMismatch(target: Uint8Array, plan: Float64Array, expected: Uint32Array): Mismatch | null {
+  let index = 0;
+  for (let p = 0; p < plan.length; p += 3) {
+    const count = plan[p + 1]!;
+    const start = plan[p + 2]! * chunkSizeBytes;
+    const mismatch = firstMismatch(target.subarray(start, start + count * chunkSizeBytes), expected.subarray(index, index + count));
+    if (mismatch !== null) return { ...mismatch, chunkIndex: index + mismatch.chunkIndex };
+    index += count;
+  }
+  return null;
+}
+
+/** The plan entry (physical chunk, and chunk index in the target) of the `index`th chunk read. */
+export function locateInPlan(plan: Float64Array, index: number): { physicalChunk: number; targetChunk: number } {
+  let remaining = index;
+  for (let p = 0; p < plan.length; p += 3) {
+    const count = plan[p + 1]!;
+    if (remaining < count) return { physicalChunk: plan[p]! + remaining, targetChunk: plan[p + 2]! + remaining };
+    remaining -= count;
+  }
+  assert(false, 'a chunk index past the plan');
+}
+
 /** Chunk I/O and checksums on the calling thread. */
 export class InlineChunkIo implements ChunkIo {
   readonly #files: ChunkFiles;
@@ -59,9 +87,17 @@ export class InlineChunkIo implements ChunkIo {
     this.#files = files;
   }
 
-  async readVerified(physicalChunk: number, target: Buffer, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
-    await this.#files.read(physicalChunk, 0, target);
-    return verify ? firstMismatch(target, expected) : null;
+  async readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
+    const reads: Array<Promise<void>> = [];
+    for (let p = 0; p < plan.length; p += 3) {
+      const start = plan[p + 2]! * chunkSizeBytes;
+      reads.push(this.#files.read(plan[p]!, 0, target.subarray(start, start + plan[p + 1]! * chunkSizeBytes)));
+    }
+    // Every read settles before this returns, so none still writes into the caller's buffer after a failure.
+    const results = await Promise.allSettled(reads);
+    const failed = results.find((result) => result.status === 'rejected');
+    if (failed !== undefined) throw failed.reason;
+    return verify ? firstPlanMismatch(target, plan, expected) : null;
   }
 
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {

@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
-import { chunkSums, firstMismatch, type Mismatch } from './chunk-io.ts';
+import { chunkSums, firstPlanMismatch, type Mismatch } from './chunk-io.ts';
 
 const fileBytes = chunksPerFile * chunkSizeBytes;
 
@@ -14,7 +14,7 @@ const fileBytes = chunksPerFile * chunkSizeBytes;
 export type TaskMemory = { slab: true; byteOffset: number; lengthBytes: number } | { slab: false; memory: SharedArrayBuffer; byteOffset: number; lengthBytes: number };
 
 export type ChunkTask =
-  | { op: 'read'; physicalChunk: number; bytes: TaskMemory; expected: Uint32Array; verify: boolean }
+  | { op: 'read'; bytes: TaskMemory; plan: Float64Array; expected: Uint32Array; verify: boolean }
   | { op: 'write'; physicalChunk: number; bytes: TaskMemory }
   /** Test hook (only when the pool was made with testHooks): the worker dies mid-task, as on a fatal error. */
   | { op: 'die'; afterMs: number };
@@ -56,8 +56,11 @@ export class ChunkTaskRunner {
       switch (task.op) {
         case 'read': {
           const target = this.#view(task.bytes);
-          this.#each(task.physicalChunk, target, (fd, part, position) => readFully(fd, part, position));
-          return { ok: true, mismatch: task.verify ? firstMismatch(target, task.expected) : null, sums: null, filesWritten: [] };
+          for (let p = 0; p < task.plan.length; p += 3) {
+            const start = task.plan[p + 2]! * chunkSizeBytes;
+            this.#each(task.plan[p]!, target.subarray(start, start + task.plan[p + 1]! * chunkSizeBytes), (fd, part, position) => readFully(fd, part, position));
+          }
+          return { ok: true, mismatch: task.verify ? firstPlanMismatch(target, task.plan, task.expected) : null, sums: null, filesWritten: [] };
         }
         case 'write': {
           const data = this.#view(task.bytes);

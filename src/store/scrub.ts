@@ -101,7 +101,7 @@ export async function scrub(
     let from = 0;
     // A mismatch names only the first bad chunk: go on checking after it.
     while (from < chunkCount) {
-      const mismatch = await store.io.readVerified(physicalChunk + from, buffer.subarray(from * chunkSizeBytes), sums.subarray(from), true);
+      const mismatch = await store.io.readChunks(buffer.subarray(from * chunkSizeBytes), Float64Array.of(physicalChunk + from, chunkCount - from, 0), sums.subarray(from), true);
       if (mismatch === null) break;
       const chunk = physicalChunk + from + mismatch.chunkIndex;
       if (store.isMapped(chunk) && store.sums.get(chunk) === mismatch.expected) {

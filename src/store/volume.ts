@@ -20,7 +20,7 @@ import { blockStatusExtentsMax, chunkSizeBytes } from '../core/limits.ts';
 import { blockChecksum } from './checksum.ts';
 import type { ChunkdError } from '../core/errors.ts';
 import type { ChunkAllocator } from './allocator.ts';
-import type { ChunkIo } from './chunk-io.ts';
+import { locateInPlan, type ChunkIo } from './chunk-io.ts';
 import type { ChunkMap, ChunkRun } from './chunk-map.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import type { ChunkRefcounts } from './chunk-refcounts.ts';
@@ -307,35 +307,48 @@ function assertRange(offsetBytes: number, lengthBytes: number, sizeBytes: number
 
 /**
  * Reads target.length bytes at `offsetBytes` through `map`, checking every chunk read against its checksum:
- * holes give zeros; each mapped run is one read of its whole chunks (straight into `target` when the request
- * covers them exactly, else into a scratch buffer that is verified before its middle is copied out).
+ * holes give zeros, and the mapped runs under the request become one plan for the chunk I/O engine, read straight
+ * into `target` when the request covers whole chunks, else into a scratch buffer whose middle is copied out once
+ * every chunk in it has been verified.
  */
-export function readThroughMap(store: VolumeStore, exportName: string, map: ChunkMap, offsetBytes: number, target: Buffer): Promise<void> {
-  const first = Math.floor(offsetBytes / chunkSizeBytes);
-  const runs = map.runs(first, Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - first);
-  const readRun = async (run: ChunkRun): Promise<void> => {
-    const [start, end] = clip(run, offsetBytes, target.length);
-    const part = target.subarray(start - offsetBytes, end - offsetBytes);
+export async function readThroughMap(store: VolumeStore, exportName: string, map: ChunkMap, offsetBytes: number, target: Buffer): Promise<void> {
+  const firstChunk = Math.floor(offsetBytes / chunkSizeBytes);
+  const chunkCount = Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - firstChunk;
+  const runs = map.runs(firstChunk, chunkCount);
+  let mappedRuns = 0;
+  let mappedChunks = 0;
+  for (const run of runs) {
+    if (run.physicalChunk < 0) continue;
+    mappedRuns += 1;
+    mappedChunks += run.chunkCount;
+  }
+  if (mappedRuns === 0) {
+    target.fill(0);
+    return;
+  }
+  const aligned = offsetBytes === firstChunk * chunkSizeBytes && target.length === chunkCount * chunkSizeBytes;
+  const buffer = aligned ? target : Buffer.allocUnsafe(chunkCount * chunkSizeBytes);
+  const plan = new Float64Array(mappedRuns * 3);
+  const expected = new Uint32Array(mappedChunks);
+  let p = 0;
+  let e = 0;
+  for (const run of runs) {
+    const targetChunk = run.virtualChunk - firstChunk;
     if (run.physicalChunk < 0) {
-      part.fill(0);
-      return;
+      buffer.fill(0, targetChunk * chunkSizeBytes, (targetChunk + run.chunkCount) * chunkSizeBytes);
+      continue;
     }
-    // The whole chunks under [start, end) of this run.
-    const firstChunk = Math.floor(start / chunkSizeBytes);
-    const chunkCount = Math.ceil(end / chunkSizeBytes) - firstChunk;
-    const physicalChunk = run.physicalChunk + (firstChunk - run.virtualChunk);
-    const aligned = start === firstChunk * chunkSizeBytes && end === (firstChunk + chunkCount) * chunkSizeBytes;
-    const buffer = aligned ? part : Buffer.allocUnsafe(chunkCount * chunkSizeBytes);
-    const expected = new Uint32Array(chunkCount);
-    for (let i = 0; i < chunkCount; i++) expected[i] = store.sums.get(physicalChunk + i);
-    const mismatch = await store.io.readVerified(physicalChunk, buffer, expected, store.verifyReads);
-    if (mismatch !== null) {
-      throw store.corruption({ exportName, offsetBytes: (firstChunk + mismatch.chunkIndex) * chunkSizeBytes, physicalChunk: physicalChunk + mismatch.chunkIndex, expected: mismatch.expected, actual: mismatch.actual });
-    }
-    if (!aligned) buffer.copy(part, 0, start - firstChunk * chunkSizeBytes, end - firstChunk * chunkSizeBytes);
-  };
-  if (runs.length === 1) return readRun(runs[0]!);
-  return settleAll(runs.map(readRun));
+    plan[p++] = run.physicalChunk;
+    plan[p++] = run.chunkCount;
+    plan[p++] = targetChunk;
+    for (let i = 0; i < run.chunkCount; i++) expected[e++] = store.sums.get(run.physicalChunk + i);
+  }
+  const mismatch = await store.io.readChunks(buffer, plan, expected, store.verifyReads);
+  if (mismatch !== null) {
+    const where = locateInPlan(plan, mismatch.chunkIndex);
+    throw store.corruption({ exportName, offsetBytes: (firstChunk + where.targetChunk) * chunkSizeBytes, physicalChunk: where.physicalChunk, expected: mismatch.expected, actual: mismatch.actual });
+  }
+  if (!aligned) buffer.copy(target, 0, offsetBytes - firstChunk * chunkSizeBytes, offsetBytes - firstChunk * chunkSizeBytes + target.length);
 }
 
 /** The allocation map of [offsetBytes, offsetBytes + lengthBytes): holes (zero) and data, merged. */

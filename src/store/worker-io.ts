@@ -11,10 +11,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { Piscina } from 'piscina';
 import { ChunkdError } from '../core/errors.ts';
-import { inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
+import { chunkSizeBytes, inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
 import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
 import type { ChunkFiles } from './chunk-files.ts';
-import { chunkSums, firstMismatch, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
+import { chunkSums, firstPlanMismatch, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerTask } from './chunk-task.ts';
 
 const workerModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'chunk-io.ts');
@@ -85,19 +85,33 @@ export class WorkerChunkIo implements ChunkIo {
     this.#pool.on('error', (error: Error) => this.#log(`chunk I/O worker error: ${error.message}`));
   }
 
-  async readVerified(physicalChunk: number, target: Buffer, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
-    // A small read whose bytes are in the page cache costs a microsecond or two here, and a hand-off to a worker
-    // and back costs more than that: it stays on this thread (measured: tmp/ebench, BENCHMARKS.md).
-    if (target.length <= inlineReadBytesMax && this.#files.readCached(physicalChunk, 0, target)) return verify ? firstMismatch(target, expected) : null;
+  async readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
+    // A small request whose bytes are in the page cache costs a microsecond or two here, and a hand-off to a
+    // worker and back costs more than that: it stays on this thread. A large one goes to a worker whole, as one
+    // task however many runs it is made of (a range rewritten at random), so its reads and checksums leave here.
+    if (target.length <= inlineReadBytesMax && this.#allCached(target, plan)) return verify ? firstPlanMismatch(target, plan, expected) : null;
     const staged = isShared(target) ? null : this.#buffers.acquire(target.length);
     const memory = staged ?? target;
     try {
-      const result = await this.#run({ op: 'read', physicalChunk, bytes: this.#taskMemory(memory), expected, verify });
-      if (staged !== null) staged.copy(target);
+      const result = await this.#run({ op: 'read', bytes: this.#taskMemory(memory), plan, expected, verify });
+      if (staged !== null) {
+        for (let p = 0; p < plan.length; p += 3) {
+          const start = plan[p + 2]! * chunkSizeBytes;
+          staged.copy(target, start, start, start + plan[p + 1]! * chunkSizeBytes);
+        }
+      }
       return result.mismatch;
     } finally {
       if (staged !== null) this.#buffers.release(staged);
     }
+  }
+
+  #allCached(target: Buffer, plan: Float64Array): boolean {
+    for (let p = 0; p < plan.length; p += 3) {
+      const start = plan[p + 2]! * chunkSizeBytes;
+      if (!this.#files.readCached(plan[p]!, 0, target.subarray(start, start + plan[p + 1]! * chunkSizeBytes))) return false;
+    }
+    return true;
   }
 
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {

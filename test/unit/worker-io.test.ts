@@ -40,11 +40,11 @@ test('writes return checksums; reads verify them, from plain and from shared mem
   const sums = await io.writeSummed(10, data);
   assert.deepEqual(sums, chunkSums(data));
   const plain = Buffer.alloc(data.length);
-  assert.equal(await io.readVerified(10, plain, sums, true), null);
+  assert.equal(await io.readChunks(plain, Float64Array.of(10, plain.length / chunkSizeBytes, 0), sums, true), null);
   assert.deepEqual(plain, data);
   const shared = buffers.acquire(data.length);
   assert.ok(shared.buffer instanceof SharedArrayBuffer);
-  assert.equal(await io.readVerified(10, shared, sums, true), null);
+  assert.equal(await io.readChunks(shared, Float64Array.of(10, shared.length / chunkSizeBytes, 0), sums, true), null);
   assert.deepEqual(Buffer.from(shared), data);
   buffers.release(shared);
   await files.sync();
@@ -57,18 +57,35 @@ test('a damaged chunk is named, with both checksums; verify false skips the chec
   fs.writeSync(fd, Buffer.from([data[2 * chunkSizeBytes + 7]! ^ 0x80]), 0, 1, 102 * chunkSizeBytes + 7);
   fs.closeSync(fd);
   const target = Buffer.alloc(data.length);
-  const mismatch = await io.readVerified(100, target, sums, true);
+  const mismatch = await io.readChunks(target, Float64Array.of(100, target.length / chunkSizeBytes, 0), sums, true);
   assert.equal(mismatch?.chunkIndex, 2);
   assert.equal(mismatch?.expected, sums[2]);
   assert.notEqual(mismatch?.actual, sums[2]);
-  assert.equal(await io.readVerified(100, target, sums, false), null);
+  assert.equal(await io.readChunks(target, Float64Array.of(100, target.length / chunkSizeBytes, 0), sums, false), null);
+});
+
+test('one request of several runs with a hole between: one task, only the runs copied back', async () => {
+  const a = randomBytes(large);
+  const b = randomBytes(large);
+  const sumsA = await io.writeSummed(2000, a);
+  const sumsB = await io.writeSummed(3000, b);
+  // Chunks 0..31 from run A, 32..39 a hole the caller zeroed, 40..71 from run B.
+  const target = Buffer.alloc((2 * 32 + 8) * chunkSizeBytes);
+  const plan = Float64Array.of(2000, 32, 0, 3000, 32, 40);
+  const expected = new Uint32Array([...sumsA, ...sumsB]);
+  assert.equal(await io.readChunks(target, plan, expected, true), null);
+  assert.deepEqual(target.subarray(0, large), a);
+  assert.ok(target.subarray(large, large + 8 * chunkSizeBytes).every((byte) => byte === 0), 'the hole is left as it was');
+  assert.deepEqual(target.subarray(40 * chunkSizeBytes), b);
+  expected[40] = (expected[40]! + 1) >>> 0;
+  assert.deepEqual(await io.readChunks(target, plan, expected, true), { chunkIndex: 40, expected: expected[40], actual: sumsB[8] });
 });
 
 test('a run across two chunk files', async () => {
   const data = randomBytes(large);
   const sums = await io.writeSummed(chunksPerFile - 16, data);
   const target = Buffer.alloc(data.length);
-  assert.equal(await io.readVerified(chunksPerFile - 16, target, sums, true), null);
+  assert.equal(await io.readChunks(target, Float64Array.of(chunksPerFile - 16, target.length / chunkSizeBytes, 0), sums, true), null);
   assert.deepEqual(target, data);
   assert.ok(fs.existsSync(files.filePath(1)));
 });
@@ -81,7 +98,7 @@ test('a worker that dies fails what it ran with EIO, is replaced, and the engine
   const outcomes = await Promise.allSettled(
     Array.from({ length: 40 }, async () => {
       const target = Buffer.alloc(large);
-      assert.equal(await io.readVerified(500, target, sums, true), null);
+      assert.equal(await io.readChunks(target, Float64Array.of(500, target.length / chunkSizeBytes, 0), sums, true), null);
       assert.deepEqual(target, data);
     }),
   );
@@ -92,7 +109,7 @@ test('a worker that dies fails what it ran with EIO, is replaced, and the engine
   assert.ok(outcomes.some((outcome) => outcome.status === 'fulfilled'));
   for (let i = 0; i < 20; i++) {
     const target = Buffer.alloc(large);
-    assert.equal(await io.readVerified(500, target, sums, true), null, 'served after the death');
+    assert.equal(await io.readChunks(target, Float64Array.of(500, target.length / chunkSizeBytes, 0), sums, true), null, 'served after the death');
   }
   // The replacement starts in the background; wait for it (a bounded poll, not a timing assertion).
   for (let i = 0; i < 100 && io.status().workers.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 20));
