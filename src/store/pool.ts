@@ -4,23 +4,26 @@
 //
 //   chunkd-pool.json     format name and version, chunk size, chunks per file (written once, at creation)
 //   lock                 flock()ed by the one process (node or fsck) that owns the pool; holds its pid
-//   checkpoint           the whole catalog (volumes, snapshots, chunk maps) as of the start of one journal generation
+//   checkpoint           the whole catalog (volumes, snapshots, chunk maps with each chunk's CRC-32) as of the
+//                        start of one journal generation
 //   journal-<gen>        the metadata records committed since that checkpoint (map, unmap, create, clone, resize,
 //                        remove, snapshot, snapshot-remove, rollback)
 //   chunks/NNNNNNNN.chunk  sparse data files of 1 GiB each; physical chunk i is at (i mod 2^18) * 4 KiB of file i >> 18
 //
 // Data: a volume maps its 4 KiB virtual chunks to physical chunks (ChunkMap: a two-level table, pages only where
-// written). A write into chunks the volume owns alone goes in place; a write into a hole, or into a chunk that a
-// snapshot or clone shares, gets one contiguous physical run from the allocator. So space used is data written
-// (at 4 KiB granularity, whatever the volume's size), a 1 MiB write is one pwrite, and a 4 KiB write after a
-// snapshot writes 4 KiB. Snapshots and clones share the map's pages and reference-count chunks per page
-// (chunk-map.ts): O(pages) to take, one lookup to read whatever their number, and "what changed between two
-// snapshots" is a page-by-page comparison that skips shared pages. Freed chunks are punched out of the files
-// (fallocate), so trims and removals give space back to the file system, not only to the pool.
+// written). Every write gets one fresh contiguous physical run from the allocator (redirect-on-write: a chunk the
+// metadata names is never overwritten, volume.ts), and its map record carries the CRC-32 of each chunk, which
+// every read checks. So space used is data written (at 4 KiB granularity, whatever the volume's size), a 1 MiB
+// write is one pwrite, a 4 KiB write after a snapshot writes 4 KiB, and a block and its checksum cannot disagree
+// after a crash. Snapshots and clones share the map's pages and reference-count chunks per page (chunk-map.ts):
+// O(pages) to take, one lookup to read whatever their number, and "what changed between two snapshots" is a
+// page-by-page comparison that skips shared pages. Chunks freed by trims and removals are punched out of the files
+// (fallocate), so the space goes back to the file system; chunks freed by overwrites are only recycled (the next
+// writes take them), as punching and reallocating them would be wasted work.
 //
 // Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint,
-// not by a general-purpose database (LMDB was weighed): the records are tiny and few (one per allocation or trim,
-// none for overwrites), replay is a fold of `applyRecord` (the same code the live node runs), group commit falls
+// not by a general-purpose database (LMDB was weighed): the records are small (one per write or trim: 37 bytes
+// and 4 per chunk), replay is a fold of `applyRecord` (the same code the live node runs), group commit falls
 // out of one file append, and the crash-ordering rules below are ours to see and test rather than hidden in a
 // store's sync modes. The cost is that a checkpoint rewrites the whole map (compact: runs, not chunks).
 //
@@ -29,13 +32,15 @@
 //     before it writes the journal. So committed metadata never names a chunk whose data is not durable.
 //  2. A freed chunk is punched and reused only after the commit that recorded the free is durable (deferred
 //     frees), so a crash can neither show a volume a chunk another has since written, nor bring back a removed
-//     snapshot whose data was already punched.
+//     snapshot whose data was already punched. With invariant 1 and redirect-on-write, a chunk's bytes never
+//     change while any metadata on disk names it, so its recorded checksum stays true across any crash.
 //  3. Journal frames carry a crc32; replay stops at the first bad frame, so the replayed journal is a prefix of
 //     what was committed. A FLUSH replies only after its commit's fdatasync, so everything it covers is in it.
 //  4. A checkpoint is written to a temporary file, fsynced, renamed into place and the directory fsynced; only then
 //     does the next generation's journal start. A crash leaves the old checkpoint and journal, or the new ones.
 //  5. Reference counts are never stored: they are rebuilt from the maps at load, so they cannot disagree with them.
-//  6. At load, chunks the metadata does not name are punched out: data written but never committed is space only.
+//  6. At load, chunks the metadata does not name are punched out: data written but never committed, and chunks
+//     recycled by overwrites, are space only.
 // After any failed fdatasync of data the pool refuses all further writes (a sticky error, as SQLite's pager):
 // the kernel may have dropped the pages, so later flushes could not be trusted.
 import fs from 'node:fs';
