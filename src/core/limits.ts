@@ -66,6 +66,9 @@ export const inlineWriteBytesMax = 64 * KiB;
 /** Worker threads at most (serve --workers). */
 export const workersMax = 64;
 
+/** Chunks freed but not yet reusable (they wait for a commit) that trigger a commit: 256 MiB of extra file space at most. */
+export const deferredChunksCommitMax = (256 * MiB) / chunkSizeBytes;
+
 /** Volumes in one pool. */
 export const volumesMax = 4096;
 /** Bytes one management API request body may carry. */

@@ -50,6 +50,7 @@ import {
   backgroundCommitIntervalMs,
   chunkSizeBytes,
   chunksPerFile,
+  deferredChunksCommitMax,
   journalCheckpointBytes,
   snapshotsPerVolumeMax,
   volumeSizeAlignBytes,
@@ -412,6 +413,11 @@ export class Pool implements VolumeStore {
       this.#punchFrees = true;
     }
     this.#queue.push(encodeRecords([record]));
+    // Chunks freed by overwrites are reusable only after a commit: under a stream of overwrites and no FLUSH, commit
+    // early rather than let the files grow by five seconds of writes.
+    if (this.allocator.deferredCount >= deferredChunksCommitMax && this.#pendingCommit === null) {
+      this.commit().catch((error) => this.#log(`commit to reuse freed space failed: ${(error as Error).message}`));
+    }
   }
 
   get sums(): ChunkSums {

@@ -216,15 +216,28 @@ export class Volume implements BlockDevice {
       await settleAll(reads);
       source(offsetBytes, end).copy(payload, offsetBytes - runStart);
     }
-    const physicalChunk = this.#store.allocator.allocate(count);
-    let sums: Uint32Array;
+    let written: { physicalChunk: number; sums: Uint32Array };
     try {
-      sums = await this.#store.io.writeSummed(physicalChunk, payload);
+      written = await this.#writeFresh(payload, count);
     } catch (error) {
-      this.#store.allocator.release(physicalChunk, count);
+      // The file system is full, but chunks this pool freed wait for a commit before they may be reused (they
+      // are still space in the files): commit, then try once more, into them.
+      if ((error as NodeJS.ErrnoException).code !== 'ENOSPC' || this.#store.allocator.deferredCount === 0) throw error;
+      await this.#store.commit();
+      written = await this.#writeFresh(payload, count);
+    }
+    this.#store.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: first, physicalChunk: written.physicalChunk, chunkCount: count, sums: written.sums });
+  }
+
+  /** Writes whole chunks into a fresh physical run; on failure the run goes straight back. */
+  async #writeFresh(payload: Buffer, chunkCount: number): Promise<{ physicalChunk: number; sums: Uint32Array }> {
+    const physicalChunk = this.#store.allocator.allocate(chunkCount);
+    try {
+      return { physicalChunk, sums: await this.#store.io.writeSummed(physicalChunk, payload) };
+    } catch (error) {
+      this.#store.allocator.release(physicalChunk, chunkCount);
       throw error;
     }
-    this.#store.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: first, physicalChunk, chunkCount: count, sums });
   }
 
   /** NO_HOLE zeroing of whole chunks: a fresh run, zeroed by the file system and kept allocated. */
