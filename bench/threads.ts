@@ -70,7 +70,7 @@ const systems: System[] = [
   { id: 'chunkd-noverify', title: 'chunkd, default workers, --verify-reads off', chunkdArgs: ['--verify-reads', 'off'], onlyRows: ['read-1m-qd8', 'write-1m-qd8'] },
 ];
 
-const usage = `usage: npm run bench:threads -- [--target DIR] [--runs N] [--runtime S] [--size-mib N] [--quick] [--out FILE]`;
+const usage = `usage: npm run bench:threads -- [--target DIR] [--runs N] [--runtime S] [--size-mib N] [--rows ID,...] [--quick] [--out FILE]`;
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
@@ -82,6 +82,7 @@ async function main(): Promise<void> {
       'size-mib': { type: 'string' },
       quick: { type: 'boolean', default: false },
       out: { type: 'string' },
+      rows: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -92,6 +93,8 @@ async function main(): Promise<void> {
   const quick = values.quick === true;
   const runs = Number(values.runs ?? (quick ? 1 : 3));
   const options: MeasureOptions = { runtimeSeconds: Number(values.runtime ?? (quick ? 1 : 3)), rampSeconds: quick ? 0 : 1, sizeBytes: Number(values['size-mib'] ?? (quick ? 128 : 1024)) * MiB, flushEveryBytes: null };
+  const selected = values.rows === undefined ? rows : rows.filter((row) => values.rows!.split(',').includes(row.id));
+  if (selected.length === 0) throw new Error(`--rows matches none of: ${rows.map((row) => row.id).join(', ')}`);
   const tools = new Tools(new Map());
   if (tools.find('fio') === null) throw new Error('fio is not installed (scripts/setup.sh installs it)');
   setClockTicks(Number((await commandOutput('getconf', ['CLK_TCK'])) ?? '100'));
@@ -115,7 +118,7 @@ async function main(): Promise<void> {
   }
 
   const samples: Array<Sample & { eventLoopUtilization: number | null }> = [];
-  for (const row of rows) {
+  for (const row of selected) {
     for (let run = 0; run < runs; run++) {
       for (const system of active) {
         if (system.onlyRows !== null && !system.onlyRows.includes(row.id)) continue;
@@ -130,15 +133,15 @@ async function main(): Promise<void> {
     }
   }
   const machine = { cpus: os.availableParallelism(), cpuModel: os.cpus()[0]?.model ?? null, kernel: os.release(), node: process.version, loadAverage: os.loadavg() };
-  const report = { command: `npm run bench:threads -- ${process.argv.slice(2).join(' ')}`.trim(), machine, options, runs, systems: active, rows, samples, table: tabulate(active, samples) };
+  const report = { command: `npm run bench:threads -- ${process.argv.slice(2).join(' ')}`.trim(), machine, options, runs, systems: active, rows: selected, samples, table: tabulate(active, selected, samples) };
   const out = values.out ?? path.join(repoRoot, 'bench', 'results', `threads-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
   fs.mkdirSync(path.dirname(out), { recursive: true });
   fs.writeFileSync(out, `${JSON.stringify(report, null, 2)}\n`);
-  process.stdout.write(`${formatTable(active, report.table)}\nresults: ${out}\n`);
+  process.stdout.write(`${formatTable(active, selected, report.table)}\nresults: ${out}\n`);
 }
 
 /** Median, min and max per row and system, and the median event-loop utilisation. */
-function tabulate(active: System[], samples: Array<Sample & { eventLoopUtilization: number | null }>): Record<string, Record<string, { median: number; min: number; max: number; eventLoop: number | null } | null>> {
+function tabulate(active: System[], rows: RowSpec[], samples: Array<Sample & { eventLoopUtilization: number | null }>): Record<string, Record<string, { median: number; min: number; max: number; eventLoop: number | null } | null>> {
   const table: Record<string, Record<string, { median: number; min: number; max: number; eventLoop: number | null } | null>> = {};
   for (const row of rows) {
     table[row.id] = {};
@@ -157,7 +160,7 @@ function median(sorted: number[]): number {
   return sorted.length % 2 === 1 ? sorted[middle]! : (sorted[middle - 1]! + sorted[middle]!) / 2;
 }
 
-function formatTable(active: System[], table: ReturnType<typeof tabulate>): string {
+function formatTable(active: System[], rows: RowSpec[], table: ReturnType<typeof tabulate>): string {
   const lines = [`| row | ${active.map((system) => system.id).join(' | ')} |`, `|---|${active.map(() => '---|').join('')}`];
   for (const row of rows) {
     const cells = active.map((system) => {
