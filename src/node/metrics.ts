@@ -20,6 +20,9 @@ export function renderMetrics(status: NodeStatus): string {
   metric('chunkd_nbd_requests_total', 'counter', 'NBD requests served.', [['', status.nbd.requestsTotal]]);
   metric('chunkd_nbd_request_errors_total', 'counter', 'NBD requests answered with an error.', [['', status.nbd.requestErrorsTotal]]);
   metric('chunkd_checksum_errors_total', 'counter', 'Reads that found a block not matching its checksum (answered with EIO).', [['', status.pool.checksumErrorsTotal]]);
+  metric('chunkd_io_worker_requests_in_flight', 'gauge', 'Chunk I/O tasks each worker thread holds now.', status.io.workers.map((worker) => [`{worker="${worker.id}"}`, worker.inFlight]));
+  metric('chunkd_io_requests_queued', 'gauge', 'Chunk I/O tasks waiting for a worker thread.', [['', status.io.queued]]);
+  metric('chunkd_io_worker_restarts_total', 'counter', 'Chunk I/O worker threads that died and were replaced.', [['', status.io.workerRestarts]]);
   metric('chunkd_event_loop_utilization', 'gauge', 'Event loop utilisation since the previous scrape.', [['', status.eventLoopUtilization]]);
   return `${lines.join('\n')}\n`;
 }
