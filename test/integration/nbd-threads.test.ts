@@ -39,7 +39,7 @@ test('two threads listen on the node port; qemu-io and nbdinfo work through them
 
 test('fio, four connections at once, random reads and writes verified with crc32c', async () => {
   const output = await mustRun('fio', ['--ioengine=nbd', `--uri=${tcpUri('vol')}`, '--name=mc', '--rw=randrw', '--bs=4k', '--iodepth=8', '--numjobs=4',
-    '--size=32M', '--offset_increment=32M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--group_reporting'], { timeoutMs: 300_000 });
+    '--size=32M', '--offset_increment=32M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--group_reporting', '--verify_state_save=0'], { timeoutMs: 300_000 });
   assert.match(output, /err= 0/);
   assert.doesNotMatch(output, /verify: bad/);
   const status = JSON.parse((await node.cli('status', '--json')).stdout);
