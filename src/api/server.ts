@@ -37,6 +37,9 @@ export interface ControlPlane {
   scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport>;
   status(): Promise<unknown>;
   metrics(): Promise<string>;
+  /** Attach (body: mountpoint, fs, via) and detach a volume's file system (src/node/attachments.ts). */
+  attach(volume: string, body: Record<string, unknown>): Promise<unknown>;
+  detach(volume: string): Promise<unknown>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -135,6 +138,10 @@ export class ApiServer {
       }
       case 'POST /v1/volumes/:/scrub':
         return this.#scrub(response, volumeName());
+      case 'POST /v1/volumes/:/attach':
+        return sendJson(response, 200, await this.#control.attach(volumeName(), body));
+      case 'POST /v1/volumes/:/detach':
+        return sendJson(response, 200, await this.#control.detach(volumeName()));
       case 'POST /v1/clones': {
         const source = typeof body.source === 'string' ? body.source.split('@') : [];
         if (source.length !== 2) throw ChunkdError.invalid('source must be VOLUME@SNAPSHOT');

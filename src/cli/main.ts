@@ -11,10 +11,12 @@ import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import { callApi } from './api-client.ts';
 import { scrubCommand } from './scrub.ts';
 import { serve } from './serve.ts';
+import { attachCommand, detachCommand } from './attach.ts';
 
 const usage = `usage: chunkd <command> [options]
 
   serve [--pool DIR] [--listen HOST:PORT|none] [--socket PATH] [--api PATH] [--default-volume NAME:SIZE]
+        [--fuse DIR] [--plugin-socket PATH]
                                      run a node in the foreground (pool ./data, NBD on 127.0.0.1:10809)
   volume create NAME --size SIZE     create a thin volume (sizes: 512, 4KiB, 64MiB, 10GiB, 1TiB)
   volume list [--json]
@@ -31,7 +33,10 @@ const usage = `usage: chunkd <command> [options]
   clone VOL@SNAP NEWVOL              a writable volume sharing the snapshot's data
   scrub VOL | --all [--json]         read every block of the volume(s) and snapshots and check its checksum;
                                      lists damaged extents, exits 1 if any
-  status [--json]                    the node's pool, volumes, connections
+  attach VOL --mountpoint DIR [--fs ext4|xfs] [--via fuse|nbdfuse]
+                                     loop device over the volume's file, file system made only if it has none, mounted
+  detach VOL                         unmount, detach the loop device, flush (refused while in use)
+  status [--json]                    the node's pool, volumes, connections, attachments
   fsck --pool DIR [--json]           offline check of a pool no node holds; exit 0 only when clean
 
   The CLI finds the node through --api PATH, else $CHUNKD_API, else ./data/chunkd.sock.`;
@@ -76,6 +81,10 @@ async function run(argv: string[]): Promise<number> {
       return cloneCommand(rest);
     case 'status':
       return statusCommand(rest);
+    case 'attach':
+      return attachCommand(rest, apiPath);
+    case 'detach':
+      return detachCommand(rest, apiPath);
     case 'scrub':
       return scrubCommand(rest, apiPath);
     case 'fsck':
@@ -220,6 +229,8 @@ async function statusCommand(argv: string[]): Promise<number> {
     volumes: VolumeInfo[];
     nbd: { listen: string[]; connectionsOpen: number; requestsTotal: number };
     io: { engine: string; workers: Array<{ id: number; inFlight: number }>; queued: number; workerRestarts: number };
+    fuse?: { mountpoint: string; openFiles: number } | null;
+    attachments?: Array<{ volume: string; mountpoint: string; fsType: string; via: string; state: string; loopDevice: string | null; error: string | null; dockerIds: string[] }>;
     eventLoopUtilization: number;
   };
   print(values.json, status, () =>
@@ -234,6 +245,11 @@ async function statusCommand(argv: string[]): Promise<number> {
           status.io.workers.map((worker) => `worker ${worker.id} ${worker.inFlight} in flight`).join(', '),
       `volumes: ${status.volumes.length}`,
       ...status.volumes.map((volume) => `  ${describeVolume(volume)}`),
+      ...(status.fuse ? [`fuse ${status.fuse.mountpoint}: ${status.fuse.openFiles} files open`] : []),
+      `attachments: ${status.attachments?.length ?? 0}`,
+      ...(status.attachments ?? []).map(
+        (a) => `  ${a.volume}\t${a.mountpoint}\t${a.fsType} on ${a.loopDevice ?? '-'} via ${a.via}\t${a.state}${a.dockerIds.length > 0 ? `\t${a.dockerIds.length} container(s)` : ''}${a.error ? `\t${a.error}` : ''}`,
+      ),
     ].join('\n'),
   );
   return 0;

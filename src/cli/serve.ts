@@ -46,6 +46,8 @@ export async function serve(argv: string[]): Promise<number> {
       workers: { type: 'string' },
       'nbd-threads': { type: 'string' },
       'verify-reads': { type: 'string', default: 'on' },
+      fuse: { type: 'string' },
+      'plugin-socket': { type: 'string' },
     },
   });
   const log = (line: string): void => {
@@ -60,6 +62,8 @@ export async function serve(argv: string[]): Promise<number> {
     workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
     nbdThreads: values['nbd-threads'] !== undefined ? parseWorkers(values['nbd-threads'], '--nbd-threads') : 0,
     verifyReads: parseOnOff(values['verify-reads'], '--verify-reads'),
+    fuseDirectory: values.fuse ?? null,
+    pluginSocketPath: values['plugin-socket'] ?? null,
     log,
   });
   const listening = node.nbdAddresses();

@@ -5,6 +5,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { checkName } from '../core/names.ts';
+import { ChunkdError } from '../core/errors.ts';
 import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
@@ -15,6 +16,10 @@ import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
 import type { IoEngineStatus } from '../store/chunk-io.ts';
 import { defaultWorkerCount, WorkerChunkIo } from '../store/worker-io.ts';
+import { FuseFrontEnd, type FuseStatus } from '../fuse/front-end.ts';
+import { DockerPluginServer } from '../api/docker-plugin.ts';
+import { Attachments, type AttachmentStatus } from './attachments.ts';
+import { validateAttachRequest } from './attachment-table.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -33,6 +38,10 @@ export interface NodeConfig {
   nbdThreads?: number;
   /** Check every block read against its checksum (default true); off only to measure what checking costs. */
   verifyReads?: boolean;
+  /** FUSE front end: volumes as files under this directory (serve --fuse); null: mounted at <pool>/.fuse when an attach needs it. */
+  fuseDirectory?: string | null;
+  /** Unix socket for the Docker volume plugin protocol (serve --plugin-socket), or null. */
+  pluginSocketPath?: string | null;
 }
 
 export class ChunkdNode implements ControlPlane, DeviceProvider {
@@ -44,6 +53,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   readonly #startedAt = Date.now();
   #eventLoop = performance.eventLoopUtilization();
   #threads: NbdThreads | null = null;
+  #fuse: FuseFrontEnd | null = null;
+  #fuseMounting: Promise<FuseFrontEnd> | null = null;
+  #attachments: Attachments | null = null;
+  #plugin: DockerPluginServer | null = null;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null) {
     this.config = config;
@@ -78,6 +91,27 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await node.nbd.listenTcp(config.listen.host, config.listen.port);
       }
       if (config.nbdSocketPath !== null) await node.nbd.listenUnix(config.nbdSocketPath);
+      if (config.fuseDirectory) await node.fuse();
+      node.#attachments = Attachments.load({
+        poolDirectory: pool.directory,
+        log: config.log,
+        volumeInfo: (name) => pool.volumeInfo(name),
+        fuseFile: async (volume) => (await node.fuse()).filePath(volume),
+        nbdUri: (volume) => node.#nbdUri(volume),
+        flushVolume: async (volume) => {
+          const device = await node.open(volume);
+          try {
+            await device.flush();
+          } finally {
+            await device.close();
+          }
+        },
+      });
+      if (node.#attachments.size > 0) await node.#attachments.recoverAll();
+      if (config.pluginSocketPath) {
+        node.#plugin = new DockerPluginServer(node, path.join(pool.directory, 'mounts'), config.log);
+        await node.#plugin.listen(config.pluginSocketPath);
+      }
     } catch (error) {
       await node.stop().catch(() => {});
       throw error;
@@ -86,10 +120,51 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async stop(): Promise<void> {
+    await this.#plugin?.close();
+    // File systems first (their last writes go through FUSE or NBD to the pool), then the FUSE mount.
+    await this.#attachments?.stopAll();
+    await this.#fuse?.close();
     await this.#threads?.stop();
     await this.nbd.close();
     await this.api.close();
     await this.pool.close();
+  }
+
+  /** The FUSE front end, mounted on first use: at --fuse DIR, else at <pool>/.fuse. */
+  fuse(): Promise<FuseFrontEnd> {
+    if (this.#fuse !== null) return Promise.resolve(this.#fuse);
+    this.#fuseMounting ??= FuseFrontEnd.mount(this.config.fuseDirectory || path.join(this.pool.directory, '.fuse'), this, this.config.log).then(
+      (frontEnd) => {
+        this.#fuse = frontEnd;
+        this.config.log(`FUSE front end mounted at ${frontEnd.directory}`);
+        return frontEnd;
+      },
+      (error: unknown) => {
+        this.#fuseMounting = null;
+        throw error;
+      },
+    );
+    return this.#fuseMounting;
+  }
+
+  #nbdUri(volume: string): string | null {
+    if (this.config.nbdSocketPath) return `nbd+unix:///${volume}?socket=${path.resolve(this.config.nbdSocketPath)}`;
+    const tcp = this.nbdAddresses().find((address) => !address.startsWith('/') && !address.startsWith('unix:'));
+    return tcp === undefined ? null : `nbd://${tcp}/${volume}`;
+  }
+
+  get attachments(): Attachments {
+    if (this.#attachments === null) throw new ChunkdError('ESHUTDOWN', 'the node is starting');
+    return this.#attachments;
+  }
+
+  attach(volume: string, body: Record<string, unknown>): Promise<AttachmentStatus> {
+    return this.attachments.attach(validateAttachRequest(volume, body));
+  }
+
+  async detach(volume: string): Promise<{ detached: string }> {
+    await this.attachments.detach(volume);
+    return { detached: volume };
   }
 
   // ---- DeviceProvider (NBD exports) ----
@@ -134,6 +209,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   removeVolume(name: string): Promise<void> {
+    const attachment = this.#attachments?.get(name);
+    if (attachment !== undefined) return Promise.reject(ChunkdError.busy(`volume ${name} is attached at ${attachment.mountpoint}; detach it first`));
     return this.pool.removeVolume(name);
   }
 
@@ -182,6 +259,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       volumes: this.pool.listVolumes(),
       nbd: await this.#nbdStatus(),
       api: { socket: this.apiSocketPath },
+      fuse: this.#fuse?.status() ?? null,
+      attachments: this.#attachments?.list() ?? [],
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
       io: this.pool.io.status(),
     };
@@ -218,6 +297,8 @@ export interface NodeStatus {
   volumes: VolumeInfo[];
   nbd: { listen: string[]; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
   api: { socket: string };
+  fuse: FuseStatus | null;
+  attachments: AttachmentStatus[];
   eventLoopUtilization: number;
   /** The chunk I/O engine: inline, or worker threads with each one's requests in flight. */
   io: IoEngineStatus;

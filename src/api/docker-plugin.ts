@@ -1,0 +1,167 @@
+// The Docker volume plugin protocol (docs.docker.com/engine/extend/plugins_volume) on its own unix socket, so a
+// container engine can create a chunkd volume, have it mounted and bind-mount the path it gets back.
+// Every request is a POST with a JSON body; every reply is JSON with `Err` ("" on success; on failure the
+// message, with status 500, as Docker's go-plugins-helpers answer).
+//
+// Mount attaches the volume (ext4 made on first use) at <pool>/mounts/<name> and counts the caller's ID; the
+// last Unmount detaches it again. Remove is refused while the volume is mounted. The counting lives in the
+// attachment records (attachment-table.ts), so it survives a restart of the node.
+import fs from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { ChunkdError } from '../core/errors.ts';
+import { apiBodyBytesMax } from '../core/limits.ts';
+import { validateName } from '../core/names.ts';
+import { parseSize } from '../core/units.ts';
+import { claimSocketPath } from '../core/unix-socket.ts';
+
+/** Size of a volume Docker creates without `-o size=...`. */
+export const dockerDefaultSizeBytes = 10 * 1024 * 1024 * 1024;
+const contentType = 'application/vnd.docker.plugins.v1+json';
+
+/** What the plugin needs from the node. */
+export interface PluginBackend {
+  listVolumes(): Array<{ name: string; sizeBytes: number; allocatedBytes: number }>;
+  /** Throws ChunkdError ENOENT for a missing volume. */
+  volumeInfo(name: string): { name: string; sizeBytes: number; allocatedBytes: number };
+  createVolume(name: string, sizeBytes: number): Promise<unknown>;
+  removeVolume(name: string): Promise<void>;
+  attachments: {
+    get(volume: string): { mountpoint: string; dockerIds: string[] } | undefined;
+    dockerMount(volume: string, id: string, mountpoint: string): Promise<{ mountpoint: string }>;
+    dockerUnmount(volume: string, id: string): Promise<void>;
+  };
+}
+
+function stringField(body: Record<string, unknown>, field: string): string {
+  const value = body[field];
+  if (typeof value !== 'string' || value === '') throw ChunkdError.invalid(`${field} is required`);
+  return value;
+}
+
+/** Answers one plugin request (route like "/VolumeDriver.Mount"); throws ChunkdError for the Err field. */
+export async function handlePluginRequest(backend: PluginBackend, mountRoot: string, route: string, body: Record<string, unknown>): Promise<Record<string, unknown>> {
+  switch (route) {
+    case '/Plugin.Activate':
+      return { Implements: ['VolumeDriver'] };
+    case '/VolumeDriver.Capabilities':
+      return { Capabilities: { Scope: 'local' } };
+    case '/VolumeDriver.Create': {
+      const name = validateName(stringField(body, 'Name'));
+      const options = (typeof body.Opts === 'object' && body.Opts !== null ? body.Opts : {}) as Record<string, unknown>;
+      for (const key of Object.keys(options)) if (key !== 'size') throw ChunkdError.invalid(`unknown option "${key}" (chunkd takes: size)`);
+      const sizeBytes = options.size === undefined ? null : parseSize(String(options.size));
+      const existing = backend.listVolumes().find((volume) => volume.name === name);
+      if (existing !== undefined) {
+        // Create is idempotent for a volume that is already as asked (Docker may call it again).
+        if (sizeBytes !== null && sizeBytes !== existing.sizeBytes) throw ChunkdError.exists(`volume ${name} exists with size ${existing.sizeBytes} bytes`);
+        return {};
+      }
+      await backend.createVolume(name, sizeBytes ?? dockerDefaultSizeBytes);
+      return {};
+    }
+    case '/VolumeDriver.Remove': {
+      const name = validateName(stringField(body, 'Name'));
+      backend.volumeInfo(name);
+      const attachment = backend.attachments.get(name);
+      if (attachment !== undefined) throw ChunkdError.busy(`volume ${name} is mounted at ${attachment.mountpoint}${attachment.dockerIds.length > 0 ? ` for ${attachment.dockerIds.length} container(s)` : ''}; unmount it first`);
+      await backend.removeVolume(name);
+      return {};
+    }
+    case '/VolumeDriver.Mount': {
+      const name = validateName(stringField(body, 'Name'));
+      const id = stringField(body, 'ID');
+      const record = await backend.attachments.dockerMount(name, id, path.join(mountRoot, name));
+      return { Mountpoint: record.mountpoint };
+    }
+    case '/VolumeDriver.Unmount': {
+      const name = validateName(stringField(body, 'Name'));
+      await backend.attachments.dockerUnmount(name, stringField(body, 'ID'));
+      return {};
+    }
+    case '/VolumeDriver.Path': {
+      const name = validateName(stringField(body, 'Name'));
+      backend.volumeInfo(name);
+      return { Mountpoint: backend.attachments.get(name)?.mountpoint ?? '' };
+    }
+    case '/VolumeDriver.Get': {
+      const name = validateName(stringField(body, 'Name'));
+      const volume = backend.volumeInfo(name);
+      return { Volume: { Name: name, Mountpoint: backend.attachments.get(name)?.mountpoint ?? '', Status: { sizeBytes: volume.sizeBytes, allocatedBytes: volume.allocatedBytes } } };
+    }
+    case '/VolumeDriver.List':
+      return { Volumes: backend.listVolumes().map((volume) => ({ Name: volume.name, Mountpoint: backend.attachments.get(volume.name)?.mountpoint ?? '' })) };
+    default:
+      throw ChunkdError.notFound(`unknown plugin route ${route}`);
+  }
+}
+
+export class DockerPluginServer {
+  readonly #backend: PluginBackend;
+  readonly #mountRoot: string;
+  readonly #log: (line: string) => void;
+  readonly #server: http.Server;
+  #socketPath: string | null = null;
+
+  constructor(backend: PluginBackend, mountRoot: string, log: (line: string) => void) {
+    this.#backend = backend;
+    this.#mountRoot = mountRoot;
+    this.#log = log;
+    this.#server = http.createServer((request, response) => {
+      this.#handle(request, response).catch((error: unknown) => {
+        if (!(error instanceof ChunkdError)) this.#log(`docker plugin: ${(error as Error).stack ?? String(error)}`);
+        send(response, 500, { Err: error instanceof Error ? error.message : String(error) });
+      });
+    });
+  }
+
+  /** Listens on `socketPath` (mode 0600; its directory is created); a stale socket file is replaced. */
+  async listen(socketPath: string): Promise<void> {
+    fs.mkdirSync(path.dirname(socketPath), { recursive: true });
+    await claimSocketPath(socketPath);
+    await new Promise<void>((resolve, reject) => {
+      this.#server.once('error', reject);
+      this.#server.listen(socketPath, () => {
+        this.#server.off('error', reject);
+        resolve();
+      });
+    });
+    fs.chmodSync(socketPath, 0o600);
+    this.#socketPath = socketPath;
+  }
+
+  async close(): Promise<void> {
+    this.#server.closeAllConnections();
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    if (this.#socketPath !== null) fs.rmSync(this.#socketPath, { force: true });
+  }
+
+  async #handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {
+    const chunks: Buffer[] = [];
+    let total = 0;
+    for await (const chunk of request) {
+      total += (chunk as Buffer).length;
+      if (total > apiBodyBytesMax) throw ChunkdError.invalid(`request body over ${apiBodyBytesMax} bytes`);
+      chunks.push(chunk as Buffer);
+    }
+    let body: Record<string, unknown> = {};
+    if (total > 0) {
+      try {
+        const value: unknown = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+        if (typeof value === 'object' && value !== null && !Array.isArray(value)) body = value as Record<string, unknown>;
+      } catch {
+        throw ChunkdError.invalid('request body is not JSON');
+      }
+    }
+    const route = new URL(request.url ?? '/', 'http://plugin').pathname;
+    const reply = await handlePluginRequest(this.#backend, this.#mountRoot, route, body);
+    send(response, 200, route === '/Plugin.Activate' || route === '/VolumeDriver.Capabilities' ? reply : { ...reply, Err: '' });
+  }
+}
+
+function send(response: http.ServerResponse, status: number, value: unknown): void {
+  if (response.headersSent) return void response.destroy();
+  const text = `${JSON.stringify(value)}\n`;
+  response.writeHead(status, { 'content-type': contentType, 'content-length': Buffer.byteLength(text) });
+  response.end(text);
+}

@@ -1,0 +1,44 @@
+// chunkd attach / detach: ask the node (it runs as root and serves the FUSE files) to mount a volume's file
+// system at a directory, or to take it away again.
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { ChunkdError } from '../core/errors.ts';
+import { validateName } from '../core/names.ts';
+import { callApi } from './api-client.ts';
+
+interface AttachmentReply {
+  volume: string;
+  mountpoint: string;
+  fsType: string;
+  via: string;
+  loopDevice: string | null;
+}
+
+const options = {
+  api: { type: 'string' },
+  json: { type: 'boolean' },
+  mountpoint: { type: 'string' },
+  fs: { type: 'string' },
+  via: { type: 'string' },
+} as const;
+
+/** chunkd attach VOL --mountpoint DIR [--fs ext4|xfs] [--via fuse|nbdfuse] */
+export async function attachCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options });
+  if (positionals.length !== 1 || values.mountpoint === undefined) throw ChunkdError.invalid('usage: chunkd attach VOL --mountpoint DIR [--fs ext4|xfs] [--via fuse|nbdfuse]');
+  const volume = validateName(positionals[0]);
+  const body = { mountpoint: path.resolve(values.mountpoint), fs: values.fs, via: values.via };
+  const reply = (await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(volume)}/attach`, body)) as AttachmentReply;
+  process.stdout.write(values.json ? `${JSON.stringify(reply, null, 2)}\n` : `attached volume ${reply.volume} at ${reply.mountpoint} (${reply.fsType} on ${reply.loopDevice ?? '?'} via ${reply.via})\n`);
+  return 0;
+}
+
+/** chunkd detach VOL */
+export async function detachCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
+  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { api: options.api, json: options.json } });
+  if (positionals.length !== 1) throw ChunkdError.invalid('usage: chunkd detach VOL');
+  const volume = validateName(positionals[0]);
+  await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(volume)}/detach`);
+  process.stdout.write(values.json ? `${JSON.stringify({ detached: volume })}\n` : `detached volume ${volume}\n`);
+  return 0;
+}
