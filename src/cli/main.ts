@@ -38,6 +38,8 @@ const usage = `usage: chunkd <command> [options]
   detach VOL                         unmount, detach the loop device, flush (refused while in use)
   status [--json]                    the node's pool, volumes, connections, attachments
   fsck --pool DIR [--json]           offline check of a pool no node holds; exit 0 only when clean
+  bench [--target DIR] [--profile NAME] [--quick] [--only ROWS] [--out DIR]
+                                     chunkd against the raw disk and its peers (bench/README.md)
 
   The CLI finds the node through --api PATH, else $CHUNKD_API, else ./data/chunkd.sock.`;
 
@@ -89,6 +91,9 @@ async function run(argv: string[]): Promise<number> {
       return scrubCommand(rest, apiPath);
     case 'fsck':
       return fsckCommand(rest);
+    case 'bench':
+      // The benchmark suite (bench/suite.ts; needs the dev dependencies): loaded only when asked for.
+      return (await import('../../bench/suite.ts')).runSuite(rest);
     default:
       throw ChunkdError.invalid(`unknown command "${command}" (run chunkd --help)`);
   }

@@ -1,0 +1,199 @@
+// Processes, tools and cleanup for the benchmark suite. Everything the suite makes (a server, a FUSE mount, a loop
+// device, a mount, a temporary directory) registers its undo on one stack as soon as it exists; cleanup runs the
+// stack last-in first-out (servers stop before the file system under them is unmounted), on success, on error and
+// on SIGINT/SIGTERM. Children are also tracked one by one, so that an interrupt stops a running fio too.
+import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+
+export const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
+const serverStopGraceMs = 15_000;
+
+interface Undo {
+  label: string;
+  run(): Promise<void> | void;
+}
+
+const undoStack: Undo[] = [];
+const liveChildren = new Set<ChildProcess>();
+let stopping = false;
+
+export function isStopping(): boolean {
+  return stopping;
+}
+
+/** Registers the undo of something just made; cleanup() runs it, newest first. Returns a function that runs it now (and unregisters it). */
+export function onCleanup(label: string, run: () => Promise<void> | void): () => Promise<void> {
+  const undo: Undo = { label, run };
+  undoStack.push(undo);
+  return async () => {
+    const index = undoStack.indexOf(undo);
+    if (index < 0) return;
+    undoStack.splice(index, 1);
+    await undo.run();
+  };
+}
+
+/** Stops every child and undoes everything made, newest first; a failing undo is reported and the rest still run. */
+export async function cleanup(): Promise<void> {
+  stopping = true;
+  while (undoStack.length > 0) {
+    const undo = undoStack.pop()!;
+    try {
+      await undo.run();
+    } catch (error) {
+      process.stderr.write(`bench: cleanup of ${undo.label} failed: ${(error as Error).message}\n`);
+    }
+  }
+  await Promise.all([...liveChildren].map((child) => stopChild(child)));
+}
+
+/** Installs SIGINT/SIGTERM handlers that clean up and exit 130. */
+export function cleanupOnSignals(): void {
+  const handler = (signal: NodeJS.Signals): void => {
+    if (stopping) return;
+    process.stderr.write(`\nbench: ${signal}, stopping servers, unmounting and removing temporary files\n`);
+    void cleanup().finally(() => process.exit(130));
+  };
+  process.once('SIGINT', handler);
+  process.once('SIGTERM', handler);
+}
+
+/** Tools by name, with --tool NAME=PATH overrides; a tool is missing when neither the override nor PATH has it. */
+export class Tools {
+  readonly overrides: Map<string, string>;
+  constructor(overrides: Map<string, string>) {
+    this.overrides = overrides;
+  }
+
+  /** The path to run, or null when the tool is missing. */
+  find(name: string): string | null {
+    const override = this.overrides.get(name);
+    if (override !== undefined) return fs.existsSync(override) ? override : null;
+    for (const directory of (process.env.PATH ?? '').split(':')) {
+      if (directory === '') continue;
+      const candidate = path.join(directory, name);
+      if (fs.existsSync(candidate)) return candidate;
+    }
+    return null;
+  }
+
+  /** The path of a tool that must be there. */
+  get(name: string): string {
+    const found = this.find(name);
+    if (found === null) throw new Error(`${name} not found${this.overrides.has(name) ? ` at ${this.overrides.get(name)}` : ' on PATH'}`);
+    return found;
+  }
+}
+
+/** Spawns a child that cleanup() will stop; refuses once we are stopping, so an interrupt starts nothing new. */
+export function spawnTracked(command: string, args: string[], options: { env?: NodeJS.ProcessEnv } = {}): ChildProcess {
+  if (stopping) throw new Error('interrupted');
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? process.env });
+  liveChildren.add(child);
+  child.once('exit', () => liveChildren.delete(child));
+  // A failed spawn emits 'error'; without a listener it would be thrown.
+  child.once('error', () => liveChildren.delete(child));
+  return child;
+}
+
+export function hasExited(child: ChildProcess): boolean {
+  return child.exitCode !== null || child.signalCode !== null;
+}
+
+export function waitForExit(child: ChildProcess, timeoutMs: number): Promise<boolean> {
+  if (hasExited(child)) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(false), timeoutMs);
+    child.once('exit', () => {
+      clearTimeout(timer);
+      resolve(true);
+    });
+  });
+}
+
+/** SIGTERM, and SIGKILL if it has not gone after the grace period (chunkd commits before it exits). */
+export async function stopChild(child: ChildProcess, graceMs = serverStopGraceMs): Promise<void> {
+  if (hasExited(child) || child.pid === undefined) return;
+  child.kill('SIGTERM');
+  if (await waitForExit(child, graceMs)) return;
+  child.kill('SIGKILL');
+  await waitForExit(child, 5_000);
+}
+
+/** Keeps the last bytes of a stream, for an error message when a child dies. */
+export function tail(stream: NodeJS.ReadableStream | null, limitBytes = 8192): () => string {
+  let text = '';
+  stream?.on('data', (chunk: Buffer) => {
+    text = (text + chunk.toString()).slice(-limitBytes);
+  });
+  return () => text;
+}
+
+export interface CommandResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a program to completion (never throws on a non-zero exit; a missing program is code 127). */
+export function runCommand(command: string, args: string[], options: { timeoutMs?: number; cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<CommandResult> {
+  return new Promise((resolve) => {
+    execFile(command, args, { maxBuffer: 64 * 1024 * 1024, timeout: options.timeoutMs ?? 120_000, cwd: options.cwd, env: options.env ?? process.env }, (error, stdout, stderr) => {
+      const code = error === null ? 0 : typeof error.code === 'number' ? error.code : error.code === 'ENOENT' ? 127 : 1;
+      resolve({ code, stdout: stdout.toString(), stderr: stderr.toString() || (error !== null && code !== 0 && typeof error.code !== 'number' ? error.message : '') });
+    });
+  });
+}
+
+/** Runs a program and throws with its output unless it exits 0; returns stdout. */
+export async function mustRun(command: string, args: string[], options: { timeoutMs?: number; cwd?: string } = {}): Promise<string> {
+  const result = await runCommand(command, args, options);
+  if (result.code !== 0) throw new Error(`${path.basename(command)} ${args.join(' ')} exited ${result.code}: ${(result.stderr || result.stdout).trim().slice(0, 400)}`);
+  return result.stdout;
+}
+
+/** The trimmed stdout of a command, or null if it fails. */
+export async function commandOutput(command: string, args: string[], cwd?: string): Promise<string | null> {
+  const result = await runCommand(command, args, { cwd, timeoutMs: 20_000 });
+  return result.code === 0 ? result.stdout.trim() : null;
+}
+
+/** Resolves once something accepts connections on the unix socket (qemu-nbd and nbdkit print no ready line). */
+export async function waitForSocket(socketPath: string, child: ChildProcess, stderr: () => string, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (hasExited(child)) throw new Error(`exited (${child.exitCode ?? child.signalCode}) before it was ready: ${stderr().trim().slice(0, 400)}`);
+    const connected = await new Promise<boolean>((resolve) => {
+      const socket = net.connect(socketPath, () => {
+        socket.destroy();
+        resolve(true);
+      });
+      socket.once('error', () => resolve(false));
+    });
+    if (connected) return;
+    await sleep(50);
+  }
+  throw new Error(`not ready in ${timeoutMs / 1000} s: ${stderr().trim().slice(0, 400)}`);
+}
+
+let clockTicksPerSecond = 100;
+
+export function setClockTicks(ticks: number): void {
+  if (ticks > 0) clockTicksPerSecond = ticks;
+}
+
+/** User + system CPU seconds of a process and all its threads so far; null once it has gone. */
+export function processCpuSeconds(pid: number): number | null {
+  let stat: string;
+  try {
+    stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return null;
+  }
+  // Field 2 (comm) is in parentheses and may hold spaces; fields 14 and 15 (utime, stime) count from field 3.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[14 - 3]) + Number(fields[15 - 3])) / clockTicksPerSecond;
+}

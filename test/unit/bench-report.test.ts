@@ -1,0 +1,79 @@
+// The benchmark suite's pure half: row selection, medians and spreads, ratios to the raw disk and to the best peer,
+// and the Markdown tables (bench/report.ts), on hand-made samples.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { allRows, defaultRowIds, formatMarkdownTables, selectRows, summariseRow, type Sample, type SystemInfo } from '../../bench/report.ts';
+import { rowArgs } from '../../bench/fio.ts';
+import { parseVariant } from '../../bench/systems.ts';
+
+function system(id: string, kind: SystemInfo['kind'], multiConn = true): SystemInfo {
+  return { id, title: id, kind, multiConn, command: null, skipped: null, preparation: null };
+}
+
+function sample(rowId: string, systemId: string, run: number, iops: number): Sample {
+  return {
+    rowId, system: systemId, run, iops, mbps: (iops * 4096) / 1e6, latencyUsP50: 10, latencyUsP99: 20, latencyUsP999: 30, writeLatencyUsP99: null,
+    ioBytes: iops * 4096, serverCpuSeconds: 1, serverCpuSecondsPerGB: 2, clientCpuPercent: 50, error: null,
+  };
+}
+
+test('rows: every workload at 1 and 4 connections; the default set; --only by id, prefix or all', () => {
+  assert.equal(allRows.length, 16);
+  assert.equal(new Set(allRows.map((row) => row.id)).size, 16);
+  assert.deepEqual(selectRows(undefined).map((row) => row.id), defaultRowIds);
+  assert.equal(selectRows('all').length, 16);
+  assert.deepEqual(selectRows('randread-4k-qd32').map((row) => row.id), ['randread-4k-qd32-c1', 'randread-4k-qd32-c4']);
+  assert.deepEqual(selectRows('write').map((row) => row.id), ['write-1m-qd8-c1', 'write-1m-qd8-c4']);
+  assert.throws(() => selectRows('randfoo'), /no row "randfoo"/);
+  const mixed = allRows.find((row) => row.id === 'randrw-4k-qd32-c4')!;
+  assert.equal(mixed.readPercent, 70);
+  assert.equal(mixed.title, '4 KiB random 70/30 read/write, QD32, 4 conns');
+});
+
+test('fio arguments: numjobs per connection, the mix, and flushes only where the row writes', () => {
+  const options = { runtimeSeconds: 3, rampSeconds: 1, sizeBytes: 2 ** 30, flushEveryBytes: 4 * 2 ** 20 };
+  const mixed = rowArgs(allRows.find((row) => row.id === 'randrw-4k-qd32-c4')!, options);
+  assert.ok(mixed.includes('--numjobs=4') && mixed.includes('--rwmixread=70') && mixed.includes('--fsync=1024') && mixed.includes('--group_reporting'));
+  assert.ok(!rowArgs(allRows.find((row) => row.id === 'randread-4k-qd1-c1')!, options).some((arg) => arg.startsWith('--fsync')));
+  assert.ok(rowArgs(allRows.find((row) => row.id === 'write-1m-qd8-c1')!, options).includes('--fsync=4'));
+  assert.ok(!rowArgs(allRows.find((row) => row.id === 'write-1m-qd8-c1')!, { ...options, flushEveryBytes: null }).some((arg) => arg.startsWith('--fsync')));
+});
+
+test('summaries: median and spread, ratio to raw and to the best peer, a row a system cannot run', () => {
+  const systems = [system('raw', 'raw'), system('peer-a', 'peer'), system('peer-b', 'peer', false), system('chunkd', 'chunkd')];
+  const single = allRows.find((row) => row.id === 'randread-4k-qd32-c1')!;
+  const samples = [
+    ...[100, 300, 200].map((iops, index) => sample(single.id, 'raw', index + 1, iops)),
+    ...[50, 40, 60].map((iops, index) => sample(single.id, 'peer-a', index + 1, iops)),
+    ...[80, 80, 90].map((iops, index) => sample(single.id, 'peer-b', index + 1, iops)),
+    ...[100, 120, 110].map((iops, index) => sample(single.id, 'chunkd', index + 1, iops)),
+    { ...sample(single.id, 'chunkd', 4, 0), iops: null, mbps: null, error: 'fio exited 1' },
+  ];
+  const summary = summariseRow(single, systems, samples);
+  assert.equal(summary.bestPeer, 'peer-b');
+  assert.deepEqual(summary.systems.raw!.value, { median: 200, min: 100, max: 300, count: 3 });
+  assert.equal(summary.systems.chunkd!.ratioToRaw, 110 / 200);
+  assert.equal(summary.systems.chunkd!.ratioToBestPeer, 110 / 80);
+  assert.equal(summary.systems.chunkd!.failedRuns, 1);
+  assert.equal(summary.systems['peer-b']!.ratioToBestPeer, 80 / 50, 'a peer against the best other peer');
+  assert.equal(summary.systems.raw!.ratioToBestPeer, null);
+
+  const multi = allRows.find((row) => row.id === 'randread-4k-qd32-c4')!;
+  const blocked = summariseRow(multi, systems, [sample(multi.id, 'raw', 1, 10), sample(multi.id, 'peer-a', 1, 5), sample(multi.id, 'chunkd', 1, 6)]);
+  assert.equal(blocked.systems['peer-b']!.notRun, 'no multi-conn');
+  assert.equal(blocked.systems['peer-b']!.value, null);
+  assert.equal(blocked.bestPeer, 'peer-a');
+
+  const markdown = formatMarkdownTables([summary, blocked], systems, { runs: 3, runtimeSeconds: 3, rampSeconds: 1, volumeBytes: 2 ** 30, cache: 'warm', flushEveryBytes: null });
+  const lines = markdown.split('\n').filter((line) => line.startsWith('|'));
+  assert.equal(lines.length, 4 * 4, 'four tables of header, separator and two rows');
+  assert.ok(markdown.includes('| 4 KiB random read, QD32 | IOPS | 200 (100–300) | 50.0 (40.0–60.0) | 80.0 (80.0–90.0) | 110 (100–120) |'));
+  assert.ok(markdown.includes('n/a (no multi-conn)'));
+  assert.ok(markdown.includes('0.55x / 1.38x'));
+});
+
+test('--chunkd-variant NAME=ARGS', () => {
+  assert.deepEqual(parseVariant('w4=--workers 4'), { name: 'w4', args: ['--workers', '4'] });
+  assert.deepEqual(parseVariant('plain'), { name: 'plain', args: [] });
+  assert.throws(() => parseVariant('bad name=--x'), /not a name/);
+});
