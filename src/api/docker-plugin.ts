@@ -13,7 +13,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
 import { parseSize } from '../core/units.ts';
-import { claimSocketPath } from '../core/unix-socket.ts';
+import { listenOwnerOnly } from '../core/unix-socket.ts';
 
 /** Size of a volume Docker creates without `-o size=...`. */
 export const dockerDefaultSizeBytes = 10 * 1024 * 1024 * 1024;
@@ -118,15 +118,7 @@ export class DockerPluginServer {
   /** Listens on `socketPath` (mode 0600; its directory is created); a stale socket file is replaced. */
   async listen(socketPath: string): Promise<void> {
     fs.mkdirSync(path.dirname(socketPath), { recursive: true });
-    await claimSocketPath(socketPath);
-    await new Promise<void>((resolve, reject) => {
-      this.#server.once('error', reject);
-      this.#server.listen(socketPath, () => {
-        this.#server.off('error', reject);
-        resolve();
-      });
-    });
-    fs.chmodSync(socketPath, 0o600);
+    await listenOwnerOnly(this.#server, socketPath);
     this.#socketPath = socketPath;
   }
 

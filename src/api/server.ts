@@ -6,7 +6,7 @@ import http from 'node:http';
 import { ChunkdError, type ErrorCode } from '../core/errors.ts';
 import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
-import { claimSocketPath } from '../core/unix-socket.ts';
+import { listenOwnerOnly } from '../core/unix-socket.ts';
 import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 
@@ -67,20 +67,7 @@ export class ApiServer {
 
   /** Listens on a unix socket readable by its owner only; a stale socket from a crashed node is replaced. */
   async listen(socketPath: string): Promise<void> {
-    await claimSocketPath(socketPath);
-    const oldMask = process.umask(0o177);
-    try {
-      await new Promise<void>((resolve, reject) => {
-        this.#server.once('error', reject);
-        this.#server.listen(socketPath, () => {
-          this.#server.off('error', reject);
-          resolve();
-        });
-      });
-    } finally {
-      process.umask(oldMask);
-    }
-    fs.chmodSync(socketPath, 0o600);
+    await listenOwnerOnly(this.#server, socketPath);
     this.#socketPath = socketPath;
   }
 

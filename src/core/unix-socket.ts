@@ -1,5 +1,5 @@
 // Unix socket paths left behind by a crashed node are replaced; a socket something still answers on is not.
-// Shared by the NBD listener and the management API.
+// Shared by the NBD listener, the management API and the Docker plugin socket.
 import fs from 'node:fs';
 import net from 'node:net';
 import { ChunkdError } from '../core/errors.ts';
@@ -25,4 +25,22 @@ export async function claimSocketPath(socketPath: string): Promise<void> {
   });
   if (live) throw ChunkdError.busy(`${socketPath} is in use by a running process`);
   fs.rmSync(socketPath, { force: true });
+}
+
+/** Listens on `socketPath` readable by its owner only (no moment with a wider mode); a stale socket is replaced. */
+export async function listenOwnerOnly(server: net.Server, socketPath: string): Promise<void> {
+  await claimSocketPath(socketPath);
+  const oldMask = process.umask(0o177);
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(socketPath, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+  } finally {
+    process.umask(oldMask);
+  }
+  fs.chmodSync(socketPath, 0o600);
 }
