@@ -10,10 +10,10 @@ import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
-import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
 import { parseSize } from '../core/units.ts';
 import { listenOwnerOnly } from '../core/unix-socket.ts';
+import { readBody } from './server.ts';
 
 /** Size of a volume Docker creates without `-o size=...`. */
 export const dockerDefaultSizeBytes = 10 * 1024 * 1024 * 1024;
@@ -129,22 +129,7 @@ export class DockerPluginServer {
   }
 
   async #handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {
-    const chunks: Buffer[] = [];
-    let total = 0;
-    for await (const chunk of request) {
-      total += (chunk as Buffer).length;
-      if (total > apiBodyBytesMax) throw ChunkdError.invalid(`request body over ${apiBodyBytesMax} bytes`);
-      chunks.push(chunk as Buffer);
-    }
-    let body: Record<string, unknown> = {};
-    if (total > 0) {
-      try {
-        const value: unknown = JSON.parse(Buffer.concat(chunks).toString('utf8'));
-        if (typeof value === 'object' && value !== null && !Array.isArray(value)) body = value as Record<string, unknown>;
-      } catch {
-        throw ChunkdError.invalid('request body is not JSON');
-      }
-    }
+    const body = await readBody(request);
     const route = new URL(request.url ?? '/', 'http://plugin').pathname;
     const reply = await handlePluginRequest(this.#backend, this.#mountRoot, route, body);
     send(response, 200, route === '/Plugin.Activate' || route === '/VolumeDriver.Capabilities' ? reply : { ...reply, Err: '' });

@@ -166,7 +166,8 @@ function sizeField(value: unknown): number {
   return value;
 }
 
-async function readBody(request: http.IncomingMessage): Promise<Record<string, unknown>> {
+/** Reads a request's JSON object body (at most apiBodyBytesMax bytes; none gives {}); shared with the Docker plugin socket. */
+export async function readBody(request: http.IncomingMessage): Promise<Record<string, unknown>> {
   const chunks: Buffer[] = [];
   let total = 0;
   for await (const chunk of request) {

@@ -27,11 +27,6 @@ export class SharedBufferPool {
     return this.#slab;
   }
 
-  /** Slots in use now (for status). */
-  get slotsInUse(): number {
-    return sharedSlotCount - this.#freeSlotCount;
-  }
-
   /** A buffer of exactly `size` bytes in shared memory, with unspecified contents. */
   readonly acquire = (size: number): Buffer => {
     if (size <= sharedSlotBytes && this.#freeSlotCount > 0) {

@@ -113,11 +113,6 @@ export class ChunkMap {
     return unmapped;
   }
 
-  /** Takes private copies of the shared pages over [virtualChunk, virtualChunk + chunkCount), before a write. */
-  ownRange(virtualChunk: number, chunkCount: number, refs: ChunkRefs): void {
-    for (const pageIndex of this.#pageIndexesIn(virtualChunk, virtualChunk + chunkCount)) this.#ownPage(pageIndex, refs, false);
-  }
-
   /** Splits [virtualChunk, virtualChunk + chunkCount) into holes and physically contiguous runs, in order. */
   runs(virtualChunk: number, chunkCount: number): ChunkRun[] {
     const result: ChunkRun[] = [];

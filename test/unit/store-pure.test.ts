@@ -56,10 +56,10 @@ test('chunk map: clones share pages; a write copies the page, not the data; drop
   volume.mapRun(0, 0, 600, refs); // two pages
   const snapshot = volume.clone();
   assert.equal(refs.get(5), 1, 'a clone adds no chunk references: pages are shared');
-  volume.ownRange(5, 1, refs);
-  assert.equal(refs.get(5), 2, 'owning a shared page references its chunks from both copies');
-  assert.equal(refs.get(550), 1, 'the other page is still shared, untouched');
   volume.mapRun(5, 1000, 1, refs);
+  assert.equal(refs.get(6), 2, 'writing into a shared page copies it: its chunks are referenced from both copies');
+  assert.equal(refs.get(5), 1, 'the replaced chunk keeps the snapshot copy\'s reference');
+  assert.equal(refs.get(550), 1, 'the other page is still shared, untouched');
   assert.equal(snapshot.get(5), 5);
   assert.equal(volume.get(5), 1000);
   assert.deepEqual(freed, []);
