@@ -5,6 +5,10 @@
 // out of order but never interleave. Replies written in one turn of the event loop leave in one writev
 // (cork until setImmediate). A READ reply is one buffer, header and data, that device.read fills in place.
 //
+// Receiving: the socket's reads land in a large arena buffer, a window at a time, and what they hold is queued as
+// views (input-queue.ts), except a WRITE payload larger than a window: it is read straight into the buffer the
+// device writes from (steered-socket.ts), so the kernel's copy out of the socket is its only copy.
+//
 // Flow control: past requestsInFlightPerConnectionMax requests or bytesInFlightPerConnectionMax bytes in flight
 // (or that many reply bytes the client has not read yet) the socket is paused, and resumed when a request
 // finishes. A WRITE payload counts from its header on, as it is buffered.
@@ -29,6 +33,7 @@ import { blockDescriptors } from './extents.ts';
 import { Handshake } from './handshake.ts';
 import type { Session } from './handshake.ts';
 import { InputQueue } from './input-queue.ts';
+import { steerReads } from './steered-socket.ts';
 import {
   NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA,
   NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE,
@@ -68,6 +73,13 @@ interface Buffers {
   release(buffer: Buffer): void;
 }
 
+/** Bytes one socket read may bring into the arena: what Node's own reads take. */
+const readWindowBytes = 64 * 1024;
+/** Socket reads fill an arena a window at a time; a new one is started when less than a window is left. */
+const readArenaBytes = 1024 * 1024;
+/** A WRITE payload larger than this is read from the socket straight into its own buffer. */
+const steeredPayloadBytesMin = readWindowBytes + 1;
+
 /** Input buffered during the handshake before the socket is paused: two maximal options. */
 const handshakeInputBytesMax = 2 * (optionHeaderBytes + optionBytesMax);
 
@@ -106,13 +118,24 @@ export class NbdConnection {
 
   /** A WRITE whose header was decoded and whose payload is still arriving. */
   #pendingWrite: NbdRequest | null = null;
+  /** A large pending WRITE's own buffer, and how much of its payload is in it. */
+  #payload: Buffer | null = null;
+  #payloadFilled = 0;
+  /** The part of #payload the next socket read lands in, when it was steered there. */
+  #steeredView: Buffer | null = null;
+  /**
+   * Where socket reads land otherwise: never written twice, so the views queued from it stay valid; a new arena
+   * is started when little is left.
+   */
+  #arena = Buffer.allocUnsafeSlow(readArenaBytes);
+  #arenaUsed = 0;
   /** Bytes of a refused WRITE's payload still to be read and thrown away. */
   #discardBytes = 0;
   #inFlightCount = 0;
   #inFlightBytes = 0;
 
-  constructor(socket: Socket, options: ConnectionOptions) {
-    this.#socket = socket;
+  /** `accepted`: a socket that has read nothing yet (the server accepts with pauseOnConnect). */
+  constructor(accepted: Socket, options: ConnectionOptions) {
     this.#options = options;
     const shared = options.sharedBuffers ?? null;
     this.#payloadBuffers = shared ?? new BufferPool(bytesInFlightPerConnectionMax);
@@ -122,7 +145,13 @@ export class NbdConnection {
     const { promise, resolve } = Promise.withResolvers<void>();
     this.done = promise;
     this.#resolveDone = resolve;
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk));
+    const steered = steerReads(accepted, { nextReadBuffer: () => this.#nextReadBuffer(), onRead: (count, buffer) => this.#onRead(count, buffer) }, { allowHalfOpen: true });
+    const socket = steered ?? accepted;
+    this.#socket = socket;
+    if (steered === null) {
+      socket.on('data', (chunk: Buffer) => this.#onData(chunk));
+      socket.resume();
+    }
     socket.on('end', () => this.#onEnd());
     socket.on('drain', () => this.#maybeResume());
     socket.on('error', (error: NodeJS.ErrnoException) => {
@@ -154,6 +183,31 @@ export class NbdConnection {
     this.#maybeEnd();
   }
 
+  /** Where the next socket read lands: the rest of a large WRITE's payload, or the arena. */
+  #nextReadBuffer(): Buffer {
+    if (this.#payload !== null && this.#input.length === 0 && !this.#readingStopped) {
+      this.#steeredView = this.#payload.subarray(this.#payloadFilled);
+      return this.#steeredView;
+    }
+    this.#steeredView = null;
+    if (this.#arena.length - this.#arenaUsed < readWindowBytes) {
+      this.#arena = Buffer.allocUnsafeSlow(readArenaBytes);
+      this.#arenaUsed = 0;
+    }
+    return this.#arena.subarray(this.#arenaUsed, this.#arenaUsed + readWindowBytes);
+  }
+
+  #onRead(count: number, buffer: Buffer): void {
+    if (buffer === this.#steeredView) {
+      this.#steeredView = null;
+      this.#payloadFilled += count;
+      if (!this.#readingStopped) this.#parseRequests();
+      return;
+    }
+    this.#arenaUsed += count;
+    this.#onData(buffer.subarray(0, count));
+  }
+
   #onData(chunk: Buffer): void {
     if (this.#readingStopped) return;
     this.#input.push(chunk);
@@ -175,6 +229,9 @@ export class NbdConnection {
     this.#readingStopped = true;
     this.#pendingWrite = null;
     this.#input.clear();
+    // Only now, with the socket closed, can no read land in it any more.
+    if (this.#payload !== null) this.#payloadBuffers.release(this.#payload);
+    this.#payload = null;
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
     if (this.#graceTimer !== null) clearTimeout(this.#graceTimer);
     this.#maybeRelease();
@@ -244,6 +301,14 @@ export class NbdConnection {
           continue;
         }
         const pending = this.#pendingWrite;
+        if (pending !== null && pending.lengthBytes >= steeredPayloadBytesMin) {
+          if (!this.#receivePayload(pending.lengthBytes)) break;
+          const payload = this.#payload!;
+          this.#payload = null;
+          this.#pendingWrite = null;
+          this.#execute(pending, payload, payload);
+          continue;
+        }
         if (pending !== null) {
           if (this.#input.length < pending.lengthBytes) break;
           this.#pendingWrite = null;
@@ -270,6 +335,20 @@ export class NbdConnection {
     } finally {
       this.#parsing = false;
     }
+  }
+
+  /**
+   * Moves what is queued of a large WRITE's payload into its own buffer (taken now, if this is the first of it);
+   * the socket's next reads then land in the buffer itself. Whether the payload is whole.
+   */
+  #receivePayload(lengthBytes: number): boolean {
+    this.#payload ??= this.#payloadBuffers.acquire(lengthBytes);
+    const count = Math.min(this.#input.length, lengthBytes - this.#payloadFilled);
+    this.#input.takeInto(this.#payload, this.#payloadFilled, count);
+    this.#payloadFilled += count;
+    if (this.#payloadFilled < lengthBytes) return false;
+    this.#payloadFilled = 0;
+    return true;
   }
 
   /** Takes one decoded request: validates it, then runs it, waits for its payload, or answers an error. */
@@ -318,7 +397,7 @@ export class NbdConnection {
 
   #stopReading(): void {
     this.#readingStopped = true;
-    this.#pendingWrite = null;
+    this.#pendingWrite = null; // a payload buffer being filled is given back when the socket closes
     this.#discardBytes = 0;
     this.#input.clear();
     this.#socket.pause();

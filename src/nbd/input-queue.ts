@@ -81,17 +81,23 @@ export class InputQueue {
     this.#length = 0;
   }
 
-  /** Consumes `count` bytes into a new buffer. */
-  #gather(count: number, allocate?: (size: number) => Buffer): Buffer {
-    const target = allocate !== undefined ? allocate(count) : Buffer.allocUnsafe(count);
+  /** Consumes the next `count` bytes, copying them to target[offset..]. */
+  takeInto(target: Buffer, offset: number, count: number): void {
+    assert(Number.isInteger(count) && count >= 0 && count <= this.#length && offset + count <= target.length, 'takeInto: queued bytes that fit');
     let copied = 0;
     while (copied < count) {
       const chunk = this.#chunks[0]!;
       const step = Math.min(chunk.length - this.#headOffset, count - copied);
-      chunk.copy(target, copied, this.#headOffset, this.#headOffset + step);
+      chunk.copy(target, offset + copied, this.#headOffset, this.#headOffset + step);
       this.#consumeFromHead(step);
       copied += step;
     }
+  }
+
+  /** Consumes `count` bytes into a new buffer. */
+  #gather(count: number, allocate?: (size: number) => Buffer): Buffer {
+    const target = allocate !== undefined ? allocate(count) : Buffer.allocUnsafe(count);
+    this.takeInto(target, 0, count);
     return target;
   }
 

@@ -90,7 +90,8 @@ export class NbdServer {
   async #listen(address: net.ListenOptions, tcp: boolean): Promise<void> {
     if (this.#closing !== null) throw new ChunkdError('ESHUTDOWN', 'the NBD server is closed');
     // allowHalfOpen: a client that shuts down its sending side still gets the replies to what it sent.
-    const listener = net.createServer({ allowHalfOpen: true, noDelay: tcp }, (socket) => this.#accept(socket, tcp));
+    // pauseOnConnect: the connection moves the socket to reads it steers before anything is read (connection.ts).
+    const listener = net.createServer({ allowHalfOpen: true, noDelay: tcp, pauseOnConnect: true }, (socket) => this.#accept(socket, tcp));
     await new Promise<void>((resolve, reject) => {
       listener.once('error', reject);
       listener.listen(address, () => {
