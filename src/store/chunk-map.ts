@@ -75,18 +75,23 @@ export class ChunkMap {
   /** Points `chunkCount` chunks from `virtualChunk` at consecutive physical chunks, replacing what they named. */
   mapRun(virtualChunk: number, physicalChunk: number, chunkCount: number, refs: ChunkRefs): void {
     assert(chunkCount > 0 && physicalChunk >= 0 && virtualChunk >= 0);
-    for (let i = 0; i < chunkCount; i++) {
+    let i = 0;
+    while (i < chunkCount) {
+      // A page at a time: one lookup (and copy-on-write check) per page, not per chunk.
       const v = virtualChunk + i;
       const page = this.#ownPage(Math.floor(v / mapPageChunks), refs, true)!;
-      const slot = v % mapPageChunks;
-      const old = page.slots[slot]! - 1;
-      if (old >= 0) refs.decrement(old);
-      else {
-        page.usedCount += 1;
-        this.#mappedCount += 1;
+      const first = v % mapPageChunks;
+      const end = Math.min(mapPageChunks, first + chunkCount - i);
+      for (let slot = first; slot < end; slot++, i++) {
+        const old = page.slots[slot]! - 1;
+        if (old >= 0) refs.decrement(old);
+        else {
+          page.usedCount += 1;
+          this.#mappedCount += 1;
+        }
+        page.slots[slot] = physicalChunk + i + 1;
+        refs.increment(physicalChunk + i);
       }
-      page.slots[slot] = physicalChunk + i + 1;
-      refs.increment(physicalChunk + i);
     }
   }
 

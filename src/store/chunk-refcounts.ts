@@ -8,6 +8,9 @@ const blockChunks = 65536;
 
 export class ChunkRefcounts implements ChunkRefs {
   readonly #blocks = new Map<number, Uint32Array>();
+  /** The block used last: a write touches hundreds of chunks of one block in a row (saves a Map lookup each). */
+  #lastIndex = -1;
+  #last: Uint32Array | undefined;
   /** Called for each chunk whose count falls to zero. */
   onFree: (physicalChunk: number) => void;
 
@@ -16,25 +19,34 @@ export class ChunkRefcounts implements ChunkRefs {
   }
 
   get(physicalChunk: number): number {
-    return this.#blocks.get(Math.floor(physicalChunk / blockChunks))?.[physicalChunk % blockChunks] ?? 0;
+    return this.#block(Math.floor(physicalChunk / blockChunks))?.[physicalChunk % blockChunks] ?? 0;
   }
 
   increment(physicalChunk: number): void {
     const blockIndex = Math.floor(physicalChunk / blockChunks);
-    let block = this.#blocks.get(blockIndex);
+    let block = this.#block(blockIndex);
     if (block === undefined) {
       block = new Uint32Array(blockChunks);
       this.#blocks.set(blockIndex, block);
+      this.#last = block;
     }
     block[physicalChunk % blockChunks]! += 1;
   }
 
   decrement(physicalChunk: number): void {
-    const block = this.#blocks.get(Math.floor(physicalChunk / blockChunks));
+    const block = this.#block(Math.floor(physicalChunk / blockChunks));
     const slot = physicalChunk % blockChunks;
     assert(block !== undefined && block[slot]! > 0, `chunk ${physicalChunk} released more often than referenced`);
     block[slot]! -= 1;
     if (block[slot] === 0) this.onFree(physicalChunk);
+  }
+
+  #block(blockIndex: number): Uint32Array | undefined {
+    if (blockIndex !== this.#lastIndex) {
+      this.#lastIndex = blockIndex;
+      this.#last = this.#blocks.get(blockIndex);
+    }
+    return this.#last;
   }
 
   /** Runs of chunks with a nonzero count, in order (to rebuild the allocator at load). */

@@ -18,7 +18,9 @@ export class ChunkSums {
   /** Records the checksums of `sums.length` consecutive chunks from `physicalChunk`. */
   setRun(physicalChunk: number, sums: ArrayLike<number>): void {
     assert(physicalChunk >= 0);
-    for (let i = 0; i < sums.length; i++) {
+    let i = 0;
+    while (i < sums.length) {
+      // One block at a time: a lookup per block, not per chunk.
       const chunk = physicalChunk + i;
       const blockIndex = Math.floor(chunk / blockChunks);
       let block = this.#blocks.get(blockIndex);
@@ -26,7 +28,10 @@ export class ChunkSums {
         block = new Uint32Array(blockChunks);
         this.#blocks.set(blockIndex, block);
       }
-      block[chunk % blockChunks] = sums[i]!;
+      const slot = chunk % blockChunks;
+      const count = Math.min(sums.length - i, blockChunks - slot);
+      for (let k = 0; k < count; k++) block[slot + k] = sums[i + k]!;
+      i += count;
     }
   }
 }
