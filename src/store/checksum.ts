@@ -2,9 +2,49 @@
 // Measured here (tmp/crcbench, Node 24, 4 KiB blocks): 10.3 GB/s, against 1.8 GB/s for Node's built-in
 // zlib.crc32 and 2.9 GB/s for the same package's crc32c; 32 bits detect every burst error up to 32 bits and any
 // other damage with probability 1 - 2^-32, which is what a per-block check on a local disk needs.
+//
+// Verifying many blocks at once: the CRC of a concatenation follows from the CRCs of its parts (zlib's
+// crc32_combine), crc(A || B) = shift(crc(A)) ^ crc(B), where shift, for a B of one block, is a fixed linear map
+// on 32-bit values. So a run of blocks is checked with one native call over all its bytes against the combination
+// of their recorded checksums: 1 MiB in one call ran at 15 GB/s here, 256 calls of 4 KiB at 6-10 GB/s. Damage
+// inside one block changes the run's CRC exactly when it would change that block's (shifting by x^n mod the
+// polynomial is invertible), and a mismatch is then looked for block by block to name the block.
 import { crc32 } from '@node-rs/crc32';
+import { chunkSizeBytes } from '../core/limits.ts';
 
 /** The checksum of one block's bytes (any length; the store passes whole 4 KiB chunks). */
 export function blockChecksum(bytes: Uint8Array): number {
   return crc32(bytes as Buffer) >>> 0;
+}
+
+/** The checksum of a run of bytes: blockChecksum of their concatenation (compare with combinedChecksum). */
+export const runChecksum = blockChecksum;
+
+/**
+ * shift(v), the linear map above for one block of chunkSizeBytes, as four byte-indexed tables. It is read off the
+ * CRC itself: continuing a CRC from state v over a block of zeros gives shift(v) ^ crc(zeros), for every v.
+ */
+const shiftTables: Uint32Array[] = (() => {
+  const zeros = Buffer.alloc(chunkSizeBytes);
+  const offset = crc32(zeros, 0) >>> 0;
+  const basis = Array.from({ length: 32 }, (_, bit) => ((crc32(zeros, (1 << bit) >>> 0) >>> 0) ^ offset) >>> 0);
+  return [0, 1, 2, 3].map((byte) => {
+    const table = new Uint32Array(256);
+    for (let value = 1; value < 256; value++) {
+      let image = 0;
+      for (let bit = 0; bit < 8; bit++) if ((value & (1 << bit)) !== 0) image ^= basis[byte * 8 + bit]!;
+      table[value] = image >>> 0;
+    }
+    return table;
+  });
+})();
+
+/** The checksum of `count` consecutive blocks (chunkSizeBytes each) whose own checksums are sums[from..]. */
+export function combinedChecksum(sums: Uint32Array, from: number, count: number): number {
+  const [t0, t1, t2, t3] = shiftTables as [Uint32Array, Uint32Array, Uint32Array, Uint32Array];
+  let crc = sums[from]!;
+  for (let i = from + 1; i < from + count; i++) {
+    crc = (t0[crc & 0xff]! ^ t1[(crc >>> 8) & 0xff]! ^ t2[(crc >>> 16) & 0xff]! ^ t3[crc >>> 24]! ^ sums[i]!) >>> 0;
+  }
+  return crc;
 }

@@ -5,7 +5,7 @@
 // punch, zero ranges) stays with ChunkFiles on the main thread: it is rare and already off the event loop.
 import { assert } from '../core/assert.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
-import { blockChecksum } from './checksum.ts';
+import { blockChecksum, combinedChecksum, runChecksum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 
 /** The first chunk of a read whose bytes do not match their checksum. */
@@ -55,13 +55,21 @@ export function firstMismatch(data: Uint8Array, expected: Uint32Array): Mismatch
   return null;
 }
 
-/** The chunks of `plan` in `target`, verified in plan order: the first whose checksum differs, or null. */
+/**
+ * The chunks of `plan` in `target`, verified in plan order: the first whose checksum differs, or null. Each run
+ * is checked whole, with one CRC over its bytes (checksum.ts), and block by block only when that fails.
+ */
 export function firstPlanMismatch(target: Uint8Array, plan: Float64Array, expected: Uint32Array): Mismatch | null {
   let index = 0;
   for (let p = 0; p < plan.length; p += 3) {
     const count = plan[p + 1]!;
     const start = plan[p + 2]! * chunkSizeBytes;
-    const mismatch = firstMismatch(target.subarray(start, start + count * chunkSizeBytes), expected.subarray(index, index + count));
+    const bytes = target.subarray(start, start + count * chunkSizeBytes);
+    if (count > 1 && runChecksum(bytes) === combinedChecksum(expected, index, count)) {
+      index += count;
+      continue;
+    }
+    const mismatch = firstMismatch(bytes, expected.subarray(index, index + count));
     if (mismatch !== null) return { ...mismatch, chunkIndex: index + mismatch.chunkIndex };
     index += count;
   }

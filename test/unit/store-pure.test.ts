@@ -2,6 +2,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ChunkAllocator } from '../../src/store/allocator.ts';
+import { blockChecksum, combinedChecksum } from '../../src/store/checksum.ts';
+import { chunkSums, firstPlanMismatch } from '../../src/store/chunk-io.ts';
 import { ChunkMap } from '../../src/store/chunk-map.ts';
 import { ChunkRefcounts } from '../../src/store/chunk-refcounts.ts';
 import { diffMaps } from '../../src/store/map-diff.ts';
@@ -201,4 +203,27 @@ test('range lock: overlapping writes wait in order, reads share', async () => {
   assert.deepEqual(order, ['second', 'third']);
   (read as () => void)();
   assert.equal(lock.size, 0);
+});
+
+test('checksums: a run combined from its blocks\' checksums equals the checksum of its bytes; a flipped byte is found in its block', () => {
+  const random = makeRandom(testSeed('checksums'));
+  const chunk = 4096;
+  const data = Buffer.alloc(40 * chunk);
+  for (let i = 0; i < data.length; i++) data[i] = randomInt(random, 256);
+  const sums = chunkSums(data);
+  for (const [from, count] of [[0, 1], [0, 2], [3, 17], [0, 40], [39, 1]] as const) {
+    assert.equal(combinedChecksum(sums, from, count), blockChecksum(data.subarray(from * chunk, (from + count) * chunk)), `run of ${count} from ${from}`);
+  }
+  // Two runs in one target: 24 chunks at target chunk 0, 16 at target chunk 24 (the plan's physical chunks do not matter here).
+  const plan = new Float64Array([100, 24, 0, 500, 16, 24]);
+  assert.equal(firstPlanMismatch(data, plan, sums), null);
+  for (const chunkIndex of [0, 13, 23, 24, 31, 39]) {
+    const damaged = Buffer.from(data);
+    const byte = chunkIndex * chunk + randomInt(random, chunk);
+    damaged[byte] = damaged[byte]! ^ (1 << randomInt(random, 8));
+    const mismatch = firstPlanMismatch(damaged, plan, sums);
+    assert.equal(mismatch?.chunkIndex, chunkIndex, `damage at byte ${byte}`);
+    assert.equal(mismatch?.expected, sums[chunkIndex]);
+    assert.equal(mismatch?.actual, blockChecksum(damaged.subarray(chunkIndex * chunk, (chunkIndex + 1) * chunk)));
+  }
 });
