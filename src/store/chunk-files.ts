@@ -45,13 +45,18 @@ export class ChunkFiles {
 
   /**
    * Reads the bytes right here if they are all in the page cache (preadv2 RWF_NOWAIT: it never waits on the disk,
-   * see native.ts) and the file is open already; returns whether it did.
+   * see native.ts) and the file is open already (else it starts opening it); returns whether it did.
    */
   readCached(physicalChunk: number, offsetBytes: number, target: Uint8Array): boolean {
     const position = physicalChunk * chunkSizeBytes + offsetBytes;
     const fileIndex = Math.floor(position / fileBytes);
     const file = this.#files.get(fileIndex);
-    if (file === undefined || position + target.length > (fileIndex + 1) * fileBytes) return false;
+    if (file === undefined) {
+      // Open it for the reads that follow: when worker threads did every write so far, this thread never has.
+      if (!this.#opening.has(fileIndex)) this.#open(fileIndex).catch(() => {});
+      return false;
+    }
+    if (position + target.length > (fileIndex + 1) * fileBytes) return false;
     const bytesRead = readIfCached(file.fd, target, position - fileIndex * fileBytes);
     if (bytesRead === target.length) return true;
     if (bytesRead !== 0) return false;

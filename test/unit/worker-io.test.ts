@@ -50,6 +50,20 @@ test('writes return checksums; reads verify them, from plain and from shared mem
   await files.sync();
 });
 
+test('a chunk file only the workers wrote is opened here for small cached reads, which then stay on this thread', async () => {
+  const data = randomBytes(large);
+  const physical = 3 * chunksPerFile + 7; // a chunk file of its own, which only a worker has opened
+  await io.writeSummed(physical, data);
+  const small = Buffer.alloc(chunkSizeBytes);
+  assert.equal(files.readCached(physical, 0, small), false, 'not open on this thread yet: it starts opening');
+  const deadline = Date.now() + 2000;
+  while (!files.readCached(physical + 1, 0, small)) {
+    assert.ok(Date.now() < deadline, 'the file opens');
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  assert.deepEqual(small, data.subarray(chunkSizeBytes, 2 * chunkSizeBytes));
+});
+
 test('a damaged chunk is named, with both checksums; verify false skips the check', async () => {
   const data = randomBytes(large);
   const sums = await io.writeSummed(100, data);
