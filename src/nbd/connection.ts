@@ -75,8 +75,12 @@ interface Buffers {
 
 /** Bytes one socket read may bring into the arena: what Node's own reads take. */
 const readWindowBytes = 64 * 1024;
-/** Socket reads fill an arena a window at a time; a new one is started when less than a window is left. */
-const readArenaBytes = 1024 * 1024;
+/**
+ * Socket reads fill an arena a window at a time; a new one is started when less than a window is left. An idle
+ * connection holds its arena, so it is kept small; the handshake's messages are smaller still.
+ */
+const readArenaBytes = 256 * 1024;
+const handshakeReadBytes = 4 * 1024;
 /** A WRITE payload larger than this is read from the socket straight into its own buffer. */
 const steeredPayloadBytesMin = readWindowBytes + 1;
 
@@ -127,7 +131,7 @@ export class NbdConnection {
    * Where socket reads land otherwise: never written twice, so the views queued from it stay valid; a new arena
    * is started when little is left.
    */
-  #arena = Buffer.allocUnsafeSlow(readArenaBytes);
+  #arena = Buffer.allocUnsafeSlow(handshakeReadBytes);
   #arenaUsed = 0;
   /** Bytes of a refused WRITE's payload still to be read and thrown away. */
   #discardBytes = 0;
@@ -190,11 +194,13 @@ export class NbdConnection {
       return this.#steeredView;
     }
     this.#steeredView = null;
-    if (this.#arena.length - this.#arenaUsed < readWindowBytes) {
-      this.#arena = Buffer.allocUnsafeSlow(readArenaBytes);
+    const handshake = this.#phase === 'handshake';
+    const window = handshake ? handshakeReadBytes : readWindowBytes;
+    if (this.#arena.length - this.#arenaUsed < window) {
+      this.#arena = Buffer.allocUnsafeSlow(handshake ? handshakeReadBytes : readArenaBytes);
       this.#arenaUsed = 0;
     }
-    return this.#arena.subarray(this.#arenaUsed, this.#arenaUsed + readWindowBytes);
+    return this.#arena.subarray(this.#arenaUsed, this.#arenaUsed + window);
   }
 
   #onRead(count: number, buffer: Buffer): void {
