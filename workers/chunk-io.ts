@@ -4,6 +4,6 @@ import { ChunkTaskRunner, type ChunkTaskResult, type WorkerTask } from '../src/s
 
 const runner = new ChunkTaskRunner(workerData.chunkDirectory as string, (workerData.slab as SharedArrayBuffer | undefined) ?? null, workerData.testHooks === true);
 
-export default function chunkTasks(task: WorkerTask): ChunkTaskResult[] {
+export default function chunkTasks(task: WorkerTask): ChunkTaskResult[] | Promise<ChunkTaskResult[]> {
   return runner.runBatch(task);
 }

@@ -59,7 +59,7 @@ export const sharedLargeBytesHeldMax = 16 * requestBytesMax;
 
 /** Chunk I/O tasks queued on one worker thread beyond the one it runs: hides the hand-off, keeps the balance. */
 export const workerTasksQueuedMax = 3;
-/** Reads up to this size whose bytes are all in the page cache are served on the calling thread, not a worker. */
+/** Reads up to this size are served on the calling thread, not a worker (through libuv's pool when they miss the page cache). */
 export const inlineReadBytesMax = 64 * KiB;
 /** Writes up to this size are checksummed on the calling thread and written through libuv's pool, not a worker. */
 export const inlineWriteBytesMax = 64 * KiB;

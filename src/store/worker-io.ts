@@ -1,8 +1,9 @@
 // Chunk I/O on worker threads (piscina): each read or write of whole chunks is one task, run by one of N workers
 // that each hold their own descriptors of the chunk files (chunk-task.ts). Bytes never cross the boundary by
 // copy when they live in shared memory (shared-buffers.ts: the NBD server's request buffers); any other buffer
-// is staged through a shared one. A request spanning several runs of chunks becomes several tasks that run in
-// parallel on different workers; per-block order is the volume's range lock's business, upstream of here.
+// is staged through a shared one. A request is one task however many runs of chunks it covers; a worker reads
+// what the page cache holds at once and the rest through libuv's pool, many at a time (chunk-task.ts). Per-block
+// order is the volume's range lock's business, upstream of here.
 //
 // A worker that dies (an exception that escapes, out of memory, the test hook) makes piscina reject the task it
 // was running: that request fails with EIO, piscina starts a replacement, and the node goes on serving. Tasks
@@ -14,7 +15,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
 import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
 import type { ChunkFiles } from './chunk-files.ts';
-import { chunkSums, firstPlanMismatch, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
+import { InlineChunkIo, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerTask } from './chunk-task.ts';
 
 const workerModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'chunk-io.ts');
@@ -42,6 +43,8 @@ export function defaultWorkerCount(): number {
 
 export class WorkerChunkIo implements ChunkIo {
   readonly #files: ChunkFiles;
+  /** Small requests, done on this thread. */
+  readonly #inline: InlineChunkIo;
   readonly #pool: Piscina<WorkerTask, ChunkTaskResult[]>;
   readonly #workerCount: number;
   /** Tasks asked for in this turn of the event loop, handed out together at its end. */
@@ -55,6 +58,7 @@ export class WorkerChunkIo implements ChunkIo {
 
   constructor(files: ChunkFiles, options: WorkerIoOptions) {
     this.#files = files;
+    this.#inline = new InlineChunkIo(files);
     this.#buffers = options.buffers;
     this.#log = options.log;
     this.#workerCount = options.workerCount;
@@ -65,8 +69,6 @@ export class WorkerChunkIo implements ChunkIo {
       idleTimeout: Number.MAX_SAFE_INTEGER,
       concurrentTasksPerWorker: 1 + workerTasksQueuedMax,
       workerData: { chunkDirectory: files.directory, slab: options.buffers.slab, testHooks: options.testHooks === true },
-      // The workers do file I/O synchronously; they need no libuv threads of their own.
-      env: { ...process.env, UV_THREADPOOL_SIZE: '1' },
     });
     this.#pool.on('workerCreate', (worker: WorkerView) => this.#workers.set(worker, worker.id));
     this.#pool.on('workerDestroy', () => {
@@ -87,9 +89,11 @@ export class WorkerChunkIo implements ChunkIo {
 
   async readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
     // A small request whose bytes are in the page cache costs a microsecond or two here, and a hand-off to a
-    // worker and back costs more than that: it stays on this thread. A large one goes to a worker whole, as one
-    // task however many runs it is made of (a range rewritten at random), so its reads and checksums leave here.
-    if (target.length <= inlineReadBytesMax && this.#allCached(target, plan)) return verify ? firstPlanMismatch(target, plan, expected) : null;
+    // worker and back costs more than that: it stays on this thread, and so does one that misses the cache (its
+    // read goes to libuv's pool from here: through a worker it would cross two more threads, and its checksum is
+    // well under a microsecond). A large one goes to a worker whole, as one task however many runs it is made of
+    // (a range rewritten at random), so its reads and checksums leave here.
+    if (target.length <= inlineReadBytesMax) return this.#inline.readChunks(target, plan, expected, verify);
     const staged = isShared(target) ? null : this.#buffers.acquire(target.length);
     const memory = staged ?? target;
     try {
@@ -106,22 +110,10 @@ export class WorkerChunkIo implements ChunkIo {
     }
   }
 
-  #allCached(target: Buffer, plan: Float64Array): boolean {
-    for (let p = 0; p < plan.length; p += 3) {
-      const start = plan[p + 2]! * chunkSizeBytes;
-      if (!this.#files.readCached(plan[p]!, 0, target.subarray(start, start + plan[p + 1]! * chunkSizeBytes))) return false;
-    }
-    return true;
-  }
-
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
     // A small write's checksums cost well under a microsecond per 4 KiB here, and libuv's pool takes its pwrite
     // with a lighter hand-off than a worker task (4 KiB at QD1: 40k/s against 17k/s through a worker).
-    if (data.length <= inlineWriteBytesMax) {
-      const sums = chunkSums(data);
-      await this.#files.write(physicalChunk, 0, data);
-      return sums;
-    }
+    if (data.length <= inlineWriteBytesMax) return this.#inline.writeSummed(physicalChunk, data);
     let staged: Buffer | null = null;
     if (!isShared(data)) {
       staged = this.#buffers.acquire(data.length);

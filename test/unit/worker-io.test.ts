@@ -11,6 +11,8 @@ import { chunkSizeBytes, chunksPerFile } from '../../src/core/limits.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { chunkSums } from '../../src/store/chunk-io.ts';
 import { ChunkFiles } from '../../src/store/chunk-files.ts';
+import { ChunkTaskRunner, type ChunkTask } from '../../src/store/chunk-task.ts';
+import koffi from 'koffi';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
 import { randomBytes } from 'node:crypto';
 
@@ -62,6 +64,34 @@ test('a chunk file only the workers wrote is opened here for small cached reads,
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
   assert.deepEqual(small, data.subarray(chunkSizeBytes, 2 * chunkSizeBytes));
+});
+
+test('a worker reads page-cache hits at once and waits for the disk without blocking: uncached reads come back as promises', async () => {
+  const chunkDirectory = path.join(directory, 'runner');
+  const chunkFiles = new ChunkFiles(chunkDirectory);
+  const data = randomBytes(large);
+  await chunkFiles.write(0, 0, data);
+  await chunkFiles.sync();
+  chunkFiles.close();
+  const runner = new ChunkTaskRunner(chunkDirectory, null, false);
+  const sums = chunkSums(data);
+  const readTask = (memory: SharedArrayBuffer): ChunkTask => ({
+    op: 'read', bytes: { slab: false, memory, byteOffset: 0, lengthBytes: large }, plan: Float64Array.of(0, large / chunkSizeBytes, 0), expected: sums, verify: true,
+  });
+  const cachedTarget = new SharedArrayBuffer(large);
+  const cached = runner.run(readTask(cachedTarget));
+  assert.ok(!(cached instanceof Promise), 'bytes just written are in the page cache: read at once');
+  assert.equal(cached.ok && cached.mismatch, null);
+  assert.deepEqual(Buffer.from(cachedTarget), data);
+
+  dropFromPageCache(path.join(chunkDirectory, '00000000.chunk'));
+  const coldTarget = new SharedArrayBuffer(large);
+  const cold = runner.run(readTask(coldTarget));
+  assert.ok(cold instanceof Promise, 'bytes not in the page cache: the read goes to libuv and the task answers later');
+  const result = await cold;
+  assert.equal(result.ok && result.mismatch, null);
+  assert.deepEqual(Buffer.from(coldTarget), data);
+  runner.close();
 });
 
 test('a damaged chunk is named, with both checksums; verify false skips the check', async () => {
@@ -132,3 +162,14 @@ test('a worker that dies fails what it ran with EIO, is replaced, and the engine
   assert.equal(status.workers.length, 2, `replaced: ${JSON.stringify(status)}`);
   assert.ok(logged.some((line) => /worker \d+ died/.test(line)), logged.join("\n"));
 });
+
+/** Drops a file's clean pages from the page cache (posix_fadvise DONTNEED; the file must have been synced). */
+function dropFromPageCache(file: string): void {
+  const fadvise = koffi.load('libc.so.6').func('int posix_fadvise(int fd, int64_t offset, int64_t len, int advice)');
+  const fd = fs.openSync(file, 'r');
+  try {
+    assert.equal(fadvise(fd, 0, 0, 4 /* POSIX_FADV_DONTNEED */), 0);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
