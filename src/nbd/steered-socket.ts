@@ -11,10 +11,9 @@
 // its own descriptor. The descriptor number is read from the socket's handle, a private field: when it is not
 // there (another platform, another Node), the caller keeps the accepted socket and its 'data' events.
 import net from 'node:net';
-import koffi from 'koffi';
+import { libcFunction } from '../core/libc.ts';
 
-const libc = koffi.load('libc.so.6');
-const dupFn = libc.func('int dup(int fd)');
+const dupFn = libcFunction('int dup(int fd)');
 
 /** Where a steered socket's bytes go. */
 export interface SteeredReader {
@@ -31,7 +30,7 @@ export interface SteeredReader {
 export function steerReads(accepted: net.Socket, reader: SteeredReader, options: { allowHalfOpen: boolean }): net.Socket | null {
   const fd = (accepted as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) return null;
-  const copy = dupFn(fd) as number;
+  const copy = dupFn()(fd) as number;
   if (copy < 0) return null;
   const socket = new net.Socket({
     fd: copy,

@@ -194,7 +194,7 @@ export class ChunkFiles {
 }
 
 /** Reads until the buffer is full; bytes past the end of the file read as zeros (a sparse file's tail). */
-export function readFully(fd: number, target: Buffer, positionBytes: number): Promise<void> {
+export function readFully(fd: number, target: Uint8Array, positionBytes: number): Promise<void> {
   return new Promise((resolve, reject) => {
     let done = 0;
     const step = (): void => {

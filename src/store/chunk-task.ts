@@ -11,6 +11,7 @@
 // Writes stay synchronous: they land in the page cache.
 import fs from 'node:fs';
 import path from 'node:path';
+import { readFully } from './chunk-files.ts';
 import { readIfCached } from './native.ts';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
 import { chunkSums, firstPlanMismatch, type Mismatch } from './chunk-io.ts';
@@ -145,26 +146,6 @@ function readCachedOrLater(fd: number, target: Uint8Array, position: number): Pr
   if (cached === 0 || cached === target.length) return null;
   const done = Math.max(cached, 0);
   return readFully(fd, target.subarray(done), position + done);
-}
-
-/** Reads until full, asynchronously; past the end of a sparse file reads zeros. */
-function readFully(fd: number, target: Uint8Array, position: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    let done = 0;
-    const step = (): void => {
-      fs.read(fd, target, done, target.length - done, position + done, (error, bytesRead) => {
-        if (error) return reject(error);
-        done += bytesRead;
-        if (bytesRead === 0) {
-          target.fill(0, done);
-          done = target.length;
-        }
-        if (done < target.length) step();
-        else resolve();
-      });
-    };
-    step();
-  });
 }
 
 /** Writes all of it; a short write is looped, not an error. */

@@ -1,17 +1,16 @@
-// The few system calls Node's fs lacks, through koffi (a maintained FFI with prebuilt binaries, so nothing is
-// compiled at install): fallocate (punching holes gives space back to the file system; zero-range zeroes without
-// writing), flock (one node per pool), lseek with SEEK_DATA (fsck finds data left in free space), and preadv2
-// with RWF_NOWAIT. Calls that may wait on the disk run on koffi's worker threads (`.async`), never on the event
-// loop; preadv2 with RWF_NOWAIT is the exception by design: the kernel answers from the page cache or refuses
-// with EAGAIN at once, so it never waits, and a cached 4 KiB read costs about a microsecond and a half instead of
-// a round trip through libuv's thread pool (several times that, and most of a small read's CPU cost).
-import koffi from 'koffi';
+// The few system calls Node's fs lacks, through koffi (core/libc.ts, which loads it on first use): fallocate
+// (punching holes gives space back to the file system; zero-range zeroes without writing), flock (one node per
+// pool), lseek with SEEK_DATA (fsck finds data left in free space), and preadv2 with RWF_NOWAIT. Calls that may
+// wait on the disk run on koffi's worker threads (`.async`), never on the event loop; preadv2 with RWF_NOWAIT is
+// the exception by design: the kernel answers from the page cache or refuses with EAGAIN at once, so it never
+// waits, and a cached 4 KiB read costs about a microsecond and a half instead of a round trip through libuv's
+// thread pool (several times that, and most of a small read's CPU cost).
+import { errnoName, errnoValue, koffi, libcFunction } from '../core/libc.ts';
 
-const libc = koffi.load('libc.so.6');
-const fallocateFn = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
-const flockFn = libc.func('int flock(int fd, int operation)');
-const lseekFn = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
-const preadv2Fn = libc.func('int64_t preadv2(int fd, void *iov, int iovcnt, int64_t offset, int flags)');
+const fallocateFn = libcFunction('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
+const flockFn = libcFunction('int flock(int fd, int operation)');
+const lseekFn = libcFunction('int64_t lseek(int fd, int64_t offset, int whence)');
+const preadv2Fn = libcFunction('int64_t preadv2(int fd, void *iov, int iovcnt, int64_t offset, int flags)');
 
 const FALLOC_FL_KEEP_SIZE = 0x01;
 const FALLOC_FL_PUNCH_HOLE = 0x02;
@@ -25,10 +24,8 @@ const RWF_NOWAIT = 0x08;
 const iovec = Buffer.alloc(16);
 let nowaitReadsWork = true;
 
-const errnoNames = new Map<number, string>(Object.entries(koffi.os.errno as Record<string, number>).map(([name, value]) => [value, name]));
-
 function systemError(call: string, errno: number): NodeJS.ErrnoException {
-  const code = errnoNames.get(errno) ?? `E${errno}`;
+  const code = errnoName(errno);
   const error: NodeJS.ErrnoException = new Error(`${call} failed: ${code}`);
   error.code = code;
   error.errno = -errno;
@@ -46,8 +43,8 @@ function fallocateAsync(fd: number, mode: number, offsetBytes: number, lengthByt
   return new Promise((resolve, reject) => {
     const start = (): void => {
       asyncCallsRunning += 1;
-      fallocateFn.async(fd, mode, offsetBytes, lengthBytes, (error: unknown, result: number) => {
-        const errno = koffi.errno();
+      fallocateFn().async(fd, mode, offsetBytes, lengthBytes, (error: unknown, result: number) => {
+        const errno = koffi().errno();
         asyncCallsRunning -= 1;
         waitingCalls.shift()?.();
         if (error) reject(error);
@@ -77,9 +74,9 @@ export function reserveSpace(fd: number, offsetBytes: number, lengthBytes: numbe
 
 /** Takes an exclusive advisory lock on the open file, or returns false if another process holds it. */
 export function tryLockExclusive(fd: number): boolean {
-  if (flockFn(fd, LOCK_EX | LOCK_NB) === 0) return true;
-  const errno = koffi.errno();
-  if (errno === (koffi.os.errno as Record<string, number>).EWOULDBLOCK) return false;
+  if (flockFn()(fd, LOCK_EX | LOCK_NB) === 0) return true;
+  const errno = koffi().errno();
+  if (errno === errnoValue('EWOULDBLOCK')) return false;
   throw systemError('flock', errno);
 }
 
@@ -88,9 +85,9 @@ export function dataRanges(fd: number, startBytes: number, endBytes: number): Ar
   const ranges: Array<{ offsetBytes: number; lengthBytes: number }> = [];
   let offset = startBytes;
   while (offset < endBytes) {
-    const dataStart = Number(lseekFn(fd, offset, SEEK_DATA));
+    const dataStart = Number(lseekFn()(fd, offset, SEEK_DATA));
     if (dataStart < 0 || dataStart >= endBytes) break;
-    const holeStart = Math.min(Number(lseekFn(fd, dataStart, SEEK_HOLE)), endBytes);
+    const holeStart = Math.min(Number(lseekFn()(fd, dataStart, SEEK_HOLE)), endBytes);
     if (holeStart <= dataStart) break;
     ranges.push({ offsetBytes: dataStart, lengthBytes: holeStart - dataStart });
     offset = holeStart;
@@ -105,11 +102,11 @@ export function dataRanges(fd: number, startBytes: number, endBytes: number): Ar
  */
 export function readIfCached(fd: number, target: Uint8Array, positionBytes: number): number {
   if (!nowaitReadsWork) return -1;
-  iovec.writeBigUInt64LE(koffi.address(target) as bigint, 0);
+  iovec.writeBigUInt64LE(koffi().address(target), 0);
   iovec.writeBigUInt64LE(BigInt(target.length), 8);
-  const result = Number(preadv2Fn(fd, iovec, 1, positionBytes, RWF_NOWAIT));
+  const result = Number(preadv2Fn()(fd, iovec, 1, positionBytes, RWF_NOWAIT));
   if (result >= 0) return result;
-  const errno = koffi.errno();
-  if (errno === (koffi.os.errno as Record<string, number>).EOPNOTSUPP || errno === (koffi.os.errno as Record<string, number>).EINVAL) nowaitReadsWork = false;
+  const errno = koffi().errno();
+  if (errno === errnoValue('EOPNOTSUPP') || errno === errnoValue('EINVAL')) nowaitReadsWork = false;
   return -1;
 }
