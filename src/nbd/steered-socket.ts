@@ -7,13 +7,17 @@
 //
 // Node offers `onread` only to sockets it makes from a descriptor (`new net.Socket({ fd, onread })`), not to
 // those a server accepts. So the server accepts with pauseOnConnect (nothing read yet), and the accepted socket's
-// descriptor is duplicated into a new socket that has onread; the original is then destroyed, which closes only
-// its own descriptor. The descriptor number is read from the socket's handle, a private field: when it is not
-// there (another platform, another Node), the caller keeps the accepted socket and its 'data' events.
+// descriptor is duplicated (close-on-exec, as Node's own: a child such as nbdfuse must not inherit client sockets)
+// into a new socket that has onread; the original is then destroyed, which closes only its own descriptor. The
+// descriptor number is read from the socket's handle, a private field: when it is not there, or anything in the
+// move fails (another platform, another Node, no descriptors left), the caller keeps the accepted socket and its
+// 'data' events.
+import fs from 'node:fs';
 import net from 'node:net';
 import { libcFunction } from '../core/libc.ts';
 
-const dupFn = libcFunction('int dup(int fd)');
+const fcntlFn = libcFunction('int fcntl(int fd, int cmd, ...)');
+const F_DUPFD_CLOEXEC = 1030;
 
 /** Where a steered socket's bytes go. */
 export interface SteeredReader {
@@ -30,21 +34,28 @@ export interface SteeredReader {
 export function steerReads(accepted: net.Socket, reader: SteeredReader, options: { allowHalfOpen: boolean }): net.Socket | null {
   const fd = (accepted as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
   if (typeof fd !== 'number' || fd < 0) return null;
-  const copy = dupFn()(fd) as number;
-  if (copy < 0) return null;
-  const socket = new net.Socket({
-    fd: copy,
-    readable: true,
-    writable: true,
-    allowHalfOpen: options.allowHalfOpen,
-    onread: {
-      buffer: () => reader.nextReadBuffer(),
-      callback: (count: number, buffer: Uint8Array) => {
-        reader.onRead(count, buffer as Buffer);
-        return true; // the reader pauses the socket itself when it must
+  let copy = -1;
+  let socket: net.Socket;
+  try {
+    copy = fcntlFn()(fd, F_DUPFD_CLOEXEC, 'int', 0) as number;
+    if (copy < 0) return null;
+    socket = new net.Socket({
+      fd: copy,
+      readable: true,
+      writable: true,
+      allowHalfOpen: options.allowHalfOpen,
+      onread: {
+        buffer: () => reader.nextReadBuffer(),
+        callback: (count: number, buffer: Uint8Array) => {
+          reader.onRead(count, buffer as Buffer);
+          return true; // the reader pauses the socket itself when it must
+        },
       },
-    },
-  });
+    });
+  } catch {
+    if (copy >= 0) fs.closeSync(copy);
+    return null;
+  }
   accepted.on('error', () => {});
   accepted.destroy();
   return socket;

@@ -39,7 +39,10 @@ export class ChunkTaskRunner {
   readonly #directory: string;
   readonly #testHooks: boolean;
   readonly #slab: SharedArrayBuffer | null;
-  readonly #fds = new Map<number, number>();
+  /** Open chunk files; `reads`: asynchronous reads still using the descriptor, which must not be closed under them. */
+  readonly #fds = new Map<number, { fd: number; reads: number }>();
+  /** Descriptors dropped from #fds while reads still used them: closed when the last one ends. */
+  readonly #closing = new Map<number, { fd: number; reads: number }>();
 
   constructor(directory: string, slab: SharedArrayBuffer | null, testHooks: boolean) {
     this.#directory = directory;
@@ -62,30 +65,38 @@ export class ChunkTaskRunner {
 
   /** A task's result: at once when every byte it read was in the page cache, else once its reads are done. */
   run(task: ChunkTask): ChunkTaskResult | Promise<ChunkTaskResult> {
+    // Reads still running: every one settles before the task answers, also when one fails or a later step throws,
+    // so that none lands in the buffer after the main thread has taken it back.
+    const waits: Array<Promise<void>> = [];
+    const afterReads = (result: () => ChunkTaskResult): ChunkTaskResult | Promise<ChunkTaskResult> => {
+      if (waits.length === 0) return result();
+      return Promise.allSettled(waits).then((settled) => {
+        const failed = settled.find((outcome) => outcome.status === 'rejected');
+        if (failed !== undefined) return failure(failed.reason);
+        try {
+          return result();
+        } catch (error) {
+          return failure(error);
+        }
+      });
+    };
     try {
       switch (task.op) {
         case 'read': {
           const target = this.#view(task.bytes);
-          const waits: Array<Promise<void>> = [];
           for (let p = 0; p < task.plan.length; p += 3) {
             const start = task.plan[p + 2]! * chunkSizeBytes;
-            this.#each(task.plan[p]!, target.subarray(start, start + task.plan[p + 1]! * chunkSizeBytes), (fd, part, position) => {
-              const waiting = readCachedOrLater(fd, part, position);
-              if (waiting !== null) waits.push(waiting);
+            this.#each(task.plan[p]!, target.subarray(start, start + task.plan[p + 1]! * chunkSizeBytes), (file, part, position) => {
+              const waiting = readCachedOrLater(file.fd, part, position);
+              if (waiting !== null) waits.push(this.#using(file, waiting));
             });
           }
-          const verified = (): ChunkTaskResult => ({ ok: true, mismatch: task.verify ? firstPlanMismatch(target, task.plan, task.expected) : null, sums: null, filesWritten: [] });
-          if (waits.length === 0) return verified();
-          // Every read settles before the task answers, also when one fails: none may land in the buffer after.
-          return Promise.allSettled(waits).then((settled) => {
-            const failed = settled.find((outcome) => outcome.status === 'rejected');
-            return failed === undefined ? verified() : failure(failed.reason);
-          });
+          return afterReads(() => ({ ok: true, mismatch: task.verify ? firstPlanMismatch(target, task.plan, task.expected) : null, sums: null, filesWritten: [] }));
         }
         case 'write': {
           const data = this.#view(task.bytes);
           const sums = chunkSums(data);
-          const filesWritten = this.#each(task.physicalChunk, data, (fd, part, position) => writeFully(fd, part, position));
+          const filesWritten = this.#each(task.physicalChunk, data, (file, part, position) => writeFully(file.fd, part, position));
           return { ok: true, mismatch: null, sums, filesWritten };
         }
         case 'die': {
@@ -95,17 +106,30 @@ export class ChunkTaskRunner {
         }
       }
     } catch (error) {
-      return failure(error);
+      return afterReads(() => failure(error));
     }
   }
 
+  /** Closes every descriptor no read is using; the others close when their last read ends. */
   close(): void {
-    for (const fd of this.#fds.values()) fs.closeSync(fd);
-    this.#fds.clear();
+    for (const [fileIndex, file] of this.#fds) {
+      if (file.reads === 0) fs.closeSync(file.fd);
+      else this.#closing.set(file.fd, file);
+      this.#fds.delete(fileIndex);
+    }
+  }
+
+  /** Counts an asynchronous read against its descriptor until it settles. */
+  #using(file: { fd: number; reads: number }, read: Promise<void>): Promise<void> {
+    file.reads += 1;
+    return read.finally(() => {
+      file.reads -= 1;
+      if (file.reads === 0 && this.#closing.delete(file.fd)) fs.closeSync(file.fd);
+    });
   }
 
   /** Runs `action` on each chunk file's part of a span of chunks; returns the file indexes touched. */
-  #each(physicalChunk: number, bytes: Uint8Array, action: (fd: number, part: Uint8Array, position: number) => void): number[] {
+  #each(physicalChunk: number, bytes: Uint8Array, action: (file: { fd: number; reads: number }, part: Uint8Array, position: number) => void): number[] {
     const files: number[] = [];
     let done = 0;
     while (done < bytes.length) {
@@ -120,14 +144,15 @@ export class ChunkTaskRunner {
     return files;
   }
 
-  #fd(fileIndex: number): number {
-    let fd = this.#fds.get(fileIndex);
-    if (fd === undefined) {
+  #fd(fileIndex: number): { fd: number; reads: number } {
+    let file = this.#fds.get(fileIndex);
+    if (file === undefined) {
       if (this.#fds.size >= openChunkFilesMax) this.close();
-      fd = fs.openSync(path.join(this.#directory, `${fileIndex.toString().padStart(8, '0')}.chunk`), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
-      this.#fds.set(fileIndex, fd);
+      const fd = fs.openSync(path.join(this.#directory, `${fileIndex.toString().padStart(8, '0')}.chunk`), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+      file = { fd, reads: 0 };
+      this.#fds.set(fileIndex, file);
     }
-    return fd;
+    return file;
   }
 }
 

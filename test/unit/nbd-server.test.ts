@@ -470,6 +470,20 @@ test('WRITE payloads arriving in pieces of any size land whole, among other requ
   }
 });
 
+test('client sockets stay close-on-exec: a child the node starts (nbdfuse, umount) inherits none', async (t) => {
+  const h = await start(t);
+  const client = await h.ready();
+  assert.equal(replyError(await client.call({ type: nbd.NBD_CMD_WRITE, handle: 1n, offsetBytes: 0 }, Buffer.alloc(512, 1))), 0);
+  const inherited: string[] = [];
+  for (const fd of await fs.readdir('/proc/self/fd')) {
+    const target = await fs.readlink(`/proc/self/fd/${fd}`).catch(() => '');
+    if (!target.startsWith('socket:')) continue;
+    const flags = /flags:\s+(\d+)/.exec(await fs.readFile(`/proc/self/fdinfo/${fd}`, 'utf8').catch(() => ''))?.[1];
+    if (flags !== undefined && (parseInt(flags, 8) & 0o2000000) === 0) inherited.push(`fd ${fd} (${target})`);
+  }
+  assert.deepEqual(inherited, [], 'every socket descriptor has O_CLOEXEC');
+});
+
 test('replies go out as requests finish, out of order, each whole', async (t) => {
   const h = await start(t);
   h.provider.latencyMs = (op, offsetBytes) => (op === 'read' && offsetBytes === 0 ? 250 : 0);

@@ -7,14 +7,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { ChunkdError } from '../../src/core/errors.ts';
-import { chunkSizeBytes, chunksPerFile } from '../../src/core/limits.ts';
+import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../../src/core/limits.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { chunkSums } from '../../src/store/chunk-io.ts';
 import { ChunkFiles } from '../../src/store/chunk-files.ts';
 import { ChunkTaskRunner, type ChunkTask } from '../../src/store/chunk-task.ts';
 import koffi from 'koffi';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
-import { randomBytes } from 'node:crypto';
+import { pbkdf2, randomBytes } from 'node:crypto';
 
 let directory: string;
 let files: ChunkFiles;
@@ -91,6 +91,35 @@ test('a worker reads page-cache hits at once and waits for the disk without bloc
   const result = await cold;
   assert.equal(result.ok && result.mismatch, null);
   assert.deepEqual(Buffer.from(coldTarget), data);
+  runner.close();
+});
+
+test('a worker never closes a descriptor under a read still waiting in libuv\'s pool, even past its open-file limit', async () => {
+  const chunkDirectory = path.join(directory, 'descriptors');
+  const chunkFiles = new ChunkFiles(chunkDirectory);
+  const wanted = randomBytes(chunkSizeBytes);
+  await chunkFiles.write(0, 0, wanted);
+  await chunkFiles.sync();
+  chunkFiles.close();
+  dropFromPageCache(path.join(chunkDirectory, '00000000.chunk'));
+  // Keep libuv's pool busy, so that the read below waits in its queue while the worker opens other files.
+  const busy = Array.from({ length: 16 }, () => new Promise((resolve) => pbkdf2('x', 'y', 200_000, 32, 'sha256', resolve)));
+  const runner = new ChunkTaskRunner(chunkDirectory, null, false);
+  const target = new SharedArrayBuffer(chunkSizeBytes);
+  const read = runner.run({ op: 'read', bytes: { slab: false, memory: target, byteOffset: 0, lengthBytes: chunkSizeBytes }, plan: Float64Array.of(0, 1, 0), expected: chunkSums(wanted), verify: true });
+  assert.ok(read instanceof Promise);
+  // Writes to openChunkFilesMax other files: the runner closes what it holds to stay under the limit.
+  const other = new SharedArrayBuffer(chunkSizeBytes);
+  new Uint8Array(other).fill(0xee);
+  for (let file = 1; file <= openChunkFilesMax; file++) {
+    const result = runner.run({ op: 'write', physicalChunk: file * chunksPerFile, bytes: { slab: false, memory: other, byteOffset: 0, lengthBytes: chunkSizeBytes } });
+    assert.ok(!(result instanceof Promise) && result.ok);
+  }
+  const result = await read;
+  assert.ok(result.ok, `the read succeeds: ${result.ok ? '' : result.message}`);
+  assert.equal(result.mismatch, null);
+  assert.deepEqual(Buffer.from(target), wanted);
+  await Promise.all(busy);
   runner.close();
 });
 
