@@ -9,6 +9,11 @@
 // volume another's data). A deferred free says whether its space should be punched out of the file (a trim, a
 // removal: the space goes back to the file system) or only recycled (an overwrite: a write will soon reuse it).
 // Pure: no I/O.
+// Random overwrites leave the space below the mark riddled with single free chunks, where a large write finds no
+// run: searches work a 32-bit word at a time (a run of 64 or more free chunks holds a whole free word, so only
+// those are looked at), and a search that found nothing is not repeated for that size or larger until something
+// is freed. Measured before both: after 4 KiB random writes, 1 MiB writes spent milliseconds each scanning
+// bit by bit, and ran at 290 against 1,250 MB/s.
 // Known weakness: a search gives up after scanning `allocationScanChunksMax` chunks and goes above the mark, so a
 // pool fragmented into small holes grows its files' address space for large writes (not their allocated space
 // when the holes were punched); the holes are reused by smaller writes.
@@ -35,6 +40,8 @@ export class ChunkAllocator {
   #deferredCount = 0;
   /** Deferred frees claimed by a commit in progress (the first ones). */
   #sealedCount = 0;
+  /** No run of this many free chunks was found below the mark since the last time chunks were freed. */
+  #noRunOf = Infinity;
 
   /** Builds the allocator from every used run (from the metadata at load); overlapping runs are an error. */
   static fromUsed(runs: Iterable<{ physicalChunk: number; chunkCount: number }>): ChunkAllocator {
@@ -80,9 +87,10 @@ export class ChunkAllocator {
   allocate(chunkCount: number): number {
     assert(Number.isInteger(chunkCount) && chunkCount > 0);
     let start = -1;
-    if (this.#highWater - this.#setCount >= chunkCount) {
+    if (this.#highWater - this.#setCount >= chunkCount && chunkCount < this.#noRunOf) {
       start = this.#findRun(this.#cursor, this.#highWater, chunkCount);
       if (start < 0) start = this.#findRun(0, Math.min(this.#highWater, this.#cursor + chunkCount - 1), chunkCount);
+      if (start < 0) this.#noRunOf = chunkCount;
     }
     if (start < 0) {
       start = this.#highWater;
@@ -134,6 +142,7 @@ export class ChunkAllocator {
   /** The first run of `count` clear bits starting in [from, to) and ending by `to`, or -1; scans a bounded distance. */
   #findRun(from: number, to: number, count: number): number {
     const limit = Math.min(to, from + allocationScanChunksMax);
+    if (count >= 64) return this.#findLongRun(from, to, limit, count);
     let chunk = from;
     while (chunk + count <= to && chunk < limit) {
       const start = this.#nextClear(chunk, to);
@@ -145,17 +154,35 @@ export class ChunkAllocator {
     return -1;
   }
 
+  /**
+   * #findRun for 64 or more chunks: such a run holds at least one whole free word, so only free words are looked
+   * at, each extended back into the free top of the word before it and forward to the next chunk in use.
+   */
+  #findLongRun(from: number, to: number, limit: number, count: number): number {
+    for (let word = Math.floor(from / 32); word * 32 < limit; word++) {
+      if (this.#bits[word] !== 0) continue;
+      // Free chunks at the top of the word before (it is not free whole, or this word would not be the first).
+      const before = word > 0 && word * 32 > from ? Math.clz32(this.#bits[word - 1]!) : 0;
+      const start = Math.max(from, word * 32 - before);
+      const end = this.#nextSet(word * 32, Math.min(to, start + count));
+      if (end - start >= count) return start;
+      word = Math.floor(end / 32); // the word holding `end` is in use in part: the loop moves past it
+    }
+    return -1;
+  }
+
   /** The first clear bit in [from, to), or -1. */
   #nextClear(from: number, to: number): number {
     let chunk = from;
     while (chunk < to) {
-      const word = this.#bits[chunk >>> 5]!;
-      if (word === 0xffffffff) {
-        chunk = ((chunk >>> 5) + 1) << 5;
-        continue;
+      // Clear bits of this word at or above chunk's: the lowest is the answer.
+      const bit = chunk % 32;
+      const free = ~this.#bits[(chunk - bit) / 32]! & (-1 << bit);
+      if (free !== 0) {
+        const found = chunk - bit + lowestBit(free);
+        return found < to ? found : -1;
       }
-      if ((word & (1 << (chunk & 31))) === 0) return chunk;
-      chunk += 1;
+      chunk += 32 - bit;
     }
     return -1;
   }
@@ -164,13 +191,10 @@ export class ChunkAllocator {
   #nextSet(from: number, to: number): number {
     let chunk = from;
     while (chunk < to) {
-      const word = this.#bits[chunk >>> 5]!;
-      if (word === 0 && (chunk & 31) === 0) {
-        chunk += 32;
-        continue;
-      }
-      if ((word & (1 << (chunk & 31))) !== 0) return chunk;
-      chunk += 1;
+      const bit = chunk % 32;
+      const used = this.#bits[(chunk - bit) / 32]! & (-1 << bit);
+      if (used !== 0) return Math.min(to, chunk - bit + lowestBit(used));
+      chunk += 32 - bit;
     }
     return to;
   }
@@ -189,6 +213,7 @@ export class ChunkAllocator {
 
   #clearRange(start: number, count: number): void {
     assert(count > 0 && start >= 0 && start + count <= this.#highWater, 'freeing a chunk never allocated');
+    this.#noRunOf = Infinity; // the freed chunks may make a run that a search missed before
     for (let chunk = start; chunk < start + count; chunk++) {
       assert(this.#isSet(chunk), 'double free');
       this.#bits[chunk >>> 5]! &= ~(1 << (chunk & 31));
@@ -210,4 +235,9 @@ export class ChunkAllocator {
     grown.set(this.#bits);
     this.#bits = grown;
   }
+}
+
+/** The index of the lowest set bit of a nonzero 32-bit value. */
+function lowestBit(value: number): number {
+  return 31 - Math.clz32(value & -value);
 }

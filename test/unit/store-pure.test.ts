@@ -104,7 +104,7 @@ test('allocator: seeded random allocation never hands out a used chunk', () => {
       if (random() < 0.5) allocator.release(start, count);
       else allocator.freeDeferred(start, count);
     } else {
-      const count = 1 + randomInt(random, 16);
+      const count = random() < 0.1 ? 64 + randomInt(random, 200) : 1 + randomInt(random, 16);
       const start = allocator.allocate(count);
       for (let i = 0; i < count; i++) {
         assert.ok(!owned.has(start + i), `chunk ${start + i} handed out twice (seed ${seed})`);
@@ -117,6 +117,34 @@ test('allocator: seeded random allocation never hands out a used chunk', () => {
   assert.equal(allocator.usedCount, owned.size);
   const rebuilt = ChunkAllocator.fromUsed(held.map(([physicalChunk, chunkCount]) => ({ physicalChunk, chunkCount })));
   assert.equal(rebuilt.usedCount, owned.size);
+});
+
+test('allocator: a large run is found among scattered single free chunks; a failed search is not repeated until a free', () => {
+  // 200,000 chunks in use but for every 7th, and a free hole of 300 at 123,457 (not word-aligned).
+  const used: Array<{ physicalChunk: number; chunkCount: number }> = [];
+  const holeStart = 123_457;
+  for (let chunk = 0; chunk < 200_000; chunk++) {
+    const inHole = chunk >= holeStart && chunk < holeStart + 300;
+    if (!inHole && chunk % 7 !== 3) used.push({ physicalChunk: chunk, chunkCount: 1 });
+  }
+  const allocator = ChunkAllocator.fromUsed(used);
+  assert.equal(allocator.allocate(256), holeStart, 'the one run of 256 below the mark');
+  assert.equal(allocator.allocate(40), holeStart + 256, 'a small run: the rest of the hole, next fit');
+  assert.equal(allocator.allocate(256), 200_000, 'no run of 256 left below the mark: above it');
+  assert.equal(allocator.allocate(300), 200_256, 'larger: not searched again');
+  assert.equal(allocator.allocate(1), 3, 'small ones still fill the single free chunks (from the start, past the cursor)');
+  allocator.release(holeStart, 256);
+  assert.equal(allocator.allocate(256), holeStart, 'a free makes the search worth doing again');
+  // Runs of 64 or more that start and end mid-word, and one cut short by the mark.
+  const runs = new ChunkAllocator();
+  runs.allocate(1000);
+  runs.release(37, 70); // [37, 107)
+  runs.release(500, 64); // [500, 564)
+  assert.equal(runs.allocate(65), 37);
+  assert.equal(runs.allocate(64), 500);
+  runs.release(900, 100); // reaches the mark: lowers it to 900
+  assert.equal(runs.highWater, 900);
+  assert.equal(runs.allocate(100), 900);
 });
 
 test('allocator: fromUsed refuses a chunk used twice', () => {
