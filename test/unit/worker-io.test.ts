@@ -67,12 +67,8 @@ test('a chunk file only the workers wrote is opened here for small cached reads,
 });
 
 test('a worker reads page-cache hits at once and waits for the disk without blocking: uncached reads come back as promises', async () => {
-  const chunkDirectory = path.join(directory, 'runner');
-  const chunkFiles = new ChunkFiles(chunkDirectory);
   const data = randomBytes(large);
-  await chunkFiles.write(0, 0, data);
-  await chunkFiles.sync();
-  chunkFiles.close();
+  const chunkDirectory = await chunkFilesHolding('runner', data);
   const runner = new ChunkTaskRunner(chunkDirectory, null, false);
   const sums = chunkSums(data);
   const readTask = (memory: SharedArrayBuffer): ChunkTask => ({
@@ -95,12 +91,8 @@ test('a worker reads page-cache hits at once and waits for the disk without bloc
 });
 
 test('a worker never closes a descriptor under a read still waiting in libuv\'s pool, even past its open-file limit', async () => {
-  const chunkDirectory = path.join(directory, 'descriptors');
-  const chunkFiles = new ChunkFiles(chunkDirectory);
   const wanted = randomBytes(chunkSizeBytes);
-  await chunkFiles.write(0, 0, wanted);
-  await chunkFiles.sync();
-  chunkFiles.close();
+  const chunkDirectory = await chunkFilesHolding('descriptors', wanted);
   dropFromPageCache(path.join(chunkDirectory, '00000000.chunk'));
   // Keep libuv's pool busy, so that the read below waits in its queue while the worker opens other files.
   const busy = Array.from({ length: 16 }, () => new Promise((resolve) => pbkdf2('x', 'y', 200_000, 32, 'sha256', resolve)));
@@ -201,4 +193,14 @@ function dropFromPageCache(file: string): void {
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** A chunk directory of its own whose chunk 0 on holds `data`, synced to disk. */
+async function chunkFilesHolding(name: string, data: Buffer): Promise<string> {
+  const chunkDirectory = path.join(directory, name);
+  const chunkFiles = new ChunkFiles(chunkDirectory);
+  await chunkFiles.write(0, 0, data);
+  await chunkFiles.sync();
+  chunkFiles.close();
+  return chunkDirectory;
 }
