@@ -12,7 +12,7 @@ import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { validateName } from '../core/names.ts';
 import { parseSize } from '../core/units.ts';
-import { listenOwnerOnly } from '../core/unix-socket.ts';
+import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
 import { readBody } from './server.ts';
 
 /** Size of a volume Docker creates without `-o size=...`. */
@@ -122,10 +122,8 @@ export class DockerPluginServer {
     this.#socketPath = socketPath;
   }
 
-  async close(): Promise<void> {
-    this.#server.closeAllConnections();
-    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
-    if (this.#socketPath !== null) fs.rmSync(this.#socketPath, { force: true });
+  close(): Promise<void> {
+    return closeHttpServer(this.#server, this.#socketPath);
   }
 
   async #handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {

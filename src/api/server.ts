@@ -1,12 +1,11 @@
 // The management API: HTTP/1.1 + JSON on a unix socket (mode 0600), routes under /v1/, and /metrics in
 // Prometheus text format. It validates what comes in (names, sizes, body size) and calls the control plane;
 // every ChunkdError becomes a JSON error with a status code and the error's stable code.
-import fs from 'node:fs';
 import http from 'node:http';
 import { ChunkdError, type ErrorCode } from '../core/errors.ts';
 import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
-import { listenOwnerOnly } from '../core/unix-socket.ts';
+import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
 import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 
@@ -71,10 +70,8 @@ export class ApiServer {
     this.#socketPath = socketPath;
   }
 
-  async close(): Promise<void> {
-    this.#server.closeAllConnections();
-    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
-    if (this.#socketPath !== null) fs.rmSync(this.#socketPath, { force: true });
+  close(): Promise<void> {
+    return closeHttpServer(this.#server, this.#socketPath);
   }
 
   async #handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {

@@ -1,6 +1,7 @@
 // Unix socket paths left behind by a crashed node are replaced; a socket something still answers on is not.
 // Shared by the NBD listener, the management API and the Docker plugin socket.
 import fs from 'node:fs';
+import type http from 'node:http';
 import net from 'node:net';
 import { ChunkdError } from '../core/errors.ts';
 
@@ -43,4 +44,11 @@ export async function listenOwnerOnly(server: net.Server, socketPath: string): P
     process.umask(oldMask);
   }
   fs.chmodSync(socketPath, 0o600);
+}
+
+/** Closes an HTTP server on a unix socket: its connections at once, then the listener, then the socket file. */
+export async function closeHttpServer(server: http.Server, socketPath: string | null): Promise<void> {
+  server.closeAllConnections();
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  if (socketPath !== null) fs.rmSync(socketPath, { force: true });
 }

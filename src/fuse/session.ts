@@ -12,9 +12,9 @@
 // fs.statSync on it): the kernel would wait for a reply that only this event loop can write.
 import fs from 'node:fs';
 import path from 'node:path';
-import koffi from 'koffi';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
+import { errnoName, koffi, libcFunction } from '../core/libc.ts';
 import {
   decodeInHeader,
   decodeInit,
@@ -64,20 +64,17 @@ export interface FuseSessionStats {
   kernel: { minor: number; maxPages: number; maxWriteBytes: number } | null;
 }
 
-const libc = koffi.load('libc.so.6');
-const mountFn = libc.func('int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)');
-const umount2Fn = libc.func('int umount2(const char *target, int flags)');
+const mountFn = libcFunction('int mount(const char *source, const char *target, const char *fstype, unsigned long flags, const char *data)');
+const umount2Fn = libcFunction('int umount2(const char *target, int flags)');
 const MS_NOSUID = 2;
 const MS_NODEV = 4;
 const MNT_DETACH = 2;
-const errnoNames = new Map<number, string>(Object.entries(koffi.os.errno as Record<string, number>).map(([name, value]) => [value, name]));
 
 /** umount2(2); returns the errno name on failure ('EBUSY', 'EINVAL' when not a mount point), null on success. */
 export function unmountDirectory(directory: string, lazy: boolean): string | null {
-  const result = umount2Fn(directory, lazy ? MNT_DETACH : 0) as number;
+  const result = umount2Fn()(directory, lazy ? MNT_DETACH : 0) as number;
   if (result === 0) return null;
-  const errno = koffi.errno() as number;
-  return errnoNames.get(errno) ?? `E${errno}`;
+  return errnoName(koffi().errno());
 }
 
 export interface MountEntry {
@@ -167,10 +164,10 @@ export class FuseSession {
     const session = new FuseSession(resolved, handler, log);
     session.#fd = fs.openSync('/dev/fuse', 'r+');
     const options = `fd=${session.#fd},rootmode=40000,user_id=0,group_id=0,allow_other,max_read=${fuseRequestBytesMax}`;
-    if ((mountFn('chunkd', resolved, 'fuse.chunkd', MS_NOSUID | MS_NODEV, options) as number) !== 0) {
-      const errno = koffi.errno() as number;
+    if ((mountFn()('chunkd', resolved, 'fuse.chunkd', MS_NOSUID | MS_NODEV, options) as number) !== 0) {
+      const errno = koffi().errno();
       fs.closeSync(session.#fd);
-      throw ChunkdError.io(`mounting FUSE at ${resolved} failed: ${errnoNames.get(errno) ?? errno}`);
+      throw ChunkdError.io(`mounting FUSE at ${resolved} failed: ${errnoName(errno)}`);
     }
     session.#connection = mountAt(resolved)?.device ?? '';
     for (let i = 0; i < postedReadsMax; i++) session.#readers.push(session.#readLoop());
