@@ -3,8 +3,8 @@
 // Every request is a POST with a JSON body; every reply is JSON with `Err` ("" on success; on failure the
 // message, with status 500, as Docker's go-plugins-helpers answer).
 //
-// Mount attaches the volume (ext4 made on first use) at <pool>/mounts/<name> and counts the caller's ID; the
-// last Unmount detaches it again. Remove is refused while the volume is mounted. The counting lives in the
+// Mount attaches the volume at <pool>/mounts/<name> (ext4 made on a volume never written; one that holds data
+// but no file system is refused, never formatted) and counts the caller's ID; the last Unmount detaches it again. Remove is refused while the volume is mounted. The counting lives in the
 // attachment records (attachment-table.ts), so it survives a restart of the node.
 import fs from 'node:fs';
 import http from 'node:http';

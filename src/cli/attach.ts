@@ -20,14 +20,17 @@ const options = {
   mountpoint: { type: 'string' },
   fs: { type: 'string' },
   via: { type: 'string' },
+  format: { type: 'boolean' },
 } as const;
 
-/** chunkd attach VOL --mountpoint DIR [--fs ext4|xfs] [--via fuse|nbdfuse] */
+const attachUsage = 'usage: chunkd attach VOL --mountpoint DIR [--fs ext4|xfs] [--format] [--via fuse|nbdfuse]';
+
+/** chunkd attach VOL --mountpoint DIR [--fs ext4|xfs] [--format] [--via fuse|nbdfuse] */
 export async function attachCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
   const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options });
-  if (positionals.length !== 1 || values.mountpoint === undefined) throw ChunkdError.invalid('usage: chunkd attach VOL --mountpoint DIR [--fs ext4|xfs] [--via fuse|nbdfuse]');
+  if (positionals.length !== 1 || values.mountpoint === undefined) throw ChunkdError.invalid(attachUsage);
   const volume = validateName(positionals[0]);
-  const body = { mountpoint: path.resolve(values.mountpoint), fs: values.fs, via: values.via };
+  const body = { mountpoint: path.resolve(values.mountpoint), fs: values.fs, via: values.via, format: values.format ?? false };
   const reply = (await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(volume)}/attach`, body)) as AttachmentReply;
   process.stdout.write(values.json ? `${JSON.stringify(reply, null, 2)}\n` : `attached volume ${reply.volume} at ${reply.mountpoint} (${reply.fsType} on ${reply.loopDevice ?? '?'} via ${reply.via})\n`);
   return 0;

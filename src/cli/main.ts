@@ -33,8 +33,10 @@ const usage = `usage: chunkd <command> [options]
   clone VOL@SNAP NEWVOL              a writable volume sharing the snapshot's data
   scrub VOL | --all [--json]         read every block of the volume(s) and snapshots and check its checksum;
                                      lists damaged extents, exits 1 if any
-  attach VOL --mountpoint DIR [--fs ext4|xfs] [--via fuse|nbdfuse]
-                                     loop device over the volume's file, file system made only if it has none, mounted
+  attach VOL --mountpoint DIR [--fs ext4|xfs] [--format] [--via fuse|nbdfuse]
+                                     loop device over the volume's file, mounted; a file system is made only on a
+                                     volume never written, or with --format on one that holds data blkid does not
+                                     recognise (destroying it); one blkid recognises is never reformatted
   detach VOL                         unmount, detach the loop device, flush (refused while in use)
   status [--json]                    the node's pool, volumes, connections, attachments
   fsck --pool DIR [--json]           offline check of a pool no node holds; exit 0 only when clean

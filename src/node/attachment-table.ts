@@ -1,7 +1,9 @@
-// Attachments as data: what is attached where, the checks an attach or a Docker mount must pass, and the file
-// format of `<pool>/attachments.json`. Pure (no I/O): attachments.ts does the mounting and calls in here.
+// Attachments as data: what is attached where, the checks an attach or a Docker mount must pass, whether a
+// volume gets a new file system, and the file format of `<pool>/attachments.json`. Pure (no I/O): attachments.ts
+// does the probing and mounting and calls in here.
 import { ChunkdError } from '../core/errors.ts';
 import { checkName } from '../core/names.ts';
+import { formatSize } from '../core/units.ts';
 
 export const fsTypes = ['ext4', 'xfs'] as const;
 export type FsType = (typeof fsTypes)[number];
@@ -28,6 +30,8 @@ export interface AttachRequest {
   /** The file system to make when the volume has none; when given, one already there must be this type. */
   fsType: FsType | null;
   via: Via;
+  /** Make a file system also on a volume that holds data but none that blkid recognises, destroying that data. */
+  format: boolean;
 }
 
 const fileFormat = 'chunkd-attachments';
@@ -45,7 +49,9 @@ export function validateAttachRequest(volume: unknown, body: Record<string, unkn
   if (fsType !== null && !fsTypes.includes(fsType as FsType)) throw ChunkdError.invalid(`--fs must be ${fsTypes.join(' or ')}`);
   const via = body.via ?? 'fuse';
   if (!vias.includes(via as Via)) throw ChunkdError.invalid(`--via must be ${vias.join(' or ')}`);
-  return { volume: volume as string, mountpoint: normalisePath(mountpoint), fsType: fsType as FsType | null, via: via as Via };
+  const format = body.format ?? false;
+  if (typeof format !== 'boolean') throw ChunkdError.invalid('format must be true or false');
+  return { volume: volume as string, mountpoint: normalisePath(mountpoint), fsType: fsType as FsType | null, via: via as Via, format };
 }
 
 /** Removes repeated and trailing slashes and `.` parts; `..` is refused rather than resolved. */
@@ -72,7 +78,7 @@ export class AttachmentTable {
   }
 
   /** Throws the error an attach must fail with (already attached, mountpoint taken or nested), or returns. */
-  checkAttach(request: AttachRequest): void {
+  checkAttach(request: Pick<AttachRequest, 'volume' | 'mountpoint'>): void {
     const existing = this.#byVolume.get(request.volume);
     if (existing !== undefined) throw ChunkdError.busy(`volume ${request.volume} is already attached at ${existing.mountpoint}`);
     for (const record of this.#byVolume.values()) {
@@ -83,7 +89,7 @@ export class AttachmentTable {
   }
 
   add(record: AttachmentRecord): void {
-    this.checkAttach({ volume: record.volume, mountpoint: record.mountpoint, fsType: null, via: record.via });
+    this.checkAttach(record);
     this.#byVolume.set(record.volume, record);
   }
 
@@ -148,12 +154,72 @@ export class AttachmentTable {
   }
 }
 
-/** Reads blkid's `-o export` output: the TYPE of a file system, the PTTYPE of a partition table. */
-export function parseBlkid(output: string): { type: string | null; partitionTable: string | null } {
+/** Reads blkid's `-o export` output: the TYPE and USAGE of a signature, the PTTYPE of a partition table. */
+export function parseBlkid(output: string): { type: string | null; usage: string | null; partitionTable: string | null } {
   const values = new Map<string, string>();
   for (const line of output.split('\n')) {
     const eq = line.indexOf('=');
     if (eq > 0) values.set(line.slice(0, eq), line.slice(eq + 1));
   }
-  return { type: values.get('TYPE') ?? null, partitionTable: values.get('PTTYPE') ?? null };
+  return { type: values.get('TYPE') ?? null, usage: values.get('USAGE') ?? null, partitionTable: values.get('PTTYPE') ?? null };
+}
+
+/** What `blkid -p -o export DEVICE` answered. */
+export interface BlkidProbe {
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** What an attach has learnt about a volume's block device before it mounts it. */
+export interface FileSystemFacts {
+  volume: string;
+  device: string;
+  probe: BlkidProbe;
+  /** The volume's allocated bytes: 0 means it was never written (or all of it was trimmed), so it reads as zeros. */
+  allocatedBytes: number;
+  /** `--fs`: the type to make, and the type one already there must be. */
+  wantedFs: FsType | null;
+  /** `--format`: make a file system also on a volume that holds data but none that blkid recognises. */
+  format: boolean;
+  /** The node re-attaching a recorded volume at start: it never makes a file system. */
+  reattach: boolean;
+}
+
+export type FileSystemPlan = { action: 'mount'; fsType: string } | { action: 'format'; fsType: FsType };
+
+/**
+ * Decides whether an attach mounts the file system blkid found, makes a new one, or is refused (throws).
+ *
+ * A file system is made only where blkid recognised nothing (exit 2, nothing on stderr) and either the volume was
+ * never written, so that mkfs destroys nothing, or the request says `format`. blkid cannot tell raw data, or a
+ * file system whose superblock is damaged, from an empty device: only the volume's allocation can, so a volume
+ * that holds data is never formatted unless asked. A signature blkid recognises (file system, partition table,
+ * swap, crypto or raid member) is never formatted, `format` or not. blkid also exits 2 when it cannot open the
+ * device (saying so on stderr) or read it (silently: attachments.ts reads the device's ends itself before it
+ * trusts an exit 2), so exit 2 with anything on stderr, like any other failure, is an error, never "no file system".
+ */
+export function planFileSystem(facts: FileSystemFacts): FileSystemPlan {
+  const { volume, device, probe } = facts;
+  const blkidSaid = (probe.stderr.trim() || probe.stdout.trim()).split('\n').at(-1) ?? '';
+  if (probe.exitCode === 2 && probe.stderr.trim() !== '') throw ChunkdError.io(`blkid -p ${device} could not probe volume ${volume}'s device (exit 2): ${blkidSaid}`);
+  if (probe.exitCode !== 0 && probe.exitCode !== 2) throw ChunkdError.io(`blkid -p ${device} failed on volume ${volume} (exit ${probe.exitCode}): ${blkidSaid}`);
+  if (probe.exitCode === 0) {
+    const found = parseBlkid(probe.stdout);
+    if (found.type === null && found.partitionTable !== null) {
+      throw ChunkdError.invalid(`volume ${volume} holds a ${found.partitionTable} partition table, not a file system; refusing to format or mount it`);
+    }
+    if (found.type === null) throw ChunkdError.io(`blkid -p ${device} found something on volume ${volume} but named no file system: ${probe.stdout.trim().split('\n').join(' ')}`);
+    if (found.usage !== null && found.usage !== 'filesystem') {
+      throw ChunkdError.invalid(`volume ${volume} holds ${found.type} (${found.usage}), not a file system; refusing to format or mount it`);
+    }
+    if (facts.wantedFs !== null && found.type !== facts.wantedFs) throw ChunkdError.invalid(`volume ${volume} holds ${found.type}, not ${facts.wantedFs}; it is never reformatted`);
+    return { action: 'mount', fsType: found.type };
+  }
+  if (facts.reattach) throw ChunkdError.io(`volume ${volume} holds no file system blkid recognises any more; not formatting a volume that was attached before`);
+  if (facts.allocatedBytes === 0 || facts.format) return { action: 'format', fsType: facts.wantedFs ?? 'ext4' };
+  throw ChunkdError.invalid(
+    `volume ${volume} holds ${formatSize(facts.allocatedBytes)} (${facts.allocatedBytes} bytes) of data but no file system blkid recognises (raw data, or a damaged superblock); ` +
+      'chunkd never formats a volume that was written: attach it with --format to make a new file system on it, destroying its contents',
+  );
 }

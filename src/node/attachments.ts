@@ -1,6 +1,6 @@
 // Attach and detach: a volume becomes a block device (a loop device over its FUSE file, or over an nbdfuse file
-// fed by our own NBD listener), gets a file system only when it has none (blkid -p decides; a volume holding one
-// is never formatted), and is mounted. Every attachment is recorded in `<pool>/attachments.json` (written
+// fed by our own NBD listener), gets a file system only when blkid -p recognises nothing on it and it was never
+// written, or `--format` asks (planFileSystem decides; a volume holding one is never reformatted), and is mounted. Every attachment is recorded in `<pool>/attachments.json` (written
 // atomically) so that `chunkd detach`, `chunkd status` and the next start of the node know about it.
 //
 // Life cycle: attach → (node stop: sync, unmount, detach the loop device; the record stays) → (node start: each
@@ -15,13 +15,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { mountAt } from '../fuse/session.ts';
-import { AttachmentTable, parseBlkid, type AttachmentRecord, type AttachRequest, type FsType } from './attachment-table.ts';
+import { AttachmentTable, planFileSystem, type AttachmentRecord, type AttachRequest, type FsType } from './attachment-table.ts';
 
 export interface AttachmentHost {
   poolDirectory: string;
   log: (line: string) => void;
-  /** Throws ENOENT when the volume does not exist. */
-  volumeInfo(name: string): { sizeBytes: number };
+  /** Throws ENOENT when the volume does not exist; allocatedBytes 0: never written, it reads as zeros. */
+  volumeInfo(name: string): { sizeBytes: number; allocatedBytes: number };
   /** The path of a volume's FUSE file, mounting the FUSE front end first if needed. */
   fuseFile(volume: string): Promise<string>;
   /** An NBD URI of the volume on this node, for nbdfuse; null when the node has no NBD listener. */
@@ -42,6 +42,13 @@ interface Runtime {
   nbdfuseDir: string | null;
   state: AttachmentStatus['state'];
   error: string | null;
+}
+
+/** What #mount may do beyond mounting the file system it finds. */
+interface MountOptions {
+  wantedFs: FsType | null;
+  format: boolean;
+  reattach: boolean;
 }
 
 interface ToolResult {
@@ -65,6 +72,32 @@ async function mustRun(command: string, args: string[]): Promise<string> {
   const result = await runTool(command, args);
   if (result.code !== 0) throw ChunkdError.io(`${command} ${args.join(' ')} failed (exit ${result.code}): ${(result.stderr || result.stdout).trim().split('\n').at(-1) ?? ''}`);
   return result.stdout;
+}
+
+/** Bytes read from each end of a device to show that blkid could read it: its probers look there. */
+const probeRegionBytes = 1024 * 1024;
+
+/** Reads the first and the last MiB of a block device; throws EIO when either read fails or comes back short. */
+async function checkReadable(device: string, volume: string): Promise<void> {
+  let handle: fs.promises.FileHandle;
+  try {
+    handle = await fs.promises.open(device, 'r');
+  } catch (error) {
+    throw ChunkdError.io(`cannot open ${device} (volume ${volume}) to check blkid's answer: ${(error as NodeJS.ErrnoException).code ?? String(error)}`, error);
+  }
+  try {
+    const sizeBytes = Number((await fs.promises.readFile(`/sys/class/block/${path.basename(device)}/size`, 'utf8')).trim()) * 512;
+    const buffer = Buffer.alloc(Math.min(probeRegionBytes, sizeBytes));
+    for (const positionBytes of new Set([0, sizeBytes - buffer.length])) {
+      const { bytesRead } = await handle.read(buffer, 0, buffer.length, positionBytes);
+      if (bytesRead !== buffer.length) throw ChunkdError.io(`${device} (volume ${volume}) read ${bytesRead} of ${buffer.length} bytes at ${positionBytes}`);
+    }
+  } catch (error) {
+    if (error instanceof ChunkdError) throw error;
+    throw ChunkdError.io(`${device} (volume ${volume}) cannot be read, so blkid's "nothing found" means nothing: ${(error as NodeJS.ErrnoException).code ?? String(error)}`, error);
+  } finally {
+    await handle.close();
+  }
 }
 
 /** The file a loop device reads, from sysfs; null when the device is not set up. */
@@ -132,7 +165,7 @@ export class Attachments {
       this.#host.volumeInfo(request.volume);
       this.#table.checkAttach(request);
       const record: AttachmentRecord = { volume: request.volume, mountpoint: request.mountpoint, fsType: request.fsType ?? 'ext4', via: request.via, owner, dockerIds: [], attachedAt: new Date().toISOString() };
-      const runtime = await this.#mount(record, request.fsType, true);
+      const runtime = await this.#mount(record, { wantedFs: request.fsType, format: request.format, reattach: false });
       this.#table.add(record);
       this.#runtime.set(record.volume, runtime);
       try {
@@ -173,10 +206,11 @@ export class Attachments {
       let record = this.#table.get(volume);
       if (record === undefined) {
         this.#host.volumeInfo(volume);
-        const request: AttachRequest = { volume, mountpoint, fsType: null, via: 'fuse' };
-        this.#table.checkAttach(request);
+        this.#table.checkAttach({ volume, mountpoint });
         record = { volume, mountpoint, fsType: 'ext4', via: 'fuse', owner: 'docker', dockerIds: [], attachedAt: new Date().toISOString() };
-        const runtime = await this.#mount(record, null, true);
+        // A volume Docker created was never written and gets ext4; one that holds data without a file system is
+        // refused, as `chunkd attach` without --format refuses it.
+        const runtime = await this.#mount(record, { wantedFs: null, format: false, reattach: false });
         this.#table.add(record);
         this.#runtime.set(volume, runtime);
       } else if (this.#runtime.get(volume)?.state !== 'attached') {
@@ -216,7 +250,7 @@ export class Attachments {
       for (const record of this.#table.list()) {
         try {
           await this.#clearLeftovers(record);
-          const runtime = await this.#mount(record, null, false);
+          const runtime = await this.#mount(record, { wantedFs: null, format: false, reattach: true });
           this.#runtime.set(record.volume, runtime);
           this.#host.log(`re-attached volume ${record.volume} at ${record.mountpoint} (${runtime.loopDevice})`);
         } catch (error) {
@@ -295,8 +329,8 @@ export class Attachments {
     return false;
   }
 
-  /** Makes the block device, the file system when allowed and none is there, and the mount; undoes all on failure. */
-  async #mount(record: AttachmentRecord, wantedFs: FsType | null, allowFormat: boolean): Promise<Runtime> {
+  /** Makes the block device, the file system when planFileSystem says so, and the mount; undoes all on failure. */
+  async #mount(record: AttachmentRecord, options: MountOptions): Promise<Runtime> {
     const runtime: Runtime = { loopDevice: null, nbdfuse: null, nbdfuseDir: null, state: 'detached', error: null };
     let createdMountpoint = false;
     let mounted = false;
@@ -308,25 +342,20 @@ export class Attachments {
       // Direct I/O: the loop device's requests go to the file as they come, many at once, without a second copy
       // in the page cache of the backing file.
       runtime.loopDevice = (await mustRun('losetup', ['--find', '--show', '--direct-io=on', backingFile])).trim();
-      const probe = await runTool('blkid', ['-p', '-o', 'export', runtime.loopDevice]);
-      // blkid -p: exit 0 with TYPE= when it found something, 2 when the device holds nothing it knows.
-      if (probe.code !== 0 && probe.code !== 2) throw ChunkdError.io(`blkid -p ${runtime.loopDevice} failed (exit ${probe.code}): ${probe.stderr.trim()}`);
-      const found = probe.code === 0 ? parseBlkid(probe.stdout) : { type: null, partitionTable: null };
-      if (found.type === null && found.partitionTable !== null) {
-        throw ChunkdError.invalid(`volume ${record.volume} holds a ${found.partitionTable} partition table, not a file system; refusing to format or mount it`);
-      }
-      if (found.type !== null && wantedFs !== null && found.type !== wantedFs) {
-        throw ChunkdError.invalid(`volume ${record.volume} holds ${found.type}, not ${wantedFs}; it is never reformatted`);
-      }
-      if (found.type === null) {
-        if (!allowFormat) throw ChunkdError.io(`volume ${record.volume} holds no file system any more; not formatting a volume that was attached before`);
-        const fsType = wantedFs ?? 'ext4';
-        this.#host.log(`volume ${record.volume} has no file system: making ${fsType}`);
+      const result = await runTool('blkid', ['-p', '-o', 'export', runtime.loopDevice]);
+      const probe = { exitCode: result.code, stdout: result.stdout, stderr: result.stderr };
+      // blkid -p also exits 2, silently, when a read of the device fails: "nothing found" counts only if the
+      // places where signatures live read without error.
+      if (probe.exitCode === 2) await checkReadable(runtime.loopDevice, record.volume);
+      const { allocatedBytes } = this.#host.volumeInfo(record.volume);
+      const plan = planFileSystem({ volume: record.volume, device: runtime.loopDevice, probe, allocatedBytes, ...options });
+      if (plan.action === 'format') {
+        this.#host.log(allocatedBytes === 0 ? `volume ${record.volume} has no file system: making ${plan.fsType}` : `volume ${record.volume} holds ${allocatedBytes} bytes but no file system: making ${plan.fsType}, as --format asks`);
         // No discard at mkfs: the volume is thin, and a fresh one reads as zeros already.
-        if (fsType === 'ext4') await mustRun('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard,lazy_itable_init=1', runtime.loopDevice]);
+        if (plan.fsType === 'ext4') await mustRun('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard,lazy_itable_init=1', runtime.loopDevice]);
         else await mustRun('mkfs.xfs', ['-q', '-f', '-K', runtime.loopDevice]);
-        record.fsType = fsType;
-      } else record.fsType = found.type;
+      }
+      record.fsType = plan.fsType;
       await mustRun('mount', ['-t', record.fsType, runtime.loopDevice, record.mountpoint]);
       mounted = true;
       runtime.state = 'attached';

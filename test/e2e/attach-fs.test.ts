@@ -1,6 +1,7 @@
 // chunkd attach / detach with real parts: loop devices over FUSE (and nbdfuse) files, ext4 and xfs made only on
-// empty volumes, files with known checksums across detach, fsck and a new attach, a read-only loop mount of a
-// snapshot file, errors that leave nothing half-done, and attachments across a stop and a crash of the node.
+// volumes never written (raw data and a damaged superblock are refused unless --format), files with known
+// checksums across detach, fsck and a new attach, a read-only loop mount of a snapshot file, errors that leave
+// nothing half-done, and attachments across a stop and a crash of the node.
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -223,6 +224,91 @@ test('attach and detach errors are clear and leave nothing half-done', { timeout
     await cli(node, 'attach', 'b', '--mountpoint', mountB);
     assert.equal(fs.readFileSync(path.join(mountB, 'keep'), 'utf8'), 'precious');
     await cli(node, 'detach', 'b');
+  });
+});
+
+/** Bytes that differ between a snapshot and the live volume, from the node's metadata: 0 when nothing was written. */
+async function changedBytesSince(node: RunningNode, volume: string, snapshot: string): Promise<number> {
+  return JSON.parse(await cli(node, 'snapshot', 'diff', volume, snapshot, '--json')).changedBytes;
+}
+
+/** sha256 of a whole volume, read through NBD. */
+async function volumeDigest(node: RunningNode, volume: string, scratch: string): Promise<string> {
+  const image = path.join(scratch, `${volume}.img`);
+  await mustRun('nbdcopy', [node.uri(volume), image]);
+  const digest = sha256(fs.readFileSync(image));
+  fs.rmSync(image);
+  return digest;
+}
+
+test('attach never formats a volume holding raw data: refused, data unchanged; --format makes the file system', { timeout: 180_000 }, async () => {
+  await withNode('attach-raw', async (node, scratch, fuseDir) => {
+    await cli(node, 'volume', 'create', 'raw', '--size', '128MiB');
+    await mustRun('qemu-io', ['-f', 'raw', node.qemuUri('raw'), '-c', 'write -P 0xa5 0 1M', '-c', 'write -P 0x5a 64M 1M']);
+    await cli(node, 'snapshot', 'create', 'raw', 'written');
+    const mountpoint = path.join(scratch, 'mnt');
+    const message = /^chunkd: volume raw holds 2 MiB \(2097152 bytes\) of data but no file system blkid recognises \(raw data, or a damaged superblock\); chunkd never formats a volume that was written: attach it with --format to make a new file system on it, destroying its contents$/m;
+    await refused(node, message, 'attach', 'raw', '--mountpoint', mountpoint);
+    await refused(node, /holds 2 MiB .* of data but no file system blkid recognises/, 'attach', 'raw', '--mountpoint', mountpoint, '--fs', 'xfs');
+    await refused(node, /holds 2 MiB .* of data but no file system blkid recognises/, 'attach', 'raw', '--mountpoint', mountpoint, '--via', 'nbdfuse');
+    assert.equal(fs.existsSync(mountpoint), false, 'the mountpoint the attach made is gone again');
+    assert.deepEqual(loopDevicesUnder(scratch), []);
+    assert.deepEqual(mountsUnder(scratch), [fuseDir]);
+    assert.deepEqual(await attachments(node), []);
+    assert.doesNotMatch(node.stderr(), /making/, 'no mkfs ran');
+    assert.equal(await changedBytesSince(node, 'raw', 'written'), 0, 'nothing was written to the volume');
+    const reread = await mustRun('qemu-io', ['-r', '-f', 'raw', node.qemuUri('raw'), '-c', 'read -P 0xa5 0 1M', '-c', 'read -P 0 1M 63M', '-c', 'read -P 0x5a 64M 1M', '-c', 'read -P 0 65M 63M']);
+    assert.doesNotMatch(reread, /Pattern verification failed/);
+
+    // --format: the data goes, a file system comes; the next attach, --format or not, mounts that one.
+    assert.match(await cli(node, 'attach', 'raw', '--mountpoint', mountpoint, '--format'), /attached volume raw at .* \(ext4 on \/dev\/loop\d+ via fuse\)/);
+    assert.match(node.stderr(), /volume raw holds 2097152 bytes but no file system: making ext4, as --format asks/);
+    fs.writeFileSync(path.join(mountpoint, 'after-format'), 'fresh');
+    await cli(node, 'detach', 'raw');
+    await cli(node, 'attach', 'raw', '--mountpoint', mountpoint, '--format');
+    assert.equal(fs.readFileSync(path.join(mountpoint, 'after-format'), 'utf8'), 'fresh');
+    assert.equal(node.stderr().match(/making/g)?.length, 1, 'formatted once: --format never reformats a file system blkid recognises');
+    await cli(node, 'detach', 'raw');
+  });
+});
+
+test('attach never formats an ext4 volume whose superblock is damaged; e2fsck repairs it from a backup', { timeout: 180_000 }, async () => {
+  await withNode('attach-damaged', async (node, scratch, fuseDir) => {
+    await cli(node, 'volume', 'create', 'dmg', '--size', '64MiB');
+    const mountpoint = path.join(scratch, 'mnt');
+    await cli(node, 'attach', 'dmg', '--mountpoint', mountpoint, '--fs', 'ext4');
+    const files = writeFiles(mountpoint, 'kept', 3);
+    await cli(node, 'detach', 'dmg');
+    assert.equal(node.stderr().match(/making/g)?.length, 1);
+
+    // ext4's primary superblock starts at byte 1024 and holds its magic 0xEF53 (little-endian) at +0x38.
+    const magicOffset = 1024 + 0x38;
+    const magic = await mustRun('qemu-io', ['-r', '-f', 'raw', node.qemuUri('dmg'), '-c', `read -P 0x53 ${magicOffset} 1`, '-c', `read -P 0xef ${magicOffset + 1} 1`]);
+    assert.doesNotMatch(magic, /Pattern verification failed/, 'the magic is where ext4 keeps it');
+    await mustRun('qemu-io', ['-f', 'raw', node.qemuUri('dmg'), '-c', `write -P 0 ${magicOffset} 2`]);
+    await cli(node, 'snapshot', 'create', 'dmg', 'damaged');
+    const digest = await volumeDigest(node, 'dmg', scratch);
+
+    await refused(node, /^chunkd: volume dmg holds .* \(\d+ bytes\) of data but no file system blkid recognises \(raw data, or a damaged superblock\); .* --format /m, 'attach', 'dmg', '--mountpoint', mountpoint);
+    await refused(node, /volume dmg holds .* of data but no file system blkid recognises/, 'attach', 'dmg', '--mountpoint', mountpoint, '--fs', 'ext4');
+    assert.equal(node.stderr().match(/making/g)?.length, 1, 'no mkfs ran after the first attach');
+    assert.equal(await changedBytesSince(node, 'dmg', 'damaged'), 0, 'nothing was written to the volume');
+    assert.equal(await volumeDigest(node, 'dmg', scratch), digest, 'every byte of the volume is as it was');
+    assert.deepEqual(loopDevicesUnder(scratch), []);
+    assert.deepEqual(await attachments(node), []);
+
+    // What refusing kept: e2fsck finds a backup superblock, and the files are all there.
+    const loop = (await mustRun('losetup', ['--find', '--show', '--direct-io=on', path.join(fuseDir, 'dmg')])).trim();
+    try {
+      const repair = await runTool('e2fsck', ['-fy', loop]);
+      assert.ok(repair.code === 0 || repair.code === 1, `e2fsck -fy (exit ${repair.code}): ${repair.stdout}${repair.stderr}`);
+      assert.match(repair.stdout + repair.stderr, /trying backup blocks/);
+    } finally {
+      await runTool('losetup', ['-d', loop]);
+    }
+    await cli(node, 'attach', 'dmg', '--mountpoint', mountpoint);
+    verifyFiles(mountpoint, files);
+    await cli(node, 'detach', 'dmg');
   });
 });
 

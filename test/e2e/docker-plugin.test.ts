@@ -1,6 +1,7 @@
 // The Docker volume plugin as a container engine drives it, without one: curl on the plugin socket (Create,
 // Mount), a bind mount of the returned path into a directory standing for the container's root inside a new
-// mount namespace (unshare -m), data written there, the namespace left, then Unmount and Remove in order.
+// mount namespace (unshare -m), data written there, the namespace left, then Unmount and Remove in order; and a
+// volume that holds data but no file system, which Mount refuses rather than formats.
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -81,6 +82,20 @@ test('docker plugin: Create, Mount, bind mount in a container namespace, Unmount
     // Attached by the CLI: Remove is refused for it too.
     assert.match(String((await plugin(socket, '/VolumeDriver.Remove', { Name: 'web' })).reply.Err), /is mounted at/);
     assert.equal((await node.cli('detach', 'web')).code, 0);
+
+    // A volume that holds data but no file system (written through NBD here): Mount refuses it, never formats it.
+    assert.deepEqual(await plugin(socket, '/VolumeDriver.Create', { Name: 'raw', Opts: { size: '64MiB' } }), { status: 200, reply: { Err: '' } });
+    await mustRun('qemu-io', ['-f', 'raw', node.qemuUri('raw'), '-c', 'write -P 0xa5 0 1M']);
+    const rawMount = await plugin(socket, '/VolumeDriver.Mount', { Name: 'raw', ID: 'container-3' });
+    assert.equal(rawMount.status, 500);
+    assert.match(String(rawMount.reply.Err), /^volume raw holds 1 MiB \(1048576 bytes\) of data but no file system blkid recognises .* --format/);
+    assert.deepEqual(mountsUnder(path.join(node.pool, 'mounts')), []);
+    assert.deepEqual(loopDevicesUnder(scratch), []);
+    assert.deepEqual((await plugin(socket, '/VolumeDriver.Path', { Name: 'raw' })).reply, { Mountpoint: '', Err: '' });
+    assert.equal(node.stderr().match(/has no file system: making ext4/g)?.length, 1, 'only web was formatted');
+    const reread = await mustRun('qemu-io', ['-r', '-f', 'raw', node.qemuUri('raw'), '-c', 'read -P 0xa5 0 1M', '-c', 'read -P 0 1M 63M']);
+    assert.doesNotMatch(reread, /Pattern verification failed/);
+    assert.deepEqual(await plugin(socket, '/VolumeDriver.Remove', { Name: 'raw' }), { status: 200, reply: { Err: '' } });
 
     assert.deepEqual(await plugin(socket, '/VolumeDriver.Remove', { Name: 'web' }), { status: 200, reply: { Err: '' } });
     assert.match(String((await plugin(socket, '/VolumeDriver.Get', { Name: 'web' })).reply.Err), /no volume named web/);

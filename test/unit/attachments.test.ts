@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ChunkdError } from '../../src/core/errors.ts';
-import { AttachmentTable, normalisePath, parseBlkid, validateAttachRequest, type AttachmentRecord } from '../../src/node/attachment-table.ts';
+import { AttachmentTable, normalisePath, parseBlkid, planFileSystem, validateAttachRequest, type AttachmentRecord, type FileSystemFacts } from '../../src/node/attachment-table.ts';
 import { handlePluginRequest, dockerDefaultSizeBytes, type PluginBackend } from '../../src/api/docker-plugin.ts';
 
 function record(volume: string, mountpoint: string, owner: AttachmentRecord['owner'] = 'cli'): AttachmentRecord {
@@ -21,8 +21,10 @@ function code(fn: () => unknown): string {
 }
 
 test('attach requests: names, absolute mountpoints, file system and path kinds', () => {
-  assert.deepEqual(validateAttachRequest('vol', { mountpoint: '/mnt//a/./b/' }), { volume: 'vol', mountpoint: '/mnt/a/b', fsType: null, via: 'fuse' });
-  assert.deepEqual(validateAttachRequest('vol', { mountpoint: '/m', fs: 'xfs', via: 'nbdfuse' }), { volume: 'vol', mountpoint: '/m', fsType: 'xfs', via: 'nbdfuse' });
+  assert.deepEqual(validateAttachRequest('vol', { mountpoint: '/mnt//a/./b/' }), { volume: 'vol', mountpoint: '/mnt/a/b', fsType: null, via: 'fuse', format: false });
+  assert.deepEqual(validateAttachRequest('vol', { mountpoint: '/m', fs: 'xfs', via: 'nbdfuse', format: true }), { volume: 'vol', mountpoint: '/m', fsType: 'xfs', via: 'nbdfuse', format: true });
+  assert.equal(code(() => validateAttachRequest('vol', { mountpoint: '/m', format: 'yes' })), 'EINVAL');
+  assert.equal(code(() => validateAttachRequest('vol', { mountpoint: '/m', format: 1 })), 'EINVAL');
   assert.equal(code(() => validateAttachRequest('../x', { mountpoint: '/m' })), 'EBADNAME');
   assert.equal(code(() => validateAttachRequest('vol', { mountpoint: 'relative' })), 'EINVAL');
   assert.equal(code(() => validateAttachRequest('vol', { mountpoint: '/a/../b' })), 'EINVAL');
@@ -33,7 +35,7 @@ test('attach requests: names, absolute mountpoints, file system and path kinds',
 
 test('a volume attaches once; mountpoints may not coincide or nest', () => {
   const table = new AttachmentTable([record('a', '/mnt/a')]);
-  const request = (volume: string, mountpoint: string) => ({ volume, mountpoint, fsType: null, via: 'fuse' as const });
+  const request = (volume: string, mountpoint: string) => ({ volume, mountpoint });
   assert.equal(code(() => table.checkAttach(request('a', '/mnt/other'))), 'EBUSY');
   assert.equal(code(() => table.checkAttach(request('b', '/mnt/a'))), 'EBUSY');
   assert.equal(code(() => table.checkAttach(request('b', '/mnt/a/inner'))), 'EBUSY');
@@ -69,10 +71,78 @@ test('docker callers are counted by ID; the last one out detaches only what the 
   assert.equal(code(() => table.addDockerId('missing', 'x')), 'ENOENT');
 });
 
-test('blkid output: file system type, partition table', () => {
-  assert.deepEqual(parseBlkid('DEVNAME=/dev/loop0\nUUID=abc\nBLOCK_SIZE=4096\nTYPE=ext4\n'), { type: 'ext4', partitionTable: null });
-  assert.deepEqual(parseBlkid('DEVNAME=/dev/loop0\nPTUUID=1\nPTTYPE=gpt\n'), { type: null, partitionTable: 'gpt' });
-  assert.deepEqual(parseBlkid(''), { type: null, partitionTable: null });
+test('blkid output: file system type and usage, partition table', () => {
+  assert.deepEqual(parseBlkid('DEVNAME=/dev/loop0\nUUID=abc\nBLOCK_SIZE=4096\nTYPE=ext4\nUSAGE=filesystem\n'), { type: 'ext4', usage: 'filesystem', partitionTable: null });
+  assert.deepEqual(parseBlkid('DEVNAME=/dev/loop0\nPTUUID=1\nPTTYPE=gpt\n'), { type: null, usage: null, partitionTable: 'gpt' });
+  assert.deepEqual(parseBlkid(''), { type: null, usage: null, partitionTable: null });
+});
+
+/** What attach knows about a volume's device: by default blkid found nothing and the volume holds 1 MiB. */
+function facts(overrides: Partial<FileSystemFacts> & { exitCode?: number; stdout?: string; stderr?: string } = {}): FileSystemFacts {
+  const { exitCode = 2, stdout = '', stderr = '', ...rest } = overrides;
+  return { volume: 'vol', device: '/dev/loop7', probe: { exitCode, stdout, stderr }, allocatedBytes: 1024 * 1024, wantedFs: null, format: false, reattach: false, ...rest };
+}
+
+function refusal(input: FileSystemFacts): { code: string; message: string } {
+  try {
+    planFileSystem(input);
+  } catch (error) {
+    assert.ok(error instanceof ChunkdError, `not a ChunkdError: ${String(error)}`);
+    return { code: error.code, message: error.message };
+  }
+  assert.fail('planFileSystem should have refused');
+}
+
+const ext4 = 'DEVNAME=/dev/loop7\nUUID=u\nBLOCK_SIZE=4096\nTYPE=ext4\nUSAGE=filesystem\n';
+
+test('a file system is made only where blkid found nothing and the volume was never written, or format asks', () => {
+  // Never written: nothing to destroy, with or without --fs.
+  assert.deepEqual(planFileSystem(facts({ allocatedBytes: 0 })), { action: 'format', fsType: 'ext4' });
+  assert.deepEqual(planFileSystem(facts({ allocatedBytes: 0, wantedFs: 'xfs' })), { action: 'format', fsType: 'xfs' });
+  // Written, nothing recognised (raw data, a damaged superblock): refused, with what to do about it.
+  const refused = refusal(facts({ allocatedBytes: 1024 * 1024 }));
+  assert.equal(refused.code, 'EINVAL');
+  assert.match(refused.message, /^volume vol holds 1 MiB \(1048576 bytes\) of data but no file system blkid recognises \(raw data, or a damaged superblock\)/);
+  assert.match(refused.message, /never formats a volume that was written: attach it with --format .* destroying its contents$/);
+  assert.equal(refusal(facts({ allocatedBytes: 4096, wantedFs: 'ext4' })).code, 'EINVAL', '--fs alone is not --format');
+  // --format on that volume: made.
+  assert.deepEqual(planFileSystem(facts({ format: true })), { action: 'format', fsType: 'ext4' });
+  assert.deepEqual(planFileSystem(facts({ format: true, wantedFs: 'xfs' })), { action: 'format', fsType: 'xfs' });
+  // A re-attach at start never formats, not even a volume never written.
+  assert.equal(refusal(facts({ allocatedBytes: 0, reattach: true })).code, 'EIO');
+  assert.equal(refusal(facts({ format: true, reattach: true })).code, 'EIO');
+});
+
+test('what blkid recognises is mounted or refused, never formatted', () => {
+  assert.deepEqual(planFileSystem(facts({ exitCode: 0, stdout: ext4 })), { action: 'mount', fsType: 'ext4' });
+  assert.deepEqual(planFileSystem(facts({ exitCode: 0, stdout: ext4, wantedFs: 'ext4', format: true })), { action: 'mount', fsType: 'ext4' });
+  assert.deepEqual(planFileSystem(facts({ exitCode: 0, stdout: ext4, reattach: true })), { action: 'mount', fsType: 'ext4' });
+  assert.deepEqual(planFileSystem(facts({ exitCode: 0, stdout: 'TYPE=btrfs\nUSAGE=filesystem\n' })), { action: 'mount', fsType: 'btrfs' });
+  const other = refusal(facts({ exitCode: 0, stdout: ext4, wantedFs: 'xfs', format: true }));
+  assert.deepEqual(other, { code: 'EINVAL', message: 'volume vol holds ext4, not xfs; it is never reformatted' });
+  const table = refusal(facts({ exitCode: 0, stdout: 'PTUUID=1\nPTTYPE=gpt\n', format: true }));
+  assert.deepEqual(table, { code: 'EINVAL', message: 'volume vol holds a gpt partition table, not a file system; refusing to format or mount it' });
+  const swap = refusal(facts({ exitCode: 0, stdout: 'UUID=u\nVERSION=1\nTYPE=swap\nUSAGE=other\n', format: true }));
+  assert.deepEqual(swap, { code: 'EINVAL', message: 'volume vol holds swap (other), not a file system; refusing to format or mount it' });
+  assert.match(refusal(facts({ exitCode: 0, stdout: 'TYPE=crypto_LUKS\nUSAGE=crypto\n', allocatedBytes: 0 })).message, /holds crypto_LUKS \(crypto\), not a file system/);
+  assert.equal(refusal(facts({ exitCode: 0, stdout: 'DEVNAME=/dev/loop7\n', allocatedBytes: 0 })).code, 'EIO', 'found something it did not name');
+});
+
+test('a blkid that fails is an error, never "no file system", whatever the volume holds and format says', () => {
+  for (const allocatedBytes of [0, 1024 * 1024]) {
+    for (const format of [false, true]) {
+      // Ambivalent (two signatures), usage errors, anything else.
+      for (const exitCode of [1, 4, 8, 127, -1]) {
+        const failed = refusal(facts({ exitCode, stderr: 'blkid: something went wrong', allocatedBytes, format }));
+        assert.equal(failed.code, 'EIO');
+        assert.match(failed.message, new RegExp(`blkid -p /dev/loop7 failed on volume vol \\(exit ${exitCode}\\): blkid: something went wrong`));
+      }
+      // blkid exits 2 also when it cannot open the device: it says so on stderr.
+      const unopened = refusal(facts({ exitCode: 2, stderr: 'blkid: error: /dev/loop7: No such device or address\n', allocatedBytes, format }));
+      assert.equal(unopened.code, 'EIO');
+      assert.match(unopened.message, /could not probe volume vol's device \(exit 2\): blkid: error: \/dev\/loop7: No such device or address$/);
+    }
+  }
 });
 
 function fakeBackend(): PluginBackend & { volumes: Map<string, number>; table: AttachmentTable } {
