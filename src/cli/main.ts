@@ -262,14 +262,22 @@ async function statusCommand(argv: string[]): Promise<number> {
   return 0;
 }
 
-function fsckCommand(argv: string[]): number {
+/** Exit 0: clean; 1: damage found; 2: the check could not run (not a pool, held by a node, unreadable). */
+async function fsckCommand(argv: string[]): Promise<number> {
   const { values } = parseArgs({ args: argv, options: { ...commonOptions, pool: { type: 'string' } } });
-  const report = fsckPool(values.pool ?? 'data');
+  let report;
+  try {
+    report = await fsckPool(values.pool ?? 'data');
+  } catch (error) {
+    if (!(error instanceof ChunkdError)) throw error;
+    process.stderr.write(`chunkd: fsck could not run: ${error.message}\n`);
+    return 2;
+  }
   print(values.json, report, () =>
     [
-      `pool ${report.directory}: ${report.clean ? 'clean' : 'NOT CLEAN'}`,
+      `pool ${report.directory}: ${report.clean ? 'clean' : report.repairable ? 'DAMAGED (repairable, nothing lost)' : 'DAMAGED'}`,
       `  ${report.volumeCount} volumes, ${formatSize(report.mappedBytes)} mapped, generation ${report.generation}, ${report.replayedRecords} journal records`,
-      ...report.errors.map((line) => `  error: ${line}`),
+      ...report.errors.map((line) => `  damage: ${line}`),
       ...report.warnings.map((line) => `  warning: ${line}`),
     ].join('\n'),
   );

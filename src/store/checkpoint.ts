@@ -1,20 +1,25 @@
 // The checkpoint: the whole catalog (volumes, snapshots and their chunk maps) as of the start of one journal
 // generation. Maps share pages (chunk-map.ts), so pages are stored once and maps refer to them; a checkpoint of
 // a volume with a thousand snapshots is as large as its distinct pages, not a thousand copies.
-// Layout: "CHUNKDC3" | u32 header length | header JSON | pages | page references | u32 crc32 of all before it.
-//   page: u32 run count, then runs of (u16 first slot, u16 slot count, f64 first physical chunk, then a u32
-//   checksum per chunk of the run); a chunk named by two distinct pages has its checksum stored twice, alike
-//   page references, per map in header order (volumes, then snapshots): (f64 page index, u32 page number)
-// Written to a temporary file, fsynced and renamed into place: a crash leaves the old or the new one, whole.
+// Layout: a run of frames (frames.ts), each with its own length and crc32:
+//   header: "CHUNKDC4" then JSON (generation, id counters, page count, volumes and snapshots with their sizes)
+//   one frame per page: u32 run count, then runs of (u16 first slot, u16 slot count, f64 first physical chunk,
+//     then a u32 checksum per chunk of the run); a chunk named by two distinct pages has its checksum twice
+//   one frame per map in header order (volumes, then snapshots): u32 page count, then its page references,
+//     (f64 page index, u32 page number) each (never an empty frame: eight zero bytes would pass as one)
+//   trailer: "CHUNKDC4" then u32 count of the frames before it (a file cut short is damaged, not smaller)
+// A pool keeps two copies, checkpoint.0 and checkpoint.1, each written to a temporary file, fdatasynced and
+// renamed into place (pool-layout.ts): a crash leaves each old or new, whole. Damage in one copy is read from the
+// other; damage in both copies in different frames still leaves every frame whole somewhere (frames.ts).
 // Pure: bytes in, values out.
-import { crc32 } from 'node:zlib';
 import { ChunkdError } from '../core/errors.ts';
 import { mapPageChunks } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { ChunkMap, type Page } from './chunk-map.ts';
+import { encodeFrames, readFramesFromCopies } from './frames.ts';
 import { addSnapshot, addVolume, allMaps, emptyCatalog, type Catalog } from './metadata.ts';
 
-const magic = Buffer.from('CHUNKDC3', 'latin1');
+const magic = Buffer.from('CHUNKDC4', 'latin1');
 const pageRunBytes = 12;
 const pageReferenceBytes = 12;
 
@@ -30,52 +35,52 @@ interface Header {
 /** Encodes the catalog as it stands, as the checkpoint that starts journal `generation`. */
 export function encodeCheckpoint(catalog: Catalog, generation: number): Buffer {
   const pageNumbers = new Map<Page, number>();
-  const pageRuns: Array<Array<[number, number, number]>> = [];
+  const pagePayloads: Buffer[] = [];
   const maps = [...allMaps(catalog)];
-  const references = maps.map((map) =>
-    map.pages().map(([pageIndex, page]) => {
+  const referencePayloads = maps.map((map) => {
+    const pages = map.pages();
+    const out = Buffer.allocUnsafe(4 + pages.length * pageReferenceBytes);
+    let offset = out.writeUInt32LE(pages.length, 0);
+    for (const [pageIndex, page] of pages) {
       let number = pageNumbers.get(page);
       if (number === undefined) {
-        number = pageRuns.length;
+        number = pagePayloads.length;
         pageNumbers.set(page, number);
-        pageRuns.push(runsOfPage(page));
+        pagePayloads.push(encodePage(catalog, page));
       }
-      return [pageIndex, number] as const;
-    }),
-  );
+      offset = out.writeDoubleLE(pageIndex, offset);
+      offset = out.writeUInt32LE(number, offset);
+    }
+    return out;
+  });
   const volumes = [...catalog.volumes.values()];
   const snapshots = [...catalog.snapshots.values()];
   const header: Header = {
     generation,
     nextVolumeId: catalog.nextVolumeId,
     nextSnapshotId: catalog.nextSnapshotId,
-    pageCount: pageRuns.length,
+    pageCount: pagePayloads.length,
     volumes: volumes.map((v) => ({ id: v.id, name: v.name, sizeBytes: v.sizeBytes, pageCount: v.map.pageCount })),
     snapshots: snapshots.map((s) => ({ id: s.id, volumeId: s.volumeId, name: s.name, sizeBytes: s.sizeBytes, createdAtMs: s.createdAtMs, pageCount: s.map.pageCount })),
   };
-  const headerBytes = Buffer.from(JSON.stringify(header), 'utf8');
-  const runBytes = pageRuns.reduce((sum, runs) => sum + 4 + runs.reduce((bytes, run) => bytes + pageRunBytes + run[1] * 4, 0), 0);
-  const referenceBytes = references.reduce((sum, list) => sum + list.length * pageReferenceBytes, 0);
-  const out = Buffer.alloc(magic.length + 4 + headerBytes.length + runBytes + referenceBytes + 4);
-  let offset = magic.copy(out, 0);
-  offset = out.writeUInt32LE(headerBytes.length, offset);
-  offset += headerBytes.copy(out, offset);
-  for (const runs of pageRuns) {
-    offset = out.writeUInt32LE(runs.length, offset);
-    for (const [slot, count, physical] of runs) {
-      offset = out.writeUInt16LE(slot, offset);
-      offset = out.writeUInt16LE(count, offset);
-      offset = out.writeDoubleLE(physical, offset);
-      for (let i = 0; i < count; i++) offset = out.writeUInt32LE(catalog.sums.get(physical + i), offset);
-    }
+  const payloads = [Buffer.concat([magic, Buffer.from(JSON.stringify(header), 'utf8')]), ...pagePayloads, ...referencePayloads];
+  const trailer = Buffer.alloc(magic.length + 4);
+  magic.copy(trailer);
+  trailer.writeUInt32LE(payloads.length, magic.length);
+  payloads.push(trailer);
+  return encodeFrames(payloads);
+}
+
+function encodePage(catalog: Catalog, page: Page): Buffer {
+  const runs = runsOfPage(page);
+  const out = Buffer.allocUnsafe(4 + runs.reduce((bytes, run) => bytes + pageRunBytes + run[1] * 4, 0));
+  let offset = out.writeUInt32LE(runs.length, 0);
+  for (const [slot, count, physical] of runs) {
+    offset = out.writeUInt16LE(slot, offset);
+    offset = out.writeUInt16LE(count, offset);
+    offset = out.writeDoubleLE(physical, offset);
+    for (let i = 0; i < count; i++) offset = out.writeUInt32LE(catalog.sums.get(physical + i), offset);
   }
-  for (const list of references) {
-    for (const [pageIndex, number] of list) {
-      offset = out.writeDoubleLE(pageIndex, offset);
-      offset = out.writeUInt32LE(number, offset);
-    }
-  }
-  out.writeUInt32LE(crc32(out.subarray(0, offset)), offset);
   return out;
 }
 
@@ -92,61 +97,108 @@ function runsOfPage(page: Page): Array<[number, number, number]> {
   return runs;
 }
 
-/** Decodes a checkpoint; throws ECORRUPT on any damage. Chunk reference counts are the caller's to rebuild. */
-export function decodeCheckpoint(bytes: Buffer): { catalog: Catalog; generation: number } {
-  if (bytes.length < magic.length + 8 || !bytes.subarray(0, magic.length).equals(magic)) throw ChunkdError.corrupt('checkpoint: bad magic');
-  const crcOffset = bytes.length - 4;
-  if (crc32(bytes.subarray(0, crcOffset)) !== bytes.readUInt32LE(crcOffset)) throw ChunkdError.corrupt('checkpoint: checksum mismatch');
-  const headerLength = bytes.readUInt32LE(magic.length);
-  let offset = magic.length + 4;
-  let header: Header;
-  try {
-    header = JSON.parse(bytes.subarray(offset, offset + headerLength).toString('utf8')) as Header;
-  } catch {
-    throw ChunkdError.corrupt('checkpoint: header is not JSON');
-  }
-  offset += headerLength;
-  const need = (count: number): void => {
-    if (offset + count > crcOffset) throw ChunkdError.corrupt('checkpoint: truncated');
-  };
+/** What a load makes of a pool's checkpoint copies. */
+export interface CheckpointChoice {
+  catalog: Catalog;
+  generation: number;
+  /** Copies not used as they were: damaged or missing (repaired by the next write), with where; or older (a rotation cut short). */
+  damagedCopies: Array<{ copy: number; offsetBytes: number }>;
+  staleCopies: number[];
+}
 
+/**
+ * Decodes the newest whole checkpoint among its copies (null: that file is missing), or one assembled frame by
+ * frame from copies of one generation that are each damaged. Throws ECORRUPT naming where, when none can be read.
+ */
+export function chooseCheckpoint(copies: ReadonlyArray<Buffer | null>): CheckpointChoice {
+  const parsed = copies.map((copy) => (copy === null ? null : framesOf([copy], copy.length)));
+  let best = -1;
+  let bestGeneration = -1;
+  parsed.forEach((result, index) => {
+    if (result === null || !('payloads' in result)) return;
+    const generation = headerOf(result.payloads).generation;
+    if (generation > bestGeneration) {
+      best = index;
+      bestGeneration = generation;
+    }
+  });
+  const damageOf = (index: number): { copy: number; offsetBytes: number } => {
+    const result = parsed[index];
+    return { copy: index, offsetBytes: result === null || result === undefined || 'payloads' in result ? 0 : result.damage.offsetBytes };
+  };
+  if (best >= 0) {
+    const decoded = decodeCheckpointFrames((parsed[best] as { payloads: Buffer[] }).payloads);
+    const damagedCopies: CheckpointChoice['damagedCopies'] = [];
+    const staleCopies: number[] = [];
+    parsed.forEach((result, index) => {
+      if (index === best) return;
+      if (result !== null && 'payloads' in result) {
+        if (headerOf(result.payloads).generation < bestGeneration) staleCopies.push(index);
+      } else {
+        damagedCopies.push(damageOf(index));
+      }
+    });
+    return { ...decoded, damagedCopies, staleCopies };
+  }
+  // No copy is whole: copies of one length may still hold every frame between them.
+  const present = copies.filter((copy): copy is Buffer => copy !== null);
+  if (present.length > 1 && present.every((copy) => copy.length === present[0]!.length)) {
+    const merged = framesOf(present, present[0]!.length);
+    if ('payloads' in merged) {
+      const decoded = decodeCheckpointFrames(merged.payloads);
+      return { ...decoded, damagedCopies: copies.map((_, index) => damageOf(index)), staleCopies: [] };
+    }
+  }
+  const where = copies.map((copy, index) => `checkpoint.${index} ${copy === null ? 'is missing' : `is damaged at byte ${damageOf(index).offsetBytes}`}`).join(', ');
+  throw ChunkdError.corrupt(`no whole checkpoint: ${where}`);
+}
+
+/** The frames of a checkpoint from its copies, up to and including the trailer that counts them. */
+function framesOf(copies: readonly Buffer[], lengthBytes: number): { payloads: Buffer[] } | { damage: { offsetBytes: number } } {
+  const result = readFramesFromCopies(copies, 0, lengthBytes);
+  if (!('payloads' in result)) return result;
+  const payloads = result.payloads;
+  const trailer = payloads[payloads.length - 1];
+  const first = payloads[0];
+  if (first === undefined || !first.subarray(0, magic.length).equals(magic)) return { damage: { offsetBytes: 0 } };
+  if (trailer === undefined || trailer.length !== magic.length + 4 || !trailer.subarray(0, magic.length).equals(magic) || trailer.readUInt32LE(magic.length) !== payloads.length - 1) {
+    return { damage: { offsetBytes: lengthBytes } };
+  }
+  return { payloads };
+}
+
+function headerOf(payloads: readonly Buffer[]): Header {
+  try {
+    return JSON.parse(payloads[0]!.subarray(magic.length).toString('utf8')) as Header;
+  } catch {
+    throw ChunkdError.corrupt('checkpoint: its header is not JSON though its checksum matches');
+  }
+}
+
+/** Decodes one checkpoint's bytes (all of its frames whole); throws ECORRUPT on any damage. */
+export function decodeCheckpoint(bytes: Buffer): { catalog: Catalog; generation: number } {
+  const result = framesOf([bytes], bytes.length);
+  if (!('payloads' in result)) throw ChunkdError.corrupt(`checkpoint: damaged at byte ${result.damage.offsetBytes}`);
+  return decodeCheckpointFrames(result.payloads);
+}
+
+/** The catalog from a checkpoint's frames, each already whole; throws ECORRUPT where they disagree. */
+function decodeCheckpointFrames(payloads: readonly Buffer[]): { catalog: Catalog; generation: number } {
+  const header = headerOf(payloads);
+  const mapCount = header.volumes.length + header.snapshots.length;
+  if (payloads.length !== 1 + header.pageCount + mapCount + 1) throw ChunkdError.corrupt('checkpoint: frame count does not match its header');
   const catalog = emptyCatalog();
   const pages: Page[] = [];
-  for (let i = 0; i < header.pageCount; i++) {
-    need(4);
-    const runCount = bytes.readUInt32LE(offset);
-    offset += 4;
-    const page: Page = { slots: new Float64Array(mapPageChunks), usedCount: 0, shareCount: 0 };
-    for (let r = 0; r < runCount; r++) {
-      need(pageRunBytes);
-      const slot = bytes.readUInt16LE(offset);
-      const count = bytes.readUInt16LE(offset + 2);
-      const physical = bytes.readDoubleLE(offset + 4);
-      offset += pageRunBytes;
-      if (count === 0 || slot + count > mapPageChunks || !Number.isSafeInteger(physical) || physical < 0) throw ChunkdError.corrupt('checkpoint: invalid page run');
-      need(count * 4);
-      const sums = new Uint32Array(count);
-      for (let i = 0; i < count; i++) sums[i] = bytes.readUInt32LE(offset + i * 4);
-      offset += count * 4;
-      catalog.sums.setRun(physical, sums);
-      for (let s = slot; s < slot + count; s++) {
-        if (page.slots[s] !== 0) throw ChunkdError.corrupt('checkpoint: a page maps one slot twice');
-        page.slots[s] = physical + (s - slot) + 1;
-      }
-      page.usedCount += count;
-    }
-    if (page.usedCount === 0) throw ChunkdError.corrupt('checkpoint: an empty page');
-    pages.push(page);
-  }
-
+  for (let i = 0; i < header.pageCount; i++) pages.push(decodePage(catalog, payloads[1 + i]!));
+  let nextMap = 1 + header.pageCount;
   const readMap = (pageCount: number): ChunkMap => {
-    need(pageCount * pageReferenceBytes);
+    const references = payloads[nextMap++]!;
+    if (references.length !== 4 + pageCount * pageReferenceBytes || references.readUInt32LE(0) !== pageCount) throw ChunkdError.corrupt('checkpoint: a map of the wrong length');
     const entries = new Map<number, Page>();
     let mappedCount = 0;
-    for (let i = 0; i < pageCount; i++) {
-      const pageIndex = bytes.readDoubleLE(offset);
-      const page = pages[bytes.readUInt32LE(offset + 8)];
-      offset += pageReferenceBytes;
+    for (let offset = 4; offset < references.length; offset += pageReferenceBytes) {
+      const pageIndex = references.readDoubleLE(offset);
+      const page = pages[references.readUInt32LE(offset + 8)];
       if (page === undefined || !Number.isSafeInteger(pageIndex) || pageIndex < 0 || entries.has(pageIndex)) throw ChunkdError.corrupt('checkpoint: invalid page reference');
       page.shareCount += 1;
       entries.set(pageIndex, page);
@@ -154,7 +206,6 @@ export function decodeCheckpoint(bytes: Buffer): { catalog: Catalog; generation:
     }
     return new ChunkMap(entries, mappedCount);
   };
-
   for (const entry of header.volumes) {
     if (checkName(entry.name) !== null) throw ChunkdError.corrupt(`checkpoint: invalid volume name ${JSON.stringify(entry.name)}`);
     addVolume(catalog, { id: entry.id, name: entry.name, sizeBytes: entry.sizeBytes, map: readMap(entry.pageCount), snapshots: new Map() });
@@ -163,9 +214,37 @@ export function decodeCheckpoint(bytes: Buffer): { catalog: Catalog; generation:
     if (checkName(entry.name, 'snapshot') !== null) throw ChunkdError.corrupt(`checkpoint: invalid snapshot name ${JSON.stringify(entry.name)}`);
     addSnapshot(catalog, { id: entry.id, volumeId: entry.volumeId, name: entry.name, sizeBytes: entry.sizeBytes, createdAtMs: entry.createdAtMs, map: readMap(entry.pageCount) });
   }
-  if (offset !== crcOffset) throw ChunkdError.corrupt('checkpoint: trailing bytes');
   if (pages.some((page) => page.shareCount === 0)) throw ChunkdError.corrupt('checkpoint: a page no map refers to');
   catalog.nextVolumeId = Math.max(catalog.nextVolumeId, header.nextVolumeId);
   catalog.nextSnapshotId = Math.max(catalog.nextSnapshotId, header.nextSnapshotId);
   return { catalog, generation: header.generation };
+}
+
+function decodePage(catalog: Catalog, bytes: Buffer): Page {
+  const fail = (): never => {
+    throw ChunkdError.corrupt('checkpoint: invalid page');
+  };
+  if (bytes.length < 4) fail();
+  const runCount = bytes.readUInt32LE(0);
+  let offset = 4;
+  const page: Page = { slots: new Float64Array(mapPageChunks), usedCount: 0, shareCount: 0 };
+  for (let r = 0; r < runCount; r++) {
+    if (offset + pageRunBytes > bytes.length) fail();
+    const slot = bytes.readUInt16LE(offset);
+    const count = bytes.readUInt16LE(offset + 2);
+    const physical = bytes.readDoubleLE(offset + 4);
+    offset += pageRunBytes;
+    if (count === 0 || slot + count > mapPageChunks || !Number.isSafeInteger(physical) || physical < 0 || offset + count * 4 > bytes.length) fail();
+    const sums = new Uint32Array(count);
+    for (let i = 0; i < count; i++) sums[i] = bytes.readUInt32LE(offset + i * 4);
+    offset += count * 4;
+    catalog.sums.setRun(physical, sums);
+    for (let s = slot; s < slot + count; s++) {
+      if (page.slots[s] !== 0) throw ChunkdError.corrupt('checkpoint: a page maps one slot twice');
+      page.slots[s] = physical + (s - slot) + 1;
+    }
+    page.usedCount += count;
+  }
+  if (offset !== bytes.length || page.usedCount === 0) fail();
+  return page;
 }

@@ -2,13 +2,15 @@
 // floor(i / chunksPerFile), a sparse file under <pool>/chunks. Files are opened on demand and kept in an LRU
 // cache of descriptors; a descriptor evicted while I/O uses it is closed when the last user lets go, so no
 // read or write ever lands on a reused descriptor. Files written since the last sync are remembered (at the
-// completion of each write, so a sync never misses a write that finished before it started).
+// completion of each write, so a sync never misses a write that finished before it started), and so are files
+// created since the directory was last synced: a sync makes their names durable too, or a power loss could take
+// a file whose data the journal already names. All I/O goes through the pool's file layer (file-layer.ts).
 import fs from 'node:fs';
 import path from 'node:path';
 import { LRUCache } from 'lru-cache';
 import { assert } from '../core/assert.ts';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
-import { punchHole, readIfCached, zeroRange } from './native.ts';
+import { readFully, writeFully, type FileLayer } from './file-layer.ts';
 
 const fileBytes = chunksPerFile * chunkSizeBytes;
 const resolved = Promise.resolve();
@@ -21,26 +23,32 @@ interface OpenFile {
 
 export class ChunkFiles {
   readonly directory: string;
+  readonly layer: FileLayer;
   readonly #files: LRUCache<number, OpenFile>;
   readonly #opening = new Map<number, Promise<OpenFile>>();
   #dirty = new Set<number>();
+  /** Files whose directory entry is durable: those found at open (the pool syncs the directory then), and synced since. */
+  readonly #named: Set<number>;
   #zeroRangeWorks = true;
 
-  constructor(directory: string) {
+  /** The caller syncs the directory once after this (Pool.open does), so that the files found here are durably named. */
+  constructor(directory: string, layer: FileLayer) {
     this.directory = directory;
+    this.layer = layer;
     fs.mkdirSync(directory, { recursive: true });
+    this.#named = new Set(this.existingFiles());
     this.#files = new LRUCache<number, OpenFile>({
       max: openChunkFilesMax,
       dispose: (file) => {
         file.evicted = true;
-        if (file.users === 0) fs.close(file.fd, () => {});
+        if (file.users === 0) layer.close(file.fd);
       },
     });
   }
 
   /** Path of the chunk file that holds file index `fileIndex`. */
   filePath(fileIndex: number): string {
-    return path.join(this.directory, `${fileIndex.toString().padStart(8, '0')}.chunk`);
+    return chunkFilePath(this.directory, fileIndex);
   }
 
   /**
@@ -57,7 +65,7 @@ export class ChunkFiles {
       return false;
     }
     if (position + target.length > (fileIndex + 1) * fileBytes) return false;
-    const bytesRead = readIfCached(file.fd, target, position - fileIndex * fileBytes);
+    const bytesRead = this.layer.readCached(file.fd, target, position - fileIndex * fileBytes);
     if (bytesRead === target.length) return true;
     if (bytesRead !== 0) return false;
     target.fill(0); // past the end of a sparse file
@@ -68,14 +76,14 @@ export class ChunkFiles {
   read(physicalChunk: number, offsetBytes: number, target: Buffer): Promise<void> {
     if (this.readCached(physicalChunk, offsetBytes, target)) return resolved;
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, target.length, (file, position, start, end) =>
-      readFully(file.fd, target.subarray(start, end), position),
+      readFully(this.layer, file.fd, target.subarray(start, end), position),
     );
   }
 
   /** Writes `data` starting `offsetBytes` into physical chunk `physicalChunk`. */
   write(physicalChunk: number, offsetBytes: number, data: Buffer): Promise<void> {
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, data.length, async (file, position, start, end, fileIndex) => {
-      await writeFully(file.fd, data.subarray(start, end), position);
+      await writeFully(this.layer, file.fd, data.subarray(start, end), position);
       this.#dirty.add(fileIndex);
     });
   }
@@ -83,7 +91,7 @@ export class ChunkFiles {
   /** Gives the space of `chunkCount` chunks back to the file system; they read as zeros afterwards. */
   punch(physicalChunk: number, chunkCount: number): Promise<void> {
     return this.#eachFile(physicalChunk * chunkSizeBytes, chunkCount * chunkSizeBytes, async (file, position, start, end, fileIndex) => {
-      await punchHole(file.fd, position, end - start);
+      await this.layer.allocate(file.fd, 'punch', position, end - start);
       this.#dirty.add(fileIndex);
     });
   }
@@ -93,7 +101,7 @@ export class ChunkFiles {
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, lengthBytes, async (file, position, start, end, fileIndex) => {
       if (this.#zeroRangeWorks) {
         try {
-          await zeroRange(file.fd, position, end - start);
+          await this.layer.allocate(file.fd, 'zero', position, end - start);
           this.#dirty.add(fileIndex);
           return;
         } catch (error) {
@@ -104,7 +112,7 @@ export class ChunkFiles {
       const zeros = Buffer.alloc(Math.min(end - start, 1024 * 1024));
       for (let done = 0; done < end - start; done += zeros.length) {
         const length = Math.min(zeros.length, end - start - done);
-        await writeFully(file.fd, zeros.subarray(0, length), position + done);
+        await writeFully(this.layer, file.fd, zeros.subarray(0, length), position + done);
       }
       this.#dirty.add(fileIndex);
     });
@@ -115,12 +123,20 @@ export class ChunkFiles {
     this.#dirty.add(fileIndex);
   }
 
-  /** fdatasyncs every chunk file written since the last sync; on failure the files stay marked dirty. */
+  /**
+   * fdatasyncs every chunk file written since the last sync, then the directory if any of them is new; on
+   * failure the files stay marked dirty.
+   */
   async sync(): Promise<void> {
     const dirty = [...this.#dirty];
     this.#dirty = new Set();
     try {
-      await Promise.all(dirty.map((fileIndex) => this.#withFile(fileIndex, (file) => fdatasync(file.fd))));
+      await Promise.all(dirty.map((fileIndex) => this.#withFile(fileIndex, (file) => this.layer.fdatasync(file.fd))));
+      const unnamed = dirty.filter((fileIndex) => !this.#named.has(fileIndex));
+      if (unnamed.length > 0) {
+        await this.layer.syncDirectory(this.directory);
+        for (const fileIndex of unnamed) this.#named.add(fileIndex);
+      }
     } catch (error) {
       for (const fileIndex of dirty) this.#dirty.add(fileIndex);
       throw error;
@@ -171,64 +187,32 @@ export class ChunkFiles {
       return await action(file);
     } finally {
       file.users -= 1;
-      if (file.evicted && file.users === 0) fs.close(file.fd, () => {});
+      if (file.evicted && file.users === 0) this.layer.close(file.fd);
     }
   }
 
   #open(fileIndex: number): Promise<OpenFile> {
     let opening = this.#opening.get(fileIndex);
     if (opening === undefined) {
-      opening = new Promise<OpenFile>((resolve, reject) => {
-        fs.open(this.filePath(fileIndex), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600, (error, fd) => {
+      opening = this.layer.open(this.filePath(fileIndex), 'create').then(
+        (fd) => {
           this.#opening.delete(fileIndex);
-          if (error) return reject(error);
           const file: OpenFile = { fd, users: 0, evicted: false };
           this.#files.set(fileIndex, file);
-          resolve(file);
-        });
-      });
+          return file;
+        },
+        (error: unknown) => {
+          this.#opening.delete(fileIndex);
+          throw error;
+        },
+      );
       this.#opening.set(fileIndex, opening);
     }
     return opening;
   }
 }
 
-/** Reads until the buffer is full; bytes past the end of the file read as zeros (a sparse file's tail). */
-export function readFully(fd: number, target: Uint8Array, positionBytes: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    let done = 0;
-    const step = (): void => {
-      fs.read(fd, target, done, target.length - done, positionBytes + done, (error, bytesRead) => {
-        if (error) return reject(error);
-        done += bytesRead;
-        if (bytesRead === 0 && done < target.length) {
-          target.fill(0, done);
-          done = target.length;
-        }
-        if (done < target.length) step();
-        else resolve();
-      });
-    };
-    step();
-  });
-}
-
-/** Writes the whole buffer, looping over short writes (they are not errors). */
-export function writeFully(fd: number, data: Buffer, positionBytes: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    let done = 0;
-    const step = (): void => {
-      fs.write(fd, data, done, data.length - done, positionBytes + done, (error, written) => {
-        if (error) return reject(error);
-        done += written;
-        if (done < data.length) step();
-        else resolve();
-      });
-    };
-    step();
-  });
-}
-
-export function fdatasync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.fdatasync(fd, (error) => (error ? reject(error) : resolve())));
+/** Path of chunk file `fileIndex` in the chunk directory (shared with the workers' own descriptors, chunk-task.ts). */
+export function chunkFilePath(directory: string, fileIndex: number): string {
+  return path.join(directory, `${fileIndex.toString().padStart(8, '0')}.chunk`);
 }

@@ -34,7 +34,8 @@ export interface ChunkIo {
   /** Writes whole chunks from `physicalChunk` and returns the checksum of each. */
   writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array>;
   status(): IoEngineStatus;
-  close(): Promise<void>;
+  /** Waits for the I/O in flight, then stops; `force` stops at once (a simulated crash: nothing more may land). */
+  close(options?: { force?: boolean }): Promise<void>;
 }
 
 /** The checksum of each whole chunk of `data`. */

@@ -9,10 +9,8 @@
 // synchronously gave 1 MiB sequential reads 38 MB/s against 133 for every peer. A task still finishes all its
 // I/O before it returns (piscina's caveat: an idle worker sits in Atomics.wait, and nothing pending would run).
 // Writes stay synchronous: they land in the page cache.
-import fs from 'node:fs';
-import path from 'node:path';
-import { readFully } from './chunk-files.ts';
-import { readIfCached } from './native.ts';
+import { chunkFilePath } from './chunk-files.ts';
+import { readFully, writeFullySync, type FileLayer } from './file-layer.ts';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
 import { chunkSums, firstPlanMismatch, type Mismatch } from './chunk-io.ts';
 
@@ -37,6 +35,7 @@ export type WorkerTask = { op: 'batch'; tasks: ChunkTask[] } | Extract<ChunkTask
 /** A worker's own descriptors of the chunk files (opened on first use; all closed past openChunkFilesMax). */
 export class ChunkTaskRunner {
   readonly #directory: string;
+  readonly #files: FileLayer;
   readonly #testHooks: boolean;
   readonly #slab: SharedArrayBuffer | null;
   /** Open chunk files; `reads`: asynchronous reads still using the descriptor, which must not be closed under them. */
@@ -44,8 +43,9 @@ export class ChunkTaskRunner {
   /** Descriptors dropped from #fds while reads still used them: closed when the last one ends. */
   readonly #closing = new Map<number, { fd: number; reads: number }>();
 
-  constructor(directory: string, slab: SharedArrayBuffer | null, testHooks: boolean) {
+  constructor(directory: string, files: FileLayer, slab: SharedArrayBuffer | null, testHooks: boolean) {
     this.#directory = directory;
+    this.#files = files;
     this.#slab = slab;
     this.#testHooks = testHooks;
   }
@@ -87,7 +87,7 @@ export class ChunkTaskRunner {
           for (let p = 0; p < task.plan.length; p += 3) {
             const start = task.plan[p + 2]! * chunkSizeBytes;
             this.#each(task.plan[p]!, target.subarray(start, start + task.plan[p + 1]! * chunkSizeBytes), (file, part, position) => {
-              const waiting = readCachedOrLater(file.fd, part, position);
+              const waiting = readCachedOrLater(this.#files, file.fd, part, position);
               if (waiting !== null) waits.push(this.#using(file, waiting));
             });
           }
@@ -96,7 +96,7 @@ export class ChunkTaskRunner {
         case 'write': {
           const data = this.#view(task.bytes);
           const sums = chunkSums(data);
-          const filesWritten = this.#each(task.physicalChunk, data, (file, part, position) => writeFully(file.fd, part, position));
+          const filesWritten = this.#each(task.physicalChunk, data, (file, part, position) => writeFullySync(this.#files, file.fd, part, position));
           return { ok: true, mismatch: null, sums, filesWritten };
         }
         case 'die': {
@@ -113,7 +113,7 @@ export class ChunkTaskRunner {
   /** Closes every descriptor no read is using; the others close when their last read ends. */
   close(): void {
     for (const [fileIndex, file] of this.#fds) {
-      if (file.reads === 0) fs.closeSync(file.fd);
+      if (file.reads === 0) this.#files.close(file.fd);
       else this.#closing.set(file.fd, file);
       this.#fds.delete(fileIndex);
     }
@@ -124,7 +124,7 @@ export class ChunkTaskRunner {
     file.reads += 1;
     return read.finally(() => {
       file.reads -= 1;
-      if (file.reads === 0 && this.#closing.delete(file.fd)) fs.closeSync(file.fd);
+      if (file.reads === 0 && this.#closing.delete(file.fd)) this.#files.close(file.fd);
     });
   }
 
@@ -148,7 +148,7 @@ export class ChunkTaskRunner {
     let file = this.#fds.get(fileIndex);
     if (file === undefined) {
       if (this.#fds.size >= openChunkFilesMax) this.close();
-      const fd = fs.openSync(path.join(this.#directory, `${fileIndex.toString().padStart(8, '0')}.chunk`), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+      const fd = this.#files.openSync(chunkFilePath(this.#directory, fileIndex), 'create');
       file = { fd, reads: 0 };
       this.#fds.set(fileIndex, file);
     }
@@ -165,16 +165,10 @@ function failure(error: unknown): ChunkTaskResult {
  * Fills `target` from `position` now with what the page cache holds, and returns null when that was all of it;
  * else returns the read of the rest through libuv's pool. Past the end of a sparse file reads zeros.
  */
-function readCachedOrLater(fd: number, target: Uint8Array, position: number): Promise<void> | null {
-  const cached = readIfCached(fd, target, position);
+function readCachedOrLater(files: FileLayer, fd: number, target: Uint8Array, position: number): Promise<void> | null {
+  const cached = files.readCached(fd, target, position);
   if (cached === 0) target.fill(0);
   if (cached === 0 || cached === target.length) return null;
   const done = Math.max(cached, 0);
-  return readFully(fd, target.subarray(done), position + done);
-}
-
-/** Writes all of it; a short write is looped, not an error. */
-function writeFully(fd: number, data: Uint8Array, position: number): void {
-  let done = 0;
-  while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, position + done);
+  return readFully(files, fd, target.subarray(done), position + done);
 }

@@ -1,21 +1,27 @@
 // Offline consistency check of a pool no node holds. It reads the checkpoint and journal exactly as a node's
 // load does (without writing anything), then checks what a load assumes: each volume's and snapshot's map inside
-// its size, and every referenced chunk backed by its chunk file. Data left in free space by a
-// crash (written, never committed) is reported as reclaimable, not as an error: the next start punches it out.
+// its size, and every referenced chunk backed by its chunk file. Damage is any of that, and also a metadata copy
+// that a start would have to repair from the other one: `clean` means no damage at all. Data left in free space
+// by a crash (written, never committed), a torn journal tail, and files of an older generation are warnings,
+// not damage: the next start drops them. `chunkd fsck` exits 0 when clean, 1 on damage, 2 when it cannot run.
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile, volumeSizeAlignBytes } from '../core/limits.ts';
 import { ChunkAllocator } from './allocator.ts';
-import { ChunkFiles } from './chunk-files.ts';
+import { chunkFilePath } from './chunk-files.ts';
 import type { ChunkMap } from './chunk-map.ts';
+import { realFiles, type FileLayer } from './file-layer.ts';
 import { dataRanges } from './native.ts';
-import { loadMetadata, lockPool } from './pool.ts';
+import { chunksDirectory, loadMetadata, lockPool, markerPath } from './pool-layout.ts';
 
 export interface FsckReport {
   directory: string;
   clean: boolean;
+  /** Damage: what was found, one line each. */
   errors: string[];
+  /** Damage a start (or fsck --repair) repairs from the other metadata copy, with nothing lost. */
+  repairable: boolean;
   warnings: string[];
   volumeCount: number;
   snapshotCount: number;
@@ -25,40 +31,44 @@ export interface FsckReport {
   replayedRecords: number;
 }
 
-/** Checks the pool in `directory`; refuses (EBUSY) a pool a running node holds. */
-export function fsckPool(directory: string): FsckReport {
+/**
+ * Checks the pool in `directory`. Throws (the CLI's exit 2) when it cannot run: not a pool, a pool of another
+ * format, a pool a running node holds (EBUSY).
+ */
+export async function fsckPool(directory: string, files: FileLayer = realFiles): Promise<FsckReport> {
   const resolved = path.resolve(directory);
-  if (!fs.existsSync(path.join(resolved, 'chunkd-pool.json'))) throw ChunkdError.notFound(`${resolved} is not a chunkd pool (no chunkd-pool.json)`);
-  const lockFd = lockPool(resolved);
+  if (!fs.existsSync(markerPath(resolved))) throw ChunkdError.notFound(`${resolved} is not a chunkd pool (no chunkd-pool.json)`);
+  const lockFd = lockPool(files, resolved);
   try {
-    return check(resolved);
+    return await check(files, resolved);
   } finally {
-    fs.closeSync(lockFd);
+    files.close(lockFd);
   }
 }
 
-function check(directory: string): FsckReport {
+async function check(files: FileLayer, directory: string): Promise<FsckReport> {
   const errors: string[] = [];
   const warnings: string[] = [];
-  const report = (clean: boolean, extra: Partial<FsckReport>): FsckReport => ({
-    directory, clean, errors, warnings, volumeCount: 0, snapshotCount: 0, mappedBytes: 0, reclaimableBytes: 0, generation: 0, replayedRecords: 0, ...extra,
+  const report = (extra: Partial<FsckReport>): FsckReport => ({
+    directory, clean: errors.length === 0, errors, repairable: false, warnings, volumeCount: 0, snapshotCount: 0, mappedBytes: 0, reclaimableBytes: 0, generation: 0, replayedRecords: 0, ...extra,
   });
   let loaded;
   try {
-    loaded = loadMetadata(directory);
+    loaded = await loadMetadata(files, directory);
   } catch (error) {
-    if (!(error instanceof ChunkdError)) throw error;
+    if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
     errors.push(`metadata: ${error.message}`);
-    return report(false, {});
+    return report({});
   }
   const { catalog, refs, generation, replayedRecords, tornTail } = loaded;
-  if (tornTail) warnings.push(`journal-${generation} ends in a record torn by a crash; the next start drops it (it was never acknowledged)`);
-  for (const name of fs.readdirSync(directory)) {
-    if (/^journal-\d+$/.test(name) && name !== `journal-${generation}`) warnings.push(`stray journal ${name} (the next start removes it)`);
-  }
+  for (const line of loaded.repairs) errors.push(`metadata: ${line} (repairable: the next start or fsck --repair writes it whole again; nothing is lost)`);
+  const repairable = loaded.repairs.length > 0;
+  if (tornTail) warnings.push(`journal-${generation} ends in a commit torn by a crash; the next start drops it (it was never acknowledged)`);
+  for (const line of loaded.leftovers) warnings.push(`stray metadata file ${line}; the next start removes it`);
 
-  const files = new ChunkFiles(path.join(directory, 'chunks'));
-  const fileSizes = new Map(files.existingFiles().map((index) => [index, fs.statSync(files.filePath(index)).size]));
+  const chunkDirectory = chunksDirectory(directory);
+  const existing = fs.existsSync(chunkDirectory) ? fs.readdirSync(chunkDirectory).filter((name) => /^\d{8}\.chunk$/.test(name)).map((name) => Number(name.slice(0, 8))) : [];
+  const fileSizes = new Map(existing.map((index) => [index, fs.statSync(chunkFilePath(chunkDirectory, index)).size]));
   let mappedBytes = 0;
   const checkMap = (what: string, map: ChunkMap, sizeBytes: number): void => {
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % volumeSizeAlignBytes !== 0) errors.push(`${what}: invalid size ${sizeBytes}`);
@@ -97,21 +107,20 @@ function check(directory: string): FsckReport {
     const free = [...allocator.freeExtents()];
     const lastFile = Math.max(-1, ...fileSizes.keys());
     if ((lastFile + 1) * chunksPerFile > allocator.highWater) free.push({ start: allocator.highWater, count: (lastFile + 1) * chunksPerFile - allocator.highWater, punch: true });
-    for (const extent of free) reclaimableBytes += dataInChunks(files, fileSizes, extent.start, extent.count);
+    for (const extent of free) reclaimableBytes += dataInChunks(chunkDirectory, fileSizes, extent.start, extent.count);
     if (reclaimableBytes > 0) warnings.push(`${reclaimableBytes} bytes of unmapped data in the chunk files (chunks replaced by overwrites and kept for reuse, or writes a crash left uncommitted); the next start gives them back`);
   }
-  files.close();
-  return report(errors.length === 0, { volumeCount: catalog.volumes.size, snapshotCount: catalog.snapshots.size, mappedBytes, reclaimableBytes, generation, replayedRecords });
+  return report({ repairable: repairable && errors.length === loaded.repairs.length, volumeCount: catalog.volumes.size, snapshotCount: catalog.snapshots.size, mappedBytes, reclaimableBytes, generation, replayedRecords });
 }
 
-function dataInChunks(files: ChunkFiles, fileSizes: Map<number, number>, startChunk: number, chunkCount: number): number {
+function dataInChunks(chunkDirectory: string, fileSizes: Map<number, number>, startChunk: number, chunkCount: number): number {
   let bytes = 0;
   const end = startChunk + chunkCount;
   for (let fileIndex = Math.floor(startChunk / chunksPerFile); fileIndex * chunksPerFile < end; fileIndex++) {
     if (!fileSizes.has(fileIndex)) continue;
     const from = (Math.max(startChunk, fileIndex * chunksPerFile) - fileIndex * chunksPerFile) * chunkSizeBytes;
     const to = (Math.min(end, (fileIndex + 1) * chunksPerFile) - fileIndex * chunksPerFile) * chunkSizeBytes;
-    const fd = fs.openSync(files.filePath(fileIndex), 'r');
+    const fd = fs.openSync(chunkFilePath(chunkDirectory, fileIndex), 'r');
     try {
       for (const range of dataRanges(fd, from, to)) bytes += range.lengthBytes;
     } finally {

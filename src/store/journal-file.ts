@@ -1,59 +1,74 @@
-// The journal on disk: one file per generation (journal-<generation>), appended in commits and fdatasynced.
-// Space is reserved ahead with fallocate, so that most commits neither change the file's size (a cheaper
-// fdatasync) nor meet a full file system halfway through a record.
-import fs from 'node:fs';
+// The journal on disk: one generation is two files, journal-<gen>.0 and journal-<gen>.1, that get the same
+// commits at the same offsets (journal-format.ts says why and how a load reads them back). A commit is written to
+// both and fdatasynced in both, side by side, before it counts: one more pwrite and fdatasync per commit, in
+// parallel, for metadata that survives a damaged sector. Space is reserved ahead with fallocate, so that most
+// commits neither change the files' size (a cheaper fdatasync) nor meet a full file system halfway through.
 import { fromSystemError } from '../core/errors.ts';
 import { journalReserveBytes } from '../core/limits.ts';
-import { fdatasync, writeFully } from './chunk-files.ts';
-import { reserveSpace } from './native.ts';
+import { writeFully, type FileLayer } from './file-layer.ts';
+import { encodeCommit, journalCopies } from './journal-format.ts';
 
 export class JournalFile {
-  readonly path: string;
-  readonly #fd: number;
-  #endBytes: number;
-  #reservedBytes: number;
+  readonly paths: readonly string[];
+  readonly generation: number;
+  readonly #files: FileLayer;
+  readonly #fds: number[];
+  #endBytes = 0;
+  #reservedBytes = 0;
+  #nextSequence = 1;
 
-  private constructor(path: string, fd: number, endBytes: number, reservedBytes: number) {
-    this.path = path;
-    this.#fd = fd;
-    this.#endBytes = endBytes;
-    this.#reservedBytes = reservedBytes;
+  private constructor(files: FileLayer, paths: string[], fds: number[], generation: number) {
+    this.#files = files;
+    this.paths = paths;
+    this.#fds = fds;
+    this.generation = generation;
   }
 
-  /** Creates an empty journal with space reserved; the caller fsyncs the directory. */
-  static async create(path: string): Promise<JournalFile> {
-    const fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
-    const journal = new JournalFile(path, fd, 0, 0);
-    await journal.#reserve(journalReserveBytes);
-    await fdatasync(fd);
-    return journal;
+  /** Creates the copies of an empty journal with space reserved; the caller syncs the directory. */
+  static async create(files: FileLayer, paths: readonly string[], generation: number): Promise<JournalFile> {
+    const fds: number[] = [];
+    try {
+      for (let copy = 0; copy < journalCopies; copy++) fds.push(await files.open(paths[copy]!, 'truncate'));
+      const journal = new JournalFile(files, [...paths], fds, generation);
+      await journal.#reserve(journalReserveBytes);
+      await Promise.all(fds.map((fd) => files.fdatasync(fd)));
+      return journal;
+    } catch (error) {
+      for (const fd of fds) files.close(fd);
+      throw error;
+    }
   }
 
-  /** Bytes of records in the journal. */
+  /** Bytes of commits in the journal. */
   get sizeBytes(): number {
     return this.#endBytes;
   }
 
-  /** Appends encoded records and makes them durable. On failure nothing counts as appended; a retry overwrites. */
-  async append(bytes: Buffer): Promise<void> {
-    if (bytes.length === 0) return;
+  /**
+   * Appends framed records as one commit and makes it durable in both copies. On failure nothing counts as
+   * appended (a retry writes the same place again); the pool decides whether the failure is final.
+   */
+  async append(frames: Buffer): Promise<void> {
+    if (frames.length === 0) return;
+    const commit = encodeCommit(this.generation, this.#nextSequence, frames);
     try {
-      if (this.#endBytes + bytes.length > this.#reservedBytes) await this.#reserve(this.#endBytes + bytes.length + journalReserveBytes - this.#reservedBytes);
-      await writeFully(this.#fd, bytes, this.#endBytes);
-      await fdatasync(this.#fd);
+      if (this.#endBytes + commit.length > this.#reservedBytes) await this.#reserve(this.#endBytes + commit.length + journalReserveBytes - this.#reservedBytes);
+      await settleAll(this.#fds.map((fd) => writeFully(this.#files, fd, commit, this.#endBytes)));
+      await settleAll(this.#fds.map((fd) => this.#files.fdatasync(fd)));
     } catch (error) {
       throw fromSystemError(error, 'journal commit');
     }
-    this.#endBytes += bytes.length;
+    this.#endBytes += commit.length;
+    this.#nextSequence += 1;
   }
 
   close(): void {
-    fs.closeSync(this.#fd);
+    for (const fd of this.#fds) this.#files.close(fd);
   }
 
   async #reserve(extraBytes: number): Promise<void> {
     try {
-      await reserveSpace(this.#fd, this.#reservedBytes, extraBytes);
+      await settleAll(this.#fds.map((fd) => this.#files.allocate(fd, 'reserve', this.#reservedBytes, extraBytes)));
     } catch (error) {
       // A file system without fallocate still works: the journal then grows as it is written.
       if ((error as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw error;
@@ -62,12 +77,9 @@ export class JournalFile {
   }
 }
 
-/** Reads a whole journal file, or returns null if it does not exist. */
-export function readJournal(path: string): Buffer | null {
-  try {
-    return fs.readFileSync(path);
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return null;
-    throw error;
-  }
+/** Waits for every operation, then fails with the first failure (none still runs when this returns). */
+async function settleAll(operations: Array<Promise<unknown>>): Promise<void> {
+  const results = await Promise.allSettled(operations);
+  const failed = results.find((result) => result.status === 'rejected');
+  if (failed !== undefined) throw failed.reason;
 }

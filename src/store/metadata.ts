@@ -2,11 +2,9 @@
 // node and the replay of the journal at load both change metadata only through `applyRecord`, so what was
 // acknowledged and what comes back after a crash cannot drift apart. The record codec is here too: pure.
 //
-// Journal framing: [u32 payload length][u32 crc32 of payload][payload]. A length of 0 (the zeros of the
-// preallocated journal) ends it; so does a record whose crc fails (a write torn by a crash). Replay stops at the
-// first such record: the journal is a prefix of what was committed, never a record out of order.
-// Payload: a type byte, then fixed binary fields for the hot records (map, unmap: one per write or trim; a map
-// record ends with the checksum of each chunk it maps) and JSON for the rare control records.
+// Each record is one frame (frames.ts: length, crc32, payload); a journal commit holds a run of them
+// (journal-format.ts). Payload: a type byte, then fixed binary fields for the hot records (map, unmap: one per
+// write or trim; a map record ends with the checksum of each chunk it maps) and JSON for the rare control records.
 import { crc32 } from 'node:zlib';
 import { unreachable } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
@@ -14,6 +12,7 @@ import { chunkSizeBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { ChunkMap, type ChunkRefs } from './chunk-map.ts';
 import { ChunkSums } from './chunk-sums.ts';
+import { frameHeaderBytes } from './frames.ts';
 
 export interface VolumeMeta {
   id: number;
@@ -56,7 +55,6 @@ export type MetaRecord =
 
 const typeCodes = { map: 1, unmap: 2, create: 3, resize: 4, remove: 5, clone: 6, snapshot: 7, 'snapshot-remove': 8, rollback: 9 } as const;
 const typesByCode = new Map<number, MetaRecord['type']>(Object.entries(typeCodes).map(([type, code]) => [code, type as MetaRecord['type']]));
-const frameHeaderBytes = 8;
 /** Type byte, volume id, virtual chunk, physical chunk, chunk count; a map record's checksums follow. */
 const rangeRecordBytes = 29;
 
@@ -192,31 +190,9 @@ function payloadBytes(record: MetaRecord, jsonPayloads: Map<MetaRecord, Buffer>)
   return 1 + json.length;
 }
 
-export interface DecodedJournal {
-  records: MetaRecord[];
-  /** Bytes of valid frames: where the next append goes. */
-  validBytes: number;
-  /** True when the journal ended in a frame that failed its checks (a write torn by a crash), not in zeros. */
-  tornTail: boolean;
-}
-
-/** Decodes journal frames up to the first end marker or damaged frame. */
-export function decodeJournal(bytes: Buffer): DecodedJournal {
-  const records: MetaRecord[] = [];
-  let offset = 0;
-  while (offset + frameHeaderBytes <= bytes.length) {
-    const length = bytes.readUInt32LE(offset);
-    if (length === 0) return { records, validBytes: offset, tornTail: !isZero(bytes, offset, Math.min(bytes.length, offset + 64)) };
-    const end = offset + frameHeaderBytes + length;
-    if (end > bytes.length || crc32(bytes.subarray(offset + frameHeaderBytes, end)) !== bytes.readUInt32LE(offset + 4)) {
-      return { records, validBytes: offset, tornTail: true };
-    }
-    const record = decodePayload(bytes.subarray(offset + frameHeaderBytes, end));
-    if (record === null) return { records, validBytes: offset, tornTail: true };
-    records.push(record);
-    offset = end;
-  }
-  return { records, validBytes: offset, tornTail: offset !== bytes.length && !isZero(bytes, offset, bytes.length) };
+/** The record in one frame's payload, or null if it is not a record this version knows. */
+export function decodeRecord(payload: Buffer): MetaRecord | null {
+  return payload.length === 0 ? null : decodePayload(payload);
 }
 
 function decodePayload(payload: Buffer): MetaRecord | null {
@@ -249,11 +225,6 @@ function decodePayload(payload: Buffer): MetaRecord | null {
 
 function wholeNumbers(...values: number[]): boolean {
   return values.every((v) => Number.isSafeInteger(v) && v >= 0);
-}
-
-function isZero(bytes: Buffer, start: number, end: number): boolean {
-  for (let i = start; i < end; i++) if (bytes[i] !== 0) return false;
-  return true;
 }
 
 /** Every map of the catalog: volumes' then snapshots'. */

@@ -1,48 +1,50 @@
 // # The pool: chunkd's on-disk design
 //
-// A pool is a directory on one local file system:
-//
-//   chunkd-pool.json     format name and version, chunk size, chunks per file (written once, at creation)
-//   lock                 flock()ed by the one process (node or fsck) that owns the pool; holds its pid
-//   checkpoint           the whole catalog (volumes, snapshots, chunk maps with each chunk's CRC-32) as of the
-//                        start of one journal generation
-//   journal-<gen>        the metadata records committed since that checkpoint (map, unmap, create, clone, resize,
-//                        remove, snapshot, snapshot-remove, rollback)
-//   chunks/NNNNNNNN.chunk  sparse data files of 1 GiB each; physical chunk i is at (i mod 2^18) * 4 KiB of file i >> 18
+// A pool is a directory on one local file system: a marker, a lock, two copies of a checkpoint and of a journal
+// of metadata, and chunk files of data (the files and the order they are written in: pool-layout.ts).
 //
 // Data: a volume maps its 4 KiB virtual chunks to physical chunks (ChunkMap: a two-level table, pages only where
-// written). Every write gets one fresh contiguous physical run from the allocator (redirect-on-write: a chunk the
-// metadata names is never overwritten, volume.ts), and its map record carries the CRC-32 of each chunk, which
-// every read checks. So space used is data written (at 4 KiB granularity, whatever the volume's size), a 1 MiB
-// write is one pwrite, a 4 KiB write after a snapshot writes 4 KiB, and a block and its checksum cannot disagree
-// after a crash. Snapshots and clones share the map's pages and reference-count chunks per page (chunk-map.ts):
-// O(pages) to take, one lookup to read whatever their number, and "what changed between two snapshots" is a
-// page-by-page comparison that skips shared pages. Chunks freed by trims and removals are punched out of the files
-// (fallocate), so the space goes back to the file system; chunks freed by overwrites are only recycled (the next
-// writes take them), as punching and reallocating them would be wasted work.
+// written); physical chunk i is at (i mod 2^18) * 4 KiB of chunk file i >> 18 (chunk-files.ts). Every write gets
+// one fresh contiguous physical run from the allocator (redirect-on-write: a chunk the metadata names is never
+// overwritten, volume.ts), and its map record carries the CRC-32 of each chunk, which every read checks. So space
+// used is data written (at 4 KiB granularity, whatever the volume's size), a 1 MiB write is one pwrite, a 4 KiB
+// write after a snapshot writes 4 KiB, and a block and its checksum cannot disagree after a crash. Snapshots and
+// clones share the map's pages and reference-count chunks per page (chunk-map.ts): O(pages) to take, one lookup
+// to read whatever their number, and "what changed between two snapshots" is a page-by-page comparison that skips
+// shared pages. Chunks freed by trims and removals are punched out of the files (fallocate), so the space goes
+// back to the file system; chunks freed by overwrites are only recycled (the next writes take them), as punching
+// and reallocating them would be wasted work.
 //
 // Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint,
 // not by a general-purpose database (LMDB was weighed): the records are small (one per write or trim: 37 bytes
 // and 4 per chunk), replay is a fold of `applyRecord` (the same code the live node runs), group commit falls
 // out of one file append, and the crash-ordering rules below are ours to see and test rather than hidden in a
-// store's sync modes. The cost is that a checkpoint rewrites the whole map (compact: runs, not chunks).
+// store's sync modes. The cost is that a checkpoint rewrites the whole map (compact: runs, not chunks). Both the
+// journal and the checkpoint are kept in two copies with checksummed frames, as ZFS keeps ditto copies of its
+// metadata: a damaged copy is read from the other and rewritten whole at the next start (journal-format.ts says
+// how a torn tail is told from damage).
 //
-// Invariants that make a crash at any moment safe:
+// Invariants that make a crash at any moment safe, including a power loss that drops or tears writes no
+// fdatasync covered (src/testing/power-loss.ts simulates exactly that):
 //  1. A map record is queued only after its chunk's data write completed; a commit fdatasyncs the chunk files
-//     before it writes the journal. So committed metadata never names a chunk whose data is not durable.
+//     (and their directory, when a file is new) before it writes the journal. So committed metadata never names
+//     a chunk whose data is not durable.
 //  2. A freed chunk is punched and reused only after the commit that recorded the free is durable (deferred
 //     frees), so a crash can neither show a volume a chunk another has since written, nor bring back a removed
 //     snapshot whose data was already punched. With invariant 1 and redirect-on-write, a chunk's bytes never
 //     change while any metadata on disk names it, so its recorded checksum stays true across any crash.
-//  3. Journal frames carry a crc32; replay stops at the first bad frame, so the replayed journal is a prefix of
-//     what was committed. A FLUSH replies only after its commit's fdatasync, so everything it covers is in it.
-//  4. A checkpoint is written to a temporary file, fsynced, renamed into place and the directory fsynced; only then
-//     does the next generation's journal start. A crash leaves the old checkpoint and journal, or the new ones.
+//  3. A commit is durable in both journal copies before the next one starts, and a FLUSH replies only after its
+//     commit's fdatasyncs, so everything it covers is in both; only the last commit can be torn by a crash.
+//  4. A generation starts in the order pool-layout.ts gives: a crash leaves the old checkpoint and journal, or
+//     the new ones, and never a newer journal with commits whose checkpoint is gone.
 //  5. Reference counts are never stored: they are rebuilt from the maps at load, so they cannot disagree with them.
 //  6. At load, chunks the metadata does not name are punched out: data written but never committed, and chunks
-//     recycled by overwrites, are space only.
-// After any failed fdatasync of data the pool refuses all further writes (a sticky error, as SQLite's pager):
-// the kernel may have dropped the pages, so later flushes could not be trusted.
+//     recycled by overwrites, are space only. Metadata that cannot be read whole refuses the load before anything
+//     is written, so a damaged pool is never punched.
+// After a failed fdatasync, or a failed write of the journal or a checkpoint, the pool refuses all further writes
+// (a sticky error, as SQLite's pager): the kernel may have dropped the pages, so later flushes could not be
+// trusted. Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not
+// such a failure: a commit that meets ENOSPC fails and is retried by the next.
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
@@ -62,20 +64,17 @@ import { formatSize } from '../core/units.ts';
 import { ChunkAllocator, type FreeExtent } from './allocator.ts';
 import { ChunkFiles } from './chunk-files.ts';
 import { ChunkRefcounts } from './chunk-refcounts.ts';
-import { decodeCheckpoint, encodeCheckpoint } from './checkpoint.ts';
-import { JournalFile, readJournal } from './journal-file.ts';
+import { encodeCheckpoint } from './checkpoint.ts';
+import { realFiles, type FileLayer } from './file-layer.ts';
+import type { JournalFile } from './journal-file.ts';
 import { diffMaps, type ChangedExtent } from './map-diff.ts';
 import { scrub, type ScrubReport } from './scrub.ts';
-import { applyRecord, countReferences, decodeJournal, emptyCatalog, encodeRecords, type Catalog, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
-import { tryLockExclusive } from './native.ts';
+import { applyRecord, encodeRecords, type Catalog, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
+import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolFormatVersion } from './pool-layout.ts';
 import { RangeLock } from './range-lock.ts';
 import { InlineChunkIo, type ChunkIo } from './chunk-io.ts';
 import type { ChunkSums } from './chunk-sums.ts';
 import { SnapshotDevice, Volume, type CorruptionReport, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
-
-export const poolFormatName = 'chunkd-pool';
-/** Version 2: every mapped chunk has a checksum in the metadata (version 1 pools had none). */
-export const poolFormatVersion = 2;
 
 export interface VolumeInfo {
   name: string;
@@ -104,7 +103,13 @@ export interface PoolStatus {
   journalBytes: number;
   generation: number;
   fileSystem: { sizeBytes: number; freeBytes: number };
+  /** Why the pool refuses writes (a failed sync or metadata write), or null while it takes them. */
   failure: string | null;
+  /** The last commit's failure when it was not final (a full file system), or null once a commit succeeds again. */
+  commitError: string | null;
+  commitFailuresTotal: number;
+  /** Damaged or missing metadata copies found at open and repaired from the other copy. */
+  metadataRepairsTotal: number;
   /** Reads that failed their checksum since the node started. */
   checksumErrorsTotal: number;
   verifyReads: boolean;
@@ -113,23 +118,28 @@ export interface PoolStatus {
 export interface PoolOptions {
   directory: string;
   log?: (line: string) => void;
+  /** The file system as the pool sees it (default: the real one; tests give a faulty or power-losing twin). */
+  files?: FileLayer;
+  /** Journal size that starts a new checkpoint (default limits.journalCheckpointBytes; small in tests). */
+  journalCheckpointBytes?: number;
   /** Makes the engine that carries chunk reads and writes (default: inline, on the calling thread). */
   makeIo?: (chunkFiles: ChunkFiles) => ChunkIo;
   /** Verify checksums on reads (default true); false only to measure what verification costs. */
   verifyReads?: boolean;
 }
 
-/** What a pool's metadata says after a checkpoint and journal replay; shared by the node and fsck. */
-export interface LoadedMetadata {
+/** The metadata a pool opens with: what was loaded, and the generation just started. */
+interface OpenedMetadata {
   catalog: Catalog;
   refs: ChunkRefcounts;
   generation: number;
-  replayedRecords: number;
-  tornTail: boolean;
+  journal: JournalFile;
+  repairs: number;
 }
 
 export class Pool implements VolumeStore {
   readonly directory: string;
+  readonly files: FileLayer;
   readonly chunkFiles: ChunkFiles;
   readonly allocator: ChunkAllocator;
   readonly refs: ChunkRefcounts;
@@ -143,6 +153,8 @@ export class Pool implements VolumeStore {
   readonly #snapshotRuntimes = new Map<number, ExportRuntime>();
   readonly #lockFd: number;
   readonly #log: (line: string) => void;
+  readonly #journalCheckpointBytes: number;
+  readonly #metadataRepairs: number;
   #generation: number;
   #journal: JournalFile;
   /** Records applied but not yet committed, each already encoded as a journal frame (the cost spread over writes). */
@@ -150,58 +162,68 @@ export class Pool implements VolumeStore {
   #currentCommit: Promise<void> | null = null;
   #pendingCommit: Promise<void> | null = null;
   #failure: ChunkdError | null = null;
+  #commitError: string | null = null;
+  #commitFailures = 0;
   #timer: NodeJS.Timeout;
   #closed = false;
 
-  private constructor(directory: string, lockFd: number, loaded: LoadedMetadata, allocator: ChunkAllocator, journal: JournalFile, options: PoolOptions) {
+  private constructor(directory: string, lockFd: number, opened: OpenedMetadata, allocator: ChunkAllocator, chunkFiles: ChunkFiles, options: PoolOptions) {
     const log = options.log ?? (() => {});
     this.directory = directory;
+    this.files = chunkFiles.layer;
     this.#lockFd = lockFd;
-    this.#catalog = loaded.catalog;
-    this.#generation = loaded.generation;
+    this.#catalog = opened.catalog;
+    this.#generation = opened.generation;
+    this.#journal = opened.journal;
+    this.#metadataRepairs = opened.repairs;
     this.allocator = allocator;
-    this.refs = loaded.refs;
+    this.refs = opened.refs;
     // From now on a chunk whose last reference goes is free, once the commit that records it is durable.
     this.refs.onFree = (physicalChunk) => allocator.freeDeferred(physicalChunk, 1, this.#punchFrees);
-    this.chunkFiles = new ChunkFiles(path.join(directory, 'chunks'));
+    this.chunkFiles = chunkFiles;
     this.io = options.makeIo?.(this.chunkFiles) ?? new InlineChunkIo(this.chunkFiles);
     this.verifyReads = options.verifyReads ?? true;
-    this.#journal = journal;
+    this.#journalCheckpointBytes = options.journalCheckpointBytes ?? journalCheckpointBytes;
     this.#log = log;
     this.#timer = setInterval(() => {
-      if (this.#queue.length > 0 || this.allocator.deferredCount > 0) this.commit().catch((error) => this.#log(`background commit failed: ${(error as Error).message}`));
+      if (this.#queue.length > 0 || this.allocator.deferredCount > 0) this.commit().catch(() => {});
     }, backgroundCommitIntervalMs);
     this.#timer.unref();
   }
 
-  /** Opens the pool in `directory`, creating it if the directory is missing or empty; locks it for this process. */
+  /**
+   * Opens the pool in `directory`, creating it if the directory is missing or empty; locks it for this process.
+   * Metadata found damaged in one copy is read from the other and written whole again; metadata that cannot be
+   * read without loss refuses the open (ECORRUPT, naming file and offset) before anything is written.
+   */
   static async open(options: PoolOptions): Promise<Pool> {
     const directory = path.resolve(options.directory);
+    const files = options.files ?? realFiles;
     const log = options.log ?? (() => {});
-    initializePool(directory);
-    const lockFd = lockPool(directory);
+    await initializePool(files, directory);
+    const lockFd = lockPool(files, directory);
     try {
-      const loaded = loadMetadata(directory);
+      const loaded = await loadMetadata(files, directory);
+      for (const line of loaded.repairs) log(`metadata repaired: ${line}`);
       const allocator = ChunkAllocator.fromUsed(loaded.refs.usedRuns());
-      // Start a fresh generation: the checkpoint absorbs the replayed journal (and drops any torn tail).
+      // The chunk files found now are named durably before anything depends on it (chunk-files.ts).
+      const chunkFiles = new ChunkFiles(chunksDirectory(directory), files);
+      await files.syncDirectory(chunkFiles.directory);
+      await files.syncDirectory(directory);
+      // Start a fresh generation: its checkpoint absorbs the replayed journal (and drops any torn tail), and
+      // writes both copies whole again, which is the repair of a damaged one.
       const generation = loaded.generation + 1;
-      await writeCheckpointFile(directory, encodeCheckpoint(loaded.catalog, generation));
-      fsyncDirectory(directory);
-      // The durable checkpoint holds everything the old journal did: drop it before reserving the new one, so
-      // that a node restarted on a full file system gets the old journal's space back first.
-      removeOtherJournals(directory, generation);
-      const journal = await JournalFile.create(journalPath(directory, generation)).catch((error: unknown) => {
-        throw fromSystemError(error, `reserving the metadata journal in ${directory}`);
+      const journal = await beginGeneration(files, directory, encodeCheckpoint(loaded.catalog, generation), generation).catch((error: unknown) => {
+        throw fromSystemError(error, `starting metadata generation ${generation} in ${directory}`);
       });
-      fsyncDirectory(directory);
-      const pool = new Pool(directory, lockFd, { ...loaded, generation }, allocator, journal, options);
+      const pool = new Pool(directory, lockFd, { ...loaded, generation, journal, repairs: loaded.repairs.length }, allocator, chunkFiles, options);
       await pool.#punchUnusedSpace();
       if (loaded.replayedRecords > 0 || loaded.tornTail) {
         log(`pool ${directory}: replayed ${loaded.replayedRecords} journal records${loaded.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
       }
       return pool;
     } catch (error) {
-      fs.closeSync(lockFd);
+      files.close(lockFd);
       throw error;
     }
   }
@@ -381,6 +403,9 @@ export class Pool implements VolumeStore {
       generation: this.#generation,
       fileSystem: { sizeBytes: stats.blocks * stats.bsize, freeBytes: stats.bavail * stats.bsize },
       failure: this.#failure?.message ?? null,
+      commitError: this.#commitError,
+      commitFailuresTotal: this.#commitFailures,
+      metadataRepairsTotal: this.#metadataRepairs,
       checksumErrorsTotal: this.#checksumErrorsTotal,
       verifyReads: this.verifyReads,
     };
@@ -397,8 +422,19 @@ export class Pool implements VolumeStore {
       this.#journal.close();
       await this.io.close();
       this.chunkFiles.close();
-      fs.closeSync(this.#lockFd);
+      this.files.close(this.#lockFd);
     }
+  }
+
+  /**
+   * Drops the pool without writing anything more: a test's simulated power loss, after its file layer has
+   * stopped answering (src/testing/power-loss.ts). Stops the background commit and the I/O workers; descriptors
+   * are the test's to close.
+   */
+  async abandon(): Promise<void> {
+    this.#closed = true;
+    clearInterval(this.#timer);
+    await this.io.close({ force: true });
   }
 
   // ---- VolumeStore: what volumes call ----
@@ -463,22 +499,29 @@ export class Pool implements VolumeStore {
     const records = this.#queue;
     this.#queue = [];
     const freeMark = this.allocator.deferredMark();
-    const checkpoint = this.#journal.sizeBytes >= journalCheckpointBytes ? encodeCheckpoint(this.#catalog, this.#generation + 1) : null;
+    const checkpoint = this.#journal.sizeBytes >= this.#journalCheckpointBytes ? encodeCheckpoint(this.#catalog, this.#generation + 1) : null;
     try {
       await this.chunkFiles.sync();
     } catch (error) {
       this.#queue = records.concat(this.#queue);
-      this.#failure = ChunkdError.io(`syncing chunk files failed (${(error as Error).message}); the pool refuses writes until the node restarts`, error);
-      this.#log(this.#failure.message);
-      throw this.#failure;
+      throw this.#fail(`syncing chunk files failed (${(error as Error).message})`, error);
     }
     try {
       if (checkpoint !== null) await this.#startGeneration(checkpoint);
       else await this.#journal.append(Buffer.concat(records));
     } catch (error) {
       this.#queue = records.concat(this.#queue);
-      throw fromSystemError(error, 'metadata commit');
+      // A full file system stops this commit only (nothing was half-written: the journal writes in space it
+      // reserved ahead); anything else may have left a copy half-written or unsynced, or a rotation half done.
+      if ((error as NodeJS.ErrnoException).code === 'ENOSPC' && checkpoint === null) {
+        this.#commitFailures += 1;
+        this.#commitError = `metadata commit failed: ${(error as Error).message}`;
+        this.#log(this.#commitError);
+        throw fromSystemError(error, 'metadata commit');
+      }
+      throw this.#fail(`${checkpoint === null ? 'writing the metadata journal' : 'starting a new metadata checkpoint'} failed (${(error as Error).message})`, error);
     }
+    this.#commitError = null;
     // The frees are durable now: punch their space out, then let the allocator hand them out again.
     const freed = this.allocator.takeDeferred(freeMark);
     await Promise.all(coalesce(freed.filter((extent) => extent.punch)).map((extent) => this.chunkFiles.punch(extent.start, extent.count))).catch((error) =>
@@ -487,16 +530,22 @@ export class Pool implements VolumeStore {
     this.allocator.releaseTaken(freed);
   }
 
+  /** Makes the pool refuse writes from now on (the sticky failure); returns the error to throw. */
+  #fail(reason: string, cause: unknown): ChunkdError {
+    this.#commitFailures += 1;
+    this.#failure = ChunkdError.io(`${reason}; the pool refuses writes until the node restarts`, cause);
+    this.#commitError = this.#failure.message;
+    this.#log(this.#failure.message);
+    return this.#failure;
+  }
+
   async #startGeneration(checkpoint: Buffer): Promise<void> {
     const generation = this.#generation + 1;
-    await writeCheckpointFile(this.directory, checkpoint);
-    const journal = await JournalFile.create(journalPath(this.directory, generation));
-    fsyncDirectory(this.directory);
+    const journal = await beginGeneration(this.files, this.directory, checkpoint, generation);
     const old = this.#journal;
     this.#journal = journal;
     this.#generation = generation;
     old.close();
-    fs.rmSync(old.path, { force: true });
   }
 
   async #punchUnusedSpace(): Promise<void> {
@@ -587,104 +636,3 @@ function checkVolumeSize(sizeBytes: number): void {
   }
 }
 
-function journalPath(directory: string, generation: number): string {
-  return path.join(directory, `journal-${generation}`);
-}
-
-/** Creates the pool's marker file in a missing or empty directory; refuses a non-empty directory that is not a pool. */
-export function initializePool(directory: string): void {
-  fs.mkdirSync(directory, { recursive: true, mode: 0o700 });
-  const markerPath = path.join(directory, 'chunkd-pool.json');
-  if (fs.existsSync(markerPath)) return;
-  const entries = fs.readdirSync(directory).filter((name) => !name.endsWith('.sock') && name !== 'lock');
-  if (entries.length > 0) throw ChunkdError.invalid(`${directory} is not empty and holds no chunkd pool (no chunkd-pool.json); use an empty or new directory`);
-  const marker = { format: poolFormatName, formatVersion: poolFormatVersion, chunkSizeBytes, chunksPerFile, createdAt: new Date().toISOString() };
-  const temporary = `${markerPath}.tmp`;
-  fs.writeFileSync(temporary, `${JSON.stringify(marker, null, 2)}\n`, { mode: 0o600 });
-  fsyncFile(temporary);
-  fs.renameSync(temporary, markerPath);
-  fsyncDirectory(directory);
-}
-
-/** Checks the marker file; throws a clear error for anything that is not a pool of this version. */
-export function checkPoolMarker(directory: string): void {
-  const markerPath = path.join(directory, 'chunkd-pool.json');
-  let marker: { format?: unknown; formatVersion?: unknown; chunkSizeBytes?: unknown; chunksPerFile?: unknown };
-  try {
-    marker = JSON.parse(fs.readFileSync(markerPath, 'utf8'));
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') throw ChunkdError.notFound(`${directory} is not a chunkd pool (no chunkd-pool.json)`);
-    throw ChunkdError.corrupt(`${markerPath} is unreadable: ${(error as Error).message}`);
-  }
-  if (marker.format !== poolFormatName) throw ChunkdError.corrupt(`${markerPath} does not describe a chunkd pool`);
-  if (marker.formatVersion === 1) {
-    throw ChunkdError.invalid(`pool ${directory} has format version 1, from before per-block checksums; this chunkd reads version ${poolFormatVersion}: copy its volumes out with chunkd 0.1 (e.g. nbdcopy) into a new pool`);
-  }
-  if (marker.formatVersion !== poolFormatVersion) throw ChunkdError.invalid(`pool ${directory} has format version ${String(marker.formatVersion)}; this chunkd reads version ${poolFormatVersion}`);
-  if (marker.chunkSizeBytes !== chunkSizeBytes || marker.chunksPerFile !== chunksPerFile) throw ChunkdError.invalid(`pool ${directory} was made with another chunk geometry`);
-}
-
-/** Takes the pool's lock for this process; refuses with EBUSY (naming the holder's pid) if another has it. */
-export function lockPool(directory: string): number {
-  const lockPath = path.join(directory, 'lock');
-  const fd = fs.openSync(lockPath, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
-  if (!tryLockExclusive(fd)) {
-    const holder = fs.readFileSync(lockPath, 'utf8').trim();
-    fs.closeSync(fd);
-    throw ChunkdError.busy(`pool ${directory} is in use by another chunkd process${holder ? ` (pid ${holder})` : ''}`);
-  }
-  fs.ftruncateSync(fd, 0);
-  fs.writeSync(fd, `${process.pid}\n`, 0);
-  return fd;
-}
-
-/** Reads the checkpoint and replays its journal, without changing anything on disk. */
-export function loadMetadata(directory: string): LoadedMetadata {
-  checkPoolMarker(directory);
-  const checkpointPath = path.join(directory, 'checkpoint');
-  let catalog = emptyCatalog();
-  let generation = 0;
-  if (fs.existsSync(checkpointPath)) {
-    ({ catalog, generation } = decodeCheckpoint(fs.readFileSync(checkpointPath)));
-  }
-  // Frees during replay need no action: the allocator is built from the counts that remain.
-  const refs = new ChunkRefcounts(() => {});
-  countReferences(catalog, refs);
-  const bytes = readJournal(journalPath(directory, generation));
-  if (bytes === null) return { catalog, refs, generation, replayedRecords: 0, tornTail: false };
-  const journal = decodeJournal(bytes);
-  for (const record of journal.records) applyRecord(catalog, record, refs);
-  return { catalog, refs, generation, replayedRecords: journal.records.length, tornTail: journal.tornTail };
-}
-
-async function writeCheckpointFile(directory: string, bytes: Buffer): Promise<void> {
-  const target = path.join(directory, 'checkpoint');
-  const temporary = `${target}.tmp`;
-  const handle = await fs.promises.open(temporary, 'w', 0o600);
-  try {
-    await handle.writeFile(bytes);
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  await fs.promises.rename(temporary, target);
-}
-
-function removeOtherJournals(directory: string, generation: number): void {
-  for (const name of fs.readdirSync(directory)) {
-    if (/^journal-\d+$/.test(name) && name !== `journal-${generation}`) fs.rmSync(path.join(directory, name), { force: true });
-  }
-}
-
-function fsyncFile(filePath: string): void {
-  const fd = fs.openSync(filePath, 'r');
-  try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-export function fsyncDirectory(directory: string): void {
-  fsyncFile(directory);
-}

@@ -68,7 +68,7 @@ export class WorkerChunkIo implements ChunkIo {
       maxThreads: options.workerCount,
       idleTimeout: Number.MAX_SAFE_INTEGER,
       concurrentTasksPerWorker: 1 + workerTasksQueuedMax,
-      workerData: { chunkDirectory: files.directory, slab: options.buffers.slab, testHooks: options.testHooks === true },
+      workerData: { chunkDirectory: files.directory, files: files.layer.workerSpec, slab: options.buffers.slab, testHooks: options.testHooks === true },
     });
     this.#pool.on('workerCreate', (worker: WorkerView) => this.#workers.set(worker, worker.id));
     this.#pool.on('workerDestroy', () => {
@@ -145,9 +145,10 @@ export class WorkerChunkIo implements ChunkIo {
     };
   }
 
-  async close(): Promise<void> {
+  async close(options?: { force?: boolean }): Promise<void> {
     this.#closing = true;
-    await this.#pool.close();
+    if (options?.force) await this.#pool.destroy();
+    else await this.#pool.close();
   }
 
   /**

@@ -169,19 +169,33 @@ test('fsck finds damage: a corrupted checkpoint, a truncated chunk file; the nod
   fs.truncateSync(chunkFile, size - 8192);
   const truncated = await runTool(nodeBinary, [chunkdBin, 'fsck', '--pool', pool]);
   assert.equal(truncated.code, 1);
-  assert.match(truncated.stdout, /NOT CLEAN[\s\S]*error: chunk file 0 is \d+ bytes, shorter than its referenced chunks/);
+  assert.match(truncated.stdout, /DAMAGED[\s\S]*damage: chunk file 0 is \d+ bytes, shorter than its referenced chunks/);
   fs.truncateSync(chunkFile, size);
 
-  // A flipped byte in the checkpoint: fsck says so, and the node will not start on it.
-  const checkpoint = path.join(pool, 'checkpoint');
-  const bytes = fs.readFileSync(checkpoint);
-  bytes[bytes.length - 10]! ^= 0xff;
-  fs.writeFileSync(checkpoint, bytes);
+  // A flipped byte in one checkpoint copy: fsck calls it damage it can repair; a start repairs it, logged.
+  const flip = (file: string, offset: number): void => {
+    const bytes = fs.readFileSync(path.join(pool, file));
+    bytes[offset]! ^= 0xff;
+    fs.writeFileSync(path.join(pool, file), bytes);
+  };
+  const checkpointBytes = fs.statSync(path.join(pool, 'checkpoint.0')).size;
+  flip('checkpoint.0', checkpointBytes - 10);
+  const damaged = await runTool(nodeBinary, [chunkdBin, 'fsck', '--pool', pool]);
+  assert.equal(damaged.code, 1, damaged.stdout);
+  assert.match(damaged.stdout, /DAMAGED \(repairable, nothing lost\)[\s\S]*damage: metadata: .*checkpoint\.0 is damaged at byte \d+; read from the other copy/);
+  const repairing = await startNode(pool);
+  assert.equal(await repairing.stop(), 0, repairing.stderr());
+  assert.match(repairing.stderr(), /metadata repaired: .*checkpoint\.0 is damaged at byte \d+; read from the other copy/);
+  const repaired = await runTool(nodeBinary, [chunkdBin, 'fsck', '--pool', pool]);
+  assert.equal(repaired.code, 0, repaired.stdout);
+
+  // The same byte flipped in both copies: no whole checkpoint is left; fsck says where, and the node refuses to start.
+  for (const copy of ['checkpoint.0', 'checkpoint.1']) flip(copy, checkpointBytes - 10);
   const corrupt = await runTool(nodeBinary, [chunkdBin, 'fsck', '--pool', pool]);
   assert.equal(corrupt.code, 1);
-  assert.match(corrupt.stdout, /error: metadata: checkpoint: checksum mismatch/);
+  assert.match(corrupt.stdout, /damage: metadata: no whole checkpoint: checkpoint\.0 is damaged at byte \d+, checkpoint\.1 is damaged at byte \d+/);
   const refused = await runTool(nodeBinary, [chunkdBin, 'serve', '--pool', pool, '--listen', 'none']);
   assert.equal(refused.code, 1);
-  assert.match(refused.stderr, /^chunkd: checkpoint: checksum mismatch/m);
+  assert.match(refused.stderr, /^chunkd: no whole checkpoint: checkpoint\.0 is damaged/m);
   fs.rmSync(scratch, { recursive: true, force: true });
 });

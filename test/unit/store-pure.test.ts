@@ -7,8 +7,9 @@ import { chunkSums, firstPlanMismatch } from '../../src/store/chunk-io.ts';
 import { ChunkMap } from '../../src/store/chunk-map.ts';
 import { ChunkRefcounts } from '../../src/store/chunk-refcounts.ts';
 import { diffMaps } from '../../src/store/map-diff.ts';
-import { decodeCheckpoint, encodeCheckpoint } from '../../src/store/checkpoint.ts';
-import { applyRecord, decodeJournal, emptyCatalog, encodeRecords, type MetaRecord } from '../../src/store/metadata.ts';
+import { chooseCheckpoint, decodeCheckpoint, encodeCheckpoint } from '../../src/store/checkpoint.ts';
+import { encodeCommit, recoverJournal } from '../../src/store/journal-format.ts';
+import { applyRecord, emptyCatalog, encodeRecords, type MetaRecord } from '../../src/store/metadata.ts';
 import { RangeLock } from '../../src/store/range-lock.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
@@ -164,16 +165,75 @@ const sampleRecords: MetaRecord[] = [
   { type: 'remove', volumeId: 3 },
 ];
 
-test('journal: records round-trip, and replay stops at a torn or zeroed tail', () => {
-  const bytes = encodeRecords(sampleRecords);
-  assert.deepEqual(decodeJournal(bytes).records, sampleRecords);
-  const withZeros = Buffer.concat([bytes, Buffer.alloc(4096)]);
-  assert.deepEqual(decodeJournal(withZeros), { records: sampleRecords, validBytes: bytes.length, tornTail: false });
-  const torn = Buffer.from(withZeros);
-  torn[bytes.length - 3]! ^= 0xff;
-  const decoded = decodeJournal(torn);
-  assert.equal(decoded.records.length, sampleRecords.length - 1);
-  assert.equal(decoded.tornTail, true);
+/** Two journal copies holding `commits` (each a list of records), followed by zeros as the reserved space is. */
+function journalCopies(generation: number, commits: MetaRecord[][], reserveBytes = 4096): [Buffer, Buffer] {
+  const bytes = Buffer.concat([...commits.map((records, i) => encodeCommit(generation, i + 1, encodeRecords(records))), Buffer.alloc(reserveBytes)]);
+  return [bytes, Buffer.from(bytes)];
+}
+
+const commits = [sampleRecords.slice(0, 3), sampleRecords.slice(3, 4), sampleRecords.slice(4)];
+
+test('journal: commits round-trip from two copies; zeros end the journal; another generation is not read', () => {
+  const [a, b] = journalCopies(4, commits);
+  const recovered = recoverJournal([a, b], 4);
+  assert.deepEqual(recovered.records, sampleRecords);
+  assert.equal(recovered.commitCount, 3);
+  assert.deepEqual([recovered.repairs, recovered.tornTail, recovered.damage], [[], false, null]);
+  assert.equal(recovered.endBytes % 8, 0);
+  assert.equal(recoverJournal([a, b], 5).commitCount, 0, 'a journal of another generation holds nothing of this one');
+  assert.equal(recoverJournal([null, null], 4).commitCount, 0);
+});
+
+test('journal: a torn last commit is dropped as a torn tail; the same damage before a later commit is refused', () => {
+  const [a, b] = journalCopies(1, commits);
+  const lastStart = recoverJournal([a, b], 1).endBytes - encodeCommit(1, 3, encodeRecords(commits[2]!)).length;
+  // A crash tore the last commit in both copies: it was never acknowledged, and nothing follows it.
+  const tornA = Buffer.from(a);
+  const tornB = Buffer.from(b);
+  tornA.fill(0, lastStart + 40);
+  tornB.fill(0xab, lastStart + 30, lastStart + 34);
+  const torn = recoverJournal([tornA, tornB], 1);
+  assert.deepEqual([torn.commitCount, torn.tornTail, torn.damage], [2, true, null]);
+  assert.deepEqual(torn.records, sampleRecords.slice(0, 4));
+  // Damage to commit 2 in both copies, with commit 3 whole after it: damage, never a torn tail.
+  const secondStart = encodeCommit(1, 1, encodeRecords(commits[0]!)).length;
+  const damagedA = Buffer.from(a);
+  const damagedB = Buffer.from(b);
+  damagedA[secondStart + 30]! ^= 1;
+  damagedB[secondStart + 30]! ^= 1;
+  const damaged = recoverJournal([damagedA, damagedB], 1);
+  assert.equal(damaged.commitCount, 1);
+  assert.deepEqual(damaged.damage, { offsetBytes: secondStart, sequence: 2, laterOffsetBytes: lastStart, laterSequence: 3 });
+  assert.equal(damaged.tornTail, false);
+});
+
+test('journal: damage in one copy is read from the other; damage in different frames of both copies is read frame by frame', () => {
+  const [a, b] = journalCopies(2, commits);
+  const whole = recoverJournal([a, b], 2);
+  for (const offset of [0, 5, 12, 30, 60, whole.endBytes - 3]) {
+    const damaged = Buffer.from(a);
+    damaged[offset]! ^= 0x10;
+    const recovered = recoverJournal([damaged, b], 2);
+    assert.deepEqual(recovered.records, sampleRecords, `flip at ${offset}`);
+    assert.equal(recovered.damage, null);
+    assert.equal(recovered.repairs.length, 1, `flip at ${offset}: one commit of copy 0 is repaired`);
+    assert.equal(recovered.repairs[0]!.copy, 0);
+    const swapped = recoverJournal([b, damaged], 2);
+    assert.deepEqual([swapped.records.length, swapped.repairs[0]!.copy], [sampleRecords.length, 1]);
+  }
+  // The first commit holds three records (three frames): break the first frame in copy 0 and the third in copy 1.
+  const firstFrameByte = 24 + 10;
+  const thirdFrameByte = encodeCommit(2, 1, encodeRecords(commits[0]!)).length - 12;
+  const brokenA = Buffer.from(a);
+  const brokenB = Buffer.from(b);
+  brokenA[firstFrameByte]! ^= 1;
+  brokenB[thirdFrameByte]! ^= 1;
+  const merged = recoverJournal([brokenA, brokenB], 2);
+  assert.deepEqual(merged.records, sampleRecords);
+  assert.deepEqual(merged.repairs.map((repair) => repair.copy).sort(), [0, 1]);
+  // A missing copy: everything is read from the other and counted as repaired there.
+  const missing = recoverJournal([null, b], 2);
+  assert.deepEqual([missing.records.length, missing.repairs.length], [sampleRecords.length, 3]);
 });
 
 test('journal: applying records builds the catalog; shared chunks are freed only when nothing holds them', () => {
@@ -211,6 +271,24 @@ test('checkpoint: round-trips the catalog with shared pages stored once, and ref
   const damaged = Buffer.from(bytes);
   damaged[20]! ^= 1;
   assert.throws(() => decodeCheckpoint(damaged), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');
+  assert.throws(() => decodeCheckpoint(bytes.subarray(0, bytes.length - 1)), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT', 'a checkpoint cut short');
+
+  // Two copies: the whole one is used and the other reported; the newer of two whole ones wins (a rotation cut short).
+  const choice = chooseCheckpoint([damaged, bytes]);
+  assert.deepEqual([choice.generation, choice.damagedCopies.map((d) => d.copy), choice.staleCopies], [7, [0], []]);
+  const older = encodeCheckpoint(catalog, 6);
+  const rotation = chooseCheckpoint([bytes, older]);
+  assert.deepEqual([rotation.generation, rotation.damagedCopies, rotation.staleCopies], [7, [], [1]]);
+  const missing = chooseCheckpoint([null, bytes]);
+  assert.deepEqual(missing.damagedCopies, [{ copy: 0, offsetBytes: 0 }]);
+  // Both damaged in different places: read frame by frame. Both damaged in the same frame: refused, naming where.
+  const otherDamage = Buffer.from(bytes);
+  otherDamage[bytes.length - 20]! ^= 1;
+  const merged = chooseCheckpoint([damaged, otherDamage]);
+  assert.equal(merged.catalog.snapshots.size, 39);
+  assert.deepEqual(merged.damagedCopies.map((d) => d.copy), [0, 1]);
+  assert.throws(() => chooseCheckpoint([damaged, Buffer.from(damaged)]), /no whole checkpoint: checkpoint\.0 is damaged at byte 0, checkpoint\.1 is damaged at byte 0/);
+  assert.throws(() => chooseCheckpoint([null, damaged]), /checkpoint\.0 is missing, checkpoint\.1 is damaged/);
 });
 
 test('range lock: overlapping writes wait in order, reads share', async () => {

@@ -112,7 +112,7 @@ test('snapshots and clones match a full-copy model across random operations and 
       await volume.close();
     } else {
       await pool.close();
-      const report = fsckPool(directory);
+      const report = await fsckPool(directory);
       assert.ok(report.clean, `fsck after step ${step}: ${report.errors.join('; ')} (seed ${seed})`);
       pool = await Pool.open({ directory });
     }
@@ -127,6 +127,6 @@ test('snapshots and clones match a full-copy model across random operations and 
   for (const name of model.keys()) await pool.removeVolume(name);
   assert.equal((await pool.status()).allocatedBytes, 0, `every chunk is free once nothing holds it (seed ${seed})`);
   await pool.close();
-  assert.ok(fsckPool(directory).clean);
+  assert.ok((await fsckPool(directory)).clean);
   fs.rmSync(directory, { recursive: true, force: true });
 });

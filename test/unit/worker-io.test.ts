@@ -10,6 +10,7 @@ import { ChunkdError } from '../../src/core/errors.ts';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../../src/core/limits.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { chunkSums } from '../../src/store/chunk-io.ts';
+import { realFiles } from '../../src/store/file-layer.ts';
 import { ChunkFiles } from '../../src/store/chunk-files.ts';
 import { ChunkTaskRunner, type ChunkTask } from '../../src/store/chunk-task.ts';
 import koffi from 'koffi';
@@ -24,7 +25,7 @@ const logged: string[] = [];
 
 before(() => {
   directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-workers-'));
-  files = new ChunkFiles(path.join(directory, 'chunks'));
+  files = new ChunkFiles(path.join(directory, 'chunks'), realFiles);
   io = new WorkerChunkIo(files, { workerCount: 2, buffers, log: (line) => logged.push(line), testHooks: true });
 });
 
@@ -69,7 +70,7 @@ test('a chunk file only the workers wrote is opened here for small cached reads,
 test('a worker reads page-cache hits at once and waits for the disk without blocking: uncached reads come back as promises', async () => {
   const data = randomBytes(large);
   const chunkDirectory = await chunkFilesHolding('runner', data);
-  const runner = new ChunkTaskRunner(chunkDirectory, null, false);
+  const runner = new ChunkTaskRunner(chunkDirectory, realFiles, null, false);
   const sums = chunkSums(data);
   const readTask = (memory: SharedArrayBuffer): ChunkTask => ({
     op: 'read', bytes: { slab: false, memory, byteOffset: 0, lengthBytes: large }, plan: Float64Array.of(0, large / chunkSizeBytes, 0), expected: sums, verify: true,
@@ -96,7 +97,7 @@ test('a worker never closes a descriptor under a read still waiting in libuv\'s 
   dropFromPageCache(path.join(chunkDirectory, '00000000.chunk'));
   // Keep libuv's pool busy, so that the read below waits in its queue while the worker opens other files.
   const busy = Array.from({ length: 16 }, () => new Promise((resolve) => pbkdf2('x', 'y', 200_000, 32, 'sha256', resolve)));
-  const runner = new ChunkTaskRunner(chunkDirectory, null, false);
+  const runner = new ChunkTaskRunner(chunkDirectory, realFiles, null, false);
   const target = new SharedArrayBuffer(chunkSizeBytes);
   const read = runner.run({ op: 'read', bytes: { slab: false, memory: target, byteOffset: 0, lengthBytes: chunkSizeBytes }, plan: Float64Array.of(0, 1, 0), expected: chunkSums(wanted), verify: true });
   assert.ok(read instanceof Promise);
@@ -198,7 +199,7 @@ function dropFromPageCache(file: string): void {
 /** A chunk directory of its own whose chunk 0 on holds `data`, synced to disk. */
 async function chunkFilesHolding(name: string, data: Buffer): Promise<string> {
   const chunkDirectory = path.join(directory, name);
-  const chunkFiles = new ChunkFiles(chunkDirectory);
+  const chunkFiles = new ChunkFiles(chunkDirectory, realFiles);
   await chunkFiles.write(0, 0, data);
   await chunkFiles.sync();
   chunkFiles.close();

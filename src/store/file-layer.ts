@@ -1,0 +1,148 @@
+// The one door through which a pool reaches its files: chunk files, the journal and checkpoint copies, the marker
+// and the lock, from the main thread and from the chunk I/O workers. A dozen verbs, so that a test can put a
+// faulty twin in the real one's place (src/testing/test-files.ts fails a chosen call on a chosen file at a chosen
+// count; src/testing/power-loss.ts simulates a power loss: every write no fdatasync covered may vanish or tear at
+// 512-byte sectors, and every directory change no directory fsync covered may vanish). A worker thread cannot
+// share the main thread's objects, so a layer also says how a worker rebuilds it (`workerSpec`).
+//
+// Short reads and writes are not errors: readFully and writeFully loop over them (as random-access-file does).
+import fs from 'node:fs';
+import { punchHole, readIfCached, reserveSpace, zeroRange } from './native.ts';
+
+/** read: read-only; write: read-write, the file must exist; create: read-write, made if missing; truncate: made empty. */
+export type OpenMode = 'read' | 'write' | 'create' | 'truncate';
+
+/** punch: deallocate (reads give zeros, space goes back); zero: zeros, kept allocated; reserve: allocate ahead. */
+export type AllocateMode = 'punch' | 'zero' | 'reserve';
+
+/** How a worker thread builds the layer it was given (structured-cloneable). */
+export type FileLayerSpec = { kind: 'real' } | { kind: 'test'; control: SharedArrayBuffer; rules: unknown[] };
+
+export interface FileLayer {
+  open(path: string, mode: OpenMode): Promise<number>;
+  openSync(path: string, mode: OpenMode): number;
+  close(fd: number): void;
+  /** One pread: the bytes read, 0 at the end of the file. */
+  read(fd: number, target: Uint8Array, positionBytes: number): Promise<number>;
+  /** One pread only if the page cache holds the bytes: the bytes read, 0 at the end, -1 when it would wait on the disk. */
+  readCached(fd: number, target: Uint8Array, positionBytes: number): number;
+  /** One pwrite: the bytes written. */
+  write(fd: number, data: Uint8Array, positionBytes: number): Promise<number>;
+  writeSync(fd: number, data: Uint8Array, positionBytes: number): number;
+  fdatasync(fd: number): Promise<void>;
+  allocate(fd: number, mode: AllocateMode, offsetBytes: number, lengthBytes: number): Promise<void>;
+  rename(fromPath: string, toPath: string): Promise<void>;
+  /** Removes a file; one that does not exist is not an error. */
+  unlink(path: string): Promise<void>;
+  /** Makes the directory's entries (files created, renamed, removed in it) durable. */
+  syncDirectory(path: string): Promise<void>;
+  readonly workerSpec: FileLayerSpec;
+}
+
+const openFlags: Record<OpenMode, number> = {
+  read: fs.constants.O_RDONLY,
+  write: fs.constants.O_RDWR,
+  create: fs.constants.O_RDWR | fs.constants.O_CREAT,
+  truncate: fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC,
+};
+
+function settle<T>(resolve: (value: T) => void, reject: (error: Error) => void): (error: Error | null, value: T) => void {
+  return (error, value) => (error ? reject(error) : resolve(value));
+}
+
+/** The file system itself. */
+export const realFiles: FileLayer = {
+  open: (path, mode) => new Promise((resolve, reject) => fs.open(path, openFlags[mode], 0o600, settle(resolve, reject))),
+  openSync: (path, mode) => fs.openSync(path, openFlags[mode], 0o600),
+  close: (fd) => fs.closeSync(fd),
+  read: (fd, target, positionBytes) => new Promise((resolve, reject) => fs.read(fd, target, 0, target.length, positionBytes, settle(resolve, reject))),
+  readCached: readIfCached,
+  write: (fd, data, positionBytes) => new Promise((resolve, reject) => fs.write(fd, data, 0, data.length, positionBytes, settle(resolve, reject))),
+  writeSync: (fd, data, positionBytes) => fs.writeSync(fd, data, 0, data.length, positionBytes),
+  fdatasync: (fd) => new Promise((resolve, reject) => fs.fdatasync(fd, (error) => (error ? reject(error) : resolve()))),
+  allocate: (fd, mode, offsetBytes, lengthBytes) => (mode === 'punch' ? punchHole : mode === 'zero' ? zeroRange : reserveSpace)(fd, offsetBytes, lengthBytes),
+  rename: (fromPath, toPath) => fs.promises.rename(fromPath, toPath),
+  unlink: (path) => fs.promises.rm(path, { force: true }),
+  syncDirectory: async (path) => {
+    const handle = await fs.promises.open(path, 'r');
+    try {
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  },
+  workerSpec: { kind: 'real' },
+};
+
+/** The layer a worker thread was handed as a spec. */
+export async function fileLayerFromSpec(spec: FileLayerSpec): Promise<FileLayer> {
+  if (spec.kind === 'real') return realFiles;
+  const { TestFiles } = await import('../testing/test-files.ts');
+  return TestFiles.fromSpec(spec);
+}
+
+/** Reads until `target` is full; bytes past the end of the file read as zeros (a sparse file's tail). */
+export async function readFully(files: FileLayer, fd: number, target: Uint8Array, positionBytes: number): Promise<void> {
+  let done = 0;
+  while (done < target.length) {
+    const bytesRead = await files.read(fd, target.subarray(done), positionBytes + done);
+    if (bytesRead === 0) {
+      target.fill(0, done);
+      return;
+    }
+    done += bytesRead;
+  }
+}
+
+/** Writes all of `data`, looping over short writes. */
+export async function writeFully(files: FileLayer, fd: number, data: Uint8Array, positionBytes: number): Promise<void> {
+  let done = 0;
+  while (done < data.length) done += await files.write(fd, data.subarray(done), positionBytes + done);
+}
+
+/** Writes all of `data` on this thread (a worker's writes land in the page cache). */
+export function writeFullySync(files: FileLayer, fd: number, data: Uint8Array, positionBytes: number): void {
+  let done = 0;
+  while (done < data.length) done += files.writeSync(fd, data.subarray(done), positionBytes + done);
+}
+
+/** A whole file's bytes, or null if it does not exist. */
+export async function readWholeFile(files: FileLayer, path: string): Promise<Buffer | null> {
+  let fd: number;
+  try {
+    fd = await files.open(path, 'read');
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw error;
+  }
+  try {
+    const chunks: Buffer[] = [];
+    let position = 0;
+    for (;;) {
+      const chunk = Buffer.allocUnsafe(1024 * 1024);
+      const bytesRead = await files.read(fd, chunk, position);
+      if (bytesRead === 0) break;
+      chunks.push(chunk.subarray(0, bytesRead));
+      position += bytesRead;
+    }
+    return Buffer.concat(chunks);
+  } finally {
+    files.close(fd);
+  }
+}
+
+/**
+ * Writes `bytes` as the file `path`, whole or not at all: into `path.tmp`, fdatasynced, then renamed into place.
+ * The rename is durable only once the caller syncs the directory.
+ */
+export async function replaceFile(files: FileLayer, path: string, bytes: Uint8Array): Promise<void> {
+  const temporary = `${path}.tmp`;
+  const fd = await files.open(temporary, 'truncate');
+  try {
+    await writeFully(files, fd, bytes, 0);
+    await files.fdatasync(fd);
+  } finally {
+    files.close(fd);
+  }
+  await files.rename(temporary, path);
+}

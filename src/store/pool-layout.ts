@@ -1,0 +1,194 @@
+// The pool's files, and the steps that read and write its metadata, shared by the node (pool.ts) and the offline
+// check (fsck.ts):
+//
+//   chunkd-pool.json       format name and version, chunk geometry (written once, at creation)
+//   lock                   flock()ed by the one process (node or fsck) that owns the pool; holds its pid
+//   checkpoint.0 .1        two copies of the catalog as of the start of one journal generation (checkpoint.ts)
+//   journal-<gen>.0 .1     two copies of the commits since that checkpoint (journal-format.ts)
+//   chunks/NNNNNNNN.chunk  the data (chunk-files.ts)
+//
+// A new generation starts in this order, each step durable before the next, so that a crash or power loss at any
+// point leaves a pool that loads: (1) the new journal's copies, empty, and the directory synced; (2) each
+// checkpoint copy, written whole to a temporary file and renamed over the old one; the directory synced;
+// (3) the older journals removed. Hence: a checkpoint of generation G on disk means journal G exists (so a
+// missing journal is damage, never "nothing was committed"), and a journal newer than every readable checkpoint
+// must be empty (else its checkpoint was lost: damage, never an older state served silently).
+import fs from 'node:fs';
+import path from 'node:path';
+import { ChunkdError } from '../core/errors.ts';
+import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
+import { ChunkRefcounts } from './chunk-refcounts.ts';
+import { chooseCheckpoint } from './checkpoint.ts';
+import { readWholeFile, replaceFile, type FileLayer } from './file-layer.ts';
+import { journalCopies, recoverJournal } from './journal-format.ts';
+import { JournalFile } from './journal-file.ts';
+import { applyRecord, countReferences, emptyCatalog, type Catalog } from './metadata.ts';
+import { tryLockExclusive } from './native.ts';
+
+export const poolFormatName = 'chunkd-pool';
+/** Version 3: two checksummed copies of every metadata file (version 2 had one; version 1 no block checksums). */
+export const poolFormatVersion = 3;
+export const checkpointCopies = 2;
+
+export const markerPath = (directory: string): string => path.join(directory, 'chunkd-pool.json');
+export const chunksDirectory = (directory: string): string => path.join(directory, 'chunks');
+export const checkpointPath = (directory: string, copy: number): string => path.join(directory, `checkpoint.${copy}`);
+export const journalPaths = (directory: string, generation: number): string[] =>
+  Array.from({ length: journalCopies }, (_, copy) => path.join(directory, `journal-${generation}.${copy}`));
+
+/** What a pool's metadata says after the checkpoint and the journal are read back; shared by the node and fsck. */
+export interface LoadedMetadata {
+  catalog: Catalog;
+  refs: ChunkRefcounts;
+  generation: number;
+  replayedRecords: number;
+  /** The journal ended in bytes of a commit a crash cut short (never acknowledged), now dropped. */
+  tornTail: boolean;
+  /** Damage found in one copy of a metadata file and read from the other: one line each. */
+  repairs: string[];
+  /** Metadata files from an older generation or a rotation cut short (the next start removes them). */
+  leftovers: string[];
+}
+
+/** Creates the pool's marker file in a missing or empty directory; refuses a non-empty directory that is not a pool. */
+export async function initializePool(files: FileLayer, directory: string): Promise<void> {
+  fs.mkdirSync(directory, { recursive: true, mode: 0o700 });
+  if (fs.existsSync(markerPath(directory))) return;
+  const entries = fs.readdirSync(directory).filter((name) => !name.endsWith('.sock') && name !== 'lock');
+  if (entries.length > 0) throw ChunkdError.invalid(`${directory} is not empty and holds no chunkd pool (no chunkd-pool.json); use an empty or new directory`);
+  const marker = { format: poolFormatName, formatVersion: poolFormatVersion, chunkSizeBytes, chunksPerFile, createdAt: new Date().toISOString() };
+  await replaceFile(files, markerPath(directory), Buffer.from(`${JSON.stringify(marker, null, 2)}\n`));
+  await files.syncDirectory(directory);
+}
+
+/** Checks the marker file; throws a clear error for anything that is not a pool of this version. */
+export async function checkPoolMarker(files: FileLayer, directory: string): Promise<void> {
+  const where = markerPath(directory);
+  const bytes = await readWholeFile(files, where);
+  if (bytes === null) throw ChunkdError.notFound(`${directory} is not a chunkd pool (no chunkd-pool.json)`);
+  let marker: { format?: unknown; formatVersion?: unknown; chunkSizeBytes?: unknown; chunksPerFile?: unknown };
+  try {
+    marker = JSON.parse(bytes.toString('utf8'));
+  } catch (error) {
+    throw ChunkdError.corrupt(`${where} is unreadable: ${(error as Error).message}`);
+  }
+  if (marker.format !== poolFormatName) throw ChunkdError.corrupt(`${where} does not describe a chunkd pool`);
+  if (marker.formatVersion === 1) {
+    throw ChunkdError.invalid(`pool ${directory} has format version 1, from before per-block checksums; this chunkd reads version ${poolFormatVersion}: copy its volumes out with chunkd 0.1 (e.g. nbdcopy) into a new pool`);
+  }
+  if (marker.formatVersion === 2) {
+    throw ChunkdError.invalid(`pool ${directory} has format version 2, from before redundant metadata; this chunkd reads version ${poolFormatVersion}: copy its volumes out with the chunkd that made it (e.g. nbdcopy) into a new pool`);
+  }
+  if (marker.formatVersion !== poolFormatVersion) throw ChunkdError.invalid(`pool ${directory} has format version ${String(marker.formatVersion)}; this chunkd reads version ${poolFormatVersion}`);
+  if (marker.chunkSizeBytes !== chunkSizeBytes || marker.chunksPerFile !== chunksPerFile) throw ChunkdError.invalid(`pool ${directory} was made with another chunk geometry`);
+}
+
+/** Takes the pool's lock for this process; refuses with EBUSY (naming the holder's pid) if another has it. */
+export function lockPool(files: FileLayer, directory: string): number {
+  const lockPath = path.join(directory, 'lock');
+  const fd = files.openSync(lockPath, 'create');
+  if (!tryLockExclusive(fd)) {
+    const holder = fs.readFileSync(lockPath, 'utf8').trim();
+    files.close(fd);
+    throw ChunkdError.busy(`pool ${directory} is in use by another chunkd process${holder ? ` (pid ${holder})` : ''}`);
+  }
+  // Fixed width, so that a shorter pid overwrites a longer one whole.
+  files.writeSync(fd, Buffer.from(`${String(process.pid).padEnd(15)}\n`), 0);
+  return fd;
+}
+
+/** Journal generations present in the pool directory, by file name. */
+function journalGenerations(directory: string): number[] {
+  const generations = new Set<number>();
+  for (const name of fs.readdirSync(directory)) {
+    const match = /^journal-(\d+)\.\d+$/.exec(name);
+    if (match) generations.add(Number(match[1]));
+  }
+  return [...generations].sort((a, b) => a - b);
+}
+
+async function readCopies(files: FileLayer, paths: readonly string[]): Promise<Array<Buffer | null>> {
+  return Promise.all(paths.map((file) => readWholeFile(files, file)));
+}
+
+/**
+ * Reads the checkpoint and replays its journal, from whichever copies are whole, without changing anything on
+ * disk. Throws ECORRUPT, naming the file and byte offset, when the metadata cannot be read without losing
+ * something that was committed.
+ */
+export async function loadMetadata(files: FileLayer, directory: string): Promise<LoadedMetadata> {
+  await checkPoolMarker(files, directory);
+  const repairs: string[] = [];
+  const leftovers: string[] = [];
+  const journals = journalGenerations(directory);
+  const checkpoints = await readCopies(files, Array.from({ length: checkpointCopies }, (_, copy) => checkpointPath(directory, copy)));
+  let catalog = emptyCatalog();
+  let generation = 0;
+  if (checkpoints.every((copy) => copy === null)) {
+    // A new pool, or a first start cut short before its first checkpoint: nothing can have been committed.
+    const chunkFiles = fs.existsSync(chunksDirectory(directory)) ? fs.readdirSync(chunksDirectory(directory)).filter((name) => name.endsWith('.chunk')) : [];
+    if (chunkFiles.length > 0) throw ChunkdError.corrupt(`pool ${directory}: checkpoint.0 and checkpoint.1 are both missing, but chunks/ holds data`);
+  } else {
+    const choice = chooseCheckpoint(checkpoints);
+    ({ catalog, generation } = choice);
+    for (const { copy, offsetBytes } of choice.damagedCopies) {
+      repairs.push(`${checkpointPath(directory, copy)} is ${checkpoints[copy] === null ? 'missing' : `damaged at byte ${offsetBytes}`}; read from the other copy`);
+    }
+    for (const copy of choice.staleCopies) leftovers.push(`${path.basename(checkpointPath(directory, copy))} (generation older than ${generation}: a checkpoint rotation cut short)`);
+  }
+  // Frees during replay need no action: the allocator is built from the counts that remain.
+  const refs = new ChunkRefcounts(() => {});
+  countReferences(catalog, refs);
+  let replayedRecords = 0;
+  let tornTail = false;
+  if (generation > 0) {
+    const paths = journalPaths(directory, generation);
+    const copies = await readCopies(files, paths);
+    if (copies.every((copy) => copy === null)) throw ChunkdError.corrupt(`pool ${directory}: the checkpoint is of generation ${generation}, but ${paths.map((p) => path.basename(p)).join(' and ')} are missing`);
+    const journal = recoverJournal(copies, generation);
+    if (journal.damage !== null) {
+      const { offsetBytes, sequence, laterOffsetBytes, laterSequence } = journal.damage;
+      throw ChunkdError.corrupt(
+        `${paths.join(' and ')}: commit ${sequence} at byte ${offsetBytes} is damaged in both copies, and commit ${laterSequence} at byte ${laterOffsetBytes} follows it ` +
+          `(damage, not a crash); the pool is left untouched: run chunkd fsck --repair to salvage what can be`,
+      );
+    }
+    for (const { copy, offsetBytes, sequence } of journal.repairs) {
+      repairs.push(`${paths[copy]} ${copies[copy] === null ? 'is missing' : `is damaged at byte ${offsetBytes}`} (commit ${sequence}); read from the other copy`);
+    }
+    for (const record of journal.records) applyRecord(catalog, record, refs);
+    replayedRecords = journal.records.length;
+    tornTail = journal.tornTail;
+  }
+  for (const newer of journals.filter((g) => g > generation)) {
+    const paths = journalPaths(directory, newer);
+    const journal = recoverJournal(await readCopies(files, paths), newer);
+    if (journal.commitCount > 0 || journal.damage !== null) {
+      throw ChunkdError.corrupt(`${paths.join(' and ')} hold commits of generation ${newer}, but no whole checkpoint of that generation exists (the newest readable is ${generation}); the pool is left untouched`);
+    }
+    leftovers.push(`journal-${newer} (empty: a checkpoint rotation cut short)`);
+  }
+  for (const older of journals.filter((g) => g < generation)) leftovers.push(`journal-${older} (an older generation)`);
+  return { catalog, refs, generation, replayedRecords, tornTail, repairs, leftovers };
+}
+
+/**
+ * Starts metadata generation `generation` from `checkpoint` (the catalog's state), in the order the design note
+ * gives, and returns its journal, ready for commits. Older journals are removed last.
+ */
+export async function beginGeneration(files: FileLayer, directory: string, checkpoint: Buffer, generation: number): Promise<JournalFile> {
+  const journal = await JournalFile.create(files, journalPaths(directory, generation), generation);
+  try {
+    await files.syncDirectory(directory);
+    for (let copy = 0; copy < checkpointCopies; copy++) await replaceFile(files, checkpointPath(directory, copy), checkpoint);
+    await files.syncDirectory(directory);
+  } catch (error) {
+    journal.close();
+    throw error;
+  }
+  for (const name of fs.readdirSync(directory)) {
+    const match = /^journal-(\d+)\.\d+$/.exec(name);
+    if (match && Number(match[1]) !== generation) await files.unlink(path.join(directory, name));
+  }
+  return journal;
+}
