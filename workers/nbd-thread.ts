@@ -1,6 +1,8 @@
 // An NBD protocol thread (src/node/nbd-threads.ts): its own TCP listener on the node's port (reusePort), its own
 // connections, codec and socket I/O; every device call goes to the main thread (src/nbd/remote-device.ts).
+// Once it serves, a bug on it ends the thread with the fail-stop code, and the main thread stops the node.
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
+import { installFailStop } from '../src/core/fail-stop.ts';
 import { SharedBufferPool } from '../src/core/shared-buffers.ts';
 import { RemoteProvider } from '../src/nbd/remote-device.ts';
 import { NbdServer } from '../src/nbd/server.ts';
@@ -22,6 +24,8 @@ parent.on('message', (message: { type: 'stats'; id: number } | { type: 'stop' })
   });
 });
 
+// A failure before this point is a failed start (the main thread's start() reports it); a bug after it stops.
 await provider.refreshList();
 await server.listenTcp(host, listenPort, { reusePort: true });
+installFailStop();
 parent.postMessage({ type: 'ready', addresses: server.addresses() });

@@ -1,7 +1,8 @@
 // The Docker volume plugin protocol (docs.docker.com/engine/extend/plugins_volume) on its own unix socket, so a
 // container engine can create a chunkd volume, have it mounted and bind-mount the path it gets back.
 // Every request is a POST with a JSON body; every reply is JSON with `Err` ("" on success; on failure the
-// message, with status 500, as Docker's go-plugins-helpers answer).
+// message, with status 500, as Docker's go-plugins-helpers answer; 400 for a body that is not a JSON object, 404
+// for a route the protocol does not have).
 //
 // Mount attaches the volume at <pool>/mounts/<name> (ext4 made on a volume never written; one that holds data
 // but no file system is refused, never formatted) and counts the caller's ID; the last Unmount detaches it again. Remove is refused while the volume is mounted. The counting lives in the
@@ -10,14 +11,17 @@ import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
+import { expectedError } from '../core/fail-stop.ts';
 import { validateName } from '../core/names.ts';
 import { parseSize } from '../core/units.ts';
 import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
-import { readBody } from './server.ts';
+import { readBody, requestUrl } from './server.ts';
 
 /** Size of a volume Docker creates without `-o size=...`. */
 export const dockerDefaultSizeBytes = 10 * 1024 * 1024 * 1024;
 const contentType = 'application/vnd.docker.plugins.v1+json';
+const pluginRoutes = new Set(['/Plugin.Activate', '/VolumeDriver.Capabilities', '/VolumeDriver.Create', '/VolumeDriver.Remove', '/VolumeDriver.Mount',
+  '/VolumeDriver.Unmount', '/VolumeDriver.Path', '/VolumeDriver.Get', '/VolumeDriver.List']);
 
 /** What the plugin needs from the node. */
 export interface PluginBackend {
@@ -108,10 +112,7 @@ export class DockerPluginServer {
     this.#mountRoot = mountRoot;
     this.#log = log;
     this.#server = http.createServer((request, response) => {
-      this.#handle(request, response).catch((error: unknown) => {
-        if (!(error instanceof ChunkdError)) this.#log(`docker plugin: ${(error as Error).stack ?? String(error)}`);
-        send(response, 500, { Err: error instanceof Error ? error.message : String(error) });
-      });
+      this.#handle(request, response).catch((error: unknown) => send(response, 500, { Err: expectedError(error, 'a Docker plugin request').message }));
     });
   }
 
@@ -127,10 +128,24 @@ export class DockerPluginServer {
   }
 
   async #handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {
-    const body = await readBody(request);
-    const route = new URL(request.url ?? '/', 'http://plugin').pathname;
+    // A route the protocol does not have, or a URL or body that does not parse, is the client's mistake (4xx); a
+    // request the backend refuses is answered 500, as Docker's go-plugins-helpers do.
+    let route: string;
+    let body: Record<string, unknown>;
+    try {
+      route = requestUrl(request).pathname;
+      body = await readBody(request);
+    } catch (error) {
+      return this.#refuse(response, 400, expectedError(error, 'a Docker plugin request').message);
+    }
+    if (!pluginRoutes.has(route)) return this.#refuse(response, 404, `unknown plugin route ${route}`);
     const reply = await handlePluginRequest(this.#backend, this.#mountRoot, route, body);
     send(response, 200, route === '/Plugin.Activate' || route === '/VolumeDriver.Capabilities' ? reply : { ...reply, Err: '' });
+  }
+
+  #refuse(response: http.ServerResponse, status: number, message: string): void {
+    this.#log(`docker plugin: refused a request: ${message}`);
+    send(response, status, { Err: message });
   }
 }
 

@@ -1,8 +1,10 @@
 // The management API: HTTP/1.1 + JSON on a unix socket (mode 0600), routes under /v1/, and /metrics in
-// Prometheus text format. It validates what comes in (names, sizes, body size) and calls the control plane;
-// every ChunkdError becomes a JSON error with a status code and the error's stable code.
+// Prometheus text format. It validates what comes in (URL, names, sizes, body) and calls the control plane;
+// every ChunkdError (and system error) becomes a JSON error with a status code and the error's stable code, and
+// anything else is a bug that stops the node (core/fail-stop.ts).
 import http from 'node:http';
 import { ChunkdError, type ErrorCode } from '../core/errors.ts';
+import { expectedError } from '../core/fail-stop.ts';
 import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
 import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
@@ -75,8 +77,8 @@ export class ApiServer {
   }
 
   async #handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {
-    const url = new URL(request.url ?? '/', 'http://chunkd');
-    const parts = url.pathname.split('/').filter((part) => part !== '').map((part) => decodeURIComponent(part));
+    const url = requestUrl(request);
+    const parts = url.pathname.split('/').filter((part) => part !== '').map(decodePathPart);
     const method = request.method ?? 'GET';
     // Names sit at even positions from the third on (/v1/volumes/NAME/snapshots/SNAP/...); the rest is the route.
     const route = `${method} /${parts.map((part, i) => (i >= 2 && i % 2 === 0 ? ':' : part)).join('/')}`;
@@ -151,9 +153,8 @@ export class ApiServer {
       });
       response.end(`${JSON.stringify({ report })}\n`);
     } catch (error) {
-      const known = error instanceof ChunkdError ? error : ChunkdError.io(`internal error: ${(error as Error).message}`);
-      if (!(error instanceof ChunkdError)) console.error(error);
-      response.end(`${JSON.stringify({ error: { code: known.code, message: known.message } })}\n`);
+      const failure = expectedError(error, `scrubbing volume ${volume}`);
+      response.end(`${JSON.stringify({ error: { code: failure.code, message: failure.message } })}\n`);
     }
   }
 }
@@ -161,6 +162,23 @@ export class ApiServer {
 function sizeField(value: unknown): number {
   if (typeof value !== 'number' || !Number.isSafeInteger(value)) throw ChunkdError.invalid('sizeBytes must be a whole number of bytes');
   return value;
+}
+
+/** A request's URL; one that does not parse is the client's mistake (EINVAL); shared with the Docker plugin socket. */
+export function requestUrl(request: http.IncomingMessage): URL {
+  try {
+    return new URL(request.url ?? '/', 'http://chunkd');
+  } catch {
+    throw ChunkdError.invalid(`request URL ${JSON.stringify(request.url)} does not parse`);
+  }
+}
+
+function decodePathPart(part: string): string {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    throw ChunkdError.invalid(`bad percent-encoding in ${JSON.stringify(part)}`);
+  }
 }
 
 /** Reads a request's JSON object body (at most apiBodyBytesMax bytes; none gives {}); shared with the Docker plugin socket. */
@@ -189,15 +207,10 @@ function sendJson(response: http.ServerResponse, status: number, value: unknown)
 }
 
 function sendError(response: http.ServerResponse, error: unknown): void {
-  if (!(error instanceof ChunkdError)) {
-    // A bug: answer, so the CLI does not hang, and let it surface in the node's log.
-    console.error(error);
-    if (!response.headersSent) sendJson(response, 500, { error: { code: 'EIO', message: `internal error: ${(error as Error).message}` } });
-    return;
-  }
+  const failure = expectedError(error, 'an API request');
   if (response.headersSent) {
     response.destroy();
     return;
   }
-  sendJson(response, statusByCode[error.code] ?? 500, { error: { code: error.code, message: error.message } });
+  sendJson(response, statusByCode[failure.code] ?? 500, { error: { code: failure.code, message: failure.message } });
 }

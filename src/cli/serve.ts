@@ -1,6 +1,7 @@
 // chunkd serve: runs a node in the foreground until SIGINT or SIGTERM, then stops it cleanly and exits 0.
 import { parseArgs } from 'node:util';
 import { ChunkdError } from '../core/errors.ts';
+import { installFailStop } from '../core/fail-stop.ts';
 import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
 import { parseSize } from '../core/units.ts';
@@ -53,6 +54,8 @@ export async function serve(argv: string[]): Promise<number> {
   const log = (line: string): void => {
     process.stderr.write(`${new Date().toISOString()} chunkd: ${line}\n`);
   };
+  // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
+  installFailStop();
   const node = await ChunkdNode.start({
     poolDirectory: values.pool,
     listen: parseListen(values.listen),

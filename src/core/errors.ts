@@ -1,6 +1,7 @@
 // One error class with stable string codes (as hypercore-errors and undici do). Each code maps one-to-one onto
 // an errno, so the NBD server and the FUSE front end answer the same failure the same way.
-// A bug (failed assertion) is not a ChunkdError and is never caught.
+// A bug (failed assertion) is not a ChunkdError and is never caught: it stops the node (fail-stop.ts, the one
+// error policy of every front end and thread).
 
 export const errorCodes = {
   EINVAL: { errno: 22, nbd: 22 }, // bad argument, out-of-range request
@@ -79,11 +80,17 @@ export class ChunkdError extends Error {
   }
 }
 
+/** Whether `error` is an error from the system (an errno code: EIO, ENOSPC, ECONNRESET), not one of Node's own (ERR_*). */
+export function isSystemError(error: unknown): boolean {
+  const code = (error as NodeJS.ErrnoException | null)?.code;
+  return error instanceof Error && typeof code === 'string' && /^E[A-Z]+$/.test(code);
+}
+
 /** Turns an error from the file system into a ChunkdError; anything else is a bug and is rethrown. */
 export function fromSystemError(error: unknown, what: string): ChunkdError {
   if (error instanceof ChunkdError) return error;
-  const code = (error as NodeJS.ErrnoException | null)?.code;
+  if (!isSystemError(error)) throw error;
+  const code = (error as NodeJS.ErrnoException).code!;
   if (code === 'ENOSPC' || code === 'EDQUOT') return new ChunkdError('ENOSPC', `${what}: no space left on the pool's file system`, { cause: error });
-  if (typeof code === 'string' && /^E[A-Z]+$/.test(code)) return new ChunkdError('EIO', `${what}: ${code}`, { cause: error });
-  throw error;
+  return new ChunkdError('EIO', `${what}: ${code}`, { cause: error });
 }

@@ -103,7 +103,45 @@ export function writeU64(buffer: Buffer, at: number, value: number): void {
   buffer.writeUInt32LE(Math.floor(value / 0x1_0000_0000), at + 4);
 }
 
-/** Decodes the header of one request; `buffer` holds exactly what one read of /dev/fuse returned. */
+/**
+ * The size of fuse.h's argument struct for each request whose arguments are decoded here: a shorter body is
+ * refused by checkRequest before any decoder reads past its end.
+ */
+const argumentBytesMin: Partial<Record<number, number>> = {
+  [Opcode.INIT]: 16, // fuse_init_in up to flags; newer kernels send more
+  [Opcode.SETATTR]: 88, // fuse_setattr_in
+  [Opcode.OPEN]: 8, // fuse_open_in
+  [Opcode.OPENDIR]: 8,
+  [Opcode.READ]: 40, // fuse_read_in
+  [Opcode.READDIR]: 40,
+  [Opcode.WRITE]: 40, // fuse_write_in, then the data
+  [Opcode.RELEASE]: 24, // fuse_release_in
+  [Opcode.RELEASEDIR]: 24,
+  [Opcode.FSYNC]: 16, // fuse_fsync_in
+  [Opcode.FALLOCATE]: 32, // fuse_fallocate_in
+};
+
+const EINVAL = 22;
+
+/**
+ * Validates one request as one read of /dev/fuse returned it, once, before anything decodes it: 0 if it may go
+ * on, else the errno to answer. The kernel sends well-formed frames, but a frame that does not parse gets an
+ * errno and never reaches an assertion (core/fail-stop.ts). READ and WRITE may move at most `ioBytesMax` bytes.
+ */
+export function checkRequest(frame: Buffer, ioBytesMax: number): number {
+  if (frame.length < inHeaderBytes || frame.readUInt32LE(0) !== frame.length) return EINVAL;
+  const opcode = frame.readUInt32LE(4);
+  const bodyBytes = frame.length - inHeaderBytes;
+  if (bodyBytes < (argumentBytesMin[opcode] ?? 0)) return EINVAL;
+  if (opcode === Opcode.READ || opcode === Opcode.WRITE) {
+    const sizeBytes = frame.readUInt32LE(inHeaderBytes + 16);
+    if (sizeBytes > ioBytesMax) return EINVAL;
+    if (opcode === Opcode.WRITE && bodyBytes !== writeInBytes + sizeBytes) return EINVAL;
+  }
+  return 0;
+}
+
+/** Decodes the header of one request that checkRequest passed. */
 export function decodeInHeader(buffer: Buffer): InHeader {
   assert(buffer.length >= inHeaderBytes, 'FUSE request shorter than its header');
   const header = {

@@ -10,12 +10,17 @@
 //
 // The one rule for code in this process: never touch the mount synchronously from the event loop (no
 // fs.statSync on it): the kernel would wait for a reply that only this event loop can write.
+//
+// Errors (core/fail-stop.ts): a frame that does not parse is answered EINVAL (checkRequest); a handler's
+// ChunkdError or system error is that request's errno; anything else is a bug and stops the node.
 import fs from 'node:fs';
 import path from 'node:path';
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, isSystemError } from '../core/errors.ts';
+import { expectedError, failStop } from '../core/fail-stop.ts';
 import { errnoName, koffi, libcFunction } from '../core/libc.ts';
 import {
+  checkRequest,
   decodeInHeader,
   decodeInit,
   encodeInit,
@@ -27,6 +32,7 @@ import {
   InitFlag,
   Opcode,
   outHeaderBytes,
+  readU64,
   type InHeader,
 } from './protocol.ts';
 
@@ -234,24 +240,30 @@ export class FuseSession {
         return;
       }
       const request = buffer.subarray(0, bytesRead);
-      const work = this.#serve(decodeInHeader(request), request.subarray(inHeaderBytes)).finally(() => {
-        this.#inFlight.delete(work);
-        this.#giveBuffer(buffer);
-      });
+      // #serve answers every failure it expects; what escapes it is a bug.
+      const work = this.#serve(request)
+        .catch((error: unknown) => failStop(error, `serving a FUSE request on ${this.directory}`))
+        .finally(() => {
+          this.#inFlight.delete(work);
+          this.#giveBuffer(buffer);
+        });
       this.#inFlight.add(work);
     }
   }
 
-  async #serve(header: InHeader, body: Buffer): Promise<void> {
+  async #serve(request: Buffer): Promise<void> {
     this.#stats.requestsTotal += 1;
+    const invalid = checkRequest(request, fuseRequestBytesMax);
+    if (invalid !== 0) return this.#refuse(request, invalid);
+    const header = decodeInHeader(request);
+    const body = request.subarray(inHeaderBytes);
     if (header.opcode === Opcode.INIT) return this.#init(header, body);
     if (header.opcode === Opcode.READ || header.opcode === Opcode.WRITE) this.#countSize(header.opcode, body.readUInt32LE(16));
     let reply: FuseReply;
     try {
       reply = await this.#handler.handle(header, body);
     } catch (error) {
-      if (!(error instanceof ChunkdError)) this.#log(`FUSE request ${header.opcode} failed: ${(error as Error).stack ?? String(error)}`);
-      reply = error instanceof ChunkdError ? error.errno : 5;
+      reply = expectedError(error, `FUSE request ${header.opcode} on ${this.directory}`).errno;
     }
     if (!expectsReply(header.opcode)) return;
     if (typeof reply === 'number') {
@@ -264,6 +276,14 @@ export class FuseSession {
     } finally {
       reply.written();
     }
+  }
+
+  /** Answers a frame that does not parse, when its header says whom to answer and that an answer is awaited. */
+  #refuse(request: Buffer, errno: number): void {
+    this.#stats.requestErrorsTotal += 1;
+    const opcode = request.length >= 8 ? request.readUInt32LE(4) : -1;
+    this.#log(`FUSE request of ${request.length} bytes (opcode ${opcode}) does not parse: answered errno ${errno}`);
+    if (request.length >= 16 && expectsReply(opcode)) this.#write(readU64(request, 8), errno, null);
   }
 
   #countSize(opcode: number, sizeBytes: number): void {
@@ -312,13 +332,16 @@ export class FuseSession {
 
   #send(frame: Buffer): void {
     if (this.#fd < 0) return;
+    let written: number;
     try {
-      const written = fs.writeSync(this.#fd, frame);
-      assert(written === frame.length, 'a write to /dev/fuse is all or nothing');
+      written = fs.writeSync(this.#fd, frame);
     } catch (error) {
+      if (!isSystemError(error)) throw error;
       // ENOENT: the kernel gave up on this request (interrupted); ENODEV: the mount is gone.
       const code = (error as NodeJS.ErrnoException).code;
       if (code !== 'ENOENT' && code !== 'ENODEV') this.#log(`replying on /dev/fuse for ${this.directory}: ${(error as Error).message}`);
+      return;
     }
+    assert(written === frame.length, 'a write to /dev/fuse is all or nothing');
   }
 }

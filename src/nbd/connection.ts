@@ -17,10 +17,13 @@
 // socket is gone), the socket closes, then the device is closed exactly once and `done` resolves.
 //   NBD_CMD_DISC, client EOF, server shutdown: finish in-flight requests, send their replies, then end.
 //   Malformed stream, handshake timeout, socket error: destroy the socket at once.
+// Errors follow core/fail-stop.ts: a device's ChunkdError or system error is that request's error reply, a
+// malformed stream closes this connection, and anything else is a bug that stops the node.
 import { AssertionError } from 'node:assert';
 import type { Socket } from 'node:net';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
+import { expectedError } from '../core/fail-stop.ts';
 import type { BlockDevice } from '../core/block-device.ts';
 import type { DeviceProvider } from '../core/block-device.ts';
 import {
@@ -37,7 +40,7 @@ import { steerReads } from './steered-socket.ts';
 import {
   NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA,
   NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE,
-  NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_REPLY_FLAG_DONE, commandName,
+  NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_REPLY_FLAG_DONE, commandName,
   decodeRequest, encodeBlockStatus, encodeGreeting, encodeSimpleReply, encodeStructuredError, encodeStructuredNone,
   offsetDataHeaderBytes, optionHeaderBytes, requestHeaderBytes, simpleReplyHeaderBytes, writeOffsetDataHeader,
   writeSimpleReplyHeader,
@@ -268,8 +271,7 @@ export class NbdConnection {
         }
       }
     } catch (error) {
-      if (!(error instanceof ChunkdError)) throw crash(error);
-      this.#log(`closing during handshake: ${error.message}`);
+      this.#log(`closing during handshake: ${expectedError(error, 'the NBD handshake').message}`);
       this.#socket.destroy();
     } finally {
       this.#handshakeBusy = false;
@@ -334,8 +336,7 @@ export class NbdConnection {
         this.#accept(decoded.value);
       }
     } catch (error) {
-      if (!(error instanceof ChunkdError)) throw error;
-      this.#log(`closing: ${error.message}`);
+      this.#log(`closing: ${expectedError(error, 'reading NBD requests').message}`);
       this.#stopReading();
       this.#socket.destroy();
     } finally {
@@ -455,7 +456,10 @@ export class NbdConnection {
       },
       (error: unknown) => {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
-        this.#replyError(request, this.#errorNumber(request, error), error instanceof Error ? error.message : String(error));
+        const what = `${commandName(request.type)} offset ${request.offsetBytes} length ${request.lengthBytes}`;
+        const failure = expectedError(error, what);
+        this.#log(`${what}: ${failure.code}: ${failure.message}`);
+        this.#replyError(request, this.#errorNumber(request, failure), failure.message);
         this.#finish(costBytes);
       },
     );
@@ -504,23 +508,12 @@ export class NbdConnection {
       encodeBlockStatus(NBD_REPLY_FLAG_DONE, handle, contextId, blockDescriptors(extents, queriedBytes, requestOne)));
   }
 
-  /**
-   * The NBD error for what a device operation threw. A ChunkdError maps by its code (ENOTSUP and EOVERFLOW only
-   * where the spec allows them). An AssertionError is a bug and ends the process. Anything else is a bug too,
-   * but one client's request must not take the node down with every other client: it is logged and answered EIO.
-   */
-  #errorNumber(request: NbdRequest, error: unknown): number {
-    const what = `${commandName(request.type)} offset ${request.offsetBytes} length ${request.lengthBytes}`;
-    if (error instanceof ChunkdError) {
-      this.#log(`${what}: ${error.code}: ${error.message}`);
-      const number = error.nbdError;
-      if (number === NBD_ENOTSUP && (request.flags & NBD_CMD_FLAG_FAST_ZERO) === 0) return NBD_EINVAL;
-      if (number === NBD_EOVERFLOW && (request.flags & NBD_CMD_FLAG_DF) === 0) return NBD_EINVAL;
-      return number;
-    }
-    if (error instanceof AssertionError) throw crash(error);
-    this.#log(`bug: ${what} threw ${error instanceof Error ? (error.stack ?? error.message) : String(error)}`);
-    return NBD_EIO;
+  /** The NBD error for a failed request: by the error's code, ENOTSUP and EOVERFLOW only where the spec allows them. */
+  #errorNumber(request: NbdRequest, error: ChunkdError): number {
+    const number = error.nbdError;
+    if (number === NBD_ENOTSUP && (request.flags & NBD_CMD_FLAG_FAST_ZERO) === 0) return NBD_EINVAL;
+    if (number === NBD_EOVERFLOW && (request.flags & NBD_CMD_FLAG_DF) === 0) return NBD_EINVAL;
+    return number;
   }
 
   #finish(costBytes: number): void {
@@ -592,8 +585,8 @@ export class NbdConnection {
     device.close().then(
       () => this.#resolveDone(),
       (error: unknown) => {
-        if (!(error instanceof ChunkdError)) throw crash(error);
-        this.#log(`closing export ${JSON.stringify(this.#session!.exportName)}: ${error.message}`);
+        const where = `closing export ${JSON.stringify(this.#session!.exportName)}`;
+        this.#log(`${where}: ${expectedError(error, where).message}`);
         this.#resolveDone();
       },
     );
@@ -602,15 +595,4 @@ export class NbdConnection {
   #log(line: string): void {
     this.#options.log(`${this.#options.label}: ${line}`);
   }
-}
-
-/**
- * A bug must not be swallowed by a promise chain: it is rethrown outside of it, where it ends the process.
- * Returns the error so that a caller can write `throw crash(error)` and stop too.
- */
-export function crash(error: unknown): unknown {
-  process.nextTick(() => {
-    throw error;
-  });
-  return error;
 }

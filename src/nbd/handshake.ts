@@ -10,9 +10,9 @@
 // A malformed stream (bad magic, unknown client flags, an option too long, too many options) throws
 // ChunkdError EPROTO and the connection closes. Malformed option *data* is answered NBD_REP_ERR_INVALID and the
 // handshake goes on, since the option framing itself is intact. Errors from the DeviceProvider become option
-// errors (NBD_REP_ERR_UNKNOWN...); anything that is not a ChunkdError is a bug and propagates.
+// errors (NBD_REP_ERR_UNKNOWN...), system errors too; anything else is a bug and propagates.
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { optionsPerHandshakeMax, preferredBlockBytes, requestBytesMax } from '../core/limits.ts';
 import type { InputQueue } from './input-queue.ts';
@@ -219,8 +219,8 @@ export class Handshake {
     try {
       return { device: await this.#provider.open(exportName) };
     } catch (error) {
-      if (!(error instanceof ChunkdError)) throw error;
-      return { error, replyType: error.code === 'ESHUTDOWN' ? NBD_REP_ERR_SHUTDOWN : NBD_REP_ERR_UNKNOWN };
+      const failure = fromSystemError(error, `opening export ${JSON.stringify(exportName)}`); // a bug is rethrown
+      return { error: failure, replyType: failure.code === 'ESHUTDOWN' ? NBD_REP_ERR_SHUTDOWN : NBD_REP_ERR_UNKNOWN };
     }
   }
 }

@@ -5,6 +5,7 @@
 // Calls made in one turn of the event loop leave as one message (and results come back the same way), so the
 // per-message cost is shared by every request of a busy turn.
 import type { MessagePort } from 'node:worker_threads';
+import { assert } from '../core/assert.ts';
 import type { BlockDevice, DeviceProvider, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
 import { ChunkdError, errorCodes, type ErrorCode } from '../core/errors.ts';
 
@@ -81,7 +82,7 @@ export class RemoteProvider implements DeviceProvider {
   /** Where `buffer`'s bytes are, for the main thread (they must be in shared memory). */
   sharedBytes(buffer: Buffer): SharedBytes {
     if (buffer.buffer === this.#slab) return { slab: 0, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
-    if (!(buffer.buffer instanceof SharedArrayBuffer)) throw new Error('assertion: a protocol thread passes only shared buffers to its devices');
+    assert(buffer.buffer instanceof SharedArrayBuffer, 'a protocol thread passes only shared buffers to its devices');
     return { memory: buffer.buffer, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
   }
 

@@ -1,11 +1,13 @@
 // The main thread's side of an NBD protocol thread (nbd-threads.ts, remote-device.ts): runs each call on the
 // real device, which the node's provider opens, and answers in batches. Calls arrive in the order a connection
 // sent them and reach the devices in that order, so the volume's range lock orders them as it orders calls
-// from a connection served on this thread. Devices a thread left open (it died, or stopped abruptly) are closed
-// when its port closes.
+// from a connection served on this thread. Devices a thread left open (it was stopped abruptly) are closed when
+// its port closes. A call's failure is answered as fail-stop.ts says: a ChunkdError or a system error goes
+// back to the thread as its error code; a bug stops the node.
 import type { MessagePort } from 'node:worker_threads';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { ChunkdError } from '../core/errors.ts';
+import { expectedError } from '../core/fail-stop.ts';
 import type { DeviceCall, DeviceResult, OpenedDevice, SharedBytes, SlabRegistration } from '../nbd/remote-device.ts';
 
 export class DeviceHost {
@@ -46,8 +48,8 @@ export class DeviceHost {
     operation.then(
       (value) => this.#answer({ id: call.id, ok: true, value }),
       (error: unknown) => {
-        if (!(error instanceof ChunkdError)) throw error; // a bug: let it surface
-        this.#answer({ id: call.id, ok: false, code: error.code, message: error.message });
+        const failure = expectedError(error, `${call.op} for an NBD thread`);
+        this.#answer({ id: call.id, ok: false, code: failure.code, message: failure.message });
       },
     );
   }

@@ -5,11 +5,13 @@
 // served by the main thread: each device call is a message to the main thread (batched per event-loop turn),
 // and its bytes stay in shared memory that the chunk I/O workers read and write in place (remote-device.ts).
 // The main thread's share of a request is then the metadata step alone (map lookup, range lock, record),
-// no socket, no parsing, no copying. A thread that dies is logged and started again on the same port.
+// no socket, no parsing, no copying. A thread ends only when the node stops it: one that ends while the node
+// serves had a bug (it fail-stopped, or an error escaped it), and the node stops too (core/fail-stop.ts).
 import path from 'node:path';
 import { MessageChannel, Worker } from 'node:worker_threads';
 import type { DeviceProvider } from '../core/block-device.ts';
 import { ChunkdError } from '../core/errors.ts';
+import { failStop } from '../core/fail-stop.ts';
 import type { NbdServerStats } from '../nbd/server.ts';
 import { DeviceHost } from './device-host.ts';
 
@@ -30,8 +32,6 @@ export class NbdThreads {
   #port = 0;
   #address = '';
   readonly #threads: ProtocolThread[] = [];
-  /** Counters of threads that are gone, so totals never go backwards. */
-  readonly #retired: NbdServerStats = { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 };
   #nextStatsId = 1;
   #stopping = false;
 
@@ -66,7 +66,7 @@ export class NbdThreads {
   /** Counters summed over the threads (each asked now). */
   async stats(): Promise<NbdServerStats> {
     await Promise.all(this.#threads.map((thread) => this.#refreshStats(thread)));
-    const sum = { ...this.#retired, connectionsOpen: 0 };
+    const sum: NbdServerStats = { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 };
     for (const thread of this.#threads) {
       sum.connectionsOpen += thread.stats.connectionsOpen;
       sum.connectionsTotal += thread.stats.connectionsTotal;
@@ -116,9 +116,13 @@ export class NbdThreads {
         clearTimeout(timer);
         reject(ChunkdError.io(`NBD thread ${index} failed to start: ${error.message}`, error));
       });
+      worker.once('exit', (code) => {
+        clearTimeout(timer);
+        reject(ChunkdError.io(`NBD thread ${index} exited (code ${code}) before it served`));
+      });
     });
     worker.on('error', (error) => this.#log(`NBD thread ${index} failed: ${error.stack ?? error.message}`));
-    worker.on('exit', (code) => void this.#onExit(thread, index, code));
+    worker.on('exit', (code) => this.#onExit(thread, index, code));
     const addresses = await ready;
     this.#threads.push(thread);
     if (this.#address === '') {
@@ -127,16 +131,14 @@ export class NbdThreads {
     }
   }
 
-  async #onExit(thread: ProtocolThread, index: number, code: number): Promise<void> {
-    await thread.host.closeAll();
+  /** A thread that ends while serving had a bug: its connections are gone and the state it shared is suspect. */
+  #onExit(thread: ProtocolThread, index: number, code: number): void {
     const at = this.#threads.indexOf(thread);
-    if (at < 0 || thread.stopping || this.#stopping) return;
-    this.#threads.splice(at, 1);
-    this.#retired.connectionsTotal += thread.stats.connectionsTotal;
-    this.#retired.requestsTotal += thread.stats.requestsTotal;
-    this.#retired.requestErrorsTotal += thread.stats.requestErrorsTotal;
-    this.#log(`NBD thread ${index} exited (code ${code}); its connections are gone; starting it again`);
-    await this.#startThread(index).catch((error: Error) => this.#log(`NBD thread ${index} could not be restarted: ${error.message}`));
+    if (at >= 0 && !thread.stopping && !this.#stopping) {
+      this.#threads.splice(at, 1);
+      failStop(new Error(`NBD thread ${index} ended (exit code ${code}) while the node served`), `NBD thread ${index}`);
+    }
+    void thread.host.closeAll(); // settles every close, never rejects
   }
 
   #refreshStats(thread: ProtocolThread): Promise<void> {

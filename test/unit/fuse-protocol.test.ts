@@ -2,11 +2,14 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
+  checkRequest,
   decodeFallocate,
+  decodeFh,
   decodeInHeader,
   decodeInit,
   decodeIo,
   decodeName,
+  decodeOpen,
   decodeSetattr,
   encodeAttrOut,
   encodeDirents,
@@ -18,7 +21,9 @@ import {
   expectsReply,
   Opcode,
   S_IFREG,
+  writeInBytes,
 } from '../../src/fuse/protocol.ts';
+import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 function request(opcode: number, nodeId: number, body: Buffer): Buffer {
   const header = Buffer.alloc(40);
@@ -37,6 +42,56 @@ test('in header: every field, and a length that disagrees with the read is a bug
   assert.deepEqual(decodeInHeader(bytes), { lengthBytes: 44, opcode: Opcode.LOOKUP, unique: 0x1234567890, nodeId: 7, uid: 1000, gid: 1001, pid: 4242 });
   assert.equal(decodeName(bytes.subarray(40)), 'vol');
   assert.throws(() => decodeInHeader(bytes.subarray(0, 42)));
+});
+
+test('checkRequest: frames that do not parse are EINVAL, before any decoder reads them', () => {
+  const MiB = 1024 * 1024;
+  const io = (fh: number, offset: number, size: number): Buffer => {
+    const body = Buffer.alloc(40);
+    body.writeBigUInt64LE(BigInt(fh), 0);
+    body.writeBigUInt64LE(BigInt(offset), 8);
+    body.writeUInt32LE(size, 16);
+    return body;
+  };
+  assert.equal(checkRequest(request(Opcode.LOOKUP, 1, Buffer.from('vol\0')), MiB), 0);
+  assert.equal(checkRequest(request(Opcode.READ, 3, io(1, 0, 4096)), MiB), 0);
+  assert.equal(checkRequest(request(Opcode.WRITE, 3, Buffer.concat([io(1, 0, 512), Buffer.alloc(512)])), MiB), 0);
+  assert.equal(checkRequest(request(Opcode.GETATTR, 1, Buffer.alloc(0)), MiB), 0, 'arguments nothing decodes are not required');
+  assert.equal(checkRequest(request(Opcode.LOOKUP, 1, Buffer.alloc(0)).subarray(0, 39), MiB), 22, 'shorter than a header');
+  assert.equal(checkRequest(request(Opcode.LOOKUP, 1, Buffer.from('vol\0')).subarray(0, 42), MiB), 22, 'length disagrees with the read');
+  assert.equal(checkRequest(request(Opcode.READ, 3, io(1, 0, 4096).subarray(0, 20)), MiB), 22, 'READ arguments cut short');
+  assert.equal(checkRequest(request(Opcode.READ, 3, io(1, 0, MiB + 1)), MiB), 22, 'READ over the maximum');
+  assert.equal(checkRequest(request(Opcode.WRITE, 3, Buffer.concat([io(1, 0, 512), Buffer.alloc(511)])), MiB), 22, 'WRITE data shorter than its size');
+  assert.equal(checkRequest(request(Opcode.SETATTR, 3, Buffer.alloc(24)), MiB), 22);
+  assert.equal(checkRequest(request(Opcode.FALLOCATE, 3, Buffer.alloc(28)), MiB), 22);
+  assert.equal(checkRequest(request(Opcode.INIT, 0, Buffer.alloc(12)), MiB), 22);
+
+  // Seeded: random frames and cut or stretched valid ones; whatever passes decodes without throwing.
+  const seed = testSeed('fuse checkRequest fuzz');
+  const random = makeRandom(seed);
+  const opcodes = [Opcode.INIT, Opcode.LOOKUP, Opcode.SETATTR, Opcode.OPEN, Opcode.READ, Opcode.WRITE, Opcode.RELEASE, Opcode.FSYNC, Opcode.READDIR, Opcode.FALLOCATE, randomInt(random, 64)];
+  for (let iteration = 0; iteration < 20_000; iteration += 1) {
+    const opcode = opcodes[randomInt(random, opcodes.length)]!;
+    const body = Buffer.alloc(randomInt(random, 120));
+    for (let i = 0; i < body.length; i += 1) body[i] = random() < 0.7 ? 0 : randomInt(random, 256);
+    if (opcode === Opcode.WRITE && body.length >= 20) body.writeUInt32LE(random() < 0.5 ? Math.max(0, body.length - writeInBytes) : randomInt(random, 2 ** 32), 16);
+    let frame = request(opcode, randomInt(random, 8), body);
+    if (random() < 0.2) frame = frame.subarray(0, randomInt(random, frame.length + 1));
+    if (random() < 0.1 && frame.length >= 4) frame.writeUInt32LE(randomInt(random, 200), 0);
+    if (checkRequest(frame, MiB) !== 0) continue;
+    const header = decodeInHeader(frame);
+    const args = frame.subarray(40);
+    switch (header.opcode) {
+      case Opcode.INIT: decodeInit(args); break;
+      case Opcode.LOOKUP: decodeName(args); break;
+      case Opcode.SETATTR: decodeSetattr(args); break;
+      case Opcode.OPEN: decodeOpen(args); break;
+      case Opcode.READ: case Opcode.READDIR: decodeIo(args); break;
+      case Opcode.WRITE: assert.equal(args.length, writeInBytes + decodeIo(args).sizeBytes, `seed ${seed}`); break;
+      case Opcode.RELEASE: case Opcode.FSYNC: decodeFh(args); break;
+      case Opcode.FALLOCATE: decodeFallocate(args); break;
+    }
+  }
 });
 
 test('init: request fields and the 64-byte reply', () => {

@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ChunkdError } from '../../src/core/errors.ts';
+import { setFailStopHook } from '../../src/core/fail-stop.ts';
 import { requestBytesMax, requestsInFlightPerConnectionMax } from '../../src/core/limits.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
@@ -200,16 +201,24 @@ test('errors at the edge: ranges, sizes, flags, commands, device failures; the c
   assert.ok(h.logs.some((line) => line.includes('checksum mismatch')), 'a device error is logged');
   h.provider.failNextRead = new ChunkdError('ENOTSUP', 'not without FAST_ZERO');
   await expectError({ type: nbd.NBD_CMD_READ, handle: 15n, lengthBytes: 4096 }, nbd.NBD_EINVAL);
-  h.provider.failNextRead = new TypeError('a bug in a device');
+  // A system error (not a ChunkdError) is the disk's failure: EIO, and the node serves on.
+  h.provider.failNextRead = Object.assign(new Error('read failed'), { code: 'EIO' });
   await expectError({ type: nbd.NBD_CMD_READ, handle: 16n, lengthBytes: 4096 }, nbd.NBD_EIO);
-  assert.ok(h.logs.some((line) => line.includes('bug:') && line.includes('a bug in a device')));
+  // Anything else is a bug: the node stops (fail-stop). The test's hook returns, so the request gets EIO.
+  const bugs: unknown[] = [];
+  setFailStopHook((error) => bugs.push(error));
+  t.after(() => setFailStopHook(null));
+  h.provider.failNextRead = new TypeError('a bug in a device');
+  await expectError({ type: nbd.NBD_CMD_READ, handle: 17n, lengthBytes: 4096 }, nbd.NBD_EIO);
+  assert.deepEqual(bugs.map((error) => (error as Error).message), ['a bug in a device']);
+  setFailStopHook(null);
   // Nothing of the refused payloads reached the device, and the connection still works.
   assert.equal(h.provider.writeLog.length, 0);
-  await expectError({ type: nbd.NBD_CMD_WRITE, handle: 17n, offsetBytes: 0 }, 0, Buffer.alloc(512, 3));
-  assert.deepEqual(readData(await client.call({ type: nbd.NBD_CMD_READ, handle: 18n, lengthBytes: 512 }), 0, 512), Buffer.alloc(512, 3));
+  await expectError({ type: nbd.NBD_CMD_WRITE, handle: 18n, offsetBytes: 0 }, 0, Buffer.alloc(512, 3));
+  assert.deepEqual(readData(await client.call({ type: nbd.NBD_CMD_READ, handle: 19n, lengthBytes: 512 }), 0, 512), Buffer.alloc(512, 3));
   const stats = h.server.stats();
-  assert.equal(stats.requestsTotal, 18);
-  assert.equal(stats.requestErrorsTotal, 16);
+  assert.equal(stats.requestsTotal, 19);
+  assert.equal(stats.requestErrorsTotal, 17);
 });
 
 test('read-only export: WRITE, TRIM and WRITE_ZEROES are EPERM and never reach the device', async (t) => {

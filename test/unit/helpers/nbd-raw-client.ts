@@ -136,9 +136,10 @@ export class RawClient {
     socket.on('error', () => {});
   }
 
-  static connect(path: string): Promise<RawClient> {
+  /** Connects to a unix socket path, or to a TCP host and port. */
+  static connect(address: string | { host: string; port: number }): Promise<RawClient> {
     return new Promise((resolve, reject) => {
-      const socket = net.connect({ path });
+      const socket = net.connect(typeof address === 'string' ? { path: address } : address);
       socket.once('connect', () => resolve(new RawClient(socket)));
       socket.once('error', reject);
     });
