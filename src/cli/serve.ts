@@ -69,13 +69,16 @@ export async function serve(argv: string[]): Promise<number> {
     pluginSocketPath: values['plugin-socket'] ?? null,
     log,
   });
-  const listening = node.nbdAddresses();
-  // One line on stdout when ready: scripts and tests wait for it (and read the port when --listen asked for 0).
-  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}\n`);
-  await new Promise<void>((resolve) => {
+  // Listen for the stop signals before saying ready: a SIGTERM sent right after the ready line otherwise found no
+  // handler in 2 to 5 of 8 quick starts and stops here (the process died of the signal, exit code null).
+  const stopping = new Promise<void>((resolve) => {
     process.once('SIGINT', resolve);
     process.once('SIGTERM', resolve);
   });
+  const listening = node.nbdAddresses();
+  // One line on stdout when ready: scripts and tests wait for it (and read the port when --listen asked for 0).
+  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}\n`);
+  await stopping;
   log('stopping: finishing in-flight requests and committing');
   await node.stop();
   log('stopped');

@@ -58,8 +58,14 @@ export function readFramesFromCopies(copies: ReadonlyArray<Uint8Array | null>, s
   return { payloads };
 }
 
+const zeros = new Uint8Array(64 * 1024);
+
 /** Whether bytes [start, end) of `bytes` are all zero (a missing part counts as zeros). */
 export function isZero(bytes: Uint8Array, start: number, end = bytes.length): boolean {
-  for (let i = start; i < Math.min(end, bytes.length); i++) if (bytes[i] !== 0) return false;
+  const stop = Math.min(end, bytes.length);
+  for (let offset = start; offset < stop; offset += zeros.length) {
+    const length = Math.min(zeros.length, stop - offset);
+    if (Buffer.compare(bytes.subarray(offset, offset + length), zeros.subarray(0, length)) !== 0) return false;
+  }
   return true;
 }

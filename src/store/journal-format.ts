@@ -18,6 +18,9 @@
 //     starts). A valid commit of a later sequence anywhere after it proves damage, and the load refuses the pool
 //     with the offset rather than drop acknowledged records.
 //  3. Non-zero bytes past the end are the torn tail of the commit in flight: reported, dropped, never an error.
+//     So is a last commit whole in one copy only, where the other copy differs only by zeros (sectors a crash
+//     kept from reaching it; a flipped byte is damage): it is kept, as its records' data was durable before it was
+//     written (invariant 1 of pool.ts).
 // Known weakness: damage to the same frame of the last commit in both copies reads as a torn tail (two faults in
 // the few bytes written last). A copy that is missing or short counts as damaged wherever the other has data.
 import { crc32 } from 'node:zlib';
@@ -53,22 +56,21 @@ interface CommitHeader {
 }
 
 /** The commit header at `offset` if it is whole, of this generation, and its commit fits in the file. */
-function headerAt(bytes: Uint8Array | null, offset: number, generation: number): CommitHeader | null {
-  if (bytes === null || offset + commitHeaderBytes > bytes.length) return null;
-  const view = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
-  if (view.readUInt32LE(offset) !== commitMagic) return null;
+function headerAt(view: Buffer | null, offset: number, generation: number): CommitHeader | null {
+  if (view === null || offset + commitHeaderBytes > view.length) return null;
+  if (view[offset] !== (commitMagic & 0xff) || view.readUInt32LE(offset) !== commitMagic) return null;
   if (crc32(view.subarray(offset + 8, offset + commitHeaderBytes)) !== view.readUInt32LE(offset + 4)) return null;
   if (view.readUInt32LE(offset + 8) !== generation) return null;
   const framesBytes = view.readUInt32LE(offset + 16);
   const end = offset + alignUp(commitHeaderBytes + framesBytes);
-  if (end > bytes.length) return null;
+  if (end > view.length) return null;
   return { sequence: view.readUInt32LE(offset + 12), framesBytes, bodyCrc: view.readUInt32LE(offset + 20), end };
 }
 
 /** The commit's body (frames and padding) from `copy` if it matches the header's checksum. */
-function bodyIn(copy: Uint8Array | null, offset: number, header: CommitHeader): Buffer | null {
+function bodyIn(copy: Buffer | null, offset: number, header: CommitHeader): Buffer | null {
   if (copy === null || header.end > copy.length) return null;
-  const body = Buffer.from(copy.buffer, copy.byteOffset + offset + commitHeaderBytes, header.end - offset - commitHeaderBytes);
+  const body = copy.subarray(offset + commitHeaderBytes, header.end);
   return crc32(body) === header.bodyCrc ? body : null;
 }
 
@@ -89,7 +91,8 @@ export interface JournalRecovery {
  * Reads the commits of generation `generation` from its copies (null: that file is missing). Stops at the first
  * commit no copy holds whole; `damage` says whether that was damage (later commits exist) or the end.
  */
-export function recoverJournal(copies: ReadonlyArray<Uint8Array | null>, generation: number): JournalRecovery {
+export function recoverJournal(files: ReadonlyArray<Uint8Array | null>, generation: number): JournalRecovery {
+  const copies = files.map((copy) => (copy === null ? null : Buffer.from(copy.buffer, copy.byteOffset, copy.length)));
   const records: MetaRecord[] = [];
   const repairs: JournalRecovery['repairs'] = [];
   let offset = 0;
@@ -103,12 +106,22 @@ export function recoverJournal(copies: ReadonlyArray<Uint8Array | null>, generat
     sequence += 1;
   }
   const later = findLaterCommit(copies, offset, generation, sequence);
-  const tornTail = copies.some((copy) => copy !== null && !isZero(copy, offset));
+  // The last commit, whole in one copy and torn (not damaged) in the other: a crash between the two writes.
+  const tornLast = (repair: JournalRecovery['repairs'][number]): boolean => {
+    if (later !== null || repair.sequence !== sequence - 1) return false;
+    const torn = copies[repair.copy];
+    const whole = copies.find((copy, index) => index !== repair.copy && copy !== null);
+    if (torn === null || torn === undefined || whole === undefined || whole === null) return false;
+    for (let at = repair.offsetBytes; at < offset; at++) if (torn[at] !== whole[at] && torn[at] !== 0) return false;
+    return true;
+  };
+  const tornInOneCopy = repairs.filter(tornLast);
+  const tornTail = tornInOneCopy.length > 0 || copies.some((copy) => copy !== null && !isZero(copy, offset));
   return {
     records,
     commitCount: sequence - 1,
     endBytes: offset,
-    repairs,
+    repairs: repairs.filter((repair) => !tornInOneCopy.includes(repair)),
     tornTail: later === null && tornTail,
     damage: later === null ? null : { offsetBytes: offset, sequence, laterOffsetBytes: later.offsetBytes, laterSequence: later.sequence },
   };
@@ -116,7 +129,7 @@ export function recoverJournal(copies: ReadonlyArray<Uint8Array | null>, generat
 
 /** The commit `sequence` at `offset`, from whichever copies hold it, or null if none can give it whole. */
 function readCommit(
-  copies: ReadonlyArray<Uint8Array | null>,
+  copies: ReadonlyArray<Buffer | null>,
   offset: number,
   generation: number,
   sequence: number,
@@ -165,11 +178,12 @@ function frameBytes(payload: Buffer): Buffer {
 }
 
 /** The first valid commit of a sequence after `sequence` at an aligned offset past `offset`, in any copy (rule 2). */
-function findLaterCommit(copies: ReadonlyArray<Uint8Array | null>, offset: number, generation: number, sequence: number): { offsetBytes: number; sequence: number } | null {
+function findLaterCommit(copies: ReadonlyArray<Buffer | null>, offset: number, generation: number, sequence: number): { offsetBytes: number; sequence: number } | null {
   let found: { offsetBytes: number; sequence: number } | null = null;
   for (const copy of copies) {
     if (copy === null) continue;
     for (let at = alignUp(offset + 1); at + commitHeaderBytes <= copy.length && (found === null || at < found.offsetBytes); at += commitAlignBytes) {
+      if (copy[at] !== (commitMagic & 0xff)) continue;
       const header = headerAt(copy, at, generation);
       // A whole header of a later sequence is proof enough: its own checksum covers it, and no crash writes one.
       if (header === null || header.sequence <= sequence) continue;

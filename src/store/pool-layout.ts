@@ -18,7 +18,7 @@ import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { ChunkRefcounts } from './chunk-refcounts.ts';
-import { chooseCheckpoint } from './checkpoint.ts';
+import { chooseCheckpoint, type CheckpointChoice } from './checkpoint.ts';
 import { readWholeFile, replaceFile, type FileLayer } from './file-layer.ts';
 import { journalCopies, recoverJournal } from './journal-format.ts';
 import { JournalFile } from './journal-file.ts';
@@ -124,17 +124,14 @@ export async function loadMetadata(files: FileLayer, directory: string): Promise
   const checkpoints = await readCopies(files, Array.from({ length: checkpointCopies }, (_, copy) => checkpointPath(directory, copy)));
   let catalog = emptyCatalog();
   let generation = 0;
+  let choice: CheckpointChoice | null = null;
   if (checkpoints.every((copy) => copy === null)) {
     // A new pool, or a first start cut short before its first checkpoint: nothing can have been committed.
     const chunkFiles = fs.existsSync(chunksDirectory(directory)) ? fs.readdirSync(chunksDirectory(directory)).filter((name) => name.endsWith('.chunk')) : [];
     if (chunkFiles.length > 0) throw ChunkdError.corrupt(`pool ${directory}: checkpoint.0 and checkpoint.1 are both missing, but chunks/ holds data`);
   } else {
-    const choice = chooseCheckpoint(checkpoints);
+    choice = chooseCheckpoint(checkpoints);
     ({ catalog, generation } = choice);
-    for (const { copy, offsetBytes } of choice.damagedCopies) {
-      repairs.push(`${checkpointPath(directory, copy)} is ${checkpoints[copy] === null ? 'missing' : `damaged at byte ${offsetBytes}`}; read from the other copy`);
-    }
-    for (const copy of choice.staleCopies) leftovers.push(`${path.basename(checkpointPath(directory, copy))} (generation older than ${generation}: a checkpoint rotation cut short)`);
   }
   // Frees during replay need no action: the allocator is built from the counts that remain.
   const refs = new ChunkRefcounts(() => {});
@@ -159,6 +156,18 @@ export async function loadMetadata(files: FileLayer, directory: string): Promise
     for (const record of journal.records) applyRecord(catalog, record, refs);
     replayedRecords = journal.records.length;
     tornTail = journal.tornTail;
+    // A checkpoint copy missing or of an older generation is what a rotation cut short leaves, as long as the
+    // journal it started holds nothing yet; once it holds a commit, the rotation had finished (pool-layout note).
+    const rotationDone = journal.commitCount > 0;
+    for (const { copy, offsetBytes } of choice!.damagedCopies) {
+      const missing = checkpoints[copy] === null;
+      if (missing && !rotationDone) leftovers.push(`checkpoint.${copy} (missing: a checkpoint rotation cut short)`);
+      else repairs.push(`${checkpointPath(directory, copy)} is ${missing ? 'missing' : `damaged at byte ${offsetBytes}`}; read from the other copy`);
+    }
+    for (const copy of choice!.staleCopies) {
+      if (!rotationDone) leftovers.push(`checkpoint.${copy} (generation older than ${generation}: a checkpoint rotation cut short)`);
+      else repairs.push(`${checkpointPath(directory, copy)} is of an older generation than the other copy, whose journal holds commits; read from the other copy`);
+    }
   }
   for (const newer of journals.filter((g) => g > generation)) {
     const paths = journalPaths(directory, newer);

@@ -48,6 +48,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
+import { expectedError } from '../core/fail-stop.ts';
 import {
   backgroundCommitIntervalMs,
   chunkSizeBytes,
@@ -186,7 +187,8 @@ export class Pool implements VolumeStore {
     this.#journalCheckpointBytes = options.journalCheckpointBytes ?? journalCheckpointBytes;
     this.#log = log;
     this.#timer = setInterval(() => {
-      if (this.#queue.length > 0 || this.allocator.deferredCount > 0) this.commit().catch(() => {});
+      // A failure is logged, counted and shown in status by the commit itself; only a bug goes further (fail-stop).
+      if (this.#queue.length > 0 || this.allocator.deferredCount > 0) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));
     }, backgroundCommitIntervalMs);
     this.#timer.unref();
   }
@@ -452,7 +454,7 @@ export class Pool implements VolumeStore {
     // Chunks freed by overwrites are reusable only after a commit: under a stream of overwrites and no FLUSH, commit
     // early rather than let the files grow by five seconds of writes.
     if (this.allocator.deferredCount >= deferredChunksCommitMax && this.#pendingCommit === null) {
-      this.commit().catch((error) => this.#log(`commit to reuse freed space failed: ${(error as Error).message}`));
+      this.commit().catch((error: unknown) => expectedError(error, 'commit to reuse freed space'));
     }
   }
 

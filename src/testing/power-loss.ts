@@ -231,13 +231,15 @@ function sectorOf(bytes: Buffer, start: number, end: number): Buffer {
   return sector;
 }
 
+const zeroBlock = Buffer.alloc(4096);
+
 /** Writes `content` as a new file, leaving 4 KiB blocks of zeros as holes (chunk files are sparse). */
 function writeSparse(file: string, content: Buffer): void {
   const fd = fs.openSync(file, 'w', 0o600);
   try {
     for (let offset = 0; offset < content.length; offset += 4096) {
       const block = content.subarray(offset, offset + 4096);
-      if (block.some((byte) => byte !== 0)) fs.writeSync(fd, block, 0, block.length, offset);
+      if (!block.equals(zeroBlock.subarray(0, block.length))) fs.writeSync(fd, block, 0, block.length, offset);
     }
     fs.ftruncateSync(fd, content.length);
   } finally {

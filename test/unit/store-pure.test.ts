@@ -195,6 +195,16 @@ test('journal: a torn last commit is dropped as a torn tail; the same damage bef
   const torn = recoverJournal([tornA, tornB], 1);
   assert.deepEqual([torn.commitCount, torn.tornTail, torn.damage], [2, true, null]);
   assert.deepEqual(torn.records, sampleRecords.slice(0, 4));
+  // A crash between the copies' writes: the last commit is whole in one copy and partly zeros in the other. Kept,
+  // and a torn tail, not damage; a flipped byte there instead is damage, read from the other copy.
+  const halfWritten = Buffer.from(a);
+  halfWritten.fill(0, lastStart + 16, lastStart + 40);
+  const oneCopy = recoverJournal([halfWritten, b], 1);
+  assert.deepEqual([oneCopy.records, oneCopy.repairs, oneCopy.tornTail], [sampleRecords, [], true]);
+  const flipped = Buffer.from(a);
+  flipped[lastStart + 30]! ^= 0x40;
+  const damagedLast = recoverJournal([b, flipped], 1);
+  assert.deepEqual([damagedLast.records, damagedLast.repairs, damagedLast.tornTail], [sampleRecords, [{ copy: 1, offsetBytes: lastStart, sequence: 3 }], false]);
   // Damage to commit 2 in both copies, with commit 3 whole after it: damage, never a torn tail.
   const secondStart = encodeCommit(1, 1, encodeRecords(commits[0]!)).length;
   const damagedA = Buffer.from(a);
