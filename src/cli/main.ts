@@ -232,7 +232,7 @@ async function statusCommand(argv: string[]): Promise<number> {
   const status = (await callApi(apiPath(values.api), 'GET', '/v1/status')) as {
     pid: number;
     uptimeSeconds: number;
-    pool: { directory: string; allocatedBytes: number; fileSystem: { freeBytes: number }; failure: string | null };
+    pool: { directory: string; allocatedBytes: number; fileSystem: { freeBytes: number }; failure: string | null; commitError: string | null; metadataRepairsTotal: number };
     volumes: VolumeInfo[];
     nbd: { listen: string[]; connectionsOpen: number; requestsTotal: number };
     io: { engine: string; workers: Array<{ id: number; inFlight: number }>; queued: number; workerRestarts: number };
@@ -244,6 +244,8 @@ async function statusCommand(argv: string[]): Promise<number> {
     [
       `node pid ${status.pid}, up ${status.uptimeSeconds} s`,
       `pool ${status.pool.directory}: ${formatSize(status.pool.allocatedBytes)} allocated, ${formatSize(status.pool.fileSystem.freeBytes)} free on its file system${status.pool.failure ? `, FAILED: ${status.pool.failure}` : ''}`,
+      ...(status.pool.failure === null && status.pool.commitError ? [`  last commit failed: ${status.pool.commitError}`] : []),
+      ...(status.pool.metadataRepairsTotal > 0 ? [`  ${status.pool.metadataRepairsTotal} damaged metadata copies repaired at start (see the log)`] : []),
       `nbd ${status.nbd.listen.join(', ') || '(not listening)'}: ${status.nbd.connectionsOpen} connections, ${status.nbd.requestsTotal} requests served`,
       `event loop utilisation ${(status.eventLoopUtilization * 100).toFixed(1)}%`,
       status.io.engine === 'inline'

@@ -19,6 +19,9 @@ export function renderMetrics(status: NodeStatus): string {
   metric('chunkd_nbd_connections_total', 'counter', 'NBD connections accepted.', [['', status.nbd.connectionsTotal]]);
   metric('chunkd_nbd_requests_total', 'counter', 'NBD requests served.', [['', status.nbd.requestsTotal]]);
   metric('chunkd_nbd_request_errors_total', 'counter', 'NBD requests answered with an error.', [['', status.nbd.requestErrorsTotal]]);
+  metric('chunkd_pool_failed', 'gauge', 'Whether the pool refuses writes after a failed sync or metadata write (1), until the node restarts.', [['', status.pool.failure === null ? 0 : 1]]);
+  metric('chunkd_pool_commit_failures_total', 'counter', 'Metadata commits (flush, FUA, background) that failed.', [['', status.pool.commitFailuresTotal]]);
+  metric('chunkd_metadata_repairs_total', 'counter', 'Damaged or missing metadata copies found at open and repaired from the other copy.', [['', status.pool.metadataRepairsTotal]]);
   metric('chunkd_checksum_errors_total', 'counter', 'Reads that found a block not matching its checksum (answered with EIO).', [['', status.pool.checksumErrorsTotal]]);
   metric('chunkd_io_worker_requests_in_flight', 'gauge', 'Chunk I/O tasks each worker thread holds now.', status.io.workers.map((worker) => [`{worker="${worker.id}"}`, worker.inFlight]));
   metric('chunkd_io_requests_queued', 'gauge', 'Chunk I/O tasks waiting for a worker thread.', [['', status.io.queued]]);

@@ -123,6 +123,8 @@ export interface PoolOptions {
   files?: FileLayer;
   /** Journal size that starts a new checkpoint (default limits.journalCheckpointBytes; small in tests). */
   journalCheckpointBytes?: number;
+  /** How often unflushed writes are committed in the background (default limits.backgroundCommitIntervalMs). */
+  backgroundCommitIntervalMs?: number;
   /** Makes the engine that carries chunk reads and writes (default: inline, on the calling thread). */
   makeIo?: (chunkFiles: ChunkFiles) => ChunkIo;
   /** Verify checksums on reads (default true); false only to measure what verification costs. */
@@ -189,7 +191,7 @@ export class Pool implements VolumeStore {
     this.#timer = setInterval(() => {
       // A failure is logged, counted and shown in status by the commit itself; only a bug goes further (fail-stop).
       if (this.#queue.length > 0 || this.allocator.deferredCount > 0) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));
-    }, backgroundCommitIntervalMs);
+    }, options.backgroundCommitIntervalMs ?? backgroundCommitIntervalMs);
     this.#timer.unref();
   }
 

@@ -3,7 +3,10 @@
 // through the pool's chunk I/O engine in batches of up to `scrubBatchChunks`, a few at a time, without any range
 // lock, so client I/O to the volume goes on meanwhile. The exports' runs are captured when the scrub starts;
 // a chunk found bad is reported only if, once read, the metadata still names it with the checksum it had at
-// the start (a chunk freed and reused meanwhile was not damaged, only replaced).
+// the start (a chunk freed and reused meanwhile was not damaged, only replaced). A read the disk fails (EIO) is
+// damage too: the batch is read again chunk by chunk, and the chunks that cannot be read are reported; the scrub
+// goes on.
+import { ChunkdError, isSystemError } from '../core/errors.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import type { ChunkIo } from './chunk-io.ts';
@@ -94,7 +97,7 @@ export async function scrub(
   let next = 0;
   onProgress(0, totalBytes);
 
-  const checkBatch = async (physicalChunk: number, chunkCount: number): Promise<void> => {
+  const checkRange = async (physicalChunk: number, chunkCount: number): Promise<void> => {
     const buffer = Buffer.allocUnsafe(chunkCount * chunkSizeBytes);
     const sums = new Uint32Array(chunkCount);
     for (let i = 0; i < chunkCount; i++) sums[i] = expected.get(physicalChunk + i)!;
@@ -111,6 +114,24 @@ export async function scrub(
       from += mismatch.chunkIndex + 1;
     }
   };
+  const checkBatch = async (physicalChunk: number, chunkCount: number): Promise<void> => {
+    try {
+      await checkRange(physicalChunk, chunkCount);
+    } catch (error) {
+      if (!readFailure(error)) throw error;
+      // The disk failed a read: find which chunks it cannot give, one at a time.
+      for (let chunk = physicalChunk; chunk < physicalChunk + chunkCount; chunk++) {
+        try {
+          await checkRange(chunk, 1);
+        } catch (chunkError) {
+          if (!readFailure(chunkError)) throw chunkError;
+          if (!store.isMapped(chunk)) continue;
+          bad.add(chunk);
+          store.log(`scrub of ${volume}: 4 KiB chunk ${chunk} cannot be read (${(chunkError as Error).message})`);
+        }
+      }
+    }
+  };
   const worker = async (): Promise<void> => {
     while (next < batches.length) {
       const batch = batches[next++]!;
@@ -121,6 +142,11 @@ export async function scrub(
   };
   await Promise.all(Array.from({ length: scrubReadsInFlight }, worker));
   return { volume, exports: exports.map((entry) => entry.name), checkedBytes: totalBytes, badChunks: bad.size, badExtents: badExtentsOf(exports, bad) };
+}
+
+/** A failed read (an errno from the disk), as opposed to a bug, which must not be taken for damage. */
+function readFailure(error: unknown): boolean {
+  return error instanceof ChunkdError || isSystemError(error);
 }
 
 function hex(value: number): string {

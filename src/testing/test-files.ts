@@ -21,6 +21,10 @@ export interface FaultRule {
   /** Every matching call from the nth on fails. */
   sticky?: boolean;
   code: string;
+  /** False: the rule neither counts nor fails until `arm` (say, once the pool has opened). Default true. */
+  armed?: boolean;
+  /** Only reads and writes whose byte range holds this file offset (a bad sector). */
+  atBytes?: number;
 }
 
 const slotFrozen = 0;
@@ -28,6 +32,7 @@ const slotInFlight = 1;
 const slotChangeCount = 2;
 const slotCrashAt = 3;
 const slotRules = 4;
+/** Per rule, three slots from slotRules on: matching calls counted, times fired, armed (1) or not (0). */
 
 /** A call that will never settle: the machine lost power while it ran. */
 const never = <T>(): Promise<T> => new Promise<T>(() => {});
@@ -39,8 +44,10 @@ export class TestFiles implements FileLayer {
 
   constructor(rules: readonly FaultRule[] = [], options: { crashAtChange?: number; control?: SharedArrayBuffer } = {}) {
     this.rules = rules;
-    this.#control = new Int32Array(options.control ?? new SharedArrayBuffer(4 * (slotRules + 2 * rules.length)));
+    const fresh = options.control === undefined;
+    this.#control = new Int32Array(options.control ?? new SharedArrayBuffer(4 * (slotRules + 3 * rules.length)));
     if (options.crashAtChange !== undefined) Atomics.store(this.#control, slotCrashAt, options.crashAtChange);
+    if (fresh) rules.forEach((rule, index) => Atomics.store(this.#control, slotRules + 2 * rules.length + index, rule.armed === false ? 0 : 1));
   }
 
   static fromSpec(spec: Extract<FileLayerSpec, { kind: 'test' }>): TestFiles {
@@ -69,6 +76,11 @@ export class TestFiles implements FileLayer {
   /** Calls running in the real file system now, from every thread. */
   get inFlight(): number {
     return Atomics.load(this.#control, slotInFlight);
+  }
+
+  /** Starts rule `index` counting (in every thread). */
+  arm(index: number): void {
+    Atomics.store(this.#control, slotRules + 2 * this.rules.length + index, 1);
   }
 
   /** How many times rule `index` fired. */
@@ -125,21 +137,22 @@ export class TestFiles implements FileLayer {
   }
 
   read(fd: number, target: Uint8Array, positionBytes: number): Promise<number> {
-    return this.#async(false, 'read', this.pathOf(fd), () => realFiles.read(fd, target, positionBytes));
+    return this.#async(false, 'read', this.pathOf(fd), () => realFiles.read(fd, target, positionBytes), [positionBytes, target.length]);
   }
 
   readCached(fd: number, target: Uint8Array, positionBytes: number): number {
     // A failing read is failed by read(); a frozen layer reads nothing.
-    if (this.frozen || this.rules.some((rule) => rule.op === 'read' && this.pathOf(fd).includes(rule.path))) return -1;
+    const armedRead = this.rules.some((rule, index) => rule.op === 'read' && this.pathOf(fd).includes(rule.path) && Atomics.load(this.#control, slotRules + 2 * this.rules.length + index) === 1);
+    if (this.frozen || armedRead) return -1;
     return realFiles.readCached(fd, target, positionBytes);
   }
 
   write(fd: number, data: Uint8Array, positionBytes: number): Promise<number> {
-    return this.#async(true, 'write', this.pathOf(fd), () => realFiles.write(fd, data, positionBytes));
+    return this.#async(true, 'write', this.pathOf(fd), () => realFiles.write(fd, data, positionBytes), [positionBytes, data.length]);
   }
 
   writeSync(fd: number, data: Uint8Array, positionBytes: number): number {
-    return this.#sync(true, 'write', this.pathOf(fd), () => realFiles.writeSync(fd, data, positionBytes));
+    return this.#sync(true, 'write', this.pathOf(fd), () => realFiles.writeSync(fd, data, positionBytes), [positionBytes, data.length]);
   }
 
   fdatasync(fd: number): Promise<void> {
@@ -165,7 +178,7 @@ export class TestFiles implements FileLayer {
   // ---- faults and crash points ----
 
   /** Counts the call; returns the error it must fail with, 'frozen' when it must not run, or null. */
-  #check(changes: boolean, op: FaultOp, path: string): Error | 'frozen' | null {
+  #check(changes: boolean, op: FaultOp, path: string, range?: [number, number]): Error | 'frozen' | null {
     if (this.frozen) return 'frozen';
     if (changes) {
       const count = Atomics.add(this.#control, slotChangeCount, 1) + 1;
@@ -177,7 +190,8 @@ export class TestFiles implements FileLayer {
     }
     for (let index = 0; index < this.rules.length; index++) {
       const rule = this.rules[index]!;
-      if (rule.op !== op || !path.includes(rule.path)) continue;
+      if (rule.op !== op || !path.includes(rule.path) || Atomics.load(this.#control, slotRules + 2 * this.rules.length + index) === 0) continue;
+      if (rule.atBytes !== undefined && (range === undefined || rule.atBytes < range[0] || rule.atBytes >= range[0] + range[1])) continue;
       const count = Atomics.add(this.#control, slotRules + index, 1) + 1;
       if (count === rule.nth || (rule.sticky === true && count > rule.nth)) {
         Atomics.add(this.#control, slotRules + this.rules.length + index, 1);
@@ -187,8 +201,8 @@ export class TestFiles implements FileLayer {
     return null;
   }
 
-  #async<T>(changes: boolean, op: FaultOp, path: string, call: () => Promise<T>): Promise<T> {
-    const verdict = this.#check(changes, op, path);
+  #async<T>(changes: boolean, op: FaultOp, path: string, call: () => Promise<T>, range?: [number, number]): Promise<T> {
+    const verdict = this.#check(changes, op, path, range);
     if (verdict === 'frozen') return never();
     if (verdict !== null) return Promise.reject(verdict);
     Atomics.add(this.#control, slotInFlight, 1);
@@ -202,8 +216,8 @@ export class TestFiles implements FileLayer {
     return running.finally(() => Atomics.sub(this.#control, slotInFlight, 1));
   }
 
-  #sync<T>(changes: boolean, op: FaultOp, path: string, call: () => T): T {
-    const verdict = this.#check(changes, op, path);
+  #sync<T>(changes: boolean, op: FaultOp, path: string, call: () => T, range?: [number, number]): T {
+    const verdict = this.#check(changes, op, path, range);
     if (verdict === 'frozen') throw injected(op, path, 'EIO', 'the simulated machine lost power');
     if (verdict !== null) throw verdict;
     Atomics.add(this.#control, slotInFlight, 1);

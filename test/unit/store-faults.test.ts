@@ -1,0 +1,211 @@
+// What the pool does when the disk fails a call (src/testing/test-files.ts injects the failure at a chosen call):
+// a failed fdatasync of data or journal, or a failed journal write, makes the pool refuse writes from then on
+// (EIO to writers), while reads go on and status and /metrics say why; a full file system at a journal commit
+// fails that commit only, shows in status, and the next commit succeeds; a disk read error during a scrub is a
+// damaged extent, not an aborted scrub; a failed chunk write fails that write only. And, directly: an overwrite
+// lands in a new physical chunk (redirect-on-write), never over the chunk the metadata names.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { ChunkdError } from '../../src/core/errors.ts';
+import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
+import { renderMetrics } from '../../src/node/metrics.ts';
+import type { NodeStatus } from '../../src/node/node.ts';
+import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
+import { Pool, type PoolOptions } from '../../src/store/pool.ts';
+import { WorkerChunkIo } from '../../src/store/worker-io.ts';
+import { TestFiles, type FaultRule } from '../../src/testing/test-files.ts';
+
+const MiB = 1024 * 1024;
+
+async function withPool(files: FileLayer, run: (pool: Pool, directory: string) => Promise<void>, options: Partial<PoolOptions> & { workers?: boolean } = {}): Promise<void> {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+  const buffers = new SharedBufferPool();
+  const pool = await Pool.open({
+    directory,
+    files,
+    ...options,
+    makeIo: options.workers ? (chunkFiles) => new WorkerChunkIo(chunkFiles, { workerCount: 2, buffers, log: () => {} }) : undefined,
+  });
+  try {
+    await run(pool, directory);
+  } finally {
+    await pool.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+}
+
+/** The /metrics text for a pool status (the rest of the node's status zeroed). */
+async function metricsOf(pool: Pool): Promise<string> {
+  const status = {
+    pool: await pool.status(),
+    volumes: [],
+    nbd: { listen: [], threads: 0, connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 },
+    io: pool.io.status(),
+    eventLoopUtilization: 0,
+  } as unknown as NodeStatus;
+  return renderMetrics(status);
+}
+
+const isEio = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'EIO';
+
+for (const [what, rule, reason] of [
+  ['fdatasync of chunk data', { op: 'fdatasync', path: '.chunk' }, /syncing chunk files failed/],
+  ['fdatasync of the journal', { op: 'fdatasync', path: 'journal-' }, /writing the metadata journal failed/],
+  ['write to the journal', { op: 'write', path: 'journal-' }, /writing the metadata journal failed/],
+] as const) {
+  test(`a failed ${what} makes the pool refuse writes until a restart; reads go on; status and metrics say why`, async () => {
+    const files = new TestFiles([{ ...rule, nth: 1, code: 'EIO', armed: false } as FaultRule]);
+    await withPool(files, async (pool, directory) => {
+      await pool.createVolume('v', 4 * MiB);
+      const volume = pool.openVolume('v');
+      await volume.write(0, Buffer.alloc(8192, 1));
+      await volume.flush();
+      files.arm(0);
+      await volume.write(MiB, Buffer.alloc(8192, 2));
+      await assert.rejects(volume.flush(), isEio, 'the flush that met the failure');
+      assert.equal(files.fired(0), 1);
+      await assert.rejects(volume.write(2 * MiB, Buffer.alloc(4096, 3)), isEio, 'a later write');
+      await assert.rejects(volume.trim(0, 4096), isEio, 'a later trim');
+      await assert.rejects(volume.flush(), isEio, 'a later flush');
+      await assert.rejects(pool.createSnapshot('v', 's'), isEio, 'a snapshot');
+      const read = Buffer.alloc(8192);
+      await volume.read(0, read);
+      assert.ok(read.every((byte) => byte === 1), 'reads are still served');
+      const status = await pool.status();
+      assert.match(status.failure ?? '', reason);
+      assert.match(status.failure ?? '', /refuses writes until the node restarts/);
+      assert.ok(status.commitFailuresTotal >= 1);
+      const metrics = await metricsOf(pool);
+      assert.match(metrics, /^chunkd_pool_failed 1$/m);
+      assert.match(metrics, /^chunkd_pool_commit_failures_total [1-9]/m);
+      await volume.close();
+      await pool.close();
+      // A restart reads back what is durable: the flushed write.
+      const reopened = await Pool.open({ directory });
+      const again = reopened.openVolume('v');
+      const back = Buffer.alloc(8192);
+      await again.read(0, back);
+      assert.ok(back.every((byte) => byte === 1), 'the flushed write survives the restart');
+      assert.equal((await reopened.status()).failure, null, 'a restart clears the failure');
+      await again.close();
+      await reopened.close();
+    });
+  });
+}
+
+test('a full file system at a background commit fails that commit only: status shows it, the next commit succeeds', async () => {
+  const files = new TestFiles([{ op: 'write', path: 'journal-', nth: 1, code: 'ENOSPC', armed: false }]);
+  await withPool(
+    files,
+    async (pool) => {
+      await pool.createVolume('v', 4 * MiB);
+      const volume = pool.openVolume('v');
+      files.arm(0);
+      await volume.write(0, Buffer.alloc(4096, 5));
+      for (let i = 0; i < 100 && (await pool.status()).commitError === null; i++) await new Promise((resolve) => setTimeout(resolve, 20));
+      assert.equal(files.fired(0), 1, 'the background commit met ENOSPC');
+      const failed = await pool.status();
+      assert.match(failed.commitError ?? '', /metadata commit failed: .*no space left/);
+      assert.equal(failed.failure, null, 'not a sticky failure');
+      assert.equal(failed.commitFailuresTotal, 1);
+      await volume.write(4096, Buffer.alloc(4096, 6));
+      await volume.flush();
+      const recovered = await pool.status();
+      assert.deepEqual([recovered.commitError, recovered.failure], [null, null]);
+      await volume.close();
+    },
+    { backgroundCommitIntervalMs: 20 },
+  );
+});
+
+for (const workers of [false, true]) {
+  test(`a disk read error during a scrub is a damaged extent, not an aborted scrub (${workers ? 'worker' : 'inline'} I/O)`, async () => {
+    // Chunk 300 of file 0 (a 1 MiB write at 1 MiB lands at chunks 256..511 of a fresh pool) fails every read.
+    const files = new TestFiles([{ op: 'read', path: '.chunk', nth: 1, sticky: true, code: 'EIO', atBytes: 300 * 4096, armed: false }]);
+    await withPool(
+      files,
+      async (pool) => {
+        await pool.createVolume('v', 4 * MiB);
+        const volume = pool.openVolume('v');
+        await volume.write(0, Buffer.alloc(MiB, 7));
+        await volume.write(MiB, Buffer.alloc(MiB, 8));
+        await volume.flush();
+        files.arm(0);
+        const report = await pool.scrub('v');
+        assert.ok(files.fired(0) > 0);
+        assert.equal(report.checkedBytes, 2 * MiB);
+        assert.equal(report.badChunks, 1, JSON.stringify(report));
+        assert.deepEqual(report.badExtents, [{ export: 'v', offsetBytes: MiB + 44 * 4096, lengthBytes: 4096 }]);
+        // A client read of that block fails with EIO; the rest of the volume reads.
+        await assert.rejects(volume.read(MiB + 44 * 4096, Buffer.alloc(4096)), isEio);
+        const rest = Buffer.alloc(MiB);
+        await volume.read(0, rest);
+        assert.ok(rest.every((byte) => byte === 7));
+        await volume.close();
+      },
+      { workers },
+    );
+  });
+}
+
+test('a failed chunk write on a worker fails that write with EIO, and the next one succeeds', async () => {
+  const files = new TestFiles([{ op: 'write', path: '.chunk', nth: 1, code: 'EIO', armed: false }]);
+  await withPool(
+    files,
+    async (pool) => {
+      await pool.createVolume('v', 4 * MiB);
+      const volume = pool.openVolume('v');
+      files.arm(0);
+      await assert.rejects(volume.write(0, Buffer.alloc(MiB, 1)), isEio);
+      await volume.write(0, Buffer.alloc(MiB, 2));
+      await volume.flush();
+      const read = Buffer.alloc(MiB);
+      await volume.read(0, read);
+      assert.ok(read.every((byte) => byte === 2));
+      assert.equal((await pool.status()).failure, null);
+      await volume.close();
+    },
+    { workers: true },
+  );
+});
+
+test('an overwrite goes to a new physical chunk; the old one keeps its bytes until the new mapping is committed', async () => {
+  // A layer that notes where each chunk write lands.
+  const writes: Array<{ file: string; positionBytes: number; lengthBytes: number }> = [];
+  const paths = new Map<number, string>();
+  const recording: FileLayer = {
+    ...realFiles,
+    open: async (file, mode) => {
+      const fd = await realFiles.open(file, mode);
+      paths.set(fd, file);
+      return fd;
+    },
+    write: (fd, data, positionBytes) => {
+      if (paths.get(fd)?.endsWith('.chunk')) writes.push({ file: paths.get(fd)!, positionBytes, lengthBytes: data.length });
+      return realFiles.write(fd, data, positionBytes);
+    },
+  };
+  await withPool(recording, async (pool) => {
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    await volume.write(8192, Buffer.alloc(4096, 0xaa));
+    await volume.flush();
+    const [first] = writes.splice(0);
+    await volume.write(8192, Buffer.alloc(4096, 0xbb));
+    const [second] = writes.splice(0);
+    assert.ok(first !== undefined && second !== undefined);
+    assert.notEqual(second.positionBytes, first.positionBytes, 'the overwrite was written somewhere else');
+    const old = Buffer.alloc(4096);
+    const fd = fs.openSync(first.file, 'r');
+    fs.readSync(fd, old, 0, 4096, first.positionBytes);
+    fs.closeSync(fd);
+    assert.ok(old.every((byte) => byte === 0xaa), 'the chunk the committed metadata names still holds its bytes');
+    const read = Buffer.alloc(4096);
+    await volume.read(8192, read);
+    assert.ok(read.every((byte) => byte === 0xbb));
+    await volume.close();
+  });
+});
