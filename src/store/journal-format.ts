@@ -13,16 +13,19 @@
 //  1. A commit is read from whichever copy holds it whole; if neither does, frame by frame from both (damage in
 //     different frames of the two copies still leaves every frame whole somewhere). A copy that did not hold it
 //     is damaged at that offset and is repaired (the next generation is written whole from what was read).
-//  2. A commit no copy can give ends the journal only if nothing valid follows it: only the last commit can have
-//     been in flight at a crash (commits are serialized, and each is durable in both copies before the next
-//     starts). A valid commit of a later sequence anywhere after it proves damage, and the load refuses the pool
-//     with the offset rather than drop acknowledged records.
+//  2. A commit no copy can give ends the journal only if it was never written whole: a commit is acknowledged
+//     only once it is durable in both copies, so one that some copy shows unfinished (a 512-byte sector of its
+//     span still all zeros, as a crash leaves the reserved space) was never acknowledged and is dropped. If every
+//     copy holds it written through and it still fails its checksums, that is damage. So is any valid commit of
+//     a later sequence after it: commits are serialized, so only the last can have been in flight. On damage the
+//     load refuses the pool with the offset rather than drop acknowledged records.
 //  3. Non-zero bytes past the end are the torn tail of the commit in flight: reported, dropped, never an error.
 //     So is a last commit whole in one copy only, where the other copy differs only by zeros (sectors a crash
 //     kept from reaching it; a flipped byte is damage): it is kept, as its records' data was durable before it was
 //     written (invariant 1 of pool.ts).
-// Known weakness: damage to the same frame of the last commit in both copies reads as a torn tail (two faults in
-// the few bytes written last). A copy that is missing or short counts as damaged wherever the other has data.
+// Known weakness: a sector that media damage turned to zeros reads as a crash's unwritten sector (a commit whose
+// two copies are damaged, one of them that way, reads as a torn tail). A copy that is missing or short counts as
+// damaged wherever the other has data.
 import { crc32 } from 'node:zlib';
 import { ChunkdError } from '../core/errors.ts';
 import { isZero, readFramesFromCopies } from './frames.ts';
@@ -83,8 +86,11 @@ export interface JournalRecovery {
   repairs: Array<{ copy: number; offsetBytes: number; sequence: number }>;
   /** Non-zero bytes past the last commit in some copy: a commit torn by a crash, never acknowledged. */
   tornTail: boolean;
-  /** A commit no copy holds whole, with a valid later commit after it: damage, not a crash (null if none). */
-  damage: { offsetBytes: number; sequence: number; laterOffsetBytes: number; laterSequence: number } | null;
+  /**
+   * A commit no copy holds whole though each holds it written through, or with a valid later commit after it:
+   * damage, not a crash (null if none). `later`: that later commit, when there is one.
+   */
+  damage: { offsetBytes: number; sequence: number; later: { offsetBytes: number; sequence: number } | null } | null;
 }
 
 /**
@@ -106,6 +112,7 @@ export function recoverJournal(files: ReadonlyArray<Uint8Array | null>, generati
     sequence += 1;
   }
   const later = findLaterCommit(copies, offset, generation, sequence);
+  const writtenThrough = later === null && copies.some((copy) => copy !== null) && copies.every((copy) => copy === null || !unfinishedAt(copy, offset, generation));
   // The last commit, whole in one copy and torn (not damaged) in the other: a crash between the two writes.
   const tornLast = (repair: JournalRecovery['repairs'][number]): boolean => {
     if (later !== null || repair.sequence !== sequence - 1) return false;
@@ -122,8 +129,8 @@ export function recoverJournal(files: ReadonlyArray<Uint8Array | null>, generati
     commitCount: sequence - 1,
     endBytes: offset,
     repairs: repairs.filter((repair) => !tornInOneCopy.includes(repair)),
-    tornTail: later === null && tornTail,
-    damage: later === null ? null : { offsetBytes: offset, sequence, laterOffsetBytes: later.offsetBytes, laterSequence: later.sequence },
+    tornTail: later === null && !writtenThrough && tornTail,
+    damage: later !== null || writtenThrough ? { offsetBytes: offset, sequence, later } : null,
   };
 }
 
@@ -175,6 +182,22 @@ function frameBytes(payload: Buffer): Buffer {
   out.writeUInt32LE(crc32(payload), 4);
   payload.copy(out, 8);
   return out;
+}
+
+const sectorBytes = 512;
+
+/**
+ * Whether the commit starting at `offset` in `copy` shows it was never written through: nothing there (zeros), or
+ * a 512-byte sector of its span (the header's when no header is whole) whose part in the span is all zeros.
+ */
+function unfinishedAt(copy: Buffer, offset: number, generation: number): boolean {
+  const header = headerAt(copy, offset, generation);
+  const end = Math.min(copy.length, header === null ? offset + commitHeaderBytes : header.end);
+  if (offset >= copy.length) return true;
+  for (let sector = Math.floor(offset / sectorBytes) * sectorBytes; sector < end; sector += sectorBytes) {
+    if (isZero(copy, Math.max(sector, offset), Math.min(sector + sectorBytes, end))) return true;
+  }
+  return false;
 }
 
 /** The first valid commit of a sequence after `sequence` at an aligned offset past `offset`, in any copy (rule 2). */

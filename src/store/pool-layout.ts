@@ -54,7 +54,8 @@ export interface LoadedMetadata {
 export async function initializePool(files: FileLayer, directory: string): Promise<void> {
   fs.mkdirSync(directory, { recursive: true, mode: 0o700 });
   if (fs.existsSync(markerPath(directory))) return;
-  const entries = fs.readdirSync(directory).filter((name) => !name.endsWith('.sock') && name !== 'lock');
+  // What a creation cut short by a crash leaves (the marker's temporary file, the lock) does not make it a non-pool.
+  const entries = fs.readdirSync(directory).filter((name) => !name.endsWith('.sock') && name !== 'lock' && name !== 'chunkd-pool.json.tmp');
   if (entries.length > 0) throw ChunkdError.invalid(`${directory} is not empty and holds no chunkd pool (no chunkd-pool.json); use an empty or new directory`);
   const marker = { format: poolFormatName, formatVersion: poolFormatVersion, chunkSizeBytes, chunksPerFile, createdAt: new Date().toISOString() };
   await replaceFile(files, markerPath(directory), Buffer.from(`${JSON.stringify(marker, null, 2)}\n`));
@@ -144,9 +145,10 @@ export async function loadMetadata(files: FileLayer, directory: string): Promise
     if (copies.every((copy) => copy === null)) throw ChunkdError.corrupt(`pool ${directory}: the checkpoint is of generation ${generation}, but ${paths.map((p) => path.basename(p)).join(' and ')} are missing`);
     const journal = recoverJournal(copies, generation);
     if (journal.damage !== null) {
-      const { offsetBytes, sequence, laterOffsetBytes, laterSequence } = journal.damage;
+      const { offsetBytes, sequence, later } = journal.damage;
+      const proof = later === null ? 'though both were written whole' : `and commit ${later.sequence} at byte ${later.offsetBytes} follows it`;
       throw ChunkdError.corrupt(
-        `${paths.join(' and ')}: commit ${sequence} at byte ${offsetBytes} is damaged in both copies, and commit ${laterSequence} at byte ${laterOffsetBytes} follows it ` +
+        `${paths.join(' and ')}: commit ${sequence} at byte ${offsetBytes} is damaged in both copies, ${proof} ` +
           `(damage, not a crash); the pool is left untouched: run chunkd fsck --repair to salvage what can be`,
       );
     }

@@ -213,8 +213,16 @@ test('journal: a torn last commit is dropped as a torn tail; the same damage bef
   damagedB[secondStart + 30]! ^= 1;
   const damaged = recoverJournal([damagedA, damagedB], 1);
   assert.equal(damaged.commitCount, 1);
-  assert.deepEqual(damaged.damage, { offsetBytes: secondStart, sequence: 2, laterOffsetBytes: lastStart, laterSequence: 3 });
+  assert.deepEqual(damaged.damage, { offsetBytes: secondStart, sequence: 2, later: { offsetBytes: lastStart, sequence: 3 } });
   assert.equal(damaged.tornTail, false);
+  // The same byte of the last commit flipped in both copies: both were written whole, so it was acknowledged:
+  // damage, not a torn tail.
+  const lastA = Buffer.from(a);
+  const lastB = Buffer.from(b);
+  lastA[lastStart + 30]! ^= 1;
+  lastB[lastStart + 30]! ^= 1;
+  const lastDamaged = recoverJournal([lastA, lastB], 1);
+  assert.deepEqual([lastDamaged.commitCount, lastDamaged.tornTail, lastDamaged.damage], [2, false, { offsetBytes: lastStart, sequence: 3, later: null }]);
 });
 
 test('journal: damage in one copy is read from the other; damage in different frames of both copies is read frame by frame', () => {
