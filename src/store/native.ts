@@ -25,7 +25,8 @@ const iovec = Buffer.alloc(16);
 let nowaitReadsWork = true;
 
 function systemError(call: string, errno: number): NodeJS.ErrnoException {
-  const code = errnoName(errno);
+  // ENOTSUP and EOPNOTSUPP are one value on Linux; callers test for the POSIX name fallocate documents.
+  const code = errno === errnoValue('EOPNOTSUPP') ? 'EOPNOTSUPP' : errnoName(errno);
   const error: NodeJS.ErrnoException = new Error(`${call} failed: ${code}`);
   error.code = code;
   error.errno = -errno;

@@ -248,7 +248,7 @@ function writeSparse(file: string, content: Buffer): void {
 }
 
 /** Closes every descriptor of this process that points under `root` (the pool's, its workers' and its lock's). */
-function closeDescriptorsUnder(root: string): void {
+export function closeDescriptorsUnder(root: string): void {
   for (const name of fs.readdirSync('/proc/self/fd')) {
     const fd = Number(name);
     let target: string;

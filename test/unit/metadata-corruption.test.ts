@@ -1,0 +1,176 @@
+// Media damage to the metadata: a small pool is left as a kill -9 leaves it (a checkpoint with volumes,
+// snapshots and a clone, a journal of several commits after it), then one byte of a metadata file is flipped,
+// offset after offset, and each case is checked: fsck's verdict, then a start. Every case must be one of
+//  - repaired: the pool opens and every volume and snapshot reads exactly as before (fsck called it damage),
+//  - harmless: the same, and fsck called it clean (a byte in the journal's unused space),
+//  - refused: the start fails with ECORRUPT and leaves every file as it was, and fsck called it damage;
+// never a start that serves different data, and never fsck calling clean a pool that will not start.
+// One byte in one copy is always repaired. The same byte in both copies is refused (or repaired, where the two
+// copies still hold every frame between them).
+// Every byte of journal-<gen>.0's commits and of checkpoint.0 is tried, and every CORRUPTION_STRIDE-th byte of
+// the other copies and of both copies at once (default 8; 1 tries them all, and 512 bytes past the journal's
+// last commit instead of 64: npm run soak does).
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { ChunkdError } from '../../src/core/errors.ts';
+import { fsckPool } from '../../src/store/fsck.ts';
+import { recoverJournal } from '../../src/store/journal-format.ts';
+import { Pool } from '../../src/store/pool.ts';
+import { closeDescriptorsUnder } from '../../src/testing/power-loss.ts';
+import { TestFiles } from '../../src/testing/test-files.ts';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const stride = Number(process.env.CORRUPTION_STRIDE ?? 8);
+const pastEndBytes = stride === 1 ? 512 : 64;
+const metadataName = /^(checkpoint\.\d|journal-\d+\.\d)$/;
+
+/** Every volume's and snapshot's bytes. */
+async function contents(pool: Pool): Promise<Map<string, Buffer>> {
+  const out = new Map<string, Buffer>();
+  for (const volume of pool.listVolumes()) {
+    for (const name of [volume.name, ...volume.snapshots.map((s) => `${volume.name}@${s}`)]) {
+      const at = name.indexOf('@');
+      const device = at < 0 ? pool.openVolume(name) : pool.openSnapshot(name.slice(0, at), name.slice(at + 1));
+      const bytes = Buffer.alloc(device.sizeBytes);
+      await device.read(0, bytes);
+      await device.close();
+      out.set(name, bytes);
+    }
+  }
+  return out;
+}
+
+/** A hash of every file in the pool directory, by name. */
+function fingerprint(directory: string): Map<string, string> {
+  const out = new Map<string, string>();
+  const walk = (dir: string, prefix: string): void => {
+    for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+      if (entry.isDirectory()) walk(path.join(dir, entry.name), `${prefix}${entry.name}/`);
+      else if (entry.isFile() && entry.name !== 'lock') out.set(`${prefix}${entry.name}`, crypto.createHash('sha1').update(fs.readFileSync(path.join(dir, entry.name))).digest('hex'));
+    }
+  };
+  walk(directory, '');
+  return out;
+}
+
+/** A pool as a kill -9 leaves it: checkpoint with data, then a journal of several commits. */
+async function buildPool(directory: string): Promise<void> {
+  const fill = (bytes: number, seed: number): Buffer => {
+    const out = Buffer.alloc(bytes);
+    for (let i = 0; i < bytes; i += 32) crypto.createHash('sha256').update(`${seed}:${i}`).digest().copy(out, i);
+    return out;
+  };
+  let pool = await Pool.open({ directory });
+  await pool.createVolume('a', MiB);
+  await pool.createVolume('b', MiB);
+  const a = pool.openVolume('a');
+  await a.write(0, fill(256 * KiB, 1));
+  await pool.createSnapshot('a', 's1');
+  await a.write(128 * KiB, fill(256 * KiB, 2));
+  await a.close();
+  const b = pool.openVolume('b');
+  await b.write(0, fill(64 * KiB, 3));
+  await b.close();
+  await pool.cloneSnapshot('a', 's1', 'c');
+  await pool.close();
+  // The second life: its checkpoint holds the above; its journal gets the below, in several commits.
+  const files = new TestFiles();
+  pool = await Pool.open({ directory, files });
+  const a2 = pool.openVolume('a');
+  await a2.write(512 * KiB, fill(88 * KiB, 4));
+  await a2.flush();
+  const b2 = pool.openVolume('b');
+  await b2.trim(0, 16 * KiB);
+  await b2.flush();
+  await pool.createSnapshot('c', 's2');
+  const c2 = pool.openVolume('c');
+  await c2.write(4 * KiB, fill(8 * KiB, 5));
+  await c2.flush();
+  await a2.writeZeroes(0, 4 * KiB, { noHole: true });
+  await a2.write(900 * KiB, fill(4 * KiB, 6), { fua: true });
+  // kill -9: nothing more is written, descriptors (and the lock) go.
+  files.freeze();
+  await pool.abandon();
+  closeDescriptorsUnder(directory);
+}
+
+test(`metadata corruption: every byte of a journal and a checkpoint copy flipped in turn (others every ${stride}): repaired with nothing lost, or refused with the pool untouched`, { timeout: 1_800_000 }, async () => {
+  const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
+  const directory = fs.mkdtempSync(path.join(base, 'chunkd-corruption-'));
+  try {
+    await buildPool(directory);
+    const originals = new Map(fs.readdirSync(directory).filter((name) => metadataName.test(name)).map((name) => [name, fs.readFileSync(path.join(directory, name))]));
+    const journalName = [...originals.keys()].find((name) => name.startsWith('journal-') && name.endsWith('.0'))!;
+    const generation = Number(/^journal-(\d+)/.exec(journalName)![1]);
+    const journal1 = journalName.replace(/\.0$/, '.1');
+    const journalBytes = recoverJournal([originals.get(journalName)!, originals.get(journal1)!], generation).endBytes;
+    assert.ok(journalBytes > 0, 'the journal holds commits');
+    // The journal's reserved space past its commits is zeros to the end: keep 1 KiB of it (each case rewrites and
+    // hashes these files; 4 MiB of zeros would only make that slower).
+    for (const name of [journalName, journal1]) originals.set(name, originals.get(name)!.subarray(0, journalBytes + KiB));
+
+    // What the pool holds, read once through a start on an undamaged copy of its files.
+    const restore = (): void => {
+      for (const name of fs.readdirSync(directory)) if (metadataName.test(name) || name.endsWith('.tmp')) fs.rmSync(path.join(directory, name));
+      for (const [name, bytes] of originals) fs.writeFileSync(path.join(directory, name), bytes);
+    };
+    const reference = await Pool.open({ directory });
+    const expected = await contents(reference);
+    await reference.close();
+    assert.deepEqual([...expected.keys()].sort(), ['a', 'a@s1', 'b', 'c', 'c@s2']);
+
+    const counts = { repaired: 0, harmless: 0, refused: 0 };
+    const byTarget = new Map<string, { repaired: number; harmless: number; refused: number }>();
+    const tryCase = async (targets: string[], offset: number): Promise<void> => {
+      restore();
+      for (const name of targets) {
+        const bytes = Buffer.from(originals.get(name)!);
+        bytes[offset]! ^= 0x5a;
+        fs.writeFileSync(path.join(directory, name), bytes);
+      }
+      const label = `${targets.join(' and ')} byte ${offset}`;
+      const report = await fsckPool(directory);
+      const before = fingerprint(directory);
+      let outcome: 'repaired' | 'harmless' | 'refused';
+      try {
+        const pool = await Pool.open({ directory });
+        const found = await contents(pool);
+        await pool.close();
+        assert.deepEqual([...found.keys()].sort(), [...expected.keys()].sort(), `${label}: a start served other volumes (silent loss)`);
+        for (const [name, bytes] of expected) assert.ok(found.get(name)!.equals(bytes), `${label}: ${name} reads differently after a start (silent loss)`);
+        outcome = report.clean ? 'harmless' : 'repaired';
+      } catch (error) {
+        if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
+        assert.equal(report.clean, false, `${label}: fsck called clean a pool that does not start (${error.message})`);
+        assert.deepEqual(fingerprint(directory), before, `${label}: a refused start changed the pool's files`);
+        outcome = 'refused';
+      }
+      counts[outcome] += 1;
+      const key = targets.length === 1 ? targets[0]!.replace(/^journal-\d+/, 'journal') : 'both copies';
+      const entry = byTarget.get(key) ?? { repaired: 0, harmless: 0, refused: 0 };
+      entry[outcome] += 1;
+      byTarget.set(key, entry);
+      if (targets.length === 1) assert.notEqual(outcome, 'refused', `${label}: one damaged byte in one copy must be repaired from the other`);
+    };
+
+    const checkpointBytes = originals.get('checkpoint.0')!.length;
+    for (let offset = 0; offset < journalBytes + pastEndBytes; offset++) await tryCase([journalName], offset);
+    for (let offset = 0; offset < checkpointBytes; offset++) await tryCase(['checkpoint.0'], offset);
+    for (let offset = 0; offset < journalBytes + pastEndBytes; offset += stride) await tryCase([journal1], offset);
+    for (let offset = 0; offset < checkpointBytes; offset += stride) await tryCase(['checkpoint.1'], offset);
+    for (let offset = 0; offset < journalBytes; offset += stride) await tryCase([journalName, journal1], offset);
+    for (let offset = 0; offset < checkpointBytes; offset += stride) await tryCase(['checkpoint.0', 'checkpoint.1'], offset);
+    const total = counts.repaired + counts.harmless + counts.refused;
+    console.log(`# metadata corruption: ${total} flipped bytes (journal ${journalBytes} bytes of commits, checkpoint ${checkpointBytes} bytes): ` +
+      `${counts.repaired} repaired, ${counts.harmless} harmless, ${counts.refused} refused untouched, 0 silent losses`);
+    for (const [key, entry] of byTarget) console.log(`#   ${key}: ${JSON.stringify(entry)}`);
+    assert.ok(counts.repaired > 0 && counts.refused > 0);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
