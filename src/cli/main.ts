@@ -6,6 +6,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { validateName } from '../core/names.ts';
 import { formatSize, parseSize } from '../core/units.ts';
 import { fsckPool } from '../store/fsck.ts';
+import { repairPool, type RepairReport } from '../store/repair.ts';
 import type { DiffReport } from '../api/server.ts';
 import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import { callApi } from './api-client.ts';
@@ -39,7 +40,10 @@ const usage = `usage: chunkd <command> [options]
                                      recognise (destroying it); one blkid recognises is never reformatted
   detach VOL                         unmount, detach the loop device, flush (refused while in use)
   status [--json]                    the node's pool, volumes, connections, attachments
-  fsck --pool DIR [--json]           offline check of a pool no node holds; exit 0 only when clean
+  fsck --pool DIR [--repair] [--json]
+                                     offline check of a pool no node holds: exit 0 clean, 1 damage, 2 could
+                                     not run; --repair rewrites damaged metadata from its good copy, or
+                                     salvages what it can and lists exactly what was lost
   bench [--target DIR] [--profile NAME] [--quick] [--only ROWS] [--out DIR]
                                      chunkd against the raw disk and its peers (bench/README.md)
 
@@ -264,22 +268,41 @@ async function statusCommand(argv: string[]): Promise<number> {
   return 0;
 }
 
-/** Exit 0: clean; 1: damage found; 2: the check could not run (not a pool, held by a node, unreadable). */
+/**
+ * Exit 0: clean; 1: damage found; 2: the check could not run (not a pool, held by a node, unreadable).
+ * With --repair: 0 when the pool is clean afterwards and nothing was lost, 1 when something was lost (listed).
+ */
 async function fsckCommand(argv: string[]): Promise<number> {
-  const { values } = parseArgs({ args: argv, options: { ...commonOptions, pool: { type: 'string' } } });
+  const { values } = parseArgs({ args: argv, options: { ...commonOptions, pool: { type: 'string' }, repair: { type: 'boolean' } } });
+  const directory = values.pool ?? 'data';
+  let repair: RepairReport | null = null;
   let report;
   try {
-    report = await fsckPool(values.pool ?? 'data');
+    if (values.repair) repair = await repairPool(directory);
+    report = await fsckPool(directory);
   } catch (error) {
     if (!(error instanceof ChunkdError)) throw error;
     process.stderr.write(`chunkd: fsck could not run: ${error.message}\n`);
     return 2;
   }
+  if (repair !== null) {
+    print(values.json, { repair, after: report }, () =>
+      [
+        `pool ${repair.directory}: ${repair.lossless ? 'repaired, nothing lost' : 'repaired by salvage; LOST:'}`,
+        ...repair.lostExtents.map((extent) => `  lost: ${extent.export} bytes ${extent.offsetBytes}-${extent.offsetBytes + extent.lengthBytes - 1} (${formatSize(extent.lengthBytes)}): ${extent.why}`),
+        ...repair.lostChanges.map((line) => `  lost: ${line}`),
+        ...repair.actions.map((line) => `  did: ${line}`),
+        `  now: ${report.clean ? 'clean' : `still damaged: ${report.errors.join('; ')}`}`,
+      ].join('\n'),
+    );
+    return repair.lossless && report.clean ? 0 : 1;
+  }
   print(values.json, report, () =>
     [
       `pool ${report.directory}: ${report.clean ? 'clean' : report.repairable ? 'DAMAGED (repairable, nothing lost)' : 'DAMAGED'}`,
-      `  ${report.volumeCount} volumes, ${formatSize(report.mappedBytes)} mapped, generation ${report.generation}, ${report.replayedRecords} journal records`,
+      ...(report.loaded ? [`  ${report.volumeCount} volumes, ${formatSize(report.mappedBytes)} mapped, generation ${report.generation}, ${report.replayedRecords} journal records`] : []),
       ...report.errors.map((line) => `  damage: ${line}`),
+      ...(report.repairable ? ['  run chunkd fsck --repair (or start the node) to write the damaged copies whole again'] : []),
       ...report.warnings.map((line) => `  warning: ${line}`),
     ].join('\n'),
   );

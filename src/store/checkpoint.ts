@@ -13,10 +13,10 @@
 // other; damage in both copies in different frames still leaves every frame whole somewhere (frames.ts).
 // Pure: bytes in, values out.
 import { ChunkdError } from '../core/errors.ts';
-import { mapPageChunks } from '../core/limits.ts';
+import { chunkSizeBytes, mapPageChunks } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { ChunkMap, type Page } from './chunk-map.ts';
-import { encodeFrames, readFramesFromCopies } from './frames.ts';
+import { encodeFrames, frameAt, readFramesFromCopies } from './frames.ts';
 import { addSnapshot, addVolume, allMaps, emptyCatalog, type Catalog } from './metadata.ts';
 
 const magic = Buffer.from('CHUNKDC4', 'latin1');
@@ -182,24 +182,50 @@ export function decodeCheckpoint(bytes: Buffer): { catalog: Catalog; generation:
   return decodeCheckpointFrames(result.payloads);
 }
 
-/** The catalog from a checkpoint's frames, each already whole; throws ECORRUPT where they disagree. */
-function decodeCheckpointFrames(payloads: readonly Buffer[]): { catalog: Catalog; generation: number } {
-  const header = headerOf(payloads);
+/** Bytes of a volume that salvage could not bring back, and why. */
+export interface LostExtent {
+  /** The volume, or VOL@SNAP. */
+  export: string;
+  offsetBytes: number;
+  lengthBytes: number;
+  why: string;
+}
+
+/**
+ * The catalog from a checkpoint's frames. Strict (no `lost`): each frame whole, and ECORRUPT where they disagree.
+ * Salvage (`lost` given): a frame that is null or does not decode loses what it held, which is added to `lost`:
+ * a page loses its 2 MiB stretch in every map that refers to it, a map its whole export.
+ */
+function decodeCheckpointFrames(payloads: ReadonlyArray<Buffer | null>, lost?: LostExtent[]): { catalog: Catalog; generation: number } {
+  const header = headerOf(payloads as Buffer[]);
   const mapCount = header.volumes.length + header.snapshots.length;
-  if (payloads.length !== 1 + header.pageCount + mapCount + 1) throw ChunkdError.corrupt('checkpoint: frame count does not match its header');
+  if (lost === undefined && payloads.length !== 1 + header.pageCount + mapCount + 1) throw ChunkdError.corrupt('checkpoint: frame count does not match its header');
   const catalog = emptyCatalog();
-  const pages: Page[] = [];
-  for (let i = 0; i < header.pageCount; i++) pages.push(decodePage(catalog, payloads[1 + i]!));
+  const pages: Array<Page | null> = [];
+  for (let i = 0; i < header.pageCount; i++) {
+    const payload = payloads[1 + i] ?? null;
+    if (lost === undefined) pages.push(decodePage(catalog, payload!));
+    else pages.push(payload === null ? null : salvaged(() => decodePage(catalog, payload)));
+  }
   let nextMap = 1 + header.pageCount;
-  const readMap = (pageCount: number): ChunkMap => {
-    const references = payloads[nextMap++]!;
-    if (references.length !== 4 + pageCount * pageReferenceBytes || references.readUInt32LE(0) !== pageCount) throw ChunkdError.corrupt('checkpoint: a map of the wrong length');
+  const readMap = (exportName: string, pageCount: number, sizeBytes: number): ChunkMap => {
+    const references = payloads[nextMap++] ?? null;
+    if (references === null || references.length !== 4 + pageCount * pageReferenceBytes || references.readUInt32LE(0) !== pageCount) {
+      if (lost === undefined) throw ChunkdError.corrupt('checkpoint: a map of the wrong length');
+      lost.push({ export: exportName, offsetBytes: 0, lengthBytes: sizeBytes, why: 'its map in the checkpoint is damaged in both copies' });
+      return new ChunkMap();
+    }
     const entries = new Map<number, Page>();
     let mappedCount = 0;
     for (let offset = 4; offset < references.length; offset += pageReferenceBytes) {
       const pageIndex = references.readDoubleLE(offset);
       const page = pages[references.readUInt32LE(offset + 8)];
-      if (page === undefined || !Number.isSafeInteger(pageIndex) || pageIndex < 0 || entries.has(pageIndex)) throw ChunkdError.corrupt('checkpoint: invalid page reference');
+      if (page === null && lost !== undefined) {
+        const start = pageIndex * mapPageChunks * chunkSizeBytes;
+        lost.push({ export: exportName, offsetBytes: start, lengthBytes: Math.min(mapPageChunks * chunkSizeBytes, sizeBytes - start), why: 'a page of its map in the checkpoint is damaged in both copies' });
+        continue;
+      }
+      if (page === undefined || page === null || !Number.isSafeInteger(pageIndex) || pageIndex < 0 || entries.has(pageIndex)) throw ChunkdError.corrupt('checkpoint: invalid page reference');
       page.shareCount += 1;
       entries.set(pageIndex, page);
       mappedCount += page.usedCount;
@@ -208,16 +234,61 @@ function decodeCheckpointFrames(payloads: readonly Buffer[]): { catalog: Catalog
   };
   for (const entry of header.volumes) {
     if (checkName(entry.name) !== null) throw ChunkdError.corrupt(`checkpoint: invalid volume name ${JSON.stringify(entry.name)}`);
-    addVolume(catalog, { id: entry.id, name: entry.name, sizeBytes: entry.sizeBytes, map: readMap(entry.pageCount), snapshots: new Map() });
+    addVolume(catalog, { id: entry.id, name: entry.name, sizeBytes: entry.sizeBytes, map: readMap(entry.name, entry.pageCount, entry.sizeBytes), snapshots: new Map() });
   }
   for (const entry of header.snapshots) {
     if (checkName(entry.name, 'snapshot') !== null) throw ChunkdError.corrupt(`checkpoint: invalid snapshot name ${JSON.stringify(entry.name)}`);
-    addSnapshot(catalog, { id: entry.id, volumeId: entry.volumeId, name: entry.name, sizeBytes: entry.sizeBytes, createdAtMs: entry.createdAtMs, map: readMap(entry.pageCount) });
+    const volumeName = catalog.volumes.get(entry.volumeId)?.name ?? `volume ${entry.volumeId}`;
+    const map = readMap(`${volumeName}@${entry.name}`, entry.pageCount, entry.sizeBytes);
+    addSnapshot(catalog, { id: entry.id, volumeId: entry.volumeId, name: entry.name, sizeBytes: entry.sizeBytes, createdAtMs: entry.createdAtMs, map });
   }
-  if (pages.some((page) => page.shareCount === 0)) throw ChunkdError.corrupt('checkpoint: a page no map refers to');
+  if (lost === undefined && pages.some((page) => page!.shareCount === 0)) throw ChunkdError.corrupt('checkpoint: a page no map refers to');
   catalog.nextVolumeId = Math.max(catalog.nextVolumeId, header.nextVolumeId);
   catalog.nextSnapshotId = Math.max(catalog.nextSnapshotId, header.nextSnapshotId);
   return { catalog, generation: header.generation };
+}
+
+function salvaged<T>(decode: () => T): T | null {
+  try {
+    return decode();
+  } catch (error) {
+    if (error instanceof ChunkdError) return null;
+    throw error;
+  }
+}
+
+/**
+ * What can be read from checkpoint copies that chooseCheckpoint refuses: every frame some copy holds whole, the
+ * others skipped by their length where a copy's length field leads to a whole frame. Null when not even the header
+ * frame survives (nothing of the checkpoint can be placed).
+ */
+export function salvageCheckpoint(copies: ReadonlyArray<Buffer | null>): { catalog: Catalog; generation: number; lost: LostExtent[]; lostFrames: number } | null {
+  const present = copies.filter((copy): copy is Buffer => copy !== null);
+  const lengthBytes = Math.max(0, ...present.map((copy) => copy.length));
+  const payloads: Array<Buffer | null> = [];
+  let lostFrames = 0;
+  let offset = 0;
+  while (offset < lengthBytes) {
+    const whole = present.map((copy) => frameAt(copy, offset)).find((frame) => frame !== null) ?? null;
+    if (whole !== null) {
+      payloads.push(whole.payload);
+      offset = whole.end;
+      continue;
+    }
+    // Skip the damaged frame by a length that leads to a whole frame, or to the end.
+    const next = present
+      .map((copy) => (offset + 8 <= copy.length ? offset + 8 + copy.readUInt32LE(offset) : -1))
+      .find((end) => end > offset && (end === lengthBytes || present.some((copy) => frameAt(copy, end) !== null)));
+    if (next === undefined) break;
+    payloads.push(null);
+    lostFrames += 1;
+    offset = next;
+  }
+  const first = payloads[0];
+  if (first === undefined || first === null || !first.subarray(0, magic.length).equals(magic)) return null;
+  const lost: LostExtent[] = [];
+  const { catalog, generation } = decodeCheckpointFrames(payloads, lost);
+  return { catalog, generation, lost, lostFrames };
 }
 
 function decodePage(catalog: Catalog, bytes: Buffer): Page {

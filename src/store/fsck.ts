@@ -22,6 +22,8 @@ export interface FsckReport {
   errors: string[];
   /** Damage a start (or fsck --repair) repairs from the other metadata copy, with nothing lost. */
   repairable: boolean;
+  /** Whether the metadata could be read at all (the counts below mean nothing when not). */
+  loaded: boolean;
   warnings: string[];
   volumeCount: number;
   snapshotCount: number;
@@ -50,7 +52,7 @@ async function check(files: FileLayer, directory: string): Promise<FsckReport> {
   const errors: string[] = [];
   const warnings: string[] = [];
   const report = (extra: Partial<FsckReport>): FsckReport => ({
-    directory, clean: errors.length === 0, errors, repairable: false, warnings, volumeCount: 0, snapshotCount: 0, mappedBytes: 0, reclaimableBytes: 0, generation: 0, replayedRecords: 0, ...extra,
+    directory, clean: errors.length === 0, errors, repairable: false, loaded: true, warnings, volumeCount: 0, snapshotCount: 0, mappedBytes: 0, reclaimableBytes: 0, generation: 0, replayedRecords: 0, ...extra,
   });
   let loaded;
   try {
@@ -58,7 +60,7 @@ async function check(files: FileLayer, directory: string): Promise<FsckReport> {
   } catch (error) {
     if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
     errors.push(`metadata: ${error.message}`);
-    return report({});
+    return report({ loaded: false });
   }
   const { catalog, refs, generation, replayedRecords, tornTail } = loaded;
   for (const line of loaded.repairs) errors.push(`metadata: ${line} (repairable: the next start or fsck --repair writes it whole again; nothing is lost)`);

@@ -28,7 +28,7 @@
 // damaged wherever the other has data.
 import { crc32 } from 'node:zlib';
 import { ChunkdError } from '../core/errors.ts';
-import { isZero, readFramesFromCopies } from './frames.ts';
+import { frameAt, isZero, readFramesFromCopies } from './frames.ts';
 import { decodeRecord, type MetaRecord } from './metadata.ts';
 
 export const journalCopies = 2;
@@ -218,4 +218,67 @@ function findLaterCommit(copies: ReadonlyArray<Buffer | null>, offset: number, g
 
 function alignUp(bytes: number): number {
   return Math.ceil(bytes / commitAlignBytes) * commitAlignBytes;
+}
+
+/** One thing salvage found in a damaged journal, in journal order. */
+export type SalvageItem =
+  | { kind: 'record'; record: MetaRecord; offsetBytes: number; sequence: number }
+  /** A frame no copy holds whole, with what its damaged bytes seem to say (never applied, only reported). */
+  | { kind: 'lost-frame'; offsetBytes: number; sequence: number; seemsToBe: MetaRecord | null }
+  /** A stretch without a readable commit header, skipped up to the next whole commit of a later sequence. */
+  | { kind: 'lost-stretch'; offsetBytes: number; endBytes: number; sequences: string };
+
+/**
+ * Reads everything of a damaged journal that can be read (fsck --repair): whole commits; the whole frames of a
+ * commit whose header survives; past a stretch without a readable header, on from the next whole commit.
+ */
+export function salvageJournal(files: ReadonlyArray<Uint8Array | null>, generation: number): SalvageItem[] {
+  const copies = files.map((copy) => (copy === null ? null : Buffer.from(copy.buffer, copy.byteOffset, copy.length)));
+  const items: SalvageItem[] = [];
+  let offset = 0;
+  let sequence = 1;
+  for (;;) {
+    const commit = readCommit(copies, offset, generation, sequence);
+    if (commit !== null) {
+      for (const record of commit.records) items.push({ kind: 'record', record, offsetBytes: offset, sequence });
+      offset = commit.end;
+      sequence += 1;
+      continue;
+    }
+    const header = copies.map((copy) => headerAt(copy, offset, generation)).find((found) => found?.sequence === sequence);
+    if (header !== undefined && header !== null) {
+      salvageFrames(copies, offset + commitHeaderBytes, offset + commitHeaderBytes + header.framesBytes, sequence, items);
+      offset = header.end;
+      sequence += 1;
+      continue;
+    }
+    const later = findLaterCommit(copies, offset, generation, sequence);
+    if (later === null) return items;
+    items.push({ kind: 'lost-stretch', offsetBytes: offset, endBytes: later.offsetBytes, sequences: later.sequence - 1 > sequence ? `${sequence}-${later.sequence - 1}` : `${sequence}` });
+    offset = later.offsetBytes;
+    sequence = later.sequence;
+  }
+}
+
+/** The frames of one commit's body: whole ones kept, a damaged one skipped by a length that leads on (or the rest lost). */
+function salvageFrames(copies: ReadonlyArray<Buffer | null>, start: number, end: number, sequence: number, items: SalvageItem[]): void {
+  const present = copies.filter((copy): copy is Buffer => copy !== null);
+  const frameIn = (copy: Buffer, at: number): { payload: Buffer; end: number } | null => frameAt(copy, at, Math.min(end, copy.length));
+  let offset = start;
+  while (offset < end) {
+    const frame = present.map((copy) => frameIn(copy, offset)).find((found) => found !== null) ?? null;
+    if (frame !== null) {
+      const record = decodeRecord(frame.payload);
+      items.push(record !== null ? { kind: 'record', record, offsetBytes: offset, sequence } : { kind: 'lost-frame', offsetBytes: offset, sequence, seemsToBe: null });
+      offset = frame.end;
+      continue;
+    }
+    const next = present
+      .map((copy) => (offset + 8 <= copy.length ? offset + 8 + copy.readUInt32LE(offset) : -1))
+      .find((candidate) => candidate > offset && candidate <= end && (candidate === end || present.some((copy) => frameIn(copy, candidate) !== null)));
+    const seemsToBe = next === undefined ? null : (present.map((copy) => decodeRecord(copy.subarray(offset + 8, next))).find((record) => record !== null) ?? null);
+    items.push({ kind: 'lost-frame', offsetBytes: offset, sequence, seemsToBe });
+    if (next === undefined) return;
+    offset = next;
+  }
 }

@@ -1,0 +1,220 @@
+// chunkd fsck --repair: the explicit, offline step after fsck found damage.
+//  - Metadata that loads (one copy damaged, the other whole): a new generation is written from it, both copies
+//    whole again. Nothing is lost.
+//  - Metadata that does not load (the same place damaged in both copies): salvage. The checkpoint gives every
+//    frame some copy holds whole (a lost page or map loses its stretch of its exports); the journal is replayed
+//    up to its first damaged record and no further: a record applied after a gap could name a chunk that a lost
+//    record had freed and a later write reused, and so show one volume another's data. What the journal holds
+//    after the gap is reported, record by record, as lost. Then every mapped chunk is read and checked against
+//    its checksum, and chunks that fail (damaged, or reused by writes whose records were lost) are unmapped and
+//    reported, so that the repaired pool reads without errors. The damaged metadata files are moved into
+//    damaged-<time>/ in the pool, and a new generation is written from what was salvaged.
+// Chunks no salvaged metadata names are given back at the next start, as after any crash.
+import fs from 'node:fs';
+import path from 'node:path';
+import { ChunkdError } from '../core/errors.ts';
+import { chunkSizeBytes } from '../core/limits.ts';
+import { ChunkFiles } from './chunk-files.ts';
+import { InlineChunkIo } from './chunk-io.ts';
+import type { ChunkMap } from './chunk-map.ts';
+import { ChunkRefcounts } from './chunk-refcounts.ts';
+import { chooseCheckpoint, encodeCheckpoint, salvageCheckpoint, type LostExtent } from './checkpoint.ts';
+import { readWholeFile, realFiles, type FileLayer } from './file-layer.ts';
+import { salvageJournal } from './journal-format.ts';
+import { applyRecord, countReferences, emptyCatalog, type Catalog, type MetaRecord } from './metadata.ts';
+import { beginGeneration, checkpointCopies, checkpointPath, chunksDirectory, journalPaths, loadMetadata, lockPool, markerPath } from './pool-layout.ts';
+import { scrub } from './scrub.ts';
+
+export interface RepairReport {
+  directory: string;
+  /** What the repair did, one line each. */
+  actions: string[];
+  /** True when the pool was only rewritten from whole copies: nothing was lost. */
+  lossless: boolean;
+  /** Stretches of volumes and snapshots that no longer hold what they held (they read as zeros or older data). */
+  lostExtents: LostExtent[];
+  /** Changes that were made and are lost (volumes created, snapshots taken, ...), and records no copy could give. */
+  lostChanges: string[];
+  /** Where the damaged metadata files were moved, or null. */
+  setAside: string | null;
+  /** The metadata generation the repaired pool starts from. */
+  generation: number;
+}
+
+/** Repairs the pool in `directory` (not held by a node: EBUSY otherwise). */
+export async function repairPool(directory: string, files: FileLayer = realFiles): Promise<RepairReport> {
+  const resolved = path.resolve(directory);
+  if (!fs.existsSync(markerPath(resolved))) throw ChunkdError.notFound(`${resolved} is not a chunkd pool (no chunkd-pool.json)`);
+  const lockFd = lockPool(files, resolved);
+  try {
+    let loaded;
+    try {
+      loaded = await loadMetadata(files, resolved);
+    } catch (error) {
+      if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
+      return await salvage(files, resolved, error.message);
+    }
+    const generation = loaded.generation + 1;
+    (await beginGeneration(files, resolved, encodeCheckpoint(loaded.catalog, generation), generation)).close();
+    const actions = [
+      ...loaded.repairs.map((line) => `rewrote from the good copy: ${line}`),
+      ...loaded.leftovers.map((line) => `removed or rewrote ${line}`),
+      `wrote metadata generation ${generation} whole, in both copies`,
+    ];
+    return { directory: resolved, actions, lossless: true, lostExtents: [], lostChanges: [], setAside: null, generation };
+  } finally {
+    files.close(lockFd);
+  }
+}
+
+async function salvage(files: FileLayer, directory: string, reason: string): Promise<RepairReport> {
+  const actions = [`the metadata does not load: ${reason}`];
+  const lostExtents: LostExtent[] = [];
+  const lostChanges: string[] = [];
+  const names = fs.readdirSync(directory);
+  const journalGenerations = [...new Set(names.flatMap((name) => /^journal-(\d+)\.\d+$/.exec(name)?.[1] ?? []).map(Number))].sort((a, b) => a - b);
+  const checkpoints = await Promise.all(Array.from({ length: checkpointCopies }, (_, copy) => readWholeFile(files, checkpointPath(directory, copy))));
+
+  // The checkpoint: whole from one copy, or frame by frame.
+  let catalog: Catalog = emptyCatalog();
+  let generation = 0;
+  if (checkpoints.some((copy) => copy !== null)) {
+    try {
+      ({ catalog, generation } = chooseCheckpoint(checkpoints));
+      actions.push(`checkpoint of generation ${generation} read whole`);
+    } catch {
+      const salvaged = salvageCheckpoint(checkpoints);
+      if (salvaged === null) {
+        generation = journalGenerations[0] ?? 0;
+        lostChanges.push('every volume and snapshot of the checkpoint: its header is damaged in both copies, so not even their names can be read');
+      } else {
+        ({ catalog, generation } = salvaged);
+        lostExtents.push(...salvaged.lost);
+        actions.push(`checkpoint of generation ${generation} salvaged: ${salvaged.lostFrames} frame(s) damaged in both copies`);
+      }
+    }
+  }
+  const refs = new ChunkRefcounts(() => {});
+  countReferences(catalog, refs);
+
+  // The journals from the checkpoint's generation on, applied up to the first damaged record.
+  let gap: string | null = null;
+  for (const journalGeneration of journalGenerations.filter((g) => g >= generation)) {
+    const paths = journalPaths(directory, journalGeneration);
+    const items = salvageJournal(await Promise.all(paths.map((file) => readWholeFile(files, file))), journalGeneration);
+    const where = (offsetBytes: number): string => `journal-${journalGeneration} byte ${offsetBytes}`;
+    let applied = 0;
+    for (const item of items) {
+      if (gap === null && item.kind === 'record') {
+        try {
+          applyRecord(catalog, item.record, refs);
+          applied += 1;
+          continue;
+        } catch (error) {
+          if (!(error instanceof ChunkdError)) throw error;
+          gap = `${where(item.offsetBytes)}: a record that does not apply (${error.message})`;
+        }
+      }
+      if (item.kind === 'lost-stretch') {
+        gap ??= `${where(item.offsetBytes)}: commits ${item.sequences} unreadable in both copies`;
+        lostChanges.push(`${where(item.offsetBytes)} to byte ${item.endBytes}: commits ${item.sequences}, unreadable in both copies: what they held is unknown`);
+      } else if (item.kind === 'lost-frame') {
+        gap ??= `${where(item.offsetBytes)}: a record damaged in both copies`;
+        describeLost(catalog, item.seemsToBe, `a record at ${where(item.offsetBytes)} damaged in both copies`, lostExtents, lostChanges);
+      } else {
+        describeLost(catalog, item.record, `a record at ${where(item.offsetBytes)} after the damage (not applied)`, lostExtents, lostChanges);
+      }
+    }
+    actions.push(`journal-${journalGeneration}: ${applied} record(s) replayed${gap === null ? '' : `, up to ${gap}`}`);
+  }
+
+  // Every mapped chunk read and checked: what fails is unmapped, so that the pool reads without errors.
+  const chunkFiles = new ChunkFiles(chunksDirectory(directory), files);
+  const exports = [
+    ...[...catalog.volumes.values()].map((volume) => ({ name: volume.name, map: volume.map })),
+    ...[...catalog.snapshots.values()].map((snapshot) => ({ name: `${catalog.volumes.get(snapshot.volumeId)?.name}@${snapshot.name}`, map: snapshot.map })),
+  ];
+  const report = await scrub(
+    { io: new InlineChunkIo(chunkFiles), sums: catalog.sums, isMapped: (chunk) => refs.get(chunk) > 0, log: () => {} },
+    'the salvaged pool',
+    exports.map(({ name, map }) => ({ name, runs: [...map.mappedRuns()] })),
+  );
+  chunkFiles.close();
+  for (const extent of report.badExtents) {
+    const map = exports.find((entry) => entry.name === extent.export)!.map as ChunkMap;
+    map.unmapRange(extent.offsetBytes / chunkSizeBytes, extent.lengthBytes / chunkSizeBytes, refs);
+    lostExtents.push({ ...extent, why: 'its data does not match its checksum (damaged, or reused by writes whose records were lost): unmapped, it reads as zeros' });
+  }
+  actions.push(`checked ${report.checkedBytes} bytes of data against their checksums: ${report.badChunks} bad chunk(s) unmapped`);
+
+  // The damaged files aside, then a new generation from what was salvaged.
+  const aside = path.join(directory, `damaged-${new Date().toISOString().replace(/[:.]/g, '-')}`);
+  fs.mkdirSync(aside);
+  for (const name of names) {
+    if (/^(checkpoint\.\d+|journal-\d+\.\d+)(\.tmp)?$/.test(name)) await files.rename(path.join(directory, name), path.join(aside, name));
+  }
+  await files.syncDirectory(aside);
+  const next = Math.max(generation, ...journalGenerations) + 1;
+  (await beginGeneration(files, directory, encodeCheckpoint(catalog, next), next)).close();
+  actions.push(`moved the damaged metadata files to ${aside}`, `wrote metadata generation ${next} from what was salvaged`);
+  return { directory, actions, lossless: false, lostExtents: mergeExtents(lostExtents), lostChanges, setAside: aside, generation: next };
+}
+
+/** Reports what a record that was not applied would have done. */
+function describeLost(catalog: Catalog, record: MetaRecord | null, what: string, lostExtents: LostExtent[], lostChanges: string[]): void {
+  if (record === null) {
+    lostChanges.push(`${what}: unreadable, what it did is unknown`);
+    return;
+  }
+  const volumeName = (id: number): string => catalog.volumes.get(id)?.name ?? `volume id ${id}`;
+  const snapshotName = (id: number): string => {
+    const snapshot = catalog.snapshots.get(id);
+    return snapshot === undefined ? `id ${id}` : `${volumeName(snapshot.volumeId)}@${snapshot.name}`;
+  };
+  switch (record.type) {
+    case 'map':
+    case 'unmap': {
+      const volume = catalog.volumes.get(record.volumeId);
+      const why = `${what}: a ${record.type === 'map' ? 'write' : 'trim'} that is lost, so these bytes read as they were before it`;
+      if (volume === undefined) lostChanges.push(`${why} (of ${volumeName(record.volumeId)}, chunks ${record.virtualChunk}+${record.chunkCount})`);
+      else lostExtents.push({ export: volume.name, offsetBytes: record.virtualChunk * chunkSizeBytes, lengthBytes: record.chunkCount * chunkSizeBytes, why });
+      return;
+    }
+    case 'create':
+      lostChanges.push(`${what}: volume ${record.name} was created; it is lost`);
+      return;
+    case 'clone':
+      lostChanges.push(`${what}: clone ${record.name} was made; it is lost`);
+      return;
+    case 'remove':
+      lostChanges.push(`${what}: ${volumeName(record.volumeId)} was removed; it is back`);
+      return;
+    case 'resize':
+      lostChanges.push(`${what}: ${volumeName(record.volumeId)} was resized to ${record.sizeBytes} bytes; it has its old size`);
+      return;
+    case 'snapshot':
+      lostChanges.push(`${what}: snapshot ${volumeName(record.volumeId)}@${record.name} was taken; it is lost`);
+      return;
+    case 'snapshot-remove':
+      lostChanges.push(`${what}: snapshot ${snapshotName(record.snapshotId)} was removed; it is back`);
+      return;
+    case 'rollback':
+      lostChanges.push(`${what}: ${volumeName(record.volumeId)} was rolled back to snapshot ${snapshotName(record.snapshotId)}; it was not`);
+      return;
+  }
+}
+
+/** Extents of one export and reason, sorted and merged where they touch. */
+function mergeExtents(extents: LostExtent[]): LostExtent[] {
+  const sorted = [...extents].sort((a, b) => a.export.localeCompare(b.export) || a.offsetBytes - b.offsetBytes);
+  const merged: LostExtent[] = [];
+  for (const extent of sorted) {
+    const last = merged[merged.length - 1];
+    if (last !== undefined && last.export === extent.export && last.why === extent.why && last.offsetBytes + last.lengthBytes >= extent.offsetBytes) {
+      last.lengthBytes = Math.max(last.lengthBytes, extent.offsetBytes + extent.lengthBytes - last.offsetBytes);
+    } else {
+      merged.push({ ...extent });
+    }
+  }
+  return merged;
+}
