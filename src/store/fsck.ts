@@ -13,7 +13,7 @@ import { chunkFilePath } from './chunk-files.ts';
 import type { ChunkMap } from './chunk-map.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
 import { dataRanges } from './native.ts';
-import { chunksDirectory, loadMetadata, lockPool, markerPath } from './pool-layout.ts';
+import { chunksDirectory, loadMetadata, withPoolLocked } from './pool-layout.ts';
 
 export interface FsckReport {
   directory: string;
@@ -37,15 +37,8 @@ export interface FsckReport {
  * Checks the pool in `directory`. Throws (the CLI's exit 2) when it cannot run: not a pool, a pool of another
  * format, a pool a running node holds (EBUSY).
  */
-export async function fsckPool(directory: string, files: FileLayer = realFiles): Promise<FsckReport> {
-  const resolved = path.resolve(directory);
-  if (!fs.existsSync(markerPath(resolved))) throw ChunkdError.notFound(`${resolved} is not a chunkd pool (no chunkd-pool.json)`);
-  const lockFd = lockPool(files, resolved);
-  try {
-    return await check(files, resolved);
-  } finally {
-    files.close(lockFd);
-  }
+export function fsckPool(directory: string, files: FileLayer = realFiles): Promise<FsckReport> {
+  return withPoolLocked(files, directory, (resolved) => check(files, resolved));
 }
 
 async function check(files: FileLayer, directory: string): Promise<FsckReport> {

@@ -103,9 +103,12 @@ export function recoverJournal(files: ReadonlyArray<Uint8Array | null>, generati
   const repairs: JournalRecovery['repairs'] = [];
   let offset = 0;
   let sequence = 1;
+  /** The copies that held the last commit read whole. */
+  let lastWholeIn: number[] = [];
   for (;;) {
     const commit = readCommit(copies, offset, generation, sequence);
     if (commit === null) break;
+    lastWholeIn = commit.wholeIn;
     for (let copy = 0; copy < copies.length; copy++) if (!commit.wholeIn.includes(copy)) repairs.push({ copy, offsetBytes: offset, sequence });
     for (const record of commit.records) records.push(record);
     offset = commit.end;
@@ -117,7 +120,7 @@ export function recoverJournal(files: ReadonlyArray<Uint8Array | null>, generati
   const tornLast = (repair: JournalRecovery['repairs'][number]): boolean => {
     if (later !== null || repair.sequence !== sequence - 1) return false;
     const torn = copies[repair.copy];
-    const whole = copies.find((copy, index) => index !== repair.copy && copy !== null);
+    const whole = lastWholeIn.length > 0 ? copies[lastWholeIn[0]!] : null;
     if (torn === null || torn === undefined || whole === undefined || whole === null) return false;
     for (let at = repair.offsetBytes; at < offset; at++) if (torn[at] !== whole[at] && torn[at] !== 0) return false;
     return true;

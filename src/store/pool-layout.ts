@@ -98,6 +98,18 @@ export function lockPool(files: FileLayer, directory: string): number {
   return fd;
 }
 
+/** Runs `work` on an existing pool, holding its lock meanwhile (the offline tools: fsck, repair); EBUSY if a node has it. */
+export async function withPoolLocked<T>(files: FileLayer, directory: string, work: (directory: string) => Promise<T>): Promise<T> {
+  const resolved = path.resolve(directory);
+  if (!fs.existsSync(markerPath(resolved))) throw ChunkdError.notFound(`${resolved} is not a chunkd pool (no chunkd-pool.json)`);
+  const lockFd = lockPool(files, resolved);
+  try {
+    return await work(resolved);
+  } finally {
+    files.close(lockFd);
+  }
+}
+
 /** Journal generations present in the pool directory, by file name. */
 function journalGenerations(directory: string): number[] {
   const generations = new Set<number>();

@@ -22,7 +22,7 @@ import { chooseCheckpoint, encodeCheckpoint, salvageCheckpoint, type LostExtent 
 import { readWholeFile, realFiles, type FileLayer } from './file-layer.ts';
 import { salvageJournal } from './journal-format.ts';
 import { applyRecord, countReferences, emptyCatalog, type Catalog, type MetaRecord } from './metadata.ts';
-import { beginGeneration, checkpointCopies, checkpointPath, chunksDirectory, journalPaths, loadMetadata, lockPool, markerPath } from './pool-layout.ts';
+import { beginGeneration, checkpointCopies, checkpointPath, chunksDirectory, journalPaths, loadMetadata, withPoolLocked } from './pool-layout.ts';
 import { scrub } from './scrub.ts';
 
 export interface RepairReport {
@@ -42,11 +42,8 @@ export interface RepairReport {
 }
 
 /** Repairs the pool in `directory` (not held by a node: EBUSY otherwise). */
-export async function repairPool(directory: string, files: FileLayer = realFiles): Promise<RepairReport> {
-  const resolved = path.resolve(directory);
-  if (!fs.existsSync(markerPath(resolved))) throw ChunkdError.notFound(`${resolved} is not a chunkd pool (no chunkd-pool.json)`);
-  const lockFd = lockPool(files, resolved);
-  try {
+export function repairPool(directory: string, files: FileLayer = realFiles): Promise<RepairReport> {
+  return withPoolLocked(files, directory, async (resolved) => {
     let loaded;
     try {
       loaded = await loadMetadata(files, resolved);
@@ -62,9 +59,7 @@ export async function repairPool(directory: string, files: FileLayer = realFiles
       `wrote metadata generation ${generation} whole, in both copies`,
     ];
     return { directory: resolved, actions, lossless: true, lostExtents: [], lostChanges: [], setAside: null, generation };
-  } finally {
-    files.close(lockFd);
-  }
+  });
 }
 
 async function salvage(files: FileLayer, directory: string, reason: string): Promise<RepairReport> {
