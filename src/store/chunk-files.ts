@@ -10,7 +10,7 @@ import path from 'node:path';
 import { LRUCache } from 'lru-cache';
 import { assert } from '../core/assert.ts';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
-import { readFully, writeFully, type FileLayer } from './file-layer.ts';
+import { readFully, type FileLayer } from './file-layer.ts';
 
 const fileBytes = chunksPerFile * chunkSizeBytes;
 const resolved = Promise.resolve();
@@ -83,7 +83,7 @@ export class ChunkFiles {
   /** Writes `data` starting `offsetBytes` into physical chunk `physicalChunk`. */
   write(physicalChunk: number, offsetBytes: number, data: Buffer): Promise<void> {
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, data.length, async (file, position, start, end, fileIndex) => {
-      await writeFully(this.layer, file.fd, data.subarray(start, end), position);
+      await this.layer.write(file.fd, data.subarray(start, end), position);
       this.#dirty.add(fileIndex);
     });
   }
@@ -112,7 +112,7 @@ export class ChunkFiles {
       const zeros = Buffer.alloc(Math.min(end - start, 1024 * 1024));
       for (let done = 0; done < end - start; done += zeros.length) {
         const length = Math.min(zeros.length, end - start - done);
-        await writeFully(this.layer, file.fd, zeros.subarray(0, length), position + done);
+        await this.layer.write(file.fd, zeros.subarray(0, length), position + done);
       }
       this.#dirty.add(fileIndex);
     });

@@ -10,7 +10,7 @@
 // I/O before it returns (piscina's caveat: an idle worker sits in Atomics.wait, and nothing pending would run).
 // Writes stay synchronous: they land in the page cache.
 import { chunkFilePath } from './chunk-files.ts';
-import { readFully, writeFullySync, type FileLayer } from './file-layer.ts';
+import { readFully, type FileLayer } from './file-layer.ts';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
 import { chunkSums, firstPlanMismatch, type Mismatch } from './chunk-io.ts';
 
@@ -96,7 +96,7 @@ export class ChunkTaskRunner {
         case 'write': {
           const data = this.#view(task.bytes);
           const sums = chunkSums(data);
-          const filesWritten = this.#each(task.physicalChunk, data, (file, part, position) => writeFullySync(this.#files, file.fd, part, position));
+          const filesWritten = this.#each(task.physicalChunk, data, (file, part, position) => this.#files.writeSync(file.fd, part, position));
           return { ok: true, mismatch: null, sums, filesWritten };
         }
         case 'die': {

@@ -5,7 +5,8 @@
 // 512-byte sectors, and every directory change no directory fsync covered may vanish). A worker thread cannot
 // share the main thread's objects, so a layer also says how a worker rebuilds it (`workerSpec`).
 //
-// Short reads and writes are not errors: readFully and writeFully loop over them (as random-access-file does).
+// Short reads and writes are not errors: the layer loops over them (as random-access-file does), so that a write
+// is one call and one promise however the kernel splits it (the hot path: one per client request).
 import fs from 'node:fs';
 import { punchHole, readIfCached, reserveSpace, zeroRange } from './native.ts';
 
@@ -22,13 +23,14 @@ export interface FileLayer {
   open(path: string, mode: OpenMode): Promise<number>;
   openSync(path: string, mode: OpenMode): number;
   close(fd: number): void;
-  /** One pread: the bytes read, 0 at the end of the file. */
+  /** Reads until `target` is full or the file ends: the bytes read (fewer only at the end of the file). */
   read(fd: number, target: Uint8Array, positionBytes: number): Promise<number>;
   /** One pread only if the page cache holds the bytes: the bytes read, 0 at the end, -1 when it would wait on the disk. */
   readCached(fd: number, target: Uint8Array, positionBytes: number): number;
-  /** One pwrite: the bytes written. */
-  write(fd: number, data: Uint8Array, positionBytes: number): Promise<number>;
-  writeSync(fd: number, data: Uint8Array, positionBytes: number): number;
+  /** Writes all of `data`. */
+  write(fd: number, data: Uint8Array, positionBytes: number): Promise<void>;
+  /** Writes all of `data` on this thread (a worker's writes land in the page cache). */
+  writeSync(fd: number, data: Uint8Array, positionBytes: number): void;
   fdatasync(fd: number): Promise<void>;
   allocate(fd: number, mode: AllocateMode, offsetBytes: number, lengthBytes: number): Promise<void>;
   rename(fromPath: string, toPath: string): Promise<void>;
@@ -50,15 +52,50 @@ function settle<T>(resolve: (value: T) => void, reject: (error: Error) => void):
   return (error, value) => (error ? reject(error) : resolve(value));
 }
 
+/** preads until `target` is full or the file ends; callbacks rather than an async loop: one promise per call. */
+function readLoop(fd: number, target: Uint8Array, positionBytes: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    let done = 0;
+    const step = (): void => {
+      fs.read(fd, target, done, target.length - done, positionBytes + done, (error, bytesRead) => {
+        if (error) return reject(error);
+        done += bytesRead;
+        if (bytesRead === 0 || done === target.length) resolve(done);
+        else step();
+      });
+    };
+    step();
+  });
+}
+
+/** pwrites all of `data`, looping over short writes. */
+function writeLoop(fd: number, data: Uint8Array, positionBytes: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let done = 0;
+    const step = (): void => {
+      fs.write(fd, data, done, data.length - done, positionBytes + done, (error, written) => {
+        if (error) return reject(error);
+        done += written;
+        if (done === data.length) resolve();
+        else step();
+      });
+    };
+    step();
+  });
+}
+
 /** The file system itself. */
 export const realFiles: FileLayer = {
   open: (path, mode) => new Promise((resolve, reject) => fs.open(path, openFlags[mode], 0o600, settle(resolve, reject))),
   openSync: (path, mode) => fs.openSync(path, openFlags[mode], 0o600),
   close: (fd) => fs.closeSync(fd),
-  read: (fd, target, positionBytes) => new Promise((resolve, reject) => fs.read(fd, target, 0, target.length, positionBytes, settle(resolve, reject))),
+  read: readLoop,
   readCached: readIfCached,
-  write: (fd, data, positionBytes) => new Promise((resolve, reject) => fs.write(fd, data, 0, data.length, positionBytes, settle(resolve, reject))),
-  writeSync: (fd, data, positionBytes) => fs.writeSync(fd, data, 0, data.length, positionBytes),
+  write: writeLoop,
+  writeSync: (fd, data, positionBytes) => {
+    let done = 0;
+    while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, positionBytes + done);
+  },
   fdatasync: (fd) => new Promise((resolve, reject) => fs.fdatasync(fd, (error) => (error ? reject(error) : resolve()))),
   allocate: (fd, mode, offsetBytes, lengthBytes) => (mode === 'punch' ? punchHole : mode === 'zero' ? zeroRange : reserveSpace)(fd, offsetBytes, lengthBytes),
   rename: (fromPath, toPath) => fs.promises.rename(fromPath, toPath),
@@ -83,27 +120,8 @@ export async function fileLayerFromSpec(spec: FileLayerSpec): Promise<FileLayer>
 
 /** Reads until `target` is full; bytes past the end of the file read as zeros (a sparse file's tail). */
 export async function readFully(files: FileLayer, fd: number, target: Uint8Array, positionBytes: number): Promise<void> {
-  let done = 0;
-  while (done < target.length) {
-    const bytesRead = await files.read(fd, target.subarray(done), positionBytes + done);
-    if (bytesRead === 0) {
-      target.fill(0, done);
-      return;
-    }
-    done += bytesRead;
-  }
-}
-
-/** Writes all of `data`, looping over short writes. */
-export async function writeFully(files: FileLayer, fd: number, data: Uint8Array, positionBytes: number): Promise<void> {
-  let done = 0;
-  while (done < data.length) done += await files.write(fd, data.subarray(done), positionBytes + done);
-}
-
-/** Writes all of `data` on this thread (a worker's writes land in the page cache). */
-export function writeFullySync(files: FileLayer, fd: number, data: Uint8Array, positionBytes: number): void {
-  let done = 0;
-  while (done < data.length) done += files.writeSync(fd, data.subarray(done), positionBytes + done);
+  const bytesRead = await files.read(fd, target, positionBytes);
+  if (bytesRead < target.length) target.fill(0, bytesRead);
 }
 
 /** A whole file's bytes, or null if it does not exist. */
@@ -121,9 +139,9 @@ export async function readWholeFile(files: FileLayer, path: string): Promise<Buf
     for (;;) {
       const chunk = Buffer.allocUnsafe(1024 * 1024);
       const bytesRead = await files.read(fd, chunk, position);
-      if (bytesRead === 0) break;
       chunks.push(chunk.subarray(0, bytesRead));
       position += bytesRead;
+      if (bytesRead < chunk.length) break;
     }
     return Buffer.concat(chunks);
   } finally {
@@ -139,7 +157,7 @@ export async function replaceFile(files: FileLayer, path: string, bytes: Uint8Ar
   const temporary = `${path}.tmp`;
   const fd = await files.open(temporary, 'truncate');
   try {
-    await writeFully(files, fd, bytes, 0);
+    await files.write(fd, bytes, 0);
     await files.fdatasync(fd);
   } finally {
     files.close(fd);

@@ -5,7 +5,7 @@
 // commits neither change the files' size (a cheaper fdatasync) nor meet a full file system halfway through.
 import { fromSystemError } from '../core/errors.ts';
 import { journalReserveBytes } from '../core/limits.ts';
-import { writeFully, type FileLayer } from './file-layer.ts';
+import type { FileLayer } from './file-layer.ts';
 import { encodeCommit, journalCopies } from './journal-format.ts';
 
 export class JournalFile {
@@ -53,7 +53,7 @@ export class JournalFile {
     const commit = encodeCommit(this.generation, this.#nextSequence, frames);
     try {
       if (this.#endBytes + commit.length > this.#reservedBytes) await this.#reserve(this.#endBytes + commit.length + journalReserveBytes - this.#reservedBytes);
-      await settleAll(this.#fds.map((fd) => writeFully(this.#files, fd, commit, this.#endBytes)));
+      await settleAll(this.#fds.map((fd) => this.#files.write(fd, commit, this.#endBytes)));
       await settleAll(this.#fds.map((fd) => this.#files.fdatasync(fd)));
     } catch (error) {
       throw fromSystemError(error, 'journal commit');

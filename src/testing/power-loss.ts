@@ -72,11 +72,11 @@ export class PowerLossFiles implements FileLayer {
     return this.inner.readCached(fd, target, positionBytes);
   }
 
-  write(fd: number, data: Uint8Array, positionBytes: number): Promise<number> {
+  write(fd: number, data: Uint8Array, positionBytes: number): Promise<void> {
     return this.inner.write(fd, data, positionBytes);
   }
 
-  writeSync(fd: number, data: Uint8Array, positionBytes: number): number {
+  writeSync(fd: number, data: Uint8Array, positionBytes: number): void {
     return this.inner.writeSync(fd, data, positionBytes);
   }
 

@@ -83,6 +83,11 @@ export class TestFiles implements FileLayer {
     Atomics.store(this.#control, slotRules + 2 * this.rules.length + index, 1);
   }
 
+  /** Stops rule `index` (in every thread). */
+  disarm(index: number): void {
+    Atomics.store(this.#control, slotRules + 2 * this.rules.length + index, 0);
+  }
+
   /** How many times rule `index` fired. */
   fired(index: number): number {
     return Atomics.load(this.#control, slotRules + this.rules.length + index);
@@ -147,11 +152,11 @@ export class TestFiles implements FileLayer {
     return realFiles.readCached(fd, target, positionBytes);
   }
 
-  write(fd: number, data: Uint8Array, positionBytes: number): Promise<number> {
+  write(fd: number, data: Uint8Array, positionBytes: number): Promise<void> {
     return this.#async(true, 'write', this.pathOf(fd), () => realFiles.write(fd, data, positionBytes), [positionBytes, data.length]);
   }
 
-  writeSync(fd: number, data: Uint8Array, positionBytes: number): number {
+  writeSync(fd: number, data: Uint8Array, positionBytes: number): void {
     return this.#sync(true, 'write', this.pathOf(fd), () => realFiles.writeSync(fd, data, positionBytes), [positionBytes, data.length]);
   }
 
