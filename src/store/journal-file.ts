@@ -24,18 +24,33 @@ export class JournalFile {
     this.generation = generation;
   }
 
-  /** Creates the copies of an empty journal with space reserved; the caller syncs the directory. */
+  /**
+   * Creates the copies of an empty journal, durable but with no space reserved yet (`reserveAhead` does that,
+   * once the caller has made room: a new generation starts before the old one's files are removed); the caller
+   * syncs the directory.
+   */
   static async create(files: FileLayer, paths: readonly string[], generation: number): Promise<JournalFile> {
     const fds: number[] = [];
     try {
       for (let copy = 0; copy < journalCopies; copy++) fds.push(await files.open(paths[copy]!, 'truncate'));
-      const journal = new JournalFile(files, [...paths], fds, generation);
-      await journal.#reserve(journalReserveBytes);
       await Promise.all(fds.map((fd) => files.fdatasync(fd)));
-      return journal;
+      return new JournalFile(files, [...paths], fds, generation);
     } catch (error) {
       for (const fd of fds) files.close(fd);
       throw error;
+    }
+  }
+
+  /**
+   * Reserves space ahead for the next commits. A full file system is not an error here: the journal then grows
+   * as it is written, and a commit that meets ENOSPC fails alone.
+   */
+  async reserveAhead(): Promise<void> {
+    try {
+      await this.#reserve(journalReserveBytes);
+      await settleAll(this.#fds.map((fd) => this.#files.fdatasync(fd)));
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'ENOSPC') throw error;
     }
   }
 

@@ -10,7 +10,7 @@
 // A new generation starts in this order, each step durable before the next, so that a crash or power loss at any
 // point leaves a pool that loads: (1) the new journal's copies, empty, and the directory synced; (2) each
 // checkpoint copy, written whole to a temporary file and renamed over the old one; the directory synced;
-// (3) the older journals removed. Hence: a checkpoint of generation G on disk means journal G exists (so a
+// (3) the older journals removed, and only then space reserved for the new one. Hence: a checkpoint of generation G on disk means journal G exists (so a
 // missing journal is damage, never "nothing was committed"), and a journal newer than every readable checkpoint
 // must be empty (else its checkpoint was lost: damage, never an older state served silently).
 import fs from 'node:fs';
@@ -213,5 +213,7 @@ export async function beginGeneration(files: FileLayer, directory: string, check
     const match = /^journal-(\d+)\.\d+$/.exec(name);
     if (match && Number(match[1]) !== generation) await files.unlink(path.join(directory, name));
   }
+  // Space for the new journal only now, after the old one's went back: a node restarted on a full file system.
+  await journal.reserveAhead();
   return journal;
 }
