@@ -20,9 +20,10 @@
 //     a later sequence after it: commits are serialized, so only the last can have been in flight. On damage the
 //     load refuses the pool with the offset rather than drop acknowledged records.
 //  3. Non-zero bytes past the end are the torn tail of the commit in flight: reported, dropped, never an error.
-//     So is a last commit whole in one copy only, where the other copy differs only by zeros (sectors a crash
-//     kept from reaching it; a flipped byte is damage): it is kept, as its records' data was durable before it was
-//     written (invariant 1 of pool.ts).
+//     So is a last commit that a copy holds torn, differing from the commit as written only by zeros (sectors a
+//     crash kept from reaching it; a flipped byte is damage), whether the other copy holds it whole or the two
+//     together hold every frame: it is kept, as its records' data was durable before it was written (invariant 1
+//     of pool.ts).
 // Known weakness: a sector that media damage turned to zeros reads as a crash's unwritten sector (a commit whose
 // two copies are damaged, one of them that way, reads as a torn tail). A copy that is missing or short counts as
 // damaged wherever the other has data.
@@ -103,12 +104,12 @@ export function recoverJournal(files: ReadonlyArray<Uint8Array | null>, generati
   const repairs: JournalRecovery['repairs'] = [];
   let offset = 0;
   let sequence = 1;
-  /** The copies that held the last commit read whole. */
-  let lastWholeIn: number[] = [];
+  /** The last commit read, as it was written (whole in some copy, or assembled frame by frame from them). */
+  let lastBytes: Buffer | null = null;
   for (;;) {
     const commit = readCommit(copies, offset, generation, sequence);
     if (commit === null) break;
-    lastWholeIn = commit.wholeIn;
+    lastBytes = commit.bytes;
     for (let copy = 0; copy < copies.length; copy++) if (!commit.wholeIn.includes(copy)) repairs.push({ copy, offsetBytes: offset, sequence });
     for (const record of commit.records) records.push(record);
     offset = commit.end;
@@ -116,13 +117,13 @@ export function recoverJournal(files: ReadonlyArray<Uint8Array | null>, generati
   }
   const later = findLaterCommit(copies, offset, generation, sequence);
   const writtenThrough = later === null && copies.some((copy) => copy !== null) && copies.every((copy) => copy === null || !unfinishedAt(copy, offset, generation));
-  // The last commit, whole in one copy and torn (not damaged) in the other: a crash between the two writes.
+  // The last commit, torn (not damaged) in a copy: where that copy differs from the commit as written, it holds
+  // zeros, the sectors a crash kept from it. (Torn in both copies at different sectors, it is read frame by frame.)
   const tornLast = (repair: JournalRecovery['repairs'][number]): boolean => {
-    if (later !== null || repair.sequence !== sequence - 1) return false;
+    if (later !== null || repair.sequence !== sequence - 1 || lastBytes === null) return false;
     const torn = copies[repair.copy];
-    const whole = lastWholeIn.length > 0 ? copies[lastWholeIn[0]!] : null;
-    if (torn === null || torn === undefined || whole === undefined || whole === null) return false;
-    for (let at = repair.offsetBytes; at < offset; at++) if (torn[at] !== whole[at] && torn[at] !== 0) return false;
+    if (torn === null || torn === undefined) return false;
+    for (let i = 0; i < lastBytes.length; i++) if (torn[repair.offsetBytes + i] !== lastBytes[i] && torn[repair.offsetBytes + i] !== 0) return false;
     return true;
   };
   const tornInOneCopy = repairs.filter(tornLast);
@@ -143,10 +144,11 @@ function readCommit(
   offset: number,
   generation: number,
   sequence: number,
-): { records: MetaRecord[]; end: number; wholeIn: number[] } | null {
+): { records: MetaRecord[]; end: number; wholeIn: number[]; bytes: Buffer } | null {
   const headers = copies.map((copy) => headerAt(copy, offset, generation)).map((header) => (header?.sequence === sequence ? header : null));
-  for (const header of headers) {
+  for (const [headerCopy, header] of headers.entries()) {
     if (header === null) continue;
+    let bytes: Buffer;
     const wholeIn = copies.flatMap((copy, index) => (headers[index] !== null && sameHeader(headers[index]!, header) && bodyIn(copy, offset, header) !== null ? [index] : []));
     let payloads: Buffer[];
     if (wholeIn.length > 0) {
@@ -154,6 +156,7 @@ function readCommit(
       const framed = readFramesFromCopies([body], 0, header.framesBytes);
       if (!('payloads' in framed)) throw ChunkdError.corrupt(`journal commit ${sequence} at byte ${offset}: its frames do not parse though its checksum matches`);
       payloads = framed.payloads;
+      bytes = copies[wholeIn[0]!]!.subarray(offset, header.end);
     } else {
       // Damaged in every copy: frame by frame, each from a copy that holds it whole (rule 1).
       const framed = readFramesFromCopies(copies, offset + commitHeaderBytes, offset + commitHeaderBytes + header.framesBytes);
@@ -162,6 +165,7 @@ function readCommit(
       const body = Buffer.concat([...framed.payloads.map((payload) => frameBytes(payload)), Buffer.alloc(padding)]);
       if (crc32(body) !== header.bodyCrc) continue;
       payloads = framed.payloads;
+      bytes = Buffer.concat([copies[headerCopy]!.subarray(offset, offset + commitHeaderBytes), body]);
     }
     const records: MetaRecord[] = [];
     for (const payload of payloads) {
@@ -169,7 +173,7 @@ function readCommit(
       if (record === null) throw ChunkdError.corrupt(`journal commit ${sequence} at byte ${offset}: a record this version does not know (type ${payload[0]})`);
       records.push(record);
     }
-    return { records, end: header.end, wholeIn };
+    return { records, end: header.end, wholeIn, bytes };
   }
   return null;
 }

@@ -201,6 +201,16 @@ test('journal: a torn last commit is dropped as a torn tail; the same damage bef
   halfWritten.fill(0, lastStart + 16, lastStart + 40);
   const oneCopy = recoverJournal([halfWritten, b], 1);
   assert.deepEqual([oneCopy.records, oneCopy.repairs, oneCopy.tornTail], [sampleRecords, [], true]);
+  // A crash that tore the last commit in both copies, at different sectors: every frame is whole in one of them,
+  // so the commit is read frame by frame, and it is a torn tail, not damage (found by the power-loss soak).
+  const big: MetaRecord[] = Array.from({ length: 40 }, (_, i) => ({ type: 'map', volumeId: 1, virtualChunk: i, physicalChunk: 100 + i, chunkCount: 1, sums: Uint32Array.of(i) }));
+  const [bigA, bigB] = journalCopies(1, [sampleRecords.slice(0, 1), big]);
+  const bigStart = encodeCommit(1, 1, encodeRecords(sampleRecords.slice(0, 1))).length;
+  const firstSector = Math.ceil(bigStart / 512) * 512;
+  bigA.fill(0, firstSector, firstSector + 512);
+  bigB.fill(0, firstSector + 1024, firstSector + 1536);
+  const bothTorn = recoverJournal([bigA, bigB], 1);
+  assert.deepEqual([bothTorn.records.length, bothTorn.repairs, bothTorn.tornTail, bothTorn.damage], [41, [], true, null]);
   const flipped = Buffer.from(a);
   flipped[lastStart + 30]! ^= 0x40;
   const damagedLast = recoverJournal([b, flipped], 1);
