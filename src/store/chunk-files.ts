@@ -10,6 +10,7 @@ import path from 'node:path';
 import { LRUCache } from 'lru-cache';
 import { assert } from '../core/assert.ts';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
+import { settleAll } from '../core/settle.ts';
 import { readFully, type FileLayer } from './file-layer.ts';
 
 const fileBytes = chunksPerFile * chunkSizeBytes;
@@ -175,9 +176,7 @@ export class ChunkFiles {
       parts.push(this.#withFile(fileIndex, (file) => action(file, positionBytes + start - fileIndex * fileBytes, start, end, fileIndex)));
     }
     // Every part settles before this returns, so no I/O still uses the caller's buffer when it fails.
-    const results = await Promise.allSettled(parts);
-    const failed = results.find((result) => result.status === 'rejected');
-    if (failed !== undefined) throw failed.reason;
+    await settleAll(parts);
   }
 
   async #withFile<T>(fileIndex: number, action: (file: OpenFile) => Promise<T>): Promise<T> {

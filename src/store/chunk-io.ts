@@ -5,6 +5,7 @@
 // punch, zero ranges) stays with ChunkFiles on the main thread: it is rare and already off the event loop.
 import { assert } from '../core/assert.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
+import { settleAll } from '../core/settle.ts';
 import { blockChecksum, combinedChecksum, runChecksum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 
@@ -103,9 +104,7 @@ export class InlineChunkIo implements ChunkIo {
       reads.push(this.#files.read(plan[p]!, 0, target.subarray(start, start + plan[p + 1]! * chunkSizeBytes)));
     }
     // Every read settles before this returns, so none still writes into the caller's buffer after a failure.
-    const results = await Promise.allSettled(reads);
-    const failed = results.find((result) => result.status === 'rejected');
-    if (failed !== undefined) throw failed.reason;
+    await settleAll(reads);
     return verify ? firstPlanMismatch(target, plan, expected) : null;
   }
 

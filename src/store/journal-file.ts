@@ -4,6 +4,7 @@
 // parallel, for metadata that survives a damaged sector. Space is reserved ahead with fallocate, so that most
 // commits neither change the files' size (a cheaper fdatasync) nor meet a full file system halfway through.
 import { fromSystemError } from '../core/errors.ts';
+import { settleAll } from '../core/settle.ts';
 import { journalReserveBytes } from '../core/limits.ts';
 import type { FileLayer } from './file-layer.ts';
 import { encodeCommit, journalCopies } from './journal-format.ts';
@@ -90,11 +91,4 @@ export class JournalFile {
     }
     this.#reservedBytes += extraBytes;
   }
-}
-
-/** Waits for every operation, then fails with the first failure (none still runs when this returns). */
-async function settleAll(operations: Array<Promise<unknown>>): Promise<void> {
-  const results = await Promise.allSettled(operations);
-  const failed = results.find((result) => result.status === 'rejected');
-  if (failed !== undefined) throw failed.reason;
 }

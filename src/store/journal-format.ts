@@ -29,7 +29,7 @@
 // damaged wherever the other has data.
 import { crc32 } from 'node:zlib';
 import { ChunkdError } from '../core/errors.ts';
-import { frameAt, isZero, readFramesFromCopies } from './frames.ts';
+import { encodeFrames, frameAt, isZero, readFramesFromCopies } from './frames.ts';
 import { decodeRecord, type MetaRecord } from './metadata.ts';
 
 export const journalCopies = 2;
@@ -126,14 +126,14 @@ export function recoverJournal(files: ReadonlyArray<Uint8Array | null>, generati
     for (let i = 0; i < lastBytes.length; i++) if (torn[repair.offsetBytes + i] !== lastBytes[i] && torn[repair.offsetBytes + i] !== 0) return false;
     return true;
   };
-  const tornInOneCopy = repairs.filter(tornLast);
-  const tornTail = tornInOneCopy.length > 0 || copies.some((copy) => copy !== null && !isZero(copy, offset));
+  const tornCopies = repairs.filter(tornLast);
+  const tornTail = later === null && !writtenThrough && (tornCopies.length > 0 || copies.some((copy) => copy !== null && !isZero(copy, offset)));
   return {
     records,
     commitCount: sequence - 1,
     endBytes: offset,
-    repairs: repairs.filter((repair) => !tornInOneCopy.includes(repair)),
-    tornTail: later === null && !writtenThrough && tornTail,
+    repairs: repairs.filter((repair) => !tornCopies.includes(repair)),
+    tornTail,
     damage: later !== null || writtenThrough ? { offsetBytes: offset, sequence, later } : null,
   };
 }
@@ -162,7 +162,7 @@ function readCommit(
       const framed = readFramesFromCopies(copies, offset + commitHeaderBytes, offset + commitHeaderBytes + header.framesBytes);
       if (!('payloads' in framed)) continue;
       const padding = header.end - offset - commitHeaderBytes - header.framesBytes;
-      const body = Buffer.concat([...framed.payloads.map((payload) => frameBytes(payload)), Buffer.alloc(padding)]);
+      const body = Buffer.concat([encodeFrames(framed.payloads), Buffer.alloc(padding)]);
       if (crc32(body) !== header.bodyCrc) continue;
       payloads = framed.payloads;
       bytes = Buffer.concat([copies[headerCopy]!.subarray(offset, offset + commitHeaderBytes), body]);
@@ -180,15 +180,6 @@ function readCommit(
 
 function sameHeader(a: CommitHeader, b: CommitHeader): boolean {
   return a.sequence === b.sequence && a.framesBytes === b.framesBytes && a.bodyCrc === b.bodyCrc;
-}
-
-/** A frame's bytes again (header and payload), to check a commit assembled from several copies. */
-function frameBytes(payload: Buffer): Buffer {
-  const out = Buffer.allocUnsafe(8 + payload.length);
-  out.writeUInt32LE(payload.length, 0);
-  out.writeUInt32LE(crc32(payload), 4);
-  payload.copy(out, 8);
-  return out;
 }
 
 const sectorBytes = 512;

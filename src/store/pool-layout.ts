@@ -111,7 +111,7 @@ export async function withPoolLocked<T>(files: FileLayer, directory: string, wor
 }
 
 /** Journal generations present in the pool directory, by file name. */
-function journalGenerations(directory: string): number[] {
+export function journalGenerations(directory: string): number[] {
   const generations = new Set<number>();
   for (const name of fs.readdirSync(directory)) {
     const match = /^journal-(\d+)\.\d+$/.exec(name);
@@ -209,9 +209,8 @@ export async function beginGeneration(files: FileLayer, directory: string, check
     journal.close();
     throw error;
   }
-  for (const name of fs.readdirSync(directory)) {
-    const match = /^journal-(\d+)\.\d+$/.exec(name);
-    if (match && Number(match[1]) !== generation) await files.unlink(path.join(directory, name));
+  for (const older of journalGenerations(directory).filter((g) => g !== generation)) {
+    for (const file of journalPaths(directory, older)) await files.unlink(file);
   }
   // Space for the new journal only now, after the old one's went back: a node restarted on a full file system.
   await journal.reserveAhead();

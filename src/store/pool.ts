@@ -515,8 +515,9 @@ export class Pool implements VolumeStore {
       else await this.#journal.append(Buffer.concat(records));
     } catch (error) {
       this.#queue = records.concat(this.#queue);
-      // A full file system stops this commit only (nothing was half-written: the journal writes in space it
-      // reserved ahead); anything else may have left a copy half-written or unsynced, or a rotation half done.
+      // A full file system stops this commit only: at most part of it reached a copy, unsynced, and the next
+      // commit writes the same offset with the same sequence number. Anything else may have left a copy written
+      // but not durable, or a rotation half done.
       if ((error as NodeJS.ErrnoException).code === 'ENOSPC' && checkpoint === null) {
         this.#commitFailures += 1;
         this.#commitError = `metadata commit failed: ${(error as Error).message}`;

@@ -22,7 +22,7 @@ import { chooseCheckpoint, encodeCheckpoint, salvageCheckpoint, type LostExtent 
 import { readWholeFile, realFiles, type FileLayer } from './file-layer.ts';
 import { salvageJournal } from './journal-format.ts';
 import { applyRecord, countReferences, emptyCatalog, type Catalog, type MetaRecord } from './metadata.ts';
-import { beginGeneration, checkpointCopies, checkpointPath, chunksDirectory, journalPaths, loadMetadata, withPoolLocked } from './pool-layout.ts';
+import { beginGeneration, checkpointCopies, checkpointPath, chunksDirectory, journalGenerations, journalPaths, loadMetadata, withPoolLocked } from './pool-layout.ts';
 import { scrub } from './scrub.ts';
 
 export interface RepairReport {
@@ -67,7 +67,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
   const lostExtents: LostExtent[] = [];
   const lostChanges: string[] = [];
   const names = fs.readdirSync(directory);
-  const journalGenerations = [...new Set(names.flatMap((name) => /^journal-(\d+)\.\d+$/.exec(name)?.[1] ?? []).map(Number))].sort((a, b) => a - b);
+  const generations = journalGenerations(directory);
   const checkpoints = await Promise.all(Array.from({ length: checkpointCopies }, (_, copy) => readWholeFile(files, checkpointPath(directory, copy))));
 
   // The checkpoint: whole from one copy, or frame by frame.
@@ -80,7 +80,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
     } catch {
       const salvaged = salvageCheckpoint(checkpoints);
       if (salvaged === null) {
-        generation = journalGenerations[0] ?? 0;
+        generation = generations[0] ?? 0;
         lostChanges.push('every volume and snapshot of the checkpoint: its header is damaged in both copies, so not even their names can be read');
       } else {
         ({ catalog, generation } = salvaged);
@@ -94,7 +94,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
 
   // The journals from the checkpoint's generation on, applied up to the first damaged record.
   let gap: string | null = null;
-  for (const journalGeneration of journalGenerations.filter((g) => g >= generation)) {
+  for (const journalGeneration of generations.filter((g) => g >= generation)) {
     const paths = journalPaths(directory, journalGeneration);
     const items = salvageJournal(await Promise.all(paths.map((file) => readWholeFile(files, file))), journalGeneration);
     const where = (offsetBytes: number): string => `journal-${journalGeneration} byte ${offsetBytes}`;
@@ -149,7 +149,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
     if (/^(checkpoint\.\d+|journal-\d+\.\d+)(\.tmp)?$/.test(name)) await files.rename(path.join(directory, name), path.join(aside, name));
   }
   await files.syncDirectory(aside);
-  const next = Math.max(generation, ...journalGenerations) + 1;
+  const next = Math.max(generation, ...generations) + 1;
   (await beginGeneration(files, directory, encodeCheckpoint(catalog, next), next)).close();
   actions.push(`moved the damaged metadata files to ${aside}`, `wrote metadata generation ${next} from what was salvaged`);
   return { directory, actions, lossless: false, lostExtents: mergeExtents(lostExtents), lostChanges, setAside: aside, generation: next };

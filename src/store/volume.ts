@@ -16,6 +16,7 @@
 import { assert } from '../core/assert.ts';
 import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
 import { fromSystemError } from '../core/errors.ts';
+import { settleAll } from '../core/settle.ts';
 import { blockStatusExtentsMax, chunkSizeBytes } from '../core/limits.ts';
 import { blockChecksum } from './checksum.ts';
 import type { ChunkdError } from '../core/errors.ts';
@@ -383,12 +384,6 @@ function blockStatusOfMap(map: ChunkMap, offsetBytes: number, lengthBytes: numbe
   return extents;
 }
 
-/** Waits for every task, then fails with the first failure: no I/O may still use the caller's buffer after it returns. */
-async function settleAll(tasks: Array<Promise<void>>): Promise<void> {
-  const results = await Promise.allSettled(tasks);
-  const failed = results.find((result) => result.status === 'rejected');
-  if (failed !== undefined) throw failed.reason;
-}
 
 /** The bytes of `run` inside the request [offsetBytes, offsetBytes + lengthBytes), as absolute offsets. */
 function clip(run: ChunkRun, offsetBytes: number, lengthBytes: number): [number, number] {
