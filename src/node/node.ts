@@ -262,7 +262,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       fuse: this.#fuse?.status() ?? null,
       attachments: this.#attachments?.list() ?? [],
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
-      io: this.pool.io.status(),
+      io: this.pool.ioStatus(),
     };
   }
 

@@ -15,45 +15,20 @@
 // back to the file system; chunks freed by overwrites are only recycled (the next writes take them), as punching
 // and reallocating them would be wasted work.
 //
-// Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint,
-// not by a general-purpose database (LMDB was weighed): the records are small (one per write or trim: 37 bytes
-// and 4 per chunk), replay is a fold of `applyRecord` (the same code the live node runs), group commit falls
-// out of one file append, and the crash-ordering rules below are ours to see and test rather than hidden in a
-// store's sync modes. The cost is that a checkpoint rewrites the whole map (compact: runs, not chunks). Both the
-// journal and the checkpoint are kept in two copies with checksummed frames, as ZFS keeps ditto copies of its
-// metadata: a damaged copy is read from the other and rewritten whole at the next start (journal-format.ts says
-// how a torn tail is told from damage).
+// Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint, both
+// in two checksummed copies; commit-engine.ts says how, and the invariants that make a crash at any moment safe.
 //
-// Invariants that make a crash at any moment safe, including a power loss that drops or tears writes no
-// fdatasync covered (src/testing/power-loss.ts simulates exactly that):
-//  1. A map record is queued only after its chunk's data write completed; a commit fdatasyncs the chunk files
-//     (and their directory, when a file is new) before it writes the journal. So committed metadata never names
-//     a chunk whose data is not durable.
-//  2. A freed chunk is punched and reused only after the commit that recorded the free is durable (deferred
-//     frees), so a crash can neither show a volume a chunk another has since written, nor bring back a removed
-//     snapshot whose data was already punched. With invariant 1 and redirect-on-write, a chunk's bytes never
-//     change while any metadata on disk names it, so its recorded checksum stays true across any crash.
-//  3. A commit is durable in both journal copies before the next one starts, and a FLUSH replies only after its
-//     commit's fdatasyncs, so everything it covers is in both; only the last commit can be torn by a crash.
-//  4. A generation starts in the order pool-layout.ts gives: a crash leaves the old checkpoint and journal, or
-//     the new ones, and never a newer journal with commits whose checkpoint is gone.
-//  5. Reference counts are never stored: they are rebuilt from the maps at load, so they cannot disagree with them.
-//  6. At load, chunks the metadata does not name are punched out: data written but never committed, and chunks
-//     recycled by overwrites, are space only. Metadata that cannot be read whole refuses the load before anything
-//     is written, so a damaged pool is never punched.
-// After a failed fdatasync, or a failed write of the journal or a checkpoint, the pool refuses all further writes
-// (a sticky error, as SQLite's pager): the kernel may have dropped the pages, so later flushes could not be
-// trusted. Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not
-// such a failure: a commit that meets ENOSPC fails and is retried by the next.
+// The pool itself is the catalog's control operations (create, resize, snapshot, clone, rollback, diff, scrub),
+// each a metadata record committed before it returns, over three parts it keeps to itself: the chunk store
+// (chunk-store.ts: the data, as verbs), the commit engine (commit-engine.ts: records made durable) and the files on
+// disk (pool-layout.ts). A volume sees only the chunk store's data verbs and the engine's record and commit (its
+// VolumeStore, volume.ts).
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
-import { expectedError } from '../core/fail-stop.ts';
 import {
   backgroundCommitIntervalMs,
   chunkSizeBytes,
-  chunksPerFile,
-  deferredChunksCommitMax,
   journalCheckpointBytes,
   snapshotsPerVolumeMax,
   volumeSizeAlignBytes,
@@ -62,20 +37,21 @@ import {
 } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
-import { ChunkAllocator, type FreeExtent } from './allocator.ts';
-import { ChunkFiles } from './chunk-files.ts';
-import { ChunkRefcounts } from './chunk-refcounts.ts';
+import { ChunkAllocator } from './allocator.ts';
 import { encodeCheckpoint } from './checkpoint.ts';
+import { ChunkFiles } from './chunk-files.ts';
+import { InlineChunkIo, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
+import type { ChunkRefcounts } from './chunk-refcounts.ts';
+import { ChunkStore } from './chunk-store.ts';
+import { CommitEngine } from './commit-engine.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
-import type { JournalFile } from './journal-file.ts';
 import { diffMaps, type ChangedExtent } from './map-diff.ts';
-import { scrub, type ScrubReport } from './scrub.ts';
-import { applyRecord, encodeRecords, type Catalog, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
+import type { JournalFile } from './journal-file.ts';
+import type { Catalog, SnapshotMeta, VolumeMeta } from './metadata.ts';
 import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolFormatVersion } from './pool-layout.ts';
 import { RangeLock } from './range-lock.ts';
-import { InlineChunkIo, type ChunkIo } from './chunk-io.ts';
-import type { ChunkSums } from './chunk-sums.ts';
-import { SnapshotDevice, Volume, type CorruptionReport, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
+import type { ScrubReport } from './scrub.ts';
+import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
 
 export interface VolumeInfo {
   name: string;
@@ -140,59 +116,55 @@ interface OpenedMetadata {
   repairs: number;
 }
 
-export class Pool implements VolumeStore {
+export class Pool {
   readonly directory: string;
-  readonly files: FileLayer;
-  readonly chunkFiles: ChunkFiles;
-  readonly allocator: ChunkAllocator;
-  readonly refs: ChunkRefcounts;
-  readonly io: ChunkIo;
-  readonly verifyReads: boolean;
   readonly #catalog: Catalog;
-  #checksumErrorsTotal = 0;
-  /** Whether chunks freed now go back to the file system (trims, removals) or are only recycled (overwrites). */
-  #punchFrees = true;
+  readonly #refs: ChunkRefcounts;
+  readonly #chunks: ChunkStore;
+  readonly #engine: CommitEngine;
+  /** What volumes and snapshot devices are given: the data verbs and the engine's record and commit, nothing else. */
+  readonly #volumeStore: VolumeStore;
+  readonly #files: FileLayer;
   readonly #runtimes = new Map<number, VolumeRuntime>();
   readonly #snapshotRuntimes = new Map<number, ExportRuntime>();
   readonly #lockFd: number;
   readonly #log: (line: string) => void;
-  readonly #journalCheckpointBytes: number;
   readonly #metadataRepairs: number;
-  #generation: number;
-  #journal: JournalFile;
-  /** Records applied but not yet committed, each already encoded as a journal frame (the cost spread over writes). */
-  #queue: Buffer[] = [];
-  #currentCommit: Promise<void> | null = null;
-  #pendingCommit: Promise<void> | null = null;
-  #failure: ChunkdError | null = null;
-  #commitError: string | null = null;
-  #commitFailures = 0;
-  #timer: NodeJS.Timeout;
   #closed = false;
 
   private constructor(directory: string, lockFd: number, opened: OpenedMetadata, allocator: ChunkAllocator, chunkFiles: ChunkFiles, options: PoolOptions) {
     const log = options.log ?? (() => {});
     this.directory = directory;
-    this.files = chunkFiles.layer;
+    this.#files = chunkFiles.layer;
     this.#lockFd = lockFd;
     this.#catalog = opened.catalog;
-    this.#generation = opened.generation;
-    this.#journal = opened.journal;
+    this.#refs = opened.refs;
     this.#metadataRepairs = opened.repairs;
-    this.allocator = allocator;
-    this.refs = opened.refs;
-    // From now on a chunk whose last reference goes is free, once the commit that records it is durable.
-    this.refs.onFree = (physicalChunk) => allocator.freeDeferred(physicalChunk, 1, this.#punchFrees);
-    this.chunkFiles = chunkFiles;
-    this.io = options.makeIo?.(this.chunkFiles) ?? new InlineChunkIo(this.chunkFiles);
-    this.verifyReads = options.verifyReads ?? true;
-    this.#journalCheckpointBytes = options.journalCheckpointBytes ?? journalCheckpointBytes;
     this.#log = log;
-    this.#timer = setInterval(() => {
-      // A failure is logged, counted and shown in status by the commit itself; only a bug goes further (fail-stop).
-      if (this.#queue.length > 0 || this.allocator.deferredCount > 0) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));
-    }, options.backgroundCommitIntervalMs ?? backgroundCommitIntervalMs);
-    this.#timer.unref();
+    const refs = opened.refs;
+    this.#chunks = new ChunkStore({
+      chunkFiles,
+      allocator,
+      io: options.makeIo?.(chunkFiles) ?? new InlineChunkIo(chunkFiles),
+      sums: opened.catalog.sums,
+      verifyReads: options.verifyReads ?? true,
+      isMapped: (chunk) => refs.get(chunk) > 0,
+      log,
+      reclaim: () => this.#engine.commit(),
+    });
+    this.#engine = new CommitEngine({
+      files: this.#files,
+      directory,
+      catalog: opened.catalog,
+      refs,
+      chunks: this.#chunks,
+      journal: opened.journal,
+      generation: opened.generation,
+      journalCheckpointBytes: options.journalCheckpointBytes ?? journalCheckpointBytes,
+      backgroundCommitIntervalMs: options.backgroundCommitIntervalMs ?? backgroundCommitIntervalMs,
+      log,
+    });
+    this.#volumeStore = { chunks: this.#chunks, metadata: this.#engine };
   }
 
   /**
@@ -221,7 +193,7 @@ export class Pool implements VolumeStore {
         throw fromSystemError(error, `starting metadata generation ${generation} in ${directory}`);
       });
       const pool = new Pool(directory, lockFd, { ...loaded, generation, journal, repairs: loaded.repairs.length }, allocator, chunkFiles, options);
-      await pool.#punchUnusedSpace();
+      await pool.#chunks.punchUnused();
       if (loaded.replayedRecords > 0 || loaded.tornTail) {
         log(`pool ${directory}: replayed ${loaded.replayedRecords} journal records${loaded.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
       }
@@ -240,8 +212,8 @@ export class Pool implements VolumeStore {
     validateName(name);
     checkVolumeSize(sizeBytes);
     this.#checkNewVolumeName(name);
-    this.record({ type: 'create', volumeId: this.#catalog.nextVolumeId, name, sizeBytes });
-    await this.commit();
+    this.#engine.record({ type: 'create', volumeId: this.#catalog.nextVolumeId, name, sizeBytes });
+    await this.#engine.commit();
     return this.volumeInfo(name);
   }
 
@@ -254,9 +226,9 @@ export class Pool implements VolumeStore {
     if (snapshots.length > 0) {
       throw ChunkdError.busy(`volume ${name} has ${snapshots.length} snapshot(s) (${snapshots.slice(0, 5).join(', ')}${snapshots.length > 5 ? ', ...' : ''}); remove them first`);
     }
-    this.record({ type: 'remove', volumeId: runtime.meta.id });
+    this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
     this.#runtimes.delete(runtime.meta.id);
-    await this.commit();
+    await this.#engine.commit();
   }
 
   /** Grows a volume at once; shrinking needs `force` (the data past the new end is freed) and no open exports. */
@@ -269,10 +241,10 @@ export class Pool implements VolumeStore {
       if (!force) throw ChunkdError.invalid(`shrinking volume ${name} from ${formatSize(oldSize)} to ${formatSize(sizeBytes)} discards data: pass --force`);
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); it can shrink only when no client has it open`);
       const firstCut = sizeBytes / chunkSizeBytes;
-      this.record({ type: 'unmap', volumeId: runtime.meta.id, virtualChunk: firstCut, chunkCount: oldSize / chunkSizeBytes - firstCut });
+      this.#engine.record({ type: 'unmap', volumeId: runtime.meta.id, virtualChunk: firstCut, chunkCount: oldSize / chunkSizeBytes - firstCut });
     }
-    if (sizeBytes !== oldSize) this.record({ type: 'resize', volumeId: runtime.meta.id, sizeBytes });
-    await this.commit();
+    if (sizeBytes !== oldSize) this.#engine.record({ type: 'resize', volumeId: runtime.meta.id, sizeBytes });
+    await this.#engine.commit();
     return this.volumeInfo(name);
   }
 
@@ -299,14 +271,14 @@ export class Pool implements VolumeStore {
   /** Opens a volume for I/O; close() the result when done. */
   openVolume(name: string): Volume {
     this.#checkOpen();
-    return new Volume(this, this.#runtime(name));
+    return new Volume(this.#volumeStore, this.#runtime(name));
   }
 
   /** Opens a snapshot read-only; close() the result when done. */
   openSnapshot(volumeName: string, snapshotName: string): SnapshotDevice {
     this.#checkOpen();
     const snapshot = this.#snapshot(volumeName, snapshotName);
-    return new SnapshotDevice(volumeName, snapshot, this, this.#snapshotRuntime(snapshot.id));
+    return new SnapshotDevice(volumeName, snapshot, this.#volumeStore, this.#snapshotRuntime(snapshot.id));
   }
 
   // ---- control: snapshots and clones ----
@@ -323,11 +295,11 @@ export class Pool implements VolumeStore {
     if (runtime.meta.snapshots.size >= snapshotsPerVolumeMax) throw ChunkdError.invalid(`volume ${volumeName} has ${snapshotsPerVolumeMax} snapshots, the most a volume may have`);
     const release = await runtime.lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
     try {
-      this.record({ type: 'snapshot', volumeId: runtime.meta.id, snapshotId: this.#catalog.nextSnapshotId, name: snapshotName, createdAtMs: Date.now() });
+      this.#engine.record({ type: 'snapshot', volumeId: runtime.meta.id, snapshotId: this.#catalog.nextSnapshotId, name: snapshotName, createdAtMs: Date.now() });
     } finally {
       release();
     }
-    await this.commit();
+    await this.#engine.commit();
     return this.snapshotInfo(volumeName, snapshotName);
   }
 
@@ -337,9 +309,9 @@ export class Pool implements VolumeStore {
     const snapshot = this.#snapshot(volumeName, snapshotName);
     const openCount = this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0;
     if (openCount > 0) throw ChunkdError.busy(`snapshot ${volumeName}@${snapshotName} is exported (${openCount} open); disconnect its clients first`);
-    this.record({ type: 'snapshot-remove', snapshotId: snapshot.id });
+    this.#engine.record({ type: 'snapshot-remove', snapshotId: snapshot.id });
     this.#snapshotRuntimes.delete(snapshot.id);
-    await this.commit();
+    await this.#engine.commit();
   }
 
   /** Makes the volume's contents the snapshot's again; refused while the volume is exported. Durable on return. */
@@ -348,8 +320,8 @@ export class Pool implements VolumeStore {
     const runtime = this.#runtime(volumeName);
     const snapshot = this.#snapshot(volumeName, snapshotName);
     if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
-    this.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
-    await this.commit();
+    this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
+    await this.#engine.commit();
     return this.volumeInfo(volumeName);
   }
 
@@ -359,8 +331,8 @@ export class Pool implements VolumeStore {
     validateName(newName);
     const snapshot = this.#snapshot(volumeName, snapshotName);
     this.#checkNewVolumeName(newName);
-    this.record({ type: 'clone', volumeId: this.#catalog.nextVolumeId, name: newName, snapshotId: snapshot.id });
-    await this.commit();
+    this.#engine.record({ type: 'clone', volumeId: this.#catalog.nextVolumeId, name: newName, snapshotId: snapshot.id });
+    await this.#engine.commit();
     return this.volumeInfo(newName);
   }
 
@@ -389,10 +361,7 @@ export class Pool implements VolumeStore {
       { name: volume.name, runs: [...volume.map.mappedRuns()] },
       ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, runs: [...snapshot.map.mappedRuns()] })),
     ];
-    const store = { io: this.io, sums: this.sums, isMapped: (chunk: number) => this.refs.get(chunk) > 0, log: this.#log };
-    const report = await scrub(store, volume.name, exports, onProgress);
-    this.#log(`scrub of ${volume.name}: ${formatSize(report.checkedBytes)} checked in ${exports.length} export(s), ${report.badChunks} bad chunk(s)`);
-    return report;
+    return this.#chunks.scrub(volume.name, exports, onProgress);
   }
 
   async status(): Promise<PoolStatus> {
@@ -402,31 +371,34 @@ export class Pool implements VolumeStore {
       formatVersion: poolFormatVersion,
       volumeCount: this.#catalog.volumes.size,
       snapshotCount: this.#catalog.snapshots.size,
-      allocatedBytes: this.allocator.usedCount * chunkSizeBytes,
-      journalBytes: this.#journal.sizeBytes,
-      generation: this.#generation,
+      allocatedBytes: this.#chunks.allocatedBytes,
+      ...this.#engine.status(),
       fileSystem: { sizeBytes: stats.blocks * stats.bsize, freeBytes: stats.bavail * stats.bsize },
-      failure: this.#failure?.message ?? null,
-      commitError: this.#commitError,
-      commitFailuresTotal: this.#commitFailures,
       metadataRepairsTotal: this.#metadataRepairs,
-      checksumErrorsTotal: this.#checksumErrorsTotal,
-      verifyReads: this.verifyReads,
+      checksumErrorsTotal: this.#chunks.checksumErrorsTotal,
+      verifyReads: this.#chunks.verifyReads,
     };
+  }
+
+  /** The chunk I/O engine's load (inline, or worker threads). */
+  ioStatus(): IoEngineStatus {
+    return this.#chunks.ioStatus();
+  }
+
+  /** Whether reads are checked against their checksums (false only when a benchmark turned it off). */
+  get verifyReads(): boolean {
+    return this.#chunks.verifyReads;
   }
 
   /** Commits everything and releases the pool's lock. */
   async close(): Promise<void> {
     if (this.#closed) return;
-    clearInterval(this.#timer);
+    this.#closed = true;
     try {
-      if (this.#failure === null) await this.commit();
+      await this.#engine.close();
     } finally {
-      this.#closed = true;
-      this.#journal.close();
-      await this.io.close();
-      this.chunkFiles.close();
-      this.files.close(this.#lockFd);
+      await this.#chunks.close();
+      this.#files.close(this.#lockFd);
     }
   }
 
@@ -437,132 +409,8 @@ export class Pool implements VolumeStore {
    */
   async abandon(): Promise<void> {
     this.#closed = true;
-    clearInterval(this.#timer);
-    await this.io.close({ force: true });
-  }
-
-  // ---- VolumeStore: what volumes call ----
-
-  record(record: MetaRecord): void {
-    // A map record replaces chunks with new ones of the same size: the next writes reuse their space, so punching
-    // it out of the file (and having the file system allocate it again) would be wasted work.
-    this.#punchFrees = record.type !== 'map';
-    try {
-      applyRecord(this.#catalog, record, this.refs);
-    } finally {
-      this.#punchFrees = true;
-    }
-    this.#queue.push(encodeRecords([record]));
-    // Chunks freed by overwrites are reusable only after a commit: under a stream of overwrites and no FLUSH, commit
-    // early rather than let the files grow by five seconds of writes.
-    if (this.allocator.deferredCount >= deferredChunksCommitMax && this.#pendingCommit === null) {
-      this.commit().catch((error: unknown) => expectedError(error, 'commit to reuse freed space'));
-    }
-  }
-
-  get sums(): ChunkSums {
-    return this.#catalog.sums;
-  }
-
-  corruption(report: CorruptionReport): ChunkdError {
-    this.#checksumErrorsTotal += 1;
-    const chunkFile = Math.floor(report.physicalChunk / chunksPerFile);
-    const fileOffset = (report.physicalChunk % chunksPerFile) * chunkSizeBytes;
-    const message =
-      `checksum mismatch: ${report.exportName} at byte ${report.offsetBytes} (4 KiB chunk ${report.physicalChunk}, ` +
-      `${this.chunkFiles.filePath(chunkFile)} at byte ${fileOffset}): expected crc32 ${hex(report.expected)}, read ${hex(report.actual)}`;
-    this.#log(message);
-    return ChunkdError.io(`${message}; the read fails rather than return damaged data`);
-  }
-
-  checkHealthy(): void {
-    if (this.#failure !== null) throw this.#failure;
-    if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the pool is closed');
-  }
-
-  /** Makes every write completed before this call durable; concurrent callers share one commit (group commit). */
-  commit(): Promise<void> {
-    if (this.#pendingCommit !== null) return this.#pendingCommit;
-    const previous = this.#currentCommit ?? Promise.resolve();
-    const next: Promise<void> = previous
-      .catch(() => {})
-      .then(() => {
-        this.#pendingCommit = null;
-        this.#currentCommit = next;
-        return this.#runCommit();
-      })
-      .finally(() => {
-        if (this.#currentCommit === next) this.#currentCommit = null;
-      });
-    this.#pendingCommit = next;
-    return next;
-  }
-
-  async #runCommit(): Promise<void> {
-    this.checkHealthy();
-    const records = this.#queue;
-    this.#queue = [];
-    const freeMark = this.allocator.deferredMark();
-    const checkpoint = this.#journal.sizeBytes >= this.#journalCheckpointBytes ? encodeCheckpoint(this.#catalog, this.#generation + 1) : null;
-    try {
-      await this.chunkFiles.sync();
-    } catch (error) {
-      this.#queue = records.concat(this.#queue);
-      throw this.#fail(`syncing chunk files failed (${(error as Error).message})`, error);
-    }
-    try {
-      if (checkpoint !== null) await this.#startGeneration(checkpoint);
-      else await this.#journal.append(Buffer.concat(records));
-    } catch (error) {
-      this.#queue = records.concat(this.#queue);
-      // A full file system stops this commit only: at most part of it reached a copy, unsynced, and the next
-      // commit writes the same offset with the same sequence number. Anything else may have left a copy written
-      // but not durable, or a rotation half done.
-      if ((error as NodeJS.ErrnoException).code === 'ENOSPC' && checkpoint === null) {
-        this.#commitFailures += 1;
-        this.#commitError = `metadata commit failed: ${(error as Error).message}`;
-        this.#log(this.#commitError);
-        throw fromSystemError(error, 'metadata commit');
-      }
-      throw this.#fail(`${checkpoint === null ? 'writing the metadata journal' : 'starting a new metadata checkpoint'} failed (${(error as Error).message})`, error);
-    }
-    this.#commitError = null;
-    // The frees are durable now: punch their space out, then let the allocator hand them out again.
-    const freed = this.allocator.takeDeferred(freeMark);
-    await Promise.all(coalesce(freed.filter((extent) => extent.punch)).map((extent) => this.chunkFiles.punch(extent.start, extent.count))).catch((error) =>
-      this.#log(`giving freed space back to the file system failed: ${(error as Error).message}`),
-    );
-    this.allocator.releaseTaken(freed);
-  }
-
-  /** Makes the pool refuse writes from now on (the sticky failure); returns the error to throw. */
-  #fail(reason: string, cause: unknown): ChunkdError {
-    this.#commitFailures += 1;
-    this.#failure = ChunkdError.io(`${reason}; the pool refuses writes until the node restarts`, cause);
-    this.#commitError = this.#failure.message;
-    this.#log(this.#failure.message);
-    return this.#failure;
-  }
-
-  async #startGeneration(checkpoint: Buffer): Promise<void> {
-    const generation = this.#generation + 1;
-    const journal = await beginGeneration(this.files, this.directory, checkpoint, generation);
-    const old = this.#journal;
-    this.#journal = journal;
-    this.#generation = generation;
-    old.close();
-  }
-
-  async #punchUnusedSpace(): Promise<void> {
-    const tasks: Array<Promise<void>> = [];
-    for (const extent of this.allocator.freeExtents()) tasks.push(this.chunkFiles.punch(extent.start, extent.count));
-    const files = this.chunkFiles.existingFiles();
-    const lastFile = files[files.length - 1];
-    if (lastFile !== undefined) {
-      const end = (lastFile + 1) * chunksPerFile;
-      if (end > this.allocator.highWater) tasks.push(this.chunkFiles.punch(this.allocator.highWater, end - this.allocator.highWater));
-    }
-    await Promise.all(tasks);
+    this.#engine.abandon();
+    await this.#chunks.close({ force: true });
   }
 
   #describeSnapshot(volume: VolumeMeta, snapshot: SnapshotMeta): SnapshotInfo {
@@ -570,7 +418,7 @@ export class Pool implements VolumeStore {
     let uniqueChunks = 0;
     for (const [, page] of snapshot.map.pages()) {
       if (page.shareCount !== 1) continue;
-      for (const slot of page.slots) if (slot > 0 && this.refs.get(slot - 1) === 1) uniqueChunks += 1;
+      for (const slot of page.slots) if (slot > 0 && this.#refs.get(slot - 1) === 1) uniqueChunks += 1;
     }
     return {
       volume: volume.name,
@@ -617,22 +465,6 @@ export class Pool implements VolumeStore {
   #checkOpen(): void {
     if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the pool is closed');
   }
-}
-
-/** Extents sorted and merged where they touch, so that each stretch of freed space is punched in one call. */
-function coalesce(extents: FreeExtent[]): FreeExtent[] {
-  const sorted = [...extents].sort((a, b) => a.start - b.start);
-  const merged: FreeExtent[] = [];
-  for (const extent of sorted) {
-    const last = merged[merged.length - 1];
-    if (last !== undefined && last.start + last.count === extent.start) last.count += extent.count;
-    else merged.push({ ...extent });
-  }
-  return merged;
-}
-
-function hex(value: number): string {
-  return value.toString(16).padStart(8, '0');
 }
 
 function checkVolumeSize(sizeBytes: number): void {

@@ -1,4 +1,5 @@
-// Volumes and snapshots as BlockDevices. A volume maps byte ranges to chunk runs and runs the chunk I/O; each
+// Volumes and snapshots as BlockDevices. A volume maps byte ranges to chunk runs and asks its chunk store
+// (chunk-store.ts) for the data and its commit engine (commit-engine.ts) for the records; each
 // request holds its chunk range in the volume's RangeLock for its whole life (writes exclusively), which gives
 // DESIGN.md's per-block ordering and lets the rest of the path assume no one else changes those map entries.
 //
@@ -9,8 +10,8 @@
 // and the checksum the metadata holds for it can never disagree, even after a crash in the middle of a write
 // (an in-place overwrite could leave new bytes under an old checksum), snapshots and clones need no special
 // case (a shared chunk is never written), and a write touches no metadata but its own record.
-// Reads check every chunk they return against its checksum; a mismatch is an EIO for that read, reported to
-// the pool (log line, metric), never wrong bytes. Trims unmap whole chunks (their space is punched out once the
+// Reads check every chunk they return against its checksum (the chunk store's `read`); a mismatch is an EIO for
+// that read, logged and counted, never wrong bytes. Trims unmap whole chunks (their space is punched out once the
 // unmap is committed) and zero the partly covered ends. A snapshot device reads through the snapshot's frozen
 // map and refuses nothing itself: the NBD edge answers EPERM for writes to a read-only export before they reach it.
 import { assert } from '../core/assert.ts';
@@ -18,44 +19,19 @@ import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/blo
 import { fromSystemError } from '../core/errors.ts';
 import { settleAll } from '../core/settle.ts';
 import { blockStatusExtentsMax, chunkSizeBytes } from '../core/limits.ts';
-import { blockChecksum } from './checksum.ts';
-import type { ChunkdError } from '../core/errors.ts';
-import type { ChunkAllocator } from './allocator.ts';
-import { locateInPlan, type ChunkIo } from './chunk-io.ts';
 import type { ChunkMap, ChunkRun } from './chunk-map.ts';
-import type { ChunkFiles } from './chunk-files.ts';
-import type { ChunkRefcounts } from './chunk-refcounts.ts';
-import type { ChunkSums } from './chunk-sums.ts';
-import type { MetaRecord, SnapshotMeta, VolumeMeta } from './metadata.ts';
+import type { ChunkStore } from './chunk-store.ts';
+import type { CommitEngine } from './commit-engine.ts';
+import type { SnapshotMeta, VolumeMeta } from './metadata.ts';
 import type { RangeLock, Release } from './range-lock.ts';
 
-/** What a volume needs from its pool: the narrow waist between data path and pool. */
+/**
+ * What a volume needs from its pool, and all it gets: the chunk store's data verbs (write fresh chunks, zero,
+ * read through a map with verification) and the commit engine's record, commit and health check.
+ */
 export interface VolumeStore {
-  readonly chunkFiles: ChunkFiles;
-  readonly io: ChunkIo;
-  readonly sums: ChunkSums;
-  /** False only when a benchmark turned read verification off (serve --verify-reads off). */
-  readonly verifyReads: boolean;
-  /** Logs and counts a chunk whose bytes do not match their checksum; returns the error the read fails with. */
-  corruption(report: CorruptionReport): ChunkdError;
-  readonly allocator: ChunkAllocator;
-  readonly refs: ChunkRefcounts;
-  /** Applies a metadata record to the live catalog and queues it for the next commit. */
-  record(record: MetaRecord): void;
-  /** Makes every completed write durable (FLUSH). */
-  commit(): Promise<void>;
-  /** Throws the pool's sticky failure, if an earlier sync failed. */
-  checkHealthy(): void;
-}
-
-export interface CorruptionReport {
-  /** The volume or VOL@SNAP read. */
-  exportName: string;
-  /** Byte offset in the export of the chunk that failed. */
-  offsetBytes: number;
-  physicalChunk: number;
-  expected: number;
-  actual: number;
+  readonly chunks: Pick<ChunkStore, 'write' | 'zero' | 'read'>;
+  readonly metadata: Pick<CommitEngine, 'record' | 'commit' | 'checkHealthy'>;
 }
 
 /** Shared by every open of one volume or snapshot. */
@@ -67,8 +43,6 @@ export interface VolumeRuntime extends ExportRuntime {
   meta: VolumeMeta;
   lock: RangeLock;
 }
-
-const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
 
 /** Source of the bytes written at absolute volume offsets [start, end). */
 type ByteSource = (start: number, end: number) => Buffer;
@@ -102,7 +76,7 @@ export class Volume implements BlockDevice {
     if (target.length === 0) return;
     const release = await this.#lock(offsetBytes, target.length, false);
     try {
-      await readThroughMap(this.#store, this.name, this.#map, offsetBytes, target);
+      await this.#store.chunks.read(this.name, this.#map, offsetBytes, target);
     } catch (error) {
       throw fromSystemError(error, `read of volume ${this.name} at ${offsetBytes}`);
     } finally {
@@ -112,7 +86,7 @@ export class Volume implements BlockDevice {
 
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     this.#assertRange(offsetBytes, data.length);
-    this.#store.checkHealthy();
+    this.#store.metadata.checkHealthy();
     if (data.length > 0) {
       const release = await this.#lock(offsetBytes, data.length, true);
       try {
@@ -123,22 +97,22 @@ export class Volume implements BlockDevice {
         release();
       }
     }
-    if (options?.fua) await this.#store.commit();
+    if (options?.fua) await this.#store.metadata.commit();
   }
 
   async trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
     await this.#zero(offsetBytes, lengthBytes, false, 'trim');
-    if (options?.fua) await this.#store.commit();
+    if (options?.fua) await this.#store.metadata.commit();
   }
 
   async writeZeroes(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
     // Without NO_HOLE, giving the space back is the fastest way to zeros: reads of holes give zeros.
     await this.#zero(offsetBytes, lengthBytes, options?.noHole === true, 'write zeroes');
-    if (options?.fua) await this.#store.commit();
+    if (options?.fua) await this.#store.metadata.commit();
   }
 
   flush(): Promise<void> {
-    return this.#store.commit();
+    return this.#store.metadata.commit();
   }
 
   async blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
@@ -166,7 +140,7 @@ export class Volume implements BlockDevice {
   /** Trim (noHole false) or zero-write with NO_HOLE: whole chunks are unmapped or zeroed, partial ends zero-written. */
   async #zero(offsetBytes: number, lengthBytes: number, noHole: boolean, what: string): Promise<void> {
     this.#assertRange(offsetBytes, lengthBytes);
-    this.#store.checkHealthy();
+    this.#store.metadata.checkHealthy();
     if (lengthBytes === 0) return;
     const release = await this.#lock(offsetBytes, lengthBytes, true);
     try {
@@ -186,7 +160,7 @@ export class Volume implements BlockDevice {
       if (tailStart < end) zeroPart(tailStart, end);
       if (endWhole > firstWhole) {
         if (noHole) parts.push(this.#zeroWholeChunks(firstWhole, endWhole - firstWhole));
-        else this.#store.record({ type: 'unmap', volumeId: this.#runtime.meta.id, virtualChunk: firstWhole, chunkCount: endWhole - firstWhole });
+        else this.#store.metadata.record({ type: 'unmap', volumeId: this.#runtime.meta.id, virtualChunk: firstWhole, chunkCount: endWhole - firstWhole });
       }
       await settleAll(parts);
     } catch (error) {
@@ -209,48 +183,22 @@ export class Volume implements BlockDevice {
       // Only the partly covered first and last chunks keep old bytes; they are read (and verified) to fill in.
       payload = Buffer.alloc(runBytes);
       const reads: Array<Promise<void>> = [];
-      if (offsetBytes > runStart) reads.push(readThroughMap(this.#store, this.name, this.#map, runStart, payload.subarray(0, chunkSizeBytes)));
+      if (offsetBytes > runStart) reads.push(this.#store.chunks.read(this.name, this.#map, runStart, payload.subarray(0, chunkSizeBytes)));
       const end = offsetBytes + lengthBytes;
       if (end < runStart + runBytes && (count > 1 || offsetBytes === runStart)) {
-        reads.push(readThroughMap(this.#store, this.name, this.#map, runStart + runBytes - chunkSizeBytes, payload.subarray(runBytes - chunkSizeBytes)));
+        reads.push(this.#store.chunks.read(this.name, this.#map, runStart + runBytes - chunkSizeBytes, payload.subarray(runBytes - chunkSizeBytes)));
       }
       await settleAll(reads);
       source(offsetBytes, end).copy(payload, offsetBytes - runStart);
     }
-    let written: { physicalChunk: number; sums: Uint32Array };
-    try {
-      written = await this.#writeFresh(payload, count);
-    } catch (error) {
-      // The file system is full, but chunks this pool freed wait for a commit before they may be reused (they
-      // are still space in the files): commit, then try once more, into them.
-      if ((error as NodeJS.ErrnoException).code !== 'ENOSPC' || this.#store.allocator.deferredCount === 0) throw error;
-      await this.#store.commit();
-      written = await this.#writeFresh(payload, count);
-    }
-    this.#store.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: first, physicalChunk: written.physicalChunk, chunkCount: count, sums: written.sums });
-  }
-
-  /** Writes whole chunks into a fresh physical run; on failure the run goes straight back. */
-  async #writeFresh(payload: Buffer, chunkCount: number): Promise<{ physicalChunk: number; sums: Uint32Array }> {
-    const physicalChunk = this.#store.allocator.allocate(chunkCount);
-    try {
-      return { physicalChunk, sums: await this.#store.io.writeSummed(physicalChunk, payload) };
-    } catch (error) {
-      this.#store.allocator.release(physicalChunk, chunkCount);
-      throw error;
-    }
+    const written = await this.#store.chunks.write(payload);
+    this.#store.metadata.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: first, physicalChunk: written.physicalChunk, chunkCount: count, sums: written.sums });
   }
 
   /** NO_HOLE zeroing of whole chunks: a fresh run, zeroed by the file system and kept allocated. */
   async #zeroWholeChunks(firstChunk: number, chunkCount: number): Promise<void> {
-    const physicalChunk = this.#store.allocator.allocate(chunkCount);
-    try {
-      await this.#store.chunkFiles.zero(physicalChunk, 0, chunkCount * chunkSizeBytes);
-    } catch (error) {
-      this.#store.allocator.release(physicalChunk, chunkCount);
-      throw error;
-    }
-    this.#store.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: firstChunk, physicalChunk, chunkCount, sums: new Uint32Array(chunkCount).fill(zeroChunkSum) });
+    const written = await this.#store.chunks.zero(chunkCount);
+    this.#store.metadata.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: firstChunk, physicalChunk: written.physicalChunk, chunkCount, sums: written.sums });
   }
 }
 
@@ -278,7 +226,7 @@ export class SnapshotDevice implements BlockDevice {
   async read(offsetBytes: number, target: Buffer): Promise<void> {
     assertRange(offsetBytes, target.length, this.sizeBytes);
     try {
-      await readThroughMap(this.#store, this.name, this.#snapshot.map, offsetBytes, target);
+      await this.#store.chunks.read(this.name, this.#snapshot.map, offsetBytes, target);
     } catch (error) {
       throw fromSystemError(error, `read of snapshot ${this.name} at ${offsetBytes}`);
     }
@@ -317,52 +265,6 @@ function refuseWrite(): Promise<void> {
 function assertRange(offsetBytes: number, lengthBytes: number, sizeBytes: number): void {
   assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0 && Number.isSafeInteger(lengthBytes) && lengthBytes >= 0);
   assert(offsetBytes + lengthBytes <= sizeBytes, 'request past the end of the export');
-}
-
-/**
- * Reads target.length bytes at `offsetBytes` through `map`, checking every chunk read against its checksum:
- * holes give zeros, and the mapped runs under the request become one plan for the chunk I/O engine, read straight
- * into `target` when the request covers whole chunks, else into a scratch buffer whose middle is copied out once
- * every chunk in it has been verified.
- */
-export async function readThroughMap(store: VolumeStore, exportName: string, map: ChunkMap, offsetBytes: number, target: Buffer): Promise<void> {
-  const firstChunk = Math.floor(offsetBytes / chunkSizeBytes);
-  const chunkCount = Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - firstChunk;
-  const runs = map.runs(firstChunk, chunkCount);
-  let mappedRuns = 0;
-  let mappedChunks = 0;
-  for (const run of runs) {
-    if (run.physicalChunk < 0) continue;
-    mappedRuns += 1;
-    mappedChunks += run.chunkCount;
-  }
-  if (mappedRuns === 0) {
-    target.fill(0);
-    return;
-  }
-  const aligned = offsetBytes === firstChunk * chunkSizeBytes && target.length === chunkCount * chunkSizeBytes;
-  const buffer = aligned ? target : Buffer.allocUnsafe(chunkCount * chunkSizeBytes);
-  const plan = new Float64Array(mappedRuns * 3);
-  const expected = new Uint32Array(mappedChunks);
-  let p = 0;
-  let e = 0;
-  for (const run of runs) {
-    const targetChunk = run.virtualChunk - firstChunk;
-    if (run.physicalChunk < 0) {
-      buffer.fill(0, targetChunk * chunkSizeBytes, (targetChunk + run.chunkCount) * chunkSizeBytes);
-      continue;
-    }
-    plan[p++] = run.physicalChunk;
-    plan[p++] = run.chunkCount;
-    plan[p++] = targetChunk;
-    for (let i = 0; i < run.chunkCount; i++) expected[e++] = store.sums.get(run.physicalChunk + i);
-  }
-  const mismatch = await store.io.readChunks(buffer, plan, expected, store.verifyReads);
-  if (mismatch !== null) {
-    const where = locateInPlan(plan, mismatch.chunkIndex);
-    throw store.corruption({ exportName, offsetBytes: (firstChunk + where.targetChunk) * chunkSizeBytes, physicalChunk: where.physicalChunk, expected: mismatch.expected, actual: mismatch.actual });
-  }
-  if (!aligned) buffer.copy(target, 0, offsetBytes - firstChunk * chunkSizeBytes, offsetBytes - firstChunk * chunkSizeBytes + target.length);
 }
 
 /** The allocation map of [offsetBytes, offsetBytes + lengthBytes): holes (zero) and data, merged. */

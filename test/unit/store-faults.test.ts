@@ -43,7 +43,7 @@ async function metricsOf(pool: Pool): Promise<string> {
     pool: await pool.status(),
     volumes: [],
     nbd: { listen: [], threads: 0, connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 },
-    io: pool.io.status(),
+    io: pool.ioStatus(),
     eventLoopUtilization: 0,
   } as unknown as NodeStatus;
   return renderMetrics(status);

@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
+import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { Pool } from '../../src/store/pool.ts';
 
 interface Event {
@@ -45,7 +46,17 @@ after(() => Object.assign(fs, original));
 
 test('FLUSH: chunk data written and synced, then the journal written and synced, then the reply', async () => {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-order-'));
-  const pool = await Pool.open({ directory });
+  // Punches seen at the file layer: one fallocate per stretch of a chunk file given back.
+  const punches: number[] = [];
+  const files: FileLayer = {
+    ...realFiles,
+    allocate: (fd, mode, offsetBytes, lengthBytes) => {
+      if (mode === 'punch' && recordPunches) punches.push(events.length);
+      return realFiles.allocate(fd, mode, offsetBytes, lengthBytes);
+    },
+  };
+  let recordPunches = false;
+  const pool = await Pool.open({ directory, files });
   await pool.createVolume('v', 64 * 1024 * 1024);
   const volume = pool.openVolume('v');
   events.length = 0;
@@ -68,12 +79,7 @@ test('FLUSH: chunk data written and synced, then the journal written and synced,
 
   // An overwrite goes to a fresh chunk (redirect-on-write), so it too is data, sync, then a journal record.
   events.length = 0;
-  const punches: number[] = [];
-  const punch = pool.chunkFiles.punch.bind(pool.chunkFiles);
-  pool.chunkFiles.punch = (chunk: number, count: number) => {
-    punches.push(events.length);
-    return punch(chunk, count);
-  };
+  recordPunches = true;
   await volume.write(8 * 1024 * 1024, Buffer.alloc(4096, 9));
   await volume.flush();
   const overwriteOrder = events.map((e) => `${e.kind} ${e.file}`).join(', ');

@@ -1,0 +1,259 @@
+// The chunk store: a pool's data, as the few verbs volumes, scrub and the commit engine need, over the parts that
+// carry it (the allocator, the chunk files, the chunk I/O engine, the checksums the metadata holds).
+//
+// Writes never overwrite a chunk the metadata names (redirect-on-write): `write` and `zero` put whole chunks into
+// a fresh contiguous run and return where it is with the checksum of each chunk; the caller records the mapping
+// once they return. A run whose write fails goes straight back to the allocator. A full file system is met by
+// asking the commit engine to make the chunks freed since the last commit reusable, then trying once more.
+//
+// Reads go through a map (`read`): holes give zeros, mapped runs become one plan for the I/O engine, and every
+// chunk read is checked against its checksum. A mismatch is logged, counted, and the read fails with EIO naming
+// the export, the offset and the chunk file; damaged bytes are never returned.
+//
+// Frees are deferred (allocator.ts): a freed chunk is reused, and its space punched out of the file when the
+// free was a trim or a removal, only after the commit that records it is durable (`reuseFreed`).
+import { ChunkdError } from '../core/errors.ts';
+import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
+import { formatSize } from '../core/units.ts';
+import type { ChunkAllocator, FreeExtent } from './allocator.ts';
+import { blockChecksum } from './checksum.ts';
+import type { ChunkFiles } from './chunk-files.ts';
+import { locateInPlan, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
+import type { ChunkMap, ChunkRun } from './chunk-map.ts';
+import type { ChunkSums } from './chunk-sums.ts';
+import { scrub, type ScrubReport } from './scrub.ts';
+
+/** Chunks just written: the first of the fresh run and the checksum of each. */
+export interface WrittenRun {
+  physicalChunk: number;
+  sums: Uint32Array;
+}
+
+/** One export's mapped runs, for a scrub. */
+export interface ScrubTarget {
+  name: string;
+  runs: ChunkRun[];
+}
+
+export interface ChunkStoreParts {
+  chunkFiles: ChunkFiles;
+  allocator: ChunkAllocator;
+  io: ChunkIo;
+  sums: ChunkSums;
+  /** False only when a benchmark turned read verification off (serve --verify-reads off). */
+  verifyReads: boolean;
+  /** Whether committed metadata names a chunk (scrub tells damage that matters from free space). */
+  isMapped: (physicalChunk: number) => boolean;
+  log: (line: string) => void;
+  /** Makes the chunks freed since the last commit reusable (a commit): what a write on a full file system asks for. */
+  reclaim: () => Promise<void>;
+}
+
+const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
+
+export class ChunkStore {
+  readonly verifyReads: boolean;
+  readonly #files: ChunkFiles;
+  readonly #allocator: ChunkAllocator;
+  readonly #io: ChunkIo;
+  readonly #sums: ChunkSums;
+  readonly #isMapped: (physicalChunk: number) => boolean;
+  readonly #log: (line: string) => void;
+  readonly #reclaim: () => Promise<void>;
+  #checksumErrorsTotal = 0;
+
+  constructor(parts: ChunkStoreParts) {
+    this.#files = parts.chunkFiles;
+    this.#allocator = parts.allocator;
+    this.#io = parts.io;
+    this.#sums = parts.sums;
+    this.verifyReads = parts.verifyReads;
+    this.#isMapped = parts.isMapped;
+    this.#log = parts.log;
+    this.#reclaim = parts.reclaim;
+  }
+
+  // ---- data verbs ----
+
+  /** Writes whole chunks into a fresh run; on a full file system, reclaims deferred frees and tries once more. */
+  async write(payload: Buffer): Promise<WrittenRun> {
+    const chunkCount = payload.length / chunkSizeBytes;
+    try {
+      return await this.#writeFresh(payload, chunkCount);
+    } catch (error) {
+      // The file system is full, but chunks this pool freed wait for a commit before they may be reused (they
+      // are still space in the files): commit, then try once more, into them.
+      if ((error as NodeJS.ErrnoException).code !== 'ENOSPC' || this.#allocator.deferredCount === 0) throw error;
+      await this.#reclaim();
+      return this.#writeFresh(payload, chunkCount);
+    }
+  }
+
+  /** NO_HOLE zeroing: a fresh run of `chunkCount` chunks, zeroed by the file system and kept allocated. */
+  async zero(chunkCount: number): Promise<WrittenRun> {
+    const physicalChunk = this.#allocator.allocate(chunkCount);
+    try {
+      await this.#files.zero(physicalChunk, 0, chunkCount * chunkSizeBytes);
+    } catch (error) {
+      this.#allocator.release(physicalChunk, chunkCount);
+      throw error;
+    }
+    return { physicalChunk, sums: new Uint32Array(chunkCount).fill(zeroChunkSum) };
+  }
+
+  /**
+   * Reads target.length bytes at `offsetBytes` through `map`, checking every chunk read against its checksum:
+   * holes give zeros, and the mapped runs under the request become one plan for the chunk I/O engine, read straight
+   * into `target` when the request covers whole chunks, else into a scratch buffer whose middle is copied out once
+   * every chunk in it has been verified. `exportName` names the volume or VOL@SNAP in a corruption report.
+   */
+  async read(exportName: string, map: ChunkMap, offsetBytes: number, target: Buffer): Promise<void> {
+    const firstChunk = Math.floor(offsetBytes / chunkSizeBytes);
+    const chunkCount = Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - firstChunk;
+    const runs = map.runs(firstChunk, chunkCount);
+    let mappedRuns = 0;
+    let mappedChunks = 0;
+    for (const run of runs) {
+      if (run.physicalChunk < 0) continue;
+      mappedRuns += 1;
+      mappedChunks += run.chunkCount;
+    }
+    if (mappedRuns === 0) {
+      target.fill(0);
+      return;
+    }
+    const aligned = offsetBytes === firstChunk * chunkSizeBytes && target.length === chunkCount * chunkSizeBytes;
+    const buffer = aligned ? target : Buffer.allocUnsafe(chunkCount * chunkSizeBytes);
+    const plan = new Float64Array(mappedRuns * 3);
+    const expected = new Uint32Array(mappedChunks);
+    let p = 0;
+    let e = 0;
+    for (const run of runs) {
+      const targetChunk = run.virtualChunk - firstChunk;
+      if (run.physicalChunk < 0) {
+        buffer.fill(0, targetChunk * chunkSizeBytes, (targetChunk + run.chunkCount) * chunkSizeBytes);
+        continue;
+      }
+      plan[p++] = run.physicalChunk;
+      plan[p++] = run.chunkCount;
+      plan[p++] = targetChunk;
+      for (let i = 0; i < run.chunkCount; i++) expected[e++] = this.#sums.get(run.physicalChunk + i);
+    }
+    const mismatch = await this.#io.readChunks(buffer, plan, expected, this.verifyReads);
+    if (mismatch !== null) {
+      const where = locateInPlan(plan, mismatch.chunkIndex);
+      throw this.#corruption(exportName, (firstChunk + where.targetChunk) * chunkSizeBytes, where.physicalChunk, mismatch.expected, mismatch.actual);
+    }
+    if (!aligned) buffer.copy(target, 0, offsetBytes - firstChunk * chunkSizeBytes, offsetBytes - firstChunk * chunkSizeBytes + target.length);
+  }
+
+  /** Reads and checks every chunk of the given exports while they stay in use (scrub.ts). */
+  async scrub(volumeName: string, exports: ScrubTarget[], onProgress?: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
+    const report = await scrub({ io: this.#io, sums: this.#sums, isMapped: this.#isMapped, log: this.#log }, volumeName, exports, onProgress);
+    this.#log(`scrub of ${volumeName}: ${formatSize(report.checkedBytes)} checked in ${exports.length} export(s), ${report.badChunks} bad chunk(s)`);
+    return report;
+  }
+
+  // ---- space: what the commit engine and the pool's open call ----
+
+  /** A chunk the metadata stopped naming: reusable after the next durable commit, punched out first if `punch`. */
+  freeLater(physicalChunk: number, punch: boolean): void {
+    this.#allocator.freeDeferred(physicalChunk, 1, punch);
+  }
+
+  /** Chunks freed and waiting for a commit. */
+  get deferredCount(): number {
+    return this.#allocator.deferredCount;
+  }
+
+  /** Marks the frees a commit is about to cover (see `reuseFreed`). */
+  deferredMark(): number {
+    return this.#allocator.deferredMark();
+  }
+
+  /** fdatasyncs the chunk files written since the last sync (and their directory for new files). */
+  sync(): Promise<void> {
+    return this.#files.sync();
+  }
+
+  /** After the commit that recorded them is durable: punches out the frees up to `mark` that give space back, then reuses them. */
+  async reuseFreed(mark: number): Promise<void> {
+    const freed = this.#allocator.takeDeferred(mark);
+    await Promise.all(coalesce(freed.filter((extent) => extent.punch)).map((extent) => this.#files.punch(extent.start, extent.count))).catch((error) =>
+      this.#log(`giving freed space back to the file system failed: ${(error as Error).message}`),
+    );
+    this.#allocator.releaseTaken(freed);
+  }
+
+  /** At open: punches out every chunk the metadata does not name (uncommitted writes, recycled chunks). */
+  async punchUnused(): Promise<void> {
+    const tasks: Array<Promise<void>> = [];
+    for (const extent of this.#allocator.freeExtents()) tasks.push(this.#files.punch(extent.start, extent.count));
+    const files = this.#files.existingFiles();
+    const lastFile = files[files.length - 1];
+    if (lastFile !== undefined) {
+      const end = (lastFile + 1) * chunksPerFile;
+      if (end > this.#allocator.highWater) tasks.push(this.#files.punch(this.#allocator.highWater, end - this.#allocator.highWater));
+    }
+    await Promise.all(tasks);
+  }
+
+  // ---- status and life ----
+
+  get allocatedBytes(): number {
+    return this.#allocator.usedCount * chunkSizeBytes;
+  }
+
+  /** Reads that failed their checksum since the node started. */
+  get checksumErrorsTotal(): number {
+    return this.#checksumErrorsTotal;
+  }
+
+  ioStatus(): IoEngineStatus {
+    return this.#io.status();
+  }
+
+  /** Waits for the I/O in flight and closes the files; `force` stops the engine at once and leaves the descriptors (a simulated crash). */
+  async close(options?: { force?: boolean }): Promise<void> {
+    await this.#io.close(options);
+    if (options?.force !== true) this.#files.close();
+  }
+
+  async #writeFresh(payload: Buffer, chunkCount: number): Promise<WrittenRun> {
+    const physicalChunk = this.#allocator.allocate(chunkCount);
+    try {
+      return { physicalChunk, sums: await this.#io.writeSummed(physicalChunk, payload) };
+    } catch (error) {
+      this.#allocator.release(physicalChunk, chunkCount);
+      throw error;
+    }
+  }
+
+  /** Logs and counts a chunk whose bytes do not match their checksum; returns the error the read fails with. */
+  #corruption(exportName: string, offsetBytes: number, physicalChunk: number, expected: number, actual: number): ChunkdError {
+    this.#checksumErrorsTotal += 1;
+    const chunkFile = Math.floor(physicalChunk / chunksPerFile);
+    const fileOffset = (physicalChunk % chunksPerFile) * chunkSizeBytes;
+    const message =
+      `checksum mismatch: ${exportName} at byte ${offsetBytes} (4 KiB chunk ${physicalChunk}, ` +
+      `${this.#files.filePath(chunkFile)} at byte ${fileOffset}): expected crc32 ${hex(expected)}, read ${hex(actual)}`;
+    this.#log(message);
+    return ChunkdError.io(`${message}; the read fails rather than return damaged data`);
+  }
+}
+
+/** Extents sorted and merged where they touch, so that each stretch of freed space is punched in one call. */
+function coalesce(extents: FreeExtent[]): FreeExtent[] {
+  const sorted = [...extents].sort((a, b) => a.start - b.start);
+  const merged: FreeExtent[] = [];
+  for (const extent of sorted) {
+    const last = merged[merged.length - 1];
+    if (last !== undefined && last.start + last.count === extent.start) last.count += extent.count;
+    else merged.push({ ...extent });
+  }
+  return merged;
+}
+
+function hex(value: number): string {
+  return value.toString(16).padStart(8, '0');
+}

@@ -1,0 +1,238 @@
+// The commit engine: how a pool's metadata changes become durable.
+//
+// Metadata is all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint,
+// not by a general-purpose database (LMDB was weighed): the records are small (one per write or trim: 37 bytes
+// and 4 per chunk), replay is a fold of `applyRecord` (the same code the live node runs, metadata.ts), group
+// commit falls out of one file append, and the crash-ordering rules below are ours to see and test rather than
+// hidden in a store's sync modes. The cost is that a checkpoint rewrites the whole map (compact: runs, not
+// chunks). Both the journal and the checkpoint are kept in two copies with checksummed frames, as ZFS keeps ditto
+// copies of its metadata: a damaged copy is read from the other and rewritten whole at the next start
+// (journal-format.ts says how a torn tail is told from damage; pool-layout.ts names the files).
+//
+// `record` applies a record to the live catalog at once and queues it; `commit` makes every record queued before
+// it durable, concurrent callers sharing one commit (group commit). A commit runs alone: it fdatasyncs the chunk
+// files, then appends the queued records to both journal copies, or, once the journal is past its size, starts a
+// new generation whose checkpoint holds everything.
+//
+// Invariants that make a crash at any moment safe, including a power loss that drops or tears writes no
+// fdatasync covered (src/testing/power-loss.ts simulates exactly that):
+//  1. A map record is queued only after its chunk's data write completed; a commit fdatasyncs the chunk files
+//     (and their directory, when a file is new) before it writes the journal. So committed metadata never names
+//     a chunk whose data is not durable.
+//  2. A freed chunk is punched and reused only after the commit that recorded the free is durable (deferred
+//     frees, chunk-store.ts), so a crash can neither show a volume a chunk another has since written, nor bring
+//     back a removed snapshot whose data was already punched. With invariant 1 and redirect-on-write, a chunk's
+//     bytes never change while any metadata on disk names it, so its recorded checksum stays true across any crash.
+//  3. A commit is durable in both journal copies before the next one starts, and a FLUSH replies only after its
+//     commit's fdatasyncs, so everything it covers is in both; only the last commit can be torn by a crash.
+//  4. A generation starts in the order pool-layout.ts gives: a crash leaves the old checkpoint and journal, or
+//     the new ones, and never a newer journal with commits whose checkpoint is gone.
+//  5. Reference counts are never stored: they are rebuilt from the maps at load, so they cannot disagree with them.
+//  6. At load, chunks the metadata does not name are punched out: data written but never committed, and chunks
+//     recycled by overwrites, are space only. Metadata that cannot be read whole refuses the load before anything
+//     is written, so a damaged pool is never punched.
+// After a failed fdatasync, or a failed write of the journal or a checkpoint, the engine refuses all further
+// writes (a sticky error, as SQLite's pager): the kernel may have dropped the pages, so later flushes could not
+// be trusted. Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not
+// such a failure: a commit that meets ENOSPC fails and is retried by the next.
+import { ChunkdError, fromSystemError } from '../core/errors.ts';
+import { expectedError } from '../core/fail-stop.ts';
+import { deferredChunksCommitMax } from '../core/limits.ts';
+import { encodeCheckpoint } from './checkpoint.ts';
+import type { ChunkRefcounts } from './chunk-refcounts.ts';
+import type { ChunkStore } from './chunk-store.ts';
+import type { FileLayer } from './file-layer.ts';
+import type { JournalFile } from './journal-file.ts';
+import { applyRecord, encodeRecords, type Catalog, type MetaRecord } from './metadata.ts';
+import { beginGeneration } from './pool-layout.ts';
+
+export interface CommitEngineParts {
+  files: FileLayer;
+  /** The pool's directory, where new generations are written. */
+  directory: string;
+  catalog: Catalog;
+  refs: ChunkRefcounts;
+  chunks: ChunkStore;
+  /** The journal of the generation the pool opened with, and that generation. */
+  journal: JournalFile;
+  generation: number;
+  /** Journal size that starts a new checkpoint. */
+  journalCheckpointBytes: number;
+  /** How often unflushed writes are committed in the background. */
+  backgroundCommitIntervalMs: number;
+  log: (line: string) => void;
+}
+
+/** The engine's part of `chunkd status`. */
+export interface CommitStatus {
+  journalBytes: number;
+  generation: number;
+  /** Why writes are refused (a failed sync or metadata write), or null while they are taken. */
+  failure: string | null;
+  /** The last commit's failure when it was not final (a full file system), or null once a commit succeeds again. */
+  commitError: string | null;
+  commitFailuresTotal: number;
+}
+
+export class CommitEngine {
+  readonly #files: FileLayer;
+  readonly #directory: string;
+  readonly #catalog: Catalog;
+  readonly #refs: ChunkRefcounts;
+  readonly #chunks: ChunkStore;
+  readonly #journalCheckpointBytes: number;
+  readonly #log: (line: string) => void;
+  #generation: number;
+  #journal: JournalFile;
+  /** Whether chunks freed now go back to the file system (trims, removals) or are only recycled (overwrites). */
+  #punchFrees = true;
+  /** Records applied but not yet committed, each already encoded as a journal frame (the cost spread over writes). */
+  #queue: Buffer[] = [];
+  #currentCommit: Promise<void> | null = null;
+  #pendingCommit: Promise<void> | null = null;
+  #failure: ChunkdError | null = null;
+  #commitError: string | null = null;
+  #commitFailures = 0;
+  #timer: NodeJS.Timeout;
+  #closed = false;
+
+  constructor(parts: CommitEngineParts) {
+    this.#files = parts.files;
+    this.#directory = parts.directory;
+    this.#catalog = parts.catalog;
+    this.#refs = parts.refs;
+    this.#chunks = parts.chunks;
+    this.#journal = parts.journal;
+    this.#generation = parts.generation;
+    this.#journalCheckpointBytes = parts.journalCheckpointBytes;
+    this.#log = parts.log;
+    // From now on a chunk whose last reference goes is free, once the commit that records it is durable.
+    this.#refs.onFree = (physicalChunk) => this.#chunks.freeLater(physicalChunk, this.#punchFrees);
+    this.#timer = setInterval(() => {
+      // A failure is logged, counted and shown in status by the commit itself; only a bug goes further (fail-stop).
+      if (this.#queue.length > 0 || this.#chunks.deferredCount > 0) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));
+    }, parts.backgroundCommitIntervalMs);
+    this.#timer.unref();
+  }
+
+  /** Applies a metadata record to the live catalog and queues it for the next commit. */
+  record(record: MetaRecord): void {
+    // A map record replaces chunks with new ones of the same size: the next writes reuse their space, so punching
+    // it out of the file (and having the file system allocate it again) would be wasted work.
+    this.#punchFrees = record.type !== 'map';
+    try {
+      applyRecord(this.#catalog, record, this.#refs);
+    } finally {
+      this.#punchFrees = true;
+    }
+    this.#queue.push(encodeRecords([record]));
+    // Chunks freed by overwrites are reusable only after a commit: under a stream of overwrites and no FLUSH, commit
+    // early rather than let the files grow by five seconds of writes.
+    if (this.#chunks.deferredCount >= deferredChunksCommitMax && this.#pendingCommit === null) {
+      this.commit().catch((error: unknown) => expectedError(error, 'commit to reuse freed space'));
+    }
+  }
+
+  /** Throws the sticky failure, if an earlier sync or metadata write failed, or ESHUTDOWN once closed. */
+  checkHealthy(): void {
+    if (this.#failure !== null) throw this.#failure;
+    if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the pool is closed');
+  }
+
+  /** Makes every write completed before this call durable; concurrent callers share one commit (group commit). */
+  commit(): Promise<void> {
+    if (this.#pendingCommit !== null) return this.#pendingCommit;
+    const previous = this.#currentCommit ?? Promise.resolve();
+    const next: Promise<void> = previous
+      .catch(() => {})
+      .then(() => {
+        this.#pendingCommit = null;
+        this.#currentCommit = next;
+        return this.#runCommit();
+      })
+      .finally(() => {
+        if (this.#currentCommit === next) this.#currentCommit = null;
+      });
+    this.#pendingCommit = next;
+    return next;
+  }
+
+  status(): CommitStatus {
+    return {
+      journalBytes: this.#journal.sizeBytes,
+      generation: this.#generation,
+      failure: this.#failure?.message ?? null,
+      commitError: this.#commitError,
+      commitFailuresTotal: this.#commitFailures,
+    };
+  }
+
+  /** Commits what is queued (unless writes are refused), then stops and closes the journal. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    clearInterval(this.#timer);
+    try {
+      if (this.#failure === null) await this.commit();
+    } finally {
+      this.#closed = true;
+      this.#journal.close();
+    }
+  }
+
+  /** Stops without writing anything more (a simulated power loss); the journal's descriptors are the test's to close. */
+  abandon(): void {
+    this.#closed = true;
+    clearInterval(this.#timer);
+  }
+
+  async #runCommit(): Promise<void> {
+    this.checkHealthy();
+    const records = this.#queue;
+    this.#queue = [];
+    const freeMark = this.#chunks.deferredMark();
+    const checkpoint = this.#journal.sizeBytes >= this.#journalCheckpointBytes ? encodeCheckpoint(this.#catalog, this.#generation + 1) : null;
+    try {
+      await this.#chunks.sync();
+    } catch (error) {
+      this.#queue = records.concat(this.#queue);
+      throw this.#fail(`syncing chunk files failed (${(error as Error).message})`, error);
+    }
+    try {
+      if (checkpoint !== null) await this.#startGeneration(checkpoint);
+      else await this.#journal.append(Buffer.concat(records));
+    } catch (error) {
+      this.#queue = records.concat(this.#queue);
+      // A full file system stops this commit only: at most part of it reached a copy, unsynced, and the next
+      // commit writes the same offset with the same sequence number. Anything else may have left a copy written
+      // but not durable, or a rotation half done.
+      if ((error as NodeJS.ErrnoException).code === 'ENOSPC' && checkpoint === null) {
+        this.#commitFailures += 1;
+        this.#commitError = `metadata commit failed: ${(error as Error).message}`;
+        this.#log(this.#commitError);
+        throw fromSystemError(error, 'metadata commit');
+      }
+      throw this.#fail(`${checkpoint === null ? 'writing the metadata journal' : 'starting a new metadata checkpoint'} failed (${(error as Error).message})`, error);
+    }
+    this.#commitError = null;
+    // The frees are durable now: punch their space out, then let the allocator hand them out again.
+    await this.#chunks.reuseFreed(freeMark);
+  }
+
+  /** Makes the pool refuse writes from now on (the sticky failure); returns the error to throw. */
+  #fail(reason: string, cause: unknown): ChunkdError {
+    this.#commitFailures += 1;
+    this.#failure = ChunkdError.io(`${reason}; the pool refuses writes until the node restarts`, cause);
+    this.#commitError = this.#failure.message;
+    this.#log(this.#failure.message);
+    return this.#failure;
+  }
+
+  async #startGeneration(checkpoint: Buffer): Promise<void> {
+    const generation = this.#generation + 1;
+    const journal = await beginGeneration(this.#files, this.#directory, checkpoint, generation);
+    const old = this.#journal;
+    this.#journal = journal;
+    this.#generation = generation;
+    old.close();
+  }
+}
