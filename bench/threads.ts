@@ -32,6 +32,8 @@ interface System {
   chunkdArgs: string[] | null;
   /** Rows this system runs (all when null). */
   onlyRows: string[] | null;
+  /** The chunkd checkout it runs (this one unless --baseline adds a twin from another). */
+  checkout?: string;
 }
 
 interface Running {
@@ -70,7 +72,9 @@ const systems: System[] = [
   { id: 'chunkd-noverify', title: 'chunkd, default workers, --verify-reads off', chunkdArgs: ['--verify-reads', 'off'], onlyRows: ['read-1m-qd8', 'write-1m-qd8'] },
 ];
 
-const usage = `usage: npm run bench:threads -- [--target DIR] [--runs N] [--runtime S] [--size-mib N] [--rows ID,...] [--quick] [--out FILE]`;
+const usage = `usage: npm run bench:threads -- [--target DIR] [--runs N] [--runtime S] [--size-mib N] [--rows ID,...] [--systems ID,...] [--baseline DIR] [--quick] [--out FILE]
+  --baseline DIR  also run every chosen chunkd system from another checkout (\`git worktree add DIR COMMIT\`), as ID@base,
+                  interleaved with this one, and print current / baseline per row: a change's cost, measured in one run`;
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
@@ -83,6 +87,8 @@ async function main(): Promise<void> {
       quick: { type: 'boolean', default: false },
       out: { type: 'string' },
       rows: { type: 'string' },
+      systems: { type: 'string' },
+      baseline: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -102,7 +108,12 @@ async function main(): Promise<void> {
   const workspace = fs.mkdtempSync(path.join(path.resolve(values.target!), '.chunkd-threads-'));
   onCleanup('workspace', () => fs.rmSync(workspace, { recursive: true, force: true }));
 
-  const active = systems.filter((system) => {
+  const chosen = values.systems === undefined ? systems : systems.filter((system) => values.systems!.split(',').includes(system.id));
+  if (chosen.length === 0) throw new Error(`--systems matches none of: ${systems.map((system) => system.id).join(', ')}`);
+  const baseline = values.baseline === undefined ? null : path.resolve(values.baseline);
+  if (baseline !== null && !fs.existsSync(path.join(baseline, 'bin', 'chunkd.js'))) throw new Error(`${baseline} holds no chunkd checkout (bin/chunkd.js)`);
+  const withBaseline = baseline === null ? chosen : chosen.flatMap((system) => (system.chunkdArgs === null ? [system] : [{ ...system, id: `${system.id}@base`, title: `${system.title}, baseline ${baseline}`, checkout: baseline }, system]));
+  const active = withBaseline.filter((system) => {
     if (system.chunkdArgs === null && tools.find('qemu-nbd') === null) {
       process.stderr.write('skipping qemu-nbd: not installed\n');
       return false;
@@ -137,7 +148,7 @@ async function main(): Promise<void> {
   const out = values.out ?? path.join(repoRoot, 'bench', 'results', `threads-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
   fs.mkdirSync(path.dirname(out), { recursive: true });
   fs.writeFileSync(out, `${JSON.stringify(report, null, 2)}\n`);
-  process.stdout.write(`${formatTable(active, selected, report.table)}\nresults: ${out}\n`);
+  process.stdout.write(`${formatTable(active, selected, report.table)}\n${baseline === null ? '' : `${formatRatios(active, selected, report.table)}\n`}results: ${out}\n`);
 }
 
 /** Median, min and max per row and system, and the median event-loop utilisation. */
@@ -169,6 +180,21 @@ function formatTable(active: System[], rows: RowSpec[], table: ReturnType<typeof
       const unit = row.metric === 'iops' ? '' : ' MB/s';
       const loop = cell.eventLoop === null ? '' : ` (loop ${(cell.eventLoop * 100).toFixed(0)}%)`;
       return `${Math.round(cell.median)}${unit} [${Math.round(cell.min)}–${Math.round(cell.max)}]${loop}`;
+    });
+    lines.push(`| ${row.id} | ${cells.join(' | ')} |`);
+  }
+  return lines.join('\n');
+}
+
+/** Current / baseline medians for every system run from both checkouts (--baseline). */
+function formatRatios(active: System[], rows: RowSpec[], table: ReturnType<typeof tabulate>): string {
+  const pairs = active.filter((system) => system.checkout === undefined && system.chunkdArgs !== null && active.some((other) => other.id === `${system.id}@base`));
+  const lines = [`| row | ${pairs.map((system) => `${system.id} / ${system.id}@base`).join(' | ')} |`, `|---|${pairs.map(() => '---|').join('')}`];
+  for (const row of rows) {
+    const cells = pairs.map((system) => {
+      const current = table[row.id]![system.id];
+      const base = table[row.id]![`${system.id}@base`];
+      return current && base ? `${(current.median / base.median).toFixed(2)}x` : '';
     });
     lines.push(`| ${row.id} | ${cells.join(' | ')} |`);
   }
@@ -216,7 +242,7 @@ function canConnect(port: number): Promise<boolean> {
 async function startChunkd(workspace: string, system: System, sizeBytes: number): Promise<Running> {
   const pool = path.join(workspace, `${system.id}-pool`);
   const apiSocket = path.join(workspace, `${system.id}-api.sock`);
-  const args = [path.join(repoRoot, 'bin', 'chunkd.js'), 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--api', apiSocket, '--default-volume', `default:${sizeBytes / MiB}MiB`, ...system.chunkdArgs!];
+  const args = [path.join(system.checkout ?? repoRoot, 'bin', 'chunkd.js'), 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--api', apiSocket, '--default-volume', `default:${sizeBytes / MiB}MiB`, ...system.chunkdArgs!];
   const child = spawnTracked(process.execPath, args);
   const stop = onCleanup(system.id, () => stopChild(child));
   const stderr = tail(child.stderr);
