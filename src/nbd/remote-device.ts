@@ -5,12 +5,9 @@
 // Calls made in one turn of the event loop leave as one message (and results come back the same way), so the
 // per-message cost is shared by every request of a busy turn.
 import type { MessagePort } from 'node:worker_threads';
-import { assert } from '../core/assert.ts';
 import type { BlockDevice, DeviceProvider, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
 import { ChunkdError, errorCodes, type ErrorCode } from '../core/errors.ts';
-
-/** Where a call's bytes are: in the calling thread's registered slab, or in a shared buffer of their own. */
-export type SharedBytes = { slab: number; byteOffset: number; lengthBytes: number } | { memory: SharedArrayBuffer; byteOffset: number; lengthBytes: number };
+import { sharedBytesOf, type SharedBytes } from '../core/shared-bytes.ts';
 
 export type DeviceCall =
   | { id: number; op: 'open'; name: string }
@@ -81,9 +78,7 @@ export class RemoteProvider implements DeviceProvider {
 
   /** Where `buffer`'s bytes are, for the main thread (they must be in shared memory). */
   sharedBytes(buffer: Buffer): SharedBytes {
-    if (buffer.buffer === this.#slab) return { slab: 0, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
-    assert(buffer.buffer instanceof SharedArrayBuffer, 'a protocol thread passes only shared buffers to its devices');
-    return { memory: buffer.buffer, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
+    return sharedBytesOf(buffer, this.#slab, 0);
   }
 
   call(call: DistributiveOmit<DeviceCall, 'id'>): Promise<unknown> {

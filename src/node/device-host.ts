@@ -8,7 +8,8 @@ import type { MessagePort } from 'node:worker_threads';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
-import type { DeviceCall, DeviceResult, OpenedDevice, SharedBytes, SlabRegistration } from '../nbd/remote-device.ts';
+import { sharedView, type SharedBytes } from '../core/shared-bytes.ts';
+import type { DeviceCall, DeviceResult, OpenedDevice, SlabRegistration } from '../nbd/remote-device.ts';
 
 export class DeviceHost {
   readonly #provider: DeviceProvider;
@@ -91,9 +92,9 @@ export class DeviceHost {
   }
 
   #bytes(bytes: SharedBytes): Buffer {
-    const memory = 'slab' in bytes ? this.#slabs.get(bytes.slab) : bytes.memory;
-    if (memory === undefined) throw new ChunkdError('EINVAL', 'a call names a slab that was never registered');
-    return Buffer.from(memory, bytes.byteOffset, bytes.lengthBytes);
+    const view = sharedView(bytes, this.#slabs);
+    if (view === null) throw new ChunkdError('EINVAL', 'a call names a slab that was never registered');
+    return view;
   }
 
   #answer(result: DeviceResult): void {

@@ -14,6 +14,7 @@ import { Piscina } from 'piscina';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
 import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
+import { sharedBytesOf } from '../core/shared-bytes.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerTask } from './chunk-task.ts';
@@ -172,9 +173,9 @@ export class WorkerChunkIo implements ChunkIo {
     }
   };
 
+  /** The worker was given the slab at start as slab 0 (workerData). */
   #taskMemory(buffer: Buffer): TaskMemory {
-    if (buffer.buffer === this.#buffers.slab) return { slab: true, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
-    return { slab: false, memory: buffer.buffer as SharedArrayBuffer, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
+    return sharedBytesOf(buffer, this.#buffers.slab, 0);
   }
 
   async #run(task: ChunkTask): Promise<Extract<ChunkTaskResult, { ok: true }>> {
