@@ -8,6 +8,7 @@ import type { MessagePort } from 'node:worker_threads';
 import type { BlockDevice, DeviceProvider, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
 import { ChunkdError, errorCodes, type ErrorCode } from '../core/errors.ts';
 import { sharedBytesOf, type SharedBytes } from '../core/shared-bytes.ts';
+import { TurnBatch } from '../core/turn-batch.ts';
 
 export type DeviceCall =
   | { id: number; op: 'open'; name: string }
@@ -37,17 +38,16 @@ export interface SlabRegistration {
 }
 
 export class RemoteProvider implements DeviceProvider {
-  readonly #port: MessagePort;
   readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
-  #outgoing: DeviceCall[] = [];
+  readonly #outgoing: TurnBatch<DeviceCall>;
   #nextId = 1;
   #exports: Array<{ name: string; description: string }> = [];
   readonly #slab: SharedArrayBuffer | null;
 
   /** `slab`: the thread's shared slab (registered as slab 0 on the port). */
   constructor(port: MessagePort, slab: SharedArrayBuffer | null) {
-    this.#port = port;
     this.#slab = slab;
+    this.#outgoing = new TurnBatch((calls) => port.postMessage(calls));
     if (slab !== null) port.postMessage({ op: 'slab', slab: 0, memory: slab } satisfies SlabRegistration);
     port.on('message', (results: DeviceResult[]) => {
       for (const result of results) {
@@ -84,16 +84,9 @@ export class RemoteProvider implements DeviceProvider {
   call(call: DistributiveOmit<DeviceCall, 'id'>): Promise<unknown> {
     const id = this.#nextId++;
     const promise = new Promise<unknown>((resolve, reject) => this.#pending.set(id, { resolve, reject }));
-    if (this.#outgoing.length === 0) setImmediate(this.#flush);
-    this.#outgoing.push({ ...call, id } as DeviceCall);
+    this.#outgoing.add({ ...call, id } as DeviceCall);
     return promise;
   }
-
-  readonly #flush = (): void => {
-    const batch = this.#outgoing;
-    this.#outgoing = [];
-    this.#port.postMessage(batch);
-  };
 }
 
 type DistributiveOmit<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never;
