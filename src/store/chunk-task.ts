@@ -9,13 +9,11 @@
 // synchronously gave 1 MiB sequential reads 38 MB/s against 133 for every peer. A task still finishes all its
 // I/O before it returns (piscina's caveat: an idle worker sits in Atomics.wait, and nothing pending would run).
 // Writes stay synchronous: they land in the page cache.
-import { chunkFilePath } from './chunk-files.ts';
+import { chunkFileBytes, chunkFilePath } from './chunk-file-layout.ts';
 import { readFully, type FileLayer } from './file-layer.ts';
-import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
+import { chunkSizeBytes, openChunkFilesMax } from '../core/limits.ts';
 import { sharedView, type SharedBytes } from '../core/shared-bytes.ts';
 import { chunkSums, firstPlanMismatch, type Mismatch } from './chunk-io.ts';
-
-const fileBytes = chunksPerFile * chunkSizeBytes;
 
 /** A task's bytes: in slab 0, the one the worker was given at start, or in a shared buffer of their own (shared-bytes.ts). */
 export type TaskMemory = SharedBytes;
@@ -136,9 +134,9 @@ export class ChunkTaskRunner {
     let done = 0;
     while (done < bytes.length) {
       const position = physicalChunk * chunkSizeBytes + done;
-      const fileIndex = Math.floor(position / fileBytes);
-      const inFile = position - fileIndex * fileBytes;
-      const length = Math.min(bytes.length - done, fileBytes - inFile);
+      const fileIndex = Math.floor(position / chunkFileBytes);
+      const inFile = position - fileIndex * chunkFileBytes;
+      const length = Math.min(bytes.length - done, chunkFileBytes - inFile);
       action(this.#fd(fileIndex), bytes.subarray(done, done + length), inFile);
       files.push(fileIndex);
       done += length;
