@@ -1,9 +1,10 @@
 // Reuses large buffers: WRITE payloads gathered from several socket chunks, and READ replies once written, kept
 // by size in a free list (core/free-list.ts). Small payloads are left to Node's own buffer pool.
 import { SizedFreeList } from '../core/free-list.ts';
+import { smallRequestBytesMax } from '../core/limits.ts';
 
 /** Payloads below this are not pooled. */
-const pooledBytesMin = 64 * 1024;
+const pooledBytesMin = smallRequestBytesMax;
 
 export class BufferPool {
   readonly #free: SizedFreeList;
