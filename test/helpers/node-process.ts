@@ -1,8 +1,11 @@
 // Starts a real `chunkd serve` process for integration tests and tools to drive it with real clients.
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { runTool, type ToolResult } from '../../src/core/run-tool.ts';
+
+export { runTool, type ToolResult };
 
 export const repoRoot = path.resolve(import.meta.dirname, '..', '..');
 export const nodeBinary = process.execPath;
@@ -25,12 +28,6 @@ export interface RunningNode {
   /** SIGKILL and wait for exit. */
   kill(): Promise<void>;
   stderr(): string;
-}
-
-export interface ToolResult {
-  code: number;
-  stdout: string;
-  stderr: string;
 }
 
 export function makeTempDir(label: string): string {
@@ -89,17 +86,6 @@ export async function startNode(pool: string, extraArgs: string[] = []): Promise
     },
     stderr: () => stderr,
   };
-}
-
-/** Runs a program to completion and returns its exit code and output (never throws on a non-zero exit). */
-export function runTool(command: string, args: string[], options: { input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<ToolResult> {
-  return new Promise((resolve, reject) => {
-    const child = execFile(command, args, { maxBuffer: 64 * 1024 * 1024, timeout: options.timeoutMs ?? 120_000, env: options.env ?? process.env }, (error, stdout, stderr) => {
-      if (error && typeof error.code !== 'number') return reject(error);
-      resolve({ code: typeof error?.code === 'number' ? error.code : 0, stdout: stdout.toString(), stderr: stderr.toString() });
-    });
-    if (options.input !== undefined) child.stdin!.end(options.input);
-  });
 }
 
 /** Runs a program and fails with its output unless it exits 0. */
