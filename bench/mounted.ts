@@ -10,12 +10,13 @@
 //
 // setupMountedVolume() and startBenchNode() are exported for other benchmark suites: each returns what it made
 // and a cleanup that undoes it.
-import { spawn, execFile } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { callApi } from '../src/cli/api-client.ts';
+import { runCommand } from './processes.ts';
 
 const repoRoot = path.resolve(import.meta.dirname, '..');
 const chunkdBin = path.join(repoRoot, 'bin', 'chunkd.js');
@@ -134,29 +135,22 @@ interface Sample {
   error: string | null;
 }
 
-function runFio(args: string[], timeoutMs: number): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile('fio', args, { timeout: timeoutMs, maxBuffer: 64 * 1024 * 1024 }, (error, stdout, stderr) => {
-      resolve({ code: error ? (typeof error.code === 'number' ? error.code : 1) : 0, stdout: stdout.toString(), stderr: stderr.toString() });
-    });
-  });
-}
-
 const fileName = 'bench.dat';
 
 async function layOut(directory: string, sizeMiB: number): Promise<void> {
-  const result = await runFio(['--name=layout', `--directory=${directory}`, `--filename=${fileName}`, `--size=${sizeMiB}M`, '--rw=write', '--bs=1M', '--ioengine=libaio', '--iodepth=8', '--direct=1', '--end_fsync=1'], 30 * 60_000);
+  const result = await runCommand('fio', ['--name=layout', `--directory=${directory}`, `--filename=${fileName}`, `--size=${sizeMiB}M`, '--rw=write', '--bs=1M', '--ioengine=libaio', '--iodepth=8', '--direct=1', '--end_fsync=1'], { timeoutMs: 30 * 60_000 });
   if (result.code !== 0) throw new Error(`laying out ${directory}/${fileName} failed: ${result.stderr}${result.stdout.slice(-500)}`);
 }
 
 async function sample(system: SystemName, directory: string, row: Row, run: number, runtimeS: number, sizeMiB: number): Promise<Sample> {
-  const result = await runFio(
+  const result = await runCommand(
+    'fio',
     [
       `--name=${row.id}`, `--directory=${directory}`, `--filename=${fileName}`, `--size=${sizeMiB}M`, `--rw=${row.rw}`, `--bs=${row.blockSize}`,
       '--ioengine=libaio', `--iodepth=${row.iodepth}`, '--direct=1', '--time_based', `--runtime=${runtimeS}`, '--ramp_time=1',
       '--randrepeat=0', '--norandommap', '--output-format=json',
     ],
-    (runtimeS + 120) * 1000,
+    { timeoutMs: (runtimeS + 120) * 1000 },
   );
   if (result.code !== 0) return { system, row: row.id, run, value: null, latencyUsP50: null, latencyUsP99: null, error: `fio exit ${result.code}: ${result.stderr.trim().slice(-300)}` };
   const job = JSON.parse(result.stdout.slice(result.stdout.indexOf('{'))).jobs[0];

@@ -2,10 +2,11 @@
 // device, a mount, a temporary directory) registers its undo on one stack as soon as it exists; cleanup runs the
 // stack last-in first-out (servers stop before the file system under them is unmounted), on success, on error and
 // on SIGINT/SIGTERM. Children are also tracked one by one, so that an interrupt stops a running fio too.
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { runTool, type ToolFailure, type ToolResult } from '../src/core/run-tool.ts';
 
 export const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -132,20 +133,12 @@ export function tail(stream: NodeJS.ReadableStream | null, limitBytes = 8192): (
   return () => text;
 }
 
-export interface CommandResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs a program to completion (never throws on a non-zero exit; a missing program is code 127). */
-export function runCommand(command: string, args: string[], options: { timeoutMs?: number; cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<CommandResult> {
-  return new Promise((resolve) => {
-    execFile(command, args, { maxBuffer: 64 * 1024 * 1024, timeout: options.timeoutMs ?? 120_000, cwd: options.cwd, env: options.env ?? process.env }, (error, stdout, stderr) => {
-      const code = error === null ? 0 : typeof error.code === 'number' ? error.code : error.code === 'ENOENT' ? 127 : 1;
-      resolve({ code, stdout: stdout.toString(), stderr: stderr.toString() || (error !== null && code !== 0 && typeof error.code !== 'number' ? error.message : '') });
-    });
-  });
+/**
+ * Runs a program to completion (src/core/run-tool.ts) and never throws: a missing program is code 127, one that
+ * was killed (a timeout) code 1, with the reason as its stderr when it wrote none.
+ */
+export function runCommand(command: string, args: string[], options: { timeoutMs?: number; cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<ToolResult> {
+  return runTool(command, args, options).catch((error: ToolFailure) => ({ code: error.code === 'ENOENT' ? 127 : 1, stdout: error.stdout, stderr: error.stderr || error.message }));
 }
 
 /** Runs a program and throws with its output unless it exits 0; returns stdout. */

@@ -13,8 +13,8 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import { callApi } from '../src/cli/api-client.ts';
-import { TestNbdClient } from '../test/helpers/nbd-client.ts';
-import { startNode, type RunningNode } from '../test/helpers/node-process.ts';
+import { TestNbdClient } from '../src/testing/nbd-client.ts';
+import { startNode, type RunningNode } from '../src/testing/node-process.ts';
 
 const { values } = parseArgs({
   options: { target: { type: 'string' }, quick: { type: 'boolean' }, out: { type: 'string' } },

@@ -13,6 +13,7 @@ import { callApi } from './api-client.ts';
 import { scrubCommand } from './scrub.ts';
 import { serve } from './serve.ts';
 import { attachCommand, detachCommand } from './attach.ts';
+import { benchCommand } from './bench.ts';
 
 const usage = `usage: chunkd <command> [options]
 
@@ -98,8 +99,7 @@ async function run(argv: string[]): Promise<number> {
     case 'fsck':
       return fsckCommand(rest);
     case 'bench':
-      // The benchmark suite (bench/suite.ts; needs the dev dependencies): loaded only when asked for.
-      return (await import('../../bench/suite.ts')).runSuite(rest);
+      return benchCommand(rest);
     default:
       throw ChunkdError.invalid(`unknown command "${command}" (run chunkd --help)`);
   }

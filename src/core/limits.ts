@@ -5,7 +5,7 @@ const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 const TiB = 1024 * GiB;
 
-/** The unit of allocation, mapping and (later) checksumming in the pool. */
+/** The unit of allocation, mapping and checksumming in the pool. */
 export const chunkSizeBytes = 4 * KiB;
 /** Volume sizes are whole chunks, so a volume's last chunk is never partly outside it. */
 export const volumeSizeAlignBytes = chunkSizeBytes;
@@ -22,6 +22,15 @@ export const mapPageChunks = 512;
 
 /** Largest NBD read or write payload; also the NBD_INFO_BLOCK_SIZE maximum we advertise. */
 export const requestBytesMax = 32 * MiB;
+/**
+ * Where small requests end. A small payload is copied out of the connection's socket read window rather than
+ * read into a buffer of its own, sits in a slot of the shared slab rather than a SharedArrayBuffer of its own,
+ * is allocated by Node rather than kept in a free list (nbd/buffer-pool.ts), and its chunk I/O runs on the
+ * calling thread rather than a worker. One boundary for all four, because each is the same trade: below it a
+ * hand-off or a buffer kept aside costs more than moving the bytes, above it the bytes cost more. 64 KiB is
+ * also what Node reads from a socket at once.
+ */
+export const smallRequestBytesMax = 64 * KiB;
 /** Largest TRIM, WRITE_ZEROES, CACHE or BLOCK_STATUS range (no payload travels, so it can be large). */
 export const rangeRequestBytesMax = 4 * GiB - chunkSizeBytes;
 /** Preferred NBD block size advertised to clients. */
@@ -38,7 +47,7 @@ export const optionBytesMax = 64 * KiB;
 export const optionsPerHandshakeMax = 1024;
 /** Extents one BLOCK_STATUS reply may carry. */
 export const blockStatusExtentsMax = 4096;
-/** Seconds a client may take to finish the handshake. */
+/** Time a client may take to finish the handshake. */
 export const handshakeTimeoutMs = 30_000;
 /** Time a closing NBD connection has to flush its last replies before it is cut (a client that stopped reading). */
 export const connectionCloseGraceMs = 10_000;
@@ -50,8 +59,8 @@ export const journalReserveBytes = 4 * MiB;
 /** Unflushed writes are committed in the background at least this often, as a file system's commit interval. */
 export const backgroundCommitIntervalMs = 5_000;
 
-/** Shared-memory request buffers (shared-buffers.ts): a slot holds a request up to 64 KiB with its reply header. */
-export const sharedSlotBytes = 64 * KiB + 64;
+/** Shared-memory request buffers (shared-buffers.ts): a slot holds a small request with room for its reply header. */
+export const sharedSlotBytes = smallRequestBytesMax + 64;
 /** Slots in the slab: 32 requests in flight on each of 64 connections; past that, buffers of their own. */
 export const sharedSlotCount = 2048;
 /** Larger shared buffers kept for reuse, in bytes: a few maximal requests per connection on a few connections. */
@@ -60,9 +69,9 @@ export const sharedLargeBytesHeldMax = 16 * requestBytesMax;
 /** Chunk I/O tasks queued on one worker thread beyond the one it runs: hides the hand-off, keeps the balance. */
 export const workerTasksQueuedMax = 3;
 /** Reads up to this size are served on the calling thread, not a worker (through libuv's pool when they miss the page cache). */
-export const inlineReadBytesMax = 64 * KiB;
+export const inlineReadBytesMax = smallRequestBytesMax;
 /** Writes up to this size are checksummed on the calling thread and written through libuv's pool, not a worker. */
-export const inlineWriteBytesMax = 64 * KiB;
+export const inlineWriteBytesMax = smallRequestBytesMax;
 /** Worker threads at most (serve --workers). */
 export const workersMax = 64;
 

@@ -6,17 +6,17 @@
 //
 // Small buffers (up to sharedSlotBytes) are fixed slots of one SharedArrayBuffer slab, handed out from a stack
 // of free slot numbers (the most recently freed first, so hot slots stay in cache). Larger ones are
-// SharedArrayBuffers of their own, kept for reuse by size up to sharedLargeBytesHeldMax. When every slot is
-// taken, a small request gets its own SharedArrayBuffer too: slower, never an error.
+// SharedArrayBuffers of their own, kept for reuse by size up to sharedLargeBytesHeldMax (free-list.ts). When
+// every slot is taken, a small request gets its own SharedArrayBuffer too: slower, never an error.
 import { assert } from './assert.ts';
+import { SizedFreeList } from './free-list.ts';
 import { sharedLargeBytesHeldMax, sharedSlotBytes, sharedSlotCount } from './limits.ts';
 
 export class SharedBufferPool {
   readonly #slab = new SharedArrayBuffer(sharedSlotBytes * sharedSlotCount);
   readonly #freeSlots = new Int32Array(sharedSlotCount);
   #freeSlotCount = sharedSlotCount;
-  readonly #large = new Map<number, Buffer[]>();
-  #largeBytesHeld = 0;
+  readonly #large = new SizedFreeList(sharedLargeBytesHeldMax);
 
   constructor() {
     for (let i = 0; i < sharedSlotCount; i++) this.#freeSlots[i] = sharedSlotCount - 1 - i;
@@ -33,12 +33,7 @@ export class SharedBufferPool {
       const slot = this.#freeSlots[--this.#freeSlotCount]!;
       return Buffer.from(this.#slab, slot * sharedSlotBytes, size);
     }
-    const reused = this.#large.get(size)?.pop();
-    if (reused !== undefined) {
-      this.#largeBytesHeld -= size;
-      return reused;
-    }
-    return Buffer.from(new SharedArrayBuffer(size));
+    return this.#large.take(size) ?? Buffer.from(new SharedArrayBuffer(size));
   };
 
   /** Gives back a buffer from acquire(); nothing may use it any more. */
@@ -49,14 +44,7 @@ export class SharedBufferPool {
       this.#freeSlots[this.#freeSlotCount++] = buffer.byteOffset / sharedSlotBytes;
       return;
     }
-    if (buffer.length <= sharedSlotBytes || this.#largeBytesHeld + buffer.length > sharedLargeBytesHeldMax) return;
-    let list = this.#large.get(buffer.length);
-    if (list === undefined) {
-      list = [];
-      this.#large.set(buffer.length, list);
-    }
-    list.push(buffer);
-    this.#largeBytesHeld += buffer.length;
+    if (buffer.length > sharedSlotBytes) this.#large.put(buffer);
   };
 }
 

@@ -5,12 +5,10 @@
 // Calls made in one turn of the event loop leave as one message (and results come back the same way), so the
 // per-message cost is shared by every request of a busy turn.
 import type { MessagePort } from 'node:worker_threads';
-import { assert } from '../core/assert.ts';
 import type { BlockDevice, DeviceProvider, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
 import { ChunkdError, errorCodes, type ErrorCode } from '../core/errors.ts';
-
-/** Where a call's bytes are: in the calling thread's registered slab, or in a shared buffer of their own. */
-export type SharedBytes = { slab: number; byteOffset: number; lengthBytes: number } | { memory: SharedArrayBuffer; byteOffset: number; lengthBytes: number };
+import { sharedBytesOf, type SharedBytes } from '../core/shared-bytes.ts';
+import { TurnBatch } from '../core/turn-batch.ts';
 
 export type DeviceCall =
   | { id: number; op: 'open'; name: string }
@@ -40,17 +38,16 @@ export interface SlabRegistration {
 }
 
 export class RemoteProvider implements DeviceProvider {
-  readonly #port: MessagePort;
   readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
-  #outgoing: DeviceCall[] = [];
+  readonly #outgoing: TurnBatch<DeviceCall>;
   #nextId = 1;
   #exports: Array<{ name: string; description: string }> = [];
   readonly #slab: SharedArrayBuffer | null;
 
   /** `slab`: the thread's shared slab (registered as slab 0 on the port). */
   constructor(port: MessagePort, slab: SharedArrayBuffer | null) {
-    this.#port = port;
     this.#slab = slab;
+    this.#outgoing = new TurnBatch((calls) => port.postMessage(calls));
     if (slab !== null) port.postMessage({ op: 'slab', slab: 0, memory: slab } satisfies SlabRegistration);
     port.on('message', (results: DeviceResult[]) => {
       for (const result of results) {
@@ -81,24 +78,15 @@ export class RemoteProvider implements DeviceProvider {
 
   /** Where `buffer`'s bytes are, for the main thread (they must be in shared memory). */
   sharedBytes(buffer: Buffer): SharedBytes {
-    if (buffer.buffer === this.#slab) return { slab: 0, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
-    assert(buffer.buffer instanceof SharedArrayBuffer, 'a protocol thread passes only shared buffers to its devices');
-    return { memory: buffer.buffer, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
+    return sharedBytesOf(buffer, this.#slab, 0);
   }
 
   call(call: DistributiveOmit<DeviceCall, 'id'>): Promise<unknown> {
     const id = this.#nextId++;
     const promise = new Promise<unknown>((resolve, reject) => this.#pending.set(id, { resolve, reject }));
-    if (this.#outgoing.length === 0) setImmediate(this.#flush);
-    this.#outgoing.push({ ...call, id } as DeviceCall);
+    this.#outgoing.add({ ...call, id } as DeviceCall);
     return promise;
   }
-
-  readonly #flush = (): void => {
-    const batch = this.#outgoing;
-    this.#outgoing = [];
-    this.#port.postMessage(batch);
-  };
 }
 
 type DistributiveOmit<T, K extends keyof T> = T extends unknown ? Omit<T, K> : never;

@@ -10,10 +10,11 @@
 // a clean file system on the volume instead, and the restart brings the mount back.
 //
 // Every step that runs a program is asynchronous: the programs open our FUSE files, which this event loop serves.
-import { spawn, execFile, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
+import { runTool as runProgram, type ToolResult } from '../core/run-tool.ts';
 import { mountAt } from '../fuse/session.ts';
 import { AttachmentTable, planFileSystem, type AttachmentRecord, type AttachRequest, type FsType } from './attachment-table.ts';
 
@@ -51,20 +52,12 @@ interface MountOptions {
   reattach: boolean;
 }
 
-interface ToolResult {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
 const toolTimeoutMs = 300_000;
 
+/** Runs a program (core/run-tool.ts); one that could not run, or was killed, is an EIO. */
 function runTool(command: string, args: string[]): Promise<ToolResult> {
-  return new Promise((resolve, reject) => {
-    execFile(command, args, { timeout: toolTimeoutMs, maxBuffer: 16 * 1024 * 1024 }, (error, stdout, stderr) => {
-      if (error && typeof error.code !== 'number') return reject(ChunkdError.io(`${command} could not run: ${error.message}`, error));
-      resolve({ code: typeof error?.code === 'number' ? error.code : 0, stdout: stdout.toString(), stderr: stderr.toString() });
-    });
+  return runProgram(command, args, { timeoutMs: toolTimeoutMs, outputBytesMax: 16 * 1024 * 1024 }).catch((error: Error) => {
+    throw ChunkdError.io(`${command} could not run: ${error.message}`, error);
   });
 }
 

@@ -8,19 +8,20 @@ import type { MessagePort } from 'node:worker_threads';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
-import type { DeviceCall, DeviceResult, OpenedDevice, SharedBytes, SlabRegistration } from '../nbd/remote-device.ts';
+import { sharedView, type SharedBytes } from '../core/shared-bytes.ts';
+import { TurnBatch } from '../core/turn-batch.ts';
+import type { DeviceCall, DeviceResult, OpenedDevice, SlabRegistration } from '../nbd/remote-device.ts';
 
 export class DeviceHost {
   readonly #provider: DeviceProvider;
-  readonly #port: MessagePort;
   readonly #devices = new Map<number, BlockDevice>();
   readonly #slabs = new Map<number, SharedArrayBuffer>();
   #nextHandle = 1;
-  #outgoing: DeviceResult[] = [];
+  readonly #outgoing: TurnBatch<DeviceResult>;
 
   constructor(provider: DeviceProvider, port: MessagePort) {
     this.#provider = provider;
-    this.#port = port;
+    this.#outgoing = new TurnBatch((results) => port.postMessage(results));
     port.on('message', (message: DeviceCall[] | SlabRegistration) => {
       if (!Array.isArray(message)) {
         this.#slabs.set(message.slab, message.memory);
@@ -46,10 +47,10 @@ export class DeviceHost {
       operation = Promise.reject(error);
     }
     operation.then(
-      (value) => this.#answer({ id: call.id, ok: true, value }),
+      (value) => this.#outgoing.add({ id: call.id, ok: true, value }),
       (error: unknown) => {
         const failure = expectedError(error, `${call.op} for an NBD thread`);
-        this.#answer({ id: call.id, ok: false, code: failure.code, message: failure.message });
+        this.#outgoing.add({ id: call.id, ok: false, code: failure.code, message: failure.message });
       },
     );
   }
@@ -91,19 +92,8 @@ export class DeviceHost {
   }
 
   #bytes(bytes: SharedBytes): Buffer {
-    const memory = 'slab' in bytes ? this.#slabs.get(bytes.slab) : bytes.memory;
-    if (memory === undefined) throw new ChunkdError('EINVAL', 'a call names a slab that was never registered');
-    return Buffer.from(memory, bytes.byteOffset, bytes.lengthBytes);
+    const view = sharedView(bytes, this.#slabs);
+    if (view === null) throw new ChunkdError('EINVAL', 'a call names a slab that was never registered');
+    return view;
   }
-
-  #answer(result: DeviceResult): void {
-    if (this.#outgoing.length === 0) setImmediate(this.#flush);
-    this.#outgoing.push(result);
-  }
-
-  readonly #flush = (): void => {
-    const batch = this.#outgoing;
-    this.#outgoing = [];
-    this.#port.postMessage(batch);
-  };
 }

@@ -1,19 +1,20 @@
 // Physical chunk storage: chunk i lives at byte (i mod chunksPerFile) * chunkSize of chunk file
-// floor(i / chunksPerFile), a sparse file under <pool>/chunks. Files are opened on demand and kept in an LRU
+// floor(i / chunksPerFile), a sparse file under <pool>/chunks (chunk-file-layout.ts). Files are opened on demand and kept in an LRU
 // cache of descriptors; a descriptor evicted while I/O uses it is closed when the last user lets go, so no
 // read or write ever lands on a reused descriptor. Files written since the last sync are remembered (at the
 // completion of each write, so a sync never misses a write that finished before it started), and so are files
 // created since the directory was last synced: a sync makes their names durable too, or a power loss could take
 // a file whose data the journal already names. All I/O goes through the pool's file layer (file-layer.ts).
 import fs from 'node:fs';
-import path from 'node:path';
 import { LRUCache } from 'lru-cache';
 import { assert } from '../core/assert.ts';
-import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
+import { chunkSizeBytes, openChunkFilesMax } from '../core/limits.ts';
 import { settleAll } from '../core/settle.ts';
+import { chunkFileBytes, chunkFileIndexOf, chunkFilePath } from './chunk-file-layout.ts';
 import { readFully, type FileLayer } from './file-layer.ts';
 
-const fileBytes = chunksPerFile * chunkSizeBytes;
+/** Kept here too for the modules that import it from chunk-files.ts (fsck.ts). */
+export { chunkFilePath } from './chunk-file-layout.ts';
 const resolved = Promise.resolve();
 
 interface OpenFile {
@@ -58,15 +59,15 @@ export class ChunkFiles {
    */
   readCached(physicalChunk: number, offsetBytes: number, target: Uint8Array): boolean {
     const position = physicalChunk * chunkSizeBytes + offsetBytes;
-    const fileIndex = Math.floor(position / fileBytes);
+    const fileIndex = Math.floor(position / chunkFileBytes);
     const file = this.#files.get(fileIndex);
     if (file === undefined) {
       // Open it for the reads that follow: when worker threads did every write so far, this thread never has.
       if (!this.#opening.has(fileIndex)) this.#open(fileIndex).catch(() => {});
       return false;
     }
-    if (position + target.length > (fileIndex + 1) * fileBytes) return false;
-    const bytesRead = this.layer.readCached(file.fd, target, position - fileIndex * fileBytes);
+    if (position + target.length > (fileIndex + 1) * chunkFileBytes) return false;
+    const bytesRead = this.layer.readCached(file.fd, target, position - fileIndex * chunkFileBytes);
     if (bytesRead === target.length) return true;
     if (bytesRead !== 0) return false;
     target.fill(0); // past the end of a sparse file
@@ -148,8 +149,8 @@ export class ChunkFiles {
   existingFiles(): number[] {
     return fs
       .readdirSync(this.directory)
-      .filter((name) => /^\d{8}\.chunk$/.test(name))
-      .map((name) => Number(name.slice(0, 8)))
+      .map(chunkFileIndexOf)
+      .filter((fileIndex) => fileIndex !== null)
       .sort((a, b) => a - b);
   }
 
@@ -164,16 +165,16 @@ export class ChunkFiles {
     action: (file: OpenFile, filePosition: number, start: number, end: number, fileIndex: number) => Promise<void>,
   ): Promise<void> {
     assert(lengthBytes >= 0);
-    const firstFile = Math.floor(positionBytes / fileBytes);
-    const lastFile = Math.floor((positionBytes + lengthBytes - 1) / fileBytes);
+    const firstFile = Math.floor(positionBytes / chunkFileBytes);
+    const lastFile = Math.floor((positionBytes + lengthBytes - 1) / chunkFileBytes);
     if (firstFile === lastFile || lengthBytes === 0) {
-      return this.#withFile(firstFile, (file) => action(file, positionBytes - firstFile * fileBytes, 0, lengthBytes, firstFile));
+      return this.#withFile(firstFile, (file) => action(file, positionBytes - firstFile * chunkFileBytes, 0, lengthBytes, firstFile));
     }
     const parts: Promise<void>[] = [];
     for (let fileIndex = firstFile; fileIndex <= lastFile; fileIndex++) {
-      const start = Math.max(positionBytes, fileIndex * fileBytes) - positionBytes;
-      const end = Math.min(positionBytes + lengthBytes, (fileIndex + 1) * fileBytes) - positionBytes;
-      parts.push(this.#withFile(fileIndex, (file) => action(file, positionBytes + start - fileIndex * fileBytes, start, end, fileIndex)));
+      const start = Math.max(positionBytes, fileIndex * chunkFileBytes) - positionBytes;
+      const end = Math.min(positionBytes + lengthBytes, (fileIndex + 1) * chunkFileBytes) - positionBytes;
+      parts.push(this.#withFile(fileIndex, (file) => action(file, positionBytes + start - fileIndex * chunkFileBytes, start, end, fileIndex)));
     }
     // Every part settles before this returns, so no I/O still uses the caller's buffer when it fails.
     await settleAll(parts);
@@ -209,9 +210,4 @@ export class ChunkFiles {
     }
     return opening;
   }
-}
-
-/** Path of chunk file `fileIndex` in the chunk directory (shared with the workers' own descriptors, chunk-task.ts). */
-export function chunkFilePath(directory: string, fileIndex: number): string {
-  return path.join(directory, `${fileIndex.toString().padStart(8, '0')}.chunk`);
 }

@@ -9,15 +9,14 @@
 // synchronously gave 1 MiB sequential reads 38 MB/s against 133 for every peer. A task still finishes all its
 // I/O before it returns (piscina's caveat: an idle worker sits in Atomics.wait, and nothing pending would run).
 // Writes stay synchronous: they land in the page cache.
-import { chunkFilePath } from './chunk-files.ts';
+import { chunkFileBytes, chunkFilePath } from './chunk-file-layout.ts';
 import { readFully, type FileLayer } from './file-layer.ts';
-import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../core/limits.ts';
+import { chunkSizeBytes, openChunkFilesMax } from '../core/limits.ts';
+import { sharedView, type SharedBytes } from '../core/shared-bytes.ts';
 import { chunkSums, firstPlanMismatch, type Mismatch } from './chunk-io.ts';
 
-const fileBytes = chunksPerFile * chunkSizeBytes;
-
-/** A task's bytes: in the slab the worker was given at start (named, so no SharedArrayBuffer is cloned per task), or in a shared buffer of their own. */
-export type TaskMemory = { slab: true; byteOffset: number; lengthBytes: number } | { slab: false; memory: SharedArrayBuffer; byteOffset: number; lengthBytes: number };
+/** A task's bytes: in slab 0, the one the worker was given at start, or in a shared buffer of their own (shared-bytes.ts). */
+export type TaskMemory = SharedBytes;
 
 export type ChunkTask =
   | { op: 'read'; bytes: TaskMemory; plan: Float64Array; expected: Uint32Array; verify: boolean }
@@ -37,7 +36,8 @@ export class ChunkTaskRunner {
   readonly #directory: string;
   readonly #files: FileLayer;
   readonly #testHooks: boolean;
-  readonly #slab: SharedArrayBuffer | null;
+  /** The slab the worker was given at start, as slab 0, or none. */
+  readonly #slabs = new Map<number, SharedArrayBuffer>();
   /** Open chunk files; `reads`: asynchronous reads still using the descriptor, which must not be closed under them. */
   readonly #fds = new Map<number, { fd: number; reads: number }>();
   /** Descriptors dropped from #fds while reads still used them: closed when the last one ends. */
@@ -46,14 +46,14 @@ export class ChunkTaskRunner {
   constructor(directory: string, files: FileLayer, slab: SharedArrayBuffer | null, testHooks: boolean) {
     this.#directory = directory;
     this.#files = files;
-    this.#slab = slab;
+    if (slab !== null) this.#slabs.set(0, slab);
     this.#testHooks = testHooks;
   }
 
   #view(bytes: TaskMemory): Uint8Array {
-    const memory = bytes.slab ? this.#slab : bytes.memory;
-    if (memory === null) throw Object.assign(new Error('a task names a slab this worker was not given'), { code: 'EINVAL' });
-    return new Uint8Array(memory, bytes.byteOffset, bytes.lengthBytes);
+    const view = sharedView(bytes, this.#slabs);
+    if (view === null) throw Object.assign(new Error('a task names a slab this worker was not given'), { code: 'EINVAL' });
+    return view;
   }
 
   /** Runs a batch, its tasks side by side; each succeeds or fails on its own. */
@@ -134,9 +134,9 @@ export class ChunkTaskRunner {
     let done = 0;
     while (done < bytes.length) {
       const position = physicalChunk * chunkSizeBytes + done;
-      const fileIndex = Math.floor(position / fileBytes);
-      const inFile = position - fileIndex * fileBytes;
-      const length = Math.min(bytes.length - done, fileBytes - inFile);
+      const fileIndex = Math.floor(position / chunkFileBytes);
+      const inFile = position - fileIndex * chunkFileBytes;
+      const length = Math.min(bytes.length - done, chunkFileBytes - inFile);
       action(this.#fd(fileIndex), bytes.subarray(done, done + length), inFile);
       files.push(fileIndex);
       done += length;

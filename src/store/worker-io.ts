@@ -14,11 +14,15 @@ import { Piscina } from 'piscina';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
 import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
+import { sharedBytesOf } from '../core/shared-bytes.ts';
+import { TurnBatch } from '../core/turn-batch.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerTask } from './chunk-task.ts';
 
 const workerModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'chunk-io.ts');
+
+type PendingTask = { task: ChunkTask; resolve: (result: ChunkTaskResult) => void; reject: (error: Error) => void };
 
 /** piscina's live view of one worker (its getters read the worker's state now). */
 interface WorkerView {
@@ -47,8 +51,8 @@ export class WorkerChunkIo implements ChunkIo {
   readonly #inline: InlineChunkIo;
   readonly #pool: Piscina<WorkerTask, ChunkTaskResult[]>;
   readonly #workerCount: number;
-  /** Tasks asked for in this turn of the event loop, handed out together at its end. */
-  #pending: Array<{ task: ChunkTask; resolve: (result: ChunkTaskResult) => void; reject: (error: Error) => void }> = [];
+  /** Tasks asked for in this turn of the event loop, handed out together at its end (#dispatch). */
+  readonly #pending = new TurnBatch<PendingTask>((pending) => this.#dispatch(pending));
   readonly #buffers: SharedBufferPool;
   readonly #log: (line: string) => void;
   /** Workers, with the thread id each had when it started (the view's id reads -1 once its thread is gone). */
@@ -156,9 +160,7 @@ export class WorkerChunkIo implements ChunkIo {
    * more than a small read or write itself (measured on 2 vCPUs: piscina's postTask took 14 us per task), so
    * a busy turn pays it once per worker instead of once per request.
    */
-  readonly #dispatch = (): void => {
-    const pending = this.#pending;
-    this.#pending = [];
+  #dispatch(pending: PendingTask[]): void {
     const batchCount = Math.min(this.#workerCount, pending.length);
     for (let b = 0; b < batchCount; b++) {
       const batch = pending.filter((_, i) => i % batchCount === b);
@@ -170,17 +172,16 @@ export class WorkerChunkIo implements ChunkIo {
         },
       );
     }
-  };
+  }
 
+  /** The worker was given the slab at start as slab 0 (workerData). */
   #taskMemory(buffer: Buffer): TaskMemory {
-    if (buffer.buffer === this.#buffers.slab) return { slab: true, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
-    return { slab: false, memory: buffer.buffer as SharedArrayBuffer, byteOffset: buffer.byteOffset, lengthBytes: buffer.length };
+    return sharedBytesOf(buffer, this.#buffers.slab, 0);
   }
 
   async #run(task: ChunkTask): Promise<Extract<ChunkTaskResult, { ok: true }>> {
     const result = await new Promise<ChunkTaskResult>((resolve, reject) => {
-      if (this.#pending.length === 0) setImmediate(this.#dispatch);
-      this.#pending.push({ task, resolve, reject });
+      this.#pending.add({ task, resolve, reject });
     });
     if (!result.ok) {
       const error = Object.assign(new Error(result.message), { code: result.code }) as NodeJS.ErrnoException;

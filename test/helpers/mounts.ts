@@ -2,7 +2,7 @@
 // device keeps a file under it (a failed test must not leave the machine with mounts behind).
 import fs from 'node:fs';
 import path from 'node:path';
-import { runTool } from './node-process.ts';
+import { runTool } from '../../src/core/run-tool.ts';
 
 function unescape(text: string): string {
   return text.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8)));

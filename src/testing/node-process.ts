@@ -1,0 +1,103 @@
+// Starts a real `chunkd serve` process for integration tests and tools to drive it with real clients. It lives
+// in src/testing rather than test/ because the benchmarks use it too (bench/snapshots.ts), and bench/ must not
+// import test/; test/helpers/node-process.ts re-exports it for the tests.
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { runTool, type ToolResult } from '../core/run-tool.ts';
+
+export { runTool, type ToolResult };
+
+export const repoRoot = path.resolve(import.meta.dirname, '..', '..');
+export const nodeBinary = process.execPath;
+export const chunkdBin = path.join(repoRoot, 'bin', 'chunkd.js');
+
+export interface RunningNode {
+  process: ChildProcess;
+  pool: string;
+  nbdSocket: string;
+  apiSocket: string;
+  tcpPort: number;
+  /** NBD URI of an export over the unix socket, as libnbd and qemu take it. */
+  uri(exportName?: string): string;
+  /** qemu's spelling of the same export (for qemu-io/qemu-img "nbd:unix:...:exportname=..."). */
+  qemuUri(exportName?: string): string;
+  /** Runs the chunkd CLI against this node. */
+  cli(...args: string[]): Promise<ToolResult>;
+  /** SIGTERM and wait for exit; returns the exit code. */
+  stop(): Promise<number | null>;
+  /** SIGKILL and wait for exit. */
+  kill(): Promise<void>;
+  stderr(): string;
+}
+
+export function makeTempDir(label: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `chunkd-${label}-`));
+}
+
+/** Starts a node on `pool` (TCP on a free port, NBD and API unix sockets inside the pool) and waits until ready. */
+export async function startNode(pool: string, extraArgs: string[] = []): Promise<RunningNode> {
+  const nbdSocket = path.join(pool, 'nbd.sock');
+  const apiSocket = path.join(pool, 'api.sock');
+  // CHUNKD_TEST_WORKERS / CHUNKD_TEST_NBD_THREADS run the whole suite against other thread layouts (npm test does).
+  const layout = [
+    ...(process.env.CHUNKD_TEST_WORKERS !== undefined && !extraArgs.includes('--workers') ? ['--workers', process.env.CHUNKD_TEST_WORKERS] : []),
+    ...(process.env.CHUNKD_TEST_NBD_THREADS !== undefined && !extraArgs.includes('--nbd-threads') ? ['--nbd-threads', process.env.CHUNKD_TEST_NBD_THREADS] : []),
+  ];
+  const child = spawn(nodeBinary, [chunkdBin, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--socket', nbdSocket, '--api', apiSocket, ...layout, ...extraArgs], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stderr!.on('data', (chunk: Buffer) => {
+    stderr += chunk.toString();
+  });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const tcpPort = await new Promise<number>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`chunkd did not start in 20 s: ${stderr}`)), 20_000);
+    child.stdout!.on('data', (chunk: Buffer) => {
+      stdout += chunk.toString();
+      const match = /chunkd ready: .*nbd .*?127\.0\.0\.1:(\d+)/.exec(stdout);
+      if (match) {
+        clearTimeout(timer);
+        resolve(Number(match[1]));
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`chunkd exited with ${code} before it was ready: ${stderr}`));
+    });
+  });
+  return {
+    process: child,
+    pool,
+    nbdSocket,
+    apiSocket,
+    tcpPort,
+    uri: (exportName = 'default') => `nbd+unix:///${exportName}?socket=${nbdSocket}`,
+    qemuUri: (exportName = 'default') => `nbd:unix:${nbdSocket}:exportname=${exportName}`,
+    cli: (...args) => runTool(nodeBinary, [chunkdBin, ...args], { env: { ...process.env, CHUNKD_API: apiSocket } }),
+    stop: async () => {
+      child.kill('SIGTERM');
+      return exited;
+    },
+    kill: async () => {
+      child.kill('SIGKILL');
+      await exited;
+    },
+    stderr: () => stderr,
+  };
+}
+
+/** Runs a program and fails with its output unless it exits 0. */
+export async function mustRun(command: string, args: string[], options: { input?: string; timeoutMs?: number } = {}): Promise<string> {
+  const result = await runTool(command, args, options);
+  if (result.code !== 0) throw new Error(`${command} ${args.join(' ')} exited ${result.code}\nstdout: ${result.stdout}\nstderr: ${result.stderr}`);
+  return result.stdout;
+}
+
+/** Whether a program is on PATH (integration tests need the real clients; .ci/run installs them). */
+export function haveTool(name: string): boolean {
+  return (process.env.PATH ?? '').split(':').some((dir) => fs.existsSync(path.join(dir, name)));
+}
