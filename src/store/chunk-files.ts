@@ -14,7 +14,6 @@ import { chunkFileBytes, chunkFileIndexOf, chunkFilePath } from './chunk-file-la
 import { readFully, type FileLayer } from './file-layer.ts';
 
 /** Kept here too for the modules that import it from chunk-files.ts (fsck.ts). */
-export { chunkFilePath } from './chunk-file-layout.ts';
 const resolved = Promise.resolve();
 
 interface OpenFile {

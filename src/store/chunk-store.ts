@@ -21,7 +21,7 @@ import type { ChunkFiles } from './chunk-files.ts';
 import { locateInPlan, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
 import type { ChunkMap, ChunkRun } from './chunk-map.ts';
 import type { ChunkSums } from './chunk-sums.ts';
-import { scrub, type ScrubReport } from './scrub.ts';
+import { hex, scrub, type ScrubReport } from './scrub.ts';
 
 /** Chunks just written: the first of the fresh run and the checksum of each. */
 export interface WrittenRun {
@@ -252,8 +252,4 @@ function coalesce(extents: FreeExtent[]): FreeExtent[] {
     else merged.push({ ...extent });
   }
   return merged;
-}
-
-function hex(value: number): string {
-  return value.toString(16).padStart(8, '0');
 }

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile, volumeSizeAlignBytes } from '../core/limits.ts';
 import { ChunkAllocator } from './allocator.ts';
-import { chunkFilePath } from './chunk-files.ts';
+import { chunkFileIndexOf, chunkFilePath } from './chunk-file-layout.ts';
 import type { ChunkMap } from './chunk-map.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
 import { dataRanges } from './native.ts';
@@ -62,7 +62,7 @@ async function check(files: FileLayer, directory: string): Promise<FsckReport> {
   for (const line of loaded.leftovers) warnings.push(`stray metadata file ${line}; the next start removes it`);
 
   const chunkDirectory = chunksDirectory(directory);
-  const existing = fs.existsSync(chunkDirectory) ? fs.readdirSync(chunkDirectory).filter((name) => /^\d{8}\.chunk$/.test(name)).map((name) => Number(name.slice(0, 8))) : [];
+  const existing = fs.existsSync(chunkDirectory) ? fs.readdirSync(chunkDirectory).flatMap((name) => chunkFileIndexOf(name) ?? []) : [];
   const fileSizes = new Map(existing.map((index) => [index, fs.statSync(chunkFilePath(chunkDirectory, index)).size]));
   let mappedBytes = 0;
   const checkMap = (what: string, map: ChunkMap, sizeBytes: number): void => {

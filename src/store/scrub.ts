@@ -149,6 +149,7 @@ function readFailure(error: unknown): boolean {
   return error instanceof ChunkdError || isSystemError(error);
 }
 
-function hex(value: number): string {
+/** A CRC-32 as eight hex digits, as every checksum message writes it. */
+export function hex(value: number): string {
   return value.toString(16).padStart(8, '0');
 }
