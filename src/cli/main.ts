@@ -13,6 +13,7 @@ import { callApi } from './api-client.ts';
 import { scrubCommand } from './scrub.ts';
 import { serve } from './serve.ts';
 import { attachCommand, detachCommand } from './attach.ts';
+import { tlsCommand } from './tls.ts';
 
 const usage = `usage: chunkd <command> [options]
 
@@ -44,6 +45,9 @@ const usage = `usage: chunkd <command> [options]
                                      offline check of a pool no node holds: exit 0 clean, 1 damage, 2 could
                                      not run; --repair rewrites damaged metadata from its good copy, or
                                      salvages what it can and lists exactly what was lost
+  tls init DIR [--node NAME ...] [--client NAME ...] [--san SAN ...] [--days N] [--add|--force]
+                                     a cluster CA and certificates in the qemu/libnbd/nbdkit layout: DIR/NAME/
+                                     per node (server + client pair) or client; DIR itself holds the first node's
   bench [--target DIR] [--profile NAME] [--quick] [--only ROWS] [--out DIR]
                                      chunkd against the raw disk and its peers (bench/README.md)
 
@@ -97,6 +101,8 @@ async function run(argv: string[]): Promise<number> {
       return scrubCommand(rest, apiPath);
     case 'fsck':
       return fsckCommand(rest);
+    case 'tls':
+      return tlsCommand(rest);
     case 'bench':
       // The benchmark suite (bench/suite.ts; needs the dev dependencies): loaded only when asked for.
       return (await import('../../bench/suite.ts')).runSuite(rest);
