@@ -14,12 +14,14 @@ import { scrubCommand } from './scrub.ts';
 import { serve } from './serve.ts';
 import { attachCommand, detachCommand } from './attach.ts';
 import { tlsCommand } from './tls.ts';
+import { peerCommand } from './peer.ts';
 
 const usage = `usage: chunkd <command> [options]
 
   serve [--pool DIR] [--listen HOST:PORT|none] [--socket PATH] [--api PATH] [--default-volume NAME:SIZE]
-        [--fuse DIR] [--plugin-socket PATH]
-                                     run a node in the foreground (pool ./data, NBD on 127.0.0.1:10809)
+        [--fuse DIR] [--plugin-socket PATH] [--peer-listen HOST:PORT --tls-dir DIR [--peer-allow NAME,...]]
+                                     run a node in the foreground (pool ./data, NBD on 127.0.0.1:10809);
+                                     --peer-listen: the node-to-node port, mutual TLS with DIR's CA only
   volume create NAME --size SIZE     create a thin volume (sizes: 512, 4KiB, 64MiB, 10GiB, 1TiB)
   volume list [--json]
   volume info NAME [--json]          declared size and bytes allocated
@@ -48,6 +50,8 @@ const usage = `usage: chunkd <command> [options]
   tls init DIR [--node NAME ...] [--client NAME ...] [--san SAN ...] [--days N] [--add|--force]
                                      a cluster CA and certificates in the qemu/libnbd/nbdkit layout: DIR/NAME/
                                      per node (server + client pair) or client; DIR itself holds the first node's
+  peer status HOST:PORT --tls-dir DIR [--expect NAME] [--json]
+                                     hello to a node's peer port with DIR's client pair: its name, version, pool
   bench [--target DIR] [--profile NAME] [--quick] [--only ROWS] [--out DIR]
                                      chunkd against the raw disk and its peers (bench/README.md)
 
@@ -103,6 +107,8 @@ async function run(argv: string[]): Promise<number> {
       return fsckCommand(rest);
     case 'tls':
       return tlsCommand(rest);
+    case 'peer':
+      return peerCommand(rest);
     case 'bench':
       // The benchmark suite (bench/suite.ts; needs the dev dependencies): loaded only when asked for.
       return (await import('../../bench/suite.ts')).runSuite(rest);

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { checkName } from '../core/names.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
@@ -20,6 +20,10 @@ import { FuseFrontEnd, type FuseStatus } from '../fuse/front-end.ts';
 import { DockerPluginServer } from '../api/docker-plugin.ts';
 import { Attachments, type AttachmentStatus } from './attachments.ts';
 import { validateAttachRequest } from './attachment-table.ts';
+import { loadCredentials } from '../peer/credentials.ts';
+import { PeerServer, type PeerServerStats } from '../peer/server.ts';
+import { poolIdentity } from '../store/pool-layout.ts';
+import { softwareVersion } from '../core/version.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -42,6 +46,18 @@ export interface NodeConfig {
   fuseDirectory?: string | null;
   /** Unix socket for the Docker volume plugin protocol (serve --plugin-socket), or null. */
   pluginSocketPath?: string | null;
+  /** The peer port (serve --peer-listen, --tls-dir, --peer-allow), or null/absent for none. */
+  peer?: PeerConfig | null;
+}
+
+export interface PeerConfig {
+  listen: { host: string; port: number };
+  /** This node's set from chunkd tls init (qemu layout): its server pair is what the peer port presents. */
+  tlsDirectory: string;
+  /** Peer names let in; null: any the CA signed. */
+  allow: string[] | null;
+  /** Default limits.peerHandshakeTimeoutMs (tests shorten it). */
+  handshakeTimeoutMs?: number;
 }
 
 export class ChunkdNode implements ControlPlane, DeviceProvider {
@@ -57,10 +73,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   #fuseMounting: Promise<FuseFrontEnd> | null = null;
   #attachments: Attachments | null = null;
   #plugin: DockerPluginServer | null = null;
+  #peer: PeerServer | null = null;
+  /** The pool's stable identity (pool-layout.ts: pool-id), told to peers in hello. */
+  readonly poolId: string;
 
-  private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null) {
+  private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string) {
     this.config = config;
     this.pool = pool;
+    this.poolId = poolId;
     this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers });
     this.api = new ApiServer(this);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
@@ -68,6 +88,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   /** Opens the pool and starts the front ends; on any failure everything started is stopped again. */
   static async start(config: NodeConfig): Promise<ChunkdNode> {
+    // The peer port's credentials are checked before anything starts: a missing or wrong file is one clear line.
+    const peerCredentials = config.peer ? loadCredentials(config.peer.tlsDirectory, 'server') : null;
     const workers = config.workers ?? defaultWorkerCount();
     // With workers, request buffers live in shared memory so that bytes reach a worker without a copy.
     const sharedBuffers = workers > 0 ? new SharedBufferPool() : null;
@@ -78,7 +100,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       verifyReads: config.verifyReads ?? true,
     });
     if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)');
-    const node = new ChunkdNode(config, pool, sharedBuffers);
+    let poolId: string;
+    try {
+      poolId = await poolIdentity(pool.files, pool.directory);
+    } catch (error) {
+      await pool.close().catch(() => {});
+      throw fromSystemError(error, `reading or writing the pool id in ${pool.directory}`);
+    }
+    const node = new ChunkdNode(config, pool, sharedBuffers, poolId);
     try {
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
@@ -112,6 +141,18 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         node.#plugin = new DockerPluginServer(node, path.join(pool.directory, 'mounts'), config.log);
         await node.#plugin.listen(config.pluginSocketPath);
       }
+      if (config.peer && peerCredentials !== null) {
+        node.#peer = new PeerServer({
+          credentials: peerCredentials,
+          allow: config.peer.allow === null ? null : new Set(config.peer.allow),
+          poolId,
+          software: `chunkd ${softwareVersion}`,
+          log: config.log,
+          handshakeTimeoutMs: config.peer.handshakeTimeoutMs,
+        });
+        await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
+        config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);
+      }
     } catch (error) {
       await node.stop().catch(() => {});
       throw error;
@@ -120,6 +161,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async stop(): Promise<void> {
+    await this.#peer?.close();
     await this.#plugin?.close();
     // File systems first (their last writes go through FUSE or NBD to the pool), then the FUSE mount.
     await this.#attachments?.stopAll();
@@ -255,15 +297,21 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       pid: process.pid,
       uptimeSeconds: Math.round((Date.now() - this.#startedAt) / 1000),
       nodeVersion: process.version,
-      pool: await this.pool.status(),
+      pool: { ...(await this.pool.status()), id: this.poolId },
       volumes: this.pool.listVolumes(),
       nbd: await this.#nbdStatus(),
       api: { socket: this.apiSocketPath },
+      peer: this.#peer?.stats() ?? null,
       fuse: this.#fuse?.status() ?? null,
       attachments: this.#attachments?.list() ?? [],
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
       io: this.pool.io.status(),
     };
+  }
+
+  /** Where peers reach the node (serve --peer-listen), or none. */
+  peerAddresses(): string[] {
+    return this.#peer?.addresses() ?? [];
   }
 
   /** Where NBD clients reach the node: the protocol threads' TCP address, then the main thread's listeners. */
@@ -293,10 +341,11 @@ export interface NodeStatus {
   pid: number;
   uptimeSeconds: number;
   nodeVersion: string;
-  pool: Awaited<ReturnType<Pool['status']>>;
+  pool: Awaited<ReturnType<Pool['status']>> & { id: string };
   volumes: VolumeInfo[];
   nbd: { listen: string[]; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
   api: { socket: string };
+  peer: PeerServerStats | null;
   fuse: FuseStatus | null;
   attachments: AttachmentStatus[];
   eventLoopUtilization: number;
