@@ -70,6 +70,8 @@ export class PeerServer {
   readonly #sockets = new Set<net.Socket>();
   /** Each accepted connection's deadline for TLS and hello, by remote address; gone once hello is answered. */
   readonly #deadlines = new Map<string, NodeJS.Timeout>();
+  /** Connections the deadline just ended, so that the TLS error their end causes is not logged twice. */
+  readonly #timedOut = new Set<string>();
   readonly #handshakeTimeoutMs: number;
   #connectionsTotal = 0;
   #refusedTotal = 0;
@@ -87,14 +89,17 @@ export class PeerServer {
       ca,
       cert,
       key,
-      // Node's own timer is an idle one; #accept sets the absolute deadline. This one stays as a backstop.
-      handshakeTimeout: this.#handshakeTimeoutMs,
+      // #accept sets the deadline that covers TLS and hello together; Node's own timer stays as a backstop.
+      handshakeTimeout: 2 * this.#handshakeTimeoutMs,
     });
     this.#server.on('connection', (socket: net.Socket) => this.#accept(socket));
     this.#server.on('tlsClientError', (error: Error, socket: tls.TLSSocket) => {
-      this.#refusedTotal += 1;
-      this.#options.log(`peer connection from ${remoteOfTls(socket)} refused: ${describeTlsError(error, socket.authorizationError)}`);
       socket.destroy();
+      const where = remoteOfTls(socket);
+      // A connection the deadline ended is logged and counted there already.
+      if (this.#timedOut.delete(where)) return;
+      this.#refusedTotal += 1;
+      this.#options.log(`peer connection from ${where} refused: ${describeTlsError(error, socket.authorizationError)}`);
     });
     this.#server.on('secureConnection', (socket: tls.TLSSocket) => this.#serve(socket));
   }
@@ -150,7 +155,10 @@ export class PeerServer {
       if (socket.destroyed) return;
       this.#refusedTotal += 1;
       this.#options.log(`peer connection from ${remote(socket)} closed: no TLS handshake and hello within ${this.#handshakeTimeoutMs} ms`);
+      this.#timedOut.add(remote(socket));
       socket.destroy();
+      // The TLS layer reports the end as a client error once the socket has closed, or not at all (hello was late).
+      setTimeout(() => this.#timedOut.delete(remote(socket)), 1_000).unref();
     }, this.#handshakeTimeoutMs);
     deadline.unref();
     // Keyed by the remote address and port, which name one open connection, and which the TLS socket that
