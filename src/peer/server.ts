@@ -183,9 +183,9 @@ export class PeerServer {
       socket.end(Buffer.concat(encodeErrorFrame(0, 0, error)));
       setTimeout(() => socket.destroy(), connectionCloseGraceMs).unref();
     };
-    if (name === null) return refuse('its certificate has no valid name (subject CN)', ChunkdError.readOnly('the certificate has no valid name (subject CN)'));
+    if (name === null) return refuse('its certificate has no valid name (subject CN)', new ChunkdError('EPERM', 'the certificate has no valid name (subject CN)'));
     if (this.#options.allow !== null && !this.#options.allow.has(name)) {
-      return refuse(`peer ${name} is not in --peer-allow`, ChunkdError.readOnly(`peer ${name} is not allowed on node ${this.#options.credentials.name}`));
+      return refuse(`peer ${name} is not in --peer-allow`, new ChunkdError('EPERM', `peer ${name} is not allowed on node ${this.#options.credentials.name}`));
     }
     socket.setKeepAlive(true, 30_000);
     new PeerConnection(socket, name, where, this, () => this.#clearDeadline(where)).start();
