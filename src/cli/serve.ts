@@ -65,12 +65,15 @@ export async function serve(argv: string[]): Promise<number> {
       'peer-listen': { type: 'string' },
       'tls-dir': { type: 'string' },
       'peer-allow': { type: 'string', multiple: true },
+      'api-listen': { type: 'string' },
     },
   });
   const log = (line: string): void => {
     process.stderr.write(`${new Date().toISOString()} chunkd: ${line}\n`);
   };
   const peer = parsePeerOptions(values['peer-listen'], values['tls-dir'], values['peer-allow']);
+  const apiListen = values['api-listen'] === undefined ? null : parseListen(values['api-listen'], '--api-listen', '0.0.0.0:10811');
+  if (apiListen !== null && values['tls-dir'] === undefined) throw ChunkdError.invalid('--api-listen needs --tls-dir DIR: the API on TCP is mutual TLS only');
   // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
   installFailStop();
   const node = await ChunkdNode.start({
@@ -85,6 +88,7 @@ export async function serve(argv: string[]): Promise<number> {
     fuseDirectory: values.fuse ?? null,
     pluginSocketPath: values['plugin-socket'] ?? null,
     peer,
+    apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: values['tls-dir']! },
     log,
   });
   // Listen for the stop signals before saying ready: a SIGTERM sent right after the ready line otherwise found no
@@ -96,7 +100,8 @@ export async function serve(argv: string[]): Promise<number> {
   const listening = node.nbdAddresses();
   // One line on stdout when ready: scripts and tests wait for it (and read the port when --listen asked for 0).
   const peerAddresses = node.peerAddresses();
-  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}${peerAddresses.length > 0 ? `, peer ${peerAddresses.join(' ')}` : ''}\n`);
+  const apiTls = node.api.tlsAddress();
+  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}${apiTls !== null ? ` ${apiTls}` : ''}${peerAddresses.length > 0 ? `, peer ${peerAddresses.join(' ')}` : ''}\n`);
   await stopping;
   log('stopping: finishing in-flight requests and committing');
   await node.stop();

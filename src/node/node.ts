@@ -48,6 +48,8 @@ export interface NodeConfig {
   pluginSocketPath?: string | null;
   /** The peer port (serve --peer-listen, --tls-dir, --peer-allow), or null/absent for none. */
   peer?: PeerConfig | null;
+  /** The management API on TCP too (serve --api-listen), mutual TLS with the set in tlsDirectory; null/absent: unix socket only. */
+  apiTls?: { listen: { host: string; port: number }; tlsDirectory: string } | null;
 }
 
 export interface PeerConfig {
@@ -90,6 +92,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   static async start(config: NodeConfig): Promise<ChunkdNode> {
     // The peer port's credentials are checked before anything starts: a missing or wrong file is one clear line.
     const peerCredentials = config.peer ? loadCredentials(config.peer.tlsDirectory, 'server') : null;
+    const apiCredentials = config.apiTls ? loadCredentials(config.apiTls.tlsDirectory, 'server') : null;
     const workers = config.workers ?? defaultWorkerCount();
     // With workers, request buffers live in shared memory so that bytes reach a worker without a copy.
     const sharedBuffers = workers > 0 ? new SharedBufferPool() : null;
@@ -114,6 +117,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         config.log(`created volume ${config.defaultVolume.name}`);
       }
       await node.api.listen(node.apiSocketPath);
+      if (config.apiTls && apiCredentials !== null) {
+        await node.api.listenTls(config.apiTls.listen.host, config.apiTls.listen.port, apiCredentials, config.log);
+        config.log(`management API also on ${node.api.tlsAddress()}: mutual TLS, client certificates from the CA in ${apiCredentials.directory}`);
+      }
       if (config.listen !== null && (config.nbdThreads ?? 0) > 0) {
         node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log });
       } else if (config.listen !== null) {
@@ -300,7 +307,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       pool: { ...(await this.pool.status()), id: this.poolId },
       volumes: this.pool.listVolumes(),
       nbd: await this.#nbdStatus(),
-      api: { socket: this.apiSocketPath },
+      api: { socket: this.apiSocketPath, tls: this.api.tlsAddress() },
       peer: this.#peer?.stats() ?? null,
       fuse: this.#fuse?.status() ?? null,
       attachments: this.#attachments?.list() ?? [],
@@ -344,7 +351,7 @@ export interface NodeStatus {
   pool: Awaited<ReturnType<Pool['status']>> & { id: string };
   volumes: VolumeInfo[];
   nbd: { listen: string[]; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
-  api: { socket: string };
+  api: { socket: string; tls: string | null };
   peer: PeerServerStats | null;
   fuse: FuseStatus | null;
   attachments: AttachmentStatus[];

@@ -142,22 +142,22 @@ export class PeerClient {
   }
 }
 
-/** One line for a connection failure, saying whose certificate was refused where it can tell. */
-function describeClientError(error: Error, where: string): ChunkdError {
+/** One line for a connection failure, saying whose certificate was refused where it can tell (also the CLI's, for the API on TCP). */
+export function describeClientError(error: Error, where: string, who = `the peer at ${where}`): ChunkdError {
   const code = (error as NodeJS.ErrnoException).code ?? '';
   if (code === 'ECONNREFUSED') return new ChunkdError('ENOENT', `nothing listens at ${where} (is the node started with --peer-listen?)`);
   if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return new ChunkdError('ENOENT', `cannot resolve the host of ${where}`);
   // Our checkServerIdentity's own refusals (a name missing or not the one expected).
-  if (code === '' && /^the peer/.test(error.message)) return new ChunkdError('EPERM', `the peer at ${where} is refused: ${error.message}`);
-  if (code === 'CERT_HAS_EXPIRED') return new ChunkdError('EPERM', `the peer at ${where} presented an expired certificate`);
+  if (code === '' && /^the peer/.test(error.message)) return new ChunkdError('EPERM', `${who} is refused: ${error.message}`);
+  if (code === 'CERT_HAS_EXPIRED') return new ChunkdError('EPERM', `${who} presented an expired certificate`);
   if (code === 'UNABLE_TO_VERIFY_LEAF_SIGNATURE' || code === 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY' || code === 'SELF_SIGNED_CERT_IN_CHAIN' || code === 'DEPTH_ZERO_SELF_SIGNED_CERT' || code === 'CERT_SIGNATURE_FAILURE') {
-    return new ChunkdError('EPERM', `the peer at ${where} presented a certificate this cluster's CA did not issue (${code})`);
+    return new ChunkdError('EPERM', `${who} presented a certificate this cluster's CA did not issue (${code})`);
   }
   // The server's alerts about our certificate (TLS 1.3 sends them after our side thought the handshake done).
-  if (/ALERT_CERTIFICATE_REQUIRED/.test(code)) return new ChunkdError('EPERM', `the peer at ${where} refused this client: it requires a client certificate`);
-  if (/ALERT_UNKNOWN_CA|ALERT_BAD_CERTIFICATE|ALERT_DECRYPT_ERROR/.test(code)) return new ChunkdError('EPERM', `the peer at ${where} refused this client's certificate: not issued by its CA (${code})`);
-  if (/ALERT_CERTIFICATE_EXPIRED/.test(code)) return new ChunkdError('EPERM', `the peer at ${where} refused this client's certificate: expired`);
-  if (/ALERT_PROTOCOL_VERSION|WRONG_VERSION_NUMBER|UNSUPPORTED_PROTOCOL/.test(code)) return new ChunkdError('EPROTO', `the peer at ${where} does not speak TLS 1.3 (${code})`);
-  if (code === 'ECONNRESET' || code === 'EPIPE') return new ChunkdError('EIO', `the peer at ${where} closed the connection (it may have refused this client: see its log)`);
-  return new ChunkdError('EIO', `connection to the peer at ${where} failed: ${error.message}${code ? ` (${code})` : ''}`);
+  if (/ALERT_CERTIFICATE_REQUIRED/.test(code)) return new ChunkdError('EPERM', `${who} refused this client: it requires a client certificate`);
+  if (/ALERT_UNKNOWN_CA|ALERT_BAD_CERTIFICATE|ALERT_DECRYPT_ERROR/.test(code)) return new ChunkdError('EPERM', `${who} refused this client's certificate: not issued by its CA (${code})`);
+  if (/ALERT_CERTIFICATE_EXPIRED/.test(code)) return new ChunkdError('EPERM', `${who} refused this client's certificate: expired`);
+  if (/ALERT_PROTOCOL_VERSION|WRONG_VERSION_NUMBER|UNSUPPORTED_PROTOCOL/.test(code)) return new ChunkdError('EPROTO', `${who} does not speak TLS 1.3 (${code})`);
+  if (code === 'ECONNRESET' || code === 'EPIPE') return new ChunkdError('EIO', `${who} closed the connection: it refused this client's certificate (another CA or expired), or is not what was asked for; its log says which`);
+  return new ChunkdError('EIO', `connection to ${who} failed: ${error.message}${code ? ` (${code})` : ''}`);
 }

@@ -331,10 +331,10 @@ function remote(socket: net.Socket): string {
  * The address of a TLS socket whose handshake failed: a reset one no longer knows it, but the TCP socket under
  * it does (#accept read it, which caches it). `_parent` is Node's internal link to it: for a log line only.
  */
-function remoteOfTls(socket: tls.TLSSocket): string {
+export function remoteOfTls(socket: tls.TLSSocket): string {
   if (socket.remoteAddress !== undefined) return remote(socket);
   const parent = (socket as unknown as { _parent?: unknown })._parent;
-  return parent instanceof net.Socket ? remote(parent) : 'an unknown address';
+  return parent instanceof net.Socket && parent.remoteAddress !== undefined ? remote(parent) : 'an unknown address';
 }
 
 /**

@@ -285,3 +285,42 @@ test('stalls and garbage before or during TLS, and oversized or early frames aft
     fs.rmSync(scratch, { recursive: true, force: true });
   }
 });
+
+test('the management API on TCP (--api-listen) takes only client certificates from the CA; the unix socket stays', async () => {
+  const scratch = makeTempDir('api-tls');
+  const dir = path.join(scratch, 'tls');
+  const other = path.join(scratch, 'other');
+  assert.equal((await chunkd('tls', 'init', dir, '--node', 'a', '--client', 'admin')).code, 0);
+  assert.equal((await chunkd('tls', 'init', other, '--client', 'admin')).code, 0);
+  const node = await startNode(path.join(scratch, 'pool'), ['--api-listen', '127.0.0.1:0', '--tls-dir', path.join(dir, 'a')]);
+  try {
+    const match = /, api \S+ (127\.0\.0\.1:\d+)/.exec(node.readyLine);
+    assert.ok(match, node.readyLine);
+    const api = match[1]!;
+    const created = await chunkd('volume', 'create', 'v1', '--size', '1GiB', '--api', api, '--tls-dir', path.join(dir, 'admin'));
+    assert.equal(created.code, 0, created.stderr);
+    const status = JSON.parse((await chunkd('status', '--json', '--api', api, '--tls-dir', path.join(dir, 'admin'))).stdout);
+    assert.equal(status.api.tls, api);
+    assert.deepEqual(status.volumes.map((v: { name: string }) => v.name), ['v1']);
+    // The unix socket serves as before.
+    assert.match((await node.cli('volume', 'list')).stdout, /v1/);
+    // No --tls-dir, another CA's client, no client certificate at all: refused, in one line.
+    assert.match((await chunkd('status', '--api', api)).stderr, /^chunkd: --api 127\.0\.0\.1:\d+ is the API on TCP, which is mutual TLS only: pass --tls-dir DIR/);
+    const foreign = await chunkd('status', '--api', api, '--tls-dir', path.join(other, 'admin'));
+    assert.equal(foreign.code, 1);
+    assert.match(foreign.stderr, /^chunkd: the node's API at 127\.0\.0\.1:\d+ presented a certificate this cluster's CA did not issue/);
+    const noCertificate = await runTool('curl', ['-sS', '--cacert', path.join(dir, 'ca-cert.pem'), '--resolve', `a:${api.split(':')[1]}:127.0.0.1`, `https://a:${api.split(':')[1]}/v1/status`]);
+    assert.notEqual(noCertificate.code, 0, 'curl without a client certificate is refused');
+    const otherCaCertificate = await runTool('curl', ['-sS', '--cacert', path.join(dir, 'ca-cert.pem'), '--cert', path.join(other, 'admin', 'client-cert.pem'), '--key', path.join(other, 'admin', 'client-key.pem'), `https://localhost:${api.split(':')[1]}/v1/volumes`]);
+    assert.ok(otherCaCertificate.code !== 0 && !otherCaCertificate.stdout.includes('v1'), 'a client certificate from another CA is refused');
+    const withCertificate = await runTool('curl', ['-sS', '--cacert', path.join(dir, 'ca-cert.pem'), '--cert', path.join(dir, 'admin', 'client-cert.pem'), '--key', path.join(dir, 'admin', 'client-key.pem'), `https://localhost:${api.split(':')[1]}/v1/volumes`]);
+    assert.equal(withCertificate.code, 0, withCertificate.stderr);
+    assert.match(withCertificate.stdout, /"name":"v1"/);
+    assert.match(node.stderr(), /api connection from 127\.0\.0\.1:\d+ refused: the peer presented no certificate/);
+    assert.match(node.stderr(), /api connection from 127\.0\.0\.1:\d+ refused: its certificate failed verification: not issued by this cluster's CA/);
+    assert.match((await chunkd('serve', '--pool', path.join(scratch, 'p2'), '--api-listen', '127.0.0.1:0')).stderr, /--api-listen needs --tls-dir/);
+  } finally {
+    await node.stop();
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+});
