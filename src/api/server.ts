@@ -1,12 +1,15 @@
-// The management API: HTTP/1.1 + JSON on a unix socket (mode 0600), routes under /v1/, and /metrics in
+// The management API: HTTP/1.1 + JSON on a unix socket (mode 0600), and on TCP with mutual TLS if asked (--api-listen), routes under /v1/, and /metrics in
 // Prometheus text format. It validates what comes in (URL, names, sizes, body) and calls the control plane;
 // every ChunkdError (and system error) becomes a JSON error with a status code and the error's stable code, and
 // anything else is a bug that stops the node (core/fail-stop.ts).
 import http from 'node:http';
+import https from 'node:https';
+import type net from 'node:net';
 import { ChunkdError, type ErrorCode } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
+import { describeTlsError, remoteOfTls } from '../peer/server.ts';
 import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
 import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
@@ -58,12 +61,15 @@ export class ApiServer {
   readonly #control: ControlPlane;
   readonly #server: http.Server;
   #socketPath: string | null = null;
+  #tlsServer: https.Server | null = null;
 
   constructor(control: ControlPlane) {
     this.#control = control;
-    this.#server = http.createServer((request, response) => {
-      this.#handle(request, response).catch((error: unknown) => sendError(response, error));
-    });
+    this.#server = http.createServer((request, response) => this.#serve(request, response));
+  }
+
+  #serve(request: http.IncomingMessage, response: http.ServerResponse): void {
+    this.#handle(request, response).catch((error: unknown) => sendError(response, error));
   }
 
   /** Listens on a unix socket readable by its owner only; a stale socket from a crashed node is replaced. */
@@ -72,8 +78,38 @@ export class ApiServer {
     this.#socketPath = socketPath;
   }
 
-  close(): Promise<void> {
-    return closeHttpServer(this.#server, this.#socketPath);
+  /**
+   * Offers the same API on TCP (serve --api-listen): TLS 1.3 with a client certificate from the cluster CA
+   * required; a client without one, or with another CA's or an expired one, is refused in the handshake.
+   */
+  async listenTls(host: string, port: number, credentials: { ca: Buffer; cert: Buffer; key: Buffer }, log: (line: string) => void): Promise<void> {
+    const server = https.createServer({ minVersion: 'TLSv1.3', requestCert: true, rejectUnauthorized: true, ...credentials }, (request, response) => this.#serve(request, response));
+    // Reading the address at accept keeps it for the log line of a handshake that fails (remoteOfTls).
+    server.on('connection', (socket: net.Socket) => void socket.remoteAddress);
+    server.on('tlsClientError', (error, socket) => {
+      socket.destroy();
+      log(`api connection from ${remoteOfTls(socket)} refused: ${describeTlsError(error, socket.authorizationError)}`);
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ host, port }, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    this.#tlsServer = server;
+  }
+
+  /** The TCP address of the TLS listener, or null. */
+  tlsAddress(): string | null {
+    const address = this.#tlsServer?.address();
+    if (address === undefined || address === null || typeof address === 'string') return null;
+    return address.family === 'IPv6' ? `[${address.address}]:${address.port}` : `${address.address}:${address.port}`;
+  }
+
+  async close(): Promise<void> {
+    if (this.#tlsServer !== null) await closeHttpServer(this.#tlsServer, null);
+    await closeHttpServer(this.#server, this.#socketPath);
   }
 
   async #handle(request: http.IncomingMessage, response: http.ServerResponse): Promise<void> {

@@ -1,6 +1,24 @@
-// The CLI's side of the management API: HTTP + JSON over the node's unix socket.
+// The CLI's side of the management API: HTTP + JSON over the node's unix socket, or over TCP with mutual TLS
+// when the node offers it (serve --api-listen) and the target is HOST:PORT.
 import http from 'node:http';
+import https from 'node:https';
 import { ChunkdError, errorCodes, type ErrorCode } from '../core/errors.ts';
+import { describeClientError } from '../peer/client.ts';
+import { loadCredentials } from '../peer/credentials.ts';
+
+/** HOST:PORT (IPv6 as [::1]:PORT): the API on TCP; anything else is a unix socket path (write ./a:1 for such a file). */
+const tcpTargetPattern = /^(?:\[([^\]]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$/;
+
+/** The request options that reach `target`: a unix socket, or TCP with TLS and the client pair of $CHUNKD_TLS_DIR (--tls-dir). */
+function targetOptions(target: string): http.RequestOptions | https.RequestOptions {
+  const tcp = tcpTargetPattern.exec(target);
+  if (tcp === null) return { socketPath: target };
+  const tlsDirectory = process.env.CHUNKD_TLS_DIR;
+  if (tlsDirectory === undefined || tlsDirectory === '') throw ChunkdError.invalid(`--api ${target} is the API on TCP, which is mutual TLS only: pass --tls-dir DIR (a set from chunkd tls init with a client pair)`);
+  const { ca, cert, key } = loadCredentials(tlsDirectory, 'client');
+  // The CA is what vouches for the node; its certificate's host names play no part, as on the peer port.
+  return { host: tcp[1] ?? tcp[2], port: Number(tcp[3]), ca, cert, key, minVersion: 'TLSv1.3', checkServerIdentity: () => undefined };
+}
 
 /**
  * Sends one request to the node's API and returns the parsed JSON; API errors come back as ChunkdError. A long
@@ -10,9 +28,15 @@ import { ChunkdError, errorCodes, type ErrorCode } from '../core/errors.ts';
 export function callApi(socketPath: string, method: string, route: string, body?: unknown, onLine?: (value: unknown) => void): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : JSON.stringify(body);
-    const request = http.request(
+    let target: http.RequestOptions;
+    try {
+      target = targetOptions(socketPath);
+    } catch (error) {
+      return reject(error);
+    }
+    const request = ('socketPath' in target ? http.request : https.request)(
       // agent: false, a connection per request: a kept-alive socket the node has just timed out would fail with EPIPE.
-      { socketPath, method, path: route, agent: false, headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } },
+      { ...target, method, path: route, agent: false, headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } },
       (response) => {
         if ((response.headers['content-type'] ?? '').startsWith('application/x-ndjson')) {
           readLines(response, socketPath, onLine ?? (() => {})).then(resolve, reject);
@@ -45,6 +69,8 @@ export function callApi(socketPath: string, method: string, route: string, body?
         reject(new ChunkdError('ENOENT', `no chunkd node answers at ${socketPath} (start one with "chunkd serve", or pass --api PATH / set CHUNKD_API)`));
       } else if (error.code === 'EACCES') {
         reject(new ChunkdError('EPERM', `permission denied on ${socketPath} (the API socket is for its owner only)`));
+      } else if (!('socketPath' in target)) {
+        reject(describeClientError(error, socketPath, `the node's API at ${socketPath}`));
       } else reject(error);
     });
     request.end(payload);

@@ -14,12 +14,16 @@ import { scrubCommand } from './scrub.ts';
 import { serve } from './serve.ts';
 import { attachCommand, detachCommand } from './attach.ts';
 import { benchCommand } from './bench.ts';
+import { tlsCommand } from './tls.ts';
+import { peerCommand } from './peer.ts';
 
 const usage = `usage: chunkd <command> [options]
 
   serve [--pool DIR] [--listen HOST:PORT|none] [--socket PATH] [--api PATH] [--default-volume NAME:SIZE]
-        [--fuse DIR] [--plugin-socket PATH]
-                                     run a node in the foreground (pool ./data, NBD on 127.0.0.1:10809)
+        [--fuse DIR] [--plugin-socket PATH] [--peer-listen HOST:PORT --tls-dir DIR [--peer-allow NAME,...]]
+        [--api-listen HOST:PORT --tls-dir DIR]
+                                     run a node in the foreground (pool ./data, NBD on 127.0.0.1:10809);
+                                     --peer-listen: the node-to-node port, mutual TLS with DIR's CA only
   volume create NAME --size SIZE     create a thin volume (sizes: 512, 4KiB, 64MiB, 10GiB, 1TiB)
   volume list [--json]
   volume info NAME [--json]          declared size and bytes allocated
@@ -45,10 +49,16 @@ const usage = `usage: chunkd <command> [options]
                                      offline check of a pool no node holds: exit 0 clean, 1 damage, 2 could
                                      not run; --repair rewrites damaged metadata from its good copy, or
                                      salvages what it can and lists exactly what was lost
+  tls init DIR [--node NAME ...] [--client NAME ...] [--san SAN ...] [--days N] [--add|--force]
+                                     a cluster CA and certificates in the qemu/libnbd/nbdkit layout: DIR/NAME/
+                                     per node (server + client pair) or client; DIR itself holds the first node's
+  peer status HOST:PORT --tls-dir DIR [--expect NAME] [--json]
+                                     hello to a node's peer port with DIR's client pair: its name, version, pool
   bench [--target DIR] [--profile NAME] [--quick] [--only ROWS] [--out DIR]
                                      chunkd against the raw disk and its peers (bench/README.md)
 
-  The CLI finds the node through --api PATH, else $CHUNKD_API, else ./data/chunkd.sock.`;
+  The CLI finds the node through --api PATH, else $CHUNKD_API, else ./data/chunkd.sock; --api HOST:PORT reaches
+  a node's API on TCP (serve --api-listen) with the client pair of --tls-dir DIR (or $CHUNKD_TLS_DIR).`;
 
 /** Runs the command line; returns the exit code. */
 export async function main(argv: string[]): Promise<number> {
@@ -79,6 +89,7 @@ async function run(argv: string[]): Promise<number> {
     process.stdout.write(`${usage}\n`);
     return command === undefined ? 2 : 0;
   }
+  if (command !== 'serve' && command !== 'peer' && command !== 'tls') takeTlsDirectory(rest);
   switch (command) {
     case 'serve':
       return serve(rest);
@@ -98,10 +109,33 @@ async function run(argv: string[]): Promise<number> {
       return scrubCommand(rest, apiPath);
     case 'fsck':
       return fsckCommand(rest);
+    case 'tls':
+      return tlsCommand(rest);
+    case 'peer':
+      return peerCommand(rest);
     case 'bench':
       return benchCommand(rest);
     default:
       throw ChunkdError.invalid(`unknown command "${command}" (run chunkd --help)`);
+  }
+}
+
+/**
+ * Takes --tls-dir DIR out of a command's arguments into $CHUNKD_TLS_DIR, where the API client finds the client
+ * pair for an API on TCP (--api HOST:PORT); every command that talks to a node takes it that way.
+ */
+function takeTlsDirectory(argv: string[]): void {
+  for (let i = 0; i < argv.length; i++) {
+    if (argv[i] === '--') return;
+    if (argv[i] === '--tls-dir' && i + 1 < argv.length) {
+      process.env.CHUNKD_TLS_DIR = argv[i + 1];
+      argv.splice(i, 2);
+      i -= 1;
+    } else if (argv[i]!.startsWith('--tls-dir=')) {
+      process.env.CHUNKD_TLS_DIR = argv[i]!.slice('--tls-dir='.length);
+      argv.splice(i, 1);
+      i -= 1;
+    }
   }
 }
 

@@ -5,15 +5,28 @@ import { installFailStop } from '../core/fail-stop.ts';
 import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
 import { parseSize } from '../core/units.ts';
-import { ChunkdNode } from '../node/node.ts';
+import { ChunkdNode, type PeerConfig } from '../node/node.ts';
 
 /** Parses HOST:PORT (IPv6 as [::1]:PORT), or "none" for no TCP listener. */
-export function parseListen(text: string): { host: string; port: number } | null {
+export function parseListen(text: string, option = '--listen', example = '127.0.0.1:10809'): { host: string; port: number } | null {
   if (text === 'none') return null;
   const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(text);
   const port = match ? Number(match[3]) : NaN;
-  if (!match || port > 65535) throw ChunkdError.invalid(`invalid --listen "${text}": use HOST:PORT, e.g. 127.0.0.1:10809, or none`);
+  if (!match || port > 65535) throw ChunkdError.invalid(`invalid ${option} "${text}": use HOST:PORT, e.g. ${example}, or none`);
   return { host: match[1] ?? match[2]!, port };
+}
+
+/** The peer port's settings from --peer-listen, --tls-dir and --peer-allow, or null when --peer-listen is absent or none. */
+export function parsePeerOptions(listen: string | undefined, tlsDirectory: string | undefined, allow: string[] | undefined): PeerConfig | null {
+  const address = listen === undefined ? null : parseListen(listen, '--peer-listen', '0.0.0.0:10810');
+  if (address === null) {
+    if (allow !== undefined) throw ChunkdError.invalid('--peer-allow needs --peer-listen HOST:PORT');
+    return null;
+  }
+  if (tlsDirectory === undefined) throw ChunkdError.invalid('--peer-listen needs --tls-dir DIR: this node\'s directory from chunkd tls init (DIR/NODE)');
+  const names = allow === undefined ? null : allow.flatMap((item) => item.split(',')).filter((item) => item !== '').map((name) => validateName(name, 'node'));
+  if (names !== null && names.length === 0) throw ChunkdError.invalid('--peer-allow needs at least one name');
+  return { listen: address, tlsDirectory, allow: names };
 }
 
 /** Parses NAME:SIZE for --default-volume. */
@@ -49,11 +62,18 @@ export async function serve(argv: string[]): Promise<number> {
       'verify-reads': { type: 'string', default: 'on' },
       fuse: { type: 'string' },
       'plugin-socket': { type: 'string' },
+      'peer-listen': { type: 'string' },
+      'tls-dir': { type: 'string' },
+      'peer-allow': { type: 'string', multiple: true },
+      'api-listen': { type: 'string' },
     },
   });
   const log = (line: string): void => {
     process.stderr.write(`${new Date().toISOString()} chunkd: ${line}\n`);
   };
+  const peer = parsePeerOptions(values['peer-listen'], values['tls-dir'], values['peer-allow']);
+  const apiListen = values['api-listen'] === undefined ? null : parseListen(values['api-listen'], '--api-listen', '0.0.0.0:10811');
+  if (apiListen !== null && values['tls-dir'] === undefined) throw ChunkdError.invalid('--api-listen needs --tls-dir DIR: the API on TCP is mutual TLS only');
   // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
   installFailStop();
   const node = await ChunkdNode.start({
@@ -67,6 +87,8 @@ export async function serve(argv: string[]): Promise<number> {
     verifyReads: parseOnOff(values['verify-reads'], '--verify-reads'),
     fuseDirectory: values.fuse ?? null,
     pluginSocketPath: values['plugin-socket'] ?? null,
+    peer,
+    apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: values['tls-dir']! },
     log,
   });
   // Listen for the stop signals before saying ready: a SIGTERM sent right after the ready line otherwise found no
@@ -77,7 +99,9 @@ export async function serve(argv: string[]): Promise<number> {
   });
   const listening = node.nbdAddresses();
   // One line on stdout when ready: scripts and tests wait for it (and read the port when --listen asked for 0).
-  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}\n`);
+  const peerAddresses = node.peerAddresses();
+  const apiTls = node.api.tlsAddress();
+  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}${apiTls !== null ? ` ${apiTls}` : ''}${peerAddresses.length > 0 ? `, peer ${peerAddresses.join(' ')}` : ''}\n`);
   await stopping;
   log('stopping: finishing in-flight requests and committing');
   await node.stop();

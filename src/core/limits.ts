@@ -85,3 +85,16 @@ export const apiBodyBytesMax = 64 * KiB;
 
 /** Snapshots one volume may have; reference counts and checkpoints are sized for far more. */
 export const snapshotsPerVolumeMax = 4096;
+
+/** Peer port (src/peer): largest frame payload. Sized for replication's data frames to come (a request's worth, 32 MiB, plus its header). */
+export const peerFrameBytesMax = requestBytesMax + 64 * KiB;
+/** Largest payload of a control frame (hello and the JSON verbs): checked at the header, before the payload is buffered. */
+export const peerControlBytesMax = 64 * KiB;
+/** Time a peer has from TCP accept to a finished TLS handshake, and again from there to its hello: machines answer fast. */
+export const peerHandshakeTimeoutMs = 10_000;
+/** Peer connections served at once; one past it is closed at accept. */
+export const peerConnectionsMax = 64;
+/** Requests in flight on one peer connection; past this the connection stops reading from its socket. */
+export const peerRequestsInFlightMax = 32;
+/** Time `chunkd peer status` waits for a peer's answer, connect and TLS included. */
+export const peerClientTimeoutMs = 15_000;

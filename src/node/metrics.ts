@@ -26,6 +26,11 @@ export function renderMetrics(status: NodeStatus): string {
   metric('chunkd_io_worker_requests_in_flight', 'gauge', 'Chunk I/O tasks each worker thread holds now.', status.io.workers.map((worker) => [`{worker="${worker.id}"}`, worker.inFlight]));
   metric('chunkd_io_requests_queued', 'gauge', 'Chunk I/O tasks waiting for a worker thread.', [['', status.io.queued]]);
   metric('chunkd_io_worker_restarts_total', 'counter', 'Chunk I/O worker threads that died and were replaced.', [['', status.io.workerRestarts]]);
+  if (status.peer !== null) {
+    metric('chunkd_peer_connections_open', 'gauge', 'Peer port connections open now.', [['', status.peer.connectionsOpen]]);
+    metric('chunkd_peer_connections_refused_total', 'counter', 'Peer port connections refused (TLS failures, names not allowed, stalls, over the limit).', [['', status.peer.refusedTotal]]);
+    metric('chunkd_peer_requests_total', 'counter', 'Requests served on the peer port.', [['', status.peer.requestsTotal]]);
+  }
   metric('chunkd_event_loop_utilization', 'gauge', 'Event loop utilisation since the previous scrape.', [['', status.eventLoopUtilization]]);
   return `${lines.join('\n')}\n`;
 }

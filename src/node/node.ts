@@ -5,7 +5,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { checkName } from '../core/names.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
@@ -20,6 +20,9 @@ import { FuseFrontEnd, type FuseStatus } from '../fuse/front-end.ts';
 import { DockerPluginServer } from '../api/docker-plugin.ts';
 import { Attachments, type AttachmentStatus } from './attachments.ts';
 import { validateAttachRequest } from './attachment-table.ts';
+import { loadCredentials } from '../peer/credentials.ts';
+import { PeerServer, type PeerServerStats } from '../peer/server.ts';
+import { softwareVersion } from '../core/version.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -42,6 +45,20 @@ export interface NodeConfig {
   fuseDirectory?: string | null;
   /** Unix socket for the Docker volume plugin protocol (serve --plugin-socket), or null. */
   pluginSocketPath?: string | null;
+  /** The peer port (serve --peer-listen, --tls-dir, --peer-allow), or null/absent for none. */
+  peer?: PeerConfig | null;
+  /** The management API on TCP too (serve --api-listen), mutual TLS with the set in tlsDirectory; null/absent: unix socket only. */
+  apiTls?: { listen: { host: string; port: number }; tlsDirectory: string } | null;
+}
+
+export interface PeerConfig {
+  listen: { host: string; port: number };
+  /** This node's set from chunkd tls init (qemu layout): its server pair is what the peer port presents. */
+  tlsDirectory: string;
+  /** Peer names let in; null: any the CA signed. */
+  allow: string[] | null;
+  /** Default limits.peerHandshakeTimeoutMs (tests shorten it). */
+  handshakeTimeoutMs?: number;
 }
 
 export class ChunkdNode implements ControlPlane, DeviceProvider {
@@ -57,10 +74,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   #fuseMounting: Promise<FuseFrontEnd> | null = null;
   #attachments: Attachments | null = null;
   #plugin: DockerPluginServer | null = null;
+  #peer: PeerServer | null = null;
+  /** The pool's stable identity (pool-layout.ts: pool-id), told to peers in hello. */
+  readonly poolId: string;
 
-  private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null) {
+  private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string) {
     this.config = config;
     this.pool = pool;
+    this.poolId = poolId;
     this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers });
     this.api = new ApiServer(this);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
@@ -68,6 +89,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   /** Opens the pool and starts the front ends; on any failure everything started is stopped again. */
   static async start(config: NodeConfig): Promise<ChunkdNode> {
+    // The peer port's credentials are checked before anything starts: a missing or wrong file is one clear line.
+    const peerCredentials = config.peer ? loadCredentials(config.peer.tlsDirectory, 'server') : null;
+    const apiCredentials = config.apiTls ? loadCredentials(config.apiTls.tlsDirectory, 'server') : null;
     const workers = config.workers ?? defaultWorkerCount();
     // With workers, request buffers live in shared memory so that bytes reach a worker without a copy.
     const sharedBuffers = workers > 0 ? new SharedBufferPool() : null;
@@ -78,13 +102,24 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       verifyReads: config.verifyReads ?? true,
     });
     if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)');
-    const node = new ChunkdNode(config, pool, sharedBuffers);
+    let poolId: string;
+    try {
+      poolId = await pool.identity();
+    } catch (error) {
+      await pool.close().catch(() => {});
+      throw fromSystemError(error, `reading or writing the pool id in ${pool.directory}`);
+    }
+    const node = new ChunkdNode(config, pool, sharedBuffers, poolId);
     try {
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
         config.log(`created volume ${config.defaultVolume.name}`);
       }
       await node.api.listen(node.apiSocketPath);
+      if (config.apiTls && apiCredentials !== null) {
+        await node.api.listenTls(config.apiTls.listen.host, config.apiTls.listen.port, apiCredentials, config.log);
+        config.log(`management API also on ${node.api.tlsAddress()}: mutual TLS, client certificates from the CA in ${apiCredentials.directory}`);
+      }
       if (config.listen !== null && (config.nbdThreads ?? 0) > 0) {
         node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log });
       } else if (config.listen !== null) {
@@ -112,6 +147,18 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         node.#plugin = new DockerPluginServer(node, path.join(pool.directory, 'mounts'), config.log);
         await node.#plugin.listen(config.pluginSocketPath);
       }
+      if (config.peer && peerCredentials !== null) {
+        node.#peer = new PeerServer({
+          credentials: peerCredentials,
+          allow: config.peer.allow === null ? null : new Set(config.peer.allow),
+          poolId,
+          software: `chunkd ${softwareVersion}`,
+          log: config.log,
+          handshakeTimeoutMs: config.peer.handshakeTimeoutMs,
+        });
+        await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
+        config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);
+      }
     } catch (error) {
       await node.stop().catch(() => {});
       throw error;
@@ -120,6 +167,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async stop(): Promise<void> {
+    await this.#peer?.close();
     await this.#plugin?.close();
     // File systems first (their last writes go through FUSE or NBD to the pool), then the FUSE mount.
     await this.#attachments?.stopAll();
@@ -255,15 +303,21 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       pid: process.pid,
       uptimeSeconds: Math.round((Date.now() - this.#startedAt) / 1000),
       nodeVersion: process.version,
-      pool: await this.pool.status(),
+      pool: { ...(await this.pool.status()), id: this.poolId },
       volumes: this.pool.listVolumes(),
       nbd: await this.#nbdStatus(),
-      api: { socket: this.apiSocketPath },
+      api: { socket: this.apiSocketPath, tls: this.api.tlsAddress() },
+      peer: this.#peer?.stats() ?? null,
       fuse: this.#fuse?.status() ?? null,
       attachments: this.#attachments?.list() ?? [],
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
       io: this.pool.ioStatus(),
     };
+  }
+
+  /** Where peers reach the node (serve --peer-listen), or none. */
+  peerAddresses(): string[] {
+    return this.#peer?.addresses() ?? [];
   }
 
   /** Where NBD clients reach the node: the protocol threads' TCP address, then the main thread's listeners. */
@@ -293,10 +347,11 @@ export interface NodeStatus {
   pid: number;
   uptimeSeconds: number;
   nodeVersion: string;
-  pool: Awaited<ReturnType<Pool['status']>>;
+  pool: Awaited<ReturnType<Pool['status']>> & { id: string };
   volumes: VolumeInfo[];
   nbd: { listen: string[]; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
-  api: { socket: string };
+  api: { socket: string; tls: string | null };
+  peer: PeerServerStats | null;
   fuse: FuseStatus | null;
   attachments: AttachmentStatus[];
   eventLoopUtilization: number;

@@ -6,6 +6,8 @@
 //   checkpoint.0 .1        two copies of the catalog as of the start of one journal generation (checkpoint.ts)
 //   journal-<gen>.0 .1     two copies of the commits since that checkpoint (journal-format.ts)
 //   chunks/NNNNNNNN.chunk  the data (chunk-files.ts)
+//   pool-id                the pool's identity, a random UUID written once at the first start of a node on it
+//                          (poolIdentity below); not metadata: nothing in the pool's format depends on it
 //
 // A new generation starts in this order, each step durable before the next, so that a crash or power loss at any
 // point leaves a pool that loads: (1) the new journal's copies, empty, and the directory synced; (2) each
@@ -13,6 +15,7 @@
 // (3) the older journals removed, and only then space reserved for the new one. Hence: a checkpoint of generation G on disk means journal G exists (so a
 // missing journal is damage, never "nothing was committed"), and a journal newer than every readable checkpoint
 // must be empty (else its checkpoint was lost: damage, never an older state served silently).
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
@@ -108,6 +111,27 @@ export async function withPoolLocked<T>(files: FileLayer, directory: string, wor
   } finally {
     files.close(lockFd);
   }
+}
+
+export const poolIdPath = (directory: string): string => path.join(directory, 'pool-id');
+const uuidPattern = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/**
+ * The pool's stable identity (peers tell pools apart by it): read from `pool-id`, or, the first time, made and
+ * written durably (temporary file, fdatasync, rename, directory fsync). Call with the pool locked.
+ */
+export async function poolIdentity(files: FileLayer, directory: string): Promise<string> {
+  const where = poolIdPath(directory);
+  const bytes = await readWholeFile(files, where);
+  if (bytes !== null) {
+    const text = bytes.toString('utf8').trim();
+    if (!uuidPattern.test(text)) throw ChunkdError.corrupt(`${where} does not hold a pool id (a UUID): ${JSON.stringify(text.slice(0, 64))}`);
+    return text;
+  }
+  const id = crypto.randomUUID();
+  await replaceFile(files, where, Buffer.from(`${id}\n`));
+  await files.syncDirectory(directory);
+  return id;
 }
 
 /** Journal generations present in the pool directory, by file name. */

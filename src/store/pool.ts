@@ -48,7 +48,7 @@ import { realFiles, type FileLayer } from './file-layer.ts';
 import { diffMaps, type ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
 import type { Catalog, SnapshotMeta, VolumeMeta } from './metadata.ts';
-import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolFormatVersion } from './pool-layout.ts';
+import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolFormatVersion, poolIdentity } from './pool-layout.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
 import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
@@ -378,6 +378,11 @@ export class Pool {
       checksumErrorsTotal: this.#chunks.checksumErrorsTotal,
       verifyReads: this.#chunks.verifyReads,
     };
+  }
+
+  /** The pool's stable identity (a UUID in `pool-id`, made at the first call): how peers tell pools apart. */
+  identity(): Promise<string> {
+    return poolIdentity(this.#files, this.directory);
   }
 
   /** The chunk I/O engine's load (inline, or worker threads). */

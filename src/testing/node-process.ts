@@ -19,6 +19,8 @@ export interface RunningNode {
   nbdSocket: string;
   apiSocket: string;
   tcpPort: number;
+  /** The "chunkd ready: ..." line the node printed (it names the peer port, when there is one). */
+  readyLine: string;
   /** NBD URI of an export over the unix socket, as libnbd and qemu take it. */
   uri(exportName?: string): string;
   /** qemu's spelling of the same export (for qemu-io/qemu-img "nbd:unix:...:exportname=..."). */
@@ -58,7 +60,7 @@ export async function startNode(pool: string, extraArgs: string[] = []): Promise
     const timer = setTimeout(() => reject(new Error(`chunkd did not start in 20 s: ${stderr}`)), 20_000);
     child.stdout!.on('data', (chunk: Buffer) => {
       stdout += chunk.toString();
-      const match = /chunkd ready: .*nbd .*?127\.0\.0\.1:(\d+)/.exec(stdout);
+      const match = /chunkd ready: .*nbd .*?127\.0\.0\.1:(\d+).*\n/.exec(stdout);
       if (match) {
         clearTimeout(timer);
         resolve(Number(match[1]));
@@ -75,6 +77,7 @@ export async function startNode(pool: string, extraArgs: string[] = []): Promise
     nbdSocket,
     apiSocket,
     tcpPort,
+    readyLine: stdout.split('\n')[0]!,
     uri: (exportName = 'default') => `nbd+unix:///${exportName}?socket=${nbdSocket}`,
     qemuUri: (exportName = 'default') => `nbd:unix:${nbdSocket}:exportname=${exportName}`,
     cli: (...args) => runTool(nodeBinary, [chunkdBin, ...args], { env: { ...process.env, CHUNKD_API: apiSocket } }),

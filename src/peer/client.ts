@@ -1,0 +1,163 @@
+// The client side of the peer port: a mutual TLS 1.3 connection presenting this node's (or an admin's) client
+// pair, a hello, then requests, each answered by a reply or an error frame with the same request id.
+//
+// The server is checked against the cluster CA, and its name is its certificate's CN; host names play no part
+// (peers are reached by address), but `expectName` makes a connection to any other name fail. Every failure
+// is a ChunkdError with one line that says what went wrong: nothing listening, a refused certificate (ours or
+// theirs), a name not allowed, no common version, no answer in time.
+import tls from 'node:tls';
+import { ChunkdError } from '../core/errors.ts';
+import { peerClientTimeoutMs } from '../core/limits.ts';
+import { certificateName, type TlsCredentials } from './credentials.ts';
+import {
+  FrameKind, FrameReader, PeerVerb, encodeFrame, helloRequestPayload, parseErrorPayload, parseHelloReply, type Frame, type HelloReply,
+} from './protocol.ts';
+
+export interface PeerClientOptions {
+  host: string;
+  port: number;
+  /** This side's client pair and the cluster CA. */
+  credentials: TlsCredentials;
+  /** Refuse a server whose certificate names another node. */
+  expectName?: string;
+  /** Connect, TLS and hello together; default limits.peerClientTimeoutMs. */
+  timeoutMs?: number;
+}
+
+export class PeerClient {
+  readonly #socket: tls.TLSSocket;
+  readonly #where: string;
+  readonly #reader = new FrameReader();
+  readonly #pending = new Map<number, { resolve: (frame: Frame) => void; reject: (error: ChunkdError) => void }>();
+  #nextRequestId = 1;
+  #failure: ChunkdError | null = null;
+  /** What the server said in hello. */
+  hello!: HelloReply;
+
+  private constructor(socket: tls.TLSSocket, where: string) {
+    this.#socket = socket;
+    this.#where = where;
+    socket.on('data', (chunk: Buffer) => {
+      this.#reader.push(chunk);
+      this.#pump();
+    });
+    socket.on('error', (error) => this.#fail(describeClientError(error, where)));
+    // A server refuses a certificate from another CA, or an expired one, by closing once TLS is done: no alert.
+    socket.on('close', () => this.#fail(new ChunkdError('EPERM', `the peer at ${where} closed the connection without an answer: it refused this client's certificate (another CA, expired, or a name it does not allow), or it is not a chunkd peer port; its log says which`)));
+  }
+
+  /** Connects, checks the server's certificate, says hello; the connection is ready for requests when it resolves. */
+  static async connect(options: PeerClientOptions): Promise<PeerClient> {
+    const where = options.host.includes(':') ? `[${options.host}]:${options.port}` : `${options.host}:${options.port}`;
+    const { ca, cert, key } = options.credentials;
+    let serverName: string | null = null;
+    const socket = tls.connect({
+      host: options.host,
+      port: options.port,
+      minVersion: 'TLSv1.3',
+      ca,
+      cert,
+      key,
+      // The chain to our CA is checked (rejectUnauthorized); the name is the CN, not the host name.
+      rejectUnauthorized: true,
+      checkServerIdentity: (_host, peer) => {
+        serverName = certificateName(peer.subject as unknown as Record<string, unknown>);
+        if (serverName === null) return new Error('the peer certificate has no valid name (subject CN)');
+        if (options.expectName !== undefined && serverName !== options.expectName) return new Error(`the peer is ${serverName}, not ${options.expectName}`);
+        return undefined;
+      },
+    });
+    const client = new PeerClient(socket, where);
+    const timeoutMs = options.timeoutMs ?? peerClientTimeoutMs;
+    const timer = setTimeout(() => client.#fail(new ChunkdError('EIO', `no answer from the peer at ${where} within ${timeoutMs} ms`)), timeoutMs);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        socket.once('secureConnect', resolve);
+        client.#pending.set(0, { resolve: () => {}, reject });
+      });
+      client.#pending.delete(0);
+      const reply = await client.#request(PeerVerb.hello, helloRequestPayload());
+      client.hello = parseHelloReply(reply.payload);
+      if (client.hello.name !== serverName) throw ChunkdError.protocol(`the peer at ${where} says it is ${client.hello.name}, but its certificate names ${serverName}`);
+      return client;
+    } catch (error) {
+      client.close();
+      throw error;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Sends a request of `verb` and resolves with the reply's payload; an error frame rejects with its error. */
+  async request(verb: number, payload: Buffer): Promise<Buffer> {
+    return (await this.#request(verb, payload)).payload;
+  }
+
+  close(): void {
+    this.#fail(new ChunkdError('ESHUTDOWN', 'the connection was closed'));
+    this.#socket.destroy();
+  }
+
+  #request(verb: number, payload: Buffer): Promise<Frame> {
+    if (this.#failure !== null) return Promise.reject(this.#failure);
+    const requestId = this.#nextRequestId;
+    this.#nextRequestId = this.#nextRequestId === 0xffffffff ? 1 : this.#nextRequestId + 1;
+    return new Promise<Frame>((resolve, reject) => {
+      this.#pending.set(requestId, { resolve, reject });
+      this.#socket.write(Buffer.concat(encodeFrame(FrameKind.request, verb, requestId, payload)));
+    });
+  }
+
+  #pump(): void {
+    for (;;) {
+      let frame: Frame | null;
+      try {
+        frame = this.#reader.next();
+        if (frame === null) return;
+        if (frame.kind === FrameKind.request) throw ChunkdError.protocol(`the peer at ${this.#where} sent a request; a server only answers`);
+        if (frame.kind === FrameKind.error && frame.requestId === 0) {
+          // About the connection itself: the server refused us or found us at fault, and closes.
+          const error = parseErrorPayload(frame.payload);
+          throw new ChunkdError(error.code, `the peer at ${this.#where} refused: ${error.message}`);
+        }
+        const waiting = this.#pending.get(frame.requestId);
+        if (waiting === undefined) throw ChunkdError.protocol(`the peer at ${this.#where} answered request ${frame.requestId}, which was not asked`);
+        this.#pending.delete(frame.requestId);
+        if (frame.kind === FrameKind.error) waiting.reject(parseErrorPayload(frame.payload));
+        else waiting.resolve(frame);
+      } catch (error) {
+        if (!(error instanceof ChunkdError)) throw error;
+        this.#fail(error);
+        this.#socket.destroy();
+        return;
+      }
+    }
+  }
+
+  /** The first failure ends the connection: every request waiting gets it, and so does every later one. */
+  #fail(error: ChunkdError): void {
+    this.#failure ??= error;
+    for (const { reject } of this.#pending.values()) reject(this.#failure);
+    this.#pending.clear();
+  }
+}
+
+/** One line for a connection failure, saying whose certificate was refused where it can tell (also the CLI's, for the API on TCP). */
+export function describeClientError(error: Error, where: string, who = `the peer at ${where}`): ChunkdError {
+  const code = (error as NodeJS.ErrnoException).code ?? '';
+  if (code === 'ECONNREFUSED') return new ChunkdError('ENOENT', `nothing listens at ${where} (is the node started with --peer-listen?)`);
+  if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return new ChunkdError('ENOENT', `cannot resolve the host of ${where}`);
+  // Our checkServerIdentity's own refusals (a name missing or not the one expected).
+  if (code === '' && /^the peer/.test(error.message)) return new ChunkdError('EPERM', `${who} is refused: ${error.message}`);
+  if (code === 'CERT_HAS_EXPIRED') return new ChunkdError('EPERM', `${who} presented an expired certificate`);
+  if (code === 'UNABLE_TO_VERIFY_LEAF_SIGNATURE' || code === 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY' || code === 'SELF_SIGNED_CERT_IN_CHAIN' || code === 'DEPTH_ZERO_SELF_SIGNED_CERT' || code === 'CERT_SIGNATURE_FAILURE') {
+    return new ChunkdError('EPERM', `${who} presented a certificate this cluster's CA did not issue (${code})`);
+  }
+  // The server's alerts about our certificate (TLS 1.3 sends them after our side thought the handshake done).
+  if (/ALERT_CERTIFICATE_REQUIRED/.test(code)) return new ChunkdError('EPERM', `${who} refused this client: it requires a client certificate`);
+  if (/ALERT_UNKNOWN_CA|ALERT_BAD_CERTIFICATE|ALERT_DECRYPT_ERROR/.test(code)) return new ChunkdError('EPERM', `${who} refused this client's certificate: not issued by its CA (${code})`);
+  if (/ALERT_CERTIFICATE_EXPIRED/.test(code)) return new ChunkdError('EPERM', `${who} refused this client's certificate: expired`);
+  if (/ALERT_PROTOCOL_VERSION|WRONG_VERSION_NUMBER|UNSUPPORTED_PROTOCOL/.test(code)) return new ChunkdError('EPROTO', `${who} does not speak TLS 1.3 (${code})`);
+  if (code === 'ECONNRESET' || code === 'EPIPE') return new ChunkdError('EIO', `${who} closed the connection: it refused this client's certificate (another CA or expired), or is not what was asked for; its log says which`);
+  return new ChunkdError('EIO', `connection to ${who} failed: ${error.message}${code ? ` (${code})` : ''}`);
+}
