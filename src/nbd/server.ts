@@ -1,5 +1,6 @@
 // The NBD server: listeners (TCP and unix sockets) that hand each accepted socket to an NbdConnection, a cap
-// on connections, counters, and an orderly close. The protocol lives in handshake.ts and connection.ts.
+// on connections, counters, and an orderly close. The protocol lives in handshake.ts (options), connection.ts (a
+// connection's life and flow control), receiver.ts (bytes to requests) and commands.ts (what each command means).
 import net from 'node:net';
 import type { AddressInfo } from 'node:net';
 import { ChunkdError } from '../core/errors.ts';
