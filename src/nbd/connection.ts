@@ -5,6 +5,10 @@
 //
 // The connection's life is one state value:
 //
+//               STARTTLS (ACK)
+//   handshake ◄──────────────────► tls    (the socket upgraded in place; options again, inside TLS)
+//       │        TLS is up
+//       │
 //   handshake ──GO, EXPORT_NAME──► transmission
 //       │                              │
 //       │ ABORT                        │ DISC, shutdown()
@@ -14,15 +18,21 @@
 //                    closing ◄──────────────────────────────────────────┘
 //                       ▲      (socket.end(): the last replies go out; cut after connectionCloseGraceMs)
 //                       │
-//   any state ──────────┘ garbage, handshake timeout, shutdown() in the handshake: socket.destroy()
+//   any state ──────────┘ garbage, handshake timeout, TLS failure, shutdown() in the handshake: socket.destroy()
 //
 //   any state ──the socket's 'close'──► closed ──no request and no handshake step running──► released
 //                                                 (the device is closed, exactly once; `done` resolves)
 //
-// Only `handshake` and `transmission` read from the socket; every state from `draining` on drops what arrives.
+// Only `handshake` and `transmission` take what the socket reads (in `tls`, TLS itself reads); every state from
+// `draining` on drops what arrives. The handshake timeout covers `tls` too, so a TLS handshake that stalls or
+// fails costs what a plain one does: one socket, bounded buffers, until the timer or the error ends it.
 // A handshake step (an option's answer, which may open a device) runs asynchronously: while one runs the
 // connection neither takes another, nor ends, nor is released, whatever its state. Transitions: #enterTransmission,
-// #drain, #maybeEnd, #destroy, #onClose and #maybeRelease.
+// #startTls, #onSecure, #drain, #maybeEnd, #destroy, #onClose and #maybeRelease.
+//
+// TLS (tls.ts): after NBD_OPT_STARTTLS is acknowledged in the clear, a TLSSocket takes over the same socket (its
+// descriptor and handle) and becomes the one replies are written to; it delivers decrypted chunks, so a large
+// WRITE payload is copied once out of them instead of being read in place (receiver.ts).
 //
 // Transmission: requests are taken as bytes arrive and go to the device at once, in order of arrival (the device
 // serializes overlapping ranges); each reply is written whole when its request finishes, so replies go out of
@@ -37,6 +47,7 @@
 // Errors follow core/fail-stop.ts: a device's ChunkdError or system error is that request's error reply, a
 // malformed stream closes this connection, and anything else is a bug that stops the node.
 import type { Socket } from 'node:net';
+import tls from 'node:tls';
 import { assert } from '../core/assert.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import type { DeviceProvider } from '../core/block-device.ts';
@@ -54,6 +65,8 @@ import type { PayloadBuffers, RequestSink } from './receiver.ts';
 import { steerReads } from './steered-socket.ts';
 import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, encodeGreeting, optionHeaderBytes } from './protocol.ts';
 import type { NbdRequest } from './protocol.ts';
+import { peerRefusal } from './tls.ts';
+import type { TlsSettings } from './tls.ts';
 import { validateRequest } from './validate.ts';
 import type { ValidationContext } from './validate.ts';
 
@@ -76,10 +89,12 @@ export interface ConnectionOptions {
    * reply is read into one in place. Null: Node's buffers, payloads as views of socket chunks where they fit.
    */
   sharedBuffers?: SharedBufferPool | null;
+  /** TLS offered or required (NBD_OPT_STARTTLS); null or absent: off. */
+  tls?: TlsSettings | null;
 }
 
 /** The connection's life; see the diagram at the top of this file. */
-export type ConnectionState = 'handshake' | 'transmission' | 'draining' | 'closing' | 'closed' | 'released';
+export type ConnectionState = 'handshake' | 'tls' | 'transmission' | 'draining' | 'closing' | 'closed' | 'released';
 
 /** Input buffered during the handshake before the socket is paused: two maximal options. */
 const handshakeInputBytesMax = 2 * (optionHeaderBytes + optionBytesMax);
@@ -88,7 +103,8 @@ export class NbdConnection {
   /** Resolves when the socket is closed, every device operation has finished and the device is closed. */
   readonly done: Promise<void>;
   readonly #resolveDone: () => void;
-  readonly #socket: Socket;
+  /** Where replies go and reads come from: the accepted socket, or after STARTTLS the TLS socket over it. */
+  #socket: Socket;
   readonly #options: ConnectionOptions;
   readonly #receiver: Receiver;
   /** WRITE payloads the receiver gathers or steers into, given back here once the device is done with them. */
@@ -125,7 +141,7 @@ export class NbdConnection {
       onRequest: (request) => this.#accept(request),
       onPayload: (request, payload, pooled) => this.#execute(request, payload, pooled),
     };
-    this.#handshake = new Handshake(options.provider);
+    this.#handshake = new Handshake(options.provider, options.tls?.mode ?? 'off');
     const { promise, resolve } = Promise.withResolvers<void>();
     this.done = promise;
     this.#resolveDone = resolve;
@@ -137,16 +153,29 @@ export class NbdConnection {
       socket.on('data', (chunk: Buffer) => receiver.onData(chunk));
       socket.resume();
     }
-    socket.on('end', () => this.#onEnd());
-    socket.on('drain', () => this.#maybeResume());
-    socket.on('error', (error: NodeJS.ErrnoException) => {
-      // A client that hangs up without waiting for its last replies is ordinary; anything else is worth a line.
-      if (error.code !== 'EPIPE' && error.code !== 'ECONNRESET') this.#log(`socket error: ${error.message}`);
-    });
-    socket.on('close', () => this.#onClose());
+    this.#listen(socket);
     this.#handshakeTimer = setTimeout(() => this.#destroy(`handshake not finished within ${options.handshakeTimeoutMs} ms: closing`), options.handshakeTimeoutMs);
     this.#handshakeTimer.unref();
     this.#send(encodeGreeting());
+  }
+
+  readonly #onSocketEnd = (): void => this.#onEnd();
+  readonly #onSocketDrain = (): void => this.#maybeResume();
+  readonly #onSocketClose = (): void => this.#onClose();
+  readonly #onSocketError = (error: NodeJS.ErrnoException): void => {
+    if (this.#state === 'tls') {
+      this.#destroy(`closing: TLS handshake failed: ${error.message.trim()}`);
+      return;
+    }
+    // A client that hangs up without waiting for its last replies is ordinary; anything else is worth a line.
+    if (error.code !== 'EPIPE' && error.code !== 'ECONNRESET') this.#log(`socket error: ${error.message}`);
+  };
+
+  #listen(socket: Socket): void {
+    socket.on('end', this.#onSocketEnd);
+    socket.on('drain', this.#onSocketDrain);
+    socket.on('error', this.#onSocketError);
+    socket.on('close', this.#onSocketClose);
   }
 
   /** Where the connection is in its life. */
@@ -156,7 +185,7 @@ export class NbdConnection {
 
   /** Stops taking requests; in-flight ones finish and get their replies, then the connection closes. */
   shutdown(): void {
-    if (this.#state === 'handshake') this.#destroy(null);
+    if (this.#state === 'handshake' || this.#state === 'tls') this.#destroy(null);
     else if (this.#state === 'transmission') this.#drain();
   }
 
@@ -167,12 +196,18 @@ export class NbdConnection {
       this.#takeRequests();
       return;
     }
+    // In `tls`, what arrives once TLS is up but before the connection heard so waits for #onSecure.
+    if (this.#state === 'tls') return;
     assert(this.#state === 'handshake', 'input is taken only in the handshake and transmission');
     if (this.#receiver.input.length > handshakeInputBytesMax) this.#pause();
     void this.#runHandshake();
   }
 
   #onEnd(): void {
+    if (this.#state === 'tls') {
+      this.#destroy('closing: the client ended its side during the TLS handshake');
+      return;
+    }
     this.#receiver.onEnd();
     this.#maybeEnd();
   }
@@ -198,6 +233,10 @@ export class NbdConnection {
           this.#destroy(`closing: ${step.reason}`);
           break;
         }
+        if (step.kind === 'starttls') {
+          this.#startTls(step.output);
+          break;
+        }
         for (const buffer of step.output) this.#send(buffer);
         if (step.kind === 'abort') {
           this.#drain();
@@ -214,6 +253,62 @@ export class NbdConnection {
     this.#maybeResume();
     this.#maybeEnd();
     this.#maybeRelease();
+  }
+
+  /** handshake → tls: the ACK goes out in the clear, then a TLS socket takes this one over (#upgrade). */
+  #startTls(ack: Buffer[]): void {
+    // The client starts TLS once it has the ACK: bytes already here came before it, a violation.
+    if (this.#receiver.input.length > 0) {
+      this.#destroy('closing: bytes after NBD_OPT_STARTTLS before its reply');
+      return;
+    }
+    this.#state = 'tls';
+    const plain = this.#socket;
+    plain.pause();
+    if (this.#corked) {
+      // Earlier replies leave first, in order; the pending #uncork then finds nothing to do.
+      this.#corked = false;
+      plain.uncork();
+    }
+    plain.write(Buffer.concat(ack), (error) => {
+      if (error == null && this.#state === 'tls') this.#upgrade(plain);
+    });
+  }
+
+  /** The ACK is out: TLS takes over the socket and becomes the one this connection reads and writes. */
+  #upgrade(plain: Socket): void {
+    const settings = this.#options.tls!;
+    plain.off('end', this.#onSocketEnd);
+    plain.off('drain', this.#onSocketDrain);
+    plain.off('error', this.#onSocketError);
+    plain.off('close', this.#onSocketClose);
+    plain.on('error', () => {}); // the TLS socket reports what goes wrong from now on
+    const secure = new tls.TLSSocket(plain, {
+      isServer: true,
+      secureContext: settings.secureContext,
+      requestCert: settings.verifyPeer,
+      rejectUnauthorized: settings.verifyPeer,
+    });
+    this.#socket = secure;
+    this.#listen(secure);
+    const receiver = this.#receiver;
+    secure.on('data', (chunk: Buffer) => receiver.onData(chunk));
+    secure.once('secure', () => this.#onSecure(secure));
+  }
+
+  /** tls → handshake: TLS is up; option haggling starts again inside it. */
+  #onSecure(secure: tls.TLSSocket): void {
+    if (this.#state !== 'tls') return;
+    const settings = this.#options.tls!;
+    const refusal = settings.verifyPeer ? peerRefusal(secure.getPeerX509Certificate(), settings.authorities) : null;
+    if (refusal !== null) {
+      this.#destroy(`closing: client certificate refused: ${refusal}`);
+      return;
+    }
+    this.#state = 'handshake';
+    this.#paused = false;
+    this.#handshake.tlsStarted();
+    void this.#runHandshake();
   }
 
   #enterTransmission(session: Session): void {
