@@ -17,7 +17,7 @@ import { attachCommand, detachCommand } from './attach.ts';
 const usage = `usage: chunkd <command> [options]
 
   serve [--pool DIR] [--listen HOST:PORT|none] [--socket PATH] [--api PATH] [--default-volume NAME:SIZE]
-        [--fuse DIR] [--plugin-socket PATH]
+        [--fuse DIR] [--plugin-socket PATH] [--tls off|on|require --tls-dir DIR [--tls-verify-peer]]
                                      run a node in the foreground (pool ./data, NBD on 127.0.0.1:10809)
   volume create NAME --size SIZE     create a thin volume (sizes: 512, 4KiB, 64MiB, 10GiB, 1TiB)
   volume list [--json]

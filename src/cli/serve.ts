@@ -30,6 +30,18 @@ export function parseWorkers(text: string, option = '--workers'): number {
   return count;
 }
 
+/** Checks --tls, --tls-dir and --tls-verify-peer together; null when TLS is off. */
+export function parseTls(mode: string, directory: string | undefined, verifyPeer: boolean): { mode: 'on' | 'require'; directory: string; verifyPeer: boolean } | null {
+  if (mode !== 'off' && mode !== 'on' && mode !== 'require') throw ChunkdError.invalid(`invalid --tls "${mode}": off, on or require`);
+  if (mode === 'off') {
+    if (directory !== undefined) throw ChunkdError.invalid('--tls-dir is given but --tls is off: add --tls on or --tls require');
+    if (verifyPeer) throw ChunkdError.invalid('--tls-verify-peer needs --tls on or --tls require');
+    return null;
+  }
+  if (directory === undefined) throw ChunkdError.invalid(`--tls ${mode} needs --tls-dir DIR (ca-cert.pem, server-cert.pem, server-key.pem)`);
+  return { mode, directory, verifyPeer };
+}
+
 function parseOnOff(text: string, option: string): boolean {
   if (text !== 'on' && text !== 'off') throw ChunkdError.invalid(`invalid ${option} "${text}": on or off`);
   return text === 'on';
@@ -49,6 +61,9 @@ export async function serve(argv: string[]): Promise<number> {
       'verify-reads': { type: 'string', default: 'on' },
       fuse: { type: 'string' },
       'plugin-socket': { type: 'string' },
+      tls: { type: 'string', default: 'off' },
+      'tls-dir': { type: 'string' },
+      'tls-verify-peer': { type: 'boolean', default: false },
     },
   });
   const log = (line: string): void => {
@@ -67,6 +82,7 @@ export async function serve(argv: string[]): Promise<number> {
     verifyReads: parseOnOff(values['verify-reads'], '--verify-reads'),
     fuseDirectory: values.fuse ?? null,
     pluginSocketPath: values['plugin-socket'] ?? null,
+    tls: parseTls(values.tls, values['tls-dir'], values['tls-verify-peer']),
     log,
   });
   // Listen for the stop signals before saying ready: a SIGTERM sent right after the ready line otherwise found no

@@ -8,6 +8,7 @@ import { checkName } from '../core/names.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
+import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/tls.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
@@ -42,6 +43,11 @@ export interface NodeConfig {
   fuseDirectory?: string | null;
   /** Unix socket for the Docker volume plugin protocol (serve --plugin-socket), or null. */
   pluginSocketPath?: string | null;
+  /**
+   * NBD over TLS on every NBD listener, TCP and unix socket (serve --tls, --tls-dir, --tls-verify-peer); null or
+   * absent: off. `directory` holds the credentials in qemu's layout (nbd/tls.ts).
+   */
+  tls?: { mode: 'on' | 'require'; directory: string; verifyPeer: boolean } | null;
 }
 
 export class ChunkdNode implements ControlPlane, DeviceProvider {
@@ -58,16 +64,18 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   #attachments: Attachments | null = null;
   #plugin: DockerPluginServer | null = null;
 
-  private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null) {
+  private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, tls: TlsServerConfig | null) {
     this.config = config;
     this.pool = pool;
-    this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers });
+    this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers, tls: tls === null ? null : tlsSettings(tls) });
     this.api = new ApiServer(this);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
   }
 
   /** Opens the pool and starts the front ends; on any failure everything started is stopped again. */
   static async start(config: NodeConfig): Promise<ChunkdNode> {
+    // Credentials first: a missing or bad file is refused with its name before the pool is even opened.
+    const tls = config.tls ? loadTlsServerConfig(config.tls.directory, config.tls.mode, config.tls.verifyPeer) : null;
     const workers = config.workers ?? defaultWorkerCount();
     // With workers, request buffers live in shared memory so that bytes reach a worker without a copy.
     const sharedBuffers = workers > 0 ? new SharedBufferPool() : null;
@@ -78,7 +86,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       verifyReads: config.verifyReads ?? true,
     });
     if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)');
-    const node = new ChunkdNode(config, pool, sharedBuffers);
+    const node = new ChunkdNode(config, pool, sharedBuffers, tls);
     try {
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
@@ -86,7 +94,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       }
       await node.api.listen(node.apiSocketPath);
       if (config.listen !== null && (config.nbdThreads ?? 0) > 0) {
-        node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log });
+        node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log, tls });
       } else if (config.listen !== null) {
         await node.nbd.listenTcp(config.listen.host, config.listen.port);
       }
@@ -147,10 +155,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.#fuseMounting;
   }
 
+  /** The node's own NBD URI of a volume (for nbdfuse): over TLS when TLS is required, with the node's credentials. */
   #nbdUri(volume: string): string | null {
-    if (this.config.nbdSocketPath) return `nbd+unix:///${volume}?socket=${path.resolve(this.config.nbdSocketPath)}`;
+    const tls = this.config.tls?.mode === 'require' ? path.resolve(this.config.tls.directory) : null;
+    const secure = tls === null ? '' : 's';
+    const credentials = tls === null ? '' : `tls-certificates=${tls}`;
+    if (this.config.nbdSocketPath) return `nbd${secure}+unix:///${volume}?socket=${path.resolve(this.config.nbdSocketPath)}${credentials === '' ? '' : `&${credentials}`}`;
     const tcp = this.nbdAddresses().find((address) => !address.startsWith('/') && !address.startsWith('unix:'));
-    return tcp === undefined ? null : `nbd://${tcp}/${volume}`;
+    return tcp === undefined ? null : `nbd${secure}://${tcp}/${volume}${credentials === '' ? '' : `?${credentials}`}`;
   }
 
   get attachments(): Attachments {
