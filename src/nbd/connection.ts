@@ -5,9 +5,7 @@
 //
 // The connection's life is one state value:
 //
-//               STARTTLS (ACK)
-//   handshake ◄──────────────────► tls    (the socket upgraded in place; options again, inside TLS)
-//       │        TLS is up
+//   handshake ──STARTTLS: ACK in the clear──► tls ──TLS is up──► handshake (options again, inside TLS)
 //       │
 //   handshake ──GO, EXPORT_NAME──► transmission
 //       │                              │
