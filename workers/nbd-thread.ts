@@ -6,12 +6,18 @@ import { installFailStop } from '../src/core/fail-stop.ts';
 import { SharedBufferPool } from '../src/core/shared-buffers.ts';
 import { RemoteProvider } from '../src/nbd/remote-device.ts';
 import { NbdServer } from '../src/nbd/server.ts';
+import { tlsSettings, type TlsServerConfig } from '../src/nbd/tls.ts';
 
-const { port, host, listenPort, index } = workerData as { port: MessagePort; host: string; listenPort: number; index: number };
+const { port, host, listenPort, index, tls } = workerData as { port: MessagePort; host: string; listenPort: number; index: number; tls: TlsServerConfig | null };
 const parent = parentPort!;
 const buffers = new SharedBufferPool();
 const provider = new RemoteProvider(port, buffers.slab);
-const server = new NbdServer({ provider, log: (line) => parent.postMessage({ type: 'log', line: `nbd thread ${index}: ${line}` }), sharedBuffers: buffers });
+const server = new NbdServer({
+  provider,
+  log: (line) => parent.postMessage({ type: 'log', line: `nbd thread ${index}: ${line}` }),
+  sharedBuffers: buffers,
+  tls: tls === null ? null : tlsSettings(tls), // the main thread read and checked the credentials
+});
 
 parent.on('message', (message: { type: 'stats'; id: number } | { type: 'stop' }) => {
   if (message.type === 'stats') {

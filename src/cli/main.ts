@@ -20,10 +20,11 @@ import { peerCommand } from './peer.ts';
 const usage = `usage: chunkd <command> [options]
 
   serve [--pool DIR] [--listen HOST:PORT|none] [--socket PATH] [--api PATH] [--default-volume NAME:SIZE]
-        [--fuse DIR] [--plugin-socket PATH] [--peer-listen HOST:PORT --tls-dir DIR [--peer-allow NAME,...]]
-        [--api-listen HOST:PORT --tls-dir DIR]
+        [--fuse DIR] [--plugin-socket PATH] [--tls off|on|require --tls-dir DIR [--tls-verify-peer]]
+        [--peer-listen HOST:PORT --tls-dir DIR [--peer-allow NAME,...]] [--api-listen HOST:PORT --tls-dir DIR]
                                      run a node in the foreground (pool ./data, NBD on 127.0.0.1:10809);
-                                     --peer-listen: the node-to-node port, mutual TLS with DIR's CA only
+                                     --tls: NBD over TLS; --peer-listen: the node-to-node port, mutual TLS
+                                     with DIR's CA only; one --tls-dir (a node's set from tls init) for all
   volume create NAME --size SIZE     create a thin volume (sizes: 512, 4KiB, 64MiB, 10GiB, 1TiB)
   volume list [--json]
   volume info NAME [--json]          declared size and bytes allocated

@@ -43,6 +43,21 @@ export function parseWorkers(text: string, option = '--workers'): number {
   return count;
 }
 
+/**
+ * Checks --tls, --tls-dir and --tls-verify-peer together; null when NBD's TLS is off. One --tls-dir serves NBD,
+ * the peer port and the API on TCP alike (`directoryInUse`: one of the others takes it, so it may come without --tls).
+ */
+export function parseTls(mode: string, directory: string | undefined, verifyPeer: boolean, directoryInUse = false): { mode: 'on' | 'require'; directory: string; verifyPeer: boolean } | null {
+  if (mode !== 'off' && mode !== 'on' && mode !== 'require') throw ChunkdError.invalid(`invalid --tls "${mode}": off, on or require`);
+  if (mode === 'off') {
+    if (directory !== undefined && !directoryInUse) throw ChunkdError.invalid('--tls-dir is given but --tls is off: add --tls on or --tls require');
+    if (verifyPeer) throw ChunkdError.invalid('--tls-verify-peer needs --tls on or --tls require');
+    return null;
+  }
+  if (directory === undefined) throw ChunkdError.invalid(`--tls ${mode} needs --tls-dir DIR (ca-cert.pem, server-cert.pem, server-key.pem)`);
+  return { mode, directory, verifyPeer };
+}
+
 function parseOnOff(text: string, option: string): boolean {
   if (text !== 'on' && text !== 'off') throw ChunkdError.invalid(`invalid ${option} "${text}": on or off`);
   return text === 'on';
@@ -62,8 +77,10 @@ export async function serve(argv: string[]): Promise<number> {
       'verify-reads': { type: 'string', default: 'on' },
       fuse: { type: 'string' },
       'plugin-socket': { type: 'string' },
-      'peer-listen': { type: 'string' },
+      tls: { type: 'string', default: 'off' },
       'tls-dir': { type: 'string' },
+      'tls-verify-peer': { type: 'boolean', default: false },
+      'peer-listen': { type: 'string' },
       'peer-allow': { type: 'string', multiple: true },
       'api-listen': { type: 'string' },
     },
@@ -89,6 +106,7 @@ export async function serve(argv: string[]): Promise<number> {
     pluginSocketPath: values['plugin-socket'] ?? null,
     peer,
     apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: values['tls-dir']! },
+    tls: parseTls(values.tls, values['tls-dir'], values['tls-verify-peer'], peer !== null || apiListen !== null),
     log,
   });
   // Listen for the stop signals before saying ready: a SIGTERM sent right after the ready line otherwise found no

@@ -1,52 +1,71 @@
-// One NBD client connection: the handshake (handshake.ts), then the transmission phase.
+// One NBD client connection's life: the handshake (handshake.ts), then the transmission phase, flow control, and
+// its end. The request path runs through three files: receiver.ts cuts the socket's bytes into requests and
+// payloads, commands.ts says what each command means on the device, and this file joins them: it validates a
+// request once (validate.ts), runs it, writes its reply, and decides when to read, pause and close.
 //
-// Transmission: requests are decoded as bytes arrive and go to the device at once, in order of arrival (the
-// device serializes overlapping ranges); each reply is written whole when its request finishes, so replies go
-// out of order but never interleave. Replies written in one turn of the event loop leave in one writev
-// (cork until setImmediate). A READ reply is one buffer, header and data, that device.read fills in place.
+// The connection's life is one state value:
 //
-// Receiving: the socket's reads land in a large arena buffer, a window at a time, and what they hold is queued as
-// views (input-queue.ts), except a WRITE payload larger than a window: it is read straight into the buffer the
-// device writes from (steered-socket.ts), so the kernel's copy out of the socket is its only copy.
+//   handshake ──STARTTLS: ACK in the clear──► tls ──TLS is up──► handshake (options again, inside TLS)
+//       │
+//   handshake ──GO, EXPORT_NAME──► transmission
+//       │                              │
+//       │ ABORT                        │ DISC, shutdown()
+//       └──────────► draining ◄────────┘
+//                       │ nothing in flight                 handshake, transmission:
+//                       ▼                                   client EOF, nothing in flight, not paused
+//                    closing ◄──────────────────────────────────────────┘
+//                       ▲      (socket.end(): the last replies go out; cut after connectionCloseGraceMs)
+//                       │
+//   any state ──────────┘ garbage, handshake timeout, TLS failure, shutdown() in the handshake: socket.destroy()
+//
+//   any state ──the socket's 'close'──► closed ──no request and no handshake step running──► released
+//                                                 (the device is closed, exactly once; `done` resolves)
+//
+// Only `handshake` and `transmission` take what the socket reads (in `tls`, TLS itself reads); every state from
+// `draining` on drops what arrives. The handshake timeout covers `tls` too, so a TLS handshake that stalls or
+// fails costs what a plain one does: one socket, bounded buffers, until the timer or the error ends it.
+// A handshake step (an option's answer, which may open a device) runs asynchronously: while one runs the
+// connection neither takes another, nor ends, nor is released, whatever its state. Transitions: #enterTransmission,
+// #startTls, #onSecure, #drain, #maybeEnd, #destroy, #onClose and #maybeRelease.
+//
+// TLS (tls.ts): after NBD_OPT_STARTTLS is acknowledged in the clear, a TLSSocket takes over the same socket (its
+// descriptor and handle) and becomes the one replies are written to; it delivers decrypted chunks, so a large
+// WRITE payload is copied once out of them instead of being read in place (receiver.ts).
+//
+// Transmission: requests are taken as bytes arrive and go to the device at once, in order of arrival (the device
+// serializes overlapping ranges); each reply is written whole when its request finishes, so replies go out of
+// order but never interleave. Replies written in one turn of the event loop leave in one writev (cork until
+// setImmediate).
 //
 // Flow control: past requestsInFlightPerConnectionMax requests or bytesInFlightPerConnectionMax bytes in flight
 // (or that many reply bytes the client has not read yet) the socket is paused, and resumed when a request
-// finishes. A WRITE payload counts from its header on, as it is buffered.
+// finishes. A WRITE payload counts from its header on, as it is buffered. In the handshake, the socket is paused
+// while more than two maximal options wait.
 //
-// Ending, in every case: reading stops, in-flight device operations finish (their replies are dropped if the
-// socket is gone), the socket closes, then the device is closed exactly once and `done` resolves.
-//   NBD_CMD_DISC, client EOF, server shutdown: finish in-flight requests, send their replies, then end.
-//   Malformed stream, handshake timeout, socket error: destroy the socket at once.
 // Errors follow core/fail-stop.ts: a device's ChunkdError or system error is that request's error reply, a
 // malformed stream closes this connection, and anything else is a bug that stops the node.
-import { AssertionError } from 'node:assert';
 import type { Socket } from 'node:net';
+import tls from 'node:tls';
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
-import type { BlockDevice } from '../core/block-device.ts';
 import type { DeviceProvider } from '../core/block-device.ts';
 import {
-  bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, rangeRequestBytesMax,
-  requestsInFlightPerConnectionMax,
+  bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, requestsInFlightPerConnectionMax,
 } from '../core/limits.ts';
 import type { SharedBufferPool } from '../core/shared-buffers.ts';
 import { BufferPool } from './buffer-pool.ts';
-import { blockDescriptors } from './extents.ts';
+import { describeRequest, failureReply, refusalReply, requestCostBytes, runCommand, successReply } from './commands.ts';
+import type { ReplyBuffers } from './commands.ts';
 import { Handshake } from './handshake.ts';
 import type { Session } from './handshake.ts';
-import { InputQueue } from './input-queue.ts';
+import { Receiver } from './receiver.ts';
+import type { PayloadBuffers, RequestSink } from './receiver.ts';
 import { steerReads } from './steered-socket.ts';
-import {
-  NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA,
-  NBD_CMD_FLAG_NO_HOLE, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE,
-  NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_ENOTSUP, NBD_EOVERFLOW, NBD_REPLY_FLAG_DONE, commandName,
-  decodeRequest, encodeBlockStatus, encodeGreeting, encodeSimpleReply, encodeStructuredError, encodeStructuredNone,
-  offsetDataHeaderBytes, optionHeaderBytes, requestHeaderBytes, simpleReplyHeaderBytes, writeOffsetDataHeader,
-  writeSimpleReplyHeader,
-} from './protocol.ts';
+import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, encodeGreeting, optionHeaderBytes } from './protocol.ts';
 import type { NbdRequest } from './protocol.ts';
-import { splitRange, validateRequest } from './validate.ts';
+import { peerRefusal } from './tls.ts';
+import type { TlsSettings } from './tls.ts';
+import { validateRequest } from './validate.ts';
 import type { ValidationContext } from './validate.ts';
 
 /** Counters the server shares with its connections. */
@@ -68,24 +87,12 @@ export interface ConnectionOptions {
    * reply is read into one in place. Null: Node's buffers, payloads as views of socket chunks where they fit.
    */
   sharedBuffers?: SharedBufferPool | null;
+  /** TLS offered or required (NBD_OPT_STARTTLS); null or absent: off. */
+  tls?: TlsSettings | null;
 }
 
-/** What the connection needs of a buffer pool. */
-interface Buffers {
-  acquire(size: number): Buffer;
-  release(buffer: Buffer): void;
-}
-
-/** Bytes one socket read may bring into the arena: what Node's own reads take. */
-const readWindowBytes = 64 * 1024;
-/**
- * Socket reads fill an arena a window at a time; a new one is started when less than a window is left. An idle
- * connection holds its arena, so it is kept small; the handshake's messages are smaller still.
- */
-const readArenaBytes = 256 * 1024;
-const handshakeReadBytes = 4 * 1024;
-/** A WRITE payload larger than this is read from the socket straight into its own buffer. */
-const steeredPayloadBytesMin = readWindowBytes + 1;
+/** The connection's life; see the diagram at the top of this file. */
+export type ConnectionState = 'handshake' | 'tls' | 'transmission' | 'draining' | 'closing' | 'closed' | 'released';
 
 /** Input buffered during the handshake before the socket is paused: two maximal options. */
 const handshakeInputBytesMax = 2 * (optionHeaderBytes + optionBytesMax);
@@ -94,153 +101,118 @@ export class NbdConnection {
   /** Resolves when the socket is closed, every device operation has finished and the device is closed. */
   readonly done: Promise<void>;
   readonly #resolveDone: () => void;
-  readonly #socket: Socket;
+  /** Where replies go and reads come from: the accepted socket, or after STARTTLS the TLS socket over it. */
+  #socket: Socket;
   readonly #options: ConnectionOptions;
-  readonly #input = new InputQueue();
-  readonly #payloadBuffers: Buffers;
-  /** Payloads always go into #payloadBuffers (shared memory for the workers), never stay views of socket chunks. */
-  readonly #copyPayloads: boolean;
+  readonly #receiver: Receiver;
+  /** WRITE payloads the receiver gathers or steers into, given back here once the device is done with them. */
+  readonly #payloadBuffers: PayloadBuffers;
+  readonly #sink: RequestSink;
   /** Large READ replies, reused once the socket has written them. */
-  readonly #replyBuffers: Buffers;
+  readonly #replyBuffers: ReplyBuffers;
   readonly #handshake: Handshake;
-  #phase: 'handshake' | 'transmission' = 'handshake';
+  #state: ConnectionState = 'handshake';
+  /** A handshake step is running (see the note at the top). */
+  #handshakeBusy = false;
   #session: Session | null = null;
   #validation: ValidationContext | null = null;
-  #handshakeBusy = false;
   #handshakeTimer: NodeJS.Timeout | null;
   #graceTimer: NodeJS.Timeout | null = null;
 
-  /** The client sent EOF: nothing more will arrive. */
-  #inputEnded = false;
-  /** No more requests are taken (DISC, shutdown, protocol error); data that still arrives is ignored. */
-  #readingStopped = false;
-  /** End the socket as soon as nothing is in flight. */
-  #endWhenIdle = false;
-  #ending = false;
-  #socketClosed = false;
-  #released = false;
-  #paused = false;
-  #parsing = false;
-  #corked = false;
-
-  /** A WRITE whose header was decoded and whose payload is still arriving. */
-  #pendingWrite: NbdRequest | null = null;
-  /** A large pending WRITE's own buffer, and how much of its payload is in it. */
-  #payload: Buffer | null = null;
-  #payloadFilled = 0;
-  /** The part of #payload the next socket read lands in, when it was steered there. */
-  #steeredView: Buffer | null = null;
-  /**
-   * Where socket reads land otherwise: never written twice, so the views queued from it stay valid; a new arena
-   * is started when little is left.
-   */
-  #arena = Buffer.allocUnsafeSlow(handshakeReadBytes);
-  #arenaUsed = 0;
-  /** Bytes of a refused WRITE's payload still to be read and thrown away. */
-  #discardBytes = 0;
+  // Flow control and replies.
   #inFlightCount = 0;
   #inFlightBytes = 0;
+  /** The socket is paused by flow control. */
+  #paused = false;
+  /** Replies written in this turn of the event loop wait for #uncork. */
+  #corked = false;
 
   /** `accepted`: a socket that has read nothing yet (the server accepts with pauseOnConnect). */
   constructor(accepted: Socket, options: ConnectionOptions) {
     this.#options = options;
     const shared = options.sharedBuffers ?? null;
     this.#payloadBuffers = shared ?? new BufferPool(bytesInFlightPerConnectionMax);
+    this.#receiver = new Receiver(this.#payloadBuffers, shared !== null, () => this.#onInput());
     this.#replyBuffers = shared ?? new BufferPool(bytesInFlightPerConnectionMax);
-    this.#copyPayloads = shared !== null;
-    this.#handshake = new Handshake(options.provider);
+    this.#sink = {
+      mayTakeRequest: () => this.#mayTakeRequest(),
+      onRequest: (request) => this.#accept(request),
+      onPayload: (request, payload, pooled) => this.#execute(request, payload, pooled),
+    };
+    this.#handshake = new Handshake(options.provider, options.tls?.mode ?? 'off');
     const { promise, resolve } = Promise.withResolvers<void>();
     this.done = promise;
     this.#resolveDone = resolve;
-    const steered = steerReads(accepted, { nextReadBuffer: () => this.#nextReadBuffer(), onRead: (count, buffer) => this.#onRead(count, buffer) }, { allowHalfOpen: true });
+    const receiver = this.#receiver;
+    const steered = steerReads(accepted, { nextReadBuffer: () => receiver.nextReadBuffer(), onRead: (count, buffer) => receiver.onRead(count, buffer) }, { allowHalfOpen: true });
     const socket = steered ?? accepted;
     this.#socket = socket;
     if (steered === null) {
-      socket.on('data', (chunk: Buffer) => this.#onData(chunk));
+      socket.on('data', (chunk: Buffer) => receiver.onData(chunk));
       socket.resume();
     }
-    socket.on('end', () => this.#onEnd());
-    socket.on('drain', () => this.#maybeResume());
-    socket.on('error', (error: NodeJS.ErrnoException) => {
-      // A client that hangs up without waiting for its last replies is ordinary; anything else is worth a line.
-      if (error.code !== 'EPIPE' && error.code !== 'ECONNRESET') this.#log(`socket error: ${error.message}`);
-    });
-    socket.on('close', () => this.#onClose());
-    this.#handshakeTimer = setTimeout(() => {
-      this.#log(`handshake not finished within ${options.handshakeTimeoutMs} ms: closing`);
-      socket.destroy();
-    }, options.handshakeTimeoutMs);
+    this.#listen(socket);
+    this.#handshakeTimer = setTimeout(() => this.#destroy(`handshake not finished within ${options.handshakeTimeoutMs} ms: closing`), options.handshakeTimeoutMs);
     this.#handshakeTimer.unref();
     this.#send(encodeGreeting());
   }
 
-  /** Handshake or transmission. */
-  get phase(): 'handshake' | 'transmission' {
-    return this.#phase;
+  readonly #onSocketEnd = (): void => this.#onEnd();
+  readonly #onSocketDrain = (): void => this.#maybeResume();
+  readonly #onSocketClose = (): void => this.#onClose();
+  readonly #onSocketError = (error: NodeJS.ErrnoException): void => {
+    if (this.#state === 'tls') {
+      this.#destroy(`closing: TLS handshake failed: ${error.message.trim()}`);
+      return;
+    }
+    // A client that hangs up without waiting for its last replies is ordinary; anything else is worth a line.
+    if (error.code !== 'EPIPE' && error.code !== 'ECONNRESET') this.#log(`socket error: ${error.message}`);
+  };
+
+  #listen(socket: Socket): void {
+    socket.on('end', this.#onSocketEnd);
+    socket.on('drain', this.#onSocketDrain);
+    socket.on('error', this.#onSocketError);
+    socket.on('close', this.#onSocketClose);
+  }
+
+  /** Where the connection is in its life. */
+  get state(): ConnectionState {
+    return this.#state;
   }
 
   /** Stops taking requests; in-flight ones finish and get their replies, then the connection closes. */
   shutdown(): void {
-    if (this.#phase === 'handshake') {
-      this.#socket.destroy();
-      return;
-    }
-    this.#stopReading();
-    this.#endWhenIdle = true;
-    this.#maybeEnd();
+    if (this.#state === 'handshake' || this.#state === 'tls') this.#destroy(null);
+    else if (this.#state === 'transmission') this.#drain();
   }
 
-  /** Where the next socket read lands: the rest of a large WRITE's payload, or the arena. */
-  #nextReadBuffer(): Buffer {
-    if (this.#payload !== null && this.#input.length === 0 && !this.#readingStopped) {
-      this.#steeredView = this.#payload.subarray(this.#payloadFilled);
-      return this.#steeredView;
-    }
-    this.#steeredView = null;
-    const handshake = this.#phase === 'handshake';
-    const window = handshake ? handshakeReadBytes : readWindowBytes;
-    if (this.#arena.length - this.#arenaUsed < window) {
-      this.#arena = Buffer.allocUnsafeSlow(handshake ? handshakeReadBytes : readArenaBytes);
-      this.#arenaUsed = 0;
-    }
-    return this.#arena.subarray(this.#arenaUsed, this.#arenaUsed + window);
-  }
+  // ---- Input ----
 
-  #onRead(count: number, buffer: Buffer): void {
-    if (buffer === this.#steeredView) {
-      this.#steeredView = null;
-      this.#payloadFilled += count;
-      if (!this.#readingStopped) this.#parseRequests();
+  #onInput(): void {
+    if (this.#state === 'transmission') {
+      this.#takeRequests();
       return;
     }
-    this.#arenaUsed += count;
-    this.#onData(buffer.subarray(0, count));
-  }
-
-  #onData(chunk: Buffer): void {
-    if (this.#readingStopped) return;
-    this.#input.push(chunk);
-    if (this.#phase === 'transmission') {
-      this.#parseRequests();
-      return;
-    }
-    if (this.#input.length > handshakeInputBytesMax) this.#pause();
+    // In `tls`, what arrives once TLS is up but before the connection heard so waits for #onSecure.
+    if (this.#state === 'tls') return;
+    assert(this.#state === 'handshake', 'input is taken only in the handshake and transmission');
+    if (this.#receiver.input.length > handshakeInputBytesMax) this.#pause();
     void this.#runHandshake();
   }
 
   #onEnd(): void {
-    this.#inputEnded = true;
+    if (this.#state === 'tls') {
+      this.#destroy('closing: the client ended its side during the TLS handshake');
+      return;
+    }
+    this.#receiver.onEnd();
     this.#maybeEnd();
   }
 
   #onClose(): void {
-    this.#socketClosed = true;
-    this.#readingStopped = true;
-    this.#pendingWrite = null;
-    this.#input.clear();
-    // Only now, with the socket closed, can no read land in it any more.
-    if (this.#payload !== null) this.#payloadBuffers.release(this.#payload);
-    this.#payload = null;
+    this.#state = 'closed';
+    this.#receiver.closed();
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
     if (this.#graceTimer !== null) clearTimeout(this.#graceTimer);
     this.#maybeRelease();
@@ -252,40 +224,94 @@ export class NbdConnection {
     if (this.#handshakeBusy) return;
     this.#handshakeBusy = true;
     try {
-      while (!this.#socketClosed && this.#phase === 'handshake') {
-        const step = await this.#handshake.next(this.#input);
+      while (this.#state === 'handshake') {
+        const step = await this.#handshake.next(this.#receiver.input);
         if (step.kind === 'need-more') break;
         if (step.kind === 'close') {
-          this.#log(`closing: ${step.reason}`);
-          this.#socket.destroy();
+          this.#destroy(`closing: ${step.reason}`);
+          break;
+        }
+        if (step.kind === 'starttls') {
+          this.#startTls(step.output);
           break;
         }
         for (const buffer of step.output) this.#send(buffer);
         if (step.kind === 'abort') {
-          this.#stopReading();
-          this.#endWhenIdle = true;
+          this.#drain();
           break;
         }
-        if (step.kind === 'transmission') {
-          this.#enterTransmission(step.session);
-        }
+        if (step.kind === 'transmission') this.#enterTransmission(step.session);
       }
     } catch (error) {
-      this.#log(`closing during handshake: ${expectedError(error, 'the NBD handshake').message}`);
-      this.#socket.destroy();
+      this.#destroy(`closing during handshake: ${expectedError(error, 'the NBD handshake').message}`);
     } finally {
       this.#handshakeBusy = false;
     }
-    if (this.#phase === 'transmission') this.#parseRequests(); // requests sent right behind the GO
+    if (this.#state === 'transmission') this.#takeRequests(); // requests sent right behind the GO
     this.#maybeResume();
     this.#maybeEnd();
     this.#maybeRelease();
   }
 
+  /** handshake → tls: the ACK goes out in the clear, then a TLS socket takes this one over (#upgrade). */
+  #startTls(ack: Buffer[]): void {
+    // The client starts TLS once it has the ACK: bytes already here came before it, a violation.
+    if (this.#receiver.input.length > 0) {
+      this.#destroy('closing: bytes after NBD_OPT_STARTTLS before its reply');
+      return;
+    }
+    this.#state = 'tls';
+    const plain = this.#socket;
+    plain.pause();
+    if (this.#corked) {
+      // Earlier replies leave first, in order; the pending #uncork then finds nothing to do.
+      this.#corked = false;
+      plain.uncork();
+    }
+    plain.write(Buffer.concat(ack), (error) => {
+      if (error == null && this.#state === 'tls') this.#upgrade(plain);
+    });
+  }
+
+  /** The ACK is out: TLS takes over the socket and becomes the one this connection reads and writes. */
+  #upgrade(plain: Socket): void {
+    const settings = this.#options.tls!;
+    plain.off('end', this.#onSocketEnd);
+    plain.off('drain', this.#onSocketDrain);
+    plain.off('error', this.#onSocketError);
+    plain.off('close', this.#onSocketClose);
+    plain.on('error', () => {}); // the TLS socket reports what goes wrong from now on
+    const secure = new tls.TLSSocket(plain, {
+      isServer: true,
+      secureContext: settings.secureContext,
+      requestCert: settings.verifyPeer,
+      rejectUnauthorized: settings.verifyPeer,
+    });
+    this.#socket = secure;
+    this.#listen(secure);
+    const receiver = this.#receiver;
+    secure.on('data', (chunk: Buffer) => receiver.onData(chunk));
+    secure.once('secure', () => this.#onSecure(secure));
+  }
+
+  /** tls → handshake: TLS is up; option haggling starts again inside it. */
+  #onSecure(secure: tls.TLSSocket): void {
+    if (this.#state !== 'tls') return;
+    const settings = this.#options.tls!;
+    const refusal = settings.verifyPeer ? peerRefusal(secure.getPeerX509Certificate(), settings.authorities) : null;
+    if (refusal !== null) {
+      this.#destroy(`closing: client certificate refused: ${refusal}`);
+      return;
+    }
+    this.#state = 'handshake';
+    this.#paused = false;
+    this.#handshake.tlsStarted();
+    void this.#runHandshake();
+  }
+
   #enterTransmission(session: Session): void {
-    // Set even if the socket is gone by now: #maybeRelease then closes the device.
+    // Kept even if the socket is gone by now: #maybeRelease then closes the device.
     this.#session = session;
-    this.#phase = 'transmission';
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
     this.#validation = {
@@ -294,76 +320,25 @@ export class NbdConnection {
       structuredReplies: session.structuredReplies,
       metaContextId: session.metaContextId,
     };
+    if (this.#state !== 'handshake') return;
+    this.#state = 'transmission';
+    this.#receiver.startTransmission();
   }
 
-  // ---- Transmission: reading requests ----
+  // ---- Transmission: taking requests ----
 
-  #parseRequests(): void {
-    if (this.#parsing || this.#session === null) return;
-    this.#parsing = true;
+  #takeRequests(): void {
     try {
-      while (!this.#readingStopped) {
-        if (this.#discardBytes > 0) {
-          this.#discardBytes -= this.#input.skip(this.#discardBytes);
-          if (this.#discardBytes > 0) break;
-          continue;
-        }
-        const pending = this.#pendingWrite;
-        if (pending !== null && pending.lengthBytes >= steeredPayloadBytesMin) {
-          if (!this.#receivePayload(pending.lengthBytes)) break;
-          const payload = this.#payload!;
-          this.#payload = null;
-          this.#pendingWrite = null;
-          this.#execute(pending, payload, payload);
-          continue;
-        }
-        if (pending !== null) {
-          if (this.#input.length < pending.lengthBytes) break;
-          this.#pendingWrite = null;
-          const payload = this.#input.take(pending.lengthBytes, this.#payloadBuffers.acquire, this.#copyPayloads);
-          this.#execute(pending, payload, this.#input.gathered ? payload : null);
-          continue;
-        }
-        if (this.#atLimit()) {
-          this.#pause();
-          break;
-        }
-        const view = this.#input.contiguous(requestHeaderBytes);
-        if (view === null) break;
-        const decoded = decodeRequest(view.buffer, view.offset);
-        assert(decoded.done, 'a whole request header decodes');
-        this.#input.skip(decoded.bytesConsumed);
-        this.#accept(decoded.value);
-      }
+      this.#receiver.takeRequests(this.#sink);
     } catch (error) {
-      this.#log(`closing: ${expectedError(error, 'reading NBD requests').message}`);
-      this.#stopReading();
-      this.#socket.destroy();
-    } finally {
-      this.#parsing = false;
+      this.#destroy(`closing: ${expectedError(error, 'reading NBD requests').message}`);
     }
-  }
-
-  /**
-   * Moves what is queued of a large WRITE's payload into its own buffer (taken now, if this is the first of it);
-   * the socket's next reads then land in the buffer itself. Whether the payload is whole.
-   */
-  #receivePayload(lengthBytes: number): boolean {
-    this.#payload ??= this.#payloadBuffers.acquire(lengthBytes);
-    const count = Math.min(this.#input.length, lengthBytes - this.#payloadFilled);
-    this.#input.takeInto(this.#payload, this.#payloadFilled, count);
-    this.#payloadFilled += count;
-    if (this.#payloadFilled < lengthBytes) return false;
-    this.#payloadFilled = 0;
-    return true;
   }
 
   /** Takes one decoded request: validates it, then runs it, waits for its payload, or answers an error. */
   #accept(request: NbdRequest): void {
     if (request.type === NBD_CMD_DISC) {
-      this.#stopReading();
-      this.#endWhenIdle = true;
-      this.#maybeEnd();
+      this.#drain();
       return;
     }
     this.#options.counters.requestsTotal += 1;
@@ -371,149 +346,42 @@ export class NbdConnection {
     validation.sizeBytes = this.#session!.device.sizeBytes;
     const error = validateRequest(request, validation);
     if (error !== 0) {
-      this.#replyError(request, error, `invalid ${commandName(request.type)} request (offset ${request.offsetBytes}, length ${request.lengthBytes}, flags 0x${request.flags.toString(16)})`);
+      this.#options.counters.requestErrorsTotal += 1;
+      this.#send(refusalReply(this.#session!, request, error));
       // The payload of a refused WRITE is still on the wire: read past it, a chunk at a time.
-      if (request.type === NBD_CMD_WRITE) this.#discardBytes = request.lengthBytes;
+      if (request.type === NBD_CMD_WRITE) this.#receiver.discardPayload(request.lengthBytes);
       return;
     }
     if (request.type === NBD_CMD_WRITE && request.lengthBytes > 0) {
-      this.#pendingWrite = request;
+      this.#receiver.expectPayload(request);
       return;
     }
-    this.#execute(request, null);
+    this.#execute(request, null, null);
   }
 
-  #atLimit(): boolean {
-    return this.#inFlightCount >= requestsInFlightPerConnectionMax ||
-      this.#inFlightBytes >= bytesInFlightPerConnectionMax ||
-      this.#socket.writableLength >= bytesInFlightPerConnectionMax;
-  }
-
-  #pause(): void {
-    if (this.#paused) return;
-    this.#paused = true;
-    this.#socket.pause();
-  }
-
-  #maybeResume(): void {
-    if (!this.#paused || this.#readingStopped || this.#handshakeBusy || this.#atLimit()) return;
-    this.#paused = false;
-    this.#socket.resume();
-    if (this.#phase === 'transmission') this.#parseRequests();
-  }
-
-  #stopReading(): void {
-    this.#readingStopped = true;
-    this.#pendingWrite = null; // a payload buffer being filled is given back when the socket closes
-    this.#discardBytes = 0;
-    this.#input.clear();
-    this.#socket.pause();
-  }
-
-  // ---- Transmission: running requests ----
-
-  /** Runs a request; `pooled` is a gathered payload buffer to give back to the pool once the device is done with it. */
-  #execute(request: NbdRequest, payload: Buffer | null, pooled: Buffer | null = null): void {
-    const device = this.#session!.device;
-    const { type, flags, offsetBytes, lengthBytes, handle } = request;
-    const costBytes = type === NBD_CMD_READ || type === NBD_CMD_WRITE ? lengthBytes : 0;
+  /** Runs a request; `pooled` is a gathered payload buffer to give back once the device is done with it. */
+  #execute(request: NbdRequest, payload: Buffer | null, pooled: Buffer | null): void {
+    const session = this.#session!;
+    const costBytes = requestCostBytes(request);
     this.#inFlightCount += 1;
     this.#inFlightBytes += costBytes;
-    const fua = (flags & NBD_CMD_FLAG_FUA) !== 0 ? { fua: true } : undefined;
-    let operation: Promise<unknown>;
-    switch (type) {
-      case NBD_CMD_READ:
-        operation = this.#read(device, request);
-        break;
-      case NBD_CMD_WRITE:
-        operation = lengthBytes === 0 ? Promise.resolve() : device.write(offsetBytes, payload!, fua);
-        break;
-      case NBD_CMD_FLUSH:
-        operation = device.flush();
-        break;
-      case NBD_CMD_TRIM:
-        operation = Promise.all(splitRange(offsetBytes, lengthBytes).map((piece) => device.trim(piece.offsetBytes, piece.lengthBytes, fua)));
-        break;
-      case NBD_CMD_WRITE_ZEROES:
-        operation = this.#writeZeroes(device, request);
-        break;
-      case NBD_CMD_CACHE:
-        // The device has no cache verb; the range was validated, and the spec lets CACHE do nothing.
-        operation = Promise.resolve();
-        break;
-      case NBD_CMD_BLOCK_STATUS:
-        operation = this.#blockStatus(device, request);
-        break;
-      default:
-        throw new AssertionError({ message: `validated request of unknown type ${type}` });
-    }
-    operation.then(
+    runCommand(session, request, payload, this.#replyBuffers).then(
       (reply) => {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
-        if (reply instanceof Buffer) this.#send(reply, type === NBD_CMD_READ);
-        else this.#send(encodeSimpleReply(0, handle));
+        if (reply instanceof Buffer) this.#send(reply, request.type === NBD_CMD_READ);
+        else this.#send(successReply(request));
         this.#finish(costBytes);
       },
       (error: unknown) => {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
-        const what = `${commandName(request.type)} offset ${request.offsetBytes} length ${request.lengthBytes}`;
+        const what = describeRequest(request);
         const failure = expectedError(error, what);
         this.#log(`${what}: ${failure.code}: ${failure.message}`);
-        this.#replyError(request, this.#errorNumber(request, failure), failure.message);
+        this.#options.counters.requestErrorsTotal += 1;
+        this.#send(failureReply(session, request, failure));
         this.#finish(costBytes);
       },
     );
-  }
-
-  /** Reads into the reply buffer itself, behind the header that is written once the data is in. */
-  #read(device: BlockDevice, request: NbdRequest): Promise<Buffer> {
-    const { handle, offsetBytes, lengthBytes } = request;
-    const structured = this.#session!.structuredReplies;
-    if (lengthBytes === 0) return Promise.resolve(structured ? encodeStructuredNone(handle) : encodeSimpleReply(0, handle));
-    // One content chunk always, so NBD_CMD_FLAG_DF is honoured as it is (requestBytesMax is far below 2^32).
-    const headerBytes = structured ? offsetDataHeaderBytes : simpleReplyHeaderBytes;
-    const reply = this.#replyBuffers.acquire(headerBytes + lengthBytes);
-    return device.read(offsetBytes, reply.subarray(headerBytes)).then(
-      () => {
-        if (structured) writeOffsetDataHeader(reply, 0, NBD_REPLY_FLAG_DONE, handle, offsetBytes, lengthBytes);
-        else writeSimpleReplyHeader(reply, 0, 0, handle);
-        return reply;
-      },
-      (error: unknown) => {
-        this.#replyBuffers.release(reply);
-        throw error;
-      },
-    );
-  }
-
-  #writeZeroes(device: BlockDevice, request: NbdRequest): Promise<unknown> {
-    const { flags, offsetBytes, lengthBytes } = request;
-    const noHole = (flags & NBD_CMD_FLAG_NO_HOLE) !== 0;
-    // Zeroing without NO_HOLE gives the range back (as fast as a trim); with NO_HOLE the store writes zeroes,
-    // which is no faster than a WRITE, so a FAST_ZERO request must fail at once (spec).
-    if (noHole && (flags & NBD_CMD_FLAG_FAST_ZERO) !== 0) {
-      return Promise.reject(new ChunkdError('ENOTSUP', 'WRITE_ZEROES with NO_HOLE is not faster than a write'));
-    }
-    const options = { fua: (flags & NBD_CMD_FLAG_FUA) !== 0, noHole };
-    return Promise.all(splitRange(offsetBytes, lengthBytes).map((piece) => device.writeZeroes(piece.offsetBytes, piece.lengthBytes, options)));
-  }
-
-  #blockStatus(device: BlockDevice, request: NbdRequest): Promise<Buffer> {
-    const { flags, handle, offsetBytes } = request;
-    // The requested length is a hint (spec): ask the device for no more than a range request may cover.
-    const queriedBytes = Math.min(request.lengthBytes, rangeRequestBytesMax);
-    const requestOne = (flags & NBD_CMD_FLAG_REQ_ONE) !== 0;
-    const contextId = this.#session!.metaContextId;
-    return device.blockStatus(offsetBytes, queriedBytes).then((extents) =>
-      encodeBlockStatus(NBD_REPLY_FLAG_DONE, handle, contextId, blockDescriptors(extents, queriedBytes, requestOne)));
-  }
-
-  /** The NBD error for a failed request: by the error's code, ENOTSUP and EOVERFLOW only where the spec allows them. */
-  #errorNumber(request: NbdRequest, error: ChunkdError): number {
-    const number = error.nbdError;
-    if (number === NBD_ENOTSUP && (request.flags & NBD_CMD_FLAG_FAST_ZERO) === 0) return NBD_EINVAL;
-    if (number === NBD_EOVERFLOW && (request.flags & NBD_CMD_FLAG_DF) === 0) return NBD_EINVAL;
-    return number;
   }
 
   #finish(costBytes: number): void {
@@ -525,18 +393,41 @@ export class NbdConnection {
     this.#maybeRelease();
   }
 
-  // ---- Replies ----
+  // ---- Flow control ----
 
-  #replyError(request: NbdRequest, error: number, message: string): void {
-    this.#options.counters.requestErrorsTotal += 1;
-    // With structured replies an error goes in an ERROR chunk, which carries a message (spec: SHOULD prefer);
-    // a READ must use one then.
-    const structured = this.#session!.structuredReplies;
-    this.#send(structured ? encodeStructuredError(NBD_REPLY_FLAG_DONE, request.handle, error, message) : encodeSimpleReply(error, request.handle));
+  #atLimit(): boolean {
+    return this.#inFlightCount >= requestsInFlightPerConnectionMax ||
+      this.#inFlightBytes >= bytesInFlightPerConnectionMax ||
+      this.#socket.writableLength >= bytesInFlightPerConnectionMax;
   }
 
-  /** Writes one whole message; a reply to a client that is gone is dropped. */
-  /** `pooled`: the buffer came from #replyBuffers and goes back once the socket is done with it. */
+  /** Whether the receiver may decode another request header; pauses the socket when not. */
+  #mayTakeRequest(): boolean {
+    if (!this.#atLimit()) return true;
+    this.#pause();
+    return false;
+  }
+
+  #pause(): void {
+    if (this.#paused) return;
+    this.#paused = true;
+    this.#socket.pause();
+  }
+
+  #maybeResume(): void {
+    if (!this.#paused || this.#handshakeBusy || this.#atLimit()) return;
+    if (this.#state !== 'handshake' && this.#state !== 'transmission') return;
+    this.#paused = false;
+    this.#socket.resume();
+    if (this.#state === 'transmission') this.#takeRequests();
+  }
+
+  // ---- Replies ----
+
+  /**
+   * Writes one whole message; a reply to a client that is gone is dropped. `pooled`: the buffer came from
+   * #replyBuffers and goes back once the socket is done with it.
+   */
   #send(buffer: Buffer, pooled = false): void {
     const socket = this.#socket;
     if (socket.destroyed || !socket.writable) {
@@ -559,13 +450,33 @@ export class NbdConnection {
 
   // ---- Ending ----
 
-  /** Ends the socket gracefully once asked to (or once the client ended its side) and nothing is in flight. */
+  /** handshake, transmission → draining: no more requests are read; the connection ends once idle. */
+  #drain(): void {
+    this.#state = 'draining';
+    this.#receiver.stop();
+    this.#socket.pause();
+    this.#maybeEnd();
+  }
+
+  /** → closing at once: the socket is destroyed, replies not yet written are lost. `reason`: a log line, if any. */
+  #destroy(reason: string | null): void {
+    if (reason !== null) this.#log(reason);
+    if (this.#state !== 'closed' && this.#state !== 'released') {
+      this.#state = 'closing';
+      this.#receiver.stop();
+    }
+    this.#socket.destroy();
+  }
+
+  /** draining, or handshake and transmission after client EOF → closing, once nothing is in flight. */
   #maybeEnd(): void {
-    if (this.#ending || this.#socketClosed) return;
     if (this.#inFlightCount > 0 || this.#handshakeBusy) return;
+    const state = this.#state;
     // After client EOF, a paused connection may still hold whole requests: they are taken on resume first.
-    if (!this.#endWhenIdle && !(this.#inputEnded && !this.#paused)) return;
-    this.#ending = true;
+    const ended = (state === 'handshake' || state === 'transmission') && this.#receiver.ended && !this.#paused;
+    if (state !== 'draining' && !ended) return;
+    this.#state = 'closing';
+    this.#receiver.stop(); // after EOF, all it may hold is part of a request
     const socket = this.#socket;
     socket.end(() => socket.destroy());
     // A client that stopped reading would keep the last replies (and close()) waiting forever.
@@ -573,19 +484,19 @@ export class NbdConnection {
     this.#graceTimer.unref();
   }
 
-  /** Closes the device once the socket is closed and no device operation is running any more. */
+  /** closed → released, once no device operation or handshake step runs: the device is closed, once. */
   #maybeRelease(): void {
-    if (this.#released || !this.#socketClosed || this.#inFlightCount > 0 || this.#handshakeBusy) return;
-    this.#released = true;
-    const device = this.#session?.device;
-    if (device === undefined) {
+    if (this.#state !== 'closed' || this.#inFlightCount > 0 || this.#handshakeBusy) return;
+    this.#state = 'released';
+    const session = this.#session;
+    if (session === null) {
       this.#resolveDone();
       return;
     }
-    device.close().then(
+    session.device.close().then(
       () => this.#resolveDone(),
       (error: unknown) => {
-        const where = `closing export ${JSON.stringify(this.#session!.exportName)}`;
+        const where = `closing export ${JSON.stringify(session.exportName)}`;
         this.#log(`${where}: ${expectedError(error, where).message}`);
         this.#resolveDone();
       },

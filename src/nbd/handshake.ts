@@ -5,7 +5,14 @@
 //                                               ├─ GO ok (INFO replies, ACK) ► transmission
 //                                               ├─ ABORT (ACK) ─────────────► abort (close after sending)
 //                                               ├─ EXPORT_NAME unknown ─────► close (spec: must terminate)
+//                                               ├─ STARTTLS (ACK) ──────────► starttls: the connection runs
+//                                               │    the TLS handshake, calls tlsStarted(), and options go on
+//                                               │    inside TLS with nothing negotiated before it kept
 //                                               └─ anything else: replies ──► options
+//
+// TLS (tls.ts has the modes): with `off`, STARTTLS is unsupported. With `on` or `require` it is acknowledged once;
+// a second one, or one with data, is NBD_REP_ERR_INVALID. With `require`, until TLS is up every option but
+// STARTTLS and ABORT is NBD_REP_ERR_TLS_REQD, and EXPORT_NAME (which cannot be refused) closes the connection.
 //
 // A malformed stream (bad magic, unknown client flags, an option too long, too many options) throws
 // ChunkdError EPROTO and the connection closes. Malformed option *data* is answered NBD_REP_ERR_INVALID and the
@@ -21,13 +28,14 @@ import {
   NBD_FLAG_SEND_FAST_ZERO, NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
   NBD_INFO_DESCRIPTION, NBD_INFO_NAME, NBD_META_CONTEXT_BASE_ALLOCATION, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT,
-  NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_SHUTDOWN, NBD_REP_ERR_UNKNOWN,
-  NBD_REP_ERR_UNSUP, clientFlagsBytes, decodeClientFlags, decodeOption, encodeExportNameReply, encodeInfoBlockSize,
+  NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_SHUTDOWN,
+  NBD_REP_ERR_TLS_REQD, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, clientFlagsBytes, decodeClientFlags, decodeOption, encodeExportNameReply, encodeInfoBlockSize,
   encodeInfoDescription, encodeInfoExport, encodeInfoName, encodeMetaContextReply, encodeOptionError,
   encodeOptionReply, encodeServerReply, optionHeaderBytes, parseExportNameData, parseInfoRequest,
   parseMetaContextRequest,
 } from './protocol.ts';
 import type { ClientOption } from './protocol.ts';
+import type { TlsMode } from './tls.ts';
 
 /** The context ID this server gives base:allocation (any nonzero value would do; IDs are per connection). */
 export const baseAllocationContextId = 1;
@@ -52,7 +60,9 @@ export type HandshakeStep =
   /** The session must end without a reply (NBD_OPT_EXPORT_NAME of an export that cannot be opened). */
   | { kind: 'close'; reason: string }
   /** Send `output`; the transmission phase starts with the next byte. The caller now owns session.device. */
-  | { kind: 'transmission'; output: Buffer[]; session: Session };
+  | { kind: 'transmission'; output: Buffer[]; session: Session }
+  /** Send `output` (the ACK to NBD_OPT_STARTTLS); the next bytes are the TLS handshake; then call tlsStarted(). */
+  | { kind: 'starttls'; output: Buffer[] };
 
 /**
  * The transmission flags for an export: everything this server does. A read-only export does not offer TRIM
@@ -69,6 +79,9 @@ export function transmissionFlagsFor(readOnly: boolean, structuredReplies: boole
 
 export class Handshake {
   readonly #provider: DeviceProvider;
+  readonly #tlsMode: TlsMode;
+  /** TLS is up: options now arrive inside it. */
+  #tlsActive = false;
   #state: 'client-flags' | 'options' = 'client-flags';
   #noZeroes = false;
   #structuredReplies = false;
@@ -76,8 +89,22 @@ export class Handshake {
   #metaContextExport: string | null = null;
   #optionCount = 0;
 
-  constructor(provider: DeviceProvider) {
+  constructor(provider: DeviceProvider, tlsMode: TlsMode = 'off') {
     this.#provider = provider;
+    this.#tlsMode = tlsMode;
+  }
+
+  /** Whether the options are now negotiated inside TLS. */
+  get tlsActive(): boolean {
+    return this.#tlsActive;
+  }
+
+  /** The TLS handshake after a 'starttls' step succeeded: what was negotiated before it is forgotten (spec). */
+  tlsStarted(): void {
+    assert(this.#tlsMode !== 'off' && !this.#tlsActive, 'TLS starts once, and only when offered');
+    this.#tlsActive = true;
+    this.#structuredReplies = false;
+    this.#metaContextExport = null;
   }
 
   /** Handles the next complete message in `input`, consuming it; see HandshakeStep for what comes back. */
@@ -112,6 +139,11 @@ export class Handshake {
   }
 
   async #handleOption({ option, data }: ClientOption): Promise<HandshakeStep> {
+    if (option === NBD_OPT_STARTTLS && this.#tlsMode !== 'off') return this.#startTls(data);
+    if (this.#tlsMode === 'require' && !this.#tlsActive && option !== NBD_OPT_ABORT) {
+      if (option === NBD_OPT_EXPORT_NAME) return { kind: 'close', reason: 'NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, and this server requires TLS' };
+      return reply(encodeOptionError(option, NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first'));
+    }
     switch (option) {
       case NBD_OPT_EXPORT_NAME:
         return await this.#exportName(data);
@@ -130,9 +162,16 @@ export class Handshake {
       case NBD_OPT_SET_META_CONTEXT:
         return this.#metaContext(option, data);
       default:
-        // NBD_OPT_STARTTLS lands here too: this server does not do TLS at all (NOTLS mode).
+        // NBD_OPT_STARTTLS lands here when TLS is off (NOTLS mode).
         return reply(encodeOptionError(option, NBD_REP_ERR_UNSUP, `option ${option} is not supported`));
     }
+  }
+
+  #startTls(data: Buffer): HandshakeStep {
+    const option = NBD_OPT_STARTTLS;
+    if (this.#tlsActive) return reply(encodeOptionError(option, NBD_REP_ERR_INVALID, 'TLS is already on'));
+    if (data.length !== 0) return reply(encodeOptionError(option, NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data'));
+    return { kind: 'starttls', output: [encodeOptionReply(option, NBD_REP_ACK)] };
   }
 
   async #exportName(data: Buffer): Promise<HandshakeStep> {

@@ -1,5 +1,6 @@
 // The NBD server: listeners (TCP and unix sockets) that hand each accepted socket to an NbdConnection, a cap
-// on connections, counters, and an orderly close. The protocol lives in handshake.ts and connection.ts.
+// on connections, counters, and an orderly close. The protocol lives in handshake.ts (options), connection.ts (a
+// connection's life and flow control), receiver.ts (bytes to requests) and commands.ts (what each command means).
 import net from 'node:net';
 import type { AddressInfo } from 'node:net';
 import { ChunkdError } from '../core/errors.ts';
@@ -9,6 +10,7 @@ import { connectionsMax, handshakeTimeoutMs } from '../core/limits.ts';
 import type { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdConnection } from './connection.ts';
 import type { RequestCounters } from './connection.ts';
+import type { TlsSettings } from './tls.ts';
 
 export interface NbdServerOptions {
   provider: DeviceProvider;
@@ -19,6 +21,8 @@ export interface NbdServerOptions {
   connectionsMax?: number;
   /** Request buffers in shared memory, when the devices' chunk I/O runs on worker threads (connection.ts). */
   sharedBuffers?: SharedBufferPool | null;
+  /** TLS offered or required on every listener (tls.ts); null or absent: off. */
+  tls?: TlsSettings | null;
 }
 
 export interface NbdServerStats {
@@ -34,6 +38,7 @@ export class NbdServer {
   readonly #handshakeTimeoutMs: number;
   readonly #connectionsMax: number;
   readonly #sharedBuffers: SharedBufferPool | null;
+  readonly #tls: TlsSettings | null;
   readonly #listeners: net.Server[] = [];
   readonly #connections = new Set<NbdConnection>();
   readonly #counters: RequestCounters = { requestsTotal: 0, requestErrorsTotal: 0 };
@@ -46,6 +51,7 @@ export class NbdServer {
     this.#handshakeTimeoutMs = options.handshakeTimeoutMs ?? handshakeTimeoutMs;
     this.#connectionsMax = options.connectionsMax ?? connectionsMax;
     this.#sharedBuffers = options.sharedBuffers ?? null;
+    this.#tls = options.tls ?? null;
   }
 
   /** Listens on a TCP address (port 0 picks a free port: see addresses()). */
@@ -101,7 +107,7 @@ export class NbdServer {
     });
     listener.on('error', (error) => this.#log(`nbd listener: ${error.message}`));
     this.#listeners.push(listener);
-    this.#log(`nbd: listening on ${describe(listener.address())}`);
+    this.#log(`nbd: listening on ${describe(listener.address())}${this.#tls === null ? '' : ` (TLS ${this.#tls.mode}${this.#tls.verifyPeer ? ', clients verified' : ''})`}`);
   }
 
   #accept(socket: net.Socket, tcp: boolean): void {
@@ -121,6 +127,7 @@ export class NbdServer {
       handshakeTimeoutMs: this.#handshakeTimeoutMs,
       label,
       sharedBuffers: this.#sharedBuffers,
+      tls: this.#tls,
     });
     this.#connections.add(connection);
     void connection.done.then(() => this.#connections.delete(connection));

@@ -13,6 +13,7 @@ import type { DeviceProvider } from '../core/block-device.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { failStop } from '../core/fail-stop.ts';
 import type { NbdServerStats } from '../nbd/server.ts';
+import type { TlsServerConfig } from '../nbd/tls.ts';
 import { DeviceHost } from './device-host.ts';
 
 const threadModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'nbd-thread.ts');
@@ -29,21 +30,24 @@ export class NbdThreads {
   readonly #provider: DeviceProvider;
   readonly #log: (line: string) => void;
   readonly #host: string;
+  /** Credentials as PEM text: each thread makes its own SecureContext from them. */
+  readonly #tls: TlsServerConfig | null;
   #port = 0;
   #address = '';
   readonly #threads: ProtocolThread[] = [];
   #nextStatsId = 1;
   #stopping = false;
 
-  private constructor(provider: DeviceProvider, host: string, log: (line: string) => void) {
+  private constructor(provider: DeviceProvider, host: string, log: (line: string) => void, tls: TlsServerConfig | null) {
     this.#provider = provider;
+    this.#tls = tls;
     this.#host = host;
     this.#log = log;
   }
 
   /** Starts `count` threads listening on host:port (port 0: the first picks one and the others share it). */
-  static async start(options: { count: number; host: string; port: number; provider: DeviceProvider; log: (line: string) => void }): Promise<NbdThreads> {
-    const threads = new NbdThreads(options.provider, options.host, options.log);
+  static async start(options: { count: number; host: string; port: number; provider: DeviceProvider; log: (line: string) => void; tls?: TlsServerConfig | null }): Promise<NbdThreads> {
+    const threads = new NbdThreads(options.provider, options.host, options.log, options.tls ?? null);
     threads.#port = options.port;
     try {
       for (let index = 0; index < options.count; index++) await threads.#startThread(index);
@@ -99,7 +103,7 @@ export class NbdThreads {
     const channel = new MessageChannel();
     const host = new DeviceHost(this.#provider, channel.port1);
     const worker = new Worker(threadModule, {
-      workerData: { port: channel.port2, host: this.#host, listenPort: this.#port, index },
+      workerData: { port: channel.port2, host: this.#host, listenPort: this.#port, index, tls: this.#tls },
       transferList: [channel.port2],
     });
     const thread: ProtocolThread = { worker, host, stats: { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 }, stopping: false };

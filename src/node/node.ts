@@ -8,6 +8,7 @@ import { checkName } from '../core/names.ts';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
+import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/tls.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
@@ -49,6 +50,11 @@ export interface NodeConfig {
   peer?: PeerConfig | null;
   /** The management API on TCP too (serve --api-listen), mutual TLS with the set in tlsDirectory; null/absent: unix socket only. */
   apiTls?: { listen: { host: string; port: number }; tlsDirectory: string } | null;
+  /**
+   * NBD over TLS on every NBD listener, TCP and unix socket (serve --tls, --tls-dir, --tls-verify-peer); null or
+   * absent: off. `directory` holds the credentials in qemu's layout (nbd/tls.ts).
+   */
+  tls?: { mode: 'on' | 'require'; directory: string; verifyPeer: boolean } | null;
 }
 
 export interface PeerConfig {
@@ -78,18 +84,19 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** The pool's stable identity (pool-layout.ts: pool-id), told to peers in hello. */
   readonly poolId: string;
 
-  private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string) {
+  private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string, tls: TlsServerConfig | null) {
     this.config = config;
     this.pool = pool;
     this.poolId = poolId;
-    this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers });
+    this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers, tls: tls === null ? null : tlsSettings(tls) });
     this.api = new ApiServer(this);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
   }
 
   /** Opens the pool and starts the front ends; on any failure everything started is stopped again. */
   static async start(config: NodeConfig): Promise<ChunkdNode> {
-    // The peer port's credentials are checked before anything starts: a missing or wrong file is one clear line.
+    // Credentials first: a missing or bad file is refused with its name before the pool is even opened.
+    const tls = config.tls ? loadTlsServerConfig(config.tls.directory, config.tls.mode, config.tls.verifyPeer) : null;
     const peerCredentials = config.peer ? loadCredentials(config.peer.tlsDirectory, 'server') : null;
     const apiCredentials = config.apiTls ? loadCredentials(config.apiTls.tlsDirectory, 'server') : null;
     const workers = config.workers ?? defaultWorkerCount();
@@ -109,7 +116,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       await pool.close().catch(() => {});
       throw fromSystemError(error, `reading or writing the pool id in ${pool.directory}`);
     }
-    const node = new ChunkdNode(config, pool, sharedBuffers, poolId);
+    const node = new ChunkdNode(config, pool, sharedBuffers, poolId, tls);
     try {
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
@@ -121,7 +128,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         config.log(`management API also on ${node.api.tlsAddress()}: mutual TLS, client certificates from the CA in ${apiCredentials.directory}`);
       }
       if (config.listen !== null && (config.nbdThreads ?? 0) > 0) {
-        node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log });
+        node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log, tls });
       } else if (config.listen !== null) {
         await node.nbd.listenTcp(config.listen.host, config.listen.port);
       }
@@ -195,10 +202,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.#fuseMounting;
   }
 
+  /** The node's own NBD URI of a volume (for nbdfuse): over TLS when TLS is required, with the node's credentials. */
   #nbdUri(volume: string): string | null {
-    if (this.config.nbdSocketPath) return `nbd+unix:///${volume}?socket=${path.resolve(this.config.nbdSocketPath)}`;
+    const tls = this.config.tls?.mode === 'require' ? path.resolve(this.config.tls.directory) : null;
+    const secure = tls === null ? '' : 's';
+    const credentials = tls === null ? '' : `tls-certificates=${tls}`;
+    if (this.config.nbdSocketPath) return `nbd${secure}+unix:///${volume}?socket=${path.resolve(this.config.nbdSocketPath)}${credentials === '' ? '' : `&${credentials}`}`;
     const tcp = this.nbdAddresses().find((address) => !address.startsWith('/') && !address.startsWith('unix:'));
-    return tcp === undefined ? null : `nbd://${tcp}/${volume}`;
+    return tcp === undefined ? null : `nbd${secure}://${tcp}/${volume}${credentials === '' ? '' : `?${credentials}`}`;
   }
 
   get attachments(): Attachments {

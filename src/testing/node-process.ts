@@ -94,7 +94,7 @@ export async function startNode(pool: string, extraArgs: string[] = []): Promise
 }
 
 /** Runs a program and fails with its output unless it exits 0. */
-export async function mustRun(command: string, args: string[], options: { input?: string; timeoutMs?: number } = {}): Promise<string> {
+export async function mustRun(command: string, args: string[], options: { input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<string> {
   const result = await runTool(command, args, options);
   if (result.code !== 0) throw new Error(`${command} ${args.join(' ')} exited ${result.code}\nstdout: ${result.stdout}\nstderr: ${result.stderr}`);
   return result.stdout;

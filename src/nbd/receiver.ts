@@ -1,0 +1,220 @@
+// Receiving one NBD connection's bytes: where each socket read lands, what is queued, and how the transmission
+// phase's stream is cut into requests and WRITE payloads. The connection (connection.ts) decides what to do with
+// them; what a command means is commands.ts.
+//
+// Where reads land: in a large arena buffer, a window at a time, queued as views (input-queue.ts); never written
+// twice, so a view stays valid while it is held. A WRITE payload larger than a window is read straight into the
+// buffer the device writes from (steered-socket.ts: the socket's next read is pointed at the rest of it), so the
+// kernel's copy out of the socket is its only copy. A socket whose reads cannot be steered (the move failed, or
+// TLS, which decrypts into buffers of its own) delivers chunks instead (onData), and the same queue takes them.
+//
+// Cutting the stream, in takeRequests: a request header, decoded whole from the queue; a WRITE's payload, taken
+// from the queue (a view where it lies in one chunk) or, when large, moved into its own buffer that the socket
+// then fills; a refused WRITE's payload, skipped as it arrives. Before each header the connection may say "no
+// more for now" (flow control): nothing is decoded until it asks again.
+import { assert } from '../core/assert.ts';
+import { InputQueue } from './input-queue.ts';
+import { decodeRequest, requestHeaderBytes } from './protocol.ts';
+import type { NbdRequest } from './protocol.ts';
+
+/** Bytes one socket read may bring into the arena: what Node's own reads take. */
+const readWindowBytes = 64 * 1024;
+/**
+ * Socket reads fill an arena a window at a time; a new one is started when less than a window is left. An idle
+ * connection holds its arena, so it is kept small; the handshake's messages are smaller still.
+ */
+const readArenaBytes = 256 * 1024;
+const handshakeReadBytes = 4 * 1024;
+/** A WRITE payload larger than this is read from the socket straight into its own buffer. */
+const steeredPayloadBytesMin = readWindowBytes + 1;
+
+/** Where WRITE payloads that are copied or steered go. */
+export interface PayloadBuffers {
+  acquire(size: number): Buffer;
+  release(buffer: Buffer): void;
+}
+
+/** What the connection does with the requests the receiver cuts out of the stream. */
+export interface RequestSink {
+  /** Whether another request header may be decoded now; false stops takeRequests until it is called again. */
+  mayTakeRequest(): boolean;
+  /** A decoded request header. A WRITE's payload follows: the sink calls expectPayload or discardPayload. */
+  onRequest(request: NbdRequest): void;
+  /** A WRITE's whole payload; `pooled` (the payload itself, or null) goes back to the payload buffers once used. */
+  onPayload(request: NbdRequest, payload: Buffer, pooled: Buffer | null): void;
+}
+
+export class Receiver {
+  /** Bytes received and not yet consumed; the handshake reads its messages from here too. */
+  readonly input = new InputQueue();
+  readonly #payloadBuffers: PayloadBuffers;
+  /** Payloads always go into #payloadBuffers (shared memory for the workers), never stay views of socket chunks. */
+  readonly #copyPayloads: boolean;
+  /** Called when bytes arrived that someone may take (not after stop()). */
+  readonly #onInput: () => void;
+  /** Reads are small until the transmission phase. */
+  #transmission = false;
+  /** No more bytes are taken (stop()); what still arrives is dropped. */
+  #stopped = false;
+  /** The client sent EOF: what is queued is all there will be. */
+  #ended = false;
+  /** takeRequests is running (a sink call must not start it again beneath itself). */
+  #taking = false;
+
+  /** A WRITE whose header was decoded and whose payload is still arriving. */
+  #pendingWrite: NbdRequest | null = null;
+  /** A large pending WRITE's own buffer, and how much of its payload is in it. */
+  #payload: Buffer | null = null;
+  #payloadFilled = 0;
+  /** The part of #payload the next socket read lands in, when it was steered there. */
+  #steeredView: Buffer | null = null;
+  /** Where socket reads land otherwise; a new arena is started when little is left. */
+  #arena = Buffer.allocUnsafeSlow(handshakeReadBytes);
+  #arenaUsed = 0;
+  /** Bytes of a refused WRITE's payload still to be read and thrown away. */
+  #discardBytes = 0;
+
+  constructor(payloadBuffers: PayloadBuffers, copyPayloads: boolean, onInput: () => void) {
+    this.#payloadBuffers = payloadBuffers;
+    this.#copyPayloads = copyPayloads;
+    this.#onInput = onInput;
+  }
+
+  /** Whether the client sent EOF. */
+  get ended(): boolean {
+    return this.#ended;
+  }
+
+  /** Whether stop() was called. */
+  get stopped(): boolean {
+    return this.#stopped;
+  }
+
+  /** The handshake is over: reads take a full window from now on. */
+  startTransmission(): void {
+    this.#transmission = true;
+  }
+
+  /** Where the next steered socket read lands: the rest of a large WRITE's payload, or the arena. */
+  nextReadBuffer(): Buffer {
+    if (this.#payload !== null && this.input.length === 0 && !this.#stopped) {
+      this.#steeredView = this.#payload.subarray(this.#payloadFilled);
+      return this.#steeredView;
+    }
+    this.#steeredView = null;
+    const window = this.#transmission ? readWindowBytes : handshakeReadBytes;
+    if (this.#arena.length - this.#arenaUsed < window) {
+      this.#arena = Buffer.allocUnsafeSlow(this.#transmission ? readArenaBytes : handshakeReadBytes);
+      this.#arenaUsed = 0;
+    }
+    return this.#arena.subarray(this.#arenaUsed, this.#arenaUsed + window);
+  }
+
+  /** `count` bytes of a steered read arrived at the start of `buffer`, the one nextReadBuffer returned last. */
+  onRead(count: number, buffer: Buffer): void {
+    if (buffer === this.#steeredView) {
+      this.#steeredView = null;
+      this.#payloadFilled += count;
+      if (!this.#stopped) this.#onInput();
+      return;
+    }
+    this.#arenaUsed += count;
+    this.onData(buffer.subarray(0, count));
+  }
+
+  /** A chunk the socket delivered (a socket that is not steered); it is queued as it is, not copied. */
+  onData(chunk: Buffer): void {
+    if (this.#stopped) return;
+    this.input.push(chunk);
+    this.#onInput();
+  }
+
+  /** The client sent EOF. */
+  onEnd(): void {
+    this.#ended = true;
+  }
+
+  /**
+   * Cuts requests and payloads out of what is queued and hands them to `sink`, until the bytes run out, the sink
+   * says no more, or stop(). A malformed header throws ChunkdError EPROTO.
+   */
+  takeRequests(sink: RequestSink): void {
+    if (this.#taking) return;
+    this.#taking = true;
+    try {
+      while (!this.#stopped) {
+        if (this.#discardBytes > 0) {
+          this.#discardBytes -= this.input.skip(this.#discardBytes);
+          if (this.#discardBytes > 0) break;
+          continue;
+        }
+        const pending = this.#pendingWrite;
+        if (pending !== null && pending.lengthBytes >= steeredPayloadBytesMin) {
+          if (!this.#receivePayload(pending.lengthBytes)) break;
+          const payload = this.#payload!;
+          this.#payload = null;
+          this.#pendingWrite = null;
+          sink.onPayload(pending, payload, payload);
+          continue;
+        }
+        if (pending !== null) {
+          if (this.input.length < pending.lengthBytes) break;
+          this.#pendingWrite = null;
+          const payload = this.input.take(pending.lengthBytes, this.#payloadBuffers.acquire, this.#copyPayloads);
+          sink.onPayload(pending, payload, this.input.gathered ? payload : null);
+          continue;
+        }
+        if (!sink.mayTakeRequest()) break;
+        const view = this.input.contiguous(requestHeaderBytes);
+        if (view === null) break;
+        const decoded = decodeRequest(view.buffer, view.offset);
+        assert(decoded.done, 'a whole request header decodes');
+        this.input.skip(decoded.bytesConsumed);
+        sink.onRequest(decoded.value);
+      }
+    } finally {
+      this.#taking = false;
+    }
+  }
+
+  /** The WRITE just given to onRequest was accepted: its payload is the next bytes. */
+  expectPayload(request: NbdRequest): void {
+    assert(this.#pendingWrite === null && this.#discardBytes === 0 && request.lengthBytes > 0, 'one payload expected at a time');
+    this.#pendingWrite = request;
+  }
+
+  /** The WRITE just given to onRequest was refused: its payload is still on the wire; read past it as it comes. */
+  discardPayload(lengthBytes: number): void {
+    assert(this.#pendingWrite === null && this.#discardBytes === 0, 'one payload expected at a time');
+    this.#discardBytes = lengthBytes;
+  }
+
+  /** Takes nothing more: what is queued is dropped, and what still arrives too. */
+  stop(): void {
+    this.#stopped = true;
+    this.#pendingWrite = null; // a payload buffer being filled is given back by closed()
+    this.#discardBytes = 0;
+    this.input.clear();
+  }
+
+  /** The socket is closed: only now can no read land in a steered payload buffer any more, so it goes back. */
+  closed(): void {
+    this.stop();
+    if (this.#payload !== null) this.#payloadBuffers.release(this.#payload);
+    this.#payload = null;
+  }
+
+  /**
+   * Moves what is queued of a large WRITE's payload into its own buffer (taken now, if this is the first of it);
+   * the socket's next reads then land in the buffer itself. Whether the payload is whole.
+   */
+  #receivePayload(lengthBytes: number): boolean {
+    this.#payload ??= this.#payloadBuffers.acquire(lengthBytes);
+    const count = Math.min(this.input.length, lengthBytes - this.#payloadFilled);
+    this.input.takeInto(this.#payload, this.#payloadFilled, count);
+    this.#payloadFilled += count;
+    if (this.#payloadFilled < lengthBytes) return false;
+    this.#payloadFilled = 0;
+    return true;
+  }
+}

@@ -1,0 +1,178 @@
+// NBD over TLS, the parts that need no real client: what each TLS mode allows in the handshake (pure), the
+// credentials' checks and the client-certificate check, the serve flags, and a server on a unix socket whose
+// connections stall or fail in the TLS handshake and are cut within the handshake timeout.
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import tls from 'node:tls';
+import { parseTls } from '../../src/cli/serve.ts';
+import { ChunkdError } from '../../src/core/errors.ts';
+import { Handshake } from '../../src/nbd/handshake.ts';
+import type { HandshakeStep } from '../../src/nbd/handshake.ts';
+import { InputQueue } from '../../src/nbd/input-queue.ts';
+import * as nbd from '../../src/nbd/protocol.ts';
+import { NbdServer } from '../../src/nbd/server.ts';
+import { loadTlsServerConfig, peerRefusal, tlsSettings } from '../../src/nbd/tls.ts';
+import { issue, makeCa, makeTlsDir } from '../helpers/tls-certs.ts';
+import { MemoryProvider } from './helpers/memory-device.ts';
+import { RawClient, encodeClientFlags, encodeInfoRequestData, encodeOptionMessage } from './helpers/nbd-raw-client.ts';
+
+const MiB = 1 << 20;
+
+function provider(): MemoryProvider {
+  const memory = new MemoryProvider();
+  memory.add('mem', 4 * MiB);
+  return memory;
+}
+
+/** Feeds one option to a handshake past its client flags and returns the step. */
+async function step(handshake: Handshake, input: InputQueue, option: number, data: Buffer = Buffer.alloc(0)): Promise<HandshakeStep> {
+  input.push(encodeOptionMessage(option, data));
+  return await handshake.next(input);
+}
+
+/** The option reply types in a step's output. */
+function replyTypes(result: HandshakeStep): number[] {
+  assert.ok('output' in result, `a step with output, not ${result.kind}`);
+  return result.output.map((buffer) => buffer.readUInt32BE(12));
+}
+
+async function started(mode: 'off' | 'on' | 'require'): Promise<{ handshake: Handshake; input: InputQueue }> {
+  const handshake = new Handshake(provider(), mode);
+  const input = new InputQueue();
+  input.push(encodeClientFlags(nbd.NBD_FLAG_C_FIXED_NEWSTYLE));
+  assert.equal((await handshake.next(input)).kind, 'continue');
+  return { handshake, input };
+}
+
+test('TLS off: NBD_OPT_STARTTLS is unsupported, as before', async () => {
+  const { handshake, input } = await started('off');
+  assert.deepEqual(replyTypes(await step(handshake, input, nbd.NBD_OPT_STARTTLS)), [nbd.NBD_REP_ERR_UNSUP]);
+  assert.equal((await step(handshake, input, nbd.NBD_OPT_GO, encodeInfoRequestData('mem'))).kind, 'transmission');
+});
+
+test('TLS require: before STARTTLS every option but ABORT is NBD_REP_ERR_TLS_REQD and EXPORT_NAME closes; inside TLS all is served', async () => {
+  const { handshake, input } = await started('require');
+  for (const [option, data] of [
+    [nbd.NBD_OPT_LIST, Buffer.alloc(0)], [nbd.NBD_OPT_INFO, encodeInfoRequestData('mem')], [nbd.NBD_OPT_GO, encodeInfoRequestData('mem')],
+    [nbd.NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0)], [nbd.NBD_OPT_LIST_META_CONTEXT, Buffer.alloc(0)], [0x4242, Buffer.alloc(0)],
+  ] as const) {
+    assert.deepEqual(replyTypes(await step(handshake, input, option, data)), [nbd.NBD_REP_ERR_TLS_REQD], `option ${option}`);
+  }
+  assert.deepEqual(replyTypes(await step(handshake, input, nbd.NBD_OPT_STARTTLS, Buffer.from('x'))), [nbd.NBD_REP_ERR_INVALID], 'STARTTLS takes no data');
+  const upgrade = await step(handshake, input, nbd.NBD_OPT_STARTTLS);
+  assert.equal(upgrade.kind, 'starttls');
+  assert.deepEqual(replyTypes(upgrade), [nbd.NBD_REP_ACK]);
+  assert.equal(handshake.tlsActive, false, 'TLS is up only once the connection says so');
+  handshake.tlsStarted();
+  assert.deepEqual(replyTypes(await step(handshake, input, nbd.NBD_OPT_STARTTLS)), [nbd.NBD_REP_ERR_INVALID], 'a second STARTTLS');
+  const go = await step(handshake, input, nbd.NBD_OPT_GO, encodeInfoRequestData('mem'));
+  assert.equal(go.kind, 'transmission');
+  assert.equal(go.kind === 'transmission' && go.session.exportName, 'mem');
+  if (go.kind === 'transmission') await go.session.device.close();
+
+  const early = await started('require');
+  assert.equal((await step(early.handshake, early.input, nbd.NBD_OPT_EXPORT_NAME, Buffer.from('mem'))).kind, 'close');
+  const aborting = await started('require');
+  assert.equal((await step(aborting.handshake, aborting.input, nbd.NBD_OPT_ABORT)).kind, 'abort');
+});
+
+test('TLS on: options are served without TLS; after STARTTLS what was negotiated before is forgotten', async () => {
+  const { handshake, input } = await started('on');
+  assert.deepEqual(replyTypes(await step(handshake, input, nbd.NBD_OPT_STRUCTURED_REPLY)), [nbd.NBD_REP_ACK]);
+  assert.equal((await step(handshake, input, nbd.NBD_OPT_STARTTLS)).kind, 'starttls');
+  handshake.tlsStarted();
+  const go = await step(handshake, input, nbd.NBD_OPT_GO, encodeInfoRequestData('mem'));
+  assert.ok(go.kind === 'transmission');
+  assert.equal(go.session.structuredReplies, false, 'structured replies asked before STARTTLS do not carry over (spec)');
+  await go.session.device.close();
+});
+
+/** A directory of credentials, another CA's client certificate, made once for the tests below. */
+const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-nbd-tls-'));
+process.on('exit', () => fs.rmSync(scratch, { recursive: true, force: true }));
+const creds = path.join(scratch, 'creds');
+makeTlsDir(creds);
+const other = path.join(scratch, 'other');
+issue(makeCa(path.join(scratch, 'ca2'), 'another CA'), other, 'client');
+
+test('credentials: a missing, unreadable or malformed file is refused with its name', () => {
+  const config = loadTlsServerConfig(creds, 'require', true);
+  assert.equal(config.mode, 'require');
+  assert.ok(config.ca !== null && config.cert.includes('BEGIN CERTIFICATE'));
+  const broken = path.join(scratch, 'broken');
+  fs.mkdirSync(broken);
+  const refused = (pattern: RegExp, verifyPeer = false): void => {
+    assert.throws(() => loadTlsServerConfig(broken, 'on', verifyPeer), (error: unknown) => error instanceof ChunkdError && error.code === 'EINVAL' && pattern.test(error.message));
+  };
+  refused(/server-cert\.pem is missing/);
+  fs.writeFileSync(path.join(broken, 'server-cert.pem'), 'not a certificate');
+  refused(/server-key\.pem is missing/);
+  fs.writeFileSync(path.join(broken, 'server-key.pem'), fs.readFileSync(path.join(creds, 'server-key.pem')));
+  refused(/server-cert\.pem is not an X\.509 certificate/);
+  fs.copyFileSync(path.join(creds, 'server-cert.pem'), path.join(broken, 'server-cert.pem'));
+  assert.equal(loadTlsServerConfig(broken, 'on', false).ca, null, 'without verify-peer the CA is not needed');
+  refused(/ca-cert\.pem is missing/, true);
+  fs.writeFileSync(path.join(broken, 'server-key.pem'), fs.readFileSync(path.join(other, 'client-key.pem')));
+  refused(/server-key\.pem does not go with .*server-cert\.pem/);
+  fs.writeFileSync(path.join(broken, 'server-key.pem'), 'garbage');
+  refused(/server-key\.pem is not a private key/);
+  fs.chmodSync(path.join(broken, 'server-key.pem'), 0);
+  if (process.getuid?.() !== 0) refused(/server-key\.pem is unreadable \(EACCES\)/);
+});
+
+test('a client certificate must be issued and signed by the CA, and valid now', () => {
+  const { authorities } = tlsSettings(loadTlsServerConfig(creds, 'on', true));
+  const good = new crypto.X509Certificate(fs.readFileSync(path.join(creds, 'client-cert.pem')));
+  const foreign = new crypto.X509Certificate(fs.readFileSync(path.join(other, 'client-cert.pem')));
+  assert.equal(peerRefusal(good, authorities), null);
+  assert.match(peerRefusal(foreign, authorities) ?? '', /is not signed by a CA in ca-cert\.pem/);
+  assert.match(peerRefusal(undefined, authorities) ?? '', /no client certificate/);
+  assert.match(peerRefusal(good, authorities, new Date(Date.now() + 30 * 24 * 3600 * 1000)) ?? '', /is not valid now/);
+});
+
+test('serve flags: --tls needs --tls-dir, and --tls-dir and --tls-verify-peer need TLS on', () => {
+  assert.equal(parseTls('off', undefined, false), null);
+  assert.deepEqual(parseTls('require', 'dir', true), { mode: 'require', directory: 'dir', verifyPeer: true });
+  assert.throws(() => parseTls('on', undefined, false), /--tls on needs --tls-dir DIR/);
+  assert.throws(() => parseTls('off', 'dir', false), /--tls-dir is given but --tls is off/);
+  assert.throws(() => parseTls('off', undefined, true), /--tls-verify-peer needs --tls on/);
+  assert.throws(() => parseTls('maybe', 'dir', false), /invalid --tls "maybe"/);
+});
+
+test('a TLS handshake that stalls, or stops halfway, is cut at the handshake timeout; shutdown cuts one at once', async (t) => {
+  const socketPath = path.join(scratch, 'nbd.sock');
+  const logs: string[] = [];
+  const server = new NbdServer({ provider: provider(), log: (line) => logs.push(line), handshakeTimeoutMs: 400, tls: tlsSettings(loadTlsServerConfig(creds, 'require', false)) });
+  await server.listenUnix(socketPath);
+  t.after(() => server.close());
+  const upgrading = async (): Promise<RawClient> => {
+    const client = await RawClient.connect(socketPath);
+    await client.readGreeting();
+    client.write(encodeClientFlags(nbd.NBD_FLAG_C_FIXED_NEWSTYLE));
+    assert.deepEqual((await client.option(nbd.NBD_OPT_STARTTLS)).map((reply) => reply.type), [nbd.NBD_REP_ACK]);
+    return client;
+  };
+  const silent = await upgrading();
+  const half = await upgrading();
+  half.write(Buffer.from([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]));
+  const began = Date.now();
+  assert.ok(await silent.waitClosed(3000), 'a silent client is cut');
+  assert.ok(await half.waitClosed(3000), 'half a ClientHello is cut');
+  const elapsedMs = Date.now() - began;
+  assert.ok(elapsedMs >= 300 && elapsedMs < 2500, `cut after the 400 ms timeout (${elapsedMs} ms)`);
+  assert.equal(logs.filter((line) => /handshake not finished within 400 ms/.test(line)).length, 2, logs.join('\n'));
+
+  // A TLS handshake that completes serves; one in the middle of it is cut at once by close().
+  const working = await upgrading();
+  const secure = tls.connect({ socket: working.socket, ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost' });
+  await new Promise((resolve, reject) => secure.once('secureConnect', resolve).once('error', reject));
+  const stalled = await upgrading();
+  assert.equal(server.stats().connectionsOpen, 2);
+  await server.close();
+  assert.ok(await stalled.waitClosed(1000), 'close() cuts a connection in the TLS handshake at once');
+  secure.destroy();
+});
