@@ -13,12 +13,13 @@
 // then fills; a refused WRITE's payload, skipped as it arrives. Before each header the connection may say "no
 // more for now" (flow control): nothing is decoded until it asks again.
 import { assert } from '../core/assert.ts';
+import { smallRequestBytesMax } from '../core/limits.ts';
 import { InputQueue } from './input-queue.ts';
 import { decodeRequest, requestHeaderBytes } from './protocol.ts';
 import type { NbdRequest } from './protocol.ts';
 
 /** Bytes one socket read may bring into the arena: what Node's own reads take. */
-const readWindowBytes = 64 * 1024;
+const readWindowBytes = smallRequestBytesMax;
 /**
  * Socket reads fill an arena a window at a time; a new one is started when less than a window is left. An idle
  * connection holds its arena, so it is kept small; the handshake's messages are smaller still.

@@ -9,22 +9,13 @@
 // Modes (proto.md, "TLS support"): off is NOTLS (NBD_OPT_STARTTLS is unsupported); on is SELECTIVETLS with no
 // export TLS-only (a client may upgrade, or not); require is FORCEDTLS (every option but STARTTLS and ABORT is
 // answered NBD_REP_ERR_TLS_REQD until TLS is up, and NBD_OPT_EXPORT_NAME before it closes the connection).
-import crypto from 'node:crypto';
-import fs from 'node:fs';
+import type crypto from 'node:crypto';
 import path from 'node:path';
 import tls from 'node:tls';
 import { ChunkdError } from '../core/errors.ts';
+import { caCertFile, parseCertificate, parsePrivateKey, readPem, serverCertFile, serverKeyFile } from '../core/tls-files.ts';
 
 export type TlsMode = 'off' | 'on' | 'require';
-
-/** File names in a credentials directory (qemu's tls-creds-x509 layout). */
-export const tlsFileNames = {
-  ca: 'ca-cert.pem',
-  serverCert: 'server-cert.pem',
-  serverKey: 'server-key.pem',
-  clientCert: 'client-cert.pem',
-  clientKey: 'client-key.pem',
-} as const;
 
 /** What a node serves TLS with: plain data, so that it can be posted to an NBD protocol thread. */
 export interface TlsServerConfig {
@@ -51,21 +42,17 @@ export interface TlsSettings {
  * ChunkdError that names it. The CA is needed to verify peers; without verify-peer it is read when present.
  */
 export function loadTlsServerConfig(directory: string, mode: 'on' | 'require', verifyPeer: boolean): TlsServerConfig {
-  const cert = readPem(directory, tlsFileNames.serverCert, true)!;
-  const key = readPem(directory, tlsFileNames.serverKey, true)!;
-  const ca = readPem(directory, tlsFileNames.ca, verifyPeer);
-  checkCertificate(path.join(directory, tlsFileNames.serverCert), cert);
-  if (ca !== null) checkCertificate(path.join(directory, tlsFileNames.ca), ca);
-  try {
-    crypto.createPrivateKey(key);
-  } catch (error) {
-    throw ChunkdError.invalid(`${path.join(directory, tlsFileNames.serverKey)} is not a private key in PEM: ${(error as Error).message}`);
-  }
+  const cert = readPem(directory, serverCertFile)!;
+  const key = readPem(directory, serverKeyFile)!;
+  const ca = readPem(directory, caCertFile, verifyPeer);
+  parseCertificate(path.join(directory, serverCertFile), cert);
+  if (ca !== null) parseCertificate(path.join(directory, caCertFile), ca);
+  parsePrivateKey(path.join(directory, serverKeyFile), key);
   const config: TlsServerConfig = { mode, verifyPeer, ca, cert, key };
   try {
     tlsSettings(config);
   } catch (error) {
-    throw ChunkdError.invalid(`${path.join(directory, tlsFileNames.serverKey)} does not go with ${path.join(directory, tlsFileNames.serverCert)}: ${(error as Error).message}`);
+    throw ChunkdError.invalid(`${path.join(directory, serverKeyFile)} does not go with ${path.join(directory, serverCertFile)}: ${(error as Error).message}`);
   }
   return config;
 }
@@ -91,7 +78,7 @@ export function tlsSettings(config: TlsServerConfig): TlsSettings {
 export function peerRefusal(peer: crypto.X509Certificate | undefined, authorities: crypto.X509Certificate[], now = new Date()): string | null {
   if (peer === undefined) return 'no client certificate';
   const issuer = authorities.find((authority) => peer.checkIssued(authority) && peer.verify(authority.publicKey));
-  if (issuer === undefined) return `client certificate "${peer.subject.replaceAll('\n', ', ')}" is not signed by a CA in ${tlsFileNames.ca}`;
+  if (issuer === undefined) return `client certificate "${peer.subject.replaceAll('\n', ', ')}" is not signed by a CA in ${caCertFile}`;
   for (const certificate of [peer, issuer]) {
     if (now < certificate.validFromDate || now > certificate.validToDate) return `certificate "${certificate.subject.replaceAll('\n', ', ')}" is not valid now (${certificate.validFrom} to ${certificate.validTo})`;
   }
@@ -101,26 +88,5 @@ export function peerRefusal(peer: crypto.X509Certificate | undefined, authoritie
 /** The certificates of a PEM bundle. */
 function certificatesIn(pem: string): crypto.X509Certificate[] {
   const blocks = pem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? [];
-  return blocks.map((block) => new crypto.X509Certificate(block));
-}
-
-/** The PEM text of `name` in `directory`; null when it is missing and not required. */
-function readPem(directory: string, name: string, required: boolean): string | null {
-  const file = path.join(directory, name);
-  try {
-    return fs.readFileSync(file, 'utf8');
-  } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' && !required) return null;
-    const why = code === 'ENOENT' ? 'missing' : `unreadable (${code ?? (error as Error).message})`;
-    throw ChunkdError.invalid(`TLS credentials: ${file} is ${why}; --tls-dir holds ${Object.values(tlsFileNames).slice(0, 3).join(', ')}`);
-  }
-}
-
-function checkCertificate(file: string, pem: string): void {
-  try {
-    new crypto.X509Certificate(pem);
-  } catch (error) {
-    throw ChunkdError.invalid(`${file} is not an X.509 certificate in PEM: ${(error as Error).message}`);
-  }
+  return blocks.map((block) => parseCertificate(caCertFile, block));
 }

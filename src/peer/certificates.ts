@@ -25,13 +25,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { validateName } from '../core/names.ts';
+import { caCertFile, clientCertFile, clientKeyFile, serverCertFile, serverKeyFile } from '../core/tls-files.ts';
 
-export const caCertFile = 'ca-cert.pem';
 export const caKeyFile = 'ca-key.pem';
-export const serverCertFile = 'server-cert.pem';
-export const serverKeyFile = 'server-key.pem';
-export const clientCertFile = 'client-cert.pem';
-export const clientKeyFile = 'client-key.pem';
 const certificateFiles = [serverCertFile, serverKeyFile, clientCertFile, clientKeyFile];
 
 /** Days a certificate is valid by default: ten years, since a cluster CA has no renewal machinery yet. */
