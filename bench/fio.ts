@@ -19,11 +19,11 @@ export interface FioRun {
 }
 
 /** Runs fio; with a server pid, measures its CPU from `rampSeconds` after fio starts its I/O until fio exits. */
-export function runFio(tools: Tools, args: string[], timeoutMs: number, serverPid: number | null, rampSeconds: number, nbd: boolean): Promise<FioRun> {
+export function runFio(tools: Tools, args: string[], timeoutMs: number, serverPid: number | null, rampSeconds: number, nbd: boolean, env?: NodeJS.ProcessEnv): Promise<FioRun> {
   return new Promise((resolve, reject) => {
     let child: ChildProcess;
     try {
-      child = spawnTracked(tools.get('fio'), args);
+      child = spawnTracked(tools.get('fio'), args, { env });
     } catch (error) {
       return reject(error);
     }
@@ -95,10 +95,12 @@ export function fioFailure(run: FioRun): string {
 export interface FioTarget {
   kind: 'nbd' | 'file';
   args: string[];
+  /** fio's environment, when it differs from ours (TLS: a HOME whose ~/.pki/libnbd holds the client credentials). */
+  env?: NodeJS.ProcessEnv;
 }
 
-export function nbdTarget(uri: string): FioTarget {
-  return { kind: 'nbd', args: ['--ioengine=nbd', `--uri=${uri}`] };
+export function nbdTarget(uri: string, env?: NodeJS.ProcessEnv): FioTarget {
+  return { kind: 'nbd', args: ['--ioengine=nbd', `--uri=${uri}`], ...(env === undefined ? {} : { env }) };
 }
 
 /** A file, through the page cache as every server here uses it; fio must not drop its cache itself (--invalidate=0). */
@@ -110,7 +112,7 @@ export function fileTarget(file: string): FioTarget {
 export async function fill(tools: Tools, target: FioTarget, sizeBytes: number): Promise<{ seconds: number; mbps: number }> {
   const args = ['--name=fill', ...target.args, `--size=${sizeBytes}`, '--rw=write', '--bs=1M', '--iodepth=8', '--end_fsync=1', '--output-format=json'];
   const started = performance.now();
-  const run = await runFio(tools, args, fillTimeoutMs, null, 0, target.kind === 'nbd');
+  const run = await runFio(tools, args, fillTimeoutMs, null, 0, target.kind === 'nbd', target.env);
   const seconds = (performance.now() - started) / 1000;
   if (run.code !== 0) throw new Error(fioFailure(run));
   const job = parseFioJson(run.stdout);
@@ -121,7 +123,7 @@ export async function fill(tools: Tools, target: FioTarget, sizeBytes: number): 
 /** `count` 4 KiB random writes with a seed, then a flush: what each snapshot of the snapshot system holds. */
 export async function randomWrites(tools: Tools, target: FioTarget, sizeBytes: number, count: number, seed: number): Promise<void> {
   const args = ['--name=scatter', ...target.args, `--size=${sizeBytes}`, '--rw=randwrite', '--bs=4k', '--iodepth=16', `--io_size=${count * 4096}`, `--randseed=${seed}`, '--end_fsync=1', '--output-format=json'];
-  const run = await runFio(tools, args, fillTimeoutMs, null, 0, target.kind === 'nbd');
+  const run = await runFio(tools, args, fillTimeoutMs, null, 0, target.kind === 'nbd', target.env);
   if (run.code !== 0) throw new Error(fioFailure(run));
 }
 
@@ -158,7 +160,7 @@ function emptySample(spec: RowSpec, system: string, run: number, error: string):
 /** One time-based fio run of a row. A failure becomes a sample with an error, not a throw. */
 export async function measure(tools: Tools, target: FioTarget, serverPid: number | null, spec: RowSpec, system: string, run: number, options: MeasureOptions): Promise<Sample> {
   const args = [...rowArgs(spec, options), ...target.args];
-  const fio = await runFio(tools, args, (options.runtimeSeconds + options.rampSeconds) * 1000 + sampleSlackMs, serverPid, options.rampSeconds, target.kind === 'nbd');
+  const fio = await runFio(tools, args, (options.runtimeSeconds + options.rampSeconds) * 1000 + sampleSlackMs, serverPid, options.rampSeconds, target.kind === 'nbd', target.env);
   if (fio.code !== 0) return emptySample(spec, system, run, fioFailure(fio));
   let job: FioJob;
   try {

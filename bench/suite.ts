@@ -64,7 +64,7 @@ export const usage = `usage: npm run bench -- [options]      (or: chunkd bench [
   --only ROWS               comma-separated row ids or prefixes (randread, randwrite-4k-qd32, ...), or "all"
   --systems IDS             comma-separated system ids or prefixes (default: all): raw, qemu-nbd-raw,
                             qemu-nbd-qcow2, qemu-nbd-qcow2-snap, nbdkit-file, chunkd, chunkd-10snap,
-                            chunkd-NAME (variants), chunkd-mounted
+                            chunkd-NAME (variants), chunkd-mounted, tls-qemu-nbd-raw, tls-chunkd (tls: both)
   --chunkd-variant NAME=ARGS  also measure chunkd serve ARGS as system chunkd-NAME (repeatable),
                             e.g. --chunkd-variant w4="--workers 4"
   --runs N                  runs per row and system, interleaved (default 3)

@@ -8,11 +8,14 @@
 //   chunkd-10snap       chunkd over NBD, a volume with 10 snapshots, each holding some overwritten blocks
 //   chunkd-NAME         chunkd started with extra serve arguments (--chunkd-variant NAME=ARGS)
 //   chunkd-mounted      chunkd through the mounted path (FUSE file, loop, ext4), when chunkd has it
+//   tls-qemu-nbd-raw    qemu-nbd on a raw file over TLS 1.3 (tls-creds-x509), the peer for chunkd over TLS
+//   tls-chunkd          chunkd over NBD with --tls require, the same certificates (made by chunkd tls init)
 // Every server listens on a unix socket in a short directory of its own, so that no one pays for TCP. Each system
 // is started and filled once (1 MiB sequential writes, then a flush), then serves every row.
 import fs from 'node:fs';
 import path from 'node:path';
 import { callApi } from '../src/cli/api-client.ts';
+import { initTls } from '../src/peer/certificates.ts';
 import { fileTarget, fill, nbdTarget, randomWrites, type FioTarget } from './fio.ts';
 import { mustRun, onCleanup, runCommand, spawnTracked, stopChild, tail, waitForSocket, type Tools } from './processes.ts';
 import type { SystemInfo, SystemKind } from './report.ts';
@@ -112,6 +115,38 @@ const raw: SystemDefinition = {
   },
 };
 
+/** Where the TLS systems' certificates are: `dir` in qemu's layout (server and client pairs), `home` for libnbd. */
+interface TlsFiles {
+  dir: string;
+  /** A HOME whose ~/.pki/libnbd is `dir`: fio's nbd engine takes no tls-certificates in its URI. */
+  home: string;
+}
+
+const tlsFilesByWorkspace = new WeakMap<Workspace, Promise<TlsFiles>>();
+
+/** One CA and one node's set for every TLS system of a run (chunkd tls init), made at the first use. */
+function tlsFiles(workspace: Workspace): Promise<TlsFiles> {
+  let files = tlsFilesByWorkspace.get(workspace);
+  if (files === undefined) {
+    files = (async () => {
+      const dir = path.join(workspace.socketDirectory, 'tls');
+      await initTls({ directory: dir, nodes: ['bench'], clients: [], sans: [], days: 2, mode: 'new' });
+      const home = path.join(workspace.socketDirectory, 'tls-home');
+      fs.mkdirSync(path.join(home, '.pki'), { recursive: true });
+      fs.symlinkSync(dir, path.join(home, '.pki', 'libnbd'));
+      return { dir, home };
+    })();
+    tlsFilesByWorkspace.set(workspace, files);
+  }
+  return files;
+}
+
+/** The TLS spelling of an export on a unix socket: fio's target (credentials found through HOME), and nbdinfo's URI. */
+function tlsTarget(socketPath: string, files: TlsFiles): { target: FioTarget; nbdinfoUri: string } {
+  const uri = `nbds+unix:///default?socket=${socketPath}`;
+  return { target: nbdTarget(uri, { ...process.env, HOME: files.home }), nbdinfoUri: `${uri}&tls-certificates=${files.dir}` };
+}
+
 /** qemu-nbd as a user would start it: a named export, persistent, up to 4 clients (-e 4: it then advertises multi-conn), its defaults spelled out. */
 function qemuNbdArgs(format: 'raw' | 'qcow2', socketPath: string, file: string): string[] {
   return ['-f', format, '-k', socketPath, '-x', 'default', '-t', '-e', '4', '--cache=writeback', '--aio=threads', file];
@@ -147,6 +182,31 @@ function qemuNbd(id: string, format: 'raw' | 'qcow2', snapshot: boolean, title: 
     },
   };
 }
+
+/**
+ * qemu-nbd on a raw file over TLS (tls-creds-x509, endpoint=server). verify-peer=off, as tls-chunkd runs without
+ * --tls-verify-peer: both authenticate the server only (libnbd does not present a client certificate it finds
+ * through HOME, the only way fio's nbd engine gets credentials).
+ */
+const tlsQemuNbdRaw: SystemDefinition = {
+  id: 'tls-qemu-nbd-raw',
+  title: 'qemu-nbd on a raw file, over TLS 1.3 (tls-creds-x509)',
+  kind: 'peer',
+  tools: ['qemu-nbd', 'nbdinfo'],
+  async start(workspace) {
+    const { tools } = workspace;
+    const files = await tlsFiles(workspace);
+    const file = path.join(workspace.dataDirectory, 'tls-qemu-nbd.raw');
+    sparseFile(file, workspace.volumeBytes);
+    const socketPath = path.join(workspace.socketDirectory, 'tls-qemu-nbd.sock');
+    const args = ['--object', `tls-creds-x509,id=tls0,dir=${files.dir},endpoint=server,verify-peer=off`, '--tls-creds', 'tls0', ...qemuNbdArgs('raw', socketPath, file)];
+    const server = await startSocketServer(this.id, tools.get('qemu-nbd'), args, socketPath);
+    const { target, nbdinfoUri } = tlsTarget(socketPath, files);
+    const filled = await fill(tools, target, workspace.volumeBytes);
+    const multiConn = await advertisesMultiConn(tools, nbdinfoUri);
+    return { info: info(this, server.command, multiConn, describeFill(filled, workspace.volumeBytes)), serverPid: server.pid, target, cachePaths: [file], stop: server.stop };
+  },
+};
 
 const nbdkitFile: SystemDefinition = {
   id: 'nbdkit-file',
@@ -242,6 +302,22 @@ function chunkd(id: string, title: string, extraArgs: readonly string[], snapsho
   };
 }
 
+/** chunkd over TLS: serve --tls require with the same certificates as tls-qemu-nbd-raw. */
+const tlsChunkd: SystemDefinition = {
+  id: 'tls-chunkd',
+  title: 'chunkd over NBD over TLS 1.3 (--tls require), a fresh volume',
+  kind: 'chunkd',
+  tools: ['nbdinfo'],
+  async start(workspace) {
+    const files = await tlsFiles(workspace);
+    const node = await startChunkd(workspace, this.id, ['--tls', 'require', '--tls-dir', files.dir]);
+    const { target, nbdinfoUri } = tlsTarget(node.nbdSocket, files);
+    const filled = await fill(workspace.tools, target, workspace.volumeBytes);
+    const multiConn = await advertisesMultiConn(workspace.tools, nbdinfoUri);
+    return { info: info(this, node.command, multiConn, describeFill(filled, workspace.volumeBytes)), serverPid: node.pid, target, cachePaths: [node.pool], stop: node.stop };
+  },
+};
+
 /** What the suite uses of bench/mounted.ts (written with the FUSE front end; the suite never edits it). */
 interface MountedModule {
   startBenchNode(directory: string): Promise<{ pool: string; pid: number; stop(): Promise<void> }>;
@@ -331,5 +407,7 @@ export function systemDefinitions(variants: readonly VariantSpec[], loadMounted:
     chunkd('chunkd-10snap', 'chunkd over NBD, a volume with 10 snapshots', [], 10),
     ...variants.map((variant) => chunkd(`chunkd-${variant.name}`, `chunkd over NBD, a fresh volume, serve ${variant.args.join(' ')}`, variant.args, 0)),
     chunkdMounted(loadMounted),
+    tlsQemuNbdRaw,
+    tlsChunkd,
   ];
 }

@@ -10,8 +10,8 @@ import { haveTool, makeTempDir, nodeBinary, repoRoot, runTool } from '../helpers
 import { allRows, defaultRowIds, type RowSummary, type Sample, type SystemInfo } from '../../bench/report.ts';
 
 const suite = path.join(repoRoot, 'bench', 'suite.ts');
-const missing = ['fio', 'qemu-nbd', 'qemu-img', 'nbdkit', 'nbdinfo'].filter((tool) => !haveTool(tool));
-const everySystem = ['raw', 'qemu-nbd-raw', 'qemu-nbd-qcow2', 'qemu-nbd-qcow2-snap', 'nbdkit-file', 'chunkd', 'chunkd-10snap', 'chunkd-mounted'];
+const missing = ['fio', 'qemu-nbd', 'qemu-img', 'nbdkit', 'nbdinfo', 'openssl'].filter((tool) => !haveTool(tool));
+const everySystem = ['raw', 'qemu-nbd-raw', 'qemu-nbd-qcow2', 'qemu-nbd-qcow2-snap', 'nbdkit-file', 'chunkd', 'chunkd-10snap', 'chunkd-mounted', 'tls-qemu-nbd-raw', 'tls-chunkd'];
 
 interface Report {
   machine: Record<string, unknown>;
