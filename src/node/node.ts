@@ -11,6 +11,8 @@ import { NbdServer } from '../nbd/server.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
+import { Receiver, type ReceiveResult } from '../replication/receive.ts';
+import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
 import { renderMetrics } from './metrics.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
@@ -57,12 +59,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   #fuseMounting: Promise<FuseFrontEnd> | null = null;
   #attachments: Attachments | null = null;
   #plugin: DockerPluginServer | null = null;
+  readonly #receiver: Receiver;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null) {
     this.config = config;
     this.pool = pool;
     this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers });
     this.api = new ApiServer(this);
+    this.#receiver = new Receiver(pool, config.log);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
   }
 
@@ -80,6 +84,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)');
     const node = new ChunkdNode(config, pool, sharedBuffers);
     try {
+      await node.#receiver.restore();
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
         config.log(`created volume ${config.defaultVolume.name}`);
@@ -241,6 +246,23 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   diff(volume: string, from: string, to: string | null): DiffReport {
     const extents = this.pool.diff(volume, from, to).map((extent) => ({ offsetBytes: extent.virtualChunk * chunkSizeBytes, lengthBytes: extent.chunkCount * chunkSizeBytes }));
     return { volume, from, to, changedBytes: extents.reduce((sum, e) => sum + e.lengthBytes, 0), extents };
+  }
+
+  sendStream(request: { volume: string; snapshot: string; from: string | null } | { resumeToken: string }): PreparedSend {
+    const resolved = 'resumeToken' in request ? resumeRequest(this.pool, request.resumeToken) : { ...request, resumeOffsetBytes: 0 };
+    return prepareSend(this.pool, resolved, this.config.log);
+  }
+
+  receiveStream(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult> {
+    return this.#receiver.receive(volume, body);
+  }
+
+  receiveToken(volume: string): Promise<unknown> {
+    return this.#receiver.resumeToken(volume);
+  }
+
+  abortReceive(volume: string): Promise<unknown> {
+    return this.#receiver.abort(volume);
   }
 
   scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
