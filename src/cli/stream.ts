@@ -128,14 +128,21 @@ export async function receiveCommand(argv: string[], apiPath: (option: string | 
       // The node may answer before it has read everything (a refused stream): stop sending, read the answer.
       input.unpipe(count);
       count.unpipe(request);
-      readJson(response).then((value) => {
-        if ((response.statusCode ?? 500) >= 400) reject(answerError(response.statusCode ?? 500, value));
-        else resolve(value as ReceiveResult);
-      }, reject);
+      readJson(response)
+        .then((value) => {
+          if ((response.statusCode ?? 500) >= 400) reject(answerError(response.statusCode ?? 500, value));
+          else resolve(value as ReceiveResult);
+        }, reject)
+        // Bytes of the stream still queued for a node that stopped reading would only meet EPIPE: drop them.
+        .finally(() => request.destroy());
     });
     const failed = (error: NodeJS.ErrnoException): void => {
       // Once the node has answered, a write it no longer reads (EPIPE, ECONNRESET) changes nothing.
       if (answered) return;
+      if (error.code === 'EPIPE' || error.code === 'ECONNRESET') {
+        reject(ChunkdError.io(`the node at ${socket} closed the connection before it answered (see its log)`));
+        return;
+      }
       reject(error.code === 'ENOENT' && error.syscall === 'open' ? ChunkdError.notFound(`no file ${values.in}`) : connectionError(error, socket));
     };
     request.on('socket', (socketStream) => socketStream.on('error', failed));
