@@ -5,6 +5,8 @@
 import http from 'node:http';
 import https from 'node:https';
 import type net from 'node:net';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
 import { ChunkdError, type ErrorCode } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { apiBodyBytesMax } from '../core/limits.ts';
@@ -13,6 +15,8 @@ import { describeTlsError, remoteOfTls } from '../peer/server.ts';
 import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
 import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
+import type { PreparedSend } from '../replication/send.ts';
+import type { ReceiveResult } from '../replication/receive.ts';
 
 /** Progress lines of a long operation go out at most this often. */
 const progressIntervalMs = 250;
@@ -44,6 +48,12 @@ export interface ControlPlane {
   /** Attach (body: mountpoint, fs, via) and detach a volume's file system (src/node/attachments.ts). */
   attach(volume: string, body: Record<string, unknown>): Promise<unknown>;
   detach(volume: string): Promise<unknown>;
+  /** A replication stream of VOL@SNAP (incremental from `from`), or the one a resume token continues (replication/send.ts). */
+  sendStream(request: { volume: string; snapshot: string; from: string | null } | { resumeToken: string }): PreparedSend;
+  /** Applies a replication stream to a volume (replication/receive.ts); its token and abort. */
+  receiveStream(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult>;
+  receiveToken(volume: string): Promise<unknown>;
+  abortReceive(volume: string): Promise<unknown>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -55,6 +65,8 @@ const statusByCode: Partial<Record<ErrorCode, number>> = {
   EPERM: 403,
   ENOSPC: 507,
   ESHUTDOWN: 503,
+  EPROTO: 400,
+  ECORRUPT: 422,
 };
 
 export class ApiServer {
@@ -66,6 +78,8 @@ export class ApiServer {
   constructor(control: ControlPlane) {
     this.#control = control;
     this.#server = http.createServer((request, response) => this.#serve(request, response));
+    // A replication stream's request body may take hours (PUT .../receive); the socket is local and owner-only.
+    this.#server.requestTimeout = 0;
   }
 
   #serve(request: http.IncomingMessage, response: http.ServerResponse): void {
@@ -120,6 +134,24 @@ export class ApiServer {
     const route = `${method} /${parts.map((part, i) => (i >= 2 && i % 2 === 0 ? ':' : part)).join('/')}`;
     const volumeName = (): string => validateName(parts[2]);
     const snapshotName = (): string => validateName(parts[4], 'snapshot');
+    // A stream's body is the stream itself, not a JSON object: it goes to the receiver as it comes.
+    if (route === 'PUT /v1/volumes/:/receive') {
+      // The receiver reads the body through this iterator, which it cannot end: the rest of a refused stream is
+      // read and dropped here before the answer. Answering at once would close the connection under the
+      // client's writes, and a client that meets EPIPE first never sees why. The cost: a stream refused at its
+      // header is still read to its end (a two-step receive would avoid that; not yet).
+      const chunks = request[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
+      const body: AsyncIterable<Buffer> = { [Symbol.asyncIterator]: () => ({ next: () => chunks.next() }) };
+      try {
+        return sendJson(response, 200, await this.#control.receiveStream(volumeName(), body));
+      } catch (error) {
+        for (;;) {
+          const next = await chunks.next().catch(() => ({ done: true as const, value: undefined }));
+          if (next.done === true) break;
+        }
+        throw error;
+      }
+    }
     const body = await readBody(request);
     switch (route) {
       case 'GET /metrics':
@@ -158,6 +190,19 @@ export class ApiServer {
         const to = url.searchParams.get('to');
         return sendJson(response, 200, this.#control.diff(volumeName(), snapshotName(), to === null ? null : validateName(to, 'snapshot')));
       }
+      case 'GET /v1/volumes/:/snapshots/:/stream': {
+        const from = url.searchParams.get('from');
+        return this.#send(response, this.#control.sendStream({ volume: volumeName(), snapshot: snapshotName(), from: from === null ? null : validateName(from, 'snapshot') }));
+      }
+      case 'GET /v1/stream': {
+        const token = url.searchParams.get('resume');
+        if (token === null) throw ChunkdError.invalid('GET /v1/stream needs ?resume=TOKEN');
+        return this.#send(response, this.#control.sendStream({ resumeToken: token }));
+      }
+      case 'GET /v1/volumes/:/receive':
+        return sendJson(response, 200, await this.#control.receiveToken(volumeName()));
+      case 'DELETE /v1/volumes/:/receive':
+        return sendJson(response, 200, await this.#control.abortReceive(volumeName()));
       case 'POST /v1/volumes/:/scrub':
         return this.#scrub(response, volumeName());
       case 'POST /v1/volumes/:/attach':
@@ -172,6 +217,22 @@ export class ApiServer {
       }
       default:
         throw new ChunkdError(parts[0] === 'v1' || parts[0] === 'metrics' ? 'EINVAL' : 'ENOENT', `no route ${method} ${url.pathname}`);
+    }
+  }
+
+  /**
+   * Sends a replication stream as the body, with backpressure (the generator reads the next chunk only when the
+   * socket took the last). A sender that stops at a damaged block ends the stream with an ABORT record; a client
+   * that goes away ends it early, which is its own business: logged, nothing more.
+   */
+  async #send(response: http.ServerResponse, prepared: PreparedSend): Promise<void> {
+    response.writeHead(200, { 'content-type': 'application/octet-stream', 'x-chunkd-stream-data-bytes': String(prepared.header.dataBytes) });
+    try {
+      await pipeline(Readable.from(prepared.bytes, { objectMode: false, highWaterMark: 4 }), response);
+    } catch (error) {
+      if (error instanceof ChunkdError) throw error;
+      if (!response.destroyed && !response.writableEnded) throw error;
+      // The client went away (closed, killed): the generator was returned, which closed the snapshot.
     }
   }
 

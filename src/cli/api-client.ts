@@ -54,25 +54,13 @@ export function callApi(socketPath: string, method: string, route: string, body?
               return reject(ChunkdError.io(`the node at ${socketPath} answered with malformed JSON`));
             }
           }
-          if ((response.statusCode ?? 500) >= 400) {
-            const error = (value as { error?: { code?: string; message?: string } }).error;
-            const code = (error?.code !== undefined && error.code in errorCodes ? error.code : 'EIO') as ErrorCode;
-            return reject(new ChunkdError(code, error?.message ?? `HTTP ${response.statusCode}`));
-          }
+          if ((response.statusCode ?? 500) >= 400) return reject(answerError(response.statusCode ?? 500, value));
           resolve(value);
         });
         response.on('error', reject);
       },
     );
-    request.on('error', (error: NodeJS.ErrnoException) => {
-      if (error.code === 'ENOENT' || error.code === 'ECONNREFUSED') {
-        reject(new ChunkdError('ENOENT', `no chunkd node answers at ${socketPath} (start one with "chunkd serve", or pass --api PATH / set CHUNKD_API)`));
-      } else if (error.code === 'EACCES') {
-        reject(new ChunkdError('EPERM', `permission denied on ${socketPath} (the API socket is for its owner only)`));
-      } else if (!('socketPath' in target)) {
-        reject(describeClientError(error, socketPath, `the node's API at ${socketPath}`));
-      } else reject(error);
-    });
+    request.on('error', (error: NodeJS.ErrnoException) => reject(connectionError(error, socketPath, !('socketPath' in target))));
     request.end(payload);
   });
 }
@@ -102,4 +90,21 @@ async function readLines(response: http.IncomingMessage, socketPath: string, onL
     throw new ChunkdError(code, error.message ?? 'failed');
   }
   return last;
+}
+
+/** The ChunkdError an API error answer (`{"error": {"code", "message"}}`) stands for. */
+export function answerError(statusCode: number, value: unknown): ChunkdError {
+  const error = (value as { error?: { code?: string; message?: string } } | null)?.error;
+  const code = (error?.code !== undefined && error.code in errorCodes ? error.code : 'EIO') as ErrorCode;
+  return new ChunkdError(code, error?.message ?? `HTTP ${statusCode}`);
+}
+
+/** What a failure to reach the node's API (its socket, or HOST:PORT over TLS when `overTls`) means, in words. */
+export function connectionError(error: NodeJS.ErrnoException, socketPath: string, overTls = false): Error {
+  if (error.code === 'ENOENT' || error.code === 'ECONNREFUSED') {
+    return new ChunkdError('ENOENT', `no chunkd node answers at ${socketPath} (start one with "chunkd serve", or pass --api PATH / set CHUNKD_API)`);
+  }
+  if (error.code === 'EACCES') return new ChunkdError('EPERM', `permission denied on ${socketPath} (the API socket is for its owner only)`);
+  if (overTls) return describeClientError(error, socketPath, `the node's API at ${socketPath}`);
+  return error;
 }

@@ -16,6 +16,7 @@ import { attachCommand, detachCommand } from './attach.ts';
 import { benchCommand } from './bench.ts';
 import { tlsCommand } from './tls.ts';
 import { peerCommand } from './peer.ts';
+import { receiveCommand, sendCommand } from './stream.ts';
 
 const usage = `usage: chunkd <command> [options]
 
@@ -38,6 +39,14 @@ const usage = `usage: chunkd <command> [options]
   snapshot diff VOL FROM [TO] [--json]
                                      extents that differ (TO omitted: the live volume), from metadata only
   clone VOL@SNAP NEWVOL              a writable volume sharing the snapshot's data
+  send VOL@SNAP [--from SNAP0] [--out FILE|-]
+                                     a replication stream of the snapshot (incremental from SNAP0) to a file
+                                     or stdout (a pipe: chunkd send ... | ssh host chunkd receive ...)
+  send --resume TOKEN [--out FILE|-] the rest of an interrupted stream (TOKEN from receive --resume-token)
+  receive VOL [--in FILE|-] [--json] applies a stream: a full one makes VOL; an incremental needs VOL at its
+                                     base snapshot; the snapshot appears only once the stream checks out whole
+  receive --resume-token VOL         prints the token that continues an interrupted receive into VOL
+  receive --abort VOL                gives up an interrupted receive (VOL removed, or rolled back to the base)
   scrub VOL | --all [--json]         read every block of the volume(s) and snapshots and check its checksum;
                                      lists damaged extents, exits 1 if any
   attach VOL --mountpoint DIR [--fs ext4|xfs] [--format] [--via fuse|nbdfuse]
@@ -102,6 +111,10 @@ async function run(argv: string[]): Promise<number> {
       return cloneCommand(rest);
     case 'status':
       return statusCommand(rest);
+    case 'send':
+      return sendCommand(rest, apiPath);
+    case 'receive':
+      return receiveCommand(rest, apiPath);
     case 'attach':
       return attachCommand(rest, apiPath);
     case 'detach':

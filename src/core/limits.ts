@@ -98,3 +98,12 @@ export const peerConnectionsMax = 64;
 export const peerRequestsInFlightMax = 32;
 /** Time `chunkd peer status` waits for a peer's answer, connect and TLS included. */
 export const peerClientTimeoutMs = 15_000;
+
+/** Data bytes one replication stream record carries at most (replication/stream-format.ts); a sender reads this much at a time. */
+export const streamDataRecordBytesMax = 1 * MiB;
+/** A stream's header record (JSON: names, ids, sizes) at most. */
+export const streamHeaderBytesMax = 64 * KiB;
+/** Any stream record's payload at most: a data record's offset and data; what a decoder ever buffers. */
+export const streamRecordPayloadBytesMax = streamDataRecordBytesMax + 8;
+/** Stream bytes a receiver applies between durable resume points (a commit, then its resume state written). */
+export const receiveCommitBytes = 32 * MiB;

@@ -12,6 +12,8 @@ import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/t
 import { chunkSizeBytes } from '../core/limits.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
+import { Receiver, type ReceiveResult } from '../replication/receive.ts';
+import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
 import { renderMetrics } from './metrics.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
@@ -83,6 +85,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   #peer: PeerServer | null = null;
   /** The pool's stable identity (pool-layout.ts: pool-id), told to peers in hello. */
   readonly poolId: string;
+  readonly #receiver: Receiver;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string, tls: TlsServerConfig | null) {
     this.config = config;
@@ -90,6 +93,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     this.poolId = poolId;
     this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers, tls: tls === null ? null : tlsSettings(tls) });
     this.api = new ApiServer(this);
+    this.#receiver = new Receiver(pool, config.log);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
   }
 
@@ -118,6 +122,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     }
     const node = new ChunkdNode(config, pool, sharedBuffers, poolId, tls);
     try {
+      await node.#receiver.restore();
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
         config.log(`created volume ${config.defaultVolume.name}`);
@@ -300,6 +305,23 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   diff(volume: string, from: string, to: string | null): DiffReport {
     const extents = this.pool.diff(volume, from, to).map((extent) => ({ offsetBytes: extent.virtualChunk * chunkSizeBytes, lengthBytes: extent.chunkCount * chunkSizeBytes }));
     return { volume, from, to, changedBytes: extents.reduce((sum, e) => sum + e.lengthBytes, 0), extents };
+  }
+
+  sendStream(request: { volume: string; snapshot: string; from: string | null } | { resumeToken: string }): PreparedSend {
+    const resolved = 'resumeToken' in request ? resumeRequest(this.pool, request.resumeToken) : { ...request, resumeOffsetBytes: 0 };
+    return prepareSend(this.pool, resolved, this.config.log);
+  }
+
+  receiveStream(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult> {
+    return this.#receiver.receive(volume, body);
+  }
+
+  receiveToken(volume: string): Promise<unknown> {
+    return this.#receiver.resumeToken(volume);
+  }
+
+  abortReceive(volume: string): Promise<unknown> {
+    return this.#receiver.abort(volume);
   }
 
   scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {

@@ -2,7 +2,8 @@
 // generation. Maps share pages (chunk-map.ts), so pages are stored once and maps refer to them; a checkpoint of
 // a volume with a thousand snapshots is as large as its distinct pages, not a thousand copies.
 // Layout: a run of frames (frames.ts), each with its own length and crc32:
-//   header: "CHUNKDC4" then JSON (generation, id counters, page count, volumes and snapshots with their sizes)
+//   header: "CHUNKDC4" then JSON (generation, id counters, page count, volumes and snapshots with their sizes and
+//     snapshot ids; a checkpoint from before snapshot ids has none: metadata.ts derives them)
 //   one frame per page: u32 run count, then runs of (u16 first slot, u16 slot count, f64 first physical chunk,
 //     then a u32 checksum per chunk of the run); a chunk named by two distinct pages has its checksum twice
 //   one frame per map in header order (volumes, then snapshots): u32 page count, then its page references,
@@ -17,7 +18,7 @@ import { chunkSizeBytes, mapPageChunks } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { ChunkMap, type Page } from './chunk-map.ts';
 import { encodeFrames, frameAt, readFramesFromCopies } from './frames.ts';
-import { addSnapshot, addVolume, allMaps, emptyCatalog, type Catalog } from './metadata.ts';
+import { addSnapshot, addVolume, allMaps, emptyCatalog, isSnapshotUuid, legacySnapshotUuid, type Catalog } from './metadata.ts';
 
 const magic = Buffer.from('CHUNKDC4', 'latin1');
 const pageRunBytes = 12;
@@ -29,7 +30,7 @@ interface Header {
   nextSnapshotId: number;
   pageCount: number;
   volumes: Array<{ id: number; name: string; sizeBytes: number; pageCount: number }>;
-  snapshots: Array<{ id: number; volumeId: number; name: string; sizeBytes: number; createdAtMs: number; pageCount: number }>;
+  snapshots: Array<{ id: number; uuid?: string; volumeId: number; name: string; sizeBytes: number; createdAtMs: number; pageCount: number }>;
 }
 
 /** Encodes the catalog as it stands, as the checkpoint that starts journal `generation`. */
@@ -61,7 +62,7 @@ export function encodeCheckpoint(catalog: Catalog, generation: number): Buffer {
     nextSnapshotId: catalog.nextSnapshotId,
     pageCount: pagePayloads.length,
     volumes: volumes.map((v) => ({ id: v.id, name: v.name, sizeBytes: v.sizeBytes, pageCount: v.map.pageCount })),
-    snapshots: snapshots.map((s) => ({ id: s.id, volumeId: s.volumeId, name: s.name, sizeBytes: s.sizeBytes, createdAtMs: s.createdAtMs, pageCount: s.map.pageCount })),
+    snapshots: snapshots.map((s) => ({ id: s.id, uuid: s.uuid, volumeId: s.volumeId, name: s.name, sizeBytes: s.sizeBytes, createdAtMs: s.createdAtMs, pageCount: s.map.pageCount })),
   };
   const payloads = [Buffer.concat([magic, Buffer.from(JSON.stringify(header), 'utf8')]), ...pagePayloads, ...referencePayloads];
   const trailer = Buffer.alloc(magic.length + 4);
@@ -240,7 +241,9 @@ function decodeCheckpointFrames(payloads: ReadonlyArray<Buffer | null>, lost?: L
     if (checkName(entry.name, 'snapshot') !== null) throw ChunkdError.corrupt(`checkpoint: invalid snapshot name ${JSON.stringify(entry.name)}`);
     const volumeName = catalog.volumes.get(entry.volumeId)?.name ?? `volume ${entry.volumeId}`;
     const map = readMap(`${volumeName}@${entry.name}`, entry.pageCount, entry.sizeBytes);
-    addSnapshot(catalog, { id: entry.id, volumeId: entry.volumeId, name: entry.name, sizeBytes: entry.sizeBytes, createdAtMs: entry.createdAtMs, map });
+    if (entry.uuid !== undefined && !isSnapshotUuid(entry.uuid)) throw ChunkdError.corrupt(`checkpoint: invalid id for snapshot ${entry.name}`);
+    const uuid = entry.uuid ?? legacySnapshotUuid(entry.volumeId, entry.id, entry.createdAtMs, entry.name);
+    addSnapshot(catalog, { id: entry.id, uuid, volumeId: entry.volumeId, name: entry.name, sizeBytes: entry.sizeBytes, createdAtMs: entry.createdAtMs, map });
   }
   if (lost === undefined && pages.some((page) => page!.shareCount === 0)) throw ChunkdError.corrupt('checkpoint: a page no map refers to');
   catalog.nextVolumeId = Math.max(catalog.nextVolumeId, header.nextVolumeId);

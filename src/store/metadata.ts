@@ -5,6 +5,13 @@
 // Each record is one frame (frames.ts: length, crc32, payload); a journal commit holds a run of them
 // (journal-format.ts). Payload: a type byte, then fixed binary fields for the hot records (map, unmap: one per
 // write or trim; a map record ends with the checksum of each chunk it maps) and JSON for the rare control records.
+//
+// Snapshot ids: every snapshot has a unique id (`uuid`, 128 bits as 32 hex digits, random at creation; a received
+// snapshot keeps its sender's, so that an incremental stream finds its base by id on any node, as ZFS matches
+// GUIDs). Pools written before ids existed (format 3 as first released) have snapshot records and checkpoint
+// entries without one: those get an id derived from what they do hold (legacySnapshotUuid), the same at every
+// load, so replay, fsck and the live node agree; the next checkpoint (every start writes one) stores it.
+import { createHash } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { unreachable } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
@@ -25,6 +32,8 @@ export interface VolumeMeta {
 
 export interface SnapshotMeta {
   id: number;
+  /** Unique across nodes: 32 lowercase hex digits (see the note at the top). */
+  uuid: string;
   volumeId: number;
   name: string;
   sizeBytes: number;
@@ -49,7 +58,7 @@ export type MetaRecord =
   | { type: 'clone'; volumeId: number; name: string; snapshotId: number }
   | { type: 'resize'; volumeId: number; sizeBytes: number }
   | { type: 'remove'; volumeId: number }
-  | { type: 'snapshot'; volumeId: number; snapshotId: number; name: string; createdAtMs: number }
+  | { type: 'snapshot'; volumeId: number; snapshotId: number; name: string; createdAtMs: number; uuid?: string }
   | { type: 'snapshot-remove'; snapshotId: number }
   | { type: 'rollback'; volumeId: number; snapshotId: number };
 
@@ -57,6 +66,22 @@ const typeCodes = { map: 1, unmap: 2, create: 3, resize: 4, remove: 5, clone: 6,
 const typesByCode = new Map<number, MetaRecord['type']>(Object.entries(typeCodes).map(([type, code]) => [code, type as MetaRecord['type']]));
 /** Type byte, volume id, virtual chunk, physical chunk, chunk count; a map record's checksums follow. */
 const rangeRecordBytes = 29;
+
+const uuidPattern = /^[0-9a-f]{32}$/;
+
+/** Whether `value` is a snapshot id as stored: 32 lowercase hex digits. */
+export function isSnapshotUuid(value: unknown): value is string {
+  return typeof value === 'string' && uuidPattern.test(value);
+}
+
+/**
+ * The id of a snapshot recorded before ids existed: derived from its pool-local ids, creation time and name, so
+ * every load of the same metadata gives the same one. Unique enough within a pool; across pools only as unique as
+ * those fields (the known weakness of the legacy path; a snapshot taken now gets 128 random bits).
+ */
+export function legacySnapshotUuid(volumeId: number, snapshotId: number, createdAtMs: number, name: string): string {
+  return createHash('sha256').update(`chunkd-legacy-snapshot:${volumeId}:${snapshotId}:${createdAtMs}:${name}`).digest('hex').slice(0, 32);
+}
 
 export function emptyCatalog(): Catalog {
   return { nextVolumeId: 1, nextSnapshotId: 1, volumes: new Map(), byName: new Map(), snapshots: new Map(), sums: new ChunkSums() };
@@ -75,6 +100,9 @@ export function addSnapshot(catalog: Catalog, snapshot: SnapshotMeta): void {
   const volume = catalog.volumes.get(snapshot.volumeId);
   if (volume === undefined) throw ChunkdError.corrupt(`snapshot ${snapshot.name} names volume id ${snapshot.volumeId}, which does not exist`);
   if (catalog.snapshots.has(snapshot.id) || volume.snapshots.has(snapshot.name)) throw ChunkdError.corrupt(`snapshot ${volume.name}@${snapshot.name} exists twice`);
+  for (const other of volume.snapshots.values()) {
+    if (other.uuid === snapshot.uuid) throw ChunkdError.corrupt(`snapshots ${volume.name}@${other.name} and @${snapshot.name} have one id (${snapshot.uuid})`);
+  }
   catalog.snapshots.set(snapshot.id, snapshot);
   volume.snapshots.set(snapshot.name, snapshot);
   catalog.nextSnapshotId = Math.max(catalog.nextSnapshotId, snapshot.id + 1);
@@ -124,7 +152,15 @@ export function applyRecord(catalog: Catalog, record: MetaRecord, refs: ChunkRef
       catalog.byName.delete(volume.name);
       return;
     case 'snapshot':
-      addSnapshot(catalog, { id: record.snapshotId, volumeId: volume.id, name: record.name, sizeBytes: volume.sizeBytes, createdAtMs: record.createdAtMs, map: volume.map.clone() });
+      addSnapshot(catalog, {
+        id: record.snapshotId,
+        uuid: record.uuid ?? legacySnapshotUuid(volume.id, record.snapshotId, record.createdAtMs, record.name),
+        volumeId: volume.id,
+        name: record.name,
+        sizeBytes: volume.sizeBytes,
+        createdAtMs: record.createdAtMs,
+        map: volume.map.clone(),
+      });
       return;
     case 'rollback': {
       const snapshot = snapshotById(catalog, record.snapshotId);
@@ -220,6 +256,7 @@ function decodePayload(payload: Buffer): MetaRecord | null {
   const numbers = ['volumeId', 'snapshotId', 'sizeBytes', 'createdAtMs'].filter((key) => key in fields);
   if (!numbers.every((key) => wholeNumbers(fields[key] as number))) return null;
   if ('name' in fields && checkName(fields.name) !== null) return null;
+  if ('uuid' in fields && !isSnapshotUuid(fields.uuid)) return null;
   return { type, ...fields } as MetaRecord;
 }
 

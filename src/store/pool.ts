@@ -23,6 +23,7 @@
 // (chunk-store.ts: the data, as verbs), the commit engine (commit-engine.ts: records made durable) and the files on
 // disk (pool-layout.ts). A volume sees only the chunk store's data verbs and the engine's record and commit (its
 // VolumeStore, volume.ts).
+import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
@@ -47,7 +48,9 @@ import { CommitEngine } from './commit-engine.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
 import { diffMaps, type ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
-import type { Catalog, SnapshotMeta, VolumeMeta } from './metadata.ts';
+import { contentDigest } from './content-digest.ts';
+import { isSnapshotUuid, type Catalog, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
+import { ChunkMap } from './chunk-map.ts';
 import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolFormatVersion, poolIdentity } from './pool-layout.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
@@ -64,6 +67,8 @@ export interface VolumeInfo {
 export interface SnapshotInfo {
   volume: string;
   name: string;
+  /** Unique across nodes (metadata.ts); a received snapshot keeps its sender's. */
+  uuid: string;
   sizeBytes: number;
   createdAt: string;
   /** Bytes of chunks that only this snapshot holds: what removing it gives back. */
@@ -127,6 +132,8 @@ export class Pool {
   readonly #files: FileLayer;
   readonly #runtimes = new Map<number, VolumeRuntime>();
   readonly #snapshotRuntimes = new Map<number, ExportRuntime>();
+  /** Volumes a stream is being received into (replication/receive.ts): clients may not open or change them. */
+  readonly #receiving = new Set<number>();
   readonly #lockFd: number;
   readonly #log: (line: string) => void;
   readonly #metadataRepairs: number;
@@ -222,6 +229,7 @@ export class Pool {
     this.#checkOpen();
     const runtime = this.#runtime(name);
     if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients first`);
+    this.#checkNotReceiving(runtime);
     const snapshots = [...runtime.meta.snapshots.keys()];
     if (snapshots.length > 0) {
       throw ChunkdError.busy(`volume ${name} has ${snapshots.length} snapshot(s) (${snapshots.slice(0, 5).join(', ')}${snapshots.length > 5 ? ', ...' : ''}); remove them first`);
@@ -235,6 +243,13 @@ export class Pool {
   async resizeVolume(name: string, sizeBytes: number, force = false): Promise<VolumeInfo> {
     this.#checkOpen();
     const runtime = this.#runtime(name);
+    this.#checkNotReceiving(runtime);
+    await this.#resize(runtime, sizeBytes, force);
+    return this.volumeInfo(name);
+  }
+
+  async #resize(runtime: VolumeRuntime, sizeBytes: number, force: boolean): Promise<void> {
+    const name = runtime.meta.name;
     checkVolumeSize(sizeBytes);
     const oldSize = runtime.meta.sizeBytes;
     if (sizeBytes < oldSize) {
@@ -245,7 +260,6 @@ export class Pool {
     }
     if (sizeBytes !== oldSize) this.#engine.record({ type: 'resize', volumeId: runtime.meta.id, sizeBytes });
     await this.#engine.commit();
-    return this.volumeInfo(name);
   }
 
   listVolumes(): VolumeInfo[] {
@@ -268,10 +282,78 @@ export class Pool {
     return this.#catalog.byName.has(name);
   }
 
-  /** Opens a volume for I/O; close() the result when done. */
+  /** Opens a volume for I/O; close() the result when done. Refused while a stream is received into it. */
   openVolume(name: string): Volume {
     this.#checkOpen();
-    return new Volume(this.#volumeStore, this.#runtime(name));
+    const runtime = this.#runtime(name);
+    this.#checkNotReceiving(runtime);
+    return new Volume(this.#volumeStore, runtime);
+  }
+
+  // ---- control: receiving a stream (replication/receive.ts) ----
+
+  /**
+   * Marks a volume as being received into: from now on clients cannot open it, roll it back, snapshot, resize or
+   * remove it, until endReceive. Refused while it is open. Kept in memory only: the receiver's durable state says
+   * which volumes to mark again at start.
+   */
+  beginReceive(name: string): void {
+    this.#checkOpen();
+    const runtime = this.#runtime(name);
+    if (this.#receiving.has(runtime.meta.id)) return;
+    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients before receiving into it`);
+    this.#receiving.add(runtime.meta.id);
+  }
+
+  endReceive(name: string): void {
+    const meta = this.#catalog.byName.get(name);
+    if (meta !== undefined) this.#receiving.delete(meta.id);
+  }
+
+  isReceiving(name: string): boolean {
+    const meta = this.#catalog.byName.get(name);
+    return meta !== undefined && this.#receiving.has(meta.id);
+  }
+
+  /** The receiver's own handle on a volume marked by beginReceive. */
+  openVolumeForReceive(name: string): Volume {
+    this.#checkOpen();
+    const runtime = this.#runtime(name);
+    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${name} is not being received into`);
+    return new Volume(this.#volumeStore, runtime);
+  }
+
+  /** What the receiver may change on a volume marked by beginReceive: its size (to the stream's), or back to a snapshot. */
+  async receiveResize(name: string, sizeBytes: number): Promise<void> {
+    const runtime = this.#runtime(name);
+    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${name} is not being received into`);
+    await this.#resize(runtime, sizeBytes, true);
+  }
+
+  async receiveRollback(name: string, snapshotName: string): Promise<void> {
+    const runtime = this.#runtime(name);
+    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${name} is not being received into`);
+    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is open (${runtime.openCount}); a receive cannot roll it back`);
+    this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: this.#snapshot(name, snapshotName).id });
+    await this.#engine.commit();
+  }
+
+  /** Takes the snapshot a received stream ends in, with the sender's id; the volume must be marked by beginReceive. */
+  async receiveSnapshot(volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {
+    const runtime = this.#runtime(volumeName);
+    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${volumeName} is not being received into`);
+    return this.#takeSnapshot(runtime, volumeName, snapshotName, uuid);
+  }
+
+  /** Removes a volume a receive created and could not complete (with no snapshots yet). */
+  async receiveDiscardVolume(name: string): Promise<void> {
+    const runtime = this.#runtime(name);
+    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${name} is not being received into`);
+    if (runtime.openCount > 0 || runtime.meta.snapshots.size > 0) throw ChunkdError.busy(`volume ${name} is open or has snapshots; a receive cannot discard it`);
+    this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
+    this.#runtimes.delete(runtime.meta.id);
+    this.#receiving.delete(runtime.meta.id);
+    await this.#engine.commit();
   }
 
   /** Opens a snapshot read-only; close() the result when done. */
@@ -291,11 +373,22 @@ export class Pool {
     this.#checkOpen();
     validateName(snapshotName, 'snapshot');
     const runtime = this.#runtime(volumeName);
+    this.#checkNotReceiving(runtime);
+    return this.#takeSnapshot(runtime, volumeName, snapshotName, randomUUID().replaceAll('-', ''));
+  }
+
+  async #takeSnapshot(runtime: VolumeRuntime, volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {
+    this.#checkOpen();
+    validateName(snapshotName, 'snapshot');
+    if (!isSnapshotUuid(uuid)) throw ChunkdError.invalid(`invalid snapshot id ${JSON.stringify(uuid)}: 32 lowercase hex digits`);
+    for (const other of runtime.meta.snapshots.values()) {
+      if (other.uuid === uuid) throw ChunkdError.exists(`volume ${volumeName} already has a snapshot with id ${uuid} (${other.name})`);
+    }
     if (runtime.meta.snapshots.has(snapshotName)) throw ChunkdError.exists(`snapshot ${volumeName}@${snapshotName} already exists`);
     if (runtime.meta.snapshots.size >= snapshotsPerVolumeMax) throw ChunkdError.invalid(`volume ${volumeName} has ${snapshotsPerVolumeMax} snapshots, the most a volume may have`);
     const release = await runtime.lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
     try {
-      this.#engine.record({ type: 'snapshot', volumeId: runtime.meta.id, snapshotId: this.#catalog.nextSnapshotId, name: snapshotName, createdAtMs: Date.now() });
+      this.#engine.record({ type: 'snapshot', volumeId: runtime.meta.id, snapshotId: this.#catalog.nextSnapshotId, name: snapshotName, createdAtMs: Date.now(), uuid });
     } finally {
       release();
     }
@@ -307,6 +400,7 @@ export class Pool {
   async removeSnapshot(volumeName: string, snapshotName: string): Promise<void> {
     this.#checkOpen();
     const snapshot = this.#snapshot(volumeName, snapshotName);
+    this.#checkNotReceiving(this.#runtime(volumeName));
     const openCount = this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0;
     if (openCount > 0) throw ChunkdError.busy(`snapshot ${volumeName}@${snapshotName} is exported (${openCount} open); disconnect its clients first`);
     this.#engine.record({ type: 'snapshot-remove', snapshotId: snapshot.id });
@@ -319,6 +413,7 @@ export class Pool {
     this.#checkOpen();
     const runtime = this.#runtime(volumeName);
     const snapshot = this.#snapshot(volumeName, snapshotName);
+    this.#checkNotReceiving(runtime);
     if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
     this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
     await this.#engine.commit();
@@ -345,12 +440,34 @@ export class Pool {
     return this.#describeSnapshot(this.#runtime(volumeName).meta, this.#snapshot(volumeName, snapshotName));
   }
 
-  /** The extents that differ between snapshot `from` and snapshot `to` (or the live volume), from metadata alone. */
-  diff(volumeName: string, fromName: string, toName: string | null): ChangedExtent[] {
+  /**
+   * The extents that differ between snapshot `from` (null: an empty volume, so every mapped chunk) and snapshot
+   * `to` (or the live volume), from metadata alone.
+   */
+  diff(volumeName: string, fromName: string | null, toName: string | null): ChangedExtent[] {
     const volume = this.#runtime(volumeName).meta;
-    const from = this.#snapshot(volumeName, fromName);
+    const from = fromName === null ? { map: new ChunkMap(), sizeBytes: 0 } : this.#snapshot(volumeName, fromName);
     const to = toName === null ? volume : this.#snapshot(volumeName, toName);
     return diffMaps(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes);
+  }
+
+  /**
+   * The digest of a snapshot's (or, with null, the live volume's) whole content, from metadata alone: the
+   * chunk checksums in order (content-digest.ts says why that and not a hash of the bytes).
+   */
+  contentDigest(volumeName: string, snapshotName: string | null): Buffer {
+    const volume = this.#runtime(volumeName).meta;
+    const source = snapshotName === null ? volume : this.#snapshot(volumeName, snapshotName);
+    return contentDigest(source.map, (physicalChunk) => this.#catalog.sums.get(physicalChunk), source.sizeBytes);
+  }
+
+  /** The volume and snapshot names of the snapshot with id `uuid` in `volumeName` (any volume if null), or null. */
+  findSnapshot(uuid: string, volumeName: string | null = null): { volume: string; snapshot: string } | null {
+    const volumes = volumeName === null ? [...this.#catalog.volumes.values()] : [this.#runtime(volumeName).meta];
+    for (const volume of volumes) {
+      for (const snapshot of volume.snapshots.values()) if (snapshot.uuid === uuid) return { volume: volume.name, snapshot: snapshot.name };
+    }
+    return null;
   }
 
   /** Reads and checks every chunk of a volume and its snapshots while they stay in use (scrub.ts). */
@@ -428,6 +545,7 @@ export class Pool {
     return {
       volume: volume.name,
       name: snapshot.name,
+      uuid: snapshot.uuid,
       sizeBytes: snapshot.sizeBytes,
       createdAt: new Date(snapshot.createdAtMs).toISOString(),
       uniqueBytes: uniqueChunks * chunkSizeBytes,
@@ -465,6 +583,12 @@ export class Pool {
       this.#snapshotRuntimes.set(snapshotId, runtime);
     }
     return runtime;
+  }
+
+  #checkNotReceiving(runtime: VolumeRuntime): void {
+    if (this.#receiving.has(runtime.meta.id)) {
+      throw ChunkdError.busy(`a stream is being received into volume ${runtime.meta.name}; it cannot be opened or changed until the receive completes or is aborted (chunkd receive --abort ${runtime.meta.name})`);
+    }
   }
 
   #checkOpen(): void {

@@ -1,0 +1,313 @@
+// The receiving side of a replication stream (the format: stream-format.ts).
+//
+// A receive goes into a volume: a full stream creates it, an incremental needs it to hold a snapshot whose id is
+// the stream's base and no change since that snapshot. While the receive runs, and until it completes or is
+// aborted, clients cannot open or change the volume (Pool.beginReceive). Extents are written as they arrive;
+// the snapshot is taken, with the sender's name and id, only once the END record's counts match and its content
+// digest equals the digest of what this node stored. So the snapshot appears complete or not at all.
+//
+// Resume state, one file per volume, <pool>/receive/<volume>.json, written whole (temporary file, fdatasync,
+// rename, directory sync): the stream's base and target, and `offsetBytes`, below which every extent is applied
+// and committed. Order that keeps it true across a crash or kill -9 at any moment:
+//   1. before anything is applied: the state at its start offset (written before a full stream creates its
+//      volume, so a state without its volume means the creation never happened: the state is dropped at start);
+//   2. every limits.receiveCommitBytes of stream, and when the stream stops: commit the volume's writes, then
+//      write the state with the new offset (the state never runs ahead of durable data; it may lag, and then a
+//      resume sends again what came after it, written again with the same bytes);
+//   3. at the END: digest checked, snapshot taken and committed, then the state removed (a state whose target
+//      snapshot exists is a completed receive: dropped at start).
+// A stream that stops early (cut off, the sender killed, or an ABORT from the sender) keeps what arrived, for a
+// resume. A stream that is damaged (a record fails its checksum, the counts or the digest do not match) is
+// refused whole: a full receive removes the volume it created, an incremental rolls the volume back to its base,
+// and nothing appears.
+import fs from 'node:fs';
+import path from 'node:path';
+import { assert } from '../core/assert.ts';
+import { ChunkdError } from '../core/errors.ts';
+import { receiveCommitBytes } from '../core/limits.ts';
+import { checkName } from '../core/names.ts';
+import { formatSize } from '../core/units.ts';
+import { readWholeFile, realFiles, replaceFile } from '../store/file-layer.ts';
+import { isSnapshotUuid } from '../store/metadata.ts';
+import type { Pool } from '../store/pool.ts';
+import type { Volume } from '../store/volume.ts';
+import { encodeResumeToken, StreamDecoder, type SnapshotRef, type StreamHeader } from './stream-format.ts';
+
+interface ReceiveState {
+  volume: string;
+  base: SnapshotRef | null;
+  target: SnapshotRef;
+  volumeSizeBytes: number;
+  offsetBytes: number;
+  /** A full stream made the volume; refusing the stream removes it. */
+  createdVolume: boolean;
+}
+
+export interface ReceiveResult {
+  volume: string;
+  snapshot: string;
+  uuid: string;
+  full: boolean;
+  resumedFromBytes: number;
+  streamBytes: number;
+  dataBytes: number;
+}
+
+/** A stream that stopped before its end; what arrived is kept for a resume. */
+class Interrupted extends Error {}
+
+export class Receiver {
+  readonly #pool: Pool;
+  readonly #directory: string;
+  readonly #log: (line: string) => void;
+  readonly #active = new Set<string>();
+
+  constructor(pool: Pool, log: (line: string) => void) {
+    this.#pool = pool;
+    this.#directory = path.join(pool.directory, 'receive');
+    this.#log = log;
+  }
+
+  /** At start: marks volumes with an interrupted receive (so clients cannot write them) and drops finished or stale states. */
+  async restore(): Promise<void> {
+    if (!fs.existsSync(this.#directory)) return;
+    for (const file of fs.readdirSync(this.#directory)) {
+      if (!file.endsWith('.json')) continue;
+      const volume = file.slice(0, -'.json'.length);
+      if (checkName(volume) !== null) continue;
+      const state = await this.#load(volume);
+      if (state === null) continue;
+      if (!this.#pool.hasVolume(volume)) {
+        this.#log(`receive into ${volume}: the volume does not exist (its creation never committed); its resume state is dropped`);
+        await this.#remove(volume);
+      } else if (this.#pool.findSnapshot(state.target.uuid, volume) !== null) {
+        await this.#remove(volume);
+      } else {
+        this.#pool.beginReceive(volume);
+        this.#log(`receive into ${volume} of ${state.target.name} is interrupted at byte ${state.offsetBytes}: resume it (chunkd receive --resume-token ${volume}) or abort it (chunkd receive --abort ${volume})`);
+      }
+    }
+  }
+
+  /** The resume token of the interrupted receive into `volume`. */
+  async resumeToken(volume: string): Promise<{ token: string; volume: string; target: string; offsetBytes: number }> {
+    const state = await this.#load(volume);
+    if (state === null) throw ChunkdError.notFound(`volume ${volume} has no interrupted receive`);
+    return { token: encodeResumeToken({ base: state.base?.uuid ?? null, target: state.target.uuid, offsetBytes: state.offsetBytes }), volume, target: state.target.name, offsetBytes: state.offsetBytes };
+  }
+
+  /** Gives up an interrupted receive: what it brought is discarded (the volume removed, or rolled back to the base). */
+  async abort(volume: string): Promise<{ aborted: string }> {
+    if (this.#active.has(volume)) throw ChunkdError.busy(`a receive into ${volume} is running`);
+    const state = await this.#load(volume);
+    if (state === null) throw ChunkdError.notFound(`volume ${volume} has no interrupted receive`);
+    await this.#discard(state);
+    return { aborted: volume };
+  }
+
+  /** Applies the stream in `body` to `volume`; see the note at the top for what a failure leaves. */
+  async receive(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult> {
+    if (this.#active.has(volume)) throw ChunkdError.busy(`a receive into ${volume} is already running`);
+    this.#active.add(volume);
+    try {
+      return await this.#receive(volume, body);
+    } finally {
+      this.#active.delete(volume);
+    }
+  }
+
+  async #receive(volumeName: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult> {
+    const decoder = new StreamDecoder();
+    const input = body[Symbol.asyncIterator]();
+    let pending: ReturnType<StreamDecoder['push']> = [];
+    // The header decides everything else: read until it is whole.
+    while (decoder.header === null) {
+      const next = await input.next().catch((error: unknown) => {
+        throw ChunkdError.protocol(`the stream was cut off before its header (${(error as Error).message})`);
+      });
+      if (next.done === true) throw ChunkdError.protocol(decoder.offsetBytes + decoder.trailingBytes === 0 ? 'the stream is empty' : 'the stream ends inside its header');
+      pending = decoder.push(next.value);
+    }
+    const header = decoder.header;
+    const state = await this.#start(volumeName, header);
+    let volume: Volume | null = null;
+    let sinceCommitBytes = 0;
+    let dataBytes = 0;
+    const checkpoint = async (): Promise<void> => {
+      if (volume === null) return;
+      await volume.flush();
+      await this.#save(state);
+      sinceCommitBytes = 0;
+    };
+    try {
+      volume = this.#pool.openVolumeForReceive(volumeName);
+      let ended = false;
+      for (;;) {
+        for (const record of pending) {
+          switch (record.type) {
+            case 'header':
+              break;
+            case 'data':
+              await volume.write(record.offsetBytes, record.data);
+              state.offsetBytes = record.offsetBytes + record.data.length;
+              sinceCommitBytes += record.data.length;
+              dataBytes += record.data.length;
+              break;
+            case 'zero':
+              await volume.trim(record.offsetBytes, record.lengthBytes);
+              state.offsetBytes = record.offsetBytes + record.lengthBytes;
+              break;
+            case 'abort':
+              throw new Interrupted(`the sender stopped: ${record.message}`);
+            case 'end': {
+              await volume.flush();
+              const digest = this.#pool.contentDigest(volumeName, null);
+              if (!digest.equals(record.digest)) {
+                throw ChunkdError.corrupt(`the content received into ${volumeName} does not match the stream's digest of ${header.target.name} (${record.digest.toString('hex').slice(0, 16)}..., stored ${digest.toString('hex').slice(0, 16)}...)`);
+              }
+              ended = true;
+              break;
+            }
+          }
+        }
+        if (ended) break;
+        if (sinceCommitBytes >= receiveCommitBytes) await checkpoint();
+        let next: IteratorResult<Buffer>;
+        try {
+          next = await input.next();
+        } catch (error) {
+          throw new Interrupted(`the stream was cut off (${(error as Error).message})`);
+        }
+        if (next.done === true) throw new Interrupted(`the stream ended after ${decoder.offsetBytes + decoder.trailingBytes} bytes, before its end record`);
+        pending = decoder.push(next.value);
+      }
+      const finished = volume;
+      volume = null;
+      await finished.close();
+      const snapshot = await this.#pool.receiveSnapshot(volumeName, header.target.name, header.target.uuid);
+      await this.#remove(volumeName);
+      this.#pool.endReceive(volumeName);
+      this.#log(`received ${volumeName}@${snapshot.name} (id ${snapshot.uuid}): ${formatSize(decoder.offsetBytes)} of stream`);
+      return { volume: volumeName, snapshot: snapshot.name, uuid: snapshot.uuid, full: header.base === null, resumedFromBytes: header.resumeOffsetBytes, streamBytes: decoder.offsetBytes, dataBytes };
+    } catch (error) {
+      if (error instanceof Interrupted) {
+        await checkpoint().catch((failure: unknown) => this.#log(`receive into ${volumeName}: saving what arrived failed: ${(failure as Error).message}`));
+        await volume?.close();
+        throw ChunkdError.protocol(
+          `receive into ${volumeName} interrupted: ${error.message}; what arrived up to byte ${state.offsetBytes} of the volume is kept: ` +
+            `continue with chunkd send --resume $(chunkd receive --resume-token ${volumeName}), or give up with chunkd receive --abort ${volumeName}`,
+        );
+      }
+      await volume?.close();
+      if (error instanceof ChunkdError && (error.code === 'ECORRUPT' || error.code === 'EPROTO')) {
+        await this.#discard(state);
+        throw new ChunkdError(error.code, `${error.message}; the stream is refused and nothing of it was kept`);
+      }
+      // A failure of this node (a full or failed disk): keep what is durable, for a resume once it is fixed. The
+      // state moves on only if the writes before the failure commit.
+      await checkpoint().catch(() => {});
+      throw error;
+    }
+  }
+
+  /** Checks the header against the volume (and any interrupted receive), marks the volume, and returns the state to keep. */
+  async #start(volumeName: string, header: StreamHeader): Promise<ReceiveState> {
+    const pool = this.#pool;
+    const what = `${header.base === null ? 'a full stream' : `an incremental stream from ${header.base.name} (id ${header.base.uuid})`} of ${header.target.name} (id ${header.target.uuid})`;
+    const existing = await this.#load(volumeName);
+    if (existing !== null) {
+      if (existing.target.uuid !== header.target.uuid || existing.base?.uuid !== header.base?.uuid) {
+        throw ChunkdError.busy(`volume ${volumeName} has an interrupted receive of ${existing.target.name} (id ${existing.target.uuid}), not ${what}: resume it (chunkd receive --resume-token ${volumeName}) or abort it (chunkd receive --abort ${volumeName})`);
+      }
+      if (header.resumeOffsetBytes > existing.offsetBytes) {
+        throw ChunkdError.invalid(`the stream resumes at byte ${header.resumeOffsetBytes}, but ${volumeName} holds the receive only up to byte ${existing.offsetBytes}: use the token chunkd receive --resume-token ${volumeName} prints`);
+      }
+      pool.beginReceive(volumeName);
+      existing.offsetBytes = header.resumeOffsetBytes;
+      return existing;
+    }
+    if (header.resumeOffsetBytes !== 0) throw ChunkdError.invalid(`the stream resumes at byte ${header.resumeOffsetBytes}, but volume ${volumeName} has no interrupted receive`);
+    const state: ReceiveState = { volume: volumeName, base: header.base, target: header.target, volumeSizeBytes: header.volumeSizeBytes, offsetBytes: 0, createdVolume: header.base === null };
+    if (header.base === null) {
+      if (pool.hasVolume(volumeName)) throw ChunkdError.exists(`volume ${volumeName} exists; ${what} makes a new volume: receive it under a new name (or send an incremental from a snapshot ${volumeName} has)`);
+      await this.#save(state);
+      await pool.createVolume(volumeName, header.volumeSizeBytes);
+      pool.beginReceive(volumeName);
+      return state;
+    }
+    if (!pool.hasVolume(volumeName)) throw ChunkdError.notFound(`${what} needs volume ${volumeName} with snapshot ${header.base.name}, but there is no volume ${volumeName}`);
+    const base = pool.findSnapshot(header.base.uuid, volumeName);
+    if (base === null) {
+      const have = pool.listSnapshots(volumeName).map((s) => `${s.name} (id ${s.uuid})`).join(', ') || 'none';
+      throw ChunkdError.invalid(`wrong base: ${what} needs a snapshot with id ${header.base.uuid} in ${volumeName}; its snapshots are: ${have}`);
+    }
+    if (pool.findSnapshot(header.target.uuid, volumeName) !== null) throw ChunkdError.exists(`volume ${volumeName} already has snapshot ${header.target.name} (id ${header.target.uuid})`);
+    if (pool.listSnapshots(volumeName).some((s) => s.name === header.target.name)) throw ChunkdError.exists(`volume ${volumeName} already has a snapshot named ${header.target.name} (another id)`);
+    if (pool.diff(volumeName, base.snapshot, null).length > 0) {
+      throw ChunkdError.busy(`volume ${volumeName} was written since its snapshot ${base.snapshot}; an incremental applies only to the base as it was: roll it back first (chunkd snapshot rollback ${volumeName} ${base.snapshot})`);
+    }
+    if (pool.volumeInfo(volumeName).sizeBytes !== pool.snapshotInfo(volumeName, base.snapshot).sizeBytes) {
+      throw ChunkdError.busy(`volume ${volumeName} was resized since its snapshot ${base.snapshot}; roll it back first (chunkd snapshot rollback ${volumeName} ${base.snapshot})`);
+    }
+    pool.beginReceive(volumeName);
+    try {
+      await this.#save(state);
+      if (header.volumeSizeBytes !== pool.volumeInfo(volumeName).sizeBytes) await pool.receiveResize(volumeName, header.volumeSizeBytes);
+    } catch (error) {
+      pool.endReceive(volumeName);
+      throw error;
+    }
+    return state;
+  }
+
+  /** Undoes a receive: removes the volume it created, or rolls the volume back to its base; then forgets it. */
+  async #discard(state: ReceiveState): Promise<void> {
+    const pool = this.#pool;
+    if (pool.hasVolume(state.volume)) {
+      pool.beginReceive(state.volume);
+      if (state.createdVolume) {
+        await pool.receiveDiscardVolume(state.volume);
+      } else {
+        const base = state.base === null ? null : pool.findSnapshot(state.base.uuid, state.volume);
+        assert(base !== null, 'an incremental receive whose base snapshot is gone (removal is refused while receiving)');
+        await pool.receiveRollback(state.volume, base.snapshot);
+      }
+    }
+    await this.#remove(state.volume);
+    pool.endReceive(state.volume);
+    this.#log(`receive into ${state.volume} of ${state.target.name} discarded`);
+  }
+
+  #path(volume: string): string {
+    return path.join(this.#directory, `${volume}.json`);
+  }
+
+  async #load(volume: string): Promise<ReceiveState | null> {
+    const bytes = await readWholeFile(realFiles, this.#path(volume));
+    if (bytes === null) return null;
+    let state: ReceiveState;
+    try {
+      state = JSON.parse(bytes.toString('utf8')) as ReceiveState;
+    } catch {
+      throw ChunkdError.corrupt(`${this.#path(volume)} is not JSON: remove it to forget that receive`);
+    }
+    if (state.volume !== volume || !isSnapshotUuid(state.target?.uuid) || !Number.isSafeInteger(state.offsetBytes)) {
+      throw ChunkdError.corrupt(`${this.#path(volume)} is not a receive state: remove it to forget that receive`);
+    }
+    return state;
+  }
+
+  async #save(state: ReceiveState): Promise<void> {
+    if (!fs.existsSync(this.#directory)) {
+      fs.mkdirSync(this.#directory, { mode: 0o700 });
+      await realFiles.syncDirectory(this.#pool.directory);
+    }
+    await replaceFile(realFiles, this.#path(state.volume), Buffer.from(`${JSON.stringify(state)}\n`));
+    await realFiles.syncDirectory(this.#directory);
+  }
+
+  async #remove(volume: string): Promise<void> {
+    fs.rmSync(this.#path(volume), { force: true });
+    await realFiles.syncDirectory(this.#directory);
+  }
+}

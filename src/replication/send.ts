@@ -1,0 +1,128 @@
+// The sending side of a replication stream (the format: stream-format.ts). What changed is found from metadata
+// (the snapshot diff; a full stream is a diff against an empty volume), and only those chunks are read, through
+// the chunk store's verified read: a chunk that fails its checksum stops the stream with an ABORT record naming
+// the extent, so damaged bytes are never shipped. Reads go a record (at most 1 MiB) at a time and the records are
+// yielded to a consumer that applies backpressure (the API's HTTP response), so memory stays bounded.
+import { ChunkdError } from '../core/errors.ts';
+import { chunkSizeBytes, streamDataRecordBytesMax } from '../core/limits.ts';
+import { isZero } from '../store/frames.ts';
+import type { ChangedExtent } from '../store/map-diff.ts';
+import type { Pool } from '../store/pool.ts';
+import { decodeResumeToken, encodeAbort, encodeData, encodeEnd, encodeHeader, encodeZero, type StreamHeader } from './stream-format.ts';
+
+/** What a sender needs of a pool. */
+export type SendSource = Pick<Pool, 'snapshotInfo' | 'diff' | 'contentDigest' | 'openSnapshot' | 'findSnapshot'>;
+
+export interface SendRequest {
+  volume: string;
+  snapshot: string;
+  /** The base snapshot's name for an incremental stream, or null for a full one. */
+  from: string | null;
+  resumeOffsetBytes: number;
+}
+
+/** A stream ready to go: its header (for the caller's progress), and its bytes. */
+export interface PreparedSend {
+  header: StreamHeader;
+  /** The stream's bytes; after an ABORT record it ends, and `failure` says why. */
+  bytes: AsyncGenerator<Buffer>;
+  failure(): ChunkdError | null;
+}
+
+/** Turns a resume token into the request it continues (the snapshots found by id). */
+export function resumeRequest(source: SendSource, tokenText: string): SendRequest {
+  const token = decodeResumeToken(tokenText);
+  const target = source.findSnapshot(token.target);
+  if (target === null) throw ChunkdError.notFound(`no snapshot with id ${token.target} on this node: the token is for a stream from another node or snapshot`);
+  let from: string | null = null;
+  if (token.base !== null) {
+    const base = source.findSnapshot(token.base, target.volume);
+    if (base === null) throw ChunkdError.notFound(`the token's base snapshot (id ${token.base}) is not a snapshot of ${target.volume} on this node`);
+    from = base.snapshot;
+  }
+  return { volume: target.volume, snapshot: target.snapshot, from, resumeOffsetBytes: token.offsetBytes };
+}
+
+/** Checks the request and plans the stream; errors here come before any byte is sent. */
+export function prepareSend(source: SendSource, request: SendRequest, log: (line: string) => void): PreparedSend {
+  const target = source.snapshotInfo(request.volume, request.snapshot);
+  const base = request.from === null ? null : source.snapshotInfo(request.volume, request.from);
+  if (base !== null && base.uuid === target.uuid) throw ChunkdError.invalid(`the base and the target are both ${request.volume}@${request.snapshot}`);
+  if (request.resumeOffsetBytes % chunkSizeBytes !== 0 || request.resumeOffsetBytes > target.sizeBytes) {
+    throw ChunkdError.invalid(`resume offset ${request.resumeOffsetBytes} is not inside ${request.volume}@${request.snapshot}`);
+  }
+  const extents = clipExtents(source.diff(request.volume, request.from, request.snapshot), request.resumeOffsetBytes, target.sizeBytes);
+  const header: StreamHeader = {
+    volumeSizeBytes: target.sizeBytes,
+    base: base === null ? null : { uuid: base.uuid, name: base.name },
+    target: { uuid: target.uuid, name: target.name },
+    resumeOffsetBytes: request.resumeOffsetBytes,
+    dataBytes: extents.reduce((sum, extent) => sum + extent.lengthBytes, 0),
+  };
+  const digest = source.contentDigest(request.volume, request.snapshot);
+  let failure: ChunkdError | null = null;
+  const exportName = `${request.volume}@${request.snapshot}`;
+  async function* bytes(): AsyncGenerator<Buffer> {
+    yield encodeHeader(header);
+    let recordCount = 1;
+    let dataBytes = 0;
+    const device = source.openSnapshot(request.volume, request.snapshot);
+    try {
+      for (const extent of extents) {
+        for (let offset = extent.offsetBytes; offset < extent.offsetBytes + extent.lengthBytes; offset += streamDataRecordBytesMax) {
+          const length = Math.min(streamDataRecordBytesMax, extent.offsetBytes + extent.lengthBytes - offset);
+          const buffer = Buffer.allocUnsafe(length);
+          try {
+            await device.read(offset, buffer);
+          } catch (error) {
+            if (!(error instanceof ChunkdError)) throw error;
+            failure = ChunkdError.io(
+              `send of ${exportName} stopped: the extent at byte ${extent.offsetBytes} of ${extent.lengthBytes} bytes could not be read intact ` +
+                `(${error.message}); nothing damaged was sent`,
+            );
+            log(failure.message);
+            yield encodeAbort(failure.message);
+            return;
+          }
+          // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
+          for (const run of zeroRuns(buffer)) {
+            recordCount += 1;
+            if (run.zero) {
+              yield encodeZero(offset + run.start, run.end - run.start);
+            } else {
+              dataBytes += run.end - run.start;
+              for (const piece of encodeData(offset + run.start, buffer.subarray(run.start, run.end))) yield piece;
+            }
+          }
+        }
+      }
+      yield encodeEnd(recordCount, dataBytes, digest);
+    } finally {
+      await device.close();
+    }
+  }
+  return { header, bytes: bytes(), failure: () => failure };
+}
+
+/** The diff's extents in bytes, from `fromBytes` on (a resume), and inside the target's size. */
+function clipExtents(changed: ChangedExtent[], fromBytes: number, sizeBytes: number): Array<{ offsetBytes: number; lengthBytes: number }> {
+  const out: Array<{ offsetBytes: number; lengthBytes: number }> = [];
+  for (const extent of changed) {
+    const start = Math.max(fromBytes, extent.virtualChunk * chunkSizeBytes);
+    const end = Math.min(sizeBytes, (extent.virtualChunk + extent.chunkCount) * chunkSizeBytes);
+    if (start < end) out.push({ offsetBytes: start, lengthBytes: end - start });
+  }
+  return out;
+}
+
+/** The buffer's whole chunks as alternating runs of zero and non-zero chunks. */
+function zeroRuns(buffer: Buffer): Array<{ start: number; end: number; zero: boolean }> {
+  const runs: Array<{ start: number; end: number; zero: boolean }> = [];
+  for (let start = 0; start < buffer.length; start += chunkSizeBytes) {
+    const zero = isZero(buffer, start, start + chunkSizeBytes);
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last.zero === zero) last.end = start + chunkSizeBytes;
+    else runs.push({ start, end: start + chunkSizeBytes, zero });
+  }
+  return runs;
+}

@@ -1,0 +1,81 @@
+// Helpers for replication tests: the CLI as a child process, a pipe the test holds between `chunkd send` and
+// `chunkd receive` (counting and cutting the stream), and a hash of an export's content read by nbdcopy.
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chunkdBin, nodeBinary, type RunningNode } from './node-process.ts';
+
+/** sha256 of an export's whole content, read by nbdcopy. */
+export async function exportHash(node: RunningNode, exportName: string): Promise<string> {
+  const child = spawn('nbdcopy', [node.uri(exportName), '-'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const hash = createHash('sha256');
+  child.stdout.on('data', (chunk: Buffer) => hash.update(chunk));
+  const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+  assert.equal(code, 0, `nbdcopy ${exportName}`);
+  return hash.digest('hex');
+}
+
+export function cliProcess(node: RunningNode, args: string[]): { child: ChildProcess; exit: Promise<{ code: number | null; stderr: string; stdout: string }> } {
+  const child = spawn(nodeBinary, [chunkdBin, ...args, '--api', node.apiSocket], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  let stdout = '';
+  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  const exit = new Promise<{ code: number | null; stderr: string; stdout: string }>((resolve) => child.on('close', (code) => resolve({ code, stderr, stdout })));
+  child.stdout!.on('data', (chunk: Buffer) => {
+    if (args[0] === 'receive') stdout += chunk.toString();
+  });
+  return { child, exit };
+}
+
+/**
+ * A pipe the test holds between `chunkd send` and `chunkd receive`: forwards the sender's bytes (with
+ * backpressure), counts them, and stops forwarding once `limitBytes` went through.
+ */
+export class Pipe {
+  bytes = 0;
+  limitBytes: number;
+  readonly #sender: ChildProcess;
+  readonly #receiver: ChildProcess;
+  #reached: (() => void) | null = null;
+
+  constructor(sender: ChildProcess, receiver: ChildProcess, limitBytes = Infinity) {
+    this.#sender = sender;
+    this.#receiver = receiver;
+    this.limitBytes = limitBytes;
+    const input = sender.stdout!;
+    const output = receiver.stdin!;
+    output.on('error', () => {});
+    // A receiver that exits closes the pipe: the sender then meets EPIPE, as in a shell.
+    receiver.on('exit', () => input.destroy());
+    input.on('data', (chunk: Buffer) => {
+      const room = this.limitBytes - this.bytes;
+      const part = chunk.length <= room ? chunk : chunk.subarray(0, Math.max(0, room));
+      this.bytes += part.length;
+      if (part.length > 0 && !output.write(part)) {
+        input.pause();
+        output.once('drain', () => this.bytes < this.limitBytes && input.resume());
+      }
+      if (this.bytes >= this.limitBytes) {
+        input.pause();
+        this.#reached?.();
+      }
+    });
+    input.on('end', () => output.end());
+  }
+
+  /** Resolves once `limitBytes` went through. */
+  reached(): Promise<void> {
+    if (this.bytes >= this.limitBytes) return Promise.resolve();
+    return new Promise((resolve) => (this.#reached = resolve));
+  }
+
+  /** Closes the receiver's input, as a pipe does when the sender dies. */
+  endInput(): void {
+    this.#receiver.stdin!.end();
+  }
+
+  get sender(): ChildProcess {
+    return this.#sender;
+  }
+}
+
