@@ -37,6 +37,7 @@ export class Pipe {
   readonly #sender: ChildProcess;
   readonly #receiver: ChildProcess;
   #reached: (() => void) | null = null;
+  #senderGone = false;
 
   constructor(sender: ChildProcess, receiver: ChildProcess, limitBytes = Infinity) {
     this.#sender = sender;
@@ -47,15 +48,21 @@ export class Pipe {
     output.on('error', () => {});
     // A receiver that exits closes the pipe: the sender then meets EPIPE, as in a shell.
     receiver.on('exit', () => input.destroy());
+    // A sender that is gone (killed at the limit) may have left bytes in the paused pipe: they are dropped, so
+    // that its stdout ends and its 'close' comes (a paused stream with data never ends).
+    sender.on('exit', () => {
+      this.#senderGone = true;
+      input.resume();
+    });
     input.on('data', (chunk: Buffer) => {
       const room = this.limitBytes - this.bytes;
       const part = chunk.length <= room ? chunk : chunk.subarray(0, Math.max(0, room));
       this.bytes += part.length;
       if (part.length > 0 && !output.write(part)) {
         input.pause();
-        output.once('drain', () => this.bytes < this.limitBytes && input.resume());
+        output.once('drain', () => (this.bytes < this.limitBytes || this.#senderGone) && input.resume());
       }
-      if (this.bytes >= this.limitBytes) {
+      if (this.bytes >= this.limitBytes && !this.#senderGone) {
         input.pause();
         this.#reached?.();
       }

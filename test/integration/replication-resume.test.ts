@@ -1,7 +1,7 @@
 // kill -9 of the sender, then of the receiving node, in the middle of a replication stream between two nodes: the
 // receive resumes from its token and completes, and what was made durable before is not sent again.
-// (Known: this test hung waiting for the first 40 MiB to pass when it ran after the other replication tests in
-// one file, and passes alone; it has its own nodes here until that is understood.)
+// (It once hung, in the harness: a killed sender's stdout, paused at the pipe's limit with bytes still in it,
+// never ended, so its exit never came. The pipe now drains a gone sender; test/helpers/stream-pipe.ts.)
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
