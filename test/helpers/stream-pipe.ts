@@ -15,6 +15,22 @@ export async function exportHash(node: RunningNode, exportName: string): Promise
   return hash.digest('hex');
 }
 
+/** Runs the chunkd CLI against `node` and insists on exit 0; returns its stdout. */
+export async function ok(node: RunningNode, ...args: string[]): Promise<string> {
+  const result = await node.cli(...args);
+  assert.equal(result.code, 0, `chunkd ${args.join(' ')}: ${result.stderr}`);
+  return result.stdout;
+}
+
+/** Sends `sendArgs` from `source` into `receiveArgs` on `target` through a Pipe; returns both ends' results. */
+export async function transfer(source: RunningNode, target: RunningNode, sendArgs: string[], receiveArgs: string[]): Promise<{ bytes: number; send: { code: number | null; stderr: string }; receive: { code: number | null; stderr: string; stdout: string } }> {
+  const send = cliProcess(source, ['send', ...sendArgs]);
+  const receive = cliProcess(target, ['receive', ...receiveArgs]);
+  const pipe = new Pipe(send.child, receive.child);
+  const [sent, received] = await Promise.all([send.exit, receive.exit]);
+  return { bytes: pipe.bytes, send: sent, receive: received };
+}
+
 export function cliProcess(node: RunningNode, args: string[]): { child: ChildProcess; exit: Promise<{ code: number | null; stderr: string; stdout: string }> } {
   const child = spawn(nodeBinary, [chunkdBin, ...args, '--api', node.apiSocket], { stdio: ['pipe', 'pipe', 'pipe'] });
   let stderr = '';

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
-import { cliProcess, exportHash, Pipe } from '../helpers/stream-pipe.ts';
+import { cliProcess, exportHash, ok, Pipe, transfer } from '../helpers/stream-pipe.ts';
 
 const MiB = 1024 * 1024;
 let scratch: string;
@@ -28,19 +28,6 @@ after(async () => {
   fs.rmSync(scratch, { recursive: true, force: true });
 });
 
-const ok = async (node: RunningNode, ...args: string[]): Promise<string> => {
-  const result = await node.cli(...args);
-  assert.equal(result.code, 0, `chunkd ${args.join(' ')}: ${result.stderr}`);
-  return result.stdout;
-};
-
-async function transfer(sendArgs: string[], receiveArgs: string[]): Promise<{ bytes: number; send: { code: number | null; stderr: string }; receive: { code: number | null; stderr: string; stdout: string } }> {
-  const send = cliProcess(source, ['send', ...sendArgs]);
-  const receive = cliProcess(target, ['receive', ...receiveArgs]);
-  const pipe = new Pipe(send.child, receive.child);
-  const [sent, received] = await Promise.all([send.exit, receive.exit]);
-  return { bytes: pipe.bytes, send: sent, receive: received };
-}
 
 test('kill -9 of the sender, then of the receiving node, mid-stream: the receive resumes with its token, nothing arrived is sent again', { skip: !haveTool('nbdcopy'), timeout: 120_000 }, async () => {
   await ok(source, 'volume', 'create', 'big', '--size', '128MiB');
@@ -83,7 +70,7 @@ test('kill -9 of the sender, then of the receiving node, mid-stream: the receive
   assert.ok(offset2 > offset1, `the second part made ${offset2} durable, the first ${offset1}`);
 
   // 3. Resumed again, to the end.
-  const last = await transfer(['--resume', token2], ['big']);
+  const last = await transfer(source, target, ['--resume', token2], ['big']);
   assert.equal(last.send.code, 0, last.send.stderr);
   assert.equal(last.receive.code, 0, last.receive.stderr);
   assert.match(last.receive.stdout, /received big@b1 .*resumed at volume byte/);

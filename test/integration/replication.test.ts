@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { haveTool, makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
-import { cliProcess, exportHash, Pipe } from '../helpers/stream-pipe.ts';
+import { exportHash, ok, transfer } from '../helpers/stream-pipe.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 import { StreamDecoder } from '../../src/replication/stream-format.ts';
 
@@ -31,25 +31,11 @@ after(async () => {
   fs.rmSync(scratch, { recursive: true, force: true });
 });
 
-const ok = async (node: RunningNode, ...args: string[]): Promise<string> => {
-  const result = await node.cli(...args);
-  assert.equal(result.code, 0, `chunkd ${args.join(' ')}: ${result.stderr}`);
-  return result.stdout;
-};
-
-/** Sends `sendArgs` from the source into `receiveArgs` on the target through a Pipe; returns both ends' results. */
-async function transfer(sendArgs: string[], receiveArgs: string[]): Promise<{ bytes: number; send: { code: number | null; stderr: string }; receive: { code: number | null; stderr: string; stdout: string } }> {
-  const send = cliProcess(source, ['send', ...sendArgs]);
-  const receive = cliProcess(target, ['receive', ...receiveArgs]);
-  const pipe = new Pipe(send.child, receive.child);
-  const [sent, received] = await Promise.all([send.exit, receive.exit]);
-  return { bytes: pipe.bytes, send: sent, receive: received };
-}
 
 test('a full stream through a pipe: the received snapshot equals its source and keeps its id', { skip: !haveTool('nbdcopy') }, async () => {
   await mustRun('qemu-io', ['-f', 'raw', source.qemuUri('vol'), '-c', 'write -P 0x11 0 24M', '-c', 'write -P 0 32M 4M', '-c', 'write -P 0x22 100M 1M']);
   await ok(source, 'snapshot', 'create', 'vol', 's1');
-  const result = await transfer(['vol@s1'], ['vol']);
+  const result = await transfer(source, target, ['vol@s1'], ['vol']);
   assert.equal(result.send.code, 0, result.send.stderr);
   assert.equal(result.receive.code, 0, result.receive.stderr);
   assert.match(result.receive.stdout, /received vol@s1 \(id [0-9a-f]{32}\)/);
@@ -71,7 +57,7 @@ test('an incremental after 1% of the volume changed sends about that much', { sk
   await mustRun('qemu-io', ['-f', 'raw', source.qemuUri('vol'), ...commands]);
   await ok(source, 'snapshot', 'create', 'vol', 's2');
   const diff = JSON.parse(await ok(source, 'snapshot', 'diff', 'vol', 's1', 's2', '--json'));
-  const result = await transfer(['vol@s2', '--from', 's1'], ['vol']);
+  const result = await transfer(source, target, ['vol@s2', '--from', 's1'], ['vol']);
   assert.equal(result.receive.code, 0, result.receive.stderr);
   const overhead = result.bytes / diff.changedBytes - 1;
   console.log(`# incremental (seed ${seed}): ${diff.changedBytes} bytes changed (${(100 * diff.changedBytes / (128 * MiB)).toFixed(2)}% of 128 MiB, ${diff.extents.length} extents), ${result.bytes} bytes of stream: ${(100 * overhead).toFixed(2)}% over`);
@@ -84,11 +70,11 @@ test('a stream on the wrong base is refused with a clear error', async () => {
   await ok(source, 'snapshot', 'create', 'vol', 's3');
   // The target has s2; a stream from s3 to a later snapshot needs s3.
   await ok(source, 'snapshot', 'create', 'vol', 's4');
-  const result = await transfer(['vol@s4', '--from', 's3'], ['vol']);
+  const result = await transfer(source, target, ['vol@s4', '--from', 's3'], ['vol']);
   assert.equal(result.receive.code, 1);
   assert.match(result.receive.stderr, /wrong base: an incremental stream from s3 \(id [0-9a-f]{32}\) of s4 .* needs a snapshot with id [0-9a-f]{32} in vol; its snapshots are: s1 .*, s2 /);
   // A full stream into an existing volume is refused too.
-  const full = await transfer(['vol@s4'], ['vol']);
+  const full = await transfer(source, target, ['vol@s4'], ['vol']);
   assert.match(full.receive.stderr, /volume vol exists; a full stream of s4 \(id [0-9a-f]{32}\) makes a new volume/);
 });
 
@@ -141,7 +127,7 @@ test('a damaged block at the source stops the send, naming the extent; nothing d
   assert.deepEqual(records.map((record) => record.type), ['header', 'data', 'abort']);
   assert.equal((records[1] as { offsetBytes: number }).offsetBytes, 5 * MiB);
   // Through a pipe the receiver stops too, keeps the good part for a resume, and no snapshot appears.
-  const piped = await transfer(['dmg@d1'], ['dmg']);
+  const piped = await transfer(source, target, ['dmg@d1'], ['dmg']);
   assert.equal(piped.send.code, 1);
   assert.match(piped.receive.stderr, /interrupted: the sender stopped: send of dmg@d1 stopped: the extent at byte 9437184/);
   assert.match(await ok(target, 'snapshot', 'list', 'dmg'), /has no snapshots/);
