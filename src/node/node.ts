@@ -12,7 +12,7 @@ import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/t
 import { chunkSizeBytes } from '../core/limits.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
-import { Receiver, type ReceiveResult } from '../replication/receive.ts';
+import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
 import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
 import { renderMetrics } from './metrics.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
@@ -85,7 +85,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   #peer: PeerServer | null = null;
   /** The pool's stable identity (pool-layout.ts: pool-id), told to peers in hello. */
   readonly poolId: string;
-  readonly #receiver: Receiver;
+  readonly #receiver: StreamReceiver;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string, tls: TlsServerConfig | null) {
     this.config = config;
@@ -93,7 +93,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     this.poolId = poolId;
     this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers, tls: tls === null ? null : tlsSettings(tls) });
     this.api = new ApiServer(this);
-    this.#receiver = new Receiver(pool, config.log);
+    this.#receiver = new StreamReceiver(pool, config.log);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
   }
 

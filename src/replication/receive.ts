@@ -56,7 +56,7 @@ export interface ReceiveResult {
 /** A stream that stopped before its end; what arrived is kept for a resume. */
 class Interrupted extends Error {}
 
-export class Receiver {
+export class StreamReceiver {
   readonly #pool: Pool;
   readonly #directory: string;
   readonly #log: (line: string) => void;

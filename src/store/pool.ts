@@ -318,21 +318,16 @@ export class Pool {
   /** The receiver's own handle on a volume marked by beginReceive. */
   openVolumeForReceive(name: string): Volume {
     this.#checkOpen();
-    const runtime = this.#runtime(name);
-    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${name} is not being received into`);
-    return new Volume(this.#volumeStore, runtime);
+    return new Volume(this.#volumeStore, this.#receivingRuntime(name));
   }
 
   /** What the receiver may change on a volume marked by beginReceive: its size (to the stream's), or back to a snapshot. */
   async receiveResize(name: string, sizeBytes: number): Promise<void> {
-    const runtime = this.#runtime(name);
-    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${name} is not being received into`);
-    await this.#resize(runtime, sizeBytes, true);
+    await this.#resize(this.#receivingRuntime(name), sizeBytes, true);
   }
 
   async receiveRollback(name: string, snapshotName: string): Promise<void> {
-    const runtime = this.#runtime(name);
-    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${name} is not being received into`);
+    const runtime = this.#receivingRuntime(name);
     if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is open (${runtime.openCount}); a receive cannot roll it back`);
     this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: this.#snapshot(name, snapshotName).id });
     await this.#engine.commit();
@@ -340,15 +335,12 @@ export class Pool {
 
   /** Takes the snapshot a received stream ends in, with the sender's id; the volume must be marked by beginReceive. */
   async receiveSnapshot(volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {
-    const runtime = this.#runtime(volumeName);
-    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${volumeName} is not being received into`);
-    return this.#takeSnapshot(runtime, volumeName, snapshotName, uuid);
+    return this.#takeSnapshot(this.#receivingRuntime(volumeName), volumeName, snapshotName, uuid);
   }
 
   /** Removes a volume a receive created and could not complete (with no snapshots yet). */
   async receiveDiscardVolume(name: string): Promise<void> {
-    const runtime = this.#runtime(name);
-    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${name} is not being received into`);
+    const runtime = this.#receivingRuntime(name);
     if (runtime.openCount > 0 || runtime.meta.snapshots.size > 0) throw ChunkdError.busy(`volume ${name} is open or has snapshots; a receive cannot discard it`);
     this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
     this.#runtimes.delete(runtime.meta.id);
@@ -582,6 +574,13 @@ export class Pool {
       runtime = { openCount: 0 };
       this.#snapshotRuntimes.set(snapshotId, runtime);
     }
+    return runtime;
+  }
+
+  /** The runtime of a volume marked by beginReceive: what the receive-only verbs work on. */
+  #receivingRuntime(name: string): VolumeRuntime {
+    const runtime = this.#runtime(name);
+    if (!this.#receiving.has(runtime.meta.id)) throw ChunkdError.busy(`volume ${name} is not being received into`);
     return runtime;
   }
 
