@@ -17,6 +17,7 @@ import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import type { PreparedSend } from '../replication/send.ts';
 import type { ReceiveResult } from '../replication/receive.ts';
+import { defaultEveryMs, type ReplicaSettings } from '../replication/replicator.ts';
 
 /** Progress lines of a long operation go out at most this often. */
 const progressIntervalMs = 250;
@@ -54,6 +55,11 @@ export interface ControlPlane {
   receiveStream(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult>;
   receiveToken(volume: string): Promise<unknown>;
   abortReceive(volume: string): Promise<unknown>;
+  /** Replicas of this node's volumes on other nodes (replication/replicator.ts). */
+  addReplica(settings: ReplicaSettings): Promise<unknown>;
+  removeReplica(volume: string, peer: string): Promise<unknown>;
+  listReplicas(volume: string | null): unknown[];
+  syncReplicas(volume: string, peer: string | null): Promise<unknown[]>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -203,6 +209,16 @@ export class ApiServer {
         return sendJson(response, 200, await this.#control.receiveToken(volumeName()));
       case 'DELETE /v1/volumes/:/receive':
         return sendJson(response, 200, await this.#control.abortReceive(volumeName()));
+      case 'GET /v1/replicas':
+        return sendJson(response, 200, { replicas: this.#control.listReplicas(null) });
+      case 'GET /v1/volumes/:/replicas':
+        return sendJson(response, 200, { replicas: this.#control.listReplicas(volumeName()) });
+      case 'POST /v1/volumes/:/replicas':
+        return sendJson(response, 201, await this.#control.addReplica(replicaSettings(volumeName(), body)));
+      case 'DELETE /v1/volumes/:/replicas':
+        return sendJson(response, 200, await this.#control.removeReplica(volumeName(), peerField(body.peer)));
+      case 'POST /v1/volumes/:/replicate':
+        return sendJson(response, 200, { cycles: await this.#control.syncReplicas(volumeName(), body.peer === undefined ? null : peerField(body.peer)) });
       case 'POST /v1/volumes/:/scrub':
         return this.#scrub(response, volumeName());
       case 'POST /v1/volumes/:/attach':
@@ -310,4 +326,19 @@ function sendError(response: http.ServerResponse, error: unknown): void {
     return;
   }
   sendJson(response, statusByCode[failure.code] ?? 500, { error: { code: failure.code, message: failure.message } });
+}
+
+/** HOST:PORT of a peer (an IPv6 host in brackets). */
+function peerField(value: unknown): string {
+  const match = typeof value === 'string' ? /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(value) : null;
+  if (match === null || Number(match[2]) < 1 || Number(match[2]) > 65535) throw ChunkdError.invalid('peer must be HOST:PORT of a node\'s --peer-listen, e.g. 10.0.0.2:10810');
+  return value as string;
+}
+
+function replicaSettings(volume: string, body: Record<string, unknown>): ReplicaSettings {
+  const everyMs = body.everyMs ?? defaultEveryMs;
+  if (typeof everyMs !== 'number' || !Number.isSafeInteger(everyMs) || everyMs < 100 || everyMs > 7 * 86_400_000) throw ChunkdError.invalid('everyMs must be a whole number of milliseconds from 100 to a week');
+  const rate = body.maxRateBytesPerSecond ?? null;
+  if (rate !== null && (typeof rate !== 'number' || !Number.isSafeInteger(rate) || rate < 4096)) throw ChunkdError.invalid('maxRateBytesPerSecond must be a whole number of bytes per second, at least 4096, or null');
+  return { volume, peer: peerField(body.peer), everyMs, maxRateBytesPerSecond: rate };
 }

@@ -16,6 +16,7 @@ import { attachCommand, detachCommand } from './attach.ts';
 import { benchCommand } from './bench.ts';
 import { tlsCommand } from './tls.ts';
 import { peerCommand } from './peer.ts';
+import { replicaCommand } from './replica.ts';
 import { receiveCommand, sendCommand } from './stream.ts';
 
 const usage = `usage: chunkd <command> [options]
@@ -64,6 +65,9 @@ const usage = `usage: chunkd <command> [options]
                                      per node (server + client pair) or client; DIR itself holds the first node's
   peer status HOST:PORT --tls-dir DIR [--expect NAME] [--json]
                                      hello to a node's peer port with DIR's client pair: its name, version, pool
+  replica add VOL --peer HOST:PORT [--every 30s] [--max-rate 200MiB/s]
+                                     keep a read-only replica of VOL on another node (its --peer-listen),
+                                     updated by incremental streams; list, status VOL, sync VOL, remove VOL --peer
   bench [--target DIR] [--profile NAME] [--quick] [--only ROWS] [--out DIR]
                                      chunkd against the raw disk and its peers (bench/README.md)
 
@@ -127,6 +131,8 @@ async function run(argv: string[]): Promise<number> {
       return tlsCommand(rest);
     case 'peer':
       return peerCommand(rest);
+    case 'replica':
+      return replicaCommand(rest, apiPath);
     case 'bench':
       return benchCommand(rest);
     default:

@@ -34,3 +34,29 @@ export function formatSize(bytes: number): string {
   const text = Number.isInteger(value) ? String(value) : value.toFixed(value < 10 ? 2 : 1);
   return `${text} ${units[unit]}`;
 }
+
+const durationUnits: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/** Parses a duration such as "30s", "500ms", "5m" or "1h" into milliseconds (a bare number is seconds). */
+export function parseDuration(text: string, option = 'duration'): number {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/.exec(text);
+  if (!match) throw ChunkdError.invalid(`invalid ${option} "${text}": use a number with a unit (500ms, 30s, 5m, 1h)`);
+  const ms = Math.round(Number(match[1]) * durationUnits[match[2] ?? 's']!);
+  if (!Number.isSafeInteger(ms) || ms <= 0) throw ChunkdError.invalid(`invalid ${option} "${text}": more than zero, please`);
+  return ms;
+}
+
+/** Parses a rate such as "200MiB/s" (or a bare size, per second) into bytes per second. */
+export function parseRate(text: string, option = 'rate'): number {
+  const bytes = parseSize(text.replace(/\/s\s*$/, ''));
+  if (bytes <= 0) throw ChunkdError.invalid(`invalid ${option} "${text}": more than zero bytes per second, e.g. 200MiB/s`);
+  return bytes;
+}
+
+/** Formats milliseconds as people read them: 750ms, 30s, 5m, 1h30m. */
+export function formatDuration(ms: number): string {
+  if (ms < 1000) return `${Math.round(ms)}ms`;
+  if (ms < 60_000) return `${Number((ms / 1000).toFixed(ms < 10_000 ? 1 : 0))}s`;
+  const minutes = Math.round(ms / 60_000);
+  return minutes < 60 ? `${minutes}m` : `${Math.floor(minutes / 60)}h${minutes % 60 === 0 ? '' : `${minutes % 60}m`}`;
+}

@@ -31,6 +31,16 @@ export function renderMetrics(status: NodeStatus): string {
     metric('chunkd_peer_connections_refused_total', 'counter', 'Peer port connections refused (TLS failures, names not allowed, stalls, over the limit).', [['', status.peer.refusedTotal]]);
     metric('chunkd_peer_requests_total', 'counter', 'Requests served on the peer port.', [['', status.peer.requestsTotal]]);
   }
+  const links = status.replication.replicas;
+  const link = (r: (typeof links)[number]): string => `{volume="${r.volume}",peer="${r.peer}"}`;
+  if (links.length > 0) {
+    metric('chunkd_replica_lag_seconds', 'gauge', 'Seconds a replica is behind its volume here (since its last replicated point was taken); -1 before the first.', links.map((r) => [link(r), r.lagSeconds === null ? -1 : Number(r.lagSeconds.toFixed(3))]));
+    metric('chunkd_replica_bytes_pending', 'gauge', 'Bytes of changed extents not yet on the replica.', links.map((r) => [link(r), r.bytesPending]));
+    metric('chunkd_replica_stream_bytes_sent_total', 'counter', 'Stream bytes sent to the replica.', links.map((r) => [link(r), r.streamBytesSentTotal]));
+    metric('chunkd_replica_cycles_total', 'counter', 'Replication cycles run (each sends an increment, resumes one, or finds the replica current).', links.map((r) => [link(r), r.cyclesTotal]));
+    metric('chunkd_replica_cycle_failures_total', 'counter', 'Replication cycles that failed (retried).', links.map((r) => [link(r), r.cycleFailuresTotal]));
+    metric('chunkd_replica_up', 'gauge', 'Whether the last replication cycle succeeded (1) or failed (0).', links.map((r) => [link(r), r.lastError === null ? 1 : 0]));
+  }
   metric('chunkd_event_loop_utilization', 'gauge', 'Event loop utilisation since the previous scrape.', [['', status.eventLoopUtilization]]);
   return `${lines.join('\n')}\n`;
 }

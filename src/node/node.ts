@@ -14,6 +14,9 @@ import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
 import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
+import { ReplicaServer } from '../replication/replica-server.ts';
+import { Replicator, type CycleResult, type ReplicaSettings, type ReplicaStatus } from '../replication/replicator.ts';
+import { VolumeRoles } from '../replication/roles.ts';
 import { renderMetrics } from './metrics.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
@@ -23,7 +26,7 @@ import { FuseFrontEnd, type FuseStatus } from '../fuse/front-end.ts';
 import { DockerPluginServer } from '../api/docker-plugin.ts';
 import { Attachments, type AttachmentStatus } from './attachments.ts';
 import { validateAttachRequest } from './attachment-table.ts';
-import { loadCredentials } from '../peer/credentials.ts';
+import { loadCredentials, type TlsCredentials } from '../peer/credentials.ts';
 import { PeerServer, type PeerServerStats } from '../peer/server.ts';
 import { softwareVersion } from '../core/version.ts';
 
@@ -86,6 +89,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** The pool's stable identity (pool-layout.ts: pool-id), told to peers in hello. */
   readonly poolId: string;
   readonly #receiver: StreamReceiver;
+  /** Which volumes are read-only replicas of other nodes' (loaded at start). */
+  #roles: VolumeRoles | null = null;
+  #replicator: Replicator | null = null;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string, tls: TlsServerConfig | null) {
     this.config = config;
@@ -123,6 +129,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const node = new ChunkdNode(config, pool, sharedBuffers, poolId, tls);
     try {
       await node.#receiver.restore();
+      node.#roles = await VolumeRoles.load(pool.directory, (volume) => pool.hasVolume(volume));
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
         config.log(`created volume ${config.defaultVolume.name}`);
@@ -167,10 +174,22 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
           software: `chunkd ${softwareVersion}`,
           log: config.log,
           handshakeTimeoutMs: config.peer.handshakeTimeoutMs,
+          verbs: new ReplicaServer(pool, node.#receiver, node.#roles, config.log).verbs(),
         });
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
         config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);
       }
+      node.#replicator = new Replicator({
+        pool,
+        credentials: replicationCredentials(config),
+        log: config.log,
+        epochOf: () => 1,
+        refuse: (volume) => {
+          const role = node.roles.replicaOf(volume);
+          return role === null ? null : `volume ${volume} is a replica of ${role.owner}; replicate it from its owner`;
+        },
+      });
+      await node.#replicator.start();
     } catch (error) {
       await node.stop().catch(() => {});
       throw error;
@@ -179,6 +198,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async stop(): Promise<void> {
+    await this.#replicator?.stop();
     await this.#peer?.close();
     await this.#plugin?.close();
     // File systems first (their last writes go through FUSE or NBD to the pool), then the FUSE mount.
@@ -238,17 +258,29 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const volumeName = at < 0 ? exportName : exportName.slice(0, at);
     const nameError = checkName(volumeName);
     if (nameError) throw nameError;
-    if (at < 0) return this.pool.openVolume(volumeName);
+    if (at < 0) return this.#roles?.replicaOf(volumeName) ? this.#openReplica(volumeName) : this.pool.openVolume(volumeName);
     const snapshotName = exportName.slice(at + 1);
     const snapshotError = checkName(snapshotName, 'snapshot');
     if (snapshotError) throw snapshotError;
     return this.pool.openSnapshot(volumeName, snapshotName);
   }
 
+  /**
+   * A replica's export is its newest replicated snapshot, read-only: a consistent point in time that the streams
+   * feeding the replica do not change under a reader (the volume itself is being written by them).
+   */
+  #openReplica(volume: string): BlockDevice {
+    const snapshots = this.pool.listSnapshots(volume);
+    const newest = snapshots[snapshots.length - 1];
+    if (newest === undefined) throw ChunkdError.notFound(`volume ${volume} is a replica that has not received its first snapshot yet`);
+    return this.pool.openSnapshot(volume, newest.name);
+  }
+
   list(): Array<{ name: string; description: string }> {
     const exports: Array<{ name: string; description: string }> = [];
     for (const volume of this.pool.listVolumes()) {
-      exports.push({ name: volume.name, description: `chunkd volume ${volume.name}` });
+      const role = this.#roles?.replicaOf(volume.name) ?? null;
+      exports.push({ name: volume.name, description: role === null ? `chunkd volume ${volume.name}` : `read-only replica of ${volume.name} on ${role.owner}` });
       for (const snapshot of volume.snapshots) exports.push({ name: `${volume.name}@${snapshot}`, description: `snapshot ${snapshot} of ${volume.name} (read-only)` });
     }
     return exports;
@@ -264,21 +296,27 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.pool.volumeInfo(name);
   }
 
-  createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+  async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+    // A role left from a replica of that name that never completed (roles.ts) must not apply to a new volume.
+    if (!this.pool.hasVolume(name)) await this.roles.forget(name);
     return this.pool.createVolume(name, sizeBytes);
   }
 
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
+    this.roles.checkWritable(name, 'a resize');
     return this.pool.resizeVolume(name, sizeBytes, force);
   }
 
-  removeVolume(name: string): Promise<void> {
+  async removeVolume(name: string): Promise<void> {
     const attachment = this.#attachments?.get(name);
-    if (attachment !== undefined) return Promise.reject(ChunkdError.busy(`volume ${name} is attached at ${attachment.mountpoint}; detach it first`));
-    return this.pool.removeVolume(name);
+    if (attachment !== undefined) throw ChunkdError.busy(`volume ${name} is attached at ${attachment.mountpoint}; detach it first`);
+    await this.pool.removeVolume(name);
+    await this.roles.forget(name);
+    await this.#replicator?.volumeRemoved(name);
   }
 
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo> {
+    this.roles.checkWritable(volume, 'a snapshot');
     return this.pool.createSnapshot(volume, snapshot);
   }
 
@@ -291,10 +329,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   removeSnapshot(volume: string, snapshot: string): Promise<void> {
+    this.roles.checkWritable(volume, 'removing a snapshot (its owner prunes them)');
     return this.pool.removeSnapshot(volume, snapshot);
   }
 
   rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo> {
+    this.roles.checkWritable(volume, 'a rollback');
     return this.pool.rollbackVolume(volume, snapshot);
   }
 
@@ -313,7 +353,37 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   receiveStream(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult> {
+    if (this.pool.hasVolume(volume)) this.roles.checkWritable(volume, 'a receive from a file or pipe');
     return this.#receiver.receive(volume, body);
+  }
+
+  // ---- replication: replicas of this node's volumes on other nodes ----
+
+  get roles(): VolumeRoles {
+    if (this.#roles === null) throw new ChunkdError('ESHUTDOWN', 'the node is starting');
+    return this.#roles;
+  }
+
+  get replicator(): Replicator {
+    if (this.#replicator === null) throw new ChunkdError('ESHUTDOWN', 'the node is starting');
+    return this.#replicator;
+  }
+
+  addReplica(settings: ReplicaSettings): Promise<ReplicaStatus> {
+    return this.replicator.add(settings);
+  }
+
+  async removeReplica(volume: string, peer: string): Promise<{ removed: string }> {
+    await this.replicator.remove(volume, peer);
+    return { removed: `${volume} -> ${peer}` };
+  }
+
+  listReplicas(volume: string | null): ReplicaStatus[] {
+    return volume === null ? this.replicator.list() : this.replicator.statusOf(volume);
+  }
+
+  syncReplicas(volume: string, peer: string | null): Promise<CycleResult[]> {
+    return this.replicator.sync(volume, peer);
   }
 
   receiveToken(volume: string): Promise<unknown> {
@@ -341,6 +411,13 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       nbd: await this.#nbdStatus(),
       api: { socket: this.apiSocketPath, tls: this.api.tlsAddress() },
       peer: this.#peer?.stats() ?? null,
+      replication: {
+        replicas: this.#replicator?.list() ?? [],
+        replicaVolumes: this.pool.listVolumes().flatMap((volume) => {
+          const role = this.#roles?.replicaOf(volume.name) ?? null;
+          return role === null ? [] : [{ volume: volume.name, owner: role.owner, epoch: role.epoch, receiving: this.pool.isReceiving(volume.name) }];
+        }),
+      },
       fuse: this.#fuse?.status() ?? null,
       attachments: this.#attachments?.list() ?? [],
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
@@ -385,9 +462,23 @@ export interface NodeStatus {
   nbd: { listen: string[]; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
   api: { socket: string; tls: string | null };
   peer: PeerServerStats | null;
+  /** Replicas of this node's volumes elsewhere, and the volumes here that are replicas of others'. */
+  replication: { replicas: ReplicaStatus[]; replicaVolumes: Array<{ volume: string; owner: string; epoch: number; receiving: boolean }> };
   fuse: FuseStatus | null;
   attachments: AttachmentStatus[];
   eventLoopUtilization: number;
   /** The chunk I/O engine: inline, or worker threads with each one's requests in flight. */
   io: IoEngineStatus;
+}
+
+/** This node's client pair for replication (the directory of its peer port, else of its API or NBD TLS), or why there is none. */
+function replicationCredentials(config: NodeConfig): TlsCredentials | string {
+  const directory = config.peer?.tlsDirectory ?? config.apiTls?.tlsDirectory ?? config.tls?.directory;
+  if (directory === undefined) return 'start the node with --tls-dir DIR (its set from chunkd tls init, with client-cert.pem and client-key.pem), and --peer-listen so peers can replicate back';
+  try {
+    return loadCredentials(directory, 'client');
+  } catch (error) {
+    if (!(error instanceof ChunkdError)) throw error;
+    return error.message;
+  }
 }

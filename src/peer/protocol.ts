@@ -38,11 +38,15 @@ export const peerVersionMax = 1;
 export const FrameKind = { request: 1, reply: 2, error: 3 } as const;
 export type FrameKind = (typeof FrameKind)[keyof typeof FrameKind];
 
-/** Verbs by number: never reuse a number; replication adds its own. */
-export const PeerVerb = { hello: 1 } as const;
+/**
+ * Verbs by number: never reuse a number. Replication's (replication/replica-server.ts serves them, their payloads
+ * are in replication/peer-messages.ts): what a node holds of a volume, a stream into it (open, data, close), giving
+ * up an interrupted one, and removing replication snapshots the owner no longer needs.
+ */
+export const PeerVerb = { hello: 1, replicaInfo: 2, receiveOpen: 3, receiveData: 4, receiveClose: 5, receiveAbort: 6, replicaPrune: 7 } as const;
 
 /** Verbs whose payload is raw bytes up to peerFrameBytesMax; every other verb's is a JSON object up to peerControlBytesMax. */
-const bulkVerbs: ReadonlySet<number> = new Set<number>();
+const bulkVerbs: ReadonlySet<number> = new Set<number>([PeerVerb.receiveData]);
 
 /** Longest message an error frame carries; longer ones are cut, so an error never exceeds its own cap. */
 const errorMessageCharsMax = 1024;
@@ -195,7 +199,7 @@ function isVersion(value: unknown): value is number {
   return typeof value === 'number' && Number.isInteger(value) && value >= 1 && value <= 0xffff;
 }
 
-function parseJsonObject(payload: Buffer, what: string): Record<string, unknown> {
+export function parseJsonObject(payload: Buffer, what: string): Record<string, unknown> {
   let value: unknown;
   try {
     // fatal: bytes that are not UTF-8 are malformed, not replaced.

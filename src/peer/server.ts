@@ -29,10 +29,19 @@ import {
   peerVersionMax, peerVersionMin, type Frame,
 } from './protocol.ts';
 
-/** What a verb handler gets: the peer it serves and the version the connection speaks. */
+/** What a verb handler gets: the peer it serves, the version the connection speaks, and the connection itself. */
 export interface PeerRequestContext {
   peerName: string;
   version: number;
+  connection: PeerConnectionScope;
+}
+
+/** A connection as verb handlers see it: for state that lives as long as it does (a stream being received). */
+export interface PeerConnectionScope {
+  /** Unique among this server's connections. */
+  readonly id: number;
+  /** Runs `callback` once when the connection closes (at once if it has). */
+  onClose(callback: () => void): void;
 }
 
 /** Serves one request of a verb; returns the reply payload (a JSON object for control verbs), or throws a ChunkdError. */
@@ -76,6 +85,7 @@ export class PeerServer {
   #connectionsTotal = 0;
   #refusedTotal = 0;
   #requestsTotal = 0;
+  #connectionIds = 0;
   #closing = false;
 
   constructor(options: PeerServerOptions) {
@@ -201,6 +211,11 @@ export class PeerServer {
     return this.#options;
   }
 
+  nextConnectionId(): number {
+    this.#connectionIds += 1;
+    return this.#connectionIds;
+  }
+
   countRequest(): void {
     this.#requestsTotal += 1;
   }
@@ -221,6 +236,7 @@ class PeerConnection {
   #state: 'awaiting-hello' | 'ready' | 'closing' = 'awaiting-hello';
   #version = 0;
   #inFlight = 0;
+  readonly #scope: PeerConnectionScope;
 
   constructor(socket: tls.TLSSocket, peerName: string, where: string, server: PeerServer, onHello: () => void) {
     this.#socket = socket;
@@ -228,6 +244,14 @@ class PeerConnection {
     this.#where = where;
     this.#server = server;
     this.#onHello = onHello;
+    const id = server.nextConnectionId();
+    this.#scope = {
+      id,
+      onClose: (callback) => {
+        if (socket.destroyed) queueMicrotask(callback);
+        else socket.once('close', callback);
+      },
+    };
   }
 
   start(): void {
@@ -267,7 +291,7 @@ class PeerConnection {
     }
     this.#server.countRequest();
     this.#inFlight += 1;
-    handler(frame.payload, { peerName: this.#peerName, version: this.#version }).then(
+    handler(frame.payload, { peerName: this.#peerName, version: this.#version, connection: this.#scope }).then(
       (reply) => this.#send(encodeFrame(FrameKind.reply, frame.verb, frame.requestId, Buffer.from(JSON.stringify(reply), 'utf8'))),
       (error: unknown) => this.#send(encodeErrorFrame(frame.verb, frame.requestId, expectedError(error, `peer verb ${frame.verb}`))),
     ).finally(() => {

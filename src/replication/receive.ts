@@ -27,10 +27,10 @@ import { ChunkdError } from '../core/errors.ts';
 import { receiveCommitBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
-import { readWholeFile, realFiles, replaceFile } from '../store/file-layer.ts';
 import { isSnapshotUuid } from '../store/metadata.ts';
 import type { Pool } from '../store/pool.ts';
 import type { Volume } from '../store/volume.ts';
+import { readStateFile, removeStateFile, writeStateFile } from './state-file.ts';
 import { encodeResumeToken, StreamDecoder, type SnapshotRef, type StreamHeader } from './stream-format.ts';
 
 interface ReceiveState {
@@ -94,6 +94,13 @@ export class StreamReceiver {
     const state = await this.#load(volume);
     if (state === null) throw ChunkdError.notFound(`volume ${volume} has no interrupted receive`);
     return { token: encodeResumeToken({ base: state.base?.uuid ?? null, target: state.target.uuid, offsetBytes: state.offsetBytes }), volume, target: state.target.name, offsetBytes: state.offsetBytes };
+  }
+
+  /** What an interrupted receive into `volume` holds (for an owner that resumes it over the peer port), or null. */
+  async interrupted(volume: string): Promise<{ base: string | null; target: string; offsetBytes: number } | null> {
+    if (this.#active.has(volume)) return null;
+    const state = await this.#load(volume);
+    return state === null ? null : { base: state.base?.uuid ?? null, target: state.target.uuid, offsetBytes: state.offsetBytes };
   }
 
   /** Gives up an interrupted receive: what it brought is discarded (the volume removed, or rolled back to the base). */
@@ -283,14 +290,14 @@ export class StreamReceiver {
   }
 
   async #load(volume: string): Promise<ReceiveState | null> {
-    const bytes = await readWholeFile(realFiles, this.#path(volume));
-    if (bytes === null) return null;
-    let state: ReceiveState;
+    let state: ReceiveState | null;
     try {
-      state = JSON.parse(bytes.toString('utf8')) as ReceiveState;
-    } catch {
-      throw ChunkdError.corrupt(`${this.#path(volume)} is not JSON: remove it to forget that receive`);
+      state = (await readStateFile(this.#path(volume))) as ReceiveState | null;
+    } catch (error) {
+      if (!(error instanceof ChunkdError)) throw error;
+      throw ChunkdError.corrupt(`${error.message}: remove it to forget that receive`);
     }
+    if (state === null) return null;
     if (state.volume !== volume || !isSnapshotUuid(state.target?.uuid) || !Number.isSafeInteger(state.offsetBytes)) {
       throw ChunkdError.corrupt(`${this.#path(volume)} is not a receive state: remove it to forget that receive`);
     }
@@ -298,16 +305,10 @@ export class StreamReceiver {
   }
 
   async #save(state: ReceiveState): Promise<void> {
-    if (!fs.existsSync(this.#directory)) {
-      fs.mkdirSync(this.#directory, { mode: 0o700 });
-      await realFiles.syncDirectory(this.#pool.directory);
-    }
-    await replaceFile(realFiles, this.#path(state.volume), Buffer.from(`${JSON.stringify(state)}\n`));
-    await realFiles.syncDirectory(this.#directory);
+    await writeStateFile(this.#path(state.volume), state);
   }
 
   async #remove(volume: string): Promise<void> {
-    fs.rmSync(this.#path(volume), { force: true });
-    await realFiles.syncDirectory(this.#directory);
+    await removeStateFile(this.#path(volume));
   }
 }

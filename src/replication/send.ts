@@ -27,6 +27,8 @@ export interface PreparedSend {
   /** The stream's bytes; after an ABORT record it ends, and `failure` says why. */
   bytes: AsyncGenerator<Buffer>;
   failure(): ChunkdError | null;
+  /** Bytes of the changed extents (data and zeros) the records yielded so far cover: progress against header.dataBytes. */
+  coveredBytes(): number;
 }
 
 /** Turns a resume token into the request it continues (the snapshots found by id). */
@@ -61,6 +63,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
   };
   const digest = source.contentDigest(request.volume, request.snapshot);
   let failure: ChunkdError | null = null;
+  let coveredBytes = 0;
   const exportName = `${request.volume}@${request.snapshot}`;
   async function* bytes(): AsyncGenerator<Buffer> {
     yield encodeHeader(header);
@@ -87,6 +90,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
           // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
           for (const run of zeroRuns(buffer)) {
             recordCount += 1;
+            coveredBytes += run.end - run.start;
             if (run.zero) {
               yield encodeZero(offset + run.start, run.end - run.start);
             } else {
@@ -101,7 +105,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
       await device.close();
     }
   }
-  return { header, bytes: bytes(), failure: () => failure };
+  return { header, bytes: bytes(), failure: () => failure, coveredBytes: () => coveredBytes };
 }
 
 /** The diff's extents in bytes, from `fromBytes` on (a resume), and inside the target's size. */

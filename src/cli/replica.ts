@@ -1,0 +1,81 @@
+// chunkd replica: read-only replicas of this node's volumes on other nodes (replication/replicator.ts), kept
+// current over the peer port by incremental streams.
+//   replica add VOL --peer HOST:PORT [--every 30s] [--max-rate 200MiB/s]
+//   replica list · replica status VOL · replica sync VOL [--peer HOST:PORT] · replica remove VOL --peer HOST:PORT
+import { parseArgs } from 'node:util';
+import { ChunkdError } from '../core/errors.ts';
+import { validateName } from '../core/names.ts';
+import { formatDuration, formatSize, parseDuration, parseRate } from '../core/units.ts';
+import type { CycleResult, ReplicaStatus } from '../replication/replicator.ts';
+import { callApi } from './api-client.ts';
+
+export const replicaUsage = `usage: chunkd replica add VOL --peer HOST:PORT [--every 30s] [--max-rate 200MiB/s]
+       chunkd replica list | status VOL | sync VOL [--peer HOST:PORT] | remove VOL --peer HOST:PORT   (each takes --json)`;
+
+export async function replicaCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
+  const [verb, ...rest] = argv;
+  const { values, positionals } = parseArgs({
+    args: rest,
+    allowPositionals: true,
+    options: { api: { type: 'string' }, json: { type: 'boolean' }, peer: { type: 'string' }, every: { type: 'string' }, 'max-rate': { type: 'string' } },
+  });
+  const socket = apiPath(values.api);
+  const volume = (): string => {
+    if (positionals.length !== 1) throw ChunkdError.invalid(`replica ${verb} takes one volume name\n${replicaUsage}`);
+    return validateName(positionals[0]);
+  };
+  const route = (name: string, tail = 'replicas'): string => `/v1/volumes/${encodeURIComponent(name)}/${tail}`;
+  const print = (value: unknown, text: () => string): void => {
+    process.stdout.write(values.json === true ? `${JSON.stringify(value, null, 2)}\n` : `${text()}\n`);
+  };
+  switch (verb) {
+    case 'add': {
+      const name = volume();
+      if (values.peer === undefined) throw ChunkdError.invalid(`replica add needs --peer HOST:PORT (the other node's --peer-listen)\n${replicaUsage}`);
+      const body = {
+        peer: values.peer,
+        everyMs: values.every === undefined ? undefined : parseDuration(values.every, '--every'),
+        maxRateBytesPerSecond: values['max-rate'] === undefined ? null : parseRate(values['max-rate'], '--max-rate'),
+      };
+      const status = (await callApi(socket, 'POST', route(name), body)) as ReplicaStatus;
+      print(status, () => `replicating ${name} to ${status.peer} every ${formatDuration(status.everyMs)}${status.maxRateBytesPerSecond === null ? '' : ` at most ${formatSize(status.maxRateBytesPerSecond)}/s`}: the first copy starts now (chunkd replica status ${name})`);
+      return 0;
+    }
+    case 'list': {
+      if (positionals.length !== 0) throw ChunkdError.invalid(replicaUsage);
+      const { replicas } = (await callApi(socket, 'GET', '/v1/replicas')) as { replicas: ReplicaStatus[] };
+      print({ replicas }, () => (replicas.length === 0 ? 'no replicas' : replicas.map(describeReplica).join('\n')));
+      return 0;
+    }
+    case 'status': {
+      const { replicas } = (await callApi(socket, 'GET', route(volume()))) as { replicas: ReplicaStatus[] };
+      print({ replicas }, () => (replicas.length === 0 ? `${positionals[0]} has no replicas` : replicas.map(describeReplica).join('\n')));
+      return 0;
+    }
+    case 'sync': {
+      const name = volume();
+      const { cycles } = (await callApi(socket, 'POST', route(name, 'replicate'), values.peer === undefined ? {} : { peer: values.peer })) as { cycles: CycleResult[] };
+      print({ cycles }, () => cycles.map((cycle) => (cycle.outcome === 'current'
+        ? `${name} on ${cycle.peer}: current at ${cycle.snapshot}`
+        : `${name} on ${cycle.peer}: ${cycle.outcome} stream of ${cycle.snapshot}, ${formatSize(cycle.dataBytes)} of data, ${formatSize(cycle.streamBytes)} sent in ${cycle.seconds.toFixed(2)} s`)).join('\n'));
+      return 0;
+    }
+    case 'remove': {
+      const name = volume();
+      if (values.peer === undefined) throw ChunkdError.invalid(`replica remove needs --peer HOST:PORT\n${replicaUsage}`);
+      const answer = await callApi(socket, 'DELETE', route(name), { peer: values.peer });
+      print(answer, () => `stopped replicating ${name} to ${values.peer} (the replica there stays; remove it there if it is not wanted)`);
+      return 0;
+    }
+    default:
+      throw ChunkdError.invalid(`unknown replica command "${verb ?? ''}"\n${replicaUsage}`);
+  }
+}
+
+function describeReplica(r: ReplicaStatus): string {
+  const last = r.lastReplicated === null ? 'nothing replicated yet' : `last ${r.lastReplicated.snapshot} (lag ${formatDuration((r.lagSeconds ?? 0) * 1000)})`;
+  const stream = r.stream === null ? '' : `, sending ${r.stream.target}: ${formatSize(r.stream.sentBytes)} of ${formatSize(r.stream.totalBytes)}`;
+  const rate = r.throughputBytesPerSecond === null ? '' : `, last stream ${formatSize(r.throughputBytesPerSecond)}/s`;
+  const error = r.lastError === null ? '' : `\n  last error (${r.lastError.at}): ${r.lastError.message}`;
+  return `${r.volume} -> ${r.peerName ?? '?'} at ${r.peer}: ${r.state}, ${last}, ${formatSize(r.bytesPending)} pending${stream}${rate}${error}`;
+}

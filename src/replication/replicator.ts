@@ -1,0 +1,495 @@
+// The owner side of replication: keeps read-only replicas of this node's volumes on other nodes, over the peer
+// port (mutual TLS), as rbd-mirror's snapshot mode and Flocker do. Each replica (a volume and a peer) is a link
+// with its own loop; a cycle of a link:
+//
+//   connect, hello ──► replicaInfo: what the peer holds of the volume
+//     ├─ an interrupted receive whose target (and base) this node still has: resume it at its offset
+//     │  (what arrived before is never sent again); one it cannot resume: receiveAbort, then as below
+//     └─ else: base = the newest snapshot both hold (none: a full stream); no change since it: done ("current");
+//        otherwise take snapshot repl-<ms> (durable before anything is sent) as the target
+//   receiveOpen, receiveData frames (a window of them in flight, paced by --max-rate), receiveClose: the peer
+//   checks the END record's digest and takes the snapshot ──► replicaPrune on the peer, then here: replication
+//   snapshots that no link of the volume still needs as its base are removed
+//
+// A failed cycle (a dropped link, a peer restarting, a refused stream) is retried with a growing delay, and the
+// next cycle resumes where the peer's durable receive state says. What each link has replicated last is written
+// to <pool>/replication/replicas.json with its settings, so that after a restart no link's base is pruned by
+// another before it has run again.
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { ChunkdError } from '../core/errors.ts';
+import { chunkSizeBytes } from '../core/limits.ts';
+import { checkName } from '../core/names.ts';
+import { formatDuration, formatSize } from '../core/units.ts';
+import { PeerClient } from '../peer/client.ts';
+import type { TlsCredentials } from '../peer/credentials.ts';
+import { PeerVerb } from '../peer/protocol.ts';
+import type { Pool } from '../store/pool.ts';
+import { jsonPayload, parsePruneReply, parseReceiveResult, parseReplicaInfo, replicationSnapshotPrefix, type ReplicaInfo } from './peer-messages.ts';
+import { RateLimiter } from './rate-limit.ts';
+import type { ReceiveResult } from './receive.ts';
+import { prepareSend, type PreparedSend, type SendRequest } from './send.ts';
+import { readStateFile, writeStateFile } from './state-file.ts';
+
+/** Stream bytes per receiveData frame: a few records' worth, so a frame's overhead is small and the window deep enough. */
+const frameBytesTarget = 1024 * 1024;
+/** receiveData frames in flight on a link: keeps the link busy while the peer writes (8 MiB at most). */
+const frameWindow = 8;
+/** A request unanswered this long means a peer that hangs (paused, its disk stuck): the cycle fails and retries. */
+const requestTimeoutMs = 60_000;
+const retryDelayMinMs = 1_000;
+const retryDelayMaxMs = 30_000;
+export const defaultEveryMs = 30_000;
+
+export interface ReplicaSettings {
+  volume: string;
+  /** HOST:PORT of the peer's --peer-listen. */
+  peer: string;
+  everyMs: number;
+  /** Bytes per second at most, or null for no limit. */
+  maxRateBytesPerSecond: number | null;
+}
+
+interface StoredLink extends ReplicaSettings {
+  /** The id of the last snapshot the peer confirmed it holds complete, or null before the first. */
+  lastUuid: string | null;
+}
+
+export interface ReplicaStatus extends ReplicaSettings {
+  peerName: string | null;
+  state: 'idle' | 'replicating' | 'retrying' | 'stopped';
+  lastReplicated: { snapshot: string; uuid: string; takenAt: string } | null;
+  /** Seconds the replica is behind: since the last replicated point was taken, or since a check found nothing new. */
+  lagSeconds: number | null;
+  /** Bytes of changed extents not yet on the peer: the stream in progress's rest, or the change since the last point. */
+  bytesPending: number;
+  /** The stream in progress. */
+  stream: { target: string; totalBytes: number; sentBytes: number; resumedFromBytes: number } | null;
+  /** Bytes per second of the last complete stream (its data over its time). */
+  throughputBytesPerSecond: number | null;
+  lastError: { message: string; at: string } | null;
+  cyclesTotal: number;
+  cycleFailuresTotal: number;
+  streamBytesSentTotal: number;
+}
+
+export interface CycleResult {
+  volume: string;
+  peer: string;
+  /** What the cycle did: sent a stream (full, incremental, or a resumed one), or found the replica current. */
+  outcome: 'full' | 'incremental' | 'resumed' | 'current';
+  snapshot: string;
+  /** Where the stream started in the volume (a resume: what the peer held already, not sent again). */
+  resumedFromBytes: number;
+  streamBytes: number;
+  dataBytes: number;
+  seconds: number;
+}
+
+export interface ReplicatorOptions {
+  pool: Pool;
+  /** This node's client pair (its certificate names it to peers), or a reason there is none. */
+  credentials: TlsCredentials | string;
+  log: (line: string) => void;
+  /** The volume's ownership epoch on this node. */
+  epochOf: (volume: string) => number;
+  /** Why the volume cannot be replicated from here (it is a replica itself), or null. */
+  refuse: (volume: string) => string | null;
+}
+
+class Link {
+  readonly stored: StoredLink;
+  peerName: string | null = null;
+  state: ReplicaStatus['state'] = 'idle';
+  lastTakenAtMs: number | null = null;
+  currentAsOfMs: number | null = null;
+  stream: ReplicaStatus['stream'] = null;
+  throughput: number | null = null;
+  lastError: ReplicaStatus['lastError'] = null;
+  cycles = 0;
+  failures = 0;
+  sentTotal = 0;
+  timer: NodeJS.Timeout | null = null;
+  running: Promise<void> | null = null;
+  client: PeerClient | null = null;
+  /** Callers of sync() waiting for the next cycle to finish. */
+  waiters: Array<{ resolve: (result: CycleResult) => void; reject: (error: unknown) => void }> = [];
+  retryDelayMs = retryDelayMinMs;
+  stopped = false;
+
+  constructor(stored: StoredLink) {
+    this.stored = stored;
+  }
+}
+
+export class Replicator {
+  readonly #options: ReplicatorOptions;
+  readonly #file: string;
+  readonly #links: Link[] = [];
+
+  constructor(options: ReplicatorOptions) {
+    this.#options = options;
+    this.#file = path.join(options.pool.directory, 'replication', 'replicas.json');
+  }
+
+  /** Loads the links and starts their loops; links of volumes that are gone are dropped. */
+  async start(): Promise<void> {
+    const value = (await readStateFile(this.#file)) as { links?: StoredLink[] } | null;
+    let stale = false;
+    for (const stored of value?.links ?? []) {
+      if (checkName(stored?.volume) !== null || typeof stored.peer !== 'string' || !Number.isSafeInteger(stored.everyMs)) {
+        throw ChunkdError.corrupt(`${this.#file}: an entry is not a replica link`);
+      }
+      if (!this.#options.pool.hasVolume(stored.volume)) {
+        stale = true;
+        continue;
+      }
+      this.#links.push(new Link(stored));
+    }
+    if (stale) await this.#save();
+    for (const link of this.#links) this.#schedule(link, 0);
+    if (this.#links.length > 0) this.#options.log(`replication: ${this.#links.length} replica link(s): ${this.#links.map((l) => `${l.stored.volume} -> ${l.stored.peer}`).join(', ')}`);
+  }
+
+  async stop(): Promise<void> {
+    for (const link of this.#links) this.#halt(link);
+    await Promise.all(this.#links.map((link) => link.running?.catch(() => {})));
+  }
+
+  /** Adds a replica of `settings.volume` on `settings.peer` and starts replicating at once. */
+  async add(settings: ReplicaSettings): Promise<ReplicaStatus> {
+    const { pool } = this.#options;
+    pool.volumeInfo(settings.volume);
+    const refusal = this.#options.refuse(settings.volume);
+    if (refusal !== null) throw ChunkdError.readOnly(refusal);
+    this.#credentials();
+    if (this.#find(settings.volume, settings.peer) !== null) throw ChunkdError.exists(`volume ${settings.volume} already has a replica at ${settings.peer}`);
+    const link = new Link({ ...settings, lastUuid: null });
+    this.#links.push(link);
+    await this.#save();
+    this.#options.log(`replication: ${settings.volume} -> ${settings.peer} added (every ${formatDuration(settings.everyMs)}${settings.maxRateBytesPerSecond === null ? '' : `, at most ${formatSize(settings.maxRateBytesPerSecond)}/s`})`);
+    this.#schedule(link, 0);
+    return this.#status(link);
+  }
+
+  /** Stops replicating `volume` to `peer`; the replica there stays as it is (remove it there if it is not wanted). */
+  async remove(volume: string, peer: string): Promise<void> {
+    const link = this.#find(volume, peer);
+    if (link === null) throw ChunkdError.notFound(`volume ${volume} has no replica at ${peer}`);
+    this.#halt(link);
+    await link.running?.catch(() => {});
+    this.#links.splice(this.#links.indexOf(link), 1);
+    await this.#save();
+    this.#options.log(`replication: ${volume} -> ${peer} removed`);
+  }
+
+  /** Forgets every link of a volume that was removed. */
+  async volumeRemoved(volume: string): Promise<void> {
+    const links = this.#links.filter((link) => link.stored.volume === volume);
+    for (const link of links) {
+      this.#halt(link);
+      await link.running?.catch(() => {});
+      this.#links.splice(this.#links.indexOf(link), 1);
+    }
+    if (links.length > 0) await this.#save();
+  }
+
+  list(): ReplicaStatus[] {
+    return this.#links.map((link) => this.#status(link));
+  }
+
+  statusOf(volume: string): ReplicaStatus[] {
+    this.#options.pool.volumeInfo(volume);
+    return this.#links.filter((link) => link.stored.volume === volume).map((link) => this.#status(link));
+  }
+
+  /** Runs a cycle of each link of `volume` (or the one to `peer`) now, after any running one; resolves with what each did. */
+  async sync(volume: string, peer: string | null): Promise<CycleResult[]> {
+    const links = this.#links.filter((link) => link.stored.volume === volume && (peer === null || link.stored.peer === peer));
+    if (links.length === 0) throw ChunkdError.notFound(peer === null ? `volume ${volume} has no replicas (chunkd replica add ${volume} --peer HOST:PORT)` : `volume ${volume} has no replica at ${peer}`);
+    return Promise.all(links.map((link) => new Promise<CycleResult>((resolve, reject) => {
+      link.waiters.push({ resolve, reject });
+      if (link.running === null) this.#schedule(link, 0);
+    })));
+  }
+
+  #find(volume: string, peer: string): Link | null {
+    return this.#links.find((link) => link.stored.volume === volume && link.stored.peer === peer) ?? null;
+  }
+
+  #halt(link: Link): void {
+    link.stopped = true;
+    link.state = 'stopped';
+    if (link.timer !== null) clearTimeout(link.timer);
+    link.timer = null;
+    link.client?.close();
+    for (const waiter of link.waiters.splice(0)) waiter.reject(new ChunkdError('ESHUTDOWN', `replication of ${link.stored.volume} to ${link.stored.peer} stopped`));
+  }
+
+  #schedule(link: Link, delayMs: number): void {
+    if (link.stopped) return;
+    if (link.timer !== null) clearTimeout(link.timer);
+    link.timer = setTimeout(() => {
+      link.timer = null;
+      if (link.running !== null) return;
+      link.running = this.#run(link).finally(() => {
+        link.running = null;
+        // Callers who asked while that cycle ran want one that starts after their call.
+        if (link.waiters.length > 0) this.#schedule(link, 0);
+      });
+    }, delayMs);
+    link.timer.unref();
+  }
+
+  async #run(link: Link): Promise<void> {
+    const waiters = link.waiters.splice(0);
+    try {
+      const result = await this.#cycle(link);
+      link.cycles += 1;
+      link.lastError = null;
+      link.retryDelayMs = retryDelayMinMs;
+      link.state = 'idle';
+      for (const waiter of waiters) waiter.resolve(result);
+      this.#schedule(link, link.stored.everyMs);
+    } catch (error) {
+      link.cycles += 1;
+      link.failures += 1;
+      link.stream = null;
+      const message = error instanceof Error ? error.message : String(error);
+      link.lastError = { message, at: new Date().toISOString() };
+      if (link.stopped) {
+        for (const waiter of waiters) waiter.reject(error);
+        return;
+      }
+      link.state = 'retrying';
+      this.#options.log(`replication of ${link.stored.volume} to ${link.stored.peer} failed (retry in ${formatDuration(link.retryDelayMs)}): ${message}`);
+      for (const waiter of waiters) waiter.reject(error);
+      this.#schedule(link, Math.min(link.retryDelayMs, link.stored.everyMs));
+      link.retryDelayMs = Math.min(retryDelayMaxMs, link.retryDelayMs * 2);
+    } finally {
+      link.client?.close();
+      link.client = null;
+    }
+  }
+
+  async #cycle(link: Link): Promise<CycleResult> {
+    const { pool } = this.#options;
+    const { volume, peer } = link.stored;
+    const started = performance.now();
+    const [host, port] = splitAddress(peer);
+    link.state = 'replicating';
+    const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
+    link.client = client;
+    if (link.stopped) throw new ChunkdError('ESHUTDOWN', 'replication stopped');
+    link.peerName = client.hello.name;
+    const ask = (verb: number, value: object): Promise<Buffer> => withTimeout(client.request(verb, jsonPayload(value)), requestTimeoutMs, () => client.close(), `${link.peerName} did not answer within ${formatDuration(requestTimeoutMs)}`);
+    let info = parseReplicaInfo(await ask(PeerVerb.replicaInfo, { volume }));
+    this.#checkPeer(link, info);
+
+    let request: SendRequest | null = null;
+    let outcome: CycleResult['outcome'] = 'incremental';
+    if (info.receive !== null) {
+      const target = pool.findSnapshot(info.receive.target, volume);
+      const base = info.receive.base === null ? null : pool.findSnapshot(info.receive.base, volume);
+      if (target !== null && (info.receive.base === null || base !== null)) {
+        request = { volume, snapshot: target.snapshot, from: base?.snapshot ?? null, resumeOffsetBytes: info.receive.offsetBytes };
+        outcome = 'resumed';
+        this.#options.log(`replication of ${volume} to ${link.peerName}: resuming ${target.snapshot} at byte ${info.receive.offsetBytes}`);
+      } else {
+        this.#options.log(`replication of ${volume} to ${link.peerName}: its interrupted receive is of a snapshot this node no longer has; aborting it there`);
+        await ask(PeerVerb.receiveAbort, { volume });
+        info = parseReplicaInfo(await ask(PeerVerb.replicaInfo, { volume }));
+      }
+    }
+    if (request === null) {
+      const peerIds = new Set(info.snapshots.map((snapshot) => snapshot.uuid));
+      const base = pool.listSnapshots(volume).reverse().find((snapshot) => peerIds.has(snapshot.uuid)) ?? null;
+      if (info.exists && base === null) {
+        throw ChunkdError.invalid(`the replica of ${volume} on ${link.peerName} shares no snapshot with this node's ${volume}: remove it there (chunkd volume rm ${volume}) and the next cycle sends it whole`);
+      }
+      if (base !== null && pool.diff(volume, base.name, null).length === 0 && pool.volumeInfo(volume).sizeBytes === base.sizeBytes) {
+        await this.#landed(link, client, base.uuid, Date.parse(base.createdAt));
+        link.currentAsOfMs = Date.now();
+        return { volume, peer, outcome: 'current', snapshot: base.name, resumedFromBytes: 0, streamBytes: 0, dataBytes: 0, seconds: (performance.now() - started) / 1000 };
+      }
+      const target = await pool.createSnapshot(volume, uniqueSnapshotName(pool.listSnapshots(volume).map((s) => s.name)));
+      request = { volume, snapshot: target.name, from: base?.name ?? null, resumeOffsetBytes: 0 };
+      outcome = base === null ? 'full' : 'incremental';
+    }
+
+    const prepared = prepareSend(pool, request, this.#options.log);
+    const total = prepared.header.dataBytes;
+    link.stream = { target: request.snapshot, totalBytes: total, sentBytes: 0, resumedFromBytes: request.resumeOffsetBytes };
+    await ask(PeerVerb.receiveOpen, { volume, epoch: this.#options.epochOf(volume) });
+    const streamStarted = performance.now();
+    const streamBytes = await this.#stream(link, client, prepared);
+    const result: ReceiveResult = parseReceiveResult(await ask(PeerVerb.receiveClose, {}));
+    const seconds = (performance.now() - streamStarted) / 1000;
+    link.throughput = seconds > 0 ? Math.round(result.dataBytes / seconds) : null;
+    link.stream = null;
+    const target = pool.snapshotInfo(volume, request.snapshot);
+    await this.#landed(link, client, target.uuid, Date.parse(target.createdAt));
+    this.#options.log(`replicated ${volume}@${target.name} to ${link.peerName} (${outcome}): ${formatSize(result.dataBytes)} of data, ${formatSize(streamBytes)} of stream in ${seconds.toFixed(2)} s`);
+    return { volume, peer, outcome, snapshot: target.name, resumedFromBytes: request.resumeOffsetBytes, streamBytes, dataBytes: result.dataBytes, seconds: (performance.now() - started) / 1000 };
+  }
+
+  /** The peer must hold no volume of that name, or a replica of it from this node (or from an older owner). */
+  #checkPeer(link: Link, info: ReplicaInfo): void {
+    const me = this.#credentials().name;
+    if (info.exists && info.replicaOf === null) {
+      throw ChunkdError.readOnly(`node ${link.peerName} has a volume ${info.volume} of its own; it cannot be a replica of this node's: remove it there, or replicate to another node`);
+    }
+    if (info.replicaOf !== null && info.replicaOf.owner !== me && info.replicaOf.epoch >= this.#options.epochOf(info.volume)) {
+      throw ChunkdError.readOnly(`${info.volume} on ${link.peerName} is a replica of ${info.replicaOf.owner} (epoch ${info.replicaOf.epoch}), not of ${me}`);
+    }
+  }
+
+  /** Sends the stream as receiveData frames, a window of them in flight, paced by the link's rate; returns its bytes. */
+  async #stream(link: Link, client: PeerClient, prepared: PreparedSend): Promise<number> {
+    const limiter = link.stored.maxRateBytesPerSecond === null ? null : new RateLimiter(link.stored.maxRateBytesPerSecond);
+    const inFlight = new Set<Promise<void>>();
+    let failure: unknown = null;
+    let sentBytes = 0;
+    const send = async (pieces: Buffer[], frameBytes: number): Promise<void> => {
+      if (limiter !== null) {
+        const waitMs = limiter.reserve(frameBytes, performance.now());
+        if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
+      }
+      while (inFlight.size >= frameWindow && failure === null) await Promise.race(inFlight);
+      if (failure !== null) throw failure;
+      const covered = prepared.coveredBytes();
+      const payload = pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, frameBytes);
+      const request = withTimeout(client.request(PeerVerb.receiveData, payload), requestTimeoutMs, () => client.close(), `${link.peerName} took no stream bytes for ${formatDuration(requestTimeoutMs)}`).then(
+        () => {
+          sentBytes += frameBytes;
+          link.sentTotal += frameBytes;
+          if (link.stream !== null) link.stream.sentBytes = Math.max(link.stream.sentBytes, covered);
+        },
+        (error: unknown) => {
+          failure ??= error;
+        },
+      );
+      inFlight.add(request);
+      void request.finally(() => inFlight.delete(request));
+    };
+    let pieces: Buffer[] = [];
+    let pieceBytes = 0;
+    try {
+      for await (const piece of prepared.bytes) {
+        pieces.push(piece);
+        pieceBytes += piece.length;
+        if (pieceBytes >= frameBytesTarget) {
+          await send(pieces, pieceBytes);
+          pieces = [];
+          pieceBytes = 0;
+        }
+      }
+      if (pieceBytes > 0) await send(pieces, pieceBytes);
+      await Promise.all(inFlight);
+    } finally {
+      await prepared.bytes.return(undefined);
+    }
+    if (failure !== null) throw failure;
+    return sentBytes;
+  }
+
+  /** The peer holds `uuid` complete: record it, and prune replication snapshots no link needs any more, there and here. */
+  async #landed(link: Link, client: PeerClient, uuid: string, takenAtMs: number): Promise<void> {
+    const { pool } = this.#options;
+    const { volume } = link.stored;
+    link.lastTakenAtMs = takenAtMs;
+    link.currentAsOfMs = null;
+    if (link.stored.lastUuid !== uuid) {
+      link.stored.lastUuid = uuid;
+      await this.#save();
+    }
+    const pruned = parsePruneReply(await withTimeout(client.request(PeerVerb.replicaPrune, jsonPayload({ volume, keep: [uuid] })), requestTimeoutMs, () => client.close(), `${link.peerName} did not answer a prune`));
+    if (pruned.kept.length > 0) this.#options.log(`replication of ${volume} to ${link.peerName}: ${pruned.kept.join(', ')} kept there while clients read them`);
+    // Here, every link of the volume needs its own last point (its next base), and any stream in progress its target.
+    const needed = new Set<string>();
+    for (const other of this.#links) {
+      if (other.stored.volume !== volume) continue;
+      if (other.stored.lastUuid !== null) needed.add(other.stored.lastUuid);
+      if (other.stream !== null) needed.add(pool.snapshotInfo(volume, other.stream.target).uuid);
+    }
+    for (const snapshot of pool.listSnapshots(volume)) {
+      if (!snapshot.name.startsWith(replicationSnapshotPrefix) || needed.has(snapshot.uuid) || snapshot.openCount > 0) continue;
+      // An interrupted stream of another link may still target it: a link whose peer holds a receive of it resumes
+      // it, so keep snapshots newer than this one; the older ones no link can need.
+      if (Date.parse(snapshot.createdAt) > takenAtMs) continue;
+      await pool.removeSnapshot(volume, snapshot.name).catch((error: unknown) => this.#options.log(`replication of ${volume}: could not remove ${snapshot.name}: ${(error as Error).message}`));
+    }
+  }
+
+  #status(link: Link): ReplicaStatus {
+    const { pool } = this.#options;
+    const { volume, lastUuid } = link.stored;
+    let lastReplicated: ReplicaStatus['lastReplicated'] = null;
+    let bytesPending = 0;
+    const last = lastUuid === null || !pool.hasVolume(volume) ? null : pool.findSnapshot(lastUuid, volume);
+    if (last !== null) {
+      const info = pool.snapshotInfo(volume, last.snapshot);
+      lastReplicated = { snapshot: info.name, uuid: info.uuid, takenAt: info.createdAt };
+      link.lastTakenAtMs ??= Date.parse(info.createdAt);
+    }
+    if (link.stream !== null) {
+      bytesPending = Math.max(0, link.stream.totalBytes - link.stream.sentBytes);
+    } else if (pool.hasVolume(volume)) {
+      const changed = pool.diff(volume, last?.snapshot ?? null, null);
+      bytesPending = changed.reduce((sum, extent) => sum + extent.chunkCount, 0) * chunkSizeBytes;
+    }
+    const asOf = link.currentAsOfMs ?? link.lastTakenAtMs;
+    return {
+      volume,
+      peer: link.stored.peer,
+      everyMs: link.stored.everyMs,
+      maxRateBytesPerSecond: link.stored.maxRateBytesPerSecond,
+      peerName: link.peerName,
+      state: link.state,
+      lastReplicated,
+      lagSeconds: last === null || asOf === null ? null : Math.max(0, (Date.now() - asOf) / 1000),
+      bytesPending,
+      stream: link.stream === null ? null : { ...link.stream },
+      throughputBytesPerSecond: link.throughput,
+      lastError: link.lastError,
+      cyclesTotal: link.cycles,
+      cycleFailuresTotal: link.failures,
+      streamBytesSentTotal: link.sentTotal,
+    };
+  }
+
+  #credentials(): TlsCredentials {
+    const credentials = this.#options.credentials;
+    if (typeof credentials === 'string') throw ChunkdError.invalid(`replication needs this node's client certificate: ${credentials}`);
+    return credentials;
+  }
+
+  async #save(): Promise<void> {
+    await writeStateFile(this.#file, { links: this.#links.map((link) => link.stored) });
+  }
+}
+
+/** `repl-<ms since 1970>`, made unique among `taken` names. */
+function uniqueSnapshotName(taken: string[]): string {
+  let ms = Date.now();
+  while (taken.includes(`${replicationSnapshotPrefix}${ms}`)) ms += 1;
+  return `${replicationSnapshotPrefix}${ms}`;
+}
+
+function splitAddress(address: string): [string, number] {
+  const colon = address.lastIndexOf(':');
+  return [address.slice(0, colon).replace(/^\[(.*)\]$/, '$1'), Number(address.slice(colon + 1))];
+}
+
+/** `promise`, or a failure after `ms` (calling `onTimeout` first, to end what it waits on). */
+function withTimeout<T>(promise: Promise<T>, ms: number, onTimeout: () => void, message: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => {
+      onTimeout();
+      reject(ChunkdError.io(message));
+    }, ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
