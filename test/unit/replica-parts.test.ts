@@ -24,7 +24,8 @@ test('the rate limiter keeps any stretch at or under its rate, with a small burs
   // After a long idle stretch only the burst is free, not the whole idle time.
   now += 60_000;
   assert.equal(limiter.reserve(50, now), 0);
-  assert.ok(limiter.reserve(1000, now) > 0, 'past the burst, the sender waits');
+  assert.equal(limiter.reserve(1000, now), 0, 'a piece goes at once; the wait it causes falls on the next');
+  assert.equal(limiter.reserve(1, now), 1000, 'then the sender waits the time those 1000 bytes take');
 });
 
 test('the byte feed: a push resolves once its bytes are taken, end ends the iteration, fail reaches the consumer', async () => {
