@@ -60,6 +60,9 @@ export interface ControlPlane {
   removeReplica(volume: string, peer: string): Promise<unknown>;
   listReplicas(volume: string | null): unknown[];
   syncReplicas(volume: string, peer: string | null): Promise<unknown[]>;
+  /** Failover: a replica becomes the owner; a fenced old owner becomes a replica of the new one. */
+  promote(volume: string): Promise<unknown>;
+  demote(volume: string, ownerAddress: string | null): Promise<unknown>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -219,6 +222,10 @@ export class ApiServer {
         return sendJson(response, 200, await this.#control.removeReplica(volumeName(), peerField(body.peer)));
       case 'POST /v1/volumes/:/replicate':
         return sendJson(response, 200, { cycles: await this.#control.syncReplicas(volumeName(), body.peer === undefined ? null : peerField(body.peer)) });
+      case 'POST /v1/volumes/:/promote':
+        return sendJson(response, 200, await this.#control.promote(volumeName()));
+      case 'POST /v1/volumes/:/demote':
+        return sendJson(response, 200, await this.#control.demote(volumeName(), body.owner === undefined ? null : peerField(body.owner)));
       case 'POST /v1/volumes/:/scrub':
         return this.#scrub(response, volumeName());
       case 'POST /v1/volumes/:/attach':

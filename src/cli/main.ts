@@ -297,7 +297,13 @@ async function statusCommand(argv: string[]): Promise<number> {
     fuse?: { mountpoint: string; openFiles: number } | null;
     attachments?: Array<{ volume: string; mountpoint: string; fsType: string; via: string; state: string; loopDevice: string | null; error: string | null; dockerIds: string[] }>;
     eventLoopUtilization: number;
+    replication?: {
+      replicas: Array<{ volume: string; peer: string; peerName: string | null; state: string; lagSeconds: number | null; lastError: { message: string } | null }>;
+      replicaVolumes: Array<{ volume: string; owner: string; epoch: number }>;
+      fenced: Array<{ volume: string; owner: string; ownerEpoch: number; epoch: number }>;
+    };
   };
+  const replication = status.replication ?? { replicas: [], replicaVolumes: [], fenced: [] };
   print(values.json, status, () =>
     [
       `node pid ${status.pid}, up ${status.uptimeSeconds} s`,
@@ -312,6 +318,9 @@ async function statusCommand(argv: string[]): Promise<number> {
           status.io.workers.map((worker) => `worker ${worker.id} ${worker.inFlight} in flight`).join(', '),
       `volumes: ${status.volumes.length}`,
       ...status.volumes.map((volume) => `  ${describeVolume(volume)}`),
+      ...replication.fenced.map((f) => `FENCED: ${f.volume} is owned by ${f.owner} at epoch ${f.ownerEpoch} (this node's was ${f.epoch}); writes refused: chunkd replica demote ${f.volume}`),
+      ...replication.replicaVolumes.map((r) => `replica: ${r.volume} of ${r.owner} (epoch ${r.epoch}), read-only`),
+      ...replication.replicas.map((r) => `replicating ${r.volume} to ${r.peerName ?? r.peer}: ${r.state}${r.lagSeconds === null ? '' : `, lag ${r.lagSeconds.toFixed(1)} s`}${r.lastError === null ? '' : `, last error: ${r.lastError.message}`}`),
       ...(status.fuse ? [`fuse ${status.fuse.mountpoint}: ${status.fuse.openFiles} files open`] : []),
       `attachments: ${status.attachments?.length ?? 0}`,
       ...(status.attachments ?? []).map(

@@ -10,14 +10,15 @@ import type { CycleResult, ReplicaStatus } from '../replication/replicator.ts';
 import { callApi } from './api-client.ts';
 
 export const replicaUsage = `usage: chunkd replica add VOL --peer HOST:PORT [--every 30s] [--max-rate 200MiB/s]
-       chunkd replica list | status VOL | sync VOL [--peer HOST:PORT] | remove VOL --peer HOST:PORT   (each takes --json)`;
+       chunkd replica list | status VOL | sync VOL [--peer HOST:PORT] | remove VOL --peer HOST:PORT
+       chunkd replica promote VOL | demote VOL [--owner HOST:PORT]   (each takes --json)`;
 
 export async function replicaCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
   const [verb, ...rest] = argv;
   const { values, positionals } = parseArgs({
     args: rest,
     allowPositionals: true,
-    options: { api: { type: 'string' }, json: { type: 'boolean' }, peer: { type: 'string' }, every: { type: 'string' }, 'max-rate': { type: 'string' } },
+    options: { api: { type: 'string' }, json: { type: 'boolean' }, peer: { type: 'string' }, every: { type: 'string' }, 'max-rate': { type: 'string' }, owner: { type: 'string' } },
   });
   const socket = apiPath(values.api);
   const volume = (): string => {
@@ -65,6 +66,18 @@ export async function replicaCommand(argv: string[], apiPath: (option: string | 
       if (values.peer === undefined) throw ChunkdError.invalid(`replica remove needs --peer HOST:PORT\n${replicaUsage}`);
       const answer = await callApi(socket, 'DELETE', route(name), { peer: values.peer });
       print(answer, () => `stopped replicating ${name} to ${values.peer} (the replica there stays; remove it there if it is not wanted)`);
+      return 0;
+    }
+    case 'promote': {
+      const name = volume();
+      const answer = (await callApi(socket, 'POST', route(name, 'promote'), {})) as { epoch: number; snapshot: string; previousOwner: string };
+      print(answer, () => `${name} is this node's now, at epoch ${answer.epoch}, from ${answer.snapshot} (the last point from ${answer.previousOwner}); ${answer.previousOwner} is fenced when it comes back`);
+      return 0;
+    }
+    case 'demote': {
+      const name = volume();
+      const answer = (await callApi(socket, 'POST', route(name, 'demote'), values.owner === undefined ? {} : { owner: values.owner })) as { owner: string; base: string; keptAs: string | null };
+      print(answer, () => `${name} is a replica of ${answer.owner} now, from ${answer.base}${answer.keptAs === null ? '' : `; this node's writes after it are kept in ${name}@${answer.keptAs} (chunkd clone ${name}@${answer.keptAs} NEW to read them)`}; on ${answer.owner}: chunkd replica add ${name} --peer THIS-NODE:PORT`);
       return 0;
     }
     default:

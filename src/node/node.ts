@@ -16,7 +16,8 @@ import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
 import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
 import { ReplicaServer } from '../replication/replica-server.ts';
 import { Replicator, type CycleResult, type ReplicaSettings, type ReplicaStatus } from '../replication/replicator.ts';
-import { VolumeRoles } from '../replication/roles.ts';
+import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
+import { replicationSnapshotPrefix } from '../replication/peer-messages.ts';
 import { renderMetrics } from './metrics.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
@@ -130,6 +131,29 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     try {
       await node.#receiver.restore();
       node.#roles = await VolumeRoles.load(pool.directory, (volume) => pool.hasVolume(volume));
+      const roles = node.#roles;
+      node.#replicator = new Replicator({
+        pool,
+        credentials: replicationCredentials(config),
+        log: config.log,
+        epochOf: (volume) => roles.epochOf(volume),
+        refuse: (volume) => {
+          const role = roles.replicaOf(volume);
+          if (role !== null) return `volume ${volume} is a replica of ${role.owner}; replicate it from its owner`;
+          return roles.writeRefusal(volume, 'replicating it')?.message ?? null;
+        },
+        fence: async (volume, by) => {
+          await roles.set(volume, { role: 'fenced', epoch: roles.epochOf(volume), ...by });
+          await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
+        },
+      });
+      await node.#replicator.load();
+      // Before any client is served: a node replaced while it was down learns it from its peers, and is fenced.
+      await node.#replicator.checkOwnership(ownershipCheckTimeoutMs);
+      for (const [volume] of roles.fencedVolumes()) {
+        await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
+        config.log(roles.writeRefusal(volume, 'writing')!.message);
+      }
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
         config.log(`created volume ${config.defaultVolume.name}`);
@@ -179,17 +203,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
         config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);
       }
-      node.#replicator = new Replicator({
-        pool,
-        credentials: replicationCredentials(config),
-        log: config.log,
-        epochOf: () => 1,
-        refuse: (volume) => {
-          const role = node.roles.replicaOf(volume);
-          return role === null ? null : `volume ${volume} is a replica of ${role.owner}; replicate it from its owner`;
-        },
-      });
-      await node.#replicator.start();
+      node.#replicator.start();
     } catch (error) {
       await node.stop().catch(() => {});
       throw error;
@@ -270,9 +284,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    * feeding the replica do not change under a reader (the volume itself is being written by them).
    */
   #openReplica(volume: string): BlockDevice {
-    const snapshots = this.pool.listSnapshots(volume);
-    const newest = snapshots[snapshots.length - 1];
-    if (newest === undefined) throw ChunkdError.notFound(`volume ${volume} is a replica that has not received its first snapshot yet`);
+    const newest = newestReplicated(this.pool.listSnapshots(volume));
+    if (newest === null) throw ChunkdError.notFound(`volume ${volume} is a replica that has not received its first snapshot yet`);
     return this.pool.openSnapshot(volume, newest.name);
   }
 
@@ -312,7 +325,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     if (attachment !== undefined) throw ChunkdError.busy(`volume ${name} is attached at ${attachment.mountpoint}; detach it first`);
     await this.pool.removeVolume(name);
     await this.roles.forget(name);
-    await this.#replicator?.volumeRemoved(name);
+    await this.#replicator?.forgetVolume(name);
   }
 
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo> {
@@ -386,6 +399,62 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.replicator.sync(volume, peer);
   }
 
+  /**
+   * Failover: makes a replica whose owner is gone this node's own, at its last replicated point, with the epoch
+   * one above the owner's. An interrupted receive is given up first (the volume goes back to its last complete
+   * point). The old owner learns of the new epoch from its peers when it comes back, and is fenced.
+   */
+  async promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
+    const role = this.roles.replicaOf(volume);
+    if (role === null) throw ChunkdError.invalid(`volume ${volume} is not a replica on this node; only a replica can be promoted`);
+    if (this.#receiver.isActive(volume)) throw ChunkdError.busy(`a stream from ${role.owner} into ${volume} is running: its owner is alive; promote only a replica whose owner is gone (a planned move is a handoff)`);
+    if ((await this.#receiver.interrupted(volume)) !== null) await this.#receiver.abort(volume);
+    if (!this.pool.hasVolume(volume)) {
+      await this.roles.forget(volume);
+      throw ChunkdError.notFound(`replica ${volume} had not received its first snapshot; there is nothing to promote`);
+    }
+    const point = newestReplicated(this.pool.listSnapshots(volume));
+    if (point === null) throw ChunkdError.notFound(`replica ${volume} has no replicated snapshot; there is nothing to promote`);
+    if (this.pool.diff(volume, point.name, null).length > 0) await this.pool.rollbackVolume(volume, point.name);
+    const epoch = role.epoch + 1;
+    await this.roles.set(volume, { role: 'owner', epoch });
+    this.config.log(`volume ${volume} promoted: this node owns it at epoch ${epoch}, from ${point.name} (its last point from ${role.owner})`);
+    return { volume, epoch, snapshot: point.name, previousOwner: role.owner };
+  }
+
+  /**
+   * Turns a fenced volume into a replica of its new owner: its writes that never reached the new owner are kept as
+   * snapshot fenced-<ms> (for the operator: clone it to see them), the volume goes back to the newest point both
+   * nodes hold, and the new owner's replica link (chunkd replica add on it) then brings it up to date.
+   */
+  async demote(volume: string, ownerAddress: string | null): Promise<{ volume: string; owner: string; base: string; keptAs: string | null }> {
+    const fence = this.roles.fenced(volume);
+    if (fence === null) throw ChunkdError.invalid(`volume ${volume} is not fenced on this node; only a volume another node has taken over can be demoted`);
+    const address = ownerAddress ?? fence.ownerAddress;
+    if (address === null) throw ChunkdError.invalid(`the new owner of ${volume} is ${fence.owner}, at an address this node does not know: give it (chunkd replica demote ${volume} --owner HOST:PORT)`);
+    const info = await this.replicator.askPeer(address, volume);
+    const theirs = new Set(info.snapshots.map((snapshot) => snapshot.uuid));
+    const base = this.pool.listSnapshots(volume).reverse().find((snapshot) => theirs.has(snapshot.uuid)) ?? null;
+    if (base === null) throw ChunkdError.invalid(`volume ${volume} here shares no snapshot with ${fence.owner}'s; remove it here (chunkd volume rm ${volume}) and add a replica from ${fence.owner}`);
+    let keptAs: string | null = null;
+    if (this.pool.diff(volume, base.name, null).length > 0) {
+      keptAs = `fenced-${Date.now()}`;
+      await this.pool.createSnapshot(volume, keptAs);
+    }
+    // Replication points of this node's that never reached the new owner would look like the replica's newest.
+    for (const snapshot of this.pool.listSnapshots(volume)) {
+      if (snapshot.name.startsWith(replicationSnapshotPrefix) && Date.parse(snapshot.createdAt) > Date.parse(base.createdAt) && !theirs.has(snapshot.uuid)) {
+        await this.pool.removeSnapshot(volume, snapshot.name);
+      }
+    }
+    await this.pool.rollbackVolume(volume, base.name);
+    await this.replicator.forgetVolume(volume);
+    await this.roles.set(volume, { role: 'replica', owner: fence.owner, epoch: fence.ownerEpoch });
+    await this.pool.blockWrites(volume, null);
+    this.config.log(`volume ${volume} demoted: a replica of ${fence.owner} (epoch ${fence.ownerEpoch}) from ${base.name}${keptAs === null ? '' : `; this node's writes after it are kept in ${volume}@${keptAs}`}`);
+    return { volume, owner: fence.owner, base: base.name, keptAs };
+  }
+
   receiveToken(volume: string): Promise<unknown> {
     return this.#receiver.resumeToken(volume);
   }
@@ -417,6 +486,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
           const role = this.#roles?.replicaOf(volume.name) ?? null;
           return role === null ? [] : [{ volume: volume.name, owner: role.owner, epoch: role.epoch, receiving: this.pool.isReceiving(volume.name) }];
         }),
+        fenced: (this.#roles?.fencedVolumes() ?? []).map(([volume, fence]) => ({ volume, ...fence })),
       },
       fuse: this.#fuse?.status() ?? null,
       attachments: this.#attachments?.list() ?? [],
@@ -463,12 +533,26 @@ export interface NodeStatus {
   api: { socket: string; tls: string | null };
   peer: PeerServerStats | null;
   /** Replicas of this node's volumes elsewhere, and the volumes here that are replicas of others'. */
-  replication: { replicas: ReplicaStatus[]; replicaVolumes: Array<{ volume: string; owner: string; epoch: number; receiving: boolean }> };
+  replication: {
+    replicas: ReplicaStatus[];
+    replicaVolumes: Array<{ volume: string; owner: string; epoch: number; receiving: boolean }>;
+    /** Volumes this node owned until another node took them over (failover): writes refused until demoted. */
+    fenced: Array<{ volume: string } & FencedRole>;
+  };
   fuse: FuseStatus | null;
   attachments: AttachmentStatus[];
   eventLoopUtilization: number;
   /** The chunk I/O engine: inline, or worker threads with each one's requests in flight. */
   io: IoEngineStatus;
+}
+
+/** Time each replica peer has to answer the ownership check at start. */
+const ownershipCheckTimeoutMs = 3_000;
+
+/** A replica's last complete replicated point: its newest replication snapshot (others may be kept there too). */
+function newestReplicated(snapshots: SnapshotInfo[]): SnapshotInfo | null {
+  const points = snapshots.filter((snapshot) => snapshot.name.startsWith(replicationSnapshotPrefix));
+  return points[points.length - 1] ?? null;
 }
 
 /** This node's client pair for replication (the directory of its peer port, else of its API or NBD TLS), or why there is none. */

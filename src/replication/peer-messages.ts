@@ -3,7 +3,7 @@
 // assert what they got. Pure: bytes in, values out.
 //
 //   replicaInfo   {volume}                 -> what the node holds of it: whether it exists, its role (a replica
-//                                             of whom, at which ownership epoch), its snapshots' ids, and an
+//                                             of whom, or its own, at which ownership epoch), its snapshots, and an
 //                                             interrupted receive (so the owner resumes it, never starts over)
 //   receiveOpen   {volume, epoch}          -> {}: the connection now carries one stream into the volume
 //   receiveData   raw stream bytes         -> {} once the receiver has taken them (that is the backpressure)
@@ -48,6 +48,8 @@ export interface ReplicaInfo {
   exists: boolean;
   /** null: the node does not know the volume as a replica (it owns a volume of that name, or has none). */
   replicaOf: { owner: string; epoch: number } | null;
+  /** The answering node's ownership epoch when the volume is its own (fenced included), else null. */
+  ownedEpoch: number | null;
   snapshots: Array<{ uuid: string; name: string }>;
   receive: InterruptedReceive | null;
 }
@@ -102,7 +104,8 @@ export function parseReplicaInfo(payload: Buffer): ReplicaInfo {
     }
     receive = { base: r.base as string | null, target: r.target as string, offsetBytes: r.offsetBytes as number };
   }
-  return { volume: volumeField(value.volume, what), exists: value.exists, replicaOf, snapshots, receive };
+  const ownedEpoch = value.ownedEpoch === null ? null : epochField(value.ownedEpoch, what);
+  return { volume: volumeField(value.volume, what), exists: value.exists, replicaOf, ownedEpoch, snapshots, receive };
 }
 
 export function parsePruneReply(payload: Buffer): PruneReply {

@@ -96,6 +96,11 @@ export class StreamReceiver {
     return { token: encodeResumeToken({ base: state.base?.uuid ?? null, target: state.target.uuid, offsetBytes: state.offsetBytes }), volume, target: state.target.name, offsetBytes: state.offsetBytes };
   }
 
+  /** Whether a stream into `volume` is being applied now. */
+  isActive(volume: string): boolean {
+    return this.#active.has(volume);
+  }
+
   /** What an interrupted receive into `volume` holds (for an owner that resumes it over the peer port), or null. */
   async interrupted(volume: string): Promise<{ base: string | null; target: string; offsetBytes: number } | null> {
     if (this.#active.has(volume)) return null;

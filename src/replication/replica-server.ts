@@ -54,10 +54,12 @@ export class ReplicaServer {
 
   async #info(volume: string): Promise<ReplicaInfo> {
     const exists = this.#pool.hasVolume(volume);
+    const replicaOf = this.#roles.replicaOf(volume);
     return {
       volume,
       exists,
-      replicaOf: this.#roles.replicaOf(volume),
+      replicaOf,
+      ownedEpoch: exists && replicaOf === null ? this.#roles.epochOf(volume) : null,
       snapshots: exists ? this.#pool.listSnapshots(volume).map((snapshot) => ({ uuid: snapshot.uuid, name: snapshot.name })) : [],
       receive: exists ? await this.#receiver.interrupted(volume) : null,
     };
@@ -68,7 +70,7 @@ export class ReplicaServer {
     if (this.#sessions.has(context.connection.id)) throw ChunkdError.busy('this connection carries a stream already; close it first');
     await this.#checkSender(volume, context.peerName, epoch);
     // Recorded before the stream may create the volume, so a replica never exists without its role.
-    await this.#roles.setReplica(volume, { owner: context.peerName, epoch });
+    await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });
     const feed = new ByteFeed();
     const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed) };
     this.#sessions.set(context.connection.id, session);
@@ -131,7 +133,7 @@ export class ReplicaServer {
   async #checkSender(volume: string, peer: string, epoch: number): Promise<void> {
     const role = this.#roles.replicaOf(volume);
     if (role === null) {
-      if (this.#pool.hasVolume(volume)) throw ChunkdError.readOnly(`volume ${volume} on this node is its own, not a replica: ${peer} cannot replicate into it (remove it, or replicate under another name)`);
+      if (this.#pool.hasVolume(volume)) throw ChunkdError.readOnly(`volume ${volume} on this node is its own (epoch ${this.#roles.epochOf(volume)}), not a replica: ${peer} cannot replicate into it (remove it, or replicate under another name)`);
       return;
     }
     if (epoch < role.epoch) {

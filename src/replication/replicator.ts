@@ -93,8 +93,10 @@ export interface ReplicatorOptions {
   log: (line: string) => void;
   /** The volume's ownership epoch on this node. */
   epochOf: (volume: string) => number;
-  /** Why the volume cannot be replicated from here (it is a replica itself), or null. */
+  /** Why the volume cannot be replicated from here (it is a replica, or fenced), or null. */
   refuse: (volume: string) => string | null;
+  /** A peer owns the volume at a higher epoch (it was promoted, or follows a node that was): stop writing it, durably. */
+  fence: (volume: string, by: { owner: string; ownerEpoch: number; ownerAddress: string | null }) => Promise<void>;
 }
 
 class Link {
@@ -132,8 +134,8 @@ export class Replicator {
     this.#file = path.join(options.pool.directory, 'replication', 'replicas.json');
   }
 
-  /** Loads the links and starts their loops; links of volumes that are gone are dropped. */
-  async start(): Promise<void> {
+  /** Loads the links (links of volumes that are gone are dropped); start() runs them. */
+  async load(): Promise<void> {
     const value = (await readStateFile(this.#file)) as { links?: StoredLink[] } | null;
     let stale = false;
     for (const stored of value?.links ?? []) {
@@ -147,6 +149,10 @@ export class Replicator {
       this.#links.push(new Link(stored));
     }
     if (stale) await this.#save();
+  }
+
+  /** Starts each link's loop. */
+  start(): void {
     for (const link of this.#links) this.#schedule(link, 0);
     if (this.#links.length > 0) this.#options.log(`replication: ${this.#links.length} replica link(s): ${this.#links.map((l) => `${l.stored.volume} -> ${l.stored.peer}`).join(', ')}`);
   }
@@ -183,8 +189,8 @@ export class Replicator {
     this.#options.log(`replication: ${volume} -> ${peer} removed`);
   }
 
-  /** Forgets every link of a volume that was removed. */
-  async volumeRemoved(volume: string): Promise<void> {
+  /** Forgets every link of a volume that was removed, or that this node no longer owns. */
+  async forgetVolume(volume: string): Promise<void> {
     const links = this.#links.filter((link) => link.stored.volume === volume);
     for (const link of links) {
       this.#halt(link);
@@ -192,6 +198,17 @@ export class Replicator {
       this.#links.splice(this.#links.indexOf(link), 1);
     }
     if (links.length > 0) await this.#save();
+  }
+
+  /** What the peer at `address` holds of `volume` (one connection, one question). */
+  async askPeer(address: string, volume: string): Promise<ReplicaInfo> {
+    const [host, port] = splitAddress(address);
+    const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
+    try {
+      return parseReplicaInfo(await withTimeout(client.request(PeerVerb.replicaInfo, jsonPayload({ volume })), requestTimeoutMs, () => client.close(), `${address} did not answer`));
+    } finally {
+      client.close();
+    }
   }
 
   list(): ReplicaStatus[] {
@@ -276,6 +293,8 @@ export class Replicator {
     const { pool } = this.#options;
     const { volume, peer } = link.stored;
     const started = performance.now();
+    const refusal = this.#options.refuse(volume);
+    if (refusal !== null) throw ChunkdError.readOnly(refusal);
     const [host, port] = splitAddress(peer);
     link.state = 'replicating';
     const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
@@ -284,7 +303,7 @@ export class Replicator {
     link.peerName = client.hello.name;
     const ask = (verb: number, value: object): Promise<Buffer> => withTimeout(client.request(verb, jsonPayload(value)), requestTimeoutMs, () => client.close(), `${link.peerName} did not answer within ${formatDuration(requestTimeoutMs)}`);
     let info = parseReplicaInfo(await ask(PeerVerb.replicaInfo, { volume }));
-    this.#checkPeer(link, info);
+    await this.#checkPeer(link, info);
 
     let request: SendRequest | null = null;
     let outcome: CycleResult['outcome'] = 'incremental';
@@ -333,15 +352,59 @@ export class Replicator {
     return { volume, peer, outcome, snapshot: target.name, resumedFromBytes: request.resumeOffsetBytes, streamBytes, dataBytes: result.dataBytes, seconds: (performance.now() - started) / 1000 };
   }
 
-  /** The peer must hold no volume of that name, or a replica of it from this node (or from an older owner). */
-  #checkPeer(link: Link, info: ReplicaInfo): void {
+  /**
+   * The peer must hold no volume of that name, or a replica of it from this node. A peer that owns it, or follows
+   * another owner, at a higher epoch than this node's means this node was replaced (a failover): the volume is
+   * fenced here before anything else happens.
+   */
+  async #checkPeer(link: Link, info: ReplicaInfo): Promise<void> {
     const me = this.#credentials().name;
+    const epoch = this.#options.epochOf(info.volume);
+    if (info.ownedEpoch !== null && info.ownedEpoch > epoch) {
+      await this.#fence(info.volume, { owner: link.peerName!, ownerEpoch: info.ownedEpoch, ownerAddress: link.stored.peer });
+    }
+    if (info.replicaOf !== null && info.replicaOf.owner !== me && info.replicaOf.epoch > epoch) {
+      await this.#fence(info.volume, { owner: info.replicaOf.owner, ownerEpoch: info.replicaOf.epoch, ownerAddress: null });
+    }
     if (info.exists && info.replicaOf === null) {
       throw ChunkdError.readOnly(`node ${link.peerName} has a volume ${info.volume} of its own; it cannot be a replica of this node's: remove it there, or replicate to another node`);
     }
-    if (info.replicaOf !== null && info.replicaOf.owner !== me && info.replicaOf.epoch >= this.#options.epochOf(info.volume)) {
+    if (info.replicaOf !== null && info.replicaOf.owner !== me && info.replicaOf.epoch >= epoch) {
       throw ChunkdError.readOnly(`${info.volume} on ${link.peerName} is a replica of ${info.replicaOf.owner} (epoch ${info.replicaOf.epoch}), not of ${me}`);
     }
+  }
+
+  async #fence(volume: string, by: { owner: string; ownerEpoch: number; ownerAddress: string | null }): Promise<never> {
+    const epoch = this.#options.epochOf(volume);
+    this.#options.log(`volume ${volume} FENCED: node ${by.owner} owns it at epoch ${by.ownerEpoch}, this node's epoch is ${epoch}; writes are refused (chunkd replica demote ${volume} makes it a replica of ${by.owner})`);
+    await this.#options.fence(volume, by);
+    throw ChunkdError.readOnly(`fenced: node ${by.owner} owns ${volume} at epoch ${by.ownerEpoch}, above this node's ${epoch}`);
+  }
+
+  /**
+   * Asks every link's peer, once, whether it knows of a newer owner of the volume, before the node serves clients:
+   * a node that was replaced while it was down fences itself here. A peer that does not answer within `timeoutMs`
+   * is logged and skipped: without a cluster (etcd) to ask, a node that cannot reach its peers serves as before.
+   */
+  async checkOwnership(timeoutMs: number): Promise<void> {
+    const links = [...this.#links];
+    await Promise.all(links.map(async (link) => {
+      if (this.#options.refuse(link.stored.volume) !== null) return;
+      const [host, port] = splitAddress(link.stored.peer);
+      let client: PeerClient | null = null;
+      try {
+        client = await PeerClient.connect({ host, port, credentials: this.#credentials(), timeoutMs });
+        link.peerName = client.hello.name;
+        const info = parseReplicaInfo(await withTimeout(client.request(PeerVerb.replicaInfo, jsonPayload({ volume: link.stored.volume })), timeoutMs, () => client?.close(), 'no answer'));
+        await this.#checkPeer(link, info).catch((error: unknown) => {
+          if (this.#options.refuse(link.stored.volume) === null) throw error;
+        });
+      } catch (error) {
+        this.#options.log(`replication: could not confirm with ${link.stored.peer} that this node still owns ${link.stored.volume} (${(error as Error).message}); serving it`);
+      } finally {
+        client?.close();
+      }
+    }));
   }
 
   /** Sends the stream as receiveData frames, a window of them in flight, paced by the link's rate; returns its bytes. */

@@ -1,15 +1,27 @@
-// Which volumes of this pool are read-only replicas of another node's, and at which ownership epoch:
-// <pool>/replication/roles.json, written whole and durably (state-file.ts). A volume with no entry is this node's
-// own, at epoch 1. Every front end and every control verb that changes a volume asks here first (node.ts), so a
-// replica is never written but by the stream that feeds it.
+// Who may write each volume of this pool, and at which ownership epoch: <pool>/replication/roles.json, written
+// whole and durably (state-file.ts). A volume with no entry is this node's own, at epoch 1. The other roles:
 //
-// Order that keeps it true across a crash: the entry is written before a first stream creates the volume, so a
-// replica volume never exists without it. An entry whose volume is gone (the first stream was refused, or the
-// replica was removed) is dropped at load, so a volume made later under that name is not taken for a replica.
+//   owner    this node's own at a higher epoch: it was promoted from a replica (failover) or handed over here
+//   replica  a read-only copy of `owner`'s volume at `epoch`, fed only by streams from it (or a higher epoch)
+//   fenced   this node owned it at `epoch`, and `owner` (at `ownerAddress`) has since become the owner at
+//            `ownerEpoch`: writes are refused until the operator demotes it to a replica
+//
+// Every front end and every control verb that changes a volume asks here first (node.ts); a fenced volume's
+// writes are also refused in the pool itself (Pool.blockWrites), so clients connected before the fence get EPERM.
+//
+// Order that keeps it true across a crash: a replica's entry is written before a first stream creates the volume,
+// so a replica never exists without it; a promotion writes its entry after the replica is rolled to its last
+// complete point and before it takes a write. An entry whose volume is gone (a first stream refused, a volume
+// removed) is dropped at load, so a volume made later under that name starts as this node's own.
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { checkName } from '../core/names.ts';
 import { readStateFile, writeStateFile } from './state-file.ts';
+
+export type VolumeRole =
+  | { role: 'owner'; epoch: number }
+  | { role: 'replica'; owner: string; epoch: number }
+  | { role: 'fenced'; epoch: number; owner: string; ownerEpoch: number; ownerAddress: string | null };
 
 export interface ReplicaRole {
   /** The node that owns the volume and sends it here (its certificate's name). */
@@ -18,9 +30,11 @@ export interface ReplicaRole {
   epoch: number;
 }
 
+export type FencedRole = Extract<VolumeRole, { role: 'fenced' }>;
+
 export class VolumeRoles {
   readonly #file: string;
-  #replicas = new Map<string, ReplicaRole>();
+  readonly #roles = new Map<string, VolumeRole>();
 
   private constructor(file: string) {
     this.#file = file;
@@ -29,45 +43,79 @@ export class VolumeRoles {
   /** Reads the roles of the pool at `poolDirectory`, keeping only those whose volume `exists`. */
   static async load(poolDirectory: string, exists: (volume: string) => boolean): Promise<VolumeRoles> {
     const roles = new VolumeRoles(path.join(poolDirectory, 'replication', 'roles.json'));
-    const value = (await readStateFile(roles.#file)) as { replicas?: Record<string, ReplicaRole> } | null;
+    const value = (await readStateFile(roles.#file)) as { volumes?: Record<string, VolumeRole> } | null;
     let stale = false;
-    for (const [volume, role] of Object.entries(value?.replicas ?? {})) {
-      if (checkName(volume) !== null || typeof role?.owner !== 'string' || checkName(role.owner, 'node') !== null || !Number.isSafeInteger(role.epoch)) {
-        throw ChunkdError.corrupt(`${roles.#file}: the entry for ${JSON.stringify(volume)} is not a replica role`);
-      }
-      if (exists(volume)) roles.#replicas.set(volume, { owner: role.owner, epoch: role.epoch });
+    for (const [volume, role] of Object.entries(value?.volumes ?? {})) {
+      if (checkName(volume) !== null || !isRole(role)) throw ChunkdError.corrupt(`${roles.#file}: the entry for ${JSON.stringify(volume)} is not a volume role`);
+      if (exists(volume)) roles.#roles.set(volume, role);
       else stale = true;
     }
     if (stale) await roles.#save();
     return roles;
   }
 
-  /** The volume's role when it is a replica, or null when it is this node's own. */
+  /** The volume's role when it is a replica, or null. */
   replicaOf(volume: string): ReplicaRole | null {
-    return this.#replicas.get(volume) ?? null;
+    const role = this.#roles.get(volume);
+    return role?.role === 'replica' ? { owner: role.owner, epoch: role.epoch } : null;
   }
 
-  /** Refuses a change to a replica with one line that says what it is. */
+  /** The fence on a volume this node owned before another node took it over, or null. */
+  fenced(volume: string): FencedRole | null {
+    const role = this.#roles.get(volume);
+    return role?.role === 'fenced' ? role : null;
+  }
+
+  /** This node's ownership epoch of a volume it owns (or owned, when fenced): 1 unless promoted or handed over. */
+  epochOf(volume: string): number {
+    const role = this.#roles.get(volume);
+    return role === undefined || role.role === 'replica' ? 1 : role.epoch;
+  }
+
+  /** Volumes that are fenced, for the pool's write blocks at start. */
+  fencedVolumes(): Array<[string, FencedRole]> {
+    return [...this.#roles].flatMap(([volume, role]) => (role.role === 'fenced' ? [[volume, role] as [string, FencedRole]] : []));
+  }
+
+  /** Refuses a change to a volume that is not this node's to change, with one line that says whose it is. */
   checkWritable(volume: string, what: string): void {
-    const role = this.#replicas.get(volume);
-    if (role !== undefined) {
-      throw ChunkdError.readOnly(`volume ${volume} is a read-only replica of node ${role.owner} (epoch ${role.epoch}); ${what} is refused: clone one of its snapshots to get a writable copy`);
-    }
+    const error = this.writeRefusal(volume, what);
+    if (error !== null) throw error;
   }
 
-  async setReplica(volume: string, role: ReplicaRole): Promise<void> {
-    const current = this.#replicas.get(volume);
-    if (current?.owner === role.owner && current.epoch === role.epoch) return;
-    this.#replicas.set(volume, role);
+  writeRefusal(volume: string, what: string): ChunkdError | null {
+    const role = this.#roles.get(volume);
+    if (role?.role === 'replica') {
+      return ChunkdError.readOnly(`volume ${volume} is a read-only replica of node ${role.owner} (epoch ${role.epoch}); ${what} is refused: clone one of its snapshots to get a writable copy`);
+    }
+    if (role?.role === 'fenced') {
+      return ChunkdError.readOnly(`volume ${volume} is fenced: node ${role.owner}${role.ownerAddress === null ? '' : ` (${role.ownerAddress})`} owns it now at epoch ${role.ownerEpoch}, this node's epoch ${role.epoch} is over; ${what} is refused: make it a replica of the new owner with chunkd replica demote ${volume}`);
+    }
+    return null;
+  }
+
+  async set(volume: string, role: VolumeRole): Promise<void> {
+    if (JSON.stringify(this.#roles.get(volume)) === JSON.stringify(role)) return;
+    this.#roles.set(volume, role);
     await this.#save();
   }
 
   async forget(volume: string): Promise<void> {
-    if (!this.#replicas.delete(volume)) return;
+    if (!this.#roles.delete(volume)) return;
     await this.#save();
   }
 
   async #save(): Promise<void> {
-    await writeStateFile(this.#file, { replicas: Object.fromEntries(this.#replicas) });
+    await writeStateFile(this.#file, { volumes: Object.fromEntries(this.#roles) });
   }
+}
+
+function isRole(value: unknown): value is VolumeRole {
+  const role = value as Record<string, unknown> | null;
+  if (typeof role !== 'object' || role === null || !Number.isSafeInteger(role.epoch) || (role.epoch as number) < 1) return false;
+  const nodeName = (name: unknown): boolean => typeof name === 'string' && checkName(name, 'node') === null;
+  if (role.role === 'owner') return true;
+  if (role.role === 'replica') return nodeName(role.owner);
+  if (role.role === 'fenced') return nodeName(role.owner) && Number.isSafeInteger(role.ownerEpoch) && (role.ownerAddress === null || typeof role.ownerAddress === 'string');
+  return false;
 }

@@ -290,6 +290,25 @@ export class Pool {
     return new Volume(this.#volumeStore, runtime);
   }
 
+  /**
+   * Refuses every write to the volume from now on with `reason` (null: takes them again). Writes in flight finish
+   * first (the whole range is taken exclusively, as a snapshot does), and the writes before are committed, so
+   * that on return everything the volume acknowledged is durable and nothing more will be.
+   */
+  async blockWrites(name: string, reason: ChunkdError | null): Promise<void> {
+    this.#checkOpen();
+    const runtime = this.#runtime(name);
+    const release = await runtime.lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
+    runtime.writeBlock = reason;
+    release();
+    await this.#engine.commit();
+  }
+
+  /** Why the volume refuses writes, or null. */
+  writeBlock(name: string): ChunkdError | null {
+    return this.#runtime(name).writeBlock;
+  }
+
   // ---- control: receiving a stream (replication/receive.ts) ----
 
   /**
@@ -555,7 +574,7 @@ export class Pool {
     if (meta === undefined) throw ChunkdError.notFound(`no volume named ${name}`);
     let runtime = this.#runtimes.get(meta.id);
     if (runtime === undefined) {
-      runtime = { meta, lock: new RangeLock(), openCount: 0 };
+      runtime = { meta, lock: new RangeLock(), openCount: 0, writeBlock: null };
       this.#runtimes.set(meta.id, runtime);
     }
     // A rollback replaces the volume's meta fields in place; the runtime keeps pointing at the same object.

@@ -16,7 +16,7 @@
 // map and refuses nothing itself: the NBD edge answers EPERM for writes to a read-only export before they reach it.
 import { assert } from '../core/assert.ts';
 import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
-import { fromSystemError } from '../core/errors.ts';
+import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { settleAll } from '../core/settle.ts';
 import { blockStatusExtentsMax, chunkSizeBytes } from '../core/limits.ts';
 import type { ChunkMap, ChunkRun } from './chunk-map.ts';
@@ -42,6 +42,8 @@ export interface ExportRuntime {
 export interface VolumeRuntime extends ExportRuntime {
   meta: VolumeMeta;
   lock: RangeLock;
+  /** Why writes are refused (a handoff in progress, an owner fenced by a newer one), or null. Pool.blockWrites sets it. */
+  writeBlock: ChunkdError | null;
 }
 
 /** Source of the bytes written at absolute volume offsets [start, end). */
@@ -87,9 +89,12 @@ export class Volume implements BlockDevice {
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     this.#assertRange(offsetBytes, data.length);
     this.#store.metadata.checkHealthy();
+    this.#checkWritable();
     if (data.length > 0) {
       const release = await this.#lock(offsetBytes, data.length, true);
       try {
+        // Again under the lock: a block set while this write waited for it applies (blockWrites takes the whole range).
+        this.#checkWritable();
         await this.#writeBytes(offsetBytes, data.length, (start, end) => data.subarray(start - offsetBytes, end - offsetBytes));
       } catch (error) {
         throw fromSystemError(error, `write to volume ${this.name} at ${offsetBytes}`);
@@ -126,6 +131,10 @@ export class Volume implements BlockDevice {
     this.#runtime.openCount -= 1;
   }
 
+  #checkWritable(): void {
+    if (this.#runtime.writeBlock !== null) throw this.#runtime.writeBlock;
+  }
+
   #assertRange(offsetBytes: number, lengthBytes: number): void {
     assert(!this.#closed, 'I/O on a closed volume');
     assertRange(offsetBytes, lengthBytes, this.sizeBytes);
@@ -141,9 +150,11 @@ export class Volume implements BlockDevice {
   async #zero(offsetBytes: number, lengthBytes: number, noHole: boolean, what: string): Promise<void> {
     this.#assertRange(offsetBytes, lengthBytes);
     this.#store.metadata.checkHealthy();
+    this.#checkWritable();
     if (lengthBytes === 0) return;
     const release = await this.#lock(offsetBytes, lengthBytes, true);
     try {
+      this.#checkWritable();
       const end = offsetBytes + lengthBytes;
       const firstWhole = Math.ceil(offsetBytes / chunkSizeBytes);
       const endWhole = Math.floor(end / chunkSizeBytes);

@@ -69,10 +69,11 @@ test('replication verbs: malformed payloads are EPROTO; sound ones parse', () =>
   eproto(() => parsePrune(json({ volume: 'vol', keep: ['not-a-uuid'] })));
   eproto(() => parsePrune(json({ volume: 'vol', keep: new Array(2000).fill('0'.repeat(32)) })));
   const uuid = 'a'.repeat(32);
-  const info = { volume: 'vol', exists: true, replicaOf: { owner: 'alpha', epoch: 1 }, snapshots: [{ uuid, name: 'repl-1' }], receive: { base: null, target: uuid, offsetBytes: 4096 } };
+  const info = { volume: 'vol', exists: true, replicaOf: { owner: 'alpha', epoch: 1 }, ownedEpoch: null, snapshots: [{ uuid, name: 'repl-1' }], receive: { base: null, target: uuid, offsetBytes: 4096 } };
   assert.deepEqual(parseReplicaInfo(json(info)), info);
   eproto(() => parseReplicaInfo(json({ ...info, replicaOf: { owner: 'bad name', epoch: 1 } })));
   eproto(() => parseReplicaInfo(json({ ...info, receive: { base: null, target: uuid, offsetBytes: -1 } })));
+  eproto(() => parseReplicaInfo(json({ ...info, ownedEpoch: 0 })));
   eproto(() => parseReplicaInfo(json({ ...info, snapshots: [{ uuid, name: '.hidden' }] })));
   eproto(() => parseReceiveResult(json({ volume: 'vol', snapshot: 's', uuid, full: true, resumedFromBytes: 0, streamBytes: 'many', dataBytes: 0 })));
 });
