@@ -107,3 +107,7 @@ export const streamHeaderBytesMax = 64 * KiB;
 export const streamRecordPayloadBytesMax = streamDataRecordBytesMax + 8;
 /** Stream bytes a receiver applies between durable resume points (a commit, then its resume state written). */
 export const receiveCommitBytes = 32 * MiB;
+/** Data records a receiver writes at once (each at most streamDataRecordBytesMax): the disk works while the next arrive. */
+export const receiveWritesInFlightMax = 8;
+/** Records a sender reads ahead (each at most streamDataRecordBytesMax): the disk works while the last go out. */
+export const sendReadsAheadMax = 4;

@@ -24,7 +24,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
-import { receiveCommitBytes } from '../core/limits.ts';
+import { receiveCommitBytes, receiveWritesInFlightMax } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
 import { isSnapshotUuid } from '../store/metadata.ts';
@@ -145,8 +145,18 @@ export class StreamReceiver {
     let volume: Volume | null = null;
     let sinceCommitBytes = 0;
     let dataBytes = 0;
+    // Writes of data records run several at once (extents never overlap), so the disk and the link overlap; each
+    // checkpoint, the END, and any stop wait for all of them, and a failed one stops the stream before the state
+    // moves past it.
+    const writing = new Set<Promise<void>>();
+    let writeFailure: unknown = null;
+    const drain = async (): Promise<void> => {
+      await Promise.all(writing);
+      if (writeFailure !== null) throw writeFailure;
+    };
     const checkpoint = async (): Promise<void> => {
       if (volume === null) return;
+      await drain();
       await volume.flush();
       await this.#save(state);
       sinceCommitBytes = 0;
@@ -159,12 +169,24 @@ export class StreamReceiver {
           switch (record.type) {
             case 'header':
               break;
-            case 'data':
-              await volume.write(record.offsetBytes, record.data);
+            case 'data': {
+              while (writing.size >= receiveWritesInFlightMax) await Promise.race(writing);
+              if (writeFailure !== null) throw writeFailure;
+              const write: Promise<void> = volume.write(record.offsetBytes, record.data).then(
+                () => {
+                  writing.delete(write);
+                },
+                (error: unknown) => {
+                  writing.delete(write);
+                  writeFailure ??= error;
+                },
+              );
+              writing.add(write);
               state.offsetBytes = record.offsetBytes + record.data.length;
               sinceCommitBytes += record.data.length;
               dataBytes += record.data.length;
               break;
+            }
             case 'zero':
               await volume.trim(record.offsetBytes, record.lengthBytes);
               state.offsetBytes = record.offsetBytes + record.lengthBytes;
@@ -172,6 +194,7 @@ export class StreamReceiver {
             case 'abort':
               throw new Interrupted(`the sender stopped: ${record.message}`);
             case 'end': {
+              await drain();
               await volume.flush();
               const digest = this.#pool.contentDigest(volumeName, null);
               if (!digest.equals(record.digest)) {
@@ -193,6 +216,7 @@ export class StreamReceiver {
         if (next.done === true) throw new Interrupted(`the stream ended after ${decoder.offsetBytes + decoder.trailingBytes} bytes, before its end record`);
         pending = decoder.push(next.value);
       }
+      await drain();
       const finished = volume;
       volume = null;
       await finished.close();
@@ -210,6 +234,7 @@ export class StreamReceiver {
             `continue with chunkd send --resume $(chunkd receive --resume-token ${volumeName}), or give up with chunkd receive --abort ${volumeName}`,
         );
       }
+      await Promise.all(writing);
       await volume?.close();
       if (error instanceof ChunkdError && (error.code === 'ECORRUPT' || error.code === 'EPROTO')) {
         await this.#discard(state);

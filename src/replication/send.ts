@@ -1,10 +1,10 @@
 // The sending side of a replication stream (the format: stream-format.ts). What changed is found from metadata
 // (the snapshot diff; a full stream is a diff against an empty volume), and only those chunks are read, through
 // the chunk store's verified read: a chunk that fails its checksum stops the stream with an ABORT record naming
-// the extent, so damaged bytes are never shipped. Reads go a record (at most 1 MiB) at a time and the records are
+// the extent, so damaged bytes are never shipped. Reads go a record (at most 1 MiB) at a time, a few ahead, and the records are
 // yielded to a consumer that applies backpressure (the API's HTTP response), so memory stays bounded.
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, streamDataRecordBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
 import { isZero } from '../store/frames.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
 import type { Pool } from '../store/pool.ts';
@@ -70,42 +70,64 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
     let recordCount = 1;
     let dataBytes = 0;
     const device = source.openSnapshot(request.volume, request.snapshot);
+    // Reads run a few records ahead of what is yielded, so the disk works while the consumer sends.
+    const pieces = recordPieces(extents);
+    const reads: Array<{ offset: number; extent: { offsetBytes: number; lengthBytes: number }; buffer: Buffer; done: Promise<unknown> }> = [];
+    const readAhead = (): void => {
+      while (reads.length < sendReadsAheadMax) {
+        const next = pieces.next();
+        if (next.done === true) return;
+        const { offset, length, extent } = next.value;
+        const buffer = Buffer.allocUnsafe(length);
+        // The error is kept in the promise's value and looked at in order, when the piece's turn comes.
+        reads.push({ offset, extent, buffer, done: device.read(offset, buffer).then(() => null, (error: unknown) => error) });
+      }
+    };
     try {
-      for (const extent of extents) {
-        for (let offset = extent.offsetBytes; offset < extent.offsetBytes + extent.lengthBytes; offset += streamDataRecordBytesMax) {
-          const length = Math.min(streamDataRecordBytesMax, extent.offsetBytes + extent.lengthBytes - offset);
-          const buffer = Buffer.allocUnsafe(length);
-          try {
-            await device.read(offset, buffer);
-          } catch (error) {
-            if (!(error instanceof ChunkdError)) throw error;
-            failure = ChunkdError.io(
-              `send of ${exportName} stopped: the extent at byte ${extent.offsetBytes} of ${extent.lengthBytes} bytes could not be read intact ` +
-                `(${error.message}); nothing damaged was sent`,
-            );
-            log(failure.message);
-            yield encodeAbort(failure.message);
-            return;
-          }
-          // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
-          for (const run of zeroRuns(buffer)) {
-            recordCount += 1;
-            coveredBytes += run.end - run.start;
-            if (run.zero) {
-              yield encodeZero(offset + run.start, run.end - run.start);
-            } else {
-              dataBytes += run.end - run.start;
-              for (const piece of encodeData(offset + run.start, buffer.subarray(run.start, run.end))) yield piece;
-            }
+      readAhead();
+      for (let read = reads.shift(); read !== undefined; read = reads.shift()) {
+        const error = await read.done;
+        if (error !== null) {
+          if (!(error instanceof ChunkdError)) throw error;
+          failure = ChunkdError.io(
+            `send of ${exportName} stopped: the extent at byte ${read.extent.offsetBytes} of ${read.extent.lengthBytes} bytes could not be read intact ` +
+              `(${error.message}); nothing damaged was sent`,
+          );
+          log(failure.message);
+          yield encodeAbort(failure.message);
+          return;
+        }
+        readAhead();
+        const { offset, buffer } = read;
+        // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
+        for (const run of zeroRuns(buffer)) {
+          recordCount += 1;
+          coveredBytes += run.end - run.start;
+          if (run.zero) {
+            yield encodeZero(offset + run.start, run.end - run.start);
+          } else {
+            dataBytes += run.end - run.start;
+            for (const piece of encodeData(offset + run.start, buffer.subarray(run.start, run.end))) yield piece;
           }
         }
       }
       yield encodeEnd(recordCount, dataBytes, digest);
     } finally {
+      // Reads still running when the consumer stopped early must end before the device closes.
+      await Promise.all(reads.map((read) => read.done));
       await device.close();
     }
   }
   return { header, bytes: bytes(), failure: () => failure, coveredBytes: () => coveredBytes };
+}
+
+/** The pieces of at most one record each that the extents are read in, in order. */
+function* recordPieces(extents: Array<{ offsetBytes: number; lengthBytes: number }>): Generator<{ offset: number; length: number; extent: { offsetBytes: number; lengthBytes: number } }> {
+  for (const extent of extents) {
+    for (let offset = extent.offsetBytes; offset < extent.offsetBytes + extent.lengthBytes; offset += streamDataRecordBytesMax) {
+      yield { offset, length: Math.min(streamDataRecordBytesMax, extent.offsetBytes + extent.lengthBytes - offset), extent };
+    }
+  }
 }
 
 /** The diff's extents in bytes, from `fromBytes` on (a resume), and inside the target's size. */
