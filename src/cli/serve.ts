@@ -5,7 +5,9 @@ import { installFailStop } from '../core/fail-stop.ts';
 import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
 import { parseSize } from '../core/units.ts';
-import { ChunkdNode, type PeerConfig } from '../node/node.ts';
+import { ChunkdNode, type NodeConfig, type PeerConfig } from '../node/node.ts';
+import { parsing } from './errors.ts';
+import { commands } from './help.ts';
 
 /** Parses HOST:PORT (IPv6 as [::1]:PORT), or "none" for no TCP listener. */
 export function parseListen(text: string, option = '--listen', example = '127.0.0.1:10809'): { host: string; port: number } | null {
@@ -63,52 +65,42 @@ function parseOnOff(text: string, option: string): boolean {
   return text === 'on';
 }
 
-export async function serve(argv: string[]): Promise<number> {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
-      pool: { type: 'string', default: 'data' },
-      listen: { type: 'string', default: '127.0.0.1:10809' },
-      socket: { type: 'string' },
-      api: { type: 'string' },
-      'default-volume': { type: 'string' },
-      workers: { type: 'string' },
-      'nbd-threads': { type: 'string' },
-      'verify-reads': { type: 'string', default: 'on' },
-      fuse: { type: 'string' },
-      'plugin-socket': { type: 'string' },
-      tls: { type: 'string', default: 'off' },
-      'tls-dir': { type: 'string' },
-      'tls-verify-peer': { type: 'boolean', default: false },
-      'peer-listen': { type: 'string' },
-      'peer-allow': { type: 'string', multiple: true },
-      'api-listen': { type: 'string' },
-    },
+const serveOptions = commands.serve.options;
+
+/** The node's configuration (all but its log) from serve's arguments; a wrong one is a usage error, and nothing has started. */
+export function serveConfig(argv: string[]): Omit<NodeConfig, 'log'> {
+  return parsing(() => {
+    const { values } = parseArgs({ args: argv, options: serveOptions });
+    const tlsDirectory = values['tls-dir'];
+    const peer = parsePeerOptions(values['peer-listen'], tlsDirectory, values['peer-allow']);
+    const apiListen = values['api-listen'] === undefined ? null : parseListen(values['api-listen'], '--api-listen', '0.0.0.0:10811');
+    if (apiListen !== null && tlsDirectory === undefined) throw ChunkdError.invalid('--api-listen needs --tls-dir DIR: the API on TCP is mutual TLS only');
+    return {
+      poolDirectory: values.pool ?? serveOptions.pool.fallback,
+      listen: parseListen(values.listen ?? serveOptions.listen.fallback),
+      nbdSocketPath: values.socket ?? null,
+      apiSocketPath: values.api ?? null,
+      defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
+      workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
+      nbdThreads: parseWorkers(values['nbd-threads'] ?? serveOptions['nbd-threads'].fallback, '--nbd-threads'),
+      verifyReads: parseOnOff(values['verify-reads'] ?? serveOptions['verify-reads'].fallback, '--verify-reads'),
+      fuseDirectory: values.fuse ?? null,
+      pluginSocketPath: values['plugin-socket'] ?? null,
+      peer,
+      apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: tlsDirectory! },
+      tls: parseTls(values.tls ?? serveOptions.tls.fallback, tlsDirectory, values['tls-verify-peer'] === true, peer !== null || apiListen !== null),
+    };
   });
+}
+
+export async function serve(argv: string[]): Promise<number> {
+  const config = serveConfig(argv);
   const log = (line: string): void => {
     process.stderr.write(`${new Date().toISOString()} chunkd: ${line}\n`);
   };
-  const peer = parsePeerOptions(values['peer-listen'], values['tls-dir'], values['peer-allow']);
-  const apiListen = values['api-listen'] === undefined ? null : parseListen(values['api-listen'], '--api-listen', '0.0.0.0:10811');
-  if (apiListen !== null && values['tls-dir'] === undefined) throw ChunkdError.invalid('--api-listen needs --tls-dir DIR: the API on TCP is mutual TLS only');
   // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
   installFailStop();
-  const node = await ChunkdNode.start({
-    poolDirectory: values.pool,
-    listen: parseListen(values.listen),
-    nbdSocketPath: values.socket ?? null,
-    apiSocketPath: values.api ?? null,
-    defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
-    workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
-    nbdThreads: values['nbd-threads'] !== undefined ? parseWorkers(values['nbd-threads'], '--nbd-threads') : 0,
-    verifyReads: parseOnOff(values['verify-reads'], '--verify-reads'),
-    fuseDirectory: values.fuse ?? null,
-    pluginSocketPath: values['plugin-socket'] ?? null,
-    peer,
-    apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: values['tls-dir']! },
-    tls: parseTls(values.tls, values['tls-dir'], values['tls-verify-peer'], peer !== null || apiListen !== null),
-    log,
-  });
+  const node = await ChunkdNode.start({ ...config, log });
   // Listen for the stop signals before saying ready: a SIGTERM sent right after the ready line otherwise found no
   // handler in 2 to 5 of 8 quick starts and stops here (the process died of the signal, exit code null).
   const stopping = new Promise<void>((resolve) => {

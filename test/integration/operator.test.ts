@@ -1,9 +1,11 @@
-// The operator's experience (issue 18): what installs, and which Node.js runs chunkd.
+// The operator's experience (issue 18): what installs, which Node.js runs chunkd, --version and --help on every
+// command, exit codes (2 usage, 1 operational) and JSON errors.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { chunkdBin, repoRoot, runTool } from '../helpers/node-process.ts';
+import { commandHelp, commands, type CommandKey } from '../../src/cli/help.ts';
+import { chunkdBin, makeTempDir, nodeBinary, repoRoot, runTool, startNode } from '../helpers/node-process.ts';
 
 const manifest = JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as {
   engines?: Record<string, string>;
@@ -55,4 +57,125 @@ test('bin/chunkd.js started by an older Node.js runs on the pinned Node 24', asy
   const result = await runTool(oldNode, [chunkdBin, 'status', '--api', path.join(repoRoot, 'no-such-dir', 'api.sock')]);
   assert.equal(result.code, 1);
   assert.match(result.stderr, /^chunkd: no chunkd node answers at/, 'the command ran (on the pinned Node 24)');
+});
+
+const run = (args: string[], options: { cwd?: string; env?: NodeJS.ProcessEnv } = {}) => runTool(nodeBinary, [chunkdBin, ...args], options);
+
+/** Runs `jobs` at most `width` at a time (each a chunkd process: the suite runs on 2 cores). */
+async function inBatches<T>(jobs: Array<() => Promise<T>>, width = 6): Promise<T[]> {
+  const results: T[] = [];
+  for (let i = 0; i < jobs.length; i += width) results.push(...(await Promise.all(jobs.slice(i, i + width).map((job) => job()))));
+  return results;
+}
+
+test('chunkd --version prints the package version', async () => {
+  const result = await run(['--version']);
+  assert.equal(result.code, 0, result.stderr);
+  assert.equal(result.stdout, `chunkd ${(JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as { version: string }).version}\n`);
+});
+
+test('every command and subcommand has --help, -h and help COMMAND: every option listed, exit 0, nothing touched', async () => {
+  const keys = Object.keys(commands) as CommandKey[];
+  // Every option of every entry is in its help (the parsers take their options from the same entries).
+  for (const key of keys) {
+    const text = commandHelp(key);
+    assert.match(text, new RegExp(`^usage: chunkd ${key}`), key);
+    for (const option of Object.keys(commands[key].options)) assert.match(text, new RegExp(`^  (-\\w, )?--${option}\\b`, 'm'), `${key} --help lists --${option}`);
+    assert.match(text, /^ {2}-h, --help/m, key);
+  }
+  const scratch = makeTempDir('help');
+  try {
+    const groups = [...new Set(keys.filter((key) => key.includes(' ')).map((key) => key.split(' ')[0]!))];
+    assert.deepEqual(groups.sort(), ['peer', 'snapshot', 'tls', 'volume']);
+    // The help flag after arguments and options that would otherwise run the command (fsck would check ./data,
+    // serve would start a node on it), and help COMMAND, for each entry; each group's help lists its entries.
+    const cases = [
+      ...keys.filter((key) => key !== 'help').map((key) => ({ key, args: [...key.split(' '), 'x', '--json', key.length % 2 === 0 ? '-h' : '--help'] })),
+      ...['serve', 'volume create', 'fsck', 'help'].map((key) => ({ key, args: ['help', ...key.split(' ')] })),
+      { key: 'help', args: ['help', '--help'] },
+    ];
+    const results = await inBatches(cases.map(({ key, args }) => async () => ({ key, args, result: await run(args, { cwd: scratch }) })));
+    for (const { key, args, result } of results) {
+      const what = `chunkd ${args.join(' ')}`;
+      assert.equal(result.code, 0, `${what}: ${result.stderr}`);
+      assert.equal(result.stderr, '', what);
+      assert.ok(result.stdout.startsWith(`${commandHelp(key)}\n`), what);
+    }
+    // bench's options are the suite's own, which it prints after ours.
+    assert.match(results.find((entry) => entry.key === 'bench')!.result.stdout, /--target DIR/);
+    const groupResults = await inBatches(groups.map((group) => () => run([group, '--help'], { cwd: scratch })));
+    for (const [i, group] of groups.entries()) {
+      assert.equal(groupResults[i]!.code, 0, groupResults[i]!.stderr);
+      for (const key of keys.filter((other) => other.startsWith(`${group} `))) assert.match(groupResults[i]!.stdout, new RegExp(`^  ${key}\\b`, 'm'), `${group} --help lists ${key}`);
+    }
+    const [general, dashed] = await Promise.all([run(['help'], { cwd: scratch }), run(['--help'], { cwd: scratch })]);
+    assert.equal(general.code, 0);
+    for (const key of keys) assert.match(general.stdout, new RegExp(`^  ${key}\\b`, 'm'), `chunkd help lists ${key}`);
+    assert.equal(dashed.stdout, general.stdout);
+    assert.deepEqual(fs.readdirSync(scratch), [], 'no help wrote anything (no ./data)');
+  } finally {
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+});
+
+test('usage errors exit 2, operational errors 1; under --json an error is one JSON object on stderr', async () => {
+  const scratch = makeTempDir('exit');
+  const node = await startNode(path.join(scratch, 'pool'));
+  try {
+    const env = { ...process.env, CHUNKD_API: node.apiSocket };
+    // Every command, an unknown option: a usage error (the switch in main.ts reaches each one: not "unknown command").
+    const topLevel = [...new Set(Object.keys(commands).map((key) => key.split(' ')[0]!))].filter((word) => word !== 'help');
+    const unknownOption = await inBatches(
+      Object.keys(commands)
+        .filter((key) => key !== 'help')
+        .map((key) => async () => ({ key, result: await run([...key.split(' '), '--no-such-option'], { cwd: scratch, env }) })),
+    );
+    assert.ok(topLevel.every((word) => unknownOption.some((entry) => entry.key.split(' ')[0] === word)));
+    for (const { key, result } of unknownOption) {
+      assert.equal(result.code, 2, `${key} --no-such-option: ${result.stderr}`);
+      assert.match(result.stderr, /no-such-option/, key);
+      assert.doesNotMatch(result.stderr, /unknown command/, key);
+    }
+    const cases: Array<{ args: string[]; exit: number; code: string; message: RegExp; textOnly?: boolean }> = [
+      { args: ['frobnicate'], exit: 2, code: 'EUSAGE', message: /unknown command "frobnicate"/ },
+      { args: ['volume'], exit: 2, code: 'EUSAGE', message: /volume needs a command: create, list, info, resize, rm/ },
+      { args: ['volume', 'frob'], exit: 2, code: 'EUSAGE', message: /unknown volume command "frob"/ },
+      { args: ['volume', 'create', 'v1'], exit: 2, code: 'EUSAGE', message: /needs --size SIZE/ },
+      { args: ['volume', 'create', 'v1', '--size', 'lots'], exit: 2, code: 'EINVAL', message: /invalid size "lots"/ },
+      { args: ['volume', 'create', '--size', '1MiB', '--', '../x'], exit: 2, code: 'EBADNAME', message: /invalid volume name/ },
+      { args: ['volume', 'list', '--size', '1MiB'], exit: 2, code: 'EUSAGE', message: /Unknown option '--size'/ },
+      { args: ['snapshot', 'create', 'v1'], exit: 2, code: 'EUSAGE', message: /usage: chunkd snapshot create VOL SNAP/ },
+      { args: ['serve', '--listen', 'nowhere'], exit: 2, code: 'EINVAL', message: /invalid --listen "nowhere"/, textOnly: true },
+      { args: ['help', 'frobnicate'], exit: 2, code: 'EUSAGE', message: /no command "frobnicate"/ },
+      // Operational: the command line is right, the node or the world says no.
+      { args: ['volume', 'info', 'absent'], exit: 1, code: 'ENOENT', message: /no volume named absent/ },
+      { args: ['volume', 'create', 'v1', '--size', '1000'], exit: 1, code: 'EINVAL', message: /multiple of 4 KiB/ },
+      { args: ['volume', 'info', 'v1', '--api', path.join(scratch, 'nobody.sock')], exit: 1, code: 'ENOENT', message: /no chunkd node answers/ },
+      { args: ['fsck', '--pool', node.pool], exit: 2, code: 'EBUSY', message: /fsck could not run: .*in use by another chunkd process/ },
+    ];
+    const withJson = (args: string[]): string[] => {
+      const end = args.indexOf('--');
+      return end < 0 ? [...args, '--json'] : [...args.slice(0, end), '--json', ...args.slice(end)];
+    };
+    const runs = cases.flatMap((entry) => (entry.textOnly === true ? [false] : [false, true]).map((json) => ({ ...entry, json, all: json ? withJson(entry.args) : entry.args })));
+    const results = await inBatches(runs.map((entry) => () => run(entry.all, { cwd: scratch, env })));
+    for (const [i, { all, exit, code, message, json }] of runs.entries()) {
+      const result = results[i]!;
+      const what = `chunkd ${all.join(' ')}`;
+      assert.equal(result.code, exit, `${what}: ${result.stderr}`);
+      assert.equal(result.stdout, '', what);
+      assert.equal(result.stderr.split('\n').length, 2, `${what}: one line on stderr`);
+      if (json) {
+        const error = (JSON.parse(result.stderr) as { error: { code: string; message: string } }).error;
+        assert.equal(error.code, code, what);
+        assert.match(error.message, message, what);
+      } else assert.match(result.stderr, new RegExp(`^chunkd: .*${message.source}`), what);
+    }
+    const bare = await run([], { cwd: scratch });
+    assert.equal(bare.code, 2);
+    assert.match(bare.stderr, /^usage: chunkd <command>/);
+  } finally {
+    await node.stop();
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
 });
