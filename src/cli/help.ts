@@ -59,6 +59,7 @@ export const commands = {
       'peer-listen': { type: 'string', value: 'HOST:PORT', help: 'the node-to-node port, mutual TLS with the CA of --tls-dir only (off by default)' },
       'peer-allow': { type: 'string', multiple: true, value: 'NAME,...', help: 'let in only these peer names (repeatable; default: any the CA signed)' },
       'api-listen': { type: 'string', value: 'HOST:PORT', help: 'the management API on TCP as well, mutual TLS with client certificates from the CA of --tls-dir' },
+      'metrics-listen': { type: 'string', value: 'HOST:PORT', help: 'GET /metrics (Prometheus text) on plain HTTP over TCP, read-only, nothing else on that port (off by default)' },
     },
   },
   'volume create': {

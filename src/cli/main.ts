@@ -248,7 +248,9 @@ async function statusCommand(argv: string[]): Promise<number> {
   const { values } = parsing(() => parseArgs({ args: argv, options: commands.status.options }));
   const status = (await callApi(apiPath(values.api), 'GET', '/v1/status')) as {
     pid: number;
+    version?: string;
     uptimeSeconds: number;
+    metricsListen?: string | null;
     pool: { directory: string; allocatedBytes: number; fileSystem: { freeBytes: number }; failure: string | null; commitError: string | null; metadataRepairsTotal: number };
     volumes: VolumeInfo[];
     nbd: { listen: string[]; connectionsOpen: number; requestsTotal: number };
@@ -259,7 +261,7 @@ async function statusCommand(argv: string[]): Promise<number> {
   };
   print(values.json, status, () =>
     [
-      `node pid ${status.pid}, up ${status.uptimeSeconds} s`,
+      `chunkd ${status.version ?? '(unknown version)'}, node pid ${status.pid}, up ${status.uptimeSeconds} s${status.metricsListen ? `, metrics on http://${status.metricsListen}/metrics` : ''}`,
       `pool ${status.pool.directory}: ${formatSize(status.pool.allocatedBytes)} allocated, ${formatSize(status.pool.fileSystem.freeBytes)} free on its file system${status.pool.failure ? `, FAILED: ${status.pool.failure}` : ''}`,
       ...(status.pool.failure === null && status.pool.commitError ? [`  last commit failed: ${status.pool.commitError}`] : []),
       ...(status.pool.metadataRepairsTotal > 0 ? [`  ${status.pool.metadataRepairsTotal} damaged metadata copies repaired at start (see the log)`] : []),

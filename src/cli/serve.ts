@@ -89,6 +89,7 @@ export function serveConfig(argv: string[]): Omit<NodeConfig, 'log'> {
       peer,
       apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: tlsDirectory! },
       tls: parseTls(values.tls ?? serveOptions.tls.fallback, tlsDirectory, values['tls-verify-peer'] === true, peer !== null || apiListen !== null),
+      metricsListen: values['metrics-listen'] === undefined ? null : parseListen(values['metrics-listen'], '--metrics-listen', '0.0.0.0:9810'),
     };
   });
 }
@@ -111,7 +112,8 @@ export async function serve(argv: string[]): Promise<number> {
   // One line on stdout when ready: scripts and tests wait for it (and read the port when --listen asked for 0).
   const peerAddresses = node.peerAddresses();
   const apiTls = node.api.tlsAddress();
-  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}${apiTls !== null ? ` ${apiTls}` : ''}${peerAddresses.length > 0 ? `, peer ${peerAddresses.join(' ')}` : ''}\n`);
+  const metrics = node.metricsAddress();
+  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}${apiTls !== null ? ` ${apiTls}` : ''}${peerAddresses.length > 0 ? `, peer ${peerAddresses.join(' ')}` : ''}${metrics !== null ? `, metrics ${metrics}` : ''}\n`);
   await stopping;
   log('stopping: finishing in-flight requests and committing');
   await node.stop();

@@ -107,3 +107,8 @@ export const streamHeaderBytesMax = 64 * KiB;
 export const streamRecordPayloadBytesMax = streamDataRecordBytesMax + 8;
 /** Stream bytes a receiver applies between durable resume points (a commit, then its resume state written). */
 export const receiveCommitBytes = 32 * MiB;
+
+/** Connections the metrics port (serve --metrics-listen) serves at once: a few scrapers, never a crowd. */
+export const metricsConnectionsMax = 16;
+/** Time a scraper has to send its request on the metrics port. */
+export const metricsRequestTimeoutMs = 10_000;

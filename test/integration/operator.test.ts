@@ -1,10 +1,11 @@
 // The operator's experience (issue 18): what installs, which Node.js runs chunkd, --version and --help on every
-// command, exit codes (2 usage, 1 operational) and JSON errors.
+// command, exit codes (2 usage, 1 operational) and JSON errors, metrics on TCP.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { commandHelp, commands, type CommandKey } from '../../src/cli/help.ts';
+import { TestNbdClient } from '../helpers/nbd-client.ts';
 import { chunkdBin, makeTempDir, nodeBinary, repoRoot, runTool, startNode } from '../helpers/node-process.ts';
 
 const manifest = JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as {
@@ -176,6 +177,58 @@ test('usage errors exit 2, operational errors 1; under --json an error is one JS
     assert.match(bare.stderr, /^usage: chunkd <command>/);
   } finally {
     await node.stop();
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+});
+
+test('serve --metrics-listen: GET /metrics over plain HTTP on TCP, with chunkd_build_info; nothing else on that port', async () => {
+  const scratch = makeTempDir('metrics');
+  const node = await startNode(path.join(scratch, 'pool'), ['--metrics-listen', '127.0.0.1:0', '--default-volume', 'vol1:1GiB']);
+  try {
+    const address = /, metrics (127\.0\.0\.1:\d+)/.exec(node.readyLine)?.[1];
+    assert.ok(address !== undefined, node.readyLine);
+    const url = (route: string): string => `http://${address}${route}`;
+    const client = await TestNbdClient.connect(node.nbdSocket, 'vol1');
+    await client.write(0, Buffer.alloc(64 * 1024, 0xab));
+    await client.flush();
+    await client.disconnect();
+    const scrape = await fetch(url('/metrics'));
+    assert.equal(scrape.status, 200);
+    assert.match(scrape.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/);
+    const text = await scrape.text();
+    const version = (JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as { version: string }).version;
+    assert.match(text, new RegExp(`^chunkd_build_info\\{version="${version.replaceAll('.', '\\.')}",nodejs="v\\d+\\.\\d+\\.\\d+"\\} 1$`, 'm'));
+    assert.match(text, /^# TYPE chunkd_build_info gauge$/m);
+    assert.match(text, /^chunkd_volume_size_bytes\{volume="vol1"\} 1073741824$/m);
+    assert.match(text, /^chunkd_volume_allocated_bytes\{volume="vol1"\} 65536$/m);
+    assert.ok(Number(/^chunkd_nbd_requests_total (\d+)$/m.exec(text)?.[1]) >= 2, 'the write and the flush are counted');
+    // The same metrics as on the API's socket (the scrapes differ only in what changed in between).
+    const overSocket = await runTool('curl', ['-s', '--unix-socket', node.apiSocket, 'http://chunkd/metrics']);
+    assert.match(overSocket.stdout, /^chunkd_build_info\{version=/m);
+    const head = await fetch(url('/metrics'), { method: 'HEAD' });
+    assert.equal(head.status, 200);
+    assert.equal(await head.text(), '');
+    assert.equal((await fetch(url('/metrics?name=x'))).status, 200, 'a query string changes nothing');
+    // Read-only, nothing else: other methods 405, the API's routes and anything else 404, and nothing changed.
+    for (const method of ['POST', 'PUT', 'DELETE', 'PATCH']) {
+      const refused = await fetch(url('/metrics'), { method, body: method === 'DELETE' ? undefined : '{}' });
+      assert.equal(refused.status, 405, method);
+      assert.equal(refused.headers.get('allow'), 'GET, HEAD');
+    }
+    for (const [method, route] of [['GET', '/'], ['GET', '/v1/status'], ['GET', '/v1/volumes'], ['POST', '/v1/volumes'], ['DELETE', '/v1/volumes/vol1'], ['GET', '/metrics/x'], ['GET', '/Plugin.Activate']] as const) {
+      const other = await fetch(url(route), { method, body: method === 'POST' ? JSON.stringify({ name: 'intruder', sizeBytes: 4096 }) : undefined });
+      assert.equal(other.status, 404, `${method} ${route}`);
+      await other.text();
+    }
+    const volumes = JSON.parse((await node.cli('volume', 'list', '--json')).stdout) as Array<{ name: string }>;
+    assert.deepEqual(volumes.map((volume) => volume.name), ['vol1']);
+    const status = JSON.parse((await node.cli('status', '--json')).stdout) as { version: string; metricsListen: string };
+    assert.deepEqual([status.version, status.metricsListen], [version, address]);
+    assert.match((await node.cli('status')).stdout, new RegExp(`^chunkd ${version.replaceAll('.', '\\.')}, node pid \\d+, up \\d+ s, metrics on http://${address}/metrics`));
+    assert.equal(await node.stop(), 0, node.stderr());
+    await assert.rejects(fetch(url('/metrics')), 'the port closes with the node');
+  } finally {
+    if (node.process.exitCode === null) await node.stop();
     fs.rmSync(scratch, { recursive: true, force: true });
   }
 });
