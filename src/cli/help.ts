@@ -11,7 +11,7 @@ export interface OptionSpec {
   /** What the value looks like in the help: SIZE, DIR, HOST:PORT. */
   value?: string;
   help: string;
-  /** The value when the command line gives none; applied by the command (a parseArgs default would hide that none was given). */
+  /** The value when the command line (and, for serve, the environment) gives none; applied by the command (a parseArgs default would hide that none was given). */
   fallback?: string;
 }
 
@@ -23,6 +23,8 @@ export interface CommandSpec {
   /** Paragraphs after the summary in the command's own help. */
   details?: readonly string[];
   options: Readonly<Record<string, OptionSpec>>;
+  /** Each option can also come from the environment, CHUNKD_<OPTION> (environmentName); the command line wins. */
+  environment?: boolean;
   /** Its options belong to another program, which prints them for --help (bench: bench/suite.ts). */
   helpFromCommand?: boolean;
 }
@@ -42,6 +44,7 @@ export const commands = {
       'Prints one "chunkd ready: ..." line on stdout when it serves; logs go to stderr. SIGINT/SIGTERM: stop accepting, finish in-flight requests, sync and unmount attached file systems, commit, exit 0.',
       'One --tls-dir (a node\'s set from chunkd tls init) serves NBD\'s TLS, the peer port and the API on TCP.',
     ],
+    environment: true,
     options: {
       pool: { type: 'string', value: 'DIR', fallback: 'data', help: 'the pool directory (created if missing)' },
       listen: { type: 'string', value: 'HOST:PORT|none', fallback: '127.0.0.1:10809', help: 'NBD on TCP (port 0: any free port), or none' },
@@ -176,6 +179,11 @@ export type CommandKey = keyof typeof commands;
 /** The table as plain specs (for code that walks it). */
 const table: Readonly<Record<string, CommandSpec>> = commands;
 
+/** CHUNKD_<OPTION>: the environment variable of an option (serve --tls-dir: CHUNKD_TLS_DIR). */
+export function environmentName(option: string): string {
+  return `CHUNKD_${option.toUpperCase().replaceAll('-', '_')}`;
+}
+
 /**
  * The entry that the leading words of `words` name, longest first ("volume create vol1" is "volume create"), or
  * a group ("volume") when only entries under it exist; null when nothing matches.
@@ -207,6 +215,8 @@ export function commandWords(argv: readonly string[]): string[] {
 }
 
 const column = 26;
+/** Stands for a space that wrap() must not break at. */
+const keepTogether = '\u0000';
 const widthMax = 116;
 
 /** `text` cut into lines of at most `width` characters at spaces. */
@@ -228,7 +238,7 @@ function formatRows(rows: Array<[string, string]>, at = column): string[] {
     const [first = '', ...more] = right === '' ? [''] : wrap(right, widthMax - at);
     const indent = ' '.repeat(at);
     const head = left.length + 4 <= at ? [`  ${left.padEnd(at - 2)}${first}`.trimEnd()] : [`  ${left}`, ...(first === '' ? [] : [`${indent}${first}`])];
-    return [...head, ...more.map((line) => `${indent}${line}`)];
+    return [...head, ...more.map((line) => `${indent}${line}`)].map((line) => line.replaceAll(keepTogether, ' '));
   });
 }
 
@@ -270,9 +280,21 @@ export function commandHelp(key: string): string {
   for (const paragraph of spec.details ?? []) lines.push('', ...wrap(paragraph, widthMax));
   const rows: Array<[string, string]> = Object.entries(spec.options).map(([name, option]) => {
     const flag = `${option.short === undefined ? '' : `-${option.short}, `}--${name}${option.value === undefined ? '' : ` ${option.value}`}`;
-    return [flag, `${option.help}${option.fallback === undefined ? '' : ` [default ${option.fallback}]`}`];
+    const notes = [...(spec.environment === true ? [`env ${environmentName(name)}`] : []), ...(option.fallback === undefined ? [] : [`default ${option.fallback}`])];
+    // The notes stay whole on one line: their spaces are not places to wrap (formatRows puts them back).
+    const noteText = notes.length === 0 ? '' : ` [${notes.join('; ').replaceAll(' ', keepTogether)}]`;
+    return [flag, `${option.help}${noteText}`];
   });
   rows.push(['-h, --help', 'this help']);
   lines.push('', 'options:', ...formatRows(rows));
+  if (spec.environment === true) {
+    const text =
+      'Every option can also come from the environment variable named after it: CHUNKD_ and the option in capitals, dashes as underscores ' +
+      '(--tls-dir: CHUNKD_TLS_DIR), for a service unit or a container. The command line wins; an empty variable counts as unset. A switch ' +
+      'takes 1, true, yes or on, or 0, false, no or off; a repeatable option takes commas (CHUNKD_PEER_ALLOW=b,c). CHUNKD_TLS_DIR and CHUNKD_API, ' +
+      "which the other commands read to reach a node, are ignored where they cannot be serve's: CHUNKD_TLS_DIR when nothing of serve's uses it, " +
+      'CHUNKD_API when it is HOST:PORT (a node\'s API on TCP, not a socket path).';
+    lines.push('', ...wrap(text, widthMax));
+  }
   return lines.join('\n');
 }

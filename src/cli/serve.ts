@@ -6,8 +6,8 @@ import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
 import { parseSize } from '../core/units.ts';
 import { ChunkdNode, type NodeConfig, type PeerConfig } from '../node/node.ts';
-import { parsing } from './errors.ts';
-import { commands } from './help.ts';
+import { parsing, UsageError } from './errors.ts';
+import { commands, environmentName, type OptionSpec } from './help.ts';
 
 /** Parses HOST:PORT (IPv6 as [::1]:PORT), or "none" for no TCP listener. */
 export function parseListen(text: string, option = '--listen', example = '127.0.0.1:10809'): { host: string; port: number } | null {
@@ -66,32 +66,77 @@ function parseOnOff(text: string, option: string): boolean {
 }
 
 const serveOptions = commands.serve.options;
+/** HOST:PORT as the CLI's --api takes it for an API on TCP (cli/api-client.ts). */
+const tcpAddressPattern = /^(?:\[[^\]]+\]|[A-Za-z0-9.-]+):\d{1,5}$/;
 
-/** The node's configuration (all but its log) from serve's arguments; a wrong one is a usage error, and nothing has started. */
-export function serveConfig(argv: string[]): Omit<NodeConfig, 'log'> {
-  return parsing(() => {
-    const { values } = parseArgs({ args: argv, options: serveOptions });
-    const tlsDirectory = values['tls-dir'];
-    const peer = parsePeerOptions(values['peer-listen'], tlsDirectory, values['peer-allow']);
-    const apiListen = values['api-listen'] === undefined ? null : parseListen(values['api-listen'], '--api-listen', '0.0.0.0:10811');
-    if (apiListen !== null && tlsDirectory === undefined) throw ChunkdError.invalid('--api-listen needs --tls-dir DIR: the API on TCP is mutual TLS only');
-    return {
-      poolDirectory: values.pool ?? serveOptions.pool.fallback,
-      listen: parseListen(values.listen ?? serveOptions.listen.fallback),
-      nbdSocketPath: values.socket ?? null,
-      apiSocketPath: values.api ?? null,
-      defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
-      workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
-      nbdThreads: parseWorkers(values['nbd-threads'] ?? serveOptions['nbd-threads'].fallback, '--nbd-threads'),
-      verifyReads: parseOnOff(values['verify-reads'] ?? serveOptions['verify-reads'].fallback, '--verify-reads'),
-      fuseDirectory: values.fuse ?? null,
-      pluginSocketPath: values['plugin-socket'] ?? null,
-      peer,
-      apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: tlsDirectory! },
-      tls: parseTls(values.tls ?? serveOptions.tls.fallback, tlsDirectory, values['tls-verify-peer'] === true, peer !== null || apiListen !== null),
-      metricsListen: values['metrics-listen'] === undefined ? null : parseListen(values['metrics-listen'], '--metrics-listen', '0.0.0.0:9810'),
-    };
-  });
+/**
+ * The values of serve's options: the command line's, else the environment's (CHUNKD_POOL for --pool, ...; an
+ * empty variable is unset); and which came from the environment.
+ */
+function serveValues(argv: string[], env: NodeJS.ProcessEnv): { values: ServeValues; fromEnvironment: Set<string> } {
+  const { values } = parseArgs({ args: argv, options: serveOptions });
+  const merged: Record<string, string | boolean | string[] | undefined> = { ...values };
+  const fromEnvironment = new Set<string>();
+  for (const [name, option] of Object.entries(serveOptions) as Array<[string, OptionSpec]>) {
+    const text = env[environmentName(name)];
+    if (merged[name] !== undefined || text === undefined || text === '') continue;
+    fromEnvironment.add(name);
+    if (option.type === 'boolean') {
+      if (!/^(1|true|yes|on|0|false|no|off)$/i.test(text)) throw ChunkdError.invalid(`invalid ${environmentName(name)}="${text}": 1, true, yes or on, or 0, false, no or off`);
+      merged[name] = /^(1|true|yes|on)$/i.test(text);
+    } else merged[name] = option.multiple === true ? text.split(',') : text;
+  }
+  return { values: merged as ServeValues, fromEnvironment };
+}
+
+type ServeValues = ReturnType<typeof parseArgs<{ options: typeof serveOptions }>>['values'];
+
+/**
+ * The node's configuration (all but its log) from serve's arguments and the environment (`env`, CHUNKD_*); a
+ * wrong one is a usage error, and nothing has started.
+ */
+export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): Omit<NodeConfig, 'log'> {
+  let fromEnvironment = new Set<string>();
+  try {
+    return parsing(() => {
+      const parsed = serveValues(argv, env);
+      fromEnvironment = parsed.fromEnvironment;
+      return configFrom(parsed.values, fromEnvironment);
+    });
+  } catch (error) {
+    // "invalid --listen ..." where the value came from CHUNKD_LISTEN says so.
+    if (!(error instanceof UsageError)) throw error;
+    const names = [...fromEnvironment].filter((name) => error.message.includes(`--${name}`));
+    if (names.length === 0) throw error;
+    throw new UsageError(`${error.message} (from ${names.map((name) => `$${environmentName(name)}`).join(', ')})`, error.code);
+  }
+}
+
+function configFrom(values: ServeValues, fromEnvironment: Set<string>): Omit<NodeConfig, 'log'> {
+  const given = (text: string | undefined): boolean => text !== undefined && text !== 'none';
+  const tlsInUse = (values.tls ?? 'off') !== 'off' || given(values['peer-listen']) || given(values['api-listen']);
+  // The other commands read CHUNKD_TLS_DIR for their client pair: set for them, it must not stop a plain serve.
+  const tlsDirectory = fromEnvironment.has('tls-dir') && !tlsInUse ? undefined : values['tls-dir'];
+  const peer = parsePeerOptions(values['peer-listen'], tlsDirectory, values['peer-allow']);
+  const apiListen = values['api-listen'] === undefined ? null : parseListen(values['api-listen'], '--api-listen', '0.0.0.0:10811');
+  if (apiListen !== null && tlsDirectory === undefined) throw ChunkdError.invalid('--api-listen needs --tls-dir DIR: the API on TCP is mutual TLS only');
+  return {
+    poolDirectory: values.pool ?? serveOptions.pool.fallback,
+    listen: parseListen(values.listen ?? serveOptions.listen.fallback),
+    nbdSocketPath: values.socket ?? null,
+    // CHUNKD_API may name a node's API on TCP for the other commands (HOST:PORT): no socket path for serve.
+    apiSocketPath: values.api === undefined || (fromEnvironment.has('api') && tcpAddressPattern.test(values.api)) ? null : values.api,
+    defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
+    workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
+    nbdThreads: parseWorkers(values['nbd-threads'] ?? serveOptions['nbd-threads'].fallback, '--nbd-threads'),
+    verifyReads: parseOnOff(values['verify-reads'] ?? serveOptions['verify-reads'].fallback, '--verify-reads'),
+    fuseDirectory: values.fuse ?? null,
+    pluginSocketPath: values['plugin-socket'] ?? null,
+    peer,
+    apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: tlsDirectory! },
+    tls: parseTls(values.tls ?? serveOptions.tls.fallback, tlsDirectory, values['tls-verify-peer'] === true, peer !== null || apiListen !== null),
+    metricsListen: values['metrics-listen'] === undefined ? null : parseListen(values['metrics-listen'], '--metrics-listen', '0.0.0.0:9810'),
+  };
 }
 
 export async function serve(argv: string[]): Promise<number> {

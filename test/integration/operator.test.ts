@@ -1,10 +1,13 @@
 // The operator's experience (issue 18): what installs, which Node.js runs chunkd, --version and --help on every
-// command, exit codes (2 usage, 1 operational) and JSON errors, metrics on TCP.
+// command, exit codes (2 usage, 1 operational) and JSON errors, metrics on TCP, serve's options from CHUNKD_*.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { commandHelp, commands, type CommandKey } from '../../src/cli/help.ts';
+import { UsageError } from '../../src/cli/errors.ts';
+import { commandHelp, commands, environmentName, type CommandKey } from '../../src/cli/help.ts';
+import { serveConfig } from '../../src/cli/serve.ts';
 import { TestNbdClient } from '../helpers/nbd-client.ts';
 import { chunkdBin, makeTempDir, nodeBinary, repoRoot, runTool, startNode } from '../helpers/node-process.ts';
 
@@ -229,6 +232,97 @@ test('serve --metrics-listen: GET /metrics over plain HTTP on TCP, with chunkd_b
     await assert.rejects(fetch(url('/metrics')), 'the port closes with the node');
   } finally {
     if (node.process.exitCode === null) await node.stop();
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+});
+
+test('serve takes every option from CHUNKD_* as well; the command line wins; serve --help names each variable', () => {
+  const help = commandHelp('serve');
+  for (const option of Object.keys(commands.serve.options)) assert.match(help, new RegExp(`--${option}\\b[\\s\\S]*?\\[env ${environmentName(option)}[;\\]]`), `serve --help names ${environmentName(option)}`);
+  const fromEnvironment = serveConfig([], {
+    CHUNKD_POOL: '/srv/pool',
+    CHUNKD_LISTEN: '0.0.0.0:10900',
+    CHUNKD_SOCKET: '/run/chunkd/nbd.sock',
+    CHUNKD_API: '/run/chunkd/api.sock',
+    CHUNKD_DEFAULT_VOLUME: 'vol:1GiB',
+    CHUNKD_WORKERS: '3',
+    CHUNKD_NBD_THREADS: '2',
+    CHUNKD_VERIFY_READS: 'off',
+    CHUNKD_FUSE: '/srv/fuse',
+    CHUNKD_PLUGIN_SOCKET: '/run/docker/plugins/chunkd.sock',
+    CHUNKD_TLS: 'require',
+    CHUNKD_TLS_DIR: '/etc/chunkd/a',
+    CHUNKD_TLS_VERIFY_PEER: 'yes',
+    CHUNKD_PEER_LISTEN: '0.0.0.0:10810',
+    CHUNKD_PEER_ALLOW: 'b,c',
+    CHUNKD_API_LISTEN: '0.0.0.0:10811',
+    CHUNKD_METRICS_LISTEN: '0.0.0.0:9810',
+  });
+  assert.deepEqual(fromEnvironment, {
+    poolDirectory: '/srv/pool',
+    listen: { host: '0.0.0.0', port: 10900 },
+    nbdSocketPath: '/run/chunkd/nbd.sock',
+    apiSocketPath: '/run/chunkd/api.sock',
+    defaultVolume: { name: 'vol', sizeBytes: 2 ** 30 },
+    workers: 3,
+    nbdThreads: 2,
+    verifyReads: false,
+    fuseDirectory: '/srv/fuse',
+    pluginSocketPath: '/run/docker/plugins/chunkd.sock',
+    peer: { listen: { host: '0.0.0.0', port: 10810 }, tlsDirectory: '/etc/chunkd/a', allow: ['b', 'c'] },
+    apiTls: { listen: { host: '0.0.0.0', port: 10811 }, tlsDirectory: '/etc/chunkd/a' },
+    tls: { mode: 'require', directory: '/etc/chunkd/a', verifyPeer: true },
+    metricsListen: { host: '0.0.0.0', port: 9810 },
+  });
+  // Nothing set: the defaults; the command line wins over the environment; an empty variable is unset.
+  const defaults = serveConfig([], {});
+  assert.deepEqual([defaults.poolDirectory, defaults.listen, defaults.verifyReads, defaults.tls, defaults.metricsListen], ['data', { host: '127.0.0.1', port: 10809 }, true, null, null]);
+  const wins = serveConfig(['--pool', '/cli/pool', '--verify-reads', 'on', '--tls-verify-peer', '--tls', 'on', '--tls-dir', '/cli/tls'], { CHUNKD_POOL: '/env/pool', CHUNKD_VERIFY_READS: 'off', CHUNKD_TLS_VERIFY_PEER: 'false', CHUNKD_TLS_DIR: '/env/tls', CHUNKD_LISTEN: '' });
+  assert.deepEqual([wins.poolDirectory, wins.verifyReads, wins.tls, wins.listen], ['/cli/pool', true, { mode: 'on', directory: '/cli/tls', verifyPeer: true }, { host: '127.0.0.1', port: 10809 }]);
+  // The variables the other commands read to reach a node do not trouble a plain serve.
+  const client = serveConfig([], { CHUNKD_TLS_DIR: '/etc/chunkd/admin', CHUNKD_API: '10.0.0.2:10811' });
+  assert.deepEqual([client.tls, client.apiSocketPath], [null, null]);
+  // A bad value is a usage error that names its variable.
+  assert.throws(() => serveConfig([], { CHUNKD_LISTEN: 'nowhere' }), (error: UsageError) => error instanceof UsageError && /invalid --listen "nowhere".*\(from \$CHUNKD_LISTEN\)/.test(error.message));
+  assert.throws(() => serveConfig([], { CHUNKD_TLS_VERIFY_PEER: 'maybe' }), (error: UsageError) => error instanceof UsageError && /CHUNKD_TLS_VERIFY_PEER="maybe"/.test(error.message));
+  assert.throws(() => serveConfig(['--listen', 'nowhere'], {}), (error: UsageError) => error instanceof UsageError && !error.message.includes('from $'));
+});
+
+test('a node started from the environment alone serves as its variables say', async () => {
+  const scratch = makeTempDir('env');
+  const pool = path.join(scratch, 'pool');
+  const env = {
+    ...process.env,
+    CHUNKD_POOL: pool,
+    CHUNKD_LISTEN: 'none',
+    CHUNKD_SOCKET: path.join(scratch, 'nbd.sock'),
+    CHUNKD_API: path.join(scratch, 'api.sock'),
+    CHUNKD_DEFAULT_VOLUME: 'fromenv:64MiB',
+    CHUNKD_METRICS_LISTEN: '127.0.0.1:0',
+    CHUNKD_WORKERS: '0',
+  };
+  const child = spawn(nodeBinary, [chunkdBin, 'serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
+  try {
+    const ready = await new Promise<string>((resolve, reject) => {
+      let stdout = '';
+      child.stdout.on('data', (chunk: Buffer) => {
+        stdout += chunk.toString();
+        if (stdout.includes('\n')) resolve(stdout.split('\n')[0]!);
+      });
+      void exited.then((code) => reject(new Error(`serve exited ${code}: ${stderr}`)));
+    });
+    assert.match(ready, new RegExp(`^chunkd ready: pool ${pool}, nbd ${path.join(scratch, 'nbd.sock')}, api ${path.join(scratch, 'api.sock')}, metrics 127\\.0\\.0\\.1:\\d+$`));
+    const client = await TestNbdClient.connect(path.join(scratch, 'nbd.sock'), 'fromenv');
+    assert.equal(client.sizeBytes, 64 * 2 ** 20);
+    await client.disconnect();
+    const status = JSON.parse((await run(['status', '--json'], { env })).stdout) as { io: { engine: string } };
+    assert.equal(status.io.engine, 'inline', 'CHUNKD_WORKERS=0: chunk I/O on the main thread');
+  } finally {
+    child.kill('SIGTERM');
+    assert.equal(await exited, 0, stderr);
     fs.rmSync(scratch, { recursive: true, force: true });
   }
 });
