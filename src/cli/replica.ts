@@ -3,47 +3,51 @@
 //   replica add VOL --peer HOST:PORT [--every 30s] [--max-rate 200MiB/s]
 //   replica list · replica status VOL · replica sync VOL [--peer HOST:PORT] · replica remove VOL --peer HOST:PORT
 import { parseArgs } from 'node:util';
-import { ChunkdError } from '../core/errors.ts';
 import { validateName } from '../core/names.ts';
 import { formatDuration, formatSize, parseDuration, parseRate } from '../core/units.ts';
 import type { CycleResult, ReplicaStatus } from '../replication/replicator.ts';
 import { callApi } from './api-client.ts';
+import { parsing, UsageError } from './errors.ts';
+import { commands, unknownVerb } from './help.ts';
 
-export const replicaUsage = `usage: chunkd replica add VOL --peer HOST:PORT [--every 30s] [--max-rate 200MiB/s]
-       chunkd replica list | status VOL | sync VOL [--peer HOST:PORT] | remove VOL --peer HOST:PORT
-       chunkd replica promote VOL | demote VOL [--owner HOST:PORT]   (each takes --json)`;
+const verbs = ['add', 'list', 'status', 'sync', 'remove', 'promote', 'demote'] as const;
+type Verb = (typeof verbs)[number];
 
 export async function replicaCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
   const [verb, ...rest] = argv;
-  const { values, positionals } = parseArgs({
-    args: rest,
-    allowPositionals: true,
-    options: { api: { type: 'string' }, json: { type: 'boolean' }, peer: { type: 'string' }, every: { type: 'string' }, 'max-rate': { type: 'string' }, owner: { type: 'string' } },
-  });
-  const socket = apiPath(values.api);
-  const volume = (): string => {
-    if (positionals.length !== 1) throw ChunkdError.invalid(`replica ${verb} takes one volume name\n${replicaUsage}`);
-    return validateName(positionals[0]);
+  if (!verbs.includes(verb as Verb)) throw unknownVerb('replica', verb);
+  const spec = commands[`replica ${verb as Verb}`];
+  const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: spec.options })) as {
+    values: { api?: string; json?: boolean; peer?: string; every?: string; 'max-rate'?: string; owner?: string };
+    positionals: string[];
   };
+  const socket = apiPath(values.api);
+  const usage = `usage: chunkd ${spec.usage[0]}`;
+  const volume = (): string => parsing(() => {
+    if (positionals.length !== 1) throw new UsageError(usage);
+    return validateName(positionals[0]);
+  });
   const route = (name: string, tail = 'replicas'): string => `/v1/volumes/${encodeURIComponent(name)}/${tail}`;
   const print = (value: unknown, text: () => string): void => {
     process.stdout.write(values.json === true ? `${JSON.stringify(value, null, 2)}\n` : `${text()}\n`);
   };
-  switch (verb) {
+  switch (verb as Verb) {
     case 'add': {
       const name = volume();
-      if (values.peer === undefined) throw ChunkdError.invalid(`replica add needs --peer HOST:PORT (the other node's --peer-listen)\n${replicaUsage}`);
-      const body = {
-        peer: values.peer,
-        everyMs: values.every === undefined ? undefined : parseDuration(values.every, '--every'),
-        maxRateBytesPerSecond: values['max-rate'] === undefined ? null : parseRate(values['max-rate'], '--max-rate'),
-      };
+      const body = parsing(() => {
+        if (values.peer === undefined) throw new UsageError(`replica add needs --peer HOST:PORT (the other node's --peer-listen)\n${usage}`);
+        return {
+          peer: values.peer,
+          everyMs: values.every === undefined ? undefined : parseDuration(values.every, '--every'),
+          maxRateBytesPerSecond: values['max-rate'] === undefined ? null : parseRate(values['max-rate'], '--max-rate'),
+        };
+      });
       const status = (await callApi(socket, 'POST', route(name), body)) as ReplicaStatus;
       print(status, () => `replicating ${name} to ${status.peer} every ${formatDuration(status.everyMs)}${status.maxRateBytesPerSecond === null ? '' : ` at most ${formatSize(status.maxRateBytesPerSecond)}/s`}: the first copy starts now (chunkd replica status ${name})`);
       return 0;
     }
     case 'list': {
-      if (positionals.length !== 0) throw ChunkdError.invalid(replicaUsage);
+      if (positionals.length !== 0) throw new UsageError(usage);
       const { replicas } = (await callApi(socket, 'GET', '/v1/replicas')) as { replicas: ReplicaStatus[] };
       print({ replicas }, () => (replicas.length === 0 ? 'no replicas' : replicas.map(describeReplica).join('\n')));
       return 0;
@@ -63,7 +67,7 @@ export async function replicaCommand(argv: string[], apiPath: (option: string | 
     }
     case 'remove': {
       const name = volume();
-      if (values.peer === undefined) throw ChunkdError.invalid(`replica remove needs --peer HOST:PORT\n${replicaUsage}`);
+      if (values.peer === undefined) throw new UsageError(`replica remove needs --peer HOST:PORT\n${usage}`);
       const answer = await callApi(socket, 'DELETE', route(name), { peer: values.peer });
       print(answer, () => `stopped replicating ${name} to ${values.peer} (the replica there stays; remove it there if it is not wanted)`);
       return 0;
@@ -80,8 +84,6 @@ export async function replicaCommand(argv: string[], apiPath: (option: string | 
       print(answer, () => `${name} is a replica of ${answer.owner} now, from ${answer.base}${answer.keptAs === null ? '' : `; this node's writes after it are kept in ${name}@${answer.keptAs} (chunkd clone ${name}@${answer.keptAs} NEW to read them)`}; on ${answer.owner}: chunkd replica add ${name} --peer THIS-NODE:PORT`);
       return 0;
     }
-    default:
-      throw ChunkdError.invalid(`unknown replica command "${verb ?? ''}"\n${replicaUsage}`);
   }
 }
 

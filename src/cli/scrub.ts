@@ -3,25 +3,22 @@
 // Exit 0 when everything checked is intact, 1 when any extent is damaged (or the scrub failed).
 import { parseArgs } from 'node:util';
 import cliProgress from 'cli-progress';
-import { ChunkdError } from '../core/errors.ts';
 import { validateName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
 import type { VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import { callApi } from './api-client.ts';
+import { parsing, UsageError } from './errors.ts';
+import { commands } from './help.ts';
 
 export async function scrubCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: { api: { type: 'string' }, json: { type: 'boolean' }, all: { type: 'boolean' } },
-  });
+  const { values, positionals } = parsing(() => parseArgs({ args: argv, allowPositionals: true, options: commands.scrub.options }));
   const socket = apiPath(values.api);
-  if ((values.all === true) === (positionals.length > 0) || positionals.length > 1) throw ChunkdError.invalid('usage: chunkd scrub VOL | --all [--json]');
-  const volumes =
-    values.all === true
-      ? ((await callApi(socket, 'GET', '/v1/volumes')) as { volumes: VolumeInfo[] }).volumes.map((volume) => volume.name)
-      : [validateName(positionals[0])];
+  const named = parsing(() => {
+    if ((values.all === true) === (positionals.length > 0) || positionals.length > 1) throw new UsageError('usage: chunkd scrub VOL | --all [--json]');
+    return values.all === true ? null : validateName(positionals[0]);
+  });
+  const volumes = named === null ? ((await callApi(socket, 'GET', '/v1/volumes')) as { volumes: VolumeInfo[] }).volumes.map((volume) => volume.name) : [named];
   const reports: ScrubReport[] = [];
   for (const volume of volumes) reports.push(await scrubOne(socket, volume, values.json !== true && process.stderr.isTTY === true));
   const badExtents = reports.flatMap((report) => report.badExtents);

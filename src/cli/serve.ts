@@ -5,7 +5,9 @@ import { installFailStop } from '../core/fail-stop.ts';
 import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
 import { parseSize } from '../core/units.ts';
-import { ChunkdNode, type PeerConfig } from '../node/node.ts';
+import { ChunkdNode, type NodeConfig, type PeerConfig } from '../node/node.ts';
+import { parsing, UsageError } from './errors.ts';
+import { commands, environmentName, type OptionSpec } from './help.ts';
 
 /** Parses HOST:PORT (IPv6 as [::1]:PORT), or "none" for no TCP listener. */
 export function parseListen(text: string, option = '--listen', example = '127.0.0.1:10809'): { host: string; port: number } | null {
@@ -63,52 +65,88 @@ function parseOnOff(text: string, option: string): boolean {
   return text === 'on';
 }
 
-export async function serve(argv: string[]): Promise<number> {
-  const { values } = parseArgs({
-    args: argv,
-    options: {
-      pool: { type: 'string', default: 'data' },
-      listen: { type: 'string', default: '127.0.0.1:10809' },
-      socket: { type: 'string' },
-      api: { type: 'string' },
-      'default-volume': { type: 'string' },
-      workers: { type: 'string' },
-      'nbd-threads': { type: 'string' },
-      'verify-reads': { type: 'string', default: 'on' },
-      fuse: { type: 'string' },
-      'plugin-socket': { type: 'string' },
-      tls: { type: 'string', default: 'off' },
-      'tls-dir': { type: 'string' },
-      'tls-verify-peer': { type: 'boolean', default: false },
-      'peer-listen': { type: 'string' },
-      'peer-allow': { type: 'string', multiple: true },
-      'api-listen': { type: 'string' },
-    },
-  });
-  const log = (line: string): void => {
-    process.stderr.write(`${new Date().toISOString()} chunkd: ${line}\n`);
-  };
-  const peer = parsePeerOptions(values['peer-listen'], values['tls-dir'], values['peer-allow']);
+const serveOptions = commands.serve.options;
+/** HOST:PORT as the CLI's --api takes it for an API on TCP (cli/api-client.ts). */
+const tcpAddressPattern = /^(?:\[[^\]]+\]|[A-Za-z0-9.-]+):\d{1,5}$/;
+
+/**
+ * The values of serve's options: the command line's, else the environment's (CHUNKD_POOL for --pool, ...; an
+ * empty variable is unset); and which came from the environment.
+ */
+function serveValues(argv: string[], env: NodeJS.ProcessEnv): { values: ServeValues; fromEnvironment: Set<string> } {
+  const { values } = parseArgs({ args: argv, options: serveOptions });
+  const merged: Record<string, string | boolean | string[] | undefined> = { ...values };
+  const fromEnvironment = new Set<string>();
+  for (const [name, option] of Object.entries(serveOptions) as Array<[string, OptionSpec]>) {
+    const text = env[environmentName(name)];
+    if (merged[name] !== undefined || text === undefined || text === '') continue;
+    fromEnvironment.add(name);
+    if (option.type === 'boolean') {
+      if (!/^(1|true|yes|on|0|false|no|off)$/i.test(text)) throw ChunkdError.invalid(`invalid ${environmentName(name)}="${text}": 1, true, yes or on, or 0, false, no or off`);
+      merged[name] = /^(1|true|yes|on)$/i.test(text);
+    } else merged[name] = option.multiple === true ? text.split(',') : text;
+  }
+  return { values: merged as ServeValues, fromEnvironment };
+}
+
+type ServeValues = ReturnType<typeof parseArgs<{ options: typeof serveOptions }>>['values'];
+
+/**
+ * The node's configuration (all but its log) from serve's arguments and the environment (`env`, CHUNKD_*); a
+ * wrong one is a usage error, and nothing has started.
+ */
+export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): Omit<NodeConfig, 'log'> {
+  let fromEnvironment = new Set<string>();
+  try {
+    return parsing(() => {
+      const parsed = serveValues(argv, env);
+      fromEnvironment = parsed.fromEnvironment;
+      return configFrom(parsed.values, fromEnvironment);
+    });
+  } catch (error) {
+    // "invalid --listen ..." where the value came from CHUNKD_LISTEN says so.
+    if (!(error instanceof UsageError)) throw error;
+    const names = [...fromEnvironment].filter((name) => error.message.includes(`--${name}`));
+    if (names.length === 0) throw error;
+    throw new UsageError(`${error.message} (from ${names.map((name) => `$${environmentName(name)}`).join(', ')})`, error.code);
+  }
+}
+
+function configFrom(values: ServeValues, fromEnvironment: Set<string>): Omit<NodeConfig, 'log'> {
+  const given = (text: string | undefined): boolean => text !== undefined && text !== 'none';
+  const tlsInUse = (values.tls ?? 'off') !== 'off' || given(values['peer-listen']) || given(values['api-listen']);
+  // The other commands read CHUNKD_TLS_DIR for their client pair: set for them, it must not stop a plain serve.
+  const tlsDirectory = fromEnvironment.has('tls-dir') && !tlsInUse ? undefined : values['tls-dir'];
+  const peer = parsePeerOptions(values['peer-listen'], tlsDirectory, values['peer-allow']);
   const apiListen = values['api-listen'] === undefined ? null : parseListen(values['api-listen'], '--api-listen', '0.0.0.0:10811');
-  if (apiListen !== null && values['tls-dir'] === undefined) throw ChunkdError.invalid('--api-listen needs --tls-dir DIR: the API on TCP is mutual TLS only');
-  // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
-  installFailStop();
-  const node = await ChunkdNode.start({
-    poolDirectory: values.pool,
-    listen: parseListen(values.listen),
+  if (apiListen !== null && tlsDirectory === undefined) throw ChunkdError.invalid('--api-listen needs --tls-dir DIR: the API on TCP is mutual TLS only');
+  return {
+    poolDirectory: values.pool ?? serveOptions.pool.fallback,
+    listen: parseListen(values.listen ?? serveOptions.listen.fallback),
     nbdSocketPath: values.socket ?? null,
-    apiSocketPath: values.api ?? null,
+    // CHUNKD_API may name a node's API on TCP for the other commands (HOST:PORT): no socket path for serve.
+    apiSocketPath: values.api === undefined || (fromEnvironment.has('api') && tcpAddressPattern.test(values.api)) ? null : values.api,
     defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
     workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
-    nbdThreads: values['nbd-threads'] !== undefined ? parseWorkers(values['nbd-threads'], '--nbd-threads') : 0,
-    verifyReads: parseOnOff(values['verify-reads'], '--verify-reads'),
+    nbdThreads: parseWorkers(values['nbd-threads'] ?? serveOptions['nbd-threads'].fallback, '--nbd-threads'),
+    verifyReads: parseOnOff(values['verify-reads'] ?? serveOptions['verify-reads'].fallback, '--verify-reads'),
     fuseDirectory: values.fuse ?? null,
     pluginSocketPath: values['plugin-socket'] ?? null,
     peer,
-    apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: values['tls-dir']! },
-    tls: parseTls(values.tls, values['tls-dir'], values['tls-verify-peer'], peer !== null || apiListen !== null),
-    log,
-  });
+    apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: tlsDirectory! },
+    tls: parseTls(values.tls ?? serveOptions.tls.fallback, tlsDirectory, values['tls-verify-peer'] === true, peer !== null || apiListen !== null),
+    metricsListen: values['metrics-listen'] === undefined ? null : parseListen(values['metrics-listen'], '--metrics-listen', '0.0.0.0:9810'),
+  };
+}
+
+export async function serve(argv: string[]): Promise<number> {
+  const config = serveConfig(argv);
+  const log = (line: string): void => {
+    process.stderr.write(`${new Date().toISOString()} chunkd: ${line}\n`);
+  };
+  // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
+  installFailStop();
+  const node = await ChunkdNode.start({ ...config, log });
   // Listen for the stop signals before saying ready: a SIGTERM sent right after the ready line otherwise found no
   // handler in 2 to 5 of 8 quick starts and stops here (the process died of the signal, exit code null).
   const stopping = new Promise<void>((resolve) => {
@@ -119,7 +157,8 @@ export async function serve(argv: string[]): Promise<number> {
   // One line on stdout when ready: scripts and tests wait for it (and read the port when --listen asked for 0).
   const peerAddresses = node.peerAddresses();
   const apiTls = node.api.tlsAddress();
-  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}${apiTls !== null ? ` ${apiTls}` : ''}${peerAddresses.length > 0 ? `, peer ${peerAddresses.join(' ')}` : ''}\n`);
+  const metrics = node.metricsAddress();
+  process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}${apiTls !== null ? ` ${apiTls}` : ''}${peerAddresses.length > 0 ? `, peer ${peerAddresses.join(' ')}` : ''}${metrics !== null ? `, metrics ${metrics}` : ''}\n`);
   await stopping;
   log('stopping: finishing in-flight requests and committing');
   await node.stop();

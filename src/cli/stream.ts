@@ -16,31 +16,29 @@ import { formatSize } from '../core/units.ts';
 import type { ReceiveResult } from '../replication/receive.ts';
 import { StreamDecoder } from '../replication/stream-format.ts';
 import { answerError, callApi, connectionError } from './api-client.ts';
+import { parsing, UsageError } from './errors.ts';
+import { commands } from './help.ts';
 
 const progressIntervalMs = 250;
 
 export async function sendCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: { api: { type: 'string' }, from: { type: 'string' }, out: { type: 'string' }, resume: { type: 'string' } },
-  });
-  let route: string;
-  let what: string;
-  if (values.resume !== undefined) {
-    if (positionals.length > 0 || values.from !== undefined) throw ChunkdError.invalid('usage: chunkd send --resume TOKEN [--out FILE|-] (the token names the snapshots)');
-    route = `/v1/stream?resume=${encodeURIComponent(values.resume)}`;
-    what = 'resumed stream';
-  } else {
+  const { values, positionals } = parsing(() => parseArgs({ args: argv, allowPositionals: true, options: commands.send.options }));
+  const { route, what } = parsing(() => {
+    if (values.resume !== undefined) {
+      if (positionals.length > 0 || values.from !== undefined) throw new UsageError('usage: chunkd send --resume TOKEN [--out FILE|-] (the token names the snapshots)');
+      return { route: `/v1/stream?resume=${encodeURIComponent(values.resume)}`, what: 'resumed stream' };
+    }
     const source = positionals[0]?.split('@') ?? [];
-    if (positionals.length !== 1 || source.length !== 2) throw ChunkdError.invalid('usage: chunkd send VOL@SNAP [--from SNAP0] [--out FILE|-]');
+    if (positionals.length !== 1 || source.length !== 2) throw new UsageError('usage: chunkd send VOL@SNAP [--from SNAP0] [--out FILE|-]');
     const [volume, snapshot] = [validateName(source[0]), validateName(source[1], 'snapshot')];
     const from = values.from === undefined ? null : validateName(values.from, 'snapshot');
-    route = `/v1/volumes/${encodeURIComponent(volume)}/snapshots/${encodeURIComponent(snapshot)}/stream${from === null ? '' : `?from=${encodeURIComponent(from)}`}`;
-    what = `${volume}@${snapshot}${from === null ? '' : ` from ${from}`}`;
-  }
+    return {
+      route: `/v1/volumes/${encodeURIComponent(volume)}/snapshots/${encodeURIComponent(snapshot)}/stream${from === null ? '' : `?from=${encodeURIComponent(from)}`}`,
+      what: `${volume}@${snapshot}${from === null ? '' : ` from ${from}`}`,
+    };
+  });
   const toStdout = values.out === undefined || values.out === '-';
-  if (toStdout && process.stdout.isTTY === true) throw ChunkdError.invalid('refusing to write a binary stream to a terminal: pipe it, or pass --out FILE');
+  if (toStdout && process.stdout.isTTY === true) throw new UsageError('refusing to write a binary stream to a terminal: pipe it, or pass --out FILE');
   const socket = apiPath(values.api);
   const response = await new Promise<http.IncomingMessage>((resolve, reject) => {
     const request = http.get({ socketPath: socket, path: route, agent: false }, resolve);
@@ -89,13 +87,12 @@ export async function sendCommand(argv: string[], apiPath: (option: string | und
 }
 
 export async function receiveCommand(argv: string[], apiPath: (option: string | undefined) => string): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: { api: { type: 'string' }, in: { type: 'string' }, json: { type: 'boolean' }, 'resume-token': { type: 'boolean' }, abort: { type: 'boolean' } },
+  const { values, positionals } = parsing(() => parseArgs({ args: argv, allowPositionals: true, options: commands.receive.options }));
+  const volume = parsing(() => {
+    if (positionals.length !== 1) throw new UsageError('usage: chunkd receive VOL [--in FILE|-] | receive --resume-token VOL | receive --abort VOL');
+    if (values['resume-token'] === true && values.abort === true) throw new UsageError('--resume-token and --abort: pass one of them');
+    return validateName(positionals[0]);
   });
-  if (positionals.length !== 1) throw ChunkdError.invalid('usage: chunkd receive VOL [--in FILE|-] | receive --resume-token VOL | receive --abort VOL');
-  const volume = validateName(positionals[0]);
   const socket = apiPath(values.api);
   const route = `/v1/volumes/${encodeURIComponent(volume)}/receive`;
   if (values['resume-token'] === true) {
@@ -109,7 +106,7 @@ export async function receiveCommand(argv: string[], apiPath: (option: string | 
     return 0;
   }
   const fromStdin = values.in === undefined || values.in === '-';
-  if (fromStdin && process.stdin.isTTY === true) throw ChunkdError.invalid('refusing to read a stream from a terminal: pipe one in, or pass --in FILE');
+  if (fromStdin && process.stdin.isTTY === true) throw new UsageError('refusing to read a stream from a terminal: pipe one in, or pass --in FILE');
   const input: Readable = fromStdin ? process.stdin : fs.createReadStream(values.in!);
   const progress = new ProgressLine(`receive ${volume}`);
   let sentBytes = 0;

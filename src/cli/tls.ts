@@ -2,26 +2,19 @@
 import { parseArgs } from 'node:util';
 import { ChunkdError } from '../core/errors.ts';
 import { defaultNodeName, defaultValidityDays, initTls } from '../peer/certificates.ts';
+import { parsing, UsageError } from './errors.ts';
+import { commands, unknownVerb } from './help.ts';
 
 export async function tlsCommand(argv: string[]): Promise<number> {
   const [verb, ...rest] = argv;
-  if (verb !== 'init') throw ChunkdError.invalid(`unknown tls command "${verb ?? ''}": use init`);
-  const { values, positionals } = parseArgs({
-    args: rest,
-    allowPositionals: true,
-    options: {
-      node: { type: 'string', multiple: true },
-      client: { type: 'string', multiple: true },
-      san: { type: 'string', multiple: true },
-      days: { type: 'string' },
-      add: { type: 'boolean' },
-      force: { type: 'boolean' },
-      json: { type: 'boolean' },
-    },
-  });
-  if (positionals.length !== 1) throw ChunkdError.invalid('usage: chunkd tls init DIR [--node NAME ...] [--client NAME ...] [--san SAN ...] [--days N] [--add | --force]');
-  if (values.add && values.force) throw ChunkdError.invalid('--add keeps the CA and --force replaces it: pass one of them');
+  if (verb !== 'init') throw unknownVerb('tls', verb);
+  const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands['tls init'].options }));
   const split = (list: string[] | undefined): string[] => (list ?? []).flatMap((item) => item.split(',')).filter((item) => item !== '');
+  parsing(() => {
+    if (positionals.length !== 1) throw new UsageError(`usage: chunkd ${commands['tls init'].usage[0]}`);
+    if (values.add && values.force) throw new UsageError('--add keeps the CA and --force replaces it: pass one of them');
+    if (values.days !== undefined && !/^\d{1,6}$/.test(values.days)) throw new UsageError(`invalid --days "${values.days}": a whole number of days`);
+  });
   let nodes = split(values.node);
   const clients = split(values.client);
   if (nodes.length === 0 && clients.length === 0 && !values.add) {
@@ -29,7 +22,6 @@ export async function tlsCommand(argv: string[]): Promise<number> {
     if (name === null) throw ChunkdError.invalid('this host name is not a valid node name: pass --node NAME');
     nodes = [name];
   }
-  if (values.days !== undefined && !/^\d{1,6}$/.test(values.days)) throw ChunkdError.invalid(`invalid --days "${values.days}": a whole number of days`);
   const days = values.days === undefined ? defaultValidityDays : Number(values.days);
   const report = await initTls({
     directory: positionals[0]!,

@@ -111,3 +111,8 @@ export const receiveCommitBytes = 32 * MiB;
 export const receiveWritesInFlightMax = 8;
 /** Records a sender reads ahead (each at most streamDataRecordBytesMax): the disk works while the last go out. */
 export const sendReadsAheadMax = 4;
+
+/** Connections the metrics port (serve --metrics-listen) serves at once: a few scrapers, never a crowd. */
+export const metricsConnectionsMax = 16;
+/** Time a scraper has to send its request on the metrics port. */
+export const metricsRequestTimeoutMs = 10_000;

@@ -1,4 +1,5 @@
 // /metrics in Prometheus text exposition format, from a node's status.
+import { softwareVersion } from '../core/version.ts';
 import type { NodeStatus } from './node.ts';
 
 /** Renders the node's status as Prometheus metrics. */
@@ -8,6 +9,7 @@ export function renderMetrics(status: NodeStatus): string {
     lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
     for (const [labels, value] of samples) lines.push(`${name}${labels} ${value}`);
   };
+  metric('chunkd_build_info', 'gauge', 'The chunkd version and the Node.js it runs on; always 1.', [[`{version="${softwareVersion}",nodejs="${process.version}"}`, 1]]);
   metric('chunkd_pool_allocated_bytes', 'gauge', 'Bytes of chunks allocated in the pool.', [['', status.pool.allocatedBytes]]);
   metric('chunkd_pool_filesystem_free_bytes', 'gauge', "Free bytes on the pool's file system.", [['', status.pool.fileSystem.freeBytes]]);
   metric('chunkd_pool_journal_bytes', 'gauge', 'Bytes in the current metadata journal.', [['', status.pool.journalBytes]]);

@@ -19,6 +19,7 @@ import { Replicator, type CycleResult, type ReplicaSettings, type ReplicaStatus 
 import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
 import { replicationSnapshotPrefix } from '../replication/peer-messages.ts';
 import { renderMetrics } from './metrics.ts';
+import { MetricsServer } from './metrics-server.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
 import type { IoEngineStatus } from '../store/chunk-io.ts';
@@ -61,6 +62,8 @@ export interface NodeConfig {
    * absent: off. `directory` holds the credentials in qemu's layout (nbd/tls.ts).
    */
   tls?: { mode: 'on' | 'require'; directory: string; verifyPeer: boolean } | null;
+  /** GET /metrics on plain HTTP over TCP for Prometheus (serve --metrics-listen), nothing else there; null/absent: none. */
+  metricsListen?: { host: string; port: number } | null;
 }
 
 export interface PeerConfig {
@@ -87,6 +90,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   #attachments: Attachments | null = null;
   #plugin: DockerPluginServer | null = null;
   #peer: PeerServer | null = null;
+  #metrics: MetricsServer | null = null;
   /** The pool's stable identity (pool-layout.ts: pool-id), told to peers in hello. */
   readonly poolId: string;
   readonly #receiver: StreamReceiver;
@@ -163,6 +167,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await node.api.listenTls(config.apiTls.listen.host, config.apiTls.listen.port, apiCredentials, config.log);
         config.log(`management API also on ${node.api.tlsAddress()}: mutual TLS, client certificates from the CA in ${apiCredentials.directory}`);
       }
+      if (config.metricsListen) {
+        node.#metrics = await MetricsServer.listen(config.metricsListen.host, config.metricsListen.port, () => node.metrics(), config.log);
+        config.log(`metrics on http://${node.#metrics.address()}/metrics`);
+      }
       if (config.listen !== null && (config.nbdThreads ?? 0) > 0) {
         node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log, tls });
       } else if (config.listen !== null) {
@@ -213,6 +221,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   async stop(): Promise<void> {
     await this.#replicator?.stop();
+    await this.#metrics?.close();
     await this.#peer?.close();
     await this.#plugin?.close();
     // File systems first (their last writes go through FUSE or NBD to the pool), then the FUSE mount.
@@ -474,7 +483,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return {
       pid: process.pid,
       uptimeSeconds: Math.round((Date.now() - this.#startedAt) / 1000),
+      version: softwareVersion,
       nodeVersion: process.version,
+      metricsListen: this.metricsAddress(),
       pool: { ...(await this.pool.status()), id: this.poolId },
       volumes: this.pool.listVolumes(),
       nbd: await this.#nbdStatus(),
@@ -496,6 +507,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   /** Where peers reach the node (serve --peer-listen), or none. */
+  /** HOST:PORT of the metrics port (serve --metrics-listen), or null. */
+  metricsAddress(): string | null {
+    return this.#metrics?.address() ?? null;
+  }
+
   peerAddresses(): string[] {
     return this.#peer?.addresses() ?? [];
   }
@@ -526,7 +542,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 export interface NodeStatus {
   pid: number;
   uptimeSeconds: number;
+  /** chunkd's version (package.json). */
+  version: string;
   nodeVersion: string;
+  /** The metrics port (serve --metrics-listen), or null. */
+  metricsListen: string | null;
   pool: Awaited<ReturnType<Pool['status']>> & { id: string };
   volumes: VolumeInfo[];
   nbd: { listen: string[]; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
