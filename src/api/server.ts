@@ -251,7 +251,7 @@ export class ApiServer {
   async #send(response: http.ServerResponse, prepared: PreparedSend): Promise<void> {
     response.writeHead(200, { 'content-type': 'application/octet-stream', 'x-chunkd-stream-data-bytes': String(prepared.header.dataBytes) });
     try {
-      await pipeline(Readable.from(prepared.bytes, { objectMode: false, highWaterMark: 4 }), response);
+      await pipeline(Readable.from(recordBytes(prepared.records), { objectMode: false, highWaterMark: 4 }), response);
     } catch (error) {
       if (error instanceof ChunkdError) throw error;
       if (!response.destroyed && !response.writableEnded) throw error;
@@ -277,6 +277,11 @@ export class ApiServer {
       response.end(`${JSON.stringify({ error: { code: failure.code, message: failure.message } })}\n`);
     }
   }
+}
+
+/** A stream's records as a run of buffers, for a byte stream. */
+async function* recordBytes(records: AsyncGenerator<Buffer[]>): AsyncGenerator<Buffer> {
+  for await (const record of records) yield* record;
 }
 
 function sizeField(value: unknown): number {

@@ -10,7 +10,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { peerClientTimeoutMs } from '../core/limits.ts';
 import { certificateName, type TlsCredentials } from './credentials.ts';
 import {
-  FrameKind, FrameReader, PeerVerb, encodeFrame, helloRequestPayload, parseErrorPayload, parseHelloReply, type Frame, type HelloReply,
+  FrameKind, FrameReader, PeerVerb, encodeFrameHeader, helloRequestPayload, parseErrorPayload, parseHelloReply, type Frame, type HelloReply,
 } from './protocol.ts';
 
 export interface PeerClientOptions {
@@ -88,8 +88,11 @@ export class PeerClient {
     }
   }
 
-  /** Sends a request of `verb` and resolves with the reply's payload; an error frame rejects with its error. */
-  async request(verb: number, payload: Buffer): Promise<Buffer> {
+  /**
+   * Sends a request of `verb` and resolves with the reply's payload; an error frame rejects with its error. A
+   * payload given as pieces is written as they are, not joined first (a stream's data frames).
+   */
+  async request(verb: number, payload: Buffer | Buffer[]): Promise<Buffer> {
     return (await this.#request(verb, payload)).payload;
   }
 
@@ -98,13 +101,19 @@ export class PeerClient {
     this.#socket.destroy();
   }
 
-  #request(verb: number, payload: Buffer): Promise<Frame> {
+  #request(verb: number, payload: Buffer | Buffer[]): Promise<Frame> {
     if (this.#failure !== null) return Promise.reject(this.#failure);
     const requestId = this.#nextRequestId;
     this.#nextRequestId = this.#nextRequestId === 0xffffffff ? 1 : this.#nextRequestId + 1;
+    const pieces = Array.isArray(payload) ? payload : [payload];
+    const payloadBytes = pieces.reduce((sum, piece) => sum + piece.length, 0);
     return new Promise<Frame>((resolve, reject) => {
       this.#pending.set(requestId, { resolve, reject });
-      this.#socket.write(Buffer.concat(encodeFrame(FrameKind.request, verb, requestId, payload)));
+      // One writev for the header and every piece (cork), no copy of the payload.
+      this.#socket.cork();
+      this.#socket.write(encodeFrameHeader(FrameKind.request, verb, requestId, payloadBytes));
+      for (const piece of pieces) this.#socket.write(piece);
+      this.#socket.uncork();
     });
   }
 

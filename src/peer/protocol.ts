@@ -100,17 +100,23 @@ export function decodeFrame(buffer: Buffer, offset: number): Decoded<Frame> {
 
 /** A frame as buffers to write in order (the payload is not copied). */
 export function encodeFrame(kind: FrameKind, verb: number, requestId: number, payload: Buffer): Buffer[] {
+  const header = encodeFrameHeader(kind, verb, requestId, payload.length);
+  return payload.length === 0 ? [header] : [header, payload];
+}
+
+/** The header of a frame whose payload of `payloadBytes` the caller writes after it. */
+export function encodeFrameHeader(kind: FrameKind, verb: number, requestId: number, payloadBytes: number): Buffer {
   assert(Number.isInteger(verb) && verb >= 0 && verb <= 0xffff, 'encodeFrame: a 16-bit verb');
   assert(Number.isInteger(requestId) && requestId >= 0 && requestId <= 0xffffffff, 'encodeFrame: a 32-bit request id');
-  assert(payload.length <= (kind === FrameKind.error ? peerControlBytesMax : payloadBytesMaxFor(verb)), 'encodeFrame: payload within its cap');
+  assert(payloadBytes <= (kind === FrameKind.error ? peerControlBytesMax : payloadBytesMaxFor(verb)), 'encodeFrame: payload within its cap');
   const header = Buffer.alloc(frameHeaderBytes);
   header.writeUInt32BE(peerFrameMagic, 0);
   header.writeUInt8(kind, 4);
   header.writeUInt8(0, 5);
   header.writeUInt16BE(verb, 6);
   header.writeUInt32BE(requestId, 8);
-  header.writeUInt32BE(payload.length, 12);
-  return payload.length === 0 ? [header] : [header, payload];
+  header.writeUInt32BE(payloadBytes, 12);
+  return header;
 }
 
 /** A control frame whose payload is `value` as JSON. */

@@ -145,14 +145,32 @@ export class StreamReceiver {
     let volume: Volume | null = null;
     let sinceCommitBytes = 0;
     let dataBytes = 0;
-    // Writes of data records run several at once (extents never overlap), so the disk and the link overlap; each
-    // checkpoint, the END, and any stop wait for all of them, and a failed one stops the stream before the state
-    // moves past it.
+    // Writes of data records run several at once (extents never overlap), so the disk and the link overlap. A
+    // resume point is made in the background while the stream goes on: it waits for the writes issued before it,
+    // commits, then saves the offset they reach (never one past a write that failed). The END, and any stop,
+    // wait for all of them.
     const writing = new Set<Promise<void>>();
     let writeFailure: unknown = null;
+    let saving: Promise<void> = Promise.resolve();
     const drain = async (): Promise<void> => {
       await Promise.all(writing);
+      await saving;
       if (writeFailure !== null) throw writeFailure;
+    };
+    const saveInBackground = (): void => {
+      const before = [...writing];
+      const reached: ReceiveState = { ...state };
+      const previous = saving;
+      sinceCommitBytes = 0;
+      saving = (async () => {
+        await previous;
+        await Promise.all(before);
+        if (writeFailure !== null || volume === null) return;
+        await volume.flush();
+        await this.#save(reached);
+      })().catch((error: unknown) => {
+        writeFailure ??= error;
+      });
     };
     const checkpoint = async (): Promise<void> => {
       if (volume === null) return;
@@ -206,7 +224,7 @@ export class StreamReceiver {
           }
         }
         if (ended) break;
-        if (sinceCommitBytes >= receiveCommitBytes) await checkpoint();
+        if (sinceCommitBytes >= receiveCommitBytes) saveInBackground();
         let next: IteratorResult<Buffer>;
         try {
           next = await input.next();
@@ -235,6 +253,7 @@ export class StreamReceiver {
         );
       }
       await Promise.all(writing);
+      await saving;
       await volume?.close();
       if (error instanceof ChunkdError && (error.code === 'ECORRUPT' || error.code === 'EPROTO')) {
         await this.#discard(state);

@@ -421,8 +421,7 @@ export class Replicator {
       while (inFlight.size >= frameWindow && failure === null) await Promise.race(inFlight);
       if (failure !== null) throw failure;
       const covered = prepared.coveredBytes();
-      const payload = pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, frameBytes);
-      const request = withTimeout(client.request(PeerVerb.receiveData, payload), requestTimeoutMs, () => client.close(), `${link.peerName} took no stream bytes for ${formatDuration(requestTimeoutMs)}`).then(
+      const request = withTimeout(client.request(PeerVerb.receiveData, pieces), requestTimeoutMs, () => client.close(), `${link.peerName} took no stream bytes for ${formatDuration(requestTimeoutMs)}`).then(
         () => {
           sentBytes += frameBytes;
           link.sentTotal += frameBytes;
@@ -435,12 +434,15 @@ export class Replicator {
       inFlight.add(request);
       void request.finally(() => inFlight.delete(request));
     };
+    // Frames end at record ends, so the receiver decodes each record in place, without gathering it again.
     let pieces: Buffer[] = [];
     let pieceBytes = 0;
     try {
-      for await (const piece of prepared.bytes) {
-        pieces.push(piece);
-        pieceBytes += piece.length;
+      for await (const record of prepared.records) {
+        for (const piece of record) {
+          pieces.push(piece);
+          pieceBytes += piece.length;
+        }
         if (pieceBytes >= frameBytesTarget) {
           await send(pieces, pieceBytes);
           pieces = [];
@@ -450,7 +452,7 @@ export class Replicator {
       if (pieceBytes > 0) await send(pieces, pieceBytes);
       await Promise.all(inFlight);
     } finally {
-      await prepared.bytes.return(undefined);
+      await prepared.records.return(undefined);
     }
     if (failure !== null) throw failure;
     return sentBytes;

@@ -24,8 +24,8 @@ export interface SendRequest {
 /** A stream ready to go: its header (for the caller's progress), and its bytes. */
 export interface PreparedSend {
   header: StreamHeader;
-  /** The stream's bytes; after an ABORT record it ends, and `failure` says why. */
-  bytes: AsyncGenerator<Buffer>;
+  /** The stream's records, each as the buffers to write in order; after an ABORT record it ends, and `failure` says why. */
+  records: AsyncGenerator<Buffer[]>;
   failure(): ChunkdError | null;
   /** Bytes of the changed extents (data and zeros) the records yielded so far cover: progress against header.dataBytes. */
   coveredBytes(): number;
@@ -65,8 +65,8 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
   let failure: ChunkdError | null = null;
   let coveredBytes = 0;
   const exportName = `${request.volume}@${request.snapshot}`;
-  async function* bytes(): AsyncGenerator<Buffer> {
-    yield encodeHeader(header);
+  async function* records(): AsyncGenerator<Buffer[]> {
+    yield [encodeHeader(header)];
     let recordCount = 1;
     let dataBytes = 0;
     const device = source.openSnapshot(request.volume, request.snapshot);
@@ -94,7 +94,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
               `(${error.message}); nothing damaged was sent`,
           );
           log(failure.message);
-          yield encodeAbort(failure.message);
+          yield [encodeAbort(failure.message)];
           return;
         }
         readAhead();
@@ -104,21 +104,21 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
           recordCount += 1;
           coveredBytes += run.end - run.start;
           if (run.zero) {
-            yield encodeZero(offset + run.start, run.end - run.start);
+            yield [encodeZero(offset + run.start, run.end - run.start)];
           } else {
             dataBytes += run.end - run.start;
-            for (const piece of encodeData(offset + run.start, buffer.subarray(run.start, run.end))) yield piece;
+            yield encodeData(offset + run.start, buffer.subarray(run.start, run.end));
           }
         }
       }
-      yield encodeEnd(recordCount, dataBytes, digest);
+      yield [encodeEnd(recordCount, dataBytes, digest)];
     } finally {
       // Reads still running when the consumer stopped early must end before the device closes.
       await Promise.all(reads.map((read) => read.done));
       await device.close();
     }
   }
-  return { header, bytes: bytes(), failure: () => failure, coveredBytes: () => coveredBytes };
+  return { header, records: records(), failure: () => failure, coveredBytes: () => coveredBytes };
 }
 
 /** The pieces of at most one record each that the extents are read in, in order. */
