@@ -63,6 +63,8 @@ export interface ControlPlane {
   /** Failover: a replica becomes the owner; a fenced old owner becomes a replica of the new one. */
   promote(volume: string): Promise<unknown>;
   demote(volume: string, ownerAddress: string | null): Promise<unknown>;
+  /** Moves a volume to another node (replication/handoff.ts). */
+  handoff(volume: string, to: string): Promise<unknown>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -222,6 +224,8 @@ export class ApiServer {
         return sendJson(response, 200, await this.#control.removeReplica(volumeName(), peerField(body.peer)));
       case 'POST /v1/volumes/:/replicate':
         return sendJson(response, 200, { cycles: await this.#control.syncReplicas(volumeName(), body.peer === undefined ? null : peerField(body.peer)) });
+      case 'POST /v1/volumes/:/handoff':
+        return sendJson(response, 200, await this.#control.handoff(volumeName(), peerField(body.to)));
       case 'POST /v1/volumes/:/promote':
         return sendJson(response, 200, await this.#control.promote(volumeName()));
       case 'POST /v1/volumes/:/demote':

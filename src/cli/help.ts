@@ -78,6 +78,14 @@ export const commands = {
     options: { ...size, force: { type: 'boolean', help: 'allow shrinking (the data past the new end is lost)' }, ...json, ...api },
   },
   'volume rm': { usage: ['volume rm NAME [--json]'], summary: 'remove a volume (refused while open, attached, or while it has snapshots)', options: { ...json, ...api } },
+  'volume handoff': {
+    usage: ['volume handoff VOL --to HOST:PORT [--json]'],
+    summary: 'move VOL to another node (its replica is made current first); this node keeps a read-only replica',
+    details: [
+      'Two phases: increments while clients keep writing, until the rest is small; then writes stop (clients get the shutdown error and are disconnected), the last increment goes, and the other node owns VOL at the next epoch. Run it again after a crash of either node to finish or roll back what was interrupted.',
+    ],
+    options: { to: { type: 'string', value: 'HOST:PORT', help: "the new owner's peer port (serve --peer-listen)" }, ...json, ...api },
+  },
   'snapshot create': { usage: ['snapshot create VOL SNAP [--json]'], summary: 'an instant, crash-consistent snapshot, durable on return', options: { ...json, ...api } },
   'snapshot list': { usage: ['snapshot list VOL [--json]'], summary: "a volume's snapshots with the bytes each alone holds", options: { ...json, ...api } },
   'snapshot rm': { usage: ['snapshot rm VOL SNAP [--json]'], summary: 'remove a snapshot; space held only by it goes back, clones keep what they share', options: { ...json, ...api } },

@@ -177,6 +177,14 @@ async function volumeCommand(argv: string[]): Promise<number> {
       print(values.json, { removed: name }, () => `removed volume ${name}`);
       return 0;
     }
+    case 'handoff': {
+      const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands['volume handoff'].options }));
+      const name = parsing(() => nameOf(positionals));
+      if (values.to === undefined) throw new UsageError(`volume handoff needs --to HOST:PORT (the new owner's --peer-listen)\nusage: chunkd ${commands['volume handoff'].usage[0]}`);
+      const result = (await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(name)}/handoff`, { to: values.to })) as { to: string; epoch: number; pauseSeconds: number; increments: number; finalBytes: number; disconnected: number };
+      print(values.json, result, () => `handed ${name} to ${result.to} (epoch ${result.epoch}) after ${result.increments} increment(s); writes paused ${result.pauseSeconds.toFixed(3)} s for a final ${formatSize(result.finalBytes)}; ${result.disconnected} NBD client(s) disconnected: reconnect them to ${result.to}; this node keeps a read-only replica`);
+      return 0;
+    }
     default:
       throw unknownVerb('volume', verb);
   }

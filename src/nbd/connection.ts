@@ -181,6 +181,11 @@ export class NbdConnection {
     return this.#state;
   }
 
+  /** The export the connection serves, once in transmission; null before. */
+  get exportName(): string | null {
+    return this.#session?.exportName ?? null;
+  }
+
   /** Stops taking requests; in-flight ones finish and get their replies, then the connection closes. */
   shutdown(): void {
     if (this.#state === 'handshake' || this.#state === 'tls') this.#destroy(null);

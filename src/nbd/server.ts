@@ -83,6 +83,21 @@ export class NbdServer {
     return this.#closing;
   }
 
+  /**
+   * Ends every connection to `exportName` as a server shutdown does: requests in flight finish and get their
+   * replies, then the connection closes (a handoff moved the volume; clients reconnect to its new owner).
+   * Returns how many connections it ended.
+   */
+  disconnectExport(exportName: string): number {
+    let count = 0;
+    for (const connection of this.#connections) {
+      if (connection.exportName !== exportName) continue;
+      connection.shutdown();
+      count += 1;
+    }
+    return count;
+  }
+
   /** Counters since the server was made. */
   stats(): NbdServerStats {
     return {

@@ -15,9 +15,10 @@ import type { ScrubReport } from '../store/scrub.ts';
 import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
 import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
 import { ReplicaServer } from '../replication/replica-server.ts';
-import { Replicator, type CycleResult, type ReplicaSettings, type ReplicaStatus } from '../replication/replicator.ts';
+import { defaultEveryMs, Replicator, type CycleResult, type ReplicaSettings, type ReplicaStatus } from '../replication/replicator.ts';
+import { handoff, resolve as resolveHandoff, type HandoffContext, type HandoffResult } from '../replication/handoff.ts';
 import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
-import { replicationSnapshotPrefix } from '../replication/peer-messages.ts';
+import { newestReplicationPoint, replicationSnapshotPrefix } from '../replication/peer-messages.ts';
 import { renderMetrics } from './metrics.ts';
 import { MetricsServer } from './metrics-server.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
@@ -144,7 +145,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         refuse: (volume) => {
           const role = roles.replicaOf(volume);
           if (role !== null) return `volume ${volume} is a replica of ${role.owner}; replicate it from its owner`;
-          return roles.writeRefusal(volume, 'replicating it')?.message ?? null;
+          return roles.fenced(volume) === null ? null : roles.writeRefusal(volume, 'replicating it')!.message;
         },
         fence: async (volume, by) => {
           await roles.set(volume, { role: 'fenced', epoch: roles.epochOf(volume), ...by });
@@ -154,10 +155,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       await node.#replicator.load();
       // Before any client is served: a node replaced while it was down learns it from its peers, and is fenced.
       await node.#replicator.checkOwnership(ownershipCheckTimeoutMs);
-      for (const [volume] of roles.fencedVolumes()) {
-        await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
-        config.log(roles.writeRefusal(volume, 'writing')!.message);
-      }
+      // Every volume this node may not write is refused in the pool too (the receiver writes past that).
+      for (const volume of roles.readOnlyVolumes()) await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
+      for (const [volume] of roles.fencedVolumes()) config.log(roles.writeRefusal(volume, 'writing')!.message);
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
         config.log(`created volume ${config.defaultVolume.name}`);
@@ -206,11 +206,15 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
           software: `chunkd ${softwareVersion}`,
           log: config.log,
           handshakeTimeoutMs: config.peer.handshakeTimeoutMs,
-          verbs: new ReplicaServer(pool, node.#receiver, node.#roles, config.log).verbs(),
+          verbs: new ReplicaServer(pool, node.#receiver, roles, config.log, async (volume, replicaBack) => {
+            if (replicaBack !== null) await node.replicator.ensureLink(volume, replicaBack, defaultEveryMs);
+          }).verbs(),
         });
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
         config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);
       }
+      // A handoff a crash interrupted is settled before the links run (it may make a volume a replica here).
+      for (const [volume] of roles.handoffs()) await resolveHandoff(node.#handoffContext(), volume);
       node.#replicator.start();
     } catch (error) {
       await node.stop().catch(() => {});
@@ -293,7 +297,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    * feeding the replica do not change under a reader (the volume itself is being written by them).
    */
   #openReplica(volume: string): BlockDevice {
-    const newest = newestReplicated(this.pool.listSnapshots(volume));
+    const newest = newestReplicationPoint(this.pool.listSnapshots(volume));
     if (newest === null) throw ChunkdError.notFound(`volume ${volume} is a replica that has not received its first snapshot yet`);
     return this.pool.openSnapshot(volume, newest.name);
   }
@@ -408,6 +412,24 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.replicator.sync(volume, peer);
   }
 
+  /** Moves a volume to the node at `to` (its replica is made or updated first); see replication/handoff.ts. */
+  handoff(volume: string, to: string): Promise<HandoffResult> {
+    return handoff(this.#handoffContext(), volume, to);
+  }
+
+  #handoffContext(): HandoffContext {
+    const own = this.#peer?.addresses()[0] ?? null;
+    return {
+      pool: this.pool,
+      roles: this.roles,
+      replicator: this.replicator,
+      disconnect: (volume) => this.nbd.disconnectExport(volume),
+      // A wildcard listener's address is not one a peer can use: then the operator adds the replica back.
+      ownAddress: own === null || /^(0\.0\.0\.0|\[::\]):/.test(own) ? null : own,
+      log: this.config.log,
+    };
+  }
+
   /**
    * Failover: makes a replica whose owner is gone this node's own, at its last replicated point, with the epoch
    * one above the owner's. An interrupted receive is given up first (the volume goes back to its last complete
@@ -422,11 +444,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       await this.roles.forget(volume);
       throw ChunkdError.notFound(`replica ${volume} had not received its first snapshot; there is nothing to promote`);
     }
-    const point = newestReplicated(this.pool.listSnapshots(volume));
+    const point = newestReplicationPoint(this.pool.listSnapshots(volume));
     if (point === null) throw ChunkdError.notFound(`replica ${volume} has no replicated snapshot; there is nothing to promote`);
     if (this.pool.diff(volume, point.name, null).length > 0) await this.pool.rollbackVolume(volume, point.name);
     const epoch = role.epoch + 1;
     await this.roles.set(volume, { role: 'owner', epoch });
+    await this.pool.blockWrites(volume, null);
     this.config.log(`volume ${volume} promoted: this node owns it at epoch ${epoch}, from ${point.name} (its last point from ${role.owner})`);
     return { volume, epoch, snapshot: point.name, previousOwner: role.owner };
   }
@@ -459,7 +482,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     await this.pool.rollbackVolume(volume, base.name);
     await this.replicator.forgetVolume(volume);
     await this.roles.set(volume, { role: 'replica', owner: fence.owner, epoch: fence.ownerEpoch });
-    await this.pool.blockWrites(volume, null);
+    await this.pool.blockWrites(volume, this.roles.writeRefusal(volume, 'a write'));
     this.config.log(`volume ${volume} demoted: a replica of ${fence.owner} (epoch ${fence.ownerEpoch}) from ${base.name}${keptAs === null ? '' : `; this node's writes after it are kept in ${volume}@${keptAs}`}`);
     return { volume, owner: fence.owner, base: base.name, keptAs };
   }
@@ -568,12 +591,6 @@ export interface NodeStatus {
 
 /** Time each replica peer has to answer the ownership check at start. */
 const ownershipCheckTimeoutMs = 3_000;
-
-/** A replica's last complete replicated point: its newest replication snapshot (others may be kept there too). */
-function newestReplicated(snapshots: SnapshotInfo[]): SnapshotInfo | null {
-  const points = snapshots.filter((snapshot) => snapshot.name.startsWith(replicationSnapshotPrefix));
-  return points[points.length - 1] ?? null;
-}
 
 /** This node's client pair for replication (the directory of its peer port, else of its API or NBD TLS), or why there is none. */
 function replicationCredentials(config: NodeConfig): TlsCredentials | string {

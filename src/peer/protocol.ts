@@ -41,9 +41,9 @@ export type FrameKind = (typeof FrameKind)[keyof typeof FrameKind];
 /**
  * Verbs by number: never reuse a number. Replication's (replication/replica-server.ts serves them, their payloads
  * are in replication/peer-messages.ts): what a node holds of a volume, a stream into it (open, data, close), giving
- * up an interrupted one, and removing replication snapshots the owner no longer needs.
+ * up an interrupted one, removing replication snapshots the owner no longer needs, and a handoff's last step.
  */
-export const PeerVerb = { hello: 1, replicaInfo: 2, receiveOpen: 3, receiveData: 4, receiveClose: 5, receiveAbort: 6, replicaPrune: 7 } as const;
+export const PeerVerb = { hello: 1, replicaInfo: 2, receiveOpen: 3, receiveData: 4, receiveClose: 5, receiveAbort: 6, replicaPrune: 7, takeOwnership: 8 } as const;
 
 /** Verbs whose payload is raw bytes up to peerFrameBytesMax; every other verb's is a JSON object up to peerControlBytesMax. */
 const bulkVerbs: ReadonlySet<number> = new Set<number>([PeerVerb.receiveData]);

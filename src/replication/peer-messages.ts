@@ -10,6 +10,10 @@
 //   receiveClose  {}                       -> the receive's result, once the END record is applied and checked
 //   receiveAbort  {volume}                 -> {}: an interrupted receive the owner cannot resume is discarded
 //   replicaPrune  {volume, keep: [uuid]}   -> {removed, kept}: replication snapshots other than `keep` removed
+//   takeOwnership {volume, epoch, snapshot, replicaBack}
+//                                          -> {epoch}: a handoff's last step (handoff.ts): the replica, complete at
+//                                             `snapshot`, becomes the owner at `epoch` (and replicates back to
+//                                             `replicaBack`, HOST:PORT of the old owner, when given)
 import { ChunkdError } from '../core/errors.ts';
 import { checkName } from '../core/names.ts';
 import { parseJsonObject } from '../peer/protocol.ts';
@@ -125,6 +129,29 @@ export function parseReceiveResult(payload: Buffer): ReceiveResult {
     throw ChunkdError.protocol('receiveClose reply is not a receive result');
   }
   return value as unknown as ReceiveResult;
+}
+
+export interface TakeOwnershipRequest {
+  volume: string;
+  epoch: number;
+  /** The id of the final increment's snapshot: the replica must be complete at exactly that point. */
+  snapshot: string;
+  replicaBack: string | null;
+}
+
+export function parseTakeOwnership(payload: Buffer): TakeOwnershipRequest {
+  const value = parseJsonObject(payload, 'takeOwnership');
+  if (!isSnapshotUuid(value.snapshot)) throw ChunkdError.protocol('takeOwnership needs the snapshot id the replica must hold');
+  if (value.replicaBack !== null && (typeof value.replicaBack !== 'string' || !/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(value.replicaBack))) {
+    throw ChunkdError.protocol('takeOwnership: replicaBack is HOST:PORT or null');
+  }
+  return { volume: volumeField(value.volume, 'takeOwnership'), epoch: epochField(value.epoch, 'takeOwnership'), snapshot: value.snapshot, replicaBack: value.replicaBack as string | null };
+}
+
+/** A replica's last complete replicated point: its newest replication snapshot (others may be kept there too). */
+export function newestReplicationPoint<T extends { name: string }>(snapshots: T[]): T | null {
+  const points = snapshots.filter((snapshot) => snapshot.name.startsWith(replicationSnapshotPrefix));
+  return points[points.length - 1] ?? null;
 }
 
 export function jsonPayload(value: object): Buffer {

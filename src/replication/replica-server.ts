@@ -13,8 +13,10 @@ import { PeerVerb } from '../peer/protocol.ts';
 import type { PeerRequestContext, VerbHandler } from '../peer/server.ts';
 import type { Pool } from '../store/pool.ts';
 import { ByteFeed } from './byte-feed.ts';
+import { crashPoint } from '../core/crash-points.ts';
 import {
-  jsonPayload, parsePrune, parseReceiveOpen, parseVolumeRequest, replicationSnapshotPrefix, type PruneReply, type ReplicaInfo,
+  jsonPayload, newestReplicationPoint, parsePrune, parseReceiveOpen, parseTakeOwnership, parseVolumeRequest, replicationSnapshotPrefix,
+  type PruneReply, type ReplicaInfo, type TakeOwnershipRequest,
 } from './peer-messages.ts';
 import type { ReceiveResult, StreamReceiver } from './receive.ts';
 import type { VolumeRoles } from './roles.ts';
@@ -33,11 +35,15 @@ export class ReplicaServer {
   /** The stream each connection carries, by connection id. */
   readonly #sessions = new Map<number, Session>();
 
-  constructor(pool: Pool, receiver: StreamReceiver, roles: VolumeRoles, log: (line: string) => void) {
+  /** Called once this node owns a volume handed to it, with the old owner's address to replicate back to (or null). */
+  readonly #onTaken: (volume: string, replicaBack: string | null) => Promise<void>;
+
+  constructor(pool: Pool, receiver: StreamReceiver, roles: VolumeRoles, log: (line: string) => void, onTaken: (volume: string, replicaBack: string | null) => Promise<void>) {
     this.#pool = pool;
     this.#receiver = receiver;
     this.#roles = roles;
     this.#log = log;
+    this.#onTaken = onTaken;
   }
 
   /** The verbs, for the peer server. */
@@ -49,6 +55,7 @@ export class ReplicaServer {
       [PeerVerb.receiveClose, (_payload, context) => this.#close(context)],
       [PeerVerb.receiveAbort, (payload, context) => this.#abort(parseVolumeRequest(payload, 'receiveAbort').volume, context.peerName)],
       [PeerVerb.replicaPrune, (payload, context) => this.#prune(payload, context.peerName)],
+      [PeerVerb.takeOwnership, (payload, context) => this.#take(parseTakeOwnership(payload), context.peerName)],
     ]);
   }
 
@@ -71,6 +78,9 @@ export class ReplicaServer {
     await this.#checkSender(volume, context.peerName, epoch);
     // Recorded before the stream may create the volume, so a replica never exists without its role.
     await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });
+    // A replica's own writes are refused in the pool too (the receiver writes past that); from a new owner at a
+    // higher epoch the block is already there.
+    if (this.#pool.hasVolume(volume) && this.#pool.writeBlock(volume) === null) await this.#pool.blockWrites(volume, this.#roles.writeRefusal(volume, 'a write'));
     const feed = new ByteFeed();
     const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed) };
     this.#sessions.set(context.connection.id, session);
@@ -99,7 +109,9 @@ export class ReplicaServer {
     if (session === undefined) throw ChunkdError.invalid('no stream is open on this connection');
     session.feed.end();
     try {
-      return await session.result;
+      const result = await session.result;
+      if (this.#pool.writeBlock(session.volume) === null) await this.#pool.blockWrites(session.volume, this.#roles.writeRefusal(session.volume, 'a write'));
+      return result;
     } finally {
       this.#sessions.delete(context.connection.id);
       if (!this.#pool.hasVolume(session.volume)) await this.#roles.forget(session.volume);
@@ -127,6 +139,33 @@ export class ReplicaServer {
       reply.removed.push(snapshot.name);
     }
     return reply;
+  }
+
+  /**
+   * A handoff's last step: the owner has stopped writing and sent its final increment, and asks this replica to
+   * own the volume at the next epoch. Checked: the sender is the replica's owner, the epoch is the next one, and
+   * the replica is complete at exactly the final increment's snapshot. The new role is durable before the answer;
+   * asked again after that (the answer was lost), it answers the same.
+   */
+  async #take(request: TakeOwnershipRequest, peer: string): Promise<object> {
+    const { volume, epoch, snapshot } = request;
+    if (this.#pool.hasVolume(volume) && this.#roles.replicaOf(volume) === null && this.#roles.fenced(volume) === null && this.#roles.epochOf(volume) === epoch) {
+      return { epoch };
+    }
+    const role = this.#roles.replicaOf(volume);
+    if (role === null || role.owner !== peer) throw ChunkdError.readOnly(`volume ${volume} on this node is not a replica of ${peer}; it cannot be handed over here`);
+    if (epoch !== role.epoch + 1) throw ChunkdError.invalid(`a handoff of ${volume} must move it to epoch ${role.epoch + 1}, not ${epoch}`);
+    if (this.#receiver.isActive(volume) || (await this.#receiver.interrupted(volume)) !== null) throw ChunkdError.busy(`a stream into ${volume} is not complete here; send the final increment first`);
+    const point = newestReplicationPoint(this.#pool.listSnapshots(volume));
+    if (point?.uuid !== snapshot) throw ChunkdError.invalid(`the replica of ${volume} here is complete at ${point?.name ?? 'nothing'} (id ${point?.uuid ?? '-'}), not at the final increment ${snapshot}`);
+    if (this.#pool.diff(volume, point.name, null).length > 0) throw ChunkdError.invalid(`the replica of ${volume} here differs from its last point ${point.name}`);
+    crashPoint('handoff:before-take');
+    await this.#roles.set(volume, { role: 'owner', epoch });
+    await this.#pool.blockWrites(volume, null);
+    crashPoint('handoff:after-take');
+    this.#log(`volume ${volume} handed over by ${peer}: this node owns it at epoch ${epoch}, from ${point.name}`);
+    await this.#onTaken(volume, request.replicaBack);
+    return { epoch };
   }
 
   /** May `peer` at `epoch` send a stream into `volume`? Throws EPERM saying why not. */

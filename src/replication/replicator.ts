@@ -25,7 +25,7 @@ import { PeerClient } from '../peer/client.ts';
 import type { TlsCredentials } from '../peer/credentials.ts';
 import { PeerVerb } from '../peer/protocol.ts';
 import type { Pool } from '../store/pool.ts';
-import { jsonPayload, parsePruneReply, parseReceiveResult, parseReplicaInfo, replicationSnapshotPrefix, type ReplicaInfo } from './peer-messages.ts';
+import { jsonPayload, parsePruneReply, parseReceiveResult, parseReplicaInfo, replicationSnapshotPrefix, type ReplicaInfo, type TakeOwnershipRequest } from './peer-messages.ts';
 import { RateLimiter } from './rate-limit.ts';
 import type { ReceiveResult } from './receive.ts';
 import { prepareSend, type PreparedSend, type SendRequest } from './send.ts';
@@ -198,6 +198,22 @@ export class Replicator {
       this.#links.splice(this.#links.indexOf(link), 1);
     }
     if (links.length > 0) await this.#save();
+  }
+
+  /** Adds a link of `volume` to `address` unless there is one. */
+  async ensureLink(volume: string, address: string, everyMs: number): Promise<void> {
+    if (this.#find(volume, address) === null) await this.add({ volume, peer: address, everyMs, maxRateBytesPerSecond: null });
+  }
+
+  /** A handoff's last step (handoff.ts): asks the peer to own `request.volume`; resolves once it does, durably. */
+  async takeOwnership(address: string, request: TakeOwnershipRequest): Promise<void> {
+    const [host, port] = splitAddress(address);
+    const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
+    try {
+      await withTimeout(client.request(PeerVerb.takeOwnership, jsonPayload(request)), requestTimeoutMs, () => client.close(), `${address} did not answer the handoff`);
+    } finally {
+      client.close();
+    }
   }
 
   /** What the peer at `address` holds of `volume` (one connection, one question). */

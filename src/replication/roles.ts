@@ -5,6 +5,8 @@
 //   replica  a read-only copy of `owner`'s volume at `epoch`, fed only by streams from it (or a higher epoch)
 //   fenced   this node owned it at `epoch`, and `owner` (at `ownerAddress`) has since become the owner at
 //            `ownerEpoch`: writes are refused until the operator demotes it to a replica
+//   handing-off  this node owns it at `epoch` and is handing it to `to` (handoff.ts): writes are refused (the
+//            protocol's shutdown error) until the handoff completes (a replica here) or is rolled back
 //
 // Every front end and every control verb that changes a volume asks here first (node.ts); a fenced volume's
 // writes are also refused in the pool itself (Pool.blockWrites), so clients connected before the fence get EPERM.
@@ -21,7 +23,8 @@ import { readStateFile, writeStateFile } from './state-file.ts';
 export type VolumeRole =
   | { role: 'owner'; epoch: number }
   | { role: 'replica'; owner: string; epoch: number }
-  | { role: 'fenced'; epoch: number; owner: string; ownerEpoch: number; ownerAddress: string | null };
+  | { role: 'fenced'; epoch: number; owner: string; ownerEpoch: number; ownerAddress: string | null }
+  | { role: 'handing-off'; epoch: number; to: string; toAddress: string };
 
 export interface ReplicaRole {
   /** The node that owns the volume and sends it here (its certificate's name). */
@@ -31,6 +34,7 @@ export interface ReplicaRole {
 }
 
 export type FencedRole = Extract<VolumeRole, { role: 'fenced' }>;
+export type HandoffRole = Extract<VolumeRole, { role: 'handing-off' }>;
 
 export class VolumeRoles {
   readonly #file: string;
@@ -72,9 +76,24 @@ export class VolumeRoles {
     return role === undefined || role.role === 'replica' ? 1 : role.epoch;
   }
 
+  /** The handoff of a volume in progress on this node (it was the owner), or null. */
+  handingOff(volume: string): HandoffRole | null {
+    const role = this.#roles.get(volume);
+    return role?.role === 'handing-off' ? role : null;
+  }
+
   /** Volumes that are fenced, for the pool's write blocks at start. */
   fencedVolumes(): Array<[string, FencedRole]> {
     return [...this.#roles].flatMap(([volume, role]) => (role.role === 'fenced' ? [[volume, role] as [string, FencedRole]] : []));
+  }
+
+  /** Every volume this node may not write (replicas, fenced, being handed off): each gets a pool write block at start. */
+  readOnlyVolumes(): string[] {
+    return [...this.#roles].flatMap(([volume, role]) => (role.role === 'owner' ? [] : [volume]));
+  }
+
+  handoffs(): Array<[string, HandoffRole]> {
+    return [...this.#roles].flatMap(([volume, role]) => (role.role === 'handing-off' ? [[volume, role] as [string, HandoffRole]] : []));
   }
 
   /** Refuses a change to a volume that is not this node's to change, with one line that says whose it is. */
@@ -87,6 +106,9 @@ export class VolumeRoles {
     const role = this.#roles.get(volume);
     if (role?.role === 'replica') {
       return ChunkdError.readOnly(`volume ${volume} is a read-only replica of node ${role.owner} (epoch ${role.epoch}); ${what} is refused: clone one of its snapshots to get a writable copy`);
+    }
+    if (role?.role === 'handing-off') {
+      return new ChunkdError('ESHUTDOWN', `volume ${volume} is being handed off to node ${role.to} (${role.toAddress}); ${what} is refused: reconnect to the new owner`);
     }
     if (role?.role === 'fenced') {
       return ChunkdError.readOnly(`volume ${volume} is fenced: node ${role.owner}${role.ownerAddress === null ? '' : ` (${role.ownerAddress})`} owns it now at epoch ${role.ownerEpoch}, this node's epoch ${role.epoch} is over; ${what} is refused: make it a replica of the new owner with chunkd replica demote ${volume}`);
@@ -117,5 +139,6 @@ function isRole(value: unknown): value is VolumeRole {
   if (role.role === 'owner') return true;
   if (role.role === 'replica') return nodeName(role.owner);
   if (role.role === 'fenced') return nodeName(role.owner) && Number.isSafeInteger(role.ownerEpoch) && (role.ownerAddress === null || typeof role.ownerAddress === 'string');
+  if (role.role === 'handing-off') return nodeName(role.to) && typeof role.toAddress === 'string';
   return false;
 }

@@ -337,7 +337,7 @@ export class Pool {
   /** The receiver's own handle on a volume marked by beginReceive. */
   openVolumeForReceive(name: string): Volume {
     this.#checkOpen();
-    return new Volume(this.#volumeStore, this.#receivingRuntime(name));
+    return new Volume(this.#volumeStore, this.#receivingRuntime(name), true);
   }
 
   /** What the receiver may change on a volume marked by beginReceive: its size (to the stream's), or back to a snapshot. */

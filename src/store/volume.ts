@@ -55,9 +55,13 @@ export class Volume implements BlockDevice {
   readonly #runtime: VolumeRuntime;
   #closed = false;
 
-  constructor(store: VolumeStore, runtime: VolumeRuntime) {
+  /** The stream receiver's handle writes past the volume's write block (it is what feeds a replica). */
+  readonly #receiver: boolean;
+
+  constructor(store: VolumeStore, runtime: VolumeRuntime, receiver = false) {
     this.#store = store;
     this.#runtime = runtime;
+    this.#receiver = receiver;
     runtime.openCount += 1;
   }
 
@@ -132,7 +136,7 @@ export class Volume implements BlockDevice {
   }
 
   #checkWritable(): void {
-    if (this.#runtime.writeBlock !== null) throw this.#runtime.writeBlock;
+    if (this.#runtime.writeBlock !== null && !this.#receiver) throw this.#runtime.writeBlock;
   }
 
   #assertRange(offsetBytes: number, lengthBytes: number): void {
