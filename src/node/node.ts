@@ -153,6 +153,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         },
       });
       await node.#replicator.load();
+      // A handoff a crash interrupted is settled first (it may make a volume a replica here, or take writes again).
+      for (const [volume] of roles.handoffs()) await resolveHandoff(node.#handoffContext(), volume);
       // Before any client is served: a node replaced while it was down learns it from its peers, and is fenced.
       await node.#replicator.checkOwnership(ownershipCheckTimeoutMs);
       // Every volume this node may not write is refused in the pool too (the receiver writes past that).
@@ -213,8 +215,6 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
         config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);
       }
-      // A handoff a crash interrupted is settled before the links run (it may make a volume a replica here).
-      for (const [volume] of roles.handoffs()) await resolveHandoff(node.#handoffContext(), volume);
       node.#replicator.start();
     } catch (error) {
       await node.stop().catch(() => {});

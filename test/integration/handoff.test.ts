@@ -1,0 +1,177 @@
+// Handoff between two real nodes (separate pools, loopback peer ports, mutual TLS): under a client writing through
+// NBD (qemu-io, every batch of writes followed by a flush), every write acknowledged before the freeze and flushed
+// is on the new owner, the old owner's clients are refused with the shutdown error and it keeps a read-only
+// replica; and a crash of either node at each step of the handoff (CHUNKD_TEST_CRASH_AT), then recovery: exactly
+// one writable owner, nothing acknowledged lost.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
+import { exportHash, ok } from '../helpers/stream-pipe.ts';
+
+const skip = !haveTool('qemu-io') || !haveTool('nbdcopy') || !haveTool('openssl');
+const KiB = 1024;
+let scratch: string;
+let tlsDir: string;
+const ports: Record<string, number> = {};
+const nodes: Record<string, RunningNode> = {};
+
+async function freePort(): Promise<number> {
+  const server = net.createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as net.AddressInfo;
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  return port;
+}
+
+const address = (name: string): string => `127.0.0.1:${ports[name]}`;
+
+async function start(name: string, crashAt?: string): Promise<RunningNode> {
+  if (crashAt === undefined) delete process.env.CHUNKD_TEST_CRASH_AT;
+  else process.env.CHUNKD_TEST_CRASH_AT = crashAt;
+  try {
+    nodes[name] = await startNode(path.join(scratch, name), ['--peer-listen', address(name), '--tls-dir', path.join(tlsDir, name)]);
+  } finally {
+    delete process.env.CHUNKD_TEST_CRASH_AT;
+  }
+  return nodes[name]!;
+}
+
+/** Waits for a node killed by its crash hook; returns whether it died of SIGKILL. */
+function died(node: RunningNode): Promise<boolean> {
+  if (node.process.exitCode !== null || node.process.signalCode !== null) return Promise.resolve(node.process.signalCode === 'SIGKILL');
+  return new Promise((resolve) => node.process.once('exit', (_code, signal) => resolve(signal === 'SIGKILL')));
+}
+
+interface Roles {
+  replicaVolumes: Array<{ volume: string; owner: string; epoch: number }>;
+  fenced: unknown[];
+}
+
+async function roles(node: RunningNode): Promise<Roles> {
+  return JSON.parse(await ok(node, 'status', '--json')).replication;
+}
+
+/** Whether a client can write `volume` on `node` (qemu-io opens it read-write and writes a block). */
+async function writable(node: RunningNode, volume: string): Promise<boolean> {
+  return (await runTool('qemu-io', ['-f', 'raw', node.qemuUri(volume), '-c', 'write -P 0x7e 8M 4k'])).code === 0;
+}
+
+before(async () => {
+  if (skip) return;
+  scratch = makeTempDir('handoff');
+  tlsDir = path.join(scratch, 'tls');
+  await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta']);
+  for (const name of ['alpha', 'beta']) ports[name] = await freePort();
+  await start('alpha');
+  await start('beta');
+});
+
+after(async () => {
+  if (skip) return;
+  for (const node of Object.values(nodes)) {
+    assert.equal(await node.stop(), 0, node.stderr());
+    const fsck = await node.cli('fsck', '--pool', node.pool);
+    assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
+  }
+  fs.rmSync(scratch, { recursive: true, force: true });
+});
+
+test('handoff under a writing client: every flushed write is on the new owner; the old owner refuses writes and keeps a replica', { skip }, async () => {
+  const alpha = nodes.alpha!;
+  const beta = nodes.beta!;
+  await ok(alpha, 'volume', 'create', 'ho', '--size', '64MiB');
+  // A client writing 64 KiB blocks, each to its own offset with its own pattern, 16 writes then a flush per
+  // qemu-io run, until the handoff stops it. A block counts as acknowledged when its run's flush succeeded.
+  let stop = false;
+  const acknowledged: number[] = [];
+  let refusals = '';
+  const writer = (async () => {
+    for (let batch = 0; !stop && batch < 48; batch++) {
+      const blocks = Array.from({ length: 16 }, (_, i) => batch * 16 + i);
+      const commands = blocks.flatMap((block) => ['-c', `write -P ${1 + (block % 250)} ${block * 64 * KiB} 64k`]);
+      const run = await runTool('qemu-io', ['-f', 'raw', alpha.qemuUri('ho'), ...commands, '-c', 'flush']);
+      const flushed = run.code === 0 && !/error|failed/i.test(run.stdout + run.stderr);
+      if (flushed) acknowledged.push(...blocks);
+      else {
+        refusals += run.stdout + run.stderr;
+        break;
+      }
+    }
+  })();
+  // Let the client write a while, then hand off while it writes.
+  while (acknowledged.length < 64) await new Promise((resolve) => setTimeout(resolve, 50));
+  const result = JSON.parse(await ok(alpha, 'volume', 'handoff', 'ho', '--to', address('beta'), '--json'));
+  stop = true;
+  await writer;
+  console.log(`# handoff under load: ${result.increments} increment(s), writes paused ${result.pauseSeconds.toFixed(3)} s, final increment ${result.finalBytes} bytes, ${acknowledged.length} blocks acknowledged`);
+  assert.equal(result.to, 'beta');
+  assert.equal(result.epoch, 2);
+  assert.ok(result.pauseSeconds < 5, `pause ${result.pauseSeconds} s`);
+  // Every acknowledged block is on beta, which takes writes now.
+  for (let i = 0; i < acknowledged.length; i += 64) {
+    const chunk = acknowledged.slice(i, i + 64);
+    await mustRun('qemu-io', ['-f', 'raw', '-r', beta.qemuUri('ho'), ...chunk.flatMap((block) => ['-c', `read -P ${1 + (block % 250)} ${block * 64 * KiB} 64k`])]);
+  }
+  assert.equal(await writable(beta, 'ho'), true);
+  // alpha: a read-only replica of beta's, at epoch 2.
+  assert.equal(await writable(alpha, 'ho'), false);
+  assert.deepEqual((await roles(alpha)).replicaVolumes.map((r) => [r.volume, r.owner, r.epoch]), [['ho', 'beta', 2]]);
+  assert.deepEqual((await roles(beta)).replicaVolumes, []);
+  // beta replicates back to alpha (it was told alpha's address).
+  await ok(beta, 'replica', 'sync', 'ho', '--peer', address('alpha'));
+  const [link] = JSON.parse(await ok(beta, 'replica', 'status', 'ho', '--json')).replicas;
+  assert.equal(await exportHash(alpha, 'ho'), await exportHash(beta, `ho@${link.lastReplicated.snapshot}`));
+});
+
+// Each step, which node's hook kills it, and what recovery must give: the handoff rolled back (alpha still owns
+// the volume) or completed (beta owns it); either way run again, the handoff then completes.
+const steps = [
+  { step: 'handoff:after-freeze', crashes: 'alpha' },
+  { step: 'handoff:after-final', crashes: 'alpha' },
+  { step: 'handoff:before-take', crashes: 'beta' },
+  { step: 'handoff:after-take', crashes: 'beta' },
+  { step: 'handoff:after-taken', crashes: 'alpha' },
+] as const;
+
+for (const { step, crashes } of steps) {
+  test(`a crash of ${crashes} at ${step}: recovery leaves one writable owner and nothing acknowledged lost`, { skip }, async () => {
+    const volume = `crash-${step.split(':')[1]}`;
+    await ok(nodes.alpha!, 'volume', 'create', volume, '--size', '16MiB');
+    await mustRun('qemu-io', ['-f', 'raw', nodes.alpha!.qemuUri(volume), '-c', 'write -P 0x5c 0 2M', '-c', 'flush']);
+    // The crashing node restarts with its hook armed; the other stays up.
+    await nodes[crashes]!.stop();
+    const armed = await start(crashes, step);
+    const attempt = spawn(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'volume', 'handoff', volume, '--to', address('beta'), '--api', nodes.alpha!.apiSocket], { stdio: 'ignore' });
+    const attempted = new Promise<number | null>((resolve) => attempt.on('close', resolve));
+    assert.equal(await died(armed), true, `${crashes} was killed at ${step}`);
+    assert.notEqual(await attempted, 0, 'the interrupted handoff reports a failure');
+    await start(crashes);
+    // Give alpha's start-up resolution (when alpha crashed) its turn; then the state must be one owner.
+    const alphaReplica = (await roles(nodes.alpha!)).replicaVolumes.some((r) => r.volume === volume);
+    const betaReplica = (await roles(nodes.beta!)).replicaVolumes.some((r) => r.volume === volume);
+    const alphaWrites = await writable(nodes.alpha!, volume);
+    const betaWrites = await writable(nodes.beta!, volume);
+    const logs = `\n--- alpha\n${nodes.alpha!.stderr()}\n--- beta\n${nodes.beta!.stderr()}`;
+    assert.ok(!(alphaWrites && betaWrites), `${step}: never two writable owners${logs}`);
+    if (step === 'handoff:after-taken') {
+      // beta took it and alpha learned so at start: alpha is its replica.
+      assert.deepEqual([alphaReplica, alphaWrites, betaWrites], [true, false, true], `${step}: completed${logs}`);
+    } else if (crashes === 'alpha') {
+      // beta never took it: alpha rolled the handoff back at start and takes writes again.
+      assert.deepEqual([alphaWrites, betaWrites, betaReplica], [true, false, true], `${step}: rolled back${logs}`);
+    } else {
+      // alpha is frozen until the handoff is run again; beta took it (after-take) or not (before-take).
+      assert.equal(alphaWrites, false, `${step}: alpha frozen${logs}`);
+      assert.equal(betaWrites, step === 'handoff:after-take', `${step}: beta owns it only if it recorded so${logs}`);
+    }
+    // Run again: it completes (or learns it had).
+    if (!alphaReplica) await ok(nodes.alpha!, 'volume', 'handoff', volume, '--to', address('beta'));
+    assert.equal(await writable(nodes.alpha!, volume), false);
+    assert.equal(await writable(nodes.beta!, volume), true);
+    await mustRun('qemu-io', ['-f', 'raw', '-r', nodes.beta!.qemuUri(volume), '-c', 'read -P 0x5c 0 2M']);
+  });
+}
