@@ -127,6 +127,35 @@ test('handoff under a writing client: every flushed write is on the new owner; t
   assert.equal(await exportHash(alpha, 'ho'), await exportHash(beta, `ho@${link.lastReplicated.snapshot}`));
 });
 
+test('handoff under fio with verify=crc32c: fio reconnects to the new owner and verifies every write it saw acknowledged', { skip: skip || !haveTool('fio') }, async () => {
+  const alpha = nodes.alpha!;
+  const beta = nodes.beta!;
+  await ok(alpha, 'volume', 'create', 'fio', '--size', '256MiB');
+  const work = path.join(scratch, 'fio');
+  fs.mkdirSync(work);
+  // Sequential 64 KiB writes at QD32, paced so the handoff lands mid-run; fio saves how far it got when the
+  // writes start failing (verify_state_save), and the verify pass reads back exactly that.
+  const job = ['--name=handoff', '--ioengine=nbd', '--rw=write', '--bs=64k', '--iodepth=32', '--size=256M', '--verify=crc32c'];
+  const writing = runTool('fio', [...job, `--uri=${alpha.uri('fio')}`, '--do_verify=0', '--rate=24m'], { cwd: work });
+  await new Promise((resolve) => setTimeout(resolve, 3000));
+  const result = JSON.parse(await ok(alpha, 'volume', 'handoff', 'fio', '--to', address('beta'), '--json'));
+  const wrote = await writing;
+  console.log(`# handoff under fio: ${result.increments} increment(s), writes paused ${result.pauseSeconds.toFixed(3)} s, final increment ${result.finalBytes} bytes`);
+  assert.notEqual(wrote.code, 0, 'fio saw its writes refused by the old owner');
+  // Writes refused at the freeze (the protocol's shutdown error) were never acknowledged.
+  const refused = new Set([...(wrote.stdout + wrote.stderr).matchAll(/io_u error on file .*?: (?:Cannot send after transport endpoint shutdown|Operation not permitted): write offset=(\d+)/g)].map((m) => Number(m[1])));
+  assert.ok(refused.size > 0, `fio reports the refused writes: ${(wrote.stdout + wrote.stderr).slice(-2000)}`);
+  const verified = await runTool('fio', [...job, `--uri=${beta.uri('fio')}`, '--verify_only', '--verify_state_load=1'], { cwd: work });
+  const bad = [...(verified.stdout + verified.stderr).matchAll(/bad magic header .*? at file .*? offset (\d+), length/g)].map((m) => Number(m[1]));
+  // fio's saved state counts the refused writes as issued, so its verify pass reads those blocks too: each
+  // block that fails must be one whose write was refused; every acknowledged one must verify.
+  const unexpected = bad.filter((offset) => !refused.has(offset));
+  assert.deepEqual(unexpected, [], `verify failures at offsets fio saw acknowledged: ${(verified.stdout + verified.stderr).slice(-3000)}`);
+  assert.ok(bad.length <= refused.size);
+  const readBytes = /READ: bw=.*?io=([\d.]+)MiB/.exec(verified.stdout);
+  assert.ok(readBytes !== null && Number(readBytes[1]) > 32, `the verify pass read back what was written: ${verified.stdout.slice(-1500)}`);
+});
+
 // Each step, which node's hook kills it, and what recovery must give: the handoff rolled back (alpha still owns
 // the volume) or completed (beta owns it); either way run again, the handoff then completes.
 const steps = [
