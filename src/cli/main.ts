@@ -264,7 +264,7 @@ async function statusCommand(argv: string[]): Promise<number> {
     metricsListen?: string | null;
     pool: { directory: string; allocatedBytes: number; fileSystem: { freeBytes: number }; failure: string | null; commitError: string | null; metadataRepairsTotal: number };
     volumes: VolumeInfo[];
-    nbd: { listen: string[]; connectionsOpen: number; requestsTotal: number };
+    nbd: { listen: string[]; tls?: { mode: string; verifyPeer: boolean }; connectionsOpen: number; requestsTotal: number };
     io: { engine: string; workers: Array<{ id: number; inFlight: number }>; queued: number; workerRestarts: number };
     fuse?: { mountpoint: string; openFiles: number } | null;
     attachments?: Array<{ volume: string; mountpoint: string; fsType: string; via: string; state: string; loopDevice: string | null; error: string | null; dockerIds: string[] }>;
@@ -282,7 +282,7 @@ async function statusCommand(argv: string[]): Promise<number> {
       `pool ${status.pool.directory}: ${formatSize(status.pool.allocatedBytes)} allocated, ${formatSize(status.pool.fileSystem.freeBytes)} free on its file system${status.pool.failure ? `, FAILED: ${status.pool.failure}` : ''}`,
       ...(status.pool.failure === null && status.pool.commitError ? [`  last commit failed: ${status.pool.commitError}`] : []),
       ...(status.pool.metadataRepairsTotal > 0 ? [`  ${status.pool.metadataRepairsTotal} damaged metadata copies repaired at start (see the log)`] : []),
-      `nbd ${status.nbd.listen.join(', ') || '(not listening)'}: ${status.nbd.connectionsOpen} connections, ${status.nbd.requestsTotal} requests served`,
+      `nbd ${status.nbd.listen.join(', ') || '(not listening)'}${status.nbd.tls === undefined || status.nbd.tls.mode === 'off' ? '' : ` (TLS ${status.nbd.tls.mode}${status.nbd.tls.verifyPeer ? ', client certificates verified' : ''})`}: ${status.nbd.connectionsOpen} connections, ${status.nbd.requestsTotal} requests served`,
       `event loop utilisation ${(status.eventLoopUtilization * 100).toFixed(1)}%`,
       status.io.engine === 'inline'
         ? 'chunk I/O on the main thread (--workers 0)'

@@ -549,6 +549,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const threads = this.#threads === null ? null : await this.#threads.stats();
     return {
       listen: this.nbdAddresses(),
+      tls: this.config.tls ? { mode: this.config.tls.mode, verifyPeer: this.config.tls.verifyPeer } : { mode: 'off', verifyPeer: false },
       threads: this.#threads?.threadCount ?? 0,
       connectionsOpen: main.connectionsOpen + (threads?.connectionsOpen ?? 0),
       connectionsTotal: main.connectionsTotal + (threads?.connectionsTotal ?? 0),
@@ -572,7 +573,7 @@ export interface NodeStatus {
   metricsListen: string | null;
   pool: Awaited<ReturnType<Pool['status']>> & { id: string };
   volumes: VolumeInfo[];
-  nbd: { listen: string[]; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
+  nbd: { listen: string[]; tls: { mode: 'off' | 'on' | 'require'; verifyPeer: boolean }; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
   api: { socket: string; tls: string | null };
   peer: PeerServerStats | null;
   /** Replicas of this node's volumes elsewhere, and the volumes here that are replicas of others'. */

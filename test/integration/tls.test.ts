@@ -348,6 +348,8 @@ test('handshakes that send garbage before or during TLS are closed at once; stal
   const grownKiB = (await rssKiB(forced)) - before;
   assert.ok(grownKiB < 64 * 1024, `120 stalled handshakes and 80 refused ones grew the node by ${grownKiB} KiB`);
   const status = JSON.parse((await forced.cli('status', '--json')).stdout);
+  assert.equal(status.nbd.tls.mode, 'require', 'status says NBD requires TLS');
+  assert.match((await forced.cli('status')).stdout, /\(TLS require\)/);
   assert.ok(status.nbd.connectionsOpen <= held.length, `only the stalled connections stay open (${status.nbd.connectionsOpen})`);
   for (const wire of held) wire.socket.destroy();
 });
