@@ -17,6 +17,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { freePort } from '../src/testing/node-process.ts';
 import { fill, measure, nbdTarget, type MeasureOptions } from './fio.ts';
 import { cleanup, cleanupOnSignals, commandOutput, onCleanup, setClockTicks, spawnTracked, stopChild, tail, Tools } from './processes.ts';
 import type { RowSpec, Sample } from './report.ts';
@@ -199,17 +200,6 @@ function formatRatios(active: System[], rows: RowSpec[], table: ReturnType<typeo
     lines.push(`| ${row.id} | ${cells.join(' | ')} |`);
   }
   return lines.join('\n');
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const port = (server.address() as net.AddressInfo).port;
-      server.close(() => resolve(port));
-    });
-  });
 }
 
 async function startQemuNbd(tools: Tools, workspace: string, sizeBytes: number): Promise<Running> {

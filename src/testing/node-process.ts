@@ -3,6 +3,7 @@
 // import test/; test/helpers/node-process.ts re-exports it for the tests.
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { runTool, type ToolResult } from '../core/run-tool.ts';
@@ -103,4 +104,16 @@ export async function mustRun(command: string, args: string[], options: { input?
 /** Whether a program is on PATH (integration tests need the real clients; .ci/run installs them). */
 export function haveTool(name: string): boolean {
   return (process.env.PATH ?? '').split(':').some((dir) => fs.existsSync(path.join(dir, name)));
+}
+
+/** A TCP port on 127.0.0.1 that nothing listens on now (for a node that must keep its port across restarts). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const port = (server.address() as net.AddressInfo).port;
+      server.close(() => resolve(port));
+    });
+  });
 }

@@ -6,10 +6,9 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
+import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { exportHash, ok } from '../helpers/stream-pipe.ts';
 
 const skip = !haveTool('qemu-io') || !haveTool('nbdcopy') || !haveTool('openssl');
@@ -18,14 +17,6 @@ let scratch: string;
 let tlsDir: string;
 const ports: Record<string, number> = {};
 const nodes: Record<string, RunningNode> = {};
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address() as net.AddressInfo;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 const address = (name: string): string => `127.0.0.1:${ports[name]}`;
 
