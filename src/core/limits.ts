@@ -109,8 +109,9 @@ export const streamRecordPayloadBytesMax = streamDataRecordBytesMax + 8;
 export const receiveCommitBytes = 32 * MiB;
 /** Data records a receiver writes at once (each at most streamDataRecordBytesMax): the disk works while the next arrive. */
 export const receiveWritesInFlightMax = 8;
-/** Records a sender reads ahead (each at most streamDataRecordBytesMax): the disk works while the last go out. */
-export const sendReadsAheadMax = 4;
+/** Reads a sender keeps ahead of what it has sent (each at most streamDataRecordBytesMax), and their bytes at most. */
+export const sendReadsAheadMax = 64;
+export const sendReadAheadBytes = 8 * MiB;
 
 /** Connections the metrics port (serve --metrics-listen) serves at once: a few scrapers, never a crowd. */
 export const metricsConnectionsMax = 16;

@@ -336,6 +336,19 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   async removeVolume(name: string): Promise<void> {
     const attachment = this.#attachments?.get(name);
     if (attachment !== undefined) throw ChunkdError.busy(`volume ${name} is attached at ${attachment.mountpoint}; detach it first`);
+    if (this.roles.replicaOf(name) !== null) {
+      // A replica goes whole: its replication snapshots are its owner's to prune, so they go with it (a snapshot
+      // a client has open refuses, and the replica stays as it was).
+      if (this.#receiver.isActive(name)) throw ChunkdError.busy(`a stream into replica ${name} is running; remove the replica link on its owner first`);
+      if ((await this.#receiver.interrupted(name)) !== null) await this.#receiver.abort(name);
+      if (!this.pool.hasVolume(name)) {
+        await this.roles.forget(name);
+        return;
+      }
+      const open = this.pool.listSnapshots(name).filter((snapshot) => snapshot.openCount > 0);
+      if (open.length > 0) throw ChunkdError.busy(`replica ${name} has snapshots in use (${open.map((s) => s.name).join(', ')}); disconnect their clients first`);
+      for (const snapshot of this.pool.listSnapshots(name)) await this.pool.removeSnapshot(name, snapshot.name);
+    }
     await this.pool.removeVolume(name);
     await this.roles.forget(name);
     await this.#replicator?.forgetVolume(name);

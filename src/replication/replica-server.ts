@@ -60,6 +60,9 @@ export class ReplicaServer {
   }
 
   async #info(volume: string): Promise<ReplicaInfo> {
+    // A stream whose connection just dropped may still be winding up (saving what arrived): the owner asks again
+    // shortly, rather than take a new snapshot that this receive would refuse.
+    if (this.#receiver.isActive(volume)) throw ChunkdError.busy(`a stream into ${volume} is still being applied here; try again shortly`);
     const exists = this.#pool.hasVolume(volume);
     const replicaOf = this.#roles.replicaOf(volume);
     return {

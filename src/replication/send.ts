@@ -4,7 +4,7 @@
 // the extent, so damaged bytes are never shipped. Reads go a record (at most 1 MiB) at a time, a few ahead, and the records are
 // yielded to a consumer that applies backpressure (the API's HTTP response), so memory stays bounded.
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
 import { isZero } from '../store/frames.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
 import type { Pool } from '../store/pool.ts';
@@ -73,12 +73,15 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
     // Reads run a few records ahead of what is yielded, so the disk works while the consumer sends.
     const pieces = recordPieces(extents);
     const reads: Array<{ offset: number; extent: { offsetBytes: number; lengthBytes: number }; buffer: Buffer; done: Promise<unknown> }> = [];
+    let readingBytes = 0;
     const readAhead = (): void => {
-      while (reads.length < sendReadsAheadMax) {
+      // Bounded by bytes, not only by count, so that scattered 4 KiB extents keep as much in flight as big ones.
+      while (reads.length < sendReadsAheadMax && readingBytes < sendReadAheadBytes) {
         const next = pieces.next();
         if (next.done === true) return;
         const { offset, length, extent } = next.value;
         const buffer = Buffer.allocUnsafe(length);
+        readingBytes += length;
         // The error is kept in the promise's value and looked at in order, when the piece's turn comes.
         reads.push({ offset, extent, buffer, done: device.read(offset, buffer).then(() => null, (error: unknown) => error) });
       }
@@ -97,6 +100,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
           yield [encodeAbort(failure.message)];
           return;
         }
+        readingBytes -= read.buffer.length;
         readAhead();
         const { offset, buffer } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.

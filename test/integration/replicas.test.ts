@@ -264,4 +264,11 @@ test('failover: the owner killed, its replica promoted; the old owner comes back
   assert.equal(link!.lastError, null);
   assert.equal(await exportHash(alpha.node, 'fo'), await exportHash(beta.node, `fo@${link!.lastReplicated.snapshot}`));
   await mustRun('qemu-io', ['-f', 'raw', '-r', alpha.node.qemuUri('fo'), '-c', 'read -P 0x42 12M 1M', '-c', 'read -P 0x31 0 4M', '-c', 'read -P 0 8M 1M']);
+
+  // A replica is removed whole (its replication snapshots with it) once its owner stops feeding it; the fenced
+  // snapshot kept for the operator goes too.
+  await ok(beta.node, 'replica', 'remove', 'fo', '--peer', alpha.address);
+  await ok(alpha.node, 'volume', 'rm', 'fo');
+  assert.deepEqual(JSON.parse(await ok(alpha.node, 'status', '--json')).replication.replicaVolumes.filter((r: { volume: string }) => r.volume === 'fo'), []);
+  assert.equal((await alpha.node.cli('volume', 'info', 'fo')).code, 1);
 });
