@@ -1,0 +1,445 @@
+// npm run bench:replication: what replicating a volume to another node costs (the replication issue's figures).
+//
+// Design note. Two nodes on loopback, each with its own pool and a peer port, mutual TLS from `chunkd tls init DIR
+// --node alpha --node beta`. alpha serves volume `vol` of --size bytes, filled once with random data (fio, fresh
+// random bytes in every buffer, so nothing compresses or dedupes). Each run measures, in this order:
+//   1. Full first replication against nbdcopy, interleaved (the order swaps every run). Beta's replica from the
+//      run before is dropped first (a replica cannot be removed as it is: it is promoted, its snapshots removed,
+//      then the volume). Replication: from the
+//      request that adds the link (`replica add vol --peer beta --every 1h`) to alpha's log line "replicated
+//      vol@... (full)", which ends the first cycle (snapshot, connect, stream, the peer's commit and prune).
+//      nbdcopy: alpha's snapshot export vol@SNAP over its unix socket into a fresh volume of the same size on
+//      beta, with --flush (the replica's receiver also makes what it got durable). MB/s is 10^6 bytes of volume
+//      per second, for both.
+//   2. An incremental after 1% of the volume changed in scattered 4 KiB writes (fio randwrite, --io_size of 1%,
+//      its random map: no block twice): the changed bytes (`snapshot diff vol POINT`, before the sync) against
+//      the cycle's stream bytes (`replica sync vol`), and its time.
+//   3. Client I/O on alpha's volume (fio, nbd engine, 4 KiB random write QD32 and 1 MiB sequential write QD8)
+//      with no link, with a link replicating every 500 ms, and with the same link at --max-rate 100MiB/s; the
+//      three interleaved. Before each sample a catch-up link brings beta current and is removed, so every sample
+//      starts alike; a sample's link is added and its first cycle waited for before fio starts, and removed
+//      after. The link's stream rate over the sample comes from alpha's streamBytesSentTotal.
+// Everything runs --runs times; the tables give medians and min–max. The control calls go straight to the API
+// sockets (what `chunkd replica add/sync/remove --json` send), so no CLI process start is timed.
+// Usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--target DIR] [--out DIR]
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+import { callApi } from '../src/cli/api-client.ts';
+import { ChunkdError } from '../src/core/errors.ts';
+import { formatSize, parseRate, parseSize } from '../src/core/units.ts';
+import { chunkdBin, startNode, type RunningNode } from '../src/testing/node-process.ts';
+import { fioFailure, measure, nbdTarget, runFio, type MeasureOptions } from './fio.ts';
+import { cleanup, cleanupOnSignals, commandOutput, mustRun, onCleanup, processCpuSeconds, setClockTicks, sleep, Tools } from './processes.ts';
+import { markdownTable, median, type RowSpec } from './report.ts';
+
+const MiB = 2 ** 20;
+const volume = 'vol';
+/** The link that brings beta current between samples, and the one of the full replication: no timed cycles. */
+const idleEveryMs = 3_600_000;
+const cycleTimeoutMs = 30 * 60_000;
+const fioTimeoutMs = 30 * 60_000;
+
+const usage = `usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--target DIR] [--out DIR]
+  --size SIZE      the volume replicated (default 4GiB; 256MiB for a quick check)
+  --runs N         runs of every measurement, interleaved (default 3)
+  --runtime S      seconds of each client I/O sample, after a 1 s ramp (default 10)
+  --max-rate RATE  the limited link's rate in the client I/O rows (default 100MiB/s)
+  --target DIR     where the two pools go (default .); needs about 2 x SIZE free per node
+  --out DIR        also write results.json and results.md there`;
+
+interface Peer {
+  name: string;
+  node: RunningNode;
+  address: string;
+}
+
+interface ReplicaStatus {
+  peer: string;
+  lastReplicated: { snapshot: string } | null;
+  streamBytesSentTotal: number;
+  lastError: { message: string } | null;
+}
+
+interface Cycle {
+  outcome: 'full' | 'incremental' | 'resumed' | 'current';
+  snapshot: string;
+  streamBytes: number;
+  dataBytes: number;
+  seconds: number;
+}
+
+interface FullSample {
+  run: number;
+  system: 'replication' | 'nbdcopy';
+  seconds: number;
+  mbps: number;
+  /** Replication only: the stream's own time (alpha's log line), and its bytes. */
+  streamSeconds: number | null;
+  streamBytes: number | null;
+  /** CPU seconds (user + system, every thread) of each node over the copy. */
+  alphaCpuSeconds: number;
+  betaCpuSeconds: number;
+}
+
+interface IncrementalSample {
+  run: number;
+  changedBytes: number;
+  streamBytes: number;
+  dataBytes: number;
+  cycleSeconds: number;
+  wallSeconds: number;
+}
+
+interface ClientSample {
+  run: number;
+  row: string;
+  mode: string;
+  value: number;
+  /** Bytes per second the link sent over the sample (null without a link). */
+  linkBytesPerSecond: number | null;
+}
+
+interface Mode {
+  id: string;
+  title: string;
+  /** The link's settings during the sample, or null for none. */
+  link: { everyMs: number; maxRateBytesPerSecond: number | null } | null;
+}
+
+const clientRows: RowSpec[] = [
+  { id: 'randwrite-4k-qd32', title: '4 KiB random write, QD32', rw: 'randwrite', blockSize: '4k', iodepth: 32, connections: 1, metric: 'iops', readPercent: null },
+  { id: 'write-1m-qd8', title: '1 MiB sequential write, QD8', rw: 'write', blockSize: '1M', iodepth: 8, connections: 1, metric: 'mbps', readPercent: null },
+];
+
+const api = (peer: Peer, method: string, route: string, body?: unknown): Promise<any> => callApi(peer.node.apiSocket, method, route, body);
+
+async function replicas(alpha: Peer): Promise<ReplicaStatus[]> {
+  return ((await api(alpha, 'GET', `/v1/volumes/${volume}/replicas`)) as { replicas: ReplicaStatus[] }).replicas;
+}
+
+async function addLink(alpha: Peer, beta: Peer, everyMs: number, maxRateBytesPerSecond: number | null = null): Promise<void> {
+  await api(alpha, 'POST', `/v1/volumes/${volume}/replicas`, { peer: beta.address, everyMs, maxRateBytesPerSecond });
+}
+
+async function removeLink(alpha: Peer, beta: Peer): Promise<void> {
+  if ((await replicas(alpha)).length > 0) await api(alpha, 'DELETE', `/v1/volumes/${volume}/replicas`, { peer: beta.address });
+}
+
+/** A cycle that starts after this call (`chunkd replica sync vol --json`). */
+async function sync(alpha: Peer): Promise<Cycle> {
+  const { cycles } = (await api(alpha, 'POST', `/v1/volumes/${volume}/replicate`, {})) as { cycles: Cycle[] };
+  return cycles[0]!;
+}
+
+/**
+ * Brings beta's replica current with a link of no schedule, then removes it: every sample starts from here. A
+ * stream cut by removing the previous link is resumed first, then what changed since is sent, until a cycle finds
+ * nothing new. Right after a cut beta may still be winding the old receive up: a failed cycle is retried.
+ */
+async function catchUp(alpha: Peer, beta: Peer): Promise<void> {
+  await removeLink(alpha, beta);
+  await addLink(alpha, beta, idleEveryMs);
+  let failure: unknown = null;
+  for (let attempt = 0; ; attempt++) {
+    if (attempt > 10) throw new Error(`beta does not catch up: ${(failure as Error | null)?.message ?? 'no cycle finds it current'}`);
+    const cycle = await sync(alpha).catch((error: unknown) => {
+      failure = error;
+      return null;
+    });
+    if (cycle?.outcome === 'current') break;
+    if (cycle === null) await sleep(250);
+  }
+  await removeLink(alpha, beta);
+}
+
+/**
+ * Removes the link and beta's replica, so that the next link sends the volume whole. A replica cannot be removed
+ * as it is (its snapshots are its owner's to prune), so it is promoted first, as in a failover; promote also gives
+ * up a receive that removing the link cut, once beta has wound it up (until then it answers EBUSY).
+ */
+async function dropReplica(alpha: Peer, beta: Peer): Promise<void> {
+  await removeLink(alpha, beta);
+  if (!((await api(beta, 'GET', '/v1/volumes')) as { volumes: Array<{ name: string }> }).volumes.some((v) => v.name === volume)) return;
+  for (let attempt = 0; ; attempt++) {
+    const refused = await api(beta, 'POST', `/v1/volumes/${volume}/promote`, {}).then(() => null, (error: unknown) => error);
+    if (refused === null) break;
+    if (attempt >= 20 || !(refused instanceof ChunkdError) || refused.code !== 'EBUSY') throw refused;
+    await sleep(250);
+  }
+  for (const { name } of ((await api(beta, 'GET', `/v1/volumes/${volume}/snapshots`)) as { snapshots: Array<{ name: string }> }).snapshots) {
+    await api(beta, 'DELETE', `/v1/volumes/${volume}/snapshots/${name}`);
+  }
+  await api(beta, 'DELETE', `/v1/volumes/${volume}`);
+}
+
+/** Waits for the first log line of a full cycle of vol that alpha writes past `logOffset`; returns the stream's seconds it names. */
+async function fullCycleLine(alpha: Peer, logOffset: number): Promise<number> {
+  const deadline = Date.now() + cycleTimeoutMs;
+  for (;;) {
+    const log = alpha.node.stderr().slice(logOffset);
+    const done = /replicated vol@repl-\d+ to beta \(full\): .* in ([\d.]+) s/.exec(log);
+    if (done !== null) return Number(done[1]);
+    const failed = /replication of vol to \S+ failed.*/.exec(log);
+    if (failed !== null) throw new Error(failed[0]);
+    if (Date.now() > deadline) throw new Error(`no full cycle in ${cycleTimeoutMs / 1000} s`);
+    await sleep(20);
+  }
+}
+
+/** Starts counting both nodes' CPU seconds; the function returned reads what they used since. */
+function cpuMeter(alpha: Peer, beta: Peer): () => { alphaCpuSeconds: number; betaCpuSeconds: number } {
+  const cpu = (peer: Peer): number => processCpuSeconds(peer.node.process.pid!) ?? Number.NaN;
+  const [alphaStart, betaStart] = [cpu(alpha), cpu(beta)];
+  return () => ({ alphaCpuSeconds: cpu(alpha) - alphaStart, betaCpuSeconds: cpu(beta) - betaStart });
+}
+
+async function fullReplication(alpha: Peer, beta: Peer, sizeBytes: number, run: number): Promise<FullSample> {
+  const logOffset = alpha.node.stderr().length;
+  const cpu = cpuMeter(alpha, beta);
+  const started = performance.now();
+  await addLink(alpha, beta, idleEveryMs); // its first cycle starts now
+  const streamSeconds = await fullCycleLine(alpha, logOffset);
+  const seconds = (performance.now() - started) / 1000;
+  const [link] = await replicas(alpha);
+  if (link!.lastError !== null) throw new Error(`replication: ${link!.lastError.message}`);
+  return { run, system: 'replication', seconds, mbps: sizeBytes / seconds / 1e6, streamSeconds, streamBytes: link!.streamBytesSentTotal, ...cpu() };
+}
+
+async function fullNbdcopy(tools: Tools, alpha: Peer, beta: Peer, sizeBytes: number, run: number): Promise<FullSample> {
+  const snapshot = `copy-src-${run}`;
+  await api(alpha, 'POST', `/v1/volumes/${volume}/snapshots`, { name: snapshot });
+  await api(beta, 'POST', '/v1/volumes', { name: 'copy', sizeBytes });
+  const cpu = cpuMeter(alpha, beta);
+  const started = performance.now();
+  await mustRun(tools.get('nbdcopy'), ['--flush', alpha.node.uri(`${volume}@${snapshot}`), beta.node.uri('copy')], { timeoutMs: cycleTimeoutMs });
+  const seconds = (performance.now() - started) / 1000;
+  const used = cpu();
+  await api(beta, 'DELETE', '/v1/volumes/copy');
+  await api(alpha, 'DELETE', `/v1/volumes/${volume}/snapshots/${snapshot}`);
+  return { run, system: 'nbdcopy', seconds, mbps: sizeBytes / seconds / 1e6, streamSeconds: null, streamBytes: null, ...used };
+}
+
+async function incremental(tools: Tools, alpha: Peer, sizeBytes: number, run: number): Promise<IncrementalSample> {
+  const [link] = await replicas(alpha);
+  const point = link!.lastReplicated!.snapshot;
+  const writes = Math.round((0.01 * sizeBytes) / 4096);
+  const fio = await runFio(tools, ['--name=scatter', '--ioengine=nbd', `--uri=${alpha.node.uri(volume)}`, `--size=${sizeBytes}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
+    `--io_size=${writes * 4096}`, `--randseed=${run + 1}`, '--refill_buffers', '--end_fsync=1', '--output-format=json'], fioTimeoutMs, null, 0, true);
+  if (fio.code !== 0) throw new Error(fioFailure(fio));
+  const { changedBytes } = (await api(alpha, 'GET', `/v1/volumes/${volume}/snapshots/${point}/diff`)) as { changedBytes: number };
+  const started = performance.now();
+  const cycle = await sync(alpha);
+  const wallSeconds = (performance.now() - started) / 1000;
+  if (cycle.outcome !== 'incremental') throw new Error(`the sync after 1% changed was ${cycle.outcome}, not incremental`);
+  return { run, changedBytes, streamBytes: cycle.streamBytes, dataBytes: cycle.dataBytes, cycleSeconds: cycle.seconds, wallSeconds };
+}
+
+async function clientSample(tools: Tools, alpha: Peer, beta: Peer, row: RowSpec, mode: Mode, run: number, options: MeasureOptions): Promise<ClientSample> {
+  await catchUp(alpha, beta);
+  if (mode.link !== null) {
+    await addLink(alpha, beta, mode.link.everyMs, mode.link.maxRateBytesPerSecond);
+    await sync(alpha); // the link's first cycle: beta is current, the link's base is set
+  }
+  const sentBefore = mode.link === null ? 0 : (await replicas(alpha))[0]!.streamBytesSentTotal;
+  const started = performance.now();
+  const sample = await measure(tools, nbdTarget(alpha.node.uri(volume)), alpha.node.process.pid!, row, mode.id, run, options);
+  const seconds = (performance.now() - started) / 1000;
+  const sentAfter = mode.link === null ? 0 : (await replicas(alpha))[0]!.streamBytesSentTotal;
+  await removeLink(alpha, beta);
+  if (sample.error !== null) throw new Error(`${row.id} ${mode.id}: ${sample.error}`);
+  const value = row.metric === 'iops' ? sample.iops! : sample.mbps!;
+  return { run, row: row.id, mode: mode.id, value, linkBytesPerSecond: mode.link === null ? null : (sentAfter - sentBefore) / seconds };
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+async function startPeer(scratch: string, name: string, extra: string[] = []): Promise<Peer> {
+  const port = await freePort();
+  const node = await startNode(path.join(scratch, name), ['--peer-listen', `127.0.0.1:${port}`, '--tls-dir', path.join(scratch, 'tls', name), ...extra]);
+  onCleanup(`node ${name}`, async () => {
+    if ((await node.stop()) !== 0) process.stderr.write(`bench:replication: node ${name} did not stop cleanly:\n${node.stderr().split('\n').slice(-20).join('\n')}\n`);
+  });
+  return { name, node, address: `127.0.0.1:${port}` };
+}
+
+interface Spread {
+  median: number;
+  min: number;
+  max: number;
+}
+
+function spread(values: number[]): Spread {
+  return { median: median(values), min: Math.min(...values), max: Math.max(...values) };
+}
+
+const fixed = (value: number, digits: number): string => value.toFixed(digits);
+const cell = (s: Spread, digits = 0, unit = ''): string => `${fixed(s.median, digits)}${unit} [${fixed(s.min, digits)}–${fixed(s.max, digits)}]`;
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    args: process.argv.slice(2),
+    options: {
+      size: { type: 'string', default: '4GiB' },
+      runs: { type: 'string', default: '3' },
+      runtime: { type: 'string', default: '10' },
+      'max-rate': { type: 'string', default: '100MiB/s' },
+      target: { type: 'string', default: '.' },
+      out: { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(`${usage}\n`);
+    return;
+  }
+  const sizeBytes = parseSize(values.size);
+  const runs = Number(values.runs);
+  const maxRate = parseRate(values['max-rate'], '--max-rate');
+  if (sizeBytes % MiB !== 0 || sizeBytes < 64 * MiB) throw new Error('--size must be a whole number of MiB, at least 64MiB');
+  if (!Number.isInteger(runs) || runs < 1) throw new Error('--runs must be a whole number, at least 1');
+  const options: MeasureOptions = { runtimeSeconds: Number(values.runtime), rampSeconds: 1, sizeBytes, flushEveryBytes: null };
+  const tools = new Tools(new Map());
+  for (const tool of ['fio', 'nbdcopy']) tools.get(tool);
+  setClockTicks(Number((await commandOutput('getconf', ['CLK_TCK'])) ?? '100'));
+  cleanupOnSignals();
+  const scratch = fs.mkdtempSync(path.join(path.resolve(values.target), '.chunkd-replbench-'));
+  onCleanup('scratch', () => fs.rmSync(scratch, { recursive: true, force: true }));
+  const modes: Mode[] = [
+    { id: 'no-link', title: 'no replica link', link: null },
+    { id: 'every-500ms', title: 'replicating every 500 ms', link: { everyMs: 500, maxRateBytesPerSecond: null } },
+    { id: 'every-500ms-limited', title: `every 500 ms, --max-rate ${formatSize(maxRate)}/s`, link: { everyMs: 500, maxRateBytesPerSecond: maxRate } },
+  ];
+
+  await mustRun(process.execPath, [chunkdBin, 'tls', 'init', path.join(scratch, 'tls'), '--node', 'alpha', '--node', 'beta']);
+  const alpha = await startPeer(scratch, 'alpha', ['--default-volume', `${volume}:${sizeBytes / MiB}MiB`]);
+  const beta = await startPeer(scratch, 'beta');
+  try {
+    console.log(`alpha pid ${alpha.node.process.pid}, beta pid ${beta.node.process.pid}; filling ${formatSize(sizeBytes)} of ${volume} with random data`);
+    const fill = await runFio(tools, ['--name=fill', '--ioengine=nbd', `--uri=${alpha.node.uri(volume)}`, `--size=${sizeBytes}`, '--rw=write', '--bs=1M', '--iodepth=8',
+      '--refill_buffers', '--end_fsync=1', '--output-format=json'], fioTimeoutMs, null, 0, true);
+    if (fill.code !== 0) throw new Error(fioFailure(fill));
+
+    const full: FullSample[] = [];
+    const increments: IncrementalSample[] = [];
+    const client: ClientSample[] = [];
+    for (let run = 0; run < runs; run++) {
+      // 1. A fresh start on beta: no link, no replica.
+      await dropReplica(alpha, beta);
+      for (const system of run % 2 === 0 ? ['replication', 'nbdcopy'] : ['nbdcopy', 'replication']) {
+        const sample = system === 'replication' ? await fullReplication(alpha, beta, sizeBytes, run) : await fullNbdcopy(tools, alpha, beta, sizeBytes, run);
+        full.push(sample);
+        console.log(`run ${run + 1} full ${system}: ${sample.seconds.toFixed(2)} s, ${sample.mbps.toFixed(0)} MB/s, CPU s alpha ${sample.alphaCpuSeconds.toFixed(1)} beta ${sample.betaCpuSeconds.toFixed(1)}${sample.streamBytes === null ? '' : ` (stream ${sample.streamSeconds} s, ${sample.streamBytes} bytes)`}`);
+      }
+      // 2. The link of step 1 is still there (every 1h): 1% changed, one sync.
+      const inc = await incremental(tools, alpha, sizeBytes, run);
+      increments.push(inc);
+      console.log(`run ${run + 1} incremental: ${inc.changedBytes} bytes changed, ${inc.streamBytes} bytes of stream (${(inc.streamBytes / inc.changedBytes).toFixed(4)}x) in ${inc.wallSeconds.toFixed(2)} s`);
+      // 3. Client I/O with and without a link; the modes' order turns every run.
+      for (const row of clientRows) {
+        for (let i = 0; i < modes.length; i++) {
+          const mode = modes[(i + run) % modes.length]!;
+          const sample = await clientSample(tools, alpha, beta, row, mode, run, options);
+          client.push(sample);
+          const rate = sample.linkBytesPerSecond === null ? '' : `, link ${(sample.linkBytesPerSecond / MiB).toFixed(1)} MiB/s`;
+          console.log(`run ${run + 1} ${row.id} ${mode.id}: ${sample.value.toFixed(0)} ${row.metric === 'iops' ? 'IOPS' : 'MB/s'}${rate}`);
+        }
+      }
+    }
+
+    const report = summarise(sizeBytes, runs, maxRate, modes, full, increments, client, options);
+    const markdown = formatReport(report, modes);
+    console.log(`\n${markdown}`);
+    if (values.out !== undefined) {
+      fs.mkdirSync(values.out, { recursive: true });
+      const machine = { cpus: os.availableParallelism(), cpuModel: os.cpus()[0]?.model ?? null, kernel: os.release(), node: process.version, loadAverage: os.loadavg() };
+      const commit = (await commandOutput('git', ['rev-parse', 'HEAD'])) ?? null;
+      const command = `npm run bench:replication -- ${process.argv.slice(2).join(' ')}`.trim();
+      fs.writeFileSync(path.join(values.out, 'results.json'), `${JSON.stringify({ command, commit, machine, ...report, samples: { full, increments, client } }, null, 2)}\n`);
+      fs.writeFileSync(path.join(values.out, 'results.md'), `${markdown}\n`);
+      console.log(`results: ${values.out}`);
+    }
+  } catch (error) {
+    for (const peer of [alpha, beta]) process.stderr.write(`${peer.name} log (last lines):\n${peer.node.stderr().split('\n').slice(-15).join('\n')}\n`);
+    throw error;
+  }
+}
+
+function summarise(sizeBytes: number, runs: number, maxRate: number, modes: Mode[], full: FullSample[], increments: IncrementalSample[], client: ClientSample[], options: MeasureOptions) {
+  const of = (system: string): FullSample[] => full.filter((s) => s.system === system);
+  const cpuPerGB = (samples: FullSample[]) => ({
+    alphaCpuSecondsPerGB: spread(samples.map((s) => s.alphaCpuSeconds / (sizeBytes / 1e9))),
+    betaCpuSecondsPerGB: spread(samples.map((s) => s.betaCpuSeconds / (sizeBytes / 1e9))),
+  });
+  // Ratios per run (the two systems of a run ran back to back), then their median.
+  const fullRatios = of('replication').map((r) => r.mbps / of('nbdcopy').find((c) => c.run === r.run)!.mbps);
+  const clientSummary = clientRows.map((row) => {
+    const byMode = Object.fromEntries(modes.map((mode) => {
+      const mine = client.filter((s) => s.row === row.id && s.mode === mode.id);
+      const base = client.filter((s) => s.row === row.id && s.mode === 'no-link');
+      const ratios = mine.map((s) => s.value / base.find((b) => b.run === s.run)!.value);
+      const rates = mine.map((s) => s.linkBytesPerSecond).filter((r): r is number => r !== null);
+      return [mode.id, { value: spread(mine.map((s) => s.value)), ratioToNoLink: spread(ratios), linkMiBPerSecond: rates.length === 0 ? null : spread(rates.map((r) => r / MiB)) }];
+    }));
+    return { row: row.id, title: row.title, metric: row.metric, modes: byMode };
+  });
+  return {
+    sizeBytes,
+    runs,
+    runtimeSeconds: options.runtimeSeconds,
+    maxRateBytesPerSecond: maxRate,
+    full: {
+      replication: { mbps: spread(of('replication').map((s) => s.mbps)), seconds: spread(of('replication').map((s) => s.seconds)), streamSeconds: spread(of('replication').map((s) => s.streamSeconds!)), streamBytesPerVolumeByte: spread(of('replication').map((s) => s.streamBytes! / sizeBytes)), ...cpuPerGB(of('replication')) },
+      nbdcopy: { mbps: spread(of('nbdcopy').map((s) => s.mbps)), seconds: spread(of('nbdcopy').map((s) => s.seconds)), ...cpuPerGB(of('nbdcopy')) },
+      ratio: spread(fullRatios),
+    },
+    incremental: {
+      changedBytes: spread(increments.map((s) => s.changedBytes)),
+      streamBytes: spread(increments.map((s) => s.streamBytes)),
+      streamPerChanged: spread(increments.map((s) => s.streamBytes / s.changedBytes)),
+      overheadBytes: spread(increments.map((s) => s.streamBytes - s.changedBytes)),
+      seconds: spread(increments.map((s) => s.wallSeconds)),
+    },
+    client: clientSummary,
+  };
+}
+
+function formatReport(report: ReturnType<typeof summarise>, modes: Mode[]): string {
+  const size = formatSize(report.sizeBytes);
+  const { full, incremental } = report;
+  const cpu = (system: typeof full.nbdcopy): string => `${fixed(system.alphaCpuSecondsPerGB.median, 1)} / ${fixed(system.betaCpuSecondsPerGB.median, 1)}`;
+  const fullTable = markdownTable([`full first replication of ${size}`, 'MB/s', 'seconds', 'vs nbdcopy (goal ≥ 0.8x)', 'node CPU s per GB, alpha / beta'], [
+    [`chunkd replica add → first cycle done (stream alone ${cell(full.replication.streamSeconds, 2, ' s')}; ${fixed(full.replication.streamBytesPerVolumeByte.median, 4)} stream bytes per volume byte)`, cell(full.replication.mbps), cell(full.replication.seconds, 2), `${cell(full.ratio, 2, 'x')}`, cpu(full.replication)],
+    ['nbdcopy --flush alpha vol@snap → fresh volume on beta', cell(full.nbdcopy.mbps), cell(full.nbdcopy.seconds, 2), '1.00x', cpu(full.nbdcopy)],
+  ]);
+  const incTable = markdownTable(['incremental, 1% changed in 4 KiB writes', 'changed bytes', 'stream bytes', 'stream / changed (goal ≤ 1.05x)', 'overhead bytes', 'seconds'], [
+    ['replica sync', cell(incremental.changedBytes), cell(incremental.streamBytes), cell(incremental.streamPerChanged, 4, 'x'), cell(incremental.overheadBytes), cell(incremental.seconds, 2)],
+  ]);
+  const clientTable = markdownTable(['client I/O on alpha', ...modes.map((m) => m.title), ...modes.filter((m) => m.link !== null).map((m) => `${m.id} / no link (goal ≥ 0.8x)`), ...modes.filter((m) => m.link !== null).map((m) => `link MiB/s, ${m.id}`)],
+    report.client.map((row) => {
+      const unit = row.metric === 'iops' ? ' IOPS' : ' MB/s';
+      const linked = modes.filter((m) => m.link !== null);
+      return [row.title, ...modes.map((m) => cell(row.modes[m.id]!.value, 0, unit)), ...linked.map((m) => cell(row.modes[m.id]!.ratioToNoLink, 2, 'x')), ...linked.map((m) => cell(row.modes[m.id]!.linkMiBPerSecond!, 1))];
+    }));
+  const note = `${report.runs} run(s), medians [min–max]; a ${size} volume of random data, two nodes on loopback (mutual TLS on the peer port); client I/O samples ${report.runtimeSeconds} s after a 1 s ramp; ${os.availableParallelism()} CPUs, load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')} at the end.`;
+  return [fullTable, '', incTable, '', clientTable, '', note].join('\n');
+}
+
+main()
+  .catch((error: unknown) => {
+    process.stderr.write(`bench:replication: ${(error as Error).message}\n`);
+    process.exitCode = 1;
+  })
+  .finally(() => cleanup());
