@@ -29,8 +29,9 @@
 // #startTls, #onSecure, #drain, #maybeEnd, #destroy, #onClose and #maybeRelease.
 //
 // TLS (tls.ts): after NBD_OPT_STARTTLS is acknowledged in the clear, a TLSSocket takes over the same socket (its
-// descriptor and handle) and becomes the one replies are written to; it delivers decrypted chunks, so a large
-// WRITE payload is copied once out of them instead of being read in place (receiver.ts).
+// descriptor and handle) and becomes the one replies are written to. What it decrypts lands where the receiver
+// says, as plain reads do (steered-socket.ts), or, where that cannot be had, comes as chunks that the receiver
+// queues.
 //
 // Transmission: requests are taken as bytes arrive and go to the device at once, in order of arrival (the device
 // serializes overlapping ranges); each reply is written whole when its request finishes, so replies go out of
@@ -60,7 +61,7 @@ import { Handshake } from './handshake.ts';
 import type { Session } from './handshake.ts';
 import { Receiver } from './receiver.ts';
 import type { PayloadBuffers, RequestSink } from './receiver.ts';
-import { steerReads } from './steered-socket.ts';
+import { steerReads, steerTlsReads } from './steered-socket.ts';
 import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, encodeGreeting, optionHeaderBytes } from './protocol.ts';
 import type { NbdRequest } from './protocol.ts';
 import { peerRefusal } from './tls.ts';
@@ -290,7 +291,8 @@ export class NbdConnection {
     this.#socket = secure;
     this.#listen(secure);
     const receiver = this.#receiver;
-    secure.on('data', (chunk: Buffer) => receiver.onData(chunk));
+    const steered = steerTlsReads(secure, { nextReadBuffer: () => receiver.nextReadBuffer(), onRead: (count, buffer) => receiver.onRead(count, buffer) });
+    if (!steered) secure.on('data', (chunk: Buffer) => receiver.onData(chunk));
     secure.once('secure', () => this.#onSecure(secure));
   }
 
