@@ -28,7 +28,10 @@ import type tls from 'node:tls';
 import { libcFunction } from '../core/libc.ts';
 
 const fcntlFn = libcFunction('int fcntl(int fd, int cmd, ...)');
+const setsockoptFn = libcFunction('int setsockopt(int fd, int level, int name, void *value, uint32_t length)');
 const F_DUPFD_CLOEXEC = 1030;
+const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
 
 /** Where a steered socket's bytes go. */
 export interface SteeredReader {
@@ -43,8 +46,8 @@ export interface SteeredReader {
  * null (and leaves the accepted socket alone) when its descriptor cannot be had.
  */
 export function steerReads(accepted: net.Socket, reader: SteeredReader, options: { allowHalfOpen: boolean }): net.Socket | null {
-  const fd = (accepted as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) return null;
+  const fd = descriptorOf(accepted);
+  if (fd === null) return null;
   let copy = -1;
   let socket: net.Socket;
   try {
@@ -97,4 +100,26 @@ export function steerTlsReads(secure: tls.TLSSocket, reader: SteeredReader): boo
   };
   handle.useUserBuffer(first);
   return true;
+}
+
+/**
+ * Asks the kernel for a send buffer of `bytes` on the socket's descriptor (it may grant less); a socket whose
+ * descriptor cannot be had, or a refusal, keeps the one it has: only speed depends on it.
+ */
+export function widenSendBuffer(socket: net.Socket, bytes: number): void {
+  const fd = descriptorOf(socket);
+  if (fd === null) return;
+  const value = Buffer.alloc(4);
+  value.writeInt32LE(bytes);
+  try {
+    setsockoptFn()(fd, SOL_SOCKET, SO_SNDBUF, value, value.length);
+  } catch {
+    // koffi or libc not to be had: as a refusal.
+  }
+}
+
+/** The socket's descriptor, from its handle (a private field), or null. */
+function descriptorOf(socket: net.Socket): number | null {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : null;
 }

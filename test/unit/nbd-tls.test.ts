@@ -17,6 +17,7 @@ import { Handshake } from '../../src/nbd/handshake.ts';
 import type { HandshakeStep } from '../../src/nbd/handshake.ts';
 import { InputQueue } from '../../src/nbd/input-queue.ts';
 import * as nbd from '../../src/nbd/protocol.ts';
+import { ReplyQueue } from '../../src/nbd/reply-queue.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
 import { steerTlsReads } from '../../src/nbd/steered-socket.ts';
 import { loadTlsServerConfig, peerRefusal, tlsSettings } from '../../src/nbd/tls.ts';
@@ -179,6 +180,28 @@ test('a TLS handshake that stalls, or stops halfway, is cut at the handshake tim
   await server.close();
   assert.ok(await stalled.waitClosed(1000), 'close() cuts a connection in the TLS handshake at once');
   secure.destroy();
+});
+
+test('TLS replies are queued whole and handed out in slices of at most the size asked, in order', () => {
+  const queue = new ReplyQueue();
+  assert.equal(queue.take(10), null);
+  const a = Buffer.from('aaaaaaa'); // 7 bytes, pooled
+  const b = Buffer.from('bb'); // 2 bytes
+  const c = Buffer.from('cccccccccccc'); // 12 bytes, pooled
+  queue.push(a, true);
+  queue.push(b, false);
+  queue.push(c, true);
+  assert.equal(queue.queuedBytes, 21);
+  const slices = [];
+  for (let slice = queue.take(5); slice !== null; slice = queue.take(5)) slices.push(slice);
+  assert.deepEqual(slices.map((slice) => Buffer.concat(slice.pieces).toString()), ['aaaaa', 'aabbc', 'ccccc', 'ccccc', 'c']);
+  assert.deepEqual(slices.map((slice) => slice.finished), [[], [a], [], [], [c]], 'a pooled buffer is finished with the slice holding its last byte');
+  assert.equal(queue.queuedBytes, 0);
+  queue.push(a, true);
+  queue.push(b, false);
+  assert.deepEqual(queue.take(3)!.finished, []);
+  assert.deepEqual(queue.clear(), [a], 'what is cleared gives back its pooled buffers, a partly written one too');
+  assert.equal(queue.take(3), null);
 });
 
 test('decrypted TLS reads land in the buffers the reader picks (onread for a TLS socket), on this Node', async (t) => {
