@@ -56,9 +56,9 @@ export const handshakeTimeoutMs = 30_000;
  */
 export const tlsReplySliceBytes = 256 * KiB;
 /**
- * The send buffer asked for on an NBD connection over TLS (SO_SNDBUF; Linux caps the request at
- * net.core.wmem_max, then doubles it). It holds encrypted slices for the client to read while the next is
- * encrypted; the default (208 KiB) holds less than one.
+ * The send buffer asked for on an NBD connection over TLS on a unix socket (SO_SNDBUF; Linux caps the request
+ * at net.core.wmem_max, then doubles it; TCP sizes its own). It holds encrypted slices for the client to read
+ * while the next is encrypted; the default (208 KiB) holds less than one.
  */
 export const tlsSendBufferBytes = 2 * MiB;
 /** Time a closing NBD connection has to flush its last replies before it is cut (a client that stopped reading). */

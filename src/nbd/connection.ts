@@ -32,7 +32,7 @@
 // descriptor and handle) and becomes the one replies are written to. What it decrypts lands where the receiver
 // says, as plain reads do (steered-socket.ts), or, where that cannot be had, comes as chunks that the receiver
 // queues. Its replies go out a slice at a time through a queue of their own (reply-queue.ts), over a socket whose
-// send buffer is widened, so that encrypting one slice overlaps the client's reading of the last.
+// send buffer is widened (a unix socket's), so that encrypting one slice overlaps the client's reading of the last.
 //
 // Transmission: requests are taken as bytes arrive and go to the device at once, in order of arrival (the device
 // serializes overlapping ranges); each reply is written whole when its request finishes, so replies go out of

@@ -103,10 +103,13 @@ export function steerTlsReads(secure: tls.TLSSocket, reader: SteeredReader): boo
 }
 
 /**
- * Asks the kernel for a send buffer of `bytes` on the socket's descriptor (it may grant less); a socket whose
- * descriptor cannot be had, or a refusal, keeps the one it has: only speed depends on it.
+ * Asks the kernel for a send buffer of `bytes` on a unix socket's descriptor (it may grant less); a socket whose
+ * descriptor cannot be had, or a refusal, keeps the one it has: only speed depends on it. A TCP socket is left
+ * alone: TCP grows its send buffer itself (autotuning, to net.ipv4.tcp_wmem's maximum), and setting SO_SNDBUF
+ * would fix it at what was asked.
  */
 export function widenSendBuffer(socket: net.Socket, bytes: number): void {
+  if (socket.remotePort !== undefined) return;
   const fd = descriptorOf(socket);
   if (fd === null) return;
   const value = Buffer.alloc(4);
