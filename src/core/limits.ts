@@ -49,6 +49,18 @@ export const optionsPerHandshakeMax = 1024;
 export const blockStatusExtentsMax = 4096;
 /** Time a client may take to finish the handshake. */
 export const handshakeTimeoutMs = 30_000;
+/**
+ * Over TLS, the most reply bytes one socket write takes (nbd/reply-queue.ts): a TLS write is encrypted whole
+ * before any of it is sent, so smaller writes let encryption and the client's reading overlap; much smaller
+ * ones cost a write each for little.
+ */
+export const tlsReplySliceBytes = 256 * KiB;
+/**
+ * The send buffer asked for on an NBD connection over TLS on a unix socket (SO_SNDBUF; Linux caps the request
+ * at net.core.wmem_max, then doubles it; TCP sizes its own). It holds encrypted slices for the client to read
+ * while the next is encrypted; the default (208 KiB) holds less than one.
+ */
+export const tlsSendBufferBytes = 2 * MiB;
 /** Time a closing NBD connection has to flush its last replies before it is cut (a client that stopped reading). */
 export const connectionCloseGraceMs = 10_000;
 

@@ -29,13 +29,15 @@
 // #startTls, #onSecure, #drain, #maybeEnd, #destroy, #onClose and #maybeRelease.
 //
 // TLS (tls.ts): after NBD_OPT_STARTTLS is acknowledged in the clear, a TLSSocket takes over the same socket (its
-// descriptor and handle) and becomes the one replies are written to; it delivers decrypted chunks, so a large
-// WRITE payload is copied once out of them instead of being read in place (receiver.ts).
+// descriptor and handle) and becomes the one replies are written to. What it decrypts lands where the receiver
+// says, as plain reads do (steered-socket.ts), or, where that cannot be had, comes as chunks that the receiver
+// queues. Its replies go out a slice at a time through a queue of their own (reply-queue.ts), over a socket whose
+// send buffer is widened (a unix socket's), so that encrypting one slice overlaps the client's reading of the last.
 //
 // Transmission: requests are taken as bytes arrive and go to the device at once, in order of arrival (the device
 // serializes overlapping ranges); each reply is written whole when its request finishes, so replies go out of
 // order but never interleave. Replies written in one turn of the event loop leave in one writev (cork until
-// setImmediate).
+// setImmediate); over TLS, in one slice (until setImmediate, then as each slice is written).
 //
 // Flow control: past requestsInFlightPerConnectionMax requests or bytesInFlightPerConnectionMax bytes in flight
 // (or that many reply bytes the client has not read yet) the socket is paused, and resumed when a request
@@ -50,7 +52,8 @@ import { assert } from '../core/assert.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import type { DeviceProvider } from '../core/block-device.ts';
 import {
-  bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, requestsInFlightPerConnectionMax,
+  bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, requestsInFlightPerConnectionMax, tlsReplySliceBytes,
+  tlsSendBufferBytes,
 } from '../core/limits.ts';
 import type { SharedBufferPool } from '../core/shared-buffers.ts';
 import { BufferPool } from './buffer-pool.ts';
@@ -60,7 +63,8 @@ import { Handshake } from './handshake.ts';
 import type { Session } from './handshake.ts';
 import { Receiver } from './receiver.ts';
 import type { PayloadBuffers, RequestSink } from './receiver.ts';
-import { steerReads } from './steered-socket.ts';
+import { ReplyQueue } from './reply-queue.ts';
+import { steerReads, steerTlsReads, widenSendBuffer } from './steered-socket.ts';
 import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, encodeGreeting, optionHeaderBytes } from './protocol.ts';
 import type { NbdRequest } from './protocol.ts';
 import { peerRefusal } from './tls.ts';
@@ -126,6 +130,12 @@ export class NbdConnection {
   #paused = false;
   /** Replies written in this turn of the event loop wait for #uncork. */
   #corked = false;
+  /** Over TLS, replies wait here and go out a slice at a time (reply-queue.ts); null before TLS. */
+  #tlsReplies: ReplyQueue | null = null;
+  /** A slice of #tlsReplies is being written, or is due at setImmediate. */
+  #tlsWriting = false;
+  /** `closing` with TLS replies still queued: the socket is ended once they are written. */
+  #endAfterReplies = false;
 
   /** `accepted`: a socket that has read nothing yet (the server accepts with pauseOnConnect). */
   constructor(accepted: Socket, options: ConnectionOptions) {
@@ -218,6 +228,7 @@ export class NbdConnection {
   #onClose(): void {
     this.#state = 'closed';
     this.#receiver.closed();
+    for (const buffer of this.#tlsReplies?.clear() ?? []) this.#replyBuffers.release(buffer);
     if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
     if (this.#graceTimer !== null) clearTimeout(this.#graceTimer);
     this.#maybeRelease();
@@ -286,6 +297,7 @@ export class NbdConnection {
     plain.off('error', this.#onSocketError);
     plain.off('close', this.#onSocketClose);
     plain.on('error', () => {}); // the TLS socket reports what goes wrong from now on
+    widenSendBuffer(plain, tlsSendBufferBytes);
     const secure = new tls.TLSSocket(plain, {
       isServer: true,
       secureContext: settings.secureContext,
@@ -293,9 +305,11 @@ export class NbdConnection {
       rejectUnauthorized: settings.verifyPeer,
     });
     this.#socket = secure;
+    this.#tlsReplies = new ReplyQueue();
     this.#listen(secure);
     const receiver = this.#receiver;
-    secure.on('data', (chunk: Buffer) => receiver.onData(chunk));
+    const steered = steerTlsReads(secure, { nextReadBuffer: () => receiver.nextReadBuffer(), onRead: (count, buffer) => receiver.onRead(count, buffer) });
+    if (!steered) secure.on('data', (chunk: Buffer) => receiver.onData(chunk));
     secure.once('secure', () => this.#onSecure(secure));
   }
 
@@ -403,7 +417,7 @@ export class NbdConnection {
   #atLimit(): boolean {
     return this.#inFlightCount >= requestsInFlightPerConnectionMax ||
       this.#inFlightBytes >= bytesInFlightPerConnectionMax ||
-      this.#socket.writableLength >= bytesInFlightPerConnectionMax;
+      this.#socket.writableLength + (this.#tlsReplies?.queuedBytes ?? 0) >= bytesInFlightPerConnectionMax;
   }
 
   /** Whether the receiver may decode another request header; pauses the socket when not. */
@@ -439,6 +453,14 @@ export class NbdConnection {
       if (pooled) this.#replyBuffers.release(buffer);
       return;
     }
+    if (this.#tlsReplies !== null) {
+      this.#tlsReplies.push(buffer, pooled);
+      if (!this.#tlsWriting) {
+        this.#tlsWriting = true;
+        setImmediate(this.#writeTlsSlice);
+      }
+      return;
+    }
     if (!this.#corked) {
       this.#corked = true;
       socket.cork();
@@ -451,6 +473,27 @@ export class NbdConnection {
   readonly #uncork = (): void => {
     this.#corked = false;
     this.#socket.uncork();
+  };
+
+  /** Writes the next slice of queued TLS replies; the one after follows once the socket has taken it. */
+  readonly #writeTlsSlice = (): void => {
+    const socket = this.#socket;
+    // A socket that is gone takes nothing more; what is queued goes back at 'close'.
+    const slice = socket.destroyed || !socket.writable ? null : this.#tlsReplies!.take(tlsReplySliceBytes);
+    if (slice === null) {
+      this.#tlsWriting = false;
+      if (this.#endAfterReplies) this.#endSocket();
+      return;
+    }
+    const last = slice.pieces.length - 1;
+    socket.cork();
+    for (let index = 0; index < last; index++) socket.write(slice.pieces[index]!);
+    socket.write(slice.pieces[last]!, () => {
+      for (const buffer of slice.finished) this.#replyBuffers.release(buffer);
+      this.#writeTlsSlice();
+      this.#maybeResume();
+    });
+    socket.uncork();
   };
 
   // ---- Ending ----
@@ -482,11 +525,19 @@ export class NbdConnection {
     if (state !== 'draining' && !ended) return;
     this.#state = 'closing';
     this.#receiver.stop(); // after EOF, all it may hold is part of a request
-    const socket = this.#socket;
-    socket.end(() => socket.destroy());
+    this.#endSocket();
     // A client that stopped reading would keep the last replies (and close()) waiting forever.
+    const socket = this.#socket;
     this.#graceTimer = setTimeout(() => socket.destroy(), connectionCloseGraceMs);
     this.#graceTimer.unref();
+  }
+
+  /** Ends the socket once every reply is handed to it (over TLS some may still be queued). */
+  #endSocket(): void {
+    this.#endAfterReplies = this.#tlsWriting;
+    if (this.#endAfterReplies) return;
+    const socket = this.#socket;
+    socket.end(() => socket.destroy());
   }
 
   /** closed → released, once no device operation or handshake step runs: the device is closed, once. */

@@ -8,17 +8,22 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import tls from 'node:tls';
+import net from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { parseTls } from '../../src/cli/serve.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
+import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { Handshake } from '../../src/nbd/handshake.ts';
 import type { HandshakeStep } from '../../src/nbd/handshake.ts';
 import { InputQueue } from '../../src/nbd/input-queue.ts';
 import * as nbd from '../../src/nbd/protocol.ts';
+import { ReplyQueue } from '../../src/nbd/reply-queue.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
+import { steerTlsReads } from '../../src/nbd/steered-socket.ts';
 import { loadTlsServerConfig, peerRefusal, tlsSettings } from '../../src/nbd/tls.ts';
 import { issue, makeCa, makeTlsDir } from '../helpers/tls-certs.ts';
 import { MemoryProvider } from './helpers/memory-device.ts';
-import { RawClient, encodeClientFlags, encodeInfoRequestData, encodeOptionMessage } from './helpers/nbd-raw-client.ts';
+import { RawClient, encodeClientFlags, encodeInfoRequestData, encodeOptionMessage, encodeRequestMessage, readData, replyError } from './helpers/nbd-raw-client.ts';
 
 const MiB = 1 << 20;
 
@@ -176,3 +181,101 @@ test('a TLS handshake that stalls, or stops halfway, is cut at the handshake tim
   assert.ok(await stalled.waitClosed(1000), 'close() cuts a connection in the TLS handshake at once');
   secure.destroy();
 });
+
+test('TLS replies are queued whole and handed out in slices of at most the size asked, in order', () => {
+  const queue = new ReplyQueue();
+  assert.equal(queue.take(10), null);
+  const a = Buffer.from('aaaaaaa'); // 7 bytes, pooled
+  const b = Buffer.from('bb'); // 2 bytes
+  const c = Buffer.from('cccccccccccc'); // 12 bytes, pooled
+  queue.push(a, true);
+  queue.push(b, false);
+  queue.push(c, true);
+  assert.equal(queue.queuedBytes, 21);
+  const slices = [];
+  for (let slice = queue.take(5); slice !== null; slice = queue.take(5)) slices.push(slice);
+  assert.deepEqual(slices.map((slice) => Buffer.concat(slice.pieces).toString()), ['aaaaa', 'aabbc', 'ccccc', 'ccccc', 'c']);
+  assert.deepEqual(slices.map((slice) => slice.finished), [[], [a], [], [], [c]], 'a pooled buffer is finished with the slice holding its last byte');
+  assert.equal(queue.queuedBytes, 0);
+  queue.push(a, true);
+  queue.push(b, false);
+  assert.deepEqual(queue.take(3)!.finished, []);
+  assert.deepEqual(queue.clear(), [a], 'what is cleared gives back its pooled buffers, a partly written one too');
+  assert.equal(queue.take(3), null);
+});
+
+test('decrypted TLS reads land in the buffers the reader picks (onread for a TLS socket), on this Node', async (t) => {
+  const socketPath = path.join(scratch, 'steer.sock');
+  const accepted = Promise.withResolvers<net.Socket>();
+  const listener = net.createServer((socket) => accepted.resolve(socket));
+  await new Promise<void>((resolve) => listener.listen(socketPath, resolve));
+  t.after(() => listener.close());
+  const client = tls.connect({ path: socketPath, ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost' });
+  client.on('error', () => {});
+  t.after(() => client.destroy());
+  const secure = new tls.TLSSocket(await accepted.promise, { isServer: true, secureContext: tlsSettings(loadTlsServerConfig(creds, 'on', false)).secureContext });
+  const landing = Buffer.alloc(1000);
+  let windowStart = 0;
+  const received: Buffer[] = [];
+  assert.ok(steerTlsReads(secure, {
+    // Windows of 7 bytes: records larger than a window are cut across several.
+    nextReadBuffer: () => landing.subarray(windowStart, windowStart + 7),
+    onRead: (count, buffer) => {
+      assert.equal(buffer.buffer, landing.buffer, 'the bytes landed in the reader\'s buffer');
+      received.push(Buffer.from(buffer.subarray(0, count)));
+      windowStart += count;
+    },
+  }), 'this Node has the fields onread sets: the TLS fast path is in use');
+  secure.on('data', () => assert.fail('no data event once steered'));
+  client.write('hello over TLS, ');
+  client.write('in two records');
+  while (Buffer.concat(received).length < 30) await sleep(5);
+  assert.equal(Buffer.concat(received).toString(), 'hello over TLS, in two records');
+  assert.ok(received.every((piece) => piece.length <= 7));
+  secure.destroy();
+});
+
+test('over TLS, WRITE payloads in pieces of any size land whole and large READs come back whole, in Node and shared buffers', async (t) => {
+  const writes = [
+    { offsetBytes: 0, data: pattern(MiB + 17, 1) },
+    { offsetBytes: 2 * MiB, data: pattern(100, 2) },
+    { offsetBytes: 2 * MiB + 4096, data: pattern(65536 + 1, 3) },
+    { offsetBytes: 3 * MiB + 8192, data: pattern(300000, 5) },
+  ];
+  const pieceSizes = [1, 27, 4096, 16384, 16385, 65536, 70000, 300000, 13];
+  for (const sharedBuffers of [null, new SharedBufferPool()]) {
+    const socketPath = path.join(scratch, 'data.sock');
+    const server = new NbdServer({ provider: provider(), log: () => {}, sharedBuffers, tls: tlsSettings(loadTlsServerConfig(creds, 'require', false)) });
+    await server.listenUnix(socketPath);
+    t.after(() => server.close());
+    const client = await RawClient.connect(socketPath);
+    await client.handshake({ tls: { ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost' } });
+    const stream = Buffer.concat(writes.map((write, index) =>
+      encodeRequestMessage({ type: nbd.NBD_CMD_WRITE, handle: BigInt(index + 1), offsetBytes: write.offsetBytes, lengthBytes: write.data.length }, write.data)));
+    for (let sent = 0, piece = 0; sent < stream.length; piece += 1) {
+      const size = Math.min(pieceSizes[piece % pieceSizes.length]!, stream.length - sent);
+      client.write(stream.subarray(sent, sent + size));
+      sent += size;
+      if (piece % 3 === 0) await sleep(1);
+    }
+    for (const _ of writes) assert.equal(replyError([await client.readReply()]), 0);
+    // Reads sent together, their replies (over a MiB in all) queued and written in slices; then DISC at once:
+    // every reply still arrives before the connection closes.
+    for (const [index, write] of writes.entries()) client.send({ type: nbd.NBD_CMD_READ, handle: BigInt(100 + index), offsetBytes: write.offsetBytes, lengthBytes: write.data.length });
+    client.send({ type: nbd.NBD_CMD_DISC, handle: 999n });
+    const replies = [];
+    for (const _ of writes) replies.push(await client.readReply());
+    for (const [index, write] of writes.entries()) {
+      const reply = replies.filter((one) => one.handle === BigInt(100 + index));
+      assert.ok(readData(reply, write.offsetBytes, write.data.length).equals(write.data), `write ${index} (${write.data.length} bytes) reads back over TLS`);
+    }
+    assert.ok(await client.waitClosed(3000), 'DISC closes once the replies are out');
+    await server.close();
+  }
+});
+
+function pattern(lengthBytes: number, seed: number): Buffer {
+  const data = Buffer.allocUnsafe(lengthBytes);
+  for (let index = 0; index < lengthBytes; index += 1) data[index] = (index * 31 + seed) & 0xff;
+  return data;
+}

@@ -1,10 +1,12 @@
 // A raw NBD client for tests: the client side of the wire format (encoders of options and requests, decoders
 // of replies) and a socket wrapper that reads exact byte counts. It checks little on purpose, so tests can send
 // what a real client never would.
+import { once } from 'node:events';
 import net from 'node:net';
+import tls from 'node:tls';
 import {
   NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_EXPORT,
-  NBD_META_CONTEXT_BASE_ALLOCATION, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_OPTS_MAGIC,
+  NBD_META_CONTEXT_BASE_ALLOCATION, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_OPTS_MAGIC,
   NBD_REP_ACK, NBD_REP_INFO, NBD_REP_MAGIC, NBD_REP_META_CONTEXT, NBD_REPLY_FLAG_DONE, NBD_REQUEST_MAGIC,
   NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC,
 } from '../../../src/nbd/protocol.ts';
@@ -107,8 +109,10 @@ export function decodeInfo(data: Buffer): { type: number; sizeBytes?: bigint; fl
 // ---- The socket ----
 
 export class RawClient {
-  readonly socket: net.Socket;
+  /** The connection's socket: after handshake({ tls }), the TLS socket over the first one. */
+  socket: net.Socket;
   readonly closed: Promise<void>;
+  readonly #resolveClosed: () => void;
   #chunks: Buffer[] = [];
   #length = 0;
   #ended = false;
@@ -119,7 +123,14 @@ export class RawClient {
 
   private constructor(socket: net.Socket) {
     this.socket = socket;
-    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+    const { promise, resolve } = Promise.withResolvers<void>();
+    this.closed = promise;
+    this.#resolveClosed = resolve;
+    this.#attach(socket);
+  }
+
+  #attach(socket: net.Socket): void {
+    socket.once('close', () => this.#resolveClosed());
     socket.on('data', (chunk: Buffer) => {
       this.#chunks.push(chunk);
       this.#length += chunk.length;
@@ -198,11 +209,23 @@ export class RawClient {
     }
   }
 
-  /** Greeting, flags, optionally structured replies and base:allocation, then GO; returns size and flags. */
-  async handshake(options: { exportName?: string; structured?: boolean; metaContext?: boolean } = {}): Promise<{ sizeBytes: number; flags: number }> {
+  /**
+   * Greeting, flags, optionally STARTTLS (`tls`: how to connect), structured replies and base:allocation, then
+   * GO; returns size and flags.
+   */
+  async handshake(options: { exportName?: string; structured?: boolean; metaContext?: boolean; tls?: tls.ConnectionOptions } = {}): Promise<{ sizeBytes: number; flags: number }> {
     const exportName = options.exportName ?? 'mem';
     await this.readGreeting();
     this.write(encodeClientFlags(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES));
+    if (options.tls !== undefined) {
+      const [ack] = await this.option(NBD_OPT_STARTTLS);
+      if (ack?.type !== NBD_REP_ACK) throw new Error('STARTTLS refused');
+      if (this.#length !== 0) throw new Error('bytes after the STARTTLS reply');
+      const secure = tls.connect({ ...options.tls, socket: this.socket });
+      await once(secure, 'secureConnect');
+      this.socket = secure;
+      this.#attach(secure);
+    }
     if (options.structured ?? true) {
       const [ack] = await this.option(NBD_OPT_STRUCTURED_REPLY);
       if (ack?.type !== NBD_REP_ACK) throw new Error('structured replies refused');
