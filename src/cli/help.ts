@@ -61,6 +61,7 @@ export const commands = {
       'tls-verify-peer': { type: 'boolean', help: 'NBD clients must present a certificate from the CA in ca-cert.pem' },
       'peer-listen': { type: 'string', value: 'HOST:PORT', help: 'the node-to-node port, mutual TLS with the CA of --tls-dir only (off by default)' },
       'peer-allow': { type: 'string', multiple: true, value: 'NAME,...', help: 'let in only these peer names (repeatable; default: any the CA signed)' },
+      'peer-timeout': { type: 'string', value: 'DURATION', fallback: '60s', help: 'a peer that answers nothing for this long (paused, its disk stuck) fails the replication cycle, which is retried and resumes' },
       'api-listen': { type: 'string', value: 'HOST:PORT', help: 'the management API on TCP as well, mutual TLS with client certificates from the CA of --tls-dir' },
       'metrics-listen': { type: 'string', value: 'HOST:PORT', help: 'GET /metrics (Prometheus text) on plain HTTP over TCP, read-only, nothing else on that port (off by default)' },
     },

@@ -4,7 +4,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { installFailStop } from '../core/fail-stop.ts';
 import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
-import { parseSize } from '../core/units.ts';
+import { parseDuration, parseSize } from '../core/units.ts';
 import { ChunkdNode, type NodeConfig, type PeerConfig } from '../node/node.ts';
 import { parsing, UsageError } from './errors.ts';
 import { commands, environmentName, type OptionSpec } from './help.ts';
@@ -136,6 +136,7 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): Omit<Nod
     apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: tlsDirectory! },
     tls: parseTls(values.tls ?? serveOptions.tls.fallback, tlsDirectory, values['tls-verify-peer'] === true, peer !== null || apiListen !== null),
     metricsListen: values['metrics-listen'] === undefined ? null : parseListen(values['metrics-listen'], '--metrics-listen', '0.0.0.0:9810'),
+    peerTimeoutMs: parseDuration(values['peer-timeout'] ?? serveOptions['peer-timeout'].fallback, '--peer-timeout'),
   };
 }
 

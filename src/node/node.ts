@@ -63,6 +63,8 @@ export interface NodeConfig {
    * absent: off. `directory` holds the credentials in qemu's layout (nbd/tls.ts).
    */
   tls?: { mode: 'on' | 'require'; directory: string; verifyPeer: boolean } | null;
+  /** How long a replication peer may leave a request unanswered before the cycle fails (serve --peer-timeout); default 60 s. */
+  peerTimeoutMs?: number;
   /** GET /metrics on plain HTTP over TCP for Prometheus (serve --metrics-listen), nothing else there; null/absent: none. */
   metricsListen?: { host: string; port: number } | null;
 }
@@ -141,6 +143,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         pool,
         credentials: replicationCredentials(config),
         log: config.log,
+        requestTimeoutMs: config.peerTimeoutMs,
         epochOf: (volume) => roles.epochOf(volume),
         refuse: (volume) => {
           const role = roles.replicaOf(volume);

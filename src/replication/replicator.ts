@@ -36,7 +36,7 @@ const frameBytesTarget = 1024 * 1024;
 /** receiveData frames in flight on a link: keeps the link busy while the peer writes (8 MiB at most). */
 const frameWindow = 8;
 /** A request unanswered this long means a peer that hangs (paused, its disk stuck): the cycle fails and retries. */
-const requestTimeoutMs = 60_000;
+export const defaultRequestTimeoutMs = 60_000;
 const retryDelayMinMs = 1_000;
 const retryDelayMaxMs = 30_000;
 export const defaultEveryMs = 30_000;
@@ -91,6 +91,8 @@ export interface ReplicatorOptions {
   /** This node's client pair (its certificate names it to peers), or a reason there is none. */
   credentials: TlsCredentials | string;
   log: (line: string) => void;
+  /** Default defaultRequestTimeoutMs (serve --peer-timeout). */
+  requestTimeoutMs?: number;
   /** The volume's ownership epoch on this node. */
   epochOf: (volume: string) => number;
   /** Why the volume cannot be replicated from here (it is a replica, or fenced), or null. */
@@ -128,9 +130,11 @@ export class Replicator {
   readonly #options: ReplicatorOptions;
   readonly #file: string;
   readonly #links: Link[] = [];
+  readonly #timeoutMs: number;
 
   constructor(options: ReplicatorOptions) {
     this.#options = options;
+    this.#timeoutMs = options.requestTimeoutMs ?? defaultRequestTimeoutMs;
     this.#file = path.join(options.pool.directory, 'replication', 'replicas.json');
   }
 
@@ -210,7 +214,7 @@ export class Replicator {
     const [host, port] = splitAddress(address);
     const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
     try {
-      await withTimeout(client.request(PeerVerb.takeOwnership, jsonPayload(request)), requestTimeoutMs, () => client.close(), `${address} did not answer the handoff`);
+      await withTimeout(client.request(PeerVerb.takeOwnership, jsonPayload(request)), this.#timeoutMs, () => client.close(), `${address} did not answer the handoff`);
     } finally {
       client.close();
     }
@@ -221,7 +225,7 @@ export class Replicator {
     const [host, port] = splitAddress(address);
     const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
     try {
-      return parseReplicaInfo(await withTimeout(client.request(PeerVerb.replicaInfo, jsonPayload({ volume })), requestTimeoutMs, () => client.close(), `${address} did not answer`));
+      return parseReplicaInfo(await withTimeout(client.request(PeerVerb.replicaInfo, jsonPayload({ volume })), this.#timeoutMs, () => client.close(), `${address} did not answer`));
     } finally {
       client.close();
     }
@@ -317,7 +321,7 @@ export class Replicator {
     link.client = client;
     if (link.stopped) throw new ChunkdError('ESHUTDOWN', 'replication stopped');
     link.peerName = client.hello.name;
-    const ask = (verb: number, value: object): Promise<Buffer> => withTimeout(client.request(verb, jsonPayload(value)), requestTimeoutMs, () => client.close(), `${link.peerName} did not answer within ${formatDuration(requestTimeoutMs)}`);
+    const ask = (verb: number, value: object): Promise<Buffer> => withTimeout(client.request(verb, jsonPayload(value)), this.#timeoutMs, () => client.close(), `${link.peerName} did not answer within ${formatDuration(this.#timeoutMs)}`);
     let info = parseReplicaInfo(await ask(PeerVerb.replicaInfo, { volume }));
     await this.#checkPeer(link, info);
 
@@ -437,7 +441,7 @@ export class Replicator {
       while (inFlight.size >= frameWindow && failure === null) await Promise.race(inFlight);
       if (failure !== null) throw failure;
       const covered = prepared.coveredBytes();
-      const request = withTimeout(client.request(PeerVerb.receiveData, pieces), requestTimeoutMs, () => client.close(), `${link.peerName} took no stream bytes for ${formatDuration(requestTimeoutMs)}`).then(
+      const request = withTimeout(client.request(PeerVerb.receiveData, pieces), this.#timeoutMs, () => client.close(), `${link.peerName} took no stream bytes for ${formatDuration(this.#timeoutMs)}`).then(
         () => {
           sentBytes += frameBytes;
           link.sentTotal += frameBytes;
@@ -484,7 +488,7 @@ export class Replicator {
       link.stored.lastUuid = uuid;
       await this.#save();
     }
-    const pruned = parsePruneReply(await withTimeout(client.request(PeerVerb.replicaPrune, jsonPayload({ volume, keep: [uuid] })), requestTimeoutMs, () => client.close(), `${link.peerName} did not answer a prune`));
+    const pruned = parsePruneReply(await withTimeout(client.request(PeerVerb.replicaPrune, jsonPayload({ volume, keep: [uuid] })), this.#timeoutMs, () => client.close(), `${link.peerName} did not answer a prune`));
     if (pruned.kept.length > 0) this.#options.log(`replication of ${volume} to ${link.peerName}: ${pruned.kept.join(', ')} kept there while clients read them`);
     // Here, every link of the volume needs its own last point (its next base), and any stream in progress its target.
     const needed = new Set<string>();

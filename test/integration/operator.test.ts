@@ -257,6 +257,7 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     CHUNKD_PEER_ALLOW: 'b,c',
     CHUNKD_API_LISTEN: '0.0.0.0:10811',
     CHUNKD_METRICS_LISTEN: '0.0.0.0:9810',
+    CHUNKD_PEER_TIMEOUT: '10s',
   });
   assert.deepEqual(fromEnvironment, {
     poolDirectory: '/srv/pool',
@@ -273,10 +274,11 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     apiTls: { listen: { host: '0.0.0.0', port: 10811 }, tlsDirectory: '/etc/chunkd/a' },
     tls: { mode: 'require', directory: '/etc/chunkd/a', verifyPeer: true },
     metricsListen: { host: '0.0.0.0', port: 9810 },
+    peerTimeoutMs: 10_000,
   });
   // Nothing set: the defaults; the command line wins over the environment; an empty variable is unset.
   const defaults = serveConfig([], {});
-  assert.deepEqual([defaults.poolDirectory, defaults.listen, defaults.verifyReads, defaults.tls, defaults.metricsListen], ['data', { host: '127.0.0.1', port: 10809 }, true, null, null]);
+  assert.deepEqual([defaults.poolDirectory, defaults.listen, defaults.verifyReads, defaults.tls, defaults.metricsListen, defaults.peerTimeoutMs], ['data', { host: '127.0.0.1', port: 10809 }, true, null, null, 60_000]);
   const wins = serveConfig(['--pool', '/cli/pool', '--verify-reads', 'on', '--tls-verify-peer', '--tls', 'on', '--tls-dir', '/cli/tls'], { CHUNKD_POOL: '/env/pool', CHUNKD_VERIFY_READS: 'off', CHUNKD_TLS_VERIFY_PEER: 'false', CHUNKD_TLS_DIR: '/env/tls', CHUNKD_LISTEN: '' });
   assert.deepEqual([wins.poolDirectory, wins.verifyReads, wins.tls, wins.listen], ['/cli/pool', true, { mode: 'on', directory: '/cli/tls', verifyPeer: true }, { host: '127.0.0.1', port: 10809 }]);
   // The variables the other commands read to reach a node do not trouble a plain serve.

@@ -272,3 +272,25 @@ test('failover: the owner killed, its replica promoted; the old owner comes back
   assert.deepEqual(JSON.parse(await ok(alpha.node, 'status', '--json')).replication.replicaVolumes.filter((r: { volume: string }) => r.volume === 'fo'), []);
   assert.equal((await alpha.node.cli('volume', 'info', 'fo')).code, 1);
 });
+
+test('a receiver paused (SIGSTOP) past --peer-timeout fails the cycle with a clear error; resumed, the replica completes', { skip }, async () => {
+  assert.equal(await alpha.node.stop(), 0);
+  alpha = await startPeer('alpha', ports.alpha!, ['--peer-timeout', '2s']);
+  await ok(alpha.node, 'volume', 'create', 'paused', '--size', '64MiB');
+  await mustRun('qemu-io', ['-f', 'raw', alpha.node.qemuUri('paused'), '-c', 'write -P 0x6b 0 32M']);
+  // 32 MiB at 8 MiB/s: four seconds of stream to pause beta in.
+  await ok(alpha.node, 'replica', 'add', 'paused', '--peer', beta.address, '--every', '1h', '--max-rate', '8MiB/s');
+  await waitFor('8 MiB sent', async () => ((await status(alpha, 'paused'))[0]!.stream?.sentBytes ?? 0) > 8 * MiB || null);
+  beta.node.process.kill('SIGSTOP');
+  try {
+    const failed = await waitFor('the cycle to fail', async () => (await status(alpha, 'paused'))[0]!.lastError, undefined, 20_000);
+    assert.match(failed.message, /(took no stream bytes|did not answer) (for|within) 2s/);
+  } finally {
+    beta.node.process.kill('SIGCONT');
+  }
+  const [cycle] = await sync(alpha, 'paused');
+  assert.ok(cycle!.outcome === 'resumed' || cycle!.outcome === 'current', cycle!.outcome);
+  const [link] = await status(alpha, 'paused');
+  assert.equal(link!.lastError, null);
+  assert.equal(await exportHash(beta.node, 'paused'), await exportHash(alpha.node, `paused@${link!.lastReplicated.snapshot}`));
+});
