@@ -20,6 +20,7 @@ import { MemoryProvider } from './helpers/memory-device.ts';
 import {
   RawClient, decodeInfo, encodeClientFlags, encodeInfoRequestData, encodeMetaContextData, encodeOptionMessage,
   encodeRequestMessage, readData, replyError,
+  writeInPieces,
 } from './helpers/nbd-raw-client.ts';
 import type { Reply } from './helpers/nbd-raw-client.ts';
 
@@ -457,14 +458,7 @@ test('WRITE payloads arriving in pieces of any size land whole, among other requ
   for (const sharedBuffers of [null, new SharedBufferPool()]) {
     const h = await start(t, { sharedBuffers });
     const client = await h.ready();
-    const stream = Buffer.concat(writes.map((write, index) =>
-      encodeRequestMessage({ type: nbd.NBD_CMD_WRITE, handle: BigInt(index + 1), offsetBytes: write.offsetBytes, lengthBytes: write.data.length }, write.data)));
-    for (let sent = 0, piece = 0; sent < stream.length; piece += 1) {
-      const size = Math.min(pieceSizes[piece % pieceSizes.length]!, stream.length - sent);
-      client.write(stream.subarray(sent, sent + size));
-      sent += size;
-      if (piece % 3 === 0) await sleep(1);
-    }
+    await writeInPieces(client, writes, pieceSizes);
     const handles: bigint[] = [];
     for (const _ of writes) {
       const reply = await client.readReply();

@@ -23,7 +23,7 @@ import { steerTlsReads } from '../../src/nbd/steered-socket.ts';
 import { loadTlsServerConfig, peerRefusal, tlsSettings } from '../../src/nbd/tls.ts';
 import { issue, makeCa, makeTlsDir } from '../helpers/tls-certs.ts';
 import { MemoryProvider } from './helpers/memory-device.ts';
-import { RawClient, encodeClientFlags, encodeInfoRequestData, encodeOptionMessage, encodeRequestMessage, readData, replyError } from './helpers/nbd-raw-client.ts';
+import { RawClient, encodeClientFlags, encodeInfoRequestData, encodeOptionMessage, readData, replyError, writeInPieces } from './helpers/nbd-raw-client.ts';
 
 const MiB = 1 << 20;
 
@@ -250,14 +250,7 @@ test('over TLS, WRITE payloads in pieces of any size land whole and large READs 
     t.after(() => server.close());
     const client = await RawClient.connect(socketPath);
     await client.handshake({ tls: { ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost' } });
-    const stream = Buffer.concat(writes.map((write, index) =>
-      encodeRequestMessage({ type: nbd.NBD_CMD_WRITE, handle: BigInt(index + 1), offsetBytes: write.offsetBytes, lengthBytes: write.data.length }, write.data)));
-    for (let sent = 0, piece = 0; sent < stream.length; piece += 1) {
-      const size = Math.min(pieceSizes[piece % pieceSizes.length]!, stream.length - sent);
-      client.write(stream.subarray(sent, sent + size));
-      sent += size;
-      if (piece % 3 === 0) await sleep(1);
-    }
+    await writeInPieces(client, writes, pieceSizes);
     for (const _ of writes) assert.equal(replyError([await client.readReply()]), 0);
     // Reads sent together, their replies (over a MiB in all) queued and written in slices; then DISC at once:
     // every reply still arrives before the connection closes.

@@ -5,7 +5,7 @@ import { once } from 'node:events';
 import net from 'node:net';
 import tls from 'node:tls';
 import {
-  NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_EXPORT,
+  NBD_CMD_READ, NBD_CMD_WRITE, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_INFO_BLOCK_SIZE, NBD_INFO_EXPORT,
   NBD_META_CONTEXT_BASE_ALLOCATION, NBD_OPT_GO, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS, NBD_OPT_STRUCTURED_REPLY, NBD_OPTS_MAGIC,
   NBD_REP_ACK, NBD_REP_INFO, NBD_REP_MAGIC, NBD_REP_META_CONTEXT, NBD_REPLY_FLAG_DONE, NBD_REQUEST_MAGIC,
   NBD_SIMPLE_REPLY_MAGIC, NBD_STRUCTURED_REPLY_MAGIC,
@@ -321,4 +321,19 @@ export function readData(replies: Reply[], offsetBytes: number, lengthBytes: num
     }
   }
   return data;
+}
+
+/**
+ * Sends WRITE requests for `writes` as one byte stream cut into pieces of the given sizes (in turn), pausing a
+ * moment every third piece, so that a server meets headers and payloads split anywhere.
+ */
+export async function writeInPieces(client: RawClient, writes: ReadonlyArray<{ offsetBytes: number; data: Buffer }>, pieceSizes: readonly number[]): Promise<void> {
+  const stream = Buffer.concat(writes.map((write, index) =>
+    encodeRequestMessage({ type: NBD_CMD_WRITE, handle: BigInt(index + 1), offsetBytes: write.offsetBytes, lengthBytes: write.data.length }, write.data)));
+  for (let sent = 0, piece = 0; sent < stream.length; piece += 1) {
+    const size = Math.min(pieceSizes[piece % pieceSizes.length]!, stream.length - sent);
+    client.write(stream.subarray(sent, sent + size));
+    sent += size;
+    if (piece % 3 === 0) await new Promise((resolve) => setTimeout(resolve, 1));
+  }
 }
