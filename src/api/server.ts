@@ -9,6 +9,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ChunkdError, type ErrorCode } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
+import { parseHostPort } from '../core/host-port.ts';
 import { apiBodyBytesMax } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
 import { describeTlsError, remoteOfTls } from '../peer/server.ts';
@@ -346,8 +347,8 @@ function sendError(response: http.ServerResponse, error: unknown): void {
 
 /** HOST:PORT of a peer (an IPv6 host in brackets). */
 function peerField(value: unknown): string {
-  const match = typeof value === 'string' ? /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(value) : null;
-  if (match === null || Number(match[2]) < 1 || Number(match[2]) > 65535) throw ChunkdError.invalid('peer must be HOST:PORT of a node\'s --peer-listen, e.g. 10.0.0.2:10810');
+  const address = parseHostPort(value);
+  if (address === null || address.port === 0) throw ChunkdError.invalid('peer must be HOST:PORT of a node\'s --peer-listen, e.g. 10.0.0.2:10810');
   return value as string;
 }
 

@@ -4,20 +4,19 @@ import http from 'node:http';
 import https from 'node:https';
 import { ChunkdError, errorCodes, type ErrorCode } from '../core/errors.ts';
 import { describeClientError } from '../peer/client.ts';
+import { parseHostPort } from '../core/host-port.ts';
 import { loadCredentials } from '../peer/credentials.ts';
-
-/** HOST:PORT (IPv6 as [::1]:PORT): the API on TCP; anything else is a unix socket path (write ./a:1 for such a file). */
-const tcpTargetPattern = /^(?:\[([^\]]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$/;
 
 /** The request options that reach `target`: a unix socket, or TCP with TLS and the client pair of $CHUNKD_TLS_DIR (--tls-dir). */
 function targetOptions(target: string): http.RequestOptions | https.RequestOptions {
-  const tcp = tcpTargetPattern.exec(target);
+  // HOST:PORT is the API on TCP; anything else is a unix socket path (write ./a:1 for such a file).
+  const tcp = parseHostPort(target);
   if (tcp === null) return { socketPath: target };
   const tlsDirectory = process.env.CHUNKD_TLS_DIR;
   if (tlsDirectory === undefined || tlsDirectory === '') throw ChunkdError.invalid(`--api ${target} is the API on TCP, which is mutual TLS only: pass --tls-dir DIR (a set from chunkd tls init with a client pair)`);
   const { ca, cert, key } = loadCredentials(tlsDirectory, 'client');
   // The CA is what vouches for the node; its certificate's host names play no part, as on the peer port.
-  return { host: tcp[1] ?? tcp[2], port: Number(tcp[3]), ca, cert, key, minVersion: 'TLSv1.3', checkServerIdentity: () => undefined };
+  return { host: tcp.host, port: tcp.port, ca, cert, key, minVersion: 'TLSv1.3', checkServerIdentity: () => undefined };
 }
 
 /**

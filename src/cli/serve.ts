@@ -1,6 +1,7 @@
 // chunkd serve: runs a node in the foreground until SIGINT or SIGTERM, then stops it cleanly and exits 0.
 import { parseArgs } from 'node:util';
 import { ChunkdError } from '../core/errors.ts';
+import { parseHostPort } from '../core/host-port.ts';
 import { installFailStop } from '../core/fail-stop.ts';
 import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
@@ -12,10 +13,9 @@ import { commands, environmentName, type OptionSpec } from './help.ts';
 /** Parses HOST:PORT (IPv6 as [::1]:PORT), or "none" for no TCP listener. */
 export function parseListen(text: string, option = '--listen', example = '127.0.0.1:10809'): { host: string; port: number } | null {
   if (text === 'none') return null;
-  const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d{1,5})$/.exec(text);
-  const port = match ? Number(match[3]) : NaN;
-  if (!match || port > 65535) throw ChunkdError.invalid(`invalid ${option} "${text}": use HOST:PORT, e.g. ${example}, or none`);
-  return { host: match[1] ?? match[2]!, port };
+  const address = parseHostPort(text);
+  if (address === null) throw ChunkdError.invalid(`invalid ${option} "${text}": use HOST:PORT, e.g. ${example}, or none`);
+  return address;
 }
 
 /** The peer port's settings from --peer-listen, --tls-dir and --peer-allow, or null when --peer-listen is absent or none. */
@@ -66,8 +66,6 @@ function parseOnOff(text: string, option: string): boolean {
 }
 
 const serveOptions = commands.serve.options;
-/** HOST:PORT as the CLI's --api takes it for an API on TCP (cli/api-client.ts). */
-const tcpAddressPattern = /^(?:\[[^\]]+\]|[A-Za-z0-9.-]+):\d{1,5}$/;
 
 /**
  * The values of serve's options: the command line's, else the environment's (CHUNKD_POOL for --pool, ...; an
@@ -125,7 +123,7 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): Omit<Nod
     listen: parseListen(values.listen ?? serveOptions.listen.fallback),
     nbdSocketPath: values.socket ?? null,
     // CHUNKD_API may name a node's API on TCP for the other commands (HOST:PORT): no socket path for serve.
-    apiSocketPath: values.api === undefined || (fromEnvironment.has('api') && tcpAddressPattern.test(values.api)) ? null : values.api,
+    apiSocketPath: values.api === undefined || (fromEnvironment.has('api') && parseHostPort(values.api) !== null) ? null : values.api,
     defaultVolume: values['default-volume'] !== undefined ? parseDefaultVolume(values['default-volume']) : null,
     workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
     nbdThreads: parseWorkers(values['nbd-threads'] ?? serveOptions['nbd-threads'].fallback, '--nbd-threads'),

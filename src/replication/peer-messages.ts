@@ -15,6 +15,7 @@
 //                                             `snapshot`, becomes the owner at `epoch` (and replicates back to
 //                                             `replicaBack`, HOST:PORT of the old owner, when given)
 import { ChunkdError } from '../core/errors.ts';
+import { parseHostPort } from '../core/host-port.ts';
 import { checkName } from '../core/names.ts';
 import { parseJsonObject } from '../peer/protocol.ts';
 import { isSnapshotUuid } from '../store/metadata.ts';
@@ -142,7 +143,7 @@ export interface TakeOwnershipRequest {
 export function parseTakeOwnership(payload: Buffer): TakeOwnershipRequest {
   const value = parseJsonObject(payload, 'takeOwnership');
   if (!isSnapshotUuid(value.snapshot)) throw ChunkdError.protocol('takeOwnership needs the snapshot id the replica must hold');
-  if (value.replicaBack !== null && (typeof value.replicaBack !== 'string' || !/^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(value.replicaBack))) {
+  if (value.replicaBack !== null && parseHostPort(value.replicaBack) === null) {
     throw ChunkdError.protocol('takeOwnership: replicaBack is HOST:PORT or null');
   }
   return { volume: volumeField(value.volume, 'takeOwnership'), epoch: epochField(value.epoch, 'takeOwnership'), snapshot: value.snapshot, replicaBack: value.replicaBack as string | null };

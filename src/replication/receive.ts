@@ -172,12 +172,11 @@ export class StreamReceiver {
         writeFailure ??= error;
       });
     };
+    /** A resume point now: the one the background makes, waited for (throws what stopped it). */
     const checkpoint = async (): Promise<void> => {
       if (volume === null) return;
+      saveInBackground();
       await drain();
-      await volume.flush();
-      await this.#save(state);
-      sinceCommitBytes = 0;
     };
     try {
       volume = this.#pool.openVolumeForReceive(volumeName);

@@ -81,9 +81,6 @@ export class ReplicaServer {
     await this.#checkSender(volume, context.peerName, epoch);
     // Recorded before the stream may create the volume, so a replica never exists without its role.
     await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });
-    // A replica's own writes are refused in the pool too (the receiver writes past that); from a new owner at a
-    // higher epoch the block is already there.
-    if (this.#pool.hasVolume(volume) && this.#pool.writeBlock(volume) === null) await this.#pool.blockWrites(volume, this.#roles.writeRefusal(volume, 'a write'));
     const feed = new ByteFeed();
     const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed) };
     this.#sessions.set(context.connection.id, session);
@@ -113,6 +110,8 @@ export class ReplicaServer {
     session.feed.end();
     try {
       const result = await session.result;
+      // A replica's own writes are refused in the pool too (the receiver writes past that): set once, when a
+      // first stream has made the volume; the node sets it at start for every replica it has.
       if (this.#pool.writeBlock(session.volume) === null) await this.#pool.blockWrites(session.volume, this.#roles.writeRefusal(session.volume, 'a write'));
       return result;
     } finally {

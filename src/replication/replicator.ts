@@ -18,6 +18,7 @@
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { ChunkdError } from '../core/errors.ts';
+import { parseHostPort } from '../core/host-port.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { formatDuration, formatSize } from '../core/units.ts';
@@ -105,7 +106,7 @@ class Link {
   readonly stored: StoredLink;
   peerName: string | null = null;
   state: ReplicaStatus['state'] = 'idle';
-  lastTakenAtMs: number | null = null;
+  /** When a cycle last found the replica current (nothing changed since its last point); null after a stream. */
   currentAsOfMs: number | null = null;
   stream: ReplicaStatus['stream'] = null;
   throughput: number | null = null;
@@ -143,7 +144,7 @@ export class Replicator {
     const value = (await readStateFile(this.#file)) as { links?: StoredLink[] } | null;
     let stale = false;
     for (const stored of value?.links ?? []) {
-      if (checkName(stored?.volume) !== null || typeof stored.peer !== 'string' || !Number.isSafeInteger(stored.everyMs)) {
+      if (checkName(stored?.volume) !== null || parseHostPort(stored.peer) === null || !Number.isSafeInteger(stored.everyMs)) {
         throw ChunkdError.corrupt(`${this.#file}: an entry is not a replica link`);
       }
       if (!this.#options.pool.hasVolume(stored.volume)) {
@@ -211,7 +212,7 @@ export class Replicator {
 
   /** A handoff's last step (handoff.ts): asks the peer to own `request.volume`; resolves once it does, durably. */
   async takeOwnership(address: string, request: TakeOwnershipRequest): Promise<void> {
-    const [host, port] = splitAddress(address);
+    const { host, port } = peerAddress(address);
     const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
     try {
       await withTimeout(client.request(PeerVerb.takeOwnership, jsonPayload(request)), this.#timeoutMs, () => client.close(), `${address} did not answer the handoff`);
@@ -222,7 +223,7 @@ export class Replicator {
 
   /** What the peer at `address` holds of `volume` (one connection, one question). */
   async askPeer(address: string, volume: string): Promise<ReplicaInfo> {
-    const [host, port] = splitAddress(address);
+    const { host, port } = peerAddress(address);
     const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
     try {
       return parseReplicaInfo(await withTimeout(client.request(PeerVerb.replicaInfo, jsonPayload({ volume })), this.#timeoutMs, () => client.close(), `${address} did not answer`));
@@ -294,13 +295,10 @@ export class Replicator {
       link.stream = null;
       const message = error instanceof Error ? error.message : String(error);
       link.lastError = { message, at: new Date().toISOString() };
-      if (link.stopped) {
-        for (const waiter of waiters) waiter.reject(error);
-        return;
-      }
+      for (const waiter of waiters) waiter.reject(error);
+      if (link.stopped) return;
       link.state = 'retrying';
       this.#options.log(`replication of ${link.stored.volume} to ${link.stored.peer} failed (retry in ${formatDuration(link.retryDelayMs)}): ${message}`);
-      for (const waiter of waiters) waiter.reject(error);
       this.#schedule(link, Math.min(link.retryDelayMs, link.stored.everyMs));
       link.retryDelayMs = Math.min(retryDelayMaxMs, link.retryDelayMs * 2);
     } finally {
@@ -315,7 +313,7 @@ export class Replicator {
     const started = performance.now();
     const refusal = this.#options.refuse(volume);
     if (refusal !== null) throw ChunkdError.readOnly(refusal);
-    const [host, port] = splitAddress(peer);
+    const { host, port } = peerAddress(peer);
     link.state = 'replicating';
     const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
     link.client = client;
@@ -410,7 +408,7 @@ export class Replicator {
     const links = [...this.#links];
     await Promise.all(links.map(async (link) => {
       if (this.#options.refuse(link.stored.volume) !== null) return;
-      const [host, port] = splitAddress(link.stored.peer);
+      const { host, port } = peerAddress(link.stored.peer);
       let client: PeerClient | null = null;
       try {
         client = await PeerClient.connect({ host, port, credentials: this.#credentials(), timeoutMs });
@@ -482,7 +480,6 @@ export class Replicator {
   async #landed(link: Link, client: PeerClient, uuid: string, takenAtMs: number): Promise<void> {
     const { pool } = this.#options;
     const { volume } = link.stored;
-    link.lastTakenAtMs = takenAtMs;
     link.currentAsOfMs = null;
     if (link.stored.lastUuid !== uuid) {
       link.stored.lastUuid = uuid;
@@ -515,7 +512,6 @@ export class Replicator {
     if (last !== null) {
       const info = pool.snapshotInfo(volume, last.snapshot);
       lastReplicated = { snapshot: info.name, uuid: info.uuid, takenAt: info.createdAt };
-      link.lastTakenAtMs ??= Date.parse(info.createdAt);
     }
     if (link.stream !== null) {
       bytesPending = Math.max(0, link.stream.totalBytes - link.stream.sentBytes);
@@ -523,7 +519,7 @@ export class Replicator {
       const changed = pool.diff(volume, last?.snapshot ?? null, null);
       bytesPending = changed.reduce((sum, extent) => sum + extent.chunkCount, 0) * chunkSizeBytes;
     }
-    const asOf = link.currentAsOfMs ?? link.lastTakenAtMs;
+    const asOf = link.currentAsOfMs ?? (lastReplicated === null ? null : Date.parse(lastReplicated.takenAt));
     return {
       volume,
       peer: link.stored.peer,
@@ -561,9 +557,11 @@ function uniqueSnapshotName(taken: string[]): string {
   return `${replicationSnapshotPrefix}${ms}`;
 }
 
-function splitAddress(address: string): [string, number] {
-  const colon = address.lastIndexOf(':');
-  return [address.slice(0, colon).replace(/^\[(.*)\]$/, '$1'), Number(address.slice(colon + 1))];
+/** A peer's HOST:PORT (checked where it came in: the API, or the links file). */
+function peerAddress(address: string): { host: string; port: number } {
+  const parsed = parseHostPort(address);
+  if (parsed === null) throw ChunkdError.invalid(`a peer address is HOST:PORT, not ${JSON.stringify(address)}`);
+  return parsed;
 }
 
 /** `promise`, or a failure after `ms` (calling `onTimeout` first, to end what it waits on). */

@@ -93,11 +93,10 @@ export class Volume implements BlockDevice {
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     this.#assertRange(offsetBytes, data.length);
     this.#store.metadata.checkHealthy();
-    this.#checkWritable();
     if (data.length > 0) {
       const release = await this.#lock(offsetBytes, data.length, true);
       try {
-        // Again under the lock: a block set while this write waited for it applies (blockWrites takes the whole range).
+        // Under the lock, so that a block set while this write waited for it applies (blockWrites takes the whole range).
         this.#checkWritable();
         await this.#writeBytes(offsetBytes, data.length, (start, end) => data.subarray(start - offsetBytes, end - offsetBytes));
       } catch (error) {
@@ -154,7 +153,6 @@ export class Volume implements BlockDevice {
   async #zero(offsetBytes: number, lengthBytes: number, noHole: boolean, what: string): Promise<void> {
     this.#assertRange(offsetBytes, lengthBytes);
     this.#store.metadata.checkHealthy();
-    this.#checkWritable();
     if (lengthBytes === 0) return;
     const release = await this.#lock(offsetBytes, lengthBytes, true);
     try {

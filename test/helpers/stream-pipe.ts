@@ -15,6 +15,13 @@ export async function exportHash(node: RunningNode, exportName: string): Promise
   return hash.digest('hex');
 }
 
+/** Stops a node (it must exit 0) and checks its pool with fsck (it must be clean): the end of every replication test. */
+export async function stopAndCheck(node: RunningNode): Promise<void> {
+  assert.equal(await node.stop(), 0, node.stderr());
+  const fsck = await node.cli('fsck', '--pool', node.pool);
+  assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
+}
+
 /** Runs the chunkd CLI against `node` and insists on exit 0; returns its stdout. */
 export async function ok(node: RunningNode, ...args: string[]): Promise<string> {
   const result = await node.cli(...args);

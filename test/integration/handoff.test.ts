@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
-import { exportHash, ok } from '../helpers/stream-pipe.ts';
+import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 
 const skip = !haveTool('qemu-io') || !haveTool('nbdcopy') || !haveTool('openssl');
 const KiB = 1024;
@@ -63,11 +63,7 @@ before(async () => {
 
 after(async () => {
   if (skip) return;
-  for (const node of Object.values(nodes)) {
-    assert.equal(await node.stop(), 0, node.stderr());
-    const fsck = await node.cli('fsck', '--pool', node.pool);
-    assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
-  }
+  for (const node of Object.values(nodes)) await stopAndCheck(node);
   fs.rmSync(scratch, { recursive: true, force: true });
 });
 

@@ -10,7 +10,7 @@ import http from 'node:http';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
-import { exportHash, ok } from '../helpers/stream-pipe.ts';
+import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 const MiB = 1024 * 1024;
@@ -87,11 +87,7 @@ before(async () => {
 
 after(async () => {
   if (skip) return;
-  for (const peer of [alpha, beta, gamma]) {
-    assert.equal(await peer.node.stop(), 0, peer.node.stderr());
-    const fsck = await peer.node.cli('fsck', '--pool', peer.node.pool);
-    assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
-  }
+  for (const peer of [alpha, beta, gamma]) await stopAndCheck(peer.node);
   fs.rmSync(scratch, { recursive: true, force: true });
 });
 

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
-import { cliProcess, exportHash, ok, Pipe, transfer } from '../helpers/stream-pipe.ts';
+import { Pipe, cliProcess, exportHash, ok, stopAndCheck, transfer } from '../helpers/stream-pipe.ts';
 
 const MiB = 1024 * 1024;
 let scratch: string;
@@ -21,10 +21,8 @@ before(async () => {
 });
 
 after(async () => {
-  assert.equal(await source.stop(), 0);
-  assert.equal(await target.stop(), 0);
-  const fsck = await target.cli('fsck', '--pool', target.pool);
-  assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
+  await stopAndCheck(source);
+  await stopAndCheck(target);
   fs.rmSync(scratch, { recursive: true, force: true });
 });
 

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { haveTool, makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
-import { exportHash, ok, transfer } from '../helpers/stream-pipe.ts';
+import { exportHash, ok, stopAndCheck, transfer } from '../helpers/stream-pipe.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 import { StreamDecoder } from '../../src/replication/stream-format.ts';
 
@@ -24,10 +24,8 @@ before(async () => {
 });
 
 after(async () => {
-  assert.equal(await source.stop(), 0);
-  assert.equal(await target.stop(), 0);
-  const fsck = await target.cli('fsck', '--pool', target.pool);
-  assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
+  await stopAndCheck(source);
+  await stopAndCheck(target);
   fs.rmSync(scratch, { recursive: true, force: true });
 });
 
