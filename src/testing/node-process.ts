@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { runTool, type ToolResult } from '../core/run-tool.ts';
+import { runTool, type ToolOptions, type ToolResult } from '../core/run-tool.ts';
 
 export { runTool, type ToolResult };
 
@@ -39,8 +39,18 @@ export function makeTempDir(label: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `chunkd-${label}-`));
 }
 
+/** How a test runs chunkd: by default this checkout's bin/chunkd.js under this Node.js. */
+export interface Launcher {
+  command: string;
+  /** The arguments before chunkd's own. */
+  prefix: string[];
+  env?: NodeJS.ProcessEnv;
+}
+
+const checkoutLauncher: Launcher = { command: nodeBinary, prefix: [chunkdBin] };
+
 /** Starts a node on `pool` (TCP on a free port, NBD and API unix sockets inside the pool) and waits until ready. */
-export async function startNode(pool: string, extraArgs: string[] = []): Promise<RunningNode> {
+export async function startNode(pool: string, extraArgs: string[] = [], launcher: Launcher = checkoutLauncher): Promise<RunningNode> {
   const nbdSocket = path.join(pool, 'nbd.sock');
   const apiSocket = path.join(pool, 'api.sock');
   // CHUNKD_TEST_WORKERS / CHUNKD_TEST_NBD_THREADS run the whole suite against other thread layouts (npm test does).
@@ -48,8 +58,9 @@ export async function startNode(pool: string, extraArgs: string[] = []): Promise
     ...(process.env.CHUNKD_TEST_WORKERS !== undefined && !extraArgs.includes('--workers') ? ['--workers', process.env.CHUNKD_TEST_WORKERS] : []),
     ...(process.env.CHUNKD_TEST_NBD_THREADS !== undefined && !extraArgs.includes('--nbd-threads') ? ['--nbd-threads', process.env.CHUNKD_TEST_NBD_THREADS] : []),
   ];
-  const child = spawn(nodeBinary, [chunkdBin, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--socket', nbdSocket, '--api', apiSocket, ...layout, ...extraArgs], {
+  const child = spawn(launcher.command, [...launcher.prefix, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--socket', nbdSocket, '--api', apiSocket, ...layout, ...extraArgs], {
     stdio: ['ignore', 'pipe', 'pipe'],
+    env: launcher.env ?? process.env,
   });
   let stdout = '';
   let stderr = '';
@@ -81,7 +92,7 @@ export async function startNode(pool: string, extraArgs: string[] = []): Promise
     readyLine: stdout.split('\n')[0]!,
     uri: (exportName = 'default') => `nbd+unix:///${exportName}?socket=${nbdSocket}`,
     qemuUri: (exportName = 'default') => `nbd:unix:${nbdSocket}:exportname=${exportName}`,
-    cli: (...args) => runTool(nodeBinary, [chunkdBin, ...args], { env: { ...process.env, CHUNKD_API: apiSocket } }),
+    cli: (...args) => runTool(launcher.command, [...launcher.prefix, ...args], { env: { ...(launcher.env ?? process.env), CHUNKD_API: apiSocket } }),
     stop: async () => {
       child.kill('SIGTERM');
       return exited;
@@ -95,7 +106,7 @@ export async function startNode(pool: string, extraArgs: string[] = []): Promise
 }
 
 /** Runs a program and fails with its output unless it exits 0. */
-export async function mustRun(command: string, args: string[], options: { input?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<string> {
+export async function mustRun(command: string, args: string[], options: ToolOptions = {}): Promise<string> {
   const result = await runTool(command, args, options);
   if (result.code !== 0) throw new Error(`${command} ${args.join(' ')} exited ${result.code}\nstdout: ${result.stdout}\nstderr: ${result.stderr}`);
   return result.stdout;
