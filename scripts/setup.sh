@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(
-  fio qemu-utils libnbd-bin nbdkit etcd-server etcd-client fuse3 e2fsprogs xfsprogs util-linux procps curl ca-certificates openssl
+  fio qemu-utils libnbd-bin nbdkit etcd-server etcd-client fuse3 e2fsprogs xfsprogs util-linux procps curl ca-certificates openssl systemd python3
 )
 missing=()
 for package in "${packages[@]}"; do

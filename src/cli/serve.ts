@@ -9,6 +9,7 @@ import { parseDuration, parseSize } from '../core/units.ts';
 import { ChunkdNode, type NodeConfig, type PeerConfig } from '../node/node.ts';
 import { parsing, UsageError } from './errors.ts';
 import { commands, environmentName, type OptionSpec } from './help.ts';
+import { notifyServiceManager, stderrIsJournal } from './service-manager.ts';
 
 /** Parses HOST:PORT (IPv6 as [::1]:PORT), or "none" for no TCP listener. */
 export function parseListen(text: string, option = '--listen', example = '127.0.0.1:10809'): { host: string; port: number } | null {
@@ -140,8 +141,9 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): Omit<Nod
 
 export async function serve(argv: string[]): Promise<number> {
   const config = serveConfig(argv);
+  const stamped = !stderrIsJournal();
   const log = (line: string): void => {
-    process.stderr.write(`${new Date().toISOString()} chunkd: ${line}\n`);
+    process.stderr.write(stamped ? `${new Date().toISOString()} chunkd: ${line}\n` : `chunkd: ${line}\n`);
   };
   // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
   installFailStop();
@@ -158,7 +160,9 @@ export async function serve(argv: string[]): Promise<number> {
   const apiTls = node.api.tlsAddress();
   const metrics = node.metricsAddress();
   process.stdout.write(`chunkd ready: pool ${node.pool.directory}, nbd ${listening.join(' ') || 'none'}, api ${node.apiSocketPath}${apiTls !== null ? ` ${apiTls}` : ''}${peerAddresses.length > 0 ? `, peer ${peerAddresses.join(' ')}` : ''}${metrics !== null ? `, metrics ${metrics}` : ''}\n`);
+  await notifyServiceManager('READY=1', log);
   await stopping;
+  await notifyServiceManager('STOPPING=1', log);
   log('stopping: finishing in-flight requests and committing');
   await node.stop();
   log('stopped');
