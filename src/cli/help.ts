@@ -225,6 +225,7 @@ export const commands = {
     helpFromCommand: true,
     options: {},
   },
+  completion: { usage: ['completion bash'], summary: 'a bash completion script for every command and option: source <(chunkd completion bash)', options: {} },
   help: { usage: ['help [COMMAND ...]'], summary: "a command's help: what it does and every option", options: {} },
 } as const satisfies Record<string, CommandSpec>;
 

@@ -22,6 +22,7 @@ import { replicaCommand } from './replica.ts';
 import { receiveCommand, sendCommand } from './stream.ts';
 import { commandHelp, commands, commandWords, findCommand, generalHelp, unknownVerb } from './help.ts';
 import { parsing, printError, reportError, UsageError, wantsJson } from './errors.ts';
+import { bashCompletion } from './completion.ts';
 
 /** Runs the command line; returns the exit code. */
 export async function main(argv: string[]): Promise<number> {
@@ -79,6 +80,12 @@ async function run(argv: string[]): Promise<number> {
       return replicaCommand(rest, apiPath);
     case 'bench':
       return benchCommand(rest);
+    case 'completion': {
+      const { positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands.completion.options }));
+      if (positionals.length !== 1 || positionals[0] !== 'bash') throw new UsageError('completion takes one shell: chunkd completion bash');
+      process.stdout.write(bashCompletion());
+      return 0;
+    }
     default:
       throw new UsageError(`unknown command "${command}" (chunkd help lists them)`);
   }
