@@ -14,7 +14,7 @@ const buffers = new SharedBufferPool();
 const provider = new RemoteProvider(port, buffers.slab);
 const server = new NbdServer({
   provider,
-  log: (line) => parent.postMessage({ type: 'log', line: `nbd thread ${index}: ${line}` }),
+  log: (line, level) => parent.postMessage({ type: 'log', line: `nbd thread ${index}: ${line}`, level }),
   sharedBuffers: buffers,
   tls: tls === null ? null : tlsSettings(tls), // the main thread read and checked the credentials
 });

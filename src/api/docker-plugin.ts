@@ -16,6 +16,7 @@ import { validateName } from '../core/names.ts';
 import { parseSize } from '../core/units.ts';
 import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
 import { readBody, requestUrl } from './server.ts';
+import type { Log } from '../core/log.ts';
 
 /** Size of a volume Docker creates without `-o size=...`. */
 export const dockerDefaultSizeBytes = 10 * 1024 * 1024 * 1024;
@@ -103,11 +104,11 @@ export async function handlePluginRequest(backend: PluginBackend, mountRoot: str
 export class DockerPluginServer {
   readonly #backend: PluginBackend;
   readonly #mountRoot: string;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   readonly #server: http.Server;
   #socketPath: string | null = null;
 
-  constructor(backend: PluginBackend, mountRoot: string, log: (line: string) => void) {
+  constructor(backend: PluginBackend, mountRoot: string, log: Log) {
     this.#backend = backend;
     this.#mountRoot = mountRoot;
     this.#log = log;
@@ -144,7 +145,7 @@ export class DockerPluginServer {
   }
 
   #refuse(response: http.ServerResponse, status: number, message: string): void {
-    this.#log(`docker plugin: refused a request: ${message}`);
+    this.#log(`docker plugin: refused a request: ${message}`, 'warn');
     send(response, status, { Err: message });
   }
 }

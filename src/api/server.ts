@@ -19,6 +19,7 @@ import type { ScrubReport } from '../store/scrub.ts';
 import type { PreparedSend } from '../replication/send.ts';
 import type { ReceiveResult } from '../replication/receive.ts';
 import { defaultEveryMs, type ReplicaSettings } from '../replication/replicator.ts';
+import type { Log } from '../core/log.ts';
 
 /** Progress lines of a long operation go out at most this often. */
 const progressIntervalMs = 250;
@@ -108,13 +109,13 @@ export class ApiServer {
    * Offers the same API on TCP (serve --api-listen): TLS 1.3 with a client certificate from the cluster CA
    * required; a client without one, or with another CA's or an expired one, is refused in the handshake.
    */
-  async listenTls(host: string, port: number, credentials: { ca: Buffer; cert: Buffer; key: Buffer }, log: (line: string) => void): Promise<void> {
+  async listenTls(host: string, port: number, credentials: { ca: Buffer; cert: Buffer; key: Buffer }, log: Log): Promise<void> {
     const server = https.createServer({ minVersion: 'TLSv1.3', requestCert: true, rejectUnauthorized: true, ...credentials }, (request, response) => this.#serve(request, response));
     // Reading the address at accept keeps it for the log line of a handshake that fails (remoteOfTls).
     server.on('connection', (socket: net.Socket) => void socket.remoteAddress);
     server.on('tlsClientError', (error, socket) => {
       socket.destroy();
-      log(`api connection from ${remoteOfTls(socket)} refused: ${describeTlsError(error, socket.authorizationError)}`);
+      log(`api connection from ${remoteOfTls(socket)} refused: ${describeTlsError(error, socket.authorizationError)}`, 'warn');
     });
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);

@@ -64,6 +64,8 @@ export const commands = {
       'peer-timeout': { type: 'string', value: 'DURATION', fallback: '60s', help: 'a peer that answers nothing for this long (paused, its disk stuck) fails the replication cycle, which is retried and resumes' },
       'api-listen': { type: 'string', value: 'HOST:PORT', help: 'the management API on TCP as well, mutual TLS with client certificates from the CA of --tls-dir' },
       'metrics-listen': { type: 'string', value: 'HOST:PORT', help: 'GET /metrics (Prometheus text) on plain HTTP over TCP, read-only, nothing else on that port (off by default)' },
+      'log-level': { type: 'string', value: 'debug|info|warn|error', fallback: 'info', help: 'log events of this level and above on stderr' },
+      'log-format': { type: 'string', value: 'text|json', fallback: 'text', help: 'json: one object per line, {"time","level","msg"} (no time under journald, which stamps each line)' },
     },
   },
   'volume create': {

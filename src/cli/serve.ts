@@ -10,6 +10,7 @@ import { ChunkdNode, type NodeConfig, type PeerConfig } from '../node/node.ts';
 import { parsing, UsageError } from './errors.ts';
 import { commands, environmentName, type OptionSpec } from './help.ts';
 import { notifyServiceManager, stderrIsJournal } from './service-manager.ts';
+import { logLevels, makeLog, parseLogLevel, type LogLevel } from '../core/log.ts';
 
 /** Parses HOST:PORT (IPv6 as [::1]:PORT), or "none" for no TCP listener. */
 export function parseListen(text: string, option = '--listen', example = '127.0.0.1:10809'): { host: string; port: number } | null {
@@ -94,7 +95,20 @@ type ServeValues = ReturnType<typeof parseArgs<{ options: typeof serveOptions }>
  * The node's configuration (all but its log) from serve's arguments and the environment (`env`, CHUNKD_*); a
  * wrong one is a usage error, and nothing has started.
  */
-export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): Omit<NodeConfig, 'log'> {
+function parseLogFormat(text: string): 'text' | 'json' {
+  if (text !== 'text' && text !== 'json') throw ChunkdError.invalid(`invalid --log-format "${text}": text or json`);
+  return text;
+}
+
+function checkedLogLevel(text: string): LogLevel {
+  const level = parseLogLevel(text);
+  if (level === null) throw ChunkdError.invalid(`invalid --log-level "${text}": ${logLevels.join(', ')}`);
+  return level;
+}
+
+export type ServeConfig = Omit<NodeConfig, 'log'> & { logLevel: LogLevel; logFormat: 'text' | 'json' };
+
+export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): ServeConfig {
   let fromEnvironment = new Set<string>();
   try {
     return parsing(() => {
@@ -111,7 +125,7 @@ export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
   }
 }
 
-function configFrom(values: ServeValues, fromEnvironment: Set<string>): Omit<NodeConfig, 'log'> {
+function configFrom(values: ServeValues, fromEnvironment: Set<string>): ServeConfig {
   const given = (text: string | undefined): boolean => text !== undefined && text !== 'none';
   const tlsInUse = (values.tls ?? 'off') !== 'off' || given(values['peer-listen']) || given(values['api-listen']);
   // The other commands read CHUNKD_TLS_DIR for their client pair: set for them, it must not stop a plain serve.
@@ -136,15 +150,14 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): Omit<Nod
     tls: parseTls(values.tls ?? serveOptions.tls.fallback, tlsDirectory, values['tls-verify-peer'] === true, peer !== null || apiListen !== null),
     metricsListen: values['metrics-listen'] === undefined ? null : parseListen(values['metrics-listen'], '--metrics-listen', '0.0.0.0:9810'),
     peerTimeoutMs: parseDuration(values['peer-timeout'] ?? serveOptions['peer-timeout'].fallback, '--peer-timeout'),
+    logLevel: checkedLogLevel(values['log-level'] ?? serveOptions['log-level'].fallback),
+    logFormat: parseLogFormat(values['log-format'] ?? serveOptions['log-format'].fallback),
   };
 }
 
 export async function serve(argv: string[]): Promise<number> {
   const config = serveConfig(argv);
-  const stamped = !stderrIsJournal();
-  const log = (line: string): void => {
-    process.stderr.write(stamped ? `${new Date().toISOString()} chunkd: ${line}\n` : `chunkd: ${line}\n`);
-  };
+  const log = makeLog({ level: config.logLevel, format: config.logFormat, stamped: !stderrIsJournal() });
   // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
   installFailStop();
   const node = await ChunkdNode.start({ ...config, log });

@@ -6,13 +6,14 @@
 //   the node writes none of its own timestamps there.
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
+import type { Log } from '../core/log.ts';
 
 /** Sends `state` (READY=1, STOPPING=1) to the service manager if one asked for it; a failure is logged, not fatal. */
-export function notifyServiceManager(state: string, log: (line: string) => void): Promise<void> {
+export function notifyServiceManager(state: string, log: Log): Promise<void> {
   if (!process.env.NOTIFY_SOCKET) return Promise.resolve();
   return new Promise((resolve) => {
     execFile('systemd-notify', [`--pid=${process.pid}`, state], { timeout: 10_000 }, (error, _stdout, stderr) => {
-      if (error !== null) log(`could not tell the service manager ${state} (NOTIFY_SOCKET=${process.env.NOTIFY_SOCKET}): ${stderr.toString().trim() || error.message}`);
+      if (error !== null) log(`could not tell the service manager ${state} (NOTIFY_SOCKET=${process.env.NOTIFY_SOCKET}): ${stderr.toString().trim() || error.message}`, 'warn');
       resolve();
     });
   });

@@ -3,6 +3,7 @@
 import path from 'node:path';
 import { FuseSession, type FuseSessionStats } from './session.ts';
 import { snapshotsDirName, VolumeFileSystem, type FuseCatalog } from './volume-fs.ts';
+import type { Log } from '../core/log.ts';
 
 export interface FuseStatus extends FuseSessionStats {
   mountpoint: string;
@@ -21,7 +22,7 @@ export class FuseFrontEnd {
   }
 
   /** Mounts the volumes of `catalog` as files under `directory`; a stale mount left there by a crash is replaced. */
-  static async mount(directory: string, catalog: FuseCatalog, log: (line: string) => void): Promise<FuseFrontEnd> {
+  static async mount(directory: string, catalog: FuseCatalog, log: Log): Promise<FuseFrontEnd> {
     const fileSystem = new VolumeFileSystem(catalog);
     const session = await FuseSession.mount(directory, fileSystem, log);
     return new FuseFrontEnd(session, fileSystem);

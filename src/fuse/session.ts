@@ -35,6 +35,7 @@ import {
   readU64,
   type InHeader,
 } from './protocol.ts';
+import type { Log } from '../core/log.ts';
 
 /** Largest READ or WRITE the kernel sends us: 256 pages (FUSE_MAX_PAGES), as large as Linux allows. */
 export const fuseRequestBytesMax = 1024 * 1024;
@@ -118,7 +119,7 @@ export function mountAt(directory: string): MountEntry | null {
  * Makes `directory` free for a new FUSE mount: a FUSE mount left there by a crashed process (its accesses fail
  * with ENOTCONN) is lazily unmounted; a live one, or any other mount, is refused.
  */
-export async function clearStaleMount(directory: string, log: (line: string) => void): Promise<void> {
+export async function clearStaleMount(directory: string, log: Log): Promise<void> {
   for (;;) {
     const entry = mountAt(directory);
     if (entry === null) return;
@@ -131,7 +132,7 @@ export async function clearStaleMount(directory: string, log: (line: string) => 
     if (alive) throw ChunkdError.busy(`${directory} is a FUSE mount another live process serves`);
     const failure = unmountDirectory(directory, true);
     if (failure !== null) throw ChunkdError.busy(`cannot unmount the stale FUSE mount at ${directory}: ${failure}`);
-    log(`replaced a stale FUSE mount at ${directory} (left by a process that died)`);
+    log(`replaced a stale FUSE mount at ${directory} (left by a process that died)`, 'warn');
   }
 }
 
@@ -144,7 +145,7 @@ function sizeBucket(sizeBytes: number): string {
 export class FuseSession {
   readonly directory: string;
   readonly #handler: FuseHandler;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   #fd = -1;
   #connection = '';
   #stopping = false;
@@ -153,14 +154,14 @@ export class FuseSession {
   readonly #inFlight = new Set<Promise<void>>();
   readonly #stats: FuseSessionStats = { requestsTotal: 0, requestErrorsTotal: 0, inFlight: 0, readSizes: {}, writeSizes: {}, readBytesMax: 0, writeBytesMax: 0, kernel: null };
 
-  private constructor(directory: string, handler: FuseHandler, log: (line: string) => void) {
+  private constructor(directory: string, handler: FuseHandler, log: Log) {
     this.directory = directory;
     this.#handler = handler;
     this.#log = log;
   }
 
   /** Mounts a FUSE file system at `directory` (created if missing; a stale mount there is replaced) and serves it. */
-  static async mount(directory: string, handler: FuseHandler, log: (line: string) => void): Promise<FuseSession> {
+  static async mount(directory: string, handler: FuseHandler, log: Log): Promise<FuseSession> {
     // The directory itself may be a dead mount (ENOTCONN on every access): resolve its parent only.
     const absolute = path.resolve(directory);
     fs.mkdirSync(path.dirname(absolute), { recursive: true });
@@ -196,7 +197,7 @@ export class FuseSession {
       this.#log(`FUSE mount ${this.directory} still in use at stop: detaching it lazily and aborting its connection`);
       failure = unmountDirectory(this.directory, true);
     }
-    if (failure !== null && failure !== 'EINVAL') this.#log(`unmounting ${this.directory} failed: ${failure}`);
+    if (failure !== null && failure !== 'EINVAL') this.#log(`unmounting ${this.directory} failed: ${failure}`, 'warn');
     // Posted reads return ENODEV only once the connection ends; a lazily detached mount still in use keeps it up.
     this.#abortConnection();
     await Promise.allSettled([...this.#inFlight]);
@@ -212,7 +213,7 @@ export class FuseSession {
       fs.writeFileSync(`/sys/fs/fuse/connections/${minor}/abort`, '1');
     } catch (error) {
       // Gone already: the unmount ended the connection.
-      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') this.#log(`aborting FUSE connection ${minor}: ${(error as Error).message}`);
+      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') this.#log(`aborting FUSE connection ${minor}: ${(error as Error).message}`, 'warn');
     }
   }
 
@@ -236,7 +237,7 @@ export class FuseSession {
         // ENOENT: the request was interrupted before we read it; EINTR, EAGAIN: try again.
         if (code === 'ENOENT' || code === 'EINTR' || code === 'EAGAIN') continue;
         // ENODEV: unmounted, or the connection was aborted. Anything else ends this reader too.
-        if (code !== 'ENODEV' && !this.#stopping) this.#log(`reading /dev/fuse for ${this.directory}: ${(error as Error).message}`);
+        if (code !== 'ENODEV' && !this.#stopping) this.#log(`reading /dev/fuse for ${this.directory}: ${(error as Error).message}`, 'error');
         return;
       }
       const request = buffer.subarray(0, bytesRead);
@@ -339,7 +340,7 @@ export class FuseSession {
       if (!isSystemError(error)) throw error;
       // ENOENT: the kernel gave up on this request (interrupted); ENODEV: the mount is gone.
       const code = (error as NodeJS.ErrnoException).code;
-      if (code !== 'ENOENT' && code !== 'ENODEV') this.#log(`replying on /dev/fuse for ${this.directory}: ${(error as Error).message}`);
+      if (code !== 'ENOENT' && code !== 'ENODEV') this.#log(`replying on /dev/fuse for ${this.directory}: ${(error as Error).message}`, 'warn');
       return;
     }
     assert(written === frame.length, 'a write to /dev/fuse is all or nothing');

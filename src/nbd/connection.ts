@@ -71,6 +71,7 @@ import { peerRefusal } from './tls.ts';
 import type { TlsSettings } from './tls.ts';
 import { validateRequest } from './validate.ts';
 import type { ValidationContext } from './validate.ts';
+import type { Log, LogLevel } from '../core/log.ts';
 
 /** Counters the server shares with its connections. */
 export interface RequestCounters {
@@ -80,7 +81,7 @@ export interface RequestCounters {
 
 export interface ConnectionOptions {
   provider: DeviceProvider;
-  log: (line: string) => void;
+  log: Log;
   counters: RequestCounters;
   handshakeTimeoutMs: number;
   /** Names the connection in log lines. */
@@ -176,7 +177,7 @@ export class NbdConnection {
       return;
     }
     // A client that hangs up without waiting for its last replies is ordinary; anything else is worth a line.
-    if (error.code !== 'EPIPE' && error.code !== 'ECONNRESET') this.#log(`socket error: ${error.message}`);
+    if (error.code !== 'EPIPE' && error.code !== 'ECONNRESET') this.#log(`socket error: ${error.message}`, 'warn');
   };
 
   #listen(socket: Socket): void {
@@ -395,7 +396,7 @@ export class NbdConnection {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
         const what = describeRequest(request);
         const failure = expectedError(error, what);
-        this.#log(`${what}: ${failure.code}: ${failure.message}`);
+        this.#log(`${what}: ${failure.code}: ${failure.message}`, 'warn');
         this.#options.counters.requestErrorsTotal += 1;
         this.#send(failureReply(session, request, failure));
         this.#finish(costBytes);
@@ -508,7 +509,7 @@ export class NbdConnection {
 
   /** → closing at once: the socket is destroyed, replies not yet written are lost. `reason`: a log line, if any. */
   #destroy(reason: string | null): void {
-    if (reason !== null) this.#log(reason);
+    if (reason !== null) this.#log(reason, 'warn');
     if (this.#state !== 'closed' && this.#state !== 'released') {
       this.#state = 'closing';
       this.#receiver.stop();
@@ -553,13 +554,13 @@ export class NbdConnection {
       () => this.#resolveDone(),
       (error: unknown) => {
         const where = `closing export ${JSON.stringify(session.exportName)}`;
-        this.#log(`${where}: ${expectedError(error, where).message}`);
+        this.#log(`${where}: ${expectedError(error, where).message}`, 'warn');
         this.#resolveDone();
       },
     );
   }
 
-  #log(line: string): void {
-    this.#options.log(`${this.#options.label}: ${line}`);
+  #log(line: string, level?: LogLevel): void {
+    this.#options.log(`${this.#options.label}: ${line}`, level);
   }
 }

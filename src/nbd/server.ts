@@ -11,10 +11,11 @@ import type { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdConnection } from './connection.ts';
 import type { RequestCounters } from './connection.ts';
 import type { TlsSettings } from './tls.ts';
+import type { Log } from '../core/log.ts';
 
 export interface NbdServerOptions {
   provider: DeviceProvider;
-  log?: (line: string) => void;
+  log?: Log;
   /** Overrides limits.handshakeTimeoutMs (tests). */
   handshakeTimeoutMs?: number;
   /** Overrides limits.connectionsMax (tests). */
@@ -34,7 +35,7 @@ export interface NbdServerStats {
 
 export class NbdServer {
   readonly #provider: DeviceProvider;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   readonly #handshakeTimeoutMs: number;
   readonly #connectionsMax: number;
   readonly #sharedBuffers: SharedBufferPool | null;
@@ -120,14 +121,14 @@ export class NbdServer {
         resolve();
       });
     });
-    listener.on('error', (error) => this.#log(`nbd listener: ${error.message}`));
+    listener.on('error', (error) => this.#log(`nbd listener: ${error.message}`, 'error'));
     this.#listeners.push(listener);
     this.#log(`nbd: listening on ${describe(listener.address())}${this.#tls === null ? '' : ` (TLS ${this.#tls.mode}${this.#tls.verifyPeer ? ', clients verified' : ''})`}`);
   }
 
   #accept(socket: net.Socket, tcp: boolean): void {
     if (this.#closing !== null || this.#connections.size >= this.#connectionsMax) {
-      this.#log(`nbd: refusing a connection: ${this.#closing !== null ? 'closing' : `${this.#connectionsMax} connections open`}`);
+      this.#log(`nbd: refusing a connection: ${this.#closing !== null ? 'closing' : `${this.#connectionsMax} connections open`}`, 'warn');
       socket.on('error', () => {});
       socket.destroy();
       return;

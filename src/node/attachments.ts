@@ -17,10 +17,11 @@ import { ChunkdError } from '../core/errors.ts';
 import { runTool as runProgram, type ToolResult } from '../core/run-tool.ts';
 import { mountAt } from '../fuse/session.ts';
 import { AttachmentTable, planFileSystem, type AttachmentRecord, type AttachRequest, type FsType } from './attachment-table.ts';
+import type { Log } from '../core/log.ts';
 
 export interface AttachmentHost {
   poolDirectory: string;
-  log: (line: string) => void;
+  log: Log;
   /** Throws ENOENT when the volume does not exist; allocatedBytes 0: never written, it reads as zeros. */
   volumeInfo(name: string): { sizeBytes: number; allocatedBytes: number };
   /** The path of a volume's FUSE file, mounting the FUSE front end first if needed. */
@@ -249,7 +250,7 @@ export class Attachments {
         } catch (error) {
           const message = error instanceof Error ? error.message : String(error);
           this.#runtime.set(record.volume, { loopDevice: null, nbdfuse: null, nbdfuseDir: null, state: 'failed', error: message });
-          this.#host.log(`could not re-attach volume ${record.volume} at ${record.mountpoint}: ${message}`);
+          this.#host.log(`could not re-attach volume ${record.volume} at ${record.mountpoint}: ${message}`, 'error');
         }
       }
     });
@@ -267,7 +268,7 @@ export class Attachments {
         try {
           await this.#unmount(record, runtime, true);
         } catch (error) {
-          this.#host.log(`stopping attachment of ${record.volume}: ${(error as Error).message}`);
+          this.#host.log(`stopping attachment of ${record.volume}: ${(error as Error).message}`, 'warn');
         }
         runtime.state = 'detached';
       }
@@ -370,7 +371,7 @@ export class Attachments {
       if (result.code !== 0) {
         if (!/busy/i.test(result.stderr)) throw ChunkdError.io(`umount ${record.mountpoint} failed: ${result.stderr.trim()}`);
         if (!lazyWhenBusy) throw ChunkdError.busy(`${record.mountpoint} is in use (umount: target is busy); stop what uses it, then detach again`);
-        this.#host.log(`${record.mountpoint} is in use at stop: syncing it and unmounting it lazily (its users' later I/O fails)`);
+        this.#host.log(`${record.mountpoint} is in use at stop: syncing it and unmounting it lazily (its users' later I/O fails)`, 'warn');
         await runTool('sync', ['-f', record.mountpoint]);
         await runTool('umount', ['-l', record.mountpoint]);
       }

@@ -6,6 +6,7 @@ import type net from 'node:net';
 import { ChunkdError } from '../core/errors.ts';
 import { metricsConnectionsMax, metricsRequestTimeoutMs } from '../core/limits.ts';
 import { closeHttpServer } from '../core/unix-socket.ts';
+import type { Log } from '../core/log.ts';
 
 export class MetricsServer {
   readonly #server: http.Server;
@@ -15,7 +16,7 @@ export class MetricsServer {
   }
 
   /** Listens on host:port (port 0: any free one) and answers each scrape with `render()`. */
-  static async listen(host: string, port: number, render: () => Promise<string>, log: (line: string) => void): Promise<MetricsServer> {
+  static async listen(host: string, port: number, render: () => Promise<string>, log: Log): Promise<MetricsServer> {
     const server = http.createServer((request, response) => {
       const pathname = (request.url ?? '/').split('?')[0];
       if (pathname !== '/metrics') return answer(response, 404, 'not found: this port serves GET /metrics only\n');
@@ -28,7 +29,7 @@ export class MetricsServer {
         (error: unknown) => {
           // A node whose status cannot be read (it is stopping) has no metrics to give; anything else is a bug.
           if (!(error instanceof ChunkdError)) throw error;
-          log(`metrics scrape failed: ${error.message}`);
+          log(`metrics scrape failed: ${error.message}`, 'warn');
           answer(response, 503, `${error.message}\n`);
         },
       );

@@ -15,6 +15,7 @@ import type { NbdServerStats } from '../nbd/server.ts';
 import type { TlsServerConfig } from '../nbd/tls.ts';
 import { DeviceHost } from './device-host.ts';
 import { ownModule } from '../core/source-files.ts';
+import type { Log, LogLevel } from '../core/log.ts';
 
 const threadModule = ownModule('workers', 'nbd-thread');
 const threadStartTimeoutMs = 30_000;
@@ -28,7 +29,7 @@ interface ProtocolThread {
 
 export class NbdThreads {
   readonly #provider: DeviceProvider;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   readonly #host: string;
   /** Credentials as PEM text: each thread makes its own SecureContext from them. */
   readonly #tls: TlsServerConfig | null;
@@ -38,7 +39,7 @@ export class NbdThreads {
   #nextStatsId = 1;
   #stopping = false;
 
-  private constructor(provider: DeviceProvider, host: string, log: (line: string) => void, tls: TlsServerConfig | null) {
+  private constructor(provider: DeviceProvider, host: string, log: Log, tls: TlsServerConfig | null) {
     this.#provider = provider;
     this.#tls = tls;
     this.#host = host;
@@ -46,7 +47,7 @@ export class NbdThreads {
   }
 
   /** Starts `count` threads listening on host:port (port 0: the first picks one and the others share it). */
-  static async start(options: { count: number; host: string; port: number; provider: DeviceProvider; log: (line: string) => void; tls?: TlsServerConfig | null }): Promise<NbdThreads> {
+  static async start(options: { count: number; host: string; port: number; provider: DeviceProvider; log: Log; tls?: TlsServerConfig | null }): Promise<NbdThreads> {
     const threads = new NbdThreads(options.provider, options.host, options.log, options.tls ?? null);
     threads.#port = options.port;
     try {
@@ -109,8 +110,8 @@ export class NbdThreads {
     const thread: ProtocolThread = { worker, host, stats: { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 }, stopping: false };
     const ready = new Promise<string[]>((resolve, reject) => {
       const timer = setTimeout(() => reject(ChunkdError.io(`NBD thread ${index} did not start in ${threadStartTimeoutMs / 1000} s`)), threadStartTimeoutMs);
-      worker.on('message', (message: { type: string; line?: string; addresses?: string[] }) => {
-        if (message.type === 'log') this.#log(message.line!);
+      worker.on('message', (message: { type: string; line?: string; level?: LogLevel; addresses?: string[] }) => {
+        if (message.type === 'log') this.#log(message.line!, message.level);
         if (message.type === 'ready') {
           clearTimeout(timer);
           resolve(message.addresses!);
@@ -125,7 +126,7 @@ export class NbdThreads {
         reject(ChunkdError.io(`NBD thread ${index} exited (code ${code}) before it served`));
       });
     });
-    worker.on('error', (error) => this.#log(`NBD thread ${index} failed: ${error.stack ?? error.message}`));
+    worker.on('error', (error) => this.#log(`NBD thread ${index} failed: ${error.stack ?? error.message}`, 'error'));
     worker.on('exit', (code) => this.#onExit(thread, index, code));
     const addresses = await ready;
     this.#threads.push(thread);

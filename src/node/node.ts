@@ -32,6 +32,7 @@ import { validateAttachRequest } from './attachment-table.ts';
 import { loadCredentials, type TlsCredentials } from '../peer/credentials.ts';
 import { PeerServer, type PeerServerStats } from '../peer/server.ts';
 import { softwareVersion } from '../core/version.ts';
+import type { Log } from '../core/log.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -43,7 +44,7 @@ export interface NodeConfig {
   apiSocketPath: string | null;
   /** Created at start when missing. */
   defaultVolume: { name: string; sizeBytes: number } | null;
-  log: (line: string) => void;
+  log: Log;
   /** Worker threads for chunk I/O and checksums (serve --workers); 0 runs it all on the main thread. Default: one per CPU. */
   workers?: number;
   /** NBD protocol threads with their own TCP listeners on the port (serve --nbd-threads); 0: the main thread serves NBD. */
@@ -126,7 +127,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       makeIo: sharedBuffers === null ? undefined : (chunkFiles) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log }),
       verifyReads: config.verifyReads ?? true,
     });
-    if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)');
+    if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)', 'warn');
     let poolId: string;
     try {
       poolId = await pool.identity();
@@ -162,7 +163,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       await node.#replicator.checkOwnership(ownershipCheckTimeoutMs);
       // Every volume this node may not write is refused in the pool too (the receiver writes past that).
       for (const volume of roles.readOnlyVolumes()) await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
-      for (const [volume] of roles.fencedVolumes()) config.log(roles.writeRefusal(volume, 'writing')!.message);
+      for (const [volume] of roles.fencedVolumes()) config.log(roles.writeRefusal(volume, 'writing')!.message, 'warn');
       if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
         await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
         config.log(`created volume ${config.defaultVolume.name}`);

@@ -28,6 +28,7 @@ import {
   FrameKind, FrameReader, PeerVerb, encodeErrorFrame, encodeFrame, encodeHelloReply, negotiateVersion, parseHelloRequest,
   peerVersionMax, peerVersionMin, type Frame,
 } from './protocol.ts';
+import type { Log } from '../core/log.ts';
 
 /** What a verb handler gets: the peer it serves, the version the connection speaks, and the connection itself. */
 export interface PeerRequestContext {
@@ -56,7 +57,7 @@ export interface PeerServerOptions {
   poolId: string;
   /** "chunkd 0.1.0": sent in hello, for people. */
   software: string;
-  log: (line: string) => void;
+  log: Log;
   /** Verbs after hello (replication adds its own); hello itself is the server's. */
   verbs?: ReadonlyMap<number, VerbHandler>;
   /** Default limits.peerHandshakeTimeoutMs; tests shorten it. */
@@ -109,7 +110,7 @@ export class PeerServer {
       // A connection the deadline ended is logged and counted there already.
       if (this.#timedOut.delete(where)) return;
       this.#refusedTotal += 1;
-      this.#options.log(`peer connection from ${where} refused: ${describeTlsError(error, socket.authorizationError)}`);
+      this.#options.log(`peer connection from ${where} refused: ${describeTlsError(error, socket.authorizationError)}`, 'warn');
     });
     this.#server.on('secureConnection', (socket: tls.TLSSocket) => this.#serve(socket));
   }
@@ -122,7 +123,7 @@ export class PeerServer {
         resolve();
       });
     });
-    this.#server.on('error', (error) => this.#options.log(`peer listener: ${error.message}`));
+    this.#server.on('error', (error) => this.#options.log(`peer listener: ${error.message}`, 'error'));
   }
 
   addresses(): string[] {
@@ -189,7 +190,7 @@ export class PeerServer {
     const refuse = (reason: string, error: ChunkdError): void => {
       this.#clearDeadline(where);
       this.#refusedTotal += 1;
-      this.#options.log(`peer connection from ${where} refused: ${reason}`);
+      this.#options.log(`peer connection from ${where} refused: ${reason}`, 'warn');
       socket.end(Buffer.concat(encodeErrorFrame(0, 0, error)));
       setTimeout(() => socket.destroy(), connectionCloseGraceMs).unref();
     };
@@ -314,7 +315,7 @@ class PeerConnection {
     if (version === null) {
       const request = parseHelloRequest(frame.payload);
       const error = new ChunkdError('ENOTSUP', `no common protocol version: the peer speaks ${request.versionMin}-${request.versionMax}, this node ${peerVersionMin}-${peerVersionMax}`);
-      this.#server.options.log(`peer ${this.#peerName} (${this.#where}) refused: ${error.message}`);
+      this.#server.options.log(`peer ${this.#peerName} (${this.#where}) refused: ${error.message}`, 'warn');
       this.#server.countRefused();
       return this.#close(encodeErrorFrame(frame.verb, frame.requestId, error));
     }
@@ -329,7 +330,7 @@ class PeerConnection {
   /** A protocol violation: one error frame about the connection, then close. Anything not ours is a bug. */
   #fail(error: unknown): void {
     if (!(error instanceof ChunkdError) || error.code !== 'EPROTO') throw error;
-    this.#server.options.log(`peer ${this.#peerName} (${this.#where}): protocol error, closing: ${error.message}`);
+    this.#server.options.log(`peer ${this.#peerName} (${this.#where}): protocol error, closing: ${error.message}`, 'warn');
     this.#close(encodeErrorFrame(0, 0, error));
   }
 

@@ -23,6 +23,7 @@ import { formatSize } from '../core/units.ts';
 import type { Pool } from '../store/pool.ts';
 import { defaultEveryMs, type Replicator } from './replicator.ts';
 import type { VolumeRoles } from './roles.ts';
+import type { Log } from '../core/log.ts';
 
 /** Phase 1 stops when an increment leaves at most this much changed (or after handoffIncrementsMax of them). */
 const handoffRemainderBytes = 16 * 1024 * 1024;
@@ -36,7 +37,7 @@ export interface HandoffContext {
   disconnect: (volume: string) => number;
   /** This node's peer port as the new owner can reach it (to replicate back), or null when it cannot tell. */
   ownAddress: string | null;
-  log: (line: string) => void;
+  log: Log;
 }
 
 export interface HandoffResult {
@@ -109,7 +110,7 @@ export async function resolve(context: HandoffContext, volume: string): Promise<
   try {
     info = await replicator.askPeer(pending.toAddress, volume);
   } catch (error) {
-    log(`handoff of ${volume} to ${pending.to} is in doubt: ${pending.toAddress} does not answer (${(error as Error).message}); writes stay refused until it does (run chunkd volume handoff ${volume} --to ${pending.toAddress} again)`);
+    log(`handoff of ${volume} to ${pending.to} is in doubt: ${pending.toAddress} does not answer (${(error as Error).message}); writes stay refused until it does (run chunkd volume handoff ${volume} --to ${pending.toAddress} again)`, 'error');
     return 'frozen';
   }
   if (info.ownedEpoch !== null && info.ownedEpoch > pending.epoch) {
@@ -123,7 +124,7 @@ export async function resolve(context: HandoffContext, volume: string): Promise<
     log(`handoff of ${volume} to ${pending.to} rolled back: it had not taken the volume; this node takes writes again`);
     return 'rolled-back';
   }
-  log(`handoff of ${volume} to ${pending.to} is in doubt: the peer holds neither the volume nor its replica as expected; writes stay refused`);
+  log(`handoff of ${volume} to ${pending.to} is in doubt: the peer holds neither the volume nor its replica as expected; writes stay refused`, 'error');
   return 'frozen';
 }
 

@@ -32,6 +32,7 @@ import type { Pool } from '../store/pool.ts';
 import type { Volume } from '../store/volume.ts';
 import { readStateFile, removeStateFile, writeStateFile } from './state-file.ts';
 import { encodeResumeToken, StreamDecoder, type SnapshotRef, type StreamHeader } from './stream-format.ts';
+import type { Log } from '../core/log.ts';
 
 interface ReceiveState {
   volume: string;
@@ -59,10 +60,10 @@ class Interrupted extends Error {}
 export class StreamReceiver {
   readonly #pool: Pool;
   readonly #directory: string;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   readonly #active = new Set<string>();
 
-  constructor(pool: Pool, log: (line: string) => void) {
+  constructor(pool: Pool, log: Log) {
     this.#pool = pool;
     this.#directory = path.join(pool.directory, 'receive');
     this.#log = log;
@@ -244,7 +245,7 @@ export class StreamReceiver {
       return { volume: volumeName, snapshot: snapshot.name, uuid: snapshot.uuid, full: header.base === null, resumedFromBytes: header.resumeOffsetBytes, streamBytes: decoder.offsetBytes, dataBytes };
     } catch (error) {
       if (error instanceof Interrupted) {
-        await checkpoint().catch((failure: unknown) => this.#log(`receive into ${volumeName}: saving what arrived failed: ${(failure as Error).message}`));
+        await checkpoint().catch((failure: unknown) => this.#log(`receive into ${volumeName}: saving what arrived failed: ${(failure as Error).message}`, 'warn'));
         await volume?.close();
         throw ChunkdError.protocol(
           `receive into ${volumeName} interrupted: ${error.message}; what arrived up to byte ${state.offsetBytes} of the volume is kept: ` +

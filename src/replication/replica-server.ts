@@ -20,6 +20,7 @@ import {
 } from './peer-messages.ts';
 import type { ReceiveResult, StreamReceiver } from './receive.ts';
 import type { VolumeRoles } from './roles.ts';
+import type { Log } from '../core/log.ts';
 
 interface Session {
   volume: string;
@@ -31,14 +32,14 @@ export class ReplicaServer {
   readonly #pool: Pool;
   readonly #receiver: StreamReceiver;
   readonly #roles: VolumeRoles;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   /** The stream each connection carries, by connection id. */
   readonly #sessions = new Map<number, Session>();
 
   /** Called once this node owns a volume handed to it, with the old owner's address to replicate back to (or null). */
   readonly #onTaken: (volume: string, replicaBack: string | null) => Promise<void>;
 
-  constructor(pool: Pool, receiver: StreamReceiver, roles: VolumeRoles, log: (line: string) => void, onTaken: (volume: string, replicaBack: string | null) => Promise<void>) {
+  constructor(pool: Pool, receiver: StreamReceiver, roles: VolumeRoles, log: Log, onTaken: (volume: string, replicaBack: string | null) => Promise<void>) {
     this.#pool = pool;
     this.#receiver = receiver;
     this.#roles = roles;
@@ -178,7 +179,7 @@ export class ReplicaServer {
       return;
     }
     if (epoch < role.epoch) {
-      this.#log(`refused a stream into ${volume} from ${peer} at epoch ${epoch}: the replica has seen epoch ${role.epoch} (owner ${role.owner})`);
+      this.#log(`refused a stream into ${volume} from ${peer} at epoch ${epoch}: the replica has seen epoch ${role.epoch} (owner ${role.owner})`, 'warn');
       throw ChunkdError.readOnly(`fenced: ${peer} sends ${volume} at ownership epoch ${epoch}, but this replica follows ${role.owner} at epoch ${role.epoch}`);
     }
     if (role.owner !== peer && epoch === role.epoch) {

@@ -31,6 +31,7 @@ import { RateLimiter } from './rate-limit.ts';
 import type { ReceiveResult } from './receive.ts';
 import { prepareSend, type PreparedSend, type SendRequest } from './send.ts';
 import { readStateFile, writeStateFile } from './state-file.ts';
+import type { Log } from '../core/log.ts';
 
 /** Stream bytes per receiveData frame: a few records' worth, so a frame's overhead is small and the window deep enough. */
 const frameBytesTarget = 1024 * 1024;
@@ -91,7 +92,7 @@ export interface ReplicatorOptions {
   pool: Pool;
   /** This node's client pair (its certificate names it to peers), or a reason there is none. */
   credentials: TlsCredentials | string;
-  log: (line: string) => void;
+  log: Log;
   /** Default defaultRequestTimeoutMs (serve --peer-timeout). */
   requestTimeoutMs?: number;
   /** The volume's ownership epoch on this node. */
@@ -298,7 +299,7 @@ export class Replicator {
       for (const waiter of waiters) waiter.reject(error);
       if (link.stopped) return;
       link.state = 'retrying';
-      this.#options.log(`replication of ${link.stored.volume} to ${link.stored.peer} failed (retry in ${formatDuration(link.retryDelayMs)}): ${message}`);
+      this.#options.log(`replication of ${link.stored.volume} to ${link.stored.peer} failed (retry in ${formatDuration(link.retryDelayMs)}): ${message}`, 'warn');
       this.#schedule(link, Math.min(link.retryDelayMs, link.stored.everyMs));
       link.retryDelayMs = Math.min(retryDelayMaxMs, link.retryDelayMs * 2);
     } finally {
@@ -394,7 +395,7 @@ export class Replicator {
 
   async #fence(volume: string, by: { owner: string; ownerEpoch: number; ownerAddress: string | null }): Promise<never> {
     const epoch = this.#options.epochOf(volume);
-    this.#options.log(`volume ${volume} FENCED: node ${by.owner} owns it at epoch ${by.ownerEpoch}, this node's epoch is ${epoch}; writes are refused (chunkd replica demote ${volume} makes it a replica of ${by.owner})`);
+    this.#options.log(`volume ${volume} FENCED: node ${by.owner} owns it at epoch ${by.ownerEpoch}, this node's epoch is ${epoch}; writes are refused (chunkd replica demote ${volume} makes it a replica of ${by.owner})`, 'error');
     await this.#options.fence(volume, by);
     throw ChunkdError.readOnly(`fenced: node ${by.owner} owns ${volume} at epoch ${by.ownerEpoch}, above this node's ${epoch}`);
   }
@@ -418,7 +419,7 @@ export class Replicator {
           if (this.#options.refuse(link.stored.volume) === null) throw error;
         });
       } catch (error) {
-        this.#options.log(`replication: could not confirm with ${link.stored.peer} that this node still owns ${link.stored.volume} (${(error as Error).message}); serving it`);
+        this.#options.log(`replication: could not confirm with ${link.stored.peer} that this node still owns ${link.stored.volume} (${(error as Error).message}); serving it`, 'warn');
       } finally {
         client?.close();
       }
@@ -499,7 +500,7 @@ export class Replicator {
       // An interrupted stream of another link may still target it: a link whose peer holds a receive of it resumes
       // it, so keep snapshots newer than this one; the older ones no link can need.
       if (Date.parse(snapshot.createdAt) > takenAtMs) continue;
-      await pool.removeSnapshot(volume, snapshot.name).catch((error: unknown) => this.#options.log(`replication of ${volume}: could not remove ${snapshot.name}: ${(error as Error).message}`));
+      await pool.removeSnapshot(volume, snapshot.name).catch((error: unknown) => this.#options.log(`replication of ${volume}: could not remove ${snapshot.name}: ${(error as Error).message}`, 'warn'));
     }
   }
 

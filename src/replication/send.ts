@@ -9,6 +9,7 @@ import { isZero } from '../store/frames.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
 import type { Pool } from '../store/pool.ts';
 import { decodeResumeToken, encodeAbort, encodeData, encodeEnd, encodeHeader, encodeZero, type StreamHeader } from './stream-format.ts';
+import type { Log } from '../core/log.ts';
 
 /** What a sender needs of a pool. */
 export type SendSource = Pick<Pool, 'snapshotInfo' | 'diff' | 'contentDigest' | 'openSnapshot' | 'findSnapshot'>;
@@ -46,7 +47,7 @@ export function resumeRequest(source: SendSource, tokenText: string): SendReques
 }
 
 /** Checks the request and plans the stream; errors here come before any byte is sent. */
-export function prepareSend(source: SendSource, request: SendRequest, log: (line: string) => void): PreparedSend {
+export function prepareSend(source: SendSource, request: SendRequest, log: Log): PreparedSend {
   const target = source.snapshotInfo(request.volume, request.snapshot);
   const base = request.from === null ? null : source.snapshotInfo(request.volume, request.from);
   if (base !== null && base.uuid === target.uuid) throw ChunkdError.invalid(`the base and the target are both ${request.volume}@${request.snapshot}`);

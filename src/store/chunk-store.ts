@@ -22,6 +22,7 @@ import { locateInPlan, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
 import type { ChunkMap, ChunkRun } from './chunk-map.ts';
 import type { ChunkSums } from './chunk-sums.ts';
 import { hex, scrub, type ScrubReport } from './scrub.ts';
+import type { Log } from '../core/log.ts';
 
 /** Chunks just written: the first of the fresh run and the checksum of each. */
 export interface WrittenRun {
@@ -44,7 +45,7 @@ export interface ChunkStoreParts {
   verifyReads: boolean;
   /** Whether committed metadata names a chunk (scrub tells damage that matters from free space). */
   isMapped: (physicalChunk: number) => boolean;
-  log: (line: string) => void;
+  log: Log;
   /** Makes the chunks freed since the last commit reusable (a commit): what a write on a full file system asks for. */
   reclaim: () => Promise<void>;
 }
@@ -58,7 +59,7 @@ export class ChunkStore {
   readonly #io: ChunkIo;
   readonly #sums: ChunkSums;
   readonly #isMapped: (physicalChunk: number) => boolean;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   readonly #reclaim: () => Promise<void>;
   #checksumErrorsTotal = 0;
 
@@ -180,7 +181,7 @@ export class ChunkStore {
   async reuseFreed(mark: number): Promise<void> {
     const freed = this.#allocator.takeDeferred(mark);
     await Promise.all(coalesce(freed.filter((extent) => extent.punch)).map((extent) => this.#files.punch(extent.start, extent.count))).catch((error) =>
-      this.#log(`giving freed space back to the file system failed: ${(error as Error).message}`),
+      this.#log(`giving freed space back to the file system failed: ${(error as Error).message}`, 'warn'),
     );
     this.#allocator.releaseTaken(freed);
   }
@@ -237,7 +238,7 @@ export class ChunkStore {
     const message =
       `checksum mismatch: ${exportName} at byte ${offsetBytes} (4 KiB chunk ${physicalChunk}, ` +
       `${this.#files.filePath(chunkFile)} at byte ${fileOffset}): expected crc32 ${hex(expected)}, read ${hex(actual)}`;
-    this.#log(message);
+    this.#log(message, 'error');
     return ChunkdError.io(`${message}; the read fails rather than return damaged data`);
   }
 }

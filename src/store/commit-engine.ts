@@ -45,6 +45,7 @@ import type { FileLayer } from './file-layer.ts';
 import type { JournalFile } from './journal-file.ts';
 import { applyRecord, encodeRecords, type Catalog, type MetaRecord } from './metadata.ts';
 import { beginGeneration } from './pool-layout.ts';
+import type { Log } from '../core/log.ts';
 
 export interface CommitEngineParts {
   files: FileLayer;
@@ -60,7 +61,7 @@ export interface CommitEngineParts {
   journalCheckpointBytes: number;
   /** How often unflushed writes are committed in the background. */
   backgroundCommitIntervalMs: number;
-  log: (line: string) => void;
+  log: Log;
 }
 
 /** The engine's part of `chunkd status`. */
@@ -81,7 +82,7 @@ export class CommitEngine {
   readonly #refs: ChunkRefcounts;
   readonly #chunks: ChunkStore;
   readonly #journalCheckpointBytes: number;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   #generation: number;
   #journal: JournalFile;
   /** Whether chunks freed now go back to the file system (trims, removals) or are only recycled (overwrites). */
@@ -208,7 +209,7 @@ export class CommitEngine {
       if ((error as NodeJS.ErrnoException).code === 'ENOSPC' && checkpoint === null) {
         this.#commitFailures += 1;
         this.#commitError = `metadata commit failed: ${(error as Error).message}`;
-        this.#log(this.#commitError);
+        this.#log(this.#commitError, 'error');
         throw fromSystemError(error, 'metadata commit');
       }
       throw this.#fail(`${checkpoint === null ? 'writing the metadata journal' : 'starting a new metadata checkpoint'} failed (${(error as Error).message})`, error);
@@ -223,7 +224,7 @@ export class CommitEngine {
     this.#commitFailures += 1;
     this.#failure = ChunkdError.io(`${reason}; the pool refuses writes until the node restarts`, cause);
     this.#commitError = this.#failure.message;
-    this.#log(this.#failure.message);
+    this.#log(this.#failure.message, 'error');
     return this.#failure;
   }
 

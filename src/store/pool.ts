@@ -55,6 +55,7 @@ import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPoo
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
 import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
+import type { Log } from '../core/log.ts';
 
 export interface VolumeInfo {
   name: string;
@@ -99,7 +100,7 @@ export interface PoolStatus {
 
 export interface PoolOptions {
   directory: string;
-  log?: (line: string) => void;
+  log?: Log;
   /** The file system as the pool sees it (default: the real one; tests give a faulty or power-losing twin). */
   files?: FileLayer;
   /** Journal size that starts a new checkpoint (default limits.journalCheckpointBytes; small in tests). */
@@ -135,7 +136,7 @@ export class Pool {
   /** Volumes a stream is being received into (replication/receive.ts): clients may not open or change them. */
   readonly #receiving = new Set<number>();
   readonly #lockFd: number;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   readonly #metadataRepairs: number;
   #closed = false;
 

@@ -11,6 +11,7 @@ import { chunkSizeBytes } from '../core/limits.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import type { ChunkIo } from './chunk-io.ts';
 import type { ChunkSums } from './chunk-sums.ts';
+import type { Log } from '../core/log.ts';
 
 /** Chunks read per request (1 MiB) and requests in flight: enough to stream, little enough to share the disk. */
 export const scrubBatchChunks = 256;
@@ -42,7 +43,7 @@ export interface ScrubStore {
   readonly sums: ChunkSums;
   /** Whether metadata still names `physicalChunk` (its reference count is not zero). */
   isMapped(physicalChunk: number): boolean;
-  log(line: string): void;
+  log: Log;
 }
 
 /** Physical chunks of all exports, each once, as sorted batches of contiguous chunks. Pure. */
@@ -109,7 +110,7 @@ export async function scrub(
       const chunk = physicalChunk + from + mismatch.chunkIndex;
       if (store.isMapped(chunk) && store.sums.get(chunk) === mismatch.expected) {
         bad.add(chunk);
-        store.log(`scrub of ${volume}: 4 KiB chunk ${chunk} does not match its checksum (expected crc32 ${hex(mismatch.expected)}, read ${hex(mismatch.actual)})`);
+        store.log(`scrub of ${volume}: 4 KiB chunk ${chunk} does not match its checksum (expected crc32 ${hex(mismatch.expected)}, read ${hex(mismatch.actual)})`, 'error');
       }
       from += mismatch.chunkIndex + 1;
     }
@@ -127,7 +128,7 @@ export async function scrub(
           if (!readFailure(chunkError)) throw chunkError;
           if (!store.isMapped(chunk)) continue;
           bad.add(chunk);
-          store.log(`scrub of ${volume}: 4 KiB chunk ${chunk} cannot be read (${(chunkError as Error).message})`);
+          store.log(`scrub of ${volume}: 4 KiB chunk ${chunk} cannot be read (${(chunkError as Error).message})`, 'error');
         }
       }
     }

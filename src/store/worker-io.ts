@@ -19,6 +19,7 @@ import type { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerTask } from './chunk-task.ts';
 import { ownModule } from '../core/source-files.ts';
+import type { Log } from '../core/log.ts';
 
 const workerModule = ownModule('workers', 'chunk-io');
 
@@ -35,7 +36,7 @@ export interface WorkerIoOptions {
   workerCount: number;
   /** Shared buffers for staging bytes that are not in shared memory already. */
   buffers: SharedBufferPool;
-  log: (line: string) => void;
+  log: Log;
   /** Lets tests kill a worker (the 'die' task). */
   testHooks?: boolean;
 }
@@ -54,7 +55,7 @@ export class WorkerChunkIo implements ChunkIo {
   /** Tasks asked for in this turn of the event loop, handed out together at its end (#dispatch). */
   readonly #pending = new TurnBatch<PendingTask>((pending) => this.#dispatch(pending));
   readonly #buffers: SharedBufferPool;
-  readonly #log: (line: string) => void;
+  readonly #log: Log;
   /** Workers, with the thread id each had when it started (the view's id reads -1 once its thread is gone). */
   readonly #workers = new Map<WorkerView, number>();
   #restarts = 0;
@@ -85,10 +86,10 @@ export class WorkerChunkIo implements ChunkIo {
       }
       if (this.#closing) return;
       this.#restarts += 1;
-      this.#log(`chunk I/O worker ${id} died; its requests failed with EIO and a new worker takes its place`);
+      this.#log(`chunk I/O worker ${id} died; its requests failed with EIO and a new worker takes its place`, 'error');
     });
     // A worker error outside any task (piscina emits it here): log it rather than crash the node.
-    this.#pool.on('error', (error: Error) => this.#log(`chunk I/O worker error: ${error.message}`));
+    this.#pool.on('error', (error: Error) => this.#log(`chunk I/O worker error: ${error.message}`, 'error'));
   }
 
   async readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {

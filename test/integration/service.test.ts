@@ -7,7 +7,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, test } from 'node:test';
-import { chunkdBin, makeTempDir, mustRun, nodeBinary, repoRoot } from '../helpers/node-process.ts';
+import { chunkdBin, makeTempDir, mustRun, nodeBinary, repoRoot, runTool, startNode } from '../helpers/node-process.ts';
 
 const work = makeTempDir('service');
 after(() => fs.rmSync(work, { recursive: true, force: true }));
@@ -88,4 +88,20 @@ test('serve tells the service manager READY=1 once it serves and STOPPING=1 when
   } finally {
     listener.stop();
   }
+});
+
+test('serve --log-format json --log-level warn: one JSON object per line, nothing below warn; a bad level is a usage error', async () => {
+  const node = await startNode(path.join(work, 'pool-log'), ['--log-format', 'json', '--default-volume', 'vol:4MiB', '--verify-reads', 'off'], {
+    command: nodeBinary,
+    prefix: [chunkdBin],
+    env: { ...process.env, CHUNKD_LOG_LEVEL: 'warn' },
+  });
+  assert.equal(await node.stop(), 0);
+  const lines = node.stderr().trim().split('\n').map((line) => JSON.parse(line) as { time: string; level: string; msg: string });
+  // --verify-reads off is a warning; "created volume vol", "stopping" and "stopped" are info, so left out.
+  assert.deepEqual(lines.map(({ level, msg }) => ({ level, msg })), [{ level: 'warn', msg: '--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)' }]);
+  assert.ok(!Number.isNaN(Date.parse(lines[0]!.time)));
+  const bad = await runTool(nodeBinary, [chunkdBin, 'serve', '--pool', path.join(work, 'pool-bad'), '--log-level', 'loud']);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /invalid --log-level "loud": debug, info, warn, error/);
 });
