@@ -19,9 +19,13 @@ const server = new NbdServer({
   tls: tls === null ? null : tlsSettings(tls), // the main thread read and checked the credentials
 });
 
-parent.on('message', (message: { type: 'stats'; id: number } | { type: 'stop' }) => {
+parent.on('message', (message: { type: 'stats'; id: number } | { type: 'disconnect'; id: number; exportName: string } | { type: 'stop' }) => {
   if (message.type === 'stats') {
     parent.postMessage({ type: 'stats', id: message.id, stats: server.stats() });
+    return;
+  }
+  if (message.type === 'disconnect') {
+    parent.postMessage({ type: 'disconnected', id: message.id, count: server.disconnectExport(message.exportName) });
     return;
   }
   void server.close().then(() => {

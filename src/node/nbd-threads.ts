@@ -36,7 +36,7 @@ export class NbdThreads {
   #port = 0;
   #address = '';
   readonly #threads: ProtocolThread[] = [];
-  #nextStatsId = 1;
+  #nextRequestId = 1;
   #stopping = false;
 
   private constructor(provider: DeviceProvider, host: string, log: Log, tls: TlsServerConfig | null) {
@@ -79,6 +79,14 @@ export class NbdThreads {
       sum.requestErrorsTotal += thread.stats.requestErrorsTotal;
     }
     return sum;
+  }
+
+  /** Ends every thread's connections to `exportName` as NbdServer.disconnectExport does; how many there were. */
+  async disconnectExport(exportName: string): Promise<number> {
+    const counts = await Promise.all(
+      this.#threads.map((thread) => this.#ask<{ count: number }>(thread, 'disconnected', { type: 'disconnect', exportName }, null)),
+    );
+    return counts.reduce((sum, answer) => sum + (answer?.count ?? 0), 0);
   }
 
   /** Stops accepting, lets each thread finish its connections as NbdServer.close does, then ends the threads. */
@@ -146,21 +154,31 @@ export class NbdThreads {
     void thread.host.closeAll(); // settles every close, never rejects
   }
 
-  #refreshStats(thread: ProtocolThread): Promise<void> {
-    const id = this.#nextStatsId++;
-    return new Promise<void>((resolve) => {
-      const onMessage = (message: { type: string; id?: number; stats?: NbdServerStats }): void => {
-        if (message.type !== 'stats' || message.id !== id) return;
+  async #refreshStats(thread: ProtocolThread): Promise<void> {
+    const answer = await this.#ask<{ stats: NbdServerStats }>(thread, 'stats', { type: 'stats' }, 1000);
+    if (answer !== null) thread.stats = answer.stats;
+  }
+
+  /**
+   * Sends `request` to a thread with a fresh id and resolves with its answer of type `answerType` (same id); null
+   * when the thread ends first or, with `timeoutMs`, when none came in time.
+   */
+  #ask<T>(thread: ProtocolThread, answerType: string, request: Record<string, unknown>, timeoutMs: number | null): Promise<T | null> {
+    const id = this.#nextRequestId++;
+    return new Promise<T | null>((resolve) => {
+      const done = (answer: T | null): void => {
         thread.worker.off('message', onMessage);
-        thread.stats = message.stats!;
-        resolve();
+        thread.worker.off('exit', onExit);
+        resolve(answer);
       };
+      const onMessage = (message: { type: string; id?: number }): void => {
+        if (message.type === answerType && message.id === id) done(message as T);
+      };
+      const onExit = (): void => done(null);
       thread.worker.on('message', onMessage);
-      thread.worker.postMessage({ type: 'stats', id });
-      setTimeout(() => {
-        thread.worker.off('message', onMessage);
-        resolve();
-      }, 1000).unref();
+      thread.worker.once('exit', onExit);
+      thread.worker.postMessage({ ...request, id });
+      if (timeoutMs !== null) setTimeout(() => done(null), timeoutMs).unref();
     });
   }
 }

@@ -440,7 +440,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       pool: this.pool,
       roles: this.roles,
       replicator: this.replicator,
-      disconnect: (volume) => this.nbd.disconnectExport(volume),
+      disconnect: async (volume) => this.nbd.disconnectExport(volume) + ((await this.#threads?.disconnectExport(volume)) ?? 0),
       // A wildcard listener's address is not one a peer can use: then the operator adds the replica back.
       ownAddress: own === null || /^(0\.0\.0\.0|\[::\]):/.test(own) ? null : own,
       log: this.config.log,

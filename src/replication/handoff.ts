@@ -34,7 +34,8 @@ export interface HandoffContext {
   roles: VolumeRoles;
   replicator: Replicator;
   /** Ends the NBD connections to an export; returns how many. */
-  disconnect: (volume: string) => number;
+  /** Ends the NBD connections to `volume` (main thread and NBD threads); how many. */
+  disconnect: (volume: string) => Promise<number>;
   /** This node's peer port as the new owner can reach it (to replicate back), or null when it cannot tell. */
   ownAddress: string | null;
   log: Log;
@@ -84,7 +85,7 @@ export async function handoff(context: HandoffContext, volume: string, address: 
   const frozenAt = performance.now();
   await roles.set(volume, { role: 'handing-off', epoch, to, toAddress: address });
   await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
-  const disconnected = context.disconnect(volume);
+  const disconnected = await context.disconnect(volume);
   crashPoint('handoff:after-freeze');
   log(`handoff of ${volume} to ${to}: writes stopped (${disconnected} NBD connection(s) ended), sending the final increment`);
   const [final] = await replicator.sync(volume, address);

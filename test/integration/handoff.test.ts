@@ -10,6 +10,7 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
+import { TestNbdClient } from '../helpers/nbd-client.ts';
 
 const skip = !haveTool('qemu-io') || !haveTool('nbdcopy') || !haveTool('openssl');
 const KiB = 1024;
@@ -20,11 +21,11 @@ const nodes: Record<string, RunningNode> = {};
 
 const address = (name: string): string => `127.0.0.1:${ports[name]}`;
 
-async function start(name: string, crashAt?: string): Promise<RunningNode> {
+async function start(name: string, crashAt?: string, extraArgs: string[] = []): Promise<RunningNode> {
   if (crashAt === undefined) delete process.env.CHUNKD_TEST_CRASH_AT;
   else process.env.CHUNKD_TEST_CRASH_AT = crashAt;
   try {
-    nodes[name] = await startNode(path.join(scratch, name), ['--peer-listen', address(name), '--tls-dir', path.join(tlsDir, name)]);
+    nodes[name] = await startNode(path.join(scratch, name), ['--peer-listen', address(name), '--tls-dir', path.join(tlsDir, name), ...extraArgs]);
   } finally {
     delete process.env.CHUNKD_TEST_CRASH_AT;
   }
@@ -191,3 +192,18 @@ for (const { step, crashes } of steps) {
     await mustRun('qemu-io', ['-f', 'raw', '-r', nodes.beta!.qemuUri(volume), '-c', 'read -P 0x5c 0 2M']);
   });
 }
+
+test('handoff ends the clients of NBD threads too: a TCP connection served by a protocol thread is disconnected', { skip }, async () => {
+  // alpha again, with two NBD threads: its TCP connections are theirs (the unix socket stays the main thread's).
+  await nodes.alpha!.stop();
+  const alpha = await start('alpha', undefined, ['--nbd-threads', '2']);
+  await ok(alpha, 'volume', 'create', 'threaded', '--size', '16MiB');
+  const clients = await Promise.all([TestNbdClient.connect(alpha.tcpPort, 'threaded'), TestNbdClient.connect(alpha.tcpPort, 'threaded'), TestNbdClient.connect(alpha.nbdSocket, 'threaded')]);
+  for (const [i, client] of clients.entries()) await client.write(i * 4096, Buffer.alloc(4096, 0x31 + i));
+  await clients[0]!.flush();
+  const closed = clients.map((client) => new Promise<void>((resolve) => client.socket.once('close', () => resolve())));
+  const result = JSON.parse(await ok(alpha, 'volume', 'handoff', 'threaded', '--to', address('beta'), '--json'));
+  assert.equal(result.disconnected, 3, 'two connections on NBD threads and one on the main thread');
+  await Promise.all(closed);
+  await mustRun('qemu-io', ['-f', 'raw', '-r', nodes.beta!.qemuUri('threaded'), '-c', 'read -P 0x31 0 4k', '-c', 'read -P 0x32 4k 4k', '-c', 'read -P 0x33 8k 4k']);
+});
