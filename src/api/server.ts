@@ -48,6 +48,8 @@ export interface ControlPlane {
   scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport>;
   status(): Promise<unknown>;
   metrics(): Promise<string>;
+  /** Each export's I/O statistics since start (node/io-stats.ts): what chunkd iostat samples. */
+  ioStats(): Record<string, unknown>;
   /** Attach (body: mountpoint, fs, via) and detach a volume's file system (src/node/attachments.ts). */
   attach(volume: string, body: Record<string, unknown>): Promise<unknown>;
   detach(volume: string): Promise<unknown>;
@@ -173,6 +175,8 @@ export class ApiServer {
         return;
       case 'GET /v1/status':
         return sendJson(response, 200, await this.#control.status());
+      case 'GET /v1/iostat':
+        return sendJson(response, 200, { atMs: Date.now(), exports: this.#control.ioStats() });
       case 'GET /v1/volumes':
         return sendJson(response, 200, { volumes: this.#control.listVolumes() });
       case 'POST /v1/volumes': {

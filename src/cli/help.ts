@@ -227,6 +227,12 @@ export const commands = {
     helpFromCommand: true,
     options: {},
   },
+  iostat: {
+    usage: ['iostat [VOL] [INTERVAL] [--count N] [--json]'],
+    summary: "live I/O per volume: IOPS, MB/s and latency percentiles every INTERVAL seconds (default 1), from every front end",
+    details: ['Each report covers the interval before it; latency is the device\'s (lock wait, chunk I/O, commit for flush and FUA), its percentiles the upper bounds of the histogram buckets of /metrics\' chunkd_volume_request_seconds. VOL: only that volume (and its snapshots\' exports); otherwise every export that served a request.'],
+    options: { count: { type: 'string', value: 'N', help: 'stop after N reports (default: until interrupted)' }, ...json, ...api },
+  },
   completion: { usage: ['completion bash'], summary: 'a bash completion script for every command and option: source <(chunkd completion bash)', options: {} },
   help: { usage: ['help [COMMAND ...]'], summary: "a command's help: what it does and every option", options: {} },
 } as const satisfies Record<string, CommandSpec>;

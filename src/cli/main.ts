@@ -23,6 +23,7 @@ import { receiveCommand, sendCommand } from './stream.ts';
 import { commandHelp, commands, commandWords, findCommand, generalHelp, unknownVerb } from './help.ts';
 import { parsing, printError, reportError, UsageError, wantsJson } from './errors.ts';
 import { bashCompletion } from './completion.ts';
+import { iostatCommand } from './iostat.ts';
 
 /** Runs the command line; returns the exit code. */
 export async function main(argv: string[]): Promise<number> {
@@ -80,6 +81,8 @@ async function run(argv: string[]): Promise<number> {
       return replicaCommand(rest, apiPath);
     case 'bench':
       return benchCommand(rest);
+    case 'iostat':
+      return iostatCommand(rest, apiPath);
     case 'completion': {
       const { positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands.completion.options }));
       if (positionals.length !== 1 || positionals[0] !== 'bash') throw new UsageError('completion takes one shell: chunkd completion bash');

@@ -1,9 +1,10 @@
 // /metrics in Prometheus text exposition format, from a node's status.
 import { softwareVersion } from '../core/version.ts';
+import { ioOperations, latencyBucketsSeconds, type ExportIoStats } from './io-stats.ts';
 import type { NodeStatus } from './node.ts';
 
-/** Renders the node's status as Prometheus metrics. */
-export function renderMetrics(status: NodeStatus): string {
+/** Renders the node's status and its exports' I/O statistics as Prometheus metrics. */
+export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoStats> = {}): string {
   const lines: string[] = [];
   const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: Array<[labels: string, value: number]>): void => {
     lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
@@ -44,5 +45,32 @@ export function renderMetrics(status: NodeStatus): string {
     metric('chunkd_replica_up', 'gauge', 'Whether the last replication cycle succeeded (1) or failed (0).', links.map((r) => [link(r), r.lastError === null ? 1 : 0]));
   }
   metric('chunkd_event_loop_utilization', 'gauge', 'Event loop utilisation since the previous scrape.', [['', status.eventLoopUtilization]]);
+  // Per export (a volume, or VOL@SNAP) and operation, as every front end's requests reach the device (io-stats.ts).
+  const exports = Object.entries(io);
+  const byOperation = (pick: (stats: ExportIoStats[keyof ExportIoStats]) => number): Array<[string, number]> =>
+    exports.flatMap(([name, stats]) => ioOperations.map((op): [string, number] => [`{volume="${name}",op="${op}"}`, pick(stats[op])]));
+  metric('chunkd_volume_requests_total', 'counter', 'Requests each volume (or VOL@SNAP export) served, by operation, from every front end.', byOperation((s) => s.requests));
+  metric('chunkd_volume_bytes_total', 'counter', 'Bytes read, written, trimmed or zeroed, by volume and operation.', byOperation((s) => s.bytes));
+  metric('chunkd_volume_errors_total', 'counter', 'Requests answered with an error, by volume and operation.', byOperation((s) => s.errors));
+  lines.push('# HELP chunkd_volume_request_seconds Latency of requests at the device (lock wait, chunk I/O, commit for flush and FUA), by volume and operation.', '# TYPE chunkd_volume_request_seconds histogram');
+  for (const [name, stats] of exports) {
+    for (const op of ioOperations) {
+      const labels = `volume="${name}",op="${op}"`;
+      let cumulative = 0;
+      for (const [i, count] of stats[op].buckets.entries()) {
+        cumulative += count;
+        lines.push(`chunkd_volume_request_seconds_bucket{${labels},le="${i < latencyBucketsSeconds.length ? latencyBucketsSeconds[i] : '+Inf'}"} ${cumulative}`);
+      }
+      lines.push(`chunkd_volume_request_seconds_sum{${labels}} ${Number(stats[op].seconds.toFixed(6))}`, `chunkd_volume_request_seconds_count{${labels}} ${stats[op].requests}`);
+    }
+  }
+  // The process and its runtime.
+  const memory = process.memoryUsage();
+  const cpu = process.cpuUsage();
+  metric('process_cpu_seconds_total', 'counter', 'User and system CPU time of the node process.', [['', (cpu.user + cpu.system) / 1e6]]);
+  metric('process_resident_memory_bytes', 'gauge', 'Resident memory of the node process.', [['', memory.rss]]);
+  metric('process_start_time_seconds', 'gauge', 'When the node process started, seconds since the epoch.', [['', Math.round(Date.now() / 1000 - process.uptime())]]);
+  metric('nodejs_heap_used_bytes', 'gauge', "V8's heap in use.", [['', memory.heapUsed]]);
+  metric('nodejs_external_memory_bytes', 'gauge', 'Memory of buffers and other objects outside the V8 heap.', [['', memory.external + memory.arrayBuffers]]);
   return `${lines.join('\n')}\n`;
 }

@@ -33,6 +33,7 @@ import { loadCredentials, type TlsCredentials } from '../peer/credentials.ts';
 import { PeerServer, type PeerServerStats } from '../peer/server.ts';
 import { softwareVersion } from '../core/version.ts';
 import type { Log } from '../core/log.ts';
+import { emptyIoStats, MeasuredDevice, type ExportIoStats } from './io-stats.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -88,6 +89,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   readonly apiSocketPath: string;
   readonly #startedAt = Date.now();
   #eventLoop = performance.eventLoopUtilization();
+  /** By export name (VOL, VOL@SNAP): what its devices served since start. */
+  readonly #ioStats = new Map<string, ExportIoStats>();
   #threads: NbdThreads | null = null;
   #fuse: FuseFrontEnd | null = null;
   #fuseMounting: Promise<FuseFrontEnd> | null = null;
@@ -285,6 +288,26 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   // ---- DeviceProvider (NBD exports) ----
 
   async open(exportName: string): Promise<BlockDevice> {
+    const device = await this.#openExport(exportName);
+    let stats = this.#ioStats.get(exportName);
+    if (stats === undefined) this.#ioStats.set(exportName, (stats = emptyIoStats()));
+    return new MeasuredDevice(device, stats);
+  }
+
+  /** Each export's I/O statistics since the node started (io-stats.ts), for exports that still exist. */
+  ioStats(): Record<string, ExportIoStats> {
+    const stats: Record<string, ExportIoStats> = {};
+    for (const [exportName, exportStats] of this.#ioStats) {
+      const at = exportName.indexOf('@');
+      const volume = at < 0 ? exportName : exportName.slice(0, at);
+      const exists = this.pool.hasVolume(volume) && (at < 0 || this.pool.listSnapshots(volume).some((snapshot) => snapshot.name === exportName.slice(at + 1)));
+      if (exists) stats[exportName] = exportStats;
+      else this.#ioStats.delete(exportName);
+    }
+    return stats;
+  }
+
+  async #openExport(exportName: string): Promise<BlockDevice> {
     const at = exportName.indexOf('@');
     const volumeName = at < 0 ? exportName : exportName.slice(0, at);
     const nameError = checkName(volumeName);
@@ -576,7 +599,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async metrics(): Promise<string> {
-    return renderMetrics(await this.status());
+    return renderMetrics(await this.status(), this.ioStats());
   }
 }
 

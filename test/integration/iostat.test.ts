@@ -1,0 +1,77 @@
+// Per-volume metrics and chunkd iostat (issue 18): under fio load through NBD, /metrics scraped over TCP with real
+// HTTP shows each volume's requests, bytes and latency histogram by operation moving (and nothing for a volume
+// left idle); chunkd iostat reports the interval's IOPS, MB/s and latency percentiles while fio runs. The pure
+// parts (buckets, quantiles, interval rows) are checked exactly.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, test } from 'node:test';
+import { iostatRows } from '../../src/cli/iostat.ts';
+import { emptyIoStats, latencyBucketsSeconds, observe, quantileSeconds } from '../../src/node/io-stats.ts';
+import { haveTool, makeTempDir, runTool, startNode } from '../helpers/node-process.ts';
+
+const scratch = makeTempDir('iostat');
+after(() => fs.rmSync(scratch, { recursive: true, force: true }));
+
+test('latency buckets, quantiles and an interval\'s rows', () => {
+  const stats = emptyIoStats();
+  for (let i = 0; i < 98; i++) observe(stats.read, 4096, 0.0002, false);
+  observe(stats.read, 4096, 0.02, false);
+  observe(stats.read, 0, 20, true);
+  assert.equal(stats.read.requests, 100);
+  assert.equal(stats.read.bytes, 99 * 4096);
+  assert.equal(stats.read.errors, 1);
+  assert.equal(stats.read.buckets[latencyBucketsSeconds.indexOf(0.00025)], 98);
+  assert.equal(stats.read.buckets.at(-1), 1, 'past the last bound: +Inf');
+  assert.equal(quantileSeconds(stats.read.buckets, 0.5), 0.00025);
+  assert.equal(quantileSeconds(stats.read.buckets, 0.99), 0.025);
+  assert.equal(quantileSeconds(stats.read.buckets, 1), Number.POSITIVE_INFINITY);
+  assert.equal(quantileSeconds(emptyIoStats().read.buckets, 0.5), null);
+  const before = { atMs: 1000, exports: { vol: emptyIoStats(), idle: emptyIoStats() } };
+  const later = structuredClone(before);
+  later.atMs = 3000;
+  for (let i = 0; i < 400; i++) observe(later.exports.vol.write, 1 << 20, 0.004, false);
+  const rows = iostatRows(before, later, null);
+  assert.deepEqual(rows.map((row) => [row.export, row.writesPerSecond, row.writeMBps, row.writeP50Ms, row.readP50Ms]), [['vol', 200, 209.7, 5, null]]);
+  assert.deepEqual(iostatRows(before, later, 'idle').map((row) => row.export), ['idle'], 'a named volume is shown even when idle');
+});
+
+test('under fio: per-volume counters and histograms move on /metrics over TCP, and chunkd iostat shows the load', { skip: !haveTool('fio') }, async () => {
+  const node = await startNode(path.join(scratch, 'pool'), ['--metrics-listen', '127.0.0.1:0']);
+  try {
+    for (const name of ['busy', 'idle']) assert.equal((await node.cli('volume', 'create', name, '--size', '256MiB')).code, 0);
+    const address = /, metrics (127\.0\.0\.1:\d+)/.exec(node.readyLine)![1];
+    const scrape = async (): Promise<Map<string, number>> => {
+      const text = await (await fetch(`http://${address}/metrics`)).text();
+      return new Map([...text.matchAll(/^(chunkd_volume_\S+) (\S+)$/gm)].map((m) => [m[1]!, Number(m[2])]));
+    };
+    const fio = runTool('fio', ['--name=load', '--ioengine=nbd', `--uri=${node.uri('busy')}`, '--rw=randrw', '--bs=4k', '--iodepth=16', '--size=64M', '--time_based', '--runtime=8', '--randrepeat=0']);
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const first = await scrape();
+    const [iostat, text] = await Promise.all([node.cli('iostat', 'busy', '1', '--count', '2', '--json'), node.cli('iostat', '1', '--count', '1')]);
+    const second = await scrape();
+    const run = await fio;
+    assert.equal(run.code, 0, run.stderr);
+    assert.equal(iostat.code, 0, iostat.stderr);
+    const reports = iostat.stdout.trim().split('\n').map((line) => JSON.parse(line) as { volumes: Array<{ export: string; readsPerSecond: number; writesPerSecond: number; writeP99Ms: number | null }> });
+    assert.equal(reports.length, 2);
+    for (const report of reports) {
+      const [row] = report.volumes;
+      assert.equal(row?.export, 'busy');
+      assert.ok(row.readsPerSecond > 0 && row.writesPerSecond > 0 && row.writeP99Ms !== null, JSON.stringify(row));
+    }
+    assert.match(text.stdout, /^volume\s+r\/s\s+w\/s\s+rMB\/s\s+wMB\/s\s+r p50 ms/m);
+    assert.match(text.stdout, /^busy\s+\d+/m);
+    assert.doesNotMatch(text.stdout, /^idle/m, 'an idle volume has no line in the all-volumes view');
+    for (const op of ['read', 'write']) {
+      const count = `chunkd_volume_request_seconds_count{volume="busy",op="${op}"}`;
+      assert.ok(second.get(count)! > first.get(count)!, `${count}: ${first.get(count)} then ${second.get(count)}`);
+      assert.equal(second.get(`chunkd_volume_requests_total{volume="busy",op="${op}"}`), second.get(count));
+      assert.equal(second.get(`chunkd_volume_request_seconds_bucket{volume="busy",op="${op}",le="+Inf"}`), second.get(count));
+      assert.ok(second.get(`chunkd_volume_bytes_total{volume="busy",op="${op}"}`)! >= 4096 * second.get(count)!);
+    }
+    assert.equal(second.get('chunkd_volume_requests_total{volume="idle",op="write"}'), undefined, 'a volume no client opened has no series');
+  } finally {
+    await node.stop();
+  }
+});
