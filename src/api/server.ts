@@ -47,6 +47,8 @@ export interface ControlPlane {
   scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport>;
   status(): Promise<unknown>;
   metrics(): Promise<string>;
+  /** Commits and writes a checkpoint of all metadata now; answers its generation, bytes and times. */
+  checkpoint(): Promise<unknown>;
   /** Attach (body: mountpoint, fs, via) and detach a volume's file system (src/node/attachments.ts). */
   attach(volume: string, body: Record<string, unknown>): Promise<unknown>;
   detach(volume: string): Promise<unknown>;
@@ -172,6 +174,8 @@ export class ApiServer {
         return;
       case 'GET /v1/status':
         return sendJson(response, 200, await this.#control.status());
+      case 'POST /v1/checkpoint':
+        return sendJson(response, 200, await this.#control.checkpoint());
       case 'GET /v1/volumes':
         return sendJson(response, 200, { volumes: this.#control.listVolumes() });
       case 'POST /v1/volumes': {

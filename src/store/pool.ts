@@ -44,7 +44,7 @@ import { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
 import type { ChunkRefcounts } from './chunk-refcounts.ts';
 import { ChunkStore } from './chunk-store.ts';
-import { CommitEngine } from './commit-engine.ts';
+import { CommitEngine, type CheckpointReport } from './commit-engine.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
 import { diffMaps, type ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
@@ -90,6 +90,9 @@ export interface PoolStatus {
   /** The last commit's failure when it was not final (a full file system), or null once a commit succeeds again. */
   commitError: string | null;
   commitFailuresTotal: number;
+  checkpointsTotal: number;
+  lastCheckpoint: CheckpointReport | null;
+  checkpointEncodeSecondsMax: number;
   /** Damaged or missing metadata copies found at open and repaired from the other copy. */
   metadataRepairsTotal: number;
   /** Reads that failed their checksum since the node started. */
@@ -490,6 +493,11 @@ export class Pool {
       ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, runs: [...snapshot.map.mappedRuns()] })),
     ];
     return this.#chunks.scrub(volume.name, exports, onProgress);
+  }
+
+  /** Commits what is queued and writes a checkpoint of all metadata now (commit-engine.ts). */
+  checkpoint(): Promise<CheckpointReport> {
+    return this.#engine.checkpoint();
   }
 
   async status(): Promise<PoolStatus> {
