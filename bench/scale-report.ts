@@ -49,23 +49,34 @@ export type ProjectedFigure = (typeof projectedFigures)[number];
 
 export interface Projection {
   figure: ProjectedFigure;
-  /** Per GiB written, between the last two steps (the marginal cost at the largest size measured). */
+  /** Per GiB written, between the last two steps: the marginal cost at the largest size measured. */
   perGiB: number;
-  /** At 1, 4 and 16 TiB written: the last step's value plus the slope times the bytes beyond it. */
-  at: Array<{ writtenBytes: number; value: number }>;
+  /** Per GiB written, from the baseline (nothing written) to the last step: the average cost. */
+  perGiBAverage: number;
+  /**
+   * At 1, 4 and 16 TiB written: `value` extends the last step by the marginal slope; `valueAverage` by the average
+   * slope. The first is the lower estimate where the last steps only filled in map pages that already existed
+   * (a volume small beside the data); the second holds where more data also means as many more pages (the data
+   * spread as thinly over volumes as large in proportion).
+   */
+  at: Array<{ writtenBytes: number; value: number; valueAverage: number }>;
 }
 
 export const projectionSizes = [TiB, 4 * TiB, 16 * TiB];
 
-/** Extends each figure from the last step by the slope between the last two steps; none with fewer than two. */
+/** Projects each figure from the last step (see Projection); none without a baseline and two steps that wrote. */
 export function project(steps: readonly ScaleStep[], sizes: readonly number[] = projectionSizes): Projection[] {
-  if (steps.length < 2) return [];
-  const [previous, last] = [steps[steps.length - 2]!, steps[steps.length - 1]!];
+  const baseline = steps.find((step) => step.writtenBytes === 0);
+  const wrote = steps.filter((step) => step.writtenBytes > 0);
+  if (baseline === undefined || wrote.length < 2) return [];
+  const [previous, last] = [wrote[wrote.length - 2]!, wrote[wrote.length - 1]!];
   const spanGiB = (last.writtenBytes - previous.writtenBytes) / GiB;
   if (spanGiB <= 0) throw new Error('steps must write more each time');
   return projectedFigures.map((figure) => {
     const perGiB = (last[figure] - previous[figure]) / spanGiB;
-    return { figure, perGiB, at: sizes.map((writtenBytes) => ({ writtenBytes, value: last[figure] + perGiB * ((writtenBytes - last.writtenBytes) / GiB) })) };
+    const perGiBAverage = (last[figure] - baseline[figure]) / (last.writtenBytes / GiB);
+    const beyond = (writtenBytes: number): number => (writtenBytes - last.writtenBytes) / GiB;
+    return { figure, perGiB, perGiBAverage, at: sizes.map((writtenBytes) => ({ writtenBytes, value: last[figure] + perGiB * beyond(writtenBytes), valueAverage: last[figure] + perGiBAverage * beyond(writtenBytes) })) };
   });
 }
 
@@ -88,9 +99,9 @@ export function formatStepsTable(steps: readonly ScaleStep[]): string {
 const figureTitles: Record<ProjectedFigure, { title: string; format: (value: number) => string }> = {
   rssBytesAfterReads: { title: 'node RSS', format: (v) => `${(v / GiB).toFixed(1)} GiB` },
   metadataBytes: { title: 'metadata on disk', format: (v) => `${(v / GiB).toFixed(1)} GiB` },
-  startSeconds: { title: 'start time', format: (v) => `${v.toFixed(0)} s` },
-  checkpointEncodeSeconds: { title: 'checkpoint encode (event loop held)', format: (v) => `${v.toFixed(1)} s` },
-  eventLoopDelayMaxCheckpointSeconds: { title: 'longest event-loop pause at a checkpoint', format: (v) => `${v.toFixed(1)} s` },
+  startSeconds: { title: 'start time', format: (v) => (v < 600 ? `${v.toFixed(0)} s` : `${(v / 60).toFixed(0)} min`) },
+  checkpointEncodeSeconds: { title: 'checkpoint encode (event loop held)', format: (v) => (v < 600 ? `${v.toFixed(1)} s` : `${(v / 60).toFixed(0)} min`) },
+  eventLoopDelayMaxCheckpointSeconds: { title: 'longest event-loop pause at a checkpoint', format: (v) => (v < 600 ? `${v.toFixed(1)} s` : `${(v / 60).toFixed(0)} min`) },
 };
 
 export function formatProjectionTable(projections: readonly Projection[]): string {
@@ -98,7 +109,11 @@ export function formatProjectionTable(projections: readonly Projection[]): strin
   const perGiB = (figure: ProjectedFigure, value: number): string =>
     figure === 'rssBytesAfterReads' || figure === 'metadataBytes' ? `${mib(value)} MiB` : `${ms(value)} ms`;
   return markdownTable(
-    ['projected (slope of the last two steps)', 'per GiB written', ...projections[0]!.at.map((point) => `${formatSize(point.writtenBytes)} written`)],
-    projections.map((p) => [figureTitles[p.figure].title, perGiB(p.figure, p.perGiB), ...p.at.map((point) => figureTitles[p.figure].format(point.value))]),
+    ['projected: slope of the last two steps – average slope from nothing', 'per GiB written', ...projections[0]!.at.map((point) => `${formatSize(point.writtenBytes)} written`)],
+    projections.map((p) => [
+      figureTitles[p.figure].title,
+      `${perGiB(p.figure, p.perGiB)} – ${perGiB(p.figure, p.perGiBAverage)}`,
+      ...p.at.map((point) => `${figureTitles[p.figure].format(point.value)} – ${figureTitles[p.figure].format(point.valueAverage)}`),
+    ]),
   );
 }

@@ -197,7 +197,7 @@ async function main(): Promise<void> {
   await node.stop();
   node = null;
 
-  const projections = project(results.filter((step) => step.writtenBytes > 0));
+  const projections = project(results);
   const note = `4 KiB random writes (QD32, fio nbd engine) into a ${formatSize(volumeBytes)} thin volume${snapshotCount > 0 ? `, ${snapshotCount} snapshots taken along the way` : ''}; reads: 4 KiB random, QD32, over the whole volume, ${runtimeSeconds} s each; ${os.availableParallelism()} CPUs, load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')} at the end.`;
   const markdown = [formatStepsTable(results), '', formatProjectionTable(projections), '', note].join('\n');
   console.log(`\n${markdown}`);

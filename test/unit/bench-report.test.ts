@@ -89,12 +89,14 @@ test('scale: snapshots evenly spaced on 4 KiB boundaries; projection from the sl
     startSeconds: start, startSecondsAgain: start, rssBytesAfterStart: 0, metadataBytes: gib * 2 ** 20, checkpointBytes: 0, checkpointSeconds: 0,
     checkpointEncodeSeconds: 0, eventLoopDelayMaxCheckpointSeconds: 0, coldReadIops: 1, warmReadIops: 1, rssBytesAfterReads: rss,
   });
-  assert.deepEqual(project([step(1, 100, 1)]), [], 'one step has no slope');
-  const projections = project([step(1, 999, 9), step(2, 100, 1), step(4, 300, 2)], [8 * GiB]);
+  assert.deepEqual(project([step(0, 50, 1), step(1, 100, 1)]), [], 'one step has no slope');
+  assert.deepEqual(project([step(1, 100, 1), step(2, 100, 1)]), [], 'no baseline, no average');
+  const projections = project([step(0, 100, 1), step(1, 999, 9), step(2, 100, 1), step(4, 300, 2)], [8 * GiB]);
   const rss = projections.find((p) => p.figure === 'rssBytesAfterReads')!;
   assert.equal(rss.perGiB, 100, 'the last two steps only');
-  assert.deepEqual(rss.at, [{ writtenBytes: 8 * GiB, value: 700 }]);
-  assert.deepEqual(projections.find((p) => p.figure === 'startSeconds')!.at, [{ writtenBytes: 8 * GiB, value: 4 }]);
-  assert.match(formatProjectionTable(projections), /\| start time \| 500 ms \| 4 s \|/);
-  assert.throws(() => project([step(2, 0, 0), step(2, 0, 0)]), /must write more/);
+  assert.equal(rss.perGiBAverage, 50, 'from the baseline to the last step');
+  assert.deepEqual(rss.at, [{ writtenBytes: 8 * GiB, value: 700, valueAverage: 500 }]);
+  assert.deepEqual(projections.find((p) => p.figure === 'startSeconds')!.at, [{ writtenBytes: 8 * GiB, value: 4, valueAverage: 3 }]);
+  assert.match(formatProjectionTable(projections), /\| start time \| 500 ms – 250 ms \| 4 s – 3 s \|/);
+  assert.throws(() => project([step(0, 0, 0), step(2, 0, 0), step(2, 0, 0)]), /must write more/);
 });
