@@ -17,6 +17,8 @@
 //
 // Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint, both
 // in two checksummed copies; commit-engine.ts says how, and the invariants that make a crash at any moment safe.
+// It grows with the map pages touched and every start rebuilds it (BENCHMARKS.md, "Metadata at scale"); the plan
+// to page it on disk behind a bounded cache is paged-metadata.md.
 //
 // The pool itself is the catalog's control operations (create, resize, snapshot, clone, rollback, diff, scrub),
 // each a metadata record committed before it returns, over three parts it keeps to itself: the chunk store
