@@ -50,6 +50,8 @@ export interface ControlPlane {
   metrics(): Promise<string>;
   /** Each export's I/O statistics since start (node/io-stats.ts): what chunkd iostat samples. */
   ioStats(): Record<string, unknown>;
+  /** Commits and writes a checkpoint of all metadata now; answers its generation, bytes and times. */
+  checkpoint(): Promise<unknown>;
   /** Attach (body: mountpoint, fs, via) and detach a volume's file system (src/node/attachments.ts). */
   attach(volume: string, body: Record<string, unknown>): Promise<unknown>;
   detach(volume: string): Promise<unknown>;
@@ -177,6 +179,8 @@ export class ApiServer {
         return sendJson(response, 200, await this.#control.status());
       case 'GET /v1/iostat':
         return sendJson(response, 200, { atMs: Date.now(), exports: this.#control.ioStats() });
+      case 'POST /v1/checkpoint':
+        return sendJson(response, 200, await this.#control.checkpoint());
       case 'GET /v1/volumes':
         return sendJson(response, 200, { volumes: this.#control.listVolumes() });
       case 'POST /v1/volumes': {

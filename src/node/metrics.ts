@@ -44,6 +44,10 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
     metric('chunkd_replica_cycle_failures_total', 'counter', 'Replication cycles that failed (retried).', links.map((r) => [link(r), r.cycleFailuresTotal]));
     metric('chunkd_replica_up', 'gauge', 'Whether the last replication cycle succeeded (1) or failed (0).', links.map((r) => [link(r), r.lastError === null ? 1 : 0]));
   }
+  metric('chunkd_checkpoints_total', 'counter', 'Metadata checkpoints written since the node started (a full journal, or POST /v1/checkpoint).', [['', status.pool.checkpointsTotal]]);
+  metric('chunkd_checkpoint_bytes', 'gauge', 'Size of the newest metadata checkpoint written since the node started (0 before one).', [['', status.pool.lastCheckpoint?.bytes ?? 0]]);
+  metric('chunkd_checkpoint_encode_seconds_max', 'gauge', 'The longest a checkpoint held the event loop to encode the metadata, since the node started.', [['', status.pool.checkpointEncodeSecondsMax]]);
+  metric('chunkd_event_loop_delay_max_seconds', 'gauge', 'The longest pause of the event loop since the node started (resolution 10 ms).', [['', status.eventLoopDelayMaxSeconds]]);
   metric('chunkd_event_loop_utilization', 'gauge', 'Event loop utilisation since the previous scrape.', [['', status.eventLoopUtilization]]);
   // Per export (a volume, or VOL@SNAP) and operation, as every front end's requests reach the device (io-stats.ts).
   const exports = Object.entries(io);

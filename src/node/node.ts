@@ -2,7 +2,7 @@
 // Stopping reverses starting: no new connections, in-flight requests finish, everything is committed, the
 // pool's lock is released.
 import path from 'node:path';
-import { performance } from 'node:perf_hooks';
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { checkName } from '../core/names.ts';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
@@ -10,6 +10,7 @@ import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts'
 import { NbdServer } from '../nbd/server.ts';
 import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/tls.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
+import type { CheckpointReport } from '../store/commit-engine.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
@@ -91,6 +92,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   #eventLoop = performance.eventLoopUtilization();
   /** By export name (VOL, VOL@SNAP): what its devices served since start. */
   readonly #ioStats = new Map<string, ExportIoStats>();
+  /** How late the event loop ran a 10 ms timer, since the node was made (after the pool opened): its longest pause. */
+  readonly #eventLoopDelay = monitorEventLoopDelay({ resolution: 10 });
   #threads: NbdThreads | null = null;
   #fuse: FuseFrontEnd | null = null;
   #fuseMounting: Promise<FuseFrontEnd> | null = null;
@@ -113,6 +116,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     this.api = new ApiServer(this);
     this.#receiver = new StreamReceiver(pool, config.log);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
+    this.#eventLoopDelay.enable();
   }
 
   /** Opens the pool and starts the front ends; on any failure everything started is stopped again. */
@@ -231,6 +235,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async stop(): Promise<void> {
+    this.#eventLoopDelay.disable();
     await this.#replicator?.stop();
     await this.#metrics?.close();
     await this.#peer?.close();
@@ -565,6 +570,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       fuse: this.#fuse?.status() ?? null,
       attachments: this.#attachments?.list() ?? [],
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
+      eventLoopDelayMaxSeconds: this.#eventLoopDelay.max / 1e9,
       io: this.pool.ioStatus(),
     };
   }
@@ -601,6 +607,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   async metrics(): Promise<string> {
     return renderMetrics(await this.status(), this.ioStats());
   }
+
+  checkpoint(): Promise<CheckpointReport> {
+    return this.pool.checkpoint();
+  }
 }
 
 export interface NodeStatus {
@@ -626,6 +636,8 @@ export interface NodeStatus {
   fuse: FuseStatus | null;
   attachments: AttachmentStatus[];
   eventLoopUtilization: number;
+  /** The event loop's longest pause since the node started (from a 10 ms timer's lateness, so +-10 ms); 0 before any. */
+  eventLoopDelayMaxSeconds: number;
   /** The chunk I/O engine: inline, or worker threads with each one's requests in flight. */
   io: IoEngineStatus;
 }

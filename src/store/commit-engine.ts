@@ -35,6 +35,7 @@
 // writes (a sticky error, as SQLite's pager): the kernel may have dropped the pages, so later flushes could not
 // be trusted. Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not
 // such a failure: a commit that meets ENOSPC fails and is retried by the next.
+import { performance } from 'node:perf_hooks';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { deferredChunksCommitMax } from '../core/limits.ts';
@@ -73,6 +74,21 @@ export interface CommitStatus {
   /** The last commit's failure when it was not final (a full file system), or null once a commit succeeds again. */
   commitError: string | null;
   commitFailuresTotal: number;
+  /** Checkpoints written since the pool opened (a full journal, or one asked for), not counting the one at open. */
+  checkpointsTotal: number;
+  /** The newest of those, or null before the first. */
+  lastCheckpoint: CheckpointReport | null;
+  /** The longest a checkpoint held the event loop to encode the catalog (seconds): the pause it causes. */
+  checkpointEncodeSecondsMax: number;
+}
+
+/** One checkpoint the engine wrote: its generation, size, time from encode to durable, and the encode alone. */
+export interface CheckpointReport {
+  generation: number;
+  bytes: number;
+  seconds: number;
+  /** The synchronous part (the catalog encoded in one go, nothing else runs meanwhile). */
+  encodeSeconds: number;
 }
 
 export class CommitEngine {
@@ -94,6 +110,11 @@ export class CommitEngine {
   #failure: ChunkdError | null = null;
   #commitError: string | null = null;
   #commitFailures = 0;
+  /** A checkpoint was asked for (checkpoint()): the next commit starts a new generation whatever the journal's size. */
+  #checkpointRequested = false;
+  #checkpointsTotal = 0;
+  #lastCheckpoint: CheckpointReport | null = null;
+  #checkpointEncodeSecondsMax = 0;
   #timer: NodeJS.Timeout;
   #closed = false;
 
@@ -158,8 +179,26 @@ export class CommitEngine {
     return next;
   }
 
+  /**
+   * Commits what is queued and writes a checkpoint of the whole catalog now, as a full journal does; resolves
+   * with that checkpoint. For operators (before a backup of the pool directory) and for the scale benchmark, which
+   * measures the pause a checkpoint causes.
+   */
+  async checkpoint(): Promise<CheckpointReport> {
+    this.checkHealthy();
+    const before = this.#checkpointsTotal;
+    this.#checkpointRequested = true;
+    await this.commit();
+    // A commit already running when we asked did not see the request: the next one does.
+    if (this.#checkpointsTotal === before) await this.commit();
+    return this.#lastCheckpoint!;
+  }
+
   status(): CommitStatus {
     return {
+      checkpointsTotal: this.#checkpointsTotal,
+      lastCheckpoint: this.#lastCheckpoint,
+      checkpointEncodeSecondsMax: this.#checkpointEncodeSecondsMax,
       journalBytes: this.#journal.sizeBytes,
       generation: this.#generation,
       failure: this.#failure?.message ?? null,
@@ -191,7 +230,10 @@ export class CommitEngine {
     const records = this.#queue;
     this.#queue = [];
     const freeMark = this.#chunks.deferredMark();
-    const checkpoint = this.#journal.sizeBytes >= this.#journalCheckpointBytes ? encodeCheckpoint(this.#catalog, this.#generation + 1) : null;
+    const started = performance.now();
+    const checkpointDue = this.#checkpointRequested || this.#journal.sizeBytes >= this.#journalCheckpointBytes;
+    const checkpoint = checkpointDue ? encodeCheckpoint(this.#catalog, this.#generation + 1) : null;
+    const encodeSeconds = (performance.now() - started) / 1000;
     try {
       await this.#chunks.sync();
     } catch (error) {
@@ -215,6 +257,12 @@ export class CommitEngine {
       throw this.#fail(`${checkpoint === null ? 'writing the metadata journal' : 'starting a new metadata checkpoint'} failed (${(error as Error).message})`, error);
     }
     this.#commitError = null;
+    if (checkpoint !== null) {
+      this.#checkpointRequested = false;
+      this.#checkpointsTotal += 1;
+      this.#checkpointEncodeSecondsMax = Math.max(this.#checkpointEncodeSecondsMax, encodeSeconds);
+      this.#lastCheckpoint = { generation: this.#generation, bytes: checkpoint.length, seconds: (performance.now() - started) / 1000, encodeSeconds };
+    }
     // The frees are durable now: punch their space out, then let the allocator hand them out again.
     await this.#chunks.reuseFreed(freeMark);
   }

@@ -17,6 +17,8 @@
 //
 // Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint, both
 // in two checksummed copies; commit-engine.ts says how, and the invariants that make a crash at any moment safe.
+// It grows with the map pages touched and every start rebuilds it (BENCHMARKS.md, "Metadata at scale"); the plan
+// to page it on disk behind a bounded cache is paged-metadata.md.
 //
 // The pool itself is the catalog's control operations (create, resize, snapshot, clone, rollback, diff, scrub),
 // each a metadata record committed before it returns, over three parts it keeps to itself: the chunk store
@@ -44,7 +46,7 @@ import { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
 import type { ChunkRefcounts } from './chunk-refcounts.ts';
 import { ChunkStore } from './chunk-store.ts';
-import { CommitEngine } from './commit-engine.ts';
+import { CommitEngine, type CheckpointReport } from './commit-engine.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
 import { diffMaps, type ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
@@ -91,6 +93,9 @@ export interface PoolStatus {
   /** The last commit's failure when it was not final (a full file system), or null once a commit succeeds again. */
   commitError: string | null;
   commitFailuresTotal: number;
+  checkpointsTotal: number;
+  lastCheckpoint: CheckpointReport | null;
+  checkpointEncodeSecondsMax: number;
   /** Damaged or missing metadata copies found at open and repaired from the other copy. */
   metadataRepairsTotal: number;
   /** Reads that failed their checksum since the node started. */
@@ -491,6 +496,11 @@ export class Pool {
       ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, runs: [...snapshot.map.mappedRuns()] })),
     ];
     return this.#chunks.scrub(volume.name, exports, onProgress);
+  }
+
+  /** Commits what is queued and writes a checkpoint of all metadata now (commit-engine.ts). */
+  checkpoint(): Promise<CheckpointReport> {
+    return this.#engine.checkpoint();
   }
 
   async status(): Promise<PoolStatus> {

@@ -49,8 +49,14 @@ export interface Launcher {
 
 const checkoutLauncher: Launcher = { command: nodeBinary, prefix: [chunkdBin] };
 
-/** Starts a node on `pool` (TCP on a free port, NBD and API unix sockets inside the pool) and waits until ready. */
-export async function startNode(pool: string, extraArgs: string[] = [], launcher: Launcher = checkoutLauncher): Promise<RunningNode> {
+/**
+ * Starts a node on `pool` (TCP on a free port, NBD and API unix sockets inside the pool) and waits until ready
+ * (20 s unless `readyTimeoutMs`: a pool with much metadata takes longer, bench/scale.ts measures how much).
+ * `launcher`: how chunkd is run (another install of it: test/e2e/install.test.ts).
+ */
+export async function startNode(pool: string, extraArgs: string[] = [], options: { readyTimeoutMs?: number; launcher?: Launcher } = {}): Promise<RunningNode> {
+  const readyTimeoutMs = options.readyTimeoutMs ?? 20_000;
+  const launcher = options.launcher ?? checkoutLauncher;
   const nbdSocket = path.join(pool, 'nbd.sock');
   const apiSocket = path.join(pool, 'api.sock');
   // CHUNKD_TEST_WORKERS / CHUNKD_TEST_NBD_THREADS run the whole suite against other thread layouts (npm test does).
@@ -69,7 +75,7 @@ export async function startNode(pool: string, extraArgs: string[] = [], launcher
   });
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   const tcpPort = await new Promise<number>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`chunkd did not start in 20 s: ${stderr}`)), 20_000);
+    const timer = setTimeout(() => reject(new Error(`chunkd did not start in ${readyTimeoutMs / 1000} s: ${stderr}`)), readyTimeoutMs);
     child.stdout!.on('data', (chunk: Buffer) => {
       stdout += chunk.toString();
       const match = /chunkd ready: .*nbd .*?127\.0\.0\.1:(\d+).*\n/.exec(stdout);

@@ -34,7 +34,7 @@ async function serveAndCheck(launcher: Launcher, label: string): Promise<void> {
   assert.equal(version.code, 0, `${label}: chunkd --version: ${version.stderr}`);
   assert.equal(version.stdout.trim(), `chunkd ${manifest.version}`);
   const pool = path.join(work, `pool-${label}`);
-  const node = await startNode(pool, ['--workers', '1', '--nbd-threads', '1', '--default-volume', 'vol:16MiB'], launcher);
+  const node = await startNode(pool, ['--workers', '1', '--nbd-threads', '1', '--default-volume', 'vol:16MiB'], { launcher });
   try {
     const io = await mustRun('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 4096 1M', '-c', 'read -P 0x5a 4096 1M', node.qemuUri('vol')]);
     assert.match(io, /read 1048576\/1048576 bytes/);

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { allRows, defaultRowIds, formatMarkdownTables, selectRows, summariseRow, type Sample, type SystemInfo } from '../../bench/report.ts';
 import { rowArgs } from '../../bench/fio.ts';
+import { formatProjectionTable, project, snapshotPoints, type ScaleStep } from '../../bench/scale-report.ts';
 import { parseVariant } from '../../bench/systems.ts';
 
 function system(id: string, kind: SystemInfo['kind'], multiConn = true): SystemInfo {
@@ -76,4 +77,26 @@ test('--chunkd-variant NAME=ARGS', () => {
   assert.deepEqual(parseVariant('w4=--workers 4'), { name: 'w4', args: ['--workers', '4'] });
   assert.deepEqual(parseVariant('plain'), { name: 'plain', args: [] });
   assert.throws(() => parseVariant('bad name=--x'), /not a name/);
+});
+
+test('scale: snapshots evenly spaced on 4 KiB boundaries; projection from the slope of the last two steps', () => {
+  assert.deepEqual(snapshotPoints(16 * 2 ** 20, 4), [4, 8, 12, 16].map((m) => m * 2 ** 20));
+  assert.ok(snapshotPoints(2 ** 30, 3).every((at) => at % 4096 === 0));
+  assert.deepEqual(snapshotPoints(2 ** 30, 0), []);
+  const GiB = 2 ** 30;
+  const step = (gib: number, rss: number, start: number): ScaleStep => ({
+    writtenBytes: gib * GiB, snapshots: 0, writeIops: 1, rssBytesBeforeRestart: 0, eventLoopDelayMaxWritingSeconds: 0, checkpointsWhileWriting: 0,
+    startSeconds: start, startSecondsAgain: start, rssBytesAfterStart: 0, metadataBytes: gib * 2 ** 20, checkpointBytes: 0, checkpointSeconds: 0,
+    checkpointEncodeSeconds: 0, eventLoopDelayMaxCheckpointSeconds: 0, coldReadIops: 1, warmReadIops: 1, rssBytesAfterReads: rss,
+  });
+  assert.deepEqual(project([step(0, 50, 1), step(1, 100, 1)]), [], 'one step has no slope');
+  assert.deepEqual(project([step(1, 100, 1), step(2, 100, 1)]), [], 'no baseline, no average');
+  const projections = project([step(0, 100, 1), step(1, 999, 9), step(2, 100, 1), step(4, 300, 2)], [8 * GiB]);
+  const rss = projections.find((p) => p.figure === 'rssBytesAfterReads')!;
+  assert.equal(rss.perGiB, 100, 'the last two steps only');
+  assert.equal(rss.perGiBAverage, 50, 'from the baseline to the last step');
+  assert.deepEqual(rss.at, [{ writtenBytes: 8 * GiB, value: 700, valueAverage: 500 }]);
+  assert.deepEqual(projections.find((p) => p.figure === 'startSeconds')!.at, [{ writtenBytes: 8 * GiB, value: 4, valueAverage: 3 }]);
+  assert.match(formatProjectionTable(projections), /\| start time \| 500 ms – 250 ms \| 4 s – 3 s \|/);
+  assert.throws(() => project([step(0, 0, 0), step(2, 0, 0), step(2, 0, 0)]), /must write more/);
 });

@@ -3,7 +3,8 @@
 // (EIO to writers), while reads go on and status and /metrics say why; a full file system at a journal commit
 // fails that commit only, shows in status, and the next commit succeeds; a disk read error during a scrub is a
 // damaged extent, not an aborted scrub; a failed chunk write fails that write only. And, directly: an overwrite
-// lands in a new physical chunk (redirect-on-write), never over the chunk the metadata names.
+// lands in a new physical chunk (redirect-on-write), never over the chunk the metadata names. And a checkpoint asked for
+// (POST /v1/checkpoint) is written now and counted, and its failed write is a failure like the journal's.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -47,11 +48,59 @@ async function metricsOf(pool: Pool): Promise<string> {
     peer: null,
     replication: { replicas: [], replicaVolumes: [], fenced: [] },
     eventLoopUtilization: 0,
+    eventLoopDelayMaxSeconds: 0,
   } as unknown as NodeStatus;
   return renderMetrics(status);
 }
 
 const isEio = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'EIO';
+
+test('a checkpoint asked for (POST /v1/checkpoint) starts a generation now: the journal empties, status and metrics count it, a restart reads it back', async () => {
+  await withPool(realFiles, async (pool, directory) => {
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    await volume.write(0, Buffer.alloc(8192, 7));
+    const before = await pool.status();
+    assert.equal(before.checkpointsTotal, 0, 'the checkpoint written at open is not counted');
+    assert.equal(before.lastCheckpoint, null);
+    assert.ok(before.journalBytes > 0, 'the volume\'s creation is in the journal');
+    const report = await pool.checkpoint();
+    assert.equal(report.generation, before.generation + 1);
+    assert.ok(report.bytes > 0 && report.seconds >= report.encodeSeconds && report.encodeSeconds >= 0);
+    const after = await pool.status();
+    assert.equal(after.generation, report.generation);
+    assert.equal(after.journalBytes, 0, 'the unflushed write went into the checkpoint, not the journal');
+    assert.equal(after.checkpointsTotal, 1);
+    assert.deepEqual(after.lastCheckpoint, report);
+    assert.equal(after.checkpointEncodeSecondsMax, report.encodeSeconds);
+    assert.equal(fs.statSync(path.join(directory, 'checkpoint.0')).size, report.bytes);
+    const metrics = await metricsOf(pool);
+    assert.match(metrics, /^chunkd_checkpoints_total 1$/m);
+    assert.match(metrics, new RegExp(`^chunkd_checkpoint_bytes ${report.bytes}$`, 'm'));
+    assert.match(metrics, /^chunkd_event_loop_delay_max_seconds 0$/m);
+    await volume.close();
+    await pool.close();
+    const reopened = await Pool.open({ directory });
+    const back = Buffer.alloc(8192);
+    const again = reopened.openVolume('v');
+    await again.read(0, back);
+    assert.ok(back.every((byte) => byte === 7), 'the write the checkpoint took survives the restart');
+    await again.close();
+    await reopened.close();
+  });
+});
+
+test('a failed write of an asked-for checkpoint makes the pool refuse writes, like a failed journal write', async () => {
+  const files = new TestFiles([{ op: 'write', path: 'checkpoint', nth: 1, code: 'EIO', armed: false }]);
+  await withPool(files, async (pool) => {
+    await pool.createVolume('v', 4 * MiB);
+    files.arm(0);
+    await assert.rejects(pool.checkpoint(), isEio);
+    assert.equal(files.fired(0), 1);
+    assert.match((await pool.status()).failure ?? '', /starting a new metadata checkpoint failed/);
+    await assert.rejects(pool.checkpoint(), isEio, 'a later checkpoint is refused too');
+  });
+});
 
 for (const [what, rule, reason] of [
   ['fdatasync of chunk data', { op: 'fdatasync', path: '.chunk' }, /syncing chunk files failed/],

@@ -1,0 +1,119 @@
+// The scale benchmark's figures (bench/scale.ts) as data: the per-step record, the projection from the measured
+// slopes, and the Markdown table. Pure, so that test/unit/bench-report.test.ts checks the arithmetic.
+import { formatSize } from '../src/core/units.ts';
+import { markdownTable } from './report.ts';
+
+const GiB = 2 ** 30;
+const TiB = 2 ** 40;
+
+/** One step: the figures after `writtenBytes` (cumulative) were written at random in 4 KiB writes. */
+export interface ScaleStep {
+  writtenBytes: number;
+  /** Snapshots of the volume taken so far. */
+  snapshots: number;
+  /** 4 KiB random write IOPS (QD32) over this step's writes; null for the baseline (nothing written). */
+  writeIops: number | null;
+  /** The node's RSS (/proc/PID/status VmRSS) after the writes, before the restart. */
+  rssBytesBeforeRestart: number;
+  /** The event loop's longest pause over the writes (the node's since its last start: GC, natural checkpoints). */
+  eventLoopDelayMaxWritingSeconds: number;
+  /** Checkpoints the node wrote during the writes (its journal filled). */
+  checkpointsWhileWriting: number;
+  /** From spawn to the ready line: the open replays this step's journal and writes a checkpoint of everything. */
+  startSeconds: number;
+  /** The same for a second restart after the reads, when the journal is empty. */
+  startSecondsAgain: number;
+  rssBytesAfterStart: number;
+  /** Checkpoint and journal files in the pool, bytes allocated, after the checkpoint asked for below. */
+  metadataBytes: number;
+  /** The checkpoint asked for after the restart (POST /v1/checkpoint): one copy's size, time, synchronous part. */
+  checkpointBytes: number;
+  checkpointSeconds: number;
+  checkpointEncodeSeconds: number;
+  /** The event loop's longest pause from the restart through that checkpoint (the node idle otherwise). */
+  eventLoopDelayMaxCheckpointSeconds: number;
+  /** 4 KiB random read IOPS, QD32, over the whole volume: right after the restart, then again. */
+  coldReadIops: number;
+  warmReadIops: number;
+  rssBytesAfterReads: number;
+}
+
+/** Where `count` snapshots go among `totalBytes` written: after every `totalBytes / count`, on 4 KiB boundaries. */
+export function snapshotPoints(totalBytes: number, count: number): number[] {
+  return Array.from({ length: count }, (_, i) => Math.round(((i + 1) * totalBytes) / count / 4096) * 4096);
+}
+
+/** The figures projected; each is a function of bytes written. */
+export const projectedFigures = ['rssBytesAfterReads', 'metadataBytes', 'startSeconds', 'checkpointEncodeSeconds', 'eventLoopDelayMaxCheckpointSeconds'] as const;
+export type ProjectedFigure = (typeof projectedFigures)[number];
+
+export interface Projection {
+  figure: ProjectedFigure;
+  /** Per GiB written, between the last two steps: the marginal cost at the largest size measured. */
+  perGiB: number;
+  /** Per GiB written, from the baseline (nothing written) to the last step: the average cost. */
+  perGiBAverage: number;
+  /**
+   * At 1, 4 and 16 TiB written: `value` extends the last step by the marginal slope; `valueAverage` by the average
+   * slope. The first is the lower estimate where the last steps only filled in map pages that already existed
+   * (a volume small beside the data); the second holds where more data also means as many more pages (the data
+   * spread as thinly over volumes as large in proportion).
+   */
+  at: Array<{ writtenBytes: number; value: number; valueAverage: number }>;
+}
+
+export const projectionSizes = [TiB, 4 * TiB, 16 * TiB];
+
+/** Projects each figure from the last step (see Projection); none without a baseline and two steps that wrote. */
+export function project(steps: readonly ScaleStep[], sizes: readonly number[] = projectionSizes): Projection[] {
+  const baseline = steps.find((step) => step.writtenBytes === 0);
+  const wrote = steps.filter((step) => step.writtenBytes > 0);
+  if (baseline === undefined || wrote.length < 2) return [];
+  const [previous, last] = [wrote[wrote.length - 2]!, wrote[wrote.length - 1]!];
+  const spanGiB = (last.writtenBytes - previous.writtenBytes) / GiB;
+  if (spanGiB <= 0) throw new Error('steps must write more each time');
+  return projectedFigures.map((figure) => {
+    const perGiB = (last[figure] - previous[figure]) / spanGiB;
+    const perGiBAverage = (last[figure] - baseline[figure]) / (last.writtenBytes / GiB);
+    const beyond = (writtenBytes: number): number => (writtenBytes - last.writtenBytes) / GiB;
+    return { figure, perGiB, perGiBAverage, at: sizes.map((writtenBytes) => ({ writtenBytes, value: last[figure] + perGiB * beyond(writtenBytes), valueAverage: last[figure] + perGiBAverage * beyond(writtenBytes) })) };
+  });
+}
+
+const mib = (bytes: number): string => (bytes / 2 ** 20).toFixed(bytes < 10 * 2 ** 20 ? 1 : 0);
+const ms = (seconds: number): string => (seconds * 1000).toFixed(0);
+const round = (value: number): string => Math.round(value).toString();
+
+export function formatStepsTable(steps: readonly ScaleStep[]): string {
+  return markdownTable(
+    ['written', 'snapshots', 'write IOPS', 'RSS before restart MiB', 'start s (again)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'read IOPS cold', 'read IOPS warm', 'RSS after reads MiB'],
+    steps.map((s) => [
+      formatSize(s.writtenBytes), String(s.snapshots), s.writeIops === null ? '' : round(s.writeIops), mib(s.rssBytesBeforeRestart), `${s.startSeconds.toFixed(2)} (${s.startSecondsAgain.toFixed(2)})`, mib(s.rssBytesAfterStart),
+      mib(s.metadataBytes), mib(s.checkpointBytes), s.checkpointSeconds.toFixed(2), ms(s.checkpointEncodeSeconds), ms(s.eventLoopDelayMaxCheckpointSeconds),
+      s.writtenBytes === 0 ? '' : `${ms(s.eventLoopDelayMaxWritingSeconds)}${s.checkpointsWhileWriting > 0 ? ` (${s.checkpointsWhileWriting} checkpoint${s.checkpointsWhileWriting > 1 ? 's' : ''})` : ''}`,
+      round(s.coldReadIops), round(s.warmReadIops), mib(s.rssBytesAfterReads),
+    ]),
+  );
+}
+
+const figureTitles: Record<ProjectedFigure, { title: string; format: (value: number) => string }> = {
+  rssBytesAfterReads: { title: 'node RSS', format: (v) => `${(v / GiB).toFixed(1)} GiB` },
+  metadataBytes: { title: 'metadata on disk', format: (v) => `${(v / GiB).toFixed(1)} GiB` },
+  startSeconds: { title: 'start time', format: (v) => (v < 600 ? `${v.toFixed(0)} s` : `${(v / 60).toFixed(0)} min`) },
+  checkpointEncodeSeconds: { title: 'checkpoint encode (event loop held)', format: (v) => (v < 600 ? `${v.toFixed(1)} s` : `${(v / 60).toFixed(0)} min`) },
+  eventLoopDelayMaxCheckpointSeconds: { title: 'longest event-loop pause at a checkpoint', format: (v) => (v < 600 ? `${v.toFixed(1)} s` : `${(v / 60).toFixed(0)} min`) },
+};
+
+export function formatProjectionTable(projections: readonly Projection[]): string {
+  if (projections.length === 0) return '';
+  const perGiB = (figure: ProjectedFigure, value: number): string =>
+    figure === 'rssBytesAfterReads' || figure === 'metadataBytes' ? `${mib(value)} MiB` : `${ms(value)} ms`;
+  return markdownTable(
+    ['projected: slope of the last two steps – average slope from nothing', 'per GiB written', ...projections[0]!.at.map((point) => `${formatSize(point.writtenBytes)} written`)],
+    projections.map((p) => [
+      figureTitles[p.figure].title,
+      `${perGiB(p.figure, p.perGiB)} – ${perGiB(p.figure, p.perGiBAverage)}`,
+      ...p.at.map((point) => `${figureTitles[p.figure].format(point.value)} – ${figureTitles[p.figure].format(point.valueAverage)}`),
+    ]),
+  );
+}

@@ -1,0 +1,220 @@
+// npm run bench:scale: how a node's memory, metadata, start time, checkpoint pause and read IOPS grow with the
+// data it holds (issue 15, metadata that scales past memory; the baseline the paged store is compared against).
+//
+// Design note. One node, one thin volume of --volume-size (default 1TiB). Before the first step (the baseline,
+// nothing written) and after each of --steps (cumulative bytes, default 1GiB,4GiB,16GiB), written with fio's nbd
+// engine in 4 KiB random writes at QD32 over the whole volume (fio's random data, --randrepeat=0 so every run
+// draws new offsets, its random map so no block is written twice within one fio run; a step is one run unless
+// snapshots cut it), the step records:
+//   1. the node's RSS (/proc/PID/status VmRSS), the event loop's longest pause over the writes and the checkpoints
+//      a full journal caused meanwhile (GET /v1/status);
+//   2. a restart: SIGTERM, then the time from spawn to the ready line (the open reads the checkpoint and the
+//      journal and writes a new checkpoint), and the RSS then;
+//   3. a checkpoint asked for at once (POST /v1/checkpoint): its size, time and synchronous encode, the event
+//      loop's longest pause since the restart (the node otherwise idle), and the checkpoint and journal files'
+//      allocated bytes in the pool;
+//   4. 4 KiB random read IOPS at QD32 over the whole volume, --runtime seconds each, twice: cold (the first reads
+//      after the restart, no ramp) and warm (the same again after a 1 s ramp); then the RSS. Most reads of a large
+//      volume fall where nothing was written: they measure the metadata lookup (a map page per 2 MiB; with
+//      16 GiB written at random into 1 TiB nearly every page exists), not the chunk files;
+//   5. a second restart (its time kept too: the journal is empty then), so that the next step's writes start with
+//      the node's pause monitor and checkpoint count at zero.
+// With --snapshots N, N snapshots of the volume are taken at even spacing of the bytes written (a step's writes
+// are cut there: a block may then be written twice within a step).
+// Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--target DIR] [--out DIR]
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { parseArgs } from 'node:util';
+import { callApi } from '../src/cli/api-client.ts';
+import { formatSize, parseSize } from '../src/core/units.ts';
+import { startNode, type RunningNode } from '../src/testing/node-process.ts';
+import { fioFailure, nbdTarget, parseFioJson, runFio } from './fio.ts';
+import { cleanup, cleanupOnSignals, commandOutput, onCleanup, Tools } from './processes.ts';
+import { formatProjectionTable, formatStepsTable, project, snapshotPoints, type ScaleStep } from './scale-report.ts';
+
+const volume = 'vol';
+const blockBytes = 4096;
+const fioTimeoutMs = 60 * 60_000;
+/** A pool with much metadata takes long to open today; the point is to measure it, not to give up. */
+const readyTimeoutMs = 30 * 60_000;
+
+const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots N] [--runtime S] [--target DIR] [--out DIR]
+  --steps LIST        cumulative bytes written at random in 4 KiB writes, measured after each (default 1GiB,4GiB,16GiB)
+  --volume-size SIZE  the thin volume written into (default 1TiB)
+  --snapshots N       snapshots of the volume taken along the way, evenly spaced (default 0)
+  --runtime S         seconds of each random read sample (default 10)
+  --target DIR        where the pool goes (default .); needs the last step's bytes free, and some more
+  --out DIR           also write results.json and results.md there`;
+
+interface NodeStatusPart {
+  eventLoopDelayMaxSeconds: number;
+  pool: { checkpointsTotal: number };
+}
+
+interface CheckpointAnswer {
+  bytes: number;
+  seconds: number;
+  encodeSeconds: number;
+}
+
+function rssBytes(pid: number): number {
+  const match = /^VmRSS:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  if (match === null) throw new Error(`no VmRSS in /proc/${pid}/status`);
+  return Number(match[1]) * 1024;
+}
+
+/** Bytes allocated to the pool's checkpoint and journal copies (pool-layout.ts names them). */
+function metadataBytes(pool: string): number {
+  return fs.readdirSync(pool)
+    .filter((name) => /^(checkpoint\.\d+|journal-\d+\.\d+)$/.test(name))
+    .reduce((sum, name) => sum + fs.statSync(path.join(pool, name)).blocks * 512, 0);
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    args: process.argv.slice(2),
+    options: {
+      steps: { type: 'string', default: '1GiB,4GiB,16GiB' },
+      'volume-size': { type: 'string', default: '1TiB' },
+      snapshots: { type: 'string', default: '0' },
+      runtime: { type: 'string', default: '10' },
+      target: { type: 'string', default: '.' },
+      out: { type: 'string' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(`${usage}\n`);
+    return;
+  }
+  const steps = values.steps.split(',').map((text) => parseSize(text));
+  const volumeBytes = parseSize(values['volume-size']);
+  const snapshotCount = Number(values.snapshots);
+  const runtimeSeconds = Number(values.runtime);
+  if (steps.some((bytes, i) => bytes % blockBytes !== 0 || bytes <= (steps[i - 1] ?? 0))) throw new Error('--steps must grow, each a whole number of 4 KiB blocks');
+  if (steps.at(-1)! > volumeBytes) throw new Error('--steps must not write more than --volume-size');
+  if (!Number.isInteger(snapshotCount) || snapshotCount < 0) throw new Error('--snapshots must be a whole number');
+  if (!Number.isInteger(runtimeSeconds) || runtimeSeconds < 1) throw new Error('--runtime must be a whole number of seconds, at least 1');
+
+  const tools = new Tools(new Map());
+  tools.get('fio');
+  cleanupOnSignals();
+  const scratch = fs.mkdtempSync(path.join(path.resolve(values.target), '.chunkd-scalebench-'));
+  onCleanup('scratch', () => fs.rmSync(scratch, { recursive: true, force: true }));
+  const pool = path.join(scratch, 'pool');
+  let node: RunningNode | null = null;
+  onCleanup('node', async () => {
+    if (node !== null) await node.kill();
+  });
+  const api = <T>(method: string, route: string, body?: unknown): Promise<T> => callApi(node!.apiSocket, method, route, body) as Promise<T>;
+
+  const fio = async (args: string[]): Promise<ReturnType<typeof parseFioJson>> => {
+    const run = await runFio(tools, [...args, ...nbdTarget(node!.uri(volume)).args, `--size=${volumeBytes}`, '--bs=4k', '--iodepth=32', '--randrepeat=0', '--output-format=json'], fioTimeoutMs, null, 0, true);
+    if (run.code !== 0) throw new Error(fioFailure(run));
+    const job = parseFioJson(run.stdout);
+    if (job.error !== 0) throw new Error(`fio job error ${job.error}`);
+    return job;
+  };
+  const readIops = async (warm: boolean): Promise<number> =>
+    (await fio(['--name=randread', '--rw=randread', '--norandommap', '--time_based', `--runtime=${runtimeSeconds}`, ...(warm ? ['--ramp_time=1'] : [])])).read.iops;
+
+  onCleanup('node log', () => {
+    if (process.exitCode === 1 && node !== null) process.stderr.write(`node log (last lines):\n${node.stderr().split('\n').slice(-15).join('\n')}\n`);
+  });
+  const results: ScaleStep[] = [];
+  const pending = snapshotPoints(steps.at(-1)!, snapshotCount);
+  let written = 0;
+  let snapshots = 0;
+  node = await startNode(pool, [], { readyTimeoutMs });
+  await api('POST', '/v1/volumes', { name: volume, sizeBytes: volumeBytes });
+  console.log(`node pid ${node.process.pid}; volume ${volume} of ${formatSize(volumeBytes)}; steps ${steps.map(formatSize).join(', ')}${snapshotCount > 0 ? `; ${snapshotCount} snapshots along the way` : ''}`);
+
+  for (const stepBytes of [0, ...steps]) {
+    // 1. The writes, cut where a snapshot is due.
+    let writeSeconds = 0;
+    const stepStart = written;
+    while (written < stepBytes) {
+      const until = Math.min(stepBytes, pending[0] ?? Infinity);
+      const job = await fio(['--name=randwrite', '--rw=randwrite', `--io_size=${until - written}`, '--end_fsync=1']);
+      writeSeconds += job.write.io_bytes / job.write.bw_bytes;
+      written = until;
+      while (pending.length > 0 && pending[0]! <= written) {
+        pending.shift();
+        await api('POST', `/v1/volumes/${volume}/snapshots`, { name: `s${snapshots}` });
+        snapshots += 1;
+      }
+    }
+    const writing = await api<NodeStatusPart>('GET', '/v1/status');
+    const rssBytesBeforeRestart = rssBytes(node.process.pid!);
+
+    // 2. The restart.
+    await node.stop();
+    node = null;
+    const spawned = performance.now();
+    node = await startNode(pool, [], { readyTimeoutMs });
+    const startSeconds = (performance.now() - spawned) / 1000;
+    const rssBytesAfterStart = rssBytes(node.process.pid!);
+
+    // 3. A checkpoint now, and the longest pause since the restart.
+    const checkpoint = await api<CheckpointAnswer>('POST', '/v1/checkpoint');
+    const afterCheckpoint = await api<NodeStatusPart>('GET', '/v1/status');
+
+    // 4. Reads, cold then warm.
+    const coldReadIops = await readIops(false);
+    const warmReadIops = await readIops(true);
+    const rssBytesAfterReads = rssBytes(node.process.pid!);
+
+    // 5. A second restart, so that the next step's writes start with the counters and the pause monitor at zero.
+    await node.stop();
+    node = null;
+    const respawned = performance.now();
+    node = await startNode(pool, [], { readyTimeoutMs });
+    const startSecondsAgain = (performance.now() - respawned) / 1000;
+    const step: ScaleStep = {
+      writtenBytes: written,
+      snapshots,
+      writeIops: written === stepStart ? null : (written - stepStart) / blockBytes / writeSeconds,
+      rssBytesBeforeRestart,
+      eventLoopDelayMaxWritingSeconds: writing.eventLoopDelayMaxSeconds,
+      checkpointsWhileWriting: writing.pool.checkpointsTotal,
+      startSeconds,
+      startSecondsAgain,
+      rssBytesAfterStart,
+      metadataBytes: metadataBytes(pool),
+      checkpointBytes: checkpoint.bytes,
+      checkpointSeconds: checkpoint.seconds,
+      checkpointEncodeSeconds: checkpoint.encodeSeconds,
+      eventLoopDelayMaxCheckpointSeconds: afterCheckpoint.eventLoopDelayMaxSeconds,
+      coldReadIops,
+      warmReadIops,
+      rssBytesAfterReads,
+    };
+    results.push(step);
+    console.log(`${formatSize(written)} written (${snapshots} snapshots): ${JSON.stringify(step)}`);
+  }
+  await node.stop();
+  node = null;
+
+  const projections = project(results);
+  const note = `4 KiB random writes (QD32, fio nbd engine) into a ${formatSize(volumeBytes)} thin volume${snapshotCount > 0 ? `, ${snapshotCount} snapshots taken along the way` : ''}; reads: 4 KiB random, QD32, over the whole volume, ${runtimeSeconds} s each; ${os.availableParallelism()} CPUs, load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')} at the end.`;
+  const markdown = [formatStepsTable(results), '', formatProjectionTable(projections), '', note].join('\n');
+  console.log(`\n${markdown}`);
+  if (values.out !== undefined) {
+    fs.mkdirSync(values.out, { recursive: true });
+    const machine = { cpus: os.availableParallelism(), cpuModel: os.cpus()[0]?.model ?? null, kernel: os.release(), node: process.version, loadAverage: os.loadavg() };
+    const commit = (await commandOutput('git', ['rev-parse', 'HEAD'])) ?? null;
+    const command = `npm run bench:scale -- ${process.argv.slice(2).join(' ')}`.trim();
+    fs.writeFileSync(path.join(values.out, 'results.json'), `${JSON.stringify({ command, commit, machine, volumeBytes, snapshots: snapshotCount, runtimeSeconds, steps: results, projections }, null, 2)}\n`);
+    fs.writeFileSync(path.join(values.out, 'results.md'), `${markdown}\n`);
+    console.log(`results: ${values.out}`);
+  }
+}
+
+main()
+  .catch((error: unknown) => {
+    process.stderr.write(`bench:scale: ${(error as Error).message}\n`);
+    process.exitCode = 1;
+  })
+  .finally(() => cleanup());

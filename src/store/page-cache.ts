@@ -1,0 +1,88 @@
+// The bounded cache of the paged metadata (step 1 of the plan in paged-metadata.md; nothing uses it yet) over a
+// page file (page-file.ts). Clean pages live in an lru-cache bounded in bytes (what `serve --metadata-cache SIZE`
+// will set); a page changed since the last commit is dirty and lives apart, never evicted, until `commit` writes
+// it and it becomes clean. So the memory the cache holds is its bound plus the dirty pages, which the caller keeps
+// in check by committing when `dirtyBytes` grows (the checkpoint trigger of the plan).
+// Pages are shared, not copied: a page got from the cache must not be changed in place; `put` gives the cache a
+// new page (copy-on-write in memory as on disk).
+import { LRUCache } from 'lru-cache';
+import { ChunkdError } from '../core/errors.ts';
+import { pageBytes, type Page, type PageFile, type Root } from './page-file.ts';
+
+export interface CachedPage {
+  kind: number;
+  body: Buffer;
+}
+
+export interface PageCacheStats {
+  /** Clean pages held, in bytes (at most the bound). */
+  cleanBytes: number;
+  dirtyBytes: number;
+  hits: number;
+  /** Reads of the page file (a page asked for by several callers at once is read once). */
+  misses: number;
+}
+
+export class PageCache {
+  readonly #file: PageFile;
+  readonly #clean: LRUCache<number, CachedPage>;
+  readonly #dirty = new Map<number, CachedPage>();
+  readonly #loading = new Map<number, Promise<CachedPage>>();
+  #hits = 0;
+  #misses = 0;
+
+  constructor(file: PageFile, maxBytes: number) {
+    if (!Number.isSafeInteger(maxBytes) || maxBytes < pageBytes) throw ChunkdError.invalid(`a metadata cache holds at least one page (${pageBytes} bytes), not ${maxBytes} bytes`);
+    this.#file = file;
+    this.#clean = new LRUCache<number, CachedPage>({ maxSize: maxBytes, sizeCalculation: () => pageBytes });
+  }
+
+  /** The page as last put or committed, from memory or else read from the file (checked, repaired from the other copy). */
+  async get(pageNumber: number): Promise<CachedPage> {
+    const held = this.#dirty.get(pageNumber) ?? this.#clean.get(pageNumber);
+    if (held !== undefined) {
+      this.#hits += 1;
+      return held;
+    }
+    let loading = this.#loading.get(pageNumber);
+    if (loading === undefined) {
+      this.#misses += 1;
+      loading = this.#file.read(pageNumber).then((page: Page) => ({ kind: page.kind, body: page.body }));
+      this.#loading.set(pageNumber, loading);
+      void loading.then(
+        (page) => {
+          this.#loading.delete(pageNumber);
+          // A put while the read was under way wins: the page read is older.
+          if (!this.#dirty.has(pageNumber)) this.#clean.set(pageNumber, page);
+        },
+        () => this.#loading.delete(pageNumber),
+      );
+    }
+    const page = await loading;
+    return this.#dirty.get(pageNumber) ?? page;
+  }
+
+  /** Replaces a page in memory; it is written at the next commit. */
+  put(pageNumber: number, page: CachedPage): void {
+    this.#clean.delete(pageNumber);
+    this.#dirty.set(pageNumber, page);
+  }
+
+  /** Writes the dirty pages (in page order), commits them with `rootBody` as the new root, and keeps them as clean pages. */
+  async commit(rootBody: Buffer): Promise<Root> {
+    const dirty = [...this.#dirty].sort(([a], [b]) => a - b);
+    for (const [pageNumber, page] of dirty) await this.#file.write(pageNumber, page.kind, page.body);
+    const root = await this.#file.commit(rootBody);
+    for (const [pageNumber, page] of dirty) {
+      // A page put again during the commit stays dirty (its newer body is the next commit's).
+      if (this.#dirty.get(pageNumber) !== page) continue;
+      this.#dirty.delete(pageNumber);
+      this.#clean.set(pageNumber, page);
+    }
+    return root;
+  }
+
+  stats(): PageCacheStats {
+    return { cleanBytes: this.#clean.calculatedSize, dirtyBytes: this.#dirty.size * pageBytes, hits: this.#hits, misses: this.#misses };
+  }
+}

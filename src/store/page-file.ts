@@ -1,0 +1,211 @@
+// The page file of the paged metadata (step 1 of the plan in paged-metadata.md; nothing uses it yet): fixed 4 KiB
+// pages, each checksummed and kept in two copies (NAME.0 and NAME.1, same offsets, as the journal's copies), read
+// and written only through the file layer, so the fault-injecting and power-loss layers run under it. Pages 0 and
+// 1 are the two root slots; the rest are the caller's.
+//
+// Page: a 32-byte header, then the body (zeros after what the caller gave):
+//   u32 magic "CKPG" | u32 crc32 of bytes 8..4096 | u48 page number | u8 kind | u8 0 | u32 generation |
+//   u16 body bytes | 10 bytes 0
+// A page that is all zeros was never written. A page whose checksum, magic or number is wrong in one copy is read
+// from the other and rewritten there (a repair, counted; durable with the next commit). Wrong in both: damage,
+// refused with the file and offset.
+//
+// Commit (copy-on-write, as the two meta pages of LMDB and the uberblocks of ZFS): the caller writes its changed
+// pages to page numbers the durable root does not reach, then `commit(rootBody)` makes them durable (fdatasync of
+// both copies), and only then writes the root slot of the next generation (generation mod 2, so the previous root
+// stays whole in the other slot) to both copies and syncs it. Open takes the valid root slot of the highest
+// generation. A crash at any moment leaves the previous root or the new one, and either names only durable pages.
+// Encoding and choosing are pure; the class is the I/O around them.
+import { crc32 } from 'node:zlib';
+import { ChunkdError } from '../core/errors.ts';
+import { readFully, type FileLayer } from './file-layer.ts';
+
+export const pageBytes = 4096;
+export const pageHeaderBytes = 32;
+export const pageBodyBytesMax = pageBytes - pageHeaderBytes;
+/** Page numbers below this are the root slots. */
+export const firstDataPage = 2;
+export const pageCopies = 2;
+const magic = 0x47504b43; // "CKPG" little-endian
+const rootKind = 0xff;
+
+export interface Page {
+  pageNumber: number;
+  kind: number;
+  generation: number;
+  body: Buffer;
+}
+
+/** The 4 KiB image of a page. */
+export function encodePage(page: Page): Buffer {
+  if (page.body.length > pageBodyBytesMax) throw ChunkdError.invalid(`a page body holds at most ${pageBodyBytesMax} bytes, not ${page.body.length}`);
+  if (!Number.isSafeInteger(page.pageNumber) || page.pageNumber < 0 || page.pageNumber >= 2 ** 48) throw ChunkdError.invalid(`bad page number ${page.pageNumber}`);
+  const out = Buffer.alloc(pageBytes);
+  out.writeUInt32LE(magic, 0);
+  out.writeUIntLE(page.pageNumber, 8, 6);
+  out.writeUInt8(page.kind, 14);
+  out.writeUInt32LE(page.generation >>> 0, 16);
+  out.writeUInt16LE(page.body.length, 20);
+  page.body.copy(out, pageHeaderBytes);
+  out.writeUInt32LE(crc32(out.subarray(8)), 4);
+  return out;
+}
+
+/** The page in `bytes` if it is whole and is page `pageNumber`; else why not ('unwritten' for all zeros). */
+export function decodePage(bytes: Buffer, pageNumber: number): Page | string {
+  if (bytes.length !== pageBytes) return `${bytes.length} bytes, not ${pageBytes}`;
+  if (bytes.every((byte) => byte === 0)) return 'unwritten';
+  if (bytes.readUInt32LE(0) !== magic) return 'no page magic';
+  if (bytes.readUInt32LE(4) !== crc32(bytes.subarray(8))) return 'checksum mismatch';
+  const found = bytes.readUIntLE(8, 6);
+  if (found !== pageNumber) return `holds page ${found}`;
+  const bodyBytes = bytes.readUInt16LE(20);
+  if (bodyBytes > pageBodyBytesMax) return `body of ${bodyBytes} bytes`;
+  return { pageNumber, kind: bytes.readUInt8(14), generation: bytes.readUInt32LE(16), body: Buffer.from(bytes.subarray(pageHeaderBytes, pageHeaderBytes + bodyBytes)) };
+}
+
+export interface Root {
+  generation: number;
+  body: Buffer;
+}
+
+/** The newest valid root among the slots' images (each slot in each copy); null if none was ever written. */
+export function chooseRoot(images: ReadonlyArray<{ slot: number; bytes: Buffer }>): Root | null {
+  let best: Root | null = null;
+  for (const { slot, bytes } of images) {
+    const page = decodePage(bytes, slot);
+    if (typeof page === 'string' || page.kind !== rootKind || page.generation % 2 !== slot) continue;
+    if (best === null || page.generation > best.generation) best = { generation: page.generation, body: page.body };
+  }
+  return best;
+}
+
+export class PageFile {
+  readonly #files: FileLayer;
+  readonly #paths: string[];
+  readonly #fds: number[];
+  #root: Root | null;
+  #repairs = 0;
+  #closed = false;
+
+  private constructor(files: FileLayer, paths: string[], fds: number[], root: Root | null) {
+    this.#files = files;
+    this.#paths = paths;
+    this.#fds = fds;
+    this.#root = root;
+  }
+
+  /**
+   * Opens (or creates) the copies `${base}.0` and `${base}.1` and reads the newest valid root. A file with pages
+   * but no valid root in either slot of either copy is damage, refused. The caller syncs the directory when it
+   * created the files.
+   */
+  static async open(files: FileLayer, base: string): Promise<PageFile> {
+    const paths = Array.from({ length: pageCopies }, (_, copy) => `${base}.${copy}`);
+    const fds: number[] = [];
+    try {
+      for (const path of paths) fds.push(await files.open(path, 'create'));
+      const images: Array<{ slot: number; bytes: Buffer }> = [];
+      let anyWritten = false;
+      for (const fd of fds) {
+        for (const slot of [0, 1]) {
+          const bytes = Buffer.alloc(pageBytes);
+          await readFully(files, fd, bytes, slot * pageBytes);
+          anyWritten ||= bytes.some((byte) => byte !== 0);
+          images.push({ slot, bytes });
+        }
+      }
+      const root = chooseRoot(images);
+      if (root === null && anyWritten) throw ChunkdError.corrupt(`${base}.0 and ${base}.1: neither root slot is readable in either copy`);
+      const file = new PageFile(files, paths, fds, root);
+      // A root whole in one copy only is written whole to the other now: else damage to the one good copy later
+      // would make an older root the newest valid one, and the pool would silently go back in time.
+      if (root !== null) {
+        const slot = root.generation % 2;
+        const image = encodePage({ pageNumber: slot, kind: rootKind, generation: root.generation, body: root.body });
+        for (let copy = 0; copy < pageCopies; copy++) {
+          if (images[copy * 2 + slot]!.bytes.equals(image)) continue;
+          await files.write(fds[copy]!, image, slot * pageBytes);
+          await files.fdatasync(fds[copy]!);
+          file.#repairs += 1;
+        }
+      }
+      return file;
+    } catch (error) {
+      for (const fd of fds) files.close(fd);
+      throw error;
+    }
+  }
+
+  /** The durable root (its generation and the caller's bytes), or null before the first commit. */
+  get root(): Root | null {
+    return this.#root;
+  }
+
+  /** Pages found damaged in one copy and rewritten from the other since open. */
+  get repairs(): number {
+    return this.#repairs;
+  }
+
+  /** The generation that the next commit makes durable (pages written now carry it). */
+  get nextGeneration(): number {
+    return (this.#root?.generation ?? 0) + 1;
+  }
+
+  /** Writes a page to both copies (not yet durable: `commit` makes it so). */
+  async write(pageNumber: number, kind: number, body: Buffer): Promise<void> {
+    this.#check();
+    if (pageNumber < firstDataPage) throw ChunkdError.invalid(`page ${pageNumber} is a root slot`);
+    if (kind === rootKind) throw ChunkdError.invalid(`page kind ${rootKind} is the root's`);
+    const image = encodePage({ pageNumber, kind, generation: this.nextGeneration, body });
+    await Promise.all(this.#fds.map((fd) => this.#files.write(fd, image, pageNumber * pageBytes)));
+  }
+
+  /** Reads a page, from the other copy where one is damaged (and repairs it); both damaged: ECORRUPT. */
+  async read(pageNumber: number): Promise<Page> {
+    this.#check();
+    if (pageNumber < firstDataPage) throw ChunkdError.invalid(`page ${pageNumber} is a root slot`);
+    const reasons: string[] = [];
+    for (let copy = 0; copy < pageCopies; copy++) {
+      const bytes = Buffer.alloc(pageBytes);
+      await readFully(this.#files, this.#fds[copy]!, bytes, pageNumber * pageBytes);
+      const page = decodePage(bytes, pageNumber);
+      if (typeof page === 'string') {
+        reasons.push(`${this.#paths[copy]}: ${page}`);
+        continue;
+      }
+      for (let bad = 0; bad < copy; bad++) {
+        await this.#files.write(this.#fds[bad]!, bytes, pageNumber * pageBytes);
+        this.#repairs += 1;
+      }
+      return page;
+    }
+    throw ChunkdError.corrupt(`metadata page ${pageNumber} (byte ${pageNumber * pageBytes}) is damaged in both copies: ${reasons.join('; ')}`);
+  }
+
+  /**
+   * Makes every page written since the last commit durable, then the new root: pages first (both copies synced),
+   * then the root slot of the new generation in both copies, synced. Until it resolves the old root stands.
+   */
+  async commit(rootBody: Buffer): Promise<Root> {
+    this.#check();
+    const generation = this.nextGeneration;
+    const slot = generation % 2;
+    const image = encodePage({ pageNumber: slot, kind: rootKind, generation, body: rootBody });
+    await Promise.all(this.#fds.map((fd) => this.#files.fdatasync(fd)));
+    await Promise.all(this.#fds.map((fd) => this.#files.write(fd, image, slot * pageBytes)));
+    await Promise.all(this.#fds.map((fd) => this.#files.fdatasync(fd)));
+    this.#root = { generation, body: Buffer.from(rootBody) };
+    return this.#root;
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const fd of this.#fds) this.#files.close(fd);
+  }
+
+  #check(): void {
+    if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the page file is closed');
+  }
+}

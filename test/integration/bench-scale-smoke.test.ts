@@ -1,0 +1,41 @@
+// The scale benchmark with tiny steps, so that it never rots: it must exit 0, write its JSON and Markdown, and
+// report every figure of every step. The figures are not held to the goals here (a loaded test machine says
+// nothing about speed), only checked to be measurements, and the exact ones (bytes written, snapshots) exact.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { makeTempDir, nodeBinary, repoRoot, runTool } from '../helpers/node-process.ts';
+
+const MiB = 1024 * 1024;
+
+test('npm run bench:scale with tiny steps and snapshots reports every figure', { timeout: 240_000 }, async () => {
+  const scratch = makeTempDir('scalebench');
+  try {
+    const out = path.join(scratch, 'out');
+    const args = ['--steps', '4MiB,8MiB', '--volume-size', '1GiB', '--snapshots', '4', '--runtime', '1', '--target', scratch, '--out', out];
+    const result = await runTool(nodeBinary, [path.join(repoRoot, 'bench', 'scale.ts'), ...args], { timeoutMs: 230_000 });
+    assert.equal(result.code, 0, `${result.stdout}\n${result.stderr}`);
+    const report = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8'));
+    assert.deepEqual(report.steps.map((s: { writtenBytes: number }) => s.writtenBytes), [0, 4 * MiB, 8 * MiB]);
+    assert.deepEqual(report.steps.map((s: { snapshots: number }) => s.snapshots), [0, 2, 4]);
+    for (const step of report.steps) {
+      for (const [figure, value] of Object.entries(step)) {
+        if (figure === 'writeIops' && step.writtenBytes === 0) assert.equal(value, null);
+        else assert.ok(typeof value === 'number' && Number.isFinite(value) && value >= 0, `${figure} = ${value}`);
+      }
+      for (const figure of ['startSeconds', 'startSecondsAgain', 'rssBytesAfterStart', 'rssBytesAfterReads', 'metadataBytes', 'checkpointBytes', 'coldReadIops', 'warmReadIops']) {
+        assert.ok(step[figure] > 0, `${figure} is measured`);
+      }
+    }
+    assert.ok(report.steps[2].checkpointBytes > report.steps[0].checkpointBytes, 'the checkpoint holds the maps written');
+    assert.ok(report.steps[1].writeIops > 0);
+    assert.equal(report.projections.length, 5);
+    const markdown = fs.readFileSync(path.join(out, 'results.md'), 'utf8');
+    assert.match(markdown, /^\| 8 MiB \| 4 \|/m);
+    assert.match(markdown, /16 TiB written/);
+    assert.deepEqual(fs.readdirSync(scratch).filter((name) => name.startsWith('.chunkd-scalebench-')), [], 'nothing left behind');
+  } finally {
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+});

@@ -1,0 +1,35 @@
+// Page numbers for copy-on-write (src/store/page-allocator.ts): a released page is not handed out again before the
+// commit that stops naming it; then it is, before any new page; a double release and a bad saved state are refused.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { ChunkdError } from '../../src/core/errors.ts';
+import { PageAllocator } from '../../src/store/page-allocator.ts';
+import { firstDataPage } from '../../src/store/page-file.ts';
+
+test('a released page waits for the commit, then is reused before any new page', () => {
+  const pages = new PageAllocator();
+  const [a, b, c] = [pages.allocate(), pages.allocate(), pages.allocate()];
+  assert.deepEqual([a, b, c], [firstDataPage, firstDataPage + 1, firstDataPage + 2]);
+  pages.release(b);
+  assert.equal(pages.allocate(), firstDataPage + 3, 'not before the commit');
+  assert.deepEqual(pages.state(), { nextPage: firstDataPage + 4, free: [] }, 'a released page still counts as in use in what the root records');
+  pages.committed();
+  assert.deepEqual(pages.state().free, [b]);
+  assert.equal(pages.allocate(), b, 'after it');
+  assert.equal(pages.allocate(), firstDataPage + 4);
+});
+
+test('a double release, a release of a page never handed out, and a bad saved state are refused', () => {
+  const pages = new PageAllocator({ nextPage: 10, free: [4, 7] });
+  assert.throws(() => pages.release(4), /released twice/, 'a free page');
+  pages.release(5);
+  assert.throws(() => pages.release(5), /released twice/);
+  assert.throws(() => pages.release(10), /never handed out/);
+  assert.throws(() => pages.release(1), /never handed out/, 'a root slot');
+  const corrupt = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ECORRUPT';
+  assert.throws(() => new PageAllocator({ nextPage: 10, free: [10] }), corrupt);
+  assert.throws(() => new PageAllocator({ nextPage: 10, free: [3, 3] }), corrupt);
+  assert.throws(() => new PageAllocator({ nextPage: 1, free: [] }), corrupt);
+  const restored = new PageAllocator(pages.state());
+  assert.deepEqual(restored.state(), { nextPage: 10, free: [4, 7] }, 'the uncommitted release is not in the saved state');
+});

@@ -1,0 +1,82 @@
+// The paged metadata's cache (src/store/page-cache.ts): clean pages bounded in bytes, dirty pages never evicted
+// and written by commit, one file read for a page asked for by many at once, a put winning over a read in flight.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { realFiles } from '../../src/store/file-layer.ts';
+import { PageCache } from '../../src/store/page-cache.ts';
+import { firstDataPage, PageFile, pageBytes } from '../../src/store/page-file.ts';
+
+const body = (pageNumber: number, version = 0): Buffer => Buffer.from(`page ${pageNumber} version ${version} `.repeat(1 + (pageNumber % 50)));
+
+async function withFile(run: (base: string) => Promise<void>): Promise<void> {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagecache-'));
+  try {
+    await run(path.join(directory, 'meta'));
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+}
+
+test('dirty pages are kept whatever the bound until commit writes them; then clean pages stay within the bound', async () => {
+  await withFile(async (base) => {
+    const file = await PageFile.open(realFiles, base);
+    const cache = new PageCache(file, 2 * pageBytes);
+    const pages = Array.from({ length: 20 }, (_, i) => firstDataPage + i);
+    for (const n of pages) cache.put(n, { kind: 1, body: body(n) });
+    assert.equal(cache.stats().dirtyBytes, 20 * pageBytes);
+    for (const n of pages) assert.deepEqual((await cache.get(n)).body, body(n));
+    assert.equal(cache.stats().misses, 0, 'dirty pages come from memory');
+    const root = await cache.commit(Buffer.from('one'));
+    assert.equal(root.generation, 1);
+    assert.equal(cache.stats().dirtyBytes, 0);
+    assert.ok(cache.stats().cleanBytes <= 2 * pageBytes);
+    file.close();
+
+    const again = await PageFile.open(realFiles, base);
+    const cold = new PageCache(again, 8 * pageBytes);
+    for (let round = 0; round < 2; round++) {
+      for (const n of [...pages].reverse()) assert.deepEqual((await cold.get(n)).body, body(n));
+      assert.ok(cold.stats().cleanBytes <= 8 * pageBytes, `round ${round}: within the bound`);
+    }
+    assert.equal(cold.stats().misses, 40, 'twenty pages through an eight-page cache, twice in the same order: every one a miss');
+    await cold.get(pages[0]!);
+    assert.equal(cold.stats().hits, 1, 'the last pages read are the ones held');
+    again.close();
+  });
+});
+
+test('a page asked for by many at once is read once; a put while it is read wins', async () => {
+  await withFile(async (base) => {
+    const file = await PageFile.open(realFiles, base);
+    const first = new PageCache(file, 16 * pageBytes);
+    first.put(firstDataPage, { kind: 1, body: body(2) });
+    first.put(firstDataPage + 1, { kind: 1, body: body(3) });
+    await first.commit(Buffer.from('root'));
+
+    const cache = new PageCache(file, 16 * pageBytes);
+    const got = await Promise.all(Array.from({ length: 10 }, () => cache.get(firstDataPage)));
+    assert.ok(got.every((page) => page.body.equals(body(2))));
+    assert.equal(cache.stats().misses, 1);
+
+    const reading = cache.get(firstDataPage + 1);
+    cache.put(firstDataPage + 1, { kind: 1, body: body(3, 1) });
+    assert.deepEqual((await reading).body, body(3, 1), 'the read in flight answers the newer page');
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.deepEqual((await cache.get(firstDataPage + 1)).body, body(3, 1), 'and the page read does not replace it later');
+    await cache.commit(Buffer.from('root two'));
+    const fresh = new PageCache(file, 16 * pageBytes);
+    assert.deepEqual((await fresh.get(firstDataPage + 1)).body, body(3, 1));
+    file.close();
+  });
+});
+
+test('a cache smaller than a page is refused', async () => {
+  await withFile(async (base) => {
+    const file = await PageFile.open(realFiles, base);
+    assert.throws(() => new PageCache(file, 100), /at least one page/);
+    file.close();
+  });
+});

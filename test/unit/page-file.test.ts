@@ -1,0 +1,156 @@
+// The paged metadata's page file (src/store/page-file.ts): pages checked byte for byte, the newest valid root
+// chosen, a page or root damaged in one copy read from the other and repaired, damage in both refused; and under
+// the power-loss model, a crash at any file-system call leaves the last committed root or the one in flight, with
+// every page it names whole.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { ChunkdError } from '../../src/core/errors.ts';
+import { realFiles } from '../../src/store/file-layer.ts';
+import { chooseRoot, decodePage, encodePage, firstDataPage, PageFile, pageBytes, pageHeaderBytes } from '../../src/store/page-file.ts';
+import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
+import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
+
+const scratch = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pages-'));
+const isCorrupt = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ECORRUPT';
+
+test('a page image: decoded as written; any flipped byte, another number or all zeros is refused', () => {
+  const body = Buffer.from('the body of page seven');
+  const image = encodePage({ pageNumber: 7, kind: 3, generation: 42, body });
+  assert.equal(image.length, pageBytes);
+  assert.deepEqual(decodePage(image, 7), { pageNumber: 7, kind: 3, generation: 42, body });
+  assert.equal(decodePage(image, 8), 'holds page 7');
+  assert.equal(decodePage(Buffer.alloc(pageBytes), 7), 'unwritten');
+  for (let offset = 0; offset < pageBytes; offset += offset < pageHeaderBytes + body.length ? 1 : 97) {
+    const flipped = Buffer.from(image);
+    flipped.writeUInt8(flipped.readUInt8(offset) ^ 0x10, offset);
+    assert.equal(typeof decodePage(flipped, 7), 'string', `a flip at byte ${offset} is seen`);
+  }
+  assert.throws(() => encodePage({ pageNumber: 2, kind: 0, generation: 1, body: Buffer.alloc(pageBytes) }), /at most/);
+});
+
+test('the root: the valid slot of the highest generation, whichever copy holds it', () => {
+  const root = (generation: number, text: string): Buffer => encodePage({ pageNumber: generation % 2, kind: 0xff, generation, body: Buffer.from(text) });
+  const torn = Buffer.from(root(4, 'four'));
+  torn.fill(0, 0, 512); // its first sector never reached the disk
+  assert.deepEqual(chooseRoot([{ slot: 1, bytes: root(3, 'three') }, { slot: 0, bytes: torn }]), { generation: 3, body: Buffer.from('three') });
+  assert.deepEqual(chooseRoot([{ slot: 1, bytes: root(3, 'three') }, { slot: 0, bytes: torn }, { slot: 0, bytes: root(4, 'four') }]), { generation: 4, body: Buffer.from('four') });
+  assert.equal(chooseRoot([{ slot: 1, bytes: root(4, 'in the wrong slot') }]), null);
+  assert.equal(chooseRoot([{ slot: 0, bytes: Buffer.alloc(pageBytes) }]), null);
+});
+
+test('pages and roots survive a reopen; damage in one copy is read from the other and repaired; in both, refused', async () => {
+  const directory = scratch();
+  const base = path.join(directory, 'meta');
+  try {
+    let file = await PageFile.open(realFiles, base);
+    assert.equal(file.root, null);
+    await assert.rejects(file.write(1, 0, Buffer.alloc(1)), /root slot/);
+    await file.write(firstDataPage, 1, Buffer.from('page two'));
+    await file.write(firstDataPage + 1, 1, Buffer.from('page three'));
+    assert.deepEqual(await file.commit(Buffer.from('root one')), { generation: 1, body: Buffer.from('root one') });
+    await file.write(firstDataPage + 2, 2, Buffer.from('page four'));
+    await file.commit(Buffer.from('root two'));
+    file.close();
+
+    // Page 2 damaged in copy 0, the newest root slot damaged in copy 1.
+    const damage = (copy: number, offset: number): void => {
+      const fd = fs.openSync(`${base}.${copy}`, 'r+');
+      const byte = Buffer.alloc(1);
+      fs.readSync(fd, byte, 0, 1, offset);
+      byte.writeUInt8(byte.readUInt8(0) ^ 0xff, 0);
+      fs.writeSync(fd, byte, 0, 1, offset);
+      fs.closeSync(fd);
+    };
+    damage(0, firstDataPage * pageBytes + 100);
+    damage(1, 0 * pageBytes + 40);
+    file = await PageFile.open(realFiles, base);
+    assert.deepEqual(file.root, { generation: 2, body: Buffer.from('root two') }, 'the newest root, from the copy that holds it whole');
+    assert.equal(file.repairs, 1, 'the root slot rewritten in the damaged copy');
+    assert.equal((await file.read(firstDataPage)).body.toString(), 'page two');
+    assert.equal(file.repairs, 2);
+    assert.deepEqual((await file.read(firstDataPage + 2)), { pageNumber: 4, kind: 2, generation: 2, body: Buffer.from('page four') });
+    file.close();
+    for (const copy of [0, 1]) {
+      const bytes = fs.readFileSync(`${base}.${copy}`);
+      assert.equal(typeof decodePage(bytes.subarray(firstDataPage * pageBytes, (firstDataPage + 1) * pageBytes), firstDataPage), 'object', `copy ${copy} whole again`);
+      assert.equal(chooseRoot([{ slot: 0, bytes: bytes.subarray(0, pageBytes) }])?.generation, 2, `copy ${copy}'s root whole again`);
+    }
+
+    damage(0, (firstDataPage + 1) * pageBytes + 50);
+    damage(1, (firstDataPage + 1) * pageBytes + 60);
+    file = await PageFile.open(realFiles, base);
+    await assert.rejects(file.read(firstDataPage + 1), (error) => isCorrupt(error) && /page 3 \(byte 12288\) is damaged in both copies/.test((error as Error).message));
+    file.close();
+
+    for (const copy of [0, 1]) damage(copy, 8 * copy + 10); // slot 0 (the newest root) in both copies ...
+    for (const copy of [0, 1]) damage(copy, pageBytes + 10); // ... and slot 1: no root left
+    await assert.rejects(PageFile.open(realFiles, base), (error) => isCorrupt(error) && /neither root slot/.test((error as Error).message));
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
+/** What commit `generation` writes: `perCommit` new pages, each named by the root with its expected text. */
+const pageText = (generation: number, index: number): string => `generation ${generation} page ${index} `.repeat(1 + ((generation * 7 + index) % 40));
+
+test('power loss at any call during commits leaves the last committed root or the one in flight, every page it names whole', async () => {
+  const seed = testSeed('page file power loss');
+  const random = makeRandom(seed);
+  const runs = Number(process.env.PAGE_FILE_POWER_LOSS_RUNS ?? 40);
+  const outcomes = { committed: 0, inFlight: 0 };
+  for (let run = 0; run < runs; run++) {
+    const directory = scratch();
+    const base = path.join(directory, 'meta');
+    try {
+      // A file with a few commits made before the machine came up, so that a crash has an old root to keep.
+      const before = await PageFile.open(realFiles, base);
+      let nextPage = firstDataPage;
+      const commitPages = async (file: PageFile): Promise<void> => {
+        const generation = file.nextGeneration;
+        const named: number[] = [];
+        for (let index = 0; index < 3; index++) {
+          await file.write(nextPage, 1, Buffer.from(pageText(generation, index)));
+          named.push(nextPage++);
+        }
+        await file.commit(Buffer.from(JSON.stringify(named)));
+      };
+      for (let i = 0; i < 2; i++) await commitPages(before);
+      before.close();
+
+      const files = new PowerLossFiles(directory, { crashAtChange: 1 + randomInt(random, 40) });
+      const crashed = files.inner.untilFrozen().then(() => 'crashed' as const);
+      let acknowledged = 2;
+      const work = (async () => {
+        const file = await PageFile.open(files, base);
+        for (;;) {
+          await commitPages(file);
+          acknowledged = file.root!.generation;
+        }
+      })();
+      work.catch(() => {}); // a frozen synchronous call throws; the crash is what the test waits for
+      await Promise.race([crashed, work]);
+      await files.cut(random);
+      closeDescriptorsUnder(directory);
+
+      const after = await PageFile.open(realFiles, base);
+      const root = after.root!;
+      assert.ok(root.generation === acknowledged || root.generation === acknowledged + 1, `run ${run}: root ${root.generation} after ${acknowledged} acknowledged (SEED=${seed})`);
+      if (root.generation === acknowledged) outcomes.committed += 1;
+      else outcomes.inFlight += 1;
+      const named = JSON.parse(root.body.toString()) as number[];
+      for (const [index, pageNumber] of named.entries()) {
+        const page = await after.read(pageNumber);
+        assert.equal(page.body.toString(), pageText(root.generation, index), `run ${run}: page ${pageNumber} of root ${root.generation} (SEED=${seed})`);
+        assert.equal(page.generation, root.generation);
+      }
+      after.close();
+    } finally {
+      fs.rmSync(directory, { recursive: true, force: true });
+    }
+  }
+  console.log(`# ${runs} crashes: the last acknowledged root ${outcomes.committed} times, the one in flight ${outcomes.inFlight} times`);
+  assert.ok(outcomes.committed > 0, 'some crash kept the last acknowledged root');
+});
