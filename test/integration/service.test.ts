@@ -92,9 +92,7 @@ test('serve tells the service manager READY=1 once it serves and STOPPING=1 when
 
 test('serve --log-format json --log-level warn: one JSON object per line, nothing below warn; a bad level is a usage error', async () => {
   const node = await startNode(path.join(work, 'pool-log'), ['--log-format', 'json', '--default-volume', 'vol:4MiB', '--verify-reads', 'off'], {
-    command: nodeBinary,
-    prefix: [chunkdBin],
-    env: { ...process.env, CHUNKD_LOG_LEVEL: 'warn' },
+    launcher: { command: nodeBinary, prefix: [chunkdBin], env: { ...process.env, CHUNKD_LOG_LEVEL: 'warn' } },
   });
   assert.equal(await node.stop(), 0);
   const lines = node.stderr().trim().split('\n').map((line) => JSON.parse(line) as { time: string; level: string; msg: string });
