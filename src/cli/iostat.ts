@@ -4,7 +4,8 @@
 // block per interval, one line per export that served anything (or the one named). --count N stops after N.
 import { parseArgs } from 'node:util';
 import { validateName } from '../core/names.ts';
-import { ioStatsDelta, quantileSeconds, type ExportIoStats } from '../node/io-stats.ts';
+import { quantileSeconds } from '../core/latency-histogram.ts';
+import { ioStatsDelta, type ExportIoStats } from '../node/io-stats.ts';
 import { callApi } from './api-client.ts';
 import { parsing, UsageError } from './errors.ts';
 import { commands } from './help.ts';
@@ -39,13 +40,13 @@ export function iostatRows(before: Sample, after: Sample, only: string | null): 
   for (const [name, stats] of Object.entries(after.exports)) {
     if (only !== null && name !== only && !name.startsWith(`${only}@`)) continue;
     const delta = ioStatsDelta(stats, before.exports[name]);
-    const other = delta.trim.requests + delta.zero.requests + delta.flush.requests;
+    const other = delta.trim.count + delta.zero.count + delta.flush.count;
     const errors = delta.read.errors + delta.write.errors + delta.trim.errors + delta.zero.errors + delta.flush.errors;
-    if (only === null && delta.read.requests + delta.write.requests + other === 0) continue;
+    if (only === null && delta.read.count + delta.write.count + other === 0) continue;
     rows.push({
       export: name,
-      readsPerSecond: Math.round(delta.read.requests / seconds),
-      writesPerSecond: Math.round(delta.write.requests / seconds),
+      readsPerSecond: Math.round(delta.read.count / seconds),
+      writesPerSecond: Math.round(delta.write.count / seconds),
       readMBps: Number((delta.read.bytes / seconds / 1e6).toFixed(1)),
       writeMBps: Number((delta.write.bytes / seconds / 1e6).toFixed(1)),
       readP50Ms: ms(quantileSeconds(delta.read.buckets, 0.5)),

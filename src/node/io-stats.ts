@@ -8,56 +8,29 @@
 // the measured cost on 4 KiB random reads).
 import { performance } from 'node:perf_hooks';
 import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
+import { emptyHistogram, observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';
 
 export const ioOperations = ['read', 'write', 'trim', 'zero', 'flush'] as const;
 export type IoOperation = (typeof ioOperations)[number];
 
-/** Upper bounds of the latency buckets, in seconds (the last bucket, +Inf, is implied). */
-export const latencyBucketsSeconds = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10] as const;
-
-export interface OperationStats {
-  requests: number;
+export interface OperationStats extends LatencyHistogram {
   bytes: number;
   errors: number;
-  /** Sum of latencies, seconds. */
-  seconds: number;
-  /** Count per bucket (not cumulative); one more than latencyBucketsSeconds, the last for +Inf. */
-  buckets: number[];
 }
 
 export type ExportIoStats = Record<IoOperation, OperationStats>;
 
 export function emptyIoStats(): ExportIoStats {
   const stats = {} as ExportIoStats;
-  for (const operation of ioOperations) stats[operation] = { requests: 0, bytes: 0, errors: 0, seconds: 0, buckets: new Array<number>(latencyBucketsSeconds.length + 1).fill(0) };
+  for (const operation of ioOperations) stats[operation] = { ...emptyHistogram(), bytes: 0, errors: 0 };
   return stats;
 }
 
 /** Counts one request that took `seconds` (pure). */
 export function observe(stats: OperationStats, bytes: number, seconds: number, failed: boolean): void {
-  stats.requests += 1;
+  observeLatency(stats, seconds);
   stats.bytes += bytes;
   if (failed) stats.errors += 1;
-  stats.seconds += seconds;
-  let bucket = 0;
-  while (bucket < latencyBucketsSeconds.length && seconds > latencyBucketsSeconds[bucket]!) bucket++;
-  stats.buckets[bucket]! += 1;
-}
-
-/**
- * The latency at quantile `q` (0..1) of the requests counted in `buckets`, as the upper bound of the bucket it
- * falls in (Prometheus' histogram_quantile interpolates; a bound is honest about the resolution); null for none.
- */
-export function quantileSeconds(buckets: readonly number[], q: number): number | null {
-  const total = buckets.reduce((sum, count) => sum + count, 0);
-  if (total === 0) return null;
-  const rank = q * total;
-  let seen = 0;
-  for (const [bucket, count] of buckets.entries()) {
-    seen += count;
-    if (seen >= rank && count > 0) return latencyBucketsSeconds[bucket] ?? Number.POSITIVE_INFINITY;
-  }
-  return Number.POSITIVE_INFINITY;
 }
 
 /** `after` minus `before`, operation by operation (for an interval's figures: iostat). */
@@ -67,7 +40,7 @@ export function ioStatsDelta(after: ExportIoStats, before: ExportIoStats | undef
     const a = after[operation];
     const b = before?.[operation];
     delta[operation] = {
-      requests: a.requests - (b?.requests ?? 0),
+      count: a.count - (b?.count ?? 0),
       bytes: a.bytes - (b?.bytes ?? 0),
       errors: a.errors - (b?.errors ?? 0),
       seconds: a.seconds - (b?.seconds ?? 0),

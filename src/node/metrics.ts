@@ -1,10 +1,12 @@
 // /metrics in Prometheus text exposition format, from a node's status.
 import { softwareVersion } from '../core/version.ts';
-import { ioOperations, latencyBucketsSeconds, type ExportIoStats } from './io-stats.ts';
+import { histogramLines } from '../core/latency-histogram.ts';
+import { stages, type StageTimes } from '../store/stage-times.ts';
+import { ioOperations, type ExportIoStats } from './io-stats.ts';
 import type { NodeStatus } from './node.ts';
 
 /** Renders the node's status and its exports' I/O statistics as Prometheus metrics. */
-export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoStats> = {}): string {
+export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoStats> = {}, stageTimes: StageTimes | null = null): string {
   const lines: string[] = [];
   const metric = (name: string, type: 'gauge' | 'counter', help: string, samples: Array<[labels: string, value: number]>): void => {
     lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
@@ -53,20 +55,17 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
   const exports = Object.entries(io);
   const byOperation = (pick: (stats: ExportIoStats[keyof ExportIoStats]) => number): Array<[string, number]> =>
     exports.flatMap(([name, stats]) => ioOperations.map((op): [string, number] => [`{volume="${name}",op="${op}"}`, pick(stats[op])]));
-  metric('chunkd_volume_requests_total', 'counter', 'Requests each volume (or VOL@SNAP export) served, by operation, from every front end.', byOperation((s) => s.requests));
+  metric('chunkd_volume_requests_total', 'counter', 'Requests each volume (or VOL@SNAP export) served, by operation, from every front end.', byOperation((s) => s.count));
   metric('chunkd_volume_bytes_total', 'counter', 'Bytes read, written, trimmed or zeroed, by volume and operation.', byOperation((s) => s.bytes));
   metric('chunkd_volume_errors_total', 'counter', 'Requests answered with an error, by volume and operation.', byOperation((s) => s.errors));
   lines.push('# HELP chunkd_volume_request_seconds Latency of requests at the device (lock wait, chunk I/O, commit for flush and FUA), by volume and operation.', '# TYPE chunkd_volume_request_seconds histogram');
-  for (const [name, stats] of exports) {
-    for (const op of ioOperations) {
-      const labels = `volume="${name}",op="${op}"`;
-      let cumulative = 0;
-      for (const [i, count] of stats[op].buckets.entries()) {
-        cumulative += count;
-        lines.push(`chunkd_volume_request_seconds_bucket{${labels},le="${i < latencyBucketsSeconds.length ? latencyBucketsSeconds[i] : '+Inf'}"} ${cumulative}`);
-      }
-      lines.push(`chunkd_volume_request_seconds_sum{${labels}} ${Number(stats[op].seconds.toFixed(6))}`, `chunkd_volume_request_seconds_count{${labels}} ${stats[op].requests}`);
-    }
+  for (const [name, stats] of exports) for (const op of ioOperations) lines.push(...histogramLines('chunkd_volume_request_seconds', `volume="${name}",op="${op}"`, stats[op]));
+  if (stageTimes !== null) {
+    lines.push(
+      '# HELP chunkd_stage_seconds Time requests spent in each stage of the store, pool-wide: chunk I/O (reads with their checksum checks, writes of fresh runs, zeroing; on this thread, libuv\'s pool or the workers) and the metadata commits FLUSH and FUA wait for.',
+      '# TYPE chunkd_stage_seconds histogram',
+    );
+    for (const stage of stages) lines.push(...histogramLines('chunkd_stage_seconds', `stage="${stage}"`, stageTimes[stage]));
   }
   // The process and its runtime.
   const memory = process.memoryUsage();

@@ -605,7 +605,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async metrics(): Promise<string> {
-    return renderMetrics(await this.status(), this.ioStats());
+    return renderMetrics(await this.status(), this.ioStats(), this.pool.stageTimes());
   }
 
   checkpoint(): Promise<CheckpointReport> {

@@ -7,7 +7,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { iostatRows } from '../../src/cli/iostat.ts';
-import { emptyIoStats, latencyBucketsSeconds, observe, quantileSeconds } from '../../src/node/io-stats.ts';
+import { latencyBucketsSeconds, quantileSeconds } from '../../src/core/latency-histogram.ts';
+import { emptyIoStats, observe } from '../../src/node/io-stats.ts';
 import { haveTool, makeTempDir, runTool, startNode } from '../helpers/node-process.ts';
 
 const scratch = makeTempDir('iostat');
@@ -18,7 +19,7 @@ test('latency buckets, quantiles and an interval\'s rows', () => {
   for (let i = 0; i < 98; i++) observe(stats.read, 4096, 0.0002, false);
   observe(stats.read, 4096, 0.02, false);
   observe(stats.read, 0, 20, true);
-  assert.equal(stats.read.requests, 100);
+  assert.equal(stats.read.count, 100);
   assert.equal(stats.read.bytes, 99 * 4096);
   assert.equal(stats.read.errors, 1);
   assert.equal(stats.read.buckets[latencyBucketsSeconds.indexOf(0.00025)], 98);
@@ -43,7 +44,7 @@ test('under fio: per-volume counters and histograms move on /metrics over TCP, a
     const address = /, metrics (127\.0\.0\.1:\d+)/.exec(node.readyLine)![1];
     const scrape = async (): Promise<Map<string, number>> => {
       const text = await (await fetch(`http://${address}/metrics`)).text();
-      return new Map([...text.matchAll(/^(chunkd_volume_\S+) (\S+)$/gm)].map((m) => [m[1]!, Number(m[2])]));
+      return new Map([...text.matchAll(/^(chunkd_(?:volume|stage)_\S+) (\S+)$/gm)].map((m) => [m[1]!, Number(m[2])]));
     };
     const fio = runTool('fio', ['--name=load', '--ioengine=nbd', `--uri=${node.uri('busy')}`, '--rw=randrw', '--bs=4k', '--iodepth=16', '--size=64M', '--time_based', '--runtime=8', '--randrepeat=0']);
     await new Promise((resolve) => setTimeout(resolve, 1000));
@@ -71,6 +72,12 @@ test('under fio: per-volume counters and histograms move on /metrics over TCP, a
       assert.ok(second.get(`chunkd_volume_bytes_total{volume="busy",op="${op}"}`)! >= 4096 * second.get(count)!);
     }
     assert.equal(second.get('chunkd_volume_requests_total{volume="idle",op="write"}'), undefined, 'a volume no client opened has no series');
+    // The store's stages, pool-wide: chunk reads and writes moved with the load.
+    for (const stage of ['chunk_read', 'chunk_write']) {
+      const count = `chunkd_stage_seconds_count{stage="${stage}"}`;
+      assert.ok(second.get(count)! > first.get(count)!, `${count}: ${first.get(count)} then ${second.get(count)}`);
+      assert.equal(second.get(`chunkd_stage_seconds_bucket{stage="${stage}",le="+Inf"}`), second.get(count));
+    }
   } finally {
     await node.stop();
   }
