@@ -232,7 +232,8 @@ class PeerConnection {
   readonly #where: string;
   readonly #server: PeerServer;
   readonly #onHello: () => void;
-  readonly #reader = new FrameReader();
+  /** Bulk payloads (replication's stream bytes) land in shared memory: the chunk I/O workers write them in place. */
+  readonly #reader = new FrameReader({ bulkPayload: (size) => Buffer.from(new SharedArrayBuffer(size)) });
   #state: 'awaiting-hello' | 'ready' | 'closing' = 'awaiting-hello';
   #version = 0;
   #inFlight = 0;

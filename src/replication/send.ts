@@ -3,6 +3,11 @@
 // the chunk store's verified read: a chunk that fails its checksum stops the stream with an ABORT record naming
 // the extent, so damaged bytes are never shipped. Reads go a record (at most 1 MiB) at a time, a few ahead, and the records are
 // yielded to a consumer that applies backpressure (the API's HTTP response), so memory stays bounded.
+//
+// Reads land in shared memory, so that a chunk I/O worker reads and verifies in place (store/worker-io.ts stages
+// any other buffer through a copy). A consumer that says when it is done with a record's bytes (recycle(), the
+// replicator once the peer has answered) has its read buffers reused, so a long stream allocates a few buffers,
+// not one per record; a consumer that does not leaves them to the garbage collector.
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
 import { isZero } from '../store/frames.ts';
@@ -29,6 +34,8 @@ export interface PreparedSend {
   failure(): ChunkdError | null;
   /** Bytes of the changed extents (data and zeros) the records yielded so far cover: progress against header.dataBytes. */
   coveredBytes(): number;
+  /** The consumer is done with these records' bytes (each record once): their read buffers may be reused. */
+  recycle(records: Buffer[][]): void;
 }
 
 /** Turns a resume token into the request it continues (the snapshots found by id). */
@@ -64,6 +71,27 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
   const digest = source.contentDigest(request.volume, request.snapshot);
   let failure: ChunkdError | null = null;
   let coveredBytes = 0;
+  // Read buffers (shared memory) by their memory: the data records yielded from each and not yet recycled.
+  const users = new Map<ArrayBufferLike, { buffer: Buffer; records: number }>();
+  const free: Buffer[] = [];
+  const takeBuffer = (length: number): Buffer => (free.pop() ?? Buffer.from(new SharedArrayBuffer(streamDataRecordBytesMax))).subarray(0, length);
+  const giveBack = (buffer: Buffer): void => {
+    if (free.length < sendReadsAheadMax) free.push(Buffer.from(buffer.buffer, buffer.byteOffset, streamDataRecordBytesMax));
+  };
+  const recycle = (records: Buffer[][]): void => {
+    for (const record of records) {
+      for (const piece of record) {
+        const user = users.get(piece.buffer);
+        if (user === undefined) continue;
+        user.records -= 1;
+        if (user.records === 0) {
+          users.delete(piece.buffer);
+          giveBack(user.buffer);
+        }
+        break;
+      }
+    }
+  };
   const exportName = `${request.volume}@${request.snapshot}`;
   async function* records(): AsyncGenerator<Buffer[]> {
     yield [encodeHeader(header)];
@@ -80,7 +108,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
         const next = pieces.next();
         if (next.done === true) return;
         const { offset, length, extent } = next.value;
-        const buffer = Buffer.allocUnsafe(length);
+        const buffer = takeBuffer(length);
         readingBytes += length;
         // The error is kept in the promise's value and looked at in order, when the piece's turn comes.
         reads.push({ offset, extent, buffer, done: device.read(offset, buffer).then(() => null, (error: unknown) => error) });
@@ -104,7 +132,11 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
         readAhead();
         const { offset, buffer } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
-        for (const run of zeroRuns(buffer)) {
+        const runs = zeroRuns(buffer);
+        const dataRuns = runs.filter((run) => !run.zero).length;
+        if (dataRuns === 0) giveBack(buffer);
+        else users.set(buffer.buffer, { buffer, records: dataRuns });
+        for (const run of runs) {
           recordCount += 1;
           coveredBytes += run.end - run.start;
           if (run.zero) {
@@ -122,7 +154,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
       await device.close();
     }
   }
-  return { header, records: records(), failure: () => failure, coveredBytes: () => coveredBytes };
+  return { header, records: records(), failure: () => failure, coveredBytes: () => coveredBytes, recycle };
 }
 
 /** The pieces of at most one record each that the extents are read in, in order. */
