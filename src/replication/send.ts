@@ -9,7 +9,7 @@
 // replicator once the peer has answered) has its read buffers reused, so a long stream allocates a few buffers,
 // not one per record; a consumer that does not leaves them to the garbage collector.
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, inlineReadBytesMax, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
 import { isZero } from '../store/frames.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
 import type { Pool } from '../store/pool.ts';
@@ -74,9 +74,15 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
   // Read buffers (shared memory) by their memory: the data records yielded from each and not yet recycled.
   const users = new Map<ArrayBufferLike, { buffer: Buffer; records: number }>();
   const free: Buffer[] = [];
-  const takeBuffer = (length: number): Buffer => (free.pop() ?? Buffer.from(new SharedArrayBuffer(streamDataRecordBytesMax))).subarray(0, length);
+  // A read small enough to be done on this thread (worker-io.ts) gains nothing from shared memory: a pooled
+  // buffer. Only whole-record buffers are reused (a full stream is made of them), so none holds more than it reads.
+  const takeBuffer = (length: number): Buffer => {
+    if (length <= inlineReadBytesMax) return Buffer.allocUnsafe(length);
+    if (length < streamDataRecordBytesMax) return Buffer.from(new SharedArrayBuffer(length));
+    return free.pop() ?? Buffer.from(new SharedArrayBuffer(streamDataRecordBytesMax));
+  };
   const giveBack = (buffer: Buffer): void => {
-    if (free.length < sendReadsAheadMax) free.push(Buffer.from(buffer.buffer, buffer.byteOffset, streamDataRecordBytesMax));
+    if (buffer.buffer instanceof SharedArrayBuffer && buffer.length === streamDataRecordBytesMax && free.length < sendReadsAheadMax) free.push(buffer);
   };
   const recycle = (records: Buffer[][]): void => {
     for (const record of records) {
@@ -135,7 +141,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: (line
         const runs = zeroRuns(buffer);
         const dataRuns = runs.filter((run) => !run.zero).length;
         if (dataRuns === 0) giveBack(buffer);
-        else users.set(buffer.buffer, { buffer, records: dataRuns });
+        else if (buffer.buffer instanceof SharedArrayBuffer) users.set(buffer.buffer, { buffer, records: dataRuns });
         for (const run of runs) {
           recordCount += 1;
           coveredBytes += run.end - run.start;
