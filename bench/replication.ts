@@ -23,10 +23,12 @@
 //      other way): the owner's replica is brought current, 1% of the volume is written at random (as in 2), then
 //      `volume handoff vol --to OTHER`; the pause is the handoff's own report (from the freeze, when writes are
 //      refused, to the new owner's answer). Two loads, interleaved: quiet (no client writes during the handoff,
-//      so phase 1 sends the 1% and the final increment is what is left), and a writer that keeps 1% dirty (fio 4 KiB
-//      random writes, QD32, paced at 1% of the volume per second, from 2 s before the request until the freeze
-//      disconnects it), where the final increment holds what it wrote during phase 1's last increment. (Unpaced,
-//      such a writer rewrites a small volume faster than any increment ships it, and phase 1 gives up after 8.)
+//      so phase 1 sends the 1% and the final increment is what is left), and a writer (fio 4 KiB random writes,
+//      QD32, paced at 0.1% of the volume per second, from 2 s before the request until the freeze disconnects it),
+//      where the final increment holds what it wrote during phase 1's last increment. (Faster writers made phase 1
+//      diverge on a loaded 2-vCPU machine: at 1% per second each increment was larger than the one before, as the
+//      cycles' snapshot pruning of scattered 4 KiB chunks took tens of seconds, and unpaced ones rewrite a small
+//      volume faster than any increment ships it; phase 1 then gives up after 8.)
 // Everything runs --runs times; the tables give medians and min–max. The control calls go straight to the API
 // sockets (what `chunkd replica add/sync/remove --json` send), so no CLI process start is timed.
 // Usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--steps LIST] [--target DIR] [--out DIR]
@@ -300,7 +302,7 @@ async function handoffSample(tools: Tools, owner: Peer, target: Peer, sizeBytes:
   let writer: Promise<{ code: number | null; stdout: string; stderr: string }> | null = null;
   if (load === 'writer') {
     writer = runFio(tools, ['--name=writer', '--ioengine=nbd', `--uri=${owner.node.uri(volume)}`, `--size=${sizeBytes}`, '--rw=randwrite', '--bs=4k', '--iodepth=32',
-      `--rate=${Math.round(sizeBytes / 100)}`, '--time_based', '--runtime=600', '--refill_buffers'], 660_000, null, 0, true);
+      `--rate=${Math.round(sizeBytes / 1000)}`, '--time_based', '--runtime=600', '--refill_buffers'], 660_000, null, 0, true);
     await sleep(2000);
   }
   const started = performance.now();
@@ -521,7 +523,7 @@ function formatReport(report: ReturnType<typeof summarise>, modes: Mode[]): stri
     }));
   const handoffTitle: Record<HandoffLoad, string> = {
     quiet: 'volume handoff, 1% dirty, no client writing',
-    writer: 'volume handoff, 1% dirty, fio writing 1% of the volume per second (4 KiB random, QD32) until the freeze',
+    writer: 'volume handoff, 1% dirty, fio writing 0.1% of the volume per second (4 KiB random, QD32) until the freeze',
   };
   const handoffTable = (rows: NonNullable<typeof report.handoff>): string => markdownTable(['handoff (back and forth)', 'dirty bytes at the request', 'write pause, s (goal < 1 s)', 'phase-1 increments', 'final increment bytes', 'whole handoff, s'],
     rows.map((row) => [handoffTitle[row.load], cell(row.dirtyBytes), cell(row.pauseSeconds, 3), cell(row.increments), cell(row.finalBytes), cell(row.seconds, 2)]));
