@@ -19,9 +19,19 @@
 //      three interleaved. Before each sample a catch-up link brings beta current and is removed, so every sample
 //      starts alike; a sample's link is added and its first cycle waited for before fio starts, and removed
 //      after. The link's stream rate over the sample comes from alpha's streamBytesSentTotal.
+//   4. Handoff with 1% dirty, after the runs above (it moves the volume, so it comes last; each handoff goes back the
+//      other way): the owner's replica is brought current, 1% of the volume is written at random (as in 2), then
+//      `volume handoff vol --to OTHER`; the pause is the handoff's own report (from the freeze, when writes are
+//      refused, to the new owner's answer). Two loads, interleaved: quiet (no client writes during the handoff,
+//      so phase 1 sends the 1% and the final increment is what is left), and a writer (fio 4 KiB random writes,
+//      QD32, paced at 0.1% of the volume per second, from 2 s before the request until the freeze disconnects it),
+//      where the final increment holds what it wrote during phase 1's last increment. (Faster writers made phase 1
+//      diverge on a loaded 2-vCPU machine: at 1% per second each increment was larger than the one before, as the
+//      cycles' snapshot pruning of scattered 4 KiB chunks took tens of seconds, and unpaced ones rewrite a small
+//      volume faster than any increment ships it; phase 1 then gives up after 8.)
 // Everything runs --runs times; the tables give medians and min–max. The control calls go straight to the API
 // sockets (what `chunkd replica add/sync/remove --json` send), so no CLI process start is timed.
-// Usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--target DIR] [--out DIR]
+// Usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--steps LIST] [--target DIR] [--out DIR]
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -43,11 +53,15 @@ const idleEveryMs = 3_600_000;
 const cycleTimeoutMs = 30 * 60_000;
 const fioTimeoutMs = 30 * 60_000;
 
-const usage = `usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--target DIR] [--out DIR]
+const steps = ['full', 'incremental', 'client', 'handoff'] as const;
+type Step = (typeof steps)[number];
+
+const usage = `usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--steps LIST] [--target DIR] [--out DIR]
   --size SIZE      the volume replicated (default 4GiB; 256MiB for a quick check)
   --runs N         runs of every measurement, interleaved (default 3)
   --runtime S      seconds of each client I/O sample, after a 1 s ramp (default 10)
   --max-rate RATE  the limited link's rate in the client I/O rows (default 100MiB/s)
+  --steps LIST     which measurements, comma-separated (default full,incremental,client,handoff; incremental needs full)
   --target DIR     where the two pools go (default .); needs about 2 x SIZE free per node
   --out DIR        also write results.json and results.md there`;
 
@@ -102,6 +116,23 @@ interface ClientSample {
   /** Bytes per second the link sent over the sample (null without a link). */
   linkBytesPerSecond: number | null;
 }
+
+interface HandoffSample {
+  run: number;
+  load: HandoffLoad;
+  from: string;
+  to: string;
+  /** Bytes written at random before the request (1% of the volume). */
+  dirtyBytes: number;
+  /** The handoff's report: seconds writes were refused, increments of phase 1, the final increment's data bytes. */
+  pauseSeconds: number;
+  increments: number;
+  finalBytes: number;
+  /** The whole request. */
+  seconds: number;
+}
+
+type HandoffLoad = 'quiet' | 'writer';
 
 interface Mode {
   id: string;
@@ -255,6 +286,33 @@ async function clientSample(tools: Tools, alpha: Peer, beta: Peer, row: RowSpec,
   return { run, row: row.id, mode: mode.id, value, linkBytesPerSecond: mode.link === null ? null : (sentAfter - sentBefore) / seconds };
 }
 
+/** Writes 1% of the volume on `owner` at random, in 4 KiB writes, no block twice; returns the bytes written. */
+async function dirtyOnePercent(tools: Tools, owner: Peer, sizeBytes: number, seed: number): Promise<number> {
+  const writes = Math.round((0.01 * sizeBytes) / 4096);
+  const fio = await runFio(tools, ['--name=scatter', '--ioengine=nbd', `--uri=${owner.node.uri(volume)}`, `--size=${sizeBytes}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
+    `--io_size=${writes * 4096}`, `--randseed=${seed}`, '--refill_buffers', '--end_fsync=1', '--output-format=json'], fioTimeoutMs, null, 0, true);
+  if (fio.code !== 0) throw new Error(fioFailure(fio));
+  return writes * 4096;
+}
+
+/** Step 4: `owner` hands the volume to `target` with 1% dirty (see the note at the top); the caller swaps the two after. */
+async function handoffSample(tools: Tools, owner: Peer, target: Peer, sizeBytes: number, run: number, load: HandoffLoad): Promise<HandoffSample> {
+  await catchUp(owner, target);
+  const dirtyBytes = await dirtyOnePercent(tools, owner, sizeBytes, 100 + run * 2 + (load === 'quiet' ? 0 : 1));
+  let writer: Promise<{ code: number | null; stdout: string; stderr: string }> | null = null;
+  if (load === 'writer') {
+    writer = runFio(tools, ['--name=writer', '--ioengine=nbd', `--uri=${owner.node.uri(volume)}`, `--size=${sizeBytes}`, '--rw=randwrite', '--bs=4k', '--iodepth=32',
+      `--rate=${Math.round(sizeBytes / 1000)}`, '--time_based', '--runtime=600', '--refill_buffers'], 660_000, null, 0, true);
+    await sleep(2000);
+  }
+  const started = performance.now();
+  const result = (await api(owner, 'POST', `/v1/volumes/${volume}/handoff`, { to: target.address })) as { pauseSeconds: number; increments: number; finalBytes: number; completedEarlier: boolean };
+  const seconds = (performance.now() - started) / 1000;
+  if (writer !== null && (await writer).code === 0) throw new Error('the writer ran its 600 s to the end before the freeze (phase 1 did not converge) or was not disconnected by it');
+  if (result.completedEarlier) throw new Error('the handoff reports an earlier attempt');
+  return { run, load, from: owner.name, to: target.name, dirtyBytes, pauseSeconds: result.pauseSeconds, increments: result.increments, finalBytes: result.finalBytes, seconds };
+}
+
 function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = net.createServer();
@@ -297,6 +355,7 @@ async function main(): Promise<void> {
       runtime: { type: 'string', default: '10' },
       'max-rate': { type: 'string', default: '100MiB/s' },
       target: { type: 'string', default: '.' },
+      steps: { type: 'string', default: steps.join(',') },
       out: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -308,6 +367,10 @@ async function main(): Promise<void> {
   const sizeBytes = parseSize(values.size);
   const runs = Number(values.runs);
   const maxRate = parseRate(values['max-rate'], '--max-rate');
+  const chosen = new Set(values.steps.split(',').map((step) => step.trim()));
+  for (const step of chosen) if (!(steps as readonly string[]).includes(step)) throw new Error(`--steps: unknown step ${step} (known: ${steps.join(', ')})`);
+  if (chosen.has('incremental') && !chosen.has('full')) throw new Error('--steps: incremental needs full (it sends what changed since the full replication)');
+  const doing = (step: Step): boolean => chosen.has(step);
   if (sizeBytes % MiB !== 0 || sizeBytes < 64 * MiB) throw new Error('--size must be a whole number of MiB, at least 64MiB');
   if (!Number.isInteger(runs) || runs < 1) throw new Error('--runs must be a whole number, at least 1');
   const options: MeasureOptions = { runtimeSeconds: Number(values.runtime), rampSeconds: 1, sizeBytes, flushEveryBytes: null };
@@ -335,20 +398,23 @@ async function main(): Promise<void> {
     const full: FullSample[] = [];
     const increments: IncrementalSample[] = [];
     const client: ClientSample[] = [];
+    const handoffs: HandoffSample[] = [];
     for (let run = 0; run < runs; run++) {
       // 1. A fresh start on beta: no link, no replica.
-      await dropReplica(alpha, beta);
-      for (const system of run % 2 === 0 ? ['replication', 'nbdcopy'] : ['nbdcopy', 'replication']) {
+      if (doing('full')) await dropReplica(alpha, beta);
+      for (const system of !doing('full') ? [] : run % 2 === 0 ? ['replication', 'nbdcopy'] : ['nbdcopy', 'replication']) {
         const sample = system === 'replication' ? await fullReplication(alpha, beta, sizeBytes, run) : await fullNbdcopy(tools, alpha, beta, sizeBytes, run);
         full.push(sample);
         console.log(`run ${run + 1} full ${system}: ${sample.seconds.toFixed(2)} s, ${sample.mbps.toFixed(0)} MB/s, CPU s alpha ${sample.alphaCpuSeconds.toFixed(1)} beta ${sample.betaCpuSeconds.toFixed(1)}${sample.streamBytes === null ? '' : ` (stream ${sample.streamSeconds} s, ${sample.streamBytes} bytes)`}`);
       }
       // 2. The link of step 1 is still there (every 1h): 1% changed, one sync.
-      const inc = await incremental(tools, alpha, sizeBytes, run);
-      increments.push(inc);
-      console.log(`run ${run + 1} incremental: ${inc.changedBytes} bytes changed, ${inc.streamBytes} bytes of stream (${(inc.streamBytes / inc.changedBytes).toFixed(4)}x) in ${inc.wallSeconds.toFixed(2)} s`);
+      if (doing('incremental')) {
+        const inc = await incremental(tools, alpha, sizeBytes, run);
+        increments.push(inc);
+        console.log(`run ${run + 1} incremental: ${inc.changedBytes} bytes changed, ${inc.streamBytes} bytes of stream (${(inc.streamBytes / inc.changedBytes).toFixed(4)}x) in ${inc.wallSeconds.toFixed(2)} s`);
+      }
       // 3. Client I/O with and without a link; the modes' order turns every run.
-      for (const row of clientRows) {
+      for (const row of doing('client') ? clientRows : []) {
         for (let i = 0; i < modes.length; i++) {
           const mode = modes[(i + run) % modes.length]!;
           const sample = await clientSample(tools, alpha, beta, row, mode, run, options);
@@ -359,7 +425,18 @@ async function main(): Promise<void> {
       }
     }
 
-    const report = summarise(sizeBytes, runs, maxRate, modes, full, increments, client, options);
+    // 4. Handoffs, back and forth: the volume's owner changes with each.
+    let [owner, other] = [alpha, beta];
+    for (let run = 0; run < runs && doing('handoff'); run++) {
+      for (const load of run % 2 === 0 ? (['quiet', 'writer'] as const) : (['writer', 'quiet'] as const)) {
+        const sample = await handoffSample(tools, owner, other, sizeBytes, run, load);
+        handoffs.push(sample);
+        [owner, other] = [other, owner];
+        console.log(`run ${run + 1} handoff ${sample.from} -> ${sample.to} (${load}): writes paused ${sample.pauseSeconds.toFixed(3)} s, ${sample.increments} increment(s), final ${sample.finalBytes} bytes, ${sample.seconds.toFixed(2)} s in all`);
+      }
+    }
+
+    const report = summarise(sizeBytes, runs, maxRate, modes, full, increments, client, handoffs, options);
     const markdown = formatReport(report, modes);
     console.log(`\n${markdown}`);
     if (values.out !== undefined) {
@@ -367,7 +444,7 @@ async function main(): Promise<void> {
       const machine = { cpus: os.availableParallelism(), cpuModel: os.cpus()[0]?.model ?? null, kernel: os.release(), node: process.version, loadAverage: os.loadavg() };
       const commit = (await commandOutput('git', ['rev-parse', 'HEAD'])) ?? null;
       const command = `npm run bench:replication -- ${process.argv.slice(2).join(' ')}`.trim();
-      fs.writeFileSync(path.join(values.out, 'results.json'), `${JSON.stringify({ command, commit, machine, ...report, samples: { full, increments, client } }, null, 2)}\n`);
+      fs.writeFileSync(path.join(values.out, 'results.json'), `${JSON.stringify({ command, commit, machine, ...report, samples: { full, increments, client, handoffs } }, null, 2)}\n`);
       fs.writeFileSync(path.join(values.out, 'results.md'), `${markdown}\n`);
       console.log(`results: ${values.out}`);
     }
@@ -377,7 +454,7 @@ async function main(): Promise<void> {
   }
 }
 
-function summarise(sizeBytes: number, runs: number, maxRate: number, modes: Mode[], full: FullSample[], increments: IncrementalSample[], client: ClientSample[], options: MeasureOptions) {
+function summarise(sizeBytes: number, runs: number, maxRate: number, modes: Mode[], full: FullSample[], increments: IncrementalSample[], client: ClientSample[], handoffs: HandoffSample[], options: MeasureOptions) {
   const of = (system: string): FullSample[] => full.filter((s) => s.system === system);
   const cpuPerGB = (samples: FullSample[]) => ({
     alphaCpuSecondsPerGB: spread(samples.map((s) => s.alphaCpuSeconds / (sizeBytes / 1e9))),
@@ -385,7 +462,7 @@ function summarise(sizeBytes: number, runs: number, maxRate: number, modes: Mode
   });
   // Ratios per run (the two systems of a run ran back to back), then their median.
   const fullRatios = of('replication').map((r) => r.mbps / of('nbdcopy').find((c) => c.run === r.run)!.mbps);
-  const clientSummary = clientRows.map((row) => {
+  const clientSummary = client.length === 0 ? null : clientRows.map((row) => {
     const byMode = Object.fromEntries(modes.map((mode) => {
       const mine = client.filter((s) => s.row === row.id && s.mode === mode.id);
       const base = client.filter((s) => s.row === row.id && s.mode === 'no-link');
@@ -400,12 +477,12 @@ function summarise(sizeBytes: number, runs: number, maxRate: number, modes: Mode
     runs,
     runtimeSeconds: options.runtimeSeconds,
     maxRateBytesPerSecond: maxRate,
-    full: {
+    full: full.length === 0 ? null : {
       replication: { mbps: spread(of('replication').map((s) => s.mbps)), seconds: spread(of('replication').map((s) => s.seconds)), streamSeconds: spread(of('replication').map((s) => s.streamSeconds!)), streamBytesPerVolumeByte: spread(of('replication').map((s) => s.streamBytes! / sizeBytes)), ...cpuPerGB(of('replication')) },
       nbdcopy: { mbps: spread(of('nbdcopy').map((s) => s.mbps)), seconds: spread(of('nbdcopy').map((s) => s.seconds)), ...cpuPerGB(of('nbdcopy')) },
       ratio: spread(fullRatios),
     },
-    incremental: {
+    incremental: increments.length === 0 ? null : {
       changedBytes: spread(increments.map((s) => s.changedBytes)),
       streamBytes: spread(increments.map((s) => s.streamBytes)),
       streamPerChanged: spread(increments.map((s) => s.streamBytes / s.changedBytes)),
@@ -413,28 +490,51 @@ function summarise(sizeBytes: number, runs: number, maxRate: number, modes: Mode
       seconds: spread(increments.map((s) => s.wallSeconds)),
     },
     client: clientSummary,
+    handoff: handoffs.length === 0 ? null : (['quiet', 'writer'] as const).map((load) => {
+      const mine = handoffs.filter((s) => s.load === load);
+      return {
+        load,
+        dirtyBytes: spread(mine.map((s) => s.dirtyBytes)),
+        pauseSeconds: spread(mine.map((s) => s.pauseSeconds)),
+        increments: spread(mine.map((s) => s.increments)),
+        finalBytes: spread(mine.map((s) => s.finalBytes)),
+        seconds: spread(mine.map((s) => s.seconds)),
+      };
+    }),
   };
 }
 
 function formatReport(report: ReturnType<typeof summarise>, modes: Mode[]): string {
   const size = formatSize(report.sizeBytes);
-  const { full, incremental } = report;
-  const cpu = (system: typeof full.nbdcopy): string => `${fixed(system.alphaCpuSecondsPerGB.median, 1)} / ${fixed(system.betaCpuSecondsPerGB.median, 1)}`;
-  const fullTable = markdownTable([`full first replication of ${size}`, 'MB/s', 'seconds', 'vs nbdcopy (goal ≥ 0.8x)', 'node CPU s per GB, alpha / beta'], [
+  const { full, incremental, client, handoff } = report;
+  const cpu = (system: NonNullable<typeof full>['nbdcopy']): string => `${fixed(system.alphaCpuSecondsPerGB.median, 1)} / ${fixed(system.betaCpuSecondsPerGB.median, 1)}`;
+  const fullTable = (full: NonNullable<typeof report.full>): string => markdownTable([`full first replication of ${size}`, 'MB/s', 'seconds', 'vs nbdcopy (goal ≥ 0.8x)', 'node CPU s per GB, alpha / beta'], [
     [`chunkd replica add → first cycle done (stream alone ${cell(full.replication.streamSeconds, 2, ' s')}; ${fixed(full.replication.streamBytesPerVolumeByte.median, 4)} stream bytes per volume byte)`, cell(full.replication.mbps), cell(full.replication.seconds, 2), `${cell(full.ratio, 2, 'x')}`, cpu(full.replication)],
     ['nbdcopy --flush alpha vol@snap → fresh volume on beta', cell(full.nbdcopy.mbps), cell(full.nbdcopy.seconds, 2), '1.00x', cpu(full.nbdcopy)],
   ]);
-  const incTable = markdownTable(['incremental, 1% changed in 4 KiB writes', 'changed bytes', 'stream bytes', 'stream / changed (goal ≤ 1.05x)', 'overhead bytes', 'seconds'], [
+  const incTable = (incremental: NonNullable<typeof report.incremental>): string => markdownTable(['incremental, 1% changed in 4 KiB writes', 'changed bytes', 'stream bytes', 'stream / changed (goal ≤ 1.05x)', 'overhead bytes', 'seconds'], [
     ['replica sync', cell(incremental.changedBytes), cell(incremental.streamBytes), cell(incremental.streamPerChanged, 4, 'x'), cell(incremental.overheadBytes), cell(incremental.seconds, 2)],
   ]);
-  const clientTable = markdownTable(['client I/O on alpha', ...modes.map((m) => m.title), ...modes.filter((m) => m.link !== null).map((m) => `${m.id} / no link (goal ≥ 0.8x)`), ...modes.filter((m) => m.link !== null).map((m) => `link MiB/s, ${m.id}`)],
-    report.client.map((row) => {
+  const clientTable = (rows: NonNullable<typeof report.client>): string => markdownTable(['client I/O on alpha', ...modes.map((m) => m.title), ...modes.filter((m) => m.link !== null).map((m) => `${m.id} / no link (goal ≥ 0.8x)`), ...modes.filter((m) => m.link !== null).map((m) => `link MiB/s, ${m.id}`)],
+    rows.map((row) => {
       const unit = row.metric === 'iops' ? ' IOPS' : ' MB/s';
       const linked = modes.filter((m) => m.link !== null);
       return [row.title, ...modes.map((m) => cell(row.modes[m.id]!.value, 0, unit)), ...linked.map((m) => cell(row.modes[m.id]!.ratioToNoLink, 2, 'x')), ...linked.map((m) => cell(row.modes[m.id]!.linkMiBPerSecond!, 1))];
     }));
+  const handoffTitle: Record<HandoffLoad, string> = {
+    quiet: 'volume handoff, 1% dirty, no client writing',
+    writer: 'volume handoff, 1% dirty, fio writing 0.1% of the volume per second (4 KiB random, QD32) until the freeze',
+  };
+  const handoffTable = (rows: NonNullable<typeof report.handoff>): string => markdownTable(['handoff (back and forth)', 'dirty bytes at the request', 'write pause, s (goal < 1 s)', 'phase-1 increments', 'final increment bytes', 'whole handoff, s'],
+    rows.map((row) => [handoffTitle[row.load], cell(row.dirtyBytes), cell(row.pauseSeconds, 3), cell(row.increments), cell(row.finalBytes), cell(row.seconds, 2)]));
   const note = `${report.runs} run(s), medians [min–max]; a ${size} volume of random data, two nodes on loopback (mutual TLS on the peer port); client I/O samples ${report.runtimeSeconds} s after a 1 s ramp; ${os.availableParallelism()} CPUs, load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')} at the end.`;
-  return [fullTable, '', incTable, '', clientTable, '', note].join('\n');
+  const tables = [
+    ...(full === null ? [] : [fullTable(full), '']),
+    ...(incremental === null ? [] : [incTable(incremental), '']),
+    ...(client === null ? [] : [clientTable(client), '']),
+    ...(handoff === null ? [] : [handoffTable(handoff), '']),
+  ];
+  return [...tables, note].join('\n');
 }
 
 main()

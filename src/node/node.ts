@@ -212,6 +212,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await node.#plugin.listen(config.pluginSocketPath);
       }
       if (config.peer && peerCredentials !== null) {
+        const replicaServer = new ReplicaServer(pool, node.#receiver, roles, config.log, async (volume, replicaBack) => {
+          if (replicaBack !== null) await node.replicator.ensureLink(volume, replicaBack, defaultEveryMs);
+        });
         node.#peer = new PeerServer({
           credentials: peerCredentials,
           allow: config.peer.allow === null ? null : new Set(config.peer.allow),
@@ -219,9 +222,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
           software: `chunkd ${softwareVersion}`,
           log: config.log,
           handshakeTimeoutMs: config.peer.handshakeTimeoutMs,
-          verbs: new ReplicaServer(pool, node.#receiver, roles, config.log, async (volume, replicaBack) => {
-            if (replicaBack !== null) await node.replicator.ensureLink(volume, replicaBack, defaultEveryMs);
-          }).verbs(),
+          verbs: replicaServer.verbs(),
+          bulkPayload: replicaServer.bulkPayload,
         });
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
         config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);

@@ -224,6 +224,18 @@ export function parseJsonObject(payload: Buffer, what: string): Record<string, u
  */
 export class FrameReader {
   readonly #input = new InputQueue();
+  /** Where a bulk verb's payload is gathered, or null to gather it like any other (see the constructor). */
+  readonly #bulkPayload: ((size: number) => Buffer) | null;
+
+  /**
+   * `bulkPayload`, when given, makes the buffer every bulk verb's payload is gathered into, always one copy: a
+   * receiver passes shared memory there, so that the chunk I/O workers write the payload's data in place instead of
+   * staging it through a copy of their own (store/worker-io.ts).
+   */
+  constructor(options: { bulkPayload?: (size: number) => Buffer } = {}) {
+    this.#bulkPayload = options.bulkPayload ?? null;
+  }
+
 
   push(chunk: Buffer): void {
     this.#input.push(chunk);
@@ -240,6 +252,11 @@ export class FrameReader {
     if (head === null) return null;
     const header = decodeFrameHeader(head.buffer, head.offset);
     assert(header.done, 'a whole header decodes');
+    if (this.#bulkPayload !== null && header.value.kind === FrameKind.request && bulkVerbs.has(header.value.verb)) {
+      if (this.#input.length < frameHeaderBytes + header.value.payloadBytes) return null;
+      this.#input.skip(frameHeaderBytes);
+      return { ...header.value, payload: this.#input.take(header.value.payloadBytes, this.#bulkPayload, true) };
+    }
     const whole = this.#input.contiguous(frameHeaderBytes + header.value.payloadBytes);
     if (whole === null) return null;
     const frame = decodeFrame(whole.buffer, whole.offset);

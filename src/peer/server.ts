@@ -62,6 +62,8 @@ export interface PeerServerOptions {
   verbs?: ReadonlyMap<number, VerbHandler>;
   /** Default limits.peerHandshakeTimeoutMs; tests shorten it. */
   handshakeTimeoutMs?: number;
+  /** Where a bulk verb's payload is gathered (FrameReader); default a fresh buffer in shared memory. */
+  bulkPayload?: (size: number) => Buffer;
 }
 
 export interface PeerServerStats {
@@ -233,7 +235,8 @@ class PeerConnection {
   readonly #where: string;
   readonly #server: PeerServer;
   readonly #onHello: () => void;
-  readonly #reader = new FrameReader();
+  /** Bulk payloads (replication's stream bytes) land in shared memory: the chunk I/O workers write them in place. */
+  readonly #reader: FrameReader;
   #state: 'awaiting-hello' | 'ready' | 'closing' = 'awaiting-hello';
   #version = 0;
   #inFlight = 0;
@@ -245,6 +248,7 @@ class PeerConnection {
     this.#where = where;
     this.#server = server;
     this.#onHello = onHello;
+    this.#reader = new FrameReader({ bulkPayload: server.options.bulkPayload ?? ((size) => Buffer.from(new SharedArrayBuffer(size))) });
     const id = server.nextConnectionId();
     this.#scope = {
       id,

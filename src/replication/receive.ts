@@ -118,18 +118,22 @@ export class StreamReceiver {
     return { aborted: volume };
   }
 
-  /** Applies the stream in `body` to `volume`; see the note at the top for what a failure leaves. */
-  async receive(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult> {
+  /**
+   * Applies the stream in `body` to `volume`; see the note at the top for what a failure leaves. With `recycle`,
+   * a piece of the body that held whole records is handed back once every write of its bytes is done (the peer
+   * server reuses its frame buffers so); a piece the decoder still holds part of is left to the garbage collector.
+   */
+  async receive(volume: string, body: AsyncIterable<Buffer>, options: { recycle?: (piece: Buffer) => void } = {}): Promise<ReceiveResult> {
     if (this.#active.has(volume)) throw ChunkdError.busy(`a receive into ${volume} is already running`);
     this.#active.add(volume);
     try {
-      return await this.#receive(volume, body);
+      return await this.#receive(volume, body, options.recycle ?? null);
     } finally {
       this.#active.delete(volume);
     }
   }
 
-  async #receive(volumeName: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult> {
+  async #receive(volumeName: string, body: AsyncIterable<Buffer>, recycle: ((piece: Buffer) => void) | null): Promise<ReceiveResult> {
     const decoder = new StreamDecoder();
     const input = body[Symbol.asyncIterator]();
     let pending: ReturnType<StreamDecoder['push']> = [];
@@ -179,6 +183,13 @@ export class StreamReceiver {
       saveInBackground();
       await drain();
     };
+    // The piece `pending` came from, while it may be recycled: `holds` counts its writes in flight, plus one for
+    // this loop until it has issued all of them.
+    let piece: { bytes: Buffer; holds: number } | null = null;
+    const letGo = (held: { bytes: Buffer; holds: number }): void => {
+      held.holds -= 1;
+      if (held.holds === 0) recycle!(held.bytes);
+    };
     try {
       volume = this.#pool.openVolumeForReceive(volumeName);
       let ended = false;
@@ -190,9 +201,12 @@ export class StreamReceiver {
             case 'data': {
               while (writing.size >= receiveWritesInFlightMax) await Promise.race(writing);
               if (writeFailure !== null) throw writeFailure;
+              const from = piece !== null && record.data.buffer === piece.bytes.buffer ? piece : null;
+              if (from !== null) from.holds += 1;
               const write: Promise<void> = volume.write(record.offsetBytes, record.data).then(
                 () => {
                   writing.delete(write);
+                  if (from !== null) letGo(from);
                 },
                 (error: unknown) => {
                   writing.delete(write);
@@ -224,6 +238,8 @@ export class StreamReceiver {
           }
         }
         if (ended) break;
+        if (piece !== null) letGo(piece);
+        piece = null;
         if (sinceCommitBytes >= receiveCommitBytes) saveInBackground();
         let next: IteratorResult<Buffer>;
         try {
@@ -233,6 +249,7 @@ export class StreamReceiver {
         }
         if (next.done === true) throw new Interrupted(`the stream ended after ${decoder.offsetBytes + decoder.trailingBytes} bytes, before its end record`);
         pending = decoder.push(next.value);
+        if (recycle !== null && decoder.trailingBytes === 0) piece = { bytes: next.value, holds: 1 };
       }
       await drain();
       const finished = volume;

@@ -9,6 +9,8 @@
 // takes streams only from its owner, or from a node with a higher ownership epoch (a handoff or a promotion made
 // it the owner); a sender with a lower epoch than the replica has seen is refused (fenced).
 import { ChunkdError } from '../core/errors.ts';
+import { SizedFreeList } from '../core/free-list.ts';
+import { receiveFrameBuffersHeldBytes } from '../core/limits.ts';
 import { PeerVerb } from '../peer/protocol.ts';
 import type { PeerRequestContext, VerbHandler } from '../peer/server.ts';
 import type { Pool } from '../store/pool.ts';
@@ -35,6 +37,8 @@ export class ReplicaServer {
   readonly #log: Log;
   /** The stream each connection carries, by connection id. */
   readonly #sessions = new Map<number, Session>();
+  /** receiveData payloads' buffers (shared memory), reused once the receiver has written their bytes. */
+  readonly #frameBuffers = new SizedFreeList(receiveFrameBuffersHeldBytes);
 
   /** Called once this node owns a volume handed to it, with the old owner's address to replicate back to (or null). */
   readonly #onTaken: (volume: string, replicaBack: string | null) => Promise<void>;
@@ -76,6 +80,12 @@ export class ReplicaServer {
     };
   }
 
+  /**
+   * Where the peer server gathers a receiveData payload (PeerServerOptions.bulkPayload): shared memory, so that the
+   * chunk I/O workers write its data in place, from buffers the receiver handed back when it could.
+   */
+  readonly bulkPayload = (size: number): Buffer => this.#frameBuffers.take(size) ?? Buffer.from(new SharedArrayBuffer(size));
+
   async #open(payload: Buffer, context: PeerRequestContext): Promise<object> {
     const { volume, epoch } = parseReceiveOpen(payload);
     if (this.#sessions.has(context.connection.id)) throw ChunkdError.busy('this connection carries a stream already; close it first');
@@ -83,7 +93,7 @@ export class ReplicaServer {
     // Recorded before the stream may create the volume, so a replica never exists without its role.
     await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });
     const feed = new ByteFeed();
-    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed) };
+    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed, { recycle: (piece) => this.#frameBuffers.put(piece) }) };
     this.#sessions.set(context.connection.id, session);
     session.result.then(
       () => feed.close(ChunkdError.protocol(`the stream into ${volume} is complete; no more bytes belong to it`)),

@@ -432,7 +432,7 @@ export class Replicator {
     const inFlight = new Set<Promise<void>>();
     let failure: unknown = null;
     let sentBytes = 0;
-    const send = async (pieces: Buffer[], frameBytes: number): Promise<void> => {
+    const send = async (pieces: Buffer[], records: Buffer[][], frameBytes: number): Promise<void> => {
       if (limiter !== null) {
         const waitMs = limiter.reserve(frameBytes, performance.now());
         if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
@@ -442,6 +442,8 @@ export class Replicator {
       const covered = prepared.coveredBytes();
       const request = withTimeout(client.request(PeerVerb.receiveData, pieces), this.#timeoutMs, () => client.close(), `${link.peerName} took no stream bytes for ${formatDuration(this.#timeoutMs)}`).then(
         () => {
+          // Answered: the frame's bytes went through TLS long ago, and their read buffers may take the next reads.
+          prepared.recycle(records);
           sentBytes += frameBytes;
           link.sentTotal += frameBytes;
           if (link.stream !== null) link.stream.sentBytes = Math.max(link.stream.sentBytes, covered);
@@ -455,20 +457,23 @@ export class Replicator {
     };
     // Frames end at record ends, so the receiver decodes each record in place, without gathering it again.
     let pieces: Buffer[] = [];
+    let records: Buffer[][] = [];
     let pieceBytes = 0;
     try {
       for await (const record of prepared.records) {
+        records.push(record);
         for (const piece of record) {
           pieces.push(piece);
           pieceBytes += piece.length;
         }
         if (pieceBytes >= frameBytesTarget) {
-          await send(pieces, pieceBytes);
+          await send(pieces, records, pieceBytes);
           pieces = [];
+          records = [];
           pieceBytes = 0;
         }
       }
-      if (pieceBytes > 0) await send(pieces, pieceBytes);
+      if (pieceBytes > 0) await send(pieces, records, pieceBytes);
       await Promise.all(inFlight);
     } finally {
       await prepared.records.return(undefined);

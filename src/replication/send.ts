@@ -3,8 +3,13 @@
 // the chunk store's verified read: a chunk that fails its checksum stops the stream with an ABORT record naming
 // the extent, so damaged bytes are never shipped. Reads go a record (at most 1 MiB) at a time, a few ahead, and the records are
 // yielded to a consumer that applies backpressure (the API's HTTP response), so memory stays bounded.
+//
+// Reads land in shared memory, so that a chunk I/O worker reads and verifies in place (store/worker-io.ts stages
+// any other buffer through a copy). A consumer that says when it is done with a record's bytes (recycle(), the
+// replicator once the peer has answered) has its read buffers reused, so a long stream allocates a few buffers,
+// not one per record; a consumer that does not leaves them to the garbage collector.
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, inlineReadBytesMax, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
 import { isZero } from '../store/frames.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
 import type { Pool } from '../store/pool.ts';
@@ -30,6 +35,8 @@ export interface PreparedSend {
   failure(): ChunkdError | null;
   /** Bytes of the changed extents (data and zeros) the records yielded so far cover: progress against header.dataBytes. */
   coveredBytes(): number;
+  /** The consumer is done with these records' bytes (each record once): their read buffers may be reused. */
+  recycle(records: Buffer[][]): void;
 }
 
 /** Turns a resume token into the request it continues (the snapshots found by id). */
@@ -65,6 +72,33 @@ export function prepareSend(source: SendSource, request: SendRequest, log: Log):
   const digest = source.contentDigest(request.volume, request.snapshot);
   let failure: ChunkdError | null = null;
   let coveredBytes = 0;
+  // Read buffers (shared memory) by their memory: the data records yielded from each and not yet recycled.
+  const users = new Map<ArrayBufferLike, { buffer: Buffer; records: number }>();
+  const free: Buffer[] = [];
+  // A read small enough to be done on this thread (worker-io.ts) gains nothing from shared memory: a pooled
+  // buffer. Only whole-record buffers are reused (a full stream is made of them), so none holds more than it reads.
+  const takeBuffer = (length: number): Buffer => {
+    if (length <= inlineReadBytesMax) return Buffer.allocUnsafe(length);
+    if (length < streamDataRecordBytesMax) return Buffer.from(new SharedArrayBuffer(length));
+    return free.pop() ?? Buffer.from(new SharedArrayBuffer(streamDataRecordBytesMax));
+  };
+  const giveBack = (buffer: Buffer): void => {
+    if (buffer.buffer instanceof SharedArrayBuffer && buffer.length === streamDataRecordBytesMax && free.length < sendReadsAheadMax) free.push(buffer);
+  };
+  const recycle = (records: Buffer[][]): void => {
+    for (const record of records) {
+      for (const piece of record) {
+        const user = users.get(piece.buffer);
+        if (user === undefined) continue;
+        user.records -= 1;
+        if (user.records === 0) {
+          users.delete(piece.buffer);
+          giveBack(user.buffer);
+        }
+        break;
+      }
+    }
+  };
   const exportName = `${request.volume}@${request.snapshot}`;
   async function* records(): AsyncGenerator<Buffer[]> {
     yield [encodeHeader(header)];
@@ -81,7 +115,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: Log):
         const next = pieces.next();
         if (next.done === true) return;
         const { offset, length, extent } = next.value;
-        const buffer = Buffer.allocUnsafe(length);
+        const buffer = takeBuffer(length);
         readingBytes += length;
         // The error is kept in the promise's value and looked at in order, when the piece's turn comes.
         reads.push({ offset, extent, buffer, done: device.read(offset, buffer).then(() => null, (error: unknown) => error) });
@@ -105,7 +139,11 @@ export function prepareSend(source: SendSource, request: SendRequest, log: Log):
         readAhead();
         const { offset, buffer } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
-        for (const run of zeroRuns(buffer)) {
+        const runs = zeroRuns(buffer);
+        const dataRuns = runs.filter((run) => !run.zero).length;
+        if (dataRuns === 0) giveBack(buffer);
+        else if (buffer.buffer instanceof SharedArrayBuffer) users.set(buffer.buffer, { buffer, records: dataRuns });
+        for (const run of runs) {
           recordCount += 1;
           coveredBytes += run.end - run.start;
           if (run.zero) {
@@ -123,7 +161,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: Log):
       await device.close();
     }
   }
-  return { header, records: records(), failure: () => failure, coveredBytes: () => coveredBytes };
+  return { header, records: records(), failure: () => failure, coveredBytes: () => coveredBytes, recycle };
 }
 
 /** The pieces of at most one record each that the extents are read in, in order. */

@@ -124,6 +124,30 @@ test('the frame reader takes frames split anywhere and several in one chunk', ()
   }
 });
 
+test('the frame reader gathers a bulk request\'s payload into the buffer it is given, whole or split, and no other frame\'s', () => {
+  const data = Buffer.alloc(100_000);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
+  const stream = Buffer.concat([...encodeFrame(FrameKind.request, PeerVerb.receiveData, 5, data), ...encodeJsonFrame(FrameKind.request, PeerVerb.receiveClose, 6, { a: 1 })]);
+  for (const split of [0, 10, 16, 5000, 100_016, stream.length]) {
+    const given: Buffer[] = [];
+    const reader = new FrameReader({ bulkPayload: (size) => {
+      const buffer = Buffer.from(new SharedArrayBuffer(size));
+      given.push(buffer);
+      return buffer;
+    } });
+    const frames = [];
+    reader.push(stream.subarray(0, split));
+    for (let frame = reader.next(); frame !== null; frame = reader.next()) frames.push(frame);
+    reader.push(stream.subarray(split));
+    for (let frame = reader.next(); frame !== null; frame = reader.next()) frames.push(frame);
+    assert.deepEqual(frames.map((frame) => [frame.verb, frame.requestId]), [[PeerVerb.receiveData, 5], [PeerVerb.receiveClose, 6]], `split at ${split}`);
+    assert.equal(given.length, 1, 'one buffer, for the bulk payload only');
+    assert.equal(frames[0]!.payload.buffer, given[0]!.buffer);
+    assert.ok(frames[0]!.payload.equals(data));
+    assert.equal(reader.bufferedBytes, 0);
+  }
+});
+
 test('fuzz: random and mutated streams give frames, "need more" or EPROTO, nothing else', () => {
   const seed = testSeed('peer frame fuzz');
   const random = makeRandom(seed);
