@@ -66,6 +66,8 @@ export interface ControlPlane {
   demote(volume: string, ownerAddress: string | null): Promise<unknown>;
   /** Moves a volume to another node (replication/handoff.ts). */
   handoff(volume: string, to: string): Promise<unknown>;
+  /** The cluster as etcd has it (cluster/cluster.ts); refused on a node not in one. */
+  clusterStatus(): Promise<unknown>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -172,6 +174,8 @@ export class ApiServer {
         return;
       case 'GET /v1/status':
         return sendJson(response, 200, await this.#control.status());
+      case 'GET /v1/cluster':
+        return sendJson(response, 200, await this.#control.clusterStatus());
       case 'GET /v1/volumes':
         return sendJson(response, 200, { volumes: this.#control.listVolumes() });
       case 'POST /v1/volumes': {

@@ -64,7 +64,15 @@ export const commands = {
       'peer-timeout': { type: 'string', value: 'DURATION', fallback: '60s', help: 'a peer that answers nothing for this long (paused, its disk stuck) fails the replication cycle, which is retried and resumes' },
       'api-listen': { type: 'string', value: 'HOST:PORT', help: 'the management API on TCP as well, mutual TLS with client certificates from the CA of --tls-dir' },
       'metrics-listen': { type: 'string', value: 'HOST:PORT', help: 'GET /metrics (Prometheus text) on plain HTTP over TCP, read-only, nothing else on that port (off by default)' },
+      etcd: { type: 'string', value: 'URL,...', help: 'join the cluster kept in this etcd (http://HOST:PORT, several comma-separated); needs --node-name. Off by default: the node works alone' },
+      'node-name': { type: 'string', value: 'NAME', help: "this node's name in the cluster (with --peer-listen, the name in its certificate)" },
+      'lease-ttl': { type: 'string', value: 'DURATION', fallback: '10s', help: "the TTL of the node's etcd lease: writes to its volumes stop when it cannot renew it for the TTL less a margin (a fifth, at least 0.5 s)" },
     },
+  },
+  'cluster status': {
+    usage: ['cluster status [--json]'],
+    summary: 'the cluster as etcd has it, from any node in it: nodes (alive while their lease lives), capacity, free space, volumes per node',
+    options: { ...json, ...api },
   },
   'volume create': {
     usage: ['volume create NAME --size SIZE [--json]'],

@@ -19,6 +19,7 @@ import { benchCommand, benchHelp } from './bench.ts';
 import { tlsCommand } from './tls.ts';
 import { peerCommand } from './peer.ts';
 import { replicaCommand } from './replica.ts';
+import { clusterCommand } from './cluster.ts';
 import { receiveCommand, sendCommand } from './stream.ts';
 import { commandHelp, commands, commandWords, findCommand, generalHelp, unknownVerb } from './help.ts';
 import { parsing, printError, reportError, UsageError, wantsJson } from './errors.ts';
@@ -77,6 +78,8 @@ async function run(argv: string[]): Promise<number> {
       return peerCommand(rest);
     case 'replica':
       return replicaCommand(rest, apiPath);
+    case 'cluster':
+      return clusterCommand(rest, apiPath);
     case 'bench':
       return benchCommand(rest);
     default:

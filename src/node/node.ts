@@ -32,6 +32,7 @@ import { validateAttachRequest } from './attachment-table.ts';
 import { loadCredentials, type TlsCredentials } from '../peer/credentials.ts';
 import { PeerServer, type PeerServerStats } from '../peer/server.ts';
 import { softwareVersion } from '../core/version.ts';
+import { ClusterMember, type ClusterConfig, type ClusterHost, type ClusterStatus } from '../cluster/cluster.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -67,6 +68,8 @@ export interface NodeConfig {
   peerTimeoutMs?: number;
   /** GET /metrics on plain HTTP over TCP for Prometheus (serve --metrics-listen), nothing else there; null/absent: none. */
   metricsListen?: { host: string; port: number } | null;
+  /** Membership of a cluster coordinated through etcd (serve --etcd, --node-name, --lease-ttl); null/absent: the node works alone. */
+  cluster?: ClusterConfig | null;
 }
 
 export interface PeerConfig {
@@ -100,6 +103,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** Which volumes are read-only replicas of other nodes' (loaded at start). */
   #roles: VolumeRoles | null = null;
   #replicator: Replicator | null = null;
+  #cluster: ClusterMember | null = null;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string, tls: TlsServerConfig | null) {
     this.config = config;
@@ -117,6 +121,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const tls = config.tls ? loadTlsServerConfig(config.tls.directory, config.tls.mode, config.tls.verifyPeer) : null;
     const peerCredentials = config.peer ? loadCredentials(config.peer.tlsDirectory, 'server') : null;
     const apiCredentials = config.apiTls ? loadCredentials(config.apiTls.tlsDirectory, 'server') : null;
+    if (config.cluster && peerCredentials !== null && peerCredentials.name !== config.cluster.nodeName) {
+      throw ChunkdError.invalid(`--node-name ${config.cluster.nodeName} differs from the name in this node's certificate (${peerCredentials.name}, in ${peerCredentials.directory}): peers know it by that name, so give --node-name ${peerCredentials.name}`);
+    }
     const workers = config.workers ?? defaultWorkerCount();
     // With workers, request buffers live in shared memory so that bytes reach a worker without a copy.
     const sharedBuffers = workers > 0 ? new SharedBufferPool() : null;
@@ -163,8 +170,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       // Every volume this node may not write is refused in the pool too (the receiver writes past that).
       for (const volume of roles.readOnlyVolumes()) await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
       for (const [volume] of roles.fencedVolumes()) config.log(roles.writeRefusal(volume, 'writing')!.message);
-      if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
-        await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
+      // In a cluster, no write is acknowledged before the node has joined it (at the end, once its peer port
+      // listens, so that its record names it): every write asks the cluster first (fencing by time).
+      if (config.cluster) pool.setWriteGate((volume) => ChunkdError.readOnly(`volume ${volume}: writes refused: node ${config.cluster!.nodeName} is joining the cluster`));
+      if (config.defaultVolume !== null && !config.cluster && !pool.hasVolume(config.defaultVolume.name)) {
+        await node.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
         config.log(`created volume ${config.defaultVolume.name}`);
       }
       await node.api.listen(node.apiSocketPath);
@@ -218,6 +228,15 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
         config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);
       }
+      if (config.cluster) {
+        node.#cluster = await ClusterMember.start(config.cluster, node.#clusterHost());
+        const cluster = node.#cluster;
+        pool.setWriteGate((volume) => cluster.writeRefusal(volume));
+        if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
+          await node.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
+          config.log(`created volume ${config.defaultVolume.name}`);
+        }
+      }
       node.#replicator.start();
     } catch (error) {
       await node.stop().catch(() => {});
@@ -228,6 +247,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   async stop(): Promise<void> {
     await this.#replicator?.stop();
+    // Before the front ends close, the node leaves the cluster (its lease revoked): it acknowledges no more writes.
+    await this.#cluster?.stop();
     await this.#metrics?.close();
     await this.#peer?.close();
     await this.#plugin?.close();
@@ -328,7 +349,17 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
     // A role left from a replica of that name that never completed (roles.ts) must not apply to a new volume.
     if (!this.pool.hasVolume(name)) await this.roles.forget(name);
-    return this.pool.createVolume(name, sizeBytes);
+    const info = await this.pool.createVolume(name, sizeBytes);
+    if (this.#cluster === null) return info;
+    // Made here first, then recorded in etcd: until the record's transaction succeeds its writes are refused, and a
+    // crash in between leaves a local volume that the next start records (cluster.ts).
+    try {
+      await this.#cluster.createVolume(name, sizeBytes, this.roles.epochOf(name));
+    } catch (error) {
+      await this.pool.removeVolume(name).catch((removeError: unknown) => this.config.log(`volume ${name} was not recorded in etcd and could not be removed here: ${String(removeError)}`));
+      throw error;
+    }
+    return info;
   }
 
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
@@ -352,9 +383,36 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       if (open.length > 0) throw ChunkdError.busy(`replica ${name} has snapshots in use (${open.map((s) => s.name).join(', ')}); disconnect their clients first`);
       for (const snapshot of this.pool.listSnapshots(name)) await this.pool.removeSnapshot(name, snapshot.name);
     }
+    const owned = this.roles.replicaOf(name) === null;
     await this.pool.removeVolume(name);
     await this.roles.forget(name);
     await this.#replicator?.forgetVolume(name);
+    if (this.#cluster !== null && owned) await this.#cluster.removeVolume(name);
+  }
+
+  // ---- the cluster (serve --etcd) ----
+
+  /** The cluster as etcd has it; refused on a node that is not in one. */
+  clusterStatus(): Promise<ClusterStatus> {
+    if (this.#cluster === null) throw ChunkdError.invalid('this node is not in a cluster: start it with chunkd serve --etcd URL --node-name NAME');
+    return this.#cluster.status();
+  }
+
+  #clusterHost(): ClusterHost {
+    const roles = this.roles;
+    return {
+      poolId: this.poolId,
+      log: this.config.log,
+      peerAddress: () => this.#peer?.addresses()[0] ?? null,
+      describe: async () => {
+        const status = await this.pool.status();
+        return { capacityBytes: status.fileSystem.sizeBytes, freeBytes: status.fileSystem.freeBytes, health: status.failure === null ? 'ok' : `pool failed: ${status.failure}` };
+      },
+      ownedVolumes: () => this.pool.listVolumes().flatMap((volume) => {
+        const replica = roles.replicaOf(volume.name) !== null;
+        return replica ? [] : [{ name: volume.name, sizeBytes: volume.sizeBytes, epoch: roles.epochOf(volume.name) }];
+      }),
+    };
   }
 
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo> {

@@ -171,7 +171,7 @@ export class Pool {
       backgroundCommitIntervalMs: options.backgroundCommitIntervalMs ?? backgroundCommitIntervalMs,
       log,
     });
-    this.#volumeStore = { chunks: this.#chunks, metadata: this.#engine };
+    this.#volumeStore = { chunks: this.#chunks, metadata: this.#engine, writeGate: (volume) => this.#writeGate(volume) };
   }
 
   /**
@@ -303,6 +303,16 @@ export class Pool {
     release();
     await this.#engine.commit();
   }
+
+  /**
+   * Asked at every write to a volume, before it is applied and before it is acknowledged (reads and the stream
+   * receiver are not asked): the cluster's fencing by time (cluster/cluster.ts). Default: every write goes through.
+   */
+  setWriteGate(gate: (volume: string) => ChunkdError | null): void {
+    this.#writeGate = gate;
+  }
+
+  #writeGate: (volume: string) => ChunkdError | null = () => null;
 
   /** Why the volume refuses writes, or null. */
   writeBlock(name: string): ChunkdError | null {

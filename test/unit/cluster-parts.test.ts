@@ -1,0 +1,51 @@
+// The cluster's pure parts: the lease clock's fencing by time (cluster/lease-clock.ts), the records' checks and the
+// --etcd parser (cluster/records.ts).
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
+import { parseEtcdEndpoints, parseNodeRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
+import { ChunkdError } from '../../src/core/errors.ts';
+
+test('lease clock: writes stop TTL - margin after the last confirmed renewal was sent, never later', () => {
+  const timing = leaseTiming(10_000);
+  assert.deepEqual(timing, { ttlMs: 10_000, marginMs: 2_000 });
+  assert.equal(leaseTiming(2_000).marginMs, 500);
+  assert.equal(keepaliveIntervalMs(timing), 3_333);
+  const clock = new LeaseClock(timing);
+  assert.equal(clock.live(0), false, 'no lease, no writes');
+  assert.match(clock.refusal('vol', 0)!.message, /volume vol: writes refused: this node has no live lease in etcd/);
+  clock.renewed(1_000);
+  assert.equal(clock.refusal('vol', 1_000), null);
+  assert.equal(clock.live(8_999), true);
+  assert.equal(clock.live(9_000), false, 'at sentAt + TTL - margin');
+  const refusal = clock.refusal('vol', 12_345)!;
+  assert.ok(refusal instanceof ChunkdError && refusal.code === 'EPERM');
+  assert.match(refusal.message, /has not renewed its etcd lease for 11\.3 s \(TTL 10 s, writes stop 2 s before it can expire\)/);
+  // A confirmation that arrives late for an older send never moves the clock back.
+  clock.renewed(5_000);
+  clock.renewed(4_000);
+  assert.equal(clock.ageMs(6_000), 1_000);
+  clock.lost();
+  assert.equal(clock.live(5_001), false);
+});
+
+test('records: checked when read, the key must match the name', () => {
+  const volume = { name: 'vol', sizeBytes: 1024, owner: 'alpha', epoch: 2, replicas: ['beta'], createdAt: 'now' };
+  assert.deepEqual(parseVolumeRecord('/chunkd/v1/volumes/vol', Buffer.from(JSON.stringify(volume))), volume);
+  assert.throws(() => parseVolumeRecord('/chunkd/v1/volumes/other', Buffer.from(JSON.stringify(volume))), /does not hold a volume record/);
+  assert.throws(() => parseVolumeRecord('/chunkd/v1/volumes/vol', Buffer.from(JSON.stringify({ ...volume, epoch: 0 }))), /does not hold a volume record/);
+  assert.throws(() => parseVolumeRecord('/chunkd/v1/volumes/vol', Buffer.from('{')), /does not hold JSON/);
+  const node = { name: 'alpha', poolId: 'p', peer: null, capacityBytes: 10, freeBytes: 5, version: '0.1.0', health: 'ok', updatedAt: 'now' };
+  assert.deepEqual(parseNodeRecord('/chunkd/v1/nodes/alpha', Buffer.from(JSON.stringify(node))), node);
+  assert.throws(() => parseNodeRecord('/chunkd/v1/nodes/alpha', Buffer.from(JSON.stringify({ ...node, capacityBytes: 'x' }))), /does not hold a node record/);
+});
+
+test('--etcd: http URLs with a port, comma-separated; anything else is refused naming it', () => {
+  assert.deepEqual(parseEtcdEndpoints('http://127.0.0.1:2379'), ['http://127.0.0.1:2379']);
+  assert.deepEqual(parseEtcdEndpoints('http://a:1/,http://[::1]:2'), ['http://a:1', 'http://[::1]:2']);
+  assert.throws(() => parseEtcdEndpoints(''), /--etcd needs at least one URL/);
+  assert.throws(() => parseEtcdEndpoints('127.0.0.1:2379'), /invalid --etcd URL "127\.0\.0\.1:2379"/);
+  assert.throws(() => parseEtcdEndpoints('http://a:1,http://b'), /invalid --etcd URL "http:\/\/b"/);
+  assert.throws(() => parseEtcdEndpoints('http://a:1/v3'), /invalid --etcd URL/);
+  assert.throws(() => parseEtcdEndpoints('https://a:1'), /etcd over TLS is not supported yet/);
+});
