@@ -12,6 +12,10 @@
 //                 Not under any lease: it outlives its owner. Created by the owner in a transaction comparing the
 //                 key's version with 0; every later change is a transaction comparing the mod revision it read, so of
 //                 two concurrent writers exactly one wins and the other re-reads.
+//   replicas/VOL/NODE  {volume, node, owner, ownerEpoch, point, pointMs}
+//                 Written by node NODE only, under its lease, while it holds a replica of VOL: the owner and epoch it
+//                 follows and its newest complete replicated point (repl-<owner's ms>). Read by every node to pick
+//                 the successor of an owner whose lease expired (failover.ts).
 //
 // Why two nodes never both own a volume (both acknowledging writes to it):
 //   1. A node acknowledges a write to a volume only while (a) it has confirmed, by a transaction that also
@@ -25,15 +29,19 @@
 //      paused, since its check reads the monotonic clock at the write.
 //   3. An owner whose lease was lost does not resume on a new lease until step 1a holds again: its confirmation is
 //      cleared with the lease, and a lapse of the clock (even without losing the lease) re-checks too.
+//   Automatic failover is step 2: every node, at each renewal, looks for volumes whose owner is unregistered; the
+//   live replica of that owner and epoch with the newest point (ties: the first name) runs the transaction (which
+//   also compares its own registration under its lease), then promotes its replica locally (node.promote, epoch + 1,
+//   the same number). Of nodes deciding at once on different views, the revision compare lets one win.
 //   A transaction compares revisions in etcd, which is linearizable: of a takeover and the owner's confirmation,
 //   one is ordered first, and the other sees its effect.
 import { performance } from 'node:perf_hooks';
-import { Etcd3, EtcdLeaseInvalidError, type IKeyValue } from 'etcd3';
-import { noop } from 'cockatiel';
+import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type IOptions } from 'etcd3';
 import { ChunkdError } from '../core/errors.ts';
 import { softwareVersion } from '../core/version.ts';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
-import { nodeKey, nodesPrefix, parseNodeRecord, parseVolumeRecord, volumeKey, volumesPrefix, type NodeRecord, type VolumeRecord } from './records.ts';
+import { nodeKey, nodesPrefix, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
+import { chooseSuccessor, orphanedVolumes } from './failover.ts';
 
 export interface ClusterConfig {
   endpoints: string[];
@@ -48,6 +56,10 @@ export interface ClusterHost {
   describe(): Promise<{ capacityBytes: number; freeBytes: number; health: string }>;
   /** Volumes this node owns in its pool (not replicas), with its ownership epoch (roles.ts) and size. */
   ownedVolumes(): Array<{ name: string; sizeBytes: number; epoch: number }>;
+  /** Volumes this node holds as replicas: the owner and epoch each follows, and its newest complete replicated point. */
+  replicaVolumes(): Array<{ name: string; owner: string; ownerEpoch: number; point: string | null }>;
+  /** Makes the replica `volume` this node's own at its last replicated point (node.promote); the new epoch. */
+  promote(volume: string): Promise<number>;
   log: (line: string) => void;
 }
 
@@ -57,6 +69,16 @@ export interface ClusterStatus {
   nodes: Array<NodeRecord & { alive: boolean; volumes: string[] }>;
   volumes: VolumeRecord[];
 }
+
+/**
+ * The etcd client's fault handling, per host and overall: none. Its default retries a failed call three times and
+ * opens a circuit breaker for 5 s after three failures, which would keep writes refused that long after etcd
+ * returns; the keepalive loop retries on its own schedule instead. (Only `execute` is what etcd3 calls.)
+ */
+type Policy = NonNullable<NonNullable<IOptions['faultHandling']>['global']>;
+const noFaultHandling = {
+  execute: (fn: (context: { signal: AbortSignal }) => unknown, signal?: AbortSignal) => Promise.resolve().then(() => fn({ signal: signal ?? new AbortController().signal })),
+} as unknown as Policy;
 
 /** How long one call to etcd may take before it counts as unanswered. */
 const callTimeoutMs = 3_000;
@@ -75,14 +97,14 @@ export class ClusterMember {
   #loop: Promise<void> | null = null;
   #wake: (() => void) | null = null;
   #lastError: string | null = null;
+  /** The replica records this node last wrote (volume -> JSON), so that only changes are written. */
+  readonly #published = new Map<string, string>();
 
   private constructor(config: ClusterConfig, host: ClusterHost) {
     this.config = config;
     this.#host = host;
     this.#clock = new LeaseClock(leaseTiming(config.leaseTtlMs));
-    // No retries or circuit breakers inside the client: the keepalive loop retries on its own schedule, and a
-    // breaker left open after etcd returns would keep writes refused for seconds longer than needed.
-    this.#client = new Etcd3({ hosts: config.endpoints, dialTimeout: callTimeoutMs, faultHandling: { host: () => noop, global: noop } });
+    this.#client = new Etcd3({ hosts: config.endpoints, dialTimeout: callTimeoutMs, faultHandling: { host: () => noFaultHandling, global: noFaultHandling } });
   }
 
   /**
@@ -155,8 +177,14 @@ export class ClusterMember {
 
   /** The cluster as etcd has it: nodes (alive: registered under a live lease), volumes, and which node owns each. */
   async status(): Promise<ClusterStatus> {
-    const [nodes, volumes] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix)]);
-    const volumeRecords = volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value)).sort((a, b) => a.name.localeCompare(b.name));
+    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix)]);
+    const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
+    const volumeRecords = volumes.map((kv) => {
+      const record = parseVolumeRecord(kv.key.toString(), kv.value);
+      // Replicas on live nodes that follow this owner's epoch, as they published them.
+      const following = replicaRecords.filter((replica) => replica.volume === record.name && replica.owner === record.owner && replica.ownerEpoch === record.epoch).map((replica) => replica.node);
+      return { ...record, replicas: [...new Set([...record.replicas, ...following])].sort() };
+    }).sort((a, b) => a.name.localeCompare(b.name));
     const nodeRecords: ClusterStatus['nodes'] = nodes.map((kv) => ({ ...parseNodeRecord(kv.key.toString(), kv.value), alive: true, volumes: [] }));
     // An owner named by a volume but without a live registration is down (its lease expired).
     for (const volume of volumeRecords) {
@@ -317,6 +345,7 @@ export class ClusterMember {
           this.#clock.renewed(sentAt);
           if (lapsed) await this.#confirmOwnership();
           beats += 1;
+          if (this.#clock.live(performance.now())) await this.#failover();
           if (beats % 3 === 0) await this.#client.put(nodeKey(this.nodeName)).value(JSON.stringify(await this.#record())).lease(this.#leaseId!).options(deadline()).exec();
         }
         if (this.#lastError !== null) this.#host.log(`cluster: etcd answers again (${this.#confirmed.size} volume(s) confirmed)`);
@@ -325,6 +354,69 @@ export class ClusterMember {
         const message = describeError(error);
         if (message !== this.#lastError) this.#host.log(`cluster: etcd ${this.config.endpoints.join(',')}: ${message}; writes to owned volumes stop ${((this.#clock.timing.ttlMs - this.#clock.timing.marginMs) / 1000).toFixed(1)} s after the last renewal`);
         this.#lastError = message;
+      }
+    }
+  }
+
+  // ---- automatic failover ----
+
+  /**
+   * Once per renewal: publishes this node's replicas (newest point of each, under its lease), then, for every
+   * volume whose owner's registration is gone, the replica with the newest point takes it over if that is this
+   * node: a transaction on the volume's record comparing the revision read, that the owner is still unregistered and
+   * that this node is registered under its lease; the epoch rises by one. Then the replica is promoted here.
+   */
+  async #failover(): Promise<void> {
+    const lease = this.#requireLease();
+    const mine = this.#host.replicaVolumes();
+    for (const replica of mine) {
+      const pointMs = replica.point === null ? Number.NaN : Number(replica.point.slice(replica.point.indexOf('-') + 1));
+      if (replica.point === null || !Number.isSafeInteger(pointMs)) continue;
+      const record: ReplicaRecord = { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: replica.point, pointMs };
+      const value = JSON.stringify(record);
+      if (this.#published.get(replica.name) === `${lease}:${value}`) continue;
+      await this.#client.put(replicaKey(replica.name, this.nodeName)).value(value).lease(lease).options(deadline()).exec();
+      this.#published.set(replica.name, `${lease}:${value}`);
+    }
+    for (const volume of [...this.#published.keys()]) {
+      if (mine.some((replica) => replica.name === volume)) continue;
+      await this.#client.delete().key(replicaKey(volume, this.nodeName)).options(deadline()).exec();
+      this.#published.delete(volume);
+    }
+    if (mine.length === 0) return;
+    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix)]);
+    const alive = new Set(nodes.map((kv) => kv.key.toString().slice(nodesPrefix.length)));
+    const volumeRevisions = new Map(volumes.map((kv) => [kv.key.toString(), kv.mod_revision]));
+    const orphans = orphanedVolumes(
+      volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value)),
+      alive,
+      replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value)),
+    );
+    for (const { volume, candidates } of orphans) {
+      const successor = chooseSuccessor(candidates);
+      if (successor?.node !== this.nodeName || !mine.some((replica) => replica.name === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch)) continue;
+      const epoch = volume.epoch + 1;
+      const record: VolumeRecord = { ...volume, owner: this.nodeName, epoch, replicas: volume.replicas.filter((name) => name !== this.nodeName) };
+      const result = await this.#client
+        .if(volumeKey(volume.name), 'Mod', '==', volumeRevisions.get(volumeKey(volume.name))!)
+        .and(nodeKey(volume.owner), 'Version', '==', 0)
+        .and(nodeKey(this.nodeName), 'Lease', '==', lease)
+        .then(this.#client.put(volumeKey(volume.name)).value(JSON.stringify(record)), this.#client.delete().key(replicaKey(volume.name, this.nodeName)))
+        .options(deadline())
+        .commit();
+      if (!result.succeeded) {
+        this.#host.log(`cluster: failover of volume ${volume.name} not taken: its record or ${volume.owner}'s registration changed meanwhile`);
+        continue;
+      }
+      this.#published.delete(volume.name);
+      this.#host.log(`cluster: node ${volume.owner}, owner of volume ${volume.name} at epoch ${volume.epoch}, has no live lease; this node takes it over at epoch ${epoch} from ${successor.point}`);
+      try {
+        const promoted = await this.#host.promote(volume.name);
+        if (promoted !== epoch) throw ChunkdError.corrupt(`the local promotion gave epoch ${promoted}, etcd records ${epoch}`);
+        this.#confirm(volume.name, epoch);
+      } catch (error) {
+        this.#unconfirmed.set(volume.name, `its promotion here failed after etcd recorded this node as owner at epoch ${epoch}: ${describeError(error)}`);
+        this.#host.log(`cluster: volume ${volume.name}: ${this.#unconfirmed.get(volume.name)}`);
       }
     }
   }

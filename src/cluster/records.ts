@@ -91,3 +91,29 @@ export function parseEtcdEndpoints(text: string): string[] {
   }
   return urls.map((url) => url.replace(/\/$/, ''));
 }
+
+export const replicasPrefix = `${keyPrefix}replicas/`;
+
+/** /chunkd/v1/replicas/VOL/NODE: written by node NODE only, under its lease, while it holds a replica of VOL. */
+export function replicaKey(volume: string, node: string): string {
+  return `${replicasPrefix}${volume}/${node}`;
+}
+
+export interface ReplicaRecord {
+  volume: string;
+  node: string;
+  /** The owner and its epoch this replica follows (roles.ts). */
+  owner: string;
+  ownerEpoch: number;
+  /** Its newest complete replicated point: the snapshot's name (repl-<owner's ms>) and that time, for comparing replicas. */
+  point: string;
+  pointMs: number;
+}
+
+export function parseReplicaRecord(key: string, value: Buffer): ReplicaRecord {
+  const record = parseJson(key, value) as Partial<ReplicaRecord>;
+  const valid = typeof record.volume === 'string' && checkName(record.volume) === null && typeof record.node === 'string' && checkName(record.node, 'node') === null
+    && typeof record.owner === 'string' && Number.isSafeInteger(record.ownerEpoch) && typeof record.point === 'string' && Number.isSafeInteger(record.pointMs);
+  if (!valid || replicaKey(record.volume!, record.node!) !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a replica record: ${value.toString().slice(0, 200)}`);
+  return record as ReplicaRecord;
+}

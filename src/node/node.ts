@@ -412,6 +412,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         const replica = roles.replicaOf(volume.name) !== null;
         return replica ? [] : [{ name: volume.name, sizeBytes: volume.sizeBytes, epoch: roles.epochOf(volume.name) }];
       }),
+      replicaVolumes: () => this.pool.listVolumes().flatMap((volume) => {
+        const role = roles.replicaOf(volume.name);
+        if (role === null) return [];
+        return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newestReplicationPoint(this.pool.listSnapshots(volume.name))?.name ?? null }];
+      }),
+      promote: async (volume) => (await this.promote(volume)).epoch,
     };
   }
 

@@ -1,9 +1,10 @@
 // The cluster's pure parts: the lease clock's fencing by time (cluster/lease-clock.ts), the records' checks and the
-// --etcd parser (cluster/records.ts).
+// --etcd parser (cluster/records.ts), the failover's choice (cluster/failover.ts).
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
-import { parseEtcdEndpoints, parseNodeRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
+import { parseEtcdEndpoints, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
+import { chooseSuccessor, orphanedVolumes } from '../../src/cluster/failover.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
 
 test('lease clock: writes stop TTL - margin after the last confirmed renewal was sent, never later', () => {
@@ -38,6 +39,9 @@ test('records: checked when read, the key must match the name', () => {
   const node = { name: 'alpha', poolId: 'p', peer: null, capacityBytes: 10, freeBytes: 5, version: '0.1.0', health: 'ok', updatedAt: 'now' };
   assert.deepEqual(parseNodeRecord('/chunkd/v1/nodes/alpha', Buffer.from(JSON.stringify(node))), node);
   assert.throws(() => parseNodeRecord('/chunkd/v1/nodes/alpha', Buffer.from(JSON.stringify({ ...node, capacityBytes: 'x' }))), /does not hold a node record/);
+  const replica = { volume: 'vol', node: 'beta', owner: 'alpha', ownerEpoch: 1, point: 'repl-5', pointMs: 5 };
+  assert.deepEqual(parseReplicaRecord('/chunkd/v1/replicas/vol/beta', Buffer.from(JSON.stringify(replica))), replica);
+  assert.throws(() => parseReplicaRecord('/chunkd/v1/replicas/vol/gamma', Buffer.from(JSON.stringify(replica))), /does not hold a replica record/);
 });
 
 test('--etcd: http URLs with a port, comma-separated; anything else is refused naming it', () => {
@@ -48,4 +52,18 @@ test('--etcd: http URLs with a port, comma-separated; anything else is refused n
   assert.throws(() => parseEtcdEndpoints('http://a:1,http://b'), /invalid --etcd URL "http:\/\/b"/);
   assert.throws(() => parseEtcdEndpoints('http://a:1/v3'), /invalid --etcd URL/);
   assert.throws(() => parseEtcdEndpoints('https://a:1'), /etcd over TLS is not supported yet/);
+});
+
+test('failover: a volume whose owner has no live lease goes to the live replica of that owner and epoch with the newest point', () => {
+  const volume = (name: string, owner: string, epoch = 1) => ({ name, sizeBytes: 1, owner, epoch, replicas: [], createdAt: '' });
+  const replica = (volumeName: string, node: string, pointMs: number, owner = 'alpha', ownerEpoch = 1) => ({ volume: volumeName, node, owner, ownerEpoch, point: `repl-${pointMs}`, pointMs });
+  const replicas = [replica('a', 'beta', 100), replica('a', 'gamma', 200), replica('a', 'delta', 300), replica('a', 'eps', 400, 'alpha', 0), replica('b', 'beta', 5)];
+  const orphans = orphanedVolumes([volume('a', 'alpha'), volume('b', 'beta'), volume('c', 'zeta')], new Set(['beta', 'gamma', 'eps']), replicas);
+  // b's owner lives; a's candidates: live nodes following alpha at epoch 1 (delta is down, eps follows an older epoch).
+  assert.deepEqual(orphans.map((orphan) => [orphan.volume.name, orphan.candidates.map((candidate) => candidate.node)]), [['a', ['beta', 'gamma']], ['c', []]]);
+  assert.equal(chooseSuccessor(orphans[0]!.candidates)?.node, 'gamma');
+  assert.equal(chooseSuccessor([]), null);
+  // A tie goes to the first name, whichever order the records came in.
+  assert.equal(chooseSuccessor([replica('a', 'kappa', 7), replica('a', 'iota', 7)])?.node, 'iota');
+  assert.equal(chooseSuccessor([replica('a', 'iota', 7), replica('a', 'kappa', 7)])?.node, 'iota');
 });

@@ -1,0 +1,135 @@
+// Automatic failover on a real etcd with three real nodes (TLS peer ports): the owner of a volume with two
+// replicas is killed (-9); once its lease has expired, the replica with the newest replicated point takes the
+// volume over at epoch 2 by transaction (exactly one winner), is writable through NBD with everything replicated
+// there; the old owner, restarted, refuses writes to it.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
+import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
+import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
+import { ok, stopAndCheck } from '../helpers/stream-pipe.ts';
+
+const skip = !haveEtcd() || !haveTool('openssl');
+const ttlMs = 3_000;
+const MiB = 1024 * 1024;
+let scratch: string;
+let tlsDir: string;
+let etcd: EtcdCluster;
+
+before(async () => {
+  if (skip) return;
+  scratch = makeTempDir('cluster-failover');
+  tlsDir = path.join(scratch, 'tls');
+  await mustRun(process.execPath, [chunkdBin, 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta', '--node', 'gamma']);
+  etcd = await startEtcd(1);
+});
+
+after(async () => {
+  if (skip) return;
+  await etcd.stop();
+  fs.rmSync(scratch, { recursive: true, force: true });
+});
+
+interface Member {
+  node: RunningNode;
+  name: string;
+  address: string;
+}
+
+async function startMember(name: string, port: number, extra: string[] = []): Promise<Member> {
+  const node = await startNode(path.join(scratch, name), ['--peer-listen', `127.0.0.1:${port}`, '--tls-dir', path.join(tlsDir, name), '--etcd', etcd.endpoints, '--node-name', name, '--lease-ttl', `${ttlMs / 1000}s`, ...extra]);
+  return { node, name, address: `127.0.0.1:${port}` };
+}
+
+interface Status {
+  nodes: Array<{ name: string; alive: boolean }>;
+  volumes: Array<{ name: string; owner: string; epoch: number; replicas: string[] }>;
+}
+
+async function clusterStatus(node: RunningNode): Promise<Status> {
+  return JSON.parse(await ok(node, 'cluster', 'status', '--json'));
+}
+
+async function waitFor<T>(what: string, probe: () => Promise<T | null>, timeoutMs: number): Promise<T> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== null) return value;
+    if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+function fill(byte: number, length = MiB): Buffer {
+  return Buffer.alloc(length, byte);
+}
+
+test('the owner killed: the replica with the newest point takes the volume over at epoch 2 within the TTL plus a bounded delay, with its data; the old owner restarted refuses writes', { skip }, async () => {
+  const ports = { alpha: await freePort(), beta: await freePort(), gamma: await freePort() };
+  let alpha = await startMember('alpha', ports.alpha, ['--default-volume', 'vol:64MiB']);
+  const beta = await startMember('beta', ports.beta);
+  const gamma = await startMember('gamma', ports.gamma);
+  try {
+    const writer = await TestNbdClient.connect(alpha.node.nbdSocket, 'vol');
+    await writer.write(0, fill(0xa1), FLAG_FUA);
+    await ok(alpha.node, 'replica', 'add', 'vol', '--peer', beta.address, '--every', '1h');
+    await ok(alpha.node, 'replica', 'add', 'vol', '--peer', gamma.address, '--every', '1h');
+    // A second write reaches beta only: beta's point is the newest, so beta is the one to take over.
+    await writer.write(MiB, fill(0xb2), FLAG_FUA);
+    await ok(alpha.node, 'replica', 'sync', 'vol', '--peer', beta.address);
+    // A third is acknowledged but never replicated: lost with the owner, as asynchronous replication says.
+    await writer.write(2 * MiB, fill(0xc3), FLAG_FUA);
+    await writer.disconnect();
+    await waitFor('both replicas published', async () => {
+      const status = await clusterStatus(beta.node);
+      return status.volumes.find((volume) => volume.name === 'vol')?.replicas.join(',') === 'beta,gamma' ? status : null;
+    }, 10_000);
+
+    const killedAt = performance.now();
+    await alpha.node.kill();
+    // The first write acknowledged by the new owner: the failover time as a client sees it.
+    const firstWrite = await waitFor('a write acknowledged by beta', async () => {
+      const client = await TestNbdClient.connect(beta.node.nbdSocket, 'vol').catch(() => null);
+      if (client === null) return null;
+      try {
+        await client.write(3 * MiB, fill(0xd4), FLAG_FUA);
+        return performance.now();
+      } catch (error) {
+        if (!(error instanceof NbdReplyError)) throw error;
+        return null;
+      } finally {
+        await client.disconnect().catch(() => {});
+      }
+    }, ttlMs + 10_000);
+    const failoverMs = Math.round(firstWrite - killedAt);
+    process.stderr.write(`# failover: owner killed to first write acknowledged by the new owner: ${failoverMs} ms (lease TTL ${ttlMs} ms)\n`);
+    // The lease must expire first (TTL), then a renewal beat of beta (TTL/3) takes it over, then its client reconnects.
+    assert.ok(failoverMs < ttlMs + 3_000, `failover took ${failoverMs} ms`);
+
+    const status = await clusterStatus(gamma.node);
+    assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch]), [['vol', 'beta', 2]]);
+    // alpha is gone from the cluster: no live lease, and no volume names it any more.
+    assert.deepEqual(status.nodes.map((node) => [node.name, node.alive]), [['beta', true], ['gamma', true]]);
+    assert.match(beta.node.stderr(), /node alpha, owner of volume vol at epoch 1, has no live lease; this node takes it over at epoch 2/);
+    assert.doesNotMatch(gamma.node.stderr(), /takes it over/);
+    assert.equal(JSON.parse(fs.readFileSync(path.join(beta.node.pool, 'replication', 'roles.json'), 'utf8')).volumes.vol.epoch, 2);
+    // What was replicated to beta is there, the write never replicated is not, and beta's own write is.
+    const reader = await TestNbdClient.connect(beta.node.nbdSocket, 'vol');
+    assert.deepEqual(await reader.read(0, MiB), fill(0xa1));
+    assert.deepEqual(await reader.read(MiB, MiB), fill(0xb2));
+    assert.deepEqual(await reader.read(2 * MiB, MiB), fill(0));
+    assert.deepEqual(await reader.read(3 * MiB, MiB), fill(0xd4));
+    await reader.disconnect();
+
+    // The old owner comes back: etcd (and its peers) say beta owns vol at epoch 2, so it refuses writes to it.
+    alpha = await startMember('alpha', ports.alpha);
+    const old = await TestNbdClient.connect(alpha.node.nbdSocket, 'vol');
+    const refused = await old.write(0, fill(0xee), FLAG_FUA).then(() => null, (error: unknown) => error);
+    assert.ok(refused instanceof NbdReplyError && refused.errno === 1, `the old owner acknowledged a write: ${String(refused)}`);
+    await old.disconnect();
+  } finally {
+    for (const member of [alpha, beta, gamma]) await stopAndCheck(member.node).catch(() => member.node.kill());
+  }
+});
