@@ -164,15 +164,19 @@ export class ClusterMember {
     return record;
   }
 
-  /** Removes a volume's record (this node owns it at `epoch`): a transaction on the record as confirmed. */
+  /**
+   * Removes a volume's record after the volume was removed here: a transaction on the revision read. A record that
+   * names another owner is that node's (this node's copy was fenced or stale): it stays.
+   */
   async removeVolume(name: string): Promise<void> {
+    this.#confirmed.delete(name);
+    this.#unconfirmed.delete(name);
     const kv = await this.#get(volumeKey(name));
     if (kv === null) return;
     const record = parseVolumeRecord(volumeKey(name), kv.value);
-    if (record.owner !== this.nodeName) throw ChunkdError.busy(`volume ${name} is owned by node ${record.owner} in the cluster (epoch ${record.epoch}); remove it there`);
+    if (record.owner !== this.nodeName) return;
     const result = await this.#client.if(volumeKey(name), 'Mod', '==', kv.mod_revision).then(this.#client.delete().key(volumeKey(name))).options(deadline()).commit();
-    if (!result.succeeded) throw ChunkdError.busy(`volume ${name} changed in etcd while it was being removed; try again`);
-    this.#confirmed.delete(name);
+    if (!result.succeeded) throw ChunkdError.busy(`volume ${name} was removed here, but its record in etcd changed meanwhile and stays (remove it with etcdctl del /chunkd/v1/volumes/${name} once checked)`);
   }
 
   /** The cluster as etcd has it: nodes (alive: registered under a live lease), volumes, and which node owns each. */

@@ -247,8 +247,6 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   async stop(): Promise<void> {
     await this.#replicator?.stop();
-    // Before the front ends close, the node leaves the cluster (its lease revoked): it acknowledges no more writes.
-    await this.#cluster?.stop();
     await this.#metrics?.close();
     await this.#peer?.close();
     await this.#plugin?.close();
@@ -257,6 +255,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     await this.#fuse?.close();
     await this.#threads?.stop();
     await this.nbd.close();
+    // Once the front ends have finished their requests, the node leaves the cluster: its lease is revoked, so its
+    // registration goes at once and a replica may take its volumes over without waiting for the TTL.
+    await this.#cluster?.stop();
     await this.api.close();
     await this.pool.close();
   }
@@ -408,9 +409,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         const status = await this.pool.status();
         return { capacityBytes: status.fileSystem.sizeBytes, freeBytes: status.fileSystem.freeBytes, health: status.failure === null ? 'ok' : `pool failed: ${status.failure}` };
       },
+      // Fenced volumes and volumes being handed off are not this node's to record or confirm (their writes stay
+      // refused by their roles either way).
       ownedVolumes: () => this.pool.listVolumes().flatMap((volume) => {
-        const replica = roles.replicaOf(volume.name) !== null;
-        return replica ? [] : [{ name: volume.name, sizeBytes: volume.sizeBytes, epoch: roles.epochOf(volume.name) }];
+        const owned = roles.replicaOf(volume.name) === null && roles.fenced(volume.name) === null && roles.handingOff(volume.name) === null;
+        return owned ? [{ name: volume.name, sizeBytes: volume.sizeBytes, epoch: roles.epochOf(volume.name) }] : [];
       }),
       replicaVolumes: () => this.pool.listVolumes().flatMap((volume) => {
         const role = roles.replicaOf(volume.name);

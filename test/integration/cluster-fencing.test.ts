@@ -1,6 +1,7 @@
 // Fencing by time, with a real etcd and a real node written through NBD (src/cluster/cluster.ts):
 //   - etcd paused (SIGSTOP): the owner stops acknowledging writes within the lease TTL (clients get EPERM, reads
 //     go on); etcd resumed: writes resume, and every acknowledged write reads back, also after kill -9 and restart;
+//   - etcd killed (-9) and restarted on its data: the same;
 //   - the owner itself paused past its TTL with a write in flight: resumed, it refuses that write (its last renewal
 //     is stale, whatever its timers did not run), then re-checks its ownership and takes writes again; paused again
 //     while the test, as another node would, takes the volume over in etcd at epoch 2 (a transaction that compares
@@ -140,6 +141,33 @@ test('etcd paused: writes to the owner stop within the TTL, reads go on; etcd ba
   }
 });
 
+test('etcd killed (-9) and restarted on its data: writes stop within the TTL and resume after, nothing acknowledged lost', { skip }, async () => {
+  const volume = 'gamma-vol';
+  const node = await startOwner('gamma');
+  const nbd = await TestNbdClient.connect(node.nbdSocket, volume);
+  try {
+    const writer = new Writer(nbd);
+    await waitFor('writes', () => writer.acknowledged.length >= 20, 10_000);
+    const killedAt = performance.now();
+    await etcd.members[0]!.kill();
+    await waitFor('a refused write', () => writer.refused.length > 0, ttlMs + 2_000);
+    const firstRefusal = writer.refused[0]!;
+    assert.ok(firstRefusal.at - killedAt < ttlMs, `first refusal ${Math.round(firstRefusal.at - killedAt)} ms after etcd died`);
+    await new Promise((resolve) => setTimeout(resolve, ttlMs));
+    assert.deepEqual(writer.acknowledged.filter((write) => write.at > firstRefusal.at), [], 'no write acknowledged while etcd was down');
+    await etcd.members[0]!.restart();
+    const acknowledgedBefore = writer.acknowledged.length;
+    const resumeMs = await waitFor('writes to resume', () => writer.acknowledged.length > acknowledgedBefore + 5, 20_000);
+    await writer.stop();
+    process.stderr.write(`# etcd killed: first refusal after ${Math.round(firstRefusal.at - killedAt)} ms; writes resumed ${Math.round(resumeMs)} ms after etcd restarted\n`);
+    await checkAcknowledged(nbd, writer.acknowledged);
+  } finally {
+    if (etcd.members[0]!.process === null) await etcd.members[0]!.restart();
+    await nbd.disconnect().catch(() => {});
+    await stopAndCheck(node);
+  }
+});
+
 test('the owner paused past its TTL: the write in flight is refused when it resumes; after another node took the volume over, nothing more is acknowledged', { skip }, async () => {
   const volume = 'beta-vol';
   const node = await startOwner('beta');
@@ -182,7 +210,7 @@ test('the owner paused past its TTL: the write in flight is refused when it resu
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
     const status = JSON.parse((await node.cli('cluster', 'status', '--json')).stdout);
-    assert.deepEqual(status.volumes.map((volume: { name: string; owner: string; epoch: number }) => [volume.name, volume.owner, volume.epoch]), [['alpha-vol', 'alpha', 1], ['beta-vol', 'gamma', 2]]);
+    assert.deepEqual(status.volumes.map((volume: { name: string; owner: string; epoch: number }) => [volume.name, volume.owner, volume.epoch]), [['alpha-vol', 'alpha', 1], ['beta-vol', 'gamma', 2], ['gamma-vol', 'gamma', 1]]);
     // Reads go on; what was acknowledged before is there.
     assert.deepEqual(await nbd.read(0, block), content(0));
     assert.deepEqual(await nbd.read(2 * block, block), content(2));
