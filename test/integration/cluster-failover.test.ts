@@ -1,7 +1,8 @@
 // Automatic failover on a real etcd with three real nodes (TLS peer ports): the owner of a volume with two
 // replicas is killed (-9); once its lease has expired, the replica with the newest replicated point takes the
 // volume over at epoch 2 by transaction (exactly one winner), is writable through NBD with everything replicated
-// there; the old owner, restarted, refuses writes to it.
+// there; the old owner, restarted, refuses writes to it. Split brain: the owner paused (SIGSTOP) past its TTL while
+// a client writes to it, the replica promoted meanwhile; resumed, the old owner acknowledges not one more write.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -22,7 +23,7 @@ before(async () => {
   if (skip) return;
   scratch = makeTempDir('cluster-failover');
   tlsDir = path.join(scratch, 'tls');
-  await mustRun(process.execPath, [chunkdBin, 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta', '--node', 'gamma']);
+  await mustRun(process.execPath, [chunkdBin, 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta', '--node', 'gamma', '--node', 'delta', '--node', 'epsilon']);
   etcd = await startEtcd(1);
 });
 
@@ -131,5 +132,62 @@ test('the owner killed: the replica with the newest point takes the volume over 
     await old.disconnect();
   } finally {
     for (const member of [alpha, beta, gamma]) await stopAndCheck(member.node).catch(() => member.node.kill());
+  }
+});
+
+test('split brain: the owner paused past its TTL while a client writes, its replica promoted; resumed, it acknowledges no write', { skip }, async () => {
+  const delta = await startMember('delta', await freePort(), ['--default-volume', 'sb:64MiB']);
+  const epsilon = await startMember('epsilon', await freePort());
+  const child = delta.node.process;
+  try {
+    const client = await TestNbdClient.connect(delta.node.nbdSocket, 'sb');
+    await client.write(0, fill(0x5a), FLAG_FUA);
+    await ok(delta.node, 'replica', 'add', 'sb', '--peer', epsilon.address, '--every', '1h');
+    await waitFor('epsilon published its replica', async () => {
+      const status = await clusterStatus(epsilon.node);
+      return status.volumes.find((volume) => volume.name === 'sb')?.replicas.join(',') === 'epsilon' ? status : null;
+    }, 10_000);
+    // The client writes 4 KiB blocks one after another to the owner and checks every reply.
+    const replies: Array<{ index: number; at: number; acknowledged: boolean }> = [];
+    let writing = true;
+    const writer = (async () => {
+      for (let index = 256; writing; index += 1) {
+        const acknowledged = await client.write(index * 4096, fill(index % 256, 4096), FLAG_FUA).then(() => true, (error: unknown) => {
+          if (!(error instanceof NbdReplyError)) throw error;
+          return false;
+        });
+        replies.push({ index, at: performance.now(), acknowledged });
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    })();
+    await waitFor('writes to the owner', async () => (replies.filter((reply) => reply.acknowledged).length >= 10 ? true : null), 10_000);
+    const stoppedAt = performance.now();
+    child.kill('SIGSTOP');
+    const promoted = await waitFor('epsilon to own sb at epoch 2', async () => {
+      const status = await clusterStatus(epsilon.node);
+      const volume = status.volumes.find((candidate) => candidate.name === 'sb');
+      return volume?.owner === 'epsilon' && volume.epoch === 2 ? performance.now() : null;
+    }, ttlMs + 10_000);
+    const continuedAt = performance.now();
+    child.kill('SIGCONT');
+    // Through the old owner's resumption, re-registration and re-check: every reply is a refusal.
+    await new Promise((resolve) => setTimeout(resolve, ttlMs + 1_000));
+    writing = false;
+    await writer;
+    await client.disconnect();
+    const after = replies.filter((reply) => reply.at > continuedAt);
+    process.stderr.write(`# split brain: owner stopped, epsilon promoted ${Math.round(promoted - stoppedAt)} ms later; after SIGCONT ${after.length} writes to the old owner, ${after.filter((reply) => reply.acknowledged).length} acknowledged\n`);
+    assert.ok(after.length >= 10, `the client kept writing to the old owner (${after.length} replies)`);
+    assert.deepEqual(after.filter((reply) => reply.acknowledged), [], 'the old owner acknowledged writes after the new owner\'s epoch began');
+    assert.deepEqual(replies.filter((reply) => reply.acknowledged && reply.at > stoppedAt + 200), [], 'acknowledged while stopped?');
+    assert.match(delta.node.stderr(), /volume sb: writes refused: etcd records node epsilon as its owner at epoch 2/);
+    // The new owner takes writes, with what was replicated.
+    const fresh = await TestNbdClient.connect(epsilon.node.nbdSocket, 'sb');
+    assert.deepEqual(await fresh.read(0, MiB), fill(0x5a));
+    await fresh.write(MiB, fill(0x77), FLAG_FUA);
+    await fresh.disconnect();
+  } finally {
+    child.kill('SIGCONT');
+    for (const member of [delta, epsilon]) await stopAndCheck(member.node).catch(() => member.node.kill());
   }
 });
