@@ -34,7 +34,8 @@ export interface DiffReport {
 export interface ControlPlane {
   listVolumes(): VolumeInfo[];
   volumeInfo(name: string): VolumeInfo;
-  createVolume(name: string, sizeBytes: number): Promise<VolumeInfo>;
+  /** `replicas`: replica links to that many other nodes of the cluster (node.ts); 0 or absent: none. */
+  createVolume(name: string, sizeBytes: number, replicas?: number): Promise<VolumeInfo>;
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo>;
   removeVolume(name: string): Promise<void>;
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo>;
@@ -180,7 +181,9 @@ export class ApiServer {
         return sendJson(response, 200, { volumes: this.#control.listVolumes() });
       case 'POST /v1/volumes': {
         const name = validateName(body.name);
-        return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes)));
+        const replicas = body.replicas ?? 0;
+        if (!Number.isSafeInteger(replicas) || (replicas as number) < 0 || (replicas as number) > 8) throw ChunkdError.invalid(`invalid replicas ${JSON.stringify(replicas)}: a whole number from 0 to 8`);
+        return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes), replicas as number));
       }
       case 'GET /v1/volumes/:':
         return sendJson(response, 200, this.#control.volumeInfo(volumeName()));

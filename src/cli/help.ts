@@ -75,9 +75,9 @@ export const commands = {
     options: { ...json, ...api },
   },
   'volume create': {
-    usage: ['volume create NAME --size SIZE [--json]'],
+    usage: ['volume create NAME --size SIZE [--replicas N] [--json]'],
     summary: 'create a thin volume: nothing is allocated until written',
-    options: { ...size, ...json, ...api },
+    options: { ...size, replicas: { type: 'string', value: 'N', help: 'in a cluster: replicas on N other nodes, those with the most free space (default 0)' }, ...json, ...api },
   },
   'volume list': { usage: ['volume list [--json]'], summary: 'every volume: declared size and bytes allocated', options: { ...json, ...api } },
   'volume info': { usage: ['volume info NAME [--json]'], summary: "one volume's size, bytes allocated and snapshots", options: { ...json, ...api } },

@@ -42,6 +42,7 @@ import { softwareVersion } from '../core/version.ts';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
 import { nodeKey, nodesPrefix, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
 import { chooseSuccessor, orphanedVolumes } from './failover.ts';
+import { chooseReplicaNodes } from './placement.ts';
 
 export interface ClusterConfig {
   endpoints: string[];
@@ -144,9 +145,15 @@ export class ClusterMember {
     return ChunkdError.readOnly(`volume ${volume}: writes refused on node ${this.nodeName}: ${why}`);
   }
 
+  /** Where `count` replicas of a new volume of this node's go (placement.ts), from the live nodes' records. */
+  async placeReplicas(count: number): Promise<Array<{ name: string; peer: string }>> {
+    const nodes = await this.#range(nodesPrefix);
+    return chooseReplicaNodes(nodes.map((kv) => parseNodeRecord(kv.key.toString(), kv.value)), this.nodeName, count);
+  }
+
   /** Records a new volume owned by this node at `epoch`; refused when etcd already has a volume of that name. */
-  async createVolume(name: string, sizeBytes: number, epoch: number): Promise<VolumeRecord> {
-    const record: VolumeRecord = { name, sizeBytes, owner: this.nodeName, epoch, replicas: [], createdAt: new Date().toISOString() };
+  async createVolume(name: string, sizeBytes: number, epoch: number, replicas: string[] = []): Promise<VolumeRecord> {
+    const record: VolumeRecord = { name, sizeBytes, owner: this.nodeName, epoch, replicas, createdAt: new Date().toISOString() };
     const result = await this.#client
       .if(volumeKey(name), 'Version', '==', 0)
       .and(nodeKey(this.nodeName), 'Lease', '==', this.#requireLease())

@@ -347,7 +347,15 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.pool.volumeInfo(name);
   }
 
-  async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+  /**
+   * Creates a volume owned by this node. In a cluster it is recorded in etcd too, and `replicas` (0 by default)
+   * replica links go to distinct other nodes with the most free space (cluster/placement.ts), each with its first
+   * cycle done before this returns.
+   */
+  async createVolume(name: string, sizeBytes: number, replicas = 0): Promise<VolumeInfo & { replicas?: string[] }> {
+    if (replicas > 0 && this.#cluster === null) throw ChunkdError.invalid('--replicas needs a cluster (chunkd serve --etcd URL --node-name NAME): without one, add replicas with chunkd replica add VOL --peer HOST:PORT');
+    // Placed before anything is made, so that a cluster too small refuses with nothing left behind.
+    const placement = replicas > 0 ? await this.#cluster!.placeReplicas(replicas) : [];
     // A role left from a replica of that name that never completed (roles.ts) must not apply to a new volume.
     if (!this.pool.hasVolume(name)) await this.roles.forget(name);
     const info = await this.pool.createVolume(name, sizeBytes);
@@ -355,12 +363,20 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     // Made here first, then recorded in etcd: until the record's transaction succeeds its writes are refused, and a
     // crash in between leaves a local volume that the next start records (cluster.ts).
     try {
-      await this.#cluster.createVolume(name, sizeBytes, this.roles.epochOf(name));
+      await this.#cluster.createVolume(name, sizeBytes, this.roles.epochOf(name), placement.map((node) => node.name));
     } catch (error) {
       await this.pool.removeVolume(name).catch((removeError: unknown) => this.config.log(`volume ${name} was not recorded in etcd and could not be removed here: ${String(removeError)}`));
       throw error;
     }
-    return info;
+    for (const node of placement) {
+      try {
+        await this.replicator.add({ volume: name, peer: node.peer, everyMs: defaultEveryMs, maxRateBytesPerSecond: null });
+      } catch (error) {
+        const message = error instanceof Error ? error.message : String(error);
+        throw ChunkdError.io(`volume ${name} was created and recorded, but its replica on node ${node.name} (${node.peer}) failed: ${message}; add it with chunkd replica add ${name} --peer ${node.peer}`, error);
+      }
+    }
+    return placement.length === 0 ? info : { ...info, replicas: placement.map((node) => node.name) };
   }
 
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {

@@ -43,7 +43,7 @@ interface Status {
   self: string;
   lease: { live: boolean; ttlMs: number };
   nodes: Array<{ name: string; alive: boolean; peer: string | null; capacityBytes: number; freeBytes: number; version: string; health: string; volumes: string[] }>;
-  volumes: Array<{ name: string; sizeBytes: number; owner: string; epoch: number }>;
+  volumes: Array<{ name: string; sizeBytes: number; owner: string; epoch: number; replicas: string[] }>;
 }
 
 async function clusterStatus(node: RunningNode): Promise<Status> {
@@ -90,6 +90,20 @@ test('nodes register under their lease, cluster status answers the same from any
     assert.equal(taken.code, 1);
     assert.match(taken.stderr, /volume vol already exists in the cluster \(owner alpha, epoch 1\)/);
     assert.doesNotMatch(await ok(beta.node, 'volume', 'list'), /^vol\t/m);
+
+    // --replicas: placed on the other nodes (here the one other), the link made and its first cycle done; more
+    // replicas than the cluster has other nodes is refused before anything is made.
+    const placed = JSON.parse(await ok(alpha.node, 'volume', 'create', 'rep', '--size', '64MiB', '--replicas', '1', '--json'));
+    assert.deepEqual(placed.replicas, ['beta']);
+    const [link] = JSON.parse(await ok(alpha.node, 'replica', 'status', 'rep', '--json')).replicas;
+    assert.equal(link.peerName, 'beta');
+    assert.match(link.lastReplicated.snapshot, /^repl-\d+$/);
+    assert.deepEqual((await clusterStatus(beta.node)).volumes.find((volume) => volume.name === 'rep')?.replicas, ['beta']);
+    const tooMany = await alpha.node.cli('volume', 'create', 'rep2', '--size', '64MiB', '--replicas', '2');
+    assert.equal(tooMany.code, 1);
+    assert.match(tooMany.stderr, /--replicas 2 needs 2 live, healthy node\(s\) with a peer port besides alpha; the cluster has 1 \(beta\)/);
+    assert.doesNotMatch(await ok(alpha.node, 'volume', 'list'), /^rep2\t/m);
+    assert.equal(await client.get('/chunkd/v1/volumes/rep2').string(), null);
 
     // The record's epoch is the one roles.ts keeps (1: no entry), and the record is what etcd holds.
     const record = JSON.parse((await client.get('/chunkd/v1/volumes/vol').string())!);
@@ -158,6 +172,12 @@ test('clear refusals: a bad --etcd URL, etcd unreachable, --node-name missing or
     const result = await alone.cli('cluster', 'status');
     assert.equal(result.code, 1);
     assert.match(result.stderr, /this node is not in a cluster: start it with chunkd serve --etcd URL --node-name NAME/);
+    const replicas = await alone.cli('volume', 'create', 'x', '--size', '1MiB', '--replicas', '1');
+    assert.equal(replicas.code, 1);
+    assert.match(replicas.stderr, /--replicas needs a cluster/);
+    const badCount = await alone.cli('volume', 'create', 'x', '--size', '1MiB', '--replicas', 'two');
+    assert.equal(badCount.code, 2);
+    assert.match(badCount.stderr, /invalid --replicas "two"/);
   } finally {
     await stopAndCheck(alone);
   }

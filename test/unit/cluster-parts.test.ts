@@ -5,6 +5,7 @@ import { test } from 'node:test';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
 import { parseEtcdEndpoints, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
 import { chooseSuccessor, orphanedVolumes } from '../../src/cluster/failover.ts';
+import { chooseReplicaNodes } from '../../src/cluster/placement.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
 
 test('lease clock: writes stop TTL - margin after the last confirmed renewal was sent, never later', () => {
@@ -66,4 +67,13 @@ test('failover: a volume whose owner has no live lease goes to the live replica 
   // A tie goes to the first name, whichever order the records came in.
   assert.equal(chooseSuccessor([replica('a', 'kappa', 7), replica('a', 'iota', 7)])?.node, 'iota');
   assert.equal(chooseSuccessor([replica('a', 'iota', 7), replica('a', 'kappa', 7)])?.node, 'iota');
+});
+
+test('placement: replicas on distinct live nodes other than the owner, with a peer port and health ok, most free space first', () => {
+  const node = (name: string, freeBytes: number, peer: string | null = `${name}:1`, health = 'ok') => ({ name, poolId: name, peer, capacityBytes: 100, freeBytes, version: '', health, updatedAt: '' });
+  const nodes = [node('alpha', 90), node('beta', 10), node('gamma', 50), node('delta', 50), node('eps', 99, null), node('zeta', 99, 'z:1', 'pool failed: EIO')];
+  assert.deepEqual(chooseReplicaNodes(nodes, 'alpha', 2), [{ name: 'delta', peer: 'delta:1' }, { name: 'gamma', peer: 'gamma:1' }]);
+  assert.deepEqual(chooseReplicaNodes(nodes, 'gamma', 1), [{ name: 'alpha', peer: 'alpha:1' }]);
+  assert.deepEqual(chooseReplicaNodes(nodes, 'alpha', 0), []);
+  assert.throws(() => chooseReplicaNodes(nodes, 'alpha', 4), /--replicas 4 needs 4 live, healthy node\(s\) with a peer port besides alpha; the cluster has 3 \(delta, gamma, beta\)/);
 });
