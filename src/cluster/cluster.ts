@@ -81,8 +81,11 @@ const noFaultHandling = {
   execute: (fn: (context: { signal: AbortSignal }) => unknown, signal?: AbortSignal) => Promise.resolve().then(() => fn({ signal: signal ?? new AbortController().signal })),
 } as unknown as Policy;
 
-/** How long one call to etcd may take before it counts as unanswered. */
+/** How long one call to etcd may take before it counts as unanswered (at start, and for commands). */
 const callTimeoutMs = 3_000;
+
+/** The keepalive loop's pause after a failed beat before it tries again. */
+const retryDelayMs = 50;
 
 export class ClusterMember {
   readonly config: ClusterConfig;
@@ -98,6 +101,13 @@ export class ClusterMember {
   #loop: Promise<void> | null = null;
   #wake: (() => void) | null = null;
   #lastError: string | null = null;
+  /**
+   * How long each call of the keepalive loop may take: half a renewal period (at least 0.5 s), so that a call that
+   * hit an etcd member that does not answer (paused, partitioned) leaves time to try another before the margin.
+   */
+  readonly #loopTimeoutMs: number;
+  /** callTimeoutMs while the node joins at start (a clear error if etcd does not answer), then #loopTimeoutMs. */
+  #timeoutMs = callTimeoutMs;
   /** The replica records this node last wrote (volume -> JSON), so that only changes are written. */
   readonly #published = new Map<string, string>();
 
@@ -105,6 +115,7 @@ export class ClusterMember {
     this.config = config;
     this.#host = host;
     this.#clock = new LeaseClock(leaseTiming(config.leaseTtlMs));
+    this.#loopTimeoutMs = Math.min(callTimeoutMs, Math.max(500, Math.floor(keepaliveIntervalMs(this.#clock.timing) / 2)));
     this.#client = new Etcd3({ hosts: config.endpoints, dialTimeout: callTimeoutMs, faultHandling: { host: () => noFaultHandling, global: noFaultHandling } });
   }
 
@@ -123,6 +134,7 @@ export class ClusterMember {
       if (error instanceof ChunkdError) throw error;
       throw ChunkdError.io(`etcd at ${config.endpoints.join(',')} is unreachable or failed: ${describeError(error)}`, error);
     }
+    member.#timeoutMs = member.#loopTimeoutMs;
     member.#loop = member.#keepalive();
     host.log(`cluster: node ${config.nodeName} registered in etcd ${config.endpoints.join(',')} (lease ${member.#leaseId}, TTL ${config.leaseTtlMs / 1000} s; writes stop ${member.#clock.timing.marginMs / 1000} s before it can expire)`);
     return member;
@@ -147,7 +159,7 @@ export class ClusterMember {
 
   /** Where `count` replicas of a new volume of this node's go (placement.ts), from the live nodes' records. */
   async placeReplicas(count: number): Promise<Array<{ name: string; peer: string }>> {
-    const nodes = await this.#range(nodesPrefix);
+    const nodes = await this.#range(nodesPrefix, deadline());
     return chooseReplicaNodes(nodes.map((kv) => parseNodeRecord(kv.key.toString(), kv.value)), this.nodeName, count);
   }
 
@@ -178,7 +190,7 @@ export class ClusterMember {
   async removeVolume(name: string): Promise<void> {
     this.#confirmed.delete(name);
     this.#unconfirmed.delete(name);
-    const kv = await this.#get(volumeKey(name));
+    const kv = await this.#get(volumeKey(name), deadline());
     if (kv === null) return;
     const record = parseVolumeRecord(volumeKey(name), kv.value);
     if (record.owner !== this.nodeName) return;
@@ -188,7 +200,7 @@ export class ClusterMember {
 
   /** The cluster as etcd has it: nodes (alive: registered under a live lease), volumes, and which node owns each. */
   async status(): Promise<ClusterStatus> {
-    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix)]);
+    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix, deadline()), this.#range(volumesPrefix, deadline()), this.#range(replicasPrefix, deadline())]);
     const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
     const volumeRecords = volumes.map((kv) => {
       const record = parseVolumeRecord(kv.key.toString(), kv.value);
@@ -233,7 +245,7 @@ export class ClusterMember {
     this.#forgetConfirmations();
     this.#clock.lost();
     const sentAt = performance.now();
-    const grant = await this.#client.leaseClient.leaseGrant({ TTL: Math.ceil(this.config.leaseTtlMs / 1000), ID: 0 }, deadline());
+    const grant = await this.#client.leaseClient.leaseGrant({ TTL: Math.ceil(this.config.leaseTtlMs / 1000), ID: 0 }, this.#deadline());
     this.#leaseId = grant.ID;
     this.#clock.renewed(sentAt);
     await this.#register(first);
@@ -247,7 +259,7 @@ export class ClusterMember {
       .if(key, 'Version', '==', 0)
       .then(this.#client.put(key).value(record).lease(this.#leaseId!))
       .else(this.#client.get(key))
-      .options(deadline())
+      .options(this.#deadline())
       .commit();
     if (result.succeeded) return;
     const existing = result.responses[0]?.response_range.kvs[0];
@@ -260,7 +272,7 @@ export class ClusterMember {
     const takeover = await this.#client
       .if(key, 'Mod', '==', existing.mod_revision)
       .then(this.#client.put(key).value(record).lease(this.#leaseId!))
-      .options(deadline())
+      .options(this.#deadline())
       .commit();
     if (!takeover.succeeded) return this.#register(first);
     if (existing.lease !== '0' && existing.lease !== this.#leaseId) await this.#client.leaseClient.leaseRevoke({ ID: existing.lease }, deadline()).catch(() => {});
@@ -285,7 +297,7 @@ export class ClusterMember {
       const result = await this.#client
         .if(nodeKey(this.nodeName), ...registered())
         .then(this.#client.get(volumeKey(volume.name)))
-        .options(deadline())
+        .options(this.#deadline())
         .commit();
       if (!result.succeeded) throw ChunkdError.io(`node ${this.nodeName}'s registration is no longer under lease ${lease} while confirming its volumes`);
       const kv = result.responses[0]?.response_range.kvs[0];
@@ -294,7 +306,7 @@ export class ClusterMember {
           .if(volumeKey(volume.name), 'Version', '==', 0)
           .and(nodeKey(this.nodeName), ...registered())
           .then(this.#client.put(volumeKey(volume.name)).value(JSON.stringify(record)))
-          .options(deadline())
+          .options(this.#deadline())
           .commit();
         if (created.succeeded) {
           this.#host.log(`cluster: volume ${volume.name} recorded in etcd, owned by ${this.nodeName} at epoch ${volume.epoch}`);
@@ -332,9 +344,11 @@ export class ClusterMember {
   async #keepalive(): Promise<void> {
     const interval = keepaliveIntervalMs(this.#clock.timing);
     let beats = 0;
+    let failed = false;
     while (!this.#stopping) {
+      // After a failure, again at once (a call that hit a member that does not answer is tried on another).
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, interval);
+        const timer = setTimeout(resolve, failed ? retryDelayMs : interval);
         this.#wake = () => {
           clearTimeout(timer);
           resolve();
@@ -357,11 +371,13 @@ export class ClusterMember {
           if (lapsed) await this.#confirmOwnership();
           beats += 1;
           if (this.#clock.live(performance.now())) await this.#failover();
-          if (beats % 3 === 0) await this.#client.put(nodeKey(this.nodeName)).value(JSON.stringify(await this.#record())).lease(this.#leaseId!).options(deadline()).exec();
+          if (beats % 3 === 0) await this.#client.put(nodeKey(this.nodeName)).value(JSON.stringify(await this.#record())).lease(this.#leaseId!).options(this.#deadline()).exec();
         }
         if (this.#lastError !== null) this.#host.log(`cluster: etcd answers again (${this.#confirmed.size} volume(s) confirmed)`);
         this.#lastError = null;
+        failed = false;
       } catch (error) {
+        failed = true;
         const message = describeError(error);
         if (message !== this.#lastError) this.#host.log(`cluster: etcd ${this.config.endpoints.join(',')}: ${message}; writes to owned volumes stop ${((this.#clock.timing.ttlMs - this.#clock.timing.marginMs) / 1000).toFixed(1)} s after the last renewal`);
         this.#lastError = message;
@@ -386,12 +402,12 @@ export class ClusterMember {
       const record: ReplicaRecord = { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: replica.point, pointMs };
       const value = JSON.stringify(record);
       if (this.#published.get(replica.name) === `${lease}:${value}`) continue;
-      await this.#client.put(replicaKey(replica.name, this.nodeName)).value(value).lease(lease).options(deadline()).exec();
+      await this.#client.put(replicaKey(replica.name, this.nodeName)).value(value).lease(lease).options(this.#deadline()).exec();
       this.#published.set(replica.name, `${lease}:${value}`);
     }
     for (const volume of [...this.#published.keys()]) {
       if (mine.some((replica) => replica.name === volume)) continue;
-      await this.#client.delete().key(replicaKey(volume, this.nodeName)).options(deadline()).exec();
+      await this.#client.delete().key(replicaKey(volume, this.nodeName)).options(this.#deadline()).exec();
       this.#published.delete(volume);
     }
     if (mine.length === 0) return;
@@ -413,7 +429,7 @@ export class ClusterMember {
         .and(nodeKey(volume.owner), 'Version', '==', 0)
         .and(nodeKey(this.nodeName), 'Lease', '==', lease)
         .then(this.#client.put(volumeKey(volume.name)).value(JSON.stringify(record)), this.#client.delete().key(replicaKey(volume.name, this.nodeName)))
-        .options(deadline())
+        .options(this.#deadline())
         .commit();
       if (!result.succeeded) {
         this.#host.log(`cluster: failover of volume ${volume.name} not taken: its record or ${volume.owner}'s registration changed meanwhile`);
@@ -434,7 +450,7 @@ export class ClusterMember {
 
   /** One keepalive: the TTL etcd answers (0 or less: the lease is gone). */
   async #keepaliveOnce(id: string): Promise<number> {
-    const stream = await this.#client.leaseClient.leaseKeepAlive(deadline());
+    const stream = await this.#client.leaseClient.leaseKeepAlive(this.#deadline());
     try {
       const response = await new Promise<{ TTL: string }>((resolve, reject) => {
         stream.on('data', resolve);
@@ -453,18 +469,22 @@ export class ClusterMember {
 
   // ---- small helpers ----
 
+  #deadline(): { deadline: Date } {
+    return deadline(this.#timeoutMs);
+  }
+
   #requireLease(): string {
     if (this.#leaseId === null) throw ChunkdError.io(`node ${this.nodeName} holds no etcd lease right now`);
     return this.#leaseId;
   }
 
-  async #get(key: string): Promise<IKeyValue | null> {
-    const response = await this.#client.get(key).options(deadline()).exec();
+  async #get(key: string, options = this.#deadline()): Promise<IKeyValue | null> {
+    const response = await this.#client.get(key).options(options).exec();
     return response.kvs[0] ?? null;
   }
 
-  async #range(prefix: string): Promise<IKeyValue[]> {
-    const response = await this.#client.getAll().prefix(prefix).options(deadline()).exec();
+  async #range(prefix: string, options = this.#deadline()): Promise<IKeyValue[]> {
+    const response = await this.#client.getAll().prefix(prefix).options(options).exec();
     return response.kvs;
   }
 
@@ -476,8 +496,9 @@ export class ClusterMember {
   }
 }
 
-function deadline(): { deadline: Date } {
-  return { deadline: new Date(Date.now() + callTimeoutMs) };
+/** Call options that give up after `timeoutMs` (default callTimeoutMs; the keepalive loop's calls use less). */
+function deadline(timeoutMs = callTimeoutMs): { deadline: Date } {
+  return { deadline: new Date(Date.now() + timeoutMs) };
 }
 
 function roundOrNull(value: number | null): number | null {
