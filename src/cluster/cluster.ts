@@ -61,6 +61,14 @@ export interface ClusterHost {
   replicaVolumes(): Array<{ name: string; owner: string; ownerEpoch: number; point: string | null }>;
   /** Makes the replica `volume` this node's own at its last replicated point (node.promote); the new epoch. */
   promote(volume: string): Promise<number>;
+  /** Volumes this node owned and another has since taken over here (roles.ts fenced), with this node's old epoch. */
+  fencedVolumes(): Array<{ name: string; epoch: number }>;
+  /** Turns a volume another node owns now at a higher epoch into a replica of it (fenced first, then node.demote). */
+  rejoin(volume: string, owner: string, ownerEpoch: number, ownerAddress: string): Promise<void>;
+  /** A replica whose owner was replaced (failover): it follows the new owner at its epoch from now on. */
+  follow(volume: string, owner: string, ownerEpoch: number): Promise<void>;
+  /** Makes sure this node replicates its volume to the node at `peer` (a replica that follows it). */
+  ensureReplica(volume: string, peer: string): Promise<void>;
   log: (line: string) => void;
 }
 
@@ -110,6 +118,9 @@ export class ClusterMember {
   #timeoutMs = callTimeoutMs;
   /** The replica records this node last wrote (volume -> JSON), so that only changes are written. */
   readonly #published = new Map<string, string>();
+  /** Background steps running (#converge), by volume, and the last failure of each. */
+  readonly #steps = new Set<string>();
+  readonly #stepErrors = new Map<string, string>();
 
   private constructor(config: ClusterConfig, host: ClusterHost) {
     this.config = config;
@@ -370,7 +381,7 @@ export class ClusterMember {
           this.#clock.renewed(sentAt);
           if (lapsed) await this.#confirmOwnership();
           beats += 1;
-          if (this.#clock.live(performance.now())) await this.#failover();
+          if (this.#clock.live(performance.now())) await this.#reconcile();
           if (beats % 3 === 0) await this.#client.put(nodeKey(this.nodeName)).value(JSON.stringify(await this.#record())).lease(this.#leaseId!).options(this.#deadline()).exec();
         }
         if (this.#lastError !== null) this.#host.log(`cluster: etcd answers again (${this.#confirmed.size} volume(s) confirmed)`);
@@ -393,7 +404,7 @@ export class ClusterMember {
    * node: a transaction on the volume's record comparing the revision read, that the owner is still unregistered and
    * that this node is registered under its lease; the epoch rises by one. Then the replica is promoted here.
    */
-  async #failover(): Promise<void> {
+  async #reconcile(): Promise<void> {
     const lease = this.#requireLease();
     const mine = this.#host.replicaVolumes();
     for (const replica of mine) {
@@ -410,15 +421,18 @@ export class ClusterMember {
       await this.#client.delete().key(replicaKey(volume, this.nodeName)).options(this.#deadline()).exec();
       this.#published.delete(volume);
     }
-    if (mine.length === 0) return;
     const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix)]);
     const alive = new Set(nodes.map((kv) => kv.key.toString().slice(nodesPrefix.length)));
+    const peers = new Map(nodes.map((kv) => {
+      const record = parseNodeRecord(kv.key.toString(), kv.value);
+      return [record.name, record.peer] as const;
+    }));
     const volumeRevisions = new Map(volumes.map((kv) => [kv.key.toString(), kv.mod_revision]));
-    const orphans = orphanedVolumes(
-      volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value)),
-      alive,
-      replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value)),
-    );
+    const volumeRecords = volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value));
+    const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
+    this.#converge(volumeRecords, replicaRecords, peers, mine);
+    if (mine.length === 0) return;
+    const orphans = orphanedVolumes(volumeRecords, alive, replicaRecords);
     for (const { volume, candidates } of orphans) {
       const successor = chooseSuccessor(candidates);
       if (successor?.node !== this.nodeName || !mine.some((replica) => replica.name === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch)) continue;
@@ -446,6 +460,53 @@ export class ClusterMember {
         this.#host.log(`cluster: volume ${volume.name}: ${this.#unconfirmed.get(volume.name)}`);
       }
     }
+  }
+
+  /**
+   * Brings this node in line with what etcd records, in the background (each step talks to peers and may take a
+   * while; the keepalive loop must not wait for it), one step per volume at a time:
+   *   - a volume this node owns (or owned) that etcd gives another live owner at a higher epoch: rejoin as its
+   *     replica (its writes after the last common point are kept aside as a snapshot, node.demote);
+   *   - a replica of this node's whose owner etcd replaced at a higher epoch: follow the new owner;
+   *   - a volume this node owns: replicate it to every live node that publishes a replica following it.
+   */
+  #converge(volumes: VolumeRecord[], replicas: ReplicaRecord[], peers: Map<string, string | null>, mine: Array<{ name: string; owner: string; ownerEpoch: number }>): void {
+    const records = new Map(volumes.map((volume) => [volume.name, volume]));
+    const local = [...this.#host.ownedVolumes(), ...this.#host.fencedVolumes()];
+    for (const volume of local) {
+      const record = records.get(volume.name);
+      const address = record === undefined ? null : peers.get(record.owner) ?? null;
+      if (record === undefined || record.owner === this.nodeName || record.epoch <= volume.epoch || address === null) continue;
+      this.#background(volume.name, `rejoining as a replica of ${record.owner} (epoch ${record.epoch})`, () => this.#host.rejoin(volume.name, record.owner, record.epoch, address));
+    }
+    for (const replica of mine) {
+      const record = records.get(replica.name);
+      if (record === undefined || record.owner === this.nodeName || record.epoch <= replica.ownerEpoch) continue;
+      this.#background(replica.name, `following its new owner ${record.owner} (epoch ${record.epoch})`, () => this.#host.follow(replica.name, record.owner, record.epoch));
+    }
+    for (const follower of replicas) {
+      const record = records.get(follower.volume);
+      const address = peers.get(follower.node) ?? null;
+      if (record?.owner !== this.nodeName || follower.owner !== this.nodeName || follower.ownerEpoch !== record.epoch || !this.#confirmed.has(record.name) || address === null) continue;
+      this.#background(`${record.name}->${follower.node}`, `replicating to ${follower.node}`, () => this.#host.ensureReplica(record.name, address));
+    }
+  }
+
+  /** Runs `step` unless one for `key` is running; logs a failure once per message (it is tried again next beat). */
+  #background(key: string, what: string, step: () => Promise<void>): void {
+    if (this.#steps.has(key)) return;
+    this.#steps.add(key);
+    step().then(
+      () => {
+        if (this.#stepErrors.has(key) || !what.startsWith('replicating')) this.#host.log(`cluster: ${key}: done ${what}`);
+        this.#stepErrors.delete(key);
+      },
+      (error: unknown) => {
+        const message = describeError(error);
+        if (this.#stepErrors.get(key) !== message) this.#host.log(`cluster: ${key}: ${what} failed: ${message}; tried again`);
+        this.#stepErrors.set(key, message);
+      },
+    ).finally(() => this.#steps.delete(key));
   }
 
   /** One keepalive: the TTL etcd answers (0 or less: the lease is gone). */

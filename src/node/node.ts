@@ -371,6 +371,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     for (const node of placement) {
       try {
         await this.replicator.add({ volume: name, peer: node.peer, everyMs: defaultEveryMs, maxRateBytesPerSecond: null });
+        await this.replicator.sync(name, node.peer);
       } catch (error) {
         const message = error instanceof Error ? error.message : String(error);
         throw ChunkdError.io(`volume ${name} was created and recorded, but its replica on node ${node.name} (${node.peer}) failed: ${message}; add it with chunkd replica add ${name} --peer ${node.peer}`, error);
@@ -437,6 +438,20 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newestReplicationPoint(this.pool.listSnapshots(volume.name))?.name ?? null }];
       }),
       promote: async (volume) => (await this.promote(volume)).epoch,
+      fencedVolumes: () => roles.fencedVolumes().map(([volume, fence]) => ({ name: volume, epoch: fence.epoch })),
+      rejoin: async (volume, owner, ownerEpoch, ownerAddress) => {
+        if (roles.fenced(volume) === null) {
+          await roles.set(volume, { role: 'fenced', epoch: roles.epochOf(volume), owner, ownerEpoch, ownerAddress });
+          await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
+        }
+        await this.demote(volume, ownerAddress);
+      },
+      follow: async (volume, owner, ownerEpoch) => {
+        if (roles.replicaOf(volume) === null) return;
+        await roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch });
+        await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
+      },
+      ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),
     };
   }
 
