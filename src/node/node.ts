@@ -437,7 +437,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         if (role === null) return [];
         return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newestReplicationPoint(this.pool.listSnapshots(volume.name))?.name ?? null }];
       }),
-      promote: async (volume) => (await this.promote(volume)).epoch,
+      promote: async (volume) => (await this.#promote(volume)).epoch,
       fencedVolumes: () => roles.fencedVolumes().map(([volume, fence]) => ({ name: volume, epoch: fence.epoch })),
       rejoin: async (volume, owner, ownerEpoch, ownerAddress) => {
         if (roles.fenced(volume) === null) {
@@ -528,6 +528,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   /** Moves a volume to the node at `to` (its replica is made or updated first); see replication/handoff.ts. */
   handoff(volume: string, to: string): Promise<HandoffResult> {
+    this.#refuseInCluster(`chunkd volume handoff ${volume}`);
     return handoff(this.#handoffContext(), volume, to);
   }
 
@@ -550,6 +551,19 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    * point). The old owner learns of the new epoch from its peers when it comes back, and is fenced.
    */
   async promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
+    this.#refuseInCluster(`chunkd replica promote ${volume}`);
+    return this.#promote(volume);
+  }
+
+  /**
+   * A change of owner made by hand is not recorded in etcd yet: on a clustered node it would leave the new owner's
+   * writes refused (etcd names the old one), so it is refused; the cluster's own failover promotes (#promote).
+   */
+  #refuseInCluster(what: string): void {
+    if (this.#cluster !== null) throw ChunkdError.invalid(`${what} is refused on a node in a cluster: a change of owner made by hand is not recorded in etcd yet (the cluster promotes a replica by itself when an owner's lease expires)`);
+  }
+
+  async #promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
     const role = this.roles.replicaOf(volume);
     if (role === null) throw ChunkdError.invalid(`volume ${volume} is not a replica on this node; only a replica can be promoted`);
     if (this.#receiver.isActive(volume)) throw ChunkdError.busy(`a stream from ${role.owner} into ${volume} is running: its owner is alive; promote only a replica whose owner is gone (a planned move is a handoff)`);

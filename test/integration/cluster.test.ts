@@ -105,6 +105,14 @@ test('nodes register under their lease, cluster status answers the same from any
     assert.doesNotMatch(await ok(alpha.node, 'volume', 'list'), /^rep2\t/m);
     assert.equal(await client.get('/chunkd/v1/volumes/rep2').string(), null);
 
+    // A change of owner by hand is not recorded in etcd yet: refused on a clustered node.
+    const handoff = await alpha.node.cli('volume', 'handoff', 'rep', '--to', beta.peer);
+    assert.equal(handoff.code, 1);
+    assert.match(handoff.stderr, /chunkd volume handoff rep is refused on a node in a cluster/);
+    const promote = await beta.node.cli('replica', 'promote', 'rep');
+    assert.equal(promote.code, 1);
+    assert.match(promote.stderr, /chunkd replica promote rep is refused on a node in a cluster/);
+
     // The record's epoch is the one roles.ts keeps (1: no entry), and the record is what etcd holds.
     const record = JSON.parse((await client.get('/chunkd/v1/volumes/vol').string())!);
     assert.equal(record.epoch, roles(alpha.node).vol?.epoch ?? 1);
