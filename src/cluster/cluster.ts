@@ -55,6 +55,8 @@ export interface ClusterHost {
   poolId: string;
   peerAddress(): string | null;
   describe(): Promise<{ capacityBytes: number; freeBytes: number; health: string }>;
+  /** This node's ownership epoch of a volume it owns now (roles.ts), or null (a replica, fenced, being handed off). */
+  epochOf(volume: string): number | null;
   /** Volumes this node owns in its pool (not replicas), with its ownership epoch (roles.ts) and size. */
   ownedVolumes(): Array<{ name: string; sizeBytes: number; epoch: number }>;
   /** Volumes this node holds as replicas: the owner and epoch each follows, and its newest complete replicated point. */
@@ -119,7 +121,7 @@ export class ClusterMember {
   /** The replica records this node last wrote (volume -> JSON), so that only changes are written. */
   readonly #published = new Map<string, string>();
   /** Background steps running (#converge), by volume, and the last failure of each. */
-  readonly #steps = new Set<string>();
+  readonly #steps = new Map<string, Promise<void>>();
   readonly #stepErrors = new Map<string, string>();
 
   private constructor(config: ClusterConfig, host: ClusterHost) {
@@ -163,7 +165,9 @@ export class ClusterMember {
       if (this.#confirmed.size > 0) this.#forgetConfirmations();
       return lapse;
     }
-    if (this.#confirmed.has(volume)) return null;
+    // The epoch confirmed in etcd must still be the one this node writes at (roles.ts).
+    const confirmed = this.#confirmed.get(volume);
+    if (confirmed !== undefined && confirmed === this.#host.epochOf(volume)) return null;
     const why = this.#unconfirmed.get(volume) ?? 'its ownership is not confirmed in etcd yet';
     return ChunkdError.readOnly(`volume ${volume}: writes refused on node ${this.nodeName}: ${why}`);
   }
@@ -245,6 +249,7 @@ export class ClusterMember {
     this.#stopping = true;
     this.#wake?.();
     await this.#loop;
+    await Promise.all(this.#steps.values());
     this.#clock.lost();
     await this.#revoke();
     this.#client.close();
@@ -452,14 +457,19 @@ export class ClusterMember {
       this.#published.delete(volume.name);
       this.#host.log(`cluster: node ${volume.owner}, owner of volume ${volume.name} at epoch ${volume.epoch}, has no live lease; this node takes it over at epoch ${epoch} from ${successor.point}`);
       try {
-        const promoted = await this.#host.promote(volume.name);
-        if (promoted !== epoch) throw ChunkdError.corrupt(`the local promotion gave epoch ${promoted}, etcd records ${epoch}`);
-        this.#confirm(volume.name, epoch);
+        await this.#promoteTo(volume.name, epoch);
       } catch (error) {
-        this.#unconfirmed.set(volume.name, `its promotion here failed after etcd recorded this node as owner at epoch ${epoch}: ${describeError(error)}`);
+        this.#unconfirmed.set(volume.name, `its promotion here failed after etcd recorded this node as owner at epoch ${epoch} (tried again): ${describeError(error)}`);
         this.#host.log(`cluster: volume ${volume.name}: ${this.#unconfirmed.get(volume.name)}`);
       }
     }
+  }
+
+  /** Promotes the local replica to the epoch etcd records for this node, and confirms it. */
+  async #promoteTo(volume: string, epoch: number): Promise<void> {
+    const promoted = await this.#host.promote(volume);
+    if (promoted !== epoch) throw ChunkdError.corrupt(`the local promotion of ${volume} gave epoch ${promoted}, etcd records ${epoch}`);
+    this.#confirm(volume, epoch);
   }
 
   /**
@@ -481,6 +491,11 @@ export class ClusterMember {
     }
     for (const replica of mine) {
       const record = records.get(replica.name);
+      // Won by this node's failover transaction, but the promotion here failed (a stream still ending): again.
+      if (record?.owner === this.nodeName && record.epoch === replica.ownerEpoch + 1) {
+        this.#background(replica.name, `promoting it (etcd records this node as owner at epoch ${record.epoch})`, () => this.#promoteTo(replica.name, record.epoch));
+        continue;
+      }
       if (record === undefined || record.owner === this.nodeName || record.epoch <= replica.ownerEpoch) continue;
       this.#background(replica.name, `following its new owner ${record.owner} (epoch ${record.epoch})`, () => this.#host.follow(replica.name, record.owner, record.epoch));
     }
@@ -494,9 +509,8 @@ export class ClusterMember {
 
   /** Runs `step` unless one for `key` is running; logs a failure once per message (it is tried again next beat). */
   #background(key: string, what: string, step: () => Promise<void>): void {
-    if (this.#steps.has(key)) return;
-    this.#steps.add(key);
-    step().then(
+    if (this.#steps.has(key) || this.#stopping) return;
+    const running = step().then(
       () => {
         if (this.#stepErrors.has(key) || !what.startsWith('replicating')) this.#host.log(`cluster: ${key}: done ${what}`);
         this.#stepErrors.delete(key);
@@ -507,6 +521,7 @@ export class ClusterMember {
         this.#stepErrors.set(key, message);
       },
     ).finally(() => this.#steps.delete(key));
+    this.#steps.set(key, running);
   }
 
   /** One keepalive: the TTL etcd answers (0 or less: the lease is gone). */

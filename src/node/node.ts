@@ -426,6 +426,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         const status = await this.pool.status();
         return { capacityBytes: status.fileSystem.sizeBytes, freeBytes: status.fileSystem.freeBytes, health: status.failure === null ? 'ok' : `pool failed: ${status.failure}` };
       },
+      epochOf: (volume) => (roles.replicaOf(volume) === null && roles.fenced(volume) === null && roles.handingOff(volume) === null ? roles.epochOf(volume) : null),
       // Fenced volumes and volumes being handed off are not this node's to record or confirm (their writes stay
       // refused by their roles either way).
       ownedVolumes: () => this.pool.listVolumes().flatMap((volume) => {

@@ -158,6 +158,9 @@ test('the owner killed: the replica with the newest point takes the volume over 
     }
     const after = await clusterStatus(alpha.node);
     assert.deepEqual(after.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'beta', 2, ['alpha', 'gamma']]]);
+  } catch (error) {
+    for (const member of [alpha, beta, gamma]) process.stderr.write(`--- ${member.name}:\n${member.node.stderr()}\n`);
+    throw error;
   } finally {
     for (const member of [alpha, beta, gamma]) await stopAndCheck(member.node).catch(() => member.node.kill());
   }
