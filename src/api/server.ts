@@ -35,7 +35,8 @@ export interface DiffReport {
 export interface ControlPlane {
   listVolumes(): VolumeInfo[];
   volumeInfo(name: string): VolumeInfo;
-  createVolume(name: string, sizeBytes: number): Promise<VolumeInfo>;
+  /** `replicas`: replica links to that many other nodes of the cluster (node.ts); 0 or absent: none. */
+  createVolume(name: string, sizeBytes: number, replicas?: number): Promise<VolumeInfo>;
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo>;
   removeVolume(name: string): Promise<void>;
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo>;
@@ -71,6 +72,8 @@ export interface ControlPlane {
   demote(volume: string, ownerAddress: string | null): Promise<unknown>;
   /** Moves a volume to another node (replication/handoff.ts). */
   handoff(volume: string, to: string): Promise<unknown>;
+  /** The cluster as etcd has it (cluster/cluster.ts); refused on a node not in one. */
+  clusterStatus(): Promise<unknown>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -181,11 +184,15 @@ export class ApiServer {
         return sendJson(response, 200, { atMs: Date.now(), exports: this.#control.ioStats() });
       case 'POST /v1/checkpoint':
         return sendJson(response, 200, await this.#control.checkpoint());
+      case 'GET /v1/cluster':
+        return sendJson(response, 200, await this.#control.clusterStatus());
       case 'GET /v1/volumes':
         return sendJson(response, 200, { volumes: this.#control.listVolumes() });
       case 'POST /v1/volumes': {
         const name = validateName(body.name);
-        return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes)));
+        const replicas = body.replicas ?? 0;
+        if (!Number.isSafeInteger(replicas) || (replicas as number) < 0 || (replicas as number) > 8) throw ChunkdError.invalid(`invalid replicas ${JSON.stringify(replicas)}: a whole number from 0 to 8`);
+        return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes), replicas as number));
       }
       case 'GET /v1/volumes/:':
         return sendJson(response, 200, this.#control.volumeInfo(volumeName()));

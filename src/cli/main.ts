@@ -19,6 +19,7 @@ import { benchCommand, benchHelp } from './bench.ts';
 import { tlsCommand } from './tls.ts';
 import { peerCommand } from './peer.ts';
 import { replicaCommand } from './replica.ts';
+import { clusterCommand } from './cluster.ts';
 import { receiveCommand, sendCommand } from './stream.ts';
 import { commandHelp, commands, commandWords, findCommand, generalHelp, unknownVerb } from './help.ts';
 import { parsing, printError, reportError, UsageError, wantsJson } from './errors.ts';
@@ -79,6 +80,8 @@ async function run(argv: string[]): Promise<number> {
       return peerCommand(rest);
     case 'replica':
       return replicaCommand(rest, apiPath);
+    case 'cluster':
+      return clusterCommand(rest, apiPath);
     case 'bench':
       return benchCommand(rest);
     case 'iostat':
@@ -155,9 +158,13 @@ async function volumeCommand(argv: string[]): Promise<number> {
   switch (verb) {
     case 'create': {
       const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands['volume create'].options }));
-      const [name, sizeBytes] = parsing(() => [nameOf(positionals), sizeOf(values.size)] as const);
-      const volume = (await callApi(apiPath(values.api), 'POST', '/v1/volumes', { name, sizeBytes })) as VolumeInfo;
-      print(values.json, volume, () => `created volume ${volume.name} of ${formatSize(volume.sizeBytes)}`);
+      const [name, sizeBytes, replicas] = parsing(() => {
+        const count = values.replicas === undefined ? 0 : Number(values.replicas);
+        if (values.replicas !== undefined && (!/^\d+$/.test(values.replicas) || count > 8)) throw new UsageError(`invalid --replicas "${values.replicas}": a whole number from 0 to 8`);
+        return [nameOf(positionals), sizeOf(values.size), count] as const;
+      });
+      const volume = (await callApi(apiPath(values.api), 'POST', '/v1/volumes', { name, sizeBytes, ...(replicas > 0 ? { replicas } : {}) })) as VolumeInfo & { replicas?: string[] };
+      print(values.json, volume, () => `created volume ${volume.name} of ${formatSize(volume.sizeBytes)}${volume.replicas === undefined ? '' : `, replicas on ${volume.replicas.join(', ')}`}`);
       return 0;
     }
     case 'list': {

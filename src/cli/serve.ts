@@ -7,6 +7,8 @@ import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
 import { parseDuration, parseSize } from '../core/units.ts';
 import { ChunkdNode, type NodeConfig, type PeerConfig } from '../node/node.ts';
+import type { ClusterConfig } from '../cluster/cluster.ts';
+import { parseEtcdEndpoints } from '../cluster/records.ts';
 import { parsing, UsageError } from './errors.ts';
 import { commands, environmentName, type OptionSpec } from './help.ts';
 import { notifyServiceManager, stderrIsJournal } from './service-manager.ts';
@@ -152,7 +154,22 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): ServeCon
     peerTimeoutMs: parseDuration(values['peer-timeout'] ?? serveOptions['peer-timeout'].fallback, '--peer-timeout'),
     logLevel: checkedLogLevel(values['log-level'] ?? serveOptions['log-level'].fallback),
     logFormat: parseLogFormat(values['log-format'] ?? serveOptions['log-format'].fallback),
+    cluster: parseClusterOptions(values.etcd, values['node-name'], values['lease-ttl']),
   };
+}
+
+/** The cluster's settings from --etcd, --node-name and --lease-ttl, or null without --etcd. */
+export function parseClusterOptions(etcd: string | undefined, nodeName: string | undefined, leaseTtl: string | undefined): ClusterConfig | null {
+  if (etcd === undefined || etcd === 'none') {
+    if (nodeName !== undefined) throw ChunkdError.invalid('--node-name needs --etcd URL: it names the node in a cluster');
+    if (leaseTtl !== undefined) throw ChunkdError.invalid('--lease-ttl needs --etcd URL');
+    return null;
+  }
+  const endpoints = parseEtcdEndpoints(etcd);
+  if (nodeName === undefined) throw ChunkdError.invalid('--etcd needs --node-name NAME: the name of this node in the cluster');
+  const leaseTtlMs = parseDuration(leaseTtl ?? serveOptions['lease-ttl'].fallback, '--lease-ttl');
+  if (leaseTtlMs < 2000 || leaseTtlMs % 1000 !== 0) throw ChunkdError.invalid(`invalid --lease-ttl "${leaseTtl}": whole seconds, at least 2s (etcd's leases count in seconds)`);
+  return { endpoints, nodeName: validateName(nodeName, 'node'), leaseTtlMs };
 }
 
 export async function serve(argv: string[]): Promise<number> {

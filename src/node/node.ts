@@ -35,6 +35,7 @@ import { PeerServer, type PeerServerStats } from '../peer/server.ts';
 import { softwareVersion } from '../core/version.ts';
 import type { Log } from '../core/log.ts';
 import { emptyIoStats, MeasuredDevice, type ExportIoStats } from './io-stats.ts';
+import { ClusterMember, type ClusterConfig, type ClusterHost, type ClusterStatus } from '../cluster/cluster.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -70,6 +71,8 @@ export interface NodeConfig {
   peerTimeoutMs?: number;
   /** GET /metrics on plain HTTP over TCP for Prometheus (serve --metrics-listen), nothing else there; null/absent: none. */
   metricsListen?: { host: string; port: number } | null;
+  /** Membership of a cluster coordinated through etcd (serve --etcd, --node-name, --lease-ttl); null/absent: the node works alone. */
+  cluster?: ClusterConfig | null;
 }
 
 export interface PeerConfig {
@@ -107,6 +110,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** Which volumes are read-only replicas of other nodes' (loaded at start). */
   #roles: VolumeRoles | null = null;
   #replicator: Replicator | null = null;
+  #cluster: ClusterMember | null = null;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string, tls: TlsServerConfig | null) {
     this.config = config;
@@ -125,6 +129,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const tls = config.tls ? loadTlsServerConfig(config.tls.directory, config.tls.mode, config.tls.verifyPeer) : null;
     const peerCredentials = config.peer ? loadCredentials(config.peer.tlsDirectory, 'server') : null;
     const apiCredentials = config.apiTls ? loadCredentials(config.apiTls.tlsDirectory, 'server') : null;
+    if (config.cluster && peerCredentials !== null && peerCredentials.name !== config.cluster.nodeName) {
+      throw ChunkdError.invalid(`--node-name ${config.cluster.nodeName} differs from the name in this node's certificate (${peerCredentials.name}, in ${peerCredentials.directory}): peers know it by that name, so give --node-name ${peerCredentials.name}`);
+    }
     const workers = config.workers ?? defaultWorkerCount();
     // With workers, request buffers live in shared memory so that bytes reach a worker without a copy.
     const sharedBuffers = workers > 0 ? new SharedBufferPool() : null;
@@ -171,8 +178,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       // Every volume this node may not write is refused in the pool too (the receiver writes past that).
       for (const volume of roles.readOnlyVolumes()) await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
       for (const [volume] of roles.fencedVolumes()) config.log(roles.writeRefusal(volume, 'writing')!.message, 'warn');
-      if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
-        await pool.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
+      // In a cluster, no write is acknowledged before the node has joined it (at the end, once its peer port
+      // listens, so that its record names it): every write asks the cluster first (fencing by time).
+      if (config.cluster) pool.setWriteGate((volume) => ChunkdError.readOnly(`volume ${volume}: writes refused: node ${config.cluster!.nodeName} is joining the cluster`));
+      if (config.defaultVolume !== null && !config.cluster && !pool.hasVolume(config.defaultVolume.name)) {
+        await node.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
         config.log(`created volume ${config.defaultVolume.name}`);
       }
       await node.api.listen(node.apiSocketPath);
@@ -228,6 +238,15 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
         config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);
       }
+      if (config.cluster) {
+        node.#cluster = await ClusterMember.start(config.cluster, node.#clusterHost());
+        const cluster = node.#cluster;
+        pool.setWriteGate((volume) => cluster.writeRefusal(volume));
+        if (config.defaultVolume !== null && !pool.hasVolume(config.defaultVolume.name)) {
+          await node.createVolume(config.defaultVolume.name, config.defaultVolume.sizeBytes);
+          config.log(`created volume ${config.defaultVolume.name}`);
+        }
+      }
       node.#replicator.start();
     } catch (error) {
       await node.stop().catch(() => {});
@@ -247,6 +266,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     await this.#fuse?.close();
     await this.#threads?.stop();
     await this.nbd.close();
+    // Once the front ends have finished their requests, the node leaves the cluster: its lease is revoked, so its
+    // registration goes at once and a replica may take its volumes over without waiting for the TTL.
+    await this.#cluster?.stop();
     await this.api.close();
     await this.pool.close();
   }
@@ -356,10 +378,37 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.pool.volumeInfo(name);
   }
 
-  async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+  /**
+   * Creates a volume owned by this node. In a cluster it is recorded in etcd too, and `replicas` (0 by default)
+   * replica links go to distinct other nodes with the most free space (cluster/placement.ts), each with its first
+   * cycle done before this returns.
+   */
+  async createVolume(name: string, sizeBytes: number, replicas = 0): Promise<VolumeInfo & { replicas?: string[] }> {
+    if (replicas > 0 && this.#cluster === null) throw ChunkdError.invalid('--replicas needs a cluster (chunkd serve --etcd URL --node-name NAME): without one, add replicas with chunkd replica add VOL --peer HOST:PORT');
+    // Placed before anything is made, so that a cluster too small refuses with nothing left behind.
+    const placement = replicas > 0 ? await this.#cluster!.placeReplicas(replicas) : [];
     // A role left from a replica of that name that never completed (roles.ts) must not apply to a new volume.
     if (!this.pool.hasVolume(name)) await this.roles.forget(name);
-    return this.pool.createVolume(name, sizeBytes);
+    const info = await this.pool.createVolume(name, sizeBytes);
+    if (this.#cluster === null) return info;
+    // Made here first, then recorded in etcd: until the record's transaction succeeds its writes are refused, and a
+    // crash in between leaves a local volume that the next start records (cluster.ts).
+    try {
+      await this.#cluster.createVolume(name, sizeBytes, this.roles.epochOf(name), placement.map((node) => node.name));
+    } catch (error) {
+      await this.pool.removeVolume(name).catch((removeError: unknown) => this.config.log(`volume ${name} was not recorded in etcd and could not be removed here: ${String(removeError)}`));
+      throw error;
+    }
+    for (const node of placement) {
+      try {
+        await this.replicator.add({ volume: name, peer: node.peer, everyMs: defaultEveryMs, maxRateBytesPerSecond: null });
+        await this.replicator.sync(name, node.peer);
+      } catch (error) {
+        const message = error instanceof Error ? error.message : String(error);
+        throw ChunkdError.io(`volume ${name} was created and recorded, but its replica on node ${node.name} (${node.peer}) failed: ${message}; add it with chunkd replica add ${name} --peer ${node.peer}`, error);
+      }
+    }
+    return placement.length === 0 ? info : { ...info, replicas: placement.map((node) => node.name) };
   }
 
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
@@ -383,9 +432,59 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       if (open.length > 0) throw ChunkdError.busy(`replica ${name} has snapshots in use (${open.map((s) => s.name).join(', ')}); disconnect their clients first`);
       for (const snapshot of this.pool.listSnapshots(name)) await this.pool.removeSnapshot(name, snapshot.name);
     }
+    const owned = this.roles.replicaOf(name) === null;
     await this.pool.removeVolume(name);
     await this.roles.forget(name);
     await this.#replicator?.forgetVolume(name);
+    if (this.#cluster !== null && owned) await this.#cluster.removeVolume(name);
+  }
+
+  // ---- the cluster (serve --etcd) ----
+
+  /** The cluster as etcd has it; refused on a node that is not in one. */
+  clusterStatus(): Promise<ClusterStatus> {
+    if (this.#cluster === null) throw ChunkdError.invalid('this node is not in a cluster: start it with chunkd serve --etcd URL --node-name NAME');
+    return this.#cluster.status();
+  }
+
+  #clusterHost(): ClusterHost {
+    const roles = this.roles;
+    return {
+      poolId: this.poolId,
+      log: this.config.log,
+      peerAddress: () => this.#peer?.addresses()[0] ?? null,
+      describe: async () => {
+        const status = await this.pool.status();
+        return { capacityBytes: status.fileSystem.sizeBytes, freeBytes: status.fileSystem.freeBytes, health: status.failure === null ? 'ok' : `pool failed: ${status.failure}` };
+      },
+      epochOf: (volume) => (roles.replicaOf(volume) === null && roles.fenced(volume) === null && roles.handingOff(volume) === null ? roles.epochOf(volume) : null),
+      // Fenced volumes and volumes being handed off are not this node's to record or confirm (their writes stay
+      // refused by their roles either way).
+      ownedVolumes: () => this.pool.listVolumes().flatMap((volume) => {
+        const owned = roles.replicaOf(volume.name) === null && roles.fenced(volume.name) === null && roles.handingOff(volume.name) === null;
+        return owned ? [{ name: volume.name, sizeBytes: volume.sizeBytes, epoch: roles.epochOf(volume.name) }] : [];
+      }),
+      replicaVolumes: () => this.pool.listVolumes().flatMap((volume) => {
+        const role = roles.replicaOf(volume.name);
+        if (role === null) return [];
+        return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newestReplicationPoint(this.pool.listSnapshots(volume.name))?.name ?? null }];
+      }),
+      promote: async (volume) => (await this.#promote(volume)).epoch,
+      fencedVolumes: () => roles.fencedVolumes().map(([volume, fence]) => ({ name: volume, epoch: fence.epoch })),
+      rejoin: async (volume, owner, ownerEpoch, ownerAddress) => {
+        if (roles.fenced(volume) === null) {
+          await roles.set(volume, { role: 'fenced', epoch: roles.epochOf(volume), owner, ownerEpoch, ownerAddress });
+          await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
+        }
+        await this.demote(volume, ownerAddress);
+      },
+      follow: async (volume, owner, ownerEpoch) => {
+        if (roles.replicaOf(volume) === null) return;
+        await roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch });
+        await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
+      },
+      ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),
+    };
   }
 
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo> {
@@ -461,6 +560,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   /** Moves a volume to the node at `to` (its replica is made or updated first); see replication/handoff.ts. */
   handoff(volume: string, to: string): Promise<HandoffResult> {
+    this.#refuseInCluster(`chunkd volume handoff ${volume}`);
     return handoff(this.#handoffContext(), volume, to);
   }
 
@@ -483,6 +583,19 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    * point). The old owner learns of the new epoch from its peers when it comes back, and is fenced.
    */
   async promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
+    this.#refuseInCluster(`chunkd replica promote ${volume}`);
+    return this.#promote(volume);
+  }
+
+  /**
+   * A change of owner made by hand is not recorded in etcd yet: on a clustered node it would leave the new owner's
+   * writes refused (etcd names the old one), so it is refused; the cluster's own failover promotes (#promote).
+   */
+  #refuseInCluster(what: string): void {
+    if (this.#cluster !== null) throw ChunkdError.invalid(`${what} is refused on a node in a cluster: a change of owner made by hand is not recorded in etcd yet (the cluster promotes a replica by itself when an owner's lease expires)`);
+  }
+
+  async #promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
     const role = this.roles.replicaOf(volume);
     if (role === null) throw ChunkdError.invalid(`volume ${volume} is not a replica on this node; only a replica can be promoted`);
     if (this.#receiver.isActive(volume)) throw ChunkdError.busy(`a stream from ${role.owner} into ${volume} is running: its owner is alive; promote only a replica whose owner is gone (a planned move is a handoff)`);

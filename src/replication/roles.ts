@@ -127,9 +127,17 @@ export class VolumeRoles {
     await this.#save();
   }
 
+  /**
+   * Writes the roles as they are when its turn comes, one write at a time: two at once would share the temporary
+   * file (state-file.ts) and could leave a mix of both (seen with the cluster's background rejoin beside a receive).
+   */
   async #save(): Promise<void> {
-    await writeStateFile(this.#file, { volumes: Object.fromEntries(this.#roles) });
+    const write = this.#saving.then(() => writeStateFile(this.#file, { volumes: Object.fromEntries(this.#roles) }));
+    this.#saving = write.catch(() => {});
+    await write;
   }
+
+  #saving: Promise<void> = Promise.resolve();
 }
 
 function isRole(value: unknown): value is VolumeRole {

@@ -180,7 +180,7 @@ export class Pool {
       backgroundCommitIntervalMs: options.backgroundCommitIntervalMs ?? backgroundCommitIntervalMs,
       log,
     });
-    this.#volumeStore = timedVolumeStore({ chunks: this.#chunks, metadata: this.#engine }, this.#stageTimes);
+    this.#volumeStore = timedVolumeStore({ chunks: this.#chunks, metadata: this.#engine, writeGate: (volume) => this.#writeGate(volume) }, this.#stageTimes);
   }
 
   /**
@@ -317,6 +317,16 @@ export class Pool {
     release();
     await this.#engine.commit();
   }
+
+  /**
+   * Asked at every write to a volume, before it is applied and before it is acknowledged (reads and the stream
+   * receiver are not asked): the cluster's fencing by time (cluster/cluster.ts). Default: every write goes through.
+   */
+  setWriteGate(gate: (volume: string) => ChunkdError | null): void {
+    this.#writeGate = gate;
+  }
+
+  #writeGate: (volume: string) => ChunkdError | null = () => null;
 
   /** Why the volume refuses writes, or null. */
   writeBlock(name: string): ChunkdError | null {

@@ -32,6 +32,11 @@ import type { RangeLock, Release } from './range-lock.ts';
 export interface VolumeStore {
   readonly chunks: Pick<ChunkStore, 'write' | 'zero' | 'read'>;
   readonly metadata: Pick<CommitEngine, 'record' | 'commit' | 'checkHealthy'>;
+  /**
+   * Asked at every write, trim, zero and flush of a volume (not of the stream receiver's handle), before it is
+   * applied and again before it is acknowledged: null lets it through (the cluster's fencing by time, Pool.setWriteGate).
+   */
+  readonly writeGate: (volume: string) => ChunkdError | null;
 }
 
 /** Shared by every open of one volume or snapshot. */
@@ -106,21 +111,27 @@ export class Volume implements BlockDevice {
       }
     }
     if (options?.fua) await this.#store.metadata.commit();
+    this.#checkAcknowledge();
   }
 
   async trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
     await this.#zero(offsetBytes, lengthBytes, false, 'trim');
     if (options?.fua) await this.#store.metadata.commit();
+    this.#checkAcknowledge();
   }
 
   async writeZeroes(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
     // Without NO_HOLE, giving the space back is the fastest way to zeros: reads of holes give zeros.
     await this.#zero(offsetBytes, lengthBytes, options?.noHole === true, 'write zeroes');
     if (options?.fua) await this.#store.metadata.commit();
+    this.#checkAcknowledge();
   }
 
-  flush(): Promise<void> {
-    return this.#store.metadata.commit();
+  async flush(): Promise<void> {
+    // A flush that succeeds tells the client its writes are safe: not while another node may be taking over.
+    this.#checkAcknowledge();
+    await this.#store.metadata.commit();
+    this.#checkAcknowledge();
   }
 
   async blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
@@ -135,7 +146,17 @@ export class Volume implements BlockDevice {
   }
 
   #checkWritable(): void {
-    if (this.#runtime.writeBlock !== null && !this.#receiver) throw this.#runtime.writeBlock;
+    if (this.#receiver) return;
+    if (this.#runtime.writeBlock !== null) throw this.#runtime.writeBlock;
+    const refusal = this.#store.writeGate(this.name);
+    if (refusal !== null) throw refusal;
+  }
+
+  /** Before a write is acknowledged: the gate may have closed while it ran (a lease that lapsed meanwhile). */
+  #checkAcknowledge(): void {
+    if (this.#receiver) return;
+    const refusal = this.#store.writeGate(this.name);
+    if (refusal !== null) throw refusal;
   }
 
   #assertRange(offsetBytes: number, lengthBytes: number): void {

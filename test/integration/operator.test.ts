@@ -90,7 +90,7 @@ test('every command and subcommand has --help, -h and help COMMAND: every option
   const scratch = makeTempDir('help');
   try {
     const groups = [...new Set(keys.filter((key) => key.includes(' ')).map((key) => key.split(' ')[0]!))];
-    assert.deepEqual(groups.sort(), ['peer', 'replica', 'snapshot', 'tls', 'volume']);
+    assert.deepEqual(groups.sort(), ['cluster', 'peer', 'replica', 'snapshot', 'tls', 'volume']);
     // The help flag after arguments and options that would otherwise run the command (fsck would check ./data,
     // serve would start a node on it), and help COMMAND, for each entry; each group's help lists its entries.
     const cases = [
@@ -258,6 +258,9 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     CHUNKD_API_LISTEN: '0.0.0.0:10811',
     CHUNKD_METRICS_LISTEN: '0.0.0.0:9810',
     CHUNKD_PEER_TIMEOUT: '10s',
+    CHUNKD_ETCD: 'http://10.0.0.9:2379,http://10.0.0.10:2379',
+    CHUNKD_NODE_NAME: 'a',
+    CHUNKD_LEASE_TTL: '6s',
   });
   assert.deepEqual(fromEnvironment, {
     poolDirectory: '/srv/pool',
@@ -275,10 +278,11 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     tls: { mode: 'require', directory: '/etc/chunkd/a', verifyPeer: true },
     metricsListen: { host: '0.0.0.0', port: 9810 },
     peerTimeoutMs: 10_000,
+    cluster: { endpoints: ['http://10.0.0.9:2379', 'http://10.0.0.10:2379'], nodeName: 'a', leaseTtlMs: 6_000 },
   });
   // Nothing set: the defaults; the command line wins over the environment; an empty variable is unset.
   const defaults = serveConfig([], {});
-  assert.deepEqual([defaults.poolDirectory, defaults.listen, defaults.verifyReads, defaults.tls, defaults.metricsListen, defaults.peerTimeoutMs], ['data', { host: '127.0.0.1', port: 10809 }, true, null, null, 60_000]);
+  assert.deepEqual([defaults.poolDirectory, defaults.listen, defaults.verifyReads, defaults.tls, defaults.metricsListen, defaults.peerTimeoutMs, defaults.cluster], ['data', { host: '127.0.0.1', port: 10809 }, true, null, null, 60_000, null]);
   const wins = serveConfig(['--pool', '/cli/pool', '--verify-reads', 'on', '--tls-verify-peer', '--tls', 'on', '--tls-dir', '/cli/tls'], { CHUNKD_POOL: '/env/pool', CHUNKD_VERIFY_READS: 'off', CHUNKD_TLS_VERIFY_PEER: 'false', CHUNKD_TLS_DIR: '/env/tls', CHUNKD_LISTEN: '' });
   assert.deepEqual([wins.poolDirectory, wins.verifyReads, wins.tls, wins.listen], ['/cli/pool', true, { mode: 'on', directory: '/cli/tls', verifyPeer: true }, { host: '127.0.0.1', port: 10809 }]);
   // The variables the other commands read to reach a node do not trouble a plain serve.

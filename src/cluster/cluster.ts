@@ -1,0 +1,587 @@
+// A node's membership of a cluster coordinated through etcd (serve --etcd URL,... --node-name NAME): registration
+// under a lease kept alive, the volumes' ownership records, and fencing by time. Without --etcd none of this runs.
+//
+// Design note: the keys (all under /chunkd/v1/, records.ts) and who writes each
+//
+//   nodes/NAME    {name, poolId, peer, capacityBytes, freeBytes, version, health, updatedAt}
+//                 Written by node NAME only, attached to NAME's lease: it exists exactly while the lease lives (etcd
+//                 deletes it when the lease expires or is revoked). Created by a transaction that compares the key's
+//                 version with 0 (a name a live node holds is refused), or its mod revision when the record is this
+//                 same pool's from a previous run (the pool's lock says that process is gone).
+//   volumes/NAME  {name, sizeBytes, owner, epoch, replicas, createdAt}
+//                 Not under any lease: it outlives its owner. Created by the owner in a transaction comparing the
+//                 key's version with 0; every later change is a transaction comparing the mod revision it read, so of
+//                 two concurrent writers exactly one wins and the other re-reads.
+//   replicas/VOL/NODE  {volume, node, owner, ownerEpoch, point, pointMs}
+//                 Written by node NODE only, under its lease, while it holds a replica of VOL: the owner and epoch it
+//                 follows and its newest complete replicated point (repl-<owner's ms>). Read by every node to pick
+//                 the successor of an owner whose lease expired (failover.ts).
+//
+// Why two nodes never both own a volume (both acknowledging writes to it):
+//   1. A node acknowledges a write to a volume only while (a) it has confirmed, by a transaction that also
+//      compares that nodes/ITSELF is attached to its current lease, that volumes/V names it as owner at the epoch
+//      its roles.json holds (the same number roles.ts keeps), and (b) its lease clock is live: less than
+//      TTL - margin since it sent the last keepalive etcd confirmed (lease-clock.ts). Every write checks both, under
+//      the volume's lock, before it is applied and again before it is acknowledged (store/volume.ts's write gate).
+//   2. Another node may become V's owner only by a transaction on volumes/V that raises the epoch and compares that
+//      nodes/OWNER does not exist, i.e. that the owner's lease has expired in etcd, which happens no earlier than
+//      TTL after the owner sent its last renewal: by then the owner stopped acknowledging (1b), however long it was
+//      paused, since its check reads the monotonic clock at the write.
+//   3. An owner whose lease was lost does not resume on a new lease until step 1a holds again: its confirmation is
+//      cleared with the lease, and a lapse of the clock (even without losing the lease) re-checks too.
+//   Automatic failover is step 2: every node, at each renewal, looks for volumes whose owner is unregistered; the
+//   live replica of that owner and epoch with the newest point (ties: the first name) runs the transaction (which
+//   also compares its own registration under its lease), then promotes its replica locally (node.promote, epoch + 1,
+//   the same number). Of nodes deciding at once on different views, the revision compare lets one win.
+//   A transaction compares revisions in etcd, which is linearizable: of a takeover and the owner's confirmation,
+//   one is ordered first, and the other sees its effect.
+import { performance } from 'node:perf_hooks';
+import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type IOptions } from 'etcd3';
+import { ChunkdError } from '../core/errors.ts';
+import { softwareVersion } from '../core/version.ts';
+import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
+import { nodeKey, nodesPrefix, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
+import { chooseSuccessor, orphanedVolumes } from './failover.ts';
+import { chooseReplicaNodes } from './placement.ts';
+
+export interface ClusterConfig {
+  endpoints: string[];
+  nodeName: string;
+  leaseTtlMs: number;
+}
+
+/** What the node tells the cluster about itself, and the volumes it owns locally (roles.ts). */
+export interface ClusterHost {
+  poolId: string;
+  peerAddress(): string | null;
+  describe(): Promise<{ capacityBytes: number; freeBytes: number; health: string }>;
+  /** This node's ownership epoch of a volume it owns now (roles.ts), or null (a replica, fenced, being handed off). */
+  epochOf(volume: string): number | null;
+  /** Volumes this node owns in its pool (not replicas), with its ownership epoch (roles.ts) and size. */
+  ownedVolumes(): Array<{ name: string; sizeBytes: number; epoch: number }>;
+  /** Volumes this node holds as replicas: the owner and epoch each follows, and its newest complete replicated point. */
+  replicaVolumes(): Array<{ name: string; owner: string; ownerEpoch: number; point: string | null }>;
+  /** Makes the replica `volume` this node's own at its last replicated point (node.promote); the new epoch. */
+  promote(volume: string): Promise<number>;
+  /** Volumes this node owned and another has since taken over here (roles.ts fenced), with this node's old epoch. */
+  fencedVolumes(): Array<{ name: string; epoch: number }>;
+  /** Turns a volume another node owns now at a higher epoch into a replica of it (fenced first, then node.demote). */
+  rejoin(volume: string, owner: string, ownerEpoch: number, ownerAddress: string): Promise<void>;
+  /** A replica whose owner was replaced (failover): it follows the new owner at its epoch from now on. */
+  follow(volume: string, owner: string, ownerEpoch: number): Promise<void>;
+  /** Makes sure this node replicates its volume to the node at `peer` (a replica that follows it). */
+  ensureReplica(volume: string, peer: string): Promise<void>;
+  log: (line: string) => void;
+}
+
+export interface ClusterStatus {
+  self: string;
+  lease: { id: string; ttlMs: number; marginMs: number; renewedAgoMs: number | null; live: boolean };
+  nodes: Array<NodeRecord & { alive: boolean; volumes: string[] }>;
+  volumes: VolumeRecord[];
+}
+
+/**
+ * The etcd client's fault handling, per host and overall: none. Its default retries a failed call three times and
+ * opens a circuit breaker for 5 s after three failures, which would keep writes refused that long after etcd
+ * returns; the keepalive loop retries on its own schedule instead. (Only `execute` is what etcd3 calls.)
+ */
+type Policy = NonNullable<NonNullable<IOptions['faultHandling']>['global']>;
+const noFaultHandling = {
+  execute: (fn: (context: { signal: AbortSignal }) => unknown, signal?: AbortSignal) => Promise.resolve().then(() => fn({ signal: signal ?? new AbortController().signal })),
+} as unknown as Policy;
+
+/** How long one call to etcd may take before it counts as unanswered (at start, and for commands). */
+const callTimeoutMs = 3_000;
+
+/** The keepalive loop's pause after a failed beat before it tries again. */
+const retryDelayMs = 50;
+
+export class ClusterMember {
+  readonly config: ClusterConfig;
+  readonly #host: ClusterHost;
+  readonly #client: Etcd3;
+  readonly #clock: LeaseClock;
+  #leaseId: string | null = null;
+  /** Volumes whose ownership this node confirmed under its current lease, with the epoch confirmed. */
+  readonly #confirmed = new Map<string, number>();
+  /** Why a volume's ownership is not confirmed, when etcd said something else. */
+  readonly #unconfirmed = new Map<string, string>();
+  #stopping = false;
+  #loop: Promise<void> | null = null;
+  #wake: (() => void) | null = null;
+  #lastError: string | null = null;
+  /**
+   * How long each call of the keepalive loop may take: half a renewal period (at least 0.5 s), so that a call that
+   * hit an etcd member that does not answer (paused, partitioned) leaves time to try another before the margin.
+   */
+  readonly #loopTimeoutMs: number;
+  /** callTimeoutMs while the node joins at start (a clear error if etcd does not answer), then #loopTimeoutMs. */
+  #timeoutMs = callTimeoutMs;
+  /** The replica records this node last wrote (volume -> JSON), so that only changes are written. */
+  readonly #published = new Map<string, string>();
+  /** Background steps running (#converge), by volume, and the last failure of each. */
+  readonly #steps = new Map<string, Promise<void>>();
+  readonly #stepErrors = new Map<string, string>();
+
+  private constructor(config: ClusterConfig, host: ClusterHost) {
+    this.config = config;
+    this.#host = host;
+    this.#clock = new LeaseClock(leaseTiming(config.leaseTtlMs));
+    this.#loopTimeoutMs = Math.min(callTimeoutMs, Math.max(500, Math.floor(keepaliveIntervalMs(this.#clock.timing) / 2)));
+    this.#client = new Etcd3({ hosts: config.endpoints, dialTimeout: callTimeoutMs, faultHandling: { host: () => noFaultHandling, global: noFaultHandling } });
+  }
+
+  /**
+   * Joins the cluster: a lease, this node's record under it, and the ownership of its volumes confirmed (or
+   * recorded, for a volume etcd does not know yet). Refused with a clear error when etcd does not answer or the
+   * name is held by another live node; nothing is left behind then.
+   */
+  static async start(config: ClusterConfig, host: ClusterHost): Promise<ClusterMember> {
+    const member = new ClusterMember(config, host);
+    try {
+      await member.#join(true);
+    } catch (error) {
+      await member.#revoke();
+      member.#client.close();
+      if (error instanceof ChunkdError) throw error;
+      throw ChunkdError.io(`etcd at ${config.endpoints.join(',')} is unreachable or failed: ${describeError(error)}`, error);
+    }
+    member.#timeoutMs = member.#loopTimeoutMs;
+    member.#loop = member.#keepalive();
+    host.log(`cluster: node ${config.nodeName} registered in etcd ${config.endpoints.join(',')} (lease ${member.#leaseId}, TTL ${config.leaseTtlMs / 1000} s; writes stop ${member.#clock.timing.marginMs / 1000} s before it can expire)`);
+    return member;
+  }
+
+  get nodeName(): string {
+    return this.config.nodeName;
+  }
+
+  /** Null when a write to `volume` may be acknowledged now; else the error for the client (store/volume.ts asks at each write). */
+  writeRefusal(volume: string): ChunkdError | null {
+    const lapse = this.#clock.refusal(volume, performance.now());
+    if (lapse !== null) {
+      // A lapse seen by a write (the process was paused, its timers have not run yet): the next renewal re-checks.
+      if (this.#confirmed.size > 0) this.#forgetConfirmations();
+      return lapse;
+    }
+    // The epoch confirmed in etcd must still be the one this node writes at (roles.ts).
+    const confirmed = this.#confirmed.get(volume);
+    if (confirmed !== undefined && confirmed === this.#host.epochOf(volume)) return null;
+    const why = this.#unconfirmed.get(volume) ?? 'its ownership is not confirmed in etcd yet';
+    return ChunkdError.readOnly(`volume ${volume}: writes refused on node ${this.nodeName}: ${why}`);
+  }
+
+  /** Where `count` replicas of a new volume of this node's go (placement.ts), from the live nodes' records. */
+  async placeReplicas(count: number): Promise<Array<{ name: string; peer: string }>> {
+    const nodes = await this.#range(nodesPrefix, deadline());
+    return chooseReplicaNodes(nodes.map((kv) => parseNodeRecord(kv.key.toString(), kv.value)), this.nodeName, count);
+  }
+
+  /** Records a new volume owned by this node at `epoch`; refused when etcd already has a volume of that name. */
+  async createVolume(name: string, sizeBytes: number, epoch: number, replicas: string[] = []): Promise<VolumeRecord> {
+    const record: VolumeRecord = { name, sizeBytes, owner: this.nodeName, epoch, replicas, createdAt: new Date().toISOString() };
+    const result = await this.#client
+      .if(volumeKey(name), 'Version', '==', 0)
+      .and(nodeKey(this.nodeName), 'Lease', '==', this.#requireLease())
+      .then(this.#client.put(volumeKey(name)).value(JSON.stringify(record)))
+      .else(this.#client.get(volumeKey(name)), this.#client.get(nodeKey(this.nodeName)))
+      .options(deadline())
+      .commit();
+    if (!result.succeeded) {
+      const existing = result.responses[0]?.response_range.kvs[0];
+      if (existing === undefined) throw ChunkdError.io(`volume ${name} was not recorded in etcd: node ${this.nodeName} is not registered under its current lease (it is being renewed); try again`);
+      const other = parseVolumeRecord(volumeKey(name), existing.value);
+      throw ChunkdError.exists(`volume ${name} already exists in the cluster (owner ${other.owner}, epoch ${other.epoch})`);
+    }
+    this.#confirm(name, epoch);
+    return record;
+  }
+
+  /**
+   * Removes a volume's record after the volume was removed here: a transaction on the revision read. A record that
+   * names another owner is that node's (this node's copy was fenced or stale): it stays.
+   */
+  async removeVolume(name: string): Promise<void> {
+    this.#confirmed.delete(name);
+    this.#unconfirmed.delete(name);
+    const kv = await this.#get(volumeKey(name), deadline());
+    if (kv === null) return;
+    const record = parseVolumeRecord(volumeKey(name), kv.value);
+    if (record.owner !== this.nodeName) return;
+    const result = await this.#client.if(volumeKey(name), 'Mod', '==', kv.mod_revision).then(this.#client.delete().key(volumeKey(name))).options(deadline()).commit();
+    if (!result.succeeded) throw ChunkdError.busy(`volume ${name} was removed here, but its record in etcd changed meanwhile and stays (remove it with etcdctl del /chunkd/v1/volumes/${name} once checked)`);
+  }
+
+  /** The cluster as etcd has it: nodes (alive: registered under a live lease), volumes, and which node owns each. */
+  async status(): Promise<ClusterStatus> {
+    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix, deadline()), this.#range(volumesPrefix, deadline()), this.#range(replicasPrefix, deadline())]);
+    const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
+    const volumeRecords = volumes.map((kv) => {
+      const record = parseVolumeRecord(kv.key.toString(), kv.value);
+      // Replicas on live nodes that follow this owner's epoch, as they published them.
+      const following = replicaRecords.filter((replica) => replica.volume === record.name && replica.owner === record.owner && replica.ownerEpoch === record.epoch).map((replica) => replica.node);
+      return { ...record, replicas: [...new Set([...record.replicas, ...following])].sort() };
+    }).sort((a, b) => a.name.localeCompare(b.name));
+    const nodeRecords: ClusterStatus['nodes'] = nodes.map((kv) => ({ ...parseNodeRecord(kv.key.toString(), kv.value), alive: true, volumes: [] }));
+    // An owner named by a volume but without a live registration is down (its lease expired).
+    for (const volume of volumeRecords) {
+      let node = nodeRecords.find((candidate) => candidate.name === volume.owner);
+      if (node === undefined) {
+        node = { name: volume.owner, poolId: '', peer: null, capacityBytes: 0, freeBytes: 0, version: '', health: 'down: no live lease', updatedAt: '', alive: false, volumes: [] };
+        nodeRecords.push(node);
+      }
+      node.volumes.push(volume.name);
+    }
+    nodeRecords.sort((a, b) => a.name.localeCompare(b.name));
+    const now = performance.now();
+    const timing = this.#clock.timing;
+    return {
+      self: this.nodeName,
+      lease: { id: this.#leaseId ?? '', ttlMs: timing.ttlMs, marginMs: timing.marginMs, renewedAgoMs: roundOrNull(this.#clock.ageMs(now)), live: this.#clock.live(now) },
+      nodes: nodeRecords,
+      volumes: volumeRecords,
+    };
+  }
+
+  /** Leaves the cluster: the lease is revoked, so this node's record goes at once (its volumes' records stay). */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    this.#wake?.();
+    await this.#loop;
+    await Promise.all(this.#steps.values());
+    this.#clock.lost();
+    await this.#revoke();
+    this.#client.close();
+  }
+
+  // ---- joining: lease, registration, ownership ----
+
+  async #join(first: boolean): Promise<void> {
+    this.#forgetConfirmations();
+    this.#clock.lost();
+    const sentAt = performance.now();
+    const grant = await this.#client.leaseClient.leaseGrant({ TTL: Math.ceil(this.config.leaseTtlMs / 1000), ID: 0 }, this.#deadline());
+    this.#leaseId = grant.ID;
+    this.#clock.renewed(sentAt);
+    await this.#register(first);
+    await this.#confirmOwnership();
+  }
+
+  async #register(first: boolean): Promise<void> {
+    const key = nodeKey(this.nodeName);
+    const record = JSON.stringify(await this.#record());
+    const result = await this.#client
+      .if(key, 'Version', '==', 0)
+      .then(this.#client.put(key).value(record).lease(this.#leaseId!))
+      .else(this.#client.get(key))
+      .options(this.#deadline())
+      .commit();
+    if (result.succeeded) return;
+    const existing = result.responses[0]?.response_range.kvs[0];
+    if (existing === undefined) return this.#register(first);
+    const other = parseNodeRecord(key, existing.value);
+    if (other.poolId !== this.#host.poolId) {
+      throw ChunkdError.exists(`node name ${this.nodeName} is already registered in etcd by a live node (pool ${other.poolId}${other.peer === null ? '' : `, peer ${other.peer}`}, updated ${other.updatedAt}): choose another --node-name, or stop that node (its registration goes when its lease expires, within its --lease-ttl)`);
+    }
+    // This pool's own record from a previous run (that process is gone: this one holds the pool's lock): take it over.
+    const takeover = await this.#client
+      .if(key, 'Mod', '==', existing.mod_revision)
+      .then(this.#client.put(key).value(record).lease(this.#leaseId!))
+      .options(this.#deadline())
+      .commit();
+    if (!takeover.succeeded) return this.#register(first);
+    if (existing.lease !== '0' && existing.lease !== this.#leaseId) await this.#client.leaseClient.leaseRevoke({ ID: existing.lease }, deadline()).catch(() => {});
+    if (first) this.#host.log(`cluster: node ${this.nodeName}'s registration from a previous run of this pool was taken over`);
+  }
+
+  async #record(): Promise<NodeRecord> {
+    const description = await this.#host.describe();
+    return { name: this.nodeName, poolId: this.#host.poolId, peer: this.#host.peerAddress(), ...description, version: softwareVersion, updatedAt: new Date().toISOString() };
+  }
+
+  /**
+   * For each volume this node owns locally: records it when etcd has no record (a volume from before the node
+   * joined), else confirms it when the record names this node at the local epoch. Each is one transaction that also
+   * compares that this node is registered under its current lease.
+   */
+  async #confirmOwnership(): Promise<void> {
+    const lease = this.#requireLease();
+    const registered = (): ['Lease', '==', string] => ['Lease', '==', lease];
+    for (const volume of this.#host.ownedVolumes()) {
+      const record: VolumeRecord = { name: volume.name, sizeBytes: volume.sizeBytes, owner: this.nodeName, epoch: volume.epoch, replicas: [], createdAt: new Date().toISOString() };
+      const result = await this.#client
+        .if(nodeKey(this.nodeName), ...registered())
+        .then(this.#client.get(volumeKey(volume.name)))
+        .options(this.#deadline())
+        .commit();
+      if (!result.succeeded) throw ChunkdError.io(`node ${this.nodeName}'s registration is no longer under lease ${lease} while confirming its volumes`);
+      const kv = result.responses[0]?.response_range.kvs[0];
+      if (kv === undefined) {
+        const created = await this.#client
+          .if(volumeKey(volume.name), 'Version', '==', 0)
+          .and(nodeKey(this.nodeName), ...registered())
+          .then(this.#client.put(volumeKey(volume.name)).value(JSON.stringify(record)))
+          .options(this.#deadline())
+          .commit();
+        if (created.succeeded) {
+          this.#host.log(`cluster: volume ${volume.name} recorded in etcd, owned by ${this.nodeName} at epoch ${volume.epoch}`);
+          this.#confirm(volume.name, volume.epoch);
+        } else this.#unconfirmed.set(volume.name, 'another node recorded a volume of that name at the same time; restart to re-check');
+        continue;
+      }
+      const existing = parseVolumeRecord(volumeKey(volume.name), kv.value);
+      if (existing.owner === this.nodeName && existing.epoch === volume.epoch) this.#confirm(volume.name, volume.epoch);
+      else {
+        const why = `etcd records node ${existing.owner} as its owner at epoch ${existing.epoch}, and this node's epoch is ${volume.epoch}`;
+        this.#unconfirmed.set(volume.name, why);
+        this.#host.log(`cluster: volume ${volume.name}: writes refused: ${why}`);
+      }
+    }
+  }
+
+  #confirm(volume: string, epoch: number): void {
+    this.#confirmed.set(volume, epoch);
+    this.#unconfirmed.delete(volume);
+  }
+
+  #forgetConfirmations(): void {
+    this.#confirmed.clear();
+    this.#unconfirmed.clear();
+  }
+
+  // ---- keeping the lease alive ----
+
+  /**
+   * Renews the lease three times per TTL. A keepalive that etcd does not confirm leaves the clock to run out
+   * (writes stop at TTL - margin); a renewal after a lapse re-checks ownership before writes resume; a lease etcd
+   * says is gone is replaced by a new one, re-registered and re-checked the same way.
+   */
+  async #keepalive(): Promise<void> {
+    const interval = keepaliveIntervalMs(this.#clock.timing);
+    let beats = 0;
+    let failed = false;
+    while (!this.#stopping) {
+      // After a failure, again at once (a call that hit a member that does not answer is tried on another).
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, failed ? retryDelayMs : interval);
+        this.#wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      if (this.#stopping) break;
+      try {
+        const sentAt = performance.now();
+        let lapsed = !this.#clock.live(sentAt) || this.#confirmed.size === 0;
+        const ttl = this.#leaseId === null ? 0 : await this.#keepaliveOnce(this.#leaseId);
+        // A lapse while the keepalive was in flight counts too: writes resume only after ownership is re-checked.
+        lapsed ||= !this.#clock.live(performance.now());
+        if (lapsed) this.#forgetConfirmations();
+        if (ttl <= 0) {
+          this.#host.log(`cluster: lease ${this.#leaseId} of node ${this.nodeName} is gone in etcd; writes stay refused until a new lease is granted and ownership re-checked`);
+          await this.#join(false);
+          this.#host.log(`cluster: node ${this.nodeName} registered again (lease ${this.#leaseId}); ${this.#confirmed.size} volume(s) confirmed`);
+        } else {
+          this.#clock.renewed(sentAt);
+          if (lapsed) await this.#confirmOwnership();
+          beats += 1;
+          if (this.#clock.live(performance.now())) await this.#reconcile();
+          if (beats % 3 === 0) await this.#client.put(nodeKey(this.nodeName)).value(JSON.stringify(await this.#record())).lease(this.#leaseId!).options(this.#deadline()).exec();
+        }
+        if (this.#lastError !== null) this.#host.log(`cluster: etcd answers again (${this.#confirmed.size} volume(s) confirmed)`);
+        this.#lastError = null;
+        failed = false;
+      } catch (error) {
+        failed = true;
+        const message = describeError(error);
+        if (message !== this.#lastError) this.#host.log(`cluster: etcd ${this.config.endpoints.join(',')}: ${message}; writes to owned volumes stop ${((this.#clock.timing.ttlMs - this.#clock.timing.marginMs) / 1000).toFixed(1)} s after the last renewal`);
+        this.#lastError = message;
+      }
+    }
+  }
+
+  // ---- automatic failover ----
+
+  /**
+   * Once per renewal: publishes this node's replicas (newest point of each, under its lease), then, for every
+   * volume whose owner's registration is gone, the replica with the newest point takes it over if that is this
+   * node: a transaction on the volume's record comparing the revision read, that the owner is still unregistered and
+   * that this node is registered under its lease; the epoch rises by one. Then the replica is promoted here.
+   */
+  async #reconcile(): Promise<void> {
+    const lease = this.#requireLease();
+    const mine = this.#host.replicaVolumes();
+    for (const replica of mine) {
+      const pointMs = replica.point === null ? Number.NaN : Number(replica.point.slice(replica.point.indexOf('-') + 1));
+      if (replica.point === null || !Number.isSafeInteger(pointMs)) continue;
+      const record: ReplicaRecord = { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: replica.point, pointMs };
+      const value = JSON.stringify(record);
+      if (this.#published.get(replica.name) === `${lease}:${value}`) continue;
+      await this.#client.put(replicaKey(replica.name, this.nodeName)).value(value).lease(lease).options(this.#deadline()).exec();
+      this.#published.set(replica.name, `${lease}:${value}`);
+    }
+    for (const volume of [...this.#published.keys()]) {
+      if (mine.some((replica) => replica.name === volume)) continue;
+      await this.#client.delete().key(replicaKey(volume, this.nodeName)).options(this.#deadline()).exec();
+      this.#published.delete(volume);
+    }
+    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix)]);
+    const alive = new Set(nodes.map((kv) => kv.key.toString().slice(nodesPrefix.length)));
+    const peers = new Map(nodes.map((kv) => {
+      const record = parseNodeRecord(kv.key.toString(), kv.value);
+      return [record.name, record.peer] as const;
+    }));
+    const volumeRevisions = new Map(volumes.map((kv) => [kv.key.toString(), kv.mod_revision]));
+    const volumeRecords = volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value));
+    const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
+    this.#converge(volumeRecords, replicaRecords, peers, mine);
+    if (mine.length === 0) return;
+    const orphans = orphanedVolumes(volumeRecords, alive, replicaRecords);
+    for (const { volume, candidates } of orphans) {
+      const successor = chooseSuccessor(candidates);
+      if (successor?.node !== this.nodeName || !mine.some((replica) => replica.name === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch)) continue;
+      const epoch = volume.epoch + 1;
+      const record: VolumeRecord = { ...volume, owner: this.nodeName, epoch, replicas: volume.replicas.filter((name) => name !== this.nodeName) };
+      const result = await this.#client
+        .if(volumeKey(volume.name), 'Mod', '==', volumeRevisions.get(volumeKey(volume.name))!)
+        .and(nodeKey(volume.owner), 'Version', '==', 0)
+        .and(nodeKey(this.nodeName), 'Lease', '==', lease)
+        .then(this.#client.put(volumeKey(volume.name)).value(JSON.stringify(record)), this.#client.delete().key(replicaKey(volume.name, this.nodeName)))
+        .options(this.#deadline())
+        .commit();
+      if (!result.succeeded) {
+        this.#host.log(`cluster: failover of volume ${volume.name} not taken: its record or ${volume.owner}'s registration changed meanwhile`);
+        continue;
+      }
+      this.#published.delete(volume.name);
+      this.#host.log(`cluster: node ${volume.owner}, owner of volume ${volume.name} at epoch ${volume.epoch}, has no live lease; this node takes it over at epoch ${epoch} from ${successor.point}`);
+      try {
+        await this.#promoteTo(volume.name, epoch);
+      } catch (error) {
+        this.#unconfirmed.set(volume.name, `its promotion here failed after etcd recorded this node as owner at epoch ${epoch} (tried again): ${describeError(error)}`);
+        this.#host.log(`cluster: volume ${volume.name}: ${this.#unconfirmed.get(volume.name)}`);
+      }
+    }
+  }
+
+  /** Promotes the local replica to the epoch etcd records for this node, and confirms it. */
+  async #promoteTo(volume: string, epoch: number): Promise<void> {
+    const promoted = await this.#host.promote(volume);
+    if (promoted !== epoch) throw ChunkdError.corrupt(`the local promotion of ${volume} gave epoch ${promoted}, etcd records ${epoch}`);
+    this.#confirm(volume, epoch);
+  }
+
+  /**
+   * Brings this node in line with what etcd records, in the background (each step talks to peers and may take a
+   * while; the keepalive loop must not wait for it), one step per volume at a time:
+   *   - a volume this node owns (or owned) that etcd gives another live owner at a higher epoch: rejoin as its
+   *     replica (its writes after the last common point are kept aside as a snapshot, node.demote);
+   *   - a replica of this node's whose owner etcd replaced at a higher epoch: follow the new owner;
+   *   - a volume this node owns: replicate it to every live node that publishes a replica following it.
+   */
+  #converge(volumes: VolumeRecord[], replicas: ReplicaRecord[], peers: Map<string, string | null>, mine: Array<{ name: string; owner: string; ownerEpoch: number }>): void {
+    const records = new Map(volumes.map((volume) => [volume.name, volume]));
+    const local = [...this.#host.ownedVolumes(), ...this.#host.fencedVolumes()];
+    for (const volume of local) {
+      const record = records.get(volume.name);
+      const address = record === undefined ? null : peers.get(record.owner) ?? null;
+      if (record === undefined || record.owner === this.nodeName || record.epoch <= volume.epoch || address === null) continue;
+      this.#background(volume.name, `rejoining as a replica of ${record.owner} (epoch ${record.epoch})`, () => this.#host.rejoin(volume.name, record.owner, record.epoch, address));
+    }
+    for (const replica of mine) {
+      const record = records.get(replica.name);
+      // Won by this node's failover transaction, but the promotion here failed (a stream still ending): again.
+      if (record?.owner === this.nodeName && record.epoch === replica.ownerEpoch + 1) {
+        this.#background(replica.name, `promoting it (etcd records this node as owner at epoch ${record.epoch})`, () => this.#promoteTo(replica.name, record.epoch));
+        continue;
+      }
+      if (record === undefined || record.owner === this.nodeName || record.epoch <= replica.ownerEpoch) continue;
+      this.#background(replica.name, `following its new owner ${record.owner} (epoch ${record.epoch})`, () => this.#host.follow(replica.name, record.owner, record.epoch));
+    }
+    for (const follower of replicas) {
+      const record = records.get(follower.volume);
+      const address = peers.get(follower.node) ?? null;
+      if (record?.owner !== this.nodeName || follower.owner !== this.nodeName || follower.ownerEpoch !== record.epoch || !this.#confirmed.has(record.name) || address === null) continue;
+      this.#background(`${record.name}->${follower.node}`, `replicating to ${follower.node}`, () => this.#host.ensureReplica(record.name, address));
+    }
+  }
+
+  /** Runs `step` unless one for `key` is running; logs a failure once per message (it is tried again next beat). */
+  #background(key: string, what: string, step: () => Promise<void>): void {
+    if (this.#steps.has(key) || this.#stopping) return;
+    const running = step().then(
+      () => {
+        if (this.#stepErrors.has(key) || !what.startsWith('replicating')) this.#host.log(`cluster: ${key}: done ${what}`);
+        this.#stepErrors.delete(key);
+      },
+      (error: unknown) => {
+        const message = describeError(error);
+        if (this.#stepErrors.get(key) !== message) this.#host.log(`cluster: ${key}: ${what} failed: ${message}; tried again`);
+        this.#stepErrors.set(key, message);
+      },
+    ).finally(() => this.#steps.delete(key));
+    this.#steps.set(key, running);
+  }
+
+  /** One keepalive: the TTL etcd answers (0 or less: the lease is gone). */
+  async #keepaliveOnce(id: string): Promise<number> {
+    const stream = await this.#client.leaseClient.leaseKeepAlive(this.#deadline());
+    try {
+      const response = await new Promise<{ TTL: string }>((resolve, reject) => {
+        stream.on('data', resolve);
+        stream.on('error', reject);
+        stream.write({ ID: id });
+      });
+      return Number(response.TTL);
+    } catch (error) {
+      // etcd answers a keepalive of a lease it no longer has with an error on some versions, TTL 0 on others.
+      if (error instanceof EtcdLeaseInvalidError) return 0;
+      throw error;
+    } finally {
+      stream.end();
+    }
+  }
+
+  // ---- small helpers ----
+
+  #deadline(): { deadline: Date } {
+    return deadline(this.#timeoutMs);
+  }
+
+  #requireLease(): string {
+    if (this.#leaseId === null) throw ChunkdError.io(`node ${this.nodeName} holds no etcd lease right now`);
+    return this.#leaseId;
+  }
+
+  async #get(key: string, options = this.#deadline()): Promise<IKeyValue | null> {
+    const response = await this.#client.get(key).options(options).exec();
+    return response.kvs[0] ?? null;
+  }
+
+  async #range(prefix: string, options = this.#deadline()): Promise<IKeyValue[]> {
+    const response = await this.#client.getAll().prefix(prefix).options(options).exec();
+    return response.kvs;
+  }
+
+  async #revoke(): Promise<void> {
+    if (this.#leaseId === null) return;
+    const id = this.#leaseId;
+    this.#leaseId = null;
+    await this.#client.leaseClient.leaseRevoke({ ID: id }, { deadline: new Date(Date.now() + 1000) }).catch(() => {});
+  }
+}
+
+/** Call options that give up after `timeoutMs` (default callTimeoutMs; the keepalive loop's calls use less). */
+function deadline(timeoutMs = callTimeoutMs): { deadline: Date } {
+  return { deadline: new Date(Date.now() + timeoutMs) };
+}
+
+function roundOrNull(value: number | null): number | null {
+  return value === null ? null : Math.round(value);
+}
+
+function describeError(error: unknown): string {
+  const message = error instanceof Error ? error.message : String(error);
+  return message.split('\n')[0]!.replace(/\s*Resolution note:\s*$/, '');
+}

@@ -1,0 +1,102 @@
+// The cluster on three etcd members (src/testing/etcd-process.ts): one member paused (a partition of one) leaves a
+// quorum, and the owner keeps acknowledging writes, its keepalives going to the other members; two members paused
+// (no quorum) stop its writes within the lease TTL; resumed, writes resume and every acknowledged write reads back.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
+import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
+import { makeTempDir, startNode } from '../helpers/node-process.ts';
+import { stopAndCheck } from '../helpers/stream-pipe.ts';
+
+const skip = !haveEtcd();
+const ttlMs = 3_000;
+const block = 4096;
+let scratch: string;
+let etcd: EtcdCluster;
+
+before(async () => {
+  if (skip) return;
+  scratch = makeTempDir('cluster-members');
+  etcd = await startEtcd(3);
+});
+
+after(async () => {
+  if (skip) return;
+  await etcd.stop();
+  fs.rmSync(scratch, { recursive: true, force: true });
+});
+
+function content(index: number): Buffer {
+  const data = Buffer.alloc(block, (index % 251) + 1);
+  data.writeUInt32LE(index, 0);
+  return data;
+}
+
+async function waitFor(what: string, probe: () => boolean, timeoutMs: number): Promise<void> {
+  const started = performance.now();
+  while (!probe()) {
+    if (performance.now() - started > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+test('three etcd members: one paused, writes go on; two paused, writes stop within the TTL; all back, writes resume, nothing acknowledged lost', { skip }, async () => {
+  const node = await startNode(path.join(scratch, 'alpha'), ['--etcd', etcd.endpoints, '--node-name', 'alpha', '--lease-ttl', `${ttlMs / 1000}s`, '--default-volume', 'vol:64MiB']);
+  const nbd = await TestNbdClient.connect(node.nbdSocket, 'vol');
+  const [first, second] = etcd.members;
+  const acknowledged: Array<{ index: number; at: number }> = [];
+  const refused: Array<{ index: number; at: number }> = [];
+  let writing = true;
+  const writer = (async () => {
+    for (let index = 0; writing; index += 1) {
+      try {
+        await nbd.write(index * block, content(index), FLAG_FUA);
+        acknowledged.push({ index, at: performance.now() });
+      } catch (error) {
+        if (!(error instanceof NbdReplyError)) throw error;
+        refused.push({ index, at: performance.now() });
+      }
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  })();
+  try {
+    await waitFor('writes', () => acknowledged.length >= 20, 10_000);
+    // One member of three paused: a quorum is left, keepalives that hit the paused one time out and are tried again.
+    const onePausedAt = performance.now();
+    first!.pause();
+    await new Promise((resolve) => setTimeout(resolve, 2 * ttlMs));
+    first!.resume();
+    const during = acknowledged.filter((write) => write.at > onePausedAt);
+    const refusedDuring = refused.filter((write) => write.at > onePausedAt);
+    process.stderr.write(`# one member of three paused ${2 * ttlMs} ms: ${during.length} writes acknowledged, ${refusedDuring.length} refused\n`);
+    assert.ok(during.length >= 20, `writes went on with one member paused (${during.length} acknowledged, ${refusedDuring.length} refused)`);
+    await waitFor('writes after the member returned', () => acknowledged.length > during.length + 30 && acknowledged.at(-1)!.at > performance.now() - 500, 15_000);
+
+    // Two of three paused: no quorum, no renewal; writes stop before the lease can expire.
+    const twoPausedAt = performance.now();
+    const refusedBefore = refused.length;
+    first!.pause();
+    second!.pause();
+    await waitFor('a refused write', () => refused.length > refusedBefore, ttlMs + 2_000);
+    const firstRefusal = refused[refusedBefore]!;
+    assert.ok(firstRefusal.at - twoPausedAt < ttlMs, `first refusal ${Math.round(firstRefusal.at - twoPausedAt)} ms after the quorum was lost`);
+    await new Promise((resolve) => setTimeout(resolve, ttlMs));
+    assert.deepEqual(acknowledged.filter((write) => write.at > firstRefusal.at), [], 'acknowledged without a quorum');
+    first!.resume();
+    second!.resume();
+    const count = acknowledged.length;
+    await waitFor('writes to resume', () => acknowledged.length > count + 5, 20_000);
+    process.stderr.write(`# two members of three paused: first refusal after ${Math.round(firstRefusal.at - twoPausedAt)} ms\n`);
+    writing = false;
+    await writer;
+    for (const { index } of acknowledged) assert.deepEqual(await nbd.read(index * block, block), content(index), `acknowledged block ${index}`);
+  } finally {
+    writing = false;
+    await writer.catch(() => {});
+    for (const member of etcd.members) member.resume();
+    await nbd.disconnect().catch(() => {});
+    await stopAndCheck(node);
+  }
+});

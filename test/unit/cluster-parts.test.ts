@@ -1,0 +1,79 @@
+// The cluster's pure parts: the lease clock's fencing by time (cluster/lease-clock.ts), the records' checks and the
+// --etcd parser (cluster/records.ts), the failover's choice (cluster/failover.ts).
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
+import { parseEtcdEndpoints, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
+import { chooseSuccessor, orphanedVolumes } from '../../src/cluster/failover.ts';
+import { chooseReplicaNodes } from '../../src/cluster/placement.ts';
+import { ChunkdError } from '../../src/core/errors.ts';
+
+test('lease clock: writes stop TTL - margin after the last confirmed renewal was sent, never later', () => {
+  const timing = leaseTiming(10_000);
+  assert.deepEqual(timing, { ttlMs: 10_000, marginMs: 2_000 });
+  assert.equal(leaseTiming(2_000).marginMs, 500);
+  assert.equal(keepaliveIntervalMs(timing), 3_333);
+  const clock = new LeaseClock(timing);
+  assert.equal(clock.live(0), false, 'no lease, no writes');
+  assert.match(clock.refusal('vol', 0)!.message, /volume vol: writes refused: this node has no live lease in etcd/);
+  clock.renewed(1_000);
+  assert.equal(clock.refusal('vol', 1_000), null);
+  assert.equal(clock.live(8_999), true);
+  assert.equal(clock.live(9_000), false, 'at sentAt + TTL - margin');
+  const refusal = clock.refusal('vol', 12_345)!;
+  assert.ok(refusal instanceof ChunkdError && refusal.code === 'EPERM');
+  assert.match(refusal.message, /has not renewed its etcd lease for 11\.3 s \(TTL 10 s, writes stop 2 s before it can expire\)/);
+  // A confirmation that arrives late for an older send never moves the clock back.
+  clock.renewed(5_000);
+  clock.renewed(4_000);
+  assert.equal(clock.ageMs(6_000), 1_000);
+  clock.lost();
+  assert.equal(clock.live(5_001), false);
+});
+
+test('records: checked when read, the key must match the name', () => {
+  const volume = { name: 'vol', sizeBytes: 1024, owner: 'alpha', epoch: 2, replicas: ['beta'], createdAt: 'now' };
+  assert.deepEqual(parseVolumeRecord('/chunkd/v1/volumes/vol', Buffer.from(JSON.stringify(volume))), volume);
+  assert.throws(() => parseVolumeRecord('/chunkd/v1/volumes/other', Buffer.from(JSON.stringify(volume))), /does not hold a volume record/);
+  assert.throws(() => parseVolumeRecord('/chunkd/v1/volumes/vol', Buffer.from(JSON.stringify({ ...volume, epoch: 0 }))), /does not hold a volume record/);
+  assert.throws(() => parseVolumeRecord('/chunkd/v1/volumes/vol', Buffer.from('{')), /does not hold JSON/);
+  const node = { name: 'alpha', poolId: 'p', peer: null, capacityBytes: 10, freeBytes: 5, version: '0.1.0', health: 'ok', updatedAt: 'now' };
+  assert.deepEqual(parseNodeRecord('/chunkd/v1/nodes/alpha', Buffer.from(JSON.stringify(node))), node);
+  assert.throws(() => parseNodeRecord('/chunkd/v1/nodes/alpha', Buffer.from(JSON.stringify({ ...node, capacityBytes: 'x' }))), /does not hold a node record/);
+  const replica = { volume: 'vol', node: 'beta', owner: 'alpha', ownerEpoch: 1, point: 'repl-5', pointMs: 5 };
+  assert.deepEqual(parseReplicaRecord('/chunkd/v1/replicas/vol/beta', Buffer.from(JSON.stringify(replica))), replica);
+  assert.throws(() => parseReplicaRecord('/chunkd/v1/replicas/vol/gamma', Buffer.from(JSON.stringify(replica))), /does not hold a replica record/);
+});
+
+test('--etcd: http URLs with a port, comma-separated; anything else is refused naming it', () => {
+  assert.deepEqual(parseEtcdEndpoints('http://127.0.0.1:2379'), ['http://127.0.0.1:2379']);
+  assert.deepEqual(parseEtcdEndpoints('http://a:1/,http://[::1]:2'), ['http://a:1', 'http://[::1]:2']);
+  assert.throws(() => parseEtcdEndpoints(''), /--etcd needs at least one URL/);
+  assert.throws(() => parseEtcdEndpoints('127.0.0.1:2379'), /invalid --etcd URL "127\.0\.0\.1:2379"/);
+  assert.throws(() => parseEtcdEndpoints('http://a:1,http://b'), /invalid --etcd URL "http:\/\/b"/);
+  assert.throws(() => parseEtcdEndpoints('http://a:1/v3'), /invalid --etcd URL/);
+  assert.throws(() => parseEtcdEndpoints('https://a:1'), /etcd over TLS is not supported yet/);
+});
+
+test('failover: a volume whose owner has no live lease goes to the live replica of that owner and epoch with the newest point', () => {
+  const volume = (name: string, owner: string, epoch = 1) => ({ name, sizeBytes: 1, owner, epoch, replicas: [], createdAt: '' });
+  const replica = (volumeName: string, node: string, pointMs: number, owner = 'alpha', ownerEpoch = 1) => ({ volume: volumeName, node, owner, ownerEpoch, point: `repl-${pointMs}`, pointMs });
+  const replicas = [replica('a', 'beta', 100), replica('a', 'gamma', 200), replica('a', 'delta', 300), replica('a', 'eps', 400, 'alpha', 0), replica('b', 'beta', 5)];
+  const orphans = orphanedVolumes([volume('a', 'alpha'), volume('b', 'beta'), volume('c', 'zeta')], new Set(['beta', 'gamma', 'eps']), replicas);
+  // b's owner lives; a's candidates: live nodes following alpha at epoch 1 (delta is down, eps follows an older epoch).
+  assert.deepEqual(orphans.map((orphan) => [orphan.volume.name, orphan.candidates.map((candidate) => candidate.node)]), [['a', ['beta', 'gamma']], ['c', []]]);
+  assert.equal(chooseSuccessor(orphans[0]!.candidates)?.node, 'gamma');
+  assert.equal(chooseSuccessor([]), null);
+  // A tie goes to the first name, whichever order the records came in.
+  assert.equal(chooseSuccessor([replica('a', 'kappa', 7), replica('a', 'iota', 7)])?.node, 'iota');
+  assert.equal(chooseSuccessor([replica('a', 'iota', 7), replica('a', 'kappa', 7)])?.node, 'iota');
+});
+
+test('placement: replicas on distinct live nodes other than the owner, with a peer port and health ok, most free space first', () => {
+  const node = (name: string, freeBytes: number, peer: string | null = `${name}:1`, health = 'ok') => ({ name, poolId: name, peer, capacityBytes: 100, freeBytes, version: '', health, updatedAt: '' });
+  const nodes = [node('alpha', 90), node('beta', 10), node('gamma', 50), node('delta', 50), node('eps', 99, null), node('zeta', 99, 'z:1', 'pool failed: EIO')];
+  assert.deepEqual(chooseReplicaNodes(nodes, 'alpha', 2), [{ name: 'delta', peer: 'delta:1' }, { name: 'gamma', peer: 'gamma:1' }]);
+  assert.deepEqual(chooseReplicaNodes(nodes, 'gamma', 1), [{ name: 'alpha', peer: 'alpha:1' }]);
+  assert.deepEqual(chooseReplicaNodes(nodes, 'alpha', 0), []);
+  assert.throws(() => chooseReplicaNodes(nodes, 'alpha', 4), /--replicas 4 needs 4 live, healthy node\(s\) with a peer port besides alpha; the cluster has 3 \(delta, gamma, beta\)/);
+});
