@@ -261,9 +261,13 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     CHUNKD_ETCD: 'http://10.0.0.9:2379,http://10.0.0.10:2379',
     CHUNKD_NODE_NAME: 'a',
     CHUNKD_LEASE_TTL: '6s',
+    CHUNKD_LOG_LEVEL: 'warn',
+    CHUNKD_LOG_FORMAT: 'json',
   });
   assert.deepEqual(fromEnvironment, {
     poolDirectory: '/srv/pool',
+    logLevel: 'warn',
+    logFormat: 'json',
     listen: { host: '0.0.0.0', port: 10900 },
     nbdSocketPath: '/run/chunkd/nbd.sock',
     apiSocketPath: '/run/chunkd/api.sock',
