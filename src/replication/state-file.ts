@@ -18,14 +18,32 @@ export async function readStateFile(file: string): Promise<unknown> {
   }
 }
 
-/** Writes `value` to `file` durably, making its directory (0700) first if needed. */
-export async function writeStateFile(file: string, value: unknown): Promise<void> {
+/** The write of each state file in progress: writes of one file go one at a time, in the order asked. */
+const writing = new Map<string, Promise<void>>();
+
+/**
+ * Writes `value` (as it is now) to `file` durably, making its directory (0700) first if needed. Two writes of one
+ * file at once would share its temporary file (replaceFile's FILE.tmp) and could rename a mix of both into place,
+ * or fail the second rename: so writes of one file are queued, and the last one asked is the one that stays.
+ */
+export function writeStateFile(file: string, value: unknown): Promise<void> {
+  const bytes = Buffer.from(`${JSON.stringify(value)}\n`);
+  const next = (writing.get(file) ?? Promise.resolve()).catch(() => {}).then(() => writeNow(file, bytes));
+  writing.set(file, next);
+  const forget = (): void => {
+    if (writing.get(file) === next) writing.delete(file);
+  };
+  next.then(forget, forget);
+  return next;
+}
+
+async function writeNow(file: string, bytes: Buffer): Promise<void> {
   const directory = path.dirname(file);
   if (!fs.existsSync(directory)) {
     fs.mkdirSync(directory, { mode: 0o700 });
     await realFiles.syncDirectory(path.dirname(directory));
   }
-  await replaceFile(realFiles, file, Buffer.from(`${JSON.stringify(value)}\n`));
+  await replaceFile(realFiles, file, bytes);
   await realFiles.syncDirectory(directory);
 }
 

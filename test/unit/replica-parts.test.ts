@@ -1,6 +1,9 @@
 // The pure parts of replicas over the peer port: the rate limiter's schedule, the byte feed between peer frames
 // and the stream receiver (backpressure, end, a dropped link), the replication verbs' payload checks (anything
 // malformed is EPROTO), and the CLI's durations and rates.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ChunkdError } from '../../src/core/errors.ts';
@@ -8,6 +11,7 @@ import { formatDuration, parseDuration, parseRate } from '../../src/core/units.t
 import { ByteFeed } from '../../src/replication/byte-feed.ts';
 import { parsePrune, parseReceiveOpen, parseReceiveResult, parseReplicaInfo } from '../../src/replication/peer-messages.ts';
 import { RateLimiter } from '../../src/replication/rate-limit.ts';
+import { readStateFile, writeStateFile } from '../../src/replication/state-file.ts';
 
 test('the rate limiter keeps any stretch at or under its rate, with a small burst, and does not bank idle time', () => {
   const limiter = new RateLimiter(1000, 50); // 1000 bytes/s: 1 byte per ms
@@ -92,4 +96,16 @@ test('durations and rates for replica add', () => {
   assert.equal(formatDuration(750), '750ms');
   assert.equal(formatDuration(30_000), '30s');
   assert.equal(formatDuration(5_400_000), '1h30m');
+});
+
+test('state files: many writes of one file at once leave the last one asked, whole, and no temporary file', async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-state-'));
+  try {
+    const file = path.join(directory, 'replication', 'links.json');
+    await Promise.all(Array.from({ length: 40 }, (_, i) => writeStateFile(file, { write: i, padding: 'x'.repeat(i * 100) })));
+    assert.deepEqual(await readStateFile(file), { write: 39, padding: 'x'.repeat(3900) });
+    assert.deepEqual(fs.readdirSync(path.dirname(file)), ['links.json']);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
 });
