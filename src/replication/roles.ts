@@ -127,17 +127,10 @@ export class VolumeRoles {
     await this.#save();
   }
 
-  /**
-   * Writes the roles as they are when its turn comes, one write at a time: two at once would share the temporary
-   * file (state-file.ts) and could leave a mix of both (seen with the cluster's background rejoin beside a receive).
-   */
-  async #save(): Promise<void> {
-    const write = this.#saving.then(() => writeStateFile(this.#file, { volumes: Object.fromEntries(this.#roles) }));
-    this.#saving = write.catch(() => {});
-    await write;
+  /** Writes the roles as they are now (writeStateFile queues writes of one file, so two saves never mix). */
+  #save(): Promise<void> {
+    return writeStateFile(this.#file, { volumes: Object.fromEntries(this.#roles) });
   }
-
-  #saving: Promise<void> = Promise.resolve();
 }
 
 function isRole(value: unknown): value is VolumeRole {
