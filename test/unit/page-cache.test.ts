@@ -73,6 +73,27 @@ test('a page asked for by many at once is read once; a put while it is read wins
   });
 });
 
+test('peek answers from memory only; a discarded page is not written by the next commit', async () => {
+  await withFile(async (base) => {
+    const file = await PageFile.open(realFiles, base);
+    const cache = new PageCache(file, 4 * pageBytes);
+    cache.put(firstDataPage, { kind: 1, body: body(2) });
+    cache.put(firstDataPage + 1, { kind: 1, body: body(3) });
+    assert.deepEqual(cache.peek(firstDataPage)?.body, body(2));
+    cache.discard(firstDataPage + 1);
+    assert.equal(cache.peek(firstDataPage + 1), undefined);
+    assert.equal(cache.stats().dirtyBytes, pageBytes);
+    await cache.commit(Buffer.from('root'));
+    const cold = new PageCache(file, 4 * pageBytes);
+    assert.equal(cold.peek(firstDataPage), undefined, 'not read by a peek');
+    assert.equal(cold.stats().misses, 0);
+    assert.deepEqual((await cold.get(firstDataPage)).body, body(2));
+    assert.deepEqual(cold.peek(firstDataPage)?.body, body(2));
+    await assert.rejects(cold.get(firstDataPage + 1), /damaged in both copies.*unwritten/);
+    file.close();
+  });
+});
+
 test('a cache smaller than a page is refused', async () => {
   await withFile(async (base) => {
     const file = await PageFile.open(realFiles, base);

@@ -286,6 +286,34 @@ test('a warm map answers without a promise; a cold one reads its path through th
   });
 });
 
+test('mutations not awaited apply in call order while lookups run beside them through a two-page cache', async () => {
+  await withMaps({ cachePages: 2, leafCapacity: 4, interiorCapacity: 4 }, async (setup) => {
+    const map = setup.maps.empty();
+    for (let v = 0; v < 400; v += 3) await map.mapRun(v, v, sumsOf(v, 2), setup.chunkRefs);
+    await setup.maps.commit(Buffer.from('root'));
+    const model = new ChunkMap();
+    const modelRefs = new Counts();
+    for (let v = 0; v < 400; v += 3) model.mapRun(v, v, 2, modelRefs);
+    const pending: Array<Promise<unknown>> = [];
+    const lookups: Array<Promise<unknown>> = [];
+    for (let i = 0; i < 60; i++) {
+      const v = (i * 37) % 390;
+      // Overlapping writes and unmaps: only the order they were called in gives the model's result.
+      if (i % 3 === 2) {
+        model.unmapRange(v, 15, modelRefs);
+        pending.push(map.unmapRange(v, 15, setup.chunkRefs));
+      } else {
+        model.mapRun(v, 10_000 + i * 20, 10, modelRefs);
+        pending.push(map.mapRun(v, 10_000 + i * 20, sumsOf(10_000 + i * 20, 10), setup.chunkRefs));
+      }
+      lookups.push(map.runs((i * 53) % 400, 20));
+    }
+    await Promise.all([...pending, ...lookups]);
+    assert.deepEqual(await runsOf(map, 0, 400), model.runs(0, 400));
+    await checkCounts(setup, [map], { leaf: 4, interior: 4 }, 'after the concurrent mutations');
+  });
+});
+
 test('a map page damaged in one copy is read from the other; damaged in both, a lookup fails with ECORRUPT naming it', async () => {
   await withMaps({ cachePages: 4 }, async (setup) => {
     const map = setup.maps.empty();
