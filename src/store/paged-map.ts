@@ -192,12 +192,19 @@ class MissingPages {
   }
 }
 
-/** A node being built by a pass: its children may be pages or other nodes being built. */
-type Built = LeafNode | { kind: 'interior'; level: number; outs: Out[] };
-/** A child in a node being built: an existing page (kept, with the reference its old parent held) or a new node. */
-type Out = { key: number; page: number } | { key: number; built: Built };
+/**
+ * Children in a node being built, as parallel arrays (no object per child): the least key below each, and each
+ * an existing page (kept, with the reference its old parent held) or a new node.
+ */
+interface Outs {
+  keys: number[];
+  items: Item[];
+}
+type Item = number | Built;
+/** A node being built by a pass. */
+type Built = LeafNode | ({ kind: 'interior'; level: number } & Outs);
 
-const builtSize = (built: Built): number => (built.kind === 'leaf' ? built.keys.length : built.outs.length);
+const builtSize = (built: Built): number => built.keys.length;
 
 /** Everything a pass changes, applied at its end in one go (increments before decrements, so no count dips to zero). */
 class Changes {
@@ -251,8 +258,12 @@ export class PagedMaps {
   readonly #interiorCapacity: number;
   /** Decoded nodes by cached page object: decoded once while the page stays in the cache. */
   readonly #decoded = new WeakMap<CachedPage, MapNode>();
-  /** Pages allocated since the last commit: no durable root names them, so they may be rewritten in place. */
-  readonly #fresh = new Set<number>();
+  /**
+   * The nodes of pages allocated since the last commit, kept decoded and encoded only when a commit puts them in
+   * the cache (a leaf changed a hundred times is encoded once). No durable root names these pages, so they are
+   * the ones that may be rewritten in place.
+   */
+  readonly #dirty = new Map<number, MapNode>();
   /** The last mutation queued: mutations apply in call order. */
   #mutations: Promise<unknown> = Promise.resolve();
 
@@ -283,22 +294,47 @@ export class PagedMaps {
    */
   async commit(rootBody: Buffer): Promise<Root> {
     // From here on the pages written are named by the root being committed: none may change in place.
-    this.#fresh.clear();
+    for (const [page, node] of this.#dirty) {
+      const image = encodeNode(node);
+      this.#cache.put(page, image);
+      this.#decoded.set(image, node);
+    }
+    this.#dirty.clear();
     const root = await this.#cache.commit(rootBody);
     this.#allocator.committed();
     return root;
   }
 
-  /** The decoded node of `page` as the cache holds it now, or read from the file (for checks and tools). */
+  /** Pages changed since the last commit (what the commit will write; their memory is not the cache's). */
+  get dirtyPages(): number {
+    return this.#dirty.size;
+  }
+
+  /** The decoded node of `page` as it is now, read from the file if need be (for checks and tools). */
   async node(page: number): Promise<MapNode> {
-    return this.#decode(await this.#cache.get(page), page);
+    return this.#resident(page) ?? this.#decode(await this.#cache.get(page), page);
+  }
+
+  /** The node of `page` if it is in memory: changed since the commit, or in the cache. */
+  #resident(page: number): MapNode | undefined {
+    const dirty = this.#dirty.get(page);
+    if (dirty !== undefined) return dirty;
+    const cached = this.#cache.peek(page);
+    return cached === undefined ? undefined : this.#decode(cached, page);
+  }
+
+  #pins(): Pins {
+    return new Pins(
+      (page) => this.#resident(page),
+      async (page) => this.#decode(await this.#cache.get(page), page),
+    );
   }
 
   // The operations below are PagedMap's; they take and return root pages.
 
   /** @internal */
   runsCached(rootPage: number, virtualChunk: number, chunkCount: number): PagedRun[] | undefined {
-    const pins = new Pins(this.#cache, (page, number) => this.#decode(page, number));
+    const pins = this.#pins();
     try {
       return this.#runs(pins, rootPage, virtualChunk, chunkCount);
     } catch (error) {
@@ -388,7 +424,7 @@ export class PagedMaps {
 
   /** Runs a pure pass, reading what it misses and starting it over until it completes. */
   async #pass<T>(run: (pins: Pins) => T): Promise<T> {
-    const pins = new Pins(this.#cache, (page, number) => this.#decode(page, number));
+    const pins = this.#pins();
     for (;;) {
       try {
         return run(pins);
@@ -400,7 +436,7 @@ export class PagedMaps {
   }
 
   /** Queues a mutation of `map`: its pass computes the new root (or null: the map is left empty), then it applies. */
-  #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Out | null, refs?: ChunkRefs): Promise<number> {
+  #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs): Promise<number> {
     const run = async (): Promise<number> => {
       return this.#pass((pins) => {
         const changes = new Changes(this.#pageRefs);
@@ -442,7 +478,7 @@ export class PagedMaps {
       if (node.kind === 'leaf') changes.chunkIncrements.push(...node.physical);
       else for (const child of node.children) changes.add(child, 1);
     } else {
-      (this.#fresh.has(page) ? changes.reusable : changes.freed).push(page);
+      (this.#dirty.has(page) ? changes.reusable : changes.freed).push(page);
     }
     return node.kind === 'leaf'
       ? { kind: 'leaf', keys: node.keys.slice(), physical: node.physical.slice(), sums: node.sums.slice() }
@@ -490,20 +526,20 @@ export class PagedMaps {
   }
 
   /** The pass of mapRun and unmapRange: the new root, or null for an empty map. */
-  #edit(pins: Pins, changes: Changes, rootPage: number, edit: Edit, onlyWhereMapped: boolean): Out | null {
-    if (edit.first >= edit.end) return rootPage === emptyRoot ? null : { key: 0, page: rootPage };
+  #edit(pins: Pins, changes: Changes, rootPage: number, edit: Edit, onlyWhereMapped: boolean): Item | null {
+    if (edit.first >= edit.end) return rootPage === emptyRoot ? null : rootPage;
     if (rootPage === emptyRoot) {
       if (onlyWhereMapped) return null;
       const leaf = edit.apply({ kind: 'leaf', keys: [], physical: [], sums: [] }, 0, mapKeyLimit, changes);
       return this.#rootOf(this.#split(leaf, 0), 0);
     }
     const root = this.#node(pins, rootPage, undefined);
-    if (onlyWhereMapped && !this.#anyIn(pins, rootPage, levelOf(root), edit.first, edit.end)) return { key: root.keys[0]!, page: rootPage };
+    if (onlyWhereMapped && !this.#anyIn(pins, rootPage, levelOf(root), edit.first, edit.end)) return rootPage;
     return this.#rootOf(this.#modify(pins, changes, rootPage, levelOf(root), 0, mapKeyLimit, edit, onlyWhereMapped), levelOf(root));
   }
 
   /** Applies `edit` below `page` (whose keys route from [lo, hi)); returns the nodes that replace it. */
-  #modify(pins: Pins, changes: Changes, page: number, level: number, lo: number, hi: number, edit: Edit, onlyWhereMapped: boolean): Out[] {
+  #modify(pins: Pins, changes: Changes, page: number, level: number, lo: number, hi: number, edit: Edit, onlyWhereMapped: boolean): Outs {
     const node = this.#open(pins, changes, page, level);
     if (node.kind === 'leaf') return this.#split(edit.apply(node, lo, hi, changes), 0);
     const count = node.children.length;
@@ -511,84 +547,99 @@ export class PagedMaps {
     const to = childIndex(node.keys, Math.min(hi, edit.end) - 1);
     // The children changed, and a neighbour on each side in case one of them ends below its fill.
     pins.want(node.children.slice(Math.max(0, from - 1), Math.min(count, to + 2)));
-    const outs: Out[] = [];
-    for (let i = 0; i < count; i++) {
+    let keys = node.keys.slice(0, from);
+    let items: Item[] = node.children.slice(0, from);
+    for (let i = from; i <= to; i++) {
       const child = node.children[i]!;
       const childLo = i === 0 ? lo : node.keys[i]!;
       const childHi = i === count - 1 ? hi : node.keys[i + 1]!;
-      const touched = i >= from && i <= to && (!onlyWhereMapped || this.#anyIn(pins, child, level - 1, Math.max(childLo, edit.first), Math.min(childHi, edit.end)));
-      if (touched) outs.push(...this.#modify(pins, changes, child, level - 1, childLo, childHi, edit, onlyWhereMapped));
-      else outs.push({ key: node.keys[i]!, page: child });
+      const touched = !onlyWhereMapped || this.#anyIn(pins, child, level - 1, Math.max(childLo, edit.first), Math.min(childHi, edit.end));
+      if (touched) {
+        const below = this.#modify(pins, changes, child, level - 1, childLo, childHi, edit, onlyWhereMapped);
+        keys = keys.concat(below.keys);
+        items = items.concat(below.items);
+      } else {
+        keys.push(node.keys[i]!);
+        items.push(child);
+      }
     }
+    const outs = { keys: keys.concat(node.keys.slice(to + 1)), items: items.concat(node.children.slice(to + 1)) };
     this.#rebalance(pins, changes, outs, level - 1);
-    return this.#split({ kind: 'interior', level, outs }, level);
+    return this.#split({ kind: 'interior', level, ...outs }, level);
   }
 
   /** Merges each new child below its fill with a neighbour (or shares their entries evenly), so invariant 2 holds. */
-  #rebalance(pins: Pins, changes: Changes, outs: Out[], childLevel: number): void {
+  #rebalance(pins: Pins, changes: Changes, outs: Outs, childLevel: number): void {
     const capacity = childLevel === 0 ? this.#leafCapacity : this.#interiorCapacity;
     const least = minFill(capacity);
     let i = 0;
-    while (i < outs.length) {
-      const out = outs[i]!;
-      if (outs.length === 1 || !('built' in out) || builtSize(out.built) >= least) {
+    while (i < outs.items.length) {
+      const item = outs.items[i]!;
+      if (outs.items.length === 1 || typeof item === 'number' || builtSize(item) >= least) {
         i += 1;
         continue;
       }
-      const left = i + 1 < outs.length ? i : i - 1;
-      const merged = this.#concat(this.#contents(pins, changes, outs[left]!, childLevel), this.#contents(pins, changes, outs[left + 1]!, childLevel));
+      const left = i + 1 < outs.items.length ? i : i - 1;
+      const merged = this.#concat(this.#contents(pins, changes, outs.items[left]!, childLevel), this.#contents(pins, changes, outs.items[left + 1]!, childLevel));
       // Two interior nodes merged: a child below its fill that was alone under its parent now has a neighbour.
-      if (merged.kind === 'interior') this.#rebalance(pins, changes, merged.outs, childLevel - 1);
-      outs.splice(left, 2, ...this.#split(merged, childLevel));
+      if (merged.kind === 'interior') this.#rebalance(pins, changes, merged, childLevel - 1);
+      const parts = this.#split(merged, childLevel);
+      outs.keys.splice(left, 2, ...parts.keys);
+      outs.items.splice(left, 2, ...parts.items);
       i = left;
     }
   }
 
   /** A child's entries as a node being built (an existing page is opened: left or copied). */
-  #contents(pins: Pins, changes: Changes, out: Out, level: number): Built {
-    if ('built' in out) return out.built;
-    const node = this.#open(pins, changes, out.page, level);
+  #contents(pins: Pins, changes: Changes, item: Item, level: number): Built {
+    if (typeof item !== 'number') return item;
+    const node = this.#open(pins, changes, item, level);
     if (node.kind === 'leaf') return node;
-    return { kind: 'interior', level: node.level, outs: node.children.map((page, i) => ({ key: node.keys[i]!, page })) };
+    return { kind: 'interior', level: node.level, keys: node.keys, items: node.children };
   }
 
   #concat(a: Built, b: Built): Built {
     if (a.kind === 'leaf' && b.kind === 'leaf') return { kind: 'leaf', keys: a.keys.concat(b.keys), physical: a.physical.concat(b.physical), sums: a.sums.concat(b.sums) };
     assert(a.kind === 'interior' && b.kind === 'interior' && a.level === b.level);
-    return { kind: 'interior', level: a.level, outs: a.outs.concat(b.outs) };
+    return { kind: 'interior', level: a.level, keys: a.keys.concat(b.keys), items: a.items.concat(b.items) };
   }
 
   /** A node being built cut into the fewest nodes that fit a page, evenly. */
-  #split(built: Built, level: number): Out[] {
-    const outs: Out[] = [];
+  #split(built: Built, level: number): Outs {
+    const outs: Outs = { keys: [], items: [] };
     let at = 0;
     if (built.kind === 'leaf') {
-      for (const size of splitSizes(built.keys.length, this.#leafCapacity)) {
+      const sizes = splitSizes(built.keys.length, this.#leafCapacity);
+      if (sizes.length === 1) return { keys: [built.keys[0]!], items: [built] };
+      for (const size of sizes) {
         const part: LeafNode = { kind: 'leaf', keys: built.keys.slice(at, at + size), physical: built.physical.slice(at, at + size), sums: built.sums.slice(at, at + size) };
-        outs.push({ key: part.keys[0]!, built: part });
+        outs.keys.push(part.keys[0]!);
+        outs.items.push(part);
         at += size;
       }
       return outs;
     }
     assert(built.level === level);
-    for (const size of splitSizes(built.outs.length, this.#interiorCapacity)) {
-      const part = built.outs.slice(at, at + size);
-      outs.push({ key: part[0]!.key, built: { kind: 'interior', level, outs: part } });
+    const sizes = splitSizes(built.keys.length, this.#interiorCapacity);
+    if (sizes.length === 1) return { keys: [built.keys[0]!], items: [built] };
+    for (const size of sizes) {
+      outs.keys.push(built.keys[at]!);
+      outs.items.push({ kind: 'interior', level, keys: built.keys.slice(at, at + size), items: built.items.slice(at, at + size) });
       at += size;
     }
     return outs;
   }
 
   /** The root over `outs` (nodes at `level`): new levels above while more than one, interior roots of one child removed. */
-  #rootOf(outs: Out[], level: number): Out | null {
+  #rootOf(outs: Outs, level: number): Item | null {
     let top = outs;
     let topLevel = level;
-    while (top.length > 1) {
+    while (top.items.length > 1) {
       topLevel += 1;
-      top = this.#split({ kind: 'interior', level: topLevel, outs: top }, topLevel);
+      top = this.#split({ kind: 'interior', level: topLevel, ...top }, topLevel);
     }
-    let root = top[0];
-    while (root !== undefined && 'built' in root && root.built.kind === 'interior' && root.built.outs.length === 1) root = root.built.outs[0];
+    let root = top.items[0];
+    while (root !== undefined && typeof root !== 'number' && root.kind === 'interior' && root.items.length === 1) root = root.items[0];
     return root ?? null;
   }
 
@@ -609,22 +660,18 @@ export class PagedMaps {
   }
 
   /** Writes the nodes built (fresh pages reused first), then applies the counts; returns the root page. */
-  #apply(changes: Changes, root: Out | null, refs: ChunkRefs | undefined): number {
-    const place = (out: Out): number => {
-      if (!('built' in out)) return out.page;
-      const built = out.built;
-      const node: MapNode = built.kind === 'leaf' ? built : { kind: 'interior', level: built.level, keys: built.outs.map((child) => child.key), children: built.outs.map(place) };
+  #apply(changes: Changes, root: Item | null, refs: ChunkRefs | undefined): number {
+    const place = (built: Item): number => {
+      if (typeof built === 'number') return built;
+      const node: MapNode = built.kind === 'leaf' ? built : { kind: 'interior', level: built.level, keys: built.keys, children: built.items.map(place) };
       let page = changes.reusable.pop();
       if (page !== undefined) changes.add(page, 1);
       else {
         page = this.#allocator.allocate();
         assert(this.#pageRefs.get(page) === 0, `page ${page} allocated with a count of ${this.#pageRefs.get(page)}`);
         this.#pageRefs.increment(page);
-        this.#fresh.add(page);
       }
-      const image = encodeNode(node);
-      this.#cache.put(page, image);
-      this.#decoded.set(image, node);
+      this.#dirty.set(page, node);
       return page;
     };
     const rootPage = root === null ? emptyRoot : place(root);
@@ -636,7 +683,7 @@ export class PagedMaps {
         assert(left.delete(page), `chunk map page ${page} lost its last reference without being left`);
         this.#allocator.release(page);
         this.#cache.discard(page);
-        this.#fresh.delete(page);
+        this.#dirty.delete(page);
       }
     }
     assert(left.size === 0, `chunk map pages ${[...left].join(', ')} left but still referenced`);
@@ -816,13 +863,13 @@ export class PagedMap {
  * now), else the one read for this pass (so an eviction between two tries cannot make it miss again).
  */
 class Pins {
-  readonly #cache: PageCache;
-  readonly #decode: (page: CachedPage, pageNumber: number) => MapNode;
+  readonly #lookup: (page: number) => MapNode | undefined;
+  readonly #read: (page: number) => Promise<MapNode>;
   readonly #held = new Map<number, MapNode>();
 
-  constructor(cache: PageCache, decode: (page: CachedPage, pageNumber: number) => MapNode) {
-    this.#cache = cache;
-    this.#decode = decode;
+  constructor(lookup: (page: number) => MapNode | undefined, read: (page: number) => Promise<MapNode>) {
+    this.#lookup = lookup;
+    this.#read = read;
   }
 
   node(page: number): MapNode {
@@ -843,14 +890,13 @@ class Pins {
 
   async load(pages: readonly number[]): Promise<void> {
     const unique = [...new Set(pages)];
-    const read = await Promise.all(unique.map((page) => this.#cache.get(page)));
-    unique.forEach((page, i) => this.#held.set(page, this.#decode(read[i]!, page)));
+    const read = await Promise.all(unique.map((page) => this.#read(page)));
+    unique.forEach((page, i) => this.#held.set(page, read[i]!));
   }
 
   #resident(page: number): MapNode | undefined {
-    const cached = this.#cache.peek(page);
-    if (cached === undefined) return this.#held.get(page);
-    const node = this.#decode(cached, page);
+    const node = this.#lookup(page);
+    if (node === undefined) return this.#held.get(page);
     if (this.#held.size > 0) this.#held.set(page, node);
     return node;
   }

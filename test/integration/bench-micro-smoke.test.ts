@@ -5,8 +5,8 @@ import { test } from 'node:test';
 import { runModule } from '../../bench/micro/harness.ts';
 import { microModules } from '../../bench/micro/run.ts';
 
-test('the micro benchmark modules are nbd-codec, extents, checksum, worker and io-stats', () => {
-  assert.deepEqual(microModules.map((module) => module.name), ['nbd-codec', 'extents', 'checksum', 'worker', 'io-stats']);
+test('the micro benchmark modules are nbd-codec, extents, checksum, worker, io-stats and paged-map', () => {
+  assert.deepEqual(microModules.map((module) => module.name), ['nbd-codec', 'extents', 'checksum', 'worker', 'io-stats', 'paged-map']);
 });
 
 for (const module of microModules) {
