@@ -39,7 +39,7 @@
 // mutations quiesced until step 4 gives the allocator commit epochs.
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
-import type { ChunkRefs, ChunkRun } from './chunk-map.ts';
+import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { PageAllocator } from './page-allocator.ts';
 import type { CachedPage, PageCache } from './page-cache.ts';
@@ -904,14 +904,10 @@ class Pins {
 
 function pushRun(runs: PagedRun[], virtualChunk: number, chunkCount: number, physicalChunk: number, sum: number | undefined): void {
   const last = runs[runs.length - 1];
-  if (last !== undefined && last.virtualChunk + last.chunkCount === virtualChunk) {
-    const bothHoles = last.physicalChunk < 0 && physicalChunk < 0;
-    const contiguous = last.physicalChunk >= 0 && physicalChunk >= 0 && last.physicalChunk + last.chunkCount === physicalChunk;
-    if (bothHoles || contiguous) {
-      last.chunkCount += chunkCount;
-      if (sum !== undefined) last.sums.push(sum);
-      return;
-    }
+  if (continuesRun(last, virtualChunk, physicalChunk)) {
+    last.chunkCount += chunkCount;
+    if (sum !== undefined) last.sums.push(sum);
+  } else {
+    runs.push({ virtualChunk, chunkCount, physicalChunk, sums: sum === undefined ? [] : [sum] });
   }
-  runs.push({ virtualChunk, chunkCount, physicalChunk, sums: sum === undefined ? [] : [sum] });
 }
