@@ -17,9 +17,9 @@
 //      naming it, each distinct page counted once, whatever the number of maps reaching it.
 //   4. A chunk's reference count (ChunkRefs) is the number of distinct leaf pages naming it, exactly the rule of
 //      chunk-map.ts's pages: copying a leaf adds one to each chunk it names, freeing one removes one.
-//   5. A page the durable root can reach is never rewritten: only a page allocated since the last commit (fresh)
-//      and held once is changed in place (its page number reused); any other is copied to a new page, and the old
-//      one, once no longer referenced, goes to `PageAllocator.release` (reusable after the next commit).
+//   5. A page the durable root can reach is never rewritten: only a page allocated since the last commit (fresh,
+//      dirty) and held once is changed in place (its page number reused); any other is copied to a new page, and
+//      the old one, once no longer referenced, goes to `PageAllocator.release` (reusable after the next commit).
 //
 // Sharing, as dm-thin's mapping trees: `clone` takes one more reference on the root page (O(1), no page written);
 // a write below a page held more than once copies the path from it down, each copy taking a reference on the
@@ -33,10 +33,16 @@
 // over. So a pass never sees a half-applied change, and the tree logic (encode, decode, split, merge) stays pure.
 // Mutations (mapRun, unmapRange, drop) are applied in the order they were called; reads see what was applied.
 //
-// Known weaknesses: a leaf is re-encoded whole (4 KiB) at every change, and a drop of a large unshared map reads
-// and pins all its pages at once (it could instead be recorded and done in slices); the pages freed by a commit
-// in flight are freed by that commit (the allocator has one pending set), so a commit must run with map
-// mutations quiesced until step 4 gives the allocator commit epochs.
+// Nodes changed since the last commit stay decoded in `PagedMaps` (not in the cache, which holds page images) and
+// are encoded once, when `commit` hands them to the cache; `dirtyPages` counts them.
+//
+// Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a drop of a
+// large unshared map reads and pins all its pages at once (it could instead be recorded and done in slices); a
+// cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
+// filled by appends in key order end about half full (a split shares entries evenly); the pages freed by a
+// commit in flight are freed by that commit (the allocator has one pending set), so a commit must run with map
+// mutations quiesced until step 4 gives the allocator commit epochs; a walk does not check page generations
+// against the root's yet.
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
