@@ -270,6 +270,7 @@ export class PagedMaps {
    * the ones that may be rewritten in place.
    */
   readonly #dirty = new Map<number, MapNode>();
+  readonly #memoryPins = this.#pins();
   /** The last mutation queued: mutations apply in call order. */
   #mutations: Promise<unknown> = Promise.resolve();
 
@@ -340,9 +341,9 @@ export class PagedMaps {
 
   /** @internal */
   runsCached(rootPage: number, virtualChunk: number, chunkCount: number): PagedRun[] | undefined {
-    const pins = this.#pins();
     try {
-      return this.#runs(pins, rootPage, virtualChunk, chunkCount);
+      // Pins that never load hold nothing: one set serves every call.
+      return this.#runs(this.#memoryPins, rootPage, virtualChunk, chunkCount);
     } catch (error) {
       if (error instanceof MissingPages) return undefined;
       throw error;
@@ -500,7 +501,7 @@ export class PagedMaps {
       if (node.kind === 'interior') {
         const first = childIndex(node.keys, virtualChunk);
         const last = childIndex(node.keys, end - 1);
-        pins.want(node.children.slice(first, last + 1));
+        if (last > first) pins.want(node.children.slice(first, last + 1));
         for (let i = first; i <= last; i++) visit(node.children[i]!, node.level - 1);
         return;
       }
