@@ -460,7 +460,7 @@ test('paged maps match ChunkMap over random maps, unmaps, clones, drops and comm
         assert.equal(state.free.length, state.nextPage - firstDataPage, 'every page back to the allocator');
       });
     }),
-    { seed, numRuns: Number(process.env.PAGED_MAP_RUNS ?? 80), ...(process.env.FC_PATH ? { path: process.env.FC_PATH } : {}), interruptAfterTimeLimit: 60_000, markInterruptAsFailure: true },
+    { seed, numRuns: Number(process.env.PAGED_MAP_RUNS ?? 60), ...(process.env.FC_PATH ? { path: process.env.FC_PATH } : {}), interruptAfterTimeLimit: 60_000, markInterruptAsFailure: true },
   );
   // The runs did what the test is for: deep trees, pages shared between maps, pages read back from the file.
   assert.ok(seen.levelMax >= 3 && seen.sharedPages > 100 && seen.pagesRead > 1000, JSON.stringify(seen));
