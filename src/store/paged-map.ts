@@ -160,10 +160,11 @@ export const minFill = (capacity: number): number => Math.max(1, Math.floor(capa
 
 /** Sizes of the fewest nodes of at most `capacity` that hold `total` items, as even as can be. */
 export function splitSizes(total: number, capacity: number): number[] {
-  if (total === 0) return [];
   const parts = Math.ceil(total / capacity);
   const base = Math.floor(total / parts);
-  return Array.from({ length: parts }, (_, i) => base + (i < total % parts ? 1 : 0));
+  const sizes: number[] = [];
+  for (let i = 0; i < parts; i++) sizes.push(base + (i < total % parts ? 1 : 0));
+  return sizes;
 }
 
 /** The index of the child whose range holds `key`: the last key at or below it (0 below the first). */
@@ -371,9 +372,9 @@ export class PagedMaps {
         const a = lowerBound(leaf.keys, from);
         const b = lowerBound(leaf.keys, to);
         for (let i = a; i < b; i++) changes.chunkDecrements.push(leaf.physical[i]!);
-        const keys = leaf.keys.slice(0, a);
-        const physical = leaf.physical.slice(0, a);
-        const leafSums = leaf.sums.slice(0, a);
+        const keys: number[] = [];
+        const physical: number[] = [];
+        const leafSums: number[] = [];
         for (let v = from; v < to; v++) {
           keys.push(v);
           physical.push(physicalChunk + v - virtualChunk);
@@ -381,7 +382,11 @@ export class PagedMaps {
           changes.chunkIncrements.push(physicalChunk + v - virtualChunk);
         }
         changes.mappedDelta += to - from - (b - a);
-        return { kind: 'leaf', keys: keys.concat(leaf.keys.slice(b)), physical: physical.concat(leaf.physical.slice(b)), sums: leafSums.concat(leaf.sums.slice(b)) };
+        // The leaf is the pass's own copy (#open): changed in place.
+        splice(leaf.keys, a, b, keys);
+        splice(leaf.physical, a, b, physical);
+        splice(leaf.sums, a, b, leafSums);
+        return leaf;
       },
     };
     return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, false), refs).then(() => {});
@@ -398,8 +403,10 @@ export class PagedMaps {
         const b = lowerBound(leaf.keys, end);
         for (let i = a; i < b; i++) changes.chunkDecrements.push(leaf.physical[i]!);
         changes.mappedDelta -= b - a;
-        const cut = <T>(values: T[]): T[] => values.slice(0, a).concat(values.slice(b));
-        return { kind: 'leaf', keys: cut(leaf.keys), physical: cut(leaf.physical), sums: cut(leaf.sums) };
+        splice(leaf.keys, a, b, []);
+        splice(leaf.physical, a, b, []);
+        splice(leaf.sums, a, b, []);
+        return leaf;
       },
     };
     return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, true), refs);
@@ -554,23 +561,19 @@ export class PagedMaps {
     const to = childIndex(node.keys, Math.min(hi, edit.end) - 1);
     // The children changed, and a neighbour on each side in case one of them ends below its fill.
     pins.want(node.children.slice(Math.max(0, from - 1), Math.min(count, to + 2)));
-    let keys = node.keys.slice(0, from);
-    let items: Item[] = node.children.slice(0, from);
-    for (let i = from; i <= to; i++) {
-      const child = node.children[i]!;
-      const childLo = i === 0 ? lo : node.keys[i]!;
-      const childHi = i === count - 1 ? hi : node.keys[i + 1]!;
-      const touched = !onlyWhereMapped || this.#anyIn(pins, child, level - 1, Math.max(childLo, edit.first), Math.min(childHi, edit.end));
-      if (touched) {
-        const below = this.#modify(pins, changes, child, level - 1, childLo, childHi, edit, onlyWhereMapped);
-        keys = keys.concat(below.keys);
-        items = items.concat(below.items);
-      } else {
-        keys.push(node.keys[i]!);
-        items.push(child);
-      }
+    // The node is the pass's own copy (#open): each child changed is replaced in place, last first so that the
+    // indexes still to visit do not move.
+    const bounds = node.keys.slice(from, to + 2);
+    const outs: Outs = { keys: node.keys, items: node.children };
+    for (let i = to; i >= from; i--) {
+      const child = node.children[i]! as number;
+      const childLo = i === 0 ? lo : bounds[i - from]!;
+      const childHi = i === count - 1 ? hi : bounds[i + 1 - from]!;
+      if (onlyWhereMapped && !this.#anyIn(pins, child, level - 1, Math.max(childLo, edit.first), Math.min(childHi, edit.end))) continue;
+      const below = this.#modify(pins, changes, child, level - 1, childLo, childHi, edit, onlyWhereMapped);
+      splice(outs.keys, i, i + 1, below.keys);
+      splice(outs.items, i, i + 1, below.items);
     }
-    const outs = { keys: keys.concat(node.keys.slice(to + 1)), items: items.concat(node.children.slice(to + 1)) };
     this.#rebalance(pins, changes, outs, level - 1);
     return this.#split({ kind: 'interior', level, ...outs }, level);
   }
@@ -670,7 +673,13 @@ export class PagedMaps {
   #apply(changes: Changes, root: Item | null, refs: ChunkRefs | undefined): number {
     const place = (built: Item): number => {
       if (typeof built === 'number') return built;
-      const node: MapNode = built.kind === 'leaf' ? built : { kind: 'interior', level: built.level, keys: built.keys, children: built.items.map(place) };
+      if (built.kind === 'interior') {
+        for (let i = 0; i < built.items.length; i++) {
+          const item = built.items[i]!;
+          if (typeof item !== 'number') built.items[i] = place(item);
+        }
+      }
+      const node: MapNode = built.kind === 'leaf' ? built : { kind: 'interior', level: built.level, keys: built.keys, children: built.items as number[] };
       let page = changes.reusable.pop();
       if (page !== undefined) changes.add(page, 1);
       else {
@@ -907,6 +916,18 @@ class Pins {
     if (this.#held.size > 0) this.#held.set(page, node);
     return node;
   }
+}
+
+/** Replaces values[from..to) with `replacement` in place (a spread of at most a few thousand, else a rebuild). */
+function splice<T>(values: T[], from: number, to: number, replacement: T[]): void {
+  if (replacement.length <= 4096) {
+    values.splice(from, to - from, ...replacement);
+    return;
+  }
+  const tail = values.slice(to);
+  values.length = from;
+  for (const value of replacement) values.push(value);
+  for (const value of tail) values.push(value);
 }
 
 function pushRun(runs: PagedRun[], virtualChunk: number, chunkCount: number, physicalChunk: number, sum: number | undefined): void {
