@@ -248,7 +248,7 @@ export interface PagedMapsOptions {
   interiorCapacity?: number;
 }
 
-/** One mapping operation on a leaf range: what it writes there, and whether it changes a subtree at all. */
+/** A mapRun or unmapRange: the range of keys it covers, and what it does to a leaf there. */
 interface Edit {
   first: number;
   end: number;
@@ -360,7 +360,7 @@ export class PagedMaps {
   mapRun(map: PagedMap, virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): Promise<void> {
     const chunkCount = sums.length;
     if (!(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) {
-      throw ChunkdError.invalid(`a paged map maps ${chunkCount} chunks at ${virtualChunk} to ${physicalChunk}: out of range`);
+      return Promise.reject(ChunkdError.invalid(`a paged map maps ${chunkCount} chunks at ${virtualChunk} to ${physicalChunk}: out of range`));
     }
     const sumsCopy = Array.from(sums);
     const edit: Edit = {

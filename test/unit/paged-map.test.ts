@@ -349,6 +349,7 @@ test('a map page damaged in one copy is read from the other; damaged in both, a 
     const both = await reopened();
     await assert.rejects(both.map.runs(0, 40), (error) => isCorrupt(error) && new RegExp(`metadata page ${leafPage} .*damaged in both copies`).test((error as Error).message));
     await assert.rejects(both.map.unmapRange(0, 40, setup.chunkRefs), isCorrupt);
+    await assert.rejects(both.map.mapRun(2 ** 48 - 1, 0, [1, 2], setup.chunkRefs), (error) => error instanceof ChunkdError && error.code === 'EINVAL');
     both.file.close();
   });
 });
