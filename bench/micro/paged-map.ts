@@ -45,7 +45,7 @@ export const pagedMap: MicroModule = {
       await paged.mapRun(v, (v / 64) * 128, sums, refs);
       memory.mapRun(v, (v / 64) * 128, 64, refs);
     }
-    await maps.commit(Buffer.from('root'));
+    await maps.commit(() => Buffer.from('root'));
     let state = 12345;
     const random = (): number => {
       state = (Math.imul(state, 1664525) + 1013904223) >>> 0;

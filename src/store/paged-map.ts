@@ -31,7 +31,8 @@
 // a page not in the cache stops the pass (`MissingPages`, with every missing page it can name at once), the pages
 // are read (async, in parallel), kept in the pins so that eviction cannot take them again, and the pass starts
 // over. So a pass never sees a half-applied change, and the tree logic (encode, decode, split, merge) stays pure.
-// Mutations (mapRun, unmapRange, drop) are applied in the order they were called; reads see what was applied.
+// Mutations (mapRun, unmapRange, drop) and commits are applied in the order they were called; reads see what was
+// applied.
 //
 // Nodes changed since the last commit stay decoded in `PagedMaps` (not in the cache, which holds page images) and
 // are encoded once, when `commit` hands them to the cache; `dirtyPages` counts them.
@@ -39,10 +40,9 @@
 // Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a drop of a
 // large unshared map reads and pins all its pages at once (it could instead be recorded and done in slices); a
 // cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
-// filled by appends in key order end about half full (a split shares entries evenly); the pages freed by a
-// commit in flight are freed by that commit (the allocator has one pending set), so a commit must run with map
-// mutations quiesced until step 4 gives the allocator commit epochs; a walk does not check page generations
-// against the root's yet.
+// filled by appends in key order end about half full (a split shares entries evenly); the allocator has one set
+// of pages pending a commit, so mutations wait while a commit writes (it is queued with them) until step 4 gives
+// the allocator commit epochs; a walk does not check page generations against the root's yet.
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
@@ -297,20 +297,23 @@ export class PagedMaps {
   }
 
   /**
-   * Writes the dirty pages and the root (page-cache.ts), then lets the pages released before it be reused. Map
-   * mutations must not run while it does (see the known weaknesses above).
+   * Writes the dirty pages and the root (page-cache.ts), then lets the pages released before it be reused. Queued
+   * with the mutations: it follows those called before it, and those called after wait for it (see the known
+   * weaknesses above). `rootBody` is taken when the commit starts, after the mutations before it.
    */
-  async commit(rootBody: Buffer): Promise<Root> {
-    // From here on the pages written are named by the root being committed: none may change in place.
-    for (const [page, node] of this.#dirty) {
-      const image = encodeNode(node);
-      this.#cache.put(page, image);
-      this.#decoded.set(image, node);
-    }
-    this.#dirty.clear();
-    const root = await this.#cache.commit(rootBody);
-    this.#allocator.committed();
-    return root;
+  commit(rootBody: () => Buffer): Promise<Root> {
+    return this.#queue(async () => {
+      // From here on the pages written are named by the root being committed: none may change in place.
+      for (const [page, node] of this.#dirty) {
+        const image = encodeNode(node);
+        this.#cache.put(page, image);
+        this.#decoded.set(image, node);
+      }
+      this.#dirty.clear();
+      const root = await this.#cache.commit(rootBody());
+      this.#allocator.committed();
+      return root;
+    });
   }
 
   /** Pages changed since the last commit (what the commit will write; their memory is not the cache's). */
@@ -451,16 +454,20 @@ export class PagedMaps {
 
   /** Queues a mutation of `map`: its pass computes the new root (or null: the map is left empty), then it applies. */
   #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs): Promise<number> {
-    const run = async (): Promise<number> => {
-      return this.#pass((pins) => {
+    return this.#queue(() =>
+      this.#pass((pins) => {
         const changes = new Changes(this.#pageRefs);
         const root = compute(pins, changes);
         const rootPage = this.#apply(changes, root, refs);
         map.setState(rootPage, map.mappedCount + changes.mappedDelta);
         return changes.mappedDelta === 0 ? 0 : -changes.mappedDelta;
-      });
-    };
-    const result = this.#mutations.then(run, run);
+      }),
+    );
+  }
+
+  /** Runs `task` after every mutation and commit queued before it. */
+  #queue<T>(task: () => Promise<T>): Promise<T> {
+    const result = this.#mutations.then(task, task);
     this.#mutations = result.catch(() => {});
     return result;
   }

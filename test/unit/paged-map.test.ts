@@ -29,6 +29,7 @@ import {
   splitSizes,
   type MapNode,
   type PagedMap,
+  type PagedMapState,
   type PageRefs,
   type PagedRun,
 } from '../../src/store/paged-map.ts';
@@ -202,7 +203,7 @@ test('splits and merges at leaf and interior boundaries keep every invariant and
       model.mapRun(v, 1000 + v, 1, modelRefs);
       const facts = await checkCounts(setup, [map], capacities, `insert ${step}`);
       levelsUp.push(facts.levels[0]!);
-      if (step % 10 === 9) await setup.maps.commit(Buffer.from('root'));
+      if (step % 10 === 9) await setup.maps.commit(() => Buffer.from('root'));
     }
     assert.deepEqual(await runsOf(map, 0, 300), model.runs(0, 300));
     assert.equal(levelsUp[3], 0, 'four entries: one leaf');
@@ -225,7 +226,7 @@ test('splits and merges at leaf and interior boundaries keep every invariant and
     assert.deepEqual(levelsDown, [...levelsDown].sort((a, b) => b - a), 'the tree only shrinks while entries go');
     assert.ok(levelsDown.includes(1) && levelsDown.includes(0) && levelsDown.at(-1) === -1, `down to one leaf, then empty (levels ${[...new Set(levelsDown)].join(', ')})`);
     assert.equal(map.mappedCount, 0);
-    await setup.maps.commit(Buffer.from('root'));
+    await setup.maps.commit(() => Buffer.from('root'));
     const state = setup.allocator.state();
     assert.equal(state.free.length, state.nextPage - firstDataPage, 'every page is free again');
     assert.equal(setup.pageRefs.counts.size, 0);
@@ -239,7 +240,7 @@ test("a clone shares the root; a write below it copies only its path, and a diff
     const original = setup.maps.empty();
     // 100,000 chunks in runs of 50 at a stride: three levels of 253-entry leaves and 338-child interiors.
     for (let v = 0; v < 200_000; v += 100) await original.mapRun(v, v * 3, sumsOf(v * 3, 50), setup.chunkRefs);
-    await setup.maps.commit(Buffer.from('one'));
+    await setup.maps.commit(() => Buffer.from('one'));
     const before = await checkCounts(setup, [original], capacities, 'one map');
     assert.equal(before.levels[0], 2);
     const pagesBefore = setup.allocator.state().nextPage;
@@ -260,7 +261,7 @@ test("a clone shares the root; a write below it copies only its path, and a diff
     assert.ok(shared > 300, `the pages beside the path are shared (${shared} counted twice)`);
     assert.ok([...setup.chunkRefs.counts.values()].filter((count) => count === 2).length >= minFill(leafCapacityMax) - 1, 'the chunks of the copied leaf count twice');
 
-    await setup.maps.commit(Buffer.from('two'));
+    await setup.maps.commit(() => Buffer.from('two'));
     const cold = new PageCache(setup.file, 4096 * pageBytes);
     const coldMaps = new PagedMaps({ cache: cold, allocator: setup.allocator, pageRefs: setup.pageRefs });
     const diff = await coldMaps.open(snapshot.state()).diff(coldMaps.open(original.state()), 2 ** 48);
@@ -275,7 +276,7 @@ test('a warm map answers without a promise; a cold one reads its path through th
   await withMaps({ cachePages: 4 }, async (setup) => {
     const map = setup.maps.empty();
     for (let v = 0; v < 4000; v += 2) await map.mapRun(v, v, [sumOf(v)], setup.chunkRefs);
-    await setup.maps.commit(Buffer.from('root'));
+    await setup.maps.commit(() => Buffer.from('root'));
     for (let v = 0; v < 4000; v += 300) await map.runs(v, 1); // cycles the four-page cache
     const wanted = 3998;
     assert.equal(map.runsCached(wanted - 3998, 1), undefined, 'the first leaf was evicted');
@@ -292,12 +293,13 @@ test('mutations not awaited apply in call order while lookups run beside them th
   await withMaps({ cachePages: 2, leafCapacity: 4, interiorCapacity: 4 }, async (setup) => {
     const map = setup.maps.empty();
     for (let v = 0; v < 400; v += 3) await map.mapRun(v, v, sumsOf(v, 2), setup.chunkRefs);
-    await setup.maps.commit(Buffer.from('root'));
+    await setup.maps.commit(() => Buffer.from('root'));
     const model = new ChunkMap();
     const modelRefs = new Counts();
     for (let v = 0; v < 400; v += 3) model.mapRun(v, v, 2, modelRefs);
     const pending: Array<Promise<unknown>> = [];
     const lookups: Array<Promise<unknown>> = [];
+    let modelAtCommit: ReturnType<ChunkMap['runs']> = [];
     for (let i = 0; i < 60; i++) {
       const v = (i * 37) % 390;
       // Overlapping writes and unmaps: only the order they were called in gives the model's result.
@@ -309,9 +311,17 @@ test('mutations not awaited apply in call order while lookups run beside them th
         pending.push(map.mapRun(v, 10_000 + i * 20, sumsOf(10_000 + i * 20, 10), setup.chunkRefs));
       }
       lookups.push(map.runs((i * 53) % 400, 20));
+      if (i === 30) {
+        // A commit in the middle: after the mutations called before it, before those called after.
+        modelAtCommit = model.runs(0, 400);
+        pending.push(setup.maps.commit(() => Buffer.from(JSON.stringify(map.state()))));
+      }
     }
     await Promise.all([...pending, ...lookups]);
     assert.deepEqual(await runsOf(map, 0, 400), model.runs(0, 400));
+    const fromFile = new PagedMaps({ cache: new PageCache(setup.file, 64 * pageBytes), allocator: new PageAllocator(), pageRefs: new Counts() });
+    const committed = fromFile.open(JSON.parse(setup.file.root!.body.toString()) as PagedMapState);
+    assert.deepEqual(await runsOf(committed, 0, 400), modelAtCommit, 'the commit holds the mutations called before it, and only those');
     await checkCounts(setup, [map], { leaf: 4, interior: 4 }, 'after the concurrent mutations');
   });
 });
@@ -320,7 +330,7 @@ test('a map page damaged in one copy is read from the other; damaged in both, a 
   await withMaps({ cachePages: 4 }, async (setup) => {
     const map = setup.maps.empty();
     await map.mapRun(10, 500, sumsOf(500, 20), setup.chunkRefs);
-    await setup.maps.commit(Buffer.from('root'));
+    await setup.maps.commit(() => Buffer.from('root'));
     const leafPage = map.rootPage;
     const flip = (copy: number): void => {
       const fd = fs.openSync(`${setup.base}.${copy}`, 'r+');
@@ -421,7 +431,7 @@ test('paged maps match ChunkMap over random maps, unmaps, clones, drops and comm
               break;
             }
             case 'commit': {
-              await setup.maps.commit(Buffer.from(`step ${step}`));
+              await setup.maps.commit(() => Buffer.from(`step ${step}`));
               const rewritten = [...setup.cache.written].filter((page) => durablePages.has(page));
               assert.deepEqual(rewritten, [], `${label}: no page the previous root reaches is written over`);
               durablePages = new Set((await treeFacts(setup, live.map((pair) => pair.paged), capacities)).pageCounts.keys());
@@ -454,7 +464,7 @@ test('paged maps match ChunkMap over random maps, unmaps, clones, drops and comm
           pair.model.drop(modelRefs);
           await pair.paged.drop(setup.chunkRefs);
         }
-        await setup.maps.commit(Buffer.from('end'));
+        await setup.maps.commit(() => Buffer.from('end'));
         assert.equal(setup.pageRefs.counts.size, 0, 'no page referenced');
         assert.equal(setup.chunkRefs.counts.size, 0, 'no chunk referenced');
         const state = setup.allocator.state();
