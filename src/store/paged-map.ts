@@ -37,9 +37,10 @@
 // Nodes changed since the last commit stay decoded in `PagedMaps` (not in the cache, which holds page images) and
 // are encoded once, when `commit` hands them to the cache; `dirtyPages` counts them.
 //
-// Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a drop of a
-// large unshared map reads and pins all its pages at once (it could instead be recorded and done in slices); a
-// cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
+// `drop` is the exception: not one pass (a large map would pin all its pages and free them in one turn), it walks
+// the pages it frees one at a time, in slices.
+//
+// Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
 // filled by appends in key order end about half full (a split shares entries evenly); the allocator has one set
 // of pages pending a commit, so mutations wait while a commit writes (it is queued with them) until step 4 gives
 // the allocator commit epochs; a walk does not check page generations against the root's yet.
@@ -153,6 +154,14 @@ export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
     if (children[i]! < firstDataPage) fail(`a child at page ${children[i]}`);
   }
   return { kind: 'interior', level, keys, children };
+}
+
+/** Pages a drop frees between two turns of the event loop. */
+const dropSliceNodes = 256;
+
+function checkLevel(node: MapNode, page: number, level: number | undefined): MapNode {
+  if (level !== undefined && levelOf(node) !== level) throw ChunkdError.corrupt(`metadata page ${page}: a chunk map node at level ${levelOf(node)} where its parent expects level ${level}`);
+  return node;
 }
 
 /** The least node fill of a non-root node (invariant 2). */
@@ -421,17 +430,38 @@ export class PagedMaps {
     return new PagedMap(this, map.rootPage, map.mappedCount);
   }
 
-  /** @internal */
+  /**
+   * @internal Not one pass: a large map would pin all its pages at once and release them in one turn. Queued, it
+   * walks the pages it frees one at a time (the map is empty from the start, so no pass reaches them), reads each
+   * before releasing it (a page that cannot be read stays held: space lost, counts still right), and yields to
+   * the event loop every `dropSliceNodes` pages.
+   */
   drop(map: PagedMap, refs: ChunkRefs): Promise<number> {
-    return this.#mutate(
-      map,
-      (pins, changes) => {
-        if (map.rootPage !== emptyRoot) this.#dropTree(pins, changes, map.rootPage, undefined);
-        changes.mappedDelta = -map.mappedCount;
-        return null;
-      },
-      refs,
-    );
+    return this.#queue(async () => {
+      const mapped = map.mappedCount;
+      const stack: Array<{ page: number; level: number | undefined }> = map.rootPage === emptyRoot ? [] : [{ page: map.rootPage, level: undefined }];
+      map.setState(emptyRoot, 0);
+      let freed = 0;
+      while (stack.length > 0) {
+        const { page, level } = stack.pop()!;
+        const count = this.#pageRefs.get(page);
+        assert(count >= 1, `chunk map page ${page} reached with a count of ${count}`);
+        if (count > 1) {
+          this.#pageRefs.decrement(page);
+          continue;
+        }
+        const node = this.#resident(page) ?? (await this.node(page));
+        checkLevel(node, page, level);
+        assert(this.#pageRefs.decrement(page) === 0);
+        this.#allocator.release(page);
+        this.#cache.discard(page);
+        this.#dirty.delete(page);
+        if (node.kind === 'leaf') for (const physical of node.physical) refs.decrement(physical);
+        else for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
+        if (++freed % dropSliceNodes === 0) await new Promise((resolve) => setImmediate(resolve));
+      }
+      return mapped;
+    });
   }
 
   /** @internal */
@@ -483,9 +513,7 @@ export class PagedMaps {
 
   /** The node of `page`, checked to sit at `level` where the parent says. */
   #node(pins: Pins, page: number, level: number | undefined): MapNode {
-    const node = pins.node(page);
-    if (level !== undefined && levelOf(node) !== level) throw ChunkdError.corrupt(`metadata page ${page}: a chunk map node at level ${levelOf(node)} where its parent expects level ${level}`);
-    return node;
+    return checkLevel(pins.node(page), page, level);
   }
 
   /** The node of `page` for changing: a private copy; the page is left (reused or freed) or, if shared, copied. */
@@ -658,22 +686,6 @@ export class PagedMaps {
     let root = top.items[0];
     while (root !== undefined && typeof root !== 'number' && root.kind === 'interior' && root.items.length === 1) root = root.items[0];
     return root ?? null;
-  }
-
-  /** Releases a reference on `page`; at zero, its children's (or, for a leaf, its chunks'). */
-  #dropTree(pins: Pins, changes: Changes, page: number, level: number | undefined): void {
-    const count = changes.count(page);
-    assert(count >= 1, `chunk map page ${page} reached with a count of ${count}`);
-    changes.add(page, -1);
-    if (count > 1) return;
-    const node = this.#node(pins, page, level);
-    changes.freed.push(page);
-    if (node.kind === 'leaf') {
-      changes.chunkDecrements.push(...node.physical);
-      return;
-    }
-    pins.want(node.children.filter((child) => changes.count(child) === 1));
-    for (const child of node.children) this.#dropTree(pins, changes, child, node.level - 1);
   }
 
   /** Writes the nodes built (fresh pages reused first), then applies the counts; returns the root page. */

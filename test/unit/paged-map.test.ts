@@ -272,6 +272,33 @@ test("a clone shares the root; a write below it copies only its path, and a diff
   });
 });
 
+test('a drop of a large map frees its pages a slice at a time, letting the event loop turn, and gives every page back', async () => {
+  await withMaps({ cachePages: 4096 }, async (setup) => {
+    const map = setup.maps.empty();
+    for (let v = 0; v < 200_000; v += 100) await map.mapRun(v, v, sumsOf(v, 50), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('one'));
+    const pages = (await treeFacts(setup, [map], { leaf: leafCapacityMax, interior: 338 })).pages;
+    assert.ok(pages > 600, `${pages} pages`);
+    // Counts the turns of the event loop while the drop runs (each page is in memory: no read yields for it).
+    let turns = 0;
+    let ticking = true;
+    const tick = (): void => {
+      if (!ticking) return;
+      turns += 1;
+      setImmediate(tick);
+    };
+    setImmediate(tick);
+    await map.drop(setup.chunkRefs);
+    ticking = false;
+    assert.ok(turns >= 2, `the event loop turned ${turns} times during the drop of ${pages} pages, every page in the cache`);
+    assert.equal(map.rootPage, 0);
+    await setup.maps.commit(() => Buffer.from('two'));
+    const state = setup.allocator.state();
+    assert.equal(state.free.length, state.nextPage - firstDataPage);
+    assert.equal(setup.chunkRefs.counts.size, 0);
+  });
+});
+
 test('a warm map answers without a promise; a cold one reads its path through the cache', async () => {
   await withMaps({ cachePages: 4 }, async (setup) => {
     const map = setup.maps.empty();
