@@ -5,14 +5,14 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, test } from 'node:test';
+import { afterAll, test } from 'vitest';
 import { iostatRows } from '../../src/cli/iostat.ts';
 import { latencyBucketsSeconds, quantileSeconds } from '../../src/core/latency-histogram.ts';
 import { emptyIoStats, observe } from '../../src/node/io-stats.ts';
 import { haveTool, makeTempDir, runTool, startNode } from '../helpers/node-process.ts';
 
 const scratch = makeTempDir('iostat');
-after(() => fs.rmSync(scratch, { recursive: true, force: true }));
+afterAll(() => fs.rmSync(scratch, { recursive: true, force: true }));
 
 test('latency buckets, quantiles and an interval\'s rows', () => {
   const stats = emptyIoStats();

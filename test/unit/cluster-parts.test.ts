@@ -1,7 +1,7 @@
 // The cluster's pure parts: the lease clock's fencing by time (cluster/lease-clock.ts), the records' checks and the
 // --etcd parser (cluster/records.ts), the failover's choice (cluster/failover.ts).
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
 import { parseEtcdEndpoints, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
 import { chooseSuccessor, orphanedVolumes } from '../../src/cluster/failover.ts';

@@ -6,7 +6,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import tls from 'node:tls';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -153,7 +153,7 @@ test('a TLS handshake that stalls, or stops halfway, is cut at the handshake tim
   const logs: string[] = [];
   const server = new NbdServer({ provider: provider(), log: (line) => logs.push(line), handshakeTimeoutMs: 400, tls: tlsSettings(loadTlsServerConfig(creds, 'require', false)) });
   await server.listenUnix(socketPath);
-  t.after(() => server.close());
+  t.onTestFinished(() => server.close());
   const upgrading = async (): Promise<RawClient> => {
     const client = await RawClient.connect(socketPath);
     await client.readGreeting();
@@ -209,10 +209,10 @@ test('decrypted TLS reads land in the buffers the reader picks (onread for a TLS
   const accepted = Promise.withResolvers<net.Socket>();
   const listener = net.createServer((socket) => accepted.resolve(socket));
   await new Promise<void>((resolve) => listener.listen(socketPath, resolve));
-  t.after(() => listener.close());
+  t.onTestFinished(() => { listener.close(); });
   const client = tls.connect({ path: socketPath, ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost' });
   client.on('error', () => {});
-  t.after(() => client.destroy());
+  t.onTestFinished(() => { client.destroy(); });
   const secure = new tls.TLSSocket(await accepted.promise, { isServer: true, secureContext: tlsSettings(loadTlsServerConfig(creds, 'on', false)).secureContext });
   const landing = Buffer.alloc(1000);
   let windowStart = 0;
@@ -247,7 +247,7 @@ test('over TLS, WRITE payloads in pieces of any size land whole and large READs 
     const socketPath = path.join(scratch, 'data.sock');
     const server = new NbdServer({ provider: provider(), log: () => {}, sharedBuffers, tls: tlsSettings(loadTlsServerConfig(creds, 'require', false)) });
     await server.listenUnix(socketPath);
-    t.after(() => server.close());
+    t.onTestFinished(() => server.close());
     const client = await RawClient.connect(socketPath);
     await client.handshake({ tls: { ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost' } });
     await writeInPieces(client, writes, pieceSizes);

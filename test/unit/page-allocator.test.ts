@@ -1,7 +1,7 @@
 // Page numbers for copy-on-write (src/store/page-allocator.ts): a released page is not handed out again before the
 // commit that stops naming it; then it is, before any new page; a double release and a bad saved state are refused.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { PageAllocator } from '../../src/store/page-allocator.ts';
 import { firstDataPage } from '../../src/store/page-file.ts';

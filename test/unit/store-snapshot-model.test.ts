@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { Pool } from '../../src/store/pool.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
