@@ -16,7 +16,7 @@ import type { ChunkRefs } from '../../src/store/chunk-map.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { PageCache } from '../../src/store/page-cache.ts';
 import { firstDataPage, PageFile, pageBytes } from '../../src/store/page-file.ts';
-import { PagedTable, tableEntriesPerPage, type PageSink } from '../../src/store/page-table.ts';
+import { PagedTable, pageKinds, tableEntriesPerPage, type PageSink } from '../../src/store/page-table.ts';
 import { countsPerPage, SpaceMaps } from '../../src/store/space-map.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
@@ -291,7 +291,7 @@ test('a table is written whole once, then only the leaves changed and the pages 
   const second = table.flush(sink);
   assert.equal(puts.length, 2, 'one leaf and the top');
   assert.equal(released.length, 2, 'the pages they replace');
-  const source = { get: async (page: number) => ({ kind: 0x31, body: bodies.get(page)! }) };
+  const source = { get: async (page: number) => ({ kind: pageKinds.table, body: bodies.get(page)! }) };
   const read = await PagedTable.open(source, second, 7);
   assert.equal(read.length, length);
   for (let i = 0; i < length; i++) {
@@ -300,6 +300,14 @@ test('a table is written whole once, then only the leaves changed and the pages 
     if (read.value(i) !== value || read.small(i) !== small) assert.fail(`entry ${i}: ${read.value(i)}/${read.small(i)}`);
   }
   assert.equal(read.small(length + 10), 7, 'past the end: the fill');
+
+  // Grown past what two levels name: a third level, and the entries still read back.
+  const big = tableEntriesPerPage * tableEntriesPerPage + 1;
+  read.set(big - 1, 99, 1);
+  const third = read.flush(sink);
+  assert.equal(third.depth, 3);
+  const reread = await PagedTable.open(source, third, 7);
+  assert.deepEqual([reread.value(big - 1), reread.small(big - 1), reread.value(5), reread.small(big - 2)], [99, 1, 5001, 7]);
 });
 
 test('a search for free space reads only the pages of counts that can hold the run', async () => {
