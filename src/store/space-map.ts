@@ -42,7 +42,7 @@
 import os from 'node:os';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
-import type { FreeExtent } from './allocator.ts';
+import { DeferredFrees, type FreeExtent } from './allocator.ts';
 import type { ChunkRefs } from './chunk-map.ts';
 import type { PageCache } from './page-cache.ts';
 import { PageAllocator } from './page-allocator.ts';
@@ -287,9 +287,7 @@ export class ChunkSpace implements ChunkRefs {
   #highWaterStale = false;
   #cursor = 0;
   #usedCount: number;
-  #deferred: FreeExtent[] = [];
-  #deferredCount = 0;
-  #sealedCount = 0;
+  readonly #deferred = new DeferredFrees();
   /** No run of this many free chunks was found below the mark since the last time chunks were freed. */
   #noRunOf = Infinity;
   #allocating: Promise<unknown> = Promise.resolve();
@@ -323,7 +321,7 @@ export class ChunkSpace implements ChunkRefs {
   }
 
   get deferredCount(): number {
-    return this.#deferredCount;
+    return this.#deferred.count;
   }
 
   /** The exact high-water mark (after the allocations under way). */
@@ -380,28 +378,13 @@ export class ChunkSpace implements ChunkRefs {
       this.#hold(chunk);
     }
     this.#usedCount -= chunkCount;
-    this.#deferredCount += chunkCount;
-    const last = this.#deferred[this.#deferred.length - 1];
-    // Merge with the previous free only if no commit has claimed it yet.
-    if (last !== undefined && this.#deferred.length > this.#sealedCount && last.punch === punch && last.start + last.count === start) last.count += chunkCount;
-    else this.#deferred.push({ start, count: chunkCount, punch });
+    this.#deferred.add(start, chunkCount, punch);
   }
 
-  /** Marks the deferred frees a commit is about to make durable; pass the result to `takeDeferred` after it. */
-  deferredMark(): number {
-    this.#sealedCount = this.#deferred.length;
-    return this.#sealedCount;
-  }
+  // deferredMark before a commit, takeDeferred after it, then releaseTaken: as allocator.ts.
+  deferredMark = (): number => this.#deferred.mark();
+  takeDeferred = (mark: number): FreeExtent[] => this.#deferred.take(mark);
 
-  /** Takes the first `mark` deferred frees, now recorded durably; the caller punches them, then `releaseTaken`. */
-  takeDeferred(mark: number): FreeExtent[] {
-    this.#sealedCount -= mark;
-    const taken = this.#deferred.splice(0, mark);
-    for (const extent of taken) this.#deferredCount -= extent.count;
-    return taken;
-  }
-
-  /** Makes extents from `takeDeferred` reusable. */
   releaseTaken(extents: readonly FreeExtent[]): void {
     for (const extent of extents) {
       for (let chunk = extent.start; chunk < extent.start + extent.count; chunk++) {
