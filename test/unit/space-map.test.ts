@@ -11,11 +11,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import fc from 'fast-check';
+import { ChunkdError } from '../../src/core/errors.ts';
 import { ChunkAllocator } from '../../src/store/allocator.ts';
 import type { ChunkRefs } from '../../src/store/chunk-map.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { PageCache } from '../../src/store/page-cache.ts';
-import { firstDataPage, PageFile, pageBytes } from '../../src/store/page-file.ts';
+import { decodePage, firstDataPage, PageFile, pageBytes } from '../../src/store/page-file.ts';
 import { PagedTable, pageKinds, tableEntriesPerPage, type PageSink } from '../../src/store/page-table.ts';
 import { countsPerPage, SpaceMaps } from '../../src/store/space-map.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
@@ -499,4 +500,39 @@ test('power loss between the pages and the root leaves the last root or the one 
   }
   console.log(`# ${runs} crashes: the last acknowledged root ${outcomes.committed} times, the one in flight ${outcomes.inFlight} times`);
   assert.ok(outcomes.committed > 0, 'some crash kept the last acknowledged root');
+});
+
+test('a page of counts damaged in both copies is refused when loaded; a count not loaded is a bug, not a zero', async () => {
+  const directory = scratch();
+  try {
+    const real = await openReal(realFiles, path.join(directory, 'meta'));
+    await withCounts(real.maps.chunks.counts, [5, 3 * countsPerPage], () => {
+      real.maps.chunks.increment(5);
+      real.maps.chunks.increment(3 * countsPerPage);
+    });
+    await commit(real);
+    assert.throws(() => real.maps.chunks.get(5), /page 0 .*not loaded/);
+    assert.equal(real.maps.chunks.get(10 * countsPerPage), 0, 'a page never written needs no load');
+    real.file.close();
+
+    // The page of counts holding chunk 5: the first page of that kind in the file.
+    const copies = [0, 1].map((copy) => fs.readFileSync(`${real.base}.${copy}`));
+    let countsPage = -1;
+    for (let page = firstDataPage; page * pageBytes < copies[0]!.length && countsPage < 0; page++) {
+      const decoded = decodePage(copies[0]!.subarray(page * pageBytes, (page + 1) * pageBytes), page);
+      if (typeof decoded !== 'string' && decoded.kind === pageKinds.counts && decoded.body.readUInt16LE(10) === 1) countsPage = page;
+    }
+    assert.ok(countsPage >= firstDataPage);
+    for (const copy of [0, 1]) {
+      const fd = fs.openSync(`${real.base}.${copy}`, 'r+');
+      fs.writeSync(fd, Buffer.from([0xaa]), 0, 1, countsPage * pageBytes + 100);
+      fs.closeSync(fd);
+    }
+    const again = await openReal(realFiles, real.base);
+    await assert.rejects(again.maps.chunks.counts.load([5]), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');
+    await withCounts(again.maps.chunks.counts, [3 * countsPerPage], () => assert.equal(again.maps.chunks.get(3 * countsPerPage), 1, 'the other page whole'));
+    again.file.close();
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
 });
