@@ -214,6 +214,7 @@ const reopen = command('reopen', async (model, real) => {
   checkPages(real.maps, 'after a reopen');
   model.allocator = ChunkAllocator.fromUsed([...model.chunks.keys()].sort((a, b) => a - b).map((chunk) => ({ physicalChunk: chunk, chunkCount: 1 })));
   await check(model, real, 'after a reopen');
+  assert.deepEqual(await real.maps.chunks.freeExtents(), model.allocator.freeExtents(), 'the free space to punch at open');
 });
 
 const checkCommand = command('check', (model, real) => check(model, real, 'check'));
