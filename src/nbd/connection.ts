@@ -470,7 +470,7 @@ export class NbdConnection {
       return;
     }
     if (this.#tlsReplies !== null) {
-      this.#tlsReplies.push(buffer, pooled);
+      this.#tlsReplies.push(buffer, pooled, answeredAt);
       if (!this.#tlsWriting) {
         this.#tlsWriting = true;
         setImmediate(this.#writeTlsSlice);
@@ -513,6 +513,10 @@ export class NbdConnection {
     for (let index = 0; index < last; index++) socket.write(slice.pieces[index]!);
     socket.write(slice.pieces[last]!, () => {
       for (const buffer of slice.finished) this.#replyBuffers.release(buffer);
+      if (slice.answeredAt.length > 0) {
+        const now = performance.now();
+        for (const answeredAt of slice.answeredAt) observeLatency(this.#options.counters.stages.reply, (now - answeredAt) / 1000);
+      }
       this.#writeTlsSlice();
       this.#maybeResume();
     });

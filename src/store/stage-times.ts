@@ -7,7 +7,7 @@
 // wait of a chunk task for a worker thread (from being asked to a worker taking its batch up; worker-io.ts), and
 // the NBD front end's own, counted by its connections (nbd/connection.ts), on whichever thread runs them: `receive`,
 // a WRITE's payload arriving (from its header decoded to its last byte in memory), and `reply`, from the device's
-// answer to the reply handed to the kernel (plain sockets; under TLS the reply queue's slices are not timed).
+// answer to the reply handed to the kernel (under TLS: encrypted, the last slice holding it written).
 // A header's decoding and validation is synchronous and takes under a microsecond: it has no stage of its own.
 import { performance } from 'node:perf_hooks';
 import { addHistogram, emptyHistogram, observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';

@@ -188,14 +188,15 @@ test('TLS replies are queued whole and handed out in slices of at most the size 
   const a = Buffer.from('aaaaaaa'); // 7 bytes, pooled
   const b = Buffer.from('bb'); // 2 bytes
   const c = Buffer.from('cccccccccccc'); // 12 bytes, pooled
-  queue.push(a, true);
-  queue.push(b, false);
+  queue.push(a, true, 1);
+  queue.push(b, false, 2);
   queue.push(c, true);
   assert.equal(queue.queuedBytes, 21);
   const slices = [];
   for (let slice = queue.take(5); slice !== null; slice = queue.take(5)) slices.push(slice);
   assert.deepEqual(slices.map((slice) => Buffer.concat(slice.pieces).toString()), ['aaaaa', 'aabbc', 'ccccc', 'ccccc', 'c']);
   assert.deepEqual(slices.map((slice) => slice.finished), [[], [a], [], [], [c]], 'a pooled buffer is finished with the slice holding its last byte');
+  assert.deepEqual(slices.map((slice) => slice.answeredAt), [[], [1, 2], [], [], []], 'a timed reply ends its reply stage with the slice holding its last byte');
   assert.equal(queue.queuedBytes, 0);
   queue.push(a, true);
   queue.push(b, false);
