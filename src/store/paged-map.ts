@@ -41,9 +41,11 @@
 // the pages it frees one at a time, in slices.
 //
 // Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
-// filled by appends in key order end about half full (a split shares entries evenly); the allocator has one set
-// of pages pending a commit, so mutations wait while a commit writes (it is queued with them) until step 4 gives
-// the allocator commit epochs; a walk does not check page generations against the root's yet.
+// filled by appends in key order end about half full (a split shares entries evenly); a commit is queued with the
+// mutations, so they wait while it writes (with the page allocator's `sealForCommit` they could run beside it);
+// page counts are read synchronously, so over space-map.ts's RefCountMap a pass must also load the pages of
+// counts of the pages it visits (step 4; not done here); a walk does not check page generations against the
+// root's yet.
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';

@@ -1,7 +1,7 @@
 // The micro benchmarks in smoke mode (a few iterations of each task), so that they never rot: every module runs
 // to completion and reports a positive rate for each of its tasks. The figures themselves are not checked.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { runModule } from '../../bench/micro/harness.ts';
 import { microModules } from '../../bench/micro/run.ts';
 

@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 import { makeTempDir, startNode } from '../helpers/node-process.ts';
@@ -16,13 +16,13 @@ const block = 4096;
 let scratch: string;
 let etcd: EtcdCluster;
 
-before(async () => {
+beforeAll(async () => {
   if (skip) return;
   scratch = makeTempDir('cluster-members');
   etcd = await startEtcd(3);
 });
 
-after(async () => {
+afterAll(async () => {
   if (skip) return;
   await etcd.stop();
   fs.rmSync(scratch, { recursive: true, force: true });

@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
@@ -20,7 +20,7 @@ let scratch: string;
 let tlsDir: string;
 let etcd: EtcdCluster;
 
-before(async () => {
+beforeAll(async () => {
   if (skip) return;
   scratch = makeTempDir('cluster-failover');
   tlsDir = path.join(scratch, 'tls');
@@ -28,7 +28,7 @@ before(async () => {
   etcd = await startEtcd(1);
 });
 
-after(async () => {
+afterAll(async () => {
   if (skip) return;
   await etcd.stop();
   fs.rmSync(scratch, { recursive: true, force: true });

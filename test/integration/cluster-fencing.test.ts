@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { Etcd3 } from 'etcd3';
 import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
@@ -23,14 +23,14 @@ let scratch: string;
 let etcd: EtcdCluster;
 let client: Etcd3;
 
-before(async () => {
+beforeAll(async () => {
   if (skip) return;
   scratch = makeTempDir('cluster-fencing');
   etcd = await startEtcd(1);
   client = new Etcd3({ hosts: etcd.endpoints });
 });
 
-after(async () => {
+afterAll(async () => {
   if (skip) return;
   client.close();
   await etcd.stop();

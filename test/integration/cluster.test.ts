@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { Etcd3 } from 'etcd3';
 import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
 import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
@@ -17,7 +17,7 @@ let tlsDir: string;
 let etcd: EtcdCluster;
 let client: Etcd3;
 
-before(async () => {
+beforeAll(async () => {
   if (skip) return;
   scratch = makeTempDir('cluster');
   tlsDir = path.join(scratch, 'tls');
@@ -26,7 +26,7 @@ before(async () => {
   client = new Etcd3({ hosts: etcd.endpoints });
 });
 
-after(async () => {
+afterAll(async () => {
   if (skip) return;
   client.close();
   await etcd.stop();

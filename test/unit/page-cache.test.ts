@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { realFiles } from '../../src/store/file-layer.ts';
 import { PageCache } from '../../src/store/page-cache.ts';
 import { firstDataPage, PageFile, pageBytes } from '../../src/store/page-file.ts';

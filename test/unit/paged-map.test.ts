@@ -9,13 +9,14 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import fc from 'fast-check';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { ChunkMap, type ChunkRefs } from '../../src/store/chunk-map.ts';
 import { realFiles } from '../../src/store/file-layer.ts';
 import { diffMaps } from '../../src/store/map-diff.ts';
 import { PageAllocator } from '../../src/store/page-allocator.ts';
+import { SpaceMaps } from '../../src/store/space-map.ts';
 import { PageCache, type CachedPage } from '../../src/store/page-cache.ts';
 import { firstDataPage, PageFile, pageBytes, pageHeaderBytes, type Root } from '../../src/store/page-file.ts';
 import {
@@ -351,6 +352,53 @@ test('mutations not awaited apply in call order while lookups run beside them th
     assert.deepEqual(await runsOf(committed, 0, 400), modelAtCommit, 'the commit holds the mutations called before it, and only those');
     await checkCounts(setup, [map], { leaf: 4, interior: 4 }, 'after the concurrent mutations');
   });
+});
+
+test("over step 3's space maps: page counts and chunk counts in pages, the page allocator's free list, across commits", async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagedmap-space-'));
+  const file = await PageFile.open(realFiles, path.join(directory, 'meta'));
+  try {
+    const cache = new PageCache(file, 256 * pageBytes);
+    const space = await SpaceMaps.open(cache, null);
+    const maps = new PagedMaps({ cache, allocator: space.pages, pageRefs: space.pageRefs, leafCapacity: 4, interiorCapacity: 4 });
+    const model = new ChunkMap();
+    const modelRefs = new Counts();
+    const a = maps.empty();
+    const write = async (map: PagedMap, twin: ChunkMap, v: number, n: number): Promise<void> => {
+      const physical = await space.chunks.allocate(n);
+      await map.mapRun(v, physical, sumsOf(physical, n), space.chunks);
+      twin.mapRun(v, physical, n, modelRefs);
+    };
+    for (let v = 0; v < 300; v += 7) await write(a, model, v, 3);
+    const b = a.clone();
+    const twin = model.clone();
+    for (let v = 1; v < 300; v += 31) await write(b, twin, v, 5);
+    assert.equal(await a.unmapRange(40, 100, space.chunks), model.unmapRange(40, 100, modelRefs));
+    // A root as step 4 will write it: the maps' pages, then the space maps' (their flush seals the page allocator;
+    // the commit's `committed` on that allocator is SpaceMaps.committed).
+    await maps.commit(() => space.flush());
+    // Their pages of counts are now clean, and read only once loaded: step 4's pins will load the counts of the
+    // pages a pass visits; here, all of them.
+    const pagePin = await space.pageRefs.load(Array.from({ length: space.pages.state().nextPage }, (_, page) => page));
+    const chunkPin = await space.chunks.counts.load(Array.from({ length: space.chunks.highWater }, (_, chunk) => chunk));
+    for (let v = 3; v < 300; v += 13) await write(a, model, v, 2);
+    assert.deepEqual(await runsOf(a, 0, 300), model.runs(0, 300));
+    assert.deepEqual(await runsOf(b, 0, 300), twin.runs(0, 300));
+    assert.deepEqual(await a.diff(b, 300), diffMaps(model, twin, 300));
+    const held = (chunk: number): boolean => space.chunks.get(chunk) > 0;
+    for (let chunk = 0; chunk < space.chunks.highWater; chunk++) assert.equal(held(chunk), modelRefs.get(chunk) > 0, `chunk ${chunk} held`);
+    await a.drop(space.chunks);
+    await b.drop(space.chunks);
+    for (let page = 0; page < space.pages.state().nextPage; page++) assert.equal(space.pageRefs.get(page), 0, `page ${page} count`);
+    for (let chunk = 0; chunk < space.chunks.highWater; chunk++) assert.equal(space.chunks.get(chunk), 0, `chunk ${chunk} count`);
+    pagePin.release();
+    chunkPin.release();
+    await maps.commit(() => space.flush());
+    assert.equal(space.pages.waitingCount, 0);
+  } finally {
+    file.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
 });
 
 test('a map page damaged in one copy is read from the other; damaged in both, a lookup fails with ECORRUPT naming it', async () => {

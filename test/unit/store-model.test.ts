@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import fc from 'fast-check';
 import type { Volume } from '../../src/store/volume.ts';
 import { Pool } from '../../src/store/pool.ts';
