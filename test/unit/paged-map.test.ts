@@ -34,7 +34,7 @@ import {
   type PageRefs,
   type PagedRun,
 } from '../../src/store/paged-map.ts';
-import { testSeed } from '../helpers/random.ts';
+import { modelRunOptions, testSeed } from '../helpers/random.ts';
 
 const isCorrupt = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ECORRUPT';
 /** The crc32 a test gives a physical chunk (any function of the chunk will do: a map only carries it). */
@@ -546,7 +546,7 @@ test('paged maps match ChunkMap over random maps, unmaps, clones, drops and comm
         assert.equal(state.free.length, state.nextPage - firstDataPage, 'every page back to the allocator');
       });
     }),
-    { seed, numRuns: Number(process.env.PAGED_MAP_RUNS ?? 60), ...(process.env.FC_PATH ? { path: process.env.FC_PATH } : {}), interruptAfterTimeLimit: 60_000, markInterruptAsFailure: true },
+    modelRunOptions(seed, 'PAGED_MAP_RUNS', 60, 60_000),
   );
   // The runs did what the test is for: deep trees, pages shared between maps, pages read back from the file.
   assert.ok(seen.levelMax >= 3 && seen.sharedPages > 100 && seen.pagesRead > 1000, JSON.stringify(seen));

@@ -20,7 +20,7 @@ import { decodePage, firstDataPage, PageFile, pageBytes } from '../../src/store/
 import { PagedTable, pageKinds, tableEntriesPerPage, type PageSink } from '../../src/store/page-table.ts';
 import { countsPerPage, SpaceMaps } from '../../src/store/space-map.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
-import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
+import { makeRandom, modelRunOptions, randomInt, testSeed } from '../helpers/random.ts';
 
 /** The shape the paged map (paged-map.ts) asks of page reference counts. */
 interface PageRefs {
@@ -259,13 +259,7 @@ test('space maps match a Map of counts and the allocator of today through a two-
         fs.rmSync(directory, { recursive: true, force: true });
       }
     }),
-    {
-      seed,
-      numRuns: Number(process.env.SPACE_MAP_RUNS ?? 40),
-      ...(process.env.FC_PATH ? { path: process.env.FC_PATH } : {}),
-      interruptAfterTimeLimit: 120_000,
-      markInterruptAsFailure: true,
-    },
+    modelRunOptions(seed, 'SPACE_MAP_RUNS', 40, 120_000),
   );
 });
 

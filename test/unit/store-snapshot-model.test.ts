@@ -13,7 +13,7 @@ import { test } from 'vitest';
 import fc from 'fast-check';
 import { Pool } from '../../src/store/pool.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
-import { testSeed } from '../helpers/random.ts';
+import { modelRunOptions, testSeed } from '../helpers/random.ts';
 
 const volumeBytes = 512 * 1024;
 
@@ -228,13 +228,6 @@ test('snapshots and clones match a full-copy model across random operations and 
         fs.rmSync(directory, { recursive: true, force: true });
       }
     }),
-    {
-      seed,
-      numRuns: Number(process.env.SNAPSHOT_MODEL_RUNS ?? 8),
-      ...(process.env.FC_PATH ? { path: process.env.FC_PATH } : {}),
-      // Shrinking reruns a failing sequence many times: bounded, it reports the smallest failing one found so far.
-      interruptAfterTimeLimit: 240_000,
-      markInterruptAsFailure: true,
-    },
+    modelRunOptions(seed, 'SNAPSHOT_MODEL_RUNS', 8),
   );
 });
