@@ -46,7 +46,7 @@ test('latency buckets, quantiles and an interval\'s rows', () => {
   later.atMs = 3000;
   for (let i = 0; i < 400; i++) observe(later.exports.vol.write, 1 << 20, 0.004, false);
   const rows = iostatRows(before, later, null);
-  assert.deepEqual(rows.map((row) => [row.export, row.writesPerSecond, row.writeMBps, row.writeP50Ms, row.readP50Ms]), [['vol', 200, 209.7, 5, null]]);
+  assert.deepEqual(rows.map((row) => [row.export, row.writesPerSecond, row.writeMBps, row.writeP50Ms, row.readP50Ms, row.queueDepth]), [['vol', 200, 209.7, 5, null, 0.8]], '400 writes of 4 ms in 2 s: 0.8 in flight on average');
   assert.deepEqual(iostatRows(before, later, 'idle').map((row) => row.export), ['idle'], 'a named volume is shown even when idle');
 });
 
@@ -74,14 +74,14 @@ test('under fio: per-volume counters and histograms move on /metrics over TCP, a
       assert.equal(third.get(depth), 0, `${depth} after the load`);
     }
     assert.equal(iostat.code, 0, iostat.stderr);
-    const reports = iostat.stdout.trim().split('\n').map((line) => JSON.parse(line) as { volumes: Array<{ export: string; readsPerSecond: number; writesPerSecond: number; writeP99Ms: number | null }> });
+    const reports = iostat.stdout.trim().split('\n').map((line) => JSON.parse(line) as { volumes: Array<{ export: string; readsPerSecond: number; writesPerSecond: number; writeP99Ms: number | null; queueDepth: number }> });
     assert.equal(reports.length, 2);
     for (const report of reports) {
       const [row] = report.volumes;
       assert.equal(row?.export, 'busy');
-      assert.ok(row.readsPerSecond > 0 && row.writesPerSecond > 0 && row.writeP99Ms !== null, JSON.stringify(row));
+      assert.ok(row.readsPerSecond > 0 && row.writesPerSecond > 0 && row.writeP99Ms !== null && row.queueDepth > 0, JSON.stringify(row));
     }
-    assert.match(text.stdout, /^volume\s+r\/s\s+w\/s\s+rMB\/s\s+wMB\/s\s+r p50 ms/m);
+    assert.match(text.stdout, /^volume\s+r\/s\s+w\/s\s+rMB\/s\s+wMB\/s\s+r p50 ms.*\s+qd\s+errors$/m);
     assert.match(text.stdout, /^busy\s+\d+/m);
     assert.doesNotMatch(text.stdout, /^idle/m, 'an idle volume has no line in the all-volumes view');
     for (const op of ['read', 'write']) {
