@@ -111,6 +111,19 @@ export const peerRequestsInFlightMax = 32;
 /** Time `chunkd peer status` waits for a peer's answer, connect and TLS included. */
 export const peerClientTimeoutMs = 15_000;
 
+/**
+ * Synchronous replicas (replication/sync-replicas.ts): the unit of the owner's dirty map and activity log. Smaller
+ * resends less after an outage, larger keeps the map (rewritten whole) small: 64 KiB is 16 chunks, and 16 Ki
+ * regions per GiB.
+ */
+export const syncRegionBytes = 16 * chunkSizeBytes;
+/** A synchronous replica that leaves a write or flush unanswered this long is out of sync (replica add --sync-timeout). */
+export const syncReplicaTimeoutMsDefault = 5_000;
+/** Dirty regions a resync copies at once (each is one request in flight to the replica). */
+export const syncResyncRegionsInFlight = 8;
+/** A synchronous replica that is away is tried again this often. */
+export const syncReconnectDelayMs = 1_000;
+
 /** Data bytes one replication stream record carries at most (replication/stream-format.ts); a sender reads this much at a time. */
 export const streamDataRecordBytesMax = 1 * MiB;
 /** A stream's header record (JSON: names, ids, sizes) at most. */

@@ -31,6 +31,7 @@ export class PeerClient {
   readonly #pending = new Map<number, { resolve: (frame: Frame) => void; reject: (error: ChunkdError) => void }>();
   #nextRequestId = 1;
   #failure: ChunkdError | null = null;
+  readonly #ended = Promise.withResolvers<ChunkdError>();
   /** What the server said in hello. */
   hello!: HelloReply;
 
@@ -96,6 +97,11 @@ export class PeerClient {
     return (await this.#request(verb, payload)).payload;
   }
 
+  /** Resolves with the first failure that ends the connection (close() included): a connection idle for long learns it too. */
+  get ended(): Promise<ChunkdError> {
+    return this.#ended.promise;
+  }
+
   close(): void {
     this.#fail(new ChunkdError('ESHUTDOWN', 'the connection was closed'));
     this.#socket.destroy();
@@ -146,6 +152,7 @@ export class PeerClient {
   /** The first failure ends the connection: every request waiting gets it, and so does every later one. */
   #fail(error: ChunkdError): void {
     this.#failure ??= error;
+    this.#ended.resolve(this.#failure);
     for (const { reject } of this.#pending.values()) reject(this.#failure);
     this.#pending.clear();
   }

@@ -1,0 +1,194 @@
+// Synchronous replicas (replication/sync-replicas.ts) with two real nodes on loopback peer ports (mutual TLS from
+// `chunkd tls init`) and real NBD clients: a write is on the replica when the client has its answer (both exports
+// hashed by nbdcopy, no replication step between), and durable there after a flush; a replica that is stopped
+// (SIGSTOP) or killed (kill -9) is out of sync after the timeout, writes go on, and only the regions written
+// meanwhile are resent (counted) when it is back; the dirty map survives kill -9 of the owner; an owner with a
+// stale epoch is refused by the replica and refuses writes itself.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import http from 'node:http';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
+import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
+
+const MiB = 1024 * 1024;
+const regionBytes = 64 * 1024;
+const skip = !haveTool('nbdcopy') || !haveTool('qemu-io') || !haveTool('openssl');
+let scratch: string;
+let tlsDir: string;
+
+interface PeerNode {
+  node: RunningNode;
+  name: string;
+  address: string;
+}
+
+async function startPeer(name: string, port: number, extra: string[] = []): Promise<PeerNode> {
+  const node = await startNode(path.join(scratch, name), ['--peer-listen', `127.0.0.1:${port}`, '--tls-dir', path.join(tlsDir, name), ...extra]);
+  return { node, name, address: `127.0.0.1:${port}` };
+}
+
+/** The owner's synchronous link of `volume`, straight from its API. */
+async function link(owner: PeerNode, volume = 'vol'): Promise<Record<string, any>> {
+  const body = await new Promise<string>((resolve, reject) => {
+    http.get({ socketPath: owner.node.apiSocket, path: `/v1/volumes/${volume}/replicas` }, (response) => {
+      let text = '';
+      response.on('data', (chunk: Buffer) => (text += chunk.toString()));
+      response.on('end', () => resolve(text));
+    }).on('error', reject);
+  });
+  const found = JSON.parse(body).replicas.find((r: { mode?: string }) => r.mode === 'sync');
+  assert.ok(found !== undefined, `no synchronous link of ${volume}: ${body}`);
+  return found;
+}
+
+async function waitFor<T>(what: string, probe: () => Promise<T | null>, diagnose: () => Promise<string>, timeoutMs = 20_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== null) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}: ${await diagnose()}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+function inSync(owner: PeerNode): Promise<Record<string, any>> {
+  return waitFor('the replica in sync', async () => {
+    const current = await link(owner);
+    return current.state === 'in-sync' ? current : null;
+  }, async () => `${JSON.stringify(await link(owner))}\n${owner.node.stderr()}`);
+}
+
+function qemuIo(node: RunningNode, ...commands: string[]): Promise<string> {
+  return mustRun('qemu-io', ['-f', 'raw', node.qemuUri('vol'), ...commands.flatMap((command) => ['-c', command])]);
+}
+
+let alpha: PeerNode;
+let beta: PeerNode;
+const ports: Record<string, number> = {};
+
+before(async () => {
+  if (skip) return;
+  scratch = makeTempDir('sync-replicas');
+  tlsDir = path.join(scratch, 'tls');
+  await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta']);
+  for (const name of ['alpha', 'beta']) ports[name] = await freePort();
+  alpha = await startPeer('alpha', ports.alpha!, ['--default-volume', 'vol:32MiB']);
+  beta = await startPeer('beta', ports.beta!);
+});
+
+after(async () => {
+  if (skip) return;
+  beta.node.process.kill('SIGCONT');
+  for (const peer of [alpha, beta]) await stopAndCheck(peer.node);
+  fs.rmSync(scratch, { recursive: true, force: true });
+});
+
+test('an acknowledged write is on the synchronous replica, and durable there after a flush', { skip }, async () => {
+  await qemuIo(alpha.node, 'write -P 0x11 0 4M', 'write -P 0x12 20M 1M');
+  const added = JSON.parse(await ok(alpha.node, 'replica', 'add', 'vol', '--peer', beta.address, '--sync', '--sync-timeout', '1s', '--json'));
+  assert.equal(added.mode, 'sync');
+  const first = await inSync(alpha);
+  assert.equal(first.peerName, 'beta');
+  // The first resync sends the data, not the holes: 5 MiB of 32.
+  assert.equal(first.resyncBytesTotal, 5 * MiB);
+  assert.equal(first.dirtyBytes, 0);
+
+  // Writes, a trim and write zeroes, each answered to the client only once beta has it: right after the client's
+  // last answer, both exports read the same, with no replication step between.
+  await qemuIo(alpha.node, 'write -P 0x21 1M 1M', 'write -P 0x22 8M 3M', 'write -P 0x23 12345 4567', 'write -z 2M 512k', 'discard 20M 256k', 'write -P 0x24 -f 30M 64k');
+  const owner = await exportHash(alpha.node, 'vol');
+  assert.equal(await exportHash(beta.node, 'vol'), owner);
+  const now = await link(alpha);
+  assert.equal(now.state, 'in-sync');
+  assert.equal(now.resyncBytesTotal, 5 * MiB, 'no resync was needed');
+
+  // The replica's export is read-only.
+  const write = await runTool('qemu-io', ['-f', 'raw', beta.node.qemuUri('vol'), '-c', 'write -P 1 0 4k']);
+  assert.notEqual(write.code, 0, 'a write to a synchronous replica is refused');
+
+  // qemu-io flushed before it exited: kill -9 of beta (alpha stopped first, so nothing resyncs) keeps it all.
+  await stopAndCheck(alpha.node);
+  await beta.node.kill();
+  beta = await startPeer('beta', ports.beta!);
+  assert.equal(await exportHash(beta.node, 'vol'), owner);
+  alpha = await startPeer('alpha', ports.alpha!);
+  const back = await inSync(alpha);
+  assert.equal(back.dirtyBytes, 0);
+});
+
+test('a stopped, then killed, replica: writes go on after the timeout, and only the regions written meanwhile are resent', { skip }, async (t) => {
+  // Two flushes with nothing written empty the activity log: what is resent below is exactly what was written.
+  await qemuIo(alpha.node, 'flush', 'flush');
+  const before = (await link(alpha)).resyncBytesTotal as number;
+
+  beta.node.process.kill('SIGSTOP');
+  t.after(() => beta.node.process.kill('SIGCONT'));
+  const started = Date.now();
+  await qemuIo(alpha.node, 'write -P 0x31 4M 1M', 'write -P 0x32 16M 512k');
+  const waited = Date.now() - started;
+  const away = await link(alpha);
+  assert.equal(away.state, 'out-of-sync');
+  assert.equal(away.outOfSyncTotal, 1);
+  assert.ok(waited >= 900, `the first write waited for the 1 s timeout (${waited} ms)`);
+  assert.match(alpha.node.stderr(), /synchronous replica on 127\.0\.0\.1:\d+ is out of sync, writes go on without it: the synchronous replica on 127\.0\.0\.1:\d+ did not answer within 1000 ms/);
+  assert.equal(away.dirtyBytes, 1.5 * MiB);
+  const metrics = await ok(alpha.node, 'status', '--json');
+  assert.equal(JSON.parse(metrics).replication.syncReplicas[0].state, 'out-of-sync');
+  const text = await ok(alpha.node, 'replica', 'status', 'vol');
+  assert.match(text, /vol -> beta at 127\.0\.0\.1:\d+: synchronous, out-of-sync, 1\.50 MiB dirty/);
+
+  beta.node.process.kill('SIGCONT');
+  const resynced = await inSync(alpha);
+  assert.equal(resynced.resyncBytesTotal - before, 1.5 * MiB, 'only the dirty regions are resent');
+  assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
+
+  // kill -9: the connection drops, so the next write goes on at once; beta comes back on the same port.
+  await qemuIo(alpha.node, 'flush', 'flush');
+  await beta.node.kill();
+  await qemuIo(alpha.node, 'write -P 0x41 24M 256k', 'write -P 0x42 100000 1000');
+  const gone = await link(alpha);
+  assert.equal(gone.state, 'out-of-sync');
+  assert.equal(gone.dirtyBytes, 256 * 1024 + regionBytes);
+  beta = await startPeer('beta', ports.beta!);
+  const again = await inSync(alpha);
+  assert.equal(again.resyncBytesTotal - resynced.resyncBytesTotal, 256 * 1024 + regionBytes);
+  assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
+});
+
+test('kill -9 of the owner while the replica is away: the dirty map survives, and only it is resent', { skip }, async (t) => {
+  await qemuIo(alpha.node, 'flush', 'flush');
+  beta.node.process.kill('SIGSTOP');
+  t.after(() => beta.node.process.kill('SIGCONT'));
+  await qemuIo(alpha.node, 'write -P 0x51 6M 2M');
+  assert.equal((await link(alpha)).dirtyBytes, 2 * MiB);
+  await alpha.node.kill();
+  alpha = await startPeer('alpha', ports.alpha!);
+  const loaded = await link(alpha);
+  assert.notEqual(loaded.state, 'in-sync');
+  assert.equal(loaded.dirtyBytes, 2 * MiB);
+  beta.node.process.kill('SIGCONT');
+  const back = await inSync(alpha);
+  assert.equal(back.resyncBytesTotal, 2 * MiB);
+  assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
+});
+
+test('an owner with a stale epoch is refused by the replica, and refuses writes', { skip }, async () => {
+  // Another node has owned vol at epoch 2 as far as beta knows (what a promotion or a handoff leaves there).
+  await stopAndCheck(beta.node);
+  const rolesFile = path.join(beta.node.pool, 'replication', 'roles.json');
+  const roles = JSON.parse(fs.readFileSync(rolesFile, 'utf8'));
+  assert.deepEqual(roles.volumes.vol, { role: 'replica', owner: 'alpha', epoch: 1, sync: true });
+  roles.volumes.vol.epoch = 2;
+  fs.writeFileSync(rolesFile, JSON.stringify(roles));
+  beta = await startPeer('beta', ports.beta!);
+  await waitFor('alpha fenced', async () => (/writes refused: a synchronous replica refused this node as its owner/.test(alpha.node.stderr()) ? true : null), async () => alpha.node.stderr());
+  assert.match(beta.node.stderr(), /refused a synchronous write to vol from alpha at epoch 1: the replica follows alpha at epoch 2/);
+  const write = await runTool('qemu-io', ['-f', 'raw', alpha.node.qemuUri('vol'), '-c', 'write -P 0x61 0 4k']);
+  assert.notEqual(write.code, 0, 'a stale owner refuses writes');
+  assert.match(write.stdout + write.stderr, /Operation not permitted/);
+  // Removing the link is the way out for this owner (the replica is another owner's now).
+  await ok(alpha.node, 'replica', 'remove', 'vol', '--peer', beta.address);
+  await qemuIo(alpha.node, 'write -P 0x61 0 4k');
+});
