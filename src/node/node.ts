@@ -266,7 +266,6 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   async stop(): Promise<void> {
     this.#eventLoopDelay.disable();
     await this.#replicator?.stop();
-    await this.#sync?.stop();
     await this.#metrics?.close();
     await this.#peer?.close();
     await this.#plugin?.close();
@@ -275,6 +274,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     await this.#fuse?.close();
     await this.#threads?.stop();
     await this.nbd.close();
+    // After the front ends: their last writes go to the synchronous replicas too.
+    await this.#sync?.stop();
     // Once the front ends have finished their requests, the node leaves the cluster: its lease is revoked, so its
     // registration goes at once and a replica may take its volumes over without waiting for the TTL.
     await this.#cluster?.stop();
