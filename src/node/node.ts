@@ -368,7 +368,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    */
   #openReplica(volume: string): BlockDevice {
     // A synchronous replica is as current as its owner's acknowledged writes: the volume itself, read-only.
-    if (this.roles.replicaOf(volume)?.sync === true) return new SyncReplicaExport(this.pool.openVolume(volume));
+    if (this.roles.isSyncReplica(volume)) return new SyncReplicaExport(this.pool.openVolume(volume));
     const newest = newestReplicationPoint(this.pool.listSnapshots(volume));
     if (newest === null) throw ChunkdError.notFound(`volume ${volume} is a replica that has not received its first snapshot yet`);
     return this.pool.openSnapshot(volume, newest.name);

@@ -31,8 +31,6 @@ export interface ReplicaRole {
   owner: string;
   /** The owner's ownership epoch, as last seen from it: a sender with a lower one is refused. */
   epoch: number;
-  /** A synchronous replica (sync-replica-server.ts): written by its owner's syncWrite requests, not by streams. */
-  sync: boolean;
 }
 
 export type FencedRole = Extract<VolumeRole, { role: 'fenced' }>;
@@ -63,7 +61,13 @@ export class VolumeRoles {
   /** The volume's role when it is a replica, or null. */
   replicaOf(volume: string): ReplicaRole | null {
     const role = this.#roles.get(volume);
-    return role?.role === 'replica' ? { owner: role.owner, epoch: role.epoch, sync: role.sync === true } : null;
+    return role?.role === 'replica' ? { owner: role.owner, epoch: role.epoch } : null;
+  }
+
+  /** Whether the volume is a synchronous replica (sync-replica-server.ts): written by its owner's syncWrite requests, not by streams. */
+  isSyncReplica(volume: string): boolean {
+    const role = this.#roles.get(volume);
+    return role?.role === 'replica' && role.sync === true;
   }
 
   /** The fence on a volume this node owned before another node took it over, or null. */

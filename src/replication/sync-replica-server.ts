@@ -87,7 +87,7 @@ export class SyncReplicaServer {
   /** The handle to write `volume` with, once `peer` at `epoch` is its owner; EPERM otherwise. */
   #handle(volume: string, peer: string, epoch: number): Volume {
     const role = this.#roles.replicaOf(volume);
-    if (role === null || !role.sync || !this.#pool.hasVolume(volume)) {
+    if (role === null || !this.#roles.isSyncReplica(volume) || !this.#pool.hasVolume(volume)) {
       throw ChunkdError.readOnly(`volume ${volume} on this node is not a synchronous replica of ${peer}${this.#pool.hasVolume(volume) ? '' : ' (it does not exist)'}; syncOpen first`);
     }
     if (role.owner !== peer || role.epoch !== epoch) throw this.#fenced(volume, peer, epoch, role);
