@@ -7,7 +7,7 @@
 // a write or flush is taken only from the owner at exactly the recorded epoch, so an owner that another node has
 // replaced (a promotion or a handoff raised the epoch here) is refused with EPERM, and stops acknowledging writes.
 import { assert } from '../core/assert.ts';
-import type { BlockDevice, Extent } from '../core/block-device.ts';
+import { ForwardingDevice } from '../core/block-device.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { PeerVerb } from '../peer/protocol.ts';
 import type { PeerRequestContext, VerbHandler } from '../peer/server.ts';
@@ -112,47 +112,24 @@ export class SyncReplicaServer {
  * read-only export). It is as current as the owner's acknowledged writes, not a frozen point as an asynchronous
  * replica's export is: a reader sees the owner's writes as they arrive.
  */
-export class SyncReplicaExport implements BlockDevice {
-  readonly readOnly = true;
-  readonly #inner: BlockDevice;
-
-  constructor(inner: BlockDevice) {
-    this.#inner = inner;
+export class SyncReplicaExport extends ForwardingDevice {
+  override get readOnly(): boolean {
+    return true;
   }
 
-  get name(): string {
-    return this.#inner.name;
-  }
-
-  get sizeBytes(): number {
-    return this.#inner.sizeBytes;
-  }
-
-  read(offsetBytes: number, target: Buffer): Promise<void> {
-    return this.#inner.read(offsetBytes, target);
-  }
-
-  write(): Promise<void> {
+  override write(): Promise<void> {
     return refuse();
   }
 
-  trim(): Promise<void> {
+  override trim(): Promise<void> {
     return refuse();
   }
 
-  writeZeroes(): Promise<void> {
+  override writeZeroes(): Promise<void> {
     return refuse();
   }
 
-  async flush(): Promise<void> {}
-
-  blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    return this.#inner.blockStatus(offsetBytes, lengthBytes);
-  }
-
-  close(): Promise<void> {
-    return this.#inner.close();
-  }
+  override async flush(): Promise<void> {}
 }
 
 function refuse(): Promise<void> {

@@ -55,7 +55,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
 import { chunkSizeBytes, syncReconnectDelayMs, syncRegionBytes, syncResyncRegionsInFlight } from '../core/limits.ts';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
+import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
 import { PeerClient } from '../peer/client.ts';
@@ -632,53 +632,31 @@ function chunksOf(offsetBytes: number, lengthBytes: number): [number, number] {
  * write zeroes and flushes through SyncReplication (replicated when the volume has synchronous replicas, at the
  * time of each request, so a link added while a client is connected applies to it).
  */
-export class SyncDevice implements BlockDevice {
-  readonly readOnly = false;
-  readonly #inner: BlockDevice;
+export class SyncDevice extends ForwardingDevice {
   readonly #sync: SyncReplication;
 
   constructor(inner: BlockDevice, sync: SyncReplication) {
     assert(!inner.readOnly, 'SyncDevice over a writable volume');
-    this.#inner = inner;
+    super(inner);
     this.#sync = sync;
   }
 
-  get name(): string {
-    return this.#inner.name;
-  }
-
-  get sizeBytes(): number {
-    return this.#inner.sizeBytes;
-  }
-
-  read(offsetBytes: number, target: Buffer): Promise<void> {
-    return this.#inner.read(offsetBytes, target);
-  }
-
-  write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+  override write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     const request = { op: SyncOp.write, offsetBytes, lengthBytes: data.length, data, fua: options?.fua === true, noHole: false };
-    return this.#sync.replicate(this.name, request, () => this.#inner.write(offsetBytes, data, options));
+    return this.#sync.replicate(this.name, request, () => this.inner.write(offsetBytes, data, options));
   }
 
-  trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+  override trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
     const request = { op: SyncOp.trim, offsetBytes, lengthBytes, data: null, fua: options?.fua === true, noHole: false };
-    return this.#sync.replicate(this.name, request, () => this.#inner.trim(offsetBytes, lengthBytes, options));
+    return this.#sync.replicate(this.name, request, () => this.inner.trim(offsetBytes, lengthBytes, options));
   }
 
-  writeZeroes(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+  override writeZeroes(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
     const request = { op: SyncOp.zeroes, offsetBytes, lengthBytes, data: null, fua: options?.fua === true, noHole: options?.noHole === true };
-    return this.#sync.replicate(this.name, request, () => this.#inner.writeZeroes(offsetBytes, lengthBytes, options));
+    return this.#sync.replicate(this.name, request, () => this.inner.writeZeroes(offsetBytes, lengthBytes, options));
   }
 
-  flush(): Promise<void> {
-    return this.#sync.flush(this.name, () => this.#inner.flush());
-  }
-
-  blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    return this.#inner.blockStatus(offsetBytes, lengthBytes);
-  }
-
-  close(): Promise<void> {
-    return this.#inner.close();
+  override flush(): Promise<void> {
+    return this.#sync.flush(this.name, () => this.inner.flush());
   }
 }

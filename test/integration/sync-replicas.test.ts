@@ -7,10 +7,10 @@
 // writes itself.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
+import { freePort, haveTool, makeTempDir, mustRun, runTool, type RunningNode } from '../helpers/node-process.ts';
+import { replicaLinks, startPeerNode, waitFor, type PeerNode } from '../helpers/peer-nodes.ts';
 import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 
 const MiB = 1024 * 1024;
@@ -19,46 +19,23 @@ const skip = !haveTool('nbdcopy') || !haveTool('qemu-io') || !haveTool('openssl'
 let scratch: string;
 let tlsDir: string;
 
-interface PeerNode {
-  node: RunningNode;
-  name: string;
-  address: string;
+function startPeer(name: string, port: number, extra: string[] = []): Promise<PeerNode> {
+  return startPeerNode(scratch, tlsDir, name, port, extra);
 }
 
-async function startPeer(name: string, port: number, extra: string[] = []): Promise<PeerNode> {
-  const node = await startNode(path.join(scratch, name), ['--peer-listen', `127.0.0.1:${port}`, '--tls-dir', path.join(tlsDir, name), ...extra]);
-  return { node, name, address: `127.0.0.1:${port}` };
-}
-
-/** The owner's synchronous link of `volume`, straight from its API. */
+/** The owner's synchronous link of `volume`. */
 async function link(owner: PeerNode, volume = 'vol'): Promise<Record<string, any>> {
-  const body = await new Promise<string>((resolve, reject) => {
-    http.get({ socketPath: owner.node.apiSocket, path: `/v1/volumes/${volume}/replicas` }, (response) => {
-      let text = '';
-      response.on('data', (chunk: Buffer) => (text += chunk.toString()));
-      response.on('end', () => resolve(text));
-    }).on('error', reject);
-  });
-  const found = JSON.parse(body).replicas.find((r: { mode?: string }) => r.mode === 'sync');
-  assert.ok(found !== undefined, `no synchronous link of ${volume}: ${body}`);
+  const links = await replicaLinks(owner, volume);
+  const found = links.find((r) => r.mode === 'sync');
+  assert.ok(found !== undefined, `no synchronous link of ${volume}: ${JSON.stringify(links)}`);
   return found;
-}
-
-async function waitFor<T>(what: string, probe: () => Promise<T | null>, diagnose: () => Promise<string>, timeoutMs = 20_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== null) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}: ${await diagnose()}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
 }
 
 function inSync(owner: PeerNode): Promise<Record<string, any>> {
   return waitFor('the replica in sync', async () => {
     const current = await link(owner);
     return current.state === 'in-sync' ? current : null;
-  }, async () => `${JSON.stringify(await link(owner))}\n${owner.node.stderr()}`);
+  }, async () => `${JSON.stringify(await link(owner))}\n${owner.node.stderr()}`, 20_000);
 }
 
 function qemuIo(node: RunningNode, ...commands: string[]): Promise<string> {
