@@ -117,6 +117,12 @@ export const peerClientTimeoutMs = 15_000;
  * regions per GiB.
  */
 export const syncRegionBytes = 16 * chunkSizeBytes;
+/**
+ * The unit of the activity log (regions that may differ after an owner crash): larger than a dirty-map region, as
+ * DRBD's 4 MiB activity-log extents, because the state file is written each time an extent enters the log, on
+ * the write path; the price is resending a whole extent for each one active at a crash. A multiple of syncRegionBytes.
+ */
+export const syncActivityExtentBytes = 64 * syncRegionBytes;
 /** A synchronous replica that leaves a write or flush unanswered this long is out of sync (replica add --sync-timeout). */
 export const syncReplicaTimeoutMsDefault = 5_000;
 /** Dirty regions a resync copies at once (each is one request in flight to the replica). */

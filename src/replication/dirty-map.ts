@@ -3,7 +3,7 @@
 //
 //   dirty map (per replica)   regions written while the replica was not in sync; cleared only when a resync has
 //                             copied them and the replica has flushed them
-//   activity log (per volume) regions with writes in flight or written since the last flushes (DRBD's activity
+//   activity log (per volume) extents (larger regions) with writes in flight or written since the last flushes (DRBD's activity
 //                             log): after an owner crash these are the regions where an in-sync replica may hold
 //                             other bytes than the owner (a write applied on one side, not yet on the other)
 //
@@ -59,6 +59,14 @@ export class RegionSet {
 
   get size(): number {
     return this.#regions.size;
+  }
+
+  /** Each region r of this set as the regions [r * factor, (r + 1) * factor) of a finer set, below `limit`. */
+  scaled(factor: number, limit: number): RegionSet {
+    assert(Number.isSafeInteger(factor) && factor >= 1);
+    const finer = new RegionSet();
+    for (const region of this.#regions) finer.addRange(region * factor, Math.min((region + 1) * factor, limit));
+    return finer;
   }
 
   /** The regions in ascending order. */

@@ -14,26 +14,30 @@
 //   1. The write takes its chunk range in this module's range lock (overlapping writes, and a resync's copy of a
 //      region, go one at a time, so the owner and every replica apply overlapping writes in the same order;
 //      writes that do not overlap are pipelined).
-//   2. Its regions enter the activity log, and the dirty map of every replica not in sync; when a region is new to
-//      either, the state file is written and synced before step 3 (write-ahead, see the crash rule).
+//   2. Its extents enter the activity log, and its regions the dirty map of every replica not in sync; when one is
+//      new to either, the state file is written and synced before step 3 (write-ahead, see the crash rule). Writes
+//      waiting for it at once share one state-file write (group commit).
 //   3. The write is applied locally and sent to every in-sync replica, in parallel.
 //   4. It is acknowledged only when the local write and every in-sync replica's answer are in. A replica that
 //      answers with an error, drops the connection, or does not answer within the link's timeout is first marked
-//      out of sync: the activity log's regions (this write's among them) join its dirty map, and the state file is
-//      written and synced; only then is the write acknowledged, without it.
+//      out of sync: the regions with writes in flight or not yet flushed on both sides (this write's among them;
+//      an in-memory twin of the activity log, in regions) join its dirty map, and the state file is written and
+//      synced; only then is the write acknowledged, without it.
 // FLUSH is sent to the local volume and every in-sync replica in parallel and answered when all are durable; FUA
 // travels with the write. A replica's answer to a write says "applied", not "durable", as NBD's does: the flush
 // that follows covers it on both sides. Reads are local. When the local write fails and a replica applied it, that
 // replica is marked out of sync (the resync gives it the owner's bytes back).
 //
-// DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions,
-// and the volume's activity log. A region is in it (durably) before any write to it is applied anywhere, and
+// DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions
+// (limits.syncRegionBytes, 64 KiB), and the volume's activity log (limits.syncActivityExtentBytes, 4 MiB extents,
+// as DRBD's: a larger unit makes a state-file write on the write path rare, at the price of resending whole extents
+// after an owner crash). A region or extent is in it (durably) before any write to it is applied anywhere, and
 // leaves it only when both sides hold the same bytes durably: a dirty region once a resync copied it and the
-// replica flushed; an activity-log region once a flush that started after its last write finished (and one more,
-// dirty-map.ts) has completed on the owner and every in-sync replica. So after an owner crash every region where
-// a replica may differ (a write applied on one side and not the other, or never sent) is listed: at start every
-// link's dirty map takes the activity log in, every link starts out of sync, and only those regions are resent.
-// A crash between syncing a region in and applying the write only resends a region that did not change.
+// replica flushed; an extent once a flush that started after its last write finished (and one more, dirty-map.ts)
+// has completed on the owner and every in-sync replica. So after an owner crash every region where a replica may
+// differ (a write applied on one side and not the other, or never sent) is listed: at start every link's dirty map
+// takes the activity log's extents in, every link starts out of sync, and only those regions are resent. A crash
+// between syncing a region in and applying the write only resends a region that did not change.
 //
 // STATES of a link:
 //
@@ -54,7 +58,7 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
-import { chunkSizeBytes, syncReconnectDelayMs, syncRegionBytes, syncResyncRegionsInFlight } from '../core/limits.ts';
+import { chunkSizeBytes, syncActivityExtentBytes, syncReconnectDelayMs, syncRegionBytes, syncResyncRegionsInFlight } from '../core/limits.ts';
 import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
@@ -130,7 +134,9 @@ export class SyncReplication {
   readonly #volumes = new Map<string, SyncVolume>();
   /** Writes to volumes without synchronous replicas in flight, per volume: a link added waits for them (see NOT YET). */
   readonly #passing = new Map<string, { count: number; drained: Array<() => void> }>();
-  #pendingSave: Promise<void> | null = null;
+  /** The state file write under way, and the one that starts after it (which every save() meanwhile joins). */
+  #runningSave: Promise<void> | null = null;
+  #nextSave: Promise<void> | null = null;
   #closed = false;
 
   private constructor(options: SyncReplicationOptions) {
@@ -144,9 +150,10 @@ export class SyncReplication {
     const value = (await readStateFile(sync.#file)) as { volumes?: Record<string, { active?: unknown; replicas?: StoredLink[] }> } | null;
     for (const [volume, stored] of Object.entries(value?.volumes ?? {})) {
       if (!options.pool.hasVolume(volume)) continue;
-      const regionCount = Math.ceil(options.pool.volumeInfo(volume).sizeBytes / syncRegionBytes);
+      const sizeBytes = options.pool.volumeInfo(volume).sizeBytes;
+      const regionCount = Math.ceil(sizeBytes / syncRegionBytes);
       const what = `${sync.#file}, volume ${volume}`;
-      const active = RegionSet.fromRuns(stored.active ?? [], regionCount, what);
+      const active = RegionSet.fromRuns(stored.active ?? [], Math.ceil(sizeBytes / syncActivityExtentBytes), what).scaled(activityRegionsPerExtent, regionCount);
       const set = new SyncVolume(volume, sync, options);
       for (const link of stored.replicas ?? []) {
         if (typeof link.peer !== 'string' || parseHostPort(link.peer) === null || !Number.isSafeInteger(link.timeoutMs)) throw ChunkdError.corrupt(`${what}: a link is not a peer and a timeout`);
@@ -167,7 +174,8 @@ export class SyncReplication {
   async stop(): Promise<void> {
     this.#closed = true;
     await Promise.all([...this.#volumes.values()].map((set) => set.stop()));
-    await this.#pendingSave?.catch(() => {});
+    await this.#nextSave?.catch(() => {});
+    await this.#runningSave?.catch(() => {});
   }
 
   has(volume: string): boolean {
@@ -238,18 +246,23 @@ export class SyncReplication {
   }
 
   /**
-   * Writes the state file as it is when the write starts: one caller's change is in it once its promise resolves
-   * (callers at once share one write).
+   * Writes the state file as it is when the write starts; one caller's change is in it once its promise resolves.
+   * One write runs at a time, and every caller while it runs shares the next one (a group commit: at a queue depth
+   * of 32, the writes that mark new regions at once cost two state-file writes, not 32).
    */
   save(): Promise<void> {
-    if (this.#pendingSave !== null) return this.#pendingSave;
-    const save = Promise.resolve().then(() => {
-      this.#pendingSave = null;
+    if (this.#nextSave !== null) return this.#nextSave;
+    const next = (this.#runningSave ?? Promise.resolve()).catch(() => {}).then(() => {
+      this.#nextSave = null;
       const volumes = Object.fromEntries([...this.#volumes].map(([name, set]) => [name, set.stored()]));
-      return writeStateFile(this.#file, { volumes });
+      const running = writeStateFile(this.#file, { volumes });
+      this.#runningSave = running;
+      return running.finally(() => {
+        if (this.#runningSave === running) this.#runningSave = null;
+      });
     });
-    this.#pendingSave = save;
-    return save;
+    this.#nextSave = next;
+    return next;
   }
 
   get closed(): boolean {
@@ -365,7 +378,10 @@ class SyncVolume {
   readonly #options: SyncReplicationOptions;
   readonly #links: SyncLink[] = [];
   readonly #lock = new RangeLock();
+  /** The activity log, in extents: persisted, for an owner crash. */
   readonly #activity = new ActivityLog();
+  /** The same in dirty-map regions, in memory only: what a replica that falls out of sync now may lack. */
+  readonly #recent = new ActivityLog();
   /** Set once a replica refused this node as a stale owner: every later write and flush is refused with it. */
   #fenced: ChunkdError | null = null;
 
@@ -443,7 +459,9 @@ class SyncVolume {
     if (request.lengthBytes === 0) return local();
     const release = await this.#lock.acquire(...chunksOf(request.offsetBytes, request.lengthBytes), true);
     const [first, end] = regionsOf(request.offsetBytes, request.lengthBytes, syncRegionBytes);
-    let mustSave = this.#activity.begin(first, end);
+    const [firstExtent, endExtent] = regionsOf(request.offsetBytes, request.lengthBytes, syncActivityExtentBytes);
+    let mustSave = this.#activity.begin(firstExtent, endExtent);
+    this.#recent.begin(first, end);
     try {
       for (const link of this.#links) if (link.state !== 'in-sync') mustSave = link.markDirty(first, end) || mustSave;
       if (mustSave) await this.#sync.save();
@@ -455,7 +473,8 @@ class SyncVolume {
       await this.#settle(targets, await Promise.all(answers), localError !== null);
       if (localError !== null) throw localError;
     } finally {
-      this.#activity.end(first, end);
+      this.#activity.end(firstExtent, endExtent);
+      this.#recent.end(first, end);
       release();
     }
   }
@@ -463,6 +482,7 @@ class SyncVolume {
   async flush(local: () => Promise<void>): Promise<void> {
     if (this.#fenced !== null) throw this.#fenced;
     const generation = this.#activity.flushStarted();
+    const recentGeneration = this.#recent.flushStarted();
     const targets = this.#links.filter((link) => link.state === 'in-sync');
     const payload = jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name) });
     const answers = targets.map((link) => link.send(PeerVerb.syncFlush, payload).then(() => null, (error: unknown) => expectedError(error, 'a synchronous flush')));
@@ -472,6 +492,7 @@ class SyncVolume {
     if (localError !== null) throw localError;
     // What left the log needs no write of its own (a stale entry only resends a region): the next one carries it.
     this.#activity.flushDone(generation);
+    this.#recent.flushDone(recentGeneration);
   }
 
   /** Step 4: each failed answer makes its link out of sync, durably, before the request is answered; a fence refuses it. */
@@ -499,7 +520,7 @@ class SyncVolume {
       link.outOfSyncTotal += 1;
       link.fail(error);
       // Every region with a write in flight or not yet flushed on both sides may be missing there.
-      link.dirty.addAll(this.#activity.active);
+      link.dirty.addAll(this.#recent.active);
       link.copied.clear();
       link.disconnect();
       this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer} is out of sync, writes go on without it: ${error.message}`, 'warn');
@@ -621,6 +642,8 @@ class SyncVolume {
     }
   }
 }
+
+const activityRegionsPerExtent = syncActivityExtentBytes / syncRegionBytes;
 
 /** The chunks [first, end) that bytes [offsetBytes, offsetBytes + lengthBytes) touch: the range lock's unit. */
 function chunksOf(offsetBytes: number, lengthBytes: number): [number, number] {

@@ -143,22 +143,24 @@ test('kill -9 of the owner, with the replica away and in sync: the dirty map and
   assert.equal((await link(alpha)).dirtyBytes, 2 * MiB);
   await alpha.node.kill();
   alpha = await startPeer('alpha', ports.alpha!);
+  // The dirty map as it was, and the activity log's extent of that write (4M-8M, whose data is 4M-5M and 6M-8M).
   const loaded = await link(alpha);
   assert.notEqual(loaded.state, 'in-sync');
-  assert.equal(loaded.dirtyBytes, 2 * MiB);
+  assert.equal(loaded.dirtyBytes, 4 * MiB);
   beta.node.process.kill('SIGCONT');
   const back = await inSync(alpha);
-  assert.equal(back.resyncBytesTotal, 2 * MiB);
+  assert.equal(back.resyncBytesTotal, 3 * MiB);
   assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
 
-  // In sync this time: the regions written since the flush before last are in the activity log, which the owner
-  // makes durable before it writes them, and resends after a crash (a write may be on one side only).
+  // In sync this time: the 4 MiB extents written since the flush before last are in the activity log, which the
+  // owner makes durable before it writes them, and resends after a crash (a write may be on one side only): here
+  // the extent 8M-12M, whose data is 8M-11M (the first test's and this write).
   await qemuIo(alpha.node, 'write -P 0x52 10M 1M');
   await alpha.node.kill();
   alpha = await startPeer('alpha', ports.alpha!);
-  assert.equal((await link(alpha)).dirtyBytes, MiB);
+  assert.equal((await link(alpha)).dirtyBytes, 4 * MiB);
   const after = await inSync(alpha);
-  assert.equal(after.resyncBytesTotal, MiB);
+  assert.equal(after.resyncBytesTotal, 3 * MiB);
   assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
 });
 

@@ -69,7 +69,7 @@ test('syncOpen and syncFlush payloads are checked; a fence is told apart from ot
   assert.equal(isFencedRefusal(ChunkdError.io('fenced: not EPERM')), false);
 });
 
-test('region sets: runs round-trip, and runs outside the volume are refused as corrupt', () => {
+test('region sets: runs round-trip, runs outside the volume are refused as corrupt, extents scale to regions', () => {
   assert.deepEqual(regionsOf(0, 1, 65536), [0, 1]);
   assert.deepEqual(regionsOf(65535, 2, 65536), [0, 2]);
   assert.deepEqual(regionsOf(131072, 65536, 65536), [2, 3]);
@@ -81,6 +81,11 @@ test('region sets: runs round-trip, and runs outside the volume are refused as c
   assert.deepEqual(RegionSet.fromRuns(set.toRuns(), 10, 'test').sorted(), [3, 4, 5, 9]);
   assert.throws(() => RegionSet.fromRuns([[9, 2]], 10, 'sync.json'), /sync\.json: \[9,2\] is not a run of regions inside the volume/);
   assert.throws(() => RegionSet.fromRuns({}, 10, 'sync.json'), /not a list of runs/);
+  // Activity-log extents as dirty-map regions: 4 each here, the last one cut at the volume's end.
+  const extents = new RegionSet();
+  extents.addRange(0, 1);
+  extents.addRange(2, 3);
+  assert.deepEqual(extents.scaled(4, 10).sorted(), [0, 1, 2, 3, 8, 9]);
 });
 
 test('activity log: a region leaves only when a completed flush started after its last write finished, and one more passed', () => {
