@@ -68,6 +68,9 @@ export class PeerClient {
         return undefined;
       },
     });
+    // Requests are small frames answered by small frames (synchronous replicas' writes): Nagle's algorithm would
+    // hold each back until the previous one is acknowledged.
+    socket.setNoDelay(true);
     const client = new PeerClient(socket, where);
     const timeoutMs = options.timeoutMs ?? peerClientTimeoutMs;
     const timer = setTimeout(() => client.#fail(new ChunkdError('EIO', `no answer from the peer at ${where} within ${timeoutMs} ms`)), timeoutMs);
