@@ -526,6 +526,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo> {
     this.roles.checkWritable(volume, 'a rollback');
+    this.#sync?.checkUnreplicated(volume, 'a rollback');
     return this.pool.rollbackVolume(volume, snapshot);
   }
 
@@ -545,6 +546,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   receiveStream(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult> {
     if (this.pool.hasVolume(volume)) this.roles.checkWritable(volume, 'a receive from a file or pipe');
+    this.#sync?.checkUnreplicated(volume, 'a receive');
     return this.#receiver.receive(volume, body);
   }
 
@@ -589,6 +591,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** Moves a volume to the node at `to` (its replica is made or updated first); see replication/handoff.ts. */
   handoff(volume: string, to: string): Promise<HandoffResult> {
     this.#refuseInCluster(`chunkd volume handoff ${volume}`);
+    this.#sync?.checkUnreplicated(volume, 'a handoff');
     return handoff(this.#handoffContext(), volume, to);
   }
 

@@ -50,7 +50,8 @@
 // lock once nothing is left, so no write is in flight as it changes.
 //
 // NOT YET: placement and the record in etcd (the cluster's part), `volume create --sync`, a failover that promotes
-// an in-sync replica, snapshots at the same point on every replica, a resize (refused while replicated), a rate
+// an in-sync replica, snapshots at the same point on every replica, a resize, rollback, receive or handoff (each
+// refused while a volume has synchronous replicas: the replicas would not follow), a rate
 // cap on resync, a full rebuild with checksum compare, repair on read. Writes under way when a link is added pass
 // through; the resync starts once they are done.
 import path from 'node:path';
