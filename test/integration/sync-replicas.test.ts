@@ -82,6 +82,11 @@ test('an acknowledged write is on the synchronous replica, and durable there aft
   assert.equal(now.state, 'in-sync');
   assert.equal(now.resyncBytesTotal, 5 * MiB, 'no resync was needed');
 
+  // What the replica would not follow is refused on the owner.
+  const resize = await alpha.node.cli('volume', 'resize', 'vol', '--size', '64MiB');
+  assert.equal(resize.code, 1);
+  assert.match(resize.stderr, /volume vol has synchronous replicas, which do not follow a resize yet/);
+
   // The replica's export is read-only.
   const write = await runTool('qemu-io', ['-f', 'raw', beta.node.qemuUri('vol'), '-c', 'write -P 1 0 4k']);
   assert.notEqual(write.code, 0, 'a write to a synchronous replica is refused');
