@@ -1,10 +1,15 @@
 // The payloads of the synchronous replica verbs (peer/protocol.ts numbers them; sync-replicas.ts sends them,
 // sync-replica-server.ts serves them), checked here once, at the edge. Pure: bytes in, values out.
 //
-//   syncOpen  {volume, epoch, sizeBytes}  -> {}: the node keeps `volume` as a synchronous replica of the sender
-//                                            at `epoch` (created empty when it has none; its role is durable first)
+//   syncOpen  {volume, epoch, sizeBytes}  -> {session}: the node keeps `volume` as a synchronous replica of the
+//                                            sender at `epoch` (created empty when it has none; its role is durable
+//                                            first), and from now on takes writes of this session only
 //   syncWrite binary, below               -> {} once the write is applied there (and durable there with FUA)
-//   syncFlush {volume, epoch}             -> {} once every write the replica acknowledged before it is durable
+//   syncFlush {volume, epoch, session}    -> {} once every write the replica acknowledged before it is durable
+//
+// The session (the replica's count of syncOpens of the volume since it started) shuts out an older connection of
+// the same owner: a write the owner gave up on (it timed out, the replica is out of sync) may still wait in the
+// replica's socket buffers when the replica resumes, and must not land after the resync has copied that region.
 //
 // syncWrite is a bulk verb (its payload lands in shared memory, written in place by the chunk I/O workers):
 //
@@ -15,7 +20,8 @@
 //        4     4  the sender's ownership epoch of the volume
 //        8     8  offset in bytes
 //       16     8  length in bytes (a write's data is exactly this long)
-//       24     -  the volume name (UTF-8), then a write's data
+//       24     4  the session syncOpen answered
+//       28     -  the volume name (UTF-8), then a write's data
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { volumeSizeMaxBytes, requestBytesMax } from '../core/limits.ts';
@@ -38,7 +44,7 @@ export type SyncOp = (typeof SyncOp)[keyof typeof SyncOp];
 
 const syncFlagFua = 1;
 const syncFlagNoHole = 2;
-export const syncWriteHeaderBytes = 24;
+export const syncWriteHeaderBytes = 28;
 
 export interface SyncWriteRequest {
   op: SyncOp;
@@ -46,6 +52,7 @@ export interface SyncWriteRequest {
   noHole: boolean;
   volume: string;
   epoch: number;
+  session: number;
   offsetBytes: number;
   lengthBytes: number;
   /** A write's data (a view of the payload); null for trim and write zeroes. */
@@ -61,6 +68,7 @@ export interface SyncOpenRequest {
 export interface SyncFlushRequest {
   volume: string;
   epoch: number;
+  session: number;
 }
 
 /** A syncWrite payload as pieces to write in order: the header with the name, then a write's data (not copied). */
@@ -75,6 +83,7 @@ export function encodeSyncWrite(request: SyncWriteRequest): Buffer[] {
   header.writeUInt32BE(request.epoch, 4);
   header.writeBigUInt64BE(BigInt(request.offsetBytes), 8);
   header.writeBigUInt64BE(BigInt(request.lengthBytes), 16);
+  header.writeUInt32BE(request.session, 24);
   name.copy(header, syncWriteHeaderBytes);
   return request.data === null || request.data.length === 0 ? [header] : [header, request.data];
 }
@@ -93,6 +102,7 @@ export function parseSyncWrite(payload: Buffer): SyncWriteRequest {
   const offset = payload.readBigUInt64BE(8);
   const length = payload.readBigUInt64BE(16);
   if (offset > BigInt(volumeSizeMaxBytes) || length > BigInt(volumeSizeMaxBytes)) throw ChunkdError.protocol('syncWrite: offset or length past the largest volume');
+  const session = payload.readUInt32BE(24);
   const offsetBytes = Number(offset);
   const lengthBytes = Number(length);
   if (payload.length < syncWriteHeaderBytes + nameBytes) throw ChunkdError.protocol('syncWrite payload is shorter than its volume name');
@@ -111,7 +121,7 @@ export function parseSyncWrite(payload: Buffer): SyncWriteRequest {
     throw ChunkdError.protocol('syncWrite: a trim or write zeroes carries no data');
   }
   return {
-    op, fua: (flags & syncFlagFua) !== 0, noHole: (flags & syncFlagNoHole) !== 0, volume, epoch, offsetBytes, lengthBytes,
+    op, fua: (flags & syncFlagFua) !== 0, noHole: (flags & syncFlagNoHole) !== 0, volume, epoch, session, offsetBytes, lengthBytes,
     data: op === SyncOp.write ? rest : null,
   };
 }
@@ -120,14 +130,28 @@ export function parseSyncOpen(payload: Buffer): SyncOpenRequest {
   const value = parseJsonObject(payload, 'syncOpen');
   const sizeBytes = value.sizeBytes;
   if (typeof sizeBytes !== 'number' || !Number.isSafeInteger(sizeBytes) || sizeBytes < 1 || sizeBytes > volumeSizeMaxBytes) throw ChunkdError.protocol('syncOpen needs sizeBytes');
-  return { ...parseSyncFlush(payload, 'syncOpen'), sizeBytes };
+  return { ...parseTarget(value, 'syncOpen'), sizeBytes };
 }
 
-export function parseSyncFlush(payload: Buffer, what = 'syncFlush'): SyncFlushRequest {
-  const value = parseJsonObject(payload, what);
+export function parseSyncFlush(payload: Buffer): SyncFlushRequest {
+  const value = parseJsonObject(payload, 'syncFlush');
+  return { ...parseTarget(value, 'syncFlush'), session: sessionField(value.session, 'syncFlush') };
+}
+
+/** The session a syncOpen reply names. */
+export function parseSyncOpenReply(payload: Buffer): number {
+  return sessionField(parseJsonObject(payload, 'syncOpen reply').session, 'syncOpen reply');
+}
+
+function parseTarget(value: Record<string, unknown>, what: string): { volume: string; epoch: number } {
   if (typeof value.volume !== 'string' || checkName(value.volume) !== null) throw ChunkdError.protocol(`${what} needs a valid volume name`);
   if (typeof value.epoch !== 'number' || !Number.isSafeInteger(value.epoch) || value.epoch < 1 || value.epoch > 0xffffffff) {
     throw ChunkdError.protocol(`${what} needs an epoch, a whole number from 1`);
   }
   return { volume: value.volume, epoch: value.epoch };
+}
+
+function sessionField(value: unknown, what: string): number {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0 || value > 0xffffffff) throw ChunkdError.protocol(`${what} needs a session, a 32-bit whole number`);
+  return value;
 }

@@ -23,6 +23,9 @@ export class SyncReplicaServer {
   readonly #log: Log;
   /** One handle per replica volume, past its write block (pool.openVolumeForSync), kept while the volume exists. */
   readonly #handles = new Map<string, Volume>();
+  /** Per volume, the session of the owner's newest syncOpen: writes of any other are refused (sync-messages.ts). */
+  readonly #sessions = new Map<string, number>();
+  #sessionsOpened = 0;
 
   constructor(pool: Pool, roles: VolumeRoles, log: Log) {
     this.#pool = pool;
@@ -42,6 +45,7 @@ export class SyncReplicaServer {
   async forget(volume: string): Promise<void> {
     const handle = this.#handles.get(volume);
     this.#handles.delete(volume);
+    this.#sessions.delete(volume);
     await handle?.close();
   }
 
@@ -56,18 +60,24 @@ export class SyncReplicaServer {
       await this.#pool.createVolume(volume, sizeBytes);
       await this.#pool.blockWrites(volume, this.#roles.writeRefusal(volume, 'a write'));
       this.#log(`volume ${volume} created as a synchronous replica of ${peer} (epoch ${epoch})`);
-      return {};
+      return { session: this.#newSession(volume) };
     }
     if (epoch < role.epoch || (epoch === role.epoch && role.owner !== peer)) throw this.#fenced(volume, peer, epoch, role);
     const size = this.#pool.volumeInfo(volume).sizeBytes;
     if (size !== sizeBytes) throw ChunkdError.invalid(`the replica of ${volume} here is ${size} bytes, the owner's ${sizeBytes}: a resize is not replicated yet`);
     await this.#roles.set(volume, { role: 'replica', owner: peer, epoch, sync: true });
     if (this.#pool.writeBlock(volume) === null) await this.#pool.blockWrites(volume, this.#roles.writeRefusal(volume, 'a write'));
-    return {};
+    return { session: this.#newSession(volume) };
+  }
+
+  #newSession(volume: string): number {
+    this.#sessionsOpened = (this.#sessionsOpened + 1) % 0x100000000;
+    this.#sessions.set(volume, this.#sessionsOpened);
+    return this.#sessionsOpened;
   }
 
   async #write(request: SyncWriteRequest, context: PeerRequestContext): Promise<object> {
-    const handle = this.#handle(request.volume, context.peerName, request.epoch);
+    const handle = this.#handle(request.volume, context.peerName, request.epoch, request.session);
     if (request.offsetBytes + request.lengthBytes > handle.sizeBytes) {
       throw ChunkdError.invalid(`a synchronous write to ${request.volume} at ${request.offsetBytes} (${request.lengthBytes} bytes) ends past its ${handle.sizeBytes} bytes`);
     }
@@ -79,18 +89,19 @@ export class SyncReplicaServer {
   }
 
   async #flush(payload: Buffer, context: PeerRequestContext): Promise<object> {
-    const { volume, epoch } = parseSyncFlush(payload);
-    await this.#handle(volume, context.peerName, epoch).flush();
+    const { volume, epoch, session } = parseSyncFlush(payload);
+    await this.#handle(volume, context.peerName, epoch, session).flush();
     return {};
   }
 
   /** The handle to write `volume` with, once `peer` at `epoch` is its owner; EPERM otherwise. */
-  #handle(volume: string, peer: string, epoch: number): Volume {
+  #handle(volume: string, peer: string, epoch: number, session: number): Volume {
     const role = this.#roles.replicaOf(volume);
     if (role === null || !this.#roles.isSyncReplica(volume) || !this.#pool.hasVolume(volume)) {
       throw ChunkdError.readOnly(`volume ${volume} on this node is not a synchronous replica of ${peer}${this.#pool.hasVolume(volume) ? '' : ' (it does not exist)'}; syncOpen first`);
     }
     if (role.owner !== peer || role.epoch !== epoch) throw this.#fenced(volume, peer, epoch, role);
+    if (this.#sessions.get(volume) !== session) throw ChunkdError.io(`a synchronous write to ${volume} from an older connection of ${peer} (session ${session}) is refused: the owner has opened another since`);
     let handle = this.#handles.get(volume);
     if (handle === undefined) {
       handle = this.#pool.openVolumeForSync(volume);

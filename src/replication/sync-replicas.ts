@@ -71,7 +71,7 @@ import { RangeLock } from '../store/range-lock.ts';
 import { ActivityLog, RegionSet, regionsOf } from './dirty-map.ts';
 import { jsonPayload } from './peer-messages.ts';
 import { readStateFile, writeStateFile } from './state-file.ts';
-import { encodeSyncWrite, isFencedRefusal, SyncOp } from './sync-messages.ts';
+import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, SyncOp } from './sync-messages.ts';
 
 export interface SyncReplicaSettings {
   volume: string;
@@ -301,6 +301,8 @@ class SyncLink {
   /** Dirty regions the resync under way has copied (a write to one marks it again: removed from here). */
   readonly copied = new Set<number>();
   client: PeerClient | null = null;
+  /** The session the replica's syncOpen answered on this connection (sync-messages.ts). */
+  session = 0;
   /** The state file write that recorded the last fall out of sync: every write acknowledged after it waits for it. */
   outOfSyncSaved: Promise<void> = Promise.resolve();
   resync: { totalBytes: number; copiedBytes: number } | null = null;
@@ -467,8 +469,9 @@ class SyncVolume {
       for (const link of this.#links) if (link.state !== 'in-sync') mustSave = link.markDirty(first, end) || mustSave;
       if (mustSave) await this.#sync.save();
       const targets = this.#links.filter((link) => link.state === 'in-sync');
-      const pieces = encodeSyncWrite({ ...request, volume: this.#name, epoch: this.#options.epochOf(this.#name) });
-      const answers = targets.map((link) => link.send(PeerVerb.syncWrite, pieces).then(() => null, (error: unknown) => expectedError(error, 'a synchronous write')));
+      const epoch = this.#options.epochOf(this.#name);
+      const answers = targets.map((link) => link.send(PeerVerb.syncWrite, encodeSyncWrite({ ...request, volume: this.#name, epoch, session: link.session }))
+        .then(() => null, (error: unknown) => expectedError(error, 'a synchronous write')));
       let localError: unknown = null;
       await local().catch((error: unknown) => (localError = error));
       await this.#settle(targets, await Promise.all(answers), localError !== null);
@@ -485,8 +488,9 @@ class SyncVolume {
     const generation = this.#activity.flushStarted();
     const recentGeneration = this.#recent.flushStarted();
     const targets = this.#links.filter((link) => link.state === 'in-sync');
-    const payload = jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name) });
-    const answers = targets.map((link) => link.send(PeerVerb.syncFlush, payload).then(() => null, (error: unknown) => expectedError(error, 'a synchronous flush')));
+    const epoch = this.#options.epochOf(this.#name);
+    const answers = targets.map((link) => link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch, session: link.session }))
+      .then(() => null, (error: unknown) => expectedError(error, 'a synchronous flush')));
     let localError: unknown = null;
     await local().catch((error: unknown) => (localError = error));
     await this.#settle(targets, await Promise.all(answers), false);
@@ -560,7 +564,7 @@ class SyncVolume {
     if (link.stopped) return link.disconnect();
     link.peerName = link.client.hello.name;
     const sizeBytes = this.#options.pool.volumeInfo(this.#name).sizeBytes;
-    await link.send(PeerVerb.syncOpen, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), sizeBytes }));
+    link.session = parseSyncOpenReply(await link.send(PeerVerb.syncOpen, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), sizeBytes })));
     link.state = 'resyncing';
     link.copied.clear();
     link.resync = { totalBytes: link.dirty.size * syncRegionBytes, copiedBytes: 0 };
@@ -573,7 +577,7 @@ class SyncVolume {
         if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
         if (link.pendingRegions().length > 0) continue;
         // The copies durable there before the dirty map forgets them.
-        await link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name) }));
+        await link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session }));
         link.dirty.clear();
         link.copied.clear();
         link.state = 'in-sync';
@@ -631,7 +635,7 @@ class SyncVolume {
           data = Buffer.alloc(lengthBytes);
           await device.read(at, data);
         }
-        const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch } as const;
+        const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
         await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
         link.resyncBytesTotal += data?.length ?? 0;
         at += lengthBytes;

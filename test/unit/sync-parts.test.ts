@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { ActivityLog, RegionSet, regionsOf } from '../../src/replication/dirty-map.ts';
-import { encodeSyncWrite, isFencedRefusal, parseSyncFlush, parseSyncOpen, parseSyncWrite, SyncOp, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
+import { encodeSyncWrite, isFencedRefusal, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncWrite, SyncOp, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 function roundTrip(request: SyncWriteRequest): SyncWriteRequest {
@@ -14,18 +14,18 @@ function roundTrip(request: SyncWriteRequest): SyncWriteRequest {
 
 test('syncWrite: every op round-trips with its flags, epoch, range and data', () => {
   const data = Buffer.from('some bytes to replicate');
-  const write = { op: SyncOp.write, fua: true, noHole: false, volume: 'vol-1', epoch: 7, offsetBytes: 2 ** 40 + 4096, lengthBytes: data.length, data };
+  const write = { op: SyncOp.write, fua: true, noHole: false, volume: 'vol-1', epoch: 7, session: 0xfffffffe, offsetBytes: 2 ** 40 + 4096, lengthBytes: data.length, data };
   const back = roundTrip(write);
   assert.deepEqual({ ...back, data: null }, { ...write, data: null });
   assert.deepEqual(back.data, data);
-  const trim = { op: SyncOp.trim, fua: false, noHole: false, volume: 'v', epoch: 1, offsetBytes: 0, lengthBytes: 3 * 2 ** 30, data: null };
+  const trim = { op: SyncOp.trim, fua: false, noHole: false, volume: 'v', epoch: 1, session: 1, offsetBytes: 0, lengthBytes: 3 * 2 ** 30, data: null };
   assert.deepEqual(roundTrip(trim), trim);
-  const zeroes = { op: SyncOp.zeroes, fua: true, noHole: true, volume: 'v', epoch: 0xffffffff, offsetBytes: 512, lengthBytes: 4096, data: null };
+  const zeroes = { op: SyncOp.zeroes, fua: true, noHole: true, volume: 'v', epoch: 0xffffffff, session: 2, offsetBytes: 512, lengthBytes: 4096, data: null };
   assert.deepEqual(roundTrip(zeroes), zeroes);
 });
 
 test('syncWrite: malformed payloads are refused with EPROTO, and a seeded fuzz lets nothing else out', () => {
-  const valid = Buffer.concat(encodeSyncWrite({ op: SyncOp.write, fua: false, noHole: false, volume: 'vol', epoch: 3, offsetBytes: 4096, lengthBytes: 8, data: Buffer.alloc(8, 1) }));
+  const valid = Buffer.concat(encodeSyncWrite({ op: SyncOp.write, fua: false, noHole: false, volume: 'vol', epoch: 3, session: 5, offsetBytes: 4096, lengthBytes: 8, data: Buffer.alloc(8, 1) }));
   const refused = (payload: Buffer, pattern: RegExp): void => {
     assert.throws(() => parseSyncWrite(payload), (error: unknown) => error instanceof ChunkdError && error.code === 'EPROTO' && pattern.test(error.message));
   };
@@ -41,9 +41,9 @@ test('syncWrite: malformed payloads are refused with EPROTO, and a seeded fuzz l
   noEpoch.writeUInt32BE(0, 4);
   refused(noEpoch, /epoch/);
   const badName = Buffer.from(valid);
-  badName[24] = '/'.charCodeAt(0);
+  badName[28] = '/'.charCodeAt(0);
   refused(badName, /valid volume name/);
-  const trimWithData = Buffer.concat([...encodeSyncWrite({ op: SyncOp.trim, fua: false, noHole: false, volume: 'vol', epoch: 1, offsetBytes: 0, lengthBytes: 8, data: null }), Buffer.alloc(1)]);
+  const trimWithData = Buffer.concat([...encodeSyncWrite({ op: SyncOp.trim, fua: false, noHole: false, volume: 'vol', epoch: 1, session: 5, offsetBytes: 0, lengthBytes: 8, data: null }), Buffer.alloc(1)]);
   refused(trimWithData, /carries no data/);
 
   const seed = testSeed('syncWrite fuzz');
@@ -62,7 +62,10 @@ test('syncWrite: malformed payloads are refused with EPROTO, and a seeded fuzz l
 test('syncOpen and syncFlush payloads are checked; a fence is told apart from other refusals', () => {
   assert.deepEqual(parseSyncOpen(Buffer.from('{"volume":"vol","epoch":2,"sizeBytes":4096}')), { volume: 'vol', epoch: 2, sizeBytes: 4096 });
   assert.throws(() => parseSyncOpen(Buffer.from('{"volume":"vol","epoch":2}')), /syncOpen needs sizeBytes/);
-  assert.throws(() => parseSyncFlush(Buffer.from('{"volume":"vol","epoch":0}')), /syncFlush needs an epoch/);
+  assert.throws(() => parseSyncFlush(Buffer.from('{"volume":"vol","epoch":0,"session":1}')), /syncFlush needs an epoch/);
+  assert.deepEqual(parseSyncFlush(Buffer.from('{"volume":"vol","epoch":1,"session":9}')), { volume: 'vol', epoch: 1, session: 9 });
+  assert.throws(() => parseSyncFlush(Buffer.from('{"volume":"vol","epoch":1}')), /syncFlush needs a session/);
+  assert.equal(parseSyncOpenReply(Buffer.from('{"session":3}')), 3);
   assert.equal(isFencedRefusal(ChunkdError.readOnly('fenced: alpha writes vol at ownership epoch 1, but ...')), true);
   // The client's own EPERM for a connection closed without an answer is not a fence: the replica is only away.
   assert.equal(isFencedRefusal(ChunkdError.readOnly('the peer at 127.0.0.1:1 closed the connection without an answer')), false);
