@@ -4,11 +4,13 @@
 //
 // PROTOCOL. A link (one volume, one peer's --peer-listen) is one mutual-TLS peer connection. The owner sends
 // syncOpen {volume, epoch, sizeBytes} (the peer makes the volume a synchronous replica of this node, durably, or
-// refuses), then pipelines syncWrite requests (write, trim, write zeroes with their FUA and NO_HOLE flags, the
-// owner's ownership epoch in each) and syncFlush; each is answered once the replica has applied it (made it
-// durable, for FUA and flush). A replica takes them only from its owner at exactly the epoch syncOpen recorded:
-// an owner that a promotion or handoff replaced (the replica's epoch is higher) is refused, "fenced:", and from
-// then on this node refuses every write to the volume (sticky) instead of going on without the replica.
+// refuses; it answers a session, and takes writes of that session only, so that an older connection's writes
+// still buffered there are refused), then pipelines syncWrite requests (write, trim, write zeroes with their FUA
+// and NO_HOLE flags, the owner's ownership epoch and the session in each) and syncFlush; each is answered once the
+// replica has applied it (made it durable, for FUA and flush). A replica takes them only from its owner at exactly
+// the epoch syncOpen recorded: an owner that a promotion or handoff replaced (the replica's epoch is higher) is
+// refused, "fenced:", and from then on this node refuses every write to the volume (sticky) instead of going on
+// without the replica.
 //
 // ORDERING ("acknowledged => on every in-sync replica"). SyncDevice wraps the volume an NBD or FUSE client writes:
 //   1. The write takes its chunk range in this module's range lock (overlapping writes, and a resync's copy of a
