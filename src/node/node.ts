@@ -176,7 +176,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         },
       });
       await node.#replicator.load();
-      node.#sync = await SyncReplication.load({ pool, poolDirectory: pool.directory, credentials: replicationCredentials(config), log: config.log, epochOf: (volume) => roles.epochOf(volume) });
+      node.#sync = await SyncReplication.load({
+        pool, poolDirectory: pool.directory, credentials: replicationCredentials(config), log: config.log, epochOf: (volume) => roles.epochOf(volume),
+        // What the volume itself would refuse (a handoff, a fence, the cluster's lease): never sent to a replica.
+        writeRefusal: (volume) => pool.writeBlock(volume) ?? node.#cluster?.writeRefusal(volume) ?? null,
+      });
       node.#syncServer = new SyncReplicaServer(pool, roles, config.log);
       // A handoff a crash interrupted is settled first (it may make a volume a replica here, or take writes again).
       for (const [volume] of roles.handoffs()) await resolveHandoff(node.#handoffContext(), volume);

@@ -120,6 +120,8 @@ export interface SyncReplicationOptions {
   log: Log;
   /** This node's ownership epoch of a volume it owns. */
   epochOf: (volume: string) => number;
+  /** Why the volume would refuse a write now, or null: asked before a write is sent anywhere. */
+  writeRefusal: (volume: string) => ChunkdError | null;
 }
 
 interface StoredLink {
@@ -463,6 +465,12 @@ class SyncVolume {
     if (this.#fenced !== null) throw this.#fenced;
     if (request.lengthBytes === 0) return local();
     const release = await this.#lock.acquire(...chunksOf(request.offsetBytes, request.lengthBytes), true);
+    // Under the lock, as the volume checks it: a write the volume would refuse is not sent to a replica either.
+    const refusal = this.#options.writeRefusal(this.#name);
+    if (refusal !== null) {
+      release();
+      throw refusal;
+    }
     const [first, end] = regionsOf(request.offsetBytes, request.lengthBytes, syncRegionBytes);
     const [firstExtent, endExtent] = regionsOf(request.offsetBytes, request.lengthBytes, syncActivityExtentBytes);
     let mustSave = this.#activity.begin(firstExtent, endExtent);
