@@ -430,7 +430,12 @@ class SyncVolume {
   startLink(peer: string): void {
     const link = this.#links.find((candidate) => candidate.settings.peer === peer);
     assert(link !== undefined);
-    if (link.running === null && link.state !== 'in-sync') link.running = this.#run(link).finally(() => (link.running = null));
+    if (link.running !== null || link.state === 'in-sync') return;
+    link.running = this.#run(link).finally(() => {
+      link.running = null;
+      // Out of sync again before this run had quite ended (startLink found it still running): run again.
+      if (link.state !== 'in-sync' && !link.stopped && !this.#sync.closed && this.#fenced === null) this.startLink(peer);
+    });
   }
 
   async stop(): Promise<void> {
