@@ -124,6 +124,10 @@ test('a stopped, then killed, replica: writes go on after the timeout, and only 
   assert.equal(away.dirtyBytes, 1.5 * MiB);
   const metrics = await ok(alpha.node, 'status', '--json');
   assert.equal(JSON.parse(metrics).replication.syncReplicas[0].state, 'out-of-sync');
+  const scrape = (await runTool('curl', ['-s', '--unix-socket', alpha.node.apiSocket, 'http://chunkd/metrics'])).stdout;
+  assert.match(scrape, /^chunkd_sync_replica_in_sync\{volume="vol",peer="127\.0\.0\.1:\d+"\} 0$/m);
+  assert.match(scrape, /^chunkd_sync_replica_dirty_bytes\{volume="vol",peer="127\.0\.0\.1:\d+"\} 1572864$/m);
+  assert.match(scrape, /^chunkd_sync_replica_out_of_sync_total\{volume="vol",peer="127\.0\.0\.1:\d+"\} 1$/m);
   const text = await ok(alpha.node, 'replica', 'status', 'vol');
   assert.match(text, /vol -> beta at 127\.0\.0\.1:\d+: synchronous, out-of-sync, 1\.50 MiB dirty/);
 
