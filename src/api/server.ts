@@ -10,7 +10,7 @@ import { pipeline } from 'node:stream/promises';
 import { ChunkdError, type ErrorCode } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
-import { apiBodyBytesMax } from '../core/limits.ts';
+import { apiBodyBytesMax, syncReplicaTimeoutMsDefault } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
 import { describeTlsError, remoteOfTls } from '../peer/server.ts';
 import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
@@ -19,6 +19,7 @@ import type { ScrubReport } from '../store/scrub.ts';
 import type { PreparedSend } from '../replication/send.ts';
 import type { ReceiveResult } from '../replication/receive.ts';
 import { defaultEveryMs, type ReplicaSettings } from '../replication/replicator.ts';
+import type { SyncReplicaSettings } from '../replication/sync-replicas.ts';
 import type { Log } from '../core/log.ts';
 
 /** Progress lines of a long operation go out at most this often. */
@@ -64,6 +65,8 @@ export interface ControlPlane {
   abortReceive(volume: string): Promise<unknown>;
   /** Replicas of this node's volumes on other nodes (replication/replicator.ts). */
   addReplica(settings: ReplicaSettings): Promise<unknown>;
+  /** A synchronous replica (replication/sync-replicas.ts): writes are acknowledged once it has them. */
+  addSyncReplica(settings: SyncReplicaSettings): Promise<unknown>;
   removeReplica(volume: string, peer: string): Promise<unknown>;
   listReplicas(volume: string | null): unknown[];
   syncReplicas(volume: string, peer: string | null): Promise<unknown[]>;
@@ -236,6 +239,7 @@ export class ApiServer {
       case 'GET /v1/volumes/:/replicas':
         return sendJson(response, 200, { replicas: this.#control.listReplicas(volumeName()) });
       case 'POST /v1/volumes/:/replicas':
+        if (body.sync === true) return sendJson(response, 201, await this.#control.addSyncReplica(syncReplicaSettings(volumeName(), body)));
         return sendJson(response, 201, await this.#control.addReplica(replicaSettings(volumeName(), body)));
       case 'DELETE /v1/volumes/:/replicas':
         return sendJson(response, 200, await this.#control.removeReplica(volumeName(), peerField(body.peer)));
@@ -366,6 +370,12 @@ function peerField(value: unknown): string {
   const address = parseHostPort(value);
   if (address === null || address.port === 0) throw ChunkdError.invalid('peer must be HOST:PORT of a node\'s --peer-listen, e.g. 10.0.0.2:10810');
   return value as string;
+}
+
+function syncReplicaSettings(volume: string, body: Record<string, unknown>): SyncReplicaSettings {
+  const timeoutMs = body.timeoutMs ?? syncReplicaTimeoutMsDefault;
+  if (typeof timeoutMs !== 'number' || !Number.isSafeInteger(timeoutMs) || timeoutMs < 100 || timeoutMs > 600_000) throw ChunkdError.invalid('timeoutMs must be a whole number of milliseconds from 100 to 600000');
+  return { volume, peer: peerField(body.peer), timeoutMs };
 }
 
 function replicaSettings(volume: string, body: Record<string, unknown>): ReplicaSettings {

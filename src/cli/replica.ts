@@ -1,11 +1,13 @@
 // chunkd replica: read-only replicas of this node's volumes on other nodes (replication/replicator.ts), kept
 // current over the peer port by incremental streams.
 //   replica add VOL --peer HOST:PORT [--every 30s] [--max-rate 200MiB/s]
+//   replica add VOL --peer HOST:PORT --sync [--sync-timeout 5s]   (replication/sync-replicas.ts)
 //   replica list · replica status VOL · replica sync VOL [--peer HOST:PORT] · replica remove VOL --peer HOST:PORT
 import { parseArgs } from 'node:util';
 import { validateName } from '../core/names.ts';
 import { formatDuration, formatSize, parseDuration, parseRate } from '../core/units.ts';
 import type { CycleResult, ReplicaStatus } from '../replication/replicator.ts';
+import type { SyncReplicaStatus } from '../replication/sync-replicas.ts';
 import { callApi } from './api-client.ts';
 import { parsing, UsageError } from './errors.ts';
 import { commands, unknownVerb } from './help.ts';
@@ -18,7 +20,7 @@ export async function replicaCommand(argv: string[], apiPath: (option: string | 
   if (!verbs.includes(verb as Verb)) throw unknownVerb('replica', verb);
   const spec = commands[`replica ${verb as Verb}`];
   const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: spec.options })) as {
-    values: { api?: string; json?: boolean; peer?: string; every?: string; 'max-rate'?: string; owner?: string };
+    values: { api?: string; json?: boolean; peer?: string; every?: string; 'max-rate'?: string; owner?: string; sync?: boolean; 'sync-timeout'?: string };
     positionals: string[];
   };
   const socket = apiPath(values.api);
@@ -34,7 +36,18 @@ export async function replicaCommand(argv: string[], apiPath: (option: string | 
   switch (verb as Verb) {
     case 'add': {
       const name = volume();
+      if (values.sync === true) {
+        const body = parsing(() => {
+          if (values.peer === undefined) throw new UsageError(`replica add needs --peer HOST:PORT (the other node's --peer-listen)\n${usage}`);
+          if (values.every !== undefined || values['max-rate'] !== undefined) throw new UsageError(`--every and --max-rate are for asynchronous replicas, not with --sync\n${usage}`);
+          return { peer: values.peer, sync: true, timeoutMs: values['sync-timeout'] === undefined ? undefined : parseDuration(values['sync-timeout'], '--sync-timeout') };
+        });
+        const status = (await callApi(socket, 'POST', route(name), body)) as SyncReplicaStatus;
+        print(status, () => `replicating ${name} to ${status.peer} synchronously (timeout ${formatDuration(status.timeoutMs)}): it is in sync once its first resync completes (chunkd replica status ${name})`);
+        return 0;
+      }
       const body = parsing(() => {
+        if (values['sync-timeout'] !== undefined) throw new UsageError(`--sync-timeout goes with --sync\n${usage}`);
         if (values.peer === undefined) throw new UsageError(`replica add needs --peer HOST:PORT (the other node's --peer-listen)\n${usage}`);
         return {
           peer: values.peer,
@@ -48,12 +61,12 @@ export async function replicaCommand(argv: string[], apiPath: (option: string | 
     }
     case 'list': {
       if (positionals.length !== 0) throw new UsageError(usage);
-      const { replicas } = (await callApi(socket, 'GET', '/v1/replicas')) as { replicas: ReplicaStatus[] };
+      const { replicas } = (await callApi(socket, 'GET', '/v1/replicas')) as { replicas: Array<ReplicaStatus | SyncReplicaStatus> };
       print({ replicas }, () => (replicas.length === 0 ? 'no replicas' : replicas.map(describeReplica).join('\n')));
       return 0;
     }
     case 'status': {
-      const { replicas } = (await callApi(socket, 'GET', route(volume()))) as { replicas: ReplicaStatus[] };
+      const { replicas } = (await callApi(socket, 'GET', route(volume()))) as { replicas: Array<ReplicaStatus | SyncReplicaStatus> };
       print({ replicas }, () => (replicas.length === 0 ? `${positionals[0]} has no replicas` : replicas.map(describeReplica).join('\n')));
       return 0;
     }
@@ -87,10 +100,17 @@ export async function replicaCommand(argv: string[], apiPath: (option: string | 
   }
 }
 
-function describeReplica(r: ReplicaStatus): string {
+function describeReplica(r: ReplicaStatus | SyncReplicaStatus): string {
+  if ('mode' in r) return describeSyncReplica(r);
   const last = r.lastReplicated === null ? 'nothing replicated yet' : `last ${r.lastReplicated.snapshot} (lag ${formatDuration((r.lagSeconds ?? 0) * 1000)})`;
   const stream = r.stream === null ? '' : `, sending ${r.stream.target}: ${formatSize(r.stream.sentBytes)} of ${formatSize(r.stream.totalBytes)}`;
   const rate = r.throughputBytesPerSecond === null ? '' : `, last stream ${formatSize(r.throughputBytesPerSecond)}/s`;
   const error = r.lastError === null ? '' : `\n  last error (${r.lastError.at}): ${r.lastError.message}`;
   return `${r.volume} -> ${r.peerName ?? '?'} at ${r.peer}: ${r.state}, ${last}, ${formatSize(r.bytesPending)} pending${stream}${rate}${error}`;
+}
+
+function describeSyncReplica(r: SyncReplicaStatus): string {
+  const resync = r.resync === null ? '' : `, resyncing: ${formatSize(r.resync.copiedBytes)} of ${formatSize(r.resync.totalBytes)}`;
+  const error = r.lastError === null ? '' : `\n  last error (${r.lastError.at}): ${r.lastError.message}`;
+  return `${r.volume} -> ${r.peerName ?? '?'} at ${r.peer}: synchronous, ${r.state}, ${formatSize(r.dirtyBytes)} dirty${resync}, ${formatSize(r.resyncBytesTotal)} resent in all, out of sync ${r.outOfSyncTotal} times${error}`;
 }

@@ -46,3 +46,55 @@ export interface DeviceProvider {
   /** Names and descriptions of the exports, for NBD_OPT_LIST. */
   list(): Array<{ name: string; description: string }>;
 }
+
+/**
+ * A layer over a device that passes every verb to it (nbdkit's filters forward to `next` the same way): a layer
+ * extends it and overrides only the verbs it changes.
+ */
+export class ForwardingDevice implements BlockDevice {
+  protected readonly inner: BlockDevice;
+
+  constructor(inner: BlockDevice) {
+    this.inner = inner;
+  }
+
+  get name(): string {
+    return this.inner.name;
+  }
+
+  get sizeBytes(): number {
+    return this.inner.sizeBytes;
+  }
+
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+
+  read(offsetBytes: number, target: Buffer): Promise<void> {
+    return this.inner.read(offsetBytes, target);
+  }
+
+  write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    return this.inner.write(offsetBytes, data, options);
+  }
+
+  trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    return this.inner.trim(offsetBytes, lengthBytes, options);
+  }
+
+  writeZeroes(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+    return this.inner.writeZeroes(offsetBytes, lengthBytes, options);
+  }
+
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+
+  blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    return this.inner.blockStatus(offsetBytes, lengthBytes);
+  }
+
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}

@@ -111,6 +111,25 @@ export const peerRequestsInFlightMax = 32;
 /** Time `chunkd peer status` waits for a peer's answer, connect and TLS included. */
 export const peerClientTimeoutMs = 15_000;
 
+/**
+ * Synchronous replicas (replication/sync-replicas.ts): the unit of the owner's dirty map and activity log. Smaller
+ * resends less after an outage, larger keeps the map (rewritten whole) small: 64 KiB is 16 chunks, and 16 Ki
+ * regions per GiB.
+ */
+export const syncRegionBytes = 16 * chunkSizeBytes;
+/**
+ * The unit of the activity log (regions that may differ after an owner crash): larger than a dirty-map region, as
+ * DRBD's 4 MiB activity-log extents, because the state file is written each time an extent enters the log, on
+ * the write path; the price is resending a whole extent for each one active at a crash. A multiple of syncRegionBytes.
+ */
+export const syncActivityExtentBytes = 64 * syncRegionBytes;
+/** A synchronous replica that leaves a write or flush unanswered this long is out of sync (replica add --sync-timeout). */
+export const syncReplicaTimeoutMsDefault = 5_000;
+/** Dirty regions a resync copies at once (each is one request in flight to the replica). */
+export const syncResyncRegionsInFlight = 8;
+/** A synchronous replica that is away is tried again this often. */
+export const syncReconnectDelayMs = 1_000;
+
 /** Data bytes one replication stream record carries at most (replication/stream-format.ts); a sender reads this much at a time. */
 export const streamDataRecordBytesMax = 1 * MiB;
 /** A stream's header record (JSON: names, ids, sizes) at most. */

@@ -46,6 +46,16 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
     metric('chunkd_replica_cycle_failures_total', 'counter', 'Replication cycles that failed (retried).', links.map((r) => [link(r), r.cycleFailuresTotal]));
     metric('chunkd_replica_up', 'gauge', 'Whether the last replication cycle succeeded (1) or failed (0).', links.map((r) => [link(r), r.lastError === null ? 1 : 0]));
   }
+  const syncLinks = status.replication.syncReplicas;
+  if (syncLinks.length > 0) {
+    const label = (r: (typeof syncLinks)[number]): string => `{volume="${r.volume}",peer="${r.peer}"}`;
+    metric('chunkd_sync_replica_in_sync', 'gauge', 'Whether a synchronous replica is in sync (1: every acknowledged write is on it) or not (0).', syncLinks.map((r) => [label(r), r.state === 'in-sync' ? 1 : 0]));
+    metric('chunkd_sync_replica_dirty_bytes', 'gauge', 'Bytes of regions a synchronous replica may lack (its dirty map), resent by the next resync.', syncLinks.map((r) => [label(r), r.dirtyBytes]));
+    metric('chunkd_sync_replica_resync_copied_bytes', 'gauge', 'Bytes of dirty regions the resync under way has copied (0 when none runs).', syncLinks.map((r) => [label(r), r.resync?.copiedBytes ?? 0]));
+    metric('chunkd_sync_replica_resync_total_bytes', 'gauge', 'Bytes of dirty regions the resync under way has to copy (0 when none runs).', syncLinks.map((r) => [label(r), r.resync?.totalBytes ?? 0]));
+    metric('chunkd_sync_replica_resync_bytes_total', 'counter', 'Data bytes resyncs sent to a synchronous replica.', syncLinks.map((r) => [label(r), r.resyncBytesTotal]));
+    metric('chunkd_sync_replica_out_of_sync_total', 'counter', 'Times a synchronous replica went out of sync.', syncLinks.map((r) => [label(r), r.outOfSyncTotal]));
+  }
   metric('chunkd_checkpoints_total', 'counter', 'Metadata checkpoints written since the node started (a full journal, or POST /v1/checkpoint).', [['', status.pool.checkpointsTotal]]);
   metric('chunkd_checkpoint_bytes', 'gauge', 'Size of the newest metadata checkpoint written since the node started (0 before one).', [['', status.pool.lastCheckpoint?.bytes ?? 0]]);
   metric('chunkd_checkpoint_encode_seconds_max', 'gauge', 'The longest a checkpoint held the event loop to encode the metadata, since the node started.', [['', status.pool.checkpointEncodeSecondsMax]]);

@@ -17,6 +17,8 @@ import type { ScrubReport } from '../store/scrub.ts';
 import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
 import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
 import { ReplicaServer } from '../replication/replica-server.ts';
+import { SyncReplicaExport, SyncReplicaServer } from '../replication/sync-replica-server.ts';
+import { SyncDevice, SyncReplication, type SyncReplicaSettings, type SyncReplicaStatus } from '../replication/sync-replicas.ts';
 import { defaultEveryMs, Replicator, type CycleResult, type ReplicaSettings, type ReplicaStatus } from '../replication/replicator.ts';
 import { handoff, resolve as resolveHandoff, type HandoffContext, type HandoffResult } from '../replication/handoff.ts';
 import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
@@ -111,6 +113,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** Which volumes are read-only replicas of other nodes' (loaded at start). */
   #roles: VolumeRoles | null = null;
   #replicator: Replicator | null = null;
+  /** Synchronous replicas of this node's volumes (replication/sync-replicas.ts), and the side that serves others'. */
+  #sync: SyncReplication | null = null;
+  #syncServer: SyncReplicaServer | null = null;
   #cluster: ClusterMember | null = null;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string, tls: TlsServerConfig | null) {
@@ -172,6 +177,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         },
       });
       await node.#replicator.load();
+      node.#sync = await SyncReplication.load({
+        pool, poolDirectory: pool.directory, credentials: replicationCredentials(config), log: config.log, epochOf: (volume) => roles.epochOf(volume),
+        // What the volume itself would refuse (a handoff, a fence, the cluster's lease): never sent to a replica.
+        writeRefusal: (volume) => pool.writeBlock(volume) ?? node.#cluster?.writeRefusal(volume) ?? null,
+      });
+      node.#syncServer = new SyncReplicaServer(pool, roles, config.log);
       // A handoff a crash interrupted is settled first (it may make a volume a replica here, or take writes again).
       for (const [volume] of roles.handoffs()) await resolveHandoff(node.#handoffContext(), volume);
       // Before any client is served: a node replaced while it was down learns it from its peers, and is fenced.
@@ -233,7 +244,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
           software: `chunkd ${softwareVersion}`,
           log: config.log,
           handshakeTimeoutMs: config.peer.handshakeTimeoutMs,
-          verbs: replicaServer.verbs(),
+          verbs: new Map([...replicaServer.verbs(), ...node.#syncServer.verbs()]),
           bulkPayload: replicaServer.bulkPayload,
         });
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
@@ -249,6 +260,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         }
       }
       node.#replicator.start();
+      node.#sync.start();
     } catch (error) {
       await node.stop().catch(() => {});
       throw error;
@@ -267,6 +279,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     await this.#fuse?.close();
     await this.#threads?.stop();
     await this.nbd.close();
+    // After the front ends: their last writes go to the synchronous replicas too.
+    await this.#sync?.stop();
     // Once the front ends have finished their requests, the node leaves the cluster: its lease is revoked, so its
     // registration goes at once and a replica may take its volumes over without waiting for the TTL.
     await this.#cluster?.stop();
@@ -342,7 +356,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const volumeName = at < 0 ? exportName : exportName.slice(0, at);
     const nameError = checkName(volumeName);
     if (nameError) throw nameError;
-    if (at < 0) return this.#roles?.replicaOf(volumeName) ? this.#openReplica(volumeName) : this.pool.openVolume(volumeName);
+    if (at < 0) {
+      if (this.#roles?.replicaOf(volumeName)) return this.#openReplica(volumeName);
+      const volume = this.pool.openVolume(volumeName);
+      return this.#sync === null ? volume : new SyncDevice(volume, this.#sync);
+    }
     const snapshotName = exportName.slice(at + 1);
     const snapshotError = checkName(snapshotName, 'snapshot');
     if (snapshotError) throw snapshotError;
@@ -354,6 +372,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    * feeding the replica do not change under a reader (the volume itself is being written by them).
    */
   #openReplica(volume: string): BlockDevice {
+    // A synchronous replica is as current as its owner's acknowledged writes: the volume itself, read-only.
+    if (this.roles.isSyncReplica(volume)) return new SyncReplicaExport(this.pool.openVolume(volume));
     const newest = newestReplicationPoint(this.pool.listSnapshots(volume));
     if (newest === null) throw ChunkdError.notFound(`volume ${volume} is a replica that has not received its first snapshot yet`);
     return this.pool.openSnapshot(volume, newest.name);
@@ -414,6 +434,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
     this.roles.checkWritable(name, 'a resize');
+    this.#sync?.checkUnreplicated(name, 'a resize');
     return this.pool.resizeVolume(name, sizeBytes, force);
   }
 
@@ -421,6 +442,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const attachment = this.#attachments?.get(name);
     if (attachment !== undefined) throw ChunkdError.busy(`volume ${name} is attached at ${attachment.mountpoint}; detach it first`);
     if (this.roles.replicaOf(name) !== null) {
+      await this.#syncServer?.forget(name);
       // A replica goes whole: its replication snapshots are its owner's to prune, so they go with it (a snapshot
       // a client has open refuses, and the replica stays as it was).
       if (this.#receiver.isActive(name)) throw ChunkdError.busy(`a stream into replica ${name} is running; remove the replica link on its owner first`);
@@ -437,6 +459,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     await this.pool.removeVolume(name);
     await this.roles.forget(name);
     await this.#replicator?.forgetVolume(name);
+    await this.#sync?.forgetVolume(name);
     if (this.#cluster !== null && owned) await this.#cluster.removeVolume(name);
   }
 
@@ -508,6 +531,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo> {
     this.roles.checkWritable(volume, 'a rollback');
+    this.#sync?.checkUnreplicated(volume, 'a rollback');
     return this.pool.rollbackVolume(volume, snapshot);
   }
 
@@ -527,6 +551,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   receiveStream(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult> {
     if (this.pool.hasVolume(volume)) this.roles.checkWritable(volume, 'a receive from a file or pipe');
+    this.#sync?.checkUnreplicated(volume, 'a receive');
     return this.#receiver.receive(volume, body);
   }
 
@@ -543,16 +568,25 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   addReplica(settings: ReplicaSettings): Promise<ReplicaStatus> {
+    if (this.#sync?.status(settings.volume).some((link) => link.peer === settings.peer)) throw ChunkdError.exists(`volume ${settings.volume} has a synchronous replica on ${settings.peer}; remove it first`);
     return this.replicator.add(settings);
   }
 
+  /** A synchronous replica of a volume this node owns (replication/sync-replicas.ts). */
+  addSyncReplica(settings: SyncReplicaSettings): Promise<SyncReplicaStatus> {
+    this.roles.checkWritable(settings.volume, 'a synchronous replica');
+    if (this.replicator.statusOf(settings.volume).some((link) => link.peer === settings.peer)) throw ChunkdError.exists(`volume ${settings.volume} is replicated to ${settings.peer} asynchronously; remove that link first`);
+    if (this.#sync === null) throw new ChunkdError('ESHUTDOWN', 'the node is starting');
+    return this.#sync.add(settings);
+  }
+
   async removeReplica(volume: string, peer: string): Promise<{ removed: string }> {
-    await this.replicator.remove(volume, peer);
+    if (!(await this.#sync?.remove(volume, peer))) await this.replicator.remove(volume, peer);
     return { removed: `${volume} -> ${peer}` };
   }
 
-  listReplicas(volume: string | null): ReplicaStatus[] {
-    return volume === null ? this.replicator.list() : this.replicator.statusOf(volume);
+  listReplicas(volume: string | null): Array<ReplicaStatus | SyncReplicaStatus> {
+    return [...(volume === null ? this.replicator.list() : this.replicator.statusOf(volume)), ...(this.#sync?.status(volume) ?? [])];
   }
 
   syncReplicas(volume: string, peer: string | null): Promise<CycleResult[]> {
@@ -562,6 +596,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** Moves a volume to the node at `to` (its replica is made or updated first); see replication/handoff.ts. */
   handoff(volume: string, to: string): Promise<HandoffResult> {
     this.#refuseInCluster(`chunkd volume handoff ${volume}`);
+    this.#sync?.checkUnreplicated(volume, 'a handoff');
     return handoff(this.#handoffContext(), volume, to);
   }
 
@@ -677,6 +712,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       peer: this.#peer?.stats() ?? null,
       replication: {
         replicas: this.#replicator?.list() ?? [],
+        syncReplicas: this.#sync?.status(null) ?? [],
         replicaVolumes: this.pool.listVolumes().flatMap((volume) => {
           const role = this.#roles?.replicaOf(volume.name) ?? null;
           return role === null ? [] : [{ volume: volume.name, owner: role.owner, epoch: role.epoch, receiving: this.pool.isReceiving(volume.name) }];
@@ -747,6 +783,8 @@ export interface NodeStatus {
   /** Replicas of this node's volumes elsewhere, and the volumes here that are replicas of others'. */
   replication: {
     replicas: ReplicaStatus[];
+    /** Synchronous replicas of this node's volumes elsewhere. */
+    syncReplicas: SyncReplicaStatus[];
     replicaVolumes: Array<{ volume: string; owner: string; epoch: number; receiving: boolean }>;
     /** Volumes this node owned until another node took them over (failover): writes refused until demoted. */
     fenced: Array<{ volume: string } & FencedRole>;

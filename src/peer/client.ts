@@ -31,6 +31,7 @@ export class PeerClient {
   readonly #pending = new Map<number, { resolve: (frame: Frame) => void; reject: (error: ChunkdError) => void }>();
   #nextRequestId = 1;
   #failure: ChunkdError | null = null;
+  readonly #ended = Promise.withResolvers<ChunkdError>();
   /** What the server said in hello. */
   hello!: HelloReply;
 
@@ -67,6 +68,9 @@ export class PeerClient {
         return undefined;
       },
     });
+    // Requests are small frames answered by small frames (synchronous replicas' writes): Nagle's algorithm would
+    // hold each back until the previous one is acknowledged.
+    socket.setNoDelay(true);
     const client = new PeerClient(socket, where);
     const timeoutMs = options.timeoutMs ?? peerClientTimeoutMs;
     const timer = setTimeout(() => client.#fail(new ChunkdError('EIO', `no answer from the peer at ${where} within ${timeoutMs} ms`)), timeoutMs);
@@ -94,6 +98,11 @@ export class PeerClient {
    */
   async request(verb: number, payload: Buffer | Buffer[]): Promise<Buffer> {
     return (await this.#request(verb, payload)).payload;
+  }
+
+  /** Resolves with the first failure that ends the connection (close() included): a connection idle for long learns it too. */
+  get ended(): Promise<ChunkdError> {
+    return this.#ended.promise;
   }
 
   close(): void {
@@ -146,6 +155,7 @@ export class PeerClient {
   /** The first failure ends the connection: every request waiting gets it, and so does every later one. */
   #fail(error: ChunkdError): void {
     this.#failure ??= error;
+    this.#ended.resolve(this.#failure);
     for (const { reject } of this.#pending.values()) reject(this.#failure);
     this.#pending.clear();
   }

@@ -43,10 +43,14 @@ export type FrameKind = (typeof FrameKind)[keyof typeof FrameKind];
  * are in replication/peer-messages.ts): what a node holds of a volume, a stream into it (open, data, close), giving
  * up an interrupted one, removing replication snapshots the owner no longer needs, and a handoff's last step.
  */
-export const PeerVerb = { hello: 1, replicaInfo: 2, receiveOpen: 3, receiveData: 4, receiveClose: 5, receiveAbort: 6, replicaPrune: 7, takeOwnership: 8 } as const;
+export const PeerVerb = {
+  hello: 1, replicaInfo: 2, receiveOpen: 3, receiveData: 4, receiveClose: 5, receiveAbort: 6, replicaPrune: 7, takeOwnership: 8,
+  // Synchronous replicas (replication/sync-replicas.ts; payloads in replication/sync-messages.ts).
+  syncOpen: 9, syncWrite: 10, syncFlush: 11,
+} as const;
 
 /** Verbs whose payload is raw bytes up to peerFrameBytesMax; every other verb's is a JSON object up to peerControlBytesMax. */
-const bulkVerbs: ReadonlySet<number> = new Set<number>([PeerVerb.receiveData]);
+const bulkVerbs: ReadonlySet<number> = new Set<number>([PeerVerb.receiveData, PeerVerb.syncWrite]);
 
 /** Longest message an error frame carries; longer ones are cut, so an error never exceeds its own cap. */
 const errorMessageCharsMax = 1024;

@@ -201,6 +201,8 @@ export class PeerServer {
       return refuse(`peer ${name} is not in --peer-allow`, new ChunkdError('EPERM', `peer ${name} is not allowed on node ${this.#options.credentials.name}`));
     }
     socket.setKeepAlive(true, 30_000);
+    // Small answers (a synchronous replica's to each write) go at once, not after the previous one's ACK (Nagle).
+    socket.setNoDelay(true);
     new PeerConnection(socket, name, where, this, () => this.#clearDeadline(where)).start();
   }
 

@@ -22,7 +22,7 @@ import { readStateFile, writeStateFile } from './state-file.ts';
 
 export type VolumeRole =
   | { role: 'owner'; epoch: number }
-  | { role: 'replica'; owner: string; epoch: number }
+  | { role: 'replica'; owner: string; epoch: number; sync?: boolean }
   | { role: 'fenced'; epoch: number; owner: string; ownerEpoch: number; ownerAddress: string | null }
   | { role: 'handing-off'; epoch: number; to: string; toAddress: string };
 
@@ -62,6 +62,12 @@ export class VolumeRoles {
   replicaOf(volume: string): ReplicaRole | null {
     const role = this.#roles.get(volume);
     return role?.role === 'replica' ? { owner: role.owner, epoch: role.epoch } : null;
+  }
+
+  /** Whether the volume is a synchronous replica (sync-replica-server.ts): written by its owner's syncWrite requests, not by streams. */
+  isSyncReplica(volume: string): boolean {
+    const role = this.#roles.get(volume);
+    return role?.role === 'replica' && role.sync === true;
   }
 
   /** The fence on a volume this node owned before another node took it over, or null. */
@@ -138,7 +144,7 @@ function isRole(value: unknown): value is VolumeRole {
   if (typeof role !== 'object' || role === null || !Number.isSafeInteger(role.epoch) || (role.epoch as number) < 1) return false;
   const nodeName = (name: unknown): boolean => typeof name === 'string' && checkName(name, 'node') === null;
   if (role.role === 'owner') return true;
-  if (role.role === 'replica') return nodeName(role.owner);
+  if (role.role === 'replica') return nodeName(role.owner) && (role.sync === undefined || typeof role.sync === 'boolean');
   if (role.role === 'fenced') return nodeName(role.owner) && Number.isSafeInteger(role.ownerEpoch) && (role.ownerAddress === null || typeof role.ownerAddress === 'string');
   if (role.role === 'handing-off') return nodeName(role.to) && typeof role.toAddress === 'string';
   return false;

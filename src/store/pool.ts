@@ -359,6 +359,14 @@ export class Pool {
     return meta !== undefined && this.#receiving.has(meta.id);
   }
 
+  /** The handle a synchronous replica is written through by its owner (replication/sync-replica-server.ts): past its write block. */
+  openVolumeForSync(name: string): Volume {
+    this.#checkOpen();
+    const runtime = this.#runtime(name);
+    this.#checkNotReceiving(runtime);
+    return new Volume(this.#volumeStore, runtime, true);
+  }
+
   /** The receiver's own handle on a volume marked by beginReceive. */
   openVolumeForReceive(name: string): Volume {
     this.#checkOpen();

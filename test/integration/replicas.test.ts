@@ -6,10 +6,10 @@
 // of one volume); a peer that owns a volume of that name, or a replica fed by another owner, refuses clearly.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
-import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
+import { freePort, haveTool, makeTempDir, mustRun, runTool, type RunningNode } from '../helpers/node-process.ts';
+import { replicaLinks, startPeerNode, waitFor, type PeerNode } from '../helpers/peer-nodes.ts';
 import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
@@ -18,16 +18,8 @@ const skip = !haveTool('nbdcopy') || !haveTool('qemu-io') || !haveTool('openssl'
 let scratch: string;
 let tlsDir: string;
 
-interface PeerNode {
-  node: RunningNode;
-  name: string;
-  address: string;
-}
-
-/** Starts (or restarts, on the same pool and port) the node `name` with its peer port. */
-async function startPeer(name: string, port: number, extra: string[] = []): Promise<PeerNode> {
-  const node = await startNode(path.join(scratch, name), ['--peer-listen', `127.0.0.1:${port}`, '--tls-dir', path.join(tlsDir, name), ...extra]);
-  return { node, name, address: `127.0.0.1:${port}` };
+function startPeer(name: string, port: number, extra: string[] = []): Promise<PeerNode> {
+  return startPeerNode(scratch, tlsDir, name, port, extra);
 }
 
 interface Cycle {
@@ -43,30 +35,12 @@ async function sync(owner: PeerNode, volume: string, peer?: PeerNode): Promise<C
   return cycles;
 }
 
-/** The owner's replica status of `volume`, straight from its API (polling through the CLI is too slow to catch a stream). */
-async function status(owner: PeerNode, volume: string): Promise<Array<Record<string, any>>> {
-  const body = await new Promise<string>((resolve, reject) => {
-    http.get({ socketPath: owner.node.apiSocket, path: `/v1/volumes/${volume}/replicas` }, (response) => {
-      let text = '';
-      response.on('data', (chunk: Buffer) => (text += chunk.toString()));
-      response.on('end', () => resolve(text));
-    }).on('error', reject);
-  });
-  return JSON.parse(body).replicas;
+function status(owner: PeerNode, volume: string): Promise<Array<Record<string, any>>> {
+  return replicaLinks(owner, volume);
 }
 
 function snapshotNames(node: RunningNode, volume: string): Promise<string[]> {
   return ok(node, 'snapshot', 'list', volume, '--json').then((text) => JSON.parse(text).map((s: { name: string }) => s.name));
-}
-
-async function waitFor<T>(what: string, probe: () => Promise<T | null>, diagnose?: () => Promise<string>, timeoutMs = 30_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== null) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${diagnose === undefined ? '' : `: ${await diagnose()}`}`);
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
 }
 
 let alpha: PeerNode;

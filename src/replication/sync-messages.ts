@@ -1,0 +1,157 @@
+// The payloads of the synchronous replica verbs (peer/protocol.ts numbers them; sync-replicas.ts sends them,
+// sync-replica-server.ts serves them), checked here once, at the edge. Pure: bytes in, values out.
+//
+//   syncOpen  {volume, epoch, sizeBytes}  -> {session}: the node keeps `volume` as a synchronous replica of the
+//                                            sender at `epoch` (created empty when it has none; its role is durable
+//                                            first), and from now on takes writes of this session only
+//   syncWrite binary, below               -> {} once the write is applied there (and durable there with FUA)
+//   syncFlush {volume, epoch, session}    -> {} once every write the replica acknowledged before it is durable
+//
+// The session (the replica's count of syncOpens of the volume since it started) shuts out an older connection of
+// the same owner: a write the owner gave up on (it timed out, the replica is out of sync) may still wait in the
+// replica's socket buffers when the replica resumes, and must not land after the resync has copied that region.
+//
+// syncWrite is a bulk verb (its payload lands in shared memory, written in place by the chunk I/O workers):
+//
+//   offset  size  field
+//        0     1  op: 1 write, 2 trim, 3 write zeroes
+//        1     1  flags: 1 FUA, 2 NO_HOLE (write zeroes only); other bits are refused
+//        2     2  bytes of the volume name that follows the header
+//        4     4  the sender's ownership epoch of the volume
+//        8     8  offset in bytes
+//       16     8  length in bytes (a write's data is exactly this long)
+//       24     4  the session syncOpen answered
+//       28     -  the volume name (UTF-8), then a write's data
+import { assert } from '../core/assert.ts';
+import { ChunkdError } from '../core/errors.ts';
+import { volumeSizeMaxBytes, requestBytesMax } from '../core/limits.ts';
+import { checkName } from '../core/names.ts';
+import { parseJsonObject } from '../peer/protocol.ts';
+
+/**
+ * How a replica's refusal of a stale owner begins (its epoch is higher than the sender's): the owner then refuses
+ * writes itself, where any other failure only makes the replica out of sync. The code alone cannot tell them apart
+ * (a connection the peer closes is EPERM too: peer/client.ts).
+ */
+export const fencedRefusalPrefix = 'fenced: ';
+
+export function isFencedRefusal(error: ChunkdError): boolean {
+  return error.code === 'EPERM' && error.message.startsWith(fencedRefusalPrefix);
+}
+
+export const SyncOp = { write: 1, trim: 2, zeroes: 3 } as const;
+export type SyncOp = (typeof SyncOp)[keyof typeof SyncOp];
+
+const syncFlagFua = 1;
+const syncFlagNoHole = 2;
+export const syncWriteHeaderBytes = 28;
+
+export interface SyncWriteRequest {
+  op: SyncOp;
+  fua: boolean;
+  noHole: boolean;
+  volume: string;
+  epoch: number;
+  session: number;
+  offsetBytes: number;
+  lengthBytes: number;
+  /** A write's data (a view of the payload); null for trim and write zeroes. */
+  data: Buffer | null;
+}
+
+export interface SyncOpenRequest {
+  volume: string;
+  epoch: number;
+  sizeBytes: number;
+}
+
+export interface SyncFlushRequest {
+  volume: string;
+  epoch: number;
+  session: number;
+}
+
+/** A syncWrite payload as pieces to write in order: the header with the name, then a write's data (not copied). */
+export function encodeSyncWrite(request: SyncWriteRequest): Buffer[] {
+  assert(request.op === SyncOp.write ? request.data !== null && request.data.length === request.lengthBytes : request.data === null, 'syncWrite: data for a write only');
+  assert(!request.noHole || request.op === SyncOp.zeroes, 'syncWrite: NO_HOLE for write zeroes only');
+  const name = Buffer.from(request.volume, 'utf8');
+  const header = Buffer.alloc(syncWriteHeaderBytes + name.length);
+  header.writeUInt8(request.op, 0);
+  header.writeUInt8((request.fua ? syncFlagFua : 0) | (request.noHole ? syncFlagNoHole : 0), 1);
+  header.writeUInt16BE(name.length, 2);
+  header.writeUInt32BE(request.epoch, 4);
+  header.writeBigUInt64BE(BigInt(request.offsetBytes), 8);
+  header.writeBigUInt64BE(BigInt(request.lengthBytes), 16);
+  header.writeUInt32BE(request.session, 24);
+  name.copy(header, syncWriteHeaderBytes);
+  return request.data === null || request.data.length === 0 ? [header] : [header, request.data];
+}
+
+/** Checks a syncWrite payload; throws EPROTO for anything malformed. The range against the volume is the server's to check. */
+export function parseSyncWrite(payload: Buffer): SyncWriteRequest {
+  if (payload.length < syncWriteHeaderBytes) throw ChunkdError.protocol(`syncWrite payload of ${payload.length} bytes is shorter than its header`);
+  const op = payload.readUInt8(0);
+  if (op !== SyncOp.write && op !== SyncOp.trim && op !== SyncOp.zeroes) throw ChunkdError.protocol(`syncWrite: unknown op ${op}`);
+  const flags = payload.readUInt8(1);
+  if ((flags & ~(syncFlagFua | syncFlagNoHole)) !== 0) throw ChunkdError.protocol(`syncWrite: flags 0x${flags.toString(16)} are not defined`);
+  if ((flags & syncFlagNoHole) !== 0 && op !== SyncOp.zeroes) throw ChunkdError.protocol('syncWrite: NO_HOLE is for write zeroes only');
+  const nameBytes = payload.readUInt16BE(2);
+  const epoch = payload.readUInt32BE(4);
+  if (epoch < 1) throw ChunkdError.protocol('syncWrite needs an epoch, a whole number from 1');
+  const offset = payload.readBigUInt64BE(8);
+  const length = payload.readBigUInt64BE(16);
+  if (offset > BigInt(volumeSizeMaxBytes) || length > BigInt(volumeSizeMaxBytes)) throw ChunkdError.protocol('syncWrite: offset or length past the largest volume');
+  const session = payload.readUInt32BE(24);
+  const offsetBytes = Number(offset);
+  const lengthBytes = Number(length);
+  if (payload.length < syncWriteHeaderBytes + nameBytes) throw ChunkdError.protocol('syncWrite payload is shorter than its volume name');
+  let volume: string;
+  try {
+    volume = new TextDecoder('utf-8', { fatal: true }).decode(payload.subarray(syncWriteHeaderBytes, syncWriteHeaderBytes + nameBytes));
+  } catch {
+    throw ChunkdError.protocol('syncWrite: the volume name is not UTF-8');
+  }
+  if (checkName(volume) !== null) throw ChunkdError.protocol('syncWrite needs a valid volume name');
+  const rest = payload.subarray(syncWriteHeaderBytes + nameBytes);
+  if (op === SyncOp.write) {
+    if (lengthBytes > requestBytesMax) throw ChunkdError.protocol(`syncWrite: a write of ${lengthBytes} bytes is longer than a request may be`);
+    if (rest.length !== lengthBytes) throw ChunkdError.protocol(`syncWrite: a write of ${lengthBytes} bytes carries ${rest.length}`);
+  } else if (rest.length !== 0) {
+    throw ChunkdError.protocol('syncWrite: a trim or write zeroes carries no data');
+  }
+  return {
+    op, fua: (flags & syncFlagFua) !== 0, noHole: (flags & syncFlagNoHole) !== 0, volume, epoch, session, offsetBytes, lengthBytes,
+    data: op === SyncOp.write ? rest : null,
+  };
+}
+
+export function parseSyncOpen(payload: Buffer): SyncOpenRequest {
+  const value = parseJsonObject(payload, 'syncOpen');
+  const sizeBytes = value.sizeBytes;
+  if (typeof sizeBytes !== 'number' || !Number.isSafeInteger(sizeBytes) || sizeBytes < 1 || sizeBytes > volumeSizeMaxBytes) throw ChunkdError.protocol('syncOpen needs sizeBytes');
+  return { ...parseTarget(value, 'syncOpen'), sizeBytes };
+}
+
+export function parseSyncFlush(payload: Buffer): SyncFlushRequest {
+  const value = parseJsonObject(payload, 'syncFlush');
+  return { ...parseTarget(value, 'syncFlush'), session: sessionField(value.session, 'syncFlush') };
+}
+
+/** The session a syncOpen reply names. */
+export function parseSyncOpenReply(payload: Buffer): number {
+  return sessionField(parseJsonObject(payload, 'syncOpen reply').session, 'syncOpen reply');
+}
+
+function parseTarget(value: Record<string, unknown>, what: string): { volume: string; epoch: number } {
+  if (typeof value.volume !== 'string' || checkName(value.volume) !== null) throw ChunkdError.protocol(`${what} needs a valid volume name`);
+  if (typeof value.epoch !== 'number' || !Number.isSafeInteger(value.epoch) || value.epoch < 1 || value.epoch > 0xffffffff) {
+    throw ChunkdError.protocol(`${what} needs an epoch, a whole number from 1`);
+  }
+  return { volume: value.volume, epoch: value.epoch };
+}
+
+function sessionField(value: unknown, what: string): number {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0 || value > 0xffffffff) throw ChunkdError.protocol(`${what} needs a session, a 32-bit whole number`);
+  return value;
+}

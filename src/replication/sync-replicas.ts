@@ -1,0 +1,705 @@
+// Synchronous replicas: every write this node acknowledges on a volume is on each of its in-sync replicas, as
+// DRBD's protocol C, Portworx and Longhorn do. The owner side is here; the replica side is sync-replica-server.ts,
+// the verbs' payloads sync-messages.ts, the dirty map and activity log dirty-map.ts.
+//
+// PROTOCOL. A link (one volume, one peer's --peer-listen) is one mutual-TLS peer connection. The owner sends
+// syncOpen {volume, epoch, sizeBytes} (the peer makes the volume a synchronous replica of this node, durably, or
+// refuses; it answers a session, and takes writes of that session only, so that an older connection's writes
+// still buffered there are refused), then pipelines syncWrite requests (write, trim, write zeroes with their FUA
+// and NO_HOLE flags, the owner's ownership epoch and the session in each) and syncFlush; each is answered once the
+// replica has applied it (made it durable, for FUA and flush). A replica takes them only from its owner at exactly
+// the epoch syncOpen recorded: an owner that a promotion or handoff replaced (the replica's epoch is higher) is
+// refused, "fenced:", and from then on this node refuses every write to the volume (sticky) instead of going on
+// without the replica.
+//
+// ORDERING ("acknowledged => on every in-sync replica"). SyncDevice wraps the volume an NBD or FUSE client writes:
+//   1. The write takes its chunk range in this module's range lock (overlapping writes, and a resync's copy of a
+//      region, go one at a time, so the owner and every replica apply overlapping writes in the same order;
+//      writes that do not overlap are pipelined).
+//   2. Its extents enter the activity log, and its regions the dirty map of every replica not in sync; when one is
+//      new to either, the state file is written and synced before step 3 (write-ahead, see the crash rule). Writes
+//      waiting for it at once share one state-file write (group commit).
+//   3. The write is applied locally and sent to every in-sync replica, in parallel.
+//   4. It is acknowledged only when the local write and every in-sync replica's answer are in. A replica that
+//      answers with an error, drops the connection, or does not answer within the link's timeout is first marked
+//      out of sync: the regions with writes in flight or not yet flushed on both sides (this write's among them;
+//      an in-memory twin of the activity log, in regions) join its dirty map, and the state file is written and
+//      synced; only then is the write acknowledged, without it.
+// FLUSH is sent to the local volume and every in-sync replica in parallel and answered when all are durable; FUA
+// travels with the write. A replica's answer to a write says "applied", not "durable", as NBD's does: the flush
+// that follows covers it on both sides. Reads are local. When the local write fails and a replica applied it, that
+// replica is marked out of sync (the resync gives it the owner's bytes back).
+//
+// DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions
+// (limits.syncRegionBytes, 64 KiB), and the volume's activity log (limits.syncActivityExtentBytes, 4 MiB extents,
+// as DRBD's: a larger unit makes a state-file write on the write path rare, at the price of resending whole extents
+// after an owner crash). A region or extent is in it (durably) before any write to it is applied anywhere, and
+// leaves it only when both sides hold the same bytes durably: a dirty region once a resync copied it and the
+// replica flushed; an extent once a flush that started after its last write finished (and one more, dirty-map.ts)
+// has completed on the owner and every in-sync replica. So after an owner crash every region where a replica may
+// differ (a write applied on one side and not the other, or never sent) is listed: at start every link's dirty map
+// takes the activity log's extents in, every link starts out of sync, and only those regions are resent. A crash
+// between syncing a region in and applying the write only resends a region that did not change.
+//
+// STATES of a link:
+//
+//   out-of-sync ──(connect, hello, syncOpen)──► resyncing ──(dirty regions copied, replica flushed, under the
+//        ▲                                          │       whole volume's lock)──► in-sync
+//        └──── error, timeout, closed connection ◄──┴──────────────────────────────────────┘
+//
+// Resync copies each dirty region under its range lock: holes as trims, data as writes (bytes counted); a write
+// that lands on a copied region while resyncing marks it again. The link turns in sync under the whole volume's
+// lock once nothing is left, so no write is in flight as it changes.
+//
+// NOT YET: placement and the record in etcd (the cluster's part), `volume create --sync`, a failover that promotes
+// an in-sync replica, snapshots at the same point on every replica, a resize, rollback, receive or handoff (each
+// refused while a volume has synchronous replicas: the replicas would not follow), a rate
+// cap on resync, a full rebuild with checksum compare, repair on read. Writes under way when a link is added pass
+// through; the resync starts once they are done.
+import path from 'node:path';
+import { assert } from '../core/assert.ts';
+import { ChunkdError } from '../core/errors.ts';
+import { expectedError } from '../core/fail-stop.ts';
+import { parseHostPort } from '../core/host-port.ts';
+import { chunkSizeBytes, syncActivityExtentBytes, syncReconnectDelayMs, syncRegionBytes, syncResyncRegionsInFlight } from '../core/limits.ts';
+import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
+import type { Log } from '../core/log.ts';
+import { formatSize } from '../core/units.ts';
+import { PeerClient } from '../peer/client.ts';
+import type { TlsCredentials } from '../peer/credentials.ts';
+import { PeerVerb } from '../peer/protocol.ts';
+import type { Pool } from '../store/pool.ts';
+import { RangeLock } from '../store/range-lock.ts';
+import { ActivityLog, RegionSet, regionsOf } from './dirty-map.ts';
+import { jsonPayload } from './peer-messages.ts';
+import { readStateFile, writeStateFile } from './state-file.ts';
+import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, SyncOp } from './sync-messages.ts';
+
+export interface SyncReplicaSettings {
+  volume: string;
+  /** HOST:PORT of the replica node's --peer-listen. */
+  peer: string;
+  /** A write or flush the replica leaves unanswered this long makes it out of sync. */
+  timeoutMs: number;
+}
+
+export type SyncLinkState = 'in-sync' | 'out-of-sync' | 'resyncing';
+
+export interface SyncReplicaStatus extends SyncReplicaSettings {
+  mode: 'sync';
+  peerName: string | null;
+  state: SyncLinkState;
+  /** Bytes of regions the replica may lack (the dirty map). */
+  dirtyBytes: number;
+  /** The resync under way: bytes of dirty regions it started with (grows when writes dirty more) and copied so far. */
+  resync: { totalBytes: number; copiedBytes: number } | null;
+  /** Data bytes every resync sent (holes go as trims and count nothing). */
+  resyncBytesTotal: number;
+  /** Writes and flushes sent to the replica. */
+  requestsTotal: number;
+  /** Times it went out of sync. */
+  outOfSyncTotal: number;
+  lastError: { message: string; at: string } | null;
+}
+
+/** One piece of data-path work to replicate: what SyncDevice passes in. */
+interface SyncRequest {
+  op: SyncOp;
+  offsetBytes: number;
+  lengthBytes: number;
+  data: Buffer | null;
+  fua: boolean;
+  noHole: boolean;
+}
+
+export interface SyncReplicationOptions {
+  pool: Pool;
+  poolDirectory: string;
+  /** This node's client pair (or why there is none: the message for an add). */
+  credentials: TlsCredentials | string;
+  log: Log;
+  /** This node's ownership epoch of a volume it owns. */
+  epochOf: (volume: string) => number;
+  /** Why the volume would refuse a write now, or null: asked before a write is sent anywhere. */
+  writeRefusal: (volume: string) => ChunkdError | null;
+}
+
+interface StoredLink {
+  peer: string;
+  timeoutMs: number;
+  peerName: string | null;
+  state: SyncLinkState;
+  dirty: Array<[number, number]>;
+}
+
+/** Every volume of this node with synchronous replicas, and the state file they share. */
+export class SyncReplication {
+  readonly #options: SyncReplicationOptions;
+  readonly #file: string;
+  readonly #volumes = new Map<string, SyncVolume>();
+  /** Writes to volumes without synchronous replicas in flight, per volume: a link added waits for them (see NOT YET). */
+  readonly #passing = new Map<string, { count: number; drained: Array<() => void> }>();
+  /** The state file write under way, and the one that starts after it (which every save() meanwhile joins). */
+  #runningSave: Promise<void> | null = null;
+  #nextSave: Promise<void> | null = null;
+  #closed = false;
+
+  private constructor(options: SyncReplicationOptions) {
+    this.#options = options;
+    this.#file = path.join(options.poolDirectory, 'replication', 'sync.json');
+  }
+
+  /** Reads the state file; every link starts out of sync, its dirty map holding the activity log (the crash rule). */
+  static async load(options: SyncReplicationOptions): Promise<SyncReplication> {
+    const sync = new SyncReplication(options);
+    const value = (await readStateFile(sync.#file)) as { volumes?: Record<string, { active?: unknown; replicas?: StoredLink[] }> } | null;
+    for (const [volume, stored] of Object.entries(value?.volumes ?? {})) {
+      if (!options.pool.hasVolume(volume)) continue;
+      const sizeBytes = options.pool.volumeInfo(volume).sizeBytes;
+      const regionCount = Math.ceil(sizeBytes / syncRegionBytes);
+      const what = `${sync.#file}, volume ${volume}`;
+      const active = RegionSet.fromRuns(stored.active ?? [], Math.ceil(sizeBytes / syncActivityExtentBytes), what).scaled(activityRegionsPerExtent, regionCount);
+      const set = new SyncVolume(volume, sync, options);
+      for (const link of stored.replicas ?? []) {
+        if (typeof link.peer !== 'string' || parseHostPort(link.peer) === null || !Number.isSafeInteger(link.timeoutMs)) throw ChunkdError.corrupt(`${what}: a link is not a peer and a timeout`);
+        const dirty = RegionSet.fromRuns(link.dirty, regionCount, what);
+        dirty.addAll(active);
+        set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs }, dirty, link.peerName);
+      }
+      if (set.linkCount > 0) sync.#volumes.set(volume, set);
+    }
+    return sync;
+  }
+
+  /** Starts every link's resync (each connects, catches up, and turns in sync). */
+  start(): void {
+    for (const set of this.#volumes.values()) set.start();
+  }
+
+  async stop(): Promise<void> {
+    this.#closed = true;
+    await Promise.all([...this.#volumes.values()].map((set) => set.stop()));
+    await this.#nextSave?.catch(() => {});
+    await this.#runningSave?.catch(() => {});
+  }
+
+  has(volume: string): boolean {
+    return this.#volumes.has(volume);
+  }
+
+  /** Adds a synchronous replica: it starts out of sync with every region dirty, and a resync makes it a copy. */
+  async add(settings: SyncReplicaSettings): Promise<SyncReplicaStatus> {
+    if (typeof this.#options.credentials === 'string') throw ChunkdError.invalid(`synchronous replicas need this node's client certificate: ${this.#options.credentials}`);
+    const { volume, peer } = settings;
+    if (!this.#options.pool.hasVolume(volume)) throw ChunkdError.notFound(`volume ${volume} does not exist`);
+    let set = this.#volumes.get(volume);
+    if (set?.hasLink(peer)) throw ChunkdError.exists(`volume ${volume} has a synchronous replica on ${peer} already`);
+    const created = set === undefined;
+    set ??= new SyncVolume(volume, this, this.#options);
+    const all = new RegionSet();
+    all.addRange(0, Math.ceil(this.#options.pool.volumeInfo(volume).sizeBytes / syncRegionBytes));
+    set.addLink(settings, all, null);
+    this.#volumes.set(volume, set);
+    await this.save();
+    // Writes that began before the volume had links were not tracked: its resync copies no region under them.
+    await this.#drained(volume);
+    if (created) set.start();
+    else set.startLink(peer);
+    this.#options.log(`volume ${volume}: synchronous replica on ${peer} added; it is out of sync until its first resync completes`);
+    return set.status().find((link) => link.peer === peer)!;
+  }
+
+  /** Stops replicating `volume` to `peer` synchronously; false when there was no such link. */
+  async remove(volume: string, peer: string): Promise<boolean> {
+    const set = this.#volumes.get(volume);
+    if (set === undefined || !(await set.removeLink(peer))) return false;
+    if (set.linkCount === 0) this.#volumes.delete(volume);
+    await this.save();
+    return true;
+  }
+
+  /** A volume removed from the pool: its links go (the replicas stay on their nodes). */
+  async forgetVolume(volume: string): Promise<void> {
+    const set = this.#volumes.get(volume);
+    if (set === undefined) return;
+    this.#volumes.delete(volume);
+    await set.stop();
+    await this.save();
+  }
+
+  /** Refuses a change that synchronous replicas do not follow yet (a resize). */
+  checkUnreplicated(volume: string, what: string): void {
+    if (this.#volumes.has(volume)) throw ChunkdError.busy(`volume ${volume} has synchronous replicas, which do not follow ${what} yet: remove them first (chunkd replica remove ${volume} --peer HOST:PORT)`);
+  }
+
+  status(volume: string | null): SyncReplicaStatus[] {
+    if (volume !== null) return this.#volumes.get(volume)?.status() ?? [];
+    return [...this.#volumes.values()].flatMap((set) => set.status());
+  }
+
+  /** A write, trim or write zeroes of `volume`: replicated when it has synchronous replicas, else `local` alone. */
+  async replicate(volume: string, request: SyncRequest, local: () => Promise<void>): Promise<void> {
+    const set = this.#volumes.get(volume);
+    if (set !== undefined) return set.replicate(request, local);
+    return this.#pass(volume, local);
+  }
+
+  async flush(volume: string, local: () => Promise<void>): Promise<void> {
+    const set = this.#volumes.get(volume);
+    if (set !== undefined) return set.flush(local);
+    return this.#pass(volume, local);
+  }
+
+  /**
+   * Writes the state file as it is when the write starts; one caller's change is in it once its promise resolves.
+   * One write runs at a time, and every caller while it runs shares the next one (a group commit: at a queue depth
+   * of 32, the writes that mark new regions at once cost two state-file writes, not 32).
+   */
+  save(): Promise<void> {
+    if (this.#nextSave !== null) return this.#nextSave;
+    const next = (this.#runningSave ?? Promise.resolve()).catch(() => {}).then(() => {
+      this.#nextSave = null;
+      const volumes = Object.fromEntries([...this.#volumes].map(([name, set]) => [name, set.stored()]));
+      const running = writeStateFile(this.#file, { volumes });
+      this.#runningSave = running;
+      return running.finally(() => {
+        if (this.#runningSave === running) this.#runningSave = null;
+      });
+    });
+    this.#nextSave = next;
+    return next;
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  async #pass(volume: string, local: () => Promise<void>): Promise<void> {
+    let passing = this.#passing.get(volume);
+    if (passing === undefined) this.#passing.set(volume, (passing = { count: 0, drained: [] }));
+    passing.count += 1;
+    try {
+      await local();
+    } finally {
+      passing.count -= 1;
+      if (passing.count === 0) {
+        this.#passing.delete(volume);
+        for (const resolve of passing.drained) resolve();
+      }
+    }
+  }
+
+  #drained(volume: string): Promise<void> {
+    const passing = this.#passing.get(volume);
+    if (passing === undefined) return Promise.resolve();
+    return new Promise((resolve) => passing.drained.push(resolve));
+  }
+}
+
+/** One synchronous replica of a volume: its connection, state and dirty map. */
+class SyncLink {
+  readonly settings: SyncReplicaSettings;
+  state: SyncLinkState = 'out-of-sync';
+  peerName: string | null;
+  readonly dirty: RegionSet;
+  /** Dirty regions the resync under way has copied (a write to one marks it again: removed from here). */
+  readonly copied = new Set<number>();
+  client: PeerClient | null = null;
+  /** The session the replica's syncOpen answered on this connection (sync-messages.ts). */
+  session = 0;
+  /** The state file write that recorded the last fall out of sync: every write acknowledged after it waits for it. */
+  outOfSyncSaved: Promise<void> = Promise.resolve();
+  resync: { totalBytes: number; copiedBytes: number } | null = null;
+  resyncBytesTotal = 0;
+  requestsTotal = 0;
+  outOfSyncTotal = 0;
+  lastError: { message: string; at: string } | null = null;
+  running: Promise<void> | null = null;
+  stopped = false;
+  #wake: (() => void) | null = null;
+
+  constructor(settings: SyncReplicaSettings, dirty: RegionSet, peerName: string | null) {
+    this.settings = settings;
+    this.dirty = dirty;
+    this.peerName = peerName;
+  }
+
+  /** Marks [first, end) dirty for a write while out of sync; true when the state file must be written first. */
+  markDirty(first: number, end: number): boolean {
+    for (let region = first; region < end; region++) this.copied.delete(region);
+    return this.dirty.addRange(first, end);
+  }
+
+  /** Dirty regions the resync has still to copy. */
+  pendingRegions(): number[] {
+    return this.dirty.sorted().filter((region) => !this.copied.has(region));
+  }
+
+  /** Sends a request on the link's connection; no answer within the link's timeout is an error. */
+  async send(verb: number, payload: Buffer | Buffer[]): Promise<Buffer> {
+    const client = this.client;
+    if (client === null) throw ChunkdError.io(`not connected to ${this.settings.peer}`);
+    this.requestsTotal += 1;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => reject(ChunkdError.io(`the synchronous replica on ${this.settings.peer} did not answer within ${this.settings.timeoutMs} ms`)), this.settings.timeoutMs);
+    });
+    try {
+      return await Promise.race([client.request(verb, payload), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  disconnect(): void {
+    this.client?.close();
+    this.client = null;
+  }
+
+  /** Waits `ms` before the next try, or less when the link is stopped. */
+  pause(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      this.#wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.disconnect();
+    this.#wake?.();
+  }
+
+  fail(error: ChunkdError): void {
+    this.lastError = { message: error.message, at: new Date().toISOString() };
+  }
+}
+
+/** The synchronous replicas of one volume: the range lock, the activity log, the links. */
+class SyncVolume {
+  readonly #name: string;
+  readonly #sync: SyncReplication;
+  readonly #options: SyncReplicationOptions;
+  readonly #links: SyncLink[] = [];
+  readonly #lock = new RangeLock();
+  /** The activity log, in extents: persisted, for an owner crash. */
+  readonly #activity = new ActivityLog();
+  /** The same in dirty-map regions, in memory only: what a replica that falls out of sync now may lack. */
+  readonly #recent = new ActivityLog();
+  /** Set once a replica refused this node as a stale owner: every later write and flush is refused with it. */
+  #fenced: ChunkdError | null = null;
+
+  constructor(name: string, sync: SyncReplication, options: SyncReplicationOptions) {
+    this.#name = name;
+    this.#sync = sync;
+    this.#options = options;
+  }
+
+  get linkCount(): number {
+    return this.#links.length;
+  }
+
+  hasLink(peer: string): boolean {
+    return this.#links.some((link) => link.settings.peer === peer);
+  }
+
+  addLink(settings: SyncReplicaSettings, dirty: RegionSet, peerName: string | null): void {
+    assert(!this.hasLink(settings.peer), 'one link per peer');
+    this.#links.push(new SyncLink(settings, dirty, peerName));
+  }
+
+  async removeLink(peer: string): Promise<boolean> {
+    const index = this.#links.findIndex((link) => link.settings.peer === peer);
+    if (index < 0) return false;
+    // Under the whole volume's lock, so no write is sent to it half way.
+    const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
+    const [link] = this.#links.splice(index, 1);
+    release();
+    link!.stop();
+    await link!.running;
+    return true;
+  }
+
+  start(): void {
+    for (const link of this.#links) this.startLink(link.settings.peer);
+  }
+
+  startLink(peer: string): void {
+    const link = this.#links.find((candidate) => candidate.settings.peer === peer);
+    assert(link !== undefined);
+    if (link.running !== null || link.state === 'in-sync') return;
+    link.running = this.#run(link).finally(() => {
+      link.running = null;
+      // Out of sync again before this run had quite ended (startLink found it still running): run again.
+      if (link.state !== 'in-sync' && !link.stopped && !this.#sync.closed && this.#fenced === null) this.startLink(peer);
+    });
+  }
+
+  async stop(): Promise<void> {
+    for (const link of this.#links) link.stop();
+    await Promise.all(this.#links.map((link) => link.running));
+  }
+
+  stored(): { active: Array<[number, number]>; replicas: StoredLink[] } {
+    return {
+      active: this.#activity.active.toRuns(),
+      replicas: this.#links.map((link) => ({ peer: link.settings.peer, timeoutMs: link.settings.timeoutMs, peerName: link.peerName, state: link.state, dirty: link.dirty.toRuns() })),
+    };
+  }
+
+  status(): SyncReplicaStatus[] {
+    return this.#links.map((link) => ({
+      ...link.settings,
+      mode: 'sync',
+      peerName: link.peerName,
+      state: link.state,
+      dirtyBytes: link.dirty.size * syncRegionBytes,
+      resync: link.resync === null ? null : { ...link.resync },
+      resyncBytesTotal: link.resyncBytesTotal,
+      requestsTotal: link.requestsTotal,
+      outOfSyncTotal: link.outOfSyncTotal,
+      lastError: link.lastError,
+    }));
+  }
+
+  /** The ORDERING of the design note, steps 1 to 4. */
+  async replicate(request: SyncRequest, local: () => Promise<void>): Promise<void> {
+    if (this.#fenced !== null) throw this.#fenced;
+    if (request.lengthBytes === 0) return local();
+    const release = await this.#lock.acquire(...chunksOf(request.offsetBytes, request.lengthBytes), true);
+    // Under the lock, as the volume checks it: a write the volume would refuse is not sent to a replica either.
+    const refusal = this.#options.writeRefusal(this.#name);
+    if (refusal !== null) {
+      release();
+      throw refusal;
+    }
+    const [first, end] = regionsOf(request.offsetBytes, request.lengthBytes, syncRegionBytes);
+    const [firstExtent, endExtent] = regionsOf(request.offsetBytes, request.lengthBytes, syncActivityExtentBytes);
+    let mustSave = this.#activity.begin(firstExtent, endExtent);
+    this.#recent.begin(first, end);
+    try {
+      for (const link of this.#links) if (link.state !== 'in-sync') mustSave = link.markDirty(first, end) || mustSave;
+      if (mustSave) await this.#sync.save();
+      const targets = this.#links.filter((link) => link.state === 'in-sync');
+      const epoch = this.#options.epochOf(this.#name);
+      const answers = targets.map((link) => link.send(PeerVerb.syncWrite, encodeSyncWrite({ ...request, volume: this.#name, epoch, session: link.session }))
+        .then(() => null, (error: unknown) => expectedError(error, 'a synchronous write')));
+      let localError: unknown = null;
+      await local().catch((error: unknown) => (localError = error));
+      await this.#settle(targets, await Promise.all(answers), localError !== null);
+      if (localError !== null) throw localError;
+    } finally {
+      this.#activity.end(firstExtent, endExtent);
+      this.#recent.end(first, end);
+      release();
+    }
+  }
+
+  async flush(local: () => Promise<void>): Promise<void> {
+    if (this.#fenced !== null) throw this.#fenced;
+    const generation = this.#activity.flushStarted();
+    const recentGeneration = this.#recent.flushStarted();
+    const targets = this.#links.filter((link) => link.state === 'in-sync');
+    const epoch = this.#options.epochOf(this.#name);
+    const answers = targets.map((link) => link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch, session: link.session }))
+      .then(() => null, (error: unknown) => expectedError(error, 'a synchronous flush')));
+    let localError: unknown = null;
+    await local().catch((error: unknown) => (localError = error));
+    await this.#settle(targets, await Promise.all(answers), false);
+    if (localError !== null) throw localError;
+    // What left the log needs no write of its own (a stale entry only resends a region): the next one carries it.
+    this.#activity.flushDone(generation);
+    this.#recent.flushDone(recentGeneration);
+  }
+
+  /** Step 4: each failed answer makes its link out of sync, durably, before the request is answered; a fence refuses it. */
+  async #settle(targets: SyncLink[], errors: Array<ChunkdError | null>, localFailed: boolean): Promise<void> {
+    const saves: Array<Promise<void>> = [];
+    for (const [index, link] of targets.entries()) {
+      const error = errors[index];
+      if (error !== null && error !== undefined && isFencedRefusal(error)) this.#fence(error);
+      else if (error !== null && error !== undefined) saves.push(this.#outOfSync(link, error));
+      else if (localFailed) saves.push(this.#outOfSync(link, ChunkdError.io('the owner failed a write that the replica applied')));
+    }
+    await Promise.all(saves);
+    if (this.#fenced !== null) throw this.#fenced;
+  }
+
+  #fence(error: ChunkdError): void {
+    if (this.#fenced !== null) return;
+    this.#fenced = ChunkdError.readOnly(`volume ${this.#name}: writes refused: a synchronous replica refused this node as its owner (${error.message})`);
+    this.#options.log(this.#fenced.message, 'error');
+  }
+
+  #outOfSync(link: SyncLink, error: ChunkdError): Promise<void> {
+    if (link.state === 'in-sync' && !link.stopped) {
+      link.state = 'out-of-sync';
+      link.outOfSyncTotal += 1;
+      link.fail(error);
+      // Every region with a write in flight or not yet flushed on both sides may be missing there.
+      link.dirty.addAll(this.#recent.active);
+      link.copied.clear();
+      link.disconnect();
+      this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer} is out of sync, writes go on without it: ${error.message}`, 'warn');
+      link.outOfSyncSaved = this.#sync.save();
+      this.startLink(link.settings.peer);
+    }
+    return link.outOfSyncSaved;
+  }
+
+  async #run(link: SyncLink): Promise<void> {
+    while (!link.stopped && !this.#sync.closed && link.state !== 'in-sync' && this.#fenced === null) {
+      try {
+        await this.#resync(link);
+      } catch (caught) {
+        link.disconnect();
+        if (link.stopped) break;
+        const error = expectedError(caught, `the resync of ${this.#name} on ${link.settings.peer}`);
+        if (isFencedRefusal(error)) {
+          this.#fence(error);
+          break;
+        }
+        if (link.lastError?.message !== error.message) this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer}: ${error.message}; trying again`, 'warn');
+        link.fail(error);
+        link.state = 'out-of-sync';
+        link.resync = null;
+        await link.pause(syncReconnectDelayMs);
+      }
+    }
+  }
+
+  /** out-of-sync -> resyncing -> in-sync, or throws (the link stays out of sync). */
+  async #resync(link: SyncLink): Promise<void> {
+    const address = parseHostPort(link.settings.peer);
+    assert(address !== null && typeof this.#options.credentials !== 'string');
+    link.client = await PeerClient.connect({ host: address.host, port: address.port, credentials: this.#options.credentials, timeoutMs: Math.max(link.settings.timeoutMs, 1_000) });
+    if (link.stopped) return link.disconnect();
+    link.peerName = link.client.hello.name;
+    const sizeBytes = this.#options.pool.volumeInfo(this.#name).sizeBytes;
+    link.session = parseSyncOpenReply(await link.send(PeerVerb.syncOpen, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), sizeBytes })));
+    link.state = 'resyncing';
+    link.copied.clear();
+    link.resync = { totalBytes: link.dirty.size * syncRegionBytes, copiedBytes: 0 };
+    const started = performance.now();
+    const sentBefore = link.resyncBytesTotal;
+    for (;;) {
+      await this.#copyPending(link, sizeBytes);
+      const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
+      try {
+        if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+        if (link.pendingRegions().length > 0) continue;
+        // The copies durable there before the dirty map forgets them.
+        await link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session }));
+        link.dirty.clear();
+        link.copied.clear();
+        link.state = 'in-sync';
+        // A replica that goes away between writes is out of sync at once, not at the next write.
+        const client = link.client!;
+        void client.ended.then((error) => {
+          if (link.client === client) void this.#outOfSync(link, error).catch((failure: unknown) => this.#options.log(`volume ${this.#name}: ${expectedError(failure, 'the sync state file').message}`, 'error'));
+        });
+        link.resync = null;
+        link.lastError = null;
+        await this.#sync.save();
+      } finally {
+        release();
+      }
+      const seconds = (performance.now() - started) / 1000;
+      this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer} (${link.peerName}) is in sync: resync sent ${formatSize(link.resyncBytesTotal - sentBefore)} in ${seconds.toFixed(2)} s`);
+      return;
+    }
+  }
+
+  /** Copies the regions still dirty, a few at a time, each under its range lock. */
+  async #copyPending(link: SyncLink, sizeBytes: number): Promise<void> {
+    const pending = link.pendingRegions();
+    link.resync!.totalBytes = Math.max(link.resync!.totalBytes, link.resync!.copiedBytes + pending.length * syncRegionBytes);
+    const device = this.#options.pool.openVolume(this.#name);
+    let next = 0;
+    let failure: unknown = null;
+    const worker = async (): Promise<void> => {
+      while (next < pending.length && failure === null) {
+        const region = pending[next++]!;
+        await this.#copyRegion(link, device, region, sizeBytes).catch((error: unknown) => (failure ??= error));
+      }
+    };
+    try {
+      await Promise.all(Array.from({ length: syncResyncRegionsInFlight }, worker));
+    } finally {
+      await device.close();
+    }
+    if (failure !== null) throw failure;
+  }
+
+  async #copyRegion(link: SyncLink, device: BlockDevice, region: number, sizeBytes: number): Promise<void> {
+    const startBytes = region * syncRegionBytes;
+    const endBytes = Math.min(sizeBytes, startBytes + syncRegionBytes);
+    const release = await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
+    try {
+      if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+      if (!link.dirty.has(region) || link.copied.has(region)) return;
+      const epoch = this.#options.epochOf(this.#name);
+      for (let at = startBytes; at < endBytes;) {
+        const [extent] = await device.blockStatus(at, endBytes - at) as [Extent];
+        const lengthBytes = Math.min(extent.lengthBytes, endBytes - at);
+        let data: Buffer | null = null;
+        if (!extent.zero) {
+          data = Buffer.alloc(lengthBytes);
+          await device.read(at, data);
+        }
+        const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
+        await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
+        link.resyncBytesTotal += data?.length ?? 0;
+        at += lengthBytes;
+      }
+      link.copied.add(region);
+      link.resync!.copiedBytes += syncRegionBytes;
+    } finally {
+      release();
+    }
+  }
+}
+
+const activityRegionsPerExtent = syncActivityExtentBytes / syncRegionBytes;
+
+/** The chunks [first, end) that bytes [offsetBytes, offsetBytes + lengthBytes) touch: the range lock's unit. */
+function chunksOf(offsetBytes: number, lengthBytes: number): [number, number] {
+  return [Math.floor(offsetBytes / chunkSizeBytes), Math.ceil((offsetBytes + lengthBytes) / chunkSizeBytes)];
+}
+
+/**
+ * A volume as its clients write it on a node with synchronous replication: reads go to the volume, writes, trims,
+ * write zeroes and flushes through SyncReplication (replicated when the volume has synchronous replicas, at the
+ * time of each request, so a link added while a client is connected applies to it).
+ */
+export class SyncDevice extends ForwardingDevice {
+  readonly #sync: SyncReplication;
+
+  constructor(inner: BlockDevice, sync: SyncReplication) {
+    assert(!inner.readOnly, 'SyncDevice over a writable volume');
+    super(inner);
+    this.#sync = sync;
+  }
+
+  override write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    const request = { op: SyncOp.write, offsetBytes, lengthBytes: data.length, data, fua: options?.fua === true, noHole: false };
+    return this.#sync.replicate(this.name, request, () => this.inner.write(offsetBytes, data, options));
+  }
+
+  override trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
+    const request = { op: SyncOp.trim, offsetBytes, lengthBytes, data: null, fua: options?.fua === true, noHole: false };
+    return this.#sync.replicate(this.name, request, () => this.inner.trim(offsetBytes, lengthBytes, options));
+  }
+
+  override writeZeroes(offsetBytes: number, lengthBytes: number, options?: ZeroOptions): Promise<void> {
+    const request = { op: SyncOp.zeroes, offsetBytes, lengthBytes, data: null, fua: options?.fua === true, noHole: options?.noHole === true };
+    return this.#sync.replicate(this.name, request, () => this.inner.writeZeroes(offsetBytes, lengthBytes, options));
+  }
+
+  override flush(): Promise<void> {
+    return this.#sync.flush(this.name, () => this.inner.flush());
+  }
+}

@@ -1,0 +1,222 @@
+// Synchronous replicas (replication/sync-replicas.ts) with two real nodes on loopback peer ports (mutual TLS from
+// `chunkd tls init`) and real NBD clients: a write is on the replica when the client has its answer (both exports
+// hashed by nbdcopy, no replication step between), and durable there after a flush; a replica that is stopped
+// (SIGSTOP) or killed (kill -9) is out of sync after the timeout, writes go on, and only the regions written
+// meanwhile are resent (counted) when it is back; the dirty map and the activity log survive kill -9 of the
+// owner, and only what they list is resent; an owner with a stale epoch is refused by the replica and refuses
+// writes itself; a write from an owner's older connection (its session) is refused.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, test } from 'vitest';
+import { freePort, haveTool, makeTempDir, mustRun, runTool, type RunningNode } from '../helpers/node-process.ts';
+import { replicaLinks, startPeerNode, waitFor, type PeerNode } from '../helpers/peer-nodes.ts';
+import { PeerClient } from '../../src/peer/client.ts';
+import { loadCredentials } from '../../src/peer/credentials.ts';
+import { PeerVerb } from '../../src/peer/protocol.ts';
+import { jsonPayload } from '../../src/replication/peer-messages.ts';
+import { encodeSyncWrite, parseSyncOpenReply, SyncOp } from '../../src/replication/sync-messages.ts';
+import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
+
+const MiB = 1024 * 1024;
+const regionBytes = 64 * 1024;
+const skip = !haveTool('nbdcopy') || !haveTool('qemu-io') || !haveTool('openssl');
+let scratch: string;
+let tlsDir: string;
+
+function startPeer(name: string, port: number, extra: string[] = []): Promise<PeerNode> {
+  return startPeerNode(scratch, tlsDir, name, port, extra);
+}
+
+/** The owner's synchronous link of `volume`. */
+async function link(owner: PeerNode, volume = 'vol'): Promise<Record<string, any>> {
+  const links = await replicaLinks(owner, volume);
+  const found = links.find((r) => r.mode === 'sync');
+  assert.ok(found !== undefined, `no synchronous link of ${volume}: ${JSON.stringify(links)}`);
+  return found;
+}
+
+function inSync(owner: PeerNode): Promise<Record<string, any>> {
+  return waitFor('the replica in sync', async () => {
+    const current = await link(owner);
+    return current.state === 'in-sync' ? current : null;
+  }, async () => `${JSON.stringify(await link(owner))}\n${owner.node.stderr()}`, 20_000);
+}
+
+function qemuIo(node: RunningNode, ...commands: string[]): Promise<string> {
+  return mustRun('qemu-io', ['-f', 'raw', node.qemuUri('vol'), ...commands.flatMap((command) => ['-c', command])]);
+}
+
+let alpha: PeerNode;
+let beta: PeerNode;
+const ports: Record<string, number> = {};
+
+beforeAll(async () => {
+  if (skip) return;
+  scratch = makeTempDir('sync-replicas');
+  tlsDir = path.join(scratch, 'tls');
+  await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta']);
+  for (const name of ['alpha', 'beta']) ports[name] = await freePort();
+  alpha = await startPeer('alpha', ports.alpha!, ['--default-volume', 'vol:32MiB']);
+  beta = await startPeer('beta', ports.beta!);
+});
+
+afterAll(async () => {
+  if (skip) return;
+  beta.node.process.kill('SIGCONT');
+  for (const peer of [alpha, beta]) await stopAndCheck(peer.node);
+  fs.rmSync(scratch, { recursive: true, force: true });
+});
+
+test('an acknowledged write is on the synchronous replica, and durable there after a flush', { skip }, async () => {
+  await qemuIo(alpha.node, 'write -P 0x11 0 4M', 'write -P 0x12 20M 1M');
+  const added = JSON.parse(await ok(alpha.node, 'replica', 'add', 'vol', '--peer', beta.address, '--sync', '--sync-timeout', '1s', '--json'));
+  assert.equal(added.mode, 'sync');
+  const first = await inSync(alpha);
+  assert.equal(first.peerName, 'beta');
+  // The first resync sends the data, not the holes: 5 MiB of 32.
+  assert.equal(first.resyncBytesTotal, 5 * MiB);
+  assert.equal(first.dirtyBytes, 0);
+
+  // Writes, a trim and write zeroes, each answered to the client only once beta has it: right after the client's
+  // last answer, both exports read the same, with no replication step between.
+  await qemuIo(alpha.node, 'write -P 0x21 1M 1M', 'write -P 0x22 8M 3M', 'write -P 0x23 12345 4567', 'write -z 2M 512k', 'discard 20M 256k', 'write -P 0x24 -f 30M 64k');
+  const owner = await exportHash(alpha.node, 'vol');
+  assert.equal(await exportHash(beta.node, 'vol'), owner);
+  const now = await link(alpha);
+  assert.equal(now.state, 'in-sync');
+  assert.equal(now.resyncBytesTotal, 5 * MiB, 'no resync was needed');
+
+  // What the replica would not follow is refused on the owner.
+  const resize = await alpha.node.cli('volume', 'resize', 'vol', '--size', '64MiB');
+  assert.equal(resize.code, 1);
+  assert.match(resize.stderr, /volume vol has synchronous replicas, which do not follow a resize yet/);
+
+  // The replica's export is read-only.
+  const write = await runTool('qemu-io', ['-f', 'raw', beta.node.qemuUri('vol'), '-c', 'write -P 1 0 4k']);
+  assert.notEqual(write.code, 0, 'a write to a synchronous replica is refused');
+
+  // qemu-io flushed before it exited: kill -9 of beta (alpha stopped first, so nothing resyncs) keeps it all.
+  assert.equal(await alpha.node.stop(), 0);
+  await beta.node.kill();
+  beta = await startPeer('beta', ports.beta!);
+  assert.equal(await exportHash(beta.node, 'vol'), owner);
+  alpha = await startPeer('alpha', ports.alpha!);
+  const back = await inSync(alpha);
+  assert.equal(back.dirtyBytes, 0);
+});
+
+test('a stopped, then killed, replica: writes go on after the timeout, and only the regions written meanwhile are resent', { skip }, async (t) => {
+  // Two flushes with nothing written empty the activity log: what is resent below is exactly what was written.
+  await qemuIo(alpha.node, 'flush', 'flush');
+  const before = (await link(alpha)).resyncBytesTotal as number;
+
+  beta.node.process.kill('SIGSTOP');
+  t.onTestFinished(() => {
+    beta.node.process.kill('SIGCONT');
+  });
+  const started = Date.now();
+  await qemuIo(alpha.node, 'write -P 0x31 4M 1M', 'write -P 0x32 16M 512k');
+  const waited = Date.now() - started;
+  const away = await link(alpha);
+  assert.equal(away.state, 'out-of-sync');
+  assert.equal(away.outOfSyncTotal, 1);
+  assert.ok(waited >= 900, `the first write waited for the 1 s timeout (${waited} ms)`);
+  assert.match(alpha.node.stderr(), /synchronous replica on 127\.0\.0\.1:\d+ is out of sync, writes go on without it: the synchronous replica on 127\.0\.0\.1:\d+ did not answer within 1000 ms/);
+  assert.equal(away.dirtyBytes, 1.5 * MiB);
+  const metrics = await ok(alpha.node, 'status', '--json');
+  assert.equal(JSON.parse(metrics).replication.syncReplicas[0].state, 'out-of-sync');
+  const scrape = (await runTool('curl', ['-s', '--unix-socket', alpha.node.apiSocket, 'http://chunkd/metrics'])).stdout;
+  assert.match(scrape, /^chunkd_sync_replica_in_sync\{volume="vol",peer="127\.0\.0\.1:\d+"\} 0$/m);
+  assert.match(scrape, /^chunkd_sync_replica_dirty_bytes\{volume="vol",peer="127\.0\.0\.1:\d+"\} 1572864$/m);
+  assert.match(scrape, /^chunkd_sync_replica_out_of_sync_total\{volume="vol",peer="127\.0\.0\.1:\d+"\} 1$/m);
+  const text = await ok(alpha.node, 'replica', 'status', 'vol');
+  assert.match(text, /vol -> beta at 127\.0\.0\.1:\d+: synchronous, out-of-sync, 1\.50 MiB dirty/);
+
+  beta.node.process.kill('SIGCONT');
+  const resynced = await inSync(alpha);
+  assert.equal(resynced.resyncBytesTotal - before, 1.5 * MiB, 'only the dirty regions are resent');
+  assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
+
+  // kill -9: the connection drops, so the next write goes on at once; beta comes back on the same port.
+  await qemuIo(alpha.node, 'flush', 'flush');
+  await beta.node.kill();
+  await qemuIo(alpha.node, 'write -P 0x41 24M 256k', 'write -P 0x42 100000 1000');
+  const gone = await link(alpha);
+  assert.equal(gone.state, 'out-of-sync');
+  assert.equal(gone.dirtyBytes, 256 * 1024 + regionBytes);
+  beta = await startPeer('beta', ports.beta!);
+  const again = await inSync(alpha);
+  assert.equal(again.resyncBytesTotal - resynced.resyncBytesTotal, 256 * 1024 + regionBytes);
+  assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
+});
+
+test('kill -9 of the owner, with the replica away and in sync: the dirty map and the activity log survive, and only they are resent', { skip }, async (t) => {
+  await qemuIo(alpha.node, 'flush', 'flush');
+  beta.node.process.kill('SIGSTOP');
+  t.onTestFinished(() => {
+    beta.node.process.kill('SIGCONT');
+  });
+  await qemuIo(alpha.node, 'write -P 0x51 6M 2M');
+  assert.equal((await link(alpha)).dirtyBytes, 2 * MiB);
+  await alpha.node.kill();
+  alpha = await startPeer('alpha', ports.alpha!);
+  // The dirty map as it was, and the activity log's extent of that write (4M-8M, whose data is 4M-5M and 6M-8M).
+  const loaded = await link(alpha);
+  assert.notEqual(loaded.state, 'in-sync');
+  assert.equal(loaded.dirtyBytes, 4 * MiB);
+  beta.node.process.kill('SIGCONT');
+  const back = await inSync(alpha);
+  assert.equal(back.resyncBytesTotal, 3 * MiB);
+  assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
+
+  // In sync this time: the 4 MiB extents written since the flush before last are in the activity log, which the
+  // owner makes durable before it writes them, and resends after a crash (a write may be on one side only): here
+  // the extent 8M-12M, whose data is 8M-11M (the first test's and this write).
+  await qemuIo(alpha.node, 'write -P 0x52 10M 1M');
+  await alpha.node.kill();
+  alpha = await startPeer('alpha', ports.alpha!);
+  assert.equal((await link(alpha)).dirtyBytes, 4 * MiB);
+  const after = await inSync(alpha);
+  assert.equal(after.resyncBytesTotal, 3 * MiB);
+  assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
+});
+
+test('an owner with a stale epoch is refused by the replica, and refuses writes', { skip }, async () => {
+  // Another node has owned vol at epoch 2 as far as beta knows (what a promotion or a handoff leaves there).
+  await stopAndCheck(beta.node);
+  const rolesFile = path.join(beta.node.pool, 'replication', 'roles.json');
+  const roles = JSON.parse(fs.readFileSync(rolesFile, 'utf8'));
+  assert.deepEqual(roles.volumes.vol, { role: 'replica', owner: 'alpha', epoch: 1, sync: true });
+  roles.volumes.vol.epoch = 2;
+  fs.writeFileSync(rolesFile, JSON.stringify(roles));
+  beta = await startPeer('beta', ports.beta!);
+  await waitFor('alpha fenced', async () => (/writes refused: a synchronous replica refused this node as its owner/.test(alpha.node.stderr()) ? true : null), async () => alpha.node.stderr());
+  assert.match(beta.node.stderr(), /refused a synchronous write to vol from alpha at epoch 1: the replica follows alpha at epoch 2/);
+  const write = await runTool('qemu-io', ['-f', 'raw', alpha.node.qemuUri('vol'), '-c', 'write -P 0x61 0 4k']);
+  assert.notEqual(write.code, 0, 'a stale owner refuses writes');
+  assert.match(write.stdout + write.stderr, /Operation not permitted/);
+  // Removing the link is the way out for this owner (the replica is another owner's now).
+  await ok(alpha.node, 'replica', 'remove', 'vol', '--peer', beta.address);
+  await qemuIo(alpha.node, 'write -P 0x61 0 4k');
+});
+
+test('a replica takes writes only from the session of the newest syncOpen: an older connection\'s are refused', { skip }, async () => {
+  // As alpha (its client pair), at the epoch beta now follows: two connections, the first one left behind.
+  const connect = (): Promise<PeerClient> => PeerClient.connect({ host: '127.0.0.1', port: ports.beta!, credentials: loadCredentials(path.join(tlsDir, 'alpha'), 'client') });
+  const [older, newer] = [await connect(), await connect()];
+  try {
+    const open = jsonPayload({ volume: 'vol', epoch: 2, sizeBytes: 32 * MiB });
+    const first = parseSyncOpenReply(await older.request(PeerVerb.syncOpen, open));
+    const second = parseSyncOpenReply(await newer.request(PeerVerb.syncOpen, open));
+    assert.notEqual(first, second);
+    const write = (session: number): Buffer[] => encodeSyncWrite({ op: SyncOp.write, fua: false, noHole: false, volume: 'vol', epoch: 2, session, offsetBytes: 0, lengthBytes: 4096, data: Buffer.alloc(4096, 0x71) });
+    await assert.rejects(older.request(PeerVerb.syncWrite, write(first)), /a synchronous write to vol from an older connection of alpha \(session \d+\) is refused/);
+    await newer.request(PeerVerb.syncWrite, write(second));
+    await assert.rejects(newer.request(PeerVerb.syncWrite, encodeSyncWrite({ op: SyncOp.trim, fua: false, noHole: false, volume: 'vol', epoch: 1, session: second, offsetBytes: 0, lengthBytes: 4096, data: null })), /^ChunkdError: fenced: alpha writes vol at ownership epoch 1/);
+  } finally {
+    older.close();
+    newer.close();
+  }
+  await mustRun('qemu-io', ['-f', 'raw', '-r', beta.node.qemuUri('vol'), '-c', 'read -P 0x71 0 4k']);
+});
