@@ -40,8 +40,9 @@ import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type IOptions } from 'etc
 import { ChunkdError } from '../core/errors.ts';
 import { softwareVersion } from '../core/version.ts';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
-import { nodeKey, nodesPrefix, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
+import { moveKey, movesPrefix, nodeKey, nodesPrefix, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type MoveRecord, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
 import { chooseSuccessor, orphanedVolumes } from './failover.ts';
+import { describeVolumes, type ClusterVolume } from './listing.ts';
 import { chooseReplicaNodes } from './placement.ts';
 
 export interface ClusterConfig {
@@ -69,6 +70,11 @@ export interface ClusterHost {
   rejoin(volume: string, owner: string, ownerEpoch: number, ownerAddress: string): Promise<void>;
   /** A replica whose owner was replaced (failover): it follows the new owner at its epoch from now on. */
   follow(volume: string, owner: string, ownerEpoch: number): Promise<void>;
+  /**
+   * Hands this node's volume, owned at `epoch`, over to node `to` at `toAddress` (replication/handoff.ts), or
+   * settles one a crash interrupted; returns at once when the volume is already `to`'s replica here at epoch + 1.
+   */
+  move(volume: string, to: string, toAddress: string, epoch: number): Promise<void>;
   /** Makes sure this node replicates its volume to the node at `peer` (a replica that follows it). */
   ensureReplica(volume: string, peer: string): Promise<void>;
   log: (line: string) => void;
@@ -93,6 +99,10 @@ const noFaultHandling = {
 
 /** How long one call to etcd may take before it counts as unanswered (at start, and for commands). */
 const callTimeoutMs = 3_000;
+
+/** How long `volume move` waits for the move it recorded, and how often it looks. */
+const moveWaitMs = 10 * 60_000;
+const movePollMs = 100;
 
 /** The keepalive loop's pause after a failed beat before it tries again. */
 const retryDelayMs = 50;
@@ -213,19 +223,55 @@ export class ClusterMember {
     if (!result.succeeded) throw ChunkdError.busy(`volume ${name} was removed here, but its record in etcd changed meanwhile and stays (remove it with etcdctl del /chunkd/v1/volumes/${name} once checked)`);
   }
 
+  /**
+   * `chunkd volume move VOL --to NODE`, from any node: records the move in etcd (operations/move/VOL, by a
+   * transaction comparing the volume record's revision, so it starts from the owner and epoch read), then waits
+   * until the record names NODE (the owner performs the handoff and records the change: #advanceMoves). A move
+   * recorded already to the same node is waited for; a move to another node is refused.
+   */
+  async requestMove(volume: string, to: string, waitMs = moveWaitMs): Promise<{ volume: string; from: string; to: string; epoch: number; moved: boolean }> {
+    const [volumeKv, targetKv, moveKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(nodeKey(to), deadline()), this.#get(moveKey(volume), deadline())]);
+    if (volumeKv === null) throw ChunkdError.notFound(`volume ${volume} is not in the cluster`);
+    const record = parseVolumeRecord(volumeKey(volume), volumeKv.value);
+    if (record.owner === to) return { volume, from: to, to, epoch: record.epoch, moved: false };
+    let pending = moveKv === null ? null : parseMoveRecord(moveKey(volume), moveKv.value);
+    // A move that no longer starts from the volume's record (done, failed over) is stale: replaced below.
+    if (pending !== null && (pending.from !== record.owner || pending.epoch !== record.epoch)) pending = null;
+    if (pending !== null && pending.to !== to) throw ChunkdError.busy(`volume ${volume} is being moved to ${pending.to} already (asked on ${pending.requestedBy} at ${pending.requestedAt}); wait for it to finish`);
+    if (pending === null) {
+      if (targetKv === null) throw ChunkdError.invalid(`node ${to} is not a live member of the cluster (chunkd cluster status lists them)`);
+      if (parseNodeRecord(nodeKey(to), targetKv.value).peer === null) throw ChunkdError.invalid(`node ${to} has no peer port (serve --peer-listen): a volume cannot be moved there`);
+      if ((await this.#get(nodeKey(record.owner), deadline())) === null) throw ChunkdError.io(`the owner of ${volume}, node ${record.owner}, has no live lease: it cannot hand the volume over (a replica takes it over on its own when it has one)`);
+      const move: MoveRecord = { volume, from: record.owner, epoch: record.epoch, to, requestedBy: this.nodeName, requestedAt: new Date().toISOString() };
+      const unchanged = this.#client.if(volumeKey(volume), 'Mod', '==', volumeKv.mod_revision);
+      const result = await (moveKv === null ? unchanged.and(moveKey(volume), 'Version', '==', 0) : unchanged.and(moveKey(volume), 'Mod', '==', moveKv.mod_revision))
+        .then(this.#client.put(moveKey(volume)).value(JSON.stringify(move)))
+        .options(deadline())
+        .commit();
+      if (!result.succeeded) throw ChunkdError.busy(`volume ${volume}'s record or its move changed in etcd meanwhile; try again`);
+      this.#host.log(`cluster: move of volume ${volume} from ${record.owner} (epoch ${record.epoch}) to ${to} recorded in etcd`);
+      pending = move;
+    }
+    // Waited for in etcd: whichever node performs it, and across their restarts.
+    const until = performance.now() + waitMs;
+    for (;;) {
+      const [kv, opKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(moveKey(volume), deadline())]);
+      const now = kv === null ? null : parseVolumeRecord(volumeKey(volume), kv.value);
+      if (now?.owner === to && now.epoch > pending.epoch) return { volume, from: pending.from, to, epoch: now.epoch, moved: true };
+      if (now === null || now.epoch !== pending.epoch) throw ChunkdError.io(`volume ${volume} ${now === null ? 'was removed' : `changed owner otherwise (${now.owner} at epoch ${now.epoch})`} while it was being moved to ${to}`);
+      if (opKv === null) throw ChunkdError.io(`the move of volume ${volume} to ${to} was given up (the owner ${pending.from}'s log says why); ${volume} stays on ${pending.from}`);
+      if (this.#stopping) throw new ChunkdError('ESHUTDOWN', `node ${this.nodeName} is stopping; the move of ${volume} to ${to} goes on (recorded in etcd)`);
+      if (performance.now() > until) throw ChunkdError.busy(`the move of volume ${volume} to ${to} has not finished within ${waitMs / 1000} s; it goes on (recorded in etcd): chunkd volume list shows it`);
+      await new Promise((resolve) => setTimeout(resolve, movePollMs));
+    }
+  }
+
   /** The cluster as etcd has it: nodes (alive: registered under a live lease), volumes, and which node owns each. */
   async status(): Promise<ClusterStatus> {
-    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix, deadline()), this.#range(volumesPrefix, deadline()), this.#range(replicasPrefix, deadline())]);
-    const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
-    const volumeRecords = volumes.map((kv) => {
-      const record = parseVolumeRecord(kv.key.toString(), kv.value);
-      // Replicas on live nodes that follow this owner's epoch, as they published them.
-      const following = replicaRecords.filter((replica) => replica.volume === record.name && replica.owner === record.owner && replica.ownerEpoch === record.epoch).map((replica) => replica.node);
-      return { ...record, replicas: [...new Set([...record.replicas, ...following])].sort() };
-    }).sort((a, b) => a.name.localeCompare(b.name));
-    const nodeRecords: ClusterStatus['nodes'] = nodes.map((kv) => ({ ...parseNodeRecord(kv.key.toString(), kv.value), alive: true, volumes: [] }));
+    const { nodes, volumes } = await this.#read();
+    const nodeRecords: ClusterStatus['nodes'] = nodes.map((node) => ({ ...node, alive: true, volumes: [] }));
     // An owner named by a volume but without a live registration is down (its lease expired).
-    for (const volume of volumeRecords) {
+    for (const volume of volumes) {
       let node = nodeRecords.find((candidate) => candidate.name === volume.owner);
       if (node === undefined) {
         node = { name: volume.owner, poolId: '', peer: null, capacityBytes: 0, freeBytes: 0, version: '', health: 'down: no live lease', updatedAt: '', alive: false, volumes: [] };
@@ -240,8 +286,26 @@ export class ClusterMember {
       self: this.nodeName,
       lease: { id: this.#leaseId ?? '', ttlMs: timing.ttlMs, marginMs: timing.marginMs, renewedAgoMs: roundOrNull(this.#clock.ageMs(now)), live: this.#clock.live(now) },
       nodes: nodeRecords,
-      volumes: volumeRecords,
+      volumes: volumes.map(({ replicas, ownerAlive: _alive, move: _move, ...volume }) => ({ ...volume, replicas: replicas.map((replica) => replica.node) })),
     };
+  }
+
+  /** Every volume of the cluster (listing.ts): owner, epoch, replicas and whether each is live, a move in progress. */
+  async volumes(): Promise<ClusterVolume[]> {
+    return (await this.#read()).volumes;
+  }
+
+  async #read(): Promise<{ nodes: NodeRecord[]; volumes: ClusterVolume[] }> {
+    const [nodes, volumes, replicas, moves] = await Promise.all([nodesPrefix, volumesPrefix, replicasPrefix, movesPrefix].map((prefix) => this.#range(prefix, deadline())));
+    const nodeRecords = nodes!.map((kv) => parseNodeRecord(kv.key.toString(), kv.value));
+    const listing = describeVolumes(
+      volumes!.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value)),
+      replicas!.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value)),
+      new Set(nodeRecords.map((node) => node.name)),
+      moves!.map((kv) => parseMoveRecord(kv.key.toString(), kv.value)),
+      Date.now(),
+    );
+    return { nodes: nodeRecords, volumes: listing };
   }
 
   /** Leaves the cluster: the lease is revoked, so this node's record goes at once (its volumes' records stay). */
@@ -426,7 +490,7 @@ export class ClusterMember {
       await this.#client.delete().key(replicaKey(volume, this.nodeName)).options(this.#deadline()).exec();
       this.#published.delete(volume);
     }
-    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix)]);
+    const [nodes, volumes, replicas, moves] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix), this.#range(movesPrefix)]);
     const alive = new Set(nodes.map((kv) => kv.key.toString().slice(nodesPrefix.length)));
     const peers = new Map(nodes.map((kv) => {
       const record = parseNodeRecord(kv.key.toString(), kv.value);
@@ -435,6 +499,8 @@ export class ClusterMember {
     const volumeRevisions = new Map(volumes.map((kv) => [kv.key.toString(), kv.mod_revision]));
     const volumeRecords = volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value));
     const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
+    await this.#confirmRecorded(volumes);
+    await this.#advanceMoves(moves, volumeRecords, peers);
     this.#converge(volumeRecords, replicaRecords, peers, mine);
     if (mine.length === 0) return;
     const orphans = orphanedVolumes(volumeRecords, alive, replicaRecords);
@@ -463,6 +529,77 @@ export class ClusterMember {
         this.#host.log(`cluster: volume ${volume.name}: ${this.#unconfirmed.get(volume.name)}`);
       }
     }
+  }
+
+  /**
+   * Confirms this node's volumes that etcd records under it at the local epoch but that are not confirmed yet (one
+   * moved here: the old owner or this node recorded the change after the handoff): a transaction comparing the
+   * record's revision read and that this node is registered under its current lease, as at join.
+   */
+  async #confirmRecorded(volumes: IKeyValue[]): Promise<void> {
+    const lease = this.#requireLease();
+    for (const owned of this.#host.ownedVolumes()) {
+      if (this.#confirmed.get(owned.name) === owned.epoch) continue;
+      const kv = volumes.find((candidate) => candidate.key.toString() === volumeKey(owned.name));
+      const record = kv === undefined ? null : parseVolumeRecord(volumeKey(owned.name), kv.value);
+      if (kv === undefined || record?.owner !== this.nodeName || record.epoch !== owned.epoch) continue;
+      const result = await this.#client
+        .if(volumeKey(owned.name), 'Mod', '==', kv.mod_revision)
+        .and(nodeKey(this.nodeName), 'Lease', '==', lease)
+        .then(this.#client.get(volumeKey(owned.name)))
+        .options(this.#deadline())
+        .commit();
+      if (!result.succeeded) continue;
+      this.#confirm(owned.name, owned.epoch);
+      this.#host.log(`cluster: volume ${owned.name}: etcd records this node as its owner at epoch ${owned.epoch}; writes accepted`);
+    }
+  }
+
+  /**
+   * Moves recorded in etcd (operations/move/VOL), once per renewal, each in the background under its volume's name:
+   *   - on the owner it names: the handoff to the target's peer address (handoff.ts: its steps are durable, and a
+   *     crash is settled at the next start), then the change of owner recorded;
+   *   - on the target, once it owns the volume at epoch + 1 (the handoff's last step happened here): the change of
+   *     owner recorded, in case the old owner cannot (it crashed after that step);
+   *   - a move that no longer starts from the volume's record (removed, failed over meanwhile) is deleted.
+   * Recording is one transaction comparing the volume's and the move's revisions, so it happens once.
+   */
+  async #advanceMoves(moves: IKeyValue[], volumes: VolumeRecord[], peers: Map<string, string | null>): Promise<void> {
+    for (const kv of moves) {
+      const move = parseMoveRecord(kv.key.toString(), kv.value);
+      const record = volumes.find((volume) => volume.name === move.volume);
+      if (record?.owner !== move.from || record.epoch !== move.epoch) {
+        const dropped = await this.#client.if(moveKey(move.volume), 'Mod', '==', kv.mod_revision).then(this.#client.delete().key(moveKey(move.volume))).options(this.#deadline()).commit();
+        if (dropped.succeeded) this.#host.log(`cluster: move of volume ${move.volume} to ${move.to} dropped: ${record === undefined ? 'the volume is gone' : `its record changed meanwhile (${record.owner} at epoch ${record.epoch})`}`);
+        continue;
+      }
+      const address = peers.get(move.to) ?? null;
+      if (move.from === this.nodeName && address !== null) {
+        this.#background(move.volume, `moving it to ${move.to} (epoch ${move.epoch + 1})`, async () => {
+          await this.#host.move(move.volume, move.to, address, move.epoch);
+          await this.#recordMove(move);
+        });
+      } else if (move.to === this.nodeName && this.#host.epochOf(move.volume) === move.epoch + 1) {
+        this.#background(move.volume, `recording its move from ${move.from} here (epoch ${move.epoch + 1})`, () => this.#recordMove(move));
+      }
+    }
+  }
+
+  /** The volume's record names the move's target at epoch + 1, and the move is deleted: one transaction. */
+  async #recordMove(move: MoveRecord): Promise<void> {
+    const [kv, moveKv] = await Promise.all([this.#get(volumeKey(move.volume)), this.#get(moveKey(move.volume))]);
+    if (kv === null || moveKv === null) return;
+    const record = parseVolumeRecord(volumeKey(move.volume), kv.value);
+    if (record.owner !== move.from || record.epoch !== move.epoch) return;
+    const next: VolumeRecord = { ...record, owner: move.to, epoch: move.epoch + 1, replicas: [...new Set([...record.replicas.filter((name) => name !== move.to), move.from])].sort() };
+    const result = await this.#client
+      .if(volumeKey(move.volume), 'Mod', '==', kv.mod_revision)
+      .and(moveKey(move.volume), 'Mod', '==', moveKv.mod_revision)
+      .then(this.#client.put(volumeKey(move.volume)).value(JSON.stringify(next)), this.#client.delete().key(moveKey(move.volume)))
+      .options(this.#deadline())
+      .commit();
+    if (!result.succeeded) throw ChunkdError.busy(`the record of volume ${move.volume} changed while its move was recorded`);
+    this.#host.log(`cluster: volume ${move.volume} moved from ${move.from} to ${move.to}: etcd records ${move.to} as its owner at epoch ${move.epoch + 1}`);
   }
 
   /** Promotes the local replica to the epoch etcd records for this node, and confirms it. */

@@ -36,6 +36,7 @@ import { softwareVersion } from '../core/version.ts';
 import type { Log } from '../core/log.ts';
 import { emptyIoStats, MeasuredDevice, type ExportIoStats } from './io-stats.ts';
 import { ClusterMember, type ClusterConfig, type ClusterHost, type ClusterStatus } from '../cluster/cluster.ts';
+import type { ClusterVolume } from '../cluster/listing.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -441,6 +442,17 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   // ---- the cluster (serve --etcd) ----
 
+  /** Every volume of the cluster as etcd has it (cluster/listing.ts), or null on a node not in one. */
+  clusterVolumes(): Promise<ClusterVolume[]> | null {
+    return this.#cluster?.volumes() ?? null;
+  }
+
+  /** `chunkd volume move VOL --to NODE`: recorded in etcd and performed by the owner (cluster.ts), from any node. */
+  moveVolume(volume: string, to: string): Promise<unknown> {
+    if (this.#cluster === null) throw ChunkdError.invalid(`chunkd volume move needs a cluster (chunkd serve --etcd URL --node-name NAME); without one, move a volume with chunkd volume handoff ${volume} --to HOST:PORT`);
+    return this.#cluster.requestMove(volume, to);
+  }
+
   /** The cluster as etcd has it; refused on a node that is not in one. */
   clusterStatus(): Promise<ClusterStatus> {
     if (this.#cluster === null) throw ChunkdError.invalid('this node is not in a cluster: start it with chunkd serve --etcd URL --node-name NAME');
@@ -484,6 +496,13 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
       },
       ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),
+      move: async (volume, to, toAddress, epoch) => {
+        const role = roles.replicaOf(volume);
+        // Handed over already (this run, or one a crash interrupted and the start settled): only etcd is left.
+        if (role !== null && role.owner === to && role.epoch === epoch + 1) return;
+        if (role !== null || roles.epochOf(volume) !== epoch) throw ChunkdError.invalid(`volume ${volume} is not this node's at epoch ${epoch}${role === null ? ` (its epoch here is ${roles.epochOf(volume)})` : ` (a replica of ${role.owner} here)`}: it cannot be moved from here`);
+        await handoff(this.#handoffContext(), volume, toAddress);
+      },
     };
   }
 
@@ -588,11 +607,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   /**
-   * A change of owner made by hand is not recorded in etcd yet: on a clustered node it would leave the new owner's
-   * writes refused (etcd names the old one), so it is refused; the cluster's own failover promotes (#promote).
+   * A change of owner made by hand is not recorded in etcd: on a clustered node it would leave the new owner's
+   * writes refused (etcd names the old one), so it is refused; `volume move` hands over through etcd (moveVolume),
+   * and the cluster's own failover promotes (#promote).
    */
   #refuseInCluster(what: string): void {
-    if (this.#cluster !== null) throw ChunkdError.invalid(`${what} is refused on a node in a cluster: a change of owner made by hand is not recorded in etcd yet (the cluster promotes a replica by itself when an owner's lease expires)`);
+    if (this.#cluster !== null) throw ChunkdError.invalid(`${what} is refused on a node in a cluster: a change of owner must be recorded in etcd: move a volume with chunkd volume move VOL --to NODE (the cluster promotes a replica by itself when an owner's lease expires)`);
   }
 
   async #promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
