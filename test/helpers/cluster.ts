@@ -12,8 +12,8 @@ import { ok } from './stream-pipe.ts';
 export interface Member {
   node: RunningNode;
   name: string;
-  /** 127.0.0.1:PORT of its peer port, or null for a node started without one (no certificates asked for). */
-  address: string | null;
+  /** 127.0.0.1:PORT of its peer port; '' for a node started without one (no certificates asked for). */
+  address: string;
 }
 
 export interface ClusterFixture {
@@ -40,7 +40,7 @@ export function clusterFixture(label: string, options: { nodes?: string[]; etcdM
     ttlMs: options.ttlMs ?? 3_000,
     async start(name: string, extra: string[] = [], startOptions: { crashAt?: string } = {}): Promise<Member> {
       let peer: string[] = [];
-      let address: string | null = null;
+      let address = '';
       if (nodes.includes(name)) {
         if (!ports.has(name)) ports.set(name, await freePort());
         address = `127.0.0.1:${ports.get(name)}`;
