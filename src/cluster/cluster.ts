@@ -16,6 +16,13 @@
 //                 Written by node NODE only, under its lease, while it holds a replica of VOL: the owner and epoch it
 //                 follows and its newest complete replicated point (repl-<owner's ms>). Read by every node to pick
 //                 the successor of an owner whose lease expired (failover.ts).
+//   operations/move/VOL  {volume, from, epoch, to, requestedBy, requestedAt}
+//                 A move asked for (chunkd volume move, on any node): created by a transaction comparing the volume
+//                 record's mod revision read (so it starts from that owner and epoch) and that no move is recorded
+//                 (or the stale one read). Not under a lease: it outlives the nodes, so that a crash resumes it.
+//                 Deleted in the same transaction that records the new owner (by the old owner after its handoff,
+//                 or by the target, which owns the volume locally at epoch + 1 once the handoff's last step ran
+//                 there), or by any node once it no longer starts from the volume's record (removed, failed over).
 //
 // Why two nodes never both own a volume (both acknowledging writes to it):
 //   1. A node acknowledges a write to a volume only while (a) it has confirmed, by a transaction that also
@@ -35,6 +42,13 @@
 //   the same number). Of nodes deciding at once on different views, the revision compare lets one win.
 //   A transaction compares revisions in etcd, which is linearizable: of a takeover and the owner's confirmation,
 //   one is ordered first, and the other sees its effect.
+//   A move is the handoff (replication/handoff.ts) run by the owner when it sees the operation: it stops writing
+//   durably (role handing-off) before the target may own the volume (takeOwnership, durable there at epoch + 1),
+//   and the target's writes still wait for step 1a: etcd naming it at epoch + 1, which the record's change gives
+//   (one transaction on the volume's and the move's revisions), confirmed at its next renewal. A crash is settled
+//   by the handoff's own resolve() at the old owner's start (asks the target: completed, or rolled back and then
+//   performed again from etcd), and a target that took the volume records the move itself. Of a move and a
+//   failover at once, the revision compare lets one win; the move's operation is then stale and deleted.
 import { performance } from 'node:perf_hooks';
 import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type IOptions } from 'etcd3';
 import { ChunkdError } from '../core/errors.ts';
