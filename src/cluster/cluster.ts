@@ -22,7 +22,8 @@
 //                 (or the stale one read). Not under a lease: it outlives the nodes, so that a crash resumes it.
 //                 Deleted in the same transaction that records the new owner (by the old owner after its handoff,
 //                 or by the target, which owns the volume locally at epoch + 1 once the handoff's last step ran
-//                 there), or by any node once it no longer starts from the volume's record (removed, failed over).
+//                 there: a node that owns a volume at the epoch after its record's records itself, move or not),
+//                 or by any node once it no longer starts from the volume's record (removed, failed over).
 //
 // Why two nodes never both own a volume (both acknowledging writes to it):
 //   1. A node acknowledges a write to a volume only while (a) it has confirmed, by a transaction that also
@@ -593,23 +594,33 @@ export class ClusterMember {
           await this.#host.move(move.volume, move.to, address, move.epoch);
           await this.#recordMove(move);
         });
-      } else if (move.to === this.nodeName && this.#host.epochOf(move.volume) === move.epoch + 1) {
-        this.#background(move.volume, `recording its move from ${move.from} here (epoch ${move.epoch + 1})`, () => this.#recordMove(move));
       }
+    }
+    // A volume this node owns at the epoch after the record's, under another owner: the handoff's last step ran
+    // here (nothing else gives a node an epoch etcd has not recorded yet), and the old owner did not record it.
+    for (const owned of this.#host.ownedVolumes()) {
+      const record = volumes.find((volume) => volume.name === owned.name);
+      if (record === undefined || record.owner === this.nodeName || record.epoch !== owned.epoch - 1) continue;
+      this.#background(owned.name, `recording its handoff from ${record.owner} here (epoch ${owned.epoch})`, () => this.#recordMove({ volume: owned.name, from: record.owner, epoch: record.epoch, to: this.nodeName }));
     }
   }
 
-  /** The volume's record names the move's target at epoch + 1, and the move is deleted: one transaction. */
-  async #recordMove(move: MoveRecord): Promise<void> {
+  /**
+   * A handoff that completed (the target owns the volume at epoch + 1) recorded: the volume's record names the
+   * target at epoch + 1, and the move's operation, when it is this one, is deleted; one transaction on their
+   * revisions. Recorded also when the operation was deleted meanwhile: the handoff happened all the same.
+   */
+  async #recordMove(move: Pick<MoveRecord, 'volume' | 'from' | 'epoch' | 'to'>): Promise<void> {
     const [kv, moveKv] = await Promise.all([this.#get(volumeKey(move.volume)), this.#get(moveKey(move.volume))]);
-    if (kv === null || moveKv === null) return;
+    if (kv === null) return;
     const record = parseVolumeRecord(volumeKey(move.volume), kv.value);
     if (record.owner !== move.from || record.epoch !== move.epoch) return;
+    const operation = moveKv === null ? null : parseMoveRecord(moveKey(move.volume), moveKv.value);
+    const ours = operation !== null && operation.from === move.from && operation.epoch === move.epoch && operation.to === move.to;
     const next: VolumeRecord = { ...record, owner: move.to, epoch: move.epoch + 1, replicas: [...new Set([...record.replicas.filter((name) => name !== move.to), move.from])].sort() };
-    const result = await this.#client
-      .if(volumeKey(move.volume), 'Mod', '==', kv.mod_revision)
-      .and(moveKey(move.volume), 'Mod', '==', moveKv.mod_revision)
-      .then(this.#client.put(volumeKey(move.volume)).value(JSON.stringify(next)), this.#client.delete().key(moveKey(move.volume)))
+    const put = this.#client.put(volumeKey(move.volume)).value(JSON.stringify(next));
+    const unchanged = this.#client.if(volumeKey(move.volume), 'Mod', '==', kv.mod_revision);
+    const result = await (ours ? unchanged.and(moveKey(move.volume), 'Mod', '==', moveKv!.mod_revision).then(put, this.#client.delete().key(moveKey(move.volume))) : unchanged.then(put))
       .options(this.#deadline())
       .commit();
     if (!result.succeeded) throw ChunkdError.busy(`the record of volume ${move.volume} changed while its move was recorded`);

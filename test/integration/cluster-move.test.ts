@@ -13,7 +13,7 @@ import { clusterFixture, roles, waitFor } from '../helpers/cluster.ts';
 import { cliProcess, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 
 // A TTL well above a node's restart, so that no failover races the restarts below.
-const cluster = clusterFixture('cluster-move', { nodes: ['alpha', 'beta'], ttlMs: 6_000 });
+const cluster = clusterFixture('cluster-move', { nodes: ['alpha', 'beta'], ttlMs: 5_000 });
 const MiB = 1024 * 1024;
 
 function fill(byte: number, length = MiB): Buffer {
