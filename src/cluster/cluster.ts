@@ -197,6 +197,17 @@ export class ClusterMember {
     return ChunkdError.readOnly(`volume ${volume}: writes refused on node ${this.nodeName}: ${why}`);
   }
 
+  /** Waits until a write to `volume` would be acknowledged here (a volume just moved here: its next renewal), at most a TTL. */
+  async waitWritable(volume: string): Promise<void> {
+    const until = performance.now() + this.#clock.timing.ttlMs;
+    for (;;) {
+      const refusal = this.writeRefusal(volume);
+      if (refusal === null) return;
+      if (performance.now() > until || this.#stopping) throw refusal;
+      await new Promise((resolve) => setTimeout(resolve, movePollMs));
+    }
+  }
+
   /** Where `count` replicas of a new volume of this node's go (placement.ts), from the live nodes' records. */
   async placeReplicas(count: number): Promise<Array<{ name: string; peer: string }>> {
     const nodes = await this.#range(nodesPrefix, deadline());

@@ -447,6 +447,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.#cluster?.volumes() ?? null;
   }
 
+  /** The Docker plugin's Mount in a cluster: `volume` moved to this node if another owns it, and writable here. */
+  async bringHere(volume: string): Promise<void> {
+    if (this.#cluster === null) return;
+    const result = await this.#cluster.requestMove(volume, this.#cluster.nodeName);
+    if (result.moved) this.config.log(`volume ${volume} moved here from ${result.from} (epoch ${result.epoch}) for a Docker Mount`);
+    await this.#cluster.waitWritable(volume);
+  }
+
   /** `chunkd volume move VOL --to NODE`: recorded in etcd and performed by the owner (cluster.ts), from any node. */
   moveVolume(volume: string, to: string): Promise<unknown> {
     if (this.#cluster === null) throw ChunkdError.invalid(`chunkd volume move needs a cluster (chunkd serve --etcd URL --node-name NAME); without one, move a volume with chunkd volume handoff ${volume} --to HOST:PORT`);
