@@ -90,6 +90,8 @@ export interface ClusterHost {
    * settles one a crash interrupted; returns at once when the volume is already `to`'s replica here at epoch + 1.
    */
   move(volume: string, to: string, toAddress: string, epoch: number): Promise<void>;
+  /** Why this node's volume may not be moved away now (mounted here), or null. */
+  moveRefusal(volume: string): string | null;
   /** Makes sure this node replicates its volume to the node at `peer` (a replica that follows it). */
   ensureReplica(volume: string, peer: string): Promise<void>;
   log: (line: string) => void;
@@ -261,8 +263,9 @@ export class ClusterMember {
     const record = parseVolumeRecord(volumeKey(volume), volumeKv.value);
     if (record.owner === to) return { volume, from: to, to, epoch: record.epoch, moved: false };
     let pending = moveKv === null ? null : parseMoveRecord(moveKey(volume), moveKv.value);
-    // A move that no longer starts from the volume's record (done, failed over) is stale: replaced below.
-    if (pending !== null && (pending.from !== record.owner || pending.epoch !== record.epoch)) pending = null;
+    // A move that no longer starts from the volume's record (done, failed over), or that the owner refused, is
+    // stale: replaced below.
+    if (pending !== null && (pending.from !== record.owner || pending.epoch !== record.epoch || pending.refused !== undefined)) pending = null;
     if (pending !== null && pending.to !== to) throw ChunkdError.busy(`volume ${volume} is being moved to ${pending.to} already (asked on ${pending.requestedBy} at ${pending.requestedAt}); wait for it to finish`);
     if (pending === null) {
       if (targetKv === null) throw ChunkdError.invalid(`node ${to} is not a live member of the cluster (chunkd cluster status lists them)`);
@@ -286,6 +289,11 @@ export class ClusterMember {
       if (now?.owner === to && now.epoch > pending.epoch) return { volume, from: pending.from, to, epoch: now.epoch, moved: true };
       if (now === null || now.epoch !== pending.epoch) throw ChunkdError.io(`volume ${volume} ${now === null ? 'was removed' : `changed owner otherwise (${now.owner} at epoch ${now.epoch})`} while it was being moved to ${to}`);
       if (opKv === null) throw ChunkdError.io(`the move of volume ${volume} to ${to} was given up (the owner ${pending.from}'s log says why); ${volume} stays on ${pending.from}`);
+      const refused = parseMoveRecord(moveKey(volume), opKv.value).refused;
+      if (refused !== undefined) {
+        await this.#client.if(moveKey(volume), 'Mod', '==', opKv.mod_revision).then(this.#client.delete().key(moveKey(volume))).options(deadline()).commit();
+        throw ChunkdError.busy(`node ${pending.from} refused to move volume ${volume} to ${to}: ${refused}`);
+      }
       if (this.#stopping) throw new ChunkdError('ESHUTDOWN', `node ${this.nodeName} is stopping; the move of ${volume} to ${to} goes on (recorded in etcd)`);
       if (performance.now() > until) throw ChunkdError.busy(`the move of volume ${volume} to ${to} has not finished within ${waitMs / 1000} s; it goes on (recorded in etcd): chunkd volume list shows it`);
       await new Promise((resolve) => setTimeout(resolve, movePollMs));
@@ -600,7 +608,16 @@ export class ClusterMember {
         continue;
       }
       const address = peers.get(move.to) ?? null;
-      if (move.from === this.nodeName && address !== null) {
+      if (move.from !== this.nodeName || move.refused !== undefined) continue;
+      // Refused before anything starts (a volume mounted here): said in the record for the node that asked.
+      const refusal = this.#steps.has(move.volume) ? null : this.#host.moveRefusal(move.volume);
+      if (refusal !== null) {
+        const refused: MoveRecord = { ...move, refused: refusal };
+        await this.#client.if(moveKey(move.volume), 'Mod', '==', kv.mod_revision).then(this.#client.put(moveKey(move.volume)).value(JSON.stringify(refused))).options(this.#deadline()).commit();
+        this.#host.log(`cluster: move of volume ${move.volume} to ${move.to} refused: ${refusal}`);
+        continue;
+      }
+      if (address !== null) {
         this.#background(move.volume, `moving it to ${move.to} (epoch ${move.epoch + 1})`, async () => {
           await this.#host.move(move.volume, move.to, address, move.epoch);
           await this.#recordMove(move);

@@ -25,7 +25,7 @@ export function describeVolumes(volumes: VolumeRecord[], replicas: ReplicaRecord
     .map((volume) => {
       const following = new Map(replicas.filter((replica) => replica.volume === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch && aliveNodes.has(replica.node)).map((replica) => [replica.node, replica]));
       const names = [...new Set([...volume.replicas, ...following.keys()])].filter((node) => node !== volume.owner).sort();
-      const move = moves.find((candidate) => candidate.volume === volume.name && candidate.from === volume.owner && candidate.epoch === volume.epoch);
+      const move = moves.find((candidate) => candidate.volume === volume.name && candidate.from === volume.owner && candidate.epoch === volume.epoch && candidate.refused === undefined);
       return {
         name: volume.name,
         sizeBytes: volume.sizeBytes,

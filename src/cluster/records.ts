@@ -134,13 +134,16 @@ export interface MoveRecord {
   /** The node that recorded it, and when (ISO). */
   requestedBy: string;
   requestedAt: string;
+  /** Why the owner refused it (a volume mounted there): the asking node reports it and deletes the move. */
+  refused?: string;
 }
 
 export function parseMoveRecord(key: string, value: Buffer): MoveRecord {
   const record = parseJson(key, value) as Partial<MoveRecord>;
   const node = (name: unknown): boolean => typeof name === 'string' && checkName(name, 'node') === null;
   const valid = typeof record.volume === 'string' && checkName(record.volume) === null && node(record.from) && node(record.to) && record.from !== record.to
-    && Number.isSafeInteger(record.epoch) && record.epoch! >= 1 && node(record.requestedBy) && typeof record.requestedAt === 'string';
+    && Number.isSafeInteger(record.epoch) && record.epoch! >= 1 && node(record.requestedBy) && typeof record.requestedAt === 'string'
+    && (record.refused === undefined || typeof record.refused === 'string');
   if (!valid || moveKey(record.volume!) !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a move record: ${value.toString().slice(0, 200)}`);
   return record as MoveRecord;
 }

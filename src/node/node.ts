@@ -504,6 +504,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
       },
       ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),
+      moveRefusal: (volume) => {
+        const attachment = this.#attachments?.get(volume);
+        return attachment === undefined ? null : `it is mounted at ${attachment.mountpoint} on node ${this.#cluster?.nodeName ?? '?'}${attachment.dockerIds.length > 0 ? ` for ${attachment.dockerIds.length} container(s)` : ''}; unmount it there first`;
+      },
       move: async (volume, to, toAddress, epoch) => {
         const role = roles.replicaOf(volume);
         // Handed over already (this run, or one a crash interrupted and the start settled): only etcd is left.
