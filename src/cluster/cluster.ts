@@ -24,6 +24,9 @@
 //                 or by the target, which owns the volume locally at epoch + 1 once the handoff's last step ran
 //                 there: a node that owns a volume at the epoch after its record's records itself, move or not),
 //                 or by any node once it no longer starts from the volume's record (removed, failed over).
+//                 The owner may instead refuse it before anything starts (the volume is mounted there): it writes
+//                 `refused` into the record (transaction on its revision), and the asking node reports the reason
+//                 and deletes it. The Docker plugin's Mount on a node that does not own the volume is such a move.
 //
 // Why two nodes never both own a volume (both acknowledging writes to it):
 //   1. A node acknowledges a write to a volume only while (a) it has confirmed, by a transaction that also
