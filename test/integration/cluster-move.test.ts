@@ -104,15 +104,19 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     // handoff back, and performs the move recorded in etcd again; the command asked on alpha waits through it.
     // (Restarts here are kill -9: its lease lives on and the restart takes it over; a stop would revoke it, and
     // alpha, beta's replica, would take the volume over at once.)
-    await beta.node.kill();
-    beta = await cluster.start('beta', [], { crashAt: 'handoff:after-final' });
-    const toAlpha = cliProcess(alpha.node, ['volume', 'move', 'vol', '--to', 'alpha', '--json']);
-    assert.equal(await died(beta.node), 'SIGKILL');
-    assert.equal(await writable(alpha.node), false, 'the target takes no write before the handoff');
-    beta = await cluster.start('beta');
-    const second = await toAlpha.exit;
-    assert.equal(second.code, 0, second.stderr);
-    assert.deepEqual(JSON.parse(second.stdout), { volume: 'vol', from: 'beta', to: 'alpha', epoch: 3, moved: true });
+    const moveWithBetaCrashing = async (crashAt: string, to: string, frozen: RunningNode, why: string): Promise<unknown> => {
+      await beta.node.kill();
+      beta = await cluster.start('beta', [], { crashAt });
+      const move = cliProcess(alpha.node, ['volume', 'move', 'vol', '--to', to, '--json']);
+      assert.equal(await died(beta.node), 'SIGKILL');
+      assert.equal(await writable(frozen), false, why);
+      beta = await cluster.start('beta');
+      const result = await move.exit;
+      assert.equal(result.code, 0, result.stderr);
+      return JSON.parse(result.stdout);
+    };
+    const second = await moveWithBetaCrashing('handoff:after-final', 'alpha', alpha.node, 'the target takes no write before the handoff');
+    assert.deepEqual(second, { volume: 'vol', from: 'beta', to: 'alpha', epoch: 3, moved: true });
     assert.match(beta.node.stderr(), /handoff of vol to alpha rolled back/);
     await waitFor('alpha takes writes', () => writable(alpha.node), cluster.ttlMs);
     assert.equal(await writable(beta.node), false);
@@ -121,15 +125,8 @@ test('volume move from any node through etcd; volume list from any node; kill -9
 
     // The target (beta) killed right after it took the volume (owner at epoch 4 on its disk, no answer sent): the
     // owner stays frozen; beta restarted records the move in etcd itself, and alpha learns it is beta's replica.
-    await beta.node.kill();
-    beta = await cluster.start('beta', [], { crashAt: 'handoff:after-take' });
-    const toBeta = cliProcess(alpha.node, ['volume', 'move', 'vol', '--to', 'beta', '--json']);
-    assert.equal(await died(beta.node), 'SIGKILL');
-    assert.equal(await writable(alpha.node), false, 'the owner is frozen while the outcome is unknown');
-    beta = await cluster.start('beta');
-    const third = await toBeta.exit;
-    assert.equal(third.code, 0, third.stderr);
-    assert.deepEqual(JSON.parse(third.stdout), { volume: 'vol', from: 'alpha', to: 'beta', epoch: 4, moved: true });
+    const third = await moveWithBetaCrashing('handoff:after-take', 'beta', alpha.node, 'the owner is frozen while the outcome is unknown');
+    assert.deepEqual(third, { volume: 'vol', from: 'alpha', to: 'beta', epoch: 4, moved: true });
     await waitFor('beta takes writes', () => writable(beta.node), cluster.ttlMs);
     await waitFor('alpha a replica of beta', () => roles(alpha.node).vol?.role === 'replica', cluster.ttlMs);
     assert.equal(await writable(alpha.node), false);
