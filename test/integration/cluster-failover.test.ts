@@ -1,19 +1,31 @@
 // Automatic failover on a real etcd with three real nodes (TLS peer ports): the owner of a volume with two
 // replicas is killed (-9); once its lease has expired, the replica with the newest replicated point takes the
 // volume over at epoch 2 by transaction (exactly one winner), is writable through NBD with everything replicated
-// there; the old owner, restarted, refuses writes to it, then rejoins as a replica of the new owner (its lost write
+// there (fio's crc32c-verified blocks written on the old owner pass fio's verify on the new one); the old owner, restarted, refuses writes to it, then rejoins as a replica of the new owner (its lost write
 // kept as a snapshot), the other replica follows the new owner, and the new owner replicates to both. Split brain: the owner paused (SIGSTOP) past its TTL while
 // a client writes to it, the replica promoted meanwhile; resumed, the old owner acknowledges not one more write.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { clusterFixture, clusterStatus, roles, waitFor } from '../helpers/cluster.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
+import { haveTool, mustRun, type RunningNode } from '../helpers/node-process.ts';
 import { ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 
 const cluster = clusterFixture('cluster-failover', { nodes: ['alpha', 'beta', 'gamma', 'delta', 'epsilon'] });
-const skip = cluster.skip;
+const skip = cluster.skip || !haveTool('fio');
 const ttlMs = cluster.ttlMs;
 const MiB = 1024 * 1024;
+
+/** fio (nbd engine) on 4 MiB of vol at 16 MiB: 64 KiB random writes with crc32c headers, verified or not, or only verified. */
+async function fioVerify(node: RunningNode, mode: 'write' | 'verify' | 'write and verify'): Promise<void> {
+  const output = await mustRun('fio', [
+    '--name=failover', '--ioengine=nbd', `--uri=${node.uri('vol')}`, '--rw=randwrite', '--bs=64k', '--iodepth=8', '--offset=16M', '--size=4M',
+    '--verify=crc32c', '--verify_fatal=1', `--do_verify=${mode === 'write' ? 0 : 1}`, ...(mode === 'verify' ? ['--verify_only'] : []), '--verify_state_save=0', '--output-format=json',
+  ], { timeoutMs: 60_000 });
+  const job = JSON.parse(output.slice(output.indexOf('{'))).jobs[0];
+  assert.equal(job.error, 0, `fio ${mode} on ${node.pool}`);
+  if (mode !== 'write') assert.ok(job.read.io_bytes >= 4 * MiB, `fio read everything back to verify it (${mode})`);
+}
 
 function fill(byte: number, length = MiB): Buffer {
   return Buffer.alloc(length, byte);
@@ -26,6 +38,8 @@ test('the owner killed: the replica with the newest point takes the volume over 
   try {
     const writer = await TestNbdClient.connect(alpha.node.nbdSocket, 'vol');
     await writer.write(0, fill(0xa1), FLAG_FUA);
+    // fio writes 4 MiB of blocks with crc32c verify headers on alpha (replicated below); the new owner verifies them.
+    await fioVerify(alpha.node, 'write');
     await ok(alpha.node, 'replica', 'add', 'vol', '--peer', beta.address, '--every', '1h');
     await ok(alpha.node, 'replica', 'add', 'vol', '--peer', gamma.address, '--every', '1h');
     // A second write reaches beta only: beta's point is the newest, so beta is the one to take over.
@@ -67,7 +81,10 @@ test('the owner killed: the replica with the newest point takes the volume over 
     assert.match(beta.node.stderr(), /node alpha, owner of volume vol at epoch 1, has no live lease; this node takes it over at epoch 2/);
     assert.doesNotMatch(gamma.node.stderr(), /takes it over/);
     assert.equal(roles(beta.node).vol?.epoch, 2);
-    // What was replicated to beta is there, the write never replicated is not, and beta's own write is.
+    // What was replicated to beta is there (fio's blocks pass their crc32c check; fio then writes and verifies
+    // again, through beta), the write never replicated is not, and beta's own write is.
+    await fioVerify(beta.node, 'verify');
+    await fioVerify(beta.node, 'write and verify');
     const reader = await TestNbdClient.connect(beta.node.nbdSocket, 'vol');
     assert.deepEqual(await reader.read(0, MiB), fill(0xa1));
     assert.deepEqual(await reader.read(MiB, MiB), fill(0xb2));
