@@ -84,6 +84,8 @@ export interface ClusterHost {
   promote(volume: string): Promise<number>;
   /** Volumes this node owned and another has since taken over here (roles.ts fenced), with this node's old epoch. */
   fencedVolumes(): Array<{ name: string; epoch: number }>;
+  /** Volumes this node is handing off (roles.ts handing-off: writes frozen), with its epoch. */
+  handingOffVolumes(): Array<{ name: string; epoch: number }>;
   /** Turns a volume another node owns now at a higher epoch into a replica of it (fenced first, then node.demote). */
   rejoin(volume: string, owner: string, ownerEpoch: number, ownerAddress: string): Promise<void>;
   /** A replica whose owner was replaced (failover): it follows the new owner at its epoch from now on. */
@@ -668,14 +670,18 @@ export class ClusterMember {
   /**
    * Brings this node in line with what etcd records, in the background (each step talks to peers and may take a
    * while; the keepalive loop must not wait for it), one step per volume at a time:
-   *   - a volume this node owns (or owned) that etcd gives another live owner at a higher epoch: rejoin as its
-   *     replica (its writes after the last common point are kept aside as a snapshot, node.demote);
+   *   - a volume this node owns (or owned, or is handing off) that etcd gives another live owner at a higher
+   *     epoch: rejoin as its replica (its writes after the last common point are kept aside as a snapshot,
+   *     node.demote);
    *   - a replica of this node's whose owner etcd replaced at a higher epoch: follow the new owner;
    *   - a volume this node owns: replicate it to every live node that publishes a replica following it.
    */
   #converge(volumes: VolumeRecord[], replicas: ReplicaRecord[], peers: Map<string, string | null>, mine: Array<{ name: string; owner: string; ownerEpoch: number }>): void {
     const records = new Map(volumes.map((volume) => [volume.name, volume]));
-    const local = [...this.#host.ownedVolumes(), ...this.#host.fencedVolumes()];
+    // A volume frozen by a handoff whose outcome this node could not learn (the target was down), that etcd now
+    // gives another owner at a higher epoch (the target recorded it, or a failover), rejoins the same way; while a
+    // move step runs for it, that step settles it instead (#background runs one step per volume).
+    const local = [...this.#host.ownedVolumes(), ...this.#host.fencedVolumes(), ...this.#host.handingOffVolumes()];
     for (const volume of local) {
       const record = records.get(volume.name);
       const address = record === undefined ? null : peers.get(record.owner) ?? null;

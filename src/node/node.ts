@@ -491,6 +491,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       }),
       promote: async (volume) => (await this.#promote(volume)).epoch,
       fencedVolumes: () => roles.fencedVolumes().map(([volume, fence]) => ({ name: volume, epoch: fence.epoch })),
+      handingOffVolumes: () => roles.handoffs().map(([volume, role]) => ({ name: volume, epoch: role.epoch })),
       rejoin: async (volume, owner, ownerEpoch, ownerAddress) => {
         if (roles.fenced(volume) === null) {
           await roles.set(volume, { role: 'fenced', epoch: roles.epochOf(volume), owner, ownerEpoch, ownerAddress });
