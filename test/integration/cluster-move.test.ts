@@ -80,12 +80,16 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     assert.deepEqual(listed.map((volume) => [volume.name, volume.owner, volume.ownerAlive, volume.epoch, volume.replicas, volume.move]), [['vol', 'alpha', true, 1, [], null]]);
 
     // Asked on beta, which does not own vol: alpha hands it over, etcd names beta at epoch 2.
+    const askedAt = performance.now();
     const moved = JSON.parse(await ok(beta.node, 'volume', 'move', 'vol', '--to', 'beta', '--json'));
+    const answeredAt = performance.now();
     assert.deepEqual(moved, { volume: 'vol', from: 'alpha', to: 'beta', epoch: 2, moved: true });
     assert.deepEqual([(await record()).owner, (await record()).epoch, (await record()).replicas], ['beta', 2, ['alpha']]);
     assert.equal(await cluster.client.get('/chunkd/v1/operations/move/vol').string(), null);
     assert.deepEqual(roles(alpha.node).vol, { role: 'replica', owner: 'beta', epoch: 2 });
     await waitFor('beta takes writes', () => writable(beta.node), cluster.ttlMs);
+    const pause = /writes were refused for ([\d.]+) s/.exec(alpha.node.stderr())?.[1];
+    process.stderr.write(`# move (16 MiB, TTL ${cluster.ttlMs} ms): asked to answered ${Math.round(answeredAt - askedAt)} ms, to the first write on beta ${Math.round(performance.now() - askedAt)} ms; the handoff's write pause on alpha ${pause} s\n`);
     assert.equal(await writable(alpha.node), false);
     await readBack(beta.node, [[0, 0xa1]]);
     await write(beta.node, MiB, 0xb2);
