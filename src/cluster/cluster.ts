@@ -204,6 +204,24 @@ export class ClusterMember {
     return ChunkdError.readOnly(`volume ${volume}: writes refused on node ${this.nodeName}: ${why}`);
   }
 
+  /**
+   * A volume handed over to this node (the handoff's last step ran here): its record is looked at every
+   * movePollMs for up to a TTL and confirmed (#confirmRecorded) as soon as the old owner has recorded the move,
+   * so that writes start then rather than at this node's next renewal.
+   */
+  expectOwnership(volume: string): void {
+    this.#background(`${volume}:taken`, 'confirming its ownership here', async () => {
+      const until = performance.now() + this.#clock.timing.ttlMs;
+      while (!this.#stopping && performance.now() < until && this.#confirmed.get(volume) !== this.#host.epochOf(volume)) {
+        if (this.#clock.live(performance.now())) {
+          const kv = await this.#get(volumeKey(volume));
+          if (kv !== null) await this.#confirmRecorded([kv]);
+        }
+        await new Promise((resolve) => setTimeout(resolve, movePollMs));
+      }
+    });
+  }
+
   /** Waits until a write to `volume` would be acknowledged here (a volume just moved here: its next renewal), at most a TTL. */
   async waitWritable(volume: string): Promise<void> {
     const until = performance.now() + this.#clock.timing.ttlMs;

@@ -224,6 +224,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       }
       if (config.peer && peerCredentials !== null) {
         const replicaServer = new ReplicaServer(pool, node.#receiver, roles, config.log, async (volume, replicaBack) => {
+          // In a cluster, writes start once etcd names this node (the old owner records the move next).
+          node.#cluster?.expectOwnership(volume);
           if (replicaBack !== null) await node.replicator.ensureLink(volume, replicaBack, defaultEveryMs);
         });
         node.#peer = new PeerServer({
