@@ -49,7 +49,8 @@
 //   A move is the handoff (replication/handoff.ts) run by the owner when it sees the operation: it stops writing
 //   durably (role handing-off) before the target may own the volume (takeOwnership, durable there at epoch + 1),
 //   and the target's writes still wait for step 1a: etcd naming it at epoch + 1, which the record's change gives
-//   (one transaction on the volume's and the move's revisions), confirmed at its next renewal. A crash is settled
+//   (one transaction on the volume's and the move's revisions), confirmed by the same transaction as at join
+//   (it looks for the record every 0.1 s after it took the volume, and at every renewal). A crash is settled
 //   by the handoff's own resolve() at the old owner's start (asks the target: completed, or rolled back and then
 //   performed again from etcd), and a target that took the volume records the move itself. Of a move and a
 //   failover at once, the revision compare lets one win; the move's operation is then stale and deleted.
