@@ -146,6 +146,11 @@ test('clear refusals: a bad --etcd URL, etcd unreachable, --node-name missing or
     const replicas = await alone.cli('volume', 'create', 'x', '--size', '1MiB', '--replicas', '1');
     assert.equal(replicas.code, 1);
     assert.match(replicas.stderr, /--replicas needs a cluster/);
+    const move = await alone.cli('volume', 'move', 'x', '--to', 'beta');
+    assert.equal(move.code, 1);
+    assert.match(move.stderr, /chunkd volume move needs a cluster .*; without one, move a volume with chunkd volume handoff x --to HOST:PORT/);
+    // volume list alone: this node's volumes, as before (no cluster's).
+    assert.equal(await ok(alone, 'volume', 'list'), 'no volumes\n');
     const badCount = await alone.cli('volume', 'create', 'x', '--size', '1MiB', '--replicas', 'two');
     assert.equal(badCount.code, 2);
     assert.match(badCount.stderr, /invalid --replicas "two"/);
