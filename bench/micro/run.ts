@@ -1,5 +1,5 @@
 // npm run bench:micro [-- NAME ...] [--smoke] [--time MS] [--json FILE]: the micro benchmarks of the hot pure
-// code (NBD codec, extent mapping, checksums, worker round trip, per-request counting), with tinybench. --smoke runs a few iterations
+// code (NBD codec, extent mapping, checksums, worker round trip, per-request counting, the paged chunk map), with tinybench. --smoke runs a few iterations
 // of each task only (the test suite does, so that they never rot); figures then mean nothing.
 import fs from 'node:fs';
 import { parseArgs } from 'node:util';
@@ -8,9 +8,10 @@ import { extents } from './extents.ts';
 import { ioStats } from './io-stats.ts';
 import { runModule, type MicroModule, type MicroResult } from './harness.ts';
 import { nbdCodec } from './nbd-codec.ts';
+import { pagedMap } from './paged-map.ts';
 import { worker } from './worker.ts';
 
-export const microModules: readonly MicroModule[] = [nbdCodec, extents, checksum, worker, ioStats];
+export const microModules: readonly MicroModule[] = [nbdCodec, extents, checksum, worker, ioStats, pagedMap];
 
 function format(value: number): string {
   return value >= 100 ? Math.round(value).toLocaleString('en-US') : value.toFixed(1);

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Piscina } from 'piscina';
 import type { Bench } from 'tinybench';
-import type { ChunkTaskResult, WorkerTask } from '../../src/store/chunk-task.ts';
+import type { ChunkTaskResult, WorkerBatchResult, WorkerTask } from '../../src/store/chunk-task.ts';
 import type { MicroModule } from './harness.ts';
 import type { RoundTripResult, RoundTripTask } from './worker-task.ts';
 
@@ -39,15 +39,15 @@ export const worker: MicroModule = {
         results.forEach(check);
       });
     const chunkWorker = path.join(import.meta.dirname, '..', '..', 'workers', 'chunk-io.ts');
-    let chunkPool: Piscina<WorkerTask, ChunkTaskResult[]> | null = null;
+    let chunkPool: Piscina<WorkerTask, WorkerBatchResult> | null = null;
     let chunkDirectory: string | null = null;
     if (fs.existsSync(chunkWorker)) {
       chunkDirectory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-micro-'));
-      chunkPool = new Piscina<WorkerTask, ChunkTaskResult[]>({ filename: chunkWorker, minThreads: 1, maxThreads: 1, workerData: { chunkDirectory, testHooks: false } });
+      chunkPool = new Piscina<WorkerTask, WorkerBatchResult>({ filename: chunkWorker, minThreads: 1, maxThreads: 1, workerData: { chunkDirectory, testHooks: false } });
       const memory = new SharedArrayBuffer(slotBytes);
       new Uint8Array(memory).fill(0x5a);
       const bytes = { slab: false as const, memory, byteOffset: 0, lengthBytes: slotBytes };
-      const only = (results: ChunkTaskResult[]): Extract<ChunkTaskResult, { ok: true }> => {
+      const only = ({ results }: WorkerBatchResult): Extract<ChunkTaskResult, { ok: true }> => {
         const result = results[0];
         if (result === undefined || !result.ok) throw new Error(`chunk-io task failed: ${result === undefined ? 'no result' : result.code}`);
         return result;

@@ -66,7 +66,7 @@ export const commands = {
       'metrics-listen': { type: 'string', value: 'HOST:PORT', help: 'GET /metrics (Prometheus text) on plain HTTP over TCP, read-only, nothing else on that port (off by default)' },
       'log-level': { type: 'string', value: 'debug|info|warn|error', fallback: 'info', help: 'log events of this level and above on stderr' },
       'log-format': { type: 'string', value: 'text|json', fallback: 'text', help: 'json: one object per line, {"time","level","msg"} (no time under journald, which stamps each line)' },
-      etcd: { type: 'string', value: 'URL,...', help: 'join the cluster kept in this etcd (http://HOST:PORT, several comma-separated); needs --node-name. Off by default: the node works alone' },
+      etcd: { type: 'string', value: 'URL,...', help: 'join the cluster kept in this etcd (http://HOST:PORT, several comma-separated; https:// takes --tls-dir: etcd\'s certificate checked against its ca-cert.pem, the node presenting its client-cert.pem); needs --node-name. Off by default: the node works alone' },
       'node-name': { type: 'string', value: 'NAME', help: "this node's name in the cluster (with --peer-listen, the name in its certificate)" },
       'lease-ttl': { type: 'string', value: 'DURATION', fallback: '10s', help: "the TTL of the node's etcd lease: writes to its volumes stop when it cannot renew it for the TTL less a margin (a fifth, at least 0.5 s)" },
     },

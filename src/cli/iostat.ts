@@ -1,5 +1,5 @@
 // chunkd iostat [VOL] [INTERVAL]: live per-volume IOPS, MB/s and latency percentiles, as `zpool iostat` and
-// `rbd perf image iostat` show them. It samples the node's GET /v1/iostat (each export's counters and latency
+// `rbd perf image iostat` show them, with the average queue depth (iostat's aqu-sz). It samples the node's GET /v1/iostat (each export's counters and latency
 // histograms since start, node/io-stats.ts) every INTERVAL seconds and prints what changed in between: one
 // block per interval, one line per export that served anything (or the one named). --count N stops after N.
 import { parseArgs } from 'node:util';
@@ -28,6 +28,11 @@ export interface IostatRow {
   writeP99Ms: number | null;
   /** Trims, write-zeroes and flushes per second. */
   otherPerSecond: number;
+  /**
+   * The average number of requests at the device over the interval (iostat's aqu-sz): the time they spent there,
+   * summed, over the interval's length (Little's law).
+   */
+  queueDepth: number;
   errors: number;
 }
 
@@ -42,6 +47,7 @@ export function iostatRows(before: Sample, after: Sample, only: string | null): 
     const delta = ioStatsDelta(stats, before.exports[name]);
     const other = delta.trim.count + delta.zero.count + delta.flush.count;
     const errors = delta.read.errors + delta.write.errors + delta.trim.errors + delta.zero.errors + delta.flush.errors;
+    const busySeconds = delta.read.seconds + delta.write.seconds + delta.trim.seconds + delta.zero.seconds + delta.flush.seconds;
     if (only === null && delta.read.count + delta.write.count + other === 0) continue;
     rows.push({
       export: name,
@@ -54,6 +60,7 @@ export function iostatRows(before: Sample, after: Sample, only: string | null): 
       writeP50Ms: ms(quantileSeconds(delta.write.buckets, 0.5)),
       writeP99Ms: ms(quantileSeconds(delta.write.buckets, 0.99)),
       otherPerSecond: Math.round(other / seconds),
+      queueDepth: Number((busySeconds / seconds).toFixed(1)),
       errors,
     });
   }
@@ -63,8 +70,8 @@ export function iostatRows(before: Sample, after: Sample, only: string | null): 
 /** The rows as a table (a header, then one line each; "-" where nothing was served). */
 export function formatIostat(rows: IostatRow[]): string {
   const cell = (value: number | null): string => (value === null ? '-' : value === Number.POSITIVE_INFINITY ? '>10000' : String(value));
-  const header = ['volume', 'r/s', 'w/s', 'rMB/s', 'wMB/s', 'r p50 ms', 'r p99 ms', 'w p50 ms', 'w p99 ms', 'other/s', 'errors'];
-  const lines = rows.map((r) => [r.export, cell(r.readsPerSecond), cell(r.writesPerSecond), cell(r.readMBps), cell(r.writeMBps), cell(r.readP50Ms), cell(r.readP99Ms), cell(r.writeP50Ms), cell(r.writeP99Ms), cell(r.otherPerSecond), cell(r.errors)]);
+  const header = ['volume', 'r/s', 'w/s', 'rMB/s', 'wMB/s', 'r p50 ms', 'r p99 ms', 'w p50 ms', 'w p99 ms', 'other/s', 'qd', 'errors'];
+  const lines = rows.map((r) => [r.export, cell(r.readsPerSecond), cell(r.writesPerSecond), cell(r.readMBps), cell(r.writeMBps), cell(r.readP50Ms), cell(r.readP99Ms), cell(r.writeP50Ms), cell(r.writeP99Ms), cell(r.otherPerSecond), cell(r.queueDepth), cell(r.errors)]);
   const widths = header.map((title, i) => Math.max(title.length, ...lines.map((line) => line[i]!.length)));
   const format = (line: string[]): string => line.map((text, i) => (i === 0 ? text.padEnd(widths[i]!) : text.padStart(widths[i]!))).join('  ');
   return [format(header), ...(lines.length === 0 ? ['(no I/O)'] : lines.map(format))].join('\n');

@@ -1,4 +1,5 @@
 // chunkd serve: runs a node in the foreground until SIGINT or SIGTERM, then stops it cleanly and exits 0.
+import { caCertFile, clientCertFile, clientKeyFile, readPem } from '../core/tls-files.ts';
 import { parseArgs } from 'node:util';
 import { ChunkdError } from '../core/errors.ts';
 import { parseHostPort } from '../core/host-port.ts';
@@ -129,7 +130,8 @@ export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
 
 function configFrom(values: ServeValues, fromEnvironment: Set<string>): ServeConfig {
   const given = (text: string | undefined): boolean => text !== undefined && text !== 'none';
-  const tlsInUse = (values.tls ?? 'off') !== 'off' || given(values['peer-listen']) || given(values['api-listen']);
+  const etcdTls = given(values.etcd) && /(^|,)\s*https:/.test(values.etcd!);
+  const tlsInUse = (values.tls ?? 'off') !== 'off' || given(values['peer-listen']) || given(values['api-listen']) || etcdTls;
   // The other commands read CHUNKD_TLS_DIR for their client pair: set for them, it must not stop a plain serve.
   const tlsDirectory = fromEnvironment.has('tls-dir') && !tlsInUse ? undefined : values['tls-dir'];
   const peer = parsePeerOptions(values['peer-listen'], tlsDirectory, values['peer-allow']);
@@ -149,17 +151,20 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): ServeCon
     pluginSocketPath: values['plugin-socket'] ?? null,
     peer,
     apiTls: apiListen === null ? null : { listen: apiListen, tlsDirectory: tlsDirectory! },
-    tls: parseTls(values.tls ?? serveOptions.tls.fallback, tlsDirectory, values['tls-verify-peer'] === true, peer !== null || apiListen !== null),
+    tls: parseTls(values.tls ?? serveOptions.tls.fallback, tlsDirectory, values['tls-verify-peer'] === true, peer !== null || apiListen !== null || etcdTls),
     metricsListen: values['metrics-listen'] === undefined ? null : parseListen(values['metrics-listen'], '--metrics-listen', '0.0.0.0:9810'),
     peerTimeoutMs: parseDuration(values['peer-timeout'] ?? serveOptions['peer-timeout'].fallback, '--peer-timeout'),
     logLevel: checkedLogLevel(values['log-level'] ?? serveOptions['log-level'].fallback),
     logFormat: parseLogFormat(values['log-format'] ?? serveOptions['log-format'].fallback),
-    cluster: parseClusterOptions(values.etcd, values['node-name'], values['lease-ttl']),
+    cluster: parseClusterOptions(values.etcd, values['node-name'], values['lease-ttl'], tlsDirectory),
   };
 }
 
-/** The cluster's settings from --etcd, --node-name and --lease-ttl, or null without --etcd. */
-export function parseClusterOptions(etcd: string | undefined, nodeName: string | undefined, leaseTtl: string | undefined): ClusterConfig | null {
+/**
+ * The cluster's settings from --etcd, --node-name and --lease-ttl, or null without --etcd. https:// endpoints take
+ * the node's --tls-dir: etcd's certificate is checked against ca-cert.pem, and the node presents client-cert.pem.
+ */
+export function parseClusterOptions(etcd: string | undefined, nodeName: string | undefined, leaseTtl: string | undefined, tlsDirectory?: string): ClusterConfig | null {
   if (etcd === undefined || etcd === 'none') {
     if (nodeName !== undefined) throw ChunkdError.invalid('--node-name needs --etcd URL: it names the node in a cluster');
     if (leaseTtl !== undefined) throw ChunkdError.invalid('--lease-ttl needs --etcd URL');
@@ -169,7 +174,12 @@ export function parseClusterOptions(etcd: string | undefined, nodeName: string |
   if (nodeName === undefined) throw ChunkdError.invalid('--etcd needs --node-name NAME: the name of this node in the cluster');
   const leaseTtlMs = parseDuration(leaseTtl ?? serveOptions['lease-ttl'].fallback, '--lease-ttl');
   if (leaseTtlMs < 2000 || leaseTtlMs % 1000 !== 0) throw ChunkdError.invalid(`invalid --lease-ttl "${leaseTtl}": whole seconds, at least 2s (etcd's leases count in seconds)`);
-  return { endpoints, nodeName: validateName(nodeName, 'node'), leaseTtlMs };
+  let tls: ClusterConfig['tls'] = null;
+  if (endpoints[0]!.startsWith('https:')) {
+    if (tlsDirectory === undefined) throw ChunkdError.invalid(`--etcd ${endpoints.join(',')} needs --tls-dir DIR: etcd's certificate is checked against DIR/${caCertFile}, and the node presents DIR/${clientCertFile}`);
+    tls = { ca: readPem(tlsDirectory, caCertFile)!, cert: readPem(tlsDirectory, clientCertFile)!, key: readPem(tlsDirectory, clientKeyFile)! };
+  }
+  return { endpoints, nodeName: validateName(nodeName, 'node'), leaseTtlMs, tls };
 }
 
 export async function serve(argv: string[]): Promise<number> {

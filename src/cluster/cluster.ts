@@ -68,6 +68,11 @@ export interface ClusterConfig {
   endpoints: string[];
   nodeName: string;
   leaseTtlMs: number;
+  /**
+   * For https:// endpoints: the CA that signed etcd's certificate, and the client pair this node presents (etcd's
+   * --client-cert-auth); PEM text from --tls-dir. Null for http://.
+   */
+  tls?: { ca: string; cert: string; key: string } | null;
 }
 
 /** What the node tells the cluster about itself, and the volumes it owns locally (roles.ts). */
@@ -162,7 +167,13 @@ export class ClusterMember {
     this.#host = host;
     this.#clock = new LeaseClock(leaseTiming(config.leaseTtlMs));
     this.#loopTimeoutMs = Math.min(callTimeoutMs, Math.max(500, Math.floor(keepaliveIntervalMs(this.#clock.timing) / 2)));
-    this.#client = new Etcd3({ hosts: config.endpoints, dialTimeout: callTimeoutMs, faultHandling: { host: () => noFaultHandling, global: noFaultHandling } });
+    const tls = config.tls ?? null;
+    this.#client = new Etcd3({
+      hosts: config.endpoints,
+      dialTimeout: callTimeoutMs,
+      faultHandling: { host: () => noFaultHandling, global: noFaultHandling },
+      ...(tls === null ? {} : { credentials: { rootCertificate: Buffer.from(tls.ca), certChain: Buffer.from(tls.cert), privateKey: Buffer.from(tls.key) } }),
+    });
   }
 
   /**

@@ -73,8 +73,9 @@ function parseJson(key: string, value: Buffer): unknown {
 }
 
 /**
- * Parses --etcd URL[,URL...]: http:// or https:// with a host and a port, nothing after it. The etcd client takes
- * them as they are; a wrong one is refused here, before anything starts, with the one that is wrong.
+ * Parses --etcd URL[,URL...]: http:// or https:// with a host and a port, nothing after it, all of one scheme. The
+ * etcd client takes them as they are; a wrong one is refused here, before anything starts, with the one that is
+ * wrong.
  */
 export function parseEtcdEndpoints(text: string): string[] {
   const urls = text.split(',').map((item) => item.trim()).filter((item) => item !== '');
@@ -85,10 +86,11 @@ export function parseEtcdEndpoints(text: string): string[] {
       parsed = new URL(url);
     } catch {}
     if (parsed === null || (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') || parsed.hostname === '' || parsed.port === '' || (parsed.pathname !== '/' && parsed.pathname !== '') || parsed.search !== '') {
-      throw ChunkdError.invalid(`invalid --etcd URL "${url}": use http://HOST:PORT, e.g. http://127.0.0.1:2379, several separated by commas`);
+      throw ChunkdError.invalid(`invalid --etcd URL "${url}": use http://HOST:PORT or https://HOST:PORT, e.g. http://127.0.0.1:2379, several separated by commas`);
     }
-    if (parsed.protocol === 'https:') throw ChunkdError.invalid(`--etcd "${url}": etcd over TLS is not supported yet; use http:// on a trusted network`);
   }
+  const schemes = new Set(urls.map((url) => new URL(url).protocol));
+  if (schemes.size > 1) throw ChunkdError.invalid(`--etcd "${text}": all http:// or all https://, not both`);
   return urls.map((url) => url.replace(/\/$/, ''));
 }
 

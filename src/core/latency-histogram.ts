@@ -16,6 +16,13 @@ export function emptyHistogram(): LatencyHistogram {
   return { count: 0, seconds: 0, buckets: new Array<number>(latencyBucketsSeconds.length + 1).fill(0) };
 }
 
+/** `into` plus what `from` counted (histograms kept on other threads, summed for one report). */
+export function addHistogram(into: LatencyHistogram, from: LatencyHistogram): void {
+  into.count += from.count;
+  into.seconds += from.seconds;
+  for (const [bucket, count] of from.buckets.entries()) into.buckets[bucket]! += count;
+}
+
 /** Counts one latency. */
 export function observeLatency(histogram: LatencyHistogram, seconds: number): void {
   histogram.count += 1;

@@ -72,11 +72,16 @@ import type { TlsSettings } from './tls.ts';
 import { validateRequest } from './validate.ts';
 import type { ValidationContext } from './validate.ts';
 import type { Log, LogLevel } from '../core/log.ts';
+import { observeLatency } from '../core/latency-histogram.ts';
+import type { ProtocolStageTimes } from '../store/stage-times.ts';
+import { performance } from 'node:perf_hooks';
 
 /** Counters the server shares with its connections. */
 export interface RequestCounters {
   requestsTotal: number;
   requestErrorsTotal: number;
+  /** The front end's stages: a WRITE payload's arrival, a reply's way to the kernel (store/stage-times.ts). */
+  stages: ProtocolStageTimes;
 }
 
 export interface ConnectionOptions {
@@ -116,6 +121,8 @@ export class NbdConnection {
   /** Large READ replies, reused once the socket has written them. */
   readonly #replyBuffers: ReplyBuffers;
   readonly #handshake: Handshake;
+  /** When each WRITE whose payload is still arriving had its header decoded (the `receive` stage). */
+  readonly #payloadStarts = new Map<NbdRequest, number>();
   #state: ConnectionState = 'handshake';
   /** A handshake step is running (see the note at the top). */
   #handshakeBusy = false;
@@ -373,6 +380,7 @@ export class NbdConnection {
       return;
     }
     if (request.type === NBD_CMD_WRITE && request.lengthBytes > 0) {
+      this.#payloadStarts.set(request, performance.now());
       this.#receiver.expectPayload(request);
       return;
     }
@@ -383,13 +391,20 @@ export class NbdConnection {
   #execute(request: NbdRequest, payload: Buffer | null, pooled: Buffer | null): void {
     const session = this.#session!;
     const costBytes = requestCostBytes(request);
+    const stages = this.#options.counters.stages;
+    const payloadStart = payload === null ? undefined : this.#payloadStarts.get(request);
+    if (payloadStart !== undefined) {
+      this.#payloadStarts.delete(request);
+      observeLatency(stages.receive, (performance.now() - payloadStart) / 1000);
+    }
     this.#inFlightCount += 1;
     this.#inFlightBytes += costBytes;
     runCommand(session, request, payload, this.#replyBuffers).then(
       (reply) => {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
-        if (reply instanceof Buffer) this.#send(reply, request.type === NBD_CMD_READ);
-        else this.#send(successReply(request));
+        const answeredAt = performance.now();
+        if (reply instanceof Buffer) this.#send(reply, request.type === NBD_CMD_READ, answeredAt);
+        else this.#send(successReply(request), false, answeredAt);
         this.#finish(costBytes);
       },
       (error: unknown) => {
@@ -448,14 +463,14 @@ export class NbdConnection {
    * Writes one whole message; a reply to a client that is gone is dropped. `pooled`: the buffer came from
    * #replyBuffers and goes back once the socket is done with it.
    */
-  #send(buffer: Buffer, pooled = false): void {
+  #send(buffer: Buffer, pooled = false, answeredAt: number | null = null): void {
     const socket = this.#socket;
     if (socket.destroyed || !socket.writable) {
       if (pooled) this.#replyBuffers.release(buffer);
       return;
     }
     if (this.#tlsReplies !== null) {
-      this.#tlsReplies.push(buffer, pooled);
+      this.#tlsReplies.push(buffer, pooled, answeredAt);
       if (!this.#tlsWriting) {
         this.#tlsWriting = true;
         setImmediate(this.#writeTlsSlice);
@@ -467,8 +482,15 @@ export class NbdConnection {
       socket.cork();
       setImmediate(this.#uncork);
     }
-    if (pooled) socket.write(buffer, () => this.#replyBuffers.release(buffer));
-    else socket.write(buffer);
+    if (!pooled && answeredAt === null) {
+      socket.write(buffer);
+      return;
+    }
+    const replyTimes = this.#options.counters.stages.reply;
+    socket.write(buffer, () => {
+      if (pooled) this.#replyBuffers.release(buffer);
+      if (answeredAt !== null) observeLatency(replyTimes, (performance.now() - answeredAt) / 1000);
+    });
   }
 
   readonly #uncork = (): void => {
@@ -491,6 +513,10 @@ export class NbdConnection {
     for (let index = 0; index < last; index++) socket.write(slice.pieces[index]!);
     socket.write(slice.pieces[last]!, () => {
       for (const buffer of slice.finished) this.#replyBuffers.release(buffer);
+      if (slice.answeredAt.length > 0) {
+        const now = performance.now();
+        for (const answeredAt of slice.answeredAt) observeLatency(this.#options.counters.stages.reply, (now - answeredAt) / 1000);
+      }
       this.#writeTlsSlice();
       this.#maybeResume();
     });

@@ -16,6 +16,8 @@ interface QueuedReply {
   sentBytes: number;
   /** The buffer goes back to its pool once written. */
   pooled: boolean;
+  /** When the device answered the request (performance.now()), for the `reply` stage; null: not timed. */
+  answeredAt: number | null;
 }
 
 /** One write's worth of queued replies. */
@@ -24,6 +26,8 @@ export interface ReplySlice {
   pieces: Buffer[];
   /** Pooled buffers whose last byte is in this slice: they go back once the slice is written. */
   finished: Buffer[];
+  /** When each timed reply whose last byte is in this slice was answered: its `reply` stage ends with the write. */
+  answeredAt: number[];
 }
 
 export class ReplyQueue {
@@ -36,9 +40,9 @@ export class ReplyQueue {
   }
 
   /** Queues a whole reply; it is written after everything queued before it. */
-  push(buffer: Buffer, pooled: boolean): void {
+  push(buffer: Buffer, pooled: boolean, answeredAt: number | null = null): void {
     assert(buffer.length > 0, 'a reply has bytes');
-    this.#replies.push({ buffer, sentBytes: 0, pooled });
+    this.#replies.push({ buffer, sentBytes: 0, pooled, answeredAt });
     this.#queuedBytes += buffer.length;
   }
 
@@ -48,6 +52,7 @@ export class ReplyQueue {
     if (this.#queuedBytes === 0) return null;
     const pieces: Buffer[] = [];
     const finished: Buffer[] = [];
+    const answeredAt: number[] = [];
     let takenBytes = 0;
     while (takenBytes < sliceBytes && this.#replies.length > 0) {
       const reply = this.#replies[0]!;
@@ -58,11 +63,12 @@ export class ReplyQueue {
       if (reply.sentBytes === reply.buffer.length) {
         this.#replies.shift();
         if (reply.pooled) finished.push(reply.buffer);
+        if (reply.answeredAt !== null) answeredAt.push(reply.answeredAt);
       }
     }
     this.#queuedBytes -= takenBytes;
     assert(this.#queuedBytes >= 0 && (this.#queuedBytes === 0) === (this.#replies.length === 0), 'queued bytes match the queue');
-    return { pieces, finished };
+    return { pieces, finished, answeredAt };
   }
 
   /** Empties the queue (the socket is gone); returns the pooled buffers, including any partly handed out. */

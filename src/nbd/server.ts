@@ -1,6 +1,7 @@
 // The NBD server: listeners (TCP and unix sockets) that hand each accepted socket to an NbdConnection, a cap
 // on connections, counters, and an orderly close. The protocol lives in handshake.ts (options), connection.ts (a
 // connection's life and flow control), receiver.ts (bytes to requests) and commands.ts (what each command means).
+import { emptyProtocolStageTimes, type ProtocolStageTimes } from '../store/stage-times.ts';
 import net from 'node:net';
 import type { AddressInfo } from 'node:net';
 import { ChunkdError } from '../core/errors.ts';
@@ -31,6 +32,8 @@ export interface NbdServerStats {
   connectionsTotal: number;
   requestsTotal: number;
   requestErrorsTotal: number;
+  /** Time in the front end's own stages (store/stage-times.ts). */
+  stages: ProtocolStageTimes;
 }
 
 export class NbdServer {
@@ -42,7 +45,7 @@ export class NbdServer {
   readonly #tls: TlsSettings | null;
   readonly #listeners: net.Server[] = [];
   readonly #connections = new Set<NbdConnection>();
-  readonly #counters: RequestCounters = { requestsTotal: 0, requestErrorsTotal: 0 };
+  readonly #counters: RequestCounters = { requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes() };
   #connectionsTotal = 0;
   #closing: Promise<void> | null = null;
 
@@ -106,6 +109,7 @@ export class NbdServer {
       connectionsTotal: this.#connectionsTotal,
       requestsTotal: this.#counters.requestsTotal,
       requestErrorsTotal: this.#counters.requestErrorsTotal,
+      stages: this.#counters.stages,
     };
   }
 

@@ -1,9 +1,10 @@
 // Per-export I/O statistics (issue 18's "why is it slow"): for each export (a volume, or VOL@SNAP) and each
-// operation, requests, bytes, errors and a latency histogram, kept where every front end's requests pass: the
+// operation, requests, bytes, errors, the requests in flight and a latency histogram, kept where every front end's requests pass: the
 // BlockDevice the node hands out (NBD on the main thread and on NBD threads, whose device calls come back to the
 // main thread, FUSE, attachments). A request's latency here is the device's: from the front end's call to its
 // completion (the wait for the range lock, chunk I/O in the workers, the commit for FLUSH and FUA), not the
-// protocol's decode or reply. The histogram's buckets are fixed, Prometheus-style cumulative at render.
+// protocol's receive or reply (stages of their own: store/stage-times.ts). The histogram's buckets are fixed,
+// Prometheus-style cumulative at render.
 // Cost per request: two performance.now() calls, a short bucket scan and four increments (BENCHMARKS.md has
 // the measured cost on 4 KiB random reads).
 import { performance } from 'node:perf_hooks';
@@ -16,13 +17,15 @@ export type IoOperation = (typeof ioOperations)[number];
 export interface OperationStats extends LatencyHistogram {
   bytes: number;
   errors: number;
+  /** Requests at the device now (the queue depth the front ends keep), a gauge. */
+  inFlight: number;
 }
 
 export type ExportIoStats = Record<IoOperation, OperationStats>;
 
 export function emptyIoStats(): ExportIoStats {
   const stats = {} as ExportIoStats;
-  for (const operation of ioOperations) stats[operation] = { ...emptyHistogram(), bytes: 0, errors: 0 };
+  for (const operation of ioOperations) stats[operation] = { ...emptyHistogram(), bytes: 0, errors: 0, inFlight: 0 };
   return stats;
 }
 
@@ -45,6 +48,7 @@ export function ioStatsDelta(after: ExportIoStats, before: ExportIoStats | undef
       errors: a.errors - (b?.errors ?? 0),
       seconds: a.seconds - (b?.seconds ?? 0),
       buckets: a.buckets.map((count, i) => count - (b?.buckets[i] ?? 0)),
+      inFlight: a.inFlight,
     };
   }
   return delta;
@@ -101,13 +105,16 @@ export class MeasuredDevice implements BlockDevice {
   }
 
   async #measure(operation: IoOperation, bytes: number, request: () => Promise<void>): Promise<void> {
+    const stats = this.#stats[operation];
     const start = performance.now();
     let failed = true;
+    stats.inFlight += 1;
     try {
       await request();
       failed = false;
     } finally {
-      observe(this.#stats[operation], failed ? 0 : bytes, (performance.now() - start) / 1000, failed);
+      stats.inFlight -= 1;
+      observe(stats, failed ? 0 : bytes, (performance.now() - start) / 1000, failed);
     }
   }
 }

@@ -58,11 +58,12 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
   metric('chunkd_volume_requests_total', 'counter', 'Requests each volume (or VOL@SNAP export) served, by operation, from every front end.', byOperation((s) => s.count));
   metric('chunkd_volume_bytes_total', 'counter', 'Bytes read, written, trimmed or zeroed, by volume and operation.', byOperation((s) => s.bytes));
   metric('chunkd_volume_errors_total', 'counter', 'Requests answered with an error, by volume and operation.', byOperation((s) => s.errors));
+  metric('chunkd_volume_requests_in_flight', 'gauge', 'Requests at each volume\'s device now (its queue depth), by operation.', byOperation((s) => s.inFlight));
   lines.push('# HELP chunkd_volume_request_seconds Latency of requests at the device (lock wait, chunk I/O, commit for flush and FUA), by volume and operation.', '# TYPE chunkd_volume_request_seconds histogram');
   for (const [name, stats] of exports) for (const op of ioOperations) lines.push(...histogramLines('chunkd_volume_request_seconds', `volume="${name}",op="${op}"`, stats[op]));
   if (stageTimes !== null) {
     lines.push(
-      '# HELP chunkd_stage_seconds Time requests spent in each stage of the store, pool-wide: chunk I/O (reads with their checksum checks, writes of fresh runs, zeroing; on this thread, libuv\'s pool or the workers) and the metadata commits FLUSH and FUA wait for.',
+      '# HELP chunkd_stage_seconds Time requests spent in each stage, node-wide, in the order a request meets them: receive (an NBD WRITE payload arriving), worker_wait (a chunk task waiting for a worker thread), chunk I/O (reads with their checksum checks, writes of fresh runs, zeroing; on this thread, libuv\'s pool or the workers), commit (the metadata commits FLUSH and FUA wait for), reply (an NBD reply on its way to the kernel).',
       '# TYPE chunkd_stage_seconds histogram',
     );
     for (const stage of stages) lines.push(...histogramLines('chunkd_stage_seconds', `stage="${stage}"`, stageTimes[stage]));

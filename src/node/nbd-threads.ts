@@ -7,6 +7,8 @@
 // The main thread's share of a request is then the metadata step alone (map lookup, range lock, record),
 // no socket, no parsing, no copying. A thread ends only when the node stops it: one that ends while the node
 // serves had a bug (it fail-stopped, or an error escaped it), and the node stops too (core/fail-stop.ts).
+import { addHistogram } from '../core/latency-histogram.ts';
+import { emptyProtocolStageTimes } from '../store/stage-times.ts';
 import { MessageChannel, Worker } from 'node:worker_threads';
 import type { DeviceProvider } from '../core/block-device.ts';
 import { ChunkdError } from '../core/errors.ts';
@@ -71,12 +73,14 @@ export class NbdThreads {
   /** Counters summed over the threads (each asked now). */
   async stats(): Promise<NbdServerStats> {
     await Promise.all(this.#threads.map((thread) => this.#refreshStats(thread)));
-    const sum: NbdServerStats = { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 };
+    const sum: NbdServerStats = { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes() };
     for (const thread of this.#threads) {
       sum.connectionsOpen += thread.stats.connectionsOpen;
       sum.connectionsTotal += thread.stats.connectionsTotal;
       sum.requestsTotal += thread.stats.requestsTotal;
       sum.requestErrorsTotal += thread.stats.requestErrorsTotal;
+      addHistogram(sum.stages.receive, thread.stats.stages.receive);
+      addHistogram(sum.stages.reply, thread.stats.stages.reply);
     }
     return sum;
   }
@@ -115,7 +119,7 @@ export class NbdThreads {
       workerData: { port: channel.port2, host: this.#host, listenPort: this.#port, index, tls: this.#tls },
       transferList: [channel.port2],
     });
-    const thread: ProtocolThread = { worker, host, stats: { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 }, stopping: false };
+    const thread: ProtocolThread = { worker, host, stats: { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes() }, stopping: false };
     const ready = new Promise<string[]>((resolve, reject) => {
       const timer = setTimeout(() => reject(ChunkdError.io(`NBD thread ${index} did not start in ${threadStartTimeoutMs / 1000} s`)), threadStartTimeoutMs);
       worker.on('message', (message: { type: string; line?: string; level?: LogLevel; addresses?: string[] }) => {

@@ -1,6 +1,7 @@
 // A node: one pool, its NBD front end and its management API, started and stopped in order.
 // Stopping reverses starting: no new connections, in-flight requests finish, everything is committed, the
 // pool's lock is released.
+import { withProtocolStages } from '../store/stage-times.ts';
 import path from 'node:path';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
@@ -139,7 +140,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const pool = await Pool.open({
       directory: config.poolDirectory,
       log: config.log,
-      makeIo: sharedBuffers === null ? undefined : (chunkFiles) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log }),
+      makeIo: sharedBuffers === null ? undefined : (chunkFiles, waitTimes) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log, waitTimes }),
       verifyReads: config.verifyReads ?? true,
     });
     if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)', 'warn');
@@ -755,7 +756,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async metrics(): Promise<string> {
-    return renderMetrics(await this.status(), this.ioStats(), this.pool.stageTimes());
+    const fronts = [this.nbd.stats().stages];
+    if (this.#threads !== null) fronts.push((await this.#threads.stats()).stages);
+    return renderMetrics(await this.status(), this.ioStats(), withProtocolStages(this.pool.stageTimes(), fronts));
   }
 
   checkpoint(): Promise<CheckpointReport> {

@@ -26,6 +26,43 @@ export interface FreeExtent {
   punch: boolean;
 }
 
+/**
+ * Frees waiting for the commit that records them, in order, each merged with the one before when they touch and
+ * no commit has claimed that one yet (shared by this allocator and the space maps' one, space-map.ts).
+ */
+export class DeferredFrees {
+  #extents: FreeExtent[] = [];
+  #count = 0;
+  /** Frees claimed by a commit in progress (the first ones). */
+  #sealedCount = 0;
+
+  /** Chunks waiting. */
+  get count(): number {
+    return this.#count;
+  }
+
+  add(start: number, chunkCount: number, punch: boolean): void {
+    this.#count += chunkCount;
+    const last = this.#extents[this.#extents.length - 1];
+    if (last !== undefined && this.#extents.length > this.#sealedCount && last.punch === punch && last.start + last.count === start) last.count += chunkCount;
+    else this.#extents.push({ start, count: chunkCount, punch });
+  }
+
+  /** Marks the frees a commit is about to make durable; pass the result to `take` after it. */
+  mark(): number {
+    this.#sealedCount = this.#extents.length;
+    return this.#sealedCount;
+  }
+
+  /** Takes the first `mark` frees, now recorded durably. */
+  take(mark: number): FreeExtent[] {
+    this.#sealedCount -= mark;
+    const taken = this.#extents.splice(0, mark);
+    for (const extent of taken) this.#count -= extent.count;
+    return taken;
+  }
+}
+
 /** Chunks one allocation scans before it settles for the space above the high-water mark. */
 const allocationScanChunksMax = 1 << 20;
 
@@ -36,10 +73,7 @@ export class ChunkAllocator {
   /** Bits set: chunks allocated plus chunks freed but not yet released. */
   #setCount = 0;
   #usedCount = 0;
-  #deferred: FreeExtent[] = [];
-  #deferredCount = 0;
-  /** Deferred frees claimed by a commit in progress (the first ones). */
-  #sealedCount = 0;
+  readonly #deferred = new DeferredFrees();
   /** No run of this many free chunks was found below the mark since the last time chunks were freed. */
   #noRunOf = Infinity;
 
@@ -66,7 +100,7 @@ export class ChunkAllocator {
   }
 
   get deferredCount(): number {
-    return this.#deferredCount;
+    return this.#deferred.count;
   }
 
   /** Free runs below the high-water mark (for punching leaked space at load). */
@@ -113,25 +147,17 @@ export class ChunkAllocator {
   freeDeferred(start: number, chunkCount: number, punch = true): void {
     assert(chunkCount > 0);
     this.#usedCount -= chunkCount;
-    this.#deferredCount += chunkCount;
-    const last = this.#deferred[this.#deferred.length - 1];
-    // Merge with the previous free only if no commit has claimed it yet.
-    if (last !== undefined && this.#deferred.length > this.#sealedCount && last.punch === punch && last.start + last.count === start) last.count += chunkCount;
-    else this.#deferred.push({ start, count: chunkCount, punch });
+    this.#deferred.add(start, chunkCount, punch);
   }
 
   /** Marks the deferred frees a commit is about to make durable; pass the result to `takeDeferred` after it. */
   deferredMark(): number {
-    this.#sealedCount = this.#deferred.length;
-    return this.#sealedCount;
+    return this.#deferred.mark();
   }
 
   /** Takes the first `mark` deferred frees, now recorded durably; the caller punches them, then `releaseTaken`. */
   takeDeferred(mark: number): FreeExtent[] {
-    this.#sealedCount -= mark;
-    const taken = this.#deferred.splice(0, mark);
-    for (const extent of taken) this.#deferredCount -= extent.count;
-    return taken;
+    return this.#deferred.take(mark);
   }
 
   /** Makes extents from `takeDeferred` reusable. */

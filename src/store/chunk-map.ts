@@ -202,15 +202,16 @@ export function releasePage(page: Page, refs: ChunkRefs): void {
   for (const slot of page.slots) if (slot > 0) refs.decrement(slot - 1);
 }
 
+/** Whether chunks at `virtualChunk` naming `physicalChunk` (-1: a hole) continue the run `last`. */
+export function continuesRun(last: ChunkRun | undefined, virtualChunk: number, physicalChunk: number): last is ChunkRun {
+  if (last === undefined || last.virtualChunk + last.chunkCount !== virtualChunk) return false;
+  const bothHoles = last.physicalChunk < 0 && physicalChunk < 0;
+  const contiguous = last.physicalChunk >= 0 && physicalChunk >= 0 && last.physicalChunk + last.chunkCount === physicalChunk;
+  return bothHoles || contiguous;
+}
+
 function pushRun(runs: ChunkRun[], virtualChunk: number, chunkCount: number, physicalChunk: number): void {
   const last = runs[runs.length - 1];
-  if (last !== undefined && last.virtualChunk + last.chunkCount === virtualChunk) {
-    const bothHoles = last.physicalChunk < 0 && physicalChunk < 0;
-    const contiguous = last.physicalChunk >= 0 && physicalChunk >= 0 && last.physicalChunk + last.chunkCount === physicalChunk;
-    if (bothHoles || contiguous) {
-      last.chunkCount += chunkCount;
-      return;
-    }
-  }
-  runs.push({ virtualChunk, chunkCount, physicalChunk });
+  if (continuesRun(last, virtualChunk, physicalChunk)) last.chunkCount += chunkCount;
+  else runs.push({ virtualChunk, chunkCount, physicalChunk });
 }

@@ -30,6 +30,11 @@ export type ChunkTaskResult =
 
 /** What a worker runs: several chunk tasks at once (one hand-off, one wake-up of the thread, for all), or the test hook. */
 export type WorkerTask = { op: 'batch'; tasks: ChunkTask[] } | Extract<ChunkTask, { op: 'die' }>;
+/** A batch's results, and when the worker took it up (ms on the clock threads share: timeOrigin + now). */
+export interface WorkerBatchResult {
+  startedAtMs: number;
+  results: ChunkTaskResult[];
+}
 
 /** A worker's own descriptors of the chunk files (opened on first use; all closed past openChunkFilesMax). */
 export class ChunkTaskRunner {

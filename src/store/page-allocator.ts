@@ -2,7 +2,8 @@
 // yet). A page replaced by copy-on-write is still named by the durable root until the commit that replaces the
 // root is durable, so it is reusable only after that commit: `release` holds it, `committed` frees it (the rule
 // the chunk allocator follows for chunks, allocator.ts). Allocation takes a freed page first, else a new one above
-// the high-water mark. Pure: no I/O. Where its state is kept on disk (a free list in pages, as LMDB's) is step 2's.
+// the high-water mark. Pure: no I/O. Its state is kept on disk by space-map.ts (a free list in pages, written with
+// each root: `sealForCommit` says what that root records).
 import { ChunkdError } from '../core/errors.ts';
 import { firstDataPage } from './page-file.ts';
 
@@ -18,6 +19,8 @@ export class PageAllocator {
   readonly #free: Set<number>;
   /** Released since the last commit: still named by the durable root. */
   readonly #released = new Set<number>();
+  /** Released before the commit in flight was sealed (`sealForCommit`): free once that commit is durable. */
+  #sealed: Set<number> | null = null;
 
   constructor(state: PageAllocatorState = { nextPage: firstDataPage, free: [] }) {
     if (!Number.isSafeInteger(state.nextPage) || state.nextPage < firstDataPage) throw ChunkdError.corrupt(`page allocator: next page ${state.nextPage}`);
@@ -40,17 +43,43 @@ export class PageAllocator {
   /** A page the next root will no longer name: free once that root is durable. */
   release(page: number): void {
     if (!Number.isSafeInteger(page) || page < firstDataPage || page >= this.#nextPage) throw new Error(`page allocator: release of page ${page}, never handed out`);
-    if (this.#free.has(page) || this.#released.has(page)) throw new Error(`page allocator: page ${page} released twice`);
+    if (this.#free.has(page) || this.#released.has(page) || this.#sealed?.has(page) === true) throw new Error(`page allocator: page ${page} released twice`);
     this.#released.add(page);
   }
 
-  /** The root that stopped naming the released pages is durable: they may be written again. */
-  committed(): void {
-    for (const page of this.#released) this.#free.add(page);
+  /**
+   * Seals the releases made so far into the commit about to be made, and returns what its root records: the pages
+   * released so far count as free there (that root no longer names them), though they are handed out only after
+   * `committed`. Pages released from now on wait for the commit after (its root is the one that stops naming them).
+   */
+  sealForCommit(): PageAllocatorState {
+    this.#sealed = new Set([...(this.#sealed ?? []), ...this.#released]);
     this.#released.clear();
+    return { nextPage: this.#nextPage, free: [...this.#free, ...this.#sealed].sort((a, b) => a - b) };
   }
 
-  /** What a root records: pages released but not yet committed count as in use (a crash leaves them named). */
+  /**
+   * The root that stopped naming the released pages is durable: they may be written again (after `sealForCommit`,
+   * those released before it; without one, all).
+   */
+  committed(): void {
+    const freed = this.#sealed ?? this.#released;
+    for (const page of freed) this.#free.add(page);
+    freed.clear();
+    this.#sealed = null;
+  }
+
+  /** Pages free to hand out now. */
+  get freeCount(): number {
+    return this.#free.size;
+  }
+
+  /** Released and not yet free (waiting for a commit). */
+  get waitingCount(): number {
+    return this.#released.size + (this.#sealed?.size ?? 0);
+  }
+
+  /** The state without the pages waiting for a commit (they count as in use: the durable root may name them). */
   state(): PageAllocatorState {
     return { nextPage: this.#nextPage, free: [...this.#free].sort((a, b) => a - b) };
   }

@@ -62,6 +62,19 @@ export class PageCache {
     return this.#dirty.get(pageNumber) ?? page;
   }
 
+  /** The page if it is in memory (dirty, or clean and cached), else undefined: no read, never waits. */
+  peek(pageNumber: number): CachedPage | undefined {
+    const held = this.#dirty.get(pageNumber) ?? this.#clean.get(pageNumber);
+    if (held !== undefined) this.#hits += 1;
+    return held;
+  }
+
+  /** Forgets a page its owner freed: a dirty one is not written at the next commit, a clean one leaves the cache. */
+  discard(pageNumber: number): void {
+    this.#dirty.delete(pageNumber);
+    this.#clean.delete(pageNumber);
+  }
+
   /** Replaces a page in memory; it is written at the next commit. */
   put(pageNumber: number, page: CachedPage): void {
     this.#clean.delete(pageNumber);

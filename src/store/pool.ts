@@ -59,6 +59,7 @@ import type { ScrubReport } from './scrub.ts';
 import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
 import type { Log } from '../core/log.ts';
 import { emptyStageTimes, timedVolumeStore, type StageTimes } from './stage-times.ts';
+import type { LatencyHistogram } from '../core/latency-histogram.ts';
 
 export interface VolumeInfo {
   name: string;
@@ -114,7 +115,7 @@ export interface PoolOptions {
   /** How often unflushed writes are committed in the background (default limits.backgroundCommitIntervalMs). */
   backgroundCommitIntervalMs?: number;
   /** Makes the engine that carries chunk reads and writes (default: inline, on the calling thread). */
-  makeIo?: (chunkFiles: ChunkFiles) => ChunkIo;
+  makeIo?: (chunkFiles: ChunkFiles, waitTimes: LatencyHistogram) => ChunkIo;
   /** Verify checksums on reads (default true); false only to measure what verification costs. */
   verifyReads?: boolean;
 }
@@ -161,7 +162,7 @@ export class Pool {
     this.#chunks = new ChunkStore({
       chunkFiles,
       allocator,
-      io: options.makeIo?.(chunkFiles) ?? new InlineChunkIo(chunkFiles),
+      io: options.makeIo?.(chunkFiles, this.#stageTimes.worker_wait) ?? new InlineChunkIo(chunkFiles),
       sums: opened.catalog.sums,
       verifyReads: options.verifyReads ?? true,
       isMapped: (chunk) => refs.get(chunk) > 0,

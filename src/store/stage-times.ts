@@ -3,17 +3,40 @@
 // wherever it runs (this thread, libuv's pool, the chunk I/O workers), and the metadata commits volumes wait for
 // (FLUSH, FUA: the journal append and its fdatasync, shared by concurrent callers). A device's whole latency is in
 // node/io-stats.ts; what it has beyond these stages is the wait for the range lock and the front end's own work.
-// The volume store is wrapped once, in the pool: volume.ts is unchanged.
+// The volume store is wrapped once, in the pool: volume.ts is unchanged. Two more stages are the store's too: the
+// wait of a chunk task for a worker thread (from being asked to a worker taking its batch up; worker-io.ts), and
+// the NBD front end's own, counted by its connections (nbd/connection.ts), on whichever thread runs them: `receive`,
+// a WRITE's payload arriving (from its header decoded to its last byte in memory), and `reply`, from the device's
+// answer to the reply handed to the kernel (under TLS: encrypted, the last slice holding it written).
+// A header's decoding and validation is synchronous and takes under a microsecond: it has no stage of its own.
 import { performance } from 'node:perf_hooks';
-import { emptyHistogram, observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';
+import { addHistogram, emptyHistogram, observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';
 import type { VolumeStore } from './volume.ts';
 
-export const stages = ['chunk_read', 'chunk_write', 'chunk_zero', 'commit'] as const;
+/** In the order a request meets them. */
+export const stages = ['receive', 'worker_wait', 'chunk_read', 'chunk_write', 'chunk_zero', 'commit', 'reply'] as const;
 export type Stage = (typeof stages)[number];
 export type StageTimes = Record<Stage, LatencyHistogram>;
+/** The NBD front end's stages, counted per server (and per NBD thread) and summed for /metrics. */
+export type ProtocolStageTimes = Pick<StageTimes, 'receive' | 'reply'>;
 
 export function emptyStageTimes(): StageTimes {
-  return { chunk_read: emptyHistogram(), chunk_write: emptyHistogram(), chunk_zero: emptyHistogram(), commit: emptyHistogram() };
+  return Object.fromEntries(stages.map((stage) => [stage, emptyHistogram()])) as StageTimes;
+}
+
+export function emptyProtocolStageTimes(): ProtocolStageTimes {
+  return { receive: emptyHistogram(), reply: emptyHistogram() };
+}
+
+/** The store's stages with the front ends' (each NBD server's, each NBD thread's) summed in, for one report. */
+export function withProtocolStages(store: StageTimes, fronts: ProtocolStageTimes[]): StageTimes {
+  const receive = emptyHistogram();
+  const reply = emptyHistogram();
+  for (const front of fronts) {
+    addHistogram(receive, front.receive);
+    addHistogram(reply, front.reply);
+  }
+  return { ...store, receive, reply };
 }
 
 /** Times `work` into `histogram` (failed work too: its time was spent). */

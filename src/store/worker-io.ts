@@ -17,13 +17,15 @@ import { sharedBytesOf } from '../core/shared-bytes.ts';
 import { TurnBatch } from '../core/turn-batch.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
-import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerTask } from './chunk-task.ts';
+import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerBatchResult, WorkerTask } from './chunk-task.ts';
+import { observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';
+import { performance } from 'node:perf_hooks';
 import { ownModule } from '../core/source-files.ts';
 import type { Log } from '../core/log.ts';
 
 const workerModule = ownModule('workers', 'chunk-io');
 
-type PendingTask = { task: ChunkTask; resolve: (result: ChunkTaskResult) => void; reject: (error: Error) => void };
+type PendingTask = { task: ChunkTask; askedAtMs: number; resolve: (result: ChunkTaskResult) => void; reject: (error: Error) => void };
 
 /** piscina's live view of one worker (its getters read the worker's state now). */
 interface WorkerView {
@@ -39,6 +41,8 @@ export interface WorkerIoOptions {
   log: Log;
   /** Lets tests kill a worker (the 'die' task). */
   testHooks?: boolean;
+  /** Where each task's wait for a worker (from being asked to a worker taking its batch up) is counted. */
+  waitTimes?: LatencyHistogram;
 }
 
 /** The default worker count: one per CPU the process may use. */
@@ -50,12 +54,13 @@ export class WorkerChunkIo implements ChunkIo {
   readonly #files: ChunkFiles;
   /** Small requests, done on this thread. */
   readonly #inline: InlineChunkIo;
-  readonly #pool: Piscina<WorkerTask, ChunkTaskResult[]>;
+  readonly #pool: Piscina<WorkerTask, WorkerBatchResult>;
   readonly #workerCount: number;
   /** Tasks asked for in this turn of the event loop, handed out together at its end (#dispatch). */
   readonly #pending = new TurnBatch<PendingTask>((pending) => this.#dispatch(pending));
   readonly #buffers: SharedBufferPool;
   readonly #log: Log;
+  readonly #waitTimes: LatencyHistogram | undefined;
   /** Workers, with the thread id each had when it started (the view's id reads -1 once its thread is gone). */
   readonly #workers = new Map<WorkerView, number>();
   #restarts = 0;
@@ -66,8 +71,9 @@ export class WorkerChunkIo implements ChunkIo {
     this.#inline = new InlineChunkIo(files);
     this.#buffers = options.buffers;
     this.#log = options.log;
+    this.#waitTimes = options.waitTimes;
     this.#workerCount = options.workerCount;
-    this.#pool = new Piscina<WorkerTask, ChunkTaskResult[]>({
+    this.#pool = new Piscina<WorkerTask, WorkerBatchResult>({
       filename: workerModule,
       minThreads: options.workerCount,
       maxThreads: options.workerCount,
@@ -162,11 +168,15 @@ export class WorkerChunkIo implements ChunkIo {
    * a busy turn pays it once per worker instead of once per request.
    */
   #dispatch(pending: PendingTask[]): void {
+    const waitTimes = this.#waitTimes;
     const batchCount = Math.min(this.#workerCount, pending.length);
     for (let b = 0; b < batchCount; b++) {
       const batch = pending.filter((_, i) => i % batchCount === b);
       this.#pool.run({ op: 'batch', tasks: batch.map((entry) => entry.task) }).then(
-        (results) => batch.forEach((entry, i) => entry.resolve(results[i]!)),
+        ({ startedAtMs, results }) => {
+          if (waitTimes !== undefined) for (const entry of batch) observeLatency(waitTimes, Math.max(0, startedAtMs - entry.askedAtMs) / 1000);
+          batch.forEach((entry, i) => entry.resolve(results[i]!));
+        },
         (error: Error) => {
           const failure = ChunkdError.io(`chunk I/O worker failed: ${error.message}`, error);
           for (const entry of batch) entry.reject(failure);
@@ -182,7 +192,7 @@ export class WorkerChunkIo implements ChunkIo {
 
   async #run(task: ChunkTask): Promise<Extract<ChunkTaskResult, { ok: true }>> {
     const result = await new Promise<ChunkTaskResult>((resolve, reject) => {
-      this.#pending.add({ task, resolve, reject });
+      this.#pending.add({ task, askedAtMs: performance.timeOrigin + performance.now(), resolve, reject });
     });
     if (!result.ok) {
       const error = Object.assign(new Error(result.message), { code: result.code }) as NodeJS.ErrnoException;

@@ -4,6 +4,7 @@
 // resumed, killed and restarted on the same ports and data.
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import https from 'node:https';
 import path from 'node:path';
 import { freePort, haveTool, makeTempDir } from './node-process.ts';
 
@@ -37,13 +38,22 @@ export function haveEtcd(): boolean {
   return haveTool('etcd');
 }
 
+/**
+ * TLS for etcd's client port (`tlsDirectory`: a set from `chunkd tls init`, e.g. DIR/etcd): etcd serves its
+ * server-cert.pem and asks every client for a certificate signed by its ca-cert.pem (--client-cert-auth); the
+ * client URLs are https://.
+ */
+export interface EtcdOptions {
+  tlsDirectory?: string;
+}
+
 /** Starts `size` etcd members (1 or 3) on loopback and waits until each answers /health. */
-export async function startEtcd(size: 1 | 3 = 1): Promise<EtcdCluster> {
+export async function startEtcd(size: 1 | 3 = 1, options: EtcdOptions = {}): Promise<EtcdCluster> {
   const root = makeTempDir('etcd');
   const layout: Array<{ name: string; clientPort: number; peerPort: number }> = [];
   for (let index = 0; index < size; index += 1) layout.push({ name: `etcd${index}`, clientPort: await freePort(), peerPort: await freePort() });
   const initialCluster = layout.map((member) => `${member.name}=http://127.0.0.1:${member.peerPort}`).join(',');
-  const members = layout.map((spec) => makeMember(spec, path.join(root, spec.name), initialCluster));
+  const members = layout.map((spec) => makeMember(spec, path.join(root, spec.name), initialCluster, options.tlsDirectory ?? null));
   const cluster: EtcdCluster = {
     members,
     endpoints: members.map((member) => member.clientUrl).join(','),
@@ -58,7 +68,7 @@ export async function startEtcd(size: 1 | 3 = 1): Promise<EtcdCluster> {
   try {
     await Promise.all(members.map((member) => member.restart()));
     // Every member answers; with three, wait for the cluster to have elected a leader too.
-    if (size > 1) await waitHealthy(members[0]!, 1);
+    if (size > 1) await waitHealthy(members[0]!, 1, options.tlsDirectory ?? null);
   } catch (error) {
     await cluster.stop();
     throw error;
@@ -66,12 +76,12 @@ export async function startEtcd(size: 1 | 3 = 1): Promise<EtcdCluster> {
   return cluster;
 }
 
-function makeMember(spec: { name: string; clientPort: number; peerPort: number }, dataDirectory: string, initialCluster: string): EtcdMember {
+function makeMember(spec: { name: string; clientPort: number; peerPort: number }, dataDirectory: string, initialCluster: string, tlsDirectory: string | null): EtcdMember {
   let stderr = '';
   let exited: Promise<void> = Promise.resolve();
   const member: EtcdMember = {
     name: spec.name,
-    clientUrl: `http://127.0.0.1:${spec.clientPort}`,
+    clientUrl: `${tlsDirectory === null ? 'http' : 'https'}://127.0.0.1:${spec.clientPort}`,
     peerUrl: `http://127.0.0.1:${spec.peerPort}`,
     dataDirectory,
     process: null,
@@ -107,6 +117,9 @@ function makeMember(spec: { name: string; clientPort: number; peerPort: number }
           '--election-timeout', '500',
           '--logger', 'zap',
           '--log-level', 'warn',
+          ...(tlsDirectory === null
+            ? []
+            : ['--cert-file', path.join(tlsDirectory, 'server-cert.pem'), '--key-file', path.join(tlsDirectory, 'server-key.pem'), '--trusted-ca-file', path.join(tlsDirectory, 'ca-cert.pem'), '--client-cert-auth']),
         ],
         { stdio: ['ignore', 'ignore', 'pipe'] },
       );
@@ -115,11 +128,31 @@ function makeMember(spec: { name: string; clientPort: number; peerPort: number }
       });
       exited = new Promise((resolve) => child.once('exit', () => resolve()));
       member.process = child;
-      await waitHealthy(member, size(initialCluster));
+      await waitHealthy(member, size(initialCluster), tlsDirectory);
     },
     stderr: () => stderr,
   };
   return member;
+}
+
+/** GET /health over TLS with the client pair of `tlsDirectory` (fetch takes no client certificate). */
+function healthOverTls(url: string, tlsDirectory: string): Promise<unknown> {
+  const file = (name: string): Buffer => fs.readFileSync(path.join(tlsDirectory, name));
+  return new Promise((resolve, reject) => {
+    const request = https.get(url, { ca: file('ca-cert.pem'), cert: file('client-cert.pem'), key: file('client-key.pem'), timeout: 1000 }, (response) => {
+      let text = '';
+      response.on('data', (chunk: Buffer) => (text += chunk.toString()));
+      response.on('end', () => {
+        try {
+          resolve(JSON.parse(text));
+        } catch (error) {
+          reject(error as Error);
+        }
+      });
+    });
+    request.on('timeout', () => request.destroy(new Error('timed out')));
+    request.on('error', reject);
+  });
 }
 
 function size(initialCluster: string): number {
@@ -130,14 +163,15 @@ function size(initialCluster: string): number {
  * Waits until the member answers /health with a leader. A member of three cannot have one before a second member
  * runs, so for those it is enough that the client port answers at all.
  */
-async function waitHealthy(member: EtcdMember, clusterSize: number): Promise<void> {
+async function waitHealthy(member: EtcdMember, clusterSize: number, tlsDirectory: string | null): Promise<void> {
   const deadline = Date.now() + 20_000;
   let last = '';
   while (Date.now() < deadline) {
     if (member.process?.exitCode !== null) throw new Error(`etcd member ${member.name} exited (${member.process?.exitCode}): ${member.stderr()}`);
     try {
-      const response = await fetch(`${member.clientUrl}/health`, { signal: AbortSignal.timeout(1000) });
-      const body = (await response.json()) as { health?: string };
+      const body = (tlsDirectory === null
+        ? await (await fetch(`${member.clientUrl}/health`, { signal: AbortSignal.timeout(1000) })).json()
+        : await healthOverTls(`${member.clientUrl}/health`, tlsDirectory)) as { health?: string };
       if (body.health === 'true' || clusterSize > 1) return;
       last = JSON.stringify(body);
     } catch (error) {

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { clusterFixture, roles } from '../helpers/cluster.ts';
 import { plugin } from '../helpers/docker-plugin.ts';
 import { cleanupMounts, mountsUnder } from '../helpers/mounts.ts';

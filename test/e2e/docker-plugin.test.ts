@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { cleanupMounts, loopDevicesUnder, mountsUnder } from '../helpers/mounts.ts';
 import { plugin } from '../helpers/docker-plugin.ts';

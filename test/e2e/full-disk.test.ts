@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { makeTempDir, mustRun, runTool, startNode } from '../helpers/node-process.ts';
 import { NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 

@@ -8,11 +8,11 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, test } from 'node:test';
+import { afterAll, test } from 'vitest';
 import { makeTempDir, mustRun, repoRoot, runTool, startNode, type Launcher } from '../helpers/node-process.ts';
 
 const work = makeTempDir('install');
-after(() => fs.rmSync(work, { recursive: true, force: true }));
+afterAll(() => fs.rmSync(work, { recursive: true, force: true }));
 
 const npmOptions = ['--no-audit', '--no-fund', '--prefer-offline'];
 /** PATH without this checkout's node_modules/.bin: what a shell on the machine has. */

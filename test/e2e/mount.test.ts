@@ -5,7 +5,7 @@ import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { makeTempDir, mustRun, runTool, startNode } from '../helpers/node-process.ts';
 
 async function waitFor(condition: () => boolean, what: string, timeoutMs = 20_000): Promise<void> {

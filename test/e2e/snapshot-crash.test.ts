@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { callApi } from '../../src/cli/api-client.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 import { chunkdBin, makeTempDir, nodeBinary, runTool, startNode } from '../helpers/node-process.ts';

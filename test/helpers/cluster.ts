@@ -1,9 +1,9 @@
 // The cluster tests' setup, shared: a real etcd (one or three members), certificates for the named nodes (peer
 // ports with mutual TLS), a scratch directory, and nodes started in the cluster with a short lease TTL, each on the
-// same peer port across restarts. clusterFixture() registers the file's before/after hooks itself.
+// same peer port across restarts. clusterFixture() registers the file's beforeAll/afterAll hooks itself.
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before } from 'node:test';
+import { afterAll, beforeAll } from 'vitest';
 import { Etcd3 } from 'etcd3';
 import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
 import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, startNode, type RunningNode } from './node-process.ts';
@@ -55,7 +55,7 @@ export function clusterFixture(label: string, options: { nodes?: string[]; etcdM
       }
     },
   } as ClusterFixture;
-  before(async () => {
+  beforeAll(async () => {
     if (fixture.skip) return;
     fixture.scratch = makeTempDir(label);
     fixture.tlsDir = path.join(fixture.scratch, 'tls');
@@ -63,7 +63,7 @@ export function clusterFixture(label: string, options: { nodes?: string[]; etcdM
     fixture.etcd = await startEtcd(options.etcdMembers ?? 1);
     fixture.client = new Etcd3({ hosts: fixture.etcd.endpoints });
   });
-  after(async () => {
+  afterAll(async () => {
     if (fixture.skip) return;
     fixture.client?.close();
     await fixture.etcd?.stop();

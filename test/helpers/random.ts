@@ -22,3 +22,18 @@ export function testSeed(label: string): number {
 export function randomInt(random: () => number, below: number): number {
   return Math.floor(random() * below);
 }
+
+/**
+ * fast-check's run options for a model test: the seed (testSeed), the runs (`runsVariable` from the environment,
+ * else `runs`), FC_PATH replaying a shrunk case directly, and shrinking bounded in time (it reruns a failing
+ * sequence many times; past the bound it reports the smallest failing one found so far).
+ */
+export function modelRunOptions(seed: number, runsVariable: string, runs: number, shrinkLimitMs = 240_000): { seed: number; numRuns: number; path?: string; interruptAfterTimeLimit: number; markInterruptAsFailure: boolean } {
+  return {
+    seed,
+    numRuns: Number(process.env[runsVariable] ?? runs),
+    ...(process.env.FC_PATH ? { path: process.env.FC_PATH } : {}),
+    interruptAfterTimeLimit: shrinkLimitMs,
+    markInterruptAsFailure: true,
+  };
+}

@@ -5,7 +5,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { chunkdBin, makeTempDir, nodeBinary, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { commands, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 
@@ -15,7 +15,7 @@ let witness: TestNbdClient;
 const witnessData = crypto.randomBytes(256 * 1024);
 const MiB = 1024 * 1024;
 
-before(async () => {
+beforeAll(async () => {
   scratch = makeTempDir('bad');
   node = await startNode(path.join(scratch, 'pool'), ['--default-volume', 'default:64MiB']);
   witness = await TestNbdClient.connect(node.nbdSocket, 'default');
@@ -23,7 +23,7 @@ before(async () => {
   await witness.flush();
 });
 
-after(async () => {
+afterAll(async () => {
   await witness.disconnect();
   assert.equal(await node.stop(), 0);
   fs.rmSync(scratch, { recursive: true, force: true });

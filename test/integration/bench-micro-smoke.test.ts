@@ -1,12 +1,12 @@
 // The micro benchmarks in smoke mode (a few iterations of each task), so that they never rot: every module runs
 // to completion and reports a positive rate for each of its tasks. The figures themselves are not checked.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { runModule } from '../../bench/micro/harness.ts';
 import { microModules } from '../../bench/micro/run.ts';
 
-test('the micro benchmark modules are nbd-codec, extents, checksum, worker and io-stats', () => {
-  assert.deepEqual(microModules.map((module) => module.name), ['nbd-codec', 'extents', 'checksum', 'worker', 'io-stats']);
+test('the micro benchmark modules are nbd-codec, extents, checksum, worker, io-stats and paged-map', () => {
+  assert.deepEqual(microModules.map((module) => module.name), ['nbd-codec', 'extents', 'checksum', 'worker', 'io-stats', 'paged-map']);
 });
 
 for (const module of microModules) {

@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { runMountedBench } from '../../bench/mounted.ts';
 import { makeTempDir } from '../helpers/node-process.ts';
 import { loopDevicesUnder, mountsUnder } from '../helpers/mounts.ts';

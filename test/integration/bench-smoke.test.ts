@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { haveTool, makeTempDir, nodeBinary, repoRoot, runTool } from '../helpers/node-process.ts';
 import { allRows, defaultRowIds, type RowSummary, type Sample, type SystemInfo } from '../../bench/report.ts';
 
@@ -42,7 +42,7 @@ function checkTables(markdown: string): number {
   return tables.length;
 }
 
-test('npm run bench -- --quick measures every row on every system and writes JSON, Markdown and charts', { skip: missing.length > 0 ? `needs ${missing.join(', ')}` : false, timeout: 300_000 }, async () => {
+test('npm run bench -- --quick measures every row on every system and writes JSON, Markdown and charts', { skip: missing.length > 0, timeout: 300_000 }, async () => {
   const scratch = makeTempDir('bench');
   try {
     const target = path.join(scratch, 'target');
@@ -100,7 +100,7 @@ test('npm run bench -- --quick measures every row on every system and writes JSO
   }
 });
 
-test('a missing peer tool skips its systems with one clear line, and the rest still run', { skip: missing.length > 0 ? `needs ${missing.join(', ')}` : false, timeout: 120_000 }, async () => {
+test('a missing peer tool skips its systems with one clear line, and the rest still run', { skip: missing.length > 0, timeout: 120_000 }, async () => {
   const scratch = makeTempDir('bench-missing');
   try {
     const target = path.join(scratch, 'target');
@@ -138,7 +138,7 @@ function processesMentioning(text: string): string[] {
   return found;
 }
 
-test('an interrupted run stops every server and removes what it made', { skip: missing.length > 0 ? `needs ${missing.join(', ')}` : false, timeout: 120_000 }, async () => {
+test('an interrupted run stops every server and removes what it made', { skip: missing.length > 0, timeout: 120_000 }, async () => {
   const scratch = makeTempDir('bench-interrupt');
   try {
     const target = path.join(scratch, 'target');
@@ -171,7 +171,7 @@ test('an interrupted run stops every server and removes what it made', { skip: m
 const emulationTools = ['nbdkit', 'nbdfuse', 'fusermount3', 'losetup', 'mkfs.ext4'].filter((tool) => !haveTool(tool));
 const notRoot = process.getuid?.() !== 0;
 
-test('--profile ebs-gp3 measures on an emulated volume with its latency, and takes it all down afterwards', { skip: missing.length + emulationTools.length > 0 ? `needs ${[...missing, ...emulationTools].join(', ')}` : notRoot ? 'needs root (loop devices, mount)' : false, timeout: 120_000 }, async () => {
+test('--profile ebs-gp3 measures on an emulated volume with its latency, and takes it all down afterwards', { skip: missing.length + emulationTools.length > 0 || notRoot, timeout: 120_000 }, async () => {
   const scratch = makeTempDir('bench-profile');
   try {
     const target = path.join(scratch, 'target');

@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { makeTempDir, nodeBinary, repoRoot, runTool } from '../helpers/node-process.ts';
 
 test('npm run bench:snapshots -- --quick reports every figure', { timeout: 240_000 }, async () => {

@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { makeTempDir, nodeBinary, repoRoot, runTool } from '../helpers/node-process.ts';
 
 test('bench:threads --quick produces a table for every system and row, with the event loop of each chunkd', { timeout: 600_000 }, async () => {

@@ -5,7 +5,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { chunkdBin, makeTempDir, nodeBinary, runTool, startNode } from '../helpers/node-process.ts';
 import { TestNbdClient } from '../helpers/nbd-client.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';

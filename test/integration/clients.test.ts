@@ -3,19 +3,19 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 
 let node: RunningNode;
 let scratch: string;
 const MiB = 1024 * 1024;
 
-before(async () => {
+beforeAll(async () => {
   scratch = makeTempDir('clients');
   node = await startNode(path.join(scratch, 'pool'), ['--default-volume', 'default:1GiB']);
 });
 
-after(async () => {
+afterAll(async () => {
   assert.equal(await node.stop(), 0, 'the node exits 0 on SIGTERM');
   const fsck = await node.cli('fsck', '--pool', node.pool);
   assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);

@@ -2,7 +2,7 @@
 // quorum, and the owner keeps acknowledging writes, its keepalives going to the other members; two members paused
 // (no quorum) stop its writes within the lease TTL; resumed, writes resume and every acknowledged write reads back.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { clusterFixture } from '../helpers/cluster.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 import { stopAndCheck } from '../helpers/stream-pipe.ts';

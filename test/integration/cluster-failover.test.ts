@@ -5,7 +5,7 @@
 // kept as a snapshot), the other replica follows the new owner, and the new owner replicates to both. Split brain: the owner paused (SIGSTOP) past its TTL while
 // a client writes to it, the replica promoted meanwhile; resumed, the old owner acknowledges not one more write.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { clusterFixture, clusterStatus, roles, waitFor } from '../helpers/cluster.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 import { haveTool, mustRun, type RunningNode } from '../helpers/node-process.ts';

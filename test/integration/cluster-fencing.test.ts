@@ -7,7 +7,7 @@
 //     while the test, as another node would, takes the volume over in etcd at epoch 2 (a transaction that compares
 //     that the owner's registration is gone): resumed, it never acknowledges another write to it.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { clusterFixture } from '../helpers/cluster.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 import type { RunningNode } from '../helpers/node-process.ts';

@@ -6,7 +6,7 @@
 // and the frozen old owner learns the outcome). At every point at most one node takes writes, and nothing
 // acknowledged is lost.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 import type { RunningNode } from '../helpers/node-process.ts';
 import { clusterFixture, roles, waitFor } from '../helpers/cluster.ts';

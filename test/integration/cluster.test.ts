@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { clusterFixture, clusterStatus, roles, type ClusterStatusJson as Status } from '../helpers/cluster.ts';
 import { chunkdBin, freePort, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { ok, stopAndCheck } from '../helpers/stream-pipe.ts';

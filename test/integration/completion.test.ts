@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { commands } from '../../src/cli/help.ts';
 import { chunkdBin, makeTempDir, mustRun, nodeBinary, startNode, type RunningNode } from '../helpers/node-process.ts';
 
@@ -12,7 +12,7 @@ const script = path.join(work, 'chunkd.bash');
 const bin = path.join(work, 'bin');
 let node: RunningNode;
 
-before(async () => {
+beforeAll(async () => {
   fs.writeFileSync(script, await mustRun(nodeBinary, [chunkdBin, 'completion', 'bash']));
   // The script asks `chunkd volume list` for names: a chunkd on PATH, as an installed one would be.
   fs.mkdirSync(bin);
@@ -20,7 +20,7 @@ before(async () => {
   node = await startNode(path.join(work, 'pool'));
   for (const name of ['alpha', 'albatross', 'beta']) assert.equal((await node.cli('volume', 'create', name, '--size', '4MiB')).code, 0);
 });
-after(async () => {
+afterAll(async () => {
   await node?.stop();
   fs.rmSync(work, { recursive: true, force: true });
 });

@@ -2,7 +2,7 @@
 // a member killed and restarted keeps its data; stop() removes every data directory.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { Etcd3 } from 'etcd3';
 import { haveEtcd, startEtcd } from '../../src/testing/etcd-process.ts';
 

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 import { TestNbdClient } from '../helpers/nbd-client.ts';
@@ -52,7 +52,7 @@ async function writable(node: RunningNode, volume: string): Promise<boolean> {
   return (await runTool('qemu-io', ['-f', 'raw', node.qemuUri(volume), '-c', 'write -P 0x7e 8M 4k'])).code === 0;
 }
 
-before(async () => {
+beforeAll(async () => {
   if (skip) return;
   scratch = makeTempDir('handoff');
   tlsDir = path.join(scratch, 'tls');
@@ -62,7 +62,7 @@ before(async () => {
   await start('beta');
 });
 
-after(async () => {
+afterAll(async () => {
   if (skip) return;
   for (const node of Object.values(nodes)) await stopAndCheck(node);
   fs.rmSync(scratch, { recursive: true, force: true });

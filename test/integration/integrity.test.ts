@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 import { makeTempDir, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 
@@ -23,7 +23,7 @@ function blockPattern(index: number): Buffer {
   return Buffer.from(`chunkd integrity test block ${String(index).padStart(4, '0')};`.padEnd(64, '.').repeat(blockBytes / 64));
 }
 
-before(async () => {
+beforeAll(async () => {
   scratch = makeTempDir('integrity');
   node = await startNode(path.join(scratch, 'pool'), ['--default-volume', 'vol:64MiB']);
   const client = await TestNbdClient.connect(node.nbdSocket, 'vol');
@@ -32,7 +32,7 @@ before(async () => {
   await client.disconnect();
 });
 
-after(async () => {
+afterAll(async () => {
   if (node.process.exitCode === null) await node.stop();
   fs.rmSync(scratch, { recursive: true, force: true });
 });

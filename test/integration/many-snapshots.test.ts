@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { callApi } from '../../src/cli/api-client.ts';
 import { makeTempDir, startNode } from '../helpers/node-process.ts';
 import { TestNbdClient } from '../helpers/nbd-client.ts';

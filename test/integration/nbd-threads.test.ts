@@ -7,7 +7,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { TestNbdClient } from '../helpers/nbd-client.ts';
 import { makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
 
@@ -16,12 +16,12 @@ let scratch: string;
 let node: RunningNode;
 const tcpUri = (exportName: string): string => `nbd://127.0.0.1:${node.tcpPort}/${exportName}`;
 
-before(async () => {
+beforeAll(async () => {
   scratch = makeTempDir('nbd-threads');
   node = await startNode(path.join(scratch, 'pool'), ['--default-volume', 'vol:256MiB', '--nbd-threads', '2']);
 });
 
-after(async () => {
+afterAll(async () => {
   if (node.process.exitCode === null) assert.equal(await node.stop(), 0);
   const fsck = await node.cli('fsck', '--pool', node.pool);
   assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { UsageError } from '../../src/cli/errors.ts';
 import { commandHelp, commands, environmentName, type CommandKey } from '../../src/cli/help.ts';
 import { serveConfig } from '../../src/cli/serve.ts';

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { peerHandshakeTimeoutMs } from '../../src/core/limits.ts';
 import { PeerClient } from '../../src/peer/client.ts';
 import { loadCredentials, type TlsCredentials } from '../../src/peer/credentials.ts';

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
@@ -74,7 +74,7 @@ let beta: PeerNode;
 let gamma: PeerNode;
 const ports: Record<string, number> = {};
 
-before(async () => {
+beforeAll(async () => {
   if (skip) return;
   scratch = makeTempDir('replicas');
   tlsDir = path.join(scratch, 'tls');
@@ -85,7 +85,7 @@ before(async () => {
   gamma = await startPeer('gamma', ports.gamma!);
 });
 
-after(async () => {
+afterAll(async () => {
   if (skip) return;
   for (const peer of [alpha, beta, gamma]) await stopAndCheck(peer.node);
   fs.rmSync(scratch, { recursive: true, force: true });

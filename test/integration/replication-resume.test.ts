@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { Pipe, cliProcess, exportHash, ok, stopAndCheck, transfer } from '../helpers/stream-pipe.ts';
 
@@ -14,13 +14,13 @@ let scratch: string;
 let source: RunningNode;
 let target: RunningNode;
 
-before(async () => {
+beforeAll(async () => {
   scratch = makeTempDir('replication-resume');
   source = await startNode(path.join(scratch, 'a'));
   target = await startNode(path.join(scratch, 'b'));
 });
 
-after(async () => {
+afterAll(async () => {
   await stopAndCheck(source);
   await stopAndCheck(target);
   fs.rmSync(scratch, { recursive: true, force: true });

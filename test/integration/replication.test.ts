@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { haveTool, makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { exportHash, ok, stopAndCheck, transfer } from '../helpers/stream-pipe.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
@@ -17,13 +17,13 @@ let scratch: string;
 let source: RunningNode;
 let target: RunningNode;
 
-before(async () => {
+beforeAll(async () => {
   scratch = makeTempDir('replication');
   source = await startNode(path.join(scratch, 'a'), ['--default-volume', 'vol:128MiB']);
   target = await startNode(path.join(scratch, 'b'));
 });
 
-after(async () => {
+afterAll(async () => {
   await stopAndCheck(source);
   await stopAndCheck(target);
   fs.rmSync(scratch, { recursive: true, force: true });

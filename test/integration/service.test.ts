@@ -6,11 +6,11 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, test } from 'node:test';
+import { afterAll, test } from 'vitest';
 import { chunkdBin, makeTempDir, mustRun, nodeBinary, repoRoot, runTool, startNode } from '../helpers/node-process.ts';
 
 const work = makeTempDir('service');
-after(() => fs.rmSync(work, { recursive: true, force: true }));
+afterAll(() => fs.rmSync(work, { recursive: true, force: true }));
 
 test('packaging/chunkd.service passes systemd-analyze verify', async () => {
   // verify insists that ExecStart's program exists: here it is this checkout's chunkd, not /usr/local/bin's.
@@ -71,7 +71,7 @@ test('serve tells the service manager READY=1 once it serves and STOPPING=1 when
     });
     fs.closeSync(stderr);
     const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
-    after(() => void child.kill('SIGKILL'));
+    afterAll(() => void child.kill('SIGKILL'));
     let stdout = '';
     child.stdout!.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
     // systemd-notify --pid also names the node's process as the service's main one (the launcher may be another).

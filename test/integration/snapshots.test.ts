@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 
@@ -12,12 +12,12 @@ let node: RunningNode;
 let scratch: string;
 const MiB = 1024 * 1024;
 
-before(async () => {
+beforeAll(async () => {
   scratch = makeTempDir('snapshots');
   node = await startNode(path.join(scratch, 'pool'), ['--default-volume', 'vol:256MiB']);
 });
 
-after(async () => {
+afterAll(async () => {
   assert.equal(await node.stop(), 0);
   const fsck = await node.cli('fsck', '--pool', node.pool);
   assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import tls from 'node:tls';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { chunkdBin, makeTempDir, mustRun, nodeBinary, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { issue, makeCa, makeTlsDir } from '../helpers/tls-certs.ts';
 
@@ -38,7 +38,7 @@ let forced: RunningNode;
 /** --tls on --tls-verify-peer. */
 let verifying: RunningNode;
 
-before(async () => {
+beforeAll(async () => {
   scratch = makeTempDir('tls');
   creds = path.join(scratch, 'creds');
   const ca = makeTlsDir(creds);
@@ -55,7 +55,7 @@ before(async () => {
   verifying = await startNode(path.join(scratch, 'verifying'), ['--default-volume', 'default:64MiB', '--tls', 'on', '--tls-dir', creds, '--tls-verify-peer']);
 });
 
-after(async () => {
+afterAll(async () => {
   for (const node of [forced, verifying]) {
     if (node === undefined) continue;
     assert.equal(await node.stop(), 0, 'the node exits 0 on SIGTERM');

@@ -1,7 +1,7 @@
 // Attachment records and the Docker plugin's answers, without mounting anything: the checks an attach must
 // pass, the file format, the reference counting by caller ID, and the Err field of the plugin protocol.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { AttachmentTable, normalisePath, parseBlkid, planFileSystem, validateAttachRequest, type AttachmentRecord, type FileSystemFacts } from '../../src/node/attachment-table.ts';
 import { handlePluginRequest, dockerDefaultSizeBytes, type PluginBackend } from '../../src/api/docker-plugin.ts';

@@ -1,7 +1,7 @@
 // The benchmark suite's pure half: row selection, medians and spreads, ratios to the raw disk and to the best peer,
 // and the Markdown tables (bench/report.ts), on hand-made samples.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { allRows, defaultRowIds, formatMarkdownTables, selectRows, summariseRow, type Sample, type SystemInfo } from '../../bench/report.ts';
 import { rowArgs } from '../../bench/fio.ts';
 import { formatProjectionTable, project, snapshotPoints, type ScaleStep } from '../../bench/scale-report.ts';

@@ -2,7 +2,7 @@
 // --etcd parser (cluster/records.ts), the failover's choice (cluster/failover.ts), placement (cluster/placement.ts),
 // volume list's view and the move record (cluster/listing.ts, records.ts).
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
 import { moveKey, parseEtcdEndpoints, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
 import { describeVolumes } from '../../src/cluster/listing.ts';
@@ -47,14 +47,15 @@ test('records: checked when read, the key must match the name', () => {
   assert.throws(() => parseReplicaRecord('/chunkd/v1/replicas/vol/gamma', Buffer.from(JSON.stringify(replica))), /does not hold a replica record/);
 });
 
-test('--etcd: http URLs with a port, comma-separated; anything else is refused naming it', () => {
+test('--etcd: http or https URLs with a port, comma-separated, one scheme; anything else is refused naming it', () => {
   assert.deepEqual(parseEtcdEndpoints('http://127.0.0.1:2379'), ['http://127.0.0.1:2379']);
   assert.deepEqual(parseEtcdEndpoints('http://a:1/,http://[::1]:2'), ['http://a:1', 'http://[::1]:2']);
   assert.throws(() => parseEtcdEndpoints(''), /--etcd needs at least one URL/);
   assert.throws(() => parseEtcdEndpoints('127.0.0.1:2379'), /invalid --etcd URL "127\.0\.0\.1:2379"/);
   assert.throws(() => parseEtcdEndpoints('http://a:1,http://b'), /invalid --etcd URL "http:\/\/b"/);
   assert.throws(() => parseEtcdEndpoints('http://a:1/v3'), /invalid --etcd URL/);
-  assert.throws(() => parseEtcdEndpoints('https://a:1'), /etcd over TLS is not supported yet/);
+  assert.deepEqual(parseEtcdEndpoints('https://a:1,https://b:2'), ['https://a:1', 'https://b:2']);
+  assert.throws(() => parseEtcdEndpoints('https://a:1,http://b:2'), /all http:\/\/ or all https:\/\/, not both/);
 });
 
 test('failover: a volume whose owner has no live lease goes to the live replica of that owner and epoch with the newest point', () => {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { checkName } from '../../src/core/names.ts';
 import { formatSize, parseSize } from '../../src/core/units.ts';
 import { parseDefaultVolume, parseListen } from '../../src/cli/serve.ts';

@@ -8,7 +8,7 @@ import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { test, type TestContext } from 'node:test';
+import { test, type TestContext } from 'vitest';
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { DockerPluginServer, type PluginBackend } from '../../src/api/docker-plugin.ts';
 import { ApiServer, type ControlPlane } from '../../src/api/server.ts';
@@ -31,7 +31,7 @@ function observeFailures(t: TestContext): { bugs: Array<{ error: unknown; where:
   };
   setFailStopHook((error, where) => bugs.push({ error, where }));
   process.on('unhandledRejection', onRejection);
-  t.after(() => {
+  t.onTestFinished(() => {
     setFailStopHook(null);
     process.off('unhandledRejection', onRejection);
   });
@@ -88,7 +88,7 @@ test('DeviceHost: a system error is answered EIO, a bug reaches the fail-stop ho
   };
   const channel = new MessageChannel();
   const host = new DeviceHost(provider, channel.port1);
-  t.after(async () => {
+  t.onTestFinished(async () => {
     channel.port2.close();
     await host.closeAll();
   });
@@ -128,7 +128,7 @@ test('NBD threads: a bug on a protocol thread stops the node, not just the threa
   };
   const logs: string[] = [];
   const threads = await NbdThreads.start({ count: 1, host: '127.0.0.1', port: 0, provider, log: (line) => logs.push(line) });
-  t.after(() => threads.stop());
+  t.onTestFinished(() => threads.stop());
   const port = Number(threads.addresses()[0]!.split(':').at(-1));
   const client = await RawClient.connect({ host: '127.0.0.1', port });
   await client.readGreeting();
@@ -167,7 +167,7 @@ async function rawRequest(socketPath: string, requestLine: string): Promise<numb
 
 async function tempSocket(t: TestContext, name: string): Promise<string> {
   const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-errors-'));
-  t.after(() => fs.rm(directory, { recursive: true, force: true }));
+  t.onTestFinished(() => fs.rm(directory, { recursive: true, force: true }));
   return path.join(directory, name);
 }
 
@@ -185,7 +185,7 @@ test('API: bad URLs and bodies are 400 JSON errors; system errors are EIO; a bug
   const api = new ApiServer(control);
   const socketPath = await tempSocket(t, 'api.sock');
   await api.listen(socketPath);
-  t.after(() => api.close());
+  t.onTestFinished(() => api.close());
 
   // Malformed percent-encoding in a name: the client's mistake, not an internal error.
   assert.deepEqual(await request(socketPath, 'GET', '/v1/volumes/%E0%A4%A'), { status: 400, json: { error: { code: 'EINVAL', message: 'bad percent-encoding in "%E0%A4%A"' } } });
@@ -218,7 +218,7 @@ test('Docker plugin: a body that is not JSON is 400, an unknown route 404, a ref
   const logs: string[] = [];
   const plugin = new DockerPluginServer(backend, path.dirname(socketPath), (line) => logs.push(line));
   await plugin.listen(socketPath);
-  t.after(() => plugin.close());
+  t.onTestFinished(() => plugin.close());
 
   const notJson = await request(socketPath, 'POST', '/VolumeDriver.Get', '{"Name": ');
   assert.equal(notJson.status, 400);

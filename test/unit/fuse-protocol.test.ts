@@ -1,6 +1,6 @@
 // The FUSE kernel protocol codec against hand-built bytes (layouts from include/uapi/linux/fuse.h).
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import {
   checkRequest,
   decodeFallocate,

@@ -1,7 +1,7 @@
 // The FUSE file system's answers, driven with encoded requests against memory devices: names, sizes, reads
 // and writes clamped at the end, punch-hole as trim, read-only snapshots, refused truncation.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { Opcode, type InHeader } from '../../src/fuse/protocol.ts';
 import { VolumeFileSystem, type FuseCatalog } from '../../src/fuse/volume-fs.ts';
 import type { FuseReply } from '../../src/fuse/session.ts';

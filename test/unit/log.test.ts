@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { formatLogLine, makeLog, parseLogLevel } from '../../src/core/log.ts';
 
 const now = new Date('2026-12-05T01:02:03.004Z');

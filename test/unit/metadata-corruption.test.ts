@@ -15,7 +15,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
 import { recoverJournal } from '../../src/store/journal-format.ts';

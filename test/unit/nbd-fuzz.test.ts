@@ -5,7 +5,7 @@
 // protocol threads in front of a real pool, over TCP: every connection gets well-formed replies or is closed,
 // nothing fail-stops or is left unhandled, and the data written outside the fuzzing is intact afterwards.
 // Replay a failure with SEED=<n>.
-import { test } from 'node:test';
+import { test } from 'vitest';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import net from 'node:net';
@@ -256,7 +256,7 @@ test('the live server fed random sessions: it keeps serving, and every device is
   // A device assertion (a request that validation let through wrongly) would end the process: the oracle.
   const server = new NbdServer({ provider, handshakeTimeoutMs: 2000 });
   await server.listenUnix(socketPath);
-  t.after(async () => {
+  t.onTestFinished(async () => {
     // After a failure a connection may never finish: do not let the file hang on it.
     await Promise.race([server.close(), new Promise((resolve) => setTimeout(resolve, 2000).unref())]);
     await fs.rm(directory, { recursive: true, force: true });
@@ -395,7 +395,7 @@ test('NBD threads over the real pool fed random and mutated sessions: well-forme
   const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-nbd-pool-fuzz-'));
   let pool = await Pool.open({ directory });
   let threads: NbdThreads | null = null;
-  t.after(async () => {
+  t.onTestFinished(async () => {
     // After a failure a connection may never finish: do not let the file hang on it.
     const stopped = (async () => {
       await threads?.stop();

@@ -1,6 +1,6 @@
 // The NBD codec against byte layouts written out from doc/proto.md, and round trips with the test client's
 // encoders and decoders. Also the pure pieces beside it: request validation, block descriptors, the input queue.
-import { test } from 'node:test';
+import { test } from 'vitest';
 import assert from 'node:assert/strict';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { blockStatusExtentsMax, optionBytesMax, rangeRequestBytesMax, requestBytesMax } from '../../src/core/limits.ts';

@@ -1,7 +1,7 @@
 // The NBD server against real clients (libnbd's nbdinfo, qemu-io), as nbdkit's own tests do: a memory export
 // on a temporary unix socket. Each test is skipped where its client is not installed.
-import { test } from 'node:test';
-import type { TestContext } from 'node:test';
+import { test } from 'vitest';
+import type { TestContext } from 'vitest';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -34,14 +34,14 @@ async function serve(t: TestContext): Promise<{ provider: MemoryProvider; uri: (
   provider.add('ro', MiB, { readOnly: true });
   const server = new NbdServer({ provider });
   await server.listenUnix(socketPath);
-  t.after(async () => {
+  t.onTestFinished(async () => {
     await server.close();
     await fs.rm(directory, { recursive: true, force: true });
   });
   return { provider, server, uri: (name) => `nbd+unix:///${name}?socket=${socketPath}` };
 }
 
-test('nbdinfo --json sees the export, its size, flags, block sizes and base:allocation', { skip: nbdinfo === null && 'nbdinfo not installed' }, async (t) => {
+test('nbdinfo --json sees the export, its size, flags, block sizes and base:allocation', { skip: nbdinfo === null }, async (t) => {
   const { uri, provider } = await serve(t);
   const { stdout } = await run(nbdinfo!, ['--json', uri('mem')]);
   const info = JSON.parse(stdout) as { protocol: string; structured: boolean; exports: Array<Record<string, unknown>> };
@@ -67,7 +67,7 @@ test('nbdinfo --json sees the export, its size, flags, block sizes and base:allo
   assert.equal(provider.openDevices, 0);
 });
 
-test('nbdinfo --map reports holes and data', { skip: nbdinfo === null && 'nbdinfo not installed' }, async (t) => {
+test('nbdinfo --map reports holes and data', { skip: nbdinfo === null }, async (t) => {
   const { uri, provider } = await serve(t);
   const disk = provider.exports.get('mem')!.disk;
   disk.allocated.fill(1, 256, 512); // 1 MiB of data at 1 MiB
@@ -80,7 +80,7 @@ test('nbdinfo --map reports holes and data', { skip: nbdinfo === null && 'nbdinf
   ]);
 });
 
-test('qemu-io writes, reads back, zeroes and discards', { skip: qemuIo === null && 'qemu-io not installed' }, async (t) => {
+test('qemu-io writes, reads back, zeroes and discards', { skip: qemuIo === null }, async (t) => {
   const { uri, provider } = await serve(t);
   const { stdout } = await run(qemuIo!, [
     '-f', 'raw', uri('mem'),
@@ -108,7 +108,7 @@ test('qemu-io writes, reads back, zeroes and discards', { skip: qemuIo === null 
   assert.ok(provider.flushes >= 1);
 });
 
-test('qemu-io on a read-only export can read and cannot write', { skip: qemuIo === null && 'qemu-io not installed' }, async (t) => {
+test('qemu-io on a read-only export can read and cannot write', { skip: qemuIo === null }, async (t) => {
   const { uri, provider } = await serve(t);
   await run(qemuIo!, ['-r', '-f', 'raw', uri('ro'), '-c', 'read -P 0 0 64k']);
   const writing = await run(qemuIo!, ['-f', 'raw', uri('ro'), '-c', 'write -P 1 0 4k']).then(

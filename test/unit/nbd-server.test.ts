@@ -1,7 +1,7 @@
 // The NBD server on a temporary unix socket with a memory device, driven by a raw client byte by byte: the
 // happy paths, every error the edge must answer, and the ways a client can misbehave or vanish.
-import { test } from 'node:test';
-import type { TestContext } from 'node:test';
+import { test } from 'vitest';
+import type { TestContext } from 'vitest';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs/promises';
@@ -47,7 +47,7 @@ async function start(t: TestContext, options: Partial<NbdServerOptions> = {}): P
   const server = new NbdServer({ provider, log: (line) => logs.push(line), ...options });
   await server.listenUnix(socketPath);
   const clients: RawClient[] = [];
-  t.after(async () => {
+  t.onTestFinished(async () => {
     for (const client of clients) client.close();
     await server.close();
     await fs.rm(directory, { recursive: true, force: true });
@@ -208,7 +208,7 @@ test('errors at the edge: ranges, sizes, flags, commands, device failures; the c
   // Anything else is a bug: the node stops (fail-stop). The test's hook returns, so the request gets EIO.
   const bugs: unknown[] = [];
   setFailStopHook((error) => bugs.push(error));
-  t.after(() => setFailStopHook(null));
+  t.onTestFinished(() => setFailStopHook(null));
   h.provider.failNextRead = new TypeError('a bug in a device');
   await expectError({ type: nbd.NBD_CMD_READ, handle: 17n, lengthBytes: 4096 }, nbd.NBD_EIO);
   assert.deepEqual(bugs.map((error) => (error as Error).message), ['a bug in a device']);
@@ -562,7 +562,7 @@ test('close() lets in-flight requests finish, answers them, then closes every co
 
 test('listenUnix replaces a stale socket file and refuses a live one or a non-socket', async (t) => {
   const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-nbd-'));
-  t.after(() => fs.rm(directory, { recursive: true, force: true }));
+  t.onTestFinished(() => fs.rm(directory, { recursive: true, force: true }));
   const socketPath = path.join(directory, 'stale.sock');
   // A process that dies without unlinking its socket leaves a stale file behind.
   const child = spawn(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(socketPath)}, () => process.kill(process.pid, 'SIGKILL'))`]);
@@ -591,7 +591,7 @@ test('TCP listener with noDelay', async (t) => {
   const provider = new MemoryProvider();
   provider.add('mem', MiB);
   const server = new NbdServer({ provider });
-  t.after(() => server.close());
+  t.onTestFinished(() => server.close());
   await server.listenTcp('127.0.0.1', 0);
   const [address] = server.addresses();
   const port = Number(address!.split(':').at(-1));

@@ -6,7 +6,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import tls from 'node:tls';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -153,7 +153,7 @@ test('a TLS handshake that stalls, or stops halfway, is cut at the handshake tim
   const logs: string[] = [];
   const server = new NbdServer({ provider: provider(), log: (line) => logs.push(line), handshakeTimeoutMs: 400, tls: tlsSettings(loadTlsServerConfig(creds, 'require', false)) });
   await server.listenUnix(socketPath);
-  t.after(() => server.close());
+  t.onTestFinished(() => server.close());
   const upgrading = async (): Promise<RawClient> => {
     const client = await RawClient.connect(socketPath);
     await client.readGreeting();
@@ -188,14 +188,15 @@ test('TLS replies are queued whole and handed out in slices of at most the size 
   const a = Buffer.from('aaaaaaa'); // 7 bytes, pooled
   const b = Buffer.from('bb'); // 2 bytes
   const c = Buffer.from('cccccccccccc'); // 12 bytes, pooled
-  queue.push(a, true);
-  queue.push(b, false);
+  queue.push(a, true, 1);
+  queue.push(b, false, 2);
   queue.push(c, true);
   assert.equal(queue.queuedBytes, 21);
   const slices = [];
   for (let slice = queue.take(5); slice !== null; slice = queue.take(5)) slices.push(slice);
   assert.deepEqual(slices.map((slice) => Buffer.concat(slice.pieces).toString()), ['aaaaa', 'aabbc', 'ccccc', 'ccccc', 'c']);
   assert.deepEqual(slices.map((slice) => slice.finished), [[], [a], [], [], [c]], 'a pooled buffer is finished with the slice holding its last byte');
+  assert.deepEqual(slices.map((slice) => slice.answeredAt), [[], [1, 2], [], [], []], 'a timed reply ends its reply stage with the slice holding its last byte');
   assert.equal(queue.queuedBytes, 0);
   queue.push(a, true);
   queue.push(b, false);
@@ -209,10 +210,10 @@ test('decrypted TLS reads land in the buffers the reader picks (onread for a TLS
   const accepted = Promise.withResolvers<net.Socket>();
   const listener = net.createServer((socket) => accepted.resolve(socket));
   await new Promise<void>((resolve) => listener.listen(socketPath, resolve));
-  t.after(() => listener.close());
+  t.onTestFinished(() => { listener.close(); });
   const client = tls.connect({ path: socketPath, ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost' });
   client.on('error', () => {});
-  t.after(() => client.destroy());
+  t.onTestFinished(() => { client.destroy(); });
   const secure = new tls.TLSSocket(await accepted.promise, { isServer: true, secureContext: tlsSettings(loadTlsServerConfig(creds, 'on', false)).secureContext });
   const landing = Buffer.alloc(1000);
   let windowStart = 0;
@@ -247,7 +248,7 @@ test('over TLS, WRITE payloads in pieces of any size land whole and large READs 
     const socketPath = path.join(scratch, 'data.sock');
     const server = new NbdServer({ provider: provider(), log: () => {}, sharedBuffers, tls: tlsSettings(loadTlsServerConfig(creds, 'require', false)) });
     await server.listenUnix(socketPath);
-    t.after(() => server.close());
+    t.onTestFinished(() => server.close());
     const client = await RawClient.connect(socketPath);
     await client.handshake({ tls: { ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost' } });
     await writeInPieces(client, writes, pieceSizes);

@@ -1,7 +1,7 @@
 // Page numbers for copy-on-write (src/store/page-allocator.ts): a released page is not handed out again before the
 // commit that stops naming it; then it is, before any new page; a double release and a bad saved state are refused.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { PageAllocator } from '../../src/store/page-allocator.ts';
 import { firstDataPage } from '../../src/store/page-file.ts';
@@ -32,4 +32,18 @@ test('a double release, a release of a page never handed out, and a bad saved st
   assert.throws(() => new PageAllocator({ nextPage: 1, free: [] }), corrupt);
   const restored = new PageAllocator(pages.state());
   assert.deepEqual(restored.state(), { nextPage: 10, free: [4, 7] }, 'the uncommitted release is not in the saved state');
+});
+
+test('sealed for a commit: the root records the released pages as free; those released after wait for the next commit', () => {
+  const pages = new PageAllocator({ nextPage: 10, free: [] });
+  pages.release(4);
+  assert.deepEqual(pages.sealForCommit(), { nextPage: 10, free: [4] }, 'the new root no longer names page 4');
+  assert.equal(pages.allocate(), 10, 'not handed out before that root is durable');
+  pages.release(5); // while the commit is under way: the root being written still names it
+  assert.throws(() => pages.release(4), /released twice/);
+  pages.committed();
+  assert.deepEqual(pages.state(), { nextPage: 11, free: [4] });
+  assert.equal(pages.waitingCount, 1);
+  pages.committed();
+  assert.deepEqual(pages.state().free, [4, 5], 'page 5 with the next commit');
 });

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { realFiles } from '../../src/store/file-layer.ts';
 import { PageCache } from '../../src/store/page-cache.ts';
 import { firstDataPage, PageFile, pageBytes } from '../../src/store/page-file.ts';
@@ -69,6 +69,27 @@ test('a page asked for by many at once is read once; a put while it is read wins
     await cache.commit(Buffer.from('root two'));
     const fresh = new PageCache(file, 16 * pageBytes);
     assert.deepEqual((await fresh.get(firstDataPage + 1)).body, body(3, 1));
+    file.close();
+  });
+});
+
+test('peek answers from memory only; a discarded page is not written by the next commit', async () => {
+  await withFile(async (base) => {
+    const file = await PageFile.open(realFiles, base);
+    const cache = new PageCache(file, 4 * pageBytes);
+    cache.put(firstDataPage, { kind: 1, body: body(2) });
+    cache.put(firstDataPage + 1, { kind: 1, body: body(3) });
+    assert.deepEqual(cache.peek(firstDataPage)?.body, body(2));
+    cache.discard(firstDataPage + 1);
+    assert.equal(cache.peek(firstDataPage + 1), undefined);
+    assert.equal(cache.stats().dirtyBytes, pageBytes);
+    await cache.commit(Buffer.from('root'));
+    const cold = new PageCache(file, 4 * pageBytes);
+    assert.equal(cold.peek(firstDataPage), undefined, 'not read by a peek');
+    assert.equal(cold.stats().misses, 0);
+    assert.deepEqual((await cold.get(firstDataPage)).body, body(2));
+    assert.deepEqual(cold.peek(firstDataPage)?.body, body(2));
+    await assert.rejects(cold.get(firstDataPage + 1), /damaged in both copies.*unwritten/);
     file.close();
   });
 });

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { realFiles } from '../../src/store/file-layer.ts';
 import { chooseRoot, decodePage, encodePage, firstDataPage, PageFile, pageBytes, pageHeaderBytes } from '../../src/store/page-file.ts';

@@ -3,7 +3,7 @@
 // and versions negotiated, and a seeded fuzz of the frame reader against random and mutated streams, whose
 // oracle is that only a frame, "need more" or our own EPROTO may come out. Replay with SEED=<n>.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { peerControlBytesMax, peerFrameBytesMax } from '../../src/core/limits.ts';
 import {

@@ -2,7 +2,7 @@
 // a fixed time budget each: POWER_LOSS_SECONDS (default 25 per layout). `npm run soak` runs them for longer.
 // SEED= replays one run (one seed, both layouts).
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { runPowerLossSeed, type Layout, type RunStats } from '../helpers/power-loss-model.ts';
 import { makeRandom, testSeed } from '../helpers/random.ts';
 

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { formatDuration, parseDuration, parseRate } from '../../src/core/units.ts';
 import { ByteFeed } from '../../src/replication/byte-feed.ts';

@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkRefcounts } from '../../src/store/chunk-refcounts.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
 import { applyRecord, decodeRecord, emptyCatalog, encodeRecords, isSnapshotUuid, legacySnapshotUuid } from '../../src/store/metadata.ts';

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { renderMetrics } from '../../src/node/metrics.ts';

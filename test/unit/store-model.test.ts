@@ -8,11 +8,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import fc from 'fast-check';
 import type { Volume } from '../../src/store/volume.ts';
 import { Pool } from '../../src/store/pool.ts';
-import { testSeed } from '../helpers/random.ts';
+import { modelRunOptions, testSeed } from '../helpers/random.ts';
 
 const volumeBytes = 2 * 1024 * 1024;
 const names = ['a', 'b', 'c'] as const;
@@ -124,13 +124,6 @@ test('store matches a byte-array model across random operations and reopens (shr
         fs.rmSync(directory, { recursive: true, force: true });
       }
     }),
-    {
-      seed,
-      numRuns: Number(process.env.STORE_MODEL_RUNS ?? 25),
-      ...(process.env.FC_PATH ? { path: process.env.FC_PATH } : {}),
-      // Shrinking reruns a failing sequence many times: bounded, it reports the smallest failing one found so far.
-      interruptAfterTimeLimit: 240_000,
-      markInterruptAsFailure: true,
-    },
+    modelRunOptions(seed, 'STORE_MODEL_RUNS', 25),
   );
 });

@@ -1,6 +1,6 @@
 // Unit tests of the store's pure parts: chunk maps, the allocator, journal records, checkpoints, range locks.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkAllocator } from '../../src/store/allocator.ts';
 import { blockChecksum, combinedChecksum } from '../../src/store/checksum.ts';
 import { chunkSums, firstPlanMismatch } from '../../src/store/chunk-io.ts';

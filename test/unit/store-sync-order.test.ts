@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { Pool } from '../../src/store/pool.ts';
 
@@ -19,7 +19,7 @@ const paths = new Map<number, string>();
 const original = { open: fs.open, openSync: fs.openSync, write: fs.write, fdatasync: fs.fdatasync };
 const name = (fd: number): string => path.basename(paths.get(fd) ?? `fd${fd}`);
 
-before(() => {
+beforeAll(() => {
   // Record every open (to name descriptors), write and fdatasync that the store makes.
   (fs as any).open = (file: string, flags: unknown, mode: unknown, callback: (error: Error | null, fd: number) => void) =>
     original.open(file, flags as never, mode as never, (error, fd) => {
@@ -42,7 +42,7 @@ before(() => {
     });
 });
 
-after(() => Object.assign(fs, original));
+afterAll(() => Object.assign(fs, original));
 
 test('FLUSH: chunk data written and synced, then the journal written and synced, then the reply', async () => {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-order-'));

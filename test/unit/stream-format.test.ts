@@ -2,7 +2,7 @@
 // invariants the decoder enforces, and an oracle over flipped bytes: a damaged stream gives only our own errors
 // (ECORRUPT or EPROTO) or, where the damage cannot be told from a shorter stream, records that still check out.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import {
   decodeResumeToken,

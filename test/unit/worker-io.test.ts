@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { afterAll, beforeAll, test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../../src/core/limits.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
@@ -23,13 +23,13 @@ let io: WorkerChunkIo;
 const buffers = new SharedBufferPool();
 const logged: string[] = [];
 
-before(() => {
+beforeAll(() => {
   directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-workers-'));
   files = new ChunkFiles(path.join(directory, 'chunks'), realFiles);
   io = new WorkerChunkIo(files, { workerCount: 2, buffers, log: (line) => logged.push(line), testHooks: true });
 });
 
-after(async () => {
+afterAll(async () => {
   await io.close();
   files.close();
   fs.rmSync(directory, { recursive: true, force: true });

@@ -1,0 +1,962 @@
+// A volume's (or snapshot's) chunk map as a copy-on-write B+tree in pages of the page cache (step 2 of the plan in
+// paged-metadata.md; nothing in the pool uses it yet). Keyed by virtual chunk; a leaf entry is (virtual chunk,
+// physical chunk, crc32 of the chunk), 16 bytes, up to 253 to a page; an interior entry is (the least key below
+// it, child page), 12 bytes, up to 338 to a page. The maps of a pool share one `PagedMaps` (cache, page allocator,
+// page reference counts); a `PagedMap` is a root page number and a count of chunks mapped, which is all a root slot
+// needs to record of it.
+//
+// Layout of a page body (little-endian; the page header, crc and copies are page-file.ts's):
+//   leaf (kind 1):     u16 entry count | u16 0 | entries of u48 virtual chunk, u48 physical chunk, u32 crc32
+//   interior (kind 2): u16 child count | u8 level (1 above the leaves) | u8 0 | entries of u48 key, u48 page
+//
+// Invariants (checked by the model test, test/unit/paged-map.test.ts):
+//   1. Keys are strictly increasing in a node; an interior key is the least virtual chunk of its child's subtree,
+//      and every child of an interior node at level L is at level L - 1 (all leaves at level 0).
+//   2. No node is empty; a node other than a root holds at least half its capacity (rounded down, at least one).
+//   3. A page's reference count is the number of maps holding it as their root plus the number of interior pages
+//      naming it, each distinct page counted once, whatever the number of maps reaching it.
+//   4. A chunk's reference count (ChunkRefs) is the number of distinct leaf pages naming it, exactly the rule of
+//      chunk-map.ts's pages: copying a leaf adds one to each chunk it names, freeing one removes one.
+//   5. A page the durable root can reach is never rewritten: only a page allocated since the last commit (fresh,
+//      dirty) and held once is changed in place (its page number reused); any other is copied to a new page, and
+//      the old one, once no longer referenced, goes to `PageAllocator.release` (reusable after the next commit).
+//
+// Sharing, as dm-thin's mapping trees: `clone` takes one more reference on the root page (O(1), no page written);
+// a write below a page held more than once copies the path from it down, each copy taking a reference on the
+// children it names (or, for a leaf, on the chunks). `drop` releases the root; pages whose count falls to zero
+// release their children in turn. `diff` walks two trees in key order and skips a page both reach.
+//
+// Shape of an operation: a pure synchronous pass over decoded nodes computes every change (new nodes, count
+// changes, pages freed) and then applies it, in one turn of the event loop. The pass reads pages through `Pins`:
+// a page not in the cache stops the pass (`MissingPages`, with every missing page it can name at once), the pages
+// are read (async, in parallel), kept in the pins so that eviction cannot take them again, and the pass starts
+// over. So a pass never sees a half-applied change, and the tree logic (encode, decode, split, merge) stays pure.
+// Mutations (mapRun, unmapRange, drop) and commits are applied in the order they were called; reads see what was
+// applied.
+//
+// Nodes changed since the last commit stay decoded in `PagedMaps` (not in the cache, which holds page images) and
+// are encoded once, when `commit` hands them to the cache; `dirtyPages` counts them.
+//
+// `drop` is the exception: not one pass (a large map would pin all its pages and free them in one turn), it walks
+// the pages it frees one at a time, in slices.
+//
+// Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
+// filled by appends in key order end about half full (a split shares entries evenly); a commit is queued with the
+// mutations, so they wait while it writes (with the page allocator's `sealForCommit` they could run beside it);
+// page counts are read synchronously, so over space-map.ts's RefCountMap a pass must also load the pages of
+// counts of the pages it visits (step 4; not done here); a walk does not check page generations against the
+// root's yet.
+import { assert } from '../core/assert.ts';
+import { ChunkdError } from '../core/errors.ts';
+import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
+import type { ChangedExtent } from './map-diff.ts';
+import type { PageAllocator } from './page-allocator.ts';
+import type { CachedPage, PageCache } from './page-cache.ts';
+import { firstDataPage, pageBodyBytesMax, type Root } from './page-file.ts';
+
+/** Reference counts of metadata pages (space-map.ts will keep them in pages); a page at zero is free. */
+export interface PageRefs {
+  get(page: number): number;
+  increment(page: number): void;
+  /** Returns the count after. */
+  decrement(page: number): number;
+}
+
+export const mapLeafKind = 1;
+export const mapInteriorKind = 2;
+const nodeHeaderBytes = 4;
+const leafEntryBytes = 16;
+const interiorEntryBytes = 12;
+export const leafCapacityMax = Math.floor((pageBodyBytesMax - nodeHeaderBytes) / leafEntryBytes);
+export const interiorCapacityMax = Math.floor((pageBodyBytesMax - nodeHeaderBytes) / interiorEntryBytes);
+/** Virtual and physical chunks are 48-bit on a page. */
+export const mapKeyLimit = 2 ** 48;
+/** The root page of an empty map (page 0 is a root slot, never a node). */
+export const emptyRoot = 0;
+
+export interface LeafNode {
+  kind: 'leaf';
+  keys: number[];
+  physical: number[];
+  sums: number[];
+}
+
+export interface InteriorNode {
+  kind: 'interior';
+  /** 1 for the parents of leaves. */
+  level: number;
+  keys: number[];
+  children: number[];
+}
+
+export type MapNode = LeafNode | InteriorNode;
+
+/** A hole (`physicalChunk` -1, no sums) or a physically contiguous run with the crc32 of each chunk. */
+export interface PagedRun extends ChunkRun {
+  sums: number[];
+}
+
+export const levelOf = (node: MapNode): number => (node.kind === 'leaf' ? 0 : node.level);
+
+/** The page image of a node. */
+export function encodeNode(node: MapNode): CachedPage {
+  const count = node.keys.length;
+  if (node.kind === 'leaf') {
+    assert(count <= leafCapacityMax && node.physical.length === count && node.sums.length === count);
+    const body = Buffer.alloc(nodeHeaderBytes + count * leafEntryBytes);
+    body.writeUInt16LE(count, 0);
+    for (let i = 0, at = nodeHeaderBytes; i < count; i++, at += leafEntryBytes) {
+      body.writeUIntLE(node.keys[i]!, at, 6);
+      body.writeUIntLE(node.physical[i]!, at + 6, 6);
+      body.writeUInt32LE(node.sums[i]!, at + 12);
+    }
+    return { kind: mapLeafKind, body };
+  }
+  assert(count <= interiorCapacityMax && node.children.length === count && node.level >= 1 && node.level < 256);
+  const body = Buffer.alloc(nodeHeaderBytes + count * interiorEntryBytes);
+  body.writeUInt16LE(count, 0);
+  body.writeUInt8(node.level, 2);
+  for (let i = 0, at = nodeHeaderBytes; i < count; i++, at += interiorEntryBytes) {
+    body.writeUIntLE(node.keys[i]!, at, 6);
+    body.writeUIntLE(node.children[i]!, at + 6, 6);
+  }
+  return { kind: mapInteriorKind, body };
+}
+
+/** The node on a page, checked (sizes, order, page numbers); ECORRUPT naming the page when it is not one. */
+export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
+  const fail = (why: string): never => {
+    throw ChunkdError.corrupt(`metadata page ${pageNumber}: not a chunk map node (${why})`);
+  };
+  const body = page.body;
+  if (body.length < nodeHeaderBytes) fail(`a body of ${body.length} bytes`);
+  const count = body.readUInt16LE(0);
+  if (count === 0) fail('no entries');
+  const keys = new Array<number>(count);
+  if (page.kind === mapLeafKind) {
+    if (count > leafCapacityMax || body.length !== nodeHeaderBytes + count * leafEntryBytes) fail(`${count} leaf entries in ${body.length} bytes`);
+    const physical = new Array<number>(count);
+    const sums = new Array<number>(count);
+    for (let i = 0, at = nodeHeaderBytes; i < count; i++, at += leafEntryBytes) {
+      keys[i] = body.readUIntLE(at, 6);
+      physical[i] = body.readUIntLE(at + 6, 6);
+      sums[i] = body.readUInt32LE(at + 12);
+      if (i > 0 && keys[i]! <= keys[i - 1]!) fail('keys out of order');
+    }
+    return { kind: 'leaf', keys, physical, sums };
+  }
+  if (page.kind !== mapInteriorKind) fail(`page kind ${page.kind}`);
+  const level = body.readUInt8(2);
+  if (level === 0 || count > interiorCapacityMax || body.length !== nodeHeaderBytes + count * interiorEntryBytes) fail(`${count} children at level ${level} in ${body.length} bytes`);
+  const children = new Array<number>(count);
+  for (let i = 0, at = nodeHeaderBytes; i < count; i++, at += interiorEntryBytes) {
+    keys[i] = body.readUIntLE(at, 6);
+    children[i] = body.readUIntLE(at + 6, 6);
+    if (i > 0 && keys[i]! <= keys[i - 1]!) fail('keys out of order');
+    if (children[i]! < firstDataPage) fail(`a child at page ${children[i]}`);
+  }
+  return { kind: 'interior', level, keys, children };
+}
+
+/** Pages a drop frees between two turns of the event loop. */
+const dropSliceNodes = 256;
+
+function checkLevel(node: MapNode, page: number, level: number | undefined): MapNode {
+  if (level !== undefined && levelOf(node) !== level) throw ChunkdError.corrupt(`metadata page ${page}: a chunk map node at level ${levelOf(node)} where its parent expects level ${level}`);
+  return node;
+}
+
+/** The least node fill of a non-root node (invariant 2). */
+export const minFill = (capacity: number): number => Math.max(1, Math.floor(capacity / 2));
+
+/** Sizes of the fewest nodes of at most `capacity` that hold `total` items, as even as can be. */
+export function splitSizes(total: number, capacity: number): number[] {
+  const parts = Math.ceil(total / capacity);
+  const base = Math.floor(total / parts);
+  const sizes: number[] = [];
+  for (let i = 0; i < parts; i++) sizes.push(base + (i < total % parts ? 1 : 0));
+  return sizes;
+}
+
+/** The index of the child whose range holds `key`: the last key at or below it (0 below the first). */
+export function childIndex(keys: readonly number[], key: number): number {
+  let lo = 0;
+  let hi = keys.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi + 1) >> 1;
+    if (keys[mid]! <= key) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+/** The first index whose key is at or above `key`. */
+function lowerBound(keys: readonly number[], key: number): number {
+  let lo = 0;
+  let hi = keys.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (keys[mid]! < key) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** Thrown by a pass that needs pages the cache does not hold (not an Error: never escapes `PagedMaps`). */
+class MissingPages {
+  readonly pages: number[];
+  constructor(pages: number[]) {
+    this.pages = pages;
+  }
+}
+
+/**
+ * Children in a node being built, as parallel arrays (no object per child): the least key below each, and each
+ * an existing page (kept, with the reference its old parent held) or a new node.
+ */
+interface Outs {
+  keys: number[];
+  items: Item[];
+}
+type Item = number | Built;
+/** A node being built by a pass. */
+type Built = LeafNode | ({ kind: 'interior'; level: number } & Outs);
+
+const builtSize = (built: Built): number => built.keys.length;
+
+/** Everything a pass changes, applied at its end in one go (increments before decrements, so no count dips to zero). */
+class Changes {
+  readonly pageDelta = new Map<number, number>();
+  readonly chunkIncrements: number[] = [];
+  readonly chunkDecrements: number[] = [];
+  /** Pages left by the tree that were fresh (never committed): their numbers are reused by the new nodes. */
+  readonly reusable: number[] = [];
+  /** Pages left by the tree that a durable root may still name: released. */
+  readonly freed: number[] = [];
+  mappedDelta = 0;
+  readonly #refs: PageRefs;
+
+  constructor(refs: PageRefs) {
+    this.#refs = refs;
+  }
+
+  /** The count `page` will have once these changes apply. */
+  count(page: number): number {
+    return this.#refs.get(page) + (this.pageDelta.get(page) ?? 0);
+  }
+
+  add(page: number, delta: number): void {
+    this.pageDelta.set(page, (this.pageDelta.get(page) ?? 0) + delta);
+  }
+}
+
+export interface PagedMapsOptions {
+  cache: PageCache;
+  allocator: PageAllocator;
+  pageRefs: PageRefs;
+  /** Entries per leaf, at most `leafCapacityMax` (smaller in tests, for deep trees). */
+  leafCapacity?: number;
+  interiorCapacity?: number;
+}
+
+/** A mapRun or unmapRange: the range of keys it covers, and what it does to a leaf there. */
+interface Edit {
+  first: number;
+  end: number;
+  /** Rewrites the entries of a private leaf whose range is [lo, hi), recording chunk and count changes. */
+  apply(leaf: LeafNode, lo: number, hi: number, changes: Changes): LeafNode;
+}
+
+/** The pages all maps of a pool share, and the tree operations over them; a map is a `PagedMap`. */
+export class PagedMaps {
+  readonly #cache: PageCache;
+  readonly #allocator: PageAllocator;
+  readonly #pageRefs: PageRefs;
+  readonly #leafCapacity: number;
+  readonly #interiorCapacity: number;
+  /** Decoded nodes by cached page object: decoded once while the page stays in the cache. */
+  readonly #decoded = new WeakMap<CachedPage, MapNode>();
+  /**
+   * The nodes of pages allocated since the last commit, kept decoded and encoded only when a commit puts them in
+   * the cache (a leaf changed a hundred times is encoded once). No durable root names these pages, so they are
+   * the ones that may be rewritten in place.
+   */
+  readonly #dirty = new Map<number, MapNode>();
+  readonly #memoryPins = this.#pins();
+  /** The last mutation queued: mutations apply in call order. */
+  #mutations: Promise<unknown> = Promise.resolve();
+
+  constructor(options: PagedMapsOptions) {
+    this.#cache = options.cache;
+    this.#allocator = options.allocator;
+    this.#pageRefs = options.pageRefs;
+    this.#leafCapacity = options.leafCapacity ?? leafCapacityMax;
+    this.#interiorCapacity = options.interiorCapacity ?? interiorCapacityMax;
+    assert(this.#leafCapacity >= 2 && this.#leafCapacity <= leafCapacityMax, `leaf capacity ${this.#leafCapacity}`);
+    // At least 4: an interior node of one child must be below its fill, so that its lone child gets merged.
+    assert(this.#interiorCapacity >= 4 && this.#interiorCapacity <= interiorCapacityMax, `interior capacity ${this.#interiorCapacity}`);
+  }
+
+  /** A new, empty map. */
+  empty(): PagedMap {
+    return new PagedMap(this, emptyRoot, 0);
+  }
+
+  /** The map a root slot recorded (its root page holds the reference the map had). */
+  open(state: PagedMapState): PagedMap {
+    return new PagedMap(this, state.rootPage, state.mappedCount);
+  }
+
+  /**
+   * Writes the dirty pages and the root (page-cache.ts), then lets the pages released before it be reused. Queued
+   * with the mutations: it follows those called before it, and those called after wait for it (see the known
+   * weaknesses above). `rootBody` is taken when the commit starts, after the mutations before it.
+   */
+  commit(rootBody: () => Buffer): Promise<Root> {
+    return this.#queue(async () => {
+      // From here on the pages written are named by the root being committed: none may change in place.
+      for (const [page, node] of this.#dirty) {
+        const image = encodeNode(node);
+        this.#cache.put(page, image);
+        this.#decoded.set(image, node);
+      }
+      this.#dirty.clear();
+      const root = await this.#cache.commit(rootBody());
+      this.#allocator.committed();
+      return root;
+    });
+  }
+
+  /** Pages changed since the last commit (what the commit will write; their memory is not the cache's). */
+  get dirtyPages(): number {
+    return this.#dirty.size;
+  }
+
+  /** The decoded node of `page` as it is now, read from the file if need be (for checks and tools). */
+  async node(page: number): Promise<MapNode> {
+    return this.#resident(page) ?? this.#decode(await this.#cache.get(page), page);
+  }
+
+  /** The node of `page` if it is in memory: changed since the commit, or in the cache. */
+  #resident(page: number): MapNode | undefined {
+    const dirty = this.#dirty.get(page);
+    if (dirty !== undefined) return dirty;
+    const cached = this.#cache.peek(page);
+    return cached === undefined ? undefined : this.#decode(cached, page);
+  }
+
+  #pins(): Pins {
+    return new Pins(
+      (page) => this.#resident(page),
+      async (page) => this.#decode(await this.#cache.get(page), page),
+    );
+  }
+
+  // The operations below are PagedMap's; they take and return root pages.
+
+  /** @internal */
+  runsCached(rootPage: number, virtualChunk: number, chunkCount: number): PagedRun[] | undefined {
+    try {
+      // Pins that never load hold nothing: one set serves every call.
+      return this.#runs(this.#memoryPins, rootPage, virtualChunk, chunkCount);
+    } catch (error) {
+      if (error instanceof MissingPages) return undefined;
+      throw error;
+    }
+  }
+
+  /** @internal */
+  async runs(map: PagedMap, virtualChunk: number, chunkCount: number): Promise<PagedRun[]> {
+    return this.#pass((pins) => this.#runs(pins, map.rootPage, virtualChunk, chunkCount));
+  }
+
+  /** @internal */
+  mapRun(map: PagedMap, virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): Promise<void> {
+    const chunkCount = sums.length;
+    if (!(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) {
+      return Promise.reject(ChunkdError.invalid(`a paged map maps ${chunkCount} chunks at ${virtualChunk} to ${physicalChunk}: out of range`));
+    }
+    const sumsCopy = Array.from(sums);
+    const edit: Edit = {
+      first: virtualChunk,
+      end: virtualChunk + chunkCount,
+      apply: (leaf, lo, hi, changes) => {
+        const from = Math.max(lo, virtualChunk);
+        const to = Math.min(hi, virtualChunk + chunkCount);
+        const a = lowerBound(leaf.keys, from);
+        const b = lowerBound(leaf.keys, to);
+        for (let i = a; i < b; i++) changes.chunkDecrements.push(leaf.physical[i]!);
+        const keys: number[] = [];
+        const physical: number[] = [];
+        const leafSums: number[] = [];
+        for (let v = from; v < to; v++) {
+          keys.push(v);
+          physical.push(physicalChunk + v - virtualChunk);
+          leafSums.push(sumsCopy[v - virtualChunk]! >>> 0);
+          changes.chunkIncrements.push(physicalChunk + v - virtualChunk);
+        }
+        changes.mappedDelta += to - from - (b - a);
+        // The leaf is the pass's own copy (#open): changed in place.
+        splice(leaf.keys, a, b, keys);
+        splice(leaf.physical, a, b, physical);
+        splice(leaf.sums, a, b, leafSums);
+        return leaf;
+      },
+    };
+    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, false), refs).then(() => {});
+  }
+
+  /** @internal */
+  unmapRange(map: PagedMap, virtualChunk: number, chunkCount: number, refs: ChunkRefs): Promise<number> {
+    const end = Math.min(virtualChunk + chunkCount, mapKeyLimit);
+    const edit: Edit = {
+      first: virtualChunk,
+      end,
+      apply: (leaf, _lo, _hi, changes) => {
+        const a = lowerBound(leaf.keys, virtualChunk);
+        const b = lowerBound(leaf.keys, end);
+        for (let i = a; i < b; i++) changes.chunkDecrements.push(leaf.physical[i]!);
+        changes.mappedDelta -= b - a;
+        splice(leaf.keys, a, b, []);
+        splice(leaf.physical, a, b, []);
+        splice(leaf.sums, a, b, []);
+        return leaf;
+      },
+    };
+    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, true), refs);
+  }
+
+  /** @internal */
+  clone(map: PagedMap): PagedMap {
+    if (map.rootPage !== emptyRoot) this.#pageRefs.increment(map.rootPage);
+    return new PagedMap(this, map.rootPage, map.mappedCount);
+  }
+
+  /**
+   * @internal Not one pass: a large map would pin all its pages at once and release them in one turn. Queued, it
+   * walks the pages it frees one at a time (the map is empty from the start, so no pass reaches them), reads each
+   * before releasing it (a page that cannot be read stays held: space lost, counts still right), and yields to
+   * the event loop every `dropSliceNodes` pages.
+   */
+  drop(map: PagedMap, refs: ChunkRefs): Promise<number> {
+    return this.#queue(async () => {
+      const mapped = map.mappedCount;
+      const stack: Array<{ page: number; level: number | undefined }> = map.rootPage === emptyRoot ? [] : [{ page: map.rootPage, level: undefined }];
+      map.setState(emptyRoot, 0);
+      let freed = 0;
+      while (stack.length > 0) {
+        const { page, level } = stack.pop()!;
+        const count = this.#pageRefs.get(page);
+        assert(count >= 1, `chunk map page ${page} reached with a count of ${count}`);
+        if (count > 1) {
+          this.#pageRefs.decrement(page);
+          continue;
+        }
+        const node = this.#resident(page) ?? (await this.node(page));
+        checkLevel(node, page, level);
+        assert(this.#pageRefs.decrement(page) === 0);
+        this.#allocator.release(page);
+        this.#cache.discard(page);
+        this.#dirty.delete(page);
+        if (node.kind === 'leaf') for (const physical of node.physical) refs.decrement(physical);
+        else for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
+        if (++freed % dropSliceNodes === 0) await new Promise((resolve) => setImmediate(resolve));
+      }
+      return mapped;
+    });
+  }
+
+  /** @internal */
+  async diff(a: PagedMap, b: PagedMap, chunkLimit: number): Promise<ChangedExtent[]> {
+    return this.#pass((pins) => this.#diff(pins, a.rootPage, b.rootPage, chunkLimit));
+  }
+
+  /** Runs a pure pass, reading what it misses and starting it over until it completes. */
+  async #pass<T>(run: (pins: Pins) => T): Promise<T> {
+    const pins = this.#pins();
+    for (;;) {
+      try {
+        return run(pins);
+      } catch (error) {
+        if (!(error instanceof MissingPages)) throw error;
+        await pins.load(error.pages);
+      }
+    }
+  }
+
+  /** Queues a mutation of `map`: its pass computes the new root (or null: the map is left empty), then it applies. */
+  #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs): Promise<number> {
+    return this.#queue(() =>
+      this.#pass((pins) => {
+        const changes = new Changes(this.#pageRefs);
+        const root = compute(pins, changes);
+        const rootPage = this.#apply(changes, root, refs);
+        map.setState(rootPage, map.mappedCount + changes.mappedDelta);
+        return changes.mappedDelta === 0 ? 0 : -changes.mappedDelta;
+      }),
+    );
+  }
+
+  /** Runs `task` after every mutation and commit queued before it. */
+  #queue<T>(task: () => Promise<T>): Promise<T> {
+    const result = this.#mutations.then(task, task);
+    this.#mutations = result.catch(() => {});
+    return result;
+  }
+
+  #decode(page: CachedPage, pageNumber: number): MapNode {
+    let node = this.#decoded.get(page);
+    if (node === undefined) {
+      node = decodeNode(page, pageNumber);
+      this.#decoded.set(page, node);
+    }
+    return node;
+  }
+
+  /** The node of `page`, checked to sit at `level` where the parent says. */
+  #node(pins: Pins, page: number, level: number | undefined): MapNode {
+    return checkLevel(pins.node(page), page, level);
+  }
+
+  /** The node of `page` for changing: a private copy; the page is left (reused or freed) or, if shared, copied. */
+  #open(pins: Pins, changes: Changes, page: number, level: number | undefined): MapNode {
+    const node = this.#node(pins, page, level);
+    const count = changes.count(page);
+    assert(count >= 1, `chunk map page ${page} reached with a count of ${count}`);
+    changes.add(page, -1);
+    if (count > 1) {
+      // Copy-on-write: the copy names what the page names, once more.
+      if (node.kind === 'leaf') changes.chunkIncrements.push(...node.physical);
+      else for (const child of node.children) changes.add(child, 1);
+    } else {
+      (this.#dirty.has(page) ? changes.reusable : changes.freed).push(page);
+    }
+    return node.kind === 'leaf'
+      ? { kind: 'leaf', keys: node.keys.slice(), physical: node.physical.slice(), sums: node.sums.slice() }
+      : { kind: 'interior', level: node.level, keys: node.keys.slice(), children: node.children.slice() };
+  }
+
+  #runs(pins: Pins, rootPage: number, virtualChunk: number, chunkCount: number): PagedRun[] {
+    const runs: PagedRun[] = [];
+    const end = virtualChunk + chunkCount;
+    let next = virtualChunk;
+    const visit = (page: number, level: number | undefined): void => {
+      const node = this.#node(pins, page, level);
+      if (node.kind === 'interior') {
+        const first = childIndex(node.keys, virtualChunk);
+        const last = childIndex(node.keys, end - 1);
+        if (last > first) pins.want(node.children.slice(first, last + 1));
+        for (let i = first; i <= last; i++) visit(node.children[i]!, node.level - 1);
+        return;
+      }
+      for (let i = lowerBound(node.keys, virtualChunk); i < node.keys.length && node.keys[i]! < end; i++) {
+        const v = node.keys[i]!;
+        if (next < v) pushRun(runs, next, v - next, -1, undefined);
+        pushRun(runs, v, 1, node.physical[i]!, node.sums[i]!);
+        next = v + 1;
+      }
+    };
+    if (chunkCount <= 0) return runs;
+    if (rootPage !== emptyRoot) visit(rootPage, undefined);
+    if (next < end) pushRun(runs, next, end - next, -1, undefined);
+    return runs;
+  }
+
+  /** Whether the subtree at `page` has an entry in [first, end). */
+  #anyIn(pins: Pins, page: number, level: number, first: number, end: number): boolean {
+    const node = this.#node(pins, page, level);
+    if (node.kind === 'leaf') {
+      const i = lowerBound(node.keys, first);
+      return i < node.keys.length && node.keys[i]! < end;
+    }
+    const from = childIndex(node.keys, first);
+    const to = childIndex(node.keys, end - 1);
+    pins.want(node.children.slice(from, to + 1));
+    for (let i = from; i <= to; i++) if (this.#anyIn(pins, node.children[i]!, level - 1, first, end)) return true;
+    return false;
+  }
+
+  /** The pass of mapRun and unmapRange: the new root, or null for an empty map. */
+  #edit(pins: Pins, changes: Changes, rootPage: number, edit: Edit, onlyWhereMapped: boolean): Item | null {
+    if (edit.first >= edit.end) return rootPage === emptyRoot ? null : rootPage;
+    if (rootPage === emptyRoot) {
+      if (onlyWhereMapped) return null;
+      const leaf = edit.apply({ kind: 'leaf', keys: [], physical: [], sums: [] }, 0, mapKeyLimit, changes);
+      return this.#rootOf(this.#split(leaf, 0), 0);
+    }
+    const root = this.#node(pins, rootPage, undefined);
+    if (onlyWhereMapped && !this.#anyIn(pins, rootPage, levelOf(root), edit.first, edit.end)) return rootPage;
+    return this.#rootOf(this.#modify(pins, changes, rootPage, levelOf(root), 0, mapKeyLimit, edit, onlyWhereMapped), levelOf(root));
+  }
+
+  /** Applies `edit` below `page` (whose keys route from [lo, hi)); returns the nodes that replace it. */
+  #modify(pins: Pins, changes: Changes, page: number, level: number, lo: number, hi: number, edit: Edit, onlyWhereMapped: boolean): Outs {
+    const node = this.#open(pins, changes, page, level);
+    if (node.kind === 'leaf') return this.#split(edit.apply(node, lo, hi, changes), 0);
+    const count = node.children.length;
+    const from = childIndex(node.keys, Math.max(lo, edit.first));
+    const to = childIndex(node.keys, Math.min(hi, edit.end) - 1);
+    // The children changed, and a neighbour on each side in case one of them ends below its fill.
+    pins.want(node.children.slice(Math.max(0, from - 1), Math.min(count, to + 2)));
+    // The node is the pass's own copy (#open): each child changed is replaced in place, last first so that the
+    // indexes still to visit do not move.
+    const bounds = node.keys.slice(from, to + 2);
+    const outs: Outs = { keys: node.keys, items: node.children };
+    for (let i = to; i >= from; i--) {
+      const child = node.children[i]! as number;
+      const childLo = i === 0 ? lo : bounds[i - from]!;
+      const childHi = i === count - 1 ? hi : bounds[i + 1 - from]!;
+      if (onlyWhereMapped && !this.#anyIn(pins, child, level - 1, Math.max(childLo, edit.first), Math.min(childHi, edit.end))) continue;
+      const below = this.#modify(pins, changes, child, level - 1, childLo, childHi, edit, onlyWhereMapped);
+      splice(outs.keys, i, i + 1, below.keys);
+      splice(outs.items, i, i + 1, below.items);
+    }
+    this.#rebalance(pins, changes, outs, level - 1);
+    return this.#split({ kind: 'interior', level, ...outs }, level);
+  }
+
+  /** Merges each new child below its fill with a neighbour (or shares their entries evenly), so invariant 2 holds. */
+  #rebalance(pins: Pins, changes: Changes, outs: Outs, childLevel: number): void {
+    const capacity = childLevel === 0 ? this.#leafCapacity : this.#interiorCapacity;
+    const least = minFill(capacity);
+    let i = 0;
+    while (i < outs.items.length) {
+      const item = outs.items[i]!;
+      if (outs.items.length === 1 || typeof item === 'number' || builtSize(item) >= least) {
+        i += 1;
+        continue;
+      }
+      const left = i + 1 < outs.items.length ? i : i - 1;
+      const merged = this.#concat(this.#contents(pins, changes, outs.items[left]!, childLevel), this.#contents(pins, changes, outs.items[left + 1]!, childLevel));
+      // Two interior nodes merged: a child below its fill that was alone under its parent now has a neighbour.
+      if (merged.kind === 'interior') this.#rebalance(pins, changes, merged, childLevel - 1);
+      const parts = this.#split(merged, childLevel);
+      outs.keys.splice(left, 2, ...parts.keys);
+      outs.items.splice(left, 2, ...parts.items);
+      i = left;
+    }
+  }
+
+  /** A child's entries as a node being built (an existing page is opened: left or copied). */
+  #contents(pins: Pins, changes: Changes, item: Item, level: number): Built {
+    if (typeof item !== 'number') return item;
+    const node = this.#open(pins, changes, item, level);
+    if (node.kind === 'leaf') return node;
+    return { kind: 'interior', level: node.level, keys: node.keys, items: node.children };
+  }
+
+  #concat(a: Built, b: Built): Built {
+    if (a.kind === 'leaf' && b.kind === 'leaf') return { kind: 'leaf', keys: a.keys.concat(b.keys), physical: a.physical.concat(b.physical), sums: a.sums.concat(b.sums) };
+    assert(a.kind === 'interior' && b.kind === 'interior' && a.level === b.level);
+    return { kind: 'interior', level: a.level, keys: a.keys.concat(b.keys), items: a.items.concat(b.items) };
+  }
+
+  /** A node being built cut into the fewest nodes that fit a page, evenly. */
+  #split(built: Built, level: number): Outs {
+    const outs: Outs = { keys: [], items: [] };
+    let at = 0;
+    if (built.kind === 'leaf') {
+      const sizes = splitSizes(built.keys.length, this.#leafCapacity);
+      if (sizes.length === 1) return { keys: [built.keys[0]!], items: [built] };
+      for (const size of sizes) {
+        const part: LeafNode = { kind: 'leaf', keys: built.keys.slice(at, at + size), physical: built.physical.slice(at, at + size), sums: built.sums.slice(at, at + size) };
+        outs.keys.push(part.keys[0]!);
+        outs.items.push(part);
+        at += size;
+      }
+      return outs;
+    }
+    assert(built.level === level);
+    const sizes = splitSizes(built.keys.length, this.#interiorCapacity);
+    if (sizes.length === 1) return { keys: [built.keys[0]!], items: [built] };
+    for (const size of sizes) {
+      outs.keys.push(built.keys[at]!);
+      outs.items.push({ kind: 'interior', level, keys: built.keys.slice(at, at + size), items: built.items.slice(at, at + size) });
+      at += size;
+    }
+    return outs;
+  }
+
+  /** The root over `outs` (nodes at `level`): new levels above while more than one, interior roots of one child removed. */
+  #rootOf(outs: Outs, level: number): Item | null {
+    let top = outs;
+    let topLevel = level;
+    while (top.items.length > 1) {
+      topLevel += 1;
+      top = this.#split({ kind: 'interior', level: topLevel, ...top }, topLevel);
+    }
+    let root = top.items[0];
+    while (root !== undefined && typeof root !== 'number' && root.kind === 'interior' && root.items.length === 1) root = root.items[0];
+    return root ?? null;
+  }
+
+  /** Writes the nodes built (fresh pages reused first), then applies the counts; returns the root page. */
+  #apply(changes: Changes, root: Item | null, refs: ChunkRefs | undefined): number {
+    const place = (built: Item): number => {
+      if (typeof built === 'number') return built;
+      if (built.kind === 'interior') {
+        for (let i = 0; i < built.items.length; i++) {
+          const item = built.items[i]!;
+          if (typeof item !== 'number') built.items[i] = place(item);
+        }
+      }
+      const node: MapNode = built.kind === 'leaf' ? built : { kind: 'interior', level: built.level, keys: built.keys, children: built.items as number[] };
+      let page = changes.reusable.pop();
+      if (page !== undefined) changes.add(page, 1);
+      else {
+        page = this.#allocator.allocate();
+        assert(this.#pageRefs.get(page) === 0, `page ${page} allocated with a count of ${this.#pageRefs.get(page)}`);
+        this.#pageRefs.increment(page);
+      }
+      this.#dirty.set(page, node);
+      return page;
+    };
+    const rootPage = root === null ? emptyRoot : place(root);
+    const left = new Set([...changes.freed, ...changes.reusable]);
+    for (const [page, delta] of changes.pageDelta) for (let i = 0; i < delta; i++) this.#pageRefs.increment(page);
+    for (const [page, delta] of changes.pageDelta) {
+      for (let i = 0; i < -delta; i++) {
+        if (this.#pageRefs.decrement(page) > 0) continue;
+        assert(left.delete(page), `chunk map page ${page} lost its last reference without being left`);
+        this.#allocator.release(page);
+        this.#cache.discard(page);
+        this.#dirty.delete(page);
+      }
+    }
+    assert(left.size === 0, `chunk map pages ${[...left].join(', ')} left but still referenced`);
+    assert(refs !== undefined || (changes.chunkIncrements.length === 0 && changes.chunkDecrements.length === 0));
+    for (const chunk of changes.chunkIncrements) refs!.increment(chunk);
+    for (const chunk of changes.chunkDecrements) refs!.decrement(chunk);
+    return rootPage;
+  }
+
+  #diff(pins: Pins, rootA: number, rootB: number, chunkLimit: number): ChangedExtent[] {
+    type Item = { page: number; level: number | undefined; lo: number } | { entry: number; physical: number };
+    const stackA: Item[] = rootA === emptyRoot ? [] : [{ page: rootA, level: undefined, lo: 0 }];
+    const stackB: Item[] = rootB === emptyRoot ? [] : [{ page: rootB, level: undefined, lo: 0 }];
+    const changed: ChangedExtent[] = [];
+    const mark = (v: number): void => {
+      if (v >= chunkLimit) return;
+      const last = changed[changed.length - 1];
+      if (last !== undefined && last.virtualChunk + last.chunkCount === v) last.chunkCount += 1;
+      else changed.push({ virtualChunk: v, chunkCount: 1 });
+    };
+    const lo = (item: Item): number => ('page' in item ? item.lo : item.entry);
+    const levelOfItem = (item: Item): number => ('page' in item ? (item.level ?? levelOf(this.#node(pins, item.page, undefined))) : -1);
+    const alone = (stack: Item[], other: Item[]): number[] => {
+      let otherLevel = -1;
+      const otherPages = new Set<number>();
+      for (const item of other) {
+        if (!('page' in item)) continue;
+        otherLevel = Math.max(otherLevel, item.level ?? Infinity);
+        otherPages.add(item.page);
+      }
+      return stack.flatMap((item) => ('page' in item && item.level !== undefined && item.level >= otherLevel && !otherPages.has(item.page) && !pins.holds(item.page) ? [item.page] : []));
+    };
+    const expand = (stack: Item[]): void => {
+      const item = stack.pop()!;
+      assert('page' in item);
+      const node = this.#node(pins, item.page, item.level);
+      if (node.kind === 'leaf') {
+        for (let i = node.keys.length - 1; i >= 0; i--) stack.push({ entry: node.keys[i]!, physical: node.physical[i]! });
+      } else {
+        for (let i = node.children.length - 1; i >= 0; i--) stack.push({ page: node.children[i]!, level: node.level - 1, lo: i === 0 ? item.lo : node.keys[i]! });
+      }
+      // Read at once, when some are missing, the pages of either stack that will be expanded: those the other
+      // stack does not hold and cannot reach (it holds no higher page). One pass per level of misses, not one per
+      // page, and a page the two trees share is never read.
+      pins.want([...alone(stackA, stackB), ...alone(stackB, stackA)].slice(0, 64));
+    };
+    for (;;) {
+      const a = stackA[stackA.length - 1];
+      const b = stackB[stackB.length - 1];
+      if (a === undefined && b === undefined) break;
+      if ((a !== undefined && lo(a) >= chunkLimit && (b === undefined || lo(b) >= chunkLimit)) || (a === undefined && lo(b!) >= chunkLimit)) break;
+      if (a !== undefined && b !== undefined && 'page' in a && 'page' in b && a.page === b.page) {
+        stackA.pop();
+        stackB.pop();
+        continue;
+      }
+      if (a === undefined || b === undefined) {
+        const stack = a === undefined ? stackB : stackA;
+        const item = (a ?? b)!;
+        if ('page' in item) expand(stack);
+        else {
+          stack.pop();
+          mark(item.entry);
+        }
+        continue;
+      }
+      if ('entry' in a && 'entry' in b) {
+        if (a.entry === b.entry) {
+          if (a.physical !== b.physical) mark(a.entry);
+          stackA.pop();
+          stackB.pop();
+        } else if (a.entry < b.entry) {
+          mark(a.entry);
+          stackA.pop();
+        } else {
+          mark(b.entry);
+          stackB.pop();
+        }
+        continue;
+      }
+      // One side or both are pages: an entry below the other side's page is changed; else expand a page (the
+      // one starting first, or the higher one, so that a page shared at a different depth still meets itself).
+      if ('entry' in a && a.entry < lo(b)) {
+        mark(a.entry);
+        stackA.pop();
+      } else if ('entry' in b && b.entry < lo(a)) {
+        mark(b.entry);
+        stackB.pop();
+      } else if (!('page' in b) || ('page' in a && (lo(a) < lo(b) || (lo(a) === lo(b) && levelOfItem(a) >= levelOfItem(b))))) {
+        expand(stackA);
+      } else {
+        expand(stackB);
+      }
+    }
+    return changed;
+  }
+}
+
+/** The state of a map that a root slot records. */
+export interface PagedMapState {
+  rootPage: number;
+  mappedCount: number;
+}
+
+/** One map (a volume's or a snapshot's) in `PagedMaps`: what `ChunkMap` offers the store, with pages read on demand. */
+export class PagedMap {
+  readonly #maps: PagedMaps;
+  #rootPage: number;
+  #mappedCount: number;
+
+  /** @internal use PagedMaps.empty, open or PagedMap.clone. */
+  constructor(maps: PagedMaps, rootPage: number, mappedCount: number) {
+    this.#maps = maps;
+    this.#rootPage = rootPage;
+    this.#mappedCount = mappedCount;
+  }
+
+  get rootPage(): number {
+    return this.#rootPage;
+  }
+
+  /** Chunks mapped. */
+  get mappedCount(): number {
+    return this.#mappedCount;
+  }
+
+  /** What a root slot records of this map. */
+  state(): PagedMapState {
+    return { rootPage: this.#rootPage, mappedCount: this.#mappedCount };
+  }
+
+  /** @internal set by PagedMaps when a mutation applies. */
+  setState(rootPage: number, mappedCount: number): void {
+    assert(mappedCount >= 0);
+    this.#rootPage = rootPage;
+    this.#mappedCount = mappedCount;
+  }
+
+  /** Splits [virtualChunk, virtualChunk + chunkCount) into holes and physically contiguous runs with their sums. */
+  runs(virtualChunk: number, chunkCount: number): Promise<PagedRun[]> {
+    return this.#maps.runs(this, virtualChunk, chunkCount);
+  }
+
+  /** The same as `runs` if every page it needs is in memory (no promise, no read), else undefined. */
+  runsCached(virtualChunk: number, chunkCount: number): PagedRun[] | undefined {
+    return this.#maps.runsCached(this.#rootPage, virtualChunk, chunkCount);
+  }
+
+  /** Points `sums.length` chunks from `virtualChunk` at consecutive physical chunks with these crc32s. */
+  mapRun(virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): Promise<void> {
+    return this.#maps.mapRun(this, virtualChunk, physicalChunk, sums, refs);
+  }
+
+  /** Unmaps every chunk in [virtualChunk, virtualChunk + chunkCount); resolves to how many were mapped. */
+  unmapRange(virtualChunk: number, chunkCount: number, refs: ChunkRefs): Promise<number> {
+    return this.#maps.unmapRange(this, virtualChunk, chunkCount, refs);
+  }
+
+  /** A map with the same contents sharing every page with this one: one more reference on the root, O(1). */
+  clone(): PagedMap {
+    return this.#maps.clone(this);
+  }
+
+  /** Lets go of the root; pages and chunks nothing else holds are released. The map is empty after. */
+  async drop(refs: ChunkRefs): Promise<void> {
+    await this.#maps.drop(this, refs);
+  }
+
+  /** Extents of virtual chunks below `chunkLimit` mapped differently here and in `other`, skipping shared pages. */
+  diff(other: PagedMap, chunkLimit: number): Promise<ChangedExtent[]> {
+    return this.#maps.diff(this, other, chunkLimit);
+  }
+}
+
+/**
+ * The pages a pass has read: the cache's current page first (a page rewritten in place since is seen as it is
+ * now), else the one read for this pass (so an eviction between two tries cannot make it miss again).
+ */
+class Pins {
+  readonly #lookup: (page: number) => MapNode | undefined;
+  readonly #read: (page: number) => Promise<MapNode>;
+  readonly #held = new Map<number, MapNode>();
+
+  constructor(lookup: (page: number) => MapNode | undefined, read: (page: number) => Promise<MapNode>) {
+    this.#lookup = lookup;
+    this.#read = read;
+  }
+
+  node(page: number): MapNode {
+    const node = this.#resident(page);
+    if (node === undefined) throw new MissingPages([page]);
+    return node;
+  }
+
+  holds(page: number): boolean {
+    return this.#resident(page) !== undefined;
+  }
+
+  /** Stops the pass if any of `pages` is missing, naming all that are. */
+  want(pages: readonly number[]): void {
+    const missing = pages.filter((page) => this.#resident(page) === undefined);
+    if (missing.length > 0) throw new MissingPages(missing);
+  }
+
+  async load(pages: readonly number[]): Promise<void> {
+    const unique = [...new Set(pages)];
+    const read = await Promise.all(unique.map((page) => this.#read(page)));
+    unique.forEach((page, i) => this.#held.set(page, read[i]!));
+  }
+
+  #resident(page: number): MapNode | undefined {
+    const node = this.#lookup(page);
+    if (node === undefined) return this.#held.get(page);
+    if (this.#held.size > 0) this.#held.set(page, node);
+    return node;
+  }
+}
+
+/** Replaces values[from..to) with `replacement` in place (a spread of at most a few thousand, else a rebuild). */
+function splice<T>(values: T[], from: number, to: number, replacement: T[]): void {
+  if (replacement.length <= 4096) {
+    values.splice(from, to - from, ...replacement);
+    return;
+  }
+  const tail = values.slice(to);
+  values.length = from;
+  for (const value of replacement) values.push(value);
+  for (const value of tail) values.push(value);
+}
+
+function pushRun(runs: PagedRun[], virtualChunk: number, chunkCount: number, physicalChunk: number, sum: number | undefined): void {
+  const last = runs[runs.length - 1];
+  if (continuesRun(last, virtualChunk, physicalChunk)) {
+    last.chunkCount += chunkCount;
+    if (sum !== undefined) last.sums.push(sum);
+  } else {
+    runs.push({ virtualChunk, chunkCount, physicalChunk, sums: sum === undefined ? [] : [sum] });
+  }
+}

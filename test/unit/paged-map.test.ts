@@ -1,0 +1,554 @@
+// The paged chunk map (src/store/paged-map.ts): a copy-on-write B+tree over the page cache. A model test applies
+// random mapRun / unmapRange / clone / drop / commit sequences to today's ChunkMap and to paged maps with tiny
+// nodes and a four-page cache (so pages are evicted and read back from the file all the time), and checks the
+// same runs, the same diffs, the same set of referenced chunks, the tree's invariants and every page's count, and
+// that dropping every map gives every page back. Targeted tests: splits and merges at leaf and interior
+// boundaries, a clone's write copying only its path, a diff reading only the pages that differ, and damaged
+// pages. SEED=<n> replays a model run (fast-check shrinks a failing sequence first).
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'vitest';
+import fc from 'fast-check';
+import { ChunkdError } from '../../src/core/errors.ts';
+import { ChunkMap, type ChunkRefs } from '../../src/store/chunk-map.ts';
+import { realFiles } from '../../src/store/file-layer.ts';
+import { diffMaps } from '../../src/store/map-diff.ts';
+import { PageAllocator } from '../../src/store/page-allocator.ts';
+import { SpaceMaps } from '../../src/store/space-map.ts';
+import { PageCache, type CachedPage } from '../../src/store/page-cache.ts';
+import { firstDataPage, PageFile, pageBytes, pageHeaderBytes, type Root } from '../../src/store/page-file.ts';
+import {
+  decodeNode,
+  encodeNode,
+  leafCapacityMax,
+  levelOf,
+  mapLeafKind,
+  minFill,
+  PagedMaps,
+  splitSizes,
+  type MapNode,
+  type PagedMap,
+  type PagedMapState,
+  type PageRefs,
+  type PagedRun,
+} from '../../src/store/paged-map.ts';
+import { modelRunOptions, testSeed } from '../helpers/random.ts';
+
+const isCorrupt = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ECORRUPT';
+/** The crc32 a test gives a physical chunk (any function of the chunk will do: a map only carries it). */
+const sumOf = (physical: number): number => Math.imul(physical + 1, 0x9e3779b1) >>> 0;
+const sumsOf = (physical: number, count: number): number[] => Array.from({ length: count }, (_, i) => sumOf(physical + i));
+
+class Counts implements PageRefs, ChunkRefs {
+  readonly counts = new Map<number, number>();
+  get(key: number): number {
+    return this.counts.get(key) ?? 0;
+  }
+  increment(key: number): void {
+    this.counts.set(key, this.get(key) + 1);
+  }
+  decrement(key: number): number {
+    const count = this.get(key);
+    assert.ok(count > 0, `${key} released more often than referenced`);
+    if (count === 1) this.counts.delete(key);
+    else this.counts.set(key, count - 1);
+    return count - 1;
+  }
+}
+
+/** A cache that remembers the pages each commit wrote (to check copy-on-write against the durable root). */
+class TrackingCache extends PageCache {
+  #put = new Set<number>();
+  /** The pages the last commit wrote. */
+  written = new Set<number>();
+  override put(pageNumber: number, page: CachedPage): void {
+    this.#put.add(pageNumber);
+    super.put(pageNumber, page);
+  }
+  override commit(rootBody: Buffer): Promise<Root> {
+    this.written = this.#put;
+    this.#put = new Set();
+    return super.commit(rootBody);
+  }
+}
+
+interface Setup {
+  base: string;
+  file: PageFile;
+  cache: TrackingCache;
+  allocator: PageAllocator;
+  pageRefs: Counts;
+  chunkRefs: Counts;
+  maps: PagedMaps;
+}
+
+async function withMaps(options: { cachePages: number; leafCapacity?: number; interiorCapacity?: number }, run: (setup: Setup) => Promise<void>): Promise<void> {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagedmap-'));
+  const base = path.join(directory, 'meta');
+  const file = await PageFile.open(realFiles, base);
+  try {
+    const cache = new TrackingCache(file, options.cachePages * pageBytes);
+    const allocator = new PageAllocator();
+    const pageRefs = new Counts();
+    const maps = new PagedMaps({ cache, allocator, pageRefs, ...(options.leafCapacity ? { leafCapacity: options.leafCapacity } : {}), ...(options.interiorCapacity ? { interiorCapacity: options.interiorCapacity } : {}) });
+    await run({ base, file, cache, allocator, pageRefs, chunkRefs: new Counts(), maps });
+  } finally {
+    file.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+}
+
+const withoutSums = (runs: PagedRun[]): Array<{ virtualChunk: number; chunkCount: number; physicalChunk: number }> =>
+  runs.map(({ virtualChunk, chunkCount, physicalChunk }) => ({ virtualChunk, chunkCount, physicalChunk }));
+
+/** Runs with their sums checked against the chunks they name. */
+async function runsOf(map: PagedMap, virtualChunk: number, chunkCount: number): Promise<ReturnType<typeof withoutSums>> {
+  const runs = await map.runs(virtualChunk, chunkCount);
+  for (const run of runs) assert.deepEqual(run.sums, run.physicalChunk < 0 ? [] : sumsOf(run.physicalChunk, run.chunkCount), `sums of ${JSON.stringify(run)}`);
+  return withoutSums(runs);
+}
+
+interface TreeFacts {
+  /** References each page should have: maps holding it as root plus distinct interior pages naming it. */
+  pageCounts: Map<number, number>;
+  /** Per chunk: entries naming it over the distinct leaves reachable. */
+  chunkCounts: Map<number, number>;
+  /** Root level per map. */
+  levels: number[];
+  pages: number;
+}
+
+/** Walks every tree from its root (each distinct page once), checking invariants 1 and 2 of paged-map.ts. */
+async function treeFacts(setup: Setup, roots: readonly PagedMap[], capacities: { leaf: number; interior: number }): Promise<TreeFacts> {
+  const pageCounts = new Map<number, number>();
+  const chunkCounts = new Map<number, number>();
+  const seen = new Map<number, MapNode>();
+  const bump = (counts: Map<number, number>, key: number): void => {
+    counts.set(key, (counts.get(key) ?? 0) + 1);
+  };
+  /** Returns the least key of the subtree. */
+  const visit = async (page: number, isRoot: boolean, level: number | undefined, lo: number, hi: number): Promise<number> => {
+    let node = seen.get(page);
+    const first = node === undefined;
+    node ??= await setup.maps.node(page);
+    seen.set(page, node);
+    if (level !== undefined) assert.equal(levelOf(node), level, `page ${page} level`);
+    if (!isRoot) assert.ok(node.keys.length >= minFill(node.kind === 'leaf' ? capacities.leaf : capacities.interior), `page ${page} below its fill: ${node.keys.length}`);
+    assert.ok(node.keys.length <= (node.kind === 'leaf' ? capacities.leaf : capacities.interior), `page ${page} over its capacity`);
+    assert.ok(node.keys[0]! >= lo && node.keys[node.keys.length - 1]! < hi, `page ${page} keys outside [${lo}, ${hi})`);
+    if (node.kind === 'leaf') {
+      if (first) for (const physical of node.physical) bump(chunkCounts, physical);
+      return node.keys[0]!;
+    }
+    for (let i = 0; i < node.children.length; i++) {
+      const child = node.children[i]!;
+      if (first) bump(pageCounts, child);
+      const least = await visit(child, false, node.level - 1, node.keys[i]!, i + 1 < node.keys.length ? node.keys[i + 1]! : hi);
+      assert.equal(least, node.keys[i], `page ${page}: key ${i} is the least key below it`);
+    }
+    return node.keys[0]!;
+  };
+  const levels: number[] = [];
+  for (const map of roots) {
+    if (map.rootPage === 0) {
+      assert.equal(map.mappedCount, 0);
+      levels.push(-1);
+      continue;
+    }
+    bump(pageCounts, map.rootPage);
+    await visit(map.rootPage, true, undefined, 0, 2 ** 48);
+    levels.push(levelOf(seen.get(map.rootPage)!));
+  }
+  return { pageCounts, chunkCounts, levels, pages: seen.size };
+}
+
+async function checkCounts(setup: Setup, roots: readonly PagedMap[], capacities: { leaf: number; interior: number }, label: string): Promise<TreeFacts> {
+  const facts = await treeFacts(setup, roots, capacities);
+  assert.deepEqual(new Map([...setup.pageRefs.counts].sort((a, b) => a[0] - b[0])), new Map([...facts.pageCounts].sort((a, b) => a[0] - b[0])), `${label}: page counts are the parents of each page`);
+  assert.deepEqual(new Map([...setup.chunkRefs.counts].sort((a, b) => a[0] - b[0])), new Map([...facts.chunkCounts].sort((a, b) => a[0] - b[0])), `${label}: chunk counts are the leaves naming each chunk`);
+  return facts;
+}
+
+test('node images: decoded as encoded; a wrong kind, count or order is refused as damage naming the page', () => {
+  const leaf: MapNode = { kind: 'leaf', keys: [1, 5, 2 ** 47], physical: [9, 2 ** 48 - 1, 0], sums: [0, 0xffffffff, 7] };
+  assert.deepEqual(decodeNode(encodeNode(leaf), 9), leaf);
+  const interior: MapNode = { kind: 'interior', level: 3, keys: [0, 10, 20], children: [2, 3, 2 ** 40] };
+  assert.deepEqual(decodeNode(encodeNode(interior), 9), interior);
+  const full: MapNode = { kind: 'leaf', keys: [...Array(leafCapacityMax).keys()], physical: Array(leafCapacityMax).fill(1), sums: Array(leafCapacityMax).fill(2) };
+  assert.deepEqual(decodeNode(encodeNode(full), 9), full);
+  assert.throws(() => decodeNode({ kind: 7, body: encodeNode(leaf).body }, 12), (error) => isCorrupt(error) && /metadata page 12: not a chunk map node \(page kind 7\)/.test((error as Error).message));
+  const swapped = encodeNode({ ...leaf, keys: [1, 5, 3] });
+  swapped.body.writeUIntLE(0, 4 + 16, 6);
+  assert.throws(() => decodeNode(swapped, 12), /keys out of order/);
+  const short = encodeNode(leaf);
+  assert.throws(() => decodeNode({ kind: mapLeafKind, body: short.body.subarray(0, short.body.length - 1) }, 12), /3 leaf entries in/);
+  assert.deepEqual(splitSizes(0, 4), []);
+  assert.deepEqual(splitSizes(9, 4), [3, 3, 3]);
+  assert.deepEqual(splitSizes(10, 4), [4, 3, 3]);
+  assert.deepEqual(splitSizes(4, 4), [4]);
+});
+
+test('splits and merges at leaf and interior boundaries keep every invariant and give back every page', async () => {
+  await withMaps({ cachePages: 4, leafCapacity: 4, interiorCapacity: 4 }, async (setup) => {
+    const capacities = { leaf: 4, interior: 4 };
+    const map = setup.maps.empty();
+    const model = new ChunkMap();
+    const modelRefs = new Counts();
+    const levelsUp: number[] = [];
+    // One chunk at a time, alternately at the two ends of a widening range, so both edges split.
+    const order = Array.from({ length: 80 }, (_, i) => (i % 2 === 0 ? 100 + i / 2 : 99 - (i - 1) / 2));
+    for (const [step, v] of order.entries()) {
+      await map.mapRun(v, 1000 + v, [sumOf(1000 + v)], setup.chunkRefs);
+      model.mapRun(v, 1000 + v, 1, modelRefs);
+      const facts = await checkCounts(setup, [map], capacities, `insert ${step}`);
+      levelsUp.push(facts.levels[0]!);
+      if (step % 10 === 9) await setup.maps.commit(() => Buffer.from('root'));
+    }
+    assert.deepEqual(await runsOf(map, 0, 300), model.runs(0, 300));
+    assert.equal(levelsUp[3], 0, 'four entries: one leaf');
+    assert.equal(levelsUp[4], 1, 'the fifth splits the leaf under a new root');
+    assert.ok(levelsUp.includes(2) && levelsUp.includes(3), `interior nodes split too (levels ${[...new Set(levelsUp)].join(', ')})`);
+    assert.deepEqual(levelsUp, [...levelsUp].sort((a, b) => a - b), 'the tree only grows while entries are added');
+
+    // Unmap from the middle out, then the rest in pieces: leaves and interior nodes merge and the root comes down.
+    const levelsDown: number[] = [];
+    for (let step = 0; step < 40; step++) {
+      const v = 80 + ((step * 7) % 40);
+      assert.equal(await map.unmapRange(v, 1, setup.chunkRefs), model.unmapRange(v, 1, modelRefs));
+      levelsDown.push((await checkCounts(setup, [map], capacities, `unmap ${step}`)).levels[0]!);
+    }
+    assert.deepEqual(await runsOf(map, 0, 300), model.runs(0, 300));
+    for (let v = 60; v < 140; v += 3) {
+      assert.equal(await map.unmapRange(v, 3, setup.chunkRefs), model.unmapRange(v, 3, modelRefs));
+      levelsDown.push((await checkCounts(setup, [map], capacities, `unmap ${v}+3`)).levels[0]!);
+    }
+    assert.deepEqual(levelsDown, [...levelsDown].sort((a, b) => b - a), 'the tree only shrinks while entries go');
+    assert.ok(levelsDown.includes(1) && levelsDown.includes(0) && levelsDown.at(-1) === -1, `down to one leaf, then empty (levels ${[...new Set(levelsDown)].join(', ')})`);
+    assert.equal(map.mappedCount, 0);
+    await setup.maps.commit(() => Buffer.from('root'));
+    const state = setup.allocator.state();
+    assert.equal(state.free.length, state.nextPage - firstDataPage, 'every page is free again');
+    assert.equal(setup.pageRefs.counts.size, 0);
+    assert.equal(setup.chunkRefs.counts.size, 0);
+  });
+});
+
+test("a clone shares the root; a write below it copies only its path, and a diff reads only the pages that differ", async () => {
+  await withMaps({ cachePages: 4096 }, async (setup) => {
+    const capacities = { leaf: leafCapacityMax, interior: 338 };
+    const original = setup.maps.empty();
+    // 100,000 chunks in runs of 50 at a stride: three levels of 253-entry leaves and 338-child interiors.
+    for (let v = 0; v < 200_000; v += 100) await original.mapRun(v, v * 3, sumsOf(v * 3, 50), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('one'));
+    const before = await checkCounts(setup, [original], capacities, 'one map');
+    assert.equal(before.levels[0], 2);
+    const pagesBefore = setup.allocator.state().nextPage;
+
+    const snapshot = original.clone();
+    assert.equal(setup.allocator.state().nextPage, pagesBefore, 'a clone writes no page');
+    assert.equal(setup.pageRefs.get(original.rootPage), 2);
+    assert.equal(setup.maps.dirtyPages, 0);
+    await checkCounts(setup, [original, snapshot], capacities, 'cloned');
+    assert.deepEqual(await snapshot.diff(original, 2 ** 48), []);
+
+    await original.mapRun(150_000, 7_000_000, [sumOf(7_000_000)], setup.chunkRefs);
+    assert.equal(setup.maps.dirtyPages, 3, 'the root, an interior page and a leaf: the path, copied');
+    assert.equal(setup.allocator.state().nextPage, pagesBefore + 3);
+    const after = await checkCounts(setup, [original, snapshot], capacities, 'after one write');
+    assert.equal(after.pages, before.pages + 3);
+    const shared = [...setup.pageRefs.counts.values()].filter((count) => count === 2).length;
+    assert.ok(shared > 300, `the pages beside the path are shared (${shared} counted twice)`);
+    assert.ok([...setup.chunkRefs.counts.values()].filter((count) => count === 2).length >= minFill(leafCapacityMax) - 1, 'the chunks of the copied leaf count twice');
+
+    await setup.maps.commit(() => Buffer.from('two'));
+    const cold = new PageCache(setup.file, 4096 * pageBytes);
+    const coldMaps = new PagedMaps({ cache: cold, allocator: setup.allocator, pageRefs: setup.pageRefs });
+    const diff = await coldMaps.open(snapshot.state()).diff(coldMaps.open(original.state()), 2 ** 48);
+    assert.deepEqual(diff, [{ virtualChunk: 150_000, chunkCount: 1 }]);
+    assert.ok(cold.stats().misses <= 8, `a diff reads the two paths (${cold.stats().misses} pages read of ${after.pages})`);
+    assert.deepEqual(await coldMaps.open(original.state()).runs(150_000, 1), [{ virtualChunk: 150_000, chunkCount: 1, physicalChunk: 7_000_000, sums: [sumOf(7_000_000)] }]);
+    assert.deepEqual(diffMaps(new ChunkMap(), new ChunkMap(), 10), []);
+  });
+});
+
+test('a drop of a large map frees its pages a slice at a time, letting the event loop turn, and gives every page back', async () => {
+  await withMaps({ cachePages: 4096 }, async (setup) => {
+    const map = setup.maps.empty();
+    for (let v = 0; v < 200_000; v += 100) await map.mapRun(v, v, sumsOf(v, 50), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('one'));
+    const pages = (await treeFacts(setup, [map], { leaf: leafCapacityMax, interior: 338 })).pages;
+    assert.ok(pages > 600, `${pages} pages`);
+    // Counts the turns of the event loop while the drop runs (each page is in memory: no read yields for it).
+    let turns = 0;
+    let ticking = true;
+    const tick = (): void => {
+      if (!ticking) return;
+      turns += 1;
+      setImmediate(tick);
+    };
+    setImmediate(tick);
+    await map.drop(setup.chunkRefs);
+    ticking = false;
+    assert.ok(turns >= 2, `the event loop turned ${turns} times during the drop of ${pages} pages, every page in the cache`);
+    assert.equal(map.rootPage, 0);
+    await setup.maps.commit(() => Buffer.from('two'));
+    const state = setup.allocator.state();
+    assert.equal(state.free.length, state.nextPage - firstDataPage);
+    assert.equal(setup.chunkRefs.counts.size, 0);
+  });
+});
+
+test('a warm map answers without a promise; a cold one reads its path through the cache', async () => {
+  await withMaps({ cachePages: 4 }, async (setup) => {
+    const map = setup.maps.empty();
+    for (let v = 0; v < 4000; v += 2) await map.mapRun(v, v, [sumOf(v)], setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    for (let v = 0; v < 4000; v += 300) await map.runs(v, 1); // cycles the four-page cache
+    const wanted = 3998;
+    assert.equal(map.runsCached(wanted - 3998, 1), undefined, 'the first leaf was evicted');
+    assert.deepEqual(withoutSums(await map.runs(0, 3)), [
+      { virtualChunk: 0, chunkCount: 1, physicalChunk: 0 },
+      { virtualChunk: 1, chunkCount: 1, physicalChunk: -1 },
+      { virtualChunk: 2, chunkCount: 1, physicalChunk: 2 },
+    ]);
+    assert.deepEqual(withoutSums(map.runsCached(0, 3)!), withoutSums(await map.runs(0, 3)));
+  });
+});
+
+test('mutations not awaited apply in call order while lookups run beside them through a two-page cache', async () => {
+  await withMaps({ cachePages: 2, leafCapacity: 4, interiorCapacity: 4 }, async (setup) => {
+    const map = setup.maps.empty();
+    for (let v = 0; v < 400; v += 3) await map.mapRun(v, v, sumsOf(v, 2), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    const model = new ChunkMap();
+    const modelRefs = new Counts();
+    for (let v = 0; v < 400; v += 3) model.mapRun(v, v, 2, modelRefs);
+    const pending: Array<Promise<unknown>> = [];
+    const lookups: Array<Promise<unknown>> = [];
+    let modelAtCommit: ReturnType<ChunkMap['runs']> = [];
+    for (let i = 0; i < 60; i++) {
+      const v = (i * 37) % 390;
+      // Overlapping writes and unmaps: only the order they were called in gives the model's result.
+      if (i % 3 === 2) {
+        model.unmapRange(v, 15, modelRefs);
+        pending.push(map.unmapRange(v, 15, setup.chunkRefs));
+      } else {
+        model.mapRun(v, 10_000 + i * 20, 10, modelRefs);
+        pending.push(map.mapRun(v, 10_000 + i * 20, sumsOf(10_000 + i * 20, 10), setup.chunkRefs));
+      }
+      lookups.push(map.runs((i * 53) % 400, 20));
+      if (i === 30) {
+        // A commit in the middle: after the mutations called before it, before those called after.
+        modelAtCommit = model.runs(0, 400);
+        pending.push(setup.maps.commit(() => Buffer.from(JSON.stringify(map.state()))));
+      }
+    }
+    await Promise.all([...pending, ...lookups]);
+    assert.deepEqual(await runsOf(map, 0, 400), model.runs(0, 400));
+    const fromFile = new PagedMaps({ cache: new PageCache(setup.file, 64 * pageBytes), allocator: new PageAllocator(), pageRefs: new Counts() });
+    const committed = fromFile.open(JSON.parse(setup.file.root!.body.toString()) as PagedMapState);
+    assert.deepEqual(await runsOf(committed, 0, 400), modelAtCommit, 'the commit holds the mutations called before it, and only those');
+    await checkCounts(setup, [map], { leaf: 4, interior: 4 }, 'after the concurrent mutations');
+  });
+});
+
+test("over step 3's space maps: page counts and chunk counts in pages, the page allocator's free list, across commits", async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagedmap-space-'));
+  const file = await PageFile.open(realFiles, path.join(directory, 'meta'));
+  try {
+    const cache = new PageCache(file, 256 * pageBytes);
+    const space = await SpaceMaps.open(cache, null);
+    const maps = new PagedMaps({ cache, allocator: space.pages, pageRefs: space.pageRefs, leafCapacity: 4, interiorCapacity: 4 });
+    const model = new ChunkMap();
+    const modelRefs = new Counts();
+    const a = maps.empty();
+    const write = async (map: PagedMap, twin: ChunkMap, v: number, n: number): Promise<void> => {
+      const physical = await space.chunks.allocate(n);
+      await map.mapRun(v, physical, sumsOf(physical, n), space.chunks);
+      twin.mapRun(v, physical, n, modelRefs);
+    };
+    for (let v = 0; v < 300; v += 7) await write(a, model, v, 3);
+    const b = a.clone();
+    const twin = model.clone();
+    for (let v = 1; v < 300; v += 31) await write(b, twin, v, 5);
+    assert.equal(await a.unmapRange(40, 100, space.chunks), model.unmapRange(40, 100, modelRefs));
+    // A root as step 4 will write it: the maps' pages, then the space maps' (their flush seals the page allocator;
+    // the commit's `committed` on that allocator is SpaceMaps.committed).
+    await maps.commit(() => space.flush());
+    // Their pages of counts are now clean, and read only once loaded: step 4's pins will load the counts of the
+    // pages a pass visits; here, all of them.
+    const pagePin = await space.pageRefs.load(Array.from({ length: space.pages.state().nextPage }, (_, page) => page));
+    const chunkPin = await space.chunks.counts.load(Array.from({ length: space.chunks.highWater }, (_, chunk) => chunk));
+    for (let v = 3; v < 300; v += 13) await write(a, model, v, 2);
+    assert.deepEqual(await runsOf(a, 0, 300), model.runs(0, 300));
+    assert.deepEqual(await runsOf(b, 0, 300), twin.runs(0, 300));
+    assert.deepEqual(await a.diff(b, 300), diffMaps(model, twin, 300));
+    const held = (chunk: number): boolean => space.chunks.get(chunk) > 0;
+    for (let chunk = 0; chunk < space.chunks.highWater; chunk++) assert.equal(held(chunk), modelRefs.get(chunk) > 0, `chunk ${chunk} held`);
+    await a.drop(space.chunks);
+    await b.drop(space.chunks);
+    for (let page = 0; page < space.pages.state().nextPage; page++) assert.equal(space.pageRefs.get(page), 0, `page ${page} count`);
+    for (let chunk = 0; chunk < space.chunks.highWater; chunk++) assert.equal(space.chunks.get(chunk), 0, `chunk ${chunk} count`);
+    pagePin.release();
+    chunkPin.release();
+    await maps.commit(() => space.flush());
+    assert.equal(space.pages.waitingCount, 0);
+  } finally {
+    file.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
+test('a map page damaged in one copy is read from the other; damaged in both, a lookup fails with ECORRUPT naming it', async () => {
+  await withMaps({ cachePages: 4 }, async (setup) => {
+    const map = setup.maps.empty();
+    await map.mapRun(10, 500, sumsOf(500, 20), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    const leafPage = map.rootPage;
+    const flip = (copy: number): void => {
+      const fd = fs.openSync(`${setup.base}.${copy}`, 'r+');
+      const at = leafPage * pageBytes + pageHeaderBytes + 4 + 16 * 3 + 7; // the physical chunk of the fourth entry
+      const byte = Buffer.alloc(1);
+      fs.readSync(fd, byte, 0, 1, at);
+      fs.writeSync(fd, Buffer.from([byte[0]! ^ 0x04]), 0, 1, at);
+      fs.closeSync(fd);
+    };
+    const reopened = async (): Promise<{ file: PageFile; map: PagedMap }> => {
+      const file = await PageFile.open(realFiles, setup.base);
+      const maps = new PagedMaps({ cache: new PageCache(file, 4 * pageBytes), allocator: setup.allocator, pageRefs: setup.pageRefs });
+      return { file, map: maps.open(map.state()) };
+    };
+    flip(0);
+    const one = await reopened();
+    assert.deepEqual(withoutSums(await one.map.runs(0, 40)), [
+      { virtualChunk: 0, chunkCount: 10, physicalChunk: -1 },
+      { virtualChunk: 10, chunkCount: 20, physicalChunk: 500 },
+      { virtualChunk: 30, chunkCount: 10, physicalChunk: -1 },
+    ]);
+    assert.equal(one.file.repairs, 1, 'read from the other copy and rewritten');
+    one.file.close();
+    flip(0);
+    flip(1);
+    const both = await reopened();
+    await assert.rejects(both.map.runs(0, 40), (error) => isCorrupt(error) && new RegExp(`metadata page ${leafPage} .*damaged in both copies`).test((error as Error).message));
+    await assert.rejects(both.map.unmapRange(0, 40, setup.chunkRefs), isCorrupt);
+    await assert.rejects(both.map.mapRun(2 ** 48 - 1, 0, [1, 2], setup.chunkRefs), (error) => error instanceof ChunkdError && error.code === 'EINVAL');
+    both.file.close();
+  });
+});
+
+// The model test.
+
+const volumeChunks = 700;
+type Op =
+  | { kind: 'map'; map: number; v: number; n: number; reuse: number | null }
+  | { kind: 'unmap'; map: number; v: number; n: number }
+  | { kind: 'clone'; map: number }
+  | { kind: 'drop'; map: number }
+  | { kind: 'commit' }
+  | { kind: 'look'; map: number; other: number; v: number; n: number };
+
+const index = fc.nat({ max: 7 });
+const opArbitrary: fc.Arbitrary<Op> = fc.oneof(
+  { weight: 6, arbitrary: fc.record({ kind: fc.constant('map' as const), map: index, v: fc.nat({ max: volumeChunks - 1 }), n: fc.oneof(fc.integer({ min: 1, max: 12 }), fc.integer({ min: 1, max: 200 })), reuse: fc.option(fc.nat({ max: 5000 }), { freq: 4 }) }) },
+  { weight: 3, arbitrary: fc.record({ kind: fc.constant('unmap' as const), map: index, v: fc.nat({ max: volumeChunks - 1 }), n: fc.integer({ min: 1, max: 300 }) }) },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant('clone' as const), map: index }) },
+  { weight: 1, arbitrary: fc.record({ kind: fc.constant('drop' as const), map: index }) },
+  { weight: 2, arbitrary: fc.constant({ kind: 'commit' as const }) },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant('look' as const), map: index, other: index, v: fc.nat({ max: volumeChunks - 1 }), n: fc.integer({ min: 1, max: 100 }) }) },
+);
+
+test('paged maps match ChunkMap over random maps, unmaps, clones, drops and commits through a four-page cache (shrunk on failure)', { timeout: 120_000 }, async () => {
+  const seed = testSeed('paged map model');
+  const capacities = { leaf: 4, interior: 4 };
+  const seen = { pagesRead: 0, levelMax: 0, sharedPages: 0 };
+  await fc.assert(
+    fc.asyncProperty(fc.array(opArbitrary, { minLength: 1, maxLength: 40, size: 'max' }), async (ops) => {
+      await withMaps({ cachePages: 4, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
+        const modelRefs = new Counts();
+        const live: Array<{ model: ChunkMap; paged: PagedMap }> = [{ model: new ChunkMap(), paged: setup.maps.empty() }];
+        let nextPhysical = 0;
+        /** What the last commit made durable: the pages its maps reach, which no later change may rewrite. */
+        let durablePages = new Set<number>();
+        const pick = (i: number): { model: ChunkMap; paged: PagedMap } => {
+          if (live.length === 0) live.push({ model: new ChunkMap(), paged: setup.maps.empty() });
+          return live[i % live.length]!;
+        };
+        for (const [step, op] of ops.entries()) {
+          const label = `step ${step} (${JSON.stringify(op)})`;
+          switch (op.kind) {
+            case 'map': {
+              const n = Math.min(op.n, volumeChunks - op.v);
+              const physical = op.reuse ?? nextPhysical;
+              nextPhysical = Math.max(nextPhysical, physical + n);
+              const pair = pick(op.map);
+              pair.model.mapRun(op.v, physical, n, modelRefs);
+              await pair.paged.mapRun(op.v, physical, sumsOf(physical, n), setup.chunkRefs);
+              break;
+            }
+            case 'unmap': {
+              const pair = pick(op.map);
+              assert.equal(await pair.paged.unmapRange(op.v, op.n, setup.chunkRefs), pair.model.unmapRange(op.v, op.n, modelRefs), `${label}: chunks unmapped`);
+              break;
+            }
+            case 'clone': {
+              const pair = pick(op.map);
+              live.push({ model: pair.model.clone(), paged: pair.paged.clone() });
+              break;
+            }
+            case 'drop': {
+              if (live.length === 0) break;
+              const [pair] = live.splice(op.map % live.length, 1);
+              pair!.model.drop(modelRefs);
+              await pair!.paged.drop(setup.chunkRefs);
+              break;
+            }
+            case 'commit': {
+              await setup.maps.commit(() => Buffer.from(`step ${step}`));
+              const rewritten = [...setup.cache.written].filter((page) => durablePages.has(page));
+              assert.deepEqual(rewritten, [], `${label}: no page the previous root reaches is written over`);
+              durablePages = new Set((await treeFacts(setup, live.map((pair) => pair.paged), capacities)).pageCounts.keys());
+              // What a restart would read: the file alone, through a cache of its own.
+              const fromFile = new PagedMaps({ cache: new PageCache(setup.file, 1024 * pageBytes), allocator: new PageAllocator(), pageRefs: new Counts() });
+              for (const [i, pair] of live.entries()) assert.deepEqual(await runsOf(fromFile.open(pair.paged.state()), 0, volumeChunks), pair.model.runs(0, volumeChunks), `${label}: map ${i} as committed`);
+              break;
+            }
+            case 'look': {
+              const pair = pick(op.map);
+              const other = pick(op.other);
+              assert.deepEqual(await runsOf(pair.paged, op.v, op.n), pair.model.runs(op.v, op.n), `${label}: runs`);
+              assert.deepEqual(await pair.paged.diff(other.paged, volumeChunks), diffMaps(pair.model, other.model, volumeChunks), `${label}: diff`);
+              break;
+            }
+          }
+          for (const [i, pair] of live.entries()) {
+            assert.deepEqual(await runsOf(pair.paged, 0, volumeChunks), pair.model.runs(0, volumeChunks), `${label}: map ${i}`);
+            assert.equal(pair.paged.mappedCount, pair.model.mappedCount, `${label}: map ${i} chunks mapped`);
+          }
+          // Counts differ per chunk (a leaf holds 4 entries, a ChunkMap page 512), but not which chunks are held.
+          assert.deepEqual([...setup.chunkRefs.counts.keys()].sort((a, b) => a - b), [...modelRefs.counts.keys()].sort((a, b) => a - b), `${label}: chunks referenced`);
+          const facts = await checkCounts(setup, live.map((pair) => pair.paged), capacities, label);
+          seen.levelMax = Math.max(seen.levelMax, ...facts.levels);
+          seen.sharedPages += [...facts.pageCounts.values()].filter((count) => count > 1).length;
+        }
+        seen.pagesRead += setup.cache.stats().misses;
+        if (live.length >= 2) assert.deepEqual(await live[0]!.paged.diff(live[1]!.paged, volumeChunks), diffMaps(live[0]!.model, live[1]!.model, volumeChunks), 'final diff');
+        for (const pair of live.splice(0)) {
+          pair.model.drop(modelRefs);
+          await pair.paged.drop(setup.chunkRefs);
+        }
+        await setup.maps.commit(() => Buffer.from('end'));
+        assert.equal(setup.pageRefs.counts.size, 0, 'no page referenced');
+        assert.equal(setup.chunkRefs.counts.size, 0, 'no chunk referenced');
+        const state = setup.allocator.state();
+        assert.equal(state.free.length, state.nextPage - firstDataPage, 'every page back to the allocator');
+      });
+    }),
+    modelRunOptions(seed, 'PAGED_MAP_RUNS', 60, 60_000),
+  );
+  // The runs did what the test is for: deep trees, pages shared between maps, pages read back from the file.
+  assert.ok(seen.levelMax >= 3 && seen.sharedPages > 100 && seen.pagesRead > 1000, JSON.stringify(seen));
+  console.log(`# ${JSON.stringify(seen)}`);
+});
