@@ -7,6 +7,9 @@
 // Mount attaches the volume at <pool>/mounts/<name> (ext4 made on a volume never written; one that holds data
 // but no file system is refused, never formatted) and counts the caller's ID; the last Unmount detaches it again. Remove is refused while the volume is mounted. The counting lives in the
 // attachment records (attachment-table.ts), so it survives a restart of the node.
+// In a cluster (serve --etcd), containers follow their data: Mount of a volume another node owns moves it here
+// first (chunkd volume move, through etcd) and waits until this node takes its writes; List and Get answer with the
+// cluster's volumes, and Create of a name the cluster has is the idempotent answer for it.
 import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
@@ -30,6 +33,10 @@ export interface PluginBackend {
   /** Throws ChunkdError ENOENT for a missing volume. */
   volumeInfo(name: string): { name: string; sizeBytes: number; allocatedBytes: number };
   createVolume(name: string, sizeBytes: number): Promise<unknown>;
+  /** In a cluster (serve --etcd): every volume of the cluster, whichever node owns it; null on a node alone. */
+  clusterVolumes(): Promise<Array<{ name: string; sizeBytes: number; owner: string }>> | null;
+  /** In a cluster: moves `volume` to this node (volume move) if another owns it, and waits until it takes writes here. */
+  bringHere(volume: string): Promise<void>;
   removeVolume(name: string): Promise<void>;
   attachments: {
     get(volume: string): { mountpoint: string; dockerIds: string[] } | undefined;
@@ -56,7 +63,8 @@ export async function handlePluginRequest(backend: PluginBackend, mountRoot: str
       const options = (typeof body.Opts === 'object' && body.Opts !== null ? body.Opts : {}) as Record<string, unknown>;
       for (const key of Object.keys(options)) if (key !== 'size') throw ChunkdError.invalid(`unknown option "${key}" (chunkd takes: size)`);
       const sizeBytes = options.size === undefined ? null : parseSize(String(options.size));
-      const existing = backend.listVolumes().find((volume) => volume.name === name);
+      // In a cluster, a volume another node owns exists too (Docker calls Create before Mount on any node).
+      const existing = backend.listVolumes().find((volume) => volume.name === name) ?? (await backend.clusterVolumes())?.find((volume) => volume.name === name);
       if (existing !== undefined) {
         // Create is idempotent for a volume that is already as asked (Docker may call it again).
         if (sizeBytes !== null && sizeBytes !== existing.sizeBytes) throw ChunkdError.exists(`volume ${name} exists with size ${existing.sizeBytes} bytes`);
@@ -76,6 +84,8 @@ export async function handlePluginRequest(backend: PluginBackend, mountRoot: str
     case '/VolumeDriver.Mount': {
       const name = validateName(stringField(body, 'Name'));
       const id = stringField(body, 'ID');
+      // Containers follow their data: in a cluster, a volume another node owns is moved here first.
+      await backend.bringHere(name);
       const record = await backend.attachments.dockerMount(name, id, path.join(mountRoot, name));
       return { Mountpoint: record.mountpoint };
     }
@@ -91,11 +101,20 @@ export async function handlePluginRequest(backend: PluginBackend, mountRoot: str
     }
     case '/VolumeDriver.Get': {
       const name = validateName(stringField(body, 'Name'));
+      const cluster = await backend.clusterVolumes();
+      if (cluster !== null) {
+        const volume = cluster.find((candidate) => candidate.name === name);
+        if (volume === undefined) throw ChunkdError.notFound(`volume ${name} is not in the cluster`);
+        return { Volume: { Name: name, Mountpoint: backend.attachments.get(name)?.mountpoint ?? '', Status: { sizeBytes: volume.sizeBytes, owner: volume.owner } } };
+      }
       const volume = backend.volumeInfo(name);
       return { Volume: { Name: name, Mountpoint: backend.attachments.get(name)?.mountpoint ?? '', Status: { sizeBytes: volume.sizeBytes, allocatedBytes: volume.allocatedBytes } } };
     }
-    case '/VolumeDriver.List':
-      return { Volumes: backend.listVolumes().map((volume) => ({ Name: volume.name, Mountpoint: backend.attachments.get(volume.name)?.mountpoint ?? '' })) };
+    case '/VolumeDriver.List': {
+      // In a cluster, the cluster's volumes (mounted here or not); alone, this node's.
+      const volumes = (await backend.clusterVolumes()) ?? backend.listVolumes();
+      return { Volumes: volumes.map((volume) => ({ Name: volume.name, Mountpoint: backend.attachments.get(volume.name)?.mountpoint ?? '' })) };
+    }
     default:
       throw ChunkdError.notFound(`unknown plugin route ${route}`);
   }

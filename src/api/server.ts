@@ -77,6 +77,10 @@ export interface ControlPlane {
   handoff(volume: string, to: string): Promise<unknown>;
   /** The cluster as etcd has it (cluster/cluster.ts); refused on a node not in one. */
   clusterStatus(): Promise<unknown>;
+  /** Every volume of the cluster (cluster/listing.ts), or null on a node not in one. */
+  clusterVolumes(): Promise<unknown[]> | null;
+  /** Moves a volume to node `to` through etcd (cluster/cluster.ts), from any node of a cluster. */
+  moveVolume(volume: string, to: string): Promise<unknown>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -189,8 +193,14 @@ export class ApiServer {
         return sendJson(response, 200, await this.#control.checkpoint());
       case 'GET /v1/cluster':
         return sendJson(response, 200, await this.#control.clusterStatus());
-      case 'GET /v1/volumes':
-        return sendJson(response, 200, { volumes: this.#control.listVolumes() });
+      case 'GET /v1/volumes': {
+        // On a clustered node, the cluster's volumes too (an etcd that does not answer leaves the local ones, said).
+        const volumes = this.#control.listVolumes();
+        const cluster = this.#control.clusterVolumes();
+        if (cluster === null) return sendJson(response, 200, { volumes });
+        const answer = await cluster.then((list) => ({ cluster: list }), (error: unknown) => ({ clusterError: error instanceof Error ? error.message : String(error) }));
+        return sendJson(response, 200, { volumes, ...answer });
+      }
       case 'POST /v1/volumes': {
         const name = validateName(body.name);
         const replicas = body.replicas ?? 0;
@@ -247,6 +257,10 @@ export class ApiServer {
         return sendJson(response, 200, { cycles: await this.#control.syncReplicas(volumeName(), body.peer === undefined ? null : peerField(body.peer)) });
       case 'POST /v1/volumes/:/handoff':
         return sendJson(response, 200, await this.#control.handoff(volumeName(), peerField(body.to)));
+      case 'POST /v1/volumes/:/move': {
+        if (body.to === undefined) throw ChunkdError.invalid('a move needs "to": the name of a node of the cluster');
+        return sendJson(response, 200, await this.#control.moveVolume(volumeName(), validateName(body.to, 'node')));
+      }
       case 'POST /v1/volumes/:/promote':
         return sendJson(response, 200, await this.#control.promote(volumeName()));
       case 'POST /v1/volumes/:/demote':

@@ -1,6 +1,7 @@
 // chunkd cluster status [--json]: the cluster as etcd has it, asked through any node in it (serve --etcd).
 import { parseArgs } from 'node:util';
 import type { ClusterStatus } from '../cluster/cluster.ts';
+import type { ClusterVolume } from '../cluster/listing.ts';
 import { formatSize } from '../core/units.ts';
 import { callApi } from './api-client.ts';
 import { parsing, UsageError } from './errors.ts';
@@ -30,4 +31,19 @@ export function renderClusterStatus(status: ClusterStatus): string {
     for (const volume of status.volumes) lines.push(`${volume.name}\t${formatSize(volume.sizeBytes)}\t${volume.owner}\t${volume.epoch}\t${volume.replicas.length > 0 ? volume.replicas.join(',') : '-'}`);
   }
   return `${lines.join('\n')}\n`;
+}
+
+/**
+ * `chunkd volume list` on a clustered node: one line per volume of the cluster; each replica as NODE@POINT (AGE)
+ * when live (it follows this owner and epoch), NODE (not live) otherwise; a move in progress at the end.
+ */
+export function renderClusterVolumes(volumes: ClusterVolume[]): string {
+  if (volumes.length === 0) return 'no volumes in the cluster';
+  const lines = ['VOLUME\tSIZE\tOWNER\tEPOCH\tREPLICAS'];
+  for (const volume of volumes) {
+    const replicas = volume.replicas.map((replica) => (replica.live ? `${replica.node}@${replica.point ?? '-'} (${((replica.pointAgeMs ?? 0) / 1000).toFixed(1)} s old)` : `${replica.node} (not live)`));
+    const move = volume.move === null ? '' : `\tmoving to ${volume.move.to}`;
+    lines.push(`${volume.name}\t${formatSize(volume.sizeBytes)}\t${volume.owner}${volume.ownerAlive ? '' : ' (down)'}\t${volume.epoch}\t${replicas.length > 0 ? replicas.join(', ') : '-'}${move}`);
+  }
+  return lines.join('\n');
 }

@@ -81,7 +81,11 @@ export const commands = {
     summary: 'create a thin volume: nothing is allocated until written',
     options: { ...size, replicas: { type: 'string', value: 'N', help: 'in a cluster: replicas on N other nodes, those with the most free space (default 0)' }, ...json, ...api },
   },
-  'volume list': { usage: ['volume list [--json]'], summary: 'every volume: declared size and bytes allocated', options: { ...json, ...api } },
+  'volume list': {
+    usage: ['volume list [--json]'],
+    summary: "every volume: declared size and bytes allocated; on a clustered node, every volume of the cluster from etcd with its owner, epoch and replicas",
+    options: { ...json, ...api },
+  },
   'volume info': { usage: ['volume info NAME [--json]'], summary: "one volume's size, bytes allocated and snapshots", options: { ...json, ...api } },
   'volume resize': {
     usage: ['volume resize NAME --size SIZE [--force] [--json]'],
@@ -96,6 +100,14 @@ export const commands = {
       'Two phases: increments while clients keep writing, until the rest is small; then writes stop (clients get the shutdown error and are disconnected), the last increment goes, and the other node owns VOL at the next epoch. Run it again after a crash of either node to finish or roll back what was interrupted.',
     ],
     options: { to: { type: 'string', value: 'HOST:PORT', help: "the new owner's peer port (serve --peer-listen)" }, ...json, ...api },
+  },
+  'volume move': {
+    usage: ['volume move VOL --to NODE [--json]'],
+    summary: 'in a cluster, from any node: move VOL to node NODE (the handoff, recorded in etcd); waits until etcd names NODE its owner',
+    details: [
+      'The move is recorded in etcd first; the owner hands the volume over (increments while clients write, then a short write pause) and the record names NODE at the next epoch. A crash of either node resumes or rolls the handoff back when it restarts, and the move goes on from etcd.',
+    ],
+    options: { to: { type: 'string', value: 'NODE', help: 'the node name of the new owner (chunkd cluster status lists them)' }, ...json, ...api },
   },
   'snapshot create': { usage: ['snapshot create VOL SNAP [--json]'], summary: 'an instant, crash-consistent snapshot, durable on return', options: { ...json, ...api } },
   'snapshot list': { usage: ['snapshot list VOL [--json]'], summary: "a volume's snapshots with the bytes each alone holds", options: { ...json, ...api } },

@@ -19,7 +19,8 @@ import { benchCommand, benchHelp } from './bench.ts';
 import { tlsCommand } from './tls.ts';
 import { peerCommand } from './peer.ts';
 import { replicaCommand } from './replica.ts';
-import { clusterCommand } from './cluster.ts';
+import { clusterCommand, renderClusterVolumes } from './cluster.ts';
+import type { ClusterVolume } from '../cluster/listing.ts';
 import { receiveCommand, sendCommand } from './stream.ts';
 import { commandHelp, commands, commandWords, findCommand, generalHelp, unknownVerb } from './help.ts';
 import { parsing, printError, reportError, UsageError, wantsJson } from './errors.ts';
@@ -169,8 +170,10 @@ async function volumeCommand(argv: string[]): Promise<number> {
     }
     case 'list': {
       const { values } = parsing(() => parseArgs({ args: rest, options: commands['volume list'].options }));
-      const { volumes } = (await callApi(apiPath(values.api), 'GET', '/v1/volumes')) as { volumes: VolumeInfo[] };
-      print(values.json, volumes, () => (volumes.length === 0 ? 'no volumes' : volumes.map(describeVolume).join('\n')));
+      const { volumes, cluster, clusterError } = (await callApi(apiPath(values.api), 'GET', '/v1/volumes')) as { volumes: VolumeInfo[]; cluster?: ClusterVolume[]; clusterError?: string };
+      if (clusterError !== undefined) process.stderr.write(`chunkd: the cluster's volumes are not available (${clusterError}); this node's own:\n`);
+      if (cluster !== undefined) print(values.json, cluster, () => renderClusterVolumes(cluster));
+      else print(values.json, volumes, () => (volumes.length === 0 ? 'no volumes' : volumes.map(describeVolume).join('\n')));
       return 0;
     }
     case 'info': {
@@ -200,6 +203,16 @@ async function volumeCommand(argv: string[]): Promise<number> {
       if (values.to === undefined) throw new UsageError(`volume handoff needs --to HOST:PORT (the new owner's --peer-listen)\nusage: chunkd ${commands['volume handoff'].usage[0]}`);
       const result = (await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(name)}/handoff`, { to: values.to })) as { to: string; epoch: number; pauseSeconds: number; increments: number; finalBytes: number; disconnected: number };
       print(values.json, result, () => `handed ${name} to ${result.to} (epoch ${result.epoch}) after ${result.increments} increment(s); writes paused ${result.pauseSeconds.toFixed(3)} s for a final ${formatSize(result.finalBytes)}; ${result.disconnected} NBD client(s) disconnected: reconnect them to ${result.to}; this node keeps a read-only replica`);
+      return 0;
+    }
+    case 'move': {
+      const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands['volume move'].options }));
+      const [name, to] = parsing(() => {
+        if (values.to === undefined) throw new UsageError(`volume move needs --to NODE (a node of the cluster)\nusage: chunkd ${commands['volume move'].usage[0]}`);
+        return [nameOf(positionals), validateName(values.to, 'node')] as const;
+      });
+      const result = (await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(name)}/move`, { to })) as { from: string; to: string; epoch: number; moved: boolean };
+      print(values.json, result, () => (result.moved ? `moved ${name} from ${result.from} to ${result.to} (epoch ${result.epoch}); ${result.from} keeps a read-only replica` : `${name} is already owned by ${result.to} (epoch ${result.epoch})`));
       return 0;
     }
     default:

@@ -16,6 +16,17 @@
 //                 Written by node NODE only, under its lease, while it holds a replica of VOL: the owner and epoch it
 //                 follows and its newest complete replicated point (repl-<owner's ms>). Read by every node to pick
 //                 the successor of an owner whose lease expired (failover.ts).
+//   operations/move/VOL  {volume, from, epoch, to, requestedBy, requestedAt}
+//                 A move asked for (chunkd volume move, on any node): created by a transaction comparing the volume
+//                 record's mod revision read (so it starts from that owner and epoch) and that no move is recorded
+//                 (or the stale one read). Not under a lease: it outlives the nodes, so that a crash resumes it.
+//                 Deleted in the same transaction that records the new owner (by the old owner after its handoff,
+//                 or by the target, which owns the volume locally at epoch + 1 once the handoff's last step ran
+//                 there: a node that owns a volume at the epoch after its record's records itself, move or not),
+//                 or by any node once it no longer starts from the volume's record (removed, failed over).
+//                 The owner may instead refuse it before anything starts (the volume is mounted there): it writes
+//                 `refused` into the record (transaction on its revision), and the asking node reports the reason
+//                 and deletes it. The Docker plugin's Mount on a node that does not own the volume is such a move.
 //
 // Why two nodes never both own a volume (both acknowledging writes to it):
 //   1. A node acknowledges a write to a volume only while (a) it has confirmed, by a transaction that also
@@ -35,13 +46,22 @@
 //   the same number). Of nodes deciding at once on different views, the revision compare lets one win.
 //   A transaction compares revisions in etcd, which is linearizable: of a takeover and the owner's confirmation,
 //   one is ordered first, and the other sees its effect.
+//   A move is the handoff (replication/handoff.ts) run by the owner when it sees the operation: it stops writing
+//   durably (role handing-off) before the target may own the volume (takeOwnership, durable there at epoch + 1),
+//   and the target's writes still wait for step 1a: etcd naming it at epoch + 1, which the record's change gives
+//   (one transaction on the volume's and the move's revisions), confirmed by the same transaction as at join
+//   (it looks for the record every 0.1 s after it took the volume, and at every renewal). A crash is settled
+//   by the handoff's own resolve() at the old owner's start (asks the target: completed, or rolled back and then
+//   performed again from etcd), and a target that took the volume records the move itself. Of a move and a
+//   failover at once, the revision compare lets one win; the move's operation is then stale and deleted.
 import { performance } from 'node:perf_hooks';
 import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type IOptions } from 'etcd3';
 import { ChunkdError } from '../core/errors.ts';
 import { softwareVersion } from '../core/version.ts';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
-import { nodeKey, nodesPrefix, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
+import { moveKey, movesPrefix, nodeKey, nodesPrefix, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type MoveRecord, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
 import { chooseSuccessor, orphanedVolumes } from './failover.ts';
+import { describeVolumes, type ClusterVolume } from './listing.ts';
 import { chooseReplicaNodes } from './placement.ts';
 
 export interface ClusterConfig {
@@ -70,10 +90,19 @@ export interface ClusterHost {
   promote(volume: string): Promise<number>;
   /** Volumes this node owned and another has since taken over here (roles.ts fenced), with this node's old epoch. */
   fencedVolumes(): Array<{ name: string; epoch: number }>;
+  /** Volumes this node is handing off (roles.ts handing-off: writes frozen), with its epoch. */
+  handingOffVolumes(): Array<{ name: string; epoch: number }>;
   /** Turns a volume another node owns now at a higher epoch into a replica of it (fenced first, then node.demote). */
   rejoin(volume: string, owner: string, ownerEpoch: number, ownerAddress: string): Promise<void>;
   /** A replica whose owner was replaced (failover): it follows the new owner at its epoch from now on. */
   follow(volume: string, owner: string, ownerEpoch: number): Promise<void>;
+  /**
+   * Hands this node's volume, owned at `epoch`, over to node `to` at `toAddress` (replication/handoff.ts), or
+   * settles one a crash interrupted; returns at once when the volume is already `to`'s replica here at epoch + 1.
+   */
+  move(volume: string, to: string, toAddress: string, epoch: number): Promise<void>;
+  /** Why this node's volume may not be moved away now (mounted here), or null. */
+  moveRefusal(volume: string): string | null;
   /** Makes sure this node replicates its volume to the node at `peer` (a replica that follows it). */
   ensureReplica(volume: string, peer: string): Promise<void>;
   log: (line: string) => void;
@@ -98,6 +127,10 @@ const noFaultHandling = {
 
 /** How long one call to etcd may take before it counts as unanswered (at start, and for commands). */
 const callTimeoutMs = 3_000;
+
+/** How long `volume move` waits for the move it recorded, and how often it looks. */
+const moveWaitMs = 10 * 60_000;
+const movePollMs = 100;
 
 /** The keepalive loop's pause after a failed beat before it tries again. */
 const retryDelayMs = 50;
@@ -183,6 +216,35 @@ export class ClusterMember {
     return ChunkdError.readOnly(`volume ${volume}: writes refused on node ${this.nodeName}: ${why}`);
   }
 
+  /**
+   * A volume handed over to this node (the handoff's last step ran here): its record is looked at every
+   * movePollMs for up to a TTL and confirmed (#confirmRecorded) as soon as the old owner has recorded the move,
+   * so that writes start then rather than at this node's next renewal.
+   */
+  expectOwnership(volume: string): void {
+    this.#background(`${volume}:taken`, 'confirming its ownership here', async () => {
+      const until = performance.now() + this.#clock.timing.ttlMs;
+      while (!this.#stopping && performance.now() < until && this.#confirmed.get(volume) !== this.#host.epochOf(volume)) {
+        if (this.#clock.live(performance.now())) {
+          const kv = await this.#get(volumeKey(volume));
+          if (kv !== null) await this.#confirmRecorded([kv]);
+        }
+        await new Promise((resolve) => setTimeout(resolve, movePollMs));
+      }
+    });
+  }
+
+  /** Waits until a write to `volume` would be acknowledged here (a volume just moved here: its next renewal), at most a TTL. */
+  async waitWritable(volume: string): Promise<void> {
+    const until = performance.now() + this.#clock.timing.ttlMs;
+    for (;;) {
+      const refusal = this.writeRefusal(volume);
+      if (refusal === null) return;
+      if (performance.now() > until || this.#stopping) throw refusal;
+      await new Promise((resolve) => setTimeout(resolve, movePollMs));
+    }
+  }
+
   /** Where `count` replicas of a new volume of this node's go (placement.ts), from the live nodes' records. */
   async placeReplicas(count: number): Promise<Array<{ name: string; peer: string }>> {
     const nodes = await this.#range(nodesPrefix, deadline());
@@ -224,19 +286,61 @@ export class ClusterMember {
     if (!result.succeeded) throw ChunkdError.busy(`volume ${name} was removed here, but its record in etcd changed meanwhile and stays (remove it with etcdctl del /chunkd/v1/volumes/${name} once checked)`);
   }
 
+  /**
+   * `chunkd volume move VOL --to NODE`, from any node: records the move in etcd (operations/move/VOL, by a
+   * transaction comparing the volume record's revision, so it starts from the owner and epoch read), then waits
+   * until the record names NODE (the owner performs the handoff and records the change: #advanceMoves). A move
+   * recorded already to the same node is waited for; a move to another node is refused.
+   */
+  async requestMove(volume: string, to: string, waitMs = moveWaitMs): Promise<{ volume: string; from: string; to: string; epoch: number; moved: boolean }> {
+    const [volumeKv, targetKv, moveKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(nodeKey(to), deadline()), this.#get(moveKey(volume), deadline())]);
+    if (volumeKv === null) throw ChunkdError.notFound(`volume ${volume} is not in the cluster`);
+    const record = parseVolumeRecord(volumeKey(volume), volumeKv.value);
+    if (record.owner === to) return { volume, from: to, to, epoch: record.epoch, moved: false };
+    let pending = moveKv === null ? null : parseMoveRecord(moveKey(volume), moveKv.value);
+    // A move that no longer starts from the volume's record (done, failed over), or that the owner refused, is
+    // stale: replaced below.
+    if (pending !== null && (pending.from !== record.owner || pending.epoch !== record.epoch || pending.refused !== undefined)) pending = null;
+    if (pending !== null && pending.to !== to) throw ChunkdError.busy(`volume ${volume} is being moved to ${pending.to} already (asked on ${pending.requestedBy} at ${pending.requestedAt}); wait for it to finish`);
+    if (pending === null) {
+      if (targetKv === null) throw ChunkdError.invalid(`node ${to} is not a live member of the cluster (chunkd cluster status lists them)`);
+      if (parseNodeRecord(nodeKey(to), targetKv.value).peer === null) throw ChunkdError.invalid(`node ${to} has no peer port (serve --peer-listen): a volume cannot be moved there`);
+      if ((await this.#get(nodeKey(record.owner), deadline())) === null) throw ChunkdError.io(`the owner of ${volume}, node ${record.owner}, has no live lease: it cannot hand the volume over (a replica takes it over on its own when it has one)`);
+      const move: MoveRecord = { volume, from: record.owner, epoch: record.epoch, to, requestedBy: this.nodeName, requestedAt: new Date().toISOString() };
+      const unchanged = this.#client.if(volumeKey(volume), 'Mod', '==', volumeKv.mod_revision);
+      const result = await (moveKv === null ? unchanged.and(moveKey(volume), 'Version', '==', 0) : unchanged.and(moveKey(volume), 'Mod', '==', moveKv.mod_revision))
+        .then(this.#client.put(moveKey(volume)).value(JSON.stringify(move)))
+        .options(deadline())
+        .commit();
+      if (!result.succeeded) throw ChunkdError.busy(`volume ${volume}'s record or its move changed in etcd meanwhile; try again`);
+      this.#host.log(`cluster: move of volume ${volume} from ${record.owner} (epoch ${record.epoch}) to ${to} recorded in etcd`);
+      pending = move;
+    }
+    // Waited for in etcd: whichever node performs it, and across their restarts.
+    const until = performance.now() + waitMs;
+    for (;;) {
+      const [kv, opKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(moveKey(volume), deadline())]);
+      const now = kv === null ? null : parseVolumeRecord(volumeKey(volume), kv.value);
+      if (now?.owner === to && now.epoch > pending.epoch) return { volume, from: pending.from, to, epoch: now.epoch, moved: true };
+      if (now === null || now.epoch !== pending.epoch) throw ChunkdError.io(`volume ${volume} ${now === null ? 'was removed' : `changed owner otherwise (${now.owner} at epoch ${now.epoch})`} while it was being moved to ${to}`);
+      if (opKv === null) throw ChunkdError.io(`the move of volume ${volume} to ${to} was given up (the owner ${pending.from}'s log says why); ${volume} stays on ${pending.from}`);
+      const refused = parseMoveRecord(moveKey(volume), opKv.value).refused;
+      if (refused !== undefined) {
+        await this.#client.if(moveKey(volume), 'Mod', '==', opKv.mod_revision).then(this.#client.delete().key(moveKey(volume))).options(deadline()).commit();
+        throw ChunkdError.busy(`node ${pending.from} refused to move volume ${volume} to ${to}: ${refused}`);
+      }
+      if (this.#stopping) throw new ChunkdError('ESHUTDOWN', `node ${this.nodeName} is stopping; the move of ${volume} to ${to} goes on (recorded in etcd)`);
+      if (performance.now() > until) throw ChunkdError.busy(`the move of volume ${volume} to ${to} has not finished within ${waitMs / 1000} s; it goes on (recorded in etcd): chunkd volume list shows it`);
+      await new Promise((resolve) => setTimeout(resolve, movePollMs));
+    }
+  }
+
   /** The cluster as etcd has it: nodes (alive: registered under a live lease), volumes, and which node owns each. */
   async status(): Promise<ClusterStatus> {
-    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix, deadline()), this.#range(volumesPrefix, deadline()), this.#range(replicasPrefix, deadline())]);
-    const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
-    const volumeRecords = volumes.map((kv) => {
-      const record = parseVolumeRecord(kv.key.toString(), kv.value);
-      // Replicas on live nodes that follow this owner's epoch, as they published them.
-      const following = replicaRecords.filter((replica) => replica.volume === record.name && replica.owner === record.owner && replica.ownerEpoch === record.epoch).map((replica) => replica.node);
-      return { ...record, replicas: [...new Set([...record.replicas, ...following])].sort() };
-    }).sort((a, b) => a.name.localeCompare(b.name));
-    const nodeRecords: ClusterStatus['nodes'] = nodes.map((kv) => ({ ...parseNodeRecord(kv.key.toString(), kv.value), alive: true, volumes: [] }));
+    const { nodes, volumes } = await this.#read();
+    const nodeRecords: ClusterStatus['nodes'] = nodes.map((node) => ({ ...node, alive: true, volumes: [] }));
     // An owner named by a volume but without a live registration is down (its lease expired).
-    for (const volume of volumeRecords) {
+    for (const volume of volumes) {
       let node = nodeRecords.find((candidate) => candidate.name === volume.owner);
       if (node === undefined) {
         node = { name: volume.owner, poolId: '', peer: null, capacityBytes: 0, freeBytes: 0, version: '', health: 'down: no live lease', updatedAt: '', alive: false, volumes: [] };
@@ -251,8 +355,26 @@ export class ClusterMember {
       self: this.nodeName,
       lease: { id: this.#leaseId ?? '', ttlMs: timing.ttlMs, marginMs: timing.marginMs, renewedAgoMs: roundOrNull(this.#clock.ageMs(now)), live: this.#clock.live(now) },
       nodes: nodeRecords,
-      volumes: volumeRecords,
+      volumes: volumes.map(({ replicas, ownerAlive: _alive, move: _move, ...volume }) => ({ ...volume, replicas: replicas.map((replica) => replica.node) })),
     };
+  }
+
+  /** Every volume of the cluster (listing.ts): owner, epoch, replicas and whether each is live, a move in progress. */
+  async volumes(): Promise<ClusterVolume[]> {
+    return (await this.#read()).volumes;
+  }
+
+  async #read(): Promise<{ nodes: NodeRecord[]; volumes: ClusterVolume[] }> {
+    const [nodes, volumes, replicas, moves] = await Promise.all([nodesPrefix, volumesPrefix, replicasPrefix, movesPrefix].map((prefix) => this.#range(prefix, deadline())));
+    const nodeRecords = nodes!.map((kv) => parseNodeRecord(kv.key.toString(), kv.value));
+    const listing = describeVolumes(
+      volumes!.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value)),
+      replicas!.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value)),
+      new Set(nodeRecords.map((node) => node.name)),
+      moves!.map((kv) => parseMoveRecord(kv.key.toString(), kv.value)),
+      Date.now(),
+    );
+    return { nodes: nodeRecords, volumes: listing };
   }
 
   /** Leaves the cluster: the lease is revoked, so this node's record goes at once (its volumes' records stay). */
@@ -437,7 +559,7 @@ export class ClusterMember {
       await this.#client.delete().key(replicaKey(volume, this.nodeName)).options(this.#deadline()).exec();
       this.#published.delete(volume);
     }
-    const [nodes, volumes, replicas] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix)]);
+    const [nodes, volumes, replicas, moves] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix), this.#range(movesPrefix)]);
     const alive = new Set(nodes.map((kv) => kv.key.toString().slice(nodesPrefix.length)));
     const peers = new Map(nodes.map((kv) => {
       const record = parseNodeRecord(kv.key.toString(), kv.value);
@@ -446,6 +568,8 @@ export class ClusterMember {
     const volumeRevisions = new Map(volumes.map((kv) => [kv.key.toString(), kv.mod_revision]));
     const volumeRecords = volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value));
     const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
+    await this.#confirmRecorded(volumes);
+    await this.#advanceMoves(moves, volumeRecords, peers);
     this.#converge(volumeRecords, replicaRecords, peers, mine);
     if (mine.length === 0) return;
     const orphans = orphanedVolumes(volumeRecords, alive, replicaRecords);
@@ -476,6 +600,96 @@ export class ClusterMember {
     }
   }
 
+  /**
+   * Confirms this node's volumes that etcd records under it at the local epoch but that are not confirmed yet (one
+   * moved here: the old owner or this node recorded the change after the handoff): a transaction comparing the
+   * record's revision read and that this node is registered under its current lease, as at join.
+   */
+  async #confirmRecorded(volumes: IKeyValue[]): Promise<void> {
+    const lease = this.#requireLease();
+    for (const owned of this.#host.ownedVolumes()) {
+      if (this.#confirmed.get(owned.name) === owned.epoch) continue;
+      const kv = volumes.find((candidate) => candidate.key.toString() === volumeKey(owned.name));
+      const record = kv === undefined ? null : parseVolumeRecord(volumeKey(owned.name), kv.value);
+      if (kv === undefined || record?.owner !== this.nodeName || record.epoch !== owned.epoch) continue;
+      const result = await this.#client
+        .if(volumeKey(owned.name), 'Mod', '==', kv.mod_revision)
+        .and(nodeKey(this.nodeName), 'Lease', '==', lease)
+        .then(this.#client.get(volumeKey(owned.name)))
+        .options(this.#deadline())
+        .commit();
+      if (!result.succeeded) continue;
+      this.#confirm(owned.name, owned.epoch);
+      this.#host.log(`cluster: volume ${owned.name}: etcd records this node as its owner at epoch ${owned.epoch}; writes accepted`);
+    }
+  }
+
+  /**
+   * Moves recorded in etcd (operations/move/VOL), once per renewal, each in the background under its volume's name:
+   *   - on the owner it names: the handoff to the target's peer address (handoff.ts: its steps are durable, and a
+   *     crash is settled at the next start), then the change of owner recorded;
+   *   - on the target, once it owns the volume at epoch + 1 (the handoff's last step happened here): the change of
+   *     owner recorded, in case the old owner cannot (it crashed after that step);
+   *   - a move that no longer starts from the volume's record (removed, failed over meanwhile) is deleted.
+   * Recording is one transaction comparing the volume's and the move's revisions, so it happens once.
+   */
+  async #advanceMoves(moves: IKeyValue[], volumes: VolumeRecord[], peers: Map<string, string | null>): Promise<void> {
+    for (const kv of moves) {
+      const move = parseMoveRecord(kv.key.toString(), kv.value);
+      const record = volumes.find((volume) => volume.name === move.volume);
+      if (record?.owner !== move.from || record.epoch !== move.epoch) {
+        const dropped = await this.#client.if(moveKey(move.volume), 'Mod', '==', kv.mod_revision).then(this.#client.delete().key(moveKey(move.volume))).options(this.#deadline()).commit();
+        if (dropped.succeeded) this.#host.log(`cluster: move of volume ${move.volume} to ${move.to} dropped: ${record === undefined ? 'the volume is gone' : `its record changed meanwhile (${record.owner} at epoch ${record.epoch})`}`);
+        continue;
+      }
+      const address = peers.get(move.to) ?? null;
+      if (move.from !== this.nodeName || move.refused !== undefined) continue;
+      // Refused before anything starts (a volume mounted here): said in the record for the node that asked.
+      const refusal = this.#steps.has(move.volume) ? null : this.#host.moveRefusal(move.volume);
+      if (refusal !== null) {
+        const refused: MoveRecord = { ...move, refused: refusal };
+        await this.#client.if(moveKey(move.volume), 'Mod', '==', kv.mod_revision).then(this.#client.put(moveKey(move.volume)).value(JSON.stringify(refused))).options(this.#deadline()).commit();
+        this.#host.log(`cluster: move of volume ${move.volume} to ${move.to} refused: ${refusal}`);
+        continue;
+      }
+      if (address !== null) {
+        this.#background(move.volume, `moving it to ${move.to} (epoch ${move.epoch + 1})`, async () => {
+          await this.#host.move(move.volume, move.to, address, move.epoch);
+          await this.#recordMove(move);
+        });
+      }
+    }
+    // A volume this node owns at the epoch after the record's, under another owner: the handoff's last step ran
+    // here (nothing else gives a node an epoch etcd has not recorded yet), and the old owner did not record it.
+    for (const owned of this.#host.ownedVolumes()) {
+      const record = volumes.find((volume) => volume.name === owned.name);
+      if (record === undefined || record.owner === this.nodeName || record.epoch !== owned.epoch - 1) continue;
+      this.#background(owned.name, `recording its handoff from ${record.owner} here (epoch ${owned.epoch})`, () => this.#recordMove({ volume: owned.name, from: record.owner, epoch: record.epoch, to: this.nodeName }));
+    }
+  }
+
+  /**
+   * A handoff that completed (the target owns the volume at epoch + 1) recorded: the volume's record names the
+   * target at epoch + 1, and the move's operation, when it is this one, is deleted; one transaction on their
+   * revisions. Recorded also when the operation was deleted meanwhile: the handoff happened all the same.
+   */
+  async #recordMove(move: Pick<MoveRecord, 'volume' | 'from' | 'epoch' | 'to'>): Promise<void> {
+    const [kv, moveKv] = await Promise.all([this.#get(volumeKey(move.volume)), this.#get(moveKey(move.volume))]);
+    if (kv === null) return;
+    const record = parseVolumeRecord(volumeKey(move.volume), kv.value);
+    if (record.owner !== move.from || record.epoch !== move.epoch) return;
+    const operation = moveKv === null ? null : parseMoveRecord(moveKey(move.volume), moveKv.value);
+    const ours = operation !== null && operation.from === move.from && operation.epoch === move.epoch && operation.to === move.to;
+    const next: VolumeRecord = { ...record, owner: move.to, epoch: move.epoch + 1, replicas: [...new Set([...record.replicas.filter((name) => name !== move.to), move.from])].sort() };
+    const put = this.#client.put(volumeKey(move.volume)).value(JSON.stringify(next));
+    const unchanged = this.#client.if(volumeKey(move.volume), 'Mod', '==', kv.mod_revision);
+    const result = await (ours ? unchanged.and(moveKey(move.volume), 'Mod', '==', moveKv!.mod_revision).then(put, this.#client.delete().key(moveKey(move.volume))) : unchanged.then(put))
+      .options(this.#deadline())
+      .commit();
+    if (!result.succeeded) throw ChunkdError.busy(`the record of volume ${move.volume} changed while its move was recorded`);
+    this.#host.log(`cluster: volume ${move.volume} moved from ${move.from} to ${move.to}: etcd records ${move.to} as its owner at epoch ${move.epoch + 1}`);
+  }
+
   /** Promotes the local replica to the epoch etcd records for this node, and confirms it. */
   async #promoteTo(volume: string, epoch: number): Promise<void> {
     const promoted = await this.#host.promote(volume);
@@ -486,14 +700,18 @@ export class ClusterMember {
   /**
    * Brings this node in line with what etcd records, in the background (each step talks to peers and may take a
    * while; the keepalive loop must not wait for it), one step per volume at a time:
-   *   - a volume this node owns (or owned) that etcd gives another live owner at a higher epoch: rejoin as its
-   *     replica (its writes after the last common point are kept aside as a snapshot, node.demote);
+   *   - a volume this node owns (or owned, or is handing off) that etcd gives another live owner at a higher
+   *     epoch: rejoin as its replica (its writes after the last common point are kept aside as a snapshot,
+   *     node.demote);
    *   - a replica of this node's whose owner etcd replaced at a higher epoch: follow the new owner;
    *   - a volume this node owns: replicate it to every live node that publishes a replica following it.
    */
   #converge(volumes: VolumeRecord[], replicas: ReplicaRecord[], peers: Map<string, string | null>, mine: Array<{ name: string; owner: string; ownerEpoch: number }>): void {
     const records = new Map(volumes.map((volume) => [volume.name, volume]));
-    const local = [...this.#host.ownedVolumes(), ...this.#host.fencedVolumes()];
+    // A volume frozen by a handoff whose outcome this node could not learn (the target was down), that etcd now
+    // gives another owner at a higher epoch (the target recorded it, or a failover), rejoins the same way; while a
+    // move step runs for it, that step settles it instead (#background runs one step per volume).
+    const local = [...this.#host.ownedVolumes(), ...this.#host.fencedVolumes(), ...this.#host.handingOffVolumes()];
     for (const volume of local) {
       const record = records.get(volume.name);
       const address = record === undefined ? null : peers.get(record.owner) ?? null;

@@ -119,3 +119,33 @@ export function parseReplicaRecord(key: string, value: Buffer): ReplicaRecord {
   if (!valid || replicaKey(record.volume!, record.node!) !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a replica record: ${value.toString().slice(0, 200)}`);
   return record as ReplicaRecord;
 }
+
+export const movesPrefix = `${keyPrefix}operations/move/`;
+
+/** /chunkd/v1/operations/move/VOL: a move asked for (chunkd volume move), until the volume's record names `to`. */
+export function moveKey(volume: string): string {
+  return `${movesPrefix}${volume}`;
+}
+
+export interface MoveRecord {
+  volume: string;
+  /** The owner and epoch the move starts from (the volume's record when it was asked for); `to` owns it at epoch + 1. */
+  from: string;
+  epoch: number;
+  to: string;
+  /** The node that recorded it, and when (ISO). */
+  requestedBy: string;
+  requestedAt: string;
+  /** Why the owner refused it (a volume mounted there): the asking node reports it and deletes the move. */
+  refused?: string;
+}
+
+export function parseMoveRecord(key: string, value: Buffer): MoveRecord {
+  const record = parseJson(key, value) as Partial<MoveRecord>;
+  const node = (name: unknown): boolean => typeof name === 'string' && checkName(name, 'node') === null;
+  const valid = typeof record.volume === 'string' && checkName(record.volume) === null && node(record.from) && node(record.to) && record.from !== record.to
+    && Number.isSafeInteger(record.epoch) && record.epoch! >= 1 && node(record.requestedBy) && typeof record.requestedAt === 'string'
+    && (record.refused === undefined || typeof record.refused === 'string');
+  if (!valid || moveKey(record.volume!) !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a move record: ${value.toString().slice(0, 200)}`);
+  return record as MoveRecord;
+}

@@ -39,6 +39,7 @@ import { softwareVersion } from '../core/version.ts';
 import type { Log } from '../core/log.ts';
 import { emptyIoStats, MeasuredDevice, type ExportIoStats } from './io-stats.ts';
 import { ClusterMember, type ClusterConfig, type ClusterHost, type ClusterStatus } from '../cluster/cluster.ts';
+import type { ClusterVolume } from '../cluster/listing.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -235,6 +236,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       }
       if (config.peer && peerCredentials !== null) {
         const replicaServer = new ReplicaServer(pool, node.#receiver, roles, config.log, async (volume, replicaBack) => {
+          // In a cluster, writes start once etcd names this node (the old owner records the move next).
+          node.#cluster?.expectOwnership(volume);
           if (replicaBack !== null) await node.replicator.ensureLink(volume, replicaBack, defaultEveryMs);
         });
         node.#peer = new PeerServer({
@@ -465,6 +468,25 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   // ---- the cluster (serve --etcd) ----
 
+  /** Every volume of the cluster as etcd has it (cluster/listing.ts), or null on a node not in one. */
+  clusterVolumes(): Promise<ClusterVolume[]> | null {
+    return this.#cluster?.volumes() ?? null;
+  }
+
+  /** The Docker plugin's Mount in a cluster: `volume` moved to this node if another owns it, and writable here. */
+  async bringHere(volume: string): Promise<void> {
+    if (this.#cluster === null) return;
+    const result = await this.#cluster.requestMove(volume, this.#cluster.nodeName);
+    if (result.moved) this.config.log(`volume ${volume} moved here from ${result.from} (epoch ${result.epoch}) for a Docker Mount`);
+    await this.#cluster.waitWritable(volume);
+  }
+
+  /** `chunkd volume move VOL --to NODE`: recorded in etcd and performed by the owner (cluster.ts), from any node. */
+  moveVolume(volume: string, to: string): Promise<unknown> {
+    if (this.#cluster === null) throw ChunkdError.invalid(`chunkd volume move needs a cluster (chunkd serve --etcd URL --node-name NAME); without one, move a volume with chunkd volume handoff ${volume} --to HOST:PORT`);
+    return this.#cluster.requestMove(volume, to);
+  }
+
   /** The cluster as etcd has it; refused on a node that is not in one. */
   clusterStatus(): Promise<ClusterStatus> {
     if (this.#cluster === null) throw ChunkdError.invalid('this node is not in a cluster: start it with chunkd serve --etcd URL --node-name NAME');
@@ -495,6 +517,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       }),
       promote: async (volume) => (await this.#promote(volume)).epoch,
       fencedVolumes: () => roles.fencedVolumes().map(([volume, fence]) => ({ name: volume, epoch: fence.epoch })),
+      handingOffVolumes: () => roles.handoffs().map(([volume, role]) => ({ name: volume, epoch: role.epoch })),
       rejoin: async (volume, owner, ownerEpoch, ownerAddress) => {
         if (roles.fenced(volume) === null) {
           await roles.set(volume, { role: 'fenced', epoch: roles.epochOf(volume), owner, ownerEpoch, ownerAddress });
@@ -508,6 +531,17 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
       },
       ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),
+      moveRefusal: (volume) => {
+        const attachment = this.#attachments?.get(volume);
+        return attachment === undefined ? null : `it is mounted at ${attachment.mountpoint} on node ${this.#cluster?.nodeName ?? '?'}${attachment.dockerIds.length > 0 ? ` for ${attachment.dockerIds.length} container(s)` : ''}; unmount it there first`;
+      },
+      move: async (volume, to, toAddress, epoch) => {
+        const role = roles.replicaOf(volume);
+        // Handed over already (this run, or one a crash interrupted and the start settled): only etcd is left.
+        if (role !== null && role.owner === to && role.epoch === epoch + 1) return;
+        if (role !== null || roles.epochOf(volume) !== epoch) throw ChunkdError.invalid(`volume ${volume} is not this node's at epoch ${epoch}${role === null ? ` (its epoch here is ${roles.epochOf(volume)})` : ` (a replica of ${role.owner} here)`}: it cannot be moved from here`);
+        await handoff(this.#handoffContext(), volume, toAddress);
+      },
     };
   }
 
@@ -624,11 +658,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   /**
-   * A change of owner made by hand is not recorded in etcd yet: on a clustered node it would leave the new owner's
-   * writes refused (etcd names the old one), so it is refused; the cluster's own failover promotes (#promote).
+   * A change of owner made by hand is not recorded in etcd: on a clustered node it would leave the new owner's
+   * writes refused (etcd names the old one), so it is refused; `volume move` hands over through etcd (moveVolume),
+   * and the cluster's own failover promotes (#promote).
    */
   #refuseInCluster(what: string): void {
-    if (this.#cluster !== null) throw ChunkdError.invalid(`${what} is refused on a node in a cluster: a change of owner made by hand is not recorded in etcd yet (the cluster promotes a replica by itself when an owner's lease expires)`);
+    if (this.#cluster !== null) throw ChunkdError.invalid(`${what} is refused on a node in a cluster: a change of owner must be recorded in etcd: move a volume with chunkd volume move VOL --to NODE (the cluster promotes a replica by itself when an owner's lease expires)`);
   }
 
   async #promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {

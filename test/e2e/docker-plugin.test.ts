@@ -9,15 +9,7 @@ import path from 'node:path';
 import { test } from 'vitest';
 import { makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { cleanupMounts, loopDevicesUnder, mountsUnder } from '../helpers/mounts.ts';
-
-async function plugin(socket: string, route: string, body: unknown): Promise<{ status: number; reply: Record<string, unknown> }> {
-  const result = await mustRun('curl', [
-    '-s', '--unix-socket', socket, '-X', 'POST', '-H', 'Content-Type: application/vnd.docker.plugins.v1+json',
-    '-d', JSON.stringify(body), '-w', '\n%{http_code}', `http://localhost${route}`,
-  ]);
-  const lines = result.trimEnd().split('\n');
-  return { status: Number(lines.at(-1)), reply: JSON.parse(lines.slice(0, -1).join('\n')) };
-}
+import { plugin } from '../helpers/docker-plugin.ts';
 
 test('docker plugin: Create, Mount, bind mount in a container namespace, Unmount, Remove', { timeout: 180_000 }, async () => {
   const scratch = makeTempDir('docker');

@@ -45,7 +45,8 @@ export function cliProcess(node: RunningNode, args: string[]): { child: ChildPro
   child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   const exit = new Promise<{ code: number | null; stderr: string; stdout: string }>((resolve) => child.on('close', (code) => resolve({ code, stderr, stdout })));
   child.stdout!.on('data', (chunk: Buffer) => {
-    if (args[0] === 'receive') stdout += chunk.toString();
+    // A sender's stdout is the stream, which the caller pipes: every other command's is kept.
+    if (args[0] !== 'send') stdout += chunk.toString();
   });
   return { child, exit };
 }

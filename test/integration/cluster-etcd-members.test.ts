@@ -2,31 +2,15 @@
 // quorum, and the owner keeps acknowledging writes, its keepalives going to the other members; two members paused
 // (no quorum) stop its writes within the lease TTL; resumed, writes resume and every acknowledged write reads back.
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import path from 'node:path';
-import { afterAll, beforeAll, test } from 'vitest';
-import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
+import { test } from 'vitest';
+import { clusterFixture } from '../helpers/cluster.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
-import { makeTempDir, startNode } from '../helpers/node-process.ts';
 import { stopAndCheck } from '../helpers/stream-pipe.ts';
 
-const skip = !haveEtcd();
-const ttlMs = 3_000;
+const cluster = clusterFixture('cluster-members', { etcdMembers: 3 });
+const skip = cluster.skip;
+const ttlMs = cluster.ttlMs;
 const block = 4096;
-let scratch: string;
-let etcd: EtcdCluster;
-
-beforeAll(async () => {
-  if (skip) return;
-  scratch = makeTempDir('cluster-members');
-  etcd = await startEtcd(3);
-});
-
-afterAll(async () => {
-  if (skip) return;
-  await etcd.stop();
-  fs.rmSync(scratch, { recursive: true, force: true });
-});
 
 function content(index: number): Buffer {
   const data = Buffer.alloc(block, (index % 251) + 1);
@@ -43,9 +27,9 @@ async function waitFor(what: string, probe: () => boolean, timeoutMs: number): P
 }
 
 test('three etcd members: one paused, writes go on; two paused, writes stop within the TTL; all back, writes resume, nothing acknowledged lost', { skip }, async () => {
-  const node = await startNode(path.join(scratch, 'alpha'), ['--etcd', etcd.endpoints, '--node-name', 'alpha', '--lease-ttl', `${ttlMs / 1000}s`, '--default-volume', 'vol:64MiB']);
+  const { node } = await cluster.start('alpha', ['--default-volume', 'vol:64MiB']);
   const nbd = await TestNbdClient.connect(node.nbdSocket, 'vol');
-  const [first, second] = etcd.members;
+  const [first, second] = cluster.etcd.members;
   const acknowledged: Array<{ index: number; at: number }> = [];
   const refused: Array<{ index: number; at: number }> = [];
   let writing = true;
@@ -95,7 +79,7 @@ test('three etcd members: one paused, writes go on; two paused, writes stop with
   } finally {
     writing = false;
     await writer.catch(() => {});
-    for (const member of etcd.members) member.resume();
+    for (const member of cluster.etcd.members) member.resume();
     await nbd.disconnect().catch(() => {});
     await stopAndCheck(node);
   }

@@ -1,67 +1,30 @@
 // Automatic failover on a real etcd with three real nodes (TLS peer ports): the owner of a volume with two
 // replicas is killed (-9); once its lease has expired, the replica with the newest replicated point takes the
 // volume over at epoch 2 by transaction (exactly one winner), is writable through NBD with everything replicated
-// there; the old owner, restarted, refuses writes to it, then rejoins as a replica of the new owner (its lost write
+// there (fio's crc32c-verified blocks written on the old owner pass fio's verify on the new one); the old owner, restarted, refuses writes to it, then rejoins as a replica of the new owner (its lost write
 // kept as a snapshot), the other replica follows the new owner, and the new owner replicates to both. Split brain: the owner paused (SIGSTOP) past its TTL while
 // a client writes to it, the replica promoted meanwhile; resumed, the old owner acknowledges not one more write.
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import path from 'node:path';
-import { afterAll, beforeAll, test } from 'vitest';
-import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
+import { test } from 'vitest';
+import { clusterFixture, clusterStatus, roles, waitFor } from '../helpers/cluster.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
-import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
+import { haveTool, mustRun, type RunningNode } from '../helpers/node-process.ts';
 import { ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 
-const skip = !haveEtcd() || !haveTool('openssl');
-const ttlMs = 3_000;
+const cluster = clusterFixture('cluster-failover', { nodes: ['alpha', 'beta', 'gamma', 'delta', 'epsilon'] });
+const skip = cluster.skip || !haveTool('fio');
+const ttlMs = cluster.ttlMs;
 const MiB = 1024 * 1024;
-let scratch: string;
-let tlsDir: string;
-let etcd: EtcdCluster;
 
-beforeAll(async () => {
-  if (skip) return;
-  scratch = makeTempDir('cluster-failover');
-  tlsDir = path.join(scratch, 'tls');
-  await mustRun(process.execPath, [chunkdBin, 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta', '--node', 'gamma', '--node', 'delta', '--node', 'epsilon']);
-  etcd = await startEtcd(1);
-});
-
-afterAll(async () => {
-  if (skip) return;
-  await etcd.stop();
-  fs.rmSync(scratch, { recursive: true, force: true });
-});
-
-interface Member {
-  node: RunningNode;
-  name: string;
-  address: string;
-}
-
-async function startMember(name: string, port: number, extra: string[] = []): Promise<Member> {
-  const node = await startNode(path.join(scratch, name), ['--peer-listen', `127.0.0.1:${port}`, '--tls-dir', path.join(tlsDir, name), '--etcd', etcd.endpoints, '--node-name', name, '--lease-ttl', `${ttlMs / 1000}s`, ...extra]);
-  return { node, name, address: `127.0.0.1:${port}` };
-}
-
-interface Status {
-  nodes: Array<{ name: string; alive: boolean }>;
-  volumes: Array<{ name: string; owner: string; epoch: number; replicas: string[] }>;
-}
-
-async function clusterStatus(node: RunningNode): Promise<Status> {
-  return JSON.parse(await ok(node, 'cluster', 'status', '--json'));
-}
-
-async function waitFor<T>(what: string, probe: () => Promise<T | null>, timeoutMs: number): Promise<T> {
-  const deadline = performance.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== null) return value;
-    if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
+/** fio (nbd engine) on 4 MiB of vol at 16 MiB: 64 KiB random writes with crc32c headers, verified or not, or only verified. */
+async function fioVerify(node: RunningNode, mode: 'write' | 'verify' | 'write and verify'): Promise<void> {
+  const output = await mustRun('fio', [
+    '--name=failover', '--ioengine=nbd', `--uri=${node.uri('vol')}`, '--rw=randwrite', '--bs=64k', '--iodepth=8', '--offset=16M', '--size=4M',
+    '--verify=crc32c', '--verify_fatal=1', `--do_verify=${mode === 'write' ? 0 : 1}`, ...(mode === 'verify' ? ['--verify_only'] : []), '--verify_state_save=0', '--output-format=json',
+  ], { timeoutMs: 60_000 });
+  const job = JSON.parse(output.slice(output.indexOf('{'))).jobs[0];
+  assert.equal(job.error, 0, `fio ${mode} on ${node.pool}`);
+  if (mode !== 'write') assert.ok(job.read.io_bytes >= 4 * MiB, `fio read everything back to verify it (${mode})`);
 }
 
 function fill(byte: number, length = MiB): Buffer {
@@ -69,13 +32,14 @@ function fill(byte: number, length = MiB): Buffer {
 }
 
 test('the owner killed: the replica with the newest point takes the volume over at epoch 2 within the TTL plus a bounded delay, with its data; the old owner restarted refuses writes', { skip }, async () => {
-  const ports = { alpha: await freePort(), beta: await freePort(), gamma: await freePort() };
-  let alpha = await startMember('alpha', ports.alpha, ['--default-volume', 'vol:64MiB']);
-  const beta = await startMember('beta', ports.beta);
-  const gamma = await startMember('gamma', ports.gamma);
+  let alpha = await cluster.start('alpha', ['--default-volume', 'vol:64MiB']);
+  const beta = await cluster.start('beta');
+  const gamma = await cluster.start('gamma');
   try {
     const writer = await TestNbdClient.connect(alpha.node.nbdSocket, 'vol');
     await writer.write(0, fill(0xa1), FLAG_FUA);
+    // fio writes 4 MiB of blocks with crc32c verify headers on alpha (replicated below); the new owner verifies them.
+    await fioVerify(alpha.node, 'write');
     await ok(alpha.node, 'replica', 'add', 'vol', '--peer', beta.address, '--every', '1h');
     await ok(alpha.node, 'replica', 'add', 'vol', '--peer', gamma.address, '--every', '1h');
     // A second write reaches beta only: beta's point is the newest, so beta is the one to take over.
@@ -116,8 +80,11 @@ test('the owner killed: the replica with the newest point takes the volume over 
     assert.deepEqual(status.nodes.map((node) => [node.name, node.alive]), [['beta', true], ['gamma', true]]);
     assert.match(beta.node.stderr(), /node alpha, owner of volume vol at epoch 1, has no live lease; this node takes it over at epoch 2/);
     assert.doesNotMatch(gamma.node.stderr(), /takes it over/);
-    assert.equal(JSON.parse(fs.readFileSync(path.join(beta.node.pool, 'replication', 'roles.json'), 'utf8')).volumes.vol.epoch, 2);
-    // What was replicated to beta is there, the write never replicated is not, and beta's own write is.
+    assert.equal(roles(beta.node).vol?.epoch, 2);
+    // What was replicated to beta is there (fio's blocks pass their crc32c check; fio then writes and verifies
+    // again, through beta), the write never replicated is not, and beta's own write is.
+    await fioVerify(beta.node, 'verify');
+    await fioVerify(beta.node, 'write and verify');
     const reader = await TestNbdClient.connect(beta.node.nbdSocket, 'vol');
     assert.deepEqual(await reader.read(0, MiB), fill(0xa1));
     assert.deepEqual(await reader.read(MiB, MiB), fill(0xb2));
@@ -126,7 +93,7 @@ test('the owner killed: the replica with the newest point takes the volume over 
     await reader.disconnect();
 
     // The old owner comes back: etcd (and its peers) say beta owns vol at epoch 2, so it refuses writes to it.
-    alpha = await startMember('alpha', ports.alpha);
+    alpha = await cluster.start('alpha');
     const old = await TestNbdClient.connect(alpha.node.nbdSocket, 'vol');
     const refused = await old.write(0, fill(0xee), FLAG_FUA).then(() => null, (error: unknown) => error);
     assert.ok(refused instanceof NbdReplyError && refused.errno === 1, `the old owner acknowledged a write: ${String(refused)}`);
@@ -134,11 +101,10 @@ test('the owner killed: the replica with the newest point takes the volume over 
 
     // It rejoins as a replica of beta on its own (its write that never replicated kept aside as a snapshot), gamma
     // follows beta too, and beta replicates to both.
-    const rolesOf = (member: Member) => JSON.parse(fs.readFileSync(path.join(member.node.pool, 'replication', 'roles.json'), 'utf8')).volumes;
-    await waitFor('alpha to rejoin as a replica of beta', async () => (rolesOf(alpha).vol?.role === 'replica' ? true : null), 20_000);
-    assert.deepEqual(rolesOf(alpha).vol, { role: 'replica', owner: 'beta', epoch: 2 });
-    await waitFor('gamma to follow beta', async () => (rolesOf(gamma).vol?.owner === 'beta' ? true : null), 20_000);
-    assert.deepEqual(rolesOf(gamma).vol, { role: 'replica', owner: 'beta', epoch: 2 });
+    await waitFor('alpha to rejoin as a replica of beta', async () => (roles(alpha.node).vol?.role === 'replica' ? true : null), 20_000);
+    assert.deepEqual(roles(alpha.node).vol, { role: 'replica', owner: 'beta', epoch: 2 });
+    await waitFor('gamma to follow beta', async () => (roles(gamma.node).vol?.owner === 'beta' ? true : null), 20_000);
+    assert.deepEqual(roles(gamma.node).vol, { role: 'replica', owner: 'beta', epoch: 2 });
     const kept = JSON.parse(await ok(alpha.node, 'snapshot', 'list', 'vol', '--json')).map((snapshot: { name: string }) => snapshot.name).filter((name: string) => name.startsWith('fenced-'));
     assert.equal(kept.length, 1, 'alpha keeps its unreplicated write as a fenced- snapshot');
     await waitFor('beta to replicate to alpha and gamma', async () => {
@@ -167,8 +133,8 @@ test('the owner killed: the replica with the newest point takes the volume over 
 });
 
 test('split brain: the owner paused past its TTL while a client writes, its replica promoted; resumed, it acknowledges no write', { skip }, async () => {
-  const delta = await startMember('delta', await freePort(), ['--default-volume', 'sb:64MiB']);
-  const epsilon = await startMember('epsilon', await freePort());
+  const delta = await cluster.start('delta', ['--default-volume', 'sb:64MiB']);
+  const epsilon = await cluster.start('epsilon');
   const child = delta.node.process;
   try {
     const client = await TestNbdClient.connect(delta.node.nbdSocket, 'sb');

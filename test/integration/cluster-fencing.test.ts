@@ -7,39 +7,20 @@
 //     while the test, as another node would, takes the volume over in etcd at epoch 2 (a transaction that compares
 //     that the owner's registration is gone): resumed, it never acknowledges another write to it.
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import path from 'node:path';
-import { afterAll, beforeAll, test } from 'vitest';
-import { Etcd3 } from 'etcd3';
-import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
+import { test } from 'vitest';
+import { clusterFixture } from '../helpers/cluster.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
-import { makeTempDir, startNode, type RunningNode } from '../helpers/node-process.ts';
+import type { RunningNode } from '../helpers/node-process.ts';
 import { stopAndCheck } from '../helpers/stream-pipe.ts';
 
-const skip = !haveEtcd();
-const ttlMs = 3_000;
+const cluster = clusterFixture('cluster-fencing');
+const skip = cluster.skip;
+const ttlMs = cluster.ttlMs;
 const block = 4096;
-let scratch: string;
-let etcd: EtcdCluster;
-let client: Etcd3;
-
-beforeAll(async () => {
-  if (skip) return;
-  scratch = makeTempDir('cluster-fencing');
-  etcd = await startEtcd(1);
-  client = new Etcd3({ hosts: etcd.endpoints });
-});
-
-afterAll(async () => {
-  if (skip) return;
-  client.close();
-  await etcd.stop();
-  fs.rmSync(scratch, { recursive: true, force: true });
-});
 
 /** Starts node `name` owning volume `name`-vol (volume names are the cluster's, one per test). */
-function startOwner(name: string): Promise<RunningNode> {
-  return startNode(path.join(scratch, name), ['--etcd', etcd.endpoints, '--node-name', name, '--lease-ttl', `${ttlMs / 1000}s`, '--default-volume', `${name}-vol:64MiB`]);
+async function startOwner(name: string): Promise<RunningNode> {
+  return (await cluster.start(name, ['--default-volume', `${name}-vol:64MiB`])).node;
 }
 
 /** Block `index`'s content: its number and a fill byte, so that every block written is told apart. */
@@ -104,7 +85,7 @@ test('etcd paused: writes to the owner stop within the TTL, reads go on; etcd ba
     const writer = new Writer(nbd);
     await waitFor('writes', () => writer.acknowledged.length >= 20, 10_000);
     const pausedAt = performance.now();
-    etcd.members[0]!.pause();
+    cluster.etcd.members[0]!.pause();
     await waitFor('a refused write', () => writer.refused.length > 0, ttlMs + 2_000);
     const firstRefusal = writer.refused[0]!;
     const lastBefore = writer.acknowledged.filter((write) => write.at < firstRefusal.at).at(-1)!;
@@ -119,7 +100,7 @@ test('etcd paused: writes to the owner stop within the TTL, reads go on; etcd ba
     const whilePaused = writer.acknowledged.filter((write) => write.at > firstRefusal.at);
     assert.deepEqual(whilePaused, [], 'no write acknowledged after the first refusal while etcd was stopped');
     const resumedAt = performance.now();
-    etcd.members[0]!.resume();
+    cluster.etcd.members[0]!.resume();
     const acknowledgedBefore = writer.acknowledged.length;
     const resumeMs = await waitFor('writes to resume', () => writer.acknowledged.length > acknowledgedBefore + 5, 20_000);
     await writer.stop();
@@ -135,7 +116,7 @@ test('etcd paused: writes to the owner stop within the TTL, reads go on; etcd ba
     await checkAcknowledged(nbd, writer.acknowledged);
     await nbd.write(0, content(0), FLAG_FUA);
   } finally {
-    etcd.members[0]!.resume();
+    cluster.etcd.members[0]!.resume();
     await nbd.disconnect().catch(() => {});
     await stopAndCheck(node);
   }
@@ -149,20 +130,20 @@ test('etcd killed (-9) and restarted on its data: writes stop within the TTL and
     const writer = new Writer(nbd);
     await waitFor('writes', () => writer.acknowledged.length >= 20, 10_000);
     const killedAt = performance.now();
-    await etcd.members[0]!.kill();
+    await cluster.etcd.members[0]!.kill();
     await waitFor('a refused write', () => writer.refused.length > 0, ttlMs + 2_000);
     const firstRefusal = writer.refused[0]!;
     assert.ok(firstRefusal.at - killedAt < ttlMs, `first refusal ${Math.round(firstRefusal.at - killedAt)} ms after etcd died`);
     await new Promise((resolve) => setTimeout(resolve, ttlMs));
     assert.deepEqual(writer.acknowledged.filter((write) => write.at > firstRefusal.at), [], 'no write acknowledged while etcd was down');
-    await etcd.members[0]!.restart();
+    await cluster.etcd.members[0]!.restart();
     const acknowledgedBefore = writer.acknowledged.length;
     const resumeMs = await waitFor('writes to resume', () => writer.acknowledged.length > acknowledgedBefore + 5, 20_000);
     await writer.stop();
     process.stderr.write(`# etcd killed: first refusal after ${Math.round(firstRefusal.at - killedAt)} ms; writes resumed ${Math.round(resumeMs)} ms after etcd restarted\n`);
     await checkAcknowledged(nbd, writer.acknowledged);
   } finally {
-    if (etcd.members[0]!.process === null) await etcd.members[0]!.restart();
+    if (cluster.etcd.members[0]!.process === null) await cluster.etcd.members[0]!.restart();
     await nbd.disconnect().catch(() => {});
     await stopAndCheck(node);
   }
@@ -187,16 +168,16 @@ test('the owner paused past its TTL: the write in flight is refused when it resu
 
     // 2. Paused again; meanwhile its lease expires and the volume is taken over at epoch 2, by the one transaction
     //    another node may use: it compares that beta's registration is gone.
-    const record = await client.get(`/chunkd/v1/volumes/${volume}`).exec();
+    const record = await cluster.client.get(`/chunkd/v1/volumes/${volume}`).exec();
     const current = JSON.parse(record.kvs[0]!.value.toString());
     assert.deepEqual([current.owner, current.epoch], ['beta', 1]);
     child.kill('SIGSTOP');
     const inFlightAgain = nbd.write(3 * block, content(3), FLAG_FUA).then(() => null, (error: unknown) => error);
-    await waitFor('beta\'s lease to expire in etcd', async () => (await client.get('/chunkd/v1/nodes/beta').string()) === null, ttlMs * 3);
-    const takeover = await client
+    await waitFor('beta\'s lease to expire in etcd', async () => (await cluster.client.get('/chunkd/v1/nodes/beta').string()) === null, ttlMs * 3);
+    const takeover = await cluster.client
       .if('/chunkd/v1/nodes/beta', 'Version', '==', 0)
       .and(`/chunkd/v1/volumes/${volume}`, 'Mod', '==', record.kvs[0]!.mod_revision)
-      .then(client.put(`/chunkd/v1/volumes/${volume}`).value(JSON.stringify({ ...current, owner: 'gamma', epoch: 2 })))
+      .then(cluster.client.put(`/chunkd/v1/volumes/${volume}`).value(JSON.stringify({ ...current, owner: 'gamma', epoch: 2 })))
       .commit();
     assert.equal(takeover.succeeded, true);
     child.kill('SIGCONT');

@@ -163,6 +163,8 @@ function fakeBackend(): PluginBackend & { volumes: Map<string, number>; table: A
     removeVolume: async (name) => {
       volumes.delete(name);
     },
+    clusterVolumes: () => null,
+    bringHere: async () => {},
     attachments: {
       get: (volume) => table.get(volume),
       dockerMount: async (volume, id, mountpoint) => {
@@ -208,4 +210,33 @@ test('plugin protocol: create with size, mount counted by ID, remove refused whi
   await assert.rejects(call('/VolumeDriver.Get', { Name: 'web' }), { code: 'ENOENT' });
   await assert.rejects(call('/VolumeDriver.Mount', { Name: 'plain' }), { code: 'EINVAL' });
   await assert.rejects(call('/VolumeDriver.Nope', {}), { code: 'ENOENT' });
+});
+
+test('plugin protocol in a cluster: Mount brings a volume another node owns here first; List, Get and Create answer with the cluster\'s volumes', async () => {
+  const backend = fakeBackend();
+  const cluster = [{ name: 'db', sizeBytes: 1024, owner: 'beta' }];
+  const brought: string[] = [];
+  backend.clusterVolumes = async () => cluster;
+  backend.bringHere = async (volume) => {
+    // As volume move does: the volume is here, owned by this node, once it returns.
+    brought.push(volume);
+    backend.volumes.set(volume, 1024);
+    cluster[0]!.owner = 'alpha';
+  };
+  const call = (route: string, body: Record<string, unknown> = {}) => handlePluginRequest(backend, '/pool/mounts', route, body);
+  // Docker calls Create before Mount on whichever node: a name the cluster has is there already.
+  await call('/VolumeDriver.Create', { Name: 'db' });
+  assert.equal(backend.volumes.has('db'), false, 'not created here');
+  assert.deepEqual(await call('/VolumeDriver.List'), { Volumes: [{ Name: 'db', Mountpoint: '' }] });
+  assert.deepEqual(await call('/VolumeDriver.Get', { Name: 'db' }), { Volume: { Name: 'db', Mountpoint: '', Status: { sizeBytes: 1024, owner: 'beta' } } });
+  await assert.rejects(call('/VolumeDriver.Get', { Name: 'nope' }), { code: 'ENOENT', message: /volume nope is not in the cluster/ });
+  assert.deepEqual(await call('/VolumeDriver.Mount', { Name: 'db', ID: 'c1' }), { Mountpoint: '/pool/mounts/db' });
+  assert.deepEqual(brought, ['db']);
+  assert.deepEqual(await call('/VolumeDriver.Get', { Name: 'db' }), { Volume: { Name: 'db', Mountpoint: '/pool/mounts/db', Status: { sizeBytes: 1024, owner: 'alpha' } } });
+  // A Mount that cannot bring the volume here mounts nothing.
+  backend.bringHere = async (volume) => {
+    throw new Error(`the move of volume ${volume} to alpha was given up`);
+  };
+  await assert.rejects(call('/VolumeDriver.Mount', { Name: 'other', ID: 'c2' }), /was given up/);
+  assert.equal(backend.table.get('other'), undefined);
 });

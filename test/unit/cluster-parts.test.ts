@@ -1,9 +1,11 @@
 // The cluster's pure parts: the lease clock's fencing by time (cluster/lease-clock.ts), the records' checks and the
-// --etcd parser (cluster/records.ts), the failover's choice (cluster/failover.ts).
+// --etcd parser (cluster/records.ts), the failover's choice (cluster/failover.ts), placement (cluster/placement.ts),
+// volume list's view and the move record (cluster/listing.ts, records.ts).
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
-import { parseEtcdEndpoints, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
+import { moveKey, parseEtcdEndpoints, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
+import { describeVolumes } from '../../src/cluster/listing.ts';
 import { chooseSuccessor, orphanedVolumes } from '../../src/cluster/failover.ts';
 import { chooseReplicaNodes } from '../../src/cluster/placement.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
@@ -77,4 +79,27 @@ test('placement: replicas on distinct live nodes other than the owner, with a pe
   assert.deepEqual(chooseReplicaNodes(nodes, 'gamma', 1), [{ name: 'alpha', peer: 'alpha:1' }]);
   assert.deepEqual(chooseReplicaNodes(nodes, 'alpha', 0), []);
   assert.throws(() => chooseReplicaNodes(nodes, 'alpha', 4), /--replicas 4 needs 4 live, healthy node\(s\) with a peer port besides alpha; the cluster has 3 \(delta, gamma, beta\)/);
+});
+
+test('volume list: each volume with its owner\'s liveness, its replicas (named or following this owner and epoch, live or not, with their points), a move that starts from its record', () => {
+  const volume = (name: string, owner: string, epoch: number, replicas: string[] = []) => ({ name, sizeBytes: 1, owner, epoch, replicas, createdAt: 't' });
+  const replica = (volumeName: string, node: string, pointMs: number, owner = 'alpha', ownerEpoch = 2) => ({ volume: volumeName, node, owner, ownerEpoch, point: `repl-${pointMs}`, pointMs });
+  const move = (volumeName: string, from: string, epoch: number, to: string) => ({ volume: volumeName, from, epoch, to, requestedBy: 'gamma', requestedAt: 'now' });
+  const listed = describeVolumes(
+    [volume('b', 'zeta', 1), volume('a', 'alpha', 2, ['delta', 'alpha'])],
+    // beta follows alpha at 2; gamma an older epoch (not live, not listed: not named in the record); delta is named but publishes nothing.
+    [replica('a', 'beta', 900), replica('a', 'gamma', 800, 'alpha', 1)],
+    new Set(['alpha', 'beta', 'gamma']),
+    [move('a', 'alpha', 2, 'beta'), move('b', 'zeta', 3, 'alpha')],
+    1_000,
+  );
+  assert.deepEqual(listed, [
+    { name: 'a', sizeBytes: 1, owner: 'alpha', ownerAlive: true, epoch: 2, createdAt: 't', replicas: [{ node: 'beta', live: true, point: 'repl-900', pointAgeMs: 100 }, { node: 'delta', live: false, point: null, pointAgeMs: null }], move: { to: 'beta', requestedBy: 'gamma', requestedAt: 'now' } },
+    // A move from another epoch is stale: not shown.
+    { name: 'b', sizeBytes: 1, owner: 'zeta', ownerAlive: false, epoch: 1, createdAt: 't', replicas: [], move: null },
+  ]);
+  const record = { volume: 'a', from: 'alpha', epoch: 2, to: 'beta', requestedBy: 'gamma', requestedAt: 'now' };
+  assert.deepEqual(parseMoveRecord(moveKey('a'), Buffer.from(JSON.stringify(record))), record);
+  assert.throws(() => parseMoveRecord(moveKey('b'), Buffer.from(JSON.stringify(record))), /does not hold a move record/);
+  assert.throws(() => parseMoveRecord(moveKey('a'), Buffer.from(JSON.stringify({ ...record, to: 'alpha' }))), /does not hold a move record/);
 });

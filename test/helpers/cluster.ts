@@ -1,0 +1,101 @@
+// The cluster tests' setup, shared: a real etcd (one or three members), certificates for the named nodes (peer
+// ports with mutual TLS), a scratch directory, and nodes started in the cluster with a short lease TTL, each on the
+// same peer port across restarts. clusterFixture() registers the file's beforeAll/afterAll hooks itself.
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll } from 'vitest';
+import { Etcd3 } from 'etcd3';
+import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
+import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, startNode, type RunningNode } from './node-process.ts';
+import { ok } from './stream-pipe.ts';
+
+export interface Member {
+  node: RunningNode;
+  name: string;
+  /** 127.0.0.1:PORT of its peer port; '' for a node started without one (no certificates asked for). */
+  address: string;
+}
+
+export interface ClusterFixture {
+  /** True when etcd (or openssl, for certificates) is missing: the file's tests skip. */
+  readonly skip: boolean;
+  readonly ttlMs: number;
+  scratch: string;
+  tlsDir: string;
+  etcd: EtcdCluster;
+  /** A client of the test's own, to read or change what the nodes wrote. */
+  client: Etcd3;
+  /**
+   * Starts node `name` (pool scratch/NAME) in the cluster. With `crashAt`, its CHUNKD_TEST_CRASH_AT hook
+   * (core/crash-points.ts) kills it at that step.
+   */
+  start(name: string, extra?: string[], options?: { crashAt?: string }): Promise<Member>;
+}
+
+export function clusterFixture(label: string, options: { nodes?: string[]; etcdMembers?: 1 | 3; ttlMs?: number } = {}): ClusterFixture {
+  const nodes = options.nodes ?? [];
+  const ports = new Map<string, number>();
+  const fixture = {
+    skip: !haveEtcd() || (nodes.length > 0 && !haveTool('openssl')),
+    ttlMs: options.ttlMs ?? 3_000,
+    async start(name: string, extra: string[] = [], startOptions: { crashAt?: string } = {}): Promise<Member> {
+      let peer: string[] = [];
+      let address = '';
+      if (nodes.includes(name)) {
+        if (!ports.has(name)) ports.set(name, await freePort());
+        address = `127.0.0.1:${ports.get(name)}`;
+        peer = ['--peer-listen', address, '--tls-dir', path.join(fixture.tlsDir, name)];
+      }
+      const args = [...peer, '--etcd', fixture.etcd.endpoints, '--node-name', name, '--lease-ttl', `${fixture.ttlMs / 1000}s`, ...extra];
+      if (startOptions.crashAt !== undefined) process.env.CHUNKD_TEST_CRASH_AT = startOptions.crashAt;
+      try {
+        return { node: await startNode(path.join(fixture.scratch, name), args), name, address };
+      } finally {
+        delete process.env.CHUNKD_TEST_CRASH_AT;
+      }
+    },
+  } as ClusterFixture;
+  beforeAll(async () => {
+    if (fixture.skip) return;
+    fixture.scratch = makeTempDir(label);
+    fixture.tlsDir = path.join(fixture.scratch, 'tls');
+    if (nodes.length > 0) await mustRun(process.execPath, [chunkdBin, 'tls', 'init', fixture.tlsDir, ...nodes.flatMap((name) => ['--node', name])]);
+    fixture.etcd = await startEtcd(options.etcdMembers ?? 1);
+    fixture.client = new Etcd3({ hosts: fixture.etcd.endpoints });
+  });
+  afterAll(async () => {
+    if (fixture.skip) return;
+    fixture.client?.close();
+    await fixture.etcd?.stop();
+    fs.rmSync(fixture.scratch, { recursive: true, force: true });
+  });
+  return fixture;
+}
+
+export interface ClusterStatusJson {
+  self: string;
+  lease: { live: boolean; ttlMs: number };
+  nodes: Array<{ name: string; alive: boolean; peer: string | null; capacityBytes: number; freeBytes: number; version: string; health: string; volumes: string[] }>;
+  volumes: Array<{ name: string; sizeBytes: number; owner: string; epoch: number; replicas: string[] }>;
+}
+
+export async function clusterStatus(node: RunningNode): Promise<ClusterStatusJson> {
+  return JSON.parse(await ok(node, 'cluster', 'status', '--json'));
+}
+
+/** Polls `probe` every 20 ms until it gives something other than null (or false); its value. */
+export async function waitFor<T>(what: string, probe: () => Promise<T | null | false> | T | null | false, timeoutMs: number): Promise<T> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== null && value !== false) return value;
+    if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** The roles file of a node's pool (replication/roles.ts): volume -> role. */
+export function roles(node: RunningNode): Record<string, { role: string; epoch: number; owner?: string }> {
+  const file = path.join(node.pool, 'replication', 'roles.json');
+  return fs.existsSync(file) ? JSON.parse(fs.readFileSync(file, 'utf8')).volumes : {};
+}
