@@ -282,7 +282,7 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     tls: { mode: 'require', directory: '/etc/chunkd/a', verifyPeer: true },
     metricsListen: { host: '0.0.0.0', port: 9810 },
     peerTimeoutMs: 10_000,
-    cluster: { endpoints: ['http://10.0.0.9:2379', 'http://10.0.0.10:2379'], nodeName: 'a', leaseTtlMs: 6_000 },
+    cluster: { endpoints: ['http://10.0.0.9:2379', 'http://10.0.0.10:2379'], nodeName: 'a', leaseTtlMs: 6_000, tls: null },
   });
   // Nothing set: the defaults; the command line wins over the environment; an empty variable is unset.
   const defaults = serveConfig([], {});

@@ -210,6 +210,7 @@ test('Docker plugin: a body that is not JSON is 400, an unknown route 404, a ref
   const { bugs, rejections } = observeFailures(t);
   const backend = {
     listVolumes: () => [],
+    clusterVolumes: () => null,
     volumeInfo: (name: string) => {
       throw ChunkdError.notFound(`no volume named ${name}`);
     },

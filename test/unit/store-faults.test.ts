@@ -46,7 +46,7 @@ async function metricsOf(pool: Pool): Promise<string> {
     nbd: { listen: [], threads: 0, connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 },
     io: pool.ioStatus(),
     peer: null,
-    replication: { replicas: [], replicaVolumes: [], fenced: [] },
+    replication: { replicas: [], replicaVolumes: [], fenced: [], syncReplicas: [] },
     eventLoopUtilization: 0,
     eventLoopDelayMaxSeconds: 0,
   } as unknown as NodeStatus;
