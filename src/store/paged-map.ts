@@ -202,12 +202,29 @@ function lowerBound(keys: readonly number[], key: number): number {
   return lo;
 }
 
-/** Thrown by a pass that needs pages the cache does not hold (not an Error: never escapes `PagedMaps`). */
+/**
+ * Thrown by a pass that needs pages the cache does not hold, or counts not in memory (not an Error: never escapes
+ * `PagedMaps`): map pages, and the indexes of page counts and chunk counts whose pages of counts must be loaded.
+ */
 class MissingPages {
   readonly pages: number[];
-  constructor(pages: number[]) {
+  readonly pageCounts: number[];
+  readonly chunkCounts: number[];
+  constructor(pages: number[], pageCounts: number[] = [], chunkCounts: number[] = []) {
     this.pages = pages;
+    this.pageCounts = pageCounts;
+    this.chunkCounts = chunkCounts;
   }
+}
+
+/**
+ * Counts kept in pages that must be loaded before they are read or changed (space-map.ts's RefCountMap, whose
+ * `load` pins them). Absent, counts are always in memory (ChunkRefcounts, a Map in tests).
+ */
+export interface CountPages {
+  /** Whether the count of `index` can be read and changed now. */
+  loaded(index: number): boolean;
+  load(indexes: Iterable<number>): Promise<{ release(): void }>;
 }
 
 /**
@@ -235,13 +252,16 @@ class Changes {
   readonly freed: number[] = [];
   mappedDelta = 0;
   readonly #refs: PageRefs;
+  readonly #countPages: CountPages | undefined;
 
-  constructor(refs: PageRefs) {
+  constructor(refs: PageRefs, countPages: CountPages | undefined) {
     this.#refs = refs;
+    this.#countPages = countPages;
   }
 
-  /** The count `page` will have once these changes apply. */
+  /** The count `page` will have once these changes apply (its page of counts loaded first: the pass stops if not). */
   count(page: number): number {
+    if (this.#countPages !== undefined && !this.#countPages.loaded(page)) throw new MissingPages([], [page]);
     return this.#refs.get(page) + (this.pageDelta.get(page) ?? 0);
   }
 
@@ -257,6 +277,12 @@ export interface PagedMapsOptions {
   /** Entries per leaf, at most `leafCapacityMax` (smaller in tests, for deep trees). */
   leafCapacity?: number;
   interiorCapacity?: number;
+  /**
+   * Where page counts and chunk counts are kept in pages that must be loaded first (space-map.ts): a pass then
+   * loads the counts it will read or change alongside the map pages it visits, and pins them until it applies.
+   */
+  pageCountPages?: CountPages;
+  chunkCountPages?: CountPages;
 }
 
 /** A mapRun or unmapRange: the range of keys it covers, and what it does to a leaf there. */
@@ -274,6 +300,8 @@ export class PagedMaps {
   readonly #pageRefs: PageRefs;
   readonly #leafCapacity: number;
   readonly #interiorCapacity: number;
+  readonly #pageCountPages: CountPages | undefined;
+  readonly #chunkCountPages: CountPages | undefined;
   /** Decoded nodes by cached page object: decoded once while the page stays in the cache. */
   readonly #decoded = new WeakMap<CachedPage, MapNode>();
   /**
@@ -292,6 +320,8 @@ export class PagedMaps {
     this.#pageRefs = options.pageRefs;
     this.#leafCapacity = options.leafCapacity ?? leafCapacityMax;
     this.#interiorCapacity = options.interiorCapacity ?? interiorCapacityMax;
+    this.#pageCountPages = options.pageCountPages;
+    this.#chunkCountPages = options.chunkCountPages;
     assert(this.#leafCapacity >= 2 && this.#leafCapacity <= leafCapacityMax, `leaf capacity ${this.#leafCapacity}`);
     // At least 4: an interior node of one child must be below its fill, so that its lone child gets merged.
     assert(this.#interiorCapacity >= 4 && this.#interiorCapacity <= interiorCapacityMax, `interior capacity ${this.#interiorCapacity}`);
@@ -426,10 +456,22 @@ export class PagedMaps {
     return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, true), refs);
   }
 
-  /** @internal */
+  /** @internal Over counts in pages, the root's count must be loaded (`cloneLoaded` loads it). */
   clone(map: PagedMap): PagedMap {
     if (map.rootPage !== emptyRoot) this.#pageRefs.increment(map.rootPage);
     return new PagedMap(this, map.rootPage, map.mappedCount);
+  }
+
+  /** A clone of `map` (queued with the mutations, so it clones what those before it left), its root's count loaded. */
+  cloneLoaded(map: PagedMap): Promise<PagedMap> {
+    return this.#queue(async () => {
+      const pin = map.rootPage === emptyRoot ? undefined : await this.#pageCountPages?.load([map.rootPage]);
+      try {
+        return this.clone(map);
+      } finally {
+        pin?.release();
+      }
+    });
   }
 
   /**
@@ -446,24 +488,41 @@ export class PagedMaps {
       let freed = 0;
       while (stack.length > 0) {
         const { page, level } = stack.pop()!;
-        const count = this.#pageRefs.get(page);
-        assert(count >= 1, `chunk map page ${page} reached with a count of ${count}`);
-        if (count > 1) {
-          this.#pageRefs.decrement(page);
-          continue;
-        }
-        const node = this.#resident(page) ?? (await this.node(page));
-        checkLevel(node, page, level);
-        assert(this.#pageRefs.decrement(page) === 0);
-        this.#allocator.release(page);
-        this.#cache.discard(page);
-        this.#dirty.delete(page);
-        if (node.kind === 'leaf') for (const physical of node.physical) refs.decrement(physical);
-        else for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
+        if (!(await this.#dropPage(page, level, refs, stack))) continue;
         if (++freed % dropSliceNodes === 0) await new Promise((resolve) => setImmediate(resolve));
       }
       return mapped;
     });
+  }
+
+  /**
+   * Drops one reference to `page` for a drop; returns whether that freed it (its children then pushed on `stack`,
+   * a leaf's chunks released). The counts it changes are loaded first, and pinned only while it runs.
+   */
+  async #dropPage(page: number, level: number | undefined, refs: ChunkRefs, stack: Array<{ page: number; level: number | undefined }>): Promise<boolean> {
+    const pagePin = await this.#pageCountPages?.load([page]);
+    let chunkPin: { release(): void } | undefined;
+    try {
+      const count = this.#pageRefs.get(page);
+      assert(count >= 1, `chunk map page ${page} reached with a count of ${count}`);
+      if (count > 1) {
+        this.#pageRefs.decrement(page);
+        return false;
+      }
+      const node = this.#resident(page) ?? (await this.node(page));
+      checkLevel(node, page, level);
+      if (node.kind === 'leaf') chunkPin = await this.#chunkCountPages?.load(node.physical);
+      assert(this.#pageRefs.decrement(page) === 0);
+      this.#allocator.release(page);
+      this.#cache.discard(page);
+      this.#dirty.delete(page);
+      if (node.kind === 'leaf') for (const physical of node.physical) refs.decrement(physical);
+      else for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
+      return true;
+    } finally {
+      pagePin?.release();
+      chunkPin?.release();
+    }
   }
 
   /** @internal */
@@ -474,13 +533,48 @@ export class PagedMaps {
   /** Runs a pure pass, reading what it misses and starting it over until it completes. */
   async #pass<T>(run: (pins: Pins) => T): Promise<T> {
     const pins = this.#pins();
-    for (;;) {
-      try {
-        return run(pins);
-      } catch (error) {
-        if (!(error instanceof MissingPages)) throw error;
-        await pins.load(error.pages);
+    /** Pages of counts loaded for this pass: held until it has applied. */
+    const countPins: Array<{ release(): void }> = [];
+    try {
+      for (;;) {
+        try {
+          return run(pins);
+        } catch (error) {
+          if (!(error instanceof MissingPages)) throw error;
+          const loads: Array<Promise<unknown>> = [pins.load(error.pages)];
+          if (error.pageCounts.length > 0) loads.push(this.#pageCountPages!.load(error.pageCounts).then((pin) => countPins.push(pin)));
+          if (error.chunkCounts.length > 0) loads.push(this.#chunkCountPages!.load(error.chunkCounts).then((pin) => countPins.push(pin)));
+          await Promise.all(loads);
+        }
       }
+    } finally {
+      for (const pin of countPins) pin.release();
+    }
+  }
+
+  /**
+   * Stops the pass unless every count `#apply` will read or change is loaded: the pages whose counts change, the
+   * pages it will allocate (at most two per node placed: the node's, and one for a page of counts copied on its
+   * first change), and the chunks counted up or down.
+   */
+  #wantCounts(changes: Changes, root: Item | null): void {
+    const pageCounts = this.#pageCountPages;
+    const chunkCounts = this.#chunkCountPages;
+    if (pageCounts !== undefined) {
+      let placed = 0;
+      const countPlaced = (item: Item): void => {
+        if (typeof item === 'number') return;
+        placed += 1;
+        if (item.kind === 'interior') for (const child of item.items) countPlaced(child);
+      };
+      if (root !== null) countPlaced(root);
+      const fresh = Math.max(0, placed - changes.reusable.length);
+      const pages = [...changes.pageDelta.keys(), ...this.#allocator.upcoming(2 * fresh)].filter((page) => !pageCounts.loaded(page));
+      if (pages.length > 0) throw new MissingPages([], pages);
+    }
+    if (chunkCounts !== undefined) {
+      const chunks = [...changes.chunkIncrements, ...changes.chunkDecrements].filter((chunk) => !chunkCounts.loaded(chunk));
+      if (chunks.length > 0) throw new MissingPages([], [], chunks);
     }
   }
 
@@ -488,8 +582,9 @@ export class PagedMaps {
   #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs): Promise<number> {
     return this.#queue(() =>
       this.#pass((pins) => {
-        const changes = new Changes(this.#pageRefs);
+        const changes = new Changes(this.#pageRefs, this.#pageCountPages);
         const root = compute(pins, changes);
+        this.#wantCounts(changes, root);
         const rootPage = this.#apply(changes, root, refs);
         map.setState(rootPage, map.mappedCount + changes.mappedDelta);
         return changes.mappedDelta === 0 ? 0 : -changes.mappedDelta;
