@@ -31,6 +31,10 @@
 // a page not in the cache stops the pass (`MissingPages`, with every missing page it can name at once), the pages
 // are read (async, in parallel), kept in the pins so that eviction cannot take them again, and the pass starts
 // over. So a pass never sees a half-applied change, and the tree logic (encode, decode, split, merge) stays pure.
+// Counts kept in pages (space-map.ts's RefCountMap, given as `pageCountPages` and `chunkCountPages`) are loaded
+// the same way: a pass stops at a page count not in memory, and before it applies it names every count it will
+// change (the pages whose counts move, the pages it will allocate, the chunks counted up or down); those are
+// loaded and pinned until it has applied. A drop loads the counts of each page it frees as it goes.
 // Mutations (mapRun, unmapRange, drop) and commits are applied in the order they were called; reads see what was
 // applied.
 //
@@ -43,8 +47,8 @@
 // Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit is queued with the
 // mutations, so they wait while it writes (with the page allocator's `sealForCommit` they could run beside it);
-// page counts are read synchronously, so over space-map.ts's RefCountMap a pass must also load the pages of
-// counts of the pages it visits (step 4; not done here); a walk does not check page generations against the
+// a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
+// rarely); a walk does not check page generations against the
 // root's yet.
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';

@@ -22,6 +22,7 @@ import { diffMaps } from '../../src/store/map-diff.ts';
 import { applyRecord, emptyCatalog, type Catalog, type MetaRecord } from '../../src/store/metadata.ts';
 import { firstDataPage, pageBytes } from '../../src/store/page-file.ts';
 import { PagedCatalog, type MapTarget } from '../../src/store/paged-catalog.ts';
+import { countsPerPage } from '../../src/store/space-map.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
@@ -84,30 +85,30 @@ interface Facts {
 }
 
 /** What the model says a lookup must give: listings and the runs (with sums) of every map. */
-function modelFacts(model: Catalog): Facts {
+function modelFacts(model: Catalog, chunks = lookChunks): Facts {
   const volumes = [...model.volumes.values()].sort((a, b) => a.id - b.id).map((v) => ({ id: v.id, name: v.name, sizeBytes: v.sizeBytes, mappedCount: v.map.mappedCount }));
   const snapshots = [...model.snapshots.values()]
     .sort((a, b) => a.id - b.id)
     .map((s) => ({ id: s.id, uuid: s.uuid, volumeId: s.volumeId, name: s.name, sizeBytes: s.sizeBytes, createdAtMs: s.createdAtMs, mappedCount: s.map.mappedCount }));
   const runs = new Map<string, unknown>();
   const runsOf = (map: Catalog['volumes'] extends Map<number, infer V> ? (V extends { map: infer M } ? M : never) : never): unknown =>
-    map.runs(0, lookChunks).map((run) => ({ ...run, sums: run.physicalChunk < 0 ? [] : Array.from({ length: run.chunkCount }, (_, i) => model.sums.get(run.physicalChunk + i)) }));
+    map.runs(0, chunks).map((run) => ({ ...run, sums: run.physicalChunk < 0 ? [] : Array.from({ length: run.chunkCount }, (_, i) => model.sums.get(run.physicalChunk + i)) }));
   for (const volume of model.volumes.values()) runs.set(`volume ${volume.id}`, runsOf(volume.map));
   for (const snapshot of model.snapshots.values()) runs.set(`snapshot ${snapshot.id}`, runsOf(snapshot.map));
   return { volumes, snapshots, next: [model.nextVolumeId, model.nextSnapshotId], runs };
 }
 
-async function pagedFacts(paged: PagedCatalog): Promise<Facts> {
+async function pagedFacts(paged: PagedCatalog, chunks = lookChunks): Promise<Facts> {
   const runs = new Map<string, unknown>();
-  for (const volume of paged.volumes()) runs.set(`volume ${volume.id}`, await paged.runs({ volumeId: volume.id }, 0, lookChunks));
-  for (const snapshot of paged.snapshots()) runs.set(`snapshot ${snapshot.id}`, await paged.runs({ snapshotId: snapshot.id }, 0, lookChunks));
+  for (const volume of paged.volumes()) runs.set(`volume ${volume.id}`, await paged.runs({ volumeId: volume.id }, 0, chunks));
+  for (const snapshot of paged.snapshots()) runs.set(`snapshot ${snapshot.id}`, await paged.runs({ snapshotId: snapshot.id }, 0, chunks));
   return { volumes: paged.volumes(), snapshots: paged.snapshots(), next: [paged.nextVolumeId, paged.nextSnapshotId], runs };
 }
 
 /** Listings, runs with sums, allocated bytes and diffs equal. */
-async function checkLookups(pair: Pair, label: string): Promise<void> {
-  const expected = modelFacts(pair.model);
-  const got = await pagedFacts(pair.paged);
+async function checkLookups(pair: Pair, label: string, chunks = lookChunks): Promise<void> {
+  const expected = modelFacts(pair.model, chunks);
+  const got = await pagedFacts(pair.paged, chunks);
   assert.deepEqual(got.volumes, expected.volumes, `${label}: volumes`);
   assert.deepEqual(got.snapshots, expected.snapshots, `${label}: snapshots`);
   assert.deepEqual(got.next, expected.next, `${label}: next ids`);
@@ -120,7 +121,7 @@ async function checkLookups(pair: Pair, label: string): Promise<void> {
       const against: Array<[MapTarget, Catalog['snapshots'] extends Map<number, infer S> ? S | typeof volume : never]> = [[{ volumeId: volume.id }, volume]];
       if (i > 0) against.push([{ snapshotId: snapshots[i - 1]!.id }, snapshots[i - 1]!]);
       for (const [target, other] of against) {
-        assert.deepEqual(await pair.paged.diff({ snapshotId: snapshot.id }, target, lookChunks), diffMaps(snapshot.map, other.map, lookChunks), `${label}: diff of snapshot ${snapshot.id} and ${JSON.stringify(target)}`);
+        assert.deepEqual(await pair.paged.diff({ snapshotId: snapshot.id }, target, chunks), diffMaps(snapshot.map, other.map, chunks), `${label}: diff of snapshot ${snapshot.id} and ${JSON.stringify(target)}`);
       }
     }
   }
@@ -389,4 +390,37 @@ test('power loss at random points of checkpoints leaves the last acknowledged ro
   }
   console.log(`# ${runs} crashes: the last acknowledged root ${outcomes.committed} times, the one in flight ${outcomes.inFlight} times`);
   assert.ok(outcomes.committed > 0, JSON.stringify(outcomes));
+});
+
+test('passes whose chunks and pages span several pages of counts, evicted between checkpoints, load them all', async () => {
+  const directory = scratch();
+  const pair = await openPair(directory, realFiles);
+  const chunks = 3 * countsPerPage + 100;
+  const label = (what: string): string => `large: ${what}`;
+  try {
+    await apply(pair, { type: 'create', volumeId: 1, name: 'v1', sizeBytes: chunks * chunkSizeBytes }, label('create'));
+    // Leaves of four entries: about chunks / 3 leaves, more map pages than one page of counts holds.
+    for (let v = 0; v < chunks; v += 500) await apply(pair, await mapRecord(pair, 1, v, Math.min(500, chunks - v)), label(`map ${v}`));
+    await apply(pair, { type: 'snapshot', volumeId: 1, snapshotId: 1, name: 's1', createdAtMs: 1, uuid: 'b'.repeat(32) }, label('snapshot'));
+    await checkpoint(pair, 1);
+    // Reopened: nothing of counts in memory.
+    await pair.paged.close();
+    pair.paged = await PagedCatalog.open(realFiles, directory, options);
+    // Runs across the boundaries of pages of counts (of chunks freed and of chunks copied with shared leaves).
+    for (const v of [countsPerPage - 50, 2 * countsPerPage - 30, 3 * countsPerPage - 10, 17, 5000]) await apply(pair, await mapRecord(pair, 1, v, 100), label(`overwrite ${v}`));
+    await apply(pair, { type: 'unmap', volumeId: 1, virtualChunk: countsPerPage - 200, chunkCount: 400 }, label('unmap'));
+    await checkpoint(pair, 2);
+    await checkLookups(pair, label('after checkpoint'), chunks);
+    await checkSpace(pair, label('after checkpoint'));
+    assert.ok(pair.paged.space.pages.state().nextPage > countsPerPage && (await pair.paged.chunks.settledHighWater()) > 2 * countsPerPage, 'counts on several pages');
+    await apply(pair, { type: 'rollback', volumeId: 1, snapshotId: 1 }, label('rollback'));
+    await apply(pair, { type: 'snapshot-remove', snapshotId: 1 }, label('snapshot-remove'));
+    await apply(pair, { type: 'remove', volumeId: 1 }, label('remove'));
+    await checkpoint(pair, 3);
+    await checkSpace(pair, label('all removed'));
+    assert.equal(pair.paged.chunks.usedCount, 0);
+  } finally {
+    await pair.paged.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
 });
