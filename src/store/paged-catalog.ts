@@ -44,7 +44,7 @@ import { chunkSizeBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import type { FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
-import { isSnapshotUuid, legacySnapshotUuid, type MetaRecord } from './metadata.ts';
+import { isSnapshotUuid, legacySnapshotUuid, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
 import { PageCache } from './page-cache.ts';
 import { PageFile } from './page-file.ts';
 import { chainPagesFor, readChain, writeChain } from './page-table.ts';
@@ -54,45 +54,24 @@ import { SpaceMaps, spaceRootBytes, type ChunkSpace } from './space-map.ts';
 /** The page file's name in the pool directory (its copies are `metadata.0` and `metadata.1`). */
 export const pagedCatalogFile = 'metadata';
 
-export interface PagedVolume {
-  id: number;
-  name: string;
-  sizeBytes: number;
+/** A volume as listed: metadata.ts's fields, its map's count of chunks mapped for the map. */
+export type PagedVolume = Omit<VolumeMeta, 'map' | 'snapshots'> & {
   /** Chunks mapped: the volume's allocated bytes are this times the chunk size. */
   mappedCount: number;
-}
+};
 
-export interface PagedSnapshot {
-  id: number;
-  uuid: string;
-  volumeId: number;
-  name: string;
-  sizeBytes: number;
-  createdAtMs: number;
-  mappedCount: number;
-}
+export type PagedSnapshot = Omit<SnapshotMeta, 'map'> & { mappedCount: number };
 
 /** A volume's map or a snapshot's. */
 export type MapTarget = { volumeId: number } | { snapshotId: number };
 
-interface VolumeEntry {
-  id: number;
-  name: string;
-  sizeBytes: number;
+type VolumeEntry = Omit<VolumeMeta, 'map' | 'snapshots'> & {
   map: PagedMap;
   /** By name. */
   snapshots: Map<string, SnapshotEntry>;
-}
+};
 
-interface SnapshotEntry {
-  id: number;
-  uuid: string;
-  volumeId: number;
-  name: string;
-  sizeBytes: number;
-  createdAtMs: number;
-  map: PagedMap;
-}
+type SnapshotEntry = Omit<SnapshotMeta, 'map'> & { map: PagedMap };
 
 export interface PagedCatalogOptions {
   /** The bound of the page cache's clean pages, in bytes. */
@@ -257,11 +236,6 @@ export class PagedCatalog {
     return this.#space;
   }
 
-  /** The page file (its root, repairs). */
-  get file(): PageFile {
-    return this.#file;
-  }
-
   /** Map nodes changed since the last checkpoint (what the next one writes, with the pages of counts). */
   get dirtyPages(): number {
     return this.#maps.dirtyPages;
@@ -308,6 +282,11 @@ export class PagedCatalog {
   /** Holes and physically contiguous runs of [virtualChunk, virtualChunk + chunkCount) of a map, with each chunk's crc32. */
   runs(target: MapTarget, virtualChunk: number, chunkCount: number): Promise<PagedRun[]> {
     return this.#mapOf(target).runs(virtualChunk, chunkCount);
+  }
+
+  /** The same as `runs` if every page it needs is in memory (no promise, no read), else undefined. */
+  runsCached(target: MapTarget, virtualChunk: number, chunkCount: number): PagedRun[] | undefined {
+    return this.#mapOf(target).runsCached(virtualChunk, chunkCount);
   }
 
   /** Extents below `chunkLimit` mapped differently in two maps, skipping the pages they share. */

@@ -4,8 +4,9 @@
 // four pages and nodes of four entries, give the same volumes and snapshots, the same runs and sums, the same
 // diffs, the same chunks referenced (as sets: counts are per leaf, paged-map.test.ts says why) and the same free
 // space, every page counted as the trees name it and every page below the mark named once or free; after
-// removing everything, every page and chunk is free. And power loss at random points of checkpoints: the root
-// read back is the last acknowledged or the one in flight, whole.
+// removing everything, every page and chunk is free. Power loss at random points of checkpoints: the root read
+// back is the last acknowledged or the one in flight, whole. And passes whose counts span several pages of
+// counts, all cold after a reopen.
 // fast-check shrinks a failing sequence; SEED=<n> replays one (FC_PATH=<path> the shrunk case);
 // PAGED_CATALOG_RUNS and PAGED_CATALOG_POWER_LOSS_RUNS set the runs.
 import assert from 'node:assert/strict';
@@ -113,6 +114,10 @@ async function checkLookups(pair: Pair, label: string, chunks = lookChunks): Pro
   assert.deepEqual(got.snapshots, expected.snapshots, `${label}: snapshots`);
   assert.deepEqual(got.next, expected.next, `${label}: next ids`);
   for (const [key, runs] of expected.runs) assert.deepEqual(got.runs.get(key), runs, `${label}: runs of ${key}`);
+  for (const volume of pair.model.volumes.values()) {
+    const cached = pair.paged.runsCached({ volumeId: volume.id }, 0, chunks);
+    if (cached !== undefined) assert.deepEqual(cached, expected.runs.get(`volume ${volume.id}`), `${label}: cached runs of volume ${volume.id}`);
+  }
   for (const volume of pair.model.volumes.values()) assert.equal(pair.paged.allocatedBytes(volume.id), volume.map.mappedCount * chunkSizeBytes, `${label}: allocated bytes of volume ${volume.id}`);
   // Diffs: each snapshot against its volume and against the snapshot taken before it.
   for (const volume of pair.model.volumes.values()) {
