@@ -684,8 +684,31 @@ export class PagedMaps {
       return this.#rootOf(this.#split(leaf, 0), 0);
     }
     const root = this.#node(pins, rootPage, undefined);
+    if (pins.retrying) this.#prefetch(pins, rootPage, edit.first, edit.end);
     if (onlyWhereMapped && !this.#anyIn(pins, rootPage, levelOf(root), edit.first, edit.end)) return rootPage;
     return this.#rootOf(this.#modify(pins, changes, rootPage, levelOf(root), 0, mapKeyLimit, edit, onlyWhereMapped), levelOf(root));
+  }
+
+  /**
+   * Names at once, a level at a time, every page below `rootPage` whose range meets [first, end), with a neighbour
+   * on each side (what #modify visits): a pass that misses pages then starts over once per level, not once per
+   * interior node of the range (each start redoing the pass so far). Only once a pass has missed: a warm one pays
+   * nothing for it.
+   */
+  #prefetch(pins: Pins, rootPage: number, first: number, end: number): void {
+    let level = [rootPage];
+    for (;;) {
+      const next: number[] = [];
+      for (const page of level) {
+        const node = pins.node(page);
+        if (node.kind === 'leaf') return;
+        const from = Math.max(0, childIndex(node.keys, first) - 1);
+        const to = Math.min(node.children.length - 1, childIndex(node.keys, end - 1) + 1);
+        for (let i = from; i <= to; i++) next.push(node.children[i]!);
+      }
+      pins.want(next);
+      level = next;
+    }
   }
 
   /** Applies `edit` below `page` (whose keys route from [lo, hi)); returns the nodes that replace it. */
@@ -1016,6 +1039,11 @@ class Pins {
 
   holds(page: number): boolean {
     return this.#resident(page) !== undefined;
+  }
+
+  /** Whether this pass has read pages already (it is being run again). */
+  get retrying(): boolean {
+    return this.#held.size > 0;
   }
 
   /** Stops the pass if any of `pages` is missing, naming all that are. */
