@@ -5,8 +5,8 @@
 // diffs, the same chunks referenced (as sets: counts are per leaf, paged-map.test.ts says why) and the same free
 // space, every page counted as the trees name it and every page below the mark named once or free; after
 // removing everything, every page and chunk is free. Power loss at random points of checkpoints: the root read
-// back is the last acknowledged or the one in flight, whole. And passes whose counts span several pages of
-// counts, all cold after a reopen.
+// back is the last acknowledged or the one in flight, whole. Passes whose counts span several pages of counts,
+// all cold after a reopen. And an open that reads as many pages for a large catalog as for a small one.
 // fast-check shrinks a failing sequence; SEED=<n> replays one (FC_PATH=<path> the shrunk case);
 // PAGED_CATALOG_RUNS and PAGED_CATALOG_POWER_LOSS_RUNS set the runs.
 import assert from 'node:assert/strict';
@@ -428,4 +428,39 @@ test('passes whose chunks and pages span several pages of counts, evicted betwee
     await pair.paged.close();
     fs.rmSync(directory, { recursive: true, force: true });
   }
+});
+
+test('opening reads the root, the table and the space maps\' summaries: as many pages for a large catalog as for a small one', async () => {
+  /** Pages read by an open of a catalog holding `chunks` chunks mapped in one volume and a snapshot of it. */
+  const readsAtOpen = async (chunks: number): Promise<number> => {
+    const directory = scratch();
+    try {
+      const pair = await openPair(directory, realFiles);
+      await apply(pair, { type: 'create', volumeId: 1, name: 'v1', sizeBytes: chunks * chunkSizeBytes }, 'create');
+      for (let v = 0; v < chunks; v += 500) await apply(pair, await mapRecord(pair, 1, v, Math.min(500, chunks - v)), `map ${v}`);
+      await apply(pair, { type: 'snapshot', volumeId: 1, snapshotId: 1, name: 's1', createdAtMs: 1, uuid: 'c'.repeat(32) }, 'snapshot');
+      await checkpoint(pair, 1);
+      await pair.paged.close();
+      let reads = 0;
+      const counting: FileLayer = Object.assign(Object.create(realFiles) as FileLayer, {
+        read: (fd: number, target: Uint8Array, position: number) => {
+          reads += 1;
+          return realFiles.read(fd, target, position);
+        },
+      });
+      const paged = await PagedCatalog.open(counting, directory, options);
+      const atOpen = reads;
+      assert.equal(paged.volumes()[0]!.mappedCount, chunks);
+      assert.equal((await paged.runs({ snapshotId: 1 }, 0, chunks)).length, 1, 'the snapshot reads back whole');
+      assert.ok(reads > atOpen + chunks / 8, 'its pages are read when looked up, not at open');
+      await paged.close();
+      return atOpen;
+    } finally {
+      fs.rmSync(directory, { recursive: true, force: true });
+    }
+  };
+  const small = await readsAtOpen(10);
+  const large = await readsAtOpen(4000);
+  console.log(`# reads at open: ${small} for 10 chunks, ${large} for 4,000 chunks (about 1,500 map pages)`);
+  assert.ok(large <= small + 2, `reads at open: ${small} for 10 chunks, ${large} for 4,000`);
 });
