@@ -26,7 +26,7 @@
 //
 // `apply` queues a record; records apply one at a time in call order, each over counts loaded first (a map pass
 // stops and loads what it misses, a drop loads page by page). A record that cannot apply is refused with ECORRUPT
-// before it changes anything, as `applyRecord` refuses it. A map is taken out of the table before it is dropped
+// before it changes anything, by `checkRecord`, the check `applyRecord` makes. A map is taken out of the table before it is dropped
 // (remove, snapshot-remove, rollback), so a lookup never sees a half-dropped map. Lookups are not queued: they
 // see the records applied so far.
 //
@@ -44,7 +44,7 @@ import { chunkSizeBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import type { FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
-import { isSnapshotUuid, legacySnapshotUuid, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
+import { checkRecord, type CatalogTables, isSnapshotUuid, snapshotUuidOf, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
 import { PageCache } from './page-cache.ts';
 import { PageFile } from './page-file.ts';
 import { chainPagesFor, readChain, writeChain } from './page-table.ts';
@@ -202,11 +202,14 @@ export class PagedCatalog {
     const chain = await readChain(this.#cache, root.tableFirst, Math.ceil(root.tableBytes / valueBytes));
     this.#tablePages = chain.pages;
     const table = parseTable(valuesToBytes(chain.values, root.tableBytes));
+    // Each entry is checked as the record that creates it would be (a damaged table is refused, not half loaded).
     for (const volume of table.volumes) {
+      checkRecord(this.#tables(), { type: 'create', volumeId: volume.id, name: volume.name, sizeBytes: volume.sizeBytes });
       this.#addVolume({ id: volume.id, name: volume.name, sizeBytes: volume.sizeBytes, map: this.#maps.open(volume), snapshots: new Map() });
     }
     for (const snapshot of table.snapshots) {
       const { rootPage, mappedCount, ...fields } = snapshot;
+      checkRecord(this.#tables(), { type: 'snapshot', volumeId: fields.volumeId, snapshotId: fields.id, name: fields.name, createdAtMs: fields.createdAtMs, uuid: fields.uuid });
       this.#addSnapshot({ ...fields, map: this.#maps.open({ rootPage, mappedCount }) });
     }
     this.#nextVolumeId = Math.max(this.#nextVolumeId, table.nextVolumeId);
@@ -342,16 +345,20 @@ export class PagedCatalog {
     };
   }
 
+  /** The tables `checkRecord` reads. */
+  #tables(): CatalogTables {
+    return { volumes: this.#volumes, byName: this.#byName, snapshots: this.#snapshots };
+  }
+
   async #apply(record: MetaRecord): Promise<void> {
+    checkRecord(this.#tables(), record);
     const chunks = this.#space.chunks;
     switch (record.type) {
       case 'create':
-        this.#checkNewVolume(record.volumeId, record.name);
         this.#addVolume({ id: record.volumeId, name: record.name, sizeBytes: record.sizeBytes, map: this.#maps.empty(), snapshots: new Map() });
         return;
       case 'clone': {
         const snapshot = this.#snapshotById(record.snapshotId);
-        this.#checkNewVolume(record.volumeId, record.name);
         const map = await this.#maps.cloneLoaded(snapshot.map);
         this.#addVolume({ id: record.volumeId, name: record.name, sizeBytes: snapshot.sizeBytes, map, snapshots: new Map() });
         return;
@@ -368,13 +375,9 @@ export class PagedCatalog {
     }
     const volume = this.#volumeById(record.volumeId);
     switch (record.type) {
-      case 'map': {
-        const end = record.virtualChunk + record.chunkCount;
-        if (end * chunkSizeBytes > volume.sizeBytes) throw ChunkdError.corrupt(`volume ${volume.name}: a record maps past its end`);
-        if (record.sums.length !== record.chunkCount) throw ChunkdError.corrupt(`volume ${volume.name}: a map record without a checksum for each chunk`);
+      case 'map':
         await volume.map.mapRun(record.virtualChunk, record.physicalChunk, record.sums, chunks);
         return;
-      }
       case 'unmap':
         await volume.map.unmapRange(record.virtualChunk, record.chunkCount, chunks);
         return;
@@ -382,21 +385,17 @@ export class PagedCatalog {
         volume.sizeBytes = record.sizeBytes;
         return;
       case 'remove':
-        if (volume.snapshots.size > 0) throw ChunkdError.corrupt(`volume ${volume.name} removed while it has snapshots`);
         this.#volumes.delete(volume.id);
         this.#byName.delete(volume.name);
         await volume.map.drop(chunks);
         return;
       case 'snapshot': {
-        const uuid = record.uuid ?? legacySnapshotUuid(volume.id, record.snapshotId, record.createdAtMs, record.name);
-        this.#checkNewSnapshot(volume, record.snapshotId, record.name, uuid);
         const map = await this.#maps.cloneLoaded(volume.map);
-        this.#addSnapshot({ id: record.snapshotId, uuid, volumeId: volume.id, name: record.name, sizeBytes: volume.sizeBytes, createdAtMs: record.createdAtMs, map });
+        this.#addSnapshot({ id: record.snapshotId, uuid: snapshotUuidOf(record), volumeId: volume.id, name: record.name, sizeBytes: volume.sizeBytes, createdAtMs: record.createdAtMs, map });
         return;
       }
       case 'rollback': {
         const snapshot = this.#snapshotById(record.snapshotId);
-        if (snapshot.volumeId !== volume.id) throw ChunkdError.corrupt(`rollback of ${volume.name} to a snapshot of another volume`);
         const map = await this.#maps.cloneLoaded(snapshot.map);
         const old = volume.map;
         volume.map = map;
@@ -409,30 +408,15 @@ export class PagedCatalog {
     }
   }
 
-  #checkNewVolume(id: number, name: string): void {
-    if (this.#volumes.has(id) || this.#byName.has(name)) throw ChunkdError.corrupt(`volume ${name} (id ${id}) exists twice`);
-  }
-
   #addVolume(volume: VolumeEntry): void {
-    this.#checkNewVolume(volume.id, volume.name);
     this.#volumes.set(volume.id, volume);
     this.#byName.set(volume.name, volume);
     this.#nextVolumeId = Math.max(this.#nextVolumeId, volume.id + 1);
   }
 
-  #checkNewSnapshot(volume: VolumeEntry, id: number, name: string, uuid: string): void {
-    if (this.#snapshots.has(id) || volume.snapshots.has(name)) throw ChunkdError.corrupt(`snapshot ${volume.name}@${name} exists twice`);
-    for (const other of volume.snapshots.values()) {
-      if (other.uuid === uuid) throw ChunkdError.corrupt(`snapshots ${volume.name}@${other.name} and @${name} have one id (${uuid})`);
-    }
-  }
-
   #addSnapshot(snapshot: SnapshotEntry): void {
-    const volume = this.#volumes.get(snapshot.volumeId);
-    if (volume === undefined) throw ChunkdError.corrupt(`snapshot ${snapshot.name} names volume id ${snapshot.volumeId}, which does not exist`);
-    this.#checkNewSnapshot(volume, snapshot.id, snapshot.name, snapshot.uuid);
     this.#snapshots.set(snapshot.id, snapshot);
-    volume.snapshots.set(snapshot.name, snapshot);
+    this.#volumeById(snapshot.volumeId).snapshots.set(snapshot.name, snapshot);
     this.#nextSnapshotId = Math.max(this.#nextSnapshotId, snapshot.id + 1);
   }
 
