@@ -99,17 +99,80 @@ export function addVolume(catalog: Catalog, volume: VolumeMeta): void {
 export function addSnapshot(catalog: Catalog, snapshot: SnapshotMeta): void {
   const volume = catalog.volumes.get(snapshot.volumeId);
   if (volume === undefined) throw ChunkdError.corrupt(`snapshot ${snapshot.name} names volume id ${snapshot.volumeId}, which does not exist`);
-  if (catalog.snapshots.has(snapshot.id) || volume.snapshots.has(snapshot.name)) throw ChunkdError.corrupt(`snapshot ${volume.name}@${snapshot.name} exists twice`);
-  for (const other of volume.snapshots.values()) {
-    if (other.uuid === snapshot.uuid) throw ChunkdError.corrupt(`snapshots ${volume.name}@${other.name} and @${snapshot.name} have one id (${snapshot.uuid})`);
-  }
+  checkNewSnapshot(catalog, volume, snapshot.id, snapshot.name, snapshot.uuid);
   catalog.snapshots.set(snapshot.id, snapshot);
   volume.snapshots.set(snapshot.name, snapshot);
   catalog.nextSnapshotId = Math.max(catalog.nextSnapshotId, snapshot.id + 1);
 }
 
-/** Applies one record; chunk references go through `refs`. Throws ECORRUPT if the record cannot apply. */
+/** What `checkRecord` reads of a catalog: its tables, whatever its maps are (paged-catalog.ts's too). */
+export interface CatalogTables {
+  volumes: ReadonlyMap<number, { id: number; name: string; sizeBytes: number; snapshots: ReadonlyMap<string, { name: string; uuid: string }> }>;
+  byName: ReadonlyMap<string, unknown>;
+  snapshots: ReadonlyMap<number, { id: number; volumeId: number }>;
+}
+
+/**
+ * Throws ECORRUPT, changing nothing, if `record` cannot apply to the catalog: the one statement of which records
+ * apply, for `applyRecord` and for the paged catalog alike.
+ */
+export function checkRecord(catalog: CatalogTables, record: MetaRecord): void {
+  const newVolume = (id: number, name: string): void => {
+    if (catalog.volumes.has(id) || catalog.byName.has(name)) throw ChunkdError.corrupt(`volume ${name} (id ${id}) exists twice`);
+  };
+  switch (record.type) {
+    case 'create':
+      newVolume(record.volumeId, record.name);
+      return;
+    case 'clone':
+      snapshotById(catalog, record.snapshotId);
+      newVolume(record.volumeId, record.name);
+      return;
+    case 'snapshot-remove':
+      snapshotById(catalog, record.snapshotId);
+      return;
+    default:
+      break;
+  }
+  const volume = volumeById(catalog, record.volumeId);
+  switch (record.type) {
+    case 'map':
+      if ((record.virtualChunk + record.chunkCount) * chunkSizeBytes > volume.sizeBytes) throw ChunkdError.corrupt(`volume ${volume.name}: a record maps past its end`);
+      if (record.sums.length !== record.chunkCount) throw ChunkdError.corrupt(`volume ${volume.name}: a map record without a checksum for each chunk`);
+      return;
+    case 'remove':
+      if (volume.snapshots.size > 0) throw ChunkdError.corrupt(`volume ${volume.name} removed while it has snapshots`);
+      return;
+    case 'snapshot':
+      checkNewSnapshot(catalog, volume, record.snapshotId, record.name, snapshotUuidOf(record));
+      return;
+    case 'rollback':
+      if (snapshotById(catalog, record.snapshotId).volumeId !== volume.id) throw ChunkdError.corrupt(`rollback of ${volume.name} to a snapshot of another volume`);
+      return;
+    case 'unmap':
+    case 'resize':
+      return;
+    default:
+      unreachable(record);
+  }
+}
+
+/** The id of the snapshot a record creates: its own, or for a record from before ids, the derived one. */
+export function snapshotUuidOf(record: Extract<MetaRecord, { type: 'snapshot' }>): string {
+  return record.uuid ?? legacySnapshotUuid(record.volumeId, record.snapshotId, record.createdAtMs, record.name);
+}
+
+/** Throws ECORRUPT if a snapshot of `volume` cannot take this id, name and uuid. */
+function checkNewSnapshot(catalog: CatalogTables, volume: { name: string; snapshots: ReadonlyMap<string, { name: string; uuid: string }> }, id: number, name: string, uuid: string): void {
+  if (catalog.snapshots.has(id) || volume.snapshots.has(name)) throw ChunkdError.corrupt(`snapshot ${volume.name}@${name} exists twice`);
+  for (const other of volume.snapshots.values()) {
+    if (other.uuid === uuid) throw ChunkdError.corrupt(`snapshots ${volume.name}@${other.name} and @${name} have one id (${uuid})`);
+  }
+}
+
+/** Applies one record; chunk references go through `refs`. Throws ECORRUPT, changing nothing, if the record cannot apply. */
 export function applyRecord(catalog: Catalog, record: MetaRecord, refs: ChunkRefs): void {
+  checkRecord(catalog, record);
   switch (record.type) {
     case 'create':
       addVolume(catalog, { id: record.volumeId, name: record.name, sizeBytes: record.sizeBytes, map: new ChunkMap(), snapshots: new Map() });
@@ -131,14 +194,10 @@ export function applyRecord(catalog: Catalog, record: MetaRecord, refs: ChunkRef
   }
   const volume = volumeById(catalog, record.volumeId);
   switch (record.type) {
-    case 'map': {
-      const end = record.virtualChunk + record.chunkCount;
-      if (end * chunkSizeBytes > volume.sizeBytes) throw ChunkdError.corrupt(`volume ${volume.name}: a record maps past its end`);
-      if (record.sums.length !== record.chunkCount) throw ChunkdError.corrupt(`volume ${volume.name}: a map record without a checksum for each chunk`);
+    case 'map':
       catalog.sums.setRun(record.physicalChunk, record.sums);
       volume.map.mapRun(record.virtualChunk, record.physicalChunk, record.chunkCount, refs);
       return;
-    }
     case 'unmap':
       volume.map.unmapRange(record.virtualChunk, record.chunkCount, refs);
       return;
@@ -146,7 +205,6 @@ export function applyRecord(catalog: Catalog, record: MetaRecord, refs: ChunkRef
       volume.sizeBytes = record.sizeBytes;
       return;
     case 'remove':
-      if (volume.snapshots.size > 0) throw ChunkdError.corrupt(`volume ${volume.name} removed while it has snapshots`);
       volume.map.drop(refs);
       catalog.volumes.delete(volume.id);
       catalog.byName.delete(volume.name);
@@ -154,7 +212,7 @@ export function applyRecord(catalog: Catalog, record: MetaRecord, refs: ChunkRef
     case 'snapshot':
       addSnapshot(catalog, {
         id: record.snapshotId,
-        uuid: record.uuid ?? legacySnapshotUuid(volume.id, record.snapshotId, record.createdAtMs, record.name),
+        uuid: snapshotUuidOf(record),
         volumeId: volume.id,
         name: record.name,
         sizeBytes: volume.sizeBytes,
@@ -164,7 +222,6 @@ export function applyRecord(catalog: Catalog, record: MetaRecord, refs: ChunkRef
       return;
     case 'rollback': {
       const snapshot = snapshotById(catalog, record.snapshotId);
-      if (snapshot.volumeId !== volume.id) throw ChunkdError.corrupt(`rollback of ${volume.name} to a snapshot of another volume`);
       const map = snapshot.map.clone();
       volume.map.drop(refs);
       volume.map = map;
@@ -176,13 +233,13 @@ export function applyRecord(catalog: Catalog, record: MetaRecord, refs: ChunkRef
   }
 }
 
-function volumeById(catalog: Catalog, volumeId: number): VolumeMeta {
+function volumeById<V>(catalog: { volumes: ReadonlyMap<number, V> }, volumeId: number): V {
   const volume = catalog.volumes.get(volumeId);
   if (volume === undefined) throw ChunkdError.corrupt(`a record names volume id ${volumeId}, which does not exist`);
   return volume;
 }
 
-function snapshotById(catalog: Catalog, snapshotId: number): SnapshotMeta {
+function snapshotById<S>(catalog: { snapshots: ReadonlyMap<number, S> }, snapshotId: number): S {
   const snapshot = catalog.snapshots.get(snapshotId);
   if (snapshot === undefined) throw ChunkdError.corrupt(`a record names snapshot id ${snapshotId}, which does not exist`);
   return snapshot;

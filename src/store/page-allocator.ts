@@ -40,6 +40,17 @@ export class PageAllocator {
     return this.#nextPage++;
   }
 
+  /** The pages the next `count` calls of `allocate` will return, in order (nothing released or committed between). */
+  upcoming(count: number): number[] {
+    const pages: number[] = [];
+    for (const page of this.#free) {
+      if (pages.length >= count) return pages;
+      pages.push(page);
+    }
+    for (let page = this.#nextPage; pages.length < count; page++) pages.push(page);
+    return pages;
+  }
+
   /** A page the next root will no longer name: free once that root is durable. */
   release(page: number): void {
     if (!Number.isSafeInteger(page) || page < firstDataPage || page >= this.#nextPage) throw new Error(`page allocator: release of page ${page}, never handed out`);

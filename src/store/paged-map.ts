@@ -31,6 +31,10 @@
 // a page not in the cache stops the pass (`MissingPages`, with every missing page it can name at once), the pages
 // are read (async, in parallel), kept in the pins so that eviction cannot take them again, and the pass starts
 // over. So a pass never sees a half-applied change, and the tree logic (encode, decode, split, merge) stays pure.
+// Counts kept in pages (space-map.ts's RefCountMap, given as `pageCountPages` and `chunkCountPages`) are loaded
+// the same way: a pass stops at a page count not in memory, and before it applies it names every count it will
+// change (the pages whose counts move, the pages it will allocate, the chunks counted up or down); those are
+// loaded and pinned until it has applied. A drop loads the counts of each page it frees as it goes.
 // Mutations (mapRun, unmapRange, drop) and commits are applied in the order they were called; reads see what was
 // applied.
 //
@@ -43,8 +47,8 @@
 // Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit is queued with the
 // mutations, so they wait while it writes (with the page allocator's `sealForCommit` they could run beside it);
-// page counts are read synchronously, so over space-map.ts's RefCountMap a pass must also load the pages of
-// counts of the pages it visits (step 4; not done here); a walk does not check page generations against the
+// a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
+// rarely); a walk does not check page generations against the
 // root's yet.
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
@@ -202,12 +206,29 @@ function lowerBound(keys: readonly number[], key: number): number {
   return lo;
 }
 
-/** Thrown by a pass that needs pages the cache does not hold (not an Error: never escapes `PagedMaps`). */
+/**
+ * Thrown by a pass that needs pages the cache does not hold, or counts not in memory (not an Error: never escapes
+ * `PagedMaps`): map pages, and the indexes of page counts and chunk counts whose pages of counts must be loaded.
+ */
 class MissingPages {
   readonly pages: number[];
-  constructor(pages: number[]) {
+  readonly pageCounts: number[];
+  readonly chunkCounts: number[];
+  constructor(pages: number[], pageCounts: number[] = [], chunkCounts: number[] = []) {
     this.pages = pages;
+    this.pageCounts = pageCounts;
+    this.chunkCounts = chunkCounts;
   }
+}
+
+/**
+ * Counts kept in pages that must be loaded before they are read or changed (space-map.ts's RefCountMap, whose
+ * `load` pins them). Absent, counts are always in memory (ChunkRefcounts, a Map in tests).
+ */
+export interface CountPages {
+  /** Whether the count of `index` can be read and changed now. */
+  loaded(index: number): boolean;
+  load(indexes: Iterable<number>): Promise<{ release(): void }>;
 }
 
 /**
@@ -235,13 +256,16 @@ class Changes {
   readonly freed: number[] = [];
   mappedDelta = 0;
   readonly #refs: PageRefs;
+  readonly #countPages: CountPages | undefined;
 
-  constructor(refs: PageRefs) {
+  constructor(refs: PageRefs, countPages: CountPages | undefined) {
     this.#refs = refs;
+    this.#countPages = countPages;
   }
 
-  /** The count `page` will have once these changes apply. */
+  /** The count `page` will have once these changes apply (its page of counts loaded first: the pass stops if not). */
   count(page: number): number {
+    if (this.#countPages !== undefined && !this.#countPages.loaded(page)) throw new MissingPages([], [page]);
     return this.#refs.get(page) + (this.pageDelta.get(page) ?? 0);
   }
 
@@ -257,6 +281,12 @@ export interface PagedMapsOptions {
   /** Entries per leaf, at most `leafCapacityMax` (smaller in tests, for deep trees). */
   leafCapacity?: number;
   interiorCapacity?: number;
+  /**
+   * Where page counts and chunk counts are kept in pages that must be loaded first (space-map.ts): a pass then
+   * loads the counts it will read or change alongside the map pages it visits, and pins them until it applies.
+   */
+  pageCountPages?: CountPages;
+  chunkCountPages?: CountPages;
 }
 
 /** A mapRun or unmapRange: the range of keys it covers, and what it does to a leaf there. */
@@ -274,6 +304,8 @@ export class PagedMaps {
   readonly #pageRefs: PageRefs;
   readonly #leafCapacity: number;
   readonly #interiorCapacity: number;
+  readonly #pageCountPages: CountPages | undefined;
+  readonly #chunkCountPages: CountPages | undefined;
   /** Decoded nodes by cached page object: decoded once while the page stays in the cache. */
   readonly #decoded = new WeakMap<CachedPage, MapNode>();
   /**
@@ -292,6 +324,8 @@ export class PagedMaps {
     this.#pageRefs = options.pageRefs;
     this.#leafCapacity = options.leafCapacity ?? leafCapacityMax;
     this.#interiorCapacity = options.interiorCapacity ?? interiorCapacityMax;
+    this.#pageCountPages = options.pageCountPages;
+    this.#chunkCountPages = options.chunkCountPages;
     assert(this.#leafCapacity >= 2 && this.#leafCapacity <= leafCapacityMax, `leaf capacity ${this.#leafCapacity}`);
     // At least 4: an interior node of one child must be below its fill, so that its lone child gets merged.
     assert(this.#interiorCapacity >= 4 && this.#interiorCapacity <= interiorCapacityMax, `interior capacity ${this.#interiorCapacity}`);
@@ -426,10 +460,22 @@ export class PagedMaps {
     return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, true), refs);
   }
 
-  /** @internal */
+  /** @internal Over counts in pages, the root's count must be loaded (`cloneLoaded` loads it). */
   clone(map: PagedMap): PagedMap {
     if (map.rootPage !== emptyRoot) this.#pageRefs.increment(map.rootPage);
     return new PagedMap(this, map.rootPage, map.mappedCount);
+  }
+
+  /** A clone of `map` (queued with the mutations, so it clones what those before it left), its root's count loaded. */
+  cloneLoaded(map: PagedMap): Promise<PagedMap> {
+    return this.#queue(async () => {
+      const pin = map.rootPage === emptyRoot ? undefined : await this.#pageCountPages?.load([map.rootPage]);
+      try {
+        return this.clone(map);
+      } finally {
+        pin?.release();
+      }
+    });
   }
 
   /**
@@ -446,24 +492,41 @@ export class PagedMaps {
       let freed = 0;
       while (stack.length > 0) {
         const { page, level } = stack.pop()!;
-        const count = this.#pageRefs.get(page);
-        assert(count >= 1, `chunk map page ${page} reached with a count of ${count}`);
-        if (count > 1) {
-          this.#pageRefs.decrement(page);
-          continue;
-        }
-        const node = this.#resident(page) ?? (await this.node(page));
-        checkLevel(node, page, level);
-        assert(this.#pageRefs.decrement(page) === 0);
-        this.#allocator.release(page);
-        this.#cache.discard(page);
-        this.#dirty.delete(page);
-        if (node.kind === 'leaf') for (const physical of node.physical) refs.decrement(physical);
-        else for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
+        if (!(await this.#dropPage(page, level, refs, stack))) continue;
         if (++freed % dropSliceNodes === 0) await new Promise((resolve) => setImmediate(resolve));
       }
       return mapped;
     });
+  }
+
+  /**
+   * Drops one reference to `page` for a drop; returns whether that freed it (its children then pushed on `stack`,
+   * a leaf's chunks released). The counts it changes are loaded first, and pinned only while it runs.
+   */
+  async #dropPage(page: number, level: number | undefined, refs: ChunkRefs, stack: Array<{ page: number; level: number | undefined }>): Promise<boolean> {
+    const pagePin = await this.#pageCountPages?.load([page]);
+    let chunkPin: { release(): void } | undefined;
+    try {
+      const count = this.#pageRefs.get(page);
+      assert(count >= 1, `chunk map page ${page} reached with a count of ${count}`);
+      if (count > 1) {
+        this.#pageRefs.decrement(page);
+        return false;
+      }
+      const node = this.#resident(page) ?? (await this.node(page));
+      checkLevel(node, page, level);
+      if (node.kind === 'leaf') chunkPin = await this.#chunkCountPages?.load(node.physical);
+      assert(this.#pageRefs.decrement(page) === 0);
+      this.#allocator.release(page);
+      this.#cache.discard(page);
+      this.#dirty.delete(page);
+      if (node.kind === 'leaf') for (const physical of node.physical) refs.decrement(physical);
+      else for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
+      return true;
+    } finally {
+      pagePin?.release();
+      chunkPin?.release();
+    }
   }
 
   /** @internal */
@@ -474,13 +537,48 @@ export class PagedMaps {
   /** Runs a pure pass, reading what it misses and starting it over until it completes. */
   async #pass<T>(run: (pins: Pins) => T): Promise<T> {
     const pins = this.#pins();
-    for (;;) {
-      try {
-        return run(pins);
-      } catch (error) {
-        if (!(error instanceof MissingPages)) throw error;
-        await pins.load(error.pages);
+    /** Pages of counts loaded for this pass: held until it has applied. */
+    const countPins: Array<{ release(): void }> = [];
+    try {
+      for (;;) {
+        try {
+          return run(pins);
+        } catch (error) {
+          if (!(error instanceof MissingPages)) throw error;
+          const loads: Array<Promise<unknown>> = [pins.load(error.pages)];
+          if (error.pageCounts.length > 0) loads.push(this.#pageCountPages!.load(error.pageCounts).then((pin) => countPins.push(pin)));
+          if (error.chunkCounts.length > 0) loads.push(this.#chunkCountPages!.load(error.chunkCounts).then((pin) => countPins.push(pin)));
+          await Promise.all(loads);
+        }
       }
+    } finally {
+      for (const pin of countPins) pin.release();
+    }
+  }
+
+  /**
+   * Stops the pass unless every count `#apply` will read or change is loaded: the pages whose counts change, the
+   * pages it will allocate (at most two per node placed: the node's, and one for a page of counts copied on its
+   * first change), and the chunks counted up or down.
+   */
+  #wantCounts(changes: Changes, root: Item | null): void {
+    const pageCounts = this.#pageCountPages;
+    const chunkCounts = this.#chunkCountPages;
+    if (pageCounts !== undefined) {
+      let placed = 0;
+      const countPlaced = (item: Item): void => {
+        if (typeof item === 'number') return;
+        placed += 1;
+        if (item.kind === 'interior') for (const child of item.items) countPlaced(child);
+      };
+      if (root !== null) countPlaced(root);
+      const fresh = Math.max(0, placed - changes.reusable.length);
+      const pages = [...changes.pageDelta.keys(), ...this.#allocator.upcoming(2 * fresh)].filter((page) => !pageCounts.loaded(page));
+      if (pages.length > 0) throw new MissingPages([], pages);
+    }
+    if (chunkCounts !== undefined) {
+      const chunks = [...changes.chunkIncrements, ...changes.chunkDecrements].filter((chunk) => !chunkCounts.loaded(chunk));
+      if (chunks.length > 0) throw new MissingPages([], [], chunks);
     }
   }
 
@@ -488,8 +586,9 @@ export class PagedMaps {
   #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs): Promise<number> {
     return this.#queue(() =>
       this.#pass((pins) => {
-        const changes = new Changes(this.#pageRefs);
+        const changes = new Changes(this.#pageRefs, this.#pageCountPages);
         const root = compute(pins, changes);
+        this.#wantCounts(changes, root);
         const rootPage = this.#apply(changes, root, refs);
         map.setState(rootPage, map.mappedCount + changes.mappedDelta);
         return changes.mappedDelta === 0 ? 0 : -changes.mappedDelta;
@@ -585,8 +684,31 @@ export class PagedMaps {
       return this.#rootOf(this.#split(leaf, 0), 0);
     }
     const root = this.#node(pins, rootPage, undefined);
+    if (pins.retrying) this.#prefetch(pins, rootPage, edit.first, edit.end);
     if (onlyWhereMapped && !this.#anyIn(pins, rootPage, levelOf(root), edit.first, edit.end)) return rootPage;
     return this.#rootOf(this.#modify(pins, changes, rootPage, levelOf(root), 0, mapKeyLimit, edit, onlyWhereMapped), levelOf(root));
+  }
+
+  /**
+   * Names at once, a level at a time, every page below `rootPage` whose range meets [first, end), with a neighbour
+   * on each side (what #modify visits): a pass that misses pages then starts over once per level, not once per
+   * interior node of the range (each start redoing the pass so far). Only once a pass has missed: a warm one pays
+   * nothing for it.
+   */
+  #prefetch(pins: Pins, rootPage: number, first: number, end: number): void {
+    let level = [rootPage];
+    for (;;) {
+      const next: number[] = [];
+      for (const page of level) {
+        const node = pins.node(page);
+        if (node.kind === 'leaf') return;
+        const from = Math.max(0, childIndex(node.keys, first) - 1);
+        const to = Math.min(node.children.length - 1, childIndex(node.keys, end - 1) + 1);
+        for (let i = from; i <= to; i++) next.push(node.children[i]!);
+      }
+      pins.want(next);
+      level = next;
+    }
   }
 
   /** Applies `edit` below `page` (whose keys route from [lo, hi)); returns the nodes that replace it. */
@@ -917,6 +1039,11 @@ class Pins {
 
   holds(page: number): boolean {
     return this.#resident(page) !== undefined;
+  }
+
+  /** Whether this pass has read pages already (it is being run again). */
+  get retrying(): boolean {
+    return this.#held.size > 0;
   }
 
   /** Stops the pass if any of `pages` is missing, naming all that are. */

@@ -138,6 +138,11 @@ export class RefCountMap {
     return this.#resident.get(page)?.counts ?? (this.#directory.value(page) === 0 ? zeroCounts : undefined);
   }
 
+  /** Whether the count of `index` can be read and changed now (its page pinned, changed since the flush, or never written). */
+  loaded(index: number): boolean {
+    return this.countsOf(Math.floor(index / countsPerPage)) !== undefined;
+  }
+
   get(index: number): number {
     const page = Math.floor(index / countsPerPage);
     const counts = this.countsOf(page);

@@ -47,3 +47,13 @@ test('sealed for a commit: the root records the released pages as free; those re
   pages.committed();
   assert.deepEqual(pages.state().free, [4, 5], 'page 5 with the next commit');
 });
+
+test('upcoming names the pages the next allocations hand out, free ones first, then new ones', () => {
+  const allocator = new PageAllocator({ nextPage: 10, free: [7, 3, 5] });
+  const expected = allocator.upcoming(5);
+  assert.deepEqual(allocator.upcoming(2), expected.slice(0, 2), 'a shorter look is a prefix');
+  assert.deepEqual(Array.from({ length: 5 }, () => allocator.allocate()), expected);
+  assert.deepEqual([...expected].sort((a, b) => a - b), [3, 5, 7, 10, 11]);
+  allocator.release(5);
+  assert.deepEqual(allocator.upcoming(2), [12, 13], 'a page released is not upcoming before the commit');
+});
