@@ -151,14 +151,15 @@ test('a replica stopped past the sync timeout is recorded out of sync before the
     // told; resumed, it is (or refused, when the owner's lease clock ran out meanwhile: then written again).
     const etcd = cluster.etcd.members[0]!;
     etcd.pause();
-    let outcome: 'pending' | 'acknowledged' | 'refused' = 'pending';
-    const write = client.write(blockBytes, block(1), FLAG_FUA).then(() => (outcome = 'acknowledged'), () => (outcome = 'refused'));
+    const answer: { outcome: 'pending' | 'acknowledged' | 'refused' } = { outcome: 'pending' };
+    const write = client.write(blockBytes, block(1), FLAG_FUA).then(() => (answer.outcome = 'acknowledged'), () => (answer.outcome = 'refused'));
     await new Promise((resolve) => setTimeout(resolve, 1_200));
-    const whilePaused = outcome;
+    const whilePaused = answer.outcome;
     etcd.resume();
     await write;
     assert.equal(whilePaused, 'pending', 'the write was answered without sb while etcd still listed sb in sync');
-    if (outcome === 'refused') {
+    process.stderr.write(`# cluster-sync: the write without sb, etcd paused: ${answer.outcome} once etcd was back\n`);
+    if (answer.outcome === 'refused') {
       await waitFor('a write acknowledged without sb', () => client.write(blockBytes, block(1), FLAG_FUA).then(() => true, () => false), ttlMs + 5_000);
     }
     assert.deepEqual((await record('sv')).inSync, { epoch: 1, nodes: ['sc'] });
