@@ -8,10 +8,23 @@
 //                 deletes it when the lease expires or is revoked). Created by a transaction that compares the key's
 //                 version with 0 (a name a live node holds is refused), or its mod revision when the record is this
 //                 same pool's from a previous run (the pool's lock says that process is gone).
-//   volumes/NAME  {name, sizeBytes, owner, epoch, replicas, createdAt}
+//   volumes/NAME  {name, sizeBytes, owner, epoch, replicas, createdAt[, sync, syncTimeoutMs, inSync: {epoch, nodes}]}
 //                 Not under any lease: it outlives its owner. Created by the owner in a transaction comparing the
 //                 key's version with 0; every later change is a transaction comparing the mod revision it read, so of
 //                 two concurrent writers exactly one wins and the other re-reads.
+//                 A synchronous volume (volume create --replicas N --sync) has `sync` and its links' timeout, and
+//                 `inSync`: the replicas its owner holds in sync (every write it acknowledged is on each), at the
+//                 owner's epoch, written by that owner only (recordInSync, a transaction comparing the mod revision
+//                 and its registration under its lease): before it acknowledges a write or flush without a replica
+//                 the set lists (one that fell out of sync; or any, at its start, when it does not know the set), and
+//                 after a resync brings one back in sync. So etcd never lists in sync a replica that lacks an
+//                 acknowledged write; it may lag behind one that came back (it is then passed over, never wrongly
+//                 chosen). The set is in the volume's record, not a key of its own, so that the failover's
+//                 transaction, which compares the record's revision, also compares the set it chose by: a set
+//                 changed after the successor read it fails the takeover, with no second compare to keep in step.
+//                 The cost: each change of the set changes the record's revision, and a concurrent writer of the
+//                 record (a move being recorded) re-reads; the set changes only when a replica falls out or
+//                 comes back.
 //   replicas/VOL/NODE  {volume, node, owner, ownerEpoch, point, pointMs}
 //                 Written by node NODE only, under its lease, while it holds a replica of VOL: the owner and epoch it
 //                 follows and its newest complete replicated point (repl-<owner's ms>). Read by every node to pick
@@ -44,6 +57,11 @@
 //   live replica of that owner and epoch with the newest point (ties: the first name) runs the transaction (which
 //   also compares its own registration under its lease), then promotes its replica locally (node.promote, epoch + 1,
 //   the same number). Of nodes deciding at once on different views, the revision compare lets one win.
+//   A synchronous volume goes only to a live replica of its inSync set at the owner's epoch (failover.ts; ties:
+//   the first name), which holds every acknowledged write; with none live it waits (cluster status says why).
+//   The new owner's record has inSync {epoch + 1, []}: it links synchronously to each other replica the record
+//   names (#converge; the replica takes its syncOpen at the higher epoch, so the old owner is fenced there too),
+//   resyncs it in full, and records it in sync when done.
 //   A transaction compares revisions in etcd, which is linearizable: of a takeover and the owner's confirmation,
 //   one is ordered first, and the other sees its effect.
 //   A move is the handoff (replication/handoff.ts) run by the owner when it sees the operation: it stops writing
@@ -96,7 +114,7 @@ export interface ClusterHost {
   /** Volumes this node is handing off (roles.ts handing-off: writes frozen), with its epoch. */
   handingOffVolumes(): Array<{ name: string; epoch: number }>;
   /** Turns a volume another node owns now at a higher epoch into a replica of it (fenced first, then node.demote). */
-  rejoin(volume: string, owner: string, ownerEpoch: number, ownerAddress: string): Promise<void>;
+  rejoin(volume: string, owner: string, ownerEpoch: number, ownerAddress: string, sync: boolean): Promise<void>;
   /** A replica whose owner was replaced (failover): it follows the new owner at its epoch from now on. */
   follow(volume: string, owner: string, ownerEpoch: number): Promise<void>;
   /**
@@ -163,6 +181,8 @@ export class ClusterMember {
   #timeoutMs = callTimeoutMs;
   /** The replica records this node last wrote (volume -> JSON), so that only changes are written. */
   readonly #published = new Map<string, string>();
+  /** Volumes being created here (createVolume's caller, between the local volume and its record): not recorded by a renewal. */
+  readonly #creating = new Set<string>();
   /** The in-sync set's write running per volume (recordInSync): one at a time, in the order asked. */
   readonly #inSyncWrites = new Map<string, Promise<void>>();
   /** Background steps running (#converge), by volume, and the last failure of each. */
@@ -256,6 +276,15 @@ export class ClusterMember {
   async placeReplicas(count: number): Promise<Array<{ name: string; peer: string }>> {
     const nodes = await this.#range(nodesPrefix, deadline());
     return chooseReplicaNodes(nodes.map((kv) => parseNodeRecord(kv.key.toString(), kv.value)), this.nodeName, count);
+  }
+
+  /**
+   * Marks `name` as being created here until the returned function is called: a renewal meanwhile (which records
+   * local volumes etcd does not know, #confirmOwnership) leaves it to createVolume, whose record says its replicas.
+   */
+  creating(name: string): () => void {
+    this.#creating.add(name);
+    return () => this.#creating.delete(name);
   }
 
   /** Records a new volume owned by this node at `epoch`; refused when etcd already has a volume of that name. */
@@ -501,6 +530,7 @@ export class ClusterMember {
     const lease = this.#requireLease();
     const registered = (): ['Lease', '==', string] => ['Lease', '==', lease];
     for (const volume of this.#host.ownedVolumes()) {
+      if (this.#creating.has(volume.name)) continue;
       const record: VolumeRecord = { name: volume.name, sizeBytes: volume.sizeBytes, owner: this.nodeName, epoch: volume.epoch, replicas: [], createdAt: new Date().toISOString() };
       const result = await this.#client
         .if(nodeKey(this.nodeName), ...registered())
@@ -640,7 +670,10 @@ export class ClusterMember {
       if (successor?.node !== this.nodeName || !mine.some((replica) => replica.name === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch)) continue;
       const epoch = volume.epoch + 1;
       // A synchronous volume's new owner holds no replica in sync yet: each is recorded once its resync is done.
-      const record: VolumeRecord = { ...volume, owner: this.nodeName, epoch, replicas: volume.replicas.filter((name) => name !== this.nodeName), ...(volume.sync === true ? { inSync: { epoch, nodes: [] } } : {}) };
+      // (The old owner stays one of its replicas: back, it rejoins as a synchronous replica and is resynced.)
+      const record: VolumeRecord = volume.sync === true
+        ? { ...volume, owner: this.nodeName, epoch, replicas: [...new Set([...volume.replicas, volume.owner])].filter((name) => name !== this.nodeName).sort(), inSync: { epoch, nodes: [] } }
+        : { ...volume, owner: this.nodeName, epoch, replicas: volume.replicas.filter((name) => name !== this.nodeName) };
       const result = await this.#client
         .if(volumeKey(volume.name), 'Mod', '==', volumeRevisions.get(volumeKey(volume.name))!)
         .and(nodeKey(volume.owner), 'Version', '==', 0)
@@ -779,7 +812,7 @@ export class ClusterMember {
       const record = records.get(volume.name);
       const address = record === undefined ? null : peers.get(record.owner) ?? null;
       if (record === undefined || record.owner === this.nodeName || record.epoch <= volume.epoch || address === null) continue;
-      this.#background(volume.name, `rejoining as a replica of ${record.owner} (epoch ${record.epoch})`, () => this.#host.rejoin(volume.name, record.owner, record.epoch, address));
+      this.#background(volume.name, `rejoining as a replica of ${record.owner} (epoch ${record.epoch})`, () => this.#host.rejoin(volume.name, record.owner, record.epoch, address, record.sync === true));
     }
     for (const replica of mine) {
       const record = records.get(replica.name);

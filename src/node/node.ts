@@ -417,15 +417,22 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const placement = replicas > 0 ? await this.#cluster!.placeReplicas(replicas) : [];
     // A role left from a replica of that name that never completed (roles.ts) must not apply to a new volume.
     if (!this.pool.hasVolume(name)) await this.roles.forget(name);
-    const info = await this.pool.createVolume(name, sizeBytes);
-    if (this.#cluster === null) return info;
-    // Made here first, then recorded in etcd: until the record's transaction succeeds its writes are refused, and a
-    // crash in between leaves a local volume that the next start records (cluster.ts).
+    // In a cluster, a renewal meanwhile must not record the new volume itself (without its replicas).
+    const created = this.#cluster?.creating(name) ?? (() => {});
+    let info: VolumeInfo;
     try {
-      await this.#cluster.createVolume(name, sizeBytes, this.roles.epochOf(name), placement.map((node) => node.name), sync);
-    } catch (error) {
-      await this.pool.removeVolume(name).catch((removeError: unknown) => this.config.log(`volume ${name} was not recorded in etcd and could not be removed here: ${String(removeError)}`));
-      throw error;
+      info = await this.pool.createVolume(name, sizeBytes);
+      if (this.#cluster === null) return info;
+      // Made here first, then recorded in etcd: until the record's transaction succeeds its writes are refused, and a
+      // crash in between leaves a local volume that the next start records (cluster.ts).
+      try {
+        await this.#cluster.createVolume(name, sizeBytes, this.roles.epochOf(name), placement.map((node) => node.name), sync);
+      } catch (error) {
+        await this.pool.removeVolume(name).catch((removeError: unknown) => this.config.log(`volume ${name} was not recorded in etcd and could not be removed here: ${String(removeError)}`));
+        throw error;
+      }
+    } finally {
+      created();
     }
     if (sync !== null) {
       // Synchronous links, out of sync until their first resync (a new volume's: its holes, as trims); waited for
@@ -532,7 +539,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       promote: async (volume) => (await this.#promote(volume)).epoch,
       fencedVolumes: () => roles.fencedVolumes().map(([volume, fence]) => ({ name: volume, epoch: fence.epoch })),
       handingOffVolumes: () => roles.handoffs().map(([volume, role]) => ({ name: volume, epoch: role.epoch })),
-      rejoin: async (volume, owner, ownerEpoch, ownerAddress) => {
+      rejoin: async (volume, owner, ownerEpoch, ownerAddress, sync) => {
+        if (sync) return this.#rejoinSync(volume, owner, ownerEpoch);
         if (roles.fenced(volume) === null) {
           await roles.set(volume, { role: 'fenced', epoch: roles.epochOf(volume), owner, ownerEpoch, ownerAddress });
           await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
@@ -721,6 +729,21 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     await this.pool.blockWrites(volume, null);
     this.config.log(`volume ${volume} promoted: this node owns it at epoch ${epoch}, as its synchronous replica of ${role.owner} held it`);
     return { volume, epoch, snapshot: '', previousOwner: role.owner };
+  }
+
+  /**
+   * A synchronous volume this node owned, that a failover gave to `owner` at `ownerEpoch` (a higher epoch):
+   * it becomes a synchronous replica of it. What it holds that the new owner may not (writes it applied and never
+   * acknowledged) is kept as snapshot fenced-<ms>; the new owner's link then resyncs the whole volume, so the
+   * replica is its copy before it is recorded in sync. Its own links go first (they would be refused anyway).
+   */
+  async #rejoinSync(volume: string, owner: string, ownerEpoch: number): Promise<void> {
+    await this.roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch, sync: true });
+    await this.pool.blockWrites(volume, this.roles.writeRefusal(volume, 'a write'));
+    await this.#sync?.forgetVolume(volume);
+    const keptAs = `fenced-${Date.now()}`;
+    await this.pool.createSnapshot(volume, keptAs);
+    this.config.log(`volume ${volume}: a synchronous replica of ${owner} (epoch ${ownerEpoch}) from now on; what it held as owner is kept in ${volume}@${keptAs}, and ${owner} resyncs it whole`);
   }
 
   /**

@@ -25,6 +25,13 @@
 //      out of sync: the regions with writes in flight or not yet flushed on both sides (this write's among them;
 //      an in-memory twin of the activity log, in regions) join its dirty map, and the state file is written and
 //      synced; only then is the write acknowledged, without it.
+//   5. In a cluster (IN-SYNC SET): before a write or flush is acknowledged, etcd must not list in sync a replica
+//      that is not in sync here: when the set this node last wrote to etcd (the volume record's inSync, unknown at
+//      start) holds one that is not, the current set is written first (cluster.ts recordInSync: a transaction on
+//      the record's revision; callers meanwhile share one write). A link that turns in sync, or falls out between
+//      writes, is recorded at once in the background. etcd does not answer: the write waits (tried again) until it
+//      does, or until the lease clock refuses writes anyway. So the failover, which promotes only a replica of the
+//      recorded set, never promotes one that lacks an acknowledged write.
 // FLUSH is sent to the local volume and every in-sync replica in parallel and answered when all are durable; FUA
 // travels with the write. A replica's answer to a write says "applied", not "durable", as NBD's does: the flush
 // that follows covers it on both sides. Reads are local. When the local write fails and a replica applied it, that
@@ -51,11 +58,18 @@
 // that lands on a copied region while resyncing marks it again. The link turns in sync under the whole volume's
 // lock once nothing is left, so no write is in flight as it changes.
 //
-// NOT YET: placement and the record in etcd (the cluster's part), `volume create --sync`, a failover that promotes
-// an in-sync replica, snapshots at the same point on every replica, a resize, rollback, receive or handoff (each
-// refused while a volume has synchronous replicas: the replicas would not follow), a rate
-// cap on resync, a full rebuild with checksum compare, repair on read. Writes under way when a link is added pass
-// through; the resync starts once they are done.
+// IN A CLUSTER: `volume create --replicas N --sync` places N replicas as --replicas does and links them here;
+// the record says the volume is synchronous, and its inSync set (step 5) is what failover promotes from: the
+// replica promoted (node.ts #promoteSync: no point to roll back to) owns the volume at epoch + 1 and links to the
+// others, which are resynced in full (their regions are all dirty to the new owner) and then recorded in sync.
+//
+// NOT YET: snapshots at the same point on every replica, a resize, rollback, receive or handoff (each refused
+// while a volume has synchronous replicas: the replicas would not follow, so `volume move` of a synchronous volume
+// is refused too), a rate cap on resync, a full rebuild with checksum compare (a replica re-attached after a
+// failover is copied whole), repair on read, `volume set --sync on|off`. An old owner that comes back after a
+// failover stays fenced (it refuses writes) and is not made a replica of the new owner: its rejoin goes through
+// async replication's common snapshot, which a synchronous volume has not; remove it there. Writes under way when
+// a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';

@@ -2,7 +2,8 @@
 // loopback (TLS peer ports). The volume's record says it is synchronous and which replicas its owner holds in sync
 // at its epoch; kill -9 of the owner while two clients write with FUA and flushes: an in-sync replica takes it over
 // at epoch 2 and holds every write the old owner acknowledged, and the other replica re-attaches to it as a
-// synchronous replica, in sync again after its resync. A replica stopped (SIGSTOP) past the sync timeout is
+// synchronous replica, in sync again after its resync; the old owner, restarted, refuses writes and rejoins the
+// same way. A replica stopped (SIGSTOP) past the sync timeout is
 // recorded out of sync in etcd before the write that went on without it is acknowledged (etcd paused meanwhile:
 // the write waits for it); the owner then killed,
 // the failover takes the in-sync replica, never that one (it sorts first by name: a tie would pick it), and with
@@ -50,15 +51,16 @@ function dump(members: Member[]): void {
   for (const member of members) process.stderr.write(`--- ${member.name}:\n${member.node.stderr()}\n`);
 }
 
-test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync replica takes it over with every acknowledged write; the other re-attaches in sync', { skip }, async () => {
+test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync replica takes it over with every acknowledged write; the other replica and the old owner re-attach in sync', { skip }, async () => {
   const members = [await cluster.start('ka'), await cluster.start('kb'), await cluster.start('kc')];
   const [ka, kb, kc] = members as [Member, Member, Member];
   try {
     const created = JSON.parse(await ok(ka.node, 'volume', 'create', 'vol', '--size', '32MiB', '--replicas', '2', '--sync', '--json'));
-    assert.deepEqual(created.replicas, ['kb', 'kc']);
+    // Placed by free space: either order.
+    assert.deepEqual([...created.replicas].sort(), ['kb', 'kc']);
     // Returned once both replicas are in sync and etcd says so.
     const before = await record('vol');
-    assert.deepEqual([before.owner, before.epoch, before.sync, before.inSync, before.replicas], ['ka', 1, true, { epoch: 1, nodes: ['kb', 'kc'] }, ['kb', 'kc']]);
+    assert.deepEqual([before.owner, before.epoch, before.sync, before.inSync, [...before.replicas].sort()], ['ka', 1, true, { epoch: 1, nodes: ['kb', 'kc'] }, ['kb', 'kc']]);
 
     // Two clients write 4 KiB blocks one after another, each its own, every other one FUA, a flush after each 8th.
     const acknowledged: number[] = [];
@@ -94,7 +96,8 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
       const now = await record('vol');
       return now.owner === 'kb' && now.epoch === 2 ? now : null;
     }, ttlMs + 10_000);
-    assert.deepEqual(after.replicas, ['kc']);
+    // The old owner stays one of its replicas (it rejoins when back).
+    assert.deepEqual(after.replicas, ['ka', 'kc']);
     assert.match(kb.node.stderr(), /owner of volume vol at epoch 1, has no live lease; this node takes it over at epoch 2 \(a synchronous replica recorded in sync: kb, kc\)/);
     await waitFor('kb to promote its replica', () => roles(kb.node).vol?.role === 'owner', 5_000);
     assert.deepEqual(roles(kb.node).vol, { role: 'owner', epoch: 2 });
@@ -127,8 +130,21 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     assert.deepEqual(await replica.read(blockBytes * 5000, blockBytes), block(5000));
     assert.deepEqual(await replica.read(acknowledged.at(-1)! * blockBytes, blockBytes), block(acknowledged.at(-1)!));
     await replica.disconnect();
+
+    // The old owner, restarted, refuses writes, then rejoins as kb's synchronous replica (what it held kept as a
+    // fenced- snapshot), is resynced whole and recorded in sync at epoch 2.
+    members[0] = await cluster.start('ka');
+    const old = await TestNbdClient.connect(members[0].node.nbdSocket, 'vol');
+    assert.ok(await old.write(0, block(0), FLAG_FUA).then(() => false, () => true), 'the old owner acknowledged a write');
+    old.close();
+    await waitFor('ka recorded in sync at epoch 2', async () => ((await record('vol')).inSync?.nodes.join(',') === 'ka,kc' ? true : null), 20_000);
+    assert.deepEqual(roles(members[0].node).vol, { role: 'replica', owner: 'kb', epoch: 2, sync: true });
+    const back = await TestNbdClient.connect(members[0].node.nbdSocket, 'vol');
+    assert.deepEqual(await back.read(blockBytes * 5000, blockBytes), block(5000));
+    await back.disconnect();
+    assert.match(await ok(members[0].node, 'snapshot', 'list', 'vol'), /fenced-/);
     const status = await clusterStatus(kc.node);
-    assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch]), [['vol', 'kb', 2]]);
+    assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'kb', 2, ['ka', 'kc']]]);
   } catch (error) {
     dump(members);
     throw error;
