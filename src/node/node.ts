@@ -555,6 +555,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),
       ensureSyncReplica: (volume, peer, timeoutMs) => this.#ensureSyncLink({ volume, peer, timeoutMs: timeoutMs ?? syncReplicaTimeoutMsDefault }),
       moveRefusal: (volume) => {
+        if (this.#sync?.has(volume)) return 'it has synchronous replicas, which a handoff does not carry yet (issue 17)';
         const attachment = this.#attachments?.get(volume);
         return attachment === undefined ? null : `it is mounted at ${attachment.mountpoint} on node ${this.#cluster?.nodeName ?? '?'}${attachment.dockerIds.length > 0 ? ` for ${attachment.dockerIds.length} container(s)` : ''}; unmount it there first`;
       },
