@@ -1,7 +1,7 @@
 // Synchronous volumes in a cluster (volume create --replicas N --sync): a real etcd and three real nodes on
 // loopback (TLS peer ports). The volume's record says it is synchronous and which replicas its owner holds in sync
 // at its epoch; kill -9 of the owner while two clients write with FUA and flushes: an in-sync replica takes it over
-// at epoch 2 and holds every write the old owner acknowledged, and the other replica re-attaches to it as a
+// at epoch 2 and holds every write the old owner acknowledged (a move of the volume is refused before that), and the other replica re-attaches to it as a
 // synchronous replica, in sync again after its resync; the old owner, restarted, refuses writes and rejoins the
 // same way. A replica stopped (SIGSTOP) past the sync timeout is
 // recorded out of sync in etcd before the write that went on without it is acknowledged (etcd paused meanwhile:
@@ -62,6 +62,14 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     const before = await record('vol');
     assert.deepEqual([before.owner, before.epoch, before.sync, before.inSync, [...before.replicas].sort()], ['ka', 1, true, { epoch: 1, nodes: ['kb', 'kc'] }, ['kb', 'kc']]);
 
+    // A move is refused by the owner (a handoff does not carry synchronous links yet); --sync alone is a usage error.
+    const move = await ka.node.cli('volume', 'move', 'vol', '--to', 'kb');
+    assert.notEqual(move.code, 0);
+    assert.match(move.stderr, /node ka refused to move volume vol to kb: it has synchronous replicas/);
+    const alone = await ka.node.cli('volume', 'create', 'other', '--size', '1MiB', '--sync');
+    assert.equal(alone.code, 2);
+    assert.match(alone.stderr, /--sync needs --replicas N/);
+
     // Two clients write 4 KiB blocks one after another, each its own, every other one FUA, a flush after each 8th.
     const acknowledged: number[] = [];
     const durable: number[] = [];
@@ -86,6 +94,7 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
       }
     });
     await waitFor('writes to the owner', () => acknowledged.length >= 200, 20_000);
+    const killedAt = performance.now();
     await ka.node.kill();
     await Promise.all(writers);
     for (const client of clients) client.close();
@@ -111,6 +120,7 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
       client.close();
       return null;
     }, 10_000);
+    process.stderr.write(`# cluster-sync: owner killed to first write acknowledged by the new owner: ${Math.round(performance.now() - killedAt)} ms (lease TTL ${ttlMs} ms)\n`);
     const missing: number[] = [];
     for (const index of acknowledged) {
       const data = await reader.read(index * blockBytes, blockBytes);
