@@ -184,7 +184,8 @@ test('a replica stopped past the sync timeout is recorded out of sync before the
     const whilePaused = answer.outcome;
     etcd.resume();
     await write;
-    assert.equal(whilePaused, 'pending', 'the write was answered without sb while etcd still listed sb in sync');
+    // (Refused is right too: the owner's lease clock may run out first, on a loaded machine.)
+    assert.notEqual(whilePaused, 'acknowledged', 'the write was acknowledged without sb while etcd still listed sb in sync');
     process.stderr.write(`# cluster-sync: the write without sb, etcd paused: ${answer.outcome} once etcd was back\n`);
     if (answer.outcome === 'refused') {
       await waitFor('a write acknowledged without sb', () => client.write(blockBytes, block(1), FLAG_FUA).then(() => true, () => false), ttlMs + 5_000);
