@@ -1,20 +1,17 @@
 // Synchronous volumes in a cluster (volume create --replicas N --sync): a real etcd and three real nodes on
 // loopback (TLS peer ports). The volume's record says it is synchronous and which replicas its owner holds in sync
-// at its epoch; kill -9 of the owner while two clients write with FUA and flushes: an in-sync replica takes it over
-// at epoch 2 and holds every write the old owner acknowledged (a move of the volume is refused before that), and the other replica re-attaches to it as a
-// synchronous replica, in sync again after its resync; the old owner, restarted, refuses writes and rejoins the
-// same way. A replica stopped (SIGSTOP) past the sync timeout is
-// recorded out of sync in etcd before the write that went on without it is acknowledged (etcd paused meanwhile:
-// the write waits for it); the owner then killed,
-// the failover takes the in-sync replica, never that one (it sorts first by name: a tie would pick it), and with
-// no in-sync replica left the volume waits, said by cluster status.
+// at its epoch; a move of it is refused by its owner. kill -9 of the owner while two clients write with FUA and
+// flushes: an in-sync replica takes it over at epoch 2 and holds every write the old owner acknowledged; the other
+// replica re-attaches to it as a synchronous replica, in sync again after its resync, and the old owner, restarted,
+// refuses writes and rejoins the same way. (A replica out of sync, and the failover passing it over:
+// cluster-sync-failover.test.ts.)
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { clusterFixture, clusterStatus, roles, waitFor, type Member } from '../helpers/cluster.ts';
 import { FLAG_FUA, TestNbdClient } from '../helpers/nbd-client.ts';
 import { ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 
-const cluster = clusterFixture('cluster-sync', { nodes: ['ka', 'kb', 'kc', 'sa', 'sb', 'sc'] });
+const cluster = clusterFixture('cluster-sync', { nodes: ['ka', 'kb', 'kc'] });
 const skip = cluster.skip;
 const ttlMs = cluster.ttlMs;
 const blockBytes = 4096;
@@ -156,76 +153,6 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     assert.match(await ok(members[0].node, 'snapshot', 'list', 'vol'), /fenced-/);
     const status = await clusterStatus(kc.node);
     assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'kb', 2, ['ka', 'kc']]]);
-  } catch (error) {
-    dump(members);
-    throw error;
-  } finally {
-    await stopAll(members);
-  }
-});
-
-test('a replica stopped past the sync timeout is recorded out of sync before the write goes on without it; the failover never picks it, and with none in sync the volume waits', { skip }, async () => {
-  // sb sorts before sc: were the in-sync set ignored, a tie would give sb the volume.
-  const members = [await cluster.start('sa'), await cluster.start('sb'), await cluster.start('sc')];
-  const [sa, sb, sc] = members as [Member, Member, Member];
-  try {
-    await ok(sa.node, 'volume', 'create', 'sv', '--size', '16MiB', '--replicas', '2', '--sync', '--sync-timeout', '500ms');
-    assert.deepEqual((await record('sv')).inSync, { epoch: 1, nodes: ['sb', 'sc'] });
-    const client = await TestNbdClient.connect(sa.node.nbdSocket, 'sv');
-    await client.write(0, block(0), FLAG_FUA);
-    sb.node.process.kill('SIGSTOP');
-    // etcd paused too: the write that goes on without sb (after 500 ms) is not acknowledged while etcd cannot be
-    // told; resumed, it is (or refused, when the owner's lease clock ran out meanwhile: then written again).
-    const etcd = cluster.etcd.members[0]!;
-    etcd.pause();
-    const answer: { outcome: 'pending' | 'acknowledged' | 'refused' } = { outcome: 'pending' };
-    const write = client.write(blockBytes, block(1), FLAG_FUA).then(() => (answer.outcome = 'acknowledged'), () => (answer.outcome = 'refused'));
-    await new Promise((resolve) => setTimeout(resolve, 1_200));
-    const whilePaused = answer.outcome;
-    etcd.resume();
-    await write;
-    // (Refused is right too: the owner's lease clock may run out first, on a loaded machine.)
-    assert.notEqual(whilePaused, 'acknowledged', 'the write was acknowledged without sb while etcd still listed sb in sync');
-    process.stderr.write(`# cluster-sync: the write without sb, etcd paused: ${answer.outcome} once etcd was back\n`);
-    if (answer.outcome === 'refused') {
-      await waitFor('a write acknowledged without sb', () => client.write(blockBytes, block(1), FLAG_FUA).then(() => true, () => false), ttlMs + 5_000);
-    }
-    assert.deepEqual((await record('sv')).inSync, { epoch: 1, nodes: ['sc'] });
-    await sa.node.kill();
-    client.close();
-    sb.node.process.kill('SIGCONT');
-
-    const after = await waitFor('sc to own sv at epoch 2', async () => {
-      const now = await record('sv');
-      return now.epoch === 2 ? now : null;
-    }, ttlMs + 10_000);
-    assert.equal(after.owner, 'sc', 'the failover picked a replica that was out of sync');
-    assert.doesNotMatch(sb.node.stderr(), /takes it over/);
-    const reader = await TestNbdClient.connect(sc.node.nbdSocket, 'sv');
-    assert.deepEqual(await reader.read(blockBytes, blockBytes), block(1));
-    await reader.disconnect();
-
-    // sb is resynced by sc and in sync again at epoch 2. Then sb is stopped past sc's sync timeout again (recorded out
-    // of sync at a write), sc killed: no replica in the in-sync set is live, and the volume waits, said.
-    await waitFor('sb in sync at epoch 2', async () => ((await record('sv')).inSync?.nodes.join(',') === 'sb' ? true : null), 20_000);
-    const writer = await TestNbdClient.connect(sc.node.nbdSocket, 'sv');
-    sb.node.process.kill('SIGSTOP');
-    await writer.write(2 * blockBytes, block(2), FLAG_FUA);
-    assert.deepEqual((await record('sv')).inSync, { epoch: 2, nodes: [] });
-    await sc.node.kill();
-    writer.close();
-    sb.node.process.kill('SIGCONT');
-    const waiting = await waitFor('cluster status to say sv waits', async () => {
-      const volume = (await clusterStatus(sb.node)).volumes.find((candidate) => candidate.name === 'sv') as { waiting?: string | null } | undefined;
-      return typeof volume?.waiting === 'string' ? volume.waiting : null;
-    }, ttlMs + 10_000);
-    assert.match(waiting, /no replica recorded in sync at epoch 2 is live \(none was in sync\)/);
-    // Well past a renewal of sb's: still sc's, at epoch 2.
-    await new Promise((resolve) => setTimeout(resolve, ttlMs / 2));
-    const still = await record('sv');
-    assert.deepEqual([still.owner, still.epoch], ['sc', 2]);
-    assert.doesNotMatch(sb.node.stderr(), /takes it over/);
-    assert.match(await ok(sb.node, 'cluster', 'status'), /sv \(sync\).*WAITING: its owner sc has no live lease/);
   } catch (error) {
     dump(members);
     throw error;
