@@ -686,6 +686,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    */
   async promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
     this.#refuseInCluster(`chunkd replica promote ${volume}`);
+    // Only etcd's in-sync set says whether a synchronous replica holds every acknowledged write.
+    if (this.roles.isSyncReplica(volume)) throw ChunkdError.invalid(`volume ${volume} is a synchronous replica: it is promoted by the cluster's failover only, which knows whether it is in sync (serve --etcd)`);
     return this.#promote(volume);
   }
 
@@ -720,8 +722,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   /**
    * A synchronous replica promoted: it is the volume as its owner's writes reached it (no point to go back to;
-   * that it holds every acknowledged write is the cluster's in-sync set's to say, failover.ts). The owner's
-   * sessions are dropped first, so that no write of the old owner's lands after the role changed.
+   * that it holds every acknowledged write is the cluster's in-sync set's to say, failover.ts). The role changes
+   * first (a syncWrite of the old owner's is refused from then on), then its sessions and handle go.
    */
   async #promoteSync(volume: string, role: { owner: string; epoch: number }): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
     const epoch = role.epoch + 1;
@@ -736,7 +738,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    * A synchronous volume this node owned, that a failover gave to `owner` at `ownerEpoch` (a higher epoch):
    * it becomes a synchronous replica of it. What it holds that the new owner may not (writes it applied and never
    * acknowledged) is kept as snapshot fenced-<ms>; the new owner's link then resyncs the whole volume, so the
-   * replica is its copy before it is recorded in sync. Its own links go first (they would be refused anyway).
+   * replica is its copy before it is recorded in sync. Its own links go (their replicas refuse them anyway).
    */
   async #rejoinSync(volume: string, owner: string, ownerEpoch: number): Promise<void> {
     await this.roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch, sync: true });
