@@ -61,15 +61,15 @@
 // IN A CLUSTER: `volume create --replicas N --sync` places N replicas as --replicas does and links them here;
 // the record says the volume is synchronous, and its inSync set (step 5) is what failover promotes from: the
 // replica promoted (node.ts #promoteSync: no point to roll back to) owns the volume at epoch + 1 and links to the
-// others, which are resynced in full (their regions are all dirty to the new owner) and then recorded in sync.
+// others, which are resynced in full (their regions are all dirty to the new owner) and then recorded in sync. The
+// old owner, back, becomes one of them (node.ts #rejoinSync: what it held kept as snapshot fenced-<ms>).
 //
 // NOT YET: snapshots at the same point on every replica, a resize, rollback, receive or handoff (each refused
 // while a volume has synchronous replicas: the replicas would not follow, so `volume move` of a synchronous volume
 // is refused too), a rate cap on resync, a full rebuild with checksum compare (a replica re-attached after a
-// failover is copied whole), repair on read, `volume set --sync on|off`. An old owner that comes back after a
-// failover stays fenced (it refuses writes) and is not made a replica of the new owner: its rejoin goes through
-// async replication's common snapshot, which a synchronous volume has not; remove it there. Writes under way when
-// a link is added pass through; the resync starts once they are done.
+// failover is copied whole), repair on read, `volume set --sync on|off`, `replica add --sync` by hand marking the
+// volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
+// Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
