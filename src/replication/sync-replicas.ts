@@ -451,10 +451,19 @@ class SyncVolume {
   async removeLink(peer: string): Promise<boolean> {
     const index = this.#links.findIndex((link) => link.settings.peer === peer);
     if (index < 0) return false;
-    // Under the whole volume's lock, so no write is sent to it half way.
+    // Under the whole volume's lock, so no write is sent to it half way; in a cluster, no write is acknowledged
+    // without it while etcd may still list it in sync (IN-SYNC SET): the set without it is recorded first, and a
+    // failure to record it keeps the link.
     const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
     const [link] = this.#links.splice(index, 1);
-    release();
+    try {
+      await this.#record();
+    } catch (error) {
+      this.#links.splice(index, 0, link!);
+      throw error;
+    } finally {
+      release();
+    }
     link!.stop();
     await link!.running;
     return true;
