@@ -153,6 +153,7 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     assert.match(await ok(members[0].node, 'snapshot', 'list', 'vol'), /fenced-/);
     const status = await clusterStatus(kc.node);
     assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'kb', 2, ['ka', 'kc']]]);
+    assert.match(await ok(kc.node, 'volume', 'list'), /vol \(sync\)\t16 MiB\tkb\t2\tka \(in sync\), kc \(in sync\)/);
   } catch (error) {
     dump(members);
     throw error;
