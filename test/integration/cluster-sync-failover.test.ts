@@ -6,46 +6,15 @@
 // cluster status. (kill -9 of the owner under writes, and the replicas re-attaching: cluster-sync.test.ts.)
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
-import { clusterFixture, clusterStatus, waitFor, type Member } from '../helpers/cluster.ts';
+import { clusterFixture, clusterStatus, dumpMembers, numberedBlock, stopMembers, volumeRecord, waitFor, type Member } from '../helpers/cluster.ts';
 import { FLAG_FUA, TestNbdClient } from '../helpers/nbd-client.ts';
-import { ok, stopAndCheck } from '../helpers/stream-pipe.ts';
+import { ok } from '../helpers/stream-pipe.ts';
 
 const cluster = clusterFixture('cluster-sync-failover', { nodes: ['sa', 'sb', 'sc'] });
 const skip = cluster.skip;
 const ttlMs = cluster.ttlMs;
 const blockBytes = 4096;
-
-interface Record {
-  owner: string;
-  epoch: number;
-  replicas: string[];
-  sync?: true;
-  inSync?: { epoch: number; nodes: string[] };
-}
-
-async function record(volume: string): Promise<Record> {
-  const text = await cluster.client.get(`/chunkd/v1/volumes/${volume}`).string();
-  assert.ok(text !== null, `no record of ${volume} in etcd`);
-  return JSON.parse(text);
-}
-
-/** Block `index`: its index in its first bytes, then a byte of it, so that each block written is told apart. */
-function block(index: number): Buffer {
-  const data = Buffer.alloc(blockBytes, (index * 7 + 1) % 256);
-  data.writeUInt32LE(index, 0);
-  return data;
-}
-
-async function stopAll(members: Member[]): Promise<void> {
-  for (const member of members) {
-    member.node.process.kill('SIGCONT');
-    await stopAndCheck(member.node).catch(() => member.node.kill());
-  }
-}
-
-function dump(members: Member[]): void {
-  for (const member of members) process.stderr.write(`--- ${member.name}:\n${member.node.stderr()}\n`);
-}
+const record = (volume: string) => volumeRecord(cluster, volume);
 
 test('a replica stopped past the sync timeout is recorded out of sync before the write goes on without it; the failover never picks it, and with none in sync the volume waits', { skip }, async () => {
   // sb sorts before sc: were the in-sync set ignored, a tie would give sb the volume.
@@ -55,14 +24,14 @@ test('a replica stopped past the sync timeout is recorded out of sync before the
     await ok(sa.node, 'volume', 'create', 'sv', '--size', '16MiB', '--replicas', '2', '--sync', '--sync-timeout', '500ms');
     assert.deepEqual((await record('sv')).inSync, { epoch: 1, nodes: ['sb', 'sc'] });
     const client = await TestNbdClient.connect(sa.node.nbdSocket, 'sv');
-    await client.write(0, block(0), FLAG_FUA);
+    await client.write(0, numberedBlock(0), FLAG_FUA);
     sb.node.process.kill('SIGSTOP');
     // etcd paused too: the write that goes on without sb (after 500 ms) is not acknowledged while etcd cannot be
     // told; resumed, it is (or refused, when the owner's lease clock ran out meanwhile: then written again).
     const etcd = cluster.etcd.members[0]!;
     etcd.pause();
     const answer: { outcome: 'pending' | 'acknowledged' | 'refused' } = { outcome: 'pending' };
-    const write = client.write(blockBytes, block(1), FLAG_FUA).then(() => (answer.outcome = 'acknowledged'), () => (answer.outcome = 'refused'));
+    const write = client.write(blockBytes, numberedBlock(1), FLAG_FUA).then(() => (answer.outcome = 'acknowledged'), () => (answer.outcome = 'refused'));
     await new Promise((resolve) => setTimeout(resolve, 1_200));
     const whilePaused = answer.outcome;
     etcd.resume();
@@ -71,7 +40,7 @@ test('a replica stopped past the sync timeout is recorded out of sync before the
     assert.notEqual(whilePaused, 'acknowledged', 'the write was acknowledged without sb while etcd still listed sb in sync');
     process.stderr.write(`# cluster-sync: the write without sb, etcd paused: ${answer.outcome} once etcd was back\n`);
     if (answer.outcome === 'refused') {
-      await waitFor('a write acknowledged without sb', () => client.write(blockBytes, block(1), FLAG_FUA).then(() => true, () => false), ttlMs + 5_000);
+      await waitFor('a write acknowledged without sb', () => client.write(blockBytes, numberedBlock(1), FLAG_FUA).then(() => true, () => false), ttlMs + 5_000);
     }
     assert.deepEqual((await record('sv')).inSync, { epoch: 1, nodes: ['sc'] });
     await sa.node.kill();
@@ -85,7 +54,7 @@ test('a replica stopped past the sync timeout is recorded out of sync before the
     assert.equal(after.owner, 'sc', 'the failover picked a replica that was out of sync');
     assert.doesNotMatch(sb.node.stderr(), /takes it over/);
     const reader = await TestNbdClient.connect(sc.node.nbdSocket, 'sv');
-    assert.deepEqual(await reader.read(blockBytes, blockBytes), block(1));
+    assert.deepEqual(await reader.read(blockBytes, blockBytes), numberedBlock(1));
     await reader.disconnect();
 
     // sb is resynced by sc and in sync again at epoch 2. Then sb is stopped past sc's sync timeout again (recorded out
@@ -93,7 +62,7 @@ test('a replica stopped past the sync timeout is recorded out of sync before the
     await waitFor('sb in sync at epoch 2', async () => ((await record('sv')).inSync?.nodes.join(',') === 'sb' ? true : null), 20_000);
     const writer = await TestNbdClient.connect(sc.node.nbdSocket, 'sv');
     sb.node.process.kill('SIGSTOP');
-    await writer.write(2 * blockBytes, block(2), FLAG_FUA);
+    await writer.write(2 * blockBytes, numberedBlock(2), FLAG_FUA);
     assert.deepEqual((await record('sv')).inSync, { epoch: 2, nodes: [] });
     await sc.node.kill();
     writer.close();
@@ -110,9 +79,9 @@ test('a replica stopped past the sync timeout is recorded out of sync before the
     assert.doesNotMatch(sb.node.stderr(), /takes it over/);
     assert.match(await ok(sb.node, 'cluster', 'status'), /sv \(sync\).*WAITING: its owner sc has no live lease/);
   } catch (error) {
-    dump(members);
+    dumpMembers(members);
     throw error;
   } finally {
-    await stopAll(members);
+    await stopMembers(members);
   }
 });

@@ -7,46 +7,15 @@
 // cluster-sync-failover.test.ts.)
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
-import { clusterFixture, clusterStatus, roles, waitFor, type Member } from '../helpers/cluster.ts';
+import { clusterFixture, clusterStatus, dumpMembers, numberedBlock, roles, stopMembers, volumeRecord, waitFor, type Member } from '../helpers/cluster.ts';
 import { FLAG_FUA, TestNbdClient } from '../helpers/nbd-client.ts';
-import { ok, stopAndCheck } from '../helpers/stream-pipe.ts';
+import { ok } from '../helpers/stream-pipe.ts';
 
 const cluster = clusterFixture('cluster-sync', { nodes: ['ka', 'kb', 'kc'] });
 const skip = cluster.skip;
 const ttlMs = cluster.ttlMs;
 const blockBytes = 4096;
-
-interface Record {
-  owner: string;
-  epoch: number;
-  replicas: string[];
-  sync?: true;
-  inSync?: { epoch: number; nodes: string[] };
-}
-
-async function record(volume: string): Promise<Record> {
-  const text = await cluster.client.get(`/chunkd/v1/volumes/${volume}`).string();
-  assert.ok(text !== null, `no record of ${volume} in etcd`);
-  return JSON.parse(text);
-}
-
-/** Block `index`: its index in its first bytes, then a byte of it, so that each block written is told apart. */
-function block(index: number): Buffer {
-  const data = Buffer.alloc(blockBytes, (index * 7 + 1) % 256);
-  data.writeUInt32LE(index, 0);
-  return data;
-}
-
-async function stopAll(members: Member[]): Promise<void> {
-  for (const member of members) {
-    member.node.process.kill('SIGCONT');
-    await stopAndCheck(member.node).catch(() => member.node.kill());
-  }
-}
-
-function dump(members: Member[]): void {
-  for (const member of members) process.stderr.write(`--- ${member.name}:\n${member.node.stderr()}\n`);
-}
+const record = (volume: string) => volumeRecord(cluster, volume);
 
 test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync replica takes it over with every acknowledged write; the other replica and the old owner re-attach in sync', { skip }, async () => {
   const members = [await cluster.start('ka'), await cluster.start('kb'), await cluster.start('kc')];
@@ -77,7 +46,7 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
         const index = n * 2 + which;
         const fua = n % 2 === 1;
         try {
-          await client.write(index * blockBytes, block(index), fua ? FLAG_FUA : 0);
+          await client.write(index * blockBytes, numberedBlock(index), fua ? FLAG_FUA : 0);
           acknowledged.push(index);
           if (fua) durable.push(index);
           else sinceFlush.push(index);
@@ -112,7 +81,7 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     // Every acknowledged write is on the new owner (not only the flushed ones: its process did not crash).
     const reader = await waitFor('kb to take writes', async () => {
       const client = await TestNbdClient.connect(kb.node.nbdSocket, 'vol');
-      const answer = await client.write(15 * 1024 * 1024, block(999_999), FLAG_FUA).then(() => true, () => false);
+      const answer = await client.write(15 * 1024 * 1024, numberedBlock(999_999), FLAG_FUA).then(() => true, () => false);
       if (answer) return client;
       client.close();
       return null;
@@ -121,7 +90,7 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     const missing: number[] = [];
     for (const index of acknowledged) {
       const data = await reader.read(index * blockBytes, blockBytes);
-      if (!data.equals(block(index))) missing.push(index);
+      if (!data.equals(numberedBlock(index))) missing.push(index);
     }
     assert.deepEqual(missing.filter((index) => durable.includes(index)), [], 'flushed or FUA writes missing on the new owner');
     assert.deepEqual(missing, [], 'acknowledged writes missing on the new owner');
@@ -132,32 +101,32 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
       return now.inSync?.epoch === 2 && now.inSync.nodes.join(',') === 'kc' ? now : null;
     }, 20_000);
     assert.deepEqual(roles(kc.node).vol, { role: 'replica', owner: 'kb', epoch: 2, sync: true });
-    await reader.write(blockBytes * 3000, block(3000), FLAG_FUA);
+    await reader.write(blockBytes * 3000, numberedBlock(3000), FLAG_FUA);
     await reader.disconnect();
     const replica = await TestNbdClient.connect(kc.node.nbdSocket, 'vol');
-    assert.deepEqual(await replica.read(blockBytes * 3000, blockBytes), block(3000));
-    assert.deepEqual(await replica.read(acknowledged.at(-1)! * blockBytes, blockBytes), block(acknowledged.at(-1)!));
+    assert.deepEqual(await replica.read(blockBytes * 3000, blockBytes), numberedBlock(3000));
+    assert.deepEqual(await replica.read(acknowledged.at(-1)! * blockBytes, blockBytes), numberedBlock(acknowledged.at(-1)!));
     await replica.disconnect();
 
     // The old owner, restarted, refuses writes, then rejoins as kb's synchronous replica (what it held kept as a
     // fenced- snapshot), is resynced whole and recorded in sync at epoch 2.
     members[0] = await cluster.start('ka');
     const old = await TestNbdClient.connect(members[0].node.nbdSocket, 'vol');
-    assert.ok(await old.write(0, block(0), FLAG_FUA).then(() => false, () => true), 'the old owner acknowledged a write');
+    assert.ok(await old.write(0, numberedBlock(0), FLAG_FUA).then(() => false, () => true), 'the old owner acknowledged a write');
     old.close();
     await waitFor('ka recorded in sync at epoch 2', async () => ((await record('vol')).inSync?.nodes.join(',') === 'ka,kc' ? true : null), 20_000);
     assert.deepEqual(roles(members[0].node).vol, { role: 'replica', owner: 'kb', epoch: 2, sync: true });
     const back = await TestNbdClient.connect(members[0].node.nbdSocket, 'vol');
-    assert.deepEqual(await back.read(blockBytes * 3000, blockBytes), block(3000));
+    assert.deepEqual(await back.read(blockBytes * 3000, blockBytes), numberedBlock(3000));
     await back.disconnect();
     assert.match(await ok(members[0].node, 'snapshot', 'list', 'vol'), /fenced-/);
     const status = await clusterStatus(kc.node);
     assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'kb', 2, ['ka', 'kc']]]);
     assert.match(await ok(kc.node, 'volume', 'list'), /vol \(sync\)\t16 MiB\tkb\t2\tka \(in sync\), kc \(in sync\)/);
   } catch (error) {
-    dump(members);
+    dumpMembers(members);
     throw error;
   } finally {
-    await stopAll(members);
+    await stopMembers(members);
   }
 });
