@@ -37,7 +37,7 @@ export interface ControlPlane {
   listVolumes(): VolumeInfo[];
   volumeInfo(name: string): VolumeInfo;
   /** `replicas`: replica links to that many other nodes of the cluster (node.ts); 0 or absent: none. */
-  createVolume(name: string, sizeBytes: number, replicas?: number): Promise<VolumeInfo>;
+  createVolume(name: string, sizeBytes: number, replicas?: number, sync?: { timeoutMs: number } | null): Promise<VolumeInfo>;
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo>;
   removeVolume(name: string): Promise<void>;
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo>;
@@ -205,7 +205,10 @@ export class ApiServer {
         const name = validateName(body.name);
         const replicas = body.replicas ?? 0;
         if (!Number.isSafeInteger(replicas) || (replicas as number) < 0 || (replicas as number) > 8) throw ChunkdError.invalid(`invalid replicas ${JSON.stringify(replicas)}: a whole number from 0 to 8`);
-        return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes), replicas as number));
+        if (body.sync !== undefined && typeof body.sync !== 'boolean') throw ChunkdError.invalid('sync must be true or false');
+        if (body.syncTimeoutMs !== undefined && body.sync !== true) throw ChunkdError.invalid('syncTimeoutMs goes with sync: true');
+        const sync = body.sync === true ? { timeoutMs: syncTimeoutField(body.syncTimeoutMs) } : null;
+        return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes), replicas as number, sync));
       }
       case 'GET /v1/volumes/:':
         return sendJson(response, 200, this.#control.volumeInfo(volumeName()));
@@ -387,9 +390,14 @@ function peerField(value: unknown): string {
 }
 
 function syncReplicaSettings(volume: string, body: Record<string, unknown>): SyncReplicaSettings {
-  const timeoutMs = body.timeoutMs ?? syncReplicaTimeoutMsDefault;
+  return { volume, peer: peerField(body.peer), timeoutMs: syncTimeoutField(body.timeoutMs) };
+}
+
+/** A synchronous link's timeout in a request body (default syncReplicaTimeoutMsDefault). */
+function syncTimeoutField(value: unknown): number {
+  const timeoutMs = value ?? syncReplicaTimeoutMsDefault;
   if (typeof timeoutMs !== 'number' || !Number.isSafeInteger(timeoutMs) || timeoutMs < 100 || timeoutMs > 600_000) throw ChunkdError.invalid('timeoutMs must be a whole number of milliseconds from 100 to 600000');
-  return { volume, peer: peerField(body.peer), timeoutMs };
+  return timeoutMs;
 }
 
 function replicaSettings(volume: string, body: Record<string, unknown>): ReplicaSettings {

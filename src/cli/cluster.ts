@@ -28,7 +28,10 @@ export function renderClusterStatus(status: ClusterStatus): string {
   }
   if (status.volumes.length > 0) {
     lines.push('', 'VOLUME\tSIZE\tOWNER\tEPOCH\tREPLICAS');
-    for (const volume of status.volumes) lines.push(`${volume.name}\t${formatSize(volume.sizeBytes)}\t${volume.owner}\t${volume.epoch}\t${volume.replicas.length > 0 ? volume.replicas.join(',') : '-'}`);
+    for (const volume of status.volumes) {
+      const replicas = volume.replicas.map((node) => (volume.inSync === null ? node : `${node} (${volume.inSync.includes(node) ? 'in sync' : 'out of sync'})`));
+      lines.push(`${volume.name}${volume.sync ? ' (sync)' : ''}\t${formatSize(volume.sizeBytes)}\t${volume.owner}\t${volume.epoch}\t${replicas.length > 0 ? replicas.join(',') : '-'}${volume.waiting === null ? '' : `\tWAITING: ${volume.waiting}`}`);
+    }
   }
   return `${lines.join('\n')}\n`;
 }
@@ -41,9 +44,13 @@ export function renderClusterVolumes(volumes: ClusterVolume[]): string {
   if (volumes.length === 0) return 'no volumes in the cluster';
   const lines = ['VOLUME\tSIZE\tOWNER\tEPOCH\tREPLICAS'];
   for (const volume of volumes) {
-    const replicas = volume.replicas.map((replica) => (replica.live ? `${replica.node}@${replica.point ?? '-'} (${((replica.pointAgeMs ?? 0) / 1000).toFixed(1)} s old)` : `${replica.node} (not live)`));
+    const replicas = volume.replicas.map((replica) => {
+      // A synchronous replica has no points: whether the owner records it in sync says what it holds.
+      const state = volume.inSync === null ? `@${replica.point ?? '-'} (${((replica.pointAgeMs ?? 0) / 1000).toFixed(1)} s old)` : ` (${volume.inSync.includes(replica.node) ? 'in sync' : 'out of sync'})`;
+      return replica.live ? `${replica.node}${state}` : `${replica.node} (not live)`;
+    });
     const move = volume.move === null ? '' : `\tmoving to ${volume.move.to}`;
-    lines.push(`${volume.name}\t${formatSize(volume.sizeBytes)}\t${volume.owner}${volume.ownerAlive ? '' : ' (down)'}\t${volume.epoch}\t${replicas.length > 0 ? replicas.join(', ') : '-'}${move}`);
+    lines.push(`${volume.name}${volume.sync ? ' (sync)' : ''}\t${formatSize(volume.sizeBytes)}\t${volume.owner}${volume.ownerAlive ? '' : ' (down)'}\t${volume.epoch}\t${replicas.length > 0 ? replicas.join(', ') : '-'}${move}${volume.waiting === null ? '' : `\tWAITING: ${volume.waiting}`}`);
   }
   return lines.join('\n');
 }

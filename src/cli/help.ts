@@ -77,9 +77,16 @@ export const commands = {
     options: { ...json, ...api },
   },
   'volume create': {
-    usage: ['volume create NAME --size SIZE [--replicas N] [--json]'],
+    usage: ['volume create NAME --size SIZE [--replicas N [--sync [--sync-timeout 5s]]] [--json]'],
     summary: 'create a thin volume: nothing is allocated until written',
-    options: { ...size, replicas: { type: 'string', value: 'N', help: 'in a cluster: replicas on N other nodes, those with the most free space (default 0)' }, ...json, ...api },
+    options: {
+      ...size,
+      replicas: { type: 'string', value: 'N', help: 'in a cluster: replicas on N other nodes, those with the most free space (default 0)' },
+      sync: { type: 'boolean', help: 'with --replicas: synchronous replicas (every acknowledged write on each in-sync one; etcd records which are in sync, and only those may take the volume over)' },
+      'sync-timeout': { type: 'string', value: 'DURATION', fallback: '5s', help: 'with --sync: a replica that leaves a write unanswered this long is out of sync' },
+      ...json,
+      ...api,
+    },
   },
   'volume list': {
     usage: ['volume list [--json]'],

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { softwareVersion } from '../core/version.ts';
 import { validateName } from '../core/names.ts';
-import { formatSize, parseSize } from '../core/units.ts';
+import { formatSize, parseDuration, parseSize } from '../core/units.ts';
 import { fsckPool } from '../store/fsck.ts';
 import { repairPool, type RepairReport } from '../store/repair.ts';
 import type { DiffReport } from '../api/server.ts';
@@ -159,13 +159,16 @@ async function volumeCommand(argv: string[]): Promise<number> {
   switch (verb) {
     case 'create': {
       const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands['volume create'].options }));
-      const [name, sizeBytes, replicas] = parsing(() => {
+      const [name, sizeBytes, replicas, syncTimeoutMs] = parsing(() => {
         const count = values.replicas === undefined ? 0 : Number(values.replicas);
         if (values.replicas !== undefined && (!/^\d+$/.test(values.replicas) || count > 8)) throw new UsageError(`invalid --replicas "${values.replicas}": a whole number from 0 to 8`);
-        return [nameOf(positionals), sizeOf(values.size), count] as const;
+        if (values.sync === true && count === 0) throw new UsageError('--sync needs --replicas N (1 or more): the replicas it makes synchronous');
+        if (values['sync-timeout'] !== undefined && values.sync !== true) throw new UsageError('--sync-timeout goes with --sync');
+        return [nameOf(positionals), sizeOf(values.size), count, values['sync-timeout'] === undefined ? undefined : parseDuration(values['sync-timeout'], '--sync-timeout')] as const;
       });
-      const volume = (await callApi(apiPath(values.api), 'POST', '/v1/volumes', { name, sizeBytes, ...(replicas > 0 ? { replicas } : {}) })) as VolumeInfo & { replicas?: string[] };
-      print(values.json, volume, () => `created volume ${volume.name} of ${formatSize(volume.sizeBytes)}${volume.replicas === undefined ? '' : `, replicas on ${volume.replicas.join(', ')}`}`);
+      const sync = values.sync === true ? { sync: true, ...(syncTimeoutMs === undefined ? {} : { syncTimeoutMs }) } : {};
+      const volume = (await callApi(apiPath(values.api), 'POST', '/v1/volumes', { name, sizeBytes, ...(replicas > 0 ? { replicas } : {}), ...sync })) as VolumeInfo & { replicas?: string[] };
+      print(values.json, volume, () => `created volume ${volume.name} of ${formatSize(volume.sizeBytes)}${volume.replicas === undefined ? '' : `, ${values.sync === true ? 'synchronous replicas (in sync)' : 'replicas'} on ${volume.replicas.join(', ')}`}`);
       return 0;
     }
     case 'list': {

@@ -8,10 +8,23 @@
 //                 deletes it when the lease expires or is revoked). Created by a transaction that compares the key's
 //                 version with 0 (a name a live node holds is refused), or its mod revision when the record is this
 //                 same pool's from a previous run (the pool's lock says that process is gone).
-//   volumes/NAME  {name, sizeBytes, owner, epoch, replicas, createdAt}
+//   volumes/NAME  {name, sizeBytes, owner, epoch, replicas, createdAt[, sync, syncTimeoutMs, inSync: {epoch, nodes}]}
 //                 Not under any lease: it outlives its owner. Created by the owner in a transaction comparing the
 //                 key's version with 0; every later change is a transaction comparing the mod revision it read, so of
 //                 two concurrent writers exactly one wins and the other re-reads.
+//                 A synchronous volume (volume create --replicas N --sync) has `sync` and its links' timeout, and
+//                 `inSync`: the replicas its owner holds in sync (every write it acknowledged is on each), at the
+//                 owner's epoch, written by that owner only (recordInSync, a transaction comparing the mod revision
+//                 and its registration under its lease): before it acknowledges a write or flush without a replica
+//                 the set lists (one that fell out of sync; or any, at its start, when it does not know the set), and
+//                 after a resync brings one back in sync. So etcd never lists in sync a replica that lacks an
+//                 acknowledged write; it may lag behind one that came back (it is then passed over, never wrongly
+//                 chosen). The set is in the volume's record, not a key of its own, so that the failover's
+//                 transaction, which compares the record's revision, also compares the set it chose by: a set
+//                 changed after the successor read it fails the takeover, with no second compare to keep in step.
+//                 The cost: each change of the set changes the record's revision, and a concurrent writer of the
+//                 record (a move being recorded) re-reads; the set changes only when a replica falls out or
+//                 comes back.
 //   replicas/VOL/NODE  {volume, node, owner, ownerEpoch, point, pointMs}
 //                 Written by node NODE only, under its lease, while it holds a replica of VOL: the owner and epoch it
 //                 follows and its newest complete replicated point (repl-<owner's ms>). Read by every node to pick
@@ -44,6 +57,11 @@
 //   live replica of that owner and epoch with the newest point (ties: the first name) runs the transaction (which
 //   also compares its own registration under its lease), then promotes its replica locally (node.promote, epoch + 1,
 //   the same number). Of nodes deciding at once on different views, the revision compare lets one win.
+//   A synchronous volume goes only to a live replica of its inSync set at the owner's epoch (failover.ts; ties:
+//   the first name), which holds every acknowledged write; with none live it waits (cluster status says why).
+//   The new owner's record has inSync {epoch + 1, []}: it links synchronously to each other replica the record
+//   names (#converge; the replica takes its syncOpen at the higher epoch, so the old owner is fenced there too),
+//   resyncs it in full, and records it in sync when done.
 //   A transaction compares revisions in etcd, which is linearizable: of a takeover and the owner's confirmation,
 //   one is ordered first, and the other sees its effect.
 //   A move is the handoff (replication/handoff.ts) run by the owner when it sees the operation: it stops writing
@@ -84,8 +102,11 @@ export interface ClusterHost {
   epochOf(volume: string): number | null;
   /** Volumes this node owns in its pool (not replicas), with its ownership epoch (roles.ts) and size. */
   ownedVolumes(): Array<{ name: string; sizeBytes: number; epoch: number }>;
-  /** Volumes this node holds as replicas: the owner and epoch each follows, and its newest complete replicated point. */
-  replicaVolumes(): Array<{ name: string; owner: string; ownerEpoch: number; point: string | null }>;
+  /**
+   * Volumes this node holds as replicas: the owner and epoch each follows, and its newest complete replicated point
+   * (a synchronous replica, `sync`, has none: the owner's in-sync set says what it holds).
+   */
+  replicaVolumes(): Array<{ name: string; owner: string; ownerEpoch: number; point: string | null; sync: boolean }>;
   /** Makes the replica `volume` this node's own at its last replicated point (node.promote); the new epoch. */
   promote(volume: string): Promise<number>;
   /** Volumes this node owned and another has since taken over here (roles.ts fenced), with this node's old epoch. */
@@ -93,7 +114,7 @@ export interface ClusterHost {
   /** Volumes this node is handing off (roles.ts handing-off: writes frozen), with its epoch. */
   handingOffVolumes(): Array<{ name: string; epoch: number }>;
   /** Turns a volume another node owns now at a higher epoch into a replica of it (fenced first, then node.demote). */
-  rejoin(volume: string, owner: string, ownerEpoch: number, ownerAddress: string): Promise<void>;
+  rejoin(volume: string, owner: string, ownerEpoch: number, ownerAddress: string, sync: boolean): Promise<void>;
   /** A replica whose owner was replaced (failover): it follows the new owner at its epoch from now on. */
   follow(volume: string, owner: string, ownerEpoch: number): Promise<void>;
   /**
@@ -105,6 +126,8 @@ export interface ClusterHost {
   moveRefusal(volume: string): string | null;
   /** Makes sure this node replicates its volume to the node at `peer` (a replica that follows it). */
   ensureReplica(volume: string, peer: string): Promise<void>;
+  /** Makes sure this node's synchronous volume has a synchronous link to the node at `peer` (sync-replicas.ts). */
+  ensureSyncReplica(volume: string, peer: string, timeoutMs: number | null): Promise<void>;
   log: (line: string) => void;
 }
 
@@ -112,7 +135,7 @@ export interface ClusterStatus {
   self: string;
   lease: { id: string; ttlMs: number; marginMs: number; renewedAgoMs: number | null; live: boolean };
   nodes: Array<NodeRecord & { alive: boolean; volumes: string[] }>;
-  volumes: VolumeRecord[];
+  volumes: Array<Omit<ClusterVolume, 'replicas' | 'ownerAlive' | 'move'> & { replicas: string[] }>;
 }
 
 /**
@@ -158,6 +181,10 @@ export class ClusterMember {
   #timeoutMs = callTimeoutMs;
   /** The replica records this node last wrote (volume -> JSON), so that only changes are written. */
   readonly #published = new Map<string, string>();
+  /** Volumes being created here (createVolume's caller, between the local volume and its record): not recorded by a renewal. */
+  readonly #creating = new Set<string>();
+  /** The in-sync set's write running per volume (recordInSync): one at a time, in the order asked. */
+  readonly #inSyncWrites = new Map<string, Promise<void>>();
   /** Background steps running (#converge), by volume, and the last failure of each. */
   readonly #steps = new Map<string, Promise<void>>();
   readonly #stepErrors = new Map<string, string>();
@@ -251,9 +278,18 @@ export class ClusterMember {
     return chooseReplicaNodes(nodes.map((kv) => parseNodeRecord(kv.key.toString(), kv.value)), this.nodeName, count);
   }
 
+  /**
+   * Marks `name` as being created here until the returned function is called: a renewal meanwhile (which records
+   * local volumes etcd does not know, #confirmOwnership) leaves it to createVolume, whose record says its replicas.
+   */
+  creating(name: string): () => void {
+    this.#creating.add(name);
+    return () => this.#creating.delete(name);
+  }
+
   /** Records a new volume owned by this node at `epoch`; refused when etcd already has a volume of that name. */
-  async createVolume(name: string, sizeBytes: number, epoch: number, replicas: string[] = []): Promise<VolumeRecord> {
-    const record: VolumeRecord = { name, sizeBytes, owner: this.nodeName, epoch, replicas, createdAt: new Date().toISOString() };
+  async createVolume(name: string, sizeBytes: number, epoch: number, replicas: string[] = [], sync: { timeoutMs: number } | null = null): Promise<VolumeRecord> {
+    const record: VolumeRecord = { name, sizeBytes, owner: this.nodeName, epoch, replicas, createdAt: new Date().toISOString(), ...(sync !== null ? { sync: true, syncTimeoutMs: sync.timeoutMs, inSync: { epoch, nodes: [] } } as const : {}) };
     const result = await this.#client
       .if(volumeKey(name), 'Version', '==', 0)
       .and(nodeKey(this.nodeName), 'Lease', '==', this.#requireLease())
@@ -269,6 +305,58 @@ export class ClusterMember {
     }
     this.#confirm(name, epoch);
     return record;
+  }
+
+  /**
+   * Records in etcd which replicas of `volume` this node holds in sync at its epoch (the record's inSync; the
+   * design note of sync-replicas.ts says when): `nodes()` is read when the write starts, so that of calls made
+   * one after another the newest set is the one that stays. One call runs at a time per volume. Each is a
+   * transaction comparing the record's revision read (and this node's registration under its lease); a record
+   * changed meanwhile (another field) is read again. Refused when etcd does not name this node as the owner at its
+   * epoch, or when etcd does not answer while writes to the volume are allowed here (then they are refused anyway).
+   */
+  recordInSync(volume: string, nodes: () => string[]): Promise<void> {
+    const previous = this.#inSyncWrites.get(volume) ?? Promise.resolve();
+    const next = previous.catch(() => {}).then(() => this.#writeInSync(volume, nodes));
+    this.#inSyncWrites.set(volume, next);
+    void next.catch(() => {}).finally(() => {
+      if (this.#inSyncWrites.get(volume) === next) this.#inSyncWrites.delete(volume);
+    });
+    return next;
+  }
+
+  async #writeInSync(volume: string, nodes: () => string[]): Promise<void> {
+    for (let attempt = 0; attempt < 1000; attempt += 1) {
+      const epoch = this.#host.epochOf(volume);
+      if (epoch === null) throw ChunkdError.readOnly(`volume ${volume}: its in-sync replicas are not recorded: this node does not own it now`);
+      try {
+        const kv = await this.#get(volumeKey(volume));
+        const record = kv === null ? null : parseVolumeRecord(volumeKey(volume), kv.value);
+        if (record === null || record.owner !== this.nodeName || record.epoch !== epoch) {
+          throw new InSyncRefusal(`volume ${volume}: its in-sync replicas cannot be recorded: etcd ${record === null ? 'has no record of it' : `records ${record.owner} as its owner at epoch ${record.epoch}`}, this node's epoch is ${epoch}`);
+        }
+        const set = [...new Set(nodes())].sort();
+        if (record.inSync?.epoch === epoch && record.inSync.nodes.join(',') === set.join(',')) return;
+        const next: VolumeRecord = { ...record, inSync: { epoch, nodes: set } };
+        const result = await this.#client
+          .if(volumeKey(volume), 'Mod', '==', kv!.mod_revision)
+          .and(nodeKey(this.nodeName), 'Lease', '==', this.#requireLease())
+          .then(this.#client.put(volumeKey(volume)).value(JSON.stringify(next)))
+          .options(this.#deadline())
+          .commit();
+        if (result.succeeded) {
+          this.#host.log(`cluster: volume ${volume}: etcd records its replicas in sync at epoch ${epoch}: ${set.length > 0 ? set.join(', ') : 'none'}`);
+          return;
+        }
+      } catch (error) {
+        if (error instanceof InSyncRefusal) throw ChunkdError.readOnly(error.message);
+        // etcd did not answer: tried again while writes are allowed here (the lease clock ends that).
+        const refusal = this.writeRefusal(volume);
+        if (refusal !== null || this.#stopping) throw refusal ?? ChunkdError.io(`volume ${volume}: its in-sync replicas were not recorded in etcd: ${describeError(error)}`);
+        await new Promise((resolve) => setTimeout(resolve, retryDelayMs));
+      }
+    }
+    throw ChunkdError.busy(`volume ${volume}: its record in etcd kept changing while its in-sync replicas were recorded`);
   }
 
   /**
@@ -442,6 +530,7 @@ export class ClusterMember {
     const lease = this.#requireLease();
     const registered = (): ['Lease', '==', string] => ['Lease', '==', lease];
     for (const volume of this.#host.ownedVolumes()) {
+      if (this.#creating.has(volume.name)) continue;
       const record: VolumeRecord = { name: volume.name, sizeBytes: volume.sizeBytes, owner: this.nodeName, epoch: volume.epoch, replicas: [], createdAt: new Date().toISOString() };
       const result = await this.#client
         .if(nodeKey(this.nodeName), ...registered())
@@ -546,9 +635,12 @@ export class ClusterMember {
     const lease = this.#requireLease();
     const mine = this.#host.replicaVolumes();
     for (const replica of mine) {
-      const pointMs = replica.point === null ? Number.NaN : Number(replica.point.slice(replica.point.indexOf('-') + 1));
-      if (replica.point === null || !Number.isSafeInteger(pointMs)) continue;
-      const record: ReplicaRecord = { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: replica.point, pointMs };
+      const pointMs = replica.sync ? 0 : replica.point === null ? Number.NaN : Number(replica.point.slice(replica.point.indexOf('-') + 1));
+      if ((replica.point === null && !replica.sync) || !Number.isSafeInteger(pointMs)) continue;
+      // A synchronous replica publishes no point: the owner's in-sync set (the volume's record) says what it holds.
+      const record: ReplicaRecord = replica.sync
+        ? { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: 'sync', pointMs, sync: true }
+        : { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: replica.point!, pointMs };
       const value = JSON.stringify(record);
       if (this.#published.get(replica.name) === `${lease}:${value}`) continue;
       await this.#client.put(replicaKey(replica.name, this.nodeName)).value(value).lease(lease).options(this.#deadline()).exec();
@@ -577,7 +669,11 @@ export class ClusterMember {
       const successor = chooseSuccessor(candidates);
       if (successor?.node !== this.nodeName || !mine.some((replica) => replica.name === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch)) continue;
       const epoch = volume.epoch + 1;
-      const record: VolumeRecord = { ...volume, owner: this.nodeName, epoch, replicas: volume.replicas.filter((name) => name !== this.nodeName) };
+      // A synchronous volume's new owner holds no replica in sync yet: each is recorded once its resync is done.
+      // (The old owner stays one of its replicas: back, it rejoins as a synchronous replica and is resynced.)
+      const record: VolumeRecord = volume.sync === true
+        ? { ...volume, owner: this.nodeName, epoch, replicas: [...new Set([...volume.replicas, volume.owner])].filter((name) => name !== this.nodeName).sort(), inSync: { epoch, nodes: [] } }
+        : { ...volume, owner: this.nodeName, epoch, replicas: volume.replicas.filter((name) => name !== this.nodeName) };
       const result = await this.#client
         .if(volumeKey(volume.name), 'Mod', '==', volumeRevisions.get(volumeKey(volume.name))!)
         .and(nodeKey(volume.owner), 'Version', '==', 0)
@@ -590,7 +686,7 @@ export class ClusterMember {
         continue;
       }
       this.#published.delete(volume.name);
-      this.#host.log(`cluster: node ${volume.owner}, owner of volume ${volume.name} at epoch ${volume.epoch}, has no live lease; this node takes it over at epoch ${epoch} from ${successor.point}`);
+      this.#host.log(`cluster: node ${volume.owner}, owner of volume ${volume.name} at epoch ${volume.epoch}, has no live lease; this node takes it over at epoch ${epoch} ${volume.sync === true ? `(a synchronous replica recorded in sync: ${volume.inSync!.nodes.join(', ')})` : `from ${successor.point}`}`);
       try {
         await this.#promoteTo(volume.name, epoch);
       } catch (error) {
@@ -716,7 +812,7 @@ export class ClusterMember {
       const record = records.get(volume.name);
       const address = record === undefined ? null : peers.get(record.owner) ?? null;
       if (record === undefined || record.owner === this.nodeName || record.epoch <= volume.epoch || address === null) continue;
-      this.#background(volume.name, `rejoining as a replica of ${record.owner} (epoch ${record.epoch})`, () => this.#host.rejoin(volume.name, record.owner, record.epoch, address));
+      this.#background(volume.name, `rejoining as a replica of ${record.owner} (epoch ${record.epoch})`, () => this.#host.rejoin(volume.name, record.owner, record.epoch, address, record.sync === true));
     }
     for (const replica of mine) {
       const record = records.get(replica.name);
@@ -728,9 +824,20 @@ export class ClusterMember {
       if (record === undefined || record.owner === this.nodeName || record.epoch <= replica.ownerEpoch) continue;
       this.#background(replica.name, `following its new owner ${record.owner} (epoch ${record.epoch})`, () => this.#host.follow(replica.name, record.owner, record.epoch));
     }
+    // A synchronous volume of this node's: a synchronous link to each replica its record names (one that followed
+    // the previous owner takes this node's syncOpen at the higher epoch, and is resynced before it is in sync).
+    for (const record of volumes) {
+      if (record.sync !== true || record.owner !== this.nodeName || this.#confirmed.get(record.name) !== record.epoch) continue;
+      for (const node of record.replicas) {
+        const address = peers.get(node) ?? null;
+        if (node === this.nodeName || address === null) continue;
+        this.#background(`${record.name}->${node}`, `keeping a synchronous replica on ${node}`, () => this.#host.ensureSyncReplica(record.name, address, record.syncTimeoutMs ?? null));
+      }
+    }
     for (const follower of replicas) {
       const record = records.get(follower.volume);
       const address = peers.get(follower.node) ?? null;
+      if (record?.sync === true) continue;
       if (record?.owner !== this.nodeName || follower.owner !== this.nodeName || follower.ownerEpoch !== record.epoch || !this.#confirmed.has(record.name) || address === null) continue;
       this.#background(`${record.name}->${follower.node}`, `replicating to ${follower.node}`, () => this.#host.ensureReplica(record.name, address));
     }
@@ -741,7 +848,7 @@ export class ClusterMember {
     if (this.#steps.has(key) || this.#stopping) return;
     const running = step().then(
       () => {
-        if (this.#stepErrors.has(key) || !what.startsWith('replicating')) this.#host.log(`cluster: ${key}: done ${what}`);
+        if (this.#stepErrors.has(key) || !(what.startsWith('replicating') || what.startsWith('keeping'))) this.#host.log(`cluster: ${key}: done ${what}`);
         this.#stepErrors.delete(key);
       },
       (error: unknown) => {
@@ -800,6 +907,9 @@ export class ClusterMember {
     await this.#client.leaseClient.leaseRevoke({ ID: id }, { deadline: new Date(Date.now() + 1000) }).catch(() => {});
   }
 }
+
+/** etcd names another owner or epoch: recording the in-sync set is refused, not tried again. */
+class InSyncRefusal extends Error {}
 
 /** Call options that give up after `timeoutMs` (default callTimeoutMs; the keepalive loop's calls use less). */
 function deadline(timeoutMs = callTimeoutMs): { deadline: Date } {

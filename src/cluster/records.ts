@@ -44,6 +44,15 @@ export interface VolumeRecord {
   /** Nodes that hold read-only replicas. */
   replicas: string[];
   createdAt: string;
+  /** A synchronous volume (volume create --sync): its replicas are synchronous links, and only an in-sync one may take it over. */
+  sync?: true;
+  /** Of a synchronous volume: its links' timeout (volume create --sync-timeout), for every owner's links. */
+  syncTimeoutMs?: number;
+  /**
+   * Of a synchronous volume: the replicas the owner at `epoch` holds in sync (every write it acknowledged is on
+   * each), written by that owner only (cluster.ts, recordInSync). Nodes not in it may lack acknowledged writes.
+   */
+  inSync?: { epoch: number; nodes: string[] };
 }
 
 export function parseNodeRecord(key: string, value: Buffer): NodeRecord {
@@ -59,7 +68,9 @@ export function parseVolumeRecord(key: string, value: Buffer): VolumeRecord {
   const record = parseJson(key, value) as Partial<VolumeRecord>;
   const valid = typeof record.name === 'string' && checkName(record.name) === null && Number.isSafeInteger(record.sizeBytes)
     && typeof record.owner === 'string' && checkName(record.owner, 'node') === null && Number.isSafeInteger(record.epoch) && record.epoch! >= 1
-    && Array.isArray(record.replicas) && record.replicas.every((name) => typeof name === 'string') && typeof record.createdAt === 'string';
+    && Array.isArray(record.replicas) && record.replicas.every((name) => typeof name === 'string') && typeof record.createdAt === 'string'
+    && (record.sync === undefined || record.sync === true) && (record.syncTimeoutMs === undefined || Number.isSafeInteger(record.syncTimeoutMs))
+    && (record.inSync === undefined || (typeof record.inSync === 'object' && record.inSync !== null && Number.isSafeInteger(record.inSync.epoch) && Array.isArray(record.inSync.nodes) && record.inSync.nodes.every((name) => typeof name === 'string')));
   if (!valid || `${volumesPrefix}${record.name}` !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a volume record: ${value.toString().slice(0, 200)}`);
   return record as VolumeRecord;
 }
@@ -110,12 +121,15 @@ export interface ReplicaRecord {
   /** Its newest complete replicated point: the snapshot's name (repl-<owner's ms>) and that time, for comparing replicas. */
   point: string;
   pointMs: number;
+  /** A synchronous replica: it has no replicated points (point 'sync', pointMs 0); whether it holds every write is the volume record's inSync. */
+  sync?: true;
 }
 
 export function parseReplicaRecord(key: string, value: Buffer): ReplicaRecord {
   const record = parseJson(key, value) as Partial<ReplicaRecord>;
   const valid = typeof record.volume === 'string' && checkName(record.volume) === null && typeof record.node === 'string' && checkName(record.node, 'node') === null
-    && typeof record.owner === 'string' && Number.isSafeInteger(record.ownerEpoch) && typeof record.point === 'string' && Number.isSafeInteger(record.pointMs);
+    && typeof record.owner === 'string' && Number.isSafeInteger(record.ownerEpoch) && typeof record.point === 'string' && Number.isSafeInteger(record.pointMs)
+    && (record.sync === undefined || record.sync === true);
   if (!valid || replicaKey(record.volume!, record.node!) !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a replica record: ${value.toString().slice(0, 200)}`);
   return record as ReplicaRecord;
 }

@@ -10,7 +10,7 @@ import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
 import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/tls.ts';
-import { chunkSizeBytes } from '../core/limits.ts';
+import { chunkSizeBytes, syncReplicaTimeoutMsDefault } from '../core/limits.ts';
 import type { CheckpointReport } from '../store/commit-engine.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
@@ -182,6 +182,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         pool, poolDirectory: pool.directory, credentials: replicationCredentials(config), log: config.log, epochOf: (volume) => roles.epochOf(volume),
         // What the volume itself would refuse (a handoff, a fence, the cluster's lease): never sent to a replica.
         writeRefusal: (volume) => pool.writeBlock(volume) ?? node.#cluster?.writeRefusal(volume) ?? null,
+        // In a cluster, the replicas in sync go into the volume's record in etcd (failover promotes only those).
+        recordInSync: (volume, nodes) => node.#cluster?.recordInSync(volume, nodes) ?? null,
       });
       node.#syncServer = new SyncReplicaServer(pool, roles, config.log);
       // A handoff a crash interrupted is settled first (it may make a volume a replica here, or take writes again).
@@ -407,21 +409,40 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    * replica links go to distinct other nodes with the most free space (cluster/placement.ts), each with its first
    * cycle done before this returns.
    */
-  async createVolume(name: string, sizeBytes: number, replicas = 0): Promise<VolumeInfo & { replicas?: string[] }> {
+  async createVolume(name: string, sizeBytes: number, replicas = 0, sync: { timeoutMs: number } | null = null): Promise<VolumeInfo & { replicas?: string[] }> {
     if (replicas > 0 && this.#cluster === null) throw ChunkdError.invalid('--replicas needs a cluster (chunkd serve --etcd URL --node-name NAME): without one, add replicas with chunkd replica add VOL --peer HOST:PORT');
+    if (sync !== null && replicas === 0) throw ChunkdError.invalid('--sync needs --replicas N (1 or more): the replicas it makes synchronous');
+    if (sync !== null && typeof replicationCredentials(this.config) === 'string') throw ChunkdError.invalid(`--sync needs this node's client certificate: ${replicationCredentials(this.config) as string}`);
     // Placed before anything is made, so that a cluster too small refuses with nothing left behind.
     const placement = replicas > 0 ? await this.#cluster!.placeReplicas(replicas) : [];
     // A role left from a replica of that name that never completed (roles.ts) must not apply to a new volume.
     if (!this.pool.hasVolume(name)) await this.roles.forget(name);
-    const info = await this.pool.createVolume(name, sizeBytes);
-    if (this.#cluster === null) return info;
-    // Made here first, then recorded in etcd: until the record's transaction succeeds its writes are refused, and a
-    // crash in between leaves a local volume that the next start records (cluster.ts).
+    // In a cluster, a renewal meanwhile must not record the new volume itself (without its replicas).
+    const created = this.#cluster?.creating(name) ?? (() => {});
+    let info: VolumeInfo;
     try {
-      await this.#cluster.createVolume(name, sizeBytes, this.roles.epochOf(name), placement.map((node) => node.name));
-    } catch (error) {
-      await this.pool.removeVolume(name).catch((removeError: unknown) => this.config.log(`volume ${name} was not recorded in etcd and could not be removed here: ${String(removeError)}`));
-      throw error;
+      info = await this.pool.createVolume(name, sizeBytes);
+      if (this.#cluster === null) return info;
+      // Made here first, then recorded in etcd: until the record's transaction succeeds its writes are refused, and a
+      // crash in between leaves a local volume that the next start records (cluster.ts).
+      try {
+        await this.#cluster.createVolume(name, sizeBytes, this.roles.epochOf(name), placement.map((node) => node.name), sync);
+      } catch (error) {
+        await this.pool.removeVolume(name).catch((removeError: unknown) => this.config.log(`volume ${name} was not recorded in etcd and could not be removed here: ${String(removeError)}`));
+        throw error;
+      }
+    } finally {
+      created();
+    }
+    if (sync !== null) {
+      // Synchronous links, out of sync until their first resync (a new volume's: its holes, as trims); waited for
+      // here, so that the volume is returned with its replicas in sync and recorded so in etcd.
+      for (const node of placement) await this.#ensureSyncLink({ volume: name, peer: node.peer, timeoutMs: sync.timeoutMs });
+      await this.#sync!.waitInSync(name, createSyncWaitMs).catch((error: unknown) => {
+        const message = error instanceof Error ? error.message : String(error);
+        throw ChunkdError.io(`volume ${name} was created and recorded with synchronous replicas on ${placement.map((node) => node.name).join(', ')}, but they are not in sync yet: ${message}; chunkd replica status ${name} shows them`, error);
+      });
+      return { ...info, replicas: placement.map((node) => node.name) };
     }
     for (const node of placement) {
       try {
@@ -513,12 +534,13 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       replicaVolumes: () => this.pool.listVolumes().flatMap((volume) => {
         const role = roles.replicaOf(volume.name);
         if (role === null) return [];
-        return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newestReplicationPoint(this.pool.listSnapshots(volume.name))?.name ?? null }];
+        return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newestReplicationPoint(this.pool.listSnapshots(volume.name))?.name ?? null, sync: roles.isSyncReplica(volume.name) }];
       }),
       promote: async (volume) => (await this.#promote(volume)).epoch,
       fencedVolumes: () => roles.fencedVolumes().map(([volume, fence]) => ({ name: volume, epoch: fence.epoch })),
       handingOffVolumes: () => roles.handoffs().map(([volume, role]) => ({ name: volume, epoch: role.epoch })),
-      rejoin: async (volume, owner, ownerEpoch, ownerAddress) => {
+      rejoin: async (volume, owner, ownerEpoch, ownerAddress, sync) => {
+        if (sync) return this.#rejoinSync(volume, owner, ownerEpoch);
         if (roles.fenced(volume) === null) {
           await roles.set(volume, { role: 'fenced', epoch: roles.epochOf(volume), owner, ownerEpoch, ownerAddress });
           await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
@@ -527,11 +549,13 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       },
       follow: async (volume, owner, ownerEpoch) => {
         if (roles.replicaOf(volume) === null) return;
-        await roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch });
+        await roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch, ...(roles.isSyncReplica(volume) ? { sync: true } : {}) });
         await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
       },
       ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),
+      ensureSyncReplica: (volume, peer, timeoutMs) => this.#ensureSyncLink({ volume, peer, timeoutMs: timeoutMs ?? syncReplicaTimeoutMsDefault }),
       moveRefusal: (volume) => {
+        if (this.#sync?.has(volume)) return 'it has synchronous replicas, which a handoff does not carry yet (issue 17)';
         const attachment = this.#attachments?.get(volume);
         return attachment === undefined ? null : `it is mounted at ${attachment.mountpoint} on node ${this.#cluster?.nodeName ?? '?'}${attachment.dockerIds.length > 0 ? ` for ${attachment.dockerIds.length} container(s)` : ''}; unmount it there first`;
       },
@@ -614,6 +638,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.#sync.add(settings);
   }
 
+  /** A synchronous link of a volume of this node's, added unless it exists (the cluster's step and a create may race). */
+  async #ensureSyncLink(settings: SyncReplicaSettings): Promise<void> {
+    if (this.#sync?.status(settings.volume).some((link) => link.peer === settings.peer)) return;
+    await this.addSyncReplica(settings).catch((error: unknown) => {
+      if (!(error instanceof ChunkdError && error.code === 'EEXIST' && this.#sync?.status(settings.volume).some((link) => link.peer === settings.peer))) throw error;
+    });
+  }
+
   async removeReplica(volume: string, peer: string): Promise<{ removed: string }> {
     if (!(await this.#sync?.remove(volume, peer))) await this.replicator.remove(volume, peer);
     return { removed: `${volume} -> ${peer}` };
@@ -654,6 +686,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
    */
   async promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
     this.#refuseInCluster(`chunkd replica promote ${volume}`);
+    // Only etcd's in-sync set says whether a synchronous replica holds every acknowledged write.
+    if (this.roles.isSyncReplica(volume)) throw ChunkdError.invalid(`volume ${volume} is a synchronous replica: it is promoted by the cluster's failover only, which knows whether it is in sync (serve --etcd)`);
     return this.#promote(volume);
   }
 
@@ -669,6 +703,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   async #promote(volume: string): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
     const role = this.roles.replicaOf(volume);
     if (role === null) throw ChunkdError.invalid(`volume ${volume} is not a replica on this node; only a replica can be promoted`);
+    if (this.roles.isSyncReplica(volume)) return this.#promoteSync(volume, role);
     if (this.#receiver.isActive(volume)) throw ChunkdError.busy(`a stream from ${role.owner} into ${volume} is running: its owner is alive; promote only a replica whose owner is gone (a planned move is a handoff)`);
     if ((await this.#receiver.interrupted(volume)) !== null) await this.#receiver.abort(volume);
     if (!this.pool.hasVolume(volume)) {
@@ -683,6 +718,35 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     await this.pool.blockWrites(volume, null);
     this.config.log(`volume ${volume} promoted: this node owns it at epoch ${epoch}, from ${point.name} (its last point from ${role.owner})`);
     return { volume, epoch, snapshot: point.name, previousOwner: role.owner };
+  }
+
+  /**
+   * A synchronous replica promoted: it is the volume as its owner's writes reached it (no point to go back to;
+   * that it holds every acknowledged write is the cluster's in-sync set's to say, failover.ts). The role changes
+   * first (a syncWrite of the old owner's is refused from then on), then its sessions and handle go.
+   */
+  async #promoteSync(volume: string, role: { owner: string; epoch: number }): Promise<{ volume: string; epoch: number; snapshot: string; previousOwner: string }> {
+    const epoch = role.epoch + 1;
+    await this.roles.set(volume, { role: 'owner', epoch });
+    await this.#syncServer?.forget(volume);
+    await this.pool.blockWrites(volume, null);
+    this.config.log(`volume ${volume} promoted: this node owns it at epoch ${epoch}, as its synchronous replica of ${role.owner} held it`);
+    return { volume, epoch, snapshot: '', previousOwner: role.owner };
+  }
+
+  /**
+   * A synchronous volume this node owned, that a failover gave to `owner` at `ownerEpoch` (a higher epoch):
+   * it becomes a synchronous replica of it. What it holds that the new owner may not (writes it applied and never
+   * acknowledged) is kept as snapshot fenced-<ms>; the new owner's link then resyncs the whole volume, so the
+   * replica is its copy before it is recorded in sync. Its own links go (their replicas refuse them anyway).
+   */
+  async #rejoinSync(volume: string, owner: string, ownerEpoch: number): Promise<void> {
+    await this.roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch, sync: true });
+    await this.pool.blockWrites(volume, this.roles.writeRefusal(volume, 'a write'));
+    await this.#sync?.forgetVolume(volume);
+    const keptAs = `fenced-${Date.now()}`;
+    await this.pool.createSnapshot(volume, keptAs);
+    this.config.log(`volume ${volume}: a synchronous replica of ${owner} (epoch ${ownerEpoch}) from now on; what it held as owner is kept in ${volume}@${keptAs}, and ${owner} resyncs it whole`);
   }
 
   /**
@@ -835,6 +899,9 @@ export interface NodeStatus {
 
 /** Time each replica peer has to answer the ownership check at start. */
 const ownershipCheckTimeoutMs = 3_000;
+
+/** How long `volume create --sync` waits for its new replicas' first resync (a new volume's holes: quick). */
+const createSyncWaitMs = 60_000;
 
 /** This node's client pair for replication (the directory of its peer port, else of its API or NBD TLS), or why there is none. */
 function replicationCredentials(config: NodeConfig): TlsCredentials | string {

@@ -25,6 +25,13 @@
 //      out of sync: the regions with writes in flight or not yet flushed on both sides (this write's among them;
 //      an in-memory twin of the activity log, in regions) join its dirty map, and the state file is written and
 //      synced; only then is the write acknowledged, without it.
+//   5. In a cluster (IN-SYNC SET): before a write or flush is acknowledged, etcd must not list in sync a replica
+//      that is not in sync here: when the set this node last wrote to etcd (the volume record's inSync, unknown at
+//      start) holds one that is not, the current set is written first (cluster.ts recordInSync: a transaction on
+//      the record's revision; callers meanwhile share one write). A link that turns in sync, or falls out between
+//      writes, is recorded at once in the background. etcd does not answer: the write waits (tried again) until it
+//      does, or until the lease clock refuses writes anyway. So the failover, which promotes only a replica of the
+//      recorded set, never promotes one that lacks an acknowledged write.
 // FLUSH is sent to the local volume and every in-sync replica in parallel and answered when all are durable; FUA
 // travels with the write. A replica's answer to a write says "applied", not "durable", as NBD's does: the flush
 // that follows covers it on both sides. Reads are local. When the local write fails and a replica applied it, that
@@ -51,11 +58,18 @@
 // that lands on a copied region while resyncing marks it again. The link turns in sync under the whole volume's
 // lock once nothing is left, so no write is in flight as it changes.
 //
-// NOT YET: placement and the record in etcd (the cluster's part), `volume create --sync`, a failover that promotes
-// an in-sync replica, snapshots at the same point on every replica, a resize, rollback, receive or handoff (each
-// refused while a volume has synchronous replicas: the replicas would not follow), a rate
-// cap on resync, a full rebuild with checksum compare, repair on read. Writes under way when a link is added pass
-// through; the resync starts once they are done.
+// IN A CLUSTER: `volume create --replicas N --sync` places N replicas as --replicas does and links them here;
+// the record says the volume is synchronous, and its inSync set (step 5) is what failover promotes from: the
+// replica promoted (node.ts #promoteSync: no point to roll back to) owns the volume at epoch + 1 and links to the
+// others, which are resynced in full (their regions are all dirty to the new owner) and then recorded in sync. The
+// old owner, back, becomes one of them (node.ts #rejoinSync: what it held kept as snapshot fenced-<ms>).
+//
+// NOT YET: snapshots at the same point on every replica, a resize, rollback, receive or handoff (each refused
+// while a volume has synchronous replicas: the replicas would not follow, so `volume move` of a synchronous volume
+// is refused too), a rate cap on resync, a full rebuild with checksum compare (a replica re-attached after a
+// failover is copied whole), repair on read, `volume set --sync on|off`, `replica add --sync` by hand marking the
+// volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
+// Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
@@ -122,6 +136,11 @@ export interface SyncReplicationOptions {
   epochOf: (volume: string) => number;
   /** Why the volume would refuse a write now, or null: asked before a write is sent anywhere. */
   writeRefusal: (volume: string) => ChunkdError | null;
+  /**
+   * In a cluster: records in etcd the replicas (node names) this node holds in sync, `nodes()` read when the
+   * write starts (cluster.ts recordInSync; IN-SYNC SET of the design note); null when the node is in no cluster.
+   */
+  recordInSync?: (volume: string, nodes: () => string[]) => Promise<void> | null;
 }
 
 interface StoredLink {
@@ -230,6 +249,20 @@ export class SyncReplication {
   /** Refuses a change that synchronous replicas do not follow yet (a resize). */
   checkUnreplicated(volume: string, what: string): void {
     if (this.#volumes.has(volume)) throw ChunkdError.busy(`volume ${volume} has synchronous replicas, which do not follow ${what} yet: remove them first (chunkd replica remove ${volume} --peer HOST:PORT)`);
+  }
+
+  /** Waits until every link of `volume` is in sync and recorded so (in a cluster), at most `timeoutMs`. */
+  async waitInSync(volume: string, timeoutMs: number): Promise<void> {
+    const until = performance.now() + timeoutMs;
+    for (;;) {
+      const set = this.#volumes.get(volume);
+      if (set === undefined || set.inSyncRecorded()) return;
+      if (performance.now() > until || this.#closed) {
+        const waiting = set.status().filter((link) => link.state !== 'in-sync');
+        throw ChunkdError.busy(`${waiting.length > 0 ? waiting.map((link) => `${link.peer} is ${link.state}${link.lastError === null ? '' : ` (${link.lastError.message})`}`).join('; ') : 'the in-sync set is not recorded in etcd yet'} after ${timeoutMs / 1000} s`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
   }
 
   status(volume: string | null): SyncReplicaStatus[] {
@@ -391,6 +424,10 @@ class SyncVolume {
   readonly #recent = new ActivityLog();
   /** Set once a replica refused this node as a stale owner: every later write and flush is refused with it. */
   #fenced: ChunkdError | null = null;
+  /** The in-sync set (node names) etcd records, as far as this node knows: null until it first wrote it (IN-SYNC SET). */
+  #recorded: Set<string> | null = null;
+  /** A write of the in-sync set asked for whose set is not taken yet: callers meanwhile share it. */
+  #queuedRecord: Promise<void> | null = null;
 
   constructor(name: string, sync: SyncReplication, options: SyncReplicationOptions) {
     this.#name = name;
@@ -414,10 +451,19 @@ class SyncVolume {
   async removeLink(peer: string): Promise<boolean> {
     const index = this.#links.findIndex((link) => link.settings.peer === peer);
     if (index < 0) return false;
-    // Under the whole volume's lock, so no write is sent to it half way.
+    // Under the whole volume's lock, so no write is sent to it half way; in a cluster, no write is acknowledged
+    // without it while etcd may still list it in sync (IN-SYNC SET): the set without it is recorded first, and a
+    // failure to record it keeps the link.
     const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
     const [link] = this.#links.splice(index, 1);
-    release();
+    try {
+      await this.#record();
+    } catch (error) {
+      this.#links.splice(index, 0, link!);
+      throw error;
+    } finally {
+      release();
+    }
     link!.stop();
     await link!.running;
     return true;
@@ -465,6 +511,59 @@ class SyncVolume {
     }));
   }
 
+  /** Every link in sync, and etcd told so. */
+  inSyncRecorded(): boolean {
+    const names = this.#inSyncNames();
+    return this.#links.every((link) => link.state === 'in-sync') && this.#recorded !== null && this.#recorded.size === names.length && names.every((name) => this.#recorded!.has(name));
+  }
+
+  #inSyncNames(): string[] {
+    return this.#links.flatMap((link) => (link.state === 'in-sync' && link.peerName !== null ? [link.peerName] : []));
+  }
+
+  /**
+   * Step 5 (IN-SYNC SET): before a request is acknowledged, etcd must not record in sync a replica that is not in
+   * sync here (one that fell out, or any at start, when what etcd has is unknown): the set is written first.
+   */
+  async #recordIfStale(): Promise<void> {
+    const recorded = this.#recorded;
+    if (recorded !== null) {
+      const inSync = new Set(this.#inSyncNames());
+      if ([...recorded].every((name) => inSync.has(name))) return;
+    }
+    await this.#record();
+  }
+
+  /** Writes the in-sync set to etcd as it is when the write starts; callers whose change is not taken yet share one. */
+  #record(): Promise<void> {
+    if (this.#queuedRecord !== null) return this.#queuedRecord;
+    let taken: string[] | null = null;
+    let queued: Promise<void> | null = null;
+    const take = (): string[] => {
+      if (queued !== null && this.#queuedRecord === queued) this.#queuedRecord = null;
+      taken = this.#inSyncNames();
+      return taken;
+    };
+    const call = this.#options.recordInSync?.(this.#name, take) ?? null;
+    if (call === null) {
+      this.#recorded = new Set(take());
+      return Promise.resolve();
+    }
+    const wrapped: Promise<void> = call.then(() => {
+      if (taken !== null) this.#recorded = new Set(taken);
+    }).finally(() => {
+      if (this.#queuedRecord === wrapped) this.#queuedRecord = null;
+    });
+    queued = wrapped;
+    this.#queuedRecord = wrapped;
+    return wrapped;
+  }
+
+  /** The in-sync set recorded in the background (a link turned in sync, or out between writes); a failure is logged. */
+  #recordSoon(): void {
+    void this.#record().catch((error: unknown) => this.#options.log(`volume ${this.#name}: its in-sync replicas were not recorded in etcd: ${expectedError(error, 'recording the in-sync set').message}`, 'warn'));
+  }
+
   /** The ORDERING of the design note, steps 1 to 4. */
   async replicate(request: SyncRequest, local: () => Promise<void>): Promise<void> {
     if (this.#fenced !== null) throw this.#fenced;
@@ -491,6 +590,7 @@ class SyncVolume {
       await local().catch((error: unknown) => (localError = error));
       await this.#settle(targets, await Promise.all(answers), localError !== null);
       if (localError !== null) throw localError;
+      await this.#recordIfStale();
     } finally {
       this.#activity.end(firstExtent, endExtent);
       this.#recent.end(first, end);
@@ -510,6 +610,7 @@ class SyncVolume {
     await local().catch((error: unknown) => (localError = error));
     await this.#settle(targets, await Promise.all(answers), false);
     if (localError !== null) throw localError;
+    await this.#recordIfStale();
     // What left the log needs no write of its own (a stale entry only resends a region): the next one carries it.
     this.#activity.flushDone(generation);
     this.#recent.flushDone(recentGeneration);
@@ -545,6 +646,7 @@ class SyncVolume {
       link.disconnect();
       this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer} is out of sync, writes go on without it: ${error.message}`, 'warn');
       link.outOfSyncSaved = this.#sync.save();
+      this.#recordSoon();
       this.startLink(link.settings.peer);
     }
     return link.outOfSyncSaved;
@@ -609,6 +711,7 @@ class SyncVolume {
       }
       const seconds = (performance.now() - started) / 1000;
       this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer} (${link.peerName}) is in sync: resync sent ${formatSize(link.resyncBytesTotal - sentBefore)} in ${seconds.toFixed(2)} s`);
+      this.#recordSoon();
       return;
     }
   }

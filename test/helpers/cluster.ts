@@ -7,7 +7,9 @@ import { afterAll, beforeAll } from 'vitest';
 import { Etcd3 } from 'etcd3';
 import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
 import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, startNode, type RunningNode } from './node-process.ts';
-import { ok } from './stream-pipe.ts';
+import assert from 'node:assert/strict';
+import { parseVolumeRecord, volumeKey, type VolumeRecord } from '../../src/cluster/records.ts';
+import { ok, stopAndCheck } from './stream-pipe.ts';
 
 export interface Member {
   node: RunningNode;
@@ -98,4 +100,31 @@ export async function waitFor<T>(what: string, probe: () => Promise<T | null | f
 export function roles(node: RunningNode): Record<string, { role: string; epoch: number; owner?: string }> {
   const file = path.join(node.pool, 'replication', 'roles.json');
   return fs.existsSync(file) ? JSON.parse(fs.readFileSync(file, 'utf8')).volumes : {};
+}
+
+/** The volume's record in etcd (cluster/records.ts), read with the test's own client; it must exist. */
+export async function volumeRecord(fixture: ClusterFixture, volume: string): Promise<VolumeRecord> {
+  const kv = (await fixture.client.get(volumeKey(volume)).exec()).kvs[0];
+  assert.ok(kv !== undefined, `no record of ${volume} in etcd`);
+  return parseVolumeRecord(volumeKey(volume), kv.value);
+}
+
+/** Stops each member (resumed first, in case a test left it stopped), killing it when it does not stop cleanly. */
+export async function stopMembers(members: Member[]): Promise<void> {
+  for (const member of members) {
+    member.node.process.kill('SIGCONT');
+    await stopAndCheck(member.node).catch(() => member.node.kill());
+  }
+}
+
+/** Each member's log on stderr, for a failed test. */
+export function dumpMembers(members: Member[]): void {
+  for (const member of members) process.stderr.write(`--- ${member.name}:\n${member.node.stderr()}\n`);
+}
+
+/** 4 KiB block `index`: its index in its first bytes, then a byte of it, so that each block written is told apart. */
+export function numberedBlock(index: number): Buffer {
+  const data = Buffer.alloc(4096, (index * 7 + 1) % 256);
+  data.writeUInt32LE(index, 0);
+  return data;
 }

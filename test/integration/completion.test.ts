@@ -49,7 +49,8 @@ test('the script is valid bash and completes every command of the help table', a
 });
 
 test('options, their values, and volume names from the node', async () => {
-  assert.deepEqual(await complete('chunkd volume create data --s'), ['--size']);
+  assert.deepEqual(await complete('chunkd volume create data --si'), ['--size']);
+  assert.deepEqual(await complete('chunkd volume create data --s'), ['--size', '--sync', '--sync-timeout']);
   assert.ok((await complete('chunkd serve --')).includes('--nbd-threads'));
   assert.deepEqual(await complete('chunkd serve --tls '), ['off', 'on', 'require']);
   assert.deepEqual(await complete('chunkd serve --verify-reads o'), ['off', 'on']);

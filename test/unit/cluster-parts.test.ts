@@ -6,7 +6,7 @@ import { test } from 'vitest';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
 import { moveKey, parseEtcdEndpoints, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
 import { describeVolumes } from '../../src/cluster/listing.ts';
-import { chooseSuccessor, orphanedVolumes } from '../../src/cluster/failover.ts';
+import { chooseSuccessor, failoverWait, orphanedVolumes } from '../../src/cluster/failover.ts';
 import { chooseReplicaNodes } from '../../src/cluster/placement.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
 
@@ -72,6 +72,30 @@ test('failover: a volume whose owner has no live lease goes to the live replica 
   assert.equal(chooseSuccessor([replica('a', 'iota', 7), replica('a', 'kappa', 7)])?.node, 'iota');
 });
 
+test('failover of a synchronous volume: only a replica recorded in sync at the owner\'s epoch; with none live, the volume waits, said', () => {
+  const volume = (inSync: { epoch: number; nodes: string[] } | undefined, epoch = 3) => ({ name: 'v', sizeBytes: 1, owner: 'alpha', epoch, replicas: ['beta', 'gamma'], createdAt: '', sync: true as const, ...(inSync === undefined ? {} : { inSync }) });
+  const replica = (node: string) => ({ volume: 'v', node, owner: 'alpha', ownerEpoch: 3, point: 'sync', pointMs: 0, sync: true as const });
+  const live = new Set(['beta', 'gamma']);
+  const candidates = (record: ReturnType<typeof volume>) => orphanedVolumes([record], live, [replica('beta'), replica('gamma')])[0]!.candidates.map((candidate) => candidate.node);
+  // beta sorts first, so a tie would give it the volume: out of sync, it is not a candidate at all.
+  assert.deepEqual(candidates(volume({ epoch: 3, nodes: ['gamma'] })), ['gamma']);
+  assert.deepEqual(candidates(volume({ epoch: 3, nodes: ['beta', 'gamma'] })), ['beta', 'gamma']);
+  // A set recorded at another epoch (the previous owner's) says nothing of this one's; no set: none in sync.
+  assert.deepEqual(candidates(volume({ epoch: 2, nodes: ['beta', 'gamma'] })), []);
+  assert.deepEqual(candidates(volume(undefined)), []);
+  // The in-sync one down: nothing is chosen, and the wait is said.
+  const down = orphanedVolumes([volume({ epoch: 3, nodes: ['delta'] })], live, [replica('beta'), replica('gamma')])[0]!;
+  assert.deepEqual(down.candidates, []);
+  assert.match(failoverWait(down.volume, live, down.candidates)!, /no replica recorded in sync at epoch 3 is live \(in sync: delta\): it waits/);
+  assert.equal(failoverWait(volume({ epoch: 3, nodes: ['beta'] }), live, [replica('beta')]), null);
+  // The records: the flags checked when read.
+  const record = volume({ epoch: 3, nodes: ['gamma'] });
+  assert.deepEqual(parseVolumeRecord('/chunkd/v1/volumes/v', Buffer.from(JSON.stringify(record))), record);
+  assert.throws(() => parseVolumeRecord('/chunkd/v1/volumes/v', Buffer.from(JSON.stringify({ ...record, inSync: { epoch: 3, nodes: 'gamma' } }))), /does not hold a volume record/);
+  assert.throws(() => parseVolumeRecord('/chunkd/v1/volumes/v', Buffer.from(JSON.stringify({ ...record, sync: 'yes' }))), /does not hold a volume record/);
+  assert.deepEqual(parseReplicaRecord('/chunkd/v1/replicas/v/beta', Buffer.from(JSON.stringify(replica('beta')))), replica('beta'));
+});
+
 test('placement: replicas on distinct live nodes other than the owner, with a peer port and health ok, most free space first', () => {
   const node = (name: string, freeBytes: number, peer: string | null = `${name}:1`, health = 'ok') => ({ name, poolId: name, peer, capacityBytes: 100, freeBytes, version: '', health, updatedAt: '' });
   const nodes = [node('alpha', 90), node('beta', 10), node('gamma', 50), node('delta', 50), node('eps', 99, null), node('zeta', 99, 'z:1', 'pool failed: EIO')];
@@ -94,9 +118,9 @@ test('volume list: each volume with its owner\'s liveness, its replicas (named o
     1_000,
   );
   assert.deepEqual(listed, [
-    { name: 'a', sizeBytes: 1, owner: 'alpha', ownerAlive: true, epoch: 2, createdAt: 't', replicas: [{ node: 'beta', live: true, point: 'repl-900', pointAgeMs: 100 }, { node: 'delta', live: false, point: null, pointAgeMs: null }], move: { to: 'beta', requestedBy: 'gamma', requestedAt: 'now' } },
-    // A move from another epoch is stale: not shown.
-    { name: 'b', sizeBytes: 1, owner: 'zeta', ownerAlive: false, epoch: 1, createdAt: 't', replicas: [], move: null },
+    { name: 'a', sizeBytes: 1, owner: 'alpha', ownerAlive: true, epoch: 2, createdAt: 't', replicas: [{ node: 'beta', live: true, point: 'repl-900', pointAgeMs: 100 }, { node: 'delta', live: false, point: null, pointAgeMs: null }], move: { to: 'beta', requestedBy: 'gamma', requestedAt: 'now' }, sync: false, inSync: null, waiting: null },
+    // A move from another epoch is stale: not shown. Its owner is down and no replica can take it over: said.
+    { name: 'b', sizeBytes: 1, owner: 'zeta', ownerAlive: false, epoch: 1, createdAt: 't', replicas: [], move: null, sync: false, inSync: null, waiting: 'its owner zeta has no live lease and no live replica follows it at epoch 1' },
   ]);
   const record = { volume: 'a', from: 'alpha', epoch: 2, to: 'beta', requestedBy: 'gamma', requestedAt: 'now' };
   assert.deepEqual(parseMoveRecord(moveKey('a'), Buffer.from(JSON.stringify(record))), record);

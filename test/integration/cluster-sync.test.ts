@@ -1,0 +1,132 @@
+// Synchronous volumes in a cluster (volume create --replicas N --sync): a real etcd and three real nodes on
+// loopback (TLS peer ports). The volume's record says it is synchronous and which replicas its owner holds in sync
+// at its epoch; a move of it is refused by its owner. kill -9 of the owner while two clients write with FUA and
+// flushes: an in-sync replica takes it over at epoch 2 and holds every write the old owner acknowledged; the other
+// replica re-attaches to it as a synchronous replica, in sync again after its resync, and the old owner, restarted,
+// refuses writes and rejoins the same way. (A replica out of sync, and the failover passing it over:
+// cluster-sync-failover.test.ts.)
+import assert from 'node:assert/strict';
+import { test } from 'vitest';
+import { clusterFixture, clusterStatus, dumpMembers, numberedBlock, roles, stopMembers, volumeRecord, waitFor, type Member } from '../helpers/cluster.ts';
+import { FLAG_FUA, TestNbdClient } from '../helpers/nbd-client.ts';
+import { ok } from '../helpers/stream-pipe.ts';
+
+const cluster = clusterFixture('cluster-sync', { nodes: ['ka', 'kb', 'kc'] });
+const skip = cluster.skip;
+const ttlMs = cluster.ttlMs;
+const blockBytes = 4096;
+const record = (volume: string) => volumeRecord(cluster, volume);
+
+test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync replica takes it over with every acknowledged write; the other replica and the old owner re-attach in sync', { skip }, async () => {
+  const members = [await cluster.start('ka'), await cluster.start('kb'), await cluster.start('kc')];
+  const [ka, kb, kc] = members as [Member, Member, Member];
+  try {
+    const created = JSON.parse(await ok(ka.node, 'volume', 'create', 'vol', '--size', '16MiB', '--replicas', '2', '--sync', '--json'));
+    // Placed by free space: either order.
+    assert.deepEqual([...created.replicas].sort(), ['kb', 'kc']);
+    // Returned once both replicas are in sync and etcd says so.
+    const before = await record('vol');
+    assert.deepEqual([before.owner, before.epoch, before.sync, before.inSync, [...before.replicas].sort()], ['ka', 1, true, { epoch: 1, nodes: ['kb', 'kc'] }, ['kb', 'kc']]);
+
+    // A move is refused by the owner (a handoff does not carry synchronous links yet); --sync alone is a usage error.
+    const move = await ka.node.cli('volume', 'move', 'vol', '--to', 'kb');
+    assert.notEqual(move.code, 0);
+    assert.match(move.stderr, /node ka refused to move volume vol to kb: it has synchronous replicas/);
+    const alone = await ka.node.cli('volume', 'create', 'other', '--size', '1MiB', '--sync');
+    assert.equal(alone.code, 2);
+    assert.match(alone.stderr, /--sync needs --replicas N/);
+
+    // Two clients write 4 KiB blocks one after another, each its own, every other one FUA, a flush after each 8th.
+    const acknowledged: number[] = [];
+    const durable: number[] = [];
+    const clients = await Promise.all([0, 1].map(() => TestNbdClient.connect(ka.node.nbdSocket, 'vol')));
+    const writers = clients.map(async (client, which) => {
+      const sinceFlush: number[] = [];
+      for (let n = 0; ; n += 1) {
+        const index = n * 2 + which;
+        const fua = n % 2 === 1;
+        try {
+          await client.write(index * blockBytes, numberedBlock(index), fua ? FLAG_FUA : 0);
+          acknowledged.push(index);
+          if (fua) durable.push(index);
+          else sinceFlush.push(index);
+          if (n % 8 === 7) {
+            await client.flush();
+            durable.push(...sinceFlush.splice(0));
+          }
+        } catch {
+          return;
+        }
+      }
+    });
+    await waitFor('writes to the owner', () => acknowledged.length >= 200, 20_000);
+    const killedAt = performance.now();
+    await ka.node.kill();
+    await Promise.all(writers);
+    for (const client of clients) client.close();
+    process.stderr.write(`# cluster-sync: ${acknowledged.length} writes acknowledged before kill -9, ${durable.length} of them flushed or FUA\n`);
+
+    // Both replicas were in sync: the first by name takes it over, at epoch 2.
+    const after = await waitFor('kb to own vol at epoch 2', async () => {
+      const now = await record('vol');
+      return now.owner === 'kb' && now.epoch === 2 ? now : null;
+    }, ttlMs + 10_000);
+    // The old owner stays one of its replicas (it rejoins when back).
+    assert.deepEqual(after.replicas, ['ka', 'kc']);
+    // (Its log line comes just after the transaction.)
+    await waitFor('kb to log its takeover', () => /owner of volume vol at epoch 1, has no live lease; this node takes it over at epoch 2 \(a synchronous replica recorded in sync: kb, kc\)/.test(kb.node.stderr()), 5_000);
+    await waitFor('kb to promote its replica', () => roles(kb.node).vol?.role === 'owner', 5_000);
+    assert.deepEqual(roles(kb.node).vol, { role: 'owner', epoch: 2 });
+
+    // Every acknowledged write is on the new owner (not only the flushed ones: its process did not crash).
+    const reader = await waitFor('kb to take writes', async () => {
+      const client = await TestNbdClient.connect(kb.node.nbdSocket, 'vol');
+      const answer = await client.write(15 * 1024 * 1024, numberedBlock(999_999), FLAG_FUA).then(() => true, () => false);
+      if (answer) return client;
+      client.close();
+      return null;
+    }, 10_000);
+    process.stderr.write(`# cluster-sync: owner killed to first write acknowledged by the new owner: ${Math.round(performance.now() - killedAt)} ms (lease TTL ${ttlMs} ms)\n`);
+    const missing: number[] = [];
+    for (const index of acknowledged) {
+      const data = await reader.read(index * blockBytes, blockBytes);
+      if (!data.equals(numberedBlock(index))) missing.push(index);
+    }
+    assert.deepEqual(missing.filter((index) => durable.includes(index)), [], 'flushed or FUA writes missing on the new owner');
+    assert.deepEqual(missing, [], 'acknowledged writes missing on the new owner');
+
+    // kc re-attaches as kb's synchronous replica: resynced, then recorded in sync at epoch 2, and kb's writes reach it.
+    await waitFor('kc recorded in sync at epoch 2', async () => {
+      const now = await record('vol');
+      return now.inSync?.epoch === 2 && now.inSync.nodes.join(',') === 'kc' ? now : null;
+    }, 20_000);
+    assert.deepEqual(roles(kc.node).vol, { role: 'replica', owner: 'kb', epoch: 2, sync: true });
+    await reader.write(blockBytes * 3000, numberedBlock(3000), FLAG_FUA);
+    await reader.disconnect();
+    const replica = await TestNbdClient.connect(kc.node.nbdSocket, 'vol');
+    assert.deepEqual(await replica.read(blockBytes * 3000, blockBytes), numberedBlock(3000));
+    assert.deepEqual(await replica.read(acknowledged.at(-1)! * blockBytes, blockBytes), numberedBlock(acknowledged.at(-1)!));
+    await replica.disconnect();
+
+    // The old owner, restarted, refuses writes, then rejoins as kb's synchronous replica (what it held kept as a
+    // fenced- snapshot), is resynced whole and recorded in sync at epoch 2.
+    members[0] = await cluster.start('ka');
+    const old = await TestNbdClient.connect(members[0].node.nbdSocket, 'vol');
+    assert.ok(await old.write(0, numberedBlock(0), FLAG_FUA).then(() => false, () => true), 'the old owner acknowledged a write');
+    old.close();
+    await waitFor('ka recorded in sync at epoch 2', async () => ((await record('vol')).inSync?.nodes.join(',') === 'ka,kc' ? true : null), 20_000);
+    assert.deepEqual(roles(members[0].node).vol, { role: 'replica', owner: 'kb', epoch: 2, sync: true });
+    const back = await TestNbdClient.connect(members[0].node.nbdSocket, 'vol');
+    assert.deepEqual(await back.read(blockBytes * 3000, blockBytes), numberedBlock(3000));
+    await back.disconnect();
+    assert.match(await ok(members[0].node, 'snapshot', 'list', 'vol'), /fenced-/);
+    const status = await clusterStatus(kc.node);
+    assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'kb', 2, ['ka', 'kc']]]);
+    assert.match(await ok(kc.node, 'volume', 'list'), /vol \(sync\)\t16 MiB\tkb\t2\tka \(in sync\), kc \(in sync\)/);
+  } catch (error) {
+    dumpMembers(members);
+    throw error;
+  } finally {
+    await stopMembers(members);
+  }
+});
