@@ -91,14 +91,21 @@ function writeOf(bytes: Buffer, block: number): number {
 
 /** One seeded run; throws an assertion naming the seed when the store loses or mixes anything. */
 export async function runPowerLossSeed(seed: number, layout: Layout, lives = 3): Promise<RunStats> {
-  const random = makeRandom(seed);
+  return runPowerLoss(makeRandom(seed), layout, `SEED=${seed}`, lives);
+}
+
+/**
+ * The same run with every choice drawn from `random` (a seeded generator, or a recorded tape of draws that
+ * fast-check shrinks: power-loss.test.ts); `replay` says in failure messages how to run it again.
+ */
+export async function runPowerLoss(random: () => number, layout: Layout, replay: string, lives = 3): Promise<RunStats> {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), `chunkd-powerloss-${layout}-`));
   const stats: RunStats = { lives: 0, cutsMidway: 0, cuts: 0, operations: 0, acknowledgedWrites: 0, flushes: 0, checkedBlocks: 0, sectorsDropped: 0, sectorsKept: 0 };
   const model = new Map<string, ModelVolume>();
   let inFlight: InFlight = null;
   let nextWrite = 1;
   let nextName = 0;
-  const where = (what: string): string => `${what} (layout ${layout}, SEED=${seed})`;
+  const where = (what: string): string => `${what} (layout ${layout}, ${replay})`;
 
   const newVolume = (): ModelVolume => ({ blocks: Array.from({ length: volumeBlocks }, () => ({ durable: 0, pending: [], current: 0 })), snapshots: new Map() });
   const makeDurable = (): void => {
