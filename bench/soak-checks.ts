@@ -64,8 +64,9 @@ export function checkOwnership(acks: readonly Ack[], epochOwners: ReadonlyMap<nu
     if (byNode.size > 1) violations.push(`epoch ${epoch}: writes acknowledged by ${[...byNode.values()].map((ack) => `${ack.node} (write ${ack.seq})`).join(' and ')}`);
   }
   const byAck = [...acks].sort((a, b) => a.ackAt - b.ackAt);
-  const highestLo: number[] = [];
-  for (const ack of byAck) highestLo.push(Math.max(highestLo.at(-1) ?? 0, ack.lo));
+  // The acknowledgement with the highest lo among the first i + 1 answered.
+  const highest: Ack[] = [];
+  for (const ack of byAck) highest.push(highest.length > 0 && highest.at(-1)!.lo >= ack.lo ? highest.at(-1)! : ack);
   for (const ack of acks) {
     let low = 0;
     let high = byAck.length;
@@ -74,8 +75,10 @@ export function checkOwnership(acks: readonly Ack[], epochOwners: ReadonlyMap<nu
       if (byAck[middle]!.ackAt < ack.sentAt) low = middle + 1;
       else high = middle;
     }
-    const before = low === 0 ? 0 : highestLo[low - 1]!;
-    if (ack.hi < before) violations.push(`write ${ack.seq} acknowledged by ${ack.node} at epoch ${ack.hi} or below, sent after writes had been acknowledged at epoch ${before}`);
+    const before = low === 0 ? null : highest[low - 1]!;
+    if (before !== null && ack.hi < before.lo) {
+      violations.push(`write ${ack.seq} (${ack.writer}) acknowledged by ${ack.node} at epoch ${ack.hi} or below, sent after writes had been acknowledged at epoch ${before.lo} (write ${before.seq}, ${before.writer}, by ${before.node}, answered ${(ack.sentAt - before.ackAt).toFixed(1)} ms before it was sent)`);
+    }
   }
   return violations;
 }

@@ -51,13 +51,15 @@ import { makeRandom, randomInt } from '../src/testing/random.ts';
 import { cleanup, cleanupOnSignals, onCleanup, sleep } from './processes.ts';
 import { blockBytes as block, blockContent, checkBlocks, checkOwnership, parseBlock, type Ack, type FoundBlock } from './soak-checks.ts';
 
-const usage = `usage: npm run soak:cluster -- [--minutes N] [--seed S] [--ttl 3s] [--rate 100] [--replicate-every 2s] [--keep]
+const usage = `usage: npm run soak:cluster -- [--minutes N] [--seed S] [--ttl 3s] [--rate 100] [--replicate-every 2s] [--faults LIST] [--keep]
   --minutes N          how long the chaos runs (default 5; fractions allowed)
   --seed S             the chaos loop's seed (default: random, printed)
   --ttl DURATION       the nodes' lease TTL (default 3s)
   --rate N             the main writer's writes per second at most (default 100)
   --replicate-every D  how often the owner is asked to replicate (default 2s)
-  --keep               keep the scratch directory (pools, etcd data) at the end`;
+  --faults LIST         only these faults, comma-separated: kill-node, pause-node, pause-etcd, kill-etcd (default all)
+  --keep               keep the scratch directory (pools, etcd data) at the end (kept anyway on a failure, with
+                       the nodes' logs and acks.json, every acknowledgement)`;
 
 const names = ['alpha', 'beta', 'gamma'] as const;
 const volume = 'vol';
@@ -73,12 +75,24 @@ interface Options {
   ttlMs: number;
   rate: number;
   replicateEveryMs: number;
+  faults: string[];
   keep: boolean;
+}
+
+/** The faults the chaos loop draws from, each as often as it appears. */
+const faultKinds = ['kill-node', 'kill-node', 'kill-node', 'pause-node', 'pause-node', 'pause-node', 'pause-etcd', 'kill-etcd'];
+
+function parseFaults(text: string | undefined): string[] {
+  if (text === undefined) return faultKinds;
+  const chosen = text.split(',');
+  const unknown = chosen.filter((kind) => !faultKinds.includes(kind));
+  if (unknown.length > 0 || chosen.length === 0) throw new Error(`invalid --faults ${JSON.stringify(text)}: a list of ${[...new Set(faultKinds)].join(', ')}\n${usage}`);
+  return faultKinds.filter((kind) => chosen.includes(kind));
 }
 
 function parseOptions(): Options {
   const { values } = parseArgs({
-    options: { minutes: { type: 'string' }, seed: { type: 'string' }, ttl: { type: 'string' }, rate: { type: 'string' }, 'replicate-every': { type: 'string' }, keep: { type: 'boolean' }, help: { type: 'boolean' } },
+    options: { minutes: { type: 'string' }, seed: { type: 'string' }, ttl: { type: 'string' }, rate: { type: 'string' }, 'replicate-every': { type: 'string' }, faults: { type: 'string' }, keep: { type: 'boolean' }, help: { type: 'boolean' } },
   });
   if (values.help) {
     console.log(usage);
@@ -95,6 +109,7 @@ function parseOptions(): Options {
     ttlMs: parseDuration(values.ttl ?? '3s'),
     rate: Math.max(1, number(values.rate, 100, '--rate')),
     replicateEveryMs: parseDuration(values['replicate-every'] ?? '2s'),
+    faults: parseFaults(values.faults),
     keep: values.keep ?? false,
   };
 }
@@ -106,6 +121,8 @@ interface NodeSlot {
   node: RunningNode;
   paused: boolean;
   down: boolean;
+  /** The logs of its earlier processes (killed and restarted). */
+  earlierLogs: string;
 }
 
 /** The epoch of `volume` in the node's roles file: its entry's, or 1 when it has none (the volume's creator). */
@@ -162,10 +179,15 @@ class Soak {
 
   log(line: string): void {
     const seconds = ((performance.now() - this.startedAt) / 1000).toFixed(1).padStart(6);
-    console.log(`[${seconds} s] ${line}`);
+    console.log(`[${seconds} s ${new Date().toISOString().slice(11, 23)}] ${line}`);
   }
 
   startedAt = performance.now();
+
+  /** An ISO time of day for a performance.now() value (for matching the nodes' logs). */
+  wallAt(at: number): string {
+    return new Date(performance.timeOrigin + at).toISOString().slice(11, 23);
+  }
 
   violation(text: string): void {
     this.violations.push(text);
@@ -184,7 +206,7 @@ class Soak {
     this.client = new Etcd3({ hosts: this.etcd.endpoints.split(','), dialTimeout: 1_000 });
     onCleanup('the etcd client', () => this.client.close());
     for (const name of names) {
-      const slot = { name, pool: path.join(this.scratch, name), address: `127.0.0.1:${await freePort()}`, paused: false, down: false } as NodeSlot;
+      const slot = { name, pool: path.join(this.scratch, name), address: `127.0.0.1:${await freePort()}`, paused: false, down: false, earlierLogs: '' } as NodeSlot;
       this.slots.set(name, slot);
       await this.startSlot(slot);
     }
@@ -371,7 +393,7 @@ class Soak {
   async act(): Promise<void> {
     const { ttlMs } = this.options;
     const record = this.record!;
-    const kinds = ['kill-node', 'kill-node', 'kill-node', 'pause-node', 'pause-node', 'pause-node', 'pause-etcd', 'kill-etcd'];
+    const kinds = this.options.faults;
     const kind = kinds[randomInt(this.random, kinds.length)]!;
     const startedAt = performance.now();
     let target: string;
@@ -385,6 +407,7 @@ class Soak {
         this.lastAction = `kill -9 ${target}`;
         slot.down = true;
         await slot.node.kill();
+        slot.earlierLogs += `${slot.node.stderr()}--- killed (-9) by the soak at ${new Date().toISOString()}\n`;
         await sleep(downMs);
         await this.startSlot(slot);
       } else {
@@ -496,8 +519,9 @@ async function main(): Promise<void> {
   if (failure !== null || soak.violations.length > 0) {
     // Whole logs beside the pools (kept on failure); here only their last lines, without the refused probe writes.
     for (const slot of soak.slots.values()) {
-      const text = slot.node?.stderr() ?? '';
+      const text = slot.earlierLogs + (slot.node?.stderr() ?? '');
       fs.writeFileSync(path.join(soak.scratch, `${slot.name}.log`), text);
+      fs.writeFileSync(path.join(soak.scratch, 'acks.json'), JSON.stringify(soak.acks.map((ack) => ({ ...ack, sentAt: soak.wallAt(ack.sentAt), ackAt: soak.wallAt(ack.ackAt) }))));
       const lines = text.split('\n').filter((line) => !/ WRITE offset \d+ length \d+: EPERM/.test(line) && !/peer \w+ connected from/.test(line));
       console.log(`--- ${slot.name} (${path.join(soak.scratch, `${slot.name}.log`)}; its last lines but refused writes and peer connections):\n${lines.slice(-40).join('\n')}`);
     }
