@@ -402,7 +402,8 @@ class Soak {
       target = this.random() < 0.6 ? record.owner : names[randomInt(this.random, names.length)]!;
       const slot = this.slots.get(target)!;
       if (kind === 'kill-node') {
-        const downMs = randomInt(this.random, 2_000);
+        // Down for up to two TTLs and 2 s: a restart within about two TTLs keeps the volume (no failover, see below).
+        const downMs = randomInt(this.random, 2 * ttlMs + 2_000);
         this.log(`kill -9 ${target}${target === record.owner ? ' (owner)' : ''}, restart after ${downMs} ms`);
         this.lastAction = `kill -9 ${target}`;
         slot.down = true;
@@ -411,7 +412,9 @@ class Soak {
         await sleep(downMs);
         await this.startSlot(slot);
       } else {
-        const pauseMs = ttlMs + 1_000 + randomInt(this.random, 1_000);
+        // Past the TTL, by up to two more: a failover waits until the owner was seen gone for a whole TTL
+        // (src/cluster/failover.ts), so a shorter pause ends with the owner back and keeping its volume.
+        const pauseMs = ttlMs + 1_000 + randomInt(this.random, 2 * ttlMs);
         this.log(`SIGSTOP ${target}${target === record.owner ? ' (owner)' : ''} for ${pauseMs} ms`);
         this.lastAction = `SIGSTOP ${target}`;
         slot.paused = true;
