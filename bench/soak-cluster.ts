@@ -145,7 +145,9 @@ class Soak {
   /** Which block each issued write went to (seq -> block). */
   readonly issued = new Map<number, number>();
   #seq = 0;
+  /** The monitor and the replicate calls run while `running`; the writers while `writing` (stopped first). */
   running = true;
+  writing = true;
   readonly violations: string[] = [];
   readonly figures = { refused: 0, probeRefused: 0, reconnects: 0, abandoned: 0, replicateCalls: 0, replicateFailures: 0, crossPauseAcks: 0, monitorFailures: 0 };
   readonly actions: Array<{ kind: string; target: string; startedAt: number; endedAt: number; healedMs: number; owner: string; epoch: number }> = [];
@@ -299,7 +301,7 @@ class Soak {
     let slot: NodeSlot | null = null;
     const spacingMs = 1000 / this.options.rate;
     let position = 0;
-    while (this.running) {
+    while (this.writing) {
       if (client === null || slot === null) {
         const owner = await this.owner();
         slot = owner === null ? null : (this.slots.get(owner) ?? null);
@@ -337,7 +339,7 @@ class Soak {
   async probe(slot: NodeSlot, region: number): Promise<void> {
     let client: TestNbdClient | null = null;
     let position = 0;
-    while (this.running) {
+    while (this.writing) {
       if (client === null) {
         client = slot.down || slot.paused ? null : await TestNbdClient.connect(slot.node.nbdSocket, volume).catch(() => null);
         if (client === null) {
@@ -497,7 +499,8 @@ async function main(): Promise<void> {
   try {
     await soak.setUp();
     await soak.poll();
-    const background = [soak.monitor(), soak.mainWriter(), soak.replicateLoop(), ...names.map((name, region) => soak.probe(soak.slots.get(name)!, region))];
+    const services = [soak.monitor(), soak.replicateLoop()];
+    const writers = [soak.mainWriter(), ...names.map((name, region) => soak.probe(soak.slots.get(name)!, region))];
     try {
       await waitFor('the first writes', () => soak.healed(0), 60_000);
       soak.startedAt = performance.now();
@@ -506,12 +509,19 @@ async function main(): Promise<void> {
         await soak.act();
         await sleep(1_000 + randomInt(soak.random, 2_000));
       }
-      // A last point of the final owner's, so that its latest writes count as replicated too.
-      const since = performance.now();
-      await waitFor('a last replicated point', () => soak.healed(since) && soak.replicas.some((replica) => replica.owner === soak.record!.owner && replica.ownerEpoch === soak.record!.epoch && replica.pointMs > Date.now() - 1_000), 60_000).catch(() => {});
+      await waitFor('the cluster to heal', () => soak.healed(0), 60_000);
+    } finally {
+      soak.writing = false;
+      await Promise.race([Promise.all(writers), sleep(10_000)]);
+    }
+    try {
+      // A point of the final owner's newer than the last write, so that every write counts as replicated: a
+      // replica taken over with it would have them all (not waited for past 30 s: fewer writes are checked then).
+      const lastAck = Math.max(...soak.acks.map((ack) => ack.ackWall));
+      await waitFor('a last replicated point', () => soak.replicas.some((replica) => replica.owner === soak.record!.owner && replica.ownerEpoch === soak.record!.epoch && replica.pointMs > lastAck), 30_000).catch(() => soak.log('no replica confirmed a point after the last write within 30 s'));
     } finally {
       soak.running = false;
-      await Promise.race([Promise.all(background), sleep(30_000)]);
+      await Promise.race([Promise.all(services), sleep(20_000)]);
     }
     soak.checkOwnership();
     const data = await soak.checkData();
