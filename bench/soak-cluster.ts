@@ -33,7 +33,11 @@
 //     4. liveness: after each fault the cluster heals within a bound (all nodes registered, the owner's writes
 //        acknowledged again, a replica confirming a point of the current owner and epoch).
 //   The owner is asked to replicate every --replicate-every (POST /v1/volumes/VOL/replicate) besides its links'
-//   own 30 s cycles, so that points are recent.
+//   own 30 s cycles, so that points are recent. At the end the writers stop, a replica's point newer than the last
+//   acknowledgement is waited for (30 s at most), and the final owner's copy of every block is read back.
+//   Faults are sized around the failover's own wait (a replica takes over once it has seen the owner unregistered
+//   for a whole TTL, src/cluster/failover.ts): a node paused TTL + 1 s to 3 TTL + 1 s, or down up to 2 TTL + 2 s,
+//   fails over or comes back in time, both at random.
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
