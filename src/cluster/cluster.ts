@@ -50,7 +50,10 @@
 //   2. Another node may become V's owner only by a transaction on volumes/V that raises the epoch and compares that
 //      nodes/OWNER does not exist, i.e. that the owner's lease has expired in etcd, which happens no earlier than
 //      TTL after the owner sent its last renewal: by then the owner stopped acknowledging (1b), however long it was
-//      paused, since its check reads the monotonic clock at the write.
+//      paused, since its check reads the monotonic clock at the write. And it tries only once it has seen nodes/OWNER
+//      absent for a whole TTL (failover.ts's AbsenceClock): etcd before 3.4.28/3.5.11 can revoke a lease early (a
+//      stalled, deposed leader revokes what it believes expired, etcd-io/etcd#15247), and the owner's last renewal
+//      is older than that revocation, so a TTL after it the owner has stopped even then.
 //   3. An owner whose lease was lost does not resume on a new lease until step 1a holds again: its confirmation is
 //      cleared with the lease, and a lapse of the clock (even without losing the lease) re-checks too.
 //   Automatic failover is step 2: every node, at each renewal, looks for volumes whose owner is unregistered; the
@@ -78,7 +81,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { softwareVersion } from '../core/version.ts';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
 import { moveKey, movesPrefix, nodeKey, nodesPrefix, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type MoveRecord, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
-import { chooseSuccessor, orphanedVolumes } from './failover.ts';
+import { AbsenceClock, chooseSuccessor, orphanedVolumes } from './failover.ts';
 import { describeVolumes, type ClusterVolume } from './listing.ts';
 import { chooseReplicaNodes } from './placement.ts';
 
@@ -188,11 +191,14 @@ export class ClusterMember {
   /** Background steps running (#converge), by volume, and the last failure of each. */
   readonly #steps = new Map<string, Promise<void>>();
   readonly #stepErrors = new Map<string, string>();
+  /** How long each volume owner has been seen unregistered (a failover waits a TTL: failover.ts). */
+  readonly #absences: AbsenceClock;
 
   private constructor(config: ClusterConfig, host: ClusterHost) {
     this.config = config;
     this.#host = host;
     this.#clock = new LeaseClock(leaseTiming(config.leaseTtlMs));
+    this.#absences = new AbsenceClock(2 * keepaliveIntervalMs(this.#clock.timing));
     this.#loopTimeoutMs = Math.min(callTimeoutMs, Math.max(500, Math.floor(keepaliveIntervalMs(this.#clock.timing) / 2)));
     const tls = config.tls ?? null;
     this.#client = new Etcd3({
@@ -653,6 +659,8 @@ export class ClusterMember {
     }
     const [nodes, volumes, replicas, moves] = await Promise.all([this.#range(nodesPrefix), this.#range(volumesPrefix), this.#range(replicasPrefix), this.#range(movesPrefix)]);
     const alive = new Set(nodes.map((kv) => kv.key.toString().slice(nodesPrefix.length)));
+    // Known unregistered no later than now (the reads are done): a takeover waits a TTL from here (failover.ts).
+    const goneFor = this.#absences.observe([...new Set(volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value).owner))].filter((owner) => !alive.has(owner)), performance.now());
     const peers = new Map(nodes.map((kv) => {
       const record = parseNodeRecord(kv.key.toString(), kv.value);
       return [record.name, record.peer] as const;
@@ -668,6 +676,7 @@ export class ClusterMember {
     for (const { volume, candidates } of orphans) {
       const successor = chooseSuccessor(candidates);
       if (successor?.node !== this.nodeName || !mine.some((replica) => replica.name === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch)) continue;
+      if ((goneFor.get(volume.owner) ?? 0) < this.#clock.timing.ttlMs) continue;
       const epoch = volume.epoch + 1;
       // A synchronous volume's new owner holds no replica in sync yet: each is recorded once its resync is done.
       // (The old owner stays one of its replicas: back, it rejoins as a synchronous replica and is resynced.)

@@ -46,3 +46,33 @@ export function failoverWait(volume: VolumeRecord, aliveNodes: Set<string>, cand
   const inSync = volume.inSync?.epoch === volume.epoch ? volume.inSync.nodes : [];
   return `its owner ${volume.owner} has no live lease, and no replica recorded in sync at epoch ${volume.epoch} is live${inSync.length > 0 ? ` (in sync: ${inSync.join(', ')})` : ' (none was in sync)'}: it waits for one of them, or its owner, to come back`;
 }
+
+/**
+ * How long each owner has been seen unregistered, continuously, by this node's monotonic clock. A failover waits
+ * until the owner has been gone for a whole TTL: etcd before 3.4.28 and 3.5.11 (Debian's 3.4.23 among them) lets a
+ * leader that was stalled and deposed revoke leases it believes expired (etcd-io/etcd#15247), so an owner's lease can
+ * vanish just after a renewal etcd confirmed, while that owner still acknowledges writes for up to TTL - margin
+ * after that renewal (npm run soak:cluster found it: an etcd member paused, then the owner's lease revoked 1.3 s
+ * after its last confirmed renewal, and two owners acknowledging writes at once). The renewal is older than the
+ * revocation, so a TTL after seeing the owner gone it has stopped; and an owner that comes back meanwhile
+ * re-registers, and the takeover's transaction (its registration must still be absent) fails.
+ * Observations further apart than `maxGapMs` (this node's own beats stalled) start the count again.
+ */
+export class AbsenceClock {
+  readonly #since = new Map<string, number>();
+  #lastAt: number | null = null;
+  readonly maxGapMs: number;
+
+  constructor(maxGapMs: number) {
+    this.maxGapMs = maxGapMs;
+  }
+
+  /** The owners seen unregistered at `now` (monotonic ms); for each, how long it has been so without a gap. */
+  observe(absent: readonly string[], now: number): Map<string, number> {
+    if (this.#lastAt === null || now - this.#lastAt > this.maxGapMs) this.#since.clear();
+    this.#lastAt = now;
+    for (const node of [...this.#since.keys()]) if (!absent.includes(node)) this.#since.delete(node);
+    for (const node of absent) if (!this.#since.has(node)) this.#since.set(node, now);
+    return new Map([...this.#since].map(([node, since]) => [node, now - since]));
+  }
+}

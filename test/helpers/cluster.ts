@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll } from 'vitest';
 import { Etcd3 } from 'etcd3';
+import { clusterNodeArgs, rolesOf, waitFor, type PoolRoles } from '../../src/testing/cluster-node.ts';
 import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
 import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, startNode, type RunningNode } from './node-process.ts';
 import assert from 'node:assert/strict';
@@ -41,14 +42,13 @@ export function clusterFixture(label: string, options: { nodes?: string[]; etcdM
     skip: !haveEtcd() || (nodes.length > 0 && !haveTool('openssl')),
     ttlMs: options.ttlMs ?? 3_000,
     async start(name: string, extra: string[] = [], startOptions: { crashAt?: string } = {}): Promise<Member> {
-      let peer: string[] = [];
       let address = '';
       if (nodes.includes(name)) {
         if (!ports.has(name)) ports.set(name, await freePort());
         address = `127.0.0.1:${ports.get(name)}`;
-        peer = ['--peer-listen', address, '--tls-dir', path.join(fixture.tlsDir, name)];
       }
-      const args = [...peer, '--etcd', fixture.etcd.endpoints, '--node-name', name, '--lease-ttl', `${fixture.ttlMs / 1000}s`, ...extra];
+      const peer = address === '' ? undefined : { address, tlsDir: path.join(fixture.tlsDir, name) };
+      const args = [...clusterNodeArgs({ name, etcd: fixture.etcd.endpoints, ttlMs: fixture.ttlMs, peer }), ...extra];
       if (startOptions.crashAt !== undefined) process.env.CHUNKD_TEST_CRASH_AT = startOptions.crashAt;
       try {
         return { node: await startNode(path.join(fixture.scratch, name), args), name, address };
@@ -85,21 +85,11 @@ export async function clusterStatus(node: RunningNode): Promise<ClusterStatusJso
   return JSON.parse(await ok(node, 'cluster', 'status', '--json'));
 }
 
-/** Polls `probe` every 20 ms until it gives something other than null (or false); its value. */
-export async function waitFor<T>(what: string, probe: () => Promise<T | null | false> | T | null | false, timeoutMs: number): Promise<T> {
-  const deadline = performance.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== null && value !== false) return value;
-    if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
+export { waitFor };
 
 /** The roles file of a node's pool (replication/roles.ts): volume -> role. */
-export function roles(node: RunningNode): Record<string, { role: string; epoch: number; owner?: string }> {
-  const file = path.join(node.pool, 'replication', 'roles.json');
-  return fs.existsSync(file) ? JSON.parse(fs.readFileSync(file, 'utf8')).volumes : {};
+export function roles(node: RunningNode): PoolRoles {
+  return rolesOf(node.pool);
 }
 
 /** The volume's record in etcd (cluster/records.ts), read with the test's own client; it must exist. */

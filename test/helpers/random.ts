@@ -1,26 +1,12 @@
-// Seeded randomness for tests: every test that uses it prints its seed, and SEED=<n> replays it.
-
-/** mulberry32: small, fast, good enough to drive tests. */
-export function makeRandom(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+// Seeded randomness for tests: every test that uses it prints its seed, and SEED=<n> replays it. The generator
+// itself is in src/testing/random.ts (the soak, bench/soak-cluster.ts, uses it too; bench/ must not import test/).
+export { makeRandom, randomInt } from '../../src/testing/random.ts';
 
 /** The seed from $SEED, or a fresh one; logged so that a failure can be replayed. */
 export function testSeed(label: string): number {
   const seed = process.env.SEED !== undefined ? Number(process.env.SEED) : Math.floor(Math.random() * 2 ** 32);
   console.log(`# ${label}: SEED=${seed}`);
   return seed;
-}
-
-export function randomInt(random: () => number, below: number): number {
-  return Math.floor(random() * below);
 }
 
 /**
