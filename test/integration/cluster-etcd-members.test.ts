@@ -26,7 +26,7 @@ async function waitFor(what: string, probe: () => boolean, timeoutMs: number): P
   }
 }
 
-test('three etcd members: one paused, writes go on; two paused, writes stop within the TTL; all back, writes resume, nothing acknowledged lost', { skip }, async () => {
+test('three etcd members: one paused, writes go on; two paused, no write acknowledged past the TTL; all back, writes resume, nothing acknowledged lost', { skip }, async () => {
   const { node } = await cluster.start('alpha', ['--default-volume', 'vol:64MiB']);
   const nbd = await TestNbdClient.connect(node.nbdSocket, 'vol');
   const [first, second] = cluster.etcd.members;
@@ -65,7 +65,10 @@ test('three etcd members: one paused, writes go on; two paused, writes stop with
     second!.pause();
     await waitFor('a refused write', () => refused.length > refusedBefore, ttlMs + 2_000);
     const firstRefusal = refused[refusedBefore]!;
-    assert.ok(firstRefusal.at - twoPausedAt < ttlMs, `first refusal ${Math.round(firstRefusal.at - twoPausedAt)} ms after the quorum was lost`);
+    // What matters is the last write acknowledged: before the lease could expire (a TTL after the last renewal,
+    // which was before the pause). The refusal itself may reach a client slowed by a loaded machine later.
+    const lastAcknowledged = acknowledged.filter((write) => write.at > twoPausedAt).at(-1);
+    assert.ok(lastAcknowledged === undefined || lastAcknowledged.at - twoPausedAt < ttlMs, `a write acknowledged ${Math.round((lastAcknowledged?.at ?? 0) - twoPausedAt)} ms after the quorum was lost`);
     await new Promise((resolve) => setTimeout(resolve, ttlMs));
     assert.deepEqual(acknowledged.filter((write) => write.at > firstRefusal.at), [], 'acknowledged without a quorum');
     first!.resume();
