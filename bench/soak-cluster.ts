@@ -50,7 +50,7 @@ import { nodesPrefix, parseReplicaRecord, parseVolumeRecord, replicasPrefix, vol
 import { clusterNodeArgs, rolesOf, waitFor } from '../src/testing/cluster-node.ts';
 import { haveEtcd, startEtcd, type EtcdCluster } from '../src/testing/etcd-process.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../src/testing/nbd-client.ts';
-import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, startNode, type RunningNode } from '../src/testing/node-process.ts';
+import { chunkdBin, haveTool, makeTempDir, mustRun, stablePort, startNode, type RunningNode } from '../src/testing/node-process.ts';
 import { makeRandom, randomInt } from '../src/testing/random.ts';
 import { cleanup, cleanupOnSignals, onCleanup, sleep } from './processes.ts';
 import { blockBytes as block, blockContent, checkBlocks, checkOwnership, parseBlock, type Ack, type FoundBlock } from './soak-checks.ts';
@@ -212,7 +212,7 @@ class Soak {
     this.client = new Etcd3({ hosts: this.etcd.endpoints.split(','), dialTimeout: 1_000 });
     onCleanup('the etcd client', () => this.client.close());
     for (const name of names) {
-      const slot = { name, pool: path.join(this.scratch, name), address: `127.0.0.1:${await freePort()}`, paused: false, down: false, earlierLogs: '' } as NodeSlot;
+      const slot = { name, pool: path.join(this.scratch, name), address: `127.0.0.1:${await stablePort()}`, paused: false, down: false, earlierLogs: '' } as NodeSlot;
       this.slots.set(name, slot);
       await this.startSlot(slot);
     }

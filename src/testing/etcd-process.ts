@@ -6,7 +6,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import https from 'node:https';
 import path from 'node:path';
-import { freePort, haveTool, makeTempDir } from './node-process.ts';
+import { haveTool, makeTempDir, stablePort } from './node-process.ts';
 
 export interface EtcdMember {
   name: string;
@@ -51,7 +51,7 @@ export interface EtcdOptions {
 export async function startEtcd(size: 1 | 3 = 1, options: EtcdOptions = {}): Promise<EtcdCluster> {
   const root = makeTempDir('etcd');
   const layout: Array<{ name: string; clientPort: number; peerPort: number }> = [];
-  for (let index = 0; index < size; index += 1) layout.push({ name: `etcd${index}`, clientPort: await freePort(), peerPort: await freePort() });
+  for (let index = 0; index < size; index += 1) layout.push({ name: `etcd${index}`, clientPort: await stablePort(), peerPort: await stablePort() });
   const initialCluster = layout.map((member) => `${member.name}=http://127.0.0.1:${member.peerPort}`).join(',');
   const members = layout.map((spec) => makeMember(spec, path.join(root, spec.name), initialCluster, options.tlsDirectory ?? null));
   const cluster: EtcdCluster = {

@@ -124,6 +124,31 @@ export function haveTool(name: string): boolean {
 }
 
 /** A TCP port on 127.0.0.1 that nothing listens on now (for a node that must keep its port across restarts). */
+/**
+ * A free port for a listener that is restarted on the same port (a node's peer port, an etcd member's ports): taken
+ * below the kernel's ephemeral range, so that while it is down no port-0 listener (a node's NBD --listen
+ * 127.0.0.1:0) and no outgoing connection can be given it. freePort's ports come from that range, and one of them
+ * reused after a restart collided with a new NBD listener (EADDRINUSE, cluster-move.test.ts).
+ */
+export async function stablePort(): Promise<number> {
+  let ephemeralLow = 32_768;
+  try {
+    ephemeralLow = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || ephemeralLow;
+  } catch {}
+  const low = 10_000;
+  const high = Math.max(low + 1000, Math.min(ephemeralLow, 32_768));
+  for (let attempt = 0; attempt < 200; attempt += 1) {
+    const port = low + Math.floor(Math.random() * (high - low));
+    const free = await new Promise<boolean>((resolve) => {
+      const server = net.createServer();
+      server.once('error', () => resolve(false));
+      server.listen(port, '127.0.0.1', () => server.close(() => resolve(true)));
+    });
+    if (free) return port;
+  }
+  throw new Error(`no free port found between ${low} and ${high}`);
+}
+
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = net.createServer();

@@ -7,7 +7,7 @@ import { afterAll, beforeAll } from 'vitest';
 import { Etcd3 } from 'etcd3';
 import { clusterNodeArgs, rolesOf, waitFor, type PoolRoles } from '../../src/testing/cluster-node.ts';
 import { haveEtcd, startEtcd, type EtcdCluster } from '../../src/testing/etcd-process.ts';
-import { chunkdBin, freePort, haveTool, makeTempDir, mustRun, startNode, type RunningNode } from './node-process.ts';
+import { chunkdBin, haveTool, makeTempDir, mustRun, stablePort, startNode, type RunningNode } from './node-process.ts';
 import assert from 'node:assert/strict';
 import { parseVolumeRecord, volumeKey, type VolumeRecord } from '../../src/cluster/records.ts';
 import { ok, stopAndCheck } from './stream-pipe.ts';
@@ -44,7 +44,7 @@ export function clusterFixture(label: string, options: { nodes?: string[]; etcdM
     async start(name: string, extra: string[] = [], startOptions: { crashAt?: string } = {}): Promise<Member> {
       let address = '';
       if (nodes.includes(name)) {
-        if (!ports.has(name)) ports.set(name, await freePort());
+        if (!ports.has(name)) ports.set(name, await stablePort());
         address = `127.0.0.1:${ports.get(name)}`;
       }
       const peer = address === '' ? undefined : { address, tlsDir: path.join(fixture.tlsDir, name) };
