@@ -513,10 +513,9 @@ export class NbdConnection {
     for (let index = 0; index < last; index++) socket.write(slice.pieces[index]!);
     socket.write(slice.pieces[last]!, () => {
       for (const buffer of slice.finished) this.#replyBuffers.release(buffer);
-      if (slice.answeredAt.length > 0) {
-        const now = performance.now();
-        for (const answeredAt of slice.answeredAt) observeLatency(this.#options.counters.stages.reply, (now - answeredAt) / 1000);
-      }
+      const now = performance.now();
+      const replyTimes = this.#options.counters.stages.reply;
+      for (const answeredAt of slice.answeredAt) observeLatency(replyTimes, (now - answeredAt) / 1000);
       this.#writeTlsSlice();
       this.#maybeResume();
     });

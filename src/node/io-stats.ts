@@ -1,10 +1,10 @@
 // Per-export I/O statistics (issue 18's "why is it slow"): for each export (a volume, or VOL@SNAP) and each
-// operation, requests, bytes, errors, the requests in flight and a latency histogram, kept where every front end's requests pass: the
-// BlockDevice the node hands out (NBD on the main thread and on NBD threads, whose device calls come back to the
-// main thread, FUSE, attachments). A request's latency here is the device's: from the front end's call to its
-// completion (the wait for the range lock, chunk I/O in the workers, the commit for FLUSH and FUA), not the
-// protocol's receive or reply (stages of their own: store/stage-times.ts). The histogram's buckets are fixed,
-// Prometheus-style cumulative at render.
+// operation, requests, bytes, errors, the requests in flight and a latency histogram, kept where every front
+// end's requests pass: the BlockDevice the node hands out (NBD on the main thread and on NBD threads, whose device
+// calls come back to the main thread, FUSE, attachments). A request's latency here is the device's: from the front
+// end's call to its completion (the wait for the range lock, chunk I/O in the workers, the commit for FLUSH and
+// FUA), not the protocol's receive or reply (stages of their own: store/stage-times.ts). The histogram's buckets
+// are fixed, Prometheus-style cumulative at render.
 // Cost per request: two performance.now() calls, a short bucket scan and four increments (BENCHMARKS.md has
 // the measured cost on 4 KiB random reads).
 import { performance } from 'node:perf_hooks';
