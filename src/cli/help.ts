@@ -77,10 +77,11 @@ export const commands = {
     options: { ...json, ...api },
   },
   'volume create': {
-    usage: ['volume create NAME --size SIZE [--replicas N [--sync [--sync-timeout 5s]]] [--json]'],
-    summary: 'create a thin volume: nothing is allocated until written',
+    usage: ['volume create NAME --size SIZE [--node NODE] [--replicas N [--sync [--sync-timeout 5s]]] [--json]'],
+    summary: 'create a thin volume: nothing is allocated until written; in a cluster, owned by the live node with the most free space unless --node names one',
     options: {
       ...size,
+      node: { type: 'string', value: 'NODE', help: 'in a cluster: the node that owns it (default: the live node with the most free space; within 2% or 1 GiB of the most counts as a tie, which goes to the node asked, else to the first name)' },
       replicas: { type: 'string', value: 'N', help: 'in a cluster: replicas on N other nodes, those with the most free space (default 0)' },
       sync: { type: 'boolean', help: 'with --replicas: synchronous replicas (every acknowledged write on each in-sync one; etcd records which are in sync, and only those may take the volume over)' },
       'sync-timeout': { type: 'string', value: 'DURATION', fallback: '5s', help: 'with --sync: a replica that leaves a write unanswered this long is out of sync' },

@@ -167,8 +167,8 @@ async function volumeCommand(argv: string[]): Promise<number> {
         return [nameOf(positionals), sizeOf(values.size), count, values['sync-timeout'] === undefined ? undefined : parseDuration(values['sync-timeout'], '--sync-timeout')] as const;
       });
       const sync = values.sync === true ? { sync: true, ...(syncTimeoutMs === undefined ? {} : { syncTimeoutMs }) } : {};
-      const volume = (await callApi(apiPath(values.api), 'POST', '/v1/volumes', { name, sizeBytes, ...(replicas > 0 ? { replicas } : {}), ...sync })) as VolumeInfo & { replicas?: string[] };
-      print(values.json, volume, () => `created volume ${volume.name} of ${formatSize(volume.sizeBytes)}${volume.replicas === undefined ? '' : `, ${values.sync === true ? 'synchronous replicas (in sync)' : 'replicas'} on ${volume.replicas.join(', ')}`}`);
+      const volume = (await callApi(apiPath(values.api), 'POST', '/v1/volumes', { name, sizeBytes, ...(replicas > 0 ? { replicas } : {}), ...sync, ...(values.node === undefined ? {} : { node: values.node }) })) as VolumeInfo & { replicas?: string[]; owner?: string };
+      print(values.json, volume, () => `created volume ${volume.name} of ${formatSize(volume.sizeBytes)}${volume.owner === undefined ? '' : ` on node ${volume.owner}`}${volume.replicas === undefined ? '' : `, ${values.sync === true ? 'synchronous replicas (in sync)' : 'replicas'} on ${volume.replicas.join(', ')}`}`);
       return 0;
     }
     case 'list': {

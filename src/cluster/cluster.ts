@@ -83,7 +83,7 @@ import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
 import { moveKey, movesPrefix, nodeKey, nodesPrefix, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type MoveRecord, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
 import { AbsenceClock, chooseSuccessor, orphanedVolumes } from './failover.ts';
 import { describeVolumes, type ClusterVolume } from './listing.ts';
-import { chooseReplicaNodes } from './placement.ts';
+import { chooseOwner, chooseReplicaNodes } from './placement.ts';
 
 export interface ClusterConfig {
   endpoints: string[];
@@ -276,6 +276,19 @@ export class ClusterMember {
       if (performance.now() > until || this.#stopping) throw refusal;
       await new Promise((resolve) => setTimeout(resolve, movePollMs));
     }
+  }
+
+  /**
+   * The owner of a new volume asked for here (placement.ts): node `named` when given (it must be live), else the
+   * live node with the most free space; `forward`: whether this node can reach other nodes' peer ports.
+   */
+  async placeOwner(named: string | null, forward: boolean): Promise<NodeRecord> {
+    const nodes = (await this.#range(nodesPrefix, deadline())).map((kv) => parseNodeRecord(kv.key.toString(), kv.value));
+    if (named === null) return chooseOwner(nodes, this.nodeName, forward);
+    const node = nodes.find((candidate) => candidate.name === named);
+    if (node === undefined) throw ChunkdError.invalid(`node ${named} is not a live member of the cluster (chunkd cluster status lists them)`);
+    if (named !== this.nodeName && node.peer === null) throw ChunkdError.invalid(`node ${named} has no peer port (serve --peer-listen): a volume cannot be created there from another node`);
+    return node;
   }
 
   /** Where `count` replicas of a new volume of this node's go (placement.ts), from the live nodes' records. */

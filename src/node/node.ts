@@ -40,6 +40,9 @@ import type { Log } from '../core/log.ts';
 import { emptyIoStats, MeasuredDevice, type ExportIoStats } from './io-stats.ts';
 import { ClusterMember, type ClusterConfig, type ClusterHost, type ClusterStatus } from '../cluster/cluster.ts';
 import type { ClusterVolume } from '../cluster/listing.ts';
+import { createOnNode, parseRemoteCreate, type VolumePlacement } from '../cluster/remote-create.ts';
+import { formatSize } from '../core/units.ts';
+import { PeerVerb } from '../peer/protocol.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -249,7 +252,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
           software: `chunkd ${softwareVersion}`,
           log: config.log,
           handshakeTimeoutMs: config.peer.handshakeTimeoutMs,
-          verbs: new Map([...replicaServer.verbs(), ...node.#syncServer.verbs()]),
+          verbs: new Map([...replicaServer.verbs(), ...node.#syncServer.verbs(), [PeerVerb.volumeCreate, (payload, context) => node.#createForPeer(payload, context.peerName)]]),
           bulkPayload: replicaServer.bulkPayload,
         });
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
@@ -405,13 +408,27 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   /**
-   * Creates a volume owned by this node. In a cluster it is recorded in etcd too, and `replicas` (0 by default)
-   * replica links go to distinct other nodes with the most free space (cluster/placement.ts), each with its first
-   * cycle done before this returns.
+   * Creates a volume. `where`: 'here' (the default: the default volume, the Docker plugin's Create), 'placed' (the
+   * API's volume create without --node: in a cluster, the live node with the most free space owns it,
+   * cluster/placement.ts), or a named node of the cluster. A volume owned elsewhere is created there (the create
+   * forwarded over the peer port, cluster/remote-create.ts). In a cluster it is recorded in etcd too, and `replicas`
+   * (0 by default) replica links go to distinct other nodes with the most free space, each with its first cycle
+   * done before this returns.
    */
-  async createVolume(name: string, sizeBytes: number, replicas = 0, sync: { timeoutMs: number } | null = null): Promise<VolumeInfo & { replicas?: string[] }> {
+  async createVolume(name: string, sizeBytes: number, replicas = 0, sync: { timeoutMs: number } | null = null, where: VolumePlacement = 'here'): Promise<VolumeInfo & { replicas?: string[]; owner?: string }> {
     if (replicas > 0 && this.#cluster === null) throw ChunkdError.invalid('--replicas needs a cluster (chunkd serve --etcd URL --node-name NAME): without one, add replicas with chunkd replica add VOL --peer HOST:PORT');
+    if (typeof where === 'object' && this.#cluster === null) throw ChunkdError.invalid(`--node ${where.node} needs a cluster (chunkd serve --etcd URL --node-name NAME): without one, a volume is created on the node asked`);
     if (sync !== null && replicas === 0) throw ChunkdError.invalid('--sync needs --replicas N (1 or more): the replicas it makes synchronous');
+    if (this.#cluster !== null && where !== 'here') {
+      const credentials = replicationCredentials(this.config);
+      const owner = await this.#cluster.placeOwner(typeof where === 'object' ? where.node : null, typeof credentials !== 'string');
+      if (owner.name !== this.#cluster.nodeName) {
+        if (typeof credentials === 'string') throw ChunkdError.invalid(`volume ${name} cannot be created on node ${owner.name} from here: ${credentials}`);
+        this.config.log(`volume ${name}: created on node ${owner.name} (${typeof where === 'object' ? 'named' : `the most free space, ${formatSize(owner.freeBytes)}`}), asked here`);
+        return { ...(await createOnNode(owner.name, owner.peer!, credentials, { name, sizeBytes, replicas, sync })) as unknown as VolumeInfo & { replicas?: string[] }, owner: owner.name };
+      }
+      return { ...(await this.createVolume(name, sizeBytes, replicas, sync, 'here')), owner: owner.name };
+    }
     if (sync !== null && typeof replicationCredentials(this.config) === 'string') throw ChunkdError.invalid(`--sync needs this node's client certificate: ${replicationCredentials(this.config) as string}`);
     // Placed before anything is made, so that a cluster too small refuses with nothing left behind.
     const placement = replicas > 0 ? await this.#cluster!.placeReplicas(replicas) : [];
@@ -454,6 +471,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       }
     }
     return placement.length === 0 ? info : { ...info, replicas: placement.map((node) => node.name) };
+  }
+
+  /** A create another node of the cluster placed here (remote-create.ts): made as this node's own. */
+  async #createForPeer(payload: Buffer, peerName: string): Promise<object> {
+    const request = parseRemoteCreate(payload);
+    if (this.#cluster === null) throw ChunkdError.invalid(`node ${peerName} asked this node to create volume ${request.name}, but this node is not in a cluster`);
+    this.config.log(`volume ${request.name}: created here as asked by node ${peerName} (placement)`);
+    return this.createVolume(request.name, request.sizeBytes, request.replicas, request.sync, 'here');
   }
 
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
@@ -522,7 +547,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       peerAddress: () => this.#peer?.addresses()[0] ?? null,
       describe: async () => {
         const status = await this.pool.status();
-        return { capacityBytes: status.fileSystem.sizeBytes, freeBytes: status.fileSystem.freeBytes, health: status.failure === null ? 'ok' : `pool failed: ${status.failure}` };
+        // Test hook: the free space reported (the cluster tests' pools all share one file system, so placement
+        // by free space needs a node that says it has less).
+        const freeBytes = process.env.CHUNKD_TEST_FREE_BYTES === undefined ? status.fileSystem.freeBytes : Number(process.env.CHUNKD_TEST_FREE_BYTES);
+        return { capacityBytes: status.fileSystem.sizeBytes, freeBytes, health: status.failure === null ? 'ok' : `pool failed: ${status.failure}` };
       },
       epochOf: (volume) => (roles.replicaOf(volume) === null && roles.fenced(volume) === null && roles.handingOff(volume) === null ? roles.epochOf(volume) : null),
       // Fenced volumes and volumes being handed off are not this node's to record or confirm (their writes stay
