@@ -170,6 +170,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         log: config.log,
         requestTimeoutMs: config.peerTimeoutMs,
         epochOf: (volume) => roles.epochOf(volume),
+        resendWhole: Boolean(config.cluster),
+        keptBase: (volume) => roles.keptBase(volume)?.uuid ?? null,
+        landed: (volume, peerName) => roles.releaseBase(volume, peerName),
         refuse: (volume) => {
           const role = roles.replicaOf(volume);
           if (role !== null) return `volume ${volume} is a replica of ${role.owner}; replicate it from its owner`;
@@ -742,9 +745,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     if (point === null) throw ChunkdError.notFound(`replica ${volume} has no replicated snapshot; there is nothing to promote`);
     if (this.pool.diff(volume, point.name, null).length > 0) await this.pool.rollbackVolume(volume, point.name);
     const epoch = role.epoch + 1;
-    await this.roles.set(volume, { role: 'owner', epoch });
+    await this.roles.set(volume, { role: 'owner', epoch, keep: { uuid: point.uuid, until: role.owner } });
     await this.pool.blockWrites(volume, null);
-    this.config.log(`volume ${volume} promoted: this node owns it at epoch ${epoch}, from ${point.name} (its last point from ${role.owner})`);
+    this.config.log(`volume ${volume} promoted: this node owns it at epoch ${epoch}, from ${point.name} (its last point from ${role.owner}, kept until ${role.owner} rejoins from it)`);
     return { volume, epoch, snapshot: point.name, previousOwner: role.owner };
   }
 

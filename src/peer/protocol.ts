@@ -49,6 +49,8 @@ export const PeerVerb = {
   syncOpen: 9, syncWrite: 10, syncFlush: 11,
   // The cluster: a new volume placed on another node (cluster/remote-create.ts).
   volumeCreate: 12,
+  // Replication in a cluster: a replica that shares no snapshot with its owner removed, to be sent whole.
+  replicaReset: 13,
 } as const;
 
 /** Verbs whose payload is raw bytes up to peerFrameBytesMax; every other verb's is a JSON object up to peerControlBytesMax. */

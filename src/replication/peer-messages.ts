@@ -10,6 +10,9 @@
 //   receiveClose  {}                       -> the receive's result, once the END record is applied and checked
 //   receiveAbort  {volume}                 -> {}: an interrupted receive the owner cannot resume is discarded
 //   replicaPrune  {volume, keep: [uuid]}   -> {removed, kept}: replication snapshots other than `keep` removed
+//   replicaReset  {volume, epoch}          -> {removed: [snapshot names]}: in a cluster, a replica that shares no
+//                                             snapshot with its owner (a failover promoted another replica) is
+//                                             removed, so that the owner's next stream sends it whole
 //   takeOwnership {volume, epoch, snapshot, replicaBack}
 //                                          -> {epoch}: a handoff's last step (handoff.ts): the replica, complete at
 //                                             `snapshot`, becomes the owner at `epoch` (and replicates back to
@@ -73,6 +76,12 @@ export function parseVolumeRequest(payload: Buffer, what: string): VolumeRequest
 export function parseReceiveOpen(payload: Buffer): ReceiveOpenRequest {
   const value = parseJsonObject(payload, 'receiveOpen');
   return { volume: volumeField(value.volume, 'receiveOpen'), epoch: epochField(value.epoch, 'receiveOpen') };
+}
+
+/** replicaReset's request: the volume and the sender's ownership epoch (a replica refuses an older sender). */
+export function parseReplicaReset(payload: Buffer): ReceiveOpenRequest {
+  const value = parseJsonObject(payload, 'replicaReset');
+  return { volume: volumeField(value.volume, 'replicaReset'), epoch: epochField(value.epoch, 'replicaReset') };
 }
 
 export function parsePrune(payload: Buffer): PruneRequest {
