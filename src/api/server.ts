@@ -83,6 +83,7 @@ export interface ControlPlane {
   clusterVolumes(): Promise<unknown[]> | null;
   /** Moves a volume to node `to` through etcd (cluster/cluster.ts), from any node of a cluster. */
   moveVolume(volume: string, to: string): Promise<unknown>;
+  cancelMove(volume: string): Promise<unknown>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -264,7 +265,8 @@ export class ApiServer {
       case 'POST /v1/volumes/:/handoff':
         return sendJson(response, 200, await this.#control.handoff(volumeName(), peerField(body.to)));
       case 'POST /v1/volumes/:/move': {
-        if (body.to === undefined) throw ChunkdError.invalid('a move needs "to": the name of a node of the cluster');
+        if (body.cancel === true) return sendJson(response, 200, await this.#control.cancelMove(volumeName()));
+        if (body.to === undefined) throw ChunkdError.invalid('a move needs "to": the name of a node of the cluster (or "cancel": true)');
         return sendJson(response, 200, await this.#control.moveVolume(volumeName(), validateName(body.to, 'node')));
       }
       case 'POST /v1/volumes/:/promote':

@@ -110,12 +110,13 @@ export const commands = {
     options: { to: { type: 'string', value: 'HOST:PORT', help: "the new owner's peer port (serve --peer-listen)" }, ...json, ...api },
   },
   'volume move': {
-    usage: ['volume move VOL --to NODE [--json]'],
+    usage: ['volume move VOL --to NODE [--json]', 'volume move VOL --cancel [--json]'],
     summary: 'in a cluster, from any node: move VOL to node NODE (the handoff, recorded in etcd); waits until etcd names NODE its owner',
     details: [
       'The move is recorded in etcd first; the owner hands the volume over (increments while clients write, then a short write pause) and the record names NODE at the next epoch. A crash of either node resumes or rolls the handoff back when it restarts, and the move goes on from etcd.',
+      '--cancel stops a move in progress: the owner rolls its handoff back (writes resume there) unless the target has already taken the volume, in which case the move completes; it says which. If the owner dies mid-move, a failover takes the volume over and the move is dropped.',
     ],
-    options: { to: { type: 'string', value: 'NODE', help: 'the node name of the new owner (chunkd cluster status lists them)' }, ...json, ...api },
+    options: { to: { type: 'string', value: 'NODE', help: 'the node name of the new owner (chunkd cluster status lists them)' }, cancel: { type: 'boolean', help: 'stop the move of VOL in progress (recorded in etcd)' }, ...json, ...api },
   },
   'snapshot create': { usage: ['snapshot create VOL SNAP [--json]'], summary: 'an instant, crash-consistent snapshot, durable on return', options: { ...json, ...api } },
   'snapshot list': { usage: ['snapshot list VOL [--json]'], summary: "a volume's snapshots with the bytes each alone holds", options: { ...json, ...api } },

@@ -210,6 +210,15 @@ async function volumeCommand(argv: string[]): Promise<number> {
     }
     case 'move': {
       const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands['volume move'].options }));
+      if (values.cancel === true) {
+        const name = parsing(() => {
+          if (values.to !== undefined) throw new UsageError('volume move --cancel takes no --to: it stops the move in progress, wherever it goes');
+          return nameOf(positionals);
+        });
+        const result = (await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(name)}/move`, { cancel: true })) as { cancelled: boolean; owner: string; epoch: number };
+        print(values.json, result, () => (result.cancelled ? `move of ${name} cancelled: it stays on ${result.owner} (epoch ${result.epoch})` : `too late to cancel: ${name} is owned by ${result.owner} now (epoch ${result.epoch})`));
+        return 0;
+      }
       const [name, to] = parsing(() => {
         if (values.to === undefined) throw new UsageError(`volume move needs --to NODE (a node of the cluster)\nusage: chunkd ${commands['volume move'].usage[0]}`);
         return [nameOf(positionals), validateName(values.to, 'node')] as const;

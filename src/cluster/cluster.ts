@@ -124,7 +124,7 @@ export interface ClusterHost {
    * Hands this node's volume, owned at `epoch`, over to node `to` at `toAddress` (replication/handoff.ts), or
    * settles one a crash interrupted; returns at once when the volume is already `to`'s replica here at epoch + 1.
    */
-  move(volume: string, to: string, toAddress: string, epoch: number): Promise<void>;
+  move(volume: string, to: string, toAddress: string, epoch: number, cancelled: () => boolean): Promise<void>;
   /** Why this node's volume may not be moved away now (mounted here), or null. */
   moveRefusal(volume: string): string | null;
   /** Makes sure this node replicates its volume to the node at `peer` (a replica that follows it). */
@@ -188,6 +188,8 @@ export class ClusterMember {
   readonly #creating = new Set<string>();
   /** The in-sync set's write running per volume (recordInSync): one at a time, in the order asked. */
   readonly #inSyncWrites = new Map<string, Promise<void>>();
+  /** Volumes whose move running here was cancelled (volume move --cancel): the handoff asks between its steps. */
+  readonly #cancelledMoves = new Set<string>();
   /** Background steps running (#converge), by volume, and the last failure of each. */
   readonly #steps = new Map<string, Promise<void>>();
   readonly #stepErrors = new Map<string, string>();
@@ -408,6 +410,7 @@ export class ClusterMember {
     // A move that no longer starts from the volume's record (done, failed over), or that the owner refused, is
     // stale: replaced below.
     if (pending !== null && (pending.from !== record.owner || pending.epoch !== record.epoch || pending.refused !== undefined)) pending = null;
+    if (pending?.cancelled !== undefined) throw ChunkdError.busy(`the move of volume ${volume} to ${pending.to} is being cancelled (asked on ${pending.cancelled.by}); try again once it is settled`);
     if (pending !== null && pending.to !== to) throw ChunkdError.busy(`volume ${volume} is being moved to ${pending.to} already (asked on ${pending.requestedBy} at ${pending.requestedAt}); wait for it to finish`);
     if (pending === null) {
       if (targetKv === null) throw ChunkdError.invalid(`node ${to} is not a live member of the cluster (chunkd cluster status lists them)`);
@@ -425,19 +428,62 @@ export class ClusterMember {
     }
     // Waited for in etcd: whichever node performs it, and across their restarts.
     const until = performance.now() + waitMs;
+    let cancelledBy: string | null = null;
     for (;;) {
       const [kv, opKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(moveKey(volume), deadline())]);
       const now = kv === null ? null : parseVolumeRecord(volumeKey(volume), kv.value);
       if (now?.owner === to && now.epoch > pending.epoch) return { volume, from: pending.from, to, epoch: now.epoch, moved: true };
       if (now === null || now.epoch !== pending.epoch) throw ChunkdError.io(`volume ${volume} ${now === null ? 'was removed' : `changed owner otherwise (${now.owner} at epoch ${now.epoch})`} while it was being moved to ${to}`);
-      if (opKv === null) throw ChunkdError.io(`the move of volume ${volume} to ${to} was given up (the owner ${pending.from}'s log says why); ${volume} stays on ${pending.from}`);
-      const refused = parseMoveRecord(moveKey(volume), opKv.value).refused;
+      if (opKv === null) {
+        if (cancelledBy !== null) throw ChunkdError.busy(`the move of volume ${volume} to ${to} was cancelled (chunkd volume move --cancel, on ${cancelledBy}); ${volume} stays on ${pending.from}`);
+        throw ChunkdError.io(`the move of volume ${volume} to ${to} was given up (the owner ${pending.from}'s log says why); ${volume} stays on ${pending.from}`);
+      }
+      const operation = parseMoveRecord(moveKey(volume), opKv.value);
+      cancelledBy = operation.cancelled?.by ?? cancelledBy;
+      const refused = operation.refused;
       if (refused !== undefined) {
         await this.#client.if(moveKey(volume), 'Mod', '==', opKv.mod_revision).then(this.#client.delete().key(moveKey(volume))).options(deadline()).commit();
         throw ChunkdError.busy(`node ${pending.from} refused to move volume ${volume} to ${to}: ${refused}`);
       }
       if (this.#stopping) throw new ChunkdError('ESHUTDOWN', `node ${this.nodeName} is stopping; the move of ${volume} to ${to} goes on (recorded in etcd)`);
       if (performance.now() > until) throw ChunkdError.busy(`the move of volume ${volume} to ${to} has not finished within ${waitMs / 1000} s; it goes on (recorded in etcd): chunkd volume list shows it`);
+      await new Promise((resolve) => setTimeout(resolve, movePollMs));
+    }
+  }
+
+  /**
+   * `chunkd volume move --cancel VOL`, from any node: marks the move recorded in etcd cancelled (a transaction on
+   * its revision), then waits until the owner has deleted it (its handoff stopped before the target took the
+   * volume: it stays where it was) or the volume's record changed (the handoff was past its point of no return and
+   * completed, or a failover took the volume: the move is void). A move that no longer starts from the volume's
+   * record is deleted here.
+   */
+  async cancelMove(volume: string, waitMs = moveWaitMs): Promise<{ volume: string; cancelled: boolean; owner: string; epoch: number }> {
+    const [volumeKv, moveKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(moveKey(volume), deadline())]);
+    if (moveKv === null) throw ChunkdError.notFound(`volume ${volume} has no move in progress${volumeKv === null ? ' (and is not in the cluster)' : ''}`);
+    const move = parseMoveRecord(moveKey(volume), moveKv.value);
+    const record = volumeKv === null ? null : parseVolumeRecord(volumeKey(volume), volumeKv.value);
+    const drop = () => this.#client.if(moveKey(volume), 'Mod', '==', moveKv.mod_revision).then(this.#client.delete().key(moveKey(volume))).options(deadline()).commit();
+    if (record === null || record.owner !== move.from || record.epoch !== move.epoch || move.refused !== undefined) {
+      await drop();
+      if (record === null) throw ChunkdError.notFound(`volume ${volume} is not in the cluster; its stale move record was deleted`);
+      return { volume, cancelled: true, owner: record.owner, epoch: record.epoch };
+    }
+    if (move.cancelled === undefined) {
+      const cancelled: MoveRecord = { ...move, cancelled: { by: this.nodeName, at: new Date().toISOString() } };
+      const result = await this.#client.if(moveKey(volume), 'Mod', '==', moveKv.mod_revision).then(this.#client.put(moveKey(volume)).value(JSON.stringify(cancelled))).options(deadline()).commit();
+      if (!result.succeeded) throw ChunkdError.busy(`the move of volume ${volume} changed in etcd meanwhile; try again`);
+      this.#host.log(`cluster: move of volume ${volume} from ${move.from} to ${move.to} marked cancelled in etcd`);
+    }
+    const until = performance.now() + waitMs;
+    for (;;) {
+      const [kv, opKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(moveKey(volume), deadline())]);
+      const now = kv === null ? null : parseVolumeRecord(volumeKey(volume), kv.value);
+      if (now === null) throw ChunkdError.notFound(`volume ${volume} was removed while its move was being cancelled`);
+      if (now.owner !== move.from || now.epoch !== move.epoch) return { volume, cancelled: false, owner: now.owner, epoch: now.epoch };
+      if (opKv === null) return { volume, cancelled: true, owner: now.owner, epoch: now.epoch };
+      if (this.#stopping) throw new ChunkdError('ESHUTDOWN', `node ${this.nodeName} is stopping; the move of ${volume} stays marked cancelled in etcd`);
+      if (performance.now() > until) throw ChunkdError.busy(`the owner ${move.from} has not settled the cancelled move of ${volume} within ${waitMs / 1000} s; it stays marked cancelled in etcd (chunkd volume list shows it)`);
       await new Promise((resolve) => setTimeout(resolve, movePollMs));
     }
   }
@@ -762,6 +808,21 @@ export class ClusterMember {
       }
       const address = peers.get(move.to) ?? null;
       if (move.from !== this.nodeName || move.refused !== undefined) continue;
+      if (move.cancelled !== undefined) {
+        // Cancelled: a handoff running here stops at its next step (rolled back before the target takes the
+        // volume, or completed past that point: then its record changes and the move goes with it). With none
+        // running, and the volume this node's own again (not frozen), the move is deleted.
+        if (this.#steps.has(move.volume)) {
+          if (!this.#cancelledMoves.has(move.volume)) this.#host.log(`cluster: move of volume ${move.volume} to ${move.to} cancelled (asked on ${move.cancelled.by}); its handoff stops at its next step`);
+          this.#cancelledMoves.add(move.volume);
+          continue;
+        }
+        this.#cancelledMoves.delete(move.volume);
+        if (this.#host.epochOf(move.volume) !== move.epoch) continue;
+        const dropped = await this.#client.if(moveKey(move.volume), 'Mod', '==', kv.mod_revision).then(this.#client.delete().key(moveKey(move.volume))).options(this.#deadline()).commit();
+        if (dropped.succeeded) this.#host.log(`cluster: move of volume ${move.volume} to ${move.to} cancelled (asked on ${move.cancelled.by}): this node keeps it at epoch ${move.epoch}`);
+        continue;
+      }
       // Refused before anything starts (a volume mounted here): said in the record for the node that asked.
       const refusal = this.#steps.has(move.volume) ? null : this.#host.moveRefusal(move.volume);
       if (refusal !== null) {
@@ -772,7 +833,7 @@ export class ClusterMember {
       }
       if (address !== null) {
         this.#background(move.volume, `moving it to ${move.to} (epoch ${move.epoch + 1})`, async () => {
-          await this.#host.move(move.volume, move.to, address, move.epoch);
+          await this.#host.move(move.volume, move.to, address, move.epoch, () => this.#cancelledMoves.has(move.volume));
           await this.#recordMove(move);
         });
       }

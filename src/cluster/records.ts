@@ -152,6 +152,11 @@ export interface MoveRecord {
   requestedAt: string;
   /** Why the owner refused it (a volume mounted there): the asking node reports it and deletes the move. */
   refused?: string;
+  /**
+   * chunkd volume move --cancel: the owner stops the handoff before the target takes the volume (rolled back, writes
+   * resume) and deletes the move; past that point the move completes all the same.
+   */
+  cancelled?: { by: string; at: string };
 }
 
 export function parseMoveRecord(key: string, value: Buffer): MoveRecord {
@@ -159,7 +164,8 @@ export function parseMoveRecord(key: string, value: Buffer): MoveRecord {
   const node = (name: unknown): boolean => typeof name === 'string' && checkName(name, 'node') === null;
   const valid = typeof record.volume === 'string' && checkName(record.volume) === null && node(record.from) && node(record.to) && record.from !== record.to
     && Number.isSafeInteger(record.epoch) && record.epoch! >= 1 && node(record.requestedBy) && typeof record.requestedAt === 'string'
-    && (record.refused === undefined || typeof record.refused === 'string');
+    && (record.refused === undefined || typeof record.refused === 'string')
+    && (record.cancelled === undefined || (typeof record.cancelled === 'object' && record.cancelled !== null && node(record.cancelled.by) && typeof record.cancelled.at === 'string'));
   if (!valid || moveKey(record.volume!) !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a move record: ${value.toString().slice(0, 200)}`);
   return record as MoveRecord;
 }

@@ -536,6 +536,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.#cluster.requestMove(volume, to);
   }
 
+  /** `chunkd volume move --cancel VOL`: the move recorded in etcd stopped, unless past its point of no return (cluster.ts). */
+  cancelMove(volume: string): Promise<unknown> {
+    if (this.#cluster === null) throw ChunkdError.invalid('chunkd volume move --cancel needs a cluster (chunkd serve --etcd URL --node-name NAME)');
+    return this.#cluster.cancelMove(volume);
+  }
+
   /** The cluster as etcd has it; refused on a node that is not in one. */
   clusterStatus(): Promise<ClusterStatus> {
     if (this.#cluster === null) throw ChunkdError.invalid('this node is not in a cluster: start it with chunkd serve --etcd URL --node-name NAME');
@@ -590,12 +596,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         const attachment = this.#attachments?.get(volume);
         return attachment === undefined ? null : `it is mounted at ${attachment.mountpoint} on node ${this.#cluster?.nodeName ?? '?'}${attachment.dockerIds.length > 0 ? ` for ${attachment.dockerIds.length} container(s)` : ''}; unmount it there first`;
       },
-      move: async (volume, to, toAddress, epoch) => {
+      move: async (volume, to, toAddress, epoch, cancelled) => {
         const role = roles.replicaOf(volume);
         // Handed over already (this run, or one a crash interrupted and the start settled): only etcd is left.
         if (role !== null && role.owner === to && role.epoch === epoch + 1) return;
         if (role !== null || roles.epochOf(volume) !== epoch) throw ChunkdError.invalid(`volume ${volume} is not this node's at epoch ${epoch}${role === null ? ` (its epoch here is ${roles.epochOf(volume)})` : ` (a replica of ${role.owner} here)`}: it cannot be moved from here`);
-        await handoff(this.#handoffContext(), volume, toAddress);
+        await handoff(this.#handoffContext(), volume, toAddress, cancelled);
       },
     };
   }
