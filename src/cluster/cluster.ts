@@ -40,6 +40,11 @@
 //                 The owner may instead refuse it before anything starts (the volume is mounted there): it writes
 //                 `refused` into the record (transaction on its revision), and the asking node reports the reason
 //                 and deletes it. The Docker plugin's Mount on a node that does not own the volume is such a move.
+//                 `volume move --cancel` (any node) writes `cancelled` into it (transaction on its revision): the
+//                 owner's handoff stops at its next step, before the target is asked to take the volume (rolled
+//                 back: writes resume), and the owner deletes the move; a handoff past that point completes and is
+//                 recorded as any other. The target deletes a move whose owner has been gone a TTL when it neither
+//                 took the volume nor holds a replica that may take it over; so a move is never left pending.
 //
 // Why two nodes never both own a volume (both acknowledging writes to it):
 //   1. A node acknowledges a write to a volume only while (a) it has confirmed, by a transaction that also
@@ -74,14 +79,17 @@
 //   (it looks for the record every 0.1 s after it took the volume, and at every renewal). A crash is settled
 //   by the handoff's own resolve() at the old owner's start (asks the target: completed, or rolled back and then
 //   performed again from etcd), and a target that took the volume records the move itself. Of a move and a
-//   failover at once, the revision compare lets one win; the move's operation is then stale and deleted.
+//   failover at once, the revision compare lets one win; the move's operation is then stale and deleted. While a
+//   move to a live target is recorded and the target is not among the owner's replica candidates (it took the
+//   volume, and records the move itself), no replica takes the volume over (failover.ts pendingMoveTarget): the
+//   target may hold writes no replica has.
 import { performance } from 'node:perf_hooks';
 import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type IOptions } from 'etcd3';
 import { ChunkdError } from '../core/errors.ts';
 import { softwareVersion } from '../core/version.ts';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
 import { moveKey, movesPrefix, nodeKey, nodesPrefix, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type MoveRecord, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
-import { AbsenceClock, chooseSuccessor, orphanedVolumes } from './failover.ts';
+import { AbsenceClock, chooseSuccessor, orphanedVolumes, pendingMoveTarget } from './failover.ts';
 import { describeVolumes, type ClusterVolume } from './listing.ts';
 import { chooseOwner, chooseReplicaNodes } from './placement.ts';
 
@@ -728,11 +736,14 @@ export class ClusterMember {
     const volumeRecords = volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value));
     const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
     await this.#confirmRecorded(volumes);
-    await this.#advanceMoves(moves, volumeRecords, peers);
+    await this.#advanceMoves(moves, volumeRecords, peers, { goneFor, alive, replicas: replicaRecords });
     this.#converge(volumeRecords, replicaRecords, peers, mine);
     if (mine.length === 0) return;
     const orphans = orphanedVolumes(volumeRecords, alive, replicaRecords);
+    const moveRecords = moves.map((kv) => parseMoveRecord(kv.key.toString(), kv.value));
     for (const { volume, candidates } of orphans) {
+      // A move's target that took the volume (or gives the move up) goes first (failover.ts).
+      if (pendingMoveTarget(volume, moveRecords, alive, candidates) !== null) continue;
       const successor = chooseSuccessor(candidates);
       if (successor?.node !== this.nodeName || !mine.some((replica) => replica.name === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch)) continue;
       if ((goneFor.get(volume.owner) ?? 0) < this.#clock.timing.ttlMs) continue;
@@ -797,7 +808,7 @@ export class ClusterMember {
    *   - a move that no longer starts from the volume's record (removed, failed over meanwhile) is deleted.
    * Recording is one transaction comparing the volume's and the move's revisions, so it happens once.
    */
-  async #advanceMoves(moves: IKeyValue[], volumes: VolumeRecord[], peers: Map<string, string | null>): Promise<void> {
+  async #advanceMoves(moves: IKeyValue[], volumes: VolumeRecord[], peers: Map<string, string | null>, view: { goneFor: Map<string, number>; alive: Set<string>; replicas: ReplicaRecord[] }): Promise<void> {
     for (const kv of moves) {
       const move = parseMoveRecord(kv.key.toString(), kv.value);
       const record = volumes.find((volume) => volume.name === move.volume);
@@ -807,6 +818,16 @@ export class ClusterMember {
         continue;
       }
       const address = peers.get(move.to) ?? null;
+      // The target, when the owner has been gone a whole TTL and this node has neither taken the volume nor a
+      // replica that may take it over: the move is over (a failover by another replica, which waits for this:
+      // failover.ts pendingMoveTarget). A target that is a candidate itself takes part in the failover instead.
+      const taken = this.#host.ownedVolumes().some((owned) => owned.name === move.volume && owned.epoch === move.epoch + 1);
+      const candidate = orphanedVolumes([record], view.alive, view.replicas)[0]?.candidates.some((replica) => replica.node === this.nodeName) ?? false;
+      if (move.to === this.nodeName && !taken && !candidate && (view.goneFor.get(move.from) ?? 0) >= this.#clock.timing.ttlMs) {
+        const dropped = await this.#client.if(moveKey(move.volume), 'Mod', '==', kv.mod_revision).then(this.#client.delete().key(moveKey(move.volume))).options(this.#deadline()).commit();
+        if (dropped.succeeded) this.#host.log(`cluster: move of volume ${move.volume} to this node dropped: its owner ${move.from} has had no live lease for a TTL, and the volume was not handed over here`);
+        continue;
+      }
       if (move.from !== this.nodeName || move.refused !== undefined) continue;
       if (move.cancelled !== undefined) {
         // Cancelled: a handoff running here stops at its next step (rolled back before the target takes the

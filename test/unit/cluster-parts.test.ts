@@ -6,7 +6,7 @@ import { test } from 'vitest';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
 import { moveKey, parseEtcdEndpoints, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
 import { describeVolumes } from '../../src/cluster/listing.ts';
-import { chooseSuccessor, failoverWait, orphanedVolumes } from '../../src/cluster/failover.ts';
+import { chooseSuccessor, failoverWait, orphanedVolumes, pendingMoveTarget } from '../../src/cluster/failover.ts';
 import { chooseOwner, chooseReplicaNodes, ownerTieBytes } from '../../src/cluster/placement.ts';
 import { parseRemoteCreate } from '../../src/cluster/remote-create.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
@@ -71,6 +71,22 @@ test('failover: a volume whose owner has no live lease goes to the live replica 
   // A tie goes to the first name, whichever order the records came in.
   assert.equal(chooseSuccessor([replica('a', 'kappa', 7), replica('a', 'iota', 7)])?.node, 'iota');
   assert.equal(chooseSuccessor([replica('a', 'iota', 7), replica('a', 'kappa', 7)])?.node, 'iota');
+});
+
+test('failover during a move: a live target that is not a replica candidate (it took the volume, or has no point) goes first; a candidate target, a dead one, or a stale move do not hold it up', () => {
+  const volume = { name: 'v', sizeBytes: 1, owner: 'alpha', epoch: 4, replicas: [], createdAt: '' };
+  const replica = (node: string) => ({ volume: 'v', node, owner: 'alpha', ownerEpoch: 4, point: 'repl-5', pointMs: 5 });
+  const move = (to: string, epoch = 4) => ({ volume: 'v', from: 'alpha', epoch, to, requestedBy: 'gamma', requestedAt: 'now' });
+  const live = new Set(['beta', 'gamma']);
+  // beta took the volume (it publishes no replica any more): gamma, the only candidate, must not take it over.
+  assert.equal(pendingMoveTarget(volume, [move('beta')], live, [replica('gamma')]), 'beta');
+  assert.match(describeVolumes([volume], [replica('gamma')], live, [move('beta')], 0)[0]!.waiting!, /while moving it to beta: beta records the move, or drops it, before a replica takes it over/);
+  // beta is a candidate itself (still a replica), or down, or the move is from another epoch, or the owner lives: no wait.
+  assert.equal(pendingMoveTarget(volume, [move('beta')], live, [replica('beta'), replica('gamma')]), null);
+  assert.equal(pendingMoveTarget(volume, [move('beta')], new Set(['gamma']), [replica('gamma')]), null);
+  assert.equal(pendingMoveTarget(volume, [move('beta', 3)], live, [replica('gamma')]), null);
+  assert.equal(pendingMoveTarget(volume, [move('beta')], new Set(['alpha', 'beta', 'gamma']), [replica('gamma')]), null);
+  assert.equal(pendingMoveTarget(volume, [], live, [replica('gamma')]), null);
 });
 
 test('failover of a synchronous volume: only a replica recorded in sync at the owner\'s epoch; with none live, the volume waits, said', () => {
