@@ -25,10 +25,12 @@
 //                 The cost: each change of the set changes the record's revision, and a concurrent writer of the
 //                 record (a move being recorded) re-reads; the set changes only when a replica falls out or
 //                 comes back.
-//   replicas/VOL/NODE  {volume, node, owner, ownerEpoch, point, pointMs}
+//   replicas/VOL/NODE  {volume, node, owner, ownerEpoch, point, pointMs[, stale]}
 //                 Written by node NODE only, under its lease, while it holds a replica of VOL: the owner and epoch it
 //                 follows and its newest complete replicated point (repl-<owner's ms>). Read by every node to pick
-//                 the successor of an owner whose lease expired (failover.ts).
+//                 the successor of an owner whose lease expired (failover.ts). `stale`: the point came from an
+//                 earlier owner (the replica followed this one after a failover and has received nothing from it):
+//                 the owner still replicates to it, but it is no successor.
 //   operations/move/VOL  {volume, from, epoch, to, requestedBy, requestedAt}
 //                 A move asked for (chunkd volume move, on any node): created by a transaction comparing the volume
 //                 record's mod revision read (so it starts from that owner and epoch) and that no move is recorded
@@ -117,7 +119,7 @@ export interface ClusterHost {
    * Volumes this node holds as replicas: the owner and epoch each follows, and its newest complete replicated point
    * (a synchronous replica, `sync`, has none: the owner's in-sync set says what it holds).
    */
-  replicaVolumes(): Array<{ name: string; owner: string; ownerEpoch: number; point: string | null; sync: boolean }>;
+  replicaVolumes(): Array<{ name: string; owner: string; ownerEpoch: number; point: string | null; sync: boolean; stale?: boolean }>;
   /** Makes the replica `volume` this node's own at its last replicated point (node.promote); the new epoch. */
   promote(volume: string): Promise<number>;
   /** Volumes this node owned and another has since taken over here (roles.ts fenced), with this node's old epoch. */
@@ -713,7 +715,7 @@ export class ClusterMember {
       // A synchronous replica publishes no point: the owner's in-sync set (the volume's record) says what it holds.
       const record: ReplicaRecord = replica.sync
         ? { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: 'sync', pointMs, sync: true }
-        : { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: replica.point!, pointMs };
+        : { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: replica.point!, pointMs, ...(replica.stale === true ? { stale: true } as const : {}) };
       const value = JSON.stringify(record);
       if (this.#published.get(replica.name) === `${lease}:${value}`) continue;
       await this.#client.put(replicaKey(replica.name, this.nodeName)).value(value).lease(lease).options(this.#deadline()).exec();

@@ -16,8 +16,9 @@ export function orphanedVolumes(volumes: VolumeRecord[], aliveNodes: Set<string>
     .filter((volume) => !aliveNodes.has(volume.owner))
     .map((volume) => ({
       volume,
-      // A replica of this owner at this epoch, on a live node: what it holds is the owner's, replicated.
-      candidates: replicas.filter((replica) => replica.volume === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch && aliveNodes.has(replica.node) && eligible(volume, replica.node)),
+      // A replica of this owner at this epoch, on a live node: what it holds is the owner's, replicated (a stale one
+      // holds only an earlier owner's point: none of this owner's writes, so it is passed over).
+      candidates: replicas.filter((replica) => replica.volume === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch && replica.stale !== true && aliveNodes.has(replica.node) && eligible(volume, replica.node)),
     }));
 }
 

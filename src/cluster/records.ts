@@ -123,13 +123,15 @@ export interface ReplicaRecord {
   pointMs: number;
   /** A synchronous replica: it has no replicated points (point 'sync', pointMs 0); whether it holds every write is the volume record's inSync. */
   sync?: true;
+  /** Its point came from an earlier owner (it follows this one since a failover, and has received nothing from it yet): no successor. */
+  stale?: true;
 }
 
 export function parseReplicaRecord(key: string, value: Buffer): ReplicaRecord {
   const record = parseJson(key, value) as Partial<ReplicaRecord>;
   const valid = typeof record.volume === 'string' && checkName(record.volume) === null && typeof record.node === 'string' && checkName(record.node, 'node') === null
     && typeof record.owner === 'string' && Number.isSafeInteger(record.ownerEpoch) && typeof record.point === 'string' && Number.isSafeInteger(record.pointMs)
-    && (record.sync === undefined || record.sync === true);
+    && (record.sync === undefined || record.sync === true) && (record.stale === undefined || record.stale === true);
   if (!valid || replicaKey(record.volume!, record.node!) !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a replica record: ${value.toString().slice(0, 200)}`);
   return record as ReplicaRecord;
 }

@@ -571,7 +571,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       replicaVolumes: () => this.pool.listVolumes().flatMap((volume) => {
         const role = roles.replicaOf(volume.name);
         if (role === null) return [];
-        return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newestReplicationPoint(this.pool.listSnapshots(volume.name))?.name ?? null, sync: roles.isSyncReplica(volume.name) }];
+        const newest = newestReplicationPoint(this.pool.listSnapshots(volume.name));
+        return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newest?.name ?? null, sync: roles.isSyncReplica(volume.name), stale: newest !== null && newest.uuid === roles.stalePoint(volume.name) }];
       }),
       promote: async (volume) => (await this.#promote(volume)).epoch,
       fencedVolumes: () => roles.fencedVolumes().map(([volume, fence]) => ({ name: volume, epoch: fence.epoch })),
@@ -586,7 +587,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       },
       follow: async (volume, owner, ownerEpoch) => {
         if (roles.replicaOf(volume) === null) return;
-        await roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch, ...(roles.isSyncReplica(volume) ? { sync: true } : {}) });
+        // Its newest point came from the previous owner: stale for this one until a stream from it arrives.
+        const newest = roles.isSyncReplica(volume) ? null : newestReplicationPoint(this.pool.listSnapshots(volume));
+        const stale = roles.stalePoint(volume) ?? newest?.uuid ?? null;
+        await roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch, ...(roles.isSyncReplica(volume) ? { sync: true } : {}), ...(stale === null ? {} : { stalePoint: stale }) });
         await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
       },
       ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),

@@ -3,7 +3,10 @@
 //
 //   owner    this node's own at a higher epoch: it was promoted from a replica (failover) or handed over here;
 //            after a promotion, `keep` names the point it was promoted at, kept for the old owner to rejoin from
-//   replica  a read-only copy of `owner`'s volume at `epoch`, fed only by streams from it (or a higher epoch)
+//   replica  a read-only copy of `owner`'s volume at `epoch`, fed only by streams from it (or a higher epoch);
+//            `stalePoint`: set when it began to follow a new owner (a failover), the id of its newest point then,
+//            which came from the previous owner: until a stream from the new owner replaces the role, that point
+//            says nothing of the new owner's data (the cluster does not let it take the volume over)
 //   fenced   this node owned it at `epoch`, and `owner` (at `ownerAddress`) has since become the owner at
 //            `ownerEpoch`: writes are refused until the operator demotes it to a replica
 //   handing-off  this node owns it at `epoch` and is handing it to `to` (handoff.ts): writes are refused (the
@@ -23,7 +26,7 @@ import { readStateFile, writeStateFile } from './state-file.ts';
 
 export type VolumeRole =
   | { role: 'owner'; epoch: number; keep?: KeptBase }
-  | { role: 'replica'; owner: string; epoch: number; sync?: boolean }
+  | { role: 'replica'; owner: string; epoch: number; sync?: boolean; stalePoint?: string }
   | { role: 'fenced'; epoch: number; owner: string; ownerEpoch: number; ownerAddress: string | null }
   | { role: 'handing-off'; epoch: number; to: string; toAddress: string };
 
@@ -73,6 +76,12 @@ export class VolumeRoles {
   replicaOf(volume: string): ReplicaRole | null {
     const role = this.#roles.get(volume);
     return role?.role === 'replica' ? { owner: role.owner, epoch: role.epoch } : null;
+  }
+
+  /** Of a replica that follows a new owner and has received nothing from it yet: its newest point then (from the previous owner), else null. */
+  stalePoint(volume: string): string | null {
+    const role = this.#roles.get(volume);
+    return role?.role === 'replica' ? role.stalePoint ?? null : null;
   }
 
   /** Whether the volume is a synchronous replica (sync-replica-server.ts): written by its owner's syncWrite requests, not by streams. */
@@ -171,7 +180,7 @@ function isRole(value: unknown): value is VolumeRole {
     const keep = role.keep as Record<string, unknown> | undefined;
     return keep === undefined || (typeof keep === 'object' && keep !== null && typeof keep.uuid === 'string' && nodeName(keep.until));
   }
-  if (role.role === 'replica') return nodeName(role.owner) && (role.sync === undefined || typeof role.sync === 'boolean');
+  if (role.role === 'replica') return nodeName(role.owner) && (role.sync === undefined || typeof role.sync === 'boolean') && (role.stalePoint === undefined || typeof role.stalePoint === 'string');
   if (role.role === 'fenced') return nodeName(role.owner) && Number.isSafeInteger(role.ownerEpoch) && (role.ownerAddress === null || typeof role.ownerAddress === 'string');
   if (role.role === 'handing-off') return nodeName(role.to) && typeof role.toAddress === 'string';
   return false;

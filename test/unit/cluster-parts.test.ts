@@ -68,6 +68,9 @@ test('failover: a volume whose owner has no live lease goes to the live replica 
   assert.deepEqual(orphans.map((orphan) => [orphan.volume.name, orphan.candidates.map((candidate) => candidate.node)]), [['a', ['beta', 'gamma']], ['c', []]]);
   assert.equal(chooseSuccessor(orphans[0]!.candidates)?.node, 'gamma');
   assert.equal(chooseSuccessor([]), null);
+  // A replica that follows alpha since a failover but holds only an earlier owner's point (stale) is no successor.
+  assert.deepEqual(orphanedVolumes([volume('a', 'alpha')], new Set(['gamma']), [{ ...replica('a', 'gamma', 900), stale: true as const }])[0]!.candidates, []);
+  assert.deepEqual(parseReplicaRecord('/chunkd/v1/replicas/a/gamma', Buffer.from(JSON.stringify({ ...replica('a', 'gamma', 900), stale: true }))).stale, true);
   // A tie goes to the first name, whichever order the records came in.
   assert.equal(chooseSuccessor([replica('a', 'kappa', 7), replica('a', 'iota', 7)])?.node, 'iota');
   assert.equal(chooseSuccessor([replica('a', 'iota', 7), replica('a', 'kappa', 7)])?.node, 'iota');
