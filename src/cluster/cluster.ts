@@ -134,7 +134,7 @@ export interface ClusterHost {
    * Hands this node's volume, owned at `epoch`, over to node `to` at `toAddress` (replication/handoff.ts), or
    * settles one a crash interrupted; returns at once when the volume is already `to`'s replica here at epoch + 1.
    */
-  move(volume: string, to: string, toAddress: string, epoch: number, cancelled: () => boolean): Promise<void>;
+  move(volume: string, to: string, toAddress: string, epoch: number, cancelled: () => Promise<boolean>): Promise<void>;
   /** Why this node's volume may not be moved away now (mounted here), or null. */
   moveRefusal(volume: string): string | null;
   /** Makes sure this node replicates its volume to the node at `peer` (a replica that follows it). */
@@ -856,7 +856,7 @@ export class ClusterMember {
       }
       if (address !== null) {
         this.#background(move.volume, `moving it to ${move.to} (epoch ${move.epoch + 1})`, async () => {
-          await this.#host.move(move.volume, move.to, address, move.epoch, () => this.#cancelledMoves.has(move.volume));
+          await this.#host.move(move.volume, move.to, address, move.epoch, () => this.#moveCancelled(move.volume));
           await this.#recordMove(move);
         });
       }
@@ -868,6 +868,17 @@ export class ClusterMember {
       if (record === undefined || record.owner === this.nodeName || record.epoch !== owned.epoch - 1) continue;
       this.#background(owned.name, `recording its handoff from ${record.owner} here (epoch ${owned.epoch})`, () => this.#recordMove({ volume: owned.name, from: record.owner, epoch: record.epoch, to: this.nodeName }));
     }
+  }
+
+  /**
+   * Whether the move of `volume` running here was cancelled: seen at a renewal, or read from etcd now (the handoff
+   * asks between its steps, so a cancel recorded before its point of no return is never missed). etcd not
+   * answering: not cancelled (the move was asked for; it goes on as before).
+   */
+  async #moveCancelled(volume: string): Promise<boolean> {
+    if (this.#cancelledMoves.has(volume)) return true;
+    const kv = await this.#get(moveKey(volume)).catch(() => null);
+    return kv !== null && parseMoveRecord(moveKey(volume), kv.value).cancelled !== undefined;
   }
 
   /**

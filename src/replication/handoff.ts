@@ -60,10 +60,10 @@ export interface HandoffResult {
  * and once more after the final increment, before takeOwnership (the point of no return): a handoff cancelled
  * after the freeze is rolled back here (writes resume). It then fails (EBUSY, "cancelled").
  */
-export async function handoff(context: HandoffContext, volume: string, address: string, cancelled: () => boolean = () => false): Promise<HandoffResult> {
+export async function handoff(context: HandoffContext, volume: string, address: string, cancelled: () => boolean | Promise<boolean> = () => false): Promise<HandoffResult> {
   const { pool, roles, replicator, log } = context;
   const stopIfCancelled = async (): Promise<void> => {
-    if (!cancelled()) return;
+    if (!(await cancelled())) return;
     const frozen = roles.handingOff(volume);
     if (frozen !== null) await rollBack(context, volume, frozen.epoch);
     log(`handoff of ${volume} to ${address} cancelled${frozen === null ? '' : ' after the freeze: rolled back, this node takes writes again'}`);

@@ -140,6 +140,7 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     // volume move --cancel: a move of vol (beta's) to alpha while alpha is stopped (SIGSTOP, well within its TTL),
     // so that the handoff waits on it; cancelled meanwhile, the owner stops it at its next step and deletes the
     // move: vol stays on beta at epoch 4, writable, and the move's command says it was cancelled.
+    const cancelStarted = performance.now();
     alpha.node.process.kill('SIGSTOP');
     try {
       const move = cliProcess(beta.node, ['volume', 'move', 'vol', '--to', 'alpha', '--json']);
@@ -160,7 +161,7 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     assert.equal(await cluster.client.get('/chunkd/v1/operations/move/vol').string(), null);
     assert.deepEqual([(await record()).owner, (await record()).epoch], ['beta', 4]);
     assert.match(beta.node.stderr(), /move of volume vol to alpha cancelled \(asked on beta\)/);
-    process.stderr.write(`# cancel: ${/its handoff stops at its next step/.test(beta.node.stderr()) ? 'the running handoff stopped at its next step' : 'deleted before the handoff ran'}${/handoff of vol to .* cancelled after the freeze/.test(beta.node.stderr()) ? ', rolled back after the freeze' : ''}\n`);
+    process.stderr.write(`# cancel (${Math.round(performance.now() - cancelStarted)} ms): ${/its handoff stops at its next step/.test(beta.node.stderr()) ? 'the running handoff stopped at its next step' : 'deleted before the handoff ran'}${/handoff of vol to .* cancelled after the freeze/.test(beta.node.stderr()) ? ', rolled back after the freeze' : ''}\n`);
     await waitFor('beta takes writes after the cancel', () => writable(beta.node), cluster.ttlMs);
     assert.equal(roles(alpha.node).vol?.role, 'replica');
     const nothing = await beta.node.cli('volume', 'move', 'vol', '--cancel');
@@ -171,6 +172,7 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     // asked yet) and left down. alpha, its replica with that increment, takes vol over once beta's lease has
     // expired; the move is dropped from etcd (the command asked on alpha sees alpha own vol), every acknowledged
     // write is there, and beta, restarted, learns alpha owns it (from alpha's last point) and is its replica: one owner.
+    const raceStarted = performance.now();
     await write(beta.node, 3 * MiB, 0xd4);
     await beta.node.kill();
     beta = await cluster.start('beta', [], { crashAt: 'handoff:after-final' });
@@ -189,6 +191,7 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     assert.equal(await writable(beta.node), false);
     assert.equal(await writable(alpha.node), true);
     assert.deepEqual([(await record()).owner, (await record()).epoch], ['alpha', 5]);
+    process.stderr.write(`# move racing a failover (TTL ${cluster.ttlMs} ms): settled, the old owner back as a replica, in ${Math.round(performance.now() - raceStarted)} ms\n`);
 
     await stopAndCheck(beta.node);
     await stopAndCheck(alpha.node);
