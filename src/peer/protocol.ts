@@ -47,10 +47,10 @@ export const PeerVerb = {
   hello: 1, replicaInfo: 2, receiveOpen: 3, receiveData: 4, receiveClose: 5, receiveAbort: 6, replicaPrune: 7, takeOwnership: 8,
   // Synchronous replicas (replication/sync-replicas.ts; payloads in replication/sync-messages.ts).
   syncOpen: 9, syncWrite: 10, syncFlush: 11,
-  // The cluster: a new volume placed on another node (cluster/remote-create.ts).
-  volumeCreate: 12,
-  // Replication in a cluster: a replica that shares no snapshot with its owner removed, to be sent whole.
-  replicaReset: 13,
+  // The cluster's, numbered from 32 (apart from the synchronous replicas', which grow from 12): a new volume
+  // placed on another node (cluster/remote-create.ts), and a replica that shares no snapshot with its owner removed
+  // there to be sent whole (replication/replica-server.ts).
+  volumeCreate: 32, replicaReset: 33,
 } as const;
 
 /** Verbs whose payload is raw bytes up to peerFrameBytesMax; every other verb's is a JSON object up to peerControlBytesMax. */
