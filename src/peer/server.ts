@@ -45,7 +45,10 @@ export interface PeerConnectionScope {
   onClose(callback: () => void): void;
 }
 
-/** Serves one request of a verb; returns the reply payload (a JSON object for control verbs), or throws a ChunkdError. */
+/**
+ * Serves one request of a verb; returns the reply payload (a JSON object, or a Buffer sent as it is: the bytes a
+ * syncRead asks for), or throws a ChunkdError.
+ */
 export type VerbHandler = (payload: Buffer, context: PeerRequestContext) => Promise<object>;
 
 export interface PeerServerOptions {
@@ -299,7 +302,7 @@ class PeerConnection {
     this.#server.countRequest();
     this.#inFlight += 1;
     handler(frame.payload, { peerName: this.#peerName, version: this.#version, connection: this.#scope }).then(
-      (reply) => this.#send(encodeFrame(FrameKind.reply, frame.verb, frame.requestId, Buffer.from(JSON.stringify(reply), 'utf8'))),
+      (reply) => this.#send(encodeFrame(FrameKind.reply, frame.verb, frame.requestId, Buffer.isBuffer(reply) ? reply : Buffer.from(JSON.stringify(reply), 'utf8'))),
       (error: unknown) => this.#send(encodeErrorFrame(frame.verb, frame.requestId, expectedError(error, `peer verb ${frame.verb}`))),
     ).finally(() => {
       this.#inFlight -= 1;
