@@ -23,6 +23,7 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { connectionCloseGraceMs, peerConnectionsMax, peerHandshakeTimeoutMs, peerRequestsInFlightMax } from '../core/limits.ts';
+import { steerTlsReads } from '../nbd/steered-socket.ts';
 import { certificateName, type TlsCredentials } from './credentials.ts';
 import {
   FrameKind, FrameReader, PeerVerb, encodeErrorFrame, encodeFrame, encodeHelloReply, negotiateVersion, parseHelloRequest,
@@ -265,11 +266,26 @@ class PeerConnection {
   }
 
   start(): void {
-    this.#socket.on('data', (chunk: Buffer) => {
-      this.#reader.push(chunk);
-      this.#pump();
+    const socket = this.#socket;
+    // Reads land where the frame reader says (a bulk payload's own buffer): see FrameReader. What TLS decrypted
+    // before this (the handshake is over: the hello may be here already) waits in the socket's readable buffer.
+    const steered = steerTlsReads(socket, {
+      nextReadBuffer: () => this.#reader.nextReadBuffer(),
+      onRead: (count, buffer) => {
+        this.#reader.onRead(count, buffer);
+        this.#pump();
+      },
     });
-    this.#socket.on('error', () => {}); // a reset peer: 'close' follows
+    if (steered) {
+      for (let chunk: Buffer | null; (chunk = socket.read() as Buffer | null) !== null;) this.#reader.push(chunk);
+      this.#pump();
+    } else {
+      socket.on('data', (chunk: Buffer) => {
+        this.#reader.push(chunk);
+        this.#pump();
+      });
+    }
+    socket.on('error', () => {}); // a reset peer: 'close' follows
   }
 
   #pump(): void {
