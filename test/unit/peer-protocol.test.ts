@@ -124,17 +124,23 @@ test('the frame reader takes frames split anywhere and several in one chunk', ()
   }
 });
 
+/** A frame reader whose bulk payloads go into fresh shared buffers, listed in `given`. */
+function bulkRecordingReader(): { reader: FrameReader; given: Buffer[] } {
+  const given: Buffer[] = [];
+  const reader = new FrameReader({ bulkPayload: (size) => {
+    const buffer = Buffer.from(new SharedArrayBuffer(size));
+    given.push(buffer);
+    return buffer;
+  } });
+  return { reader, given };
+}
+
 test('the frame reader gathers a bulk request\'s payload into the buffer it is given, whole or split, and no other frame\'s', () => {
   const data = Buffer.alloc(100_000);
   for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
   const stream = Buffer.concat([...encodeFrame(FrameKind.request, PeerVerb.receiveData, 5, data), ...encodeJsonFrame(FrameKind.request, PeerVerb.receiveClose, 6, { a: 1 })]);
   for (const split of [0, 10, 16, 5000, 100_016, stream.length]) {
-    const given: Buffer[] = [];
-    const reader = new FrameReader({ bulkPayload: (size) => {
-      const buffer = Buffer.from(new SharedArrayBuffer(size));
-      given.push(buffer);
-      return buffer;
-    } });
+    const { reader, given } = bulkRecordingReader();
     const frames = [];
     reader.push(stream.subarray(0, split));
     for (let frame = reader.next(); frame !== null; frame = reader.next()) frames.push(frame);
@@ -160,12 +166,7 @@ test('steered reads: a bulk payload is read straight into its own buffer once it
     ...encodeFrame(FrameKind.request, PeerVerb.syncWrite, 4, data.subarray(0, 5000)),
   ]);
   for (let round = 0; round < 200; round++) {
-    const given: Buffer[] = [];
-    const reader = new FrameReader({ bulkPayload: (size) => {
-      const buffer = Buffer.from(new SharedArrayBuffer(size));
-      given.push(buffer);
-      return buffer;
-    } });
+    const { reader, given } = bulkRecordingReader();
     const frames = [];
     let intoPayload = 0;
     // A socket: each read copies what it has (at most a TLS record here) into the buffer it is given.
