@@ -80,6 +80,16 @@ export class ChunkdError extends Error {
   }
 }
 
+/**
+ * A read that found stored bytes not matching their checksum (EIO to clients). Its own class so that a layer that
+ * holds another copy (a synchronous replica) can repair the block rather than fail the read; nothing else differs.
+ */
+export class DamagedDataError extends ChunkdError {
+  constructor(message: string) {
+    super('EIO', message);
+  }
+}
+
 /** Whether `error` is an error from the system (an errno code: EIO, ENOSPC, ECONNRESET), not one of Node's own (ERR_*). */
 export function isSystemError(error: unknown): boolean {
   const code = (error as NodeJS.ErrnoException | null)?.code;

@@ -55,6 +55,7 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
     metric('chunkd_sync_replica_resync_total_bytes', 'gauge', 'Bytes of dirty regions the resync under way has to copy (0 when none runs).', syncLinks.map((r) => [label(r), r.resync?.totalBytes ?? 0]));
     metric('chunkd_sync_replica_resync_bytes_total', 'counter', 'Data bytes resyncs sent to a synchronous replica.', syncLinks.map((r) => [label(r), r.resyncBytesTotal]));
     metric('chunkd_sync_replica_out_of_sync_total', 'counter', 'Times a synchronous replica went out of sync.', syncLinks.map((r) => [label(r), r.outOfSyncTotal]));
+    metric('chunkd_sync_replica_read_repairs_total', 'counter', 'Blocks that failed their checksum here and were repaired from the synchronous replica.', syncLinks.map((r) => [label(r), r.readRepairsTotal]));
   }
   metric('chunkd_checkpoints_total', 'counter', 'Metadata checkpoints written since the node started (a full journal, or POST /v1/checkpoint).', [['', status.pool.checkpointsTotal]]);
   metric('chunkd_checkpoint_bytes', 'gauge', 'Size of the newest metadata checkpoint written since the node started (0 before one).', [['', status.pool.lastCheckpoint?.bytes ?? 0]]);

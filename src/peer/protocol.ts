@@ -46,7 +46,7 @@ export type FrameKind = (typeof FrameKind)[keyof typeof FrameKind];
 export const PeerVerb = {
   hello: 1, replicaInfo: 2, receiveOpen: 3, receiveData: 4, receiveClose: 5, receiveAbort: 6, replicaPrune: 7, takeOwnership: 8,
   // Synchronous replicas (replication/sync-replicas.ts; payloads in replication/sync-messages.ts).
-  syncOpen: 9, syncWrite: 10, syncFlush: 11,
+  syncOpen: 9, syncWrite: 10, syncFlush: 11, syncRead: 12,
   // The cluster's, numbered from 32 (apart from the synchronous replicas', which grow from 12): a new volume
   // placed on another node (cluster/remote-create.ts), and a replica that shares no snapshot with its owner removed
   // there to be sent whole (replication/replica-server.ts).
@@ -229,11 +229,26 @@ export function parseJsonObject(payload: Buffer, what: string): Record<string, u
  * Frames out of a byte stream as it arrives: push what the socket delivers, take whole frames with next(). It
  * holds at most one frame's bytes beyond what was pushed in one go, since each header is checked before its
  * payload is waited for.
+ *
+ * A socket whose reads can be steered (peer/server.ts: steered-socket.ts's steerTlsReads) asks nextReadBuffer where
+ * each read lands and reports it with onRead, instead of pushing chunks: the reads fill an arena a window at a
+ * time, queued as views (the arena is never written twice, so a view stays valid), and once a bulk request's
+ * header is taken, the rest of its payload is read straight into the buffer `bulkPayload` gave (shared memory that
+ * the chunk I/O workers write from), so that TLS decrypts into it and nothing copies it again. Through 'data'
+ * events each TLS record (16 KiB at most) was a buffer of its own, an event, and a copy to gather the frame: about
+ * 65,000 of each per GiB a replica receives.
  */
 export class FrameReader {
   readonly #input = new InputQueue();
   /** Where a bulk verb's payload is gathered, or null to gather it like any other (see the constructor). */
   readonly #bulkPayload: ((size: number) => Buffer) | null;
+  /** A bulk request whose header is taken and whose payload is arriving in its own buffer. */
+  #bulk: { header: FrameHeader; payload: Buffer; filled: number } | null = null;
+  /** The part of #bulk's payload the next steered read lands in, when it was pointed there. */
+  #steeredView: Buffer | null = null;
+  /** Where steered reads land otherwise; a new arena is started when less than a window is left. */
+  #arena: Buffer | null = null;
+  #arenaUsed = 0;
 
   /**
    * `bulkPayload`, when given, makes the buffer every bulk verb's payload is gathered into, always one copy: a
@@ -244,9 +259,34 @@ export class FrameReader {
     this.#bulkPayload = options.bulkPayload ?? null;
   }
 
-
   push(chunk: Buffer): void {
     this.#input.push(chunk);
+  }
+
+  /** Where the next steered socket read lands: the rest of a bulk payload being received, or the arena. */
+  nextReadBuffer(): Buffer {
+    const bulk = this.#bulk;
+    if (bulk !== null && this.#input.length === 0 && bulk.filled < bulk.payload.length) {
+      this.#steeredView = bulk.payload.subarray(bulk.filled);
+      return this.#steeredView;
+    }
+    this.#steeredView = null;
+    if (this.#arena === null || this.#arena.length - this.#arenaUsed < steeredReadWindowBytes) {
+      this.#arena = Buffer.allocUnsafeSlow(steeredReadArenaBytes);
+      this.#arenaUsed = 0;
+    }
+    return this.#arena.subarray(this.#arenaUsed, this.#arenaUsed + steeredReadWindowBytes);
+  }
+
+  /** `count` bytes of a steered read arrived at the start of `buffer`, the one nextReadBuffer returned last. */
+  onRead(count: number, buffer: Buffer): void {
+    if (buffer === this.#steeredView) {
+      this.#steeredView = null;
+      this.#bulk!.filled += count;
+      return;
+    }
+    this.#arenaUsed += count;
+    this.#input.push(buffer.subarray(0, count));
   }
 
   /** Bytes received and not yet taken as frames. */
@@ -256,14 +296,15 @@ export class FrameReader {
 
   /** The next whole frame, or null until its bytes are all here; throws EPROTO for a malformed one. */
   next(): Frame | null {
+    if (this.#bulk !== null) return this.#takeBulk();
     const head = this.#input.contiguous(frameHeaderBytes);
     if (head === null) return null;
     const header = decodeFrameHeader(head.buffer, head.offset);
     assert(header.done, 'a whole header decodes');
     if (this.#bulkPayload !== null && header.value.kind === FrameKind.request && bulkVerbs.has(header.value.verb)) {
-      if (this.#input.length < frameHeaderBytes + header.value.payloadBytes) return null;
       this.#input.skip(frameHeaderBytes);
-      return { ...header.value, payload: this.#input.take(header.value.payloadBytes, this.#bulkPayload, true) };
+      this.#bulk = { header: header.value, payload: this.#bulkPayload(header.value.payloadBytes), filled: 0 };
+      return this.#takeBulk();
     }
     const whole = this.#input.contiguous(frameHeaderBytes + header.value.payloadBytes);
     if (whole === null) return null;
@@ -272,4 +313,19 @@ export class FrameReader {
     this.#input.skip(frame.bytesConsumed);
     return frame.value;
   }
+
+  /** Moves what is queued of the bulk payload into its buffer; the frame once the payload is whole. */
+  #takeBulk(): Frame | null {
+    const bulk = this.#bulk!;
+    const count = Math.min(this.#input.length, bulk.payload.length - bulk.filled);
+    this.#input.takeInto(bulk.payload, bulk.filled, count);
+    bulk.filled += count;
+    if (bulk.filled < bulk.payload.length) return null;
+    this.#bulk = null;
+    return { ...bulk.header, payload: bulk.payload };
+  }
 }
+
+/** Bytes one steered read may bring into the arena, and the arena's size (as the NBD receiver's: nbd/receiver.ts). */
+const steeredReadWindowBytes = 64 * 1024;
+const steeredReadArenaBytes = 256 * 1024;

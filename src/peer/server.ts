@@ -23,6 +23,7 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { connectionCloseGraceMs, peerConnectionsMax, peerHandshakeTimeoutMs, peerRequestsInFlightMax } from '../core/limits.ts';
+import { steerTlsReads } from '../nbd/steered-socket.ts';
 import { certificateName, type TlsCredentials } from './credentials.ts';
 import {
   FrameKind, FrameReader, PeerVerb, encodeErrorFrame, encodeFrame, encodeHelloReply, negotiateVersion, parseHelloRequest,
@@ -45,7 +46,10 @@ export interface PeerConnectionScope {
   onClose(callback: () => void): void;
 }
 
-/** Serves one request of a verb; returns the reply payload (a JSON object for control verbs), or throws a ChunkdError. */
+/**
+ * Serves one request of a verb; returns the reply payload (a JSON object, or a Buffer sent as it is: the bytes a
+ * syncRead asks for), or throws a ChunkdError.
+ */
 export type VerbHandler = (payload: Buffer, context: PeerRequestContext) => Promise<object>;
 
 export interface PeerServerOptions {
@@ -262,11 +266,26 @@ class PeerConnection {
   }
 
   start(): void {
-    this.#socket.on('data', (chunk: Buffer) => {
-      this.#reader.push(chunk);
-      this.#pump();
+    const socket = this.#socket;
+    // Reads land where the frame reader says (a bulk payload's own buffer): see FrameReader. What TLS decrypted
+    // before this (the handshake is over: the hello may be here already) waits in the socket's readable buffer.
+    const steered = steerTlsReads(socket, {
+      nextReadBuffer: () => this.#reader.nextReadBuffer(),
+      onRead: (count, buffer) => {
+        this.#reader.onRead(count, buffer);
+        this.#pump();
+      },
     });
-    this.#socket.on('error', () => {}); // a reset peer: 'close' follows
+    if (steered) {
+      for (let chunk: Buffer | null; (chunk = socket.read() as Buffer | null) !== null;) this.#reader.push(chunk);
+      this.#pump();
+    } else {
+      socket.on('data', (chunk: Buffer) => {
+        this.#reader.push(chunk);
+        this.#pump();
+      });
+    }
+    socket.on('error', () => {}); // a reset peer: 'close' follows
   }
 
   #pump(): void {
@@ -299,7 +318,7 @@ class PeerConnection {
     this.#server.countRequest();
     this.#inFlight += 1;
     handler(frame.payload, { peerName: this.#peerName, version: this.#version, connection: this.#scope }).then(
-      (reply) => this.#send(encodeFrame(FrameKind.reply, frame.verb, frame.requestId, Buffer.from(JSON.stringify(reply), 'utf8'))),
+      (reply) => this.#send(encodeFrame(FrameKind.reply, frame.verb, frame.requestId, Buffer.isBuffer(reply) ? reply : Buffer.from(JSON.stringify(reply), 'utf8'))),
       (error: unknown) => this.#send(encodeErrorFrame(frame.verb, frame.requestId, expectedError(error, `peer verb ${frame.verb}`))),
     ).finally(() => {
       this.#inFlight -= 1;

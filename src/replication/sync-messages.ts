@@ -6,6 +6,9 @@
 //                                            first), and from now on takes writes of this session only
 //   syncWrite binary, below               -> {} once the write is applied there (and durable there with FUA)
 //   syncFlush {volume, epoch, session}    -> {} once every write the replica acknowledged before it is durable
+//   syncRead  {volume, epoch, session,    -> the bytes, raw (verified against their checksums there): the owner
+//              offsetBytes, lengthBytes}     repairs a block that failed its checksum from an in-sync replica
+//                                            (at most syncReadBytesMax, so the answer fits a control frame)
 //
 // The session (the replica's count of syncOpens of the volume since it started) shuts out an older connection of
 // the same owner: a write the owner gave up on (it timed out, the replica is out of sync) may still wait in the
@@ -24,7 +27,7 @@
 //       28     -  the volume name (UTF-8), then a write's data
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
-import { volumeSizeMaxBytes, requestBytesMax } from '../core/limits.ts';
+import { peerControlBytesMax, volumeSizeMaxBytes, requestBytesMax } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { parseJsonObject } from '../peer/protocol.ts';
 
@@ -136,6 +139,24 @@ export function parseSyncOpen(payload: Buffer): SyncOpenRequest {
 export function parseSyncFlush(payload: Buffer): SyncFlushRequest {
   const value = parseJsonObject(payload, 'syncFlush');
   return { ...parseTarget(value, 'syncFlush'), session: sessionField(value.session, 'syncFlush') };
+}
+
+export interface SyncReadRequest extends SyncFlushRequest {
+  offsetBytes: number;
+  lengthBytes: number;
+}
+
+/** The most bytes one syncRead asks for: its answer is a control frame's payload. */
+export const syncReadBytesMax = peerControlBytesMax;
+
+export function parseSyncRead(payload: Buffer): SyncReadRequest {
+  const value = parseJsonObject(payload, 'syncRead');
+  const { offsetBytes, lengthBytes } = value;
+  if (typeof offsetBytes !== 'number' || !Number.isSafeInteger(offsetBytes) || offsetBytes < 0 || offsetBytes > volumeSizeMaxBytes) throw ChunkdError.protocol('syncRead needs offsetBytes');
+  if (typeof lengthBytes !== 'number' || !Number.isSafeInteger(lengthBytes) || lengthBytes < 1 || lengthBytes > syncReadBytesMax) {
+    throw ChunkdError.protocol(`syncRead needs lengthBytes, 1 to ${syncReadBytesMax}`);
+  }
+  return { ...parseTarget(value, 'syncRead'), session: sessionField(value.session, 'syncRead'), offsetBytes, lengthBytes };
 }
 
 /** The session a syncOpen reply names. */

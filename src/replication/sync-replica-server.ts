@@ -13,7 +13,7 @@ import { PeerVerb } from '../peer/protocol.ts';
 import type { PeerRequestContext, VerbHandler } from '../peer/server.ts';
 import type { Pool } from '../store/pool.ts';
 import type { Volume } from '../store/volume.ts';
-import { fencedRefusalPrefix, parseSyncFlush, parseSyncOpen, parseSyncWrite, SyncOp, type SyncWriteRequest } from './sync-messages.ts';
+import { fencedRefusalPrefix, parseSyncFlush, parseSyncOpen, parseSyncRead, parseSyncWrite, SyncOp, type SyncWriteRequest } from './sync-messages.ts';
 import type { VolumeRoles } from './roles.ts';
 import type { Log } from '../core/log.ts';
 
@@ -38,6 +38,7 @@ export class SyncReplicaServer {
       [PeerVerb.syncOpen, (payload, context) => this.#open(payload, context)],
       [PeerVerb.syncWrite, (payload, context) => this.#write(parseSyncWrite(payload), context)],
       [PeerVerb.syncFlush, (payload, context) => this.#flush(payload, context)],
+      [PeerVerb.syncRead, (payload, context) => this.#read(payload, context)],
     ]);
   }
 
@@ -92,6 +93,22 @@ export class SyncReplicaServer {
     const { volume, epoch, session } = parseSyncFlush(payload);
     await this.#handle(volume, context.peerName, epoch, session).flush();
     return {};
+  }
+
+  /**
+   * The owner's copy of a block failed its checksum: the bytes here, which the read checks against their own
+   * checksums (a block damaged here too fails with EIO, and the owner tries another replica). Asked only of its
+   * owner at its epoch and session, as a write: another node's view of this volume is not a source of repairs.
+   */
+  async #read(payload: Buffer, context: PeerRequestContext): Promise<Buffer> {
+    const request = parseSyncRead(payload);
+    const handle = this.#handle(request.volume, context.peerName, request.epoch, request.session);
+    if (request.offsetBytes + request.lengthBytes > handle.sizeBytes) {
+      throw ChunkdError.invalid(`a synchronous read of ${request.volume} at ${request.offsetBytes} (${request.lengthBytes} bytes) ends past its ${handle.sizeBytes} bytes`);
+    }
+    const data = Buffer.alloc(request.lengthBytes);
+    await handle.read(request.offsetBytes, data);
+    return data;
   }
 
   /** The handle to write `volume` with, once `peer` at `epoch` is its owner; EPERM otherwise. */

@@ -34,7 +34,13 @@
 //      recorded set, never promotes one that lacks an acknowledged write.
 // FLUSH is sent to the local volume and every in-sync replica in parallel and answered when all are durable; FUA
 // travels with the write. A replica's answer to a write says "applied", not "durable", as NBD's does: the flush
-// that follows covers it on both sides. Reads are local. When the local write fails and a replica applied it, that
+// that follows covers it on both sides. Reads are local, but for REPAIR ON READ: a read that finds a block not
+// matching its checksum here (DamagedDataError) takes the read's chunks in the range lock, as a write does, reads
+// each block of the range here again, and asks an in-sync replica (syncRead, verified against its own checksums
+// there) for each damaged one; the client gets the replica's bytes, the block is rewritten here (redirect-on-write:
+// a new chunk, the damaged one freed; a snapshot that shares it keeps it, and scrub still names it there), and the
+// link's readRepairsTotal counts it. With no in-sync replica, or none whose copy is good, the read fails with EIO as
+// on any node. When the local write fails and a replica applied it, that
 // replica is marked out of sync (the resync gives it the owner's bytes back).
 //
 // DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions
@@ -67,12 +73,12 @@
 // NOT YET: snapshots at the same point on every replica, a resize, rollback, receive or handoff (each refused
 // while a volume has synchronous replicas: the replicas would not follow, so `volume move` of a synchronous volume
 // is refused too), a rate cap on resync, a full rebuild with checksum compare (a replica re-attached after a
-// failover is copied whole), repair on read, `volume set --sync on|off`, `replica add --sync` by hand marking the
+// failover is copied whole), repair during a resync's or scrub's reads, `volume set --sync on|off`, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, DamagedDataError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
 import { chunkSizeBytes, syncActivityExtentBytes, syncReconnectDelayMs, syncRegionBytes, syncResyncRegionsInFlight } from '../core/limits.ts';
@@ -113,8 +119,13 @@ export interface SyncReplicaStatus extends SyncReplicaSettings {
   requestsTotal: number;
   /** Times it went out of sync. */
   outOfSyncTotal: number;
+  /** Blocks that failed their checksum here and were read from this replica and rewritten (REPAIR ON READ). */
+  readRepairsTotal: number;
   lastError: { message: string; at: string } | null;
 }
+
+/** Where a repair reads this node's blocks and rewrites a damaged one: the volume under SyncDevice (not replicated). */
+type RepairTarget = Pick<BlockDevice, 'read' | 'write'>;
 
 /** One piece of data-path work to replicate: what SyncDevice passes in. */
 interface SyncRequest {
@@ -277,6 +288,17 @@ export class SyncReplication {
     return this.#pass(volume, local);
   }
 
+  /**
+   * A read of `volume` into `target` that found a damaged block here (`damage`): REPAIR ON READ of the design note.
+   * Fills `target` from this node's good blocks and an in-sync replica's copies of the damaged ones, rewriting
+   * those here through `device`; throws `damage` when no in-sync replica has a good copy.
+   */
+  repairRead(volume: string, offsetBytes: number, target: Buffer, damage: DamagedDataError, device: RepairTarget): Promise<void> {
+    const set = this.#volumes.get(volume);
+    if (set === undefined) return Promise.reject(damage);
+    return set.repairRead(offsetBytes, target, damage, device);
+  }
+
   async flush(volume: string, local: () => Promise<void>): Promise<void> {
     const set = this.#volumes.get(volume);
     if (set !== undefined) return set.flush(local);
@@ -346,6 +368,7 @@ class SyncLink {
   resyncBytesTotal = 0;
   requestsTotal = 0;
   outOfSyncTotal = 0;
+  readRepairsTotal = 0;
   lastError: { message: string; at: string } | null = null;
   running: Promise<void> | null = null;
   stopped = false;
@@ -507,6 +530,7 @@ class SyncVolume {
       resyncBytesTotal: link.resyncBytesTotal,
       requestsTotal: link.requestsTotal,
       outOfSyncTotal: link.outOfSyncTotal,
+      readRepairsTotal: link.readRepairsTotal,
       lastError: link.lastError,
     }));
   }
@@ -614,6 +638,62 @@ class SyncVolume {
     // What left the log needs no write of its own (a stale entry only resends a region): the next one carries it.
     this.#activity.flushDone(generation);
     this.#recent.flushDone(recentGeneration);
+  }
+
+  /** REPAIR ON READ: see SyncReplication.repairRead. */
+  async repairRead(offsetBytes: number, target: Buffer, damage: DamagedDataError, device: RepairTarget): Promise<void> {
+    if (this.#fenced !== null || !this.#links.some((link) => link.state === 'in-sync')) throw damage;
+    const sizeBytes = this.#options.pool.volumeInfo(this.#name).sizeBytes;
+    const [firstChunk, endChunk] = chunksOf(offsetBytes, target.length);
+    // Under the range lock, as a write: no write to these chunks runs meanwhile, so the replica's copy is the
+    // bytes this node acknowledged last, and the rewrite cannot land over a newer write.
+    const release = await this.#lock.acquire(firstChunk, endChunk, true);
+    try {
+      const block = Buffer.alloc(chunkSizeBytes);
+      for (let chunk = firstChunk; chunk < endChunk; chunk++) {
+        const startBytes = chunk * chunkSizeBytes;
+        const bytes = block.subarray(0, Math.min(chunkSizeBytes, sizeBytes - startBytes));
+        try {
+          await device.read(startBytes, bytes);
+        } catch (error) {
+          if (!(error instanceof DamagedDataError)) throw error;
+          await this.#repairBlock(startBytes, bytes, damage, device);
+        }
+        // The part of this block the read asked for.
+        const from = Math.max(offsetBytes, startBytes);
+        const to = Math.min(offsetBytes + target.length, startBytes + bytes.length);
+        bytes.copy(target, from - offsetBytes, from - startBytes, to - startBytes);
+      }
+    } finally {
+      release();
+    }
+  }
+
+  /** Reads the block at `startBytes` into `bytes` from the first in-sync replica that has a good copy, and rewrites it here. */
+  async #repairBlock(startBytes: number, bytes: Buffer, damage: DamagedDataError, device: RepairTarget): Promise<void> {
+    const epoch = this.#options.epochOf(this.#name);
+    for (const link of this.#links.filter((candidate) => candidate.state === 'in-sync')) {
+      let copy: Buffer;
+      try {
+        copy = await link.send(PeerVerb.syncRead, jsonPayload({ volume: this.#name, epoch, session: link.session, offsetBytes: startBytes, lengthBytes: bytes.length }));
+        if (copy.length !== bytes.length) throw ChunkdError.protocol(`the replica answered ${copy.length} bytes for ${bytes.length}`);
+      } catch (error) {
+        this.#options.log(`volume ${this.#name}: the block at byte ${startBytes} failed its checksum here, and the synchronous replica on ${link.settings.peer} could not give it: ${expectedError(error, 'a repair read').message}`, 'warn');
+        continue;
+      }
+      copy.copy(bytes);
+      try {
+        await device.write(startBytes, bytes);
+      } catch (error) {
+        // The client still gets the right bytes; the block stays damaged here until a write or a later read.
+        this.#options.log(`volume ${this.#name}: the block at byte ${startBytes} was read from the synchronous replica on ${link.settings.peer}, but not rewritten here: ${expectedError(error, 'a repair write').message}`, 'warn');
+        return;
+      }
+      link.readRepairsTotal += 1;
+      this.#options.log(`volume ${this.#name}: the block at byte ${startBytes} failed its checksum here; repaired from the synchronous replica on ${link.settings.peer} (${link.peerName ?? '?'})`, 'warn');
+      return;
+    }
+    throw damage;
   }
 
   /** Step 4: each failed answer makes its link out of sync, durably, before the request is answered; a fence refuses it. */
@@ -785,6 +865,15 @@ export class SyncDevice extends ForwardingDevice {
     assert(!inner.readOnly, 'SyncDevice over a writable volume');
     super(inner);
     this.#sync = sync;
+  }
+
+  override async read(offsetBytes: number, target: Buffer): Promise<void> {
+    try {
+      await this.inner.read(offsetBytes, target);
+    } catch (error) {
+      if (!(error instanceof DamagedDataError)) throw error;
+      await this.#sync.repairRead(this.name, offsetBytes, target, error, this.inner);
+    }
   }
 
   override write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {

@@ -12,7 +12,7 @@
 //
 // Frees are deferred (allocator.ts): a freed chunk is reused, and its space punched out of the file when the
 // free was a trim or a removal, only after the commit that records it is durable (`reuseFreed`).
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, DamagedDataError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { formatSize } from '../core/units.ts';
 import type { ChunkAllocator, FreeExtent } from './allocator.ts';
@@ -239,7 +239,7 @@ export class ChunkStore {
       `checksum mismatch: ${exportName} at byte ${offsetBytes} (4 KiB chunk ${physicalChunk}, ` +
       `${this.#files.filePath(chunkFile)} at byte ${fileOffset}): expected crc32 ${hex(expected)}, read ${hex(actual)}`;
     this.#log(message, 'error');
-    return ChunkdError.io(`${message}; the read fails rather than return damaged data`);
+    return new DamagedDataError(`${message}; the read fails rather than return damaged data`);
   }
 }
 

@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
 import { NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
+import { flipByteUnder as flipByteIn, namedBlock } from '../helpers/damage.ts';
 import { makeTempDir, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 
 const KiB = 1024;
@@ -18,9 +19,8 @@ const damagedBlock = 5;
 let node: RunningNode;
 let scratch: string;
 
-/** A block whose bytes name it, so the test can find it in the chunk files without knowing the layout. */
 function blockPattern(index: number): Buffer {
-  return Buffer.from(`chunkd integrity test block ${String(index).padStart(4, '0')};`.padEnd(64, '.').repeat(blockBytes / 64));
+  return namedBlock('integrity test', index);
 }
 
 beforeAll(async () => {
@@ -39,23 +39,7 @@ afterAll(async () => {
 
 /** Flips one byte inside the on-disk copy of `index`'s block; returns the chunk file and offset changed. */
 function flipByteUnder(index: number): { file: string; offset: number } {
-  const chunks = path.join(node.pool, 'chunks');
-  const pattern = blockPattern(index);
-  for (const name of fs.readdirSync(chunks)) {
-    const file = path.join(chunks, name);
-    const bytes = fs.readFileSync(file);
-    const at = bytes.indexOf(pattern);
-    if (at < 0) continue;
-    assert.equal(bytes.indexOf(pattern, at + 1), -1, 'the block is on disk once');
-    const fd = fs.openSync(file, 'r+');
-    const one = Buffer.alloc(1);
-    fs.readSync(fd, one, 0, 1, at + 100);
-    one[0]! ^= 0x01;
-    fs.writeSync(fd, one, 0, 1, at + 100);
-    fs.closeSync(fd);
-    return { file, offset: at + 100 };
-  }
-  throw new Error(`block ${index} not found in ${chunks}`);
+  return flipByteIn(node.pool, blockPattern(index));
 }
 
 test('a clean volume scrubs clean', async () => {

@@ -4,7 +4,8 @@
 // (SIGSTOP) or killed (kill -9) is out of sync after the timeout, writes go on, and only the regions written
 // meanwhile are resent (counted) when it is back; the dirty map and the activity log survive kill -9 of the
 // owner, and only what they list is resent; an owner with a stale epoch is refused by the replica and refuses
-// writes itself; a write from an owner's older connection (its session) is refused.
+// writes itself; a write from an owner's older connection (its session) is refused; a block damaged on the
+// owner is read from the replica and rewritten (repair on read).
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -17,6 +18,8 @@ import { PeerVerb } from '../../src/peer/protocol.ts';
 import { jsonPayload } from '../../src/replication/peer-messages.ts';
 import { encodeSyncWrite, parseSyncOpenReply, SyncOp } from '../../src/replication/sync-messages.ts';
 import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
+import { flipByteUnder, namedBlock } from '../helpers/damage.ts';
+import { TestNbdClient } from '../helpers/nbd-client.ts';
 
 const MiB = 1024 * 1024;
 const regionBytes = 64 * 1024;
@@ -104,6 +107,36 @@ test('an acknowledged write is on the synchronous replica, and durable there aft
   alpha = await startPeer('alpha', ports.alpha!);
   const back = await inSync(alpha);
   assert.equal(back.dirtyBytes, 0);
+});
+
+test('a block damaged on the owner: the client reads the right bytes from the in-sync replica, the block is rewritten, the repair counted', { skip }, async () => {
+  const at = 16 * MiB;
+  const blocks = [namedBlock('sync repair', 0), namedBlock('sync repair', 1)];
+  const client = await TestNbdClient.connect(alpha.node.nbdSocket, 'vol');
+  try {
+    await client.write(at, Buffer.concat(blocks));
+    await client.flush();
+    await inSync(alpha);
+    const before = (await link(alpha)).readRepairsTotal;
+    flipByteUnder(alpha.node.pool, blocks[0]!);
+    // Across both blocks and not aligned to them: the damaged one comes from beta, the other from alpha.
+    const read = await client.read(at + 512, 6 * 1024);
+    assert.ok(read.equals(Buffer.concat(blocks).subarray(512, 512 + 6 * 1024)), 'the client reads the bytes it wrote');
+    assert.equal((await link(alpha)).readRepairsTotal, before + 1);
+    assert.match(alpha.node.stderr(), /the block at byte 16777216 failed its checksum here; repaired from the synchronous replica on .* \(beta\)/);
+    const metrics = await runTool('curl', ['-s', '--unix-socket', alpha.node.apiSocket, 'http://chunkd/metrics']);
+    assert.match(metrics.stdout, new RegExp(`chunkd_sync_replica_read_repairs_total\\{volume="vol",peer="${beta.address}"\\} ${before + 1}`));
+    assert.match(metrics.stdout, /chunkd_checksum_errors_total [1-9]/);
+    // Rewritten here: read again, nothing to repair, and the owner's pool scrubs clean.
+    assert.ok((await client.read(at, 8 * 1024)).equals(Buffer.concat(blocks)));
+    assert.equal((await link(alpha)).readRepairsTotal, before + 1);
+  } finally {
+    await client.disconnect();
+  }
+  const scrub = await alpha.node.cli('scrub', 'vol');
+  assert.equal(scrub.code, 0, scrub.stderr);
+  assert.match(scrub.stdout, /no damage found/);
+  assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
 });
 
 test('a stopped, then killed, replica: writes go on after the timeout, and only the regions written meanwhile are resent', { skip }, async (t) => {

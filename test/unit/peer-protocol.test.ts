@@ -124,17 +124,23 @@ test('the frame reader takes frames split anywhere and several in one chunk', ()
   }
 });
 
+/** A frame reader whose bulk payloads go into fresh shared buffers, listed in `given`. */
+function bulkRecordingReader(): { reader: FrameReader; given: Buffer[] } {
+  const given: Buffer[] = [];
+  const reader = new FrameReader({ bulkPayload: (size) => {
+    const buffer = Buffer.from(new SharedArrayBuffer(size));
+    given.push(buffer);
+    return buffer;
+  } });
+  return { reader, given };
+}
+
 test('the frame reader gathers a bulk request\'s payload into the buffer it is given, whole or split, and no other frame\'s', () => {
   const data = Buffer.alloc(100_000);
   for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
   const stream = Buffer.concat([...encodeFrame(FrameKind.request, PeerVerb.receiveData, 5, data), ...encodeJsonFrame(FrameKind.request, PeerVerb.receiveClose, 6, { a: 1 })]);
   for (const split of [0, 10, 16, 5000, 100_016, stream.length]) {
-    const given: Buffer[] = [];
-    const reader = new FrameReader({ bulkPayload: (size) => {
-      const buffer = Buffer.from(new SharedArrayBuffer(size));
-      given.push(buffer);
-      return buffer;
-    } });
+    const { reader, given } = bulkRecordingReader();
     const frames = [];
     reader.push(stream.subarray(0, split));
     for (let frame = reader.next(); frame !== null; frame = reader.next()) frames.push(frame);
@@ -144,6 +150,43 @@ test('the frame reader gathers a bulk request\'s payload into the buffer it is g
     assert.equal(given.length, 1, 'one buffer, for the bulk payload only');
     assert.equal(frames[0]!.payload.buffer, given[0]!.buffer);
     assert.ok(frames[0]!.payload.equals(data));
+    assert.equal(reader.bufferedBytes, 0);
+  }
+});
+
+test('steered reads: a bulk payload is read straight into its own buffer once its header is in; other frames come out of the arena; any split', () => {
+  const seed = testSeed('steered frame reader');
+  const random = makeRandom(seed);
+  const data = Buffer.alloc(300_000);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 13) & 0xff;
+  const stream = Buffer.concat([
+    ...encodeHelloRequest(1),
+    ...encodeFrame(FrameKind.request, PeerVerb.receiveData, 2, data),
+    ...encodeJsonFrame(FrameKind.request, PeerVerb.receiveClose, 3, { a: 1 }),
+    ...encodeFrame(FrameKind.request, PeerVerb.syncWrite, 4, data.subarray(0, 5000)),
+  ]);
+  for (let round = 0; round < 200; round++) {
+    const { reader, given } = bulkRecordingReader();
+    const frames = [];
+    let intoPayload = 0;
+    // A socket: each read copies what it has (at most a TLS record here) into the buffer it is given.
+    for (let offset = 0; offset < stream.length;) {
+      const target = reader.nextReadBuffer();
+      assert.ok(target.length > 0, 'a read always has somewhere to land');
+      const count = Math.min(target.length, stream.length - offset, 1 + randomInt(random, 16 * 1024));
+      stream.copy(target, 0, offset, offset + count);
+      if (given.some((buffer) => buffer.buffer === target.buffer)) intoPayload += count;
+      reader.onRead(count, target);
+      offset += count;
+      for (let frame = reader.next(); frame !== null; frame = reader.next()) frames.push(frame);
+    }
+    assert.deepEqual(frames.map((frame) => [frame.verb, frame.requestId]), [[PeerVerb.hello, 1], [PeerVerb.receiveData, 2], [PeerVerb.receiveClose, 3], [PeerVerb.syncWrite, 4]], `seed ${seed} round ${round}`);
+    assert.equal(given.length, 2, 'a buffer per bulk payload');
+    assert.equal(frames[1]!.payload.buffer, given[0]!.buffer);
+    assert.ok(frames[1]!.payload.equals(data));
+    assert.ok(frames[3]!.payload.equals(data.subarray(0, 5000)));
+    // All but what came in the same read as its header went straight into the payload's buffer.
+    assert.ok(intoPayload >= data.length - 16 * 1024, `seed ${seed} round ${round}: ${intoPayload} of ${data.length} bytes read in place`);
     assert.equal(reader.bufferedBytes, 0);
   }
 });

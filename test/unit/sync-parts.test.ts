@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { ActivityLog, RegionSet, regionsOf } from '../../src/replication/dirty-map.ts';
-import { encodeSyncWrite, isFencedRefusal, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncWrite, SyncOp, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
+import { encodeSyncWrite, isFencedRefusal, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncRead, parseSyncWrite, SyncOp, syncReadBytesMax, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 function roundTrip(request: SyncWriteRequest): SyncWriteRequest {
@@ -65,6 +65,12 @@ test('syncOpen and syncFlush payloads are checked; a fence is told apart from ot
   assert.throws(() => parseSyncFlush(Buffer.from('{"volume":"vol","epoch":0,"session":1}')), /syncFlush needs an epoch/);
   assert.deepEqual(parseSyncFlush(Buffer.from('{"volume":"vol","epoch":1,"session":9}')), { volume: 'vol', epoch: 1, session: 9 });
   assert.throws(() => parseSyncFlush(Buffer.from('{"volume":"vol","epoch":1}')), /syncFlush needs a session/);
+  const read = (fields: object): Buffer => Buffer.from(JSON.stringify({ volume: 'vol', epoch: 1, session: 9, ...fields }));
+  assert.deepEqual(parseSyncRead(read({ offsetBytes: 8192, lengthBytes: 4096 })), { volume: 'vol', epoch: 1, session: 9, offsetBytes: 8192, lengthBytes: 4096 });
+  assert.throws(() => parseSyncRead(read({ offsetBytes: 0, lengthBytes: syncReadBytesMax + 1 })), /syncRead needs lengthBytes, 1 to 65536/);
+  assert.throws(() => parseSyncRead(read({ offsetBytes: 0, lengthBytes: 0 })), /syncRead needs lengthBytes/);
+  assert.throws(() => parseSyncRead(read({ offsetBytes: -1, lengthBytes: 4096 })), /syncRead needs offsetBytes/);
+  assert.throws(() => parseSyncRead(read({ offsetBytes: 0, lengthBytes: 4096, session: undefined })), /syncRead needs a session/);
   assert.equal(parseSyncOpenReply(Buffer.from('{"session":3}')), 3);
   assert.equal(isFencedRefusal(ChunkdError.readOnly('fenced: alpha writes vol at ownership epoch 1, but ...')), true);
   // The client's own EPERM for a connection closed without an answer is not a fence: the replica is only away.
