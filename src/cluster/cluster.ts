@@ -856,7 +856,16 @@ export class ClusterMember {
       }
       if (address !== null) {
         this.#background(move.volume, `moving it to ${move.to} (epoch ${move.epoch + 1})`, async () => {
-          await this.#host.move(move.volume, move.to, address, move.epoch, () => this.#moveCancelled(move.volume));
+          try {
+            await this.#host.move(move.volume, move.to, address, move.epoch, () => this.#moveCancelled(move.volume));
+          } catch (error) {
+            // Stopped as cancelled (rolled back before the target took it): the next renewal deletes the move.
+            if (this.#host.epochOf(move.volume) === move.epoch && (await this.#moveCancelled(move.volume))) {
+              this.#cancelledMoves.add(move.volume);
+              throw new StepEnded(`cluster: move of volume ${move.volume} to ${move.to} stopped, as cancelled: ${describeError(error)}`);
+            }
+            throw error;
+          }
           await this.#recordMove(move);
         });
       }
@@ -969,6 +978,11 @@ export class ClusterMember {
         this.#stepErrors.delete(key);
       },
       (error: unknown) => {
+        if (error instanceof StepEnded) {
+          this.#host.log(error.message);
+          this.#stepErrors.delete(key);
+          return;
+        }
         const message = describeError(error);
         if (this.#stepErrors.get(key) !== message) this.#host.log(`cluster: ${key}: ${what} failed: ${message}; tried again`);
         this.#stepErrors.set(key, message);
@@ -1027,6 +1041,9 @@ export class ClusterMember {
 
 /** etcd names another owner or epoch: recording the in-sync set is refused, not tried again. */
 class InSyncRefusal extends Error {}
+
+/** A background step that ended without doing its work, on purpose (a cancelled move): said once, not tried again. */
+class StepEnded extends Error {}
 
 /** Call options that give up after `timeoutMs` (default callTimeoutMs; the keepalive loop's calls use less). */
 function deadline(timeoutMs = callTimeoutMs): { deadline: Date } {
