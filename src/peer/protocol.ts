@@ -48,9 +48,8 @@ export const PeerVerb = {
   // Synchronous replicas (replication/sync-replicas.ts; payloads in replication/sync-messages.ts).
   syncOpen: 9, syncWrite: 10, syncFlush: 11, syncRead: 12,
   // The cluster's, numbered from 32 (apart from the synchronous replicas', which grow from 12): a new volume
-  // placed on another node (cluster/remote-create.ts), and a replica that shares no snapshot with its owner removed
-  // there to be sent whole (replication/replica-server.ts).
-  volumeCreate: 32, replicaReset: 33,
+  // placed on another node (cluster/remote-create.ts).
+  volumeCreate: 32,
 } as const;
 
 /** Verbs whose payload is raw bytes up to peerFrameBytesMax; every other verb's is a JSON object up to peerControlBytesMax. */

@@ -5,14 +5,15 @@
 //   replicaInfo   {volume}                 -> what the node holds of it: whether it exists, its role (a replica
 //                                             of whom, or its own, at which ownership epoch), its snapshots, and an
 //                                             interrupted receive (so the owner resumes it, never starts over)
-//   receiveOpen   {volume, epoch}          -> {}: the connection now carries one stream into the volume
+//   receiveOpen   {volume, epoch[, replace]}
+//                                          -> {}: the connection now carries one stream into the volume; `replace`
+//                                             (in a cluster): a replica that shares no snapshot with its owner (a
+//                                             failover promoted another replica) takes a full stream in place: its
+//                                             replication points go, its other snapshots stay
 //   receiveData   raw stream bytes         -> {} once the receiver has taken them (that is the backpressure)
 //   receiveClose  {}                       -> the receive's result, once the END record is applied and checked
 //   receiveAbort  {volume}                 -> {}: an interrupted receive the owner cannot resume is discarded
 //   replicaPrune  {volume, keep: [uuid]}   -> {removed, kept}: replication snapshots other than `keep` removed
-//   replicaReset  {volume, epoch}          -> {removed: [snapshot names]}: in a cluster, a replica that shares no
-//                                             snapshot with its owner (a failover promoted another replica) is
-//                                             removed, so that the owner's next stream sends it whole
 //   takeOwnership {volume, epoch, snapshot, replicaBack}
 //                                          -> {epoch}: a handoff's last step (handoff.ts): the replica, complete at
 //                                             `snapshot`, becomes the owner at `epoch` (and replicates back to
@@ -38,6 +39,8 @@ export interface ReceiveOpenRequest {
   volume: string;
   /** The sender's ownership epoch of the volume: a replica refuses a sender older than what it has seen. */
   epoch: number;
+  /** A full stream replaces the replica in place (its replication points go, its other snapshots stay). */
+  replace?: boolean;
 }
 
 export interface PruneRequest {
@@ -75,13 +78,8 @@ export function parseVolumeRequest(payload: Buffer, what: string): VolumeRequest
 
 export function parseReceiveOpen(payload: Buffer): ReceiveOpenRequest {
   const value = parseJsonObject(payload, 'receiveOpen');
-  return { volume: volumeField(value.volume, 'receiveOpen'), epoch: epochField(value.epoch, 'receiveOpen') };
-}
-
-/** replicaReset's request: the volume and the sender's ownership epoch (a replica refuses an older sender). */
-export function parseReplicaReset(payload: Buffer): ReceiveOpenRequest {
-  const value = parseJsonObject(payload, 'replicaReset');
-  return { volume: volumeField(value.volume, 'replicaReset'), epoch: epochField(value.epoch, 'replicaReset') };
+  if (value.replace !== undefined && typeof value.replace !== 'boolean') throw ChunkdError.protocol('receiveOpen: replace is true or false');
+  return { volume: volumeField(value.volume, 'receiveOpen'), epoch: epochField(value.epoch, 'receiveOpen'), replace: value.replace === true };
 }
 
 export function parsePrune(payload: Buffer): PruneRequest {

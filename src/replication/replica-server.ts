@@ -17,7 +17,7 @@ import type { Pool } from '../store/pool.ts';
 import { ByteFeed } from './byte-feed.ts';
 import { crashPoint } from '../core/crash-points.ts';
 import {
-  jsonPayload, newestReplicationPoint, parsePrune, parseReceiveOpen, parseReplicaReset, parseTakeOwnership, parseVolumeRequest, replicationSnapshotPrefix,
+  jsonPayload, newestReplicationPoint, parsePrune, parseReceiveOpen, parseTakeOwnership, parseVolumeRequest, replicationSnapshotPrefix,
   type PruneReply, type ReplicaInfo, type TakeOwnershipRequest,
 } from './peer-messages.ts';
 import type { ReceiveResult, StreamReceiver } from './receive.ts';
@@ -61,7 +61,6 @@ export class ReplicaServer {
       [PeerVerb.receiveAbort, (payload, context) => this.#abort(parseVolumeRequest(payload, 'receiveAbort').volume, context.peerName)],
       [PeerVerb.replicaPrune, (payload, context) => this.#prune(payload, context.peerName)],
       [PeerVerb.takeOwnership, (payload, context) => this.#take(parseTakeOwnership(payload), context.peerName)],
-      [PeerVerb.replicaReset, (payload, context) => this.#reset(parseReplicaReset(payload), context.peerName)],
     ]);
   }
 
@@ -88,13 +87,14 @@ export class ReplicaServer {
   readonly bulkPayload = (size: number): Buffer => this.#frameBuffers.take(size) ?? Buffer.from(new SharedArrayBuffer(size));
 
   async #open(payload: Buffer, context: PeerRequestContext): Promise<object> {
-    const { volume, epoch } = parseReceiveOpen(payload);
+    const { volume, epoch, replace } = parseReceiveOpen(payload);
     if (this.#sessions.has(context.connection.id)) throw ChunkdError.busy('this connection carries a stream already; close it first');
     await this.#checkSender(volume, context.peerName, epoch);
+    if (replace === true) await this.#prepareReplace(volume, context.peerName, epoch);
     // Recorded before the stream may create the volume, so a replica never exists without its role.
     await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });
     const feed = new ByteFeed();
-    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed, { recycle: (piece) => this.#frameBuffers.put(piece) }) };
+    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed, { recycle: (piece) => this.#frameBuffers.put(piece), replace }) };
     this.#sessions.set(context.connection.id, session);
     session.result.then(
       () => feed.close(ChunkdError.protocol(`the stream into ${volume} is complete; no more bytes belong to it`)),
@@ -157,28 +157,22 @@ export class ReplicaServer {
 
   /**
    * A replica that shares no snapshot with its owner (in a cluster, after a failover promoted another replica whose
-   * points this one never got) is removed, snapshots and all, so that the owner's next stream sends it whole
-   * (replicator.ts asks only in a cluster, where a volume's name and epochs are the cluster's). Only the owner it
-   * follows, or a node at a higher epoch (the new owner, before this node has followed it), may ask; refused while
-   * a stream into it is running or interrupted, or while a client reads it.
+   * points this one never got) takes a full stream in place (receiveOpen's `replace`; replicator.ts asks only in a
+   * cluster, where a volume's name and its epochs are the cluster's): its replication points go now, the stream
+   * empties the volume and fills it, and its other snapshots (an old owner's fenced- writes) stay. Only its owner
+   * or a node at a higher epoch gets here (#checkSender); refused while a stream into it is interrupted, or while
+   * a client reads it.
    */
-  async #reset(request: { volume: string; epoch: number }, peer: string): Promise<{ removed: string[] }> {
-    const { volume, epoch } = request;
-    const role = this.#roles.replicaOf(volume);
-    if (role === null || !this.#pool.hasVolume(volume)) throw ChunkdError.readOnly(`volume ${volume} on this node is not a replica; ${peer} cannot reset it`);
-    if (epoch < role.epoch || (role.owner !== peer && epoch === role.epoch)) throw ChunkdError.readOnly(`volume ${volume} on this node is a replica of ${role.owner} (epoch ${role.epoch}); ${peer} at epoch ${epoch} cannot reset it`);
+  async #prepareReplace(volume: string, peer: string, epoch: number): Promise<void> {
+    if (this.#roles.replicaOf(volume) === null || !this.#pool.hasVolume(volume)) return;
     if (this.#receiver.isActive(volume) || (await this.#receiver.interrupted(volume)) !== null) throw ChunkdError.busy(`a stream into ${volume} is not complete here; resume or abort it first`);
     const snapshots = this.#pool.listSnapshots(volume);
-    // Snapshots other than replication points are kept data (an old owner's fenced- writes): never discarded here.
-    const kept = snapshots.filter((snapshot) => !snapshot.name.startsWith(replicationSnapshotPrefix)).map((snapshot) => snapshot.name);
-    if (kept.length > 0) throw ChunkdError.readOnly(`replica ${volume} here shares no snapshot with ${peer}'s and holds snapshots that are not replication points (${kept.join(', ')}): it is not reset; copy what is needed from them, then remove it here (chunkd volume rm ${volume}) and ${peer} sends it whole`);
     const open = snapshots.filter((snapshot) => snapshot.openCount > 0).map((snapshot) => snapshot.name);
-    if (open.length > 0 || this.#pool.volumeInfo(volume).openCount > 0) throw ChunkdError.busy(`replica ${volume} is read by clients here (${open.length > 0 ? open.join(', ') : 'the volume'}); it is reset once they disconnect`);
-    for (const snapshot of snapshots) await this.#pool.removeSnapshot(volume, snapshot.name);
-    await this.#pool.removeVolume(volume);
-    await this.#roles.forget(volume);
-    this.#log(`replica ${volume} removed as ${peer} (epoch ${epoch}) asked: it shared no snapshot with ${peer}'s ${volume}; its points here (${snapshots.map((snapshot) => snapshot.name).join(', ') || 'none'}) are discarded, and ${peer} sends it whole`, 'warn');
-    return { removed: snapshots.map((snapshot) => snapshot.name) };
+    if (open.length > 0 || this.#pool.volumeInfo(volume).openCount > 0) throw ChunkdError.busy(`replica ${volume} is read by clients here (${open.length > 0 ? open.join(', ') : 'the volume'}); it is resent once they disconnect`);
+    const points = snapshots.filter((snapshot) => snapshot.name.startsWith(replicationSnapshotPrefix));
+    for (const snapshot of points) await this.#pool.removeSnapshot(volume, snapshot.name);
+    const kept = snapshots.filter((snapshot) => !snapshot.name.startsWith(replicationSnapshotPrefix)).map((snapshot) => snapshot.name);
+    this.#log(`replica ${volume} resent whole by ${peer} (epoch ${epoch}): it shared no snapshot with ${peer}'s ${volume}; its points here (${points.map((snapshot) => snapshot.name).join(', ') || 'none'}) are given up${kept.length > 0 ? `, its other snapshots stay (${kept.join(', ')})` : ''}`, 'warn');
   }
 
   /**

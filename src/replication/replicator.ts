@@ -101,7 +101,8 @@ export interface ReplicatorOptions {
   refuse: (volume: string) => string | null;
   /**
    * In a cluster (where a volume's name and its epochs are the cluster's): a replica that follows this node (or an
-   * older epoch) but shares no snapshot with it is reset there and sent whole, rather than left stale for an operator.
+   * older epoch) but shares no snapshot with it is sent whole, in place (receiveOpen's replace), rather than left
+   * stale for an operator.
    */
   resendWhole?: boolean;
   /** A snapshot of the volume kept from pruning (a promoted owner's point, for its old owner's rejoin: roles.ts KeptBase), or null. */
@@ -335,6 +336,8 @@ export class Replicator {
 
     let request: SendRequest | null = null;
     let outcome: CycleResult['outcome'] = 'incremental';
+    /** A full stream that replaces the peer's replica in place (see resendWhole). */
+    let replace = false;
     if (info.receive !== null) {
       const target = pool.findSnapshot(info.receive.target, volume);
       const base = info.receive.base === null ? null : pool.findSnapshot(info.receive.base, volume);
@@ -359,10 +362,8 @@ export class Replicator {
         }
         // A failover promoted another replica, whose points this one never got: its copy is no part of the volume's
         // history from this epoch on (and normally older: the successor is the live replica with the newest point).
-        this.#options.log(`replication of ${volume} to ${link.peerName}: its replica shares no snapshot with this node's ${volume} (it holds ${info.snapshots.map((snapshot) => snapshot.name).join(', ') || 'none'}); resending it whole (its copy there is discarded)`, 'warn');
-        await ask(PeerVerb.replicaReset, { volume, epoch });
-        info = parseReplicaInfo(await ask(PeerVerb.replicaInfo, { volume }));
-        if (info.exists) throw ChunkdError.busy(`the replica of ${volume} on ${link.peerName} is still there after its reset; tried again`);
+        this.#options.log(`replication of ${volume} to ${link.peerName}: its replica shares no snapshot with this node's ${volume} (it holds ${info.snapshots.map((snapshot) => snapshot.name).join(', ') || 'none'}); resending it whole, in place (its replication points there are given up, its other snapshots stay)`, 'warn');
+        replace = true;
       }
       if (base !== null && pool.diff(volume, base.name, null).length === 0 && pool.volumeInfo(volume).sizeBytes === base.sizeBytes) {
         await this.#landed(link, client, base.uuid, Date.parse(base.createdAt));
@@ -377,7 +378,7 @@ export class Replicator {
     const prepared = prepareSend(pool, request, this.#options.log);
     const total = prepared.header.dataBytes;
     link.stream = { target: request.snapshot, totalBytes: total, sentBytes: 0, resumedFromBytes: request.resumeOffsetBytes };
-    await ask(PeerVerb.receiveOpen, { volume, epoch: this.#options.epochOf(volume) });
+    await ask(PeerVerb.receiveOpen, { volume, epoch: this.#options.epochOf(volume), ...(replace ? { replace: true } : {}) });
     const streamStarted = performance.now();
     const streamBytes = await this.#stream(link, client, prepared);
     const result: ReceiveResult = parseReceiveResult(await ask(PeerVerb.receiveClose, {}));

@@ -125,7 +125,7 @@ test('the owner killed: the replica with the newest point takes the volume over 
       return link?.lastReplicated?.snapshot as string | undefined ?? null;
     }, 20_000);
     assert.match(beta.node.stderr(), /replication of vol to gamma: its replica shares no snapshot with this node's vol \(it holds repl-\d+\); resending it whole/);
-    assert.match(gamma.node.stderr(), /replica vol removed as beta \(epoch 2\) asked: it shared no snapshot/);
+    assert.match(gamma.node.stderr(), /replica vol resent whole by beta \(epoch 2\): it shared no snapshot with beta's vol; its points here \(repl-\d+\) are given up/);
     // Until then gamma's old point was published as stale (no successor of beta's); now it is beta's.
     const published = JSON.parse((await cluster.client.get('/chunkd/v1/replicas/vol/gamma').string()) ?? '{}');
     assert.ok(published.stale === undefined && published.owner === 'beta', `gamma's replica record: ${JSON.stringify(published)}`);
@@ -140,6 +140,20 @@ test('the owner killed: the replica with the newest point takes the volume over 
     }
     const after = await clusterStatus(alpha.node);
     assert.deepEqual(after.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'beta', 2, ['alpha', 'gamma']]]);
+
+    // A second failover: gamma gets beta's newest point, and beta is killed; gamma takes vol over at epoch 3.
+    // alpha's point is another of beta's, so it shares no snapshot with gamma, and it holds its fenced- snapshot:
+    // gamma resends it whole in place, and the fenced- snapshot (alpha's writes kept aside) stays.
+    await ok(beta.node, 'replica', 'sync', 'vol', '--peer', gamma.address);
+    await beta.node.kill();
+    await waitFor('gamma to own vol at epoch 3', async () => (roles(gamma.node).vol?.role === 'owner' && roles(gamma.node).vol?.epoch === 3 ? true : null), 3 * ttlMs + 10_000);
+    const alphaPoint = await waitFor('alpha to catch up with gamma', async () => {
+      const link = JSON.parse(await ok(gamma.node, 'replica', 'status', 'vol', '--json')).replicas.find((candidate: { peer: string }) => candidate.peer === alpha.address);
+      return link?.lastReplicated?.snapshot as string | undefined ?? null;
+    }, 30_000);
+    assert.match(alpha.node.stderr(), /replica vol resent whole by gamma \(epoch 3\): .*, its other snapshots stay \(fenced-\d+\)/);
+    assert.deepEqual(JSON.parse(await ok(alpha.node, 'snapshot', 'list', 'vol', '--json')).map((snapshot: { name: string }) => snapshot.name).filter((name: string) => name.startsWith('fenced-')), kept);
+    assert.equal(await exportHash(alpha.node, 'vol'), await exportHash(gamma.node, `vol@${alphaPoint}`), 'alpha holds gamma\'s data at that point');
   } catch (error) {
     for (const member of [alpha, beta, gamma]) process.stderr.write(`--- ${member.name}:\n${member.node.stderr()}\n`);
     throw error;
