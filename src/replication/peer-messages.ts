@@ -79,7 +79,7 @@ export function parseVolumeRequest(payload: Buffer, what: string): VolumeRequest
 export function parseReceiveOpen(payload: Buffer): ReceiveOpenRequest {
   const value = parseJsonObject(payload, 'receiveOpen');
   if (value.replace !== undefined && typeof value.replace !== 'boolean') throw ChunkdError.protocol('receiveOpen: replace is true or false');
-  return { volume: volumeField(value.volume, 'receiveOpen'), epoch: epochField(value.epoch, 'receiveOpen'), replace: value.replace === true };
+  return { volume: volumeField(value.volume, 'receiveOpen'), epoch: epochField(value.epoch, 'receiveOpen'), ...(value.replace === true ? { replace: true } : {}) };
 }
 
 export function parsePrune(payload: Buffer): PruneRequest {
