@@ -144,7 +144,11 @@ test('the owner killed: the replica with the newest point takes the volume over 
     // A second failover: gamma gets beta's newest point, and beta is killed; gamma takes vol over at epoch 3.
     // alpha's point is another of beta's, so it shares no snapshot with gamma, and it holds its fenced- snapshot:
     // gamma resends it whole in place, and the fenced- snapshot (alpha's writes kept aside) stays.
-    await ok(beta.node, 'replica', 'sync', 'vol', '--peer', gamma.address);
+    const last = await TestNbdClient.connect(beta.node.nbdSocket, 'vol');
+    await last.write(4 * MiB, fill(0xe5), FLAG_FUA);
+    await last.disconnect();
+    // A write since every point, so that this cycle takes a new one: gamma's is then the newest.
+    assert.equal(JSON.parse(await ok(beta.node, 'replica', 'sync', 'vol', '--peer', gamma.address, '--json')).cycles[0].outcome, 'incremental');
     await beta.node.kill();
     await waitFor('gamma to own vol at epoch 3', async () => (roles(gamma.node).vol?.role === 'owner' && roles(gamma.node).vol?.epoch === 3 ? true : null), 3 * ttlMs + 10_000);
     const alphaPoint = await waitFor('alpha to catch up with gamma', async () => {
@@ -154,6 +158,9 @@ test('the owner killed: the replica with the newest point takes the volume over 
     assert.match(alpha.node.stderr(), /replica vol resent whole by gamma \(epoch 3\): .*, its other snapshots stay \(fenced-\d+\)/);
     assert.deepEqual(JSON.parse(await ok(alpha.node, 'snapshot', 'list', 'vol', '--json')).map((snapshot: { name: string }) => snapshot.name).filter((name: string) => name.startsWith('fenced-')), kept);
     assert.equal(await exportHash(alpha.node, 'vol'), await exportHash(gamma.node, `vol@${alphaPoint}`), 'alpha holds gamma\'s data at that point');
+    const fromAlpha = await TestNbdClient.connect(alpha.node.nbdSocket, 'vol');
+    assert.deepEqual(await fromAlpha.read(4 * MiB, MiB), fill(0xe5), 'alpha has the write only gamma had');
+    await fromAlpha.disconnect();
   } catch (error) {
     for (const member of [alpha, beta, gamma]) process.stderr.write(`--- ${member.name}:\n${member.node.stderr()}\n`);
     throw error;
