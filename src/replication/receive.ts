@@ -308,18 +308,7 @@ export class StreamReceiver {
     }
     if (header.resumeOffsetBytes !== 0) throw ChunkdError.invalid(`the stream resumes at byte ${header.resumeOffsetBytes}, but volume ${volumeName} has no interrupted receive`);
     const state: ReceiveState = { volume: volumeName, base: header.base, target: header.target, volumeSizeBytes: header.volumeSizeBytes, offsetBytes: 0, createdVolume: header.base === null };
-    if (header.base === null && replace && pool.hasVolume(volumeName)) {
-      const replacing: ReceiveState = { ...state, createdVolume: false, replacing: true };
-      pool.beginReceive(volumeName);
-      try {
-        await this.#save(replacing);
-        if (header.volumeSizeBytes !== pool.volumeInfo(volumeName).sizeBytes) await pool.receiveResize(volumeName, header.volumeSizeBytes);
-      } catch (error) {
-        pool.endReceive(volumeName);
-        throw error;
-      }
-      return replacing;
-    }
+    if (header.base === null && replace && pool.hasVolume(volumeName)) return this.#begin({ ...state, createdVolume: false, replacing: true });
     if (header.base === null) {
       if (pool.hasVolume(volumeName)) throw ChunkdError.exists(`volume ${volumeName} exists; ${what} makes a new volume: receive it under a new name (or send an incremental from a snapshot ${volumeName} has)`);
       await this.#save(state);
@@ -341,18 +330,24 @@ export class StreamReceiver {
     if (pool.volumeInfo(volumeName).sizeBytes !== pool.snapshotInfo(volumeName, base.snapshot).sizeBytes) {
       throw ChunkdError.busy(`volume ${volumeName} was resized since its snapshot ${base.snapshot}; roll it back first (chunkd snapshot rollback ${volumeName} ${base.snapshot})`);
     }
-    pool.beginReceive(volumeName);
+    return this.#begin(state);
+  }
+
+  /** Marks an existing volume for the receive, saves its state, and sizes the volume as the stream's. */
+  async #begin(state: ReceiveState): Promise<ReceiveState> {
+    const pool = this.#pool;
+    pool.beginReceive(state.volume);
     try {
       await this.#save(state);
-      if (header.volumeSizeBytes !== pool.volumeInfo(volumeName).sizeBytes) await pool.receiveResize(volumeName, header.volumeSizeBytes);
+      if (state.volumeSizeBytes !== pool.volumeInfo(state.volume).sizeBytes) await pool.receiveResize(state.volume, state.volumeSizeBytes);
     } catch (error) {
-      pool.endReceive(volumeName);
+      pool.endReceive(state.volume);
       throw error;
     }
     return state;
   }
 
-  /** Undoes a receive: removes the volume it created, or rolls the volume back to its base; then forgets it. */
+  /** Undoes a receive: removes the volume it created, or rolls the volume back to its base (a replaced one stays as it is); then forgets it. */
   async #discard(state: ReceiveState): Promise<void> {
     const pool = this.#pool;
     if (pool.hasVolume(state.volume)) {
