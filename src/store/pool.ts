@@ -41,19 +41,17 @@ import {
 import { validateName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
 import { ChunkAllocator } from './allocator.ts';
+import { MemoryBackend, notOnPagedMetadata, type CatalogBackend, type CatalogView, type SnapshotView, type VolumeView } from './catalog-backend.ts';
 import { encodeCheckpoint } from './checkpoint.ts';
 import { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
-import type { ChunkRefcounts } from './chunk-refcounts.ts';
 import { ChunkStore } from './chunk-store.ts';
 import { CommitEngine, type CheckpointReport } from './commit-engine.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
-import { diffMaps, type ChangedExtent } from './map-diff.ts';
+import type { ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
-import { contentDigest } from './content-digest.ts';
-import { isSnapshotUuid, type Catalog, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
-import { ChunkMap } from './chunk-map.ts';
-import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolFormatVersion, poolIdentity } from './pool-layout.ts';
+import { isSnapshotUuid } from './metadata.ts';
+import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolIdentity } from './pool-layout.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
 import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
@@ -76,8 +74,8 @@ export interface SnapshotInfo {
   uuid: string;
   sizeBytes: number;
   createdAt: string;
-  /** Bytes of chunks that only this snapshot holds: what removing it gives back. */
-  uniqueBytes: number;
+  /** Bytes of chunks that only this snapshot holds: what removing it gives back (null: not known on paged metadata yet). */
+  uniqueBytes: number | null;
   openCount: number;
 }
 
@@ -120,10 +118,9 @@ export interface PoolOptions {
   verifyReads?: boolean;
 }
 
-/** The metadata a pool opens with: what was loaded, and the generation just started. */
+/** The metadata a pool opens with: its catalog, and the generation just started. */
 interface OpenedMetadata {
-  catalog: Catalog;
-  refs: ChunkRefcounts;
+  catalog: CatalogBackend;
   generation: number;
   journal: JournalFile;
   repairs: number;
@@ -131,8 +128,7 @@ interface OpenedMetadata {
 
 export class Pool {
   readonly directory: string;
-  readonly #catalog: Catalog;
-  readonly #refs: ChunkRefcounts;
+  readonly #catalog: CatalogBackend;
   readonly #chunks: ChunkStore;
   readonly #engine: CommitEngine;
   /** What volumes and snapshot devices are given: the data verbs and the engine's record and commit, nothing else. */
@@ -149,31 +145,24 @@ export class Pool {
   readonly #metadataRepairs: number;
   #closed = false;
 
-  private constructor(directory: string, lockFd: number, opened: OpenedMetadata, allocator: ChunkAllocator, chunkFiles: ChunkFiles, options: PoolOptions) {
+  private constructor(directory: string, lockFd: number, opened: OpenedMetadata, chunkFiles: ChunkFiles, options: PoolOptions) {
     const log = options.log ?? (() => {});
     this.directory = directory;
     this.#files = chunkFiles.layer;
     this.#lockFd = lockFd;
     this.#catalog = opened.catalog;
-    this.#refs = opened.refs;
     this.#metadataRepairs = opened.repairs;
     this.#log = log;
-    const refs = opened.refs;
     this.#chunks = new ChunkStore({
       chunkFiles,
-      allocator,
+      allocator: opened.catalog.allocator,
       io: options.makeIo?.(chunkFiles, this.#stageTimes.worker_wait) ?? new InlineChunkIo(chunkFiles),
-      sums: opened.catalog.sums,
       verifyReads: options.verifyReads ?? true,
-      isMapped: (chunk) => refs.get(chunk) > 0,
       log,
       reclaim: () => this.#engine.commit(),
     });
     this.#engine = new CommitEngine({
-      files: this.#files,
-      directory,
       catalog: opened.catalog,
-      refs,
       chunks: this.#chunks,
       journal: opened.journal,
       generation: opened.generation,
@@ -209,7 +198,8 @@ export class Pool {
       const journal = await beginGeneration(files, directory, encodeCheckpoint(loaded.catalog, generation), generation).catch((error: unknown) => {
         throw fromSystemError(error, `starting metadata generation ${generation} in ${directory}`);
       });
-      const pool = new Pool(directory, lockFd, { ...loaded, generation, journal, repairs: loaded.repairs.length }, allocator, chunkFiles, options);
+      const catalog = new MemoryBackend({ catalog: loaded.catalog, refs: loaded.refs, allocator, files, directory });
+      const pool = new Pool(directory, lockFd, { catalog, generation, journal, repairs: loaded.repairs.length }, chunkFiles, options);
       await pool.#chunks.punchUnused();
       if (loaded.replayedRecords > 0 || loaded.tornTail) {
         log(`pool ${directory}: replayed ${loaded.replayedRecords} journal records${loaded.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
@@ -229,7 +219,7 @@ export class Pool {
     validateName(name);
     checkVolumeSize(sizeBytes);
     this.#checkNewVolumeName(name);
-    this.#engine.record({ type: 'create', volumeId: this.#catalog.nextVolumeId, name, sizeBytes });
+    this.#engine.record({ type: 'create', volumeId: this.#tables.nextVolumeId, name, sizeBytes });
     await this.#engine.commit();
     return this.volumeInfo(name);
   }
@@ -273,7 +263,7 @@ export class Pool {
   }
 
   listVolumes(): VolumeInfo[] {
-    return [...this.#catalog.byName.keys()].sort().map((name) => this.volumeInfo(name));
+    return [...this.#tables.byName.keys()].sort().map((name) => this.volumeInfo(name));
   }
 
   volumeInfo(name: string): VolumeInfo {
@@ -294,7 +284,7 @@ export class Pool {
   }
 
   hasVolume(name: string): boolean {
-    return this.#catalog.byName.has(name);
+    return this.#tables.byName.has(name);
   }
 
   /** Opens a volume for I/O; close() the result when done. Refused while a stream is received into it. */
@@ -350,12 +340,12 @@ export class Pool {
   }
 
   endReceive(name: string): void {
-    const meta = this.#catalog.byName.get(name);
+    const meta = this.#tables.byName.get(name);
     if (meta !== undefined) this.#receiving.delete(meta.id);
   }
 
   isReceiving(name: string): boolean {
-    const meta = this.#catalog.byName.get(name);
+    const meta = this.#tables.byName.get(name);
     return meta !== undefined && this.#receiving.has(meta.id);
   }
 
@@ -432,7 +422,7 @@ export class Pool {
     if (runtime.meta.snapshots.size >= snapshotsPerVolumeMax) throw ChunkdError.invalid(`volume ${volumeName} has ${snapshotsPerVolumeMax} snapshots, the most a volume may have`);
     const release = await runtime.lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
     try {
-      this.#engine.record({ type: 'snapshot', volumeId: runtime.meta.id, snapshotId: this.#catalog.nextSnapshotId, name: snapshotName, createdAtMs: Date.now(), uuid });
+      this.#engine.record({ type: 'snapshot', volumeId: runtime.meta.id, snapshotId: this.#tables.nextSnapshotId, name: snapshotName, createdAtMs: Date.now(), uuid });
     } finally {
       release();
     }
@@ -470,7 +460,7 @@ export class Pool {
     validateName(newName);
     const snapshot = this.#snapshot(volumeName, snapshotName);
     this.#checkNewVolumeName(newName);
-    this.#engine.record({ type: 'clone', volumeId: this.#catalog.nextVolumeId, name: newName, snapshotId: snapshot.id });
+    this.#engine.record({ type: 'clone', volumeId: this.#tables.nextVolumeId, name: newName, snapshotId: snapshot.id });
     await this.#engine.commit();
     return this.volumeInfo(newName);
   }
@@ -490,9 +480,9 @@ export class Pool {
    */
   diff(volumeName: string, fromName: string | null, toName: string | null): ChangedExtent[] {
     const volume = this.#runtime(volumeName).meta;
-    const from = fromName === null ? { map: new ChunkMap(), sizeBytes: 0 } : this.#snapshot(volumeName, fromName);
+    const from = fromName === null ? { map: null, sizeBytes: 0 } : this.#snapshot(volumeName, fromName);
     const to = toName === null ? volume : this.#snapshot(volumeName, toName);
-    return diffMaps(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes);
+    return this.#catalog.diff(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes);
   }
 
   /**
@@ -502,12 +492,12 @@ export class Pool {
   contentDigest(volumeName: string, snapshotName: string | null): Buffer {
     const volume = this.#runtime(volumeName).meta;
     const source = snapshotName === null ? volume : this.#snapshot(volumeName, snapshotName);
-    return contentDigest(source.map, (physicalChunk) => this.#catalog.sums.get(physicalChunk), source.sizeBytes);
+    return this.#catalog.contentDigest(source.map, source.sizeBytes);
   }
 
   /** The volume and snapshot names of the snapshot with id `uuid` in `volumeName` (any volume if null), or null. */
   findSnapshot(uuid: string, volumeName: string | null = null): { volume: string; snapshot: string } | null {
-    const volumes = volumeName === null ? [...this.#catalog.volumes.values()] : [this.#runtime(volumeName).meta];
+    const volumes = volumeName === null ? [...this.#tables.volumes.values()] : [this.#runtime(volumeName).meta];
     for (const volume of volumes) {
       for (const snapshot of volume.snapshots.values()) if (snapshot.uuid === uuid) return { volume: volume.name, snapshot: snapshot.name };
     }
@@ -518,11 +508,13 @@ export class Pool {
   async scrub(volumeName: string, onProgress?: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
     this.#checkOpen();
     const volume = this.#runtime(volumeName).meta;
+    const source = this.#catalog.scrubSource();
+    if (source === null) throw notOnPagedMetadata('scrub');
     const exports = [
-      { name: volume.name, runs: [...volume.map.mappedRuns()] },
-      ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, runs: [...snapshot.map.mappedRuns()] })),
+      { name: volume.name, runs: this.#catalog.mappedRuns(volume.map) },
+      ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, runs: this.#catalog.mappedRuns(snapshot.map) })),
     ];
-    return this.#chunks.scrub(volume.name, exports, onProgress);
+    return this.#chunks.scrub(volume.name, exports, source, onProgress);
   }
 
   /** Commits what is queued and writes a checkpoint of all metadata now (commit-engine.ts). */
@@ -534,9 +526,9 @@ export class Pool {
     const stats = await fs.promises.statfs(this.directory);
     return {
       directory: this.directory,
-      formatVersion: poolFormatVersion,
-      volumeCount: this.#catalog.volumes.size,
-      snapshotCount: this.#catalog.snapshots.size,
+      formatVersion: this.#catalog.formatVersion,
+      volumeCount: this.#tables.volumes.size,
+      snapshotCount: this.#tables.snapshots.size,
       allocatedBytes: this.#chunks.allocatedBytes,
       ...this.#engine.status(),
       fileSystem: { sizeBytes: stats.blocks * stats.bsize, freeBytes: stats.bavail * stats.bsize },
@@ -568,6 +560,7 @@ export class Pool {
     try {
       await this.#engine.close();
     } finally {
+      await this.#catalog.close().catch((error: unknown) => this.#log(`closing the metadata failed: ${(error as Error).message}`, 'error'));
       await this.#chunks.close();
       this.#files.close(this.#lockFd);
     }
@@ -584,31 +577,31 @@ export class Pool {
     await this.#chunks.close({ force: true });
   }
 
-  #describeSnapshot(volume: VolumeMeta, snapshot: SnapshotMeta): SnapshotInfo {
-    // Chunks only this snapshot holds: on pages no other map shares, with a single reference.
-    let uniqueChunks = 0;
-    for (const [, page] of snapshot.map.pages()) {
-      if (page.shareCount !== 1) continue;
-      for (const slot of page.slots) if (slot > 0 && this.#refs.get(slot - 1) === 1) uniqueChunks += 1;
-    }
+  #describeSnapshot(volume: VolumeView, snapshot: SnapshotView): SnapshotInfo {
+    const uniqueChunks = this.#catalog.uniqueChunks(snapshot.map);
     return {
       volume: volume.name,
       name: snapshot.name,
       uuid: snapshot.uuid,
       sizeBytes: snapshot.sizeBytes,
       createdAt: new Date(snapshot.createdAtMs).toISOString(),
-      uniqueBytes: uniqueChunks * chunkSizeBytes,
+      uniqueBytes: uniqueChunks === null ? null : uniqueChunks * chunkSizeBytes,
       openCount: this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0,
     };
   }
 
+  /** The volumes and snapshots as applied so far. */
+  get #tables(): CatalogView {
+    return this.#catalog.tables;
+  }
+
   #checkNewVolumeName(name: string): void {
-    if (this.#catalog.byName.has(name)) throw ChunkdError.exists(`volume ${name} already exists`);
-    if (this.#catalog.volumes.size >= volumesMax) throw ChunkdError.invalid(`a pool holds at most ${volumesMax} volumes`);
+    if (this.#tables.byName.has(name)) throw ChunkdError.exists(`volume ${name} already exists`);
+    if (this.#tables.volumes.size >= volumesMax) throw ChunkdError.invalid(`a pool holds at most ${volumesMax} volumes`);
   }
 
   #runtime(name: string): VolumeRuntime {
-    const meta = this.#catalog.byName.get(name);
+    const meta = this.#tables.byName.get(name);
     if (meta === undefined) throw ChunkdError.notFound(`no volume named ${name}`);
     let runtime = this.#runtimes.get(meta.id);
     if (runtime === undefined) {
@@ -619,7 +612,7 @@ export class Pool {
     return runtime;
   }
 
-  #snapshot(volumeName: string, snapshotName: string): SnapshotMeta {
+  #snapshot(volumeName: string, snapshotName: string): SnapshotView {
     const snapshot = this.#runtime(volumeName).meta.snapshots.get(snapshotName);
     if (snapshot === undefined) throw ChunkdError.notFound(`no snapshot ${volumeName}@${snapshotName}`);
     return snapshot;
