@@ -33,6 +33,7 @@ import {
   backgroundCommitIntervalMs,
   chunkSizeBytes,
   journalCheckpointBytes,
+  metadataCacheBytesDefault,
   snapshotsPerVolumeMax,
   volumeSizeAlignBytes,
   volumeSizeMaxBytes,
@@ -51,7 +52,8 @@ import { realFiles, type FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
 import { isSnapshotUuid } from './metadata.ts';
-import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolIdentity } from './pool-layout.ts';
+import { openPaged } from './paged-backend.ts';
+import { beginGeneration, checkPoolMarker, chunksDirectory, initializePool, loadMetadata, lockPool, poolIdentity, type MetadataKind } from './pool-layout.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
 import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
@@ -116,6 +118,10 @@ export interface PoolOptions {
   makeIo?: (chunkFiles: ChunkFiles, waitTimes: LatencyHistogram) => ChunkIo;
   /** Verify checksums on reads (default true); false only to measure what verification costs. */
   verifyReads?: boolean;
+  /** The metadata a pool created now gets (default memory; an existing pool keeps its own: chunkd-pool.json). */
+  metadata?: MetadataKind;
+  /** The paged metadata's cache of clean pages, in bytes (default limits.metadataCacheBytesDefault). */
+  metadataCacheBytes?: number;
 }
 
 /** The metadata a pool opens with: its catalog, and the generation just started. */
@@ -182,9 +188,10 @@ export class Pool {
     const directory = path.resolve(options.directory);
     const files = options.files ?? realFiles;
     const log = options.log ?? (() => {});
-    await initializePool(files, directory);
+    await initializePool(files, directory, options.metadata);
     const lockFd = lockPool(files, directory);
     try {
+      if ((await checkPoolMarker(files, directory)) === 'paged') return await Pool.#openPaged(directory, lockFd, files, options);
       const loaded = await loadMetadata(files, directory);
       for (const line of loaded.repairs) log(`metadata repaired: ${line}`);
       const allocator = ChunkAllocator.fromUsed(loaded.refs.usedRuns());
@@ -209,6 +216,24 @@ export class Pool {
       files.close(lockFd);
       throw error;
     }
+  }
+
+  /** The rest of `open` for a pool of paged metadata (paged-backend.ts). */
+  static async #openPaged(directory: string, lockFd: number, files: FileLayer, options: PoolOptions): Promise<Pool> {
+    const log = options.log ?? (() => {});
+    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault }).catch((error: unknown) => {
+      throw fromSystemError(error, `opening the paged metadata of ${directory}`);
+    });
+    for (const line of opened.repairs) log(`metadata repaired: ${line}`);
+    const chunkFiles = new ChunkFiles(chunksDirectory(directory), files);
+    await files.syncDirectory(chunkFiles.directory);
+    await files.syncDirectory(directory);
+    const pool = new Pool(directory, lockFd, { catalog: opened.backend, generation: opened.generation, journal: opened.journal, repairs: opened.repairs.length }, chunkFiles, options);
+    await pool.#chunks.punchUnused();
+    if (opened.replayedRecords > 0 || opened.tornTail) {
+      log(`pool ${directory}: replayed ${opened.replayedRecords} journal records${opened.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
+    }
+    return pool;
   }
 
   // ---- control: volumes ----
