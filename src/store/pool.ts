@@ -239,38 +239,44 @@ export class Pool {
   // ---- control: volumes ----
 
   /** Creates a thin volume; nothing is allocated until it is written. */
-  async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
-    this.#checkOpen();
-    validateName(name);
-    checkVolumeSize(sizeBytes);
-    this.#checkNewVolumeName(name);
-    this.#engine.record({ type: 'create', volumeId: this.#tables.nextVolumeId, name, sizeBytes });
-    await this.#engine.commit();
-    return this.volumeInfo(name);
+  createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      validateName(name);
+      checkVolumeSize(sizeBytes);
+      this.#checkNewVolumeName(name);
+      this.#engine.record({ type: 'create', volumeId: this.#tables.nextVolumeId, name, sizeBytes });
+      await this.#engine.commit();
+      return this.volumeInfo(name);
+    });
   }
 
   /** Removes a volume and gives its space back; refused while it is exported or has snapshots. */
-  async removeVolume(name: string): Promise<void> {
-    this.#checkOpen();
-    const runtime = this.#runtime(name);
-    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients first`);
-    this.#checkNotReceiving(runtime);
-    const snapshots = [...runtime.meta.snapshots.keys()];
-    if (snapshots.length > 0) {
-      throw ChunkdError.busy(`volume ${name} has ${snapshots.length} snapshot(s) (${snapshots.slice(0, 5).join(', ')}${snapshots.length > 5 ? ', ...' : ''}); remove them first`);
-    }
-    this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
-    this.#runtimes.delete(runtime.meta.id);
-    await this.#engine.commit();
+  removeVolume(name: string): Promise<void> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      const runtime = this.#runtime(name);
+      if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients first`);
+      this.#checkNotReceiving(runtime);
+      const snapshots = [...runtime.meta.snapshots.keys()];
+      if (snapshots.length > 0) {
+        throw ChunkdError.busy(`volume ${name} has ${snapshots.length} snapshot(s) (${snapshots.slice(0, 5).join(', ')}${snapshots.length > 5 ? ', ...' : ''}); remove them first`);
+      }
+      this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
+      this.#runtimes.delete(runtime.meta.id);
+      await this.#engine.commit();
+    });
   }
 
   /** Grows a volume at once; shrinking needs `force` (the data past the new end is freed) and no open exports. */
-  async resizeVolume(name: string, sizeBytes: number, force = false): Promise<VolumeInfo> {
-    this.#checkOpen();
-    const runtime = this.#runtime(name);
-    this.#checkNotReceiving(runtime);
-    await this.#resize(runtime, sizeBytes, force);
-    return this.volumeInfo(name);
+  resizeVolume(name: string, sizeBytes: number, force = false): Promise<VolumeInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      const runtime = this.#runtime(name);
+      this.#checkNotReceiving(runtime);
+      await this.#resize(runtime, sizeBytes, force);
+      return this.volumeInfo(name);
+    });
   }
 
   async #resize(runtime: VolumeRuntime, sizeBytes: number, force: boolean): Promise<void> {
@@ -389,30 +395,38 @@ export class Pool {
   }
 
   /** What the receiver may change on a volume marked by beginReceive: its size (to the stream's), or back to a snapshot. */
-  async receiveResize(name: string, sizeBytes: number): Promise<void> {
-    await this.#resize(this.#receivingRuntime(name), sizeBytes, true);
+  receiveResize(name: string, sizeBytes: number): Promise<void> {
+    return this.#control(async () => {
+      await this.#resize(this.#receivingRuntime(name), sizeBytes, true);
+    });
   }
 
-  async receiveRollback(name: string, snapshotName: string): Promise<void> {
-    const runtime = this.#receivingRuntime(name);
-    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is open (${runtime.openCount}); a receive cannot roll it back`);
-    this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: this.#snapshot(name, snapshotName).id });
-    await this.#engine.commit();
+  receiveRollback(name: string, snapshotName: string): Promise<void> {
+    return this.#control(async () => {
+      const runtime = this.#receivingRuntime(name);
+      if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is open (${runtime.openCount}); a receive cannot roll it back`);
+      this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: this.#snapshot(name, snapshotName).id });
+      await this.#engine.commit();
+    });
   }
 
   /** Takes the snapshot a received stream ends in, with the sender's id; the volume must be marked by beginReceive. */
-  async receiveSnapshot(volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {
-    return this.#takeSnapshot(this.#receivingRuntime(volumeName), volumeName, snapshotName, uuid);
+  receiveSnapshot(volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {
+    return this.#control(async () => {
+      return this.#takeSnapshot(this.#receivingRuntime(volumeName), volumeName, snapshotName, uuid);
+    });
   }
 
   /** Removes a volume a receive created and could not complete (with no snapshots yet). */
-  async receiveDiscardVolume(name: string): Promise<void> {
-    const runtime = this.#receivingRuntime(name);
-    if (runtime.openCount > 0 || runtime.meta.snapshots.size > 0) throw ChunkdError.busy(`volume ${name} is open or has snapshots; a receive cannot discard it`);
-    this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
-    this.#runtimes.delete(runtime.meta.id);
-    this.#receiving.delete(runtime.meta.id);
-    await this.#engine.commit();
+  receiveDiscardVolume(name: string): Promise<void> {
+    return this.#control(async () => {
+      const runtime = this.#receivingRuntime(name);
+      if (runtime.openCount > 0 || runtime.meta.snapshots.size > 0) throw ChunkdError.busy(`volume ${name} is open or has snapshots; a receive cannot discard it`);
+      this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
+      this.#runtimes.delete(runtime.meta.id);
+      this.#receiving.delete(runtime.meta.id);
+      await this.#engine.commit();
+    });
   }
 
   /** Opens a snapshot read-only; close() the result when done. */
@@ -428,12 +442,14 @@ export class Pool {
    * Takes a snapshot: waits for the volume's writes in flight (blocking new ones meanwhile), so it holds exactly
    * the writes acknowledged before it, records it, and makes it durable before returning.
    */
-  async createSnapshot(volumeName: string, snapshotName: string): Promise<SnapshotInfo> {
-    this.#checkOpen();
-    validateName(snapshotName, 'snapshot');
-    const runtime = this.#runtime(volumeName);
-    this.#checkNotReceiving(runtime);
-    return this.#takeSnapshot(runtime, volumeName, snapshotName, randomUUID().replaceAll('-', ''));
+  createSnapshot(volumeName: string, snapshotName: string): Promise<SnapshotInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      validateName(snapshotName, 'snapshot');
+      const runtime = this.#runtime(volumeName);
+      this.#checkNotReceiving(runtime);
+      return this.#takeSnapshot(runtime, volumeName, snapshotName, randomUUID().replaceAll('-', ''));
+    });
   }
 
   async #takeSnapshot(runtime: VolumeRuntime, volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {
@@ -456,38 +472,44 @@ export class Pool {
   }
 
   /** Removes a snapshot; chunks that clones or other snapshots still hold stay, the rest go back to the pool. */
-  async removeSnapshot(volumeName: string, snapshotName: string): Promise<void> {
-    this.#checkOpen();
-    const snapshot = this.#snapshot(volumeName, snapshotName);
-    this.#checkNotReceiving(this.#runtime(volumeName));
-    const openCount = this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0;
-    if (openCount > 0) throw ChunkdError.busy(`snapshot ${volumeName}@${snapshotName} is exported (${openCount} open); disconnect its clients first`);
-    this.#engine.record({ type: 'snapshot-remove', snapshotId: snapshot.id });
-    this.#snapshotRuntimes.delete(snapshot.id);
-    await this.#engine.commit();
+  removeSnapshot(volumeName: string, snapshotName: string): Promise<void> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      const snapshot = this.#snapshot(volumeName, snapshotName);
+      this.#checkNotReceiving(this.#runtime(volumeName));
+      const openCount = this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0;
+      if (openCount > 0) throw ChunkdError.busy(`snapshot ${volumeName}@${snapshotName} is exported (${openCount} open); disconnect its clients first`);
+      this.#engine.record({ type: 'snapshot-remove', snapshotId: snapshot.id });
+      this.#snapshotRuntimes.delete(snapshot.id);
+      await this.#engine.commit();
+    });
   }
 
   /** Makes the volume's contents the snapshot's again; refused while the volume is exported. Durable on return. */
-  async rollbackVolume(volumeName: string, snapshotName: string): Promise<VolumeInfo> {
-    this.#checkOpen();
-    const runtime = this.#runtime(volumeName);
-    const snapshot = this.#snapshot(volumeName, snapshotName);
-    this.#checkNotReceiving(runtime);
-    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
-    this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
-    await this.#engine.commit();
-    return this.volumeInfo(volumeName);
+  rollbackVolume(volumeName: string, snapshotName: string): Promise<VolumeInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      const runtime = this.#runtime(volumeName);
+      const snapshot = this.#snapshot(volumeName, snapshotName);
+      this.#checkNotReceiving(runtime);
+      if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
+      this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
+      await this.#engine.commit();
+      return this.volumeInfo(volumeName);
+    });
   }
 
   /** Creates a writable volume that starts as the snapshot's image and shares its chunks. */
-  async cloneSnapshot(volumeName: string, snapshotName: string, newName: string): Promise<VolumeInfo> {
-    this.#checkOpen();
-    validateName(newName);
-    const snapshot = this.#snapshot(volumeName, snapshotName);
-    this.#checkNewVolumeName(newName);
-    this.#engine.record({ type: 'clone', volumeId: this.#tables.nextVolumeId, name: newName, snapshotId: snapshot.id });
-    await this.#engine.commit();
-    return this.volumeInfo(newName);
+  cloneSnapshot(volumeName: string, snapshotName: string, newName: string): Promise<VolumeInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      validateName(newName);
+      const snapshot = this.#snapshot(volumeName, snapshotName);
+      this.#checkNewVolumeName(newName);
+      this.#engine.record({ type: 'clone', volumeId: this.#tables.nextVolumeId, name: newName, snapshotId: snapshot.id });
+      await this.#engine.commit();
+      return this.volumeInfo(newName);
+    });
   }
 
   listSnapshots(volumeName: string): SnapshotInfo[] {
@@ -614,6 +636,20 @@ export class Pool {
       openCount: this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0,
     };
   }
+
+  /**
+   * Runs a control verb after those called before it have returned: each reads the tables (names, next ids) as the
+   * verbs before it left them, records, and commits, so that two at once cannot both take one id or one name. Over
+   * paged metadata that is needed (a record is applied after `record` returns, catalog-backend.ts); in memory it
+   * costs nothing but the wait. Writes and reads do not take it.
+   */
+  #control<T>(verb: () => Promise<T>): Promise<T> {
+    const result = this.#controlQueue.then(verb, verb);
+    this.#controlQueue = result.catch(() => {});
+    return result;
+  }
+
+  #controlQueue: Promise<unknown> = Promise.resolve();
 
   /** The volumes and snapshots as applied so far. */
   get #tables(): CatalogView {

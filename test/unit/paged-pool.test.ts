@@ -148,3 +148,24 @@ test('fsck of a paged pool walks its maps: a chunk file cut short is damage; scr
     fs.rmSync(directory, { recursive: true, force: true });
   }
 });
+
+test('control verbs called at once on a paged pool each see what those before them did: distinct ids, one of two same names refused', async () => {
+  const directory = scratch();
+  try {
+    const pool = await open(directory);
+    try {
+      await Promise.all(['a', 'b', 'c'].map((name) => pool.createVolume(name, 4 * MiB)));
+      await Promise.all([pool.createSnapshot('a', 's'), pool.createSnapshot('b', 's'), pool.cloneSnapshot('a', 's', 'd').catch((error: unknown) => error)]);
+      const results = await Promise.allSettled([pool.createVolume('e', 4 * MiB), pool.createVolume('e', 4 * MiB)]);
+      assert.deepEqual(results.map((r) => r.status).sort(), ['fulfilled', 'rejected']);
+      assert.equal((results.find((r) => r.status === 'rejected') as PromiseRejectedResult).reason.code, 'EEXIST');
+      const status = await pool.status();
+      assert.equal(status.failure, null, 'no record was refused at its apply');
+      assert.deepEqual(pool.listVolumes().map((v) => v.name), ['a', 'b', 'c', 'd', 'e']);
+    } finally {
+      await pool.close();
+    }
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
