@@ -225,11 +225,18 @@ export class Pool {
       throw fromSystemError(error, `opening the paged metadata of ${directory}`);
     });
     for (const line of opened.repairs) log(`metadata repaired: ${line}`);
-    const chunkFiles = new ChunkFiles(chunksDirectory(directory), files);
-    await files.syncDirectory(chunkFiles.directory);
-    await files.syncDirectory(directory);
-    const pool = new Pool(directory, lockFd, { catalog: opened.backend, generation: opened.generation, journal: opened.journal, repairs: opened.repairs.length }, chunkFiles, options);
-    await pool.#chunks.punchUnused();
+    let pool: Pool;
+    try {
+      const chunkFiles = new ChunkFiles(chunksDirectory(directory), files);
+      await files.syncDirectory(chunkFiles.directory);
+      await files.syncDirectory(directory);
+      pool = new Pool(directory, lockFd, { catalog: opened.backend, generation: opened.generation, journal: opened.journal, repairs: opened.repairs.length }, chunkFiles, options);
+      await pool.#chunks.punchUnused();
+    } catch (error) {
+      opened.journal.close();
+      await opened.backend.close().catch(() => {});
+      throw error;
+    }
     if (opened.replayedRecords > 0 || opened.tornTail) {
       log(`pool ${directory}: replayed ${opened.replayedRecords} journal records${opened.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
     }
