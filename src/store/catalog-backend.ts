@@ -20,6 +20,7 @@
 // opaque (`MapHandle`) outside its backend, which alone knows what it is.
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
+import { journalCheckpointBytes } from '../core/limits.ts';
 import type { ChunkAllocator, FreeExtent } from './allocator.ts';
 import { encodeCheckpoint } from './checkpoint.ts';
 import { ChunkMap, type ChunkRun } from './chunk-map.ts';
@@ -31,6 +32,7 @@ import type { JournalFile } from './journal-file.ts';
 import { diffMaps, type ChangedExtent } from './map-diff.ts';
 import { applyRecord, type Catalog, type MetaRecord } from './metadata.ts';
 import { beginGeneration, poolFormatVersion } from './pool-layout.ts';
+import { memoryScrubSource, type ScrubExport, type ScrubSource } from './scrub.ts';
 
 /** A volume's or snapshot's map: opaque but for its count, read only by the backend that made it. */
 export interface MapHandle {
@@ -97,15 +99,24 @@ export interface PendingCheckpoint {
   write(records: Buffer, journal: JournalFile): Promise<{ journal: JournalFile; bytes: number }>;
 }
 
-/** What a scrub needs: each chunk's checksum by physical chunk, and whether metadata still names a chunk. */
-export interface ScrubSource {
-  readonly sums: ChunkSums;
-  isMapped(physicalChunk: number): boolean;
+/** A map to scrub: its export's name, and the map as it is now (undefined once removed: it names nothing then). */
+export interface ScrubTarget {
+  name: string;
+  map: () => MapHandle | undefined;
+  sizeBytes: number;
+}
+
+/** What a scrub reads (each export's mapped runs, captured now) and checks it against (scrub.ts). */
+export interface ScrubPlan {
+  exports: ScrubExport[];
+  source: ScrubSource;
 }
 
 export interface CatalogBackend {
   /** The pool format this catalog is stored in (chunkd-pool.json). */
   readonly formatVersion: number;
+  /** The journal size that starts a checkpoint when the pool's options do not say (limits.ts). */
+  readonly journalCheckpointBytes: number;
   readonly tables: CatalogView;
   readonly allocator: ChunkAllocation;
   /** Applies `record` (or queues its apply after those before it); chunks it frees are punched out when `punchFrees`. */
@@ -120,9 +131,8 @@ export interface CatalogBackend {
   contentDigest(map: MapHandle, sizeBytes: number): Buffer;
   /** Chunks only `map` holds (what removing its snapshot gives back), or null where this catalog cannot tell yet. */
   uniqueChunks(map: MapHandle): number | null;
-  /** The mapped runs of `map` and what a scrub checks them against, or null where this catalog cannot scrub yet. */
-  scrubSource(): ScrubSource | null;
-  mappedRuns(map: MapHandle): ChunkRun[];
+  /** What a scrub of these maps reads and checks it against. */
+  scrubPlan(targets: readonly ScrubTarget[]): Promise<ScrubPlan>;
   /** Begins the checkpoint that starts generation `generation` (see PendingCheckpoint). */
   beginCheckpoint(generation: number): PendingCheckpoint;
   /** Waits for what is queued and closes what the catalog holds open. */
@@ -134,6 +144,7 @@ const settledNow = Promise.resolve();
 /** Today's catalog: all in memory, applied synchronously, a whole checkpoint per generation (commit-engine.ts). */
 export class MemoryBackend implements CatalogBackend {
   readonly formatVersion = poolFormatVersion;
+  readonly journalCheckpointBytes = journalCheckpointBytes;
   readonly tables: Catalog;
   readonly allocator: ChunkAllocator;
   readonly #refs: ChunkRefcounts;
@@ -187,12 +198,9 @@ export class MemoryBackend implements CatalogBackend {
     return unique;
   }
 
-  scrubSource(): ScrubSource {
-    return { sums: this.tables.sums, isMapped: (chunk) => this.#refs.get(chunk) > 0 };
-  }
-
-  mappedRuns(map: MapHandle): ChunkRun[] {
-    return [...chunkMap(map).mappedRuns()];
+  async scrubPlan(targets: readonly ScrubTarget[]): Promise<ScrubPlan> {
+    const exports = targets.map(({ name, map }) => ({ name, runs: [...chunkMap(map()!).mappedRuns()] }));
+    return { exports, source: memoryScrubSource(this.tables.sums, this.#refs) };
   }
 
   beginCheckpoint(generation: number): PendingCheckpoint {

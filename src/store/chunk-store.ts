@@ -16,12 +16,12 @@ import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { formatSize } from '../core/units.ts';
 import type { FreeExtent } from './allocator.ts';
-import type { ChunkAllocation, ChunkLookup, ScrubSource } from './catalog-backend.ts';
+import type { ChunkAllocation, ChunkLookup } from './catalog-backend.ts';
 import { blockChecksum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import { locateInPlan, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
 import type { ChunkRun } from './chunk-map.ts';
-import { hex, scrub, type ScrubReport } from './scrub.ts';
+import { hex, scrub, type ScrubReport, type ScrubSource } from './scrub.ts';
 import type { Log } from '../core/log.ts';
 
 /** Chunks just written: the first of the fresh run and the checksum of each. */
@@ -146,7 +146,7 @@ export class ChunkStore {
 
   /** Reads and checks every chunk of the given exports while they stay in use (scrub.ts). */
   async scrub(volumeName: string, exports: ScrubTarget[], source: ScrubSource, onProgress?: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
-    const report = await scrub({ io: this.#io, sums: source.sums, isMapped: (chunk) => source.isMapped(chunk), log: this.#log }, volumeName, exports, onProgress);
+    const report = await scrub({ io: this.#io, sumOf: (chunk) => source.sumOf(chunk), stillNamed: (chunk, sum) => source.stillNamed(chunk, sum), log: this.#log }, volumeName, exports, onProgress);
     this.#log(`scrub of ${volumeName}: ${formatSize(report.checkedBytes)} checked in ${exports.length} export(s), ${report.badChunks} bad chunk(s)`);
     return report;
   }

@@ -13,7 +13,7 @@ import { chunkFileIndexOf, chunkFilePath } from './chunk-file-layout.ts';
 import type { ChunkMap } from './chunk-map.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
 import { dataRanges } from './native.ts';
-import { replayPaged } from './paged-backend.ts';
+import { mappedRunsOf, replayPaged } from './paged-backend.ts';
 import type { PagedMap } from './paged-map.ts';
 import { checkPoolMarker, chunksDirectory, loadMetadata, withPoolLocked } from './pool-layout.ts';
 
@@ -120,14 +120,10 @@ async function checkPaged(files: FileLayer, directory: string, errors: string[],
     let mappedBytes = 0;
     const checkMap = async (what: string, map: PagedMap, sizeBytes: number): Promise<void> => {
       if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % volumeSizeAlignBytes !== 0) errors.push(`${what}: invalid size ${sizeBytes}`);
-      const sizeChunks = Math.floor(sizeBytes / chunkSizeBytes);
       let inside = 0;
-      for (let first = 0; first < sizeChunks; first += fsckSliceChunks) {
-        for (const run of await map.runs(first, Math.min(fsckSliceChunks, sizeChunks - first))) {
-          if (run.physicalChunk < 0) continue;
-          inside += run.chunkCount;
-          checkChunkFiles([run], fileSizes, errors);
-        }
+      for await (const run of mappedRunsOf(map, Math.floor(sizeBytes / chunkSizeBytes))) {
+        inside += run.chunkCount;
+        checkChunkFiles([run], fileSizes, errors);
       }
       mappedBytes += map.mappedCount * chunkSizeBytes;
       if (inside !== map.mappedCount) errors.push(`${what}: ${map.mappedCount - inside} chunk(s) are mapped past its end`);
@@ -157,9 +153,8 @@ async function checkPaged(files: FileLayer, directory: string, errors: string[],
   }
 }
 
-/** The paged catalog's cache while fsck walks it, and the chunks of a map read per walk step. */
+/** The paged catalog's cache while fsck walks it. */
 const fsckCacheBytes = 64 * 1024 * 1024;
-const fsckSliceChunks = 65_536;
 
 function chunkFileSizes(chunkDirectory: string): Map<number, number> {
   const existing = fs.existsSync(chunkDirectory) ? fs.readdirSync(chunkDirectory).flatMap((name) => chunkFileIndexOf(name) ?? []) : [];

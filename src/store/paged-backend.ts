@@ -24,8 +24,10 @@
 import path from 'node:path';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
-import { notOnPagedMetadata, type CatalogBackend, type ChunkLookup, type MapHandle, type PendingCheckpoint, type ScrubSource } from './catalog-backend.ts';
+import { chunkSizeBytes, pagedJournalCheckpointBytes } from '../core/limits.ts';
+import { notOnPagedMetadata, type CatalogBackend, type ChunkLookup, type MapHandle, type PendingCheckpoint, type ScrubPlan, type ScrubTarget } from './catalog-backend.ts';
 import type { ChunkRun } from './chunk-map.ts';
+import { ChunkSums } from './chunk-sums.ts';
 import type { FileLayer } from './file-layer.ts';
 import { recoverJournal } from './journal-format.ts';
 import { JournalFile } from './journal-file.ts';
@@ -41,6 +43,7 @@ const resolved = Promise.resolve();
 
 export class PagedBackend implements CatalogBackend {
   readonly formatVersion = pagedFormatVersion;
+  readonly journalCheckpointBytes = pagedJournalCheckpointBytes;
   readonly #catalog: PagedCatalog;
   readonly #files: FileLayer;
   readonly #directory: string;
@@ -108,12 +111,39 @@ export class PagedBackend implements CatalogBackend {
     return null;
   }
 
-  scrubSource(): ScrubSource | null {
-    return null;
-  }
-
-  mappedRuns(): ChunkRun[] {
-    throw notOnPagedMetadata('a walk of a whole map');
+  /**
+   * Each export's mapped runs from a walk of its map's leaves in slices, their checksums kept by physical chunk
+   * for the scrub; a chunk found bad is damage if the export's map, looked up again at the place it named it,
+   * still names it with that checksum.
+   */
+  async scrubPlan(targets: readonly ScrubTarget[]): Promise<ScrubPlan> {
+    const sums = new ChunkSums();
+    const exports: Array<{ name: string; runs: ChunkRun[] }> = [];
+    for (const target of targets) {
+      const map = target.map();
+      const runs: ChunkRun[] = [];
+      if (map !== undefined) {
+        for await (const run of mappedRunsOf(pagedMap(map), target.sizeBytes / chunkSizeBytes)) {
+          runs.push({ virtualChunk: run.virtualChunk, chunkCount: run.chunkCount, physicalChunk: run.physicalChunk });
+          sums.setRun(run.physicalChunk, run.sums);
+        }
+      }
+      exports.push({ name: target.name, runs });
+    }
+    const stillNamed = async (chunk: number, sum: number): Promise<boolean> => {
+      for (const [index, entry] of exports.entries()) {
+        const map = targets[index]!.map();
+        if (map === undefined) continue;
+        for (const run of entry.runs) {
+          if (chunk < run.physicalChunk || chunk >= run.physicalChunk + run.chunkCount) continue;
+          const found = await this.lookup(map, run.virtualChunk + chunk - run.physicalChunk, 1);
+          const now = found.runs[0]!;
+          if (now.physicalChunk === chunk && found.sumOf(now, 0) === sum) return true;
+        }
+      }
+      return false;
+    };
+    return { exports, source: { sumOf: (chunk) => sums.get(chunk), stillNamed } };
   }
 
   beginCheckpoint(generation: number): PendingCheckpoint {
@@ -134,6 +164,16 @@ export class PagedBackend implements CatalogBackend {
 
   close(): Promise<void> {
     return this.#catalog.close();
+  }
+}
+
+/** Chunks of a map read per step of a walk (a slice of its leaves: `runs` of this many chunks). */
+const walkSliceChunks = 65_536;
+
+/** The mapped runs of `map` below `chunkLimit` with their checksums, in order, read a slice at a time. */
+export async function* mappedRunsOf(map: PagedMap, chunkLimit: number): AsyncGenerator<PagedRun> {
+  for (let first = 0; first < chunkLimit; first += walkSliceChunks) {
+    for (const run of await map.runs(first, Math.min(walkSliceChunks, chunkLimit - first))) if (run.physicalChunk >= 0) yield run;
   }
 }
 

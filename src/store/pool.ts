@@ -32,7 +32,6 @@ import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import {
   backgroundCommitIntervalMs,
   chunkSizeBytes,
-  journalCheckpointBytes,
   metadataCacheBytesDefault,
   snapshotsPerVolumeMax,
   volumeSizeAlignBytes,
@@ -110,7 +109,7 @@ export interface PoolOptions {
   log?: Log;
   /** The file system as the pool sees it (default: the real one; tests give a faulty or power-losing twin). */
   files?: FileLayer;
-  /** Journal size that starts a new checkpoint (default limits.journalCheckpointBytes; small in tests). */
+  /** Journal size that starts a new checkpoint (default: the catalog's, limits.journalCheckpointBytes or pagedJournalCheckpointBytes; small in tests). */
   journalCheckpointBytes?: number;
   /** How often unflushed writes are committed in the background (default limits.backgroundCommitIntervalMs). */
   backgroundCommitIntervalMs?: number;
@@ -172,7 +171,7 @@ export class Pool {
       chunks: this.#chunks,
       journal: opened.journal,
       generation: opened.generation,
-      journalCheckpointBytes: options.journalCheckpointBytes ?? journalCheckpointBytes,
+      journalCheckpointBytes: options.journalCheckpointBytes ?? opened.catalog.journalCheckpointBytes,
       backgroundCommitIntervalMs: options.backgroundCommitIntervalMs ?? backgroundCommitIntervalMs,
       log,
     });
@@ -562,13 +561,13 @@ export class Pool {
   async scrub(volumeName: string, onProgress?: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
     this.#checkOpen();
     const volume = this.#runtime(volumeName).meta;
-    const source = this.#catalog.scrubSource();
-    if (source === null) throw notOnPagedMetadata('scrub');
-    const exports = [
-      { name: volume.name, runs: this.#catalog.mappedRuns(volume.map) },
-      ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, runs: this.#catalog.mappedRuns(snapshot.map) })),
+    // The maps as they are when a check asks (a rollback replaces a volume's; a removed snapshot's is gone).
+    const targets = [
+      { name: volume.name, map: () => this.#tables.volumes.get(volume.id)?.map, sizeBytes: volume.sizeBytes },
+      ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, map: () => this.#tables.snapshots.get(snapshot.id)?.map, sizeBytes: snapshot.sizeBytes })),
     ];
-    return this.#chunks.scrub(volume.name, exports, source, onProgress);
+    const plan = await this.#catalog.scrubPlan(targets);
+    return this.#chunks.scrub(volume.name, plan.exports, plan.source, onProgress);
   }
 
   /** Commits what is queued and writes a checkpoint of all metadata now (commit-engine.ts). */

@@ -2,7 +2,8 @@
 // model and power-loss tests check over it (npm run test:paged): the kind is recorded at creation and kept; a
 // reopen reads the root and replays only the journal commits after the last checkpoint; a failed checkpoint
 // makes the pool refuse writes until a restart, with everything acknowledged back after it; fsck walks the maps
-// and finds a chunk file cut short; the verbs not offered yet on paged metadata refuse with a clear line.
+// and finds a chunk file cut short; scrub walks them and finds a damaged chunk; the verbs not offered yet on
+// paged metadata refuse with a clear line; control verbs called at once each see what those before them did.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -124,7 +125,7 @@ test('a failed page write at a checkpoint makes a paged pool refuse writes until
   }
 });
 
-test('fsck of a paged pool walks its maps: a chunk file cut short is damage; scrub, diff and digests refuse with a clear line', async () => {
+test('fsck of a paged pool walks its maps: a chunk file cut short is damage; diff and digests refuse with a clear line', async () => {
   const directory = scratch();
   try {
     const pool = await open(directory);
@@ -134,7 +135,6 @@ test('fsck of a paged pool walks its maps: a chunk file cut short is damage; scr
     await volume.close();
     await pool.createSnapshot('v', 's');
     const notYet = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'EINVAL' && /paged metadata/.test(error.message);
-    await assert.rejects(pool.scrub('v'), notYet);
     assert.throws(() => pool.diff('v', 's', null), notYet);
     assert.throws(() => pool.contentDigest('v', 's'), notYet);
     assert.equal(pool.snapshotInfo('v', 's').uniqueBytes, null);
@@ -144,6 +144,39 @@ test('fsck of a paged pool walks its maps: a chunk file cut short is damage; scr
     const report = await fsckPool(directory);
     assert.ok(!report.clean);
     assert.deepEqual(report.errors, ['chunk file 0 is 8192 bytes, shorter than its referenced chunks (65536)']);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
+test('scrub of a paged pool reads each chunk of a volume and its snapshots once, and reports a damaged one in every export that names it', async () => {
+  const directory = scratch();
+  try {
+    const pool = await open(directory);
+    try {
+      await pool.createVolume('v', 4 * MiB);
+      const volume = pool.openVolume('v');
+      await volume.write(0, Buffer.alloc(16 * 4096, 5));
+      await volume.flush();
+      await pool.createSnapshot('v', 's');
+      await volume.write(0, block(6));
+      await volume.flush();
+      const clean = await pool.scrub('v');
+      assert.deepEqual([clean.checkedBytes, clean.badChunks, clean.exports], [17 * 4096, 0, ['v', 'v@s']]);
+      // The fresh pool's first write took chunks 0 to 15: chunk 3 is block 3 of both the volume and the snapshot.
+      const fd = fs.openSync(chunkFilePath(chunksDirectory(directory), 0), 'r+');
+      fs.writeSync(fd, Buffer.from([0xff, 0x00, 0xff]), 0, 3, 3 * 4096 + 100);
+      fs.closeSync(fd);
+      const damaged = await pool.scrub('v');
+      assert.equal(damaged.badChunks, 1);
+      assert.deepEqual(damaged.badExtents, [
+        { export: 'v', offsetBytes: 3 * 4096, lengthBytes: 4096 },
+        { export: 'v@s', offsetBytes: 3 * 4096, lengthBytes: 4096 },
+      ]);
+      await volume.close();
+    } finally {
+      await pool.close();
+    }
   } finally {
     fs.rmSync(directory, { recursive: true, force: true });
   }
