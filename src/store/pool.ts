@@ -17,8 +17,9 @@
 //
 // Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint, both
 // in two checksummed copies; commit-engine.ts says how, and the invariants that make a crash at any moment safe.
-// It grows with the map pages touched and every start rebuilds it (BENCHMARKS.md, "Metadata at scale"); the plan
-// to page it on disk behind a bounded cache is paged-metadata.md.
+// It grows with the map pages touched and every start rebuilds it (BENCHMARKS.md, "Metadata at scale"). A pool
+// created with paged metadata (format 4, `serve --metadata paged`) keeps it in pages on disk behind a bounded cache
+// instead (paged-metadata.md, paged-backend.ts); the pool holds either behind catalog-backend.ts's interface.
 //
 // The pool itself is the catalog's control operations (create, resize, snapshot, clone, rollback, diff, scrub),
 // each a metadata record committed before it returns, over three parts it keeps to itself: the chunk store
