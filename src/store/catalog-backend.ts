@@ -123,6 +123,8 @@ export interface CatalogBackend {
   apply(record: MetaRecord, punchFrees: boolean): void;
   /** Resolves once every record applied before the call has been; rejects with the first that failed. */
   settled(): Promise<void>;
+  /** The first apply that failed (the engine makes it its sticky failure), or null. */
+  readonly failure: Error | null;
   /** The runs of [virtualChunk, virtualChunk + chunkCount) of `map` with their checksums (see the top). */
   lookup(map: MapHandle, virtualChunk: number, chunkCount: number): ChunkLookup | Promise<ChunkLookup>;
   /** Extents below `chunkLimit` mapped differently in `from` (null: an empty map) and `to`. */
@@ -145,6 +147,8 @@ const settledNow = Promise.resolve();
 export class MemoryBackend implements CatalogBackend {
   readonly formatVersion = poolFormatVersion;
   readonly journalCheckpointBytes = journalCheckpointBytes;
+  /** applyRecord throws at once, to the engine's record: nothing fails later. */
+  readonly failure = null;
   readonly tables: Catalog;
   readonly allocator: ChunkAllocator;
   readonly #refs: ChunkRefcounts;

@@ -139,6 +139,20 @@ export class CommitEngine {
     }
   }
 
+  /**
+   * Resolves once every record queued before the call is applied to the catalog (at once in memory; over pages,
+   * queued): what a control verb waits for after its commit, to read what it did. A commit does not wait for it:
+   * a FLUSH is the journal's append and fdatasync only. A failed apply is the sticky failure.
+   */
+  async settled(): Promise<void> {
+    try {
+      await this.#catalog.settled();
+    } catch (error) {
+      this.checkHealthy();
+      throw error;
+    }
+  }
+
   /** The runs of a range of `map` with their checksums, after the records applied before (catalog-backend.ts). */
   lookup(map: MapHandle, virtualChunk: number, chunkCount: number): ChunkLookup | Promise<ChunkLookup> {
     return this.#catalog.lookup(map, virtualChunk, chunkCount);
@@ -146,6 +160,8 @@ export class CommitEngine {
 
   /** Throws the sticky failure, if an earlier sync or metadata write failed, or ESHUTDOWN once closed. */
   checkHealthy(): void {
+    const applyFailure = this.#catalog.failure;
+    if (this.#failure === null && applyFailure !== null) this.#fail(`applying a metadata record failed (${applyFailure.message})`, applyFailure);
     if (this.#failure !== null) throw this.#failure;
     if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the pool is closed');
   }
@@ -246,12 +262,6 @@ export class CommitEngine {
         throw fromSystemError(error, 'metadata commit');
       }
       throw this.#fail(`${checkpoint === null ? 'writing the metadata journal' : 'starting a new metadata checkpoint'} failed (${(error as Error).message})`, error);
-    }
-    try {
-      // The records committed are applied (at once in memory; over pages, queued): a control verb reads what it did.
-      await this.#catalog.settled();
-    } catch (error) {
-      throw this.#fail(`applying metadata records failed (${(error as Error).message})`, error);
     }
     this.#commitError = null;
     if (checkpoint !== null) {

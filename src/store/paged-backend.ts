@@ -84,6 +84,10 @@ export class PagedBackend implements CatalogBackend {
     );
   }
 
+  get failure(): Error | null {
+    return this.#failure;
+  }
+
   async settled(): Promise<void> {
     await this.#last;
     if (this.#failure !== null) throw this.#failure;

@@ -253,7 +253,7 @@ export class Pool {
       checkVolumeSize(sizeBytes);
       this.#checkNewVolumeName(name);
       this.#engine.record({ type: 'create', volumeId: this.#tables.nextVolumeId, name, sizeBytes });
-      await this.#engine.commit();
+      await this.#committed();
       return this.volumeInfo(name);
     });
   }
@@ -271,7 +271,7 @@ export class Pool {
       }
       this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
       this.#runtimes.delete(runtime.meta.id);
-      await this.#engine.commit();
+      await this.#committed();
     });
   }
 
@@ -297,7 +297,7 @@ export class Pool {
       this.#engine.record({ type: 'unmap', volumeId: runtime.meta.id, virtualChunk: firstCut, chunkCount: oldSize / chunkSizeBytes - firstCut });
     }
     if (sizeBytes !== oldSize) this.#engine.record({ type: 'resize', volumeId: runtime.meta.id, sizeBytes });
-    await this.#engine.commit();
+    await this.#committed();
   }
 
   listVolumes(): VolumeInfo[] {
@@ -344,7 +344,7 @@ export class Pool {
     const release = await runtime.lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
     runtime.writeBlock = reason;
     release();
-    await this.#engine.commit();
+    await this.#committed();
   }
 
   /**
@@ -413,7 +413,7 @@ export class Pool {
       const runtime = this.#receivingRuntime(name);
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is open (${runtime.openCount}); a receive cannot roll it back`);
       this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: this.#snapshot(name, snapshotName).id });
-      await this.#engine.commit();
+      await this.#committed();
     });
   }
 
@@ -432,7 +432,7 @@ export class Pool {
       this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
       this.#runtimes.delete(runtime.meta.id);
       this.#receiving.delete(runtime.meta.id);
-      await this.#engine.commit();
+      await this.#committed();
     });
   }
 
@@ -474,7 +474,7 @@ export class Pool {
     } finally {
       release();
     }
-    await this.#engine.commit();
+    await this.#committed();
     return this.snapshotInfo(volumeName, snapshotName);
   }
 
@@ -488,7 +488,7 @@ export class Pool {
       if (openCount > 0) throw ChunkdError.busy(`snapshot ${volumeName}@${snapshotName} is exported (${openCount} open); disconnect its clients first`);
       this.#engine.record({ type: 'snapshot-remove', snapshotId: snapshot.id });
       this.#snapshotRuntimes.delete(snapshot.id);
-      await this.#engine.commit();
+      await this.#committed();
     });
   }
 
@@ -501,7 +501,7 @@ export class Pool {
       this.#checkNotReceiving(runtime);
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
       this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
-      await this.#engine.commit();
+      await this.#committed();
       return this.volumeInfo(volumeName);
     });
   }
@@ -514,7 +514,7 @@ export class Pool {
       const snapshot = this.#snapshot(volumeName, snapshotName);
       this.#checkNewVolumeName(newName);
       this.#engine.record({ type: 'clone', volumeId: this.#tables.nextVolumeId, name: newName, snapshotId: snapshot.id });
-      await this.#engine.commit();
+      await this.#committed();
       return this.volumeInfo(newName);
     });
   }
@@ -657,6 +657,12 @@ export class Pool {
   }
 
   #controlQueue: Promise<unknown> = Promise.resolve();
+
+  /** Commits what is queued, then waits for it to be applied (over paged metadata, queued): a control verb reads what it did. */
+  async #committed(): Promise<void> {
+    await this.#engine.commit();
+    await this.#engine.settled();
+  }
 
   /** The volumes and snapshots as applied so far. */
   get #tables(): CatalogView {
