@@ -20,8 +20,14 @@ import { TestFiles } from '../../src/testing/test-files.ts';
 const MiB = 1024 * 1024;
 const block = (fill: number): Buffer => Buffer.alloc(4096, fill);
 
-function scratch(): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-paged-pool-'));
+/** Runs `run` in a fresh directory, removed afterwards. */
+async function inScratch(run: (directory: string) => Promise<void>): Promise<void> {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-paged-pool-'));
+  try {
+    await run(directory);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
 }
 
 function open(directory: string, options: Partial<PoolOptions> = {}): Promise<Pool> {
@@ -41,8 +47,7 @@ async function readBlock(pool: Pool, volume: string, index: number): Promise<num
 }
 
 test('a paged pool keeps its kind, and a reopen reads its root and replays only the commits after the last checkpoint', async () => {
-  const directory = scratch();
-  try {
+  await inScratch(async (directory) => {
     let pool = await open(directory);
     await pool.createVolume('v', 4 * MiB);
     let volume = pool.openVolume('v');
@@ -88,15 +93,12 @@ test('a paged pool keeps its kind, and a reopen reads its root and replays only 
     const report = await fsckPool(directory);
     assert.ok(report.clean, report.errors.join('; '));
     assert.deepEqual([report.volumeCount, report.snapshotCount, report.mappedBytes], [1, 1, 4 * 4096 + 3 * 4096]);
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
 
 test('a failed page write at a checkpoint makes a paged pool refuse writes until a restart; reads go on; the restart has every acknowledged write', async () => {
-  const directory = scratch();
   const files = new TestFiles([{ op: 'write', path: 'metadata.', nth: 1, code: 'EIO', armed: false }]);
-  try {
+  await inScratch(async (directory) => {
     const pool = await open(directory, { files: files as FileLayer });
     try {
       await pool.createVolume('v', 4 * MiB);
@@ -120,14 +122,11 @@ test('a failed page write at a checkpoint makes a paged pool refuse writes until
     } finally {
       await again.close();
     }
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
 
 test('fsck of a paged pool walks its maps: a chunk file cut short is damage; diff and digests refuse with a clear line', async () => {
-  const directory = scratch();
-  try {
+  await inScratch(async (directory) => {
     const pool = await open(directory);
     await pool.createVolume('v', 4 * MiB);
     const volume = pool.openVolume('v');
@@ -144,14 +143,11 @@ test('fsck of a paged pool walks its maps: a chunk file cut short is damage; dif
     const report = await fsckPool(directory);
     assert.ok(!report.clean);
     assert.deepEqual(report.errors, ['chunk file 0 is 8192 bytes, shorter than its referenced chunks (65536)']);
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
 
 test('scrub of a paged pool reads each chunk of a volume and its snapshots once, and reports a damaged one in every export that names it', async () => {
-  const directory = scratch();
-  try {
+  await inScratch(async (directory) => {
     const pool = await open(directory);
     try {
       await pool.createVolume('v', 4 * MiB);
@@ -177,14 +173,11 @@ test('scrub of a paged pool reads each chunk of a volume and its snapshots once,
     } finally {
       await pool.close();
     }
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
 
 test('control verbs called at once on a paged pool each see what those before them did: distinct ids, one of two same names refused', async () => {
-  const directory = scratch();
-  try {
+  await inScratch(async (directory) => {
     const pool = await open(directory);
     try {
       await Promise.all(['a', 'b', 'c'].map((name) => pool.createVolume(name, 4 * MiB)));
@@ -198,7 +191,5 @@ test('control verbs called at once on a paged pool each see what those before th
     } finally {
       await pool.close();
     }
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
