@@ -66,6 +66,14 @@ export const connectionCloseGraceMs = 10_000;
 
 /** Journal size that triggers a checkpoint of the metadata at the next flush. */
 export const journalCheckpointBytes = 64 * MiB;
+/**
+ * The same for a pool of paged metadata: its checkpoint writes only the pages changed, so it can come often, and
+ * its open replays the journal one record at a time through the map passes (slower per record than the
+ * in-memory apply), so a shorter journal is what keeps the start short (paged-metadata.md, "Wired in as built").
+ */
+export const pagedJournalCheckpointBytes = 8 * MiB;
+/** The paged metadata's cache of clean pages (serve --metadata-cache), for a pool of paged metadata (paged-metadata.md). */
+export const metadataCacheBytesDefault = 256 * MiB;
 /** Journal space reserved ahead (zero-filled) so that a full file system cannot stop a metadata commit. */
 export const journalReserveBytes = 4 * MiB;
 /** Unflushed writes are committed in the background at least this often, as a file system's commit interval. */

@@ -13,6 +13,7 @@ import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/t
 import { chunkSizeBytes, syncReplicaTimeoutMsDefault } from '../core/limits.ts';
 import type { CheckpointReport } from '../store/commit-engine.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
+import type { MetadataKind } from '../store/pool-layout.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
 import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
@@ -58,6 +59,10 @@ export interface NodeConfig {
   nbdThreads?: number;
   /** Check every block read against its checksum (default true); off only to measure what checking costs. */
   verifyReads?: boolean;
+  /** The metadata a pool created now gets (serve --metadata; default memory); an existing pool keeps its own. */
+  metadata?: MetadataKind;
+  /** Paged metadata: the page cache's bound in bytes (serve --metadata-cache). */
+  metadataCacheBytes?: number;
   /** FUSE front end: volumes as files under this directory (serve --fuse); null: mounted at <pool>/.fuse when an attach needs it. */
   fuseDirectory?: string | null;
   /** Unix socket for the Docker volume plugin protocol (serve --plugin-socket), or null. */
@@ -147,6 +152,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       log: config.log,
       makeIo: sharedBuffers === null ? undefined : (chunkFiles, waitTimes) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log, waitTimes }),
       verifyReads: config.verifyReads ?? true,
+      metadata: config.metadata,
+      metadataCacheBytes: config.metadataCacheBytes,
     });
     if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)', 'warn');
     let poolId: string;
