@@ -6,6 +6,14 @@
 //                                            first), and from now on takes writes of this session only
 //   syncWrite binary, below               -> {} once the write is applied there (and durable there with FUA)
 //   syncFlush {volume, epoch, session}    -> {} once every write the replica acknowledged before it is durable
+//   syncControl {volume, epoch, session, action, ...}
+//                                         -> {} once the change is durable there; the owner sends it with no write
+//                                            in flight (the whole volume's lock), so it lands at the same point of
+//                                            the write stream on every replica:
+//              action 'snapshot' {name, uuid}         takes the snapshot, with the owner's id
+//              action 'remove-snapshot' {name, uuid}  removes it (done already when it is not there)
+//              action 'resize' {sizeBytes}            grows or shrinks the replica (a shrink discards the tail)
+//              action 'rollback' {name, uuid}         rolls the replica back to that snapshot (ENOENT without it)
 //
 // The session (the replica's count of syncOpens of the volume since it started) shuts out an older connection of
 // the same owner: a write the owner gave up on (it timed out, the replica is out of sync) may still wait in the
@@ -27,6 +35,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { volumeSizeMaxBytes, requestBytesMax } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { parseJsonObject } from '../peer/protocol.ts';
+import { isSnapshotUuid } from '../store/metadata.ts';
 
 /**
  * How a replica's refusal of a stale owner begins (its epoch is higher than the sender's): the owner then refuses
@@ -70,6 +79,12 @@ export interface SyncFlushRequest {
   epoch: number;
   session: number;
 }
+
+export type SyncControlAction =
+  | { action: 'snapshot' | 'remove-snapshot' | 'rollback'; name: string; uuid: string }
+  | { action: 'resize'; sizeBytes: number };
+
+export type SyncControlRequest = SyncFlushRequest & SyncControlAction;
 
 /** A syncWrite payload as pieces to write in order: the header with the name, then a write's data (not copied). */
 export function encodeSyncWrite(request: SyncWriteRequest): Buffer[] {
@@ -136,6 +151,20 @@ export function parseSyncOpen(payload: Buffer): SyncOpenRequest {
 export function parseSyncFlush(payload: Buffer): SyncFlushRequest {
   const value = parseJsonObject(payload, 'syncFlush');
   return { ...parseTarget(value, 'syncFlush'), session: sessionField(value.session, 'syncFlush') };
+}
+
+export function parseSyncControl(payload: Buffer): SyncControlRequest {
+  const value = parseJsonObject(payload, 'syncControl');
+  const target = { ...parseTarget(value, 'syncControl'), session: sessionField(value.session, 'syncControl') };
+  if (value.action === 'resize') {
+    const sizeBytes = value.sizeBytes;
+    if (typeof sizeBytes !== 'number' || !Number.isSafeInteger(sizeBytes) || sizeBytes < 1 || sizeBytes > volumeSizeMaxBytes) throw ChunkdError.protocol('syncControl resize needs sizeBytes');
+    return { ...target, action: 'resize', sizeBytes };
+  }
+  if (value.action !== 'snapshot' && value.action !== 'remove-snapshot' && value.action !== 'rollback') throw ChunkdError.protocol(`syncControl: unknown action ${JSON.stringify(value.action)}`);
+  if (typeof value.name !== 'string' || checkName(value.name, 'snapshot') !== null) throw ChunkdError.protocol(`syncControl ${value.action} needs a valid snapshot name`);
+  if (!isSnapshotUuid(value.uuid)) throw ChunkdError.protocol(`syncControl ${value.action} needs the snapshot's id, 32 lowercase hex digits`);
+  return { ...target, action: value.action, name: value.name, uuid: value.uuid };
 }
 
 /** The session a syncOpen reply names. */

@@ -37,6 +37,14 @@
 // that follows covers it on both sides. Reads are local. When the local write fails and a replica applied it, that
 // replica is marked out of sync (the resync gives it the owner's bytes back).
 //
+// CONTROL: a snapshot (taken, removed), a resize and a rollback are applied here and then sent (syncControl) to
+// every in-sync replica under the whole volume's lock, so no write is in flight anywhere: a snapshot holds the same
+// writes on every copy, with the owner's id, and a failover to an in-sync replica keeps it. A replica that fails
+// one is out of sync, as for a write (a rollback's changed regions, the snapshot's diff against the volume, are in
+// the activity log first and in the dirty map of every replica out of sync, so a resync gives it the data); one out
+// of sync misses snapshots taken meanwhile (a resync copies data, not snapshots), and takes the owner's size at its
+// next syncOpen. A shrink or a rollback needs the volume closed on both sides, as without replicas.
+//
 // DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions
 // (limits.syncRegionBytes, 64 KiB), and the volume's activity log (limits.syncActivityExtentBytes, 4 MiB extents,
 // as DRBD's: a larger unit makes a state-file write on the write path rare, at the price of resending whole extents
@@ -64,9 +72,9 @@
 // others, which are resynced in full (their regions are all dirty to the new owner) and then recorded in sync. The
 // old owner, back, becomes one of them (node.ts #rejoinSync: what it held kept as snapshot fenced-<ms>).
 //
-// NOT YET: snapshots at the same point on every replica, a resize, rollback, receive or handoff (each refused
-// while a volume has synchronous replicas: the replicas would not follow, so `volume move` of a synchronous volume
-// is refused too), a rate cap on resync, a full rebuild with checksum compare (a replica re-attached after a
+// NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
+// follow, so `volume move` of a synchronous volume is refused too), snapshots given to a replica that missed them,
+// a rate cap on resync, a full rebuild with checksum compare (a replica re-attached after a
 // failover is copied whole), repair on read, `volume set --sync on|off`, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
@@ -75,19 +83,20 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
-import { chunkSizeBytes, syncActivityExtentBytes, syncReconnectDelayMs, syncRegionBytes, syncResyncRegionsInFlight } from '../core/limits.ts';
+import { chunkSizeBytes, volumeSizeMaxBytes, syncActivityExtentBytes, syncReconnectDelayMs, syncRegionBytes, syncResyncRegionsInFlight } from '../core/limits.ts';
 import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
 import { PeerClient } from '../peer/client.ts';
 import type { TlsCredentials } from '../peer/credentials.ts';
 import { PeerVerb } from '../peer/protocol.ts';
-import type { Pool } from '../store/pool.ts';
+import type { Pool, SnapshotInfo, VolumeInfo } from '../store/pool.ts';
+import type { ChangedExtent } from '../store/map-diff.ts';
 import { RangeLock } from '../store/range-lock.ts';
 import { ActivityLog, RegionSet, regionsOf } from './dirty-map.ts';
 import { jsonPayload } from './peer-messages.ts';
 import { readStateFile, writeStateFile } from './state-file.ts';
-import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, SyncOp } from './sync-messages.ts';
+import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, SyncOp, type SyncControlAction } from './sync-messages.ts';
 
 export interface SyncReplicaSettings {
   volume: string;
@@ -177,11 +186,13 @@ export class SyncReplication {
       const sizeBytes = options.pool.volumeInfo(volume).sizeBytes;
       const regionCount = Math.ceil(sizeBytes / syncRegionBytes);
       const what = `${sync.#file}, volume ${volume}`;
-      const active = RegionSet.fromRuns(stored.active ?? [], Math.ceil(sizeBytes / syncActivityExtentBytes), what).scaled(activityRegionsPerExtent, regionCount);
+      // A shrink the state file did not follow yet (a crash between the two) leaves runs past the end: dropped.
+      const active = RegionSet.fromRuns(stored.active ?? [], Math.ceil(volumeSizeMaxBytes / syncActivityExtentBytes), what, Math.ceil(sizeBytes / syncActivityExtentBytes))
+        .scaled(activityRegionsPerExtent, regionCount);
       const set = new SyncVolume(volume, sync, options);
       for (const link of stored.replicas ?? []) {
         if (typeof link.peer !== 'string' || parseHostPort(link.peer) === null || !Number.isSafeInteger(link.timeoutMs)) throw ChunkdError.corrupt(`${what}: a link is not a peer and a timeout`);
-        const dirty = RegionSet.fromRuns(link.dirty, regionCount, what);
+        const dirty = RegionSet.fromRuns(link.dirty, Math.ceil(volumeSizeMaxBytes / syncRegionBytes), what, regionCount);
         dirty.addAll(active);
         set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs }, dirty, link.peerName);
       }
@@ -246,7 +257,27 @@ export class SyncReplication {
     await this.save();
   }
 
-  /** Refuses a change that synchronous replicas do not follow yet (a resize). */
+  /**
+   * A snapshot of `volume` taken here and on every in-sync replica at the same point of the write stream (CONTROL
+   * in the design note); `local` alone when the volume has no synchronous replicas. So are the three below.
+   */
+  createSnapshot(volume: string, name: string, local: () => Promise<SnapshotInfo>): Promise<SnapshotInfo> {
+    return this.#volumes.get(volume)?.createSnapshot(name) ?? local();
+  }
+
+  removeSnapshot(volume: string, name: string, local: () => Promise<void>): Promise<void> {
+    return this.#volumes.get(volume)?.removeSnapshot(name) ?? local();
+  }
+
+  resize(volume: string, sizeBytes: number, force: boolean, local: () => Promise<VolumeInfo>): Promise<VolumeInfo> {
+    return this.#volumes.get(volume)?.resize(sizeBytes, force) ?? local();
+  }
+
+  rollback(volume: string, snapshot: string, local: () => Promise<VolumeInfo>): Promise<VolumeInfo> {
+    return this.#volumes.get(volume)?.rollback(snapshot) ?? local();
+  }
+
+  /** Refuses a change that synchronous replicas do not follow yet (a receive, a handoff). */
   checkUnreplicated(volume: string, what: string): void {
     if (this.#volumes.has(volume)) throw ChunkdError.busy(`volume ${volume} has synchronous replicas, which do not follow ${what} yet: remove them first (chunkd replica remove ${volume} --peer HOST:PORT)`);
   }
@@ -361,6 +392,12 @@ class SyncLink {
   markDirty(first: number, end: number): boolean {
     for (let region = first; region < end; region++) this.copied.delete(region);
     return this.dirty.addRange(first, end);
+  }
+
+  /** Forgets the regions from `limit` on (the volume shrank). */
+  truncate(limit: number): void {
+    this.dirty.truncate(limit);
+    for (const region of this.copied) if (region >= limit) this.copied.delete(region);
   }
 
   /** Dirty regions the resync has still to copy. */
@@ -616,6 +653,122 @@ class SyncVolume {
     this.#recent.flushDone(recentGeneration);
   }
 
+  /**
+   * CONTROL: a snapshot on every in-sync replica with the owner's id, under the whole volume's lock, so no write is
+   * in flight anywhere: each copy holds exactly the writes acknowledged before it. A replica that fails it is out
+   * of sync (it lacks the snapshot; a resync gives it the data, not the snapshot).
+   */
+  async createSnapshot(name: string): Promise<SnapshotInfo> {
+    return this.#exclusive(async () => {
+      const info = await this.#options.pool.createSnapshot(this.#name, name);
+      await this.#control({ action: 'snapshot', name, uuid: info.uuid });
+      return info;
+    });
+  }
+
+  /** Removed here, then on every in-sync replica; a replica that fails keeps it (logged), its data is the same. */
+  async removeSnapshot(name: string): Promise<void> {
+    await this.#exclusive(async () => {
+      const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
+      await this.#options.pool.removeSnapshot(this.#name, name);
+      const targets = this.#links.filter((link) => link.state === 'in-sync');
+      await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
+        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name}: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+      })));
+    });
+  }
+
+  /**
+   * A grow or a shrink here, then on every in-sync replica (one out of sync takes the owner's size at its next
+   * syncOpen). Dirty maps and the activity log lose what lies past a shrink; a grow is dirty for every replica
+   * out of sync (it may hold other bytes there, from before a shrink it missed).
+   */
+  async resize(sizeBytes: number, force: boolean): Promise<VolumeInfo> {
+    return this.#exclusive(async () => {
+      const before = this.#options.pool.volumeInfo(this.#name).sizeBytes;
+      const info = await this.#options.pool.resizeVolume(this.#name, sizeBytes, force);
+      const regionsBefore = Math.ceil(before / syncRegionBytes);
+      const regionsAfter = Math.ceil(sizeBytes / syncRegionBytes);
+      for (const link of this.#links) {
+        if (sizeBytes < before) link.truncate(regionsAfter);
+        else if (link.state !== 'in-sync') link.markDirty(regionsBefore, regionsAfter);
+      }
+      if (sizeBytes < before) {
+        this.#activity.truncate(Math.ceil(sizeBytes / syncActivityExtentBytes));
+        this.#recent.truncate(regionsAfter);
+      }
+      if (sizeBytes !== before) await this.#sync.save();
+      await this.#control({ action: 'resize', sizeBytes });
+      return info;
+    });
+  }
+
+  /**
+   * A rollback here, then on every in-sync replica, which holds the snapshot when it was in sync when it was
+   * taken. The regions it changes (the snapshot's diff against the volume) enter the activity log first, as a
+   * write's would, and the dirty map of every replica out of sync; a replica that fails the rollback (it lacks
+   * the snapshot, or a reader has its export open) is out of sync with them dirty, and a resync gives it the data.
+   */
+  async rollback(snapshot: string): Promise<VolumeInfo> {
+    return this.#exclusive(async () => {
+      const pool = this.#options.pool;
+      const { uuid, sizeBytes } = pool.snapshotInfo(this.#name, snapshot);
+      const before = pool.volumeInfo(this.#name).sizeBytes;
+      const changed = regionRuns(pool.diff(this.#name, snapshot, null), Math.max(before, sizeBytes));
+      let mustSave = false;
+      for (const [first, end] of changed) {
+        const [firstExtent, endExtent] = regionsOf(first * syncRegionBytes, (end - first) * syncRegionBytes, syncActivityExtentBytes);
+        mustSave = this.#activity.begin(firstExtent, endExtent) || mustSave;
+        this.#recent.begin(first, end);
+        for (const link of this.#links) if (link.state !== 'in-sync') mustSave = link.markDirty(first, end) || mustSave;
+      }
+      try {
+        if (mustSave) await this.#sync.save();
+        const info = await pool.rollbackVolume(this.#name, snapshot);
+        if (sizeBytes < before) {
+          for (const link of this.#links) link.truncate(Math.ceil(sizeBytes / syncRegionBytes));
+          await this.#sync.save();
+        }
+        await this.#control({ action: 'rollback', name: snapshot, uuid });
+        this.#options.log(`volume ${this.#name} rolled back to ${snapshot}, with its in-sync replicas`);
+        return info;
+      } finally {
+        for (const [first, end] of changed) {
+          const [firstExtent, endExtent] = regionsOf(first * syncRegionBytes, (end - first) * syncRegionBytes, syncActivityExtentBytes);
+          this.#activity.end(firstExtent, endExtent);
+          this.#recent.end(first, end);
+        }
+      }
+    });
+  }
+
+  /** `change` under the whole volume's lock, once nothing is in flight; refused as a write would be. */
+  async #exclusive<T>(change: () => Promise<T>): Promise<T> {
+    if (this.#fenced !== null) throw this.#fenced;
+    const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
+    try {
+      if (this.#fenced !== null) throw this.#fenced;
+      const refusal = this.#options.writeRefusal(this.#name);
+      if (refusal !== null) throw refusal;
+      return await change();
+    } finally {
+      release();
+    }
+  }
+
+  /** Sends a change to every in-sync replica; one that fails it is out of sync (step 4) before this returns. */
+  async #control(action: SyncControlAction): Promise<void> {
+    const targets = this.#links.filter((link) => link.state === 'in-sync');
+    const answers = targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, action))
+      .then(() => null, (error: unknown) => expectedError(error, `a synchronous ${action.action}`)));
+    await this.#settle(targets, await Promise.all(answers), false);
+    await this.#recordIfStale();
+  }
+
+  #controlPayload(link: SyncLink, action: SyncControlAction): Buffer {
+    return jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session, ...action });
+  }
+
   /** Step 4: each failed answer makes its link out of sync, durably, before the request is answered; a fence refuses it. */
   async #settle(targets: SyncLink[], errors: Array<ChunkdError | null>, localFailed: boolean): Promise<void> {
     const saves: Array<Promise<void>> = [];
@@ -767,6 +920,19 @@ class SyncVolume {
 }
 
 const activityRegionsPerExtent = syncActivityExtentBytes / syncRegionBytes;
+
+/** Changed chunk extents (a diff) as runs of regions [first, end), below the regions of `sizeBytes`. */
+function regionRuns(extents: ChangedExtent[], sizeBytes: number): Array<[number, number]> {
+  const limit = Math.ceil(sizeBytes / syncRegionBytes);
+  const runs: Array<[number, number]> = [];
+  for (const extent of extents) {
+    const [first, end] = regionsOf(extent.virtualChunk * chunkSizeBytes, extent.chunkCount * chunkSizeBytes, syncRegionBytes);
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last[1] >= first) last[1] = Math.max(last[1], Math.min(end, limit));
+    else if (first < limit) runs.push([first, Math.min(end, limit)]);
+  }
+  return runs;
+}
 
 /** The chunks [first, end) that bytes [offsetBytes, offsetBytes + lengthBytes) touch: the range lock's unit. */
 function chunksOf(offsetBytes: number, lengthBytes: number): [number, number] {

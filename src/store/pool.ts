@@ -411,14 +411,15 @@ export class Pool {
 
   /**
    * Takes a snapshot: waits for the volume's writes in flight (blocking new ones meanwhile), so it holds exactly
-   * the writes acknowledged before it, records it, and makes it durable before returning.
+   * the writes acknowledged before it, records it, and makes it durable before returning. `uuid`: the id to give
+   * it (a synchronous replica takes its owner's snapshot with the owner's id); a new one by default.
    */
-  async createSnapshot(volumeName: string, snapshotName: string): Promise<SnapshotInfo> {
+  async createSnapshot(volumeName: string, snapshotName: string, uuid = randomUUID().replaceAll('-', '')): Promise<SnapshotInfo> {
     this.#checkOpen();
     validateName(snapshotName, 'snapshot');
     const runtime = this.#runtime(volumeName);
     this.#checkNotReceiving(runtime);
-    return this.#takeSnapshot(runtime, volumeName, snapshotName, randomUUID().replaceAll('-', ''));
+    return this.#takeSnapshot(runtime, volumeName, snapshotName, uuid);
   }
 
   async #takeSnapshot(runtime: VolumeRuntime, volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { ActivityLog, RegionSet, regionsOf } from '../../src/replication/dirty-map.ts';
-import { encodeSyncWrite, isFencedRefusal, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncWrite, SyncOp, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
+import { encodeSyncWrite, isFencedRefusal, parseSyncControl, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncWrite, SyncOp, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 function roundTrip(request: SyncWriteRequest): SyncWriteRequest {
@@ -89,6 +89,25 @@ test('region sets: runs round-trip, runs outside the volume are refused as corru
   extents.addRange(0, 1);
   extents.addRange(2, 3);
   assert.deepEqual(extents.scaled(4, 10).sorted(), [0, 1, 2, 3, 8, 9]);
+  // A shrink: regions past the end go, in memory and from runs a crash left before the state file followed.
+  assert.equal(set.truncate(5), true);
+  assert.deepEqual(set.sorted(), [3, 4]);
+  assert.equal(set.truncate(5), false);
+  assert.deepEqual(RegionSet.fromRuns([[3, 3], [9, 1]], 100, 'test', 5).sorted(), [3, 4]);
+});
+
+test('syncControl payloads: each action with what it needs, anything else refused', () => {
+  const target = { volume: 'vol', epoch: 2, session: 7 };
+  const uuid = 'ab'.repeat(16);
+  const parse = (value: object) => parseSyncControl(Buffer.from(JSON.stringify({ ...target, ...value })));
+  assert.deepEqual(parse({ action: 'snapshot', name: 's1', uuid }), { ...target, action: 'snapshot', name: 's1', uuid });
+  assert.deepEqual(parse({ action: 'rollback', name: 's1', uuid }), { ...target, action: 'rollback', name: 's1', uuid });
+  assert.deepEqual(parse({ action: 'resize', sizeBytes: 8192 }), { ...target, action: 'resize', sizeBytes: 8192 });
+  assert.throws(() => parse({ action: 'resize' }), /syncControl resize needs sizeBytes/);
+  assert.throws(() => parse({ action: 'snapshot', name: '../x', uuid }), /needs a valid snapshot name/);
+  assert.throws(() => parse({ action: 'remove-snapshot', name: 's1', uuid: 'AB'.repeat(16) }), /needs the snapshot's id/);
+  assert.throws(() => parse({ action: 'clone', name: 's1', uuid }), /unknown action "clone"/);
+  assert.throws(() => parseSyncControl(Buffer.from(JSON.stringify({ volume: 'vol', epoch: 2, action: 'resize', sizeBytes: 1 }))), /syncControl needs a session/);
 });
 
 test('activity log: a region leaves only when a completed flush started after its last write finished, and one more passed', () => {
