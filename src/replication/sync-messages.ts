@@ -14,6 +14,10 @@
 //              action 'remove-snapshot' {name, uuid}  removes it (done already when it is not there)
 //              action 'resize' {sizeBytes}            grows or shrinks the replica (a shrink discards the tail)
 //              action 'rollback' {name, uuid}         rolls the replica back to that snapshot (ENOENT without it)
+//   syncSums {volume, epoch, session, firstChunk, chunkCount}
+//                                         -> {sums}: the recorded checksum (CRC-32) of each of those chunks of the
+//                                            replica, a hole as a chunk of zeros, base64 of big-endian u32s; at
+//                                            most limits.syncSumsChunksMax chunks (what a resync compares)
 //
 // The session (the replica's count of syncOpens of the volume since it started) shuts out an older connection of
 // the same owner: a write the owner gave up on (it timed out, the replica is out of sync) may still wait in the
@@ -32,7 +36,7 @@
 //       28     -  the volume name (UTF-8), then a write's data
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
-import { volumeSizeMaxBytes, requestBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, volumeSizeMaxBytes, requestBytesMax, syncSumsChunksMax } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { parseJsonObject } from '../peer/protocol.ts';
 import { isSnapshotUuid } from '../store/metadata.ts';
@@ -165,6 +169,35 @@ export function parseSyncControl(payload: Buffer): SyncControlRequest {
   if (typeof value.name !== 'string' || checkName(value.name, 'snapshot') !== null) throw ChunkdError.protocol(`syncControl ${value.action} needs a valid snapshot name`);
   if (!isSnapshotUuid(value.uuid)) throw ChunkdError.protocol(`syncControl ${value.action} needs the snapshot's id, 32 lowercase hex digits`);
   return { ...target, action: value.action, name: value.name, uuid: value.uuid };
+}
+
+export interface SyncSumsRequest extends SyncFlushRequest {
+  firstChunk: number;
+  chunkCount: number;
+}
+
+export function parseSyncSums(payload: Buffer): SyncSumsRequest {
+  const value = parseJsonObject(payload, 'syncSums');
+  const { firstChunk, chunkCount } = value;
+  if (typeof firstChunk !== 'number' || !Number.isSafeInteger(firstChunk) || firstChunk < 0 || firstChunk > volumeSizeMaxBytes / chunkSizeBytes) throw ChunkdError.protocol('syncSums needs firstChunk');
+  if (typeof chunkCount !== 'number' || !Number.isSafeInteger(chunkCount) || chunkCount < 1 || chunkCount > syncSumsChunksMax) throw ChunkdError.protocol(`syncSums needs chunkCount, from 1 to ${syncSumsChunksMax}`);
+  return { ...parseTarget(value, 'syncSums'), session: sessionField(value.session, 'syncSums'), firstChunk, chunkCount };
+}
+
+export function encodeSyncSumsReply(sums: Uint32Array): object {
+  const bytes = Buffer.alloc(sums.length * 4);
+  for (const [index, sum] of sums.entries()) bytes.writeUInt32BE(sum, index * 4);
+  return { sums: bytes.toString('base64') };
+}
+
+/** The checksums a syncSums reply carries; exactly `chunkCount` of them, or EPROTO. */
+export function parseSyncSumsReply(payload: Buffer, chunkCount: number): Uint32Array {
+  const value = parseJsonObject(payload, 'syncSums reply');
+  const bytes = typeof value.sums === 'string' ? Buffer.from(value.sums, 'base64') : null;
+  if (bytes === null || bytes.length !== chunkCount * 4) throw ChunkdError.protocol(`syncSums reply: ${chunkCount} checksums expected`);
+  const sums = new Uint32Array(chunkCount);
+  for (let index = 0; index < chunkCount; index++) sums[index] = bytes.readUInt32BE(index * 4);
+  return sums;
 }
 
 /** The session a syncOpen reply names. */

@@ -13,10 +13,11 @@ import { PeerVerb } from '../peer/protocol.ts';
 import type { PeerRequestContext, VerbHandler } from '../peer/server.ts';
 import type { Pool } from '../store/pool.ts';
 import type { Volume } from '../store/volume.ts';
-import { fencedRefusalPrefix, parseSyncControl, parseSyncFlush, parseSyncOpen, parseSyncWrite, SyncOp, type SyncControlRequest, type SyncWriteRequest } from './sync-messages.ts';
+import { encodeSyncSumsReply, fencedRefusalPrefix, parseSyncControl, parseSyncSums, parseSyncFlush, parseSyncOpen, parseSyncWrite, SyncOp, type SyncControlRequest, type SyncSumsRequest, type SyncWriteRequest } from './sync-messages.ts';
 import type { VolumeRoles } from './roles.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
+import { chunkSizeBytes } from '../core/limits.ts';
 
 export class SyncReplicaServer {
   readonly #pool: Pool;
@@ -40,6 +41,7 @@ export class SyncReplicaServer {
       [PeerVerb.syncWrite, (payload, context) => this.#write(parseSyncWrite(payload), context)],
       [PeerVerb.syncFlush, (payload, context) => this.#flush(payload, context)],
       [PeerVerb.syncControl, (payload, context) => this.#control(parseSyncControl(payload), context)],
+      [PeerVerb.syncSums, (payload, context) => this.#sums(parseSyncSums(payload), context)],
     ]);
   }
 
@@ -93,6 +95,14 @@ export class SyncReplicaServer {
     const { volume, epoch, session } = parseSyncFlush(payload);
     await this.#handle(volume, context.peerName, epoch, session).flush();
     return {};
+  }
+
+  /** The checksums of a range of chunks, for a resync to skip those that match the owner's. */
+  async #sums(request: SyncSumsRequest, context: PeerRequestContext): Promise<object> {
+    const handle = this.#handle(request.volume, context.peerName, request.epoch, request.session);
+    const endChunk = Math.min(request.firstChunk + request.chunkCount, handle.sizeBytes / chunkSizeBytes);
+    if (endChunk <= request.firstChunk) throw ChunkdError.invalid(`syncSums of ${request.volume} from chunk ${request.firstChunk}: past its ${handle.sizeBytes} bytes`);
+    return encodeSyncSumsReply(this.#pool.chunkSums(request.volume, request.firstChunk, endChunk - request.firstChunk));
   }
 
   /** A snapshot, resize or rollback from the owner, sent with no write in flight (sync-messages.ts). */

@@ -83,7 +83,7 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
-import { chunkSizeBytes, volumeSizeMaxBytes, syncActivityExtentBytes, syncReconnectDelayMs, syncRegionBytes, syncResyncRegionsInFlight } from '../core/limits.ts';
+import { chunkSizeBytes, syncActivityExtentBytes, syncCatchUpRegionsMax, syncReconnectDelayMs, syncRegionBytes, syncResyncPassesMax, syncResyncRegionsInFlight, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
@@ -96,7 +96,8 @@ import { RangeLock } from '../store/range-lock.ts';
 import { ActivityLog, RegionSet, regionsOf } from './dirty-map.ts';
 import { jsonPayload } from './peer-messages.ts';
 import { readStateFile, writeStateFile } from './state-file.ts';
-import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, SyncOp, type SyncControlAction } from './sync-messages.ts';
+import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, parseSyncSumsReply, SyncOp, type SyncControlAction } from './sync-messages.ts';
+import { RateLimiter } from './rate-limit.ts';
 
 export interface SyncReplicaSettings {
   volume: string;
@@ -104,6 +105,8 @@ export interface SyncReplicaSettings {
   peer: string;
   /** A write or flush the replica leaves unanswered this long makes it out of sync. */
   timeoutMs: number;
+  /** A resync sends at most this many data bytes a second (replica add --sync --max-rate); none: no cap. */
+  maxRateBytesPerSecond?: number | null;
 }
 
 export type SyncLinkState = 'in-sync' | 'out-of-sync' | 'resyncing';
@@ -118,6 +121,8 @@ export interface SyncReplicaStatus extends SyncReplicaSettings {
   resync: { totalBytes: number; copiedBytes: number } | null;
   /** Data bytes every resync sent (holes go as trims and count nothing). */
   resyncBytesTotal: number;
+  /** Bytes of dirty regions every resync found the same on the replica by their chunks' checksums, and did not send. */
+  resyncEqualBytesTotal: number;
   /** Writes and flushes sent to the replica. */
   requestsTotal: number;
   /** Times it went out of sync. */
@@ -155,6 +160,7 @@ export interface SyncReplicationOptions {
 interface StoredLink {
   peer: string;
   timeoutMs: number;
+  maxRateBytesPerSecond?: number | null;
   peerName: string | null;
   state: SyncLinkState;
   dirty: Array<[number, number]>;
@@ -192,9 +198,11 @@ export class SyncReplication {
       const set = new SyncVolume(volume, sync, options);
       for (const link of stored.replicas ?? []) {
         if (typeof link.peer !== 'string' || parseHostPort(link.peer) === null || !Number.isSafeInteger(link.timeoutMs)) throw ChunkdError.corrupt(`${what}: a link is not a peer and a timeout`);
+        const maxRate = link.maxRateBytesPerSecond ?? null;
+        if (maxRate !== null && (!Number.isSafeInteger(maxRate) || maxRate < 1)) throw ChunkdError.corrupt(`${what}: a link's rate cap is not a whole number of bytes a second`);
         const dirty = RegionSet.fromRuns(link.dirty, Math.ceil(volumeSizeMaxBytes / syncRegionBytes), what, regionCount);
         dirty.addAll(active);
-        set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs }, dirty, link.peerName);
+        set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs, maxRateBytesPerSecond: maxRate }, dirty, link.peerName);
       }
       if (set.linkCount > 0) sync.#volumes.set(volume, set);
     }
@@ -375,15 +383,20 @@ class SyncLink {
   outOfSyncSaved: Promise<void> = Promise.resolve();
   resync: { totalBytes: number; copiedBytes: number } | null = null;
   resyncBytesTotal = 0;
+  resyncEqualBytesTotal = 0;
   requestsTotal = 0;
   outOfSyncTotal = 0;
   lastError: { message: string; at: string } | null = null;
   running: Promise<void> | null = null;
   stopped = false;
-  #wake: (() => void) | null = null;
+  readonly #wakers = new Set<() => void>();
+
+  /** The resync's rate cap (settings.maxRateBytesPerSecond), or none. */
+  readonly limiter: RateLimiter | null;
 
   constructor(settings: SyncReplicaSettings, dirty: RegionSet, peerName: string | null) {
     this.settings = settings;
+    this.limiter = (settings.maxRateBytesPerSecond ?? null) === null ? null : new RateLimiter(settings.maxRateBytesPerSecond!);
     this.dirty = dirty;
     this.peerName = peerName;
   }
@@ -426,21 +439,24 @@ class SyncLink {
     this.client = null;
   }
 
-  /** Waits `ms` before the next try, or less when the link is stopped. */
+  /** Waits `ms` (before the next try, or the rate cap's time), or less when the link is stopped. */
   pause(ms: number): Promise<void> {
+    if (this.stopped) return Promise.resolve();
     return new Promise((resolve) => {
-      const timer = setTimeout(resolve, ms);
-      this.#wake = () => {
+      const wake = (): void => {
         clearTimeout(timer);
+        this.#wakers.delete(wake);
         resolve();
       };
+      const timer = setTimeout(wake, ms);
+      this.#wakers.add(wake);
     });
   }
 
   stop(): void {
     this.stopped = true;
     this.disconnect();
-    this.#wake?.();
+    for (const wake of this.#wakers) wake();
   }
 
   fail(error: ChunkdError): void {
@@ -529,19 +545,23 @@ class SyncVolume {
   stored(): { active: Array<[number, number]>; replicas: StoredLink[] } {
     return {
       active: this.#activity.active.toRuns(),
-      replicas: this.#links.map((link) => ({ peer: link.settings.peer, timeoutMs: link.settings.timeoutMs, peerName: link.peerName, state: link.state, dirty: link.dirty.toRuns() })),
+      replicas: this.#links.map((link) => ({
+        peer: link.settings.peer, timeoutMs: link.settings.timeoutMs, maxRateBytesPerSecond: link.settings.maxRateBytesPerSecond ?? null, peerName: link.peerName, state: link.state, dirty: link.dirty.toRuns(),
+      })),
     };
   }
 
   status(): SyncReplicaStatus[] {
     return this.#links.map((link) => ({
       ...link.settings,
+      maxRateBytesPerSecond: link.settings.maxRateBytesPerSecond ?? null,
       mode: 'sync',
       peerName: link.peerName,
       state: link.state,
       dirtyBytes: link.dirty.size * syncRegionBytes,
       resync: link.resync === null ? null : { ...link.resync },
       resyncBytesTotal: link.resyncBytesTotal,
+      resyncEqualBytesTotal: link.resyncEqualBytesTotal,
       requestsTotal: link.requestsTotal,
       outOfSyncTotal: link.outOfSyncTotal,
       lastError: link.lastError,
@@ -692,6 +712,8 @@ class SyncVolume {
       for (const link of this.#links) {
         if (sizeBytes < before) link.truncate(regionsAfter);
         else if (link.state !== 'in-sync') link.markDirty(regionsBefore, regionsAfter);
+        // A resync under way opened the replica at the old size: it starts again, and syncOpen gives the new one.
+        if (link.state === 'resyncing' && sizeBytes !== before) link.disconnect();
       }
       if (sizeBytes < before) {
         this.#activity.truncate(Math.ceil(sizeBytes / syncActivityExtentBytes));
@@ -840,12 +862,22 @@ class SyncVolume {
     link.resync = { totalBytes: link.dirty.size * syncRegionBytes, copiedBytes: 0 };
     const started = performance.now();
     const sentBefore = link.resyncBytesTotal;
+    const equalBefore = link.resyncEqualBytesTotal;
+    // Passes while writes go on (each copies what the one before left, writes dirty it again), at most
+    // syncResyncPassesMax; then what is left is copied under the whole volume's lock, writes waiting (DRBD's way), so
+    // a resync under steady writes ends. A pass that leaves little is the last one too.
+    let passes = 0;
     for (;;) {
-      await this.#copyPending(link, sizeBytes);
+      if (passes < syncResyncPassesMax) {
+        await this.#copyPending(link, false);
+        passes += 1;
+      }
       const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
       try {
         if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
-        if (link.pendingRegions().length > 0) continue;
+        const left = link.pendingRegions().length;
+        if (left > syncCatchUpRegionsMax && passes < syncResyncPassesMax) continue;
+        if (left > 0) await this.#copyPending(link, true);
         // The copies durable there before the dirty map forgets them.
         await link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session }));
         link.dirty.clear();
@@ -863,23 +895,48 @@ class SyncVolume {
         release();
       }
       const seconds = (performance.now() - started) / 1000;
-      this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer} (${link.peerName}) is in sync: resync sent ${formatSize(link.resyncBytesTotal - sentBefore)} in ${seconds.toFixed(2)} s`);
+      const equal = link.resyncEqualBytesTotal - equalBefore;
+      this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer} (${link.peerName}) is in sync: resync sent ${formatSize(link.resyncBytesTotal - sentBefore)} in ${seconds.toFixed(2)} s (${passes} pass${passes === 1 ? '' : 'es'}${equal > 0 ? `; ${formatSize(equal)} found the same by checksum, not sent` : ''})`);
       this.#recordSoon();
       return;
     }
   }
 
-  /** Copies the regions still dirty, a few at a time, each under its range lock. */
-  async #copyPending(link: SyncLink, sizeBytes: number): Promise<void> {
+  /**
+   * Copies the regions still dirty, a few at a time, each under its range lock (`locked`: the caller holds the whole
+   * volume's). Each region's chunks are compared first by their recorded checksums (the replica's asked for an
+   * activity extent at a time, syncSums): only those that differ are sent, so a replica whose dirty map says more
+   * than changed (after an owner crash, a failover, a link added to a replica that has the data) receives what did
+   * change. The price, as content-digest.ts names it: two different chunks with the same CRC-32 at the same place
+   * go unseen (2^-32 per chunk that differs), DRBD's csums-alg with crc32c.
+   */
+  async #copyPending(link: SyncLink, locked: boolean): Promise<void> {
     const pending = link.pendingRegions();
     link.resync!.totalBytes = Math.max(link.resync!.totalBytes, link.resync!.copiedBytes + pending.length * syncRegionBytes);
     const device = this.#options.pool.openVolume(this.#name);
+    // The replica's checksums, fetched once a pass per extent: its chunks change meanwhile only by this pass's
+    // copies, each of a region compared before (the replica gets no client writes while it resyncs).
+    const extents = new Map<number, Promise<Uint32Array>>();
+    const theirSums = async (region: number): Promise<Uint32Array> => {
+      const extent = Math.floor(region / activityRegionsPerExtent);
+      let sums = extents.get(extent);
+      if (sums === undefined) {
+        const firstChunk = extent * syncSumsChunksMax;
+        const chunkCount = Math.min(syncSumsChunksMax, device.sizeBytes / chunkSizeBytes - firstChunk);
+        sums = link.send(PeerVerb.syncSums, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session, firstChunk, chunkCount }))
+          .then((reply) => parseSyncSumsReply(reply, chunkCount));
+        sums.catch(() => {});
+        extents.set(extent, sums);
+      }
+      const from = (region % activityRegionsPerExtent) * regionChunks;
+      return (await sums).subarray(from, from + regionChunks);
+    };
     let next = 0;
     let failure: unknown = null;
     const worker = async (): Promise<void> => {
       while (next < pending.length && failure === null) {
         const region = pending[next++]!;
-        await this.#copyRegion(link, device, region, sizeBytes).catch((error: unknown) => (failure ??= error));
+        await this.#copyRegion(link, device, region, theirSums, locked).catch((error: unknown) => (failure ??= error));
       }
     };
     try {
@@ -890,36 +947,65 @@ class SyncVolume {
     if (failure !== null) throw failure;
   }
 
-  async #copyRegion(link: SyncLink, device: BlockDevice, region: number, sizeBytes: number): Promise<void> {
+  async #copyRegion(link: SyncLink, device: BlockDevice, region: number, theirSums: (region: number) => Promise<Uint32Array>, locked: boolean): Promise<void> {
     const startBytes = region * syncRegionBytes;
-    const endBytes = Math.min(sizeBytes, startBytes + syncRegionBytes);
-    const release = await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
+    const endBytes = Math.min(device.sizeBytes, startBytes + syncRegionBytes);
+    if (endBytes <= startBytes) return;
+    const theirs = await theirSums(region);
+    const release = locked ? null : await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
+    let sentBytes = 0;
     try {
       if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
       if (!link.dirty.has(region) || link.copied.has(region)) return;
+      const ours = this.#options.pool.chunkSums(this.#name, startBytes / chunkSizeBytes, (endBytes - startBytes) / chunkSizeBytes);
       const epoch = this.#options.epochOf(this.#name);
-      for (let at = startBytes; at < endBytes;) {
-        const [extent] = await device.blockStatus(at, endBytes - at) as [Extent];
-        const lengthBytes = Math.min(extent.lengthBytes, endBytes - at);
-        let data: Buffer | null = null;
-        if (!extent.zero) {
-          data = Buffer.alloc(lengthBytes);
-          await device.read(at, data);
+      let equalChunks = ours.length;
+      for (const [fromChunk, toChunk] of differingRuns(ours, theirs)) {
+        equalChunks -= toChunk - fromChunk;
+        const runEnd = startBytes + toChunk * chunkSizeBytes;
+        for (let at = startBytes + fromChunk * chunkSizeBytes; at < runEnd;) {
+          const [extent] = await device.blockStatus(at, runEnd - at) as [Extent];
+          const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
+          let data: Buffer | null = null;
+          if (!extent.zero) {
+            data = Buffer.alloc(lengthBytes);
+            await device.read(at, data);
+          }
+          const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
+          await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
+          sentBytes += data?.length ?? 0;
+          at += lengthBytes;
         }
-        const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
-        await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
-        link.resyncBytesTotal += data?.length ?? 0;
-        at += lengthBytes;
       }
+      link.resyncBytesTotal += sentBytes;
+      link.resyncEqualBytesTotal += equalChunks * chunkSizeBytes;
       link.copied.add(region);
       link.resync!.copiedBytes += syncRegionBytes;
     } finally {
-      release();
+      release?.();
     }
+    // The rate cap, paid after the copy, outside the lock (a client's write to the region does not wait for it); the
+    // catch-up under the whole volume's lock is not capped, so that writes wait as little as they can.
+    const waitMs = locked || sentBytes === 0 ? 0 : link.limiter?.reserve(sentBytes, performance.now()) ?? 0;
+    if (waitMs > 0) await link.pause(waitMs);
   }
 }
 
 const activityRegionsPerExtent = syncActivityExtentBytes / syncRegionBytes;
+const regionChunks = syncRegionBytes / chunkSizeBytes;
+
+/** Runs [from, to) of chunk indexes where `ours` and `theirs` differ (checksums, position by position). */
+export function differingRuns(ours: Uint32Array, theirs: Uint32Array): Array<[number, number]> {
+  assert(ours.length === theirs.length, 'checksums of the same chunks');
+  const runs: Array<[number, number]> = [];
+  for (let index = 0; index < ours.length; index++) {
+    if (ours[index] === theirs[index]) continue;
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last[1] === index) last[1] = index + 1;
+    else runs.push([index, index + 1]);
+  }
+  return runs;
+}
 
 /** Changed chunk extents (a diff) as runs of regions [first, end), below the regions of `sizeBytes`. */
 function regionRuns(extents: ChangedExtent[], sizeBytes: number): Array<[number, number]> {

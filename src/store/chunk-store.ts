@@ -16,7 +16,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { formatSize } from '../core/units.ts';
 import type { ChunkAllocator, FreeExtent } from './allocator.ts';
-import { blockChecksum } from './checksum.ts';
+import { blockChecksum, zeroChunkSum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import { locateInPlan, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
 import type { ChunkMap, ChunkRun } from './chunk-map.ts';
@@ -50,7 +50,6 @@ export interface ChunkStoreParts {
   reclaim: () => Promise<void>;
 }
 
-const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
 
 export class ChunkStore {
   readonly verifyReads: boolean;

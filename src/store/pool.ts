@@ -53,6 +53,7 @@ import type { JournalFile } from './journal-file.ts';
 import { contentDigest } from './content-digest.ts';
 import { isSnapshotUuid, type Catalog, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
 import { ChunkMap } from './chunk-map.ts';
+import { zeroChunkSum } from './checksum.ts';
 import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolFormatVersion, poolIdentity } from './pool-layout.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
@@ -504,6 +505,20 @@ export class Pool {
     const volume = this.#runtime(volumeName).meta;
     const source = snapshotName === null ? volume : this.#snapshot(volumeName, snapshotName);
     return contentDigest(source.map, (physicalChunk) => this.#catalog.sums.get(physicalChunk), source.sizeBytes);
+  }
+
+  /**
+   * The recorded checksum of each chunk [firstChunk, firstChunk + chunkCount) of the live volume, a hole as a chunk
+   * of zeros, from metadata alone: what a synchronous replica's resync compares (sync-replicas.ts).
+   */
+  chunkSums(volumeName: string, firstChunk: number, chunkCount: number): Uint32Array {
+    const volume = this.#runtime(volumeName).meta;
+    const sums = new Uint32Array(chunkCount).fill(zeroChunkSum);
+    for (const run of volume.map.runs(firstChunk, chunkCount)) {
+      if (run.physicalChunk < 0) continue;
+      for (let i = 0; i < run.chunkCount; i++) sums[run.virtualChunk - firstChunk + i] = this.#catalog.sums.get(run.physicalChunk + i);
+    }
+    return sums;
   }
 
   /** The volume and snapshot names of the snapshot with id `uuid` in `volumeName` (any volume if null), or null. */
