@@ -5,7 +5,8 @@ import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { ActivityLog, RegionSet, regionsOf } from '../../src/replication/dirty-map.ts';
-import { encodeSyncWrite, isFencedRefusal, parseSyncControl, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncWrite, SyncOp, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
+import { differingRuns } from '../../src/replication/sync-replicas.ts';
+import { encodeSyncSumsReply, encodeSyncWrite, isFencedRefusal, parseSyncControl, parseSyncSums, parseSyncSumsReply, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncWrite, SyncOp, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 function roundTrip(request: SyncWriteRequest): SyncWriteRequest {
@@ -173,4 +174,17 @@ test('activity log against a model: no region leaves while a write to it may be 
       }
     }
   }
+});
+
+test('syncSums: the request is checked, the checksums round-trip, and the chunks that differ come out as runs', () => {
+  const target = { volume: 'vol', epoch: 1, session: 2 };
+  assert.deepEqual(parseSyncSums(Buffer.from(JSON.stringify({ ...target, firstChunk: 1024, chunkCount: 1024 }))), { ...target, firstChunk: 1024, chunkCount: 1024 });
+  assert.throws(() => parseSyncSums(Buffer.from(JSON.stringify({ ...target, firstChunk: 0, chunkCount: 1025 }))), /syncSums needs chunkCount, from 1 to 1024/);
+  assert.throws(() => parseSyncSums(Buffer.from(JSON.stringify({ ...target, firstChunk: -1, chunkCount: 1 }))), /syncSums needs firstChunk/);
+  const sums = Uint32Array.from([0, 1, 0xffffffff, 0x12345678]);
+  const reply = Buffer.from(JSON.stringify(encodeSyncSumsReply(sums)));
+  assert.deepEqual(parseSyncSumsReply(reply, 4), sums);
+  assert.throws(() => parseSyncSumsReply(reply, 5), /syncSums reply: 5 checksums expected/);
+  assert.deepEqual(differingRuns(Uint32Array.from([1, 2, 3, 4, 5]), Uint32Array.from([1, 0, 0, 4, 0])), [[1, 3], [4, 5]]);
+  assert.deepEqual(differingRuns(sums, sums), []);
 });
