@@ -62,20 +62,25 @@
 //        ▲                                          │       whole volume's lock)──► in-sync
 //        └──── error, timeout, closed connection ◄──┴──────────────────────────────────────┘
 //
-// Resync copies each dirty region under its range lock: holes as trims, data as writes (bytes counted); a write
-// that lands on a copied region while resyncing marks it again. The link turns in sync under the whole volume's
-// lock once nothing is left, so no write is in flight as it changes.
+// Resync compares each dirty region under its range lock, chunk by chunk, by the checksums both sides recorded
+// (the replica's asked for 4 MiB at a time, syncSums), and sends only the chunks that differ: holes as trims, data
+// as writes (bytes counted; those found equal are counted too). So a replica whose dirty map says more than
+// changed (after an owner crash, a failover, a link added back) receives what did change. A write that lands on a
+// copied region while resyncing marks it again; after at most syncResyncPassesMax passes, or one that leaves at
+// most syncCatchUpRegionsMax regions, what is left is copied under the whole volume's lock (writes wait, briefly),
+// so a resync under steady writes ends (DRBD's way). The link then turns in sync under that lock, so no write is in
+// flight as it changes. A rate cap (--max-rate) paces the passes' data, not the last copy under the lock.
 //
 // IN A CLUSTER: `volume create --replicas N --sync` places N replicas as --replicas does and links them here;
 // the record says the volume is synchronous, and its inSync set (step 5) is what failover promotes from: the
 // replica promoted (node.ts #promoteSync: no point to roll back to) owns the volume at epoch + 1 and links to the
-// others, which are resynced in full (their regions are all dirty to the new owner) and then recorded in sync. The
+// others, which are resynced in full (their regions are all dirty to the new owner: compared, and only what differs
+// sent) and then recorded in sync. The
 // old owner, back, becomes one of them (node.ts #rejoinSync: what it held kept as snapshot fenced-<ms>).
 //
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
 // follow, so `volume move` of a synchronous volume is refused too), snapshots given to a replica that missed them,
-// a rate cap on resync, a full rebuild with checksum compare (a replica re-attached after a
-// failover is copied whole), repair on read, `volume set --sync on|off`, `replica add --sync` by hand marking the
+// client writes sent to a resyncing replica's copied regions (DRBD does; here they mark them again), repair on read, `volume set --sync on|off`, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
