@@ -4,20 +4,7 @@
 # replica that has nothing. Both nodes on loopback; a 256 MiB volume, 128 MiB of it data; 3 interleaved rounds.
 # Each line: case, data bytes sent, bytes found equal, seconds (from the owner's log). Needs fio (nbd engine).
 #   bench/sync-resync.sh
-set -e
-cd "$(dirname "$0")/.."
-export PATH=$PWD/node_modules/.bin:$PATH
-D=$(mktemp -d /tmp/chunkd-resync-bench.XXXX)
-C="node bin/chunkd.js"
-$C tls init $D/tls --node alpha --node beta >/dev/null
-PA=$((20000 + RANDOM % 10000)); PB=$((PA + 1))
-$C serve --listen 127.0.0.1:0 --pool $D/alpha --socket $D/alpha.sock --api $D/alpha.api --peer-listen 127.0.0.1:$PA --tls-dir $D/tls/alpha > $D/alpha.log 2>&1 &
-A=$!
-$C serve --listen 127.0.0.1:0 --pool $D/beta --socket $D/beta.sock --api $D/beta.api --peer-listen 127.0.0.1:$PB --tls-dir $D/tls/beta > $D/beta.log 2>&1 &
-B=$!
-trap "kill $A $B 2>/dev/null; sleep 1; rm -rf $D" EXIT
-for i in $(seq 50); do [ -S $D/alpha.api ] && [ -S $D/beta.api ] && break; sleep 0.2; done
-sleep 1
+source "$(dirname "$0")/sync-nodes.sh"
 $C volume create v --size 256MiB --api $D/alpha.api >/dev/null
 fio() { command fio --name=w --ioengine=nbd --uri="nbd+unix:///v?socket=$D/alpha.sock" --bs=4k --iodepth=16 --numjobs=1 "$@" >/dev/null 2>&1; }
 fio --rw=write --bs=1m --size=128m --refill_buffers
