@@ -116,5 +116,5 @@ function describeReplica(r: ReplicaStatus | SyncReplicaStatus): string {
 function describeSyncReplica(r: SyncReplicaStatus): string {
   const resync = r.resync === null ? '' : `, resyncing: ${formatSize(r.resync.copiedBytes)} of ${formatSize(r.resync.totalBytes)}`;
   const error = r.lastError === null ? '' : `\n  last error (${r.lastError.at}): ${r.lastError.message}`;
-  return `${r.volume} -> ${r.peerName ?? '?'} at ${r.peer}: synchronous, ${r.state}, ${formatSize(r.dirtyBytes)} dirty${resync}, ${formatSize(r.resyncBytesTotal)} resent in all, out of sync ${r.outOfSyncTotal} times${error}`;
+  return `${r.volume} -> ${r.peerName ?? '?'} at ${r.peer}: synchronous, ${r.state}, ${formatSize(r.dirtyBytes)} dirty${resync}, ${formatSize(r.resyncBytesTotal)} resent in all (${formatSize(r.resyncEqualBytesTotal ?? 0)} found the same by checksum)${r.maxRateBytesPerSecond === null || r.maxRateBytesPerSecond === undefined ? '' : `, resyncs at most ${formatSize(r.maxRateBytesPerSecond)}/s`}, out of sync ${r.outOfSyncTotal} times${error}`;
 }
