@@ -205,18 +205,18 @@ export const commands = {
     },
   },
   'replica add': {
-    usage: ['replica add VOL --peer HOST:PORT [--every 30s] [--max-rate 200MiB/s] [--json]', 'replica add VOL --peer HOST:PORT --sync [--sync-timeout 5s] [--json]'],
+    usage: ['replica add VOL --peer HOST:PORT [--every 30s] [--max-rate 200MiB/s] [--json]', 'replica add VOL --peer HOST:PORT --sync [--sync-timeout 5s] [--max-rate 200MiB/s] [--json]'],
     summary: "keep a read-only replica of VOL on another node (its --peer-listen), updated by incremental streams, or synchronously",
     details: [
       'The node needs --tls-dir with a client pair (its set from chunkd tls init). Every --every it snapshots VOL (repl-<ms>), sends the change since the last point both nodes hold, and prunes older replication snapshots on both; a dropped link or a restart resumes where the replica stopped.',
-      'With --sync, every write is sent to the replica as it happens and acknowledged only once the replica has it (FLUSH and FUA: durable there too). A replica that does not answer within --sync-timeout is out of sync: writes go on without it, the regions written meanwhile are recorded, and only those are resent when it is back (chunkd replica status VOL shows the state, dirty bytes and resync progress).',
+      'With --sync, every write is sent to the replica as it happens and acknowledged only once the replica has it (FLUSH and FUA: durable there too). A replica that does not answer within --sync-timeout is out of sync: writes go on without it, the regions written meanwhile are recorded, and only those are resent when it is back, and of those only the chunks whose checksums differ there (chunkd replica status VOL shows the state, dirty bytes and resync progress).',
     ],
     options: {
       peer: { type: 'string', value: 'HOST:PORT', help: "the other node's peer port (serve --peer-listen)" },
       sync: { type: 'boolean', help: 'a synchronous replica: every acknowledged write is on it while it is in sync' },
       'sync-timeout': { type: 'string', value: 'DURATION', fallback: '5s', help: 'with --sync: a replica that leaves a write unanswered this long is out of sync' },
       every: { type: 'string', value: 'DURATION', fallback: '30s', help: 'how often to replicate: 500ms, 30s, 5m, 1h' },
-      'max-rate': { type: 'string', value: 'RATE', help: 'at most this many bytes per second on the link, e.g. 200MiB/s (default: no limit)' },
+      'max-rate': { type: 'string', value: 'RATE', help: 'at most this many bytes per second on the link (with --sync: of a resync), e.g. 200MiB/s (default: no limit)' },
       ...api,
       ...json,
     },

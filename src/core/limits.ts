@@ -135,6 +135,15 @@ export const syncActivityExtentBytes = 64 * syncRegionBytes;
 export const syncReplicaTimeoutMsDefault = 5_000;
 /** Dirty regions a resync copies at once (each is one request in flight to the replica). */
 export const syncResyncRegionsInFlight = 8;
+/**
+ * Chunks whose checksums a resync asks a synchronous replica for at once (syncSums; 4 bytes each, about 5.5 KiB of
+ * JSON for 1024): 4 MiB of volume, an activity-log extent.
+ */
+export const syncSumsChunksMax = syncActivityExtentBytes / chunkSizeBytes;
+/** Passes over the dirty regions a resync makes while writes go on; what the last one leaves is copied under the write lock. */
+export const syncResyncPassesMax = 4;
+/** A pass that leaves at most this many regions (4 MiB) dirty is the last: they are copied under the write lock. */
+export const syncCatchUpRegionsMax = 64;
 /** A synchronous replica that is away is tried again this often. */
 export const syncReconnectDelayMs = 1_000;
 

@@ -465,8 +465,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
     this.roles.checkWritable(name, 'a resize');
-    this.#sync?.checkUnreplicated(name, 'a resize');
-    return this.pool.resizeVolume(name, sizeBytes, force);
+    const local = (): Promise<VolumeInfo> => this.pool.resizeVolume(name, sizeBytes, force);
+    return this.#sync?.resize(name, sizeBytes, force, local) ?? local();
   }
 
   async removeVolume(name: string): Promise<void> {
@@ -578,7 +578,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo> {
     this.roles.checkWritable(volume, 'a snapshot');
-    return this.pool.createSnapshot(volume, snapshot);
+    const local = (): Promise<SnapshotInfo> => this.pool.createSnapshot(volume, snapshot);
+    return this.#sync?.createSnapshot(volume, snapshot, local) ?? local();
   }
 
   listSnapshots(volume: string): SnapshotInfo[] {
@@ -591,13 +592,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   removeSnapshot(volume: string, snapshot: string): Promise<void> {
     this.roles.checkWritable(volume, 'removing a snapshot (its owner prunes them)');
-    return this.pool.removeSnapshot(volume, snapshot);
+    const local = (): Promise<void> => this.pool.removeSnapshot(volume, snapshot);
+    return this.#sync?.removeSnapshot(volume, snapshot, local) ?? local();
   }
 
   rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo> {
     this.roles.checkWritable(volume, 'a rollback');
-    this.#sync?.checkUnreplicated(volume, 'a rollback');
-    return this.pool.rollbackVolume(volume, snapshot);
+    const local = (): Promise<VolumeInfo> => this.pool.rollbackVolume(volume, snapshot);
+    return this.#sync?.rollback(volume, snapshot, local) ?? local();
   }
 
   cloneSnapshot(volume: string, snapshot: string, newName: string): Promise<VolumeInfo> {

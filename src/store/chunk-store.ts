@@ -17,7 +17,7 @@ import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { formatSize } from '../core/units.ts';
 import type { FreeExtent } from './allocator.ts';
 import type { ChunkAllocation, ChunkLookup } from './catalog-backend.ts';
-import { blockChecksum } from './checksum.ts';
+import { blockChecksum, zeroChunkSum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import { locateInPlan, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
 import type { ChunkRun } from './chunk-map.ts';
@@ -48,7 +48,6 @@ export interface ChunkStoreParts {
   reclaim: () => Promise<void>;
 }
 
-const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
 
 export class ChunkStore {
   readonly verifyReads: boolean;

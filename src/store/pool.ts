@@ -54,6 +54,7 @@ import type { JournalFile } from './journal-file.ts';
 import { isSnapshotUuid } from './metadata.ts';
 import { openPaged } from './paged-backend.ts';
 import { beginGeneration, checkPoolMarker, chunksDirectory, initializePool, loadMetadata, lockPool, poolIdentity, type MetadataKind } from './pool-layout.ts';
+import { zeroChunkSum } from './checksum.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
 import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
@@ -447,15 +448,16 @@ export class Pool {
 
   /**
    * Takes a snapshot: waits for the volume's writes in flight (blocking new ones meanwhile), so it holds exactly
-   * the writes acknowledged before it, records it, and makes it durable before returning.
+   * the writes acknowledged before it, records it, and makes it durable before returning. `uuid`: the id to give
+   * it (a synchronous replica takes its owner's snapshot with the owner's id); a new one by default.
    */
-  createSnapshot(volumeName: string, snapshotName: string): Promise<SnapshotInfo> {
+  createSnapshot(volumeName: string, snapshotName: string, uuid = randomUUID().replaceAll('-', '')): Promise<SnapshotInfo> {
     return this.#control(async () => {
       this.#checkOpen();
       validateName(snapshotName, 'snapshot');
       const runtime = this.#runtime(volumeName);
       this.#checkNotReceiving(runtime);
-      return this.#takeSnapshot(runtime, volumeName, snapshotName, randomUUID().replaceAll('-', ''));
+      return this.#takeSnapshot(runtime, volumeName, snapshotName, uuid);
     });
   }
 
@@ -547,6 +549,21 @@ export class Pool {
     const volume = this.#runtime(volumeName).meta;
     const source = snapshotName === null ? volume : this.#snapshot(volumeName, snapshotName);
     return this.#catalog.contentDigest(source.map, source.sizeBytes);
+  }
+
+  /**
+   * The recorded checksum of each chunk [firstChunk, firstChunk + chunkCount) of the live volume, a hole as a chunk
+   * of zeros, from metadata alone: what a synchronous replica's resync compares (sync-replicas.ts).
+   */
+  async chunkSums(volumeName: string, firstChunk: number, chunkCount: number): Promise<Uint32Array> {
+    const volume = this.#runtime(volumeName).meta;
+    const sums = new Uint32Array(chunkCount).fill(zeroChunkSum);
+    const found = await this.#catalog.lookup(volume.map, firstChunk, chunkCount);
+    for (const run of found.runs) {
+      if (run.physicalChunk < 0) continue;
+      for (let i = 0; i < run.chunkCount; i++) sums[run.virtualChunk - firstChunk + i] = found.sumOf(run, i);
+    }
+    return sums;
   }
 
   /** The volume and snapshot names of the snapshot with id `uuid` in `volumeName` (any volume if null), or null. */
