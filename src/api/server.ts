@@ -21,6 +21,7 @@ import type { ReceiveResult } from '../replication/receive.ts';
 import { defaultEveryMs, type ReplicaSettings } from '../replication/replicator.ts';
 import type { SyncReplicaSettings } from '../replication/sync-replicas.ts';
 import type { Log } from '../core/log.ts';
+import type { VolumePlacement } from '../cluster/remote-create.ts';
 
 /** Progress lines of a long operation go out at most this often. */
 const progressIntervalMs = 250;
@@ -37,7 +38,8 @@ export interface ControlPlane {
   listVolumes(): VolumeInfo[];
   volumeInfo(name: string): VolumeInfo;
   /** `replicas`: replica links to that many other nodes of the cluster (node.ts); 0 or absent: none. */
-  createVolume(name: string, sizeBytes: number, replicas?: number, sync?: { timeoutMs: number } | null): Promise<VolumeInfo>;
+  /** `where`: in a cluster, the node named, or 'placed' (the most free space: cluster/placement.ts). */
+  createVolume(name: string, sizeBytes: number, replicas?: number, sync?: { timeoutMs: number } | null, where?: VolumePlacement): Promise<VolumeInfo>;
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo>;
   removeVolume(name: string): Promise<void>;
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo>;
@@ -81,6 +83,7 @@ export interface ControlPlane {
   clusterVolumes(): Promise<unknown[]> | null;
   /** Moves a volume to node `to` through etcd (cluster/cluster.ts), from any node of a cluster. */
   moveVolume(volume: string, to: string): Promise<unknown>;
+  cancelMove(volume: string): Promise<unknown>;
 }
 
 const statusByCode: Partial<Record<ErrorCode, number>> = {
@@ -208,7 +211,8 @@ export class ApiServer {
         if (body.sync !== undefined && typeof body.sync !== 'boolean') throw ChunkdError.invalid('sync must be true or false');
         if (body.syncTimeoutMs !== undefined && body.sync !== true) throw ChunkdError.invalid('syncTimeoutMs goes with sync: true');
         const sync = body.sync === true ? { timeoutMs: syncTimeoutField(body.syncTimeoutMs) } : null;
-        return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes), replicas as number, sync));
+        const where: VolumePlacement = body.node === undefined ? 'placed' : { node: validateName(body.node, 'node') };
+        return sendJson(response, 201, await this.#control.createVolume(name, sizeField(body.sizeBytes), replicas as number, sync, where));
       }
       case 'GET /v1/volumes/:':
         return sendJson(response, 200, this.#control.volumeInfo(volumeName()));
@@ -261,7 +265,8 @@ export class ApiServer {
       case 'POST /v1/volumes/:/handoff':
         return sendJson(response, 200, await this.#control.handoff(volumeName(), peerField(body.to)));
       case 'POST /v1/volumes/:/move': {
-        if (body.to === undefined) throw ChunkdError.invalid('a move needs "to": the name of a node of the cluster');
+        if (body.cancel === true) return sendJson(response, 200, await this.#control.cancelMove(volumeName()));
+        if (body.to === undefined) throw ChunkdError.invalid('a move needs "to": the name of a node of the cluster (or "cancel": true)');
         return sendJson(response, 200, await this.#control.moveVolume(volumeName(), validateName(body.to, 'node')));
       }
       case 'POST /v1/volumes/:/promote':

@@ -79,10 +79,11 @@ export const commands = {
     options: { ...json, ...api },
   },
   'volume create': {
-    usage: ['volume create NAME --size SIZE [--replicas N [--sync [--sync-timeout 5s]]] [--json]'],
-    summary: 'create a thin volume: nothing is allocated until written',
+    usage: ['volume create NAME --size SIZE [--node NODE] [--replicas N [--sync [--sync-timeout 5s]]] [--json]'],
+    summary: 'create a thin volume: nothing is allocated until written; in a cluster, owned by the live node with the most free space unless --node names one',
     options: {
       ...size,
+      node: { type: 'string', value: 'NODE', help: 'in a cluster: the node that owns it (default: the live node with the most free space; within 2% or 1 GiB of the most counts as a tie, which goes to the node asked, else to the first name)' },
       replicas: { type: 'string', value: 'N', help: 'in a cluster: replicas on N other nodes, those with the most free space (default 0)' },
       sync: { type: 'boolean', help: 'with --replicas: synchronous replicas (every acknowledged write on each in-sync one; etcd records which are in sync, and only those may take the volume over)' },
       'sync-timeout': { type: 'string', value: 'DURATION', fallback: '5s', help: 'with --sync: a replica that leaves a write unanswered this long is out of sync' },
@@ -111,12 +112,13 @@ export const commands = {
     options: { to: { type: 'string', value: 'HOST:PORT', help: "the new owner's peer port (serve --peer-listen)" }, ...json, ...api },
   },
   'volume move': {
-    usage: ['volume move VOL --to NODE [--json]'],
+    usage: ['volume move VOL --to NODE [--json]', 'volume move VOL --cancel [--json]'],
     summary: 'in a cluster, from any node: move VOL to node NODE (the handoff, recorded in etcd); waits until etcd names NODE its owner',
     details: [
       'The move is recorded in etcd first; the owner hands the volume over (increments while clients write, then a short write pause) and the record names NODE at the next epoch. A crash of either node resumes or rolls the handoff back when it restarts, and the move goes on from etcd.',
+      '--cancel stops a move in progress: the owner rolls its handoff back (writes resume there) unless the target has already taken the volume, in which case the move completes; it says which. If the owner dies mid-move, a failover takes the volume over and the move is dropped.',
     ],
-    options: { to: { type: 'string', value: 'NODE', help: 'the node name of the new owner (chunkd cluster status lists them)' }, ...json, ...api },
+    options: { to: { type: 'string', value: 'NODE', help: 'the node name of the new owner (chunkd cluster status lists them)' }, cancel: { type: 'boolean', help: 'stop the move of VOL in progress (recorded in etcd)' }, ...json, ...api },
   },
   'snapshot create': { usage: ['snapshot create VOL SNAP [--json]'], summary: 'an instant, crash-consistent snapshot, durable on return', options: { ...json, ...api } },
   'snapshot list': { usage: ['snapshot list VOL [--json]'], summary: "a volume's snapshots with the bytes each alone holds", options: { ...json, ...api } },

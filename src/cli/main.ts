@@ -167,8 +167,8 @@ async function volumeCommand(argv: string[]): Promise<number> {
         return [nameOf(positionals), sizeOf(values.size), count, values['sync-timeout'] === undefined ? undefined : parseDuration(values['sync-timeout'], '--sync-timeout')] as const;
       });
       const sync = values.sync === true ? { sync: true, ...(syncTimeoutMs === undefined ? {} : { syncTimeoutMs }) } : {};
-      const volume = (await callApi(apiPath(values.api), 'POST', '/v1/volumes', { name, sizeBytes, ...(replicas > 0 ? { replicas } : {}), ...sync })) as VolumeInfo & { replicas?: string[] };
-      print(values.json, volume, () => `created volume ${volume.name} of ${formatSize(volume.sizeBytes)}${volume.replicas === undefined ? '' : `, ${values.sync === true ? 'synchronous replicas (in sync)' : 'replicas'} on ${volume.replicas.join(', ')}`}`);
+      const volume = (await callApi(apiPath(values.api), 'POST', '/v1/volumes', { name, sizeBytes, ...(replicas > 0 ? { replicas } : {}), ...sync, ...(values.node === undefined ? {} : { node: values.node }) })) as VolumeInfo & { replicas?: string[]; owner?: string };
+      print(values.json, volume, () => `created volume ${volume.name} of ${formatSize(volume.sizeBytes)}${volume.owner === undefined ? '' : ` on node ${volume.owner}`}${volume.replicas === undefined ? '' : `, ${values.sync === true ? 'synchronous replicas (in sync)' : 'replicas'} on ${volume.replicas.join(', ')}`}`);
       return 0;
     }
     case 'list': {
@@ -210,6 +210,15 @@ async function volumeCommand(argv: string[]): Promise<number> {
     }
     case 'move': {
       const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands['volume move'].options }));
+      if (values.cancel === true) {
+        const name = parsing(() => {
+          if (values.to !== undefined) throw new UsageError('volume move --cancel takes no --to: it stops the move in progress, wherever it goes');
+          return nameOf(positionals);
+        });
+        const result = (await callApi(apiPath(values.api), 'POST', `/v1/volumes/${encodeURIComponent(name)}/move`, { cancel: true })) as { cancelled: boolean; owner: string; epoch: number };
+        print(values.json, result, () => (result.cancelled ? `move of ${name} cancelled: it stays on ${result.owner} (epoch ${result.epoch})` : `too late to cancel: ${name} is owned by ${result.owner} now (epoch ${result.epoch})`));
+        return 0;
+      }
       const [name, to] = parsing(() => {
         if (values.to === undefined) throw new UsageError(`volume move needs --to NODE (a node of the cluster)\nusage: chunkd ${commands['volume move'].usage[0]}`);
         return [nameOf(positionals), validateName(values.to, 'node')] as const;

@@ -25,10 +25,12 @@
 //                 The cost: each change of the set changes the record's revision, and a concurrent writer of the
 //                 record (a move being recorded) re-reads; the set changes only when a replica falls out or
 //                 comes back.
-//   replicas/VOL/NODE  {volume, node, owner, ownerEpoch, point, pointMs}
+//   replicas/VOL/NODE  {volume, node, owner, ownerEpoch, point, pointMs[, stale]}
 //                 Written by node NODE only, under its lease, while it holds a replica of VOL: the owner and epoch it
 //                 follows and its newest complete replicated point (repl-<owner's ms>). Read by every node to pick
-//                 the successor of an owner whose lease expired (failover.ts).
+//                 the successor of an owner whose lease expired (failover.ts). `stale`: the point came from an
+//                 earlier owner (the replica followed this one after a failover and has received nothing from it):
+//                 the owner still replicates to it, but it is no successor.
 //   operations/move/VOL  {volume, from, epoch, to, requestedBy, requestedAt}
 //                 A move asked for (chunkd volume move, on any node): created by a transaction comparing the volume
 //                 record's mod revision read (so it starts from that owner and epoch) and that no move is recorded
@@ -40,6 +42,11 @@
 //                 The owner may instead refuse it before anything starts (the volume is mounted there): it writes
 //                 `refused` into the record (transaction on its revision), and the asking node reports the reason
 //                 and deletes it. The Docker plugin's Mount on a node that does not own the volume is such a move.
+//                 `volume move --cancel` (any node) writes `cancelled` into it (transaction on its revision): the
+//                 owner's handoff stops at its next step, before the target is asked to take the volume (rolled
+//                 back: writes resume), and the owner deletes the move; a handoff past that point completes and is
+//                 recorded as any other. The target deletes a move whose owner has been gone a TTL when it neither
+//                 took the volume nor holds a replica that may take it over; so a move is never left pending.
 //
 // Why two nodes never both own a volume (both acknowledging writes to it):
 //   1. A node acknowledges a write to a volume only while (a) it has confirmed, by a transaction that also
@@ -74,16 +81,19 @@
 //   (it looks for the record every 0.1 s after it took the volume, and at every renewal). A crash is settled
 //   by the handoff's own resolve() at the old owner's start (asks the target: completed, or rolled back and then
 //   performed again from etcd), and a target that took the volume records the move itself. Of a move and a
-//   failover at once, the revision compare lets one win; the move's operation is then stale and deleted.
+//   failover at once, the revision compare lets one win; the move's operation is then stale and deleted. While a
+//   move to a live target is recorded and the target is not among the owner's replica candidates (it took the
+//   volume, and records the move itself), no replica takes the volume over (failover.ts pendingMoveTarget): the
+//   target may hold writes no replica has.
 import { performance } from 'node:perf_hooks';
 import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type IOptions } from 'etcd3';
 import { ChunkdError } from '../core/errors.ts';
 import { softwareVersion } from '../core/version.ts';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
 import { moveKey, movesPrefix, nodeKey, nodesPrefix, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord, replicaKey, replicasPrefix, volumeKey, volumesPrefix, type MoveRecord, type NodeRecord, type ReplicaRecord, type VolumeRecord } from './records.ts';
-import { AbsenceClock, chooseSuccessor, orphanedVolumes } from './failover.ts';
+import { AbsenceClock, chooseSuccessor, orphanedVolumes, pendingMoveTarget } from './failover.ts';
 import { describeVolumes, type ClusterVolume } from './listing.ts';
-import { chooseReplicaNodes } from './placement.ts';
+import { chooseOwner, chooseReplicaNodes } from './placement.ts';
 
 export interface ClusterConfig {
   endpoints: string[];
@@ -109,7 +119,7 @@ export interface ClusterHost {
    * Volumes this node holds as replicas: the owner and epoch each follows, and its newest complete replicated point
    * (a synchronous replica, `sync`, has none: the owner's in-sync set says what it holds).
    */
-  replicaVolumes(): Array<{ name: string; owner: string; ownerEpoch: number; point: string | null; sync: boolean }>;
+  replicaVolumes(): Array<{ name: string; owner: string; ownerEpoch: number; point: string | null; sync: boolean; stale?: boolean }>;
   /** Makes the replica `volume` this node's own at its last replicated point (node.promote); the new epoch. */
   promote(volume: string): Promise<number>;
   /** Volumes this node owned and another has since taken over here (roles.ts fenced), with this node's old epoch. */
@@ -124,7 +134,7 @@ export interface ClusterHost {
    * Hands this node's volume, owned at `epoch`, over to node `to` at `toAddress` (replication/handoff.ts), or
    * settles one a crash interrupted; returns at once when the volume is already `to`'s replica here at epoch + 1.
    */
-  move(volume: string, to: string, toAddress: string, epoch: number): Promise<void>;
+  move(volume: string, to: string, toAddress: string, epoch: number, cancelled: () => Promise<boolean>): Promise<void>;
   /** Why this node's volume may not be moved away now (mounted here), or null. */
   moveRefusal(volume: string): string | null;
   /** Makes sure this node replicates its volume to the node at `peer` (a replica that follows it). */
@@ -188,6 +198,8 @@ export class ClusterMember {
   readonly #creating = new Set<string>();
   /** The in-sync set's write running per volume (recordInSync): one at a time, in the order asked. */
   readonly #inSyncWrites = new Map<string, Promise<void>>();
+  /** Volumes whose move running here was cancelled (volume move --cancel): the handoff asks between its steps. */
+  readonly #cancelledMoves = new Set<string>();
   /** Background steps running (#converge), by volume, and the last failure of each. */
   readonly #steps = new Map<string, Promise<void>>();
   readonly #stepErrors = new Map<string, string>();
@@ -276,6 +288,19 @@ export class ClusterMember {
       if (performance.now() > until || this.#stopping) throw refusal;
       await new Promise((resolve) => setTimeout(resolve, movePollMs));
     }
+  }
+
+  /**
+   * The owner of a new volume asked for here (placement.ts): node `named` when given (it must be live), else the
+   * live node with the most free space; `forward`: whether this node can reach other nodes' peer ports.
+   */
+  async placeOwner(named: string | null, forward: boolean): Promise<NodeRecord> {
+    const nodes = (await this.#range(nodesPrefix, deadline())).map((kv) => parseNodeRecord(kv.key.toString(), kv.value));
+    if (named === null) return chooseOwner(nodes, this.nodeName, forward);
+    const node = nodes.find((candidate) => candidate.name === named);
+    if (node === undefined) throw ChunkdError.invalid(`node ${named} is not a live member of the cluster (chunkd cluster status lists them)`);
+    if (named !== this.nodeName && node.peer === null) throw ChunkdError.invalid(`node ${named} has no peer port (serve --peer-listen): a volume cannot be created there from another node`);
+    return node;
   }
 
   /** Where `count` replicas of a new volume of this node's go (placement.ts), from the live nodes' records. */
@@ -395,6 +420,7 @@ export class ClusterMember {
     // A move that no longer starts from the volume's record (done, failed over), or that the owner refused, is
     // stale: replaced below.
     if (pending !== null && (pending.from !== record.owner || pending.epoch !== record.epoch || pending.refused !== undefined)) pending = null;
+    if (pending?.cancelled !== undefined) throw ChunkdError.busy(`the move of volume ${volume} to ${pending.to} is being cancelled (asked on ${pending.cancelled.by}); try again once it is settled`);
     if (pending !== null && pending.to !== to) throw ChunkdError.busy(`volume ${volume} is being moved to ${pending.to} already (asked on ${pending.requestedBy} at ${pending.requestedAt}); wait for it to finish`);
     if (pending === null) {
       if (targetKv === null) throw ChunkdError.invalid(`node ${to} is not a live member of the cluster (chunkd cluster status lists them)`);
@@ -412,19 +438,62 @@ export class ClusterMember {
     }
     // Waited for in etcd: whichever node performs it, and across their restarts.
     const until = performance.now() + waitMs;
+    let cancelledBy: string | null = null;
     for (;;) {
       const [kv, opKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(moveKey(volume), deadline())]);
       const now = kv === null ? null : parseVolumeRecord(volumeKey(volume), kv.value);
       if (now?.owner === to && now.epoch > pending.epoch) return { volume, from: pending.from, to, epoch: now.epoch, moved: true };
       if (now === null || now.epoch !== pending.epoch) throw ChunkdError.io(`volume ${volume} ${now === null ? 'was removed' : `changed owner otherwise (${now.owner} at epoch ${now.epoch})`} while it was being moved to ${to}`);
-      if (opKv === null) throw ChunkdError.io(`the move of volume ${volume} to ${to} was given up (the owner ${pending.from}'s log says why); ${volume} stays on ${pending.from}`);
-      const refused = parseMoveRecord(moveKey(volume), opKv.value).refused;
+      if (opKv === null) {
+        if (cancelledBy !== null) throw ChunkdError.busy(`the move of volume ${volume} to ${to} was cancelled (chunkd volume move --cancel, on ${cancelledBy}); ${volume} stays on ${pending.from}`);
+        throw ChunkdError.io(`the move of volume ${volume} to ${to} was given up (the owner ${pending.from}'s log says why); ${volume} stays on ${pending.from}`);
+      }
+      const operation = parseMoveRecord(moveKey(volume), opKv.value);
+      cancelledBy = operation.cancelled?.by ?? cancelledBy;
+      const refused = operation.refused;
       if (refused !== undefined) {
         await this.#client.if(moveKey(volume), 'Mod', '==', opKv.mod_revision).then(this.#client.delete().key(moveKey(volume))).options(deadline()).commit();
         throw ChunkdError.busy(`node ${pending.from} refused to move volume ${volume} to ${to}: ${refused}`);
       }
       if (this.#stopping) throw new ChunkdError('ESHUTDOWN', `node ${this.nodeName} is stopping; the move of ${volume} to ${to} goes on (recorded in etcd)`);
       if (performance.now() > until) throw ChunkdError.busy(`the move of volume ${volume} to ${to} has not finished within ${waitMs / 1000} s; it goes on (recorded in etcd): chunkd volume list shows it`);
+      await new Promise((resolve) => setTimeout(resolve, movePollMs));
+    }
+  }
+
+  /**
+   * `chunkd volume move --cancel VOL`, from any node: marks the move recorded in etcd cancelled (a transaction on
+   * its revision), then waits until the owner has deleted it (its handoff stopped before the target took the
+   * volume: it stays where it was) or the volume's record changed (the handoff was past its point of no return and
+   * completed, or a failover took the volume: the move is void). A move that no longer starts from the volume's
+   * record is deleted here.
+   */
+  async cancelMove(volume: string, waitMs = moveWaitMs): Promise<{ volume: string; cancelled: boolean; owner: string; epoch: number }> {
+    const [volumeKv, moveKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(moveKey(volume), deadline())]);
+    if (moveKv === null) throw ChunkdError.notFound(`volume ${volume} has no move in progress${volumeKv === null ? ' (and is not in the cluster)' : ''}`);
+    const move = parseMoveRecord(moveKey(volume), moveKv.value);
+    const record = volumeKv === null ? null : parseVolumeRecord(volumeKey(volume), volumeKv.value);
+    const drop = () => this.#client.if(moveKey(volume), 'Mod', '==', moveKv.mod_revision).then(this.#client.delete().key(moveKey(volume))).options(deadline()).commit();
+    if (record === null || record.owner !== move.from || record.epoch !== move.epoch || move.refused !== undefined) {
+      await drop();
+      if (record === null) throw ChunkdError.notFound(`volume ${volume} is not in the cluster; its stale move record was deleted`);
+      return { volume, cancelled: true, owner: record.owner, epoch: record.epoch };
+    }
+    if (move.cancelled === undefined) {
+      const cancelled: MoveRecord = { ...move, cancelled: { by: this.nodeName, at: new Date().toISOString() } };
+      const result = await this.#client.if(moveKey(volume), 'Mod', '==', moveKv.mod_revision).then(this.#client.put(moveKey(volume)).value(JSON.stringify(cancelled))).options(deadline()).commit();
+      if (!result.succeeded) throw ChunkdError.busy(`the move of volume ${volume} changed in etcd meanwhile; try again`);
+      this.#host.log(`cluster: move of volume ${volume} from ${move.from} to ${move.to} marked cancelled in etcd`);
+    }
+    const until = performance.now() + waitMs;
+    for (;;) {
+      const [kv, opKv] = await Promise.all([this.#get(volumeKey(volume), deadline()), this.#get(moveKey(volume), deadline())]);
+      const now = kv === null ? null : parseVolumeRecord(volumeKey(volume), kv.value);
+      if (now === null) throw ChunkdError.notFound(`volume ${volume} was removed while its move was being cancelled`);
+      if (now.owner !== move.from || now.epoch !== move.epoch) return { volume, cancelled: false, owner: now.owner, epoch: now.epoch };
+      if (opKv === null) return { volume, cancelled: true, owner: now.owner, epoch: now.epoch };
+      if (this.#stopping) throw new ChunkdError('ESHUTDOWN', `node ${this.nodeName} is stopping; the move of ${volume} stays marked cancelled in etcd`);
+      if (performance.now() > until) throw ChunkdError.busy(`the owner ${move.from} has not settled the cancelled move of ${volume} within ${waitMs / 1000} s; it stays marked cancelled in etcd (chunkd volume list shows it)`);
       await new Promise((resolve) => setTimeout(resolve, movePollMs));
     }
   }
@@ -646,7 +715,7 @@ export class ClusterMember {
       // A synchronous replica publishes no point: the owner's in-sync set (the volume's record) says what it holds.
       const record: ReplicaRecord = replica.sync
         ? { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: 'sync', pointMs, sync: true }
-        : { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: replica.point!, pointMs };
+        : { volume: replica.name, node: this.nodeName, owner: replica.owner, ownerEpoch: replica.ownerEpoch, point: replica.point!, pointMs, ...(replica.stale === true ? { stale: true } as const : {}) };
       const value = JSON.stringify(record);
       if (this.#published.get(replica.name) === `${lease}:${value}`) continue;
       await this.#client.put(replicaKey(replica.name, this.nodeName)).value(value).lease(lease).options(this.#deadline()).exec();
@@ -669,11 +738,14 @@ export class ClusterMember {
     const volumeRecords = volumes.map((kv) => parseVolumeRecord(kv.key.toString(), kv.value));
     const replicaRecords = replicas.map((kv) => parseReplicaRecord(kv.key.toString(), kv.value));
     await this.#confirmRecorded(volumes);
-    await this.#advanceMoves(moves, volumeRecords, peers);
+    await this.#advanceMoves(moves, volumeRecords, peers, { goneFor, alive, replicas: replicaRecords });
     this.#converge(volumeRecords, replicaRecords, peers, mine);
     if (mine.length === 0) return;
     const orphans = orphanedVolumes(volumeRecords, alive, replicaRecords);
+    const moveRecords = moves.map((kv) => parseMoveRecord(kv.key.toString(), kv.value));
     for (const { volume, candidates } of orphans) {
+      // A move's target that took the volume (or gives the move up) goes first (failover.ts).
+      if (pendingMoveTarget(volume, moveRecords, alive, candidates) !== null) continue;
       const successor = chooseSuccessor(candidates);
       if (successor?.node !== this.nodeName || !mine.some((replica) => replica.name === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch)) continue;
       if ((goneFor.get(volume.owner) ?? 0) < this.#clock.timing.ttlMs) continue;
@@ -738,7 +810,7 @@ export class ClusterMember {
    *   - a move that no longer starts from the volume's record (removed, failed over meanwhile) is deleted.
    * Recording is one transaction comparing the volume's and the move's revisions, so it happens once.
    */
-  async #advanceMoves(moves: IKeyValue[], volumes: VolumeRecord[], peers: Map<string, string | null>): Promise<void> {
+  async #advanceMoves(moves: IKeyValue[], volumes: VolumeRecord[], peers: Map<string, string | null>, view: { goneFor: Map<string, number>; alive: Set<string>; replicas: ReplicaRecord[] }): Promise<void> {
     for (const kv of moves) {
       const move = parseMoveRecord(kv.key.toString(), kv.value);
       const record = volumes.find((volume) => volume.name === move.volume);
@@ -748,7 +820,32 @@ export class ClusterMember {
         continue;
       }
       const address = peers.get(move.to) ?? null;
+      // The target, when the owner has been gone a whole TTL and this node has neither taken the volume nor a
+      // replica that may take it over: the move is over (a failover by another replica, which waits for this:
+      // failover.ts pendingMoveTarget). A target that is a candidate itself takes part in the failover instead.
+      const taken = this.#host.ownedVolumes().some((owned) => owned.name === move.volume && owned.epoch === move.epoch + 1);
+      const candidate = orphanedVolumes([record], view.alive, view.replicas)[0]?.candidates.some((replica) => replica.node === this.nodeName) ?? false;
+      if (move.to === this.nodeName && !taken && !candidate && (view.goneFor.get(move.from) ?? 0) >= this.#clock.timing.ttlMs) {
+        const dropped = await this.#client.if(moveKey(move.volume), 'Mod', '==', kv.mod_revision).then(this.#client.delete().key(moveKey(move.volume))).options(this.#deadline()).commit();
+        if (dropped.succeeded) this.#host.log(`cluster: move of volume ${move.volume} to this node dropped: its owner ${move.from} has had no live lease for a TTL, and the volume was not handed over here`);
+        continue;
+      }
       if (move.from !== this.nodeName || move.refused !== undefined) continue;
+      if (move.cancelled !== undefined) {
+        // Cancelled: a handoff running here stops at its next step (rolled back before the target takes the
+        // volume, or completed past that point: then its record changes and the move goes with it). With none
+        // running, and the volume this node's own again (not frozen), the move is deleted.
+        if (this.#steps.has(move.volume)) {
+          if (!this.#cancelledMoves.has(move.volume)) this.#host.log(`cluster: move of volume ${move.volume} to ${move.to} cancelled (asked on ${move.cancelled.by}); its handoff stops at its next step`);
+          this.#cancelledMoves.add(move.volume);
+          continue;
+        }
+        this.#cancelledMoves.delete(move.volume);
+        if (this.#host.epochOf(move.volume) !== move.epoch) continue;
+        const dropped = await this.#client.if(moveKey(move.volume), 'Mod', '==', kv.mod_revision).then(this.#client.delete().key(moveKey(move.volume))).options(this.#deadline()).commit();
+        if (dropped.succeeded) this.#host.log(`cluster: move of volume ${move.volume} to ${move.to} cancelled (asked on ${move.cancelled.by}): this node keeps it at epoch ${move.epoch}`);
+        continue;
+      }
       // Refused before anything starts (a volume mounted here): said in the record for the node that asked.
       const refusal = this.#steps.has(move.volume) ? null : this.#host.moveRefusal(move.volume);
       if (refusal !== null) {
@@ -759,7 +856,16 @@ export class ClusterMember {
       }
       if (address !== null) {
         this.#background(move.volume, `moving it to ${move.to} (epoch ${move.epoch + 1})`, async () => {
-          await this.#host.move(move.volume, move.to, address, move.epoch);
+          try {
+            await this.#host.move(move.volume, move.to, address, move.epoch, () => this.#moveCancelled(move.volume));
+          } catch (error) {
+            // Stopped as cancelled (rolled back before the target took it): the next renewal deletes the move.
+            if (this.#host.epochOf(move.volume) === move.epoch && (await this.#moveCancelled(move.volume))) {
+              this.#cancelledMoves.add(move.volume);
+              throw new StepEnded(`cluster: move of volume ${move.volume} to ${move.to} stopped, as cancelled: ${describeError(error)}`);
+            }
+            throw error;
+          }
           await this.#recordMove(move);
         });
       }
@@ -771,6 +877,17 @@ export class ClusterMember {
       if (record === undefined || record.owner === this.nodeName || record.epoch !== owned.epoch - 1) continue;
       this.#background(owned.name, `recording its handoff from ${record.owner} here (epoch ${owned.epoch})`, () => this.#recordMove({ volume: owned.name, from: record.owner, epoch: record.epoch, to: this.nodeName }));
     }
+  }
+
+  /**
+   * Whether the move of `volume` running here was cancelled: seen at a renewal, or read from etcd now (the handoff
+   * asks between its steps, so a cancel recorded before its point of no return is never missed). etcd not
+   * answering: not cancelled (the move was asked for; it goes on as before).
+   */
+  async #moveCancelled(volume: string): Promise<boolean> {
+    if (this.#cancelledMoves.has(volume)) return true;
+    const kv = await this.#get(moveKey(volume)).catch(() => null);
+    return kv !== null && parseMoveRecord(moveKey(volume), kv.value).cancelled !== undefined;
   }
 
   /**
@@ -861,6 +978,11 @@ export class ClusterMember {
         this.#stepErrors.delete(key);
       },
       (error: unknown) => {
+        if (error instanceof StepEnded) {
+          this.#host.log(error.message);
+          this.#stepErrors.delete(key);
+          return;
+        }
         const message = describeError(error);
         if (this.#stepErrors.get(key) !== message) this.#host.log(`cluster: ${key}: ${what} failed: ${message}; tried again`);
         this.#stepErrors.set(key, message);
@@ -919,6 +1041,9 @@ export class ClusterMember {
 
 /** etcd names another owner or epoch: recording the in-sync set is refused, not tried again. */
 class InSyncRefusal extends Error {}
+
+/** A background step that ended without doing its work, on purpose (a cancelled move): said once, not tried again. */
+class StepEnded extends Error {}
 
 /** Call options that give up after `timeoutMs` (default callTimeoutMs; the keepalive loop's calls use less). */
 function deadline(timeoutMs = callTimeoutMs): { deadline: Date } {

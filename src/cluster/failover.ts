@@ -8,7 +8,7 @@
 // so none is chosen: the volume waits for an in-sync replica (or its owner) to come back. The transaction's
 // revision compare covers the in-sync set too (it is in the same record), so a set the owner changed meanwhile
 // fails the takeover.
-import type { ReplicaRecord, VolumeRecord } from './records.ts';
+import type { MoveRecord, ReplicaRecord, VolumeRecord } from './records.ts';
 
 /** Volumes whose owner has no live registration (its lease expired), with the replicas that could take them over. */
 export function orphanedVolumes(volumes: VolumeRecord[], aliveNodes: Set<string>, replicas: ReplicaRecord[]): Array<{ volume: VolumeRecord; candidates: ReplicaRecord[] }> {
@@ -16,8 +16,9 @@ export function orphanedVolumes(volumes: VolumeRecord[], aliveNodes: Set<string>
     .filter((volume) => !aliveNodes.has(volume.owner))
     .map((volume) => ({
       volume,
-      // A replica of this owner at this epoch, on a live node: what it holds is the owner's, replicated.
-      candidates: replicas.filter((replica) => replica.volume === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch && aliveNodes.has(replica.node) && eligible(volume, replica.node)),
+      // A replica of this owner at this epoch, on a live node: what it holds is the owner's, replicated (a stale one
+      // holds only an earlier owner's point: none of this owner's writes, so it is passed over).
+      candidates: replicas.filter((replica) => replica.volume === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch && replica.stale !== true && aliveNodes.has(replica.node) && eligible(volume, replica.node)),
     }));
 }
 
@@ -34,6 +35,18 @@ export function chooseSuccessor(candidates: ReplicaRecord[]): ReplicaRecord | nu
     if (best === null || candidate.pointMs > best.pointMs || (candidate.pointMs === best.pointMs && candidate.node < best.node)) best = candidate;
   }
   return best;
+}
+
+/**
+ * A move recorded from the volume's owner (now gone) at its epoch to a live node that is not among its replica
+ * candidates: that node has taken the volume over already (the handoff's last step ran there) and records the move
+ * itself, or it has no replicated point and drops the move once the owner has been gone a TTL (cluster.ts). Until
+ * then no replica takes the volume over: the target may hold it newer than any of them. Its name, or null.
+ */
+export function pendingMoveTarget(volume: VolumeRecord, moves: MoveRecord[], aliveNodes: Set<string>, candidates: ReplicaRecord[]): string | null {
+  const move = moves.find((candidate) => candidate.volume === volume.name && candidate.from === volume.owner && candidate.epoch === volume.epoch && candidate.refused === undefined);
+  if (move === undefined || aliveNodes.has(volume.owner) || !aliveNodes.has(move.to) || candidates.some((candidate) => candidate.node === move.to)) return null;
+  return move.to;
 }
 
 /**

@@ -1,7 +1,7 @@
 // The cluster's volumes as `chunkd volume list` shows them on a clustered node, the pure part: each volume's record
 // with its owner's liveness, its replicas (named in the record, or publishing a replica that follows the current
 // owner and epoch) with whether each is live and its newest replicated point, and a move in progress.
-import { failoverWait, orphanedVolumes } from './failover.ts';
+import { failoverWait, orphanedVolumes, pendingMoveTarget } from './failover.ts';
 import type { MoveRecord, ReplicaRecord, VolumeRecord } from './records.ts';
 
 export interface ClusterVolume {
@@ -27,7 +27,10 @@ export interface ClusterVolume {
 }
 
 export function describeVolumes(volumes: VolumeRecord[], replicas: ReplicaRecord[], aliveNodes: Set<string>, moves: MoveRecord[], nowMs: number): ClusterVolume[] {
-  const orphans = new Map(orphanedVolumes(volumes, aliveNodes, replicas).map(({ volume, candidates }) => [volume.name, failoverWait(volume, aliveNodes, candidates)]));
+  const orphans = new Map(orphanedVolumes(volumes, aliveNodes, replicas).map(({ volume, candidates }) => {
+    const target = pendingMoveTarget(volume, moves, aliveNodes, candidates);
+    return [volume.name, target !== null ? `its owner ${volume.owner} has no live lease while moving it to ${target}: ${target} records the move, or drops it, before a replica takes it over` : failoverWait(volume, aliveNodes, candidates)];
+  }));
   return volumes
     .map((volume) => {
       const following = new Map(replicas.filter((replica) => replica.volume === volume.name && replica.owner === volume.owner && replica.ownerEpoch === volume.epoch && aliveNodes.has(replica.node)).map((replica) => [replica.node, replica]));

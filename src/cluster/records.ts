@@ -123,13 +123,15 @@ export interface ReplicaRecord {
   pointMs: number;
   /** A synchronous replica: it has no replicated points (point 'sync', pointMs 0); whether it holds every write is the volume record's inSync. */
   sync?: true;
+  /** Its point came from an earlier owner (it follows this one since a failover, and has received nothing from it yet): no successor. */
+  stale?: true;
 }
 
 export function parseReplicaRecord(key: string, value: Buffer): ReplicaRecord {
   const record = parseJson(key, value) as Partial<ReplicaRecord>;
   const valid = typeof record.volume === 'string' && checkName(record.volume) === null && typeof record.node === 'string' && checkName(record.node, 'node') === null
     && typeof record.owner === 'string' && Number.isSafeInteger(record.ownerEpoch) && typeof record.point === 'string' && Number.isSafeInteger(record.pointMs)
-    && (record.sync === undefined || record.sync === true);
+    && (record.sync === undefined || record.sync === true) && (record.stale === undefined || record.stale === true);
   if (!valid || replicaKey(record.volume!, record.node!) !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a replica record: ${value.toString().slice(0, 200)}`);
   return record as ReplicaRecord;
 }
@@ -152,6 +154,11 @@ export interface MoveRecord {
   requestedAt: string;
   /** Why the owner refused it (a volume mounted there): the asking node reports it and deletes the move. */
   refused?: string;
+  /**
+   * chunkd volume move --cancel: the owner stops the handoff before the target takes the volume (rolled back, writes
+   * resume) and deletes the move; past that point the move completes all the same.
+   */
+  cancelled?: { by: string; at: string };
 }
 
 export function parseMoveRecord(key: string, value: Buffer): MoveRecord {
@@ -159,7 +166,8 @@ export function parseMoveRecord(key: string, value: Buffer): MoveRecord {
   const node = (name: unknown): boolean => typeof name === 'string' && checkName(name, 'node') === null;
   const valid = typeof record.volume === 'string' && checkName(record.volume) === null && node(record.from) && node(record.to) && record.from !== record.to
     && Number.isSafeInteger(record.epoch) && record.epoch! >= 1 && node(record.requestedBy) && typeof record.requestedAt === 'string'
-    && (record.refused === undefined || typeof record.refused === 'string');
+    && (record.refused === undefined || typeof record.refused === 'string')
+    && (record.cancelled === undefined || (typeof record.cancelled === 'object' && record.cancelled !== null && node(record.cancelled.by) && typeof record.cancelled.at === 'string'));
   if (!valid || moveKey(record.volume!) !== key) throw ChunkdError.corrupt(`etcd key ${key} does not hold a move record: ${value.toString().slice(0, 200)}`);
   return record as MoveRecord;
 }

@@ -41,6 +41,9 @@ import type { Log } from '../core/log.ts';
 import { emptyIoStats, MeasuredDevice, type ExportIoStats } from './io-stats.ts';
 import { ClusterMember, type ClusterConfig, type ClusterHost, type ClusterStatus } from '../cluster/cluster.ts';
 import type { ClusterVolume } from '../cluster/listing.ts';
+import { createOnNode, parseRemoteCreate, type VolumePlacement } from '../cluster/remote-create.ts';
+import { formatSize } from '../core/units.ts';
+import { PeerVerb } from '../peer/protocol.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -174,6 +177,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         log: config.log,
         requestTimeoutMs: config.peerTimeoutMs,
         epochOf: (volume) => roles.epochOf(volume),
+        resendWhole: Boolean(config.cluster),
+        keptBase: (volume) => roles.keptBase(volume)?.uuid ?? null,
+        landed: (volume, peerName) => roles.releaseBase(volume, peerName),
         refuse: (volume) => {
           const role = roles.replicaOf(volume);
           if (role !== null) return `volume ${volume} is a replica of ${role.owner}; replicate it from its owner`;
@@ -256,7 +262,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
           software: `chunkd ${softwareVersion}`,
           log: config.log,
           handshakeTimeoutMs: config.peer.handshakeTimeoutMs,
-          verbs: new Map([...replicaServer.verbs(), ...node.#syncServer.verbs()]),
+          verbs: new Map([...replicaServer.verbs(), ...node.#syncServer.verbs(), [PeerVerb.volumeCreate, (payload, context) => node.#createForPeer(payload, context.peerName)]]),
           bulkPayload: replicaServer.bulkPayload,
         });
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
@@ -412,13 +418,27 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   /**
-   * Creates a volume owned by this node. In a cluster it is recorded in etcd too, and `replicas` (0 by default)
-   * replica links go to distinct other nodes with the most free space (cluster/placement.ts), each with its first
-   * cycle done before this returns.
+   * Creates a volume. `where`: 'here' (the default: the default volume, the Docker plugin's Create), 'placed' (the
+   * API's volume create without --node: in a cluster, the live node with the most free space owns it,
+   * cluster/placement.ts), or a named node of the cluster. A volume owned elsewhere is created there (the create
+   * forwarded over the peer port, cluster/remote-create.ts). In a cluster it is recorded in etcd too, and `replicas`
+   * (0 by default) replica links go to distinct other nodes with the most free space, each with its first cycle
+   * done before this returns.
    */
-  async createVolume(name: string, sizeBytes: number, replicas = 0, sync: { timeoutMs: number } | null = null): Promise<VolumeInfo & { replicas?: string[] }> {
+  async createVolume(name: string, sizeBytes: number, replicas = 0, sync: { timeoutMs: number } | null = null, where: VolumePlacement = 'here'): Promise<VolumeInfo & { replicas?: string[]; owner?: string }> {
     if (replicas > 0 && this.#cluster === null) throw ChunkdError.invalid('--replicas needs a cluster (chunkd serve --etcd URL --node-name NAME): without one, add replicas with chunkd replica add VOL --peer HOST:PORT');
+    if (typeof where === 'object' && this.#cluster === null) throw ChunkdError.invalid(`--node ${where.node} needs a cluster (chunkd serve --etcd URL --node-name NAME): without one, a volume is created on the node asked`);
     if (sync !== null && replicas === 0) throw ChunkdError.invalid('--sync needs --replicas N (1 or more): the replicas it makes synchronous');
+    if (this.#cluster !== null && where !== 'here') {
+      const credentials = replicationCredentials(this.config);
+      const owner = await this.#cluster.placeOwner(typeof where === 'object' ? where.node : null, typeof credentials !== 'string');
+      if (owner.name !== this.#cluster.nodeName) {
+        if (typeof credentials === 'string') throw ChunkdError.invalid(`volume ${name} cannot be created on node ${owner.name} from here: ${credentials}`);
+        this.config.log(`volume ${name}: created on node ${owner.name} (${typeof where === 'object' ? 'named' : `the most free space, ${formatSize(owner.freeBytes)}`}), asked here`);
+        return { ...(await createOnNode(owner.name, owner.peer!, credentials, { name, sizeBytes, replicas, sync })) as unknown as VolumeInfo & { replicas?: string[] }, owner: owner.name };
+      }
+      return { ...(await this.createVolume(name, sizeBytes, replicas, sync, 'here')), owner: owner.name };
+    }
     if (sync !== null && typeof replicationCredentials(this.config) === 'string') throw ChunkdError.invalid(`--sync needs this node's client certificate: ${replicationCredentials(this.config) as string}`);
     // Placed before anything is made, so that a cluster too small refuses with nothing left behind.
     const placement = replicas > 0 ? await this.#cluster!.placeReplicas(replicas) : [];
@@ -461,6 +481,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       }
     }
     return placement.length === 0 ? info : { ...info, replicas: placement.map((node) => node.name) };
+  }
+
+  /** A create another node of the cluster placed here (remote-create.ts): made as this node's own. */
+  async #createForPeer(payload: Buffer, peerName: string): Promise<object> {
+    const request = parseRemoteCreate(payload);
+    if (this.#cluster === null) throw ChunkdError.invalid(`node ${peerName} asked this node to create volume ${request.name}, but this node is not in a cluster`);
+    this.config.log(`volume ${request.name}: created here as asked by node ${peerName} (placement)`);
+    return this.createVolume(request.name, request.sizeBytes, request.replicas, request.sync, 'here');
   }
 
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
@@ -515,6 +543,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.#cluster.requestMove(volume, to);
   }
 
+  /** `chunkd volume move --cancel VOL`: the move recorded in etcd stopped, unless past its point of no return (cluster.ts). */
+  cancelMove(volume: string): Promise<unknown> {
+    if (this.#cluster === null) throw ChunkdError.invalid('chunkd volume move --cancel needs a cluster (chunkd serve --etcd URL --node-name NAME)');
+    return this.#cluster.cancelMove(volume);
+  }
+
   /** The cluster as etcd has it; refused on a node that is not in one. */
   clusterStatus(): Promise<ClusterStatus> {
     if (this.#cluster === null) throw ChunkdError.invalid('this node is not in a cluster: start it with chunkd serve --etcd URL --node-name NAME');
@@ -529,7 +563,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       peerAddress: () => this.#peer?.addresses()[0] ?? null,
       describe: async () => {
         const status = await this.pool.status();
-        return { capacityBytes: status.fileSystem.sizeBytes, freeBytes: status.fileSystem.freeBytes, health: status.failure === null ? 'ok' : `pool failed: ${status.failure}` };
+        // Test hook: the free space reported (the cluster tests' pools all share one file system, so placement
+        // by free space needs a node that says it has less).
+        const freeBytes = process.env.CHUNKD_TEST_FREE_BYTES === undefined ? status.fileSystem.freeBytes : Number(process.env.CHUNKD_TEST_FREE_BYTES);
+        return { capacityBytes: status.fileSystem.sizeBytes, freeBytes, health: status.failure === null ? 'ok' : `pool failed: ${status.failure}` };
       },
       epochOf: (volume) => (roles.replicaOf(volume) === null && roles.fenced(volume) === null && roles.handingOff(volume) === null ? roles.epochOf(volume) : null),
       // Fenced volumes and volumes being handed off are not this node's to record or confirm (their writes stay
@@ -541,7 +578,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       replicaVolumes: () => this.pool.listVolumes().flatMap((volume) => {
         const role = roles.replicaOf(volume.name);
         if (role === null) return [];
-        return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newestReplicationPoint(this.pool.listSnapshots(volume.name))?.name ?? null, sync: roles.isSyncReplica(volume.name) }];
+        const newest = newestReplicationPoint(this.pool.listSnapshots(volume.name));
+        return [{ name: volume.name, owner: role.owner, ownerEpoch: role.epoch, point: newest?.name ?? null, sync: roles.isSyncReplica(volume.name), stale: newest !== null && newest.uuid === roles.stalePoint(volume.name) }];
       }),
       promote: async (volume) => (await this.#promote(volume)).epoch,
       fencedVolumes: () => roles.fencedVolumes().map(([volume, fence]) => ({ name: volume, epoch: fence.epoch })),
@@ -556,7 +594,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       },
       follow: async (volume, owner, ownerEpoch) => {
         if (roles.replicaOf(volume) === null) return;
-        await roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch, ...(roles.isSyncReplica(volume) ? { sync: true } : {}) });
+        // Its newest point came from the previous owner: stale for this one until a stream from it arrives.
+        const newest = roles.isSyncReplica(volume) ? null : newestReplicationPoint(this.pool.listSnapshots(volume));
+        const stale = roles.stalePoint(volume) ?? newest?.uuid ?? null;
+        await roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch, ...(roles.isSyncReplica(volume) ? { sync: true } : {}), ...(stale === null ? {} : { stalePoint: stale }) });
         await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
       },
       ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),
@@ -566,12 +607,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         const attachment = this.#attachments?.get(volume);
         return attachment === undefined ? null : `it is mounted at ${attachment.mountpoint} on node ${this.#cluster?.nodeName ?? '?'}${attachment.dockerIds.length > 0 ? ` for ${attachment.dockerIds.length} container(s)` : ''}; unmount it there first`;
       },
-      move: async (volume, to, toAddress, epoch) => {
+      move: async (volume, to, toAddress, epoch, cancelled) => {
         const role = roles.replicaOf(volume);
         // Handed over already (this run, or one a crash interrupted and the start settled): only etcd is left.
         if (role !== null && role.owner === to && role.epoch === epoch + 1) return;
         if (role !== null || roles.epochOf(volume) !== epoch) throw ChunkdError.invalid(`volume ${volume} is not this node's at epoch ${epoch}${role === null ? ` (its epoch here is ${roles.epochOf(volume)})` : ` (a replica of ${role.owner} here)`}: it cannot be moved from here`);
-        await handoff(this.#handoffContext(), volume, toAddress);
+        await handoff(this.#handoffContext(), volume, toAddress, cancelled);
       },
     };
   }
@@ -723,9 +764,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     if (point === null) throw ChunkdError.notFound(`replica ${volume} has no replicated snapshot; there is nothing to promote`);
     if (this.pool.diff(volume, point.name, null).length > 0) await this.pool.rollbackVolume(volume, point.name);
     const epoch = role.epoch + 1;
-    await this.roles.set(volume, { role: 'owner', epoch });
+    await this.roles.set(volume, { role: 'owner', epoch, keep: { uuid: point.uuid, until: role.owner } });
     await this.pool.blockWrites(volume, null);
-    this.config.log(`volume ${volume} promoted: this node owns it at epoch ${epoch}, from ${point.name} (its last point from ${role.owner})`);
+    this.config.log(`volume ${volume} promoted: this node owns it at epoch ${epoch}, from ${point.name} (its last point from ${role.owner}, kept until ${role.owner} rejoins from it)`);
     return { volume, epoch, snapshot: point.name, previousOwner: role.owner };
   }
 

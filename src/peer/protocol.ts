@@ -47,6 +47,9 @@ export const PeerVerb = {
   hello: 1, replicaInfo: 2, receiveOpen: 3, receiveData: 4, receiveClose: 5, receiveAbort: 6, replicaPrune: 7, takeOwnership: 8,
   // Synchronous replicas (replication/sync-replicas.ts; payloads in replication/sync-messages.ts).
   syncOpen: 9, syncWrite: 10, syncFlush: 11, syncControl: 12, syncSums: 13, syncRead: 14,
+  // The cluster's, numbered from 32 (apart from the synchronous replicas', which grow from 12): a new volume
+  // placed on another node (cluster/remote-create.ts).
+  volumeCreate: 32,
 } as const;
 
 /** Verbs whose payload is raw bytes up to peerFrameBytesMax; every other verb's is a JSON object up to peerControlBytesMax. */

@@ -55,22 +55,37 @@ export interface HandoffResult {
   completedEarlier: boolean;
 }
 
-export async function handoff(context: HandoffContext, volume: string, address: string): Promise<HandoffResult> {
+/**
+ * `cancelled` (volume move --cancel, in a cluster) is asked between steps: before each increment and the freeze,
+ * and once more after the final increment, before takeOwnership (the point of no return): a handoff cancelled
+ * after the freeze is rolled back here (writes resume). It then fails (EBUSY, "cancelled").
+ */
+export async function handoff(context: HandoffContext, volume: string, address: string, cancelled: () => boolean | Promise<boolean> = () => false): Promise<HandoffResult> {
   const { pool, roles, replicator, log } = context;
+  const stopIfCancelled = async (): Promise<void> => {
+    if (!(await cancelled())) return;
+    const frozen = roles.handingOff(volume);
+    if (frozen !== null) await rollBack(context, volume, frozen.epoch);
+    log(`handoff of ${volume} to ${address} cancelled${frozen === null ? '' : ' after the freeze: rolled back, this node takes writes again'}`);
+    throw ChunkdError.busy(`the handoff of ${volume} to ${address} was cancelled`);
+  };
   pool.volumeInfo(volume);
   const pending = roles.handingOff(volume);
   if (pending !== null && pending.toAddress !== address) throw ChunkdError.busy(`volume ${volume} is being handed off to ${pending.to} at ${pending.toAddress}, not ${address}: run that handoff again to finish it`);
   if (pending === null) {
     roles.checkWritable(volume, 'a handoff');
     await replicator.ensureLink(volume, address, defaultEveryMs);
-  } else if ((await resolve(context, volume)) === 'completed') {
+  } else {
+    const outcome = await resolve(context, volume);
     // The earlier attempt had completed on the peer (its answer was lost): nothing is left to do.
-    return { volume, to: pending.to, epoch: pending.epoch + 1, increments: 0, finalBytes: 0, pauseSeconds: 0, disconnected: 0, completedEarlier: true };
+    if (outcome === 'completed') return { volume, to: pending.to, epoch: pending.epoch + 1, increments: 0, finalBytes: 0, pauseSeconds: 0, disconnected: 0, completedEarlier: true };
+    if (outcome === 'fenced') throw ChunkdError.readOnly(`volume ${volume} was taken over by ${pending.to} otherwise (a failover) while it was being handed off; this node is fenced`);
   }
   let increments = 0;
   if (roles.handingOff(volume) === null) {
     // Phase 1: increments while clients write, until the rest is small.
     for (;;) {
+      await stopIfCancelled();
       await replicator.sync(volume, address);
       increments += 1;
       const remaining = replicator.statusOf(volume).find((link) => link.peer === address)?.bytesPending ?? 0;
@@ -82,6 +97,7 @@ export async function handoff(context: HandoffContext, volume: string, address: 
   const to = link?.peerName ?? pending?.to;
   if (to === undefined || to === null) throw ChunkdError.io(`the peer at ${address} has not answered yet`);
   const epoch = roles.epochOf(volume);
+  await stopIfCancelled();
   const frozenAt = performance.now();
   await roles.set(volume, { role: 'handing-off', epoch, to, toAddress: address });
   await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
@@ -91,6 +107,7 @@ export async function handoff(context: HandoffContext, volume: string, address: 
   const [final] = await replicator.sync(volume, address);
   crashPoint('handoff:after-final');
   const target = pool.snapshotInfo(volume, final!.snapshot);
+  await stopIfCancelled();
   await replicator.takeOwnership(address, { volume, epoch: epoch + 1, snapshot: target.uuid, replicaBack: context.ownAddress });
   const pauseSeconds = (performance.now() - frozenAt) / 1000;
   crashPoint('handoff:after-taken');
@@ -100,10 +117,11 @@ export async function handoff(context: HandoffContext, volume: string, address: 
 }
 
 /**
- * Settles a handoff a crash interrupted (see the top): 'completed', 'rolled-back', or 'frozen' when the peer
- * cannot be asked (or has not taken the volume and the caller goes on with it).
+ * Settles a handoff a crash interrupted (see the top): 'completed', 'rolled-back', 'fenced' (the peer owns it, but
+ * not from this node's last point: a failover), or 'frozen' when the peer cannot be asked (or has not taken the
+ * volume and the caller goes on with it).
  */
-export async function resolve(context: HandoffContext, volume: string): Promise<'completed' | 'rolled-back' | 'frozen'> {
+export async function resolve(context: HandoffContext, volume: string): Promise<'completed' | 'rolled-back' | 'frozen' | 'fenced'> {
   const { roles, pool, replicator, log } = context;
   const pending = roles.handingOff(volume);
   if (pending === null) return 'rolled-back';
@@ -115,18 +133,34 @@ export async function resolve(context: HandoffContext, volume: string): Promise<
     return 'frozen';
   }
   if (info.ownedEpoch !== null && info.ownedEpoch > pending.epoch) {
-    await becomeReplica(context, volume, pending.to, info.ownedEpoch);
-    log(`handoff of ${volume} to ${pending.to} had completed there (epoch ${info.ownedEpoch}); this node is its replica`);
-    return 'completed';
+    // The peer owns it at a higher epoch: the handoff completed there, or (in a cluster) a failover promoted it
+    // meanwhile, from an older point of this node's. Only a volume that is exactly one of the peer's points may
+    // simply follow it; any other is fenced, and its rejoin (node.demote) keeps aside what the peer lacks.
+    const theirs = new Set(info.snapshots.map((snapshot) => snapshot.uuid));
+    const base = pool.listSnapshots(volume).reverse().find((snapshot) => theirs.has(snapshot.uuid)) ?? null;
+    if (base !== null && pool.diff(volume, base.name, null).length === 0) {
+      await becomeReplica(context, volume, pending.to, info.ownedEpoch);
+      log(`handoff of ${volume} to ${pending.to} had completed there (epoch ${info.ownedEpoch}); this node is its replica`);
+      return 'completed';
+    }
+    await roles.set(volume, { role: 'fenced', epoch: pending.epoch, owner: pending.to, ownerEpoch: info.ownedEpoch, ownerAddress: pending.toAddress });
+    await pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
+    log(`handoff of ${volume} to ${pending.to}: it owns the volume at epoch ${info.ownedEpoch}, but not from this node's last point (${base === null ? 'no snapshot in common' : `changed since ${base.name}`}): it was taken over otherwise (a failover); this node is fenced`, 'warn');
+    return 'fenced';
   }
   if (info.replicaOf !== null && info.replicaOf.epoch === pending.epoch) {
-    await (pending.epoch === 1 ? roles.forget(volume) : roles.set(volume, { role: 'owner', epoch: pending.epoch }));
-    await pool.blockWrites(volume, null);
+    await rollBack(context, volume, pending.epoch);
     log(`handoff of ${volume} to ${pending.to} rolled back: it had not taken the volume; this node takes writes again`);
     return 'rolled-back';
   }
   log(`handoff of ${volume} to ${pending.to} is in doubt: the peer holds neither the volume nor its replica as expected; writes stay refused`, 'error');
   return 'frozen';
+}
+
+/** A handoff undone before the peer took the volume: this node owns it again at `epoch`, and takes writes. */
+async function rollBack(context: HandoffContext, volume: string, epoch: number): Promise<void> {
+  await (epoch === 1 ? context.roles.forget(volume) : context.roles.set(volume, { role: 'owner', epoch }));
+  await context.pool.blockWrites(volume, null);
 }
 
 async function becomeReplica(context: HandoffContext, volume: string, owner: string, epoch: number): Promise<void> {

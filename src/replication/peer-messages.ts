@@ -5,7 +5,11 @@
 //   replicaInfo   {volume}                 -> what the node holds of it: whether it exists, its role (a replica
 //                                             of whom, or its own, at which ownership epoch), its snapshots, and an
 //                                             interrupted receive (so the owner resumes it, never starts over)
-//   receiveOpen   {volume, epoch}          -> {}: the connection now carries one stream into the volume
+//   receiveOpen   {volume, epoch[, replace]}
+//                                          -> {}: the connection now carries one stream into the volume; `replace`
+//                                             (in a cluster): a replica that shares no snapshot with its owner (a
+//                                             failover promoted another replica) takes a full stream in place: its
+//                                             replication points go, its other snapshots stay
 //   receiveData   raw stream bytes         -> {} once the receiver has taken them (that is the backpressure)
 //   receiveClose  {}                       -> the receive's result, once the END record is applied and checked
 //   receiveAbort  {volume}                 -> {}: an interrupted receive the owner cannot resume is discarded
@@ -35,6 +39,8 @@ export interface ReceiveOpenRequest {
   volume: string;
   /** The sender's ownership epoch of the volume: a replica refuses a sender older than what it has seen. */
   epoch: number;
+  /** A full stream replaces the replica in place (its replication points go, its other snapshots stay). */
+  replace?: boolean;
 }
 
 export interface PruneRequest {
@@ -72,7 +78,8 @@ export function parseVolumeRequest(payload: Buffer, what: string): VolumeRequest
 
 export function parseReceiveOpen(payload: Buffer): ReceiveOpenRequest {
   const value = parseJsonObject(payload, 'receiveOpen');
-  return { volume: volumeField(value.volume, 'receiveOpen'), epoch: epochField(value.epoch, 'receiveOpen') };
+  if (value.replace !== undefined && typeof value.replace !== 'boolean') throw ChunkdError.protocol('receiveOpen: replace is true or false');
+  return { volume: volumeField(value.volume, 'receiveOpen'), epoch: epochField(value.epoch, 'receiveOpen'), ...(value.replace === true ? { replace: true } : {}) };
 }
 
 export function parsePrune(payload: Buffer): PruneRequest {

@@ -42,6 +42,11 @@ interface ReceiveState {
   offsetBytes: number;
   /** A full stream made the volume; refusing the stream removes it. */
   createdVolume: boolean;
+  /**
+   * A full stream into an existing volume (a replica resent whole in a cluster: `replace`): the volume is emptied
+   * first (trimmed whole, at offset 0), its snapshots stay; refusing the stream leaves it emptied or partly written.
+   */
+  replacing?: boolean;
 }
 
 export interface ReceiveResult {
@@ -123,17 +128,17 @@ export class StreamReceiver {
    * a piece of the body that held whole records is handed back once every write of its bytes is done (the peer
    * server reuses its frame buffers so); a piece the decoder still holds part of is left to the garbage collector.
    */
-  async receive(volume: string, body: AsyncIterable<Buffer>, options: { recycle?: (piece: Buffer) => void } = {}): Promise<ReceiveResult> {
+  async receive(volume: string, body: AsyncIterable<Buffer>, options: { recycle?: (piece: Buffer) => void; replace?: boolean } = {}): Promise<ReceiveResult> {
     if (this.#active.has(volume)) throw ChunkdError.busy(`a receive into ${volume} is already running`);
     this.#active.add(volume);
     try {
-      return await this.#receive(volume, body, options.recycle ?? null);
+      return await this.#receive(volume, body, options.recycle ?? null, options.replace === true);
     } finally {
       this.#active.delete(volume);
     }
   }
 
-  async #receive(volumeName: string, body: AsyncIterable<Buffer>, recycle: ((piece: Buffer) => void) | null): Promise<ReceiveResult> {
+  async #receive(volumeName: string, body: AsyncIterable<Buffer>, recycle: ((piece: Buffer) => void) | null, replace: boolean): Promise<ReceiveResult> {
     const decoder = new StreamDecoder();
     const input = body[Symbol.asyncIterator]();
     let pending: ReturnType<StreamDecoder['push']> = [];
@@ -146,7 +151,7 @@ export class StreamReceiver {
       pending = decoder.push(next.value);
     }
     const header = decoder.header;
-    const state = await this.#start(volumeName, header);
+    const state = await this.#start(volumeName, header, replace);
     let volume: Volume | null = null;
     let sinceCommitBytes = 0;
     let dataBytes = 0;
@@ -192,6 +197,8 @@ export class StreamReceiver {
     };
     try {
       volume = this.#pool.openVolumeForReceive(volumeName);
+      // A replaced volume starts empty: its old content goes (its snapshots keep theirs) before the first extent.
+      if (state.replacing === true && header.resumeOffsetBytes === 0) await volume.trim(0, header.volumeSizeBytes);
       let ended = false;
       for (;;) {
         for (const record of pending) {
@@ -284,7 +291,7 @@ export class StreamReceiver {
   }
 
   /** Checks the header against the volume (and any interrupted receive), marks the volume, and returns the state to keep. */
-  async #start(volumeName: string, header: StreamHeader): Promise<ReceiveState> {
+  async #start(volumeName: string, header: StreamHeader, replace: boolean): Promise<ReceiveState> {
     const pool = this.#pool;
     const what = `${header.base === null ? 'a full stream' : `an incremental stream from ${header.base.name} (id ${header.base.uuid})`} of ${header.target.name} (id ${header.target.uuid})`;
     const existing = await this.#load(volumeName);
@@ -301,6 +308,18 @@ export class StreamReceiver {
     }
     if (header.resumeOffsetBytes !== 0) throw ChunkdError.invalid(`the stream resumes at byte ${header.resumeOffsetBytes}, but volume ${volumeName} has no interrupted receive`);
     const state: ReceiveState = { volume: volumeName, base: header.base, target: header.target, volumeSizeBytes: header.volumeSizeBytes, offsetBytes: 0, createdVolume: header.base === null };
+    if (header.base === null && replace && pool.hasVolume(volumeName)) {
+      const replacing: ReceiveState = { ...state, createdVolume: false, replacing: true };
+      pool.beginReceive(volumeName);
+      try {
+        await this.#save(replacing);
+        if (header.volumeSizeBytes !== pool.volumeInfo(volumeName).sizeBytes) await pool.receiveResize(volumeName, header.volumeSizeBytes);
+      } catch (error) {
+        pool.endReceive(volumeName);
+        throw error;
+      }
+      return replacing;
+    }
     if (header.base === null) {
       if (pool.hasVolume(volumeName)) throw ChunkdError.exists(`volume ${volumeName} exists; ${what} makes a new volume: receive it under a new name (or send an incremental from a snapshot ${volumeName} has)`);
       await this.#save(state);
@@ -340,6 +359,8 @@ export class StreamReceiver {
       pool.beginReceive(state.volume);
       if (state.createdVolume) {
         await pool.receiveDiscardVolume(state.volume);
+      } else if (state.replacing === true) {
+        // Nothing to go back to: its old content was given up for this stream; the owner sends it whole again.
       } else {
         const base = state.base === null ? null : pool.findSnapshot(state.base.uuid, state.volume);
         assert(base !== null, 'an incremental receive whose base snapshot is gone (removal is refused while receiving)');

@@ -87,13 +87,14 @@ export class ReplicaServer {
   readonly bulkPayload = (size: number): Buffer => this.#frameBuffers.take(size) ?? Buffer.from(new SharedArrayBuffer(size));
 
   async #open(payload: Buffer, context: PeerRequestContext): Promise<object> {
-    const { volume, epoch } = parseReceiveOpen(payload);
+    const { volume, epoch, replace } = parseReceiveOpen(payload);
     if (this.#sessions.has(context.connection.id)) throw ChunkdError.busy('this connection carries a stream already; close it first');
     await this.#checkSender(volume, context.peerName, epoch);
+    if (replace === true) await this.#prepareReplace(volume, context.peerName, epoch);
     // Recorded before the stream may create the volume, so a replica never exists without its role.
     await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });
     const feed = new ByteFeed();
-    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed, { recycle: (piece) => this.#frameBuffers.put(piece) }) };
+    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed, { recycle: (piece) => this.#frameBuffers.put(piece), replace }) };
     this.#sessions.set(context.connection.id, session);
     session.result.then(
       () => feed.close(ChunkdError.protocol(`the stream into ${volume} is complete; no more bytes belong to it`)),
@@ -152,6 +153,26 @@ export class ReplicaServer {
       reply.removed.push(snapshot.name);
     }
     return reply;
+  }
+
+  /**
+   * A replica that shares no snapshot with its owner (in a cluster, after a failover promoted another replica whose
+   * points this one never got) takes a full stream in place (receiveOpen's `replace`; replicator.ts asks only in a
+   * cluster, where a volume's name and its epochs are the cluster's): its replication points go now, the stream
+   * empties the volume and fills it, and its other snapshots (an old owner's fenced- writes) stay. Only its owner
+   * or a node at a higher epoch gets here (#checkSender); refused while a stream into it is interrupted, or while
+   * a client reads it.
+   */
+  async #prepareReplace(volume: string, peer: string, epoch: number): Promise<void> {
+    if (this.#roles.replicaOf(volume) === null || !this.#pool.hasVolume(volume)) return;
+    if (this.#receiver.isActive(volume) || (await this.#receiver.interrupted(volume)) !== null) throw ChunkdError.busy(`a stream into ${volume} is not complete here; resume or abort it first`);
+    const snapshots = this.#pool.listSnapshots(volume);
+    const open = snapshots.filter((snapshot) => snapshot.openCount > 0).map((snapshot) => snapshot.name);
+    if (open.length > 0 || this.#pool.volumeInfo(volume).openCount > 0) throw ChunkdError.busy(`replica ${volume} is read by clients here (${open.length > 0 ? open.join(', ') : 'the volume'}); it is resent once they disconnect`);
+    const points = snapshots.filter((snapshot) => snapshot.name.startsWith(replicationSnapshotPrefix));
+    for (const snapshot of points) await this.#pool.removeSnapshot(volume, snapshot.name);
+    const kept = snapshots.filter((snapshot) => !snapshot.name.startsWith(replicationSnapshotPrefix)).map((snapshot) => snapshot.name);
+    this.#log(`replica ${volume} resent whole by ${peer} (epoch ${epoch}): it shared no snapshot with ${peer}'s ${volume}; its points here (${points.map((snapshot) => snapshot.name).join(', ') || 'none'}) are given up${kept.length > 0 ? `, its other snapshots stay (${kept.join(', ')})` : ''}`, 'warn');
   }
 
   /**

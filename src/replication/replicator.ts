@@ -99,6 +99,16 @@ export interface ReplicatorOptions {
   epochOf: (volume: string) => number;
   /** Why the volume cannot be replicated from here (it is a replica, or fenced), or null. */
   refuse: (volume: string) => string | null;
+  /**
+   * In a cluster (where a volume's name and its epochs are the cluster's): a replica that follows this node (or an
+   * older epoch) but shares no snapshot with it is sent whole, in place (receiveOpen's replace), rather than left
+   * stale for an operator.
+   */
+  resendWhole?: boolean;
+  /** A snapshot of the volume kept from pruning (a promoted owner's point, for its old owner's rejoin: roles.ts KeptBase), or null. */
+  keptBase?: (volume: string) => string | null;
+  /** A point of the volume landed on the peer named `peerName` (its certificate's name). */
+  landed?: (volume: string, peerName: string) => Promise<void>;
   /** A peer owns the volume at a higher epoch (it was promoted, or follows a node that was): stop writing it, durably. */
   fence: (volume: string, by: { owner: string; ownerEpoch: number; ownerAddress: string | null }) => Promise<void>;
 }
@@ -326,6 +336,8 @@ export class Replicator {
 
     let request: SendRequest | null = null;
     let outcome: CycleResult['outcome'] = 'incremental';
+    /** A full stream that replaces the peer's replica in place (see resendWhole). */
+    let replace = false;
     if (info.receive !== null) {
       const target = pool.findSnapshot(info.receive.target, volume);
       const base = info.receive.base === null ? null : pool.findSnapshot(info.receive.base, volume);
@@ -343,7 +355,15 @@ export class Replicator {
       const peerIds = new Set(info.snapshots.map((snapshot) => snapshot.uuid));
       const base = pool.listSnapshots(volume).reverse().find((snapshot) => peerIds.has(snapshot.uuid)) ?? null;
       if (info.exists && base === null) {
-        throw ChunkdError.invalid(`the replica of ${volume} on ${link.peerName} shares no snapshot with this node's ${volume}: remove it there (chunkd volume rm ${volume}) and the next cycle sends it whole`);
+        const epoch = this.#options.epochOf(volume);
+        const follows = info.replicaOf !== null && (info.replicaOf.owner === this.#credentials().name || info.replicaOf.epoch < epoch);
+        if (this.#options.resendWhole !== true || !follows) {
+          throw ChunkdError.invalid(`the replica of ${volume} on ${link.peerName} shares no snapshot with this node's ${volume}: remove it there (chunkd volume rm ${volume}) and the next cycle sends it whole`);
+        }
+        // A failover promoted another replica, whose points this one never got: its copy is no part of the volume's
+        // history from this epoch on (and normally older: the successor is the live replica with the newest point).
+        this.#options.log(`replication of ${volume} to ${link.peerName}: its replica shares no snapshot with this node's ${volume} (it holds ${info.snapshots.map((snapshot) => snapshot.name).join(', ') || 'none'}); resending it whole, in place (its replication points there are given up, its other snapshots stay)`, 'warn');
+        replace = true;
       }
       if (base !== null && pool.diff(volume, base.name, null).length === 0 && pool.volumeInfo(volume).sizeBytes === base.sizeBytes) {
         await this.#landed(link, client, base.uuid, Date.parse(base.createdAt));
@@ -358,7 +378,7 @@ export class Replicator {
     const prepared = prepareSend(pool, request, this.#options.log);
     const total = prepared.header.dataBytes;
     link.stream = { target: request.snapshot, totalBytes: total, sentBytes: 0, resumedFromBytes: request.resumeOffsetBytes };
-    await ask(PeerVerb.receiveOpen, { volume, epoch: this.#options.epochOf(volume) });
+    await ask(PeerVerb.receiveOpen, { volume, epoch: this.#options.epochOf(volume), ...(replace ? { replace: true } : {}) });
     const streamStarted = performance.now();
     const streamBytes = await this.#stream(link, client, prepared);
     const result: ReceiveResult = parseReceiveResult(await ask(PeerVerb.receiveClose, {}));
@@ -493,8 +513,12 @@ export class Replicator {
     }
     const pruned = parsePruneReply(await withTimeout(client.request(PeerVerb.replicaPrune, jsonPayload({ volume, keep: [uuid] })), this.#timeoutMs, () => client.close(), `${link.peerName} did not answer a prune`));
     if (pruned.kept.length > 0) this.#options.log(`replication of ${volume} to ${link.peerName}: ${pruned.kept.join(', ')} kept there while clients read them`);
-    // Here, every link of the volume needs its own last point (its next base), and any stream in progress its target.
+    await this.#options.landed?.(volume, link.peerName!);
+    // Here, every link of the volume needs its own last point (its next base), and any stream in progress its target;
+    // a promoted owner keeps the point it was promoted at until its old owner has rejoined from it.
     const needed = new Set<string>();
+    const kept = this.#options.keptBase?.(volume) ?? null;
+    if (kept !== null) needed.add(kept);
     for (const other of this.#links) {
       if (other.stored.volume !== volume) continue;
       if (other.stored.lastUuid !== null) needed.add(other.stored.lastUuid);

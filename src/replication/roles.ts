@@ -1,8 +1,12 @@
 // Who may write each volume of this pool, and at which ownership epoch: <pool>/replication/roles.json, written
 // whole and durably (state-file.ts). A volume with no entry is this node's own, at epoch 1. The other roles:
 //
-//   owner    this node's own at a higher epoch: it was promoted from a replica (failover) or handed over here
-//   replica  a read-only copy of `owner`'s volume at `epoch`, fed only by streams from it (or a higher epoch)
+//   owner    this node's own at a higher epoch: it was promoted from a replica (failover) or handed over here;
+//            after a promotion, `keep` names the point it was promoted at, kept for the old owner to rejoin from
+//   replica  a read-only copy of `owner`'s volume at `epoch`, fed only by streams from it (or a higher epoch);
+//            `stalePoint`: set when it began to follow a new owner (a failover), the id of its newest point then,
+//            which came from the previous owner: until a stream from the new owner replaces the role, that point
+//            says nothing of the new owner's data (the cluster does not let it take the volume over)
 //   fenced   this node owned it at `epoch`, and `owner` (at `ownerAddress`) has since become the owner at
 //            `ownerEpoch`: writes are refused until the operator demotes it to a replica
 //   handing-off  this node owns it at `epoch` and is handing it to `to` (handoff.ts): writes are refused (the
@@ -21,10 +25,20 @@ import { checkName } from '../core/names.ts';
 import { readStateFile, writeStateFile } from './state-file.ts';
 
 export type VolumeRole =
-  | { role: 'owner'; epoch: number }
-  | { role: 'replica'; owner: string; epoch: number; sync?: boolean }
+  | { role: 'owner'; epoch: number; keep?: KeptBase }
+  | { role: 'replica'; owner: string; epoch: number; sync?: boolean; stalePoint?: string }
   | { role: 'fenced'; epoch: number; owner: string; ownerEpoch: number; ownerAddress: string | null }
   | { role: 'handing-off'; epoch: number; to: string; toAddress: string };
+
+/**
+ * On a node promoted from a replica: the replication point it was promoted at, kept (replicator.ts does not prune
+ * it) until `until`, the previous owner, has rejoined as its replica and taken a point from it, since that point
+ * is the one snapshot both are sure to hold (the old owner rolls back to it, then takes increments from it).
+ */
+export interface KeptBase {
+  uuid: string;
+  until: string;
+}
 
 export interface ReplicaRole {
   /** The node that owns the volume and sends it here (its certificate's name). */
@@ -64,6 +78,12 @@ export class VolumeRoles {
     return role?.role === 'replica' ? { owner: role.owner, epoch: role.epoch } : null;
   }
 
+  /** Of a replica that follows a new owner and has received nothing from it yet: its newest point then (from the previous owner), else null. */
+  stalePoint(volume: string): string | null {
+    const role = this.#roles.get(volume);
+    return role?.role === 'replica' ? role.stalePoint ?? null : null;
+  }
+
   /** Whether the volume is a synchronous replica (sync-replica-server.ts): written by its owner's syncWrite requests, not by streams. */
   isSyncReplica(volume: string): boolean {
     const role = this.#roles.get(volume);
@@ -80,6 +100,19 @@ export class VolumeRoles {
   epochOf(volume: string): number {
     const role = this.#roles.get(volume);
     return role === undefined || role.role === 'replica' ? 1 : role.epoch;
+  }
+
+  /** The replication point a promoted owner keeps for its previous owner's rejoin (KeptBase), or null. */
+  keptBase(volume: string): KeptBase | null {
+    const role = this.#roles.get(volume);
+    return role?.role === 'owner' ? role.keep ?? null : null;
+  }
+
+  /** The previous owner `node` has taken a point from this owner: the kept base is no longer needed for it. */
+  async releaseBase(volume: string, node: string): Promise<void> {
+    const role = this.#roles.get(volume);
+    if (role?.role !== 'owner' || role.keep?.until !== node) return;
+    await this.set(volume, { role: 'owner', epoch: role.epoch });
   }
 
   /** The handoff of a volume in progress on this node (it was the owner), or null. */
@@ -143,8 +176,11 @@ function isRole(value: unknown): value is VolumeRole {
   const role = value as Record<string, unknown> | null;
   if (typeof role !== 'object' || role === null || !Number.isSafeInteger(role.epoch) || (role.epoch as number) < 1) return false;
   const nodeName = (name: unknown): boolean => typeof name === 'string' && checkName(name, 'node') === null;
-  if (role.role === 'owner') return true;
-  if (role.role === 'replica') return nodeName(role.owner) && (role.sync === undefined || typeof role.sync === 'boolean');
+  if (role.role === 'owner') {
+    const keep = role.keep as Record<string, unknown> | undefined;
+    return keep === undefined || (typeof keep === 'object' && keep !== null && typeof keep.uuid === 'string' && nodeName(keep.until));
+  }
+  if (role.role === 'replica') return nodeName(role.owner) && (role.sync === undefined || typeof role.sync === 'boolean') && (role.stalePoint === undefined || typeof role.stalePoint === 'string');
   if (role.role === 'fenced') return nodeName(role.owner) && Number.isSafeInteger(role.ownerEpoch) && (role.ownerAddress === null || typeof role.ownerAddress === 'string');
   if (role.role === 'handing-off') return nodeName(role.to) && typeof role.toAddress === 'string';
   return false;

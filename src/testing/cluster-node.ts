@@ -20,7 +20,7 @@ export function clusterNodeArgs(spec: ClusterNodeSpec): string[] {
   return [...peer, '--etcd', spec.etcd, '--node-name', spec.name, '--lease-ttl', `${spec.ttlMs / 1000}s`];
 }
 
-export type PoolRoles = Record<string, { role: string; epoch: number; owner?: string; ownerEpoch?: number }>;
+export type PoolRoles = Record<string, { role: string; epoch: number; owner?: string; ownerEpoch?: number; keep?: { uuid: string; until: string } }>;
 
 /** The roles file of the pool at `pool` (replication/roles.ts): volume -> role; written whole by rename, so read whole. */
 export function rolesOf(pool: string): PoolRoles {

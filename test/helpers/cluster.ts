@@ -30,9 +30,9 @@ export interface ClusterFixture {
   client: Etcd3;
   /**
    * Starts node `name` (pool scratch/NAME) in the cluster. With `crashAt`, its CHUNKD_TEST_CRASH_AT hook
-   * (core/crash-points.ts) kills it at that step.
+   * (core/crash-points.ts) kills it at that step; `env`: variables set for it (test hooks).
    */
-  start(name: string, extra?: string[], options?: { crashAt?: string }): Promise<Member>;
+  start(name: string, extra?: string[], options?: { crashAt?: string; env?: Record<string, string> }): Promise<Member>;
 }
 
 export function clusterFixture(label: string, options: { nodes?: string[]; etcdMembers?: 1 | 3; ttlMs?: number } = {}): ClusterFixture {
@@ -41,7 +41,7 @@ export function clusterFixture(label: string, options: { nodes?: string[]; etcdM
   const fixture = {
     skip: !haveEtcd() || (nodes.length > 0 && !haveTool('openssl')),
     ttlMs: options.ttlMs ?? 3_000,
-    async start(name: string, extra: string[] = [], startOptions: { crashAt?: string } = {}): Promise<Member> {
+    async start(name: string, extra: string[] = [], startOptions: { crashAt?: string; env?: Record<string, string> } = {}): Promise<Member> {
       let address = '';
       if (nodes.includes(name)) {
         if (!ports.has(name)) ports.set(name, await stablePort());
@@ -49,11 +49,12 @@ export function clusterFixture(label: string, options: { nodes?: string[]; etcdM
       }
       const peer = address === '' ? undefined : { address, tlsDir: path.join(fixture.tlsDir, name) };
       const args = [...clusterNodeArgs({ name, etcd: fixture.etcd.endpoints, ttlMs: fixture.ttlMs, peer }), ...extra];
-      if (startOptions.crashAt !== undefined) process.env.CHUNKD_TEST_CRASH_AT = startOptions.crashAt;
+      const env = { ...startOptions.env, ...(startOptions.crashAt === undefined ? {} : { CHUNKD_TEST_CRASH_AT: startOptions.crashAt }) };
+      Object.assign(process.env, env);
       try {
         return { node: await startNode(path.join(fixture.scratch, name), args), name, address };
       } finally {
-        delete process.env.CHUNKD_TEST_CRASH_AT;
+        for (const key of Object.keys(env)) delete process.env[key];
       }
     },
   } as ClusterFixture;

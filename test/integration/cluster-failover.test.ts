@@ -2,17 +2,18 @@
 // replicas is killed (-9); once its lease has expired, the replica with the newest replicated point takes the
 // volume over at epoch 2 by transaction (exactly one winner), is writable through NBD with everything replicated
 // there (fio's crc32c-verified blocks written on the old owner pass fio's verify on the new one); the old owner, restarted, refuses writes to it, then rejoins as a replica of the new owner (its lost write
-// kept as a snapshot), the other replica follows the new owner, and the new owner replicates to both. Split brain: the owner paused (SIGSTOP) past its TTL while
+// kept as a snapshot), the other replica follows the new owner, and the new owner replicates to both: the other
+// replica, which shares no snapshot with it, is resent whole without an operator and holds the new owner's data. Split brain: the owner paused (SIGSTOP) past its TTL while
 // a client writes to it, the replica promoted meanwhile; resumed, the old owner acknowledges not one more write.
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { clusterFixture, clusterStatus, roles, waitFor } from '../helpers/cluster.ts';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 import { haveTool, mustRun, type RunningNode } from '../helpers/node-process.ts';
-import { ok, stopAndCheck } from '../helpers/stream-pipe.ts';
+import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 
 const cluster = clusterFixture('cluster-failover', { nodes: ['alpha', 'beta', 'gamma', 'delta', 'epsilon'] });
-const skip = cluster.skip || !haveTool('fio');
+const skip = cluster.skip || !haveTool('fio') || !haveTool('nbdcopy');
 const ttlMs = cluster.ttlMs;
 const MiB = 1024 * 1024;
 
@@ -82,6 +83,8 @@ test('the owner killed: the replica with the newest point takes the volume over 
     assert.match(beta.node.stderr(), /node alpha, owner of volume vol at epoch 1, has no live lease; this node takes it over at epoch 2/);
     assert.doesNotMatch(gamma.node.stderr(), /takes it over/);
     assert.equal(roles(beta.node).vol?.epoch, 2);
+    // beta keeps the point it was promoted at (the one alpha surely shares) until alpha rejoins from it.
+    assert.equal(roles(beta.node).vol?.keep?.until, 'alpha');
     // What was replicated to beta is there (fio's blocks pass their crc32c check; fio then writes and verifies
     // again, through beta), the write never replicated is not, and beta's own write is.
     await fioVerify(beta.node, 'verify');
@@ -105,7 +108,7 @@ test('the owner killed: the replica with the newest point takes the volume over 
     await waitFor('alpha to rejoin as a replica of beta', async () => (roles(alpha.node).vol?.role === 'replica' ? true : null), 20_000);
     assert.deepEqual(roles(alpha.node).vol, { role: 'replica', owner: 'beta', epoch: 2 });
     await waitFor('gamma to follow beta', async () => (roles(gamma.node).vol?.owner === 'beta' ? true : null), 20_000);
-    assert.deepEqual(roles(gamma.node).vol, { role: 'replica', owner: 'beta', epoch: 2 });
+    assert.deepEqual([roles(gamma.node).vol?.role, roles(gamma.node).vol?.epoch], ['replica', 2]);
     const kept = JSON.parse(await ok(alpha.node, 'snapshot', 'list', 'vol', '--json')).map((snapshot: { name: string }) => snapshot.name).filter((name: string) => name.startsWith('fenced-'));
     assert.equal(kept.length, 1, 'alpha keeps its unreplicated write as a fenced- snapshot');
     await waitFor('beta to replicate to alpha and gamma', async () => {
@@ -113,10 +116,22 @@ test('the owner killed: the replica with the newest point takes the volume over 
       return links.join(',') === [alpha.address, gamma.address].sort().join(',') ? true : null;
     }, 20_000);
     await ok(beta.node, 'replica', 'sync', 'vol', '--peer', alpha.address);
-    // gamma's only point (the first) was pruned on beta when the second landed there: they share no snapshot, and
-    // beta says so rather than overwrite a replica (known limit: the operator removes gamma's copy to resend it).
-    const gammaSync = await beta.node.cli('replica', 'sync', 'vol', '--peer', gamma.address);
-    assert.match(gammaSync.stderr, /the replica of vol on gamma shares no snapshot with this node's vol/);
+    assert.equal(roles(beta.node).vol?.keep, undefined, 'the promotion point is released once alpha took a point from beta');
+    // gamma never got beta's point (the second), and its own (the first) was pruned on beta when the second landed
+    // there: they share no snapshot. beta resends it whole on its own (no operator), saying so, and gamma's point
+    // is then a copy of beta's data: the same content as beta's snapshot of that name.
+    const gammaPoint = await waitFor('gamma to catch up with beta', async () => {
+      const link = JSON.parse(await ok(beta.node, 'replica', 'status', 'vol', '--json')).replicas.find((candidate: { peer: string }) => candidate.peer === gamma.address);
+      return link?.lastReplicated?.snapshot as string | undefined ?? null;
+    }, 20_000);
+    assert.match(beta.node.stderr(), /replication of vol to gamma: its replica shares no snapshot with this node's vol \(it holds repl-\d+\); resending it whole/);
+    assert.match(gamma.node.stderr(), /replica vol resent whole by beta \(epoch 2\): it shared no snapshot with beta's vol; its points here \(repl-\d+\) are given up/);
+    // Until then gamma's old point was published as stale (no successor of beta's); now it is beta's.
+    const published = JSON.parse((await cluster.client.get('/chunkd/v1/replicas/vol/gamma').string()) ?? '{}');
+    assert.ok(published.stale === undefined && published.owner === 'beta', `gamma's replica record: ${JSON.stringify(published)}`);
+    assert.deepEqual(roles(gamma.node).vol, { role: 'replica', owner: 'beta', epoch: 2 });
+    assert.ok(Number(gammaPoint.slice('repl-'.length)) > Date.now() - (performance.now() - killedAt), `gamma's point ${gammaPoint} was taken by beta after the failover`);
+    assert.equal(await exportHash(gamma.node, 'vol'), await exportHash(beta.node, `vol@${gammaPoint}`), 'gamma holds beta\'s data at that point');
     for (const member of [alpha]) {
       const replica = await TestNbdClient.connect(member.node.nbdSocket, 'vol');
       assert.deepEqual(await replica.read(3 * MiB, MiB), fill(0xd4), `${member.name} has beta's write`);
@@ -125,6 +140,20 @@ test('the owner killed: the replica with the newest point takes the volume over 
     }
     const after = await clusterStatus(alpha.node);
     assert.deepEqual(after.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'beta', 2, ['alpha', 'gamma']]]);
+
+    // A second failover: gamma gets beta's newest point, and beta is killed; gamma takes vol over at epoch 3.
+    // alpha's point is another of beta's, so it shares no snapshot with gamma, and it holds its fenced- snapshot:
+    // gamma resends it whole in place, and the fenced- snapshot (alpha's writes kept aside) stays.
+    await ok(beta.node, 'replica', 'sync', 'vol', '--peer', gamma.address);
+    await beta.node.kill();
+    await waitFor('gamma to own vol at epoch 3', async () => (roles(gamma.node).vol?.role === 'owner' && roles(gamma.node).vol?.epoch === 3 ? true : null), 3 * ttlMs + 10_000);
+    const alphaPoint = await waitFor('alpha to catch up with gamma', async () => {
+      const link = JSON.parse(await ok(gamma.node, 'replica', 'status', 'vol', '--json')).replicas.find((candidate: { peer: string }) => candidate.peer === alpha.address);
+      return link?.lastReplicated?.snapshot as string | undefined ?? null;
+    }, 30_000);
+    assert.match(alpha.node.stderr(), /replica vol resent whole by gamma \(epoch 3\): .*, its other snapshots stay \(fenced-\d+\)/);
+    assert.deepEqual(JSON.parse(await ok(alpha.node, 'snapshot', 'list', 'vol', '--json')).map((snapshot: { name: string }) => snapshot.name).filter((name: string) => name.startsWith('fenced-')), kept);
+    assert.equal(await exportHash(alpha.node, 'vol'), await exportHash(gamma.node, `vol@${alphaPoint}`), 'alpha holds gamma\'s data at that point');
   } catch (error) {
     for (const member of [alpha, beta, gamma]) process.stderr.write(`--- ${member.name}:\n${member.node.stderr()}\n`);
     throw error;

@@ -3,13 +3,14 @@
 // owner at epoch + 1, and `volume list` shows it from either node with its live replica. Then a kill -9 at two
 // steps (core/crash-points.ts): the owner after the final increment (restarted, it rolls the handoff back and the
 // move goes on from etcd), and the target right after it took the volume (restarted, it records the move itself
-// and the frozen old owner learns the outcome). At every point at most one node takes writes, and nothing
-// acknowledged is lost.
+// and the frozen old owner learns the outcome). Then volume move --cancel (the handoff stopped, the volume stays),
+// and a move racing a failover (the owner killed mid-move and left down: its replica, the target, takes it over,
+// the move is dropped). At every point at most one node takes writes, and nothing acknowledged is lost.
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { FLAG_FUA, NbdReplyError, TestNbdClient } from '../helpers/nbd-client.ts';
 import type { RunningNode } from '../helpers/node-process.ts';
-import { clusterFixture, roles, waitFor } from '../helpers/cluster.ts';
+import { clusterFixture, dumpMembers, roles, waitFor } from '../helpers/cluster.ts';
 import { cliProcess, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 
 // A TTL well above a node's restart, so that no failover races the restarts below.
@@ -135,8 +136,68 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     await waitFor('alpha a replica of beta', () => roles(alpha.node).vol?.role === 'replica', cluster.ttlMs);
     assert.equal(await writable(alpha.node), false);
     await readBack(beta.node, [[0, 0xa1], [MiB, 0xb2], [2 * MiB, 0xc3]]);
+
+    // volume move --cancel: a move of vol (beta's) to alpha while alpha is stopped (SIGSTOP, well within its TTL),
+    // so that the handoff waits on it; cancelled meanwhile, the owner stops it at its next step and deletes the
+    // move: vol stays on beta at epoch 4, writable, and the move's command says it was cancelled.
+    const cancelStarted = performance.now();
+    alpha.node.process.kill('SIGSTOP');
+    try {
+      const move = cliProcess(beta.node, ['volume', 'move', 'vol', '--to', 'alpha', '--json']);
+      await waitFor('the move recorded', async () => (await cluster.client.get('/chunkd/v1/operations/move/vol').string()) !== null, 10_000);
+      const cancel = cliProcess(beta.node, ['volume', 'move', 'vol', '--cancel', '--json']);
+      await waitFor('the move marked cancelled', async () => /"cancelled":\{"by":"beta"/.test((await cluster.client.get('/chunkd/v1/operations/move/vol').string()) ?? '') || cancel.child.exitCode !== null, 10_000);
+      await new Promise((resolve) => setTimeout(resolve, 1_000));
+      alpha.node.process.kill('SIGCONT');
+      const cancelled = await cancel.exit;
+      assert.equal(cancelled.code, 0, cancelled.stderr);
+      assert.deepEqual(JSON.parse(cancelled.stdout), { volume: 'vol', cancelled: true, owner: 'beta', epoch: 4 });
+      const refused = await move.exit;
+      assert.equal(refused.code, 1);
+      assert.match(refused.stderr, /the move of volume vol to alpha was cancelled \(chunkd volume move --cancel, on beta\); vol stays on beta/);
+    } finally {
+      alpha.node.process.kill('SIGCONT');
+    }
+    assert.equal(await cluster.client.get('/chunkd/v1/operations/move/vol').string(), null);
+    assert.deepEqual([(await record()).owner, (await record()).epoch], ['beta', 4]);
+    assert.match(beta.node.stderr(), /move of volume vol to alpha cancelled \(asked on beta\)/);
+    process.stderr.write(`# cancel (${Math.round(performance.now() - cancelStarted)} ms): ${/its handoff stops at its next step/.test(beta.node.stderr()) ? 'the running handoff stopped at its next step' : 'deleted before the handoff ran'}${/handoff of vol to .* cancelled after the freeze/.test(beta.node.stderr()) ? ', rolled back after the freeze' : ''}\n`);
+    await waitFor('beta takes writes after the cancel', () => writable(beta.node), cluster.ttlMs);
+    assert.equal(roles(alpha.node).vol?.role, 'replica');
+    const nothing = await beta.node.cli('volume', 'move', 'vol', '--cancel');
+    assert.equal(nothing.code, 1);
+    assert.match(nothing.stderr, /volume vol has no move in progress/);
+
+    // A move racing a failover: the owner (beta) killed after its final increment (writes frozen, the target not
+    // asked yet) and left down. alpha, its replica with that increment, takes vol over once beta's lease has
+    // expired; the move is dropped from etcd (the command asked on alpha sees alpha own vol), every acknowledged
+    // write is there, and beta, restarted, learns alpha owns it (from alpha's last point) and is its replica: one owner.
+    const raceStarted = performance.now();
+    await write(beta.node, 3 * MiB, 0xd4);
+    await beta.node.kill();
+    beta = await cluster.start('beta', [], { crashAt: 'handoff:after-final' });
+    const raced = cliProcess(alpha.node, ['volume', 'move', 'vol', '--to', 'alpha', '--json']);
+    assert.equal(await died(beta.node), 'SIGKILL');
+    const racedResult = await raced.exit;
+    assert.equal(racedResult.code, 0, racedResult.stderr);
+    assert.deepEqual(JSON.parse(racedResult.stdout), { volume: 'vol', from: 'beta', to: 'alpha', epoch: 5, moved: true });
+    assert.match(alpha.node.stderr(), /node beta, owner of volume vol at epoch 4, has no live lease; this node takes it over at epoch 5/);
+    await waitFor('the move dropped from etcd', async () => (await cluster.client.get('/chunkd/v1/operations/move/vol').string()) === null, 3 * cluster.ttlMs);
+    await waitFor('alpha takes writes', () => writable(alpha.node), cluster.ttlMs);
+    await readBack(alpha.node, [[0, 0xa1], [MiB, 0xb2], [2 * MiB, 0xc3], [3 * MiB, 0xd4]]);
+    beta = await cluster.start('beta');
+    await waitFor('beta a replica of alpha', () => roles(beta.node).vol?.role === 'replica', 3 * cluster.ttlMs);
+    assert.deepEqual(roles(beta.node).vol, { role: 'replica', owner: 'alpha', epoch: 5 });
+    assert.equal(await writable(beta.node), false);
+    assert.equal(await writable(alpha.node), true);
+    assert.deepEqual([(await record()).owner, (await record()).epoch], ['alpha', 5]);
+    process.stderr.write(`# move racing a failover (TTL ${cluster.ttlMs} ms): settled, the old owner back as a replica, in ${Math.round(performance.now() - raceStarted)} ms\n`);
+
     await stopAndCheck(beta.node);
     await stopAndCheck(alpha.node);
+  } catch (error) {
+    dumpMembers([alpha, beta]);
+    throw error;
   } finally {
     await alpha.node.kill().catch(() => {});
     await beta.node.kill().catch(() => {});

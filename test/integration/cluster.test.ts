@@ -6,20 +6,21 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'vitest';
-import { clusterFixture, clusterStatus, roles, type ClusterStatusJson as Status } from '../helpers/cluster.ts';
+import { clusterFixture, clusterStatus, roles, volumeRecord, type ClusterStatusJson as Status } from '../helpers/cluster.ts';
 import { chunkdBin, freePort, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 
 const cluster = clusterFixture('cluster', { nodes: ['alpha', 'beta'] });
 const skip = cluster.skip;
 
-async function startMember(name: string, extra: string[] = []): Promise<{ node: RunningNode; peer: string }> {
-  const member = await cluster.start(name, extra);
+async function startMember(name: string, extra: string[] = [], env?: Record<string, string>): Promise<{ node: RunningNode; peer: string }> {
+  const member = await cluster.start(name, extra, { env });
   return { node: member.node, peer: member.address };
 }
 
 test('nodes register under their lease, cluster status answers the same from any node, volumes are recorded with owner and epoch', { skip }, async () => {
-  const alpha = await startMember('alpha', ['--default-volume', 'vol:64MiB']);
+  // alpha says it has 1 byte free (a test hook: every pool here shares one file system), so placement prefers beta.
+  const alpha = await startMember('alpha', ['--default-volume', 'vol:64MiB'], { CHUNKD_TEST_FREE_BYTES: '1' });
   const beta = await startMember('beta');
   try {
     await ok(beta.node, 'volume', 'create', 'data', '--size', '1GiB');
@@ -56,17 +57,36 @@ test('nodes register under their lease, cluster status answers the same from any
 
     // --replicas: placed on the other nodes (here the one other), the link made and its first cycle done; more
     // replicas than the cluster has other nodes is refused before anything is made.
-    const placed = JSON.parse(await ok(alpha.node, 'volume', 'create', 'rep', '--size', '64MiB', '--replicas', '1', '--json'));
-    assert.deepEqual(placed.replicas, ['beta']);
+    const placed = JSON.parse(await ok(alpha.node, 'volume', 'create', 'rep', '--size', '64MiB', '--replicas', '1', '--node', 'alpha', '--json'));
+    assert.deepEqual([placed.owner, placed.replicas], ['alpha', ['beta']]);
     const [link] = JSON.parse(await ok(alpha.node, 'replica', 'status', 'rep', '--json')).replicas;
     assert.equal(link.peerName, 'beta');
     assert.match(link.lastReplicated.snapshot, /^repl-\d+$/);
     assert.deepEqual((await clusterStatus(beta.node)).volumes.find((volume) => volume.name === 'rep')?.replicas, ['beta']);
-    const tooMany = await alpha.node.cli('volume', 'create', 'rep2', '--size', '64MiB', '--replicas', '2');
+    const tooMany = await alpha.node.cli('volume', 'create', 'rep2', '--size', '64MiB', '--replicas', '2', '--node', 'alpha');
     assert.equal(tooMany.code, 1);
     assert.match(tooMany.stderr, /--replicas 2 needs 2 live, healthy node\(s\) with a peer port besides alpha; the cluster has 1 \(beta\)/);
     assert.equal((await alpha.node.cli('volume', 'info', 'rep2')).code, 1);
     assert.equal(await cluster.client.get('/chunkd/v1/volumes/rep2').string(), null);
+
+    // Without --node, the owner is the live node with the most free space (beta: alpha reports 1 byte), asked on
+    // alpha: the create is forwarded to beta, which records it under itself and places its replica on the next
+    // node (alpha). --node names another owner; a node that is not live is refused, and nothing is made.
+    assert.equal(await ok(alpha.node, 'volume', 'create', 'far', '--size', '16MiB', '--replicas', '1'), 'created volume far of 16 MiB on node beta, replicas on alpha\n');
+    assert.deepEqual([(await volumeRecord(cluster, 'far')).owner, (await volumeRecord(cluster, 'far')).replicas], ['beta', ['alpha']]);
+    assert.equal(JSON.parse(await ok(beta.node, 'volume', 'info', 'far', '--json')).sizeBytes, 16 * 1024 ** 2);
+    assert.match(alpha.node.stderr(), /volume far: created on node beta \(the most free space, [\d.]+ [KMGT]iB\), asked here/);
+    // Removed on its owner (its replication point first), so that beta's stop below leaves no volume of its own.
+    for (const snapshot of JSON.parse(await ok(beta.node, 'snapshot', 'list', 'far', '--json'))) await ok(beta.node, 'snapshot', 'rm', 'far', snapshot.name);
+    await ok(beta.node, 'volume', 'rm', 'far');
+    const named = JSON.parse(await ok(beta.node, 'volume', 'create', 'near', '--size', '1MiB', '--node', 'alpha', '--json'));
+    assert.equal(named.owner, 'alpha');
+    assert.equal((await volumeRecord(cluster, 'near')).owner, 'alpha');
+    const absent = await beta.node.cli('volume', 'create', 'nowhere', '--size', '1MiB', '--node', 'zeta');
+    assert.equal(absent.code, 1);
+    assert.match(absent.stderr, /node zeta is not a live member of the cluster/);
+    assert.equal(await cluster.client.get('/chunkd/v1/volumes/nowhere').string(), null);
+    await ok(alpha.node, 'volume', 'rm', 'near');
 
     // A change of owner by hand is not recorded in etcd yet: refused on a clustered node.
     const handoff = await alpha.node.cli('volume', 'handoff', 'rep', '--to', beta.peer);

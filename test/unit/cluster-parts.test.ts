@@ -6,8 +6,9 @@ import { test } from 'vitest';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from '../../src/cluster/lease-clock.ts';
 import { moveKey, parseEtcdEndpoints, parseMoveRecord, parseNodeRecord, parseReplicaRecord, parseVolumeRecord } from '../../src/cluster/records.ts';
 import { describeVolumes } from '../../src/cluster/listing.ts';
-import { chooseSuccessor, failoverWait, orphanedVolumes } from '../../src/cluster/failover.ts';
-import { chooseReplicaNodes } from '../../src/cluster/placement.ts';
+import { chooseSuccessor, failoverWait, orphanedVolumes, pendingMoveTarget } from '../../src/cluster/failover.ts';
+import { chooseOwner, chooseReplicaNodes, ownerTieBytes } from '../../src/cluster/placement.ts';
+import { parseRemoteCreate } from '../../src/cluster/remote-create.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
 
 test('lease clock: writes stop TTL - margin after the last confirmed renewal was sent, never later', () => {
@@ -67,9 +68,28 @@ test('failover: a volume whose owner has no live lease goes to the live replica 
   assert.deepEqual(orphans.map((orphan) => [orphan.volume.name, orphan.candidates.map((candidate) => candidate.node)]), [['a', ['beta', 'gamma']], ['c', []]]);
   assert.equal(chooseSuccessor(orphans[0]!.candidates)?.node, 'gamma');
   assert.equal(chooseSuccessor([]), null);
+  // A replica that follows alpha since a failover but holds only an earlier owner's point (stale) is no successor.
+  assert.deepEqual(orphanedVolumes([volume('a', 'alpha')], new Set(['gamma']), [{ ...replica('a', 'gamma', 900), stale: true as const }])[0]!.candidates, []);
+  assert.deepEqual(parseReplicaRecord('/chunkd/v1/replicas/a/gamma', Buffer.from(JSON.stringify({ ...replica('a', 'gamma', 900), stale: true }))).stale, true);
   // A tie goes to the first name, whichever order the records came in.
   assert.equal(chooseSuccessor([replica('a', 'kappa', 7), replica('a', 'iota', 7)])?.node, 'iota');
   assert.equal(chooseSuccessor([replica('a', 'iota', 7), replica('a', 'kappa', 7)])?.node, 'iota');
+});
+
+test('failover during a move: a live target that is not a replica candidate (it took the volume, or has no point) goes first; a candidate target, a dead one, or a stale move do not hold it up', () => {
+  const volume = { name: 'v', sizeBytes: 1, owner: 'alpha', epoch: 4, replicas: [], createdAt: '' };
+  const replica = (node: string) => ({ volume: 'v', node, owner: 'alpha', ownerEpoch: 4, point: 'repl-5', pointMs: 5 });
+  const move = (to: string, epoch = 4) => ({ volume: 'v', from: 'alpha', epoch, to, requestedBy: 'gamma', requestedAt: 'now' });
+  const live = new Set(['beta', 'gamma']);
+  // beta took the volume (it publishes no replica any more): gamma, the only candidate, must not take it over.
+  assert.equal(pendingMoveTarget(volume, [move('beta')], live, [replica('gamma')]), 'beta');
+  assert.match(describeVolumes([volume], [replica('gamma')], live, [move('beta')], 0)[0]!.waiting!, /while moving it to beta: beta records the move, or drops it, before a replica takes it over/);
+  // beta is a candidate itself (still a replica), or down, or the move is from another epoch, or the owner lives: no wait.
+  assert.equal(pendingMoveTarget(volume, [move('beta')], live, [replica('beta'), replica('gamma')]), null);
+  assert.equal(pendingMoveTarget(volume, [move('beta')], new Set(['gamma']), [replica('gamma')]), null);
+  assert.equal(pendingMoveTarget(volume, [move('beta', 3)], live, [replica('gamma')]), null);
+  assert.equal(pendingMoveTarget(volume, [move('beta')], new Set(['alpha', 'beta', 'gamma']), [replica('gamma')]), null);
+  assert.equal(pendingMoveTarget(volume, [], live, [replica('gamma')]), null);
 });
 
 test('failover of a synchronous volume: only a replica recorded in sync at the owner\'s epoch; with none live, the volume waits, said', () => {
@@ -103,6 +123,37 @@ test('placement: replicas on distinct live nodes other than the owner, with a pe
   assert.deepEqual(chooseReplicaNodes(nodes, 'gamma', 1), [{ name: 'alpha', peer: 'alpha:1' }]);
   assert.deepEqual(chooseReplicaNodes(nodes, 'alpha', 0), []);
   assert.throws(() => chooseReplicaNodes(nodes, 'alpha', 4), /--replicas 4 needs 4 live, healthy node\(s\) with a peer port besides alpha; the cluster has 3 \(delta, gamma, beta\)/);
+});
+
+test('placement of the owner: the live, healthy node with the most free space; within the tie margin the node asked, else the first name; replicas on the next ones', () => {
+  const GiB = 1024 ** 3;
+  const node = (name: string, freeGiB: number, peer: string | null = `${name}:1`, health = 'ok') => ({ name, poolId: name, peer, capacityBytes: 1000 * GiB, freeBytes: freeGiB * GiB, version: '', health, updatedAt: '' });
+  assert.equal(ownerTieBytes(10 * GiB), GiB);
+  assert.equal(ownerTieBytes(500 * GiB), 10 * GiB);
+  const nodes = [node('alpha', 100), node('beta', 300), node('gamma', 200), node('delta', 900, null), node('zeta', 990, 'z:1', 'pool failed: EIO')];
+  // delta has no peer port (a create cannot be forwarded there), zeta is unhealthy: beta has the most.
+  assert.equal(chooseOwner(nodes, 'alpha', true).name, 'beta');
+  assert.equal(chooseOwner(nodes, 'gamma', true).name, 'beta');
+  // The node asked qualifies without a peer port (nothing to forward), and is the only one when it cannot forward.
+  assert.equal(chooseOwner(nodes, 'delta', true).name, 'delta');
+  assert.equal(chooseOwner(nodes, 'alpha', false).name, 'alpha');
+  // Then its replicas: the next ones by free space, never the owner.
+  assert.deepEqual(chooseReplicaNodes(nodes, chooseOwner(nodes, 'alpha', true).name, 2).map((replica) => replica.name), ['gamma', 'alpha']);
+  // Ties (within 2% or 1 GiB of the most): the node asked when it is among them, else the first name, in any order.
+  const close = [node('kappa', 500), node('iota', 495), node('theta', 489), node('lambda', 100)];
+  assert.equal(chooseOwner(close, 'lambda', true).name, 'iota');
+  assert.equal(chooseOwner([...close].reverse(), 'lambda', true).name, 'iota');
+  assert.equal(chooseOwner(close, 'kappa', true).name, 'kappa');
+  assert.equal(chooseOwner(close, 'theta', true).name, 'iota', 'theta is 11 GiB short of the most, past the 10 GiB margin');
+  assert.equal(chooseOwner([node('b', 5.5), node('a', 5)], 'c', true).name, 'a', 'small pools: 1 GiB margin');
+  assert.throws(() => chooseOwner([node('zeta', 9, 'z:1', 'pool failed: EIO')], 'alpha', true), /no live, healthy node can own a new volume/);
+  // The forwarded create's payload, checked at the edge.
+  const request = { name: 'vol', sizeBytes: 4096, replicas: 1, sync: null };
+  assert.deepEqual(parseRemoteCreate(Buffer.from(JSON.stringify(request))), request);
+  assert.deepEqual(parseRemoteCreate(Buffer.from(JSON.stringify({ ...request, sync: { timeoutMs: 500 } }))).sync, { timeoutMs: 500 });
+  for (const bad of [{ ...request, name: '../x' }, { ...request, sizeBytes: 0 }, { ...request, replicas: 9 }, { ...request, sync: { timeoutMs: 'x' } }]) {
+    assert.throws(() => parseRemoteCreate(Buffer.from(JSON.stringify(bad))), /volumeCreate needs/);
+  }
 });
 
 test('volume list: each volume with its owner\'s liveness, its replicas (named or following this owner and epoch, live or not, with their points), a move that starts from its record', () => {

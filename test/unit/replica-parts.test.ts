@@ -66,6 +66,8 @@ test('replication verbs: malformed payloads are EPROTO; sound ones parse', () =>
   const json = (value: unknown) => Buffer.from(JSON.stringify(value));
   const eproto = (fn: () => unknown) => assert.throws(fn, (error: unknown) => error instanceof ChunkdError && error.code === 'EPROTO');
   assert.deepEqual(parseReceiveOpen(json({ volume: 'vol', epoch: 3 })), { volume: 'vol', epoch: 3 });
+  assert.deepEqual(parseReceiveOpen(json({ volume: 'vol', epoch: 3, replace: true })), { volume: 'vol', epoch: 3, replace: true });
+  eproto(() => parseReceiveOpen(json({ volume: 'vol', epoch: 3, replace: 'yes' })));
   eproto(() => parseReceiveOpen(json({ volume: '../etc', epoch: 1 })));
   eproto(() => parseReceiveOpen(json({ volume: 'vol', epoch: 0 })));
   eproto(() => parseReceiveOpen(json({ volume: 'vol', epoch: 1.5 })));

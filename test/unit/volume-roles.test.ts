@@ -31,6 +31,19 @@ test('roles: each refuses writes with its reason, survives a reload, and drops e
     const again = await VolumeRoles.load(pool, () => true);
     assert.equal(again.fenced('old'), null, 'and the drop was written');
 
+    // A promoted owner's kept base: durable, released only by the previous owner it is kept for.
+    await again.set('promoted', { role: 'owner', epoch: 5, keep: { uuid: 'u1', until: 'delta' } });
+    assert.deepEqual((await VolumeRoles.load(pool, () => true)).keptBase('promoted'), { uuid: 'u1', until: 'delta' });
+    await again.releaseBase('promoted', 'alpha');
+    assert.deepEqual(again.keptBase('promoted'), { uuid: 'u1', until: 'delta' });
+    await again.releaseBase('promoted', 'delta');
+    assert.equal(again.keptBase('promoted'), null);
+    assert.equal((await VolumeRoles.load(pool, () => true)).epochOf('promoted'), 5);
+    // A replica that follows a new owner remembers its stale point (from the previous owner) across a reload.
+    await again.set('follower', { role: 'replica', owner: 'beta', epoch: 2, stalePoint: 'u0' });
+    assert.equal((await VolumeRoles.load(pool, () => true)).stalePoint('follower'), 'u0');
+    assert.equal(again.stalePoint('copy'), null);
+
     fs.writeFileSync(path.join(pool, 'replication', 'roles.json'), JSON.stringify({ volumes: { copy: { role: 'replica', epoch: 1 } } }));
     await assert.rejects(VolumeRoles.load(pool, () => true), (error: unknown) => error instanceof ChunkdError && error.code === 'ECORRUPT' && /not a volume role/.test(error.message));
   } finally {
