@@ -108,6 +108,19 @@ export class InlineChunkIo implements ChunkIo {
     return verify ? firstPlanMismatch(target, plan, expected) : null;
   }
 
+  /**
+   * readChunks right here if the page cache holds every byte of the plan and each chunk file is open already: the
+   * first mismatch or null, as readChunks gives; undefined when some byte is not cached (the target is then partly
+   * filled, and the caller reads it all again another way).
+   */
+  readCachedChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Mismatch | null | undefined {
+    for (let p = 0; p < plan.length; p += 3) {
+      const start = plan[p + 2]! * chunkSizeBytes;
+      if (!this.#files.readCached(plan[p]!, 0, target.subarray(start, start + plan[p + 1]! * chunkSizeBytes))) return undefined;
+    }
+    return verify ? firstPlanMismatch(target, plan, expected) : null;
+  }
+
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
     const sums = chunkSums(data);
     await this.#files.write(physicalChunk, 0, data);
