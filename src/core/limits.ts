@@ -90,6 +90,11 @@ export const sharedLargeBytesHeldMax = 16 * requestBytesMax;
 export const workerTasksQueuedMax = 3;
 /** Reads up to this size are served on the calling thread, not a worker (through libuv's pool when they miss the page cache). */
 export const inlineReadBytesMax = smallRequestBytesMax;
+/**
+ * Larger reads up to this size are served on the calling thread too when the page cache holds all their bytes
+ * (one copy and one checksum pass); the rest, and reads that miss the cache, go to a worker.
+ */
+export const inlineCachedReadBytesMax = MiB;
 /** Writes up to this size are checksummed on the calling thread and written through libuv's pool, not a worker. */
 export const inlineWriteBytesMax = smallRequestBytesMax;
 /** Worker threads at most (serve --workers). */
