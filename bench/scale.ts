@@ -21,7 +21,8 @@
 //      the node's pause monitor and checkpoint count at zero.
 // With --snapshots N, N snapshots of the volume are taken at even spacing of the bytes written (a step's writes
 // are cut there: a block may then be written twice within a step).
-// Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--target DIR] [--out DIR]
+// With --metadata paged the pool is made with paged metadata (paged-metadata.md) and a page cache of --metadata-cache.
+// Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--metadata memory|paged] [--metadata-cache SIZE] [--target DIR] [--out DIR]
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -40,11 +41,13 @@ const fioTimeoutMs = 60 * 60_000;
 /** A pool with much metadata takes long to open today; the point is to measure it, not to give up. */
 const readyTimeoutMs = 30 * 60_000;
 
-const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots N] [--runtime S] [--target DIR] [--out DIR]
+const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots N] [--runtime S] [--metadata memory|paged] [--metadata-cache SIZE] [--target DIR] [--out DIR]
   --steps LIST        cumulative bytes written at random in 4 KiB writes, measured after each (default 1GiB,4GiB,16GiB)
   --volume-size SIZE  the thin volume written into (default 1TiB)
   --snapshots N       snapshots of the volume taken along the way, evenly spaced (default 0)
   --runtime S         seconds of each random read sample (default 10)
+  --metadata KIND     the pool's metadata: memory (default) or paged
+  --metadata-cache S  paged metadata: the page cache (default serve's)
   --target DIR        where the pool goes (default .); needs the last step's bytes free, and some more
   --out DIR           also write results.json and results.md there`;
 
@@ -65,10 +68,10 @@ function rssBytes(pid: number): number {
   return Number(match[1]) * 1024;
 }
 
-/** Bytes allocated to the pool's checkpoint and journal copies (pool-layout.ts names them). */
+/** Bytes allocated to the pool's checkpoint (or page file) and journal copies (pool-layout.ts names them). */
 function metadataBytes(pool: string): number {
   return fs.readdirSync(pool)
-    .filter((name) => /^(checkpoint\.\d+|journal-\d+\.\d+)$/.test(name))
+    .filter((name) => /^(checkpoint\.\d+|metadata\.\d+|journal-\d+\.\d+)$/.test(name))
     .reduce((sum, name) => sum + fs.statSync(path.join(pool, name)).blocks * 512, 0);
 }
 
@@ -80,6 +83,8 @@ async function main(): Promise<void> {
       'volume-size': { type: 'string', default: '1TiB' },
       snapshots: { type: 'string', default: '0' },
       runtime: { type: 'string', default: '10' },
+      metadata: { type: 'string', default: 'memory' },
+      'metadata-cache': { type: 'string' },
       target: { type: 'string', default: '.' },
       out: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
@@ -98,6 +103,7 @@ async function main(): Promise<void> {
   if (!Number.isInteger(snapshotCount) || snapshotCount < 0) throw new Error('--snapshots must be a whole number');
   if (!Number.isInteger(runtimeSeconds) || runtimeSeconds < 1) throw new Error('--runtime must be a whole number of seconds, at least 1');
 
+  const nodeArgs = ['--metadata', values.metadata, ...(values['metadata-cache'] === undefined ? [] : ['--metadata-cache', values['metadata-cache']])];
   const tools = new Tools(new Map());
   tools.get('fio');
   cleanupOnSignals();
@@ -127,7 +133,7 @@ async function main(): Promise<void> {
   const pending = snapshotPoints(steps.at(-1)!, snapshotCount);
   let written = 0;
   let snapshots = 0;
-  node = await startNode(pool, [], { readyTimeoutMs });
+  node = await startNode(pool, nodeArgs, { readyTimeoutMs });
   await api('POST', '/v1/volumes', { name: volume, sizeBytes: volumeBytes });
   console.log(`node pid ${node.process.pid}; volume ${volume} of ${formatSize(volumeBytes)}; steps ${steps.map(formatSize).join(', ')}${snapshotCount > 0 ? `; ${snapshotCount} snapshots along the way` : ''}`);
 
@@ -153,7 +159,7 @@ async function main(): Promise<void> {
     await node.stop();
     node = null;
     const spawned = performance.now();
-    node = await startNode(pool, [], { readyTimeoutMs });
+    node = await startNode(pool, nodeArgs, { readyTimeoutMs });
     const startSeconds = (performance.now() - spawned) / 1000;
     const rssBytesAfterStart = rssBytes(node.process.pid!);
 
@@ -170,7 +176,7 @@ async function main(): Promise<void> {
     await node.stop();
     node = null;
     const respawned = performance.now();
-    node = await startNode(pool, [], { readyTimeoutMs });
+    node = await startNode(pool, nodeArgs, { readyTimeoutMs });
     const startSecondsAgain = (performance.now() - respawned) / 1000;
     const step: ScaleStep = {
       writtenBytes: written,

@@ -395,7 +395,7 @@ function peerField(value: unknown): string {
 }
 
 function syncReplicaSettings(volume: string, body: Record<string, unknown>): SyncReplicaSettings {
-  return { volume, peer: peerField(body.peer), timeoutMs: syncTimeoutField(body.timeoutMs) };
+  return { volume, peer: peerField(body.peer), timeoutMs: syncTimeoutField(body.timeoutMs), maxRateBytesPerSecond: maxRateField(body.maxRateBytesPerSecond) };
 }
 
 /** A synchronous link's timeout in a request body (default syncReplicaTimeoutMsDefault). */
@@ -408,7 +408,12 @@ function syncTimeoutField(value: unknown): number {
 function replicaSettings(volume: string, body: Record<string, unknown>): ReplicaSettings {
   const everyMs = body.everyMs ?? defaultEveryMs;
   if (typeof everyMs !== 'number' || !Number.isSafeInteger(everyMs) || everyMs < 100 || everyMs > 7 * 86_400_000) throw ChunkdError.invalid('everyMs must be a whole number of milliseconds from 100 to a week');
-  const rate = body.maxRateBytesPerSecond ?? null;
+  return { volume, peer: peerField(body.peer), everyMs, maxRateBytesPerSecond: maxRateField(body.maxRateBytesPerSecond) };
+}
+
+/** A replica's rate cap in a request body: bytes a second, or null (none). */
+function maxRateField(value: unknown): number | null {
+  const rate = value ?? null;
   if (rate !== null && (typeof rate !== 'number' || !Number.isSafeInteger(rate) || rate < 4096)) throw ChunkdError.invalid('maxRateBytesPerSecond must be a whole number of bytes per second, at least 4096, or null');
-  return { volume, peer: peerField(body.peer), everyMs, maxRateBytesPerSecond: rate };
+  return rate;
 }

@@ -256,7 +256,7 @@ async function snapshotCommand(argv: string[]): Promise<number> {
       const [volume] = names(1, 1);
       const { snapshots } = (await callApi(socket, 'GET', route(volume!))) as { snapshots: SnapshotInfo[] };
       print(values.json, snapshots, () =>
-        snapshots.length === 0 ? `volume ${volume} has no snapshots` : snapshots.map((s) => `${s.name}\t${s.createdAt}\tholds alone ${formatSize(s.uniqueBytes)} (${s.uniqueBytes} bytes)`).join('\n'));
+        snapshots.length === 0 ? `volume ${volume} has no snapshots` : snapshots.map((s) => `${s.name}\t${s.createdAt}\tholds alone ${s.uniqueBytes === null ? 'an unknown amount (not counted on paged metadata yet)' : `${formatSize(s.uniqueBytes)} (${s.uniqueBytes} bytes)`}`).join('\n'));
       return 0;
     }
     case 'rm': {

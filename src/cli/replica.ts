@@ -39,11 +39,15 @@ export async function replicaCommand(argv: string[], apiPath: (option: string | 
       if (values.sync === true) {
         const body = parsing(() => {
           if (values.peer === undefined) throw new UsageError(`replica add needs --peer HOST:PORT (the other node's --peer-listen)\n${usage}`);
-          if (values.every !== undefined || values['max-rate'] !== undefined) throw new UsageError(`--every and --max-rate are for asynchronous replicas, not with --sync\n${usage}`);
-          return { peer: values.peer, sync: true, timeoutMs: values['sync-timeout'] === undefined ? undefined : parseDuration(values['sync-timeout'], '--sync-timeout') };
+          if (values.every !== undefined) throw new UsageError(`--every is for asynchronous replicas, not with --sync\n${usage}`);
+          return {
+            peer: values.peer, sync: true, timeoutMs: values['sync-timeout'] === undefined ? undefined : parseDuration(values['sync-timeout'], '--sync-timeout'),
+            maxRateBytesPerSecond: values['max-rate'] === undefined ? null : parseRate(values['max-rate'], '--max-rate'),
+          };
         });
         const status = (await callApi(socket, 'POST', route(name), body)) as SyncReplicaStatus;
-        print(status, () => `replicating ${name} to ${status.peer} synchronously (timeout ${formatDuration(status.timeoutMs)}): it is in sync once its first resync completes (chunkd replica status ${name})`);
+        const rate = status.maxRateBytesPerSecond === null || status.maxRateBytesPerSecond === undefined ? '' : `, resyncs at most ${formatSize(status.maxRateBytesPerSecond)}/s`;
+        print(status, () => `replicating ${name} to ${status.peer} synchronously (timeout ${formatDuration(status.timeoutMs)}${rate}): it is in sync once its first resync completes (chunkd replica status ${name})`);
         return 0;
       }
       const body = parsing(() => {
@@ -112,5 +116,5 @@ function describeReplica(r: ReplicaStatus | SyncReplicaStatus): string {
 function describeSyncReplica(r: SyncReplicaStatus): string {
   const resync = r.resync === null ? '' : `, resyncing: ${formatSize(r.resync.copiedBytes)} of ${formatSize(r.resync.totalBytes)}`;
   const error = r.lastError === null ? '' : `\n  last error (${r.lastError.at}): ${r.lastError.message}`;
-  return `${r.volume} -> ${r.peerName ?? '?'} at ${r.peer}: synchronous, ${r.state}, ${formatSize(r.dirtyBytes)} dirty${resync}, ${formatSize(r.resyncBytesTotal)} resent in all, out of sync ${r.outOfSyncTotal} times${error}`;
+  return `${r.volume} -> ${r.peerName ?? '?'} at ${r.peer}: synchronous, ${r.state}, ${formatSize(r.dirtyBytes)} dirty${resync}, ${formatSize(r.resyncBytesTotal)} resent in all (${formatSize(r.resyncEqualBytesTotal ?? 0)} found the same by checksum)${r.maxRateBytesPerSecond === null || r.maxRateBytesPerSecond === undefined ? '' : `, resyncs at most ${formatSize(r.maxRateBytesPerSecond)}/s`}, out of sync ${r.outOfSyncTotal} times${error}`;
 }

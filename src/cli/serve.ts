@@ -6,7 +6,8 @@ import { parseHostPort } from '../core/host-port.ts';
 import { installFailStop } from '../core/fail-stop.ts';
 import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
-import { parseDuration, parseSize } from '../core/units.ts';
+import { formatSize, parseDuration, parseSize } from '../core/units.ts';
+import { metadataKinds, type MetadataKind } from '../store/pool-layout.ts';
 import { ChunkdNode, type NodeConfig, type PeerConfig } from '../node/node.ts';
 import type { ClusterConfig } from '../cluster/cluster.ts';
 import { parseEtcdEndpoints } from '../cluster/records.ts';
@@ -128,6 +129,21 @@ export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
   }
 }
 
+function parseMetadataKind(text: string): MetadataKind {
+  const kind = metadataKinds.find((k) => k === text);
+  if (kind === undefined) throw new UsageError(`invalid --metadata ${JSON.stringify(text)}: ${metadataKinds.join(' or ')}`);
+  return kind;
+}
+
+function parseMetadataCache(text: string): number {
+  const bytes = parseSize(text);
+  if (bytes < metadataCacheBytesMin) throw new UsageError(`invalid --metadata-cache ${text}: at least ${formatSize(metadataCacheBytesMin)}`);
+  return bytes;
+}
+
+/** The least page cache that holds a map pass's pins (paged-map.ts) with room to spare. */
+const metadataCacheBytesMin = 4 * 1024 * 1024;
+
 function configFrom(values: ServeValues, fromEnvironment: Set<string>): ServeConfig {
   const given = (text: string | undefined): boolean => text !== undefined && text !== 'none';
   const etcdTls = given(values.etcd) && /(^|,)\s*https:/.test(values.etcd!);
@@ -147,6 +163,8 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): ServeCon
     workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
     nbdThreads: parseWorkers(values['nbd-threads'] ?? serveOptions['nbd-threads'].fallback, '--nbd-threads'),
     verifyReads: parseOnOff(values['verify-reads'] ?? serveOptions['verify-reads'].fallback, '--verify-reads'),
+    metadata: parseMetadataKind(values.metadata ?? serveOptions.metadata.fallback),
+    metadataCacheBytes: parseMetadataCache(values['metadata-cache'] ?? serveOptions['metadata-cache'].fallback),
     fuseDirectory: values.fuse ?? null,
     pluginSocketPath: values['plugin-socket'] ?? null,
     peer,

@@ -66,6 +66,14 @@ export const connectionCloseGraceMs = 10_000;
 
 /** Journal size that triggers a checkpoint of the metadata at the next flush. */
 export const journalCheckpointBytes = 64 * MiB;
+/**
+ * The same for a pool of paged metadata: its checkpoint writes only the pages changed, so it can come often, and
+ * its open replays the journal one record at a time through the map passes (slower per record than the
+ * in-memory apply), so a shorter journal is what keeps the start short (paged-metadata.md, "Wired in as built").
+ */
+export const pagedJournalCheckpointBytes = 8 * MiB;
+/** The paged metadata's cache of clean pages (serve --metadata-cache), for a pool of paged metadata (paged-metadata.md). */
+export const metadataCacheBytesDefault = 256 * MiB;
 /** Journal space reserved ahead (zero-filled) so that a full file system cannot stop a metadata commit. */
 export const journalReserveBytes = 4 * MiB;
 /** Unflushed writes are committed in the background at least this often, as a file system's commit interval. */
@@ -82,6 +90,11 @@ export const sharedLargeBytesHeldMax = 16 * requestBytesMax;
 export const workerTasksQueuedMax = 3;
 /** Reads up to this size are served on the calling thread, not a worker (through libuv's pool when they miss the page cache). */
 export const inlineReadBytesMax = smallRequestBytesMax;
+/**
+ * Larger reads up to this size are served on the calling thread too when the page cache holds all their bytes
+ * (one copy and one checksum pass); the rest, and reads that miss the cache, go to a worker.
+ */
+export const inlineCachedReadBytesMax = MiB;
 /** Writes up to this size are checksummed on the calling thread and written through libuv's pool, not a worker. */
 export const inlineWriteBytesMax = smallRequestBytesMax;
 /** Worker threads at most (serve --workers). */
@@ -127,6 +140,15 @@ export const syncActivityExtentBytes = 64 * syncRegionBytes;
 export const syncReplicaTimeoutMsDefault = 5_000;
 /** Dirty regions a resync copies at once (each is one request in flight to the replica). */
 export const syncResyncRegionsInFlight = 8;
+/**
+ * Chunks whose checksums a resync asks a synchronous replica for at once (syncSums; 4 bytes each, about 5.5 KiB of
+ * JSON for 1024): 4 MiB of volume, an activity-log extent.
+ */
+export const syncSumsChunksMax = syncActivityExtentBytes / chunkSizeBytes;
+/** Passes over the dirty regions a resync makes while writes go on; what the last one leaves is copied under the write lock. */
+export const syncResyncPassesMax = 4;
+/** A pass that leaves at most this many regions (4 MiB) dirty is the last: they are copied under the write lock. */
+export const syncCatchUpRegionsMax = 64;
 /** A synchronous replica that is away is tried again this often. */
 export const syncReconnectDelayMs = 1_000;
 

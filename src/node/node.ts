@@ -13,6 +13,7 @@ import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/t
 import { chunkSizeBytes, syncReplicaTimeoutMsDefault } from '../core/limits.ts';
 import type { CheckpointReport } from '../store/commit-engine.ts';
 import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
+import type { MetadataKind } from '../store/pool-layout.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
 import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
@@ -61,6 +62,10 @@ export interface NodeConfig {
   nbdThreads?: number;
   /** Check every block read against its checksum (default true); off only to measure what checking costs. */
   verifyReads?: boolean;
+  /** The metadata a pool created now gets (serve --metadata; default memory); an existing pool keeps its own. */
+  metadata?: MetadataKind;
+  /** Paged metadata: the page cache's bound in bytes (serve --metadata-cache). */
+  metadataCacheBytes?: number;
   /** FUSE front end: volumes as files under this directory (serve --fuse); null: mounted at <pool>/.fuse when an attach needs it. */
   fuseDirectory?: string | null;
   /** Unix socket for the Docker volume plugin protocol (serve --plugin-socket), or null. */
@@ -150,6 +155,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       log: config.log,
       makeIo: sharedBuffers === null ? undefined : (chunkFiles, waitTimes) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log, waitTimes }),
       verifyReads: config.verifyReads ?? true,
+      metadata: config.metadata,
+      metadataCacheBytes: config.metadataCacheBytes,
     });
     if (!pool.verifyReads) config.log('--verify-reads off: reads are NOT checked against their checksums (for measuring what checking costs only)', 'warn');
     let poolId: string;
@@ -486,8 +493,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo> {
     this.roles.checkWritable(name, 'a resize');
-    this.#sync?.checkUnreplicated(name, 'a resize');
-    return this.pool.resizeVolume(name, sizeBytes, force);
+    const local = (): Promise<VolumeInfo> => this.pool.resizeVolume(name, sizeBytes, force);
+    return this.#sync?.resize(name, sizeBytes, force, local) ?? local();
   }
 
   async removeVolume(name: string): Promise<void> {
@@ -612,7 +619,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo> {
     this.roles.checkWritable(volume, 'a snapshot');
-    return this.pool.createSnapshot(volume, snapshot);
+    const local = (): Promise<SnapshotInfo> => this.pool.createSnapshot(volume, snapshot);
+    return this.#sync?.createSnapshot(volume, snapshot, local) ?? local();
   }
 
   listSnapshots(volume: string): SnapshotInfo[] {
@@ -625,13 +633,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   removeSnapshot(volume: string, snapshot: string): Promise<void> {
     this.roles.checkWritable(volume, 'removing a snapshot (its owner prunes them)');
-    return this.pool.removeSnapshot(volume, snapshot);
+    const local = (): Promise<void> => this.pool.removeSnapshot(volume, snapshot);
+    return this.#sync?.removeSnapshot(volume, snapshot, local) ?? local();
   }
 
   rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo> {
     this.roles.checkWritable(volume, 'a rollback');
-    this.#sync?.checkUnreplicated(volume, 'a rollback');
-    return this.pool.rollbackVolume(volume, snapshot);
+    const local = (): Promise<VolumeInfo> => this.pool.rollbackVolume(volume, snapshot);
+    return this.#sync?.rollback(volume, snapshot, local) ?? local();
   }
 
   cloneSnapshot(volume: string, snapshot: string, newName: string): Promise<VolumeInfo> {

@@ -368,8 +368,21 @@ class PeerConnection {
 
   #send(buffers: Buffer[]): void {
     if (this.#state === 'closing' || this.#socket.destroyed) return;
-    this.#socket.write(buffers.length === 1 ? buffers[0]! : Buffer.concat(buffers));
+    // The replies of one turn of the event loop leave in one writev (PeerClient's requests do the same).
+    if (!this.#corked) {
+      this.#corked = true;
+      this.#socket.cork();
+      setImmediate(this.#uncork);
+    }
+    for (const buffer of buffers) this.#socket.write(buffer);
   }
+
+  #corked = false;
+
+  readonly #uncork = (): void => {
+    this.#corked = false;
+    this.#socket.uncork();
+  };
 }
 
 function remote(socket: net.Socket): string {

@@ -61,6 +61,15 @@ export class RegionSet {
     return this.#regions.size;
   }
 
+  /** Drops the regions from `limit` on (a volume shrank); true when one was there. */
+  truncate(limit: number): boolean {
+    let removed = false;
+    for (const region of this.#regions) {
+      if (region >= limit) removed = this.#regions.delete(region) || removed;
+    }
+    return removed;
+  }
+
   /** Each region r of this set as the regions [r * factor, (r + 1) * factor) of a finer set, below `limit`. */
   scaled(factor: number, limit: number): RegionSet {
     assert(Number.isSafeInteger(factor) && factor >= 1);
@@ -85,8 +94,11 @@ export class RegionSet {
     return runs;
   }
 
-  /** Reads runs back, each checked to lie inside [0, regionCount); throws ECORRUPT naming `what` otherwise. */
-  static fromRuns(runs: unknown, regionCount: number, what: string): RegionSet {
+  /**
+   * Reads runs back, each checked to lie inside [0, regionCount); throws ECORRUPT naming `what` otherwise. With
+   * `clipAt`, regions from there on are dropped once read (a volume that shrank after the runs were written).
+   */
+  static fromRuns(runs: unknown, regionCount: number, what: string, clipAt = regionCount): RegionSet {
     const set = new RegionSet();
     if (!Array.isArray(runs)) throw ChunkdError.corrupt(`${what}: regions are not a list of runs`);
     for (const run of runs) {
@@ -94,7 +106,7 @@ export class RegionSet {
       if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 1 || start + count > regionCount) {
         throw ChunkdError.corrupt(`${what}: ${JSON.stringify(run)} is not a run of regions inside the volume`);
       }
-      set.addRange(start, start + count);
+      set.addRange(start, Math.min(start + count, clipAt));
     }
     return set;
   }
@@ -110,6 +122,12 @@ export class ActivityLog {
   readonly #finishedIn = new Map<number, number>();
   /** Flushes started: a write that finishes in generation g is covered by a flush that starts later (g + 1 on). */
   #generation = 0;
+
+  /** Drops the regions from `limit` on (the volume shrank; nothing is in flight there). */
+  truncate(limit: number): void {
+    this.active.truncate(limit);
+    for (const region of this.#finishedIn.keys()) if (region >= limit) this.#finishedIn.delete(region);
+  }
 
   /** A write to [first, end) starts; true when a region was not active (the state file must be written first). */
   begin(first: number, end: number): boolean {

@@ -6,6 +6,18 @@
 //                                            first), and from now on takes writes of this session only
 //   syncWrite binary, below               -> {} once the write is applied there (and durable there with FUA)
 //   syncFlush {volume, epoch, session}    -> {} once every write the replica acknowledged before it is durable
+//   syncControl {volume, epoch, session, action, ...}
+//                                         -> {} once the change is durable there; the owner sends it with no write
+//                                            in flight (the whole volume's lock), so it lands at the same point of
+//                                            the write stream on every replica:
+//              action 'snapshot' {name, uuid}         takes the snapshot, with the owner's id
+//              action 'remove-snapshot' {name, uuid}  removes it (done already when it is not there)
+//              action 'resize' {sizeBytes}            grows or shrinks the replica (a shrink discards the tail)
+//              action 'rollback' {name, uuid}         rolls the replica back to that snapshot (ENOENT without it)
+//   syncSums {volume, epoch, session, firstChunk, chunkCount}
+//                                         -> {sums}: the recorded checksum (CRC-32) of each of those chunks of the
+//                                            replica, a hole as a chunk of zeros, base64 of big-endian u32s; at
+//                                            most limits.syncSumsChunksMax chunks (what a resync compares)
 //   syncRead  {volume, epoch, session,    -> the bytes, raw (verified against their checksums there): the owner
 //              offsetBytes, lengthBytes}     repairs a block that failed its checksum from an in-sync replica
 //                                            (at most syncReadBytesMax, so the answer fits a control frame)
@@ -27,9 +39,10 @@
 //       28     -  the volume name (UTF-8), then a write's data
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
-import { peerControlBytesMax, volumeSizeMaxBytes, requestBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, peerControlBytesMax, volumeSizeMaxBytes, requestBytesMax, syncSumsChunksMax } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { parseJsonObject } from '../peer/protocol.ts';
+import { isSnapshotUuid } from '../store/metadata.ts';
 
 /**
  * How a replica's refusal of a stale owner begins (its epoch is higher than the sender's): the owner then refuses
@@ -73,6 +86,12 @@ export interface SyncFlushRequest {
   epoch: number;
   session: number;
 }
+
+export type SyncControlAction =
+  | { action: 'snapshot' | 'remove-snapshot' | 'rollback'; name: string; uuid: string }
+  | { action: 'resize'; sizeBytes: number };
+
+export type SyncControlRequest = SyncFlushRequest & SyncControlAction;
 
 /** A syncWrite payload as pieces to write in order: the header with the name, then a write's data (not copied). */
 export function encodeSyncWrite(request: SyncWriteRequest): Buffer[] {
@@ -139,6 +158,49 @@ export function parseSyncOpen(payload: Buffer): SyncOpenRequest {
 export function parseSyncFlush(payload: Buffer): SyncFlushRequest {
   const value = parseJsonObject(payload, 'syncFlush');
   return { ...parseTarget(value, 'syncFlush'), session: sessionField(value.session, 'syncFlush') };
+}
+
+export function parseSyncControl(payload: Buffer): SyncControlRequest {
+  const value = parseJsonObject(payload, 'syncControl');
+  const target = { ...parseTarget(value, 'syncControl'), session: sessionField(value.session, 'syncControl') };
+  if (value.action === 'resize') {
+    const sizeBytes = value.sizeBytes;
+    if (typeof sizeBytes !== 'number' || !Number.isSafeInteger(sizeBytes) || sizeBytes < 1 || sizeBytes > volumeSizeMaxBytes) throw ChunkdError.protocol('syncControl resize needs sizeBytes');
+    return { ...target, action: 'resize', sizeBytes };
+  }
+  if (value.action !== 'snapshot' && value.action !== 'remove-snapshot' && value.action !== 'rollback') throw ChunkdError.protocol(`syncControl: unknown action ${JSON.stringify(value.action)}`);
+  if (typeof value.name !== 'string' || checkName(value.name, 'snapshot') !== null) throw ChunkdError.protocol(`syncControl ${value.action} needs a valid snapshot name`);
+  if (!isSnapshotUuid(value.uuid)) throw ChunkdError.protocol(`syncControl ${value.action} needs the snapshot's id, 32 lowercase hex digits`);
+  return { ...target, action: value.action, name: value.name, uuid: value.uuid };
+}
+
+export interface SyncSumsRequest extends SyncFlushRequest {
+  firstChunk: number;
+  chunkCount: number;
+}
+
+export function parseSyncSums(payload: Buffer): SyncSumsRequest {
+  const value = parseJsonObject(payload, 'syncSums');
+  const { firstChunk, chunkCount } = value;
+  if (typeof firstChunk !== 'number' || !Number.isSafeInteger(firstChunk) || firstChunk < 0 || firstChunk > volumeSizeMaxBytes / chunkSizeBytes) throw ChunkdError.protocol('syncSums needs firstChunk');
+  if (typeof chunkCount !== 'number' || !Number.isSafeInteger(chunkCount) || chunkCount < 1 || chunkCount > syncSumsChunksMax) throw ChunkdError.protocol(`syncSums needs chunkCount, from 1 to ${syncSumsChunksMax}`);
+  return { ...parseTarget(value, 'syncSums'), session: sessionField(value.session, 'syncSums'), firstChunk, chunkCount };
+}
+
+export function encodeSyncSumsReply(sums: Uint32Array): object {
+  const bytes = Buffer.alloc(sums.length * 4);
+  for (const [index, sum] of sums.entries()) bytes.writeUInt32BE(sum, index * 4);
+  return { sums: bytes.toString('base64') };
+}
+
+/** The checksums a syncSums reply carries; exactly `chunkCount` of them, or EPROTO. */
+export function parseSyncSumsReply(payload: Buffer, chunkCount: number): Uint32Array {
+  const value = parseJsonObject(payload, 'syncSums reply');
+  const bytes = typeof value.sums === 'string' ? Buffer.from(value.sums, 'base64') : null;
+  if (bytes === null || bytes.length !== chunkCount * 4) throw ChunkdError.protocol(`syncSums reply: ${chunkCount} checksums expected`);
+  const sums = new Uint32Array(chunkCount);
+  for (let index = 0; index < chunkCount; index++) sums[index] = bytes.readUInt32BE(index * 4);
+  return sums;
 }
 
 export interface SyncReadRequest extends SyncFlushRequest {

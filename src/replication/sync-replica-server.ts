@@ -13,9 +13,11 @@ import { PeerVerb } from '../peer/protocol.ts';
 import type { PeerRequestContext, VerbHandler } from '../peer/server.ts';
 import type { Pool } from '../store/pool.ts';
 import type { Volume } from '../store/volume.ts';
-import { fencedRefusalPrefix, parseSyncFlush, parseSyncOpen, parseSyncRead, parseSyncWrite, SyncOp, type SyncWriteRequest } from './sync-messages.ts';
+import { encodeSyncSumsReply, fencedRefusalPrefix, parseSyncControl, parseSyncSums, parseSyncFlush, parseSyncOpen, parseSyncRead, parseSyncWrite, SyncOp, type SyncControlRequest, type SyncSumsRequest, type SyncWriteRequest } from './sync-messages.ts';
 import type { VolumeRoles } from './roles.ts';
 import type { Log } from '../core/log.ts';
+import { formatSize } from '../core/units.ts';
+import { chunkSizeBytes } from '../core/limits.ts';
 
 export class SyncReplicaServer {
   readonly #pool: Pool;
@@ -38,16 +40,16 @@ export class SyncReplicaServer {
       [PeerVerb.syncOpen, (payload, context) => this.#open(payload, context)],
       [PeerVerb.syncWrite, (payload, context) => this.#write(parseSyncWrite(payload), context)],
       [PeerVerb.syncFlush, (payload, context) => this.#flush(payload, context)],
+      [PeerVerb.syncControl, (payload, context) => this.#control(parseSyncControl(payload), context)],
+      [PeerVerb.syncSums, (payload, context) => this.#sums(parseSyncSums(payload), context)],
       [PeerVerb.syncRead, (payload, context) => this.#read(payload, context)],
     ]);
   }
 
   /** Drops the handle of a volume being removed (node.ts, before the pool removes it). */
   async forget(volume: string): Promise<void> {
-    const handle = this.#handles.get(volume);
-    this.#handles.delete(volume);
     this.#sessions.delete(volume);
-    await handle?.close();
+    await this.#closeHandle(volume);
   }
 
   async #open(payload: Buffer, context: PeerRequestContext): Promise<object> {
@@ -64,10 +66,11 @@ export class SyncReplicaServer {
       return { session: this.#newSession(volume) };
     }
     if (epoch < role.epoch || (epoch === role.epoch && role.owner !== peer)) throw this.#fenced(volume, peer, epoch, role);
-    const size = this.#pool.volumeInfo(volume).sizeBytes;
-    if (size !== sizeBytes) throw ChunkdError.invalid(`the replica of ${volume} here is ${size} bytes, the owner's ${sizeBytes}: a resize is not replicated yet`);
     await this.#roles.set(volume, { role: 'replica', owner: peer, epoch, sync: true });
     if (this.#pool.writeBlock(volume) === null) await this.#pool.blockWrites(volume, this.#roles.writeRefusal(volume, 'a write'));
+    // The owner resized while this replica was out of sync: it takes the owner's size (its dirty map covers what
+    // a grow adds); a shrink needs no reader of the replica's export.
+    if (this.#pool.volumeInfo(volume).sizeBytes !== sizeBytes) await this.#resize(volume, sizeBytes);
     return { session: this.#newSession(volume) };
   }
 
@@ -93,6 +96,51 @@ export class SyncReplicaServer {
     const { volume, epoch, session } = parseSyncFlush(payload);
     await this.#handle(volume, context.peerName, epoch, session).flush();
     return {};
+  }
+
+  /** The checksums of a range of chunks, for a resync to skip those that match the owner's. */
+  async #sums(request: SyncSumsRequest, context: PeerRequestContext): Promise<object> {
+    const handle = this.#handle(request.volume, context.peerName, request.epoch, request.session);
+    const endChunk = Math.min(request.firstChunk + request.chunkCount, handle.sizeBytes / chunkSizeBytes);
+    if (endChunk <= request.firstChunk) throw ChunkdError.invalid(`syncSums of ${request.volume} from chunk ${request.firstChunk}: past its ${handle.sizeBytes} bytes`);
+    return encodeSyncSumsReply(await this.#pool.chunkSums(request.volume, request.firstChunk, endChunk - request.firstChunk));
+  }
+
+  /** A snapshot, resize or rollback from the owner, sent with no write in flight (sync-messages.ts). */
+  async #control(request: SyncControlRequest, context: PeerRequestContext): Promise<object> {
+    const { volume } = request;
+    this.#handle(volume, context.peerName, request.epoch, request.session);
+    if (request.action === 'resize') {
+      await this.#resize(volume, request.sizeBytes);
+      return {};
+    }
+    const held = this.#pool.findSnapshot(request.uuid, volume);
+    if (request.action === 'snapshot') {
+      if (held?.snapshot !== request.name) await this.#pool.createSnapshot(volume, request.name, request.uuid);
+    } else if (request.action === 'remove-snapshot') {
+      if (held !== null) await this.#pool.removeSnapshot(volume, held.snapshot);
+    } else {
+      if (held === null) throw ChunkdError.notFound(`the synchronous replica of ${volume} here lacks snapshot ${request.name} (id ${request.uuid}): it was out of sync when the owner took it`);
+      await this.#closeHandle(volume);
+      await this.#pool.rollbackVolume(volume, held.snapshot);
+      this.#log(`volume ${volume} rolled back to ${held.snapshot} as its owner ${context.peerName} did`);
+    }
+    return {};
+  }
+
+  /** Grows or shrinks a replica to its owner's size (a shrink discards the tail, as the owner's did). */
+  async #resize(volume: string, sizeBytes: number): Promise<void> {
+    await this.#closeHandle(volume);
+    const before = this.#pool.volumeInfo(volume).sizeBytes;
+    await this.#pool.resizeVolume(volume, sizeBytes, true);
+    this.#log(`volume ${volume} resized from ${formatSize(before)} to ${formatSize(sizeBytes)}, as its owner was`);
+  }
+
+  /** Closes the write handle (a shrink and a rollback need the volume closed); the next write opens it again. */
+  async #closeHandle(volume: string): Promise<void> {
+    const handle = this.#handles.get(volume);
+    this.#handles.delete(volume);
+    await handle?.close();
   }
 
   /**

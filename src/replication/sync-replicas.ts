@@ -43,6 +43,14 @@
 // on any node. When the local write fails and a replica applied it, that
 // replica is marked out of sync (the resync gives it the owner's bytes back).
 //
+// CONTROL: a snapshot (taken, removed), a resize and a rollback are applied here and then sent (syncControl) to
+// every in-sync replica under the whole volume's lock, so no write is in flight anywhere: a snapshot holds the same
+// writes on every copy, with the owner's id, and a failover to an in-sync replica keeps it. A replica that fails
+// one is out of sync, as for a write (a rollback's changed regions, the snapshot's diff against the volume, are in
+// the activity log first and in the dirty map of every replica out of sync, so a resync gives it the data); one out
+// of sync misses snapshots taken meanwhile (a resync copies data, not snapshots), and takes the owner's size at its
+// next syncOpen. A shrink or a rollback needs the volume closed on both sides, as without replicas.
+//
 // DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions
 // (limits.syncRegionBytes, 64 KiB), and the volume's activity log (limits.syncActivityExtentBytes, 4 MiB extents,
 // as DRBD's: a larger unit makes a state-file write on the write path rare, at the price of resending whole extents
@@ -60,20 +68,25 @@
 //        ▲                                          │       whole volume's lock)──► in-sync
 //        └──── error, timeout, closed connection ◄──┴──────────────────────────────────────┘
 //
-// Resync copies each dirty region under its range lock: holes as trims, data as writes (bytes counted); a write
-// that lands on a copied region while resyncing marks it again. The link turns in sync under the whole volume's
-// lock once nothing is left, so no write is in flight as it changes.
+// Resync compares each dirty region under its range lock, chunk by chunk, by the checksums both sides recorded
+// (the replica's asked for 4 MiB at a time, syncSums), and sends only the chunks that differ: holes as trims, data
+// as writes (bytes counted; those found equal are counted too). So a replica whose dirty map says more than
+// changed (after an owner crash, a failover, a link added back) receives what did change. A write that lands on a
+// copied region while resyncing marks it again; after at most syncResyncPassesMax passes, or one that leaves at
+// most syncCatchUpRegionsMax regions, what is left is copied under the whole volume's lock (writes wait, briefly),
+// so a resync under steady writes ends (DRBD's way). The link then turns in sync under that lock, so no write is in
+// flight as it changes. A rate cap (--max-rate) paces the passes' data, not the last copy under the lock.
 //
 // IN A CLUSTER: `volume create --replicas N --sync` places N replicas as --replicas does and links them here;
 // the record says the volume is synchronous, and its inSync set (step 5) is what failover promotes from: the
 // replica promoted (node.ts #promoteSync: no point to roll back to) owns the volume at epoch + 1 and links to the
-// others, which are resynced in full (their regions are all dirty to the new owner) and then recorded in sync. The
+// others, which are resynced in full (their regions are all dirty to the new owner: compared, and only what differs
+// sent) and then recorded in sync. The
 // old owner, back, becomes one of them (node.ts #rejoinSync: what it held kept as snapshot fenced-<ms>).
 //
-// NOT YET: snapshots at the same point on every replica, a resize, rollback, receive or handoff (each refused
-// while a volume has synchronous replicas: the replicas would not follow, so `volume move` of a synchronous volume
-// is refused too), a rate cap on resync, a full rebuild with checksum compare (a replica re-attached after a
-// failover is copied whole), repair during a resync's or scrub's reads, `volume set --sync on|off`, `replica add --sync` by hand marking the
+// NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
+// follow, so `volume move` of a synchronous volume is refused too), snapshots given to a replica that missed them,
+// client writes sent to a resyncing replica's copied regions (DRBD does; here they mark them again), repair during a resync's or scrub's reads, `volume set --sync on|off`, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
@@ -81,19 +94,21 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError, DamagedDataError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
-import { chunkSizeBytes, syncActivityExtentBytes, syncReconnectDelayMs, syncRegionBytes, syncResyncRegionsInFlight } from '../core/limits.ts';
+import { chunkSizeBytes, syncActivityExtentBytes, syncCatchUpRegionsMax, syncReconnectDelayMs, syncRegionBytes, syncResyncPassesMax, syncResyncRegionsInFlight, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
 import { PeerClient } from '../peer/client.ts';
 import type { TlsCredentials } from '../peer/credentials.ts';
 import { PeerVerb } from '../peer/protocol.ts';
-import type { Pool } from '../store/pool.ts';
+import type { Pool, SnapshotInfo, VolumeInfo } from '../store/pool.ts';
+import type { ChangedExtent } from '../store/map-diff.ts';
 import { RangeLock } from '../store/range-lock.ts';
 import { ActivityLog, RegionSet, regionsOf } from './dirty-map.ts';
 import { jsonPayload } from './peer-messages.ts';
 import { readStateFile, writeStateFile } from './state-file.ts';
-import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, SyncOp } from './sync-messages.ts';
+import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, parseSyncSumsReply, SyncOp, type SyncControlAction } from './sync-messages.ts';
+import { RateLimiter } from './rate-limit.ts';
 
 export interface SyncReplicaSettings {
   volume: string;
@@ -101,6 +116,8 @@ export interface SyncReplicaSettings {
   peer: string;
   /** A write or flush the replica leaves unanswered this long makes it out of sync. */
   timeoutMs: number;
+  /** A resync sends at most this many data bytes a second (replica add --sync --max-rate); none: no cap. */
+  maxRateBytesPerSecond?: number | null;
 }
 
 export type SyncLinkState = 'in-sync' | 'out-of-sync' | 'resyncing';
@@ -115,6 +132,8 @@ export interface SyncReplicaStatus extends SyncReplicaSettings {
   resync: { totalBytes: number; copiedBytes: number } | null;
   /** Data bytes every resync sent (holes go as trims and count nothing). */
   resyncBytesTotal: number;
+  /** Bytes of dirty regions every resync found the same on the replica by their chunks' checksums, and did not send. */
+  resyncEqualBytesTotal: number;
   /** Writes and flushes sent to the replica. */
   requestsTotal: number;
   /** Times it went out of sync. */
@@ -157,6 +176,7 @@ export interface SyncReplicationOptions {
 interface StoredLink {
   peer: string;
   timeoutMs: number;
+  maxRateBytesPerSecond?: number | null;
   peerName: string | null;
   state: SyncLinkState;
   dirty: Array<[number, number]>;
@@ -188,13 +208,17 @@ export class SyncReplication {
       const sizeBytes = options.pool.volumeInfo(volume).sizeBytes;
       const regionCount = Math.ceil(sizeBytes / syncRegionBytes);
       const what = `${sync.#file}, volume ${volume}`;
-      const active = RegionSet.fromRuns(stored.active ?? [], Math.ceil(sizeBytes / syncActivityExtentBytes), what).scaled(activityRegionsPerExtent, regionCount);
+      // A shrink the state file did not follow yet (a crash between the two) leaves runs past the end: dropped.
+      const active = RegionSet.fromRuns(stored.active ?? [], Math.ceil(volumeSizeMaxBytes / syncActivityExtentBytes), what, Math.ceil(sizeBytes / syncActivityExtentBytes))
+        .scaled(activityRegionsPerExtent, regionCount);
       const set = new SyncVolume(volume, sync, options);
       for (const link of stored.replicas ?? []) {
         if (typeof link.peer !== 'string' || parseHostPort(link.peer) === null || !Number.isSafeInteger(link.timeoutMs)) throw ChunkdError.corrupt(`${what}: a link is not a peer and a timeout`);
-        const dirty = RegionSet.fromRuns(link.dirty, regionCount, what);
+        const maxRate = link.maxRateBytesPerSecond ?? null;
+        if (maxRate !== null && (!Number.isSafeInteger(maxRate) || maxRate < 1)) throw ChunkdError.corrupt(`${what}: a link's rate cap is not a whole number of bytes a second`);
+        const dirty = RegionSet.fromRuns(link.dirty, Math.ceil(volumeSizeMaxBytes / syncRegionBytes), what, regionCount);
         dirty.addAll(active);
-        set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs }, dirty, link.peerName);
+        set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs, maxRateBytesPerSecond: maxRate }, dirty, link.peerName);
       }
       if (set.linkCount > 0) sync.#volumes.set(volume, set);
     }
@@ -257,7 +281,27 @@ export class SyncReplication {
     await this.save();
   }
 
-  /** Refuses a change that synchronous replicas do not follow yet (a resize). */
+  /**
+   * A snapshot of `volume` taken here and on every in-sync replica at the same point of the write stream (CONTROL
+   * in the design note); `local` alone when the volume has no synchronous replicas. So are the three below.
+   */
+  createSnapshot(volume: string, name: string, local: () => Promise<SnapshotInfo>): Promise<SnapshotInfo> {
+    return this.#volumes.get(volume)?.createSnapshot(name) ?? local();
+  }
+
+  removeSnapshot(volume: string, name: string, local: () => Promise<void>): Promise<void> {
+    return this.#volumes.get(volume)?.removeSnapshot(name) ?? local();
+  }
+
+  resize(volume: string, sizeBytes: number, force: boolean, local: () => Promise<VolumeInfo>): Promise<VolumeInfo> {
+    return this.#volumes.get(volume)?.resize(sizeBytes, force) ?? local();
+  }
+
+  rollback(volume: string, snapshot: string, local: () => Promise<VolumeInfo>): Promise<VolumeInfo> {
+    return this.#volumes.get(volume)?.rollback(snapshot) ?? local();
+  }
+
+  /** Refuses a change that synchronous replicas do not follow yet (a receive, a handoff). */
   checkUnreplicated(volume: string, what: string): void {
     if (this.#volumes.has(volume)) throw ChunkdError.busy(`volume ${volume} has synchronous replicas, which do not follow ${what} yet: remove them first (chunkd replica remove ${volume} --peer HOST:PORT)`);
   }
@@ -366,16 +410,21 @@ class SyncLink {
   outOfSyncSaved: Promise<void> = Promise.resolve();
   resync: { totalBytes: number; copiedBytes: number } | null = null;
   resyncBytesTotal = 0;
+  resyncEqualBytesTotal = 0;
   requestsTotal = 0;
   outOfSyncTotal = 0;
   readRepairsTotal = 0;
   lastError: { message: string; at: string } | null = null;
   running: Promise<void> | null = null;
   stopped = false;
-  #wake: (() => void) | null = null;
+  readonly #wakers = new Set<() => void>();
+
+  /** The resync's rate cap (settings.maxRateBytesPerSecond), or none. */
+  readonly limiter: RateLimiter | null;
 
   constructor(settings: SyncReplicaSettings, dirty: RegionSet, peerName: string | null) {
     this.settings = settings;
+    this.limiter = (settings.maxRateBytesPerSecond ?? null) === null ? null : new RateLimiter(settings.maxRateBytesPerSecond!);
     this.dirty = dirty;
     this.peerName = peerName;
   }
@@ -384,6 +433,12 @@ class SyncLink {
   markDirty(first: number, end: number): boolean {
     for (let region = first; region < end; region++) this.copied.delete(region);
     return this.dirty.addRange(first, end);
+  }
+
+  /** Forgets the regions from `limit` on (the volume shrank). */
+  truncate(limit: number): void {
+    this.dirty.truncate(limit);
+    for (const region of this.copied) if (region >= limit) this.copied.delete(region);
   }
 
   /** Dirty regions the resync has still to copy. */
@@ -412,21 +467,24 @@ class SyncLink {
     this.client = null;
   }
 
-  /** Waits `ms` before the next try, or less when the link is stopped. */
+  /** Waits `ms` (before the next try, or the rate cap's time), or less when the link is stopped. */
   pause(ms: number): Promise<void> {
+    if (this.stopped) return Promise.resolve();
     return new Promise((resolve) => {
-      const timer = setTimeout(resolve, ms);
-      this.#wake = () => {
+      const wake = (): void => {
         clearTimeout(timer);
+        this.#wakers.delete(wake);
         resolve();
       };
+      const timer = setTimeout(wake, ms);
+      this.#wakers.add(wake);
     });
   }
 
   stop(): void {
     this.stopped = true;
     this.disconnect();
-    this.#wake?.();
+    for (const wake of this.#wakers) wake();
   }
 
   fail(error: ChunkdError): void {
@@ -515,19 +573,23 @@ class SyncVolume {
   stored(): { active: Array<[number, number]>; replicas: StoredLink[] } {
     return {
       active: this.#activity.active.toRuns(),
-      replicas: this.#links.map((link) => ({ peer: link.settings.peer, timeoutMs: link.settings.timeoutMs, peerName: link.peerName, state: link.state, dirty: link.dirty.toRuns() })),
+      replicas: this.#links.map((link) => ({
+        peer: link.settings.peer, timeoutMs: link.settings.timeoutMs, maxRateBytesPerSecond: link.settings.maxRateBytesPerSecond ?? null, peerName: link.peerName, state: link.state, dirty: link.dirty.toRuns(),
+      })),
     };
   }
 
   status(): SyncReplicaStatus[] {
     return this.#links.map((link) => ({
       ...link.settings,
+      maxRateBytesPerSecond: link.settings.maxRateBytesPerSecond ?? null,
       mode: 'sync',
       peerName: link.peerName,
       state: link.state,
       dirtyBytes: link.dirty.size * syncRegionBytes,
       resync: link.resync === null ? null : { ...link.resync },
       resyncBytesTotal: link.resyncBytesTotal,
+      resyncEqualBytesTotal: link.resyncEqualBytesTotal,
       requestsTotal: link.requestsTotal,
       outOfSyncTotal: link.outOfSyncTotal,
       readRepairsTotal: link.readRepairsTotal,
@@ -669,6 +731,111 @@ class SyncVolume {
     }
   }
 
+  /**
+   * CONTROL: a snapshot on every in-sync replica with the owner's id, under the whole volume's lock, so no write is
+   * in flight anywhere: each copy holds exactly the writes acknowledged before it. A replica that fails it is out
+   * of sync (it lacks the snapshot; a resync gives it the data, not the snapshot).
+   */
+  async createSnapshot(name: string): Promise<SnapshotInfo> {
+    return this.#exclusive(async () => {
+      const info = await this.#options.pool.createSnapshot(this.#name, name);
+      await this.#control({ action: 'snapshot', name, uuid: info.uuid });
+      return info;
+    });
+  }
+
+  /** Removed here, then on every in-sync replica; a replica that fails keeps it (logged), its data is the same. */
+  async removeSnapshot(name: string): Promise<void> {
+    await this.#exclusive(async () => {
+      const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
+      await this.#options.pool.removeSnapshot(this.#name, name);
+      const targets = this.#links.filter((link) => link.state === 'in-sync');
+      await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
+        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name}: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+      })));
+    });
+  }
+
+  /**
+   * A grow or a shrink here, then on every in-sync replica (one out of sync takes the owner's size at its next
+   * syncOpen). Dirty maps and the activity log lose what lies past a shrink; a grow is dirty for every replica
+   * out of sync (it may hold other bytes there, from before a shrink it missed).
+   */
+  async resize(sizeBytes: number, force: boolean): Promise<VolumeInfo> {
+    return this.#exclusive(async () => {
+      const before = this.#options.pool.volumeInfo(this.#name).sizeBytes;
+      const info = await this.#options.pool.resizeVolume(this.#name, sizeBytes, force);
+      const regionsBefore = Math.ceil(before / syncRegionBytes);
+      const regionsAfter = Math.ceil(sizeBytes / syncRegionBytes);
+      for (const link of this.#links) {
+        if (sizeBytes < before) link.truncate(regionsAfter);
+        else if (link.state !== 'in-sync') link.markDirty(regionsBefore, regionsAfter);
+        // A resync under way opened the replica at the old size: it starts again, and syncOpen gives the new one.
+        if (link.state === 'resyncing' && sizeBytes !== before) link.disconnect();
+      }
+      if (sizeBytes < before) {
+        this.#activity.truncate(Math.ceil(sizeBytes / syncActivityExtentBytes));
+        this.#recent.truncate(regionsAfter);
+      }
+      if (sizeBytes !== before) await this.#sync.save();
+      await this.#control({ action: 'resize', sizeBytes });
+      return info;
+    });
+  }
+
+  /**
+   * A rollback here, then on every in-sync replica, which holds the snapshot when it was in sync when it was
+   * taken. The regions it changes (the snapshot's diff against the volume) enter the activity log first, as a
+   * write's would, and the dirty map of every replica out of sync; a replica that fails the rollback (it lacks
+   * the snapshot, or a reader has its export open) is out of sync with them dirty, and a resync gives it the data.
+   */
+  async rollback(snapshot: string): Promise<VolumeInfo> {
+    return this.#exclusive(async () => {
+      const pool = this.#options.pool;
+      const { uuid, sizeBytes } = pool.snapshotInfo(this.#name, snapshot);
+      const before = pool.volumeInfo(this.#name).sizeBytes;
+      const changed = regionRuns(pool.diff(this.#name, snapshot, null), Math.max(before, sizeBytes));
+      let mustSave = false;
+      for (const [first, end] of changed) {
+        const [firstExtent, endExtent] = regionsOf(first * syncRegionBytes, (end - first) * syncRegionBytes, syncActivityExtentBytes);
+        mustSave = this.#activity.begin(firstExtent, endExtent) || mustSave;
+        this.#recent.begin(first, end);
+        for (const link of this.#links) if (link.state !== 'in-sync') mustSave = link.markDirty(first, end) || mustSave;
+      }
+      try {
+        if (mustSave) await this.#sync.save();
+        const info = await pool.rollbackVolume(this.#name, snapshot);
+        if (sizeBytes < before) {
+          for (const link of this.#links) link.truncate(Math.ceil(sizeBytes / syncRegionBytes));
+          await this.#sync.save();
+        }
+        await this.#control({ action: 'rollback', name: snapshot, uuid });
+        this.#options.log(`volume ${this.#name} rolled back to ${snapshot}, with its in-sync replicas`);
+        return info;
+      } finally {
+        for (const [first, end] of changed) {
+          const [firstExtent, endExtent] = regionsOf(first * syncRegionBytes, (end - first) * syncRegionBytes, syncActivityExtentBytes);
+          this.#activity.end(firstExtent, endExtent);
+          this.#recent.end(first, end);
+        }
+      }
+    });
+  }
+
+  /** `change` under the whole volume's lock, once nothing is in flight; refused as a write would be. */
+  async #exclusive<T>(change: () => Promise<T>): Promise<T> {
+    if (this.#fenced !== null) throw this.#fenced;
+    const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
+    try {
+      if (this.#fenced !== null) throw this.#fenced;
+      const refusal = this.#options.writeRefusal(this.#name);
+      if (refusal !== null) throw refusal;
+      return await change();
+    } finally {
+      release();
+    }
+  }
+
   /** Reads the block at `startBytes` into `bytes` from the first in-sync replica that has a good copy, and rewrites it here. */
   async #repairBlock(startBytes: number, bytes: Buffer, damage: DamagedDataError, device: RepairTarget): Promise<void> {
     const epoch = this.#options.epochOf(this.#name);
@@ -694,6 +861,19 @@ class SyncVolume {
       return;
     }
     throw damage;
+  }
+
+  /** Sends a change to every in-sync replica; one that fails it is out of sync (step 4) before this returns. */
+  async #control(action: SyncControlAction): Promise<void> {
+    const targets = this.#links.filter((link) => link.state === 'in-sync');
+    const answers = targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, action))
+      .then(() => null, (error: unknown) => expectedError(error, `a synchronous ${action.action}`)));
+    await this.#settle(targets, await Promise.all(answers), false);
+    await this.#recordIfStale();
+  }
+
+  #controlPayload(link: SyncLink, action: SyncControlAction): Buffer {
+    return jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session, ...action });
   }
 
   /** Step 4: each failed answer makes its link out of sync, durably, before the request is answered; a fence refuses it. */
@@ -767,12 +947,22 @@ class SyncVolume {
     link.resync = { totalBytes: link.dirty.size * syncRegionBytes, copiedBytes: 0 };
     const started = performance.now();
     const sentBefore = link.resyncBytesTotal;
+    const equalBefore = link.resyncEqualBytesTotal;
+    // Passes while writes go on (each copies what the one before left, writes dirty it again), at most
+    // syncResyncPassesMax; then what is left is copied under the whole volume's lock, writes waiting (DRBD's way), so
+    // a resync under steady writes ends. A pass that leaves little is the last one too.
+    let passes = 0;
     for (;;) {
-      await this.#copyPending(link, sizeBytes);
+      if (passes < syncResyncPassesMax) {
+        await this.#copyPending(link, false);
+        passes += 1;
+      }
       const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
       try {
         if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
-        if (link.pendingRegions().length > 0) continue;
+        const left = link.pendingRegions().length;
+        if (left > syncCatchUpRegionsMax && passes < syncResyncPassesMax) continue;
+        if (left > 0) await this.#copyPending(link, true);
         // The copies durable there before the dirty map forgets them.
         await link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session }));
         link.dirty.clear();
@@ -790,23 +980,48 @@ class SyncVolume {
         release();
       }
       const seconds = (performance.now() - started) / 1000;
-      this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer} (${link.peerName}) is in sync: resync sent ${formatSize(link.resyncBytesTotal - sentBefore)} in ${seconds.toFixed(2)} s`);
+      const equal = link.resyncEqualBytesTotal - equalBefore;
+      this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer} (${link.peerName}) is in sync: resync sent ${formatSize(link.resyncBytesTotal - sentBefore)} in ${seconds.toFixed(2)} s (${passes} pass${passes === 1 ? '' : 'es'}${equal > 0 ? `; ${formatSize(equal)} found the same by checksum, not sent` : ''})`);
       this.#recordSoon();
       return;
     }
   }
 
-  /** Copies the regions still dirty, a few at a time, each under its range lock. */
-  async #copyPending(link: SyncLink, sizeBytes: number): Promise<void> {
+  /**
+   * Copies the regions still dirty, a few at a time, each under its range lock (`locked`: the caller holds the whole
+   * volume's). Each region's chunks are compared first by their recorded checksums (the replica's asked for an
+   * activity extent at a time, syncSums): only those that differ are sent, so a replica whose dirty map says more
+   * than changed (after an owner crash, a failover, a link added to a replica that has the data) receives what did
+   * change. The price, as content-digest.ts names it: two different chunks with the same CRC-32 at the same place
+   * go unseen (2^-32 per chunk that differs), DRBD's csums-alg with crc32c.
+   */
+  async #copyPending(link: SyncLink, locked: boolean): Promise<void> {
     const pending = link.pendingRegions();
     link.resync!.totalBytes = Math.max(link.resync!.totalBytes, link.resync!.copiedBytes + pending.length * syncRegionBytes);
     const device = this.#options.pool.openVolume(this.#name);
+    // The replica's checksums, fetched once a pass per extent: its chunks change meanwhile only by this pass's
+    // copies, each of a region compared before (the replica gets no client writes while it resyncs).
+    const extents = new Map<number, Promise<Uint32Array>>();
+    const theirSums = async (region: number): Promise<Uint32Array> => {
+      const extent = Math.floor(region / activityRegionsPerExtent);
+      let sums = extents.get(extent);
+      if (sums === undefined) {
+        const firstChunk = extent * syncSumsChunksMax;
+        const chunkCount = Math.min(syncSumsChunksMax, device.sizeBytes / chunkSizeBytes - firstChunk);
+        sums = link.send(PeerVerb.syncSums, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session, firstChunk, chunkCount }))
+          .then((reply) => parseSyncSumsReply(reply, chunkCount));
+        sums.catch(() => {});
+        extents.set(extent, sums);
+      }
+      const from = (region % activityRegionsPerExtent) * regionChunks;
+      return (await sums).subarray(from, from + regionChunks);
+    };
     let next = 0;
     let failure: unknown = null;
     const worker = async (): Promise<void> => {
       while (next < pending.length && failure === null) {
         const region = pending[next++]!;
-        await this.#copyRegion(link, device, region, sizeBytes).catch((error: unknown) => (failure ??= error));
+        await this.#copyRegion(link, device, region, theirSums, locked).catch((error: unknown) => (failure ??= error));
       }
     };
     try {
@@ -817,36 +1032,78 @@ class SyncVolume {
     if (failure !== null) throw failure;
   }
 
-  async #copyRegion(link: SyncLink, device: BlockDevice, region: number, sizeBytes: number): Promise<void> {
+  async #copyRegion(link: SyncLink, device: BlockDevice, region: number, theirSums: (region: number) => Promise<Uint32Array>, locked: boolean): Promise<void> {
     const startBytes = region * syncRegionBytes;
-    const endBytes = Math.min(sizeBytes, startBytes + syncRegionBytes);
-    const release = await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
+    const endBytes = Math.min(device.sizeBytes, startBytes + syncRegionBytes);
+    if (endBytes <= startBytes) return;
+    const theirs = await theirSums(region);
+    const release = locked ? null : await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
+    let sentBytes = 0;
     try {
       if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
       if (!link.dirty.has(region) || link.copied.has(region)) return;
+      const ours = await this.#options.pool.chunkSums(this.#name, startBytes / chunkSizeBytes, (endBytes - startBytes) / chunkSizeBytes);
       const epoch = this.#options.epochOf(this.#name);
-      for (let at = startBytes; at < endBytes;) {
-        const [extent] = await device.blockStatus(at, endBytes - at) as [Extent];
-        const lengthBytes = Math.min(extent.lengthBytes, endBytes - at);
-        let data: Buffer | null = null;
-        if (!extent.zero) {
-          data = Buffer.alloc(lengthBytes);
-          await device.read(at, data);
+      let equalChunks = ours.length;
+      for (const [fromChunk, toChunk] of differingRuns(ours, theirs)) {
+        equalChunks -= toChunk - fromChunk;
+        const runEnd = startBytes + toChunk * chunkSizeBytes;
+        for (let at = startBytes + fromChunk * chunkSizeBytes; at < runEnd;) {
+          const [extent] = await device.blockStatus(at, runEnd - at) as [Extent];
+          const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
+          let data: Buffer | null = null;
+          if (!extent.zero) {
+            data = Buffer.alloc(lengthBytes);
+            await device.read(at, data);
+          }
+          const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
+          await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
+          sentBytes += data?.length ?? 0;
+          at += lengthBytes;
         }
-        const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
-        await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
-        link.resyncBytesTotal += data?.length ?? 0;
-        at += lengthBytes;
       }
+      link.resyncBytesTotal += sentBytes;
+      link.resyncEqualBytesTotal += equalChunks * chunkSizeBytes;
       link.copied.add(region);
       link.resync!.copiedBytes += syncRegionBytes;
     } finally {
-      release();
+      release?.();
     }
+    // The rate cap, paid after the copy, outside the lock (a client's write to the region does not wait for it); the
+    // catch-up under the whole volume's lock is not capped, so that writes wait as little as they can.
+    const waitMs = locked || sentBytes === 0 ? 0 : link.limiter?.reserve(sentBytes, performance.now()) ?? 0;
+    if (waitMs > 0) await link.pause(waitMs);
   }
 }
 
 const activityRegionsPerExtent = syncActivityExtentBytes / syncRegionBytes;
+const regionChunks = syncRegionBytes / chunkSizeBytes;
+
+/** Runs [from, to) of chunk indexes where `ours` and `theirs` differ (checksums, position by position). */
+export function differingRuns(ours: Uint32Array, theirs: Uint32Array): Array<[number, number]> {
+  assert(ours.length === theirs.length, 'checksums of the same chunks');
+  const runs: Array<[number, number]> = [];
+  for (let index = 0; index < ours.length; index++) {
+    if (ours[index] === theirs[index]) continue;
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last[1] === index) last[1] = index + 1;
+    else runs.push([index, index + 1]);
+  }
+  return runs;
+}
+
+/** Changed chunk extents (a diff) as runs of regions [first, end), below the regions of `sizeBytes`. */
+function regionRuns(extents: ChangedExtent[], sizeBytes: number): Array<[number, number]> {
+  const limit = Math.ceil(sizeBytes / syncRegionBytes);
+  const runs: Array<[number, number]> = [];
+  for (const extent of extents) {
+    const [first, end] = regionsOf(extent.virtualChunk * chunkSizeBytes, extent.chunkCount * chunkSizeBytes, syncRegionBytes);
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last[1] >= first) last[1] = Math.max(last[1], Math.min(end, limit));
+    else if (first < limit) runs.push([first, Math.min(end, limit)]);
+  }
+  return runs;
+}
 
 /** The chunks [first, end) that bytes [offsetBytes, offsetBytes + lengthBytes) touch: the range lock's unit. */
 function chunksOf(offsetBytes: number, lengthBytes: number): [number, number] {

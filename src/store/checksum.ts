@@ -17,6 +17,9 @@ export function blockChecksum(bytes: Uint8Array): number {
   return crc32(bytes as Buffer) >>> 0;
 }
 
+/** The checksum of a chunk of zeros: what a hole reads as. */
+export const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
+
 /** The checksum of a run of bytes: blockChecksum of their concatenation (compare with combinedChecksum). */
 export const runChecksum = blockChecksum;
 

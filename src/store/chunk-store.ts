@@ -15,13 +15,13 @@
 import { ChunkdError, DamagedDataError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { formatSize } from '../core/units.ts';
-import type { ChunkAllocator, FreeExtent } from './allocator.ts';
-import { blockChecksum } from './checksum.ts';
+import type { FreeExtent } from './allocator.ts';
+import type { ChunkAllocation, ChunkLookup } from './catalog-backend.ts';
+import { blockChecksum, zeroChunkSum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import { locateInPlan, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
-import type { ChunkMap, ChunkRun } from './chunk-map.ts';
-import type { ChunkSums } from './chunk-sums.ts';
-import { hex, scrub, type ScrubReport } from './scrub.ts';
+import type { ChunkRun } from './chunk-map.ts';
+import { hex, scrub, type ScrubReport, type ScrubSource } from './scrub.ts';
 import type { Log } from '../core/log.ts';
 
 /** Chunks just written: the first of the fresh run and the checksum of each. */
@@ -38,27 +38,22 @@ export interface ScrubTarget {
 
 export interface ChunkStoreParts {
   chunkFiles: ChunkFiles;
-  allocator: ChunkAllocator;
+  /** The catalog's chunk allocator (catalog-backend.ts). */
+  allocator: ChunkAllocation;
   io: ChunkIo;
-  sums: ChunkSums;
   /** False only when a benchmark turned read verification off (serve --verify-reads off). */
   verifyReads: boolean;
-  /** Whether committed metadata names a chunk (scrub tells damage that matters from free space). */
-  isMapped: (physicalChunk: number) => boolean;
   log: Log;
   /** Makes the chunks freed since the last commit reusable (a commit): what a write on a full file system asks for. */
   reclaim: () => Promise<void>;
 }
 
-const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
 
 export class ChunkStore {
   readonly verifyReads: boolean;
   readonly #files: ChunkFiles;
-  readonly #allocator: ChunkAllocator;
+  readonly #allocator: ChunkAllocation;
   readonly #io: ChunkIo;
-  readonly #sums: ChunkSums;
-  readonly #isMapped: (physicalChunk: number) => boolean;
   readonly #log: Log;
   readonly #reclaim: () => Promise<void>;
   #checksumErrorsTotal = 0;
@@ -67,9 +62,7 @@ export class ChunkStore {
     this.#files = parts.chunkFiles;
     this.#allocator = parts.allocator;
     this.#io = parts.io;
-    this.#sums = parts.sums;
     this.verifyReads = parts.verifyReads;
-    this.#isMapped = parts.isMapped;
     this.#log = parts.log;
     this.#reclaim = parts.reclaim;
   }
@@ -92,7 +85,8 @@ export class ChunkStore {
 
   /** NO_HOLE zeroing: a fresh run of `chunkCount` chunks, zeroed by the file system and kept allocated. */
   async zero(chunkCount: number): Promise<WrittenRun> {
-    const physicalChunk = this.#allocator.allocate(chunkCount);
+    const allocated = this.#allocator.allocate(chunkCount);
+    const physicalChunk = typeof allocated === 'number' ? allocated : await allocated;
     try {
       await this.#files.zero(physicalChunk, 0, chunkCount * chunkSizeBytes);
     } catch (error) {
@@ -103,15 +97,16 @@ export class ChunkStore {
   }
 
   /**
-   * Reads target.length bytes at `offsetBytes` through `map`, checking every chunk read against its checksum:
+   * Reads target.length bytes at `offsetBytes` through `found` (the runs under the request, catalog-backend.ts's
+   * lookup), checking every chunk read against its checksum:
    * holes give zeros, and the mapped runs under the request become one plan for the chunk I/O engine, read straight
    * into `target` when the request covers whole chunks, else into a scratch buffer whose middle is copied out once
    * every chunk in it has been verified. `exportName` names the volume or VOL@SNAP in a corruption report.
    */
-  async read(exportName: string, map: ChunkMap, offsetBytes: number, target: Buffer): Promise<void> {
+  async read(exportName: string, found: ChunkLookup, offsetBytes: number, target: Buffer): Promise<void> {
     const firstChunk = Math.floor(offsetBytes / chunkSizeBytes);
     const chunkCount = Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - firstChunk;
-    const runs = map.runs(firstChunk, chunkCount);
+    const runs = found.runs;
     let mappedRuns = 0;
     let mappedChunks = 0;
     for (const run of runs) {
@@ -138,7 +133,7 @@ export class ChunkStore {
       plan[p++] = run.physicalChunk;
       plan[p++] = run.chunkCount;
       plan[p++] = targetChunk;
-      for (let i = 0; i < run.chunkCount; i++) expected[e++] = this.#sums.get(run.physicalChunk + i);
+      for (let i = 0; i < run.chunkCount; i++) expected[e++] = found.sumOf(run, i);
     }
     const mismatch = await this.#io.readChunks(buffer, plan, expected, this.verifyReads);
     if (mismatch !== null) {
@@ -149,18 +144,13 @@ export class ChunkStore {
   }
 
   /** Reads and checks every chunk of the given exports while they stay in use (scrub.ts). */
-  async scrub(volumeName: string, exports: ScrubTarget[], onProgress?: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
-    const report = await scrub({ io: this.#io, sums: this.#sums, isMapped: this.#isMapped, log: this.#log }, volumeName, exports, onProgress);
+  async scrub(volumeName: string, exports: ScrubTarget[], source: ScrubSource, onProgress?: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
+    const report = await scrub({ io: this.#io, sumOf: (chunk) => source.sumOf(chunk), stillNamed: (chunk, sum) => source.stillNamed(chunk, sum), log: this.#log }, volumeName, exports, onProgress);
     this.#log(`scrub of ${volumeName}: ${formatSize(report.checkedBytes)} checked in ${exports.length} export(s), ${report.badChunks} bad chunk(s)`);
     return report;
   }
 
   // ---- space: what the commit engine and the pool's open call ----
-
-  /** A chunk the metadata stopped naming: reusable after the next durable commit, punched out first if `punch`. */
-  freeLater(physicalChunk: number, punch: boolean): void {
-    this.#allocator.freeDeferred(physicalChunk, 1, punch);
-  }
 
   /** Chunks freed and waiting for a commit. */
   get deferredCount(): number {
@@ -189,7 +179,7 @@ export class ChunkStore {
   /** At open: punches out every chunk the metadata does not name (uncommitted writes, recycled chunks). */
   async punchUnused(): Promise<void> {
     const tasks: Array<Promise<void>> = [];
-    for (const extent of this.#allocator.freeExtents()) tasks.push(this.#files.punch(extent.start, extent.count));
+    for (const extent of await this.#allocator.freeExtents()) tasks.push(this.#files.punch(extent.start, extent.count));
     const files = this.#files.existingFiles();
     const lastFile = files[files.length - 1];
     if (lastFile !== undefined) {
@@ -221,7 +211,8 @@ export class ChunkStore {
   }
 
   async #writeFresh(payload: Buffer, chunkCount: number): Promise<WrittenRun> {
-    const physicalChunk = this.#allocator.allocate(chunkCount);
+    const allocated = this.#allocator.allocate(chunkCount);
+    const physicalChunk = typeof allocated === 'number' ? allocated : await allocated;
     try {
       return { physicalChunk, sums: await this.#io.writeSummed(physicalChunk, payload) };
     } catch (error) {

@@ -9,7 +9,12 @@
 // copies of its metadata: a damaged copy is read from the other and rewritten whole at the next start
 // (journal-format.ts says how a torn tail is told from damage; pool-layout.ts names the files).
 //
-// `record` applies a record to the live catalog at once and queues it; `commit` makes every record queued before
+// The catalog is one of two behind catalog-backend.ts's interface: this in-memory one (pool format 3), or the paged
+// catalog (format 4, paged-backend.ts), for which the journal is the write-ahead log of pages written only at
+// checkpoints; a checkpoint is begun when the commit takes its records, so that it covers exactly those applied
+// before. What is said below of checkpoints is the in-memory catalog's; paged-backend.ts says the paged one's.
+//
+// `record` applies a record to the live catalog at once (or, over pages, queues its apply) and queues it; `commit` makes every record queued before
 // it durable, concurrent callers sharing one commit (group commit). A commit runs alone: it fdatasyncs the chunk
 // files, then appends the queued records to both journal copies, or, once the journal is past its size, starts a
 // new generation whose checkpoint holds everything.
@@ -39,21 +44,15 @@ import { performance } from 'node:perf_hooks';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { deferredChunksCommitMax } from '../core/limits.ts';
-import { encodeCheckpoint } from './checkpoint.ts';
-import type { ChunkRefcounts } from './chunk-refcounts.ts';
+import type { CatalogBackend, ChunkLookup, MapHandle, PendingCheckpoint } from './catalog-backend.ts';
 import type { ChunkStore } from './chunk-store.ts';
-import type { FileLayer } from './file-layer.ts';
 import type { JournalFile } from './journal-file.ts';
-import { applyRecord, encodeRecords, type Catalog, type MetaRecord } from './metadata.ts';
-import { beginGeneration } from './pool-layout.ts';
+import { encodeRecords, type MetaRecord } from './metadata.ts';
 import type { Log } from '../core/log.ts';
 
 export interface CommitEngineParts {
-  files: FileLayer;
-  /** The pool's directory, where new generations are written. */
-  directory: string;
-  catalog: Catalog;
-  refs: ChunkRefcounts;
+  /** The catalog records apply to, and which writes a new generation's checkpoint (catalog-backend.ts). */
+  catalog: CatalogBackend;
   chunks: ChunkStore;
   /** The journal of the generation the pool opened with, and that generation. */
   journal: JournalFile;
@@ -92,17 +91,12 @@ export interface CheckpointReport {
 }
 
 export class CommitEngine {
-  readonly #files: FileLayer;
-  readonly #directory: string;
-  readonly #catalog: Catalog;
-  readonly #refs: ChunkRefcounts;
+  readonly #catalog: CatalogBackend;
   readonly #chunks: ChunkStore;
   readonly #journalCheckpointBytes: number;
   readonly #log: Log;
   #generation: number;
   #journal: JournalFile;
-  /** Whether chunks freed now go back to the file system (trims, removals) or are only recycled (overwrites). */
-  #punchFrees = true;
   /** Records applied but not yet committed, each already encoded as a journal frame (the cost spread over writes). */
   #queue: Buffer[] = [];
   #currentCommit: Promise<void> | null = null;
@@ -119,17 +113,12 @@ export class CommitEngine {
   #closed = false;
 
   constructor(parts: CommitEngineParts) {
-    this.#files = parts.files;
-    this.#directory = parts.directory;
     this.#catalog = parts.catalog;
-    this.#refs = parts.refs;
     this.#chunks = parts.chunks;
     this.#journal = parts.journal;
     this.#generation = parts.generation;
     this.#journalCheckpointBytes = parts.journalCheckpointBytes;
     this.#log = parts.log;
-    // From now on a chunk whose last reference goes is free, once the commit that records it is durable.
-    this.#refs.onFree = (physicalChunk) => this.#chunks.freeLater(physicalChunk, this.#punchFrees);
     this.#timer = setInterval(() => {
       // A failure is logged, counted and shown in status by the commit itself; only a bug goes further (fail-stop).
       if (this.#queue.length > 0 || this.#chunks.deferredCount > 0) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));
@@ -141,12 +130,7 @@ export class CommitEngine {
   record(record: MetaRecord): void {
     // A map record replaces chunks with new ones of the same size: the next writes reuse their space, so punching
     // it out of the file (and having the file system allocate it again) would be wasted work.
-    this.#punchFrees = record.type !== 'map';
-    try {
-      applyRecord(this.#catalog, record, this.#refs);
-    } finally {
-      this.#punchFrees = true;
-    }
+    this.#catalog.apply(record, record.type !== 'map');
     this.#queue.push(encodeRecords([record]));
     // Chunks freed by overwrites are reusable only after a commit: under a stream of overwrites and no FLUSH, commit
     // early rather than let the files grow by five seconds of writes.
@@ -155,8 +139,29 @@ export class CommitEngine {
     }
   }
 
+  /**
+   * Resolves once every record queued before the call is applied to the catalog (at once in memory; over pages,
+   * queued): what a control verb waits for after its commit, to read what it did. A commit does not wait for it:
+   * a FLUSH is the journal's append and fdatasync only. A failed apply is the sticky failure.
+   */
+  async settled(): Promise<void> {
+    try {
+      await this.#catalog.settled();
+    } catch (error) {
+      this.checkHealthy();
+      throw error;
+    }
+  }
+
+  /** The runs of a range of `map` with their checksums, after the records applied before (catalog-backend.ts). */
+  lookup(map: MapHandle, virtualChunk: number, chunkCount: number): ChunkLookup | Promise<ChunkLookup> {
+    return this.#catalog.lookup(map, virtualChunk, chunkCount);
+  }
+
   /** Throws the sticky failure, if an earlier sync or metadata write failed, or ESHUTDOWN once closed. */
   checkHealthy(): void {
+    const applyFailure = this.#catalog.failure;
+    if (this.#failure === null && applyFailure !== null) this.#fail(`applying a metadata record failed (${applyFailure.message})`, applyFailure);
     if (this.#failure !== null) throw this.#failure;
     if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the pool is closed');
   }
@@ -232,8 +237,10 @@ export class CommitEngine {
     const freeMark = this.#chunks.deferredMark();
     const started = performance.now();
     const checkpointDue = this.#checkpointRequested || this.#journal.sizeBytes >= this.#journalCheckpointBytes;
-    const checkpoint = checkpointDue ? encodeCheckpoint(this.#catalog, this.#generation + 1) : null;
-    const encodeSeconds = (performance.now() - started) / 1000;
+    // Begun now, as the records are taken: it covers exactly the records applied before (catalog-backend.ts).
+    const checkpoint = checkpointDue ? this.#catalog.beginCheckpoint(this.#generation + 1) : null;
+    const encodeSeconds = checkpoint?.encodeSeconds ?? 0;
+    let checkpointBytes = 0;
     try {
       await this.#chunks.sync();
     } catch (error) {
@@ -241,7 +248,7 @@ export class CommitEngine {
       throw this.#fail(`syncing chunk files failed (${(error as Error).message})`, error);
     }
     try {
-      if (checkpoint !== null) await this.#startGeneration(checkpoint);
+      if (checkpoint !== null) checkpointBytes = await this.#startGeneration(checkpoint, Buffer.concat(records));
       else await this.#journal.append(Buffer.concat(records));
     } catch (error) {
       this.#queue = records.concat(this.#queue);
@@ -261,7 +268,7 @@ export class CommitEngine {
       this.#checkpointRequested = false;
       this.#checkpointsTotal += 1;
       this.#checkpointEncodeSecondsMax = Math.max(this.#checkpointEncodeSecondsMax, encodeSeconds);
-      this.#lastCheckpoint = { generation: this.#generation, bytes: checkpoint.length, seconds: (performance.now() - started) / 1000, encodeSeconds };
+      this.#lastCheckpoint = { generation: this.#generation, bytes: checkpointBytes, seconds: (performance.now() - started) / 1000, encodeSeconds };
     }
     // The frees are durable now: punch their space out, then let the allocator hand them out again.
     await this.#chunks.reuseFreed(freeMark);
@@ -276,12 +283,13 @@ export class CommitEngine {
     return this.#failure;
   }
 
-  async #startGeneration(checkpoint: Buffer): Promise<void> {
+  async #startGeneration(checkpoint: PendingCheckpoint, records: Buffer): Promise<number> {
     const generation = this.#generation + 1;
-    const journal = await beginGeneration(this.#files, this.#directory, checkpoint, generation);
+    const { journal, bytes } = await checkpoint.write(records, this.#journal);
     const old = this.#journal;
     this.#journal = journal;
     this.#generation = generation;
     old.close();
+    return bytes;
   }
 }

@@ -13,12 +13,11 @@
 // Pure.
 import { createHash } from 'node:crypto';
 import { chunkSizeBytes } from '../core/limits.ts';
-import { blockChecksum } from './checksum.ts';
+import { blockChecksum, zeroChunkSum } from './checksum.ts';
 import type { ChunkMap } from './chunk-map.ts';
 
 export const contentDigestBytes = 32;
 const label = Buffer.from('chunkd-content-digest-v1\n', 'latin1');
-const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
 const entryBytes = 12;
 const batchEntries = 4096;
 

@@ -8,12 +8,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile, volumeSizeAlignBytes } from '../core/limits.ts';
-import { ChunkAllocator } from './allocator.ts';
+import { ChunkAllocator, type FreeExtent } from './allocator.ts';
 import { chunkFileIndexOf, chunkFilePath } from './chunk-file-layout.ts';
 import type { ChunkMap } from './chunk-map.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
 import { dataRanges } from './native.ts';
-import { chunksDirectory, loadMetadata, withPoolLocked } from './pool-layout.ts';
+import { mappedRunsOf, replayPaged } from './paged-backend.ts';
+import type { PagedMap } from './paged-map.ts';
+import { checkPoolMarker, chunksDirectory, loadMetadata, withPoolLocked } from './pool-layout.ts';
 
 export interface FsckReport {
   directory: string;
@@ -47,6 +49,7 @@ async function check(files: FileLayer, directory: string): Promise<FsckReport> {
   const report = (extra: Partial<FsckReport>): FsckReport => ({
     directory, clean: errors.length === 0, errors, repairable: false, loaded: true, warnings, volumeCount: 0, snapshotCount: 0, mappedBytes: 0, reclaimableBytes: 0, generation: 0, replayedRecords: 0, ...extra,
   });
+  if ((await checkPoolMarker(files, directory)) === 'paged') return checkPaged(files, directory, errors, warnings, report);
   let loaded;
   try {
     loaded = await loadMetadata(files, directory);
@@ -62,8 +65,7 @@ async function check(files: FileLayer, directory: string): Promise<FsckReport> {
   for (const line of loaded.leftovers) warnings.push(`stray metadata file ${line}; the next start removes it`);
 
   const chunkDirectory = chunksDirectory(directory);
-  const existing = fs.existsSync(chunkDirectory) ? fs.readdirSync(chunkDirectory).flatMap((name) => chunkFileIndexOf(name) ?? []) : [];
-  const fileSizes = new Map(existing.map((index) => [index, fs.statSync(chunkFilePath(chunkDirectory, index)).size]));
+  const fileSizes = chunkFileSizes(chunkDirectory);
   let mappedBytes = 0;
   const checkMap = (what: string, map: ChunkMap, sizeBytes: number): void => {
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % volumeSizeAlignBytes !== 0) errors.push(`${what}: invalid size ${sizeBytes}`);
@@ -80,15 +82,7 @@ async function check(files: FileLayer, directory: string): Promise<FsckReport> {
     for (const snapshot of volume.snapshots.values()) checkMap(`snapshot ${volume.name}@${snapshot.name}`, snapshot.map, snapshot.sizeBytes);
   }
   // Every referenced chunk must lie inside a chunk file that was written that far.
-  for (const run of refs.usedRuns()) {
-    const lastChunk = run.physicalChunk + run.chunkCount - 1;
-    for (let fileIndex = Math.floor(run.physicalChunk / chunksPerFile); fileIndex <= Math.floor(lastChunk / chunksPerFile); fileIndex++) {
-      const needed = (Math.min(lastChunk + 1, (fileIndex + 1) * chunksPerFile) - fileIndex * chunksPerFile) * chunkSizeBytes;
-      const size = fileSizes.get(fileIndex);
-      if (size === undefined) errors.push(`chunk file ${fileIndex} is missing but holds referenced chunks`);
-      else if (size < needed) errors.push(`chunk file ${fileIndex} is ${size} bytes, shorter than its referenced chunks (${needed})`);
-    }
-  }
+  checkChunkFiles(refs.usedRuns(), fileSizes, errors);
 
   let allocator: ChunkAllocator | null = null;
   try {
@@ -97,15 +91,99 @@ async function check(files: FileLayer, directory: string): Promise<FsckReport> {
     errors.push(`allocation: ${(error as Error).message}`);
   }
 
-  let reclaimableBytes = 0;
-  if (allocator !== null) {
-    const free = [...allocator.freeExtents()];
-    const lastFile = Math.max(-1, ...fileSizes.keys());
-    if ((lastFile + 1) * chunksPerFile > allocator.highWater) free.push({ start: allocator.highWater, count: (lastFile + 1) * chunksPerFile - allocator.highWater, punch: true });
-    for (const extent of free) reclaimableBytes += dataInChunks(chunkDirectory, fileSizes, extent.start, extent.count);
-    if (reclaimableBytes > 0) warnings.push(`${reclaimableBytes} bytes of unmapped data in the chunk files (chunks replaced by overwrites and kept for reuse, or writes a crash left uncommitted); the next start gives them back`);
-  }
+  const reclaimableBytes = allocator === null ? 0 : reclaimable(chunkDirectory, fileSizes, allocator.freeExtents(), allocator.highWater, warnings);
   return report({ repairable: repairable && errors.length === loaded.repairs.length, volumeCount: catalog.volumes.size, snapshotCount: catalog.snapshots.size, mappedBytes, reclaimableBytes, generation, replayedRecords });
+}
+
+/**
+ * fsck of a pool of paged metadata (paged-backend.ts): the root and table read, the journals after the root
+ * replayed (in memory), then every map walked leaf by leaf in slices (every page read is checked against its
+ * checksum): mapped inside its size, its chunks inside the chunk files. Damage to one copy of a page is repaired
+ * by the read itself (page-file.ts), not reported.
+ */
+async function checkPaged(files: FileLayer, directory: string, errors: string[], warnings: string[], report: (extra: Partial<FsckReport>) => FsckReport): Promise<FsckReport> {
+  let replayed;
+  try {
+    replayed = await replayPaged(files, directory, { cacheBytes: fsckCacheBytes });
+  } catch (error) {
+    if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
+    errors.push(`metadata: ${error.message}`);
+    return report({ loaded: false });
+  }
+  const { catalog, generation, replayedRecords, tornTail } = replayed;
+  try {
+    for (const line of replayed.repairs) errors.push(`metadata: ${line} (repairable: the next start writes it whole again; nothing is lost)`);
+    if (tornTail) warnings.push(`journal-${generation} ends in a commit torn by a crash; the next start drops it (it was never acknowledged)`);
+    for (const line of replayed.leftovers) warnings.push(`stray metadata file ${line}; the next start removes it`);
+    const chunkDirectory = chunksDirectory(directory);
+    const fileSizes = chunkFileSizes(chunkDirectory);
+    let mappedBytes = 0;
+    const checkMap = async (what: string, map: PagedMap, sizeBytes: number): Promise<void> => {
+      if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % volumeSizeAlignBytes !== 0) errors.push(`${what}: invalid size ${sizeBytes}`);
+      let inside = 0;
+      for await (const run of mappedRunsOf(map, Math.floor(sizeBytes / chunkSizeBytes))) {
+        inside += run.chunkCount;
+        checkChunkFiles([run], fileSizes, errors);
+      }
+      mappedBytes += map.mappedCount * chunkSizeBytes;
+      if (inside !== map.mappedCount) errors.push(`${what}: ${map.mappedCount - inside} chunk(s) are mapped past its end`);
+    };
+    try {
+      for (const volume of catalog.tables.volumes.values()) {
+        await checkMap(`volume ${volume.name}`, volume.map, volume.sizeBytes);
+        for (const snapshot of volume.snapshots.values()) await checkMap(`snapshot ${volume.name}@${snapshot.name}`, snapshot.map, snapshot.sizeBytes);
+      }
+    } catch (error) {
+      if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
+      errors.push(`metadata: ${error.message}`);
+    }
+    const chunks = catalog.chunks;
+    const reclaimableBytes = reclaimable(chunkDirectory, fileSizes, await chunks.freeExtents(), await chunks.settledHighWater(), warnings);
+    return report({
+      repairable: replayed.repairs.length > 0 && errors.length === replayed.repairs.length,
+      volumeCount: catalog.tables.volumes.size,
+      snapshotCount: catalog.tables.snapshots.size,
+      mappedBytes,
+      reclaimableBytes,
+      generation,
+      replayedRecords,
+    });
+  } finally {
+    await catalog.close();
+  }
+}
+
+/** The paged catalog's cache while fsck walks it. */
+const fsckCacheBytes = 64 * 1024 * 1024;
+
+function chunkFileSizes(chunkDirectory: string): Map<number, number> {
+  const existing = fs.existsSync(chunkDirectory) ? fs.readdirSync(chunkDirectory).flatMap((name) => chunkFileIndexOf(name) ?? []) : [];
+  return new Map(existing.map((index) => [index, fs.statSync(chunkFilePath(chunkDirectory, index)).size]));
+}
+
+/** Errors for referenced runs of chunks that lie past the end of their chunk file, or in a missing one. */
+function checkChunkFiles(runs: Iterable<{ physicalChunk: number; chunkCount: number }>, fileSizes: Map<number, number>, errors: string[]): void {
+  for (const run of runs) {
+    const lastChunk = run.physicalChunk + run.chunkCount - 1;
+    for (let fileIndex = Math.floor(run.physicalChunk / chunksPerFile); fileIndex <= Math.floor(lastChunk / chunksPerFile); fileIndex++) {
+      const needed = (Math.min(lastChunk + 1, (fileIndex + 1) * chunksPerFile) - fileIndex * chunksPerFile) * chunkSizeBytes;
+      const size = fileSizes.get(fileIndex);
+      const line =
+        size === undefined ? `chunk file ${fileIndex} is missing but holds referenced chunks` : size < needed ? `chunk file ${fileIndex} is ${size} bytes, shorter than its referenced chunks (${needed})` : null;
+      if (line !== null && !errors.includes(line)) errors.push(line);
+    }
+  }
+}
+
+/** Bytes of data in free chunks (and past the high-water mark), with the warning that names them. */
+function reclaimable(chunkDirectory: string, fileSizes: Map<number, number>, freeExtents: readonly FreeExtent[], highWater: number, warnings: string[]): number {
+  const free = [...freeExtents];
+  const lastFile = Math.max(-1, ...fileSizes.keys());
+  if ((lastFile + 1) * chunksPerFile > highWater) free.push({ start: highWater, count: (lastFile + 1) * chunksPerFile - highWater, punch: true });
+  let bytes = 0;
+  for (const extent of free) bytes += dataInChunks(chunkDirectory, fileSizes, extent.start, extent.count);
+  if (bytes > 0) warnings.push(`${bytes} bytes of unmapped data in the chunk files (chunks replaced by overwrites and kept for reuse, or writes a crash left uncommitted); the next start gives them back`);
+  return bytes;
 }
 
 function dataInChunks(chunkDirectory: string, fileSizes: Map<number, number>, startChunk: number, chunkCount: number): number {

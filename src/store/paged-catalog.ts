@@ -162,12 +162,15 @@ export class PagedCatalog {
   #journalGeneration = 0;
   /** The last record or checkpoint queued: they run one at a time, in call order. */
   #queue: Promise<unknown> = Promise.resolve();
+  /** Whether chunks the record applying now frees are punched out once free (see `apply`). */
+  #punchFrees = true;
 
   private constructor(file: PageFile, cache: PageCache, space: SpaceMaps, maps: PagedMaps) {
     this.#file = file;
     this.#cache = cache;
     this.#space = space;
     this.#maps = maps;
+    space.chunks.onFree = (physicalChunk) => space.chunks.freeDeferred(physicalChunk, 1, this.#punchFrees);
   }
 
   /** Opens the paged catalog of `directory` (an empty one where none was committed): reads its root and table. */
@@ -249,6 +252,27 @@ export class PagedCatalog {
     return this.#tablePages;
   }
 
+  /**
+   * The tables as applied so far, read-only: volumes (each with its map and its snapshots by name), volumes by
+   * name, snapshots by id, the next ids (catalog-backend.ts's CatalogView). A rollback replaces a volume's map
+   * in place.
+   */
+  get tables(): { readonly nextVolumeId: number; readonly nextSnapshotId: number; volumes: ReadonlyMap<number, VolumeEntry>; byName: ReadonlyMap<string, VolumeEntry>; snapshots: ReadonlyMap<number, SnapshotEntry> } {
+    return this.#tablesView;
+  }
+
+  readonly #tablesView = ((catalog: PagedCatalog) => ({
+    get nextVolumeId() {
+      return catalog.#nextVolumeId;
+    },
+    get nextSnapshotId() {
+      return catalog.#nextSnapshotId;
+    },
+    volumes: catalog.#volumes as ReadonlyMap<number, VolumeEntry>,
+    byName: catalog.#byName as ReadonlyMap<string, VolumeEntry>,
+    snapshots: catalog.#snapshots as ReadonlyMap<number, SnapshotEntry>,
+  }))(this);
+
   /** Volumes by id. */
   volumes(): PagedVolume[] {
     return [...this.#volumes.values()].sort((a, b) => a.id - b.id).map((volume) => ({ id: volume.id, name: volume.name, sizeBytes: volume.sizeBytes, mappedCount: volume.map.mappedCount }));
@@ -297,9 +321,20 @@ export class PagedCatalog {
     return this.#mapOf(a).diff(this.#mapOf(b), chunkLimit);
   }
 
-  /** Applies a record after those queued before it, with applyRecord's meaning; ECORRUPT if it cannot apply. */
-  apply(record: MetaRecord): Promise<void> {
-    return this.#enqueue(() => this.#apply(record));
+  /**
+   * Applies a record after those queued before it, with applyRecord's meaning; ECORRUPT if it cannot apply. The
+   * chunks it frees wait in `chunks` as deferred frees, to be punched out when released if `punchFrees` (not for
+   * an overwrite's: the next writes reuse them).
+   */
+  apply(record: MetaRecord, punchFrees = true): Promise<void> {
+    return this.#enqueue(async () => {
+      this.#punchFrees = punchFrees;
+      try {
+        await this.#apply(record);
+      } finally {
+        this.#punchFrees = true;
+      }
+    });
   }
 
   /**

@@ -1,10 +1,13 @@
 // The pool's files, and the steps that read and write its metadata, shared by the node (pool.ts) and the offline
 // check (fsck.ts):
 //
-//   chunkd-pool.json       format name and version, chunk geometry (written once, at creation)
+//   chunkd-pool.json       format name and version, chunk geometry, which metadata (written once, at creation)
 //   lock                   flock()ed by the one process (node or fsck) that owns the pool; holds its pid
 //   checkpoint.0 .1        two copies of the catalog as of the start of one journal generation (checkpoint.ts)
 //   journal-<gen>.0 .1     two copies of the commits since that checkpoint (journal-format.ts)
+//   metadata.0 .1          format 4 (paged metadata) only, in place of the checkpoint: two copies of the paged
+//                          catalog's page file, whose root names the journal generation it covers (paged-backend.ts
+//                          says how its generations start)
 //   chunks/NNNNNNNN.chunk  the data (chunk-files.ts)
 //   pool-id                the pool's identity, a random UUID written once at the first start of a node on it
 //                          (poolIdentity below); not metadata: nothing in the pool's format depends on it
@@ -31,6 +34,12 @@ import { tryLockExclusive } from './native.ts';
 export const poolFormatName = 'chunkd-pool';
 /** Version 3: two checksummed copies of every metadata file (version 2 had one; version 1 no block checksums). */
 export const poolFormatVersion = 3;
+/** Version 4: paged metadata (paged-catalog.ts) with the journal as its write-ahead log; chosen at creation. */
+export const pagedFormatVersion = 4;
+
+/** Which catalog a pool's metadata is in: all in memory (format 3, the default), or paged (format 4). */
+export type MetadataKind = 'memory' | 'paged';
+export const metadataKinds: readonly MetadataKind[] = ['memory', 'paged'];
 export const checkpointCopies = 2;
 
 export const markerPath = (directory: string): string => path.join(directory, 'chunkd-pool.json');
@@ -53,24 +62,30 @@ export interface LoadedMetadata {
   leftovers: string[];
 }
 
-/** Creates the pool's marker file in a missing or empty directory; refuses a non-empty directory that is not a pool. */
-export async function initializePool(files: FileLayer, directory: string): Promise<void> {
+/**
+ * Creates the pool's marker file in a missing or empty directory, for metadata of kind `metadata`; refuses a
+ * non-empty directory that is not a pool. An existing pool keeps the kind it was made with.
+ */
+export async function initializePool(files: FileLayer, directory: string, metadata: MetadataKind = 'memory'): Promise<void> {
   fs.mkdirSync(directory, { recursive: true, mode: 0o700 });
   if (fs.existsSync(markerPath(directory))) return;
   // What a creation cut short by a crash leaves (the marker's temporary file, the lock) does not make it a non-pool.
   const entries = fs.readdirSync(directory).filter((name) => !name.endsWith('.sock') && name !== 'lock' && name !== 'chunkd-pool.json.tmp');
   if (entries.length > 0) throw ChunkdError.invalid(`${directory} is not empty and holds no chunkd pool (no chunkd-pool.json); use an empty or new directory`);
-  const marker = { format: poolFormatName, formatVersion: poolFormatVersion, chunkSizeBytes, chunksPerFile, createdAt: new Date().toISOString() };
+  const marker =
+    metadata === 'paged'
+      ? { format: poolFormatName, formatVersion: pagedFormatVersion, metadata, chunkSizeBytes, chunksPerFile, createdAt: new Date().toISOString() }
+      : { format: poolFormatName, formatVersion: poolFormatVersion, chunkSizeBytes, chunksPerFile, createdAt: new Date().toISOString() };
   await replaceFile(files, markerPath(directory), Buffer.from(`${JSON.stringify(marker, null, 2)}\n`));
   await files.syncDirectory(directory);
 }
 
-/** Checks the marker file; throws a clear error for anything that is not a pool of this version. */
-export async function checkPoolMarker(files: FileLayer, directory: string): Promise<void> {
+/** Checks the marker file and says which metadata the pool has; throws a clear error for anything that is not a pool of a version this reads. */
+export async function checkPoolMarker(files: FileLayer, directory: string): Promise<MetadataKind> {
   const where = markerPath(directory);
   const bytes = await readWholeFile(files, where);
   if (bytes === null) throw ChunkdError.notFound(`${directory} is not a chunkd pool (no chunkd-pool.json)`);
-  let marker: { format?: unknown; formatVersion?: unknown; chunkSizeBytes?: unknown; chunksPerFile?: unknown };
+  let marker: { format?: unknown; formatVersion?: unknown; metadata?: unknown; chunkSizeBytes?: unknown; chunksPerFile?: unknown };
   try {
     marker = JSON.parse(bytes.toString('utf8'));
   } catch (error) {
@@ -83,8 +98,11 @@ export async function checkPoolMarker(files: FileLayer, directory: string): Prom
   if (marker.formatVersion === 2) {
     throw ChunkdError.invalid(`pool ${directory} has format version 2, from before redundant metadata; this chunkd reads version ${poolFormatVersion}: copy its volumes out with the chunkd that made it (e.g. nbdcopy) into a new pool`);
   }
-  if (marker.formatVersion !== poolFormatVersion) throw ChunkdError.invalid(`pool ${directory} has format version ${String(marker.formatVersion)}; this chunkd reads version ${poolFormatVersion}`);
+  const paged = marker.formatVersion === pagedFormatVersion;
+  if (paged && marker.metadata !== 'paged') throw ChunkdError.corrupt(`${where}: format version ${pagedFormatVersion} without "metadata": "paged"`);
+  if (marker.formatVersion !== poolFormatVersion && !paged) throw ChunkdError.invalid(`pool ${directory} has format version ${String(marker.formatVersion)}; this chunkd reads versions ${poolFormatVersion} and ${pagedFormatVersion}`);
   if (marker.chunkSizeBytes !== chunkSizeBytes || marker.chunksPerFile !== chunksPerFile) throw ChunkdError.invalid(`pool ${directory} was made with another chunk geometry`);
+  return paged ? 'paged' : 'memory';
 }
 
 /** Takes the pool's lock for this process; refuses with EBUSY (naming the holder's pid) if another has it. */
@@ -144,7 +162,7 @@ export function journalGenerations(directory: string): number[] {
   return [...generations].sort((a, b) => a - b);
 }
 
-async function readCopies(files: FileLayer, paths: readonly string[]): Promise<Array<Buffer | null>> {
+export async function readCopies(files: FileLayer, paths: readonly string[]): Promise<Array<Buffer | null>> {
   return Promise.all(paths.map((file) => readWholeFile(files, file)));
 }
 
@@ -154,7 +172,9 @@ async function readCopies(files: FileLayer, paths: readonly string[]): Promise<A
  * something that was committed.
  */
 export async function loadMetadata(files: FileLayer, directory: string): Promise<LoadedMetadata> {
-  await checkPoolMarker(files, directory);
+  if ((await checkPoolMarker(files, directory)) === 'paged') {
+    throw ChunkdError.invalid(`pool ${directory} has paged metadata (format ${pagedFormatVersion}); this step reads only pools of format ${poolFormatVersion}: fsck --repair does not repair paged metadata yet`);
+  }
   const repairs: string[] = [];
   const leftovers: string[] = [];
   const journals = journalGenerations(directory);

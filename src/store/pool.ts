@@ -17,8 +17,9 @@
 //
 // Metadata: all in memory, made durable by a write-ahead journal of small records plus a periodic checkpoint, both
 // in two checksummed copies; commit-engine.ts says how, and the invariants that make a crash at any moment safe.
-// It grows with the map pages touched and every start rebuilds it (BENCHMARKS.md, "Metadata at scale"); the plan
-// to page it on disk behind a bounded cache is paged-metadata.md.
+// It grows with the map pages touched and every start rebuilds it (BENCHMARKS.md, "Metadata at scale"). A pool
+// created with paged metadata (format 4, `serve --metadata paged`) keeps it in pages on disk behind a bounded cache
+// instead (paged-metadata.md, paged-backend.ts); the pool holds either behind catalog-backend.ts's interface.
 //
 // The pool itself is the catalog's control operations (create, resize, snapshot, clone, rollback, diff, scrub),
 // each a metadata record committed before it returns, over three parts it keeps to itself: the chunk store
@@ -32,7 +33,7 @@ import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import {
   backgroundCommitIntervalMs,
   chunkSizeBytes,
-  journalCheckpointBytes,
+  metadataCacheBytesDefault,
   snapshotsPerVolumeMax,
   volumeSizeAlignBytes,
   volumeSizeMaxBytes,
@@ -41,19 +42,19 @@ import {
 import { validateName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
 import { ChunkAllocator } from './allocator.ts';
+import { MemoryBackend, notOnPagedMetadata, type CatalogBackend, type CatalogView, type SnapshotView, type VolumeView } from './catalog-backend.ts';
 import { encodeCheckpoint } from './checkpoint.ts';
 import { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
-import type { ChunkRefcounts } from './chunk-refcounts.ts';
 import { ChunkStore } from './chunk-store.ts';
 import { CommitEngine, type CheckpointReport } from './commit-engine.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
-import { diffMaps, type ChangedExtent } from './map-diff.ts';
+import type { ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
-import { contentDigest } from './content-digest.ts';
-import { isSnapshotUuid, type Catalog, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
-import { ChunkMap } from './chunk-map.ts';
-import { beginGeneration, chunksDirectory, initializePool, loadMetadata, lockPool, poolFormatVersion, poolIdentity } from './pool-layout.ts';
+import { isSnapshotUuid } from './metadata.ts';
+import { openPaged } from './paged-backend.ts';
+import { beginGeneration, checkPoolMarker, chunksDirectory, initializePool, loadMetadata, lockPool, poolIdentity, type MetadataKind } from './pool-layout.ts';
+import { zeroChunkSum } from './checksum.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
 import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
@@ -76,8 +77,8 @@ export interface SnapshotInfo {
   uuid: string;
   sizeBytes: number;
   createdAt: string;
-  /** Bytes of chunks that only this snapshot holds: what removing it gives back. */
-  uniqueBytes: number;
+  /** Bytes of chunks that only this snapshot holds: what removing it gives back (null: not known on paged metadata yet). */
+  uniqueBytes: number | null;
   openCount: number;
 }
 
@@ -110,7 +111,7 @@ export interface PoolOptions {
   log?: Log;
   /** The file system as the pool sees it (default: the real one; tests give a faulty or power-losing twin). */
   files?: FileLayer;
-  /** Journal size that starts a new checkpoint (default limits.journalCheckpointBytes; small in tests). */
+  /** Journal size that starts a new checkpoint (default: the catalog's, limits.journalCheckpointBytes or pagedJournalCheckpointBytes; small in tests). */
   journalCheckpointBytes?: number;
   /** How often unflushed writes are committed in the background (default limits.backgroundCommitIntervalMs). */
   backgroundCommitIntervalMs?: number;
@@ -118,12 +119,15 @@ export interface PoolOptions {
   makeIo?: (chunkFiles: ChunkFiles, waitTimes: LatencyHistogram) => ChunkIo;
   /** Verify checksums on reads (default true); false only to measure what verification costs. */
   verifyReads?: boolean;
+  /** The metadata a pool created now gets (default memory; an existing pool keeps its own: chunkd-pool.json). */
+  metadata?: MetadataKind;
+  /** The paged metadata's cache of clean pages, in bytes (default limits.metadataCacheBytesDefault). */
+  metadataCacheBytes?: number;
 }
 
-/** The metadata a pool opens with: what was loaded, and the generation just started. */
+/** The metadata a pool opens with: its catalog, and the generation just started. */
 interface OpenedMetadata {
-  catalog: Catalog;
-  refs: ChunkRefcounts;
+  catalog: CatalogBackend;
   generation: number;
   journal: JournalFile;
   repairs: number;
@@ -131,8 +135,7 @@ interface OpenedMetadata {
 
 export class Pool {
   readonly directory: string;
-  readonly #catalog: Catalog;
-  readonly #refs: ChunkRefcounts;
+  readonly #catalog: CatalogBackend;
   readonly #chunks: ChunkStore;
   readonly #engine: CommitEngine;
   /** What volumes and snapshot devices are given: the data verbs and the engine's record and commit, nothing else. */
@@ -149,35 +152,28 @@ export class Pool {
   readonly #metadataRepairs: number;
   #closed = false;
 
-  private constructor(directory: string, lockFd: number, opened: OpenedMetadata, allocator: ChunkAllocator, chunkFiles: ChunkFiles, options: PoolOptions) {
+  private constructor(directory: string, lockFd: number, opened: OpenedMetadata, chunkFiles: ChunkFiles, options: PoolOptions) {
     const log = options.log ?? (() => {});
     this.directory = directory;
     this.#files = chunkFiles.layer;
     this.#lockFd = lockFd;
     this.#catalog = opened.catalog;
-    this.#refs = opened.refs;
     this.#metadataRepairs = opened.repairs;
     this.#log = log;
-    const refs = opened.refs;
     this.#chunks = new ChunkStore({
       chunkFiles,
-      allocator,
+      allocator: opened.catalog.allocator,
       io: options.makeIo?.(chunkFiles, this.#stageTimes.worker_wait) ?? new InlineChunkIo(chunkFiles),
-      sums: opened.catalog.sums,
       verifyReads: options.verifyReads ?? true,
-      isMapped: (chunk) => refs.get(chunk) > 0,
       log,
       reclaim: () => this.#engine.commit(),
     });
     this.#engine = new CommitEngine({
-      files: this.#files,
-      directory,
       catalog: opened.catalog,
-      refs,
       chunks: this.#chunks,
       journal: opened.journal,
       generation: opened.generation,
-      journalCheckpointBytes: options.journalCheckpointBytes ?? journalCheckpointBytes,
+      journalCheckpointBytes: options.journalCheckpointBytes ?? opened.catalog.journalCheckpointBytes,
       backgroundCommitIntervalMs: options.backgroundCommitIntervalMs ?? backgroundCommitIntervalMs,
       log,
     });
@@ -193,9 +189,10 @@ export class Pool {
     const directory = path.resolve(options.directory);
     const files = options.files ?? realFiles;
     const log = options.log ?? (() => {});
-    await initializePool(files, directory);
+    await initializePool(files, directory, options.metadata);
     const lockFd = lockPool(files, directory);
     try {
+      if ((await checkPoolMarker(files, directory)) === 'paged') return await Pool.#openPaged(directory, lockFd, files, options);
       const loaded = await loadMetadata(files, directory);
       for (const line of loaded.repairs) log(`metadata repaired: ${line}`);
       const allocator = ChunkAllocator.fromUsed(loaded.refs.usedRuns());
@@ -209,7 +206,8 @@ export class Pool {
       const journal = await beginGeneration(files, directory, encodeCheckpoint(loaded.catalog, generation), generation).catch((error: unknown) => {
         throw fromSystemError(error, `starting metadata generation ${generation} in ${directory}`);
       });
-      const pool = new Pool(directory, lockFd, { ...loaded, generation, journal, repairs: loaded.repairs.length }, allocator, chunkFiles, options);
+      const catalog = new MemoryBackend({ catalog: loaded.catalog, refs: loaded.refs, allocator, files, directory });
+      const pool = new Pool(directory, lockFd, { catalog, generation, journal, repairs: loaded.repairs.length }, chunkFiles, options);
       await pool.#chunks.punchUnused();
       if (loaded.replayedRecords > 0 || loaded.tornTail) {
         log(`pool ${directory}: replayed ${loaded.replayedRecords} journal records${loaded.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
@@ -221,41 +219,72 @@ export class Pool {
     }
   }
 
+  /** The rest of `open` for a pool of paged metadata (paged-backend.ts). */
+  static async #openPaged(directory: string, lockFd: number, files: FileLayer, options: PoolOptions): Promise<Pool> {
+    const log = options.log ?? (() => {});
+    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault }).catch((error: unknown) => {
+      throw fromSystemError(error, `opening the paged metadata of ${directory}`);
+    });
+    for (const line of opened.repairs) log(`metadata repaired: ${line}`);
+    let pool: Pool;
+    try {
+      const chunkFiles = new ChunkFiles(chunksDirectory(directory), files);
+      await files.syncDirectory(chunkFiles.directory);
+      await files.syncDirectory(directory);
+      pool = new Pool(directory, lockFd, { catalog: opened.backend, generation: opened.generation, journal: opened.journal, repairs: opened.repairs.length }, chunkFiles, options);
+      await pool.#chunks.punchUnused();
+    } catch (error) {
+      opened.journal.close();
+      await opened.backend.close().catch(() => {});
+      throw error;
+    }
+    if (opened.replayedRecords > 0 || opened.tornTail) {
+      log(`pool ${directory}: replayed ${opened.replayedRecords} journal records${opened.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
+    }
+    return pool;
+  }
+
   // ---- control: volumes ----
 
   /** Creates a thin volume; nothing is allocated until it is written. */
-  async createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
-    this.#checkOpen();
-    validateName(name);
-    checkVolumeSize(sizeBytes);
-    this.#checkNewVolumeName(name);
-    this.#engine.record({ type: 'create', volumeId: this.#catalog.nextVolumeId, name, sizeBytes });
-    await this.#engine.commit();
-    return this.volumeInfo(name);
+  createVolume(name: string, sizeBytes: number): Promise<VolumeInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      validateName(name);
+      checkVolumeSize(sizeBytes);
+      this.#checkNewVolumeName(name);
+      this.#engine.record({ type: 'create', volumeId: this.#tables.nextVolumeId, name, sizeBytes });
+      await this.#committed();
+      return this.volumeInfo(name);
+    });
   }
 
   /** Removes a volume and gives its space back; refused while it is exported or has snapshots. */
-  async removeVolume(name: string): Promise<void> {
-    this.#checkOpen();
-    const runtime = this.#runtime(name);
-    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients first`);
-    this.#checkNotReceiving(runtime);
-    const snapshots = [...runtime.meta.snapshots.keys()];
-    if (snapshots.length > 0) {
-      throw ChunkdError.busy(`volume ${name} has ${snapshots.length} snapshot(s) (${snapshots.slice(0, 5).join(', ')}${snapshots.length > 5 ? ', ...' : ''}); remove them first`);
-    }
-    this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
-    this.#runtimes.delete(runtime.meta.id);
-    await this.#engine.commit();
+  removeVolume(name: string): Promise<void> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      const runtime = this.#runtime(name);
+      if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients first`);
+      this.#checkNotReceiving(runtime);
+      const snapshots = [...runtime.meta.snapshots.keys()];
+      if (snapshots.length > 0) {
+        throw ChunkdError.busy(`volume ${name} has ${snapshots.length} snapshot(s) (${snapshots.slice(0, 5).join(', ')}${snapshots.length > 5 ? ', ...' : ''}); remove them first`);
+      }
+      this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
+      this.#runtimes.delete(runtime.meta.id);
+      await this.#committed();
+    });
   }
 
   /** Grows a volume at once; shrinking needs `force` (the data past the new end is freed) and no open exports. */
-  async resizeVolume(name: string, sizeBytes: number, force = false): Promise<VolumeInfo> {
-    this.#checkOpen();
-    const runtime = this.#runtime(name);
-    this.#checkNotReceiving(runtime);
-    await this.#resize(runtime, sizeBytes, force);
-    return this.volumeInfo(name);
+  resizeVolume(name: string, sizeBytes: number, force = false): Promise<VolumeInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      const runtime = this.#runtime(name);
+      this.#checkNotReceiving(runtime);
+      await this.#resize(runtime, sizeBytes, force);
+      return this.volumeInfo(name);
+    });
   }
 
   async #resize(runtime: VolumeRuntime, sizeBytes: number, force: boolean): Promise<void> {
@@ -269,11 +298,11 @@ export class Pool {
       this.#engine.record({ type: 'unmap', volumeId: runtime.meta.id, virtualChunk: firstCut, chunkCount: oldSize / chunkSizeBytes - firstCut });
     }
     if (sizeBytes !== oldSize) this.#engine.record({ type: 'resize', volumeId: runtime.meta.id, sizeBytes });
-    await this.#engine.commit();
+    await this.#committed();
   }
 
   listVolumes(): VolumeInfo[] {
-    return [...this.#catalog.byName.keys()].sort().map((name) => this.volumeInfo(name));
+    return [...this.#tables.byName.keys()].sort().map((name) => this.volumeInfo(name));
   }
 
   volumeInfo(name: string): VolumeInfo {
@@ -294,7 +323,7 @@ export class Pool {
   }
 
   hasVolume(name: string): boolean {
-    return this.#catalog.byName.has(name);
+    return this.#tables.byName.has(name);
   }
 
   /** Opens a volume for I/O; close() the result when done. Refused while a stream is received into it. */
@@ -316,7 +345,7 @@ export class Pool {
     const release = await runtime.lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
     runtime.writeBlock = reason;
     release();
-    await this.#engine.commit();
+    await this.#committed();
   }
 
   /**
@@ -350,12 +379,12 @@ export class Pool {
   }
 
   endReceive(name: string): void {
-    const meta = this.#catalog.byName.get(name);
+    const meta = this.#tables.byName.get(name);
     if (meta !== undefined) this.#receiving.delete(meta.id);
   }
 
   isReceiving(name: string): boolean {
-    const meta = this.#catalog.byName.get(name);
+    const meta = this.#tables.byName.get(name);
     return meta !== undefined && this.#receiving.has(meta.id);
   }
 
@@ -374,30 +403,38 @@ export class Pool {
   }
 
   /** What the receiver may change on a volume marked by beginReceive: its size (to the stream's), or back to a snapshot. */
-  async receiveResize(name: string, sizeBytes: number): Promise<void> {
-    await this.#resize(this.#receivingRuntime(name), sizeBytes, true);
+  receiveResize(name: string, sizeBytes: number): Promise<void> {
+    return this.#control(async () => {
+      await this.#resize(this.#receivingRuntime(name), sizeBytes, true);
+    });
   }
 
-  async receiveRollback(name: string, snapshotName: string): Promise<void> {
-    const runtime = this.#receivingRuntime(name);
-    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is open (${runtime.openCount}); a receive cannot roll it back`);
-    this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: this.#snapshot(name, snapshotName).id });
-    await this.#engine.commit();
+  receiveRollback(name: string, snapshotName: string): Promise<void> {
+    return this.#control(async () => {
+      const runtime = this.#receivingRuntime(name);
+      if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is open (${runtime.openCount}); a receive cannot roll it back`);
+      this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: this.#snapshot(name, snapshotName).id });
+      await this.#committed();
+    });
   }
 
   /** Takes the snapshot a received stream ends in, with the sender's id; the volume must be marked by beginReceive. */
-  async receiveSnapshot(volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {
-    return this.#takeSnapshot(this.#receivingRuntime(volumeName), volumeName, snapshotName, uuid);
+  receiveSnapshot(volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {
+    return this.#control(async () => {
+      return this.#takeSnapshot(this.#receivingRuntime(volumeName), volumeName, snapshotName, uuid);
+    });
   }
 
   /** Removes a volume a receive created and could not complete (with no snapshots yet). */
-  async receiveDiscardVolume(name: string): Promise<void> {
-    const runtime = this.#receivingRuntime(name);
-    if (runtime.openCount > 0 || runtime.meta.snapshots.size > 0) throw ChunkdError.busy(`volume ${name} is open or has snapshots; a receive cannot discard it`);
-    this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
-    this.#runtimes.delete(runtime.meta.id);
-    this.#receiving.delete(runtime.meta.id);
-    await this.#engine.commit();
+  receiveDiscardVolume(name: string): Promise<void> {
+    return this.#control(async () => {
+      const runtime = this.#receivingRuntime(name);
+      if (runtime.openCount > 0 || runtime.meta.snapshots.size > 0) throw ChunkdError.busy(`volume ${name} is open or has snapshots; a receive cannot discard it`);
+      this.#engine.record({ type: 'remove', volumeId: runtime.meta.id });
+      this.#runtimes.delete(runtime.meta.id);
+      this.#receiving.delete(runtime.meta.id);
+      await this.#committed();
+    });
   }
 
   /** Opens a snapshot read-only; close() the result when done. */
@@ -411,14 +448,17 @@ export class Pool {
 
   /**
    * Takes a snapshot: waits for the volume's writes in flight (blocking new ones meanwhile), so it holds exactly
-   * the writes acknowledged before it, records it, and makes it durable before returning.
+   * the writes acknowledged before it, records it, and makes it durable before returning. `uuid`: the id to give
+   * it (a synchronous replica takes its owner's snapshot with the owner's id); a new one by default.
    */
-  async createSnapshot(volumeName: string, snapshotName: string): Promise<SnapshotInfo> {
-    this.#checkOpen();
-    validateName(snapshotName, 'snapshot');
-    const runtime = this.#runtime(volumeName);
-    this.#checkNotReceiving(runtime);
-    return this.#takeSnapshot(runtime, volumeName, snapshotName, randomUUID().replaceAll('-', ''));
+  createSnapshot(volumeName: string, snapshotName: string, uuid = randomUUID().replaceAll('-', '')): Promise<SnapshotInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      validateName(snapshotName, 'snapshot');
+      const runtime = this.#runtime(volumeName);
+      this.#checkNotReceiving(runtime);
+      return this.#takeSnapshot(runtime, volumeName, snapshotName, uuid);
+    });
   }
 
   async #takeSnapshot(runtime: VolumeRuntime, volumeName: string, snapshotName: string, uuid: string): Promise<SnapshotInfo> {
@@ -432,47 +472,53 @@ export class Pool {
     if (runtime.meta.snapshots.size >= snapshotsPerVolumeMax) throw ChunkdError.invalid(`volume ${volumeName} has ${snapshotsPerVolumeMax} snapshots, the most a volume may have`);
     const release = await runtime.lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
     try {
-      this.#engine.record({ type: 'snapshot', volumeId: runtime.meta.id, snapshotId: this.#catalog.nextSnapshotId, name: snapshotName, createdAtMs: Date.now(), uuid });
+      this.#engine.record({ type: 'snapshot', volumeId: runtime.meta.id, snapshotId: this.#tables.nextSnapshotId, name: snapshotName, createdAtMs: Date.now(), uuid });
     } finally {
       release();
     }
-    await this.#engine.commit();
+    await this.#committed();
     return this.snapshotInfo(volumeName, snapshotName);
   }
 
   /** Removes a snapshot; chunks that clones or other snapshots still hold stay, the rest go back to the pool. */
-  async removeSnapshot(volumeName: string, snapshotName: string): Promise<void> {
-    this.#checkOpen();
-    const snapshot = this.#snapshot(volumeName, snapshotName);
-    this.#checkNotReceiving(this.#runtime(volumeName));
-    const openCount = this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0;
-    if (openCount > 0) throw ChunkdError.busy(`snapshot ${volumeName}@${snapshotName} is exported (${openCount} open); disconnect its clients first`);
-    this.#engine.record({ type: 'snapshot-remove', snapshotId: snapshot.id });
-    this.#snapshotRuntimes.delete(snapshot.id);
-    await this.#engine.commit();
+  removeSnapshot(volumeName: string, snapshotName: string): Promise<void> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      const snapshot = this.#snapshot(volumeName, snapshotName);
+      this.#checkNotReceiving(this.#runtime(volumeName));
+      const openCount = this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0;
+      if (openCount > 0) throw ChunkdError.busy(`snapshot ${volumeName}@${snapshotName} is exported (${openCount} open); disconnect its clients first`);
+      this.#engine.record({ type: 'snapshot-remove', snapshotId: snapshot.id });
+      this.#snapshotRuntimes.delete(snapshot.id);
+      await this.#committed();
+    });
   }
 
   /** Makes the volume's contents the snapshot's again; refused while the volume is exported. Durable on return. */
-  async rollbackVolume(volumeName: string, snapshotName: string): Promise<VolumeInfo> {
-    this.#checkOpen();
-    const runtime = this.#runtime(volumeName);
-    const snapshot = this.#snapshot(volumeName, snapshotName);
-    this.#checkNotReceiving(runtime);
-    if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
-    this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
-    await this.#engine.commit();
-    return this.volumeInfo(volumeName);
+  rollbackVolume(volumeName: string, snapshotName: string): Promise<VolumeInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      const runtime = this.#runtime(volumeName);
+      const snapshot = this.#snapshot(volumeName, snapshotName);
+      this.#checkNotReceiving(runtime);
+      if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
+      this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
+      await this.#committed();
+      return this.volumeInfo(volumeName);
+    });
   }
 
   /** Creates a writable volume that starts as the snapshot's image and shares its chunks. */
-  async cloneSnapshot(volumeName: string, snapshotName: string, newName: string): Promise<VolumeInfo> {
-    this.#checkOpen();
-    validateName(newName);
-    const snapshot = this.#snapshot(volumeName, snapshotName);
-    this.#checkNewVolumeName(newName);
-    this.#engine.record({ type: 'clone', volumeId: this.#catalog.nextVolumeId, name: newName, snapshotId: snapshot.id });
-    await this.#engine.commit();
-    return this.volumeInfo(newName);
+  cloneSnapshot(volumeName: string, snapshotName: string, newName: string): Promise<VolumeInfo> {
+    return this.#control(async () => {
+      this.#checkOpen();
+      validateName(newName);
+      const snapshot = this.#snapshot(volumeName, snapshotName);
+      this.#checkNewVolumeName(newName);
+      this.#engine.record({ type: 'clone', volumeId: this.#tables.nextVolumeId, name: newName, snapshotId: snapshot.id });
+      await this.#committed();
+      return this.volumeInfo(newName);
+    });
   }
 
   listSnapshots(volumeName: string): SnapshotInfo[] {
@@ -490,9 +536,9 @@ export class Pool {
    */
   diff(volumeName: string, fromName: string | null, toName: string | null): ChangedExtent[] {
     const volume = this.#runtime(volumeName).meta;
-    const from = fromName === null ? { map: new ChunkMap(), sizeBytes: 0 } : this.#snapshot(volumeName, fromName);
+    const from = fromName === null ? { map: null, sizeBytes: 0 } : this.#snapshot(volumeName, fromName);
     const to = toName === null ? volume : this.#snapshot(volumeName, toName);
-    return diffMaps(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes);
+    return this.#catalog.diff(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes);
   }
 
   /**
@@ -502,12 +548,27 @@ export class Pool {
   contentDigest(volumeName: string, snapshotName: string | null): Buffer {
     const volume = this.#runtime(volumeName).meta;
     const source = snapshotName === null ? volume : this.#snapshot(volumeName, snapshotName);
-    return contentDigest(source.map, (physicalChunk) => this.#catalog.sums.get(physicalChunk), source.sizeBytes);
+    return this.#catalog.contentDigest(source.map, source.sizeBytes);
+  }
+
+  /**
+   * The recorded checksum of each chunk [firstChunk, firstChunk + chunkCount) of the live volume, a hole as a chunk
+   * of zeros, from metadata alone: what a synchronous replica's resync compares (sync-replicas.ts).
+   */
+  async chunkSums(volumeName: string, firstChunk: number, chunkCount: number): Promise<Uint32Array> {
+    const volume = this.#runtime(volumeName).meta;
+    const sums = new Uint32Array(chunkCount).fill(zeroChunkSum);
+    const found = await this.#catalog.lookup(volume.map, firstChunk, chunkCount);
+    for (const run of found.runs) {
+      if (run.physicalChunk < 0) continue;
+      for (let i = 0; i < run.chunkCount; i++) sums[run.virtualChunk - firstChunk + i] = found.sumOf(run, i);
+    }
+    return sums;
   }
 
   /** The volume and snapshot names of the snapshot with id `uuid` in `volumeName` (any volume if null), or null. */
   findSnapshot(uuid: string, volumeName: string | null = null): { volume: string; snapshot: string } | null {
-    const volumes = volumeName === null ? [...this.#catalog.volumes.values()] : [this.#runtime(volumeName).meta];
+    const volumes = volumeName === null ? [...this.#tables.volumes.values()] : [this.#runtime(volumeName).meta];
     for (const volume of volumes) {
       for (const snapshot of volume.snapshots.values()) if (snapshot.uuid === uuid) return { volume: volume.name, snapshot: snapshot.name };
     }
@@ -518,11 +579,13 @@ export class Pool {
   async scrub(volumeName: string, onProgress?: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
     this.#checkOpen();
     const volume = this.#runtime(volumeName).meta;
-    const exports = [
-      { name: volume.name, runs: [...volume.map.mappedRuns()] },
-      ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, runs: [...snapshot.map.mappedRuns()] })),
+    // The maps as they are when a check asks (a rollback replaces a volume's; a removed snapshot's is gone).
+    const targets = [
+      { name: volume.name, map: () => this.#tables.volumes.get(volume.id)?.map, sizeBytes: volume.sizeBytes },
+      ...[...volume.snapshots.values()].map((snapshot) => ({ name: `${volume.name}@${snapshot.name}`, map: () => this.#tables.snapshots.get(snapshot.id)?.map, sizeBytes: snapshot.sizeBytes })),
     ];
-    return this.#chunks.scrub(volume.name, exports, onProgress);
+    const plan = await this.#catalog.scrubPlan(targets);
+    return this.#chunks.scrub(volume.name, plan.exports, plan.source, onProgress);
   }
 
   /** Commits what is queued and writes a checkpoint of all metadata now (commit-engine.ts). */
@@ -534,9 +597,9 @@ export class Pool {
     const stats = await fs.promises.statfs(this.directory);
     return {
       directory: this.directory,
-      formatVersion: poolFormatVersion,
-      volumeCount: this.#catalog.volumes.size,
-      snapshotCount: this.#catalog.snapshots.size,
+      formatVersion: this.#catalog.formatVersion,
+      volumeCount: this.#tables.volumes.size,
+      snapshotCount: this.#tables.snapshots.size,
       allocatedBytes: this.#chunks.allocatedBytes,
       ...this.#engine.status(),
       fileSystem: { sizeBytes: stats.blocks * stats.bsize, freeBytes: stats.bavail * stats.bsize },
@@ -568,6 +631,7 @@ export class Pool {
     try {
       await this.#engine.close();
     } finally {
+      await this.#catalog.close().catch((error: unknown) => this.#log(`closing the metadata failed: ${(error as Error).message}`, 'error'));
       await this.#chunks.close();
       this.#files.close(this.#lockFd);
     }
@@ -584,31 +648,51 @@ export class Pool {
     await this.#chunks.close({ force: true });
   }
 
-  #describeSnapshot(volume: VolumeMeta, snapshot: SnapshotMeta): SnapshotInfo {
-    // Chunks only this snapshot holds: on pages no other map shares, with a single reference.
-    let uniqueChunks = 0;
-    for (const [, page] of snapshot.map.pages()) {
-      if (page.shareCount !== 1) continue;
-      for (const slot of page.slots) if (slot > 0 && this.#refs.get(slot - 1) === 1) uniqueChunks += 1;
-    }
+  #describeSnapshot(volume: VolumeView, snapshot: SnapshotView): SnapshotInfo {
+    const uniqueChunks = this.#catalog.uniqueChunks(snapshot.map);
     return {
       volume: volume.name,
       name: snapshot.name,
       uuid: snapshot.uuid,
       sizeBytes: snapshot.sizeBytes,
       createdAt: new Date(snapshot.createdAtMs).toISOString(),
-      uniqueBytes: uniqueChunks * chunkSizeBytes,
+      uniqueBytes: uniqueChunks === null ? null : uniqueChunks * chunkSizeBytes,
       openCount: this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0,
     };
   }
 
+  /**
+   * Runs a control verb after those called before it have returned: each reads the tables (names, next ids) as the
+   * verbs before it left them, records, and commits, so that two at once cannot both take one id or one name. Over
+   * paged metadata that is needed (a record is applied after `record` returns, catalog-backend.ts); in memory it
+   * costs nothing but the wait. Writes and reads do not take it.
+   */
+  #control<T>(verb: () => Promise<T>): Promise<T> {
+    const result = this.#controlQueue.then(verb, verb);
+    this.#controlQueue = result.catch(() => {});
+    return result;
+  }
+
+  #controlQueue: Promise<unknown> = Promise.resolve();
+
+  /** Commits what is queued, then waits for it to be applied (over paged metadata, queued): a control verb reads what it did. */
+  async #committed(): Promise<void> {
+    await this.#engine.commit();
+    await this.#engine.settled();
+  }
+
+  /** The volumes and snapshots as applied so far. */
+  get #tables(): CatalogView {
+    return this.#catalog.tables;
+  }
+
   #checkNewVolumeName(name: string): void {
-    if (this.#catalog.byName.has(name)) throw ChunkdError.exists(`volume ${name} already exists`);
-    if (this.#catalog.volumes.size >= volumesMax) throw ChunkdError.invalid(`a pool holds at most ${volumesMax} volumes`);
+    if (this.#tables.byName.has(name)) throw ChunkdError.exists(`volume ${name} already exists`);
+    if (this.#tables.volumes.size >= volumesMax) throw ChunkdError.invalid(`a pool holds at most ${volumesMax} volumes`);
   }
 
   #runtime(name: string): VolumeRuntime {
-    const meta = this.#catalog.byName.get(name);
+    const meta = this.#tables.byName.get(name);
     if (meta === undefined) throw ChunkdError.notFound(`no volume named ${name}`);
     let runtime = this.#runtimes.get(meta.id);
     if (runtime === undefined) {
@@ -619,7 +703,7 @@ export class Pool {
     return runtime;
   }
 
-  #snapshot(volumeName: string, snapshotName: string): SnapshotMeta {
+  #snapshot(volumeName: string, snapshotName: string): SnapshotView {
     const snapshot = this.#runtime(volumeName).meta.snapshots.get(snapshotName);
     if (snapshot === undefined) throw ChunkdError.notFound(`no snapshot ${volumeName}@${snapshotName}`);
     return snapshot;

@@ -23,7 +23,7 @@ import { readWholeFile, realFiles, type FileLayer } from './file-layer.ts';
 import { salvageJournal } from './journal-format.ts';
 import { applyRecord, countReferences, emptyCatalog, type Catalog, type MetaRecord } from './metadata.ts';
 import { beginGeneration, checkpointCopies, checkpointPath, chunksDirectory, journalGenerations, journalPaths, loadMetadata, withPoolLocked } from './pool-layout.ts';
-import { scrub } from './scrub.ts';
+import { memoryScrubSource, scrub } from './scrub.ts';
 
 export interface RepairReport {
   directory: string;
@@ -130,7 +130,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
     ...[...catalog.snapshots.values()].map((snapshot) => ({ name: `${catalog.volumes.get(snapshot.volumeId)?.name}@${snapshot.name}`, map: snapshot.map })),
   ];
   const report = await scrub(
-    { io: new InlineChunkIo(chunkFiles), sums: catalog.sums, isMapped: (chunk) => refs.get(chunk) > 0, log: () => {} },
+    { io: new InlineChunkIo(chunkFiles), ...memoryScrubSource(catalog.sums, refs), log: () => {} },
     'the salvaged pool',
     exports.map(({ name, map }) => ({ name, runs: [...map.mappedRuns()] })),
   );

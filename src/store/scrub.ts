@@ -10,6 +10,7 @@ import { ChunkdError, isSystemError } from '../core/errors.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import type { ChunkIo } from './chunk-io.ts';
+import type { ChunkRefcounts } from './chunk-refcounts.ts';
 import type { ChunkSums } from './chunk-sums.ts';
 import type { Log } from '../core/log.ts';
 
@@ -38,11 +39,21 @@ export interface ScrubReport {
   badExtents: BadExtent[];
 }
 
-export interface ScrubStore {
+/** What a scrub checks chunks against (catalog-backend.ts makes one for each catalog). */
+export interface ScrubSource {
+  /** The checksum recorded for a chunk the exports named when the scrub started. */
+  sumOf(physicalChunk: number): number;
+  /** Whether metadata still names the chunk with checksum `sum` (one freed and reused meanwhile was replaced, not damaged). */
+  stillNamed(physicalChunk: number, sum: number): boolean | Promise<boolean>;
+}
+
+/** A scrub's source over an in-memory catalog's checksums and counts (the pool's, and fsck --repair's). */
+export function memoryScrubSource(sums: ChunkSums, refs: Pick<ChunkRefcounts, 'get'>): ScrubSource {
+  return { sumOf: (chunk) => sums.get(chunk), stillNamed: (chunk, sum) => refs.get(chunk) > 0 && sums.get(chunk) === sum };
+}
+
+export interface ScrubStore extends ScrubSource {
   readonly io: ChunkIo;
-  readonly sums: ChunkSums;
-  /** Whether metadata still names `physicalChunk` (its reference count is not zero). */
-  isMapped(physicalChunk: number): boolean;
   log: Log;
 }
 
@@ -91,7 +102,7 @@ export async function scrub(
 ): Promise<ScrubReport> {
   const batches = planScrub(exports);
   const expected = new Map<number, number>();
-  for (const batch of batches) for (let i = 0; i < batch.chunkCount; i++) expected.set(batch.physicalChunk + i, store.sums.get(batch.physicalChunk + i));
+  for (const batch of batches) for (let i = 0; i < batch.chunkCount; i++) expected.set(batch.physicalChunk + i, store.sumOf(batch.physicalChunk + i));
   const totalBytes = batches.reduce((sum, batch) => sum + batch.chunkCount * chunkSizeBytes, 0);
   const bad = new Set<number>();
   let doneBytes = 0;
@@ -108,7 +119,7 @@ export async function scrub(
       const mismatch = await store.io.readChunks(buffer.subarray(from * chunkSizeBytes), Float64Array.of(physicalChunk + from, chunkCount - from, 0), sums.subarray(from), true);
       if (mismatch === null) break;
       const chunk = physicalChunk + from + mismatch.chunkIndex;
-      if (store.isMapped(chunk) && store.sums.get(chunk) === mismatch.expected) {
+      if (await store.stillNamed(chunk, mismatch.expected)) {
         bad.add(chunk);
         store.log(`scrub of ${volume}: 4 KiB chunk ${chunk} does not match its checksum (expected crc32 ${hex(mismatch.expected)}, read ${hex(mismatch.actual)})`, 'error');
       }
@@ -126,7 +137,7 @@ export async function scrub(
           await checkRange(chunk, 1);
         } catch (chunkError) {
           if (!readFailure(chunkError)) throw chunkError;
-          if (!store.isMapped(chunk)) continue;
+          if (!(await store.stillNamed(chunk, expected.get(chunk)!))) continue;
           bad.add(chunk);
           store.log(`scrub of ${volume}: 4 KiB chunk ${chunk} cannot be read (${(chunkError as Error).message})`, 'error');
         }

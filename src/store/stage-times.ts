@@ -62,6 +62,7 @@ export function timedVolumeStore<T extends VolumeStore>(store: T, times: StageTi
     metadata: {
       record: (...args: Parameters<typeof metadata.record>) => metadata.record(...args),
       checkHealthy: () => metadata.checkHealthy(),
+      lookup: (...args: Parameters<typeof metadata.lookup>) => metadata.lookup(...args),
       commit: () => timed(times.commit, () => metadata.commit()),
     },
   };

@@ -19,19 +19,19 @@ import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/blo
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { settleAll } from '../core/settle.ts';
 import { blockStatusExtentsMax, chunkSizeBytes } from '../core/limits.ts';
-import type { ChunkMap, ChunkRun } from './chunk-map.ts';
+import type { ChunkLookup, MapHandle, SnapshotView, VolumeView } from './catalog-backend.ts';
+import type { ChunkRun } from './chunk-map.ts';
 import type { ChunkStore } from './chunk-store.ts';
 import type { CommitEngine } from './commit-engine.ts';
-import type { SnapshotMeta, VolumeMeta } from './metadata.ts';
 import type { RangeLock, Release } from './range-lock.ts';
 
 /**
  * What a volume needs from its pool, and all it gets: the chunk store's data verbs (write fresh chunks, zero,
- * read through a map with verification) and the commit engine's record, commit and health check.
+ * read through a map's lookup with verification) and the commit engine's record, commit, lookup and health check.
  */
 export interface VolumeStore {
   readonly chunks: Pick<ChunkStore, 'write' | 'zero' | 'read'>;
-  readonly metadata: Pick<CommitEngine, 'record' | 'commit' | 'checkHealthy'>;
+  readonly metadata: Pick<CommitEngine, 'record' | 'commit' | 'checkHealthy' | 'lookup'>;
   /**
    * Asked at every write, trim, zero and flush of a volume (not of the stream receiver's handle), before it is
    * applied and again before it is acknowledged: null lets it through (the cluster's fencing by time, Pool.setWriteGate).
@@ -45,7 +45,7 @@ export interface ExportRuntime {
 }
 
 export interface VolumeRuntime extends ExportRuntime {
-  meta: VolumeMeta;
+  meta: VolumeView;
   lock: RangeLock;
   /** Why writes are refused (a handoff in progress, an owner fenced by a newer one), or null. Pool.blockWrites sets it. */
   writeBlock: ChunkdError | null;
@@ -78,7 +78,7 @@ export class Volume implements BlockDevice {
     return this.#runtime.meta.sizeBytes;
   }
 
-  get #map(): ChunkMap {
+  get #map(): MapHandle {
     return this.#runtime.meta.map;
   }
 
@@ -87,7 +87,7 @@ export class Volume implements BlockDevice {
     if (target.length === 0) return;
     const release = await this.#lock(offsetBytes, target.length, false);
     try {
-      await this.#store.chunks.read(this.name, this.#map, offsetBytes, target);
+      await readThrough(this.#store, this.name, this.#map, offsetBytes, target);
     } catch (error) {
       throw fromSystemError(error, `read of volume ${this.name} at ${offsetBytes}`);
     } finally {
@@ -136,7 +136,7 @@ export class Volume implements BlockDevice {
 
   async blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     this.#assertRange(offsetBytes, lengthBytes);
-    return blockStatusOfMap(this.#map, offsetBytes, lengthBytes);
+    return blockStatusOfMap(this.#store, this.#map, offsetBytes, lengthBytes);
   }
 
   async close(): Promise<void> {
@@ -183,9 +183,13 @@ export class Volume implements BlockDevice {
       const endWhole = Math.floor(end / chunkSizeBytes);
       const parts: Array<Promise<void>> = [];
       const zeroPart = (start: number, stop: number): void => {
-        // A hole already reads as zeros; without NO_HOLE it may stay one.
-        if (!noHole && this.#map.get(Math.floor(start / chunkSizeBytes)) < 0) return;
-        parts.push(this.#writeBytes(start, stop - start, (a, b) => Buffer.alloc(b - a)));
+        parts.push(
+          (async () => {
+            // A hole already reads as zeros; without NO_HOLE it may stay one.
+            if (!noHole && (await lookup(this.#store, this.#map, Math.floor(start / chunkSizeBytes), 1)).runs[0]!.physicalChunk < 0) return;
+            await this.#writeBytes(start, stop - start, (a, b) => Buffer.alloc(b - a));
+          })(),
+        );
       };
       // A partly covered chunk at each end (one chunk when the range lies inside it), whole chunks between.
       const headEnd = Math.min(end, firstWhole * chunkSizeBytes);
@@ -217,10 +221,10 @@ export class Volume implements BlockDevice {
       // Only the partly covered first and last chunks keep old bytes; they are read (and verified) to fill in.
       payload = Buffer.alloc(runBytes);
       const reads: Array<Promise<void>> = [];
-      if (offsetBytes > runStart) reads.push(this.#store.chunks.read(this.name, this.#map, runStart, payload.subarray(0, chunkSizeBytes)));
+      if (offsetBytes > runStart) reads.push(readThrough(this.#store, this.name, this.#map, runStart, payload.subarray(0, chunkSizeBytes)));
       const end = offsetBytes + lengthBytes;
       if (end < runStart + runBytes && (count > 1 || offsetBytes === runStart)) {
-        reads.push(this.#store.chunks.read(this.name, this.#map, runStart + runBytes - chunkSizeBytes, payload.subarray(runBytes - chunkSizeBytes)));
+        reads.push(readThrough(this.#store, this.name, this.#map, runStart + runBytes - chunkSizeBytes, payload.subarray(runBytes - chunkSizeBytes)));
       }
       await settleAll(reads);
       source(offsetBytes, end).copy(payload, offsetBytes - runStart);
@@ -240,12 +244,12 @@ export class Volume implements BlockDevice {
 export class SnapshotDevice implements BlockDevice {
   readonly readOnly = true;
   readonly name: string;
-  readonly #snapshot: SnapshotMeta;
+  readonly #snapshot: SnapshotView;
   readonly #store: VolumeStore;
   readonly #runtime: ExportRuntime;
   #closed = false;
 
-  constructor(volumeName: string, snapshot: SnapshotMeta, store: VolumeStore, runtime: ExportRuntime) {
+  constructor(volumeName: string, snapshot: SnapshotView, store: VolumeStore, runtime: ExportRuntime) {
     this.name = `${volumeName}@${snapshot.name}`;
     this.#snapshot = snapshot;
     this.#store = store;
@@ -260,7 +264,7 @@ export class SnapshotDevice implements BlockDevice {
   async read(offsetBytes: number, target: Buffer): Promise<void> {
     assertRange(offsetBytes, target.length, this.sizeBytes);
     try {
-      await this.#store.chunks.read(this.name, this.#snapshot.map, offsetBytes, target);
+      await readThrough(this.#store, this.name, this.#snapshot.map, offsetBytes, target);
     } catch (error) {
       throw fromSystemError(error, `read of snapshot ${this.name} at ${offsetBytes}`);
     }
@@ -282,7 +286,7 @@ export class SnapshotDevice implements BlockDevice {
 
   async blockStatus(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
     assertRange(offsetBytes, lengthBytes, this.sizeBytes);
-    return blockStatusOfMap(this.#snapshot.map, offsetBytes, lengthBytes);
+    return blockStatusOfMap(this.#store, this.#snapshot.map, offsetBytes, lengthBytes);
   }
 
   async close(): Promise<void> {
@@ -301,12 +305,24 @@ function assertRange(offsetBytes: number, lengthBytes: number, sizeBytes: number
   assert(offsetBytes + lengthBytes <= sizeBytes, 'request past the end of the export');
 }
 
+/** The runs of a range of `map` with their checksums: at once when the catalog has them in memory (catalog-backend.ts). */
+function lookup(store: VolumeStore, map: MapHandle, virtualChunk: number, chunkCount: number): ChunkLookup | Promise<ChunkLookup> {
+  return store.metadata.lookup(map, virtualChunk, chunkCount);
+}
+
+/** Reads target.length bytes at `offsetBytes` of `map`, verified (the chunk store's read of the map's lookup). */
+async function readThrough(store: VolumeStore, exportName: string, map: MapHandle, offsetBytes: number, target: Buffer): Promise<void> {
+  const first = Math.floor(offsetBytes / chunkSizeBytes);
+  const found = lookup(store, map, first, Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - first);
+  await store.chunks.read(exportName, found instanceof Promise ? await found : found, offsetBytes, target);
+}
+
 /** The allocation map of [offsetBytes, offsetBytes + lengthBytes): holes (zero) and data, merged. */
-function blockStatusOfMap(map: ChunkMap, offsetBytes: number, lengthBytes: number): Extent[] {
+async function blockStatusOfMap(store: VolumeStore, map: MapHandle, offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
   assert(lengthBytes > 0);
   const first = Math.floor(offsetBytes / chunkSizeBytes);
   const extents: Extent[] = [];
-  for (const run of map.runs(first, Math.ceil((offsetBytes + lengthBytes) / chunkSizeBytes) - first)) {
+  for (const run of (await lookup(store, map, first, Math.ceil((offsetBytes + lengthBytes) / chunkSizeBytes) - first)).runs) {
     const [start, end] = clip(run, offsetBytes, lengthBytes);
     const hole = run.physicalChunk < 0;
     const last = extents[extents.length - 1];

@@ -11,7 +11,7 @@
 import os from 'node:os';
 import { Piscina } from 'piscina';
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
+import { chunkSizeBytes, inlineCachedReadBytesMax, inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
 import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
 import { sharedBytesOf } from '../core/shared-bytes.ts';
 import { TurnBatch } from '../core/turn-batch.ts';
@@ -105,6 +105,15 @@ export class WorkerChunkIo implements ChunkIo {
     // well under a microsecond). A large one goes to a worker whole, as one task however many runs it is made of
     // (a range rewritten at random), so its reads and checksums leave here.
     if (target.length <= inlineReadBytesMax) return this.#inline.readChunks(target, plan, expected, verify);
+    // A larger one (up to 1 MiB) whose bytes are all in the page cache is read here too: its copy and checksum
+    // cost this thread about 0.2 ms per MiB, and the hand-off to a worker and back cost more CPU than that in all
+    // (thread wake-ups, piscina's messages), taken from cores that are busy anyway on a small machine (fio, this
+    // thread, other work): 1 MiB reads at QD8 went from about 0.7 to about 0.45 CPU seconds per GB on 2 vCPUs
+    // (BENCHMARKS.md, issue 19). What misses the cache, and larger reads, still go to a worker.
+    if (target.length <= inlineCachedReadBytesMax) {
+      const mismatch = this.#inline.readCachedChunks(target, plan, expected, verify);
+      if (mismatch !== undefined) return mismatch;
+    }
     const staged = isShared(target) ? null : this.#buffers.acquire(target.length);
     const memory = staged ?? target;
     try {

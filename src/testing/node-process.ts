@@ -7,6 +7,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { runTool, type ToolOptions, type ToolResult } from '../core/run-tool.ts';
+import { testMetadata } from './test-metadata.ts';
 
 export { runTool, type ToolResult };
 
@@ -63,6 +64,8 @@ export async function startNode(pool: string, extraArgs: string[] = [], options:
   const layout = [
     ...(process.env.CHUNKD_TEST_WORKERS !== undefined && !extraArgs.includes('--workers') ? ['--workers', process.env.CHUNKD_TEST_WORKERS] : []),
     ...(process.env.CHUNKD_TEST_NBD_THREADS !== undefined && !extraArgs.includes('--nbd-threads') ? ['--nbd-threads', process.env.CHUNKD_TEST_NBD_THREADS] : []),
+    // CHUNKD_TEST_METADATA=paged: pools made by the tests' nodes get paged metadata (test-metadata.ts).
+    ...(testMetadata() !== undefined && !extraArgs.includes('--metadata') ? ['--metadata', testMetadata()!, '--metadata-cache', '4MiB'] : []),
   ];
   const child = spawn(launcher.command, [...launcher.prefix, 'serve', '--pool', pool, '--listen', '127.0.0.1:0', '--socket', nbdSocket, '--api', apiSocket, ...layout, ...extraArgs], {
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -21,6 +21,7 @@ import { Pool, type PoolOptions } from '../../src/store/pool.ts';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
 import { PowerLossFiles, type PowerCut } from '../../src/testing/power-loss.ts';
 import { makeRandom, randomInt } from './random.ts';
+import { testPoolOptions } from '../../src/testing/test-metadata.ts';
 
 const blockBytes = 4096;
 const volumeBlocks = 256; // 1 MiB volumes: blocks are overwritten often
@@ -119,7 +120,7 @@ export async function runPowerLoss(random: () => number, layout: Layout, replay:
   /** Opens the pool; the I/O workers it starts are kept here, so that a power cut during the open can stop them. */
   let workers: WorkerChunkIo | null = null;
   const openPool = (files: FileLayer): Promise<Pool> => {
-    const options: PoolOptions = { directory, files, journalCheckpointBytes };
+    const options: PoolOptions = { directory, files, journalCheckpointBytes, ...testPoolOptions() };
     if (layout === 'workers') {
       const buffers = new SharedBufferPool();
       options.makeIo = (chunkFiles) => (workers = new WorkerChunkIo(chunkFiles, { workerCount: 2, buffers, log: () => {} }));

@@ -3,9 +3,11 @@
 // of sync in etcd before the write that went on without it is acknowledged (etcd paused meanwhile: the write is
 // not acknowledged until etcd is told); the owner then killed, the failover takes the in-sync replica, never that
 // one (it sorts first by name: a tie would pick it), and with no in-sync replica left the volume waits, said by
-// cluster status. (kill -9 of the owner under writes, and the replicas re-attaching: cluster-sync.test.ts.)
+// cluster status; a snapshot taken before is on the promoted replica. (kill -9 of the owner under writes, and the
+// replicas re-attaching: cluster-sync.test.ts.)
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
+import { callApi } from '../../src/cli/api-client.ts';
 import { clusterFixture, clusterStatus, dumpMembers, numberedBlock, stopMembers, volumeRecord, waitFor, type Member } from '../helpers/cluster.ts';
 import { FLAG_FUA, TestNbdClient } from '../helpers/nbd-client.ts';
 import { ok } from '../helpers/stream-pipe.ts';
@@ -25,6 +27,8 @@ test('a replica stopped past the sync timeout is recorded out of sync before the
     assert.deepEqual((await record('sv')).inSync, { epoch: 1, nodes: ['sb', 'sc'] });
     const client = await TestNbdClient.connect(sa.node.nbdSocket, 'sv');
     await client.write(0, numberedBlock(0), FLAG_FUA);
+    // A snapshot is on every in-sync replica: the one promoted below keeps it, with the owner's id.
+    const snapshot = await callApi(sa.node.apiSocket, 'POST', '/v1/volumes/sv/snapshots', { name: 'before' }) as { uuid: string };
     sb.node.process.kill('SIGSTOP');
     // etcd paused too: the write that goes on without sb (after 500 ms) is not acknowledged while etcd cannot be
     // told; resumed, it is (or refused, when the owner's lease clock ran out meanwhile: then written again).
@@ -56,6 +60,11 @@ test('a replica stopped past the sync timeout is recorded out of sync before the
     const reader = await TestNbdClient.connect(sc.node.nbdSocket, 'sv');
     assert.deepEqual(await reader.read(blockBytes, blockBytes), numberedBlock(1));
     await reader.disconnect();
+    const kept = await callApi(sc.node.apiSocket, 'GET', '/v1/volumes/sv/snapshots') as { snapshots: Array<{ name: string; uuid: string }> };
+    assert.deepEqual(kept.snapshots.map((s) => [s.name, s.uuid]), [['before', snapshot.uuid]]);
+    const old = await TestNbdClient.connect(sc.node.nbdSocket, 'sv@before');
+    assert.deepEqual(await old.read(0, 2 * blockBytes), Buffer.concat([numberedBlock(0), Buffer.alloc(blockBytes)]));
+    await old.disconnect();
 
     // sb is resynced by sc and in sync again at epoch 2. Then sb is stopped past sc's sync timeout again (recorded out
     // of sync at a write), sc killed: no replica in the in-sync set is live, and the volume waits, said.

@@ -3,13 +3,15 @@
 // at its epoch; a move of it is refused by its owner. kill -9 of the owner while two clients write with FUA and
 // flushes: an in-sync replica takes it over at epoch 2 and holds every write the old owner acknowledged; the other
 // replica re-attaches to it as a synchronous replica, in sync again after its resync, and the old owner, restarted,
-// refuses writes and rejoins the same way. (A replica out of sync, and the failover passing it over:
+// refuses writes and rejoins the same way; each is compared whole by chunk checksums and receives only what
+// differs. (A replica out of sync, and the failover passing it over:
 // cluster-sync-failover.test.ts.)
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { clusterFixture, clusterStatus, dumpMembers, numberedBlock, roles, stopMembers, volumeRecord, waitFor, type Member } from '../helpers/cluster.ts';
 import { FLAG_FUA, TestNbdClient } from '../helpers/nbd-client.ts';
 import { ok } from '../helpers/stream-pipe.ts';
+import { callApi } from '../../src/cli/api-client.ts';
 
 const cluster = clusterFixture('cluster-sync', { nodes: ['ka', 'kb', 'kc'] });
 const skip = cluster.skip;
@@ -109,7 +111,7 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     await replica.disconnect();
 
     // The old owner, restarted, refuses writes, then rejoins as kb's synchronous replica (what it held kept as a
-    // fenced- snapshot), is resynced whole and recorded in sync at epoch 2.
+    // fenced- snapshot), is resynced (compared whole) and recorded in sync at epoch 2.
     members[0] = await cluster.start('ka');
     const old = await TestNbdClient.connect(members[0].node.nbdSocket, 'vol');
     assert.ok(await old.write(0, numberedBlock(0), FLAG_FUA).then(() => false, () => true), 'the old owner acknowledged a write');
@@ -120,6 +122,15 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     assert.deepEqual(await back.read(blockBytes * 3000, blockBytes), numberedBlock(3000));
     await back.disconnect();
     assert.match(await ok(members[0].node, 'snapshot', 'list', 'vol'), /fenced-/);
+    // Each re-attached replica had every region dirty to kb, was compared whole, and received only what differed:
+    // less than the data the clients wrote (the writes in flight at the kill, and kb's since), not the volume's data.
+    const links = (await callApi(kb.node.apiSocket, 'GET', '/v1/volumes/vol/replicas') as { replicas: Array<{ peerName: string; resyncBytesTotal: number; resyncEqualBytesTotal: number }> }).replicas;
+    assert.deepEqual(links.map((link) => link.peerName).sort(), ['ka', 'kc']);
+    for (const link of links) {
+      assert.equal(link.resyncBytesTotal + link.resyncEqualBytesTotal, 16 * 1024 * 1024, `${link.peerName}: the whole volume compared`);
+      assert.ok(link.resyncBytesTotal < acknowledged.length * blockBytes, `${link.peerName}: ${link.resyncBytesTotal} bytes resent, of ${acknowledged.length * blockBytes} written`);
+    }
+    process.stderr.write(`# cluster-sync: re-attached after the failover, resent ${links.map((link) => `${link.peerName} ${link.resyncBytesTotal} bytes`).join(', ')} (${acknowledged.length * blockBytes} bytes written)\n`);
     const status = await clusterStatus(kc.node);
     assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'kb', 2, ['ka', 'kc']]]);
     assert.match(await ok(kc.node, 'volume', 'list'), /vol \(sync\)\t16 MiB\tkb\t2\tka \(in sync\), kc \(in sync\)/);

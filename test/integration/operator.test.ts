@@ -248,6 +248,8 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     CHUNKD_WORKERS: '3',
     CHUNKD_NBD_THREADS: '2',
     CHUNKD_VERIFY_READS: 'off',
+    CHUNKD_METADATA: 'paged',
+    CHUNKD_METADATA_CACHE: '64MiB',
     CHUNKD_FUSE: '/srv/fuse',
     CHUNKD_PLUGIN_SOCKET: '/run/docker/plugins/chunkd.sock',
     CHUNKD_TLS: 'require',
@@ -275,6 +277,8 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     workers: 3,
     nbdThreads: 2,
     verifyReads: false,
+    metadata: 'paged',
+    metadataCacheBytes: 64 * 2 ** 20,
     fuseDirectory: '/srv/fuse',
     pluginSocketPath: '/run/docker/plugins/chunkd.sock',
     peer: { listen: { host: '0.0.0.0', port: 10810 }, tlsDirectory: '/etc/chunkd/a', allow: ['b', 'c'] },
@@ -296,6 +300,9 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
   assert.throws(() => serveConfig([], { CHUNKD_LISTEN: 'nowhere' }), (error: UsageError) => error instanceof UsageError && /invalid --listen "nowhere".*\(from \$CHUNKD_LISTEN\)/.test(error.message));
   assert.throws(() => serveConfig([], { CHUNKD_TLS_VERIFY_PEER: 'maybe' }), (error: UsageError) => error instanceof UsageError && /CHUNKD_TLS_VERIFY_PEER="maybe"/.test(error.message));
   assert.throws(() => serveConfig(['--listen', 'nowhere'], {}), (error: UsageError) => error instanceof UsageError && !error.message.includes('from $'));
+  assert.deepEqual([defaults.metadata, defaults.metadataCacheBytes], ['memory', 256 * 2 ** 20]);
+  assert.throws(() => serveConfig(['--metadata', 'lmdb'], {}), (error: UsageError) => error instanceof UsageError && /invalid --metadata "lmdb": memory or paged/.test(error.message));
+  assert.throws(() => serveConfig(['--metadata-cache', '1MiB'], {}), (error: UsageError) => error instanceof UsageError && /invalid --metadata-cache 1MiB: at least 4 MiB/.test(error.message));
 });
 
 test('a node started from the environment alone serves as its variables say', async () => {

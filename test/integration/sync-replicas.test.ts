@@ -4,22 +4,25 @@
 // (SIGSTOP) or killed (kill -9) is out of sync after the timeout, writes go on, and only the regions written
 // meanwhile are resent (counted) when it is back; the dirty map and the activity log survive kill -9 of the
 // owner, and only what they list is resent; an owner with a stale epoch is refused by the replica and refuses
-// writes itself; a write from an owner's older connection (its session) is refused; a block damaged on the
-// owner is read from the replica and rewritten (repair on read).
+// writes itself; a write from an owner's older connection (its session) is refused; snapshots, resizes and
+// rollbacks reach the replica (a snapshot at the same point of the write stream), and one it missed resyncs; a
+// resync compares chunk checksums and sends what differs (1% changed: 1% sent), at a rate cap, and ends under
+// steady writes; a block damaged on the owner is read from the replica and rewritten (repair on read).
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
 import { freePort, haveTool, makeTempDir, mustRun, runTool, type RunningNode } from '../helpers/node-process.ts';
 import { replicaLinks, startPeerNode, waitFor, type PeerNode } from '../helpers/peer-nodes.ts';
+import { callApi } from '../../src/cli/api-client.ts';
 import { PeerClient } from '../../src/peer/client.ts';
 import { loadCredentials } from '../../src/peer/credentials.ts';
 import { PeerVerb } from '../../src/peer/protocol.ts';
 import { jsonPayload } from '../../src/replication/peer-messages.ts';
 import { encodeSyncWrite, parseSyncOpenReply, SyncOp } from '../../src/replication/sync-messages.ts';
+import { TestNbdClient } from '../helpers/nbd-client.ts';
 import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 import { flipByteUnder, namedBlock } from '../helpers/damage.ts';
-import { TestNbdClient } from '../helpers/nbd-client.ts';
 
 const MiB = 1024 * 1024;
 const regionBytes = 64 * 1024;
@@ -90,11 +93,6 @@ test('an acknowledged write is on the synchronous replica, and durable there aft
   assert.equal(now.state, 'in-sync');
   assert.equal(now.resyncBytesTotal, 5 * MiB, 'no resync was needed');
 
-  // What the replica would not follow is refused on the owner.
-  const resize = await alpha.node.cli('volume', 'resize', 'vol', '--size', '64MiB');
-  assert.equal(resize.code, 1);
-  assert.match(resize.stderr, /volume vol has synchronous replicas, which do not follow a resize yet/);
-
   // The replica's export is read-only.
   const write = await runTool('qemu-io', ['-f', 'raw', beta.node.qemuUri('vol'), '-c', 'write -P 1 0 4k']);
   assert.notEqual(write.code, 0, 'a write to a synchronous replica is refused');
@@ -142,7 +140,7 @@ test('a block damaged on the owner: the client reads the right bytes from the in
 test('a stopped, then killed, replica: writes go on after the timeout, and only the regions written meanwhile are resent', { skip }, async (t) => {
   // Two flushes with nothing written empty the activity log: what is resent below is exactly what was written.
   await qemuIo(alpha.node, 'flush', 'flush');
-  const before = (await link(alpha)).resyncBytesTotal as number;
+  const before = await link(alpha);
 
   beta.node.process.kill('SIGSTOP');
   t.onTestFinished(() => {
@@ -168,7 +166,12 @@ test('a stopped, then killed, replica: writes go on after the timeout, and only 
 
   beta.node.process.kill('SIGCONT');
   const resynced = await inSync(alpha);
-  assert.equal(resynced.resyncBytesTotal - before, 1.5 * MiB, 'only the dirty regions are resent');
+  // Only the dirty regions are compared, and sent where their checksums differ: the write that timed out may have
+  // reached beta after all (it waited in its socket, before the resync's syncOpen shut that connection out), the
+  // one after it never did.
+  const sent = resynced.resyncBytesTotal - before.resyncBytesTotal;
+  assert.equal(sent + resynced.resyncEqualBytesTotal - before.resyncEqualBytesTotal, 1.5 * MiB, 'only the dirty regions are resent');
+  assert.ok(sent >= 0.5 * MiB, `the write beta never had was sent (${sent} bytes)`);
   assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
 
   // kill -9: the connection drops, so the next write goes on at once; beta comes back on the same port.
@@ -180,7 +183,9 @@ test('a stopped, then killed, replica: writes go on after the timeout, and only 
   assert.equal(gone.dirtyBytes, 256 * 1024 + regionBytes);
   beta = await startPeer('beta', ports.beta!);
   const again = await inSync(alpha);
-  assert.equal(again.resyncBytesTotal - resynced.resyncBytesTotal, 256 * 1024 + regionBytes);
+  // The dirty regions compared: of the 64 KiB region that 1000 bytes changed, only their 4 KiB chunk is sent.
+  assert.equal(again.resyncBytesTotal - resynced.resyncBytesTotal, 256 * 1024 + 4096);
+  assert.equal(again.resyncEqualBytesTotal - resynced.resyncEqualBytesTotal, regionBytes - 4096);
   assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
 });
 
@@ -200,18 +205,19 @@ test('kill -9 of the owner, with the replica away and in sync: the dirty map and
   assert.equal(loaded.dirtyBytes, 4 * MiB);
   beta.node.process.kill('SIGCONT');
   const back = await inSync(alpha);
-  assert.equal(back.resyncBytesTotal, 3 * MiB);
+  // Those 4 MiB compared, and sent where they differ (the write may have reached beta before alpha died).
+  assert.equal(back.resyncBytesTotal + back.resyncEqualBytesTotal, 4 * MiB);
   assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
 
   // In sync this time: the 4 MiB extents written since the flush before last are in the activity log, which the
-  // owner makes durable before it writes them, and resends after a crash (a write may be on one side only): here
-  // the extent 8M-12M, whose data is 8M-11M (the first test's and this write).
+  // owner makes durable before it writes them, and compares after a crash (a write may be on one side only): here
+  // the extent 8M-12M, all the same on beta, which had the write: nothing is sent.
   await qemuIo(alpha.node, 'write -P 0x52 10M 1M');
   await alpha.node.kill();
   alpha = await startPeer('alpha', ports.alpha!);
   assert.equal((await link(alpha)).dirtyBytes, 4 * MiB);
   const after = await inSync(alpha);
-  assert.equal(after.resyncBytesTotal, 3 * MiB);
+  assert.deepEqual([after.resyncBytesTotal, after.resyncEqualBytesTotal], [0, 4 * MiB]);
   assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
 });
 
@@ -252,4 +258,132 @@ test('a replica takes writes only from the session of the newest syncOpen: an ol
     newer.close();
   }
   await mustRun('qemu-io', ['-f', 'raw', '-r', beta.node.qemuUri('vol'), '-c', 'read -P 0x71 0 4k']);
+});
+
+test('snapshots, a resize and a rollback reach the synchronous replica, at the same point of the write stream', { skip }, async () => {
+  // Through the API (a CLI process per call would take most of this test's time).
+  const api = (node: RunningNode, method: string, route: string, body?: unknown): Promise<any> => callApi(node.apiSocket, method, `/v1/volumes/sv${route}`, body);
+  const io = (node: RunningNode, ...commands: string[]): Promise<string> => mustRun('qemu-io', ['-f', 'raw', node.qemuUri('sv'), ...commands.flatMap((command) => ['-c', command])]);
+  const snapshots = async (node: RunningNode): Promise<Array<[string, string]>> => (await api(node, 'GET', '/snapshots')).snapshots.map((s: { name: string; uuid: string }) => [s.name, s.uuid]);
+  const sizeOf = async (node: RunningNode): Promise<number> => (await api(node, 'GET', '')).sizeBytes;
+  const same = async (name = 'sv'): Promise<void> => assert.equal(await exportHash(beta.node, name), await exportHash(alpha.node, name), `${name} differs on the replica`);
+  const svLink = (): Promise<Record<string, any>> => link(alpha, 'sv');
+  const svInSync = (): Promise<Record<string, any>> => waitFor('sv in sync', async () => {
+    const current = await svLink();
+    return current.state === 'in-sync' ? current : null;
+  }, async () => `${JSON.stringify(await svLink())}\n${alpha.node.stderr()}`, 20_000);
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'sv', sizeBytes: 8 * MiB });
+  await io(alpha.node, 'write -P 0x11 0 1M');
+  await api(alpha.node, 'POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 1_000 });
+  await svInSync();
+
+  // A snapshot taken while a client writes: the same writes in it on both nodes, with the owner's id.
+  const writing = io(alpha.node, ...Array.from({ length: 200 }, (_, i) => `write -P ${(i % 250) + 1} ${((i * 17) % 2048) * 4096} 4k`));
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  const { uuid } = await api(alpha.node, 'POST', '/snapshots', { name: 's1' });
+  await writing;
+  assert.deepEqual(await snapshots(beta.node), [['s1', uuid]]);
+  await same('sv@s1');
+  await same();
+
+  // A grow reaches the replica; written past the old end, both read the same.
+  await api(alpha.node, 'PATCH', '', { sizeBytes: 12 * MiB });
+  assert.equal(await sizeOf(beta.node), 12 * MiB);
+  await io(alpha.node, 'write -P 0x22 10M 1M');
+  await same();
+
+  // Rolled back on both (and to the snapshot's 8 MiB).
+  await api(alpha.node, 'POST', '/snapshots/s1/rollback');
+  assert.equal(await sizeOf(beta.node), 8 * MiB);
+  await same();
+  assert.equal(await exportHash(alpha.node, 'sv'), await exportHash(alpha.node, 'sv@s1'));
+  assert.equal((await svLink()).state, 'in-sync');
+
+  // A snapshot taken while the replica is away is not there; a rollback to it makes the replica out of sync with
+  // the regions the rollback changes dirty, and a resync sends those (the 1 MiB written after s2, all data in s2)
+  // and no more.
+  await beta.node.kill();
+  await io(alpha.node, 'write -P 0x33 2M 256k');
+  await api(alpha.node, 'POST', '/snapshots', { name: 's2' });
+  beta = await startPeer('beta', ports.beta!);
+  const back = await svInSync();
+  assert.deepEqual((await snapshots(beta.node)).map(([name]) => name), ['s1']);
+  await io(alpha.node, 'write -P 0x44 0 1M');
+  await api(alpha.node, 'POST', '/snapshots/s2/rollback');
+  const after = await svInSync();
+  assert.equal(after.outOfSyncTotal, back.outOfSyncTotal + 1);
+  assert.equal(after.resyncBytesTotal - back.resyncBytesTotal, 1 * MiB);
+  assert.match(alpha.node.stderr(), /lacks snapshot s2 \(id [0-9a-f]{32}\): it was out of sync when the owner took it/);
+  await same();
+
+  // A shrink reaches it too, and a snapshot removed goes from the replica as well.
+  await api(alpha.node, 'PATCH', '', { sizeBytes: 4 * MiB, force: true });
+  assert.equal(await sizeOf(beta.node), 4 * MiB);
+  await same();
+  await api(alpha.node, 'DELETE', '/snapshots/s1');
+  assert.deepEqual(await snapshots(beta.node), []);
+  assert.deepEqual((await snapshots(alpha.node)).map(([name]) => name), ['s2']);
+});
+
+test('a link added back to a replica that holds the data sends only the chunks that changed; --max-rate caps a resync; a resync under steady writes ends', { skip }, async (t) => {
+  const api = (method: string, route: string, body?: unknown): Promise<any> => callApi(alpha.node.apiSocket, method, `/v1/volumes/lost${route}`, body);
+  const current = (): Promise<Record<string, any>> => link(alpha, 'lost');
+  const lostInSync = (): Promise<Record<string, any>> => waitFor('lost in sync', async () => {
+    const now = await current();
+    return now.state === 'in-sync' ? now : null;
+  }, async () => `${JSON.stringify(await current())}\n${alpha.node.stderr()}`, 20_000);
+  const add = (maxRateBytesPerSecond: number | null = null): Promise<any> => api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000, maxRateBytesPerSecond });
+  const remove = (): Promise<any> => api('DELETE', '/replicas', { peer: beta.address });
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'lost', sizeBytes: 16 * MiB });
+  await mustRun('qemu-io', ['-f', 'raw', alpha.node.qemuUri('lost'), '-c', 'write -P 0x55 0 8M']);
+
+  // The first copy at 8 MiB/s at most: its 8 MiB take about a second (unthrottled, a tenth of that here).
+  assert.equal((await add(8 * MiB)).maxRateBytesPerSecond, 8 * MiB);
+  const first = await lostInSync();
+  assert.equal(first.resyncBytesTotal, 8 * MiB);
+  const said = await waitFor('the resync logged', async () => /volume lost: synchronous replica on \S+ \(beta\) is in sync: resync sent [\d.]+ MiB in ([\d.]+) s/.exec(alpha.node.stderr()), async () => alpha.node.stderr());
+  const seconds = Number(said[1]);
+  assert.ok(seconds >= 0.85, `8 MiB at 8 MiB/s took ${seconds} s`);
+
+  // Removed (beta keeps its copy), 1% of the volume written (40 chunks of 4 KiB here and there), added back: every
+  // region is dirty to the new link, as after a failover, and only the 160 KiB that changed travel.
+  await remove();
+  const client = await TestNbdClient.connect(alpha.node.nbdSocket, 'lost');
+  for (let i = 0; i < 40; i++) await client.write(((i * 97) % 4096) * 4096, Buffer.alloc(4096, i + 1));
+  await client.flush();
+  await add();
+  const again = await lostInSync();
+  assert.equal(again.resyncBytesTotal, 40 * 4096);
+  assert.equal(again.resyncEqualBytesTotal, 16 * MiB - 40 * 4096);
+  assert.equal(await exportHash(beta.node, 'lost'), await exportHash(alpha.node, 'lost'));
+  process.stderr.write(`# sync-replicas: 1% of 16 MiB changed: resync sent ${again.resyncBytesTotal} bytes of data, compared ${again.resyncEqualBytesTotal} bytes equal\n`);
+
+  // Added back while a client writes without a pause to the first 2 MiB, about as fast as the resync may copy
+  // (capped at 1 MiB/s, 256 chunks a second): the resync ends within 4 passes (what a pass leaves, at most 32
+  // regions here, is copied under the write lock; the rule before, passes until one left nothing, took more here
+  // and could run on for as long as the writes did), and the copies are the same once the writes stop.
+  await remove();
+  let writing = true;
+  let written = 0;
+  t.onTestFinished(() => {
+    writing = false;
+  });
+  const writer = (async () => {
+    while (writing) {
+      await client.write(((written * 613) % 512) * 4096, Buffer.alloc(4096, (written % 200) + 20));
+      written += 1;
+    }
+  })();
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  const atAdd = written;
+  await add(1 * MiB);
+  await lostInSync();
+  const during = written - atAdd;
+  writing = false;
+  await writer;
+  await client.disconnect();
+  assert.ok(during > 0, 'writes went on through the resync');
+  await waitFor('the resync logged', async () => (alpha.node.stderr().match(/volume lost: synchronous replica on \S+ \(beta\) is in sync: resync sent [\d.]+ \w+ in [\d.]+ s \([1-4] pass(es)?; /g)?.length === 3 ? true : null), async () => alpha.node.stderr());
+  process.stderr.write(`# sync-replicas: ${during} writes during the resync under steady writes\n`);
+  assert.equal(await exportHash(beta.node, 'lost'), await exportHash(alpha.node, 'lost'));
 });

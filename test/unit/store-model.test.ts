@@ -13,6 +13,7 @@ import fc from 'fast-check';
 import type { Volume } from '../../src/store/volume.ts';
 import { Pool } from '../../src/store/pool.ts';
 import { modelRunOptions, testSeed } from '../helpers/random.ts';
+import { testPoolOptions } from '../../src/testing/test-metadata.ts';
 
 const volumeBytes = 2 * 1024 * 1024;
 const names = ['a', 'b', 'c'] as const;
@@ -44,7 +45,7 @@ async function check(real: Real, model: Model, label: string, only: readonly Nam
 async function reopen(real: Real): Promise<void> {
   for (const volume of real.volumes.values()) await volume.close();
   await real.pool.close();
-  real.pool = await Pool.open({ directory: real.directory });
+  real.pool = await Pool.open({ directory: real.directory, ...testPoolOptions() });
   real.volumes = new Map(names.map((name) => [name, real.pool.openVolume(name)]));
 }
 
@@ -109,7 +110,7 @@ test('store matches a byte-array model across random operations and reopens (shr
   await fc.assert(
     fc.asyncProperty(commands, async (sequence) => {
       const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-model-'));
-      const pool = await Pool.open({ directory });
+      const pool = await Pool.open({ directory, ...testPoolOptions() });
       const real: Real = { directory, pool, volumes: new Map(), step: 1 };
       try {
         const model: Model = { bytes: { a: Buffer.alloc(volumeBytes), b: Buffer.alloc(volumeBytes), c: Buffer.alloc(volumeBytes) } };

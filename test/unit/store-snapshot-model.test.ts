@@ -14,6 +14,7 @@ import fc from 'fast-check';
 import { Pool } from '../../src/store/pool.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
 import { modelRunOptions, testSeed } from '../helpers/random.ts';
+import { testPoolOptions } from '../../src/testing/test-metadata.ts';
 
 const volumeBytes = 512 * 1024;
 
@@ -181,7 +182,7 @@ async function reopen(model: Model, real: Real): Promise<void> {
   await real.pool.close();
   const report = await fsckPool(real.directory);
   assert.ok(report.clean, `fsck: ${report.errors.join('; ')}`);
-  real.pool = await Pool.open({ directory: real.directory });
+  real.pool = await Pool.open({ directory: real.directory, ...testPoolOptions() });
   await check(real, model, 'after a reopen');
 }
 const reopenCommand: Command = { check: () => true, run: reopen, toString: () => 'reopen' };
@@ -209,7 +210,7 @@ test('snapshots and clones match a full-copy model across random operations and 
   await fc.assert(
     fc.asyncProperty(commands, async (sequence) => {
       const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-snapmodel-'));
-      const real: Real = { directory, pool: await Pool.open({ directory }), step: 1 };
+      const real: Real = { directory, pool: await Pool.open({ directory, ...testPoolOptions() }), step: 1 };
       try {
         const model: Model = { volumes: new Map() };
         await createVolume.run(model, real);

@@ -5,7 +5,8 @@ import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { ActivityLog, RegionSet, regionsOf } from '../../src/replication/dirty-map.ts';
-import { encodeSyncWrite, isFencedRefusal, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncRead, parseSyncWrite, SyncOp, syncReadBytesMax, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
+import { differingRuns } from '../../src/replication/sync-replicas.ts';
+import { encodeSyncSumsReply, encodeSyncWrite, isFencedRefusal, parseSyncControl, parseSyncSums, parseSyncSumsReply, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncRead, parseSyncWrite, SyncOp, syncReadBytesMax, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 function roundTrip(request: SyncWriteRequest): SyncWriteRequest {
@@ -95,6 +96,25 @@ test('region sets: runs round-trip, runs outside the volume are refused as corru
   extents.addRange(0, 1);
   extents.addRange(2, 3);
   assert.deepEqual(extents.scaled(4, 10).sorted(), [0, 1, 2, 3, 8, 9]);
+  // A shrink: regions past the end go, in memory and from runs a crash left before the state file followed.
+  assert.equal(set.truncate(5), true);
+  assert.deepEqual(set.sorted(), [3, 4]);
+  assert.equal(set.truncate(5), false);
+  assert.deepEqual(RegionSet.fromRuns([[3, 3], [9, 1]], 100, 'test', 5).sorted(), [3, 4]);
+});
+
+test('syncControl payloads: each action with what it needs, anything else refused', () => {
+  const target = { volume: 'vol', epoch: 2, session: 7 };
+  const uuid = 'ab'.repeat(16);
+  const parse = (value: object) => parseSyncControl(Buffer.from(JSON.stringify({ ...target, ...value })));
+  assert.deepEqual(parse({ action: 'snapshot', name: 's1', uuid }), { ...target, action: 'snapshot', name: 's1', uuid });
+  assert.deepEqual(parse({ action: 'rollback', name: 's1', uuid }), { ...target, action: 'rollback', name: 's1', uuid });
+  assert.deepEqual(parse({ action: 'resize', sizeBytes: 8192 }), { ...target, action: 'resize', sizeBytes: 8192 });
+  assert.throws(() => parse({ action: 'resize' }), /syncControl resize needs sizeBytes/);
+  assert.throws(() => parse({ action: 'snapshot', name: '../x', uuid }), /needs a valid snapshot name/);
+  assert.throws(() => parse({ action: 'remove-snapshot', name: 's1', uuid: 'AB'.repeat(16) }), /needs the snapshot's id/);
+  assert.throws(() => parse({ action: 'clone', name: 's1', uuid }), /unknown action "clone"/);
+  assert.throws(() => parseSyncControl(Buffer.from(JSON.stringify({ volume: 'vol', epoch: 2, action: 'resize', sizeBytes: 1 }))), /syncControl needs a session/);
 });
 
 test('activity log: a region leaves only when a completed flush started after its last write finished, and one more passed', () => {
@@ -160,4 +180,17 @@ test('activity log against a model: no region leaves while a write to it may be 
       }
     }
   }
+});
+
+test('syncSums: the request is checked, the checksums round-trip, and the chunks that differ come out as runs', () => {
+  const target = { volume: 'vol', epoch: 1, session: 2 };
+  assert.deepEqual(parseSyncSums(Buffer.from(JSON.stringify({ ...target, firstChunk: 1024, chunkCount: 1024 }))), { ...target, firstChunk: 1024, chunkCount: 1024 });
+  assert.throws(() => parseSyncSums(Buffer.from(JSON.stringify({ ...target, firstChunk: 0, chunkCount: 1025 }))), /syncSums needs chunkCount, from 1 to 1024/);
+  assert.throws(() => parseSyncSums(Buffer.from(JSON.stringify({ ...target, firstChunk: -1, chunkCount: 1 }))), /syncSums needs firstChunk/);
+  const sums = Uint32Array.from([0, 1, 0xffffffff, 0x12345678]);
+  const reply = Buffer.from(JSON.stringify(encodeSyncSumsReply(sums)));
+  assert.deepEqual(parseSyncSumsReply(reply, 4), sums);
+  assert.throws(() => parseSyncSumsReply(reply, 5), /syncSums reply: 5 checksums expected/);
+  assert.deepEqual(differingRuns(Uint32Array.from([1, 2, 3, 4, 5]), Uint32Array.from([1, 0, 0, 4, 0])), [[1, 3], [4, 5]]);
+  assert.deepEqual(differingRuns(sums, sums), []);
 });

@@ -7,7 +7,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
-import { chunkSizeBytes, chunksPerFile, openChunkFilesMax } from '../../src/core/limits.ts';
+import { chunkSizeBytes, chunksPerFile, inlineCachedReadBytesMax, openChunkFilesMax } from '../../src/core/limits.ts';
+import { emptyHistogram } from '../../src/core/latency-histogram.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { chunkSums } from '../../src/store/chunk-io.ts';
 import { realFiles } from '../../src/store/file-layer.ts';
@@ -22,11 +23,13 @@ let files: ChunkFiles;
 let io: WorkerChunkIo;
 const buffers = new SharedBufferPool();
 const logged: string[] = [];
+/** Counts every task handed to a worker. */
+const workerWaits = emptyHistogram();
 
 beforeAll(() => {
   directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-workers-'));
   files = new ChunkFiles(path.join(directory, 'chunks'), realFiles);
-  io = new WorkerChunkIo(files, { workerCount: 2, buffers, log: (line) => logged.push(line), testHooks: true });
+  io = new WorkerChunkIo(files, { workerCount: 2, buffers, log: (line) => logged.push(line), testHooks: true, waitTimes: workerWaits });
 });
 
 afterAll(async () => {
@@ -35,8 +38,11 @@ afterAll(async () => {
   fs.rmSync(directory, { recursive: true, force: true });
 });
 
-// Requests up to 64 KiB stay on the calling thread (limits.inline*BytesMax); these are larger, so workers run them.
+// Requests up to 64 KiB stay on the calling thread (limits.inline*BytesMax); these are larger, so workers run them
+// (reads up to 1 MiB only when they miss the page cache: limits.inlineCachedReadBytesMax).
 const large = 32 * chunkSizeBytes;
+/** A read a worker runs even when the page cache holds it. */
+const huge = inlineCachedReadBytesMax + chunkSizeBytes;
 
 test('writes return checksums; reads verify them, from plain and from shared memory', async () => {
   const data = randomBytes(large);
@@ -65,6 +71,30 @@ test('a chunk file only the workers wrote is opened here for small cached reads,
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
   assert.deepEqual(small, data.subarray(chunkSizeBytes, 2 * chunkSizeBytes));
+});
+
+test('a read up to 1 MiB that the page cache holds is served on this thread, verified; a larger one goes to a worker', async () => {
+  const data = randomBytes(huge);
+  const sums = await io.writeSummed(6000, data);
+  // Only a worker wrote chunk file 0 if this test runs alone: this thread opens it at its first cached read.
+  for (let tries = 0; !files.readCached(6000, 0, Buffer.alloc(chunkSizeBytes)); tries++) {
+    assert.ok(tries < 400, 'the file opens');
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  const tasksBefore = workerWaits.count;
+  const target = buffers.acquire(inlineCachedReadBytesMax);
+  const plan = Float64Array.of(6000, inlineCachedReadBytesMax / chunkSizeBytes, 0);
+  assert.equal(await io.readChunks(target, plan, sums.subarray(0, plan[1]), true), null);
+  assert.deepEqual(target, data.subarray(0, inlineCachedReadBytesMax));
+  const damaged = sums.slice(0, plan[1]);
+  damaged[5] = (damaged[5]! + 1) >>> 0;
+  assert.deepEqual(await io.readChunks(target, plan, damaged, true), { chunkIndex: 5, expected: damaged[5], actual: sums[5] });
+  buffers.release(target);
+  assert.equal(workerWaits.count, tasksBefore, 'no task went to a worker');
+  const whole = Buffer.alloc(huge);
+  assert.equal(await io.readChunks(whole, Float64Array.of(6000, huge / chunkSizeBytes, 0), sums, true), null);
+  assert.deepEqual(whole, data);
+  assert.equal(workerWaits.count, tasksBefore + 1, 'past 1 MiB: one task');
 });
 
 test('a worker reads page-cache hits at once and waits for the disk without blocking: uncached reads come back as promises', async () => {
@@ -135,14 +165,18 @@ test('one request of several runs with a hole between: one task, only the runs c
   const b = randomBytes(large);
   const sumsA = await io.writeSummed(2000, a);
   const sumsB = await io.writeSummed(3000, b);
-  // Chunks 0..31 from run A, 32..39 a hole the caller zeroed, 40..71 from run B.
-  const target = Buffer.alloc((2 * 32 + 8) * chunkSizeBytes);
-  const plan = Float64Array.of(2000, 32, 0, 3000, 32, 40);
+  // Chunks 0..31 from run A, 32..231 a hole the caller zeroed, 232..263 from run B: over 1 MiB, so a worker reads it.
+  const holeChunks = 200;
+  const target = Buffer.alloc((2 * 32 + holeChunks) * chunkSizeBytes);
+  assert.ok(target.length > inlineCachedReadBytesMax);
+  const plan = Float64Array.of(2000, 32, 0, 3000, 32, 32 + holeChunks);
   const expected = new Uint32Array([...sumsA, ...sumsB]);
+  const tasksBefore = workerWaits.count;
   assert.equal(await io.readChunks(target, plan, expected, true), null);
+  assert.equal(workerWaits.count, tasksBefore + 1, 'one task');
   assert.deepEqual(target.subarray(0, large), a);
-  assert.ok(target.subarray(large, large + 8 * chunkSizeBytes).every((byte) => byte === 0), 'the hole is left as it was');
-  assert.deepEqual(target.subarray(40 * chunkSizeBytes), b);
+  assert.ok(target.subarray(large, large + holeChunks * chunkSizeBytes).every((byte) => byte === 0), 'the hole is left as it was');
+  assert.deepEqual(target.subarray((32 + holeChunks) * chunkSizeBytes), b);
   expected[40] = (expected[40]! + 1) >>> 0;
   assert.deepEqual(await io.readChunks(target, plan, expected, true), { chunkIndex: 40, expected: expected[40], actual: sumsB[8] });
 });
@@ -157,13 +191,14 @@ test('a run across two chunk files', async () => {
 });
 
 test('a worker that dies fails what it ran with EIO, is replaced, and the engine keeps serving', async () => {
-  const data = randomBytes(large);
+  const data = randomBytes(huge);
   const sums = await io.writeSummed(500, data);
   const death = io.killOneWorkerForTest(100);
-  // Requests in flight meanwhile: each either completes correctly or fails with EIO, nothing else.
+  // Requests in flight meanwhile (large enough that a worker reads them): each either completes correctly or
+  // fails with EIO, nothing else.
   const outcomes = await Promise.allSettled(
     Array.from({ length: 40 }, async () => {
-      const target = Buffer.alloc(large);
+      const target = Buffer.alloc(huge);
       assert.equal(await io.readChunks(target, Float64Array.of(500, target.length / chunkSizeBytes, 0), sums, true), null);
       assert.deepEqual(target, data);
     }),
@@ -174,7 +209,7 @@ test('a worker that dies fails what it ran with EIO, is replaced, and the engine
   }
   assert.ok(outcomes.some((outcome) => outcome.status === 'fulfilled'));
   for (let i = 0; i < 20; i++) {
-    const target = Buffer.alloc(large);
+    const target = Buffer.alloc(huge);
     assert.equal(await io.readChunks(target, Float64Array.of(500, target.length / chunkSizeBytes, 0), sums, true), null, 'served after the death');
   }
   // The replacement starts in the background; wait for it (a bounded poll, not a timing assertion).

@@ -1,0 +1,231 @@
+// The pool's metadata as the commit engine, the volumes and the pool use it, whichever catalog holds it: today's
+// in-memory catalog (`MemoryBackend` below: metadata.ts's Catalog, a journal plus a whole checkpoint, pool format
+// 3) or the paged catalog (paged-backend.ts: paged-catalog.ts's pages behind a bounded cache, the journal as its
+// write-ahead log, pool format 4). The engine and the volumes see only this interface, so neither asks which.
+//
+// What differs, and how the interface hides it:
+//   - Applying a record: synchronous in memory, queued over pages (a map pass may read pages). `apply` returns at
+//     once either way; `settled` resolves once every record applied before it has been (at once in memory), and
+//     rejects with the first apply that failed (a bug or damage: the engine makes it its sticky failure).
+//   - Looking chunks up (reads, trims, block status): `lookup` gives the runs of a range with each mapped chunk's
+//     checksum, at once when every page is in memory and nothing is queued before it, else as a promise resolved
+//     after the records queued before it (a read sees the writes acknowledged before it).
+//   - Checkpoints: `beginCheckpoint` is called by the commit that starts a new journal generation, at the moment
+//     it takes the queued records; what it covers is exactly the records applied before (see `PendingCheckpoint`).
+//   - Chunk space: the allocator is the catalog's (ChunkAllocator in memory, the space maps' ChunkSpace over
+//     pages); the chunk store allocates from it, the engine releases deferred frees after the journal commit
+//     that records them (`ChunkAllocation`).
+//
+// The tables of volumes and snapshots (ids, names, sizes) are plain objects in both, read synchronously; a map is
+// opaque (`MapHandle`) outside its backend, which alone knows what it is.
+import { assert } from '../core/assert.ts';
+import { ChunkdError } from '../core/errors.ts';
+import { journalCheckpointBytes } from '../core/limits.ts';
+import type { ChunkAllocator, FreeExtent } from './allocator.ts';
+import { encodeCheckpoint } from './checkpoint.ts';
+import { ChunkMap, type ChunkRun } from './chunk-map.ts';
+import type { ChunkRefcounts } from './chunk-refcounts.ts';
+import type { ChunkSums } from './chunk-sums.ts';
+import { contentDigest } from './content-digest.ts';
+import type { FileLayer } from './file-layer.ts';
+import type { JournalFile } from './journal-file.ts';
+import { diffMaps, type ChangedExtent } from './map-diff.ts';
+import { applyRecord, type Catalog, type MetaRecord } from './metadata.ts';
+import { beginGeneration, poolFormatVersion } from './pool-layout.ts';
+import { memoryScrubSource, type ScrubExport, type ScrubSource } from './scrub.ts';
+
+/** A volume's or snapshot's map: opaque but for its count, read only by the backend that made it. */
+export interface MapHandle {
+  readonly mappedCount: number;
+}
+
+export interface SnapshotView {
+  readonly id: number;
+  readonly uuid: string;
+  readonly volumeId: number;
+  readonly name: string;
+  readonly sizeBytes: number;
+  readonly createdAtMs: number;
+  readonly map: MapHandle;
+}
+
+export interface VolumeView {
+  readonly id: number;
+  readonly name: string;
+  readonly sizeBytes: number;
+  /** Replaced in place by a rollback: read it at each use. */
+  readonly map: MapHandle;
+  /** By name. */
+  readonly snapshots: ReadonlyMap<string, SnapshotView>;
+}
+
+/** The tables of volumes and snapshots, as applied so far. */
+export interface CatalogView {
+  readonly nextVolumeId: number;
+  readonly nextSnapshotId: number;
+  readonly volumes: ReadonlyMap<number, VolumeView>;
+  readonly byName: ReadonlyMap<string, VolumeView>;
+  readonly snapshots: ReadonlyMap<number, SnapshotView>;
+}
+
+/** The chunks under a read: its runs (holes and mapped runs, in order) and each mapped chunk's checksum. */
+export interface ChunkLookup {
+  readonly runs: readonly ChunkRun[];
+  sumOf(run: ChunkRun, index: number): number;
+}
+
+/** The chunk allocator as the chunk store and the engine use it (allocator.ts's contract; space-map.ts's ChunkSpace too). */
+export interface ChunkAllocation {
+  readonly highWater: number;
+  readonly usedCount: number;
+  readonly deferredCount: number;
+  allocate(chunkCount: number): number | Promise<number>;
+  release(start: number, chunkCount: number): void;
+  deferredMark(): number;
+  takeDeferred(mark: number): FreeExtent[];
+  releaseTaken(extents: readonly FreeExtent[]): void;
+  freeExtents(): FreeExtent[] | Promise<FreeExtent[]>;
+}
+
+/**
+ * A checkpoint begun by a commit (`beginCheckpoint`): `write` makes it durable and starts generation
+ * `generation`, whose journal it returns. `records` are the frames the commit took, applied before the checkpoint
+ * was begun: the in-memory catalog's checkpoint holds them already; the paged one appends them to the old
+ * generation's journal first (its root covers that generation).
+ */
+export interface PendingCheckpoint {
+  /** The synchronous part, in seconds (the catalog encoded, or the root queued). */
+  readonly encodeSeconds: number;
+  write(records: Buffer, journal: JournalFile): Promise<{ journal: JournalFile; bytes: number }>;
+}
+
+/** A map to scrub: its export's name, and the map as it is now (undefined once removed: it names nothing then). */
+export interface ScrubTarget {
+  name: string;
+  map: () => MapHandle | undefined;
+  sizeBytes: number;
+}
+
+/** What a scrub reads (each export's mapped runs, captured now) and checks it against (scrub.ts). */
+export interface ScrubPlan {
+  exports: ScrubExport[];
+  source: ScrubSource;
+}
+
+export interface CatalogBackend {
+  /** The pool format this catalog is stored in (chunkd-pool.json). */
+  readonly formatVersion: number;
+  /** The journal size that starts a checkpoint when the pool's options do not say (limits.ts). */
+  readonly journalCheckpointBytes: number;
+  readonly tables: CatalogView;
+  readonly allocator: ChunkAllocation;
+  /** Applies `record` (or queues its apply after those before it); chunks it frees are punched out when `punchFrees`. */
+  apply(record: MetaRecord, punchFrees: boolean): void;
+  /** Resolves once every record applied before the call has been; rejects with the first that failed. */
+  settled(): Promise<void>;
+  /** The first apply that failed (the engine makes it its sticky failure), or null. */
+  readonly failure: Error | null;
+  /** The runs of [virtualChunk, virtualChunk + chunkCount) of `map` with their checksums (see the top). */
+  lookup(map: MapHandle, virtualChunk: number, chunkCount: number): ChunkLookup | Promise<ChunkLookup>;
+  /** Extents below `chunkLimit` mapped differently in `from` (null: an empty map) and `to`. */
+  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): ChangedExtent[];
+  /** content-digest.ts's digest of `map` over its first `sizeBytes`. */
+  contentDigest(map: MapHandle, sizeBytes: number): Buffer;
+  /** Chunks only `map` holds (what removing its snapshot gives back), or null where this catalog cannot tell yet. */
+  uniqueChunks(map: MapHandle): number | null;
+  /** What a scrub of these maps reads and checks it against. */
+  scrubPlan(targets: readonly ScrubTarget[]): Promise<ScrubPlan>;
+  /** Begins the checkpoint that starts generation `generation` (see PendingCheckpoint). */
+  beginCheckpoint(generation: number): PendingCheckpoint;
+  /** Waits for what is queued and closes what the catalog holds open. */
+  close(): Promise<void>;
+}
+
+const settledNow = Promise.resolve();
+
+/** Today's catalog: all in memory, applied synchronously, a whole checkpoint per generation (commit-engine.ts). */
+export class MemoryBackend implements CatalogBackend {
+  readonly formatVersion = poolFormatVersion;
+  readonly journalCheckpointBytes = journalCheckpointBytes;
+  /** applyRecord throws at once, to the engine's record: nothing fails later. */
+  readonly failure = null;
+  readonly tables: Catalog;
+  readonly allocator: ChunkAllocator;
+  readonly #refs: ChunkRefcounts;
+  readonly #files: FileLayer;
+  readonly #directory: string;
+  #punchFrees = true;
+
+  constructor(parts: { catalog: Catalog; refs: ChunkRefcounts; allocator: ChunkAllocator; files: FileLayer; directory: string }) {
+    this.tables = parts.catalog;
+    this.#refs = parts.refs;
+    this.allocator = parts.allocator;
+    this.#files = parts.files;
+    this.#directory = parts.directory;
+    // From now on a chunk whose last reference goes is free, once the commit that records it is durable.
+    this.#refs.onFree = (physicalChunk) => this.allocator.freeDeferred(physicalChunk, 1, this.#punchFrees);
+  }
+
+  apply(record: MetaRecord, punchFrees: boolean): void {
+    this.#punchFrees = punchFrees;
+    try {
+      applyRecord(this.tables, record, this.#refs);
+    } finally {
+      this.#punchFrees = true;
+    }
+  }
+
+  settled(): Promise<void> {
+    return settledNow;
+  }
+
+  lookup(map: MapHandle, virtualChunk: number, chunkCount: number): ChunkLookup {
+    const sums = this.tables.sums;
+    return { runs: chunkMap(map).runs(virtualChunk, chunkCount), sumOf: (run, index) => sums.get(run.physicalChunk + index) };
+  }
+
+  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): ChangedExtent[] {
+    return diffMaps(from === null ? new ChunkMap() : chunkMap(from), chunkMap(to), chunkLimit);
+  }
+
+  contentDigest(map: MapHandle, sizeBytes: number): Buffer {
+    return contentDigest(chunkMap(map), (physicalChunk) => this.tables.sums.get(physicalChunk), sizeBytes);
+  }
+
+  uniqueChunks(map: MapHandle): number {
+    // Chunks on pages no other map shares, with a single reference.
+    let unique = 0;
+    for (const [, page] of chunkMap(map).pages()) {
+      if (page.shareCount !== 1) continue;
+      for (const slot of page.slots) if (slot > 0 && this.#refs.get(slot - 1) === 1) unique += 1;
+    }
+    return unique;
+  }
+
+  async scrubPlan(targets: readonly ScrubTarget[]): Promise<ScrubPlan> {
+    const exports = targets.map(({ name, map }) => ({ name, runs: [...chunkMap(map()!).mappedRuns()] }));
+    return { exports, source: memoryScrubSource(this.tables.sums, this.#refs) };
+  }
+
+  beginCheckpoint(generation: number): PendingCheckpoint {
+    const started = performance.now();
+    const checkpoint = encodeCheckpoint(this.tables, generation);
+    return {
+      encodeSeconds: (performance.now() - started) / 1000,
+      // The checkpoint holds the records the commit took: they are not appended anywhere.
+      write: async () => ({ journal: await beginGeneration(this.#files, this.#directory, checkpoint, generation), bytes: checkpoint.length }),
+    };
+  }
+
+  async close(): Promise<void> {}
+}
+
+function chunkMap(map: MapHandle): ChunkMap {
+  assert(map instanceof ChunkMap, 'a map of another catalog');
+  return map;
+}
+
+/** The error of a pool verb this catalog does not offer yet. */
+export function notOnPagedMetadata(what: string): ChunkdError {
+  return ChunkdError.invalid(`${what} is not available yet on a pool with paged metadata (chunkd-pool.json "metadata": "paged"); it works on pools of the default metadata`);
+}

@@ -1,0 +1,293 @@
+// A pool's metadata on pages (pool format 4, `--metadata paged`): the paged catalog (paged-catalog.ts) behind the
+// interface the commit engine and the volumes use (catalog-backend.ts), with the journal as its write-ahead log.
+//
+// Generations. The catalog's durable root names the journal generation it covers: every record of that
+// generation and the ones before is in its pages. A FLUSH is still one append of the records to both copies of
+// the current generation's journal and one fdatasync each (commit-engine.ts). A checkpoint, begun by the commit
+// that takes the records at the moment it takes them (so that it covers exactly what was applied before), goes:
+//   1. the root covering generation G is queued in the catalog, after every record applied so far;
+//   2. the commit's records are appended to journal G (durable);
+//   3. journal G+1 is created (both copies, empty, fdatasynced) and the directory synced;
+//   4. the root is written (dirty pages, fdatasync, root slot, fdatasync: page-file.ts);
+//   5. the journals older than G+1 are removed.
+// The commit waits for all of it, so no commit goes to G+1 before the root covering G is durable. A crash leaves
+// a root covering G-1 with journals G (whole) and maybe G+1 (empty), or a root covering G with maybe journal G
+// left: an open replays, in order, the journals after the root's generation, which must follow each other.
+//
+// Open: read the root and the table (no map page: paged-catalog.ts), replay the journals after the root's
+// generation into the catalog, each free final at once (the open punches every free chunk anyway),
+// write a root covering what was replayed (which drops a torn tail for good, as the format-3 open's checkpoint
+// does), then start a fresh generation. The work is bounded by one journal, not by the data held.
+//
+// Failures: a failed apply (damage, or a bug) rejects `settled`, which the engine makes its sticky failure, as a
+// failed root write is (the catalog is then ahead of its file: writes are refused until a restart).
+import path from 'node:path';
+import { assert } from '../core/assert.ts';
+import { ChunkdError } from '../core/errors.ts';
+import { chunkSizeBytes, pagedJournalCheckpointBytes } from '../core/limits.ts';
+import { notOnPagedMetadata, type CatalogBackend, type ChunkLookup, type MapHandle, type PendingCheckpoint, type ScrubPlan, type ScrubTarget } from './catalog-backend.ts';
+import type { ChunkRun } from './chunk-map.ts';
+import { ChunkSums } from './chunk-sums.ts';
+import type { FileLayer } from './file-layer.ts';
+import { recoverJournal } from './journal-format.ts';
+import { JournalFile } from './journal-file.ts';
+import type { ChangedExtent } from './map-diff.ts';
+import type { MetaRecord } from './metadata.ts';
+import { pageBytes } from './page-file.ts';
+import { PagedCatalog, type PagedCatalogOptions } from './paged-catalog.ts';
+import { PagedMap, type PagedRun } from './paged-map.ts';
+import type { ChunkSpace } from './space-map.ts';
+import { journalGenerations, journalPaths, pagedFormatVersion, readCopies } from './pool-layout.ts';
+
+const resolved = Promise.resolve();
+
+export class PagedBackend implements CatalogBackend {
+  readonly formatVersion = pagedFormatVersion;
+  readonly journalCheckpointBytes = pagedJournalCheckpointBytes;
+  readonly #catalog: PagedCatalog;
+  readonly #files: FileLayer;
+  readonly #directory: string;
+  /** The last apply queued (settles, never rejects), and how many are queued and not yet applied. */
+  #last: Promise<void> = resolved;
+  #pending = 0;
+  #failure: Error | null = null;
+
+  constructor(catalog: PagedCatalog, files: FileLayer, directory: string) {
+    this.#catalog = catalog;
+    this.#files = files;
+    this.#directory = directory;
+  }
+
+  get tables(): PagedCatalog['tables'] {
+    return this.#catalog.tables;
+  }
+
+  get allocator(): ChunkSpace {
+    return this.#catalog.chunks;
+  }
+
+  /** The catalog itself (for checks and tools). */
+  get catalog(): PagedCatalog {
+    return this.#catalog;
+  }
+
+  apply(record: MetaRecord, punchFrees: boolean): void {
+    this.#pending += 1;
+    this.#last = this.#catalog.apply(record, punchFrees).then(
+      () => {
+        this.#pending -= 1;
+      },
+      (error: unknown) => {
+        this.#pending -= 1;
+        this.#failure ??= error as Error;
+      },
+    );
+  }
+
+  get failure(): Error | null {
+    return this.#failure;
+  }
+
+  async settled(): Promise<void> {
+    await this.#last;
+    if (this.#failure !== null) throw this.#failure;
+  }
+
+  lookup(map: MapHandle, virtualChunk: number, chunkCount: number): ChunkLookup | Promise<ChunkLookup> {
+    const paged = pagedMap(map);
+    // Nothing queued: what is in memory is what the writes before this read left.
+    if (this.#pending === 0) {
+      const runs = paged.runsCached(virtualChunk, chunkCount);
+      if (runs !== undefined) return withSums(runs);
+    }
+    return this.#last.then(() => paged.runs(virtualChunk, chunkCount)).then(withSums);
+  }
+
+  diff(): ChangedExtent[] {
+    throw notOnPagedMetadata('snapshot diff');
+  }
+
+  contentDigest(): Buffer {
+    throw notOnPagedMetadata('a content digest (replication)');
+  }
+
+  uniqueChunks(): null {
+    return null;
+  }
+
+  /**
+   * Each export's mapped runs from a walk of its map's leaves in slices, their checksums kept by physical chunk
+   * for the scrub; a chunk found bad is damage if the export's map, looked up again at the place it named it,
+   * still names it with that checksum.
+   */
+  async scrubPlan(targets: readonly ScrubTarget[]): Promise<ScrubPlan> {
+    const sums = new ChunkSums();
+    const exports: Array<{ name: string; runs: ChunkRun[] }> = [];
+    for (const target of targets) {
+      const map = target.map();
+      const runs: ChunkRun[] = [];
+      if (map !== undefined) {
+        for await (const run of mappedRunsOf(pagedMap(map), target.sizeBytes / chunkSizeBytes)) {
+          runs.push({ virtualChunk: run.virtualChunk, chunkCount: run.chunkCount, physicalChunk: run.physicalChunk });
+          sums.setRun(run.physicalChunk, run.sums);
+        }
+      }
+      exports.push({ name: target.name, runs });
+    }
+    const stillNamed = async (chunk: number, sum: number): Promise<boolean> => {
+      for (const [index, entry] of exports.entries()) {
+        const map = targets[index]!.map();
+        if (map === undefined) continue;
+        for (const run of entry.runs) {
+          if (chunk < run.physicalChunk || chunk >= run.physicalChunk + run.chunkCount) continue;
+          const found = await this.lookup(map, run.virtualChunk + chunk - run.physicalChunk, 1);
+          const now = found.runs[0]!;
+          if (now.physicalChunk === chunk && found.sumOf(now, 0) === sum) return true;
+        }
+      }
+      return false;
+    };
+    return { exports, source: { sumOf: (chunk) => sums.get(chunk), stillNamed } };
+  }
+
+  beginCheckpoint(generation: number): PendingCheckpoint {
+    const started = performance.now();
+    const bytes = this.#catalog.dirtyPages * pageBytes;
+    // Queued now, after every record applied so far: the root covers exactly the generation that ends here.
+    const root = this.#catalog.checkpoint(generation - 1);
+    root.catch(() => {});
+    return {
+      encodeSeconds: (performance.now() - started) / 1000,
+      write: async (records, journal) => {
+        if (records.length > 0) await journal.append(records);
+        const next = await startJournal(this.#files, this.#directory, generation, root);
+        return { journal: next, bytes };
+      },
+    };
+  }
+
+  close(): Promise<void> {
+    return this.#catalog.close();
+  }
+}
+
+/** Chunks of a map read per step of a walk (a slice of its leaves: `runs` of this many chunks). */
+const walkSliceChunks = 65_536;
+
+/** The mapped runs of `map` below `chunkLimit` with their checksums, in order, read a slice at a time. */
+export async function* mappedRunsOf(map: PagedMap, chunkLimit: number): AsyncGenerator<PagedRun> {
+  for (let first = 0; first < chunkLimit; first += walkSliceChunks) {
+    for (const run of await map.runs(first, Math.min(walkSliceChunks, chunkLimit - first))) if (run.physicalChunk >= 0) yield run;
+  }
+}
+
+function pagedMap(map: MapHandle): PagedMap {
+  assert(map instanceof PagedMap, 'a map of another catalog');
+  return map;
+}
+
+function withSums(runs: readonly PagedRun[]): ChunkLookup {
+  return { runs, sumOf: (run, index) => (run as PagedRun).sums[index]! };
+}
+
+/**
+ * Creates journal `generation` and makes its name durable, waits for `root` (the root covering the generation
+ * before), then removes every other journal and reserves space for the new one (steps 3 to 5 at the top).
+ */
+async function startJournal(files: FileLayer, directory: string, generation: number, root: Promise<unknown>): Promise<JournalFile> {
+  const journal = await JournalFile.create(files, journalPaths(directory, generation), generation);
+  try {
+    await files.syncDirectory(directory);
+    await root;
+    for (const older of journalGenerations(directory).filter((g) => g !== generation)) {
+      for (const file of journalPaths(directory, older)) await files.unlink(file);
+    }
+    await journal.reserveAhead();
+  } catch (error) {
+    journal.close();
+    throw error;
+  }
+  return journal;
+}
+
+/** A paged catalog with the journals after its root replayed into it (see `replayPaged`). */
+export interface ReplayedPaged {
+  catalog: PagedCatalog;
+  /** The newest journal generation replayed (the root's own when none was). */
+  generation: number;
+  replayedRecords: number;
+  tornTail: boolean;
+  /** Damage found in one copy of a journal and read from the other: one line each. */
+  repairs: string[];
+  /** Journals the root already covers (the next start removes them). */
+  leftovers: string[];
+}
+
+/**
+ * Opens the paged catalog of `directory` and replays the journals after its root's generation, in memory (nothing
+ * written but what the page file's open repairs). Throws ECORRUPT when a journal is damaged in both copies or
+ * a generation is missing between the root's and a newer journal.
+ */
+export async function replayPaged(files: FileLayer, directory: string, options: PagedCatalogOptions): Promise<ReplayedPaged> {
+  const catalog = await PagedCatalog.open(files, directory, options);
+  try {
+    const rootGeneration = catalog.journalGeneration;
+    let generation = rootGeneration;
+    let replayedRecords = 0;
+    let tornTail = false;
+    const repairs: string[] = [];
+    const leftovers: string[] = [];
+    const chunks = catalog.chunks;
+    const all = journalGenerations(directory);
+    for (const older of all.filter((g) => g <= rootGeneration)) leftovers.push(`journal-${older} (covered by the metadata root)`);
+    for (const newer of all.filter((g) => g > rootGeneration)) {
+      const paths = journalPaths(directory, newer);
+      if (newer !== generation + 1) {
+        throw ChunkdError.corrupt(`pool ${directory}: the metadata root covers journal generation ${generation}, but the next journal is ${path.basename(paths[0]!)} (generation ${generation + 1} is missing)`);
+      }
+      const copies = await readCopies(files, paths);
+      const journal = recoverJournal(copies, newer);
+      if (journal.damage !== null) {
+        const { offsetBytes, sequence } = journal.damage;
+        throw ChunkdError.corrupt(`${paths.join(' and ')}: commit ${sequence} at byte ${offsetBytes} is damaged in both copies (damage, not a crash); the pool is left untouched`);
+      }
+      for (const { copy, offsetBytes, sequence } of journal.repairs) {
+        repairs.push(`${paths[copy]} ${copies[copy] === null ? 'is missing' : `is damaged at byte ${offsetBytes}`} (commit ${sequence}); read from the other copy`);
+      }
+      for (const record of journal.records) {
+        await catalog.apply(record);
+        // A chunk a record freed may be named by the next (it was reused after the commit that freed it): frees
+        // replayed are final at once, as in the format-3 load.
+        chunks.releaseTaken(chunks.takeDeferred(chunks.deferredMark()));
+      }
+      replayedRecords += journal.records.length;
+      tornTail ||= journal.tornTail;
+      generation = newer;
+    }
+    return { catalog, generation, replayedRecords, tornTail, repairs, leftovers };
+  } catch (error) {
+    await catalog.close().catch(() => {});
+    throw error;
+  }
+}
+
+/** What a node opens a paged pool with: the backend, and the journal of the generation just started. */
+export interface OpenedPaged extends ReplayedPaged {
+  backend: PagedBackend;
+  journal: JournalFile;
+}
+
+/** Opens a paged pool's metadata for a node: replay, a root covering it, a fresh generation (see the top). */
+export async function openPaged(files: FileLayer, directory: string, options: PagedCatalogOptions): Promise<OpenedPaged> {
+  const replayed = await replayPaged(files, directory, options);
+  const { catalog } = replayed;
+  try {
+    const generation = replayed.generation + 1;
+    // Always a root at open (the first one of a new pool too): small, bounded by one journal's records.
+    const journal = await startJournal(files, directory, generation, catalog.checkpoint(replayed.generation));
+    return { ...replayed, generation, backend: new PagedBackend(catalog, files, directory), journal };
+  } catch (error) {
+    await catalog.close().catch(() => {});
+    throw error;
+  }
+}

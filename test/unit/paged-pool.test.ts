@@ -1,0 +1,243 @@
+// A pool on paged metadata (`--metadata paged`, pool format 4; paged-backend.ts), beyond what the store's crash,
+// model and power-loss tests check over it (npm run test:paged): the kind is recorded at creation and kept; a
+// reopen reads the root and replays only the journal commits after the last checkpoint; a failed checkpoint
+// makes the pool refuse writes until a restart, with everything acknowledged back after it; fsck walks the maps
+// and finds a chunk file cut short; scrub walks them and finds a damaged chunk; the verbs not offered yet on
+// paged metadata refuse with a clear line; control verbs called at once each see what those before them did.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'vitest';
+import { ChunkdError } from '../../src/core/errors.ts';
+import { chunkFilePath } from '../../src/store/chunk-file-layout.ts';
+import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
+import { fsckPool } from '../../src/store/fsck.ts';
+import { Pool, type PoolOptions } from '../../src/store/pool.ts';
+import { chunksDirectory, markerPath } from '../../src/store/pool-layout.ts';
+import { TestFiles } from '../../src/testing/test-files.ts';
+
+const MiB = 1024 * 1024;
+const block = (fill: number): Buffer => Buffer.alloc(4096, fill);
+
+/** Runs `run` in a fresh directory, removed afterwards. */
+async function inScratch(run: (directory: string) => Promise<void>): Promise<void> {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-paged-pool-'));
+  try {
+    await run(directory);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+}
+
+function open(directory: string, options: Partial<PoolOptions> = {}): Promise<Pool> {
+  return Pool.open({ directory, metadata: 'paged', metadataCacheBytes: 64 * 1024, ...options });
+}
+
+async function readBlock(pool: Pool, volume: string, index: number): Promise<number> {
+  const device = pool.openVolume(volume);
+  try {
+    const out = Buffer.alloc(4096);
+    await device.read(index * 4096, out);
+    assert.ok(out.every((byte) => byte === out[0]), `block ${index} of ${volume} is one fill`);
+    return out[0]!;
+  } finally {
+    await device.close();
+  }
+}
+
+test('a paged pool keeps its kind, and a reopen reads its root and replays only the commits after the last checkpoint', async () => {
+  await inScratch(async (directory) => {
+    let pool = await open(directory);
+    await pool.createVolume('v', 4 * MiB);
+    let volume = pool.openVolume('v');
+    for (let i = 0; i < 3; i++) await volume.write(i * 4096, block(i + 1));
+    await volume.flush();
+    await pool.createSnapshot('v', 's');
+    await pool.checkpoint();
+    await volume.write(0, block(9));
+    await volume.write(10 * 4096, block(10));
+    await volume.flush();
+    await volume.close();
+    await pool.close();
+
+    const marker = JSON.parse(fs.readFileSync(markerPath(directory), 'utf8')) as { formatVersion: number; metadata: string };
+    assert.deepEqual([marker.formatVersion, marker.metadata], [4, 'paged']);
+    assert.ok(fs.existsSync(path.join(directory, 'metadata.0')) && fs.existsSync(path.join(directory, 'metadata.1')));
+    assert.ok(!fs.existsSync(path.join(directory, 'checkpoint.0')), 'no whole checkpoint: the pages are the metadata');
+
+    const lines: string[] = [];
+    // No metadata option: the pool keeps the kind it was made with.
+    pool = await Pool.open({ directory, log: (line) => lines.push(line) });
+    try {
+      assert.equal((await pool.status()).formatVersion, 4);
+      assert.deepEqual(
+        lines.filter((line) => line.includes('replayed')),
+        [`pool ${directory}: replayed 2 journal records`],
+        'the two writes after the checkpoint, not the creation, the first writes or the snapshot',
+      );
+      assert.deepEqual(await Promise.all([0, 1, 2, 10].map((i) => readBlock(pool, 'v', i))), [9, 2, 3, 10]);
+      const snapshot = pool.openSnapshot('v', 's');
+      const out = Buffer.alloc(4096);
+      await snapshot.read(0, out);
+      assert.equal(out[0], 1, 'the snapshot keeps what it held');
+      await snapshot.close();
+      assert.equal(pool.volumeInfo('v').allocatedBytes, 4 * 4096);
+    } finally {
+      await pool.close();
+    }
+    lines.length = 0;
+    pool = await Pool.open({ directory, log: (line) => lines.push(line) });
+    await pool.close();
+    assert.deepEqual(lines.filter((line) => line.includes('replayed')), [], 'the open wrote a root covering what it replayed');
+    const report = await fsckPool(directory);
+    assert.ok(report.clean, report.errors.join('; '));
+    assert.deepEqual([report.volumeCount, report.snapshotCount, report.mappedBytes], [1, 1, 4 * 4096 + 3 * 4096]);
+  });
+});
+
+test('a failed page write at a checkpoint makes a paged pool refuse writes until a restart; reads go on; the restart has every acknowledged write', async () => {
+  const files = new TestFiles([{ op: 'write', path: 'metadata.', nth: 1, code: 'EIO', armed: false }]);
+  await inScratch(async (directory) => {
+    const pool = await open(directory, { files: files as FileLayer });
+    try {
+      await pool.createVolume('v', 4 * MiB);
+      const volume = pool.openVolume('v');
+      await volume.write(0, block(1));
+      await volume.flush();
+      files.arm(0);
+      await assert.rejects(pool.checkpoint(), (error) => error instanceof ChunkdError && error.code === 'EIO');
+      assert.equal(files.fired(0), 1);
+      assert.match((await pool.status()).failure ?? '', /refuses writes until the node restarts/);
+      await assert.rejects(volume.write(4096, block(2)), (error) => error instanceof ChunkdError && error.code === 'EIO', 'writes are refused');
+      assert.equal(await readBlock(pool, 'v', 0), 1, 'reads go on');
+      await volume.close();
+    } finally {
+      await pool.close();
+    }
+    const again = await Pool.open({ directory, files: realFiles });
+    try {
+      assert.equal(await readBlock(again, 'v', 0), 1);
+      assert.equal(await readBlock(again, 'v', 1), 0);
+    } finally {
+      await again.close();
+    }
+  });
+});
+
+test('fsck of a paged pool walks its maps: a chunk file cut short is damage; diff and digests refuse with a clear line', async () => {
+  await inScratch(async (directory) => {
+    const pool = await open(directory);
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    await volume.write(0, Buffer.alloc(64 * 1024, 5));
+    await volume.close();
+    await pool.createSnapshot('v', 's');
+    const notYet = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'EINVAL' && /paged metadata/.test(error.message);
+    assert.throws(() => pool.diff('v', 's', null), notYet);
+    assert.throws(() => pool.contentDigest('v', 's'), notYet);
+    assert.equal(pool.snapshotInfo('v', 's').uniqueBytes, null);
+    await pool.close();
+    assert.ok((await fsckPool(directory)).clean);
+    fs.truncateSync(chunkFilePath(chunksDirectory(directory), 0), 8192);
+    const report = await fsckPool(directory);
+    assert.ok(!report.clean);
+    assert.deepEqual(report.errors, ['chunk file 0 is 8192 bytes, shorter than its referenced chunks (65536)']);
+  });
+});
+
+test('scrub of a paged pool reads each chunk of a volume and its snapshots once, and reports a damaged one in every export that names it', async () => {
+  await inScratch(async (directory) => {
+    const pool = await open(directory);
+    try {
+      await pool.createVolume('v', 4 * MiB);
+      const volume = pool.openVolume('v');
+      await volume.write(0, Buffer.alloc(16 * 4096, 5));
+      await volume.flush();
+      await pool.createSnapshot('v', 's');
+      await volume.write(0, block(6));
+      await volume.flush();
+      const clean = await pool.scrub('v');
+      assert.deepEqual([clean.checkedBytes, clean.badChunks, clean.exports], [17 * 4096, 0, ['v', 'v@s']]);
+      // The fresh pool's first write took chunks 0 to 15: chunk 3 is block 3 of both the volume and the snapshot.
+      const fd = fs.openSync(chunkFilePath(chunksDirectory(directory), 0), 'r+');
+      fs.writeSync(fd, Buffer.from([0xff, 0x00, 0xff]), 0, 3, 3 * 4096 + 100);
+      fs.closeSync(fd);
+      const damaged = await pool.scrub('v');
+      assert.equal(damaged.badChunks, 1);
+      assert.deepEqual(damaged.badExtents, [
+        { export: 'v', offsetBytes: 3 * 4096, lengthBytes: 4096 },
+        { export: 'v@s', offsetBytes: 3 * 4096, lengthBytes: 4096 },
+      ]);
+      await volume.close();
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
+test('control verbs called at once on a paged pool each see what those before them did: distinct ids, one of two same names refused', async () => {
+  await inScratch(async (directory) => {
+    const pool = await open(directory);
+    try {
+      await Promise.all(['a', 'b', 'c'].map((name) => pool.createVolume(name, 4 * MiB)));
+      await Promise.all([pool.createSnapshot('a', 's'), pool.createSnapshot('b', 's'), pool.cloneSnapshot('a', 's', 'd').catch((error: unknown) => error)]);
+      const results = await Promise.allSettled([pool.createVolume('e', 4 * MiB), pool.createVolume('e', 4 * MiB)]);
+      assert.deepEqual(results.map((r) => r.status).sort(), ['fulfilled', 'rejected']);
+      assert.equal((results.find((r) => r.status === 'rejected') as PromiseRejectedResult).reason.code, 'EEXIST');
+      const status = await pool.status();
+      assert.equal(status.failure, null, 'no record was refused at its apply');
+      assert.deepEqual(pool.listVolumes().map((v) => v.name), ['a', 'b', 'c', 'd', 'e']);
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
+test('a byte of a paged pool\'s metadata flipped in one copy (every 509th byte of each, in turn): the pool opens and reads back every block, its volume\'s and its snapshot\'s', { timeout: 120_000 }, async () => {
+  await inScratch(async (directory) => {
+    let pool = await open(directory, { metadataCacheBytes: 16 * 1024 });
+    await pool.createVolume('v', 4 * MiB);
+    let volume = pool.openVolume('v');
+    for (let i = 0; i < 48; i++) await volume.write(i * 8192, block(i + 1));
+    await pool.createSnapshot('v', 's');
+    for (let i = 0; i < 48; i += 3) await volume.write(i * 8192, block(100 + i));
+    await volume.close();
+    await pool.checkpoint();
+    await pool.close();
+    const contents = async (opened: Pool): Promise<Buffer> => {
+      const out = Buffer.alloc(2 * 48 * 8192);
+      const device = opened.openVolume('v');
+      await device.read(0, out.subarray(0, 48 * 8192));
+      await device.close();
+      const snapshot = opened.openSnapshot('v', 's');
+      await snapshot.read(0, out.subarray(48 * 8192));
+      await snapshot.close();
+      return out;
+    };
+    // The metadata files as the clean close left them: each trial starts from them (an open starts a generation).
+    const metadataFiles = (): string[] => fs.readdirSync(directory).filter((name) => /^(metadata\.\d|journal-\d+\.\d)$/.test(name));
+    const pristine = new Map(metadataFiles().map((name) => [name, fs.readFileSync(path.join(directory, name))]));
+    pool = await Pool.open({ directory });
+    const expected = await contents(pool);
+    await pool.close();
+    let trials = 0;
+    for (const copy of ['metadata.0', 'metadata.1']) {
+      for (let at = 0; at < pristine.get(copy)!.length; at += 509) {
+        for (const name of metadataFiles()) fs.rmSync(path.join(directory, name));
+        for (const [name, bytes] of pristine) fs.writeFileSync(path.join(directory, name), bytes);
+        const damaged = Buffer.from(pristine.get(copy)!);
+        damaged[at]! ^= 0x5a;
+        fs.writeFileSync(path.join(directory, copy), damaged);
+        pool = await Pool.open({ directory, metadataCacheBytes: 16 * 1024 });
+        try {
+          assert.ok((await contents(pool)).equals(expected), `${copy} byte ${at} flipped: the pool reads what it held`);
+        } finally {
+          await pool.close();
+        }
+        trials += 1;
+      }
+    }
+    assert.ok(trials > 40, `${trials} trials`);
+  });
+});
