@@ -161,7 +161,7 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     assert.equal(await cluster.client.get('/chunkd/v1/operations/move/vol').string(), null);
     assert.deepEqual([(await record()).owner, (await record()).epoch], ['beta', 4]);
     assert.match(beta.node.stderr(), /move of volume vol to alpha cancelled \(asked on beta\)/);
-    process.stderr.write(`# cancel (${Math.round(performance.now() - cancelStarted)} ms): ${/its handoff stops at its next step/.test(beta.node.stderr()) ? 'the running handoff stopped at its next step' : 'deleted before the handoff ran'}${/handoff of vol to .* cancelled after the freeze/.test(beta.node.stderr()) ? ', rolled back after the freeze' : ''}\n`);
+    process.stderr.write(`# cancel (${Math.round(performance.now() - cancelStarted)} ms): ${/its handoff stops at its next step|stopped, as cancelled/.test(beta.node.stderr()) ? 'the running handoff stopped at its next step' : 'deleted before the handoff ran'}${/handoff of vol to .* cancelled after the freeze/.test(beta.node.stderr()) ? ', rolled back after the freeze' : ''}\n`);
     await waitFor('beta takes writes after the cancel', () => writable(beta.node), cluster.ttlMs);
     assert.equal(roles(alpha.node).vol?.role, 'replica');
     const nothing = await beta.node.cli('volume', 'move', 'vol', '--cancel');
