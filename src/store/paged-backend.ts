@@ -15,9 +15,11 @@
 // left: an open replays, in order, the journals after the root's generation, which must follow each other.
 //
 // Open: read the root and the table (no map page: paged-catalog.ts), replay the journals after the root's
-// generation into the catalog, each free final at once (the open punches every free chunk anyway),
-// write a root covering what was replayed (which drops a torn tail for good, as the format-3 open's checkpoint
-// does), then start a fresh generation. The work is bounded by one journal, not by the data held.
+// generation into the catalog, each free final at once (the punch of free chunks after the open gives their space
+// back: pool.ts, chunk-store.ts's `punchFreeInBackground`), write a root covering what was replayed (which drops
+// a torn tail for good, as the format-3 open's checkpoint does), then start a fresh generation. The work is
+// bounded by one journal, not by the data held; a clean close ends with a checkpoint, so that a clean restart
+// replays nothing (`checkpointAtClose`).
 //
 // Failures: a failed apply (damage, or a bug) rejects `settled`, which the engine makes its sticky failure, as a
 // failed root write is (the catalog is then ahead of its file: writes are refused until a restart).
