@@ -42,7 +42,6 @@ import {
 import { validateName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
 import { ChunkAllocator } from './allocator.ts';
-import type { ChunkSpace } from './space-map.ts';
 import { MemoryBackend, notOnPagedMetadata, type CatalogBackend, type CatalogView, type SnapshotView, type VolumeView } from './catalog-backend.ts';
 import { encodeCheckpoint } from './checkpoint.ts';
 import { ChunkFiles } from './chunk-files.ts';
@@ -57,6 +56,7 @@ import { openPaged } from './paged-backend.ts';
 import { beginGeneration, checkPoolMarker, chunksDirectory, initializePool, loadMetadata, lockPool, poolIdentity, type MetadataKind } from './pool-layout.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
+import type { ChunkSpace } from './space-map.ts';
 import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
 import type { Log } from '../core/log.ts';
 import { emptyStageTimes, timedVolumeStore, type StageTimes } from './stage-times.ts';
