@@ -117,6 +117,8 @@ export interface CatalogBackend {
   readonly formatVersion: number;
   /** The journal size that starts a checkpoint when the pool's options do not say (limits.ts). */
   readonly journalCheckpointBytes: number;
+  /** Whether a clean close ends with a checkpoint (so that the next open replays nothing). */
+  readonly checkpointAtClose: boolean;
   readonly tables: CatalogView;
   readonly allocator: ChunkAllocation;
   /** Applies `record` (or queues its apply after those before it); chunks it frees are punched out when `punchFrees`. */
@@ -147,6 +149,8 @@ const settledNow = Promise.resolve();
 export class MemoryBackend implements CatalogBackend {
   readonly formatVersion = poolFormatVersion;
   readonly journalCheckpointBytes = journalCheckpointBytes;
+  /** Format 3 reads its whole checkpoint at open anyway: a replay adds little, a whole checkpoint at close much. */
+  readonly checkpointAtClose = false;
   /** applyRecord throws at once, to the engine's record: nothing fails later. */
   readonly failure = null;
   readonly tables: Catalog;

@@ -22,6 +22,7 @@ import type { ChunkFiles } from './chunk-files.ts';
 import { locateInPlan, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import { hex, scrub, type ScrubReport, type ScrubSource } from './scrub.ts';
+import type { ChunkSpace } from './space-map.ts';
 import type { Log } from '../core/log.ts';
 
 /** Chunks just written: the first of the fresh run and the checksum of each. */
@@ -180,13 +181,37 @@ export class ChunkStore {
   async punchUnused(): Promise<void> {
     const tasks: Array<Promise<void>> = [];
     for (const extent of await this.#allocator.freeExtents()) tasks.push(this.#files.punch(extent.start, extent.count));
+    await Promise.all([...tasks, this.punchAboveHighWater()]);
+  }
+
+  /** At open: punches out the chunk files past the high-water mark (writes never committed, at the top). */
+  async punchAboveHighWater(): Promise<void> {
     const files = this.#files.existingFiles();
     const lastFile = files[files.length - 1];
-    if (lastFile !== undefined) {
-      const end = (lastFile + 1) * chunksPerFile;
-      if (end > this.#allocator.highWater) tasks.push(this.#files.punch(this.#allocator.highWater, end - this.#allocator.highWater));
+    if (lastFile === undefined) return;
+    const end = (lastFile + 1) * chunksPerFile;
+    if (end > this.#allocator.highWater) await this.#files.punch(this.#allocator.highWater, end - this.#allocator.highWater);
+  }
+
+  /**
+   * After open, beside the node's work: punches out the free chunks below the high-water mark (`punchUnused`'s
+   * first part), a page of counts at a time, each page's free chunks held meanwhile. Safe beside writes: a chunk
+   * with no count names nothing (the open replayed every record before this starts, and made its frees final),
+   * and from then on a record names a chunk of no count only after an allocation returned it, which a held chunk
+   * never is. Stops between pages once `stopped()`. Returns the chunks punched.
+   */
+  async punchFreeInBackground(space: ChunkSpace, stopped: () => boolean): Promise<number> {
+    let punched = 0;
+    for (let page = 0; page < space.pagesInUse && !stopped(); page++) {
+      const extents = await space.holdFree(page);
+      try {
+        await Promise.all(extents.map((extent) => this.#files.punch(extent.start, extent.count)));
+        for (const extent of extents) punched += extent.count;
+      } finally {
+        space.releaseTaken(extents);
+      }
     }
-    await Promise.all(tasks);
+    return punched;
   }
 
   // ---- status and life ----

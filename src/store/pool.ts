@@ -57,6 +57,7 @@ import { beginGeneration, checkPoolMarker, chunksDirectory, initializePool, load
 import { zeroChunkSum } from './checksum.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
+import type { ChunkSpace } from './space-map.ts';
 import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
 import type { Log } from '../core/log.ts';
 import { emptyStageTimes, timedVolumeStore, type StageTimes } from './stage-times.ts';
@@ -150,6 +151,8 @@ export class Pool {
   readonly #lockFd: number;
   readonly #log: Log;
   readonly #metadataRepairs: number;
+  /** The punch of free chunks a paged open leaves running (never rejects). */
+  #punching: Promise<void> = Promise.resolve();
   #closed = false;
 
   private constructor(directory: string, lockFd: number, opened: OpenedMetadata, chunkFiles: ChunkFiles, options: PoolOptions) {
@@ -227,12 +230,17 @@ export class Pool {
     });
     for (const line of opened.repairs) log(`metadata repaired: ${line}`);
     let pool: Pool;
+    let punchSeconds = 0;
     try {
       const chunkFiles = new ChunkFiles(chunksDirectory(directory), files);
       await files.syncDirectory(chunkFiles.directory);
       await files.syncDirectory(directory);
       pool = new Pool(directory, lockFd, { catalog: opened.backend, generation: opened.generation, journal: opened.journal, repairs: opened.repairs.length }, chunkFiles, options);
-      await pool.#chunks.punchUnused();
+      const punchStarted = performance.now();
+      // Only the top at open; the free chunks below it after, beside the node's work (chunk-store.ts).
+      await pool.#chunks.punchAboveHighWater();
+      punchSeconds = (performance.now() - punchStarted) / 1000;
+      pool.#punching = pool.#punchInBackground(opened.backend.allocator);
     } catch (error) {
       opened.journal.close();
       await opened.backend.close().catch(() => {});
@@ -241,7 +249,25 @@ export class Pool {
     if (opened.replayedRecords > 0 || opened.tornTail) {
       log(`pool ${directory}: replayed ${opened.replayedRecords} journal records${opened.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
     }
+    const { root, replay } = opened.seconds;
+    log(`pool ${directory}: opened in ${(root + replay + opened.checkpointSeconds + punchSeconds).toFixed(3)} s (root and table ${root.toFixed(3)} s, replay ${replay.toFixed(3)} s, root after replay ${opened.checkpointSeconds.toFixed(3)} s, punch above the high-water mark ${punchSeconds.toFixed(3)} s)`, 'debug');
     return pool;
+  }
+
+  /** The punch of free chunks after a paged open; a failure is a warning (the space stays used until the next open). */
+  async #punchInBackground(space: ChunkSpace): Promise<void> {
+    const started = performance.now();
+    try {
+      const punched = await this.#chunks.punchFreeInBackground(space, () => this.#closed);
+      this.#log(`pool ${this.directory}: ${punched} free chunks punched out in the background in ${((performance.now() - started) / 1000).toFixed(3)} s`, 'debug');
+    } catch (error) {
+      this.#log(`punching out free chunks after the open failed: ${(error as Error).message}`, 'warn');
+    }
+  }
+
+  /** Settles when the punch of free chunks begun by the open has ended (at once for a format-3 pool). */
+  freeSpacePunched(): Promise<void> {
+    return this.#punching;
   }
 
   // ---- control: volumes ----
@@ -628,6 +654,8 @@ export class Pool {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    // It stops between pages of counts once closed, and reads them through the catalog: before the catalog closes.
+    await this.#punching;
     try {
       await this.#engine.close();
     } finally {

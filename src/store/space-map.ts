@@ -400,6 +400,45 @@ export class ChunkSpace implements ChunkRefs {
     }
   }
 
+  /** Pages of counts below the high-water mark (for `holdFree`). */
+  get pagesInUse(): number {
+    return Math.ceil(this.#highWater / countsPerPage);
+  }
+
+  /**
+   * The free chunks of page `page` of counts below the high-water mark, held (no allocation returns them) until
+   * `releaseTaken` of the same extents: for punching out leaked space beside the node's work (chunk-store.ts's
+   * `punchFreeInBackground`). Runs after the allocations under way; reads that page at most.
+   */
+  holdFree(page: number): Promise<FreeExtent[]> {
+    return this.#serially(async () => {
+      await this.#settle();
+      const first = page * countsPerPage;
+      // Above the mark a chunk may be taken without a search (`#allocate`): never held here.
+      const end = Math.min(first + countsPerPage, this.#highWater);
+      if (first >= end || this.#available(page) === 0) return [];
+      const extents: FreeExtent[] = [];
+      const add = (chunk: number): void => {
+        this.#hold(chunk);
+        const last = extents[extents.length - 1];
+        if (last !== undefined && last.start + last.count === chunk) last.count += 1;
+        else extents.push({ start: chunk, count: 1, punch: true });
+      };
+      if (this.#available(page) === countsPerPage) {
+        for (let chunk = first; chunk < end; chunk++) add(chunk);
+        return extents;
+      }
+      const pin = await this.counts.loadPages([page]);
+      try {
+        const counts = this.counts.countsOf(page)!;
+        for (let chunk = first; chunk < end; chunk++) if (counts[chunk - first] === 0 && !this.#held.has(chunk)) add(chunk);
+      } finally {
+        pin.release();
+      }
+      return extents;
+    });
+  }
+
   /** Free runs below the high-water mark (for punching leaked space): reads every part-free page of counts. */
   async freeExtents(): Promise<FreeExtent[]> {
     const highWater = await this.settledHighWater();
