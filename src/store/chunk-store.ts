@@ -49,7 +49,6 @@ export interface ChunkStoreParts {
   reclaim: () => Promise<void>;
 }
 
-
 export class ChunkStore {
   readonly verifyReads: boolean;
   readonly #files: ChunkFiles;

@@ -253,6 +253,13 @@ test('a replica takes writes only from the session of the newest syncOpen: an ol
     await assert.rejects(older.request(PeerVerb.syncWrite, write(first)), /a synchronous write to vol from an older connection of alpha \(session \d+\) is refused/);
     await newer.request(PeerVerb.syncWrite, write(second));
     await assert.rejects(newer.request(PeerVerb.syncWrite, encodeSyncWrite({ op: SyncOp.trim, fua: false, noHole: false, volume: 'vol', epoch: 1, session: second, offsetBytes: 0, lengthBytes: 4096, data: null })), /^ChunkdError: fenced: alpha writes vol at ownership epoch 1/);
+    // A repair read (syncRead) is held to the same rules, and to the volume's end.
+    const read = (session: number, offsetBytes: number, epoch = 2): Buffer => jsonPayload({ volume: 'vol', epoch, session, offsetBytes, lengthBytes: 4096 });
+    assert.ok((await newer.request(PeerVerb.syncRead, read(second, 0))).equals(Buffer.alloc(4096, 0x71)));
+    await assert.rejects(older.request(PeerVerb.syncRead, read(first, 0)), /from an older connection of alpha/);
+    await assert.rejects(newer.request(PeerVerb.syncRead, read(second, 0, 1)), /^ChunkdError: fenced: alpha writes vol at ownership epoch 1/);
+    await assert.rejects(newer.request(PeerVerb.syncRead, read(second, 32 * MiB - 2048)), /a synchronous read of vol at 33552384 \(4096 bytes\) ends past its 33554432 bytes/);
+    await assert.rejects(newer.request(PeerVerb.syncRead, jsonPayload({ volume: 'vol', epoch: 2, session: second, offsetBytes: 0, lengthBytes: 1 << 20 })), /syncRead needs lengthBytes, 1 to 65536/);
   } finally {
     older.close();
     newer.close();
