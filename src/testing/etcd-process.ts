@@ -34,6 +34,13 @@ export interface EtcdCluster {
 }
 
 /** Whether the etcd server binary is installed (tests skip without it). */
+/**
+ * The members' election timeout. A leader cut off from its quorum steps down within two of them (raft's CheckQuorum
+ * looks once per timeout), and until it does it still renews leases (etcd renews without consensus; a new leader
+ * extends every lease by a timeout to cover this): so a keepalive may be confirmed up to this long after the quorum is lost.
+ */
+export const etcdElectionTimeoutMs = 500;
+
 export function haveEtcd(): boolean {
   return haveTool('etcd');
 }
@@ -114,7 +121,7 @@ function makeMember(spec: { name: string; clientPort: number; peerPort: number }
           '--initial-cluster-token', `chunkd-test-${path.basename(path.dirname(dataDirectory))}`,
           // Short elections on loopback, so that a three-member cluster recovers from a lost member in a second.
           '--heartbeat-interval', '50',
-          '--election-timeout', '500',
+          '--election-timeout', String(etcdElectionTimeoutMs),
           '--logger', 'zap',
           '--log-level', 'warn',
           ...(tlsDirectory === null
