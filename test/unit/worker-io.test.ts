@@ -211,7 +211,8 @@ test('a run across two chunk files', async () => {
 test('a worker that dies fails what it ran with EIO, is replaced, and the engine keeps serving', async () => {
   const data = randomBytes(huge);
   const sums = await io.writeSummed(500, data);
-  const death = io.killOneWorkerForTest(100);
+  // Its rejection is expected: checked (and so handled) from the start, since the worker may die before the reads end.
+  const death = assert.rejects(io.killOneWorkerForTest(100), (error) => error instanceof ChunkdError && error.code === 'EIO');
   // Requests in flight meanwhile (large enough that a worker reads them): each either completes correctly or
   // fails with EIO, nothing else.
   const outcomes = await Promise.allSettled(
@@ -221,7 +222,7 @@ test('a worker that dies fails what it ran with EIO, is replaced, and the engine
       assert.deepEqual(target, data);
     }),
   );
-  await assert.rejects(death, (error) => error instanceof ChunkdError && error.code === 'EIO');
+  await death;
   for (const outcome of outcomes) {
     if (outcome.status === 'rejected') assert.ok(outcome.reason instanceof ChunkdError && outcome.reason.code === 'EIO', String(outcome.reason));
   }
