@@ -66,7 +66,8 @@ export const usage = `usage: npm run bench -- [options]      (or: chunkd bench [
                             qemu-nbd-qcow2, qemu-nbd-qcow2-snap, nbdkit-file, chunkd, chunkd-10snap,
                             chunkd-NAME (variants), chunkd-mounted, tls-qemu-nbd-raw, tls-chunkd (tls: both)
   --chunkd-variant NAME=ARGS  also measure chunkd serve ARGS as system chunkd-NAME (repeatable),
-                            e.g. --chunkd-variant w4="--workers 4"
+                            e.g. --chunkd-variant w4="--workers 4"; NAME@DIR=ARGS runs the chunkd of
+                            the checkout DIR (an older tree, interleaved with this one in the same run)
   --runs N                  runs per row and system, interleaved (default 3)
   --runtime S               seconds per run after the ramp (default 3)
   --ramp S                  seconds of ramp before each measured run (default 1)

@@ -6,7 +6,8 @@
 //   nbdkit-file         nbdkit's file plugin on a raw file
 //   chunkd              chunkd over NBD, a fresh volume
 //   chunkd-10snap       chunkd over NBD, a volume with 10 snapshots, each holding some overwritten blocks
-//   chunkd-NAME         chunkd started with extra serve arguments (--chunkd-variant NAME=ARGS)
+//   chunkd-NAME         chunkd started with extra serve arguments (--chunkd-variant NAME=ARGS), from another
+//                       checkout with NAME@DIR=ARGS (an old and a new tree interleaved in one run)
 //   chunkd-mounted      chunkd through the mounted path (FUSE file, loop, ext4), when chunkd has it
 //   tls-qemu-nbd-raw    qemu-nbd on a raw file over TLS 1.3 (tls-creds-x509), the peer for chunkd over TLS
 //   tls-chunkd          chunkd over NBD with --tls require, the same certificates (made by chunkd tls init)
@@ -238,12 +239,12 @@ interface ChunkdNode {
 }
 
 /** Starts `chunkd serve` on a fresh pool with one volume "default" and waits for its "chunkd ready" line. */
-export async function startChunkd(workspace: Workspace, id: string, extraArgs: readonly string[]): Promise<ChunkdNode> {
+export async function startChunkd(workspace: Workspace, id: string, extraArgs: readonly string[], checkout = workspace.chunkdCheckout): Promise<ChunkdNode> {
   const pool = path.join(workspace.dataDirectory, `${id}-pool`);
   const nbdSocket = path.join(workspace.socketDirectory, `${id}.sock`);
   const apiSocket = path.join(workspace.socketDirectory, `${id}-api.sock`);
   const args = [
-    path.join(workspace.chunkdCheckout, 'bin', 'chunkd.js'), 'serve',
+    path.join(checkout, 'bin', 'chunkd.js'), 'serve',
     '--pool', pool, '--listen', 'none', '--socket', nbdSocket, '--api', apiSocket,
     '--default-volume', `default:${workspace.volumeBytes / MiB}MiB`, ...extraArgs,
   ];
@@ -274,7 +275,7 @@ export async function startChunkd(workspace: Workspace, id: string, extraArgs: r
   return { pid: child.pid!, command: ['node', ...args], nbdSocket, apiSocket, pool, stop: stopNow };
 }
 
-function chunkd(id: string, title: string, extraArgs: readonly string[], snapshotCount: number): SystemDefinition {
+function chunkd(id: string, title: string, extraArgs: readonly string[], snapshotCount: number, checkout?: string): SystemDefinition {
   return {
     id,
     title,
@@ -282,7 +283,7 @@ function chunkd(id: string, title: string, extraArgs: readonly string[], snapsho
     tools: [],
     async start(workspace) {
       const { tools } = workspace;
-      const node = await startChunkd(workspace, id, extraArgs);
+      const node = await startChunkd(workspace, id, extraArgs, checkout);
       const uri = nbdUri(node.nbdSocket);
       const target = nbdTarget(uri);
       const filled = await fill(tools, target, workspace.volumeBytes);
@@ -384,15 +385,22 @@ function chunkdMounted(loadMounted: MountedLoader): SystemDefinition {
 export interface VariantSpec {
   name: string;
   args: string[];
+  /** Another checkout whose bin/chunkd.js runs it (NAME@DIR), so that two trees are interleaved in one run. */
+  checkout?: string;
 }
 
-/** Parses --chunkd-variant NAME=ARGS (ARGS split on white space). */
+/** Parses --chunkd-variant NAME[@DIR]=ARGS (ARGS split on white space; DIR made absolute). */
 export function parseVariant(text: string): VariantSpec {
   const at = text.indexOf('=');
-  const name = at < 0 ? text : text.slice(0, at);
+  const head = at < 0 ? text : text.slice(0, at);
+  const checkoutAt = head.indexOf('@');
+  const name = checkoutAt < 0 ? head : head.slice(0, checkoutAt);
   if (!/^[A-Za-z0-9_.]{1,32}$/.test(name)) throw new Error(`--chunkd-variant: "${name}" is not a name (letters, digits, _ and ., up to 32)`);
   const args = at < 0 ? [] : text.slice(at + 1).trim().split(/\s+/).filter((arg) => arg !== '');
-  return { name, args };
+  if (checkoutAt < 0) return { name, args };
+  const checkout = head.slice(checkoutAt + 1);
+  if (checkout === '') throw new Error(`--chunkd-variant: "${head}" names no checkout after @`);
+  return { name, args, checkout: path.resolve(checkout) };
 }
 
 /** Every system in report order: raw, the peers, chunkd and its variants. */
@@ -405,7 +413,10 @@ export function systemDefinitions(variants: readonly VariantSpec[], loadMounted:
     nbdkitFile,
     chunkd('chunkd', 'chunkd over NBD, a fresh volume', [], 0),
     chunkd('chunkd-10snap', 'chunkd over NBD, a volume with 10 snapshots', [], 10),
-    ...variants.map((variant) => chunkd(`chunkd-${variant.name}`, `chunkd over NBD, a fresh volume, serve ${variant.args.join(' ')}`, variant.args, 0)),
+    ...variants.map((variant) => {
+      const from = variant.checkout === undefined ? '' : ` (the checkout ${variant.checkout})`;
+      return chunkd(`chunkd-${variant.name}`, `chunkd over NBD, a fresh volume, serve ${variant.args.join(' ')}${from}`, variant.args, 0, variant.checkout);
+    }),
     chunkdMounted(loadMounted),
     tlsQemuNbdRaw,
     tlsChunkd,

@@ -95,8 +95,12 @@ export const inlineReadBytesMax = smallRequestBytesMax;
  * (one copy and one checksum pass); the rest, and reads that miss the cache, go to a worker.
  */
 export const inlineCachedReadBytesMax = MiB;
-/** Writes up to this size are checksummed on the calling thread and written through libuv's pool, not a worker. */
-export const inlineWriteBytesMax = smallRequestBytesMax;
+/**
+ * Writes up to this size are checksummed on the calling thread and written through libuv's pool, not a worker:
+ * the hand-off to a worker and back cost more CPU than the checksum it moves (1 MiB writes at QD8 on 2 vCPUs:
+ * 0.90-1.01 against 1.07-1.21 CPU seconds per GB; BENCHMARKS.md, issue 19). Larger ones go to a worker.
+ */
+export const inlineWriteBytesMax = MiB;
 /** Worker threads at most (serve --workers). */
 export const workersMax = 64;
 

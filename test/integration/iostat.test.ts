@@ -59,7 +59,7 @@ test('under fio: per-volume counters and histograms move on /metrics over TCP, a
       const text = await (await fetch(`http://${address}/metrics`)).text();
       return new Map([...text.matchAll(/^(chunkd_(?:volume|stage)_\S+) (\S+)$/gm)].map((m) => [m[1]!, Number(m[2])]));
     };
-    const fio = runTool('fio', ['--name=load', '--ioengine=nbd', `--uri=${node.uri('busy')}`, '--rw=randrw', '--bs=4k,128k', '--iodepth=16', '--size=64M', '--time_based', '--runtime=8', '--randrepeat=0']);
+    const fio = runTool('fio', ['--name=load', '--ioengine=nbd', `--uri=${node.uri('busy')}`, '--rw=randrw', '--bs=4k,2m', '--iodepth=16', '--size=64M', '--time_based', '--runtime=8', '--randrepeat=0']);
     await new Promise((resolve) => setTimeout(resolve, 1000));
     const first = await scrape();
     const [iostat, text] = await Promise.all([node.cli('iostat', 'busy', '1', '--count', '2', '--json'), node.cli('iostat', '1', '--count', '1')]);
@@ -92,8 +92,8 @@ test('under fio: per-volume counters and histograms move on /metrics over TCP, a
       assert.ok(second.get(`chunkd_volume_bytes_total{volume="busy",op="${op}"}`)! >= 4096 * second.get(count)!);
     }
     assert.equal(second.get('chunkd_volume_requests_total{volume="idle",op="write"}'), undefined, 'a volume no client opened has no series');
-    // The stages, node-wide: a write's payload arriving, a 128 KiB write's wait for a chunk I/O worker (4 KiB reads
-    // run on the main thread), chunk reads and writes, and the replies moved with the load.
+    // The stages, node-wide: a write's payload arriving, a 2 MiB write's wait for a chunk I/O worker (writes up to
+    // 1 MiB and 4 KiB reads run on the main thread), chunk reads and writes, and the replies moved with the load.
     for (const stage of ['receive', 'worker_wait', 'chunk_read', 'chunk_write', 'reply']) {
       const count = `chunkd_stage_seconds_count{stage="${stage}"}`;
       assert.ok(second.get(count)! > first.get(count)!, `${count}: ${first.get(count)} then ${second.get(count)}`);

@@ -1,6 +1,7 @@
 // The benchmark suite's pure half: row selection, medians and spreads, ratios to the raw disk and to the best peer,
 // and the Markdown tables (bench/report.ts), on hand-made samples.
 import assert from 'node:assert/strict';
+import path from 'node:path';
 import { test } from 'vitest';
 import { allRows, defaultRowIds, formatMarkdownTables, selectRows, summariseRow, type Sample, type SystemInfo } from '../../bench/report.ts';
 import { rowArgs } from '../../bench/fio.ts';
@@ -77,6 +78,11 @@ test('--chunkd-variant NAME=ARGS', () => {
   assert.deepEqual(parseVariant('w4=--workers 4'), { name: 'w4', args: ['--workers', '4'] });
   assert.deepEqual(parseVariant('plain'), { name: 'plain', args: [] });
   assert.throws(() => parseVariant('bad name=--x'), /not a name/);
+  // NAME@DIR: another checkout's chunkd (made absolute), so that an old and a new tree run interleaved.
+  assert.deepEqual(parseVariant('old@/tmp/old-tree=--workers 2'), { name: 'old', args: ['--workers', '2'], checkout: '/tmp/old-tree' });
+  assert.deepEqual(parseVariant('old@rel/tree'), { name: 'old', args: [], checkout: path.resolve('rel/tree') });
+  assert.throws(() => parseVariant('old@=--workers 2'), /names no checkout/);
+  assert.throws(() => parseVariant('bad name@/tmp/x'), /not a name/);
 });
 
 test('scale: snapshots evenly spaced on 4 KiB boundaries; projection from the slope of the last two steps', () => {

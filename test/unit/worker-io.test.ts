@@ -7,7 +7,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
-import { chunkSizeBytes, chunksPerFile, inlineCachedReadBytesMax, openChunkFilesMax } from '../../src/core/limits.ts';
+import { chunkSizeBytes, chunksPerFile, inlineCachedReadBytesMax, inlineWriteBytesMax, openChunkFilesMax } from '../../src/core/limits.ts';
 import { emptyHistogram } from '../../src/core/latency-histogram.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { chunkSums } from '../../src/store/chunk-io.ts';
@@ -38,15 +38,18 @@ afterAll(async () => {
   fs.rmSync(directory, { recursive: true, force: true });
 });
 
-// Requests up to 64 KiB stay on the calling thread (limits.inline*BytesMax); these are larger, so workers run them
-// (reads up to 1 MiB only when they miss the page cache: limits.inlineCachedReadBytesMax).
+// Reads up to 64 KiB stay on the calling thread (limits.inlineReadBytesMax); larger ones go to a worker when they
+// miss the page cache, and above 1 MiB always (limits.inlineCachedReadBytesMax). Writes up to 1 MiB stay on the
+// calling thread (limits.inlineWriteBytesMax).
 const large = 32 * chunkSizeBytes;
-/** A read a worker runs even when the page cache holds it. */
-const huge = inlineCachedReadBytesMax + chunkSizeBytes;
+/** A read or write a worker runs even when the page cache holds it. */
+const huge = Math.max(inlineCachedReadBytesMax, inlineWriteBytesMax) + chunkSizeBytes;
 
 test('writes return checksums; reads verify them, from plain and from shared memory', async () => {
-  const data = randomBytes(large);
+  const data = randomBytes(huge);
+  const tasksBefore = workerWaits.count;
   const sums = await io.writeSummed(10, data);
+  assert.equal(workerWaits.count, tasksBefore + 1, 'past 1 MiB: a worker writes it');
   assert.deepEqual(sums, chunkSums(data));
   const plain = Buffer.alloc(data.length);
   assert.equal(await io.readChunks(plain, Float64Array.of(10, plain.length / chunkSizeBytes, 0), sums, true), null);
@@ -59,8 +62,23 @@ test('writes return checksums; reads verify them, from plain and from shared mem
   await files.sync();
 });
 
+test('a write up to 1 MiB is checksummed and written from this thread, from plain or shared memory', async () => {
+  const tasksBefore = workerWaits.count;
+  const plain = randomBytes(inlineWriteBytesMax);
+  assert.deepEqual(await io.writeSummed(8000, plain), chunkSums(plain));
+  const shared = buffers.acquire(large);
+  randomBytes(large).copy(shared);
+  assert.deepEqual(await io.writeSummed(8000 + inlineWriteBytesMax / chunkSizeBytes, shared), chunkSums(shared));
+  assert.equal(workerWaits.count, tasksBefore, 'no task went to a worker');
+  const target = Buffer.alloc(inlineWriteBytesMax + large);
+  const sums = new Uint32Array([...chunkSums(plain), ...chunkSums(shared)]);
+  assert.equal(await io.readChunks(target, Float64Array.of(8000, target.length / chunkSizeBytes, 0), sums, true), null);
+  assert.deepEqual(target, Buffer.concat([plain, shared]));
+  buffers.release(shared);
+});
+
 test('a chunk file only the workers wrote is opened here for small cached reads, which then stay on this thread', async () => {
-  const data = randomBytes(large);
+  const data = randomBytes(huge);
   const physical = 3 * chunksPerFile + 7; // a chunk file of its own, which only a worker has opened
   await io.writeSummed(physical, data);
   const small = Buffer.alloc(chunkSizeBytes);
@@ -182,7 +200,7 @@ test('one request of several runs with a hole between: one task, only the runs c
 });
 
 test('a run across two chunk files', async () => {
-  const data = randomBytes(large);
+  const data = randomBytes(huge);
   const sums = await io.writeSummed(chunksPerFile - 16, data);
   const target = Buffer.alloc(data.length);
   assert.equal(await io.readChunks(target, Float64Array.of(chunksPerFile - 16, target.length / chunkSizeBytes, 0), sums, true), null);
@@ -193,7 +211,8 @@ test('a run across two chunk files', async () => {
 test('a worker that dies fails what it ran with EIO, is replaced, and the engine keeps serving', async () => {
   const data = randomBytes(huge);
   const sums = await io.writeSummed(500, data);
-  const death = io.killOneWorkerForTest(100);
+  // Its rejection is expected: checked (and so handled) from the start, since the worker may die before the reads end.
+  const death = assert.rejects(io.killOneWorkerForTest(100), (error) => error instanceof ChunkdError && error.code === 'EIO');
   // Requests in flight meanwhile (large enough that a worker reads them): each either completes correctly or
   // fails with EIO, nothing else.
   const outcomes = await Promise.allSettled(
@@ -203,7 +222,7 @@ test('a worker that dies fails what it ran with EIO, is replaced, and the engine
       assert.deepEqual(target, data);
     }),
   );
-  await assert.rejects(death, (error) => error instanceof ChunkdError && error.code === 'EIO');
+  await death;
   for (const outcome of outcomes) {
     if (outcome.status === 'rejected') assert.ok(outcome.reason instanceof ChunkdError && outcome.reason.code === 'EIO', String(outcome.reason));
   }
