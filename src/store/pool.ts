@@ -53,6 +53,7 @@ import type { ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
 import { isSnapshotUuid } from './metadata.ts';
 import { openPaged } from './paged-backend.ts';
+import { removeUpgradeLeftovers } from './pool-upgrade.ts';
 import { beginGeneration, checkPoolMarker, chunksDirectory, initializePool, loadMetadata, lockPool, poolIdentity, type MetadataKind } from './pool-layout.ts';
 import { zeroChunkSum } from './checksum.ts';
 import { RangeLock } from './range-lock.ts';
@@ -195,7 +196,12 @@ export class Pool {
     await initializePool(files, directory, options.metadata);
     const lockFd = lockPool(files, directory);
     try {
-      if ((await checkPoolMarker(files, directory)) === 'paged') return await Pool.#openPaged(directory, lockFd, files, options);
+      const kind = await checkPoolMarker(files, directory);
+      if (kind === 'memory' && options.metadata === 'paged') {
+        throw ChunkdError.invalid(`pool ${directory} has its metadata in memory (format 3), not paged: upgrade it first, with no node on it, by chunkd pool upgrade --pool ${directory} --metadata paged (or start the node without --metadata paged)`);
+      }
+      for (const name of await removeUpgradeLeftovers(files, directory, kind)) log(`pool ${directory}: removed ${name}, left by a pool upgrade cut short`);
+      if (kind === 'paged') return await Pool.#openPaged(directory, lockFd, files, options);
       const loaded = await loadMetadata(files, directory);
       for (const line of loaded.repairs) log(`metadata repaired: ${line}`);
       const allocator = ChunkAllocator.fromUsed(loaded.refs.usedRuns());
