@@ -177,25 +177,27 @@ async function markerCreatedAt(directory: string): Promise<string> {
 }
 
 /**
- * Removes what an upgrade cut short leaves in a pool of kind `kind` (the pool locked): the building directory,
- * and, in a pool of format 3, page files moved in before the switch; in a pool of format 4, the old checkpoint
- * left after it. Returns the names removed.
+ * What an upgrade cut short leaves in a pool of kind `kind`, as paths: the building directory, and, in a pool of
+ * format 3, page files moved in before the switch; in a pool of format 4, the old checkpoint left after it.
  */
-export async function removeUpgradeLeftovers(files: FileLayer, directory: string, kind: MetadataKind): Promise<string[]> {
-  const removed: string[] = [];
+export function upgradeLeftovers(directory: string, kind: MetadataKind): string[] {
   const staging = path.join(directory, upgradeDirectoryName);
-  if (fs.existsSync(staging)) {
-    for (const name of fs.readdirSync(staging)) await files.unlink(path.join(staging, name));
-    fs.rmdirSync(staging);
-    removed.push(`${upgradeDirectoryName}/`);
-  }
   const stale = kind === 'memory' ? [0, 1].map((copy) => path.join(directory, `${pagedCatalogFile}.${copy}`)) : Array.from({ length: checkpointCopies }, (_, copy) => checkpointPath(directory, copy));
-  for (const file of stale.flatMap((name) => [name, `${name}.tmp`])) {
-    if (!fs.existsSync(file)) continue;
-    await files.unlink(file);
-    removed.push(path.basename(file));
+  return [staging, ...stale.flatMap((name) => [name, `${name}.tmp`])].filter((file) => fs.existsSync(file));
+}
+
+/** Removes `upgradeLeftovers` (the pool locked); returns their names. */
+export async function removeUpgradeLeftovers(files: FileLayer, directory: string, kind: MetadataKind): Promise<string[]> {
+  const found = upgradeLeftovers(directory, kind);
+  for (const file of found) {
+    if (!fs.statSync(file).isDirectory()) {
+      await files.unlink(file);
+      continue;
+    }
+    for (const name of fs.readdirSync(file)) await files.unlink(path.join(file, name));
+    fs.rmdirSync(file);
   }
-  return removed;
+  return found.map((file) => path.basename(file));
 }
 
 /** Fisher-Yates over a copy, with a fixed seed (the same pool upgrades to the same pages). */
