@@ -90,7 +90,7 @@ test('every command and subcommand has --help, -h and help COMMAND: every option
   const scratch = makeTempDir('help');
   try {
     const groups = [...new Set(keys.filter((key) => key.includes(' ')).map((key) => key.split(' ')[0]!))];
-    assert.deepEqual(groups.sort(), ['cluster', 'peer', 'replica', 'snapshot', 'tls', 'volume']);
+    assert.deepEqual(groups.sort(), ['cluster', 'peer', 'pool', 'replica', 'snapshot', 'tls', 'volume']);
     // The help flag after arguments and options that would otherwise run the command (fsck would check ./data,
     // serve would start a node on it), and help COMMAND, for each entry; each group's help lists its entries.
     const cases = [

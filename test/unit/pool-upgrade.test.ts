@@ -223,7 +223,15 @@ test('refused clearly: a second upgrade, an upgrade of a pool a node holds, page
     assert.equal(await main(['pool', 'upgrade', '--pool', directory, '--metadata', 'paged', '--json']), 0);
     await assert.rejects(upgradePool(directory), (error: ChunkdError) => error.code === 'EINVAL' && /has paged metadata \(format 4\) already: nothing to upgrade/.test(error.message));
     assert.equal(await main(['pool', 'upgrade', '--pool', directory, '--metadata', 'paged']), 1);
-    await withPool({ directory, metadata: 'paged' }, async (opened) => assert.deepEqual(opened.listVolumes().map((v) => v.name), ['v']));
+    await withPool({ directory, metadata: 'paged' }, async (opened) => {
+      assert.deepEqual(opened.listVolumes().map((v) => v.name), ['v']);
+      const volume = opened.openVolume('v');
+      await volume.write(0, Buffer.alloc(4096, 1));
+      await volume.close();
+    });
+    // Page files lost (as a switch not preceded by their renames' sync could leave): refused, not an empty pool.
+    for (const copy of [0, 1]) fs.rmSync(path.join(directory, `metadata.${copy}`));
+    await assert.rejects(Pool.open({ directory }), (error: ChunkdError) => error.code === 'ECORRUPT' && /metadata\.0 and metadata\.1 are both missing, but chunks\/ holds data/.test(error.message));
   });
 });
 
