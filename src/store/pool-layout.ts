@@ -9,6 +9,8 @@
 //                          catalog's page file, whose root names the journal generation it covers (paged-backend.ts
 //                          says how its generations start)
 //   chunks/NNNNNNNN.chunk  the data (chunk-files.ts)
+//   upgrade.tmp/           only while `chunkd pool upgrade` builds a format-3 pool's paged metadata (pool-upgrade.ts
+//                          says in which order it switches; what a crash leaves is removed by the next open)
 //   pool-id                the pool's identity, a random UUID written once at the first start of a node on it
 //                          (poolIdentity below); not metadata: nothing in the pool's format depends on it
 //

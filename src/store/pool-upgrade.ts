@@ -119,6 +119,8 @@ export function upgradePool(directory: string, options: UpgradeOptions = {}): Pr
             throw ChunkdError.corrupt(`pool ${resolved}: its metadata could not be rebuilt (${(error as Error).message}); nothing was changed: chunkd fsck --pool ${resolved} says what is damaged`);
           });
           records += 1;
+          // Frees final at once, as in a replay (replayPaged): nothing here waits for a journal commit.
+          built.chunks.releaseTaken(built.chunks.takeDeferred(built.chunks.deferredMark()));
           if (built.dirtyPages >= checkpointDirtyPages) await built.checkpoint(loaded.generation);
         }
         window = [];
