@@ -358,7 +358,7 @@ async function poolCommand(argv: string[]): Promise<number> {
   print(values.json, report, () =>
     [
       `pool ${report.directory}: upgraded from format ${report.fromFormat} to ${report.toFormat} (paged metadata) in ${report.seconds.toFixed(1)} s`,
-      `  ${report.volumeCount} volumes, ${report.snapshotCount} snapshots, ${report.records} records applied, ${formatSize(report.metadataBytes)} of metadata pages (two copies)`,
+      `  ${report.volumeCount} volumes, ${report.snapshotCount} snapshots, ${report.records} records applied, ${formatSize(report.metadataBytes)} in each of the two copies of the metadata pages`,
       ...report.repairs.map((line) => `  read from the good copy: ${line}`),
     ].join('\n'),
   );
