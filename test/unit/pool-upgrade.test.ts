@@ -8,7 +8,6 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { test } from 'vitest';
 import { main } from '../../src/cli/main.ts';
@@ -21,18 +20,10 @@ import { chunksDirectory, markerPath } from '../../src/store/pool-layout.ts';
 import { upgradePool } from '../../src/store/pool-upgrade.ts';
 import { PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { makeRandom, randomInt } from '../helpers/random.ts';
+import { inScratch } from '../helpers/scratch.ts';
 
 const MiB = 1024 * 1024;
 const fixture = path.resolve(import.meta.dirname, '..', 'fixtures', 'pool-v3-before-snapshot-ids.tar.gz');
-
-async function inScratch(run: (scratch: string) => Promise<void>): Promise<void> {
-  const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-upgrade-'));
-  try {
-    await run(scratch);
-  } finally {
-    fs.rmSync(scratch, { recursive: true, force: true });
-  }
-}
 
 /**
  * The same history whatever the metadata (sizes in `unit`s, writes in proportion): random 4 KiB writes, a run of
@@ -141,7 +132,7 @@ async function withPool<T>(options: PoolOptions, run: (pool: Pool) => Promise<T>
 }
 
 test('an upgraded pool reads back the same, lists the same, keeps its chunk files, shares as paged metadata does, and fsck is clean', async () => {
-  await inScratch(async (scratch) => {
+  await inScratch('upgrade', async (scratch) => {
     const old = path.join(scratch, 'old');
     const native = path.join(scratch, 'native');
     const before = await withPool({ directory: old }, async (pool) => {
@@ -196,7 +187,7 @@ test('an upgraded pool reads back the same, lists the same, keeps its chunk file
 });
 
 test('a pool made before snapshot ids keeps its derived ids through the upgrade', async () => {
-  await inScratch(async (scratch) => {
+  await inScratch('upgrade', async (scratch) => {
     const directory = path.join(scratch, 'pool');
     fs.mkdirSync(directory);
     execFileSync('tar', ['-xzf', fixture, '-C', directory]);
@@ -208,7 +199,7 @@ test('a pool made before snapshot ids keeps its derived ids through the upgrade'
 });
 
 test('refused clearly: a second upgrade, an upgrade of a pool a node holds, paged metadata asked of a pool of format 3', async () => {
-  await inScratch(async (scratch) => {
+  await inScratch('upgrade', async (scratch) => {
     const directory = path.join(scratch, 'pool');
     const pool = await Pool.open({ directory });
     await pool.createVolume('v', 4 * MiB);
@@ -237,7 +228,7 @@ test('refused clearly: a second upgrade, an upgrade of a pool a node holds, page
 });
 
 test('a power cut at any point of the upgrade leaves a pool that opens, of format 3 or 4, with the same contents', async () => {
-  await inScratch(async (scratch) => {
+  await inScratch('upgrade', async (scratch) => {
     const template = path.join(scratch, 'template');
     const expected = await withPool({ directory: template }, async (pool) => {
       await makeHistory(pool, MiB / 8);
