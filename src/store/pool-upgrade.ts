@@ -39,6 +39,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, metadataCacheBytesDefault } from '../core/limits.ts';
+import { makeRandom, randomInt } from '../core/random.ts';
 import type { ChunkMap, Page } from './chunk-map.ts';
 import type { ChunkSums } from './chunk-sums.ts';
 import { realFiles, replaceFile, type FileLayer } from './file-layer.ts';
@@ -47,7 +48,6 @@ import type { Catalog, MetaRecord, SnapshotMeta, VolumeMeta } from './metadata.t
 import { mappedRunsOf } from './paged-backend.ts';
 import { PagedCatalog, pagedCatalogFile } from './paged-catalog.ts';
 import type { PagedMap } from './paged-map.ts';
-import { makeRandom, randomInt } from '../testing/random.ts';
 import { checkPoolMarker, checkpointCopies, checkpointPath, journalGenerations, journalPaths, loadMetadata, markerPath, pagedPoolMarker, withPoolLocked, type MetadataKind } from './pool-layout.ts';
 
 /** Where the new metadata is built, in the pool directory. */
