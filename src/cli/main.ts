@@ -9,6 +9,7 @@ import { validateName } from '../core/names.ts';
 import { formatSize, parseDuration, parseSize } from '../core/units.ts';
 import { fsckPool } from '../store/fsck.ts';
 import { repairPool, type RepairReport } from '../store/repair.ts';
+import { upgradePool } from '../store/pool-upgrade.ts';
 import type { DiffReport } from '../api/server.ts';
 import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import { callApi } from './api-client.ts';
@@ -75,6 +76,8 @@ async function run(argv: string[]): Promise<number> {
       return scrubCommand(rest, apiPath);
     case 'fsck':
       return fsckCommand(rest);
+    case 'pool':
+      return poolCommand(rest);
     case 'tls':
       return tlsCommand(rest);
     case 'peer':
@@ -340,6 +343,23 @@ async function statusCommand(argv: string[]): Promise<number> {
       ...(status.attachments ?? []).map(
         (a) => `  ${a.volume}\t${a.mountpoint}\t${a.fsType} on ${a.loopDevice ?? '-'} via ${a.via}\t${a.state}${a.dockerIds.length > 0 ? `\t${a.dockerIds.length} container(s)` : ''}${a.error ? `\t${a.error}` : ''}`,
       ),
+    ].join('\n'),
+  );
+  return 0;
+}
+
+/** chunkd pool upgrade --metadata paged [--pool DIR]: offline, format 3 to format 4 (pool-upgrade.ts). */
+async function poolCommand(argv: string[]): Promise<number> {
+  const [verb, ...rest] = argv;
+  if (verb !== 'upgrade') throw unknownVerb('pool', verb);
+  const { values } = parsing(() => parseArgs({ args: rest, options: commands['pool upgrade'].options }));
+  if (values.metadata !== 'paged') throw new UsageError(`pool upgrade needs --metadata paged (the only upgrade there is)${values.metadata === undefined ? '' : `, not ${JSON.stringify(values.metadata)}`}`);
+  const report = await upgradePool(values.pool ?? commands['pool upgrade'].options.pool.fallback);
+  print(values.json, report, () =>
+    [
+      `pool ${report.directory}: upgraded from format ${report.fromFormat} to ${report.toFormat} (paged metadata) in ${report.seconds.toFixed(1)} s`,
+      `  ${report.volumeCount} volumes, ${report.snapshotCount} snapshots, ${report.records} records applied, ${formatSize(report.metadataBytes)} in each of the two copies of the metadata pages`,
+      ...report.repairs.map((line) => `  read from the good copy: ${line}`),
     ].join('\n'),
   );
   return 0;

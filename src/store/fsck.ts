@@ -16,6 +16,7 @@ import { dataRanges } from './native.ts';
 import { mappedRunsOf, replayPaged } from './paged-backend.ts';
 import type { PagedMap } from './paged-map.ts';
 import { checkPoolMarker, chunksDirectory, loadMetadata, withPoolLocked } from './pool-layout.ts';
+import { upgradeLeftovers } from './pool-upgrade.ts';
 
 export interface FsckReport {
   directory: string;
@@ -63,6 +64,7 @@ async function check(files: FileLayer, directory: string): Promise<FsckReport> {
   const repairable = loaded.repairs.length > 0;
   if (tornTail) warnings.push(`journal-${generation} ends in a commit torn by a crash; the next start drops it (it was never acknowledged)`);
   for (const line of loaded.leftovers) warnings.push(`stray metadata file ${line}; the next start removes it`);
+  for (const file of upgradeLeftovers(directory, 'memory')) warnings.push(`${path.basename(file)}, left by a pool upgrade cut short (the pool is still of format 3); the next start or pool upgrade removes it`);
 
   const chunkDirectory = chunksDirectory(directory);
   const fileSizes = chunkFileSizes(chunkDirectory);
@@ -115,6 +117,7 @@ async function checkPaged(files: FileLayer, directory: string, errors: string[],
     for (const line of replayed.repairs) errors.push(`metadata: ${line} (repairable: the next start writes it whole again; nothing is lost)`);
     if (tornTail) warnings.push(`journal-${generation} ends in a commit torn by a crash; the next start drops it (it was never acknowledged)`);
     for (const line of replayed.leftovers) warnings.push(`stray metadata file ${line}; the next start removes it`);
+    for (const file of upgradeLeftovers(directory, 'paged')) warnings.push(`${path.basename(file)}, left by the pool upgrade (the pool is of format 4); the next start removes it`);
     const chunkDirectory = chunksDirectory(directory);
     const fileSizes = chunkFileSizes(chunkDirectory);
     let mappedBytes = 0;

@@ -338,6 +338,18 @@ export class PagedCatalog {
   }
 
   /**
+   * Raises the next volume and snapshot ids to at least these, after the records queued before it: an upgraded
+   * pool (pool-upgrade.ts) keeps its old counters, so that the ids of volumes and snapshots removed before the
+   * upgrade are not given again, as they never are.
+   */
+  raiseNextIds(nextVolumeId: number, nextSnapshotId: number): Promise<void> {
+    return this.#enqueue(async () => {
+      this.#nextVolumeId = Math.max(this.#nextVolumeId, nextVolumeId);
+      this.#nextSnapshotId = Math.max(this.#nextSnapshotId, nextSnapshotId);
+    });
+  }
+
+  /**
    * Makes everything applied before it durable as the root covering journal `journalGeneration`: dirty map nodes,
    * the table, the space maps, then the root (see the top). Queued with the records.
    */

@@ -9,6 +9,8 @@
 //                          catalog's page file, whose root names the journal generation it covers (paged-backend.ts
 //                          says how its generations start)
 //   chunks/NNNNNNNN.chunk  the data (chunk-files.ts)
+//   upgrade.tmp/           only while `chunkd pool upgrade` builds a format-3 pool's paged metadata (pool-upgrade.ts
+//                          says in which order it switches; what a crash leaves is removed by the next open)
 //   pool-id                the pool's identity, a random UUID written once at the first start of a node on it
 //                          (poolIdentity below); not metadata: nothing in the pool's format depends on it
 //
@@ -72,12 +74,16 @@ export async function initializePool(files: FileLayer, directory: string, metada
   // What a creation cut short by a crash leaves (the marker's temporary file, the lock) does not make it a non-pool.
   const entries = fs.readdirSync(directory).filter((name) => !name.endsWith('.sock') && name !== 'lock' && name !== 'chunkd-pool.json.tmp');
   if (entries.length > 0) throw ChunkdError.invalid(`${directory} is not empty and holds no chunkd pool (no chunkd-pool.json); use an empty or new directory`);
-  const marker =
-    metadata === 'paged'
-      ? { format: poolFormatName, formatVersion: pagedFormatVersion, metadata, chunkSizeBytes, chunksPerFile, createdAt: new Date().toISOString() }
-      : { format: poolFormatName, formatVersion: poolFormatVersion, chunkSizeBytes, chunksPerFile, createdAt: new Date().toISOString() };
-  await replaceFile(files, markerPath(directory), Buffer.from(`${JSON.stringify(marker, null, 2)}\n`));
+  const createdAt = new Date().toISOString();
+  const marker = metadata === 'paged' ? pagedPoolMarker(createdAt) : Buffer.from(`${JSON.stringify({ format: poolFormatName, formatVersion: poolFormatVersion, chunkSizeBytes, chunksPerFile, createdAt }, null, 2)}\n`);
+  await replaceFile(files, markerPath(directory), marker);
   await files.syncDirectory(directory);
+}
+
+/** The marker file of a pool of paged metadata (format 4) created at `createdAt` (or upgraded to it: pool-upgrade.ts). */
+export function pagedPoolMarker(createdAt: string): Buffer {
+  const marker = { format: poolFormatName, formatVersion: pagedFormatVersion, metadata: 'paged', chunkSizeBytes, chunksPerFile, createdAt };
+  return Buffer.from(`${JSON.stringify(marker, null, 2)}\n`);
 }
 
 /** Checks the marker file and says which metadata the pool has; throws a clear error for anything that is not a pool of a version this reads. */

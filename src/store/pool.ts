@@ -53,6 +53,8 @@ import type { ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
 import { isSnapshotUuid } from './metadata.ts';
 import { openPaged } from './paged-backend.ts';
+import { pagedCatalogFile } from './paged-catalog.ts';
+import { removeUpgradeLeftovers } from './pool-upgrade.ts';
 import { beginGeneration, checkPoolMarker, chunksDirectory, initializePool, loadMetadata, lockPool, poolIdentity, type MetadataKind } from './pool-layout.ts';
 import { zeroChunkSum } from './checksum.ts';
 import { RangeLock } from './range-lock.ts';
@@ -195,7 +197,12 @@ export class Pool {
     await initializePool(files, directory, options.metadata);
     const lockFd = lockPool(files, directory);
     try {
-      if ((await checkPoolMarker(files, directory)) === 'paged') return await Pool.#openPaged(directory, lockFd, files, options);
+      const kind = await checkPoolMarker(files, directory);
+      if (kind === 'memory' && options.metadata === 'paged') {
+        throw ChunkdError.invalid(`pool ${directory} has its metadata in memory (format 3), not paged: upgrade it first, with no node on it, by chunkd pool upgrade --pool ${directory} --metadata paged (or start the node without --metadata paged)`);
+      }
+      for (const name of await removeUpgradeLeftovers(files, directory, kind)) log(`pool ${directory}: removed ${name}, left by a pool upgrade cut short`);
+      if (kind === 'paged') return await Pool.#openPaged(directory, lockFd, files, options);
       const loaded = await loadMetadata(files, directory);
       for (const line of loaded.repairs) log(`metadata repaired: ${line}`);
       const allocator = ChunkAllocator.fromUsed(loaded.refs.usedRuns());
@@ -225,6 +232,13 @@ export class Pool {
   /** The rest of `open` for a pool of paged metadata (paged-backend.ts). */
   static async #openPaged(directory: string, lockFd: number, files: FileLayer, options: PoolOptions): Promise<Pool> {
     const log = options.log ?? (() => {});
+    // A missing page file is a new pool's (PagedCatalog.open makes it): not where data was written (as loadMetadata
+    // refuses a format-3 pool with no checkpoint and data).
+    const pageFiles = [0, 1].map((copy) => path.join(directory, `${pagedCatalogFile}.${copy}`));
+    const chunkFileNames = fs.existsSync(chunksDirectory(directory)) ? fs.readdirSync(chunksDirectory(directory)).filter((name) => name.endsWith('.chunk')) : [];
+    if (!pageFiles.some((file) => fs.existsSync(file)) && chunkFileNames.length > 0) {
+      throw ChunkdError.corrupt(`pool ${directory}: ${pageFiles.map((file) => path.basename(file)).join(' and ')} are both missing, but chunks/ holds data`);
+    }
     const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault }).catch((error: unknown) => {
       throw fromSystemError(error, `opening the paged metadata of ${directory}`);
     });

@@ -90,7 +90,7 @@ test('every command and subcommand has --help, -h and help COMMAND: every option
   const scratch = makeTempDir('help');
   try {
     const groups = [...new Set(keys.filter((key) => key.includes(' ')).map((key) => key.split(' ')[0]!))];
-    assert.deepEqual(groups.sort(), ['cluster', 'peer', 'replica', 'snapshot', 'tls', 'volume']);
+    assert.deepEqual(groups.sort(), ['cluster', 'peer', 'pool', 'replica', 'snapshot', 'tls', 'volume']);
     // The help flag after arguments and options that would otherwise run the command (fsck would check ./data,
     // serve would start a node on it), and help COMMAND, for each entry; each group's help lists its entries.
     const cases = [
@@ -300,7 +300,8 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
   assert.throws(() => serveConfig([], { CHUNKD_LISTEN: 'nowhere' }), (error: UsageError) => error instanceof UsageError && /invalid --listen "nowhere".*\(from \$CHUNKD_LISTEN\)/.test(error.message));
   assert.throws(() => serveConfig([], { CHUNKD_TLS_VERIFY_PEER: 'maybe' }), (error: UsageError) => error instanceof UsageError && /CHUNKD_TLS_VERIFY_PEER="maybe"/.test(error.message));
   assert.throws(() => serveConfig(['--listen', 'nowhere'], {}), (error: UsageError) => error instanceof UsageError && !error.message.includes('from $'));
-  assert.deepEqual([defaults.metadata, defaults.metadataCacheBytes], ['memory', 256 * 2 ** 20]);
+  // No --metadata: undefined, so that a new pool gets the default (memory) and an existing one opens as it is.
+  assert.deepEqual([defaults.metadata, defaults.metadataCacheBytes, serveConfig(['--metadata', 'paged'], {}).metadata], [undefined, 256 * 2 ** 20, 'paged']);
   assert.throws(() => serveConfig(['--metadata', 'lmdb'], {}), (error: UsageError) => error instanceof UsageError && /invalid --metadata "lmdb": memory or paged/.test(error.message));
   assert.throws(() => serveConfig(['--metadata-cache', '1MiB'], {}), (error: UsageError) => error instanceof UsageError && /invalid --metadata-cache 1MiB: at least 4 MiB/.test(error.message));
 });

@@ -6,7 +6,6 @@
 // paged metadata refuse with a clear line; control verbs called at once each see what those before them did.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
@@ -16,19 +15,10 @@ import { fsckPool } from '../../src/store/fsck.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
 import { chunksDirectory, markerPath } from '../../src/store/pool-layout.ts';
 import { TestFiles } from '../../src/testing/test-files.ts';
+import { inScratch } from '../helpers/scratch.ts';
 
 const MiB = 1024 * 1024;
 const block = (fill: number): Buffer => Buffer.alloc(4096, fill);
-
-/** Runs `run` in a fresh directory, removed afterwards. */
-async function inScratch(run: (directory: string) => Promise<void>): Promise<void> {
-  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-paged-pool-'));
-  try {
-    await run(directory);
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
-}
 
 function open(directory: string, options: Partial<PoolOptions> = {}): Promise<Pool> {
   return Pool.open({ directory, metadata: 'paged', metadataCacheBytes: 64 * 1024, ...options });
@@ -62,7 +52,7 @@ async function readBlock(pool: Pool, volume: string, index: number): Promise<num
 }
 
 test('a paged pool keeps its kind, and a reopen reads its root and replays only the commits after the last checkpoint', async () => {
-  await inScratch(async (directory) => {
+  await inScratch('paged-pool', async (directory) => {
     const files = new TestFiles();
     let pool = await open(directory, { files });
     await pool.createVolume('v', 4 * MiB);
@@ -121,7 +111,7 @@ test('a paged pool keeps its kind, and a reopen reads its root and replays only 
 
 test('a failed page write at a checkpoint makes a paged pool refuse writes until a restart; reads go on; the restart has every acknowledged write', async () => {
   const files = new TestFiles([{ op: 'write', path: 'metadata.', nth: 1, code: 'EIO', armed: false }]);
-  await inScratch(async (directory) => {
+  await inScratch('paged-pool', async (directory) => {
     const pool = await open(directory, { files: files as FileLayer });
     try {
       await pool.createVolume('v', 4 * MiB);
@@ -149,7 +139,7 @@ test('a failed page write at a checkpoint makes a paged pool refuse writes until
 });
 
 test('fsck of a paged pool walks its maps: a chunk file cut short is damage; diff and digests refuse with a clear line', async () => {
-  await inScratch(async (directory) => {
+  await inScratch('paged-pool', async (directory) => {
     const pool = await open(directory);
     await pool.createVolume('v', 4 * MiB);
     const volume = pool.openVolume('v');
@@ -170,7 +160,7 @@ test('fsck of a paged pool walks its maps: a chunk file cut short is damage; dif
 });
 
 test('scrub of a paged pool reads each chunk of a volume and its snapshots once, and reports a damaged one in every export that names it', async () => {
-  await inScratch(async (directory) => {
+  await inScratch('paged-pool', async (directory) => {
     const pool = await open(directory);
     try {
       await pool.createVolume('v', 4 * MiB);
@@ -200,7 +190,7 @@ test('scrub of a paged pool reads each chunk of a volume and its snapshots once,
 });
 
 test('control verbs called at once on a paged pool each see what those before them did: distinct ids, one of two same names refused', async () => {
-  await inScratch(async (directory) => {
+  await inScratch('paged-pool', async (directory) => {
     const pool = await open(directory);
     try {
       await Promise.all(['a', 'b', 'c'].map((name) => pool.createVolume(name, 4 * MiB)));
@@ -218,7 +208,7 @@ test('control verbs called at once on a paged pool each see what those before th
 });
 
 test('a byte of a paged pool\'s metadata flipped in one copy (every 509th byte of each, in turn): the pool opens and reads back every block, its volume\'s and its snapshot\'s', { timeout: 120_000 }, async () => {
-  await inScratch(async (directory) => {
+  await inScratch('paged-pool', async (directory) => {
     let pool = await open(directory, { metadataCacheBytes: 16 * 1024 });
     await pool.createVolume('v', 4 * MiB);
     let volume = pool.openVolume('v');
@@ -266,7 +256,7 @@ test('a byte of a paged pool\'s metadata flipped in one copy (every 509th byte o
 });
 
 test('a paged open reads no page of chunk counts: the free chunks below the top are punched out after it, beside writes, never one a record names', { timeout: 60_000 }, async () => {
-  await inScratch(async (directory) => {
+  await inScratch('paged-pool', async (directory) => {
     // 12 pages of counts (2,032 chunks each), each with one free chunk in it: 12 part-free pages.
     const pages = 12;
     const perPage = 2032;
