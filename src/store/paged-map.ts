@@ -289,12 +289,125 @@ export interface PagedMapsOptions {
   chunkCountPages?: CountPages;
 }
 
-/** A mapRun or unmapRange: the range of keys it covers, and what it does to a leaf there. */
+/**
+ * A mapRuns or unmapRange: the keys it covers, as sorted, disjoint ranges [starts[i], ends[i]) (at least one), and
+ * what it does to a leaf there. A pass visits only the children whose range meets one of them.
+ */
 interface Edit {
-  first: number;
-  end: number;
+  starts: readonly number[];
+  ends: readonly number[];
   /** Rewrites the entries of a private leaf whose range is [lo, hi), recording chunk and count changes. */
   apply(leaf: LeafNode, lo: number, hi: number, changes: Changes): LeafNode;
+}
+
+const editFirst = (edit: Edit): number => edit.starts[0]!;
+const editEnd = (edit: Edit): number => edit.ends[edit.ends.length - 1]!;
+
+/** The index of the first of `edit`'s ranges that ends above `key` (its count if none). */
+function firstRangeAbove(edit: Edit, key: number): number {
+  let lo = 0;
+  let hi = edit.ends.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (edit.ends[mid]! <= key) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** The indexes, ascending, of the children of an interior node routing [lo, hi) whose range meets `edit`. */
+function touchedChildren(keys: readonly number[], lo: number, hi: number, edit: Edit): number[] {
+  const touched: number[] = [];
+  for (let r = firstRangeAbove(edit, lo); r < edit.starts.length && edit.starts[r]! < hi; r++) {
+    const from = childIndex(keys, Math.max(lo, edit.starts[r]!));
+    const to = childIndex(keys, Math.min(hi, edit.ends[r]!) - 1);
+    for (let i = Math.max(from, (touched[touched.length - 1] ?? -1) + 1); i <= to; i++) touched.push(i);
+  }
+  return touched;
+}
+
+/** One run of a `mapRuns`: `sums.length` chunks from `virtualChunk` at consecutive physical chunks from `physicalChunk`. */
+export interface MapRunEdit {
+  virtualChunk: number;
+  physicalChunk: number;
+  sums: ArrayLike<number>;
+}
+
+/**
+ * The edit of a `mapRuns`: each leaf gets the runs that meet it in call order, so chunk counts move exactly as
+ * if the runs had applied one after another (a chunk one run maps and a later one overwrites is counted up, then
+ * down), and the tree above a leaf is copied once for all of them.
+ */
+function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
+  // Copies: the caller may reuse its arrays before the pass runs.
+  const sums = runs.map((run) => Uint32Array.from(run.sums));
+  const order = Array.from({ length: runs.length }, (_, i) => i);
+  order.sort((a, b) => runs[a]!.virtualChunk - runs[b]!.virtualChunk || a - b);
+  // Runs that overlap or touch share a range; each range keeps its runs' indexes, in call order.
+  const starts: number[] = [];
+  const ends: number[] = [];
+  const members: number[][] = [];
+  for (const i of order) {
+    const first = runs[i]!.virtualChunk;
+    const end = first + sums[i]!.length;
+    const last = ends.length - 1;
+    if (last >= 0 && first <= ends[last]!) {
+      ends[last] = Math.max(ends[last]!, end);
+      members[last]!.push(i);
+    } else {
+      starts.push(first);
+      ends.push(end);
+      members.push([i]);
+    }
+  }
+  for (const group of members) if (group.length > 1) group.sort((a, b) => a - b);
+  const edit: Edit = {
+    starts,
+    ends,
+    apply: (leaf, lo, hi, changes) => {
+      for (let r = firstRangeAbove(edit, lo); r < starts.length && starts[r]! < hi; r++) {
+        for (const i of members[r]!) {
+          const run = runs[i]!;
+          const runSums = sums[i]!;
+          const from = Math.max(lo, run.virtualChunk);
+          const to = Math.min(hi, run.virtualChunk + runSums.length);
+          if (from >= to) continue;
+          const a = lowerBound(leaf.keys, from);
+          const b = lowerBound(leaf.keys, to);
+          for (let k = a; k < b; k++) changes.chunkDecrements.push(leaf.physical[k]!);
+          changes.mappedDelta += to - from - (b - a);
+          if (to - from === 1 && b - a <= 1) {
+            // One chunk (a 4 KiB write): overwritten or inserted without building arrays.
+            changes.chunkIncrements.push(run.physicalChunk + from - run.virtualChunk);
+            if (b === a) {
+              leaf.keys.splice(a, 0, from);
+              leaf.physical.splice(a, 0, run.physicalChunk + from - run.virtualChunk);
+              leaf.sums.splice(a, 0, runSums[from - run.virtualChunk]!);
+            } else {
+              leaf.physical[a] = run.physicalChunk + from - run.virtualChunk;
+              leaf.sums[a] = runSums[from - run.virtualChunk]!;
+            }
+            continue;
+          }
+          const keys: number[] = [];
+          const physical: number[] = [];
+          const leafSums: number[] = [];
+          for (let v = from; v < to; v++) {
+            keys.push(v);
+            physical.push(run.physicalChunk + v - run.virtualChunk);
+            leafSums.push(runSums[v - run.virtualChunk]!);
+            changes.chunkIncrements.push(run.physicalChunk + v - run.virtualChunk);
+          }
+          // The leaf is the pass's own copy (#open): changed in place.
+          splice(leaf.keys, a, b, keys);
+          splice(leaf.physical, a, b, physical);
+          splice(leaf.sums, a, b, leafSums);
+        }
+      }
+      return leaf;
+    },
+  };
+  return edit;
 }
 
 /** The pages all maps of a pool share, and the tree operations over them; a map is a `PagedMap`. */
@@ -405,38 +518,15 @@ export class PagedMaps {
   }
 
   /** @internal */
-  mapRun(map: PagedMap, virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): Promise<void> {
-    const chunkCount = sums.length;
-    if (!(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) {
-      return Promise.reject(ChunkdError.invalid(`a paged map maps ${chunkCount} chunks at ${virtualChunk} to ${physicalChunk}: out of range`));
+  mapRuns(map: PagedMap, runs: readonly MapRunEdit[], refs: ChunkRefs): Promise<void> {
+    for (const { virtualChunk, physicalChunk, sums } of runs) {
+      const chunkCount = sums.length;
+      if (!(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) {
+        return Promise.reject(ChunkdError.invalid(`a paged map maps ${chunkCount} chunks at ${virtualChunk} to ${physicalChunk}: out of range`));
+      }
     }
-    const sumsCopy = Array.from(sums);
-    const edit: Edit = {
-      first: virtualChunk,
-      end: virtualChunk + chunkCount,
-      apply: (leaf, lo, hi, changes) => {
-        const from = Math.max(lo, virtualChunk);
-        const to = Math.min(hi, virtualChunk + chunkCount);
-        const a = lowerBound(leaf.keys, from);
-        const b = lowerBound(leaf.keys, to);
-        for (let i = a; i < b; i++) changes.chunkDecrements.push(leaf.physical[i]!);
-        const keys: number[] = [];
-        const physical: number[] = [];
-        const leafSums: number[] = [];
-        for (let v = from; v < to; v++) {
-          keys.push(v);
-          physical.push(physicalChunk + v - virtualChunk);
-          leafSums.push(sumsCopy[v - virtualChunk]! >>> 0);
-          changes.chunkIncrements.push(physicalChunk + v - virtualChunk);
-        }
-        changes.mappedDelta += to - from - (b - a);
-        // The leaf is the pass's own copy (#open): changed in place.
-        splice(leaf.keys, a, b, keys);
-        splice(leaf.physical, a, b, physical);
-        splice(leaf.sums, a, b, leafSums);
-        return leaf;
-      },
-    };
+    if (runs.length === 0) return Promise.resolve();
+    const edit = mapRunsEdit(runs);
     return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, false), refs).then(() => {});
   }
 
@@ -444,8 +534,8 @@ export class PagedMaps {
   unmapRange(map: PagedMap, virtualChunk: number, chunkCount: number, refs: ChunkRefs): Promise<number> {
     const end = Math.min(virtualChunk + chunkCount, mapKeyLimit);
     const edit: Edit = {
-      first: virtualChunk,
-      end,
+      starts: [virtualChunk],
+      ends: [end],
       apply: (leaf, _lo, _hi, changes) => {
         const a = lowerBound(leaf.keys, virtualChunk);
         const b = lowerBound(leaf.keys, end);
@@ -677,36 +767,41 @@ export class PagedMaps {
 
   /** The pass of mapRun and unmapRange: the new root, or null for an empty map. */
   #edit(pins: Pins, changes: Changes, rootPage: number, edit: Edit, onlyWhereMapped: boolean): Item | null {
-    if (edit.first >= edit.end) return rootPage === emptyRoot ? null : rootPage;
+    if (editFirst(edit) >= editEnd(edit)) return rootPage === emptyRoot ? null : rootPage;
     if (rootPage === emptyRoot) {
       if (onlyWhereMapped) return null;
       const leaf = edit.apply({ kind: 'leaf', keys: [], physical: [], sums: [] }, 0, mapKeyLimit, changes);
       return this.#rootOf(this.#split(leaf, 0), 0);
     }
     const root = this.#node(pins, rootPage, undefined);
-    if (pins.retrying) this.#prefetch(pins, rootPage, edit.first, edit.end);
-    if (onlyWhereMapped && !this.#anyIn(pins, rootPage, levelOf(root), edit.first, edit.end)) return rootPage;
+    if (pins.retrying) this.#prefetch(pins, rootPage, edit);
+    if (onlyWhereMapped && !this.#anyIn(pins, rootPage, levelOf(root), editFirst(edit), editEnd(edit))) return rootPage;
     return this.#rootOf(this.#modify(pins, changes, rootPage, levelOf(root), 0, mapKeyLimit, edit, onlyWhereMapped), levelOf(root));
   }
 
   /**
-   * Names at once, a level at a time, every page below `rootPage` whose range meets [first, end), with a neighbour
-   * on each side (what #modify visits): a pass that misses pages then starts over once per level, not once per
+   * Names at once, a level at a time, every page below `rootPage` whose range meets `edit`, with a neighbour on
+   * each side (what #modify visits): a pass that misses pages then starts over once per level, not once per
    * interior node of the range (each start redoing the pass so far). Only once a pass has missed: a warm one pays
    * nothing for it.
    */
-  #prefetch(pins: Pins, rootPage: number, first: number, end: number): void {
-    let level = [rootPage];
+  #prefetch(pins: Pins, rootPage: number, edit: Edit): void {
+    let level = [{ page: rootPage, lo: 0, hi: mapKeyLimit }];
     for (;;) {
-      const next: number[] = [];
-      for (const page of level) {
+      const next: Array<{ page: number; lo: number; hi: number }> = [];
+      for (const { page, lo, hi } of level) {
         const node = pins.node(page);
         if (node.kind === 'leaf') return;
-        const from = Math.max(0, childIndex(node.keys, first) - 1);
-        const to = Math.min(node.children.length - 1, childIndex(node.keys, end - 1) + 1);
-        for (let i = from; i <= to; i++) next.push(node.children[i]!);
+        const count = node.children.length;
+        let after = -1;
+        for (const touched of touchedChildren(node.keys, lo, hi, edit)) {
+          for (let i = Math.max(after + 1, touched - 1); i <= Math.min(count - 1, touched + 1); i++) {
+            next.push({ page: node.children[i]!, lo: i === 0 ? lo : node.keys[i]!, hi: i === count - 1 ? hi : node.keys[i + 1]! });
+            after = i;
+          }
+        }
       }
-      pins.want(next);
+      pins.want(next.map((item) => item.page));
       level = next;
     }
   }
@@ -716,19 +811,23 @@ export class PagedMaps {
     const node = this.#open(pins, changes, page, level);
     if (node.kind === 'leaf') return this.#split(edit.apply(node, lo, hi, changes), 0);
     const count = node.children.length;
-    const from = childIndex(node.keys, Math.max(lo, edit.first));
-    const to = childIndex(node.keys, Math.min(hi, edit.end) - 1);
+    const touched = touchedChildren(node.keys, lo, hi, edit);
     // The children changed, and a neighbour on each side in case one of them ends below its fill.
-    pins.want(node.children.slice(Math.max(0, from - 1), Math.min(count, to + 2)));
+    const wanted: number[] = [];
+    for (const i of touched) {
+      for (let j = Math.max(i - 1, wanted.length === 0 ? 0 : wanted[wanted.length - 1]! + 1); j <= Math.min(count - 1, i + 1); j++) wanted.push(j);
+    }
+    pins.want(wanted.map((i) => node.children[i]!));
+    // The ranges of the children changed, before any is replaced.
+    const bounds = touched.map((i) => [i === 0 ? lo : node.keys[i]!, i === count - 1 ? hi : node.keys[i + 1]!] as const);
     // The node is the pass's own copy (#open): each child changed is replaced in place, last first so that the
     // indexes still to visit do not move.
-    const bounds = node.keys.slice(from, to + 2);
     const outs: Outs = { keys: node.keys, items: node.children };
-    for (let i = to; i >= from; i--) {
+    for (let t = touched.length - 1; t >= 0; t--) {
+      const i = touched[t]!;
       const child = node.children[i]! as number;
-      const childLo = i === 0 ? lo : bounds[i - from]!;
-      const childHi = i === count - 1 ? hi : bounds[i + 1 - from]!;
-      if (onlyWhereMapped && !this.#anyIn(pins, child, level - 1, Math.max(childLo, edit.first), Math.min(childHi, edit.end))) continue;
+      const [childLo, childHi] = bounds[t]!;
+      if (onlyWhereMapped && !this.#anyIn(pins, child, level - 1, Math.max(childLo, editFirst(edit)), Math.min(childHi, editEnd(edit)))) continue;
       const below = this.#modify(pins, changes, child, level - 1, childLo, childHi, edit, onlyWhereMapped);
       splice(outs.keys, i, i + 1, below.keys);
       splice(outs.items, i, i + 1, below.items);
@@ -993,7 +1092,15 @@ export class PagedMap {
 
   /** Points `sums.length` chunks from `virtualChunk` at consecutive physical chunks with these crc32s. */
   mapRun(virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): Promise<void> {
-    return this.#maps.mapRun(this, virtualChunk, physicalChunk, sums, refs);
+    return this.#maps.mapRuns(this, [{ virtualChunk, physicalChunk, sums }], refs);
+  }
+
+  /**
+   * The runs mapped one after another in one pass (a leaf and the nodes above it copied once for all the runs
+   * that meet it); the same tree and the same count changes as `mapRun` of each in turn.
+   */
+  mapRuns(runs: readonly MapRunEdit[], refs: ChunkRefs): Promise<void> {
+    return this.#maps.mapRuns(this, runs, refs);
   }
 
   /** Unmaps every chunk in [virtualChunk, virtualChunk + chunkCount); resolves to how many were mapped. */
@@ -1068,6 +1175,10 @@ class Pins {
 
 /** Replaces values[from..to) with `replacement` in place (a spread of at most a few thousand, else a rebuild). */
 function splice<T>(values: T[], from: number, to: number, replacement: T[]): void {
+  if (replacement.length === to - from) {
+    for (let i = 0; i < replacement.length; i++) values[from + i] = replacement[i]!;
+    return;
+  }
   if (replacement.length <= 4096) {
     values.splice(from, to - from, ...replacement);
     return;

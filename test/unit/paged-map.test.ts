@@ -444,6 +444,7 @@ test('a map page damaged in one copy is read from the other; damaged in both, a 
 const volumeChunks = 700;
 type Op =
   | { kind: 'map'; map: number; v: number; n: number; reuse: number | null }
+  | { kind: 'maps'; map: number; runs: Array<{ v: number; n: number; reuse: number | null }> }
   | { kind: 'unmap'; map: number; v: number; n: number }
   | { kind: 'clone'; map: number }
   | { kind: 'drop'; map: number }
@@ -453,6 +454,16 @@ type Op =
 const index = fc.nat({ max: 7 });
 const opArbitrary: fc.Arbitrary<Op> = fc.oneof(
   { weight: 6, arbitrary: fc.record({ kind: fc.constant('map' as const), map: index, v: fc.nat({ max: volumeChunks - 1 }), n: fc.oneof(fc.integer({ min: 1, max: 12 }), fc.integer({ min: 1, max: 200 })), reuse: fc.option(fc.nat({ max: 5000 }), { freq: 4 }) }) },
+  // Several runs in one pass (mapRuns, as a replay applies a journal's writes): overlapping ones, and chunks one
+  // run of the batch maps and a later one overwrites or maps again elsewhere.
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      kind: fc.constant('maps' as const),
+      map: index,
+      runs: fc.array(fc.record({ v: fc.nat({ max: volumeChunks - 1 }), n: fc.oneof(fc.integer({ min: 1, max: 3 }), fc.integer({ min: 1, max: 60 })), reuse: fc.option(fc.nat({ max: 5000 }), { freq: 3 }) }), { minLength: 1, maxLength: 30 }),
+    }),
+  },
   { weight: 3, arbitrary: fc.record({ kind: fc.constant('unmap' as const), map: index, v: fc.nat({ max: volumeChunks - 1 }), n: fc.integer({ min: 1, max: 300 }) }) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('clone' as const), map: index }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('drop' as const), map: index }) },
@@ -486,6 +497,18 @@ test('paged maps match ChunkMap over random maps, unmaps, clones, drops and comm
               const pair = pick(op.map);
               pair.model.mapRun(op.v, physical, n, modelRefs);
               await pair.paged.mapRun(op.v, physical, sumsOf(physical, n), setup.chunkRefs);
+              break;
+            }
+            case 'maps': {
+              const pair = pick(op.map);
+              const runs = op.runs.map(({ v, n: wanted, reuse }) => {
+                const n = Math.min(wanted, volumeChunks - v);
+                const physical = reuse ?? nextPhysical;
+                nextPhysical = Math.max(nextPhysical, physical + n);
+                pair.model.mapRun(v, physical, n, modelRefs);
+                return { virtualChunk: v, physicalChunk: physical, sums: sumsOf(physical, n) };
+              });
+              await pair.paged.mapRuns(runs, setup.chunkRefs);
               break;
             }
             case 'unmap': {
