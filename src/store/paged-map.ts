@@ -333,44 +333,65 @@ export interface MapRunEdit {
   sums: ArrayLike<number>;
 }
 
+/** The indexes of `runs` in the order of their first keys (ties in any order). */
+function sortedByKey(runs: readonly MapRunEdit[]): Int32Array {
+  const count = runs.length;
+  // Key and index in one number, sorted as a typed array (no comparator call per comparison), while exact.
+  if (runs.every((run) => run.virtualChunk * count + count <= Number.MAX_SAFE_INTEGER)) {
+    const keyed = new Float64Array(count);
+    for (let i = 0; i < count; i++) keyed[i] = runs[i]!.virtualChunk * count + i;
+    keyed.sort();
+    const order = new Int32Array(count);
+    for (let k = 0; k < count; k++) order[k] = keyed[k]! % count;
+    return order;
+  }
+  return Int32Array.from({ length: count }, (_, i) => i).sort((a, b) => runs[a]!.virtualChunk - runs[b]!.virtualChunk);
+}
+
 /**
  * The edit of a `mapRuns`: each leaf gets the runs that meet it in call order, so chunk counts move exactly as
  * if the runs had applied one after another (a chunk one run maps and a later one overwrites is counted up, then
  * down), and the tree above a leaf is copied once for all of them.
  */
 function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
-  // Copies: the caller may reuse its arrays before the pass runs.
-  const sums = runs.map((run) => Uint32Array.from(run.sums));
-  const order = Array.from({ length: runs.length }, (_, i) => i);
-  order.sort((a, b) => runs[a]!.virtualChunk - runs[b]!.virtualChunk || a - b);
-  // Runs that overlap or touch share a range; each range keeps its runs' indexes, in call order.
+  const count = runs.length;
+  // The sums copied into one array (the caller may reuse its arrays before the pass runs): run i's from at[i].
+  const at = new Float64Array(count + 1);
+  for (let i = 0; i < count; i++) at[i + 1] = at[i]! + runs[i]!.sums.length;
+  const allSums = new Uint32Array(at[count]!);
+  for (let i = 0; i < count; i++) allSums.set(runs[i]!.sums, at[i]);
+  // Runs that overlap or touch share a range: range r holds the runs order[groups[r]] to order[groups[r + 1] - 1],
+  // put back in call order.
+  const order = sortedByKey(runs);
   const starts: number[] = [];
   const ends: number[] = [];
-  const members: number[][] = [];
-  for (const i of order) {
+  const groups: number[] = [];
+  for (let k = 0; k < count; k++) {
+    const i = order[k]!;
     const first = runs[i]!.virtualChunk;
-    const end = first + sums[i]!.length;
+    const end = first + at[i + 1]! - at[i]!;
     const last = ends.length - 1;
     if (last >= 0 && first <= ends[last]!) {
-      ends[last] = Math.max(ends[last]!, end);
-      members[last]!.push(i);
+      if (end > ends[last]!) ends[last] = end;
     } else {
       starts.push(first);
       ends.push(end);
-      members.push([i]);
+      groups.push(k);
     }
   }
-  for (const group of members) if (group.length > 1) group.sort((a, b) => a - b);
+  groups.push(count);
+  for (let r = 0; r + 1 < groups.length; r++) if (groups[r + 1]! - groups[r]! > 1) order.subarray(groups[r], groups[r + 1]).sort();
   const edit: Edit = {
     starts,
     ends,
     apply: (leaf, lo, hi, changes) => {
       for (let r = firstRangeAbove(edit, lo); r < starts.length && starts[r]! < hi; r++) {
-        for (const i of members[r]!) {
+        for (let k = groups[r]!; k < groups[r + 1]!; k++) {
+          const i = order[k]!;
           const run = runs[i]!;
-          const runSums = sums[i]!;
+          const sumAt = at[i]! - run.virtualChunk;
           const from = Math.max(lo, run.virtualChunk);
-          const to = Math.min(hi, run.virtualChunk + runSums.length);
+          const to = Math.min(hi, run.virtualChunk + at[i + 1]! - at[i]!);
           if (from >= to) continue;
           const a = lowerBound(leaf.keys, from);
           const b = lowerBound(leaf.keys, to);
@@ -382,10 +403,10 @@ function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
             if (b === a) {
               leaf.keys.splice(a, 0, from);
               leaf.physical.splice(a, 0, run.physicalChunk + from - run.virtualChunk);
-              leaf.sums.splice(a, 0, runSums[from - run.virtualChunk]!);
+              leaf.sums.splice(a, 0, allSums[sumAt + from]!);
             } else {
               leaf.physical[a] = run.physicalChunk + from - run.virtualChunk;
-              leaf.sums[a] = runSums[from - run.virtualChunk]!;
+              leaf.sums[a] = allSums[sumAt + from]!;
             }
             continue;
           }
@@ -395,7 +416,7 @@ function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
           for (let v = from; v < to; v++) {
             keys.push(v);
             physical.push(run.physicalChunk + v - run.virtualChunk);
-            leafSums.push(runSums[v - run.virtualChunk]!);
+            leafSums.push(allSums[sumAt + v]!);
             changes.chunkIncrements.push(run.physicalChunk + v - run.virtualChunk);
           }
           // The leaf is the pass's own copy (#open): changed in place.

@@ -575,3 +575,19 @@ test('paged maps match ChunkMap over random maps, unmaps, clones, drops and comm
   assert.ok(seen.levelMax >= 3 && seen.sharedPages > 100 && seen.pagesRead > 1000, JSON.stringify(seen));
   console.log(`# ${JSON.stringify(seen)}`);
 });
+
+test('mapRuns of keys too large to sort packed with their indexes maps the same as mapRun of each in turn', async () => {
+  await withMaps({ cachePages: 64, leafCapacity: 4, interiorCapacity: 4 }, async (setup) => {
+    const batched = setup.maps.empty();
+    const oneByOne = setup.maps.empty();
+    const base = 2 ** 48 - 200;
+    // 40 runs, some overlapping, out of order: (2^48 - 200) * 40 is past 2^53, so the sort compares keys one by one.
+    const runs = Array.from({ length: 40 }, (_, i) => ({ virtualChunk: base + ((i * 7) % 23) * 3, physicalChunk: 1_000 + i * 4, sums: sumsOf(1_000 + i * 4, 1 + (i % 4)) }));
+    // A tree below them first (4-entry nodes), so that the pass must pick its children by the runs' ranges.
+    for (const map of [batched, oneByOne]) for (let v = 0; v < 100; v += 2) await map.mapRun(base + v, 500 + v, sumsOf(500 + v, 1), setup.chunkRefs);
+    await batched.mapRuns(runs, setup.chunkRefs);
+    for (const run of runs) await oneByOne.mapRun(run.virtualChunk, run.physicalChunk, run.sums, setup.chunkRefs);
+    assert.deepEqual(await runsOf(batched, base, 100), await runsOf(oneByOne, base, 100));
+    assert.equal(batched.mappedCount, oneByOne.mappedCount);
+  });
+});
