@@ -333,6 +333,8 @@ export interface MapRunEdit {
   sums: ArrayLike<number>;
 }
 
+const oneRun = Int32Array.of(0);
+
 /** The indexes of `runs` in the order of their first keys (ties in any order). */
 function sortedByKey(runs: readonly MapRunEdit[]): Int32Array {
   const count = runs.length;
@@ -362,7 +364,7 @@ function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
   for (let i = 0; i < count; i++) allSums.set(runs[i]!.sums, at[i]);
   // Runs that overlap or touch share a range: range r holds the runs order[groups[r]] to order[groups[r + 1] - 1],
   // put back in call order.
-  const order = sortedByKey(runs);
+  const order = count === 1 ? oneRun : sortedByKey(runs);
   const starts: number[] = [];
   const ends: number[] = [];
   const groups: number[] = [];
@@ -548,7 +550,59 @@ export class PagedMaps {
     }
     if (runs.length === 0) return Promise.resolve();
     const edit = mapRunsEdit(runs);
-    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, false), refs).then(() => {});
+    const inPlace = runs.length === 1 ? () => this.#mapInPlace(map, runs[0]!, refs) : undefined;
+    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, false), refs, inPlace).then(() => {});
+  }
+
+  /**
+   * The fast way of a one-run mapRun, tried before its pass: when every node from the root down to the one leaf
+   * the run falls in is changed since the last commit (so no durable root names it) and held once (so no other
+   * map reaches it), the leaf takes the run without passing its capacity, its least key stays (so no interior key
+   * moves), and every chunk count it changes is loaded, the leaf is changed in place: no node copied, no page
+   * placed, no page count moved. The same tree and chunk counts as the pass would leave. Returns false, having
+   * changed nothing, when any of that does not hold (the pass then runs). Checks everything before changing
+   * anything, in one synchronous turn.
+   */
+  #mapInPlace(map: PagedMap, run: MapRunEdit, refs: ChunkRefs): boolean {
+    const first = run.virtualChunk;
+    const count = run.sums.length;
+    const end = first + count;
+    const pageCounts = this.#pageCountPages;
+    let page = map.rootPage;
+    let hi = mapKeyLimit;
+    for (;;) {
+      if (page === emptyRoot) return false;
+      const node = this.#dirty.get(page);
+      if (node === undefined || (pageCounts !== undefined && !pageCounts.loaded(page)) || this.#pageRefs.get(page) !== 1) return false;
+      if (node.kind === 'leaf') {
+        const leaf = node;
+        const a = lowerBound(leaf.keys, first);
+        const b = lowerBound(leaf.keys, end);
+        if (end > hi || leaf.keys.length - (b - a) + count > this.#leafCapacity) return false;
+        const chunkCounts = this.#chunkCountPages;
+        if (chunkCounts !== undefined) {
+          for (let i = a; i < b; i++) if (!chunkCounts.loaded(leaf.physical[i]!)) return false;
+          for (let i = 0; i < count; i++) if (!chunkCounts.loaded(run.physicalChunk + i)) return false;
+        }
+        // Counted up before down, as a pass applies (a chunk named again is never free in between).
+        for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
+        for (let i = a; i < b; i++) refs.decrement(leaf.physical[i]!);
+        const keys = Array.from({ length: count }, (_, i) => first + i);
+        const physical = Array.from({ length: count }, (_, i) => run.physicalChunk + i);
+        const sums = Array.from(run.sums, (sum) => sum >>> 0);
+        splice(leaf.keys, a, b, keys);
+        splice(leaf.physical, a, b, physical);
+        splice(leaf.sums, a, b, sums);
+        map.setState(map.rootPage, map.mappedCount + count - (b - a));
+        return true;
+      }
+      const i = childIndex(node.keys, first);
+      // Below the least key of the node (a new least key would move keys in the parents: the pass). So a leaf
+      // below the root is reached only at or above its least key, which then stays.
+      if (first < node.keys[i]!) return false;
+      if (i + 1 < node.keys.length) hi = node.keys[i + 1]!;
+      page = node.children[i]!;
+    }
   }
 
   /** @internal */
@@ -677,12 +731,15 @@ export class PagedMaps {
     const chunkCounts = this.#chunkCountPages;
     if (pageCounts !== undefined) {
       let placed = 0;
-      const countPlaced = (item: Item): void => {
-        if (typeof item === 'number') return;
+      const countPlaced = (item: Built): void => {
         placed += 1;
-        if (item.kind === 'interior') for (const child of item.items) countPlaced(child);
+        if (item.kind !== 'interior') return;
+        for (let i = 0; i < item.items.length; i++) {
+          const child = item.items[i]!;
+          if (typeof child !== 'number') countPlaced(child);
+        }
       };
-      if (root !== null) countPlaced(root);
+      if (root !== null && typeof root !== 'number') countPlaced(root);
       const fresh = Math.max(0, placed - changes.reusable.length);
       const pages = [...changes.pageDelta.keys(), ...this.#allocator.upcoming(2 * fresh)].filter((page) => !pageCounts.loaded(page));
       if (pages.length > 0) throw new MissingPages([], pages);
@@ -694,9 +751,9 @@ export class PagedMaps {
   }
 
   /** Queues a mutation of `map`: its pass computes the new root (or null: the map is left empty), then it applies. */
-  #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs): Promise<number> {
+  #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs, inPlace?: () => boolean): Promise<number> {
     return this.#queue(() =>
-      this.#pass((pins) => {
+      inPlace?.() ? Promise.resolve(0) : this.#pass((pins) => {
         const changes = new Changes(this.#pageRefs, this.#pageCountPages);
         const root = compute(pins, changes);
         this.#wantCounts(changes, root);

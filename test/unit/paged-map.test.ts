@@ -591,3 +591,31 @@ test('mapRuns of keys too large to sort packed with their indexes maps the same 
     assert.equal(batched.mappedCount, oneByOne.mappedCount);
   });
 });
+
+test('one-chunk and short writes into leaves changed since the commit apply in place, and keep the tree, its keys and its counts', async () => {
+  const capacities = { leaf: 8, interior: 4 };
+  await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
+    const modelRefs = new Counts();
+    const pairs = [{ model: new ChunkMap(), paged: setup.maps.empty() }];
+    let state = testSeed('paged map in place') >>> 0;
+    const random = (limit: number): number => {
+      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+      return state % limit;
+    };
+    let nextPhysical = 0;
+    for (let step = 0; step < 600; step++) {
+      const pair = pairs[random(pairs.length)]!;
+      // Writes from the middle outwards, so that new least keys and runs across two leaves come up.
+      const v = 150 + (random(2) === 0 ? 1 : -1) * random(150);
+      const n = 1 + random(3);
+      pair.model.mapRun(v, nextPhysical, n, modelRefs);
+      await pair.paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, n), setup.chunkRefs);
+      nextPhysical += n;
+      if (step % 97 === 96) await setup.maps.commit(() => Buffer.from(`step ${step}`));
+      if (step === 300) pairs.push({ model: pairs[0]!.model.clone(), paged: pairs[0]!.paged.clone() });
+      const label = `step ${step} (${n} at ${v})`;
+      for (const [i, p] of pairs.entries()) assert.deepEqual(await runsOf(p.paged, 0, 310), p.model.runs(0, 310), `${label}: map ${i}`);
+      await checkCounts(setup, pairs.map((p) => p.paged), capacities, label);
+    }
+  });
+});
