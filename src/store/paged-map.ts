@@ -44,7 +44,11 @@
 // `drop` is the exception: not one pass (a large map would pin all its pages and free them in one turn), it walks
 // the pages it frees one at a time, in slices.
 //
-// Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
+// Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
+// above it copied once for all the runs that meet it), and a one-run mapRun below nodes all dirty and held once
+// changes the leaf in place (`#mapInPlace`): no copy, no page placed.
+//
+// Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit is queued with the
 // mutations, so they wait while it writes (with the page allocator's `sealForCommit` they could run beside it);
 // a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
