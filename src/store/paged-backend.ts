@@ -46,7 +46,7 @@ const resolved = Promise.resolve();
 export class PagedBackend implements CatalogBackend {
   readonly formatVersion = pagedFormatVersion;
   readonly journalCheckpointBytes = pagedJournalCheckpointBytes;
-  /** The replay is most of a paged open (about 4 to 6 us a record, in batches: `replayBatches`): none after a clean close. */
+  /** The replay is most of a paged open (4 to 9 us a record, in batches: `replayBatches`): none after a clean close. */
   readonly checkpointAtClose = true;
   readonly #catalog: PagedCatalog;
   readonly #files: FileLayer;
