@@ -4,17 +4,19 @@
 // pause meanwhile), then 3 s of 4 KiB reads at random at QD32 (most fall in holes: they measure the lookup). Prints
 // the rates and the process's CPU (user + system, all threads) per write and per read: on a shared machine the
 // CPU per operation moves less than the rates. Interleave the kinds and repeat.
-// Usage: node bench/paged-writes.ts memory|paged [--writes 100000]
+// Usage: node bench/paged-writes.ts memory|paged [--writes 100000] [--journal SIZE] (the journal size that starts a checkpoint;
+// default the metadata's)
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
+import { parseSize } from '../src/core/units.ts';
 import { Pool } from '../src/store/pool.ts';
 
-const { values, positionals } = parseArgs({ allowPositionals: true, options: { writes: { type: 'string', default: '100000' } } });
+const { values, positionals } = parseArgs({ allowPositionals: true, options: { writes: { type: 'string', default: '100000' }, journal: { type: 'string' } } });
 const kind = positionals[0];
-if (kind !== 'memory' && kind !== 'paged') throw new Error('usage: node bench/paged-writes.ts memory|paged [--writes N]');
+if (kind !== 'memory' && kind !== 'paged') throw new Error('usage: node bench/paged-writes.ts memory|paged [--writes N] [--journal SIZE]');
 const writes = Number(values.writes);
 const volumeBytes = 64 * 2 ** 30;
 const blocks = volumeBytes / 4096;
@@ -22,7 +24,7 @@ const queueDepth = 32;
 
 const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-paged-writes-'));
 try {
-  const pool = await Pool.open({ directory: path.join(directory, 'pool'), metadata: kind, metadataCacheBytes: 64 * 2 ** 20 });
+  const pool = await Pool.open({ directory: path.join(directory, 'pool'), metadata: kind, metadataCacheBytes: 64 * 2 ** 20, ...(values.journal === undefined ? {} : { journalCheckpointBytes: parseSize(values.journal) }) });
   await pool.createVolume('v', volumeBytes);
   const volume = pool.openVolume('v');
   const data = Buffer.alloc(4096, 7);
@@ -59,7 +61,7 @@ try {
   const readSeconds = (performance.now() - readStart) / 1000;
   const readCpuUs = process.cpuUsage(readCpu);
   const perOp = (usage: NodeJS.CpuUsage, count: number): string => ((usage.user + usage.system) / count).toFixed(1);
-  console.log(`${kind}: ${Math.round(writes / writeSeconds)} writes/s (${perOp(writeCpuUs, writes)} us CPU each), checkpoint ${checkpointMs.toFixed(0)} ms (longest pause ${(delay.max / 1e6).toFixed(1)} ms), ${Math.round(reads / readSeconds)} reads/s (${perOp(readCpuUs, reads)} us CPU each)`);
+  console.log(`${kind}${values.journal === undefined ? '' : `, journal ${values.journal}`}: ${Math.round(writes / writeSeconds)} writes/s (${perOp(writeCpuUs, writes)} us CPU each), checkpoint ${checkpointMs.toFixed(0)} ms (longest pause ${(delay.max / 1e6).toFixed(1)} ms), ${Math.round(reads / readSeconds)} reads/s (${perOp(readCpuUs, reads)} us CPU each)`);
   await volume.close();
   await pool.close();
 } finally {
