@@ -19,9 +19,12 @@ export interface ScaleStep {
   eventLoopDelayMaxWritingSeconds: number;
   /** Checkpoints the node wrote during the writes (its journal filled). */
   checkpointsWhileWriting: number;
-  /** From spawn to the ready line: the open replays this step's journal and writes a checkpoint of everything. */
+  /**
+   * From spawn to the ready line after a kill -9: the open replays this step's journal (since the last checkpoint)
+   * and writes a checkpoint (format 3: of everything; paged: the pages the replay changed).
+   */
   startSeconds: number;
-  /** The same for a second restart after the reads, when the journal is empty. */
+  /** The same for a second restart, after a stop (SIGTERM) once the reads are done: no journal to replay. */
   startSecondsAgain: number;
   rssBytesAfterStart: number;
   /** Checkpoint and journal files in the pool, bytes allocated, after the checkpoint asked for below. */
@@ -86,7 +89,7 @@ const round = (value: number): string => Math.round(value).toString();
 
 export function formatStepsTable(steps: readonly ScaleStep[]): string {
   return markdownTable(
-    ['written', 'snapshots', 'write IOPS', 'RSS before restart MiB', 'start s (again)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'read IOPS cold', 'read IOPS warm', 'RSS after reads MiB'],
+    ['written', 'snapshots', 'write IOPS', 'RSS before restart MiB', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'read IOPS cold', 'read IOPS warm', 'RSS after reads MiB'],
     steps.map((s) => [
       formatSize(s.writtenBytes), String(s.snapshots), s.writeIops === null ? '' : round(s.writeIops), mib(s.rssBytesBeforeRestart), `${s.startSeconds.toFixed(2)} (${s.startSecondsAgain.toFixed(2)})`, mib(s.rssBytesAfterStart),
       mib(s.metadataBytes), mib(s.checkpointBytes), s.checkpointSeconds.toFixed(2), ms(s.checkpointEncodeSeconds), ms(s.eventLoopDelayMaxCheckpointSeconds),

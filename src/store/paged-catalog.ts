@@ -350,6 +350,38 @@ export class PagedCatalog {
   }
 
   /**
+   * Applies map records of one volume after those queued before it, as one pass of its map (paged-map.ts's
+   * `mapRuns`: a leaf and the nodes above it copied once for all the records that meet it): the same tables,
+   * maps and chunk counts as `apply` of each in turn. A record that cannot apply is refused as `apply` refuses
+   * it, after the records before it have applied.
+   */
+  applyMaps(records: ReadonlyArray<Extract<MetaRecord, { type: 'map' }>>, punchFrees = true): Promise<void> {
+    return this.#enqueue(async () => {
+      this.#punchFrees = punchFrees;
+      try {
+        const volumeId = records[0]?.volumeId;
+        // Map records change no table: each is checked against the tables as they are now.
+        const refused = records.some((record) => {
+          try {
+            checkRecord(this.#tables(), record);
+            return record.volumeId !== volumeId;
+          } catch {
+            return true;
+          }
+        });
+        if (refused) {
+          for (const record of records) await this.#apply(record);
+          return;
+        }
+        if (volumeId === undefined) return;
+        await this.#volumeById(volumeId).map.mapRuns(records, this.#space.chunks);
+      } finally {
+        this.#punchFrees = true;
+      }
+    });
+  }
+
+  /**
    * Makes everything applied before it durable as the root covering journal `journalGeneration`: dirty map nodes,
    * the table, the space maps, then the root (see the top). Queued with the records.
    */

@@ -44,7 +44,11 @@
 // `drop` is the exception: not one pass (a large map would pin all its pages and free them in one turn), it walks
 // the pages it frees one at a time, in slices.
 //
-// Known weaknesses: a change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
+// Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
+// above it copied once for all the runs that meet it), and a one-run mapRun below nodes all dirty and held once
+// changes the leaf in place (`#mapInPlace`): no copy, no page placed.
+//
+// Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit is queued with the
 // mutations, so they wait while it writes (with the page allocator's `sealForCommit` they could run beside it);
 // a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
@@ -289,12 +293,148 @@ export interface PagedMapsOptions {
   chunkCountPages?: CountPages;
 }
 
-/** A mapRun or unmapRange: the range of keys it covers, and what it does to a leaf there. */
+/**
+ * A mapRuns or unmapRange: the keys it covers, as sorted, disjoint ranges [starts[i], ends[i]) (at least one), and
+ * what it does to a leaf there. A pass visits only the children whose range meets one of them.
+ */
 interface Edit {
-  first: number;
-  end: number;
+  starts: readonly number[];
+  ends: readonly number[];
   /** Rewrites the entries of a private leaf whose range is [lo, hi), recording chunk and count changes. */
   apply(leaf: LeafNode, lo: number, hi: number, changes: Changes): LeafNode;
+}
+
+const editFirst = (edit: Edit): number => edit.starts[0]!;
+const editEnd = (edit: Edit): number => edit.ends[edit.ends.length - 1]!;
+
+/** The index of the first of `edit`'s ranges that ends above `key` (its count if none). */
+function firstRangeAbove(edit: Edit, key: number): number {
+  let lo = 0;
+  let hi = edit.ends.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (edit.ends[mid]! <= key) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** The indexes, ascending, of the children of an interior node routing [lo, hi) whose range meets `edit`. */
+function touchedChildren(keys: readonly number[], lo: number, hi: number, edit: Edit): number[] {
+  const touched: number[] = [];
+  for (let r = firstRangeAbove(edit, lo); r < edit.starts.length && edit.starts[r]! < hi; r++) {
+    const from = childIndex(keys, Math.max(lo, edit.starts[r]!));
+    const to = childIndex(keys, Math.min(hi, edit.ends[r]!) - 1);
+    for (let i = Math.max(from, (touched[touched.length - 1] ?? -1) + 1); i <= to; i++) touched.push(i);
+  }
+  return touched;
+}
+
+/** One run of a `mapRuns`: `sums.length` chunks from `virtualChunk` at consecutive physical chunks from `physicalChunk`. */
+export interface MapRunEdit {
+  virtualChunk: number;
+  physicalChunk: number;
+  sums: ArrayLike<number>;
+}
+
+const oneRun = Int32Array.of(0);
+
+/** The indexes of `runs` in the order of their first keys (ties in any order). */
+function sortedByKey(runs: readonly MapRunEdit[]): Int32Array {
+  const count = runs.length;
+  // Key and index in one number, sorted as a typed array (no comparator call per comparison), while exact.
+  if (runs.every((run) => run.virtualChunk * count + count <= Number.MAX_SAFE_INTEGER)) {
+    const keyed = new Float64Array(count);
+    for (let i = 0; i < count; i++) keyed[i] = runs[i]!.virtualChunk * count + i;
+    keyed.sort();
+    const order = new Int32Array(count);
+    for (let k = 0; k < count; k++) order[k] = keyed[k]! % count;
+    return order;
+  }
+  return Int32Array.from({ length: count }, (_, i) => i).sort((a, b) => runs[a]!.virtualChunk - runs[b]!.virtualChunk);
+}
+
+/**
+ * The edit of a `mapRuns`: each leaf gets the runs that meet it in call order, so chunk counts move exactly as
+ * if the runs had applied one after another (a chunk one run maps and a later one overwrites is counted up, then
+ * down), and the tree above a leaf is copied once for all of them.
+ */
+function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
+  const count = runs.length;
+  // The sums copied into one array (the caller may reuse its arrays before the pass runs): run i's from at[i].
+  const at = new Float64Array(count + 1);
+  for (let i = 0; i < count; i++) at[i + 1] = at[i]! + runs[i]!.sums.length;
+  const allSums = new Uint32Array(at[count]!);
+  for (let i = 0; i < count; i++) allSums.set(runs[i]!.sums, at[i]);
+  // Runs that overlap or touch share a range: range r holds the runs order[groups[r]] to order[groups[r + 1] - 1],
+  // put back in call order.
+  const order = count === 1 ? oneRun : sortedByKey(runs);
+  const starts: number[] = [];
+  const ends: number[] = [];
+  const groups: number[] = [];
+  for (let k = 0; k < count; k++) {
+    const i = order[k]!;
+    const first = runs[i]!.virtualChunk;
+    const end = first + at[i + 1]! - at[i]!;
+    const last = ends.length - 1;
+    if (last >= 0 && first <= ends[last]!) {
+      if (end > ends[last]!) ends[last] = end;
+    } else {
+      starts.push(first);
+      ends.push(end);
+      groups.push(k);
+    }
+  }
+  groups.push(count);
+  for (let r = 0; r + 1 < groups.length; r++) if (groups[r + 1]! - groups[r]! > 1) order.subarray(groups[r], groups[r + 1]).sort();
+  const edit: Edit = {
+    starts,
+    ends,
+    apply: (leaf, lo, hi, changes) => {
+      for (let r = firstRangeAbove(edit, lo); r < starts.length && starts[r]! < hi; r++) {
+        for (let k = groups[r]!; k < groups[r + 1]!; k++) {
+          const i = order[k]!;
+          const run = runs[i]!;
+          const sumAt = at[i]! - run.virtualChunk;
+          const from = Math.max(lo, run.virtualChunk);
+          const to = Math.min(hi, run.virtualChunk + at[i + 1]! - at[i]!);
+          if (from >= to) continue;
+          const a = lowerBound(leaf.keys, from);
+          const b = lowerBound(leaf.keys, to);
+          for (let k = a; k < b; k++) changes.chunkDecrements.push(leaf.physical[k]!);
+          changes.mappedDelta += to - from - (b - a);
+          if (to - from === 1 && b - a <= 1) {
+            // One chunk (a 4 KiB write): overwritten or inserted without building arrays.
+            changes.chunkIncrements.push(run.physicalChunk + from - run.virtualChunk);
+            if (b === a) {
+              leaf.keys.splice(a, 0, from);
+              leaf.physical.splice(a, 0, run.physicalChunk + from - run.virtualChunk);
+              leaf.sums.splice(a, 0, allSums[sumAt + from]!);
+            } else {
+              leaf.physical[a] = run.physicalChunk + from - run.virtualChunk;
+              leaf.sums[a] = allSums[sumAt + from]!;
+            }
+            continue;
+          }
+          const keys: number[] = [];
+          const physical: number[] = [];
+          const leafSums: number[] = [];
+          for (let v = from; v < to; v++) {
+            keys.push(v);
+            physical.push(run.physicalChunk + v - run.virtualChunk);
+            leafSums.push(allSums[sumAt + v]!);
+            changes.chunkIncrements.push(run.physicalChunk + v - run.virtualChunk);
+          }
+          // The leaf is the pass's own copy (#open): changed in place.
+          splice(leaf.keys, a, b, keys);
+          splice(leaf.physical, a, b, physical);
+          splice(leaf.sums, a, b, leafSums);
+        }
+      }
+      return leaf;
+    },
+  };
+  return edit;
 }
 
 /** The pages all maps of a pool share, and the tree operations over them; a map is a `PagedMap`. */
@@ -405,47 +545,76 @@ export class PagedMaps {
   }
 
   /** @internal */
-  mapRun(map: PagedMap, virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): Promise<void> {
-    const chunkCount = sums.length;
-    if (!(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) {
-      return Promise.reject(ChunkdError.invalid(`a paged map maps ${chunkCount} chunks at ${virtualChunk} to ${physicalChunk}: out of range`));
+  mapRuns(map: PagedMap, runs: readonly MapRunEdit[], refs: ChunkRefs): Promise<void> {
+    for (const { virtualChunk, physicalChunk, sums } of runs) {
+      const chunkCount = sums.length;
+      if (!(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) {
+        return Promise.reject(ChunkdError.invalid(`a paged map maps ${chunkCount} chunks at ${virtualChunk} to ${physicalChunk}: out of range`));
+      }
     }
-    const sumsCopy = Array.from(sums);
-    const edit: Edit = {
-      first: virtualChunk,
-      end: virtualChunk + chunkCount,
-      apply: (leaf, lo, hi, changes) => {
-        const from = Math.max(lo, virtualChunk);
-        const to = Math.min(hi, virtualChunk + chunkCount);
-        const a = lowerBound(leaf.keys, from);
-        const b = lowerBound(leaf.keys, to);
-        for (let i = a; i < b; i++) changes.chunkDecrements.push(leaf.physical[i]!);
-        const keys: number[] = [];
-        const physical: number[] = [];
-        const leafSums: number[] = [];
-        for (let v = from; v < to; v++) {
-          keys.push(v);
-          physical.push(physicalChunk + v - virtualChunk);
-          leafSums.push(sumsCopy[v - virtualChunk]! >>> 0);
-          changes.chunkIncrements.push(physicalChunk + v - virtualChunk);
+    if (runs.length === 0) return Promise.resolve();
+    const edit = mapRunsEdit(runs);
+    const inPlace = runs.length === 1 ? () => this.#mapInPlace(map, runs[0]!, refs) : undefined;
+    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, false), refs, inPlace).then(() => {});
+  }
+
+  /**
+   * The fast way of a one-run mapRun, tried before its pass: when every node from the root down to the one leaf
+   * the run falls in is changed since the last commit (so no durable root names it) and held once (so no other
+   * map reaches it), the leaf takes the run without passing its capacity, its least key stays (so no interior key
+   * moves), and every chunk count it changes is loaded, the leaf is changed in place: no node copied, no page
+   * placed, no page count moved. The same tree and chunk counts as the pass would leave. Returns false, having
+   * changed nothing, when any of that does not hold (the pass then runs). Checks everything before changing
+   * anything, in one synchronous turn.
+   */
+  #mapInPlace(map: PagedMap, run: MapRunEdit, refs: ChunkRefs): boolean {
+    const first = run.virtualChunk;
+    const count = run.sums.length;
+    const end = first + count;
+    const pageCounts = this.#pageCountPages;
+    let page = map.rootPage;
+    let hi = mapKeyLimit;
+    for (;;) {
+      if (page === emptyRoot) return false;
+      const node = this.#dirty.get(page);
+      if (node === undefined || (pageCounts !== undefined && !pageCounts.loaded(page)) || this.#pageRefs.get(page) !== 1) return false;
+      if (node.kind === 'leaf') {
+        const leaf = node;
+        const a = lowerBound(leaf.keys, first);
+        const b = lowerBound(leaf.keys, end);
+        if (end > hi || leaf.keys.length - (b - a) + count > this.#leafCapacity) return false;
+        const chunkCounts = this.#chunkCountPages;
+        if (chunkCounts !== undefined) {
+          for (let i = a; i < b; i++) if (!chunkCounts.loaded(leaf.physical[i]!)) return false;
+          for (let i = 0; i < count; i++) if (!chunkCounts.loaded(run.physicalChunk + i)) return false;
         }
-        changes.mappedDelta += to - from - (b - a);
-        // The leaf is the pass's own copy (#open): changed in place.
+        // Counted up before down, as a pass applies (a chunk named again is never free in between).
+        for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
+        for (let i = a; i < b; i++) refs.decrement(leaf.physical[i]!);
+        const keys = Array.from({ length: count }, (_, i) => first + i);
+        const physical = Array.from({ length: count }, (_, i) => run.physicalChunk + i);
+        const sums = Array.from(run.sums, (sum) => sum >>> 0);
         splice(leaf.keys, a, b, keys);
         splice(leaf.physical, a, b, physical);
-        splice(leaf.sums, a, b, leafSums);
-        return leaf;
-      },
-    };
-    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, false), refs).then(() => {});
+        splice(leaf.sums, a, b, sums);
+        map.setState(map.rootPage, map.mappedCount + count - (b - a));
+        return true;
+      }
+      const i = childIndex(node.keys, first);
+      // Below the least key of the node (a new least key would move keys in the parents: the pass). So a leaf
+      // below the root is reached only at or above its least key, which then stays.
+      if (first < node.keys[i]!) return false;
+      if (i + 1 < node.keys.length) hi = node.keys[i + 1]!;
+      page = node.children[i]!;
+    }
   }
 
   /** @internal */
   unmapRange(map: PagedMap, virtualChunk: number, chunkCount: number, refs: ChunkRefs): Promise<number> {
     const end = Math.min(virtualChunk + chunkCount, mapKeyLimit);
     const edit: Edit = {
-      first: virtualChunk,
-      end,
+      starts: [virtualChunk],
+      ends: [end],
       apply: (leaf, _lo, _hi, changes) => {
         const a = lowerBound(leaf.keys, virtualChunk);
         const b = lowerBound(leaf.keys, end);
@@ -566,12 +735,15 @@ export class PagedMaps {
     const chunkCounts = this.#chunkCountPages;
     if (pageCounts !== undefined) {
       let placed = 0;
-      const countPlaced = (item: Item): void => {
-        if (typeof item === 'number') return;
+      const countPlaced = (item: Built): void => {
         placed += 1;
-        if (item.kind === 'interior') for (const child of item.items) countPlaced(child);
+        if (item.kind !== 'interior') return;
+        for (let i = 0; i < item.items.length; i++) {
+          const child = item.items[i]!;
+          if (typeof child !== 'number') countPlaced(child);
+        }
       };
-      if (root !== null) countPlaced(root);
+      if (root !== null && typeof root !== 'number') countPlaced(root);
       const fresh = Math.max(0, placed - changes.reusable.length);
       const pages = [...changes.pageDelta.keys(), ...this.#allocator.upcoming(2 * fresh)].filter((page) => !pageCounts.loaded(page));
       if (pages.length > 0) throw new MissingPages([], pages);
@@ -583,9 +755,9 @@ export class PagedMaps {
   }
 
   /** Queues a mutation of `map`: its pass computes the new root (or null: the map is left empty), then it applies. */
-  #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs): Promise<number> {
+  #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs, inPlace?: () => boolean): Promise<number> {
     return this.#queue(() =>
-      this.#pass((pins) => {
+      inPlace?.() ? Promise.resolve(0) : this.#pass((pins) => {
         const changes = new Changes(this.#pageRefs, this.#pageCountPages);
         const root = compute(pins, changes);
         this.#wantCounts(changes, root);
@@ -677,36 +849,41 @@ export class PagedMaps {
 
   /** The pass of mapRun and unmapRange: the new root, or null for an empty map. */
   #edit(pins: Pins, changes: Changes, rootPage: number, edit: Edit, onlyWhereMapped: boolean): Item | null {
-    if (edit.first >= edit.end) return rootPage === emptyRoot ? null : rootPage;
+    if (editFirst(edit) >= editEnd(edit)) return rootPage === emptyRoot ? null : rootPage;
     if (rootPage === emptyRoot) {
       if (onlyWhereMapped) return null;
       const leaf = edit.apply({ kind: 'leaf', keys: [], physical: [], sums: [] }, 0, mapKeyLimit, changes);
       return this.#rootOf(this.#split(leaf, 0), 0);
     }
     const root = this.#node(pins, rootPage, undefined);
-    if (pins.retrying) this.#prefetch(pins, rootPage, edit.first, edit.end);
-    if (onlyWhereMapped && !this.#anyIn(pins, rootPage, levelOf(root), edit.first, edit.end)) return rootPage;
+    if (pins.retrying) this.#prefetch(pins, rootPage, edit);
+    if (onlyWhereMapped && !this.#anyIn(pins, rootPage, levelOf(root), editFirst(edit), editEnd(edit))) return rootPage;
     return this.#rootOf(this.#modify(pins, changes, rootPage, levelOf(root), 0, mapKeyLimit, edit, onlyWhereMapped), levelOf(root));
   }
 
   /**
-   * Names at once, a level at a time, every page below `rootPage` whose range meets [first, end), with a neighbour
-   * on each side (what #modify visits): a pass that misses pages then starts over once per level, not once per
+   * Names at once, a level at a time, every page below `rootPage` whose range meets `edit`, with a neighbour on
+   * each side (what #modify visits): a pass that misses pages then starts over once per level, not once per
    * interior node of the range (each start redoing the pass so far). Only once a pass has missed: a warm one pays
    * nothing for it.
    */
-  #prefetch(pins: Pins, rootPage: number, first: number, end: number): void {
-    let level = [rootPage];
+  #prefetch(pins: Pins, rootPage: number, edit: Edit): void {
+    let level = [{ page: rootPage, lo: 0, hi: mapKeyLimit }];
     for (;;) {
-      const next: number[] = [];
-      for (const page of level) {
+      const next: Array<{ page: number; lo: number; hi: number }> = [];
+      for (const { page, lo, hi } of level) {
         const node = pins.node(page);
         if (node.kind === 'leaf') return;
-        const from = Math.max(0, childIndex(node.keys, first) - 1);
-        const to = Math.min(node.children.length - 1, childIndex(node.keys, end - 1) + 1);
-        for (let i = from; i <= to; i++) next.push(node.children[i]!);
+        const count = node.children.length;
+        let after = -1;
+        for (const touched of touchedChildren(node.keys, lo, hi, edit)) {
+          for (let i = Math.max(after + 1, touched - 1); i <= Math.min(count - 1, touched + 1); i++) {
+            next.push({ page: node.children[i]!, lo: i === 0 ? lo : node.keys[i]!, hi: i === count - 1 ? hi : node.keys[i + 1]! });
+            after = i;
+          }
+        }
       }
-      pins.want(next);
+      pins.want(next.map((item) => item.page));
       level = next;
     }
   }
@@ -716,19 +893,23 @@ export class PagedMaps {
     const node = this.#open(pins, changes, page, level);
     if (node.kind === 'leaf') return this.#split(edit.apply(node, lo, hi, changes), 0);
     const count = node.children.length;
-    const from = childIndex(node.keys, Math.max(lo, edit.first));
-    const to = childIndex(node.keys, Math.min(hi, edit.end) - 1);
+    const touched = touchedChildren(node.keys, lo, hi, edit);
     // The children changed, and a neighbour on each side in case one of them ends below its fill.
-    pins.want(node.children.slice(Math.max(0, from - 1), Math.min(count, to + 2)));
+    const wanted: number[] = [];
+    for (const i of touched) {
+      for (let j = Math.max(i - 1, wanted.length === 0 ? 0 : wanted[wanted.length - 1]! + 1); j <= Math.min(count - 1, i + 1); j++) wanted.push(j);
+    }
+    pins.want(wanted.map((i) => node.children[i]!));
+    // The ranges of the children changed, before any is replaced.
+    const bounds = touched.map((i) => [i === 0 ? lo : node.keys[i]!, i === count - 1 ? hi : node.keys[i + 1]!] as const);
     // The node is the pass's own copy (#open): each child changed is replaced in place, last first so that the
     // indexes still to visit do not move.
-    const bounds = node.keys.slice(from, to + 2);
     const outs: Outs = { keys: node.keys, items: node.children };
-    for (let i = to; i >= from; i--) {
+    for (let t = touched.length - 1; t >= 0; t--) {
+      const i = touched[t]!;
       const child = node.children[i]! as number;
-      const childLo = i === 0 ? lo : bounds[i - from]!;
-      const childHi = i === count - 1 ? hi : bounds[i + 1 - from]!;
-      if (onlyWhereMapped && !this.#anyIn(pins, child, level - 1, Math.max(childLo, edit.first), Math.min(childHi, edit.end))) continue;
+      const [childLo, childHi] = bounds[t]!;
+      if (onlyWhereMapped && !this.#anyIn(pins, child, level - 1, Math.max(childLo, editFirst(edit)), Math.min(childHi, editEnd(edit)))) continue;
       const below = this.#modify(pins, changes, child, level - 1, childLo, childHi, edit, onlyWhereMapped);
       splice(outs.keys, i, i + 1, below.keys);
       splice(outs.items, i, i + 1, below.items);
@@ -993,7 +1174,15 @@ export class PagedMap {
 
   /** Points `sums.length` chunks from `virtualChunk` at consecutive physical chunks with these crc32s. */
   mapRun(virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): Promise<void> {
-    return this.#maps.mapRun(this, virtualChunk, physicalChunk, sums, refs);
+    return this.#maps.mapRuns(this, [{ virtualChunk, physicalChunk, sums }], refs);
+  }
+
+  /**
+   * The runs mapped one after another in one pass (a leaf and the nodes above it copied once for all the runs
+   * that meet it); the same tree and the same count changes as `mapRun` of each in turn.
+   */
+  mapRuns(runs: readonly MapRunEdit[], refs: ChunkRefs): Promise<void> {
+    return this.#maps.mapRuns(this, runs, refs);
   }
 
   /** Unmaps every chunk in [virtualChunk, virtualChunk + chunkCount); resolves to how many were mapped. */
@@ -1068,6 +1257,10 @@ class Pins {
 
 /** Replaces values[from..to) with `replacement` in place (a spread of at most a few thousand, else a rebuild). */
 function splice<T>(values: T[], from: number, to: number, replacement: T[]): void {
+  if (replacement.length === to - from) {
+    for (let i = 0; i < replacement.length; i++) values[from + i] = replacement[i]!;
+    return;
+  }
   if (replacement.length <= 4096) {
     values.splice(from, to - from, ...replacement);
     return;

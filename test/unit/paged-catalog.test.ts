@@ -63,6 +63,32 @@ async function apply(pair: Pair, record: MetaRecord, label: string): Promise<boo
   return modelError !== undefined;
 }
 
+/**
+ * Map records applied to the paged side in one `applyMaps` (as a replay applies a journal's writes) and one by one
+ * to the model, which stops at the first it refuses; both refuse or neither does. Returns the records not applied.
+ */
+async function applyBatch(pair: Pair, records: MetaRecord[], label: string): Promise<MetaRecord[]> {
+  let modelError: unknown;
+  let applied = 0;
+  try {
+    for (const record of records) {
+      applyRecord(pair.model, record, pair.modelRefs);
+      applied += 1;
+    }
+  } catch (error) {
+    modelError = error;
+  }
+  let pagedError: unknown;
+  try {
+    await pair.paged.applyMaps(records as Array<Extract<MetaRecord, { type: 'map' }>>);
+  } catch (error) {
+    pagedError = error;
+  }
+  assert.equal(pagedError === undefined, modelError === undefined, `${label}: refused by one side only (${String(modelError ?? pagedError)})`);
+  if (modelError !== undefined) assert.ok(isCorrupt(modelError) && isCorrupt(pagedError), `${label}: ${String(modelError)} / ${String(pagedError)}`);
+  return records.slice(applied);
+}
+
 /** A map record of fresh chunks from the paged side's allocator, with sums. */
 async function mapRecord(pair: Pair, volumeId: number, virtualChunk: number, chunkCount: number): Promise<MetaRecord> {
   const physicalChunk = await pair.paged.chunks.allocate(chunkCount);
@@ -194,6 +220,7 @@ type Command =
   | { kind: 'clone'; snapshot: number }
   | { kind: 'snapshot'; volume: number }
   | { kind: 'map'; volume: number; v: number; n: number }
+  | { kind: 'maps'; volume: number; writes: Array<{ v: number; n: number }> }
   | { kind: 'unmap'; volume: number; v: number; n: number }
   | { kind: 'rollback'; volume: number; snapshot: number }
   | { kind: 'remove'; volume: number }
@@ -207,6 +234,7 @@ const commandArbitrary: fc.Arbitrary<Command> = fc.oneof(
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('clone' as const), snapshot: pick }) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('snapshot' as const), volume: pick }) },
   { weight: 8, arbitrary: fc.record({ kind: fc.constant('map' as const), volume: pick, v: fc.nat({ max: volumeChunks - 1 }), n: fc.integer({ min: 1, max: 12 }) }) },
+  { weight: 2, arbitrary: fc.record({ kind: fc.constant('maps' as const), volume: pick, writes: fc.array(fc.record({ v: fc.nat({ max: volumeChunks - 1 }), n: fc.integer({ min: 1, max: 4 }) }), { minLength: 2, maxLength: 12 }) }) },
   { weight: 3, arbitrary: fc.record({ kind: fc.constant('unmap' as const), volume: pick, v: fc.nat({ max: volumeChunks - 1 }), n: fc.integer({ min: 1, max: 30 }) }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('rollback' as const), volume: pick, snapshot: pick }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('remove' as const), volume: pick }) },
@@ -235,6 +263,8 @@ async function recordOf(pair: Pair, command: Command, step: number): Promise<Met
       const v = command.v % (size + (step % 11 === 0 ? 4 : 0));
       return mapRecord(pair, volume.id, v, Math.max(1, Math.min(command.n, size - v)));
     }
+    case 'maps':
+      return null;
     case 'unmap':
       return volume === undefined ? null : { type: 'unmap', volumeId: volume.id, virtualChunk: command.v, chunkCount: command.n };
     case 'rollback': {
@@ -282,6 +312,21 @@ test('the paged catalog matches applyRecord over random records, checkpoints and
               seen.reopens += 1;
               await checkSpace(pair, `${label}, reopened`);
             }
+          } else if (command.kind === 'maps') {
+            const volumes = [...pair.model.volumes.values()].sort((a, b) => a.id - b.id);
+            if (volumes.length === 0) continue;
+            const volume = volumes[command.volume % volumes.length]!;
+            const size = volume.sizeBytes / chunkSizeBytes;
+            // Overlapping writes, and now and then one past the end in the middle: both sides stop there.
+            const records: MetaRecord[] = [];
+            for (const [i, write] of command.writes.entries()) {
+              const v = write.v % (size + (step % 5 === 0 && i === 1 ? 4 : 0));
+              records.push(await mapRecord(pair, volume.id, v, Math.max(1, Math.min(write.n, size - v))));
+            }
+            const left = await applyBatch(pair, records, `${label}: ${records.length} map records`);
+            if (left.length > 0) seen.refused += 1;
+            for (const record of left) if (record.type === 'map') pair.paged.chunks.release(record.physicalChunk, record.chunkCount);
+            seen.records += records.length;
           } else {
             const record = await recordOf(pair, command, step);
             if (record === null) continue;

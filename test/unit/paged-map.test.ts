@@ -444,6 +444,7 @@ test('a map page damaged in one copy is read from the other; damaged in both, a 
 const volumeChunks = 700;
 type Op =
   | { kind: 'map'; map: number; v: number; n: number; reuse: number | null }
+  | { kind: 'maps'; map: number; runs: Array<{ v: number; n: number; reuse: number | null }> }
   | { kind: 'unmap'; map: number; v: number; n: number }
   | { kind: 'clone'; map: number }
   | { kind: 'drop'; map: number }
@@ -453,6 +454,16 @@ type Op =
 const index = fc.nat({ max: 7 });
 const opArbitrary: fc.Arbitrary<Op> = fc.oneof(
   { weight: 6, arbitrary: fc.record({ kind: fc.constant('map' as const), map: index, v: fc.nat({ max: volumeChunks - 1 }), n: fc.oneof(fc.integer({ min: 1, max: 12 }), fc.integer({ min: 1, max: 200 })), reuse: fc.option(fc.nat({ max: 5000 }), { freq: 4 }) }) },
+  // Several runs in one pass (mapRuns, as a replay applies a journal's writes): overlapping ones, and chunks one
+  // run of the batch maps and a later one overwrites or maps again elsewhere.
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      kind: fc.constant('maps' as const),
+      map: index,
+      runs: fc.array(fc.record({ v: fc.nat({ max: volumeChunks - 1 }), n: fc.oneof(fc.integer({ min: 1, max: 3 }), fc.integer({ min: 1, max: 60 })), reuse: fc.option(fc.nat({ max: 5000 }), { freq: 3 }) }), { minLength: 1, maxLength: 30 }),
+    }),
+  },
   { weight: 3, arbitrary: fc.record({ kind: fc.constant('unmap' as const), map: index, v: fc.nat({ max: volumeChunks - 1 }), n: fc.integer({ min: 1, max: 300 }) }) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('clone' as const), map: index }) },
   { weight: 1, arbitrary: fc.record({ kind: fc.constant('drop' as const), map: index }) },
@@ -486,6 +497,18 @@ test('paged maps match ChunkMap over random maps, unmaps, clones, drops and comm
               const pair = pick(op.map);
               pair.model.mapRun(op.v, physical, n, modelRefs);
               await pair.paged.mapRun(op.v, physical, sumsOf(physical, n), setup.chunkRefs);
+              break;
+            }
+            case 'maps': {
+              const pair = pick(op.map);
+              const runs = op.runs.map(({ v, n: wanted, reuse }) => {
+                const n = Math.min(wanted, volumeChunks - v);
+                const physical = reuse ?? nextPhysical;
+                nextPhysical = Math.max(nextPhysical, physical + n);
+                pair.model.mapRun(v, physical, n, modelRefs);
+                return { virtualChunk: v, physicalChunk: physical, sums: sumsOf(physical, n) };
+              });
+              await pair.paged.mapRuns(runs, setup.chunkRefs);
               break;
             }
             case 'unmap': {
@@ -551,4 +574,48 @@ test('paged maps match ChunkMap over random maps, unmaps, clones, drops and comm
   // The runs did what the test is for: deep trees, pages shared between maps, pages read back from the file.
   assert.ok(seen.levelMax >= 3 && seen.sharedPages > 100 && seen.pagesRead > 1000, JSON.stringify(seen));
   console.log(`# ${JSON.stringify(seen)}`);
+});
+
+test('mapRuns of keys too large to sort packed with their indexes maps the same as mapRun of each in turn', async () => {
+  await withMaps({ cachePages: 64, leafCapacity: 4, interiorCapacity: 4 }, async (setup) => {
+    const batched = setup.maps.empty();
+    const oneByOne = setup.maps.empty();
+    const base = 2 ** 48 - 200;
+    // 40 runs, some overlapping, out of order: (2^48 - 200) * 40 is past 2^53, so the sort compares keys one by one.
+    const runs = Array.from({ length: 40 }, (_, i) => ({ virtualChunk: base + ((i * 7) % 23) * 3, physicalChunk: 1_000 + i * 4, sums: sumsOf(1_000 + i * 4, 1 + (i % 4)) }));
+    // A tree below them first (4-entry nodes), so that the pass must pick its children by the runs' ranges.
+    for (const map of [batched, oneByOne]) for (let v = 0; v < 100; v += 2) await map.mapRun(base + v, 500 + v, sumsOf(500 + v, 1), setup.chunkRefs);
+    await batched.mapRuns(runs, setup.chunkRefs);
+    for (const run of runs) await oneByOne.mapRun(run.virtualChunk, run.physicalChunk, run.sums, setup.chunkRefs);
+    assert.deepEqual(await runsOf(batched, base, 100), await runsOf(oneByOne, base, 100));
+    assert.equal(batched.mappedCount, oneByOne.mappedCount);
+  });
+});
+
+test('one-chunk and short writes into leaves changed since the commit apply in place, and keep the tree, its keys and its counts', async () => {
+  const capacities = { leaf: 8, interior: 4 };
+  await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
+    const modelRefs = new Counts();
+    const pairs = [{ model: new ChunkMap(), paged: setup.maps.empty() }];
+    let state = testSeed('paged map in place') >>> 0;
+    const random = (limit: number): number => {
+      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+      return state % limit;
+    };
+    let nextPhysical = 0;
+    for (let step = 0; step < 600; step++) {
+      const pair = pairs[random(pairs.length)]!;
+      // Writes from the middle outwards, so that new least keys and runs across two leaves come up.
+      const v = 150 + (random(2) === 0 ? 1 : -1) * random(150);
+      const n = 1 + random(3);
+      pair.model.mapRun(v, nextPhysical, n, modelRefs);
+      await pair.paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, n), setup.chunkRefs);
+      nextPhysical += n;
+      if (step % 97 === 96) await setup.maps.commit(() => Buffer.from(`step ${step}`));
+      if (step === 300) pairs.push({ model: pairs[0]!.model.clone(), paged: pairs[0]!.paged.clone() });
+      const label = `step ${step} (${n} at ${v})`;
+      for (const [i, p] of pairs.entries()) assert.deepEqual(await runsOf(p.paged, 0, 310), p.model.runs(0, 310), `${label}: map ${i}`);
+      await checkCounts(setup, pairs.map((p) => p.paged), capacities, label);
+    }
+  });
 });

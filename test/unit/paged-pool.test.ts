@@ -12,6 +12,8 @@ import { ChunkdError } from '../../src/core/errors.ts';
 import { chunkFilePath } from '../../src/store/chunk-file-layout.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
+import type { MetaRecord } from '../../src/store/metadata.ts';
+import { replayBatchRecords, replayBatches } from '../../src/store/paged-backend.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
 import { chunksDirectory, markerPath } from '../../src/store/pool-layout.ts';
 import { TestFiles } from '../../src/testing/test-files.ts';
@@ -319,4 +321,23 @@ test('a paged open reads no page of chunk counts: the free chunks below the top 
     const report = await fsckPool(directory);
     assert.ok(report.clean, report.errors.join('; '));
   });
+});
+
+test('a replay applies consecutive map records of one volume in one batch, and every other record alone, in order', () => {
+  const map = (volumeId: number, virtualChunk: number): MetaRecord => ({ type: 'map', volumeId, virtualChunk, physicalChunk: virtualChunk, chunkCount: 1, sums: Uint32Array.of(0) });
+  const records: MetaRecord[] = [
+    map(1, 0),
+    map(1, 5),
+    map(2, 0),
+    { type: 'snapshot', volumeId: 1, snapshotId: 1, name: 's', createdAtMs: 1 },
+    map(1, 5),
+    { type: 'unmap', volumeId: 1, virtualChunk: 0, chunkCount: 1 },
+    ...Array.from({ length: replayBatchRecords + 1 }, (_, i) => map(1, i)),
+  ];
+  const batches = replayBatches(records);
+  assert.deepEqual(batches.flat(), records, 'every record once, in order');
+  assert.deepEqual(
+    batches.map((batch) => batch.length),
+    [2, 1, 1, 1, 1, replayBatchRecords, 1],
+  );
 });
