@@ -7,9 +7,11 @@
 //   syncWrite binary, below               -> {} once the write is applied there (and durable there with FUA)
 //   syncFlush {volume, epoch, session}    -> {} once every write the replica acknowledged before it is durable
 //   syncControl {volume, epoch, session, action, ...}
-//                                         -> {} once the change is durable there; the owner sends it with no write
-//                                            in flight (the whole volume's lock), so it lands at the same point of
-//                                            the write stream on every replica:
+//                                         -> {} once the change is durable there; the owner sends it to an in-sync
+//                                            replica with no write in flight (the whole volume's lock), so it lands
+//                                            at the same point of the write stream on every replica, and to a
+//                                            resyncing one (which gets no client writes) to give it the snapshots
+//                                            it missed (sync-replicas.ts, SNAPSHOTS AT RESYNC):
 //              action 'snapshot' {name, uuid}         takes the snapshot, with the owner's id
 //              action 'remove-snapshot' {name, uuid}  removes it (done already when it is not there)
 //              action 'resize' {sizeBytes}            grows or shrinks the replica (a shrink discards the tail)

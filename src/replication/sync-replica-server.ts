@@ -106,7 +106,7 @@ export class SyncReplicaServer {
     return encodeSyncSumsReply(await this.#pool.chunkSums(request.volume, request.firstChunk, endChunk - request.firstChunk));
   }
 
-  /** A snapshot, resize or rollback from the owner, sent with no write in flight (sync-messages.ts). */
+  /** A snapshot, resize or rollback from the owner, sent with no write in flight, or by a resync (sync-messages.ts). */
   async #control(request: SyncControlRequest, context: PeerRequestContext): Promise<object> {
     const { volume } = request;
     this.#handle(volume, context.peerName, request.epoch, request.session);

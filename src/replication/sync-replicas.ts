@@ -48,8 +48,9 @@
 // writes on every copy, with the owner's id, and a failover to an in-sync replica keeps it. A replica that fails
 // one is out of sync, as for a write (a rollback's changed regions, the snapshot's diff against the volume, are in
 // the activity log first and in the dirty map of every replica out of sync, so a resync gives it the data); one out
-// of sync misses snapshots taken meanwhile (a resync copies data, not snapshots), and takes the owner's size at its
-// next syncOpen. A shrink or a rollback needs the volume closed on both sides, as without replicas.
+// of sync takes the owner's size at its next syncOpen, and its resync gives it the snapshots taken meanwhile and
+// removes those removed meanwhile (SNAPSHOTS AT RESYNC, #giveSnapshots). A shrink or a rollback needs the volume
+// closed on both sides, as without replicas.
 //
 // DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions
 // (limits.syncRegionBytes, 64 KiB), and the volume's activity log (limits.syncActivityExtentBytes, 4 MiB extents,
@@ -85,8 +86,8 @@
 // old owner, back, becomes one of them (node.ts #rejoinSync: what it held kept as snapshot fenced-<ms>).
 //
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
-// follow, so `volume move` of a synchronous volume is refused too), snapshots given to a replica that missed them,
-// client writes sent to a resyncing replica's copied regions (DRBD does; here they mark them again), repair during a resync's or scrub's reads, `volume set --sync on|off`, `replica add --sync` by hand marking the
+// follow, so `volume move` of a synchronous volume is refused too), snapshots removed here while a replica was away
+// removed there after a failover (the new owner never knew them), client writes sent to a resyncing replica's copied regions (DRBD does; here they mark them again), repair during a resync's or scrub's reads, `volume set --sync on|off`, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
@@ -94,7 +95,7 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError, DamagedDataError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
-import { chunkSizeBytes, syncActivityExtentBytes, syncCatchUpRegionsMax, syncReconnectDelayMs, syncRegionBytes, syncResyncPassesMax, syncResyncRegionsInFlight, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
+import { chunkSizeBytes, snapshotsPerVolumeMax, syncActivityExtentBytes, syncCatchUpRegionsMax, syncReconnectDelayMs, syncRegionBytes, syncResyncPassesMax, syncResyncRegionsInFlight, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
@@ -103,9 +104,10 @@ import type { TlsCredentials } from '../peer/credentials.ts';
 import { PeerVerb } from '../peer/protocol.ts';
 import type { Pool, SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
+import { isSnapshotUuid } from '../store/metadata.ts';
 import { RangeLock } from '../store/range-lock.ts';
 import { ActivityLog, RegionSet, regionsOf } from './dirty-map.ts';
-import { jsonPayload } from './peer-messages.ts';
+import { jsonPayload, parseReplicaInfo, replicationSnapshotPrefix } from './peer-messages.ts';
 import { readStateFile, writeStateFile } from './state-file.ts';
 import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, parseSyncSumsReply, SyncOp, type SyncControlAction } from './sync-messages.ts';
 import { RateLimiter } from './rate-limit.ts';
@@ -180,6 +182,8 @@ interface StoredLink {
   peerName: string | null;
   state: SyncLinkState;
   dirty: Array<[number, number]>;
+  /** Ids of snapshots removed here that the replica may still hold (SNAPSHOTS AT RESYNC). */
+  snapshotsRemoved?: string[];
 }
 
 /** Every volume of this node with synchronous replicas, and the state file they share. */
@@ -218,7 +222,9 @@ export class SyncReplication {
         if (maxRate !== null && (!Number.isSafeInteger(maxRate) || maxRate < 1)) throw ChunkdError.corrupt(`${what}: a link's rate cap is not a whole number of bytes a second`);
         const dirty = RegionSet.fromRuns(link.dirty, Math.ceil(volumeSizeMaxBytes / syncRegionBytes), what, regionCount);
         dirty.addAll(active);
-        set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs, maxRateBytesPerSecond: maxRate }, dirty, link.peerName);
+        const removed = link.snapshotsRemoved ?? [];
+        if (!Array.isArray(removed) || !removed.every(isSnapshotUuid)) throw ChunkdError.corrupt(`${what}: a link's removed snapshots are not snapshot ids`);
+        set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs, maxRateBytesPerSecond: maxRate }, dirty, link.peerName, removed);
       }
       if (set.linkCount > 0) sync.#volumes.set(volume, set);
     }
@@ -403,6 +409,8 @@ class SyncLink {
   readonly dirty: RegionSet;
   /** Dirty regions the resync under way has copied (a write to one marks it again: removed from here). */
   readonly copied = new Set<number>();
+  /** Ids of snapshots removed here while the replica was not in sync (or that it failed to remove): its resync removes them there. */
+  snapshotsRemoved: string[] = [];
   client: PeerClient | null = null;
   /** The session the replica's syncOpen answered on this connection (sync-messages.ts). */
   session = 0;
@@ -524,9 +532,11 @@ class SyncVolume {
     return this.#links.some((link) => link.settings.peer === peer);
   }
 
-  addLink(settings: SyncReplicaSettings, dirty: RegionSet, peerName: string | null): void {
+  addLink(settings: SyncReplicaSettings, dirty: RegionSet, peerName: string | null, snapshotsRemoved: string[] = []): void {
     assert(!this.hasLink(settings.peer), 'one link per peer');
-    this.#links.push(new SyncLink(settings, dirty, peerName));
+    const link = new SyncLink(settings, dirty, peerName);
+    link.snapshotsRemoved = snapshotsRemoved;
+    this.#links.push(link);
   }
 
   async removeLink(peer: string): Promise<boolean> {
@@ -575,6 +585,7 @@ class SyncVolume {
       active: this.#activity.active.toRuns(),
       replicas: this.#links.map((link) => ({
         peer: link.settings.peer, timeoutMs: link.settings.timeoutMs, maxRateBytesPerSecond: link.settings.maxRateBytesPerSecond ?? null, peerName: link.peerName, state: link.state, dirty: link.dirty.toRuns(),
+        ...(link.snapshotsRemoved.length > 0 ? { snapshotsRemoved: link.snapshotsRemoved } : {}),
       })),
     };
   }
@@ -744,15 +755,24 @@ class SyncVolume {
     });
   }
 
-  /** Removed here, then on every in-sync replica; a replica that fails keeps it (logged), its data is the same. */
+  /**
+   * Removed here, then on every in-sync replica; one that is not in sync, or fails (logged: its data is the same),
+   * keeps it until its next resync removes it (SNAPSHOTS AT RESYNC).
+   */
   async removeSnapshot(name: string): Promise<void> {
     await this.#exclusive(async () => {
       const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
       await this.#options.pool.removeSnapshot(this.#name, name);
+      const kept: SyncLink[] = this.#links.filter((link) => link.state !== 'in-sync');
       const targets = this.#links.filter((link) => link.state === 'in-sync');
       await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
-        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name}: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name} until its next resync: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+        kept.push(link);
       })));
+      if (kept.length === 0) return;
+      // Bounded as a volume's snapshots are: past that, the oldest ids are forgotten (they stay on the replica).
+      for (const link of kept) link.snapshotsRemoved = [...link.snapshotsRemoved, uuid].slice(-snapshotsPerVolumeMax);
+      await this.#sync.save();
     });
   }
 
@@ -951,18 +971,21 @@ class SyncVolume {
     // Passes while writes go on (each copies what the one before left, writes dirty it again), at most
     // syncResyncPassesMax; then what is left is copied under the whole volume's lock, writes waiting (DRBD's way), so
     // a resync under steady writes ends. A pass that leaves little is the last one too.
+    // Each pass gives the replica the snapshots it lacks first (SNAPSHOTS AT RESYNC), and so does the last step,
+    // under the lock, where none is taken or removed: a snapshot taken during the passes is there too.
     let passes = 0;
     for (;;) {
       if (passes < syncResyncPassesMax) {
+        await this.#giveSnapshots(link, false);
         await this.#copyPending(link, false);
         passes += 1;
       }
       const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
       try {
         if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
-        const left = link.pendingRegions().length;
-        if (left > syncCatchUpRegionsMax && passes < syncResyncPassesMax) continue;
-        if (left > 0) await this.#copyPending(link, true);
+        if (link.pendingRegions().length > syncCatchUpRegionsMax && passes < syncResyncPassesMax) continue;
+        await this.#giveSnapshots(link, true);
+        if (link.pendingRegions().length > 0) await this.#copyPending(link, true);
         // The copies durable there before the dirty map forgets them.
         await link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session }));
         link.dirty.clear();
@@ -988,18 +1011,103 @@ class SyncVolume {
   }
 
   /**
-   * Copies the regions still dirty, a few at a time, each under its range lock (`locked`: the caller holds the whole
-   * volume's). Each region's chunks are compared first by their recorded checksums (the replica's asked for an
-   * activity extent at a time, syncSums): only those that differ are sent, so a replica whose dirty map says more
-   * than changed (after an owner crash, a failover, a link added to a replica that has the data) receives what did
-   * change. The price, as content-digest.ts names it: two different chunks with the same CRC-32 at the same place
-   * go unseen (2^-32 per chunk that differs), DRBD's csums-alg with crc32c.
+   * SNAPSHOTS AT RESYNC: the replica gets each snapshot of the volume that it lacks (taken while it was not in
+   * sync, or before it was added), oldest first, with the owner's id and content, and loses those removed here
+   * meanwhile (snapshotsRemoved), so that a failover to it keeps the volume's snapshots. A snapshot is given by
+   * making the replica's volume its image (its size, then its chunks that differ from the replica's, compared in
+   * the dirty regions only: the replica's volume differs from any state of the owner's since the two were last the
+   * same only there) and taking it there (syncControl); then the resync compares every dirty region again. A
+   * snapshot smaller than the volume shrinks the replica for a while: the regions it gives up are dirty (durably)
+   * first. Replication snapshots (repl-*) are not given: the asynchronous replicator takes and prunes them on its
+   * own. The replica's snapshots that the owner never had (fenced-<ms> of a rejoined old owner) stay. `locked`: the
+   * caller holds the whole volume's lock.
    */
+  async #giveSnapshots(link: SyncLink, locked: boolean): Promise<void> {
+    const pool = this.#options.pool;
+    const info = parseReplicaInfo(await link.send(PeerVerb.replicaInfo, jsonPayload({ volume: this.#name })));
+    const theirs = new Map(info.snapshots.map((snapshot) => [snapshot.uuid, snapshot.name]));
+    const removed = new Set<string>();
+    for (const uuid of link.snapshotsRemoved) {
+      const name = theirs.get(uuid);
+      if (name === undefined) {
+        removed.add(uuid);
+        continue;
+      }
+      try {
+        await link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid }));
+        theirs.delete(uuid);
+        removed.add(uuid);
+      } catch (error) {
+        // A reader of that snapshot there, say: it stays listed for the next resync.
+        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name}, removed here: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+      }
+    }
+    if (removed.size > 0) {
+      link.snapshotsRemoved = link.snapshotsRemoved.filter((uuid) => !removed.has(uuid));
+      await this.#sync.save();
+    }
+    const names = new Set(theirs.values());
+    const missing = pool.listSnapshots(this.#name).filter((snapshot) => !theirs.has(snapshot.uuid) && !snapshot.name.startsWith(replicationSnapshotPrefix));
+    if (missing.length === 0) return;
+    const volumeBytes = pool.volumeInfo(this.#name).sizeBytes;
+    const volumeRegions = Math.ceil(volumeBytes / syncRegionBytes);
+    const floorRegion = Math.floor(Math.min(volumeBytes, ...missing.map((snapshot) => snapshot.sizeBytes)) / syncRegionBytes);
+    if (link.markDirty(floorRegion, volumeRegions)) await this.#sync.save();
+    // syncOpen gave the replica the volume's size (a resize here since then has interrupted this resync).
+    let replicaBytes = volumeBytes;
+    const resize = async (sizeBytes: number): Promise<void> => {
+      if (sizeBytes === replicaBytes) return;
+      await link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'resize', sizeBytes }));
+      replicaBytes = sizeBytes;
+    };
+    for (const snapshot of missing) {
+      if (names.has(snapshot.name)) {
+        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} holds another snapshot named ${snapshot.name}: it does not get this node's (id ${snapshot.uuid})`, 'warn');
+        continue;
+      }
+      const sentBefore = link.resyncBytesTotal;
+      await resize(snapshot.sizeBytes);
+      const snapshotRegions = Math.ceil(snapshot.sizeBytes / syncRegionBytes);
+      const regions = new Set(link.dirty.sorted().filter((region) => region < snapshotRegions));
+      for (let region = floorRegion; region < snapshotRegions; region++) regions.add(region);
+      try {
+        await this.#copyRegions(link, { snapshot: snapshot.name, sizeBytes: snapshot.sizeBytes }, [...regions].sort((a, b) => a - b), locked);
+      } catch (error) {
+        // Removed here meanwhile (between two regions: each is copied under its lock, as a removal runs under the
+        // whole volume's): not given; what it left there is in dirty regions, which the resync compares again.
+        if (!locked && pool.findSnapshot(snapshot.uuid, this.#name) === null) continue;
+        throw error;
+      }
+      await link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'snapshot', name: snapshot.name, uuid: snapshot.uuid }));
+      this.#options.log(`volume ${this.#name}: snapshot ${snapshot.name} given to the synchronous replica on ${link.settings.peer}, which was not in sync when it was taken (${formatSize(link.resyncBytesTotal - sentBefore)} sent)`);
+    }
+    await resize(volumeBytes);
+    link.copied.clear();
+  }
+
+  /** Copies the regions still dirty of the live volume (`locked`: the caller holds the whole volume's lock). */
   async #copyPending(link: SyncLink, locked: boolean): Promise<void> {
     const pending = link.pendingRegions();
     link.resync!.totalBytes = Math.max(link.resync!.totalBytes, link.resync!.copiedBytes + pending.length * syncRegionBytes);
     const device = this.#options.pool.openVolume(this.#name);
-    // The replica's checksums, fetched once a pass per extent: its chunks change meanwhile only by this pass's
+    try {
+      await this.#copyRegions(link, { device }, pending, locked);
+    } finally {
+      await device.close();
+    }
+  }
+
+  /**
+   * Copies `regions` of `source` to the replica's volume, a few at a time, each under its range lock (`locked`: the
+   * caller holds the whole volume's). Each region's chunks are compared first by their recorded checksums (the
+   * replica's asked for an activity extent at a time, syncSums): only those that differ are sent, so a replica
+   * whose dirty map says more than changed (after an owner crash, a failover, a link added to a replica that has
+   * the data) receives what did change. The price, as content-digest.ts names it: two different chunks with the
+   * same CRC-32 at the same place go unseen (2^-32 per chunk that differs), DRBD's csums-alg with crc32c.
+   */
+  async #copyRegions(link: SyncLink, source: CopySource, regions: number[], locked: boolean): Promise<void> {
+    const sizeBytes = 'device' in source ? source.device.sizeBytes : source.sizeBytes;
+    // The replica's checksums, fetched once a run per extent: its chunks change meanwhile only by this run's
     // copies, each of a region compared before (the replica gets no client writes while it resyncs).
     const extents = new Map<number, Promise<Uint32Array>>();
     const theirSums = async (region: number): Promise<Uint32Array> => {
@@ -1007,7 +1115,7 @@ class SyncVolume {
       let sums = extents.get(extent);
       if (sums === undefined) {
         const firstChunk = extent * syncSumsChunksMax;
-        const chunkCount = Math.min(syncSumsChunksMax, device.sizeBytes / chunkSizeBytes - firstChunk);
+        const chunkCount = Math.min(syncSumsChunksMax, sizeBytes / chunkSizeBytes - firstChunk);
         sums = link.send(PeerVerb.syncSums, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session, firstChunk, chunkCount }))
           .then((reply) => parseSyncSumsReply(reply, chunkCount));
         sums.catch(() => {});
@@ -1019,53 +1127,58 @@ class SyncVolume {
     let next = 0;
     let failure: unknown = null;
     const worker = async (): Promise<void> => {
-      while (next < pending.length && failure === null) {
-        const region = pending[next++]!;
-        await this.#copyRegion(link, device, region, theirSums, locked).catch((error: unknown) => (failure ??= error));
+      while (next < regions.length && failure === null) {
+        const region = regions[next++]!;
+        await this.#copyRegion(link, source, sizeBytes, region, theirSums, locked).catch((error: unknown) => (failure ??= error));
       }
     };
-    try {
-      await Promise.all(Array.from({ length: syncResyncRegionsInFlight }, worker));
-    } finally {
-      await device.close();
-    }
+    await Promise.all(Array.from({ length: syncResyncRegionsInFlight }, worker));
     if (failure !== null) throw failure;
   }
 
-  async #copyRegion(link: SyncLink, device: BlockDevice, region: number, theirSums: (region: number) => Promise<Uint32Array>, locked: boolean): Promise<void> {
+  async #copyRegion(link: SyncLink, source: CopySource, sizeBytes: number, region: number, theirSums: (region: number) => Promise<Uint32Array>, locked: boolean): Promise<void> {
     const startBytes = region * syncRegionBytes;
-    const endBytes = Math.min(device.sizeBytes, startBytes + syncRegionBytes);
+    const endBytes = Math.min(sizeBytes, startBytes + syncRegionBytes);
     if (endBytes <= startBytes) return;
     const theirs = await theirSums(region);
     const release = locked ? null : await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
+    const snapshot = 'device' in source ? null : source.snapshot;
     let sentBytes = 0;
     try {
       if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
-      if (!link.dirty.has(region) || link.copied.has(region)) return;
-      const ours = await this.#options.pool.chunkSums(this.#name, startBytes / chunkSizeBytes, (endBytes - startBytes) / chunkSizeBytes);
+      if (snapshot === null && (!link.dirty.has(region) || link.copied.has(region))) return;
+      const ours = await this.#options.pool.chunkSums(this.#name, startBytes / chunkSizeBytes, (endBytes - startBytes) / chunkSizeBytes, snapshot);
+      // A snapshot is open only under the region's lock, so that its removal (under the whole volume's) never finds it open.
+      const device = 'device' in source ? source.device : this.#options.pool.openSnapshot(this.#name, source.snapshot);
       const epoch = this.#options.epochOf(this.#name);
       let equalChunks = ours.length;
-      for (const [fromChunk, toChunk] of differingRuns(ours, theirs)) {
-        equalChunks -= toChunk - fromChunk;
-        const runEnd = startBytes + toChunk * chunkSizeBytes;
-        for (let at = startBytes + fromChunk * chunkSizeBytes; at < runEnd;) {
-          const [extent] = await device.blockStatus(at, runEnd - at) as [Extent];
-          const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
-          let data: Buffer | null = null;
-          if (!extent.zero) {
-            data = Buffer.alloc(lengthBytes);
-            await device.read(at, data);
+      try {
+        for (const [fromChunk, toChunk] of differingRuns(ours, theirs)) {
+          equalChunks -= toChunk - fromChunk;
+          const runEnd = startBytes + toChunk * chunkSizeBytes;
+          for (let at = startBytes + fromChunk * chunkSizeBytes; at < runEnd;) {
+            const [extent] = await device.blockStatus(at, runEnd - at) as [Extent];
+            const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
+            let data: Buffer | null = null;
+            if (!extent.zero) {
+              data = Buffer.alloc(lengthBytes);
+              await device.read(at, data);
+            }
+            const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
+            await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
+            sentBytes += data?.length ?? 0;
+            at += lengthBytes;
           }
-          const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
-          await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
-          sentBytes += data?.length ?? 0;
-          at += lengthBytes;
         }
+      } finally {
+        if (snapshot !== null) await device.close();
       }
       link.resyncBytesTotal += sentBytes;
-      link.resyncEqualBytesTotal += equalChunks * chunkSizeBytes;
-      link.copied.add(region);
-      link.resync!.copiedBytes += syncRegionBytes;
+      if (snapshot === null) {
+        link.resyncEqualBytesTotal += equalChunks * chunkSizeBytes;
+        link.copied.add(region);
+        link.resync!.copiedBytes += syncRegionBytes;
+      }
     } finally {
       release?.();
     }
@@ -1075,6 +1188,9 @@ class SyncVolume {
     if (waitMs > 0) await link.pause(waitMs);
   }
 }
+
+/** What a resync copies from: the live volume, open for the pass, or one of its snapshots (SNAPSHOTS AT RESYNC). */
+type CopySource = { device: BlockDevice } | { snapshot: string; sizeBytes: number };
 
 const activityRegionsPerExtent = syncActivityExtentBytes / syncRegionBytes;
 const regionChunks = syncRegionBytes / chunkSizeBytes;

@@ -5,9 +5,10 @@
 // meanwhile are resent (counted) when it is back; the dirty map and the activity log survive kill -9 of the
 // owner, and only what they list is resent; an owner with a stale epoch is refused by the replica and refuses
 // writes itself; a write from an owner's older connection (its session) is refused; snapshots, resizes and
-// rollbacks reach the replica (a snapshot at the same point of the write stream), and one it missed resyncs; a
-// resync compares chunk checksums and sends what differs (1% changed: 1% sent), at a rate cap, and ends under
-// steady writes; a block damaged on the owner is read from the replica and rewritten (repair on read).
+// rollbacks reach the replica (a snapshot at the same point of the write stream), and those it missed (taken or
+// removed while it was away) reach it at its resync, with the owner's ids and content; a resync compares chunk
+// checksums and sends what differs (1% changed: 1% sent), at a rate cap, and ends under steady writes; a block
+// damaged on the owner is read from the replica and rewritten (repair on read).
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -306,29 +307,43 @@ test('snapshots, a resize and a rollback reach the synchronous replica, at the s
   assert.equal(await exportHash(alpha.node, 'sv'), await exportHash(alpha.node, 'sv@s1'));
   assert.equal((await svLink()).state, 'in-sync');
 
-  // A snapshot taken while the replica is away is not there; a rollback to it makes the replica out of sync with
-  // the regions the rollback changes dirty, and a resync sends those (the 1 MiB written after s2, all data in s2)
-  // and no more.
+  // Snapshots taken while the replica is away (one smaller than the volume, which grew since), and one removed
+  // meanwhile: its resync gives it the same snapshots as the owner's, with their ids and content (s2: the 256 KiB
+  // written before it; s3: the 1 MiB past s2's end; the volume: the 64 KiB written after s3, and nothing more).
   await beta.node.kill();
   await io(alpha.node, 'write -P 0x33 2M 256k');
   await api(alpha.node, 'POST', '/snapshots', { name: 's2' });
+  await api(alpha.node, 'PATCH', '', { sizeBytes: 12 * MiB });
+  await io(alpha.node, 'write -P 0x34 9M 1M');
+  await api(alpha.node, 'POST', '/snapshots', { name: 's3' });
+  await api(alpha.node, 'DELETE', '/snapshots/s1');
+  await io(alpha.node, 'write -P 0x35 0 64k');
+  const away = await svLink();
   beta = await startPeer('beta', ports.beta!);
   const back = await svInSync();
-  assert.deepEqual((await snapshots(beta.node)).map(([name]) => name), ['s1']);
+  assert.deepEqual(await snapshots(beta.node), await snapshots(alpha.node));
+  assert.deepEqual((await snapshots(beta.node)).map(([name]) => name), ['s2', 's3']);
+  assert.equal(await sizeOf(beta.node), 12 * MiB);
+  await same('sv@s2');
+  await same('sv@s3');
+  await same();
+  assert.equal(back.resyncBytesTotal - away.resyncBytesTotal, 256 * 1024 + 1 * MiB + 64 * 1024);
+  assert.match(alpha.node.stderr(), /volume sv: snapshot s3 given to the synchronous replica on \S+, which was not in sync when it was taken \(1 MiB sent\)/);
+
+  // A rollback to one of them is now a rollback on both, in sync.
   await io(alpha.node, 'write -P 0x44 0 1M');
   await api(alpha.node, 'POST', '/snapshots/s2/rollback');
-  const after = await svInSync();
-  assert.equal(after.outOfSyncTotal, back.outOfSyncTotal + 1);
-  assert.equal(after.resyncBytesTotal - back.resyncBytesTotal, 1 * MiB);
-  assert.match(alpha.node.stderr(), /lacks snapshot s2 \(id [0-9a-f]{32}\): it was out of sync when the owner took it/);
+  assert.equal(await sizeOf(beta.node), 8 * MiB);
+  const after = await svLink();
+  assert.deepEqual([after.state, after.outOfSyncTotal], ['in-sync', back.outOfSyncTotal]);
   await same();
 
   // A shrink reaches it too, and a snapshot removed goes from the replica as well.
   await api(alpha.node, 'PATCH', '', { sizeBytes: 4 * MiB, force: true });
   assert.equal(await sizeOf(beta.node), 4 * MiB);
   await same();
-  await api(alpha.node, 'DELETE', '/snapshots/s1');
-  assert.deepEqual(await snapshots(beta.node), []);
+  await api(alpha.node, 'DELETE', '/snapshots/s3');
+  assert.deepEqual(await snapshots(beta.node), await snapshots(alpha.node));
   assert.deepEqual((await snapshots(alpha.node)).map(([name]) => name), ['s2']);
 });
 
