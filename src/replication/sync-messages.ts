@@ -23,6 +23,10 @@
 //   syncRead  {volume, epoch, session,    -> the bytes, raw (verified against their checksums there): the owner
 //              offsetBytes, lengthBytes}     repairs a block that failed its checksum from an in-sync replica
 //                                            (at most syncReadBytesMax, so the answer fits a control frame)
+//   syncClose {volume, epoch, session}    -> {} once the replica is an asynchronous replica of the sender at the
+//                                            same epoch (durably), its writes flushed: the owner made the volume's
+//                                            replicas asynchronous (volume set --sync off), each at a replication
+//                                            point both hold
 //
 // The session (the replica's count of syncOpens of the volume since it started) shuts out an older connection of
 // the same owner: a write the owner gave up on (it timed out, the replica is out of sync) may still wait in the

@@ -85,9 +85,15 @@
 // sent) and then recorded in sync. The
 // old owner, back, becomes one of them (node.ts #rejoinSync: what it held kept as snapshot fenced-<ms>).
 //
+// VOLUME SET --SYNC (node.ts setVolumeSync): `on` turns each asynchronous link into a link here (every region dirty,
+// so compared whole, and only what the replica lacks sent); `off` (makeAsynchronous) needs every link in sync and,
+// under the whole volume's lock, takes a replication point (repl-<ms>) here and on each replica, records the in-sync
+// set without them, and ends each link with syncClose (the replica becomes an asynchronous one of this node at the
+// same epoch), so that the asynchronous link's first cycle finds the point on both sides with no write after it.
+//
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
 // follow, so `volume move` of a synchronous volume is refused too), snapshots removed here while a replica was away
-// removed there after a failover (the new owner never knew them), client writes sent to a resyncing replica's copied regions (DRBD does; here they mark them again), repair during a resync's or scrub's reads, `volume set --sync on|off`, `replica add --sync` by hand marking the
+// removed there after a failover (the new owner never knew them), client writes sent to a resyncing replica's copied regions (DRBD does; here they mark them again), repair during a resync's or scrub's reads, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
@@ -276,6 +282,21 @@ export class SyncReplication {
     if (set.linkCount === 0) this.#volumes.delete(volume);
     await this.save();
     return true;
+  }
+
+  /**
+   * `volume set --sync off`: every link of `volume` ends at a replication point, snapshot `point`, taken here and on
+   * each replica (all must be in sync) with no write between it and the end of the links, and each replica made an
+   * asynchronous replica of this node (syncClose); returns the links' settings, for asynchronous links to the same
+   * peers, whose first cycle finds the point on both sides (replicator.ts) and sends what was written since.
+   */
+  async makeAsynchronous(volume: string, point: string): Promise<SyncReplicaSettings[]> {
+    const set = this.#volumes.get(volume);
+    if (set === undefined) throw ChunkdError.invalid(`volume ${volume} has no synchronous replicas`);
+    const ended = await set.endAll(point);
+    this.#volumes.delete(volume);
+    await this.save();
+    return ended;
   }
 
   /** A volume removed from the pool: its links go (the replicas stay on their nodes). */
@@ -839,6 +860,37 @@ class SyncVolume {
           this.#recent.end(first, end);
         }
       }
+    });
+  }
+
+  /** SyncReplication.makeAsynchronous: the point on every replica, then every link ended, under the whole volume's lock. */
+  async endAll(point: string): Promise<SyncReplicaSettings[]> {
+    return this.#exclusive(async () => {
+      const away = this.#links.filter((link) => link.state !== 'in-sync');
+      if (away.length > 0) {
+        throw ChunkdError.busy(`volume ${this.#name}: ${away.map((link) => `the synchronous replica on ${link.settings.peer} is ${link.state}`).join('; ')}: a replica becomes asynchronous from a point it holds, so it must be in sync first (chunkd replica status ${this.#name}), or be removed (chunkd replica remove ${this.#name} --peer HOST:PORT)`);
+      }
+      const info = await this.#options.pool.createSnapshot(this.#name, point);
+      await this.#control({ action: 'snapshot', name: point, uuid: info.uuid });
+      const failed = this.#links.filter((link) => link.state !== 'in-sync');
+      if (failed.length > 0) throw ChunkdError.io(`volume ${this.#name}: the synchronous replica on ${failed.map((link) => link.settings.peer).join(', ')} did not take the replication point ${point}, and is out of sync: the replicas stay synchronous (${failed[0]!.lastError?.message ?? 'no answer'})`);
+      // In a cluster, no replica is left in the in-sync set before a write goes on without them (IN-SYNC SET); the
+      // volume's record turns asynchronous next (node.ts).
+      const links = this.#links.splice(0);
+      try {
+        await this.#record();
+      } catch (error) {
+        this.#links.push(...links);
+        throw error;
+      }
+      const epoch = this.#options.epochOf(this.#name);
+      // A replica that misses this stays a synchronous one until the first stream into it (replica-server.ts).
+      await Promise.all(links.map((link) => link.send(PeerVerb.syncClose, jsonPayload({ volume: this.#name, epoch, session: link.session })).catch((error: unknown) => {
+        this.#options.log(`volume ${this.#name}: the replica on ${link.settings.peer} was not told it is asynchronous now: ${expectedError(error, 'syncClose').message}`, 'warn');
+      })));
+      for (const link of links) link.stop();
+      this.#options.log(`volume ${this.#name}: its replicas on ${links.map((link) => link.settings.peer).join(', ')} are asynchronous from ${point} on`);
+      return links.map((link) => link.settings);
     });
   }
 

@@ -409,3 +409,54 @@ test('a link added back to a replica that holds the data sends only the chunks t
   process.stderr.write(`# sync-replicas: ${during} writes during the resync under steady writes\n`);
   assert.equal(await exportHash(beta.node, 'lost'), await exportHash(alpha.node, 'lost'));
 });
+
+test('volume set --sync on|off: an asynchronous replica becomes synchronous (only what differs is sent), and asynchronous again from a point both hold', { skip }, async (t) => {
+  const api = (method: string, route: string, body?: unknown): Promise<any> => callApi(alpha.node.apiSocket, method, `/v1/volumes/sw${route}`, body);
+  const io = (...commands: string[]): Promise<string> => mustRun('qemu-io', ['-f', 'raw', alpha.node.qemuUri('sw'), ...commands.flatMap((command) => ['-c', command])]);
+  const swLink = async (): Promise<Record<string, any>> => (await replicaLinks(alpha, 'sw'))[0]!;
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'sw', sizeBytes: 4 * MiB });
+  // Errors through the API (the CLI's are its words), the changes through the CLI.
+  await assert.rejects(api('PATCH', '', { sync: true }), /volume sw has no replicas to make synchronous: add one \(chunkd replica add sw --peer HOST:PORT --sync\)/);
+  await assert.rejects(api('PATCH', '', { sync: 'on' }), /sync must be true or false/);
+  await assert.rejects(api('PATCH', '', { sync: false, sizeBytes: MiB }), /a change of sync takes no sizeBytes or force/);
+  await io('write -P 0x61 0 1M');
+  await api('POST', '/replicas', { peer: beta.address, everyMs: 600_000 });
+  await api('POST', '/replicate', {});
+  await io('write -P 0x62 1M 256k');
+
+  // On: the asynchronous link is a synchronous one; its resync compares the whole volume and sends the 256 KiB that
+  // beta's copy lacks.
+  const on = await ok(alpha.node, 'volume', 'set', 'sw', '--sync', 'on', '--sync-timeout', '1s');
+  assert.match(on, /^volume sw: its replicas are synchronous \(in sync\): beta \(127\.0\.0\.1:\d+\)$/m);
+  const synced = await swLink();
+  assert.deepEqual([synced.mode, synced.state, synced.timeoutMs, synced.resyncBytesTotal], ['sync', 'in-sync', 1_000, 256 * 1024]);
+  await io('write -P 0x63 2M 64k');
+  assert.equal(await exportHash(beta.node, 'sw'), await exportHash(alpha.node, 'sw'));
+  await assert.rejects(callApi(beta.node.apiSocket, 'PATCH', '/v1/volumes/sw', { sync: false }), /volume sw is a read-only replica of node alpha \(epoch 1\); a change of its replicas is refused/, 'a replica\'s node does not change its owner\'s links');
+
+  // Off needs every replica in sync (the point must be on each).
+  beta.node.process.kill('SIGSTOP');
+  t.onTestFinished(() => {
+    beta.node.process.kill('SIGCONT');
+  });
+  await io('write -P 0x64 3M 64k');
+  await assert.rejects(api('PATCH', '', { sync: false }), /the synchronous replica on \S+ is (out-of-sync|resyncing): a replica becomes asynchronous from a point it holds, so it must be in sync first/);
+  beta.node.process.kill('SIGCONT');
+  await waitFor('sw in sync', async () => ((await swLink()).state === 'in-sync' ? true : null), async () => alpha.node.stderr());
+
+  // Off: a replication point on both, the link asynchronous, and its next cycle an increment from that point.
+  const off = await ok(alpha.node, 'volume', 'set', 'sw', '--sync', 'off', '--json');
+  assert.equal(JSON.parse(off).sync, false);
+  const link = await swLink();
+  assert.equal(link.mode, undefined);
+  assert.match(link.lastReplicated.snapshot, /^repl-\d+$/);
+  const point = (await api('GET', '/snapshots')).snapshots.find((s: { name: string }) => s.name === link.lastReplicated.snapshot);
+  const held = (await callApi(beta.node.apiSocket, 'GET', '/v1/volumes/sw/snapshots')) as { snapshots: Array<{ uuid: string }> };
+  assert.ok(held.snapshots.some((s) => s.uuid === point.uuid), 'beta holds the point');
+  assert.match(beta.node.stderr(), /volume sw: an asynchronous replica of alpha \(epoch 1\) from now on, as its owner asked/);
+  await io('write -P 0x65 0 64k');
+  const cycle = (await api('POST', '/replicate', {})).cycles[0];
+  assert.deepEqual([cycle.outcome, cycle.dataBytes], ['incremental', 64 * 1024]);
+  assert.equal(await exportHash(beta.node, 'sw'), await exportHash(alpha.node, 'sw'));
+  await api('DELETE', '/replicas', { peer: beta.address });
+});
