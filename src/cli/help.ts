@@ -102,6 +102,7 @@ export const commands = {
     summary: 'grow at once; shrinking discards the data past the new end and needs --force and no open clients',
     options: { ...size, force: { type: 'boolean', help: 'allow shrinking (the data past the new end is lost)' }, ...json, ...api },
   },
+  'volume rm': { usage: ['volume rm NAME [--json]'], summary: 'remove a volume (refused while open, attached, or while it has snapshots)', options: { ...json, ...api } },
   'volume set': {
     usage: ['volume set NAME --sync on|off [--sync-timeout 5s] [--json]'],
     summary: "make the volume's replicas synchronous, or asynchronous again, while clients use it (on its owner)",
@@ -115,7 +116,6 @@ export const commands = {
       ...api,
     },
   },
-  'volume rm': { usage: ['volume rm NAME [--json]'], summary: 'remove a volume (refused while open, attached, or while it has snapshots)', options: { ...json, ...api } },
   'volume handoff': {
     usage: ['volume handoff VOL --to HOST:PORT [--json]'],
     summary: 'move VOL to another node (its replica is made current first); this node keeps a read-only replica',
