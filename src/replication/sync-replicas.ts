@@ -72,8 +72,9 @@
 // Resync compares each dirty region under its range lock, chunk by chunk, by the checksums both sides recorded
 // (the replica's asked for 4 MiB at a time, syncSums), and sends only the chunks that differ: holes as trims, data
 // as writes (bytes counted; those found equal are counted too). So a replica whose dirty map says more than
-// changed (after an owner crash, a failover, a link added back) receives what did change. A write that lands on a
-// copied region while resyncing marks it again; after at most syncResyncPassesMax passes, or one that leaves at
+// changed (after an owner crash, a failover, a link added back) receives what did change. A client write whose
+// regions the resync has all copied is sent to the replica too, as to an in-sync one (DRBD's way; one that fails
+// marks them again and restarts the resync on a new session); any other write marks its regions again; after at most syncResyncPassesMax passes, or one that leaves at
 // most syncCatchUpRegionsMax regions, what is left is copied under the whole volume's lock (writes wait, briefly),
 // so a resync under steady writes ends (DRBD's way). The link then turns in sync under that lock, so no write is in
 // flight as it changes. A rate cap (--max-rate) paces the passes' data, not the last copy under the lock.
@@ -93,7 +94,7 @@
 //
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
 // follow, so `volume move` of a synchronous volume is refused too), snapshots removed here while a replica was away
-// removed there after a failover (the new owner never knew them), client writes sent to a resyncing replica's copied regions (DRBD does; here they mark them again), repair during a resync's or scrub's reads, `replica add --sync` by hand marking the
+// removed there after a failover (the new owner never knew them), repair during a resync's or scrub's reads, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
@@ -464,6 +465,12 @@ class SyncLink {
     return this.dirty.addRange(first, end);
   }
 
+  /** Whether the resync under way has copied every region of [first, end) (and no write marked one again since). */
+  hasCopied(first: number, end: number): boolean {
+    for (let region = first; region < end; region++) if (!this.copied.has(region)) return false;
+    return true;
+  }
+
   /** Forgets the regions from `limit` on (the volume shrank). */
   truncate(limit: number): void {
     this.dirty.truncate(limit);
@@ -698,14 +705,27 @@ class SyncVolume {
     let mustSave = this.#activity.begin(firstExtent, endExtent);
     this.#recent.begin(first, end);
     try {
-      for (const link of this.#links) if (link.state !== 'in-sync') mustSave = link.markDirty(first, end) || mustSave;
+      // A resyncing replica whose copy of each region of this write is done gets the write too (DRBD does), so that
+      // the resync need not copy those regions again; otherwise the write marks them to copy (again).
+      const following = this.#links.filter((link) => link.state === 'resyncing' && link.hasCopied(first, end));
+      for (const link of this.#links) if (link.state !== 'in-sync' && !following.includes(link)) mustSave = link.markDirty(first, end) || mustSave;
       if (mustSave) await this.#sync.save();
       const targets = this.#links.filter((link) => link.state === 'in-sync');
       const epoch = this.#options.epochOf(this.#name);
-      const answers = targets.map((link) => link.send(PeerVerb.syncWrite, encodeSyncWrite({ ...request, volume: this.#name, epoch, session: link.session }))
-        .then(() => null, (error: unknown) => expectedError(error, 'a synchronous write')));
+      const send = (link: SyncLink): Promise<ChunkdError | null> => link.send(PeerVerb.syncWrite, encodeSyncWrite({ ...request, volume: this.#name, epoch, session: link.session }))
+        .then(() => null, (error: unknown) => expectedError(error, 'a synchronous write'));
+      const answers = targets.map(send);
+      const followed = following.map(send);
       let localError: unknown = null;
       await local().catch((error: unknown) => (localError = error));
+      for (const [index, error] of (await Promise.all(followed)).entries()) {
+        const link = following[index]!;
+        if (error === null && localError === null) continue;
+        // The regions are copied again (they are dirty still: a resync clears the dirty map only when done), on a
+        // new connection, whose session shuts out a write that timed out here and may still land there.
+        link.markDirty(first, end);
+        link.disconnect();
+      }
       await this.#settle(targets, await Promise.all(answers), localError !== null);
       if (localError !== null) throw localError;
       await this.#recordIfStale();
@@ -1105,6 +1125,9 @@ class SyncVolume {
     const volumeRegions = Math.ceil(volumeBytes / syncRegionBytes);
     const floorRegion = Math.floor(Math.min(volumeBytes, ...missing.map((snapshot) => snapshot.sizeBytes)) / syncRegionBytes);
     if (link.markDirty(floorRegion, volumeRegions)) await this.#sync.save();
+    // The replica's volume is a snapshot's image for a while: no region of it is a copy of the volume's (so no
+    // client write is sent there), and each is compared again afterwards.
+    link.copied.clear();
     // syncOpen gave the replica the volume's size (a resize here since then has interrupted this resync).
     let replicaBytes = volumeBytes;
     const resize = async (sizeBytes: number): Promise<void> => {
@@ -1134,7 +1157,6 @@ class SyncVolume {
       this.#options.log(`volume ${this.#name}: snapshot ${snapshot.name} given to the synchronous replica on ${link.settings.peer}, which was not in sync when it was taken (${formatSize(link.resyncBytesTotal - sentBefore)} sent)`);
     }
     await resize(volumeBytes);
-    link.copied.clear();
   }
 
   /** Copies the regions still dirty of the live volume (`locked`: the caller holds the whole volume's lock). */
@@ -1159,8 +1181,8 @@ class SyncVolume {
    */
   async #copyRegions(link: SyncLink, source: CopySource, regions: number[], locked: boolean): Promise<void> {
     const sizeBytes = 'device' in source ? source.device.sizeBytes : source.sizeBytes;
-    // The replica's checksums, fetched once a run per extent: its chunks change meanwhile only by this run's
-    // copies, each of a region compared before (the replica gets no client writes while it resyncs).
+    // The replica's checksums, fetched once a run per extent: its chunks change meanwhile only by this run's copies,
+    // each of a region compared before, and by client writes to regions copied already (not compared again).
     const extents = new Map<number, Promise<Uint32Array>>();
     const theirSums = async (region: number): Promise<Uint32Array> => {
       const extent = Math.floor(region / activityRegionsPerExtent);

@@ -7,8 +7,9 @@
 // writes itself; a write from an owner's older connection (its session) is refused; snapshots, resizes and
 // rollbacks reach the replica (a snapshot at the same point of the write stream), and those it missed (taken or
 // removed while it was away) reach it at its resync, with the owner's ids and content; a resync compares chunk
-// checksums and sends what differs (1% changed: 1% sent), at a rate cap, and ends under steady writes; a block
-// damaged on the owner is read from the replica and rewritten (repair on read).
+// checksums and sends what differs (1% changed: 1% sent), at a rate cap, and ends under steady writes; a client
+// write to a region a resync has copied goes to the resyncing replica; a block damaged on the owner is read from
+// the replica and rewritten (repair on read); volume set --sync on|off.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -408,6 +409,29 @@ test('a link added back to a replica that holds the data sends only the chunks t
   await waitFor('the resync logged', async () => (alpha.node.stderr().match(/volume lost: synchronous replica on \S+ \(beta\) is in sync: resync sent [\d.]+ \w+ in [\d.]+ s \([1-4] pass(es)?; /g)?.length === 3 ? true : null), async () => alpha.node.stderr());
   process.stderr.write(`# sync-replicas: ${during} writes during the resync under steady writes\n`);
   assert.equal(await exportHash(beta.node, 'lost'), await exportHash(alpha.node, 'lost'));
+});
+
+test('a client write to a region the resync has copied goes to the resyncing replica, and is not copied again', { skip }, async () => {
+  const api = (method: string, route: string, body?: unknown): Promise<any> => callApi(alpha.node.apiSocket, method, `/v1/volumes/fw${route}`, body);
+  const fwLink = async (): Promise<Record<string, any>> => (await replicaLinks(alpha, 'fw'))[0]!;
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'fw', sizeBytes: 4 * MiB });
+  await mustRun('qemu-io', ['-f', 'raw', alpha.node.qemuUri('fw'), '-c', 'write -P 0x71 0 4M']);
+  // At 2 MiB/s the first resync takes about 2 s, copying the regions in order: the first is soon copied.
+  await api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000, maxRateBytesPerSecond: 2 * MiB });
+  await waitFor('the first regions copied', async () => ((await fwLink()).resync?.copiedBytes >= 512 * 1024 ? true : null), async () => JSON.stringify(await fwLink()), 10_000);
+  const client = await TestNbdClient.connect(alpha.node.nbdSocket, 'fw');
+  await client.write(4096, Buffer.alloc(4096, 0x72));
+  await client.flush();
+  await client.disconnect();
+  const done = await waitFor('fw in sync', async () => {
+    const now = await fwLink();
+    return now.state === 'in-sync' ? now : null;
+  }, async () => JSON.stringify(await fwLink()), 20_000);
+  // Sent to beta as it was written: the resync sent the volume's 4 MiB once, and not that chunk again.
+  assert.equal(done.resyncBytesTotal, 4 * MiB);
+  assert.equal(done.outOfSyncTotal, 0);
+  assert.equal(await exportHash(beta.node, 'fw'), await exportHash(alpha.node, 'fw'));
+  await api('DELETE', '/replicas', { peer: beta.address });
 });
 
 test('volume set --sync on|off: an asynchronous replica becomes synchronous (only what differs is sent), and asynchronous again from a point both hold', { skip }, async (t) => {
