@@ -892,8 +892,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.#receiver.abort(volume);
   }
 
-  scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
-    return this.pool.scrub(volume, onProgress);
+  /** A scrub of the volume; on the owner of one with synchronous replicas, repaired and verified against them too. */
+  async scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
+    const report = await this.pool.scrub(volume, onProgress);
+    if (this.#sync === null || !this.#sync.has(volume) || this.roles.replicaOf(volume) !== null) return report;
+    return this.#sync.scrubWithReplicas(volume, report);
   }
 
   async status(): Promise<NodeStatus> {

@@ -40,7 +40,8 @@
 // there) for each damaged one; the client gets the replica's bytes, the block is rewritten here (redirect-on-write:
 // a new chunk, the damaged one freed; a snapshot that shares it keeps it, and scrub still names it there), and the
 // link's readRepairsTotal counts it. With no in-sync replica, or none whose copy is good, the read fails with EIO as
-// on any node. When the local write fails and a replica applied it, that
+// on any node. SCRUB WITH REPLICAS repairs the live volume's damaged blocks a scrub found the same way, then verifies
+// each in-sync replica by its recorded chunk checksums (scrubWithReplicas, verify). When the local write fails and a replica applied it, that
 // replica is marked out of sync (the resync gives it the owner's bytes back).
 //
 // CONTROL: a snapshot (taken, removed), a resize and a rollback are applied here and then sent (syncControl) to
@@ -94,7 +95,7 @@
 //
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
 // follow, so `volume move` of a synchronous volume is refused too), snapshots removed here while a replica was away
-// removed there after a failover (the new owner never knew them), repair during a resync's or scrub's reads, `replica add --sync` by hand marking the
+// removed there after a failover (the new owner never knew them), repair during a resync's reads (a damaged block there fails the resync), a verify of a replica's data itself, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
@@ -111,6 +112,7 @@ import type { TlsCredentials } from '../peer/credentials.ts';
 import { PeerVerb } from '../peer/protocol.ts';
 import type { Pool, SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
+import type { BadExtent, ScrubReport } from '../store/scrub.ts';
 import { isSnapshotUuid } from '../store/metadata.ts';
 import { RangeLock } from '../store/range-lock.ts';
 import { ActivityLog, RegionSet, regionsOf } from './dirty-map.ts';
@@ -150,6 +152,22 @@ export interface SyncReplicaStatus extends SyncReplicaSettings {
   /** Blocks that failed their checksum here and were read from this replica and rewritten (REPAIR ON READ). */
   readRepairsTotal: number;
   lastError: { message: string; at: string } | null;
+}
+
+/** A scrub's report on an owner with synchronous replicas: what was repaired from one, and what verifying each found. */
+export interface ScrubWithReplicas extends ScrubReport {
+  repairedExtents?: BadExtent[];
+  replicas?: ReplicaVerify[];
+}
+
+/** One in-sync replica verified: the bytes whose checksums were compared, and the extents where they differ. */
+export interface ReplicaVerify {
+  peer: string;
+  peerName: string | null;
+  comparedBytes: number;
+  differingExtents: Array<{ offsetBytes: number; lengthBytes: number }>;
+  /** Why the verify stopped short (the replica did not answer). */
+  error?: string;
 }
 
 /** Where a repair reads this node's blocks and rewrites a damaged one: the volume under SyncDevice (not replicated). */
@@ -369,6 +387,29 @@ export class SyncReplication {
     const set = this.#volumes.get(volume);
     if (set === undefined) return Promise.reject(damage);
     return set.repairRead(offsetBytes, target, damage, device);
+  }
+
+  /**
+   * SCRUB WITH REPLICAS (chunkd scrub on the owner): the live volume's damaged extents that `report` names are
+   * repaired from an in-sync replica as a client's read would be (REPAIR ON READ); a snapshot's stay damaged, as
+   * do those no replica has a good copy of. Then each in-sync replica is verified (SyncVolume.verify).
+   */
+  async scrubWithReplicas(volume: string, report: ScrubReport): Promise<ScrubWithReplicas> {
+    const set = this.#volumes.get(volume);
+    if (set === undefined) return report;
+    const repairedExtents: BadExtent[] = [];
+    const badExtents: BadExtent[] = [];
+    const device = this.#options.pool.openVolume(volume);
+    try {
+      for (const extent of report.badExtents) {
+        if (extent.export === volume && (await set.repairExtent(extent, device))) repairedExtents.push(extent);
+        else badExtents.push(extent);
+      }
+    } finally {
+      await device.close();
+    }
+    const repairedChunks = repairedExtents.reduce((sum, extent) => sum + Math.ceil(extent.lengthBytes / chunkSizeBytes), 0);
+    return { ...report, badExtents, badChunks: badExtents.length === 0 ? 0 : Math.max(1, report.badChunks - repairedChunks), repairedExtents, replicas: await set.verify() };
   }
 
   async flush(volume: string, local: () => Promise<void>): Promise<void> {
@@ -781,6 +822,63 @@ class SyncVolume {
     } finally {
       release();
     }
+  }
+
+  /** Repairs a damaged extent of the live volume from an in-sync replica, a region at a time; false when it could not. */
+  async repairExtent(extent: BadExtent, device: RepairTarget): Promise<boolean> {
+    const endBytes = Math.min(extent.offsetBytes + extent.lengthBytes, this.#options.pool.volumeInfo(this.#name).sizeBytes);
+    for (let at = extent.offsetBytes; at < endBytes; at += syncRegionBytes) {
+      const target = Buffer.alloc(Math.min(syncRegionBytes, endBytes - at));
+      try {
+        await this.repairRead(at, target, new DamagedDataError(`volume ${this.#name}: a block at byte ${at} failed its checksum in a scrub`), device);
+      } catch (error) {
+        if (!(error instanceof ChunkdError)) throw error;
+        return false;
+      }
+    }
+    return true;
+  }
+
+  /**
+   * DRBD's online verify, by recorded checksums: each in-sync replica's chunk checksums (syncSums) against this
+   * node's, an activity extent at a time under its range lock, so that no write is in flight to it on either side.
+   * A replica that differs anywhere is made out of sync with those regions dirty, and its resync sends what differs.
+   * What it compares is what each side recorded: a block damaged on the replica under a good checksum is the
+   * replica's own scrub's to find.
+   */
+  async verify(): Promise<ReplicaVerify[]> {
+    const results: ReplicaVerify[] = [];
+    for (const link of this.#links.filter((candidate) => candidate.state === 'in-sync')) {
+      const result: ReplicaVerify = { peer: link.settings.peer, peerName: link.peerName, comparedBytes: 0, differingExtents: [] };
+      const chunkCount = this.#options.pool.volumeInfo(this.#name).sizeBytes / chunkSizeBytes;
+      for (let firstChunk = 0; firstChunk < chunkCount && link.state === 'in-sync'; firstChunk += syncSumsChunksMax) {
+        const count = Math.min(syncSumsChunksMax, chunkCount - firstChunk);
+        const release = await this.#lock.acquire(firstChunk, firstChunk + count, true);
+        let ours: Uint32Array;
+        let theirs: Uint32Array;
+        try {
+          if (link.state !== 'in-sync') break;
+          ours = await this.#options.pool.chunkSums(this.#name, firstChunk, count);
+          const reply = await link.send(PeerVerb.syncSums, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session, firstChunk, chunkCount: count }));
+          theirs = parseSyncSumsReply(reply, count);
+        } catch (error) {
+          // The replica failing here fails the next write too (out of sync then); the scrub goes on.
+          result.error = expectedError(error, 'verifying a replica').message;
+          break;
+        } finally {
+          release();
+        }
+        result.comparedBytes += count * chunkSizeBytes;
+        for (const [from, to] of differingRuns(ours, theirs)) result.differingExtents.push({ offsetBytes: (firstChunk + from) * chunkSizeBytes, lengthBytes: (to - from) * chunkSizeBytes });
+      }
+      if (result.differingExtents.length > 0 && link.state === 'in-sync') {
+        for (const extent of result.differingExtents) link.dirty.addRange(...regionsOf(extent.offsetBytes, extent.lengthBytes, syncRegionBytes));
+        await this.#outOfSync(link, ChunkdError.io(`a scrub found ${result.differingExtents.length} extent(s) whose checksums differ there`));
+      }
+      this.#options.log(`volume ${this.#name}: scrub verified the synchronous replica on ${link.settings.peer}: ${formatSize(result.comparedBytes)} compared by checksum, ${result.differingExtents.length} extent(s) differ${result.differingExtents.length > 0 ? ' (out of sync, resynced)' : ''}${result.error === undefined ? '' : `; stopped: ${result.error}`}`, result.differingExtents.length > 0 || result.error !== undefined ? 'warn' : 'info');
+      results.push(result);
+    }
+    return results;
   }
 
   /**

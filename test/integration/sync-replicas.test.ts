@@ -113,11 +113,12 @@ test('a block damaged on the owner: the client reads the right bytes from the in
   const at = 16 * MiB;
   const blocks = [namedBlock('sync repair', 0), namedBlock('sync repair', 1)];
   const client = await TestNbdClient.connect(alpha.node.nbdSocket, 'vol');
+  let before = 0;
   try {
     await client.write(at, Buffer.concat(blocks));
     await client.flush();
     await inSync(alpha);
-    const before = (await link(alpha)).readRepairsTotal;
+    before = (await link(alpha)).readRepairsTotal;
     flipByteUnder(alpha.node.pool, blocks[0]!);
     // Across both blocks and not aligned to them: the damaged one comes from beta, the other from alpha.
     const read = await client.read(at + 512, 6 * 1024);
@@ -127,15 +128,22 @@ test('a block damaged on the owner: the client reads the right bytes from the in
     const metrics = await runTool('curl', ['-s', '--unix-socket', alpha.node.apiSocket, 'http://chunkd/metrics']);
     assert.match(metrics.stdout, new RegExp(`chunkd_sync_replica_read_repairs_total\\{volume="vol",peer="${beta.address}"\\} ${before + 1}`));
     assert.match(metrics.stdout, /chunkd_checksum_errors_total [1-9]/);
-    // Rewritten here: read again, nothing to repair, and the owner's pool scrubs clean.
+    // Rewritten here: read again, nothing to repair.
     assert.ok((await client.read(at, 8 * 1024)).equals(Buffer.concat(blocks)));
     assert.equal((await link(alpha)).readRepairsTotal, before + 1);
   } finally {
     await client.disconnect();
   }
+  // chunkd scrub on the owner repairs a damaged block from the replica too (the other block, damaged now), and
+  // verifies the replica by its recorded checksums; the pool is clean after it.
+  flipByteUnder(alpha.node.pool, blocks[1]!);
   const scrub = await alpha.node.cli('scrub', 'vol');
   assert.equal(scrub.code, 0, scrub.stderr);
+  assert.match(scrub.stdout, new RegExp(`^repaired from a synchronous replica: vol offset ${at + 4096} length 4096$`, 'm'));
+  assert.match(scrub.stdout, /^synchronous replica beta \(127\.0\.0\.1:\d+\): 32 MiB compared by checksum, the same$/m);
   assert.match(scrub.stdout, /no damage found/);
+  assert.equal((await link(alpha)).readRepairsTotal, before + 2);
+  assert.match((await alpha.node.cli('scrub', 'vol')).stdout, /no damage found/);
   assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
 });
 
