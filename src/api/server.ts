@@ -41,6 +41,8 @@ export interface ControlPlane {
   /** `where`: in a cluster, the node named, or 'placed' (the most free space: cluster/placement.ts). */
   createVolume(name: string, sizeBytes: number, replicas?: number, sync?: { timeoutMs: number } | null, where?: VolumePlacement): Promise<VolumeInfo>;
   resizeVolume(name: string, sizeBytes: number, force: boolean): Promise<VolumeInfo>;
+  /** The volume's replicas made synchronous (`sync`: their timeout) or asynchronous (null): volume set --sync. */
+  setVolumeSync(name: string, sync: { timeoutMs: number } | null): Promise<unknown>;
   removeVolume(name: string): Promise<void>;
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo>;
   listSnapshots(volume: string): SnapshotInfo[];
@@ -216,8 +218,14 @@ export class ApiServer {
       }
       case 'GET /v1/volumes/:':
         return sendJson(response, 200, this.#control.volumeInfo(volumeName()));
-      case 'PATCH /v1/volumes/:':
-        return sendJson(response, 200, await this.#control.resizeVolume(volumeName(), sizeField(body.sizeBytes), body.force === true));
+      case 'PATCH /v1/volumes/:': {
+        if (body.sync === undefined) return sendJson(response, 200, await this.#control.resizeVolume(volumeName(), sizeField(body.sizeBytes), body.force === true));
+        // volume set --sync: one change at a time.
+        if (typeof body.sync !== 'boolean') throw ChunkdError.invalid('sync must be true or false');
+        if (body.sizeBytes !== undefined || body.force !== undefined) throw ChunkdError.invalid('a change of sync takes no sizeBytes or force: resize apart');
+        if (body.syncTimeoutMs !== undefined && body.sync !== true) throw ChunkdError.invalid('syncTimeoutMs goes with sync: true');
+        return sendJson(response, 200, await this.#control.setVolumeSync(volumeName(), body.sync ? { timeoutMs: syncTimeoutField(body.syncTimeoutMs) } : null));
+      }
       case 'DELETE /v1/volumes/:':
         await this.#control.removeVolume(volumeName());
         return sendJson(response, 200, { removed: parts[2] });

@@ -103,6 +103,19 @@ export const commands = {
     options: { ...size, force: { type: 'boolean', help: 'allow shrinking (the data past the new end is lost)' }, ...json, ...api },
   },
   'volume rm': { usage: ['volume rm NAME [--json]'], summary: 'remove a volume (refused while open, attached, or while it has snapshots)', options: { ...json, ...api } },
+  'volume set': {
+    usage: ['volume set NAME --sync on|off [--sync-timeout 5s] [--json]'],
+    summary: "make the volume's replicas synchronous, or asynchronous again, while clients use it (on its owner)",
+    details: [
+      'on: each asynchronous replica becomes a synchronous one on the same node; its first resync compares the whole volume by chunk checksums and sends only what differs, and the command returns once every replica is in sync. off: a replication snapshot (repl-<ms>) is taken on the volume and on every replica, which must all be in sync, with no write between it and the end of the synchronous links; each then is an asynchronous replica (chunkd replica add --every 30s) whose first cycle sends only what was written since. In a cluster the volume\'s record in etcd says which (a synchronous volume goes only to a replica in sync when its owner fails).',
+    ],
+    options: {
+      sync: { type: 'string', value: 'on|off', help: 'on: synchronous replicas (every acknowledged write on each in-sync one); off: asynchronous ones' },
+      'sync-timeout': { type: 'string', value: 'DURATION', fallback: '5s', help: 'with --sync on: a replica that leaves a write unanswered this long is out of sync' },
+      ...json,
+      ...api,
+    },
+  },
   'volume handoff': {
     usage: ['volume handoff VOL --to HOST:PORT [--json]'],
     summary: 'move VOL to another node (its replica is made current first); this node keeps a read-only replica',

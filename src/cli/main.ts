@@ -196,6 +196,19 @@ async function volumeCommand(argv: string[]): Promise<number> {
       print(values.json, volume, () => `volume ${volume.name} is now ${formatSize(volume.sizeBytes)}`);
       return 0;
     }
+    case 'set': {
+      const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands['volume set'].options }));
+      const [name, sync, syncTimeoutMs] = parsing(() => {
+        if (values.sync === undefined) throw new UsageError(`volume set needs --sync on|off (the one setting it changes)\nusage: chunkd ${commands['volume set'].usage[0]}`);
+        if (values.sync !== 'on' && values.sync !== 'off') throw new UsageError(`invalid --sync "${values.sync}": on or off`);
+        if (values['sync-timeout'] !== undefined && values.sync !== 'on') throw new UsageError('--sync-timeout goes with --sync on');
+        return [nameOf(positionals), values.sync === 'on', values['sync-timeout'] === undefined ? undefined : parseDuration(values['sync-timeout'], '--sync-timeout')] as const;
+      });
+      const result = (await callApi(apiPath(values.api), 'PATCH', `/v1/volumes/${encodeURIComponent(name)}`, { sync, ...(syncTimeoutMs === undefined ? {} : { syncTimeoutMs }) })) as { volume: string; sync: boolean; replicas: Array<{ peer: string; peerName: string | null }> };
+      const peers = result.replicas.map((replica) => (replica.peerName === null ? replica.peer : `${replica.peerName} (${replica.peer})`)).join(', ');
+      print(values.json, result, () => `volume ${name}: its replicas are ${sync ? 'synchronous (in sync)' : 'asynchronous'}: ${peers}`);
+      return 0;
+    }
     case 'rm': {
       const { values, positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands['volume rm'].options }));
       const name = parsing(() => nameOf(positionals));

@@ -7,6 +7,7 @@ import { validateName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
 import type { VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
+import type { ScrubWithReplicas } from '../replication/sync-replicas.ts';
 import { callApi } from './api-client.ts';
 import { parsing, UsageError } from './errors.ts';
 import { commands } from './help.ts';
@@ -26,6 +27,12 @@ export async function scrubCommand(argv: string[], apiPath: (option: string | un
     process.stdout.write(`${JSON.stringify(values.all === true ? reports : reports[0], null, 2)}\n`);
   } else {
     const lines = badExtents.map((extent) => `bad extent: ${extent.export} offset ${extent.offsetBytes} length ${extent.lengthBytes}`);
+    for (const report of reports as ScrubWithReplicas[]) {
+      for (const extent of report.repairedExtents ?? []) lines.push(`repaired from a synchronous replica: ${extent.export} offset ${extent.offsetBytes} length ${extent.lengthBytes}`);
+      for (const replica of report.replicas ?? []) {
+        lines.push(`synchronous replica ${replica.peerName ?? '?'} (${replica.peer}): ${formatSize(replica.comparedBytes)} compared by checksum, ${replica.differingExtents.length === 0 ? 'the same' : `${replica.differingExtents.length} extent(s) differ: out of sync, resynced`}${replica.error === undefined ? '' : `; stopped: ${replica.error}`}`);
+      }
+    }
     for (const report of reports) {
       lines.push(
         `scrub of ${report.volume}: ${formatSize(report.checkedBytes)} (${report.checkedBytes} bytes) checked across ${report.exports.length} export(s); ` +

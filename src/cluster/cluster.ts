@@ -391,6 +391,37 @@ export class ClusterMember {
   }
 
   /**
+   * Records a volume of this node's as synchronous (`sync`: its links' timeout; an in-sync set not yet recorded
+   * starts empty, filled by the owner's links as they come in sync) or asynchronous (null: the set goes): volume set
+   * --sync, node.ts. A transaction on the record's revision, refused unless etcd names this node its owner at its
+   * epoch; a record changed meanwhile (its in-sync set) is read again.
+   */
+  async setSync(volume: string, sync: { timeoutMs: number } | null): Promise<void> {
+    for (let attempt = 0; attempt < 100; attempt += 1) {
+      const epoch = this.#host.epochOf(volume);
+      const kv = await this.#get(volumeKey(volume), deadline());
+      const record = kv === null ? null : parseVolumeRecord(volumeKey(volume), kv.value);
+      if (record === null || record.owner !== this.nodeName || record.epoch !== epoch) {
+        throw ChunkdError.readOnly(`volume ${volume} cannot be made ${sync === null ? 'asynchronous' : 'synchronous'} here: etcd ${record === null ? 'has no record of it' : `records ${record.owner} as its owner at epoch ${record.epoch}`}, this node's epoch is ${epoch ?? 'none'}`);
+      }
+      const { sync: _sync, syncTimeoutMs: _timeout, inSync, ...rest } = record;
+      const next: VolumeRecord = sync === null ? rest : { ...rest, sync: true, syncTimeoutMs: sync.timeoutMs, inSync: inSync?.epoch === epoch ? inSync : { epoch, nodes: [] } };
+      if (JSON.stringify(next) === JSON.stringify(record)) return;
+      const result = await this.#client
+        .if(volumeKey(volume), 'Mod', '==', kv!.mod_revision)
+        .and(nodeKey(this.nodeName), 'Lease', '==', this.#requireLease())
+        .then(this.#client.put(volumeKey(volume)).value(JSON.stringify(next)))
+        .options(deadline())
+        .commit();
+      if (result.succeeded) {
+        this.#host.log(`cluster: volume ${volume} is recorded ${sync === null ? 'asynchronous' : 'synchronous'} in etcd`);
+        return;
+      }
+    }
+    throw ChunkdError.busy(`volume ${volume}: its record in etcd kept changing while it was made ${sync === null ? 'asynchronous' : 'synchronous'}`);
+  }
+
+  /**
    * Removes a volume's record after the volume was removed here: a transaction on the revision read. A record that
    * names another owner is that node's (this node's copy was fenced or stale): it stays.
    */

@@ -20,7 +20,7 @@ import { prepareSend, resumeRequest, type PreparedSend } from '../replication/se
 import { ReplicaServer } from '../replication/replica-server.ts';
 import { SyncReplicaExport, SyncReplicaServer } from '../replication/sync-replica-server.ts';
 import { SyncDevice, SyncReplication, type SyncReplicaSettings, type SyncReplicaStatus } from '../replication/sync-replicas.ts';
-import { defaultEveryMs, Replicator, type CycleResult, type ReplicaSettings, type ReplicaStatus } from '../replication/replicator.ts';
+import { defaultEveryMs, Replicator, uniqueSnapshotName, type CycleResult, type ReplicaSettings, type ReplicaStatus } from '../replication/replicator.ts';
 import { handoff, resolve as resolveHandoff, type HandoffContext, type HandoffResult } from '../replication/handoff.ts';
 import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
 import { newestReplicationPoint, replicationSnapshotPrefix } from '../replication/peer-messages.ts';
@@ -125,6 +125,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** Synchronous replicas of this node's volumes (replication/sync-replicas.ts), and the side that serves others'. */
   #sync: SyncReplication | null = null;
   #syncServer: SyncReplicaServer | null = null;
+  /** Volumes whose replicas `volume set --sync` is changing: the cluster's link steps leave them alone meanwhile. */
+  readonly #settingSync = new Set<string>();
   #cluster: ClusterMember | null = null;
 
   private constructor(config: NodeConfig, pool: Pool, sharedBuffers: SharedBufferPool | null, poolId: string, tls: TlsServerConfig | null) {
@@ -254,7 +256,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
           // In a cluster, writes start once etcd names this node (the old owner records the move next).
           node.#cluster?.expectOwnership(volume);
           if (replicaBack !== null) await node.replicator.ensureLink(volume, replicaBack, defaultEveryMs);
-        });
+        }, (volume) => node.#syncServer!.forget(volume));
         node.#peer = new PeerServer({
           credentials: peerCredentials,
           allow: config.peer.allow === null ? null : new Set(config.peer.allow),
@@ -600,8 +602,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         await roles.set(volume, { role: 'replica', owner, epoch: ownerEpoch, ...(roles.isSyncReplica(volume) ? { sync: true } : {}), ...(stale === null ? {} : { stalePoint: stale }) });
         await this.pool.blockWrites(volume, roles.writeRefusal(volume, 'a write'));
       },
-      ensureReplica: (volume, peer) => this.replicator.ensureLink(volume, peer, defaultEveryMs),
-      ensureSyncReplica: (volume, peer, timeoutMs) => this.#ensureSyncLink({ volume, peer, timeoutMs: timeoutMs ?? syncReplicaTimeoutMsDefault }),
+      ensureReplica: async (volume, peer) => {
+        if (!this.#settingSync.has(volume)) await this.replicator.ensureLink(volume, peer, defaultEveryMs);
+      },
+      ensureSyncReplica: async (volume, peer, timeoutMs) => {
+        if (!this.#settingSync.has(volume)) await this.#ensureSyncLink({ volume, peer, timeoutMs: timeoutMs ?? syncReplicaTimeoutMsDefault });
+      },
       moveRefusal: (volume) => {
         if (this.#sync?.has(volume)) return 'it has synchronous replicas, which a handoff does not carry yet (issue 17)';
         const attachment = this.#attachments?.get(volume);
@@ -694,6 +700,52 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     await this.addSyncReplica(settings).catch((error: unknown) => {
       if (!(error instanceof ChunkdError && error.code === 'EEXIST' && this.#sync?.status(settings.volume).some((link) => link.peer === settings.peer))) throw error;
     });
+  }
+
+  /**
+   * `volume set VOL --sync on|off`: the volume's replicas become synchronous (each asynchronous link a synchronous
+   * one to the same peer, whose first resync compares the whole volume by checksums and sends what differs;
+   * answered once they are in sync) or asynchronous again (from a replication point every replica holds,
+   * SyncReplication.makeAsynchronous, so that the first cycle sends only what was written since). In a cluster the
+   * volume's record says so too: made synchronous before the links are (an empty in-sync set, so a failover waits
+   * for the links rather than promote by point), and asynchronous once the links are (their in-sync set emptied
+   * first). Meanwhile the cluster's own link steps leave the volume alone.
+   */
+  async setVolumeSync(name: string, sync: { timeoutMs: number } | null): Promise<{ volume: string; sync: boolean; replicas: Array<ReplicaStatus | SyncReplicaStatus> }> {
+    this.roles.checkWritable(name, 'a change of its replicas');
+    if (this.#sync === null) throw new ChunkdError('ESHUTDOWN', 'the node is starting');
+    const asynchronous = this.replicator.statusOf(name);
+    const synchronous = this.#sync.status(name);
+    if (asynchronous.length + synchronous.length === 0) throw ChunkdError.invalid(`volume ${name} has no replicas to make ${sync === null ? 'asynchronous' : 'synchronous'}: add one (chunkd replica add ${name} --peer HOST:PORT${sync === null ? '' : ' --sync'})`);
+    if (this.#settingSync.has(name)) throw ChunkdError.busy(`volume ${name}: its replicas are being changed already`);
+    this.#settingSync.add(name);
+    try {
+      if (sync !== null) {
+        const credentials = replicationCredentials(this.config);
+        if (typeof credentials === 'string') throw ChunkdError.invalid(`synchronous replicas need this node's client certificate: ${credentials}`);
+        for (const link of asynchronous) await this.replicator.remove(name, link.peer);
+        await this.#cluster?.setSync(name, sync);
+        for (const link of asynchronous) await this.#ensureSyncLink({ volume: name, peer: link.peer, timeoutMs: sync.timeoutMs, maxRateBytesPerSecond: link.maxRateBytesPerSecond });
+      } else {
+        if (synchronous.length > 0) {
+          const point = uniqueSnapshotName(this.pool.listSnapshots(name).map((snapshot) => snapshot.name));
+          const ended = await this.#sync.makeAsynchronous(name, point);
+          for (const link of ended) await this.replicator.add({ volume: name, peer: link.peer, everyMs: defaultEveryMs, maxRateBytesPerSecond: link.maxRateBytesPerSecond ?? null });
+        }
+        await this.#cluster?.setSync(name, null);
+      }
+    } finally {
+      this.#settingSync.delete(name);
+    }
+    if (sync !== null) {
+      await this.#sync.waitInSync(name, createSyncWaitMs).catch((error: unknown) => {
+        throw ChunkdError.io(`volume ${name}: its replicas are synchronous, but not in sync yet: ${error instanceof Error ? error.message : String(error)}; chunkd replica status ${name} shows them`, error);
+      });
+    } else {
+      // A first cycle now: it finds the point on both sides, and sends what was written since.
+      await this.replicator.sync(name, null).catch((error: unknown) => this.config.log(`volume ${name}: the first cycle of its asynchronous replicas failed: ${error instanceof Error ? error.message : String(error)} (tried again)`, 'warn'));
+    }
+    return { volume: name, sync: sync !== null, replicas: this.listReplicas(name) };
   }
 
   async removeReplica(volume: string, peer: string): Promise<{ removed: string }> {
@@ -840,8 +892,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.#receiver.abort(volume);
   }
 
-  scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
-    return this.pool.scrub(volume, onProgress);
+  /** A scrub of the volume; on the owner of one with synchronous replicas, repaired and verified against them too. */
+  async scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport> {
+    const report = await this.pool.scrub(volume, onProgress);
+    if (this.#sync === null || !this.#sync.has(volume) || this.roles.replicaOf(volume) !== null) return report;
+    return this.#sync.scrubWithReplicas(volume, report);
   }
 
   async status(): Promise<NodeStatus> {

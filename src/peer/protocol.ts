@@ -46,7 +46,7 @@ export type FrameKind = (typeof FrameKind)[keyof typeof FrameKind];
 export const PeerVerb = {
   hello: 1, replicaInfo: 2, receiveOpen: 3, receiveData: 4, receiveClose: 5, receiveAbort: 6, replicaPrune: 7, takeOwnership: 8,
   // Synchronous replicas (replication/sync-replicas.ts; payloads in replication/sync-messages.ts).
-  syncOpen: 9, syncWrite: 10, syncFlush: 11, syncControl: 12, syncSums: 13, syncRead: 14,
+  syncOpen: 9, syncWrite: 10, syncFlush: 11, syncControl: 12, syncSums: 13, syncRead: 14, syncClose: 15,
   // The cluster's, numbered from 32 (apart from the synchronous replicas', which grow from 12): a new volume
   // placed on another node (cluster/remote-create.ts).
   volumeCreate: 32,

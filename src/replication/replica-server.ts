@@ -42,13 +42,16 @@ export class ReplicaServer {
 
   /** Called once this node owns a volume handed to it, with the old owner's address to replicate back to (or null). */
   readonly #onTaken: (volume: string, replicaBack: string | null) => Promise<void>;
+  /** Called before a stream into a volume starts: a synchronous replica's write handle goes (a receive needs it closed). */
+  readonly #beforeStream: (volume: string) => Promise<void>;
 
-  constructor(pool: Pool, receiver: StreamReceiver, roles: VolumeRoles, log: Log, onTaken: (volume: string, replicaBack: string | null) => Promise<void>) {
+  constructor(pool: Pool, receiver: StreamReceiver, roles: VolumeRoles, log: Log, onTaken: (volume: string, replicaBack: string | null) => Promise<void>, beforeStream: (volume: string) => Promise<void> = async () => {}) {
     this.#pool = pool;
     this.#receiver = receiver;
     this.#roles = roles;
     this.#log = log;
     this.#onTaken = onTaken;
+    this.#beforeStream = beforeStream;
   }
 
   /** The verbs, for the peer server. */
@@ -90,6 +93,7 @@ export class ReplicaServer {
     const { volume, epoch, replace } = parseReceiveOpen(payload);
     if (this.#sessions.has(context.connection.id)) throw ChunkdError.busy('this connection carries a stream already; close it first');
     await this.#checkSender(volume, context.peerName, epoch);
+    await this.#beforeStream(volume);
     if (replace === true) await this.#prepareReplace(volume, context.peerName, epoch);
     // Recorded before the stream may create the volume, so a replica never exists without its role.
     await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });

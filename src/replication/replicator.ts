@@ -581,7 +581,7 @@ export class Replicator {
 }
 
 /** `repl-<ms since 1970>`, made unique among `taken` names. */
-function uniqueSnapshotName(taken: string[]): string {
+export function uniqueSnapshotName(taken: string[]): string {
   let ms = Date.now();
   while (taken.includes(`${replicationSnapshotPrefix}${ms}`)) ms += 1;
   return `${replicationSnapshotPrefix}${ms}`;

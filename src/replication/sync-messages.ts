@@ -7,9 +7,11 @@
 //   syncWrite binary, below               -> {} once the write is applied there (and durable there with FUA)
 //   syncFlush {volume, epoch, session}    -> {} once every write the replica acknowledged before it is durable
 //   syncControl {volume, epoch, session, action, ...}
-//                                         -> {} once the change is durable there; the owner sends it with no write
-//                                            in flight (the whole volume's lock), so it lands at the same point of
-//                                            the write stream on every replica:
+//                                         -> {} once the change is durable there; the owner sends it to an in-sync
+//                                            replica with no write in flight (the whole volume's lock), so it lands
+//                                            at the same point of the write stream on every replica, and to a
+//                                            resyncing one (which gets no client writes) to give it the snapshots
+//                                            it missed (sync-replicas.ts, SNAPSHOTS AT RESYNC):
 //              action 'snapshot' {name, uuid}         takes the snapshot, with the owner's id
 //              action 'remove-snapshot' {name, uuid}  removes it (done already when it is not there)
 //              action 'resize' {sizeBytes}            grows or shrinks the replica (a shrink discards the tail)
@@ -21,6 +23,10 @@
 //   syncRead  {volume, epoch, session,    -> the bytes, raw (verified against their checksums there): the owner
 //              offsetBytes, lengthBytes}     repairs a block that failed its checksum from an in-sync replica
 //                                            (at most syncReadBytesMax, so the answer fits a control frame)
+//   syncClose {volume, epoch, session}    -> {} once the replica is an asynchronous replica of the sender at the
+//                                            same epoch (durably), its writes flushed: the owner made the volume's
+//                                            replicas asynchronous (volume set --sync off), each at a replication
+//                                            point both hold
 //
 // The session (the replica's count of syncOpens of the volume since it started) shuts out an older connection of
 // the same owner: a write the owner gave up on (it timed out, the replica is out of sync) may still wait in the

@@ -43,6 +43,7 @@ export class SyncReplicaServer {
       [PeerVerb.syncControl, (payload, context) => this.#control(parseSyncControl(payload), context)],
       [PeerVerb.syncSums, (payload, context) => this.#sums(parseSyncSums(payload), context)],
       [PeerVerb.syncRead, (payload, context) => this.#read(payload, context)],
+      [PeerVerb.syncClose, (payload, context) => this.#close(payload, context)],
     ]);
   }
 
@@ -106,7 +107,7 @@ export class SyncReplicaServer {
     return encodeSyncSumsReply(await this.#pool.chunkSums(request.volume, request.firstChunk, endChunk - request.firstChunk));
   }
 
-  /** A snapshot, resize or rollback from the owner, sent with no write in flight (sync-messages.ts). */
+  /** A snapshot, resize or rollback from the owner, sent with no write in flight, or by a resync (sync-messages.ts). */
   async #control(request: SyncControlRequest, context: PeerRequestContext): Promise<object> {
     const { volume } = request;
     this.#handle(volume, context.peerName, request.epoch, request.session);
@@ -125,6 +126,20 @@ export class SyncReplicaServer {
       await this.#pool.rollbackVolume(volume, held.snapshot);
       this.#log(`volume ${volume} rolled back to ${held.snapshot} as its owner ${context.peerName} did`);
     }
+    return {};
+  }
+
+  /**
+   * The owner made the volume's replicas asynchronous (volume set --sync off): this one is an asynchronous replica of
+   * it from now on, at the same epoch, fed by streams (the role without `sync`); the owner's syncWrites end here.
+   */
+  async #close(payload: Buffer, context: PeerRequestContext): Promise<object> {
+    const { volume, epoch, session } = parseSyncFlush(payload);
+    await this.#handle(volume, context.peerName, epoch, session).flush();
+    this.#sessions.delete(volume);
+    await this.#closeHandle(volume);
+    await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });
+    this.#log(`volume ${volume}: an asynchronous replica of ${context.peerName} (epoch ${epoch}) from now on, as its owner asked`);
     return {};
   }
 

@@ -40,7 +40,8 @@
 // there) for each damaged one; the client gets the replica's bytes, the block is rewritten here (redirect-on-write:
 // a new chunk, the damaged one freed; a snapshot that shares it keeps it, and scrub still names it there), and the
 // link's readRepairsTotal counts it. With no in-sync replica, or none whose copy is good, the read fails with EIO as
-// on any node. When the local write fails and a replica applied it, that
+// on any node. SCRUB WITH REPLICAS repairs the live volume's damaged blocks a scrub found the same way, then verifies
+// each in-sync replica by its recorded chunk checksums (scrubWithReplicas, verify). When the local write fails and a replica applied it, that
 // replica is marked out of sync (the resync gives it the owner's bytes back).
 //
 // CONTROL: a snapshot (taken, removed), a resize and a rollback are applied here and then sent (syncControl) to
@@ -48,8 +49,9 @@
 // writes on every copy, with the owner's id, and a failover to an in-sync replica keeps it. A replica that fails
 // one is out of sync, as for a write (a rollback's changed regions, the snapshot's diff against the volume, are in
 // the activity log first and in the dirty map of every replica out of sync, so a resync gives it the data); one out
-// of sync misses snapshots taken meanwhile (a resync copies data, not snapshots), and takes the owner's size at its
-// next syncOpen. A shrink or a rollback needs the volume closed on both sides, as without replicas.
+// of sync takes the owner's size at its next syncOpen, and its resync gives it the snapshots taken meanwhile and
+// removes those removed meanwhile (SNAPSHOTS AT RESYNC, #giveSnapshots). A shrink or a rollback needs the volume
+// closed on both sides, as without replicas.
 //
 // DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions
 // (limits.syncRegionBytes, 64 KiB), and the volume's activity log (limits.syncActivityExtentBytes, 4 MiB extents,
@@ -71,8 +73,9 @@
 // Resync compares each dirty region under its range lock, chunk by chunk, by the checksums both sides recorded
 // (the replica's asked for 4 MiB at a time, syncSums), and sends only the chunks that differ: holes as trims, data
 // as writes (bytes counted; those found equal are counted too). So a replica whose dirty map says more than
-// changed (after an owner crash, a failover, a link added back) receives what did change. A write that lands on a
-// copied region while resyncing marks it again; after at most syncResyncPassesMax passes, or one that leaves at
+// changed (after an owner crash, a failover, a link added back) receives what did change. A client write whose
+// regions the resync has all copied is sent to the replica too, as to an in-sync one (DRBD's way; one that fails
+// marks them again and restarts the resync on a new session); any other write marks its regions again; after at most syncResyncPassesMax passes, or one that leaves at
 // most syncCatchUpRegionsMax regions, what is left is copied under the whole volume's lock (writes wait, briefly),
 // so a resync under steady writes ends (DRBD's way). The link then turns in sync under that lock, so no write is in
 // flight as it changes. A rate cap (--max-rate) paces the passes' data, not the last copy under the lock.
@@ -84,9 +87,15 @@
 // sent) and then recorded in sync. The
 // old owner, back, becomes one of them (node.ts #rejoinSync: what it held kept as snapshot fenced-<ms>).
 //
+// VOLUME SET --SYNC (node.ts setVolumeSync): `on` turns each asynchronous link into a link here (every region dirty,
+// so compared whole, and only what the replica lacks sent); `off` (makeAsynchronous) needs every link in sync and,
+// under the whole volume's lock, takes a replication point (repl-<ms>) here and on each replica, records the in-sync
+// set without them, and ends each link with syncClose (the replica becomes an asynchronous one of this node at the
+// same epoch), so that the asynchronous link's first cycle finds the point on both sides with no write after it.
+//
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
-// follow, so `volume move` of a synchronous volume is refused too), snapshots given to a replica that missed them,
-// client writes sent to a resyncing replica's copied regions (DRBD does; here they mark them again), repair during a resync's or scrub's reads, `volume set --sync on|off`, `replica add --sync` by hand marking the
+// follow, so `volume move` of a synchronous volume is refused too), snapshots removed here while a replica was away
+// removed there after a failover (the new owner never knew them), repair during a resync's reads (a damaged block there fails the resync), a verify of a replica's data itself, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
@@ -94,7 +103,7 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError, DamagedDataError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
-import { chunkSizeBytes, syncActivityExtentBytes, syncCatchUpRegionsMax, syncReconnectDelayMs, syncRegionBytes, syncResyncPassesMax, syncResyncRegionsInFlight, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
+import { chunkSizeBytes, snapshotsPerVolumeMax, syncActivityExtentBytes, syncCatchUpRegionsMax, syncReconnectDelayMs, syncRegionBytes, syncResyncPassesMax, syncResyncRegionsInFlight, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
@@ -103,9 +112,11 @@ import type { TlsCredentials } from '../peer/credentials.ts';
 import { PeerVerb } from '../peer/protocol.ts';
 import type { Pool, SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
+import type { BadExtent, ScrubReport } from '../store/scrub.ts';
+import { isSnapshotUuid } from '../store/metadata.ts';
 import { RangeLock } from '../store/range-lock.ts';
 import { ActivityLog, RegionSet, regionsOf } from './dirty-map.ts';
-import { jsonPayload } from './peer-messages.ts';
+import { jsonPayload, parseReplicaInfo, replicationSnapshotPrefix } from './peer-messages.ts';
 import { readStateFile, writeStateFile } from './state-file.ts';
 import { encodeSyncWrite, isFencedRefusal, parseSyncOpenReply, parseSyncSumsReply, SyncOp, type SyncControlAction } from './sync-messages.ts';
 import { RateLimiter } from './rate-limit.ts';
@@ -141,6 +152,22 @@ export interface SyncReplicaStatus extends SyncReplicaSettings {
   /** Blocks that failed their checksum here and were read from this replica and rewritten (REPAIR ON READ). */
   readRepairsTotal: number;
   lastError: { message: string; at: string } | null;
+}
+
+/** A scrub's report on an owner with synchronous replicas: what was repaired from one, and what verifying each found. */
+export interface ScrubWithReplicas extends ScrubReport {
+  repairedExtents?: BadExtent[];
+  replicas?: ReplicaVerify[];
+}
+
+/** One in-sync replica verified: the bytes whose checksums were compared, and the extents where they differ. */
+export interface ReplicaVerify {
+  peer: string;
+  peerName: string | null;
+  comparedBytes: number;
+  differingExtents: Array<{ offsetBytes: number; lengthBytes: number }>;
+  /** Why the verify stopped short (the replica did not answer). */
+  error?: string;
 }
 
 /** Where a repair reads this node's blocks and rewrites a damaged one: the volume under SyncDevice (not replicated). */
@@ -180,6 +207,8 @@ interface StoredLink {
   peerName: string | null;
   state: SyncLinkState;
   dirty: Array<[number, number]>;
+  /** Ids of snapshots removed here that the replica may still hold (SNAPSHOTS AT RESYNC). */
+  snapshotsRemoved?: string[];
 }
 
 /** Every volume of this node with synchronous replicas, and the state file they share. */
@@ -218,7 +247,9 @@ export class SyncReplication {
         if (maxRate !== null && (!Number.isSafeInteger(maxRate) || maxRate < 1)) throw ChunkdError.corrupt(`${what}: a link's rate cap is not a whole number of bytes a second`);
         const dirty = RegionSet.fromRuns(link.dirty, Math.ceil(volumeSizeMaxBytes / syncRegionBytes), what, regionCount);
         dirty.addAll(active);
-        set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs, maxRateBytesPerSecond: maxRate }, dirty, link.peerName);
+        const removed = link.snapshotsRemoved ?? [];
+        if (!Array.isArray(removed) || !removed.every(isSnapshotUuid)) throw ChunkdError.corrupt(`${what}: a link's removed snapshots are not snapshot ids`);
+        set.addLink({ volume, peer: link.peer, timeoutMs: link.timeoutMs, maxRateBytesPerSecond: maxRate }, dirty, link.peerName, removed);
       }
       if (set.linkCount > 0) sync.#volumes.set(volume, set);
     }
@@ -270,6 +301,21 @@ export class SyncReplication {
     if (set.linkCount === 0) this.#volumes.delete(volume);
     await this.save();
     return true;
+  }
+
+  /**
+   * `volume set --sync off`: every link of `volume` ends at a replication point, snapshot `point`, taken here and on
+   * each replica (all must be in sync) with no write between it and the end of the links, and each replica made an
+   * asynchronous replica of this node (syncClose); returns the links' settings, for asynchronous links to the same
+   * peers, whose first cycle finds the point on both sides (replicator.ts) and sends what was written since.
+   */
+  async makeAsynchronous(volume: string, point: string): Promise<SyncReplicaSettings[]> {
+    const set = this.#volumes.get(volume);
+    if (set === undefined) throw ChunkdError.invalid(`volume ${volume} has no synchronous replicas`);
+    const ended = await set.endAll(point);
+    this.#volumes.delete(volume);
+    await this.save();
+    return ended;
   }
 
   /** A volume removed from the pool: its links go (the replicas stay on their nodes). */
@@ -343,6 +389,29 @@ export class SyncReplication {
     return set.repairRead(offsetBytes, target, damage, device);
   }
 
+  /**
+   * SCRUB WITH REPLICAS (chunkd scrub on the owner): the live volume's damaged extents that `report` names are
+   * repaired from an in-sync replica as a client's read would be (REPAIR ON READ); a snapshot's stay damaged, as
+   * do those no replica has a good copy of. Then each in-sync replica is verified (SyncVolume.verify).
+   */
+  async scrubWithReplicas(volume: string, report: ScrubReport): Promise<ScrubWithReplicas> {
+    const set = this.#volumes.get(volume);
+    if (set === undefined) return report;
+    const repairedExtents: BadExtent[] = [];
+    const badExtents: BadExtent[] = [];
+    const device = this.#options.pool.openVolume(volume);
+    try {
+      for (const extent of report.badExtents) {
+        if (extent.export === volume && (await set.repairExtent(extent, device))) repairedExtents.push(extent);
+        else badExtents.push(extent);
+      }
+    } finally {
+      await device.close();
+    }
+    const repairedChunks = repairedExtents.reduce((sum, extent) => sum + Math.ceil(extent.lengthBytes / chunkSizeBytes), 0);
+    return { ...report, badExtents, badChunks: badExtents.length === 0 ? 0 : Math.max(1, report.badChunks - repairedChunks), repairedExtents, replicas: await set.verify() };
+  }
+
   async flush(volume: string, local: () => Promise<void>): Promise<void> {
     const set = this.#volumes.get(volume);
     if (set !== undefined) return set.flush(local);
@@ -403,6 +472,8 @@ class SyncLink {
   readonly dirty: RegionSet;
   /** Dirty regions the resync under way has copied (a write to one marks it again: removed from here). */
   readonly copied = new Set<number>();
+  /** Ids of snapshots removed here while the replica was not in sync (or that it failed to remove): its resync removes them there. */
+  snapshotsRemoved: string[] = [];
   client: PeerClient | null = null;
   /** The session the replica's syncOpen answered on this connection (sync-messages.ts). */
   session = 0;
@@ -433,6 +504,12 @@ class SyncLink {
   markDirty(first: number, end: number): boolean {
     for (let region = first; region < end; region++) this.copied.delete(region);
     return this.dirty.addRange(first, end);
+  }
+
+  /** Whether the resync under way has copied every region of [first, end) (and no write marked one again since). */
+  hasCopied(first: number, end: number): boolean {
+    for (let region = first; region < end; region++) if (!this.copied.has(region)) return false;
+    return true;
   }
 
   /** Forgets the regions from `limit` on (the volume shrank). */
@@ -524,9 +601,11 @@ class SyncVolume {
     return this.#links.some((link) => link.settings.peer === peer);
   }
 
-  addLink(settings: SyncReplicaSettings, dirty: RegionSet, peerName: string | null): void {
+  addLink(settings: SyncReplicaSettings, dirty: RegionSet, peerName: string | null, snapshotsRemoved: string[] = []): void {
     assert(!this.hasLink(settings.peer), 'one link per peer');
-    this.#links.push(new SyncLink(settings, dirty, peerName));
+    const link = new SyncLink(settings, dirty, peerName);
+    link.snapshotsRemoved = snapshotsRemoved;
+    this.#links.push(link);
   }
 
   async removeLink(peer: string): Promise<boolean> {
@@ -575,6 +654,7 @@ class SyncVolume {
       active: this.#activity.active.toRuns(),
       replicas: this.#links.map((link) => ({
         peer: link.settings.peer, timeoutMs: link.settings.timeoutMs, maxRateBytesPerSecond: link.settings.maxRateBytesPerSecond ?? null, peerName: link.peerName, state: link.state, dirty: link.dirty.toRuns(),
+        ...(link.snapshotsRemoved.length > 0 ? { snapshotsRemoved: link.snapshotsRemoved } : {}),
       })),
     };
   }
@@ -666,14 +746,27 @@ class SyncVolume {
     let mustSave = this.#activity.begin(firstExtent, endExtent);
     this.#recent.begin(first, end);
     try {
-      for (const link of this.#links) if (link.state !== 'in-sync') mustSave = link.markDirty(first, end) || mustSave;
+      // A resyncing replica whose copy of each region of this write is done gets the write too (DRBD does), so that
+      // the resync need not copy those regions again; otherwise the write marks them to copy (again).
+      const following = this.#links.filter((link) => link.state === 'resyncing' && link.hasCopied(first, end));
+      for (const link of this.#links) if (link.state !== 'in-sync' && !following.includes(link)) mustSave = link.markDirty(first, end) || mustSave;
       if (mustSave) await this.#sync.save();
       const targets = this.#links.filter((link) => link.state === 'in-sync');
       const epoch = this.#options.epochOf(this.#name);
-      const answers = targets.map((link) => link.send(PeerVerb.syncWrite, encodeSyncWrite({ ...request, volume: this.#name, epoch, session: link.session }))
-        .then(() => null, (error: unknown) => expectedError(error, 'a synchronous write')));
+      const send = (link: SyncLink): Promise<ChunkdError | null> => link.send(PeerVerb.syncWrite, encodeSyncWrite({ ...request, volume: this.#name, epoch, session: link.session }))
+        .then(() => null, (error: unknown) => expectedError(error, 'a synchronous write'));
+      const answers = targets.map(send);
+      const followed = following.map(send);
       let localError: unknown = null;
       await local().catch((error: unknown) => (localError = error));
+      for (const [index, error] of (await Promise.all(followed)).entries()) {
+        const link = following[index]!;
+        if (error === null && localError === null) continue;
+        // The regions are copied again (they are dirty still: a resync clears the dirty map only when done), on a
+        // new connection, whose session shuts out a write that timed out here and may still land there.
+        link.markDirty(first, end);
+        link.disconnect();
+      }
       await this.#settle(targets, await Promise.all(answers), localError !== null);
       if (localError !== null) throw localError;
       await this.#recordIfStale();
@@ -731,6 +824,63 @@ class SyncVolume {
     }
   }
 
+  /** Repairs a damaged extent of the live volume from an in-sync replica, a region at a time; false when it could not. */
+  async repairExtent(extent: BadExtent, device: RepairTarget): Promise<boolean> {
+    const endBytes = Math.min(extent.offsetBytes + extent.lengthBytes, this.#options.pool.volumeInfo(this.#name).sizeBytes);
+    for (let at = extent.offsetBytes; at < endBytes; at += syncRegionBytes) {
+      const target = Buffer.alloc(Math.min(syncRegionBytes, endBytes - at));
+      try {
+        await this.repairRead(at, target, new DamagedDataError(`volume ${this.#name}: a block at byte ${at} failed its checksum in a scrub`), device);
+      } catch (error) {
+        if (!(error instanceof ChunkdError)) throw error;
+        return false;
+      }
+    }
+    return true;
+  }
+
+  /**
+   * DRBD's online verify, by recorded checksums: each in-sync replica's chunk checksums (syncSums) against this
+   * node's, an activity extent at a time under its range lock, so that no write is in flight to it on either side.
+   * A replica that differs anywhere is made out of sync with those regions dirty, and its resync sends what differs.
+   * What it compares is what each side recorded: a block damaged on the replica under a good checksum is the
+   * replica's own scrub's to find.
+   */
+  async verify(): Promise<ReplicaVerify[]> {
+    const results: ReplicaVerify[] = [];
+    for (const link of this.#links.filter((candidate) => candidate.state === 'in-sync')) {
+      const result: ReplicaVerify = { peer: link.settings.peer, peerName: link.peerName, comparedBytes: 0, differingExtents: [] };
+      const chunkCount = this.#options.pool.volumeInfo(this.#name).sizeBytes / chunkSizeBytes;
+      for (let firstChunk = 0; firstChunk < chunkCount && link.state === 'in-sync'; firstChunk += syncSumsChunksMax) {
+        const count = Math.min(syncSumsChunksMax, chunkCount - firstChunk);
+        const release = await this.#lock.acquire(firstChunk, firstChunk + count, true);
+        let ours: Uint32Array;
+        let theirs: Uint32Array;
+        try {
+          if (link.state !== 'in-sync') break;
+          ours = await this.#options.pool.chunkSums(this.#name, firstChunk, count);
+          const reply = await link.send(PeerVerb.syncSums, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session, firstChunk, chunkCount: count }));
+          theirs = parseSyncSumsReply(reply, count);
+        } catch (error) {
+          // The replica failing here fails the next write too (out of sync then); the scrub goes on.
+          result.error = expectedError(error, 'verifying a replica').message;
+          break;
+        } finally {
+          release();
+        }
+        result.comparedBytes += count * chunkSizeBytes;
+        for (const [from, to] of differingRuns(ours, theirs)) result.differingExtents.push({ offsetBytes: (firstChunk + from) * chunkSizeBytes, lengthBytes: (to - from) * chunkSizeBytes });
+      }
+      if (result.differingExtents.length > 0 && link.state === 'in-sync') {
+        for (const extent of result.differingExtents) link.dirty.addRange(...regionsOf(extent.offsetBytes, extent.lengthBytes, syncRegionBytes));
+        await this.#outOfSync(link, ChunkdError.io(`a scrub found ${result.differingExtents.length} extent(s) whose checksums differ there`));
+      }
+      this.#options.log(`volume ${this.#name}: scrub verified the synchronous replica on ${link.settings.peer}: ${formatSize(result.comparedBytes)} compared by checksum, ${result.differingExtents.length} extent(s) differ${result.differingExtents.length > 0 ? ' (out of sync, resynced)' : ''}${result.error === undefined ? '' : `; stopped: ${result.error}`}`, result.differingExtents.length > 0 || result.error !== undefined ? 'warn' : 'info');
+      results.push(result);
+    }
+    return results;
+  }
+
   /**
    * CONTROL: a snapshot on every in-sync replica with the owner's id, under the whole volume's lock, so no write is
    * in flight anywhere: each copy holds exactly the writes acknowledged before it. A replica that fails it is out
@@ -744,15 +894,24 @@ class SyncVolume {
     });
   }
 
-  /** Removed here, then on every in-sync replica; a replica that fails keeps it (logged), its data is the same. */
+  /**
+   * Removed here, then on every in-sync replica; one that is not in sync, or fails (logged: its data is the same),
+   * keeps it until its next resync removes it (SNAPSHOTS AT RESYNC).
+   */
   async removeSnapshot(name: string): Promise<void> {
     await this.#exclusive(async () => {
       const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
       await this.#options.pool.removeSnapshot(this.#name, name);
+      const kept: SyncLink[] = this.#links.filter((link) => link.state !== 'in-sync');
       const targets = this.#links.filter((link) => link.state === 'in-sync');
       await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
-        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name}: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name} until its next resync: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+        kept.push(link);
       })));
+      if (kept.length === 0) return;
+      // Bounded as a volume's snapshots are: past that, the oldest ids are forgotten (they stay on the replica).
+      for (const link of kept) link.snapshotsRemoved = [...link.snapshotsRemoved, uuid].slice(-snapshotsPerVolumeMax);
+      await this.#sync.save();
     });
   }
 
@@ -819,6 +978,37 @@ class SyncVolume {
           this.#recent.end(first, end);
         }
       }
+    });
+  }
+
+  /** SyncReplication.makeAsynchronous: the point on every replica, then every link ended, under the whole volume's lock. */
+  async endAll(point: string): Promise<SyncReplicaSettings[]> {
+    return this.#exclusive(async () => {
+      const away = this.#links.filter((link) => link.state !== 'in-sync');
+      if (away.length > 0) {
+        throw ChunkdError.busy(`volume ${this.#name}: ${away.map((link) => `the synchronous replica on ${link.settings.peer} is ${link.state}`).join('; ')}: a replica becomes asynchronous from a point it holds, so it must be in sync first (chunkd replica status ${this.#name}), or be removed (chunkd replica remove ${this.#name} --peer HOST:PORT)`);
+      }
+      const info = await this.#options.pool.createSnapshot(this.#name, point);
+      await this.#control({ action: 'snapshot', name: point, uuid: info.uuid });
+      const failed = this.#links.filter((link) => link.state !== 'in-sync');
+      if (failed.length > 0) throw ChunkdError.io(`volume ${this.#name}: the synchronous replica on ${failed.map((link) => link.settings.peer).join(', ')} did not take the replication point ${point}, and is out of sync: the replicas stay synchronous (${failed[0]!.lastError?.message ?? 'no answer'})`);
+      // In a cluster, no replica is left in the in-sync set before a write goes on without them (IN-SYNC SET); the
+      // volume's record turns asynchronous next (node.ts).
+      const links = this.#links.splice(0);
+      try {
+        await this.#record();
+      } catch (error) {
+        this.#links.push(...links);
+        throw error;
+      }
+      const epoch = this.#options.epochOf(this.#name);
+      // A replica that misses this stays a synchronous one until the first stream into it (replica-server.ts).
+      await Promise.all(links.map((link) => link.send(PeerVerb.syncClose, jsonPayload({ volume: this.#name, epoch, session: link.session })).catch((error: unknown) => {
+        this.#options.log(`volume ${this.#name}: the replica on ${link.settings.peer} was not told it is asynchronous now: ${expectedError(error, 'syncClose').message}`, 'warn');
+      })));
+      for (const link of links) link.stop();
+      this.#options.log(`volume ${this.#name}: its replicas on ${links.map((link) => link.settings.peer).join(', ')} are asynchronous from ${point} on`);
+      return links.map((link) => link.settings);
     });
   }
 
@@ -951,18 +1141,21 @@ class SyncVolume {
     // Passes while writes go on (each copies what the one before left, writes dirty it again), at most
     // syncResyncPassesMax; then what is left is copied under the whole volume's lock, writes waiting (DRBD's way), so
     // a resync under steady writes ends. A pass that leaves little is the last one too.
+    // Each pass gives the replica the snapshots it lacks first (SNAPSHOTS AT RESYNC), and so does the last step,
+    // under the lock, where none is taken or removed: a snapshot taken during the passes is there too.
     let passes = 0;
     for (;;) {
       if (passes < syncResyncPassesMax) {
+        await this.#giveSnapshots(link, false);
         await this.#copyPending(link, false);
         passes += 1;
       }
       const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
       try {
         if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
-        const left = link.pendingRegions().length;
-        if (left > syncCatchUpRegionsMax && passes < syncResyncPassesMax) continue;
-        if (left > 0) await this.#copyPending(link, true);
+        if (link.pendingRegions().length > syncCatchUpRegionsMax && passes < syncResyncPassesMax) continue;
+        await this.#giveSnapshots(link, true);
+        if (link.pendingRegions().length > 0) await this.#copyPending(link, true);
         // The copies durable there before the dirty map forgets them.
         await link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session }));
         link.dirty.clear();
@@ -988,26 +1181,113 @@ class SyncVolume {
   }
 
   /**
-   * Copies the regions still dirty, a few at a time, each under its range lock (`locked`: the caller holds the whole
-   * volume's). Each region's chunks are compared first by their recorded checksums (the replica's asked for an
-   * activity extent at a time, syncSums): only those that differ are sent, so a replica whose dirty map says more
-   * than changed (after an owner crash, a failover, a link added to a replica that has the data) receives what did
-   * change. The price, as content-digest.ts names it: two different chunks with the same CRC-32 at the same place
-   * go unseen (2^-32 per chunk that differs), DRBD's csums-alg with crc32c.
+   * SNAPSHOTS AT RESYNC: the replica gets each snapshot of the volume that it lacks (taken while it was not in
+   * sync, or before it was added), oldest first, with the owner's id and content, and loses those removed here
+   * meanwhile (snapshotsRemoved), so that a failover to it keeps the volume's snapshots. A snapshot is given by
+   * making the replica's volume its image (its size, then its chunks that differ from the replica's, compared in
+   * the dirty regions only: the replica's volume differs from any state of the owner's since the two were last the
+   * same only there) and taking it there (syncControl); then the resync compares every dirty region again. A
+   * snapshot smaller than the volume shrinks the replica for a while: the regions it gives up are dirty (durably)
+   * first. Replication snapshots (repl-*) are not given: the asynchronous replicator takes and prunes them on its
+   * own. The replica's snapshots that the owner never had (fenced-<ms> of a rejoined old owner) stay. `locked`: the
+   * caller holds the whole volume's lock.
    */
+  async #giveSnapshots(link: SyncLink, locked: boolean): Promise<void> {
+    const pool = this.#options.pool;
+    const info = parseReplicaInfo(await link.send(PeerVerb.replicaInfo, jsonPayload({ volume: this.#name })));
+    const theirs = new Map(info.snapshots.map((snapshot) => [snapshot.uuid, snapshot.name]));
+    const removed = new Set<string>();
+    for (const uuid of link.snapshotsRemoved) {
+      const name = theirs.get(uuid);
+      if (name === undefined) {
+        removed.add(uuid);
+        continue;
+      }
+      try {
+        await link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid }));
+        theirs.delete(uuid);
+        removed.add(uuid);
+      } catch (error) {
+        // A reader of that snapshot there, say: it stays listed for the next resync.
+        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name}, removed here: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+      }
+    }
+    if (removed.size > 0) {
+      link.snapshotsRemoved = link.snapshotsRemoved.filter((uuid) => !removed.has(uuid));
+      await this.#sync.save();
+    }
+    const names = new Set(theirs.values());
+    const missing = pool.listSnapshots(this.#name).filter((snapshot) => !theirs.has(snapshot.uuid) && !snapshot.name.startsWith(replicationSnapshotPrefix));
+    if (missing.length === 0) return;
+    const volumeBytes = pool.volumeInfo(this.#name).sizeBytes;
+    const volumeRegions = Math.ceil(volumeBytes / syncRegionBytes);
+    const floorRegion = Math.floor(Math.min(volumeBytes, ...missing.map((snapshot) => snapshot.sizeBytes)) / syncRegionBytes);
+    if (link.markDirty(floorRegion, volumeRegions)) await this.#sync.save();
+    // The replica's volume is a snapshot's image for a while: no region of it is a copy of the volume's (so no
+    // client write is sent there), and each is compared again afterwards.
+    link.copied.clear();
+    // syncOpen gave the replica the volume's size (a resize here since then has interrupted this resync).
+    let replicaBytes = volumeBytes;
+    const resize = async (sizeBytes: number): Promise<void> => {
+      if (sizeBytes === replicaBytes) return;
+      await link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'resize', sizeBytes }));
+      replicaBytes = sizeBytes;
+    };
+    for (const snapshot of missing) {
+      if (names.has(snapshot.name)) {
+        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} holds another snapshot named ${snapshot.name}: it does not get this node's (id ${snapshot.uuid})`, 'warn');
+        continue;
+      }
+      const sentBefore = link.resyncBytesTotal;
+      await resize(snapshot.sizeBytes);
+      const snapshotRegions = Math.ceil(snapshot.sizeBytes / syncRegionBytes);
+      const regions = new Set(link.dirty.sorted().filter((region) => region < snapshotRegions));
+      for (let region = floorRegion; region < snapshotRegions; region++) regions.add(region);
+      try {
+        await this.#copyRegions(link, { snapshot: snapshot.name, sizeBytes: snapshot.sizeBytes }, [...regions].sort((a, b) => a - b), locked);
+      } catch (error) {
+        // Removed here meanwhile (between two regions: each is copied under its lock, as a removal runs under the
+        // whole volume's): not given; what it left there is in dirty regions, which the resync compares again.
+        if (!locked && pool.findSnapshot(snapshot.uuid, this.#name) === null) continue;
+        throw error;
+      }
+      await link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'snapshot', name: snapshot.name, uuid: snapshot.uuid }));
+      this.#options.log(`volume ${this.#name}: snapshot ${snapshot.name} given to the synchronous replica on ${link.settings.peer}, which was not in sync when it was taken (${formatSize(link.resyncBytesTotal - sentBefore)} sent)`);
+    }
+    await resize(volumeBytes);
+  }
+
+  /** Copies the regions still dirty of the live volume (`locked`: the caller holds the whole volume's lock). */
   async #copyPending(link: SyncLink, locked: boolean): Promise<void> {
     const pending = link.pendingRegions();
     link.resync!.totalBytes = Math.max(link.resync!.totalBytes, link.resync!.copiedBytes + pending.length * syncRegionBytes);
     const device = this.#options.pool.openVolume(this.#name);
-    // The replica's checksums, fetched once a pass per extent: its chunks change meanwhile only by this pass's
-    // copies, each of a region compared before (the replica gets no client writes while it resyncs).
+    try {
+      await this.#copyRegions(link, { device }, pending, locked);
+    } finally {
+      await device.close();
+    }
+  }
+
+  /**
+   * Copies `regions` of `source` to the replica's volume, a few at a time, each under its range lock (`locked`: the
+   * caller holds the whole volume's). Each region's chunks are compared first by their recorded checksums (the
+   * replica's asked for an activity extent at a time, syncSums): only those that differ are sent, so a replica
+   * whose dirty map says more than changed (after an owner crash, a failover, a link added to a replica that has
+   * the data) receives what did change. The price, as content-digest.ts names it: two different chunks with the
+   * same CRC-32 at the same place go unseen (2^-32 per chunk that differs), DRBD's csums-alg with crc32c.
+   */
+  async #copyRegions(link: SyncLink, source: CopySource, regions: number[], locked: boolean): Promise<void> {
+    const sizeBytes = 'device' in source ? source.device.sizeBytes : source.sizeBytes;
+    // The replica's checksums, fetched once a run per extent: its chunks change meanwhile only by this run's copies,
+    // each of a region compared before, and by client writes to regions copied already (not compared again).
     const extents = new Map<number, Promise<Uint32Array>>();
     const theirSums = async (region: number): Promise<Uint32Array> => {
       const extent = Math.floor(region / activityRegionsPerExtent);
       let sums = extents.get(extent);
       if (sums === undefined) {
         const firstChunk = extent * syncSumsChunksMax;
-        const chunkCount = Math.min(syncSumsChunksMax, device.sizeBytes / chunkSizeBytes - firstChunk);
+        const chunkCount = Math.min(syncSumsChunksMax, sizeBytes / chunkSizeBytes - firstChunk);
         sums = link.send(PeerVerb.syncSums, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session, firstChunk, chunkCount }))
           .then((reply) => parseSyncSumsReply(reply, chunkCount));
         sums.catch(() => {});
@@ -1019,53 +1299,58 @@ class SyncVolume {
     let next = 0;
     let failure: unknown = null;
     const worker = async (): Promise<void> => {
-      while (next < pending.length && failure === null) {
-        const region = pending[next++]!;
-        await this.#copyRegion(link, device, region, theirSums, locked).catch((error: unknown) => (failure ??= error));
+      while (next < regions.length && failure === null) {
+        const region = regions[next++]!;
+        await this.#copyRegion(link, source, sizeBytes, region, theirSums, locked).catch((error: unknown) => (failure ??= error));
       }
     };
-    try {
-      await Promise.all(Array.from({ length: syncResyncRegionsInFlight }, worker));
-    } finally {
-      await device.close();
-    }
+    await Promise.all(Array.from({ length: syncResyncRegionsInFlight }, worker));
     if (failure !== null) throw failure;
   }
 
-  async #copyRegion(link: SyncLink, device: BlockDevice, region: number, theirSums: (region: number) => Promise<Uint32Array>, locked: boolean): Promise<void> {
+  async #copyRegion(link: SyncLink, source: CopySource, sizeBytes: number, region: number, theirSums: (region: number) => Promise<Uint32Array>, locked: boolean): Promise<void> {
     const startBytes = region * syncRegionBytes;
-    const endBytes = Math.min(device.sizeBytes, startBytes + syncRegionBytes);
+    const endBytes = Math.min(sizeBytes, startBytes + syncRegionBytes);
     if (endBytes <= startBytes) return;
     const theirs = await theirSums(region);
     const release = locked ? null : await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
+    const snapshot = 'device' in source ? null : source.snapshot;
     let sentBytes = 0;
     try {
       if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
-      if (!link.dirty.has(region) || link.copied.has(region)) return;
-      const ours = await this.#options.pool.chunkSums(this.#name, startBytes / chunkSizeBytes, (endBytes - startBytes) / chunkSizeBytes);
+      if (snapshot === null && (!link.dirty.has(region) || link.copied.has(region))) return;
+      const ours = await this.#options.pool.chunkSums(this.#name, startBytes / chunkSizeBytes, (endBytes - startBytes) / chunkSizeBytes, snapshot);
+      // A snapshot is open only under the region's lock, so that its removal (under the whole volume's) never finds it open.
+      const device = 'device' in source ? source.device : this.#options.pool.openSnapshot(this.#name, source.snapshot);
       const epoch = this.#options.epochOf(this.#name);
       let equalChunks = ours.length;
-      for (const [fromChunk, toChunk] of differingRuns(ours, theirs)) {
-        equalChunks -= toChunk - fromChunk;
-        const runEnd = startBytes + toChunk * chunkSizeBytes;
-        for (let at = startBytes + fromChunk * chunkSizeBytes; at < runEnd;) {
-          const [extent] = await device.blockStatus(at, runEnd - at) as [Extent];
-          const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
-          let data: Buffer | null = null;
-          if (!extent.zero) {
-            data = Buffer.alloc(lengthBytes);
-            await device.read(at, data);
+      try {
+        for (const [fromChunk, toChunk] of differingRuns(ours, theirs)) {
+          equalChunks -= toChunk - fromChunk;
+          const runEnd = startBytes + toChunk * chunkSizeBytes;
+          for (let at = startBytes + fromChunk * chunkSizeBytes; at < runEnd;) {
+            const [extent] = await device.blockStatus(at, runEnd - at) as [Extent];
+            const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
+            let data: Buffer | null = null;
+            if (!extent.zero) {
+              data = Buffer.alloc(lengthBytes);
+              await device.read(at, data);
+            }
+            const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
+            await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
+            sentBytes += data?.length ?? 0;
+            at += lengthBytes;
           }
-          const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
-          await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
-          sentBytes += data?.length ?? 0;
-          at += lengthBytes;
         }
+      } finally {
+        if (snapshot !== null) await device.close();
       }
       link.resyncBytesTotal += sentBytes;
-      link.resyncEqualBytesTotal += equalChunks * chunkSizeBytes;
-      link.copied.add(region);
-      link.resync!.copiedBytes += syncRegionBytes;
+      if (snapshot === null) {
+        link.resyncEqualBytesTotal += equalChunks * chunkSizeBytes;
+        link.copied.add(region);
+        link.resync!.copiedBytes += syncRegionBytes;
+      }
     } finally {
       release?.();
     }
@@ -1075,6 +1360,9 @@ class SyncVolume {
     if (waitMs > 0) await link.pause(waitMs);
   }
 }
+
+/** What a resync copies from: the live volume, open for the pass, or one of its snapshots (SNAPSHOTS AT RESYNC). */
+type CopySource = { device: BlockDevice } | { snapshot: string; sizeBytes: number };
 
 const activityRegionsPerExtent = syncActivityExtentBytes / syncRegionBytes;
 const regionChunks = syncRegionBytes / chunkSizeBytes;

@@ -592,13 +592,14 @@ export class Pool {
   }
 
   /**
-   * The recorded checksum of each chunk [firstChunk, firstChunk + chunkCount) of the live volume, a hole as a chunk
-   * of zeros, from metadata alone: what a synchronous replica's resync compares (sync-replicas.ts).
+   * The recorded checksum of each chunk [firstChunk, firstChunk + chunkCount) of the live volume (or of its snapshot
+   * `snapshotName`), a hole as a chunk of zeros, from metadata alone: what a synchronous replica's resync compares
+   * (sync-replicas.ts).
    */
-  async chunkSums(volumeName: string, firstChunk: number, chunkCount: number): Promise<Uint32Array> {
-    const volume = this.#runtime(volumeName).meta;
+  async chunkSums(volumeName: string, firstChunk: number, chunkCount: number, snapshotName: string | null = null): Promise<Uint32Array> {
+    const source = snapshotName === null ? this.#runtime(volumeName).meta : this.#snapshot(volumeName, snapshotName);
     const sums = new Uint32Array(chunkCount).fill(zeroChunkSum);
-    const found = await this.#catalog.lookup(volume.map, firstChunk, chunkCount);
+    const found = await this.#catalog.lookup(source.map, firstChunk, chunkCount);
     for (const run of found.runs) {
       if (run.physicalChunk < 0) continue;
       for (let i = 0; i < run.chunkCount; i++) sums[run.virtualChunk - firstChunk + i] = found.sumOf(run, i);

@@ -4,8 +4,8 @@
 // flushes: an in-sync replica takes it over at epoch 2 and holds every write the old owner acknowledged; the other
 // replica re-attaches to it as a synchronous replica, in sync again after its resync, and the old owner, restarted,
 // refuses writes and rejoins the same way; each is compared whole by chunk checksums and receives only what
-// differs. (A replica out of sync, and the failover passing it over:
-// cluster-sync-failover.test.ts.)
+// differs. volume set --sync on|off changes a volume's record with its links. (A replica out of sync, and the
+// failover passing it over: cluster-sync-failover.test.ts.)
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { clusterFixture, clusterStatus, dumpMembers, numberedBlock, roles, stopMembers, volumeRecord, waitFor, type Member } from '../helpers/cluster.ts';
@@ -134,6 +134,21 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     const status = await clusterStatus(kc.node);
     assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch, volume.replicas]), [['vol', 'kb', 2, ['ka', 'kc']]]);
     assert.match(await ok(kc.node, 'volume', 'list'), /vol \(sync\)\t16 MiB\tkb\t2\tka \(in sync\), kc \(in sync\)/);
+
+    // volume set --sync on|off on the owner of a volume made with an asynchronous replica: its record follows (in
+    // sync once the link is), and is asynchronous again after off; elsewhere it is refused.
+    const plain = JSON.parse(await ok(kb.node, 'volume', 'create', 'av', '--size', '1MiB', '--node', 'kb', '--replicas', '1', '--json'));
+    const mirror = plain.replicas[0] as string;
+    assert.match(await ok(kb.node, 'volume', 'set', 'av', '--sync', 'on'), /^volume av: its replicas are synchronous \(in sync\)/);
+    const on = await record('av');
+    assert.deepEqual([on.sync, on.inSync, on.replicas], [true, { epoch: 1, nodes: [mirror] }, [mirror]]);
+    assert.match(await ok(kc.node, 'volume', 'list'), /av \(sync\)\t1 MiB\tkb\t1\t\w+ \(in sync\)/);
+    const elsewhere = await (mirror === 'ka' ? members[0]! : kc).node.cli('volume', 'set', 'av', '--sync', 'off');
+    assert.equal(elsewhere.code, 1);
+    assert.match(elsewhere.stderr, /volume av is a read-only replica of node kb \(epoch 1\); a change of its replicas is refused/);
+    await ok(kb.node, 'volume', 'set', 'av', '--sync', 'off');
+    const off = await record('av');
+    assert.deepEqual([off.sync, off.inSync, off.replicas], [undefined, undefined, [mirror]]);
   } catch (error) {
     dumpMembers(members);
     throw error;
