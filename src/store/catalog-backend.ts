@@ -129,10 +129,15 @@ export interface CatalogBackend {
   readonly failure: Error | null;
   /** The runs of [virtualChunk, virtualChunk + chunkCount) of `map` with their checksums (see the top). */
   lookup(map: MapHandle, virtualChunk: number, chunkCount: number): ChunkLookup | Promise<ChunkLookup>;
-  /** Extents below `chunkLimit` mapped differently in `from` (null: an empty map) and `to`. */
-  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): ChangedExtent[];
-  /** content-digest.ts's digest of `map` over its first `sizeBytes`. */
-  contentDigest(map: MapHandle, sizeBytes: number): Buffer;
+  /**
+   * Extents below `chunkLimit` mapped differently in `from` (null: an empty map) and `to`, as the records applied
+   * so far left them (the caller awaits `settled` first, then takes the maps from the tables); what the two maps
+   * share is skipped (in memory a shared 2 MiB page, over pages a shared subtree), so a diff costs what changed
+   * between them, not the volume's size.
+   */
+  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): Promise<ChangedExtent[]>;
+  /** content-digest.ts's digest of `map` over its first `sizeBytes` (the caller awaits `settled` first, as for `diff`). */
+  contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer>;
   /** Chunks only `map` holds (what removing its snapshot gives back), or null where this catalog cannot tell yet. */
   uniqueChunks(map: MapHandle): number | null;
   /** What a scrub of these maps reads and checks it against. */
@@ -188,11 +193,11 @@ export class MemoryBackend implements CatalogBackend {
     return { runs: chunkMap(map).runs(virtualChunk, chunkCount), sumOf: (run, index) => sums.get(run.physicalChunk + index) };
   }
 
-  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): ChangedExtent[] {
+  async diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): Promise<ChangedExtent[]> {
     return diffMaps(from === null ? new ChunkMap() : chunkMap(from), chunkMap(to), chunkLimit);
   }
 
-  contentDigest(map: MapHandle, sizeBytes: number): Buffer {
+  async contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer> {
     return contentDigest(chunkMap(map), (physicalChunk) => this.tables.sums.get(physicalChunk), sizeBytes);
   }
 

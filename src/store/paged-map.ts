@@ -529,9 +529,9 @@ export class PagedMaps {
     }
   }
 
-  /** @internal */
-  async diff(a: PagedMap, b: PagedMap, chunkLimit: number): Promise<ChangedExtent[]> {
-    return this.#pass((pins) => this.#diff(pins, a.rootPage, b.rootPage, chunkLimit));
+  /** @internal `b` null: an empty map. */
+  async diff(a: PagedMap, b: PagedMap | null, chunkLimit: number): Promise<ChangedExtent[]> {
+    return this.#pass((pins) => this.#diff(pins, a.rootPage, b === null ? emptyRoot : b.rootPage, chunkLimit));
   }
 
   /** Runs a pure pass, reading what it misses and starting it over until it completes. */
@@ -1011,8 +1011,11 @@ export class PagedMap {
     await this.#maps.drop(this, refs);
   }
 
-  /** Extents of virtual chunks below `chunkLimit` mapped differently here and in `other`, skipping shared pages. */
-  diff(other: PagedMap, chunkLimit: number): Promise<ChangedExtent[]> {
+  /**
+   * Extents of virtual chunks below `chunkLimit` mapped differently here and in `other` (null: an empty map, so
+   * every chunk mapped here), skipping shared pages.
+   */
+  diff(other: PagedMap | null, chunkLimit: number): Promise<ChangedExtent[]> {
     return this.#maps.diff(this, other, chunkLimit);
   }
 }
