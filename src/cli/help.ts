@@ -54,7 +54,7 @@ export const commands = {
       workers: { type: 'string', value: 'N', help: 'threads for chunk I/O and checksums (default one per CPU; 0: all on the main thread)' },
       'nbd-threads': { type: 'string', value: 'N', fallback: '0', help: 'threads that each listen on the NBD TCP port and serve their own connections (0: the main thread does)' },
       'verify-reads': { type: 'string', value: 'on|off', fallback: 'on', help: 'check every block read against its checksum (off only to measure what checking costs)' },
-      metadata: { type: 'string', value: 'memory|paged', fallback: 'memory', help: 'the metadata a pool created now gets (an existing pool keeps its own): memory (all in memory, format 3) or paged (on disk behind a bounded cache, format 4; experimental: no snapshot diff or replication yet)' },
+      metadata: { type: 'string', value: 'memory|paged', fallback: 'memory', help: 'the metadata a pool created now gets (an existing pool keeps its own): memory (all in memory, format 3) or paged (on disk behind a bounded cache, format 4; experimental: no fsck --repair yet)' },
       'metadata-cache': { type: 'string', value: 'SIZE', fallback: '256MiB', help: 'paged metadata: the cache of metadata pages in memory' },
       fuse: { type: 'string', value: 'DIR', help: 'every volume as a file DIR/<volume>, every snapshot read-only in DIR/.snapshots/' },
       'plugin-socket': { type: 'string', value: 'PATH', help: "Docker's volume plugin protocol on this socket (Docker looks for /run/docker/plugins/chunkd.sock)" },

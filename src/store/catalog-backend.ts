@@ -19,7 +19,6 @@
 // The tables of volumes and snapshots (ids, names, sizes) are plain objects in both, read synchronously; a map is
 // opaque (`MapHandle`) outside its backend, which alone knows what it is.
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
 import { journalCheckpointBytes } from '../core/limits.ts';
 import type { ChunkAllocator, FreeExtent } from './allocator.ts';
 import { encodeCheckpoint } from './checkpoint.ts';
@@ -232,9 +231,4 @@ export class MemoryBackend implements CatalogBackend {
 function chunkMap(map: MapHandle): ChunkMap {
   assert(map instanceof ChunkMap, 'a map of another catalog');
   return map;
-}
-
-/** The error of a pool verb this catalog does not offer yet. */
-export function notOnPagedMetadata(what: string): ChunkdError {
-  return ChunkdError.invalid(`${what} is not available yet on a pool with paged metadata (chunkd-pool.json "metadata": "paged"); it works on pools of the default metadata`);
 }

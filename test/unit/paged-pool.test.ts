@@ -4,7 +4,8 @@
 // makes the pool refuse writes until a restart, with everything acknowledged back after it; fsck walks the maps
 // and finds a chunk file cut short; scrub walks them and finds a damaged chunk; snapshot diffs and content digests
 // equal a memory pool's for the same writes, a diff reads only the pages that differ, and replication streams go
-// from either kind of pool into the other; control verbs called at once each see what those before them did.
+// from either kind of pool into the other; fsck --repair refuses with a clear line; control verbs called at once
+// each see what those before them did.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -16,6 +17,7 @@ import { prepareSend } from '../../src/replication/send.ts';
 import { chunkFilePath } from '../../src/store/chunk-file-layout.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
+import { repairPool } from '../../src/store/repair.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
 import { chunksDirectory, markerPath } from '../../src/store/pool-layout.ts';
 import { TestFiles } from '../../src/testing/test-files.ts';
@@ -151,7 +153,7 @@ test('a failed page write at a checkpoint makes a paged pool refuse writes until
   });
 });
 
-test('fsck of a paged pool walks its maps: a chunk file cut short is damage', async () => {
+test('fsck of a paged pool walks its maps: a chunk file cut short is damage; fsck --repair refuses with a clear line', async () => {
   await inScratch(async (directory) => {
     const pool = await open(directory);
     await pool.createVolume('v', 4 * MiB);
@@ -162,6 +164,7 @@ test('fsck of a paged pool walks its maps: a chunk file cut short is damage', as
     assert.equal(pool.snapshotInfo('v', 's').uniqueBytes, null, 'not counted on paged metadata yet');
     await pool.close();
     assert.ok((await fsckPool(directory)).clean);
+    await assert.rejects(repairPool(directory), (error: ChunkdError) => error.code === 'EINVAL' && /does not repair paged metadata yet \(damage in one copy .* is repaired by the next start/.test(error.message));
     fs.truncateSync(chunkFilePath(chunksDirectory(directory), 0), 8192);
     const report = await fsckPool(directory);
     assert.ok(!report.clean);
@@ -197,23 +200,35 @@ const diffCases: Array<[string | null, string | null]> = [
   [null, null],
 ];
 
-test('snapshot diffs and content digests of a paged pool equal a memory pool\'s for the same writes; a diff of a snapshot against its child reads only the pages that differ', { timeout: 60_000 }, async () => {
+/** A memory pool and a paged one, each in a fresh directory, open while `run` runs; the paged one's directory after. */
+async function withPools(run: (memory: Pool, paged: Pool) => Promise<void>, after: (pagedDirectory: string) => Promise<void> = async () => {}): Promise<void> {
   await inScratch(async (memoryDirectory) => {
     await inScratch(async (directory) => {
       const memory = await Pool.open({ directory: memoryDirectory });
       const paged = await open(directory);
       try {
-        await writeHistory(memory);
-        await writeHistory(paged);
-        assert.deepEqual(await paged.diff('v', 'a', 'b'), changedBlocks.map((virtualChunk) => ({ virtualChunk, chunkCount: 1 })));
-        for (const [from, to] of diffCases) assert.deepEqual(await paged.diff('v', from, to), await memory.diff('v', from, to), `diff ${from} ${to}`);
-        const digests = await Promise.all(['a', 'b', null].map((snapshot) => paged.contentDigest('v', snapshot)));
-        for (const [i, snapshot] of ['a', 'b', null].entries()) assert.ok(digests[i]!.equals(await memory.contentDigest('v', snapshot)), `digest of ${snapshot}`);
-        assert.equal(new Set(digests.map((digest) => digest.toString('hex'))).size, 3, 'three contents, three digests');
+        await run(memory, paged);
       } finally {
         await memory.close();
         await paged.close();
       }
+      await after(directory);
+    });
+  });
+}
+
+test('snapshot diffs and content digests of a paged pool equal a memory pool\'s for the same writes; a diff of a snapshot against its child reads only the pages that differ', { timeout: 60_000 }, async () => {
+  await withPools(
+    async (memory, paged) => {
+      await writeHistory(memory);
+      await writeHistory(paged);
+      assert.deepEqual(await paged.diff('v', 'a', 'b'), changedBlocks.map((virtualChunk) => ({ virtualChunk, chunkCount: 1 })));
+      for (const [from, to] of diffCases) assert.deepEqual(await paged.diff('v', from, to), await memory.diff('v', from, to), `diff ${from} ${to}`);
+      const digests = await Promise.all(['a', 'b', null].map((snapshot) => paged.contentDigest('v', snapshot)));
+      for (const [i, snapshot] of ['a', 'b', null].entries()) assert.ok(digests[i]!.equals(await memory.contentDigest('v', snapshot)), `digest of ${snapshot}`);
+      assert.equal(new Set(digests.map((digest) => digest.toString('hex'))).size, 3, 'three contents, three digests');
+    },
+    async (directory) => {
       // Cold: every page read counted. The two snapshots share all but the paths to three leaves.
       const files = new CountingFiles();
       const pool = await open(directory, { files });
@@ -230,8 +245,8 @@ test('snapshot diffs and content digests of a paged pool equal a memory pool\'s 
       } finally {
         await pool.close();
       }
-    });
-  });
+    },
+  );
 });
 
 /** Sends `v@snapshot` (from `base`, or whole) out of `source` and receives it into `target`'s volume `into`. */
@@ -260,29 +275,20 @@ async function exportBytes(pool: Pool, volume: string, snapshot: string | null):
 }
 
 test('replication streams go from a memory pool into a paged one and back, full and incremental: the digests agree and the data arrives', { timeout: 60_000 }, async () => {
-  await inScratch(async (memoryDirectory) => {
-    await inScratch(async (directory) => {
-      const memory = await Pool.open({ directory: memoryDirectory });
-      const paged = await open(directory);
-      try {
-        await writeHistory(memory);
-        await stream(memory, paged, 'v', 'a', null);
-        await stream(memory, paged, 'v', 'b', 'a');
-        assert.deepEqual(await paged.diff('v', 'a', 'b'), await memory.diff('v', 'a', 'b'));
-        // Back: a change made on the paged side, as an increment into the memory pool (at b again), and whole.
-        const device = paged.openVolume('v');
-        await device.write(7 * 4096, block(0x42));
-        await device.close();
-        await paged.createSnapshot('v', 'c');
-        await memory.rollbackVolume('v', 'b');
-        await stream(paged, memory, 'v', 'c', 'b');
-        await stream(paged, memory, 'copy', 'c', null);
-        assert.ok((await exportBytes(memory, 'v', null)).equals(await exportBytes(paged, 'v', null)));
-      } finally {
-        await memory.close();
-        await paged.close();
-      }
-    });
+  await withPools(async (memory, paged) => {
+    await writeHistory(memory);
+    await stream(memory, paged, 'v', 'a', null);
+    await stream(memory, paged, 'v', 'b', 'a');
+    assert.deepEqual(await paged.diff('v', 'a', 'b'), await memory.diff('v', 'a', 'b'));
+    // Back: a change made on the paged side, as an increment into the memory pool (at b again), and whole.
+    const device = paged.openVolume('v');
+    await device.write(7 * 4096, block(0x42));
+    await device.close();
+    await paged.createSnapshot('v', 'c');
+    await memory.rollbackVolume('v', 'b');
+    await stream(paged, memory, 'v', 'c', 'b');
+    await stream(paged, memory, 'copy', 'c', null);
+    assert.ok((await exportBytes(memory, 'v', null)).equals(await exportBytes(paged, 'v', null)));
   });
 });
 
