@@ -876,18 +876,26 @@ export class PagedMaps {
       return stack.flatMap((item) => ('page' in item && item.level !== undefined && item.level >= otherLevel && !otherPages.has(item.page) && !pins.holds(item.page) ? [item.page] : []));
     };
     const expand = (stack: Item[]): void => {
-      const item = stack.pop()!;
+      const item = stack[stack.length - 1]!;
       assert('page' in item);
-      const node = this.#node(pins, item.page, item.level);
+      let node: MapNode;
+      try {
+        node = this.#node(pins, item.page, item.level);
+      } catch (error) {
+        if (!(error instanceof MissingPages)) throw error;
+        // Read with it the pages of either stack that will be expanded: those the other stack does not hold and
+        // cannot reach (it holds no higher page). One pass per level of misses (up to `diffPrefetchPages` pages),
+        // not one per page, and a page the two trees share is never read. Looked for only at a miss: the stacks
+        // hold a leaf's entries, too many to scan at every step.
+        pins.want([item.page, ...alone(stackA, stackB), ...alone(stackB, stackA)].slice(0, diffPrefetchPages));
+        throw error;
+      }
+      stack.pop();
       if (node.kind === 'leaf') {
         for (let i = node.keys.length - 1; i >= 0; i--) stack.push({ entry: node.keys[i]!, physical: node.physical[i]! });
       } else {
         for (let i = node.children.length - 1; i >= 0; i--) stack.push({ page: node.children[i]!, level: node.level - 1, lo: i === 0 ? item.lo : node.keys[i]! });
       }
-      // Read at once, when some are missing, the pages of either stack that will be expanded: those the other
-      // stack does not hold and cannot reach (it holds no higher page). One pass per level of misses, not one per
-      // page, and a page the two trees share is never read.
-      pins.want([...alone(stackA, stackB), ...alone(stackB, stackA)].slice(0, 64));
     };
     for (;;) {
       const a = stackA[stackA.length - 1];
@@ -940,6 +948,9 @@ export class PagedMaps {
     return changed;
   }
 }
+
+/** Pages a diff that misses reads at once (one level of the two trees' frontier, at most). */
+const diffPrefetchPages = 1024;
 
 /** The state of a map that a root slot records. */
 export interface PagedMapState {
