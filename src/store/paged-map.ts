@@ -317,6 +317,7 @@ export class PagedMaps {
   readonly #memoryPins = this.#pins();
   /** The last mutation queued: mutations apply in call order. */
   #mutations: Promise<unknown> = Promise.resolve();
+  #passRestarts = 0;
 
   constructor(options: PagedMapsOptions) {
     this.#cache = options.cache;
@@ -359,6 +360,11 @@ export class PagedMaps {
       this.#allocator.committed();
       return root;
     });
+  }
+
+  /** Times a pass started over after reading what it missed, since these maps were made (for tests and benchmarks). */
+  get passRestarts(): number {
+    return this.#passRestarts;
   }
 
   /** Pages changed since the last commit (what the commit will write; their memory is not the cache's). */
@@ -545,6 +551,7 @@ export class PagedMaps {
           return run(pins);
         } catch (error) {
           if (!(error instanceof MissingPages)) throw error;
+          this.#passRestarts += 1;
           const loads: Array<Promise<unknown>> = [pins.load(error.pages)];
           if (error.pageCounts.length > 0) loads.push(this.#pageCountPages!.load(error.pageCounts).then((pin) => countPins.push(pin)));
           if (error.chunkCounts.length > 0) loads.push(this.#chunkCountPages!.load(error.chunkCounts).then((pin) => countPins.push(pin)));
@@ -865,15 +872,29 @@ export class PagedMaps {
     };
     const lo = (item: Item): number => ('page' in item ? item.lo : item.entry);
     const levelOfItem = (item: Item): number => ('page' in item ? (item.level ?? levelOf(this.#node(pins, item.page, undefined))) : -1);
-    const alone = (stack: Item[], other: Item[]): number[] => {
-      let otherLevel = -1;
-      const otherPages = new Set<number>();
-      for (const item of other) {
-        if (!('page' in item)) continue;
-        otherLevel = Math.max(otherLevel, item.level ?? Infinity);
-        otherPages.add(item.page);
+    // The pages of a stack with the keys each may hold: from its least key to the next item's (the one below it).
+    const ranges = (stack: Item[]): Array<{ page: number; level: number; lo: number; hi: number }> => {
+      const out: Array<{ page: number; level: number; lo: number; hi: number }> = [];
+      let hi = Infinity;
+      for (const item of stack) {
+        if ('page' in item) out.push({ page: item.page, level: item.level ?? Infinity, lo: item.lo, hi });
+        hi = lo(item);
       }
-      return stack.flatMap((item) => ('page' in item && item.level !== undefined && item.level >= otherLevel && !otherPages.has(item.page) && !pins.holds(item.page) ? [item.page] : []));
+      return out;
+    };
+    // Pages of `stack` not in memory that the other tree cannot share: it holds neither them nor a higher page
+    // over any of their keys. Lowest keys first (the next to be expanded).
+    const alone = (stack: Item[], other: Item[]): number[] => {
+      const theirs = ranges(other);
+      const mine = ranges(stack);
+      const found: number[] = [];
+      for (let i = mine.length - 1; i >= 0; i--) {
+        const p = mine[i]!;
+        if (p.level === Infinity || pins.holds(p.page)) continue;
+        if (theirs.some((q) => q.page === p.page || (q.level > p.level && q.lo < p.hi && p.lo < q.hi))) continue;
+        found.push(p.page);
+      }
+      return found;
     };
     const expand = (stack: Item[]): void => {
       const item = stack[stack.length - 1]!;
@@ -883,10 +904,10 @@ export class PagedMaps {
         node = this.#node(pins, item.page, item.level);
       } catch (error) {
         if (!(error instanceof MissingPages)) throw error;
-        // Read with it the pages of either stack that will be expanded: those the other stack does not hold and
-        // cannot reach (it holds no higher page). One pass per level of misses (up to `diffPrefetchPages` pages),
-        // not one per page, and a page the two trees share is never read. Looked for only at a miss: the stacks
-        // hold a leaf's entries, too many to scan at every step.
+        // Read with it the pages of either stack that will be expanded (`alone`), so that a diff starts over about
+        // once per level of each subtree that differs (up to `diffPrefetchPages` pages at once), not once per
+        // page, and never reads a page the two trees share. Looked for only at a miss: the stacks hold a leaf's
+        // entries, too many to scan at every step.
         pins.want([item.page, ...alone(stackA, stackB), ...alone(stackB, stackA)].slice(0, diffPrefetchPages));
         throw error;
       }
