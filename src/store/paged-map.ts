@@ -49,7 +49,11 @@
 // mutations, so they wait while it writes (with the page allocator's `sealForCommit` they could run beside it);
 // a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
 // rarely); a walk does not check page generations against the
-// root's yet.
+// root's yet; a cold diff starts over once per node whose children differ on both sides (it reads a node's
+// children at once, not a whole level of both trees: a few restarts per thousand leaves at full capacity), and
+// every restart walks again from the roots; a pass that starts over keeps the nodes it read, and a page freed,
+// reused and evicted between two tries would be seen as it was (reuse waits for a commit, so this needs a
+// checkpoint and an eviction within one pass).
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
