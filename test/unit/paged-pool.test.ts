@@ -172,16 +172,16 @@ test('fsck of a paged pool walks its maps: a chunk file cut short is damage; fsc
   });
 });
 
-/** Volume `v` of 64 MiB written whole, snapshot `a`, three blocks changed, snapshot `b`, then zeros and a trim. */
-async function writeHistory(pool: Pool): Promise<void> {
-  await pool.createVolume('v', 64 * MiB);
+/** Volume `v` written whole, snapshot `a`, three blocks changed, snapshot `b`, then zeros and a trim. */
+async function writeHistory(pool: Pool, sizeBytes = 64 * MiB): Promise<void> {
+  await pool.createVolume('v', sizeBytes);
   const volume = pool.openVolume('v');
   const stride = 256 * 1024;
   // Distinct contents per write (and one write of zeros, which a digest leaves out as it leaves holes out).
-  for (let offset = 0; offset < 64 * MiB; offset += stride) await volume.write(offset, Buffer.alloc(stride, offset === 4 * stride ? 0 : (offset / stride) % 251 + 1));
+  for (let offset = 0; offset < sizeBytes; offset += stride) await volume.write(offset, Buffer.alloc(stride, offset === 4 * stride ? 0 : (offset / stride) % 251 + 1));
   await volume.flush();
   await pool.createSnapshot('v', 'a');
-  for (const index of changedBlocks) await volume.write(index * 4096, block(0xee));
+  for (const index of changedBlocks(sizeBytes)) await volume.write(index * 4096, block(0xee));
   await volume.flush();
   await pool.createSnapshot('v', 'b');
   await volume.write(5 * 4096, block(0));
@@ -190,7 +190,8 @@ async function writeHistory(pool: Pool): Promise<void> {
   await volume.close();
 }
 
-const changedBlocks = [100, 8000, 16_000];
+/** The blocks that differ between snapshots `a` and `b`: one near the start, one in the middle, one near the end. */
+const changedBlocks = (sizeBytes: number): number[] => [100, sizeBytes / 8192, sizeBytes / 4096 - 384];
 const diffCases: Array<[string | null, string | null]> = [
   ['a', 'b'],
   ['b', 'a'],
@@ -222,7 +223,7 @@ test('snapshot diffs and content digests of a paged pool equal a memory pool\'s 
     async (memory, paged) => {
       await writeHistory(memory);
       await writeHistory(paged);
-      assert.deepEqual(await paged.diff('v', 'a', 'b'), changedBlocks.map((virtualChunk) => ({ virtualChunk, chunkCount: 1 })));
+      assert.deepEqual(await paged.diff('v', 'a', 'b'), changedBlocks(64 * MiB).map((virtualChunk) => ({ virtualChunk, chunkCount: 1 })));
       for (const [from, to] of diffCases) assert.deepEqual(await paged.diff('v', from, to), await memory.diff('v', from, to), `diff ${from} ${to}`);
       const digests = await Promise.all(['a', 'b', null].map((snapshot) => paged.contentDigest('v', snapshot)));
       for (const [i, snapshot] of ['a', 'b', null].entries()) assert.ok(digests[i]!.equals(await memory.contentDigest('v', snapshot)), `digest of ${snapshot}`);
@@ -276,7 +277,7 @@ async function exportBytes(pool: Pool, volume: string, snapshot: string | null):
 
 test('replication streams go from a memory pool into a paged one and back, full and incremental: the digests agree and the data arrives', { timeout: 60_000 }, async () => {
   await withPools(async (memory, paged) => {
-    await writeHistory(memory);
+    await writeHistory(memory, 16 * MiB);
     await stream(memory, paged, 'v', 'a', null);
     await stream(memory, paged, 'v', 'b', 'a');
     assert.deepEqual(await paged.diff('v', 'a', 'b'), await memory.diff('v', 'a', 'b'));
