@@ -50,7 +50,7 @@ export interface ControlPlane {
   removeSnapshot(volume: string, snapshot: string): Promise<void>;
   rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo>;
   cloneSnapshot(volume: string, snapshot: string, newName: string): Promise<VolumeInfo>;
-  diff(volume: string, from: string, to: string | null): DiffReport;
+  diff(volume: string, from: string, to: string | null): Promise<DiffReport>;
   scrub(volume: string, onProgress: (doneBytes: number, totalBytes: number) => void): Promise<ScrubReport>;
   status(): Promise<unknown>;
   metrics(): Promise<string>;
@@ -62,7 +62,7 @@ export interface ControlPlane {
   attach(volume: string, body: Record<string, unknown>): Promise<unknown>;
   detach(volume: string): Promise<unknown>;
   /** A replication stream of VOL@SNAP (incremental from `from`), or the one a resume token continues (replication/send.ts). */
-  sendStream(request: { volume: string; snapshot: string; from: string | null } | { resumeToken: string }): PreparedSend;
+  sendStream(request: { volume: string; snapshot: string; from: string | null } | { resumeToken: string }): Promise<PreparedSend>;
   /** Applies a replication stream to a volume (replication/receive.ts); its token and abort. */
   receiveStream(volume: string, body: AsyncIterable<Buffer>): Promise<ReceiveResult>;
   receiveToken(volume: string): Promise<unknown>;
@@ -72,7 +72,7 @@ export interface ControlPlane {
   /** A synchronous replica (replication/sync-replicas.ts): writes are acknowledged once it has them. */
   addSyncReplica(settings: SyncReplicaSettings): Promise<unknown>;
   removeReplica(volume: string, peer: string): Promise<unknown>;
-  listReplicas(volume: string | null): unknown[];
+  listReplicas(volume: string | null): Promise<unknown[]>;
   syncReplicas(volume: string, peer: string | null): Promise<unknown[]>;
   /** Failover: a replica becomes the owner; a fenced old owner becomes a replica of the new one. */
   promote(volume: string): Promise<unknown>;
@@ -244,25 +244,25 @@ export class ApiServer {
         return sendJson(response, 200, await this.#control.rollbackVolume(volumeName(), snapshotName()));
       case 'GET /v1/volumes/:/snapshots/:/diff': {
         const to = url.searchParams.get('to');
-        return sendJson(response, 200, this.#control.diff(volumeName(), snapshotName(), to === null ? null : validateName(to, 'snapshot')));
+        return sendJson(response, 200, await this.#control.diff(volumeName(), snapshotName(), to === null ? null : validateName(to, 'snapshot')));
       }
       case 'GET /v1/volumes/:/snapshots/:/stream': {
         const from = url.searchParams.get('from');
-        return this.#send(response, this.#control.sendStream({ volume: volumeName(), snapshot: snapshotName(), from: from === null ? null : validateName(from, 'snapshot') }));
+        return this.#send(response, await this.#control.sendStream({ volume: volumeName(), snapshot: snapshotName(), from: from === null ? null : validateName(from, 'snapshot') }));
       }
       case 'GET /v1/stream': {
         const token = url.searchParams.get('resume');
         if (token === null) throw ChunkdError.invalid('GET /v1/stream needs ?resume=TOKEN');
-        return this.#send(response, this.#control.sendStream({ resumeToken: token }));
+        return this.#send(response, await this.#control.sendStream({ resumeToken: token }));
       }
       case 'GET /v1/volumes/:/receive':
         return sendJson(response, 200, await this.#control.receiveToken(volumeName()));
       case 'DELETE /v1/volumes/:/receive':
         return sendJson(response, 200, await this.#control.abortReceive(volumeName()));
       case 'GET /v1/replicas':
-        return sendJson(response, 200, { replicas: this.#control.listReplicas(null) });
+        return sendJson(response, 200, { replicas: await this.#control.listReplicas(null) });
       case 'GET /v1/volumes/:/replicas':
-        return sendJson(response, 200, { replicas: this.#control.listReplicas(volumeName()) });
+        return sendJson(response, 200, { replicas: await this.#control.listReplicas(volumeName()) });
       case 'POST /v1/volumes/:/replicas':
         if (body.sync === true) return sendJson(response, 201, await this.#control.addSyncReplica(syncReplicaSettings(volumeName(), body)));
         return sendJson(response, 201, await this.#control.addReplica(replicaSettings(volumeName(), body)));

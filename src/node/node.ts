@@ -653,12 +653,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.pool.cloneSnapshot(volume, snapshot, newName);
   }
 
-  diff(volume: string, from: string, to: string | null): DiffReport {
-    const extents = this.pool.diff(volume, from, to).map((extent) => ({ offsetBytes: extent.virtualChunk * chunkSizeBytes, lengthBytes: extent.chunkCount * chunkSizeBytes }));
+  async diff(volume: string, from: string, to: string | null): Promise<DiffReport> {
+    const extents = (await this.pool.diff(volume, from, to)).map((extent) => ({ offsetBytes: extent.virtualChunk * chunkSizeBytes, lengthBytes: extent.chunkCount * chunkSizeBytes }));
     return { volume, from, to, changedBytes: extents.reduce((sum, e) => sum + e.lengthBytes, 0), extents };
   }
 
-  sendStream(request: { volume: string; snapshot: string; from: string | null } | { resumeToken: string }): PreparedSend {
+  async sendStream(request: { volume: string; snapshot: string; from: string | null } | { resumeToken: string }): Promise<PreparedSend> {
     const resolved = 'resumeToken' in request ? resumeRequest(this.pool, request.resumeToken) : { ...request, resumeOffsetBytes: 0 };
     return prepareSend(this.pool, resolved, this.config.log);
   }
@@ -687,9 +687,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   /** A synchronous replica of a volume this node owns (replication/sync-replicas.ts). */
-  addSyncReplica(settings: SyncReplicaSettings): Promise<SyncReplicaStatus> {
+  async addSyncReplica(settings: SyncReplicaSettings): Promise<SyncReplicaStatus> {
     this.roles.checkWritable(settings.volume, 'a synchronous replica');
-    if (this.replicator.statusOf(settings.volume).some((link) => link.peer === settings.peer)) throw ChunkdError.exists(`volume ${settings.volume} is replicated to ${settings.peer} asynchronously; remove that link first`);
+    if ((await this.replicator.statusOf(settings.volume)).some((link) => link.peer === settings.peer)) throw ChunkdError.exists(`volume ${settings.volume} is replicated to ${settings.peer} asynchronously; remove that link first`);
     if (this.#sync === null) throw new ChunkdError('ESHUTDOWN', 'the node is starting');
     return this.#sync.add(settings);
   }
@@ -714,7 +714,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   async setVolumeSync(name: string, sync: { timeoutMs: number } | null): Promise<{ volume: string; sync: boolean; replicas: Array<ReplicaStatus | SyncReplicaStatus> }> {
     this.roles.checkWritable(name, 'a change of its replicas');
     if (this.#sync === null) throw new ChunkdError('ESHUTDOWN', 'the node is starting');
-    const asynchronous = this.replicator.statusOf(name);
+    const asynchronous = await this.replicator.statusOf(name);
     const synchronous = this.#sync.status(name);
     if (asynchronous.length + synchronous.length === 0) throw ChunkdError.invalid(`volume ${name} has no replicas to make ${sync === null ? 'asynchronous' : 'synchronous'}: add one (chunkd replica add ${name} --peer HOST:PORT${sync === null ? '' : ' --sync'})`);
     if (this.#settingSync.has(name)) throw ChunkdError.busy(`volume ${name}: its replicas are being changed already`);
@@ -745,7 +745,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       // A first cycle now: it finds the point on both sides, and sends what was written since.
       await this.replicator.sync(name, null).catch((error: unknown) => this.config.log(`volume ${name}: the first cycle of its asynchronous replicas failed: ${error instanceof Error ? error.message : String(error)} (tried again)`, 'warn'));
     }
-    return { volume: name, sync: sync !== null, replicas: this.listReplicas(name) };
+    return { volume: name, sync: sync !== null, replicas: await this.listReplicas(name) };
   }
 
   async removeReplica(volume: string, peer: string): Promise<{ removed: string }> {
@@ -753,8 +753,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return { removed: `${volume} -> ${peer}` };
   }
 
-  listReplicas(volume: string | null): Array<ReplicaStatus | SyncReplicaStatus> {
-    return [...(volume === null ? this.replicator.list() : this.replicator.statusOf(volume)), ...(this.#sync?.status(volume) ?? [])];
+  async listReplicas(volume: string | null): Promise<Array<ReplicaStatus | SyncReplicaStatus>> {
+    return [...(await (volume === null ? this.replicator.list() : this.replicator.statusOf(volume))), ...(this.#sync?.status(volume) ?? [])];
   }
 
   syncReplicas(volume: string, peer: string | null): Promise<CycleResult[]> {
@@ -814,7 +814,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     }
     const point = newestReplicationPoint(this.pool.listSnapshots(volume));
     if (point === null) throw ChunkdError.notFound(`replica ${volume} has no replicated snapshot; there is nothing to promote`);
-    if (this.pool.diff(volume, point.name, null).length > 0) await this.pool.rollbackVolume(volume, point.name);
+    if ((await this.pool.diff(volume, point.name, null)).length > 0) await this.pool.rollbackVolume(volume, point.name);
     const epoch = role.epoch + 1;
     await this.roles.set(volume, { role: 'owner', epoch, keep: { uuid: point.uuid, until: role.owner } });
     await this.pool.blockWrites(volume, null);
@@ -866,7 +866,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const base = this.pool.listSnapshots(volume).reverse().find((snapshot) => theirs.has(snapshot.uuid)) ?? null;
     if (base === null) throw ChunkdError.invalid(`volume ${volume} here shares no snapshot with ${fence.owner}'s; remove it here (chunkd volume rm ${volume}) and add a replica from ${fence.owner}`);
     let keptAs: string | null = null;
-    if (this.pool.diff(volume, base.name, null).length > 0) {
+    if ((await this.pool.diff(volume, base.name, null)).length > 0) {
       keptAs = `fenced-${Date.now()}`;
       await this.pool.createSnapshot(volume, keptAs);
     }
@@ -915,7 +915,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       api: { socket: this.apiSocketPath, tls: this.api.tlsAddress() },
       peer: this.#peer?.stats() ?? null,
       replication: {
-        replicas: this.#replicator?.list() ?? [],
+        replicas: (await this.#replicator?.list()) ?? [],
         syncReplicas: this.#sync?.status(null) ?? [],
         replicaVolumes: this.pool.listVolumes().flatMap((volume) => {
           const role = this.#roles?.replicaOf(volume.name) ?? null;

@@ -88,12 +88,12 @@ export async function handoff(context: HandoffContext, volume: string, address: 
       await stopIfCancelled();
       await replicator.sync(volume, address);
       increments += 1;
-      const remaining = replicator.statusOf(volume).find((link) => link.peer === address)?.bytesPending ?? 0;
+      const remaining = (await replicator.statusOf(volume)).find((link) => link.peer === address)?.bytesPending ?? 0;
       if (remaining <= handoffRemainderBytes || increments >= handoffIncrementsMax) break;
     }
   }
   // Phase 2.
-  const link = replicator.statusOf(volume).find((status) => status.peer === address);
+  const link = (await replicator.statusOf(volume)).find((status) => status.peer === address);
   const to = link?.peerName ?? pending?.to;
   if (to === undefined || to === null) throw ChunkdError.io(`the peer at ${address} has not answered yet`);
   const epoch = roles.epochOf(volume);
@@ -138,7 +138,7 @@ export async function resolve(context: HandoffContext, volume: string): Promise<
     // simply follow it; any other is fenced, and its rejoin (node.demote) keeps aside what the peer lacks.
     const theirs = new Set(info.snapshots.map((snapshot) => snapshot.uuid));
     const base = pool.listSnapshots(volume).reverse().find((snapshot) => theirs.has(snapshot.uuid)) ?? null;
-    if (base !== null && pool.diff(volume, base.name, null).length === 0) {
+    if (base !== null && (await pool.diff(volume, base.name, null)).length === 0) {
       await becomeReplica(context, volume, pending.to, info.ownedEpoch);
       log(`handoff of ${volume} to ${pending.to} had completed there (epoch ${info.ownedEpoch}); this node is its replica`);
       return 'completed';

@@ -235,7 +235,7 @@ export class StreamReceiver {
             case 'end': {
               await drain();
               await volume.flush();
-              const digest = this.#pool.contentDigest(volumeName, null);
+              const digest = await this.#pool.contentDigest(volumeName, null);
               if (!digest.equals(record.digest)) {
                 throw ChunkdError.corrupt(`the content received into ${volumeName} does not match the stream's digest of ${header.target.name} (${record.digest.toString('hex').slice(0, 16)}..., stored ${digest.toString('hex').slice(0, 16)}...)`);
               }
@@ -324,7 +324,7 @@ export class StreamReceiver {
     }
     if (pool.findSnapshot(header.target.uuid, volumeName) !== null) throw ChunkdError.exists(`volume ${volumeName} already has snapshot ${header.target.name} (id ${header.target.uuid})`);
     if (pool.listSnapshots(volumeName).some((s) => s.name === header.target.name)) throw ChunkdError.exists(`volume ${volumeName} already has a snapshot named ${header.target.name} (another id)`);
-    if (pool.diff(volumeName, base.snapshot, null).length > 0) {
+    if ((await pool.diff(volumeName, base.snapshot, null)).length > 0) {
       throw ChunkdError.busy(`volume ${volumeName} was written since its snapshot ${base.snapshot}; an incremental applies only to the base as it was: roll it back first (chunkd snapshot rollback ${volumeName} ${base.snapshot})`);
     }
     if (pool.volumeInfo(volumeName).sizeBytes !== pool.snapshotInfo(volumeName, base.snapshot).sizeBytes) {

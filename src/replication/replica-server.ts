@@ -196,7 +196,7 @@ export class ReplicaServer {
     if (this.#receiver.isActive(volume) || (await this.#receiver.interrupted(volume)) !== null) throw ChunkdError.busy(`a stream into ${volume} is not complete here; send the final increment first`);
     const point = newestReplicationPoint(this.#pool.listSnapshots(volume));
     if (point?.uuid !== snapshot) throw ChunkdError.invalid(`the replica of ${volume} here is complete at ${point?.name ?? 'nothing'} (id ${point?.uuid ?? '-'}), not at the final increment ${snapshot}`);
-    if (this.#pool.diff(volume, point.name, null).length > 0) throw ChunkdError.invalid(`the replica of ${volume} here differs from its last point ${point.name}`);
+    if ((await this.#pool.diff(volume, point.name, null)).length > 0) throw ChunkdError.invalid(`the replica of ${volume} here differs from its last point ${point.name}`);
     crashPoint('handoff:before-take');
     await this.#roles.set(volume, { role: 'owner', epoch });
     await this.#pool.blockWrites(volume, null);

@@ -191,7 +191,7 @@ export class Replicator {
     await this.#save();
     this.#options.log(`replication: ${settings.volume} -> ${settings.peer} added (every ${formatDuration(settings.everyMs)}${settings.maxRateBytesPerSecond === null ? '' : `, at most ${formatSize(settings.maxRateBytesPerSecond)}/s`})`);
     this.#schedule(link, 0);
-    return this.#status(link);
+    return await this.#status(link);
   }
 
   /** Stops replicating `volume` to `peer`; the replica there stays as it is (remove it there if it is not wanted). */
@@ -243,13 +243,13 @@ export class Replicator {
     }
   }
 
-  list(): ReplicaStatus[] {
-    return this.#links.map((link) => this.#status(link));
+  list(): Promise<ReplicaStatus[]> {
+    return Promise.all(this.#links.map((link) => this.#status(link)));
   }
 
-  statusOf(volume: string): ReplicaStatus[] {
+  async statusOf(volume: string): Promise<ReplicaStatus[]> {
     this.#options.pool.volumeInfo(volume);
-    return this.#links.filter((link) => link.stored.volume === volume).map((link) => this.#status(link));
+    return Promise.all(this.#links.filter((link) => link.stored.volume === volume).map((link) => this.#status(link)));
   }
 
   /** Runs a cycle of each link of `volume` (or the one to `peer`) now, after any running one; resolves with what each did. */
@@ -365,7 +365,7 @@ export class Replicator {
         this.#options.log(`replication of ${volume} to ${link.peerName}: its replica shares no snapshot with this node's ${volume} (it holds ${info.snapshots.map((snapshot) => snapshot.name).join(', ') || 'none'}); resending it whole, in place (its replication points there are given up, its other snapshots stay)`, 'warn');
         replace = true;
       }
-      if (base !== null && pool.diff(volume, base.name, null).length === 0 && pool.volumeInfo(volume).sizeBytes === base.sizeBytes) {
+      if (base !== null && (await pool.diff(volume, base.name, null)).length === 0 && pool.volumeInfo(volume).sizeBytes === base.sizeBytes) {
         await this.#landed(link, client, base.uuid, Date.parse(base.createdAt));
         link.currentAsOfMs = Date.now();
         return { volume, peer, outcome: 'current', snapshot: base.name, resumedFromBytes: 0, streamBytes: 0, dataBytes: 0, seconds: (performance.now() - started) / 1000 };
@@ -375,7 +375,7 @@ export class Replicator {
       outcome = base === null ? 'full' : 'incremental';
     }
 
-    const prepared = prepareSend(pool, request, this.#options.log);
+    const prepared = await prepareSend(pool, request, this.#options.log);
     const total = prepared.header.dataBytes;
     link.stream = { target: request.snapshot, totalBytes: total, sentBytes: 0, resumedFromBytes: request.resumeOffsetBytes };
     await ask(PeerVerb.receiveOpen, { volume, epoch: this.#options.epochOf(volume), ...(replace ? { replace: true } : {}) });
@@ -533,7 +533,7 @@ export class Replicator {
     }
   }
 
-  #status(link: Link): ReplicaStatus {
+  async #status(link: Link): Promise<ReplicaStatus> {
     const { pool } = this.#options;
     const { volume, lastUuid } = link.stored;
     let lastReplicated: ReplicaStatus['lastReplicated'] = null;
@@ -546,7 +546,7 @@ export class Replicator {
     if (link.stream !== null) {
       bytesPending = Math.max(0, link.stream.totalBytes - link.stream.sentBytes);
     } else if (pool.hasVolume(volume)) {
-      const changed = pool.diff(volume, last?.snapshot ?? null, null);
+      const changed = await pool.diff(volume, last?.snapshot ?? null, null);
       bytesPending = changed.reduce((sum, extent) => sum + extent.chunkCount, 0) * chunkSizeBytes;
     }
     const asOf = link.currentAsOfMs ?? (lastReplicated === null ? null : Date.parse(lastReplicated.takenAt));

@@ -54,14 +54,14 @@ export function resumeRequest(source: SendSource, tokenText: string): SendReques
 }
 
 /** Checks the request and plans the stream; errors here come before any byte is sent. */
-export function prepareSend(source: SendSource, request: SendRequest, log: Log): PreparedSend {
+export async function prepareSend(source: SendSource, request: SendRequest, log: Log): Promise<PreparedSend> {
   const target = source.snapshotInfo(request.volume, request.snapshot);
   const base = request.from === null ? null : source.snapshotInfo(request.volume, request.from);
   if (base !== null && base.uuid === target.uuid) throw ChunkdError.invalid(`the base and the target are both ${request.volume}@${request.snapshot}`);
   if (request.resumeOffsetBytes % chunkSizeBytes !== 0 || request.resumeOffsetBytes > target.sizeBytes) {
     throw ChunkdError.invalid(`resume offset ${request.resumeOffsetBytes} is not inside ${request.volume}@${request.snapshot}`);
   }
-  const extents = clipExtents(source.diff(request.volume, request.from, request.snapshot), request.resumeOffsetBytes, target.sizeBytes);
+  const extents = clipExtents(await source.diff(request.volume, request.from, request.snapshot), request.resumeOffsetBytes, target.sizeBytes);
   const header: StreamHeader = {
     volumeSizeBytes: target.sizeBytes,
     base: base === null ? null : { uuid: base.uuid, name: base.name },
@@ -69,7 +69,7 @@ export function prepareSend(source: SendSource, request: SendRequest, log: Log):
     resumeOffsetBytes: request.resumeOffsetBytes,
     dataBytes: extents.reduce((sum, extent) => sum + extent.lengthBytes, 0),
   };
-  const digest = source.contentDigest(request.volume, request.snapshot);
+  const digest = await source.contentDigest(request.volume, request.snapshot);
   let failure: ChunkdError | null = null;
   let coveredBytes = 0;
   // Read buffers (shared memory) by their memory: the data records yielded from each and not yet recycled.

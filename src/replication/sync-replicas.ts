@@ -953,7 +953,7 @@ class SyncVolume {
       const pool = this.#options.pool;
       const { uuid, sizeBytes } = pool.snapshotInfo(this.#name, snapshot);
       const before = pool.volumeInfo(this.#name).sizeBytes;
-      const changed = regionRuns(pool.diff(this.#name, snapshot, null), Math.max(before, sizeBytes));
+      const changed = regionRuns(await pool.diff(this.#name, snapshot, null), Math.max(before, sizeBytes));
       let mustSave = false;
       for (const [first, end] of changed) {
         const [firstExtent, endExtent] = regionsOf(first * syncRegionBytes, (end - first) * syncRegionBytes, syncActivityExtentBytes);

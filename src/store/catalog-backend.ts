@@ -19,7 +19,6 @@
 // The tables of volumes and snapshots (ids, names, sizes) are plain objects in both, read synchronously; a map is
 // opaque (`MapHandle`) outside its backend, which alone knows what it is.
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
 import { journalCheckpointBytes } from '../core/limits.ts';
 import type { ChunkAllocator, FreeExtent } from './allocator.ts';
 import { encodeCheckpoint } from './checkpoint.ts';
@@ -129,10 +128,15 @@ export interface CatalogBackend {
   readonly failure: Error | null;
   /** The runs of [virtualChunk, virtualChunk + chunkCount) of `map` with their checksums (see the top). */
   lookup(map: MapHandle, virtualChunk: number, chunkCount: number): ChunkLookup | Promise<ChunkLookup>;
-  /** Extents below `chunkLimit` mapped differently in `from` (null: an empty map) and `to`. */
-  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): ChangedExtent[];
-  /** content-digest.ts's digest of `map` over its first `sizeBytes`. */
-  contentDigest(map: MapHandle, sizeBytes: number): Buffer;
+  /**
+   * Extents below `chunkLimit` mapped differently in `from` (null: an empty map) and `to`, as the records applied
+   * so far left them (the caller awaits `settled` first, then takes the maps from the tables); what the two maps
+   * share is skipped (in memory a shared 2 MiB page, over pages a shared subtree), so a diff costs what changed
+   * between them, not the volume's size.
+   */
+  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): Promise<ChangedExtent[]>;
+  /** content-digest.ts's digest of `map` over its first `sizeBytes` (the caller awaits `settled` first, as for `diff`). */
+  contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer>;
   /** Chunks only `map` holds (what removing its snapshot gives back), or null where this catalog cannot tell yet. */
   uniqueChunks(map: MapHandle): number | null;
   /** What a scrub of these maps reads and checks it against. */
@@ -188,11 +192,11 @@ export class MemoryBackend implements CatalogBackend {
     return { runs: chunkMap(map).runs(virtualChunk, chunkCount), sumOf: (run, index) => sums.get(run.physicalChunk + index) };
   }
 
-  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): ChangedExtent[] {
+  async diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): Promise<ChangedExtent[]> {
     return diffMaps(from === null ? new ChunkMap() : chunkMap(from), chunkMap(to), chunkLimit);
   }
 
-  contentDigest(map: MapHandle, sizeBytes: number): Buffer {
+  async contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer> {
     return contentDigest(chunkMap(map), (physicalChunk) => this.tables.sums.get(physicalChunk), sizeBytes);
   }
 
@@ -227,9 +231,4 @@ export class MemoryBackend implements CatalogBackend {
 function chunkMap(map: MapHandle): ChunkMap {
   assert(map instanceof ChunkMap, 'a map of another catalog');
   return map;
-}
-
-/** The error of a pool verb this catalog does not offer yet. */
-export function notOnPagedMetadata(what: string): ChunkdError {
-  return ChunkdError.invalid(`${what} is not available yet on a pool with paged metadata (chunkd-pool.json "metadata": "paged"); it works on pools of the default metadata`);
 }

@@ -21,31 +21,50 @@ const label = Buffer.from('chunkd-content-digest-v1\n', 'latin1');
 const entryBytes = 12;
 const batchEntries = 4096;
 
-/** The content digest of `map` over its first `sizeBytes`, given each physical chunk's recorded checksum. */
-export function contentDigest(map: ChunkMap, sumOf: (physicalChunk: number) => number, sizeBytes: number): Buffer {
-  const hash = createHash('sha256');
-  hash.update(label);
-  const size = Buffer.alloc(8);
-  size.writeBigUInt64LE(BigInt(sizeBytes));
-  hash.update(size);
-  const chunkLimit = sizeBytes / chunkSizeBytes;
-  const batch = Buffer.allocUnsafe(batchEntries * entryBytes);
-  let used = 0;
-  for (const run of map.mappedRuns()) {
-    for (let i = 0; i < run.chunkCount; i++) {
-      const virtualChunk = run.virtualChunk + i;
-      if (virtualChunk >= chunkLimit) break;
-      const sum = sumOf(run.physicalChunk + i);
+/**
+ * The digest built a run at a time, in order of virtual chunk: `add` each mapped run (holes may be left out), then
+ * `digest`. The same value whichever catalog gives the runs (a ChunkMap's with sums by physical chunk, or a paged
+ * map's leaves, which hold their sums).
+ */
+export class ContentDigest {
+  readonly #hash = createHash('sha256');
+  readonly #chunkLimit: number;
+  readonly #batch = Buffer.allocUnsafe(batchEntries * entryBytes);
+  #used = 0;
+
+  constructor(sizeBytes: number) {
+    this.#hash.update(label);
+    const size = Buffer.alloc(8);
+    size.writeBigUInt64LE(BigInt(sizeBytes));
+    this.#hash.update(size);
+    this.#chunkLimit = sizeBytes / chunkSizeBytes;
+  }
+
+  /** A mapped run of chunks from `virtualChunk`, the checksum of its `i`th chunk `sumOf(i)`; runs come in order. */
+  add(virtualChunk: number, chunkCount: number, sumOf: (index: number) => number): void {
+    const count = Math.min(chunkCount, this.#chunkLimit - virtualChunk);
+    for (let i = 0; i < count; i++) {
+      const sum = sumOf(i);
       if (sum === zeroChunkSum) continue;
-      batch.writeBigUInt64LE(BigInt(virtualChunk), used);
-      batch.writeUInt32LE(sum, used + 8);
-      used += entryBytes;
-      if (used === batch.length) {
-        hash.update(batch);
-        used = 0;
+      this.#batch.writeBigUInt64LE(BigInt(virtualChunk + i), this.#used);
+      this.#batch.writeUInt32LE(sum, this.#used + 8);
+      this.#used += entryBytes;
+      if (this.#used === this.#batch.length) {
+        this.#hash.update(this.#batch);
+        this.#used = 0;
       }
     }
   }
-  hash.update(batch.subarray(0, used));
-  return hash.digest();
+
+  digest(): Buffer {
+    this.#hash.update(this.#batch.subarray(0, this.#used));
+    return this.#hash.digest();
+  }
+}
+
+/** The content digest of `map` over its first `sizeBytes`, given each physical chunk's recorded checksum. */
+export function contentDigest(map: ChunkMap, sumOf: (physicalChunk: number) => number, sizeBytes: number): Buffer {
+  const digest = new ContentDigest(sizeBytes);
+  for (const run of map.mappedRuns()) digest.add(run.virtualChunk, run.chunkCount, (i) => sumOf(run.physicalChunk + i));
+  return digest.digest();
 }

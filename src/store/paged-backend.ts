@@ -27,9 +27,10 @@ import path from 'node:path';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, pagedJournalCheckpointBytes } from '../core/limits.ts';
-import { notOnPagedMetadata, type CatalogBackend, type ChunkLookup, type MapHandle, type PendingCheckpoint, type ScrubPlan, type ScrubTarget } from './catalog-backend.ts';
+import { type CatalogBackend, type ChunkLookup, type MapHandle, type PendingCheckpoint, type ScrubPlan, type ScrubTarget } from './catalog-backend.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import { ChunkSums } from './chunk-sums.ts';
+import { ContentDigest } from './content-digest.ts';
 import type { FileLayer } from './file-layer.ts';
 import { recoverJournal } from './journal-format.ts';
 import { JournalFile } from './journal-file.ts';
@@ -107,12 +108,20 @@ export class PagedBackend implements CatalogBackend {
     return this.#last.then(() => paged.runs(virtualChunk, chunkCount)).then(withSums);
   }
 
-  diff(): ChangedExtent[] {
-    throw notOnPagedMetadata('snapshot diff');
+  /** A walk of the two trees together that skips every page both reach (paged-map.ts): O(pages that differ). */
+  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): Promise<ChangedExtent[]> {
+    return pagedMap(to).diff(from === null ? null : pagedMap(from), chunkLimit);
   }
 
-  contentDigest(): Buffer {
-    throw notOnPagedMetadata('a content digest (replication)');
+  /**
+   * The leaves' runs in order, a slice at a time, each chunk's checksum from its leaf: O(chunks mapped), no data
+   * read. A snapshot's map does not change; a live volume's is read slice by slice, so a write meanwhile may or
+   * may not be in the digest (as it may or may not be in a read of the volume's bytes).
+   */
+  async contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer> {
+    const digest = new ContentDigest(sizeBytes);
+    for await (const run of mappedRunsOf(pagedMap(map), sizeBytes / chunkSizeBytes)) digest.add(run.virtualChunk, run.chunkCount, (i) => run.sums[i]!);
+    return digest.digest();
   }
 
   uniqueChunks(): null {

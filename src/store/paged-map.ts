@@ -53,7 +53,11 @@
 // mutations, so they wait while it writes (with the page allocator's `sealForCommit` they could run beside it);
 // a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
 // rarely); a walk does not check page generations against the
-// root's yet.
+// root's yet; a cold diff starts over once per node whose children differ on both sides (it reads a node's
+// children at once, not a whole level of both trees: a few restarts per thousand leaves at full capacity), and
+// every restart walks again from the roots; a pass that starts over keeps the nodes it read, and a page freed,
+// reused and evicted between two tries would be seen as it was (reuse waits for a commit, so this needs a
+// checkpoint and an eviction within one pass).
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
@@ -457,6 +461,7 @@ export class PagedMaps {
   readonly #memoryPins = this.#pins();
   /** The last mutation queued: mutations apply in call order. */
   #mutations: Promise<unknown> = Promise.resolve();
+  #passRestarts = 0;
 
   constructor(options: PagedMapsOptions) {
     this.#cache = options.cache;
@@ -499,6 +504,11 @@ export class PagedMaps {
       this.#allocator.committed();
       return root;
     });
+  }
+
+  /** Times a pass started over after reading what it missed, since these maps were made (for tests and benchmarks). */
+  get passRestarts(): number {
+    return this.#passRestarts;
   }
 
   /** Pages changed since the last commit (what the commit will write; their memory is not the cache's). */
@@ -698,9 +708,9 @@ export class PagedMaps {
     }
   }
 
-  /** @internal */
-  async diff(a: PagedMap, b: PagedMap, chunkLimit: number): Promise<ChangedExtent[]> {
-    return this.#pass((pins) => this.#diff(pins, a.rootPage, b.rootPage, chunkLimit));
+  /** @internal `b` null: an empty map. */
+  async diff(a: PagedMap, b: PagedMap | null, chunkLimit: number): Promise<ChangedExtent[]> {
+    return this.#pass((pins) => this.#diff(pins, a.rootPage, b === null ? emptyRoot : b.rootPage, chunkLimit));
   }
 
   /** Runs a pure pass, reading what it misses and starting it over until it completes. */
@@ -714,6 +724,7 @@ export class PagedMaps {
           return run(pins);
         } catch (error) {
           if (!(error instanceof MissingPages)) throw error;
+          this.#passRestarts += 1;
           const loads: Array<Promise<unknown>> = [pins.load(error.pages)];
           if (error.pageCounts.length > 0) loads.push(this.#pageCountPages!.load(error.pageCounts).then((pin) => countPins.push(pin)));
           if (error.chunkCounts.length > 0) loads.push(this.#chunkCountPages!.load(error.chunkCounts).then((pin) => countPins.push(pin)));
@@ -1046,29 +1057,51 @@ export class PagedMaps {
     };
     const lo = (item: Item): number => ('page' in item ? item.lo : item.entry);
     const levelOfItem = (item: Item): number => ('page' in item ? (item.level ?? levelOf(this.#node(pins, item.page, undefined))) : -1);
-    const alone = (stack: Item[], other: Item[]): number[] => {
-      let otherLevel = -1;
-      const otherPages = new Set<number>();
-      for (const item of other) {
-        if (!('page' in item)) continue;
-        otherLevel = Math.max(otherLevel, item.level ?? Infinity);
-        otherPages.add(item.page);
+    // The pages of a stack with the keys each may hold: from its least key to the next item's (the one below it).
+    const ranges = (stack: Item[]): Array<{ page: number; level: number; lo: number; hi: number }> => {
+      const out: Array<{ page: number; level: number; lo: number; hi: number }> = [];
+      let hi = Infinity;
+      for (const item of stack) {
+        if ('page' in item) out.push({ page: item.page, level: item.level ?? Infinity, lo: item.lo, hi });
+        hi = lo(item);
       }
-      return stack.flatMap((item) => ('page' in item && item.level !== undefined && item.level >= otherLevel && !otherPages.has(item.page) && !pins.holds(item.page) ? [item.page] : []));
+      return out;
+    };
+    // Pages of `stack` not in memory that the other tree cannot share: it holds neither them nor a higher page
+    // over any of their keys. Lowest keys first (the next to be expanded).
+    const alone = (stack: Item[], other: Item[]): number[] => {
+      const theirs = ranges(other);
+      const mine = ranges(stack);
+      const found: number[] = [];
+      for (let i = mine.length - 1; i >= 0; i--) {
+        const p = mine[i]!;
+        if (p.level === Infinity || pins.holds(p.page)) continue;
+        if (theirs.some((q) => q.page === p.page || (q.level > p.level && q.lo < p.hi && p.lo < q.hi))) continue;
+        found.push(p.page);
+      }
+      return found;
     };
     const expand = (stack: Item[]): void => {
-      const item = stack.pop()!;
+      const item = stack[stack.length - 1]!;
       assert('page' in item);
-      const node = this.#node(pins, item.page, item.level);
+      let node: MapNode;
+      try {
+        node = this.#node(pins, item.page, item.level);
+      } catch (error) {
+        if (!(error instanceof MissingPages)) throw error;
+        // Read with it the pages of either stack that will be expanded (`alone`), so that a diff starts over about
+        // once per level of each subtree that differs (up to `diffPrefetchPages` pages at once), not once per
+        // page, and never reads a page the two trees share. Looked for only at a miss: the stacks hold a leaf's
+        // entries, too many to scan at every step.
+        pins.want([item.page, ...alone(stackA, stackB), ...alone(stackB, stackA)].slice(0, diffPrefetchPages));
+        throw error;
+      }
+      stack.pop();
       if (node.kind === 'leaf') {
         for (let i = node.keys.length - 1; i >= 0; i--) stack.push({ entry: node.keys[i]!, physical: node.physical[i]! });
       } else {
         for (let i = node.children.length - 1; i >= 0; i--) stack.push({ page: node.children[i]!, level: node.level - 1, lo: i === 0 ? item.lo : node.keys[i]! });
       }
-      // Read at once, when some are missing, the pages of either stack that will be expanded: those the other
-      // stack does not hold and cannot reach (it holds no higher page). One pass per level of misses, not one per
-      // page, and a page the two trees share is never read.
-      pins.want([...alone(stackA, stackB), ...alone(stackB, stackA)].slice(0, 64));
     };
     for (;;) {
       const a = stackA[stackA.length - 1];
@@ -1121,6 +1154,9 @@ export class PagedMaps {
     return changed;
   }
 }
+
+/** Pages a diff that misses reads at once (one level of the two trees' frontier, at most). */
+const diffPrefetchPages = 1024;
 
 /** The state of a map that a root slot records. */
 export interface PagedMapState {
@@ -1200,8 +1236,11 @@ export class PagedMap {
     await this.#maps.drop(this, refs);
   }
 
-  /** Extents of virtual chunks below `chunkLimit` mapped differently here and in `other`, skipping shared pages. */
-  diff(other: PagedMap, chunkLimit: number): Promise<ChangedExtent[]> {
+  /**
+   * Extents of virtual chunks below `chunkLimit` mapped differently here and in `other` (null: an empty map, so
+   * every chunk mapped here), skipping shared pages.
+   */
+  diff(other: PagedMap | null, chunkLimit: number): Promise<ChangedExtent[]> {
     return this.#maps.diff(this, other, chunkLimit);
   }
 }

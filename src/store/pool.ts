@@ -42,7 +42,7 @@ import {
 import { validateName } from '../core/names.ts';
 import { formatSize } from '../core/units.ts';
 import { ChunkAllocator } from './allocator.ts';
-import { MemoryBackend, notOnPagedMetadata, type CatalogBackend, type CatalogView, type SnapshotView, type VolumeView } from './catalog-backend.ts';
+import { MemoryBackend, type CatalogBackend, type CatalogView, type MapHandle, type SnapshotView, type VolumeView } from './catalog-backend.ts';
 import { encodeCheckpoint } from './checkpoint.ts';
 import { ChunkFiles } from './chunk-files.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
@@ -572,23 +572,27 @@ export class Pool {
 
   /**
    * The extents that differ between snapshot `from` (null: an empty volume, so every mapped chunk) and snapshot
-   * `to` (or the live volume), from metadata alone.
+   * `to` (or the live volume), from metadata alone, after the records applied before the call; pages the two maps
+   * share are skipped.
    */
-  diff(volumeName: string, fromName: string | null, toName: string | null): ChangedExtent[] {
+  async diff(volumeName: string, fromName: string | null, toName: string | null): Promise<ChangedExtent[]> {
+    await this.#engine.settled();
+    // The maps taken after the wait: a rollback applied meanwhile replaces the volume's.
     const volume = this.#runtime(volumeName).meta;
-    const from = fromName === null ? { map: null, sizeBytes: 0 } : this.#snapshot(volumeName, fromName);
+    const from: { map: MapHandle | null; sizeBytes: number } = fromName === null ? { map: null, sizeBytes: 0 } : this.#snapshot(volumeName, fromName);
     const to = toName === null ? volume : this.#snapshot(volumeName, toName);
     return this.#catalog.diff(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes);
   }
 
   /**
-   * The digest of a snapshot's (or, with null, the live volume's) whole content, from metadata alone: the
-   * chunk checksums in order (content-digest.ts says why that and not a hash of the bytes).
+   * The digest of a snapshot's (or, with null, the live volume's) whole content, from metadata alone, after the
+   * records applied before the call: the chunk checksums in order (content-digest.ts says why that and not a hash
+   * of the bytes).
    */
-  contentDigest(volumeName: string, snapshotName: string | null): Buffer {
-    const volume = this.#runtime(volumeName).meta;
-    const source = snapshotName === null ? volume : this.#snapshot(volumeName, snapshotName);
-    return this.#catalog.contentDigest(source.map, source.sizeBytes);
+  async contentDigest(volumeName: string, snapshotName: string | null): Promise<Buffer> {
+    await this.#engine.settled();
+    const { map, sizeBytes } = snapshotName === null ? this.#runtime(volumeName).meta : this.#snapshot(volumeName, snapshotName);
+    return this.#catalog.contentDigest(map, sizeBytes);
   }
 
   /**

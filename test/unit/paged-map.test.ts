@@ -273,6 +273,26 @@ test("a clone shares the root; a write below it copies only its path, and a diff
   });
 });
 
+test('a cold diff of two deep trees that differ in most leaves reads the children of each differing node at once, not a page at a time', async () => {
+  await withMaps({ cachePages: 8192, leafCapacity: 4, interiorCapacity: 4 }, async (setup) => {
+    const original = setup.maps.empty();
+    await original.mapRun(0, 0, sumsOf(0, 2000), setup.chunkRefs);
+    const other = original.clone();
+    for (let v = 0; v < 2000; v += 4) await other.mapRun(v, 10_000 + v, [sumOf(10_000 + v)], setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('one'));
+    const facts = await treeFacts(setup, [original, other], { leaf: 4, interior: 4 });
+    const cold = new PageCache(setup.file, 8192 * pageBytes);
+    const coldMaps = new PagedMaps({ cache: cold, allocator: setup.allocator, pageRefs: setup.pageRefs, leafCapacity: 4, interiorCapacity: 4 });
+    const diff = await coldMaps.open(original.state()).diff(coldMaps.open(other.state()), 2 ** 48);
+    assert.deepEqual(diff, Array.from({ length: 500 }, (_, i) => ({ virtualChunk: i * 4, chunkCount: 1 })));
+    // Every page but the shared ones is read, the children of a node of each side at once (4 to 8 pages here;
+    // hundreds at full capacity). Before, the pages below a level the other tree had not expanded yet were read
+    // one at a time: 1,307 restarts of the pass for 1,336 pages.
+    const read = cold.stats().misses;
+    assert.ok(coldMaps.passRestarts * 4 <= read, `${coldMaps.passRestarts} restarts of the pass for ${read} pages read (of ${facts.pages})`);
+  });
+});
+
 test('a drop of a large map frees its pages a slice at a time, letting the event loop turn, and gives every page back', async () => {
   await withMaps({ cachePages: 4096 }, async (setup) => {
     const map = setup.maps.empty();
