@@ -1,16 +1,22 @@
-# Sourced by bench/sync-replicas.sh and bench/sync-resync.sh: two nodes, alpha and beta, on loopback with mutual-TLS
-# peer ports; sets D (their scratch directory, removed at exit), C (the CLI), PA and PB (the peer ports).
+# Sourced by bench/sync-replicas.sh, bench/sync-resync.sh and bench/sync-copies.sh: two nodes, alpha and beta (and
+# gamma with NODES=3), on loopback with mutual-TLS peer ports; sets D (their scratch directory, removed at exit), C
+# (the CLI), PA, PB and PC (the peer ports).
 set -e
 cd "$(dirname "$0")/.."
 export PATH=$PWD/node_modules/.bin:$PATH
 D=$(mktemp -d /tmp/chunkd-sync-bench.XXXX)
 C="node bin/chunkd.js"
-$C tls init $D/tls --node alpha --node beta >/dev/null
-PA=$((20000 + RANDOM % 10000)); PB=$((PA + 1))
+$C tls init $D/tls --node alpha --node beta --node gamma >/dev/null
+PA=$((20000 + RANDOM % 10000)); PB=$((PA + 1)); PC=$((PA + 2))
 $C serve --listen 127.0.0.1:0 --pool $D/alpha --socket $D/alpha.sock --api $D/alpha.api --peer-listen 127.0.0.1:$PA --tls-dir $D/tls/alpha > $D/alpha.log 2>&1 &
 A=$!
 $C serve --listen 127.0.0.1:0 --pool $D/beta --socket $D/beta.sock --api $D/beta.api --peer-listen 127.0.0.1:$PB --tls-dir $D/tls/beta > $D/beta.log 2>&1 &
 B=$!
-trap "kill $A $B 2>/dev/null; sleep 1; rm -rf $D" EXIT
-for i in $(seq 50); do [ -S $D/alpha.api ] && [ -S $D/beta.api ] && break; sleep 0.2; done
+G=
+if [ "${NODES:-2}" = 3 ]; then
+  $C serve --listen 127.0.0.1:0 --pool $D/gamma --socket $D/gamma.sock --api $D/gamma.api --peer-listen 127.0.0.1:$PC --tls-dir $D/tls/gamma > $D/gamma.log 2>&1 &
+  G=$!
+fi
+trap "kill $A $B $G 2>/dev/null; sleep 1; rm -rf $D" EXIT
+for i in $(seq 50); do [ -S $D/alpha.api ] && [ -S $D/beta.api ] && { [ -z "$G" ] || [ -S $D/gamma.api ]; } && break; sleep 0.2; done
 sleep 1
