@@ -100,9 +100,9 @@ async function contents(pool: Pool): Promise<Record<string, string>> {
   return out;
 }
 
-/** `volume list` and `snapshot list` as the pool gives them, but what paged metadata cannot tell yet (uniqueBytes). */
+/** `volume list` and `snapshot list` as the pool gives them (what each snapshot holds alone: `countedSnapshots`). */
 function listings(pool: Pool): unknown {
-  return pool.listVolumes().map((volume) => ({ ...volume, snapshots: pool.listSnapshots(volume.name).map(({ uniqueBytes: _unknown, ...snapshot }) => snapshot) }));
+  return pool.listVolumes().map((volume) => ({ ...volume, snapshots: pool.listSnapshots(volume.name) }));
 }
 
 /** Metadata pages in use (not free) in a paged pool's page file. */
