@@ -14,7 +14,7 @@ import { apiBodyBytesMax, syncReplicaTimeoutMsDefault } from '../core/limits.ts'
 import { validateName } from '../core/names.ts';
 import { describeTlsError, remoteOfTls } from '../peer/server.ts';
 import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
-import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
+import type { CountedSnapshotInfo, SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import type { PreparedSend } from '../replication/send.ts';
 import type { ReceiveResult } from '../replication/receive.ts';
@@ -45,8 +45,9 @@ export interface ControlPlane {
   setVolumeSync(name: string, sync: { timeoutMs: number } | null): Promise<unknown>;
   removeVolume(name: string): Promise<void>;
   createSnapshot(volume: string, snapshot: string): Promise<SnapshotInfo>;
-  listSnapshots(volume: string): SnapshotInfo[];
-  snapshotInfo(volume: string, snapshot: string): SnapshotInfo;
+  /** With what each snapshot holds alone (`Pool.countedSnapshots`). */
+  listSnapshots(volume: string): Promise<CountedSnapshotInfo[]>;
+  snapshotInfo(volume: string, snapshot: string): Promise<CountedSnapshotInfo>;
   removeSnapshot(volume: string, snapshot: string): Promise<void>;
   rollbackVolume(volume: string, snapshot: string): Promise<VolumeInfo>;
   cloneSnapshot(volume: string, snapshot: string, newName: string): Promise<VolumeInfo>;
@@ -230,13 +231,13 @@ export class ApiServer {
         await this.#control.removeVolume(volumeName());
         return sendJson(response, 200, { removed: parts[2] });
       case 'GET /v1/volumes/:/snapshots':
-        return sendJson(response, 200, { snapshots: this.#control.listSnapshots(volumeName()) });
+        return sendJson(response, 200, { snapshots: await this.#control.listSnapshots(volumeName()) });
       case 'POST /v1/volumes/:/snapshots': {
         const volume = volumeName();
         return sendJson(response, 201, await this.#control.createSnapshot(volume, validateName(body.name, 'snapshot')));
       }
       case 'GET /v1/volumes/:/snapshots/:':
-        return sendJson(response, 200, this.#control.snapshotInfo(volumeName(), snapshotName()));
+        return sendJson(response, 200, await this.#control.snapshotInfo(volumeName(), snapshotName()));
       case 'DELETE /v1/volumes/:/snapshots/:':
         await this.#control.removeSnapshot(volumeName(), snapshotName());
         return sendJson(response, 200, { removed: `${parts[2]}@${parts[4]}` });

@@ -11,7 +11,7 @@ import { fsckPool } from '../store/fsck.ts';
 import { repairPool, type RepairReport } from '../store/repair.ts';
 import { upgradePool } from '../store/pool-upgrade.ts';
 import type { DiffReport } from '../api/server.ts';
-import type { SnapshotInfo, VolumeInfo } from '../store/pool.ts';
+import type { CountedSnapshotInfo, SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import { callApi } from './api-client.ts';
 import { scrubCommand } from './scrub.ts';
 import { serve } from './serve.ts';
@@ -270,9 +270,9 @@ async function snapshotCommand(argv: string[]): Promise<number> {
     }
     case 'list': {
       const [volume] = names(1, 1);
-      const { snapshots } = (await callApi(socket, 'GET', route(volume!))) as { snapshots: SnapshotInfo[] };
+      const { snapshots } = (await callApi(socket, 'GET', route(volume!))) as { snapshots: CountedSnapshotInfo[] };
       print(values.json, snapshots, () =>
-        snapshots.length === 0 ? `volume ${volume} has no snapshots` : snapshots.map((s) => `${s.name}\t${s.createdAt}\tholds alone ${s.uniqueBytes === null ? 'an unknown amount (not counted on paged metadata yet)' : `${formatSize(s.uniqueBytes)} (${s.uniqueBytes} bytes)`}`).join('\n'));
+        snapshots.length === 0 ? `volume ${volume} has no snapshots` : snapshots.map((s) => `${s.name}\t${s.createdAt}\tholds alone ${formatSize(s.uniqueBytes)} (${s.uniqueBytes} bytes)`).join('\n'));
       return 0;
     }
     case 'rm': {

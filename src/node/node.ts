@@ -12,7 +12,7 @@ import { NbdServer } from '../nbd/server.ts';
 import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/tls.ts';
 import { chunkSizeBytes, syncReplicaTimeoutMsDefault } from '../core/limits.ts';
 import type { CheckpointReport } from '../store/commit-engine.ts';
-import { Pool, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
+import { Pool, type CountedSnapshotInfo, type SnapshotInfo, type VolumeInfo } from '../store/pool.ts';
 import type { MetadataKind } from '../store/pool-layout.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
@@ -629,12 +629,12 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     return this.#sync?.createSnapshot(volume, snapshot, local) ?? local();
   }
 
-  listSnapshots(volume: string): SnapshotInfo[] {
-    return this.pool.listSnapshots(volume);
+  listSnapshots(volume: string): Promise<CountedSnapshotInfo[]> {
+    return this.pool.countedSnapshots(volume);
   }
 
-  snapshotInfo(volume: string, snapshot: string): SnapshotInfo {
-    return this.pool.snapshotInfo(volume, snapshot);
+  async snapshotInfo(volume: string, snapshot: string): Promise<CountedSnapshotInfo> {
+    return (await this.pool.countedSnapshots(volume, snapshot))[0]!;
   }
 
   removeSnapshot(volume: string, snapshot: string): Promise<void> {

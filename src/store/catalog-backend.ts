@@ -137,8 +137,11 @@ export interface CatalogBackend {
   diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): Promise<ChangedExtent[]>;
   /** content-digest.ts's digest of `map` over its first `sizeBytes` (the caller awaits `settled` first, as for `diff`). */
   contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer>;
-  /** Chunks only `map` holds (what removing its snapshot gives back), or null where this catalog cannot tell yet. */
-  uniqueChunks(map: MapHandle): number | null;
+  /**
+   * Chunks only `map` holds (what removing its snapshot gives back), for a snapshot's map (the caller awaits
+   * `settled` first, as for `diff`): the chunks of its unshared pages named nowhere else.
+   */
+  uniqueChunks(map: MapHandle): Promise<number>;
   /** What a scrub of these maps reads and checks it against. */
   scrubPlan(targets: readonly ScrubTarget[]): Promise<ScrubPlan>;
   /** Begins the checkpoint that starts generation `generation` (see PendingCheckpoint). */
@@ -200,7 +203,7 @@ export class MemoryBackend implements CatalogBackend {
     return contentDigest(chunkMap(map), (physicalChunk) => this.tables.sums.get(physicalChunk), sizeBytes);
   }
 
-  uniqueChunks(map: MapHandle): number {
+  async uniqueChunks(map: MapHandle): Promise<number> {
     // Chunks on pages no other map shares, with a single reference.
     let unique = 0;
     for (const [, page] of chunkMap(map).pages()) {

@@ -124,8 +124,9 @@ export class PagedBackend implements CatalogBackend {
     return digest.digest();
   }
 
-  uniqueChunks(): null {
-    return null;
+  /** A walk of the map's pages of count 1, a slice at a time (paged-map.ts's `uniqueChunks`): O(pages it holds alone). */
+  uniqueChunks(map: MapHandle): Promise<number> {
+    return pagedMap(map).uniqueChunks(this.#catalog.chunks);
   }
 
   /**

@@ -708,6 +708,49 @@ export class PagedMaps {
     }
   }
 
+  /**
+   * @internal Chunks only `map` holds (what dropping it would free): those of the leaves it reaches through pages
+   * of count 1 only (a page of a larger count is shared, with all below it), named by no other leaf (a chunk's
+   * count is the leaves naming it). Walked as `drop` does, a stack of page numbers, so its memory does not grow
+   * with the map; each slice of `dropSliceNodes` pages is queued with the mutations (none seen half applied, and
+   * writes go on between slices). Meant for a snapshot's map, which nothing changes but its drop: ENOENT if it is
+   * dropped during the walk. Pages shared when the walk passed them and made the map's own since (the volume's
+   * writes copy their path) are not counted: the figure is the map's as the walk found it, slice by slice.
+   */
+  async uniqueChunks(map: PagedMap, refs: { get(physicalChunk: number): number }): Promise<number> {
+    const rootPage = map.rootPage;
+    const stack: Array<{ page: number; level: number | undefined }> = rootPage === emptyRoot ? [] : [{ page: rootPage, level: undefined }];
+    let unique = 0;
+    while (stack.length > 0) {
+      unique += await this.#queue(async () => {
+        if (map.rootPage !== rootPage) throw ChunkdError.notFound('the map was dropped while its chunks held alone were counted');
+        let found = 0;
+        for (let visited = 0; visited < dropSliceNodes && stack.length > 0; visited++) {
+          const { page, level } = stack.pop()!;
+          const pagePin = await this.#pageCountPages?.load([page]);
+          try {
+            if (this.#pageRefs.get(page) !== 1) continue;
+          } finally {
+            pagePin?.release();
+          }
+          const node = checkLevel(this.#resident(page) ?? (await this.node(page)), page, level);
+          if (node.kind === 'interior') {
+            for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
+            continue;
+          }
+          const chunkPin = await this.#chunkCountPages?.load(node.physical);
+          try {
+            for (const physical of node.physical) if (refs.get(physical) === 1) found += 1;
+          } finally {
+            chunkPin?.release();
+          }
+        }
+        return found;
+      });
+    }
+    return unique;
+  }
+
   /** @internal `b` null: an empty map. */
   async diff(a: PagedMap, b: PagedMap | null, chunkLimit: number): Promise<ChangedExtent[]> {
     return this.#pass((pins) => this.#diff(pins, a.rootPage, b === null ? emptyRoot : b.rootPage, chunkLimit));
@@ -1234,6 +1277,11 @@ export class PagedMap {
   /** Lets go of the root; pages and chunks nothing else holds are released. The map is empty after. */
   async drop(refs: ChunkRefs): Promise<void> {
     await this.#maps.drop(this, refs);
+  }
+
+  /** Chunks only this map holds (see `PagedMaps.uniqueChunks`): for a snapshot's map. */
+  uniqueChunks(refs: { get(physicalChunk: number): number }): Promise<number> {
+    return this.#maps.uniqueChunks(this, refs);
   }
 
   /**

@@ -80,9 +80,13 @@ export interface SnapshotInfo {
   uuid: string;
   sizeBytes: number;
   createdAt: string;
-  /** Bytes of chunks that only this snapshot holds: what removing it gives back (null: not known on paged metadata yet). */
-  uniqueBytes: number | null;
   openCount: number;
+}
+
+/** A snapshot as `snapshot list` and `snapshot info` show it: counted (`Pool.countedSnapshots`). */
+export interface CountedSnapshotInfo extends SnapshotInfo {
+  /** Bytes of chunks that only this snapshot holds: what removing it gives back. */
+  uniqueBytes: number;
 }
 
 export interface PoolStatus {
@@ -571,6 +575,35 @@ export class Pool {
   }
 
   /**
+   * The volume's snapshots (only `snapshotName` if given) with what each holds alone, after the records applied
+   * before the call: a walk of each snapshot's unshared pages (over paged metadata, read a slice at a time).
+   */
+  async countedSnapshots(volumeName: string, snapshotName?: string): Promise<CountedSnapshotInfo[]> {
+    const listed = snapshotName === undefined ? this.listSnapshots(volumeName) : [this.snapshotInfo(volumeName, snapshotName)];
+    await this.#engine.settled();
+    const counted: CountedSnapshotInfo[] = [];
+    for (const info of listed) {
+      // Taken after the wait; one removed meanwhile is left out (or, asked by name, not found).
+      const snapshot = this.#runtime(volumeName).meta.snapshots.get(info.name);
+      if (snapshot === undefined || snapshot.uuid !== info.uuid) {
+        if (snapshotName !== undefined) this.#snapshot(volumeName, snapshotName);
+        continue;
+      }
+      let uniqueChunks: number;
+      try {
+        uniqueChunks = await this.#catalog.uniqueChunks(snapshot.map);
+      } catch (error) {
+        // Removed during the walk (paged-map.ts): as above.
+        if (!(error instanceof ChunkdError && error.code === 'ENOENT')) throw error;
+        if (snapshotName !== undefined) this.#snapshot(volumeName, snapshotName);
+        continue;
+      }
+      counted.push({ ...info, uniqueBytes: uniqueChunks * chunkSizeBytes });
+    }
+    return counted;
+  }
+
+  /**
    * The extents that differ between snapshot `from` (null: an empty volume, so every mapped chunk) and snapshot
    * `to` (or the live volume), from metadata alone, after the records applied before the call; pages the two maps
    * share are skipped.
@@ -696,14 +729,12 @@ export class Pool {
   }
 
   #describeSnapshot(volume: VolumeView, snapshot: SnapshotView): SnapshotInfo {
-    const uniqueChunks = this.#catalog.uniqueChunks(snapshot.map);
     return {
       volume: volume.name,
       name: snapshot.name,
       uuid: snapshot.uuid,
       sizeBytes: snapshot.sizeBytes,
       createdAt: new Date(snapshot.createdAtMs).toISOString(),
-      uniqueBytes: uniqueChunks === null ? null : uniqueChunks * chunkSizeBytes,
       openCount: this.#snapshotRuntimes.get(snapshot.id)?.openCount ?? 0,
     };
   }

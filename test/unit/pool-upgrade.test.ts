@@ -100,9 +100,9 @@ async function contents(pool: Pool): Promise<Record<string, string>> {
   return out;
 }
 
-/** `volume list` and `snapshot list` as the pool gives them, but what paged metadata cannot tell yet (uniqueBytes). */
-function listings(pool: Pool): unknown {
-  return pool.listVolumes().map((volume) => ({ ...volume, snapshots: pool.listSnapshots(volume.name).map(({ uniqueBytes: _unknown, ...snapshot }) => snapshot) }));
+/** `volume list` and `snapshot list` as the pool gives them, with what each snapshot holds alone. */
+async function listings(pool: Pool): Promise<unknown> {
+  return Promise.all(pool.listVolumes().map(async (volume) => ({ ...volume, snapshots: await pool.countedSnapshots(volume.name) })));
 }
 
 /** Metadata pages in use (not free) in a paged pool's page file. */
@@ -137,7 +137,7 @@ test('an upgraded pool reads back the same, lists the same, keeps its chunk file
     const native = path.join(scratch, 'native');
     const before = await withPool({ directory: old }, async (pool) => {
       await makeHistory(pool);
-      return { contents: await contents(pool), listings: listings(pool) };
+      return { contents: await contents(pool), listings: await listings(pool) };
     });
     await withPool({ directory: native, metadata: 'paged' }, (pool) => makeHistory(pool));
     const createdAt = (JSON.parse(fs.readFileSync(markerPath(old), 'utf8')) as { createdAt: string }).createdAt;
@@ -163,7 +163,7 @@ test('an upgraded pool reads back the same, lists the same, keeps its chunk file
     await withPool({ directory: old, log: (line) => lines.push(line) }, async (pool) => {
       assert.equal((await pool.status()).formatVersion, 4);
       assert.deepEqual(lines.filter((line) => line.includes('replayed')), [], 'nothing to replay: the root covers the old journal');
-      assert.deepEqual(listings(pool), before.listings);
+      assert.deepEqual(await listings(pool), before.listings);
       assert.deepEqual(await contents(pool), before.contents);
       // It goes on as a paged pool: new ids past the old ones (x and a@gone were removed), writes, snapshots.
       await pool.createVolume('y', 4 * MiB);
@@ -191,9 +191,9 @@ test('a pool made before snapshot ids keeps its derived ids through the upgrade'
     const directory = path.join(scratch, 'pool');
     fs.mkdirSync(directory);
     execFileSync('tar', ['-xzf', fixture, '-C', directory]);
-    const before = await withPool({ directory }, async (pool) => ({ contents: await contents(pool), listings: listings(pool) }));
+    const before = await withPool({ directory }, async (pool) => ({ contents: await contents(pool), listings: await listings(pool) }));
     await upgradePool(directory);
-    const after = await withPool({ directory }, async (pool) => ({ contents: await contents(pool), listings: listings(pool) }));
+    const after = await withPool({ directory }, async (pool) => ({ contents: await contents(pool), listings: await listings(pool) }));
     assert.deepEqual(after, before);
   });
 });
@@ -232,7 +232,7 @@ test('a power cut at any point of the upgrade leaves a pool that opens, of forma
     const template = path.join(scratch, 'template');
     const expected = await withPool({ directory: template }, async (pool) => {
       await makeHistory(pool, MiB / 8);
-      return { contents: await contents(pool), listings: listings(pool) };
+      return { contents: await contents(pool), listings: await listings(pool) };
     });
     // How many changes a whole upgrade makes.
     const counted = path.join(scratch, 'counted');
@@ -270,7 +270,7 @@ test('a power cut at any point of the upgrade leaves a pool that opens, of forma
       const lines: string[] = [];
       const seen = await withPool({ directory, log: (line) => lines.push(line) }, async (pool) => {
         formats.add((await pool.status()).formatVersion);
-        return { contents: await contents(pool), listings: listings(pool), format: (await pool.status()).formatVersion };
+        return { contents: await contents(pool), listings: await listings(pool), format: (await pool.status()).formatVersion };
       }).catch((error: Error) => assert.fail(`${where}: the pool does not open: ${error.message}`));
       assert.deepEqual({ contents: seen.contents, listings: seen.listings }, expected, where);
       const leftover = fs.readdirSync(directory).filter((name) => (seen.format === 4 ? /^checkpoint|^upgrade/ : /^metadata\.|^upgrade/).test(name));
