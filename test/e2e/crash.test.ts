@@ -113,6 +113,11 @@ test(`crash: SIGKILL at random moments in ${rounds} rounds loses no flushed writ
       }
     })();
     // Requests still in flight at the kill are the point; only new ones stop (and a closed client must not spin).
+    // The kill comes a random time after the first flush has completed (on a loaded machine none may complete in
+    // the first second, and a round without one proves nothing).
+    for (const started = performance.now(); flushes === 0 && performance.now() - started < 20_000; ) {
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
     await new Promise((resolve) => setTimeout(resolve, 150 + randomInt(random, 700)));
     stop = true;
     await node.kill();
