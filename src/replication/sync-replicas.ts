@@ -1282,9 +1282,11 @@ class SyncVolume {
     const sizeBytes = 'device' in source ? source.device.sizeBytes : source.sizeBytes;
     // The replica's checksums, fetched once a run per extent: its chunks change meanwhile only by this run's copies,
     // each of a region compared before, and by client writes to regions copied already (not compared again).
+    // Asked for ahead of the copies (the next steps' extents while these are copied), so that no step waits for a
+    // round trip at each extent; a region's are still fetched before it is copied, as the above needs.
     const extents = new Map<number, Promise<Uint32Array>>();
-    const theirSums = async (first: number, end: number): Promise<Uint32Array> => {
-      const extent = Math.floor(first / activityRegionsPerExtent);
+    const extentSums = (region: number): Promise<Uint32Array> => {
+      const extent = Math.floor(region / activityRegionsPerExtent);
       let sums = extents.get(extent);
       if (sums === undefined) {
         const firstChunk = extent * syncSumsChunksMax;
@@ -1294,24 +1296,32 @@ class SyncVolume {
         sums.catch(() => {});
         extents.set(extent, sums);
       }
+      return sums;
+    };
+    const theirSums = async (first: number, end: number): Promise<Uint32Array> => {
       const from = (first % activityRegionsPerExtent) * regionChunks;
-      return (await sums).subarray(from, from + (end - first) * regionChunks);
+      return (await extentSums(first)).subarray(from, from + (end - first) * regionChunks);
     };
     const batches = regionBatches(regions, syncResyncBatchBytes / syncRegionBytes, activityRegionsPerExtent);
     let next = 0;
     let failure: unknown = null;
     const worker = async (): Promise<void> => {
+      // Each step's data is read into its worker's buffer (a fresh 1 MiB per step cost the owner about as much in
+      // garbage collection as the reads): a step's syncWrites are answered before its next read.
+      const scratch = Buffer.alloc(syncResyncBatchBytes);
       while (next < batches.length && failure === null) {
+        const ahead = batches[next + syncResyncBatchesInFlight];
+        if (ahead !== undefined) void extentSums(ahead[0]);
         const [first, end] = batches[next++]!;
-        await this.#copyBatch(link, source, sizeBytes, first, end, theirSums, locked).catch((error: unknown) => (failure ??= error));
+        await this.#copyBatch(link, source, sizeBytes, first, end, theirSums, locked, scratch).catch((error: unknown) => (failure ??= error));
       }
     };
     await Promise.all(Array.from({ length: syncResyncBatchesInFlight }, worker));
     if (failure !== null) throw failure;
   }
 
-  /** Copies the adjacent regions [first, end) of one activity extent (#copyRegions). */
-  async #copyBatch(link: SyncLink, source: CopySource, sizeBytes: number, first: number, end: number, theirSums: (first: number, end: number) => Promise<Uint32Array>, locked: boolean): Promise<void> {
+  /** Copies the adjacent regions [first, end) of one activity extent (#copyRegions), reading into `scratch`. */
+  async #copyBatch(link: SyncLink, source: CopySource, sizeBytes: number, first: number, end: number, theirSums: (first: number, end: number) => Promise<Uint32Array>, locked: boolean, scratch: Buffer): Promise<void> {
     const startBytes = first * syncRegionBytes;
     const endBytes = Math.min(sizeBytes, end * syncRegionBytes);
     if (endBytes <= startBytes) return;
@@ -1344,7 +1354,7 @@ class SyncVolume {
               const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
               let data: Buffer | null = null;
               if (!extent.zero) {
-                data = Buffer.alloc(lengthBytes);
+                data = scratch.subarray(0, lengthBytes);
                 await device.read(at, data);
               }
               const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
