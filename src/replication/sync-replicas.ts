@@ -71,8 +71,8 @@
 //        └──── error, timeout, closed connection ◄──┴──────────────────────────────────────┘
 //
 // Resync compares each dirty region under its range lock, chunk by chunk, by the checksums both sides recorded
-// (the replica's asked for 4 MiB at a time, syncSums), and sends only the chunks that differ: holes as trims, data
-// as writes (bytes counted; those found equal are counted too). So a replica whose dirty map says more than
+// (the replica's asked for 4 MiB at a time, syncSums, a few steps ahead), and sends only the chunks that differ:
+// holes as trims, data as writes (adjacent dirty regions go as one step of up to 1 MiB, a few steps in flight) (bytes counted; those found equal are counted too). So a replica whose dirty map says more than
 // changed (after an owner crash, a failover, a link added back) receives what did change. A client write whose
 // regions the resync has all copied is sent to the replica too, as to an in-sync one (DRBD's way; one that fails
 // marks them again and restarts the resync on a new session); any other write marks its regions again; after at most syncResyncPassesMax passes, or one that leaves at
