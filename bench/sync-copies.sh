@@ -8,14 +8,11 @@
 # whole volume resynced: its data sent, its holes found equal), against nbdcopy --flush of the same volume's snapshot
 # over alpha's unix socket into a fresh volume on beta, interleaved, ROUNDS rounds; MB/s of volume data per second.
 #   bench/sync-copies.sh            (ROUNDS=1 RUNTIME=3 SIZE=64 for a check that it works)
+#   ONLY=resync bench/sync-copies.sh   (the resync against nbdcopy alone, no fio rows)
 NODES=3
 source "$(dirname "$0")/sync-nodes.sh"
 ROUNDS=${ROUNDS:-3}; RUNTIME=${RUNTIME:-8}; SIZE=${SIZE:-512}
 api() { echo "--api $D/$1.api"; }
-for v in none one two; do $C volume create $v --size 1GiB $(api alpha) >/dev/null; done
-$C replica add one --peer 127.0.0.1:$PB --sync $(api alpha) >/dev/null
-$C replica add two --peer 127.0.0.1:$PB --sync $(api alpha) >/dev/null
-$C replica add two --peer 127.0.0.1:$PC --sync $(api alpha) >/dev/null
 insync() {
   for i in $(seq 600); do
     [ "$($C replica status $1 $(api alpha) --json | grep -c '"state": "in-sync"')" = "$2" ] && return 0
@@ -23,6 +20,11 @@ insync() {
   done
   echo "replicas of $1 not in sync" >&2; exit 1
 }
+if [ "${ONLY:-}" != resync ]; then
+for v in none one two; do $C volume create $v --size 1GiB $(api alpha) >/dev/null; done
+$C replica add one --peer 127.0.0.1:$PB --sync $(api alpha) >/dev/null
+$C replica add two --peer 127.0.0.1:$PB --sync $(api alpha) >/dev/null
+$C replica add two --peer 127.0.0.1:$PC --sync $(api alpha) >/dev/null
 insync one 1; insync two 2
 fio_json() {
   fio --name=w --ioengine=nbd --uri="nbd+unix:///$1?socket=$D/alpha.sock" --size=1g --time_based --runtime=$RUNTIME --ramp_time=2 \
@@ -40,6 +42,7 @@ for round in $(seq $ROUNDS); do
   for v in none one two; do row randread-4k-qd32 $v read --rw=randread --bs=4k --iodepth=32; done
 done
 for v in one two; do $C replica status $v $(api alpha); done
+fi
 # Resync against nbdcopy.
 $C volume create src --size ${SIZE}MiB $(api alpha) >/dev/null
 fio --name=w --ioengine=nbd --uri="nbd+unix:///src?socket=$D/alpha.sock" --rw=write --bs=1m --iodepth=8 --size=${SIZE}m --refill_buffers >/dev/null 2>&1

@@ -71,8 +71,8 @@
 //        └──── error, timeout, closed connection ◄──┴──────────────────────────────────────┘
 //
 // Resync compares each dirty region under its range lock, chunk by chunk, by the checksums both sides recorded
-// (the replica's asked for 4 MiB at a time, syncSums), and sends only the chunks that differ: holes as trims, data
-// as writes (bytes counted; those found equal are counted too). So a replica whose dirty map says more than
+// (the replica's asked for 4 MiB at a time, syncSums, a few steps ahead), and sends only the chunks that differ:
+// holes as trims, data as writes (adjacent dirty regions go as one step of up to 1 MiB, a few steps in flight) (bytes counted; those found equal are counted too). So a replica whose dirty map says more than
 // changed (after an owner crash, a failover, a link added back) receives what did change. A client write whose
 // regions the resync has all copied is sent to the replica too, as to an in-sync one (DRBD's way; one that fails
 // marks them again and restarts the resync on a new session); any other write marks its regions again; after at most syncResyncPassesMax passes, or one that leaves at
@@ -103,7 +103,7 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError, DamagedDataError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
-import { chunkSizeBytes, snapshotsPerVolumeMax, syncActivityExtentBytes, syncCatchUpRegionsMax, syncReconnectDelayMs, syncRegionBytes, syncResyncPassesMax, syncResyncRegionsInFlight, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
+import { chunkSizeBytes, snapshotsPerVolumeMax, syncActivityExtentBytes, syncCatchUpRegionsMax, syncReconnectDelayMs, syncRegionBytes, syncResyncBatchBytes, syncResyncBatchesInFlight, syncResyncPassesMax, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
@@ -1270,19 +1270,22 @@ class SyncVolume {
   }
 
   /**
-   * Copies `regions` of `source` to the replica's volume, a few at a time, each under its range lock (`locked`: the
-   * caller holds the whole volume's). Each region's chunks are compared first by their recorded checksums (the
-   * replica's asked for an activity extent at a time, syncSums): only those that differ are sent, so a replica
-   * whose dirty map says more than changed (after an owner crash, a failover, a link added to a replica that has
-   * the data) receives what did change. The price, as content-digest.ts names it: two different chunks with the
-   * same CRC-32 at the same place go unseen (2^-32 per chunk that differs), DRBD's csums-alg with crc32c.
+   * Copies `regions` of `source` to the replica's volume, runs of adjacent regions (up to syncResyncBatchBytes) at a
+   * time, a few runs at once, each under its range lock (`locked`: the caller holds the whole volume's). Each
+   * region's chunks are compared first by their recorded checksums (the replica's asked for an activity extent at a
+   * time, syncSums): only those that differ are sent, so a replica whose dirty map says more than changed (after an
+   * owner crash, a failover, a link added to a replica that has the data) receives what did change. The price, as
+   * content-digest.ts names it: two different chunks with the same CRC-32 at the same place go unseen (2^-32 per
+   * chunk that differs), DRBD's csums-alg with crc32c.
    */
   async #copyRegions(link: SyncLink, source: CopySource, regions: number[], locked: boolean): Promise<void> {
     const sizeBytes = 'device' in source ? source.device.sizeBytes : source.sizeBytes;
     // The replica's checksums, fetched once a run per extent: its chunks change meanwhile only by this run's copies,
     // each of a region compared before, and by client writes to regions copied already (not compared again).
+    // Asked for ahead of the copies (the next steps' extents while these are copied), so that no step waits for a
+    // round trip at each extent; a region's are still fetched before it is copied, as the above needs.
     const extents = new Map<number, Promise<Uint32Array>>();
-    const theirSums = async (region: number): Promise<Uint32Array> => {
+    const extentSums = (region: number): Promise<Uint32Array> => {
       const extent = Math.floor(region / activityRegionsPerExtent);
       let sums = extents.get(extent);
       if (sums === undefined) {
@@ -1293,53 +1296,72 @@ class SyncVolume {
         sums.catch(() => {});
         extents.set(extent, sums);
       }
-      const from = (region % activityRegionsPerExtent) * regionChunks;
-      return (await sums).subarray(from, from + regionChunks);
+      return sums;
     };
+    const theirSums = async (first: number, end: number): Promise<Uint32Array> => {
+      const from = (first % activityRegionsPerExtent) * regionChunks;
+      return (await extentSums(first)).subarray(from, from + (end - first) * regionChunks);
+    };
+    const batches = regionBatches(regions, syncResyncBatchBytes / syncRegionBytes, activityRegionsPerExtent);
     let next = 0;
     let failure: unknown = null;
     const worker = async (): Promise<void> => {
-      while (next < regions.length && failure === null) {
-        const region = regions[next++]!;
-        await this.#copyRegion(link, source, sizeBytes, region, theirSums, locked).catch((error: unknown) => (failure ??= error));
+      // Each step's data is read into its worker's buffer (a fresh 1 MiB per step cost the owner about as much in
+      // garbage collection as the reads): a step's syncWrites are answered before its next read.
+      const scratch = Buffer.alloc(syncResyncBatchBytes);
+      while (next < batches.length && failure === null) {
+        const ahead = batches[next + syncResyncBatchesInFlight];
+        if (ahead !== undefined) void extentSums(ahead[0]);
+        const [first, end] = batches[next++]!;
+        await this.#copyBatch(link, source, sizeBytes, first, end, theirSums, locked, scratch).catch((error: unknown) => (failure ??= error));
       }
     };
-    await Promise.all(Array.from({ length: syncResyncRegionsInFlight }, worker));
+    await Promise.all(Array.from({ length: syncResyncBatchesInFlight }, worker));
     if (failure !== null) throw failure;
   }
 
-  async #copyRegion(link: SyncLink, source: CopySource, sizeBytes: number, region: number, theirSums: (region: number) => Promise<Uint32Array>, locked: boolean): Promise<void> {
-    const startBytes = region * syncRegionBytes;
-    const endBytes = Math.min(sizeBytes, startBytes + syncRegionBytes);
+  /** Copies the adjacent regions [first, end) of one activity extent (#copyRegions), reading into `scratch`. */
+  async #copyBatch(link: SyncLink, source: CopySource, sizeBytes: number, first: number, end: number, theirSums: (first: number, end: number) => Promise<Uint32Array>, locked: boolean, scratch: Buffer): Promise<void> {
+    const startBytes = first * syncRegionBytes;
+    const endBytes = Math.min(sizeBytes, end * syncRegionBytes);
     if (endBytes <= startBytes) return;
-    const theirs = await theirSums(region);
+    const theirs = await theirSums(first, end);
     const release = locked ? null : await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
     const snapshot = 'device' in source ? null : source.snapshot;
     let sentBytes = 0;
     try {
       if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
-      if (snapshot === null && (!link.dirty.has(region) || link.copied.has(region))) return;
+      // The regions still to copy, checked under the lock (a write may have copied one meanwhile).
+      const wanted = new Uint32Array(end - first);
+      for (let region = first; region < end; region++) wanted[region - first] = snapshot !== null || (link.dirty.has(region) && !link.copied.has(region)) ? 1 : 0;
+      if (!wanted.includes(1)) return;
       const ours = await this.#options.pool.chunkSums(this.#name, startBytes / chunkSizeBytes, (endBytes - startBytes) / chunkSizeBytes, snapshot);
       // A snapshot is open only under the region's lock, so that its removal (under the whole volume's) never finds it open.
       const device = 'device' in source ? source.device : this.#options.pool.openSnapshot(this.#name, source.snapshot);
       const epoch = this.#options.epochOf(this.#name);
-      let equalChunks = ours.length;
+      let wantedChunks = 0;
+      let differingChunks = 0;
       try {
-        for (const [fromChunk, toChunk] of differingRuns(ours, theirs)) {
-          equalChunks -= toChunk - fromChunk;
-          const runEnd = startBytes + toChunk * chunkSizeBytes;
-          for (let at = startBytes + fromChunk * chunkSizeBytes; at < runEnd;) {
-            const [extent] = await device.blockStatus(at, runEnd - at) as [Extent];
-            const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
-            let data: Buffer | null = null;
-            if (!extent.zero) {
-              data = Buffer.alloc(lengthBytes);
-              await device.read(at, data);
+        for (const [fromRegion, toRegion] of differingRuns(wanted, new Uint32Array(wanted.length))) {
+          const fromChunk = fromRegion * regionChunks;
+          const toChunk = Math.min(ours.length, toRegion * regionChunks);
+          wantedChunks += toChunk - fromChunk;
+          for (const [runFrom, runTo] of differingRuns(ours.subarray(fromChunk, toChunk), theirs.subarray(fromChunk, toChunk))) {
+            differingChunks += runTo - runFrom;
+            const runEnd = startBytes + (fromChunk + runTo) * chunkSizeBytes;
+            for (let at = startBytes + (fromChunk + runFrom) * chunkSizeBytes; at < runEnd;) {
+              const [extent] = await device.blockStatus(at, runEnd - at) as [Extent];
+              const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
+              let data: Buffer | null = null;
+              if (!extent.zero) {
+                data = scratch.subarray(0, lengthBytes);
+                await device.read(at, data);
+              }
+              const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
+              await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
+              sentBytes += data?.length ?? 0;
+              at += lengthBytes;
             }
-            const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
-            await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
-            sentBytes += data?.length ?? 0;
-            at += lengthBytes;
           }
         }
       } finally {
@@ -1347,14 +1369,17 @@ class SyncVolume {
       }
       link.resyncBytesTotal += sentBytes;
       if (snapshot === null) {
-        link.resyncEqualBytesTotal += equalChunks * chunkSizeBytes;
-        link.copied.add(region);
-        link.resync!.copiedBytes += syncRegionBytes;
+        link.resyncEqualBytesTotal += (wantedChunks - differingChunks) * chunkSizeBytes;
+        wanted.forEach((copy, index) => {
+          if (!copy) return;
+          link.copied.add(first + index);
+          link.resync!.copiedBytes += syncRegionBytes;
+        });
       }
     } finally {
       release?.();
     }
-    // The rate cap, paid after the copy, outside the lock (a client's write to the region does not wait for it); the
+    // The rate cap, paid after the copy, outside the lock (a client's write to the regions does not wait for it); the
     // catch-up under the whole volume's lock is not capped, so that writes wait as little as they can.
     const waitMs = locked || sentBytes === 0 ? 0 : link.limiter?.reserve(sentBytes, performance.now()) ?? 0;
     if (waitMs > 0) await link.pause(waitMs);
@@ -1378,6 +1403,24 @@ export function differingRuns(ours: Uint32Array, theirs: Uint32Array): Array<[nu
     else runs.push([index, index + 1]);
   }
   return runs;
+}
+
+/**
+ * Sorted `regions` as runs [first, end) of adjacent regions, each at most `batchRegions` long and within one
+ * extent of `extentRegions` (one syncSums reply covers it): the steps of a resync.
+ */
+export function regionBatches(regions: readonly number[], batchRegions: number, extentRegions: number): Array<[number, number]> {
+  const batches: Array<[number, number]> = [];
+  for (const region of regions) {
+    const last = batches[batches.length - 1];
+    const sameExtent = last !== undefined && Math.floor(last[0] / extentRegions) === Math.floor(region / extentRegions);
+    if (last !== undefined && last[1] === region && sameExtent && region - last[0] < batchRegions) last[1] = region + 1;
+    else {
+      assert(last === undefined || region >= last[1], 'regions sorted, each once');
+      batches.push([region, region + 1]);
+    }
+  }
+  return batches;
 }
 
 /** Changed chunk extents (a diff) as runs of regions [first, end), below the regions of `sizeBytes`. */

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { ActivityLog, RegionSet, regionsOf } from '../../src/replication/dirty-map.ts';
-import { differingRuns } from '../../src/replication/sync-replicas.ts';
+import { differingRuns, regionBatches } from '../../src/replication/sync-replicas.ts';
 import { encodeSyncSumsReply, encodeSyncWrite, isFencedRefusal, parseSyncControl, parseSyncSums, parseSyncSumsReply, parseSyncFlush, parseSyncOpen, parseSyncOpenReply, parseSyncRead, parseSyncWrite, SyncOp, syncReadBytesMax, type SyncWriteRequest } from '../../src/replication/sync-messages.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
@@ -193,4 +193,16 @@ test('syncSums: the request is checked, the checksums round-trip, and the chunks
   assert.throws(() => parseSyncSumsReply(reply, 5), /syncSums reply: 5 checksums expected/);
   assert.deepEqual(differingRuns(Uint32Array.from([1, 2, 3, 4, 5]), Uint32Array.from([1, 0, 0, 4, 0])), [[1, 3], [4, 5]]);
   assert.deepEqual(differingRuns(sums, sums), []);
+});
+
+test('regionBatches: a resync steps over runs of adjacent regions, capped in length and cut at extent boundaries', () => {
+  assert.deepEqual(regionBatches([], 4, 8), []);
+  assert.deepEqual(regionBatches([0, 1, 2, 3, 4, 5, 9, 10, 12], 4, 64), [[0, 4], [4, 6], [9, 11], [12, 13]]);
+  // 6, 7 | 8, 9 cross an extent of 8 regions: two steps, each within one syncSums reply.
+  assert.deepEqual(regionBatches([6, 7, 8, 9], 4, 8), [[6, 8], [8, 10]]);
+  const all = Array.from({ length: 100 }, (_, index) => index);
+  const batches = regionBatches(all, 16, 64);
+  assert.deepEqual(batches.flatMap(([first, end]) => Array.from({ length: end - first }, (_, index) => first + index)), all);
+  assert.ok(batches.every(([first, end]) => end - first <= 16 && Math.floor(first / 64) === Math.floor((end - 1) / 64)));
+  assert.throws(() => regionBatches([3, 2], 4, 8));
 });
