@@ -46,6 +46,12 @@ export const checkpointCopies = 2;
 
 export const markerPath = (directory: string): string => path.join(directory, 'chunkd-pool.json');
 export const chunksDirectory = (directory: string): string => path.join(directory, 'chunks');
+
+/** Whether the pool's chunks/ holds a chunk file: data was written, so its metadata cannot be missing. */
+export function chunksHoldData(directory: string): boolean {
+  const chunks = chunksDirectory(directory);
+  return fs.existsSync(chunks) && fs.readdirSync(chunks).some((name) => name.endsWith('.chunk'));
+}
 export const checkpointPath = (directory: string, copy: number): string => path.join(directory, `checkpoint.${copy}`);
 export const journalPaths = (directory: string, generation: number): string[] =>
   Array.from({ length: journalCopies }, (_, copy) => path.join(directory, `journal-${generation}.${copy}`));
@@ -190,8 +196,7 @@ export async function loadMetadata(files: FileLayer, directory: string): Promise
   let choice: CheckpointChoice | null = null;
   if (checkpoints.every((copy) => copy === null)) {
     // A new pool, or a first start cut short before its first checkpoint: nothing can have been committed.
-    const chunkFiles = fs.existsSync(chunksDirectory(directory)) ? fs.readdirSync(chunksDirectory(directory)).filter((name) => name.endsWith('.chunk')) : [];
-    if (chunkFiles.length > 0) throw ChunkdError.corrupt(`pool ${directory}: checkpoint.0 and checkpoint.1 are both missing, but chunks/ holds data`);
+    if (chunksHoldData(directory)) throw ChunkdError.corrupt(`pool ${directory}: checkpoint.0 and checkpoint.1 are both missing, but chunks/ holds data`);
   } else {
     choice = chooseCheckpoint(checkpoints);
     ({ catalog, generation } = choice);

@@ -55,7 +55,7 @@ import { isSnapshotUuid } from './metadata.ts';
 import { openPaged } from './paged-backend.ts';
 import { pagedCatalogFile } from './paged-catalog.ts';
 import { removeUpgradeLeftovers } from './pool-upgrade.ts';
-import { beginGeneration, checkPoolMarker, chunksDirectory, initializePool, loadMetadata, lockPool, poolIdentity, type MetadataKind } from './pool-layout.ts';
+import { beginGeneration, checkPoolMarker, chunksDirectory, chunksHoldData, initializePool, loadMetadata, lockPool, poolIdentity, type MetadataKind } from './pool-layout.ts';
 import { zeroChunkSum } from './checksum.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
@@ -239,8 +239,7 @@ export class Pool {
     // A missing page file is a new pool's (PagedCatalog.open makes it): not where data was written (as loadMetadata
     // refuses a format-3 pool with no checkpoint and data).
     const pageFiles = [0, 1].map((copy) => path.join(directory, `${pagedCatalogFile}.${copy}`));
-    const chunkFileNames = fs.existsSync(chunksDirectory(directory)) ? fs.readdirSync(chunksDirectory(directory)).filter((name) => name.endsWith('.chunk')) : [];
-    if (!pageFiles.some((file) => fs.existsSync(file)) && chunkFileNames.length > 0) {
+    if (!pageFiles.some((file) => fs.existsSync(file)) && chunksHoldData(directory)) {
       throw ChunkdError.corrupt(`pool ${directory}: ${pageFiles.map((file) => path.basename(file)).join(' and ')} are both missing, but chunks/ holds data`);
     }
     const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault }).catch((error: unknown) => {
