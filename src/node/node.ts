@@ -724,8 +724,19 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         const credentials = replicationCredentials(this.config);
         if (typeof credentials === 'string') throw ChunkdError.invalid(`synchronous replicas need this node's client certificate: ${credentials}`);
         for (const link of asynchronous) await this.replicator.remove(name, link.peer);
-        await this.#cluster?.setSync(name, sync);
-        for (const link of asynchronous) await this.#ensureSyncLink({ volume: name, peer: link.peer, timeoutMs: sync.timeoutMs, maxRateBytesPerSecond: link.maxRateBytesPerSecond });
+        try {
+          await this.#cluster?.setSync(name, sync);
+          for (const link of asynchronous) await this.#ensureSyncLink({ volume: name, peer: link.peer, timeoutMs: sync.timeoutMs, maxRateBytesPerSecond: link.maxRateBytesPerSecond });
+        } catch (error) {
+          // Never left without replicas: each peer that did not get its synchronous link gets its asynchronous one back.
+          const made = new Set(this.#sync.status(name).map((link) => link.peer));
+          for (const link of asynchronous) {
+            if (made.has(link.peer)) continue;
+            await this.replicator.add({ volume: name, peer: link.peer, everyMs: link.everyMs, maxRateBytesPerSecond: link.maxRateBytesPerSecond }).catch((failure: unknown) => this.config.log(`volume ${name}: its asynchronous replica on ${link.peer} could not be added back: ${(failure as Error).message}`, 'error'));
+          }
+          if (made.size === 0) await this.#cluster?.setSync(name, null).catch(() => {});
+          throw error;
+        }
       } else {
         if (synchronous.length > 0) {
           const point = uniqueSnapshotName(this.pool.listSnapshots(name).map((snapshot) => snapshot.name));
