@@ -227,6 +227,20 @@ test('refused clearly: a second upgrade, an upgrade of a pool a node holds, page
   });
 });
 
+test('a pool of format 3 whose two checkpoints are lost while chunks/ holds data is refused, not opened empty (the check the paged open shares)', async () => {
+  await inScratch('upgrade', async (scratch) => {
+    const directory = path.join(scratch, 'pool');
+    const pool = await Pool.open({ directory });
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    await volume.write(0, Buffer.alloc(4096, 1));
+    await volume.close();
+    await pool.close();
+    for (const copy of [0, 1]) fs.rmSync(path.join(directory, `checkpoint.${copy}`));
+    await assert.rejects(Pool.open({ directory }), (error: ChunkdError) => error.code === 'ECORRUPT' && /checkpoint\.0 and checkpoint\.1 are both missing, but chunks\/ holds data/.test(error.message));
+  });
+});
+
 test('a power cut at any point of the upgrade leaves a pool that opens, of format 3 or 4, with the same contents', async () => {
   await inScratch('upgrade', async (scratch) => {
     const template = path.join(scratch, 'template');
