@@ -563,9 +563,15 @@ export class PagedMaps {
       }
     }
     if (runs.length === 0) return Promise.resolve();
-    const edit = mapRunsEdit(runs);
-    const inPlace = runs.length === 1 ? () => this.#mapInPlace(map, runs[0]!, refs) : undefined;
-    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, false), refs, inPlace).then(() => {});
+    if (runs.length > 1) {
+      const edit = mapRunsEdit(runs);
+      return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, edit, false), refs).then(() => {});
+    }
+    // One run (a live write's record): its sums copied now, as mapRunsEdit copies them, and the edit built only if
+    // the run cannot go in place, the usual case for a volume written since the last commit.
+    const run = { ...runs[0]!, sums: Uint32Array.from(runs[0]!.sums) };
+    let edit: Edit | null = null;
+    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, (edit ??= mapRunsEdit([run])), false), refs, () => this.#mapInPlace(map, run, refs)).then(() => {});
   }
 
   /**
