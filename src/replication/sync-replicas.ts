@@ -51,7 +51,11 @@
 // the activity log first and in the dirty map of every replica out of sync, so a resync gives it the data); one out
 // of sync takes the owner's size at its next syncOpen, and its resync gives it the snapshots taken meanwhile and
 // removes those removed meanwhile (SNAPSHOTS AT RESYNC, #giveSnapshots). A shrink or a rollback needs the volume
-// closed on both sides, as without replicas.
+// closed on both sides, as without replicas: by its clients, for a resync opens the volume only for a step, under
+// the step's range lock, so a change under the whole volume's lock (and a removal of the volume, under it too)
+// waits for the steps in flight and goes through. The resync then goes on, the regions a rollback changed dirty to
+// it again; a change of the size makes it start again (a new syncOpen gives the replica the size), from the dirty
+// map, where the chunks it copied already compare equal and are not sent again.
 //
 // DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions
 // (limits.syncRegionBytes, 64 KiB), and the volume's activity log (limits.syncActivityExtentBytes, 4 MiB extents,
@@ -318,6 +322,18 @@ export class SyncReplication {
     return ended;
   }
 
+  /**
+   * Removes `volume` from the pool (`local`) under its whole lock, so that no resync step has it open (a resync
+   * under way does not refuse it), and its links with it (the replicas stay on their nodes); `local` alone when it
+   * has no synchronous replicas. A refusal of `local` leaves the links as they were.
+   */
+  async removeVolume(volume: string, local: () => Promise<void>): Promise<void> {
+    const set = this.#volumes.get(volume);
+    if (set === undefined) return local();
+    await set.removeWith(local);
+    await this.forgetVolume(volume);
+  }
+
   /** A volume removed from the pool: its links go (the replicas stay on their nodes). */
   async forgetVolume(volume: string): Promise<void> {
     const set = this.#volumes.get(volume);
@@ -488,6 +504,8 @@ class SyncLink {
   lastError: { message: string; at: string } | null = null;
   running: Promise<void> | null = null;
   stopped = false;
+  /** Why the resync under way was ended to start again (restart), or null. */
+  restartReason: string | null = null;
   readonly #wakers = new Set<() => void>();
 
   /** The resync's rate cap (settings.maxRateBytesPerSecond), or none. */
@@ -542,6 +560,12 @@ class SyncLink {
   disconnect(): void {
     this.client?.close();
     this.client = null;
+  }
+
+  /** Ends the resync under way so that it starts again at once (#run), from the dirty map, saying why. */
+  restart(reason: string): void {
+    this.restartReason = reason;
+    this.disconnect();
   }
 
   /** Waits `ms` (before the next try, or the rate cap's time), or less when the link is stopped. */
@@ -627,6 +651,17 @@ class SyncVolume {
     link!.stop();
     await link!.running;
     return true;
+  }
+
+  /** SyncReplication.removeVolume: `local` under the whole volume's lock, then every link stopped before it goes. */
+  async removeWith(local: () => Promise<void>): Promise<void> {
+    const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
+    try {
+      await local();
+      for (const link of this.#links) link.stop();
+    } finally {
+      release();
+    }
   }
 
   start(): void {
@@ -930,7 +965,7 @@ class SyncVolume {
         if (sizeBytes < before) link.truncate(regionsAfter);
         else if (link.state !== 'in-sync') link.markDirty(regionsBefore, regionsAfter);
         // A resync under way opened the replica at the old size: it starts again, and syncOpen gives the new one.
-        if (link.state === 'resyncing' && sizeBytes !== before) link.disconnect();
+        if (link.state === 'resyncing' && sizeBytes !== before) link.restart(`the volume was resized from ${formatSize(before)} to ${formatSize(sizeBytes)}`);
       }
       if (sizeBytes < before) {
         this.#activity.truncate(Math.ceil(sizeBytes / syncActivityExtentBytes));
@@ -967,6 +1002,11 @@ class SyncVolume {
         if (sizeBytes < before) {
           for (const link of this.#links) link.truncate(Math.ceil(sizeBytes / syncRegionBytes));
           await this.#sync.save();
+        }
+        // A resync under way goes on: the regions the rollback changed are dirty to it again. At another size, it
+        // starts again (a new syncOpen gives the replica the size), from its dirty map.
+        for (const link of this.#links) {
+          if (link.state === 'resyncing' && sizeBytes !== before) link.restart(`the volume was rolled back to ${snapshot}, of ${formatSize(sizeBytes)}`);
         }
         await this.#control({ action: 'rollback', name: snapshot, uuid });
         this.#options.log(`volume ${this.#name} rolled back to ${snapshot}, with its in-sync replicas`);
@@ -1109,6 +1149,13 @@ class SyncVolume {
       } catch (caught) {
         link.disconnect();
         if (link.stopped) break;
+        link.resync = null;
+        if (link.restartReason !== null) {
+          this.#options.log(`volume ${this.#name}: the resync of the synchronous replica on ${link.settings.peer} starts again, from its dirty map: ${link.restartReason}`);
+          link.restartReason = null;
+          link.state = 'out-of-sync';
+          continue;
+        }
         const error = expectedError(caught, `the resync of ${this.#name} on ${link.settings.peer}`);
         if (isFencedRefusal(error)) {
           this.#fence(error);
@@ -1117,7 +1164,6 @@ class SyncVolume {
         if (link.lastError?.message !== error.message) this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer}: ${error.message}; trying again`, 'warn');
         link.fail(error);
         link.state = 'out-of-sync';
-        link.resync = null;
         await link.pause(syncReconnectDelayMs);
       }
     }
@@ -1132,6 +1178,7 @@ class SyncVolume {
     link.peerName = link.client.hello.name;
     const sizeBytes = this.#options.pool.volumeInfo(this.#name).sizeBytes;
     link.session = parseSyncOpenReply(await link.send(PeerVerb.syncOpen, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), sizeBytes })));
+    link.restartReason = null;
     link.state = 'resyncing';
     link.copied.clear();
     link.resync = { totalBytes: link.dirty.size * syncRegionBytes, copiedBytes: 0 };
@@ -1152,7 +1199,13 @@ class SyncVolume {
       }
       const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
       try {
-        if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+        if (link.state !== 'resyncing' || link.client === null) throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+        // The replica took the size syncOpen gave: one changed since (a resize or a rollback just before the state
+        // said resyncing, so that it did not restart this resync) needs another syncOpen.
+        if (this.#options.pool.volumeInfo(this.#name).sizeBytes !== sizeBytes) {
+          link.restart(`the volume's size changed since the replica was opened`);
+          throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+        }
         if (link.pendingRegions().length > syncCatchUpRegionsMax && passes < syncResyncPassesMax) continue;
         await this.#giveSnapshots(link, true);
         if (link.pendingRegions().length > 0) await this.#copyPending(link, true);
@@ -1261,12 +1314,7 @@ class SyncVolume {
   async #copyPending(link: SyncLink, locked: boolean): Promise<void> {
     const pending = link.pendingRegions();
     link.resync!.totalBytes = Math.max(link.resync!.totalBytes, link.resync!.copiedBytes + pending.length * syncRegionBytes);
-    const device = this.#options.pool.openVolume(this.#name);
-    try {
-      await this.#copyRegions(link, { device }, pending, locked);
-    } finally {
-      await device.close();
-    }
+    await this.#copyRegions(link, { snapshot: null, sizeBytes: this.#options.pool.volumeInfo(this.#name).sizeBytes }, pending, locked);
   }
 
   /**
@@ -1279,7 +1327,7 @@ class SyncVolume {
    * chunk that differs), DRBD's csums-alg with crc32c.
    */
   async #copyRegions(link: SyncLink, source: CopySource, regions: number[], locked: boolean): Promise<void> {
-    const sizeBytes = 'device' in source ? source.device.sizeBytes : source.sizeBytes;
+    const sizeBytes = source.sizeBytes;
     // The replica's checksums, fetched once a run per extent: its chunks change meanwhile only by this run's copies,
     // each of a region compared before, and by client writes to regions copied already (not compared again).
     // Asked for ahead of the copies (the next steps' extents while these are copied), so that no step waits for a
@@ -1327,17 +1375,22 @@ class SyncVolume {
     if (endBytes <= startBytes) return;
     const theirs = await theirSums(first, end);
     const release = locked ? null : await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
-    const snapshot = 'device' in source ? null : source.snapshot;
+    const snapshot = source.snapshot;
     let sentBytes = 0;
     try {
-      if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+      // A resize or rollback that changed the size since the pass began has restarted the resync (it needs a new
+      // syncOpen); a volume removed has stopped it.
+      if (link.state !== 'resyncing' || link.client === null || link.stopped || (snapshot === null && this.#options.pool.volumeInfo(this.#name).sizeBytes !== sizeBytes)) {
+        throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+      }
       // The regions still to copy, checked under the lock (a write may have copied one meanwhile).
       const wanted = new Uint32Array(end - first);
       for (let region = first; region < end; region++) wanted[region - first] = snapshot !== null || (link.dirty.has(region) && !link.copied.has(region)) ? 1 : 0;
       if (!wanted.includes(1)) return;
       const ours = await this.#options.pool.chunkSums(this.#name, startBytes / chunkSizeBytes, (endBytes - startBytes) / chunkSizeBytes, snapshot);
-      // A snapshot is open only under the region's lock, so that its removal (under the whole volume's) never finds it open.
-      const device = 'device' in source ? source.device : this.#options.pool.openSnapshot(this.#name, source.snapshot);
+      // The volume or snapshot is open only under the region's lock, so that a change under the whole volume's lock
+      // (a rollback, a shrink, a removal) never finds the resync holding it open.
+      const device = snapshot === null ? this.#options.pool.openVolume(this.#name) : this.#options.pool.openSnapshot(this.#name, snapshot);
       const epoch = this.#options.epochOf(this.#name);
       let wantedChunks = 0;
       let differingChunks = 0;
@@ -1365,7 +1418,7 @@ class SyncVolume {
           }
         }
       } finally {
-        if (snapshot !== null) await device.close();
+        await device.close();
       }
       link.resyncBytesTotal += sentBytes;
       if (snapshot === null) {
@@ -1386,8 +1439,14 @@ class SyncVolume {
   }
 }
 
-/** What a resync copies from: the live volume, open for the pass, or one of its snapshots (SNAPSHOTS AT RESYNC). */
-type CopySource = { device: BlockDevice } | { snapshot: string; sizeBytes: number };
+/**
+ * What a resync copies from: the live volume (snapshot null) at the size it had when the pass began, or one of its
+ * snapshots (SNAPSHOTS AT RESYNC). Each step opens it under its range lock and closes it before the lock goes.
+ */
+interface CopySource {
+  snapshot: string | null;
+  sizeBytes: number;
+}
 
 const activityRegionsPerExtent = syncActivityExtentBytes / syncRegionBytes;
 const regionChunks = syncRegionBytes / chunkSizeBytes;
