@@ -96,6 +96,8 @@
 // under the whole volume's lock, takes a replication point (repl-<ms>) here and on each replica, records the in-sync
 // set without them, and ends each link with syncClose (the replica becomes an asynchronous one of this node at the
 // same epoch), so that the asynchronous link's first cycle finds the point on both sides with no write after it.
+// When a replica fails to take the point, the point is removed again (a snapshot removed: from a replica that took
+// it late, at its resync), so a failed `off` leaves no repl- snapshot behind.
 //
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
 // follow, so `volume move` of a synchronous volume is refused too), snapshots removed here while a replica was away
@@ -934,20 +936,23 @@ class SyncVolume {
    * keeps it until its next resync removes it (SNAPSHOTS AT RESYNC).
    */
   async removeSnapshot(name: string): Promise<void> {
-    await this.#exclusive(async () => {
-      const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
-      await this.#options.pool.removeSnapshot(this.#name, name);
-      const kept: SyncLink[] = this.#links.filter((link) => link.state !== 'in-sync');
-      const targets = this.#links.filter((link) => link.state === 'in-sync');
-      await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
-        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name} until its next resync: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
-        kept.push(link);
-      })));
-      if (kept.length === 0) return;
-      // Bounded as a volume's snapshots are: past that, the oldest ids are forgotten (they stay on the replica).
-      for (const link of kept) link.snapshotsRemoved = [...link.snapshotsRemoved, uuid].slice(-snapshotsPerVolumeMax);
-      await this.#sync.save();
-    });
+    await this.#exclusive(() => this.#removeSnapshot(name));
+  }
+
+  /** removeSnapshot's work; the caller holds the whole volume's lock. */
+  async #removeSnapshot(name: string): Promise<void> {
+    const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
+    await this.#options.pool.removeSnapshot(this.#name, name);
+    const kept: SyncLink[] = this.#links.filter((link) => link.state !== 'in-sync');
+    const targets = this.#links.filter((link) => link.state === 'in-sync');
+    await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
+      this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name} until its next resync: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+      kept.push(link);
+    })));
+    if (kept.length === 0) return;
+    // Bounded as a volume's snapshots are: past that, the oldest ids are forgotten (they stay on the replica).
+    for (const link of kept) link.snapshotsRemoved = [...link.snapshotsRemoved, uuid].slice(-snapshotsPerVolumeMax);
+    await this.#sync.save();
   }
 
   /**
@@ -1021,24 +1026,23 @@ class SyncVolume {
     });
   }
 
-  /** SyncReplication.makeAsynchronous: the point on every replica, then every link ended, under the whole volume's lock. */
+  /**
+   * SyncReplication.makeAsynchronous: the point on every replica, then every link ended, under the whole volume's
+   * lock. When it fails before the links end, the point goes again (here, and from each replica, now or at its next
+   * resync, as a snapshot removed): a failed command leaves no repl- snapshot behind, and a retry takes a new one.
+   */
   async endAll(point: string): Promise<SyncReplicaSettings[]> {
     return this.#exclusive(async () => {
       const away = this.#links.filter((link) => link.state !== 'in-sync');
       if (away.length > 0) {
         throw ChunkdError.busy(`volume ${this.#name}: ${away.map((link) => `the synchronous replica on ${link.settings.peer} is ${link.state}`).join('; ')}: a replica becomes asynchronous from a point it holds, so it must be in sync first (chunkd replica status ${this.#name}), or be removed (chunkd replica remove ${this.#name} --peer HOST:PORT)`);
       }
-      const info = await this.#options.pool.createSnapshot(this.#name, point);
-      await this.#control({ action: 'snapshot', name: point, uuid: info.uuid });
-      const failed = this.#links.filter((link) => link.state !== 'in-sync');
-      if (failed.length > 0) throw ChunkdError.io(`volume ${this.#name}: the synchronous replica on ${failed.map((link) => link.settings.peer).join(', ')} did not take the replication point ${point}, and is out of sync: the replicas stay synchronous (${failed[0]!.lastError?.message ?? 'no answer'})`);
-      // In a cluster, no replica is left in the in-sync set before a write goes on without them (IN-SYNC SET); the
-      // volume's record turns asynchronous next (node.ts).
-      const links = this.#links.splice(0);
+      const { uuid } = await this.#options.pool.createSnapshot(this.#name, point);
+      let links: SyncLink[];
       try {
-        await this.#record();
+        links = await this.#takePoint(point, uuid);
       } catch (error) {
-        this.#links.push(...links);
+        await this.#removeSnapshot(point).catch((failure: unknown) => this.#options.log(`volume ${this.#name}: the replication point ${point} of a failed change to asynchronous replicas stays: ${expectedError(failure, 'removing it').message} (chunkd snapshot rm ${this.#name} ${point})`, 'warn'));
         throw error;
       }
       const epoch = this.#options.epochOf(this.#name);
@@ -1050,6 +1054,25 @@ class SyncVolume {
       this.#options.log(`volume ${this.#name}: its replicas on ${links.map((link) => link.settings.peer).join(', ')} are asynchronous from ${point} on`);
       return links.map((link) => link.settings);
     });
+  }
+
+  /**
+   * endAll's point, taken here already, sent to every replica; then the links taken out, the in-sync set without
+   * them recorded (in a cluster, none is left in it before a write goes on without them: IN-SYNC SET; the volume's
+   * record turns asynchronous next, node.ts). Throws, the links kept, when a replica fails it or etcd does.
+   */
+  async #takePoint(point: string, uuid: string): Promise<SyncLink[]> {
+    await this.#control({ action: 'snapshot', name: point, uuid });
+    const failed = this.#links.filter((link) => link.state !== 'in-sync');
+    if (failed.length > 0) throw ChunkdError.io(`volume ${this.#name}: the synchronous replica on ${failed.map((link) => link.settings.peer).join(', ')} did not take the replication point ${point}, and is out of sync: the replicas stay synchronous (${failed[0]!.lastError?.message ?? 'no answer'})`);
+    const links = this.#links.splice(0);
+    try {
+      await this.#record();
+    } catch (error) {
+      this.#links.push(...links);
+      throw error;
+    }
+    return links;
   }
 
   /** `change` under the whole volume's lock, once nothing is in flight; refused as a write would be. */

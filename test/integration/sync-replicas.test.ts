@@ -476,6 +476,17 @@ test('volume set --sync on|off: an asynchronous replica becomes synchronous (onl
   beta.node.process.kill('SIGCONT');
   await waitFor('sw in sync', async () => ((await swLink()).state === 'in-sync' ? true : null), async () => alpha.node.stderr());
 
+  // A replica that does not take the point (stopped while in sync, no write to notice it): off fails, and leaves no
+  // repl- snapshot behind, here or there (where it may land late: its resync removes it).
+  const points = async (node: RunningNode): Promise<string[]> => ((await callApi(node.apiSocket, 'GET', '/v1/volumes/sw/snapshots')) as { snapshots: Array<{ name: string }> }).snapshots.map((s) => s.name).filter((name) => name.startsWith('repl-'));
+  const pointsBefore = { alpha: await points(alpha.node), beta: await points(beta.node) };
+  beta.node.process.kill('SIGSTOP');
+  await assert.rejects(api('PATCH', '', { sync: false }), /the synchronous replica on \S+ did not take the replication point repl-\d+, and is out of sync: the replicas stay synchronous/);
+  assert.deepEqual(await points(alpha.node), pointsBefore.alpha);
+  beta.node.process.kill('SIGCONT');
+  await waitFor('sw in sync', async () => ((await swLink()).state === 'in-sync' ? true : null), async () => alpha.node.stderr());
+  assert.deepEqual(await points(beta.node), pointsBefore.beta);
+
   // Off: a replication point on both, the link asynchronous, and its next cycle an increment from that point.
   const off = await ok(alpha.node, 'volume', 'set', 'sw', '--sync', 'off', '--json');
   assert.equal(JSON.parse(off).sync, false);
