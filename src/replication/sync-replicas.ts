@@ -40,7 +40,7 @@
 // there) for each damaged one; the client gets the replica's bytes, the block is rewritten here (redirect-on-write:
 // a new chunk, the damaged one freed; a snapshot that shares it keeps it, and scrub still names it there), and the
 // link's readRepairsTotal counts it. With no in-sync replica, or none whose copy is good, the read fails with EIO as
-// on any node. SCRUB WITH REPLICAS repairs the live volume's damaged blocks a scrub found the same way, then verifies
+// on any node. A resync's read of the live volume is repaired so too (#readForResync). SCRUB WITH REPLICAS repairs the live volume's damaged blocks a scrub found the same way, then verifies
 // each in-sync replica by its recorded chunk checksums (scrubWithReplicas, verify). When the local write fails and a replica applied it, that
 // replica is marked out of sync (the resync gives it the owner's bytes back).
 //
@@ -101,7 +101,9 @@
 //
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
 // follow, so `volume move` of a synchronous volume is refused too), snapshots removed here while a replica was away
-// removed there after a failover (the new owner never knew them), repair during a resync's reads (a damaged block there fails the resync), a verify of a replica's data itself, `replica add --sync` by hand marking the
+// removed there after a failover (the new owner never knew them), a damaged block that a resync reads with no other
+// in-sync replica to repair it from (the resync fails, tried again every second, its lastError says why; one that
+// has it repairs it, #readForResync), a verify of a replica's data itself, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
@@ -1089,6 +1091,30 @@ class SyncVolume {
     }
   }
 
+  /**
+   * A resync's read of `device` (the live volume, or `snapshot`'s export); a block of the live volume that fails
+   * its checksum is read from another, in-sync replica and rewritten here (REPAIR ON READ, under the step's range
+   * lock, which the caller holds), so that the resyncing replica gets the right bytes. A snapshot's damaged block,
+   * or one no in-sync replica has, fails the step (the resync tries again, and says why).
+   */
+  async #readForResync(device: RepairTarget, snapshot: string | null, offsetBytes: number, target: Buffer): Promise<void> {
+    try {
+      return await device.read(offsetBytes, target);
+    } catch (error) {
+      if (!(error instanceof DamagedDataError) || snapshot !== null) throw error;
+    }
+    assert(offsetBytes % chunkSizeBytes === 0, 'a resync reads whole chunks');
+    for (let at = 0; at < target.length; at += chunkSizeBytes) {
+      const bytes = target.subarray(at, Math.min(target.length, at + chunkSizeBytes));
+      try {
+        await device.read(offsetBytes + at, bytes);
+      } catch (error) {
+        if (!(error instanceof DamagedDataError)) throw error;
+        await this.#repairBlock(offsetBytes + at, bytes, error, device);
+      }
+    }
+  }
+
   /** Reads the block at `startBytes` into `bytes` from the first in-sync replica that has a good copy, and rewrites it here. */
   async #repairBlock(startBytes: number, bytes: Buffer, damage: DamagedDataError, device: RepairTarget): Promise<void> {
     const epoch = this.#options.epochOf(this.#name);
@@ -1431,7 +1457,7 @@ class SyncVolume {
               let data: Buffer | null = null;
               if (!extent.zero) {
                 data = scratch.subarray(0, lengthBytes);
-                await device.read(at, data);
+                await this.#readForResync(device, snapshot, at, data);
               }
               const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
               await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));

@@ -11,7 +11,8 @@
 // write to a region a resync has copied goes to the resyncing replica; a block damaged on the owner is read from
 // the replica and rewritten (repair on read); volume set --sync on|off (a failed off leaves no repl- point); a
 // rollback, a shrink and a delete go through while a resync runs; fio verifies its writes on both copies after the
-// replica was killed and restarted under them.
+// replica was killed and restarted under them; a damaged block a resync reads is repaired from another in-sync
+// replica (a third node, gamma).
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -65,8 +66,8 @@ beforeAll(async () => {
   if (skip) return;
   scratch = makeTempDir('sync-replicas');
   tlsDir = path.join(scratch, 'tls');
-  await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta']);
-  for (const name of ['alpha', 'beta']) ports[name] = await freePort();
+  await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta', '--node', 'gamma']);
+  for (const name of ['alpha', 'beta', 'gamma']) ports[name] = await freePort();
   alpha = await startPeer('alpha', ports.alpha!, ['--default-volume', 'vol:32MiB']);
   beta = await startPeer('beta', ports.beta!);
 });
@@ -598,4 +599,35 @@ test('fio with crc32c verify and flushes while the replica is killed and restart
   const verified = await fio(beta.node, '--verify_only');
   assert.equal(verified.error, 0, 'every block verifies on the replica');
   assert.ok(verified.read.io_bytes >= 8 * MiB);
+});
+
+test('a block damaged on the owner that a resync reads: repaired from another in-sync replica, and the resyncing one gets the right bytes', { skip }, async (t) => {
+  const gamma = await startPeer('gamma', ports.gamma!);
+  t.onTestFinished(() => stopAndCheck(gamma.node));
+  const api = (method: string, route: string, body?: unknown): Promise<any> => callApi(alpha.node.apiSocket, method, `/v1/volumes/dr${route}`, body);
+  const drLinks = async (): Promise<Array<Record<string, any>>> => replicaLinks(alpha, 'dr');
+  const allInSync = (count: number): Promise<Array<Record<string, any>>> => waitFor('dr in sync', async () => {
+    const now = await drLinks();
+    return now.length === count && now.every((current) => current.state === 'in-sync') ? now : null;
+  }, async () => `${JSON.stringify(await drLinks())}\n${alpha.node.stderr()}`, 20_000);
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'dr', sizeBytes: 4 * MiB });
+  const blocks = [namedBlock('resync repair', 0), namedBlock('resync repair', 1)];
+  const client = await TestNbdClient.connect(alpha.node.nbdSocket, 'dr');
+  await client.write(MiB, Buffer.concat(blocks));
+  await client.flush();
+  await client.disconnect();
+  await api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000 });
+  await allInSync(1);
+  // Damaged on alpha: gamma's first resync reads that block to send it, and beta, in sync, has it.
+  flipByteUnder(alpha.node.pool, blocks[1]!);
+  await api('POST', '/replicas', { peer: gamma.address, sync: true, timeoutMs: 2_000 });
+  const links = await allInSync(2);
+  const fromBeta = links.find((current) => current.peerName === 'beta')!;
+  assert.equal(fromBeta.readRepairsTotal, 1);
+  assert.match(alpha.node.stderr(), /volume dr: the block at byte 1052672 failed its checksum here; repaired from the synchronous replica on \S+ \(beta\)/);
+  const owner = await exportHash(alpha.node, 'dr');
+  assert.equal(await exportHash(beta.node, 'dr'), owner);
+  assert.equal(await exportHash(gamma.node, 'dr'), owner);
+  assert.match((await alpha.node.cli('scrub', 'dr')).stdout, /no damage found/);
+  for (const peer of [beta, gamma]) await api('DELETE', '/replicas', { peer: peer.address });
 });
