@@ -40,9 +40,10 @@
 // there) for each damaged one; the client gets the replica's bytes, the block is rewritten here (redirect-on-write:
 // a new chunk, the damaged one freed; a snapshot that shares it keeps it, and scrub still names it there), and the
 // link's readRepairsTotal counts it. With no in-sync replica, or none whose copy is good, the read fails with EIO as
-// on any node. A resync's read of the live volume is repaired so too (#readForResync). SCRUB WITH REPLICAS repairs the live volume's damaged blocks a scrub found the same way, then verifies
-// each in-sync replica by its recorded chunk checksums (scrubWithReplicas, verify). When the local write fails and a replica applied it, that
-// replica is marked out of sync (the resync gives it the owner's bytes back).
+// on any node. A resync's read of the live volume is repaired so too (#readForResync). SCRUB WITH REPLICAS repairs
+// the live volume's damaged blocks a scrub found the same way, then verifies each in-sync replica by its recorded
+// chunk checksums (scrubWithReplicas, verify). When the local write fails and a replica applied it, that replica is
+// marked out of sync (the resync gives it the owner's bytes back).
 //
 // CONTROL: a snapshot (taken, removed), a resize and a rollback are applied here and then sent (syncControl) to
 // every in-sync replica under the whole volume's lock, so no write is in flight anywhere: a snapshot holds the same
