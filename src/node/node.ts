@@ -517,7 +517,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       for (const snapshot of this.pool.listSnapshots(name)) await this.pool.removeSnapshot(name, snapshot.name);
     }
     const owned = this.roles.replicaOf(name) === null;
-    await this.pool.removeVolume(name);
+    // Past a resync of its synchronous replicas, which holds no step of it open across the removal.
+    const local = (): Promise<void> => this.pool.removeVolume(name);
+    await (this.#sync?.removeVolume(name, local) ?? local());
     await this.roles.forget(name);
     await this.#replicator?.forgetVolume(name);
     await this.#sync?.forgetVolume(name);

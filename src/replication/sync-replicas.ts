@@ -40,9 +40,10 @@
 // there) for each damaged one; the client gets the replica's bytes, the block is rewritten here (redirect-on-write:
 // a new chunk, the damaged one freed; a snapshot that shares it keeps it, and scrub still names it there), and the
 // link's readRepairsTotal counts it. With no in-sync replica, or none whose copy is good, the read fails with EIO as
-// on any node. SCRUB WITH REPLICAS repairs the live volume's damaged blocks a scrub found the same way, then verifies
-// each in-sync replica by its recorded chunk checksums (scrubWithReplicas, verify). When the local write fails and a replica applied it, that
-// replica is marked out of sync (the resync gives it the owner's bytes back).
+// on any node. A resync's read of the live volume is repaired so too (#readForResync). SCRUB WITH REPLICAS repairs
+// the live volume's damaged blocks a scrub found the same way, then verifies each in-sync replica by its recorded
+// chunk checksums (scrubWithReplicas, verify). When the local write fails and a replica applied it, that replica is
+// marked out of sync (the resync gives it the owner's bytes back).
 //
 // CONTROL: a snapshot (taken, removed), a resize and a rollback are applied here and then sent (syncControl) to
 // every in-sync replica under the whole volume's lock, so no write is in flight anywhere: a snapshot holds the same
@@ -51,7 +52,11 @@
 // the activity log first and in the dirty map of every replica out of sync, so a resync gives it the data); one out
 // of sync takes the owner's size at its next syncOpen, and its resync gives it the snapshots taken meanwhile and
 // removes those removed meanwhile (SNAPSHOTS AT RESYNC, #giveSnapshots). A shrink or a rollback needs the volume
-// closed on both sides, as without replicas.
+// closed on both sides, as without replicas: by its clients, for a resync opens the volume only for a step, under
+// the step's range lock, so a change under the whole volume's lock (and a removal of the volume, under it too)
+// waits for the steps in flight and goes through. The resync then goes on, the regions a rollback changed dirty to
+// it again; a change of the size makes it start again (a new syncOpen gives the replica the size), from the dirty
+// map, where the chunks it copied already compare equal and are not sent again.
 //
 // DIRTY MAP AND CRASH RULE. <pool>/replication/sync.json holds, per volume, its links, each link's dirty regions
 // (limits.syncRegionBytes, 64 KiB), and the volume's activity log (limits.syncActivityExtentBytes, 4 MiB extents,
@@ -92,10 +97,14 @@
 // under the whole volume's lock, takes a replication point (repl-<ms>) here and on each replica, records the in-sync
 // set without them, and ends each link with syncClose (the replica becomes an asynchronous one of this node at the
 // same epoch), so that the asynchronous link's first cycle finds the point on both sides with no write after it.
+// When a replica fails to take the point, the point is removed again (a snapshot removed: from a replica that took
+// it late, at its resync), so a failed `off` leaves no repl- snapshot behind.
 //
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
 // follow, so `volume move` of a synchronous volume is refused too), snapshots removed here while a replica was away
-// removed there after a failover (the new owner never knew them), repair during a resync's reads (a damaged block there fails the resync), a verify of a replica's data itself, `replica add --sync` by hand marking the
+// removed there after a failover (the new owner never knew them), a damaged block that a resync reads with no other
+// in-sync replica to repair it from (the resync fails, tried again every second, its lastError says why; one that
+// has it repairs it, #readForResync), a verify of a replica's data itself, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
@@ -318,6 +327,18 @@ export class SyncReplication {
     return ended;
   }
 
+  /**
+   * Removes `volume` from the pool (`local`) under its whole lock, so that no resync step has it open (a resync
+   * under way does not refuse it), and its links with it (the replicas stay on their nodes); `local` alone when it
+   * has no synchronous replicas. A refusal of `local` leaves the links as they were.
+   */
+  async removeVolume(volume: string, local: () => Promise<void>): Promise<void> {
+    const set = this.#volumes.get(volume);
+    if (set === undefined) return local();
+    await set.removeWith(local);
+    await this.forgetVolume(volume);
+  }
+
   /** A volume removed from the pool: its links go (the replicas stay on their nodes). */
   async forgetVolume(volume: string): Promise<void> {
     const set = this.#volumes.get(volume);
@@ -488,6 +509,8 @@ class SyncLink {
   lastError: { message: string; at: string } | null = null;
   running: Promise<void> | null = null;
   stopped = false;
+  /** Why the resync under way was ended to start again (restart), or null. */
+  restartReason: string | null = null;
   readonly #wakers = new Set<() => void>();
 
   /** The resync's rate cap (settings.maxRateBytesPerSecond), or none. */
@@ -542,6 +565,12 @@ class SyncLink {
   disconnect(): void {
     this.client?.close();
     this.client = null;
+  }
+
+  /** Ends the resync under way so that it starts again at once (#run), from the dirty map, saying why. */
+  restart(reason: string): void {
+    this.restartReason = reason;
+    this.disconnect();
   }
 
   /** Waits `ms` (before the next try, or the rate cap's time), or less when the link is stopped. */
@@ -627,6 +656,17 @@ class SyncVolume {
     link!.stop();
     await link!.running;
     return true;
+  }
+
+  /** SyncReplication.removeVolume: `local` under the whole volume's lock, then every link stopped before it goes. */
+  async removeWith(local: () => Promise<void>): Promise<void> {
+    const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
+    try {
+      await local();
+      for (const link of this.#links) link.stop();
+    } finally {
+      release();
+    }
   }
 
   start(): void {
@@ -899,20 +939,23 @@ class SyncVolume {
    * keeps it until its next resync removes it (SNAPSHOTS AT RESYNC).
    */
   async removeSnapshot(name: string): Promise<void> {
-    await this.#exclusive(async () => {
-      const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
-      await this.#options.pool.removeSnapshot(this.#name, name);
-      const kept: SyncLink[] = this.#links.filter((link) => link.state !== 'in-sync');
-      const targets = this.#links.filter((link) => link.state === 'in-sync');
-      await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
-        this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name} until its next resync: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
-        kept.push(link);
-      })));
-      if (kept.length === 0) return;
-      // Bounded as a volume's snapshots are: past that, the oldest ids are forgotten (they stay on the replica).
-      for (const link of kept) link.snapshotsRemoved = [...link.snapshotsRemoved, uuid].slice(-snapshotsPerVolumeMax);
-      await this.#sync.save();
-    });
+    await this.#exclusive(() => this.#removeSnapshot(name));
+  }
+
+  /** removeSnapshot's work; the caller holds the whole volume's lock. */
+  async #removeSnapshot(name: string): Promise<void> {
+    const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
+    await this.#options.pool.removeSnapshot(this.#name, name);
+    const kept: SyncLink[] = this.#links.filter((link) => link.state !== 'in-sync');
+    const targets = this.#links.filter((link) => link.state === 'in-sync');
+    await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
+      this.#options.log(`volume ${this.#name}: the synchronous replica on ${link.settings.peer} keeps snapshot ${name} until its next resync: ${expectedError(error, 'removing a snapshot').message}`, 'warn');
+      kept.push(link);
+    })));
+    if (kept.length === 0) return;
+    // Bounded as a volume's snapshots are: past that, the oldest ids are forgotten (they stay on the replica).
+    for (const link of kept) link.snapshotsRemoved = [...link.snapshotsRemoved, uuid].slice(-snapshotsPerVolumeMax);
+    await this.#sync.save();
   }
 
   /**
@@ -930,7 +973,7 @@ class SyncVolume {
         if (sizeBytes < before) link.truncate(regionsAfter);
         else if (link.state !== 'in-sync') link.markDirty(regionsBefore, regionsAfter);
         // A resync under way opened the replica at the old size: it starts again, and syncOpen gives the new one.
-        if (link.state === 'resyncing' && sizeBytes !== before) link.disconnect();
+        if (link.state === 'resyncing' && sizeBytes !== before) link.restart(`the volume was resized from ${formatSize(before)} to ${formatSize(sizeBytes)}`);
       }
       if (sizeBytes < before) {
         this.#activity.truncate(Math.ceil(sizeBytes / syncActivityExtentBytes));
@@ -968,6 +1011,11 @@ class SyncVolume {
           for (const link of this.#links) link.truncate(Math.ceil(sizeBytes / syncRegionBytes));
           await this.#sync.save();
         }
+        // A resync under way goes on: the regions the rollback changed are dirty to it again. At another size, it
+        // starts again (a new syncOpen gives the replica the size), from its dirty map.
+        for (const link of this.#links) {
+          if (link.state === 'resyncing' && sizeBytes !== before) link.restart(`the volume was rolled back to ${snapshot}, of ${formatSize(sizeBytes)}`);
+        }
         await this.#control({ action: 'rollback', name: snapshot, uuid });
         this.#options.log(`volume ${this.#name} rolled back to ${snapshot}, with its in-sync replicas`);
         return info;
@@ -981,24 +1029,23 @@ class SyncVolume {
     });
   }
 
-  /** SyncReplication.makeAsynchronous: the point on every replica, then every link ended, under the whole volume's lock. */
+  /**
+   * SyncReplication.makeAsynchronous: the point on every replica, then every link ended, under the whole volume's
+   * lock. When it fails before the links end, the point goes again (here, and from each replica, now or at its next
+   * resync, as a snapshot removed): a failed command leaves no repl- snapshot behind, and a retry takes a new one.
+   */
   async endAll(point: string): Promise<SyncReplicaSettings[]> {
     return this.#exclusive(async () => {
       const away = this.#links.filter((link) => link.state !== 'in-sync');
       if (away.length > 0) {
         throw ChunkdError.busy(`volume ${this.#name}: ${away.map((link) => `the synchronous replica on ${link.settings.peer} is ${link.state}`).join('; ')}: a replica becomes asynchronous from a point it holds, so it must be in sync first (chunkd replica status ${this.#name}), or be removed (chunkd replica remove ${this.#name} --peer HOST:PORT)`);
       }
-      const info = await this.#options.pool.createSnapshot(this.#name, point);
-      await this.#control({ action: 'snapshot', name: point, uuid: info.uuid });
-      const failed = this.#links.filter((link) => link.state !== 'in-sync');
-      if (failed.length > 0) throw ChunkdError.io(`volume ${this.#name}: the synchronous replica on ${failed.map((link) => link.settings.peer).join(', ')} did not take the replication point ${point}, and is out of sync: the replicas stay synchronous (${failed[0]!.lastError?.message ?? 'no answer'})`);
-      // In a cluster, no replica is left in the in-sync set before a write goes on without them (IN-SYNC SET); the
-      // volume's record turns asynchronous next (node.ts).
-      const links = this.#links.splice(0);
+      const { uuid } = await this.#options.pool.createSnapshot(this.#name, point);
+      let links: SyncLink[];
       try {
-        await this.#record();
+        links = await this.#takePoint(point, uuid);
       } catch (error) {
-        this.#links.push(...links);
+        await this.#removeSnapshot(point).catch((failure: unknown) => this.#options.log(`volume ${this.#name}: the replication point ${point} of a failed change to asynchronous replicas stays: ${expectedError(failure, 'removing it').message} (chunkd snapshot rm ${this.#name} ${point})`, 'warn'));
         throw error;
       }
       const epoch = this.#options.epochOf(this.#name);
@@ -1012,6 +1059,25 @@ class SyncVolume {
     });
   }
 
+  /**
+   * endAll's point, taken here already, sent to every replica; then the links taken out, the in-sync set without
+   * them recorded (in a cluster, none is left in it before a write goes on without them: IN-SYNC SET; the volume's
+   * record turns asynchronous next, node.ts). Throws, the links kept, when a replica fails it or etcd does.
+   */
+  async #takePoint(point: string, uuid: string): Promise<SyncLink[]> {
+    await this.#control({ action: 'snapshot', name: point, uuid });
+    const failed = this.#links.filter((link) => link.state !== 'in-sync');
+    if (failed.length > 0) throw ChunkdError.io(`volume ${this.#name}: the synchronous replica on ${failed.map((link) => link.settings.peer).join(', ')} did not take the replication point ${point}, and is out of sync: the replicas stay synchronous (${failed[0]!.lastError?.message ?? 'no answer'})`);
+    const links = this.#links.splice(0);
+    try {
+      await this.#record();
+    } catch (error) {
+      this.#links.push(...links);
+      throw error;
+    }
+    return links;
+  }
+
   /** `change` under the whole volume's lock, once nothing is in flight; refused as a write would be. */
   async #exclusive<T>(change: () => Promise<T>): Promise<T> {
     if (this.#fenced !== null) throw this.#fenced;
@@ -1023,6 +1089,30 @@ class SyncVolume {
       return await change();
     } finally {
       release();
+    }
+  }
+
+  /**
+   * A resync's read of `device` (the live volume, or `snapshot`'s export); a block of the live volume that fails
+   * its checksum is read from another, in-sync replica and rewritten here (REPAIR ON READ, under the step's range
+   * lock, which the caller holds), so that the resyncing replica gets the right bytes. A snapshot's damaged block,
+   * or one no in-sync replica has, fails the step (the resync tries again, and says why).
+   */
+  async #readForResync(device: RepairTarget, snapshot: string | null, offsetBytes: number, target: Buffer): Promise<void> {
+    try {
+      return await device.read(offsetBytes, target);
+    } catch (error) {
+      if (!(error instanceof DamagedDataError) || snapshot !== null) throw error;
+    }
+    assert(offsetBytes % chunkSizeBytes === 0, 'a resync reads whole chunks');
+    for (let at = 0; at < target.length; at += chunkSizeBytes) {
+      const bytes = target.subarray(at, Math.min(target.length, at + chunkSizeBytes));
+      try {
+        await device.read(offsetBytes + at, bytes);
+      } catch (error) {
+        if (!(error instanceof DamagedDataError)) throw error;
+        await this.#repairBlock(offsetBytes + at, bytes, error, device);
+      }
     }
   }
 
@@ -1109,6 +1199,13 @@ class SyncVolume {
       } catch (caught) {
         link.disconnect();
         if (link.stopped) break;
+        link.resync = null;
+        if (link.restartReason !== null) {
+          this.#options.log(`volume ${this.#name}: the resync of the synchronous replica on ${link.settings.peer} starts again, from its dirty map: ${link.restartReason}`);
+          link.restartReason = null;
+          link.state = 'out-of-sync';
+          continue;
+        }
         const error = expectedError(caught, `the resync of ${this.#name} on ${link.settings.peer}`);
         if (isFencedRefusal(error)) {
           this.#fence(error);
@@ -1117,7 +1214,6 @@ class SyncVolume {
         if (link.lastError?.message !== error.message) this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer}: ${error.message}; trying again`, 'warn');
         link.fail(error);
         link.state = 'out-of-sync';
-        link.resync = null;
         await link.pause(syncReconnectDelayMs);
       }
     }
@@ -1132,6 +1228,7 @@ class SyncVolume {
     link.peerName = link.client.hello.name;
     const sizeBytes = this.#options.pool.volumeInfo(this.#name).sizeBytes;
     link.session = parseSyncOpenReply(await link.send(PeerVerb.syncOpen, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), sizeBytes })));
+    link.restartReason = null;
     link.state = 'resyncing';
     link.copied.clear();
     link.resync = { totalBytes: link.dirty.size * syncRegionBytes, copiedBytes: 0 };
@@ -1152,7 +1249,13 @@ class SyncVolume {
       }
       const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
       try {
-        if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+        if (link.state !== 'resyncing' || link.client === null) throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+        // The replica took the size syncOpen gave: one changed since (a resize or a rollback just before the state
+        // said resyncing, so that it did not restart this resync) needs another syncOpen.
+        if (this.#options.pool.volumeInfo(this.#name).sizeBytes !== sizeBytes) {
+          link.restart(`the volume's size changed since the replica was opened`);
+          throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+        }
         if (link.pendingRegions().length > syncCatchUpRegionsMax && passes < syncResyncPassesMax) continue;
         await this.#giveSnapshots(link, true);
         if (link.pendingRegions().length > 0) await this.#copyPending(link, true);
@@ -1261,12 +1364,7 @@ class SyncVolume {
   async #copyPending(link: SyncLink, locked: boolean): Promise<void> {
     const pending = link.pendingRegions();
     link.resync!.totalBytes = Math.max(link.resync!.totalBytes, link.resync!.copiedBytes + pending.length * syncRegionBytes);
-    const device = this.#options.pool.openVolume(this.#name);
-    try {
-      await this.#copyRegions(link, { device }, pending, locked);
-    } finally {
-      await device.close();
-    }
+    await this.#copyRegions(link, { snapshot: null, sizeBytes: this.#options.pool.volumeInfo(this.#name).sizeBytes }, pending, locked);
   }
 
   /**
@@ -1279,7 +1377,7 @@ class SyncVolume {
    * chunk that differs), DRBD's csums-alg with crc32c.
    */
   async #copyRegions(link: SyncLink, source: CopySource, regions: number[], locked: boolean): Promise<void> {
-    const sizeBytes = 'device' in source ? source.device.sizeBytes : source.sizeBytes;
+    const sizeBytes = source.sizeBytes;
     // The replica's checksums, fetched once a run per extent: its chunks change meanwhile only by this run's copies,
     // each of a region compared before, and by client writes to regions copied already (not compared again).
     // Asked for ahead of the copies (the next steps' extents while these are copied), so that no step waits for a
@@ -1327,17 +1425,22 @@ class SyncVolume {
     if (endBytes <= startBytes) return;
     const theirs = await theirSums(first, end);
     const release = locked ? null : await this.#lock.acquire(...chunksOf(startBytes, endBytes - startBytes), true);
-    const snapshot = 'device' in source ? null : source.snapshot;
+    const snapshot = source.snapshot;
     let sentBytes = 0;
     try {
-      if (link.state !== 'resyncing') throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+      // A resize or rollback that changed the size since the pass began has restarted the resync (it needs a new
+      // syncOpen); a volume removed has stopped it.
+      if (link.state !== 'resyncing' || link.client === null || link.stopped || (snapshot === null && this.#options.pool.volumeInfo(this.#name).sizeBytes !== sizeBytes)) {
+        throw ChunkdError.io(`the resync of ${this.#name} on ${link.settings.peer} was interrupted`);
+      }
       // The regions still to copy, checked under the lock (a write may have copied one meanwhile).
       const wanted = new Uint32Array(end - first);
       for (let region = first; region < end; region++) wanted[region - first] = snapshot !== null || (link.dirty.has(region) && !link.copied.has(region)) ? 1 : 0;
       if (!wanted.includes(1)) return;
       const ours = await this.#options.pool.chunkSums(this.#name, startBytes / chunkSizeBytes, (endBytes - startBytes) / chunkSizeBytes, snapshot);
-      // A snapshot is open only under the region's lock, so that its removal (under the whole volume's) never finds it open.
-      const device = 'device' in source ? source.device : this.#options.pool.openSnapshot(this.#name, source.snapshot);
+      // The volume or snapshot is open only under the region's lock, so that a change under the whole volume's lock
+      // (a rollback, a shrink, a removal) never finds the resync holding it open.
+      const device = snapshot === null ? this.#options.pool.openVolume(this.#name) : this.#options.pool.openSnapshot(this.#name, snapshot);
       const epoch = this.#options.epochOf(this.#name);
       let wantedChunks = 0;
       let differingChunks = 0;
@@ -1355,7 +1458,7 @@ class SyncVolume {
               let data: Buffer | null = null;
               if (!extent.zero) {
                 data = scratch.subarray(0, lengthBytes);
-                await device.read(at, data);
+                await this.#readForResync(device, snapshot, at, data);
               }
               const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
               await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
@@ -1365,7 +1468,7 @@ class SyncVolume {
           }
         }
       } finally {
-        if (snapshot !== null) await device.close();
+        await device.close();
       }
       link.resyncBytesTotal += sentBytes;
       if (snapshot === null) {
@@ -1386,8 +1489,14 @@ class SyncVolume {
   }
 }
 
-/** What a resync copies from: the live volume, open for the pass, or one of its snapshots (SNAPSHOTS AT RESYNC). */
-type CopySource = { device: BlockDevice } | { snapshot: string; sizeBytes: number };
+/**
+ * What a resync copies from: the live volume (snapshot null) at the size it had when the pass began, or one of its
+ * snapshots (SNAPSHOTS AT RESYNC). Each step opens it under its range lock and closes it before the lock goes.
+ */
+interface CopySource {
+  snapshot: string | null;
+  sizeBytes: number;
+}
 
 const activityRegionsPerExtent = syncActivityExtentBytes / syncRegionBytes;
 const regionChunks = syncRegionBytes / chunkSizeBytes;

@@ -124,10 +124,13 @@ test('kill -9 of a synchronous volume\'s owner while clients write: an in-sync r
     assert.match(await ok(members[0].node, 'snapshot', 'list', 'vol'), /fenced-/);
     // Each re-attached replica had every region dirty to kb, was compared whole, and received only what differed:
     // less than the data the clients wrote (the writes in flight at the kill, and kb's since), not the volume's data.
+    // A write in flight at the kill (one per client) that reached this replica and not kb differs from a hole on kb:
+    // it goes as a trim, which counts neither as data sent nor as found equal, so up to two chunks are in neither.
     const links = (await callApi(kb.node.apiSocket, 'GET', '/v1/volumes/vol/replicas') as { replicas: Array<{ peerName: string; resyncBytesTotal: number; resyncEqualBytesTotal: number }> }).replicas;
     assert.deepEqual(links.map((link) => link.peerName).sort(), ['ka', 'kc']);
     for (const link of links) {
-      assert.equal(link.resyncBytesTotal + link.resyncEqualBytesTotal, 16 * 1024 * 1024, `${link.peerName}: the whole volume compared`);
+      const compared = link.resyncBytesTotal + link.resyncEqualBytesTotal;
+      assert.ok(compared <= 16 * 1024 * 1024 && compared >= 16 * 1024 * 1024 - clients.length * blockBytes, `${link.peerName}: the whole volume compared (${compared} bytes counted)`);
       assert.ok(link.resyncBytesTotal < acknowledged.length * blockBytes, `${link.peerName}: ${link.resyncBytesTotal} bytes resent, of ${acknowledged.length * blockBytes} written`);
     }
     process.stderr.write(`# cluster-sync: re-attached after the failover, resent ${links.map((link) => `${link.peerName} ${link.resyncBytesTotal} bytes`).join(', ')} (${acknowledged.length * blockBytes} bytes written)\n`);

@@ -9,7 +9,10 @@
 // removed while it was away) reach it at its resync, with the owner's ids and content; a resync compares chunk
 // checksums and sends what differs (1% changed: 1% sent), at a rate cap, and ends under steady writes; a client
 // write to a region a resync has copied goes to the resyncing replica; a block damaged on the owner is read from
-// the replica and rewritten (repair on read); volume set --sync on|off.
+// the replica and rewritten (repair on read); volume set --sync on|off (a failed off leaves no repl- point); a
+// rollback, a shrink and a delete go through while a resync runs; fio verifies its writes on both copies after the
+// replica was killed and restarted under them; a damaged block a resync reads is repaired from another in-sync
+// replica (a third node, gamma).
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -63,8 +66,8 @@ beforeAll(async () => {
   if (skip) return;
   scratch = makeTempDir('sync-replicas');
   tlsDir = path.join(scratch, 'tls');
-  await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta']);
-  for (const name of ['alpha', 'beta']) ports[name] = await freePort();
+  await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta', '--node', 'gamma']);
+  for (const name of ['alpha', 'beta', 'gamma']) ports[name] = await freePort();
   alpha = await startPeer('alpha', ports.alpha!, ['--default-volume', 'vol:32MiB']);
   beta = await startPeer('beta', ports.beta!);
 });
@@ -476,6 +479,17 @@ test('volume set --sync on|off: an asynchronous replica becomes synchronous (onl
   beta.node.process.kill('SIGCONT');
   await waitFor('sw in sync', async () => ((await swLink()).state === 'in-sync' ? true : null), async () => alpha.node.stderr());
 
+  // A replica that does not take the point (stopped while in sync, no write to notice it): off fails, and leaves no
+  // repl- snapshot behind, here or there (where it may land late: its resync removes it).
+  const points = async (node: RunningNode): Promise<string[]> => ((await callApi(node.apiSocket, 'GET', '/v1/volumes/sw/snapshots')) as { snapshots: Array<{ name: string }> }).snapshots.map((s) => s.name).filter((name) => name.startsWith('repl-'));
+  const pointsBefore = { alpha: await points(alpha.node), beta: await points(beta.node) };
+  beta.node.process.kill('SIGSTOP');
+  await assert.rejects(api('PATCH', '', { sync: false }), /the synchronous replica on \S+ did not take the replication point repl-\d+, and is out of sync: the replicas stay synchronous/);
+  assert.deepEqual(await points(alpha.node), pointsBefore.alpha);
+  beta.node.process.kill('SIGCONT');
+  await waitFor('sw in sync', async () => ((await swLink()).state === 'in-sync' ? true : null), async () => alpha.node.stderr());
+  assert.deepEqual(await points(beta.node), pointsBefore.beta);
+
   // Off: a replication point on both, the link asynchronous, and its next cycle an increment from that point.
   const off = await ok(alpha.node, 'volume', 'set', 'sw', '--sync', 'off', '--json');
   assert.equal(JSON.parse(off).sync, false);
@@ -491,4 +505,129 @@ test('volume set --sync on|off: an asynchronous replica becomes synchronous (onl
   assert.deepEqual([cycle.outcome, cycle.dataBytes], ['incremental', 64 * 1024]);
   assert.equal(await exportHash(beta.node, 'sw'), await exportHash(alpha.node, 'sw'));
   await api('DELETE', '/replicas', { peer: beta.address });
+});
+
+test('a rollback, a shrink and a delete while a resync runs: each goes through, the resync goes on from its dirty map, and the copies end the same', { skip }, async () => {
+  const api = (node: RunningNode, method: string, route: string, body?: unknown): Promise<any> => callApi(node.apiSocket, method, `/v1/volumes/rr${route}`, body);
+  const io = (...commands: string[]): Promise<string> => mustRun('qemu-io', ['-f', 'raw', alpha.node.qemuUri('rr'), ...commands.flatMap((command) => ['-c', command])]);
+  const rrLink = async (): Promise<Record<string, any>> => (await replicaLinks(alpha, 'rr'))[0]!;
+  const rrInSync = (): Promise<Record<string, any>> => waitFor('rr in sync', async () => {
+    const now = await rrLink();
+    return now.state === 'in-sync' ? now : null;
+  }, async () => `${JSON.stringify(await rrLink())}\n${alpha.node.stderr()}`, 20_000);
+  // A resync at 1 MiB/s copying 2 MiB of data: the step under way when the change comes has the volume open.
+  const resyncing = (): Promise<Record<string, any>> => waitFor('rr resyncing its live volume', async () => {
+    const now = await rrLink();
+    return now.state === 'resyncing' && now.resync.copiedBytes >= 256 * 1024 ? now : null;
+  }, async () => `${JSON.stringify(await rrLink())}\n${alpha.node.stderr()}`, 20_000);
+  const add = (): Promise<any> => api(alpha.node, 'POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000, maxRateBytesPerSecond: MiB });
+  const same = async (name = 'rr'): Promise<void> => assert.equal(await exportHash(beta.node, name), await exportHash(alpha.node, name), `${name} differs on the replica`);
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'rr', sizeBytes: 4 * MiB });
+  await io('write -P 0x11 0 256k');
+  await api(alpha.node, 'POST', '/snapshots', { name: 's1' });
+  await io('write -P 0x12 0 2M');
+
+  // A rollback: the regions it changes are dirty to the resync again, which goes on (no new start) and ends with
+  // the rolled-back volume on both.
+  await add();
+  await resyncing();
+  await api(alpha.node, 'POST', '/snapshots/s1/rollback');
+  assert.equal(await exportHash(alpha.node, 'rr'), await exportHash(alpha.node, 'rr@s1'));
+  const rolled = await rrInSync();
+  assert.equal(rolled.outOfSyncTotal, 0);
+  assert.doesNotMatch(alpha.node.stderr(), /volume rr: synchronous replica on \S+: .*trying again/);
+  await same();
+  await same('rr@s1');
+
+  // A shrink: the resync starts again at the new size (syncOpen gives it), comparing what is still dirty.
+  await api(alpha.node, 'DELETE', '/replicas', { peer: beta.address });
+  await io('write -P 0x13 0 2M');
+  await add();
+  await resyncing();
+  await api(alpha.node, 'PATCH', '', { sizeBytes: 3 * MiB, force: true });
+  const shrunk = await rrInSync();
+  assert.match(alpha.node.stderr(), /volume rr: the resync of the synchronous replica on \S+ starts again, from its dirty map: the volume was resized from 4 MiB to 3 MiB/);
+  assert.equal((await api(beta.node, 'GET', '')).sizeBytes, 3 * MiB);
+  // Each chunk that differed sent once: what the first start copied was the same at the second (by checksum).
+  assert.ok(shrunk.resyncBytesTotal > 0 && shrunk.resyncBytesTotal <= 2 * MiB, `${shrunk.resyncBytesTotal} bytes sent for the 2 MiB written`);
+  await same();
+
+  // A delete (its snapshot removed first, under the resync too): the link goes with the volume, the replica stays.
+  await api(alpha.node, 'DELETE', '/replicas', { peer: beta.address });
+  await io('write -P 0x14 0 2M');
+  await add();
+  await resyncing();
+  await api(alpha.node, 'DELETE', '/snapshots/s1');
+  await api(alpha.node, 'DELETE', '');
+  await assert.rejects(api(alpha.node, 'GET', ''), /no volume named rr/);
+  assert.deepEqual(((await callApi(alpha.node.apiSocket, 'GET', '/v1/replicas')) as { replicas: Array<{ volume: string }> }).replicas.filter((r) => r.volume === 'rr'), []);
+  await api(beta.node, 'DELETE', '');
+});
+
+test('fio with crc32c verify and flushes while the replica is killed and restarted: writes go on degraded, the dirty regions resync, and both copies verify', { skip: skip || !haveTool('fio') }, async () => {
+  const fvLink = async (): Promise<Record<string, any>> => (await replicaLinks(alpha, 'fv'))[0]!;
+  const fvState = (state: string): Promise<Record<string, any>> => waitFor(`fv ${state}`, async () => {
+    const now = await fvLink();
+    return now.state === state ? now : null;
+  }, async () => `${JSON.stringify(await fvLink())}\n${alpha.node.stderr()}`, 20_000);
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'fv', sizeBytes: 16 * MiB });
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes/fv/replicas', { peer: beta.address, sync: true, timeoutMs: 1_000 });
+  const before = await fvState('in-sync');
+  // 8 MiB of 64 KiB blocks with crc32c headers at 2 MiB/s (about 4 s), a flush every 8 writes; then fio reads each
+  // block back and checks it.
+  const job = ['--name=sync-kill', '--ioengine=nbd', '--rw=randwrite', '--bs=64k', '--iodepth=8', '--size=8M', '--fsync=8', '--verify=crc32c', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json'];
+  const fio = async (node: RunningNode, ...extra: string[]): Promise<Record<string, any>> => {
+    const output = await mustRun('fio', [...job, `--uri=${node.uri('fv')}`, ...extra], { timeoutMs: 60_000 });
+    return JSON.parse(output.slice(output.indexOf('{'))).jobs[0];
+  };
+  const writing = fio(alpha.node, '--rate=2m', '--do_verify=1');
+  await new Promise((resolve) => setTimeout(resolve, 800));
+  await beta.node.kill();
+  await fvState('out-of-sync');
+  beta = await startPeer('beta', ports.beta!);
+  const wrote = await writing;
+  assert.equal(wrote.error, 0, 'fio wrote and verified on the owner');
+  assert.ok(wrote.write.io_bytes >= 8 * MiB && wrote.read.io_bytes >= 8 * MiB, `fio wrote ${wrote.write.io_bytes} and read back ${wrote.read.io_bytes} bytes`);
+  const back = await fvState('in-sync');
+  assert.equal(back.outOfSyncTotal, before.outOfSyncTotal + 1);
+  // The dirty regions only were compared (at most the 8 MiB fio writes, all of it when beta is slow to start), not
+  // the volume's 16 MiB.
+  const compared = back.resyncBytesTotal - before.resyncBytesTotal + back.resyncEqualBytesTotal - before.resyncEqualBytesTotal;
+  assert.ok(compared > 0 && compared <= 8 * MiB, `the resync compared ${compared} bytes`);
+  process.stderr.write(`# sync-replicas: fio with the replica killed: the resync sent ${back.resyncBytesTotal - before.resyncBytesTotal} bytes, compared ${compared}\n`);
+  assert.equal(await exportHash(beta.node, 'fv'), await exportHash(alpha.node, 'fv'));
+  const verified = await fio(beta.node, '--verify_only');
+  assert.equal(verified.error, 0, 'every block verifies on the replica');
+  assert.ok(verified.read.io_bytes >= 8 * MiB);
+});
+
+test('a block damaged on the owner that a resync reads: repaired from another in-sync replica, and the resyncing one gets the right bytes', { skip }, async (t) => {
+  const gamma = await startPeer('gamma', ports.gamma!);
+  t.onTestFinished(() => stopAndCheck(gamma.node));
+  const api = (method: string, route: string, body?: unknown): Promise<any> => callApi(alpha.node.apiSocket, method, `/v1/volumes/dr${route}`, body);
+  const drLinks = async (): Promise<Array<Record<string, any>>> => replicaLinks(alpha, 'dr');
+  const allInSync = (count: number): Promise<Array<Record<string, any>>> => waitFor('dr in sync', async () => {
+    const now = await drLinks();
+    return now.length === count && now.every((current) => current.state === 'in-sync') ? now : null;
+  }, async () => `${JSON.stringify(await drLinks())}\n${alpha.node.stderr()}`, 20_000);
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'dr', sizeBytes: 4 * MiB });
+  const blocks = [namedBlock('resync repair', 0), namedBlock('resync repair', 1)];
+  const client = await TestNbdClient.connect(alpha.node.nbdSocket, 'dr');
+  await client.write(MiB, Buffer.concat(blocks));
+  await client.flush();
+  await client.disconnect();
+  await api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000 });
+  await allInSync(1);
+  // Damaged on alpha: gamma's first resync reads that block to send it, and beta, in sync, has it.
+  flipByteUnder(alpha.node.pool, blocks[1]!);
+  await api('POST', '/replicas', { peer: gamma.address, sync: true, timeoutMs: 2_000 });
+  const links = await allInSync(2);
+  const fromBeta = links.find((current) => current.peerName === 'beta')!;
+  assert.equal(fromBeta.readRepairsTotal, 1);
+  assert.match(alpha.node.stderr(), /volume dr: the block at byte 1052672 failed its checksum here; repaired from the synchronous replica on \S+ \(beta\)/);
+  const owner = await exportHash(alpha.node, 'dr');
+  assert.equal(await exportHash(beta.node, 'dr'), owner);
+  assert.equal(await exportHash(gamma.node, 'dr'), owner);
+  assert.match((await alpha.node.cli('scrub', 'dr')).stdout, /no damage found/);
+  for (const peer of [beta, gamma]) await api('DELETE', '/replicas', { peer: peer.address });
 });
