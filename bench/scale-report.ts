@@ -26,6 +26,9 @@ export interface ScaleStep {
   startSeconds: number;
   /** The same for a second restart, after a stop (SIGTERM) once the reads are done: no journal to replay. */
   startSecondsAgain: number;
+  /** The node's debug lines about each of those starts (the pool open's phases, records replayed, its own parts). */
+  startPhases?: string[];
+  startPhasesAgain?: string[];
   rssBytesAfterStart: number;
   /** Checkpoint and journal files in the pool, bytes allocated, after the checkpoint asked for below. */
   metadataBytes: number;

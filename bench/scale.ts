@@ -78,6 +78,11 @@ function metadataBytes(pool: string): number {
     .reduce((sum, name) => sum + fs.statSync(path.join(pool, name)).blocks * 512, 0);
 }
 
+/** The node's own account of its start (debug lines: the pool open's phases, the records replayed, the node's parts). */
+function startLines(node: RunningNode): string[] {
+  return node.stderr().split('\n').filter((line) => /opened in|replayed \d+ journal records|node started/.test(line)).map((line) => line.replace(/^\S+ chunkd: (debug: )?/, ''));
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     args: process.argv.slice(2),
@@ -106,7 +111,8 @@ async function main(): Promise<void> {
   if (!Number.isInteger(snapshotCount) || snapshotCount < 0) throw new Error('--snapshots must be a whole number');
   if (!Number.isInteger(runtimeSeconds) || runtimeSeconds < 1) throw new Error('--runtime must be a whole number of seconds, at least 1');
 
-  const nodeArgs = ['--metadata', values.metadata, ...(values['metadata-cache'] === undefined ? [] : ['--metadata-cache', values['metadata-cache']])];
+  // At debug level the node logs where its start went (the pool open's phases, modules, the rest): kept per step.
+  const nodeArgs = ['--log-level', 'debug', '--metadata', values.metadata, ...(values['metadata-cache'] === undefined ? [] : ['--metadata-cache', values['metadata-cache']])];
   const tools = new Tools(new Map());
   tools.get('fio');
   cleanupOnSignals();
@@ -164,6 +170,7 @@ async function main(): Promise<void> {
     const spawned = performance.now();
     node = await startNode(pool, nodeArgs, { readyTimeoutMs });
     const startSeconds = (performance.now() - spawned) / 1000;
+    const startPhases = startLines(node);
     const rssBytesAfterStart = rssBytes(node.process.pid!);
 
     // 3. A checkpoint now, and the longest pause since the restart.
@@ -181,6 +188,7 @@ async function main(): Promise<void> {
     const respawned = performance.now();
     node = await startNode(pool, nodeArgs, { readyTimeoutMs });
     const startSecondsAgain = (performance.now() - respawned) / 1000;
+    const startPhasesAgain = startLines(node);
     const step: ScaleStep = {
       writtenBytes: written,
       snapshots,
@@ -190,6 +198,8 @@ async function main(): Promise<void> {
       checkpointsWhileWriting: writing.pool.checkpointsTotal,
       startSeconds,
       startSecondsAgain,
+      startPhases,
+      startPhasesAgain,
       rssBytesAfterStart,
       metadataBytes: metadataBytes(pool),
       checkpointBytes: checkpoint.bytes,

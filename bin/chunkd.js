@@ -9,7 +9,7 @@
 // pinned Node runs this file directly.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
+import module, { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -29,8 +29,24 @@ if (major < requiredMajor) {
 } else {
   // libuv's pool carries the file I/O; its default of 4 threads caps requests in flight on the disk.
   process.env.UV_THREADPOOL_SIZE ??= '16';
+  enableCompileCache();
   const { main } = await import(mainModule());
   process.exitCode = await main(process.argv.slice(2));
+}
+
+/**
+ * Node's on-disk compile cache: the modules' code (and, in a checkout, their TypeScript with the types stripped)
+ * is kept across runs, so a start does not strip and compile every module again: a node's CPU from spawn to
+ * ready fell from 565 to 270 ms with it (BENCHMARKS.md, issue 15, "A node's own start and the replay after a
+ * crash"). In Node's default place (the system's temporary directory) unless NODE_COMPILE_CACHE names another;
+ * NODE_DISABLE_COMPILE_CACHE turns it off. Worker threads (chunk I/O, NBD threads) read the variable, not this
+ * call, hence it is set for them. A directory that cannot be written only leaves the cache off.
+ */
+function enableCompileCache() {
+  if (process.env.NODE_DISABLE_COMPILE_CACHE !== undefined || typeof module.enableCompileCache !== 'function') return;
+  const directory = process.env.NODE_COMPILE_CACHE || path.join(os.tmpdir(), 'node-compile-cache');
+  const result = module.enableCompileCache(directory);
+  if (result.status !== module.constants.compileCacheStatus.FAILED) process.env.NODE_COMPILE_CACHE = directory;
 }
 
 /** The CLI's module: the sources where they are (a checkout), else the compiled package's. */

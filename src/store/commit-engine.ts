@@ -99,6 +99,8 @@ export class CommitEngine {
   #journal: JournalFile;
   /** Records applied but not yet committed, each already encoded as a journal frame (the cost spread over writes). */
   #queue: Buffer[] = [];
+  /** The bytes of those frames: with the journal's size, what starts a commit and its checkpoint. */
+  #queueBytes = 0;
   #currentCommit: Promise<void> | null = null;
   #pendingCommit: Promise<void> | null = null;
   #failure: ChunkdError | null = null;
@@ -131,11 +133,19 @@ export class CommitEngine {
     // A map record replaces chunks with new ones of the same size: the next writes reuse their space, so punching
     // it out of the file (and having the file system allocate it again) would be wasted work.
     this.#catalog.apply(record, record.type !== 'map');
-    this.#queue.push(encodeRecords([record]));
+    const frame = encodeRecords([record]);
+    this.#queue.push(frame);
+    this.#queueBytes += frame.length;
+    if (this.#pendingCommit !== null) return;
     // Chunks freed by overwrites are reusable only after a commit: under a stream of overwrites and no FLUSH, commit
     // early rather than let the files grow by five seconds of writes.
-    if (this.#chunks.deferredCount >= deferredChunksCommitMax && this.#pendingCommit === null) {
+    if (this.#chunks.deferredCount >= deferredChunksCommitMax) {
       this.commit().catch((error: unknown) => expectedError(error, 'commit to reuse freed space'));
+    } else if (this.#journal.sizeBytes + this.#queueBytes >= this.#journalCheckpointBytes) {
+      // The journal with the records queued is past its checkpoint size: commit, and so checkpoint, now rather
+      // than at the next FLUSH or background commit, seconds of writes away (15,000 writes a second for 5 s are
+      // about 3 MiB of records). What a crash leaves to replay is then about one journal's checkpoint size.
+      this.commit().catch((error: unknown) => expectedError(error, 'commit of a full journal'));
     }
   }
 
@@ -238,10 +248,12 @@ export class CommitEngine {
   async #runCommit(): Promise<void> {
     this.checkHealthy();
     const records = this.#queue;
+    const recordsBytes = this.#queueBytes;
     this.#queue = [];
+    this.#queueBytes = 0;
     const freeMark = this.#chunks.deferredMark();
     const started = performance.now();
-    const checkpointDue = this.#checkpointRequested || this.#journal.sizeBytes >= this.#journalCheckpointBytes;
+    const checkpointDue = this.#checkpointRequested || this.#journal.sizeBytes + recordsBytes >= this.#journalCheckpointBytes;
     // Begun now, as the records are taken: it covers exactly the records applied before (catalog-backend.ts).
     const checkpoint = checkpointDue ? this.#catalog.beginCheckpoint(this.#generation + 1) : null;
     const encodeSeconds = checkpoint?.encodeSeconds ?? 0;
@@ -250,6 +262,7 @@ export class CommitEngine {
       await this.#chunks.sync();
     } catch (error) {
       this.#queue = records.concat(this.#queue);
+      this.#queueBytes += recordsBytes;
       throw this.#fail(`syncing chunk files failed (${(error as Error).message})`, error);
     }
     try {
@@ -257,6 +270,7 @@ export class CommitEngine {
       else await this.#journal.append(Buffer.concat(records));
     } catch (error) {
       this.#queue = records.concat(this.#queue);
+      this.#queueBytes += recordsBytes;
       // A full file system stops this commit only: at most part of it reached a copy, unsynced, and the next
       // commit writes the same offset with the same sequence number. Anything else may have left a copy written
       // but not durable, or a rotation half done.

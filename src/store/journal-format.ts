@@ -36,6 +36,9 @@ export const journalCopies = 2;
 const commitMagic = 0x334a4b43; // "CKJ3"
 export const commitHeaderBytes = 24;
 const commitAlignBytes = 8;
+/** The magic as it lies in a file, for `indexOf`. */
+const commitMagicBytes = Buffer.alloc(4);
+commitMagicBytes.writeUInt32LE(commitMagic, 0);
 
 /** A commit of already-framed records (metadata.ts encodeRecords), padded, ready to append at an aligned offset. */
 export function encodeCommit(generation: number, sequence: number, frames: Buffer): Buffer {
@@ -203,8 +206,11 @@ function findLaterCommit(copies: ReadonlyArray<Buffer | null>, offset: number, g
   let found: { offsetBytes: number; sequence: number } | null = null;
   for (const copy of copies) {
     if (copy === null) continue;
-    for (let at = alignUp(offset + 1); at + commitHeaderBytes <= copy.length && (found === null || at < found.offsetBytes); at += commitAlignBytes) {
-      if (copy[at] !== (commitMagic & 0xff)) continue;
+    // The magic is looked for by indexOf (native), then its alignment checked: a loop over every aligned offset
+    // read every 8th byte of the whole file (8 MiB reserved, both copies), about 60 ms at every open of a journal.
+    const more = (at: number): boolean => at >= 0 && at + commitHeaderBytes <= copy.length && (found === null || at < found.offsetBytes);
+    for (let at = copy.indexOf(commitMagicBytes, alignUp(offset + 1)); more(at); at = copy.indexOf(commitMagicBytes, at + 1)) {
+      if (at % commitAlignBytes !== 0) continue;
       const header = headerAt(copy, at, generation);
       // A whole header of a later sequence is proof enough: its own checksum covers it, and no crash writes one.
       if (header === null || header.sequence <= sequence) continue;

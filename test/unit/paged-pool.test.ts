@@ -10,6 +10,7 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { StreamReceiver } from '../../src/replication/receive.ts';
@@ -504,4 +505,37 @@ test('a replay applies consecutive map records of one volume in one batch, and e
     batches.map((batch) => batch.length),
     [2, 1, 1, 1, 1, replayBatchRecords, 1],
   );
+});
+
+test('a journal past its checkpoint size is committed and checkpointed without waiting for a FLUSH, so a crash replays about one journal at most', async () => {
+  await inScratch('paged-pool', async (directory) => {
+    const files = new TestFiles();
+    const journalCheckpointBytes = 16 * 1024;
+    // No background commit within the test: only the journal's size can start a commit before the FLUSH.
+    let pool = await open(directory, { files, journalCheckpointBytes, backgroundCommitIntervalMs: 3_600_000 });
+    await pool.createVolume('v', 64 * MiB);
+    const volume = pool.openVolume('v');
+    const writes = 2000; // about 80 KiB of records: five journals' worth
+    for (let i = 0; i < writes; i++) await volume.write(((i * 7919) % 16384) * 4096, block(1 + (i % 250)));
+    // The first commit starts at about 16 KiB of records, and the one after it takes every record that came
+    // meanwhile (more than a journal's worth): both checkpoint. Without the trigger nothing commits until the FLUSH.
+    for (let waitedMs = 0; (await pool.status()).checkpointsTotal < 2; waitedMs += 10) {
+      assert.ok(waitedMs < 20_000, `${(await pool.status()).checkpointsTotal} checkpoints 20 s after the writes, before any FLUSH`);
+      await sleep(10);
+    }
+    await volume.flush();
+    await killed(pool, files);
+
+    const lines: string[] = [];
+    pool = await Pool.open({ directory, log: (line) => lines.push(line) });
+    try {
+      const replayed = lines.map((line) => /replayed (\d+) journal records/.exec(line)).find((match) => match !== null);
+      const records = replayed === undefined ? 0 : Number(replayed[1]);
+      // A record of one 4 KiB write is about 40 bytes: one journal holds about 400.
+      assert.ok(records <= 2 * (journalCheckpointBytes / 40), `${records} records replayed of ${writes}`);
+      for (let i = 0; i < writes; i += 97) assert.equal(await readBlock(pool, 'v', (i * 7919) % 16384), 1 + (i % 250));
+    } finally {
+      await pool.close();
+    }
+  });
 });
