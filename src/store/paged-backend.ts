@@ -331,16 +331,23 @@ export interface OpenedPaged extends ReplayedPaged {
 /** Opens a paged pool's metadata for a node: replay, a root covering it, a fresh generation (see the top). */
 export async function openPaged(files: FileLayer, directory: string, options: PagedCatalogOptions): Promise<OpenedPaged> {
   const replayed = await replayPaged(files, directory, options);
-  const { catalog } = replayed;
   try {
-    const generation = replayed.generation + 1;
-    const started = performance.now();
-    // Always a root at open (the first one of a new pool too): small, bounded by one journal's records.
-    const journal = await startJournal(files, directory, generation, catalog.checkpoint(replayed.generation));
-    const checkpointSeconds = (performance.now() - started) / 1000;
-    return { ...replayed, generation, backend: new PagedBackend(catalog, files, directory), journal, checkpointSeconds };
+    const { generation, journal, checkpointSeconds } = await startAfterReplay(files, directory, replayed);
+    return { ...replayed, generation, backend: new PagedBackend(replayed.catalog, files, directory), journal, checkpointSeconds };
   } catch (error) {
-    await catalog.close().catch(() => {});
+    await replayed.catalog.close().catch(() => {});
     throw error;
   }
+}
+
+/**
+ * Writes the root covering what `replayed` replayed (always one at open, the first one of a new pool too: small,
+ * bounded by one journal's records), then starts the next journal generation, removing the journals the root
+ * covers. Used by the node's open and by `fsck --repair` (repair.ts).
+ */
+export async function startAfterReplay(files: FileLayer, directory: string, replayed: ReplayedPaged): Promise<{ generation: number; journal: JournalFile; checkpointSeconds: number }> {
+  const generation = replayed.generation + 1;
+  const started = performance.now();
+  const journal = await startJournal(files, directory, generation, replayed.catalog.checkpoint(replayed.generation));
+  return { generation, journal, checkpointSeconds: (performance.now() - started) / 1000 };
 }

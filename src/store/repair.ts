@@ -10,6 +10,8 @@
 //    reported, so that the repaired pool reads without errors. The damaged metadata files are moved into
 //    damaged-<time>/ in the pool, and a new generation is written from what was salvaged.
 // Chunks no salvaged metadata names are given back at the next start, as after any crash.
+// A pool of paged metadata (format 4) is repaired by `repairPaged`, below: what it repairs is what one whole copy
+// or the maps themselves still say, so nothing is lost; damage in both copies is not salvaged there (yet).
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
@@ -22,7 +24,9 @@ import { chooseCheckpoint, encodeCheckpoint, salvageCheckpoint, type LostExtent 
 import { readWholeFile, realFiles, type FileLayer } from './file-layer.ts';
 import { salvageJournal } from './journal-format.ts';
 import { applyRecord, countReferences, emptyCatalog, type Catalog, type MetaRecord } from './metadata.ts';
-import { beginGeneration, checkpointCopies, checkpointPath, chunksDirectory, journalGenerations, journalPaths, loadMetadata, withPoolLocked } from './pool-layout.ts';
+import { replayPaged, startAfterReplay } from './paged-backend.ts';
+import { checkPagedCatalog, countMismatches, recount, scanPageCopies, walkMaps } from './paged-check.ts';
+import { beginGeneration, checkPoolMarker, checkpointCopies, checkpointPath, chunksDirectory, journalGenerations, journalPaths, loadMetadata, withPoolLocked } from './pool-layout.ts';
 import { memoryScrubSource, scrub } from './scrub.ts';
 
 export interface RepairReport {
@@ -39,11 +43,14 @@ export interface RepairReport {
   setAside: string | null;
   /** The metadata generation the repaired pool starts from. */
   generation: number;
+  /** Damage found and not repaired (paged metadata damaged in both copies): the pool was left as it was. */
+  unrepairable: string[];
 }
 
 /** Repairs the pool in `directory` (not held by a node: EBUSY otherwise). */
 export function repairPool(directory: string, files: FileLayer = realFiles): Promise<RepairReport> {
   return withPoolLocked(files, directory, async (resolved) => {
+    if ((await checkPoolMarker(files, resolved)) === 'paged') return repairPaged(files, resolved);
     let loaded;
     try {
       loaded = await loadMetadata(files, resolved);
@@ -58,9 +65,67 @@ export function repairPool(directory: string, files: FileLayer = realFiles): Pro
       ...loaded.leftovers.map((line) => `removed or rewrote ${line}`),
       `wrote metadata generation ${generation} whole, in both copies`,
     ];
-    return { directory: resolved, actions, lossless: true, lostExtents: [], lostChanges: [], setAside: null, generation };
+    return { directory: resolved, actions, lossless: true, lostExtents: [], lostChanges: [], setAside: null, generation, unrepairable: [] };
   });
 }
+
+/**
+ * The repair of a pool of paged metadata, in two passes. First a read-only one, fsck's (paged-check.ts): if any
+ * damage is beyond repair (a page or a journal commit damaged in both copies, a table that does not load), the
+ * report lists it with the volumes and bytes it takes, and nothing is written. Else the pool is opened as a node
+ * opens it (the journals after the root replayed, a copy of the root missing from one file written there), both
+ * copies of every page the root names are read and a damaged copy rewritten from the whole one (then fdatasynced),
+ * the reference counts that differ from the maps are set to what the maps name, and a new root covering all of it
+ * is written and a fresh journal generation started, as at a node's open (so a journal damaged in one copy is
+ * replaced by one whole in both). Crash safety: a rewritten copy gets the bytes the other copy holds (a torn write
+ * leaves it damaged as before, the other whole), and everything else is the node's own copy-on-write commit: a
+ * crash at any point leaves the pool as it was, or repaired, and it opens either way.
+ */
+async function repairPaged(files: FileLayer, directory: string): Promise<RepairReport> {
+  const fail = (unrepairable: string[]): RepairReport => ({ directory, actions: [], lossless: true, lostExtents: [], lostChanges: [], setAside: null, generation: 0, unrepairable });
+  let findings;
+  try {
+    const checked = await replayPaged(files, directory, { cacheBytes: repairCacheBytes, readOnly: true });
+    try {
+      findings = await checkPagedCatalog(checked.catalog);
+    } finally {
+      await checked.catalog.close();
+    }
+  } catch (error) {
+    if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
+    return fail([`metadata: ${error.message}`]);
+  }
+  if (findings.unrepairable.length > 0) return fail(findings.unrepairable);
+
+  const replayed = await replayPaged(files, directory, { cacheBytes: repairCacheBytes });
+  const { catalog } = replayed;
+  const actions: string[] = [];
+  try {
+    for (const copy of catalog.file.rootMissingFrom) actions.push(`wrote the newest metadata root into ${catalog.file.paths[copy]}, which lacked it`);
+    // The pages the open read are repaired already (in the file, not yet synced); the scan finds the rest.
+    await scanPageCopies(catalog, true);
+    await catalog.file.sync();
+    for (const page of findings.scan.oneCopy) actions.push(`rewrote from the good copy: ${page.line}`);
+    actions.push(`checked both copies of the ${findings.scan.pagesChecked} metadata pages the root names`);
+    for (const line of replayed.repairs) actions.push(`replayed from the good copy: ${line}`);
+    const counts = await countMismatches(catalog, await walkMaps(catalog));
+    if (counts.namedButFree.length > 0) throw ChunkdError.corrupt(`map pages ${counts.namedButFree.join(', ')} are named by a map but on the free-page list`);
+    await recount(catalog, counts);
+    if (counts.chunks.length > 0) actions.push(`recounted ${counts.chunks.length} chunk reference count(s) from the maps (${counts.chunks.slice(0, 4).map((m) => `chunk ${m.index}: ${m.counted} to ${m.named}`).join(', ')}${counts.chunks.length > 4 ? ', ...' : ''})`);
+    if (counts.pages.length > 0) actions.push(`recounted ${counts.pages.length} page reference count(s) from the maps (${counts.pages.slice(0, 4).map((m) => `page ${m.index}: ${m.counted} to ${m.named}`).join(', ')}${counts.pages.length > 4 ? ', ...' : ''})`);
+    for (const m of counts.summaries) actions.push(`set the summary of page ${m.page} of ${m.of} reference counts from its counts (${m.recorded} free recorded, ${m.counted} counted)`);
+    for (const line of replayed.leftovers) actions.push(`removed ${line}`);
+    const { generation, journal } = await startAfterReplay(files, directory, replayed);
+    journal.close();
+    actions.push(`wrote a metadata root covering journal generation ${replayed.generation} (${replayed.replayedRecords} record(s) replayed) and started journal-${generation}, whole in both copies`);
+    return { directory, actions, lossless: true, lostExtents: [], lostChanges: [], setAside: null, generation, unrepairable: [] };
+  } finally {
+    await catalog.close();
+  }
+}
+
+/** The paged catalog's cache while the repair walks it. */
+const repairCacheBytes = 64 * 1024 * 1024;
 
 async function salvage(files: FileLayer, directory: string, reason: string): Promise<RepairReport> {
   const actions = [`the metadata does not load: ${reason}`];
@@ -152,7 +217,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
   const next = Math.max(generation, ...generations) + 1;
   (await beginGeneration(files, directory, encodeCheckpoint(catalog, next), next)).close();
   actions.push(`moved the damaged metadata files to ${aside}`, `wrote metadata generation ${next} from what was salvaged`);
-  return { directory, actions, lossless: false, lostExtents: mergeExtents(lostExtents), lostChanges, setAside: aside, generation: next };
+  return { directory, actions, lossless: false, lostExtents: mergeExtents(lostExtents), lostChanges, setAside: aside, generation: next, unrepairable: [] };
 }
 
 /** Reports what a record that was not applied would have done. */
