@@ -158,7 +158,13 @@ async function checkPaged(files: FileLayer, directory: string, errors: string[],
       errors.push(`metadata: ${error.message}`);
     }
     const chunks = catalog.chunks;
-    const reclaimableBytes = reclaimable(chunkDirectory, fileSizes, await chunks.freeExtents(), await chunks.settledHighWater(), warnings);
+    let reclaimableBytes = 0;
+    try {
+      reclaimableBytes = reclaimable(chunkDirectory, fileSizes, await chunks.freeExtents(), await chunks.settledHighWater(), warnings);
+    } catch (error) {
+      // A page of counts damaged in both copies: named above (the free space cannot be read without it).
+      if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT' || findings.scan.lost.length === 0) throw error;
+    }
     return report({
       repairable: repairableCount > 0 && errors.length === repairableCount,
       volumeCount: catalog.tables.volumes.size,

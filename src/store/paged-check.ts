@@ -272,7 +272,7 @@ export interface PagedFindings {
   scan: PageScan;
   walk: MapWalk;
   lost: LostExtentOfMap[];
-  /** Null when pages of the maps are lost (the counts cannot be checked against maps not read whole). */
+  /** Null when pages are lost (the counts cannot be checked against maps not read whole, or not read at all). */
   counts: CountCheck | null;
   /** One line each. */
   repairable: string[];
@@ -288,14 +288,26 @@ export async function checkPagedCatalog(catalog: PagedCatalog): Promise<PagedFin
   const walk = await walkMaps(catalog);
   const lost = await lostExtents(catalog, new Set(walk.lost.keys()));
   const repairable = scan.oneCopy.map((page) => `metadata: ${page.line} (repairable: fsck --repair rewrites it from the other copy; nothing is lost)`);
-  const unrepairable = scan.lost.map((page) => `metadata: ${page.line}`);
+  const tablePages = new Set(catalog.tablePages);
+  const spacePages = new Set(catalog.space.ownedPages());
+  const roleOf = (page: number): string =>
+    walk.pageRefs.has(page)
+      ? 'a map page: the bytes it held are below'
+      : tablePages.has(page)
+        ? 'a page of the table of volumes and snapshots: the next open fails'
+        : spacePages.has(page)
+          ? 'a page of the space maps (reference counts, their summary or the free-page list): a write or removal that needs it fails'
+          : 'named by the root';
+  const unrepairable = scan.lost.map((page) => `metadata: ${page.line} (${roleOf(page.pageNumber)})`);
   for (const [page, why] of walk.lost) if (!scan.lost.some((found) => found.pageNumber === page)) unrepairable.push(`metadata: map page ${page} cannot be read: ${why}`);
   for (const extent of lost) {
     const from = extent.firstChunk * chunkSizeBytes;
     unrepairable.push(`${extent.map}: bytes ${from}-${from + extent.chunkCount * chunkSizeBytes - 1} cannot be read (their map page ${extent.pageNumber} is damaged in both copies; fsck --repair does not salvage paged metadata)`);
   }
   let counts: CountCheck | null = null;
-  if (walk.lost.size === 0) {
+  // With a page lost, the counts cannot be checked: a lost map page hides what it names, a lost page of counts is
+  // unreadable (and named above).
+  if (walk.lost.size === 0 && scan.lost.length === 0) {
     counts = await countMismatches(catalog, walk);
     const describe = (what: string, list: CountMismatch[], named: string): void => {
       if (list.length === 0) return;

@@ -132,6 +132,19 @@ function flip(directory: string, name: string, offset: number): void {
 
 const pageOf = (directory: string, name: string, page: number): Buffer => fs.readFileSync(path.join(directory, name)).subarray(page * pageBytes, (page + 1) * pageBytes);
 
+/** `chunkd ARGS` in process: its exit code and what it printed on stdout. */
+async function chunkd(args: string[]): Promise<{ code: number; out: string }> {
+  const written: string[] = [];
+  const write = process.stdout.write;
+  process.stdout.write = ((chunk: string) => written.push(chunk) > 0) as typeof process.stdout.write;
+  try {
+    const code = await main(args);
+    return { code, out: written.join('') };
+  } finally {
+    process.stdout.write = write;
+  }
+}
+
 /** A pool built, its contents read once (an open of a copy: the open writes), and a way back to it. */
 async function prepared(directory: string): Promise<{ expected: Map<string, Buffer>; restore: () => void }> {
   await buildPool(directory);
@@ -181,10 +194,13 @@ test('a journal commit damaged in one copy: fsck --repair replays it from the ot
     const report = await fsckPool(directory);
     assert.ok(!report.clean && report.repairable, report.errors.join('; '));
     assert.ok(report.errors.some((line) => line.includes(`${journal} is damaged at byte`)), report.errors.join('; '));
-    const repair = await repairPool(directory);
-    assert.ok(repair.actions.some((line) => line.startsWith('replayed from the good copy:') && line.includes(journal)), repair.actions.join('; '));
+    // Through the command: exit 0, and what it did, line by line.
+    const { code, out } = await chunkd(['fsck', '--pool', directory, '--repair']);
+    assert.equal(code, 0, out);
+    assert.match(out, new RegExp(`: repaired, nothing lost\n[\\s\\S]*  did: replayed from the good copy: \\S*${journal.replace('.', '\\.')} is damaged at byte \\d+[\\s\\S]*  now: clean\n$`));
     assert.ok(!fs.existsSync(path.join(directory, journal)), 'the damaged journal is gone: a root covers it');
-    assert.ok(fs.existsSync(path.join(directory, `journal-${repair.generation}.0`)) && fs.existsSync(path.join(directory, `journal-${repair.generation}.1`)));
+    const generation = Number(/started journal-(\d+), whole in both copies/.exec(out)![1]);
+    assert.deepEqual(fs.readdirSync(directory).filter((name) => name.startsWith('journal-')).sort(), [`journal-${generation}.0`, `journal-${generation}.1`]);
     const after = await fsckPool(directory);
     assert.ok(after.clean, after.errors.join('; '));
     assert.equal(after.replayedRecords, 0, 'the new root covers every record');
@@ -243,10 +259,19 @@ test('reference counts that disagree with the maps (a page of counts rewritten, 
   });
 });
 
-test('a map leaf damaged in both copies: fsck names the bytes of each volume, snapshot and clone it held; fsck --repair refuses (exit 1) and changes nothing', { timeout: 60_000 }, async () => {
+test('a map leaf or a page of counts damaged in both copies: fsck names the bytes of each volume, snapshot and clone the leaf held; fsck --repair refuses (exit 1) and changes nothing', { timeout: 60_000 }, async () => {
   await inScratch('paged-repair', async (directory) => {
-    await prepared(directory);
-    const leaf = (await pagesInUse(directory)).find((entry) => entry.kind === 1)!.page;
+    const { restore } = await prepared(directory);
+    const inUse = await pagesInUse(directory);
+    const counts = inUse.find((entry) => entry.kind === 0x30)!.page;
+    for (const copy of ['metadata.0', 'metadata.1']) flip(directory, copy, counts * pageBytes + pageHeaderBytes + 9);
+    const unchanged = fingerprint(directory);
+    const countsReport = await fsckPool(directory);
+    assert.ok(!countsReport.clean && !countsReport.repairable && countsReport.errors.some((line) => line.includes(`metadata page ${counts} `) && line.includes('damaged in both copies')), countsReport.errors.join('; '));
+    assert.ok((await repairPool(directory)).unrepairable.length > 0);
+    assert.deepEqual(fingerprint(directory), unchanged, 'a page of counts lost: nothing changed');
+    restore();
+    const leaf = inUse.find((entry) => entry.kind === 1)!.page;
     for (const copy of ['metadata.0', 'metadata.1']) flip(directory, copy, leaf * pageBytes + pageHeaderBytes + 9);
     const before = fingerprint(directory);
     const report = await fsckPool(directory);
@@ -257,17 +282,9 @@ test('a map leaf damaged in both copies: fsck names the bytes of each volume, sn
     const repair = await repairPool(directory);
     assert.ok(repair.unrepairable.length > 0 && repair.actions.length === 0);
     assert.deepEqual(repair.unrepairable, report.errors.filter((line) => repair.unrepairable.includes(line)));
-    const written: string[] = [];
-    const write = process.stdout.write;
-    process.stdout.write = ((chunk: string) => written.push(chunk) > 0) as typeof process.stdout.write;
-    let code: number;
-    try {
-      code = await main(['fsck', '--pool', directory, '--repair']);
-    } finally {
-      process.stdout.write = write;
-    }
+    const { code, out } = await chunkd(['fsck', '--pool', directory, '--repair']);
     assert.equal(code, 1);
-    assert.match(written.join(''), /NOT repaired: .*nothing was changed\n {2}damage: metadata: metadata page \d+ .*damaged in both copies/);
+    assert.match(out, /NOT repaired: .*nothing was changed\n {2}damage: metadata: metadata page \d+ .*damaged in both copies/);
     assert.deepEqual(fingerprint(directory), before, 'fsck and the refused repair changed nothing');
   });
 });
