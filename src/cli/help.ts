@@ -191,7 +191,7 @@ export const commands = {
     summary: 'offline check of a pool no node holds: exit 0 clean, 1 damage found, 2 could not run',
     details: [
       '--repair rewrites damaged metadata copies from the good ones, or salvages what it can, moves the damaged files to damaged-<time>/ and lists exactly what was lost (exit 1 then).',
-      'On paged metadata (format 4) it reads both copies of every page, rewrites a copy damaged in one place from the other, recounts reference counts that disagree with the maps, and starts a fresh journal; damage in both copies of a page or journal commit is not salvaged there: it is listed with the bytes of each volume and snapshot it affects, nothing is changed, and it exits 1.',
+      'On paged metadata (format 4) fsck also reads both copies of every metadata page and checks the reference counts against the maps; --repair rewrites a copy damaged in one place from the other, sets reference counts that disagree to what the maps name, and starts a fresh journal. Damage in both copies of a page or journal commit is not salvaged there: --repair lists it with the bytes of each volume and snapshot it affects, changes nothing, and exits 1.',
     ],
     options: {
       pool: { type: 'string', value: 'DIR', fallback: 'data', help: 'the pool to check' },
