@@ -381,7 +381,8 @@ async function poolCommand(argv: string[]): Promise<number> {
 /**
  * Exit 0: clean; 1: damage found; 2: the check could not run (not a pool, held by a node, unreadable).
  * With --repair: 0 when the pool is clean afterwards and nothing was lost, 1 when something was lost (listed), or
- * when damage was found that it does not repair (paged metadata damaged in both copies: listed, nothing changed).
+ * when damage was found that it does not repair (a page of paged metadata damaged in both copies: listed, nothing
+ * changed).
  */
 async function fsckCommand(argv: string[]): Promise<number> {
   const { values } = parsing(() => parseArgs({ args: argv, options: commands.fsck.options }));
