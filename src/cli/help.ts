@@ -54,7 +54,7 @@ export const commands = {
       workers: { type: 'string', value: 'N', help: 'threads for chunk I/O and checksums (default one per CPU; 0: all on the main thread)' },
       'nbd-threads': { type: 'string', value: 'N', fallback: '0', help: 'threads that each listen on the NBD TCP port and serve their own connections (0: the main thread does)' },
       'verify-reads': { type: 'string', value: 'on|off', fallback: 'on', help: 'check every block read against its checksum (off only to measure what checking costs)' },
-      metadata: { type: 'string', value: 'memory|paged', fallback: 'memory', help: 'the metadata a pool created now gets: memory (all in memory, format 3) or paged (on disk behind a bounded cache, format 4; experimental: no fsck --repair yet). Without it an existing pool opens as it is; paged on a pool of format 3 is refused (chunkd pool upgrade converts it)' },
+      metadata: { type: 'string', value: 'memory|paged', fallback: 'memory', help: 'the metadata a pool created now gets: memory (all in memory, format 3) or paged (on disk behind a bounded cache, format 4; experimental: fsck --repair repairs damage in one copy, reference counts and a journal damaged in both copies, not a page damaged in both). Without it an existing pool opens as it is; paged on a pool of format 3 is refused (chunkd pool upgrade converts it)' },
       'metadata-cache': { type: 'string', value: 'SIZE', fallback: '256MiB', help: 'paged metadata: the cache of metadata pages in memory' },
       fuse: { type: 'string', value: 'DIR', help: 'every volume as a file DIR/<volume>, every snapshot read-only in DIR/.snapshots/' },
       'plugin-socket': { type: 'string', value: 'PATH', help: "Docker's volume plugin protocol on this socket (Docker looks for /run/docker/plugins/chunkd.sock)" },
@@ -189,7 +189,10 @@ export const commands = {
   fsck: {
     usage: ['fsck [--pool DIR] [--repair] [--json]'],
     summary: 'offline check of a pool no node holds: exit 0 clean, 1 damage found, 2 could not run',
-    details: ['--repair rewrites damaged metadata copies from the good ones, or salvages what it can, moves the damaged files to damaged-<time>/ and lists exactly what was lost (exit 1 then).'],
+    details: [
+      '--repair rewrites damaged metadata copies from the good ones, or salvages what it can, moves the damaged files to damaged-<time>/ and lists exactly what was lost (exit 1 then).',
+      'On paged metadata (format 4) fsck also reads both copies of every metadata page and checks the reference counts against the maps; --repair rewrites a copy damaged in one place from the other, sets reference counts that disagree to what the maps name, and starts a fresh journal; a journal commit damaged in both copies is salvaged as on format 3 (exit 1, what was lost listed). A page damaged in both copies is not salvaged there: --repair lists it with the bytes of each volume and snapshot it affects, changes nothing, and exits 1.',
+    ],
     options: {
       pool: { type: 'string', value: 'DIR', fallback: 'data', help: 'the pool to check' },
       repair: { type: 'boolean', help: 'repair what it finds (see above)' },
@@ -200,7 +203,7 @@ export const commands = {
     usage: ['pool upgrade --metadata paged [--pool DIR] [--json]'],
     summary: 'offline: convert a pool no node holds from in-memory metadata (format 3) to paged metadata (format 4)',
     details: [
-      'For a pool whose metadata (maps, checksums, reference counts) has outgrown memory or whose start takes too long: the chunk files stay as they are, the metadata is rebuilt in pages (every volume, snapshot with its id and creation time, clone and their sharing), read back and compared with the old, and only then does the pool switch to format 4; a crash at any point leaves the old pool or the new one, whole. There is no way back to format 3. Paged metadata does not offer fsck --repair yet (a start repairs damage in one copy).',
+      'For a pool whose metadata (maps, checksums, reference counts) has outgrown memory or whose start takes too long: the chunk files stay as they are, the metadata is rebuilt in pages (every volume, snapshot with its id and creation time, clone and their sharing), read back and compared with the old, and only then does the pool switch to format 4; a crash at any point leaves the old pool or the new one, whole. There is no way back to format 3. On paged metadata fsck --repair rewrites copies damaged in one place, recounts reference counts and salvages a journal damaged in both copies, but not a page damaged in both copies (it lists it and changes nothing).',
     ],
     options: {
       pool: { type: 'string', value: 'DIR', fallback: 'data', help: 'the pool to upgrade (stop its node first)' },

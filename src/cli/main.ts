@@ -380,7 +380,9 @@ async function poolCommand(argv: string[]): Promise<number> {
 
 /**
  * Exit 0: clean; 1: damage found; 2: the check could not run (not a pool, held by a node, unreadable).
- * With --repair: 0 when the pool is clean afterwards and nothing was lost, 1 when something was lost (listed).
+ * With --repair: 0 when the pool is clean afterwards and nothing was lost, 1 when something was lost (listed), or
+ * when damage was found that it does not repair (a page of paged metadata damaged in both copies: listed, nothing
+ * changed).
  */
 async function fsckCommand(argv: string[]): Promise<number> {
   const { values } = parsing(() => parseArgs({ args: argv, options: commands.fsck.options }));
@@ -394,6 +396,16 @@ async function fsckCommand(argv: string[]): Promise<number> {
     if (!(error instanceof ChunkdError)) throw error;
     printError(error.code, `fsck could not run: ${error.message}`, values.json === true);
     return 2;
+  }
+  if (repair !== null && repair.unrepairable.length > 0) {
+    print(values.json, { repair, after: report }, () =>
+      [
+        `pool ${repair.directory}: NOT repaired: damage fsck --repair cannot repair on paged metadata; nothing was changed`,
+        ...repair.unrepairable.map((line) => `  damage: ${line}`),
+        ...report.warnings.map((line) => `  warning: ${line}`),
+      ].join('\n'),
+    );
+    return 1;
   }
   if (repair !== null) {
     print(values.json, { repair, after: report }, () =>
@@ -412,7 +424,7 @@ async function fsckCommand(argv: string[]): Promise<number> {
       `pool ${report.directory}: ${report.clean ? 'clean' : report.repairable ? 'DAMAGED (repairable, nothing lost)' : 'DAMAGED'}`,
       ...(report.loaded ? [`  ${report.volumeCount} volumes, ${formatSize(report.mappedBytes)} mapped, generation ${report.generation}, ${report.replayedRecords} journal records`] : []),
       ...report.errors.map((line) => `  damage: ${line}`),
-      ...(report.repairable ? ['  run chunkd fsck --repair (or start the node) to write the damaged copies whole again'] : []),
+      ...(report.repairable ? ['  run chunkd fsck --repair to repair it (a start also writes damaged copies it reads whole again)'] : []),
       ...report.warnings.map((line) => `  warning: ${line}`),
     ].join('\n'),
   );

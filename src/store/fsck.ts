@@ -4,6 +4,8 @@
 // that a start would have to repair from the other one: `clean` means no damage at all. Data left in free space
 // by a crash (written, never committed), a torn journal tail, and files of an older generation are warnings,
 // not damage: the next start drops them. `chunkd fsck` exits 0 when clean, 1 on damage, 2 when it cannot run.
+// A pool of paged metadata gets the checks of paged-check.ts besides (both copies of every page, the reference
+// counts against the maps), read-only.
 import fs from 'node:fs';
 import path from 'node:path';
 import { ChunkdError } from '../core/errors.ts';
@@ -14,6 +16,7 @@ import type { ChunkMap } from './chunk-map.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
 import { dataRanges } from './native.ts';
 import { mappedRunsOf, replayPaged } from './paged-backend.ts';
+import { checkPagedCatalog } from './paged-check.ts';
 import type { PagedMap } from './paged-map.ts';
 import { checkPoolMarker, chunksDirectory, loadMetadata, withPoolLocked } from './pool-layout.ts';
 import { upgradeLeftovers } from './pool-upgrade.ts';
@@ -23,7 +26,7 @@ export interface FsckReport {
   clean: boolean;
   /** Damage: what was found, one line each. */
   errors: string[];
-  /** Damage a start (or fsck --repair) repairs from the other metadata copy, with nothing lost. */
+  /** Damage fsck --repair repairs with nothing lost (from the other metadata copy, or, over pages, from the maps). */
   repairable: boolean;
   /** Whether the metadata could be read at all (the counts below mean nothing when not). */
   loaded: boolean;
@@ -98,15 +101,16 @@ async function check(files: FileLayer, directory: string): Promise<FsckReport> {
 }
 
 /**
- * fsck of a pool of paged metadata (paged-backend.ts): the root and table read, the journals after the root
- * replayed (in memory), then every map walked leaf by leaf in slices (every page read is checked against its
- * checksum): mapped inside its size, its chunks inside the chunk files. Damage to one copy of a page is repaired
- * by the read itself (page-file.ts), not reported.
+ * fsck of a pool of paged metadata (paged-backend.ts), read-only (no page is rewritten, not even one a read finds
+ * damaged in one copy): the root and table read, the journals after the root replayed (in memory), both copies of
+ * every page the root names read (paged-check.ts), every map tree walked once and the reference counts compared
+ * with what the maps name, then every map walked leaf by leaf in slices: mapped inside its size, its chunks inside
+ * the chunk files.
  */
 async function checkPaged(files: FileLayer, directory: string, errors: string[], warnings: string[], report: (extra: Partial<FsckReport>) => FsckReport): Promise<FsckReport> {
   let replayed;
   try {
-    replayed = await replayPaged(files, directory, { cacheBytes: fsckCacheBytes });
+    replayed = await replayPaged(files, directory, { cacheBytes: fsckCacheBytes, readOnly: true });
   } catch (error) {
     if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
     errors.push(`metadata: ${error.message}`);
@@ -114,19 +118,32 @@ async function checkPaged(files: FileLayer, directory: string, errors: string[],
   }
   const { catalog, generation, replayedRecords, tornTail } = replayed;
   try {
-    for (const line of replayed.repairs) errors.push(`metadata: ${line} (repairable: the next start writes it whole again; nothing is lost)`);
+    for (const line of replayed.repairs) errors.push(`metadata: ${line} (repairable: fsck --repair or the next start writes it whole again; nothing is lost)`);
     if (tornTail) warnings.push(`journal-${generation} ends in a commit torn by a crash; the next start drops it (it was never acknowledged)`);
     for (const line of replayed.leftovers) warnings.push(`stray metadata file ${line}; the next start removes it`);
     for (const file of upgradeLeftovers(directory, 'paged')) warnings.push(`${path.basename(file)}, left by the pool upgrade (the pool is of format 4); the next start removes it`);
+    for (const copy of catalog.file.rootMissingFrom) {
+      warnings.push(`${catalog.file.paths[copy]} lacks the newest metadata root (a commit cut short by a crash, or damage); the next start or fsck --repair writes it there`);
+    }
+    const findings = await checkPagedCatalog(catalog);
+    errors.push(...findings.repairable);
+    const repairableCount = replayed.repairs.length + findings.repairable.length;
+    errors.push(...findings.unrepairable);
     const chunkDirectory = chunksDirectory(directory);
     const fileSizes = chunkFileSizes(chunkDirectory);
     let mappedBytes = 0;
     const checkMap = async (what: string, map: PagedMap, sizeBytes: number): Promise<void> => {
       if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % volumeSizeAlignBytes !== 0) errors.push(`${what}: invalid size ${sizeBytes}`);
       let inside = 0;
-      for await (const run of mappedRunsOf(map, Math.floor(sizeBytes / chunkSizeBytes))) {
-        inside += run.chunkCount;
-        checkChunkFiles([run], fileSizes, errors);
+      try {
+        for await (const run of mappedRunsOf(map, Math.floor(sizeBytes / chunkSizeBytes))) {
+          inside += run.chunkCount;
+          checkChunkFiles([run], fileSizes, errors);
+        }
+      } catch (error) {
+        // A page damaged in both copies: reported above, with the bytes of each map it held.
+        if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT' || findings.walk.lost.size === 0) throw error;
+        return;
       }
       mappedBytes += map.mappedCount * chunkSizeBytes;
       if (inside !== map.mappedCount) errors.push(`${what}: ${map.mappedCount - inside} chunk(s) are mapped past its end`);
@@ -141,9 +158,15 @@ async function checkPaged(files: FileLayer, directory: string, errors: string[],
       errors.push(`metadata: ${error.message}`);
     }
     const chunks = catalog.chunks;
-    const reclaimableBytes = reclaimable(chunkDirectory, fileSizes, await chunks.freeExtents(), await chunks.settledHighWater(), warnings);
+    let reclaimableBytes = 0;
+    try {
+      reclaimableBytes = reclaimable(chunkDirectory, fileSizes, await chunks.freeExtents(), await chunks.settledHighWater(), warnings);
+    } catch (error) {
+      // A page of counts damaged in both copies: named above (the free space cannot be read without it).
+      if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT' || findings.scan.lost.length === 0) throw error;
+    }
     return report({
-      repairable: replayed.repairs.length > 0 && errors.length === replayed.repairs.length,
+      repairable: repairableCount > 0 && errors.length === repairableCount,
       volumeCount: catalog.tables.volumes.size,
       snapshotCount: catalog.tables.snapshots.size,
       mappedBytes,

@@ -8,7 +8,8 @@
 //   u16 body bytes | 10 bytes 0
 // A page that is all zeros was never written. A page whose checksum, magic or number is wrong in one copy is read
 // from the other and rewritten there (a repair, counted; durable with the next commit). Wrong in both: damage,
-// refused with the file and offset.
+// refused with the file and offset. Opened read-only (fsck), nothing is rewritten: `checkCopies` says what is
+// damaged where, and `fsck --repair` opens it writable to rewrite it (paged-check.ts).
 //
 // Commit (copy-on-write, as the two meta pages of LMDB and the uberblocks of ZFS): the caller writes its changed
 // pages to page numbers the durable root does not reach, then `commit(rootBody)` makes them durable (fdatasync of
@@ -69,6 +70,14 @@ export interface Root {
   body: Buffer;
 }
 
+/** What the two copies of a page hold: both whole, one damaged (`bad`: its copy, and why), or both damaged. */
+export type PageCopies = { state: 'whole' } | { state: 'one-damaged'; bad: number; reason: string } | { state: 'lost'; reasons: string[] };
+
+export interface PageFileOptions {
+  /** Read only: no repair is written (fsck); `write` and `commit` refuse. */
+  readOnly?: boolean;
+}
+
 /** The newest valid root among the slots' images (each slot in each copy); null if none was ever written. */
 export function chooseRoot(images: ReadonlyArray<{ slot: number; bytes: Buffer }>): Root | null {
   let best: Root | null = null;
@@ -84,15 +93,19 @@ export class PageFile {
   readonly #files: FileLayer;
   readonly #paths: string[];
   readonly #fds: number[];
+  readonly #readOnly: boolean;
   #root: Root | null;
   #repairs = 0;
+  /** The copies that lacked the newest root at open (a commit cut short by a crash, or damage). */
+  #rootMissingFrom: number[] = [];
   #closed = false;
 
-  private constructor(files: FileLayer, paths: string[], fds: number[], root: Root | null) {
+  private constructor(files: FileLayer, paths: string[], fds: number[], root: Root | null, readOnly: boolean) {
     this.#files = files;
     this.#paths = paths;
     this.#fds = fds;
     this.#root = root;
+    this.#readOnly = readOnly;
   }
 
   /**
@@ -100,7 +113,7 @@ export class PageFile {
    * but no valid root in either slot of either copy is damage, refused. The caller syncs the directory when it
    * created the files.
    */
-  static async open(files: FileLayer, base: string): Promise<PageFile> {
+  static async open(files: FileLayer, base: string, options: PageFileOptions = {}): Promise<PageFile> {
     const paths = Array.from({ length: pageCopies }, (_, copy) => `${base}.${copy}`);
     const fds: number[] = [];
     try {
@@ -117,7 +130,8 @@ export class PageFile {
       }
       const root = chooseRoot(images);
       if (root === null && anyWritten) throw ChunkdError.corrupt(`${base}.0 and ${base}.1: neither root slot is readable in either copy`);
-      const file = new PageFile(files, paths, fds, root);
+      const readOnly = options.readOnly === true;
+      const file = new PageFile(files, paths, fds, root, readOnly);
       // A root whole in one copy only is written whole to the other now: else damage to the one good copy later
       // would make an older root the newest valid one, and the pool would silently go back in time.
       if (root !== null) {
@@ -125,6 +139,8 @@ export class PageFile {
         const image = encodePage({ pageNumber: slot, kind: rootKind, generation: root.generation, body: root.body });
         for (let copy = 0; copy < pageCopies; copy++) {
           if (images[copy * 2 + slot]!.bytes.equals(image)) continue;
+          file.#rootMissingFrom.push(copy);
+          if (readOnly) continue;
           await files.write(fds[copy]!, image, slot * pageBytes);
           await files.fdatasync(fds[copy]!);
           file.#repairs += 1;
@@ -147,6 +163,50 @@ export class PageFile {
     return this.#repairs;
   }
 
+  /** The copies' paths (`${base}.0`, `${base}.1`). */
+  get paths(): readonly string[] {
+    return this.#paths;
+  }
+
+  /** The copies that did not hold the newest root at open (rewritten there unless read-only). */
+  get rootMissingFrom(): readonly number[] {
+    return this.#rootMissingFrom;
+  }
+
+  /**
+   * Reads both copies of a page and says which are whole; with `repair` (and not read-only), a copy that is
+   * damaged while the other is whole is rewritten from it (durable with the next `sync` or commit). Both whole but
+   * different (damage a checksum did not catch, or a page no root names): the first copy wins, as `read` takes it.
+   */
+  async checkCopies(pageNumber: number, repair: boolean): Promise<PageCopies> {
+    this.#check();
+    const images: Buffer[] = [];
+    const pages: Array<Page | string> = [];
+    for (let copy = 0; copy < pageCopies; copy++) {
+      const bytes = Buffer.alloc(pageBytes);
+      await readFully(this.#files, this.#fds[copy]!, bytes, pageNumber * pageBytes);
+      images.push(bytes);
+      pages.push(decodePage(bytes, pageNumber));
+    }
+    const whole = pages.map((page) => typeof page !== 'string');
+    if (whole.every((ok) => !ok)) return { state: 'lost', reasons: pages.map((page, copy) => `${this.#paths[copy]}: ${page as string}`) };
+    if (whole.every((ok) => ok) && images[0]!.equals(images[1]!)) return { state: 'whole' };
+    const good = whole[0] ? 0 : 1;
+    const bad = 1 - good;
+    const reason = whole[bad] ? `differs from ${this.#paths[good]} (both pass their checksums)` : (pages[bad] as string);
+    if (repair && !this.#readOnly) {
+      await this.#files.write(this.#fds[bad]!, images[good]!, pageNumber * pageBytes);
+      this.#repairs += 1;
+    }
+    return { state: 'one-damaged', bad, reason };
+  }
+
+  /** Makes the repairs written so far durable (fdatasync of both copies). */
+  async sync(): Promise<void> {
+    this.#check();
+    await Promise.all(this.#fds.map((fd) => this.#files.fdatasync(fd)));
+  }
+
   /** The generation that the next commit makes durable (pages written now carry it). */
   get nextGeneration(): number {
     return (this.#root?.generation ?? 0) + 1;
@@ -155,6 +215,7 @@ export class PageFile {
   /** Writes a page to both copies (not yet durable: `commit` makes it so). */
   async write(pageNumber: number, kind: number, body: Buffer): Promise<void> {
     this.#check();
+    this.#writable();
     if (pageNumber < firstDataPage) throw ChunkdError.invalid(`page ${pageNumber} is a root slot`);
     if (kind === rootKind) throw ChunkdError.invalid(`page kind ${rootKind} is the root's`);
     const image = encodePage({ pageNumber, kind, generation: this.nextGeneration, body });
@@ -174,7 +235,7 @@ export class PageFile {
         reasons.push(`${this.#paths[copy]}: ${page}`);
         continue;
       }
-      for (let bad = 0; bad < copy; bad++) {
+      for (let bad = 0; bad < copy && !this.#readOnly; bad++) {
         await this.#files.write(this.#fds[bad]!, bytes, pageNumber * pageBytes);
         this.#repairs += 1;
       }
@@ -189,6 +250,7 @@ export class PageFile {
    */
   async commit(rootBody: Buffer): Promise<Root> {
     this.#check();
+    this.#writable();
     const generation = this.nextGeneration;
     const slot = generation % 2;
     const image = encodePage({ pageNumber: slot, kind: rootKind, generation, body: rootBody });
@@ -207,5 +269,9 @@ export class PageFile {
 
   #check(): void {
     if (this.#closed) throw new ChunkdError('ESHUTDOWN', 'the page file is closed');
+  }
+
+  #writable(): void {
+    if (this.#readOnly) throw ChunkdError.invalid('the page file is open read-only');
   }
 }

@@ -32,7 +32,7 @@ import type { ChunkRun } from './chunk-map.ts';
 import { ChunkSums } from './chunk-sums.ts';
 import { ContentDigest } from './content-digest.ts';
 import type { FileLayer } from './file-layer.ts';
-import { recoverJournal } from './journal-format.ts';
+import { recoverJournal, salvageJournal, type SalvageItem } from './journal-format.ts';
 import { JournalFile } from './journal-file.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { MetaRecord } from './metadata.ts';
@@ -237,6 +237,17 @@ export interface ReplayedPaged {
   leftovers: string[];
   /** Seconds spent reading the root and the table, and replaying the journals. */
   seconds: { root: number; replay: number };
+  /** With `salvage`: where the replay stopped (null: nowhere, every journal was read whole), and what it left out. */
+  salvage: { gap: string | null; lost: SalvageItem[]; where: (item: SalvageItem) => string } | null;
+}
+
+export interface ReplayOptions extends PagedCatalogOptions {
+  /**
+   * fsck --repair's salvage: a journal damaged in both copies (or a generation missing) is not refused; the records
+   * are applied up to the first that cannot be read or applied and none after it (a record applied past a gap
+   * could name a chunk a lost record freed and a later write reused), and what is left out is returned.
+   */
+  salvage?: boolean;
 }
 
 /**
@@ -244,7 +255,7 @@ export interface ReplayedPaged {
  * written but what the page file's open repairs). Throws ECORRUPT when a journal is damaged in both copies or
  * a generation is missing between the root's and a newer journal.
  */
-export async function replayPaged(files: FileLayer, directory: string, options: PagedCatalogOptions): Promise<ReplayedPaged> {
+export async function replayPaged(files: FileLayer, directory: string, options: ReplayOptions): Promise<ReplayedPaged> {
   const started = performance.now();
   const catalog = await PagedCatalog.open(files, directory, options);
   const rootRead = performance.now();
@@ -258,6 +269,11 @@ export async function replayPaged(files: FileLayer, directory: string, options: 
     const chunks = catalog.chunks;
     const all = journalGenerations(directory);
     for (const older of all.filter((g) => g <= rootGeneration)) leftovers.push(`journal-${older} (covered by the metadata root)`);
+    if (options.salvage === true) {
+      const salvage = await salvageReplay(files, directory, catalog, all.filter((g) => g > rootGeneration));
+      const seconds = { root: (rootRead - started) / 1000, replay: (performance.now() - rootRead) / 1000 };
+      return { catalog, generation: Math.max(rootGeneration, ...all), replayedRecords: salvage.applied, tornTail: false, repairs, leftovers, seconds, salvage };
+    }
     for (const newer of all.filter((g) => g > rootGeneration)) {
       const paths = journalPaths(directory, newer);
       if (newer !== generation + 1) {
@@ -284,7 +300,7 @@ export async function replayPaged(files: FileLayer, directory: string, options: 
       generation = newer;
     }
     const seconds = { root: (rootRead - started) / 1000, replay: (performance.now() - rootRead) / 1000 };
-    return { catalog, generation, replayedRecords, tornTail, repairs, leftovers, seconds };
+    return { catalog, generation, replayedRecords, tornTail, repairs, leftovers, seconds, salvage: null };
   } catch (error) {
     await catalog.close().catch(() => {});
     throw error;
@@ -292,6 +308,38 @@ export async function replayPaged(files: FileLayer, directory: string, options: 
 }
 
 type MapRecord = Extract<MetaRecord, { type: 'map' }>;
+
+/** The salvage's replay (`ReplayOptions.salvage`): record by record, up to the first gap. */
+async function salvageReplay(files: FileLayer, directory: string, catalog: PagedCatalog, generations: number[]): Promise<{ applied: number; gap: string | null; lost: SalvageItem[]; where: (item: SalvageItem) => string }> {
+  const chunks = catalog.chunks;
+  const places = new Map<SalvageItem, string>();
+  const lost: SalvageItem[] = [];
+  let gap: string | null = null;
+  let applied = 0;
+  let expected = catalog.journalGeneration + 1;
+  for (const generation of generations) {
+    if (generation !== expected) gap ??= `journal generation ${expected} is missing`;
+    expected = generation + 1;
+    const items = salvageJournal(await readCopies(files, journalPaths(directory, generation)), generation);
+    for (const item of items) {
+      places.set(item, `journal-${generation} byte ${item.offsetBytes}`);
+      if (gap === null && item.kind === 'record') {
+        try {
+          await catalog.apply(item.record);
+          chunks.releaseTaken(chunks.takeDeferred(chunks.deferredMark()));
+          applied += 1;
+          continue;
+        } catch (error) {
+          if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
+          gap = `journal-${generation} byte ${item.offsetBytes}: a record that does not apply (${error.message})`;
+        }
+      }
+      if (gap === null) gap = item.kind === 'lost-stretch' ? `journal-${generation} byte ${item.offsetBytes}: commits ${item.sequences} unreadable in both copies` : `journal-${generation} byte ${item.offsetBytes}: a record damaged in both copies`;
+      lost.push(item);
+    }
+  }
+  return { applied, gap, lost, where: (item) => places.get(item) ?? 'the journal' };
+}
 
 /**
  * Map records replayed in one pass of their volume's map (`PagedCatalog.applyMaps`), at most: the leaves they
@@ -331,16 +379,23 @@ export interface OpenedPaged extends ReplayedPaged {
 /** Opens a paged pool's metadata for a node: replay, a root covering it, a fresh generation (see the top). */
 export async function openPaged(files: FileLayer, directory: string, options: PagedCatalogOptions): Promise<OpenedPaged> {
   const replayed = await replayPaged(files, directory, options);
-  const { catalog } = replayed;
   try {
-    const generation = replayed.generation + 1;
-    const started = performance.now();
-    // Always a root at open (the first one of a new pool too): small, bounded by one journal's records.
-    const journal = await startJournal(files, directory, generation, catalog.checkpoint(replayed.generation));
-    const checkpointSeconds = (performance.now() - started) / 1000;
-    return { ...replayed, generation, backend: new PagedBackend(catalog, files, directory), journal, checkpointSeconds };
+    const { generation, journal, checkpointSeconds } = await startAfterReplay(files, directory, replayed);
+    return { ...replayed, generation, backend: new PagedBackend(replayed.catalog, files, directory), journal, checkpointSeconds };
   } catch (error) {
-    await catalog.close().catch(() => {});
+    await replayed.catalog.close().catch(() => {});
     throw error;
   }
+}
+
+/**
+ * Writes the root covering what `replayed` replayed (always one at open, the first one of a new pool too: small,
+ * bounded by one journal's records), then starts the next journal generation, removing the journals the root
+ * covers. Used by the node's open and by `fsck --repair` (repair.ts).
+ */
+export async function startAfterReplay(files: FileLayer, directory: string, replayed: ReplayedPaged): Promise<{ generation: number; journal: JournalFile; checkpointSeconds: number }> {
+  const generation = replayed.generation + 1;
+  const started = performance.now();
+  const journal = await startJournal(files, directory, generation, replayed.catalog.checkpoint(replayed.generation));
+  return { generation, journal, checkpointSeconds: (performance.now() - started) / 1000 };
 }

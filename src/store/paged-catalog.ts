@@ -46,7 +46,8 @@ import type { FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import { checkRecord, type CatalogTables, isSnapshotUuid, snapshotUuidOf, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
 import { PageCache } from './page-cache.ts';
-import { PageFile } from './page-file.ts';
+import type { PageAllocatorState } from './page-allocator.ts';
+import { firstDataPage, PageFile } from './page-file.ts';
 import { chainPagesFor, readChain, writeChain } from './page-table.ts';
 import { PagedMaps, type MapNode, type PagedMap, type PagedRun } from './paged-map.ts';
 import { SpaceMaps, spaceRootBytes, type ChunkSpace } from './space-map.ts';
@@ -79,6 +80,8 @@ export interface PagedCatalogOptions {
   /** Map node capacities (smaller in tests, for deep trees). */
   leafCapacity?: number;
   interiorCapacity?: number;
+  /** Read only (fsck): the page file writes no repair and refuses commits; records still apply, in memory. */
+  readOnly?: boolean;
 }
 
 interface CatalogRoot {
@@ -160,6 +163,8 @@ export class PagedCatalog {
   readonly #snapshots = new Map<number, SnapshotEntry>();
   #tablePages: number[] = [];
   #journalGeneration = 0;
+  /** The page allocator as the durable root left it (which pages that root names: paged-check.ts). */
+  #pagesAtOpen: PageAllocatorState = { nextPage: firstDataPage, free: [] };
   /** The last record or checkpoint queued: they run one at a time, in call order. */
   #queue: Promise<unknown> = Promise.resolve();
   /** Whether chunks the record applying now frees are punched out once free (see `apply`). */
@@ -175,7 +180,7 @@ export class PagedCatalog {
 
   /** Opens the paged catalog of `directory` (an empty one where none was committed): reads its root and table. */
   static async open(files: FileLayer, directory: string, options: PagedCatalogOptions): Promise<PagedCatalog> {
-    const file = await PageFile.open(files, path.join(directory, pagedCatalogFile));
+    const file = await PageFile.open(files, path.join(directory, pagedCatalogFile), { readOnly: options.readOnly });
     try {
       // The files may have just been created: their entries must be durable before a root in them counts.
       if (file.root === null) await files.syncDirectory(directory);
@@ -192,6 +197,7 @@ export class PagedCatalog {
         chunkCountPages: space.chunks.counts,
       });
       const catalog = new PagedCatalog(file, cache, space, maps);
+      catalog.#pagesAtOpen = space.pages.state();
       if (root !== null) await catalog.#load(root);
       return catalog;
     } catch (error) {
@@ -217,6 +223,16 @@ export class PagedCatalog {
     }
     this.#nextVolumeId = Math.max(this.#nextVolumeId, table.nextVolumeId);
     this.#nextSnapshotId = Math.max(this.#nextSnapshotId, table.nextSnapshotId);
+  }
+
+  /** The page file (for checks and tools: paged-check.ts reads both copies of each page). */
+  get file(): PageFile {
+    return this.#file;
+  }
+
+  /** The page allocator's state at open: every page below `nextPage` not in `free` is named by the durable root. */
+  get pagesAtOpen(): PageAllocatorState {
+    return this.#pagesAtOpen;
   }
 
   /** The journal generation the durable root covers (0 before the first checkpoint). */

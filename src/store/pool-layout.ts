@@ -185,7 +185,7 @@ export async function readCopies(files: FileLayer, paths: readonly string[]): Pr
  */
 export async function loadMetadata(files: FileLayer, directory: string): Promise<LoadedMetadata> {
   if ((await checkPoolMarker(files, directory)) === 'paged') {
-    throw ChunkdError.invalid(`pool ${directory} has paged metadata (format ${pagedFormatVersion}); this step reads only pools of format ${poolFormatVersion}: fsck --repair does not repair paged metadata yet (damage in one copy of a page or journal is repaired by the next start of the node: chunkd fsck says which)`);
+    throw ChunkdError.invalid(`pool ${directory} has paged metadata (format ${pagedFormatVersion}); this step reads only pools of format ${poolFormatVersion}`);
   }
   const repairs: string[] = [];
   const leftovers: string[] = [];

@@ -186,6 +186,21 @@ export class RefCountMap {
     return after;
   }
 
+  /** The zeros page `page` of counts holds (loaded), counted: what its summary (`zeros`) should say. */
+  countZeros(page: number): number {
+    const counts = this.countsOf(page);
+    assert(counts !== undefined, `reference counts: page ${page} is not loaded`);
+    let zeros = 0;
+    for (const count of counts) if (count === 0) zeros += 1;
+    return zeros;
+  }
+
+  /** Sets the summary of page `page` of counts (loaded) to the zeros it holds: a repair (paged-check.ts). */
+  resummarize(page: number): void {
+    const zeros = this.countZeros(page);
+    if (zeros !== this.#directory.small(page)) this.#directory.set(page, this.#directory.value(page), zeros);
+  }
+
   /** Reads and pins the pages holding the counts of `indexes`. */
   load(indexes: Iterable<number>): Promise<Pin> {
     const pages = new Set<number>();

@@ -1,7 +1,7 @@
 // The paged metadata's page file (src/store/page-file.ts): pages checked byte for byte, the newest valid root
 // chosen, a page or root damaged in one copy read from the other and repaired, damage in both refused; and under
 // the power-loss model, a crash at any file-system call leaves the last committed root or the one in flight, with
-// every page it names whole.
+// every page it names whole; opened read-only (fsck), nothing written, and both copies of a page checked.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -95,6 +95,47 @@ test('pages and roots survive a reopen; damage in one copy is read from the othe
 
 /** What commit `generation` writes: `perCommit` new pages, each named by the root with its expected text. */
 const pageText = (generation: number, index: number): string => `generation ${generation} page ${index} `.repeat(1 + ((generation * 7 + index) % 40));
+
+test('read-only (fsck): a page or the root damaged in one copy is read and reported, nothing is written; checkCopies with repair rewrites the damaged copy', async () => {
+  const directory = scratch();
+  const base = path.join(directory, 'meta');
+  try {
+    const file = await PageFile.open(realFiles, base);
+    for (let page = firstDataPage; page < firstDataPage + 3; page++) await file.write(page, 1, Buffer.from(`page ${page}`));
+    await file.commit(Buffer.from('root one'));
+    file.close();
+    const flip = (copy: number, offset: number): void => {
+      const bytes = fs.readFileSync(`${base}.${copy}`);
+      bytes[offset]! ^= 0x21;
+      fs.writeFileSync(`${base}.${copy}`, bytes);
+    };
+    flip(0, (firstDataPage + 1) * pageBytes + pageHeaderBytes + 2);
+    flip(1, 1 * pageBytes + pageHeaderBytes + 2); // the root (generation 1, slot 1) in copy 1
+    flip(0, (firstDataPage + 2) * pageBytes + 40);
+    flip(1, (firstDataPage + 2) * pageBytes + 40);
+    const before = [0, 1].map((copy) => fs.readFileSync(`${base}.${copy}`));
+    const readOnly = await PageFile.open(realFiles, base, { readOnly: true });
+    assert.deepEqual(readOnly.root, { generation: 1, body: Buffer.from('root one') });
+    assert.deepEqual(readOnly.rootMissingFrom, [1]);
+    assert.equal((await readOnly.read(firstDataPage + 1)).body.toString(), `page ${firstDataPage + 1}`);
+    assert.deepEqual(await readOnly.checkCopies(firstDataPage, true), { state: 'whole' });
+    const one = await readOnly.checkCopies(firstDataPage + 1, true);
+    assert.ok(one.state === 'one-damaged' && one.bad === 0 && one.reason === 'checksum mismatch', JSON.stringify(one));
+    assert.equal((await readOnly.checkCopies(firstDataPage + 2, true)).state, 'lost');
+    await assert.rejects(readOnly.write(firstDataPage, 1, Buffer.alloc(1)), /read-only/);
+    await assert.rejects(readOnly.commit(Buffer.from('root two')), /read-only/);
+    readOnly.close();
+    assert.deepEqual([0, 1].map((copy) => fs.readFileSync(`${base}.${copy}`)), before, 'a read-only open, read and check wrote nothing');
+    const writable = await PageFile.open(realFiles, base);
+    assert.equal((await writable.checkCopies(firstDataPage + 1, true)).state, 'one-damaged');
+    await writable.sync();
+    assert.deepEqual(await writable.checkCopies(firstDataPage + 1, false), { state: 'whole' }, 'rewritten from the other copy');
+    assert.deepEqual(fs.readFileSync(`${base}.1`).subarray(pageBytes, 2 * pageBytes), fs.readFileSync(`${base}.0`).subarray(pageBytes, 2 * pageBytes), 'the root written into the copy that lacked it');
+    writable.close();
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
 
 test('power loss at any call during commits leaves the last committed root or the one in flight, every page it names whole', async () => {
   const seed = testSeed('page file power loss');
