@@ -81,6 +81,9 @@ export class ChunkWriter {
     this.#waitMs = waitMs;
     this.#worker = new Worker(ownModule('workers', 'chunk-writer'), { workerData: { control: this.#control, slab } });
     this.#worker.unref();
+    // A thread that could not start or died: the write it held fails (EIO) and writes go another way from now on.
+    this.#worker.on('error', () => {});
+    this.#worker.on('exit', () => this.#lost());
   }
 
   /**
@@ -114,6 +117,19 @@ export class ChunkWriter {
     this.#closed = true;
     Atomics.store(this.#slots, seqSlot, stopSeq);
     Atomics.notify(this.#slots, seqSlot);
+  }
+
+  /** Test hook: ends the thread as a crash would, and resolves once it is gone. */
+  async stopThreadForTest(): Promise<void> {
+    await this.#worker.terminate();
+  }
+
+  #lost(): void {
+    this.#closed = true;
+    if (!this.#busy || Atomics.load(this.#slots, doneSlot) === this.#seq) return;
+    this.#slots[resultSlot] = -5; // EIO
+    Atomics.store(this.#slots, doneSlot, this.#seq);
+    Atomics.notify(this.#slots, doneSlot);
   }
 
   readonly #nextTurn = (): void => {

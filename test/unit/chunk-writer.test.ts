@@ -1,6 +1,7 @@
 // The chunk writer thread (src/store/chunk-writer.ts) with a real thread and a real file: a write waited for
 // briefly and one waited for asynchronously both land whole where they were asked to; a failed pwrite rejects with
-// its code; it takes one write per turn, and only bytes in its slab, and says so with null.
+// its code; it takes one write per turn, only bytes in its slab, and none once its thread is gone, and says so
+// with null.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -82,4 +83,13 @@ test('one write per turn, and only bytes in its slab', async () => {
   const next = patient.write(fd, inSlab(4096, 4096), 4096);
   assert.notEqual(next, null);
   await next;
+});
+
+test('a writer whose thread is gone takes no more writes', async () => {
+  const writer = new ChunkWriter(slab, 5000);
+  await nextTurn();
+  await writer.write(fd, inSlab(0, 4096), 0);
+  await writer.stopThreadForTest();
+  await nextTurn();
+  assert.equal(writer.write(fd, inSlab(0, 4096), 0), null);
 });
