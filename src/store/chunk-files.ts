@@ -11,6 +11,7 @@ import { assert } from '../core/assert.ts';
 import { chunkSizeBytes, openChunkFilesMax } from '../core/limits.ts';
 import { settleAll } from '../core/settle.ts';
 import { chunkFileBytes, chunkFileIndexOf, chunkFilePath } from './chunk-file-layout.ts';
+import type { ChunkWriter } from './chunk-writer.ts';
 import { readFully, type FileLayer } from './file-layer.ts';
 
 /** Kept here too for the modules that import it from chunk-files.ts (fsck.ts). */
@@ -81,10 +82,14 @@ export class ChunkFiles {
     );
   }
 
-  /** Writes `data` starting `offsetBytes` into physical chunk `physicalChunk`. */
-  write(physicalChunk: number, offsetBytes: number, data: Buffer): Promise<void> {
+  /**
+   * Writes `data` starting `offsetBytes` into physical chunk `physicalChunk`; through `writer` when it takes the
+   * write (chunk-writer.ts), else through the file layer.
+   */
+  write(physicalChunk: number, offsetBytes: number, data: Buffer, writer?: ChunkWriter | null): Promise<void> {
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, data.length, async (file, position, start, end, fileIndex) => {
-      await this.layer.write(file.fd, data.subarray(start, end), position);
+      const part = data.subarray(start, end);
+      await (writer?.write(file.fd, part, position) ?? this.layer.write(file.fd, part, position));
       this.#dirty.add(fileIndex);
     });
   }

@@ -1,13 +1,15 @@
 // The data half of chunk storage: reads that verify checksums and writes that compute them, over whole 4 KiB
 // chunks. Two engines implement it: InlineChunkIo runs on the calling thread (reads from the page cache right
-// there, other I/O on libuv's pool), WorkerChunkIo (worker-io.ts) hands each request to a piscina worker that
-// does the pread/pwrite and the checksums, so the event loop only speaks protocols. Control I/O (fdatasync,
+// there, other I/O on libuv's pool or, for small writes, the chunk writer's thread: chunk-writer.ts),
+// WorkerChunkIo (worker-io.ts) hands each request to a piscina worker that does the pread/pwrite and the
+// checksums, so the event loop only speaks protocols. Control I/O (fdatasync,
 // punch, zero ranges) stays with ChunkFiles on the main thread: it is rare and already off the event loop.
 import { assert } from '../core/assert.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { settleAll } from '../core/settle.ts';
 import { blockChecksum, combinedChecksum, runChecksum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
+import type { ChunkWriter } from './chunk-writer.ts';
 
 /** The first chunk of a read whose bytes do not match their checksum. */
 export interface Mismatch {
@@ -92,9 +94,12 @@ export function locateInPlan(plan: Float64Array, index: number): { physicalChunk
 /** Chunk I/O and checksums on the calling thread. */
 export class InlineChunkIo implements ChunkIo {
   readonly #files: ChunkFiles;
+  readonly #writer: ChunkWriter | null;
 
-  constructor(files: ChunkFiles) {
+  /** `writer`: a thread that takes small writes whose bytes are in its slab (chunk-writer.ts); others go to libuv's pool. */
+  constructor(files: ChunkFiles, writer: ChunkWriter | null = null) {
     this.#files = files;
+    this.#writer = writer;
   }
 
   async readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
@@ -126,7 +131,7 @@ export class InlineChunkIo implements ChunkIo {
 
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
     const sums = chunkSums(data);
-    await this.#files.write(physicalChunk, 0, data);
+    await this.#files.write(physicalChunk, 0, data, this.#writer);
     return sums;
   }
 

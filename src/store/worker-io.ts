@@ -16,6 +16,7 @@ import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
 import { sharedBytesOf } from '../core/shared-bytes.ts';
 import { TurnBatch } from '../core/turn-batch.ts';
 import type { ChunkFiles } from './chunk-files.ts';
+import { ChunkWriter } from './chunk-writer.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerBatchResult, WorkerTask } from './chunk-task.ts';
 import { observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';
@@ -54,6 +55,8 @@ export class WorkerChunkIo implements ChunkIo {
   readonly #files: ChunkFiles;
   /** Small requests, done on this thread. */
   readonly #inline: InlineChunkIo;
+  /** Small writes whose bytes are in the shared slab, when it takes them (chunk-writer.ts). */
+  readonly #writer: ChunkWriter | null;
   readonly #pool: Piscina<WorkerTask, WorkerBatchResult>;
   readonly #workerCount: number;
   /** Tasks asked for in this turn of the event loop, handed out together at its end (#dispatch). */
@@ -68,7 +71,9 @@ export class WorkerChunkIo implements ChunkIo {
 
   constructor(files: ChunkFiles, options: WorkerIoOptions) {
     this.#files = files;
-    this.#inline = new InlineChunkIo(files);
+    // Not under a test's file layer (a faulty or power-loss twin): the writer's pwrite would go around it.
+    this.#writer = files.layer.workerSpec.kind === 'real' ? new ChunkWriter(options.buffers.slab) : null;
+    this.#inline = new InlineChunkIo(files, this.#writer);
     this.#buffers = options.buffers;
     this.#log = options.log;
     this.#waitTimes = options.waitTimes;
@@ -133,7 +138,8 @@ export class WorkerChunkIo implements ChunkIo {
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
     // A write's checksums cost well under a microsecond per 4 KiB here (about 0.1 ms per MiB), and libuv's pool
     // takes its pwrite with a lighter hand-off than a worker task (4 KiB at QD1: 40k/s against 17k/s through a
-    // worker; 1 MiB at QD8: less CPU per GB, limits.ts). Only writes larger than 1 MiB go to a worker.
+    // worker; 1 MiB at QD8: less CPU per GB, limits.ts), and the chunk writer (chunk-writer.ts) a lighter one
+    // still for a turn's first small write. Only writes larger than 1 MiB go to a worker.
     if (data.length <= inlineWriteBytesMax) return this.#inline.writeSummed(physicalChunk, data);
     let staged: Buffer | null = null;
     if (!isShared(data)) {
@@ -168,6 +174,7 @@ export class WorkerChunkIo implements ChunkIo {
 
   async close(options?: { force?: boolean }): Promise<void> {
     this.#closing = true;
+    this.#writer?.close();
     if (options?.force) await this.#pool.destroy();
     else await this.#pool.close();
   }

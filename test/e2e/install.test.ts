@@ -67,6 +67,7 @@ test('npm pack makes a package that npm install -g turns into a working chunkd',
   const listing = await mustRun('tar', ['-tzf', tarball]);
   assert.match(listing, /^package\/dist\/src\/cli\/main\.js$/m);
   assert.match(listing, /^package\/dist\/workers\/chunk-io\.js$/m);
+  assert.match(listing, /^package\/dist\/workers\/chunk-writer\.js$/m);
   assert.doesNotMatch(listing, /\.ts$/m, 'the package carries TypeScript sources, which Node will not run under node_modules');
   const prefix = path.join(work, 'global');
   await mustRun('npm', ['install', '-g', '--prefix', prefix, ...npmOptions, tarball], { timeoutMs: 240_000 });

@@ -1,0 +1,95 @@
+// The chunk writer thread (src/store/chunk-writer.ts) with a real thread and a real file: a write waited for
+// briefly and one waited for asynchronously both land whole where they were asked to; a failed pwrite rejects with
+// its code; it takes one write per turn, only bytes in its slab, and none once its thread is gone, and says so
+// with null.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { afterAll, beforeAll, test } from 'vitest';
+import { ChunkWriter } from '../../src/store/chunk-writer.ts';
+
+let directory: string;
+let fd: number;
+const slab = new SharedArrayBuffer(1024 * 1024);
+/** Waits long enough that a pwrite into the page cache is over within it. */
+let patient: ChunkWriter;
+/** Never waits: every write is waited for asynchronously. */
+let hasty: ChunkWriter;
+
+beforeAll(() => {
+  directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-writer-'));
+  fd = fs.openSync(path.join(directory, 'file'), 'w+');
+  patient = new ChunkWriter(slab, 5000);
+  hasty = new ChunkWriter(slab, 0);
+});
+
+afterAll(() => {
+  patient.close();
+  hasty.close();
+  fs.closeSync(fd);
+  fs.rmSync(directory, { recursive: true, force: true });
+});
+
+const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+/** `length` random bytes at `offset` of the slab, as a view. */
+function inSlab(offset: number, length: number): Buffer {
+  const view = Buffer.from(slab, offset, length);
+  randomBytes(length).copy(view);
+  return view;
+}
+
+function readBack(position: number, length: number): Buffer {
+  const bytes = Buffer.alloc(length);
+  assert.equal(fs.readSync(fd, bytes, 0, length, position), length);
+  return bytes;
+}
+
+test('a write waited for and one waited for asynchronously land whole at their positions', async () => {
+  for (const [writer, position] of [[patient, 3 * 4096], [hasty, 9 * 4096]] as const) {
+    for (let round = 0; round < 20; round++) {
+      const data = inSlab(8192 + round * 4096, 4096);
+      const written = writer.write(fd, data, position + round * 4096);
+      assert.notEqual(written, null);
+      await written;
+      assert.deepEqual(readBack(position + round * 4096, 4096), data);
+      await nextTurn();
+    }
+  }
+});
+
+test('a failed pwrite rejects with its code, and the writer goes on', async () => {
+  const readOnly = fs.openSync(path.join(directory, 'file'), 'r');
+  try {
+    await assert.rejects(patient.write(readOnly, inSlab(0, 4096), 0)!, { code: 'EBADF' });
+  } finally {
+    fs.closeSync(readOnly);
+  }
+  await nextTurn();
+  const data = inSlab(4096, 4096);
+  await patient.write(fd, data, 0);
+  assert.deepEqual(readBack(0, 4096), data);
+});
+
+test('one write per turn, and only bytes in its slab', async () => {
+  await nextTurn();
+  assert.equal(patient.write(fd, Buffer.alloc(4096), 0), null, 'not in the slab');
+  // The patient writer's write is over before write() returns, so awaiting it takes no turn of the event loop.
+  await patient.write(fd, inSlab(0, 4096), 0);
+  assert.equal(patient.write(fd, inSlab(4096, 4096), 4096), null, 'one per turn');
+  await nextTurn();
+  const next = patient.write(fd, inSlab(4096, 4096), 4096);
+  assert.notEqual(next, null);
+  await next;
+});
+
+test('a writer whose thread is gone takes no more writes', async () => {
+  const writer = new ChunkWriter(slab, 5000);
+  await nextTurn();
+  await writer.write(fd, inSlab(0, 4096), 0);
+  await writer.stopThreadForTest();
+  await nextTurn();
+  assert.equal(writer.write(fd, inSlab(0, 4096), 0), null);
+});
