@@ -36,9 +36,35 @@ export class ChunkRefcounts implements ChunkRefs {
   decrement(physicalChunk: number): void {
     const block = this.#block(Math.floor(physicalChunk / blockChunks));
     const slot = physicalChunk % blockChunks;
-    assert(block !== undefined && block[slot]! > 0, `chunk ${physicalChunk} released more often than referenced`);
+    // The message is built only on failure: this runs for every chunk of every page a snapshot's removal lets go of.
+    if (block === undefined || block[slot]! === 0) assert(false, `chunk ${physicalChunk} released more often than referenced`);
     block[slot]! -= 1;
     if (block[slot] === 0) this.onFree(physicalChunk);
+  }
+
+  /**
+   * One reference more for each chunk a map page names (`slots`: chunk + 1, 0 where none; chunk-map.ts), as
+   * `increment` of each: a page copied on its first write after a snapshot. One call per page rather than per
+   * chunk, since a volume written at random copies nearly every page of its map after each snapshot.
+   */
+  incrementSlots(slots: Float64Array): void {
+    for (let i = 0; i < slots.length; i++) {
+      const chunk = slots[i]! - 1;
+      if (chunk < 0) continue;
+      const blockIndex = Math.floor(chunk / blockChunks);
+      let block = this.#block(blockIndex);
+      if (block === undefined) {
+        block = new Uint32Array(blockChunks);
+        this.#blocks.set(blockIndex, block);
+        this.#last = block;
+      }
+      block[chunk % blockChunks]! += 1;
+    }
+  }
+
+  /** One reference less for each chunk a map page names, as `decrement` of each: a page's last holder let go of it. */
+  decrementSlots(slots: Float64Array): void {
+    for (let i = 0; i < slots.length; i++) if (slots[i]! > 0) this.decrement(slots[i]! - 1);
   }
 
   #block(blockIndex: number): Uint32Array | undefined {
