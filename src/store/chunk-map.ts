@@ -25,9 +25,6 @@ export interface ChunkRun {
 export interface ChunkRefs {
   increment(physicalChunk: number): void;
   decrement(physicalChunk: number): void;
-  /** Where given: `increment` (or `decrement`) of each chunk a page's slots name, in one call (chunk-refcounts.ts). */
-  incrementSlots?(slots: Float64Array): void;
-  decrementSlots?(slots: Float64Array): void;
 }
 
 export interface Page {
@@ -191,8 +188,7 @@ export class ChunkMap {
     if (page.shareCount === 1) return page;
     const copy: Page = { slots: page.slots.slice(), usedCount: page.usedCount, shareCount: 1 };
     page.shareCount -= 1;
-    if (refs.incrementSlots !== undefined) refs.incrementSlots(copy.slots);
-    else for (const slot of copy.slots) if (slot > 0) refs.increment(slot - 1);
+    for (const slot of copy.slots) if (slot > 0) refs.increment(slot - 1);
     this.#pages.set(pageIndex, copy);
     return copy;
   }
@@ -203,8 +199,7 @@ export function releasePage(page: Page, refs: ChunkRefs): void {
   assert(page.shareCount > 0);
   page.shareCount -= 1;
   if (page.shareCount > 0) return;
-  if (refs.decrementSlots !== undefined) refs.decrementSlots(page.slots);
-  else for (const slot of page.slots) if (slot > 0) refs.decrement(slot - 1);
+  for (const slot of page.slots) if (slot > 0) refs.decrement(slot - 1);
 }
 
 /** Whether chunks at `virtualChunk` naming `physicalChunk` (-1: a hole) continue the run `last`. */

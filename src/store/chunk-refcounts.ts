@@ -42,31 +42,6 @@ export class ChunkRefcounts implements ChunkRefs {
     if (block[slot] === 0) this.onFree(physicalChunk);
   }
 
-  /**
-   * One reference more for each chunk a map page names (`slots`: chunk + 1, 0 where none; chunk-map.ts), as
-   * `increment` of each: a page copied on its first write after a snapshot. One call per page rather than per
-   * chunk, since a volume written at random copies nearly every page of its map after each snapshot.
-   */
-  incrementSlots(slots: Float64Array): void {
-    for (let i = 0; i < slots.length; i++) {
-      const chunk = slots[i]! - 1;
-      if (chunk < 0) continue;
-      const blockIndex = Math.floor(chunk / blockChunks);
-      let block = this.#block(blockIndex);
-      if (block === undefined) {
-        block = new Uint32Array(blockChunks);
-        this.#blocks.set(blockIndex, block);
-        this.#last = block;
-      }
-      block[chunk % blockChunks]! += 1;
-    }
-  }
-
-  /** One reference less for each chunk a map page names, as `decrement` of each: a page's last holder let go of it. */
-  decrementSlots(slots: Float64Array): void {
-    for (let i = 0; i < slots.length; i++) if (slots[i]! > 0) this.decrement(slots[i]! - 1);
-  }
-
   #block(blockIndex: number): Uint32Array | undefined {
     if (blockIndex !== this.#lastIndex) {
       this.#lastIndex = blockIndex;
