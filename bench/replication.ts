@@ -22,7 +22,7 @@
 //      sample's link is added and its first cycle waited for before fio starts, and removed after. The link's
 //      stream rate over the sample comes from alpha's streamBytesSentTotal. Each node's CPU per client I/O:
 //      alpha's over fio's measured window (after its ramp), beta's over the whole fio run scaled to the window.
-//      --perf-alpha DIR records alpha with perf over each sample (alpha then runs with --perf-basic-prof, so
+//      --perf DIR records each node with perf over each sample (the nodes then run with --perf-basic-prof, so
 //      JavaScript frames have names); --chunkd DIR runs both nodes from another checkout (old and new code,
 //      one bench run each, alternated by the caller).
 //   4. Handoff with 1% dirty, after the runs above (it moves the volume, so it comes last; each handoff goes back the
@@ -74,7 +74,7 @@ const usage = `usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--r
   --rows LIST      the client step's rows (default randwrite-4k-qd32,write-1m-qd8)
   --modes LIST     the client step's modes (default ${modeIds.join(',')}; no-link is always measured: the ratios are to it)
   --chunkd DIR     run both nodes from the checkout DIR (its bin/chunkd.js) instead of this one
-  --perf-alpha DIR perf record alpha over each client sample into DIR (alpha runs with --perf-basic-prof)
+  --perf DIR       perf record each node over each client sample into DIR (the nodes run with --perf-basic-prof)
   --target DIR     where the two pools go (default .); needs about 2 x SIZE free per node
   --out DIR        also write results.json and results.md there`;
 
@@ -317,7 +317,7 @@ function snapshotCycles(alpha: Peer, everyMs: number): () => Promise<number> {
   };
 }
 
-/** perf record of alpha (every thread, call graphs) into `file` until the function returned is called. */
+/** perf record of a node (every thread, call graphs) into `file` until the function returned is called. */
 function perfRecord(pid: number, file: string): () => Promise<void> {
   const perf = spawn('perf', ['record', '-F', '499', '-g', '-p', String(pid), '-o', file], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
@@ -341,13 +341,13 @@ async function clientSample(tools: Tools, alpha: Peer, beta: Peer, row: RowSpec,
   }
   const linkBefore = mode.link === null ? null : (await replicas(alpha))[0]!;
   const stopCycles = mode.snapshotsEveryMs === null ? null : snapshotCycles(alpha, mode.snapshotsEveryMs);
-  const stopPerf = perfDir === null ? null : perfRecord(alpha.node.process.pid!, path.join(perfDir, `${row.id}-${mode.id}-run${run + 1}.data`));
+  const stopPerf = perfDir === null ? [] : [alpha, beta].map((peer) => perfRecord(peer.node.process.pid!, path.join(perfDir, `${row.id}-${mode.id}-run${run + 1}-${peer.name}.data`)));
   const cpu = cpuMeter(alpha, beta);
   const started = performance.now();
   const sample = await measure(tools, nbdTarget(alpha.node.uri(volume)), alpha.node.process.pid!, row, mode.id, run, options);
   const seconds = (performance.now() - started) / 1000;
   const { betaCpuSeconds } = cpu();
-  await stopPerf?.();
+  await Promise.all(stopPerf.map((stop) => stop()));
   const linkAfter = mode.link === null ? null : (await replicas(alpha))[0]!;
   const cycles = stopCycles !== null ? await stopCycles() : linkAfter === null ? null : linkAfter.cyclesTotal - linkBefore!.cyclesTotal;
   await removeLink(alpha, beta);
@@ -439,7 +439,7 @@ async function main(): Promise<void> {
       modes: { type: 'string', default: modeIds.join(',') },
       rows: { type: 'string', default: clientRows.map((row) => row.id).join(',') },
       chunkd: { type: 'string' },
-      'perf-alpha': { type: 'string' },
+      perf: { type: 'string' },
       out: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -477,13 +477,12 @@ async function main(): Promise<void> {
   if (rows.includes(null)) throw new Error(`--rows: one of ${values.rows} is not a row (known: ${clientRows.map((row) => row.id).join(', ')})`);
   const bin = values.chunkd === undefined ? chunkdBin : path.join(path.resolve(values.chunkd), 'bin', 'chunkd.js');
   if (!fs.existsSync(bin)) throw new Error(`--chunkd: no ${bin}`);
-  const perfDir = values['perf-alpha'] === undefined ? null : path.resolve(values['perf-alpha']);
+  const perfDir = values.perf === undefined ? null : path.resolve(values.perf);
   if (perfDir !== null) fs.mkdirSync(perfDir, { recursive: true });
-  const launcher: Launcher = { command: nodeBinary, prefix: [bin] };
-  const alphaLauncher: Launcher = perfDir === null ? launcher : { ...launcher, env: { ...process.env, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --perf-basic-prof`.trim() } };
+  const launcher: Launcher = { command: nodeBinary, prefix: [bin], ...(perfDir === null ? {} : { env: { ...process.env, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --perf-basic-prof`.trim() } }) };
 
   await mustRun(process.execPath, [bin, 'tls', 'init', path.join(scratch, 'tls'), '--node', 'alpha', '--node', 'beta']);
-  const alpha = await startPeer(scratch, 'alpha', alphaLauncher, ['--default-volume', `${volume}:${sizeBytes / MiB}MiB`]);
+  const alpha = await startPeer(scratch, 'alpha', launcher, ['--default-volume', `${volume}:${sizeBytes / MiB}MiB`]);
   const beta = await startPeer(scratch, 'beta', launcher);
   try {
     console.log(`alpha pid ${alpha.node.process.pid}, beta pid ${beta.node.process.pid} (${bin}); filling ${formatSize(sizeBytes)} of ${volume} with random data`);
