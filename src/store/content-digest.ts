@@ -12,7 +12,8 @@
 // check of what was stored, not a defence against an adversary, which the transport's TLS is for).
 // The entries are gathered as 32-bit words (the u64 as its two halves) rather than through BigInt and Buffer's
 // writers: a replication cycle digests its whole target snapshot on each side, and at 4 GiB (a million chunks) the
-// per-entry BigInt made that 200 ms of one event loop turn per cycle, most of what replication cost the client.
+// per-entry BigInt made that about 150 ms of CPU in one event loop turn per cycle (now about 30, a quarter of it
+// the sha256; BENCHMARKS.md, issue 14).
 // Pure.
 import { createHash } from 'node:crypto';
 import os from 'node:os';
