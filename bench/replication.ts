@@ -15,10 +15,16 @@
 //      its random map: no block twice): the changed bytes (`snapshot diff vol POINT`, before the sync) against
 //      the cycle's stream bytes (`replica sync vol`), and its time.
 //   3. Client I/O on alpha's volume (fio, nbd engine, 4 KiB random write QD32 and 1 MiB sequential write QD8)
-//      with no link, with a link replicating every 500 ms, and with the same link at --max-rate 100MiB/s; the
-//      three interleaved. Before each sample a catch-up link brings beta current and is removed, so every sample
-//      starts alike; a sample's link is added and its first cycle waited for before fio starts, and removed
-//      after. The link's stream rate over the sample comes from alpha's streamBytesSentTotal.
+//      with no link, with only the snapshot cycle a link runs on alpha (a snapshot taken and the one before it
+//      removed, 500 ms after the last, through the API: no diff, no digest, no stream, no peer), with a link
+//      replicating every 500 ms, and with the same link at --max-rate 100MiB/s; interleaved (--modes picks).
+//      Before each sample a catch-up link brings beta current and is removed, so every sample starts alike; a
+//      sample's link is added and its first cycle waited for before fio starts, and removed after. The link's
+//      stream rate over the sample comes from alpha's streamBytesSentTotal. Each node's CPU per client I/O:
+//      alpha's over fio's measured window (after its ramp), beta's over the whole fio run scaled to the window.
+//      --perf DIR records each node with perf over each sample (the nodes then run with --perf-basic-prof, so
+//      JavaScript frames have names); --chunkd DIR runs both nodes from another checkout (old and new code,
+//      one bench run each, alternated by the caller).
 //   4. Handoff with 1% dirty, after the runs above (it moves the volume, so it comes last; each handoff goes back the
 //      other way): the owner's replica is brought current, 1% of the volume is written at random (as in 2), then
 //      `volume handoff vol --to OTHER`; the pause is the handoff's own report (from the freeze, when writes are
@@ -31,7 +37,8 @@
 //      volume faster than any increment ships it; phase 1 then gives up after 8.)
 // Everything runs --runs times; the tables give medians and min–max. The control calls go straight to the API
 // sockets (what `chunkd replica add/sync/remove --json` send), so no CLI process start is timed.
-// Usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--steps LIST] [--target DIR] [--out DIR]
+// Usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--steps LIST] [--modes LIST] [--target DIR] [--out DIR]
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -41,7 +48,7 @@ import { parseArgs } from 'node:util';
 import { callApi } from '../src/cli/api-client.ts';
 import { ChunkdError } from '../src/core/errors.ts';
 import { formatSize, parseRate, parseSize } from '../src/core/units.ts';
-import { chunkdBin, startNode, type RunningNode } from '../src/testing/node-process.ts';
+import { chunkdBin, nodeBinary, startNode, type Launcher, type RunningNode } from '../src/testing/node-process.ts';
 import { fioFailure, measure, nbdTarget, runFio, type MeasureOptions } from './fio.ts';
 import { cleanup, cleanupOnSignals, commandOutput, mustRun, onCleanup, processCpuSeconds, setClockTicks, sleep, Tools } from './processes.ts';
 import { markdownTable, median, type RowSpec } from './report.ts';
@@ -56,12 +63,18 @@ const fioTimeoutMs = 30 * 60_000;
 const steps = ['full', 'incremental', 'client', 'handoff'] as const;
 type Step = (typeof steps)[number];
 
-const usage = `usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--steps LIST] [--target DIR] [--out DIR]
+const modeIds = ['no-link', 'snapshots-500ms', 'every-500ms', 'every-500ms-limited'] as const;
+
+const usage = `usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--steps LIST] [--modes LIST] [--target DIR] [--out DIR]
   --size SIZE      the volume replicated (default 4GiB; 256MiB for a quick check)
   --runs N         runs of every measurement, interleaved (default 3)
   --runtime S      seconds of each client I/O sample, after a 1 s ramp (default 10)
   --max-rate RATE  the limited link's rate in the client I/O rows (default 100MiB/s)
   --steps LIST     which measurements, comma-separated (default full,incremental,client,handoff; incremental needs full)
+  --rows LIST      the client step's rows (default randwrite-4k-qd32,write-1m-qd8)
+  --modes LIST     the client step's modes (default ${modeIds.join(',')}; no-link is always measured: the ratios are to it)
+  --chunkd DIR     run both nodes from the checkout DIR (its bin/chunkd.js) instead of this one
+  --perf DIR       perf record each node over each client sample into DIR (the nodes run with --perf-basic-prof)
   --target DIR     where the two pools go (default .); needs about 2 x SIZE free per node
   --out DIR        also write results.json and results.md there`;
 
@@ -75,6 +88,7 @@ interface ReplicaStatus {
   peer: string;
   lastReplicated: { snapshot: string } | null;
   streamBytesSentTotal: number;
+  cyclesTotal: number;
   lastError: { message: string } | null;
 }
 
@@ -115,6 +129,11 @@ interface ClientSample {
   value: number;
   /** Bytes per second the link sent over the sample (null without a link). */
   linkBytesPerSecond: number | null;
+  /** CPU microseconds (user + system, every thread) per client I/O: alpha over fio's measured window, beta scaled to it. */
+  alphaCpuUsPerIo: number;
+  betaCpuUsPerIo: number;
+  /** Snapshot cycles alpha ran over the sample (a link's, or the bare snapshot cycle's); null with neither. */
+  cycles: number | null;
 }
 
 interface HandoffSample {
@@ -135,10 +154,12 @@ interface HandoffSample {
 type HandoffLoad = 'quiet' | 'writer';
 
 interface Mode {
-  id: string;
+  id: (typeof modeIds)[number];
   title: string;
   /** The link's settings during the sample, or null for none. */
   link: { everyMs: number; maxRateBytesPerSecond: number | null } | null;
+  /** Without a link: take a snapshot and remove the one before, this long after the last (a link's cycle on alpha, bare). */
+  snapshotsEveryMs: number | null;
 }
 
 const clientRows: RowSpec[] = [
@@ -269,21 +290,80 @@ async function incremental(tools: Tools, alpha: Peer, sizeBytes: number, run: nu
   return { run, changedBytes, streamBytes: cycle.streamBytes, dataBytes: cycle.dataBytes, cycleSeconds: cycle.seconds, wallSeconds };
 }
 
-async function clientSample(tools: Tools, alpha: Peer, beta: Peer, row: RowSpec, mode: Mode, run: number, options: MeasureOptions): Promise<ClientSample> {
+/**
+ * A link's snapshot cycle on alpha without the link: a snapshot, then the one before it removed, `everyMs` after
+ * the last cycle ended (as a link schedules); the function returned stops it, removes the last snapshot, and
+ * resolves with the cycles run.
+ */
+function snapshotCycles(alpha: Peer, everyMs: number): () => Promise<number> {
+  let stopping = false;
+  let cycles = 0;
+  const loop = (async () => {
+    let previous: string | null = null;
+    while (!stopping) {
+      const name = `bench-cycle-${cycles}`;
+      await api(alpha, 'POST', `/v1/volumes/${volume}/snapshots`, { name });
+      if (previous !== null) await api(alpha, 'DELETE', `/v1/volumes/${volume}/snapshots/${previous}`);
+      previous = name;
+      cycles += 1;
+      await sleep(everyMs);
+    }
+    if (previous !== null) await api(alpha, 'DELETE', `/v1/volumes/${volume}/snapshots/${previous}`);
+  })();
+  return async () => {
+    stopping = true;
+    await loop;
+    return cycles;
+  };
+}
+
+/** perf record of a node (every thread, call graphs) into `file` until the function returned is called. */
+function perfRecord(pid: number, file: string): () => Promise<void> {
+  const perf = spawn('perf', ['record', '-F', '499', '-g', '-p', String(pid), '-o', file], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  perf.stderr!.on('data', (chunk: Buffer) => {
+    stderr += chunk.toString();
+  });
+  const exited = new Promise<void>((resolve) => perf.once('exit', () => resolve()));
+  perf.once('error', (error) => process.stderr.write(`perf: ${error.message}\n`));
+  return async () => {
+    perf.kill('SIGINT');
+    await exited;
+    if (!fs.existsSync(file)) process.stderr.write(`perf wrote no ${file}: ${stderr}\n`);
+  };
+}
+
+async function clientSample(tools: Tools, alpha: Peer, beta: Peer, row: RowSpec, mode: Mode, run: number, options: MeasureOptions, perfDir: string | null): Promise<ClientSample> {
   await catchUp(alpha, beta);
   if (mode.link !== null) {
     await addLink(alpha, beta, mode.link.everyMs, mode.link.maxRateBytesPerSecond);
     await sync(alpha); // the link's first cycle: beta is current, the link's base is set
   }
-  const sentBefore = mode.link === null ? 0 : (await replicas(alpha))[0]!.streamBytesSentTotal;
+  const linkBefore = mode.link === null ? null : (await replicas(alpha))[0]!;
+  const stopCycles = mode.snapshotsEveryMs === null ? null : snapshotCycles(alpha, mode.snapshotsEveryMs);
+  const stopPerf = perfDir === null ? [] : [alpha, beta].map((peer) => perfRecord(peer.node.process.pid!, path.join(perfDir, `${row.id}-${mode.id}-run${run + 1}-${peer.name}.data`)));
+  const cpu = cpuMeter(alpha, beta);
   const started = performance.now();
   const sample = await measure(tools, nbdTarget(alpha.node.uri(volume)), alpha.node.process.pid!, row, mode.id, run, options);
   const seconds = (performance.now() - started) / 1000;
-  const sentAfter = mode.link === null ? 0 : (await replicas(alpha))[0]!.streamBytesSentTotal;
+  const { betaCpuSeconds } = cpu();
+  await Promise.all(stopPerf.map((stop) => stop()));
+  const linkAfter = mode.link === null ? null : (await replicas(alpha))[0]!;
+  const cycles = stopCycles !== null ? await stopCycles() : linkAfter === null ? null : linkAfter.cyclesTotal - linkBefore!.cyclesTotal;
   await removeLink(alpha, beta);
   if (sample.error !== null) throw new Error(`${row.id} ${mode.id}: ${sample.error}`);
   const value = row.metric === 'iops' ? sample.iops! : sample.mbps!;
-  return { run, row: row.id, mode: mode.id, value, linkBytesPerSecond: mode.link === null ? null : (sentAfter - sentBefore) / seconds };
+  const ios = (sample.ioBytes ?? Number.NaN) / parseSize(row.blockSize);
+  return {
+    run,
+    row: row.id,
+    mode: mode.id,
+    value,
+    linkBytesPerSecond: linkAfter === null ? null : (linkAfter.streamBytesSentTotal - linkBefore!.streamBytesSentTotal) / seconds,
+    alphaCpuUsPerIo: ((sample.serverCpuSeconds ?? Number.NaN) * 1e6) / ios,
+    betaCpuUsPerIo: ((betaCpuSeconds * options.runtimeSeconds) / seconds) * 1e6 / ios,
+    cycles,
+  };
 }
 
 /** Writes 1% of the volume on `owner` at random, in 4 KiB writes, no block twice; returns the bytes written. */
@@ -324,9 +404,9 @@ function freePort(): Promise<number> {
   });
 }
 
-async function startPeer(scratch: string, name: string, extra: string[] = []): Promise<Peer> {
+async function startPeer(scratch: string, name: string, launcher: Launcher, extra: string[] = []): Promise<Peer> {
   const port = await freePort();
-  const node = await startNode(path.join(scratch, name), ['--peer-listen', `127.0.0.1:${port}`, '--tls-dir', path.join(scratch, 'tls', name), ...extra]);
+  const node = await startNode(path.join(scratch, name), ['--peer-listen', `127.0.0.1:${port}`, '--tls-dir', path.join(scratch, 'tls', name), ...extra], { launcher });
   onCleanup(`node ${name}`, async () => {
     if ((await node.stop()) !== 0) process.stderr.write(`bench:replication: node ${name} did not stop cleanly:\n${node.stderr().split('\n').slice(-20).join('\n')}\n`);
   });
@@ -356,6 +436,10 @@ async function main(): Promise<void> {
       'max-rate': { type: 'string', default: '100MiB/s' },
       target: { type: 'string', default: '.' },
       steps: { type: 'string', default: steps.join(',') },
+      modes: { type: 'string', default: modeIds.join(',') },
+      rows: { type: 'string', default: clientRows.map((row) => row.id).join(',') },
+      chunkd: { type: 'string' },
+      perf: { type: 'string' },
       out: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -380,17 +464,28 @@ async function main(): Promise<void> {
   cleanupOnSignals();
   const scratch = fs.mkdtempSync(path.join(path.resolve(values.target), '.chunkd-replbench-'));
   onCleanup('scratch', () => fs.rmSync(scratch, { recursive: true, force: true }));
-  const modes: Mode[] = [
-    { id: 'no-link', title: 'no replica link', link: null },
-    { id: 'every-500ms', title: 'replicating every 500 ms', link: { everyMs: 500, maxRateBytesPerSecond: null } },
-    { id: 'every-500ms-limited', title: `every 500 ms, --max-rate ${formatSize(maxRate)}/s`, link: { everyMs: 500, maxRateBytesPerSecond: maxRate } },
+  const allModes: Mode[] = [
+    { id: 'no-link', title: 'no replica link', link: null, snapshotsEveryMs: null },
+    { id: 'snapshots-500ms', title: 'snapshot + remove every 500 ms, no link', link: null, snapshotsEveryMs: 500 },
+    { id: 'every-500ms', title: 'replicating every 500 ms', link: { everyMs: 500, maxRateBytesPerSecond: null }, snapshotsEveryMs: null },
+    { id: 'every-500ms-limited', title: `every 500 ms, --max-rate ${formatSize(maxRate)}/s`, link: { everyMs: 500, maxRateBytesPerSecond: maxRate }, snapshotsEveryMs: null },
   ];
+  const chosenModes = new Set(['no-link', ...values.modes.split(',').map((mode) => mode.trim())]);
+  for (const mode of chosenModes) if (!(modeIds as readonly string[]).includes(mode)) throw new Error(`--modes: unknown mode ${mode} (known: ${modeIds.join(', ')})`);
+  const modes = allModes.filter((mode) => chosenModes.has(mode.id));
+  const rows = values.rows.split(',').map((id) => clientRows.find((row) => row.id === id.trim()) ?? null);
+  if (rows.includes(null)) throw new Error(`--rows: one of ${values.rows} is not a row (known: ${clientRows.map((row) => row.id).join(', ')})`);
+  const bin = values.chunkd === undefined ? chunkdBin : path.join(path.resolve(values.chunkd), 'bin', 'chunkd.js');
+  if (!fs.existsSync(bin)) throw new Error(`--chunkd: no ${bin}`);
+  const perfDir = values.perf === undefined ? null : path.resolve(values.perf);
+  if (perfDir !== null) fs.mkdirSync(perfDir, { recursive: true });
+  const launcher: Launcher = { command: nodeBinary, prefix: [bin], ...(perfDir === null ? {} : { env: { ...process.env, NODE_OPTIONS: `${process.env.NODE_OPTIONS ?? ''} --perf-basic-prof`.trim() } }) };
 
-  await mustRun(process.execPath, [chunkdBin, 'tls', 'init', path.join(scratch, 'tls'), '--node', 'alpha', '--node', 'beta']);
-  const alpha = await startPeer(scratch, 'alpha', ['--default-volume', `${volume}:${sizeBytes / MiB}MiB`]);
-  const beta = await startPeer(scratch, 'beta');
+  await mustRun(process.execPath, [bin, 'tls', 'init', path.join(scratch, 'tls'), '--node', 'alpha', '--node', 'beta']);
+  const alpha = await startPeer(scratch, 'alpha', launcher, ['--default-volume', `${volume}:${sizeBytes / MiB}MiB`]);
+  const beta = await startPeer(scratch, 'beta', launcher);
   try {
-    console.log(`alpha pid ${alpha.node.process.pid}, beta pid ${beta.node.process.pid}; filling ${formatSize(sizeBytes)} of ${volume} with random data`);
+    console.log(`alpha pid ${alpha.node.process.pid}, beta pid ${beta.node.process.pid} (${bin}); filling ${formatSize(sizeBytes)} of ${volume} with random data`);
     const fill = await runFio(tools, ['--name=fill', '--ioengine=nbd', `--uri=${alpha.node.uri(volume)}`, `--size=${sizeBytes}`, '--rw=write', '--bs=1M', '--iodepth=8',
       '--refill_buffers', '--end_fsync=1', '--output-format=json'], fioTimeoutMs, null, 0, true);
     if (fill.code !== 0) throw new Error(fioFailure(fill));
@@ -414,13 +509,14 @@ async function main(): Promise<void> {
         console.log(`run ${run + 1} incremental: ${inc.changedBytes} bytes changed, ${inc.streamBytes} bytes of stream (${(inc.streamBytes / inc.changedBytes).toFixed(4)}x) in ${inc.wallSeconds.toFixed(2)} s`);
       }
       // 3. Client I/O with and without a link; the modes' order turns every run.
-      for (const row of doing('client') ? clientRows : []) {
+      for (const row of doing('client') ? (rows as RowSpec[]) : []) {
         for (let i = 0; i < modes.length; i++) {
           const mode = modes[(i + run) % modes.length]!;
-          const sample = await clientSample(tools, alpha, beta, row, mode, run, options);
+          const sample = await clientSample(tools, alpha, beta, row, mode, run, options, perfDir);
           client.push(sample);
           const rate = sample.linkBytesPerSecond === null ? '' : `, link ${(sample.linkBytesPerSecond / MiB).toFixed(1)} MiB/s`;
-          console.log(`run ${run + 1} ${row.id} ${mode.id}: ${sample.value.toFixed(0)} ${row.metric === 'iops' ? 'IOPS' : 'MB/s'}${rate}`);
+          const cycles = sample.cycles === null ? '' : `, ${sample.cycles} cycles`;
+          console.log(`run ${run + 1} ${row.id} ${mode.id}: ${sample.value.toFixed(0)} ${row.metric === 'iops' ? 'IOPS' : 'MB/s'}${rate}${cycles}, CPU us per I/O alpha ${sample.alphaCpuUsPerIo.toFixed(1)} beta ${sample.betaCpuUsPerIo.toFixed(1)}`);
         }
       }
     }
@@ -446,6 +542,7 @@ async function main(): Promise<void> {
       const command = `npm run bench:replication -- ${process.argv.slice(2).join(' ')}`.trim();
       fs.writeFileSync(path.join(values.out, 'results.json'), `${JSON.stringify({ command, commit, machine, ...report, samples: { full, increments, client, handoffs } }, null, 2)}\n`);
       fs.writeFileSync(path.join(values.out, 'results.md'), `${markdown}\n`);
+      for (const peer of [alpha, beta]) fs.writeFileSync(path.join(values.out, `${peer.name}.log`), peer.node.stderr());
       console.log(`results: ${values.out}`);
     }
   } catch (error) {
@@ -462,13 +559,19 @@ function summarise(sizeBytes: number, runs: number, maxRate: number, modes: Mode
   });
   // Ratios per run (the two systems of a run ran back to back), then their median.
   const fullRatios = of('replication').map((r) => r.mbps / of('nbdcopy').find((c) => c.run === r.run)!.mbps);
-  const clientSummary = client.length === 0 ? null : clientRows.map((row) => {
+  const clientSummary = client.length === 0 ? null : clientRows.filter((row) => client.some((s) => s.row === row.id)).map((row) => {
     const byMode = Object.fromEntries(modes.map((mode) => {
       const mine = client.filter((s) => s.row === row.id && s.mode === mode.id);
       const base = client.filter((s) => s.row === row.id && s.mode === 'no-link');
       const ratios = mine.map((s) => s.value / base.find((b) => b.run === s.run)!.value);
       const rates = mine.map((s) => s.linkBytesPerSecond).filter((r): r is number => r !== null);
-      return [mode.id, { value: spread(mine.map((s) => s.value)), ratioToNoLink: spread(ratios), linkMiBPerSecond: rates.length === 0 ? null : spread(rates.map((r) => r / MiB)) }];
+      return [mode.id, {
+        value: spread(mine.map((s) => s.value)),
+        ratioToNoLink: spread(ratios),
+        linkMiBPerSecond: rates.length === 0 ? null : spread(rates.map((r) => r / MiB)),
+        alphaCpuUsPerIo: spread(mine.map((s) => s.alphaCpuUsPerIo)),
+        betaCpuUsPerIo: spread(mine.map((s) => s.betaCpuUsPerIo)),
+      }];
     }));
     return { row: row.id, title: row.title, metric: row.metric, modes: byMode };
   });
@@ -515,12 +618,16 @@ function formatReport(report: ReturnType<typeof summarise>, modes: Mode[]): stri
   const incTable = (incremental: NonNullable<typeof report.incremental>): string => markdownTable(['incremental, 1% changed in 4 KiB writes', 'changed bytes', 'stream bytes', 'stream / changed (goal ≤ 1.05x)', 'overhead bytes', 'seconds'], [
     ['replica sync', cell(incremental.changedBytes), cell(incremental.streamBytes), cell(incremental.streamPerChanged, 4, 'x'), cell(incremental.overheadBytes), cell(incremental.seconds, 2)],
   ]);
-  const clientTable = (rows: NonNullable<typeof report.client>): string => markdownTable(['client I/O on alpha', ...modes.map((m) => m.title), ...modes.filter((m) => m.link !== null).map((m) => `${m.id} / no link (goal ≥ 0.8x)`), ...modes.filter((m) => m.link !== null).map((m) => `link MiB/s, ${m.id}`)],
+  const others = modes.filter((m) => m.id !== 'no-link');
+  const linked = modes.filter((m) => m.link !== null);
+  const clientTable = (rows: NonNullable<typeof report.client>): string => markdownTable(['client I/O on alpha', ...modes.map((m) => m.title), ...others.map((m) => `${m.id} / no link${m.link === null ? '' : ' (goal ≥ 0.8x)'}`), ...linked.map((m) => `link MiB/s, ${m.id}`)],
     rows.map((row) => {
       const unit = row.metric === 'iops' ? ' IOPS' : ' MB/s';
-      const linked = modes.filter((m) => m.link !== null);
-      return [row.title, ...modes.map((m) => cell(row.modes[m.id]!.value, 0, unit)), ...linked.map((m) => cell(row.modes[m.id]!.ratioToNoLink, 2, 'x')), ...linked.map((m) => cell(row.modes[m.id]!.linkMiBPerSecond!, 1))];
+      return [row.title, ...modes.map((m) => cell(row.modes[m.id]!.value, 0, unit)), ...others.map((m) => cell(row.modes[m.id]!.ratioToNoLink, 2, 'x')), ...linked.map((m) => cell(row.modes[m.id]!.linkMiBPerSecond!, 1))];
     }));
+  // CPU per client I/O: what each node spends beside the client's own work.
+  const cpuTable = (rows: NonNullable<typeof report.client>): string => markdownTable(['node CPU µs per client I/O, alpha / beta', ...modes.map((m) => m.title)],
+    rows.map((row) => [row.title, ...modes.map((m) => `${fixed(row.modes[m.id]!.alphaCpuUsPerIo.median, 1)} / ${fixed(row.modes[m.id]!.betaCpuUsPerIo.median, 1)}`)]));
   const handoffTitle: Record<HandoffLoad, string> = {
     quiet: 'volume handoff, 1% dirty, no client writing',
     writer: 'volume handoff, 1% dirty, fio writing 0.1% of the volume per second (4 KiB random, QD32) until the freeze',
@@ -531,7 +638,7 @@ function formatReport(report: ReturnType<typeof summarise>, modes: Mode[]): stri
   const tables = [
     ...(full === null ? [] : [fullTable(full), '']),
     ...(incremental === null ? [] : [incTable(incremental), '']),
-    ...(client === null ? [] : [clientTable(client), '']),
+    ...(client === null ? [] : [clientTable(client), '', cpuTable(client), '']),
     ...(handoff === null ? [] : [handoffTable(handoff), '']),
   ];
   return [...tables, note].join('\n');

@@ -153,7 +153,8 @@ export class ReplicaServer {
         reply.kept.push(snapshot.name);
         continue;
       }
-      await this.#pool.removeSnapshot(volume, snapshot.name);
+      // Recycled, not punched: what it alone held is what the next streams' data displaced (pool.ts removeSnapshot).
+      await this.#pool.removeSnapshot(volume, snapshot.name, { recycle: true });
       reply.removed.push(snapshot.name);
     }
     return reply;

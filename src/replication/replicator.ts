@@ -529,7 +529,8 @@ export class Replicator {
       // An interrupted stream of another link may still target it: a link whose peer holds a receive of it resumes
       // it, so keep snapshots newer than this one; the older ones no link can need.
       if (Date.parse(snapshot.createdAt) > takenAtMs) continue;
-      await pool.removeSnapshot(volume, snapshot.name).catch((error: unknown) => this.#options.log(`replication of ${volume}: could not remove ${snapshot.name}: ${(error as Error).message}`, 'warn'));
+      // Recycled, not punched: what it alone held is what the volume's overwrites displaced since (pool.ts).
+      await pool.removeSnapshot(volume, snapshot.name, { recycle: true }).catch((error: unknown) => this.#options.log(`replication of ${volume}: could not remove ${snapshot.name}: ${(error as Error).message}`, 'warn'));
     }
   }
 

@@ -200,7 +200,7 @@ export class MemoryBackend implements CatalogBackend {
   }
 
   async contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer> {
-    return contentDigest(chunkMap(map), (physicalChunk) => this.tables.sums.get(physicalChunk), sizeBytes);
+    return contentDigest(chunkMap(map), this.tables.sums, sizeBytes);
   }
 
   async uniqueChunks(map: MapHandle): Promise<number> {

@@ -36,7 +36,8 @@ export class ChunkRefcounts implements ChunkRefs {
   decrement(physicalChunk: number): void {
     const block = this.#block(Math.floor(physicalChunk / blockChunks));
     const slot = physicalChunk % blockChunks;
-    assert(block !== undefined && block[slot]! > 0, `chunk ${physicalChunk} released more often than referenced`);
+    // The message is built only on failure: this runs for every chunk of every page a snapshot's removal lets go of.
+    if (block === undefined || block[slot]! === 0) assert(false, `chunk ${physicalChunk} released more often than referenced`);
     block[slot]! -= 1;
     if (block[slot] === 0) this.onFree(physicalChunk);
   }

@@ -9,10 +9,18 @@ const blockChunks = 65536;
 
 export class ChunkSums {
   readonly #blocks = new Map<number, Uint32Array>();
+  /** The block read last: a walk of a map asks for hundreds of chunks of one block in a row (saves a Map lookup each). */
+  #lastIndex = -1;
+  #last: Uint32Array | undefined;
 
   /** The checksum recorded for `physicalChunk` (0 where none was; only mapped chunks are ever asked for). */
   get(physicalChunk: number): number {
-    return this.#blocks.get(Math.floor(physicalChunk / blockChunks))?.[physicalChunk % blockChunks] ?? 0;
+    const blockIndex = Math.floor(physicalChunk / blockChunks);
+    if (blockIndex !== this.#lastIndex) {
+      this.#lastIndex = blockIndex;
+      this.#last = this.#blocks.get(blockIndex);
+    }
+    return this.#last?.[physicalChunk % blockChunks] ?? 0;
   }
 
   /** Records the checksums of `sums.length` consecutive chunks from `physicalChunk`. */
@@ -27,6 +35,7 @@ export class ChunkSums {
       if (block === undefined) {
         block = new Uint32Array(blockChunks);
         this.#blocks.set(blockIndex, block);
+        if (blockIndex === this.#lastIndex) this.#last = block;
       }
       const slot = chunk % blockChunks;
       const count = Math.min(sums.length - i, blockChunks - slot);

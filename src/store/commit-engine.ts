@@ -128,11 +128,15 @@ export class CommitEngine {
     this.#timer.unref();
   }
 
-  /** Applies a metadata record to the live catalog and queues it for the next commit. */
-  record(record: MetaRecord): void {
+  /**
+   * Applies a metadata record to the live catalog and queues it for the next commit. The chunks it frees are
+   * punched out of their files once the commit is durable, or only recycled (`punchFrees` false) for the next
+   * writes to reuse.
+   */
+  record(record: MetaRecord, punchFrees = record.type !== 'map'): void {
     // A map record replaces chunks with new ones of the same size: the next writes reuse their space, so punching
     // it out of the file (and having the file system allocate it again) would be wasted work.
-    this.#catalog.apply(record, record.type !== 'map');
+    this.#catalog.apply(record, punchFrees);
     const frame = encodeRecords([record]);
     this.#queue.push(frame);
     this.#queueBytes += frame.length;

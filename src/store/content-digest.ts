@@ -10,16 +10,26 @@
 // The price, named: the digest is as strong as the per-chunk CRC-32 that every read already relies on; two
 // different chunks with the same CRC at the same place go unseen (2^-32 per chunk for random damage; it is a
 // check of what was stored, not a defence against an adversary, which the transport's TLS is for).
+// The entries are gathered as 32-bit words (the u64 as its two halves) rather than through BigInt and Buffer's
+// writers: a replication cycle digests its whole target snapshot on each side, and at 4 GiB (a million chunks) the
+// per-entry BigInt made that about 150 ms of CPU in one event loop turn per cycle (now about 30, a quarter of it
+// the sha256; BENCHMARKS.md, issue 14).
 // Pure.
 import { createHash } from 'node:crypto';
-import { chunkSizeBytes } from '../core/limits.ts';
-import { blockChecksum, zeroChunkSum } from './checksum.ts';
+import os from 'node:os';
+import { chunkSizeBytes, mapPageChunks } from '../core/limits.ts';
+import { zeroChunkSum } from './checksum.ts';
 import type { ChunkMap } from './chunk-map.ts';
+import type { ChunkSums } from './chunk-sums.ts';
 
 export const contentDigestBytes = 32;
 const label = Buffer.from('chunkd-content-digest-v1\n', 'latin1');
-const entryBytes = 12;
+/** Words per entry: virtual chunk low, virtual chunk high, CRC-32. */
+const entryWords = 3;
 const batchEntries = 4096;
+const twoTo32 = 2 ** 32;
+/** The words are hashed as the machine stores them; on a big-endian one they are swapped to little-endian first. */
+const bigEndian = os.endianness() === 'BE';
 
 /**
  * The digest built a run at a time, in order of virtual chunk: `add` each mapped run (holes may be left out), then
@@ -29,7 +39,9 @@ const batchEntries = 4096;
 export class ContentDigest {
   readonly #hash = createHash('sha256');
   readonly #chunkLimit: number;
-  readonly #batch = Buffer.allocUnsafe(batchEntries * entryBytes);
+  readonly #words = new Uint32Array(batchEntries * entryWords);
+  readonly #bytes = Buffer.from(this.#words.buffer);
+  /** Words of #words filled. */
   #used = 0;
 
   constructor(sizeBytes: number) {
@@ -43,28 +55,49 @@ export class ContentDigest {
   /** A mapped run of chunks from `virtualChunk`, the checksum of its `i`th chunk `sumOf(i)`; runs come in order. */
   add(virtualChunk: number, chunkCount: number, sumOf: (index: number) => number): void {
     const count = Math.min(chunkCount, this.#chunkLimit - virtualChunk);
-    for (let i = 0; i < count; i++) {
-      const sum = sumOf(i);
-      if (sum === zeroChunkSum) continue;
-      this.#batch.writeBigUInt64LE(BigInt(virtualChunk + i), this.#used);
-      this.#batch.writeUInt32LE(sum, this.#used + 8);
-      this.#used += entryBytes;
-      if (this.#used === this.#batch.length) {
-        this.#hash.update(this.#batch);
-        this.#used = 0;
-      }
+    for (let i = 0; i < count; i++) this.addChunk(virtualChunk + i, sumOf(i));
+  }
+
+  /** One mapped chunk, after every chunk added before it. */
+  addChunk(virtualChunk: number, sum: number): void {
+    if (sum === zeroChunkSum || virtualChunk >= this.#chunkLimit) return;
+    const words = this.#words;
+    let used = this.#used;
+    words[used++] = virtualChunk >>> 0;
+    words[used++] = Math.floor(virtualChunk / twoTo32);
+    words[used++] = sum;
+    if (used === words.length) {
+      this.#flush(used);
+      used = 0;
     }
+    this.#used = used;
   }
 
   digest(): Buffer {
-    this.#hash.update(this.#batch.subarray(0, this.#used));
+    this.#flush(this.#used);
+    this.#used = 0;
     return this.#hash.digest();
+  }
+
+  #flush(words: number): void {
+    const bytes = this.#bytes.subarray(0, words * 4);
+    if (bigEndian) bytes.swap32();
+    this.#hash.update(bytes);
   }
 }
 
 /** The content digest of `map` over its first `sizeBytes`, given each physical chunk's recorded checksum. */
-export function contentDigest(map: ChunkMap, sumOf: (physicalChunk: number) => number, sizeBytes: number): Buffer {
+export function contentDigest(map: ChunkMap, sums: ChunkSums, sizeBytes: number): Buffer {
   const digest = new ContentDigest(sizeBytes);
-  for (const run of map.mappedRuns()) digest.add(run.virtualChunk, run.chunkCount, (i) => sumOf(run.physicalChunk + i));
+  // Page by page rather than through mappedRuns(): a volume written at random has runs of a chunk or two, and
+  // an object per run was most of the walk.
+  for (const [pageIndex, page] of map.pages()) {
+    const first = pageIndex * mapPageChunks;
+    const slots = page.slots;
+    for (let slot = 0; slot < mapPageChunks; slot++) {
+      const physical = slots[slot]! - 1;
+      if (physical >= 0) digest.addChunk(first + slot, sums.get(physical));
+    }
+  }
   return digest.digest();
 }

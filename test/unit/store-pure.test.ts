@@ -6,6 +6,9 @@ import { blockChecksum, combinedChecksum } from '../../src/store/checksum.ts';
 import { chunkSums, firstPlanMismatch } from '../../src/store/chunk-io.ts';
 import { ChunkMap } from '../../src/store/chunk-map.ts';
 import { ChunkRefcounts } from '../../src/store/chunk-refcounts.ts';
+import { ChunkSums } from '../../src/store/chunk-sums.ts';
+import { contentDigest, ContentDigest } from '../../src/store/content-digest.ts';
+import { createHash } from 'node:crypto';
 import { diffMaps } from '../../src/store/map-diff.ts';
 import { chooseCheckpoint, decodeCheckpoint, encodeCheckpoint } from '../../src/store/checkpoint.ts';
 import { encodeCommit, recoverJournal } from '../../src/store/journal-format.ts';
@@ -72,6 +75,52 @@ test('chunk map: clones share pages; a write copies the page, not the data; drop
   assert.equal(volume.get(550), 550);
   volume.drop(refs);
   assert.equal(freed.length, 601);
+});
+test('content digest: the bytes its definition names, in both of its paths', () => {
+  const seed = testSeed('content digest');
+  const random = makeRandom(seed);
+  const { refs } = trackingRefs();
+  const sizeBytes = 2 ** 34 * 4096; // virtual chunks past 2^32: the u64's high half is not 0
+  const chunkLimit = sizeBytes / 4096;
+  const map = new ChunkMap();
+  const sums = new ChunkSums();
+  const zeroSum = blockChecksum(new Uint8Array(4096));
+  let physical = 0;
+  // Scattered runs (12,000 chunks: three batches and a part), some chunks of zeros, some at the ends of the volume.
+  const starts = [0, chunkLimit - 700, 2 ** 32 - 300, ...Array.from({ length: 40 }, () => randomInt(random, chunkLimit - 300))];
+  for (const start of starts) {
+    const count = 1 + randomInt(random, 299);
+    map.mapRun(start, physical, count, refs);
+    sums.setRun(physical, Array.from({ length: count }, () => (random() < 0.1 ? zeroSum : randomInt(random, 2 ** 32))));
+    physical += count;
+  }
+  // What content-digest.ts's note defines, written the plain way.
+  const hash = createHash('sha256').update('chunkd-content-digest-v1\n', 'latin1');
+  const size = Buffer.alloc(8);
+  size.writeBigUInt64LE(BigInt(sizeBytes));
+  hash.update(size);
+  const runs = [...map.mappedRuns()];
+  for (const run of runs) {
+    for (let i = 0; i < run.chunkCount; i++) {
+      const sum = sums.get(run.physicalChunk + i);
+      if (sum === zeroSum) continue;
+      const entry = Buffer.alloc(12);
+      entry.writeBigUInt64LE(BigInt(run.virtualChunk + i));
+      entry.writeUInt32LE(sum, 8);
+      hash.update(entry);
+    }
+  }
+  const expected = hash.digest();
+  assert.ok(contentDigest(map, sums, sizeBytes).equals(expected), 'the walk of a chunk map');
+  const fed = new ContentDigest(sizeBytes);
+  for (const run of runs) fed.add(run.virtualChunk, run.chunkCount, (i) => sums.get(run.physicalChunk + i));
+  assert.ok(fed.digest().equals(expected), 'runs fed one by one (the paged catalog\'s way)');
+  // Chunks past the size are left out: a snapshot taken before a shrink still maps them.
+  const shrunk = sizeBytes - 600 * 4096;
+  const clipped = new ContentDigest(shrunk);
+  for (const run of runs) clipped.add(run.virtualChunk, run.chunkCount, (i) => sums.get(run.physicalChunk + i));
+  assert.ok(clipped.digest().equals(contentDigest(map, sums, shrunk)));
+  assert.ok(!contentDigest(map, sums, shrunk).equals(expected));
 });
 test('allocator: contiguous runs, deferred frees reused only after release, high-water mark shrinks', () => {
   const allocator = new ChunkAllocator();
