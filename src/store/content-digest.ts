@@ -30,6 +30,9 @@ export class ContentDigest {
   readonly #hash = createHash('sha256');
   readonly #chunkLimit: number;
   readonly #batch = Buffer.allocUnsafe(batchEntries * entryBytes);
+  // The entries are written through a DataView, the u64 as two u32 halves: a BigInt per chunk (writeBigUInt64LE)
+  // made the digest of a 4 GiB volume cost 130 ms of CPU instead of 35, on both sides of every stream.
+  readonly #view = new DataView(this.#batch.buffer, this.#batch.byteOffset, this.#batch.byteLength);
   #used = 0;
 
   constructor(sizeBytes: number) {
@@ -43,11 +46,14 @@ export class ContentDigest {
   /** A mapped run of chunks from `virtualChunk`, the checksum of its `i`th chunk `sumOf(i)`; runs come in order. */
   add(virtualChunk: number, chunkCount: number, sumOf: (index: number) => number): void {
     const count = Math.min(chunkCount, this.#chunkLimit - virtualChunk);
+    const view = this.#view;
     for (let i = 0; i < count; i++) {
       const sum = sumOf(i);
       if (sum === zeroChunkSum) continue;
-      this.#batch.writeBigUInt64LE(BigInt(virtualChunk + i), this.#used);
-      this.#batch.writeUInt32LE(sum, this.#used + 8);
+      const chunk = virtualChunk + i;
+      view.setUint32(this.#used, chunk % 0x1_0000_0000, true);
+      view.setUint32(this.#used + 4, Math.floor(chunk / 0x1_0000_0000), true);
+      view.setUint32(this.#used + 8, sum, true);
       this.#used += entryBytes;
       if (this.#used === this.#batch.length) {
         this.#hash.update(this.#batch);

@@ -1,9 +1,11 @@
 // Unit tests of the store's pure parts: chunk maps, the allocator, journal records, checkpoints, range locks.
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { test } from 'vitest';
 import { ChunkAllocator } from '../../src/store/allocator.ts';
-import { blockChecksum, combinedChecksum } from '../../src/store/checksum.ts';
+import { blockChecksum, combinedChecksum, zeroChunkSum } from '../../src/store/checksum.ts';
 import { chunkSums, firstPlanMismatch } from '../../src/store/chunk-io.ts';
+import { contentDigest } from '../../src/store/content-digest.ts';
 import { ChunkMap } from '../../src/store/chunk-map.ts';
 import { ChunkRefcounts } from '../../src/store/chunk-refcounts.ts';
 import { diffMaps } from '../../src/store/map-diff.ts';
@@ -360,4 +362,29 @@ test('checksums: a run combined from its blocks\' checksums equals the checksum 
     assert.equal(mismatch?.expected, sums[chunkIndex]);
     assert.equal(mismatch?.actual, blockChecksum(damaged.subarray(chunkIndex * chunk, (chunkIndex + 1) * chunk)));
   }
+});
+
+test('content digest: sha256 of the label, the size and (virtual chunk u64 LE, CRC u32 LE) of each chunk not of zeros, as the stream format says', () => {
+  const { refs } = trackingRefs();
+  const map = new ChunkMap();
+  const far = 2 ** 32 + 3; // a virtual chunk whose u64 needs its high half (a volume over 16 TiB)
+  map.mapRun(0, 10, 3, refs);
+  map.mapRun(7, 40, 2, refs);
+  map.mapRun(far, 50, 2, refs);
+  const sums = new Map<number, number>([[10, 0xdeadbeef], [11, zeroChunkSum], [12, 7], [40, 0x80000000], [41, 1], [50, 0xffffffff], [51, 2]]);
+  const sizeBytes = (far + 2) * 4096;
+  // Built here with BigInt writes, independently of the digest's own encoding.
+  const reference = createHash('sha256').update('chunkd-content-digest-v1\n', 'latin1');
+  const u64 = (value: number): Buffer => {
+    const out = Buffer.alloc(8);
+    out.writeBigUInt64LE(BigInt(value));
+    return out;
+  };
+  reference.update(u64(sizeBytes));
+  for (const [virtualChunk, physicalChunk] of [[0, 10], [2, 12], [7, 40], [8, 41], [far, 50], [far + 1, 51]] as const) {
+    const sum = Buffer.alloc(4);
+    sum.writeUInt32LE(sums.get(physicalChunk)!);
+    reference.update(Buffer.concat([u64(virtualChunk), sum]));
+  }
+  assert.deepEqual(contentDigest(map, (physicalChunk) => sums.get(physicalChunk)!, sizeBytes), reference.digest());
 });
