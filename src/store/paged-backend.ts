@@ -120,7 +120,11 @@ export class PagedBackend implements CatalogBackend {
    */
   async contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer> {
     const digest = new ContentDigest(sizeBytes);
-    for await (const run of mappedRunsOf(pagedMap(map), sizeBytes / chunkSizeBytes)) digest.add(run.virtualChunk, run.chunkCount, (i) => run.sums[i]!);
+    for await (const run of mappedRunsOf(pagedMap(map), sizeBytes / chunkSizeBytes)) {
+      digest.add(run.virtualChunk, run.chunkCount, (i) => run.sums[i]!);
+      const turn = digest.turn();
+      if (turn !== null) await turn;
+    }
     return digest.digest();
   }
 

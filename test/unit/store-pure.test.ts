@@ -1,14 +1,14 @@
 // Unit tests of the store's pure parts: chunk maps, the allocator, journal records, checkpoints, range locks.
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { test } from 'vitest';
 import { ChunkAllocator } from '../../src/store/allocator.ts';
-import { blockChecksum, combinedChecksum } from '../../src/store/checksum.ts';
+import { blockChecksum, combinedChecksum, zeroChunkSum } from '../../src/store/checksum.ts';
 import { chunkSums, firstPlanMismatch } from '../../src/store/chunk-io.ts';
 import { ChunkMap } from '../../src/store/chunk-map.ts';
 import { ChunkRefcounts } from '../../src/store/chunk-refcounts.ts';
 import { ChunkSums } from '../../src/store/chunk-sums.ts';
 import { contentDigest, ContentDigest } from '../../src/store/content-digest.ts';
-import { createHash } from 'node:crypto';
 import { diffMaps } from '../../src/store/map-diff.ts';
 import { chooseCheckpoint, decodeCheckpoint, encodeCheckpoint } from '../../src/store/checkpoint.ts';
 import { encodeCommit, recoverJournal } from '../../src/store/journal-format.ts';
@@ -76,7 +76,7 @@ test('chunk map: clones share pages; a write copies the page, not the data; drop
   volume.drop(refs);
   assert.equal(freed.length, 601);
 });
-test('content digest: the bytes its definition names, in both of its paths', () => {
+test('content digest: the bytes its definition names, in both of its paths', async () => {
   const seed = testSeed('content digest');
   const random = makeRandom(seed);
   const { refs } = trackingRefs();
@@ -111,7 +111,7 @@ test('content digest: the bytes its definition names, in both of its paths', () 
     }
   }
   const expected = hash.digest();
-  assert.ok(contentDigest(map, sums, sizeBytes).equals(expected), 'the walk of a chunk map');
+  assert.ok((await contentDigest(map, sums, sizeBytes)).equals(expected), 'the walk of a chunk map');
   const fed = new ContentDigest(sizeBytes);
   for (const run of runs) fed.add(run.virtualChunk, run.chunkCount, (i) => sums.get(run.physicalChunk + i));
   assert.ok(fed.digest().equals(expected), 'runs fed one by one (the paged catalog\'s way)');
@@ -119,8 +119,8 @@ test('content digest: the bytes its definition names, in both of its paths', () 
   const shrunk = sizeBytes - 600 * 4096;
   const clipped = new ContentDigest(shrunk);
   for (const run of runs) clipped.add(run.virtualChunk, run.chunkCount, (i) => sums.get(run.physicalChunk + i));
-  assert.ok(clipped.digest().equals(contentDigest(map, sums, shrunk)));
-  assert.ok(!contentDigest(map, sums, shrunk).equals(expected));
+  assert.ok(clipped.digest().equals(await contentDigest(map, sums, shrunk)));
+  assert.ok(!(await contentDigest(map, sums, shrunk)).equals(expected));
 });
 test('allocator: contiguous runs, deferred frees reused only after release, high-water mark shrinks', () => {
   const allocator = new ChunkAllocator();
@@ -409,4 +409,44 @@ test('checksums: a run combined from its blocks\' checksums equals the checksum 
     assert.equal(mismatch?.expected, sums[chunkIndex]);
     assert.equal(mismatch?.actual, blockChecksum(damaged.subarray(chunkIndex * chunk, (chunkIndex + 1) * chunk)));
   }
+});
+
+test('content digest: sha256 of the label, the size and (virtual chunk u64 LE, CRC u32 LE) of each chunk not of zeros, as the stream format says', async () => {
+  const { refs } = trackingRefs();
+  const map = new ChunkMap();
+  const far = 2 ** 32 + 3; // a virtual chunk whose u64 needs its high half (a volume over 16 TiB)
+  map.mapRun(0, 10, 3, refs);
+  map.mapRun(7, 40, 2, refs);
+  map.mapRun(far, 50, 2, refs);
+  const sums = new Map<number, number>([[10, 0xdeadbeef], [11, zeroChunkSum], [12, 7], [40, 0x80000000], [41, 1], [50, 0xffffffff], [51, 2]]);
+  const sizeBytes = (far + 2) * 4096;
+  // Built here with BigInt writes, independently of the digest's own encoding.
+  const reference = createHash('sha256').update('chunkd-content-digest-v1\n', 'latin1');
+  const u64 = (value: number): Buffer => {
+    const out = Buffer.alloc(8);
+    out.writeBigUInt64LE(BigInt(value));
+    return out;
+  };
+  reference.update(u64(sizeBytes));
+  for (const [virtualChunk, physicalChunk] of [[0, 10], [2, 12], [7, 40], [8, 41], [far, 50], [far + 1, 51]] as const) {
+    const sum = Buffer.alloc(4);
+    sum.writeUInt32LE(sums.get(physicalChunk)!);
+    reference.update(Buffer.concat([u64(virtualChunk), sum]));
+  }
+  assert.deepEqual(await contentDigest(map, { get: (physicalChunk) => sums.get(physicalChunk)! }, sizeBytes), reference.digest());
+
+  // Runs past a slice (the digest lets the event loop turn between slices): none lost or counted twice.
+  const big = new ChunkMap();
+  const runs = [[1_000, 5_000], [80_000, 100_000], [200_000, 300_000]] as const;
+  for (const [virtualChunk, physicalChunk] of runs) big.mapRun(virtualChunk, physicalChunk, 70_000, refs);
+  const sumOf = (physicalChunk: number): number => (physicalChunk * 2654435761) >>> 0;
+  const bigReference = createHash('sha256').update('chunkd-content-digest-v1\n', 'latin1').update(u64(300_000 * 4096));
+  for (const [virtualChunk, physicalChunk] of runs) {
+    for (let i = 0; i < 70_000 && virtualChunk + i < 300_000; i++) {
+      const sum = Buffer.alloc(4);
+      sum.writeUInt32LE(sumOf(physicalChunk + i));
+      bigReference.update(Buffer.concat([u64(virtualChunk + i), sum]));
+    }
+  }
+  assert.deepEqual(await contentDigest(big, { get: sumOf }, 300_000 * 4096), bigReference.digest());
 });
