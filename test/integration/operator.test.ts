@@ -72,6 +72,30 @@ async function inBatches<T>(jobs: Array<() => Promise<T>>, width = 6): Promise<T
   return results;
 }
 
+test('a package that is not installed fails only the commands that need it, with one line that names it', async () => {
+  // A resolve hook stands in for an installation without cli-progress (scrub's progress bar) and etcd3 (the
+  // client of a node in a cluster): each command imports what it needs when it runs (core/lazy-import.ts).
+  const absent = 'chunkd-absent-package';
+  const hook = `data:text/javascript,${encodeURIComponent(`import { registerHooks } from 'node:module'; registerHooks({ resolve: (specifier, context, next) => next(['cli-progress', 'etcd3'].includes(specifier) ? '${absent}' : specifier, context) });`)}`;
+  const scratch = makeTempDir('absent');
+  try {
+    const withHook = (args: string[]) => runTool(nodeBinary, ['--import', hook, chunkdBin, ...args], { cwd: scratch });
+    const [help, scrub, serve] = await Promise.all([
+      withHook(['help']),
+      withHook(['scrub', 'vol', '--api', path.join(scratch, 'api.sock')]),
+      withHook(['serve', '--pool', path.join(scratch, 'pool'), '--listen', 'none', '--socket', path.join(scratch, 'nbd.sock'), '--api', path.join(scratch, 'api.sock'), '--etcd', 'http://127.0.0.1:1', '--node-name', 'a']),
+    ]);
+    assert.equal(help.code, 0, help.stderr);
+    assert.match(help.stdout, /^usage: chunkd <command>/);
+    assert.equal(scrub.code, 1, scrub.stderr);
+    assert.match(scrub.stderr, new RegExp(`^chunkd: scrub cannot run, this installation of chunkd is incomplete: Cannot find package '${absent}' imported from \\S+scrub\\.ts .*\\n$`));
+    assert.equal(serve.code, 1, serve.stderr);
+    assert.match(serve.stderr, new RegExp(`^chunkd: a node in a cluster \\(--etcd\\) cannot run, this installation of chunkd is incomplete: Cannot find package '${absent}' imported from \\S+cluster\\.ts `, 'm'));
+  } finally {
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+});
+
 test('chunkd --version prints the package version', async () => {
   const result = await run(['--version']);
   assert.equal(result.code, 0, result.stderr);
