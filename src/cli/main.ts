@@ -16,8 +16,9 @@ import { parsing, printError, reportError, UsageError, wantsJson } from './error
 import { callApi } from './api-client.ts';
 import { needs } from '../core/lazy-import.ts';
 
-// A command's own module is imported when that command runs (core/lazy-import.ts), so that a start loads what the command
-// needs and no more: `chunkd help` or `chunkd volume list` loads neither the node, the store, etcd's client nor TLS.
+// A command's own module is imported when that command runs (core/lazy-import.ts), so that a start loads what
+// the command needs and no more: `chunkd help` or `chunkd volume list` loads neither the node, the store, etcd's
+// client nor TLS.
 
 /** Runs the command line; returns the exit code. */
 export async function main(argv: string[]): Promise<number> {
@@ -379,11 +380,13 @@ async function poolCommand(argv: string[]): Promise<number> {
 async function fsckCommand(argv: string[]): Promise<number> {
   const { values } = parsing(() => parseArgs({ args: argv, options: commands.fsck.options }));
   const directory = values.pool ?? commands.fsck.options.pool.fallback;
+  const { fsckPool } = await needs('fsck', () => import('../store/fsck.ts'));
+  const repairPool = values.repair ? (await needs('fsck --repair', () => import('../store/repair.ts'))).repairPool : null;
   let repair: RepairReport | null = null;
   let report;
   try {
-    if (values.repair) repair = await (await needs('fsck --repair', () => import('../store/repair.ts'))).repairPool(directory);
-    report = await (await needs('fsck', () => import('../store/fsck.ts'))).fsckPool(directory);
+    if (repairPool !== null) repair = await repairPool(directory);
+    report = await fsckPool(directory);
   } catch (error) {
     if (!(error instanceof ChunkdError)) throw error;
     printError(error.code, `fsck could not run: ${error.message}`, values.json === true);
