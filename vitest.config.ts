@@ -12,6 +12,9 @@ export default defineConfig({
     hookTimeout: 600_000,
     teardownTimeout: 60_000,
     sequence: { hooks: 'list' },
+    // Node's compile cache for the processes the tests start (chunkd nodes and commands): test/helpers/compile-cache.ts.
+    globalSetup: ['test/helpers/compile-cache.ts'],
+    setupFiles: ['test/helpers/compile-cache.ts'],
     reporters: ['verbose'],
     coverage: {
       provider: 'v8',

@@ -7,26 +7,18 @@ import { ChunkdError } from '../core/errors.ts';
 import { softwareVersion } from '../core/version.ts';
 import { validateName } from '../core/names.ts';
 import { formatSize, parseDuration, parseSize } from '../core/units.ts';
-import { fsckPool } from '../store/fsck.ts';
-import { repairPool, type RepairReport } from '../store/repair.ts';
-import { upgradePool } from '../store/pool-upgrade.ts';
+import type { RepairReport } from '../store/repair.ts';
 import type { DiffReport } from '../api/server.ts';
 import type { CountedSnapshotInfo, SnapshotInfo, VolumeInfo } from '../store/pool.ts';
-import { callApi } from './api-client.ts';
-import { scrubCommand } from './scrub.ts';
-import { serve } from './serve.ts';
-import { attachCommand, detachCommand } from './attach.ts';
-import { benchCommand, benchHelp } from './bench.ts';
-import { tlsCommand } from './tls.ts';
-import { peerCommand } from './peer.ts';
-import { replicaCommand } from './replica.ts';
-import { clusterCommand, renderClusterVolumes } from './cluster.ts';
 import type { ClusterVolume } from '../cluster/listing.ts';
-import { receiveCommand, sendCommand } from './stream.ts';
 import { commandHelp, commands, commandWords, findCommand, generalHelp, unknownVerb } from './help.ts';
 import { parsing, printError, reportError, UsageError, wantsJson } from './errors.ts';
-import { bashCompletion } from './completion.ts';
-import { iostatCommand } from './iostat.ts';
+import { callApi } from './api-client.ts';
+import { needs } from '../core/lazy-import.ts';
+
+// A command's own module is imported when that command runs (core/lazy-import.ts), so that a start loads what
+// the command needs and no more: `chunkd help` or `chunkd volume list` loads neither the node, the store, etcd's
+// client nor TLS.
 
 /** Runs the command line; returns the exit code. */
 export async function main(argv: string[]): Promise<number> {
@@ -55,7 +47,7 @@ async function run(argv: string[]): Promise<number> {
   if (command !== 'serve' && command !== 'peer' && command !== 'tls') takeTlsDirectory(rest);
   switch (command) {
     case 'serve':
-      return serve(rest);
+      return (await needs('serve', () => import('./serve.ts'))).serve(rest);
     case 'volume':
       return volumeCommand(rest);
     case 'snapshot':
@@ -65,35 +57,35 @@ async function run(argv: string[]): Promise<number> {
     case 'status':
       return statusCommand(rest);
     case 'send':
-      return sendCommand(rest, apiPath);
+      return (await needs('send', () => import('./stream.ts'))).sendCommand(rest, apiPath);
     case 'receive':
-      return receiveCommand(rest, apiPath);
+      return (await needs('receive', () => import('./stream.ts'))).receiveCommand(rest, apiPath);
     case 'attach':
-      return attachCommand(rest, apiPath);
+      return (await needs('attach', () => import('./attach.ts'))).attachCommand(rest, apiPath);
     case 'detach':
-      return detachCommand(rest, apiPath);
+      return (await needs('detach', () => import('./attach.ts'))).detachCommand(rest, apiPath);
     case 'scrub':
-      return scrubCommand(rest, apiPath);
+      return (await needs('scrub', () => import('./scrub.ts'))).scrubCommand(rest, apiPath);
     case 'fsck':
       return fsckCommand(rest);
     case 'pool':
       return poolCommand(rest);
     case 'tls':
-      return tlsCommand(rest);
+      return (await needs('tls', () => import('./tls.ts'))).tlsCommand(rest);
     case 'peer':
-      return peerCommand(rest);
+      return (await needs('peer', () => import('./peer.ts'))).peerCommand(rest);
     case 'replica':
-      return replicaCommand(rest, apiPath);
+      return (await needs('replica', () => import('./replica.ts'))).replicaCommand(rest, apiPath);
     case 'cluster':
-      return clusterCommand(rest, apiPath);
+      return (await needs('cluster', () => import('./cluster.ts'))).clusterCommand(rest, apiPath);
     case 'bench':
-      return benchCommand(rest);
+      return (await needs('bench', () => import('./bench.ts'))).benchCommand(rest);
     case 'iostat':
-      return iostatCommand(rest, apiPath);
+      return (await needs('iostat', () => import('./iostat.ts'))).iostatCommand(rest, apiPath);
     case 'completion': {
       const { positionals } = parsing(() => parseArgs({ args: rest, allowPositionals: true, options: commands.completion.options }));
       if (positionals.length !== 1 || positionals[0] !== 'bash') throw new UsageError('completion takes one shell: chunkd completion bash');
-      process.stdout.write(bashCompletion());
+      process.stdout.write((await needs('completion', () => import('./completion.ts'))).bashCompletion());
       return 0;
     }
     default:
@@ -113,7 +105,7 @@ async function help(argv: string[]): Promise<number> {
   if (found === null) throw new UsageError(`no command "${words.join(' ')}" (chunkd help lists them)`);
   process.stdout.write(`${commandHelp(found.key)}\n`);
   // bench's options are the benchmark suite's: it lists them itself.
-  if (found.key === 'bench') return benchHelp();
+  if (found.key === 'bench') return (await needs('bench', () => import('./bench.ts'))).benchHelp();
   return 0;
 }
 
@@ -178,8 +170,10 @@ async function volumeCommand(argv: string[]): Promise<number> {
       const { values } = parsing(() => parseArgs({ args: rest, options: commands['volume list'].options }));
       const { volumes, cluster, clusterError } = (await callApi(apiPath(values.api), 'GET', '/v1/volumes')) as { volumes: VolumeInfo[]; cluster?: ClusterVolume[]; clusterError?: string };
       if (clusterError !== undefined) process.stderr.write(`chunkd: the cluster's volumes are not available (${clusterError}); this node's own:\n`);
-      if (cluster !== undefined) print(values.json, cluster, () => renderClusterVolumes(cluster));
-      else print(values.json, volumes, () => (volumes.length === 0 ? 'no volumes' : volumes.map(describeVolume).join('\n')));
+      if (cluster !== undefined) {
+        const { renderClusterVolumes } = await needs('volume list', () => import('./cluster.ts'));
+        print(values.json, cluster, () => renderClusterVolumes(cluster));
+      } else print(values.json, volumes, () => (volumes.length === 0 ? 'no volumes' : volumes.map(describeVolume).join('\n')));
       return 0;
     }
     case 'info': {
@@ -367,6 +361,7 @@ async function poolCommand(argv: string[]): Promise<number> {
   if (verb !== 'upgrade') throw unknownVerb('pool', verb);
   const { values } = parsing(() => parseArgs({ args: rest, options: commands['pool upgrade'].options }));
   if (values.metadata !== 'paged') throw new UsageError(`pool upgrade needs --metadata paged (the only upgrade there is)${values.metadata === undefined ? '' : `, not ${JSON.stringify(values.metadata)}`}`);
+  const { upgradePool } = await needs('pool upgrade', () => import('../store/pool-upgrade.ts'));
   const report = await upgradePool(values.pool ?? commands['pool upgrade'].options.pool.fallback);
   print(values.json, report, () =>
     [
@@ -387,10 +382,12 @@ async function poolCommand(argv: string[]): Promise<number> {
 async function fsckCommand(argv: string[]): Promise<number> {
   const { values } = parsing(() => parseArgs({ args: argv, options: commands.fsck.options }));
   const directory = values.pool ?? commands.fsck.options.pool.fallback;
+  const { fsckPool } = await needs('fsck', () => import('../store/fsck.ts'));
+  const repairPool = values.repair ? (await needs('fsck --repair', () => import('../store/repair.ts'))).repairPool : null;
   let repair: RepairReport | null = null;
   let report;
   try {
-    if (values.repair) repair = await repairPool(directory);
+    if (repairPool !== null) repair = await repairPool(directory);
     report = await fsckPool(directory);
   } catch (error) {
     if (!(error instanceof ChunkdError)) throw error;

@@ -8,7 +8,8 @@ import { validateName } from '../core/names.ts';
 import { workersMax } from '../core/limits.ts';
 import { formatSize, parseDuration, parseSize } from '../core/units.ts';
 import { metadataKinds, type MetadataKind } from '../store/pool-layout.ts';
-import { ChunkdNode, type NodeConfig, type PeerConfig } from '../node/node.ts';
+import type { NodeConfig, PeerConfig } from '../node/node.ts';
+import { needs } from '../core/lazy-import.ts';
 import type { ClusterConfig } from '../cluster/cluster.ts';
 import { parseEtcdEndpoints } from '../cluster/records.ts';
 import { parsing, UsageError } from './errors.ts';
@@ -206,6 +207,9 @@ export async function serve(argv: string[]): Promise<number> {
   const log = makeLog({ level: config.logLevel, format: config.logFormat, stamped: !stderrIsJournal() });
   // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
   installFailStop();
+  // The node's modules load here, not when this one does: parsing serve's options (and peer's, which share them)
+  // loads none of them (core/lazy-import.ts).
+  const { ChunkdNode } = await needs('serve', () => import('../node/node.ts'));
   const node = await ChunkdNode.start({ ...config, log });
   // Listen for the stop signals before saying ready: a SIGTERM sent right after the ready line otherwise found no
   // handler in 2 to 5 of 8 quick starts and stops here (the process died of the signal, exit code null).

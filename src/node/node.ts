@@ -39,6 +39,7 @@ import { PeerServer, type PeerServerStats } from '../peer/server.ts';
 import { softwareVersion } from '../core/version.ts';
 import type { Log } from '../core/log.ts';
 import { emptyIoStats, MeasuredDevice, type ExportIoStats } from './io-stats.ts';
+import { needs } from '../core/lazy-import.ts';
 import type { ClusterConfig, ClusterHost, ClusterMember, ClusterStatus } from '../cluster/cluster.ts';
 import type { ClusterVolume } from '../cluster/listing.ts';
 import { createOnNode, parseRemoteCreate, type VolumePlacement } from '../cluster/remote-create.ts';
@@ -274,9 +275,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);
       }
       if (config.cluster) {
-        // Loaded here, not with the node: the etcd client (etcd3, grpc, protobufjs) took about a third of the
-        // modules' load time of every start, and only a node in a cluster uses it.
-        const { ClusterMember } = await import('../cluster/cluster.ts');
+        // etcd's client (grpc, protobufjs: a good part of a start's module loading) is loaded by a cluster's nodes only.
+        const { ClusterMember } = await needs('a node in a cluster (--etcd)', () => import('../cluster/cluster.ts'));
         node.#cluster = await ClusterMember.start(config.cluster, node.#clusterHost());
         const cluster = node.#cluster;
         pool.setWriteGate((volume) => cluster.writeRefusal(volume));

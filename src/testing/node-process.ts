@@ -60,7 +60,13 @@ export async function startNode(pool: string, extraArgs: string[] = [], options:
   const launcher = options.launcher ?? checkoutLauncher;
   const nbdSocket = path.join(pool, 'nbd.sock');
   const apiSocket = path.join(pool, 'api.sock');
-  // CHUNKD_TEST_WORKERS / CHUNKD_TEST_NBD_THREADS run the whole suite against other thread layouts (npm test does).
+  // CHUNKD_TEST_WORKERS / CHUNKD_TEST_NBD_THREADS run tests against other thread layouts. npm test's test:layouts
+  // runs the files whose work depends on the layout: with --workers 0 (chunk I/O and checksums on the main thread,
+  // not in worker threads as by default) the clients, bad input, CLI, snapshot, integrity, crash, full-disk and
+  // mount files; with --workers 1 --nbd-threads 2 only those that connect over TCP, which the NBD threads serve
+  // (clients, and crash's FLUSH on another connection). The others connect over the unix socket, which the main
+  // thread serves whatever --nbd-threads says, so for them that pass changes only the count of chunk I/O workers
+  // (1 instead of the default, the same code as the main run).
   const layout = [
     ...(process.env.CHUNKD_TEST_WORKERS !== undefined && !extraArgs.includes('--workers') ? ['--workers', process.env.CHUNKD_TEST_WORKERS] : []),
     ...(process.env.CHUNKD_TEST_NBD_THREADS !== undefined && !extraArgs.includes('--nbd-threads') ? ['--nbd-threads', process.env.CHUNKD_TEST_NBD_THREADS] : []),

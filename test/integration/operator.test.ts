@@ -72,6 +72,36 @@ async function inBatches<T>(jobs: Array<() => Promise<T>>, width = 6): Promise<T
   return results;
 }
 
+test('a package that is not installed fails only the commands that need it, with one line that names it', async () => {
+  // A resolve hook stands in for an installation without the packages CHUNKD_TEST_HIDDEN names: each command
+  // imports what it needs when it runs (core/lazy-import.ts), so help and the API's commands need none of the
+  // runtime dependencies, scrub needs cli-progress (its progress bar) and a node in a cluster etcd3 (its client).
+  const absent = 'chunkd-absent-package';
+  const hook = `data:text/javascript,${encodeURIComponent(`import { registerHooks } from 'node:module'; const hidden = (process.env.CHUNKD_TEST_HIDDEN ?? '').split(','); registerHooks({ resolve: (specifier, context, next) => next(hidden.includes(specifier) ? '${absent}' : specifier, context) });`)}`;
+  const scratch = makeTempDir('absent');
+  try {
+    const withHook = (hidden: string[], args: string[]) => runTool(nodeBinary, ['--import', hook, chunkdBin, ...args], { cwd: scratch, env: { ...process.env, CHUNKD_TEST_HIDDEN: hidden.join(',') } });
+    const everyDependency = Object.keys(manifest.dependencies);
+    assert.ok(everyDependency.includes('piscina') && everyDependency.includes('etcd3'), everyDependency.join(', '));
+    const [help, list, scrub, serve] = await Promise.all([
+      withHook(everyDependency, ['help']),
+      withHook(everyDependency, ['volume', 'list', '--api', path.join(scratch, 'api.sock')]),
+      withHook(['cli-progress'], ['scrub', 'vol', '--api', path.join(scratch, 'api.sock')]),
+      withHook(['etcd3'], ['serve', '--pool', path.join(scratch, 'pool'), '--listen', 'none', '--socket', path.join(scratch, 'nbd.sock'), '--api', path.join(scratch, 'api.sock'), '--etcd', 'http://127.0.0.1:1', '--node-name', 'a']),
+    ]);
+    assert.equal(help.code, 0, help.stderr);
+    assert.match(help.stdout, /^usage: chunkd <command>/);
+    assert.equal(list.code, 1, list.stderr);
+    assert.match(list.stderr, /^chunkd: no chunkd node answers at /);
+    assert.equal(scrub.code, 1, scrub.stderr);
+    assert.match(scrub.stderr, new RegExp(`^chunkd: scrub cannot run, this installation of chunkd is incomplete: Cannot find package '${absent}' imported from \\S+scrub\\.ts .*\\n$`));
+    assert.equal(serve.code, 1, serve.stderr);
+    assert.match(serve.stderr, new RegExp(`^chunkd: a node in a cluster \\(--etcd\\) cannot run, this installation of chunkd is incomplete: Cannot find package '${absent}' imported from \\S+cluster\\.ts `, 'm'));
+  } finally {
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+});
+
 test('chunkd --version prints the package version', async () => {
   const result = await run(['--version']);
   assert.equal(result.code, 0, result.stderr);
