@@ -17,6 +17,8 @@ import type { NodeStatus } from '../../src/node/node.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
+import type { OpenMode } from '../../src/store/file-layer.ts';
+import { PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { TestFiles, type FaultRule } from '../../src/testing/test-files.ts';
 
 const MiB = 1024 * 1024;
@@ -305,4 +307,73 @@ test.each(['memory', 'paged'] as const)('removing a snapshot punches out what it
     }
     await volume.close();
   }, { metadata });
+});
+
+/** A power-loss layer whose journal writes, once `hold` is set, never reach the disk (a commit stuck before it is durable). */
+class JournalHeld extends PowerLossFiles {
+  readonly #journals = new Set<number>();
+  hold = false;
+  /** Resolves at the first journal write held. */
+  readonly reached: Promise<void>;
+  #reach = (): void => {};
+
+  constructor(root: string) {
+    super(root);
+    this.reached = new Promise((resolve) => (this.#reach = resolve));
+  }
+
+  override async open(file: string, mode: OpenMode): Promise<number> {
+    const fd = await super.open(file, mode);
+    if (path.basename(file).startsWith('journal')) this.#journals.add(fd);
+    return fd;
+  }
+
+  override write(fd: number, data: Uint8Array, positionBytes: number): Promise<void> {
+    if (!this.hold || !this.#journals.has(fd)) return super.write(fd, data, positionBytes);
+    this.#reach();
+    return new Promise(() => {});
+  }
+}
+
+test.each(['memory', 'paged'] as const)('a recycled removal frees nothing before its commit is durable: writes meanwhile, then a power cut, and the snapshot still reads its bytes (%s metadata)', async (metadata) => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-recycle-cut-'));
+  try {
+    const files = new JournalHeld(directory);
+    const pool = await Pool.open({ directory, files, metadata });
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    const blocks = [3, 40, 77, 300, 511, 900];
+    const round = async (at: readonly number[], byte: number): Promise<void> => {
+      for (const block of at) await volume.write(block * 4096, Buffer.alloc(4096, byte));
+      await volume.flush();
+    };
+    await round(blocks, 1);
+    await pool.createSnapshot('v', 's');
+    await round(blocks, 2); // the snapshot alone holds the chunks of 1s
+    files.hold = true;
+    pool.removeSnapshot('v', 's', { recycle: true }).catch(() => {});
+    await files.reached;
+    // Writes while the removal's commit is not durable: they must not be given the chunks it frees.
+    for (const block of blocks) await volume.write((block + 1) * 4096, Buffer.alloc(4096, 3));
+    await pool.abandon();
+    await files.cut(() => 0.3); // every unsynced sector lands: the writes' data did, the removal's record never left
+    const reopened = await Pool.open({ directory, metadata });
+    try {
+      assert.deepEqual(reopened.listSnapshots('v').map((snapshot) => snapshot.name), ['s'], 'the removal was not durable');
+      const device = reopened.openSnapshot('v', 's');
+      try {
+        for (const block of blocks) {
+          const back = Buffer.alloc(4096);
+          await device.read(block * 4096, back);
+          assert.ok(back.every((value) => value === 1), `v@s block ${block} reads its 1s`);
+        }
+      } finally {
+        await device.close();
+      }
+    } finally {
+      await reopened.close();
+    }
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
 });
