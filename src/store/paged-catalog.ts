@@ -258,6 +258,11 @@ export class PagedCatalog {
     return this.#space;
   }
 
+  /** Reads of the page file since the open, and passes started over after reading what they missed (for benchmarks and tests). */
+  get pageReads(): { misses: number; passRestarts: number } {
+    return { misses: this.#cache.stats().misses, passRestarts: this.#maps.passRestarts };
+  }
+
   /** Map nodes changed since the last checkpoint (what the next one writes, with the pages of counts). */
   get dirtyPages(): number {
     return this.#maps.dirtyPages;
