@@ -105,7 +105,7 @@ for (let round = 0; round < Number(values.rounds); round++) {
   fs.rmSync(copy, { recursive: true, force: true });
   seconds.push(replayed.seconds.replay);
   cpuSeconds.push((cpuUs.user + cpuUs.system) / 1e6);
-  console.log(`round ${round + 1}: replayed ${replayed.replayedRecords} records in ${replayed.seconds.replay.toFixed(2)} s (root ${replayed.seconds.root.toFixed(3)} s; ${misses} page reads, ${passRestarts} restarts; CPU of the open ${cpuSeconds.at(-1)!.toFixed(2)} s)`);
+  console.log(`round ${round + 1}: replayed ${replayed.replayedRecords} records in ${replayed.seconds.replay.toFixed(2)} s (root ${replayed.seconds.root.toFixed(3)} s; ${misses} page reads (${replayed.prefetchedPages} ahead), ${passRestarts} restarts; CPU of the open ${cpuSeconds.at(-1)!.toFixed(2)} s)`);
 }
 console.log(`median replay: ${median(seconds).toFixed(2)} s, CPU of the open ${median(cpuSeconds).toFixed(2)} s`);
 if (values.dir === undefined) fs.rmSync(base, { recursive: true, force: true });

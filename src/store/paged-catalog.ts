@@ -371,6 +371,18 @@ export class PagedCatalog {
   }
 
   /**
+   * Reads into the page cache the map pages an `applyMaps` of `records` will visit, ahead of it (the replay's
+   * prefetch: the reads overlap instead of a pass starting over once per level), and pins the pages of chunk counts
+   * it changes until `release`. Nothing when the records are not all of one existing volume (`applyMaps` applies
+   * those one by one).
+   */
+  async prefetchMaps(records: ReadonlyArray<Extract<MetaRecord, { type: 'map' }>>): Promise<{ pages: number; release(): void }> {
+    const volume = this.#volumes.get(records[0]?.volumeId ?? -1);
+    if (volume === undefined || records.some((record) => record.volumeId !== volume.id)) return { pages: 0, release: () => {} };
+    return volume.map.prefetchRuns(records);
+  }
+
+  /**
    * Applies map records of one volume after those queued before it, as one pass of its map (paged-map.ts's
    * `mapRuns`: a leaf and the nodes above it copied once for all the records that meet it): the same tables,
    * maps and chunk counts as `apply` of each in turn. A record that cannot apply is refused as `apply` refuses
