@@ -46,7 +46,9 @@
 //
 // Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
 // above it copied once for all the runs that meet it), and a one-run mapRun below nodes all dirty and held once
-// changes the leaf in place (`#mapInPlace`): no copy, no page placed.
+// changes the leaf in place (`#mapInPlace`): no copy, no page placed. Before a replay's batch, `prefetchRuns`
+// reads the pages its pass will visit and pins the pages of chunk counts it will change (within the cache's size),
+// so that a cold pass computes its edit once instead of again after missing counts.
 //
 // Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit is queued with the
