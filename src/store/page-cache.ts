@@ -95,6 +95,11 @@ export class PageCache {
     return root;
   }
 
+  /** The clean pages the cache holds at most. */
+  get maxPages(): number {
+    return Math.floor(this.#clean.maxSize / pageBytes);
+  }
+
   stats(): PageCacheStats {
     return { cleanBytes: this.#clean.calculatedSize, dirtyBytes: this.#dirty.size * pageBytes, hits: this.#hits, misses: this.#misses };
   }

@@ -234,6 +234,8 @@ export interface ReplayedPaged {
   /** The newest journal generation replayed (the root's own when none was). */
   generation: number;
   replayedRecords: number;
+  /** Map pages the replay's prefetch read ahead of its passes (`PagedCatalog.prefetchMaps`). */
+  prefetchedPages: number;
   tornTail: boolean;
   /** Damage found in one copy of a journal and read from the other: one line each. */
   repairs: string[];
@@ -267,6 +269,7 @@ export async function replayPaged(files: FileLayer, directory: string, options: 
     const rootGeneration = catalog.journalGeneration;
     let generation = rootGeneration;
     let replayedRecords = 0;
+    let prefetchedPages = 0;
     let tornTail = false;
     const repairs: string[] = [];
     const leftovers: string[] = [];
@@ -276,7 +279,7 @@ export async function replayPaged(files: FileLayer, directory: string, options: 
     if (options.salvage === true) {
       const salvage = await salvageReplay(files, directory, catalog, all.filter((g) => g > rootGeneration));
       const seconds = { root: (rootRead - started) / 1000, replay: (performance.now() - rootRead) / 1000 };
-      return { catalog, generation: Math.max(rootGeneration, ...all), replayedRecords: salvage.applied, tornTail: false, repairs, leftovers, seconds, salvage };
+      return { catalog, generation: Math.max(rootGeneration, ...all), replayedRecords: salvage.applied, prefetchedPages: 0, tornTail: false, repairs, leftovers, seconds, salvage };
     }
     for (const newer of all.filter((g) => g > rootGeneration)) {
       const paths = journalPaths(directory, newer);
@@ -293,7 +296,18 @@ export async function replayPaged(files: FileLayer, directory: string, options: 
         repairs.push(`${paths[copy]} ${copies[copy] === null ? 'is missing' : `is damaged at byte ${offsetBytes}`} (commit ${sequence}); read from the other copy`);
       }
       for (const batch of replayBatches(journal.records)) {
-        await (batch.length > 1 ? catalog.applyMaps(batch as MapRecord[]) : catalog.apply(batch[0]!));
+        if (batch.length > 1) {
+          // The pages the batch's pass visits read first, many at once (a cold cache after a crash).
+          const prefetched = await catalog.prefetchMaps(batch as MapRecord[]);
+          prefetchedPages += prefetched.pages;
+          try {
+            await catalog.applyMaps(batch as MapRecord[]);
+          } finally {
+            prefetched.release();
+          }
+        } else {
+          await catalog.apply(batch[0]!);
+        }
         // A chunk a record freed may be named by the next (it was reused after the commit that freed it): frees
         // replayed are final at once, as in the format-3 load. (Within a batch, a chunk freed and named again is
         // counted up before it is counted down: it is never free in between.)
@@ -304,7 +318,7 @@ export async function replayPaged(files: FileLayer, directory: string, options: 
       generation = newer;
     }
     const seconds = { root: (rootRead - started) / 1000, replay: (performance.now() - rootRead) / 1000 };
-    return { catalog, generation, replayedRecords, tornTail, repairs, leftovers, seconds, salvage: null };
+    return { catalog, generation, replayedRecords, prefetchedPages, tornTail, repairs, leftovers, seconds, salvage: null };
   } catch (error) {
     await catalog.close().catch(() => {});
     throw error;

@@ -258,6 +258,11 @@ export class PagedCatalog {
     return this.#space;
   }
 
+  /** Reads of the page file since the open, and passes started over after reading what they missed (for benchmarks and tests). */
+  get pageReads(): { misses: number; passRestarts: number } {
+    return { misses: this.#cache.stats().misses, passRestarts: this.#maps.passRestarts };
+  }
+
   /** Map nodes changed since the last checkpoint (what the next one writes, with the pages of counts). */
   get dirtyPages(): number {
     return this.#maps.dirtyPages;
@@ -363,6 +368,18 @@ export class PagedCatalog {
       this.#nextVolumeId = Math.max(this.#nextVolumeId, nextVolumeId);
       this.#nextSnapshotId = Math.max(this.#nextSnapshotId, nextSnapshotId);
     });
+  }
+
+  /**
+   * Reads into the page cache the map pages an `applyMaps` of `records` will visit, ahead of it (the replay's
+   * prefetch: the reads overlap instead of a pass starting over once per level), and pins the pages of chunk counts
+   * it changes until `release`. Nothing when the records are not all of one existing volume (`applyMaps` applies
+   * those one by one).
+   */
+  async prefetchMaps(records: ReadonlyArray<Extract<MetaRecord, { type: 'map' }>>): Promise<{ pages: number; release(): void }> {
+    const volume = this.#volumes.get(records[0]?.volumeId ?? -1);
+    if (volume === undefined || records.some((record) => record.volumeId !== volume.id)) return { pages: 0, release: () => {} };
+    return volume.map.prefetchRuns(records);
   }
 
   /**

@@ -46,7 +46,9 @@
 //
 // Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
 // above it copied once for all the runs that meet it), and a one-run mapRun below nodes all dirty and held once
-// changes the leaf in place (`#mapInPlace`): no copy, no page placed.
+// changes the leaf in place (`#mapInPlace`): no copy, no page placed. Before a replay's batch, `prefetchRuns`
+// reads the pages its pass will visit and pins the pages of chunk counts it will change (within the cache's size),
+// so that a cold pass computes its edit once instead of again after missing counts.
 //
 // Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit is queued with the
@@ -321,6 +323,39 @@ function firstRangeAbove(edit: Edit, key: number): number {
     else hi = mid;
   }
   return lo;
+}
+
+/** A node a pass visits, and the keys that route to it. */
+interface Visit {
+  page: number;
+  lo: number;
+  hi: number;
+}
+
+/** Reads at once of `PagedMaps.prefetchRuns` (libuv's pool runs 16: chunkd's `UV_THREADPOOL_SIZE`). */
+const prefetchReads = 64;
+/** Less than the counts in a page of counts (space-map.ts's `countsPerPage`, 2,032): a span stepped by it names each page. */
+const chunkCountsPageStep = 1024;
+
+/** Adds to `into` the children of `node` (visited as `visit`) that an edit visits: those it meets, and a neighbour on each side. */
+function visitedChildren(node: InteriorNode, visit: Visit, edit: Edit, into: Visit[]): void {
+  const { lo, hi } = visit;
+  const count = node.children.length;
+  let after = -1;
+  for (const touched of touchedChildren(node.keys, lo, hi, edit)) {
+    for (let i = Math.max(after + 1, touched - 1); i <= Math.min(count - 1, touched + 1); i++) {
+      into.push({ page: node.children[i]!, lo: i === 0 ? lo : node.keys[i]!, hi: i === count - 1 ? hi : node.keys[i + 1]! });
+      after = i;
+    }
+  }
+}
+
+/** Adds to `into` the physical chunks `leaf` (visited as `visit`) maps at keys `edit` changes. */
+function mappedUnder(leaf: LeafNode, visit: Visit, edit: Edit, into: number[]): void {
+  for (let r = firstRangeAbove(edit, visit.lo); r < edit.starts.length && edit.starts[r]! < visit.hi; r++) {
+    const end = Math.min(visit.hi, edit.ends[r]!);
+    for (let i = lowerBound(leaf.keys, Math.max(visit.lo, edit.starts[r]!)); i < leaf.keys.length && leaf.keys[i]! < end; i++) into.push(leaf.physical[i]!);
+  }
 }
 
 /** The indexes, ascending, of the children of an interior node routing [lo, hi) whose range meets `edit`. */
@@ -928,24 +963,65 @@ export class PagedMaps {
    * nothing for it.
    */
   #prefetch(pins: Pins, rootPage: number, edit: Edit): void {
-    let level = [{ page: rootPage, lo: 0, hi: mapKeyLimit }];
+    let level: Visit[] = [{ page: rootPage, lo: 0, hi: mapKeyLimit }];
     for (;;) {
-      const next: Array<{ page: number; lo: number; hi: number }> = [];
-      for (const { page, lo, hi } of level) {
-        const node = pins.node(page);
+      const next: Visit[] = [];
+      for (const visit of level) {
+        const node = pins.node(visit.page);
         if (node.kind === 'leaf') return;
-        const count = node.children.length;
-        let after = -1;
-        for (const touched of touchedChildren(node.keys, lo, hi, edit)) {
-          for (let i = Math.max(after + 1, touched - 1); i <= Math.min(count - 1, touched + 1); i++) {
-            next.push({ page: node.children[i]!, lo: i === 0 ? lo : node.keys[i]!, hi: i === count - 1 ? hi : node.keys[i + 1]! });
-            after = i;
-          }
-        }
+        visitedChildren(node, visit, edit, next);
       }
       pins.want(next.map((item) => item.page));
       level = next;
     }
+  }
+
+  /**
+   * Reads ahead of a pass of `runs` over `map` (a replay's batch) what it would otherwise miss and start over for:
+   * the pages `#prefetch` names for it, a level at a time, at most `prefetchReads` reads at once (each checked and
+   * repaired as any read) and no more pages than the cache holds, so that none is evicted before the pass uses it;
+   * then the pages of chunk counts the pass changes (the runs' chunks, and those mapped where they go now), pinned
+   * until `release` (a pass that misses counts starts over after computing its whole edit). Queued with the
+   * mutations (it reads the root they leave). Changes nothing: the pass still reads whatever it misses.
+   */
+  prefetchRuns(map: PagedMap, runs: readonly MapRunEdit[]): Promise<{ pages: number; release(): void }> {
+    return this.#queue(async () => {
+      const nothingPinned = (pages: number): { pages: number; release(): void } => ({ pages, release: () => {} });
+      if (runs.length === 0 || map.rootPage === emptyRoot) return nothingPinned(0);
+      const edit = mapRunsEdit(runs);
+      let budget = this.#cache.maxPages;
+      let pages = 0;
+      let level: Visit[] = [{ page: map.rootPage, lo: 0, hi: mapKeyLimit }];
+      // The chunks the pass counts down: those the leaves map where the runs go.
+      const chunks: number[] = [];
+      while (level.length > 0) {
+        const missing = [...new Set(level.filter((visit) => this.#resident(visit.page) === undefined).map((visit) => visit.page))];
+        if (missing.length > budget) return nothingPinned(pages);
+        budget -= missing.length;
+        pages += missing.length;
+        let cursor = 0;
+        const reader = async (): Promise<void> => {
+          while (cursor < missing.length) await this.#cache.get(missing[cursor++]!);
+        };
+        await Promise.all(Array.from({ length: Math.min(prefetchReads, missing.length) }, reader));
+        const next: Visit[] = [];
+        for (const visit of level) {
+          const node = this.#resident(visit.page) ?? (await this.node(visit.page));
+          if (node.kind !== 'leaf') visitedChildren(node, visit, edit, next);
+          else mappedUnder(node, visit, edit, chunks);
+        }
+        level = next;
+      }
+      if (this.#chunkCountPages === undefined) return nothingPinned(pages);
+      // And those it counts up: an index of each page of counts a run meets (its first, its last, every page between).
+      for (const { physicalChunk, sums } of runs) {
+        for (let chunk = physicalChunk; chunk < physicalChunk + sums.length; chunk += chunkCountsPageStep) chunks.push(chunk);
+        chunks.push(physicalChunk + sums.length - 1);
+      }
+      const counts = this.#chunkCountPages;
+      const wanted = chunks.filter((chunk) => !counts.loaded(chunk));
+      return wanted.length === 0 ? nothingPinned(pages) : { pages, release: (await counts.load(wanted)).release };
+    });
   }
 
   /** Applies `edit` below `page` (whose keys route from [lo, hi)); returns the nodes that replace it. */
@@ -1268,6 +1344,11 @@ export class PagedMap {
    */
   mapRuns(runs: readonly MapRunEdit[], refs: ChunkRefs): Promise<void> {
     return this.#maps.mapRuns(this, runs, refs);
+  }
+
+  /** Reads what a `mapRuns` of `runs` will need, ahead of it (`PagedMaps.prefetchRuns`); `release` after it. */
+  prefetchRuns(runs: readonly MapRunEdit[]): Promise<{ pages: number; release(): void }> {
+    return this.#maps.prefetchRuns(this, runs);
   }
 
   /** Unmaps every chunk in [virtualChunk, virtualChunk + chunkCount); resolves to how many were mapped. */

@@ -19,7 +19,7 @@ import { chunkFilePath } from '../../src/store/chunk-file-layout.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
 import type { MetaRecord } from '../../src/store/metadata.ts';
-import { replayBatchRecords, replayBatches } from '../../src/store/paged-backend.ts';
+import { replayBatchRecords, replayBatches, replayPaged } from '../../src/store/paged-backend.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
 import { chunksDirectory, markerPath } from '../../src/store/pool-layout.ts';
 import { TestFiles } from '../../src/testing/test-files.ts';
@@ -503,6 +503,64 @@ test('a replay applies consecutive map records of one volume in one batch, and e
     batches.map((batch) => batch.length),
     [2, 1, 1, 1, 1, replayBatchRecords, 1],
   );
+});
+
+test("a replay after a crash over a cold cache builds what was written, whether its prefetch reads every page a batch visits or stops at the cache's size", { timeout: 60_000 }, async () => {
+  await inScratch('paged-pool', async (directory) => {
+    const files = new TestFiles();
+    const blocks = 16384;
+    /** The fill of each block written, in the order written. */
+    const model = new Map<number, number>();
+    const writeAtRandom = async (pool: Pool, count: number, seed: number, fills: number): Promise<void> => {
+      const volume = pool.openVolume('v');
+      for (let i = 0; i < count; i++) {
+        // The second call rewrites blocks the first wrote (other fills), and writes blocks it did not.
+        const index = ((i + seed) * 7919) % blocks;
+        const fill = 1 + ((i + fills) % 250);
+        await volume.write(index * 4096, block(fill));
+        model.set(index, fill);
+      }
+      await volume.flush();
+      await volume.close();
+    };
+    let pool = await open(directory, { files });
+    await pool.createVolume('v', blocks * 4096);
+    await writeAtRandom(pool, 3000, 0, 0);
+    // A clean close: the leaves of those writes are on disk under the root, none in any cache after it.
+    await pool.close();
+    pool = await open(directory, { files });
+    await writeAtRandom(pool, 1500, 2000, 77);
+    // The map as the live pool had it (runs and checksums: a write in place into a chunk changes only its sum).
+    const digest = await pool.contentDigest('v', null);
+    await killed(pool, files);
+
+    // Over a cache that holds every page a batch visits (the prefetch reads them all, and the pages of chunk counts),
+    // and over one of 4 pages (the prefetch stops at a level that would not fit: the pass reads the rest).
+    for (const [cacheBytes, prefetches] of [[MiB, true], [16 * 1024, false]] as const) {
+      const copy = `${directory}-${cacheBytes}`;
+      fs.cpSync(directory, copy, { recursive: true });
+      try {
+        const replayed = await replayPaged(realFiles, copy, { cacheBytes });
+        const { prefetchedPages } = replayed;
+        await replayed.catalog.close();
+        assert.equal(replayed.replayedRecords > 1000, true, `${replayed.replayedRecords} records replayed`);
+        assert.equal(prefetchedPages > 1, prefetches, `${prefetchedPages} pages read ahead with a cache of ${cacheBytes} bytes`);
+        const reopened = await open(copy, { metadataCacheBytes: cacheBytes });
+        try {
+          assert.ok((await reopened.contentDigest('v', null)).equals(digest), `the map replayed with a cache of ${cacheBytes} bytes is the live one`);
+          for (let index = 0; index < blocks; index += model.has(index) ? 1 : 97) {
+            assert.equal(await readBlock(reopened, 'v', index), model.get(index) ?? 0, `block ${index} with a cache of ${cacheBytes} bytes`);
+          }
+        } finally {
+          await reopened.close();
+        }
+        const report = await fsckPool(copy);
+        assert.ok(report.clean, report.errors.join('; '));
+      } finally {
+        fs.rmSync(copy, { recursive: true, force: true });
+      }
+    }
+  });
 });
 
 test('a journal past its checkpoint size is committed and checkpointed without waiting for a FLUSH, so a crash replays about one journal at most', async () => {
