@@ -530,7 +530,7 @@ test("a replay after a crash over a cold cache builds what was written, whether 
     await pool.close();
     pool = await open(directory, { files });
     await writeAtRandom(pool, 1500, 2000, 77);
-    // The map as the live pool had it (runs and checksums: a write in place into a chunk changes only its sum).
+    // The map as the live pool had it: each mapped chunk's checksum by its place in the volume (content-digest.ts).
     const digest = await pool.contentDigest('v', null);
     await killed(pool, files);
 
@@ -548,7 +548,9 @@ test("a replay after a crash over a cold cache builds what was written, whether 
         const reopened = await open(copy, { metadataCacheBytes: cacheBytes });
         try {
           assert.ok((await reopened.contentDigest('v', null)).equals(digest), `the map replayed with a cache of ${cacheBytes} bytes is the live one`);
-          for (let index = 0; index < blocks; index += model.has(index) ? 1 : 97) {
+          // Every block written (the replay built the last 1,500) and every 97th of the others (holes).
+          for (let index = 0; index < blocks; index++) {
+            if (!model.has(index) && index % 97 !== 0) continue;
             assert.equal(await readBlock(reopened, 'v', index), model.get(index) ?? 0, `block ${index} with a cache of ${cacheBytes} bytes`);
           }
         } finally {
