@@ -527,10 +527,10 @@ export class Pool {
    * Removes a snapshot; chunks that clones or other snapshots still hold stay, the rest go back to the pool, their
    * space punched out of the files (given back to the file system) unless `recycle`: then they are only reused by
    * later writes, as the chunks an overwrite replaces are (what is still free at the next open is punched then).
-   * A replication link removes its own snapshot each cycle
-   * (replication/replicator.ts), and what that frees is exactly what the volume's overwrites displaced since: a
-   * scattered 4 KiB chunk per random write, whose punch (a file system transaction each, about 130 us of CPU and
-   * the file's lock) cost more than the write, on both nodes, and held the commit until all were done.
+   * A replication link removes its own snapshot each cycle (replication/replicator.ts), and what that frees is
+   * exactly what the volume's overwrites displaced since: a scattered 4 KiB chunk per random write, whose punch (a
+   * file system transaction each, about 130 us of CPU and the file's lock) cost more than the write, on both
+   * nodes, and held the commit until all were done.
    */
   removeSnapshot(volumeName: string, snapshotName: string, options: { recycle?: boolean } = {}): Promise<void> {
     return this.#control(async () => {
