@@ -318,6 +318,24 @@ export class Replicator {
     }
   }
 
+  /**
+   * What the peer holds of `volume`. A peer whose last stream's connection just dropped (this node gave up on it:
+   * a paused or slow receiver) is still winding that receive up and answers EBUSY until it has saved what arrived:
+   * asked again every 100 ms for up to the request timeout, so that a cycle right after such a failure resumes
+   * rather than fails.
+   */
+  async #replicaInfo(ask: (verb: number, value: object) => Promise<Buffer>, volume: string): Promise<ReplicaInfo> {
+    const deadline = performance.now() + this.#timeoutMs;
+    for (;;) {
+      try {
+        return parseReplicaInfo(await ask(PeerVerb.replicaInfo, { volume }));
+      } catch (error) {
+        if (!(error instanceof ChunkdError && error.code === 'EBUSY') || performance.now() >= deadline) throw error;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+  }
+
   async #cycle(link: Link): Promise<CycleResult> {
     const { pool } = this.#options;
     const { volume, peer } = link.stored;
@@ -331,7 +349,7 @@ export class Replicator {
     if (link.stopped) throw new ChunkdError('ESHUTDOWN', 'replication stopped');
     link.peerName = client.hello.name;
     const ask = (verb: number, value: object): Promise<Buffer> => withTimeout(client.request(verb, jsonPayload(value)), this.#timeoutMs, () => client.close(), `${link.peerName} did not answer within ${formatDuration(this.#timeoutMs)}`);
-    let info = parseReplicaInfo(await ask(PeerVerb.replicaInfo, { volume }));
+    let info = await this.#replicaInfo(ask, volume);
     await this.#checkPeer(link, info);
 
     let request: SendRequest | null = null;
