@@ -1,16 +1,19 @@
 // What the pool does when the disk fails a call (src/testing/test-files.ts injects the failure at a chosen call):
 // a failed fdatasync of data or journal, or a failed journal write, makes the pool refuse writes from then on
 // (EIO to writers), while reads go on and status and /metrics say why; a full file system at a journal commit
-// fails that commit only, shows in status, and the next commit succeeds; a disk read error during a scrub is a
-// damaged extent, not an aborted scrub; a failed chunk write fails that write only. And, directly: an overwrite
-// lands in a new physical chunk (redirect-on-write), never over the chunk the metadata names. And a checkpoint asked for
-// (POST /v1/checkpoint) is written now and counted, and its failed write is a failure like the journal's.
+// fails that commit only, shows in status, and the next commit succeeds (under writes at queue depth 32, it is met
+// by each FLUSH, not by a commit and a log line per write, and every acknowledged write survives a power cut); a
+// disk read error during a scrub is a damaged extent, not an aborted scrub; a failed chunk write fails that write
+// only. And, directly: an overwrite lands in a new physical chunk (redirect-on-write), never over the chunk the
+// metadata names. And a checkpoint asked for (POST /v1/checkpoint) is written now and counted, and its failed
+// write is a failure like the journal's.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
+import { makeRandom } from '../../src/core/random.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { renderMetrics } from '../../src/node/metrics.ts';
 import type { NodeStatus } from '../../src/node/node.ts';
@@ -377,3 +380,78 @@ test.each(['memory', 'paged'] as const)('a recycled removal frees nothing before
     fs.rmSync(directory, { recursive: true, force: true });
   }
 });
+
+for (const metadata of ['memory', 'paged'] as const) {
+  test(`a full file system under writes at queue depth 32 (${metadata} metadata): ENOSPC to each write, FLUSH and FUA write, not a commit nor a log line per write; once space is back a flush commits, and a power cut keeps every acknowledged write`, async () => {
+    const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+    // A full disk: the journal can neither grow nor be written, new chunk data cannot be written.
+    const rules: FaultRule[] = [
+      { op: 'write', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'allocate', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: '.chunk', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+    ];
+    const files = new PowerLossFiles(directory, { rules });
+    const lines: string[] = [];
+    const isFull = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ENOSPC';
+    const block = (value: number): Buffer => Buffer.alloc(4096, value);
+    const pool = await Pool.open({ directory, files, metadata, log: (line) => lines.push(line) });
+    try {
+      await pool.createVolume('v', 16 * MiB);
+      const volume = pool.openVolume('v');
+      for (let i = 0; i < 64; i++) await volume.write(i * 4096, block(1));
+      await volume.flush();
+      // Overwrites, acknowledged but not flushed: their old chunks are freed and wait for a commit (what a write
+      // that meets ENOSPC asks a commit for).
+      for (let i = 0; i < 64; i++) await volume.write(i * 4096, block(2));
+      for (let index = 0; index < rules.length; index++) files.inner.arm(index);
+      const failuresBefore = (await pool.status()).commitFailuresTotal;
+      let writes = 0;
+      let flushes = 0;
+      for (let round = 0; round < 100; round++) {
+        const batch = Array.from({ length: 32 }, (_, k) => volume.write((64 + ((round * 32 + k) % 1024)) * 4096, block(3)));
+        for (const result of await Promise.allSettled(batch)) assert.ok(result.status === 'rejected' && isFull(result.reason), `a write on a full disk: ${JSON.stringify(result)}`);
+        writes += batch.length;
+        if (round % 10 === 9) {
+          await assert.rejects(volume.flush(), isFull, 'a FLUSH on a full disk');
+          await assert.rejects(volume.write(4096, block(4), { fua: true }), isFull, 'a FUA write on a full disk');
+          flushes += 2;
+        }
+      }
+      const failed = await pool.status();
+      assert.match(failed.commitError ?? '', /no space left/);
+      assert.equal(failed.failure, null, 'not a sticky failure');
+      // A commit for each FLUSH (and one a second for the writes that ask for freed chunks), not one per write.
+      const commits = failed.commitFailuresTotal - failuresBefore;
+      assert.ok(commits >= 1 && commits <= flushes + 10, `${commits} commits failed for ${writes} writes and ${flushes} flushes`);
+      const logged = lines.filter((line) => line.includes('metadata commit failed'));
+      assert.equal(logged.length, 1, `logged once, not per commit: ${logged.length} lines`);
+      // Space again: the next flush commits the acknowledged overwrites; the log says so.
+      for (let index = 0; index < rules.length; index++) files.inner.disarm(index);
+      await volume.write(200 * 4096, block(5));
+      await volume.flush();
+      assert.deepEqual([(await pool.status()).commitError, (await pool.status()).failure], [null, null]);
+      assert.ok(lines.some((line) => /metadata commits succeed again, after \d+ failed on a full file system/.test(line)), lines.join('\n'));
+    } finally {
+      files.inner.freeze();
+      await pool.abandon();
+    }
+    await files.cut(makeRandom(7));
+    const reopened = await Pool.open({ directory });
+    try {
+      const again = reopened.openVolume('v');
+      const read = Buffer.alloc(4096);
+      for (let i = 0; i < 64; i++) {
+        await again.read(i * 4096, read);
+        assert.ok(read.equals(block(2)), `block ${i}: the acknowledged overwrite, flushed once space was back`);
+      }
+      await again.read(200 * 4096, read);
+      assert.ok(read.equals(block(5)));
+      await again.read(100 * 4096, read);
+      assert.ok(read.equals(block(0)), 'a write that got ENOSPC left nothing');
+      await again.close();
+    } finally {
+      await reopened.close();
+      fs.rmSync(directory, { recursive: true, force: true });
+    }
+  });
+}
