@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'vitest';
+import { test, vi } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { makeRandom } from '../../src/core/random.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
@@ -19,6 +19,7 @@ import { renderMetrics } from '../../src/node/metrics.ts';
 import type { NodeStatus } from '../../src/node/node.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
+import { ChunkWriter } from '../../src/store/chunk-writer.ts';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
 import type { OpenMode } from '../../src/store/file-layer.ts';
 import { PowerLossFiles } from '../../src/testing/power-loss.ts';
@@ -455,3 +456,50 @@ for (const metadata of ['memory', 'paged'] as const) {
     }
   });
 }
+
+test('a small write from the NBD payload slab meets a failed pwrite on the chunk writer thread: that write gets EIO and is never recorded, the next succeeds, and after a power cut the flushed one reads back', async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+  const files = new PowerLossFiles(directory, { rules: [{ op: 'write', path: '.chunk', nth: 1, code: 'EIO', armed: false }] });
+  const buffers = new SharedBufferPool();
+  const taken = vi.spyOn(ChunkWriter.prototype, 'write');
+  const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+  const pool = await Pool.open({ directory, files, makeIo: (chunkFiles) => new WorkerChunkIo(chunkFiles, { workerCount: 1, buffers, log: () => {} }) });
+  try {
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    // As the NBD server hands them over: the payload in the shared slab, which the writer thread writes from.
+    const payload = buffers.acquire(4096);
+    files.inner.arm(0);
+    payload.fill(1);
+    await nextTurn();
+    await assert.rejects(volume.write(0, payload), isEio);
+    assert.equal(files.inner.fired(0), 1);
+    assert.ok(taken.mock.results.some((result) => result.value !== null), 'the writer thread took the write that failed');
+    const read = Buffer.alloc(4096);
+    await volume.read(0, read);
+    assert.ok(read.every((byte) => byte === 0), 'the failed write is not recorded: the block reads as before');
+    payload.fill(2);
+    await nextTurn();
+    await volume.write(0, payload);
+    await volume.flush();
+    assert.equal((await pool.status()).failure, null, 'a failed chunk write is not a sticky failure');
+    assert.ok(taken.mock.results.filter((result) => result.value !== null).length >= 2);
+    await volume.close();
+  } finally {
+    taken.mockRestore();
+    files.inner.freeze();
+    await pool.abandon();
+  }
+  await files.cut(makeRandom(3));
+  const reopened = await Pool.open({ directory });
+  try {
+    const read = Buffer.alloc(4096);
+    const again = reopened.openVolume('v');
+    await again.read(0, read);
+    assert.ok(read.every((byte) => byte === 2), 'the flushed write survives the power cut');
+    await again.close();
+  } finally {
+    await reopened.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
