@@ -151,6 +151,20 @@ async function chunkd(args: string[]): Promise<{ code: number; out: string }> {
   }
 }
 
+/**
+ * Opens the pool, waits for its punch of free chunks, writes 1 MiB to a new volume w (it takes free chunks), and
+ * closes it: neither may touch a chunk or page a map names.
+ */
+async function punchAndWrite(directory: string, seed: number): Promise<void> {
+  const pool = await Pool.open({ directory, metadataCacheBytes: 64 * 1024 });
+  await pool.freeSpacePunched();
+  await pool.createVolume('w', volumeBytes);
+  const w = pool.openVolume('w');
+  await w.write(0, fill(seed, MiB));
+  await w.close();
+  await pool.close();
+}
+
 /** A pool built, its contents read once (an open of a copy: the open writes), and a way back to it. */
 async function prepared(directory: string): Promise<{ expected: Map<string, Buffer>; restore: () => void }> {
   await buildPool(directory);
@@ -289,14 +303,7 @@ test('reference counts that disagree with the maps (a page of counts rewritten, 
     assert.ok(repair.actions.some((line) => line.startsWith('recounted 3 chunk reference count(s)')), repair.actions.join('; '));
     const after = await fsckPool(directory);
     assert.ok(after.clean, after.errors.join('; '));
-    // The open punches free chunks in the background, and writes take free chunks: neither may touch a named one.
-    const pool = await Pool.open({ directory, metadataCacheBytes: 64 * 1024 });
-    await pool.freeSpacePunched();
-    await pool.createVolume('w', volumeBytes);
-    const w = pool.openVolume('w');
-    await w.write(0, fill(5000, MiB));
-    await w.close();
-    await pool.close();
+    await punchAndWrite(directory, 5000);
     assertSame(await contents(directory), expected, 'after the repair, a punch and new writes');
   });
 });
@@ -478,12 +485,8 @@ test('a map page whole to the check but unreadable to the writable pass: fsck --
     assert.match(outcome.message, new RegExp(`metadata page ${root}\\b`));
     assert.deepEqual(fingerprint(directory), before, 'nothing was committed');
     // The page reads whole again: b reads back, after the open's punch of free chunks and new writes.
+    await punchAndWrite(directory, 3);
     const reopened = await Pool.open({ directory, metadataCacheBytes: 64 * 1024 });
-    await reopened.freeSpacePunched();
-    await reopened.createVolume('w', volumeBytes);
-    const w = reopened.openVolume('w');
-    await w.write(0, fill(3, MiB));
-    await w.close();
     for (const [name, seed] of [['a', 1], ['b', 2]] as const) {
       const volume = reopened.openVolume(name);
       const bytes = Buffer.alloc(MiB);
