@@ -497,3 +497,36 @@ test('a map page whole to the check but unreadable to the writable pass: fsck --
     await reopened.close();
   });
 });
+
+test('a metadata page whose sector cannot be read (EIO) in one copy: a node reads it from the other, fsck calls it repairable, fsck --repair rewrites it', { timeout: 60_000 }, async () => {
+  await inScratch('paged-repair', async (directory) => {
+    const pool = await Pool.open({ directory, metadata: 'paged', metadataCacheBytes: 64 * 1024 });
+    await pool.createVolume('b', volumeBytes);
+    const volume = pool.openVolume('b');
+    await volume.write(0, fill(2, MiB));
+    await volume.close();
+    await pool.close();
+    const catalog = await PagedCatalog.open(realFiles, directory, { cacheBytes: MiB, readOnly: true });
+    const root = catalog.tables.byName.get('b')!.map.rootPage;
+    await catalog.close();
+    // A bad sector under b's map root in metadata.0: every read of it fails.
+    const files = new TestFiles([{ op: 'read', path: 'metadata.0', nth: 1, sticky: true, code: 'EIO', atBytes: root * pageBytes + 100 }]);
+    const report = await fsckPool(directory, files);
+    assert.ok(!report.clean && report.repairable, report.errors.join('; '));
+    assert.ok(report.errors.some((line) => line.includes(`metadata page ${root} `) && line.includes('metadata.0') && line.includes('cannot be read')), report.errors.join('; '));
+    const repair = await repairPool(directory, files);
+    assert.ok(repair.lossless && repair.unrepairable.length === 0, JSON.stringify(repair));
+    assert.ok(repair.actions.some((line) => line.startsWith(`rewrote from the good copy: metadata page ${root} `)), repair.actions.join('; '));
+    const reopened = await Pool.open({ directory, files, metadataCacheBytes: 64 * 1024 });
+    try {
+      const again = reopened.openVolume('b');
+      const bytes = Buffer.alloc(MiB);
+      await again.read(0, bytes);
+      assert.ok(bytes.equals(fill(2, MiB)), 'b reads back from the other copy');
+      await again.close();
+    } finally {
+      await reopened.close();
+    }
+    assert.ok(files.fired(0) > 0, 'the bad sector was met');
+  });
+});
