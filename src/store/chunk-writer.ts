@@ -18,7 +18,9 @@
 // layer's write would: the chunk store gives the chunks back and the client gets the error (ENOSPC, EIO), and no
 // record names them, so no commit ever does. The thread writes through the pool's file layer when that is a
 // test's twin (test-files.ts, power-loss.ts: rebuilt in the thread from its spec, counters and freeze shared), so
-// that injected failures and power cuts reach its writes too; over the real files it pwrites directly.
+// that injected failures and power cuts reach its writes too; over the real files it pwrites directly. Any other
+// pwrite made here (say, on the calling thread) must go through a test's layer the same way (`files.writeSync`),
+// or the fault and power-loss tests miss it, as they missed this thread's until it did.
 import { Worker } from 'node:worker_threads';
 import fs from 'node:fs';
 import util from 'node:util';
@@ -41,6 +43,13 @@ const seqMax = 1 << 30;
 
 /** How long the main thread waits for a write before it waits asynchronously, by default. */
 export const chunkWriterWaitMs = 0.2;
+
+export interface ChunkWriterOptions {
+  /** See chunkWriterWaitMs. */
+  waitMs?: number;
+  /** The pool's file layer (default the real files): a test's twin, the thread writes through (see the top). */
+  files?: FileLayer;
+}
 
 /**
  * The thread's loop: waits for a job, pwrites it whole, posts the result (bytes written or -errno), again;
@@ -89,13 +98,11 @@ export class ChunkWriter {
   #turnUsed = false;
   #closed = false;
 
-  /**
-   * `slab`: the shared memory whose bytes it writes (the NBD payload buffers); `waitMs`: see chunkWriterWaitMs;
-   * `files`: the pool's file layer's spec (its writes go through a test's layer, see the top).
-   */
-  constructor(slab: SharedArrayBuffer, waitMs = chunkWriterWaitMs, files: FileLayerSpec = { kind: 'real' }) {
+  /** `slab`: the shared memory whose bytes it writes (the NBD payload buffers). */
+  constructor(slab: SharedArrayBuffer, options: ChunkWriterOptions = {}) {
     this.#slab = slab;
-    this.#waitMs = waitMs;
+    this.#waitMs = options.waitMs ?? chunkWriterWaitMs;
+    const files: FileLayerSpec = options.files?.workerSpec ?? { kind: 'real' };
     this.#worker = new Worker(ownModule('workers', 'chunk-writer'), { workerData: { control: this.#control, slab, files } });
     this.#worker.unref();
     // A thread that could not start or died: the write it held fails (EIO) and writes go another way from now on.

@@ -16,7 +16,7 @@ import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
 import { sharedBytesOf } from '../core/shared-bytes.ts';
 import { TurnBatch } from '../core/turn-batch.ts';
 import type { ChunkFiles } from './chunk-files.ts';
-import { ChunkWriter, chunkWriterWaitMs } from './chunk-writer.ts';
+import { ChunkWriter } from './chunk-writer.ts';
 import { InlineChunkIo, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerBatchResult, WorkerTask } from './chunk-task.ts';
 import { observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';
@@ -72,7 +72,7 @@ export class WorkerChunkIo implements ChunkIo {
   constructor(files: ChunkFiles, options: WorkerIoOptions) {
     this.#files = files;
     // Under a test's file layer (a faulty or power-loss twin) too: the writer's thread writes through it.
-    this.#writer = new ChunkWriter(options.buffers.slab, chunkWriterWaitMs, files.layer.workerSpec);
+    this.#writer = new ChunkWriter(options.buffers.slab, { files: files.layer });
     this.#inline = new InlineChunkIo(files, this.#writer);
     this.#buffers = options.buffers;
     this.#log = options.log;

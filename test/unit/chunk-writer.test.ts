@@ -23,8 +23,8 @@ let hasty: ChunkWriter;
 beforeAll(() => {
   directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-writer-'));
   fd = fs.openSync(path.join(directory, 'file'), 'w+');
-  patient = new ChunkWriter(slab, 5000);
-  hasty = new ChunkWriter(slab, 0);
+  patient = new ChunkWriter(slab, { waitMs: 5000 });
+  hasty = new ChunkWriter(slab, { waitMs: 0 });
 });
 
 afterAll(() => {
@@ -88,7 +88,7 @@ test('one write per turn, and only bytes in its slab', async () => {
 });
 
 test('a writer whose thread is gone takes no more writes', async () => {
-  const writer = new ChunkWriter(slab, 5000);
+  const writer = new ChunkWriter(slab, { waitMs: 5000 });
   await nextTurn();
   await writer.write(fd, inSlab(0, 4096), 0);
   await writer.stopThreadForTest();
@@ -104,7 +104,7 @@ test('under a test file layer the thread writes through it: injected EIO and ENO
     { op: 'write', path: 'faulty', nth: 2, code: 'EIO' },
     { op: 'write', path: 'faulty', nth: 2, code: 'ENOSPC' },
   ]);
-  const writer = new ChunkWriter(slab, 5000, files.workerSpec);
+  const writer = new ChunkWriter(slab, { waitMs: 5000, files });
   try {
     await nextTurn();
     const first = inSlab(0, 4096);
