@@ -22,14 +22,14 @@ import { InlineChunkIo } from './chunk-io.ts';
 import type { ChunkMap } from './chunk-map.ts';
 import { ChunkRefcounts } from './chunk-refcounts.ts';
 import { chooseCheckpoint, encodeCheckpoint, salvageCheckpoint, type LostExtent } from './checkpoint.ts';
-import { readWholeFile, realFiles, type FileLayer } from './file-layer.ts';
+import { realFiles, type FileLayer } from './file-layer.ts';
 import { salvageJournal } from './journal-format.ts';
 import { applyRecord, countReferences, emptyCatalog, type Catalog, type MetaRecord } from './metadata.ts';
 import { PagedBackend, replayPaged, startAfterReplay } from './paged-backend.ts';
 import type { PagedCatalog } from './paged-catalog.ts';
 import type { PagedMap } from './paged-map.ts';
 import { checkPagedCatalog, countMismatches, recount, scanPageCopies, walkMaps } from './paged-check.ts';
-import { beginGeneration, checkPoolMarker, checkpointCopies, checkpointPath, chunksDirectory, journalGenerations, journalPaths, loadMetadata, withPoolLocked } from './pool-layout.ts';
+import { beginGeneration, checkPoolMarker, checkpointCopies, checkpointPath, chunksDirectory, journalGenerations, journalPaths, loadMetadata, readCopies, withPoolLocked } from './pool-layout.ts';
 import { memoryScrubSource, scrub } from './scrub.ts';
 
 export interface RepairReport {
@@ -207,7 +207,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
   const lostChanges: string[] = [];
   const names = fs.readdirSync(directory);
   const generations = journalGenerations(directory);
-  const checkpoints = await Promise.all(Array.from({ length: checkpointCopies }, (_, copy) => readWholeFile(files, checkpointPath(directory, copy))));
+  const checkpoints = await readCopies(files, Array.from({ length: checkpointCopies }, (_, copy) => checkpointPath(directory, copy)));
 
   // The checkpoint: whole from one copy, or frame by frame.
   let catalog: Catalog = emptyCatalog();
@@ -235,7 +235,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
   let gap: string | null = null;
   for (const journalGeneration of generations.filter((g) => g >= generation)) {
     const paths = journalPaths(directory, journalGeneration);
-    const items = salvageJournal(await Promise.all(paths.map((file) => readWholeFile(files, file))), journalGeneration);
+    const items = salvageJournal(await readCopies(files, paths), journalGeneration);
     const where = (offsetBytes: number): string => `journal-${journalGeneration} byte ${offsetBytes}`;
     let applied = 0;
     for (const item of items) {

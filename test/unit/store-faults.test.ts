@@ -3,10 +3,11 @@
 // (EIO to writers), while reads go on and status and /metrics say why; a full file system at a journal commit
 // fails that commit only, shows in status, and the next commit succeeds (under writes at queue depth 32, it is met
 // by each FLUSH, not by a commit and a log line per write, and every acknowledged write survives a power cut); a
-// disk read error during a scrub is a damaged extent, not an aborted scrub; a failed chunk write fails that write
-// only. And, directly: an overwrite lands in a new physical chunk (redirect-on-write), never over the chunk the
-// metadata names. And a checkpoint asked for (POST /v1/checkpoint) is written now and counted, and its failed
-// write is a failure like the journal's.
+// disk read error during a scrub is a damaged extent, not an aborted scrub, and one in a copy of the checkpoint or
+// a journal is damage read from the other copy; a failed chunk write fails that write only (also on the chunk
+// writer's thread). And, directly: an overwrite lands in a new physical chunk (redirect-on-write), never over the
+// chunk the metadata names. And a checkpoint asked for (POST /v1/checkpoint) is written now and counted, and its
+// failed write is a failure like the journal's.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -22,7 +23,8 @@ import { Pool, type PoolOptions } from '../../src/store/pool.ts';
 import { ChunkWriter } from '../../src/store/chunk-writer.ts';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
 import type { OpenMode } from '../../src/store/file-layer.ts';
-import { PowerLossFiles } from '../../src/testing/power-loss.ts';
+import { fsckPool } from '../../src/store/fsck.ts';
+import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { TestFiles, type FaultRule } from '../../src/testing/test-files.ts';
 
 const MiB = 1024 * 1024;
@@ -503,3 +505,38 @@ test('a small write from the NBD payload slab meets a failed pwrite on the chunk
     fs.rmSync(directory, { recursive: true, force: true });
   }
 });
+
+for (const [metadata, copy, atBytes] of [['memory', 'checkpoint.0', undefined], ['memory', 'journal-', 100], ['paged', 'journal-', 100]] as const) {
+  test(`a disk read error (EIO) in one copy of ${copy === 'checkpoint.0' ? 'the checkpoint' : 'a journal'} (${metadata} metadata): the open reads the other copy, fsck calls it repairable, nothing is lost`, async () => {
+    const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+    try {
+      // A flushed write, then a crash: the journal holds it (a clean close of a paged pool would checkpoint it).
+      const first = new TestFiles();
+      const pool = await Pool.open({ directory, files: first, metadata });
+      await pool.createVolume('v', 4 * MiB);
+      const volume = pool.openVolume('v');
+      await volume.write(0, Buffer.alloc(4096, 7));
+      await volume.flush();
+      first.freeze();
+      await pool.abandon();
+      closeDescriptorsUnder(directory);
+      const name = fs.readdirSync(directory).find((entry) => entry.startsWith(copy) && entry.endsWith('.0'))!;
+      // A bad sector in the first copy (or the whole of it unreadable): every read there fails with EIO.
+      const files = new TestFiles([{ op: 'read', path: name, nth: 1, sticky: true, code: 'EIO', atBytes }]);
+      const report = await fsckPool(directory, files);
+      assert.ok(!report.clean && report.repairable, report.errors.join('; '));
+      assert.ok(report.errors.some((line) => line.includes(`${name} is damaged at byte`) && line.includes('read from the other copy')), report.errors.join('; '));
+      const reopened = await Pool.open({ directory, files });
+      const again = reopened.openVolume('v');
+      const read = Buffer.alloc(4096);
+      await again.read(0, read);
+      assert.ok(read.every((byte) => byte === 7), 'the flushed write reads back');
+      await again.close();
+      await reopened.close();
+      assert.ok(files.fired(0) > 0, 'the bad sector was met');
+      assert.ok((await fsckPool(directory)).clean, 'the open wrote the metadata whole again');
+    } finally {
+      fs.rmSync(directory, { recursive: true, force: true });
+    }
+  });
+}
