@@ -1,5 +1,10 @@
 // The chunk writer's thread (src/store/chunk-writer.ts): one pwrite at a time, handed over in shared memory.
 import { workerData } from 'node:worker_threads';
 import { runChunkWriter } from '../src/store/chunk-writer.ts';
+import type { FileLayerSpec } from '../src/store/file-layer.ts';
 
-runChunkWriter(workerData.control as SharedArrayBuffer, workerData.slab as SharedArrayBuffer);
+const files = workerData.files as FileLayerSpec | undefined;
+// Over the real files it pwrites directly (nothing more loaded); under a test's layer, through it (faults and
+// power cuts reach its writes).
+const layer = files === undefined || files.kind === 'real' ? null : await (await import('../src/store/file-layer.ts')).fileLayerFromSpec(files);
+runChunkWriter(workerData.control as SharedArrayBuffer, workerData.slab as SharedArrayBuffer, layer);

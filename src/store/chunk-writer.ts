@@ -13,10 +13,19 @@
 // One write at a time, and at most one per turn of the event loop (so that a busy turn, queue depth 32, does not
 // wait for its writes one after another: the others go through libuv's pool as before). `write` answers null
 // when it does not take a write, and the caller writes another way.
+//
+// A failed pwrite (or a thread that died with a write in hand: EIO) rejects that write with its code, as the file
+// layer's write would: the chunk store gives the chunks back and the client gets the error (ENOSPC, EIO), and no
+// record names them, so no commit ever does. The thread writes through the pool's file layer when that is a
+// test's twin (test-files.ts, power-loss.ts: rebuilt in the thread from its spec, counters and freeze shared), so
+// that injected failures and power cuts reach its writes too; over the real files it pwrites directly. Any other
+// pwrite made here (say, on the calling thread) must go through a test's layer the same way (`files.writeSync`),
+// or the fault and power-loss tests miss it, as they missed this thread's until it did.
 import { Worker } from 'node:worker_threads';
 import fs from 'node:fs';
 import util from 'node:util';
 import { ownModule } from '../core/source-files.ts';
+import type { FileLayer, FileLayerSpec } from './file-layer.ts';
 
 /** Slots of the control block (an Int32Array); the position is a Float64 at positionByte. */
 const seqSlot = 0;
@@ -35,8 +44,18 @@ const seqMax = 1 << 30;
 /** How long the main thread waits for a write before it waits asynchronously, by default. */
 export const chunkWriterWaitMs = 0.2;
 
-/** The thread's loop: waits for a job, pwrites it whole, posts the result (bytes written or -errno), again. */
-export function runChunkWriter(control: SharedArrayBuffer, slab: SharedArrayBuffer): void {
+export interface ChunkWriterOptions {
+  /** See chunkWriterWaitMs. */
+  waitMs?: number;
+  /** The pool's file layer (default the real files): a test's twin, the thread writes through (see the top). */
+  files?: FileLayer;
+}
+
+/**
+ * The thread's loop: waits for a job, pwrites it whole, posts the result (bytes written or -errno), again;
+ * through `layer` when given (a test's file layer), else directly.
+ */
+export function runChunkWriter(control: SharedArrayBuffer, slab: SharedArrayBuffer, layer: FileLayer | null = null): void {
   const slots = new Int32Array(control, 0, positionByte / 4);
   const position = new Float64Array(control, positionByte, 1);
   const bytes = new Uint8Array(slab);
@@ -47,15 +66,19 @@ export function runChunkWriter(control: SharedArrayBuffer, slab: SharedArrayBuff
     if (seq === stopSeq) return;
     if (seq === seen) continue;
     seen = seq;
-    slots[resultSlot] = writeAll(slots[fdSlot]!, bytes, slots[offsetSlot]!, slots[lengthSlot]!, position[0]!);
+    slots[resultSlot] = writeAll(layer, slots[fdSlot]!, bytes, slots[offsetSlot]!, slots[lengthSlot]!, position[0]!);
     Atomics.store(slots, doneSlot, seq);
     Atomics.notify(slots, doneSlot);
   }
 }
 
-function writeAll(fd: number, bytes: Uint8Array, offset: number, length: number, position: number): number {
+function writeAll(layer: FileLayer | null, fd: number, bytes: Uint8Array, offset: number, length: number, position: number): number {
   let done = 0;
   try {
+    if (layer !== null) {
+      layer.writeSync(fd, bytes.subarray(offset, offset + length), position);
+      return length;
+    }
     while (done < length) done += fs.writeSync(fd, bytes, offset + done, length - done, position + done);
     return done;
   } catch (error) {
@@ -75,11 +98,12 @@ export class ChunkWriter {
   #turnUsed = false;
   #closed = false;
 
-  /** `slab`: the shared memory whose bytes it writes (the NBD payload buffers); `waitMs`: see chunkWriterWaitMs. */
-  constructor(slab: SharedArrayBuffer, waitMs = chunkWriterWaitMs) {
+  /** `slab`: the shared memory whose bytes it writes (the NBD payload buffers). */
+  constructor(slab: SharedArrayBuffer, options: ChunkWriterOptions = {}) {
     this.#slab = slab;
-    this.#waitMs = waitMs;
-    this.#worker = new Worker(ownModule('workers', 'chunk-writer'), { workerData: { control: this.#control, slab } });
+    this.#waitMs = options.waitMs ?? chunkWriterWaitMs;
+    const files: FileLayerSpec = options.files?.workerSpec ?? { kind: 'real' };
+    this.#worker = new Worker(ownModule('workers', 'chunk-writer'), { workerData: { control: this.#control, slab, files } });
     this.#worker.unref();
     // A thread that could not start or died: the write it held fails (EIO) and writes go another way from now on.
     this.#worker.on('error', () => {});

@@ -6,8 +6,9 @@
 // Page: a 32-byte header, then the body (zeros after what the caller gave):
 //   u32 magic "CKPG" | u32 crc32 of bytes 8..4096 | u48 page number | u8 kind | u8 0 | u32 generation |
 //   u16 body bytes | 10 bytes 0
-// A page that is all zeros was never written. A page whose checksum, magic or number is wrong in one copy is read
-// from the other and rewritten there (a repair, counted; durable with the next commit). Wrong in both: damage,
+// A page that is all zeros was never written. A page whose checksum, magic or number is wrong in one copy, or
+// whose read fails there (EIO: a bad sector), is read from the other and rewritten there (a repair, counted;
+// durable with the next commit; a rewrite is also what makes a disk remap a bad sector). Wrong in both: damage,
 // refused with the file and offset. Opened read-only (fsck), nothing is rewritten: `checkCopies` says what is
 // damaged where, and `fsck --repair` opens it writable to rewrite it (paged-check.ts).
 //
@@ -78,6 +79,21 @@ export interface PageFileOptions {
   readOnly?: boolean;
 }
 
+/**
+ * The 4 KiB image of page `pageNumber` in one copy, or why it cannot be read: a disk read error (EIO, a bad
+ * sector) is damage to that copy, which the other covers as it covers a checksum mismatch; other errors throw.
+ */
+async function readPageImage(files: FileLayer, fd: number, pageNumber: number): Promise<Buffer | string> {
+  const bytes = Buffer.alloc(pageBytes);
+  try {
+    await readFully(files, fd, bytes, pageNumber * pageBytes);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EIO') throw error;
+    return `cannot be read (${(error as Error).message})`;
+  }
+  return bytes;
+}
+
 /** The newest valid root among the slots' images (each slot in each copy); null if none was ever written. */
 export function chooseRoot(images: ReadonlyArray<{ slot: number; bytes: Buffer }>): Root | null {
   let best: Root | null = null;
@@ -122,8 +138,9 @@ export class PageFile {
       let anyWritten = false;
       for (const fd of fds) {
         for (const slot of [0, 1]) {
-          const bytes = Buffer.alloc(pageBytes);
-          await readFully(files, fd, bytes, slot * pageBytes);
+          const read = await readPageImage(files, fd, slot);
+          // A slot that cannot be read is damage, never the blank slot of a new file.
+          const bytes = typeof read === 'string' ? Buffer.alloc(pageBytes, 0xff) : read;
           anyWritten ||= bytes.some((byte) => byte !== 0);
           images.push({ slot, bytes });
         }
@@ -183,10 +200,9 @@ export class PageFile {
     const images: Buffer[] = [];
     const pages: Array<Page | string> = [];
     for (let copy = 0; copy < pageCopies; copy++) {
-      const bytes = Buffer.alloc(pageBytes);
-      await readFully(this.#files, this.#fds[copy]!, bytes, pageNumber * pageBytes);
-      images.push(bytes);
-      pages.push(decodePage(bytes, pageNumber));
+      const read = await readPageImage(this.#files, this.#fds[copy]!, pageNumber);
+      images.push(typeof read === 'string' ? Buffer.alloc(pageBytes) : read);
+      pages.push(typeof read === 'string' ? read : decodePage(read, pageNumber));
     }
     const whole = pages.map((page) => typeof page !== 'string');
     if (whole.every((ok) => !ok)) return { state: 'lost', reasons: pages.map((page, copy) => `${this.#paths[copy]}: ${page as string}`) };
@@ -228,15 +244,14 @@ export class PageFile {
     if (pageNumber < firstDataPage) throw ChunkdError.invalid(`page ${pageNumber} is a root slot`);
     const reasons: string[] = [];
     for (let copy = 0; copy < pageCopies; copy++) {
-      const bytes = Buffer.alloc(pageBytes);
-      await readFully(this.#files, this.#fds[copy]!, bytes, pageNumber * pageBytes);
-      const page = decodePage(bytes, pageNumber);
+      const bytes = await readPageImage(this.#files, this.#fds[copy]!, pageNumber);
+      const page = typeof bytes === 'string' ? bytes : decodePage(bytes, pageNumber);
       if (typeof page === 'string') {
         reasons.push(`${this.#paths[copy]}: ${page}`);
         continue;
       }
       for (let bad = 0; bad < copy && !this.#readOnly; bad++) {
-        await this.#files.write(this.#fds[bad]!, bytes, pageNumber * pageBytes);
+        await this.#files.write(this.#fds[bad]!, bytes as Buffer, pageNumber * pageBytes);
         this.#repairs += 1;
       }
       return page;

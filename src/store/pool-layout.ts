@@ -27,7 +27,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { ChunkRefcounts } from './chunk-refcounts.ts';
 import { chooseCheckpoint, type CheckpointChoice } from './checkpoint.ts';
-import { readWholeFile, replaceFile, type FileLayer } from './file-layer.ts';
+import { readFully, readWholeFile, replaceFile, type FileLayer } from './file-layer.ts';
 import { journalCopies, recoverJournal } from './journal-format.ts';
 import { JournalFile } from './journal-file.ts';
 import { applyRecord, countReferences, emptyCatalog, type Catalog } from './metadata.ts';
@@ -174,8 +174,42 @@ export function journalGenerations(directory: string): number[] {
   return [...generations].sort((a, b) => a - b);
 }
 
+/**
+ * The copies of a file kept in two (a checkpoint, a journal), each null if it does not exist. A block of a copy
+ * whose read fails with EIO (a bad sector) comes back as 0xff bytes, which no frame's checksum passes, so the
+ * reader takes the other copy there as for any other damage (and an open rewrites the damaged one): the second
+ * copy is there for exactly that. Other errors throw.
+ */
 export async function readCopies(files: FileLayer, paths: readonly string[]): Promise<Array<Buffer | null>> {
-  return Promise.all(paths.map((file) => readWholeFile(files, file)));
+  return Promise.all(paths.map((file) => readCopy(files, file)));
+}
+
+/** What a copy is read by once a whole read failed with EIO: the unit a bad sector spoils. */
+const copyBlockBytes = 4096;
+
+async function readCopy(files: FileLayer, file: string): Promise<Buffer | null> {
+  try {
+    return await readWholeFile(files, file);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EIO') throw error;
+  }
+  // Block by block, its length from the file system (the layer has no stat): the blocks past a bad one count too.
+  const bytes = Buffer.alloc(fs.statSync(file).size);
+  const fd = await files.open(file, 'read');
+  try {
+    for (let at = 0; at < bytes.length; at += copyBlockBytes) {
+      const block = bytes.subarray(at, Math.min(bytes.length, at + copyBlockBytes));
+      try {
+        await readFully(files, fd, block, at);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EIO') throw error;
+        block.fill(0xff);
+      }
+    }
+  } finally {
+    files.close(fd);
+  }
+  return bytes;
 }
 
 /**

@@ -175,7 +175,7 @@ export class Pool {
       io: options.makeIo?.(chunkFiles, this.#stageTimes.worker_wait) ?? new InlineChunkIo(chunkFiles),
       verifyReads: options.verifyReads ?? true,
       log,
-      reclaim: () => this.#engine.commit(),
+      reclaim: () => this.#engine.reclaim(),
     });
     this.#engine = new CommitEngine({
       catalog: opened.catalog,

@@ -22,14 +22,14 @@ import { InlineChunkIo } from './chunk-io.ts';
 import type { ChunkMap } from './chunk-map.ts';
 import { ChunkRefcounts } from './chunk-refcounts.ts';
 import { chooseCheckpoint, encodeCheckpoint, salvageCheckpoint, type LostExtent } from './checkpoint.ts';
-import { readWholeFile, realFiles, type FileLayer } from './file-layer.ts';
+import { realFiles, type FileLayer } from './file-layer.ts';
 import { salvageJournal } from './journal-format.ts';
 import { applyRecord, countReferences, emptyCatalog, type Catalog, type MetaRecord } from './metadata.ts';
 import { PagedBackend, replayPaged, startAfterReplay } from './paged-backend.ts';
 import type { PagedCatalog } from './paged-catalog.ts';
 import type { PagedMap } from './paged-map.ts';
 import { checkPagedCatalog, countMismatches, recount, scanPageCopies, walkMaps } from './paged-check.ts';
-import { beginGeneration, checkPoolMarker, checkpointCopies, checkpointPath, chunksDirectory, journalGenerations, journalPaths, loadMetadata, withPoolLocked } from './pool-layout.ts';
+import { beginGeneration, checkPoolMarker, checkpointCopies, checkpointPath, chunksDirectory, journalGenerations, journalPaths, loadMetadata, readCopies, withPoolLocked } from './pool-layout.ts';
 import { memoryScrubSource, scrub } from './scrub.ts';
 
 export interface RepairReport {
@@ -122,8 +122,9 @@ async function repairPaged(files: FileLayer, directory: string): Promise<RepairR
   try {
     for (const copy of catalog.file.rootMissingFrom) actions.push(`wrote the newest metadata root into ${catalog.file.paths[copy]}, which lacked it`);
     // The pages the open read are repaired already (in the file, not yet synced); the scan finds the rest.
-    await scanPageCopies(catalog, true);
+    const scan = await scanPageCopies(catalog, true);
     await catalog.file.sync();
+    unreadableSinceCheck(scan.lost.map((page) => page.line));
     for (const page of findings.scan.oneCopy) actions.push(`rewrote from the good copy: ${page.line}`);
     actions.push(`checked both copies of the ${findings.scan.pagesChecked} metadata pages the root names`);
     for (const line of replayed.repairs) actions.push(`replayed from the good copy: ${line}`);
@@ -145,7 +146,12 @@ async function repairPaged(files: FileLayer, directory: string): Promise<RepairR
       await files.syncDirectory(directory);
       actions.push(`copied the damaged journals to ${setAside}`);
     }
-    const counts = await countMismatches(catalog, await walkMaps(catalog));
+    // The walk must see every map page (a page it cannot read hides what it names: recounted, those chunks and
+    // pages would be freed, and reused by the next writes). The check read them all; a page that stopped reading
+    // since (a sector gone bad) stops the repair here, before anything is committed.
+    const walk = await walkMaps(catalog);
+    unreadableSinceCheck([...walk.lost].map(([page, why]) => (why.includes(`page ${page}`) ? why : `metadata page ${page}: ${why}`)));
+    const counts = await countMismatches(catalog, walk);
     if (counts.namedButFree.length > 0) throw ChunkdError.corrupt(`map pages ${counts.namedButFree.join(', ')} are named by a map but on the free-page list`);
     await recount(catalog, counts);
     if (counts.chunks.length > 0) actions.push(`recounted ${counts.chunks.length} chunk reference count(s) from the maps (${counts.chunks.slice(0, 4).map((m) => `chunk ${m.index}: ${m.counted} to ${m.named}`).join(', ')}${counts.chunks.length > 4 ? ', ...' : ''})`);
@@ -160,6 +166,12 @@ async function repairPaged(files: FileLayer, directory: string): Promise<RepairR
   } finally {
     await catalog.close();
   }
+}
+
+/** Throws when the repair's writable pass found pages lost that its read-only check read whole: nothing committed. */
+function unreadableSinceCheck(lines: string[]): void {
+  if (lines.length === 0) return;
+  throw ChunkdError.corrupt(`${lines.join('; ')}: unreadable now, though the check before the repair read it whole; nothing was committed (the pool is as it was); run chunkd fsck again`);
 }
 
 /** Reads every chunk the catalog's maps name against its checksum; unmaps those that fail, reported as lost. */
@@ -195,7 +207,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
   const lostChanges: string[] = [];
   const names = fs.readdirSync(directory);
   const generations = journalGenerations(directory);
-  const checkpoints = await Promise.all(Array.from({ length: checkpointCopies }, (_, copy) => readWholeFile(files, checkpointPath(directory, copy))));
+  const checkpoints = await readCopies(files, Array.from({ length: checkpointCopies }, (_, copy) => checkpointPath(directory, copy)));
 
   // The checkpoint: whole from one copy, or frame by frame.
   let catalog: Catalog = emptyCatalog();
@@ -223,7 +235,7 @@ async function salvage(files: FileLayer, directory: string, reason: string): Pro
   let gap: string | null = null;
   for (const journalGeneration of generations.filter((g) => g >= generation)) {
     const paths = journalPaths(directory, journalGeneration);
-    const items = salvageJournal(await Promise.all(paths.map((file) => readWholeFile(files, file))), journalGeneration);
+    const items = salvageJournal(await readCopies(files, paths), journalGeneration);
     const where = (offsetBytes: number): string => `journal-${journalGeneration} byte ${offsetBytes}`;
     let applied = 0;
     for (const item of items) {

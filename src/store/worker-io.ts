@@ -71,8 +71,8 @@ export class WorkerChunkIo implements ChunkIo {
 
   constructor(files: ChunkFiles, options: WorkerIoOptions) {
     this.#files = files;
-    // Not under a test's file layer (a faulty or power-loss twin): the writer's pwrite would go around it.
-    this.#writer = files.layer.workerSpec.kind === 'real' ? new ChunkWriter(options.buffers.slab) : null;
+    // Under a test's file layer (a faulty or power-loss twin) too: the writer's thread writes through it.
+    this.#writer = new ChunkWriter(options.buffers.slab, { files: files.layer });
     this.#inline = new InlineChunkIo(files, this.#writer);
     this.#buffers = options.buffers;
     this.#log = options.log;

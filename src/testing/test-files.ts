@@ -7,6 +7,7 @@
 //    what the disk holds at that instant.
 // Counters, the frozen flag and the calls in flight live in shared memory, so a chunk I/O worker rebuilds the same
 // layer from its spec (fileLayerFromSpec) and the rules count calls from every thread together.
+import fs from 'node:fs';
 import os from 'node:os';
 import { realFiles, type AllocateMode, type FileLayer, type FileLayerSpec, type OpenMode } from '../store/file-layer.ts';
 
@@ -107,9 +108,18 @@ export class TestFiles implements FileLayer {
     }
   }
 
-  /** The path a descriptor was opened with (through this layer), for rules and for power-loss.ts. */
+  /**
+   * The path a descriptor was opened with (through this layer), for rules and for power-loss.ts; for one another
+   * thread opened (the chunk writer's thread is handed descriptors, not paths), the path the kernel has for it.
+   */
   pathOf(fd: number): string {
-    return this.#paths.get(fd) ?? `fd ${fd}`;
+    const known = this.#paths.get(fd);
+    if (known !== undefined) return known;
+    try {
+      return fs.readlinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      return `fd ${fd}`;
+    }
   }
 
   /** Descriptors this layer opened and has not closed. */

@@ -119,11 +119,14 @@ export async function runPowerLoss(random: () => number, layout: Layout, replay:
 
   /** Opens the pool; the I/O workers it starts are kept here, so that a power cut during the open can stop them. */
   let workers: WorkerChunkIo | null = null;
+  /** The workers layout's shared buffers: writes are made from them, as the NBD server makes them (chunk-writer.ts takes the small ones). */
+  let buffers: SharedBufferPool | null = null;
   const openPool = (files: FileLayer): Promise<Pool> => {
     const options: PoolOptions = { directory, files, journalCheckpointBytes, ...testPoolOptions() };
     if (layout === 'workers') {
-      const buffers = new SharedBufferPool();
-      options.makeIo = (chunkFiles) => (workers = new WorkerChunkIo(chunkFiles, { workerCount: 2, buffers, log: () => {} }));
+      buffers = new SharedBufferPool();
+      const shared = buffers;
+      options.makeIo = (chunkFiles) => (workers = new WorkerChunkIo(chunkFiles, { workerCount: 2, buffers: shared, log: () => {} }));
     }
     return Pool.open(options);
   };
@@ -190,10 +193,17 @@ export async function runPowerLoss(random: () => number, layout: Layout, replay:
     const writeId = nextWrite++;
     const volume = model.get(name)!;
     if (first + count > volumeBlocks) count = volumeBlocks - first;
-    const data = Buffer.concat(Array.from({ length: count }, (_, i) => blockContent(writeId, first + i)));
+    const blocks = Buffer.concat(Array.from({ length: count }, (_, i) => blockContent(writeId, first + i)));
+    const shared = buffers;
+    const data = shared === null ? blocks : shared.acquire(blocks.length);
+    if (data !== blocks) blocks.copy(data);
     for (let i = 0; i < count; i++) volume.blocks[first + i]!.pending.push(writeId);
     const device = pool.openVolume(name);
-    await device.write(first * blockBytes, data, { fua });
+    try {
+      await device.write(first * blockBytes, data, { fua });
+    } finally {
+      if (shared !== null) shared.release(data);
+    }
     void device.close();
     for (let i = 0; i < count; i++) volume.blocks[first + i]!.current = writeId;
     stats.acknowledgedWrites += 1;

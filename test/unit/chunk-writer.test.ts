@@ -1,7 +1,8 @@
 // The chunk writer thread (src/store/chunk-writer.ts) with a real thread and a real file: a write waited for
 // briefly and one waited for asynchronously both land whole where they were asked to; a failed pwrite rejects with
 // its code; it takes one write per turn, only bytes in its slab, and none once its thread is gone, and says so
-// with null.
+// with null. Under a test's file layer its thread writes through that layer: an injected failure rejects that
+// write with its code, a power cut (the layer frozen) lets nothing more through, and its writes count.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -9,6 +10,7 @@ import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, test } from 'vitest';
 import { ChunkWriter } from '../../src/store/chunk-writer.ts';
+import { TestFiles } from '../../src/testing/test-files.ts';
 
 let directory: string;
 let fd: number;
@@ -21,8 +23,8 @@ let hasty: ChunkWriter;
 beforeAll(() => {
   directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-writer-'));
   fd = fs.openSync(path.join(directory, 'file'), 'w+');
-  patient = new ChunkWriter(slab, 5000);
-  hasty = new ChunkWriter(slab, 0);
+  patient = new ChunkWriter(slab, { waitMs: 5000 });
+  hasty = new ChunkWriter(slab, { waitMs: 0 });
 });
 
 afterAll(() => {
@@ -86,10 +88,40 @@ test('one write per turn, and only bytes in its slab', async () => {
 });
 
 test('a writer whose thread is gone takes no more writes', async () => {
-  const writer = new ChunkWriter(slab, 5000);
+  const writer = new ChunkWriter(slab, { waitMs: 5000 });
   await nextTurn();
   await writer.write(fd, inSlab(0, 4096), 0);
   await writer.stopThreadForTest();
   await nextTurn();
   assert.equal(writer.write(fd, inSlab(0, 4096), 0), null);
+});
+
+test('under a test file layer the thread writes through it: injected EIO and ENOSPC reject that write with their code, a frozen layer (a power cut) lets nothing through, and its writes count as changes', async () => {
+  const file = path.join(directory, 'faulty');
+  const faulty = fs.openSync(file, 'w+');
+  // The second write to the file fails with EIO, the third with ENOSPC (a rule's count stops where an earlier one fires).
+  const files = new TestFiles([
+    { op: 'write', path: 'faulty', nth: 2, code: 'EIO' },
+    { op: 'write', path: 'faulty', nth: 2, code: 'ENOSPC' },
+  ]);
+  const writer = new ChunkWriter(slab, { waitMs: 5000, files });
+  try {
+    await nextTurn();
+    const first = inSlab(0, 4096);
+    await writer.write(faulty, first, 0);
+    for (const code of ['EIO', 'ENOSPC']) {
+      await nextTurn();
+      await assert.rejects(writer.write(faulty, inSlab(4096, 4096), 4096)!, { code });
+    }
+    assert.deepEqual([files.fired(0), files.fired(1), files.changeCount], [1, 1, 3]);
+    files.freeze();
+    await nextTurn();
+    await assert.rejects(writer.write(faulty, inSlab(8192, 4096), 8192)!, { code: 'EIO' });
+    const back = Buffer.alloc(3 * 4096);
+    assert.equal(fs.readSync(faulty, back, 0, back.length, 0), 4096, 'only the first write landed');
+    assert.deepEqual(back.subarray(0, 4096), first);
+  } finally {
+    writer.close();
+    fs.closeSync(faulty);
+  }
 });

@@ -10,7 +10,9 @@
 //  - a map leaf damaged in both copies: fsck names the volume, snapshot and clone bytes it held, and the repair
 //    refuses (exit 1 through the command) with every file of the pool left as it was;
 //  - power cuts (power-loss.ts) at points spread over a repair: the pool opens and reads back, and a repair after
-//    leaves it clean.
+//    leaves it clean;
+//  - a map page that reads whole to the check and not to the writable pass: the repair stops before it commits,
+//    and no chunk or page that map names is freed.
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -19,7 +21,7 @@ import { test } from 'vitest';
 import { main } from '../../src/cli/main.ts';
 import type { ChunkdError } from '../../src/core/errors.ts';
 import { makeRandom } from '../../src/core/random.ts';
-import { realFiles } from '../../src/store/file-layer.ts';
+import { realFiles, type FileLayer, type OpenMode } from '../../src/store/file-layer.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
 import { decodePage, encodePage, pageBytes, pageHeaderBytes } from '../../src/store/page-file.ts';
 import { PagedCatalog } from '../../src/store/paged-catalog.ts';
@@ -147,6 +149,20 @@ async function chunkd(args: string[]): Promise<{ code: number; out: string }> {
   } finally {
     process.stdout.write = write;
   }
+}
+
+/**
+ * Opens the pool, waits for its punch of free chunks, writes 1 MiB to a new volume w (it takes free chunks), and
+ * closes it: neither may touch a chunk or page a map names.
+ */
+async function punchAndWrite(directory: string, seed: number): Promise<void> {
+  const pool = await Pool.open({ directory, metadataCacheBytes: 64 * 1024 });
+  await pool.freeSpacePunched();
+  await pool.createVolume('w', volumeBytes);
+  const w = pool.openVolume('w');
+  await w.write(0, fill(seed, MiB));
+  await w.close();
+  await pool.close();
 }
 
 /** A pool built, its contents read once (an open of a copy: the open writes), and a way back to it. */
@@ -287,14 +303,7 @@ test('reference counts that disagree with the maps (a page of counts rewritten, 
     assert.ok(repair.actions.some((line) => line.startsWith('recounted 3 chunk reference count(s)')), repair.actions.join('; '));
     const after = await fsckPool(directory);
     assert.ok(after.clean, after.errors.join('; '));
-    // The open punches free chunks in the background, and writes take free chunks: neither may touch a named one.
-    const pool = await Pool.open({ directory, metadataCacheBytes: 64 * 1024 });
-    await pool.freeSpacePunched();
-    await pool.createVolume('w', volumeBytes);
-    const w = pool.openVolume('w');
-    await w.write(0, fill(5000, MiB));
-    await w.close();
-    await pool.close();
+    await punchAndWrite(directory, 5000);
     assertSame(await contents(directory), expected, 'after the repair, a punch and new writes');
   });
 });
@@ -403,5 +412,121 @@ test('power cuts at points spread over a salvage (a journal commit damaged in bo
         }
       }
     });
+  });
+});
+
+/**
+ * The real files, except that once the `armAtOpen`th open of metadata.0 has happened (the repair's writable pass:
+ * its read-only check opened it before), every read of page `page` in either copy returns it with a byte flipped:
+ * a page that reads whole to the check and not to the repair (a sector going bad between the two passes).
+ */
+class PageGoesBad implements FileLayer {
+  readonly workerSpec = realFiles.workerSpec;
+  #opens = 0;
+  readonly #metadataFds = new Set<number>();
+  readonly page: number;
+  readonly armAtOpen: number;
+  constructor(page: number, armAtOpen: number) {
+    this.page = page;
+    this.armAtOpen = armAtOpen;
+  }
+  async open(file: string, mode: OpenMode): Promise<number> {
+    const fd = await realFiles.open(file, mode);
+    if (/metadata\.[01]$/.test(file)) {
+      this.#metadataFds.add(fd);
+      if (file.endsWith('.0')) this.#opens += 1;
+    }
+    return fd;
+  }
+  openSync = realFiles.openSync;
+  close(fd: number): void {
+    this.#metadataFds.delete(fd);
+    realFiles.close(fd);
+  }
+  async read(fd: number, target: Uint8Array, positionBytes: number): Promise<number> {
+    const bytesRead = await realFiles.read(fd, target, positionBytes);
+    const at = this.page * pageBytes + pageHeaderBytes + 9 - positionBytes;
+    if (this.#opens >= this.armAtOpen && this.#metadataFds.has(fd) && at >= 0 && at < bytesRead) target[at]! ^= 0x5a;
+    return bytesRead;
+  }
+  readCached(): number {
+    return -1;
+  }
+  write = realFiles.write;
+  writeSync = realFiles.writeSync;
+  fdatasync = realFiles.fdatasync;
+  allocate = realFiles.allocate;
+  rename = realFiles.rename;
+  unlink = realFiles.unlink;
+  syncDirectory = realFiles.syncDirectory;
+}
+
+test('a map page whole to the check but unreadable to the writable pass: fsck --repair commits nothing, and no chunk it names is freed or reused', { timeout: 60_000 }, async () => {
+  await inScratch('paged-repair', async (directory) => {
+    const pool = await Pool.open({ directory, metadata: 'paged', metadataCacheBytes: 64 * 1024 });
+    for (const name of ['a', 'b']) {
+      await pool.createVolume(name, volumeBytes);
+      const volume = pool.openVolume(name);
+      await volume.write(0, fill(name === 'a' ? 1 : 2, MiB));
+      await volume.close();
+    }
+    await pool.close();
+    const catalog = await PagedCatalog.open(realFiles, directory, { cacheBytes: MiB, readOnly: true });
+    const root = catalog.tables.byName.get('b')!.map.rootPage;
+    await catalog.close();
+    const before = fingerprint(directory);
+    const files = new PageGoesBad(root, 2);
+    const outcome = await repairPool(directory, files).then(
+      (report) => report,
+      (error: ChunkdError) => error,
+    );
+    assert.ok(!('actions' in outcome), `the repair refused, it did not report: ${JSON.stringify(outcome)}`);
+    assert.equal(outcome.code, 'ECORRUPT', outcome.message);
+    assert.match(outcome.message, new RegExp(`metadata page ${root}\\b`));
+    assert.deepEqual(fingerprint(directory), before, 'nothing was committed');
+    // The page reads whole again: b reads back, after the open's punch of free chunks and new writes.
+    await punchAndWrite(directory, 3);
+    const reopened = await Pool.open({ directory, metadataCacheBytes: 64 * 1024 });
+    for (const [name, seed] of [['a', 1], ['b', 2]] as const) {
+      const volume = reopened.openVolume(name);
+      const bytes = Buffer.alloc(MiB);
+      await volume.read(0, bytes);
+      await volume.close();
+      assert.ok(bytes.equals(fill(seed, MiB)), `${name} reads back`);
+    }
+    await reopened.close();
+  });
+});
+
+test('a metadata page whose sector cannot be read (EIO) in one copy: a node reads it from the other, fsck calls it repairable, fsck --repair rewrites it', { timeout: 60_000 }, async () => {
+  await inScratch('paged-repair', async (directory) => {
+    const pool = await Pool.open({ directory, metadata: 'paged', metadataCacheBytes: 64 * 1024 });
+    await pool.createVolume('b', volumeBytes);
+    const volume = pool.openVolume('b');
+    await volume.write(0, fill(2, MiB));
+    await volume.close();
+    await pool.close();
+    const catalog = await PagedCatalog.open(realFiles, directory, { cacheBytes: MiB, readOnly: true });
+    const root = catalog.tables.byName.get('b')!.map.rootPage;
+    await catalog.close();
+    // A bad sector under b's map root in metadata.0: every read of it fails.
+    const files = new TestFiles([{ op: 'read', path: 'metadata.0', nth: 1, sticky: true, code: 'EIO', atBytes: root * pageBytes + 100 }]);
+    const report = await fsckPool(directory, files);
+    assert.ok(!report.clean && report.repairable, report.errors.join('; '));
+    assert.ok(report.errors.some((line) => line.includes(`metadata page ${root} `) && line.includes('metadata.0') && line.includes('cannot be read')), report.errors.join('; '));
+    const repair = await repairPool(directory, files);
+    assert.ok(repair.lossless && repair.unrepairable.length === 0, JSON.stringify(repair));
+    assert.ok(repair.actions.some((line) => line.startsWith(`rewrote from the good copy: metadata page ${root} `)), repair.actions.join('; '));
+    const reopened = await Pool.open({ directory, files, metadataCacheBytes: 64 * 1024 });
+    try {
+      const again = reopened.openVolume('b');
+      const bytes = Buffer.alloc(MiB);
+      await again.read(0, bytes);
+      assert.ok(bytes.equals(fill(2, MiB)), 'b reads back from the other copy');
+      await again.close();
+    } finally {
+      await reopened.close();
+    }
+    assert.ok(files.fired(0) > 0, 'the bad sector was met');
   });
 });

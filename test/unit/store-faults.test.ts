@@ -1,24 +1,30 @@
 // What the pool does when the disk fails a call (src/testing/test-files.ts injects the failure at a chosen call):
 // a failed fdatasync of data or journal, or a failed journal write, makes the pool refuse writes from then on
 // (EIO to writers), while reads go on and status and /metrics say why; a full file system at a journal commit
-// fails that commit only, shows in status, and the next commit succeeds; a disk read error during a scrub is a
-// damaged extent, not an aborted scrub; a failed chunk write fails that write only. And, directly: an overwrite
-// lands in a new physical chunk (redirect-on-write), never over the chunk the metadata names. And a checkpoint asked for
-// (POST /v1/checkpoint) is written now and counted, and its failed write is a failure like the journal's.
+// fails that commit only, shows in status, and the next commit succeeds (under writes at queue depth 32, it is met
+// by each FLUSH, not by a commit and a log line per write, and every acknowledged write survives a power cut); a
+// disk read error during a scrub is a damaged extent, not an aborted scrub, and one in a copy of the checkpoint or
+// a journal is damage read from the other copy; a failed chunk write fails that write only (also on the chunk
+// writer's thread). And, directly: an overwrite lands in a new physical chunk (redirect-on-write), never over the
+// chunk the metadata names. And a checkpoint asked for (POST /v1/checkpoint) is written now and counted, and its
+// failed write is a failure like the journal's.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'vitest';
+import { test, vi } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
+import { makeRandom } from '../../src/core/random.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { renderMetrics } from '../../src/node/metrics.ts';
 import type { NodeStatus } from '../../src/node/node.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
+import { ChunkWriter } from '../../src/store/chunk-writer.ts';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
 import type { OpenMode } from '../../src/store/file-layer.ts';
-import { PowerLossFiles } from '../../src/testing/power-loss.ts';
+import { fsckPool } from '../../src/store/fsck.ts';
+import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { TestFiles, type FaultRule } from '../../src/testing/test-files.ts';
 
 const MiB = 1024 * 1024;
@@ -377,3 +383,160 @@ test.each(['memory', 'paged'] as const)('a recycled removal frees nothing before
     fs.rmSync(directory, { recursive: true, force: true });
   }
 });
+
+for (const metadata of ['memory', 'paged'] as const) {
+  test(`a full file system under writes at queue depth 32 (${metadata} metadata): ENOSPC to each write, FLUSH and FUA write, not a commit nor a log line per write; once space is back a flush commits, and a power cut keeps every acknowledged write`, async () => {
+    const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+    // A full disk: the journal can neither grow nor be written, new chunk data cannot be written.
+    const rules: FaultRule[] = [
+      { op: 'write', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'allocate', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: '.chunk', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+    ];
+    const files = new PowerLossFiles(directory, { rules });
+    const lines: string[] = [];
+    const isFull = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ENOSPC';
+    const block = (value: number): Buffer => Buffer.alloc(4096, value);
+    const pool = await Pool.open({ directory, files, metadata, log: (line) => lines.push(line) });
+    try {
+      await pool.createVolume('v', 16 * MiB);
+      const volume = pool.openVolume('v');
+      for (let i = 0; i < 64; i++) await volume.write(i * 4096, block(1));
+      await volume.flush();
+      // Overwrites, acknowledged but not flushed: their old chunks are freed and wait for a commit (what a write
+      // that meets ENOSPC asks a commit for).
+      for (let i = 0; i < 64; i++) await volume.write(i * 4096, block(2));
+      for (let index = 0; index < rules.length; index++) files.inner.arm(index);
+      const failuresBefore = (await pool.status()).commitFailuresTotal;
+      let writes = 0;
+      let flushes = 0;
+      for (let round = 0; round < 100; round++) {
+        const batch = Array.from({ length: 32 }, (_, k) => volume.write((64 + ((round * 32 + k) % 1024)) * 4096, block(3)));
+        for (const result of await Promise.allSettled(batch)) assert.ok(result.status === 'rejected' && isFull(result.reason), `a write on a full disk: ${JSON.stringify(result)}`);
+        writes += batch.length;
+        if (round % 10 === 9) {
+          await assert.rejects(volume.flush(), isFull, 'a FLUSH on a full disk');
+          await assert.rejects(volume.write(4096, block(4), { fua: true }), isFull, 'a FUA write on a full disk');
+          flushes += 2;
+        }
+      }
+      const failed = await pool.status();
+      assert.match(failed.commitError ?? '', /no space left/);
+      assert.equal(failed.failure, null, 'not a sticky failure');
+      // A commit for each FLUSH (and one a second for the writes that ask for freed chunks), not one per write.
+      const commits = failed.commitFailuresTotal - failuresBefore;
+      assert.ok(commits >= 1 && commits <= flushes + 10, `${commits} commits failed for ${writes} writes and ${flushes} flushes`);
+      const logged = lines.filter((line) => line.includes('metadata commit failed'));
+      assert.equal(logged.length, 1, `logged once, not per commit: ${logged.length} lines`);
+      // Space again: the next flush commits the acknowledged overwrites; the log says so.
+      for (let index = 0; index < rules.length; index++) files.inner.disarm(index);
+      await volume.write(200 * 4096, block(5));
+      await volume.flush();
+      assert.deepEqual([(await pool.status()).commitError, (await pool.status()).failure], [null, null]);
+      assert.ok(lines.some((line) => /metadata commits succeed again, after \d+ failed on a full file system/.test(line)), lines.join('\n'));
+    } finally {
+      files.inner.freeze();
+      await pool.abandon();
+    }
+    await files.cut(makeRandom(7));
+    const reopened = await Pool.open({ directory });
+    try {
+      const again = reopened.openVolume('v');
+      const read = Buffer.alloc(4096);
+      for (let i = 0; i < 64; i++) {
+        await again.read(i * 4096, read);
+        assert.ok(read.equals(block(2)), `block ${i}: the acknowledged overwrite, flushed once space was back`);
+      }
+      await again.read(200 * 4096, read);
+      assert.ok(read.equals(block(5)));
+      await again.read(100 * 4096, read);
+      assert.ok(read.equals(block(0)), 'a write that got ENOSPC left nothing');
+      await again.close();
+    } finally {
+      await reopened.close();
+      fs.rmSync(directory, { recursive: true, force: true });
+    }
+  });
+}
+
+test('a small write from the NBD payload slab meets a failed pwrite on the chunk writer thread: that write gets EIO and is never recorded, the next succeeds, and after a power cut the flushed one reads back', async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+  const files = new PowerLossFiles(directory, { rules: [{ op: 'write', path: '.chunk', nth: 1, code: 'EIO', armed: false }] });
+  const buffers = new SharedBufferPool();
+  const taken = vi.spyOn(ChunkWriter.prototype, 'write');
+  const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+  const pool = await Pool.open({ directory, files, makeIo: (chunkFiles) => new WorkerChunkIo(chunkFiles, { workerCount: 1, buffers, log: () => {} }) });
+  try {
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    // As the NBD server hands them over: the payload in the shared slab, which the writer thread writes from.
+    const payload = buffers.acquire(4096);
+    files.inner.arm(0);
+    payload.fill(1);
+    await nextTurn();
+    await assert.rejects(volume.write(0, payload), isEio);
+    assert.equal(files.inner.fired(0), 1);
+    assert.ok(taken.mock.results.some((result) => result.value !== null), 'the writer thread took the write that failed');
+    const read = Buffer.alloc(4096);
+    await volume.read(0, read);
+    assert.ok(read.every((byte) => byte === 0), 'the failed write is not recorded: the block reads as before');
+    payload.fill(2);
+    await nextTurn();
+    await volume.write(0, payload);
+    await volume.flush();
+    assert.equal((await pool.status()).failure, null, 'a failed chunk write is not a sticky failure');
+    assert.ok(taken.mock.results.filter((result) => result.value !== null).length >= 2);
+    await volume.close();
+  } finally {
+    taken.mockRestore();
+    files.inner.freeze();
+    await pool.abandon();
+  }
+  await files.cut(makeRandom(3));
+  const reopened = await Pool.open({ directory });
+  try {
+    const read = Buffer.alloc(4096);
+    const again = reopened.openVolume('v');
+    await again.read(0, read);
+    assert.ok(read.every((byte) => byte === 2), 'the flushed write survives the power cut');
+    await again.close();
+  } finally {
+    await reopened.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
+for (const [metadata, copy, atBytes] of [['memory', 'checkpoint.0', undefined], ['memory', 'journal-', 100], ['paged', 'journal-', 100]] as const) {
+  test(`a disk read error (EIO) in one copy of ${copy === 'checkpoint.0' ? 'the checkpoint' : 'a journal'} (${metadata} metadata): the open reads the other copy, fsck calls it repairable, nothing is lost`, async () => {
+    const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+    try {
+      // A flushed write, then a crash: the journal holds it (a clean close of a paged pool would checkpoint it).
+      const first = new TestFiles();
+      const pool = await Pool.open({ directory, files: first, metadata });
+      await pool.createVolume('v', 4 * MiB);
+      const volume = pool.openVolume('v');
+      await volume.write(0, Buffer.alloc(4096, 7));
+      await volume.flush();
+      first.freeze();
+      await pool.abandon();
+      closeDescriptorsUnder(directory);
+      const name = fs.readdirSync(directory).find((entry) => entry.startsWith(copy) && entry.endsWith('.0'))!;
+      // A bad sector in the first copy (or the whole of it unreadable): every read there fails with EIO.
+      const files = new TestFiles([{ op: 'read', path: name, nth: 1, sticky: true, code: 'EIO', atBytes }]);
+      const report = await fsckPool(directory, files);
+      assert.ok(!report.clean && report.repairable, report.errors.join('; '));
+      assert.ok(report.errors.some((line) => line.includes(`${name} is damaged at byte`) && line.includes('read from the other copy')), report.errors.join('; '));
+      const reopened = await Pool.open({ directory, files });
+      const again = reopened.openVolume('v');
+      const read = Buffer.alloc(4096);
+      await again.read(0, read);
+      assert.ok(read.every((byte) => byte === 7), 'the flushed write reads back');
+      await again.close();
+      await reopened.close();
+      assert.ok(files.fired(0) > 0, 'the bad sector was met');
+      assert.ok((await fsckPool(directory)).clean, 'the open wrote the metadata whole again');
+    } finally {
+      fs.rmSync(directory, { recursive: true, force: true });
+    }
+  });
+}
