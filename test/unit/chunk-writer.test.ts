@@ -1,7 +1,7 @@
-// The chunk writer thread (src/store/chunk-writer.ts) with a real thread and a real file: a write waited for
-// briefly and one waited for asynchronously both land whole where they were asked to; a failed pwrite rejects with
-// its code; it takes one write per turn, only bytes in its slab, and none once its thread is gone, and says so
-// with null.
+// The chunk writer (src/store/chunk-writer.ts) with a real thread and a real file: a write done inline, one waited
+// for briefly and one waited for asynchronously all land whole where they were asked to; an inline write slower
+// than the bound sends the next ones to the thread; a failed pwrite rejects with its code; it takes one write per
+// turn, only bytes in its slab, and none once its thread is gone, and says so with null.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -21,8 +21,8 @@ let hasty: ChunkWriter;
 beforeAll(() => {
   directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-writer-'));
   fd = fs.openSync(path.join(directory, 'file'), 'w+');
-  patient = new ChunkWriter(slab, 5000);
-  hasty = new ChunkWriter(slab, 0);
+  patient = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: null });
+  hasty = new ChunkWriter(slab, { waitMs: 0, inlineStallMs: null });
 });
 
 afterAll(() => {
@@ -60,6 +60,40 @@ test('a write waited for and one waited for asynchronously land whole at their p
   }
 });
 
+test('inline writes land whole; one slower than the bound sends the next writes to the thread', async () => {
+  const inline = new ChunkWriter(slab, { waitMs: 5000 });
+  // Any pwrite takes longer than 0 ms: the first write is done inline, the ones after it go to the thread.
+  const stalled = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: 0, inlinePauseMs: 600_000 });
+  try {
+    for (let round = 0; round < 10; round++) {
+      for (const [writer, position] of [[inline, 40 * 4096], [stalled, 60 * 4096]] as const) {
+        const data = inSlab(8192 + round * 4096, 4096);
+        await writer.write(fd, data, position + round * 4096);
+        assert.deepEqual(readBack(position + round * 4096, 4096), data);
+      }
+      await nextTurn();
+    }
+    assert.deepEqual(inline.counts(), { inline: 10, thread: 0 });
+    assert.deepEqual(stalled.counts(), { inline: 1, thread: 9 });
+  } finally {
+    inline.close();
+    stalled.close();
+  }
+});
+
+test('a failed inline pwrite rejects with its code', async () => {
+  const writer = new ChunkWriter(slab, { waitMs: 5000 });
+  const readOnly = fs.openSync(path.join(directory, 'file'), 'r');
+  try {
+    await nextTurn();
+    await assert.rejects(writer.write(readOnly, inSlab(0, 4096), 0)!, { code: 'EBADF' });
+    assert.deepEqual(writer.counts(), { inline: 1, thread: 0 });
+  } finally {
+    fs.closeSync(readOnly);
+    writer.close();
+  }
+});
+
 test('a failed pwrite rejects with its code, and the writer goes on', async () => {
   const readOnly = fs.openSync(path.join(directory, 'file'), 'r');
   try {
@@ -86,7 +120,7 @@ test('one write per turn, and only bytes in its slab', async () => {
 });
 
 test('a writer whose thread is gone takes no more writes', async () => {
-  const writer = new ChunkWriter(slab, 5000);
+  const writer = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: null });
   await nextTurn();
   await writer.write(fd, inSlab(0, 4096), 0);
   await writer.stopThreadForTest();
