@@ -1,6 +1,6 @@
 // The data half of chunk storage: reads that verify checksums and writes that compute them, over whole 4 KiB
 // chunks. Two engines implement it: InlineChunkIo runs on the calling thread (reads from the page cache right
-// there, other I/O on libuv's pool or, for small writes, the chunk writer's thread: chunk-writer.ts),
+// there, other I/O on libuv's pool or, for small writes, the chunk writer: right there, or on its thread: chunk-writer.ts),
 // WorkerChunkIo (worker-io.ts) hands each request to a piscina worker that does the pread/pwrite and the
 // checksums, so the event loop only speaks protocols. Control I/O (fdatasync,
 // punch, zero ranges) stays with ChunkFiles on the main thread: it is rare and already off the event loop.
@@ -96,7 +96,7 @@ export class InlineChunkIo implements ChunkIo {
   readonly #files: ChunkFiles;
   readonly #writer: ChunkWriter | null;
 
-  /** `writer`: a thread that takes small writes whose bytes are in its slab (chunk-writer.ts); others go to libuv's pool. */
+  /** `writer`: takes small writes whose bytes are in its slab, inline or on its thread (chunk-writer.ts); others go to libuv's pool. */
   constructor(files: ChunkFiles, writer: ChunkWriter | null = null) {
     this.#files = files;
     this.#writer = writer;

@@ -1,31 +1,40 @@
-// A thread of its own for small chunk writes, handed over in shared memory, that the main thread waits for
+// Small chunk writes without a round of the event loop: pwritten on the calling thread, or, while ext4 is seen to
+// hold such writes up, on a thread of their own, handed over in shared memory, that the main thread waits for
 // briefly instead of coming back for the answer through the event loop.
 //
 // Why: a 4 KiB write at queue depth 1 through libuv's pool costs the main thread a round of its event loop: the
 // pool thread's answer comes back through an eventfd, an epoll wake-up, libuv's async handle and a callback,
-// while the pwrite itself (into the page cache) takes a few microseconds. Doing the pwrite on the main thread
-// was measured and dropped (BENCHMARKS.md, issue 19): ext4 blocks a pwrite for milliseconds now and then, and the
-// event loop with it. Here the main thread hands the write to this thread (its bytes are in the shared slab
-// already: the NBD payload buffers) and waits for it on a futex for at most `waitMs`: the usual pwrite is over
-// well within that and the request goes on at once, with no round of the event loop; one that ext4 holds up is
-// waited for asynchronously (Atomics.waitAsync) while the event loop serves other requests.
+// while the pwrite itself (into the page cache) takes a few microseconds. Handed to this module's thread it costs
+// two thread switches instead (the thread's wake-up and the main thread's), which on a small busy machine are
+// most of a QD1 write's CPU (BENCHMARKS.md, issue 19). So the main thread does the pwrite itself, as nbdkit's
+// threads do, and times it: ext4 blocks a pwrite for milliseconds now and then (a journal commit, writeback), and
+// the event loop with it, so one that took longer than `inlineStallMs` sends the writes of the next
+// `inlinePauseMs` to the thread: the event loop waits on a pwrite for longer than that at most once per pause.
+// (Measured at queue depth 1 on 2 busy vCPUs: 99.7% of these pwrites took under 0.1 ms, about one in 5,000 over
+// 1 ms, one in 20,000 over 5 ms.)
+//
+// The thread: the main thread hands the write over (its bytes are in the shared slab already: the NBD payload
+// buffers) and waits for it on a futex for at most `waitMs`: the usual pwrite is over well within that and the
+// request goes on at once; one that ext4 holds up is waited for asynchronously (Atomics.waitAsync) while the
+// event loop serves other requests.
+//
+// Either way a write is complete (in the page cache, or failed) when its promise settles, as through libuv: the
+// caller records its chunks and marks the file for the next sync only then.
+//
+// A failed pwrite (or a thread that died with a write in hand: EIO) rejects that write with its code, as the file
+// layer's write would: the chunk store gives the chunks back and the client gets the error (ENOSPC, EIO), and no
+// record names them, so no commit ever does. Both ways write through the pool's file layer when that is a test's
+// twin (test-files.ts, power-loss.ts; in the thread rebuilt from its spec, counters and freeze shared), so that
+// injected failures and power cuts reach these writes too; over the real files they pwrite directly.
 //
 // One write at a time, and at most one per turn of the event loop (so that a busy turn, queue depth 32, does not
 // wait for its writes one after another: the others go through libuv's pool as before). `write` answers null
 // when it does not take a write, and the caller writes another way.
-//
-// A failed pwrite (or a thread that died with a write in hand: EIO) rejects that write with its code, as the file
-// layer's write would: the chunk store gives the chunks back and the client gets the error (ENOSPC, EIO), and no
-// record names them, so no commit ever does. The thread writes through the pool's file layer when that is a
-// test's twin (test-files.ts, power-loss.ts: rebuilt in the thread from its spec, counters and freeze shared), so
-// that injected failures and power cuts reach its writes too; over the real files it pwrites directly. Any other
-// pwrite made here (say, on the calling thread) must go through a test's layer the same way (`files.writeSync`),
-// or the fault and power-loss tests miss it, as they missed this thread's until it did.
 import { Worker } from 'node:worker_threads';
 import fs from 'node:fs';
 import util from 'node:util';
-import { ownModule } from '../core/source-files.ts';
 import type { FileLayer, FileLayerSpec } from './file-layer.ts';
+import { ownModule } from '../core/source-files.ts';
 
 /** Slots of the control block (an Int32Array); the position is a Float64 at positionByte. */
 const seqSlot = 0;
@@ -43,11 +52,23 @@ const seqMax = 1 << 30;
 
 /** How long the main thread waits for a write before it waits asynchronously, by default. */
 export const chunkWriterWaitMs = 0.2;
+/**
+ * A pwrite on the calling thread that took longer than this (ms, wall time) sends the next writes to the thread, by
+ * default. Above the few milliseconds a busy machine's scheduler takes the thread away for (a 1 ms bound sent a
+ * third of the writes to the thread on 2 vCPUs at a load of 15, for no pwrite of ext4's own).
+ */
+export const inlineStallMs = 5;
+/** For how long (ms) after such a pwrite writes go to the thread (ext4's stalls come one at a time, seconds apart). */
+export const inlinePauseMs = 500;
 
 export interface ChunkWriterOptions {
   /** See chunkWriterWaitMs. */
   waitMs?: number;
-  /** The pool's file layer (default the real files): a test's twin, the thread writes through (see the top). */
+  /** See inlineStallMs; null: every write goes to the thread. */
+  inlineStallMs?: number | null;
+  /** See inlinePauseMs. */
+  inlinePauseMs?: number;
+  /** The pool's file layer (default the real files): a test's twin, both ways write through (see the top). */
   files?: FileLayer;
 }
 
@@ -92,7 +113,15 @@ export class ChunkWriter {
   readonly #position = new Float64Array(this.#control, positionByte, 1);
   readonly #slab: SharedArrayBuffer;
   readonly #waitMs: number;
+  readonly #inlineStallMs: number | null;
+  readonly #inlinePauseMs: number;
   readonly #worker: Worker;
+  /** A test's file layer, which inline writes go through; null over the real files. */
+  readonly #layer: FileLayer | null;
+  /** Until when (performance.now(), ms) writes go to the thread rather than inline. */
+  #threadUntilMs = 0;
+  #inlineCount = 0;
+  #threadCount = 0;
   #seq = 0;
   #busy = false;
   #turnUsed = false;
@@ -102,7 +131,10 @@ export class ChunkWriter {
   constructor(slab: SharedArrayBuffer, options: ChunkWriterOptions = {}) {
     this.#slab = slab;
     this.#waitMs = options.waitMs ?? chunkWriterWaitMs;
+    this.#inlineStallMs = options.inlineStallMs === undefined ? inlineStallMs : options.inlineStallMs;
+    this.#inlinePauseMs = options.inlinePauseMs ?? inlinePauseMs;
     const files: FileLayerSpec = options.files?.workerSpec ?? { kind: 'real' };
+    this.#layer = files.kind === 'real' ? null : options.files!;
     this.#worker = new Worker(ownModule('workers', 'chunk-writer'), { workerData: { control: this.#control, slab, files } });
     this.#worker.unref();
     // A thread that could not start or died: the write it held fails (EIO) and writes go another way from now on.
@@ -111,15 +143,26 @@ export class ChunkWriter {
   }
 
   /**
-   * Writes all of `data` at `positionBytes` of `fd` on the writer thread; null when it takes no write now (one
-   * is in flight, it wrote one in this turn already, or `data` is not in its slab): the caller writes another way.
-   * The descriptor must stay open until the promise settles.
+   * Writes all of `data` at `positionBytes` of `fd`, here or on the writer thread; null when it takes no write
+   * now (one is in flight, it wrote one in this turn already, or `data` is not in its slab): the caller writes
+   * another way. The descriptor must stay open until the promise settles.
    */
   write(fd: number, data: Uint8Array, positionBytes: number): Promise<void> | null {
     if (this.#busy || this.#turnUsed || this.#closed || data.buffer !== this.#slab) return null;
-    this.#busy = true;
     this.#turnUsed = true;
     setImmediate(this.#nextTurn);
+    if (this.#inlineStallMs !== null) {
+      const startMs = performance.now();
+      if (startMs >= this.#threadUntilMs) {
+        this.#inlineCount += 1;
+        const result = writeAll(this.#layer, fd, data, 0, data.length, positionBytes);
+        const endMs = performance.now();
+        if (endMs - startMs > this.#inlineStallMs) this.#threadUntilMs = endMs + this.#inlinePauseMs;
+        return settled(result, data.length);
+      }
+    }
+    this.#busy = true;
+    this.#threadCount += 1;
     const slots = this.#slots;
     const previous = this.#seq;
     const seq = (this.#seq = (previous % seqMax) + 1);
@@ -133,6 +176,11 @@ export class ChunkWriter {
     const waiting = Atomics.waitAsync(slots, doneSlot, previous);
     if (!waiting.async) return this.#result(data.length);
     return waiting.value.then(() => this.#result(data.length));
+  }
+
+  /** Writes done on the calling thread and on the writer thread since it started. */
+  counts(): { inline: number; thread: number } {
+    return { inline: this.#inlineCount, thread: this.#threadCount };
   }
 
   /** Ends the thread (a write in flight finishes first, on its own). */
@@ -162,13 +210,19 @@ export class ChunkWriter {
 
   #result(lengthBytes: number): Promise<void> {
     this.#busy = false;
-    const result = this.#slots[resultSlot]!;
-    if (result === lengthBytes) return Promise.resolve();
-    const code = util.getSystemErrorName(result);
-    const error: NodeJS.ErrnoException = new Error(`${code}: write failed`);
-    error.code = code;
-    error.errno = result;
-    error.syscall = 'write';
-    return Promise.reject(error);
+    return settled(this.#slots[resultSlot]!, lengthBytes);
   }
+}
+
+const resolved = Promise.resolve();
+
+/** writeAll's result as a promise: resolved when all `lengthBytes` were written, else rejected with the errno's code. */
+function settled(result: number, lengthBytes: number): Promise<void> {
+  if (result === lengthBytes) return resolved;
+  const code = util.getSystemErrorName(result);
+  const error: NodeJS.ErrnoException = new Error(`${code}: write failed`);
+  error.code = code;
+  error.errno = result;
+  error.syscall = 'write';
+  return Promise.reject(error);
 }

@@ -1,8 +1,9 @@
-// The chunk writer thread (src/store/chunk-writer.ts) with a real thread and a real file: a write waited for
-// briefly and one waited for asynchronously both land whole where they were asked to; a failed pwrite rejects with
-// its code; it takes one write per turn, only bytes in its slab, and none once its thread is gone, and says so
-// with null. Under a test's file layer its thread writes through that layer: an injected failure rejects that
-// write with its code, a power cut (the layer frozen) lets nothing more through, and its writes count.
+// The chunk writer (src/store/chunk-writer.ts) with a real thread and a real file: a write done inline, one waited
+// for briefly and one waited for asynchronously all land whole where they were asked to; an inline write slower
+// than the bound sends the next ones to the thread; a failed pwrite rejects with its code; it takes one write per
+// turn, only bytes in its slab, and none once its thread is gone, and says so with null.
+// Under a test's file layer both ways write through that layer: an injected failure rejects that write with its
+// code, a power cut (the layer frozen) lets nothing more through, and its writes count.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -23,8 +24,8 @@ let hasty: ChunkWriter;
 beforeAll(() => {
   directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-writer-'));
   fd = fs.openSync(path.join(directory, 'file'), 'w+');
-  patient = new ChunkWriter(slab, { waitMs: 5000 });
-  hasty = new ChunkWriter(slab, { waitMs: 0 });
+  patient = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: null });
+  hasty = new ChunkWriter(slab, { waitMs: 0, inlineStallMs: null });
 });
 
 afterAll(() => {
@@ -62,6 +63,40 @@ test('a write waited for and one waited for asynchronously land whole at their p
   }
 });
 
+test('inline writes land whole; one slower than the bound sends the next writes to the thread', async () => {
+  const inline = new ChunkWriter(slab, { waitMs: 5000 });
+  // Any pwrite takes longer than 0 ms: the first write is done inline, the ones after it go to the thread.
+  const stalled = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: 0, inlinePauseMs: 600_000 });
+  try {
+    for (let round = 0; round < 10; round++) {
+      for (const [writer, position] of [[inline, 40 * 4096], [stalled, 60 * 4096]] as const) {
+        const data = inSlab(8192 + round * 4096, 4096);
+        await writer.write(fd, data, position + round * 4096);
+        assert.deepEqual(readBack(position + round * 4096, 4096), data);
+      }
+      await nextTurn();
+    }
+    assert.deepEqual(inline.counts(), { inline: 10, thread: 0 });
+    assert.deepEqual(stalled.counts(), { inline: 1, thread: 9 });
+  } finally {
+    inline.close();
+    stalled.close();
+  }
+});
+
+test('a failed inline pwrite rejects with its code', async () => {
+  const writer = new ChunkWriter(slab, { waitMs: 5000 });
+  const readOnly = fs.openSync(path.join(directory, 'file'), 'r');
+  try {
+    await nextTurn();
+    await assert.rejects(writer.write(readOnly, inSlab(0, 4096), 0)!, { code: 'EBADF' });
+    assert.deepEqual(writer.counts(), { inline: 1, thread: 0 });
+  } finally {
+    fs.closeSync(readOnly);
+    writer.close();
+  }
+});
+
 test('a failed pwrite rejects with its code, and the writer goes on', async () => {
   const readOnly = fs.openSync(path.join(directory, 'file'), 'r');
   try {
@@ -88,7 +123,7 @@ test('one write per turn, and only bytes in its slab', async () => {
 });
 
 test('a writer whose thread is gone takes no more writes', async () => {
-  const writer = new ChunkWriter(slab, { waitMs: 5000 });
+  const writer = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: null });
   await nextTurn();
   await writer.write(fd, inSlab(0, 4096), 0);
   await writer.stopThreadForTest();
@@ -96,7 +131,7 @@ test('a writer whose thread is gone takes no more writes', async () => {
   assert.equal(writer.write(fd, inSlab(0, 4096), 0), null);
 });
 
-test('under a test file layer the thread writes through it: injected EIO and ENOSPC reject that write with their code, a frozen layer (a power cut) lets nothing through, and its writes count as changes', async () => {
+for (const [way, inlineStallMs] of [['the thread', null], ['an inline write', undefined]] as const) test(`under a test file layer ${way} writes through it: injected EIO and ENOSPC reject that write with their code, a frozen layer (a power cut) lets nothing through, and its writes count as changes`, async () => {
   const file = path.join(directory, 'faulty');
   const faulty = fs.openSync(file, 'w+');
   // The second write to the file fails with EIO, the third with ENOSPC (a rule's count stops where an earlier one fires).
@@ -104,7 +139,7 @@ test('under a test file layer the thread writes through it: injected EIO and ENO
     { op: 'write', path: 'faulty', nth: 2, code: 'EIO' },
     { op: 'write', path: 'faulty', nth: 2, code: 'ENOSPC' },
   ]);
-  const writer = new ChunkWriter(slab, { waitMs: 5000, files });
+  const writer = new ChunkWriter(slab, { waitMs: 5000, files, inlineStallMs });
   try {
     await nextTurn();
     const first = inSlab(0, 4096);
