@@ -60,22 +60,37 @@ export function firstMismatch(data: Uint8Array, expected: Uint32Array): Mismatch
 }
 
 /**
- * The chunks of `plan` in `target`, verified in plan order: the first whose checksum differs, or null. Each run
- * is checked whole, with one CRC over its bytes (checksum.ts), and block by block only when that fails.
+ * The chunks of `plan` in `target`, verified in plan order: the first whose checksum differs, or null. Runs that
+ * lie back to back in `target` (a range rewritten at random reads as many runs of a chunk or a few, one after
+ * another) are checked as one stretch, with one CRC over its bytes against the combination of their chunks'
+ * checksums (checksum.ts), and run by run, block by block, only when that fails: one native call per stretch
+ * instead of one per run.
  */
 export function firstPlanMismatch(target: Uint8Array, plan: Float64Array, expected: Uint32Array): Mismatch | null {
   let index = 0;
-  for (let p = 0; p < plan.length; p += 3) {
-    const count = plan[p + 1]!;
+  let p = 0;
+  while (p < plan.length) {
+    // The stretch: plan entries p..end-1, each starting where the one before ends in the target.
+    let count = plan[p + 1]!;
+    let end = p + 3;
+    while (end < plan.length && plan[end + 2]! === plan[p + 2]! + count) {
+      count += plan[end + 1]!;
+      end += 3;
+    }
     const start = plan[p + 2]! * chunkSizeBytes;
     const bytes = target.subarray(start, start + count * chunkSizeBytes);
     if (count > 1 && runChecksum(bytes) === combinedChecksum(expected, index, count)) {
       index += count;
+      p = end;
       continue;
     }
-    const mismatch = firstMismatch(bytes, expected.subarray(index, index + count));
-    if (mismatch !== null) return { ...mismatch, chunkIndex: index + mismatch.chunkIndex };
-    index += count;
+    for (; p < end; p += 3) {
+      const runCount = plan[p + 1]!;
+      const runStart = plan[p + 2]! * chunkSizeBytes;
+      const mismatch = firstMismatch(target.subarray(runStart, runStart + runCount * chunkSizeBytes), expected.subarray(index, index + runCount));
+      if (mismatch !== null) return { ...mismatch, chunkIndex: index + mismatch.chunkIndex };
+      index += runCount;
+    }
   }
   return null;
 }
