@@ -52,8 +52,8 @@ import { assert } from '../core/assert.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import type { DeviceProvider } from '../core/block-device.ts';
 import {
-  bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, requestsInFlightPerConnectionMax, tlsReplySliceBytes,
-  tlsSendBufferBytes,
+  bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, plainSendBufferBytes, requestsInFlightPerConnectionMax,
+  tlsReplySliceBytes, tlsSendBufferBytes,
 } from '../core/limits.ts';
 import type { SharedBufferPool } from '../core/shared-buffers.ts';
 import { BufferPool } from './buffer-pool.ts';
@@ -349,6 +349,8 @@ export class NbdConnection {
     };
     if (this.#state !== 'handshake') return;
     this.#state = 'transmission';
+    // Replies of large reads fill the default send buffer at once (limits.ts); a TLS socket has its own.
+    if (this.#tlsReplies === null) widenSendBuffer(this.#socket, plainSendBufferBytes);
     this.#receiver.startTransmission();
   }
 

@@ -5,7 +5,7 @@
 // checksums, so the event loop only speaks protocols. Control I/O (fdatasync,
 // punch, zero ranges) stays with ChunkFiles on the main thread: it is rare and already off the event loop.
 import { assert } from '../core/assert.ts';
-import { chunkSizeBytes } from '../core/limits.ts';
+import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { settleAll } from '../core/settle.ts';
 import { blockChecksum, combinedChecksum, runChecksum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
@@ -60,24 +60,67 @@ export function firstMismatch(data: Uint8Array, expected: Uint32Array): Mismatch
 }
 
 /**
- * The chunks of `plan` in `target`, verified in plan order: the first whose checksum differs, or null. Each run
- * is checked whole, with one CRC over its bytes (checksum.ts), and block by block only when that fails.
+ * The chunks of `plan` in `target`, verified in plan order: the first whose checksum differs, or null. Runs that
+ * lie back to back in `target` (a range rewritten at random reads as many runs of a chunk or a few, one after
+ * another) are checked as one stretch, with one CRC over its bytes against the combination of their chunks'
+ * checksums (checksum.ts), and run by run, block by block, only when that fails: one native call per stretch
+ * instead of one per run.
  */
 export function firstPlanMismatch(target: Uint8Array, plan: Float64Array, expected: Uint32Array): Mismatch | null {
   let index = 0;
-  for (let p = 0; p < plan.length; p += 3) {
-    const count = plan[p + 1]!;
+  let p = 0;
+  while (p < plan.length) {
+    // The stretch: plan entries p..end-1, each starting where the one before ends in the target.
+    let count = plan[p + 1]!;
+    let end = p + 3;
+    while (end < plan.length && plan[end + 2]! === plan[p + 2]! + count) {
+      count += plan[end + 1]!;
+      end += 3;
+    }
     const start = plan[p + 2]! * chunkSizeBytes;
     const bytes = target.subarray(start, start + count * chunkSizeBytes);
     if (count > 1 && runChecksum(bytes) === combinedChecksum(expected, index, count)) {
       index += count;
+      p = end;
       continue;
     }
-    const mismatch = firstMismatch(bytes, expected.subarray(index, index + count));
-    if (mismatch !== null) return { ...mismatch, chunkIndex: index + mismatch.chunkIndex };
-    index += count;
+    for (; p < end; p += 3) {
+      const runCount = plan[p + 1]!;
+      const runStart = plan[p + 2]! * chunkSizeBytes;
+      const mismatch = firstMismatch(target.subarray(runStart, runStart + runCount * chunkSizeBytes), expected.subarray(index, index + runCount));
+      if (mismatch !== null) return { ...mismatch, chunkIndex: index + mismatch.chunkIndex };
+      index += runCount;
+    }
   }
   return null;
+}
+
+/** The most chunks of other runs a span of readCachedChunks reads over (and has read again): a 4 KiB copy costs less than a read call. */
+const spanGapChunksMax = 4;
+
+/**
+ * The last plan entry of the span that starts at entry `p`: a range rewritten at random is runs of the data first
+ * written there, each as far from its place in the target as the others and in one chunk file, with a few
+ * rewritten chunks between them. Such runs are read with one call from the first to the last, over the few
+ * chunks between them, which are then read again from their own runs. A span covers only target chunks that
+ * runs of the plan cover (never a hole, which no run reads again), gaps of at most spanGapChunksMax chunks; `p`
+ * itself when nothing follows that way.
+ */
+export function spanEnd(plan: Float64Array, p: number): number {
+  const delta = plan[p]! - plan[p + 2]!;
+  const file = Math.floor(plan[p]! / chunksPerFile);
+  let last = p;
+  let lastEnd = plan[p + 2]! + plan[p + 1]!;
+  for (let q = p + 3; q < plan.length; q += 3) {
+    if (plan[q + 2]! !== plan[q - 1]! + plan[q - 2]!) break; // a hole before entry q
+    const targetChunk = plan[q + 2]!;
+    if (targetChunk - lastEnd > spanGapChunksMax) break;
+    if (plan[q]! - targetChunk !== delta) continue;
+    if (Math.floor((plan[q]! + plan[q + 1]! - 1) / chunksPerFile) !== file) break;
+    last = q;
+    lastEnd = targetChunk + plan[q + 1]!;
+  }
+  return last;
 }
 
 /** The plan entry (physical chunk, and chunk index in the target) of the `index`th chunk read. */
@@ -122,11 +165,28 @@ export class InlineChunkIo implements ChunkIo {
    * filled, and the caller reads it all again another way).
    */
   readCachedChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Mismatch | null | undefined {
-    for (let p = 0; p < plan.length; p += 3) {
-      const start = plan[p + 2]! * chunkSizeBytes;
-      if (!this.#files.readCached(plan[p]!, 0, target.subarray(start, start + plan[p + 1]! * chunkSizeBytes))) return undefined;
+    let p = 0;
+    while (p < plan.length) {
+      const last = spanEnd(plan, p);
+      if (last > p) {
+        // One read for the span, the stale bytes in its gaps then read over by their own runs (below).
+        const start = plan[p + 2]! * chunkSizeBytes;
+        const end = (plan[last + 2]! + plan[last + 1]!) * chunkSizeBytes;
+        if (this.#files.readCached(plan[p]!, 0, target.subarray(start, end))) {
+          const delta = plan[p]! - plan[p + 2]!;
+          for (let q = p + 3; q < last; q += 3) if (plan[q]! - plan[q + 2]! !== delta && !this.#readRunCached(target, plan, q)) return undefined;
+          p = last + 3;
+          continue;
+        }
+      }
+      for (; p <= last; p += 3) if (!this.#readRunCached(target, plan, p)) return undefined;
     }
     return verify ? firstPlanMismatch(target, plan, expected) : null;
+  }
+
+  #readRunCached(target: Buffer, plan: Float64Array, p: number): boolean {
+    const start = plan[p + 2]! * chunkSizeBytes;
+    return this.#files.readCached(plan[p]!, 0, target.subarray(start, start + plan[p + 1]! * chunkSizeBytes));
   }
 
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {

@@ -20,8 +20,14 @@ const LOCK_NB = 4;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 const RWF_NOWAIT = 0x08;
-/** One iovec, reused: calls on it are synchronous, so no two use it at once. */
+/**
+ * One iovec, reused: calls on it are synchronous, so no two use it at once. Set through typed views (in the
+ * machine's byte order, as the kernel reads it): a read of a range rewritten at random sets it once per short
+ * run, and Buffer's BigInt writers cost more than the views.
+ */
 const iovec = Buffer.alloc(16);
+const iovecBase = new BigUint64Array(iovec.buffer, iovec.byteOffset, 1);
+const iovecLength = new Uint32Array(iovec.buffer, iovec.byteOffset + 8, 2);
 let nowaitReadsWork = true;
 
 function systemError(call: string, errno: number): NodeJS.ErrnoException {
@@ -103,8 +109,8 @@ export function dataRanges(fd: number, startBytes: number, endBytes: number): Ar
  */
 export function readIfCached(fd: number, target: Uint8Array, positionBytes: number): number {
   if (!nowaitReadsWork) return -1;
-  iovec.writeBigUInt64LE(koffi().address(target), 0);
-  iovec.writeBigUInt64LE(BigInt(target.length), 8);
+  iovecBase[0] = koffi().address(target);
+  iovecLength[0] = target.length; // iov_len's high half stays 0: a read is far under 4 GiB
   const result = Number(preadv2Fn()(fd, iovec, 1, positionBytes, RWF_NOWAIT));
   if (result >= 0) return result;
   const errno = koffi().errno();

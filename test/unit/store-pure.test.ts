@@ -409,6 +409,29 @@ test('checksums: a run combined from its blocks\' checksums equals the checksum 
     assert.equal(mismatch?.expected, sums[chunkIndex]);
     assert.equal(mismatch?.actual, blockChecksum(damaged.subarray(chunkIndex * chunk, (chunkIndex + 1) * chunk)));
   }
+  // A range rewritten at random: runs of 1-3 chunks back to back in the target (checked as one stretch), then a
+  // hole (target chunks 20-21, not in the plan), then more runs. `expected` holds the planned chunks' sums in order.
+  const runs: Array<[number, number]> = [[0, 1], [1, 3], [4, 1], [5, 2], [7, 1], [8, 12], [22, 1], [23, 3], [26, 14]];
+  const scattered = new Float64Array(runs.flatMap(([targetChunk, count], i) => [1000 + 37 * i, count, targetChunk]));
+  const planned = runs.flatMap(([targetChunk, count]) => Array.from({ length: count }, (_, k) => targetChunk + k));
+  const plannedSums = Uint32Array.from(planned, (targetChunk) => sums[targetChunk]!);
+  assert.equal(firstPlanMismatch(data, scattered, plannedSums), null);
+  const holeDamaged = Buffer.from(data);
+  holeDamaged[20 * chunk + 5] = holeDamaged[20 * chunk + 5]! ^ 1;
+  assert.equal(firstPlanMismatch(holeDamaged, scattered, plannedSums), null, 'a hole is not the plan\'s to check');
+  for (const targetChunk of [0, 1, 3, 4, 6, 7, 19, 22, 25, 39]) {
+    const damaged = Buffer.from(data);
+    const byte = targetChunk * chunk + randomInt(random, chunk);
+    damaged[byte] = damaged[byte]! ^ (1 << randomInt(random, 8));
+    const mismatch = firstPlanMismatch(damaged, scattered, plannedSums);
+    assert.equal(mismatch?.chunkIndex, planned.indexOf(targetChunk), `damage at byte ${byte} (target chunk ${targetChunk})`);
+    assert.equal(mismatch?.expected, sums[targetChunk]);
+  }
+  // Two damaged chunks in one stretch: the first in plan order is named.
+  const twice = Buffer.from(data);
+  twice[9 * chunk] = twice[9 * chunk]! ^ 4;
+  twice[2 * chunk + 7] = twice[2 * chunk + 7]! ^ 2;
+  assert.equal(firstPlanMismatch(twice, scattered, plannedSums)?.chunkIndex, planned.indexOf(2));
 });
 
 test('content digest: sha256 of the label, the size and (virtual chunk u64 LE, CRC u32 LE) of each chunk not of zeros, as the stream format says', async () => {
