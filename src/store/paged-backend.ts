@@ -433,9 +433,7 @@ export async function openPaged(files: FileLayer, directory: string, options: Pa
   try {
     const started = performance.now();
     const generation = replayed.generation + 1;
-    // Queued before anything else can be applied: it covers exactly what was replayed.
-    const root = replayed.catalog.checkpoint(replayed.generation);
-    root.catch(() => {});
+    // The journal first, alone on the disk (its fdatasyncs waited behind the root's pages: 0.25 to 0.7 s).
     const journal = await JournalFile.create(files, journalPaths(directory, generation), generation);
     try {
       await files.syncDirectory(directory);
@@ -444,6 +442,9 @@ export async function openPaged(files: FileLayer, directory: string, options: Pa
       journal.close();
       throw error;
     }
+    // Queued before the backend exists, so before any record: it covers exactly what was replayed.
+    const root = replayed.catalog.checkpoint(replayed.generation);
+    root.catch(() => {});
     const opened = performance.now();
     const rootWritten = root.then(async () => {
       await removeJournalsBefore(files, directory, generation);
