@@ -164,8 +164,7 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         readAhead();
         const { offset, buffer } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
-        const runs = zeroRuns(buffer);
-        if (read.record !== null && runs.length === 1 && !runs[0]!.zero) {
+        if (read.record !== null && !hasZeroChunk(buffer)) {
           recordCount += 1;
           coveredBytes += buffer.length;
           dataBytes += buffer.length;
@@ -173,6 +172,7 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
           if (coveredBytes >= sendReadAheadBytes) startDigest();
           continue;
         }
+        const runs = zeroRuns(buffer);
         const dataRuns = runs.filter((run) => !run.zero).length;
         if (dataRuns === 0) giveBack(buffer);
         else if (buffer.buffer instanceof SharedArrayBuffer) users.set(buffer.buffer, { buffer, records: dataRuns });
@@ -217,6 +217,12 @@ function clipExtents(changed: ChangedExtent[], fromBytes: number, sizeBytes: num
     if (start < end) out.push({ offsetBytes: start, lengthBytes: end - start });
   }
   return out;
+}
+
+/** Whether any whole chunk of the buffer is all zeros. */
+function hasZeroChunk(buffer: Buffer): boolean {
+  for (let start = 0; start < buffer.length; start += chunkSizeBytes) if (isZero(buffer, start, start + chunkSizeBytes)) return true;
+  return false;
 }
 
 /** The buffer's whole chunks as alternating runs of zero and non-zero chunks. */
