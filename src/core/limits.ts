@@ -182,6 +182,11 @@ export const streamRecordPayloadBytesMax = streamDataRecordBytesMax + 8;
 export const receiveCommitBytes = 32 * MiB;
 /** Data records a receiver writes at once (each at most streamDataRecordBytesMax): the disk works while the next arrive. */
 export const receiveWritesInFlightMax = 8;
+/**
+ * Data records smaller than this a receiver gathers and writes together (up to streamDataRecordBytesMax at a time:
+ * one fresh run, one write), copying their bytes; bigger ones are written as they come, in place.
+ */
+export const receiveBatchRecordBytesMax = 256 * KiB;
 /** receiveData frame buffers a peer server keeps for reuse, in bytes: more than a link's window and the writes in flight. */
 export const receiveFrameBuffersHeldBytes = 32 * MiB;
 /** Reads a sender keeps ahead of what it has sent (each at most streamDataRecordBytesMax), and their bytes at most. */

@@ -493,24 +493,41 @@ export class Replicator {
       inFlight.add(request);
       void request.finally(() => inFlight.delete(request));
     };
-    // Frames end at record ends, so the receiver decodes each record in place, without gathering it again.
+    // Frames end at record ends, so the receiver decodes each record in place, without gathering it again. Pieces
+    // that lie side by side in memory (a sender's small records, carved one after another from its arena) go as
+    // one view of their bytes, not as a write to the socket each: no byte is copied for it.
     let pieces: Buffer[] = [];
     let records: Buffer[][] = [];
     let pieceBytes = 0;
+    let joined: Buffer | null = null;
+    let joinedEnd = 0;
+    const closeJoined = (): void => {
+      if (joined === null) return;
+      pieces.push(joinedEnd === joined.byteOffset + joined.length ? joined : Buffer.from(joined.buffer, joined.byteOffset, joinedEnd - joined.byteOffset));
+      joined = null;
+    };
     try {
       for await (const record of prepared.records) {
         records.push(record);
         for (const piece of record) {
-          pieces.push(piece);
           pieceBytes += piece.length;
+          if (joined !== null && piece.buffer === joined.buffer && piece.byteOffset === joinedEnd) {
+            joinedEnd += piece.length;
+            continue;
+          }
+          closeJoined();
+          joined = piece;
+          joinedEnd = piece.byteOffset + piece.length;
         }
         if (pieceBytes >= frameBytesTarget) {
+          closeJoined();
           await send(pieces, records, pieceBytes);
           pieces = [];
           records = [];
           pieceBytes = 0;
         }
       }
+      closeJoined();
       if (pieceBytes > 0) await send(pieces, records, pieceBytes);
       await Promise.all(inFlight);
     } finally {

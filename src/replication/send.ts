@@ -13,7 +13,7 @@ import { chunkSizeBytes, inlineReadBytesMax, sendReadAheadBytes, sendReadsAheadM
 import { isZero } from '../store/frames.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
 import type { Pool } from '../store/pool.ts';
-import { decodeResumeToken, encodeAbort, encodeData, encodeEnd, encodeHeader, encodeZero, type StreamHeader } from './stream-format.ts';
+import { dataRecordDataStart, dataRecordOverheadBytes, decodeResumeToken, encodeAbort, encodeData, encodeEnd, encodeHeader, encodeZero, sealDataRecord, type StreamHeader } from './stream-format.ts';
 import type { Log } from '../core/log.ts';
 
 /** What a sender needs of a pool. */
@@ -74,12 +74,25 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
   // Read buffers (shared memory) by their memory: the data records yielded from each and not yet recycled.
   const users = new Map<ArrayBufferLike, { buffer: Buffer; records: number }>();
   const free: Buffer[] = [];
-  // A read small enough to be done on this thread (worker-io.ts) gains nothing from shared memory: a pooled
-  // buffer. Only whole-record buffers are reused (a full stream is made of them), so none holds more than it reads.
+  // Bigger reads land in shared memory. Only whole-record buffers are reused (a full stream is made of them), so
+  // none holds more than it reads.
   const takeBuffer = (length: number): Buffer => {
-    if (length <= inlineReadBytesMax) return Buffer.allocUnsafe(length);
     if (length < streamDataRecordBytesMax) return Buffer.from(new SharedArrayBuffer(length));
     return free.pop() ?? Buffer.from(new SharedArrayBuffer(streamDataRecordBytesMax));
+  };
+  // A read small enough to be done on this thread (worker-io.ts) gains nothing from shared memory (a random
+  // writer's scattered chunks): it goes straight into the middle of its own record, carved from an arena, and
+  // the record is sealed in place (sealDataRecord): one buffer per record, not four, and no allocation of its own.
+  let arena = Buffer.alloc(0);
+  let arenaUsed = 0;
+  const takeRecord = (length: number): Buffer => {
+    const bytes = length + dataRecordOverheadBytes;
+    if (arena.length - arenaUsed < bytes) {
+      arena = Buffer.allocUnsafe(Math.max(bytes, streamDataRecordBytesMax));
+      arenaUsed = 0;
+    }
+    arenaUsed += bytes;
+    return arena.subarray(arenaUsed - bytes, arenaUsed);
   };
   const giveBack = (buffer: Buffer): void => {
     if (buffer.buffer instanceof SharedArrayBuffer && buffer.length === streamDataRecordBytesMax && free.length < sendReadsAheadMax) free.push(buffer);
@@ -106,7 +119,7 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
     const device = source.openSnapshot(request.volume, request.snapshot);
     // Reads run a few records ahead of what is yielded, so the disk works while the consumer sends.
     const pieces = recordPieces(extents);
-    const reads: Array<{ offset: number; extent: { offsetBytes: number; lengthBytes: number }; buffer: Buffer; done: Promise<unknown> }> = [];
+    const reads: Array<{ offset: number; extent: { offsetBytes: number; lengthBytes: number }; buffer: Buffer; record: Buffer | null; done: Promise<unknown> }> = [];
     let readingBytes = 0;
     const readAhead = (): void => {
       // Bounded by bytes, not only by count, so that scattered 4 KiB extents keep as much in flight as big ones.
@@ -114,10 +127,11 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         const next = pieces.next();
         if (next.done === true) return;
         const { offset, length, extent } = next.value;
-        const buffer = takeBuffer(length);
+        const record = length <= inlineReadBytesMax ? takeRecord(length) : null;
+        const buffer = record === null ? takeBuffer(length) : record.subarray(dataRecordDataStart, dataRecordDataStart + length);
         readingBytes += length;
         // The error is kept in the promise's value and looked at in order, when the piece's turn comes.
-        reads.push({ offset, extent, buffer, done: device.read(offset, buffer).then(() => null, (error: unknown) => error) });
+        reads.push({ offset, extent, buffer, record, done: device.read(offset, buffer).then(() => null, (error: unknown) => error) });
       }
     };
     // The END record's digest is computed while the stream goes (a snapshot's map does not change), once a read
@@ -150,6 +164,14 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         readAhead();
         const { offset, buffer } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
+        if (read.record !== null && !hasZeroChunk(buffer)) {
+          recordCount += 1;
+          coveredBytes += buffer.length;
+          dataBytes += buffer.length;
+          yield [sealDataRecord(read.record, offset)];
+          if (coveredBytes >= sendReadAheadBytes) startDigest();
+          continue;
+        }
         const runs = zeroRuns(buffer);
         const dataRuns = runs.filter((run) => !run.zero).length;
         if (dataRuns === 0) giveBack(buffer);
@@ -195,6 +217,12 @@ function clipExtents(changed: ChangedExtent[], fromBytes: number, sizeBytes: num
     if (start < end) out.push({ offsetBytes: start, lengthBytes: end - start });
   }
   return out;
+}
+
+/** Whether any whole chunk of the buffer is all zeros. */
+function hasZeroChunk(buffer: Buffer): boolean {
+  for (let start = 0; start < buffer.length; start += chunkSizeBytes) if (isZero(buffer, start, start + chunkSizeBytes)) return true;
+  return false;
 }
 
 /** The buffer's whole chunks as alternating runs of zero and non-zero chunks. */

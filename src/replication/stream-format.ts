@@ -104,6 +104,26 @@ export function encodeData(offsetBytes: number, data: Buffer): Buffer[] {
   return frame(recordTypes.data, [u64(offsetBytes), data]);
 }
 
+/** Where a data record built in one buffer (sealDataRecord) carries its data, and the bytes it adds around them. */
+export const dataRecordDataStart = recordHeadBytes + 8;
+export const dataRecordOverheadBytes = dataRecordDataStart + recordTailBytes;
+
+/**
+ * Completes, in place, a data record whose data the caller put at dataRecordDataStart of `record` (which is
+ * dataRecordOverheadBytes longer than the data): its head, offset and checksum. The bytes are those of
+ * encodeData's pieces joined, with one buffer and one CRC pass for the record (a sender reads small extents
+ * straight into their records).
+ */
+export function sealDataRecord(record: Buffer, offsetBytes: number): Buffer {
+  const crcEnd = record.length - recordTailBytes;
+  record.writeUInt32LE(recordTypes.data, 0); // type, then the zero flags byte and u16
+  record.writeUInt32LE(crcEnd - recordHeadBytes, 4);
+  record.writeUInt32LE(offsetBytes % 0x1_0000_0000, 8);
+  record.writeUInt32LE(Math.floor(offsetBytes / 0x1_0000_0000), 12);
+  record.writeUInt32LE(crc32(record.subarray(0, crcEnd)) >>> 0, crcEnd);
+  return record;
+}
+
 export function encodeZero(offsetBytes: number, lengthBytes: number): Buffer {
   return Buffer.concat(frame(recordTypes.zero, [u64(offsetBytes), u64(lengthBytes)]));
 }

@@ -5,6 +5,8 @@ import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import {
+  dataRecordDataStart,
+  dataRecordOverheadBytes,
   decodeResumeToken,
   encodeAbort,
   encodeData,
@@ -12,6 +14,7 @@ import {
   encodeHeader,
   encodeResumeToken,
   encodeZero,
+  sealDataRecord,
   StreamDecoder,
   type StreamHeader,
   type StreamRecord,
@@ -91,4 +94,14 @@ test('resume tokens round-trip and bad ones are refused clearly', () => {
   assert.deepEqual(decodeResumeToken(encodeResumeToken(token)), token);
   assert.throws(() => decodeResumeToken('nope'), /invalid resume token/);
   assert.throws(() => decodeResumeToken(encodeResumeToken({ ...token, offsetBytes: 100 })), /no offset/);
+});
+
+test('a data record sealed in place has the bytes of encodeData, past 4 GiB offsets too', () => {
+  for (const offsetBytes of [0, 4096, 2 ** 32 - 4096, 2 ** 32 + 3 * 4096, 2 ** 44 + 4096]) {
+    const data = Buffer.alloc(8192);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 31 + offsetBytes / 4096) & 0xff;
+    const record = Buffer.alloc(data.length + dataRecordOverheadBytes, 0xee);
+    data.copy(record, dataRecordDataStart);
+    assert.deepEqual(sealDataRecord(record, offsetBytes), Buffer.concat(encodeData(offsetBytes, data)));
+  }
 });
