@@ -39,7 +39,9 @@
 // After a failed fdatasync, or a failed write of the journal or a checkpoint, the engine refuses all further
 // writes (a sticky error, as SQLite's pager): the kernel may have dropped the pages, so later flushes could not
 // be trusted. Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not
-// such a failure: a commit that meets ENOSPC fails and is retried by the next. Not at once, though: while the file
+// such a failure: a commit that meets ENOSPC fails and is retried by the next, a checkpoint's too (each commit
+// begins one until one is written; nothing goes to the old journal meanwhile: catalog-backend.ts's
+// PendingCheckpoint says why a retry is safe), so that writes go on once space is back. Not at once, though: while the file
 // system was full a moment ago (`fullRetryMs`), the commits nobody waits for as a FLUSH (a write that met ENOSPC
 // asking for freed chunks, the early commits `record` starts) fail at once with that ENOSPC instead of another
 // round of fdatasyncs, and the failures are logged once, then at most once per `fullLogIntervalMs` with a count,
@@ -121,6 +123,11 @@ export class CommitEngine {
   #full: { error: ChunkdError; atMs: number; failures: number; unlogged: number; loggedAtMs: number } | null = null;
   /** A checkpoint was asked for (checkpoint()): the next commit starts a new generation whatever the journal's size. */
   #checkpointRequested = false;
+  /**
+   * A checkpoint met a full file system: every commit from now on is a checkpoint until one succeeds. None may go
+   * to the old journal meanwhile: what the failed one left of the new generation could hide it after a restart.
+   */
+  #checkpointOwed = false;
   #checkpointsTotal = 0;
   #lastCheckpoint: CheckpointReport | null = null;
   #checkpointEncodeSecondsMax = 0;
@@ -136,7 +143,7 @@ export class CommitEngine {
     this.#log = parts.log;
     this.#timer = setInterval(() => {
       // A failure is logged, counted and shown in status by the commit itself; only a bug goes further (fail-stop).
-      if (this.#queue.length > 0 || this.#chunks.deferredCount > 0) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));
+      if (this.#queue.length > 0 || this.#chunks.deferredCount > 0 || this.#checkpointOwed) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));
     }, parts.backgroundCommitIntervalMs);
     this.#timer.unref();
   }
@@ -282,7 +289,7 @@ export class CommitEngine {
     this.#queueBytes = 0;
     const freeMark = this.#chunks.deferredMark();
     const started = performance.now();
-    const checkpointDue = this.#checkpointRequested || this.#journal.sizeBytes + recordsBytes >= this.#journalCheckpointBytes;
+    const checkpointDue = this.#checkpointRequested || this.#checkpointOwed || this.#journal.sizeBytes + recordsBytes >= this.#journalCheckpointBytes;
     // Begun now, as the records are taken: it covers exactly the records applied before (catalog-backend.ts).
     const checkpoint = checkpointDue ? this.#catalog.beginCheckpoint(this.#generation + 1) : null;
     const encodeSeconds = checkpoint?.encodeSeconds ?? 0;
@@ -294,19 +301,32 @@ export class CommitEngine {
       this.#queueBytes += recordsBytes;
       throw this.#fail(`syncing chunk files failed (${(error as Error).message})`, error);
     }
+    /** The records are durable in the journal (before a paged checkpoint): a retry must not append them again. */
+    let appended = false;
     try {
-      if (checkpoint !== null) checkpointBytes = await this.#startGeneration(checkpoint, Buffer.concat(records));
-      else await this.#journal.append(Buffer.concat(records));
+      if (checkpoint !== null) {
+        if (checkpoint.appendsRecords) {
+          await this.#journal.append(Buffer.concat(records));
+          appended = true;
+        }
+        checkpointBytes = await this.#startGeneration(checkpoint);
+      } else {
+        await this.#journal.append(Buffer.concat(records));
+      }
     } catch (error) {
-      this.#queue = records.concat(this.#queue);
-      this.#queueBytes += recordsBytes;
+      if (!appended) {
+        this.#queue = records.concat(this.#queue);
+        this.#queueBytes += recordsBytes;
+      }
       // A full file system stops this commit only: at most part of it reached a copy, unsynced, and the next
-      // commit writes the same offset with the same sequence number. Anything else may have left a copy written
-      // but not durable, or a rotation half done.
-      if ((error as NodeJS.ErrnoException).code === 'ENOSPC' && checkpoint === null) {
+      // commit writes the same offset with the same sequence number; a checkpoint is begun again by every commit
+      // until one succeeds (PendingCheckpoint says why a retry is safe). Anything else may have left a copy
+      // written but not durable, or a rotation half done.
+      if ((error as NodeJS.ErrnoException).code === 'ENOSPC') {
+        if (checkpoint !== null) this.#checkpointOwed = true;
         this.#commitFailures += 1;
-        this.#commitError = `metadata commit failed: ${(error as Error).message}`;
-        const thrown = fromSystemError(error, 'metadata commit');
+        const thrown = fromSystemError(error, checkpoint === null ? 'metadata commit' : 'metadata checkpoint');
+        this.#commitError = `metadata commit failed: ${thrown.message}`;
         this.#fullFailure(thrown);
         throw thrown;
       }
@@ -319,6 +339,7 @@ export class CommitEngine {
     }
     if (checkpoint !== null) {
       this.#checkpointRequested = false;
+      this.#checkpointOwed = false;
       this.#checkpointsTotal += 1;
       this.#checkpointEncodeSecondsMax = Math.max(this.#checkpointEncodeSecondsMax, encodeSeconds);
       this.#lastCheckpoint = { generation: this.#generation, bytes: checkpointBytes, seconds: (performance.now() - started) / 1000, encodeSeconds };
@@ -358,12 +379,11 @@ export class CommitEngine {
     return this.#failure;
   }
 
-  async #startGeneration(checkpoint: PendingCheckpoint, records: Buffer): Promise<number> {
-    const generation = this.#generation + 1;
-    const { journal, bytes } = await checkpoint.write(records, this.#journal);
+  async #startGeneration(checkpoint: PendingCheckpoint): Promise<number> {
+    const { journal, bytes } = await checkpoint.write(this.#journal);
     const old = this.#journal;
     this.#journal = journal;
-    this.#generation = generation;
+    this.#generation = journal.generation;
     old.close();
     return bytes;
   }

@@ -176,11 +176,10 @@ export class PagedBackend implements CatalogBackend {
     root.catch(() => {});
     return {
       encodeSeconds: (performance.now() - started) / 1000,
-      write: async (records, journal) => {
-        if (records.length > 0) await journal.append(records);
-        const next = await startJournal(this.#files, this.#directory, generation, root);
-        return { journal: next, bytes };
-      },
+      appendsRecords: true,
+      // A retry after a full file system starts the same generation: journal `generation` is still empty (created
+      // again), and a root of the page file whose write failed is written again whole in the same slot (page-file.ts).
+      write: async () => ({ journal: await startJournal(this.#files, this.#directory, generation, root), bytes }),
     };
   }
 

@@ -540,3 +540,133 @@ for (const [metadata, copy, atBytes] of [['memory', 'checkpoint.0', undefined], 
     }
   });
 }
+
+for (const metadata of ['memory', 'paged'] as const) {
+  test(`a full file system when the journal reaches its checkpoint size (${metadata} metadata): ENOSPC, not a sticky EIO; once space is back the checkpoint is written and writes go on, and a power cut keeps every acknowledged write`, async () => {
+    const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+    // A full disk for the metadata: neither the journal nor a checkpoint (its copies, or the pages and root of the
+    // paged metadata) can be written. Chunk data still can (overwrites reuse the chunks their commits free).
+    const rules: FaultRule[] = [
+      { op: 'write', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'allocate', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: 'checkpoint', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: 'metadata.', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+    ];
+    const files = new PowerLossFiles(directory, { rules });
+    const isFull = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ENOSPC';
+    const block = (value: number): Buffer => Buffer.alloc(4096, value);
+    const blocks = 64;
+    const pool = await Pool.open({ directory, files, metadata, journalCheckpointBytes: 16 * 1024, log: () => {} });
+    const expected = new Map<number, number>();
+    try {
+      await pool.createVolume('v', 16 * MiB);
+      const volume = pool.openVolume('v');
+      for (let i = 0; i < blocks; i++) await volume.write(i * 4096, block(1));
+      await volume.flush();
+      for (let i = 0; i < blocks; i++) expected.set(i, 1);
+      const checkpointsBefore = (await pool.status()).checkpointsTotal;
+      for (let index = 0; index < rules.length; index++) files.inner.arm(index);
+      // Overwrites while full: their records queue past the checkpoint size (37 bytes each, 16 KiB), and every
+      // FLUSH meets the full disk, the one that would start the new generation too.
+      for (let round = 0; round < 8; round++) {
+        for (let i = 0; i < blocks; i++) {
+          await volume.write(i * 4096, block(10 + round)).catch((error: unknown) => assert.ok(isFull(error), `a write on a full disk: ${String(error)}`));
+        }
+        await assert.rejects(volume.flush(), isFull, `a FLUSH on a full disk (round ${round})`);
+      }
+      const full = await pool.status();
+      assert.ok(rules.some((_, index) => index >= 2 && files.inner.fired(index) >= 1), 'a checkpoint met the full disk');
+      assert.equal(full.failure, null, 'a full disk is not a sticky failure');
+      assert.match(full.commitError ?? '', /no space left/);
+      assert.equal(full.checkpointsTotal, checkpointsBefore);
+      // Space again: the next flush writes the checkpoint, and writes go on.
+      for (let index = 0; index < rules.length; index++) files.inner.disarm(index);
+      for (let i = 0; i < blocks; i++) await volume.write(i * 4096, block(30));
+      await volume.flush();
+      for (let i = 0; i < blocks; i++) expected.set(i, 30);
+      const after = await pool.status();
+      assert.deepEqual([after.failure, after.commitError], [null, null]);
+      assert.ok(after.checkpointsTotal > checkpointsBefore, 'the checkpoint was written once space was back');
+      for (let i = 0; i < blocks; i += 2) await volume.write(i * 4096, block(31));
+      await volume.flush();
+      for (let i = 0; i < blocks; i += 2) expected.set(i, 31);
+      await pool.checkpoint();
+      for (let i = 1; i < blocks; i += 2) await volume.write(i * 4096, block(32));
+      await volume.flush();
+      for (let i = 1; i < blocks; i += 2) expected.set(i, 32);
+    } finally {
+      files.inner.freeze();
+      await pool.abandon();
+    }
+    await files.cut(makeRandom(11));
+    const reopened = await Pool.open({ directory });
+    try {
+      const again = reopened.openVolume('v');
+      const read = Buffer.alloc(4096);
+      for (const [i, value] of expected) {
+        await again.read(i * 4096, read);
+        assert.ok(read.equals(block(value)), `block ${i}: the acknowledged ${value}s, read ${read[0]}`);
+      }
+      await again.close();
+      await reopened.close();
+      const report = await fsckPool(directory);
+      assert.deepEqual(report.errors, [], 'fsck finds no damage');
+    } finally {
+      await reopened.close();
+      fs.rmSync(directory, { recursive: true, force: true });
+    }
+  });
+}
+
+for (const metadata of ['memory', 'paged'] as const) {
+  test(`checkpoints that fail on a full file system with one metadata copy written, then a power cut (${metadata} metadata): the pool opens with every acknowledged write, fsck finds no damage`, async () => {
+    const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+    // Only the second copy is out of space: each try writes the first copy of its checkpoint (or the pages and
+    // root of the paged metadata) whole, then fails.
+    const rules: FaultRule[] = [
+      { op: 'write', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: 'checkpoint.1', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: 'metadata.1', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+    ];
+    const block = (value: number): Buffer => Buffer.alloc(4096, value);
+    const blocks = 64;
+    for (const seed of [3, 4]) {
+      fs.rmSync(directory, { recursive: true, force: true });
+      const files = new PowerLossFiles(directory, { rules: rules.map((rule) => ({ ...rule })) });
+      const pool = await Pool.open({ directory, files, metadata, journalCheckpointBytes: 16 * 1024, log: () => {} });
+      try {
+        await pool.createVolume('v', 16 * MiB);
+        const volume = pool.openVolume('v');
+        for (let i = 0; i < blocks; i++) await volume.write(i * 4096, block(1));
+        await volume.flush();
+        for (let index = 0; index < rules.length; index++) files.inner.arm(index);
+        for (let round = 0; round < 10; round++) {
+          for (let i = 0; i < blocks; i++) await volume.write(i * 4096, block(10 + round)).catch(() => {});
+          await volume.flush().catch(() => {});
+        }
+        assert.equal((await pool.status()).failure, null);
+        assert.ok(files.inner.fired(1) + files.inner.fired(2) >= 2, 'checkpoints failed on the second copy');
+      } finally {
+        files.inner.freeze();
+        await pool.abandon();
+      }
+      await files.cut(makeRandom(seed));
+      const reopened = await Pool.open({ directory });
+      try {
+        const again = reopened.openVolume('v');
+        const read = Buffer.alloc(4096);
+        for (let i = 0; i < blocks; i++) {
+          await again.read(i * 4096, read);
+          // The 1s were acknowledged; an overwrite never was, but its chunk was synced before any checkpoint named it.
+          assert.ok(read[0] === 1 || (read[0]! >= 10 && read[0]! < 20), `block ${i} (seed ${seed}) reads ${read[0]}`);
+          assert.ok(read.every((value) => value === read[0]), `block ${i} (seed ${seed}) is one write's bytes`);
+        }
+        await again.close();
+      } finally {
+        await reopened.close();
+      }
+      assert.deepEqual((await fsckPool(directory)).errors, [], `fsck (seed ${seed})`);
+    }
+    fs.rmSync(directory, { recursive: true, force: true });
+  });
+}
