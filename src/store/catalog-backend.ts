@@ -156,6 +156,8 @@ export interface CatalogBackend {
   beginCheckpoint(generation: number): PendingCheckpoint;
   /** Waits for what is queued and closes what the catalog holds open. */
   close(): Promise<void>;
+  /** A simulated crash (Pool.abandon): writes nothing more, whatever is queued or in flight. */
+  abandon?(): void;
 }
 
 const settledNow = Promise.resolve();

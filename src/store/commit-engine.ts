@@ -49,7 +49,7 @@
 // otherwise run a commit of its own and log a line (2,400 a second measured, store-faults.test.ts). A client's
 // FLUSH and the background commit always try.
 import { performance } from 'node:perf_hooks';
-import { ChunkdError, fromSystemError } from '../core/errors.ts';
+import { ChunkdError, fromSystemError, isNoSpace } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { deferredChunksCommitMax } from '../core/limits.ts';
 import type { CatalogBackend, ChunkLookup, MapHandle, PendingCheckpoint } from './catalog-backend.ts';
@@ -322,7 +322,7 @@ export class CommitEngine {
       // commit writes the same offset with the same sequence number; a checkpoint is begun again by every commit
       // until one succeeds (PendingCheckpoint says why a retry is safe). Anything else may have left a copy
       // written but not durable, or a rotation half done.
-      if ((error as NodeJS.ErrnoException).code === 'ENOSPC') {
+      if (isNoSpace(error)) {
         if (checkpoint !== null) this.#checkpointOwed = true;
         this.#commitFailures += 1;
         const thrown = fromSystemError(error, checkpoint === null ? 'metadata commit' : 'metadata checkpoint');

@@ -23,6 +23,9 @@ export interface PageCacheStats {
   misses: number;
 }
 
+/** Page writes a commit has under way at once. */
+const writesInFlight = 32;
+
 export class PageCache {
   readonly #file: PageFile;
   readonly #clean: LRUCache<number, CachedPage>;
@@ -84,7 +87,10 @@ export class PageCache {
   /** Writes the dirty pages (in page order), commits them with `rootBody` as the new root, and keeps them as clean pages. */
   async commit(rootBody: Buffer): Promise<Root> {
     const dirty = [...this.#dirty].sort(([a], [b]) => a - b);
-    for (const [pageNumber, page] of dirty) await this.#file.write(pageNumber, page.kind, page.body);
+    // Many at once (their order does not matter: none is durable before the fdatasync that precedes the root).
+    for (let first = 0; first < dirty.length; first += writesInFlight) {
+      await Promise.all(dirty.slice(first, first + writesInFlight).map(([pageNumber, page]) => this.#file.write(pageNumber, page.kind, page.body)));
+    }
     const root = await this.#file.commit(rootBody);
     for (const [pageNumber, page] of dirty) {
       // A page put again during the commit stays dirty (its newer body is the next commit's).

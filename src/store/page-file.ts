@@ -270,7 +270,10 @@ export class PageFile {
     const slot = generation % 2;
     const image = encodePage({ pageNumber: slot, kind: rootKind, generation, body: rootBody });
     await Promise.all(this.#fds.map((fd) => this.#files.fdatasync(fd)));
+    // Closed meanwhile (Pool.abandon: a simulated crash): the descriptors may be another file's by now.
+    this.#check();
     await Promise.all(this.#fds.map((fd) => this.#files.write(fd, image, slot * pageBytes)));
+    this.#check();
     await Promise.all(this.#fds.map((fd) => this.#files.fdatasync(fd)));
     this.#root = { generation, body: Buffer.from(rootBody) };
     return this.#root;

@@ -16,16 +16,17 @@
 //
 // Open: read the root and the table (no map page: paged-catalog.ts), replay the journals after the root's
 // generation into the catalog, each free final at once (the punch of free chunks after the open gives their space
-// back: pool.ts, chunk-store.ts's `punchFreeInBackground`), write a root covering what was replayed (which drops
-// a torn tail for good, as the format-3 open's checkpoint does), then start a fresh generation. The work is
-// bounded by one journal, not by the data held; a clean close ends with a checkpoint, so that a clean restart
-// replays nothing (`checkpointAtClose`).
+// back: pool.ts, chunk-store.ts's `punchFreeInBackground`), start a fresh generation (its journal created and its
+// name durable), and serve; the root covering what was replayed (which drops a torn tail for good, as the
+// format-3 open's checkpoint does) is written in the background, then the journals it covers are removed
+// (`openPaged` says why a crash before it is safe). The work is bounded by one journal, not by the data held; a
+// clean close ends with a checkpoint, so that a clean restart replays nothing (`checkpointAtClose`).
 //
 // Failures: a failed apply (damage, or a bug) rejects `settled`, which the engine makes its sticky failure, as a
 // failed root write is (the catalog is then ahead of its file: writes are refused until a restart).
 import path from 'node:path';
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, isNoSpace } from '../core/errors.ts';
 import { chunkSizeBytes, pagedJournalCheckpointBytes } from '../core/limits.ts';
 import { type CatalogBackend, type ChunkLookup, type MapHandle, type PendingCheckpoint, type ScrubPlan, type ScrubTarget } from './catalog-backend.ts';
 import type { ChunkRun } from './chunk-map.ts';
@@ -56,11 +57,22 @@ export class PagedBackend implements CatalogBackend {
   #last: Promise<void> = resolved;
   #pending = 0;
   #failure: Error | null = null;
+  /** The root covering an open's replay, written after the open (`openPaged`); settles, never rejects. */
+  readonly #rootAfterOpen: Promise<void>;
 
-  constructor(catalog: PagedCatalog, files: FileLayer, directory: string) {
+  constructor(catalog: PagedCatalog, files: FileLayer, directory: string, rootAfterOpen: Promise<unknown> = resolved) {
     this.#catalog = catalog;
     this.#files = files;
     this.#directory = directory;
+    // Its failure is the sticky failure (the catalog is then ahead of its file), as a checkpoint's is; but on a full
+    // file system it is only not written: the old root stands with every journal after it, and the next
+    // checkpoint, whose root covers them all, removes them.
+    this.#rootAfterOpen = rootAfterOpen.then(
+      () => {},
+      (error: unknown) => {
+        if (!isNoSpace(error)) this.#failure ??= error as Error;
+      },
+    );
   }
 
   get tables(): PagedCatalog['tables'] {
@@ -179,12 +191,24 @@ export class PagedBackend implements CatalogBackend {
       appendsRecords: true,
       // A retry after a full file system starts the same generation: journal `generation` is still empty (created
       // again), and a root of the page file whose write failed is written again whole in the same slot (page-file.ts).
-      write: async () => ({ journal: await startJournal(this.#files, this.#directory, generation, root), bytes }),
+      write: async () => {
+        // Its root is queued behind the open's (the catalog's queue), but the open's removal of the journals
+        // that root covers must end before this one lists and removes journals itself.
+        await this.#rootAfterOpen;
+        if (this.#failure !== null) throw this.#failure;
+        return { journal: await startJournal(this.#files, this.#directory, generation, root), bytes };
+      },
     };
   }
 
-  close(): Promise<void> {
-    return this.#catalog.close();
+  async close(): Promise<void> {
+    await this.#rootAfterOpen;
+    await this.#catalog.close();
+  }
+
+  /** A simulated crash (Pool.abandon): nothing more reaches the page file, the root after the open included. */
+  abandon(): void {
+    this.#catalog.abandon();
   }
 }
 
@@ -389,19 +413,59 @@ export function replayBatches(records: readonly MetaRecord[]): MetaRecord[][] {
 export interface OpenedPaged extends ReplayedPaged {
   backend: PagedBackend;
   journal: JournalFile;
-  /** Seconds spent writing the root covering the replay and starting the new generation. */
+  /** Seconds spent starting the new generation (its journal created and named durably) before the node serves. */
   checkpointSeconds: number;
+  /**
+   * The root covering the replay, written after the open returns: resolves with the seconds it took (from the
+   * open's end) once it is durable and the journals it covers are removed; rejects if it failed (the backend's
+   * sticky failure then).
+   */
+  rootWritten: Promise<number>;
 }
 
-/** Opens a paged pool's metadata for a node: replay, a root covering it, a fresh generation (see the top). */
+/**
+ * Opens a paged pool's metadata for a node: replay, a fresh generation, and the root covering the replay written
+ * in the background (see the top). Not waiting for that root is safe: until it is durable the old root stands with
+ * every journal after it, the new generation's among them (created, and its name made durable, before the open
+ * returns, so before anything is committed to it), and an open replays them all in order; a torn tail is dropped
+ * by every replay of its journal, not only the last one's (the journal it ends is never written again). A
+ * checkpoint begun meanwhile queues its root behind this one and removes journals only after this one has.
+ */
 export async function openPaged(files: FileLayer, directory: string, options: PagedCatalogOptions): Promise<OpenedPaged> {
   const replayed = await replayPaged(files, directory, options);
   try {
-    const { generation, journal, checkpointSeconds } = await startAfterReplay(files, directory, replayed);
-    return { ...replayed, generation, backend: new PagedBackend(replayed.catalog, files, directory), journal, checkpointSeconds };
+    const started = performance.now();
+    const generation = replayed.generation + 1;
+    // The journal first, alone on the disk (its fdatasyncs waited behind the root's pages: 0.25 to 0.7 s).
+    const journal = await JournalFile.create(files, journalPaths(directory, generation), generation);
+    try {
+      await files.syncDirectory(directory);
+      await journal.reserveAhead();
+    } catch (error) {
+      journal.close();
+      throw error;
+    }
+    // Queued before the backend exists, so before any record: it covers exactly what was replayed.
+    const root = replayed.catalog.checkpoint(replayed.generation);
+    root.catch(() => {});
+    const opened = performance.now();
+    const rootWritten = root.then(async () => {
+      await removeJournalsBefore(files, directory, generation);
+      return (performance.now() - opened) / 1000;
+    });
+    rootWritten.catch(() => {});
+    const backend = new PagedBackend(replayed.catalog, files, directory, rootWritten);
+    return { ...replayed, generation, backend, journal, checkpointSeconds: (opened - started) / 1000, rootWritten };
   } catch (error) {
     await replayed.catalog.close().catch(() => {});
     throw error;
+  }
+}
+
+/** Removes the journals of generations before `generation` (a root covering them is durable). */
+async function removeJournalsBefore(files: FileLayer, directory: string, generation: number): Promise<void> {
+  for (const older of journalGenerations(directory).filter((g) => g < generation)) {
+    for (const file of journalPaths(directory, older)) await files.unlink(file);
   }
 }
 

@@ -33,13 +33,15 @@
 // `checkpoint(journalGeneration)` is queued with the records: the maps' dirty nodes into the cache, then the
 // table, then the space maps' flush (last: it seals the page allocator's releases into this root), then the
 // cache's commit of the root (pages, fdatasync, root slot, fdatasync), then the pages released before the flush
-// become reusable (PagedMaps.commit's `committed` on the space maps' page allocator). Chunks whose count fell to
+// become reusable (PagedMaps.commit's `committed` on the space maps' page allocator). Only the part before the
+// writes holds the queue: the records after a checkpoint apply beside its write (PagedMaps.commitBeside; a failed
+// checkpoint fails every later one, but for a full file system: `#checkpointFailure`). Chunks whose count fell to
 // zero wait as deferred frees in `chunks` (ChunkSpace): when they may be reused is the caller's to say
 // (deferredMark / takeDeferred / releaseTaken), since in step 4b the journal commit, not the checkpoint, makes a
 // free durable.
 import path from 'node:path';
 import { unreachable } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, isNoSpace } from '../core/errors.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import type { FileLayer } from './file-layer.ts';
@@ -153,6 +155,9 @@ function parseTable(bytes: Buffer): TableJson {
 
 export class PagedCatalog {
   readonly #file: PageFile;
+  #checkpointFailure: Error | null = null;
+  /** The last checkpoint's write (settles, never rejects). */
+  #lastCheckpoint: Promise<void> = Promise.resolve();
   readonly #cache: PageCache;
   readonly #space: SpaceMaps;
   readonly #maps: PagedMaps;
@@ -416,27 +421,59 @@ export class PagedCatalog {
 
   /**
    * Makes everything applied before it durable as the root covering journal `journalGeneration`: dirty map nodes,
-   * the table, the space maps, then the root (see the top). Queued with the records.
+   * the table, the space maps, then the root (see the top). Queued with the records; the records after it apply
+   * once its pages are taken, beside its write, and the promise resolves when the root is durable.
    */
   checkpoint(journalGeneration: number): Promise<void> {
-    return this.#enqueue(async () => {
-      await this.#maps.commit(() => {
-        const bytes = Buffer.from(JSON.stringify(this.#table()), 'utf8');
-        const values = bytesToValues(bytes);
-        for (const page of this.#tablePages) this.#space.release(page);
-        this.#tablePages = Array.from({ length: chainPagesFor(values.length) }, () => this.#space.allocate());
-        const tableFirst = writeChain(this.#space, this.#tablePages, values);
-        // Last: the flush seals the page allocator's releases into this root.
-        const space = this.#space.flush();
-        return encodeCatalogRoot({ journalGeneration, tableFirst, tableBytes: bytes.length, space });
-      });
-      this.#journalGeneration = journalGeneration;
+    let durable: Promise<void> | undefined;
+    const sealed = this.#enqueue(async () => {
+      // A failed checkpoint leaves the catalog ahead of its file (pages placed, releases sealed): no root may be
+      // written over that state. The engine stops at the first failure, but a checkpoint may already be queued
+      // behind the failed one (the root after an open's replay is written in the background: paged-backend.ts).
+      if (this.#checkpointFailure !== null) throw ChunkdError.io(`an earlier metadata checkpoint failed (${this.#checkpointFailure.message}); no root is written until a restart`, this.#checkpointFailure);
+      const commit = this.#maps.commitBeside(() => this.#rootBody(journalGeneration));
+      durable = commit.durable.then(
+        () => {
+          this.#journalGeneration = journalGeneration;
+        },
+        (error: unknown) => {
+          // A full file system is retried by the next checkpoint (PagedMaps.commitBeside).
+          if (!isNoSpace(error)) this.#checkpointFailure ??= error as Error;
+          throw error;
+        },
+      );
+      durable.catch(() => {});
+      this.#lastCheckpoint = durable.catch(() => {});
+      // The records after it apply once its pages are taken, beside its write (PagedMaps.commitBeside).
+      await commit.sealed;
     });
+    return sealed.then(() => durable!);
+  }
+
+  /** The root of a checkpoint covering `journalGeneration`: the table placed, the space maps flushed (last). */
+  #rootBody(journalGeneration: number): Buffer {
+    const bytes = Buffer.from(JSON.stringify(this.#table()), 'utf8');
+    const values = bytesToValues(bytes);
+    for (const page of this.#tablePages) this.#space.release(page);
+    this.#tablePages = Array.from({ length: chainPagesFor(values.length) }, () => this.#space.allocate());
+    const tableFirst = writeChain(this.#space, this.#tablePages, values);
+    // Last: the flush seals the page allocator's releases into this root.
+    const space = this.#space.flush();
+    return encodeCatalogRoot({ journalGeneration, tableFirst, tableBytes: bytes.length, space });
+  }
+
+  /**
+   * The process died (a simulated crash: Pool.abandon): the page file is closed, so that nothing queued or in
+   * flight writes another page or root through descriptors the test is about to close (and the next open reuse).
+   */
+  abandon(): void {
+    this.#file.close();
   }
 
   /** Waits for what is queued, then closes the page file (what was not checkpointed is lost). */
   async close(): Promise<void> {
     await this.#queue;
+    await this.#lastCheckpoint;
     this.#file.close();
   }
 

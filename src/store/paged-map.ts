@@ -51,8 +51,8 @@
 // so that a cold pass computes its edit once instead of again after missing counts.
 //
 // Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
-// filled by appends in key order end about half full (a split shares entries evenly); a commit is queued with the
-// mutations, so they wait while it writes (with the page allocator's `sealForCommit` they could run beside it);
+// filled by appends in key order end about half full (a split shares entries evenly); a commit's synchronous part
+// is queued with the mutations (they wait for the encoding of its nodes, not for its write: `commitBeside`);
 // a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
 // rarely); a walk does not check page generations against the
 // root's yet; a cold diff starts over once per node whose children differ on both sides (it reads a node's
@@ -61,7 +61,7 @@
 // reused and evicted between two tries would be seen as it was (reuse waits for a commit, so this needs a
 // checkpoint and an eviction within one pass).
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, isNoSpace } from '../core/errors.ts';
 import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { PageAllocator } from './page-allocator.ts';
@@ -496,6 +496,8 @@ export class PagedMaps {
   readonly #memoryPins = this.#pins();
   /** The last mutation queued: mutations apply in call order. */
   #mutations: Promise<unknown> = Promise.resolve();
+  /** The last commit's write (`commitBeside`): the next commit waits for it. */
+  #lastWrite: Promise<unknown> = Promise.resolve();
   #passRestarts = 0;
 
   constructor(options: PagedMapsOptions) {
@@ -522,12 +524,32 @@ export class PagedMaps {
   }
 
   /**
-   * Writes the dirty pages and the root (page-cache.ts), then lets the pages released before it be reused. Queued
-   * with the mutations: it follows those called before it, and those called after wait for it (see the known
-   * weaknesses above). `rootBody` is taken when the commit starts, after the mutations before it.
+   * Writes the dirty pages and the root (page-cache.ts), then lets the pages released before it be reused; resolves
+   * once the root is durable (`commitBeside`'s `durable`).
    */
   commit(rootBody: () => Buffer): Promise<Root> {
-    return this.#queue(async () => {
+    return this.commitBeside(rootBody).durable;
+  }
+
+  /**
+   * A commit whose write runs beside the mutations called after it. Queued with the mutations: its synchronous
+   * part follows those called before it (the dirty nodes encoded into the cache, `rootBody` taken, the cache's
+   * dirty pages taken for the write), and `sealed` settles then; the mutations called after it run from there on,
+   * beside the write: nothing they do reaches what it writes (every node it wrote is copied before a change, as
+   * after any commit; pages they release wait for the next root, `sealForCommit`; pages they place stay dirty for
+   * the next commit). `durable` settles once the root is durable. One root is written at a time: a commit's
+   * synchronous part waits for the previous write, and a failed write fails every commit after it (the maps are
+   * then ahead of the file).
+   */
+  commitBeside(rootBody: () => Buffer): { sealed: Promise<void>; durable: Promise<Root> } {
+    let durable: Promise<Root> | undefined;
+    const sealed = this.#queue(async () => {
+      // A write that met a full file system made nothing durable that this one does not write again whole (the
+      // cache keeps its pages dirty; the root goes to the same slot): it may be retried. Any other failure may have
+      // left pages in doubt: it fails every commit after it.
+      await this.#lastWrite.catch((error: unknown) => {
+        if (!isNoSpace(error)) throw error;
+      });
       // From here on the pages written are named by the root being committed: none may change in place.
       for (const [page, node] of this.#dirty) {
         const image = encodeNode(node);
@@ -535,10 +557,21 @@ export class PagedMaps {
         this.#decoded.set(image, node);
       }
       this.#dirty.clear();
-      const root = await this.#cache.commit(rootBody());
-      this.#allocator.committed();
-      return root;
+      const written = this.#cache.commit(rootBody()).then((root) => {
+        this.#allocator.committed();
+        return root;
+      });
+      written.catch(() => {});
+      this.#lastWrite = written;
+      durable = written;
     });
+    return { sealed, durable: sealed.then(() => durable!) };
+  }
+
+  /** Settles when the last commit's write has (the root durable, or failed). */
+  async written(): Promise<void> {
+    await this.#mutations;
+    await this.#lastWrite.catch(() => {});
   }
 
   /** Times a pass started over after reading what it missed, since these maps were made (for tests and benchmarks). */

@@ -267,7 +267,11 @@ export class Pool {
       log(`pool ${directory}: replayed ${opened.replayedRecords} journal records${opened.tornTail ? ' (a torn tail from a crash was dropped)' : ''}`);
     }
     const { root, replay } = opened.seconds;
-    log(`pool ${directory}: opened in ${(root + replay + opened.checkpointSeconds + punchSeconds).toFixed(3)} s (root and table ${root.toFixed(3)} s, replay ${replay.toFixed(3)} s, root after replay ${opened.checkpointSeconds.toFixed(3)} s, punch above the high-water mark ${punchSeconds.toFixed(3)} s)`, 'debug');
+    log(`pool ${directory}: opened in ${(root + replay + opened.checkpointSeconds + punchSeconds).toFixed(3)} s (root and table ${root.toFixed(3)} s, replay ${replay.toFixed(3)} s, new journal ${opened.checkpointSeconds.toFixed(3)} s, punch above the high-water mark ${punchSeconds.toFixed(3)} s; the root after the replay is written in the background)`, 'debug');
+    opened.rootWritten.then(
+      (seconds) => log(`pool ${directory}: the root covering the replay written in the background, ${seconds.toFixed(3)} s after the open`, 'debug'),
+      () => {}, // the backend's sticky failure: the engine reports it
+    );
     return pool;
   }
 
@@ -732,6 +736,7 @@ export class Pool {
   async abandon(): Promise<void> {
     this.#closed = true;
     this.#engine.abandon();
+    this.#catalog.abandon?.();
     await this.#chunks.close({ force: true });
   }
 

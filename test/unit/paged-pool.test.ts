@@ -21,8 +21,10 @@ import { fsckPool } from '../../src/store/fsck.ts';
 import type { MetaRecord } from '../../src/store/metadata.ts';
 import { replayBatchRecords, replayBatches, replayPaged } from '../../src/store/paged-backend.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
-import { chunksDirectory, markerPath } from '../../src/store/pool-layout.ts';
+import { chunksDirectory, journalGenerations, markerPath } from '../../src/store/pool-layout.ts';
+import { PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { TestFiles } from '../../src/testing/test-files.ts';
+import { makeRandom } from '../helpers/random.ts';
 import { inScratch } from '../helpers/scratch.ts';
 
 const MiB = 1024 * 1024;
@@ -595,5 +597,139 @@ test('a journal past its checkpoint size is committed and checkpointed without w
     } finally {
       await pool.close();
     }
+  });
+});
+
+/** Once `hold` is set, the metadata page files' fdatasyncs wait for `release` (a root write that takes its time). */
+class PageSyncsHeld extends TestFiles {
+  hold = false;
+  readonly held: Array<() => void> = [];
+  override fdatasync(fd: number): Promise<void> {
+    if (!this.hold || !path.basename(this.pathOf(fd)).startsWith('metadata.')) return super.fdatasync(fd);
+    return new Promise((resolve, reject) => this.held.push(() => super.fdatasync(fd).then(resolve, reject)));
+  }
+}
+
+/** `count` 4 KiB writes into `v` (block `(first + i) * 7 % 4096`, fill `fill + i`), then a FLUSH; the model updated. */
+async function writeFlushed(pool: Pool, model: Map<number, number>, first: number, count: number, fill: number): Promise<void> {
+  const volume = pool.openVolume('v');
+  for (let i = 0; i < count; i++) {
+    const index = ((first + i) * 7) % 4096;
+    await volume.write(index * 4096, block(1 + ((fill + i) % 250)));
+    model.set(index, 1 + ((fill + i) % 250));
+  }
+  await volume.flush();
+  await volume.close();
+}
+
+test('an open after a crash serves before the root covering its replay is durable; a crash before that root loses nothing acknowledged', async () => {
+  await inScratch('paged-pool', async (directory) => {
+    const files = new PageSyncsHeld();
+    const model = new Map<number, number>();
+    let pool = await open(directory, { files });
+    await pool.createVolume('v', 16 * MiB);
+    await writeFlushed(pool, model, 0, 300, 0);
+    await killed(pool, files);
+
+    // The root after the replay cannot become durable: the open still returns, and the pool serves.
+    files.hold = true;
+    const opened = await Promise.race([open(directory, { files }), sleep(20_000).then(() => null)]);
+    assert.ok(opened !== null, 'the open returned while the root covering its replay was held');
+    pool = opened;
+    for (let waitedMs = 0; files.held.length === 0; waitedMs += 5) {
+      assert.ok(waitedMs < 10_000, 'the root after the replay reached its fdatasync');
+      await sleep(5);
+    }
+    const journals = journalGenerations(directory);
+    assert.ok(journals.length >= 2, `the replayed journal stays until the root covering it is durable (journals ${journals.join(', ')})`);
+    await writeFlushed(pool, model, 300, 200, 100);
+    for (const [index, fill] of model) assert.equal(await readBlock(pool, 'v', index), fill, `block ${index} while the root is held`);
+    // The crash before the root: the old root stands, with the replayed journal and the new one after it.
+    await killed(pool, files);
+
+    pool = await Pool.open({ directory, metadataCacheBytes: 64 * 1024 });
+    try {
+      for (const [index, fill] of model) assert.equal(await readBlock(pool, 'v', index), fill, `block ${index} after the crash`);
+      await pool.freeSpacePunched();
+    } finally {
+      await pool.close();
+    }
+    const report = await fsckPool(directory);
+    assert.ok(report.clean, report.errors.join('; '));
+  });
+});
+
+test('a power cut at each step of an open, the root after its replay written beside the writes that follow: nothing acknowledged lost, fsck clean', { timeout: 120_000 }, async () => {
+  await inScratch('paged-pool', async (base) => {
+    const files = new TestFiles();
+    const before = new Map<number, number>();
+    const pool = await open(base, { files });
+    await pool.createVolume('v', 16 * MiB);
+    await writeFlushed(pool, before, 0, 200, 0);
+    await killed(pool, files);
+
+    /** One life over a copy of the crashed pool, cut at change `crashAt`: the blocks acknowledged, and the change count when the root was durable. */
+    const life = async (directory: string, crashAt: number): Promise<{ acknowledged: Map<number, number>; changes: number; rootAtChange: number | null }> => {
+      const cutFiles = new PowerLossFiles(directory, { crashAtChange: crashAt });
+      const acknowledged = new Map(before);
+      let rootAtChange: number | null = null;
+      let live: Pool | null = null;
+      const run = async (): Promise<void> => {
+        live = await Pool.open({ directory, files: cutFiles, metadata: 'paged', metadataCacheBytes: 64 * 1024, log: (line) => {
+          if (line.includes('root covering the replay written')) rootAtChange = cutFiles.inner.changeCount;
+        } });
+        // Writes right after the open, beside the root's: each round acknowledged by its FLUSH.
+        for (let round = 0; round < 3 && !cutFiles.inner.frozen; round++) {
+          const next = new Map(acknowledged);
+          await writeFlushed(live, next, 1000 + round * 20, 20, 50 * (round + 1));
+          for (const [index, fill] of next) acknowledged.set(index, fill);
+        }
+        await live.close();
+        live = null;
+      };
+      await Promise.race([run().catch((error: unknown) => {
+        if (!cutFiles.inner.frozen) throw error;
+      }), cutFiles.inner.untilFrozen()]);
+      const changes = cutFiles.inner.changeCount;
+      cutFiles.inner.freeze();
+      await (live as Pool | null)?.abandon();
+      await cutFiles.cut(makeRandom(crashAt));
+      return { acknowledged, changes, rootAtChange };
+    };
+
+    const check = async (directory: string, acknowledged: Map<number, number>, where: string): Promise<void> => {
+      const report = await fsckPool(directory);
+      assert.ok(report.clean, `${where}: ${report.errors.join('; ')}`);
+      const reopened = await Pool.open({ directory, metadataCacheBytes: 64 * 1024 });
+      try {
+        for (const [index, fill] of acknowledged) assert.equal(await readBlock(reopened, 'v', index), fill, `${where}: block ${index}`);
+      } finally {
+        await reopened.close();
+      }
+    };
+
+    // A life with no cut: how many changes it makes, and at which the root after the replay was durable.
+    const whole = `${base}-whole`;
+    fs.cpSync(base, whole, { recursive: true });
+    const full = await life(whole, Number.MAX_SAFE_INTEGER);
+    fs.rmSync(whole, { recursive: true, force: true });
+    assert.ok(full.rootAtChange !== null, 'the root after the replay was written');
+    // Cuts from the open's first change to a few past the root's, in at most 12 steps.
+    const last = full.rootAtChange + 8;
+    const stride = Math.max(1, Math.ceil(last / 12));
+    let cutsBeforeRoot = 0;
+    for (let crashAt = 1; crashAt <= last; crashAt += stride) {
+      const directory = `${base}-${crashAt}`;
+      fs.cpSync(base, directory, { recursive: true });
+      try {
+        const { acknowledged, changes } = await life(directory, crashAt);
+        if (changes < full.rootAtChange) cutsBeforeRoot += 1;
+        await check(directory, acknowledged, `cut at change ${crashAt}`);
+      } finally {
+        fs.rmSync(directory, { recursive: true, force: true });
+      }
+    }
+    console.log(`# ${cutsBeforeRoot} cuts before the root after the replay was durable (at change ${full.rootAtChange} of ${full.changes}), stride ${stride}`);
+    assert.ok(cutsBeforeRoot > 5, `${cutsBeforeRoot} cuts before the root was durable`);
   });
 });
