@@ -230,6 +230,11 @@ export class CommitEngine {
     return this.commit();
   }
 
+  /** Whether the journal lacks its reserve ahead (the file system was full when it was to be taken). */
+  get journalReserveShort(): boolean {
+    return this.#journal.reserveShort;
+  }
+
   /**
    * Commits what is queued and writes a checkpoint of the whole catalog now, as a full journal does; resolves
    * with that checkpoint. For operators (before a backup of the pool directory) and for the scale benchmark, which
@@ -266,12 +271,27 @@ export class CommitEngine {
       if (this.#failure === null) {
         // A catalog whose replay is the slow part of its open (paged) ends with a root covering everything, so
         // that a clean restart replays nothing.
-        if (this.#catalog.checkpointAtClose && (this.#queue.length > 0 || this.#journal.sizeBytes > 0)) await this.checkpoint();
+        if (this.#catalog.checkpointAtClose && (this.#queue.length > 0 || this.#journal.sizeBytes > 0)) await this.#checkpointAtClose();
         else await this.commit();
       }
     } finally {
       this.#closed = true;
       this.#journal.close();
+    }
+  }
+
+  /**
+   * The checkpoint a clean close ends with (paged): it only spares the next open its replay. On a full file system,
+   * once every record is durable in the journal (its append is the checkpoint's first step), the close goes on
+   * without it: the next open replays the journal, and its root, or the next checkpoint's, is written once the
+   * open's punch of free chunks gives space back. A node stopped on a full disk must be able to start again.
+   */
+  async #checkpointAtClose(): Promise<void> {
+    try {
+      await this.checkpoint();
+    } catch (error) {
+      if (!isNoSpace(error) || this.#failure !== null || this.#queue.length > 0) throw error;
+      this.#log(`the checkpoint at close met a full file system (${(error as Error).message}); every commit is in the journal, which the next open replays`, 'warn');
     }
   }
 

@@ -3,7 +3,7 @@
 // both and fdatasynced in both, side by side, before it counts: one more pwrite and fdatasync per commit, in
 // parallel, for metadata that survives a damaged sector. Space is reserved ahead with fallocate, so that most
 // commits neither change the files' size (a cheaper fdatasync) nor meet a full file system halfway through.
-import { fromSystemError } from '../core/errors.ts';
+import { fromSystemError, isNoSpace } from '../core/errors.ts';
 import { settleAll } from '../core/settle.ts';
 import { journalReserveBytes } from '../core/limits.ts';
 import type { FileLayer } from './file-layer.ts';
@@ -48,11 +48,16 @@ export class JournalFile {
    */
   async reserveAhead(): Promise<void> {
     try {
-      await this.#reserve(journalReserveBytes);
+      await this.#reserve(Math.max(0, this.#endBytes + journalReserveBytes - this.#reservedBytes));
       await settleAll(this.#fds.map((fd) => this.#files.fdatasync(fd)));
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'ENOSPC') throw error;
+      if (!isNoSpace(error)) throw error;
     }
+  }
+
+  /** Whether less than `journalReserveBytes` is reserved past the commits (the file system was full at `reserveAhead`). */
+  get reserveShort(): boolean {
+    return this.#reservedBytes - this.#endBytes < journalReserveBytes;
   }
 
   /** Bytes of commits in the journal. */
@@ -68,7 +73,15 @@ export class JournalFile {
     if (frames.length === 0) return;
     const commit = encodeCommit(this.generation, this.#nextSequence, frames);
     try {
-      if (this.#endBytes + commit.length > this.#reservedBytes) await this.#reserve(this.#endBytes + commit.length + journalReserveBytes - this.#reservedBytes);
+      if (this.#endBytes + commit.length > this.#reservedBytes) {
+        try {
+          await this.#reserve(this.#endBytes + commit.length + journalReserveBytes - this.#reservedBytes);
+        } catch (error) {
+          // Not room for the reserve: room for this commit is enough (the next tries the reserve again).
+          if (!isNoSpace(error)) throw error;
+          await this.#reserve(this.#endBytes + commit.length - this.#reservedBytes);
+        }
+      }
       await settleAll(this.#fds.map((fd) => this.#files.write(fd, commit, this.#endBytes)));
       await settleAll(this.#fds.map((fd) => this.#files.fdatasync(fd)));
     } catch (error) {
