@@ -4,7 +4,9 @@
 // fails that commit only, shows in status, and the next commit succeeds (under writes at queue depth 32, it is met
 // by each FLUSH, not by a commit and a log line per write, and every acknowledged write survives a power cut); a
 // disk read error during a scrub is a damaged extent, not an aborted scrub, and one in a copy of the checkpoint or
-// a journal is damage read from the other copy; a failed chunk write fails that write only (also on the chunk
+// a journal is damage read from the other copy; a full file system at a checkpoint is ENOSPC too, retried until
+// space is back (a power cut meanwhile loses nothing acknowledged), a paged pool's checkpoint at close that meets
+// it leaves the journal to the next open, and a journal whose reserve ahead does not fit still takes commits; a failed chunk write fails that write only (also on the chunk
 // writer's thread). And, directly: an overwrite lands in a new physical chunk (redirect-on-write), never over the
 // chunk the metadata names. And a checkpoint asked for (POST /v1/checkpoint) is written now and counted, and its
 // failed write is a failure like the journal's.
@@ -22,7 +24,7 @@ import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
 import { ChunkWriter } from '../../src/store/chunk-writer.ts';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
-import type { OpenMode } from '../../src/store/file-layer.ts';
+import type { AllocateMode, OpenMode } from '../../src/store/file-layer.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { TestFiles, type FaultRule } from '../../src/testing/test-files.ts';
@@ -670,3 +672,59 @@ for (const metadata of ['memory', 'paged'] as const) {
     fs.rmSync(directory, { recursive: true, force: true });
   });
 }
+
+/** A file system with a little space left: a journal's reserve ahead (4 MiB) does not fit, a commit's few bytes do. */
+class LittleSpaceLeft extends TestFiles {
+  refused = 0;
+  override allocate(fd: number, mode: AllocateMode, offsetBytes: number, lengthBytes: number): Promise<void> {
+    if (lengthBytes <= 64 * 1024) return super.allocate(fd, mode, offsetBytes, lengthBytes);
+    this.refused += 1;
+    return Promise.reject(Object.assign(new Error('ENOSPC: fallocate (a test)'), { code: 'ENOSPC' }));
+  }
+}
+
+test('a journal whose reserve ahead does not fit on the file system still takes commits that do', async () => {
+  const files = new LittleSpaceLeft();
+  await withPool(files, async (pool) => {
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    await volume.write(0, Buffer.alloc(8192, 1));
+    await volume.flush();
+    assert.ok(files.refused >= 2, 'the reserve ahead was refused');
+    assert.deepEqual([(await pool.status()).commitError, (await pool.status()).failure], [null, null]);
+  });
+});
+
+test('a paged pool whose checkpoint at close meets a full file system closes once every commit is in the journal; the next open replays it', async () => {
+  const files = new TestFiles([{ op: 'write', path: 'metadata.', nth: 1, sticky: true, code: 'ENOSPC', armed: false }]);
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+  const lines: string[] = [];
+  try {
+    const pool = await Pool.open({ directory, files, metadata: 'paged', log: (line) => lines.push(line) });
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    await volume.write(0, Buffer.alloc(8192, 1));
+    await volume.flush();
+    await volume.write(MiB, Buffer.alloc(8192, 2)); // not flushed: the close commits it
+    await volume.close();
+    files.arm(0);
+    await pool.close();
+    assert.ok(files.fired(0) >= 1, 'the checkpoint at close met the full file system');
+    assert.ok(lines.some((line) => /the checkpoint at close met a full file system/.test(line)), lines.join('\n'));
+    const reopened = await Pool.open({ directory });
+    try {
+      const again = reopened.openVolume('v');
+      const back = Buffer.alloc(8192);
+      await again.read(0, back);
+      assert.ok(back.every((byte) => byte === 1));
+      await again.read(MiB, back);
+      assert.ok(back.every((byte) => byte === 2), 'the write the close committed');
+      await again.close();
+    } finally {
+      await reopened.close();
+    }
+    assert.deepEqual((await fsckPool(directory)).errors, []);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
