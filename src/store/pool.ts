@@ -281,7 +281,10 @@ export class Pool {
     log(`pool ${directory}: opened in ${(root + replay + opened.checkpointSeconds + punchSeconds).toFixed(3)} s (root and table ${root.toFixed(3)} s, replay ${replay.toFixed(3)} s, new journal ${opened.checkpointSeconds.toFixed(3)} s, punch above the high-water mark ${punchSeconds.toFixed(3)} s; the root after the replay is written in the background)`, 'debug');
     opened.rootWritten.then(
       (seconds) => log(`pool ${directory}: the root covering the replay written in the background, ${seconds.toFixed(3)} s after the open`, 'debug'),
-      () => {}, // the backend's sticky failure: the engine reports it
+      (error: unknown) => {
+        // Else the backend's sticky failure: the engine reports it.
+        if (isNoSpace(error)) log(`pool ${directory}: the root covering the replay met a full file system (${(error as Error).message}); a later checkpoint writes it, the journals stay until then`, 'warn');
+      },
     );
     return pool;
   }
