@@ -568,12 +568,6 @@ export class PagedMaps {
     return { sealed, durable: sealed.then(() => durable!) };
   }
 
-  /** Settles when the last commit's write has (the root durable, or failed). */
-  async written(): Promise<void> {
-    await this.#mutations;
-    await this.#lastWrite.catch(() => {});
-  }
-
   /** Times a pass started over after reading what it missed, since these maps were made (for tests and benchmarks). */
   get passRestarts(): number {
     return this.#passRestarts;

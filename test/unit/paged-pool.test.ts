@@ -622,14 +622,20 @@ async function writeFlushed(pool: Pool, model: Map<number, number>, first: numbe
   await volume.close();
 }
 
+/** A pool with volume `v` of 16 MiB and `writes` blocks written and flushed (in `model`), then the process dies. */
+async function crashedWith(directory: string, files: TestFiles, model: Map<number, number>, writes: number): Promise<void> {
+  const pool = await open(directory, { files });
+  await pool.createVolume('v', 16 * MiB);
+  await writeFlushed(pool, model, 0, writes, 0);
+  await killed(pool, files);
+}
+
 test('an open after a crash serves before the root covering its replay is durable; a crash before that root loses nothing acknowledged', async () => {
   await inScratch('paged-pool', async (directory) => {
     const files = new PageSyncsHeld();
     const model = new Map<number, number>();
-    let pool = await open(directory, { files });
-    await pool.createVolume('v', 16 * MiB);
-    await writeFlushed(pool, model, 0, 300, 0);
-    await killed(pool, files);
+    await crashedWith(directory, files, model, 300);
+    let pool: Pool;
 
     // The root after the replay cannot become durable: the open still returns, and the pool serves.
     files.hold = true;
@@ -661,12 +667,8 @@ test('an open after a crash serves before the root covering its replay is durabl
 
 test('a power cut at each step of an open, the root after its replay written beside the writes that follow: nothing acknowledged lost, fsck clean', { timeout: 120_000 }, async () => {
   await inScratch('paged-pool', async (base) => {
-    const files = new TestFiles();
     const before = new Map<number, number>();
-    const pool = await open(base, { files });
-    await pool.createVolume('v', 16 * MiB);
-    await writeFlushed(pool, before, 0, 200, 0);
-    await killed(pool, files);
+    await crashedWith(base, new TestFiles(), before, 200);
 
     /** One life over a copy of the crashed pool, cut at change `crashAt`: the blocks acknowledged, and the change count when the root was durable. */
     const life = async (directory: string, crashAt: number): Promise<{ acknowledged: Map<number, number>; changes: number; rootAtChange: number | null }> => {
