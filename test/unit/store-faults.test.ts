@@ -386,6 +386,26 @@ test.each(['memory', 'paged'] as const)('a recycled removal frees nothing before
   }
 });
 
+/** A power cut (`seed` picks which unsynced writes land), then volume v of the reopened pool to `check`, a 4 KiB block at a time. */
+async function readAfterPowerCut(files: PowerLossFiles, directory: string, seed: number, check: (readBlock: (block: number) => Promise<Buffer>) => Promise<void>): Promise<void> {
+  await files.cut(makeRandom(seed));
+  const reopened = await Pool.open({ directory });
+  try {
+    const volume = reopened.openVolume('v');
+    try {
+      await check(async (block) => {
+        const bytes = Buffer.alloc(4096);
+        await volume.read(block * 4096, bytes);
+        return bytes;
+      });
+    } finally {
+      await volume.close();
+    }
+  } finally {
+    await reopened.close();
+  }
+}
+
 for (const metadata of ['memory', 'paged'] as const) {
   test(`a full file system under writes at queue depth 32 (${metadata} metadata): ENOSPC to each write, FLUSH and FUA write, not a commit nor a log line per write; once space is back a flush commits, and a power cut keeps every acknowledged write`, async () => {
     const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
@@ -440,22 +460,13 @@ for (const metadata of ['memory', 'paged'] as const) {
       files.inner.freeze();
       await pool.abandon();
     }
-    await files.cut(makeRandom(7));
-    const reopened = await Pool.open({ directory });
     try {
-      const again = reopened.openVolume('v');
-      const read = Buffer.alloc(4096);
-      for (let i = 0; i < 64; i++) {
-        await again.read(i * 4096, read);
-        assert.ok(read.equals(block(2)), `block ${i}: the acknowledged overwrite, flushed once space was back`);
-      }
-      await again.read(200 * 4096, read);
-      assert.ok(read.equals(block(5)));
-      await again.read(100 * 4096, read);
-      assert.ok(read.equals(block(0)), 'a write that got ENOSPC left nothing');
-      await again.close();
+      await readAfterPowerCut(files, directory, 7, async (readBlock) => {
+        for (let i = 0; i < 64; i++) assert.ok((await readBlock(i)).equals(block(2)), `block ${i}: the acknowledged overwrite, flushed once space was back`);
+        assert.ok((await readBlock(200)).equals(block(5)));
+        assert.ok((await readBlock(100)).equals(block(0)), 'a write that got ENOSPC left nothing');
+      });
     } finally {
-      await reopened.close();
       fs.rmSync(directory, { recursive: true, force: true });
     }
   });
@@ -600,21 +611,15 @@ for (const metadata of ['memory', 'paged'] as const) {
       files.inner.freeze();
       await pool.abandon();
     }
-    await files.cut(makeRandom(11));
-    const reopened = await Pool.open({ directory });
     try {
-      const again = reopened.openVolume('v');
-      const read = Buffer.alloc(4096);
-      for (const [i, value] of expected) {
-        await again.read(i * 4096, read);
-        assert.ok(read.equals(block(value)), `block ${i}: the acknowledged ${value}s, read ${read[0]}`);
-      }
-      await again.close();
-      await reopened.close();
-      const report = await fsckPool(directory);
-      assert.deepEqual(report.errors, [], 'fsck finds no damage');
+      await readAfterPowerCut(files, directory, 11, async (readBlock) => {
+        for (const [i, value] of expected) {
+          const read = await readBlock(i);
+          assert.ok(read.equals(block(value)), `block ${i}: the acknowledged ${value}s, read ${read[0]}`);
+        }
+      });
+      assert.deepEqual((await fsckPool(directory)).errors, [], 'fsck finds no damage');
     } finally {
-      await reopened.close();
       fs.rmSync(directory, { recursive: true, force: true });
     }
   });
@@ -652,21 +657,14 @@ for (const metadata of ['memory', 'paged'] as const) {
         files.inner.freeze();
         await pool.abandon();
       }
-      await files.cut(makeRandom(seed));
-      const reopened = await Pool.open({ directory });
-      try {
-        const again = reopened.openVolume('v');
-        const read = Buffer.alloc(4096);
+      await readAfterPowerCut(files, directory, seed, async (readBlock) => {
         for (let i = 0; i < blocks; i++) {
-          await again.read(i * 4096, read);
+          const read = await readBlock(i);
           // The 1s were acknowledged; an overwrite never was, but its chunk was synced before any checkpoint named it.
           assert.ok(read[0] === 1 || (read[0]! >= 10 && read[0]! < 20), `block ${i} (seed ${seed}) reads ${read[0]}`);
           assert.ok(read.every((value) => value === read[0]), `block ${i} (seed ${seed}) is one write's bytes`);
         }
-        await again.close();
-      } finally {
-        await reopened.close();
-      }
+      });
       assert.deepEqual((await fsckPool(directory)).errors, [], `fsck (seed ${seed})`);
     }
     fs.rmSync(directory, { recursive: true, force: true });
