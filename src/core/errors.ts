@@ -96,7 +96,6 @@ export function isSystemError(error: unknown): boolean {
   return error instanceof Error && typeof code === 'string' && /^E[A-Z]+$/.test(code);
 }
 
-/** Turns an error from the file system into a ChunkdError; anything else is a bug and is rethrown. */
 /**
  * Whether `error` says the file system is full (ENOSPC, or EDQUOT, a quota: a ChunkdError made of either says
  * ENOSPC). Such a failed metadata write is retried, not a reason to refuse writes until a restart (commit-engine.ts).
@@ -106,6 +105,7 @@ export function isNoSpace(error: unknown): boolean {
   return code === 'ENOSPC' || code === 'EDQUOT';
 }
 
+/** Turns an error from the file system into a ChunkdError; anything else is a bug and is rethrown. */
 export function fromSystemError(error: unknown, what: string): ChunkdError {
   if (error instanceof ChunkdError) return error;
   if (!isSystemError(error)) throw error;

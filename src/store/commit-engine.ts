@@ -36,18 +36,18 @@
 //  6. At load, chunks the metadata does not name are punched out: data written but never committed, and chunks
 //     recycled by overwrites, are space only. Metadata that cannot be read whole refuses the load before anything
 //     is written, so a damaged pool is never punched.
-// After a failed fdatasync, or a failed write of the journal or a checkpoint, the engine refuses all further
-// writes (a sticky error, as SQLite's pager): the kernel may have dropped the pages, so later flushes could not
-// be trusted. Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not
-// such a failure: a commit that meets ENOSPC fails and is retried by the next, a checkpoint's too (each commit
-// begins one until one is written; nothing goes to the old journal meanwhile: catalog-backend.ts's
-// PendingCheckpoint says why a retry is safe), so that writes go on once space is back. Not at once, though: while the file
-// system was full a moment ago (`fullRetryMs`), the commits nobody waits for as a FLUSH (a write that met ENOSPC
-// asking for freed chunks, the early commits `record` starts) fail at once with that ENOSPC instead of another
-// round of fdatasyncs, and the failures are logged once, then at most once per `fullLogIntervalMs` with a count,
-// and once more when a commit succeeds again: under writes at queue depth 32 on a full disk, each write would
-// otherwise run a commit of its own and log a line (2,400 a second measured, store-faults.test.ts). A client's
-// FLUSH and the background commit always try.
+// After a failed fdatasync, or a failed write of the journal or a checkpoint, the engine refuses all further writes
+// (a sticky error, as SQLite's pager): the kernel may have dropped the pages, so later flushes could not be trusted.
+// Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not such a
+// failure: a commit that meets ENOSPC fails and is retried by the next, a checkpoint's too (each commit begins one
+// until one is written; nothing goes to the old journal meanwhile: catalog-backend.ts's PendingCheckpoint says why a
+// retry is safe), so that writes go on once space is back. Not at once, though: while the file system was full a
+// moment ago (`fullRetryMs`), the commits nobody waits for as a FLUSH (a write that met ENOSPC asking for freed
+// chunks, the early commits `record` starts) fail at once with that ENOSPC instead of another round of fdatasyncs,
+// and the failures are logged once, then at most once per `fullLogIntervalMs` with a count, and once more when a
+// commit succeeds again: under writes at queue depth 32 on a full disk, each write would otherwise run a commit of
+// its own and log a line (2,400 a second measured, store-faults.test.ts). A client's FLUSH and the background commit
+// always try.
 import { performance } from 'node:perf_hooks';
 import { ChunkdError, fromSystemError, isNoSpace } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
