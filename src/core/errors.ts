@@ -96,6 +96,15 @@ export function isSystemError(error: unknown): boolean {
   return error instanceof Error && typeof code === 'string' && /^E[A-Z]+$/.test(code);
 }
 
+/**
+ * Whether `error` says the file system is full (ENOSPC, or EDQUOT, a quota: a ChunkdError made of either says
+ * ENOSPC). Such a failed metadata write is retried, not a reason to refuse writes until a restart (commit-engine.ts).
+ */
+export function isNoSpace(error: unknown): boolean {
+  const code = (error as NodeJS.ErrnoException | null)?.code;
+  return code === 'ENOSPC' || code === 'EDQUOT';
+}
+
 /** Turns an error from the file system into a ChunkdError; anything else is a bug and is rethrown. */
 export function fromSystemError(error: unknown, what: string): ChunkdError {
   if (error instanceof ChunkdError) return error;

@@ -87,15 +87,23 @@ export interface ChunkAllocation {
 }
 
 /**
- * A checkpoint begun by a commit (`beginCheckpoint`): `write` makes it durable and starts generation
- * `generation`, whose journal it returns. `records` are the frames the commit took, applied before the checkpoint
- * was begun: the in-memory catalog's checkpoint holds them already; the paged one appends them to the old
- * generation's journal first (its root covers that generation).
+ * A checkpoint begun by a commit (`beginCheckpoint`): `write` makes it durable and starts a new generation, whose
+ * journal it returns (`generation`, or a later one: see MemoryBackend). The frames the commit took were applied
+ * before the checkpoint was begun: the in-memory catalog's checkpoint holds them already; the paged one needs
+ * them appended to the old generation's journal first (`appendsRecords`: the engine does that, and, once it is
+ * durable, never again for a retry), as its root covers that generation.
+ *
+ * A `write` that fails with ENOSPC (a full file system) may be retried by a later checkpoint: it leaves the old
+ * generation readable, and whatever it wrote of the new one is either rewritten whole by the retry or of a
+ * generation the retry does not reuse. Until a retry succeeds, the engine appends nothing to the old journal: a
+ * checkpoint of the new generation may be on disk and would hide it.
  */
 export interface PendingCheckpoint {
   /** The synchronous part, in seconds (the catalog encoded, or the root queued). */
   readonly encodeSeconds: number;
-  write(records: Buffer, journal: JournalFile): Promise<{ journal: JournalFile; bytes: number }>;
+  /** The commit's records go to the old generation's journal before `write` (the paged catalog). */
+  readonly appendsRecords: boolean;
+  write(journal: JournalFile): Promise<{ journal: JournalFile; bytes: number }>;
 }
 
 /** A map to scrub: its export's name, and the map as it is now (undefined once removed: it names nothing then). */
@@ -168,6 +176,8 @@ export class MemoryBackend implements CatalogBackend {
   readonly #files: FileLayer;
   readonly #directory: string;
   #punchFrees = true;
+  /** The generation of the last checkpoint begun (0: none yet). */
+  #lastCheckpointGeneration = 0;
 
   constructor(parts: { catalog: Catalog; refs: ChunkRefcounts; allocator: ChunkAllocator; files: FileLayer; directory: string }) {
     this.tables = parts.catalog;
@@ -221,11 +231,18 @@ export class MemoryBackend implements CatalogBackend {
   }
 
   beginCheckpoint(generation: number): PendingCheckpoint {
+    // A retry after a failed one (a full file system) takes the next generation, never the same one again: the
+    // failed one may have left a copy of its checkpoint, and a retry of the same generation with other contents
+    // could then leave two copies of one generation that differ, which a load would take for one checkpoint (and,
+    // both torn, merge frame by frame). Its journal, empty, and that copy are an older generation's leftovers.
+    generation = Math.max(generation, this.#lastCheckpointGeneration + 1);
+    this.#lastCheckpointGeneration = generation;
     const started = performance.now();
     const checkpoint = encodeCheckpoint(this.tables, generation);
     return {
       encodeSeconds: (performance.now() - started) / 1000,
       // The checkpoint holds the records the commit took: they are not appended anywhere.
+      appendsRecords: false,
       write: async () => ({ journal: await beginGeneration(this.#files, this.#directory, checkpoint, generation), bytes: checkpoint.length }),
     };
   }

@@ -36,18 +36,20 @@
 //  6. At load, chunks the metadata does not name are punched out: data written but never committed, and chunks
 //     recycled by overwrites, are space only. Metadata that cannot be read whole refuses the load before anything
 //     is written, so a damaged pool is never punched.
-// After a failed fdatasync, or a failed write of the journal or a checkpoint, the engine refuses all further
-// writes (a sticky error, as SQLite's pager): the kernel may have dropped the pages, so later flushes could not
-// be trusted. Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not
-// such a failure: a commit that meets ENOSPC fails and is retried by the next. Not at once, though: while the file
-// system was full a moment ago (`fullRetryMs`), the commits nobody waits for as a FLUSH (a write that met ENOSPC
-// asking for freed chunks, the early commits `record` starts) fail at once with that ENOSPC instead of another
-// round of fdatasyncs, and the failures are logged once, then at most once per `fullLogIntervalMs` with a count,
-// and once more when a commit succeeds again: under writes at queue depth 32 on a full disk, each write would
-// otherwise run a commit of its own and log a line (2,400 a second measured, store-faults.test.ts). A client's
-// FLUSH and the background commit always try.
+// After a failed fdatasync, or a failed write of the journal or a checkpoint, the engine refuses all further writes
+// (a sticky error, as SQLite's pager): the kernel may have dropped the pages, so later flushes could not be trusted.
+// Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not such a
+// failure: a commit that meets ENOSPC fails and is retried by the next, a checkpoint's too (each commit begins one
+// until one is written; nothing goes to the old journal meanwhile: catalog-backend.ts's PendingCheckpoint says why a
+// retry is safe), so that writes go on once space is back. Not at once, though: while the file system was full a
+// moment ago (`fullRetryMs`), the commits nobody waits for as a FLUSH (a write that met ENOSPC asking for freed
+// chunks, the early commits `record` starts) fail at once with that ENOSPC instead of another round of fdatasyncs,
+// and the failures are logged once, then at most once per `fullLogIntervalMs` with a count, and once more when a
+// commit succeeds again: under writes at queue depth 32 on a full disk, each write would otherwise run a commit of
+// its own and log a line (2,400 a second measured, store-faults.test.ts). A client's FLUSH and the background commit
+// always try.
 import { performance } from 'node:perf_hooks';
-import { ChunkdError, fromSystemError } from '../core/errors.ts';
+import { ChunkdError, fromSystemError, isNoSpace } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { deferredChunksCommitMax } from '../core/limits.ts';
 import type { CatalogBackend, ChunkLookup, MapHandle, PendingCheckpoint } from './catalog-backend.ts';
@@ -121,6 +123,11 @@ export class CommitEngine {
   #full: { error: ChunkdError; atMs: number; failures: number; unlogged: number; loggedAtMs: number } | null = null;
   /** A checkpoint was asked for (checkpoint()): the next commit starts a new generation whatever the journal's size. */
   #checkpointRequested = false;
+  /**
+   * A checkpoint met a full file system: every commit from now on is a checkpoint until one succeeds. None may go
+   * to the old journal meanwhile: what the failed one left of the new generation could hide it after a restart.
+   */
+  #checkpointOwed = false;
   #checkpointsTotal = 0;
   #lastCheckpoint: CheckpointReport | null = null;
   #checkpointEncodeSecondsMax = 0;
@@ -136,7 +143,7 @@ export class CommitEngine {
     this.#log = parts.log;
     this.#timer = setInterval(() => {
       // A failure is logged, counted and shown in status by the commit itself; only a bug goes further (fail-stop).
-      if (this.#queue.length > 0 || this.#chunks.deferredCount > 0) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));
+      if (this.#queue.length > 0 || this.#chunks.deferredCount > 0 || this.#checkpointOwed) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));
     }, parts.backgroundCommitIntervalMs);
     this.#timer.unref();
   }
@@ -223,6 +230,11 @@ export class CommitEngine {
     return this.commit();
   }
 
+  /** Whether the journal lacks its reserve ahead (the file system was full when it was to be taken). */
+  get journalReserveShort(): boolean {
+    return this.#journal.reserveShort;
+  }
+
   /**
    * Commits what is queued and writes a checkpoint of the whole catalog now, as a full journal does; resolves
    * with that checkpoint. For operators (before a backup of the pool directory) and for the scale benchmark, which
@@ -259,12 +271,27 @@ export class CommitEngine {
       if (this.#failure === null) {
         // A catalog whose replay is the slow part of its open (paged) ends with a root covering everything, so
         // that a clean restart replays nothing.
-        if (this.#catalog.checkpointAtClose && (this.#queue.length > 0 || this.#journal.sizeBytes > 0)) await this.checkpoint();
+        if (this.#catalog.checkpointAtClose && (this.#queue.length > 0 || this.#journal.sizeBytes > 0)) await this.#checkpointAtClose();
         else await this.commit();
       }
     } finally {
       this.#closed = true;
       this.#journal.close();
+    }
+  }
+
+  /**
+   * The checkpoint a clean close ends with (paged): it only spares the next open its replay. On a full file system,
+   * once every record is durable in the journal (its append is the checkpoint's first step), the close goes on
+   * without it: the next open replays the journal, and its root, or the next checkpoint's, is written once the
+   * open's punch of free chunks gives space back. A node stopped on a full disk must be able to start again.
+   */
+  async #checkpointAtClose(): Promise<void> {
+    try {
+      await this.checkpoint();
+    } catch (error) {
+      if (!isNoSpace(error) || this.#failure !== null || this.#queue.length > 0) throw error;
+      this.#log(`the checkpoint at close met a full file system (${(error as Error).message}); every commit is in the journal, which the next open replays`, 'warn');
     }
   }
 
@@ -282,7 +309,7 @@ export class CommitEngine {
     this.#queueBytes = 0;
     const freeMark = this.#chunks.deferredMark();
     const started = performance.now();
-    const checkpointDue = this.#checkpointRequested || this.#journal.sizeBytes + recordsBytes >= this.#journalCheckpointBytes;
+    const checkpointDue = this.#checkpointRequested || this.#checkpointOwed || this.#journal.sizeBytes + recordsBytes >= this.#journalCheckpointBytes;
     // Begun now, as the records are taken: it covers exactly the records applied before (catalog-backend.ts).
     const checkpoint = checkpointDue ? this.#catalog.beginCheckpoint(this.#generation + 1) : null;
     const encodeSeconds = checkpoint?.encodeSeconds ?? 0;
@@ -294,19 +321,32 @@ export class CommitEngine {
       this.#queueBytes += recordsBytes;
       throw this.#fail(`syncing chunk files failed (${(error as Error).message})`, error);
     }
+    /** The records are durable in the journal (before a paged checkpoint): a retry must not append them again. */
+    let appended = false;
     try {
-      if (checkpoint !== null) checkpointBytes = await this.#startGeneration(checkpoint, Buffer.concat(records));
-      else await this.#journal.append(Buffer.concat(records));
+      if (checkpoint !== null) {
+        if (checkpoint.appendsRecords) {
+          await this.#journal.append(Buffer.concat(records));
+          appended = true;
+        }
+        checkpointBytes = await this.#startGeneration(checkpoint);
+      } else {
+        await this.#journal.append(Buffer.concat(records));
+      }
     } catch (error) {
-      this.#queue = records.concat(this.#queue);
-      this.#queueBytes += recordsBytes;
+      if (!appended) {
+        this.#queue = records.concat(this.#queue);
+        this.#queueBytes += recordsBytes;
+      }
       // A full file system stops this commit only: at most part of it reached a copy, unsynced, and the next
-      // commit writes the same offset with the same sequence number. Anything else may have left a copy written
-      // but not durable, or a rotation half done.
-      if ((error as NodeJS.ErrnoException).code === 'ENOSPC' && checkpoint === null) {
+      // commit writes the same offset with the same sequence number; a checkpoint is begun again by every commit
+      // until one succeeds (PendingCheckpoint says why a retry is safe). Anything else may have left a copy
+      // written but not durable, or a rotation half done.
+      if (isNoSpace(error)) {
+        if (checkpoint !== null) this.#checkpointOwed = true;
         this.#commitFailures += 1;
-        this.#commitError = `metadata commit failed: ${(error as Error).message}`;
-        const thrown = fromSystemError(error, 'metadata commit');
+        const thrown = fromSystemError(error, checkpoint === null ? 'metadata commit' : 'metadata checkpoint');
+        this.#commitError = `metadata commit failed: ${thrown.message}`;
         this.#fullFailure(thrown);
         throw thrown;
       }
@@ -319,6 +359,7 @@ export class CommitEngine {
     }
     if (checkpoint !== null) {
       this.#checkpointRequested = false;
+      this.#checkpointOwed = false;
       this.#checkpointsTotal += 1;
       this.#checkpointEncodeSecondsMax = Math.max(this.#checkpointEncodeSecondsMax, encodeSeconds);
       this.#lastCheckpoint = { generation: this.#generation, bytes: checkpointBytes, seconds: (performance.now() - started) / 1000, encodeSeconds };
@@ -358,12 +399,11 @@ export class CommitEngine {
     return this.#failure;
   }
 
-  async #startGeneration(checkpoint: PendingCheckpoint, records: Buffer): Promise<number> {
-    const generation = this.#generation + 1;
-    const { journal, bytes } = await checkpoint.write(records, this.#journal);
+  async #startGeneration(checkpoint: PendingCheckpoint): Promise<number> {
+    const { journal, bytes } = await checkpoint.write(this.#journal);
     const old = this.#journal;
     this.#journal = journal;
-    this.#generation = generation;
+    this.#generation = journal.generation;
     old.close();
     return bytes;
   }

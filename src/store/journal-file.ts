@@ -2,8 +2,9 @@
 // commits at the same offsets (journal-format.ts says why and how a load reads them back). A commit is written to
 // both and fdatasynced in both, side by side, before it counts: one more pwrite and fdatasync per commit, in
 // parallel, for metadata that survives a damaged sector. Space is reserved ahead with fallocate, so that most
-// commits neither change the files' size (a cheaper fdatasync) nor meet a full file system halfway through.
-import { fromSystemError } from '../core/errors.ts';
+// commits neither change the files' size (a cheaper fdatasync) nor meet a full file system halfway through; where
+// the reserve does not fit, a commit reserves what it needs alone (`reserveShort` says so until a reserve fits).
+import { fromSystemError, isNoSpace } from '../core/errors.ts';
 import { settleAll } from '../core/settle.ts';
 import { journalReserveBytes } from '../core/limits.ts';
 import type { FileLayer } from './file-layer.ts';
@@ -16,6 +17,7 @@ export class JournalFile {
   readonly #fds: number[];
   #endBytes = 0;
   #reservedBytes = 0;
+  #reserveShort = false;
   #nextSequence = 1;
 
   private constructor(files: FileLayer, paths: string[], fds: number[], generation: number) {
@@ -48,11 +50,18 @@ export class JournalFile {
    */
   async reserveAhead(): Promise<void> {
     try {
-      await this.#reserve(journalReserveBytes);
+      await this.#reserve(Math.max(0, this.#endBytes + journalReserveBytes - this.#reservedBytes));
+      this.#reserveShort = false;
       await settleAll(this.#fds.map((fd) => this.#files.fdatasync(fd)));
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'ENOSPC') throw error;
+      if (!isNoSpace(error)) throw error;
+      this.#reserveShort = true;
     }
+  }
+
+  /** Whether the last try to reserve space ahead met a full file system (the journal grows as it is written). */
+  get reserveShort(): boolean {
+    return this.#reserveShort;
   }
 
   /** Bytes of commits in the journal. */
@@ -68,7 +77,17 @@ export class JournalFile {
     if (frames.length === 0) return;
     const commit = encodeCommit(this.generation, this.#nextSequence, frames);
     try {
-      if (this.#endBytes + commit.length > this.#reservedBytes) await this.#reserve(this.#endBytes + commit.length + journalReserveBytes - this.#reservedBytes);
+      if (this.#endBytes + commit.length > this.#reservedBytes) {
+        try {
+          await this.#reserve(this.#endBytes + commit.length + journalReserveBytes - this.#reservedBytes);
+          this.#reserveShort = false;
+        } catch (error) {
+          // Not room for the reserve: room for this commit is enough (the next tries the reserve again).
+          if (!isNoSpace(error)) throw error;
+          this.#reserveShort = true;
+          await this.#reserve(this.#endBytes + commit.length - this.#reservedBytes);
+        }
+      }
       await settleAll(this.#fds.map((fd) => this.#files.write(fd, commit, this.#endBytes)));
       await settleAll(this.#fds.map((fd) => this.#files.fdatasync(fd)));
     } catch (error) {

@@ -26,7 +26,7 @@
 // failed root write is (the catalog is then ahead of its file: writes are refused until a restart).
 import path from 'node:path';
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, isNoSpace } from '../core/errors.ts';
 import { chunkSizeBytes, pagedJournalCheckpointBytes } from '../core/limits.ts';
 import { type CatalogBackend, type ChunkLookup, type MapHandle, type PendingCheckpoint, type ScrubPlan, type ScrubTarget } from './catalog-backend.ts';
 import type { ChunkRun } from './chunk-map.ts';
@@ -64,11 +64,13 @@ export class PagedBackend implements CatalogBackend {
     this.#catalog = catalog;
     this.#files = files;
     this.#directory = directory;
-    // Its failure is the sticky failure (the catalog is then ahead of its file), as a checkpoint's is.
+    // Its failure is the sticky failure (the catalog is then ahead of its file), as a checkpoint's is; but on a full
+    // file system it is only not written: the old root stands with every journal after it, and the next
+    // checkpoint, whose root covers them all, removes them.
     this.#rootAfterOpen = rootAfterOpen.then(
       () => {},
       (error: unknown) => {
-        this.#failure ??= error as Error;
+        if (!isNoSpace(error)) this.#failure ??= error as Error;
       },
     );
   }
@@ -186,14 +188,15 @@ export class PagedBackend implements CatalogBackend {
     root.catch(() => {});
     return {
       encodeSeconds: (performance.now() - started) / 1000,
-      write: async (records, journal) => {
-        if (records.length > 0) await journal.append(records);
+      appendsRecords: true,
+      // A retry after a full file system starts the same generation: journal `generation` is still empty (created
+      // again), and a root of the page file whose write failed is written again whole in the same slot (page-file.ts).
+      write: async () => {
         // Its root is queued behind the open's (the catalog's queue), but the open's removal of the journals
         // that root covers must end before this one lists and removes journals itself.
         await this.#rootAfterOpen;
         if (this.#failure !== null) throw this.#failure;
-        const next = await startJournal(this.#files, this.#directory, generation, root);
-        return { journal: next, bytes };
+        return { journal: await startJournal(this.#files, this.#directory, generation, root), bytes };
       },
     };
   }

@@ -35,13 +35,13 @@
 // cache's commit of the root (pages, fdatasync, root slot, fdatasync), then the pages released before the flush
 // become reusable (PagedMaps.commit's `committed` on the space maps' page allocator). Only the part before the
 // writes holds the queue: the records after a checkpoint apply beside its write (PagedMaps.commitBeside; a failed
-// checkpoint fails every later one: `#checkpointFailure`). Chunks whose count fell to
+// checkpoint fails every later one, but for a full file system: `#checkpointFailure`). Chunks whose count fell to
 // zero wait as deferred frees in `chunks` (ChunkSpace): when they may be reused is the caller's to say
 // (deferredMark / takeDeferred / releaseTaken), since in step 4b the journal commit, not the checkpoint, makes a
 // free durable.
 import path from 'node:path';
 import { unreachable } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, isNoSpace } from '../core/errors.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import type { FileLayer } from './file-layer.ts';
@@ -437,7 +437,8 @@ export class PagedCatalog {
           this.#journalGeneration = journalGeneration;
         },
         (error: unknown) => {
-          this.#checkpointFailure ??= error as Error;
+          // A full file system is retried by the next checkpoint (PagedMaps.commitBeside).
+          if (!isNoSpace(error)) this.#checkpointFailure ??= error as Error;
           throw error;
         },
       );

@@ -61,7 +61,7 @@
 // reused and evicted between two tries would be seen as it was (reuse waits for a commit, so this needs a
 // checkpoint and an eviction within one pass).
 import { assert } from '../core/assert.ts';
-import { ChunkdError } from '../core/errors.ts';
+import { ChunkdError, isNoSpace } from '../core/errors.ts';
 import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { PageAllocator } from './page-allocator.ts';
@@ -544,7 +544,12 @@ export class PagedMaps {
   commitBeside(rootBody: () => Buffer): { sealed: Promise<void>; durable: Promise<Root> } {
     let durable: Promise<Root> | undefined;
     const sealed = this.#queue(async () => {
-      await this.#lastWrite;
+      // A write that met a full file system made nothing durable that this one does not write again whole (the
+      // cache keeps its pages dirty; the root goes to the same slot): it may be retried. Any other failure may have
+      // left pages in doubt: it fails every commit after it.
+      await this.#lastWrite.catch((error: unknown) => {
+        if (!isNoSpace(error)) throw error;
+      });
       // From here on the pages written are named by the root being committed: none may change in place.
       for (const [page, node] of this.#dirty) {
         const image = encodeNode(node);

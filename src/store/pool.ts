@@ -29,7 +29,7 @@
 import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ChunkdError, fromSystemError } from '../core/errors.ts';
+import { ChunkdError, fromSystemError, isNoSpace } from '../core/errors.ts';
 import {
   backgroundCommitIntervalMs,
   chunkSizeBytes,
@@ -217,9 +217,20 @@ export class Pool {
       // Start a fresh generation: its checkpoint absorbs the replayed journal (and drops any torn tail), and
       // writes both copies whole again, which is the repair of a damaged one.
       const generation = loaded.generation + 1;
-      const journal = await beginGeneration(files, directory, encodeCheckpoint(loaded.catalog, generation), generation).catch((error: unknown) => {
-        throw fromSystemError(error, `starting metadata generation ${generation} in ${directory}`);
-      });
+      const checkpoint = encodeCheckpoint(loaded.catalog, generation);
+      const journal = await beginGeneration(files, directory, checkpoint, generation)
+        .catch(async (error: unknown) => {
+          // A full file system: the chunks the metadata does not name (recycled by overwrites, kept for reuse) are
+          // punched first, as they are after the open anyway (safe now: the metadata read back is what is durable),
+          // and the same checkpoint is written again (the same bytes: a copy the first try wrote stays whole).
+          if (!isNoSpace(error)) throw error;
+          await Promise.all(allocator.freeExtents().map((extent) => chunkFiles.punch(extent.start, extent.count)));
+          log(`pool ${directory}: the file system was full at the open's checkpoint; the free chunks were punched first`, 'warn');
+          return beginGeneration(files, directory, checkpoint, generation);
+        })
+        .catch((error: unknown) => {
+          throw fromSystemError(error, `starting metadata generation ${generation} in ${directory}`);
+        });
       const catalog = new MemoryBackend({ catalog: loaded.catalog, refs: loaded.refs, allocator, files, directory });
       const pool = new Pool(directory, lockFd, { catalog, generation, journal, repairs: loaded.repairs.length }, chunkFiles, options);
       await pool.#chunks.punchUnused();
@@ -257,7 +268,7 @@ export class Pool {
       // Only the top at open; the free chunks below it after, beside the node's work (chunk-store.ts).
       await pool.#chunks.punchAboveHighWater();
       punchSeconds = (performance.now() - punchStarted) / 1000;
-      pool.#punching = pool.#punchInBackground(opened.backend.allocator);
+      pool.#punching = pool.#punchInBackground(opened.backend.allocator, opened.rootWritten);
     } catch (error) {
       opened.journal.close();
       await opened.backend.close().catch(() => {});
@@ -270,19 +281,37 @@ export class Pool {
     log(`pool ${directory}: opened in ${(root + replay + opened.checkpointSeconds + punchSeconds).toFixed(3)} s (root and table ${root.toFixed(3)} s, replay ${replay.toFixed(3)} s, new journal ${opened.checkpointSeconds.toFixed(3)} s, punch above the high-water mark ${punchSeconds.toFixed(3)} s; the root after the replay is written in the background)`, 'debug');
     opened.rootWritten.then(
       (seconds) => log(`pool ${directory}: the root covering the replay written in the background, ${seconds.toFixed(3)} s after the open`, 'debug'),
-      () => {}, // the backend's sticky failure: the engine reports it
+      (error: unknown) => {
+        // Else the backend's sticky failure: the engine reports it.
+        if (isNoSpace(error)) log(`pool ${directory}: the root covering the replay met a full file system (${(error as Error).message}); a later checkpoint writes it, the journals stay until then`, 'warn');
+      },
     );
     return pool;
   }
 
   /** The punch of free chunks after a paged open; a failure is a warning (the space stays used until the next open). */
-  async #punchInBackground(space: ChunkSpace): Promise<void> {
+  async #punchInBackground(space: ChunkSpace, rootWritten: Promise<unknown>): Promise<void> {
     const started = performance.now();
+    let punched = 0;
     try {
-      const punched = await this.#chunks.punchFreeInBackground(space, () => this.#closed);
+      punched = await this.#chunks.punchFreeInBackground(space, () => this.#closed);
       this.#log(`pool ${this.directory}: ${punched} free chunks punched out in the background in ${((performance.now() - started) / 1000).toFixed(3)} s`, 'debug');
     } catch (error) {
       this.#log(`punching out free chunks after the open failed: ${(error as Error).message}`, 'warn');
+    }
+    // The open met a full file system (the root after its replay not written, or no reserve for the new journal):
+    // the space given back goes to metadata first, before writes take it for data. A checkpoint writes the root,
+    // removes the journals it covers (their reserve too) and reserves the new journal's.
+    const rootFailed = await rootWritten.then(
+      () => false,
+      () => true,
+    );
+    if (punched === 0 || this.#closed || !(rootFailed || this.#engine.journalReserveShort)) return;
+    try {
+      await this.#engine.checkpoint();
+      this.#log(`pool ${this.directory}: the metadata checkpoint that the open could not write on a full file system written once free chunks were punched`);
+    } catch (error) {
+      this.#log(`the metadata checkpoint after the punch of free chunks failed: ${(error as Error).message}`, 'warn');
     }
   }
 

@@ -4,7 +4,9 @@
 // fails that commit only, shows in status, and the next commit succeeds (under writes at queue depth 32, it is met
 // by each FLUSH, not by a commit and a log line per write, and every acknowledged write survives a power cut); a
 // disk read error during a scrub is a damaged extent, not an aborted scrub, and one in a copy of the checkpoint or
-// a journal is damage read from the other copy; a failed chunk write fails that write only (also on the chunk
+// a journal is damage read from the other copy; a full file system at a checkpoint is ENOSPC too, retried until
+// space is back (a power cut meanwhile loses nothing acknowledged), a paged pool's checkpoint at close that meets
+// it leaves the journal to the next open, and a journal whose reserve ahead does not fit still takes commits; a failed chunk write fails that write only (also on the chunk
 // writer's thread). And, directly: an overwrite lands in a new physical chunk (redirect-on-write), never over the
 // chunk the metadata names. And a checkpoint asked for (POST /v1/checkpoint) is written now and counted, and its
 // failed write is a failure like the journal's.
@@ -22,7 +24,7 @@ import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
 import { ChunkWriter } from '../../src/store/chunk-writer.ts';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
-import type { OpenMode } from '../../src/store/file-layer.ts';
+import type { AllocateMode, OpenMode } from '../../src/store/file-layer.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { TestFiles, type FaultRule } from '../../src/testing/test-files.ts';
@@ -384,6 +386,26 @@ test.each(['memory', 'paged'] as const)('a recycled removal frees nothing before
   }
 });
 
+/** A power cut (`seed` picks which unsynced writes land), then volume v of the reopened pool to `check`, a 4 KiB block at a time. */
+async function readAfterPowerCut(files: PowerLossFiles, directory: string, seed: number, check: (readBlock: (block: number) => Promise<Buffer>) => Promise<void>): Promise<void> {
+  await files.cut(makeRandom(seed));
+  const reopened = await Pool.open({ directory });
+  try {
+    const volume = reopened.openVolume('v');
+    try {
+      await check(async (block) => {
+        const bytes = Buffer.alloc(4096);
+        await volume.read(block * 4096, bytes);
+        return bytes;
+      });
+    } finally {
+      await volume.close();
+    }
+  } finally {
+    await reopened.close();
+  }
+}
+
 for (const metadata of ['memory', 'paged'] as const) {
   test(`a full file system under writes at queue depth 32 (${metadata} metadata): ENOSPC to each write, FLUSH and FUA write, not a commit nor a log line per write; once space is back a flush commits, and a power cut keeps every acknowledged write`, async () => {
     const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
@@ -438,22 +460,13 @@ for (const metadata of ['memory', 'paged'] as const) {
       files.inner.freeze();
       await pool.abandon();
     }
-    await files.cut(makeRandom(7));
-    const reopened = await Pool.open({ directory });
     try {
-      const again = reopened.openVolume('v');
-      const read = Buffer.alloc(4096);
-      for (let i = 0; i < 64; i++) {
-        await again.read(i * 4096, read);
-        assert.ok(read.equals(block(2)), `block ${i}: the acknowledged overwrite, flushed once space was back`);
-      }
-      await again.read(200 * 4096, read);
-      assert.ok(read.equals(block(5)));
-      await again.read(100 * 4096, read);
-      assert.ok(read.equals(block(0)), 'a write that got ENOSPC left nothing');
-      await again.close();
+      await readAfterPowerCut(files, directory, 7, async (readBlock) => {
+        for (let i = 0; i < 64; i++) assert.ok((await readBlock(i)).equals(block(2)), `block ${i}: the acknowledged overwrite, flushed once space was back`);
+        assert.ok((await readBlock(200)).equals(block(5)));
+        assert.ok((await readBlock(100)).equals(block(0)), 'a write that got ENOSPC left nothing');
+      });
     } finally {
-      await reopened.close();
       fs.rmSync(directory, { recursive: true, force: true });
     }
   });
@@ -540,3 +553,176 @@ for (const [metadata, copy, atBytes] of [['memory', 'checkpoint.0', undefined], 
     }
   });
 }
+
+for (const metadata of ['memory', 'paged'] as const) {
+  test(`a full file system when the journal reaches its checkpoint size (${metadata} metadata): ENOSPC, not a sticky EIO; once space is back the checkpoint is written and writes go on, and a power cut keeps every acknowledged write`, async () => {
+    const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+    // A full disk for the metadata: neither the journal nor a checkpoint (its copies, or the pages and root of the
+    // paged metadata) can be written. Chunk data still can (overwrites reuse the chunks their commits free).
+    const rules: FaultRule[] = [
+      { op: 'write', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'allocate', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: 'checkpoint', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: 'metadata.', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+    ];
+    const files = new PowerLossFiles(directory, { rules });
+    const isFull = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ENOSPC';
+    const block = (value: number): Buffer => Buffer.alloc(4096, value);
+    const blocks = 64;
+    const pool = await Pool.open({ directory, files, metadata, journalCheckpointBytes: 16 * 1024, log: () => {} });
+    const expected = new Map<number, number>();
+    try {
+      await pool.createVolume('v', 16 * MiB);
+      const volume = pool.openVolume('v');
+      for (let i = 0; i < blocks; i++) await volume.write(i * 4096, block(1));
+      await volume.flush();
+      for (let i = 0; i < blocks; i++) expected.set(i, 1);
+      const checkpointsBefore = (await pool.status()).checkpointsTotal;
+      for (let index = 0; index < rules.length; index++) files.inner.arm(index);
+      // Overwrites while full: their records queue past the checkpoint size (37 bytes each, 16 KiB), and every
+      // FLUSH meets the full disk, the one that would start the new generation too.
+      for (let round = 0; round < 8; round++) {
+        for (let i = 0; i < blocks; i++) {
+          await volume.write(i * 4096, block(10 + round)).catch((error: unknown) => assert.ok(isFull(error), `a write on a full disk: ${String(error)}`));
+        }
+        await assert.rejects(volume.flush(), isFull, `a FLUSH on a full disk (round ${round})`);
+      }
+      const full = await pool.status();
+      assert.ok(rules.some((_, index) => index >= 2 && files.inner.fired(index) >= 1), 'a checkpoint met the full disk');
+      assert.equal(full.failure, null, 'a full disk is not a sticky failure');
+      assert.match(full.commitError ?? '', /no space left/);
+      assert.equal(full.checkpointsTotal, checkpointsBefore);
+      // Space again: the next flush writes the checkpoint, and writes go on.
+      for (let index = 0; index < rules.length; index++) files.inner.disarm(index);
+      for (let i = 0; i < blocks; i++) await volume.write(i * 4096, block(30));
+      await volume.flush();
+      for (let i = 0; i < blocks; i++) expected.set(i, 30);
+      const after = await pool.status();
+      assert.deepEqual([after.failure, after.commitError], [null, null]);
+      assert.ok(after.checkpointsTotal > checkpointsBefore, 'the checkpoint was written once space was back');
+      for (let i = 0; i < blocks; i += 2) await volume.write(i * 4096, block(31));
+      await volume.flush();
+      for (let i = 0; i < blocks; i += 2) expected.set(i, 31);
+      await pool.checkpoint();
+      for (let i = 1; i < blocks; i += 2) await volume.write(i * 4096, block(32));
+      await volume.flush();
+      for (let i = 1; i < blocks; i += 2) expected.set(i, 32);
+    } finally {
+      files.inner.freeze();
+      await pool.abandon();
+    }
+    try {
+      await readAfterPowerCut(files, directory, 11, async (readBlock) => {
+        for (const [i, value] of expected) {
+          const read = await readBlock(i);
+          assert.ok(read.equals(block(value)), `block ${i}: the acknowledged ${value}s, read ${read[0]}`);
+        }
+      });
+      assert.deepEqual((await fsckPool(directory)).errors, [], 'fsck finds no damage');
+    } finally {
+      fs.rmSync(directory, { recursive: true, force: true });
+    }
+  });
+}
+
+for (const metadata of ['memory', 'paged'] as const) {
+  test(`checkpoints that fail on a full file system with one metadata copy written, then a power cut (${metadata} metadata): the pool opens with every acknowledged write, fsck finds no damage`, async () => {
+    const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+    // Only the second copy is out of space: each try writes the first copy of its checkpoint (or the pages and
+    // root of the paged metadata) whole, then fails.
+    const rules: FaultRule[] = [
+      { op: 'write', path: 'journal-', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: 'checkpoint.1', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+      { op: 'write', path: 'metadata.1', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+    ];
+    const block = (value: number): Buffer => Buffer.alloc(4096, value);
+    const blocks = 64;
+    for (const seed of [3, 4]) {
+      fs.rmSync(directory, { recursive: true, force: true });
+      const files = new PowerLossFiles(directory, { rules: rules.map((rule) => ({ ...rule })) });
+      const pool = await Pool.open({ directory, files, metadata, journalCheckpointBytes: 16 * 1024, log: () => {} });
+      try {
+        await pool.createVolume('v', 16 * MiB);
+        const volume = pool.openVolume('v');
+        for (let i = 0; i < blocks; i++) await volume.write(i * 4096, block(1));
+        await volume.flush();
+        for (let index = 0; index < rules.length; index++) files.inner.arm(index);
+        for (let round = 0; round < 10; round++) {
+          for (let i = 0; i < blocks; i++) await volume.write(i * 4096, block(10 + round)).catch(() => {});
+          await volume.flush().catch(() => {});
+        }
+        assert.equal((await pool.status()).failure, null);
+        assert.ok(files.inner.fired(1) + files.inner.fired(2) >= 2, 'checkpoints failed on the second copy');
+      } finally {
+        files.inner.freeze();
+        await pool.abandon();
+      }
+      await readAfterPowerCut(files, directory, seed, async (readBlock) => {
+        for (let i = 0; i < blocks; i++) {
+          const read = await readBlock(i);
+          // The 1s were acknowledged; an overwrite never was, but its chunk was synced before any checkpoint named it.
+          assert.ok(read[0] === 1 || (read[0]! >= 10 && read[0]! < 20), `block ${i} (seed ${seed}) reads ${read[0]}`);
+          assert.ok(read.every((value) => value === read[0]), `block ${i} (seed ${seed}) is one write's bytes`);
+        }
+      });
+      assert.deepEqual((await fsckPool(directory)).errors, [], `fsck (seed ${seed})`);
+    }
+    fs.rmSync(directory, { recursive: true, force: true });
+  });
+}
+
+/** A file system with a little space left: a journal's reserve ahead (4 MiB) does not fit, a commit's few bytes do. */
+class LittleSpaceLeft extends TestFiles {
+  refused = 0;
+  override allocate(fd: number, mode: AllocateMode, offsetBytes: number, lengthBytes: number): Promise<void> {
+    if (lengthBytes <= 64 * 1024) return super.allocate(fd, mode, offsetBytes, lengthBytes);
+    this.refused += 1;
+    return Promise.reject(Object.assign(new Error('ENOSPC: fallocate (a test)'), { code: 'ENOSPC' }));
+  }
+}
+
+test('a journal whose reserve ahead does not fit on the file system still takes commits that do', async () => {
+  const files = new LittleSpaceLeft();
+  await withPool(files, async (pool) => {
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    await volume.write(0, Buffer.alloc(8192, 1));
+    await volume.flush();
+    assert.ok(files.refused >= 2, 'the reserve ahead was refused');
+    assert.deepEqual([(await pool.status()).commitError, (await pool.status()).failure], [null, null]);
+  });
+});
+
+test('a paged pool whose checkpoint at close meets a full file system closes once every commit is in the journal; the next open replays it', async () => {
+  const files = new TestFiles([{ op: 'write', path: 'metadata.', nth: 1, sticky: true, code: 'ENOSPC', armed: false }]);
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+  const lines: string[] = [];
+  try {
+    const pool = await Pool.open({ directory, files, metadata: 'paged', log: (line) => lines.push(line) });
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    await volume.write(0, Buffer.alloc(8192, 1));
+    await volume.flush();
+    await volume.write(MiB, Buffer.alloc(8192, 2)); // not flushed: the close commits it
+    await volume.close();
+    files.arm(0);
+    await pool.close();
+    assert.ok(files.fired(0) >= 1, 'the checkpoint at close met the full file system');
+    assert.ok(lines.some((line) => /the checkpoint at close met a full file system/.test(line)), lines.join('\n'));
+    const reopened = await Pool.open({ directory });
+    try {
+      const again = reopened.openVolume('v');
+      const back = Buffer.alloc(8192);
+      await again.read(0, back);
+      assert.ok(back.every((byte) => byte === 1));
+      await again.read(MiB, back);
+      assert.ok(back.every((byte) => byte === 2), 'the write the close committed');
+      await again.close();
+    } finally {
+      await reopened.close();
+    }
+    assert.deepEqual((await fsckPool(directory)).errors, []);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
