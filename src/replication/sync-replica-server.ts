@@ -17,7 +17,8 @@ import { encodeSyncSumsReply, fencedRefusalPrefix, parseSyncControl, parseSyncSu
 import type { VolumeRoles } from './roles.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
-import { chunkSizeBytes, inlineWriteBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, inlineWriteBytesMax, syncPayloadsHeldBytes } from '../core/limits.ts';
+import { SizedFreeList } from '../core/free-list.ts';
 import { TurnBatch } from '../core/turn-batch.ts';
 
 export class SyncReplicaServer {
@@ -29,6 +30,8 @@ export class SyncReplicaServer {
   /** Per volume, the session of the owner's newest syncOpen: writes of any other are refused (sync-messages.ts). */
   readonly #sessions = new Map<string, number>();
   #sessionsOpened = 0;
+  /** syncWrite payloads applied, for reuse (takePayload). */
+  readonly #payloads = new SizedFreeList(syncPayloadsHeldBytes);
   /** The syncWrites of this turn of the event loop, applied together at its end (#apply). */
   readonly #turn = new TurnBatch<PendingSyncWrite>((writes) => this.#apply(writes));
 
@@ -41,13 +44,22 @@ export class SyncReplicaServer {
   verbs(): Map<number, VerbHandler> {
     return new Map<number, VerbHandler>([
       [PeerVerb.syncOpen, (payload, context) => this.#open(payload, context)],
-      [PeerVerb.syncWrite, (payload, context) => this.#write(parseSyncWrite(payload), context)],
+      // Once the write is applied (or refused) nothing holds its payload: it is kept for a later one (takePayload).
+      [PeerVerb.syncWrite, (payload, context) => this.#write(parseSyncWrite(payload), context).finally(() => this.#payloads.put(payload))],
       [PeerVerb.syncFlush, (payload, context) => this.#flush(payload, context)],
       [PeerVerb.syncControl, (payload, context) => this.#control(parseSyncControl(payload), context)],
       [PeerVerb.syncSums, (payload, context) => this.#sums(parseSyncSums(payload), context)],
       [PeerVerb.syncRead, (payload, context) => this.#read(payload, context)],
       [PeerVerb.syncClose, (payload, context) => this.#close(payload, context)],
     ]);
+  }
+
+  /**
+   * A buffer of `size` bytes in shared memory that a syncWrite's payload had, for the peer server to gather the next
+   * bulk payload in (PeerServerOptions.bulkPayload), or undefined.
+   */
+  takePayload(size: number): Buffer | undefined {
+    return this.#payloads.take(size);
   }
 
   /** Drops the handle of a volume being removed (node.ts, before the pool removes it). */
