@@ -24,6 +24,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { connectionCloseGraceMs, peerConnectionsMax, peerHandshakeTimeoutMs, peerRequestsInFlightMax } from '../core/limits.ts';
 import { steerTlsReads } from '../nbd/steered-socket.ts';
+import { writeFrames } from './client.ts';
 import { certificateName, type TlsCredentials } from './credentials.ts';
 import {
   FrameKind, FrameReader, PeerVerb, encodeErrorFrame, encodeFrame, encodeHelloReply, negotiateVersion, parseHelloRequest,
@@ -362,26 +363,35 @@ class PeerConnection {
   #close(last: Buffer[]): void {
     this.#state = 'closing';
     this.#socket.removeAllListeners('data');
-    this.#socket.end(Buffer.concat(last));
+    // The replies queued in this turn go first.
+    const queued = this.#queued;
+    this.#queued = [];
+    this.#queuedBytes = 0;
+    this.#socket.end(Buffer.concat([...queued, ...last]));
     setTimeout(() => this.#socket.destroy(), connectionCloseGraceMs).unref();
   }
 
   #send(buffers: Buffer[]): void {
     if (this.#state === 'closing' || this.#socket.destroyed) return;
-    // The replies of one turn of the event loop leave in one writev (PeerClient's requests do the same).
-    if (!this.#corked) {
-      this.#corked = true;
-      this.#socket.cork();
-      setImmediate(this.#uncork);
+    // The replies of one turn of the event loop leave in one socket write, joined (PeerClient's requests do the
+    // same, and say why).
+    if (this.#queued.length === 0) setImmediate(this.#flushQueued);
+    for (const buffer of buffers) {
+      this.#queued.push(buffer);
+      this.#queuedBytes += buffer.length;
     }
-    for (const buffer of buffers) this.#socket.write(buffer);
   }
 
-  #corked = false;
+  #queued: Buffer[] = [];
+  #queuedBytes = 0;
 
-  readonly #uncork = (): void => {
-    this.#corked = false;
-    this.#socket.uncork();
+  readonly #flushQueued = (): void => {
+    const queued = this.#queued;
+    const bytes = this.#queuedBytes;
+    this.#queued = [];
+    this.#queuedBytes = 0;
+    if (this.#state === 'closing' || this.#socket.destroyed) return;
+    writeFrames(this.#socket, queued, bytes);
   };
 }
 
