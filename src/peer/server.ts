@@ -24,7 +24,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { connectionCloseGraceMs, peerConnectionsMax, peerHandshakeTimeoutMs, peerRequestsInFlightMax } from '../core/limits.ts';
 import { steerTlsReads } from '../nbd/steered-socket.ts';
-import { writeFrames } from './client.ts';
+import { FrameQueue } from './client.ts';
 import { certificateName, type TlsCredentials } from './credentials.ts';
 import {
   FrameKind, FrameReader, PeerVerb, encodeErrorFrame, encodeFrame, encodeHelloReply, negotiateVersion, parseHelloRequest,
@@ -364,35 +364,17 @@ class PeerConnection {
     this.#state = 'closing';
     this.#socket.removeAllListeners('data');
     // The replies queued in this turn go first.
-    const queued = this.#queued;
-    this.#queued = [];
-    this.#queuedBytes = 0;
-    this.#socket.end(Buffer.concat([...queued, ...last]));
+    this.#socket.end(Buffer.concat([...this.#out.take(), ...last]));
     setTimeout(() => this.#socket.destroy(), connectionCloseGraceMs).unref();
   }
 
   #send(buffers: Buffer[]): void {
     if (this.#state === 'closing' || this.#socket.destroyed) return;
-    // The replies of one turn of the event loop leave in one socket write, joined (PeerClient's requests do the
-    // same, and say why).
-    if (this.#queued.length === 0) setImmediate(this.#flushQueued);
-    for (const buffer of buffers) {
-      this.#queued.push(buffer);
-      this.#queuedBytes += buffer.length;
-    }
+    // The replies of one turn of the event loop leave in one socket write (FrameQueue says why).
+    for (const buffer of buffers) this.#out.push(buffer);
   }
 
-  #queued: Buffer[] = [];
-  #queuedBytes = 0;
-
-  readonly #flushQueued = (): void => {
-    const queued = this.#queued;
-    const bytes = this.#queuedBytes;
-    this.#queued = [];
-    this.#queuedBytes = 0;
-    if (this.#state === 'closing' || this.#socket.destroyed) return;
-    writeFrames(this.#socket, queued, bytes);
-  };
+  readonly #out = new FrameQueue(() => (this.#state === 'closing' || this.#socket.destroyed ? null : this.#socket));
 }
 
 function remote(socket: net.Socket): string {
