@@ -11,14 +11,6 @@ NODES=3
 # sync-nodes.sh starts the nodes from the checkout it is in: from TREE's.
 source <(sed "s#^cd .*#cd $TREE#" "$(dirname "$0")/sync-nodes.sh")
 RUNTIME=${RUNTIME:-6}
-api() { echo "--api $D/$1.api"; }
-insync() {
-  for i in $(seq 600); do
-    [ "$($C replica status $1 $(api alpha) --json | grep -c '"state": "in-sync"')" = "$2" ] && return 0
-    sleep 0.2
-  done
-  echo "replicas of $1 not in sync" >&2; exit 1
-}
 for v in none one two; do $C volume create $v --size 1GiB $(api alpha) >/dev/null; done
 $C replica add one --peer 127.0.0.1:$PB --sync $(api alpha) >/dev/null
 $C replica add two --peer 127.0.0.1:$PB --sync $(api alpha) >/dev/null
