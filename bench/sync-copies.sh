@@ -12,14 +12,6 @@
 NODES=3
 source "$(dirname "$0")/sync-nodes.sh"
 ROUNDS=${ROUNDS:-3}; RUNTIME=${RUNTIME:-8}; SIZE=${SIZE:-512}
-api() { echo "--api $D/$1.api"; }
-insync() {
-  for i in $(seq 600); do
-    [ "$($C replica status $1 $(api alpha) --json | grep -c '"state": "in-sync"')" = "$2" ] && return 0
-    sleep 0.2
-  done
-  echo "replicas of $1 not in sync" >&2; exit 1
-}
 if [ "${ONLY:-}" != resync ]; then
 for v in none one two; do $C volume create $v --size 1GiB $(api alpha) >/dev/null; done
 $C replica add one --peer 127.0.0.1:$PB --sync $(api alpha) >/dev/null

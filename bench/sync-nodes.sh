@@ -1,6 +1,7 @@
-# Sourced by bench/sync-replicas.sh, bench/sync-resync.sh and bench/sync-copies.sh: two nodes, alpha and beta (and
-# gamma with NODES=3), on loopback with mutual-TLS peer ports; sets D (their scratch directory, removed at exit), C
-# (the CLI), PA, PB and PC (the peer ports).
+# Sourced by bench/sync-replicas.sh, bench/sync-resync.sh, bench/sync-copies.sh and bench/sync-cpu.sh: two nodes,
+# alpha and beta (and gamma with NODES=3), on loopback with mutual-TLS peer ports; sets D (their scratch directory,
+# removed at exit), C (the CLI), PA, PB and PC (the peer ports); api NODE gives a node's --api, insync VOLUME N
+# waits until N replicas of VOLUME are in sync.
 set -e
 cd "$(dirname "$0")/.."
 export PATH=$PWD/node_modules/.bin:$PATH
@@ -20,3 +21,11 @@ fi
 trap "kill $A $B $G 2>/dev/null; sleep 1; rm -rf $D" EXIT
 for i in $(seq 50); do [ -S $D/alpha.api ] && [ -S $D/beta.api ] && { [ -z "$G" ] || [ -S $D/gamma.api ]; } && break; sleep 0.2; done
 sleep 1
+api() { echo "--api $D/$1.api"; }
+insync() {
+  for i in $(seq 600); do
+    [ "$($C replica status $1 $(api alpha) --json | grep -c '"state": "in-sync"')" = "$2" ] && return 0
+    sleep 0.2
+  done
+  echo "replicas of $1 not in sync" >&2; exit 1
+}

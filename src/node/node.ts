@@ -269,7 +269,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
           log: config.log,
           handshakeTimeoutMs: config.peer.handshakeTimeoutMs,
           verbs: new Map([...replicaServer.verbs(), ...node.#syncServer.verbs(), [PeerVerb.volumeCreate, (payload, context) => node.#createForPeer(payload, context.peerName)]]),
-          bulkPayload: replicaServer.bulkPayload,
+          bulkPayload: (size) => node.#syncServer!.takePayload(size) ?? replicaServer.bulkPayload(size),
         });
         await node.#peer.listen(config.peer.listen.host, config.peer.listen.port);
         config.log(`peer port ${node.#peer.addresses().join(' ')}: node ${peerCredentials.name}, mutual TLS with the CA in ${peerCredentials.directory}, ${config.peer.allow === null ? 'any peer the CA signed' : `peers ${config.peer.allow.join(', ')} only`}`);

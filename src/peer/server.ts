@@ -24,6 +24,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { connectionCloseGraceMs, peerConnectionsMax, peerHandshakeTimeoutMs, peerRequestsInFlightMax } from '../core/limits.ts';
 import { steerTlsReads } from '../nbd/steered-socket.ts';
+import { FrameQueue } from './client.ts';
 import { certificateName, type TlsCredentials } from './credentials.ts';
 import {
   FrameKind, FrameReader, PeerVerb, encodeErrorFrame, encodeFrame, encodeHelloReply, negotiateVersion, parseHelloRequest,
@@ -362,27 +363,18 @@ class PeerConnection {
   #close(last: Buffer[]): void {
     this.#state = 'closing';
     this.#socket.removeAllListeners('data');
-    this.#socket.end(Buffer.concat(last));
+    // The replies queued in this turn go first.
+    this.#socket.end(Buffer.concat([...this.#out.take(), ...last]));
     setTimeout(() => this.#socket.destroy(), connectionCloseGraceMs).unref();
   }
 
   #send(buffers: Buffer[]): void {
     if (this.#state === 'closing' || this.#socket.destroyed) return;
-    // The replies of one turn of the event loop leave in one writev (PeerClient's requests do the same).
-    if (!this.#corked) {
-      this.#corked = true;
-      this.#socket.cork();
-      setImmediate(this.#uncork);
-    }
-    for (const buffer of buffers) this.#socket.write(buffer);
+    // The replies of one turn of the event loop leave in one socket write (FrameQueue says why).
+    for (const buffer of buffers) this.#out.push(buffer);
   }
 
-  #corked = false;
-
-  readonly #uncork = (): void => {
-    this.#corked = false;
-    this.#socket.uncork();
-  };
+  readonly #out = new FrameQueue(() => (this.#state === 'closing' || this.#socket.destroyed ? null : this.#socket));
 }
 
 function remote(socket: net.Socket): string {

@@ -230,8 +230,8 @@ export class StreamReceiver {
       const bytes = batchBytes;
       batch = [];
       batchBytes = 0;
-      // writeExtents copies the bytes before its first await: the piece they are in may be reused at once.
-      await issue(last.offsetBytes + last.data.length, bytes, (target) => target.writeExtents(extents), null);
+      // writeMany copies the bytes before its first await: the piece they are in may be reused at once.
+      await issue(last.offsetBytes + last.data.length, bytes, (target) => target.writeMany(extents), null);
     };
     try {
       volume = this.#pool.openVolumeForReceive(volumeName);
@@ -246,7 +246,7 @@ export class StreamReceiver {
               break;
             case 'data': {
               // Small records (a random writer's scattered 4 KiB chunks) are gathered and written together,
-              // one fresh run and one write for many (Volume.writeExtents); big ones go as they are, uncopied.
+              // one fresh run and one write for many (Volume.writeMany); big ones go as they are, uncopied.
               if (record.data.length < receiveBatchRecordBytesMax) {
                 batch.push({ offsetBytes: record.offsetBytes, data: record.data });
                 batchBytes += record.data.length;

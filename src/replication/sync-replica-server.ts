@@ -17,7 +17,9 @@ import { encodeSyncSumsReply, fencedRefusalPrefix, parseSyncControl, parseSyncSu
 import type { VolumeRoles } from './roles.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
-import { chunkSizeBytes } from '../core/limits.ts';
+import { chunkSizeBytes, inlineWriteBytesMax, syncPayloadsHeldBytes } from '../core/limits.ts';
+import { SizedFreeList } from '../core/free-list.ts';
+import { TurnBatch } from '../core/turn-batch.ts';
 
 export class SyncReplicaServer {
   readonly #pool: Pool;
@@ -28,6 +30,10 @@ export class SyncReplicaServer {
   /** Per volume, the session of the owner's newest syncOpen: writes of any other are refused (sync-messages.ts). */
   readonly #sessions = new Map<string, number>();
   #sessionsOpened = 0;
+  /** syncWrite payloads applied, for reuse (takePayload). */
+  readonly #payloads = new SizedFreeList(syncPayloadsHeldBytes);
+  /** The syncWrites of this turn of the event loop, applied together at its end (#apply). */
+  readonly #turn = new TurnBatch<PendingSyncWrite>((writes) => this.#apply(writes));
 
   constructor(pool: Pool, roles: VolumeRoles, log: Log) {
     this.#pool = pool;
@@ -38,13 +44,22 @@ export class SyncReplicaServer {
   verbs(): Map<number, VerbHandler> {
     return new Map<number, VerbHandler>([
       [PeerVerb.syncOpen, (payload, context) => this.#open(payload, context)],
-      [PeerVerb.syncWrite, (payload, context) => this.#write(parseSyncWrite(payload), context)],
+      // Once the write is applied (or refused) nothing holds its payload: it is kept for a later one (takePayload).
+      [PeerVerb.syncWrite, (payload, context) => this.#write(parseSyncWrite(payload), context).finally(() => this.#payloads.put(payload))],
       [PeerVerb.syncFlush, (payload, context) => this.#flush(payload, context)],
       [PeerVerb.syncControl, (payload, context) => this.#control(parseSyncControl(payload), context)],
       [PeerVerb.syncSums, (payload, context) => this.#sums(parseSyncSums(payload), context)],
       [PeerVerb.syncRead, (payload, context) => this.#read(payload, context)],
       [PeerVerb.syncClose, (payload, context) => this.#close(payload, context)],
     ]);
+  }
+
+  /**
+   * A buffer of `size` bytes in shared memory that a syncWrite's payload had, for the peer server to gather the next
+   * bulk payload in (PeerServerOptions.bulkPayload), or undefined.
+   */
+  takePayload(size: number): Buffer | undefined {
+    return this.#payloads.take(size);
   }
 
   /** Drops the handle of a volume being removed (node.ts, before the pool removes it). */
@@ -86,11 +101,58 @@ export class SyncReplicaServer {
     if (request.offsetBytes + request.lengthBytes > handle.sizeBytes) {
       throw ChunkdError.invalid(`a synchronous write to ${request.volume} at ${request.offsetBytes} (${request.lengthBytes} bytes) ends past its ${handle.sizeBytes} bytes`);
     }
-    const options = { fua: request.fua };
-    if (request.op === SyncOp.write) await handle.write(request.offsetBytes, request.data!, options);
-    else if (request.op === SyncOp.trim) await handle.trim(request.offsetBytes, request.lengthBytes, options);
-    else await handle.writeZeroes(request.offsetBytes, request.lengthBytes, { ...options, noHole: request.noHole });
+    const { promise, resolve, reject } = Promise.withResolvers<void>();
+    this.#turn.add({ handle, request, resolve, reject });
+    await promise;
     return {};
+  }
+
+  /**
+   * APPLY, the writes one turn of the event loop brought in (the owner sends a burst in one writev), in the order
+   * they came: adjacent small plain writes of one volume that share no chunk go to the volume as one (writeMany:
+   * one fresh run, one pwrite, where each write alone costs a pwrite handed to libuv's pool and back, most of a
+   * replicated 4 KiB write's CPU here); any other (FUA, trim, write zeroes, a large or partial write) alone. Each is
+   * started here in arrival order, and the volume's range lock grants overlapping requests in the order they were
+   * asked, so overlapping writes still land in the order the owner sent them (it never sends two at once anyway: its
+   * own range lock holds a write's chunks until every replica has answered).
+   */
+  #apply(writes: PendingSyncWrite[]): void {
+    let group: PendingSyncWrite[] = [];
+    let groupBytes = 0;
+    const startGroup = (): void => {
+      if (group.length === 0) return;
+      const members = group;
+      group = [];
+      groupBytes = 0;
+      const done = members.length === 1
+        ? members[0]!.handle.write(members[0]!.request.offsetBytes, members[0]!.request.data!)
+        : members[0]!.handle.writeMany(members.map(({ request }) => ({ offsetBytes: request.offsetBytes, data: request.data! })));
+      done.then(() => { for (const member of members) member.resolve(); }, (error: unknown) => { for (const member of members) member.reject(error); });
+    };
+    for (const write of writes) {
+      const { handle, request } = write;
+      // The handle was closed in this turn (the volume removed here, or resized or rolled back by a request that
+      // came after this write, which the owner never sends with a write in flight).
+      if (this.#handles.get(request.volume) !== handle) {
+        write.reject(ChunkdError.io(`the synchronous replica ${request.volume} here was closed before a write to it was applied`));
+        continue;
+      }
+      if (isBatchable(request)) {
+        const fits = group.length === 0 || (group[0]!.handle === handle && groupBytes + request.lengthBytes <= syncApplyBatchBytesMax
+          && group.every((other) => !overlaps(other.request, request)));
+        if (!fits) startGroup();
+        group.push(write);
+        groupBytes += request.lengthBytes;
+        continue;
+      }
+      startGroup();
+      const options = { fua: request.fua };
+      const done = request.op === SyncOp.write ? handle.write(request.offsetBytes, request.data!, options)
+        : request.op === SyncOp.trim ? handle.trim(request.offsetBytes, request.lengthBytes, options)
+          : handle.writeZeroes(request.offsetBytes, request.lengthBytes, { ...options, noHole: request.noHole });
+      done.then(write.resolve, write.reject);
+    }
+    startGroup();
   }
 
   async #flush(payload: Buffer, context: PeerRequestContext): Promise<object> {
@@ -196,6 +258,26 @@ export class SyncReplicaServer {
       ? ChunkdError.readOnly(`${fencedRefusalPrefix}${peer} writes ${volume} at ownership epoch ${epoch}, but this replica follows ${role.owner} at epoch ${role.epoch}`)
       : ChunkdError.readOnly(`volume ${volume} on this node is a replica of ${role.owner} at epoch ${role.epoch}, not of ${peer} at epoch ${epoch}${epoch > role.epoch ? ' (syncOpen first)' : ''}`);
   }
+}
+
+interface PendingSyncWrite {
+  handle: Volume;
+  request: SyncWriteRequest;
+  resolve: () => void;
+  reject: (error: unknown) => void;
+}
+
+/** The most bytes of small writes #apply gives the volume as one (what the store writes on its own thread: limits.ts). */
+const syncApplyBatchBytesMax = inlineWriteBytesMax;
+
+/** A plain write of whole chunks, small enough to share a run with others (a large one is its own batch already). */
+function isBatchable(request: SyncWriteRequest): boolean {
+  return request.op === SyncOp.write && !request.fua && request.lengthBytes > 0 && request.lengthBytes <= syncApplyBatchBytesMax / 4
+    && request.offsetBytes % chunkSizeBytes === 0 && request.lengthBytes % chunkSizeBytes === 0;
+}
+
+function overlaps(a: SyncWriteRequest, b: SyncWriteRequest): boolean {
+  return a.offsetBytes < b.offsetBytes + b.lengthBytes && b.offsetBytes < a.offsetBytes + a.lengthBytes;
 }
 
 /**

@@ -485,6 +485,11 @@ export class SyncReplication {
   }
 }
 
+interface Unanswered {
+  deadlineMs: number;
+  reject: (error: unknown) => void;
+}
+
 /** One synchronous replica of a volume: its connection, state and dirty map. */
 class SyncLink {
   readonly settings: SyncReplicaSettings;
@@ -546,21 +551,47 @@ class SyncLink {
     return this.dirty.sorted().filter((region) => !this.copied.has(region));
   }
 
-  /** Sends a request on the link's connection; no answer within the link's timeout is an error. */
-  async send(verb: number, payload: Buffer | Buffer[]): Promise<Buffer> {
+  /**
+   * Sends a request on the link's connection; no answer within the link's timeout is an error. One timer for the
+   * link, at the oldest unanswered request's deadline (#watch), not one set and cleared per request: on the write
+   * path of every replicated write.
+   */
+  send(verb: number, payload: Buffer | Buffer[]): Promise<Buffer> {
     const client = this.client;
-    if (client === null) throw ChunkdError.io(`not connected to ${this.settings.peer}`);
+    if (client === null) return Promise.reject(ChunkdError.io(`not connected to ${this.settings.peer}`));
     this.requestsTotal += 1;
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_resolve, reject) => {
-      timer = setTimeout(() => reject(ChunkdError.io(`the synchronous replica on ${this.settings.peer} did not answer within ${this.settings.timeoutMs} ms`)), this.settings.timeoutMs);
+    const { promise, resolve, reject } = Promise.withResolvers<Buffer>();
+    const entry: Unanswered = { deadlineMs: performance.now() + this.settings.timeoutMs, reject };
+    this.#unanswered.add(entry);
+    if (this.#watchdog === null) this.#watch();
+    client.request(verb, payload).then((reply) => {
+      this.#unanswered.delete(entry);
+      resolve(reply);
+    }, (error: unknown) => {
+      this.#unanswered.delete(entry);
+      reject(error);
     });
-    try {
-      return await Promise.race([client.request(verb, payload), timeout]);
-    } finally {
-      clearTimeout(timer);
-    }
+    return promise;
   }
+
+  /** Requests sent and not answered, oldest first (a Set keeps the order they were added in). */
+  readonly #unanswered = new Set<Unanswered>();
+  #watchdog: NodeJS.Timeout | null = null;
+
+  /** Fails the requests past their deadline, and sets the timer for the oldest one left (none: no timer). */
+  readonly #watch = (): void => {
+    this.#watchdog = null;
+    const nowMs = performance.now();
+    for (const entry of this.#unanswered) {
+      if (entry.deadlineMs > nowMs) {
+        this.#watchdog = setTimeout(this.#watch, entry.deadlineMs - nowMs);
+        this.#watchdog.unref();
+        return;
+      }
+      this.#unanswered.delete(entry);
+      entry.reject(ChunkdError.io(`the synchronous replica on ${this.settings.peer} did not answer within ${this.settings.timeoutMs} ms`));
+    }
+  };
 
   disconnect(): void {
     this.client?.close();
@@ -732,12 +763,15 @@ class SyncVolume {
    * sync here (one that fell out, or any at start, when what etcd has is unknown): the set is written first.
    */
   async #recordIfStale(): Promise<void> {
+    if (this.#recordIsStale()) await this.#record();
+  }
+
+  /** Whether etcd may record in sync a replica that is not (or what it records is unknown): step 5's test. */
+  #recordIsStale(): boolean {
     const recorded = this.#recorded;
-    if (recorded !== null) {
-      const inSync = new Set(this.#inSyncNames());
-      if ([...recorded].every((name) => inSync.has(name))) return;
-    }
-    await this.#record();
+    if (recorded === null) return true;
+    for (const name of recorded) if (!this.#links.some((link) => link.state === 'in-sync' && link.peerName === name)) return true;
+    return false;
   }
 
   /** Writes the in-sync set to etcd as it is when the write starts; callers whose change is not taken yet share one. */
@@ -799,7 +833,7 @@ class SyncVolume {
       const followed = following.map(send);
       let localError: unknown = null;
       await local().catch((error: unknown) => (localError = error));
-      for (const [index, error] of (await Promise.all(followed)).entries()) {
+      for (const [index, error] of (followed.length === 0 ? [] : await Promise.all(followed)).entries()) {
         const link = following[index]!;
         if (error === null && localError === null) continue;
         // The regions are copied again (they are dirty still: a resync clears the dirty map only when done), on a
@@ -807,9 +841,10 @@ class SyncVolume {
         link.markDirty(first, end);
         link.disconnect();
       }
-      await this.#settle(targets, await Promise.all(answers), localError !== null);
+      const errors = await Promise.all(answers);
+      if (localError !== null || errors.some((error) => error !== null) || this.#fenced !== null) await this.#settle(targets, errors, localError !== null);
       if (localError !== null) throw localError;
-      await this.#recordIfStale();
+      if (this.#recordIsStale()) await this.#record();
     } finally {
       this.#activity.end(firstExtent, endExtent);
       this.#recent.end(first, end);

@@ -115,49 +115,48 @@ export class Volume implements BlockDevice {
   }
 
   /**
-   * Writes several extents of whole chunks, in increasing order and not overlapping (a replication stream's
-   * scattered records), as one write: their chunks go side by side into one fresh physical run (one pwrite, one
-   * hand-off to the I/O thread, not one per 4 KiB record), then each extent's mapping is recorded with its
-   * chunks' checksums, as `write` records one. The bytes are copied before the first await, so the caller may
-   * reuse the extents' buffers once this returns its promise. Holds one lock from the first extent to the last.
+   * Several whole-chunk writes that do not share a chunk, as one: one fresh physical run for all their chunks, one
+   * write of the file, one map record each, with its own chunks' checksums, as `write` records one. Each small
+   * write's own pwrite and thread hand-off is most of its CPU: a synchronous replica applies the writes one turn of
+   * its peer connection brought in so (replication/sync-replica-server.ts), a replication receiver a stream's
+   * scattered small records (replication/receive.ts). The bytes are copied before the first await, so the caller
+   * may reuse the writes' buffers once this returns its promise. Every range is asked of the lock at once, so the
+   * batch is ordered against single writes as they were asked. All succeed or all fail; none with FUA (the caller
+   * flushes).
    */
-  async writeExtents(extents: ReadonlyArray<{ offsetBytes: number; data: Buffer }>): Promise<void> {
-    assert(extents.length > 0);
+  async writeMany(writes: ReadonlyArray<{ offsetBytes: number; data: Buffer }>): Promise<void> {
+    assert(writes.length > 0, 'writeMany: at least one write');
+    const sorted = [...writes].sort((a, b) => a.offsetBytes - b.offsetBytes);
     let totalBytes = 0;
-    let previousEnd = 0;
-    for (const extent of extents) {
-      this.#assertRange(extent.offsetBytes, extent.data.length);
-      assert(extent.offsetBytes % chunkSizeBytes === 0 && extent.data.length % chunkSizeBytes === 0 && extent.data.length > 0, 'writeExtents takes whole chunks');
-      assert(extent.offsetBytes >= previousEnd, 'writeExtents takes extents in increasing order, not overlapping');
-      previousEnd = extent.offsetBytes + extent.data.length;
-      totalBytes += extent.data.length;
+    for (const [index, { offsetBytes, data }] of sorted.entries()) {
+      this.#assertRange(offsetBytes, data.length);
+      assert(offsetBytes % chunkSizeBytes === 0 && data.length % chunkSizeBytes === 0 && data.length > 0, 'writeMany: whole chunks');
+      assert(index === 0 || sorted[index - 1]!.offsetBytes + sorted[index - 1]!.data.length <= offsetBytes, 'writeMany: writes that share no chunk');
+      totalBytes += data.length;
     }
-    const payload = Buffer.allocUnsafe(totalBytes);
-    let at = 0;
-    for (const extent of extents) at += extent.data.copy(payload, at);
+    const payload = Buffer.concat(sorted.map((write) => write.data), totalBytes);
     this.#store.metadata.checkHealthy();
-    const first = extents[0]!.offsetBytes;
-    const release = await this.#lock(first, previousEnd - first, true);
+    // Every range asked for now, before any is waited for: the lock grants overlapping requests first come, first
+    // served, so this batch is ordered against writes asked for before and after it as a single write would be.
+    const locks = sorted.map(({ offsetBytes, data }) => this.#lock(offsetBytes, data.length, true));
+    const releases: Release[] = [];
     try {
+      for (const lock of locks) releases.push(lock instanceof Promise ? await lock : lock);
       this.#checkWritable();
       const written = await this.#store.chunks.write(payload);
       let chunk = 0;
-      for (const extent of extents) {
-        const count = extent.data.length / chunkSizeBytes;
+      for (const { offsetBytes, data } of sorted) {
+        const count = data.length / chunkSizeBytes;
         this.#store.metadata.record({
-          type: 'map',
-          volumeId: this.#runtime.meta.id,
-          virtualChunk: extent.offsetBytes / chunkSizeBytes,
-          physicalChunk: written.physicalChunk + chunk,
-          chunkCount: count,
-          sums: written.sums.subarray(chunk, chunk + count),
+          type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: offsetBytes / chunkSizeBytes, physicalChunk: written.physicalChunk + chunk, chunkCount: count,
+          sums: written.sums.slice(chunk, chunk + count),
         });
         chunk += count;
       }
     } catch (error) {
-      throw fromSystemError(error, `write to volume ${this.name} at ${first}`);
+      throw fromSystemError(error, `write of ${sorted.length} ranges to volume ${this.name} from ${sorted[0]!.offsetBytes}`);
     } finally {
-      release();
+      for (const release of releases) release();
     }
     this.#checkAcknowledge();
   }
