@@ -166,16 +166,7 @@ export class Volume implements BlockDevice {
     try {
       for (const lock of locks) releases.push(lock instanceof Promise ? await lock : lock);
       this.#checkWritable();
-      const written = await this.#store.chunks.write(payload);
-      let chunk = 0;
-      for (const { offsetBytes, data } of sorted) {
-        const count = data.length / chunkSizeBytes;
-        this.#store.metadata.record({
-          type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: offsetBytes / chunkSizeBytes, physicalChunk: written.physicalChunk + chunk, chunkCount: count,
-          sums: written.sums.slice(chunk, chunk + count),
-        });
-        chunk += count;
-      }
+      await this.#writeRun(sorted, payload);
     } catch (error) {
       throw fromSystemError(error, `write of ${sorted.length} ranges to volume ${this.name} from ${sorted[0]!.offsetBytes}`);
     } finally {
@@ -228,16 +219,7 @@ export class Volume implements BlockDevice {
       for (const { lock } of group) releases.push(lock instanceof Promise ? await lock : lock);
       this.#checkWritable();
       const sorted = [...group].sort((a, b) => a.offsetBytes - b.offsetBytes);
-      const written = await this.#store.chunks.write(sorted.length === 1 ? sorted[0]!.data : Buffer.concat(sorted.map((write) => write.data)));
-      let chunk = 0;
-      for (const { offsetBytes, data } of sorted) {
-        const count = data.length / chunkSizeBytes;
-        this.#store.metadata.record({
-          type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: offsetBytes / chunkSizeBytes, physicalChunk: written.physicalChunk + chunk, chunkCount: count,
-          sums: written.sums.slice(chunk, chunk + count),
-        });
-        chunk += count;
-      }
+      await this.#writeRun(sorted, sorted.length === 1 ? sorted[0]!.data : Buffer.concat(sorted.map((write) => write.data)));
     } catch (error) {
       for (const release of releases) release();
       // A lock not yet granted when another failed: released once granted, so no later request waits on it forever.
@@ -312,6 +294,20 @@ export class Volume implements BlockDevice {
     const first = Math.floor(offsetBytes / chunkSizeBytes);
     const end = Math.ceil((offsetBytes + lengthBytes) / chunkSizeBytes);
     return this.#runtime.lock.acquire(first, end, exclusive);
+  }
+
+  /** Whole-chunk writes sorted by offset, sharing no chunk, as one fresh run (`payload`, their bytes in that order): one map record each, with its own chunks' checksums. */
+  async #writeRun(sorted: ReadonlyArray<{ offsetBytes: number; data: Buffer }>, payload: Buffer): Promise<void> {
+    const written = await this.#store.chunks.write(payload);
+    let chunk = 0;
+    for (const { offsetBytes, data } of sorted) {
+      const count = data.length / chunkSizeBytes;
+      this.#store.metadata.record({
+        type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: offsetBytes / chunkSizeBytes, physicalChunk: written.physicalChunk + chunk, chunkCount: count,
+        sums: written.sums.slice(chunk, chunk + count),
+      });
+      chunk += count;
+    }
   }
 
   /** Trim (noHole false) or zero-write with NO_HOLE: whole chunks are unmapped or zeroed, partial ends zero-written. */
