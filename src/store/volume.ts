@@ -18,7 +18,7 @@ import { assert } from '../core/assert.ts';
 import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { settleAll } from '../core/settle.ts';
-import { blockStatusExtentsMax, chunkSizeBytes } from '../core/limits.ts';
+import { blockStatusExtentsMax, chunkSizeBytes, inlineWriteBytesMax } from '../core/limits.ts';
 import type { ChunkLookup, MapHandle, SnapshotView, VolumeView } from './catalog-backend.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import type { ChunkStore } from './chunk-store.ts';
@@ -54,6 +54,18 @@ export interface VolumeRuntime extends ExportRuntime {
 /** Source of the bytes written at absolute volume offsets [start, end). */
 type ByteSource = (start: number, end: number) => Buffer;
 
+/** A small plain write held to the end of its turn, its chunks already asked of the range lock. */
+interface TurnWrite {
+  offsetBytes: number;
+  data: Buffer;
+  lock: Release | Promise<Release>;
+  resolve: () => void;
+  reject: (error: unknown) => void;
+}
+
+/** The most bytes of a turn's small writes written as one run (what the store writes on its own thread: limits.ts). */
+const turnBatchBytesMax = inlineWriteBytesMax;
+
 export class Volume implements BlockDevice {
   readonly readOnly = false;
   readonly #store: VolumeStore;
@@ -62,6 +74,10 @@ export class Volume implements BlockDevice {
 
   /** The stream receiver's handle writes past the volume's write block (it is what feeds a replica). */
   readonly #receiver: boolean;
+
+  /** True from a turn's first small plain write until the turn ends (setImmediate): later ones wait in #turnWrites. */
+  #turnOpen = false;
+  #turnWrites: TurnWrite[] = [];
 
   constructor(store: VolumeStore, runtime: VolumeRuntime, receiver = false) {
     this.#store = store;
@@ -98,6 +114,13 @@ export class Volume implements BlockDevice {
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
     this.#assertRange(offsetBytes, data.length);
     this.#store.metadata.checkHealthy();
+    if (options?.fua !== true && isTurnBatchable(offsetBytes, data.length)) {
+      if (this.#turnOpen) return this.#holdForTurn(offsetBytes, data);
+      // A turn's first small write goes now, as it always has (a lone write, QD1, waits for nothing); the turn's
+      // later ones are written together when it ends.
+      this.#turnOpen = true;
+      setImmediate(this.#endTurn);
+    }
     if (data.length > 0) {
       const release = await this.#lock(offsetBytes, data.length, true);
       try {
@@ -143,22 +166,78 @@ export class Volume implements BlockDevice {
     try {
       for (const lock of locks) releases.push(lock instanceof Promise ? await lock : lock);
       this.#checkWritable();
-      const written = await this.#store.chunks.write(payload);
-      let chunk = 0;
-      for (const { offsetBytes, data } of sorted) {
-        const count = data.length / chunkSizeBytes;
-        this.#store.metadata.record({
-          type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: offsetBytes / chunkSizeBytes, physicalChunk: written.physicalChunk + chunk, chunkCount: count,
-          sums: written.sums.slice(chunk, chunk + count),
-        });
-        chunk += count;
-      }
+      await this.#writeRun(sorted, payload);
     } catch (error) {
       throw fromSystemError(error, `write of ${sorted.length} ranges to volume ${this.name} from ${sorted[0]!.offsetBytes}`);
     } finally {
       for (const release of releases) release();
     }
     this.#checkAcknowledge();
+  }
+
+  /**
+   * A small plain whole-chunk write after the first of its turn: its chunks are asked of the range lock now, in
+   * arrival order (so it is ordered against every request as `write` would be), and it is written with the turn's
+   * others when the turn ends (#endTurn), acknowledged once that write is done and its map record made: the same
+   * durability as a lone write (page cache, recorded, durable at the next flush).
+   */
+  #holdForTurn(offsetBytes: number, data: Buffer): Promise<void> {
+    const { promise, resolve, reject } = Promise.withResolvers<void>();
+    this.#turnWrites.push({ offsetBytes, data, lock: this.#lock(offsetBytes, data.length, true), resolve, reject });
+    return promise;
+  }
+
+  /**
+   * The turn's held writes, in arrival order, cut into groups of writes that share no chunk (a write that shares
+   * one with an earlier write of the group starts the next group, and waits in the lock for that group to be done),
+   * each group one fresh run, one write of the file, one map record per write (#writeGroup).
+   */
+  readonly #endTurn = (): void => {
+    this.#turnOpen = false;
+    const writes = this.#turnWrites;
+    if (writes.length === 0) return;
+    this.#turnWrites = [];
+    let group: TurnWrite[] = [];
+    let groupBytes = 0;
+    for (const write of writes) {
+      const fits = groupBytes + write.data.length <= turnBatchBytesMax && group.every((other) => !sharesChunk(other, write));
+      if (!fits) {
+        void this.#writeGroup(group);
+        group = [];
+        groupBytes = 0;
+      }
+      group.push(write);
+      groupBytes += write.data.length;
+    }
+    void this.#writeGroup(group);
+  };
+
+  /** Writes a group of held whole-chunk writes that share no chunk as one run; settles each write's promise. */
+  async #writeGroup(group: TurnWrite[]): Promise<void> {
+    const releases: Release[] = [];
+    try {
+      for (const { lock } of group) releases.push(lock instanceof Promise ? await lock : lock);
+      this.#checkWritable();
+      const sorted = [...group].sort((a, b) => a.offsetBytes - b.offsetBytes);
+      await this.#writeRun(sorted, sorted.length === 1 ? sorted[0]!.data : Buffer.concat(sorted.map((write) => write.data)));
+    } catch (error) {
+      for (const release of releases) release();
+      // A lock not yet granted when another failed: released once granted, so no later request waits on it forever.
+      for (const { lock } of group.slice(releases.length)) void Promise.resolve(lock).then((release) => release());
+      for (const write of group) write.reject(fromSystemError(error, `write to volume ${this.name} at ${write.offsetBytes}`));
+      return;
+    }
+    for (const release of releases) release();
+    let refusal: unknown = null;
+    try {
+      this.#checkAcknowledge();
+    } catch (error) {
+      refusal = error;
+    }
+    for (const write of group) {
+      if (refusal === null) write.resolve();
+      else write.reject(refusal);
+    }
   }
 
   async trim(offsetBytes: number, lengthBytes: number, options?: WriteOptions): Promise<void> {
@@ -215,6 +294,20 @@ export class Volume implements BlockDevice {
     const first = Math.floor(offsetBytes / chunkSizeBytes);
     const end = Math.ceil((offsetBytes + lengthBytes) / chunkSizeBytes);
     return this.#runtime.lock.acquire(first, end, exclusive);
+  }
+
+  /** Whole-chunk writes sorted by offset, sharing no chunk, as one fresh run (`payload`, their bytes in that order): one map record each, with its own chunks' checksums. */
+  async #writeRun(sorted: ReadonlyArray<{ offsetBytes: number; data: Buffer }>, payload: Buffer): Promise<void> {
+    const written = await this.#store.chunks.write(payload);
+    let chunk = 0;
+    for (const { offsetBytes, data } of sorted) {
+      const count = data.length / chunkSizeBytes;
+      this.#store.metadata.record({
+        type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: offsetBytes / chunkSizeBytes, physicalChunk: written.physicalChunk + chunk, chunkCount: count,
+        sums: written.sums.slice(chunk, chunk + count),
+      });
+      chunk += count;
+    }
   }
 
   /** Trim (noHole false) or zero-write with NO_HOLE: whole chunks are unmapped or zeroed, partial ends zero-written. */
@@ -285,6 +378,15 @@ export class Volume implements BlockDevice {
     const written = await this.#store.chunks.zero(chunkCount);
     this.#store.metadata.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: firstChunk, physicalChunk: written.physicalChunk, chunkCount, sums: written.sums });
   }
+}
+
+/** A plain write small enough to share a run with a turn's others, of whole chunks (a large one is a batch already). */
+function isTurnBatchable(offsetBytes: number, lengthBytes: number): boolean {
+  return lengthBytes > 0 && lengthBytes <= turnBatchBytesMax / 4 && offsetBytes % chunkSizeBytes === 0 && lengthBytes % chunkSizeBytes === 0;
+}
+
+function sharesChunk(a: { offsetBytes: number; data: Buffer }, b: { offsetBytes: number; data: Buffer }): boolean {
+  return a.offsetBytes < b.offsetBytes + b.data.length && b.offsetBytes < a.offsetBytes + a.data.length;
 }
 
 /** A snapshot as a read-only BlockDevice: its map never changes while it exists, so reads need no lock. */

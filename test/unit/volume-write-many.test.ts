@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'vitest';
 import { Pool } from '../../src/store/pool.ts';
+import type { Volume } from '../../src/store/volume.ts';
 import { testPoolOptions } from '../../src/testing/test-metadata.ts';
 
 const volumeBytes = 1024 * 1024;
@@ -18,12 +19,27 @@ function pattern(length: number, seed: number): Buffer {
   return bytes;
 }
 
+async function expectVolume(volume: Volume, expected: Buffer): Promise<void> {
+  const actual = Buffer.alloc(volumeBytes);
+  await volume.read(0, actual);
+  assert.ok(actual.equals(expected), `the volume differs from what was written at byte ${actual.findIndex((byte, i) => byte !== expected[i])}`);
+}
+
+/** Reopened: every chunk read is checked against the checksum recorded for it. */
+async function expectAfterReopen(directory: string, expected: Buffer): Promise<void> {
+  const pool = await Pool.open({ directory, ...testPoolOptions() });
+  const volume = pool.openVolume('v');
+  await expectVolume(volume, expected);
+  await volume.close();
+  await pool.close();
+}
+
 test('writeMany puts each extent in place with its own checksums, takes the bytes at once, and refuses extents that share a chunk', async () => {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-extents-'));
   try {
-    let pool = await Pool.open({ directory, ...testPoolOptions() });
+    const pool = await Pool.open({ directory, ...testPoolOptions() });
     await pool.createVolume('v', volumeBytes);
-    let volume = pool.openVolume('v');
+    const volume = pool.openVolume('v');
     const expected = Buffer.alloc(volumeBytes);
     // Mapped chunks under and between the extents, and a hole (the last 256 KiB stay unwritten).
     const first = pattern(768 * 1024, 1);
@@ -40,11 +56,7 @@ test('writeMany puts each extent in place with its own checksums, takes the byte
     // The caller's buffers reused before the write is done: what lands is what was given.
     for (const extent of extents) extent.data.fill(0xee);
     await writing;
-    const read = async (): Promise<void> => {
-      const actual = Buffer.alloc(volumeBytes);
-      await volume.read(0, actual);
-      assert.ok(actual.equals(expected), `the volume differs from what was written at byte ${actual.findIndex((byte, i) => byte !== expected[i])}`);
-    };
+    const read = (): Promise<void> => expectVolume(volume, expected);
     await read();
     await assert.rejects(volume.writeMany([{ offsetBytes: 4096, data: pattern(8192, 6) }, { offsetBytes: 8192, data: pattern(4096, 7) }]), /share no chunk/);
     await read();
@@ -55,12 +67,62 @@ test('writeMany puts each extent in place with its own checksums, takes the byte
     await volume.flush();
     await volume.close();
     await pool.close();
-    // Reopened: every chunk read is checked against the checksum recorded for it.
-    pool = await Pool.open({ directory, ...testPoolOptions() });
-    volume = pool.openVolume('v');
+    await expectAfterReopen(directory, expected);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
+const block = 4096;
+
+// Volume.write's turn batch (NBD at queue depth 32 sends many small writes in one turn): the turn's first small plain
+// write goes alone, the rest are written together (writeMany's run) when the turn ends. Each lands where it says with
+// its own chunks' checksums, writes that share a chunk land in the order they were asked, a read or FUA write asked
+// in the same turn is ordered against them, and each is acknowledged only once it is written.
+test('a turn of small writes lands with its checksums, in order against the writes, reads and FUA writes that share its chunks', async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-turn-batch-'));
+  try {
+    const pool = await Pool.open({ directory, ...testPoolOptions() });
+    await pool.createVolume('v', volumeBytes);
+    const volume = pool.openVolume('v');
+    const expected = Buffer.alloc(volumeBytes);
+    const base = pattern(volumeBytes / 2, 1);
+    await volume.write(0, base);
+    base.copy(expected, 0);
+    // One turn: scattered 4 KiB writes, the same block written three times, a two-block write over one of them,
+    // a FUA write and a read between them, a partial (unbatchable) write over a held one.
+    const pending: Array<Promise<void>> = [];
+    let seed = 10;
+    const write = (offsetBytes: number, length: number, fua = false): void => {
+      const data = pattern(length, seed++);
+      pending.push(volume.write(offsetBytes, data, fua ? { fua: true } : undefined));
+      data.copy(expected, offsetBytes);
+    };
+    write(5 * block, block); // the turn's first: alone, now
+    write(7 * block, block);
+    write(40 * block, block);
+    write(7 * block, block);
+    write(200 * block, block); // in the hole
+    write(6 * block, 2 * block); // shares block 7 with two writes before it
+    const seenAt7 = Buffer.alloc(block);
+    const seenExpected = Buffer.from(expected.subarray(7 * block, 8 * block));
+    pending.push(volume.read(7 * block, seenAt7));
+    write(7 * block, block);
+    write(41 * block, block, true);
+    write(40 * block, block);
+    write(40 * block + 100, 300); // partial: read-modify-write of a held write's chunk
+    for (let i = 0; i < 20; i++) write((100 + 3 * i) * block, block);
+    let acknowledged = 0;
+    for (const promise of pending) void promise.then(() => { acknowledged += 1; });
+    assert.equal(acknowledged, 0, 'no write acknowledged before it is written');
+    await Promise.all(pending);
+    assert.ok(seenAt7.equals(seenExpected), 'a read asked between writes of its chunk sees the writes asked before it, not after');
+    const read = (): Promise<void> => expectVolume(volume, expected);
     await read();
+    await volume.flush();
     await volume.close();
     await pool.close();
+    await expectAfterReopen(directory, expected);
   } finally {
     fs.rmSync(directory, { recursive: true, force: true });
   }
