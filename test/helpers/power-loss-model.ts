@@ -18,6 +18,7 @@ import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { Pool, type PoolOptions } from '../../src/store/pool.ts';
+import type { Volume } from '../../src/store/volume.ts';
 import { WorkerChunkIo } from '../../src/store/worker-io.ts';
 import { PowerLossFiles, type PowerCut } from '../../src/testing/power-loss.ts';
 import { makeRandom, randomInt } from './random.ts';
@@ -189,22 +190,23 @@ export async function runPowerLoss(random: () => number, layout: Layout, replay:
     }
   };
 
-  const writeBlocks = async (pool: Pool, name: string, first: number, count: number, fua: boolean): Promise<void> => {
+  /** `shared`: a volume handle several writes of one turn use (its small writes of a turn are written as one run); else one of its own. */
+  const writeBlocks = async (pool: Pool, name: string, first: number, count: number, fua: boolean, shared?: Volume): Promise<void> => {
     const writeId = nextWrite++;
     const volume = model.get(name)!;
     if (first + count > volumeBlocks) count = volumeBlocks - first;
     const blocks = Buffer.concat(Array.from({ length: count }, (_, i) => blockContent(writeId, first + i)));
-    const shared = buffers;
-    const data = shared === null ? blocks : shared.acquire(blocks.length);
+    const slab = buffers;
+    const data = slab === null ? blocks : slab.acquire(blocks.length);
     if (data !== blocks) blocks.copy(data);
     for (let i = 0; i < count; i++) volume.blocks[first + i]!.pending.push(writeId);
-    const device = pool.openVolume(name);
+    const device = shared ?? pool.openVolume(name);
     try {
       await device.write(first * blockBytes, data, { fua });
     } finally {
-      if (shared !== null) shared.release(data);
+      if (slab !== null) slab.release(data);
     }
-    void device.close();
+    if (shared === undefined) void device.close();
     for (let i = 0; i < count; i++) volume.blocks[first + i]!.current = writeId;
     stats.acknowledgedWrites += 1;
     if (fua) makeDurable();
@@ -275,9 +277,15 @@ export async function runPowerLoss(random: () => number, layout: Layout, replay:
     if (op < 40) {
       await writeBlocks(pool, name, first, count, random() < 0.1);
     } else if (op < 48) {
-      // Several writes at once, to disjoint ranges: one commit carries them all.
+      // Several writes at once, to disjoint ranges: one commit carries them all; those to one volume go through one
+      // handle in one turn, so that it writes them as one run (Volume's turn batch).
       const writes = Array.from({ length: 2 + randomInt(random, 3) }, (_, i) => ({ name: names[(i + randomInt(random, names.length)) % names.length]!, first: i * 48 + randomInt(random, 32), count: 1 + randomInt(random, 16) }));
-      await Promise.all(writes.map((w) => writeBlocks(pool, w.name, w.first, w.count, false)));
+      const handles = new Map([...new Set(writes.map((w) => w.name))].map((name) => [name, pool.openVolume(name)]));
+      try {
+        await Promise.all(writes.map((w) => writeBlocks(pool, w.name, w.first, w.count, false, handles.get(w.name))));
+      } finally {
+        for (const handle of handles.values()) void handle.close();
+      }
     } else if (op < 58) {
       const zero = random() < 0.5;
       for (let i = 0; i < count; i++) volume.blocks[first + i]!.pending.push(0);
