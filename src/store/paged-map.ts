@@ -51,8 +51,9 @@
 // so that a cold pass computes its edit once instead of again after missing counts.
 //
 // Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
-// filled by appends in key order end about half full (a split shares entries evenly); a commit's synchronous part
-// is queued with the mutations (they wait for the encoding of its nodes, not for its write: `commitBeside`);
+// filled by appends in key order end about half full (a split shares entries evenly); a commit's first part
+// is queued with the mutations (they wait for the encoding of its nodes, not for its write: `commitBeside`; the
+// encoding gives the event loop a turn every few ms, but the mutations, and the reads after them, wait for all of it);
 // a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
 // rarely); a walk does not check page generations against the
 // root's yet; a cold diff starts over once per node whose children differ on both sides (it reads a node's
