@@ -82,6 +82,8 @@ export interface PagedCatalogOptions {
   /** Map node capacities (smaller in tests, for deep trees). */
   leafCapacity?: number;
   interiorCapacity?: number;
+  /** How long a checkpoint encodes map nodes between two turns of the event loop (PagedMaps; 0 in tests). */
+  commitSliceMs?: number;
   /** Read only (fsck): the page file writes no repair and refuses commits; records still apply, in memory. */
   readOnly?: boolean;
 }
@@ -198,6 +200,7 @@ export class PagedCatalog {
         pageRefs: space.pageRefs,
         leafCapacity: options.leafCapacity,
         interiorCapacity: options.interiorCapacity,
+        commitSliceMs: options.commitSliceMs,
         pageCountPages: space.pageRefs,
         chunkCountPages: space.chunks.counts,
       });

@@ -293,6 +293,50 @@ test('a cold diff of two deep trees that differ in most leaves reads the childre
   });
 });
 
+test("a commit encodes its dirty nodes in slices, letting the event loop turn; mutations called meanwhile wait for it, lookups answer beside it", async () => {
+  await withMaps({ cachePages: 4096 }, async (setup) => {
+    const maps = new PagedMaps({ cache: setup.cache, allocator: setup.allocator, pageRefs: setup.pageRefs, commitSliceMs: 0 });
+    const map = maps.empty();
+    for (let v = 0; v < 100_000; v += 100) await map.mapRun(v, v, sumsOf(v, 50), setup.chunkRefs);
+    const dirty = maps.dirtyPages;
+    assert.ok(dirty > 200, `${dirty} dirty pages`);
+    const model = new ChunkMap();
+    const modelRefs = new Counts();
+    for (let v = 0; v < 100_000; v += 100) model.mapRun(v, v, 50, modelRefs);
+    const atCommit = model.runs(0, 100_000);
+    // Counts the turns of the event loop before the commit's pages are taken (every node is in memory: nothing read yields).
+    let turns = 0;
+    let ticking = true;
+    const lookups: Array<Promise<void>> = [];
+    const tick = (): void => {
+      if (!ticking) return;
+      turns += 1;
+      // A lookup beside the encoding sees the map as the mutations before the commit left it.
+      const v = (turns * 4_999) % 100_000;
+      const cached = map.runsCached(v, 300);
+      assert.ok(cached !== undefined, 'every node in memory');
+      assert.deepEqual(withoutSums(cached), model.runs(v, 300));
+      lookups.push(map.runs(v, 300).then((runs) => assert.deepEqual(withoutSums(runs), model.runs(v, 300))));
+      setImmediate(tick);
+    };
+    setImmediate(tick);
+    const commit = maps.commitBeside(() => Buffer.from(JSON.stringify(map.state())));
+    // Called during the encoding: applied after the commit's pages are taken, so not in its root.
+    const later = map.mapRun(250, 900_000, sumsOf(900_000, 10), setup.chunkRefs);
+    await commit.sealed;
+    ticking = false;
+    assert.ok(turns >= 2, `the event loop turned ${turns} times while a commit encoded ${dirty} dirty nodes`);
+    await later;
+    model.mapRun(250, 900_000, 10, modelRefs);
+    await commit.durable;
+    await Promise.all(lookups);
+    assert.deepEqual(await runsOf(map, 0, 100_000), model.runs(0, 100_000));
+    const fromFile = new PagedMaps({ cache: new PageCache(setup.file, 4096 * pageBytes), allocator: new PageAllocator(), pageRefs: new Counts() });
+    const committed = fromFile.open(JSON.parse(setup.file.root!.body.toString()) as PagedMapState);
+    assert.deepEqual(await runsOf(committed, 0, 100_000), atCommit, 'the root holds the mutations called before the commit, and only those');
+  });
+});
+
 test('a drop of a large map frees its pages a slice at a time, letting the event loop turn, and gives every page back', async () => {
   await withMaps({ cachePages: 4096 }, async (setup) => {
     const map = setup.maps.empty();
