@@ -17,9 +17,8 @@ import { encodeSyncSumsReply, fencedRefusalPrefix, parseSyncControl, parseSyncSu
 import type { VolumeRoles } from './roles.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
-import { chunkSizeBytes, inlineWriteBytesMax, syncPayloadsHeldBytes } from '../core/limits.ts';
+import { chunkSizeBytes, syncPayloadsHeldBytes } from '../core/limits.ts';
 import { SizedFreeList } from '../core/free-list.ts';
-import { TurnBatch } from '../core/turn-batch.ts';
 
 export class SyncReplicaServer {
   readonly #pool: Pool;
@@ -32,8 +31,6 @@ export class SyncReplicaServer {
   #sessionsOpened = 0;
   /** syncWrite payloads applied, for reuse (takePayload). */
   readonly #payloads = new SizedFreeList(syncPayloadsHeldBytes);
-  /** The syncWrites of this turn of the event loop, applied together at its end (#apply). */
-  readonly #turn = new TurnBatch<PendingSyncWrite>((writes) => this.#apply(writes));
 
   constructor(pool: Pool, roles: VolumeRoles, log: Log) {
     this.#pool = pool;
@@ -101,58 +98,14 @@ export class SyncReplicaServer {
     if (request.offsetBytes + request.lengthBytes > handle.sizeBytes) {
       throw ChunkdError.invalid(`a synchronous write to ${request.volume} at ${request.offsetBytes} (${request.lengthBytes} bytes) ends past its ${handle.sizeBytes} bytes`);
     }
-    const { promise, resolve, reject } = Promise.withResolvers<void>();
-    this.#turn.add({ handle, request, resolve, reject });
-    await promise;
+    // Applied in arrival order; the small plain writes one turn brought in (the owner sends a burst in one writev)
+    // are written by the volume as one run and one pwrite (Volume.write's turn batch), where each alone would cost a
+    // pwrite of its own, most of a replicated 4 KiB write's CPU here.
+    const options = { fua: request.fua };
+    if (request.op === SyncOp.write) await handle.write(request.offsetBytes, request.data!, options);
+    else if (request.op === SyncOp.trim) await handle.trim(request.offsetBytes, request.lengthBytes, options);
+    else await handle.writeZeroes(request.offsetBytes, request.lengthBytes, { ...options, noHole: request.noHole });
     return {};
-  }
-
-  /**
-   * APPLY, the writes one turn of the event loop brought in (the owner sends a burst in one writev), in the order
-   * they came: adjacent small plain writes of one volume that share no chunk go to the volume as one (writeMany:
-   * one fresh run, one pwrite, where each write alone costs a pwrite handed to libuv's pool and back, most of a
-   * replicated 4 KiB write's CPU here); any other (FUA, trim, write zeroes, a large or partial write) alone. Each is
-   * started here in arrival order, and the volume's range lock grants overlapping requests in the order they were
-   * asked, so overlapping writes still land in the order the owner sent them (it never sends two at once anyway: its
-   * own range lock holds a write's chunks until every replica has answered).
-   */
-  #apply(writes: PendingSyncWrite[]): void {
-    let group: PendingSyncWrite[] = [];
-    let groupBytes = 0;
-    const startGroup = (): void => {
-      if (group.length === 0) return;
-      const members = group;
-      group = [];
-      groupBytes = 0;
-      const done = members.length === 1
-        ? members[0]!.handle.write(members[0]!.request.offsetBytes, members[0]!.request.data!)
-        : members[0]!.handle.writeMany(members.map(({ request }) => ({ offsetBytes: request.offsetBytes, data: request.data! })));
-      done.then(() => { for (const member of members) member.resolve(); }, (error: unknown) => { for (const member of members) member.reject(error); });
-    };
-    for (const write of writes) {
-      const { handle, request } = write;
-      // The handle was closed in this turn (the volume removed here, or resized or rolled back by a request that
-      // came after this write, which the owner never sends with a write in flight).
-      if (this.#handles.get(request.volume) !== handle) {
-        write.reject(ChunkdError.io(`the synchronous replica ${request.volume} here was closed before a write to it was applied`));
-        continue;
-      }
-      if (isBatchable(request)) {
-        const fits = group.length === 0 || (group[0]!.handle === handle && groupBytes + request.lengthBytes <= syncApplyBatchBytesMax
-          && group.every((other) => !overlaps(other.request, request)));
-        if (!fits) startGroup();
-        group.push(write);
-        groupBytes += request.lengthBytes;
-        continue;
-      }
-      startGroup();
-      const options = { fua: request.fua };
-      const done = request.op === SyncOp.write ? handle.write(request.offsetBytes, request.data!, options)
-        : request.op === SyncOp.trim ? handle.trim(request.offsetBytes, request.lengthBytes, options)
-          : handle.writeZeroes(request.offsetBytes, request.lengthBytes, { ...options, noHole: request.noHole });
-      done.then(write.resolve, write.reject);
-    }
-    startGroup();
   }
 
   async #flush(payload: Buffer, context: PeerRequestContext): Promise<object> {
@@ -258,26 +211,6 @@ export class SyncReplicaServer {
       ? ChunkdError.readOnly(`${fencedRefusalPrefix}${peer} writes ${volume} at ownership epoch ${epoch}, but this replica follows ${role.owner} at epoch ${role.epoch}`)
       : ChunkdError.readOnly(`volume ${volume} on this node is a replica of ${role.owner} at epoch ${role.epoch}, not of ${peer} at epoch ${epoch}${epoch > role.epoch ? ' (syncOpen first)' : ''}`);
   }
-}
-
-interface PendingSyncWrite {
-  handle: Volume;
-  request: SyncWriteRequest;
-  resolve: () => void;
-  reject: (error: unknown) => void;
-}
-
-/** The most bytes of small writes #apply gives the volume as one (what the store writes on its own thread: limits.ts). */
-const syncApplyBatchBytesMax = inlineWriteBytesMax;
-
-/** A plain write of whole chunks, small enough to share a run with others (a large one is its own batch already). */
-function isBatchable(request: SyncWriteRequest): boolean {
-  return request.op === SyncOp.write && !request.fua && request.lengthBytes > 0 && request.lengthBytes <= syncApplyBatchBytesMax / 4
-    && request.offsetBytes % chunkSizeBytes === 0 && request.lengthBytes % chunkSizeBytes === 0;
-}
-
-function overlaps(a: SyncWriteRequest, b: SyncWriteRequest): boolean {
-  return a.offsetBytes < b.offsetBytes + b.lengthBytes && b.offsetBytes < a.offsetBytes + a.lengthBytes;
 }
 
 /**

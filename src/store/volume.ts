@@ -140,9 +140,9 @@ export class Volume implements BlockDevice {
   /**
    * Several whole-chunk writes that do not share a chunk, as one: one fresh physical run for all their chunks, one
    * write of the file, one map record each, with its own chunks' checksums, as `write` records one. Each small
-   * write's own pwrite and thread hand-off is most of its CPU: a synchronous replica applies the writes one turn of
-   * its peer connection brought in so (replication/sync-replica-server.ts), a replication receiver a stream's
-   * scattered small records (replication/receive.ts). The bytes are copied before the first await, so the caller
+   * write's own pwrite and thread hand-off is most of its CPU: a replication receiver writes a stream's scattered
+   * small records so (replication/receive.ts; a turn's small writes through `write` are grouped the same way,
+   * #endTurn). The bytes are copied before the first await, so the caller
    * may reuse the writes' buffers once this returns its promise. Every range is asked of the lock at once, so the
    * batch is ordered against single writes as they were asked. All succeed or all fail; none with FUA (the caller
    * flushes).

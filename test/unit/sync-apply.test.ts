@@ -1,5 +1,5 @@
-// Volume.writeMany, the synchronous replica's apply of a turn's small writes as one run and one pwrite
-// (replication/sync-replica-server.ts): every write reads back at its own place after a flush and a reopen, holes
+// Volume.writeMany, several small writes as one run and one pwrite (the replication receiver's batch; Volume.write's
+// turn batch writes its groups the same way): every write reads back at its own place after a flush and a reopen, holes
 // stay holes, and it is ordered against single writes to the same chunks as the order they were asked in.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
