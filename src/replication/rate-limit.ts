@@ -19,4 +19,15 @@ export class RateLimiter {
     this.#dueMs = start + bytes / this.#bytesPerMs;
     return Math.max(0, start - nowMs);
   }
+
+  /**
+   * For a sender that pays after it sends: accounts for `bytes` already sent by `nowMs`; returns how many
+   * milliseconds to wait before sending more, so that those bytes too are inside the rate (reserve lets the last
+   * piece go unpaid, which is right before a send and lets a pay-after sender run a piece ahead of its rate).
+   */
+  settle(bytes: number, nowMs: number): number {
+    const start = Math.max(this.#dueMs, nowMs - this.#burstMs);
+    this.#dueMs = start + bytes / this.#bytesPerMs;
+    return Math.max(0, this.#dueMs - nowMs);
+  }
 }

@@ -1519,7 +1519,7 @@ class SyncVolume {
     }
     // The rate cap, paid after the copy, outside the lock (a client's write to the regions does not wait for it); the
     // catch-up under the whole volume's lock is not capped, so that writes wait as little as they can.
-    const waitMs = locked || sentBytes === 0 ? 0 : link.limiter?.reserve(sentBytes, performance.now()) ?? 0;
+    const waitMs = locked || sentBytes === 0 ? 0 : link.limiter?.settle(sentBytes, performance.now()) ?? 0;
     if (waitMs > 0) await link.pause(waitMs);
   }
 }

@@ -32,6 +32,17 @@ test('the rate limiter keeps any stretch at or under its rate, with a small burs
   assert.equal(limiter.reserve(1, now), 1000, 'then the sender waits the time those 1000 bytes take');
 });
 
+test('a sender that pays after it sends waits for the bytes it sent: 8 pieces of 125 bytes at 1000 bytes/s take 950 ms (the burst is 50)', () => {
+  const limiter = new RateLimiter(1000, 50);
+  let now = 0;
+  for (let piece = 0; piece < 8; piece++) now += limiter.settle(125, now);
+  assert.equal(now, 950);
+  // After an idle stretch, again only the burst is free.
+  now += 60_000;
+  assert.equal(limiter.settle(50, now), 0);
+  assert.equal(limiter.settle(100, now), 100);
+});
+
 test('the byte feed: a push resolves once its bytes are taken, end ends the iteration, fail reaches the consumer', async () => {
   const feed = new ByteFeed();
   const iterator = feed[Symbol.asyncIterator]();
