@@ -35,6 +35,7 @@ import fs from 'node:fs';
 import util from 'node:util';
 import type { FileLayer, FileLayerSpec } from './file-layer.ts';
 import { ownModule } from '../core/source-files.ts';
+import type { Log } from '../core/log.ts';
 
 /** Slots of the control block (an Int32Array); the position is a Float64 at positionByte. */
 const seqSlot = 0;
@@ -70,6 +71,8 @@ export interface ChunkWriterOptions {
   inlinePauseMs?: number;
   /** The pool's file layer (default the real files): a test's twin, both ways write through (see the top). */
   files?: FileLayer;
+  /** Where a thread that failed or ended on its own is reported (the node's log); none: not reported. */
+  log?: Log;
 }
 
 /**
@@ -138,8 +141,12 @@ export class ChunkWriter {
     this.#worker = new Worker(ownModule('workers', 'chunk-writer'), { workerData: { control: this.#control, slab, files } });
     this.#worker.unref();
     // A thread that could not start or died: the write it held fails (EIO) and writes go another way from now on.
-    this.#worker.on('error', () => {});
-    this.#worker.on('exit', () => this.#lost());
+    const log = options.log ?? ((): void => {});
+    this.#worker.on('error', (error: Error) => log(`chunk writer thread failed: ${error.message}`, 'error'));
+    this.#worker.on('exit', (code: number) => {
+      if (!this.#closed) log(`chunk writer thread ended (exit code ${code}); small writes go to the chunk I/O workers from now on`, 'error');
+      this.#lost();
+    });
   }
 
   /**

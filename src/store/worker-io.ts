@@ -72,7 +72,7 @@ export class WorkerChunkIo implements ChunkIo {
   constructor(files: ChunkFiles, options: WorkerIoOptions) {
     this.#files = files;
     // Under a test's file layer (a faulty or power-loss twin) too: the writer's thread writes through it.
-    this.#writer = new ChunkWriter(options.buffers.slab, { files: files.layer });
+    this.#writer = new ChunkWriter(options.buffers.slab, { files: files.layer, log: options.log });
     this.#inline = new InlineChunkIo(files, this.#writer);
     this.#buffers = options.buffers;
     this.#log = options.log;

@@ -122,13 +122,19 @@ test('one write per turn, and only bytes in its slab', async () => {
   await next;
 });
 
-test('a writer whose thread is gone takes no more writes', async () => {
-  const writer = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: null });
+test('a writer whose thread is gone takes no more writes, and says so in the log (a close does not)', async () => {
+  const lines: string[] = [];
+  const closed = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: null, log: (line) => lines.push(line) });
+  closed.close();
+  await closed.stopThreadForTest();
+  assert.equal(lines.length, 0, lines.join('\n'));
+  const writer = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: null, log: (line) => lines.push(line) });
   await nextTurn();
   await writer.write(fd, inSlab(0, 4096), 0);
   await writer.stopThreadForTest();
   await nextTurn();
   assert.equal(writer.write(fd, inSlab(0, 4096), 0), null);
+  assert.deepEqual(lines, ['chunk writer thread ended (exit code 1); small writes go to the chunk I/O workers from now on']);
 });
 
 for (const [way, inlineStallMs] of [['the thread', null], ['an inline write', undefined]] as const) test(`under a test file layer ${way} writes through it: injected EIO and ENOSPC reject that write with their code, a frozen layer (a power cut) lets nothing through, and its writes count as changes`, async () => {
