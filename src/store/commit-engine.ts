@@ -41,7 +41,8 @@
 // Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not such a
 // failure: a commit that meets ENOSPC fails and is retried by the next, a checkpoint's too (each commit begins one
 // until one is written; nothing goes to the old journal meanwhile: catalog-backend.ts's PendingCheckpoint says why a
-// retry is safe), so that writes go on once space is back. Not at once, though: while the file system was full a
+// retry is safe), so that writes go on once space is back. A paged checkpoint appends the commit's records to the
+// journal first: once they are there, a checkpoint that meets ENOSPC leaves that commit done (its FLUSH succeeds). Not at once, though: while the file system was full a
 // moment ago (`fullRetryMs`), the commits nobody waits for as a FLUSH (a write that met ENOSPC asking for freed
 // chunks, the early commits `record` starts) fail at once with that ENOSPC instead of another round of fdatasyncs,
 // and the failures are logged once, then at most once per `fullLogIntervalMs` with a count, and once more when a
@@ -247,6 +248,8 @@ export class CommitEngine {
     await this.commit();
     // A commit already running when we asked did not see the request: the next one does.
     if (this.#checkpointsTotal === before) await this.commit();
+    // A commit whose records reached the journal succeeds without its checkpoint on a full file system.
+    if (this.#checkpointsTotal === before) throw this.#full?.error ?? ChunkdError.busy('the checkpoint was not written; try again');
     return this.#lastCheckpoint!;
   }
 
@@ -346,9 +349,13 @@ export class CommitEngine {
         if (checkpoint !== null) this.#checkpointOwed = true;
         this.#commitFailures += 1;
         const thrown = fromSystemError(error, checkpoint === null ? 'metadata commit' : 'metadata checkpoint');
-        this.#commitError = `metadata commit failed: ${thrown.message}`;
+        // Records appended before a checkpoint (paged) are durable in the journal: the commit is done, and only
+        // its checkpoint waits for space (every later commit tries it again); a FLUSH it covers succeeds.
+        this.#commitError = appended ? `metadata checkpoint failed (the commits are durable in the journal): ${thrown.message}` : `metadata commit failed: ${thrown.message}`;
         this.#fullFailure(thrown);
-        throw thrown;
+        if (!appended) throw thrown;
+        await this.#chunks.reuseFreed(freeMark);
+        return;
       }
       throw this.#fail(`${checkpoint === null ? 'writing the metadata journal' : 'starting a new metadata checkpoint'} failed (${(error as Error).message})`, error);
     }

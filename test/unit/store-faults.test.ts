@@ -5,7 +5,8 @@
 // by each FLUSH, not by a commit and a log line per write, and every acknowledged write survives a power cut); a
 // disk read error during a scrub is a damaged extent, not an aborted scrub, and one in a copy of the checkpoint or
 // a journal is damage read from the other copy; a full file system at a checkpoint is ENOSPC too, retried until
-// space is back (a power cut meanwhile loses nothing acknowledged), a paged pool's checkpoint at close that meets
+// space is back (a power cut meanwhile loses nothing acknowledged; on a paged pool a FLUSH whose records reached the
+// journal succeeds), a paged pool's checkpoint at close that meets
 // it leaves the journal to the next open, and a journal whose reserve ahead does not fit still takes commits; a failed chunk write fails that write only (also on the chunk
 // writer's thread). And, directly: an overwrite lands in a new physical chunk (redirect-on-write), never over the
 // chunk the metadata names. And a checkpoint asked for (POST /v1/checkpoint) is written now and counted, and its
@@ -471,6 +472,59 @@ for (const metadata of ['memory', 'paged'] as const) {
     }
   });
 }
+
+test('a paged pool whose page file is full at a checkpoint: a FLUSH still succeeds (its records are durable in the journal), an asked-for checkpoint gets ENOSPC and status says so; space back, the checkpoint is written; a power cut keeps every flushed write', async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+  // The page file (and its growth) is full; the journal, already reserved ahead, still takes appends.
+  const rules: FaultRule[] = [
+    { op: 'write', path: 'metadata', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+    { op: 'allocate', path: 'metadata', nth: 1, sticky: true, code: 'ENOSPC', armed: false },
+  ];
+  const files = new PowerLossFiles(directory, { rules });
+  const arm = (on: boolean): void => rules.forEach((_, index) => (on ? files.inner.arm(index) : files.inner.disarm(index)));
+  const isFull = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ENOSPC';
+  const block = (value: number): Buffer => Buffer.alloc(4096, value);
+  const pool = await Pool.open({ directory, files, metadata: 'paged', log: () => {} });
+  try {
+    await pool.createVolume('v', 16 * MiB);
+    const volume = pool.openVolume('v');
+    for (let i = 0; i < 64; i++) await volume.write(i * 4096, block(1));
+    await volume.flush();
+    arm(true);
+    await assert.rejects(pool.checkpoint(), isFull, 'a checkpoint asked for on a full file system');
+    assert.ok(files.inner.fired(0) + files.inner.fired(1) >= 1, 'the page file met ENOSPC');
+    // Every commit from now on tries the owed checkpoint again, and meets ENOSPC: its FLUSH succeeds all the same.
+    for (let i = 0; i < 64; i++) await volume.write(i * 4096, block(2));
+    await volume.flush();
+    await volume.write(64 * 4096, block(2), { fua: true });
+    const full = await pool.status();
+    assert.match(full.commitError ?? '', /metadata checkpoint failed \(the commits are durable in the journal\): .*no space left/);
+    assert.equal(full.failure, null, 'not a sticky failure');
+    // Space back: the checkpoint is written, the error cleared.
+    arm(false);
+    const before = (await pool.status()).checkpointsTotal;
+    await pool.checkpoint();
+    const back = await pool.status();
+    assert.deepEqual([back.commitError, back.failure, back.checkpointsTotal], [null, null, before + 1]);
+    // Full again, flushed writes in the journal only; then the power is cut.
+    arm(true);
+    await assert.rejects(pool.checkpoint(), isFull);
+    for (let i = 0; i < 32; i++) await volume.write(i * 4096, block(3));
+    await volume.flush();
+    assert.match((await pool.status()).commitError ?? '', /metadata checkpoint failed/);
+  } finally {
+    files.inner.freeze();
+    await pool.abandon();
+  }
+  try {
+    await readAfterPowerCut(files, directory, 11, async (readBlock) => {
+      for (let i = 0; i < 32; i++) assert.ok((await readBlock(i)).equals(block(3)), `block ${i}: flushed while the page file was full`);
+      for (let i = 32; i < 65; i++) assert.ok((await readBlock(i)).equals(block(2)), `block ${i}`);
+    });
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
 
 test('a small write from the NBD payload slab meets a failed pwrite on the chunk writer thread: that write gets EIO and is never recorded, the next succeeds, and after a power cut the flushed one reads back', async () => {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
