@@ -41,14 +41,14 @@
 // Reads go on. Only a restart, which reads back what is durable, clears it. A full file system is not such a
 // failure: a commit that meets ENOSPC fails and is retried by the next, a checkpoint's too (each commit begins one
 // until one is written; nothing goes to the old journal meanwhile: catalog-backend.ts's PendingCheckpoint says why a
-// retry is safe), so that writes go on once space is back. A paged checkpoint appends the commit's records to the
-// journal first: once they are there, a checkpoint that meets ENOSPC leaves that commit done (its FLUSH succeeds). Not at once, though: while the file system was full a
+// retry is safe), so that writes go on once space is back. Not at once, though: while the file system was full a
 // moment ago (`fullRetryMs`), the commits nobody waits for as a FLUSH (a write that met ENOSPC asking for freed
 // chunks, the early commits `record` starts) fail at once with that ENOSPC instead of another round of fdatasyncs,
 // and the failures are logged once, then at most once per `fullLogIntervalMs` with a count, and once more when a
 // commit succeeds again: under writes at queue depth 32 on a full disk, each write would otherwise run a commit of
 // its own and log a line (2,400 a second measured, store-faults.test.ts). A client's FLUSH and the background commit
-// always try.
+// always try. A paged checkpoint appends the commit's records to the journal first: once they are there, a
+// checkpoint that meets ENOSPC leaves that commit done (its FLUSH succeeds) and is owed to the next.
 import { performance } from 'node:perf_hooks';
 import { ChunkdError, fromSystemError, isNoSpace } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
