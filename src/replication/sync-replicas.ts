@@ -91,12 +91,12 @@
 // dirty, and after the pass (#stopAtDamage) what was copied is flushed there and leaves the dirty map, the blocks are
 // named (an error log line with the volume and byte ranges, the link's damagedBlocks and lastError in `replica
 // status` and the API, counted in damagedBlocksTotal) and the resync stops, out of sync: it is tried again when a
-// client write (trim, zeroes) replaces a whole damaged block, or after syncDamagedRetryMs, not every second as for a
-// replica that is away. The replica is never in sync with a block the owner cannot read: after a failover to it,
-// its older copy would be served as the acknowledged data. The resyncing replica's own copy is used only where it is
-// the owner's: a resync reads a chunk only when its checksum differs from the one the replica recorded, so one whose
-// checksum matches the owner's metadata is found equal, not read, the replica turns in sync, and a read here then
-// repairs the block from it (REPAIR ON READ).
+// client write (trim, zeroes) replaces a whole damaged block (a snapshot's: when the snapshot is removed), or after
+// syncDamagedRetryMs, not every second as for a replica that is away. The replica is never in sync with a block
+// the owner cannot read: after a failover to it, its older copy would be served as the acknowledged data. The
+// resyncing replica's own copy is used only where it is the owner's: a resync reads a chunk only when its checksum
+// differs from the one the replica recorded, so one whose checksum matches the owner's metadata is found equal, not
+// read, the replica turns in sync, and a read here then repairs the block from it (REPAIR ON READ).
 //
 // IN A CLUSTER: `volume create --replicas N --sync` places N replicas as --replicas does and links them here;
 // the record says the volume is synchronous, and its inSync set (step 5) is what failover promotes from: the
@@ -1049,6 +1049,8 @@ class SyncVolume {
   async #removeSnapshot(name: string): Promise<void> {
     const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
     await this.#options.pool.removeSnapshot(this.#name, name);
+    // A resync that stopped at a damaged block of this snapshot tries again: it no longer gives it (DAMAGE AT RESYNC).
+    for (const link of this.#links) if (link.damaged.some((range) => range.snapshot === name)) link.wakeFromDamage();
     const kept: SyncLink[] = this.#links.filter((link) => link.state !== 'in-sync');
     const targets = this.#links.filter((link) => link.state === 'in-sync');
     await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
@@ -1256,7 +1258,11 @@ class SyncVolume {
     link.damagedBlocksTotal += fresh.length;
     link.damaged = damaged;
     const named = damaged.map((range) => `bytes ${range.offsetBytes}-${range.offsetBytes + range.lengthBytes - 1} (${formatSize(range.lengthBytes)})${range.snapshot === null ? '' : ` of snapshot ${range.snapshot}`}`).join(', ');
-    const message = `the resync stopped: ${named} fail their checksum here, and no in-sync replica holds a copy to repair them from; the replica was given every other block, and is out of sync until a write replaces them (tried again then, or in ${syncDamagedRetryMs / 1000} s)`;
+    const snapshots = [...new Set(damaged.flatMap((range) => (range.snapshot === null ? [] : [range.snapshot])))];
+    const until = snapshots.length === 0
+      ? 'the replica was given every other block, and is out of sync until a write replaces them'
+      : `the replica is not given snapshot ${snapshots.join(', ')}, and is out of sync until it is removed here`;
+    const message = `the resync stopped: ${named} fail their checksum here, and no in-sync replica holds a copy to repair them from; ${until} (tried again then, or in ${syncDamagedRetryMs / 1000} s)`;
     if (fresh.length > 0) this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer}: ${message}`, 'error');
     link.disconnect();
     throw new ResyncStoppedError(message);

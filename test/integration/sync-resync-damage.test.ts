@@ -4,7 +4,8 @@
 // again every second; the replica holds every other block, its dirty map only the lost block's region; a client
 // write over the block resumes it, and the replica is in sync. And the case where the replica's own copy of the
 // damaged block matches the owner's recorded checksum: the resync finds it equal (not read, not sent), the replica
-// turns in sync, and a read on the owner then repairs the block from it.
+// turns in sync, and a read on the owner then repairs the block from it. And a damaged block of a snapshot the
+// resync gives: named with the snapshot, the resync stopped until the snapshot is removed.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -92,8 +93,8 @@ test('a damaged block a resync reads with no in-sync copy: named, counted, every
     return now.lastError !== null ? now : null;
   }, async () => `${JSON.stringify(await syncLink('dmg'))}\n${alpha.node.stderr()}`, 20_000);
 
-  // No loop: over the next 3 s the link sends nothing (before, it connected and resynced again every second).
-  await new Promise((resolve) => setTimeout(resolve, 3_000));
+  // No loop: over the next 2 s the link sends nothing (before, it connected and resynced again every second).
+  await new Promise((resolve) => setTimeout(resolve, 2_000));
   const later = await syncLink('dmg');
   assert.equal(later.requestsTotal, stopped.requestsTotal, `requests to beta went on: ${JSON.stringify(later)}\n${alpha.node.stderr()}`);
   const said = alpha.node.stderr().match(/volume dmg: .*bytes 1052672-1056767 .*no in-sync replica/g) ?? [];
@@ -166,3 +167,39 @@ test('a damaged block whose good copy the out-of-sync replica holds: found equal
 async function fetchMetrics(node: PeerNode): Promise<string> {
   return (await mustRun('curl', ['-s', '--unix-socket', node.node.apiSocket, 'http://chunkd/metrics']));
 }
+
+test('a damaged block of a snapshot the resync gives: named with the snapshot, the resync stopped; removing the snapshot resumes it', { skip }, async () => {
+  const api = (method: string, route: string, body?: unknown): Promise<any> => callApi(alpha.node.apiSocket, method, `/v1/volumes/snapdmg${route}`, body);
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'snapdmg', sizeBytes: 4 * MiB });
+  const old = namedBlock('resync snapshot', 0);
+  const client = await TestNbdClient.connect(alpha.node.nbdSocket, 'snapdmg');
+  try {
+    await client.write(MiB, old);
+    await client.flush();
+    await api('POST', '/snapshots', { name: 'before' });
+    // Overwritten in the volume: the snapshot alone holds the old block, which is then damaged on disk.
+    await client.write(MiB, namedBlock('resync snapshot', 1));
+    await client.flush();
+  } finally {
+    await client.disconnect();
+  }
+  flipByteUnder(alpha.node.pool, old);
+  await api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000 });
+  const stopped = await waitFor('the resync stopped at the snapshot\'s damaged block', async () => {
+    const now = await syncLink('snapdmg');
+    return now.damagedBlocks?.length > 0 ? now : null;
+  }, async () => `${JSON.stringify(await syncLink('snapdmg'))}\n${alpha.node.stderr()}`, 20_000);
+  assert.deepEqual(stopped.damagedBlocks, [{ snapshot: 'before', offsetBytes: MiB, lengthBytes: 4096 }]);
+  assert.equal(stopped.state, 'out-of-sync');
+  assert.match(alpha.node.stderr(), /volume snapdmg: .*bytes 1048576-1052671 \(4 KiB\) of snapshot before fail their checksum here, and no in-sync replica/);
+  assert.match(stopped.lastError.message, /the replica is not given snapshot before, and is out of sync until it is removed here/);
+  await new Promise((resolve) => setTimeout(resolve, 1_500));
+  assert.equal((await syncLink('snapdmg')).requestsTotal, stopped.requestsTotal, 'no retry loop');
+
+  // The snapshot removed: the resync goes on without it, and the replica is in sync with the volume.
+  await api('DELETE', '/snapshots/before');
+  const back = await inSync('snapdmg');
+  assert.deepEqual(back.damagedBlocks, []);
+  assert.equal(await exportHash(beta.node, 'snapdmg'), await exportHash(alpha.node, 'snapdmg'));
+  await api('DELETE', '/replicas', { peer: beta.address });
+});
