@@ -177,6 +177,11 @@ export const syncCatchUpRegionsMax = 64;
 export const syncPayloadsHeldBytes = 32 * MiB;
 /** A synchronous replica that is away is tried again this often. */
 export const syncReconnectDelayMs = 1_000;
+/**
+ * A resync that stopped at blocks damaged on the owner with no good copy anywhere to repair them from waits this long
+ * before it tries again, unless a write over those blocks wakes it first (sync-replicas.ts, DAMAGE AT RESYNC).
+ */
+export const syncDamagedRetryMs = 60_000;
 
 /** Data bytes one replication stream record carries at most (replication/stream-format.ts); a sender reads this much at a time. */
 export const streamDataRecordBytesMax = 1 * MiB;

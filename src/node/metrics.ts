@@ -1,5 +1,6 @@
 // /metrics in Prometheus text exposition format, from a node's status.
 import { softwareVersion } from '../core/version.ts';
+import { chunkSizeBytes } from '../core/limits.ts';
 import { histogramLines } from '../core/latency-histogram.ts';
 import { stages, type StageTimes } from '../store/stage-times.ts';
 import { ioOperations, type ExportIoStats } from './io-stats.ts';
@@ -55,6 +56,8 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
     metric('chunkd_sync_replica_resync_total_bytes', 'gauge', 'Bytes of dirty regions the resync under way has to copy (0 when none runs).', syncLinks.map((r) => [label(r), r.resync?.totalBytes ?? 0]));
     metric('chunkd_sync_replica_resync_bytes_total', 'counter', 'Data bytes resyncs sent to a synchronous replica.', syncLinks.map((r) => [label(r), r.resyncBytesTotal]));
     metric('chunkd_sync_replica_out_of_sync_total', 'counter', 'Times a synchronous replica went out of sync.', syncLinks.map((r) => [label(r), r.outOfSyncTotal]));
+    metric('chunkd_sync_replica_damaged_blocks', 'gauge', 'Blocks damaged here with no in-sync copy to repair them from, at which the resync to this replica stopped (it is out of sync until a write replaces them).', syncLinks.map((r) => [label(r), r.damagedBlocks.reduce((sum, range) => sum + range.lengthBytes / chunkSizeBytes, 0)]));
+    metric('chunkd_sync_replica_damaged_blocks_total', 'counter', 'Damaged blocks with no in-sync copy that resyncs to this replica found.', syncLinks.map((r) => [label(r), r.damagedBlocksTotal]));
     metric('chunkd_sync_replica_read_repairs_total', 'counter', 'Blocks that failed their checksum here and were repaired from the synchronous replica.', syncLinks.map((r) => [label(r), r.readRepairsTotal]));
   }
   metric('chunkd_checkpoints_total', 'counter', 'Metadata checkpoints written since the node started (a full journal, or POST /v1/checkpoint).', [['', status.pool.checkpointsTotal]]);

@@ -40,7 +40,8 @@
 // there) for each damaged one; the client gets the replica's bytes, the block is rewritten here (redirect-on-write:
 // a new chunk, the damaged one freed; a snapshot that shares it keeps it, and scrub still names it there), and the
 // link's readRepairsTotal counts it. With no in-sync replica, or none whose copy is good, the read fails with EIO as
-// on any node. A resync's read of the live volume is repaired so too (#readForResync). SCRUB WITH REPLICAS repairs
+// on any node. A resync's read of the live volume is repaired so too (#readForResync; DAMAGE AT RESYNC below for a
+// block that no in-sync replica holds). SCRUB WITH REPLICAS repairs
 // the live volume's damaged blocks a scrub found the same way, then verifies each in-sync replica by its recorded
 // chunk checksums (scrubWithReplicas, verify). When the local write fails and a replica applied it, that replica is
 // marked out of sync (the resync gives it the owner's bytes back).
@@ -85,6 +86,18 @@
 // so a resync under steady writes ends (DRBD's way). The link then turns in sync under that lock, so no write is in
 // flight as it changes. A rate cap (--max-rate) paces the passes' data, not the last copy under the lock.
 //
+// DAMAGE AT RESYNC: a block of the live volume (or of a snapshot being given) that fails its checksum here when a
+// resync reads it, and that no in-sync replica can give, is not sent: the step sends the rest, its region stays
+// dirty, and after the pass (#stopAtDamage) what was copied is flushed there and leaves the dirty map, the blocks are
+// named (an error log line with the volume and byte ranges, the link's damagedBlocks and lastError in `replica
+// status` and the API, counted in damagedBlocksTotal) and the resync stops, out of sync: it is tried again when a
+// client write (trim, zeroes) replaces a whole damaged block (a snapshot's: when the snapshot is removed), or after
+// syncDamagedRetryMs, not every second as for a replica that is away. The replica is never in sync with a block
+// the owner cannot read: after a failover to it, its older copy would be served as the acknowledged data. The
+// resyncing replica's own copy is used only where it is the owner's: a resync reads a chunk only when its checksum
+// differs from the one the replica recorded, so one whose checksum matches the owner's metadata is found equal, not
+// read, the replica turns in sync, and a read here then repairs the block from it (REPAIR ON READ).
+//
 // IN A CLUSTER: `volume create --replicas N --sync` places N replicas as --replicas does and links them here;
 // the record says the volume is synchronous, and its inSync set (step 5) is what failover promotes from: the
 // replica promoted (node.ts #promoteSync: no point to roll back to) owns the volume at epoch + 1 and links to the
@@ -102,9 +115,8 @@
 //
 // NOT YET: a receive or handoff (each refused while a volume has synchronous replicas: the replicas would not
 // follow, so `volume move` of a synchronous volume is refused too), snapshots removed here while a replica was away
-// removed there after a failover (the new owner never knew them), a damaged block that a resync reads with no other
-// in-sync replica to repair it from (the resync fails, tried again every second, its lastError says why; one that
-// has it repairs it, #readForResync), a verify of a replica's data itself, `replica add --sync` by hand marking the
+// removed there after a failover (the new owner never knew them), a snapshot's damaged block repaired from an in-sync
+// replica (a resync stops at it: DAMAGE AT RESYNC), a verify of a replica's data itself, `replica add --sync` by hand marking the
 // volume synchronous in etcd (its in-sync set is recorded, but the failover treats the volume as asynchronous).
 // Writes under way when a link is added pass through; the resync starts once they are done.
 import path from 'node:path';
@@ -112,7 +124,7 @@ import { assert } from '../core/assert.ts';
 import { ChunkdError, DamagedDataError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
-import { chunkSizeBytes, snapshotsPerVolumeMax, syncActivityExtentBytes, syncCatchUpRegionsMax, syncReconnectDelayMs, syncRegionBytes, syncResyncBatchBytes, syncResyncBatchesInFlight, syncResyncPassesMax, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
+import { chunkSizeBytes, snapshotsPerVolumeMax, syncActivityExtentBytes, syncCatchUpRegionsMax, syncDamagedRetryMs, syncReconnectDelayMs, syncRegionBytes, syncResyncBatchBytes, syncResyncBatchesInFlight, syncResyncPassesMax, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
@@ -160,7 +172,21 @@ export interface SyncReplicaStatus extends SyncReplicaSettings {
   outOfSyncTotal: number;
   /** Blocks that failed their checksum here and were read from this replica and rewritten (REPAIR ON READ). */
   readRepairsTotal: number;
+  /**
+   * Blocks the last resync found damaged here with no good copy to repair them from (DAMAGE AT RESYNC): it stopped
+   * there, the replica out of sync; byte ranges of the live volume (snapshot null) or of a snapshot it was giving.
+   */
+  damagedBlocks: DamagedRange[];
+  /** Damaged blocks with no good copy that resyncs found, each counted once while it stays listed. */
+  damagedBlocksTotal: number;
   lastError: { message: string; at: string } | null;
+}
+
+/** A run of blocks damaged here that no in-sync replica holds (SyncReplicaStatus.damagedBlocks). */
+export interface DamagedRange {
+  snapshot: string | null;
+  offsetBytes: number;
+  lengthBytes: number;
 }
 
 /** A scrub's report on an owner with synchronous replicas: what was repaired from one, and what verifying each found. */
@@ -511,6 +537,10 @@ class SyncLink {
   requestsTotal = 0;
   outOfSyncTotal = 0;
   readRepairsTotal = 0;
+  /** DAMAGE AT RESYNC: the runs the last resync stopped at (status), and the chunks the resync under way found. */
+  damaged: DamagedRange[] = [];
+  damagedBlocksTotal = 0;
+  readonly found: Array<{ snapshot: string | null; chunk: number }> = [];
   lastError: { message: string; at: string } | null = null;
   running: Promise<void> | null = null;
   stopped = false;
@@ -621,7 +651,41 @@ class SyncLink {
   stop(): void {
     this.stopped = true;
     this.disconnect();
+    this.wake();
+  }
+
+  /** Ends a pause early (the link stopped). */
+  wake(): void {
     for (const wake of this.#wakers) wake();
+  }
+
+  /** A write replaced a damaged block the resync found (or stopped at): it tries again, now or after its try under way. */
+  wakeFromDamage(): void {
+    this.#damageReplaced = true;
+    this.wake();
+  }
+
+  /** The wait of a resync stopped at damage (DAMAGE AT RESYNC): none when a write replaced a damaged block meanwhile. */
+  async pauseAtDamage(ms: number): Promise<void> {
+    if (!this.#damageReplaced) await this.pause(ms);
+    this.#damageReplaced = false;
+  }
+
+  /** Set by wakeFromDamage; cleared as each resync starts, and by pauseAtDamage. */
+  #damageReplaced = false;
+
+  /** A resync starts: damage it finds is its own (see pauseAtDamage). */
+  beginResync(): void {
+    this.found.length = 0;
+    this.#damageReplaced = false;
+  }
+
+  /** Whether a write, trim or zeroing of [offsetBytes, +lengthBytes) replaces a whole damaged chunk of the live volume. */
+  replacesDamaged(offsetBytes: number, lengthBytes: number): boolean {
+    const from = Math.ceil(offsetBytes / chunkSizeBytes);
+    const to = Math.floor((offsetBytes + lengthBytes) / chunkSizeBytes);
+    return this.damaged.some((range) => range.snapshot === null && Math.max(from, range.offsetBytes / chunkSizeBytes) < Math.min(to, (range.offsetBytes + range.lengthBytes) / chunkSizeBytes))
+      || this.found.some((entry) => entry.snapshot === null && entry.chunk >= from && entry.chunk < to);
   }
 
   fail(error: ChunkdError): void {
@@ -744,6 +808,8 @@ class SyncVolume {
       requestsTotal: link.requestsTotal,
       outOfSyncTotal: link.outOfSyncTotal,
       readRepairsTotal: link.readRepairsTotal,
+      damagedBlocks: link.damaged.map((range) => ({ ...range })),
+      damagedBlocksTotal: link.damagedBlocksTotal,
       lastError: link.lastError,
     }));
   }
@@ -824,6 +890,8 @@ class SyncVolume {
       // the resync need not copy those regions again; otherwise the write marks them to copy (again).
       const following = this.#links.filter((link) => link.state === 'resyncing' && link.hasCopied(first, end));
       for (const link of this.#links) if (link.state !== 'in-sync' && !following.includes(link)) mustSave = link.markDirty(first, end) || mustSave;
+      // A resync that stopped at a damaged block this write replaces tries again (its step waits for this write's lock).
+      for (const link of this.#links) if ((link.damaged.length > 0 || link.found.length > 0) && link.replacesDamaged(request.offsetBytes, request.lengthBytes)) link.wakeFromDamage();
       if (mustSave) await this.#sync.save();
       const targets = this.#links.filter((link) => link.state === 'in-sync');
       const epoch = this.#options.epochOf(this.#name);
@@ -981,6 +1049,8 @@ class SyncVolume {
   async #removeSnapshot(name: string): Promise<void> {
     const { uuid } = this.#options.pool.snapshotInfo(this.#name, name);
     await this.#options.pool.removeSnapshot(this.#name, name);
+    // A resync that stopped at a damaged block of this snapshot tries again: it no longer gives it (DAMAGE AT RESYNC).
+    for (const link of this.#links) if (link.damaged.some((range) => range.snapshot === name)) link.wakeFromDamage();
     const kept: SyncLink[] = this.#links.filter((link) => link.state !== 'in-sync');
     const targets = this.#links.filter((link) => link.state === 'in-sync');
     await Promise.all(targets.map((link) => link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'remove-snapshot', name, uuid })).catch((error: unknown) => {
@@ -1130,25 +1200,72 @@ class SyncVolume {
   /**
    * A resync's read of `device` (the live volume, or `snapshot`'s export); a block of the live volume that fails
    * its checksum is read from another, in-sync replica and rewritten here (REPAIR ON READ, under the step's range
-   * lock, which the caller holds), so that the resyncing replica gets the right bytes. A snapshot's damaged block,
-   * or one no in-sync replica has, fails the step (the resync tries again, and says why).
+   * lock, which the caller holds), so that the resyncing replica gets the right bytes. Returns the chunks (volume
+   * chunk numbers, ascending) that failed their checksum and that no in-sync replica could give (a snapshot's are
+   * not repaired): DAMAGE AT RESYNC. Their bytes in `target` are not the volume's.
    */
-  async #readForResync(device: RepairTarget, snapshot: string | null, offsetBytes: number, target: Buffer): Promise<void> {
+  async #readForResync(device: RepairTarget, snapshot: string | null, offsetBytes: number, target: Buffer): Promise<number[]> {
     try {
-      return await device.read(offsetBytes, target);
+      await device.read(offsetBytes, target);
+      return [];
     } catch (error) {
-      if (!(error instanceof DamagedDataError) || snapshot !== null) throw error;
+      if (!(error instanceof DamagedDataError)) throw error;
     }
     assert(offsetBytes % chunkSizeBytes === 0, 'a resync reads whole chunks');
+    const lost: number[] = [];
     for (let at = 0; at < target.length; at += chunkSizeBytes) {
       const bytes = target.subarray(at, Math.min(target.length, at + chunkSizeBytes));
       try {
         await device.read(offsetBytes + at, bytes);
       } catch (error) {
         if (!(error instanceof DamagedDataError)) throw error;
-        await this.#repairBlock(offsetBytes + at, bytes, error, device);
+        try {
+          if (snapshot !== null) throw error;
+          await this.#repairBlock(offsetBytes + at, bytes, error, device);
+        } catch (failure) {
+          if (!(failure instanceof DamagedDataError)) throw failure;
+          lost.push((offsetBytes + at) / chunkSizeBytes);
+        }
       }
     }
+    return lost;
+  }
+
+  /**
+   * DAMAGE AT RESYNC: the resync under way found blocks damaged here that no in-sync replica could give (link.found).
+   * What it copied is made durable there and leaves the dirty map (under the whole volume's lock, as the turn to in
+   * sync: no write follows the link meanwhile), the blocks are named (log, status) and counted, and the resync ends
+   * with ResyncStoppedError: #run waits for a write that replaces them, or syncDamagedRetryMs, not a second.
+   */
+  async #stopAtDamage(link: SyncLink, locked: boolean): Promise<never> {
+    const release = locked ? null : await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
+    try {
+      if (link.state === 'resyncing' && link.client !== null) {
+        link.state = 'out-of-sync';
+        if (link.copied.size > 0) {
+          await link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session }));
+          for (const region of link.copied) link.dirty.delete(region);
+          link.copied.clear();
+          await this.#sync.save();
+        }
+      }
+    } finally {
+      release?.();
+    }
+    const before = new Set(link.damaged.flatMap((range) => chunkKeys(range)));
+    const damaged = damagedRanges(link.found);
+    const fresh = damaged.flatMap((range) => chunkKeys(range)).filter((key) => !before.has(key));
+    link.damagedBlocksTotal += fresh.length;
+    link.damaged = damaged;
+    const named = damaged.map((range) => `bytes ${range.offsetBytes}-${range.offsetBytes + range.lengthBytes - 1} (${formatSize(range.lengthBytes)})${range.snapshot === null ? '' : ` of snapshot ${range.snapshot}`}`).join(', ');
+    const snapshots = [...new Set(damaged.flatMap((range) => (range.snapshot === null ? [] : [range.snapshot])))];
+    const until = snapshots.length === 0
+      ? 'the replica was given every other block, and is out of sync until a write replaces them'
+      : `the replica is not given snapshot ${snapshots.join(', ')}, and is out of sync until it is removed here`;
+    const message = `the resync stopped: ${named} fail their checksum here, and no in-sync replica holds a copy to repair them from; ${until} (tried again then, or in ${syncDamagedRetryMs / 1000} s)`;
+    if (fresh.length > 0) this.#options.log(`volume ${this.#name}: synchronous replica on ${link.settings.peer}: ${message}`, 'error');
+    link.disconnect();
+    throw new ResyncStoppedError(message);
   }
 
   /** Reads the block at `startBytes` into `bytes` from the first in-sync replica that has a good copy, and rewrites it here. */
@@ -1241,6 +1358,13 @@ class SyncVolume {
           link.state = 'out-of-sync';
           continue;
         }
+        if (caught instanceof ResyncStoppedError) {
+          // DAMAGE AT RESYNC: no loop. It waits for a write over the blocks (which replaces them), or a while.
+          link.fail(caught);
+          link.state = 'out-of-sync';
+          await link.pauseAtDamage(syncDamagedRetryMs);
+          continue;
+        }
         const error = expectedError(caught, `the resync of ${this.#name} on ${link.settings.peer}`);
         if (isFencedRefusal(error)) {
           this.#fence(error);
@@ -1266,6 +1390,7 @@ class SyncVolume {
     link.restartReason = null;
     link.state = 'resyncing';
     link.copied.clear();
+    link.beginResync();
     link.resync = { totalBytes: link.dirty.size * syncRegionBytes, copiedBytes: 0 };
     const started = performance.now();
     const sentBefore = link.resyncBytesTotal;
@@ -1280,6 +1405,7 @@ class SyncVolume {
       if (passes < syncResyncPassesMax) {
         await this.#giveSnapshots(link, false);
         await this.#copyPending(link, false);
+        if (link.found.length > 0) await this.#stopAtDamage(link, false);
         passes += 1;
       }
       const release = await this.#lock.acquire(0, Number.MAX_SAFE_INTEGER, true);
@@ -1294,6 +1420,7 @@ class SyncVolume {
         if (link.pendingRegions().length > syncCatchUpRegionsMax && passes < syncResyncPassesMax) continue;
         await this.#giveSnapshots(link, true);
         if (link.pendingRegions().length > 0) await this.#copyPending(link, true);
+        if (link.found.length > 0) await this.#stopAtDamage(link, true);
         // The copies durable there before the dirty map forgets them.
         await link.send(PeerVerb.syncFlush, jsonPayload({ volume: this.#name, epoch: this.#options.epochOf(this.#name), session: link.session }));
         link.dirty.clear();
@@ -1306,6 +1433,7 @@ class SyncVolume {
         });
         link.resync = null;
         link.lastError = null;
+        link.damaged = [];
         await this.#sync.save();
       } finally {
         release();
@@ -1389,6 +1517,8 @@ class SyncVolume {
         if (!locked && pool.findSnapshot(snapshot.uuid, this.#name) === null) continue;
         throw error;
       }
+      // A block of it damaged here with no copy to repair it from: the replica does not get it (DAMAGE AT RESYNC).
+      if (link.found.length > 0) await this.#stopAtDamage(link, locked);
       await link.send(PeerVerb.syncControl, this.#controlPayload(link, { action: 'snapshot', name: snapshot.name, uuid: snapshot.uuid }));
       this.#options.log(`volume ${this.#name}: snapshot ${snapshot.name} given to the synchronous replica on ${link.settings.peer}, which was not in sync when it was taken (${formatSize(link.resyncBytesTotal - sentBefore)} sent)`);
     }
@@ -1479,6 +1609,13 @@ class SyncVolume {
       const epoch = this.#options.epochOf(this.#name);
       let wantedChunks = 0;
       let differingChunks = 0;
+      // Regions (from `first`) with a damaged chunk that no copy could repair: not copied, they stay dirty.
+      const lostRegions = new Set<number>();
+      const sendRange = async (offsetBytes: number, data: Buffer | null, lengthBytes: number): Promise<void> => {
+        const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
+        await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
+        sentBytes += data?.length ?? 0;
+      };
       try {
         for (const [fromRegion, toRegion] of differingRuns(wanted, new Uint32Array(wanted.length))) {
           const fromChunk = fromRegion * regionChunks;
@@ -1490,14 +1627,21 @@ class SyncVolume {
             for (let at = startBytes + (fromChunk + runFrom) * chunkSizeBytes; at < runEnd;) {
               const [extent] = await device.blockStatus(at, runEnd - at) as [Extent];
               const lengthBytes = Math.min(extent.lengthBytes, runEnd - at);
-              let data: Buffer | null = null;
-              if (!extent.zero) {
-                data = scratch.subarray(0, lengthBytes);
-                await this.#readForResync(device, snapshot, at, data);
+              if (extent.zero) await sendRange(at, null, lengthBytes);
+              else {
+                const data = scratch.subarray(0, lengthBytes);
+                const lost = await this.#readForResync(device, snapshot, at, data);
+                // What is left between the lost chunks goes; the lost ones are named (#stopAtDamage) and not sent.
+                let from = at;
+                for (const chunk of lost) {
+                  link.found.push({ snapshot, chunk });
+                  lostRegions.add(Math.floor(chunk / regionChunks) - first);
+                  const lostAt = chunk * chunkSizeBytes;
+                  if (lostAt > from) await sendRange(from, data.subarray(from - at, lostAt - at), lostAt - from);
+                  from = lostAt + chunkSizeBytes;
+                }
+                if (at + lengthBytes > from) await sendRange(from, data.subarray(from - at), at + lengthBytes - from);
               }
-              const request = { op: data === null ? SyncOp.trim : SyncOp.write, offsetBytes: at, lengthBytes, data, fua: false, noHole: false, volume: this.#name, epoch, session: link.session } as const;
-              await link.send(PeerVerb.syncWrite, encodeSyncWrite(request));
-              sentBytes += data?.length ?? 0;
               at += lengthBytes;
             }
           }
@@ -1509,7 +1653,7 @@ class SyncVolume {
       if (snapshot === null) {
         link.resyncEqualBytesTotal += (wantedChunks - differingChunks) * chunkSizeBytes;
         wanted.forEach((copy, index) => {
-          if (!copy) return;
+          if (!copy || lostRegions.has(index)) return;
           link.copied.add(first + index);
           link.resync!.copiedBytes += syncRegionBytes;
         });
@@ -1522,6 +1666,30 @@ class SyncVolume {
     const waitMs = locked || sentBytes === 0 ? 0 : link.limiter?.settle(sentBytes, performance.now()) ?? 0;
     if (waitMs > 0) await link.pause(waitMs);
   }
+}
+
+/** A resync that stopped at blocks damaged here with no good copy (DAMAGE AT RESYNC): #run does not try again at once. */
+class ResyncStoppedError extends ChunkdError {
+  constructor(message: string) {
+    super('EIO', message);
+  }
+}
+
+/** Runs of damaged chunks, by snapshot (null: the live volume first), in bytes. */
+function damagedRanges(found: ReadonlyArray<{ snapshot: string | null; chunk: number }>): DamagedRange[] {
+  const sorted = [...new Map(found.map((entry) => [`${entry.snapshot ?? ''}\0${entry.chunk}`, entry])).values()]
+    .sort((a, b) => (a.snapshot ?? '').localeCompare(b.snapshot ?? '') || a.chunk - b.chunk);
+  const ranges: DamagedRange[] = [];
+  for (const { snapshot, chunk } of sorted) {
+    const last = ranges.at(-1);
+    if (last !== undefined && last.snapshot === snapshot && last.offsetBytes + last.lengthBytes === chunk * chunkSizeBytes) last.lengthBytes += chunkSizeBytes;
+    else ranges.push({ snapshot, offsetBytes: chunk * chunkSizeBytes, lengthBytes: chunkSizeBytes });
+  }
+  return ranges;
+}
+
+function chunkKeys(range: DamagedRange): string[] {
+  return Array.from({ length: range.lengthBytes / chunkSizeBytes }, (_, index) => `${range.snapshot ?? ''}\0${range.offsetBytes / chunkSizeBytes + index}`);
 }
 
 /**
