@@ -182,6 +182,24 @@ test('a TLS handshake that stalls, or stops halfway, is cut at the handshake tim
   secure.destroy();
 });
 
+test('the server picks AES-128-GCM over a client\'s AES-256-GCM, and gives ChaCha20 to a client that asks for it first', async (t) => {
+  const socketPath = path.join(scratch, 'cipher.sock');
+  const server = new NbdServer({ provider: provider(), log: () => {}, tls: tlsSettings(loadTlsServerConfig(creds, 'require', false)) });
+  await server.listenUnix(socketPath);
+  t.onTestFinished(() => server.close());
+  const negotiated = async (ciphers: string): Promise<string | undefined> => {
+    const client = await RawClient.connect(socketPath);
+    await client.handshake({ tls: { ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost', ciphers } });
+    const name = (client.socket as tls.TLSSocket).getCipher().standardName;
+    client.socket.destroy();
+    return name;
+  };
+  // Node's and GnuTLS's own order: AES-256-GCM first. Without the server's preference it would be chosen.
+  assert.equal(await negotiated('TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256'), 'TLS_AES_128_GCM_SHA256');
+  assert.equal(await negotiated('TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256'), 'TLS_CHACHA20_POLY1305_SHA256');
+  assert.equal(await negotiated('TLS_AES_256_GCM_SHA384'), 'TLS_AES_256_GCM_SHA384', 'a client with one suite gets it');
+});
+
 test('TLS replies are queued whole and handed out in slices of at most the size asked, in order', () => {
   const queue = new ReplyQueue();
   assert.equal(queue.take(10), null);
