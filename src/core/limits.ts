@@ -56,6 +56,12 @@ export const handshakeTimeoutMs = 30_000;
  */
 export const tlsReplySliceBytes = 256 * KiB;
 /**
+ * Over TLS, the largest reply piece that shares a socket write with others: Node's TLS socket copies a write of
+ * several buffers into one before encrypting it, so large pieces are written alone (nbd/reply-queue.ts). One TLS
+ * record's worth: 4 KiB reads' replies still go out many to a write.
+ */
+export const tlsReplyJoinBytes = 16 * KiB;
+/**
  * The send buffer asked for on an NBD connection over TLS on a unix socket (SO_SNDBUF; Linux caps the request
  * at net.core.wmem_max, then doubles it; TCP sizes its own). It holds encrypted slices for the client to read
  * while the next is encrypted; the default (208 KiB) holds less than one.

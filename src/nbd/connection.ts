@@ -37,7 +37,7 @@
 // Transmission: requests are taken as bytes arrive and go to the device at once, in order of arrival (the device
 // serializes overlapping ranges); each reply is written whole when its request finishes, so replies go out of
 // order but never interleave. Replies written in one turn of the event loop leave in one writev (cork until
-// setImmediate); over TLS, in one slice (until setImmediate, then as each slice is written).
+// setImmediate); over TLS, in slices (reply-queue.ts: from setImmediate on, each once the last is written).
 //
 // Flow control: past requestsInFlightPerConnectionMax requests or bytesInFlightPerConnectionMax bytes in flight
 // (or that many reply bytes the client has not read yet) the socket is paused, and resumed when a request
@@ -53,7 +53,7 @@ import { expectedError } from '../core/fail-stop.ts';
 import type { DeviceProvider } from '../core/block-device.ts';
 import {
   bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, plainSendBufferBytes, requestsInFlightPerConnectionMax,
-  tlsReplySliceBytes, tlsSendBufferBytes,
+  tlsReplyJoinBytes, tlsReplySliceBytes, tlsSendBufferBytes,
 } from '../core/limits.ts';
 import type { SharedBufferPool } from '../core/shared-buffers.ts';
 import { BufferPool } from './buffer-pool.ts';
@@ -504,7 +504,7 @@ export class NbdConnection {
   readonly #writeTlsSlice = (): void => {
     const socket = this.#socket;
     // A socket that is gone takes nothing more; what is queued goes back at 'close'.
-    const slice = socket.destroyed || !socket.writable ? null : this.#tlsReplies!.take(tlsReplySliceBytes);
+    const slice = socket.destroyed || !socket.writable ? null : this.#tlsReplies!.take(tlsReplySliceBytes, tlsReplyJoinBytes);
     if (slice === null) {
       this.#tlsWriting = false;
       if (this.#endAfterReplies) this.#endSocket();

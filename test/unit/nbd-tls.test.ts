@@ -17,6 +17,7 @@ import { Handshake } from '../../src/nbd/handshake.ts';
 import type { HandshakeStep } from '../../src/nbd/handshake.ts';
 import { InputQueue } from '../../src/nbd/input-queue.ts';
 import * as nbd from '../../src/nbd/protocol.ts';
+import { tlsReplyJoinBytes, tlsReplySliceBytes } from '../../src/core/limits.ts';
 import { ReplyQueue } from '../../src/nbd/reply-queue.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
 import { steerTlsReads } from '../../src/nbd/steered-socket.ts';
@@ -182,27 +183,73 @@ test('a TLS handshake that stalls, or stops halfway, is cut at the handshake tim
   secure.destroy();
 });
 
-test('TLS replies are queued whole and handed out in slices of at most the size asked, in order', () => {
+test('the server picks AES-128-GCM over a client\'s AES-256-GCM, and gives ChaCha20 to a client that asks for it first', async (t) => {
+  const socketPath = path.join(scratch, 'cipher.sock');
+  const server = new NbdServer({ provider: provider(), log: () => {}, tls: tlsSettings(loadTlsServerConfig(creds, 'require', false)) });
+  await server.listenUnix(socketPath);
+  t.onTestFinished(() => server.close());
+  const negotiated = async (ciphers: string): Promise<string | undefined> => {
+    const client = await RawClient.connect(socketPath);
+    await client.handshake({ tls: { ca: fs.readFileSync(path.join(creds, 'ca-cert.pem')), servername: 'localhost', ciphers } });
+    const name = (client.socket as tls.TLSSocket).getCipher().standardName;
+    client.socket.destroy();
+    return name;
+  };
+  // Node's and GnuTLS's own order: AES-256-GCM first. Without the server's preference it would be chosen.
+  assert.equal(await negotiated('TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256'), 'TLS_AES_128_GCM_SHA256');
+  assert.equal(await negotiated('TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256'), 'TLS_CHACHA20_POLY1305_SHA256');
+  assert.equal(await negotiated('TLS_AES_256_GCM_SHA384'), 'TLS_AES_256_GCM_SHA384', 'a client with one suite gets it');
+});
+
+test('TLS replies are queued whole and handed out in slices, in order: large pieces alone, small replies together', () => {
   const queue = new ReplyQueue();
-  assert.equal(queue.take(10), null);
-  const a = Buffer.from('aaaaaaa'); // 7 bytes, pooled
+  assert.equal(queue.take(5, 2), null);
+  const a = Buffer.from('aaaaaaa'); // 7 bytes, pooled: at most 5 + 2, so one slice
   const b = Buffer.from('bb'); // 2 bytes
   const c = Buffer.from('cccccccccccc'); // 12 bytes, pooled
+  const d = Buffer.from('d');
+  const e = Buffer.from('ee');
+  const f = Buffer.from('f');
+  const g = Buffer.from('gggggggg'); // 8 bytes, timed
   queue.push(a, true, 1);
   queue.push(b, false, 2);
   queue.push(c, true);
-  assert.equal(queue.queuedBytes, 21);
+  for (const small of [d, e, f]) queue.push(small, false);
+  queue.push(g, false, 3);
+  assert.equal(queue.queuedBytes, 33);
   const slices = [];
-  for (let slice = queue.take(5); slice !== null; slice = queue.take(5)) slices.push(slice);
-  assert.deepEqual(slices.map((slice) => Buffer.concat(slice.pieces).toString()), ['aaaaa', 'aabbc', 'ccccc', 'ccccc', 'c']);
-  assert.deepEqual(slices.map((slice) => slice.finished), [[], [a], [], [], [c]], 'a pooled buffer is finished with the slice holding its last byte');
-  assert.deepEqual(slices.map((slice) => slice.answeredAt), [[], [1, 2], [], [], []], 'a timed reply ends its reply stage with the slice holding its last byte');
+  for (let slice = queue.take(5, 2); slice !== null; slice = queue.take(5, 2)) slices.push(slice);
+  assert.deepEqual(slices.map((slice) => slice.pieces.map((piece) => piece.toString())), [
+    ['aaaaaaa'], // the rest of a reply within the slice and a join goes whole
+    ['bb'], // small, but the next reply is not: that one goes alone
+    ['ccccc'], ['ccccccc'],
+    ['d', 'ee', 'f'], // small replies share a slice, whole
+    ['ggggg'], ['ggg'],
+  ]);
+  assert.deepEqual(slices.map((slice) => slice.finished), [[a], [], [], [c], [], [], []], 'a pooled buffer is finished with the slice holding its last byte');
+  assert.deepEqual(slices.map((slice) => slice.answeredAt), [[1], [2], [], [], [], [], [3]], 'a timed reply ends its reply stage with the slice holding its last byte');
   assert.equal(queue.queuedBytes, 0);
   queue.push(a, true);
   queue.push(b, false);
-  assert.deepEqual(queue.take(3)!.finished, []);
+  assert.deepEqual(queue.take(3, 0)!.finished, []);
   assert.deepEqual(queue.clear(), [a], 'what is cleared gives back its pooled buffers, a partly written one too');
-  assert.equal(queue.take(3), null);
+  assert.equal(queue.take(3, 0), null);
+});
+
+test('TLS reply slices at the node\'s sizes: 1 MiB reads\' replies are never joined, 4 KiB reads\' are', () => {
+  const queue = new ReplyQueue();
+  const header = 32;
+  for (let index = 0; index < 3; index++) queue.push(Buffer.alloc(MiB + header), true);
+  const large = [];
+  for (let slice = queue.take(tlsReplySliceBytes, tlsReplyJoinBytes); slice !== null; slice = queue.take(tlsReplySliceBytes, tlsReplyJoinBytes)) large.push(slice);
+  assert.ok(large.every((slice) => slice.pieces.length === 1), 'every slice of a large reply is one piece: nothing to copy');
+  const slice = tlsReplySliceBytes;
+  assert.deepEqual(large.map((one) => one.pieces[0]!.length), Array(3).fill([slice, slice, slice, slice + header]).flat());
+  for (let index = 0; index < 100; index++) queue.push(Buffer.alloc(4096 + header), true);
+  const small = [];
+  for (let one = queue.take(tlsReplySliceBytes, tlsReplyJoinBytes); one !== null; one = queue.take(tlsReplySliceBytes, tlsReplyJoinBytes)) small.push(one);
+  const perSlice = Math.floor(tlsReplySliceBytes / (4096 + header));
+  assert.deepEqual(small.map((one) => one.pieces.length), [perSlice, 100 - perSlice]);
 });
 
 test('decrypted TLS reads land in the buffers the reader picks (onread for a TLS socket), on this Node', async (t) => {
