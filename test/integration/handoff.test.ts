@@ -8,7 +8,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
-import { freePort, haveTool, makeTempDir, mustRun, runTool, startNode, type RunningNode } from '../helpers/node-process.ts';
+import { haveTool, makeTempDir, mustRun, runTool, stablePort, startNode, type RunningNode } from '../helpers/node-process.ts';
 import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 import { TestNbdClient } from '../helpers/nbd-client.ts';
 
@@ -57,7 +57,7 @@ beforeAll(async () => {
   scratch = makeTempDir('handoff');
   tlsDir = path.join(scratch, 'tls');
   await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta']);
-  for (const name of ['alpha', 'beta']) ports[name] = await freePort();
+  for (const name of ['alpha', 'beta']) ports[name] = await stablePort();
   await start('alpha');
   await start('beta');
 });

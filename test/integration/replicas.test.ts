@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
-import { freePort, haveTool, makeTempDir, mustRun, runTool, type RunningNode } from '../helpers/node-process.ts';
+import { haveTool, makeTempDir, mustRun, runTool, stablePort, type RunningNode } from '../helpers/node-process.ts';
 import { replicaLinks, startPeerNode, waitFor, type PeerNode } from '../helpers/peer-nodes.ts';
 import { exportHash, ok, stopAndCheck } from '../helpers/stream-pipe.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
@@ -53,7 +53,7 @@ beforeAll(async () => {
   scratch = makeTempDir('replicas');
   tlsDir = path.join(scratch, 'tls');
   await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta', '--node', 'gamma']);
-  for (const name of ['alpha', 'beta', 'gamma']) ports[name] = await freePort();
+  for (const name of ['alpha', 'beta', 'gamma']) ports[name] = await stablePort();
   alpha = await startPeer('alpha', ports.alpha!, ['--default-volume', 'vol:128MiB']);
   beta = await startPeer('beta', ports.beta!);
   gamma = await startPeer('gamma', ports.gamma!);
