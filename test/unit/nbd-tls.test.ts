@@ -270,7 +270,7 @@ test('over TLS, WRITE payloads in pieces of any size land whole and large READs 
       const reply = replies.filter((one) => one.handle === BigInt(100 + index));
       assert.ok(readData(reply, write.offsetBytes, write.data.length).equals(write.data), `write ${index} (${write.data.length} bytes) reads back over TLS`);
     }
-    assert.ok(await client.waitClosed(3000), 'DISC closes once the replies are out');
+    assert.ok(await client.waitClosed(10_000), 'DISC closes once the replies are out');
     await server.close();
   }
 });
