@@ -120,15 +120,16 @@ test('handoff under a writing client: every flushed write is on the new owner; t
 test('handoff under fio with verify=crc32c: fio reconnects to the new owner and verifies every write it saw acknowledged', { skip: skip || !haveTool('fio') }, async () => {
   const alpha = nodes.alpha!;
   const beta = nodes.beta!;
-  await ok(alpha, 'volume', 'create', 'fio', '--size', '256MiB');
+  await ok(alpha, 'volume', 'create', 'fio', '--size', '1GiB');
   const work = path.join(scratch, 'fio');
   fs.mkdirSync(work);
   // Sequential 64 KiB writes at QD32, paced so the handoff lands mid-run; fio saves how far it got when the
   // writes start failing (verify_state_save), and the verify pass reads back exactly that.
-  const job = ['--name=handoff', '--ioengine=nbd', '--rw=write', '--bs=64k', '--iodepth=32', '--size=256M', '--verify=crc32c'];
-  // 8 MiB/s: its 256 MiB take 32 s, and the handoff must freeze before fio ends (at 24 MiB/s, 11 s, a loaded
-  // machine's handoff, 8 increments behind fio's writes, did not).
-  const writing = runTool('fio', [...job, `--uri=${alpha.uri('fio')}`, '--do_verify=0', '--rate=8m'], { cwd: work });
+  const job = ['--name=handoff', '--ioengine=nbd', '--rw=write', '--bs=64k', '--iodepth=32', '--size=1G', '--verify=crc32c'];
+  // 8 MiB/s over 1 GiB: fio would write for two minutes, so the handoff's freeze ends it, even on a loaded machine
+  // (fio on 256 MiB, 11 s at 24 MiB/s, then 32 s at 8, ended first at a load of 22 here: the handoff ran 7
+  // increments behind its writes). On success fio writes only until the freeze.
+  const writing = runTool('fio', [...job, `--uri=${alpha.uri('fio')}`, '--do_verify=0', '--rate=8m'], { cwd: work, timeoutMs: 300_000 });
   let fioEnded = false;
   void writing.finally(() => (fioEnded = true));
   // Handed off once fio has written 40 MiB (5 s at its rate), not after a fixed time: fio may start late on a loaded
