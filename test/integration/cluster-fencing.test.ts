@@ -5,7 +5,9 @@
 //   - the owner itself paused past its TTL with a write in flight: resumed, it refuses that write (its last renewal
 //     is stale, whatever its timers did not run), then re-checks its ownership and takes writes again; paused again
 //     while the test, as another node would, takes the volume over in etcd at epoch 2 (a transaction that compares
-//     that the owner's registration is gone): resumed, it never acknowledges another write to it.
+//     that the owner's registration is gone): resumed, it never acknowledges another write to it;
+//   - a rejoin whose registration is refused (its name held by another pool's record) leaves writes refused; once
+//     that record is gone, the node registers again under its new lease and takes writes (it used to stay refused).
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { clusterFixture } from '../helpers/cluster.ts';
@@ -208,6 +210,39 @@ test('the owner paused past its TTL: the write in flight is refused when it resu
     assert.deepEqual(await nbd.read(2 * block, block), content(2));
   } finally {
     child.kill('SIGCONT');
+    await nbd.disconnect().catch(() => {});
+    await stopAndCheck(node);
+  }
+});
+
+test('a rejoin whose registration is refused (its name held by another pool\'s record): writes stay refused, and once that record is gone the node registers again and takes writes', { skip }, async () => {
+  const volume = 'delta-vol';
+  const node = await startOwner('delta');
+  const nbd = await TestNbdClient.connect(node.nbdSocket, volume);
+  const key = '/chunkd/v1/nodes/delta';
+  try {
+    await nbd.write(0, content(0), FLAG_FUA);
+    // The registration overwritten by another pool's (detached from the node's lease), then the lease revoked: the
+    // node's next keepalive finds its lease gone and joins again, with a new lease, whose registration is refused.
+    // (A registration that times out after the new lease was granted, as on a loaded machine, leaves the same state.)
+    const registration = (await cluster.client.get(key).exec()).kvs[0]!;
+    const own = JSON.parse(registration.value.toString());
+    await cluster.client.put(key).value(JSON.stringify({ ...own, poolId: 'another-pool' })).exec();
+    await cluster.client.leaseClient.leaseRevoke({ ID: registration.lease });
+    await waitFor('the rejoin refused', () => /node name delta is already registered in etcd by a live node/.test(node.stderr()), 30_000);
+    const refused = await nbd.write(block, content(1), FLAG_FUA).then(() => null, (error: unknown) => error);
+    assert.ok(refused instanceof NbdReplyError && refused.errno === 1, `a write acknowledged while the node's name was held by another pool: ${String(refused)}`);
+    // That record gone, the node registers under its new lease, re-checks its ownership, and takes writes again.
+    await cluster.client.delete().key(key).exec();
+    await waitFor('writes to resume', async () => nbd.write(2 * block, content(2), FLAG_FUA).then(() => true, () => false), 30_000);
+    const again = (await cluster.client.get(key).exec()).kvs[0]!;
+    assert.equal(JSON.parse(again.value.toString()).poolId, own.poolId);
+    assert.notEqual(again.lease, registration.lease);
+    assert.deepEqual(await nbd.read(0, block), content(0));
+  } catch (error) {
+    process.stderr.write(`--- delta:\n${node.stderr()}\n`);
+    throw error;
+  } finally {
     await nbd.disconnect().catch(() => {});
     await stopAndCheck(node);
   }
