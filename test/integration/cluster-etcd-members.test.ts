@@ -95,6 +95,9 @@ test('three etcd members: one paused, writes go on; two paused, no write acknowl
     writing = false;
     await writer;
     for (const { index } of acknowledged) assert.deepEqual(await nbd.read(index * block, block), content(index), `acknowledged block ${index}`);
+  } catch (error) {
+    process.stderr.write(`--- alpha:\n${node.stderr()}\n`);
+    throw error;
   } finally {
     writing = false;
     await writer.catch(() => {});
