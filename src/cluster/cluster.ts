@@ -712,7 +712,14 @@ export class ClusterMember {
           this.#host.log(`cluster: node ${this.nodeName} registered again (lease ${this.#leaseId}); ${this.#confirmed.size} volume(s) confirmed`);
         } else {
           this.#clock.renewed(sentAt);
-          if (lapsed) await this.#confirmOwnership();
+          // After a lapse, registered again under this lease before the re-check (which compares that): a join whose
+          // registration failed after its lease was granted (timed out on a loaded etcd, or refused while another
+          // pool's record held the name) leaves this lease alive without it, and the re-check alone would fail at
+          // every beat, writes refused until a restart.
+          if (lapsed) {
+            await this.#register(false);
+            await this.#confirmOwnership();
+          }
           beats += 1;
           if (this.#clock.live(performance.now())) await this.#reconcile();
           if (beats % 3 === 0) await this.#client.put(nodeKey(this.nodeName)).value(JSON.stringify(await this.#record())).lease(this.#leaseId!).options(this.#deadline()).exec();

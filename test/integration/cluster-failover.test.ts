@@ -52,7 +52,7 @@ test('the owner killed: the replica with the newest point takes the volume over 
     await waitFor('both replicas published', async () => {
       const status = await clusterStatus(beta.node);
       return status.volumes.find((volume) => volume.name === 'vol')?.replicas.join(',') === 'beta,gamma' ? status : null;
-    }, 10_000);
+    }, 30_000);
 
     const killedAt = performance.now();
     await alpha.node.kill();
@@ -69,12 +69,14 @@ test('the owner killed: the replica with the newest point takes the volume over 
       } finally {
         await client.disconnect().catch(() => {});
       }
-    }, 2 * ttlMs + 10_000);
+    }, 2 * ttlMs + 30_000);
     const failoverMs = Math.round(firstWrite - killedAt);
     process.stderr.write(`# failover: owner killed to first write acknowledged by the new owner: ${failoverMs} ms (lease TTL ${ttlMs} ms)\n`);
     // The lease must expire first (TTL), beta must see alpha unregistered for a whole TTL (failover.ts's
-    // AbsenceClock), then a renewal beat of beta (TTL/3) takes it over, then its client reconnects.
-    assert.ok(failoverMs < 2 * ttlMs + 3_000, `failover took ${failoverMs} ms`);
+    // AbsenceClock), then a renewal beat of beta (TTL/3) takes it over, then its client reconnects: about 2.3 TTLs.
+    // Bounded, but with room for a loaded machine (CI), whose timers, etcd and processes all run late: a failover
+    // that waits a few TTLs more than it should still fails this.
+    assert.ok(failoverMs < 2 * ttlMs + 12_000, `failover took ${failoverMs} ms`);
 
     const status = await clusterStatus(gamma.node);
     assert.deepEqual(status.volumes.map((volume) => [volume.name, volume.owner, volume.epoch]), [['vol', 'beta', 2]]);
@@ -105,16 +107,16 @@ test('the owner killed: the replica with the newest point takes the volume over 
 
     // It rejoins as a replica of beta on its own (its write that never replicated kept aside as a snapshot), gamma
     // follows beta too, and beta replicates to both.
-    await waitFor('alpha to rejoin as a replica of beta', async () => (roles(alpha.node).vol?.role === 'replica' ? true : null), 20_000);
+    await waitFor('alpha to rejoin as a replica of beta', async () => (roles(alpha.node).vol?.role === 'replica' ? true : null), 60_000);
     assert.deepEqual(roles(alpha.node).vol, { role: 'replica', owner: 'beta', epoch: 2 });
-    await waitFor('gamma to follow beta', async () => (roles(gamma.node).vol?.owner === 'beta' ? true : null), 20_000);
+    await waitFor('gamma to follow beta', async () => (roles(gamma.node).vol?.owner === 'beta' ? true : null), 60_000);
     assert.deepEqual([roles(gamma.node).vol?.role, roles(gamma.node).vol?.epoch], ['replica', 2]);
     const kept = JSON.parse(await ok(alpha.node, 'snapshot', 'list', 'vol', '--json')).map((snapshot: { name: string }) => snapshot.name).filter((name: string) => name.startsWith('fenced-'));
     assert.equal(kept.length, 1, 'alpha keeps its unreplicated write as a fenced- snapshot');
     await waitFor('beta to replicate to alpha and gamma', async () => {
       const links = JSON.parse(await ok(beta.node, 'replica', 'status', 'vol', '--json')).replicas.map((link: { peerName: string | null; peer: string }) => link.peer).sort();
       return links.join(',') === [alpha.address, gamma.address].sort().join(',') ? true : null;
-    }, 20_000);
+    }, 60_000);
     await ok(beta.node, 'replica', 'sync', 'vol', '--peer', alpha.address);
     assert.equal(roles(beta.node).vol?.keep, undefined, 'the promotion point is released once alpha took a point from beta');
     // gamma never got beta's point (the second), and its own (the first) was pruned on beta when the second landed
@@ -123,7 +125,7 @@ test('the owner killed: the replica with the newest point takes the volume over 
     const gammaPoint = await waitFor('gamma to catch up with beta', async () => {
       const link = JSON.parse(await ok(beta.node, 'replica', 'status', 'vol', '--json')).replicas.find((candidate: { peer: string }) => candidate.peer === gamma.address);
       return link?.lastReplicated?.snapshot as string | undefined ?? null;
-    }, 20_000);
+    }, 60_000);
     assert.match(beta.node.stderr(), /replication of vol to gamma: its replica shares no snapshot with this node's vol \(it holds repl-\d+\); resending it whole/);
     assert.match(gamma.node.stderr(), /replica vol resent whole by beta \(epoch 2\): it shared no snapshot with beta's vol; its points here \(repl-\d+\) are given up/);
     // Until then gamma's old point was published as stale (no successor of beta's); now it is beta's.
@@ -180,7 +182,7 @@ test('split brain: the owner paused past its TTL while a client writes, its repl
     await waitFor('epsilon published its replica', async () => {
       const status = await clusterStatus(epsilon.node);
       return status.volumes.find((volume) => volume.name === 'sb')?.replicas.join(',') === 'epsilon' ? status : null;
-    }, 10_000);
+    }, 30_000);
     // The client writes 4 KiB blocks one after another to the owner and checks every reply.
     const replies: Array<{ index: number; at: number; acknowledged: boolean }> = [];
     let writing = true;
@@ -194,18 +196,20 @@ test('split brain: the owner paused past its TTL while a client writes, its repl
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
     })();
-    await waitFor('writes to the owner', async () => (replies.filter((reply) => reply.acknowledged).length >= 10 ? true : null), 10_000);
+    await waitFor('writes to the owner', async () => (replies.filter((reply) => reply.acknowledged).length >= 10 ? true : null), 30_000);
     const stoppedAt = performance.now();
     child.kill('SIGSTOP');
     const promoted = await waitFor('epsilon to own sb at epoch 2', async () => {
       const status = await clusterStatus(epsilon.node);
       const volume = status.volumes.find((candidate) => candidate.name === 'sb');
       return volume?.owner === 'epsilon' && volume.epoch === 2 ? performance.now() : null;
-    }, ttlMs + 10_000);
+    }, 2 * ttlMs + 30_000);
     const continuedAt = performance.now();
     child.kill('SIGCONT');
-    // Through the old owner's resumption, re-registration and re-check: every reply is a refusal.
+    // Through the old owner's resumption, re-registration and re-check: every reply is a refusal. At least a TTL
+    // and a second of them, and at least 10 (more time where a loaded machine answers slowly).
     await new Promise((resolve) => setTimeout(resolve, ttlMs + 1_000));
+    await waitFor('10 replies from the resumed owner', async () => (replies.filter((reply) => reply.at > continuedAt).length >= 10 ? true : null), 60_000);
     writing = false;
     await writer;
     await client.disconnect();
@@ -213,7 +217,8 @@ test('split brain: the owner paused past its TTL while a client writes, its repl
     process.stderr.write(`# split brain: owner stopped, epsilon promoted ${Math.round(promoted - stoppedAt)} ms later; after SIGCONT ${after.length} writes to the old owner, ${after.filter((reply) => reply.acknowledged).length} acknowledged\n`);
     assert.ok(after.length >= 10, `the client kept writing to the old owner (${after.length} replies)`);
     assert.deepEqual(after.filter((reply) => reply.acknowledged), [], 'the old owner acknowledged writes after the new owner\'s epoch began');
-    assert.deepEqual(replies.filter((reply) => reply.acknowledged && reply.at > stoppedAt + 200), [], 'acknowledged while stopped?');
+    // A stopped node sends nothing; a reply it sent just before the stop may reach this (loaded) process late, so 2 s.
+    assert.deepEqual(replies.filter((reply) => reply.acknowledged && reply.at > stoppedAt + 2_000), [], 'acknowledged while stopped?');
     assert.match(delta.node.stderr(), /volume sb: writes refused: etcd records node epsilon as its owner at epoch 2/);
     // The new owner takes writes, with what was replicated.
     const fresh = await TestNbdClient.connect(epsilon.node.nbdSocket, 'sb');

@@ -88,7 +88,7 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     assert.deepEqual([(await record()).owner, (await record()).epoch, (await record()).replicas], ['beta', 2, ['alpha']]);
     assert.equal(await cluster.client.get('/chunkd/v1/operations/move/vol').string(), null);
     assert.deepEqual(roles(alpha.node).vol, { role: 'replica', owner: 'beta', epoch: 2 });
-    await waitFor('beta takes writes', () => writable(beta.node), cluster.ttlMs);
+    await waitFor('beta takes writes', () => writable(beta.node), cluster.ttlMs + 30_000);
     const pause = /writes were refused for ([\d.]+) s/.exec(alpha.node.stderr())?.[1];
     process.stderr.write(`# move (16 MiB, TTL ${cluster.ttlMs} ms): asked to answered ${Math.round(answeredAt - askedAt)} ms, to the first write on beta ${Math.round(performance.now() - askedAt)} ms; the handoff's write pause on alpha ${pause} s\n`);
     assert.equal(await writable(alpha.node), false);
@@ -98,7 +98,7 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     const text = await waitFor('alpha listed as a live replica', async () => {
       const output = await ok(alpha.node, 'volume', 'list');
       return /^vol\t16 MiB\tbeta\t2\talpha@repl-\d+ \(\d+\.\d s old\)$/m.test(output) ? output : null;
-    }, 3 * cluster.ttlMs);
+    }, 3 * cluster.ttlMs + 30_000);
     assert.match(text, /^VOLUME\tSIZE\tOWNER\tEPOCH\tREPLICAS$/m);
     assert.equal(await ok(alpha.node, 'volume', 'move', 'vol', '--to', 'beta'), 'vol is already owned by beta (epoch 2)\n');
     const unknown = await alpha.node.cli('volume', 'move', 'vol', '--to', 'zeta');
@@ -123,7 +123,7 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     const second = await moveWithBetaCrashing('handoff:after-final', 'alpha', alpha.node, 'the target takes no write before the handoff');
     assert.deepEqual(second, { volume: 'vol', from: 'beta', to: 'alpha', epoch: 3, moved: true });
     assert.match(beta.node.stderr(), /handoff of vol to alpha rolled back/);
-    await waitFor('alpha takes writes', () => writable(alpha.node), cluster.ttlMs);
+    await waitFor('alpha takes writes', () => writable(alpha.node), cluster.ttlMs + 30_000);
     assert.equal(await writable(beta.node), false);
     await readBack(alpha.node, [[0, 0xa1], [MiB, 0xb2]]);
     await write(alpha.node, 2 * MiB, 0xc3);
@@ -132,8 +132,8 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     // owner stays frozen; beta restarted records the move in etcd itself, and alpha learns it is beta's replica.
     const third = await moveWithBetaCrashing('handoff:after-take', 'beta', alpha.node, 'the owner is frozen while the outcome is unknown');
     assert.deepEqual(third, { volume: 'vol', from: 'alpha', to: 'beta', epoch: 4, moved: true });
-    await waitFor('beta takes writes', () => writable(beta.node), cluster.ttlMs);
-    await waitFor('alpha a replica of beta', () => roles(alpha.node).vol?.role === 'replica', cluster.ttlMs);
+    await waitFor('beta takes writes', () => writable(beta.node), cluster.ttlMs + 30_000);
+    await waitFor('alpha a replica of beta', () => roles(alpha.node).vol?.role === 'replica', cluster.ttlMs + 30_000);
     assert.equal(await writable(alpha.node), false);
     await readBack(beta.node, [[0, 0xa1], [MiB, 0xb2], [2 * MiB, 0xc3]]);
 
@@ -162,7 +162,7 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     assert.deepEqual([(await record()).owner, (await record()).epoch], ['beta', 4]);
     assert.match(beta.node.stderr(), /move of volume vol to alpha cancelled \(asked on beta\)/);
     process.stderr.write(`# cancel (${Math.round(performance.now() - cancelStarted)} ms): ${/its handoff stops at its next step|stopped, as cancelled/.test(beta.node.stderr()) ? 'the running handoff stopped at its next step' : 'deleted before the handoff ran'}${/handoff of vol to .* cancelled after the freeze/.test(beta.node.stderr()) ? ', rolled back after the freeze' : ''}\n`);
-    await waitFor('beta takes writes after the cancel', () => writable(beta.node), cluster.ttlMs);
+    await waitFor('beta takes writes after the cancel', () => writable(beta.node), cluster.ttlMs + 30_000);
     assert.equal(roles(alpha.node).vol?.role, 'replica');
     const nothing = await beta.node.cli('volume', 'move', 'vol', '--cancel');
     assert.equal(nothing.code, 1);
@@ -182,11 +182,11 @@ test('volume move from any node through etcd; volume list from any node; kill -9
     assert.equal(racedResult.code, 0, racedResult.stderr);
     assert.deepEqual(JSON.parse(racedResult.stdout), { volume: 'vol', from: 'beta', to: 'alpha', epoch: 5, moved: true });
     assert.match(alpha.node.stderr(), /node beta, owner of volume vol at epoch 4, has no live lease; this node takes it over at epoch 5/);
-    await waitFor('the move dropped from etcd', async () => (await cluster.client.get('/chunkd/v1/operations/move/vol').string()) === null, 3 * cluster.ttlMs);
-    await waitFor('alpha takes writes', () => writable(alpha.node), cluster.ttlMs);
+    await waitFor('the move dropped from etcd', async () => (await cluster.client.get('/chunkd/v1/operations/move/vol').string()) === null, 3 * cluster.ttlMs + 30_000);
+    await waitFor('alpha takes writes', () => writable(alpha.node), cluster.ttlMs + 30_000);
     await readBack(alpha.node, [[0, 0xa1], [MiB, 0xb2], [2 * MiB, 0xc3], [3 * MiB, 0xd4]]);
     beta = await cluster.start('beta');
-    await waitFor('beta a replica of alpha', () => roles(beta.node).vol?.role === 'replica', 3 * cluster.ttlMs);
+    await waitFor('beta a replica of alpha', () => roles(beta.node).vol?.role === 'replica', 3 * cluster.ttlMs + 30_000);
     assert.deepEqual(roles(beta.node).vol, { role: 'replica', owner: 'alpha', epoch: 5 });
     assert.equal(await writable(beta.node), false);
     assert.equal(await writable(alpha.node), true);

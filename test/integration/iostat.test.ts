@@ -60,8 +60,15 @@ test('under fio: per-volume counters and histograms move on /metrics over TCP, a
       return new Map([...text.matchAll(/^(chunkd_(?:volume|stage)_\S+) (\S+)$/gm)].map((m) => [m[1]!, Number(m[2])]));
     };
     const fio = runTool('fio', ['--name=load', '--ioengine=nbd', `--uri=${node.uri('busy')}`, '--rw=randrw', '--bs=4k,2m', '--iodepth=16', '--size=64M', '--time_based', '--runtime=8', '--randrepeat=0']);
-    await new Promise((resolve) => setTimeout(resolve, 1000));
-    const first = await scrape();
+    // The first scrape once fio's load is there (every counter compared below has moved), not after a fixed second:
+    // fio may take longer to start on a loaded machine.
+    const moved = ['read', 'write'].map((op) => `chunkd_volume_request_seconds_count{volume="busy",op="${op}"}`)
+      .concat(['receive', 'worker_wait', 'chunk_read', 'chunk_write', 'reply'].map((stage) => `chunkd_stage_seconds_count{stage="${stage}"}`));
+    let first = await scrape();
+    for (const deadline = performance.now() + 30_000; !moved.every((name) => (first.get(name) ?? 0) > 0); first = await scrape()) {
+      assert.ok(performance.now() < deadline, `fio's load not seen in 30 s: ${moved.map((name) => `${name} ${first.get(name)}`).join(', ')}`);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
     const [iostat, text] = await Promise.all([node.cli('iostat', 'busy', '1', '--count', '2', '--json'), node.cli('iostat', '1', '--count', '1')]);
     const second = await scrape();
     const run = await fio;

@@ -17,7 +17,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
-import { freePort, haveTool, makeTempDir, mustRun, runTool, type RunningNode } from '../helpers/node-process.ts';
+import { haveTool, makeTempDir, mustRun, runTool, stablePort, type RunningNode } from '../helpers/node-process.ts';
 import { replicaLinks, startPeerNode, waitFor, type PeerNode } from '../helpers/peer-nodes.ts';
 import { callApi } from '../../src/cli/api-client.ts';
 import { PeerClient } from '../../src/peer/client.ts';
@@ -31,6 +31,11 @@ import { flipByteUnder, namedBlock } from '../helpers/damage.ts';
 
 const MiB = 1024 * 1024;
 const regionBytes = 64 * 1024;
+// Sync timeouts. A write the replica does not answer in time puts its link out of sync, which the tests below only
+// want where they stop the replica (SIGSTOP) and wait the timeout out: there 3 s, a wait each such test pays; links
+// that must stay in sync get 10 s, so that a loaded machine (CI) does not turn a slow answer into a resync.
+const waitedTimeoutMs = 3_000;
+const linkTimeoutMs = 10_000;
 const skip = !haveTool('nbdcopy') || !haveTool('qemu-io') || !haveTool('openssl');
 let scratch: string;
 let tlsDir: string;
@@ -51,7 +56,7 @@ function inSync(owner: PeerNode): Promise<Record<string, any>> {
   return waitFor('the replica in sync', async () => {
     const current = await link(owner);
     return current.state === 'in-sync' ? current : null;
-  }, async () => `${JSON.stringify(await link(owner))}\n${owner.node.stderr()}`, 20_000);
+  }, async () => `${JSON.stringify(await link(owner))}\n${owner.node.stderr()}`, 60_000);
 }
 
 function qemuIo(node: RunningNode, ...commands: string[]): Promise<string> {
@@ -67,7 +72,7 @@ beforeAll(async () => {
   scratch = makeTempDir('sync-replicas');
   tlsDir = path.join(scratch, 'tls');
   await mustRun(process.execPath, [path.resolve(import.meta.dirname, '../../bin/chunkd.js'), 'tls', 'init', tlsDir, '--node', 'alpha', '--node', 'beta', '--node', 'gamma']);
-  for (const name of ['alpha', 'beta', 'gamma']) ports[name] = await freePort();
+  for (const name of ['alpha', 'beta', 'gamma']) ports[name] = await stablePort();
   alpha = await startPeer('alpha', ports.alpha!, ['--default-volume', 'vol:32MiB']);
   beta = await startPeer('beta', ports.beta!);
 });
@@ -81,7 +86,7 @@ afterAll(async () => {
 
 test('an acknowledged write is on the synchronous replica, and durable there after a flush', { skip }, async () => {
   await qemuIo(alpha.node, 'write -P 0x11 0 4M', 'write -P 0x12 20M 1M');
-  const added = JSON.parse(await ok(alpha.node, 'replica', 'add', 'vol', '--peer', beta.address, '--sync', '--sync-timeout', '1s', '--json'));
+  const added = JSON.parse(await ok(alpha.node, 'replica', 'add', 'vol', '--peer', beta.address, '--sync', '--sync-timeout', `${waitedTimeoutMs / 1000}s`, '--json'));
   assert.equal(added.mode, 'sync');
   const first = await inSync(alpha);
   assert.equal(first.peerName, 'beta');
@@ -165,8 +170,9 @@ test('a stopped, then killed, replica: writes go on after the timeout, and only 
   const away = await link(alpha);
   assert.equal(away.state, 'out-of-sync');
   assert.equal(away.outOfSyncTotal, 1);
-  assert.ok(waited >= 900, `the first write waited for the 1 s timeout (${waited} ms)`);
-  assert.match(alpha.node.stderr(), /synchronous replica on 127\.0\.0\.1:\d+ is out of sync, writes go on without it: the synchronous replica on 127\.0\.0\.1:\d+ did not answer within 1000 ms/);
+  // A lower bound only: the write's deadline is set after `started` (timers may fire a millisecond early).
+  assert.ok(waited >= waitedTimeoutMs - 100, `the first write waited for the ${waitedTimeoutMs} ms timeout (${waited} ms)`);
+  assert.match(alpha.node.stderr(), new RegExp(`synchronous replica on 127\\.0\\.0\\.1:\\d+ is out of sync, writes go on without it: the synchronous replica on 127\\.0\\.0\\.1:\\d+ did not answer within ${waitedTimeoutMs} ms`));
   assert.equal(away.dirtyBytes, 1.5 * MiB);
   const metrics = await ok(alpha.node, 'status', '--json');
   assert.equal(JSON.parse(metrics).replication.syncReplicas[0].state, 'out-of-sync');
@@ -291,10 +297,10 @@ test('snapshots, a resize and a rollback reach the synchronous replica, at the s
   const svInSync = (): Promise<Record<string, any>> => waitFor('sv in sync', async () => {
     const current = await svLink();
     return current.state === 'in-sync' ? current : null;
-  }, async () => `${JSON.stringify(await svLink())}\n${alpha.node.stderr()}`, 20_000);
+  }, async () => `${JSON.stringify(await svLink())}\n${alpha.node.stderr()}`, 60_000);
   await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'sv', sizeBytes: 8 * MiB });
   await io(alpha.node, 'write -P 0x11 0 1M');
-  await api(alpha.node, 'POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 1_000 });
+  await api(alpha.node, 'POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: linkTimeoutMs });
   await svInSync();
 
   // A snapshot taken while a client writes: the same writes in it on both nodes, with the owner's id.
@@ -365,8 +371,8 @@ test('a link added back to a replica that holds the data sends only the chunks t
   const lostInSync = (): Promise<Record<string, any>> => waitFor('lost in sync', async () => {
     const now = await current();
     return now.state === 'in-sync' ? now : null;
-  }, async () => `${JSON.stringify(await current())}\n${alpha.node.stderr()}`, 20_000);
-  const add = (maxRateBytesPerSecond: number | null = null): Promise<any> => api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000, maxRateBytesPerSecond });
+  }, async () => `${JSON.stringify(await current())}\n${alpha.node.stderr()}`, 60_000);
+  const add = (maxRateBytesPerSecond: number | null = null): Promise<any> => api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: linkTimeoutMs, maxRateBytesPerSecond });
   const remove = (): Promise<any> => api('DELETE', '/replicas', { peer: beta.address });
   await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'lost', sizeBytes: 16 * MiB });
   await mustRun('qemu-io', ['-f', 'raw', alpha.node.qemuUri('lost'), '-c', 'write -P 0x55 0 8M']);
@@ -377,6 +383,9 @@ test('a link added back to a replica that holds the data sends only the chunks t
   assert.equal(first.resyncBytesTotal, 8 * MiB);
   const said = await waitFor('the resync logged', async () => /volume lost: synchronous replica on \S+ \(beta\) is in sync: resync sent [\d.]+ MiB in ([\d.]+) s/.exec(alpha.node.stderr()), async () => alpha.node.stderr());
   const seconds = Number(said[1]);
+  // A lower bound a correct limiter cannot miss on any machine: every byte sent is paid before the resync ends
+  // (RateLimiter.settle), so 8 MiB take at least 1 s less the limiter's 50 ms burst; no upper bound (a loaded
+  // machine is slower, not faster).
   assert.ok(seconds >= 0.85, `8 MiB at 8 MiB/s took ${seconds} s`);
 
   // Removed (beta keeps its copy), 1% of the volume written (40 chunks of 4 KiB here and there), added back: every
@@ -428,8 +437,8 @@ test('a client write to a region the resync has copied goes to the resyncing rep
   await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'fw', sizeBytes: 4 * MiB });
   await mustRun('qemu-io', ['-f', 'raw', alpha.node.qemuUri('fw'), '-c', 'write -P 0x71 0 4M']);
   // At 2 MiB/s the first resync takes about 2 s, copying the regions in order: the first is soon copied.
-  await api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000, maxRateBytesPerSecond: 2 * MiB });
-  await waitFor('the first regions copied', async () => ((await fwLink()).resync?.copiedBytes >= 512 * 1024 ? true : null), async () => JSON.stringify(await fwLink()), 10_000);
+  await api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: linkTimeoutMs, maxRateBytesPerSecond: 2 * MiB });
+  await waitFor('the first regions copied', async () => ((await fwLink()).resync?.copiedBytes >= 512 * 1024 ? true : null), async () => JSON.stringify(await fwLink()), 30_000);
   const client = await TestNbdClient.connect(alpha.node.nbdSocket, 'fw');
   await client.write(4096, Buffer.alloc(4096, 0x72));
   await client.flush();
@@ -437,7 +446,7 @@ test('a client write to a region the resync has copied goes to the resyncing rep
   const done = await waitFor('fw in sync', async () => {
     const now = await fwLink();
     return now.state === 'in-sync' ? now : null;
-  }, async () => JSON.stringify(await fwLink()), 20_000);
+  }, async () => JSON.stringify(await fwLink()), 60_000);
   // Sent to beta as it was written: the resync sent the volume's 4 MiB once, and not that chunk again.
   assert.equal(done.resyncBytesTotal, 4 * MiB);
   assert.equal(done.outOfSyncTotal, 0);
@@ -461,10 +470,10 @@ test('volume set --sync on|off: an asynchronous replica becomes synchronous (onl
 
   // On: the asynchronous link is a synchronous one; its resync compares the whole volume and sends the 256 KiB that
   // beta's copy lacks.
-  const on = await ok(alpha.node, 'volume', 'set', 'sw', '--sync', 'on', '--sync-timeout', '1s');
+  const on = await ok(alpha.node, 'volume', 'set', 'sw', '--sync', 'on', '--sync-timeout', `${waitedTimeoutMs / 1000}s`);
   assert.match(on, /^volume sw: its replicas are synchronous \(in sync\): beta \(127\.0\.0\.1:\d+\)$/m);
   const synced = await swLink();
-  assert.deepEqual([synced.mode, synced.state, synced.timeoutMs, synced.resyncBytesTotal], ['sync', 'in-sync', 1_000, 256 * 1024]);
+  assert.deepEqual([synced.mode, synced.state, synced.timeoutMs, synced.resyncBytesTotal], ['sync', 'in-sync', waitedTimeoutMs, 256 * 1024]);
   await io('write -P 0x63 2M 64k');
   assert.equal(await exportHash(beta.node, 'sw'), await exportHash(alpha.node, 'sw'));
   await assert.rejects(callApi(beta.node.apiSocket, 'PATCH', '/v1/volumes/sw', { sync: false }), /volume sw is a read-only replica of node alpha \(epoch 1\); a change of its replicas is refused/, 'a replica\'s node does not change its owner\'s links');
@@ -514,13 +523,13 @@ test('a rollback, a shrink and a delete while a resync runs: each goes through, 
   const rrInSync = (): Promise<Record<string, any>> => waitFor('rr in sync', async () => {
     const now = await rrLink();
     return now.state === 'in-sync' ? now : null;
-  }, async () => `${JSON.stringify(await rrLink())}\n${alpha.node.stderr()}`, 20_000);
+  }, async () => `${JSON.stringify(await rrLink())}\n${alpha.node.stderr()}`, 60_000);
   // A resync at 1 MiB/s copying 2 MiB of data: the step under way when the change comes has the volume open.
   const resyncing = (): Promise<Record<string, any>> => waitFor('rr resyncing its live volume', async () => {
     const now = await rrLink();
     return now.state === 'resyncing' && now.resync.copiedBytes >= 256 * 1024 ? now : null;
-  }, async () => `${JSON.stringify(await rrLink())}\n${alpha.node.stderr()}`, 20_000);
-  const add = (): Promise<any> => api(alpha.node, 'POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000, maxRateBytesPerSecond: MiB });
+  }, async () => `${JSON.stringify(await rrLink())}\n${alpha.node.stderr()}`, 60_000);
+  const add = (): Promise<any> => api(alpha.node, 'POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: linkTimeoutMs, maxRateBytesPerSecond: MiB });
   const same = async (name = 'rr'): Promise<void> => assert.equal(await exportHash(beta.node, name), await exportHash(alpha.node, name), `${name} differs on the replica`);
   await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'rr', sizeBytes: 4 * MiB });
   await io('write -P 0x11 0 256k');
@@ -569,9 +578,9 @@ test('fio with crc32c verify and flushes while the replica is killed and restart
   const fvState = (state: string): Promise<Record<string, any>> => waitFor(`fv ${state}`, async () => {
     const now = await fvLink();
     return now.state === state ? now : null;
-  }, async () => `${JSON.stringify(await fvLink())}\n${alpha.node.stderr()}`, 20_000);
+  }, async () => `${JSON.stringify(await fvLink())}\n${alpha.node.stderr()}`, 60_000);
   await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'fv', sizeBytes: 16 * MiB });
-  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes/fv/replicas', { peer: beta.address, sync: true, timeoutMs: 1_000 });
+  await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes/fv/replicas', { peer: beta.address, sync: true, timeoutMs: linkTimeoutMs });
   const before = await fvState('in-sync');
   // 8 MiB of 64 KiB blocks with crc32c headers at 2 MiB/s (about 4 s), a flush every 8 writes; then fio reads each
   // block back and checks it.
@@ -581,7 +590,9 @@ test('fio with crc32c verify and flushes while the replica is killed and restart
     return JSON.parse(output.slice(output.indexOf('{'))).jobs[0];
   };
   const writing = fio(alpha.node, '--rate=2m', '--do_verify=1');
-  await new Promise((resolve) => setTimeout(resolve, 800));
+  // Killed once fio's writes reach beta (not after a fixed sleep: fio may take longer than that to start on a loaded
+  // machine, and a kill before its first write could leave the resync nothing to compare).
+  await waitFor('fio writing through to beta', async () => ((await fvLink()).requestsTotal > before.requestsTotal + 4 ? true : null), async () => JSON.stringify(await fvLink()), 60_000);
   await beta.node.kill();
   await fvState('out-of-sync');
   beta = await startPeer('beta', ports.beta!);
@@ -609,18 +620,18 @@ test('a block damaged on the owner that a resync reads: repaired from another in
   const allInSync = (count: number): Promise<Array<Record<string, any>>> => waitFor('dr in sync', async () => {
     const now = await drLinks();
     return now.length === count && now.every((current) => current.state === 'in-sync') ? now : null;
-  }, async () => `${JSON.stringify(await drLinks())}\n${alpha.node.stderr()}`, 20_000);
+  }, async () => `${JSON.stringify(await drLinks())}\n${alpha.node.stderr()}`, 60_000);
   await callApi(alpha.node.apiSocket, 'POST', '/v1/volumes', { name: 'dr', sizeBytes: 4 * MiB });
   const blocks = [namedBlock('resync repair', 0), namedBlock('resync repair', 1)];
   const client = await TestNbdClient.connect(alpha.node.nbdSocket, 'dr');
   await client.write(MiB, Buffer.concat(blocks));
   await client.flush();
   await client.disconnect();
-  await api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: 2_000 });
+  await api('POST', '/replicas', { peer: beta.address, sync: true, timeoutMs: linkTimeoutMs });
   await allInSync(1);
   // Damaged on alpha: gamma's first resync reads that block to send it, and beta, in sync, has it.
   flipByteUnder(alpha.node.pool, blocks[1]!);
-  await api('POST', '/replicas', { peer: gamma.address, sync: true, timeoutMs: 2_000 });
+  await api('POST', '/replicas', { peer: gamma.address, sync: true, timeoutMs: linkTimeoutMs });
   const links = await allInSync(2);
   const fromBeta = links.find((current) => current.peerName === 'beta')!;
   assert.equal(fromBeta.readRepairsTotal, 1);

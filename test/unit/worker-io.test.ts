@@ -83,7 +83,7 @@ test('a chunk file only the workers wrote is opened here for small cached reads,
   await io.writeSummed(physical, data);
   const small = Buffer.alloc(chunkSizeBytes);
   assert.equal(files.readCached(physical, 0, small), false, 'not open on this thread yet: it starts opening');
-  const deadline = Date.now() + 2000;
+  const deadline = Date.now() + 30_000;
   while (!files.readCached(physical + 1, 0, small)) {
     assert.ok(Date.now() < deadline, 'the file opens');
     await new Promise((resolve) => setTimeout(resolve, 5));
@@ -95,8 +95,8 @@ test('a read up to 1 MiB that the page cache holds is served on this thread, ver
   const data = randomBytes(huge);
   const sums = await io.writeSummed(6000, data);
   // Only a worker wrote chunk file 0 if this test runs alone: this thread opens it at its first cached read.
-  for (let tries = 0; !files.readCached(6000, 0, Buffer.alloc(chunkSizeBytes)); tries++) {
-    assert.ok(tries < 400, 'the file opens');
+  for (const deadline = Date.now() + 30_000; !files.readCached(6000, 0, Buffer.alloc(chunkSizeBytes));) {
+    assert.ok(Date.now() < deadline, 'the file opens');
     await new Promise((resolve) => setTimeout(resolve, 5));
   }
   const tasksBefore = workerWaits.count;
@@ -231,8 +231,9 @@ test('a worker that dies fails what it ran with EIO, is replaced, and the engine
     const target = Buffer.alloc(huge);
     assert.equal(await io.readChunks(target, Float64Array.of(500, target.length / chunkSizeBytes, 0), sums, true), null, 'served after the death');
   }
-  // The replacement starts in the background; wait for it (a bounded poll, not a timing assertion).
-  for (let i = 0; i < 100 && io.status().workers.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 20));
+  // The replacement starts in the background; wait for it (a bounded poll, not a timing assertion: 30 s, room for a
+  // worker thread's start on a loaded machine).
+  for (const deadline = Date.now() + 30_000; Date.now() < deadline && io.status().workers.length < 2;) await new Promise((resolve) => setTimeout(resolve, 20));
   const status = io.status();
   assert.equal(status.workerRestarts, 1);
   assert.equal(status.workers.length, 2, `replaced: ${JSON.stringify(status)}`);

@@ -180,7 +180,7 @@ export class RawClient {
   }
 
   /** Resolves true if the server closes the connection (reading and dropping anything it sends meanwhile). */
-  async waitClosed(timeoutMs = 2000): Promise<boolean> {
+  async waitClosed(timeoutMs = 10_000): Promise<boolean> {
     const timer = new Promise<boolean>((resolve) => setTimeout(() => resolve(false), timeoutMs).unref());
     return Promise.race([this.closed.then(() => true), timer]);
   }
