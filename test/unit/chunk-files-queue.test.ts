@@ -15,33 +15,18 @@ const MiB = 1024 * 1024;
 const chunksPerMiB = MiB / chunkSizeBytes;
 
 /** The real files, counting the writes in flight at once (per descriptor) and each call, with a failure to arm. */
-class CountingFiles implements FileLayer {
+class CountingFiles {
   readonly calls: Array<{ fd: number; op: 'write' | 'writev'; position: number; bytes: number }> = [];
   readonly inFlight = new Map<number, number>();
   mostInFlight = 0;
   /** A write or writev that covers this position fails with EIO (once). */
   failAt: number | null = null;
-  open = realFiles.open;
-  openSync = realFiles.openSync;
-  close = realFiles.close;
-  read = realFiles.read;
-  readCached = realFiles.readCached;
-  writeSync = realFiles.writeSync;
-  fdatasync = realFiles.fdatasync;
-  allocate = realFiles.allocate;
-  rename = realFiles.rename;
-  unlink = realFiles.unlink;
-  syncDirectory = realFiles.syncDirectory;
-  workerSpec = realFiles.workerSpec;
-
-  write(fd: number, data: Uint8Array, positionBytes: number): Promise<void> {
-    return this.#track(fd, 'write', positionBytes, data.length, () => realFiles.write(fd, data, positionBytes));
-  }
-
-  writev(fd: number, parts: readonly Uint8Array[], positionBytes: number): Promise<void> {
-    const bytes = parts.reduce((sum, part) => sum + part.length, 0);
-    return this.#track(fd, 'writev', positionBytes, bytes, () => realFiles.writev(fd, parts, positionBytes));
-  }
+  readonly layer: FileLayer = {
+    ...realFiles,
+    write: (fd, data, positionBytes) => this.#track(fd, 'write', positionBytes, data.length, () => realFiles.write(fd, data, positionBytes)),
+    writev: (fd, parts, positionBytes) =>
+      this.#track(fd, 'writev', positionBytes, parts.reduce((sum, part) => sum + part.length, 0), () => realFiles.writev(fd, parts, positionBytes)),
+  };
 
   async #track(fd: number, op: 'write' | 'writev', position: number, bytes: number, run: () => Promise<void>): Promise<void> {
     this.calls.push({ fd, op, position, bytes });
@@ -69,7 +54,7 @@ let files: ChunkFiles;
 beforeEach(() => {
   directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-queue-'));
   layer = new CountingFiles();
-  files = new ChunkFiles(path.join(directory, 'chunks'), layer);
+  files = new ChunkFiles(path.join(directory, 'chunks'), layer.layer);
 });
 
 afterEach(() => {
