@@ -29,6 +29,8 @@ export interface FileLayer {
   readCached(fd: number, target: Uint8Array, positionBytes: number): number;
   /** Writes all of `data`. */
   write(fd: number, data: Uint8Array, positionBytes: number): Promise<void>;
+  /** Writes all of `parts`, one after another from `positionBytes`, in as few calls as the system takes (pwritev). */
+  writev(fd: number, parts: readonly Uint8Array[], positionBytes: number): Promise<void>;
   /** Writes all of `data` on this thread (a worker's writes land in the page cache). */
   writeSync(fd: number, data: Uint8Array, positionBytes: number): void;
   fdatasync(fd: number): Promise<void>;
@@ -84,6 +86,28 @@ function writeLoop(fd: number, data: Uint8Array, positionBytes: number): Promise
   });
 }
 
+/** pwritevs all of `parts` from `positionBytes`, looping over short writes. */
+function writevLoop(fd: number, parts: readonly Uint8Array[], positionBytes: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let rest = parts;
+    let position = positionBytes;
+    const step = (): void => {
+      fs.writev(fd, rest as Uint8Array[], position, (error, written) => {
+        if (error) return reject(error);
+        position += written;
+        // Drop what was written: whole parts, then the written head of the next.
+        let skip = written;
+        let index = 0;
+        while (index < rest.length && skip >= rest[index]!.length) skip -= rest[index++]!.length;
+        if (index === rest.length) return resolve();
+        rest = [rest[index]!.subarray(skip), ...rest.slice(index + 1)];
+        step();
+      });
+    };
+    step();
+  });
+}
+
 /** The file system itself. */
 export const realFiles: FileLayer = {
   open: (path, mode) => new Promise((resolve, reject) => fs.open(path, openFlags[mode], 0o600, settle(resolve, reject))),
@@ -92,6 +116,7 @@ export const realFiles: FileLayer = {
   read: readLoop,
   readCached: readIfCached,
   write: writeLoop,
+  writev: writevLoop,
   writeSync: (fd, data, positionBytes) => {
     let done = 0;
     while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, positionBytes + done);

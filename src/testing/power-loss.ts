@@ -76,6 +76,10 @@ export class PowerLossFiles implements FileLayer {
     return this.inner.write(fd, data, positionBytes);
   }
 
+  writev(fd: number, parts: readonly Uint8Array[], positionBytes: number): Promise<void> {
+    return this.inner.writev(fd, parts, positionBytes);
+  }
+
   writeSync(fd: number, data: Uint8Array, positionBytes: number): void {
     return this.inner.writeSync(fd, data, positionBytes);
   }

@@ -166,6 +166,15 @@ export class TestFiles implements FileLayer {
     return this.#async(true, 'write', this.pathOf(fd), () => realFiles.write(fd, data, positionBytes), [positionBytes, data.length]);
   }
 
+  /** Part by part, each a write of its own to the rules and crash points, as separate writes were before pwritev. */
+  async writev(fd: number, parts: readonly Uint8Array[], positionBytes: number): Promise<void> {
+    let position = positionBytes;
+    for (const part of parts) {
+      await this.write(fd, part, position);
+      position += part.length;
+    }
+  }
+
   writeSync(fd: number, data: Uint8Array, positionBytes: number): void {
     return this.#sync(true, 'write', this.pathOf(fd), () => realFiles.writeSync(fd, data, positionBytes), [positionBytes, data.length]);
   }

@@ -453,6 +453,7 @@ class PageGoesBad implements FileLayer {
     return -1;
   }
   write = realFiles.write;
+  writev = realFiles.writev;
   writeSync = realFiles.writeSync;
   fdatasync = realFiles.fdatasync;
   allocate = realFiles.allocate;
