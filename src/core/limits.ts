@@ -75,6 +75,13 @@ export const tlsSendBufferBytes = 2 * MiB;
  * issue 19). Where net.core.wmem_max is the usual 208 KiB the kernel grants no more than that.
  */
 export const plainSendBufferBytes = 4 * MiB;
+/**
+ * A plain connection's READ reply of at least this many bytes is written as soon as its data is in, not corked
+ * until the end of the turn, and the connection takes its next request only in the next turn (connection.ts):
+ * so the socket copies bytes still in the CPU's caches. Smaller replies are cheap to copy cold and gain more
+ * from sharing one writev.
+ */
+export const hotReplyBytesMin = 256 * KiB;
 /** Time a closing NBD connection has to flush its last replies before it is cut (a client that stopped reading). */
 export const connectionCloseGraceMs = 10_000;
 

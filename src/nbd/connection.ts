@@ -37,7 +37,9 @@
 // Transmission: requests are taken as bytes arrive and go to the device at once, in order of arrival (the device
 // serializes overlapping ranges); each reply is written whole when its request finishes, so replies go out of
 // order but never interleave. Replies written in one turn of the event loop leave in one writev (cork until
-// setImmediate); over TLS, in slices (reply-queue.ts: from setImmediate on, each once the last is written).
+// setImmediate), but for a large READ's, written at once with the next request taken a turn later (so that the
+// socket copies bytes still in the CPU's caches: limits.hotReplyBytesMin); over TLS, in slices (reply-queue.ts:
+// from setImmediate on, each once the last is written).
 //
 // Flow control: past requestsInFlightPerConnectionMax requests or bytesInFlightPerConnectionMax bytes in flight
 // (or that many reply bytes the client has not read yet) the socket is paused, and resumed when a request
@@ -52,7 +54,7 @@ import { assert } from '../core/assert.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import type { DeviceProvider } from '../core/block-device.ts';
 import {
-  bytesInFlightPerConnectionMax, connectionCloseGraceMs, optionBytesMax, plainSendBufferBytes, requestsInFlightPerConnectionMax,
+  bytesInFlightPerConnectionMax, connectionCloseGraceMs, hotReplyBytesMin, optionBytesMax, plainSendBufferBytes, requestsInFlightPerConnectionMax,
   tlsReplyJoinBytes, tlsReplySliceBytes, tlsSendBufferBytes,
 } from '../core/limits.ts';
 import type { SharedBufferPool } from '../core/shared-buffers.ts';
@@ -138,6 +140,15 @@ export class NbdConnection {
   #paused = false;
   /** Replies written in this turn of the event loop wait for #uncork. */
   #corked = false;
+  /**
+   * A large READ was taken in this turn: the next request waits for the next turn (setImmediate), so that this
+   * one's reply is written before another large read evicts its bytes from the CPU's caches. Taken together, eight
+   * 1 MiB reads were all read and verified before the first was written, and the socket's copy then read cold
+   * memory (0.16 CPU s/GB against 0.07, BENCHMARKS.md, issue 19). Plain sockets only: TLS writes in slices.
+   */
+  #largeReadTaken = false;
+  /** #resumeTaking is due at setImmediate. */
+  #resumeScheduled = false;
   /** Over TLS, replies wait here and go out a slice at a time (reply-queue.ts); null before TLS. */
   #tlsReplies: ReplyQueue | null = null;
   /** A slice of #tlsReplies is being written, or is due at setImmediate. */
@@ -386,6 +397,7 @@ export class NbdConnection {
       this.#receiver.expectPayload(request);
       return;
     }
+    if (request.type === NBD_CMD_READ && request.lengthBytes >= hotReplyBytesMin && this.#tlsReplies === null) this.#largeReadTaken = true;
     this.#execute(request, null, null);
   }
 
@@ -440,10 +452,24 @@ export class NbdConnection {
 
   /** Whether the receiver may decode another request header; pauses the socket when not. */
   #mayTakeRequest(): boolean {
+    if (this.#largeReadTaken) {
+      if (!this.#resumeScheduled) {
+        this.#resumeScheduled = true;
+        setImmediate(this.#resumeTaking);
+      }
+      return false;
+    }
     if (!this.#atLimit()) return true;
     this.#pause();
     return false;
   }
+
+  /** The next turn after a large READ: requests are taken again (unless flow control paused the socket meanwhile). */
+  readonly #resumeTaking = (): void => {
+    this.#resumeScheduled = false;
+    this.#largeReadTaken = false;
+    if (this.#state === 'transmission' && !this.#paused) this.#takeRequests();
+  };
 
   #pause(): void {
     if (this.#paused) return;
@@ -477,6 +503,19 @@ export class NbdConnection {
         this.#tlsWriting = true;
         setImmediate(this.#writeTlsSlice);
       }
+      return;
+    }
+    if (pooled && buffer.length >= hotReplyBytesMin) {
+      // A large read's reply leaves now, while the CPU's caches still hold the bytes just read and verified
+      // (earlier replies of this turn first, in order); see #largeReadTaken.
+      if (this.#corked) {
+        this.#corked = false;
+        socket.uncork();
+      }
+      socket.write(buffer, () => {
+        this.#replyBuffers.release(buffer);
+        if (answeredAt !== null) observeLatency(this.#options.counters.stages.reply, (performance.now() - answeredAt) / 1000);
+      });
       return;
     }
     if (!this.#corked) {

@@ -507,6 +507,32 @@ test('replies go out as requests finish, out of order, each whole', async (t) =>
   assert.deepEqual([...order].sort((a, b) => Number(a - b)), Array.from({ length: 64 }, (_, index) => BigInt(index + 1)));
 });
 
+test('large READs sent together, small requests among them, are all answered whole (each large reply goes out before the next request is taken)', async (t) => {
+  const h = await start(t);
+  const client = await h.ready();
+  await client.call({ type: nbd.NBD_CMD_WRITE, handle: 100n, offsetBytes: 0 }, pattern(4 * MiB, 9));
+  const batch: Buffer[] = [];
+  const reads = new Map<bigint, number>();
+  for (let index = 0; index < 12; index += 1) {
+    const handle = BigInt(index + 1);
+    const offsetBytes = (index % 4) * MiB;
+    reads.set(handle, offsetBytes);
+    batch.push(encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle, offsetBytes, lengthBytes: MiB }));
+    if (index % 3 === 0) batch.push(encodeRequestMessage({ type: nbd.NBD_CMD_FLUSH, handle: BigInt(1000 + index) }));
+  }
+  client.write(Buffer.concat(batch)); // one write: the node finds several large READs in one turn
+  const seen: bigint[] = [];
+  for (let count = 0; count < 16; count += 1) {
+    const replies = await client.readWholeReply();
+    assert.equal(replyError(replies), 0);
+    const handle = replies[0]!.handle;
+    seen.push(handle);
+    const offsetBytes = reads.get(handle);
+    if (offsetBytes !== undefined) assert.ok(readData(replies, offsetBytes, MiB).equals(pattern(4 * MiB, 9).subarray(offsetBytes, offsetBytes + MiB)), `READ ${handle} whole`);
+  }
+  assert.equal(new Set(seen).size, 16, 'every request answered once');
+});
+
 test('flow control: far more requests than may be in flight are all answered', async (t) => {
   const h = await start(t);
   h.provider.latencyMs = () => 1;
