@@ -97,6 +97,11 @@ export const journalCheckpointBytes = 64 * MiB;
 export const pagedJournalCheckpointBytes = 2 * MiB;
 /** The paged metadata's cache of clean pages (serve --metadata-cache), for a pool of paged metadata (paged-metadata.md). */
 export const metadataCacheBytesDefault = 256 * MiB;
+/**
+ * Paged metadata: the map nodes changed since the last checkpoint start one once they hold the cache's size, but
+ * never below this (a cache of a few pages, as in tests, would otherwise checkpoint every few writes).
+ */
+export const metadataDirtyBytesMin = 16 * MiB;
 /** Journal space reserved ahead (zero-filled) so that a full file system cannot stop a metadata commit. */
 export const journalReserveBytes = 4 * MiB;
 /** Unflushed writes are committed in the background at least this often, as a file system's commit interval. */

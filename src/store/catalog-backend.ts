@@ -126,6 +126,11 @@ export interface CatalogBackend {
   readonly journalCheckpointBytes: number;
   /** Whether a clean close ends with a checkpoint (so that the next open replays nothing). */
   readonly checkpointAtClose: boolean;
+  /**
+   * Whether the catalog's memory asks for a checkpoint now, whatever the journal's size (paged: the map nodes
+   * changed since the last one, held in memory until it writes them, past the cache's size). Asked at each record.
+   */
+  readonly checkpointWanted: boolean;
   readonly tables: CatalogView;
   readonly allocator: ChunkAllocation;
   /** Applies `record` (or queues its apply after those before it); chunks it frees are punched out when `punchFrees`. */
@@ -168,6 +173,7 @@ export class MemoryBackend implements CatalogBackend {
   readonly journalCheckpointBytes = journalCheckpointBytes;
   /** Format 3 reads its whole checkpoint at open anyway: a replay adds little, a whole checkpoint at close much. */
   readonly checkpointAtClose = false;
+  readonly checkpointWanted = false;
   /** applyRecord throws at once, to the engine's record: nothing fails later. */
   readonly failure = null;
   readonly tables: Catalog;

@@ -168,10 +168,11 @@ export class CommitEngine {
     // early rather than let the files grow by five seconds of writes.
     if (this.#chunks.deferredCount >= deferredChunksCommitMax) {
       this.commit().catch((error: unknown) => expectedError(error, 'commit to reuse freed space'));
-    } else if (this.#journal.sizeBytes + this.#queueBytes >= this.#journalCheckpointBytes) {
+    } else if (this.#journal.sizeBytes + this.#queueBytes >= this.#journalCheckpointBytes || this.#catalog.checkpointWanted) {
       // The journal with the records queued is past its checkpoint size: commit, and so checkpoint, now rather
       // than at the next FLUSH or background commit, seconds of writes away (15,000 writes a second for 5 s are
-      // about 3 MiB of records). What a crash leaves to replay is then about one journal's checkpoint size.
+      // about 3 MiB of records). What a crash leaves to replay is then about one journal's checkpoint size. The
+      // same when the catalog's memory asks for one (paged: its dirty map nodes past the cache's size).
       this.commit().catch((error: unknown) => expectedError(error, 'commit of a full journal'));
     }
   }
@@ -312,7 +313,7 @@ export class CommitEngine {
     this.#queueBytes = 0;
     const freeMark = this.#chunks.deferredMark();
     const started = performance.now();
-    const checkpointDue = this.#checkpointRequested || this.#checkpointOwed || this.#journal.sizeBytes + recordsBytes >= this.#journalCheckpointBytes;
+    const checkpointDue = this.#checkpointRequested || this.#checkpointOwed || this.#journal.sizeBytes + recordsBytes >= this.#journalCheckpointBytes || this.#catalog.checkpointWanted;
     // Begun now, as the records are taken: it covers exactly the records applied before (catalog-backend.ts).
     const checkpoint = checkpointDue ? this.#catalog.beginCheckpoint(this.#generation + 1) : null;
     const encodeSeconds = checkpoint?.encodeSeconds ?? 0;

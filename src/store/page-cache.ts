@@ -2,7 +2,9 @@
 // page file (page-file.ts). Clean pages live in an lru-cache bounded in bytes (what `serve --metadata-cache SIZE`
 // will set); a page changed since the last commit is dirty and lives apart, never evicted, until `commit` writes
 // it and it becomes clean. So the memory the cache holds is its bound plus the dirty pages, which the caller keeps
-// in check by committing when `dirtyBytes` grows (the checkpoint trigger of the plan).
+// in check by committing when `dirtyBytes` grows (the checkpoint trigger of the plan). What an owner keeps beside a
+// cached page while it is cached (paged-map.ts's decoded node: about 6 KiB for a full leaf, more than the page's
+// 4 KiB image) is counted with the page against the bound (`hold`): the bound is the memory, not the images only.
 // Pages are shared, not copied: a page got from the cache must not be changed in place; `put` gives the cache a
 // new page (copy-on-write in memory as on disk).
 import { LRUCache } from 'lru-cache';
@@ -12,10 +14,15 @@ import { pageBytes, type Page, type PageFile, type Root } from './page-file.ts';
 export interface CachedPage {
   kind: number;
   body: Buffer;
+  /** Bytes its owner keeps beside it while it is cached (its decoded form), counted with it against the bound (`hold`). */
+  heldBytes?: number;
 }
 
+/** What a page counts against the cache's bound: its image, and what its owner keeps beside it. */
+const cachedBytes = (page: CachedPage): number => pageBytes + (page.heldBytes ?? 0);
+
 export interface PageCacheStats {
-  /** Clean pages held, in bytes (at most the bound). */
+  /** Clean pages held, in bytes (at most the bound), with what their owners keep beside them (`hold`). */
   cleanBytes: number;
   dirtyBytes: number;
   hits: number;
@@ -37,7 +44,7 @@ export class PageCache {
   constructor(file: PageFile, maxBytes: number) {
     if (!Number.isSafeInteger(maxBytes) || maxBytes < pageBytes) throw ChunkdError.invalid(`a metadata cache holds at least one page (${pageBytes} bytes), not ${maxBytes} bytes`);
     this.#file = file;
-    this.#clean = new LRUCache<number, CachedPage>({ maxSize: maxBytes, sizeCalculation: () => pageBytes });
+    this.#clean = new LRUCache<number, CachedPage>({ maxSize: maxBytes, sizeCalculation: cachedBytes });
   }
 
   /** The page as last put or committed, from memory or else read from the file (checked, repaired from the other copy). */
@@ -78,6 +85,20 @@ export class PageCache {
     this.#clean.delete(pageNumber);
   }
 
+  /**
+   * Counts `bytes` its owner keeps beside `page` (its decoded form) against the bound from now on, with the page's
+   * image: a clean page is sized again (older pages are evicted if need be), a dirty one when its commit makes it
+   * clean. A page grown past the whole bound leaves the cache (lru-cache's rule), as one that never fitted.
+   */
+  hold(pageNumber: number, page: CachedPage, bytes: number): void {
+    if (page.heldBytes === bytes) return;
+    page.heldBytes = bytes;
+    if (this.#clean.peek(pageNumber) !== page) return;
+    // lru-cache sizes an entry when it is set with a new value only: delete it and set it again.
+    this.#clean.delete(pageNumber);
+    this.#clean.set(pageNumber, page);
+  }
+
   /** Replaces a page in memory; it is written at the next commit. */
   put(pageNumber: number, page: CachedPage): void {
     this.#clean.delete(pageNumber);
@@ -101,9 +122,9 @@ export class PageCache {
     return root;
   }
 
-  /** The clean pages the cache holds at most. */
-  get maxPages(): number {
-    return Math.floor(this.#clean.maxSize / pageBytes);
+  /** The bound on the clean pages' bytes (`serve --metadata-cache`). */
+  get maxBytes(): number {
+    return this.#clean.maxSize;
   }
 
   stats(): PageCacheStats {

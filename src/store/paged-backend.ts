@@ -75,6 +75,11 @@ export class PagedBackend implements CatalogBackend {
     );
   }
 
+  /** The map nodes changed since the last checkpoint hold the memory that asks for one (`PagedCatalog.dirtyPastLimit`). */
+  get checkpointWanted(): boolean {
+    return this.#catalog.dirtyPastLimit;
+  }
+
   get tables(): PagedCatalog['tables'] {
     return this.#catalog.tables;
   }

@@ -42,7 +42,7 @@
 import path from 'node:path';
 import { unreachable } from '../core/assert.ts';
 import { ChunkdError, isNoSpace } from '../core/errors.ts';
-import { chunkSizeBytes } from '../core/limits.ts';
+import { chunkSizeBytes, metadataDirtyBytesMin } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import type { FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
@@ -84,6 +84,8 @@ export interface PagedCatalogOptions {
   interiorCapacity?: number;
   /** How long a checkpoint encodes map nodes between two turns of the event loop (PagedMaps; 0 in tests). */
   commitSliceMs?: number;
+  /** The memory of map nodes changed since the last checkpoint that asks for the next (`dirtyPastLimit`; default: `cacheBytes`, at least limits.metadataDirtyBytesMin). */
+  dirtyBytes?: number;
   /** Read only (fsck): the page file writes no repair and refuses commits; records still apply, in memory. */
   readOnly?: boolean;
 }
@@ -176,9 +178,12 @@ export class PagedCatalog {
   #queue: Promise<unknown> = Promise.resolve();
   /** Whether chunks the record applying now frees are punched out once free (see `apply`). */
   #punchFrees = true;
+  /** See `dirtyPastLimit`. */
+  readonly #dirtyBytes: number;
 
-  private constructor(file: PageFile, cache: PageCache, space: SpaceMaps, maps: PagedMaps) {
+  private constructor(file: PageFile, cache: PageCache, space: SpaceMaps, maps: PagedMaps, dirtyBytes: number) {
     this.#file = file;
+    this.#dirtyBytes = dirtyBytes;
     this.#cache = cache;
     this.#space = space;
     this.#maps = maps;
@@ -204,7 +209,7 @@ export class PagedCatalog {
         pageCountPages: space.pageRefs,
         chunkCountPages: space.chunks.counts,
       });
-      const catalog = new PagedCatalog(file, cache, space, maps);
+      const catalog = new PagedCatalog(file, cache, space, maps, options.dirtyBytes ?? Math.max(options.cacheBytes, metadataDirtyBytesMin));
       catalog.#pagesAtOpen = space.pages.state();
       if (root !== null) await catalog.#load(root);
       return catalog;
@@ -274,6 +279,19 @@ export class PagedCatalog {
   /** Map nodes changed since the last checkpoint (what the next one writes, with the pages of counts). */
   get dirtyPages(): number {
     return this.#maps.dirtyPages;
+  }
+
+  /**
+   * Whether the map nodes changed since the last checkpoint hold the memory that asks for the next (the cache's
+   * bound, at least limits.metadataDirtyBytesMin; `PagedCatalogOptions.dirtyBytes`), each counted as a full leaf,
+   * decoded and then encoded by the checkpoint (`PagedMaps.nodeBytes`). They are never evicted, only a checkpoint
+   * makes them clean pages of the cache: the engine starts one when this says so (`CatalogBackend.checkpointWanted`),
+   * so that the metadata's memory stays about twice the cache's size, whatever the data held. Without it only the
+   * journal's size started one: up to a journal's records (about 51,000) of dirty leaves, some 500 MiB, once the
+   * map is much larger than what they touch.
+   */
+  get dirtyPastLimit(): boolean {
+    return this.#maps.dirtyPages * this.#maps.nodeBytes >= this.#dirtyBytes;
   }
 
   /** The pages the table was last written to (for a check that every page is named once). */

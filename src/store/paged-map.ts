@@ -50,7 +50,7 @@
 // reads the pages its pass will visit and pins the pages of chunk counts it will change (within the cache's size),
 // so that a cold pass computes its edit once instead of again after missing counts.
 //
-// Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) is memory the cache's byte bound does not count; leaves
+// Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) takes more memory than its image (about 6 KiB against 4 for a full leaf: the cache counts both against its bound, so a cache of a given size holds about 40 % of the leaves it would hold as images only); leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit's first part
 // is queued with the mutations (they wait for the encoding of its nodes, not for its write: `commitBeside`; the
 // encoding gives the event loop a turn every few ms, but the mutations, and the reads after them, wait for all of it);
@@ -68,7 +68,7 @@ import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { PageAllocator } from './page-allocator.ts';
 import type { CachedPage, PageCache } from './page-cache.ts';
-import { firstDataPage, pageBodyBytesMax, type Root } from './page-file.ts';
+import { firstDataPage, pageBodyBytesMax, pageBytes, type Root } from './page-file.ts';
 
 /** Reference counts of metadata pages (space-map.ts will keep them in pages); a page at zero is free. */
 export interface PageRefs {
@@ -138,6 +138,13 @@ export function encodeNode(node: MapNode): CachedPage {
   }
   return { kind: mapInteriorKind, body };
 }
+
+/**
+ * The heap a decoded node takes, about (V8, Node 24: three arrays of numbers of 8 bytes an element for a leaf, two
+ * for an interior node, and their headers; measured 6,288 bytes for a leaf of 253 entries, 4,986 for an interior
+ * node of 300). More than the page's image: the cache counts it with the page (`PageCache.hold`).
+ */
+export const decodedBytes = (node: MapNode): number => 128 + node.keys.length * (node.kind === 'leaf' ? 24 : 16);
 
 /** The node on a page, checked (sizes, order, page numbers); ECORRUPT naming the page when it is not one. */
 export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
@@ -574,6 +581,7 @@ export class PagedMaps {
         const image = encodeNode(node);
         this.#cache.put(page, image);
         this.#decoded.set(image, node);
+        this.#cache.hold(page, image, decodedBytes(node));
         if (++encoded % commitSliceCheck === 0 && performance.now() - sliceStarted >= this.#commitSliceMs) {
           await nextTurn();
           sliceStarted = performance.now();
@@ -594,6 +602,14 @@ export class PagedMaps {
   /** Times a pass started over after reading what it missed, since these maps were made (for tests and benchmarks). */
   get passRestarts(): number {
     return this.#passRestarts;
+  }
+
+  /**
+   * The memory a full leaf takes in the cache, its image and its decoded node (`decodedBytes`), and a dirty one
+   * until its commit (decoded, then encoded): the cache holds about its size over this many leaves.
+   */
+  get nodeBytes(): number {
+    return pageBytes + 128 + this.#leafCapacity * 24;
   }
 
   /** Pages changed since the last commit (what the commit will write; their memory is not the cache's). */
@@ -925,6 +941,7 @@ export class PagedMaps {
     if (node === undefined) {
       node = decodeNode(page, pageNumber);
       this.#decoded.set(page, node);
+      this.#cache.hold(pageNumber, page, decodedBytes(node));
     }
     return node;
   }
@@ -1039,7 +1056,7 @@ export class PagedMaps {
       const nothingPinned = (pages: number): { pages: number; release(): void } => ({ pages, release: () => {} });
       if (runs.length === 0 || map.rootPage === emptyRoot) return nothingPinned(0);
       const edit = mapRunsEdit(runs);
-      let budget = this.#cache.maxPages;
+      let budget = Math.floor(this.#cache.maxBytes / this.nodeBytes);
       let pages = 0;
       let level: Visit[] = [{ page: map.rootPage, lo: 0, hi: mapKeyLimit }];
       // The chunks the pass counts down: those the leaves map where the runs go.

@@ -132,6 +132,8 @@ export interface PoolOptions {
   metadataCacheBytes?: number;
   /** Paged metadata: how long a checkpoint encodes map nodes between two turns of the event loop (default 5 ms; 0 in tests, a turn every few nodes). */
   metadataCommitSliceMs?: number;
+  /** Paged metadata: the memory of map nodes changed since the last checkpoint that starts the next (default: the cache's size, at least limits.metadataDirtyBytesMin). */
+  metadataDirtyBytes?: number;
 }
 
 /** The metadata a pool opens with: its catalog, and the generation just started. */
@@ -255,7 +257,7 @@ export class Pool {
     if (!pageFiles.some((file) => fs.existsSync(file)) && chunksHoldData(directory)) {
       throw ChunkdError.corrupt(`pool ${directory}: ${pageFiles.map((file) => path.basename(file)).join(' and ')} are both missing, but chunks/ holds data`);
     }
-    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault, commitSliceMs: options.metadataCommitSliceMs }).catch((error: unknown) => {
+    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault, commitSliceMs: options.metadataCommitSliceMs, dirtyBytes: options.metadataDirtyBytes }).catch((error: unknown) => {
       throw fromSystemError(error, `opening the paged metadata of ${directory}`);
     });
     for (const line of opened.repairs) log(`metadata repaired: ${line}`);

@@ -94,6 +94,33 @@ test('peek answers from memory only; a discarded page is not written by the next
   });
 });
 
+test("bytes its owner keeps beside a page (its decoded form) count against the bound with the page: fewer pages stay", async () => {
+  await withFile(async (base) => {
+    const file = await PageFile.open(realFiles, base);
+    const pages = Array.from({ length: 8 }, (_, i) => firstDataPage + i);
+    const writer = new PageCache(file, 8 * pageBytes);
+    for (const n of pages) writer.put(n, { kind: 1, body: body(n) });
+    await writer.commit(Buffer.from('root'));
+
+    const cache = new PageCache(file, 8 * pageBytes);
+    for (const n of pages) await cache.get(n);
+    assert.equal(cache.stats().cleanBytes, 8 * pageBytes, 'eight images fill the bound');
+    for (const n of pages) cache.hold(n, await cache.get(n), pageBytes);
+    const held = pages.filter((n) => cache.peek(n) !== undefined);
+    assert.deepEqual(held, pages.slice(4), 'each page counts twice its image now: the four used last stay');
+    assert.equal(cache.stats().cleanBytes, 8 * pageBytes);
+
+    // A dirty page's held bytes count once its commit makes it clean.
+    const dirty = { kind: 1, body: body(99) };
+    cache.put(firstDataPage + 20, dirty);
+    cache.hold(firstDataPage + 20, dirty, 3 * pageBytes);
+    await cache.commit(Buffer.from('root two'));
+    assert.equal(cache.stats().cleanBytes, 8 * pageBytes);
+    assert.deepEqual(pages.filter((n) => cache.peek(n) !== undefined), pages.slice(6), 'the committed page takes four pages of the bound');
+    file.close();
+  });
+});
+
 test('a cache smaller than a page is refused', async () => {
   await withFile(async (base) => {
     const file = await PageFile.open(realFiles, base);

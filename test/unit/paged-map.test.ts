@@ -20,6 +20,7 @@ import { SpaceMaps } from '../../src/store/space-map.ts';
 import { PageCache, type CachedPage } from '../../src/store/page-cache.ts';
 import { firstDataPage, PageFile, pageBytes, pageHeaderBytes, type Root } from '../../src/store/page-file.ts';
 import {
+  decodedBytes,
   decodeNode,
   encodeNode,
   leafCapacityMax,
@@ -378,6 +379,23 @@ test('a warm map answers without a promise; a cold one reads its path through th
       { virtualChunk: 2, chunkCount: 1, physicalChunk: 2 },
     ]);
     assert.deepEqual(withoutSums(map.runsCached(0, 3)!), withoutSums(await map.runs(0, 3)));
+  });
+});
+
+test("a node decoded from a cached page counts with it against the cache's bound (more than the page's image)", async () => {
+  await withMaps({ cachePages: 64 }, async (setup) => {
+    const map = setup.maps.empty();
+    await map.mapRuns(Array.from({ length: 30_000 }, (_, i) => ({ virtualChunk: 2 * i, physicalChunk: 2 * i, sums: [sumOf(2 * i)] })), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    const root = await setup.maps.node(map.rootPage);
+    assert.equal(root.kind, 'interior');
+    const leaves = root.kind === 'interior' ? root.children : [];
+    assert.ok(leaves.length > 64, `${leaves.length} leaves, more than the cache's 64 pages of images`);
+    for (const page of leaves) await setup.maps.node(page);
+    const cached = leaves.filter((page) => setup.cache.peek(page) !== undefined);
+    for (const page of cached) assert.equal(setup.cache.peek(page)!.heldBytes, decodedBytes(await setup.maps.node(page)), `page ${page}: its decoded node is counted`);
+    assert.ok(setup.cache.stats().cleanBytes <= 64 * pageBytes);
+    assert.ok(cached.length > 0 && cached.length <= 40, `${cached.length} leaves of ${leaves.length} cached in 64 pages' bytes: each counts its image and its decoded node`);
   });
 });
 

@@ -507,6 +507,40 @@ test('a replay applies consecutive map records of one volume in one batch, and e
   );
 });
 
+test('map nodes changed since the last checkpoint past their memory limit start a checkpoint, the journal far from full; a crash then loses nothing', { timeout: 60_000 }, async () => {
+  await inScratch('paged-pool', async (directory) => {
+    // 3,000 writes at random into 4 GiB: about 20 leaves changed, 120 KB of journal (a checkpoint at 2 MiB).
+    const blocks = (4 * 1024 * MiB) / 4096;
+    const random = makeRandom(15);
+    const indexes = Array.from({ length: 3000 }, () => Math.floor(random() * blocks));
+    const checkpointsAfter = async (dirtyBytes: number | undefined, at: string, files?: TestFiles): Promise<{ pool: Pool; checkpoints: number }> => {
+      const pool = await open(at, { files, metadataDirtyBytes: dirtyBytes });
+      await pool.createVolume('v', blocks * 4096);
+      const volume = pool.openVolume('v');
+      for (const [i, index] of indexes.entries()) await volume.write(index * 4096, block(1 + (i % 250)));
+      await volume.flush();
+      await volume.close();
+      return { pool, checkpoints: (await pool.status()).checkpointsTotal };
+    };
+    const plain = await checkpointsAfter(undefined, `${directory}-default`);
+    await plain.pool.close();
+    fs.rmSync(`${directory}-default`, { recursive: true, force: true });
+    assert.equal(plain.checkpoints, 0, 'the default limit (16 MiB at least) is not reached: only a full journal would start one');
+    // 64 KiB: the memory of six full leaves.
+    const files = new TestFiles();
+    const limited = await checkpointsAfter(64 * 1024, directory, files);
+    assert.ok(limited.checkpoints >= 2, `${limited.checkpoints} checkpoints started by the dirty nodes' memory`);
+    await killed(limited.pool, files);
+    const reopened = await open(directory);
+    try {
+      const last = new Map(indexes.map((index, i) => [index, 1 + (i % 250)]));
+      for (const [index, fill] of [...last].slice(0, 300)) assert.equal(await readBlock(reopened, 'v', index), fill, `block ${index}`);
+    } finally {
+      await reopened.close();
+    }
+  });
+});
+
 test("a replay after a crash over a cold cache builds what was written, whether its prefetch reads every page a batch visits or stops at the cache's size", { timeout: 60_000 }, async () => {
   await inScratch('paged-pool', async (directory) => {
     const files = new TestFiles();
