@@ -164,23 +164,21 @@ export class PeerClient {
   }
 }
 
-/** The most bytes of small frames joined into one socket write. */
+/** The most bytes joined into one socket write; a larger piece is a write of its own. */
 const joinedWriteBytesMax = 256 * 1024;
-/**
- * The largest piece joined with others (one TLS record's worth); a larger one (a 1 MiB write's data, a stream's
- * frame) is written alone.
- */
-const joinedPieceBytesMax = 16 * 1024;
 
 /**
  * The frames one side of a peer connection sends (PeerClient's requests, the peer server's replies), written from
- * the end of the turn of the event loop that queued them, one socket write at a time. Small pieces (headers, small
- * writes' data, replies) are joined into one buffer first: each piece written costs the stream's bookkeeping
- * (about 100 pieces a turn for a synchronous replica's 4 KiB writes at a queue depth of 32). A large piece is a
- * write of its own, and the next write waits for its callback: Node's TLS socket copies a write of several buffers
- * (a writev, which is also what its writable buffer makes of writes queued behind one in progress) into one buffer
- * before encrypting it, and encrypts a write of one buffer where it lies. Measured on 1 MiB syncWrites (the header
- * and the data went corked), that join copied every byte the sender sent once more.
+ * the end of the turn of the event loop that queued them, one socket write at a time. Pieces are joined into one
+ * buffer of up to joinedWriteBytesMax first: each piece written costs the stream's bookkeeping (about 100 pieces a
+ * turn for a synchronous replica's 4 KiB writes at a queue depth of 32), and each write ends in a TLS record that
+ * may be short, which the receiver decrypts and is called back for like a full one. A larger piece (a 1 MiB write's
+ * data) is a write of its own, and the next write waits for its callback: Node's TLS socket copies a write of
+ * several buffers (a writev, which is also what its writable buffer makes of writes queued behind one in progress)
+ * into one buffer before encrypting it, and encrypts a write of one buffer where it lies. Measured on 1 MiB
+ * syncWrites (the header and the data went corked), that join copied every byte the sender sent once more. The
+ * bar for going alone is high (not one TLS record's 16 KiB, as for NBD replies) because a stream's frames mix small
+ * records with views of any size: each piece between short ones written alone would add two short records.
  */
 export class FrameQueue {
   #pieces: Buffer[] = [];
@@ -208,17 +206,15 @@ export class FrameQueue {
     return pieces;
   }
 
-  /** The next write: one large piece alone, or small pieces (up to joinedWriteBytesMax) joined. */
+  /** The next write: one piece of more than joinedWriteBytesMax alone, or smaller ones joined up to that. */
   #nextWrite(): Buffer | null {
     const pieces = this.#pieces;
     if (pieces.length === 0) return null;
     let count = 1;
     let bytes = pieces[0]!.length;
-    if (bytes <= joinedPieceBytesMax) {
-      while (count < pieces.length && pieces[count]!.length <= joinedPieceBytesMax && bytes + pieces[count]!.length <= joinedWriteBytesMax) {
-        bytes += pieces[count]!.length;
-        count += 1;
-      }
+    while (bytes <= joinedWriteBytesMax && count < pieces.length && bytes + pieces[count]!.length <= joinedWriteBytesMax) {
+      bytes += pieces[count]!.length;
+      count += 1;
     }
     const taken = count === pieces.length ? pieces : pieces.slice(0, count);
     this.#pieces = count === pieces.length ? [] : pieces.slice(count);

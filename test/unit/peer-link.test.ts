@@ -1,5 +1,5 @@
-// The peer link's sending side and its TLS settings, in one process: FrameQueue's writes (small pieces joined,
-// a large piece written alone and the next write after its callback, since Node's TLS socket copies a write of
+// The peer link's sending side and its TLS settings, in one process: FrameQueue's writes (pieces joined up to
+// 256 KiB, a larger piece written alone and the next write after its callback, since Node's TLS socket copies a write of
 // several buffers into one), a PeerClient and a PeerServer over mutual TLS on loopback carrying large and small
 // requests interleaved, byte for byte, and the cipher suite the peer port picks for each kind of client.
 import assert from 'node:assert/strict';
@@ -33,8 +33,8 @@ function recordingSocket(): { socket: tls.TLSSocket; writes: Buffer[]; complete:
 test('FrameQueue joins small pieces, writes a large one alone, and starts the next write only after the last one\'s callback', async () => {
   const { socket, writes, complete } = recordingSocket();
   const queue = new FrameQueue(() => socket);
-  const large = [Buffer.alloc(1 << 20, 1), Buffer.alloc(64 << 10, 2)];
-  const small = Array.from({ length: 6 }, (_, index) => Buffer.alloc(16 + index, 10 + index));
+  const large = [Buffer.alloc(1 << 20, 1), Buffer.alloc((256 << 10) + 1, 2)];
+  const small = Array.from({ length: 6 }, (_, index) => Buffer.alloc(index === 3 ? 200 << 10 : 16 + index, 10 + index));
   // Two requests as PeerClient queues them: frame header, payload header, data.
   for (const piece of [small[0]!, small[1]!, large[0]!, small[2]!, small[3]!, large[1]!]) queue.push(piece);
   assert.equal(writes.length, 0, 'nothing is written before the turn ends');
