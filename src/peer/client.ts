@@ -8,7 +8,7 @@
 import tls from 'node:tls';
 import { ChunkdError } from '../core/errors.ts';
 import { peerClientTimeoutMs } from '../core/limits.ts';
-import { certificateName, type TlsCredentials } from './credentials.ts';
+import { certificateName, peerCipherSuites, type TlsCredentials } from './credentials.ts';
 import {
   FrameKind, FrameReader, PeerVerb, encodeFrameHeader, helloRequestPayload, parseErrorPayload, parseHelloReply, type Frame, type HelloReply,
 } from './protocol.ts';
@@ -56,6 +56,7 @@ export class PeerClient {
       host: options.host,
       port: options.port,
       minVersion: 'TLSv1.3',
+      ciphers: peerCipherSuites,
       ca,
       cert,
       key,
@@ -118,9 +119,9 @@ export class PeerClient {
     const payloadBytes = pieces.reduce((sum, piece) => sum + piece.length, 0);
     return new Promise<Frame>((resolve, reject) => {
       this.#pending.set(requestId, { resolve, reject });
-      // Every request of this turn of the event loop leaves in one socket write at its end (FrameQueue): one TLS
-      // write and one wake-up of the peer for a burst (a synchronous replica's writes at a queue depth of 32), not
-      // one per request.
+      // The requests of this turn of the event loop leave together at its end (FrameQueue): one TLS write and one
+      // wake-up of the peer for a burst of small ones (a synchronous replica's writes at a queue depth of 32), not
+      // one per request; a large piece goes as a write of its own.
       this.#out.push(encodeFrameHeader(FrameKind.request, verb, requestId, payloadBytes));
       for (const piece of pieces) this.#out.push(piece);
     });
@@ -163,20 +164,27 @@ export class PeerClient {
   }
 }
 
-/** Frames of one turn, in bytes, that are joined into one buffer and written with one write; more go as a writev. */
+/** The most bytes joined into one socket write; a larger piece is a write of its own. */
 const joinedWriteBytesMax = 256 * 1024;
 
 /**
- * The frames one side of a peer connection sends in a turn of the event loop (PeerClient's requests, the peer
- * server's replies), written at the turn's end at once. Small ones are joined into one buffer first: each piece
- * written costs the stream's bookkeeping (about 100 pieces a turn for a synchronous replica's 4 KiB writes at a
- * queue depth of 32), and Node's TLS socket joins a writev's pieces before it encrypts them anyway. Large ones (1
- * MiB writes, a stream's data) go corked as they are: a copy of megabytes per turn measured slower.
+ * The frames one side of a peer connection sends (PeerClient's requests, the peer server's replies), written from
+ * the end of the turn of the event loop that queued them, one socket write at a time. Pieces are joined into one
+ * buffer of up to joinedWriteBytesMax first: each piece written costs the stream's bookkeeping (about 100 pieces a
+ * turn for a synchronous replica's 4 KiB writes at a queue depth of 32), and each write ends in a TLS record that
+ * may be short, which the receiver decrypts and is called back for like a full one. A larger piece (a 1 MiB write's
+ * data) is a write of its own, and the next write waits for its callback: Node's TLS socket copies a write of
+ * several buffers (a writev, which is also what its writable buffer makes of writes queued behind one in progress)
+ * into one buffer before encrypting it, and encrypts a write of one buffer where it lies. Measured on 1 MiB
+ * syncWrites (the header and the data went corked), that join copied every byte the sender sent once more. The
+ * bar for going alone is high (not one TLS record's 16 KiB, as for NBD replies) because a stream's frames mix small
+ * records with views of any size: each piece between short ones written alone would add two short records.
  */
 export class FrameQueue {
   #pieces: Buffer[] = [];
-  #bytes = 0;
-  /** The socket to write to at the turn's end, or null when the connection is failing (the frames are dropped). */
+  /** Whether a write is in progress or one is due at the turn's end: what is pushed meanwhile waits for it. */
+  #busy = false;
+  /** The socket to write to, or null when the connection is failing (the frames are dropped). */
   readonly #target: () => tls.TLSSocket | null;
 
   constructor(target: () => tls.TLSSocket | null) {
@@ -184,31 +192,54 @@ export class FrameQueue {
   }
 
   push(piece: Buffer): void {
-    if (this.#pieces.length === 0) setImmediate(this.#flush);
+    if (!this.#busy) {
+      this.#busy = true;
+      setImmediate(this.#writeNext);
+    }
     this.#pieces.push(piece);
-    this.#bytes += piece.length;
   }
 
   /** The frames queued and not written yet, taken out (a connection ending sends them with its last frame). */
   take(): Buffer[] {
     const pieces = this.#pieces;
     this.#pieces = [];
-    this.#bytes = 0;
     return pieces;
   }
 
-  readonly #flush = (): void => {
-    const bytes = this.#bytes;
-    const pieces = this.take();
+  /** The next write: one piece of more than joinedWriteBytesMax alone, or smaller ones joined up to that. */
+  #nextWrite(): Buffer | null {
+    const pieces = this.#pieces;
+    if (pieces.length === 0) return null;
+    let count = 1;
+    let bytes = pieces[0]!.length;
+    while (bytes <= joinedWriteBytesMax && count < pieces.length && bytes + pieces[count]!.length <= joinedWriteBytesMax) {
+      bytes += pieces[count]!.length;
+      count += 1;
+    }
+    const taken = count === pieces.length ? pieces : pieces.slice(0, count);
+    this.#pieces = count === pieces.length ? [] : pieces.slice(count);
+    return count === 1 ? taken[0]! : Buffer.concat(taken, bytes);
+  }
+
+  readonly #writeNext = (): void => {
     const socket = this.#target();
-    if (socket === null || pieces.length === 0) return;
-    if (pieces.length === 1 || bytes <= joinedWriteBytesMax) {
-      socket.write(pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, bytes));
+    const write = socket === null ? null : this.#nextWrite();
+    if (socket === null || write === null) {
+      if (socket === null) this.#pieces = [];
+      this.#busy = false;
       return;
     }
-    socket.cork();
-    for (const piece of pieces) socket.write(piece);
-    socket.uncork();
+    socket.write(write, this.#written);
+  };
+
+  readonly #written = (error?: Error | null): void => {
+    // A failed write ends the connection ('error', then 'close'): nothing more is written.
+    if (error) {
+      this.#pieces = [];
+      this.#busy = false;
+      return;
+    }
+    this.#writeNext();
   };
 }
 

@@ -116,7 +116,8 @@ export function encodeFrameHeader(kind: FrameKind, verb: number, requestId: numb
   assert(Number.isInteger(verb) && verb >= 0 && verb <= 0xffff, 'encodeFrame: a 16-bit verb');
   assert(Number.isInteger(requestId) && requestId >= 0 && requestId <= 0xffffffff, 'encodeFrame: a 32-bit request id');
   assert(payloadBytes <= (kind === FrameKind.error ? peerControlBytesMax : payloadBytesMaxFor(verb)), 'encodeFrame: payload within its cap');
-  const header = Buffer.alloc(frameHeaderBytes);
+  // From Node's pool (every byte is written below): a buffer of its own per frame cost a microsecond or more.
+  const header = Buffer.allocUnsafe(frameHeaderBytes);
   header.writeUInt32BE(peerFrameMagic, 0);
   header.writeUInt8(kind, 4);
   header.writeUInt8(0, 5);

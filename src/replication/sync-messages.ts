@@ -104,7 +104,8 @@ export function encodeSyncWrite(request: SyncWriteRequest): Buffer[] {
   assert(request.op === SyncOp.write ? request.data !== null && request.data.length === request.lengthBytes : request.data === null, 'syncWrite: data for a write only');
   assert(!request.noHole || request.op === SyncOp.zeroes, 'syncWrite: NO_HOLE for write zeroes only');
   const name = Buffer.from(request.volume, 'utf8');
-  const header = Buffer.alloc(syncWriteHeaderBytes + name.length);
+  // From Node's pool: every byte is written below.
+  const header = Buffer.allocUnsafe(syncWriteHeaderBytes + name.length);
   header.writeUInt8(request.op, 0);
   header.writeUInt8((request.fua ? syncFlagFua : 0) | (request.noHole ? syncFlagNoHole : 0), 1);
   header.writeUInt16BE(name.length, 2);
