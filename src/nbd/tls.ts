@@ -14,7 +14,7 @@ import { constants as cryptoConstants } from 'node:crypto';
 import path from 'node:path';
 import tls from 'node:tls';
 import { ChunkdError } from '../core/errors.ts';
-import { caCertFile, parseCertificate, parsePrivateKey, readPem, serverCertFile, serverKeyFile } from '../core/tls-files.ts';
+import { caCertFile, parseCertificate, parsePrivateKey, readPem, serverCertFile, serverKeyFile, tlsCipherSuites } from '../core/tls-files.ts';
 
 export type TlsMode = 'off' | 'on' | 'require';
 
@@ -57,17 +57,6 @@ export function loadTlsServerConfig(directory: string, mode: 'on' | 'require', v
   }
   return config;
 }
-
-/**
- * The TLS 1.3 suites the server offers, its own preference first. AES-128-GCM leads: with AES instructions on both
- * ends it is the cheapest of the three for both, and a data path encrypts or decrypts every byte on each end
- * (4 rounds fewer per block than AES-256; the GHASH half is the same). Clients otherwise get their own first
- * choice (libnbd's GnuTLS, and Node's OpenSSL, ask for AES-256-GCM first), and on a 2-vCPU machine that the
- * client shares, the client's cipher work is throughput lost. A client that lists ChaCha20-Poly1305 first, as one
- * without AES instructions does, still gets it (SSL_OP_PRIORITIZE_CHACHA): AES in software costs it several times
- * more. All three are TLS 1.3's AEAD suites; none is weaker than a 128-bit level.
- */
-export const tlsCipherSuites = 'TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256';
 
 /** The settings a connection upgrades with (one SecureContext per thread, shared by its connections). */
 export function tlsSettings(config: TlsServerConfig): TlsSettings {

@@ -8,7 +8,8 @@
 import tls from 'node:tls';
 import { ChunkdError } from '../core/errors.ts';
 import { peerClientTimeoutMs } from '../core/limits.ts';
-import { certificateName, peerCipherSuites, type TlsCredentials } from './credentials.ts';
+import { tlsCipherSuites } from '../core/tls-files.ts';
+import { certificateName, type TlsCredentials } from './credentials.ts';
 import {
   FrameKind, FrameReader, PeerVerb, encodeFrameHeader, helloRequestPayload, parseErrorPayload, parseHelloReply, type Frame, type HelloReply,
 } from './protocol.ts';
@@ -56,7 +57,7 @@ export class PeerClient {
       host: options.host,
       port: options.port,
       minVersion: 'TLSv1.3',
-      ciphers: peerCipherSuites,
+      ciphers: tlsCipherSuites,
       ca,
       cert,
       key,

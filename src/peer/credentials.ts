@@ -7,16 +7,6 @@ import { ChunkdError } from '../core/errors.ts';
 import { checkName } from '../core/names.ts';
 import { caCertFile, clientCertFile, clientKeyFile, parseCertificate, parsePrivateKey, readPem, serverCertFile, serverKeyFile } from '../core/tls-files.ts';
 
-/**
- * The TLS 1.3 suites of the peer port, in the order both ends prefer them: AES-128-GCM first, since the link
- * encrypts and decrypts every byte a replica is sent, on each node's main thread, and with AES instructions it is
- * the cheapest of the three (10 AES rounds a block where AES-256-GCM does 14; the GHASH half is the same). Node's
- * OpenSSL asks for AES-256-GCM first otherwise. The server decides by its own order (SSL_OP_CIPHER_SERVER_PREFERENCE),
- * but gives ChaCha20-Poly1305 to a client that puts it first (SSL_OP_PRIORITIZE_CHACHA), as one without AES
- * instructions would be configured to. All three are TLS 1.3's AEAD suites, none weaker than a 128-bit level.
- */
-export const peerCipherSuites = 'TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256';
-
 export interface TlsCredentials {
   directory: string;
   ca: Buffer;

@@ -27,7 +27,7 @@ import { connectionCloseGraceMs, peerConnectionsMax, peerHandshakeTimeoutMs, pee
 import { steerTlsReads } from '../nbd/steered-socket.ts';
 import { FrameQueue } from './client.ts';
 import { certificateName, type TlsCredentials } from './credentials.ts';
-import { peerCipherSuites } from './credentials.ts';
+import { tlsCipherSuites } from '../core/tls-files.ts';
 import {
   FrameKind, FrameReader, PeerVerb, encodeErrorFrame, encodeFrame, encodeHelloReply, negotiateVersion, parseHelloRequest,
   peerVersionMax, peerVersionMin, type Frame,
@@ -111,9 +111,9 @@ export class PeerServer {
       key,
       // #accept sets the deadline that covers TLS and hello together; Node's own timer stays as a backstop.
       handshakeTimeout: 2 * this.#handshakeTimeoutMs,
-      // This node's order of suites, not the client's (peerCipherSuites says why); ChaCha20 for a client that asks
+      // This node's order of suites, not the client's (tlsCipherSuites says why); ChaCha20 for a client that asks
       // for it first.
-      ciphers: peerCipherSuites,
+      ciphers: tlsCipherSuites,
       secureOptions: cryptoConstants.SSL_OP_CIPHER_SERVER_PREFERENCE | cryptoConstants.SSL_OP_PRIORITIZE_CHACHA,
     });
     this.#server.on('connection', (socket: net.Socket) => this.#accept(socket));
