@@ -86,7 +86,8 @@
 //   volume, and records the move itself), no replica takes the volume over (failover.ts pendingMoveTarget): the
 //   target may hold writes no replica has.
 import { performance } from 'node:perf_hooks';
-import { Etcd3, EtcdLeaseInvalidError, type IKeyValue, type IOptions } from 'etcd3';
+import { Etcd3, EtcdLeaseInvalidError, type IKeyValue } from 'etcd3';
+import { HostCooldown, type HostPolicy } from './etcd-hosts.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { softwareVersion } from '../core/version.ts';
 import { keepaliveIntervalMs, LeaseClock, leaseTiming } from './lease-clock.ts';
@@ -152,14 +153,17 @@ export interface ClusterStatus {
 }
 
 /**
- * The etcd client's fault handling, per host and overall: none. Its default retries a failed call three times and
- * opens a circuit breaker for 5 s after three failures, which would keep writes refused that long after etcd
- * returns; the keepalive loop retries on its own schedule instead. (Only `execute` is what etcd3 calls.)
+ * The etcd client's fault handling overall: none. Its default retries a failed call three times and opens a circuit
+ * breaker for 5 s after three failures, which would keep writes refused that long after etcd returns; the keepalive
+ * loop retries on its own schedule instead. (Only `execute` is what etcd3 calls.) Per member: HostCooldown
+ * (etcd-hosts.ts), a member that does not answer is passed over while another may.
  */
-type Policy = NonNullable<NonNullable<IOptions['faultHandling']>['global']>;
 const noFaultHandling = {
   execute: (fn: (context: { signal: AbortSignal }) => unknown, signal?: AbortSignal) => Promise.resolve().then(() => fn({ signal: signal ?? new AbortController().signal })),
-} as unknown as Policy;
+} as unknown as HostPolicy;
+
+/** How long a member that did not answer a call is passed over (while another member is not). */
+const hostCooldownMs = 5_000;
 
 /** How long one call to etcd may take before it counts as unanswered (at start, and for commands). */
 const callTimeoutMs = 3_000;
@@ -213,10 +217,11 @@ export class ClusterMember {
     this.#absences = new AbsenceClock(2 * keepaliveIntervalMs(this.#clock.timing));
     this.#loopTimeoutMs = Math.min(callTimeoutMs, Math.max(500, Math.floor(keepaliveIntervalMs(this.#clock.timing) / 2)));
     const tls = config.tls ?? null;
+    const hosts = new HostCooldown(config.endpoints, hostCooldownMs);
     this.#client = new Etcd3({
       hosts: config.endpoints,
       dialTimeout: callTimeoutMs,
-      faultHandling: { host: () => noFaultHandling, global: noFaultHandling },
+      faultHandling: { host: (name) => hosts.policy(name), global: noFaultHandling },
       ...(tls === null ? {} : { credentials: { rootCertificate: Buffer.from(tls.ca), certChain: Buffer.from(tls.cert), privateKey: Buffer.from(tls.key) } }),
     });
   }
@@ -689,10 +694,13 @@ export class ClusterMember {
     const interval = keepaliveIntervalMs(this.#clock.timing);
     let beats = 0;
     let failed = false;
+    // When the last keepalive etcd confirmed was sent: the next is due an interval after it, however long the rest of
+    // its beat (the reconcile's calls) took, so that the time left before the margin for retries does not shrink.
+    let renewalSentAt = performance.now();
     while (!this.#stopping) {
       // After a failure, again at once (a call that hit a member that does not answer is tried on another).
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, failed ? retryDelayMs : interval);
+        const timer = setTimeout(resolve, failed ? retryDelayMs : Math.max(retryDelayMs, renewalSentAt + interval - performance.now()));
         this.#wake = () => {
           clearTimeout(timer);
           resolve();
@@ -712,6 +720,7 @@ export class ClusterMember {
           this.#host.log(`cluster: node ${this.nodeName} registered again (lease ${this.#leaseId}); ${this.#confirmed.size} volume(s) confirmed`);
         } else {
           this.#clock.renewed(sentAt);
+          renewalSentAt = sentAt;
           // After a lapse, registered again under this lease before the re-check (which compares that): a join whose
           // registration failed after its lease was granted (timed out on a loaded etcd, or refused while another
           // pool's record held the name) leaves this lease alive without it, and the re-check alone would fail at
