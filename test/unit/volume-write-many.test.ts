@@ -127,3 +127,44 @@ test('a turn of small writes lands with its checksums, in order against the writ
     fs.rmSync(directory, { recursive: true, force: true });
   }
 });
+
+// A turn's group is gathered into a buffer that is kept for a later group once its write is done: groups of turns
+// that follow each other while the earlier ones are still being written each keep their own bytes, and a later,
+// shorter group written from a kept buffer writes only its own.
+test('turns of small writes in a row, their groups in flight together and buffers reused, each land as written', async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-turn-buffers-'));
+  try {
+    const pool = await Pool.open({ directory, ...testPoolOptions() });
+    await pool.createVolume('v', volumeBytes);
+    const volume = pool.openVolume('v');
+    const expected = Buffer.alloc(volumeBytes);
+    let seed = 100;
+    const turn = (firstBlock: number, count: number, stride: number): Array<Promise<void>> => {
+      const pending: Array<Promise<void>> = [];
+      for (let i = 0; i < count; i++) {
+        const offsetBytes = (firstBlock + i * stride) * block;
+        const data = pattern(block, seed++);
+        pending.push(volume.write(offsetBytes, data));
+        data.copy(expected, offsetBytes);
+      }
+      return pending;
+    };
+    const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+    for (let round = 0; round < 3; round++) {
+      // Four turns, each a group of up to 12 held writes, not waited for in between: their groups are in flight together.
+      const pending: Array<Promise<void>> = [];
+      for (let t = 0; t < 4; t++) {
+        pending.push(...turn(t + 4 * round, 13 - 3 * t, 16));
+        await nextTurn();
+      }
+      await Promise.all(pending);
+      await expectVolume(volume, expected);
+    }
+    await volume.flush();
+    await volume.close();
+    await pool.close();
+    await expectAfterReopen(directory, expected);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
