@@ -105,12 +105,17 @@ export class ChunkFiles {
 
   /**
    * Writes `data` starting `offsetBytes` into physical chunk `physicalChunk`; through `writer` when it takes the
-   * write (chunk-writer.ts), else through the file layer, a few writes of a file at a time (#writeInTurn).
+   * write (chunk-writer.ts) and none of the file's writes is with the file layer, else through the file layer, a
+   * few writes of a file at a time (#writeInTurn). The writer may pwrite on this thread, and a buffered write waits
+   * for the file's inode lock, which a write on a pool thread holds while it copies its bytes: at queue depth 32 a
+   * turn's first write met the 124 KiB write of the turn before's others there, and when that one was held up (ext4,
+   * or its thread preempted on a busy machine) the event loop waited with it, 5-77 ms (BENCHMARKS.md, issue 19).
    */
   write(physicalChunk: number, offsetBytes: number, data: Buffer, writer?: ChunkWriter | null): Promise<void> {
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, data.length, async (file, position, start, end, fileIndex) => {
       const part = data.subarray(start, end);
-      await (writer?.write(file.fd, part, position) ?? this.#writeInTurn(file, part, position));
+      const direct = file.writesInFlight === 0 ? writer?.write(file.fd, part, position) : null;
+      await (direct ?? this.#writeInTurn(file, part, position));
       this.#dirty.add(fileIndex);
     });
   }

@@ -66,6 +66,15 @@ interface TurnWrite {
 /** The most bytes of a turn's small writes written as one run (what the store writes on its own thread: limits.ts). */
 const turnBatchBytesMax = inlineWriteBytesMax;
 
+/**
+ * Buffers a group's writes are gathered into (turnBatchBytesMax each), kept for the next group once its write is
+ * done, at most groupBuffersKept of them. A fresh buffer per group (Buffer.concat) is memory outside V8's heap that
+ * V8 counts towards its next full collection: at queue depth 32 that was a Mark-Compact every 100-200 ms against
+ * one every 1-3 s without the turn batch, and the p99.9 latency rose with them (BENCHMARKS.md, issue 19).
+ */
+const groupBuffers: Buffer[] = [];
+const groupBuffersKept = 8;
+
 export class Volume implements BlockDevice {
   readonly readOnly = false;
   readonly #store: VolumeStore;
@@ -219,7 +228,17 @@ export class Volume implements BlockDevice {
       for (const { lock } of group) releases.push(lock instanceof Promise ? await lock : lock);
       this.#checkWritable();
       const sorted = [...group].sort((a, b) => a.offsetBytes - b.offsetBytes);
-      await this.#writeRun(sorted, sorted.length === 1 ? sorted[0]!.data : Buffer.concat(sorted.map((write) => write.data)));
+      if (sorted.length === 1) {
+        await this.#writeRun(sorted, sorted[0]!.data);
+      } else {
+        const buffer = groupBuffers.pop() ?? Buffer.allocUnsafeSlow(turnBatchBytesMax);
+        let bytes = 0;
+        for (const { data } of sorted) bytes += data.copy(buffer, bytes);
+        await this.#writeRun(sorted, buffer.subarray(0, bytes));
+        // Only after a write that succeeded: every part of a failed one settled too (chunk-files.ts), but a buffer
+        // that failed is not worth the doubt.
+        if (groupBuffers.length < groupBuffersKept) groupBuffers.push(buffer);
+      }
     } catch (error) {
       for (const release of releases) release();
       // A lock not yet granted when another failed: released once granted, so no later request waits on it forever.

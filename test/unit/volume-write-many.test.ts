@@ -34,13 +34,28 @@ async function expectAfterReopen(directory: string, expected: Buffer): Promise<v
   await pool.close();
 }
 
-test('writeMany puts each extent in place with its own checksums, takes the bytes at once, and refuses extents that share a chunk', async () => {
-  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-extents-'));
+/**
+ * A fresh pool with one volume "v" for `body`, which writes it and fills in `expected` (all zeros at first) as it
+ * goes; then the volume and pool are closed and the volume, reopened, must read as `expected`.
+ */
+async function withVolume(prefix: string, body: (volume: Volume, expected: Buffer) => Promise<void>): Promise<void> {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
   try {
     const pool = await Pool.open({ directory, ...testPoolOptions() });
     await pool.createVolume('v', volumeBytes);
     const volume = pool.openVolume('v');
     const expected = Buffer.alloc(volumeBytes);
+    await body(volume, expected);
+    await volume.close();
+    await pool.close();
+    await expectAfterReopen(directory, expected);
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+}
+
+test('writeMany puts each extent in place with its own checksums, takes the bytes at once, and refuses extents that share a chunk', async () => {
+  await withVolume('chunkd-extents-', async (volume, expected) => {
     // Mapped chunks under and between the extents, and a hole (the last 256 KiB stay unwritten).
     const first = pattern(768 * 1024, 1);
     await volume.write(0, first);
@@ -65,12 +80,7 @@ test('writeMany puts each extent in place with its own checksums, takes the byte
     for (const extent of unordered) extent.data.copy(expected, extent.offsetBytes);
     await read();
     await volume.flush();
-    await volume.close();
-    await pool.close();
-    await expectAfterReopen(directory, expected);
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
 
 const block = 4096;
@@ -80,12 +90,7 @@ const block = 4096;
 // its own chunks' checksums, writes that share a chunk land in the order they were asked, a read or FUA write asked
 // in the same turn is ordered against them, and each is acknowledged only once it is written.
 test('a turn of small writes lands with its checksums, in order against the writes, reads and FUA writes that share its chunks', async () => {
-  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-turn-batch-'));
-  try {
-    const pool = await Pool.open({ directory, ...testPoolOptions() });
-    await pool.createVolume('v', volumeBytes);
-    const volume = pool.openVolume('v');
-    const expected = Buffer.alloc(volumeBytes);
+  await withVolume('chunkd-turn-batch-', async (volume, expected) => {
     const base = pattern(volumeBytes / 2, 1);
     await volume.write(0, base);
     base.copy(expected, 0);
@@ -120,10 +125,36 @@ test('a turn of small writes lands with its checksums, in order against the writ
     const read = (): Promise<void> => expectVolume(volume, expected);
     await read();
     await volume.flush();
-    await volume.close();
-    await pool.close();
-    await expectAfterReopen(directory, expected);
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
+});
+
+// A turn's group is gathered into a buffer that is kept for a later group once its write is done: groups of turns
+// that follow each other while the earlier ones are still being written each keep their own bytes, and a later,
+// shorter group written from a kept buffer writes only its own.
+test('turns of small writes in a row, their groups in flight together and buffers reused, each land as written', async () => {
+  await withVolume('chunkd-turn-buffers-', async (volume, expected) => {
+    let seed = 100;
+    const turn = (firstBlock: number, count: number, stride: number): Array<Promise<void>> => {
+      const pending: Array<Promise<void>> = [];
+      for (let i = 0; i < count; i++) {
+        const offsetBytes = (firstBlock + i * stride) * block;
+        const data = pattern(block, seed++);
+        pending.push(volume.write(offsetBytes, data));
+        data.copy(expected, offsetBytes);
+      }
+      return pending;
+    };
+    const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+    for (let round = 0; round < 3; round++) {
+      // Four turns, each a group of up to 12 held writes, not waited for in between: their groups are in flight together.
+      const pending: Array<Promise<void>> = [];
+      for (let t = 0; t < 4; t++) {
+        pending.push(...turn(t + 4 * round, 13 - 3 * t, 16));
+        await nextTurn();
+      }
+      await Promise.all(pending);
+      await expectVolume(volume, expected);
+    }
+    await volume.flush();
+  });
 });
