@@ -55,3 +55,9 @@ export function parsePrivateKey(file: string, pem: string): crypto.KeyObject {
  * All three are TLS 1.3's AEAD suites, none weaker than a 128-bit level.
  */
 export const tlsCipherSuites = 'TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256';
+
+/** A server's options for tlsCipherSuites: its own order decides, but a client asking for ChaCha20 first gets it. */
+export const tlsServerSuites = {
+  ciphers: tlsCipherSuites,
+  secureOptions: crypto.constants.SSL_OP_CIPHER_SERVER_PREFERENCE | crypto.constants.SSL_OP_PRIORITIZE_CHACHA,
+} as const;

@@ -512,13 +512,7 @@ export class NbdConnection {
         this.#corked = false;
         socket.uncork();
       }
-      socket.write(buffer, () => {
-        this.#replyBuffers.release(buffer);
-        if (answeredAt !== null) observeLatency(this.#options.counters.stages.reply, (performance.now() - answeredAt) / 1000);
-      });
-      return;
-    }
-    if (!this.#corked) {
+    } else if (!this.#corked) {
       this.#corked = true;
       socket.cork();
       setImmediate(this.#uncork);

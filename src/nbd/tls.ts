@@ -10,11 +10,10 @@
 // export TLS-only (a client may upgrade, or not); require is FORCEDTLS (every option but STARTTLS and ABORT is
 // answered NBD_REP_ERR_TLS_REQD until TLS is up, and NBD_OPT_EXPORT_NAME before it closes the connection).
 import type crypto from 'node:crypto';
-import { constants as cryptoConstants } from 'node:crypto';
 import path from 'node:path';
 import tls from 'node:tls';
 import { ChunkdError } from '../core/errors.ts';
-import { caCertFile, parseCertificate, parsePrivateKey, readPem, serverCertFile, serverKeyFile, tlsCipherSuites } from '../core/tls-files.ts';
+import { caCertFile, parseCertificate, parsePrivateKey, readPem, serverCertFile, serverKeyFile, tlsServerSuites } from '../core/tls-files.ts';
 
 export type TlsMode = 'off' | 'on' | 'require';
 
@@ -65,8 +64,7 @@ export function tlsSettings(config: TlsServerConfig): TlsSettings {
     key: config.key,
     ...(config.ca !== null ? { ca: config.ca } : {}),
     minVersion: 'TLSv1.3',
-    ciphers: tlsCipherSuites,
-    secureOptions: cryptoConstants.SSL_OP_CIPHER_SERVER_PREFERENCE | cryptoConstants.SSL_OP_PRIORITIZE_CHACHA,
+    ...tlsServerSuites,
   });
   return { mode: config.mode, verifyPeer: config.verifyPeer, secureContext, authorities: config.ca === null ? [] : certificatesIn(config.ca) };
 }

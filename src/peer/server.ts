@@ -17,7 +17,6 @@
 //
 // The peer's name is its certificate's subject CN (the CA vouches for it); hostnames play no part, since peers
 // reach each other by address.
-import { constants as cryptoConstants } from 'node:crypto';
 import net from 'node:net';
 import tls from 'node:tls';
 import { assert } from '../core/assert.ts';
@@ -27,7 +26,7 @@ import { connectionCloseGraceMs, peerConnectionsMax, peerHandshakeTimeoutMs, pee
 import { steerTlsReads } from '../nbd/steered-socket.ts';
 import { FrameQueue } from './client.ts';
 import { certificateName, type TlsCredentials } from './credentials.ts';
-import { tlsCipherSuites } from '../core/tls-files.ts';
+import { tlsServerSuites } from '../core/tls-files.ts';
 import {
   FrameKind, FrameReader, PeerVerb, encodeErrorFrame, encodeFrame, encodeHelloReply, negotiateVersion, parseHelloRequest,
   peerVersionMax, peerVersionMin, type Frame,
@@ -111,10 +110,8 @@ export class PeerServer {
       key,
       // #accept sets the deadline that covers TLS and hello together; Node's own timer stays as a backstop.
       handshakeTimeout: 2 * this.#handshakeTimeoutMs,
-      // This node's order of suites, not the client's (tlsCipherSuites says why); ChaCha20 for a client that asks
-      // for it first.
-      ciphers: tlsCipherSuites,
-      secureOptions: cryptoConstants.SSL_OP_CIPHER_SERVER_PREFERENCE | cryptoConstants.SSL_OP_PRIORITIZE_CHACHA,
+      // This node's order of suites, not the client's (tls-files.ts says why).
+      ...tlsServerSuites,
     });
     this.#server.on('connection', (socket: net.Socket) => this.#accept(socket));
     this.#server.on('tlsClientError', (error: Error, socket: tls.TLSSocket) => {

@@ -26,8 +26,7 @@ export class RateLimiter {
    * piece go unpaid, which is right before a send and lets a pay-after sender run a piece ahead of its rate).
    */
   settle(bytes: number, nowMs: number): number {
-    const start = Math.max(this.#dueMs, nowMs - this.#burstMs);
-    this.#dueMs = start + bytes / this.#bytesPerMs;
+    this.reserve(bytes, nowMs);
     return Math.max(0, this.#dueMs - nowMs);
   }
 }

@@ -144,7 +144,8 @@ export function encodeNode(node: MapNode): CachedPage {
  * for an interior node, and their headers; measured 6,288 bytes for a leaf of 253 entries, 4,986 for an interior
  * node of 300). More than the page's image: the cache counts it with the page (`PageCache.hold`).
  */
-export const decodedBytes = (node: MapNode): number => 128 + node.keys.length * (node.kind === 'leaf' ? 24 : 16);
+export const decodedBytes = (node: MapNode): number => decodedNodeBytes(node.kind === 'leaf', node.keys.length);
+const decodedNodeBytes = (leaf: boolean, entries: number): number => 128 + entries * (leaf ? 24 : 16);
 
 /** The node on a page, checked (sizes, order, page numbers); ECORRUPT naming the page when it is not one. */
 export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
@@ -609,7 +610,7 @@ export class PagedMaps {
    * until its commit (decoded, then encoded): the cache holds about its size over this many leaves.
    */
   get nodeBytes(): number {
-    return pageBytes + 128 + this.#leafCapacity * 24;
+    return pageBytes + decodedNodeBytes(true, this.#leafCapacity);
   }
 
   /** Pages changed since the last commit (what the commit will write; their memory is not the cache's). */
