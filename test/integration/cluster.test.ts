@@ -118,11 +118,14 @@ test('nodes register under their lease, cluster status answers the same from any
 });
 
 test('a node restarted on the same pool takes over its own registration; the same name from another pool is refused while it lives', { skip }, async () => {
-  const alpha = await startMember('alpha');
+  // A TTL longer than a restart takes on a loaded machine (3 s was not: the old lease expired first, and the new
+  // process registered afresh), so that the new process finds its predecessor's registration still there.
+  const ttl = ['--lease-ttl', '15s'];
+  const alpha = await startMember('alpha', ttl);
   try {
     // kill -9: the lease lives on in etcd for its TTL, but the pool is the same, so the new process takes it over.
     await alpha.node.kill();
-    const again = await startMember('alpha');
+    const again = await startMember('alpha', ttl);
     alpha.node = again.node;
     const status = await clusterStatus(again.node);
     assert.deepEqual(status.nodes.map((node) => [node.name, node.alive]), [['alpha', true]]);

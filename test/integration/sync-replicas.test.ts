@@ -234,7 +234,8 @@ test('kill -9 of the owner, with the replica away and in sync: the dirty map and
   await qemuIo(alpha.node, 'write -P 0x52 10M 1M');
   await alpha.node.kill();
   alpha = await startPeer('alpha', ports.alpha!);
-  assert.equal((await link(alpha)).dirtyBytes, 4 * MiB);
+  // (beta is up: the resync of those 4 MiB may end before a status is read, so the dirty map is not read here; the
+  // resync's totals below say what it compared.)
   const after = await inSync(alpha);
   assert.deepEqual([after.resyncBytesTotal, after.resyncEqualBytesTotal], [0, 4 * MiB]);
   assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, 'vol'));
