@@ -398,13 +398,13 @@ export class PagedCatalog {
 
   /**
    * Reads into the page cache the map pages an `applyMaps` of `records` will visit, ahead of it (the replay's
-   * prefetch: the reads overlap instead of a pass starting over once per level), and pins the pages of chunk counts
-   * it changes until `release`. Nothing when the records are not all of one existing volume (`applyMaps` applies
-   * those one by one).
+   * prefetch: the reads overlap instead of a pass starting over once per level), and pins the pages of counts it
+   * changes until `release`; `fits` false when those map pages would not fit the cache (it stopped reading them).
+   * Nothing when the records are not all of one existing volume (`applyMaps` applies those one by one).
    */
-  async prefetchMaps(records: ReadonlyArray<Extract<MetaRecord, { type: 'map' }>>): Promise<{ pages: number; release(): void }> {
+  async prefetchMaps(records: ReadonlyArray<Extract<MetaRecord, { type: 'map' }>>): Promise<{ pages: number; fits: boolean; release(): void }> {
     const volume = this.#volumes.get(records[0]?.volumeId ?? -1);
-    if (volume === undefined || records.some((record) => record.volumeId !== volume.id)) return { pages: 0, release: () => {} };
+    if (volume === undefined || records.some((record) => record.volumeId !== volume.id)) return { pages: 0, fits: true, release: () => {} };
     return volume.map.prefetchRuns(records);
   }
 

@@ -1047,24 +1047,29 @@ export class PagedMaps {
   /**
    * Reads ahead of a pass of `runs` over `map` (a replay's batch) what it would otherwise miss and start over for:
    * the pages `#prefetch` names for it, a level at a time, at most `prefetchReads` reads at once (each checked and
-   * repaired as any read) and no more pages than the cache holds, so that none is evicted before the pass uses it;
-   * then the pages of chunk counts the pass changes (the runs' chunks, and those mapped where they go now), pinned
-   * until `release` (a pass that misses counts starts over after computing its whole edit). Queued with the
-   * mutations (it reads the root they leave). Changes nothing: the pass still reads whatever it misses.
+   * repaired as any read) and no more pages than the cache holds, so that none is evicted before the pass uses it
+   * (`fits` false: it stopped there, and the caller may cut the batch: paged-backend.ts's `replayPaged`); then the
+   * pages of counts the pass changes, pinned until `release` (a pass that misses counts starts over after computing
+   * its whole edit): of the chunks (the runs', and those mapped where they go now) and of the map pages (those it
+   * visits, and those it may allocate). Queued with the mutations (it reads the root they leave). Changes nothing:
+   * the pass still reads whatever it misses.
    */
-  prefetchRuns(map: PagedMap, runs: readonly MapRunEdit[]): Promise<{ pages: number; release(): void }> {
+  prefetchRuns(map: PagedMap, runs: readonly MapRunEdit[]): Promise<{ pages: number; fits: boolean; release(): void }> {
     return this.#queue(async () => {
-      const nothingPinned = (pages: number): { pages: number; release(): void } => ({ pages, release: () => {} });
+      const nothingPinned = (pages: number, fits = true): { pages: number; fits: boolean; release(): void } => ({ pages, fits, release: () => {} });
       if (runs.length === 0 || map.rootPage === emptyRoot) return nothingPinned(0);
       const edit = mapRunsEdit(runs);
-      let budget = Math.floor(this.#cache.maxBytes / this.nodeBytes);
+      // Half the cache: what else it holds (pages of counts, the levels above) must not push out what was read.
+      let budget = Math.floor(this.#cache.maxBytes / this.nodeBytes / 2);
       let pages = 0;
       let level: Visit[] = [{ page: map.rootPage, lo: 0, hi: mapKeyLimit }];
       // The chunks the pass counts down: those the leaves map where the runs go.
       const chunks: number[] = [];
+      // The map pages it visits (whose page counts it reads and changes).
+      const visited: number[] = [];
       while (level.length > 0) {
         const missing = [...new Set(level.filter((visit) => this.#resident(visit.page) === undefined).map((visit) => visit.page))];
-        if (missing.length > budget) return nothingPinned(pages);
+        if (missing.length > budget) return nothingPinned(pages, false);
         budget -= missing.length;
         pages += missing.length;
         let cursor = 0;
@@ -1074,21 +1079,40 @@ export class PagedMaps {
         await Promise.all(Array.from({ length: Math.min(prefetchReads, missing.length) }, reader));
         const next: Visit[] = [];
         for (const visit of level) {
+          visited.push(visit.page);
           const node = this.#resident(visit.page) ?? (await this.node(visit.page));
           if (node.kind !== 'leaf') visitedChildren(node, visit, edit, next);
           else mappedUnder(node, visit, edit, chunks);
         }
         level = next;
       }
-      if (this.#chunkCountPages === undefined) return nothingPinned(pages);
-      // And those it counts up: an index of each page of counts a run meets (its first, its last, every page between).
-      for (const { physicalChunk, sums } of runs) {
-        for (let chunk = physicalChunk; chunk < physicalChunk + sums.length; chunk += chunkCountsPageStep) chunks.push(chunk);
-        chunks.push(physicalChunk + sums.length - 1);
+      const pins: Array<{ release(): void }> = [];
+      const release = (): void => {
+        for (const pin of pins.splice(0)) pin.release();
+      };
+      try {
+        const pageCounts = this.#pageCountPages;
+        if (pageCounts !== undefined) {
+          // The pages it may allocate: two for each node placed (`#wantCounts`), about one placed per node visited
+          // and a few more for splits. Fewer than it needs only costs a restart.
+          const wanted = [...visited, ...this.#allocator.upcoming(2 * visited.length + 16)].filter((page) => !pageCounts.loaded(page));
+          if (wanted.length > 0) pins.push(await pageCounts.load(wanted));
+        }
+        const counts = this.#chunkCountPages;
+        if (counts !== undefined) {
+          // And the chunks it counts up: an index of each page of counts a run meets (its first, its last, every page between).
+          for (const { physicalChunk, sums } of runs) {
+            for (let chunk = physicalChunk; chunk < physicalChunk + sums.length; chunk += chunkCountsPageStep) chunks.push(chunk);
+            chunks.push(physicalChunk + sums.length - 1);
+          }
+          const wanted = chunks.filter((chunk) => !counts.loaded(chunk));
+          if (wanted.length > 0) pins.push(await counts.load(wanted));
+        }
+      } catch (error) {
+        release();
+        throw error;
       }
-      const counts = this.#chunkCountPages;
-      const wanted = chunks.filter((chunk) => !counts.loaded(chunk));
-      return wanted.length === 0 ? nothingPinned(pages) : { pages, release: (await counts.load(wanted)).release };
+      return { pages, fits: true, release };
     });
   }
 
@@ -1415,7 +1439,7 @@ export class PagedMap {
   }
 
   /** Reads what a `mapRuns` of `runs` will need, ahead of it (`PagedMaps.prefetchRuns`); `release` after it. */
-  prefetchRuns(runs: readonly MapRunEdit[]): Promise<{ pages: number; release(): void }> {
+  prefetchRuns(runs: readonly MapRunEdit[]): Promise<{ pages: number; fits: boolean; release(): void }> {
     return this.#maps.prefetchRuns(this, runs);
   }
 

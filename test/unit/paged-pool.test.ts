@@ -40,12 +40,18 @@ async function killed(pool: Pool, files: TestFiles): Promise<void> {
   for (const fd of files.openDescriptors()) files.close(fd);
 }
 
-/** Counts the reads of the metadata page files. */
+/** Counts the reads of the metadata page files (a page read from the OS page cache in one call, or else a read). */
 class CountingFiles extends TestFiles {
   pageReads = 0;
   override read(fd: number, target: Uint8Array, positionBytes: number): Promise<number> {
     if (path.basename(this.pathOf(fd)).startsWith('metadata.')) this.pageReads += 1;
     return super.read(fd, target, positionBytes);
+  }
+
+  override readCached(fd: number, target: Uint8Array, positionBytes: number): number {
+    const bytesRead = super.readCached(fd, target, positionBytes);
+    if (bytesRead === target.length && path.basename(this.pathOf(fd)).startsWith('metadata.')) this.pageReads += 1;
+    return bytesRead;
   }
 }
 
@@ -571,14 +577,19 @@ test("a replay after a crash over a cold cache builds what was written, whether 
     await killed(pool, files);
 
     // Over a cache that holds every page a batch visits (the prefetch reads them all, and the pages of chunk counts),
-    // and over one of 4 pages (the prefetch stops at a level that would not fit: the pass reads the rest).
+    // and over one of 4 pages (the prefetch stops at a level that would not fit: the pass reads the rest; the batch
+    // is cut in halves, down to replayBatchRecordsMin, applied in order).
     for (const [cacheBytes, prefetches] of [[MiB, true], [16 * 1024, false]] as const) {
       const copy = `${directory}-${cacheBytes}`;
       fs.cpSync(directory, copy, { recursive: true });
       try {
         const replayed = await replayPaged(realFiles, copy, { cacheBytes });
         const { prefetchedPages } = replayed;
+        const { passRestarts } = replayed.catalog.pageReads;
         await replayed.catalog.close();
+        // Read ahead whole, the pages of counts with the map's, a batch's pass runs once (1 restart before the
+        // pages of page counts were read ahead). Over 4 pages the batch is cut in halves (none fits) and passes read.
+        if (prefetches) assert.equal(passRestarts, 0, `passes started over with a cache of ${cacheBytes} bytes`);
         assert.equal(replayed.replayedRecords > 1000, true, `${replayed.replayedRecords} records replayed`);
         assert.equal(prefetchedPages > 1, prefetches, `${prefetchedPages} pages read ahead with a cache of ${cacheBytes} bytes`);
         const reopened = await open(copy, { metadataCacheBytes: cacheBytes });
