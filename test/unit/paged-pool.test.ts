@@ -547,6 +547,47 @@ test('map nodes changed since the last checkpoint past their memory limit start 
   });
 });
 
+test("map nodes changed since the last checkpoint past their count start a checkpoint whatever the cache: a crash leaves only the last checkpoints' records to replay, and loses nothing", { timeout: 60_000 }, async () => {
+  await inScratch('paged-pool', async (directory) => {
+    // 6,000 writes at random into 4 GiB: about 30 leaves, all changed (a 2 MiB journal and a 64 MiB cache are far off).
+    const blocks = (4 * 1024 * MiB) / 4096;
+    const random = makeRandom(16);
+    const indexes = Array.from({ length: 6000 }, () => Math.floor(random() * blocks));
+    const files = new TestFiles();
+    const pool = await open(directory, { files, metadataCacheBytes: 64 * MiB, metadataDirtyPages: 8 });
+    await pool.createVolume('v', blocks * 4096);
+    const volume = pool.openVolume('v');
+    for (const [i, index] of indexes.entries()) await volume.write(index * 4096, block(1 + (i % 250)));
+    await volume.flush();
+    await volume.close();
+    const checkpoints = (await pool.status()).checkpointsTotal;
+    assert.ok(checkpoints >= 3, `${checkpoints} checkpoints started by the count of changed map nodes`);
+    await killed(pool, files);
+    const copy = `${directory}-copy`;
+    fs.cpSync(directory, copy, { recursive: true });
+    try {
+      // What the crash left: the records after the last durable root (all 6,000 without the bound; with it, those
+      // of the last checkpoints' intervals, each a few records and what arrived while the one before it wrote),
+      // and the nodes they change again (each read from the page file, the cache cold; about 25 without the bound).
+      const replayed = await replayPaged(realFiles, copy, { cacheBytes: 64 * MiB });
+      const changed = replayed.catalog.dirtyPages;
+      await replayed.catalog.close();
+      assert.ok(replayed.replayedRecords < 3000, `${replayed.replayedRecords} records replayed (${changed} map nodes)`);
+    } finally {
+      fs.rmSync(copy, { recursive: true, force: true });
+    }
+    const reopened = await open(directory);
+    try {
+      const last = new Map(indexes.map((index, i) => [index, 1 + (i % 250)]));
+      for (const [index, fill] of last) assert.equal(await readBlock(reopened, 'v', index), fill, `block ${index}`);
+    } finally {
+      await reopened.close();
+    }
+    const report = await fsckPool(directory);
+    assert.ok(report.clean, report.errors.join('; '));
+  });
+});
+
 test("a replay after a crash over a cold cache builds what was written, whether its prefetch reads every page a batch visits or stops at the cache's size", { timeout: 60_000 }, async () => {
   await inScratch('paged-pool', async (directory) => {
     const files = new TestFiles();
