@@ -326,6 +326,11 @@ interface Edit {
   ends: readonly number[];
   /** Rewrites the entries of a private leaf whose range is [lo, hi), recording chunk and count changes. */
   apply(leaf: LeafNode, lo: number, hi: number, changes: Changes): LeafNode;
+  /**
+   * Only adds or replaces entries (a mapRuns): no node ends below its fill (a split's parts are at least half
+   * full), so a pass needs no neighbour of a child it changes. Were one needed, the pass would miss it and read it.
+   */
+  grows?: boolean;
 }
 
 const editFirst = (edit: Edit): number => edit.starts[0]!;
@@ -355,13 +360,14 @@ const prefetchReads = 64;
 /** Less than the counts in a page of counts (space-map.ts's `countsPerPage`, 2,032): a span stepped by it names each page. */
 const chunkCountsPageStep = 1024;
 
-/** Adds to `into` the children of `node` (visited as `visit`) that an edit visits: those it meets, and a neighbour on each side. */
+/** Adds to `into` the children of `node` (visited as `visit`) that an edit visits: those it meets, and a neighbour on each side (none for an edit that `grows`). */
 function visitedChildren(node: InteriorNode, visit: Visit, edit: Edit, into: Visit[]): void {
   const { lo, hi } = visit;
   const count = node.children.length;
+  const side = edit.grows === true ? 0 : 1;
   let after = -1;
   for (const touched of touchedChildren(node.keys, lo, hi, edit)) {
-    for (let i = Math.max(after + 1, touched - 1); i <= Math.min(count - 1, touched + 1); i++) {
+    for (let i = Math.max(after + 1, touched - side); i <= Math.min(count - 1, touched + side); i++) {
       into.push({ page: node.children[i]!, lo: i === 0 ? lo : node.keys[i]!, hi: i === count - 1 ? hi : node.keys[i + 1]! });
       after = i;
     }
@@ -447,6 +453,7 @@ function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
   const edit: Edit = {
     starts,
     ends,
+    grows: true,
     apply: (leaf, lo, hi, changes) => {
       for (let r = firstRangeAbove(edit, lo); r < starts.length && starts[r]! < hi; r++) {
         for (let k = groups[r]!; k < groups[r + 1]!; k++) {
@@ -1122,10 +1129,12 @@ export class PagedMaps {
     if (node.kind === 'leaf') return this.#split(edit.apply(node, lo, hi, changes), 0);
     const count = node.children.length;
     const touched = touchedChildren(node.keys, lo, hi, edit);
-    // The children changed, and a neighbour on each side in case one of them ends below its fill.
+    // The children changed, and a neighbour on each side in case one of them ends below its fill (none for an
+    // edit that only grows: each neighbour was a page read for nothing, a leaf per record at scale).
+    const side = edit.grows === true ? 0 : 1;
     const wanted: number[] = [];
     for (const i of touched) {
-      for (let j = Math.max(i - 1, wanted.length === 0 ? 0 : wanted[wanted.length - 1]! + 1); j <= Math.min(count - 1, i + 1); j++) wanted.push(j);
+      for (let j = Math.max(i - side, wanted.length === 0 ? 0 : wanted[wanted.length - 1]! + 1); j <= Math.min(count - 1, i + side); j++) wanted.push(j);
     }
     pins.want(wanted.map((i) => node.children[i]!));
     // The ranges of the children changed, before any is replaced.
