@@ -102,6 +102,12 @@ export const metadataCacheBytesDefault = 256 * MiB;
  * never below this (a cache of a few pages, as in tests, would otherwise checkpoint every few writes).
  */
 export const metadataDirtyBytesMin = 16 * MiB;
+/**
+ * Paged metadata: the map nodes changed since the last checkpoint also start one once they are this many, whatever
+ * the cache's size: a crash leaves up to about twice this many for the next start to read and replay, one page
+ * read a node (paged-metadata.md, "What a crash leaves to replay, bounded by pages").
+ */
+export const metadataReplayPagesMax = 2048;
 /** Journal space reserved ahead (zero-filled) so that a full file system cannot stop a metadata commit. */
 export const journalReserveBytes = 4 * MiB;
 /** Unflushed writes are committed in the background at least this often, as a file system's commit interval. */

@@ -323,23 +323,39 @@ export async function replayPaged(files: FileLayer, directory: string, options: 
       for (const { copy, offsetBytes, sequence } of journal.repairs) {
         repairs.push(`${paths[copy]} ${copies[copy] === null ? 'is missing' : `is damaged at byte ${offsetBytes}`} (commit ${sequence}); read from the other copy`);
       }
+      // A chunk a record freed may be named by the next (it was reused after the commit that freed it): frees
+      // replayed are final at once, as in the format-3 load. (Within a batch, a chunk freed and named again is
+      // counted up before it is counted down: it is never free in between.)
+      const freesFinal = (): void => chunks.releaseTaken(chunks.takeDeferred(chunks.deferredMark()));
+      /**
+       * A batch of map records: the pages its pass visits read first, many at once (a cold cache after a crash),
+       * then one pass. A batch whose pages would not fit the cache (a map larger than it: the prefetch stops) is
+       * cut in two halves applied in order, as records applied one by one would be, each read ahead whole.
+       */
+      const applyBatch = async (batch: MapRecord[]): Promise<void> => {
+        const prefetched = await catalog.prefetchMaps(batch);
+        prefetchedPages += prefetched.pages;
+        if (!prefetched.fits && batch.length >= 2 * replayBatchRecordsMin) {
+          prefetched.release();
+          const half = Math.floor(batch.length / 2);
+          await applyBatch(batch.slice(0, half));
+          await applyBatch(batch.slice(half));
+          return;
+        }
+        try {
+          await catalog.applyMaps(batch);
+        } finally {
+          prefetched.release();
+        }
+        freesFinal();
+      };
       for (const batch of replayBatches(journal.records)) {
         if (batch.length > 1) {
-          // The pages the batch's pass visits read first, many at once (a cold cache after a crash).
-          const prefetched = await catalog.prefetchMaps(batch as MapRecord[]);
-          prefetchedPages += prefetched.pages;
-          try {
-            await catalog.applyMaps(batch as MapRecord[]);
-          } finally {
-            prefetched.release();
-          }
+          await applyBatch(batch as MapRecord[]);
         } else {
           await catalog.apply(batch[0]!);
+          freesFinal();
         }
-        // A chunk a record freed may be named by the next (it was reused after the commit that freed it): frees
-        // replayed are final at once, as in the format-3 load. (Within a batch, a chunk freed and named again is
-        // counted up before it is counted down: it is never free in between.)
-        chunks.releaseTaken(chunks.takeDeferred(chunks.deferredMark()));
       }
       replayedRecords += journal.records.length;
       tornTail ||= journal.tornTail;
@@ -392,6 +408,9 @@ async function salvageReplay(files: FileLayer, directory: string, catalog: Paged
  * change stay in memory until the root written after the replay anyway; the bound is on the pages one pass pins.
  */
 export const replayBatchRecords = 16_384;
+
+/** A batch whose pages do not fit the cache is cut in halves down to about this many records (`replayPaged`). */
+export const replayBatchRecordsMin = 64;
 
 /**
  * `records` cut into the batches a replay applies: runs of consecutive map records of one volume (at most

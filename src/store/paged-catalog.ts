@@ -42,7 +42,7 @@
 import path from 'node:path';
 import { unreachable } from '../core/assert.ts';
 import { ChunkdError, isNoSpace } from '../core/errors.ts';
-import { chunkSizeBytes, metadataDirtyBytesMin } from '../core/limits.ts';
+import { chunkSizeBytes, metadataDirtyBytesMin, metadataReplayPagesMax } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import type { FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
@@ -86,6 +86,8 @@ export interface PagedCatalogOptions {
   commitSliceMs?: number;
   /** The memory of map nodes changed since the last checkpoint that asks for the next (`dirtyPastLimit`; default: `cacheBytes`, at least limits.metadataDirtyBytesMin). */
   dirtyBytes?: number;
+  /** The count of map nodes changed since the last checkpoint that asks for the next, whatever their memory (`dirtyPastLimit`; default limits.metadataReplayPagesMax). */
+  dirtyPages?: number;
   /** Read only (fsck): the page file writes no repair and refuses commits; records still apply, in memory. */
   readOnly?: boolean;
 }
@@ -180,10 +182,12 @@ export class PagedCatalog {
   #punchFrees = true;
   /** See `dirtyPastLimit`. */
   readonly #dirtyBytes: number;
+  readonly #dirtyPages: number;
 
-  private constructor(file: PageFile, cache: PageCache, space: SpaceMaps, maps: PagedMaps, dirtyBytes: number) {
+  private constructor(file: PageFile, cache: PageCache, space: SpaceMaps, maps: PagedMaps, dirtyBytes: number, dirtyPages: number) {
     this.#file = file;
     this.#dirtyBytes = dirtyBytes;
+    this.#dirtyPages = dirtyPages;
     this.#cache = cache;
     this.#space = space;
     this.#maps = maps;
@@ -209,7 +213,7 @@ export class PagedCatalog {
         pageCountPages: space.pageRefs,
         chunkCountPages: space.chunks.counts,
       });
-      const catalog = new PagedCatalog(file, cache, space, maps, options.dirtyBytes ?? Math.max(options.cacheBytes, metadataDirtyBytesMin));
+      const catalog = new PagedCatalog(file, cache, space, maps, options.dirtyBytes ?? Math.max(options.cacheBytes, metadataDirtyBytesMin), options.dirtyPages ?? metadataReplayPagesMax);
       catalog.#pagesAtOpen = space.pages.state();
       if (root !== null) await catalog.#load(root);
       return catalog;
@@ -288,10 +292,12 @@ export class PagedCatalog {
    * makes them clean pages of the cache: the engine starts one when this says so (`CatalogBackend.checkpointWanted`),
    * so that the metadata's memory stays about twice the cache's size, whatever the data held. Without it only the
    * journal's size started one: up to a journal's records (about 51,000) of dirty leaves, some 500 MiB, once the
-   * map is much larger than what they touch.
+   * map is much larger than what they touch. Also once they are limits.metadataReplayPagesMax (`dirtyPages`),
+   * whatever the cache: after a crash each is a page the replay reads (a cold cache), so this bounds a crashed start.
    */
   get dirtyPastLimit(): boolean {
-    return this.#maps.dirtyPages * this.#maps.nodeBytes >= this.#dirtyBytes;
+    const dirty = this.#maps.dirtyPages;
+    return dirty >= this.#dirtyPages || dirty * this.#maps.nodeBytes >= this.#dirtyBytes;
   }
 
   /** The pages the table was last written to (for a check that every page is named once). */
@@ -398,13 +404,13 @@ export class PagedCatalog {
 
   /**
    * Reads into the page cache the map pages an `applyMaps` of `records` will visit, ahead of it (the replay's
-   * prefetch: the reads overlap instead of a pass starting over once per level), and pins the pages of chunk counts
-   * it changes until `release`. Nothing when the records are not all of one existing volume (`applyMaps` applies
-   * those one by one).
+   * prefetch: the reads overlap instead of a pass starting over once per level), and pins the pages of counts it
+   * changes until `release`; `fits` false when those map pages would not fit the cache (it stopped reading them).
+   * Nothing when the records are not all of one existing volume (`applyMaps` applies those one by one).
    */
-  async prefetchMaps(records: ReadonlyArray<Extract<MetaRecord, { type: 'map' }>>): Promise<{ pages: number; release(): void }> {
+  async prefetchMaps(records: ReadonlyArray<Extract<MetaRecord, { type: 'map' }>>): Promise<{ pages: number; fits: boolean; release(): void }> {
     const volume = this.#volumes.get(records[0]?.volumeId ?? -1);
-    if (volume === undefined || records.some((record) => record.volumeId !== volume.id)) return { pages: 0, release: () => {} };
+    if (volume === undefined || records.some((record) => record.volumeId !== volume.id)) return { pages: 0, fits: true, release: () => {} };
     return volume.map.prefetchRuns(records);
   }
 

@@ -326,6 +326,11 @@ interface Edit {
   ends: readonly number[];
   /** Rewrites the entries of a private leaf whose range is [lo, hi), recording chunk and count changes. */
   apply(leaf: LeafNode, lo: number, hi: number, changes: Changes): LeafNode;
+  /**
+   * Only adds or replaces entries (a mapRuns): no node ends below its fill (a split's parts are at least half
+   * full), so a pass needs no neighbour of a child it changes. Were one needed, the pass would miss it and read it.
+   */
+  grows?: boolean;
 }
 
 const editFirst = (edit: Edit): number => edit.starts[0]!;
@@ -355,13 +360,14 @@ const prefetchReads = 64;
 /** Less than the counts in a page of counts (space-map.ts's `countsPerPage`, 2,032): a span stepped by it names each page. */
 const chunkCountsPageStep = 1024;
 
-/** Adds to `into` the children of `node` (visited as `visit`) that an edit visits: those it meets, and a neighbour on each side. */
+/** Adds to `into` the children of `node` (visited as `visit`) that an edit visits: those it meets, and a neighbour on each side (none for an edit that `grows`). */
 function visitedChildren(node: InteriorNode, visit: Visit, edit: Edit, into: Visit[]): void {
   const { lo, hi } = visit;
   const count = node.children.length;
+  const side = edit.grows === true ? 0 : 1;
   let after = -1;
   for (const touched of touchedChildren(node.keys, lo, hi, edit)) {
-    for (let i = Math.max(after + 1, touched - 1); i <= Math.min(count - 1, touched + 1); i++) {
+    for (let i = Math.max(after + 1, touched - side); i <= Math.min(count - 1, touched + side); i++) {
       into.push({ page: node.children[i]!, lo: i === 0 ? lo : node.keys[i]!, hi: i === count - 1 ? hi : node.keys[i + 1]! });
       after = i;
     }
@@ -447,6 +453,7 @@ function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
   const edit: Edit = {
     starts,
     ends,
+    grows: true,
     apply: (leaf, lo, hi, changes) => {
       for (let r = firstRangeAbove(edit, lo); r < starts.length && starts[r]! < hi; r++) {
         for (let k = groups[r]!; k < groups[r + 1]!; k++) {
@@ -1047,24 +1054,29 @@ export class PagedMaps {
   /**
    * Reads ahead of a pass of `runs` over `map` (a replay's batch) what it would otherwise miss and start over for:
    * the pages `#prefetch` names for it, a level at a time, at most `prefetchReads` reads at once (each checked and
-   * repaired as any read) and no more pages than the cache holds, so that none is evicted before the pass uses it;
-   * then the pages of chunk counts the pass changes (the runs' chunks, and those mapped where they go now), pinned
-   * until `release` (a pass that misses counts starts over after computing its whole edit). Queued with the
-   * mutations (it reads the root they leave). Changes nothing: the pass still reads whatever it misses.
+   * repaired as any read) and no more pages than the cache holds, so that none is evicted before the pass uses it
+   * (`fits` false: it stopped there, and the caller may cut the batch: paged-backend.ts's `replayPaged`); then the
+   * pages of counts the pass changes, pinned until `release` (a pass that misses counts starts over after computing
+   * its whole edit): of the chunks (the runs', and those mapped where they go now) and of the map pages (those it
+   * visits, and those it may allocate). Queued with the mutations (it reads the root they leave). Changes nothing:
+   * the pass still reads whatever it misses.
    */
-  prefetchRuns(map: PagedMap, runs: readonly MapRunEdit[]): Promise<{ pages: number; release(): void }> {
+  prefetchRuns(map: PagedMap, runs: readonly MapRunEdit[]): Promise<{ pages: number; fits: boolean; release(): void }> {
     return this.#queue(async () => {
-      const nothingPinned = (pages: number): { pages: number; release(): void } => ({ pages, release: () => {} });
+      const nothingPinned = (pages: number, fits = true): { pages: number; fits: boolean; release(): void } => ({ pages, fits, release: () => {} });
       if (runs.length === 0 || map.rootPage === emptyRoot) return nothingPinned(0);
       const edit = mapRunsEdit(runs);
-      let budget = Math.floor(this.#cache.maxBytes / this.nodeBytes);
+      // Half the cache: what else it holds (pages of counts, the levels above) must not push out what was read.
+      let budget = Math.floor(this.#cache.maxBytes / this.nodeBytes / 2);
       let pages = 0;
       let level: Visit[] = [{ page: map.rootPage, lo: 0, hi: mapKeyLimit }];
       // The chunks the pass counts down: those the leaves map where the runs go.
       const chunks: number[] = [];
+      // The map pages it visits (whose page counts it reads and changes).
+      const visited: number[] = [];
       while (level.length > 0) {
         const missing = [...new Set(level.filter((visit) => this.#resident(visit.page) === undefined).map((visit) => visit.page))];
-        if (missing.length > budget) return nothingPinned(pages);
+        if (missing.length > budget) return nothingPinned(pages, false);
         budget -= missing.length;
         pages += missing.length;
         let cursor = 0;
@@ -1074,21 +1086,40 @@ export class PagedMaps {
         await Promise.all(Array.from({ length: Math.min(prefetchReads, missing.length) }, reader));
         const next: Visit[] = [];
         for (const visit of level) {
+          visited.push(visit.page);
           const node = this.#resident(visit.page) ?? (await this.node(visit.page));
           if (node.kind !== 'leaf') visitedChildren(node, visit, edit, next);
           else mappedUnder(node, visit, edit, chunks);
         }
         level = next;
       }
-      if (this.#chunkCountPages === undefined) return nothingPinned(pages);
-      // And those it counts up: an index of each page of counts a run meets (its first, its last, every page between).
-      for (const { physicalChunk, sums } of runs) {
-        for (let chunk = physicalChunk; chunk < physicalChunk + sums.length; chunk += chunkCountsPageStep) chunks.push(chunk);
-        chunks.push(physicalChunk + sums.length - 1);
+      const pins: Array<{ release(): void }> = [];
+      const release = (): void => {
+        for (const pin of pins.splice(0)) pin.release();
+      };
+      try {
+        const pageCounts = this.#pageCountPages;
+        if (pageCounts !== undefined) {
+          // The pages it may allocate: two for each node placed (`#wantCounts`), about one placed per node visited
+          // and a few more for splits. Fewer than it needs only costs a restart.
+          const wanted = [...visited, ...this.#allocator.upcoming(2 * visited.length + 16)].filter((page) => !pageCounts.loaded(page));
+          if (wanted.length > 0) pins.push(await pageCounts.load(wanted));
+        }
+        const counts = this.#chunkCountPages;
+        if (counts !== undefined) {
+          // And the chunks it counts up: an index of each page of counts a run meets (its first, its last, every page between).
+          for (const { physicalChunk, sums } of runs) {
+            for (let chunk = physicalChunk; chunk < physicalChunk + sums.length; chunk += chunkCountsPageStep) chunks.push(chunk);
+            chunks.push(physicalChunk + sums.length - 1);
+          }
+          const wanted = chunks.filter((chunk) => !counts.loaded(chunk));
+          if (wanted.length > 0) pins.push(await counts.load(wanted));
+        }
+      } catch (error) {
+        release();
+        throw error;
       }
-      const counts = this.#chunkCountPages;
-      const wanted = chunks.filter((chunk) => !counts.loaded(chunk));
-      return wanted.length === 0 ? nothingPinned(pages) : { pages, release: (await counts.load(wanted)).release };
+      return { pages, fits: true, release };
     });
   }
 
@@ -1098,10 +1129,12 @@ export class PagedMaps {
     if (node.kind === 'leaf') return this.#split(edit.apply(node, lo, hi, changes), 0);
     const count = node.children.length;
     const touched = touchedChildren(node.keys, lo, hi, edit);
-    // The children changed, and a neighbour on each side in case one of them ends below its fill.
+    // The children changed, and a neighbour on each side in case one of them ends below its fill (none for an
+    // edit that only grows: each neighbour was a page read for nothing, a leaf per record at scale).
+    const side = edit.grows === true ? 0 : 1;
     const wanted: number[] = [];
     for (const i of touched) {
-      for (let j = Math.max(i - 1, wanted.length === 0 ? 0 : wanted[wanted.length - 1]! + 1); j <= Math.min(count - 1, i + 1); j++) wanted.push(j);
+      for (let j = Math.max(i - side, wanted.length === 0 ? 0 : wanted[wanted.length - 1]! + 1); j <= Math.min(count - 1, i + side); j++) wanted.push(j);
     }
     pins.want(wanted.map((i) => node.children[i]!));
     // The ranges of the children changed, before any is replaced.
@@ -1415,7 +1448,7 @@ export class PagedMap {
   }
 
   /** Reads what a `mapRuns` of `runs` will need, ahead of it (`PagedMaps.prefetchRuns`); `release` after it. */
-  prefetchRuns(runs: readonly MapRunEdit[]): Promise<{ pages: number; release(): void }> {
+  prefetchRuns(runs: readonly MapRunEdit[]): Promise<{ pages: number; fits: boolean; release(): void }> {
     return this.#maps.prefetchRuns(this, runs);
   }
 

@@ -492,6 +492,8 @@ test('opening reads the root, the table and the space maps\' summaries: as many 
           reads += 1;
           return realFiles.read(fd, target, position);
         },
+        // Every page read through read(), counted (none from the OS page cache in one call).
+        readCached: () => -1,
       });
       const paged = await PagedCatalog.open(counting, directory, options);
       const atOpen = reads;

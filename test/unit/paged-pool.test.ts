@@ -40,12 +40,18 @@ async function killed(pool: Pool, files: TestFiles): Promise<void> {
   for (const fd of files.openDescriptors()) files.close(fd);
 }
 
-/** Counts the reads of the metadata page files. */
+/** Counts the reads of the metadata page files (a page read from the OS page cache in one call, or else a read). */
 class CountingFiles extends TestFiles {
   pageReads = 0;
   override read(fd: number, target: Uint8Array, positionBytes: number): Promise<number> {
     if (path.basename(this.pathOf(fd)).startsWith('metadata.')) this.pageReads += 1;
     return super.read(fd, target, positionBytes);
+  }
+
+  override readCached(fd: number, target: Uint8Array, positionBytes: number): number {
+    const bytesRead = super.readCached(fd, target, positionBytes);
+    if (bytesRead === target.length && path.basename(this.pathOf(fd)).startsWith('metadata.')) this.pageReads += 1;
+    return bytesRead;
   }
 }
 
@@ -541,6 +547,47 @@ test('map nodes changed since the last checkpoint past their memory limit start 
   });
 });
 
+test("map nodes changed since the last checkpoint past their count start a checkpoint whatever the cache: a crash leaves only the last checkpoints' records to replay, and loses nothing", { timeout: 60_000 }, async () => {
+  await inScratch('paged-pool', async (directory) => {
+    // 6,000 writes at random into 4 GiB: about 30 leaves, all changed (a 2 MiB journal and a 64 MiB cache are far off).
+    const blocks = (4 * 1024 * MiB) / 4096;
+    const random = makeRandom(16);
+    const indexes = Array.from({ length: 6000 }, () => Math.floor(random() * blocks));
+    const files = new TestFiles();
+    const pool = await open(directory, { files, metadataCacheBytes: 64 * MiB, metadataDirtyPages: 8 });
+    await pool.createVolume('v', blocks * 4096);
+    const volume = pool.openVolume('v');
+    for (const [i, index] of indexes.entries()) await volume.write(index * 4096, block(1 + (i % 250)));
+    await volume.flush();
+    await volume.close();
+    const checkpoints = (await pool.status()).checkpointsTotal;
+    assert.ok(checkpoints >= 3, `${checkpoints} checkpoints started by the count of changed map nodes`);
+    await killed(pool, files);
+    const copy = `${directory}-copy`;
+    fs.cpSync(directory, copy, { recursive: true });
+    try {
+      // What the crash left: the records after the last durable root (all 6,000 without the bound; with it, those
+      // of the last checkpoints' intervals, each a few records and what arrived while the one before it wrote),
+      // and the nodes they change again (each read from the page file, the cache cold; about 25 without the bound).
+      const replayed = await replayPaged(realFiles, copy, { cacheBytes: 64 * MiB });
+      const changed = replayed.catalog.dirtyPages;
+      await replayed.catalog.close();
+      assert.ok(replayed.replayedRecords < 3000, `${replayed.replayedRecords} records replayed (${changed} map nodes)`);
+    } finally {
+      fs.rmSync(copy, { recursive: true, force: true });
+    }
+    const reopened = await open(directory);
+    try {
+      const last = new Map(indexes.map((index, i) => [index, 1 + (i % 250)]));
+      for (const [index, fill] of last) assert.equal(await readBlock(reopened, 'v', index), fill, `block ${index}`);
+    } finally {
+      await reopened.close();
+    }
+    const report = await fsckPool(directory);
+    assert.ok(report.clean, report.errors.join('; '));
+  });
+});
+
 test("a replay after a crash over a cold cache builds what was written, whether its prefetch reads every page a batch visits or stops at the cache's size", { timeout: 60_000 }, async () => {
   await inScratch('paged-pool', async (directory) => {
     const files = new TestFiles();
@@ -571,14 +618,19 @@ test("a replay after a crash over a cold cache builds what was written, whether 
     await killed(pool, files);
 
     // Over a cache that holds every page a batch visits (the prefetch reads them all, and the pages of chunk counts),
-    // and over one of 4 pages (the prefetch stops at a level that would not fit: the pass reads the rest).
+    // and over one of 4 pages (the prefetch stops at a level that would not fit: the pass reads the rest; the batch
+    // is cut in halves, down to replayBatchRecordsMin, applied in order).
     for (const [cacheBytes, prefetches] of [[MiB, true], [16 * 1024, false]] as const) {
       const copy = `${directory}-${cacheBytes}`;
       fs.cpSync(directory, copy, { recursive: true });
       try {
         const replayed = await replayPaged(realFiles, copy, { cacheBytes });
         const { prefetchedPages } = replayed;
+        const { passRestarts } = replayed.catalog.pageReads;
         await replayed.catalog.close();
+        // Read ahead whole, the pages of counts with the map's, a batch's pass runs once (1 restart before the
+        // pages of page counts were read ahead). Over 4 pages the batch is cut in halves (none fits) and passes read.
+        if (prefetches) assert.equal(passRestarts, 0, `passes started over with a cache of ${cacheBytes} bytes`);
         assert.equal(replayed.replayedRecords > 1000, true, `${replayed.replayedRecords} records replayed`);
         assert.equal(prefetchedPages > 1, prefetches, `${prefetchedPages} pages read ahead with a cache of ${cacheBytes} bytes`);
         const reopened = await open(copy, { metadataCacheBytes: cacheBytes });
