@@ -338,6 +338,34 @@ test("a commit encodes its dirty nodes in slices, letting the event loop turn; m
   });
 });
 
+test('mutations queued one behind another give the event loop a turn once they have run back to back for mutationRunMs, and apply in call order', async () => {
+  await withMaps({ cachePages: 4096 }, async (setup) => {
+    const maps = new PagedMaps({ cache: setup.cache, allocator: setup.allocator, pageRefs: setup.pageRefs, mutationRunMs: 0 });
+    const map = maps.empty();
+    const model = new ChunkMap();
+    const modelRefs = new Counts();
+    let turns = 0;
+    let ticking = true;
+    const tick = (): void => {
+      if (!ticking) return;
+      turns += 1;
+      setImmediate(tick);
+    };
+    setImmediate(tick);
+    // Every node in memory: nothing read yields, so without the turns all 300 would run in one.
+    const calls: Array<Promise<void>> = [];
+    for (let i = 0; i < 300; i++) {
+      const v = (i * 7_919) % 60_000;
+      calls.push(map.mapRun(v, 1_000_000 + i * 4, sumsOf(1_000_000 + i * 4, 4), setup.chunkRefs));
+      model.mapRun(v, 1_000_000 + i * 4, 4, modelRefs);
+    }
+    await Promise.all(calls);
+    ticking = false;
+    assert.ok(turns >= 100, `the event loop turned ${turns} times while 300 queued mutations ran`);
+    assert.deepEqual(await runsOf(map, 0, 70_000), model.runs(0, 70_000));
+  });
+});
+
 test('a drop of a large map frees its pages a slice at a time, letting the event loop turn, and gives every page back', async () => {
   await withMaps({ cachePages: 4096 }, async (setup) => {
     const map = setup.maps.empty();
