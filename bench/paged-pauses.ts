@@ -6,6 +6,10 @@
 // monitorEventLoopDelay, 1 ms resolution); then the longest gaps over 50 ms (a 1 ms timer that came late) with
 // the writes and checkpoints done by then. With GAPS_FILE=F the gaps are written to F with their end in
 // microseconds of the monotonic clock, to be laid over a `node --cpu-prof` profile of the same run.
+// On a loaded machine a gap is mostly time the process waited for a CPU: so each gap also says how much CPU the
+// main thread used in it (`process.threadCpuUsage`), and the run ends with the longest such CPU between two turns
+// of the timer and the turns that held the loop for over 50 ms of its own CPU (what a pause would be on an idle
+// machine; the garbage collector's main-thread work included, its helper threads' not).
 // --tree DIR loads the store from another checkout (a worktree of a base commit), so that old and new run the
 // same script, interleaved.
 // Usage: node bench/paged-pauses.ts [--writes 2097152] [--cache 64MiB] [--volume 64GiB] [--report 524288] [--dir DIR] [--tree DIR]
@@ -43,6 +47,8 @@ interface Gap {
   writes: number;
   checkpoints: number;
   endUs: number;
+  /** The main thread's CPU during the gap. */
+  cpuMs: number;
 }
 
 try {
@@ -55,10 +61,22 @@ try {
   let checkpoints = 0;
   const started = performance.now();
   let last = started;
+  const threadCpuMs = (): number => {
+    const usage = process.threadCpuUsage();
+    return (usage.user + usage.system) / 1000;
+  };
+  let lastCpu = threadCpuMs();
+  let heldCpuMax = 0;
+  let heldOver50 = 0;
   const tick = setInterval(() => {
     const now = performance.now();
-    if (now - last > 50) gaps.push({ atSeconds: (now - started) / 1000, ms: Math.round(now - last), writes: issued, checkpoints, endUs: Number(process.hrtime.bigint() / 1000n) });
+    const cpuNow = threadCpuMs();
+    const cpuMs = cpuNow - lastCpu;
+    if (now - last > 50) gaps.push({ atSeconds: (now - started) / 1000, ms: Math.round(now - last), writes: issued, checkpoints, endUs: Number(process.hrtime.bigint() / 1000n), cpuMs: Math.round(cpuMs) });
+    heldCpuMax = Math.max(heldCpuMax, cpuMs);
+    if (cpuMs > 50) heldOver50 += 1;
     last = now;
+    lastCpu = cpuNow;
   }, 1);
   const poll = setInterval(() => {
     void pool.status().then((status) => {
@@ -97,7 +115,9 @@ try {
   const status = await pool.status();
   console.log(`total: ${writes} writes in ${((performance.now() - started) / 1000).toFixed(1)} s, ${cpuPerWrite(used, writes)} us CPU each, ${status.checkpointsTotal} checkpoints, longest pause ${ms(total.max)} ms, p99 ${ms(total.percentile(99))} ms, p99.9 ${ms(total.percentile(99.9))} ms`);
   const longest = [...gaps].sort((a, b) => b.ms - a.ms).slice(0, 8);
-  console.log(`gaps over 50 ms: ${gaps.length}; longest: ${longest.map((gap) => `${gap.ms} ms at ${gap.atSeconds.toFixed(1)} s (${gap.checkpoints} checkpoints)`).join(', ')}`);
+  console.log(`gaps over 50 ms: ${gaps.length}; longest: ${longest.map((gap) => `${gap.ms} ms (${gap.cpuMs} ms CPU) at ${gap.atSeconds.toFixed(1)} s (${gap.checkpoints} checkpoints)`).join(', ')}`);
+  const mostCpu = [...gaps].sort((a, b) => b.cpuMs - a.cpuMs).slice(0, 8);
+  console.log(`main thread's CPU between two turns: longest ${heldCpuMax.toFixed(1)} ms; turns over 50 ms of CPU: ${heldOver50}; the gaps of most CPU: ${mostCpu.map((gap) => `${gap.cpuMs} ms CPU in ${gap.ms} ms at ${gap.atSeconds.toFixed(1)} s`).join(', ')}`);
   if (process.env.GAPS_FILE) fs.writeFileSync(process.env.GAPS_FILE, JSON.stringify(gaps));
   await volume.close();
   await pool.close();

@@ -64,9 +64,10 @@ export class PageAllocator {
    * `committed`. Pages released from now on wait for the commit after (its root is the one that stops naming them).
    */
   sealForCommit(): PageAllocatorState {
-    this.#sealed = new Set([...(this.#sealed ?? []), ...this.#released]);
+    const sealed = (this.#sealed ??= new Set());
+    for (const page of this.#released) sealed.add(page);
     this.#released.clear();
-    return { nextPage: this.#nextPage, free: [...this.#free, ...this.#sealed].sort((a, b) => a - b) };
+    return { nextPage: this.#nextPage, free: sortedPages(this.#free, sealed) };
   }
 
   /**
@@ -92,6 +93,18 @@ export class PageAllocator {
 
   /** The state without the pages waiting for a commit (they count as in use: the durable root may name them). */
   state(): PageAllocatorState {
-    return { nextPage: this.#nextPage, free: [...this.#free].sort((a, b) => a - b) };
+    return { nextPage: this.#nextPage, free: sortedPages(this.#free) };
   }
+}
+
+/**
+ * The pages of `sets` in ascending order. Sorted as a Float64Array (a native sort, no comparator called from it):
+ * the free list is written whole with every root, and after 16 GiB written at random it is some 20,000 pages, whose
+ * sort with a comparator held the event loop for milliseconds at every checkpoint.
+ */
+function sortedPages(...sets: ReadonlyArray<ReadonlySet<number>>): number[] {
+  const pages = new Float64Array(sets.reduce((total, set) => total + set.size, 0));
+  let at = 0;
+  for (const set of sets) for (const page of set) pages[at++] = page;
+  return Array.from(pages.sort());
 }

@@ -7,6 +7,7 @@
 // 4 KiB image) is counted with the page against the bound (`hold`): the bound is the memory, not the images only.
 // Pages are shared, not copied: a page got from the cache must not be changed in place; `put` gives the cache a
 // new page (copy-on-write in memory as on disk).
+import { performance } from 'node:perf_hooks';
 import { LRUCache } from 'lru-cache';
 import { ChunkdError } from '../core/errors.ts';
 import { pageBytes, type Page, type PageFile, type Root } from './page-file.ts';
@@ -32,16 +33,26 @@ export interface PageCacheStats {
 
 /** Page writes a commit has under way at once. */
 const writesInFlight = 32;
+/** A commit's work on its pages in memory gives the event loop a turn after about this long (checked every `sliceCheck` pages). */
+const commitSliceMs = 2;
+const sliceCheck = 64;
+const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
 export class PageCache {
   readonly #file: PageFile;
   readonly #clean: LRUCache<number, CachedPage>;
   readonly #dirty = new Map<number, CachedPage>();
   readonly #loading = new Map<number, Promise<CachedPage>>();
+  readonly #sliceMs: number;
   #hits = 0;
   #misses = 0;
 
-  constructor(file: PageFile, maxBytes: number) {
+  /**
+   * `sliceMs`: the longest a commit works on its pages in memory before it gives the event loop a turn (0: a turn
+   * every `sliceCheck` pages, for tests).
+   */
+  constructor(file: PageFile, maxBytes: number, sliceMs = commitSliceMs) {
+    this.#sliceMs = sliceMs;
     if (!Number.isSafeInteger(maxBytes) || maxBytes < pageBytes) throw ChunkdError.invalid(`a metadata cache holds at least one page (${pageBytes} bytes), not ${maxBytes} bytes`);
     this.#file = file;
     this.#clean = new LRUCache<number, CachedPage>({ maxSize: maxBytes, sizeCalculation: cachedBytes });
@@ -105,19 +116,40 @@ export class PageCache {
     this.#dirty.set(pageNumber, page);
   }
 
-  /** Writes the dirty pages (in page order), commits them with `rootBody` as the new root, and keeps them as clean pages. */
+  /**
+   * Writes the dirty pages (in page order), commits them with `rootBody` as the new root, and keeps them as clean
+   * pages. A checkpoint after 16 GiB written at random has some 20,000 dirty pages: what is done for each of them
+   * in memory (sorting them, moving them to the clean ones after the write) gives the event loop a turn every
+   * `sliceMs` (the constructor's), so that no part of a commit holds it proportionally to the dirty pages.
+   */
   async commit(rootBody: Buffer): Promise<Root> {
-    const dirty = [...this.#dirty].sort(([a], [b]) => a - b);
+    // Sorted as a Float64Array (a native sort, no comparator called from it), then looked up.
+    const numbers = new Float64Array(this.#dirty.size);
+    let at = 0;
+    for (const pageNumber of this.#dirty.keys()) numbers[at++] = pageNumber;
+    numbers.sort();
+    const pages = Array.from(numbers, (pageNumber) => this.#dirty.get(pageNumber)!);
     // Many at once (their order does not matter: none is durable before the fdatasync that precedes the root).
-    for (let first = 0; first < dirty.length; first += writesInFlight) {
-      await Promise.all(dirty.slice(first, first + writesInFlight).map(([pageNumber, page]) => this.#file.write(pageNumber, page.kind, page.body)));
+    const writes: Array<Promise<void>> = [];
+    for (let first = 0; first < pages.length; first += writesInFlight) {
+      writes.length = 0;
+      for (let index = first; index < Math.min(first + writesInFlight, pages.length); index++) writes.push(this.#file.write(numbers[index]!, pages[index]!.kind, pages[index]!.body));
+      await Promise.all(writes);
     }
     const root = await this.#file.commit(rootBody);
-    for (const [pageNumber, page] of dirty) {
-      // A page put again during the commit stays dirty (its newer body is the next commit's).
+    let sliceStarted = performance.now();
+    for (let index = 0; index < pages.length; index++) {
+      const pageNumber = numbers[index]!;
+      const page = pages[index]!;
+      // A page put again during the commit stays dirty (its newer body is the next commit's); one discarded is gone.
       if (this.#dirty.get(pageNumber) !== page) continue;
       this.#dirty.delete(pageNumber);
       this.#clean.set(pageNumber, page);
+      if ((index + 1) % sliceCheck === 0 && performance.now() - sliceStarted >= this.#sliceMs) {
+        // Between turns a page not yet moved is still dirty, as during the write: found by `get`, not evicted.
+        await nextTurn();
+        sliceStarted = performance.now();
+      }
     }
     return root;
   }

@@ -30,6 +30,8 @@ export const firstDataPage = 2;
 export const pageCopies = 2;
 const magic = 0x47504b43; // "CKPG" little-endian
 const rootKind = 0xff;
+/** Page images kept for reuse: as many as a commit writes at once (page-cache.ts's `writesInFlight`), and some. */
+const imagesKept = 64;
 
 export interface Page {
   pageNumber: number;
@@ -40,15 +42,23 @@ export interface Page {
 
 /** The 4 KiB image of a page. */
 export function encodePage(page: Page): Buffer {
+  return encodePageInto(Buffer.allocUnsafe(pageBytes), page);
+}
+
+/** The 4 KiB image of a page, written over all of `out` (a buffer of `pageBytes`, reused: whatever it held goes). */
+export function encodePageInto(out: Buffer, page: Page): Buffer {
   if (page.body.length > pageBodyBytesMax) throw ChunkdError.invalid(`a page body holds at most ${pageBodyBytesMax} bytes, not ${page.body.length}`);
   if (!Number.isSafeInteger(page.pageNumber) || page.pageNumber < 0 || page.pageNumber >= 2 ** 48) throw ChunkdError.invalid(`bad page number ${page.pageNumber}`);
-  const out = Buffer.alloc(pageBytes);
+  if (out.length !== pageBytes) throw new Error(`a page image is ${pageBytes} bytes, not ${out.length}`);
   out.writeUInt32LE(magic, 0);
   out.writeUIntLE(page.pageNumber, 8, 6);
   out.writeUInt8(page.kind, 14);
+  out.writeUInt8(0, 15);
   out.writeUInt32LE(page.generation >>> 0, 16);
   out.writeUInt16LE(page.body.length, 20);
+  out.fill(0, 22, pageHeaderBytes);
   page.body.copy(out, pageHeaderBytes);
+  out.fill(0, pageHeaderBytes + page.body.length);
   out.writeUInt32LE(crc32(out.subarray(8)), 4);
   return out;
 }
@@ -83,8 +93,7 @@ export interface PageFileOptions {
  * The 4 KiB image of page `pageNumber` in one copy, or why it cannot be read: a disk read error (EIO, a bad
  * sector) is damage to that copy, which the other covers as it covers a checksum mismatch; other errors throw.
  */
-async function readPageImage(files: FileLayer, fd: number, pageNumber: number): Promise<Buffer | string> {
-  const bytes = Buffer.alloc(pageBytes);
+async function readPageImage(files: FileLayer, fd: number, pageNumber: number, bytes: Buffer = Buffer.alloc(pageBytes)): Promise<Buffer | string> {
   // From the OS page cache in one call on this thread when it holds the page (a replay after a crash reads
   // thousands of leaves the node had just written: 4 to 6 us of CPU a page this way, 12 to 13 through libuv's
   // pool, 20,000 reads at random here); else, or on any error, the read below.
@@ -119,6 +128,8 @@ export class PageFile {
   /** The copies that lacked the newest root at open (a commit cut short by a crash, or damage). */
   #rootMissingFrom: number[] = [];
   #closed = false;
+  /** Page images whose writes have settled, for the next writes to reuse. */
+  readonly #images: Buffer[] = [];
 
   private constructor(files: FileLayer, paths: string[], fds: number[], root: Root | null, readOnly: boolean) {
     this.#files = files;
@@ -238,8 +249,13 @@ export class PageFile {
     this.#writable();
     if (pageNumber < firstDataPage) throw ChunkdError.invalid(`page ${pageNumber} is a root slot`);
     if (kind === rootKind) throw ChunkdError.invalid(`page kind ${rootKind} is the root's`);
-    const image = encodePage({ pageNumber, kind, generation: this.nextGeneration, body });
-    await Promise.all(this.#fds.map((fd) => this.#files.write(fd, image, pageNumber * pageBytes)));
+    // The image's buffer is reused once both writes have settled (the file layers keep nothing of a buffer after
+    // its write settles; a write that never settles, a frozen layer's, keeps its buffer): a checkpoint writes
+    // thousands of pages, and a 4 KiB buffer each was garbage for the collector to find while the loop waits.
+    const image = encodePageInto(this.#images.pop() ?? Buffer.allocUnsafe(pageBytes), { pageNumber, kind, generation: this.nextGeneration, body });
+    const writes = await Promise.allSettled(this.#fds.map((fd) => this.#files.write(fd, image, pageNumber * pageBytes)));
+    if (this.#images.length < imagesKept) this.#images.push(image);
+    for (const write of writes) if (write.status === 'rejected') throw write.reason;
   }
 
   /** Reads a page, from the other copy where one is damaged (and repairs it); both damaged: ECORRUPT. */
@@ -247,17 +263,21 @@ export class PageFile {
     this.#check();
     if (pageNumber < firstDataPage) throw ChunkdError.invalid(`page ${pageNumber} is a root slot`);
     const reasons: string[] = [];
+    // Read into a reused image (the page's body is copied out of it): kept for the next read or write once the
+    // reads, and the repair's writes, have settled.
+    const image = this.#images.pop() ?? Buffer.allocUnsafe(pageBytes);
     for (let copy = 0; copy < pageCopies; copy++) {
-      const bytes = await readPageImage(this.#files, this.#fds[copy]!, pageNumber);
+      const bytes = await readPageImage(this.#files, this.#fds[copy]!, pageNumber, image);
       const page = typeof bytes === 'string' ? bytes : decodePage(bytes, pageNumber);
       if (typeof page === 'string') {
         reasons.push(`${this.#paths[copy]}: ${page}`);
         continue;
       }
       for (let bad = 0; bad < copy && !this.#readOnly; bad++) {
-        await this.#files.write(this.#fds[bad]!, bytes as Buffer, pageNumber * pageBytes);
+        await this.#files.write(this.#fds[bad]!, image, pageNumber * pageBytes);
         this.#repairs += 1;
       }
+      if (this.#images.length < imagesKept) this.#images.push(image);
       return page;
     }
     throw ChunkdError.corrupt(`metadata page ${pageNumber} (byte ${pageNumber * pageBytes}) is damaged in both copies: ${reasons.join('; ')}`);

@@ -82,7 +82,7 @@ export interface PagedCatalogOptions {
   /** Map node capacities (smaller in tests, for deep trees). */
   leafCapacity?: number;
   interiorCapacity?: number;
-  /** How long a checkpoint encodes map nodes between two turns of the event loop (PagedMaps; 0 in tests). */
+  /** How long a checkpoint encodes map nodes, or moves written pages to the clean ones, between two turns of the event loop (PagedMaps, PageCache; 0 in tests). */
   commitSliceMs?: number;
   /** The memory of map nodes changed since the last checkpoint that asks for the next (`dirtyPastLimit`; default: `cacheBytes`, at least limits.metadataDirtyBytesMin). */
   dirtyBytes?: number;
@@ -200,7 +200,7 @@ export class PagedCatalog {
     try {
       // The files may have just been created: their entries must be durable before a root in them counts.
       if (file.root === null) await files.syncDirectory(directory);
-      const cache = new PageCache(file, options.cacheBytes);
+      const cache = new PageCache(file, options.cacheBytes, options.commitSliceMs);
       const root = file.root === null ? null : decodeCatalogRoot(file.root.body);
       const space = await SpaceMaps.open(cache, root?.space ?? null);
       const maps = new PagedMaps({

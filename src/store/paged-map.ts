@@ -187,6 +187,12 @@ const dropSliceNodes = 256;
 /** A commit encodes its dirty nodes for about this long between two turns of the event loop (checked every `commitSliceCheck` nodes). */
 const commitSliceMs = 5;
 const commitSliceCheck = 16;
+/**
+ * Mutations queued one behind another (the records that arrived while a checkpoint encoded its nodes: thousands once
+ * the map is much larger than a journal's records touch) run as one chain of promises, without a turn of the event
+ * loop between them when their nodes are in memory; after this long, the next waits for a turn.
+ */
+const mutationRunMs = 5;
 
 /** Resolves after the event loop's next turn (its timers and I/O callbacks run first). */
 const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
@@ -315,6 +321,8 @@ export interface PagedMapsOptions {
   chunkCountPages?: CountPages;
   /** How long a commit encodes dirty nodes between two turns of the event loop (default `commitSliceMs`; 0 in tests: a turn every few nodes). */
   commitSliceMs?: number;
+  /** How long mutations run back to back before the next waits for a turn of the event loop (default `mutationRunMs`; 0: a turn before every mutation but the first of a turn). */
+  mutationRunMs?: number;
 }
 
 /**
@@ -511,6 +519,9 @@ export class PagedMaps {
   readonly #pageCountPages: CountPages | undefined;
   readonly #chunkCountPages: CountPages | undefined;
   readonly #commitSliceMs: number;
+  readonly #mutationRunMs: number;
+  /** When the queue's tasks began running back to back in this turn of the event loop (undefined: none ran since the last turn). */
+  #runStarted: number | undefined;
   /** Decoded nodes by cached page object: decoded once while the page stays in the cache. */
   readonly #decoded = new WeakMap<CachedPage, MapNode>();
   /**
@@ -535,6 +546,7 @@ export class PagedMaps {
     this.#pageCountPages = options.pageCountPages;
     this.#chunkCountPages = options.chunkCountPages;
     this.#commitSliceMs = options.commitSliceMs ?? commitSliceMs;
+    this.#mutationRunMs = options.mutationRunMs ?? mutationRunMs;
     assert(this.#leafCapacity >= 2 && this.#leafCapacity <= leafCapacityMax, `leaf capacity ${this.#leafCapacity}`);
     // At least 4: an interior node of one child must be below its fill, so that its lone child gets merged.
     assert(this.#interiorCapacity >= 4 && this.#interiorCapacity <= interiorCapacityMax, `interior capacity ${this.#interiorCapacity}`);
@@ -939,7 +951,20 @@ export class PagedMaps {
 
   /** Runs `task` after every mutation and commit queued before it. */
   #queue<T>(task: () => Promise<T>): Promise<T> {
-    const result = this.#mutations.then(task, task);
+    const run = (): Promise<T> => {
+      const now = performance.now();
+      if (this.#runStarted === undefined) {
+        this.#runStarted = now;
+        setImmediate(() => {
+          this.#runStarted = undefined;
+        });
+      } else if (now - this.#runStarted >= this.#mutationRunMs) {
+        // The loop's turn comes first; its start (queued before) has cleared the mark by then.
+        return nextTurn().then(run);
+      }
+      return task();
+    };
+    const result = this.#mutations.then(run, run);
     this.#mutations = result.catch(() => {});
     return result;
   }

@@ -48,6 +48,17 @@ test('sealed for a commit: the root records the released pages as free; those re
   assert.deepEqual(pages.state().free, [4, 5], 'page 5 with the next commit');
 });
 
+test('the free list a root records is in ascending order of page numbers, free and sealed pages together', () => {
+  const pages = new PageAllocator({ nextPage: 2000, free: [50, 3, 1500] });
+  for (const page of [100, 9, 10, 1000, 11]) pages.release(page);
+  assert.deepEqual(pages.sealForCommit().free, [3, 9, 10, 11, 50, 100, 1000, 1500], 'numbers, not strings: 9 before 10 before 100');
+  pages.release(7);
+  pages.release(2);
+  assert.deepEqual(pages.sealForCommit().free, [2, 3, 7, 9, 10, 11, 50, 100, 1000, 1500], 'a second seal before the first commit keeps the first');
+  pages.committed();
+  assert.deepEqual(pages.state().free, [2, 3, 7, 9, 10, 11, 50, 100, 1000, 1500]);
+});
+
 test('upcoming names the pages the next allocations hand out, free ones first, then new ones', () => {
   const allocator = new PageAllocator({ nextPage: 10, free: [7, 3, 5] });
   const expected = allocator.upcoming(5);

@@ -128,3 +128,49 @@ test('a cache smaller than a page is refused', async () => {
     file.close();
   });
 });
+
+test('a commit moves its written pages to the clean ones in slices: the loop turns between them, and a put or discard meanwhile wins', async () => {
+  await withFile(async (base) => {
+    const file = await PageFile.open(realFiles, base);
+    const cache = new PageCache(file, 1024 * pageBytes, 0);
+    const pages = Array.from({ length: 300 }, (_, i) => firstDataPage + i);
+    for (const n of pages) cache.put(n, { kind: 1, body: body(n) });
+    const fileCommit = file.commit.bind(file);
+    let rootDurable = false;
+    file.commit = async (rootBody) => {
+      const root = await fileCommit(rootBody);
+      rootDurable = true;
+      return root;
+    };
+    let done = false;
+    let turns = 0;
+    const [putAgain, discarded] = [pages[299]!, pages[298]!];
+    const ticking = (async () => {
+      while (!done) {
+        await new Promise((resolve) => setImmediate(resolve));
+        if (!rootDurable || done) continue;
+        // Between two slices of the move: some pages are clean already, the rest still dirty; all found.
+        if (turns++ === 0) {
+          for (const n of pages) assert.deepEqual(cache.peek(n)?.body, body(n), `page ${n} during the move`);
+          cache.put(putAgain, { kind: 1, body: body(putAgain, 1) });
+          cache.discard(discarded);
+        }
+      }
+    })();
+    await cache.commit(Buffer.from('one'));
+    done = true;
+    await ticking;
+    assert.ok(turns >= 2, `the loop turned ${turns} times while 300 written pages became clean`);
+    assert.equal(cache.stats().dirtyBytes, pageBytes, 'the page put during the move stays dirty');
+    assert.deepEqual((await cache.get(putAgain)).body, body(putAgain, 1));
+    assert.equal(cache.peek(discarded), undefined, 'the page discarded during the move does not come back');
+    for (const n of pages.slice(0, 298)) assert.deepEqual(cache.peek(n)?.body, body(n), `page ${n} clean`);
+    assert.equal(cache.stats().cleanBytes, 298 * pageBytes);
+    await cache.commit(Buffer.from('two'));
+    file.close();
+    const again = await PageFile.open(realFiles, base);
+    assert.deepEqual((await again.read(putAgain)).body, body(putAgain, 1));
+    assert.deepEqual((await again.read(pages[0]!)).body, body(pages[0]!));
+    again.close();
+  });
+});

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
-import { realFiles } from '../../src/store/file-layer.ts';
+import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { chooseRoot, decodePage, encodePage, firstDataPage, PageFile, pageBytes, pageHeaderBytes } from '../../src/store/page-file.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
@@ -194,4 +194,69 @@ test('power loss at any call during commits leaves the last committed root or th
   }
   console.log(`# ${runs} crashes: the last acknowledged root ${outcomes.committed} times, the one in flight ${outcomes.inFlight} times`);
   assert.ok(outcomes.committed > 0, 'some crash kept the last acknowledged root');
+});
+
+test('page images are reused only once both copies have settled: a write failed in one copy while the other is slow, then other writes, leaves the slow copy whole', async () => {
+  const directory = scratch();
+  try {
+    const base = path.join(directory, 'meta');
+    const paths = new Map<number, string>();
+    const slow: Array<Promise<void>> = [];
+    let failCopy0 = false;
+    // Copy .0 fails at once (EIO); copy .1 writes the buffer it was given 30 ms later: a buffer reused before then
+    // (by the writes that follow the failed one) would put another page's image there.
+    const files: FileLayer = {
+      ...realFiles,
+      open: async (file, mode) => {
+        const fd = await realFiles.open(file, mode);
+        paths.set(fd, file);
+        return fd;
+      },
+      write: (fd, data, position) => {
+        if (!failCopy0) return realFiles.write(fd, data, position);
+        if (paths.get(fd)!.endsWith('.0')) return Promise.reject(Object.assign(new Error('EIO: injected'), { code: 'EIO' }));
+        const late = new Promise<void>((resolve) => setTimeout(resolve, 30)).then(() => realFiles.write(fd, data, position));
+        slow.push(late);
+        return late;
+      },
+    };
+    const file = await PageFile.open(files, base);
+    failCopy0 = true;
+    await assert.rejects(file.write(firstDataPage, 1, Buffer.from('the page that failed in copy 0')), /EIO/);
+    failCopy0 = false;
+    await Promise.all(Array.from({ length: 80 }, (_, index) => file.write(firstDataPage + 1 + index, 1, Buffer.from(`page ${index}`))));
+    await Promise.all(slow);
+    file.close();
+    const copy1 = fs.readFileSync(`${base}.1`);
+    const page = decodePage(copy1.subarray(firstDataPage * pageBytes, (firstDataPage + 1) * pageBytes), firstDataPage);
+    assert.ok(typeof page !== 'string', `copy 1 of the page: ${String(page)}`);
+    assert.equal(page.body.toString(), 'the page that failed in copy 0');
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
+test('many pages written and read at once through reused images: each page whole, its own body, zeros after it', async () => {
+  const directory = scratch();
+  try {
+    const base = path.join(directory, 'meta');
+    const file = await PageFile.open(realFiles, base);
+    const bodyOf = (index: number): Buffer => Buffer.alloc(index % 2 === 0 ? 4000 - index * 10 : 5 + index, index + 1);
+    const count = 200;
+    // Long bodies and short ones alternate, so that a reused image would show the last body's tail.
+    await Promise.all(Array.from({ length: count }, (_, index) => file.write(firstDataPage + index, 1, bodyOf(index))));
+    await file.commit(Buffer.from('root'));
+    const pages = await Promise.all(Array.from({ length: count }, (_, index) => file.read(firstDataPage + index)));
+    for (const [index, page] of pages.entries()) assert.deepEqual(page.body, bodyOf(index), `page ${index}`);
+    file.close();
+    for (const copy of [0, 1]) {
+      const bytes = fs.readFileSync(`${base}.${copy}`);
+      for (let index = 0; index < count; index++) {
+        const image = bytes.subarray((firstDataPage + index) * pageBytes, (firstDataPage + index + 1) * pageBytes);
+        assert.deepEqual(image, encodePage({ pageNumber: firstDataPage + index, kind: 1, generation: 1, body: bodyOf(index) }), `copy ${copy}, page ${index}: byte for byte`);
+      }
+    }
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
 });

@@ -370,6 +370,47 @@ test("a commit encodes its dirty nodes in slices, letting the event loop turn; m
   });
 });
 
+/** Counts the turns of the event loop (a setImmediate each) from now until `stop`. */
+function turnCounter(): { readonly turns: number; stop(): void } {
+  let turns = 0;
+  let ticking = true;
+  const tick = (): void => {
+    if (!ticking) return;
+    turns += 1;
+    setImmediate(tick);
+  };
+  setImmediate(tick);
+  return {
+    get turns() {
+      return turns;
+    },
+    stop() {
+      ticking = false;
+    },
+  };
+}
+
+test('mutations queued one behind another give the event loop a turn once they have run back to back for mutationRunMs, and apply in call order', async () => {
+  await withMaps({ cachePages: 4096 }, async (setup) => {
+    const maps = new PagedMaps({ cache: setup.cache, allocator: setup.allocator, pageRefs: setup.pageRefs, mutationRunMs: 0 });
+    const map = maps.empty();
+    const model = new ChunkMap();
+    const modelRefs = new Counts();
+    const loop = turnCounter();
+    // Every node in memory: nothing read yields, so without the turns all 300 would run in one.
+    const calls: Array<Promise<void>> = [];
+    for (let i = 0; i < 300; i++) {
+      const v = (i * 7_919) % 60_000;
+      calls.push(map.mapRun(v, 1_000_000 + i * 4, sumsOf(1_000_000 + i * 4, 4), setup.chunkRefs));
+      model.mapRun(v, 1_000_000 + i * 4, 4, modelRefs);
+    }
+    await Promise.all(calls);
+    loop.stop();
+    assert.ok(loop.turns >= 100, `the event loop turned ${loop.turns} times while 300 queued mutations ran`);
+    assert.deepEqual(await runsOf(map, 0, 70_000), model.runs(0, 70_000));
+  });
+});
+
 test('a drop of a large map frees its pages a slice at a time, letting the event loop turn, and gives every page back', async () => {
   await withMaps({ cachePages: 4096 }, async (setup) => {
     const map = setup.maps.empty();
@@ -378,17 +419,10 @@ test('a drop of a large map frees its pages a slice at a time, letting the event
     const pages = (await treeFacts(setup, [map], { leaf: leafCapacityMax, interior: 338 })).pages;
     assert.ok(pages > 600, `${pages} pages`);
     // Counts the turns of the event loop while the drop runs (each page is in memory: no read yields for it).
-    let turns = 0;
-    let ticking = true;
-    const tick = (): void => {
-      if (!ticking) return;
-      turns += 1;
-      setImmediate(tick);
-    };
-    setImmediate(tick);
+    const loop = turnCounter();
     await map.drop(setup.chunkRefs);
-    ticking = false;
-    assert.ok(turns >= 2, `the event loop turned ${turns} times during the drop of ${pages} pages, every page in the cache`);
+    loop.stop();
+    assert.ok(loop.turns >= 2, `the event loop turned ${loop.turns} times during the drop of ${pages} pages, every page in the cache`);
     assert.equal(map.rootPage, 0);
     await setup.maps.commit(() => Buffer.from('two'));
     const state = setup.allocator.state();
