@@ -58,7 +58,7 @@ function enableCompileCache() {
  * once, at the process's start (v8.setFlagsFromString later changes nothing: measured). Node 24 sizes the
  * semi-spaces from the heap limit (64 MiB each with the 4 GiB limit of a 23 GiB machine), and a node that writes
  * keeps its young generation at the maximum: 128 MiB of RSS whatever the data (issue 15, "RSS under the cache size
- * plus a fixed base"; BENCHMARKS.md, "The young generation bounded, and what the RSS is": 60 to 115 MiB less RSS at
+ * plus a fixed base"; BENCHMARKS.md, "The young generation bounded, and what the RSS is": 60 to 120 MiB less RSS at
  * 1 and 4 GiB written, CPU per write within noise). The second start costs about 30 ms of CPU, so the short
  * commands do without it. Not when the flag is given already, on the command line or in NODE_OPTIONS (the
  * operator's choice stands: NODE_OPTIONS=--max-semi-space-size=64 gives V8's default back), nor where
