@@ -71,11 +71,14 @@ function rssBytes(pid: number): number {
   return Number(match[1]) * 1024;
 }
 
-/** Bytes allocated to the pool's checkpoint (or page file) and journal copies (pool-layout.ts names them). */
+/**
+ * Bytes allocated to the pool's checkpoint (or page file) and journal copies (pool-layout.ts names them). The node
+ * is running: a journal listed may be removed by a checkpoint before its stat (counted as nothing).
+ */
 function metadataBytes(pool: string): number {
   return fs.readdirSync(pool)
     .filter((name) => /^(checkpoint\.\d+|metadata\.\d+|journal-\d+\.\d+)$/.test(name))
-    .reduce((sum, name) => sum + fs.statSync(path.join(pool, name)).blocks * 512, 0);
+    .reduce((sum, name) => sum + (fs.statSync(path.join(pool, name), { throwIfNoEntry: false })?.blocks ?? 0) * 512, 0);
 }
 
 /** The node's own account of its start (debug lines: the pool open's phases, the records replayed, the node's parts). */

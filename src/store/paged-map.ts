@@ -998,7 +998,7 @@ export class PagedMaps {
       (this.#dirty.has(page) ? changes.reusable : changes.freed).push(page);
     }
     return node.kind === 'leaf'
-      ? { kind: 'leaf', keys: node.keys.slice(), physical: node.physical.slice(), sums: node.sums.slice() }
+      ? { kind: 'leaf', keys: copyWithRoom(node.keys), physical: copyWithRoom(node.physical), sums: copyWithRoom(node.sums) }
       : { kind: 'interior', level: node.level, keys: node.keys.slice(), children: node.children.slice() };
   }
 
@@ -1554,6 +1554,24 @@ class Pins {
     return node;
   }
 }
+
+/**
+ * A leaf's array copied for changing (`#open`), with room for `leafCopyRoom` more entries, so that the 4 KiB writes
+ * into holes that follow (an insert by `Array.prototype.splice`, in `mapRunsEdit`'s `apply` and in `#mapInPlace`)
+ * do not make V8 grow it: a copy of exactly its length (`slice`) was grown at the first insert by half again, a
+ * second allocation of the leaf's three arrays for each leaf changed between two checkpoints, and the main source of
+ * what fills the old generation between two full collections (BENCHMARKS.md, issue 15, "The young generation
+ * bounded, and what the RSS is"). The room (3 arrays of 8 bytes an entry) is not in `decodedBytes`' count: 384
+ * bytes a dirty leaf, against the 6 KiB it counts.
+ */
+function copyWithRoom(values: readonly number[]): number[] {
+  const count = values.length;
+  const copy = new Array<number>(count + leafCopyRoom);
+  for (let i = 0; i < count; i++) copy[i] = values[i]!;
+  copy.length = count;
+  return copy;
+}
+const leafCopyRoom = 16;
 
 /** Replaces values[from..to) with `replacement` in place (a spread of at most a few thousand, else a rebuild). */
 function splice<T>(values: T[], from: number, to: number, replacement: T[]): void {

@@ -108,6 +108,27 @@ test('chunkd --version prints the package version', async () => {
   assert.equal(result.stdout, `chunkd ${(JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as { version: string }).version}\n`);
 });
 
+test('a node runs with its young generation bounded (--max-semi-space-size, same pid); a flag the operator gives stands', async () => {
+  const scratch = makeTempDir('young');
+  const flagsOf = (pid: number): string[] => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter((arg) => arg.startsWith('--max-semi-space-size'));
+  try {
+    const node = await startNode(path.join(scratch, 'a'));
+    try {
+      assert.deepEqual(flagsOf(node.process.pid!), ['--max-semi-space-size=8']);
+    } finally {
+      await node.stop();
+    }
+    const own = await startNode(path.join(scratch, 'b'), [], { launcher: { command: nodeBinary, prefix: [chunkdBin], env: { ...process.env, NODE_OPTIONS: '--max-semi-space-size=16' } } });
+    try {
+      assert.deepEqual(flagsOf(own.process.pid!), []);
+    } finally {
+      await own.stop();
+    }
+  } finally {
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+});
+
 test('every command and subcommand has --help, -h and help COMMAND: every option listed, exit 0, nothing touched', async () => {
   const keys = Object.keys(commands) as CommandKey[];
   // Every option of every entry is in its help (the parsers take their options from the same entries).
