@@ -82,7 +82,7 @@ export interface PagedCatalogOptions {
   /** Map node capacities (smaller in tests, for deep trees). */
   leafCapacity?: number;
   interiorCapacity?: number;
-  /** How long a checkpoint encodes map nodes, or moves written pages to the clean ones, between two turns of the event loop (PagedMaps, PageCache; 0 in tests). */
+  /** How long a checkpoint encodes map nodes, or moves written pages to the clean ones, or queued mutations run, between two turns of the event loop (PagedMaps, PageCache; 0 in tests: a turn at fixed counts, so that a test's run does not depend on the machine's speed). */
   commitSliceMs?: number;
   /** The memory of map nodes changed since the last checkpoint that asks for the next (`dirtyPastLimit`; default: `cacheBytes`, at least limits.metadataDirtyBytesMin). */
   dirtyBytes?: number;
@@ -210,6 +210,7 @@ export class PagedCatalog {
         leafCapacity: options.leafCapacity,
         interiorCapacity: options.interiorCapacity,
         commitSliceMs: options.commitSliceMs,
+        mutationRunMs: options.commitSliceMs,
         pageCountPages: space.pageRefs,
         chunkCountPages: space.chunks.counts,
       });
