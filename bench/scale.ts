@@ -35,7 +35,7 @@ import { callApi } from '../src/cli/api-client.ts';
 import { formatSize, parseSize } from '../src/core/units.ts';
 import { startNode, type RunningNode } from '../src/testing/node-process.ts';
 import { fioFailure, nbdTarget, parseFioJson, runFio } from './fio.ts';
-import { cleanup, cleanupOnSignals, commandOutput, onCleanup, Tools } from './processes.ts';
+import { cleanup, cleanupOnSignals, commandOutput, onCleanup, processCpuSeconds, Tools } from './processes.ts';
 import { formatProjectionTable, formatStepsTable, project, snapshotPoints, type ScaleStep } from './scale-report.ts';
 
 const volume = 'vol';
@@ -81,6 +81,13 @@ function metadataBytes(pool: string): number {
 /** The node's own account of its start (debug lines: the pool open's phases, the records replayed, the node's parts). */
 function startLines(node: RunningNode): string[] {
   return node.stderr().split('\n').filter((line) => /opened in|replayed \d+ journal records|node started/.test(line)).map((line) => line.replace(/^\S+ chunkd: (debug: )?/, ''));
+}
+
+/** Median and largest of the times a step's snapshots took (API call to answer); null when it took none. */
+function summarize(seconds: readonly number[]): ScaleStep['snapshotSeconds'] {
+  if (seconds.length === 0) return null;
+  const sorted = [...seconds].sort((a, b) => a - b);
+  return { count: sorted.length, median: sorted[Math.floor(sorted.length / 2)]!, max: sorted[sorted.length - 1]! };
 }
 
 async function main(): Promise<void> {
@@ -132,8 +139,17 @@ async function main(): Promise<void> {
     if (job.error !== 0) throw new Error(`fio job error ${job.error}`);
     return job;
   };
-  const readIops = async (warm: boolean): Promise<number> =>
-    (await fio(['--name=randread', '--rw=randread', '--norandommap', '--time_based', `--runtime=${runtimeSeconds}`, ...(warm ? ['--ramp_time=1'] : [])])).read.iops;
+  // The node's CPU (every thread, /proc/PID/stat) over the sample, per read: wall IOPS on a shared machine move
+  // several times between runs, the CPU a read costs much less. The warm sample's 1 s ramp is counted as if it
+  // read at the measured rate (its reads are not in fio's figures, its CPU is in the node's).
+  const readIops = async (warm: boolean): Promise<{ iops: number; cpuMicros: number | null }> => {
+    const pid = node!.process.pid!;
+    const cpuBefore = processCpuSeconds(pid);
+    const iops = (await fio(['--name=randread', '--rw=randread', '--norandommap', '--time_based', `--runtime=${runtimeSeconds}`, ...(warm ? ['--ramp_time=1'] : [])])).read.iops;
+    const cpuAfter = processCpuSeconds(pid);
+    const reads = iops * (runtimeSeconds + (warm ? 1 : 0));
+    return { iops, cpuMicros: cpuBefore === null || cpuAfter === null || reads === 0 ? null : ((cpuAfter - cpuBefore) / reads) * 1e6 };
+  };
 
   onCleanup('node log', () => {
     if (process.exitCode === 1 && node !== null) process.stderr.write(`node log (last lines):\n${node.stderr().split('\n').slice(-15).join('\n')}\n`);
@@ -142,6 +158,7 @@ async function main(): Promise<void> {
   const pending = snapshotPoints(steps.at(-1)!, snapshotCount);
   let written = 0;
   let snapshots = 0;
+  let snapshotSeconds: number[] = [];
   node = await startNode(pool, nodeArgs, { readyTimeoutMs });
   await api('POST', '/v1/volumes', { name: volume, sizeBytes: volumeBytes });
   console.log(`node pid ${node.process.pid}; volume ${volume} of ${formatSize(volumeBytes)}; steps ${steps.map(formatSize).join(', ')}${snapshotCount > 0 ? `; ${snapshotCount} snapshots along the way` : ''}`);
@@ -157,7 +174,9 @@ async function main(): Promise<void> {
       written = until;
       while (pending.length > 0 && pending[0]! <= written) {
         pending.shift();
+        const asked = performance.now();
         await api('POST', `/v1/volumes/${volume}/snapshots`, { name: `s${snapshots}` });
+        snapshotSeconds.push((performance.now() - asked) / 1000);
         snapshots += 1;
       }
     }
@@ -178,9 +197,17 @@ async function main(): Promise<void> {
     const afterCheckpoint = await api<NodeStatusPart>('GET', '/v1/status');
 
     // 4. Reads, cold then warm.
-    const coldReadIops = await readIops(false);
-    const warmReadIops = await readIops(true);
+    const cold = await readIops(false);
+    const warm = await readIops(true);
     const rssBytesAfterReads = rssBytes(node.process.pid!);
+
+    // 4b. With two snapshots or more: a diff of the last two (their maps walked together, shared pages skipped).
+    let diff: ScaleStep['diff'] = null;
+    if (snapshots >= 2) {
+      const asked = performance.now();
+      const report = await api<{ changedBytes: number; extents: unknown[] }>('GET', `/v1/volumes/${volume}/snapshots/s${snapshots - 2}/diff?to=s${snapshots - 1}`);
+      diff = { seconds: (performance.now() - asked) / 1000, changedBytes: report.changedBytes, extents: report.extents.length };
+    }
 
     // 5. A second restart, so that the next step's writes start with the counters and the pause monitor at zero.
     await node.stop();
@@ -206,10 +233,15 @@ async function main(): Promise<void> {
       checkpointSeconds: checkpoint.seconds,
       checkpointEncodeSeconds: checkpoint.encodeSeconds,
       eventLoopDelayMaxCheckpointSeconds: afterCheckpoint.eventLoopDelayMaxSeconds,
-      coldReadIops,
-      warmReadIops,
+      coldReadIops: cold.iops,
+      warmReadIops: warm.iops,
+      coldReadCpuMicros: cold.cpuMicros,
+      warmReadCpuMicros: warm.cpuMicros,
       rssBytesAfterReads,
+      snapshotSeconds: summarize(snapshotSeconds),
+      diff,
     };
+    snapshotSeconds = [];
     results.push(step);
     console.log(`${formatSize(written)} written (${snapshots} snapshots): ${JSON.stringify(step)}`);
   }
