@@ -483,6 +483,49 @@ test("over step 3's space maps: page counts and chunk counts in pages, the page 
   }
 });
 
+test("a snapshot's chunks held alone are counted with their pages of counts loaded a slice at a time, not once per leaf", async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagedmap-unique-'));
+  const file = await PageFile.open(realFiles, path.join(directory, 'meta'));
+  try {
+    const cache = new PageCache(file, 4096 * pageBytes);
+    const space = await SpaceMaps.open(cache, null);
+    let chunkLoads = 0;
+    const chunkCountPages = {
+      loaded: (index: number): boolean => space.chunks.counts.loaded(index),
+      load: (indexes: Iterable<number>): Promise<{ release(): void }> => {
+        chunkLoads += 1;
+        return space.chunks.counts.load(indexes);
+      },
+    };
+    const maps = new PagedMaps({ cache, allocator: space.pages, pageRefs: space.pageRefs, leafCapacity: 8, interiorCapacity: 8, pageCountPages: space.pageRefs, chunkCountPages });
+    // 12,000 chunks, one at a time at keys in a shuffled order: each leaf's chunks lie over all six pages of counts
+    // (2,048 counts a page), as a volume written at random has them.
+    const keys = Array.from({ length: 12_000 }, (_, i) => (i * 7_919) % 12_000);
+    const volume = maps.empty();
+    for (const key of keys) {
+      const physical = await space.chunks.allocate(1);
+      await volume.mapRun(key, physical, sumsOf(physical, 1), space.chunks);
+    }
+    const snapshot = await maps.cloneLoaded(volume);
+    // Overwritten in the volume: 500 keys, one in 24, so that most leaves are copied and keep chunks of both kinds.
+    for (let key = 0; key < 12_000; key += 24) {
+      const physical = await space.chunks.allocate(1);
+      await volume.mapRun(key, physical, sumsOf(physical, 1), space.chunks);
+    }
+    // Committed: the pages of counts are clean, and read only once loaded.
+    await maps.commit(() => space.flush());
+    chunkLoads = 0;
+    assert.equal(await snapshot.uniqueChunks(space.chunks), 500);
+    // The 500 leaves of the snapshot's that the volume's writes copied are its own: they took a load each (500)
+    // before; now a load per slice of 256 pages (and per 4,096 chunks of it).
+    assert.ok(chunkLoads <= 16, `${chunkLoads} loads of chunk counts`);
+    assert.equal(await volume.uniqueChunks(space.chunks), 500);
+  } finally {
+    file.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
 test('a map page damaged in one copy is read from the other; damaged in both, a lookup fails with ECORRUPT naming it', async () => {
   await withMaps({ cachePages: 4 }, async (setup) => {
     const map = setup.maps.empty();
