@@ -20,10 +20,13 @@
 //      after the restart, no ramp) and warm (the same again after a 1 s ramp); then the RSS. Most reads of a large
 //      volume fall where nothing was written: they measure the metadata lookup (a map page per 2 MiB; with
 //      16 GiB written at random into 1 TiB nearly every page exists), not the chunk files;
+//   4b. with two snapshots or more, `snapshot diff` of the last two timed, and with any, `snapshot list` (which
+//      counts each snapshot's bytes held alone) timed;
 //   5. a second restart, after a stop (SIGTERM; its time kept too: the journal is empty then), so that the next step's writes start with
 //      the node's pause monitor and checkpoint count at zero.
 // With --snapshots N, N snapshots of the volume are taken at even spacing of the bytes written (a step's writes
-// are cut there: a block may then be written twice within a step).
+// are cut there: a block may then be written twice within a step), each timed. The node's CPU per read (every
+// thread, /proc/PID/stat) is kept with each read sample.
 // With --metadata paged the pool is made with paged metadata (paged-metadata.md) and a page cache of --metadata-cache.
 // Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--metadata memory|paged] [--metadata-cache SIZE] [--target DIR] [--out DIR]
 import fs from 'node:fs';
@@ -208,6 +211,13 @@ async function main(): Promise<void> {
       const report = await api<{ changedBytes: number; extents: unknown[] }>('GET', `/v1/volumes/${volume}/snapshots/s${snapshots - 2}/diff?to=s${snapshots - 1}`);
       diff = { seconds: (performance.now() - asked) / 1000, changedBytes: report.changedBytes, extents: report.extents.length };
     }
+    // 4c. With snapshots: `snapshot list`, which counts the bytes each holds alone (a walk of the pages it holds alone).
+    let snapshotListSeconds: number | null = null;
+    if (snapshots > 0) {
+      const asked = performance.now();
+      await api('GET', `/v1/volumes/${volume}/snapshots`);
+      snapshotListSeconds = (performance.now() - asked) / 1000;
+    }
 
     // 5. A second restart, so that the next step's writes start with the counters and the pause monitor at zero.
     await node.stop();
@@ -240,6 +250,7 @@ async function main(): Promise<void> {
       rssBytesAfterReads,
       snapshotSeconds: summarize(snapshotSeconds),
       diff,
+      snapshotListSeconds,
     };
     snapshotSeconds = [];
     results.push(step);
