@@ -365,6 +365,33 @@ test('a drop of a large map frees its pages a slice at a time, letting the event
   });
 });
 
+test("one chunk looked up in memory (a 4 KiB read's lookup) finds what a pass finds: mapped, holes, past the end, empty, missing pages", async () => {
+  await withMaps({ cachePages: 4096, leafCapacity: 8, interiorCapacity: 4 }, async (setup) => {
+    const map = setup.maps.empty();
+    assert.deepEqual(map.runsCached(5, 1), [{ virtualChunk: 5, chunkCount: 1, physicalChunk: -1, sums: [] }], 'an empty map');
+    // Keys 3 apart from 10, so that every leaf and interior node has holes before, between and after its keys.
+    for (let v = 10; v < 3000; v += 3) await map.mapRun(v, v + 100_000, [sumOf(v + 100_000)], setup.chunkRefs);
+    const check = async (label: string): Promise<void> => {
+      for (let v = 0; v < 3010; v++) {
+        const cached = map.runsCached(v, 1);
+        assert.ok(cached !== undefined, `${label}: ${v} in memory`);
+        assert.deepEqual(cached, await map.runs(v, 1), `${label}: chunk ${v}`);
+      }
+    };
+    await check('dirty');
+    await setup.maps.commit(() => Buffer.from('root'));
+    await check('committed');
+  });
+  await withMaps({ cachePages: 4, leafCapacity: 8, interiorCapacity: 4 }, async (setup) => {
+    const map = setup.maps.empty();
+    for (let v = 0; v < 3000; v += 3) await map.mapRun(v, v, [sumOf(v)], setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    await map.runs(2999, 1); // the four pages hold the last path
+    assert.equal(map.runsCached(0, 1), undefined, 'a path not in memory: no answer, no read');
+    assert.deepEqual(withoutSums((await map.runs(0, 1))), [{ virtualChunk: 0, chunkCount: 1, physicalChunk: 0 }]);
+  });
+});
+
 test('a warm map answers without a promise; a cold one reads its path through the cache', async () => {
   await withMaps({ cachePages: 4 }, async (setup) => {
     const map = setup.maps.empty();
