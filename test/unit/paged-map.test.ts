@@ -101,6 +101,19 @@ async function withMaps(options: { cachePages: number; leafCapacity?: number; in
   }
 }
 
+/** A page file in a fresh directory, step 3's space maps over a cache of `cachePages` pages; removed after `run`. */
+async function withSpaceMaps(cachePages: number, run: (cache: PageCache, space: SpaceMaps) => Promise<void>): Promise<void> {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagedmap-space-'));
+  const file = await PageFile.open(realFiles, path.join(directory, 'meta'));
+  try {
+    const cache = new PageCache(file, cachePages * pageBytes);
+    await run(cache, await SpaceMaps.open(cache, null));
+  } finally {
+    file.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+}
+
 const withoutSums = (runs: PagedRun[]): Array<{ virtualChunk: number; chunkCount: number; physicalChunk: number }> =>
   runs.map(({ virtualChunk, chunkCount, physicalChunk }) => ({ virtualChunk, chunkCount, physicalChunk }));
 
@@ -464,11 +477,7 @@ test('mutations not awaited apply in call order while lookups run beside them th
 });
 
 test("over step 3's space maps: page counts and chunk counts in pages, the page allocator's free list, across commits", async () => {
-  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagedmap-space-'));
-  const file = await PageFile.open(realFiles, path.join(directory, 'meta'));
-  try {
-    const cache = new PageCache(file, 256 * pageBytes);
-    const space = await SpaceMaps.open(cache, null);
+  await withSpaceMaps(256, async (cache, space) => {
     const maps = new PagedMaps({ cache, allocator: space.pages, pageRefs: space.pageRefs, leafCapacity: 4, interiorCapacity: 4 });
     const model = new ChunkMap();
     const modelRefs = new Counts();
@@ -504,18 +513,11 @@ test("over step 3's space maps: page counts and chunk counts in pages, the page 
     chunkPin.release();
     await maps.commit(() => space.flush());
     assert.equal(space.pages.waitingCount, 0);
-  } finally {
-    file.close();
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
 
 test("a snapshot's chunks held alone are counted with their pages of counts loaded a slice at a time, not once per leaf", async () => {
-  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagedmap-unique-'));
-  const file = await PageFile.open(realFiles, path.join(directory, 'meta'));
-  try {
-    const cache = new PageCache(file, 4096 * pageBytes);
-    const space = await SpaceMaps.open(cache, null);
+  await withSpaceMaps(4096, async (cache, space) => {
     let chunkLoads = 0;
     const chunkCountPages = {
       loaded: (index: number): boolean => space.chunks.counts.loaded(index),
@@ -547,10 +549,7 @@ test("a snapshot's chunks held alone are counted with their pages of counts load
     // before; now a load per slice of 256 pages (and per 4,096 chunks of it).
     assert.ok(chunkLoads <= 16, `${chunkLoads} loads of chunk counts`);
     assert.equal(await volume.uniqueChunks(space.chunks), 500);
-  } finally {
-    file.close();
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
 
 test('a map page damaged in one copy is read from the other; damaged in both, a lookup fails with ECORRUPT naming it', async () => {
