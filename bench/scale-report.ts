@@ -41,7 +41,16 @@ export interface ScaleStep {
   /** 4 KiB random read IOPS, QD32, over the whole volume: right after the restart, then again. */
   coldReadIops: number;
   warmReadIops: number;
+  /** The node's CPU (user + system, every thread) per read of each sample, µs; absent in runs before it was kept. */
+  coldReadCpuMicros?: number | null;
+  warmReadCpuMicros?: number | null;
   rssBytesAfterReads: number;
+  /** The snapshots taken during this step's writes: how long each took to answer (median, largest). */
+  snapshotSeconds?: { count: number; median: number; max: number } | null;
+  /** After the reads, with two snapshots or more: `snapshot diff` of the last two, its time and what it found. */
+  diff?: { seconds: number; changedBytes: number; extents: number } | null;
+  /** After the diff, with snapshots: `snapshot list` (GET /v1/volumes/VOL/snapshots, each snapshot's bytes held alone counted). */
+  snapshotListSeconds?: number | null;
 }
 
 /** Where `count` snapshots go among `totalBytes` written: after every `totalBytes / count`, on 4 KiB boundaries. */
@@ -89,15 +98,20 @@ export function project(steps: readonly ScaleStep[], sizes: readonly number[] = 
 const mib = (bytes: number): string => (bytes / 2 ** 20).toFixed(bytes < 10 * 2 ** 20 ? 1 : 0);
 const ms = (seconds: number): string => (seconds * 1000).toFixed(0);
 const round = (value: number): string => Math.round(value).toString();
+const micros = (cold: number | null | undefined, warm: number | null | undefined): string =>
+  cold == null || warm == null ? '' : `${cold.toFixed(0)} / ${warm.toFixed(0)}`;
 
 export function formatStepsTable(steps: readonly ScaleStep[]): string {
   return markdownTable(
-    ['written', 'snapshots', 'write IOPS', 'RSS before restart MiB', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'read IOPS cold', 'read IOPS warm', 'RSS after reads MiB'],
+    ['written', 'snapshots', 'write IOPS', 'RSS before restart MiB', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'read IOPS cold', 'read IOPS warm', 'node CPU per read µs cold / warm', 'RSS after reads MiB', 'snapshots taken: ms median (max)', 'diff of the last two s (changed)', 'snapshot list s'],
     steps.map((s) => [
       formatSize(s.writtenBytes), String(s.snapshots), s.writeIops === null ? '' : round(s.writeIops), mib(s.rssBytesBeforeRestart), `${s.startSeconds.toFixed(2)} (${s.startSecondsAgain.toFixed(2)})`, mib(s.rssBytesAfterStart),
       mib(s.metadataBytes), mib(s.checkpointBytes), s.checkpointSeconds.toFixed(2), ms(s.checkpointEncodeSeconds), ms(s.eventLoopDelayMaxCheckpointSeconds),
       s.writtenBytes === 0 ? '' : `${ms(s.eventLoopDelayMaxWritingSeconds)}${s.checkpointsWhileWriting > 0 ? ` (${s.checkpointsWhileWriting} checkpoint${s.checkpointsWhileWriting > 1 ? 's' : ''})` : ''}`,
-      round(s.coldReadIops), round(s.warmReadIops), mib(s.rssBytesAfterReads),
+      round(s.coldReadIops), round(s.warmReadIops), micros(s.coldReadCpuMicros, s.warmReadCpuMicros), mib(s.rssBytesAfterReads),
+      s.snapshotSeconds == null ? '' : `${s.snapshotSeconds.count}: ${ms(s.snapshotSeconds.median)} (${ms(s.snapshotSeconds.max)})`,
+      s.diff == null ? '' : `${s.diff.seconds.toFixed(2)} (${mib(s.diff.changedBytes)} MiB)`,
+      s.snapshotListSeconds == null ? '' : s.snapshotListSeconds.toFixed(2),
     ]),
   );
 }

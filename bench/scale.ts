@@ -17,15 +17,19 @@
 //      loop's longest pause since the restart (the node otherwise idle), and the checkpoint and journal files'
 //      allocated bytes in the pool;
 //   4. 4 KiB random read IOPS at QD32 over the whole volume, --runtime seconds each, twice: cold (the first reads
-//      after the restart, no ramp) and warm (the same again after a 1 s ramp); then the RSS. Most reads of a large
+//      after the restart, no ramp) and warm (the same again after --warmup seconds of reads, runs before it had
+//      none, and a 1 s ramp); then the RSS. Most reads of a large
 //      volume fall where nothing was written: they measure the metadata lookup (a map page per 2 MiB; with
 //      16 GiB written at random into 1 TiB nearly every page exists), not the chunk files;
+//   4b. with two snapshots or more, `snapshot diff` of the last two timed, and with any, `snapshot list` (which
+//      counts each snapshot's bytes held alone) timed;
 //   5. a second restart, after a stop (SIGTERM; its time kept too: the journal is empty then), so that the next step's writes start with
 //      the node's pause monitor and checkpoint count at zero.
 // With --snapshots N, N snapshots of the volume are taken at even spacing of the bytes written (a step's writes
-// are cut there: a block may then be written twice within a step).
+// are cut there: a block may then be written twice within a step), each timed. The node's CPU per read (every
+// thread, /proc/PID/stat) is kept with each read sample.
 // With --metadata paged the pool is made with paged metadata (paged-metadata.md) and a page cache of --metadata-cache.
-// Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--metadata memory|paged] [--metadata-cache SIZE] [--target DIR] [--out DIR]
+// Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--target DIR] [--out DIR]
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -35,7 +39,7 @@ import { callApi } from '../src/cli/api-client.ts';
 import { formatSize, parseSize } from '../src/core/units.ts';
 import { startNode, type RunningNode } from '../src/testing/node-process.ts';
 import { fioFailure, nbdTarget, parseFioJson, runFio } from './fio.ts';
-import { cleanup, cleanupOnSignals, commandOutput, onCleanup, Tools } from './processes.ts';
+import { cleanup, cleanupOnSignals, commandOutput, onCleanup, processCpuSeconds, Tools } from './processes.ts';
 import { formatProjectionTable, formatStepsTable, project, snapshotPoints, type ScaleStep } from './scale-report.ts';
 
 const volume = 'vol';
@@ -44,11 +48,12 @@ const fioTimeoutMs = 60 * 60_000;
 /** A pool with much metadata takes long to open today; the point is to measure it, not to give up. */
 const readyTimeoutMs = 30 * 60_000;
 
-const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots N] [--runtime S] [--metadata memory|paged] [--metadata-cache SIZE] [--target DIR] [--out DIR]
+const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots N] [--runtime S] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--target DIR] [--out DIR]
   --steps LIST        cumulative bytes written at random in 4 KiB writes, measured after each (default 1GiB,4GiB,16GiB)
   --volume-size SIZE  the thin volume written into (default 1TiB)
   --snapshots N       snapshots of the volume taken along the way, evenly spaced (default 0)
   --runtime S         seconds of each random read sample (default 10)
+  --warmup S          seconds of unmeasured random reads between the cold and the warm sample (default --runtime; 0: none, as before)
   --metadata KIND     the pool's metadata: memory (default) or paged
   --metadata-cache S  paged metadata: the page cache (default serve's)
   --target DIR        where the pool goes (default .); needs the last step's bytes free, and some more
@@ -86,6 +91,13 @@ function startLines(node: RunningNode): string[] {
   return node.stderr().split('\n').filter((line) => /opened in|replayed \d+ journal records|node started/.test(line)).map((line) => line.replace(/^\S+ chunkd: (debug: )?/, ''));
 }
 
+/** Median and largest of the times a step's snapshots took (API call to answer); null when it took none. */
+function summarize(seconds: readonly number[]): ScaleStep['snapshotSeconds'] {
+  if (seconds.length === 0) return null;
+  const sorted = [...seconds].sort((a, b) => a - b);
+  return { count: sorted.length, median: sorted[Math.floor(sorted.length / 2)]!, max: sorted[sorted.length - 1]! };
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     args: process.argv.slice(2),
@@ -94,6 +106,7 @@ async function main(): Promise<void> {
       'volume-size': { type: 'string', default: '1TiB' },
       snapshots: { type: 'string', default: '0' },
       runtime: { type: 'string', default: '10' },
+      warmup: { type: 'string' },
       metadata: { type: 'string', default: 'memory' },
       'metadata-cache': { type: 'string' },
       target: { type: 'string', default: '.' },
@@ -109,10 +122,12 @@ async function main(): Promise<void> {
   const volumeBytes = parseSize(values['volume-size']);
   const snapshotCount = Number(values.snapshots);
   const runtimeSeconds = Number(values.runtime);
+  const warmupSeconds = values.warmup === undefined ? runtimeSeconds : Number(values.warmup);
   if (steps.some((bytes, i) => bytes % blockBytes !== 0 || bytes <= (steps[i - 1] ?? 0))) throw new Error('--steps must grow, each a whole number of 4 KiB blocks');
   if (steps.at(-1)! > volumeBytes) throw new Error('--steps must not write more than --volume-size');
   if (!Number.isInteger(snapshotCount) || snapshotCount < 0) throw new Error('--snapshots must be a whole number');
   if (!Number.isInteger(runtimeSeconds) || runtimeSeconds < 1) throw new Error('--runtime must be a whole number of seconds, at least 1');
+  if (!Number.isInteger(warmupSeconds) || warmupSeconds < 0) throw new Error('--warmup must be a whole number of seconds');
 
   // At debug level the node logs where its start went (the pool open's phases, modules, the rest): kept per step.
   const nodeArgs = ['--log-level', 'debug', '--metadata', values.metadata, ...(values['metadata-cache'] === undefined ? [] : ['--metadata-cache', values['metadata-cache']])];
@@ -135,8 +150,17 @@ async function main(): Promise<void> {
     if (job.error !== 0) throw new Error(`fio job error ${job.error}`);
     return job;
   };
-  const readIops = async (warm: boolean): Promise<number> =>
-    (await fio(['--name=randread', '--rw=randread', '--norandommap', '--time_based', `--runtime=${runtimeSeconds}`, ...(warm ? ['--ramp_time=1'] : [])])).read.iops;
+  // The node's CPU (every thread, /proc/PID/stat) over the sample, per read: wall IOPS on a shared machine move
+  // several times between runs, the CPU a read costs much less. The warm sample's 1 s ramp is counted as if it
+  // read at the measured rate (its reads are not in fio's figures, its CPU is in the node's).
+  const readIops = async (warm: boolean): Promise<{ iops: number; cpuMicros: number | null }> => {
+    const pid = node!.process.pid!;
+    const cpuBefore = processCpuSeconds(pid);
+    const iops = (await fio(['--name=randread', '--rw=randread', '--norandommap', '--time_based', `--runtime=${runtimeSeconds}`, ...(warm ? ['--ramp_time=1'] : [])])).read.iops;
+    const cpuAfter = processCpuSeconds(pid);
+    const reads = iops * (runtimeSeconds + (warm ? 1 : 0));
+    return { iops, cpuMicros: cpuBefore === null || cpuAfter === null || reads === 0 ? null : ((cpuAfter - cpuBefore) / reads) * 1e6 };
+  };
 
   onCleanup('node log', () => {
     if (process.exitCode === 1 && node !== null) process.stderr.write(`node log (last lines):\n${node.stderr().split('\n').slice(-15).join('\n')}\n`);
@@ -145,6 +169,7 @@ async function main(): Promise<void> {
   const pending = snapshotPoints(steps.at(-1)!, snapshotCount);
   let written = 0;
   let snapshots = 0;
+  let snapshotSeconds: number[] = [];
   node = await startNode(pool, nodeArgs, { readyTimeoutMs });
   await api('POST', '/v1/volumes', { name: volume, sizeBytes: volumeBytes });
   console.log(`node pid ${node.process.pid}; volume ${volume} of ${formatSize(volumeBytes)}; steps ${steps.map(formatSize).join(', ')}${snapshotCount > 0 ? `; ${snapshotCount} snapshots along the way` : ''}`);
@@ -160,7 +185,9 @@ async function main(): Promise<void> {
       written = until;
       while (pending.length > 0 && pending[0]! <= written) {
         pending.shift();
+        const asked = performance.now();
         await api('POST', `/v1/volumes/${volume}/snapshots`, { name: `s${snapshots}` });
+        snapshotSeconds.push((performance.now() - asked) / 1000);
         snapshots += 1;
       }
     }
@@ -181,9 +208,28 @@ async function main(): Promise<void> {
     const afterCheckpoint = await api<NodeStatusPart>('GET', '/v1/status');
 
     // 4. Reads, cold then warm.
-    const coldReadIops = await readIops(false);
-    const warmReadIops = await readIops(true);
+    const cold = await readIops(false);
+    // Random reads touch every leaf of a large map only after several times as many reads as it has leaves
+    // (4 GiB written at random: about 6,500 leaves, some 57,000 reads), more than a cold sample makes on a loaded
+    // machine: unmeasured reads first, so that the warm sample finds the cache warm.
+    if (warmupSeconds > 0) await fio(['--name=warmup', '--rw=randread', '--norandommap', '--time_based', `--runtime=${warmupSeconds}`]);
+    const warm = await readIops(true);
     const rssBytesAfterReads = rssBytes(node.process.pid!);
+
+    // 4b. With two snapshots or more: a diff of the last two (their maps walked together, shared pages skipped).
+    let diff: ScaleStep['diff'] = null;
+    if (snapshots >= 2) {
+      const asked = performance.now();
+      const report = await api<{ changedBytes: number; extents: unknown[] }>('GET', `/v1/volumes/${volume}/snapshots/s${snapshots - 2}/diff?to=s${snapshots - 1}`);
+      diff = { seconds: (performance.now() - asked) / 1000, changedBytes: report.changedBytes, extents: report.extents.length };
+    }
+    // 4c. With snapshots: `snapshot list`, which counts the bytes each holds alone (a walk of the pages it holds alone).
+    let snapshotListSeconds: number | null = null;
+    if (snapshots > 0) {
+      const asked = performance.now();
+      await api('GET', `/v1/volumes/${volume}/snapshots`);
+      snapshotListSeconds = (performance.now() - asked) / 1000;
+    }
 
     // 5. A second restart, so that the next step's writes start with the counters and the pause monitor at zero.
     await node.stop();
@@ -209,10 +255,16 @@ async function main(): Promise<void> {
       checkpointSeconds: checkpoint.seconds,
       checkpointEncodeSeconds: checkpoint.encodeSeconds,
       eventLoopDelayMaxCheckpointSeconds: afterCheckpoint.eventLoopDelayMaxSeconds,
-      coldReadIops,
-      warmReadIops,
+      coldReadIops: cold.iops,
+      warmReadIops: warm.iops,
+      coldReadCpuMicros: cold.cpuMicros,
+      warmReadCpuMicros: warm.cpuMicros,
       rssBytesAfterReads,
+      snapshotSeconds: summarize(snapshotSeconds),
+      diff,
+      snapshotListSeconds,
     };
+    snapshotSeconds = [];
     results.push(step);
     console.log(`${formatSize(written)} written (${snapshots} snapshots): ${JSON.stringify(step)}`);
   }

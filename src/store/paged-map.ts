@@ -184,6 +184,11 @@ export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
 
 /** Pages a drop frees between two turns of the event loop. */
 const dropSliceNodes = 256;
+/**
+ * Chunks whose counts `uniqueChunks` loads at once, in order of chunk: at most this many pages of counts pinned
+ * (16 MiB where every chunk falls in a page of its own), far fewer where the chunks are dense.
+ */
+const uniqueCountRun = 4096;
 /** A commit encodes its dirty nodes for about this long between two turns of the event loop (checked every `commitSliceCheck` nodes). */
 const commitSliceMs = 5;
 const commitSliceCheck = 16;
@@ -661,6 +666,7 @@ export class PagedMaps {
 
   /** @internal */
   runsCached(rootPage: number, virtualChunk: number, chunkCount: number): PagedRun[] | undefined {
+    if (chunkCount === 1) return this.#runCached(rootPage, virtualChunk);
     try {
       // Pins that never load hold nothing: one set serves every call.
       return this.#runs(this.#memoryPins, rootPage, virtualChunk, chunkCount);
@@ -668,6 +674,29 @@ export class PagedMaps {
       if (error instanceof MissingPages) return undefined;
       throw error;
     }
+  }
+
+  /**
+   * `runsCached` of one chunk (a 4 KiB read, the most common lookup): the same runs as `#runs` gives, found by a
+   * loop down the path, with no pins, closure or run merging.
+   */
+  #runCached(rootPage: number, virtualChunk: number): PagedRun[] | undefined {
+    let page = rootPage;
+    let level: number | undefined;
+    while (page !== emptyRoot) {
+      const node = this.#resident(page);
+      if (node === undefined) return undefined;
+      checkLevel(node, page, level);
+      if (node.kind === 'interior') {
+        page = node.children[childIndex(node.keys, virtualChunk)]!;
+        level = node.level - 1;
+        continue;
+      }
+      const i = lowerBound(node.keys, virtualChunk);
+      if (node.keys[i] === virtualChunk) return [{ virtualChunk, chunkCount: 1, physicalChunk: node.physical[i]!, sums: [node.sums[i]!] }];
+      break;
+    }
+    return [{ virtualChunk, chunkCount: 1, physicalChunk: -1, sums: [] }];
   }
 
   /** @internal */
@@ -851,23 +880,36 @@ export class PagedMaps {
     while (stack.length > 0) {
       unique += await this.#queue(async () => {
         if (map.rootPage !== rootPage) throw ChunkdError.notFound('the map was dropped while its chunks held alone were counted');
+        // A slice at once: its pages' counts loaded together, the nodes of those held alone read together, and the
+        // counts of their leaves' chunks loaded in order of chunk, a run of them at a time. A leaf's chunks lie all
+        // over the counts (written at random, then copied by snapshots), so loading them leaf by leaf fetched the
+        // same pages of counts once per leaf: about 100 fetches per leaf at 1 GiB written, 3 s of CPU for
+        // `snapshot list` of 24 snapshots (paged-metadata.md, "Bytes held alone").
+        const slice = stack.splice(Math.max(0, stack.length - dropSliceNodes));
+        const pagePin = await this.#pageCountPages?.load(slice.map(({ page }) => page));
+        let alone: typeof slice;
+        try {
+          alone = slice.filter(({ page }) => this.#pageRefs.get(page) === 1);
+        } finally {
+          pagePin?.release();
+        }
+        const nodes = await Promise.all(alone.map(({ page }) => this.#resident(page) ?? this.node(page)));
+        let chunkCount = 0;
+        for (const [i, { page, level }] of alone.entries()) {
+          const node = checkLevel(nodes[i]!, page, level);
+          if (node.kind === 'interior') for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
+          else chunkCount += node.physical.length;
+        }
+        const chunks = new Float64Array(chunkCount);
+        let at = 0;
+        for (const node of nodes) if (node.kind === 'leaf') for (const physical of node.physical) chunks[at++] = physical;
+        chunks.sort();
         let found = 0;
-        for (let visited = 0; visited < dropSliceNodes && stack.length > 0; visited++) {
-          const { page, level } = stack.pop()!;
-          const pagePin = await this.#pageCountPages?.load([page]);
+        for (let from = 0; from < chunks.length; from += uniqueCountRun) {
+          const run = chunks.subarray(from, from + uniqueCountRun);
+          const chunkPin = await this.#chunkCountPages?.load(run);
           try {
-            if (this.#pageRefs.get(page) !== 1) continue;
-          } finally {
-            pagePin?.release();
-          }
-          const node = checkLevel(this.#resident(page) ?? (await this.node(page)), page, level);
-          if (node.kind === 'interior') {
-            for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
-            continue;
-          }
-          const chunkPin = await this.#chunkCountPages?.load(node.physical);
-          try {
-            for (const physical of node.physical) if (refs.get(physical) === 1) found += 1;
+            for (const physical of run) if (refs.get(physical) === 1) found += 1;
           } finally {
             chunkPin?.release();
           }

@@ -25,14 +25,22 @@ test('npm run bench:scale with tiny steps and snapshots reports every figure', {
         else if (figure === 'startPhases' || figure === 'startPhasesAgain') {
           // The start's own account, from the node's debug lines: where the pool's open and the rest went.
           assert.ok(Array.isArray(value) && value.some((line) => /^node started [\d.]+ s after its process/.test(line)), `${figure} = ${JSON.stringify(value)}`);
-        } else assert.ok(typeof value === 'number' && Number.isFinite(value) && value >= 0, `${figure} = ${value}`);
+        } else if (figure === 'snapshotSeconds' || figure === 'diff') {
+          // The step's snapshots timed (none before the first write); a diff of the last two once there are two.
+          const expected = figure === 'diff' ? step.snapshots >= 2 : step.writtenBytes > 0;
+          if (!expected) assert.equal(value, null, figure);
+          else for (const [part, number] of Object.entries(value as object)) assert.ok(typeof number === 'number' && Number.isFinite(number) && number >= 0, `${figure}.${part} = ${number}`);
+        } else if (figure === 'snapshotListSeconds' && step.snapshots === 0) assert.equal(value, null);
+        else assert.ok(typeof value === 'number' && Number.isFinite(value) && value >= 0, `${figure} = ${value}`);
       }
-      for (const figure of ['startSeconds', 'startSecondsAgain', 'rssBytesAfterStart', 'rssBytesAfterReads', 'metadataBytes', 'checkpointBytes', 'coldReadIops', 'warmReadIops']) {
+      for (const figure of ['startSeconds', 'startSecondsAgain', 'rssBytesAfterStart', 'rssBytesAfterReads', 'metadataBytes', 'checkpointBytes', 'coldReadIops', 'warmReadIops', 'coldReadCpuMicros', 'warmReadCpuMicros']) {
         assert.ok(step[figure] > 0, `${figure} is measured`);
       }
     }
     assert.ok(report.steps[2].checkpointBytes > report.steps[0].checkpointBytes, 'the checkpoint holds the maps written');
     assert.ok(report.steps[1].writeIops > 0);
+    assert.deepEqual(report.steps.map((s: { snapshotSeconds: { count: number } | null }) => s.snapshotSeconds?.count ?? 0), [0, 2, 2]);
+    assert.equal(report.steps[2].diff.changedBytes > 0, true, 'two snapshots 2 MiB of random writes apart differ');
     assert.equal(report.projections.length, 5);
     const markdown = fs.readFileSync(path.join(out, 'results.md'), 'utf8');
     assert.match(markdown, /^\| 8 MiB \| 4 \|/m);

@@ -101,6 +101,19 @@ async function withMaps(options: { cachePages: number; leafCapacity?: number; in
   }
 }
 
+/** A page file in a fresh directory, step 3's space maps over a cache of `cachePages` pages; removed after `run`. */
+async function withSpaceMaps(cachePages: number, run: (cache: PageCache, space: SpaceMaps) => Promise<void>): Promise<void> {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagedmap-space-'));
+  const file = await PageFile.open(realFiles, path.join(directory, 'meta'));
+  try {
+    const cache = new PageCache(file, cachePages * pageBytes);
+    await run(cache, await SpaceMaps.open(cache, null));
+  } finally {
+    file.close();
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+}
+
 const withoutSums = (runs: PagedRun[]): Array<{ virtualChunk: number; chunkCount: number; physicalChunk: number }> =>
   runs.map(({ virtualChunk, chunkCount, physicalChunk }) => ({ virtualChunk, chunkCount, physicalChunk }));
 
@@ -431,6 +444,33 @@ test('a drop of a large map frees its pages a slice at a time, letting the event
   });
 });
 
+test("one chunk looked up in memory (a 4 KiB read's lookup) finds what a pass finds: mapped, holes, past the end, empty, missing pages", async () => {
+  await withMaps({ cachePages: 4096, leafCapacity: 8, interiorCapacity: 4 }, async (setup) => {
+    const map = setup.maps.empty();
+    assert.deepEqual(map.runsCached(5, 1), [{ virtualChunk: 5, chunkCount: 1, physicalChunk: -1, sums: [] }], 'an empty map');
+    // Keys 3 apart from 10, so that every leaf and interior node has holes before, between and after its keys.
+    for (let v = 10; v < 3000; v += 3) await map.mapRun(v, v + 100_000, [sumOf(v + 100_000)], setup.chunkRefs);
+    const check = async (label: string): Promise<void> => {
+      for (let v = 0; v < 3010; v++) {
+        const cached = map.runsCached(v, 1);
+        assert.ok(cached !== undefined, `${label}: ${v} in memory`);
+        assert.deepEqual(cached, await map.runs(v, 1), `${label}: chunk ${v}`);
+      }
+    };
+    await check('dirty');
+    await setup.maps.commit(() => Buffer.from('root'));
+    await check('committed');
+  });
+  await withMaps({ cachePages: 4, leafCapacity: 8, interiorCapacity: 4 }, async (setup) => {
+    const map = setup.maps.empty();
+    for (let v = 0; v < 3000; v += 3) await map.mapRun(v, v, [sumOf(v)], setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    await map.runs(2999, 1); // the four pages hold the last path
+    assert.equal(map.runsCached(0, 1), undefined, 'a path not in memory: no answer, no read');
+    assert.deepEqual(withoutSums((await map.runs(0, 1))), [{ virtualChunk: 0, chunkCount: 1, physicalChunk: 0 }]);
+  });
+});
+
 test('a warm map answers without a promise; a cold one reads its path through the cache', async () => {
   await withMaps({ cachePages: 4 }, async (setup) => {
     const map = setup.maps.empty();
@@ -503,11 +543,7 @@ test('mutations not awaited apply in call order while lookups run beside them th
 });
 
 test("over step 3's space maps: page counts and chunk counts in pages, the page allocator's free list, across commits", async () => {
-  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pagedmap-space-'));
-  const file = await PageFile.open(realFiles, path.join(directory, 'meta'));
-  try {
-    const cache = new PageCache(file, 256 * pageBytes);
-    const space = await SpaceMaps.open(cache, null);
+  await withSpaceMaps(256, async (cache, space) => {
     const maps = new PagedMaps({ cache, allocator: space.pages, pageRefs: space.pageRefs, leafCapacity: 4, interiorCapacity: 4 });
     const model = new ChunkMap();
     const modelRefs = new Counts();
@@ -543,10 +579,43 @@ test("over step 3's space maps: page counts and chunk counts in pages, the page 
     chunkPin.release();
     await maps.commit(() => space.flush());
     assert.equal(space.pages.waitingCount, 0);
-  } finally {
-    file.close();
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
+});
+
+test("a snapshot's chunks held alone are counted with their pages of counts loaded a slice at a time, not once per leaf", async () => {
+  await withSpaceMaps(4096, async (cache, space) => {
+    let chunkLoads = 0;
+    const chunkCountPages = {
+      loaded: (index: number): boolean => space.chunks.counts.loaded(index),
+      load: (indexes: Iterable<number>): Promise<{ release(): void }> => {
+        chunkLoads += 1;
+        return space.chunks.counts.load(indexes);
+      },
+    };
+    const maps = new PagedMaps({ cache, allocator: space.pages, pageRefs: space.pageRefs, leafCapacity: 8, interiorCapacity: 8, pageCountPages: space.pageRefs, chunkCountPages });
+    // 12,000 chunks, one at a time at keys in a shuffled order: each leaf's chunks lie over all six pages of counts
+    // (2,048 counts a page), as a volume written at random has them.
+    const keys = Array.from({ length: 12_000 }, (_, i) => (i * 7_919) % 12_000);
+    const volume = maps.empty();
+    for (const key of keys) {
+      const physical = await space.chunks.allocate(1);
+      await volume.mapRun(key, physical, sumsOf(physical, 1), space.chunks);
+    }
+    const snapshot = await maps.cloneLoaded(volume);
+    // Overwritten in the volume: 500 keys, one in 24, so that most leaves are copied and keep chunks of both kinds.
+    for (let key = 0; key < 12_000; key += 24) {
+      const physical = await space.chunks.allocate(1);
+      await volume.mapRun(key, physical, sumsOf(physical, 1), space.chunks);
+    }
+    // Committed: the pages of counts are clean, and read only once loaded.
+    await maps.commit(() => space.flush());
+    chunkLoads = 0;
+    assert.equal(await snapshot.uniqueChunks(space.chunks), 500);
+    // The 500 leaves of the snapshot's that the volume's writes copied are its own: they took a load each (500)
+    // before; now a load per slice of 256 pages (and per 4,096 chunks of it).
+    assert.ok(chunkLoads <= 16, `${chunkLoads} loads of chunk counts`);
+    assert.equal(await volume.uniqueChunks(space.chunks), 500);
+  });
 });
 
 test('a map page damaged in one copy is read from the other; damaged in both, a lookup fails with ECORRUPT naming it', async () => {
