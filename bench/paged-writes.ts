@@ -7,8 +7,10 @@
 // writes wrote, per write: the page file's bytes (checkpoints; both copies) and the journal's, and the checkpoints
 // the journal's size started (what a shorter journal costs: paged-metadata.md, "The journal's size").
 // Usage: node bench/paged-writes.ts memory|paged [--writes 100000] [--journal SIZE] (the journal size that starts a checkpoint;
-// default the metadata's)
+// default the metadata's) [--profile FILE] (a V8 CPU profile of the writes alone, from the first write to the flush:
+// where a write's CPU goes, without the start, the final checkpoint or the reads)
 import fs from 'node:fs';
+import { Session } from 'node:inspector/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
@@ -43,7 +45,7 @@ const countingFiles: FileLayer = {
   },
 };
 
-const { values, positionals } = parseArgs({ allowPositionals: true, options: { writes: { type: 'string', default: '100000' }, journal: { type: 'string' } } });
+const { values, positionals } = parseArgs({ allowPositionals: true, options: { writes: { type: 'string', default: '100000' }, journal: { type: 'string' }, profile: { type: 'string' } } });
 const kind = positionals[0];
 if (kind !== 'memory' && kind !== 'paged') throw new Error('usage: node bench/paged-writes.ts memory|paged [--writes N] [--journal SIZE]');
 const writes = Number(values.writes);
@@ -60,6 +62,12 @@ try {
   let issued = 0;
   const writtenBefore = { ...writtenBytes };
   const checkpointsBefore = (await pool.status()).checkpointsTotal;
+  const profiler = values.profile === undefined ? undefined : new Session();
+  if (profiler !== undefined) {
+    profiler.connect();
+    await profiler.post('Profiler.enable');
+    await profiler.post('Profiler.start');
+  }
   const writeCpu = process.cpuUsage();
   const writeStart = performance.now();
   await Promise.all(Array.from({ length: queueDepth }, async () => {
@@ -71,6 +79,11 @@ try {
   await volume.flush();
   const writeSeconds = (performance.now() - writeStart) / 1000;
   const writeCpuUs = process.cpuUsage(writeCpu);
+  if (profiler !== undefined) {
+    const { profile } = await profiler.post('Profiler.stop');
+    fs.writeFileSync(values.profile!, JSON.stringify(profile));
+    profiler.disconnect();
+  }
   const checkpoints = (await pool.status()).checkpointsTotal - checkpointsBefore;
   const perWrite = (part: keyof typeof writtenBytes): string => ((writtenBytes[part] - writtenBefore[part]) / writes).toFixed(0);
   const metadataLine = `${checkpoints} checkpoints during the writes; written per 4 KiB write: page file ${perWrite('pages')} B, journal ${perWrite('journal')} B`;
