@@ -716,12 +716,11 @@ export class PagedMaps {
         // Counted up before down, as a pass applies (a chunk named again is never free in between).
         for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
         for (let i = a; i < b; i++) refs.decrement(leaf.physical[i]!);
-        const keys = Array.from({ length: count }, (_, i) => first + i);
-        const physical = Array.from({ length: count }, (_, i) => run.physicalChunk + i);
-        const sums = Array.from(run.sums, (sum) => sum >>> 0);
-        splice(leaf.keys, a, b, keys);
-        splice(leaf.physical, a, b, physical);
-        splice(leaf.sums, a, b, sums);
+        // Written in place without building the run's arrays (Array.from with a callback cost about a microsecond a
+        // write here: paged-metadata.md, "CPU per write").
+        spliceRun(leaf.keys, a, b, count, first, 1);
+        spliceRun(leaf.physical, a, b, count, run.physicalChunk, 1);
+        spliceRun(leaf.sums, a, b, count, 0, 0, run.sums);
         map.setState(map.rootPage, map.mappedCount + count - (b - a));
         return true;
       }
@@ -1544,6 +1543,26 @@ function splice<T>(values: T[], from: number, to: number, replacement: T[]): voi
   values.length = from;
   for (const value of replacement) values.push(value);
   for (const value of tail) values.push(value);
+}
+
+/**
+ * Replaces values[from..to) with `count` values in place: `start + i * step` for i from 0, or, given `sums`, those
+ * read as unsigned. The same as `splice(values, from, to, replacement)` without the replacement built.
+ */
+function spliceRun(values: number[], from: number, to: number, count: number, start: number, step: number, sums?: ArrayLike<number>): void {
+  const removed = to - from;
+  if (count !== removed) {
+    const length = values.length;
+    const shift = count - removed;
+    if (shift > 0) {
+      for (let i = 0; i < shift; i++) values.push(0);
+      for (let i = length - 1; i >= to; i--) values[i + shift] = values[i]!;
+    } else {
+      for (let i = to; i < length; i++) values[i + shift] = values[i]!;
+      values.length = length + shift;
+    }
+  }
+  for (let i = 0; i < count; i++) values[from + i] = sums === undefined ? start + i * step : sums[i]! >>> 0;
 }
 
 function pushRun(runs: PagedRun[], virtualChunk: number, chunkCount: number, physicalChunk: number, sum: number | undefined): void {
