@@ -522,6 +522,8 @@ export class PagedMaps {
   readonly #memoryPins = this.#pins();
   /** The last mutation queued: mutations apply in call order. */
   #mutations: Promise<unknown> = Promise.resolve();
+  /** Mutations (and commits) queued and not yet settled: none, and a mutation may apply at once (`mapRunNow`). */
+  #queued = 0;
   /** The last commit's write (`commitBeside`): the next commit waits for it. */
   #lastWrite: Promise<unknown> = Promise.resolve();
   #passRestarts = 0;
@@ -681,6 +683,18 @@ export class PagedMaps {
     const run = { ...runs[0]!, sums: Uint32Array.from(runs[0]!.sums) };
     let edit: Edit | null = null;
     return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, (edit ??= mapRunsEdit([run])), false), refs, () => this.#mapInPlace(map, run, refs)).then(() => {});
+  }
+
+  /**
+   * A one-run mapRun applied now, in this turn, when nothing is queued before it (no mutation, no commit's
+   * synchronous part) and `#mapInPlace` takes it: the same as `mapRuns` of the run, without its queue's promises
+   * (paged-metadata.md, "CPU per write"). False, having changed nothing, otherwise: the caller then queues it.
+   * `sums` is read now, not kept.
+   */
+  mapRunNow(map: PagedMap, virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): boolean {
+    const chunkCount = sums.length;
+    if (this.#queued > 0 || !(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) return false;
+    return this.#mapInPlace(map, { virtualChunk, physicalChunk, sums }, refs);
   }
 
   /**
@@ -938,8 +952,12 @@ export class PagedMaps {
 
   /** Runs `task` after every mutation and commit queued before it. */
   #queue<T>(task: () => Promise<T>): Promise<T> {
+    this.#queued += 1;
+    const settle = (): void => {
+      this.#queued -= 1;
+    };
     const result = this.#mutations.then(task, task);
-    this.#mutations = result.catch(() => {});
+    this.#mutations = result.then(settle, settle);
     return result;
   }
 
@@ -1436,6 +1454,11 @@ export class PagedMap {
   /** Points `sums.length` chunks from `virtualChunk` at consecutive physical chunks with these crc32s. */
   mapRun(virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): Promise<void> {
     return this.#maps.mapRuns(this, [{ virtualChunk, physicalChunk, sums }], refs);
+  }
+
+  /** `mapRun` applied now if it can be, in place with nothing queued before it (`PagedMaps.mapRunNow`); false otherwise, nothing changed. */
+  mapRunNow(virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): boolean {
+    return this.#maps.mapRunNow(this, virtualChunk, physicalChunk, sums, refs);
   }
 
   /**
