@@ -7,8 +7,13 @@
 // writes wrote, per write: the page file's bytes (checkpoints; both copies) and the journal's, and the checkpoints
 // the journal's size started (what a shorter journal costs: paged-metadata.md, "The journal's size").
 // Usage: node bench/paged-writes.ts memory|paged [--writes 100000] [--journal SIZE] (the journal size that starts a checkpoint;
-// default the metadata's)
+// default the metadata's) [--profile FILE] (a V8 CPU profile of the writes alone, from the first write to the flush:
+// where a write's CPU goes, without the start, the final checkpoint or the reads) [--volume SIZE] (default 64GiB)
+// [--prefill] (the whole volume written in 1 MiB writes and checkpointed before the 4 KiB writes: a full map, whose
+// random writes dirty a new leaf each and so start a checkpoint every few thousand writes, as a long fio run does) [--dirty-pages N] (the dirty map nodes that start a checkpoint;
+// default the metadata's, limits.metadataReplayPagesMax)
 import fs from 'node:fs';
+import { Session } from 'node:inspector/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
@@ -43,23 +48,42 @@ const countingFiles: FileLayer = {
   },
 };
 
-const { values, positionals } = parseArgs({ allowPositionals: true, options: { writes: { type: 'string', default: '100000' }, journal: { type: 'string' } } });
+const { values, positionals } = parseArgs({ allowPositionals: true, options: { writes: { type: 'string', default: '100000' }, journal: { type: 'string' }, profile: { type: 'string' }, volume: { type: 'string', default: '64GiB' }, prefill: { type: 'boolean', default: false }, 'dirty-pages': { type: 'string' } } });
 const kind = positionals[0];
 if (kind !== 'memory' && kind !== 'paged') throw new Error('usage: node bench/paged-writes.ts memory|paged [--writes N] [--journal SIZE]');
 const writes = Number(values.writes);
-const volumeBytes = 64 * 2 ** 30;
+const volumeBytes = parseSize(values.volume);
 const blocks = volumeBytes / 4096;
 const queueDepth = 32;
 
 const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-paged-writes-'));
 try {
-  const pool = await Pool.open({ directory: path.join(directory, 'pool'), files: countingFiles, metadata: kind, metadataCacheBytes: 64 * 2 ** 20, ...(values.journal === undefined ? {} : { journalCheckpointBytes: parseSize(values.journal) }) });
+  const pool = await Pool.open({ directory: path.join(directory, 'pool'), files: countingFiles, metadata: kind, metadataCacheBytes: 64 * 2 ** 20, ...(values.journal === undefined ? {} : { journalCheckpointBytes: parseSize(values.journal) }), ...(values['dirty-pages'] === undefined ? {} : { metadataDirtyPages: Number(values['dirty-pages']) }) });
   await pool.createVolume('v', volumeBytes);
   const volume = pool.openVolume('v');
   const data = Buffer.alloc(4096, 7);
+  if (values.prefill) {
+    const fill = Buffer.alloc(2 ** 20, 5);
+    let next = 0;
+    await Promise.all(Array.from({ length: 8 }, async () => {
+      while (next < volumeBytes) {
+        const at = next;
+        next += fill.length;
+        await volume.write(at, fill.subarray(0, Math.min(fill.length, volumeBytes - at)));
+      }
+    }));
+    await volume.flush();
+    await pool.checkpoint();
+  }
   let issued = 0;
   const writtenBefore = { ...writtenBytes };
   const checkpointsBefore = (await pool.status()).checkpointsTotal;
+  const profiler = values.profile === undefined ? undefined : new Session();
+  if (profiler !== undefined) {
+    profiler.connect();
+    await profiler.post('Profiler.enable');
+    await profiler.post('Profiler.start');
+  }
   const writeCpu = process.cpuUsage();
   const writeStart = performance.now();
   await Promise.all(Array.from({ length: queueDepth }, async () => {
@@ -71,6 +95,11 @@ try {
   await volume.flush();
   const writeSeconds = (performance.now() - writeStart) / 1000;
   const writeCpuUs = process.cpuUsage(writeCpu);
+  if (profiler !== undefined) {
+    const { profile } = await profiler.post('Profiler.stop');
+    fs.writeFileSync(values.profile!, JSON.stringify(profile));
+    profiler.disconnect();
+  }
   const checkpoints = (await pool.status()).checkpointsTotal - checkpointsBefore;
   const perWrite = (part: keyof typeof writtenBytes): string => ((writtenBytes[part] - writtenBefore[part]) / writes).toFixed(0);
   const metadataLine = `${checkpoints} checkpoints during the writes; written per 4 KiB write: page file ${perWrite('pages')} B, journal ${perWrite('journal')} B`;

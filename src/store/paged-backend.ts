@@ -94,6 +94,14 @@ export class PagedBackend implements CatalogBackend {
   }
 
   apply(record: MetaRecord, punchFrees: boolean): void {
+    // Most live writes apply at once, in place (PagedCatalog.applyNow); the rest queue. A failure there is the
+    // sticky failure, as a queued apply's is.
+    try {
+      if (this.#catalog.applyNow(record, punchFrees)) return;
+    } catch (error) {
+      this.#failure ??= error as Error;
+      return;
+    }
     this.#pending += 1;
     this.#last = this.#catalog.apply(record, punchFrees).then(
       () => {

@@ -538,6 +538,8 @@ export class PagedMaps {
   readonly #memoryPins = this.#pins();
   /** The last mutation queued: mutations apply in call order. */
   #mutations: Promise<unknown> = Promise.resolve();
+  /** Mutations (and commits) queued and not yet settled: none, and a mutation may apply at once (`mapRunNow`). */
+  #queued = 0;
   /** The last commit's write (`commitBeside`): the next commit waits for it. */
   #lastWrite: Promise<unknown> = Promise.resolve();
   #passRestarts = 0;
@@ -725,6 +727,18 @@ export class PagedMaps {
   }
 
   /**
+   * A one-run mapRun applied now, in this turn, when nothing is queued before it (no mutation, no commit's
+   * synchronous part) and `#mapInPlace` takes it: the same as `mapRuns` of the run, without its queue's promises
+   * (paged-metadata.md, "CPU per write"). False, having changed nothing, otherwise: the caller then queues it.
+   * `sums` is read now, not kept.
+   */
+  mapRunNow(map: PagedMap, virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): boolean {
+    const chunkCount = sums.length;
+    if (this.#queued > 0 || !(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) return false;
+    return this.#mapInPlace(map, { virtualChunk, physicalChunk, sums }, refs);
+  }
+
+  /**
    * The fast way of a one-run mapRun, tried before its pass: when every node from the root down to the one leaf
    * the run falls in is changed since the last commit (so no durable root names it) and held once (so no other
    * map reaches it), the leaf takes the run without passing its capacity, its least key stays (so no interior key
@@ -757,12 +771,11 @@ export class PagedMaps {
         // Counted up before down, as a pass applies (a chunk named again is never free in between).
         for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
         for (let i = a; i < b; i++) refs.decrement(leaf.physical[i]!);
-        const keys = Array.from({ length: count }, (_, i) => first + i);
-        const physical = Array.from({ length: count }, (_, i) => run.physicalChunk + i);
-        const sums = Array.from(run.sums, (sum) => sum >>> 0);
-        splice(leaf.keys, a, b, keys);
-        splice(leaf.physical, a, b, physical);
-        splice(leaf.sums, a, b, sums);
+        // Written in place without building the run's arrays (Array.from with a callback cost about a microsecond a
+        // write here: paged-metadata.md, "CPU per write").
+        spliceRun(leaf.keys, a, b, count, first, 1);
+        spliceRun(leaf.physical, a, b, count, run.physicalChunk, 1);
+        spliceRun(leaf.sums, a, b, count, 0, 0, run.sums);
         map.setState(map.rootPage, map.mappedCount + count - (b - a));
         return true;
       }
@@ -993,6 +1006,10 @@ export class PagedMaps {
 
   /** Runs `task` after every mutation and commit queued before it. */
   #queue<T>(task: () => Promise<T>): Promise<T> {
+    this.#queued += 1;
+    const settle = (): void => {
+      this.#queued -= 1;
+    };
     const run = (): Promise<T> => {
       const now = performance.now();
       if (this.#runStarted === undefined) {
@@ -1007,7 +1024,7 @@ export class PagedMaps {
       return task();
     };
     const result = this.#mutations.then(run, run);
-    this.#mutations = result.catch(() => {});
+    this.#mutations = result.then(settle, settle);
     return result;
   }
 
@@ -1506,6 +1523,11 @@ export class PagedMap {
     return this.#maps.mapRuns(this, [{ virtualChunk, physicalChunk, sums }], refs);
   }
 
+  /** `mapRun` applied now if it can be, in place with nothing queued before it (`PagedMaps.mapRunNow`); false otherwise, nothing changed. */
+  mapRunNow(virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): boolean {
+    return this.#maps.mapRunNow(this, virtualChunk, physicalChunk, sums, refs);
+  }
+
   /**
    * The runs mapped one after another in one pass (a leaf and the nodes above it copied once for all the runs
    * that meet it); the same tree and the same count changes as `mapRun` of each in turn.
@@ -1629,6 +1651,26 @@ function splice<T>(values: T[], from: number, to: number, replacement: T[]): voi
   values.length = from;
   for (const value of replacement) values.push(value);
   for (const value of tail) values.push(value);
+}
+
+/**
+ * Replaces values[from..to) with `count` values in place: `start + i * step` for i from 0, or, given `sums`, those
+ * read as unsigned. The same as `splice(values, from, to, replacement)` without the replacement built.
+ */
+function spliceRun(values: number[], from: number, to: number, count: number, start: number, step: number, sums?: ArrayLike<number>): void {
+  const removed = to - from;
+  if (count !== removed) {
+    const length = values.length;
+    const shift = count - removed;
+    if (shift > 0) {
+      for (let i = 0; i < shift; i++) values.push(0);
+      for (let i = length - 1; i >= to; i--) values[i + shift] = values[i]!;
+    } else {
+      for (let i = to; i < length; i++) values[i + shift] = values[i]!;
+      values.length = length + shift;
+    }
+  }
+  for (let i = 0; i < count; i++) values[from + i] = sums === undefined ? start + i * step : sums[i]! >>> 0;
 }
 
 function pushRun(runs: PagedRun[], virtualChunk: number, chunkCount: number, physicalChunk: number, sum: number | undefined): void {

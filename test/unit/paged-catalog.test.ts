@@ -54,7 +54,8 @@ async function apply(pair: Pair, record: MetaRecord, label: string): Promise<boo
   }
   let pagedError: unknown;
   try {
-    await pair.paged.apply(record);
+    // A live write's way: at once when it can (in place, nothing queued), else queued.
+    if (!pair.paged.applyNow(record)) await pair.paged.apply(record);
   } catch (error) {
     pagedError = error;
   }

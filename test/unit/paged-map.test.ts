@@ -836,3 +836,41 @@ test('one-chunk and short writes into leaves changed since the commit apply in p
     }
   });
 });
+
+test('a write applied at once (mapRunNow) keeps the tree, keys and counts a queued one would, and waits while a mutation is queued before it', async () => {
+  const capacities = { leaf: 8, interior: 4 };
+  await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
+    const modelRefs = new Counts();
+    const model = new ChunkMap();
+    const paged = setup.maps.empty();
+    let state = testSeed('paged map at once') >>> 0;
+    const random = (limit: number): number => {
+      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+      return state % limit;
+    };
+    let nextPhysical = 0;
+    let atOnce = 0;
+    for (let step = 0; step < 400; step++) {
+      const v = random(300);
+      const n = 1 + random(3);
+      model.mapRun(v, nextPhysical, n, modelRefs);
+      if (paged.mapRunNow(v, nextPhysical, sumsOf(nextPhysical, n), setup.chunkRefs)) atOnce += 1;
+      else await paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, n), setup.chunkRefs);
+      nextPhysical += n;
+      if (step % 97 === 96) await setup.maps.commit(() => Buffer.from(`step ${step}`));
+      const label = `step ${step} (${n} at ${v})`;
+      assert.deepEqual(await runsOf(paged, 0, 310), model.runs(0, 310), label);
+      await checkCounts(setup, [paged], capacities, label);
+    }
+    assert.ok(atOnce > 100, `${atOnce} of 400 writes applied at once`);
+
+    // A leaf changed since the commit (so the write could go in place), and a write to it queued and not yet
+    // applied: a later write may not pass it, or the queued one would land last.
+    await paged.mapRun(5, nextPhysical, sumsOf(nextPhysical, 1), setup.chunkRefs);
+    assert.ok(paged.mapRunNow(5, nextPhysical + 1, sumsOf(nextPhysical + 1, 1), setup.chunkRefs), 'a write into a changed leaf with nothing queued applies at once');
+    const queued = paged.mapRun(5, nextPhysical + 2, sumsOf(nextPhysical + 2, 1), setup.chunkRefs);
+    assert.equal(paged.mapRunNow(5, nextPhysical + 3, sumsOf(nextPhysical + 3, 1), setup.chunkRefs), false, 'a write behind a queued one waits');
+    await Promise.all([queued, paged.mapRun(5, nextPhysical + 3, sumsOf(nextPhysical + 3, 1), setup.chunkRefs)]);
+    assert.equal((await runsOf(paged, 5, 1))[0]!.physicalChunk, nextPhysical + 3);
+  });
+});
