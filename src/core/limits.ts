@@ -105,9 +105,11 @@ export const metadataDirtyBytesMin = 16 * MiB;
 /**
  * Paged metadata: the map nodes changed since the last checkpoint also start one once they are this many, whatever
  * the cache's size: a crash leaves up to about twice this many for the next start to read and replay, one page
- * read a node (paged-metadata.md, "What a crash leaves to replay, bounded by pages").
+ * read a node (paged-metadata.md, "A crashed start at every size"). 8,192 rather than 2,048: with 2,048, random
+ * writes over a map of a few thousand leaves (a 4 GiB volume written whole) checkpointed every few thousand writes
+ * and cost 85 to 94 us of CPU and 7.7 KB of page file written per 4 KiB write, against 24 to 34 us and 0.44 KB.
  */
-export const metadataReplayPagesMax = 2048;
+export const metadataReplayPagesMax = 8192;
 /** Journal space reserved ahead (zero-filled) so that a full file system cannot stop a metadata commit. */
 export const journalReserveBytes = 4 * MiB;
 /** Unflushed writes are committed in the background at least this often, as a file system's commit interval. */
