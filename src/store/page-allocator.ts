@@ -5,7 +5,7 @@
 // the high-water mark. Pure: no I/O. Its state is kept on disk by space-map.ts (a free list in pages, written with
 // each root: `sealForCommit` says what that root records).
 import { ChunkdError } from '../core/errors.ts';
-import { firstDataPage } from './page-file.ts';
+import { firstDataPage, sortedPageNumbers } from './page-file.ts';
 
 export interface PageAllocatorState {
   /** The lowest page number never handed out. */
@@ -67,7 +67,7 @@ export class PageAllocator {
     const sealed = (this.#sealed ??= new Set());
     for (const page of this.#released) sealed.add(page);
     this.#released.clear();
-    return { nextPage: this.#nextPage, free: sortedPages(this.#free, sealed) };
+    return { nextPage: this.#nextPage, free: Array.from(sortedPageNumbers(this.#free.size + sealed.size, this.#free, sealed)) };
   }
 
   /**
@@ -93,18 +93,6 @@ export class PageAllocator {
 
   /** The state without the pages waiting for a commit (they count as in use: the durable root may name them). */
   state(): PageAllocatorState {
-    return { nextPage: this.#nextPage, free: sortedPages(this.#free) };
+    return { nextPage: this.#nextPage, free: Array.from(sortedPageNumbers(this.#free.size, this.#free)) };
   }
-}
-
-/**
- * The pages of `sets` in ascending order. Sorted as a Float64Array (a native sort, no comparator called from it):
- * the free list is written whole with every root, and after 16 GiB written at random it is some 20,000 pages, whose
- * sort with a comparator held the event loop for milliseconds at every checkpoint.
- */
-function sortedPages(...sets: ReadonlyArray<ReadonlySet<number>>): number[] {
-  const pages = new Float64Array(sets.reduce((total, set) => total + set.size, 0));
-  let at = 0;
-  for (const set of sets) for (const page of set) pages[at++] = page;
-  return Array.from(pages.sort());
 }

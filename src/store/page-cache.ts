@@ -10,7 +10,7 @@
 import { performance } from 'node:perf_hooks';
 import { LRUCache } from 'lru-cache';
 import { ChunkdError } from '../core/errors.ts';
-import { pageBytes, type Page, type PageFile, type Root } from './page-file.ts';
+import { pageBytes, sortedPageNumbers, type Page, type PageFile, type Root } from './page-file.ts';
 
 export interface CachedPage {
   kind: number;
@@ -123,11 +123,7 @@ export class PageCache {
    * `sliceMs` (the constructor's), so that no part of a commit holds it proportionally to the dirty pages.
    */
   async commit(rootBody: Buffer): Promise<Root> {
-    // Sorted as a Float64Array (a native sort, no comparator called from it), then looked up.
-    const numbers = new Float64Array(this.#dirty.size);
-    let at = 0;
-    for (const pageNumber of this.#dirty.keys()) numbers[at++] = pageNumber;
-    numbers.sort();
+    const numbers = sortedPageNumbers(this.#dirty.size, this.#dirty.keys());
     const pages = Array.from(numbers, (pageNumber) => this.#dirty.get(pageNumber)!);
     // Many at once (their order does not matter: none is durable before the fdatasync that precedes the root).
     const writes: Array<Promise<void>> = [];

@@ -40,6 +40,18 @@ export interface Page {
   body: Buffer;
 }
 
+/**
+ * The `count` page numbers of `sources`, in ascending order. Sorted as a Float64Array (a native sort, no comparator
+ * called from it): after 16 GiB written at random a checkpoint sorts some 20,000 dirty pages and a free list as
+ * long, whose sorts with a comparator held the event loop for milliseconds at every checkpoint.
+ */
+export function sortedPageNumbers(count: number, ...sources: ReadonlyArray<Iterable<number>>): Float64Array {
+  const numbers = new Float64Array(count);
+  let at = 0;
+  for (const source of sources) for (const page of source) numbers[at++] = page;
+  return numbers.sort();
+}
+
 /** The 4 KiB image of a page. */
 export function encodePage(page: Page): Buffer {
   return encodePageInto(Buffer.allocUnsafe(pageBytes), page);

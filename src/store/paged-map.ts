@@ -87,6 +87,10 @@ export const leafCapacityMax = Math.floor((pageBodyBytesMax - nodeHeaderBytes) /
 export const interiorCapacityMax = Math.floor((pageBodyBytesMax - nodeHeaderBytes) / interiorEntryBytes);
 /** Virtual and physical chunks are 48-bit on a page. */
 export const mapKeyLimit = 2 ** 48;
+
+/** Whether a run of `chunkCount` chunks mapped from `virtualChunk` to `physicalChunk` is one a map takes. */
+const runInRange = (virtualChunk: number, physicalChunk: number, chunkCount: number): boolean =>
+  chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit;
 /** The root page of an empty map (page 0 is a root slot, never a node). */
 export const emptyRoot = 0;
 
@@ -710,7 +714,7 @@ export class PagedMaps {
   mapRuns(map: PagedMap, runs: readonly MapRunEdit[], refs: ChunkRefs): Promise<void> {
     for (const { virtualChunk, physicalChunk, sums } of runs) {
       const chunkCount = sums.length;
-      if (!(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) {
+      if (!runInRange(virtualChunk, physicalChunk, chunkCount)) {
         return Promise.reject(ChunkdError.invalid(`a paged map maps ${chunkCount} chunks at ${virtualChunk} to ${physicalChunk}: out of range`));
       }
     }
@@ -734,7 +738,7 @@ export class PagedMaps {
    */
   mapRunNow(map: PagedMap, virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): boolean {
     const chunkCount = sums.length;
-    if (this.#queued > 0 || !(chunkCount > 0 && virtualChunk >= 0 && physicalChunk >= 0 && virtualChunk + chunkCount <= mapKeyLimit && physicalChunk + chunkCount <= mapKeyLimit)) return false;
+    if (this.#queued > 0 || !runInRange(virtualChunk, physicalChunk, chunkCount)) return false;
     return this.#mapInPlace(map, { virtualChunk, physicalChunk, sums }, refs);
   }
 
