@@ -95,6 +95,10 @@ const turnBatchBytesMax = inlineWriteBytesMax;
 const groupBuffers: Buffer[] = [];
 const groupBuffersKept = 8;
 
+/** Buffers read defragmentation copied ranges into (#maybeDefragment), kept for the next (limits.readDefragInFlightBytesMax bounds those in use). */
+const defragBuffers: Buffer[] = [];
+const defragBuffersKept = 8;
+
 export class Volume implements BlockDevice {
   readonly readOnly = false;
   readonly #store: VolumeStore;
@@ -154,7 +158,19 @@ export class Volume implements BlockDevice {
     if (pieces <= 1 || pieces * readDefragPieceBytesMax < data.length) return;
     const defrag = this.#store.readDefrag!;
     if (!defrag.allowed(this.#runtime.meta.id)) return;
-    defrag.start(data.length, () => this.#defragment(offsetBytes, Buffer.from(data), chunksOf(found)));
+    defrag.start(data.length, async () => {
+      // A copy with memcpy (Buffer.from copies a reply buffer in shared memory byte by byte), into a buffer kept
+      // from an earlier rewrite: a fresh one costs a page fault per 4 KiB, more than the copy.
+      const index = defragBuffers.findIndex((buffer) => buffer.length === data.length);
+      const copy = index >= 0 ? defragBuffers.splice(index, 1)[0]! : Buffer.allocUnsafeSlow(data.length);
+      data.copy(copy);
+      try {
+        return await this.#defragment(offsetBytes, copy, chunksOf(found));
+      } finally {
+        // Written (or dropped) by now: the chunk store holds no part of it once its write has settled.
+        if (defragBuffers.length < defragBuffersKept) defragBuffers.push(copy);
+      }
+    });
   }
 
   /**
