@@ -23,6 +23,7 @@ import type { ChunkLookup, MapHandle, SnapshotView, VolumeView } from './catalog
 import type { ChunkRun } from './chunk-map.ts';
 import type { ChunkStore } from './chunk-store.ts';
 import type { CommitEngine } from './commit-engine.ts';
+import { copyBytes } from './native.ts';
 import type { RangeLock, Release } from './range-lock.ts';
 
 /**
@@ -159,11 +160,11 @@ export class Volume implements BlockDevice {
     const defrag = this.#store.readDefrag!;
     if (!defrag.allowed(this.#runtime.meta.id)) return;
     defrag.start(data.length, async () => {
-      // A copy with memcpy (Buffer.from copies a reply buffer in shared memory byte by byte), into a buffer kept
-      // from an earlier rewrite: a fresh one costs a page fault per 4 KiB, more than the copy.
+      // A copy with libc's memcpy (Buffer's copy of a reply buffer in shared memory is V8's slower relaxed one),
+      // into a buffer kept from an earlier rewrite: a fresh one costs a page fault per 4 KiB, more than the copy.
       const index = defragBuffers.findIndex((buffer) => buffer.length === data.length);
       const copy = index >= 0 ? defragBuffers.splice(index, 1)[0]! : Buffer.allocUnsafeSlow(data.length);
-      data.copy(copy);
+      copyBytes(copy, data);
       try {
         return await this.#defragment(offsetBytes, copy, chunksOf(found));
       } finally {

@@ -183,3 +183,17 @@ test('a power loss at any point of a rewrite and its commit leaves the same byte
   }
   assert.ok(cutsDuringRewrite >= 2, `cuts landed during the rewrite (${cutsDuringRewrite} of ${total - opened})`);
 });
+
+test('copyBytes copies bytes in shared memory, and a part of them, as they are', async () => {
+  const { copyBytes } = await import('../../src/store/native.ts');
+  const source = Buffer.from(new SharedArrayBuffer(64 * 1024));
+  for (let i = 0; i < source.length; i++) source[i] = (i * 7 + (i >> 8)) & 0xff;
+  const whole = Buffer.alloc(source.length + 16, 0xaa);
+  copyBytes(whole, source);
+  assert.ok(whole.subarray(0, source.length).equals(source));
+  assert.ok(whole.subarray(source.length).equals(Buffer.alloc(16, 0xaa)), 'nothing past the source is written');
+  const part = Buffer.alloc(100);
+  copyBytes(part, source.subarray(1000, 1100));
+  assert.ok(part.equals(source.subarray(1000, 1100)));
+  assert.throws(() => copyBytes(Buffer.alloc(1), source), RangeError);
+});
