@@ -364,6 +364,8 @@ export class Pool {
     return this.#control(async () => {
       this.#checkOpen();
       const runtime = this.#runtime(name);
+      // A read's rewrite counts as open while it runs (volume.ts's #defragment): it ends without a client.
+      await this.readDefragsSettled();
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients first`);
       this.#checkNotReceiving(runtime);
       const snapshots = [...runtime.meta.snapshots.keys()];
@@ -393,6 +395,7 @@ export class Pool {
     const oldSize = runtime.meta.sizeBytes;
     if (sizeBytes < oldSize) {
       if (!force) throw ChunkdError.invalid(`shrinking volume ${name} from ${formatSize(oldSize)} to ${formatSize(sizeBytes)} discards data: pass --force`);
+      await this.readDefragsSettled();
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); it can shrink only when no client has it open`);
       const firstCut = sizeBytes / chunkSizeBytes;
       this.#engine.record({ type: 'unmap', volumeId: runtime.meta.id, virtualChunk: firstCut, chunkCount: oldSize / chunkSizeBytes - firstCut });
@@ -609,6 +612,7 @@ export class Pool {
       const runtime = this.#runtime(volumeName);
       const snapshot = this.#snapshot(volumeName, snapshotName);
       this.#checkNotReceiving(runtime);
+      await this.readDefragsSettled();
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
       this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
       await this.#committed();

@@ -197,3 +197,13 @@ test('copyBytes copies bytes in shared memory, and a part of them, as they are',
   assert.ok(part.equals(source.subarray(1000, 1100)));
   assert.throws(() => copyBytes(Buffer.alloc(1), source), RangeError);
 });
+
+test('a volume whose read left a rewrite running can be removed once its clients are gone', async () => {
+  const pool = await openPool(freshDirectory());
+  await scatter(pool);
+  await readMiB(pool); // closes its handle; the rewrite it asked for may still run
+  await pool.removeVolume('v');
+  await pool.readDefragsSettled();
+  assert.deepEqual(pool.listVolumes(), []);
+  await pool.close();
+});
