@@ -96,6 +96,13 @@ const turnBatchBytesMax = inlineWriteBytesMax;
 const groupBuffers: Buffer[] = [];
 const groupBuffersKept = 8;
 
+/**
+ * The first chunks of ranges that large reads found scattered once, by volume, oldest first (#maybeDefragment):
+ * the second such read rewrites the range. At most readDefragSeenMax a volume (a MiB each: 64 GiB of reads).
+ */
+const scatteredSeen = new WeakMap<VolumeRuntime, Set<number>>();
+const readDefragSeenMax = 65_536;
+
 /** Buffers read defragmentation copied ranges into (#maybeDefragment), kept for the next (limits.readDefragInFlightBytesMax bounds those in use). */
 const defragBuffers: Buffer[] = [];
 const defragBuffersKept = 8;
@@ -149,8 +156,8 @@ export class Volume implements BlockDevice {
 
   /**
    * After a large read of `data` at `offsetBytes` through `found`: when the range is whole chunks, all mapped, in
-   * pieces of readDefragPieceBytesMax or less on average, asks the pool to rewrite it as one fresh run
-   * (#defragment) from a copy of the bytes just read and verified. Synchronous: the copy is made before the
+   * pieces of readDefragPieceBytesMax or less on average, and a read found it so before, asks the pool to rewrite it
+   * as one fresh run (#defragment) from a copy of the bytes just read and verified. Synchronous: the copy is made before the
    * caller gets `data` back.
    */
   #maybeDefragment(offsetBytes: number, data: Buffer, found: ChunkLookup): void {
@@ -159,6 +166,15 @@ export class Volume implements BlockDevice {
     if (pieces <= 1 || pieces * readDefragPieceBytesMax < data.length) return;
     const defrag = this.#store.readDefrag!;
     if (!defrag.allowed(this.#runtime.meta.id)) return;
+    // Only a range found scattered a second time: a range read once (a backup, a copy) is not worth a write.
+    const first = offsetBytes / chunkSizeBytes;
+    let seen = scatteredSeen.get(this.#runtime);
+    if (seen === undefined) scatteredSeen.set(this.#runtime, (seen = new Set()));
+    if (!seen.delete(first)) {
+      seen.add(first);
+      if (seen.size > readDefragSeenMax) seen.delete(seen.values().next().value!);
+      return;
+    }
     defrag.start(data.length, async () => {
       // A copy with libc's memcpy (Buffer's copy of a reply buffer in shared memory is V8's slower relaxed one),
       // into a buffer kept from an earlier rewrite: a fresh one costs a page fault per 4 KiB, more than the copy.
