@@ -132,8 +132,8 @@ export interface PoolOptions {
   /** Verify checksums on reads (default true); false only to measure what verification costs. */
   verifyReads?: boolean;
   /**
-   * Large reads that find their range in many small pieces (rewritten at random) rewrite it in the background as
-   * one fresh run, while no snapshot exists in the pool (volume.ts's #defragment, limits.readDefragBytesMin).
+   * Large reads that find their range in many small pieces (rewritten at random) a second time rewrite it in the
+   * background as one fresh run, while no snapshot exists in the pool (volume.ts's #defragment, limits.readDefragBytesMin).
    * Default true.
    */
   readDefrag?: boolean;
