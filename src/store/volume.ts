@@ -175,7 +175,7 @@ export class Volume implements BlockDevice {
       if (seen.size > readDefragSeenMax) seen.delete(seen.values().next().value!);
       return;
     }
-    defrag.start(data.length, async () => {
+    const started = defrag.start(data.length, async () => {
       // A copy with libc's memcpy (Buffer's copy of a reply buffer in shared memory is V8's slower relaxed one),
       // into a buffer kept from an earlier rewrite: a fresh one costs a page fault per 4 KiB, more than the copy.
       const index = defragBuffers.findIndex((buffer) => buffer.length === data.length);
@@ -188,6 +188,8 @@ export class Volume implements BlockDevice {
         if (defragBuffers.length < defragBuffersKept) defragBuffers.push(copy);
       }
     });
+    // Refused (too many bytes of rewrites in flight): the next read that finds it scattered asks again.
+    if (!started) seen.add(first);
   }
 
   /**
