@@ -164,6 +164,7 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): ServeCon
     workers: values.workers !== undefined ? parseWorkers(values.workers) : undefined,
     nbdThreads: parseWorkers(values['nbd-threads'] ?? serveOptions['nbd-threads'].fallback, '--nbd-threads'),
     verifyReads: parseOnOff(values['verify-reads'] ?? serveOptions['verify-reads'].fallback, '--verify-reads'),
+    readDefrag: parseOnOff(values['read-defrag'] ?? serveOptions['read-defrag'].fallback, '--read-defrag'),
     // Only when given: a pool of format 3 asked for paged is refused (pool.ts), one asked for nothing opens as it is.
     metadata: values.metadata === undefined ? undefined : parseMetadataKind(values.metadata),
     metadataCacheBytes: parseMetadataCache(values['metadata-cache'] ?? serveOptions['metadata-cache'].fallback),

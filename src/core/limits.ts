@@ -234,3 +234,15 @@ export const sendReadAheadBytes = 8 * MiB;
 export const metricsConnectionsMax = 16;
 /** Time a scraper has to send its request on the metrics port. */
 export const metricsRequestTimeoutMs = 10_000;
+
+/**
+ * Read defragmentation (Volume's read, `serve --read-defrag`): a range that a read of at least readDefragBytesMin
+ * finds, for the second time, in pieces of readDefragPieceBytesMax or less on average (a range rewritten at random:
+ * redirect-on-write gave every rewritten chunk its own place) is written again, in the background, as one fresh contiguous run, so that
+ * the next reads of it are one system call instead of one per piece (BENCHMARKS.md, issue 19). At most
+ * readDefragInFlightBytesMax of such rewrites wait or run at once (their bytes are copies held in memory); reads
+ * that find more in flight leave their range as it is.
+ */
+export const readDefragBytesMin = 256 * KiB;
+export const readDefragPieceBytesMax = 32 * KiB;
+export const readDefragInFlightBytesMax = 8 * MiB;

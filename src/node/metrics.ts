@@ -28,6 +28,7 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
   metric('chunkd_pool_failed', 'gauge', 'Whether the pool refuses writes after a failed sync or metadata write (1), until the node restarts.', [['', status.pool.failure === null ? 0 : 1]]);
   metric('chunkd_pool_commit_failures_total', 'counter', 'Metadata commits (flush, FUA, background) that failed.', [['', status.pool.commitFailuresTotal]]);
   metric('chunkd_metadata_repairs_total', 'counter', 'Damaged or missing metadata copies found at open and repaired from the other copy.', [['', status.pool.metadataRepairsTotal]]);
+  metric('chunkd_read_defrag_bytes_total', 'counter', 'Bytes that large reads found scattered in small pieces and rewrote as one run (serve --read-defrag).', [['', status.pool.readDefragBytesTotal]]);
   metric('chunkd_checksum_errors_total', 'counter', 'Reads that found a block not matching its checksum (answered with EIO).', [['', status.pool.checksumErrorsTotal]]);
   metric('chunkd_io_worker_requests_in_flight', 'gauge', 'Chunk I/O tasks each worker thread holds now.', status.io.workers.map((worker) => [`{worker="${worker.id}"}`, worker.inFlight]));
   metric('chunkd_io_requests_queued', 'gauge', 'Chunk I/O tasks waiting for a worker thread.', [['', status.io.queued]]);

@@ -63,6 +63,8 @@ export interface NodeConfig {
   nbdThreads?: number;
   /** Check every block read against its checksum (default true); off only to measure what checking costs. */
   verifyReads?: boolean;
+  /** Large reads rewrite a range they find scattered as one run (serve --read-defrag; default true). */
+  readDefrag?: boolean;
   /** The metadata a pool created now gets (serve --metadata; default memory); an existing pool keeps its own. */
   metadata?: MetadataKind;
   /** Paged metadata: the page cache's bound in bytes (serve --metadata-cache). */
@@ -160,6 +162,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       log: config.log,
       makeIo: sharedBuffers === null ? undefined : (chunkFiles, waitTimes) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log, waitTimes }),
       verifyReads: config.verifyReads ?? true,
+      readDefrag: config.readDefrag ?? true,
       metadata: config.metadata,
       metadataCacheBytes: config.metadataCacheBytes,
     });

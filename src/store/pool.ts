@@ -34,6 +34,7 @@ import {
   backgroundCommitIntervalMs,
   chunkSizeBytes,
   metadataCacheBytesDefault,
+  readDefragInFlightBytesMax,
   snapshotsPerVolumeMax,
   volumeSizeAlignBytes,
   volumeSizeMaxBytes,
@@ -60,7 +61,7 @@ import { zeroChunkSum } from './checksum.ts';
 import { RangeLock } from './range-lock.ts';
 import type { ScrubReport } from './scrub.ts';
 import type { ChunkSpace } from './space-map.ts';
-import { SnapshotDevice, Volume, type ExportRuntime, type VolumeRuntime, type VolumeStore } from './volume.ts';
+import { SnapshotDevice, Volume, type ExportRuntime, type ReadDefrag, type VolumeRuntime, type VolumeStore } from './volume.ts';
 import type { Log } from '../core/log.ts';
 import { emptyStageTimes, timedVolumeStore, type StageTimes } from './stage-times.ts';
 import type { LatencyHistogram } from '../core/latency-histogram.ts';
@@ -111,6 +112,10 @@ export interface PoolStatus {
   /** Reads that failed their checksum since the node started. */
   checksumErrorsTotal: number;
   verifyReads: boolean;
+  /** Whether large reads that find their range scattered rewrite it as one run (PoolOptions.readDefrag). */
+  readDefrag: boolean;
+  /** Bytes such rewrites wrote since the pool opened. */
+  readDefragBytesTotal: number;
 }
 
 export interface PoolOptions {
@@ -126,6 +131,12 @@ export interface PoolOptions {
   makeIo?: (chunkFiles: ChunkFiles, waitTimes: LatencyHistogram) => ChunkIo;
   /** Verify checksums on reads (default true); false only to measure what verification costs. */
   verifyReads?: boolean;
+  /**
+   * Large reads that find their range in many small pieces (rewritten at random) a second time rewrite it in the
+   * background as one fresh run, while no snapshot exists in the pool (volume.ts's #defragment, limits.readDefragBytesMin).
+   * Default true.
+   */
+  readDefrag?: boolean;
   /** The metadata a pool created now gets (default memory; an existing pool keeps its own: chunkd-pool.json). */
   metadata?: MetadataKind;
   /** The paged metadata's cache of clean pages, in bytes (default limits.metadataCacheBytesDefault). */
@@ -163,6 +174,11 @@ export class Pool {
   readonly #lockFd: number;
   readonly #log: Log;
   readonly #metadataRepairs: number;
+  readonly #readDefragOn: boolean;
+  /** Read defragmentation's rewrites in flight (close waits for them), their bytes, and the bytes rewritten so far. */
+  readonly #defrags = new Set<Promise<void>>();
+  #defragBytesInFlight = 0;
+  #defragBytesTotal = 0;
   /** The punch of free chunks a paged open leaves running (never rejects). */
   #punching: Promise<void> = Promise.resolve();
   #closed = false;
@@ -192,7 +208,9 @@ export class Pool {
       backgroundCommitIntervalMs: options.backgroundCommitIntervalMs ?? backgroundCommitIntervalMs,
       log,
     });
-    this.#volumeStore = timedVolumeStore({ chunks: this.#chunks, metadata: this.#engine, writeGate: (volume) => this.#writeGate(volume) }, this.#stageTimes);
+    this.#readDefragOn = options.readDefrag ?? true;
+    const readDefrag: ReadDefrag = { allowed: () => this.#defragAllowed(), start: (bytes, rewrite) => this.#startDefrag(bytes, rewrite) };
+    this.#volumeStore = timedVolumeStore({ chunks: this.#chunks, metadata: this.#engine, writeGate: (volume) => this.#writeGate(volume), readDefrag }, this.#stageTimes);
   }
 
   /**
@@ -346,6 +364,8 @@ export class Pool {
     return this.#control(async () => {
       this.#checkOpen();
       const runtime = this.#runtime(name);
+      // A read's rewrite counts as open while it runs (volume.ts's #defragment): it ends without a client.
+      await this.readDefragsSettled();
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); disconnect its clients first`);
       this.#checkNotReceiving(runtime);
       const snapshots = [...runtime.meta.snapshots.keys()];
@@ -375,6 +395,7 @@ export class Pool {
     const oldSize = runtime.meta.sizeBytes;
     if (sizeBytes < oldSize) {
       if (!force) throw ChunkdError.invalid(`shrinking volume ${name} from ${formatSize(oldSize)} to ${formatSize(sizeBytes)} discards data: pass --force`);
+      await this.readDefragsSettled();
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${name} is in use (${runtime.openCount} open); it can shrink only when no client has it open`);
       const firstCut = sizeBytes / chunkSizeBytes;
       this.#engine.record({ type: 'unmap', volumeId: runtime.meta.id, virtualChunk: firstCut, chunkCount: oldSize / chunkSizeBytes - firstCut });
@@ -591,6 +612,7 @@ export class Pool {
       const runtime = this.#runtime(volumeName);
       const snapshot = this.#snapshot(volumeName, snapshotName);
       this.#checkNotReceiving(runtime);
+      await this.readDefragsSettled();
       if (runtime.openCount > 0) throw ChunkdError.busy(`volume ${volumeName} is exported (${runtime.openCount} open); disconnect its clients before a rollback`);
       this.#engine.record({ type: 'rollback', volumeId: runtime.meta.id, snapshotId: snapshot.id });
       await this.#committed();
@@ -730,7 +752,50 @@ export class Pool {
       metadataRepairsTotal: this.#metadataRepairs,
       checksumErrorsTotal: this.#chunks.checksumErrorsTotal,
       verifyReads: this.#chunks.verifyReads,
+      readDefrag: this.#readDefragOn,
+      readDefragBytesTotal: this.#defragBytesTotal,
     };
+  }
+
+  /**
+   * Whether a volume's scattered range may be rewritten now: only bytes verified as they were read are written
+   * again, and only while the pool holds no snapshot, so that no chunk it would let go of is shared (a snapshot
+   * keeps what its volume overwrites: rewriting would hold the range twice). A clone whose snapshot was removed may
+   * still share chunks with its origin; a rewrite there is as correct as any write, and costs the space of the range.
+   */
+  #defragAllowed(): boolean {
+    if (!this.#readDefragOn || this.#closed || !this.#chunks.verifyReads || this.#tables.snapshots.size > 0) return false;
+    try {
+      this.#engine.checkHealthy();
+    } catch {
+      return false;
+    }
+    return true;
+  }
+
+  /** Resolves once the read defragmentation's rewrites now in flight are done (tests, benchmarks). */
+  async readDefragsSettled(): Promise<void> {
+    await Promise.all(this.#defrags);
+  }
+
+  #startDefrag(bytes: number, rewrite: () => Promise<boolean>): boolean {
+    if (this.#defragBytesInFlight + bytes > readDefragInFlightBytesMax) return false;
+    this.#defragBytesInFlight += bytes;
+    const done = rewrite().then(
+      (rewrote) => {
+        if (rewrote) this.#defragBytesTotal += bytes;
+      },
+      (error: unknown) => {
+        // The range stays as it was (nothing was recorded); the failure of a write the engine cares about is its own.
+        if (!this.#closed) this.#log(`a read's rewrite of a scattered range failed: ${(error as Error).message}`, 'warn');
+      },
+    );
+    this.#defrags.add(done);
+    void done.finally(() => {
+      this.#defragBytesInFlight -= bytes;
+      this.#defrags.delete(done);
+    });
+    return true;
   }
 
   /** The pool's stable identity (a UUID in `pool-id`, made at the first call): how peers tell pools apart. */
@@ -752,6 +817,8 @@ export class Pool {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    // Rewrites started before: their records go into the last commit (none starts once closed).
+    await Promise.all(this.#defrags);
     // It stops between pages of counts once closed, and reads them through the catalog: before the catalog closes.
     await this.#punching;
     try {

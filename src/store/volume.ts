@@ -18,11 +18,12 @@ import { assert } from '../core/assert.ts';
 import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { settleAll } from '../core/settle.ts';
-import { blockStatusExtentsMax, chunkSizeBytes, inlineWriteBytesMax } from '../core/limits.ts';
+import { blockStatusExtentsMax, chunkSizeBytes, inlineWriteBytesMax, readDefragBytesMin, readDefragPieceBytesMax } from '../core/limits.ts';
 import type { ChunkLookup, MapHandle, SnapshotView, VolumeView } from './catalog-backend.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import type { ChunkStore } from './chunk-store.ts';
 import type { CommitEngine } from './commit-engine.ts';
+import { copyBytes } from './native.ts';
 import type { RangeLock, Release } from './range-lock.ts';
 
 /**
@@ -37,6 +38,26 @@ export interface VolumeStore {
    * applied and again before it is acknowledged: null lets it through (the cluster's fencing by time, Pool.setWriteGate).
    */
   readonly writeGate: (volume: string) => ChunkdError | null;
+  /** Rewrites of scattered ranges that large reads ask for (Volume#defragment; absent: never). */
+  readonly readDefrag?: ReadDefrag;
+}
+
+/**
+ * What a volume's large reads may ask of their pool: a range found in many small pieces (a range rewritten at
+ * random) written again as one fresh run, in the background (Volume#defragment). The pool decides whether, and
+ * counts the bytes.
+ */
+export interface ReadDefrag {
+  /**
+   * Whether volume `volumeId`'s ranges may be rewritten now: the option is on, reads are verified (only bytes just
+   * checked against their checksums are written again), no snapshot may share the chunks, the pool is open.
+   */
+  allowed(volumeId: number): boolean;
+  /**
+   * Runs `rewrite` (it resolves true when it rewrote the range) unless `bytes` more would pass the bound on those
+   * in flight (limits.readDefragInFlightBytesMax): whether it runs. The pool waits for those in flight before it closes.
+   */
+  start(bytes: number, rewrite: () => Promise<boolean>): boolean;
 }
 
 /** Shared by every open of one volume or snapshot. */
@@ -75,6 +96,17 @@ const turnBatchBytesMax = inlineWriteBytesMax;
 const groupBuffers: Buffer[] = [];
 const groupBuffersKept = 8;
 
+/**
+ * The first chunks of ranges that large reads found scattered once, by volume, oldest first (#maybeDefragment):
+ * the second such read rewrites the range. At most readDefragSeenMax a volume (a MiB each: 64 GiB of reads).
+ */
+const scatteredSeen = new WeakMap<VolumeRuntime, Set<number>>();
+const readDefragSeenMax = 65_536;
+
+/** Buffers read defragmentation copied ranges into (#maybeDefragment), kept for the next (limits.readDefragInFlightBytesMax bounds those in use). */
+const defragBuffers: Buffer[] = [];
+const defragBuffersKept = 8;
+
 export class Volume implements BlockDevice {
   readonly readOnly = false;
   readonly #store: VolumeStore;
@@ -111,12 +143,86 @@ export class Volume implements BlockDevice {
     this.#assertRange(offsetBytes, target.length);
     if (target.length === 0) return;
     const release = await this.#lock(offsetBytes, target.length, false);
+    let found: ChunkLookup;
     try {
-      await readThrough(this.#store, this.name, this.#map, offsetBytes, target);
+      found = await readThrough(this.#store, this.name, this.#map, offsetBytes, target);
     } catch (error) {
       throw fromSystemError(error, `read of volume ${this.name} at ${offsetBytes}`);
     } finally {
       release();
+    }
+    if (target.length >= readDefragBytesMin && this.#store.readDefrag !== undefined && !this.#receiver) this.#maybeDefragment(offsetBytes, target, found);
+  }
+
+  /**
+   * After a large read of `data` at `offsetBytes` through `found`: when the range is whole chunks, all mapped, in
+   * pieces of readDefragPieceBytesMax or less on average, and a read found it so before, asks the pool to rewrite it
+   * as one fresh run (#defragment) from a copy of the bytes just read and verified. Synchronous: the copy is made before the
+   * caller gets `data` back.
+   */
+  #maybeDefragment(offsetBytes: number, data: Buffer, found: ChunkLookup): void {
+    if (offsetBytes % chunkSizeBytes !== 0 || data.length % chunkSizeBytes !== 0) return;
+    const pieces = physicalPieces(found.runs);
+    if (pieces <= 1 || pieces * readDefragPieceBytesMax < data.length) return;
+    const defrag = this.#store.readDefrag!;
+    if (!defrag.allowed(this.#runtime.meta.id)) return;
+    // Only a range found scattered a second time: a range read once (a backup, a copy) is not worth a write.
+    const first = offsetBytes / chunkSizeBytes;
+    let seen = scatteredSeen.get(this.#runtime);
+    if (seen === undefined) scatteredSeen.set(this.#runtime, (seen = new Set()));
+    if (!seen.delete(first)) {
+      seen.add(first);
+      if (seen.size > readDefragSeenMax) seen.delete(seen.values().next().value!);
+      return;
+    }
+    const started = defrag.start(data.length, async () => {
+      // A copy with libc's memcpy (Buffer's copy of a reply buffer in shared memory is V8's slower relaxed one),
+      // into a buffer kept from an earlier rewrite: a fresh one costs a page fault per 4 KiB, more than the copy.
+      const index = defragBuffers.findIndex((buffer) => buffer.length === data.length);
+      const copy = index >= 0 ? defragBuffers.splice(index, 1)[0]! : Buffer.allocUnsafeSlow(data.length);
+      copyBytes(copy, data);
+      try {
+        return await this.#defragment(offsetBytes, copy, chunksOf(found));
+      } finally {
+        // Written (or dropped) by now: the chunk store holds no part of it once its write has settled.
+        if (defragBuffers.length < defragBuffersKept) defragBuffers.push(copy);
+      }
+    });
+    // Refused (too many bytes of rewrites in flight): the next read that finds it scattered asks again.
+    if (!started) seen.add(first);
+  }
+
+  /**
+   * Writes `copy` (bytes read and verified from the chunks `read` names) at `offsetBytes` again as one fresh run,
+   * as a write would: under the range lock, only if the map still names those chunks with those checksums (else a
+   * write came between, and nothing is done), through the chunk store's write (redirect-on-write: the old chunks
+   * stay until the new map record is committed, then are freed as any overwrite frees them) and one map record,
+   * durable at the next commit. A power loss before that commit leaves the old map and chunks, the same bytes.
+   * The volume counts as open meanwhile, so that it is not removed, shrunk or rolled back under it. Resolves
+   * whether it rewrote the range.
+   */
+  async #defragment(offsetBytes: number, copy: Buffer, read: MappedChunks): Promise<boolean> {
+    const runtime = this.#runtime;
+    runtime.openCount += 1;
+    try {
+      const release = await this.#lock(offsetBytes, copy.length, true);
+      try {
+        if (runtime.writeBlock !== null || this.#store.writeGate(this.name) !== null) return false;
+        if (!this.#store.readDefrag!.allowed(runtime.meta.id)) return false;
+        this.#store.metadata.checkHealthy();
+        const first = offsetBytes / chunkSizeBytes;
+        const count = copy.length / chunkSizeBytes;
+        if (!sameChunks(read, chunksOf(await lookup(this.#store, this.#map, first, count)))) return false;
+        const written = await this.#store.chunks.write(copy);
+        // The copy was verified against these checksums as it was read: a difference is a bug, and is not recorded.
+        for (let i = 0; i < count; i++) assert(written.sums[i] === read.sums[i], 'a defragmented chunk differs from the one read');
+        this.#store.metadata.record({ type: 'map', volumeId: runtime.meta.id, virtualChunk: first, physicalChunk: written.physicalChunk, chunkCount: count, sums: written.sums });
+        return true;
+      } finally {
+        release();
+      }
+    } finally {
+      runtime.openCount -= 1;
     }
   }
 
@@ -379,7 +485,7 @@ export class Volume implements BlockDevice {
     } else {
       // Only the partly covered first and last chunks keep old bytes; they are read (and verified) to fill in.
       payload = Buffer.alloc(runBytes);
-      const reads: Array<Promise<void>> = [];
+      const reads: Array<Promise<unknown>> = [];
       if (offsetBytes > runStart) reads.push(readThrough(this.#store, this.name, this.#map, runStart, payload.subarray(0, chunkSizeBytes)));
       const end = offsetBytes + lengthBytes;
       if (end < runStart + runBytes && (count > 1 || offsetBytes === runStart)) {
@@ -478,11 +584,53 @@ function lookup(store: VolumeStore, map: MapHandle, virtualChunk: number, chunkC
   return store.metadata.lookup(map, virtualChunk, chunkCount);
 }
 
-/** Reads target.length bytes at `offsetBytes` of `map`, verified (the chunk store's read of the map's lookup). */
-async function readThrough(store: VolumeStore, exportName: string, map: MapHandle, offsetBytes: number, target: Buffer): Promise<void> {
+/** Reads target.length bytes at `offsetBytes` of `map`, verified (the chunk store's read of the map's lookup); the lookup read through. */
+async function readThrough(store: VolumeStore, exportName: string, map: MapHandle, offsetBytes: number, target: Buffer): Promise<ChunkLookup> {
   const first = Math.floor(offsetBytes / chunkSizeBytes);
-  const found = lookup(store, map, first, Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - first);
-  await store.chunks.read(exportName, found instanceof Promise ? await found : found, offsetBytes, target);
+  const lookedUp = lookup(store, map, first, Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - first);
+  const found = lookedUp instanceof Promise ? await lookedUp : lookedUp;
+  await store.chunks.read(exportName, found, offsetBytes, target);
+  return found;
+}
+
+/** The physically contiguous pieces the runs of a lookup make (0 when one is a hole). */
+export function physicalPieces(runs: readonly ChunkRun[]): number {
+  let pieces = 0;
+  for (let i = 0; i < runs.length; i++) {
+    const run = runs[i]!;
+    if (run.physicalChunk < 0) return 0;
+    const before = runs[i - 1];
+    if (before === undefined || run.physicalChunk !== before.physicalChunk + before.chunkCount) pieces += 1;
+  }
+  return pieces;
+}
+
+/** The physical chunk and checksum of each chunk of a lookup with no hole, taken now (a lookup's sumOf may read live tables). */
+interface MappedChunks {
+  physical: Float64Array;
+  sums: Uint32Array;
+}
+
+function chunksOf(found: ChunkLookup): MappedChunks {
+  let count = 0;
+  for (const run of found.runs) count += run.chunkCount;
+  const physical = new Float64Array(count);
+  const sums = new Uint32Array(count);
+  let index = 0;
+  for (const run of found.runs) {
+    for (let i = 0; i < run.chunkCount; i++) {
+      physical[index] = run.physicalChunk < 0 ? -1 : run.physicalChunk + i;
+      sums[index++] = run.physicalChunk < 0 ? 0 : found.sumOf(run, i);
+    }
+  }
+  return { physical, sums };
+}
+
+/** Whether two looks at one range found the same physical chunks with the same checksums. */
+function sameChunks(a: MappedChunks, b: MappedChunks): boolean {
+  if (a.physical.length !== b.physical.length) return false;
+  for (let i = 0; i < a.physical.length; i++) if (a.physical[i] !== b.physical[i] || a.sums[i] !== b.sums[i]) return false;
+  return true;
 }
 
 /** The allocation map of [offsetBytes, offsetBytes + lengthBytes): holes (zero) and data, merged. */
