@@ -51,12 +51,12 @@ function enableCompileCache() {
 }
 
 /**
- * A node (`chunkd serve`) runs with V8's heap bounded: its young generation always, its old generation on a pool of
- * paged metadata, sized from the metadata cache (src/cli/serve-runtime.ts, serveV8Flags, says which flags and why;
- * issue 15, "RSS under the cache size plus a fixed base"). V8 sizes its heap once, at the process's start
+ * A node (`chunkd serve`) runs with V8's heap bounded: its young generation always, its old generation's growth on
+ * a pool of paged metadata (src/cli/serve-runtime.ts, serveV8Flags, says which flags and why; issue 15, "RSS under
+ * the cache size plus a fixed base"). V8 sizes its heap and reads its flags once, at the process's start
  * (v8.setFlagsFromString later changes nothing: measured), so this file starts again in the same process
  * (process.execve: same pid, nothing left behind) with the flags. The second start costs about 30 ms of CPU, so
- * the short commands do without it. A flag given already, on the command line or in NODE_OPTIONS, stands (the
+ * the short commands do without it. A flag given already, on node's command line or in NODE_OPTIONS, stands (the
  * operator's choice: NODE_OPTIONS=--max-semi-space-size=64 gives V8's default back); nothing is done where
  * process.execve is missing (Windows).
  */

@@ -5,7 +5,6 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { ChunkdError } from '../core/errors.ts';
-import { parseSize } from '../core/units.ts';
 import { commands, environmentName, type OptionSpec } from './help.ts';
 
 const serveOptions = commands.serve.options;
@@ -36,15 +35,10 @@ export type ServeValues = ReturnType<typeof parseArgs<{ options: typeof serveOpt
 export const youngSemiSpaceMiB = 8;
 
 /**
- * The old generation's limit, MiB, of a node on paged metadata with a page cache of `cacheBytes`: what is live
- * there is bounded by the cache (the decoded nodes it counts, the dirty nodes of two checkpoints' intervals: at
- * most about three times the cache, paged-metadata.md "The metadata's memory"), plus a base of about 25 MiB; the
- * limit leaves four times the cache and 512 MiB above that, so that what the cache does not bound (a diff's
- * extents, requests in flight) has room, and reaching it is never the point.
+ * The old generation's growing factor of a node on paged metadata, in percent above what is live after a full
+ * collection (see serveV8Flags).
  */
-export function oldSpaceMiB(cacheBytes: number): number {
-  return 512 + 4 * Math.ceil(cacheBytes / 2 ** 20);
-}
+export const oldGrowingPercent = 150;
 
 /**
  * The V8 flags `chunkd serve` runs with, those in `given` (the process's own flags and NODE_OPTIONS, as one
@@ -52,32 +46,37 @@ export function oldSpaceMiB(cacheBytes: number): number {
  * - `--max-semi-space-size=8`: a young generation of 16 MiB, where Node 24 sizes it from the heap limit (128 MiB
  *   on a machine of 23 GiB), and a node that writes keeps it full (BENCHMARKS.md, issue 15, "The young generation
  *   bounded, and what the RSS is").
- * - `--max-old-space-size` from the metadata cache (oldSpaceMiB), on a pool of paged metadata only (its marker
- *   says so, or there is none yet and --metadata paged makes one): V8 lets its old generation grow past what is
- *   live by a factor it derives from this limit (up to 4 with the default of several GiB, 1.3 to 2 below 2 GiB),
- *   so a lower limit keeps the collector's slack, and the RSS, near what is live. A pool on in-memory metadata
- *   holds all of it in the heap, in proportion to the data: it keeps V8's default.
- * A command line or pool that cannot be read gives no old-space flag (serve then says what is wrong).
+ * - `--heap-growing-percent=150`, on a pool of paged metadata only (its marker says so, or there is none yet and
+ *   --metadata paged makes one): V8 starts its next full collection once the old generation has grown to this
+ *   factor (2.5) times what the last one left live, where it would choose up to 4 times (with a heap limit of 2 GiB
+ *   and more; 1.3 to 2 below). What is live on paged metadata is small (the cache's decoded nodes, the dirty ones,
+ *   some 25 MiB of the node's own), and the RSS follows the old generation's peak, which V8 keeps resident after
+ *   collecting it; the buffers whose memory malloc holds are freed with their objects, by the same collections.
+ *   Measured (BENCHMARKS.md, issue 15, "The old generation's growth bounded"): a factor of 1.3 to 1.4 (as
+ *   `--max-old-space-size=256` to `576` set) cut the RSS further but cost 30 to 40 % more CPU per write at 4 GiB;
+ *   2.5 about none. A factor, not a limit: nothing here can make V8 give up with an out-of-memory error (what is
+ *   live is not bounded by the cache everywhere: a diff's extents, the dirty nodes of checkpoints that fall
+ *   behind the writes on a loaded machine, measured at 200 MiB with a 16 MiB cache). A pool on in-memory metadata
+ *   holds its whole catalog in the heap: more full collections of a large heap would cost much, so it keeps V8's
+ *   default.
+ * Node refuses V8's `--heap-growing-percent` in NODE_OPTIONS: the operator gives it on node's command line
+ * (`node --heap-growing-percent=0 bin/chunkd.js serve`: 0 is V8's own choice), and it stands.
  */
 export function serveV8Flags(argv: string[], env: NodeJS.ProcessEnv, given: string): string[] {
   const flags: string[] = [];
   const isGiven = (name: string): boolean => new RegExp(`(^|\\s)--${name.replaceAll('-', '[-_]')}\\b`).test(given);
   if (!isGiven('max-semi-space-size')) flags.push(`--max-semi-space-size=${youngSemiSpaceMiB}`);
-  if (!isGiven('max-old-space-size') && !isGiven('max-heap-size')) {
-    const cacheBytes = pagedCacheBytes(argv, env);
-    if (cacheBytes !== null) flags.push(`--max-old-space-size=${oldSpaceMiB(cacheBytes)}`);
-  }
+  if (!isGiven('heap-growing-percent') && pagedPool(argv, env)) flags.push(`--heap-growing-percent=${oldGrowingPercent}`);
   return flags;
 }
 
-/** The metadata cache of the node these arguments start when its pool is (or is made) paged, else null. */
-function pagedCacheBytes(argv: string[], env: NodeJS.ProcessEnv): number | null {
+/** Whether the node these arguments start opens (or makes) a pool of paged metadata; false where they cannot be read. */
+function pagedPool(argv: string[], env: NodeJS.ProcessEnv): boolean {
   try {
     const { values } = serveValues(argv, env);
     const marker = path.join(values.pool ?? serveOptions.pool.fallback, 'chunkd-pool.json');
-    const paged = fs.existsSync(marker) ? (JSON.parse(fs.readFileSync(marker, 'utf8')) as { metadata?: unknown }).metadata === 'paged' : values.metadata === 'paged';
-    return paged ? parseSize(values['metadata-cache'] ?? serveOptions['metadata-cache'].fallback) : null;
+    return fs.existsSync(marker) ? (JSON.parse(fs.readFileSync(marker, 'utf8')) as { metadata?: unknown }).metadata === 'paged' : values.metadata === 'paged';
   } catch {
-    return null;
+    return false;
   }
 }

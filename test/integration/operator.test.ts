@@ -8,7 +8,7 @@ import { test } from 'vitest';
 import { UsageError } from '../../src/cli/errors.ts';
 import { commandHelp, commands, environmentName, type CommandKey } from '../../src/cli/help.ts';
 import { serveConfig } from '../../src/cli/serve.ts';
-import { oldSpaceMiB, serveV8Flags } from '../../src/cli/serve-runtime.ts';
+import { oldGrowingPercent, serveV8Flags } from '../../src/cli/serve-runtime.ts';
 import { TestNbdClient } from '../helpers/nbd-client.ts';
 import { chunkdBin, makeTempDir, nodeBinary, repoRoot, runTool, startNode } from '../helpers/node-process.ts';
 
@@ -109,9 +109,9 @@ test('chunkd --version prints the package version', async () => {
   assert.equal(result.stdout, `chunkd ${(JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as { version: string }).version}\n`);
 });
 
-test('a node runs with its heap bounded (same pid): the young generation always, the old one on paged metadata; a flag the operator gives stands', async () => {
+test('a node runs with its heap bounded (same pid): the young generation always, the growth of the old one on paged metadata; flags the operator gives stand', async () => {
   const scratch = makeTempDir('heap');
-  const flagsOf = (pid: number): string[] => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter((arg) => /^--max-(semi|old)-space-size/.test(arg));
+  const flagsOf = (pid: number): string[] => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter((arg) => /^--(max-semi-space-size|heap-growing-percent)/.test(arg));
   try {
     const node = await startNode(path.join(scratch, 'a'), ['--metadata', 'memory']);
     try {
@@ -121,14 +121,14 @@ test('a node runs with its heap bounded (same pid): the young generation always,
     }
     const paged = await startNode(path.join(scratch, 'p'), ['--metadata', 'paged', '--metadata-cache', '16MiB']);
     try {
-      assert.deepEqual(flagsOf(paged.process.pid!), ['--max-semi-space-size=8', `--max-old-space-size=${oldSpaceMiB(16 * 2 ** 20)}`]);
+      assert.deepEqual(flagsOf(paged.process.pid!), ['--max-semi-space-size=8', `--heap-growing-percent=${oldGrowingPercent}`]);
     } finally {
       await paged.stop();
     }
-    const env = { ...process.env, NODE_OPTIONS: '--max-semi-space-size=16 --max-old-space-size=4096' };
-    const own = await startNode(path.join(scratch, 'p'), ['--metadata-cache', '16MiB'], { launcher: { command: nodeBinary, prefix: [chunkdBin], env } });
+    const env = { ...process.env, NODE_OPTIONS: '--max-semi-space-size=16' };
+    const own = await startNode(path.join(scratch, 'p'), [], { launcher: { command: nodeBinary, prefix: ['--heap-growing-percent=0', chunkdBin], env } });
     try {
-      assert.deepEqual(flagsOf(own.process.pid!), []);
+      assert.deepEqual(flagsOf(own.process.pid!), ['--heap-growing-percent=0']);
     } finally {
       await own.stop();
     }
@@ -137,7 +137,7 @@ test('a node runs with its heap bounded (same pid): the young generation always,
   }
 });
 
-test('the V8 flags of serve: the old-space limit from the cache only where the pool is (or is made) paged', () => {
+test('the V8 flags of serve: the old generation\'s growth bounded only where the pool is (or is made) paged', () => {
   const scratch = makeTempDir('flags');
   try {
     const memoryPool = path.join(scratch, 'memory');
@@ -146,26 +146,23 @@ test('the V8 flags of serve: the old-space limit from the cache only where the p
       fs.mkdirSync(pool);
       fs.writeFileSync(path.join(pool, 'chunkd-pool.json'), JSON.stringify({ format: 'chunkd-pool', formatVersion: metadata === undefined ? 3 : 4, ...(metadata === undefined ? {} : { metadata }) }));
     }
-    const MiB = 2 ** 20;
-    const old = (cacheMiB: number): string => `--max-old-space-size=${oldSpaceMiB(cacheMiB * MiB)}`;
+    const young = '--max-semi-space-size=8';
+    const growth = `--heap-growing-percent=${oldGrowingPercent}`;
     const flags = (argv: string[], env: NodeJS.ProcessEnv = {}, given = ''): string[] => serveV8Flags(argv, env, given);
     // The pool's marker decides, whatever --metadata says (a format-3 pool asked for paged is refused later).
-    assert.deepEqual(flags(['--pool', pagedPool]), ['--max-semi-space-size=8', old(256)]);
-    assert.deepEqual(flags(['--pool', memoryPool, '--metadata', 'paged']), ['--max-semi-space-size=8']);
-    // No pool yet: --metadata (or CHUNKD_METADATA) decides, and the cache (or CHUNKD_METADATA_CACHE) sizes it.
-    assert.deepEqual(flags(['--pool', path.join(scratch, 'new'), '--metadata', 'paged', '--metadata-cache', '64MiB']), ['--max-semi-space-size=8', old(64)]);
-    assert.deepEqual(flags(['--pool', path.join(scratch, 'new')], { CHUNKD_METADATA: 'paged', CHUNKD_METADATA_CACHE: '1GiB' }), ['--max-semi-space-size=8', old(1024)]);
-    assert.deepEqual(flags(['--pool', path.join(scratch, 'new')]), ['--max-semi-space-size=8']);
-    // The operator's flags stand, in either spelling; so does --max-heap-size, which V8 takes instead.
-    assert.deepEqual(flags(['--pool', pagedPool], {}, '--max_old_space_size=100 --max-semi-space-size=1'), []);
-    assert.deepEqual(flags(['--pool', pagedPool], {}, '--max-heap-size=300'), ['--max-semi-space-size=8']);
-    // What cannot be read gives no old-space limit: serve then says what is wrong.
+    assert.deepEqual(flags(['--pool', pagedPool]), [young, growth]);
+    assert.deepEqual(flags(['--pool', memoryPool, '--metadata', 'paged']), [young]);
+    // No pool yet: --metadata (or CHUNKD_METADATA) decides.
+    assert.deepEqual(flags(['--pool', path.join(scratch, 'new'), '--metadata', 'paged']), [young, growth]);
+    assert.deepEqual(flags(['--pool', path.join(scratch, 'new')], { CHUNKD_METADATA: 'paged' }), [young, growth]);
+    assert.deepEqual(flags(['--pool', path.join(scratch, 'new')]), [young]);
+    // The operator's flags stand, in either spelling.
+    assert.deepEqual(flags(['--pool', pagedPool], {}, '--heap_growing_percent=0 --max-semi-space-size=1'), []);
+    assert.deepEqual(flags(['--pool', pagedPool], {}, '--max_semi_space_size=1'), [growth]);
+    // What cannot be read gives no growth flag: serve then says what is wrong.
     fs.writeFileSync(path.join(pagedPool, 'chunkd-pool.json'), '{');
-    assert.deepEqual(flags(['--pool', pagedPool]), ['--max-semi-space-size=8']);
-    assert.deepEqual(flags(['--pool', path.join(scratch, 'new'), '--metadata', 'paged', '--metadata-cache', 'lots']), ['--max-semi-space-size=8']);
-    assert.deepEqual(flags(['--no-such-option']), ['--max-semi-space-size=8']);
-    // The limit leaves room far above what a cache bounds (about three times the cache and 25 MiB).
-    for (const cacheMiB of [4, 16, 256, 4096]) assert.ok(oldSpaceMiB(cacheMiB * MiB) >= 3 * cacheMiB + 512);
+    assert.deepEqual(flags(['--pool', pagedPool]), [young]);
+    assert.deepEqual(flags(['--no-such-option', '--metadata', 'paged']), [young]);
   } finally {
     fs.rmSync(scratch, { recursive: true, force: true });
   }
