@@ -15,6 +15,10 @@ export interface ScaleStep {
   writeIops: number | null;
   /** The node's RSS (/proc/PID/status VmRSS) after the writes, before the restart. */
   rssBytesBeforeRestart: number;
+  /** The same RSS by kind of mapping (`memoryParts`), and the node's peak RSS since its start; absent in runs before they were kept. */
+  memoryBeforeRestart?: MemoryParts | null;
+  /** The node's CPU (user + system, every thread) per 4 KiB write of this step, µs; null for the baseline. */
+  writeCpuMicros?: number | null;
   /** The event loop's longest pause over the writes (the node's since its last start: GC, natural checkpoints). */
   eventLoopDelayMaxWritingSeconds: number;
   /** Checkpoints the node wrote during the writes (its journal filled). */
@@ -51,6 +55,21 @@ export interface ScaleStep {
   diff?: { seconds: number; changedBytes: number; extents: number } | null;
   /** After the diff, with snapshots: `snapshot list` (GET /v1/volumes/VOL/snapshots, each snapshot's bytes held alone counted). */
   snapshotListSeconds?: number | null;
+}
+
+/**
+ * A process's resident memory by kind of mapping (/proc/PID/smaps), bytes: the main malloc arena (`[heap]`), the
+ * other malloc arenas (glibc's 64 MiB-aligned reservations, one per thread that allocated while the others were
+ * busy), file-backed mappings (the binary, libraries), and the rest of the anonymous memory (V8's pages, thread
+ * stacks, malloc's mmapped blocks of 128 KiB and more); with VmHWM (the peak RSS since the start).
+ */
+export interface MemoryParts {
+  peakBytes: number;
+  mallocMainBytes: number;
+  mallocArenaBytes: number;
+  mallocArenas: number;
+  fileBytes: number;
+  otherAnonBytes: number;
 }
 
 /** Where `count` snapshots go among `totalBytes` written: after every `totalBytes / count`, on 4 KiB boundaries. */
@@ -101,11 +120,15 @@ const round = (value: number): string => Math.round(value).toString();
 const micros = (cold: number | null | undefined, warm: number | null | undefined): string =>
   cold == null || warm == null ? '' : `${cold.toFixed(0)} / ${warm.toFixed(0)}`;
 
+const memoryPartsText = (parts: MemoryParts | null | undefined): string =>
+  parts == null ? '' : `${mib(parts.mallocMainBytes)} / ${mib(parts.mallocArenaBytes)} (${parts.mallocArenas}) / ${mib(parts.otherAnonBytes)} / ${mib(parts.fileBytes)}`;
+
 export function formatStepsTable(steps: readonly ScaleStep[]): string {
   return markdownTable(
-    ['written', 'snapshots', 'write IOPS', 'RSS before restart MiB', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'read IOPS cold', 'read IOPS warm', 'node CPU per read µs cold / warm', 'RSS after reads MiB', 'snapshots taken: ms median (max)', 'diff of the last two s (changed)', 'snapshot list s'],
+    ['written', 'snapshots', 'write IOPS', 'node CPU per write µs', 'RSS before restart MiB (peak)', 'RSS before restart MiB: [heap] / arenas (count) / other anon / file', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'read IOPS cold', 'read IOPS warm', 'node CPU per read µs cold / warm', 'RSS after reads MiB', 'snapshots taken: ms median (max)', 'diff of the last two s (changed)', 'snapshot list s'],
     steps.map((s) => [
-      formatSize(s.writtenBytes), String(s.snapshots), s.writeIops === null ? '' : round(s.writeIops), mib(s.rssBytesBeforeRestart), `${s.startSeconds.toFixed(2)} (${s.startSecondsAgain.toFixed(2)})`, mib(s.rssBytesAfterStart),
+      formatSize(s.writtenBytes), String(s.snapshots), s.writeIops === null ? '' : round(s.writeIops), s.writeCpuMicros == null ? '' : s.writeCpuMicros.toFixed(1),
+      `${mib(s.rssBytesBeforeRestart)}${s.memoryBeforeRestart == null ? '' : ` (${mib(s.memoryBeforeRestart.peakBytes)})`}`, memoryPartsText(s.memoryBeforeRestart), `${s.startSeconds.toFixed(2)} (${s.startSecondsAgain.toFixed(2)})`, mib(s.rssBytesAfterStart),
       mib(s.metadataBytes), mib(s.checkpointBytes), s.checkpointSeconds.toFixed(2), ms(s.checkpointEncodeSeconds), ms(s.eventLoopDelayMaxCheckpointSeconds),
       s.writtenBytes === 0 ? '' : `${ms(s.eventLoopDelayMaxWritingSeconds)}${s.checkpointsWhileWriting > 0 ? ` (${s.checkpointsWhileWriting} checkpoint${s.checkpointsWhileWriting > 1 ? 's' : ''})` : ''}`,
       round(s.coldReadIops), round(s.warmReadIops), micros(s.coldReadCpuMicros, s.warmReadCpuMicros), mib(s.rssBytesAfterReads),

@@ -40,7 +40,7 @@ import { formatSize, parseSize } from '../src/core/units.ts';
 import { startNode, type RunningNode } from '../src/testing/node-process.ts';
 import { fioFailure, nbdTarget, parseFioJson, runFio } from './fio.ts';
 import { cleanup, cleanupOnSignals, commandOutput, onCleanup, processCpuSeconds, Tools } from './processes.ts';
-import { formatProjectionTable, formatStepsTable, project, snapshotPoints, type ScaleStep } from './scale-report.ts';
+import { formatProjectionTable, formatStepsTable, project, snapshotPoints, type MemoryParts, type ScaleStep } from './scale-report.ts';
 
 const volume = 'vol';
 const blockBytes = 4096;
@@ -74,6 +74,42 @@ function rssBytes(pid: number): number {
   const match = /^VmRSS:\s+(\d+) kB$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
   if (match === null) throw new Error(`no VmRSS in /proc/${pid}/status`);
   return Number(match[1]) * 1024;
+}
+
+const mallocArenaBytes = 64 * 2 ** 20;
+
+/** The process's RSS by kind of mapping (scale-report.ts's MemoryParts), from /proc/PID/smaps and VmHWM. */
+function memoryParts(pid: number): MemoryParts | null {
+  let smaps: string;
+  let status: string;
+  try {
+    smaps = fs.readFileSync(`/proc/${pid}/smaps`, 'utf8');
+    status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  } catch {
+    return null;
+  }
+  const mappings: Array<{ start: bigint; end: bigint; perms: string; name: string; rssBytes: number }> = [];
+  for (const line of smaps.split('\n')) {
+    const head = /^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ (\d+)\s*(.*)$/.exec(line);
+    if (head !== null) {
+      mappings.push({ start: BigInt(`0x${head[1]}`), end: BigInt(`0x${head[2]}`), perms: head[3]!, name: head[4] === '0' ? head[5]! : `inode ${head[4]}`, rssBytes: 0 });
+      continue;
+    }
+    const rss = /^Rss:\s+(\d+) kB$/.exec(line);
+    if (rss !== null) mappings.at(-1)!.rssBytes = Number(rss[1]) * 1024;
+  }
+  const parts: MemoryParts = { peakBytes: Number(/^VmHWM:\s+(\d+) kB$/m.exec(status)?.[1] ?? 0) * 1024, mallocMainBytes: 0, mallocArenaBytes: 0, mallocArenas: 0, fileBytes: 0, otherAnonBytes: 0 };
+  const arena = BigInt(mallocArenaBytes);
+  for (const [i, m] of mappings.entries()) {
+    const next = mappings[i + 1];
+    if (m.name === '[heap]') parts.mallocMainBytes += m.rssBytes;
+    else if (m.name.startsWith('inode ') || m.name.startsWith('/')) parts.fileBytes += m.rssBytes;
+    else if (m.start % arena === 0n && m.perms.startsWith('rw') && (m.end - m.start === arena || (next !== undefined && next.perms.startsWith('---') && next.start === m.end && next.end - m.start === arena))) {
+      parts.mallocArenaBytes += m.rssBytes;
+      parts.mallocArenas += 1;
+    } else parts.otherAnonBytes += m.rssBytes;
+  }
+  return parts;
 }
 
 /**
@@ -178,6 +214,7 @@ async function main(): Promise<void> {
     // 1. The writes, cut where a snapshot is due.
     let writeSeconds = 0;
     const stepStart = written;
+    const cpuBeforeWrites = processCpuSeconds(node.process.pid!);
     while (written < stepBytes) {
       const until = Math.min(stepBytes, pending[0] ?? Infinity);
       const job = await fio(['--name=randwrite', '--rw=randwrite', `--io_size=${until - written}`, '--end_fsync=1']);
@@ -193,6 +230,9 @@ async function main(): Promise<void> {
     }
     const writing = await api<NodeStatusPart>('GET', '/v1/status');
     const rssBytesBeforeRestart = rssBytes(node.process.pid!);
+    const memoryBeforeRestart = memoryParts(node.process.pid!);
+    const cpuAfterWrites = processCpuSeconds(node.process.pid!);
+    const writeCpuMicros = written === stepStart || cpuBeforeWrites === null || cpuAfterWrites === null ? null : ((cpuAfterWrites - cpuBeforeWrites) / ((written - stepStart) / blockBytes)) * 1e6;
 
     // 2. The restart after a crash (the writes ended with a flush: everything acknowledged is in the journal).
     await node.kill();
@@ -243,6 +283,8 @@ async function main(): Promise<void> {
       snapshots,
       writeIops: written === stepStart ? null : (written - stepStart) / blockBytes / writeSeconds,
       rssBytesBeforeRestart,
+      memoryBeforeRestart,
+      writeCpuMicros,
       eventLoopDelayMaxWritingSeconds: writing.eventLoopDelayMaxSeconds,
       checkpointsWhileWriting: writing.pool.checkpointsTotal,
       startSeconds,
