@@ -56,13 +56,13 @@ export function chunkSums(data: Uint8Array): Uint32Array {
 
 /**
  * A large write's checksums take one view per 4 KiB chunk (the native CRC takes a buffer, no offset): 256 objects
- * per MiB, 27 KB of the 44 KB the main thread allocated per 1 MiB NBD write, and with the node's young generation
- * bounded (bin/chunkd.js) the reason for a scavenge every ~60 writes and the promotions that made a full
- * collection every 0.3-0.5 s (BENCHMARKS.md, issue 19, seventh pass). Large payloads come from pools and are
- * reused (the shared buffers' large list, the connections' buffer pools), so their chunks' views are made once
- * and kept with their memory: a WeakMap keyed by the ArrayBuffer, which holds them as long as that memory lives
- * and no longer. Only for a view that covers its whole (fixed-length) ArrayBuffer: that is what pooled payloads
- * are, and it bounds what is kept to one view per chunk of memory that is in use anyway.
+ * per MiB, 30 KB of the 49 KB the main thread allocated per 1 MiB NBD write, most of what set the pace of the
+ * scavenges in the node's bounded young generation (bin/chunkd.js; BENCHMARKS.md, issue 19, seventh pass). Large
+ * payloads come from pools and are reused (the shared buffers' large list, the connections' buffer pools), so
+ * their chunks' views are made once and kept with their memory: a WeakMap keyed by the ArrayBuffer, which holds
+ * them as long as that memory lives and no longer. Only for a view that covers its whole (fixed-length)
+ * ArrayBuffer: that is what pooled payloads are, and it bounds what is kept to one view per chunk of memory that
+ * is in use anyway.
  */
 const cachedBlockViewsMin = 32;
 const blockViewCache = new WeakMap<ArrayBufferLike, Uint8Array[]>();
