@@ -2,8 +2,12 @@
 // phase's stream is cut into requests and WRITE payloads. The connection (connection.ts) decides what to do with
 // them; what a command means is commands.ts.
 //
-// Where reads land: in a large arena buffer, a window at a time, queued as views (input-queue.ts); never written
-// twice, so a view stays valid while it is held. A WRITE payload larger than a window is read straight into the
+// Where reads land: in a large arena buffer, a window at a time, queued as views (input-queue.ts). The arena is
+// filled again from its start only once every byte read into it is consumed and no view of it was handed out
+// (payloads copied into shared buffers: always; else until a small WRITE's payload goes to the device as a view),
+// so a view stays valid while it is held, and a stream of large WRITEs allocates no arenas: a new 256 KiB arena
+// every four 1 MiB WRITEs was 64 KiB of ArrayBuffer per request, which V8 counts as external memory and answered
+// with a full collection every 8-10 MB of it (BENCHMARKS.md, issue 19, seventh pass). A WRITE payload larger than a window is read straight into the
 // buffer the device writes from (steered-socket.ts: the socket's next read is pointed at the rest of it), so the
 // kernel's copy out of the socket is its only copy. A socket whose reads cannot be steered (the move failed, or
 // TLS, which decrypts into buffers of its own) delivers chunks instead (onData), and the same queue takes them.
@@ -72,6 +76,12 @@ export class Receiver {
   /** Where socket reads land otherwise; a new arena is started when little is left. */
   #arena = Buffer.allocUnsafeSlow(handshakeReadBytes);
   #arenaUsed = 0;
+  /**
+   * The arena may be filled again from its start once every byte read into it is consumed: it was started in the
+   * transmission phase (the handshake keeps views of its options across its asynchronous steps), and no view of
+   * it was handed out (a small WRITE's payload left as a view of the socket's bytes: not with #copyPayloads).
+   */
+  #arenaReusable = false;
   /** Bytes of a refused WRITE's payload still to be read and thrown away. */
   #discardBytes = 0;
 
@@ -104,9 +114,12 @@ export class Receiver {
     }
     this.#steeredView = null;
     const window = this.#transmission ? readWindowBytes : handshakeReadBytes;
+    // Nothing queued and no view lent: the bytes read so far are all consumed, and the arena starts over.
+    if (this.#arenaReusable && this.input.length === 0) this.#arenaUsed = 0;
     if (this.#arena.length - this.#arenaUsed < window) {
       this.#arena = Buffer.allocUnsafeSlow(this.#transmission ? readArenaBytes : handshakeReadBytes);
       this.#arenaUsed = 0;
+      this.#arenaReusable = this.#transmission;
     }
     return this.#arena.subarray(this.#arenaUsed, this.#arenaUsed + window);
   }
@@ -162,6 +175,9 @@ export class Receiver {
           if (this.input.length < pending.lengthBytes) break;
           this.#pendingWrite = null;
           const payload = this.input.take(pending.lengthBytes, this.#payloadBuffers.acquire, this.#copyPayloads);
+          // A view of the socket's bytes goes to the device, which may hold it for a while: the arena it lies in
+          // (the current one, or an older one) is not filled again.
+          if (!this.input.gathered) this.#arenaReusable = false;
           sink.onPayload(pending, payload, this.input.gathered ? payload : null);
           continue;
         }

@@ -474,6 +474,31 @@ test('WRITE payloads arriving in pieces of any size land whole, among other requ
   }
 });
 
+test('a small WRITE\'s payload held by a slow device stays intact while later requests are read (the read arena is not refilled under it)', async (t) => {
+  // Without shared buffers a small WRITE's payload goes to the device as a view of the socket's read arena; the
+  // receiver fills the arena again from its start only when no such view was lent (receiver.ts). Here the first
+  // WRITE waits 300 ms in the device while the next requests arrive and are answered: its bytes must be its own.
+  for (const sharedBuffers of [null, new SharedBufferPool()]) {
+    const h = await start(t, { sharedBuffers });
+    h.provider.latencyMs = (op, offsetBytes) => (op === 'write' && offsetBytes === 0 ? 300 : 0);
+    const client = await h.ready();
+    // The first request's bytes may still land in the handshake's buffer; from the next on, the arena's.
+    assert.equal(replyError(await client.call({ type: nbd.NBD_CMD_WRITE, handle: 9n, offsetBytes: 2 * MiB }, pattern(4096, 10))), 0);
+    const held = pattern(8192, 11);
+    client.send({ type: nbd.NBD_CMD_WRITE, handle: 1n, offsetBytes: 0, lengthBytes: held.length }, held);
+    await sleep(50);
+    for (let index = 0; index < 4; index += 1) {
+      const data = pattern(8192 + index * 4096, 20 + index);
+      assert.equal(replyError(await client.call({ type: nbd.NBD_CMD_WRITE, handle: BigInt(2 + index), offsetBytes: MiB + index * 65536, lengthBytes: data.length }, data)), 0);
+    }
+    const [first] = await client.readWholeReply();
+    assert.equal(first!.handle, 1n);
+    assert.equal(replyError([first!]), 0);
+    const replies = await client.call({ type: nbd.NBD_CMD_READ, handle: 10n, offsetBytes: 0, lengthBytes: held.length });
+    assert.ok(readData(replies, 0, held.length).equals(held), `the held WRITE's bytes are its own (shared buffers: ${sharedBuffers !== null})`);
+  }
+});
+
 test('client sockets stay close-on-exec: a child the node starts (nbdfuse, umount) inherits none', async (t) => {
   const h = await start(t);
   const client = await h.ready();

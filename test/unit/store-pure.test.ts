@@ -473,3 +473,27 @@ test('content digest: sha256 of the label, the size and (virtual chunk u64 LE, C
   }
   assert.deepEqual(await contentDigest(big, { get: sumOf }, 300_000 * 4096), bigReference.digest());
 });
+
+test('checksums of a large pooled buffer: each chunk\'s own, again after the buffer is refilled, and for parts, copies and shared memory', () => {
+  // chunkSums keeps the chunks' views of a whole large buffer with its memory (reused payload buffers): the sums
+  // must follow the bytes as they are now, and a view that is part of its memory, or other memory, is never given
+  // another buffer's views.
+  const random = makeRandom(testSeed('pooled-sums'));
+  const chunk = 4096;
+  const reference = (data: Uint8Array): number[] => Array.from({ length: data.length / chunk }, (_, i) => blockChecksum(data.subarray(i * chunk, (i + 1) * chunk)));
+  const fill = (data: Uint8Array): void => {
+    for (let i = 0; i < data.length; i += 64) data[i] = randomInt(random, 256);
+  };
+  for (const data of [Buffer.alloc(256 * chunk), Buffer.from(new SharedArrayBuffer(256 * chunk)), Buffer.allocUnsafeSlow(64 * chunk)]) {
+    for (let round = 0; round < 3; round++) {
+      fill(data);
+      assert.deepEqual(Array.from(chunkSums(data)), reference(data), `whole buffer of ${data.length} bytes, round ${round}`);
+      const part = data.subarray(32 * chunk, 64 * chunk);
+      assert.deepEqual(Array.from(chunkSums(part)), reference(part), `a part of it, round ${round}`);
+      const copy = Buffer.from(data);
+      copy[0] = copy[0]! ^ 0xff;
+      assert.deepEqual(Array.from(chunkSums(copy)), reference(copy), `a copy with its first byte changed, round ${round}`);
+      assert.notEqual(chunkSums(copy)[0], chunkSums(data)[0]);
+    }
+  }
+});
