@@ -114,6 +114,15 @@ async function withSpaceMaps(cachePages: number, run: (cache: PageCache, space: 
   }
 }
 
+/** A number below `limit`, from a generator seeded by `testSeed(name)` (a linear congruential one: repeatable per seed). */
+function seededRandom(name: string): (limit: number) => number {
+  let state = testSeed(name) >>> 0;
+  return (limit) => {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    return state % limit;
+  };
+}
+
 const withoutSums = (runs: PagedRun[]): Array<{ virtualChunk: number; chunkCount: number; physicalChunk: number }> =>
   runs.map(({ virtualChunk, chunkCount, physicalChunk }) => ({ virtualChunk, chunkCount, physicalChunk }));
 
@@ -481,11 +490,7 @@ test("a 4 KiB read's lookup, which keeps the root's node and the interior nodes 
   await withMaps({ cachePages: 1 << 16, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
     const modelRefs = new Counts();
     const pairs = [{ model: new ChunkMap(), paged: setup.maps.empty() }];
-    let state = testSeed('paged map lookups held') >>> 0;
-    const random = (limit: number): number => {
-      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-      return state % limit;
-    };
+    const random = seededRandom('paged map lookups held');
     const chunks = 400;
     let nextPhysical = 0;
     let levelMax = 0;
@@ -881,11 +886,7 @@ test('one-chunk and short writes into leaves changed since the commit apply in p
   await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
     const modelRefs = new Counts();
     const pairs = [{ model: new ChunkMap(), paged: setup.maps.empty() }];
-    let state = testSeed('paged map in place') >>> 0;
-    const random = (limit: number): number => {
-      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-      return state % limit;
-    };
+    const random = seededRandom('paged map in place');
     let nextPhysical = 0;
     for (let step = 0; step < 600; step++) {
       const pair = pairs[random(pairs.length)]!;
@@ -910,11 +911,7 @@ test('a write applied at once (mapRunNow) keeps the tree, keys and counts a queu
     const modelRefs = new Counts();
     const model = new ChunkMap();
     const paged = setup.maps.empty();
-    let state = testSeed('paged map at once') >>> 0;
-    const random = (limit: number): number => {
-      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-      return state % limit;
-    };
+    const random = seededRandom('paged map at once');
     let nextPhysical = 0;
     let atOnce = 0;
     for (let step = 0; step < 400; step++) {
