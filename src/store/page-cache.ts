@@ -17,6 +17,8 @@ export interface CachedPage {
   body: Buffer;
   /** Bytes its owner keeps beside it while it is cached (its decoded form), counted with it against the bound (`hold`). */
   heldBytes?: number;
+  /** Its owner's decoded form, kept with it while it is cached (paged-map.ts's node): not read by the cache. */
+  decoded?: unknown;
 }
 
 /** What a page counts against the cache's bound: its image, and what its owner keeps beside it. */
@@ -37,6 +39,8 @@ const writesInFlight = 32;
 const commitSliceMs = 2;
 const sliceCheck = 64;
 const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+/** lru-cache's `get` options, the defaults (it sets `status` on them, undefined unless its metrics are watched). */
+const getOptions: LRUCache.GetOptions<number, CachedPage, unknown> = {};
 
 export class PageCache {
   readonly #file: PageFile;
@@ -85,7 +89,8 @@ export class PageCache {
 
   /** The page if it is in memory (dirty, or clean and cached), else undefined: no read, never waits. */
   peek(pageNumber: number): CachedPage | undefined {
-    const held = this.#dirty.get(pageNumber) ?? this.#clean.get(pageNumber);
+    // A lookup's path (paged-map.ts): one options object for every call, where lru-cache would make one a call.
+    const held = (this.#dirty.size === 0 ? undefined : this.#dirty.get(pageNumber)) ?? this.#clean.get(pageNumber, getOptions);
     if (held !== undefined) this.#hits += 1;
     return held;
   }

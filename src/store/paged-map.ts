@@ -41,6 +41,15 @@
 // Nodes changed since the last commit stay decoded in `PagedMaps` (not in the cache, which holds page images) and
 // are encoded once, when `commit` hands them to the cache; `dirtyPages` counts them.
 //
+// Lookups: a decoded node lives on its cached page (`CachedPage.decoded`). A one-chunk lookup (`#runCached`, a
+// 4 KiB read's) takes the root's node from the map (`PagedMap.rootNode`, forgotten at every `setState`: a pass may
+// place a new node on the page it leaves, the root's among them) and each interior node below the root from its
+// parent (`InteriorNode.below`, filled as lookups pass), so only the leaf goes through the cache. Right for a
+// node's whole life: an interior node never changes once placed (a change below it copies the path up to the root,
+// new nodes holding nothing below), and a page it names keeps its content while it names it (a leaf changed in place
+// is the same object). An interior node so held stays while its parent does, cached or not: a 160th to a 250th of
+// the leaves, beside the cache's bound.
+//
 // `drop` is the exception: not one pass (a large map would pin all its pages and free them in one turn), it walks
 // the pages it frees one at a time, in slices.
 //
@@ -50,7 +59,7 @@
 // reads the pages its pass will visit and pins the pages of chunk counts it will change (within the cache's size),
 // so that a cold pass computes its edit once instead of again after missing counts.
 //
-// Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (a WeakMap beside the cache) takes more memory than its image (about 6 KiB against 4 for a full leaf: the cache counts both against its bound, so a cache of a given size holds about 40 % of the leaves it would hold as images only); leaves
+// Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (`CachedPage.decoded`) takes more memory than its image (about 6 KiB against 4 for a full leaf: the cache counts both against its bound, so a cache of a given size holds about 40 % of the leaves it would hold as images only); leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit's first part
 // is queued with the mutations (they wait for the encoding of its nodes, not for its write: `commitBeside`; the
 // encoding gives the event loop a turn every few ms, but the mutations, and the reads after them, wait for all of it);
@@ -107,6 +116,12 @@ export interface InteriorNode {
   level: number;
   keys: number[];
   children: number[];
+  /**
+   * Above level 1: the decoded interior nodes below it by child index, as lookups found them (`#runCached`), held
+   * while this node is, so that a lookup pays the cache for its leaf only (see "Lookups" at `PagedMaps`). Undefined
+   * until the first lookup through it; set on nodes of this file only.
+   */
+  below?: Array<InteriorNode | undefined>;
 }
 
 export type MapNode = LeafNode | InteriorNode;
@@ -183,7 +198,7 @@ export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
     if (i > 0 && keys[i]! <= keys[i - 1]!) fail('keys out of order');
     if (children[i]! < firstDataPage) fail(`a child at page ${children[i]}`);
   }
-  return { kind: 'interior', level, keys, children };
+  return { kind: 'interior', level, keys, children, below: undefined };
 }
 
 /** Pages a drop frees between two turns of the event loop. */
@@ -531,8 +546,6 @@ export class PagedMaps {
   readonly #mutationRunMs: number;
   /** When the queue's tasks began running back to back in this turn of the event loop (undefined: none ran since the last turn). */
   #runStarted: number | undefined;
-  /** Decoded nodes by cached page object: decoded once while the page stays in the cache. */
-  readonly #decoded = new WeakMap<CachedPage, MapNode>();
   /**
    * The nodes of pages allocated since the last commit, kept decoded and encoded only when a commit puts them in
    * the cache (a leaf changed a hundred times is encoded once). No durable root names these pages, so they are
@@ -611,7 +624,7 @@ export class PagedMaps {
       for (const [page, node] of this.#dirty) {
         const image = encodeNode(node);
         this.#cache.put(page, image);
-        this.#decoded.set(image, node);
+        image.decoded = node;
         this.#cache.hold(page, image, decodedBytes(node));
         if (++encoded % commitSliceCheck === 0 && performance.now() - sliceStarted >= this.#commitSliceMs) {
           await nextTurn();
@@ -655,7 +668,7 @@ export class PagedMaps {
 
   /** The node of `page` if it is in memory: changed since the commit, or in the cache. */
   #resident(page: number): MapNode | undefined {
-    const dirty = this.#dirty.get(page);
+    const dirty = this.#dirty.size === 0 ? undefined : this.#dirty.get(page);
     if (dirty !== undefined) return dirty;
     const cached = this.#cache.peek(page);
     return cached === undefined ? undefined : this.#decode(cached, page);
@@ -671,11 +684,11 @@ export class PagedMaps {
   // The operations below are PagedMap's; they take and return root pages.
 
   /** @internal */
-  runsCached(rootPage: number, virtualChunk: number, chunkCount: number): PagedRun[] | undefined {
-    if (chunkCount === 1) return this.#runCached(rootPage, virtualChunk);
+  runsCached(map: PagedMap, virtualChunk: number, chunkCount: number): PagedRun[] | undefined {
+    if (chunkCount === 1) return this.#runCached(map, virtualChunk);
     try {
       // Pins that never load hold nothing: one set serves every call.
-      return this.#runs(this.#memoryPins, rootPage, virtualChunk, chunkCount);
+      return this.#runs(this.#memoryPins, map.rootPage, virtualChunk, chunkCount);
     } catch (error) {
       if (error instanceof MissingPages) return undefined;
       throw error;
@@ -684,24 +697,34 @@ export class PagedMaps {
 
   /**
    * `runsCached` of one chunk (a 4 KiB read, the most common lookup): the same runs as `#runs` gives, found by a
-   * loop down the path, with no pins, closure or run merging.
+   * loop down the path, with no pins, closure or run merging. The root's node from the map, an interior node from
+   * its parent once found (`InteriorNode.below`), the leaf from the cache (see "Lookups" at `PagedMaps`).
    */
-  #runCached(rootPage: number, virtualChunk: number): PagedRun[] | undefined {
-    let page = rootPage;
-    let level: number | undefined;
-    while (page !== emptyRoot) {
-      const node = this.#resident(page);
-      if (node === undefined) return undefined;
-      checkLevel(node, page, level);
-      if (node.kind === 'interior') {
-        page = node.children[childIndex(node.keys, virtualChunk)]!;
-        level = node.level - 1;
-        continue;
+  #runCached(map: PagedMap, virtualChunk: number): PagedRun[] | undefined {
+    let page = map.rootPage;
+    if (page === emptyRoot) return [{ virtualChunk, chunkCount: 1, physicalChunk: -1, sums: [] }];
+    let node = map.rootNode ?? this.#resident(page);
+    if (node === undefined) return undefined;
+    map.rootNode = checkLevel(node, page, undefined);
+    while (node.kind === 'interior') {
+      const i = childIndex(node.keys, virtualChunk);
+      page = node.children[i]!;
+      const level = node.level - 1;
+      let child: MapNode | undefined;
+      if (level === 0) child = this.#resident(page);
+      else {
+        const below = (node.below ??= new Array<InteriorNode | undefined>(node.children.length));
+        child = below[i];
+        if (child === undefined) {
+          child = this.#resident(page);
+          if (child !== undefined && child.kind === 'interior') below[i] = child;
+        }
       }
-      const i = lowerBound(node.keys, virtualChunk);
-      if (node.keys[i] === virtualChunk) return [{ virtualChunk, chunkCount: 1, physicalChunk: node.physical[i]!, sums: [node.sums[i]!] }];
-      break;
+      if (child === undefined) return undefined;
+      node = checkLevel(child, page, level);
     }
+    const i = lowerBound(node.keys, virtualChunk);
+    if (node.keys[i] === virtualChunk) return [{ virtualChunk, chunkCount: 1, physicalChunk: node.physical[i]!, sums: [node.sums[i]!] }];
     return [{ virtualChunk, chunkCount: 1, physicalChunk: -1, sums: [] }];
   }
 
@@ -1033,10 +1056,10 @@ export class PagedMaps {
   }
 
   #decode(page: CachedPage, pageNumber: number): MapNode {
-    let node = this.#decoded.get(page);
+    let node = page.decoded as MapNode | undefined;
     if (node === undefined) {
       node = decodeNode(page, pageNumber);
-      this.#decoded.set(page, node);
+      page.decoded = node;
       this.#cache.hold(pageNumber, page, decodedBytes(node));
     }
     return node;
@@ -1062,7 +1085,7 @@ export class PagedMaps {
     }
     return node.kind === 'leaf'
       ? { kind: 'leaf', keys: copyWithRoom(node.keys), physical: copyWithRoom(node.physical), sums: copyWithRoom(node.sums) }
-      : { kind: 'interior', level: node.level, keys: node.keys.slice(), children: node.children.slice() };
+      : { kind: 'interior', level: node.level, keys: node.keys.slice(), children: node.children.slice(), below: undefined };
   }
 
   #runs(pins: Pins, rootPage: number, virtualChunk: number, chunkCount: number): PagedRun[] {
@@ -1328,7 +1351,7 @@ export class PagedMaps {
           if (typeof item !== 'number') built.items[i] = place(item);
         }
       }
-      const node: MapNode = built.kind === 'leaf' ? built : { kind: 'interior', level: built.level, keys: built.keys, children: built.items as number[] };
+      const node: MapNode = built.kind === 'leaf' ? built : { kind: 'interior', level: built.level, keys: built.keys, children: built.items as number[], below: undefined };
       let page = changes.reusable.pop();
       if (page !== undefined) changes.add(page, 1);
       else {
@@ -1483,6 +1506,11 @@ export class PagedMap {
   readonly #maps: PagedMaps;
   #rootPage: number;
   #mappedCount: number;
+  /**
+   * @internal The root page's node once a lookup found it (`PagedMaps.#runCached`), forgotten at every `setState`
+   * (a pass may leave the root page and place a new node on the same page number).
+   */
+  rootNode: MapNode | undefined = undefined;
 
   /** @internal use PagedMaps.empty, open or PagedMap.clone. */
   constructor(maps: PagedMaps, rootPage: number, mappedCount: number) {
@@ -1510,6 +1538,7 @@ export class PagedMap {
     assert(mappedCount >= 0);
     this.#rootPage = rootPage;
     this.#mappedCount = mappedCount;
+    this.rootNode = undefined;
   }
 
   /** Splits [virtualChunk, virtualChunk + chunkCount) into holes and physically contiguous runs with their sums. */
@@ -1519,7 +1548,7 @@ export class PagedMap {
 
   /** The same as `runs` if every page it needs is in memory (no promise, no read), else undefined. */
   runsCached(virtualChunk: number, chunkCount: number): PagedRun[] | undefined {
-    return this.#maps.runsCached(this.#rootPage, virtualChunk, chunkCount);
+    return this.#maps.runsCached(this, virtualChunk, chunkCount);
   }
 
   /** Points `sums.length` chunks from `virtualChunk` at consecutive physical chunks with these crc32s. */

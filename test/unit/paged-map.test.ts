@@ -114,6 +114,15 @@ async function withSpaceMaps(cachePages: number, run: (cache: PageCache, space: 
   }
 }
 
+/** A number below `limit`, from a generator seeded by `testSeed(name)` (a linear congruential one: repeatable per seed). */
+function seededRandom(name: string): (limit: number) => number {
+  let state = testSeed(name) >>> 0;
+  return (limit) => {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    return state % limit;
+  };
+}
+
 const withoutSums = (runs: PagedRun[]): Array<{ virtualChunk: number; chunkCount: number; physicalChunk: number }> =>
   runs.map(({ virtualChunk, chunkCount, physicalChunk }) => ({ virtualChunk, chunkCount, physicalChunk }));
 
@@ -189,7 +198,8 @@ test('node images: decoded as encoded; a wrong kind, count or order is refused a
   const leaf: MapNode = { kind: 'leaf', keys: [1, 5, 2 ** 47], physical: [9, 2 ** 48 - 1, 0], sums: [0, 0xffffffff, 7] };
   assert.deepEqual(decodeNode(encodeNode(leaf), 9), leaf);
   const interior: MapNode = { kind: 'interior', level: 3, keys: [0, 10, 20], children: [2, 3, 2 ** 40] };
-  assert.deepEqual(decodeNode(encodeNode(interior), 9), interior);
+  // Decoded with no interior node below it held yet (`below`, filled by lookups).
+  assert.deepEqual(decodeNode(encodeNode(interior), 9), { ...interior, below: undefined });
   const full: MapNode = { kind: 'leaf', keys: [...Array(leafCapacityMax).keys()], physical: Array(leafCapacityMax).fill(1), sums: Array(leafCapacityMax).fill(2) };
   assert.deepEqual(decodeNode(encodeNode(full), 9), full);
   assert.throws(() => decodeNode({ kind: 7, body: encodeNode(leaf).body }, 12), (error) => isCorrupt(error) && /metadata page 12: not a chunk map node \(page kind 7\)/.test((error as Error).message));
@@ -468,6 +478,68 @@ test("one chunk looked up in memory (a 4 KiB read's lookup) finds what a pass fi
     await map.runs(2999, 1); // the four pages hold the last path
     assert.equal(map.runsCached(0, 1), undefined, 'a path not in memory: no answer, no read');
     assert.deepEqual(withoutSums((await map.runs(0, 1))), [{ virtualChunk: 0, chunkCount: 1, physicalChunk: 0 }]);
+  });
+});
+
+test("a 4 KiB read's lookup, which keeps the root's node and the interior nodes it passed, finds what every kind of change left", async () => {
+  // Deep trees (4 entries a node) all in memory: after each change every chunk of every map is looked up in memory
+  // (runsCached of one chunk: the root's node held by the map, interior nodes by their parents) against the model.
+  // Changes: writes (in place, or passes that copy a path and may place a new node on the page they leave, the
+  // root's among them), unmaps down to an empty map, clones written on both sides, drops and commits.
+  const capacities = { leaf: 4, interior: 4 };
+  await withMaps({ cachePages: 1 << 16, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
+    const modelRefs = new Counts();
+    const pairs = [{ model: new ChunkMap(), paged: setup.maps.empty() }];
+    const random = seededRandom('paged map lookups held');
+    const chunks = 400;
+    let nextPhysical = 0;
+    let levelMax = 0;
+    const check = (label: string): void => {
+      for (const [i, pair] of pairs.entries()) {
+        for (let v = 0; v < chunks; v++) {
+          const found = pair.paged.runsCached(v, 1);
+          assert.ok(found !== undefined, `${label}: map ${i}, chunk ${v} in memory`);
+          const physical = pair.model.get(v);
+          assert.deepEqual(found, [{ virtualChunk: v, chunkCount: 1, physicalChunk: physical, sums: physical < 0 ? [] : [sumOf(physical)] }], `${label}: map ${i}, chunk ${v}`);
+        }
+      }
+    };
+    for (let step = 0; step < 400; step++) {
+      const pair = pairs[random(pairs.length)]!;
+      const op = random(20);
+      let label: string;
+      if (op < 12) {
+        const v = random(chunks);
+        const n = Math.min(1 + (random(4) === 0 ? random(40) : random(3)), chunks - v);
+        pair.model.mapRun(v, nextPhysical, n, modelRefs);
+        await pair.paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, n), setup.chunkRefs);
+        nextPhysical += n;
+        label = `step ${step}: ${n} mapped at ${v}`;
+      } else if (op < 16) {
+        // Now and then a wide unmap, down to an empty map (its root page 0) and up again.
+        const v = random(4) === 0 ? 0 : random(chunks);
+        const n = v === 0 ? chunks : 1 + random(60);
+        pair.model.unmapRange(v, n, modelRefs);
+        await pair.paged.unmapRange(v, n, setup.chunkRefs);
+        label = `step ${step}: ${n} unmapped at ${v}`;
+      } else if (op < 18) {
+        await setup.maps.commit(() => Buffer.from(`step ${step}`));
+        label = `step ${step}: commit`;
+      } else if (op === 18 && pairs.length < 4) {
+        pairs.push({ model: pair.model.clone(), paged: pair.paged.clone() });
+        label = `step ${step}: clone`;
+      } else {
+        if (pairs.length < 2) continue;
+        const [dropped] = pairs.splice(random(pairs.length), 1);
+        dropped!.model.drop(modelRefs);
+        await dropped!.paged.drop(setup.chunkRefs);
+        label = `step ${step}: drop`;
+      }
+      check(label);
+      const facts = await checkCounts(setup, pairs.map((p) => p.paged), capacities, label);
+      levelMax = Math.max(levelMax, ...facts.levels);
+    }
+    assert.ok(levelMax >= 3, `trees of ${levelMax + 1} levels: interior nodes held by interior nodes`);
   });
 });
 
@@ -814,11 +886,7 @@ test('one-chunk and short writes into leaves changed since the commit apply in p
   await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
     const modelRefs = new Counts();
     const pairs = [{ model: new ChunkMap(), paged: setup.maps.empty() }];
-    let state = testSeed('paged map in place') >>> 0;
-    const random = (limit: number): number => {
-      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-      return state % limit;
-    };
+    const random = seededRandom('paged map in place');
     let nextPhysical = 0;
     for (let step = 0; step < 600; step++) {
       const pair = pairs[random(pairs.length)]!;
@@ -843,11 +911,7 @@ test('a write applied at once (mapRunNow) keeps the tree, keys and counts a queu
     const modelRefs = new Counts();
     const model = new ChunkMap();
     const paged = setup.maps.empty();
-    let state = testSeed('paged map at once') >>> 0;
-    const random = (limit: number): number => {
-      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-      return state % limit;
-    };
+    const random = seededRandom('paged map at once');
     let nextPhysical = 0;
     let atOnce = 0;
     for (let step = 0; step < 400; step++) {
