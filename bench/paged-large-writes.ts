@@ -5,19 +5,18 @@
 // chunks it replaces), and a flush. Prints the process's CPU (user + system, all threads: checksums, pwrites and
 // commits included) per GB written and per write, the rate, and the checkpoints during the measured laps. On a
 // shared machine the CPU per GB moves less than the rate: interleave the kinds and repeat.
-// Usage: node bench/paged-large-writes.ts memory|paged [--size 1MiB] [--volume 1GiB] [--laps 3] [--profile FILE]
-// (a V8 CPU profile of the measured laps alone, main thread)
+// Usage: node bench/paged-large-writes.ts memory|paged [--size 1MiB] [--volume 1GiB] [--laps 3]. Profile with
+// `node --cpu-prof` and enough laps that the first (not measured) is a small part of it.
 import fs from 'node:fs';
-import { Session } from 'node:inspector/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { parseSize } from '../src/core/units.ts';
 import { Pool } from '../src/store/pool.ts';
 
-const { values, positionals } = parseArgs({ allowPositionals: true, options: { size: { type: 'string', default: '1MiB' }, volume: { type: 'string', default: '1GiB' }, laps: { type: 'string', default: '3' }, profile: { type: 'string' } } });
+const { values, positionals } = parseArgs({ allowPositionals: true, options: { size: { type: 'string', default: '1MiB' }, volume: { type: 'string', default: '1GiB' }, laps: { type: 'string', default: '3' } } });
 const kind = positionals[0];
-if (kind !== 'memory' && kind !== 'paged') throw new Error('usage: node bench/paged-large-writes.ts memory|paged [--size 1MiB] [--volume 1GiB] [--laps 3] [--profile FILE]');
+if (kind !== 'memory' && kind !== 'paged') throw new Error('usage: node bench/paged-large-writes.ts memory|paged [--size 1MiB] [--volume 1GiB] [--laps 3]');
 const writeBytes = parseSize(values.size);
 const volumeBytes = parseSize(values.volume);
 const laps = Number(values.laps);
@@ -45,22 +44,11 @@ try {
   await writeLaps(1);
 
   const checkpointsBefore = (await pool.status()).checkpointsTotal;
-  const profiler = values.profile === undefined ? undefined : new Session();
-  if (profiler !== undefined) {
-    profiler.connect();
-    await profiler.post('Profiler.enable');
-    await profiler.post('Profiler.start');
-  }
   const cpu = process.cpuUsage();
   const start = performance.now();
   await writeLaps(laps);
   const seconds = (performance.now() - start) / 1000;
   const usage = process.cpuUsage(cpu);
-  if (profiler !== undefined) {
-    const { profile } = await profiler.post('Profiler.stop');
-    fs.writeFileSync(values.profile!, JSON.stringify(profile));
-    profiler.disconnect();
-  }
   const checkpoints = (await pool.status()).checkpointsTotal - checkpointsBefore;
   const bytes = laps * volumeBytes;
   const cpuSeconds = (usage.user + usage.system) / 1e6;

@@ -1738,19 +1738,19 @@ function copyWithRoom(values: readonly number[]): number[] {
 }
 const leafCopyRoom = 16;
 
-/** Counts up the chunks of `increments`, then down those of `decrements`, a run at a time where `refs` can. */
+/** Counts up the chunks of `increments`, then down those of `decrements`, a run at a time where `refs` can (a chunk alone, as a 4 KiB write's or a copied leaf's, costs less one at a time). */
 function applyChunkRuns(refs: ChunkRefs, increments: ChunkRunList, decrements: ChunkRunList): void {
   const runs = hasRuns(refs) ? refs : undefined;
   for (let r = 0; r < increments.starts.length; r++) {
     const start = increments.starts[r]!;
     const count = increments.counts[r]!;
-    if (runs !== undefined) runs.incrementRun(start, count);
+    if (runs !== undefined && count > 1) runs.incrementRun(start, count);
     else for (let chunk = start; chunk < start + count; chunk++) refs.increment(chunk);
   }
   for (let r = 0; r < decrements.starts.length; r++) {
     const start = decrements.starts[r]!;
     const count = decrements.counts[r]!;
-    if (runs !== undefined) runs.decrementRun(start, count);
+    if (runs !== undefined && count > 1) runs.decrementRun(start, count);
     else for (let chunk = start; chunk < start + count; chunk++) refs.decrement(chunk);
   }
 }

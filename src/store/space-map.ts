@@ -339,6 +339,8 @@ export class RefCountMap {
 /** Words of a page's bits in `ChunkBits`. */
 const bitWordsPerPage = Math.ceil(countsPerPage / 32);
 const noBits = new Uint32Array(bitWordsPerPage);
+/** Pages' bits a `ChunkBits` keeps for reuse once clear (8 KiB at most). */
+const spareBitPages = 32;
 
 /**
  * A set of chunks as a bitmap per page of counts that holds any (256 bytes a page; a page goes once empty): what
@@ -349,6 +351,8 @@ const noBits = new Uint32Array(bitWordsPerPage);
  */
 export class ChunkBits {
   readonly #pages = new Map<number, { bits: Uint32Array; count: number }>();
+  /** Pages' bits no longer used, all clear. */
+  readonly #spare: Array<{ bits: Uint32Array; count: number }> = [];
   #size = 0;
 
   get size(): number {
@@ -365,62 +369,12 @@ export class ChunkBits {
 
   /** Adds each chunk of [start, start + count); false if any was in already (the others are added). */
   addRun(start: number, count: number): boolean {
-    let fresh = true;
-    for (let chunk = start, end = start + count; chunk < end; ) {
-      const page = Math.floor(chunk / countsPerPage);
-      const first = page * countsPerPage;
-      const stop = Math.min(end, first + countsPerPage);
-      let entry = this.#pages.get(page);
-      if (entry === undefined) {
-        entry = { bits: new Uint32Array(bitWordsPerPage), count: 0 };
-        this.#pages.set(page, entry);
-      }
-      const bits = entry.bits;
-      for (; chunk < stop; chunk++) {
-        const slot = chunk - first;
-        const mask = 1 << (slot & 31);
-        const word = bits[slot >>> 5]!;
-        if ((word & mask) !== 0) {
-          fresh = false;
-          continue;
-        }
-        bits[slot >>> 5] = word | mask;
-        entry.count += 1;
-        this.#size += 1;
-      }
-    }
-    return fresh;
+    return this.#changeRun(start, count, true);
   }
 
   /** Removes each chunk of [start, start + count); false if any was not in (the others are removed). */
   deleteRun(start: number, count: number): boolean {
-    let all = true;
-    for (let chunk = start, end = start + count; chunk < end; ) {
-      const page = Math.floor(chunk / countsPerPage);
-      const first = page * countsPerPage;
-      const stop = Math.min(end, first + countsPerPage);
-      const entry = this.#pages.get(page);
-      if (entry === undefined) {
-        all = false;
-        chunk = stop;
-        continue;
-      }
-      const bits = entry.bits;
-      for (; chunk < stop; chunk++) {
-        const slot = chunk - first;
-        const mask = 1 << (slot & 31);
-        const word = bits[slot >>> 5]!;
-        if ((word & mask) === 0) {
-          all = false;
-          continue;
-        }
-        bits[slot >>> 5] = word & ~mask;
-        entry.count -= 1;
-        this.#size -= 1;
-      }
-      if (entry.count === 0) this.#pages.delete(page);
-    }
-    return all;
+    return this.#changeRun(start, count, false);
   }
 
   /** The bits of page `page` of counts (bit `slot & 31` of word `slot >>> 5` for the chunk at `slot` in it): read only, valid until the next change. */
@@ -434,6 +388,46 @@ export class ChunkBits {
 
   delete(chunk: number): boolean {
     return this.deleteRun(chunk, 1);
+  }
+
+  /** Sets (`add`) or clears each chunk's bit; false if any was so already. A page's bits go once none is set. */
+  #changeRun(start: number, count: number, add: boolean): boolean {
+    let changedAll = true;
+    for (let chunk = start, end = start + count; chunk < end; ) {
+      const page = Math.floor(chunk / countsPerPage);
+      const first = page * countsPerPage;
+      const stop = Math.min(end, first + countsPerPage);
+      let entry = this.#pages.get(page);
+      if (entry === undefined) {
+        if (!add) {
+          changedAll = false;
+          chunk = stop;
+          continue;
+        }
+        entry = this.#spare.pop() ?? { bits: new Uint32Array(bitWordsPerPage), count: 0 };
+        this.#pages.set(page, entry);
+      }
+      const bits = entry.bits;
+      const step = add ? 1 : -1;
+      for (; chunk < stop; chunk++) {
+        const slot = chunk - first;
+        const mask = 1 << (slot & 31);
+        const word = bits[slot >>> 5]!;
+        if (((word & mask) !== 0) === add) {
+          changedAll = false;
+          continue;
+        }
+        bits[slot >>> 5] = word ^ mask;
+        entry.count += step;
+        this.#size += step;
+      }
+      if (entry.count === 0) {
+        this.#pages.delete(page);
+        // All its bits are clear: kept for the next page to take (a 4 KiB write's chunk takes a page's bits, and gives them back once counted).
+        if (this.#spare.length < spareBitPages) this.#spare.push(entry);
+      }
+    }
+    return changedAll;
   }
 }
 
