@@ -46,7 +46,9 @@
 //
 // Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
 // above it copied once for all the runs that meet it), and a one-run mapRun below nodes all dirty and held once
-// changes the leaf in place (`#mapInPlace`): no copy, no page placed. Before a replay's batch, `prefetchRuns`
+// changes the leaf in place (`#mapInPlace`): no copy, no page placed; so does one over chunks all mapped across
+// several such leaves (`#overwriteInPlace`: a large write's overwrite). A pass's chunk count changes are runs
+// (`ChunkRunList`), applied a run at a time where the counts can (space-map.ts's ChunkSpace). Before a replay's batch, `prefetchRuns`
 // reads the pages its pass will visit and pins the pages of chunk counts it will change (within the cache's size),
 // so that a cold pass computes its edit once instead of again after missing counts.
 //

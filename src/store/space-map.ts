@@ -30,6 +30,9 @@
 // that, each allocation read its pages from the cache again, 30 us against 5). So `allocate` is async, and
 // allocations run one at a time. The high-water mark is lowered lazily (finding the new top may read a page):
 // `highWater` may be above the exact mark until the next allocation or `settledHighWater`.
+// Held chunks are bits per page of counts (`ChunkBits`), and a run's counts change a page at a time
+// (`incrementRun`, `decrementRun`, `RefCountMap.addRun`): a 1 MiB write's 256 chunks cost a hash-set entry
+// each before, most of the metadata's CPU of a large write (BENCHMARKS.md, issue 15, "1 MiB writes over paged metadata").
 // Measured (2 vCPUs, shared): a count change on a pinned page 120 to 170 ns against ChunkRefcounts' 65 to 150;
 // allocate(1) in a pool with 1 chunk in 64 free 4 to 10 us against 0.2 to 3; a search that finds nothing over 256
 // pages of counts 70 to 120 us against 15 (once per size until something is freed, as allocator.ts).
