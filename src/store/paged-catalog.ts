@@ -193,7 +193,7 @@ export class PagedCatalog {
     this.#cache = cache;
     this.#space = space;
     this.#maps = maps;
-    space.chunks.onFree = (physicalChunk) => space.chunks.freeDeferred(physicalChunk, 1, this.#punchFrees);
+    space.chunks.onFree = (start, chunkCount) => space.chunks.freeDeferred(start, chunkCount, this.#punchFrees);
   }
 
   /** Opens the paged catalog of `directory` (an empty one where none was committed): reads its root and table. */

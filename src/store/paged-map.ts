@@ -55,7 +55,9 @@
 //
 // Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
 // above it copied once for all the runs that meet it), and a one-run mapRun below nodes all dirty and held once
-// changes the leaf in place (`#mapInPlace`): no copy, no page placed. Before a replay's batch, `prefetchRuns`
+// changes the leaf in place (`#mapInPlace`): no copy, no page placed; so does one over chunks all mapped across
+// several such leaves (`#overwriteInPlace`: a large write's overwrite). A pass's chunk count changes are runs
+// (`ChunkRunList`), applied a run at a time where the counts can (space-map.ts's ChunkSpace). Before a replay's batch, `prefetchRuns`
 // reads the pages its pass will visit and pins the pages of chunk counts it will change (within the cache's size),
 // so that a cold pass computes its edit once instead of again after missing counts.
 //
@@ -301,11 +303,45 @@ type Built = LeafNode | ({ kind: 'interior'; level: number } & Outs);
 
 const builtSize = (built: Built): number => built.keys.length;
 
+/**
+ * Chunks counted up or down by a pass, in order, as runs of consecutive chunks (a large write's 256 chunks are one
+ * run, and so, most often, are the chunks it replaces): the counts change a run at a time (`ChunkRunRefs`).
+ */
+class ChunkRunList {
+  readonly starts: number[] = [];
+  readonly counts: number[] = [];
+
+  get empty(): boolean {
+    return this.starts.length === 0;
+  }
+
+  push(chunk: number): void {
+    this.pushRun(chunk, 1);
+  }
+
+  pushRun(start: number, count: number): void {
+    const last = this.starts.length - 1;
+    if (last >= 0 && this.starts[last]! + this.counts[last]! === start) this.counts[last]! += count;
+    else {
+      this.starts.push(start);
+      this.counts.push(count);
+    }
+  }
+}
+
+/** Chunk counts that also change a run at once (space-map.ts's ChunkSpace): the same counts as a chunk at a time. */
+interface ChunkRunRefs extends ChunkRefs {
+  incrementRun(start: number, chunkCount: number): void;
+  decrementRun(start: number, chunkCount: number): void;
+}
+
+const hasRuns = (refs: ChunkRefs): refs is ChunkRunRefs => typeof (refs as Partial<ChunkRunRefs>).incrementRun === 'function' && typeof (refs as Partial<ChunkRunRefs>).decrementRun === 'function';
+
 /** Everything a pass changes, applied at its end in one go (increments before decrements, so no count dips to zero). */
 class Changes {
   readonly pageDelta = new Map<number, number>();
-  readonly chunkIncrements: number[] = [];
-  readonly chunkDecrements: number[] = [];
+  readonly chunkIncrements = new ChunkRunList();
+  readonly chunkDecrements = new ChunkRunList();
   /** Pages left by the tree that were fresh (never committed): their numbers are reused by the new nodes. */
   readonly reusable: number[] = [];
   /** Pages left by the tree that a durable root may still name: released. */
@@ -499,32 +535,25 @@ function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
           const b = lowerBound(leaf.keys, to);
           for (let k = a; k < b; k++) changes.chunkDecrements.push(leaf.physical[k]!);
           changes.mappedDelta += to - from - (b - a);
+          const physicalFrom = run.physicalChunk + from - run.virtualChunk;
           if (to - from === 1 && b - a <= 1) {
             // One chunk (a 4 KiB write): overwritten or inserted without building arrays.
-            changes.chunkIncrements.push(run.physicalChunk + from - run.virtualChunk);
+            changes.chunkIncrements.push(physicalFrom);
             if (b === a) {
               leaf.keys.splice(a, 0, from);
-              leaf.physical.splice(a, 0, run.physicalChunk + from - run.virtualChunk);
+              leaf.physical.splice(a, 0, physicalFrom);
               leaf.sums.splice(a, 0, allSums[sumAt + from]!);
             } else {
-              leaf.physical[a] = run.physicalChunk + from - run.virtualChunk;
+              leaf.physical[a] = physicalFrom;
               leaf.sums[a] = allSums[sumAt + from]!;
             }
             continue;
           }
-          const keys: number[] = [];
-          const physical: number[] = [];
-          const leafSums: number[] = [];
-          for (let v = from; v < to; v++) {
-            keys.push(v);
-            physical.push(run.physicalChunk + v - run.virtualChunk);
-            leafSums.push(allSums[sumAt + v]!);
-            changes.chunkIncrements.push(run.physicalChunk + v - run.virtualChunk);
-          }
-          // The leaf is the pass's own copy (#open): changed in place.
-          splice(leaf.keys, a, b, keys);
-          splice(leaf.physical, a, b, physical);
-          splice(leaf.sums, a, b, leafSums);
+          changes.chunkIncrements.pushRun(physicalFrom, to - from);
+          // The leaf is the pass's own copy (#open): changed in place, without building the run's arrays.
+          spliceRun(leaf.keys, a, b, to - from, from, 1);
+          spliceRun(leaf.physical, a, b, to - from, physicalFrom, 1);
+          spliceRun(leaf.sums, a, b, to - from, 0, 0, allSums.subarray(sumAt + from, sumAt + to));
         }
       }
       return leaf;
@@ -750,7 +779,7 @@ export class PagedMaps {
     // the run cannot go in place, the usual case for a volume written since the last commit.
     const run = { ...runs[0]!, sums: Uint32Array.from(runs[0]!.sums) };
     let edit: Edit | null = null;
-    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, (edit ??= mapRunsEdit([run])), false), refs, () => this.#mapInPlace(map, run, refs)).then(() => {});
+    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, (edit ??= mapRunsEdit([run])), false), refs, () => this.#mapInPlace(map, run, refs) || this.#overwriteInPlace(map, run, refs)).then(() => {});
   }
 
   /**
@@ -762,7 +791,8 @@ export class PagedMaps {
   mapRunNow(map: PagedMap, virtualChunk: number, physicalChunk: number, sums: ArrayLike<number>, refs: ChunkRefs): boolean {
     const chunkCount = sums.length;
     if (this.#queued > 0 || !runInRange(virtualChunk, physicalChunk, chunkCount)) return false;
-    return this.#mapInPlace(map, { virtualChunk, physicalChunk, sums }, refs);
+    const run = { virtualChunk, physicalChunk, sums };
+    return this.#mapInPlace(map, run, refs) || this.#overwriteInPlace(map, run, refs);
   }
 
   /**
@@ -813,6 +843,67 @@ export class PagedMaps {
       if (i + 1 < node.keys.length) hi = node.keys[i + 1]!;
       page = node.children[i]!;
     }
+  }
+
+  /**
+   * The fast way of a one-run mapRun over chunks all mapped already, in one leaf or several (an overwrite: the
+   * steady state of large writes, whose runs span two leaves or more, which `#mapInPlace` leaves to the pass):
+   * when every node on the paths from the root to those leaves is changed since the last commit and held once (as
+   * `#mapInPlace` asks) and every chunk count it changes is loaded, each entry's physical chunk and sum are
+   * replaced in place. No entry is added or removed, so no key moves, no node splits or merges, and the count of
+   * chunks mapped stays. The same tree and chunk counts as the pass would leave (its frees may come in another
+   * order: a pass visits a node's children last first). False, having changed nothing, otherwise (a hole in the
+   * run, a node shared or clean); checks everything before changing anything, in one synchronous turn.
+   */
+  #overwriteInPlace(map: PagedMap, run: MapRunEdit, refs: ChunkRefs): boolean {
+    const first = run.virtualChunk;
+    const count = run.sums.length;
+    const end = first + count;
+    const pageCounts = this.#pageCountPages;
+    const chunkCounts = this.#chunkCountPages;
+    // The leaves the run falls in, in key order, and the index in each of the run's first entry there.
+    const leaves: LeafNode[] = [];
+    const from: number[] = [];
+    let key = first;
+    while (key < end) {
+      let page = map.rootPage;
+      let node: MapNode | undefined;
+      for (;;) {
+        if (page === emptyRoot) return false;
+        node = this.#dirty.get(page);
+        if (node === undefined || (pageCounts !== undefined && !pageCounts.loaded(page)) || this.#pageRefs.get(page) !== 1) return false;
+        if (node.kind === 'leaf') break;
+        page = node.children[childIndex(node.keys, key)]!;
+      }
+      const leaf = node;
+      const a = lowerBound(leaf.keys, key);
+      let i = a;
+      for (; i < leaf.keys.length && key < end && leaf.keys[i] === key; i++, key++) if (chunkCounts !== undefined && !chunkCounts.loaded(leaf.physical[i]!)) return false;
+      // A hole (no entry for `key`, here or at the start of the next leaf): entries would be added, the pass's work.
+      if (i === a) return false;
+      leaves.push(leaf);
+      from.push(a);
+    }
+    if (chunkCounts !== undefined) {
+      for (let chunk = run.physicalChunk; chunk < run.physicalChunk + count; chunk += chunkCountsPageStep) if (!chunkCounts.loaded(chunk)) return false;
+      if (!chunkCounts.loaded(run.physicalChunk + count - 1)) return false;
+    }
+    const increments = new ChunkRunList();
+    const decrements = new ChunkRunList();
+    increments.pushRun(run.physicalChunk, count);
+    let v = first;
+    for (let l = 0; l < leaves.length; l++) {
+      const leaf = leaves[l]!;
+      for (let i = from[l]!; i < leaf.keys.length && v < end && leaf.keys[i] === v; i++, v++) {
+        decrements.push(leaf.physical[i]!);
+        leaf.physical[i] = run.physicalChunk + v - first;
+        leaf.sums[i] = run.sums[v - first]! >>> 0;
+      }
+    }
+    assert(v === end);
+    // Counted up before down, as a pass applies (a chunk named again is never free in between).
+    applyChunkRuns(refs, increments, decrements);
+    return true;
   }
 
   /** @internal */
@@ -1012,7 +1103,16 @@ export class PagedMaps {
       if (pages.length > 0) throw new MissingPages([], pages);
     }
     if (chunkCounts !== undefined) {
-      const chunks = [...changes.chunkIncrements, ...changes.chunkDecrements].filter((chunk) => !chunkCounts.loaded(chunk));
+      // A chunk of each page of counts a run meets (its first, its last, one every `chunkCountsPageStep` between).
+      const chunks: number[] = [];
+      for (const list of [changes.chunkIncrements, changes.chunkDecrements]) {
+        for (let r = 0; r < list.starts.length; r++) {
+          const start = list.starts[r]!;
+          const end = start + list.counts[r]!;
+          for (let chunk = start; chunk < end; chunk += chunkCountsPageStep) if (!chunkCounts.loaded(chunk)) chunks.push(chunk);
+          if (end - 1 > start && !chunkCounts.loaded(end - 1)) chunks.push(end - 1);
+        }
+      }
       if (chunks.length > 0) throw new MissingPages([], [], chunks);
     }
   }
@@ -1078,7 +1178,7 @@ export class PagedMaps {
     changes.add(page, -1);
     if (count > 1) {
       // Copy-on-write: the copy names what the page names, once more.
-      if (node.kind === 'leaf') changes.chunkIncrements.push(...node.physical);
+      if (node.kind === 'leaf') for (const physical of node.physical) changes.chunkIncrements.push(physical);
       else for (const child of node.children) changes.add(child, 1);
     } else {
       (this.#dirty.has(page) ? changes.reusable : changes.freed).push(page);
@@ -1375,9 +1475,8 @@ export class PagedMaps {
       }
     }
     assert(left.size === 0, `chunk map pages ${[...left].join(', ')} left but still referenced`);
-    assert(refs !== undefined || (changes.chunkIncrements.length === 0 && changes.chunkDecrements.length === 0));
-    for (const chunk of changes.chunkIncrements) refs!.increment(chunk);
-    for (const chunk of changes.chunkDecrements) refs!.decrement(chunk);
+    assert(refs !== undefined || (changes.chunkIncrements.empty && changes.chunkDecrements.empty));
+    if (refs !== undefined) applyChunkRuns(refs, changes.chunkIncrements, changes.chunkDecrements);
     return rootPage;
   }
 
@@ -1669,6 +1768,23 @@ function copyWithRoom(values: readonly number[]): number[] {
   return copy;
 }
 const leafCopyRoom = 16;
+
+/** Counts up the chunks of `increments`, then down those of `decrements`, a run at a time where `refs` can (a chunk alone, as a 4 KiB write's or a copied leaf's, costs less one at a time). */
+function applyChunkRuns(refs: ChunkRefs, increments: ChunkRunList, decrements: ChunkRunList): void {
+  const runs = hasRuns(refs) ? refs : undefined;
+  for (let r = 0; r < increments.starts.length; r++) {
+    const start = increments.starts[r]!;
+    const count = increments.counts[r]!;
+    if (runs !== undefined && count > 1) runs.incrementRun(start, count);
+    else for (let chunk = start; chunk < start + count; chunk++) refs.increment(chunk);
+  }
+  for (let r = 0; r < decrements.starts.length; r++) {
+    const start = decrements.starts[r]!;
+    const count = decrements.counts[r]!;
+    if (runs !== undefined && count > 1) runs.decrementRun(start, count);
+    else for (let chunk = start; chunk < start + count; chunk++) refs.decrement(chunk);
+  }
+}
 
 /** Replaces values[from..to) with `replacement` in place (a spread of at most a few thousand, else a rebuild). */
 function splice<T>(values: T[], from: number, to: number, replacement: T[]): void {

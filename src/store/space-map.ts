@@ -30,6 +30,9 @@
 // that, each allocation read its pages from the cache again, 30 us against 5). So `allocate` is async, and
 // allocations run one at a time. The high-water mark is lowered lazily (finding the new top may read a page):
 // `highWater` may be above the exact mark until the next allocation or `settledHighWater`.
+// Held chunks are bits per page of counts (`ChunkBits`), and a run's counts change a page at a time
+// (`incrementRun`, `decrementRun`, `RefCountMap.addRun`): a 1 MiB write's 256 chunks cost a hash-set entry
+// each before, most of the metadata's CPU of a large write (BENCHMARKS.md, issue 15, "1 MiB writes over paged metadata").
 // Measured (2 vCPUs, shared): a count change on a pinned page 120 to 170 ns against ChunkRefcounts' 65 to 150;
 // allocate(1) in a pool with 1 chunk in 64 free 4 to 10 us against 0.2 to 3; a search that finds nothing over 256
 // pages of counts 70 to 120 us against 15 (once per size until something is freed, as allocator.ts).
@@ -146,7 +149,7 @@ export class RefCountMap {
   get(index: number): number {
     const page = Math.floor(index / countsPerPage);
     const counts = this.countsOf(page);
-    assert(counts !== undefined, `reference counts: page ${page} (for ${index}) is not loaded`);
+    if (counts === undefined) assert(false, `reference counts: page ${page} (for ${index}) is not loaded`);
     const raw = counts[index - page * countsPerPage]!;
     return raw === overflowMark ? this.#overflow.get(index)! : raw;
   }
@@ -162,7 +165,7 @@ export class RefCountMap {
 
   /** Adds `delta` to the count of `index`; returns the count after. */
   add(index: number, delta: number): number {
-    assert(Number.isSafeInteger(index) && index >= 0, `reference counts: index ${index}`);
+    if (!(Number.isSafeInteger(index) && index >= 0)) assert(false, `reference counts: index ${index}`);
     const page = Math.floor(index / countsPerPage);
     const slot = index - page * countsPerPage;
     let resident = this.#resident.get(page);
@@ -170,7 +173,7 @@ export class RefCountMap {
     const raw = resident.counts[slot]!;
     const before = raw === overflowMark ? this.#overflow.get(index)! : raw;
     const after = before + delta;
-    assert(after >= 0, `reference count of ${index} falls below zero`);
+    if (after < 0) assert(false, `reference count of ${index} falls below zero`);
     if (after >= overflowMark) {
       resident.counts[slot] = overflowMark;
       this.#overflow.set(index, after);
@@ -184,6 +187,48 @@ export class RefCountMap {
     }
     if ((before === 0) !== (after === 0)) this.#directory.set(page, this.#directory.value(page), this.#directory.small(page) + (after === 0 ? 1 : -1));
     return after;
+  }
+
+  /**
+   * `add(index, delta)` of each index of [start, start + count), at once (a 1 MiB write's 256 chunks): each page of
+   * counts made writable and its summary set once, not once an index. Pushes to `edges`, in order, each index whose
+   * count went from zero or to zero. The same counts, summary and overflow list as `add` of each in turn.
+   */
+  addRun(start: number, count: number, delta: 1 | -1, edges: number[]): void {
+    if (!(Number.isSafeInteger(start) && start >= 0 && Number.isSafeInteger(count) && count >= 0)) assert(false, `reference counts: a run of ${count} at ${start}`);
+    const end = start + count;
+    let index = start;
+    while (index < end) {
+      const page = Math.floor(index / countsPerPage);
+      const first = page * countsPerPage;
+      const stop = Math.min(end, first + countsPerPage);
+      let resident = this.#resident.get(page);
+      if (resident === undefined || !resident.writable) resident = this.#makeWritable(page, resident);
+      const counts = resident.counts;
+      let zerosDelta = 0;
+      for (; index < stop; index++) {
+        const raw = counts[index - first]!;
+        const after = raw + delta;
+        if (raw === overflowMark || after >= overflowMark || after < 0) {
+          // The overflow list or a count below zero (the assertion): `add`'s way, the summary brought up to date first.
+          if (zerosDelta !== 0) this.#directory.set(page, this.#directory.value(page), this.#directory.small(page) + zerosDelta);
+          zerosDelta = 0;
+          const before = this.get(index);
+          const changed = this.add(index, delta);
+          if (before === 0 || changed === 0) edges.push(index);
+          continue;
+        }
+        counts[index - first] = after;
+        if (raw === 0) {
+          zerosDelta -= 1;
+          edges.push(index);
+        } else if (after === 0) {
+          zerosDelta += 1;
+          edges.push(index);
+        }
+      }
+      if (zerosDelta !== 0) this.#directory.set(page, this.#directory.value(page), this.#directory.small(page) + zerosDelta);
+    }
   }
 
   /** The zeros page `page` of counts holds (loaded), counted: what its summary (`zeros`) should say. */
@@ -294,14 +339,112 @@ export class RefCountMap {
   }
 }
 
+/** Words of a page's bits in `ChunkBits`. */
+const bitWordsPerPage = Math.ceil(countsPerPage / 32);
+const noBits = new Uint32Array(bitWordsPerPage);
+/** Pages' bits a `ChunkBits` keeps for reuse once clear (8 KiB at most). */
+const spareBitPages = 32;
+
+/**
+ * A set of chunks as a bitmap per page of counts that holds any (256 bytes a page; a page goes once empty): what
+ * `ChunkSpace` holds, set and cleared a run at a time (a large write's 256 chunks: a bit each, not a hash-set
+ * insertion each, which was the most costly part of a 1 MiB write's metadata; BENCHMARKS.md, issue 15, "1 MiB
+ * writes over paged metadata"). A page with a chunk held also has its page of counts changed since the last flush
+ * (4 KiB in memory: a free or an allocation counts it), so the bitmaps add at most a sixteenth to that.
+ */
+export class ChunkBits {
+  readonly #pages = new Map<number, { bits: Uint32Array; count: number }>();
+  /** Pages' bits no longer used, all clear. */
+  readonly #spare: Array<{ bits: Uint32Array; count: number }> = [];
+  #size = 0;
+
+  get size(): number {
+    return this.#size;
+  }
+
+  has(chunk: number): boolean {
+    const page = Math.floor(chunk / countsPerPage);
+    const entry = this.#pages.get(page);
+    if (entry === undefined) return false;
+    const slot = chunk - page * countsPerPage;
+    return (entry.bits[slot >>> 5]! & (1 << (slot & 31))) !== 0;
+  }
+
+  /** Adds each chunk of [start, start + count); false if any was in already (the others are added). */
+  addRun(start: number, count: number): boolean {
+    return this.#changeRun(start, count, true);
+  }
+
+  /** Removes each chunk of [start, start + count); false if any was not in (the others are removed). */
+  deleteRun(start: number, count: number): boolean {
+    return this.#changeRun(start, count, false);
+  }
+
+  /** The bits of page `page` of counts (bit `slot & 31` of word `slot >>> 5` for the chunk at `slot` in it): read only, valid until the next change. */
+  wordsOf(page: number): Uint32Array {
+    return this.#pages.get(page)?.bits ?? noBits;
+  }
+
+  add(chunk: number): boolean {
+    return this.addRun(chunk, 1);
+  }
+
+  delete(chunk: number): boolean {
+    return this.deleteRun(chunk, 1);
+  }
+
+  /** Sets (`add`) or clears each chunk's bit; false if any was so already. A page's bits go once none is set. */
+  #changeRun(start: number, count: number, add: boolean): boolean {
+    let changedAll = true;
+    for (let chunk = start, end = start + count; chunk < end; ) {
+      const page = Math.floor(chunk / countsPerPage);
+      const first = page * countsPerPage;
+      const stop = Math.min(end, first + countsPerPage);
+      let entry = this.#pages.get(page);
+      if (entry === undefined) {
+        if (!add) {
+          changedAll = false;
+          chunk = stop;
+          continue;
+        }
+        entry = this.#spare.pop() ?? { bits: new Uint32Array(bitWordsPerPage), count: 0 };
+        this.#pages.set(page, entry);
+      }
+      const bits = entry.bits;
+      const step = add ? 1 : -1;
+      for (; chunk < stop; chunk++) {
+        const slot = chunk - first;
+        const mask = 1 << (slot & 31);
+        const word = bits[slot >>> 5]!;
+        if (((word & mask) !== 0) === add) {
+          changedAll = false;
+          continue;
+        }
+        bits[slot >>> 5] = word ^ mask;
+        entry.count += step;
+        this.#size += step;
+      }
+      if (entry.count === 0) {
+        this.#pages.delete(page);
+        // All its bits are clear: kept for the next page to take (a 4 KiB write's chunk takes a page's bits, and gives them back once counted).
+        if (this.#spare.length < spareBitPages) this.#spare.push(entry);
+      }
+    }
+    return changedAll;
+  }
+}
+
 /** Reference counts of physical chunks that are also the chunk allocator (see the top of this file). */
 export class ChunkSpace implements ChunkRefs {
   readonly counts: RefCountMap;
-  /** Chunks of count zero that are not free: allocated and not yet counted, or freed and waiting for a commit. */
-  readonly #held = new Set<number>();
-  /** The first kind. */
-  readonly #reserved = new Set<number>();
-  /** #held per page of counts. */
+  /**
+   * Chunks of count zero that are not free (held) are of two kinds, in two sets that share no chunk (one lookup
+   * each where a chunk changes kind, not two): allocated and not yet counted (reserved), or freed and waiting for a
+   * commit, or for a punch (`holdFree`).
+   */
+  readonly #reserved = new ChunkBits();
+  readonly #freeing = new ChunkBits();
+  /** Chunks held (of both kinds) per page of counts, changed once a run's page (`#heldChange`). */
   readonly #heldPerPage = new Map<number, number>();
   #highWater: number;
   #highWaterStale = false;
@@ -313,8 +456,10 @@ export class ChunkSpace implements ChunkRefs {
   #allocating: Promise<unknown> = Promise.resolve();
   /** The pages of counts a search read last (at most `searchReadAhead`). */
   #searchPin: Pin | undefined;
-  /** Called for each chunk whose count falls to zero; by default its free is deferred (and punched). */
-  onFree: (physicalChunk: number) => void = (physicalChunk) => this.freeDeferred(physicalChunk, 1);
+  /** Called for each run of chunks whose counts fall to zero (in order); by default their free is deferred (and punched). */
+  onFree: (start: number, chunkCount: number) => void = (start, chunkCount) => this.freeDeferred(start, chunkCount);
+  /** The chunks whose counts went from or to zero in a run's change (`incrementRun`, `decrementRun`): reused. */
+  readonly #edges: number[] = [];
 
   private constructor(counts: RefCountMap, highWater: number, usedCount: number) {
     this.counts = counts;
@@ -359,10 +504,10 @@ export class ChunkSpace implements ChunkRefs {
   increment(physicalChunk: number): void {
     if (this.counts.add(physicalChunk, 1) !== 1) return;
     if (this.#reserved.delete(physicalChunk)) {
-      this.#unhold(physicalChunk);
+      this.#heldChange(Math.floor(physicalChunk / countsPerPage), -1);
       return;
     }
-    assert(!this.#held.has(physicalChunk), `chunk ${physicalChunk} referenced again while its free waits for a commit`);
+    if (this.#freeing.has(physicalChunk)) assert(false, `chunk ${physicalChunk} referenced again while its free waits for a commit`);
     // A chunk counted without an allocation (a journal replayed at open).
     this.#usedCount += 1;
     if (physicalChunk >= this.#highWater) this.#highWater = physicalChunk + 1;
@@ -370,8 +515,50 @@ export class ChunkSpace implements ChunkRefs {
 
   decrement(physicalChunk: number): number {
     const after = this.counts.add(physicalChunk, -1);
-    if (after === 0) this.onFree(physicalChunk);
+    if (after === 0) this.onFree(physicalChunk, 1);
     return after;
+  }
+
+  /** `increment` of each chunk of [start, start + chunkCount), at once (paged-map.ts's passes: a large write's run). */
+  incrementRun(start: number, chunkCount: number): void {
+    const edges = this.#edges;
+    edges.length = 0;
+    this.counts.addRun(start, chunkCount, 1, edges);
+    // Chunks counted for the first time: allocated (held until now), or counted without an allocation (a replay).
+    let page = -1;
+    let unheld = 0;
+    for (let i = 0; i < edges.length; i++) {
+      const chunk = edges[i]!;
+      if (this.#reserved.delete(chunk)) {
+        const chunkPage = Math.floor(chunk / countsPerPage);
+        if (chunkPage !== page) {
+          if (unheld > 0) this.#heldChange(page, -unheld);
+          page = chunkPage;
+          unheld = 0;
+        }
+        unheld += 1;
+        continue;
+      }
+      if (this.#freeing.has(chunk)) assert(false, `chunk ${chunk} referenced again while its free waits for a commit`);
+      this.#usedCount += 1;
+      if (chunk >= this.#highWater) this.#highWater = chunk + 1;
+    }
+    if (unheld > 0) this.#heldChange(page, -unheld);
+  }
+
+  /** `decrement` of each chunk of [start, start + chunkCount), at once: `onFree` once a run of chunks falling to zero. */
+  decrementRun(start: number, chunkCount: number): void {
+    const edges = this.#edges;
+    edges.length = 0;
+    this.counts.addRun(start, chunkCount, -1, edges);
+    let i = 0;
+    while (i < edges.length) {
+      const first = edges[i]!;
+      let count = 1;
+      while (i + count < edges.length && edges[i + count] === first + count) count += 1;
+      i += count;
+      this.onFree(first, count);
+    }
   }
 
   /** Returns the first of `chunkCount` consecutive free chunks, now the caller's (held until counted or released). */
@@ -382,10 +569,8 @@ export class ChunkSpace implements ChunkRefs {
 
   /** Gives back allocated chunks never counted (a failed write): reusable at once. */
   release(start: number, chunkCount: number): void {
-    for (let chunk = start; chunk < start + chunkCount; chunk++) {
-      assert(this.#reserved.delete(chunk), `chunk ${chunk} released but not allocated`);
-      this.#unhold(chunk);
-    }
+    assert(this.#reserved.deleteRun(start, chunkCount), 'chunks released but not allocated');
+    this.#heldRunChange(start, chunkCount, -1);
     this.#usedCount -= chunkCount;
     this.#freed(start + chunkCount);
   }
@@ -393,10 +578,16 @@ export class ChunkSpace implements ChunkRefs {
   /** Chunks whose count fell to zero that committed metadata may still name: reusable only after the commit. */
   freeDeferred(start: number, chunkCount: number, punch = true): void {
     assert(chunkCount > 0);
-    for (let chunk = start; chunk < start + chunkCount; chunk++) {
-      assert(this.counts.get(chunk) === 0 && !this.#held.has(chunk), `chunk ${chunk} freed while in use or already freed`);
-      this.#hold(chunk);
+    for (let chunk = start, end = start + chunkCount; chunk < end; ) {
+      const page = Math.floor(chunk / countsPerPage);
+      const first = page * countsPerPage;
+      const stop = Math.min(end, first + countsPerPage);
+      const counts = this.counts.countsOf(page);
+      assert(counts !== undefined, `reference counts: page ${page} (for ${chunk}) is not loaded`);
+      for (; chunk < stop; chunk++) if (counts[chunk - first] !== 0 || this.#reserved.has(chunk)) assert(false, `chunk ${chunk} freed while in use`);
     }
+    // `#holdRun` refuses a chunk already held for a commit (freed twice).
+    this.#holdRun(start, chunkCount);
     this.#usedCount -= chunkCount;
     this.#deferred.add(start, chunkCount, punch);
   }
@@ -407,10 +598,8 @@ export class ChunkSpace implements ChunkRefs {
 
   releaseTaken(extents: readonly FreeExtent[]): void {
     for (const extent of extents) {
-      for (let chunk = extent.start; chunk < extent.start + extent.count; chunk++) {
-        assert(this.#held.has(chunk) && !this.#reserved.has(chunk), `chunk ${chunk} released twice`);
-        this.#unhold(chunk);
-      }
+      // Held for a commit or a punch, so not reserved (the two sets share no chunk).
+      this.#unholdRun(extent.start, extent.count);
       this.#freed(extent.start + extent.count);
     }
   }
@@ -446,7 +635,7 @@ export class ChunkSpace implements ChunkRefs {
       const pin = await this.counts.loadPages([page]);
       try {
         const counts = this.counts.countsOf(page)!;
-        for (let chunk = first; chunk < end; chunk++) if (counts[chunk - first] === 0 && !this.#held.has(chunk)) add(chunk);
+        for (let chunk = first; chunk < end; chunk++) if (counts[chunk - first] === 0 && !this.#isHeld(chunk)) add(chunk);
       } finally {
         pin.release();
       }
@@ -475,7 +664,7 @@ export class ChunkSpace implements ChunkRefs {
       const pin = await this.counts.loadPages([page]);
       try {
         const counts = this.counts.countsOf(page)!;
-        for (let chunk = first; chunk < end; chunk++) if (counts[chunk - first] === 0 && !this.#held.has(chunk)) add(chunk, chunk + 1);
+        for (let chunk = first; chunk < end; chunk++) if (counts[chunk - first] === 0 && !this.#isHeld(chunk)) add(chunk, chunk + 1);
       } finally {
         pin.release();
       }
@@ -486,17 +675,15 @@ export class ChunkSpace implements ChunkRefs {
   async #allocate(chunkCount: number): Promise<number> {
     await this.#settle();
     let start = -1;
-    const setCount = this.#usedCount + this.#held.size - this.#reserved.size;
+    const setCount = this.#usedCount + this.#freeing.size;
     if (this.#highWater - setCount >= chunkCount && chunkCount < this.#noRunOf) {
       start = await this.#findRun(this.#cursor, this.#highWater, chunkCount);
       if (start < 0) start = await this.#findRun(0, Math.min(this.#highWater, this.#cursor + chunkCount - 1), chunkCount);
       if (start < 0) this.#noRunOf = chunkCount;
     }
     if (start < 0) start = this.#highWater;
-    for (let chunk = start; chunk < start + chunkCount; chunk++) {
-      this.#reserved.add(chunk);
-      this.#hold(chunk);
-    }
+    assert(this.#reserved.addRun(start, chunkCount));
+    this.#heldRunChange(start, chunkCount, 1);
     this.#usedCount += chunkCount;
     this.#highWater = Math.max(this.#highWater, start + chunkCount);
     this.#cursor = start + chunkCount;
@@ -569,8 +756,12 @@ export class ChunkSpace implements ChunkRefs {
         }
         return need;
       }
+      // Held chunks as the page's bits, read here rather than looked up a chunk at a time.
+      const reserved = this.#reserved.wordsOf(page);
+      const freeing = this.#freeing.wordsOf(page);
       for (let chunk = position; chunk < pageEnd; chunk++) {
-        if (counts[chunk - first] === 0 && !this.#held.has(chunk)) {
+        const slot = chunk - first;
+        if (counts[slot] === 0 && ((reserved[slot >>> 5]! | freeing[slot >>> 5]!) & (1 << (slot & 31))) === 0) {
           if (runStart < 0) {
             if (chunk >= limit) return -1;
             runStart = chunk;
@@ -585,11 +776,22 @@ export class ChunkSpace implements ChunkRefs {
 
   /** Whether every chunk of the run is free now (its part-free pages are pinned by the search). */
   #runFree(start: number, count: number): boolean {
-    for (let chunk = start; chunk < start + count; chunk++) {
+    for (let chunk = start, end = start + count; chunk < end; ) {
       const page = Math.floor(chunk / countsPerPage);
-      if (this.#available(page) === countsPerPage) continue;
+      const first = page * countsPerPage;
+      const stop = Math.min(end, first + countsPerPage);
+      if (this.#available(page) === countsPerPage) {
+        chunk = stop;
+        continue;
+      }
       const counts = this.counts.countsOf(page);
-      if (counts === undefined || counts[chunk - page * countsPerPage] !== 0 || this.#held.has(chunk)) return false;
+      if (counts === undefined) return false;
+      const reserved = this.#reserved.wordsOf(page);
+      const freeing = this.#freeing.wordsOf(page);
+      for (; chunk < stop; chunk++) {
+        const slot = chunk - first;
+        if (counts[slot] !== 0 || ((reserved[slot >>> 5]! | freeing[slot >>> 5]!) & (1 << (slot & 31))) !== 0) return false;
+      }
     }
     return true;
   }
@@ -600,15 +802,41 @@ export class ChunkSpace implements ChunkRefs {
   }
 
   #hold(chunk: number): void {
-    this.#held.add(chunk);
-    const page = Math.floor(chunk / countsPerPage);
-    this.#heldPerPage.set(page, (this.#heldPerPage.get(page) ?? 0) + 1);
+    this.#freeing.add(chunk);
+    this.#heldChange(Math.floor(chunk / countsPerPage), 1);
   }
 
-  #unhold(chunk: number): void {
-    assert(this.#held.delete(chunk));
-    const page = Math.floor(chunk / countsPerPage);
-    const held = this.#heldPerPage.get(page)! - 1;
+  /** Whether `chunk` (of count zero) is held: reserved, or waiting for a commit or a punch. */
+  #isHeld(chunk: number): boolean {
+    return this.#reserved.has(chunk) || this.#freeing.has(chunk);
+  }
+
+  /** Adds `delta` to the chunks held per page for each chunk of [start, start + chunkCount): once a page. */
+  #heldRunChange(start: number, chunkCount: number, delta: 1 | -1): void {
+    for (let chunk = start, end = start + chunkCount; chunk < end; ) {
+      const page = Math.floor(chunk / countsPerPage);
+      const stop = Math.min(end, (page + 1) * countsPerPage);
+      this.#heldChange(page, delta * (stop - chunk));
+      chunk = stop;
+    }
+  }
+
+  /** Holds each chunk of [start, start + chunkCount) for a commit (none held yet). */
+  #holdRun(start: number, chunkCount: number): void {
+    assert(this.#freeing.addRun(start, chunkCount), `chunks of ${start} to ${start + chunkCount - 1} freed twice`);
+    this.#heldRunChange(start, chunkCount, 1);
+  }
+
+  /** Lets go of each chunk of [start, start + chunkCount) held for a commit or a punch. */
+  #unholdRun(start: number, chunkCount: number): void {
+    assert(this.#freeing.deleteRun(start, chunkCount), `chunks of ${start} to ${start + chunkCount - 1} released twice or never freed`);
+    this.#heldRunChange(start, chunkCount, -1);
+  }
+
+  /** Adds `delta` to the chunks held in page `page` of counts. */
+  #heldChange(page: number, delta: number): void {
+    const held = (this.#heldPerPage.get(page) ?? 0) + delta;
+    assert(held >= 0);
     if (held === 0) this.#heldPerPage.delete(page);
     else this.#heldPerPage.set(page, held);
   }
@@ -642,7 +870,7 @@ export class ChunkSpace implements ChunkRefs {
       const pin = await this.counts.loadPages([page]);
       try {
         const counts = this.counts.countsOf(page)!;
-        for (let chunk = top - 1; chunk >= first; chunk--) if (counts[chunk - first] !== 0 || this.#held.has(chunk)) return chunk + 1;
+        for (let chunk = top - 1; chunk >= first; chunk--) if (counts[chunk - first] !== 0 || this.#isHeld(chunk)) return chunk + 1;
       } finally {
         pin.release();
       }

@@ -938,3 +938,49 @@ test('a write applied at once (mapRunNow) keeps the tree, keys and counts a queu
     assert.equal((await runsOf(paged, 5, 1))[0]!.physicalChunk, nextPhysical + 3);
   });
 });
+
+test('an overwrite across several leaves changed since the commit applies at once in place; a hole, a clean leaf or a shared one leaves it to the pass', async () => {
+  const capacities = { leaf: 8, interior: 4 };
+  await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
+    const modelRefs = new Counts();
+    const model = new ChunkMap();
+    const paged = setup.maps.empty();
+    let nextPhysical = 1_000;
+    /** The maps whose pages the counts are checked against. */
+    let roots = [paged];
+    /** Maps `count` chunks at `v` in both maps (at once if it can: returns whether it did), and checks them. */
+    const write = async (v: number, count: number, label: string): Promise<boolean> => {
+      model.mapRun(v, nextPhysical, count, modelRefs);
+      const atOnce = paged.mapRunNow(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
+      if (!atOnce) await paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
+      nextPhysical += count;
+      assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), label);
+      await checkCounts(setup, roots, capacities, label);
+      return atOnce;
+    };
+    await write(0, 200, 'the first lap');
+    const placed = (): { nextPage: number; dirty: number } => ({ nextPage: setup.allocator.state().nextPage, dirty: setup.maps.dirtyPages });
+    const before = placed();
+    // 40 chunks over 5 leaves or more of 8, every node changed since the (no) commit and held once.
+    assert.ok(await write(13, 40, 'an overwrite over leaves changed since the commit'), 'applied at once');
+    assert.deepEqual(placed(), before, 'no page placed, no node copied');
+    assert.ok(await write(0, 200, 'an overwrite of the whole map'), 'applied at once');
+
+    model.unmapRange(20, 1, modelRefs);
+    await paged.unmapRange(20, 1, setup.chunkRefs);
+    assert.equal(await write(13, 40, 'an overwrite over a hole'), false, 'a hole: the pass adds its entry');
+    assert.ok(await write(13, 40, 'the same, the hole filled'), 'applied at once');
+
+    await setup.maps.commit(() => Buffer.from('a commit'));
+    assert.equal(await write(60, 40, 'an overwrite of leaves clean since the commit'), false, 'clean leaves: the pass copies them');
+    assert.ok(await write(60, 40, 'the same again'), 'applied at once once copied');
+
+    const snapshot = paged.clone();
+    const snapshotRuns = await runsOf(snapshot, 0, 210);
+    roots = [paged, snapshot];
+    assert.equal(await write(60, 40, 'an overwrite of leaves a clone shares'), false, 'shared leaves: the pass copies them');
+    assert.deepEqual(await runsOf(snapshot, 0, 210), snapshotRuns, 'the clone keeps what it had');
+    await snapshot.drop(setup.chunkRefs);
+    await checkCounts(setup, [paged], capacities, 'after the clone is dropped');
+  });
+});

@@ -126,7 +126,8 @@ const write = (chunkCount: number, fails: boolean): Command =>
       return;
     }
     const refs: ChunkRefs = real.maps.chunks;
-    await withCounts(real.maps.chunks.counts, run, () => run.forEach((chunk) => refs.increment(chunk)));
+    // An even run counted at once (paged-map.ts's passes), an odd one a chunk at a time: the same counts either way.
+    await withCounts(real.maps.chunks.counts, run, () => (chunkCount % 2 === 0 ? real.maps.chunks.incrementRun(start, chunkCount) : run.forEach((chunk) => refs.increment(chunk))));
     for (const chunk of run) bump(model.chunks, chunk, 1);
   });
 
@@ -142,7 +143,11 @@ const share = (pick: number, times: number): Command =>
     const chunk = pickChunk(model, pick);
     if (chunk === undefined) return;
     await withCounts(real.maps.chunks.counts, [chunk], () => {
-      for (let i = 0; i < times; i++) real.maps.chunks.increment(chunk);
+      // Through the run's way for an even pick, its overflow list included.
+      for (let i = 0; i < times; i++) {
+        if (pick % 2 === 0) real.maps.chunks.incrementRun(chunk, 1);
+        else real.maps.chunks.increment(chunk);
+      }
     });
     bump(model.chunks, chunk, times);
   });
@@ -154,7 +159,12 @@ const drop = (pick: number, times: number): Command =>
     if (chunk === undefined) return;
     const count = Math.min(times, model.chunks.get(chunk)!);
     await withCounts(real.maps.chunks.counts, [chunk], () => {
-      for (let i = 0; i < count; i++) assert.equal(real.maps.chunks.decrement(chunk), bump(model.chunks, chunk, -1));
+      for (let i = 0; i < count; i++) {
+        if (pick % 2 === 0) {
+          real.maps.chunks.decrementRun(chunk, 1);
+          assert.equal(real.maps.chunks.get(chunk), bump(model.chunks, chunk, -1));
+        } else assert.equal(real.maps.chunks.decrement(chunk), bump(model.chunks, chunk, -1));
+      }
     });
     if (!model.chunks.has(chunk)) model.allocator.freeDeferred(chunk, 1, true);
   });
@@ -164,8 +174,24 @@ const trim = (start: number, length: number): Command =>
   command(`trim ${start}+${length}`, async (model, real) => {
     const chunks = Array.from({ length }, (_, i) => start + i).filter((chunk) => model.chunks.has(chunk));
     await withCounts(real.maps.chunks.counts, chunks, () => {
-      for (const chunk of chunks) {
-        while (model.chunks.has(chunk)) assert.equal(real.maps.chunks.decrement(chunk), bump(model.chunks, chunk, -1));
+      if (start % 2 === 0) {
+        for (const chunk of chunks) {
+          while (model.chunks.has(chunk)) assert.equal(real.maps.chunks.decrement(chunk), bump(model.chunks, chunk, -1));
+        }
+        return;
+      }
+      // The run's way (an odd start): each down to one a chunk at a time, then the last references of each stretch of
+      // consecutive chunks at once, which frees them in order, as a chunk at a time would.
+      for (const chunk of chunks) while (model.chunks.get(chunk)! > 1) assert.equal(real.maps.chunks.decrement(chunk), bump(model.chunks, chunk, -1));
+      for (let i = 0; i < chunks.length; ) {
+        let count = 1;
+        while (i + count < chunks.length && chunks[i + count] === chunks[i]! + count) count += 1;
+        real.maps.chunks.decrementRun(chunks[i]!, count);
+        for (let k = i; k < i + count; k++) {
+          bump(model.chunks, chunks[k]!, -1);
+          assert.equal(real.maps.chunks.get(chunks[k]!), 0);
+        }
+        i += count;
       }
     });
     for (const chunk of chunks) model.allocator.freeDeferred(chunk, 1, true);
