@@ -178,6 +178,7 @@ async function main(): Promise<void> {
     // 1. The writes, cut where a snapshot is due.
     let writeSeconds = 0;
     const stepStart = written;
+    const cpuBeforeWrites = processCpuSeconds(node.process.pid!);
     while (written < stepBytes) {
       const until = Math.min(stepBytes, pending[0] ?? Infinity);
       const job = await fio(['--name=randwrite', '--rw=randwrite', `--io_size=${until - written}`, '--end_fsync=1']);
@@ -192,6 +193,8 @@ async function main(): Promise<void> {
       }
     }
     const writing = await api<NodeStatusPart>('GET', '/v1/status');
+    const cpuAfterWrites = processCpuSeconds(node.process.pid!);
+    const writeCpuMicros = cpuBeforeWrites === null || cpuAfterWrites === null || written === stepStart ? null : ((cpuAfterWrites - cpuBeforeWrites) / ((written - stepStart) / blockBytes)) * 1e6;
     const rssBytesBeforeRestart = rssBytes(node.process.pid!);
 
     // 2. The restart after a crash (the writes ended with a flush: everything acknowledged is in the journal).
@@ -242,6 +245,7 @@ async function main(): Promise<void> {
       writtenBytes: written,
       snapshots,
       writeIops: written === stepStart ? null : (written - stepStart) / blockBytes / writeSeconds,
+      writeCpuMicros,
       rssBytesBeforeRestart,
       eventLoopDelayMaxWritingSeconds: writing.eventLoopDelayMaxSeconds,
       checkpointsWhileWriting: writing.pool.checkpointsTotal,

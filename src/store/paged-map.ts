@@ -547,6 +547,8 @@ export class PagedMaps {
   /** The last commit's write (`commitBeside`): the next commit waits for it. */
   #lastWrite: Promise<unknown> = Promise.resolve();
   #passRestarts = 0;
+  /** Reference counts a pass changed since the last commit (`countChanges`). */
+  #countChanges = 0;
 
   constructor(options: PagedMapsOptions) {
     this.#cache = options.cache;
@@ -619,6 +621,7 @@ export class PagedMaps {
         }
       }
       this.#dirty.clear();
+      this.#countChanges = 0;
       const written = this.#cache.commit(rootBody()).then((root) => {
         this.#allocator.committed();
         return root;
@@ -628,6 +631,16 @@ export class PagedMaps {
       durable = written;
     });
     return { sealed, durable: sealed.then(() => durable!) };
+  }
+
+  /**
+   * Chunk reference counts the passes changed since the last commit: each a count a replay of the same records
+   * changes again (`increment`, `decrement`), most of them from copies of shared leaves (a leaf a snapshot shares
+   * counts up each chunk it names when first written after it). The replay's cost beside its pages read
+   * (paged-catalog.ts's `replayCost`).
+   */
+  get countChanges(): number {
+    return this.#countChanges;
   }
 
   /** Times a pass started over after reading what it missed, since these maps were made (for tests and benchmarks). */
@@ -1355,6 +1368,7 @@ export class PagedMaps {
     assert(refs !== undefined || (changes.chunkIncrements.length === 0 && changes.chunkDecrements.length === 0));
     for (const chunk of changes.chunkIncrements) refs!.increment(chunk);
     for (const chunk of changes.chunkDecrements) refs!.decrement(chunk);
+    this.#countChanges += changes.chunkIncrements.length + changes.chunkDecrements.length;
     return rootPage;
   }
 
