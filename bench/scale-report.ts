@@ -41,6 +41,8 @@ export interface ScaleStep {
   /** 4 KiB random read IOPS, QD32, over the whole volume: right after the restart, then again. */
   coldReadIops: number;
   warmReadIops: number;
+  /** The node's CPU (user + system, every thread) from its spawn to its ready line after the kill -9, s; absent in runs before it was kept. */
+  startCpuSeconds?: number | null;
   /** The node's CPU (user + system, every thread) per 4 KiB write over the step's writes (snapshots taken included), µs; absent in runs before it was kept. */
   writeCpuMicros?: number | null;
   /** The node's CPU (user + system, every thread) per read of each sample, µs; absent in runs before it was kept. */
