@@ -40,6 +40,12 @@ async function killed(pool: Pool, files: TestFiles): Promise<void> {
   for (const fd of files.openDescriptors()) files.close(fd);
 }
 
+/** Each block of volume v written at `indexes` (the i-th write's fill 1 + i % 250) reads back with its last write's fill. */
+async function lastFillsReadBack(pool: Pool, indexes: readonly number[]): Promise<void> {
+  const last = new Map(indexes.map((index, i) => [index, 1 + (i % 250)]));
+  for (const [index, fill] of last) assert.equal(await readBlock(pool, 'v', index), fill, `block ${index}`);
+}
+
 /** Counts the reads of the metadata page files (a page read from the OS page cache in one call, or else a read). */
 class CountingFiles extends TestFiles {
   pageReads = 0;
@@ -578,8 +584,7 @@ test("map nodes changed since the last checkpoint past their count start a check
     }
     const reopened = await open(directory);
     try {
-      const last = new Map(indexes.map((index, i) => [index, 1 + (i % 250)]));
-      for (const [index, fill] of last) assert.equal(await readBlock(reopened, 'v', index), fill, `block ${index}`);
+      await lastFillsReadBack(reopened, indexes);
     } finally {
       await reopened.close();
     }
@@ -643,8 +648,7 @@ test("the estimated cost of the replay a crash would leave starts a checkpoint: 
     }
     const reopened = await open(directory);
     try {
-      const last = new Map(indexes.map((index, i) => [index, 1 + (i % 250)]));
-      for (const [index, fill] of last) assert.equal(await readBlock(reopened, 'v', index), fill, `block ${index}`);
+      await lastFillsReadBack(reopened, indexes);
       const snapshot = reopened.openSnapshot('v', 's');
       try {
         const out = Buffer.alloc(4096);
