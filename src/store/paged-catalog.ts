@@ -314,8 +314,8 @@ export class PagedCatalog {
 
   /** The replay a crash now would leave (`replayLoad`), in estimated microseconds of CPU (limits.ts's weights). */
   get replayCostUs(): number {
-    const pages = this.#maps.dirtyPages + this.#space.chunks.counts.changedPages + this.#space.pageRefs.changedPages;
-    return this.#recordsSince * replayCostRecordUs + pages * replayCostPageUs + this.#maps.countChanges * replayCostCountChangeUs;
+    const load = this.replayLoad;
+    return load.records * replayCostRecordUs + (load.mapPages + load.countPages) * replayCostPageUs + load.countChanges * replayCostCountChangeUs;
   }
 
   /**

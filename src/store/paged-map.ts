@@ -637,7 +637,7 @@ export class PagedMaps {
    * Chunk reference counts the passes changed since the last commit: each a count a replay of the same records
    * changes again (`increment`, `decrement`), most of them from copies of shared leaves (a leaf a snapshot shares
    * counts up each chunk it names when first written after it). The replay's cost beside its pages read
-   * (paged-catalog.ts's `replayCost`).
+   * (paged-catalog.ts's `replayCostUs`).
    */
   get countChanges(): number {
     return this.#countChanges;
