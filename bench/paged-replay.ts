@@ -8,7 +8,10 @@
 // again and R more writes at random are left to replay: R records over a map whose leaves are all on disk (what
 // a crash leaves after much written). With --cold each copy's files are synced and dropped from the OS page cache
 // (`dd iflag=nocache count=0`: the copy's files only) before its replay, so the leaves are read from the disk.
-// Usage: node bench/paged-replay.ts [--writes 180000] [--then-writes R] [--volume-size 64GiB] [--cache 64MiB] [--rounds 5] [--cold] [--dir DIR] [--keep]
+// With --snapshots N the first --writes are cut in N equal shares, a snapshot of the volume after each (the
+// snapshot variant of bench:scale: a replay's first write into a leaf a snapshot shares copies it). The pool is
+// made with a cache of --cache, as it is replayed.
+// Usage: node bench/paged-replay.ts [--writes 180000] [--then-writes R] [--snapshots N] [--volume-size 64GiB] [--cache 64MiB] [--rounds 5] [--cold] [--dir DIR] [--keep]
 // With --dir DIR the pool made is kept at DIR/pool (made only if missing), so that two trees can replay the same
 // journal (interleave them: run one, then the other, with the same --dir).
 import { execFileSync } from 'node:child_process';
@@ -24,7 +27,16 @@ import { Pool } from '../src/store/pool.ts';
 const blockBytes = 4096;
 const queueDepth = 32;
 
-async function writeAtRandom(pool: Pool, writes: number, volumeBytes: number): Promise<void> {
+async function writeAtRandom(pool: Pool, writes: number, volumeBytes: number, snapshots = 0): Promise<void> {
+  // With snapshots, the writes are cut in equal shares with a snapshot after each (as bench:scale's --snapshots).
+  if (snapshots > 0) {
+    const share = Math.ceil(writes / snapshots);
+    for (let done = 0, index = 0; done < writes; done += share, index++) {
+      await writeAtRandom(pool, Math.min(share, writes - done), volumeBytes);
+      await pool.createSnapshot('v', `s${pool.listSnapshots('v').length}`);
+    }
+    return;
+  }
   const volume = pool.openVolume('v');
   const blocks = volumeBytes / blockBytes;
   const data = Buffer.alloc(blockBytes, 7);
@@ -39,13 +51,13 @@ async function writeAtRandom(pool: Pool, writes: number, volumeBytes: number): P
   await volume.flush();
 }
 
-async function makePool(directory: string, writes: number, thenWrites: number | undefined, volumeBytes: number): Promise<void> {
-  let pool = await Pool.open({ directory, metadata: 'paged' });
+async function makePool(directory: string, writes: number, thenWrites: number | undefined, volumeBytes: number, snapshots: number, cacheBytes: number): Promise<void> {
+  let pool = await Pool.open({ directory, metadata: 'paged', metadataCacheBytes: cacheBytes });
   await pool.createVolume('v', volumeBytes);
-  await writeAtRandom(pool, writes, volumeBytes);
+  await writeAtRandom(pool, writes, volumeBytes, snapshots);
   if (thenWrites !== undefined) {
     await pool.close();
-    pool = await Pool.open({ directory, metadata: 'paged' });
+    pool = await Pool.open({ directory, metadata: 'paged', metadataCacheBytes: cacheBytes });
     await writeAtRandom(pool, thenWrites, volumeBytes);
   }
   await pool.abandon();
@@ -80,13 +92,14 @@ const { values } = parseArgs({
     cache: { type: 'string', default: '64MiB' },
     rounds: { type: 'string', default: '5' },
     dir: { type: 'string' },
+    snapshots: { type: 'string', default: '0' },
   },
 });
 const base = values.dir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-replay-'));
 const template = path.join(base, 'pool');
 if (!fs.existsSync(template)) {
   const started = performance.now();
-  await makePool(template, Number(values.writes), values['then-writes'] === undefined ? undefined : Number(values['then-writes']), parseSize(values['volume-size']));
+  await makePool(template, Number(values.writes), values['then-writes'] === undefined ? undefined : Number(values['then-writes']), parseSize(values['volume-size']), Number(values.snapshots), parseSize(values.cache));
   console.log(`pool made in ${((performance.now() - started) / 1000).toFixed(1)} s`);
 }
 const seconds: number[] = [];
@@ -101,6 +114,7 @@ for (let round = 0; round < Number(values.rounds); round++) {
   const replayed = await replayPaged(realFiles, copy, { cacheBytes: parseSize(values.cache) });
   const cpuUs = process.cpuUsage(cpu);
   const { misses, passRestarts } = replayed.catalog.pageReads;
+  console.log(`  load left by the crash: ${JSON.stringify(replayed.catalog.replayLoad)}`);
   await replayed.catalog.close();
   fs.rmSync(copy, { recursive: true, force: true });
   seconds.push(replayed.seconds.replay);

@@ -45,6 +45,8 @@ export interface ScaleStep {
   /** 4 KiB random read IOPS, QD32, over the whole volume: right after the restart, then again. */
   coldReadIops: number;
   warmReadIops: number;
+  /** The node's CPU (user + system, every thread) from its spawn to its ready line after the kill -9, s; absent in runs before it was kept. */
+  startCpuSeconds?: number | null;
   /** The node's CPU (user + system, every thread) per read of each sample, µs; absent in runs before it was kept. */
   coldReadCpuMicros?: number | null;
   warmReadCpuMicros?: number | null;

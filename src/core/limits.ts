@@ -110,6 +110,27 @@ export const metadataDirtyBytesMin = 16 * MiB;
  * and cost 85 to 94 us of CPU and 7.7 KB of page file written per 4 KiB write, against 24 to 34 us and 0.44 KB.
  */
 export const metadataReplayPagesMax = 8192;
+/**
+ * Paged metadata: what a replay after a crash costs, estimated from what the records since the last checkpoint
+ * did (paged-catalog.ts's `replayCostUs`), in microseconds of one CPU on a quiet machine (measured in process with
+ * bench/paged-replay.ts over 4 GiB at random into 64 GiB, and with 25 and 100 snapshots along 1 and 4 GiB into 1 TiB:
+ * paged-metadata.md, "A crashed start bounded by its cost"): a record read, decoded and applied in its batch; a
+ * page read, checked, decoded and copied (a map node changed, a page of counts changed); a reference count changed
+ * (most of them from the copy of a leaf a snapshot shares: it counts up each chunk the leaf names).
+ */
+export const replayCostRecordUs = 6;
+export const replayCostPageUs = 40;
+export const replayCostCountChangeUs = 0.4;
+/**
+ * Paged metadata: a checkpoint starts once the replay a crash would leave is estimated at this (`replayCostUs`),
+ * whatever the journal's size and the dirty nodes' count: about what a full journal (2 MiB, about 51,000 records)
+ * costs over a map of some 6,500 leaves (4 GiB written at random), so that no crash leaves more than that, with
+ * snapshots too (the copies of shared leaves made a crash after 100 snapshots cost 2 to 3 times it). A crash
+ * leaves up to about twice it (the interval being written and the next). Not lower: 350,000 started 25
+ * checkpoints where this starts 15 over 4 GiB at random and cost about 15 % more CPU a write (paged-metadata.md,
+ * "A crashed start bounded by its cost").
+ */
+export const metadataReplayCostMaxUs = 550_000;
 /** Journal space reserved ahead (zero-filled) so that a full file system cannot stop a metadata commit. */
 export const journalReserveBytes = 4 * MiB;
 /** Unflushed writes are committed in the background at least this often, as a file system's commit interval. */

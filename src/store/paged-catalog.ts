@@ -42,7 +42,7 @@
 import path from 'node:path';
 import { unreachable } from '../core/assert.ts';
 import { ChunkdError, isNoSpace } from '../core/errors.ts';
-import { chunkSizeBytes, metadataDirtyBytesMin, metadataReplayPagesMax } from '../core/limits.ts';
+import { chunkSizeBytes, metadataDirtyBytesMin, metadataReplayCostMaxUs, metadataReplayPagesMax, replayCostCountChangeUs, replayCostPageUs, replayCostRecordUs } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import type { FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
@@ -88,6 +88,8 @@ export interface PagedCatalogOptions {
   dirtyBytes?: number;
   /** The count of map nodes changed since the last checkpoint that asks for the next, whatever their memory (`dirtyPastLimit`; default limits.metadataReplayPagesMax). */
   dirtyPages?: number;
+  /** The estimated cost of the replay a crash would leave that asks for the next checkpoint (`dirtyPastLimit`, `replayCostUs`; default limits.metadataReplayCostMaxUs). */
+  replayCostMaxUs?: number;
   /** Read only (fsck): the page file writes no repair and refuses commits; records still apply, in memory. */
   readOnly?: boolean;
 }
@@ -182,14 +184,18 @@ export class PagedCatalog {
   #queued = 0;
   /** Whether chunks the record applying now frees are punched out once free (see `apply`). */
   #punchFrees = true;
+  /** Records applied since the last checkpoint took its pages (`replayLoad`). */
+  #recordsSince = 0;
   /** See `dirtyPastLimit`. */
   readonly #dirtyBytes: number;
   readonly #dirtyPages: number;
+  readonly #replayCostMaxUs: number;
 
-  private constructor(file: PageFile, cache: PageCache, space: SpaceMaps, maps: PagedMaps, dirtyBytes: number, dirtyPages: number) {
+  private constructor(file: PageFile, cache: PageCache, space: SpaceMaps, maps: PagedMaps, dirtyBytes: number, dirtyPages: number, replayCostMaxUs: number) {
     this.#file = file;
     this.#dirtyBytes = dirtyBytes;
     this.#dirtyPages = dirtyPages;
+    this.#replayCostMaxUs = replayCostMaxUs;
     this.#cache = cache;
     this.#space = space;
     this.#maps = maps;
@@ -216,7 +222,7 @@ export class PagedCatalog {
         pageCountPages: space.pageRefs,
         chunkCountPages: space.chunks.counts,
       });
-      const catalog = new PagedCatalog(file, cache, space, maps, options.dirtyBytes ?? Math.max(options.cacheBytes, metadataDirtyBytesMin), options.dirtyPages ?? metadataReplayPagesMax);
+      const catalog = new PagedCatalog(file, cache, space, maps, options.dirtyBytes ?? Math.max(options.cacheBytes, metadataDirtyBytesMin), options.dirtyPages ?? metadataReplayPagesMax, options.replayCostMaxUs ?? metadataReplayCostMaxUs);
       catalog.#pagesAtOpen = space.pages.state();
       if (root !== null) await catalog.#load(root);
       return catalog;
@@ -296,11 +302,29 @@ export class PagedCatalog {
    * so that the metadata's memory stays about twice the cache's size, whatever the data held. Without it only the
    * journal's size started one: up to a journal's records (about 51,000) of dirty leaves, some 500 MiB, once the
    * map is much larger than what they touch. Also once they are limits.metadataReplayPagesMax (`dirtyPages`),
-   * whatever the cache: after a crash each is a page the replay reads (a cold cache), so this bounds a crashed start.
+   * whatever the cache: after a crash each is a page the replay reads (a cold cache). And once the replay a crash
+   * would leave is estimated at limits.metadataReplayCostMaxUs (`replayCostUs`): records, pages and counts, so
+   * that a crashed start is bounded where the count of nodes is not what costs (a journal of records over a map
+   * of a few thousand leaves; the copies of leaves snapshots share, each counting up its chunks).
    */
   get dirtyPastLimit(): boolean {
     const dirty = this.#maps.dirtyPages;
-    return dirty >= this.#dirtyPages || dirty * this.#maps.nodeBytes >= this.#dirtyBytes;
+    return dirty >= this.#dirtyPages || dirty * this.#maps.nodeBytes >= this.#dirtyBytes || this.replayCostUs >= this.#replayCostMaxUs;
+  }
+
+  /** The replay a crash now would leave (`replayLoad`), in estimated microseconds of CPU (limits.ts's weights). */
+  get replayCostUs(): number {
+    const load = this.replayLoad;
+    return load.records * replayCostRecordUs + (load.mapPages + load.countPages) * replayCostPageUs + load.countChanges * replayCostCountChangeUs;
+  }
+
+  /**
+   * What a replay of the records applied since the last checkpoint would do, were the node to crash now (a cold
+   * cache): the records, the pages it reads (the map nodes changed, each a copy of a page on disk or a new one,
+   * and the pages of chunk and page counts changed) and the reference counts it changes (`PagedMaps.countChanges`).
+   */
+  get replayLoad(): { records: number; mapPages: number; countPages: number; countChanges: number } {
+    return { records: this.#recordsSince, mapPages: this.#maps.dirtyPages, countPages: this.#space.chunks.counts.changedPages + this.#space.pageRefs.changedPages, countChanges: this.#maps.countChanges };
   }
 
   /** The pages the table was last written to (for a check that every page is named once). */
@@ -383,6 +407,7 @@ export class PagedCatalog {
    * an overwrite's: the next writes reuse them).
    */
   apply(record: MetaRecord, punchFrees = true): Promise<void> {
+    this.#recordsSince += 1;
     return this.#enqueue(async () => {
       this.#punchFrees = punchFrees;
       try {
@@ -410,7 +435,9 @@ export class PagedCatalog {
     }
     this.#punchFrees = punchFrees;
     try {
-      return volume.map.mapRunNow(record.virtualChunk, record.physicalChunk, record.sums, this.#space.chunks);
+      const applied = volume.map.mapRunNow(record.virtualChunk, record.physicalChunk, record.sums, this.#space.chunks);
+      if (applied) this.#recordsSince += 1;
+      return applied;
     } finally {
       this.#punchFrees = true;
     }
@@ -447,6 +474,7 @@ export class PagedCatalog {
    * it, after the records before it have applied.
    */
   applyMaps(records: ReadonlyArray<Extract<MetaRecord, { type: 'map' }>>, punchFrees = true): Promise<void> {
+    this.#recordsSince += records.length;
     return this.#enqueue(async () => {
       this.#punchFrees = punchFrees;
       try {
@@ -484,6 +512,8 @@ export class PagedCatalog {
       // written over that state. The engine stops at the first failure, but a checkpoint may already be queued
       // behind the failed one (the root after an open's replay is written in the background: paged-backend.ts).
       if (this.#checkpointFailure !== null) throw ChunkdError.io(`an earlier metadata checkpoint failed (${this.#checkpointFailure.message}); no root is written until a restart`, this.#checkpointFailure);
+      // The records after this point are the next checkpoint's (what a crash leaves to replay: `replayLoad`).
+      this.#recordsSince = 0;
       const commit = this.#maps.commitBeside(() => this.#rootBody(journalGeneration));
       durable = commit.durable.then(
         () => {

@@ -310,6 +310,8 @@ const builtSize = (built: Built): number => built.keys.length;
 class ChunkRunList {
   readonly starts: number[] = [];
   readonly counts: number[] = [];
+  /** The chunks of all its runs. */
+  chunks = 0;
 
   get empty(): boolean {
     return this.starts.length === 0;
@@ -320,6 +322,7 @@ class ChunkRunList {
   }
 
   pushRun(start: number, count: number): void {
+    this.chunks += count;
     const last = this.starts.length - 1;
     if (last >= 0 && this.starts[last]! + this.counts[last]! === start) this.counts[last]! += count;
     else {
@@ -589,6 +592,8 @@ export class PagedMaps {
   /** The last commit's write (`commitBeside`): the next commit waits for it. */
   #lastWrite: Promise<unknown> = Promise.resolve();
   #passRestarts = 0;
+  /** Reference counts a pass changed since the last commit (`countChanges`). */
+  #countChanges = 0;
 
   constructor(options: PagedMapsOptions) {
     this.#cache = options.cache;
@@ -661,6 +666,7 @@ export class PagedMaps {
         }
       }
       this.#dirty.clear();
+      this.#countChanges = 0;
       const written = this.#cache.commit(rootBody()).then((root) => {
         this.#allocator.committed();
         return root;
@@ -670,6 +676,16 @@ export class PagedMaps {
       durable = written;
     });
     return { sealed, durable: sealed.then(() => durable!) };
+  }
+
+  /**
+   * Chunk reference counts the passes changed since the last commit: each a count a replay of the same records
+   * changes again (`increment`, `decrement`), most of them from copies of shared leaves (a leaf a snapshot shares
+   * counts up each chunk it names when first written after it). The replay's cost beside its pages read
+   * (paged-catalog.ts's `replayCostUs`).
+   */
+  get countChanges(): number {
+    return this.#countChanges;
   }
 
   /** Times a pass started over after reading what it missed, since these maps were made (for tests and benchmarks). */
@@ -1477,6 +1493,7 @@ export class PagedMaps {
     assert(left.size === 0, `chunk map pages ${[...left].join(', ')} left but still referenced`);
     assert(refs !== undefined || (changes.chunkIncrements.empty && changes.chunkDecrements.empty));
     if (refs !== undefined) applyChunkRuns(refs, changes.chunkIncrements, changes.chunkDecrements);
+    this.#countChanges += changes.chunkIncrements.chunks + changes.chunkDecrements.chunks;
     return rootPage;
   }
 

@@ -147,6 +147,8 @@ export interface PoolOptions {
   metadataDirtyBytes?: number;
   /** Paged metadata: the count of map nodes changed since the last checkpoint that starts the next, whatever their memory (default limits.metadataReplayPagesMax: it bounds what a crash leaves to replay). */
   metadataDirtyPages?: number;
+  /** Paged metadata: the estimated cost of the replay a crash would leave (microseconds) that starts the next checkpoint (default limits.metadataReplayCostMaxUs). */
+  metadataReplayCostMaxUs?: number;
 }
 
 /** The metadata a pool opens with: its catalog, and the generation just started. */
@@ -277,7 +279,7 @@ export class Pool {
     if (!pageFiles.some((file) => fs.existsSync(file)) && chunksHoldData(directory)) {
       throw ChunkdError.corrupt(`pool ${directory}: ${pageFiles.map((file) => path.basename(file)).join(' and ')} are both missing, but chunks/ holds data`);
     }
-    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault, commitSliceMs: options.metadataCommitSliceMs, dirtyBytes: options.metadataDirtyBytes, dirtyPages: options.metadataDirtyPages }).catch((error: unknown) => {
+    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault, commitSliceMs: options.metadataCommitSliceMs, dirtyBytes: options.metadataDirtyBytes, dirtyPages: options.metadataDirtyPages, replayCostMaxUs: options.metadataReplayCostMaxUs }).catch((error: unknown) => {
       throw fromSystemError(error, `opening the paged metadata of ${directory}`);
     });
     for (const line of opened.repairs) log(`metadata repaired: ${line}`);

@@ -100,6 +100,8 @@ export class RefCountMap {
   #overflowChanged = false;
   readonly #resident = new Map<number, Resident>();
   readonly #pins = new Map<number, number>();
+  /** Pages of counts changed since the last flush (`changedPages`). */
+  #changedPages = 0;
 
   private constructor(cache: PageCache, sink: PageSink, directory: PagedTable, overflow: Map<number, number>, overflowPages: number[]) {
     this.#cache = cache;
@@ -282,8 +284,14 @@ export class RefCountMap {
     return pages;
   }
 
+  /** Pages of counts changed since the last flush: each one a replay of the same changes reads (a cold cache after a crash). */
+  get changedPages(): number {
+    return this.#changedPages;
+  }
+
   /** Puts the changed pages into the cache (through the sink) and returns what the next root records. */
   flush(): RefCountRoot {
+    this.#changedPages = 0;
     for (const [page, resident] of this.#resident) {
       if (!resident.writable) continue;
       resident.writable = false;
@@ -335,6 +343,7 @@ export class RefCountMap {
     this.#directory.set(page, pageNumber, this.#directory.small(page));
     const writable = { counts, writable: true };
     this.#resident.set(page, writable);
+    this.#changedPages += 1;
     return writable;
   }
 }
