@@ -21,7 +21,12 @@ test('npm run bench:scale with tiny steps and snapshots reports every figure', {
     assert.deepEqual(report.steps.map((s: { snapshots: number }) => s.snapshots), [0, 2, 4]);
     for (const step of report.steps) {
       for (const [figure, value] of Object.entries(step)) {
-        if (figure === 'writeIops' && step.writtenBytes === 0) assert.equal(value, null);
+        if ((figure === 'writeIops' || figure === 'writeCpuMicros') && step.writtenBytes === 0) assert.equal(value, null);
+        else if (figure === 'memoryBeforeRestart') {
+          // The RSS by kind of mapping (smaps) and the peak: every part a count of bytes, the peak at least the RSS.
+          for (const [part, number] of Object.entries(value as object)) assert.ok(typeof number === 'number' && Number.isFinite(number) && number >= 0, `${figure}.${part} = ${number}`);
+          assert.ok((value as { peakBytes: number }).peakBytes >= step.rssBytesBeforeRestart, 'the peak RSS is at least the RSS');
+        }
         else if (figure === 'startPhases' || figure === 'startPhasesAgain') {
           // The start's own account, from the node's debug lines: where the pool's open and the rest went.
           assert.ok(Array.isArray(value) && value.some((line) => /^node started [\d.]+ s after its process/.test(line)), `${figure} = ${JSON.stringify(value)}`);
@@ -33,7 +38,7 @@ test('npm run bench:scale with tiny steps and snapshots reports every figure', {
         } else if (figure === 'snapshotListSeconds' && step.snapshots === 0) assert.equal(value, null);
         else assert.ok(typeof value === 'number' && Number.isFinite(value) && value >= 0, `${figure} = ${value}`);
       }
-      for (const figure of ['startSeconds', 'startSecondsAgain', 'rssBytesAfterStart', 'rssBytesAfterReads', 'metadataBytes', 'checkpointBytes', 'coldReadIops', 'warmReadIops', 'coldReadCpuMicros', 'warmReadCpuMicros']) {
+      for (const figure of ['startSeconds', 'startSecondsAgain', 'startCpuSeconds', 'rssBytesAfterStart', 'rssBytesAfterReads', 'metadataBytes', 'checkpointBytes', 'coldReadIops', 'warmReadIops', 'coldReadCpuMicros', 'warmReadCpuMicros']) {
         assert.ok(step[figure] > 0, `${figure} is measured`);
       }
     }
