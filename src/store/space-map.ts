@@ -361,7 +361,7 @@ const spareBitPages = 32;
  * writes over paged metadata"). A page with a chunk held also has its page of counts changed since the last flush
  * (4 KiB in memory: a free or an allocation counts it), so the bitmaps add at most a sixteenth to that.
  */
-export class ChunkBits {
+class ChunkBits {
   readonly #pages = new Map<number, { bits: Uint32Array; count: number }>();
   /** Pages' bits no longer used, all clear. */
   readonly #spare: Array<{ bits: Uint32Array; count: number }> = [];
@@ -392,10 +392,6 @@ export class ChunkBits {
   /** The bits of page `page` of counts (bit `slot & 31` of word `slot >>> 5` for the chunk at `slot` in it): read only, valid until the next change. */
   wordsOf(page: number): Uint32Array {
     return this.#pages.get(page)?.bits ?? noBits;
-  }
-
-  add(chunk: number): boolean {
-    return this.addRun(chunk, 1);
   }
 
   delete(chunk: number): boolean {
@@ -632,7 +628,7 @@ export class ChunkSpace implements ChunkRefs {
       if (first >= end || this.#available(page) === 0) return [];
       const extents: FreeExtent[] = [];
       const add = (chunk: number): void => {
-        this.#hold(chunk);
+        this.#holdRun(chunk, 1);
         const last = extents[extents.length - 1];
         if (last !== undefined && last.start + last.count === chunk) last.count += 1;
         else extents.push({ start: chunk, count: 1, punch: true });
@@ -808,11 +804,6 @@ export class ChunkSpace implements ChunkRefs {
   /** Free chunks of a page of counts: its zeros less those held. */
   #available(page: number): number {
     return this.counts.zeros(page) - (this.#heldPerPage.get(page) ?? 0);
-  }
-
-  #hold(chunk: number): void {
-    this.#freeing.add(chunk);
-    this.#heldChange(Math.floor(chunk / countsPerPage), 1);
   }
 
   /** Whether `chunk` (of count zero) is held: reserved, or waiting for a commit or a punch. */

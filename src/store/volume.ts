@@ -49,10 +49,10 @@ export interface VolumeStore {
  */
 export interface ReadDefrag {
   /**
-   * Whether volume `volumeId`'s ranges may be rewritten now: the option is on, reads are verified (only bytes just
-   * checked against their checksums are written again), no snapshot may share the chunks, the pool is open.
+   * Whether ranges may be rewritten now: the option is on, reads are verified (only bytes just checked against
+   * their checksums are written again), no snapshot in the pool may share the chunks, the pool is open and healthy.
    */
-  allowed(volumeId: number): boolean;
+  allowed(): boolean;
   /**
    * Runs `rewrite` (it resolves true when it rewrote the range) unless `bytes` more would pass the bound on those
    * in flight (limits.readDefragInFlightBytesMax): whether it runs. The pool waits for those in flight before it closes.
@@ -165,7 +165,7 @@ export class Volume implements BlockDevice {
     const pieces = physicalPieces(found.runs);
     if (pieces <= 1 || pieces * readDefragPieceBytesMax < data.length) return;
     const defrag = this.#store.readDefrag!;
-    if (!defrag.allowed(this.#runtime.meta.id)) return;
+    if (!defrag.allowed()) return;
     // Only a range found scattered a second time: a range read once (a backup, a copy) is not worth a write.
     const first = offsetBytes / chunkSizeBytes;
     let seen = scatteredSeen.get(this.#runtime);
@@ -208,7 +208,7 @@ export class Volume implements BlockDevice {
       const release = await this.#lock(offsetBytes, copy.length, true);
       try {
         if (runtime.writeBlock !== null || this.#store.writeGate(this.name) !== null) return false;
-        if (!this.#store.readDefrag!.allowed(runtime.meta.id)) return false;
+        if (!this.#store.readDefrag!.allowed()) return false;
         this.#store.metadata.checkHealthy();
         const first = offsetBytes / chunkSizeBytes;
         const count = copy.length / chunkSizeBytes;
