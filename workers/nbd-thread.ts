@@ -8,7 +8,7 @@ import { RemoteProvider } from '../src/nbd/remote-device.ts';
 import { NbdServer } from '../src/nbd/server.ts';
 import { tlsSettings, type TlsServerConfig } from '../src/nbd/tls.ts';
 
-const { port, host, listenPort, index, tls } = workerData as { port: MessagePort; host: string; listenPort: number; index: number; tls: TlsServerConfig | null };
+const { port, host, listenPort, index, tls, pollUs } = workerData as { port: MessagePort; host: string; listenPort: number; index: number; tls: TlsServerConfig | null; pollUs: number };
 const parent = parentPort!;
 const buffers = new SharedBufferPool();
 const provider = new RemoteProvider(port, buffers.slab);
@@ -17,6 +17,7 @@ const server = new NbdServer({
   log: (line, level) => parent.postMessage({ type: 'log', line: `nbd thread ${index}: ${line}`, level }),
   sharedBuffers: buffers,
   tls: tls === null ? null : tlsSettings(tls), // the main thread read and checked the credentials
+  pollUs,
 });
 
 parent.on('message', (message: { type: 'stats'; id: number } | { type: 'disconnect'; id: number; exportName: string } | { type: 'stop' }) => {

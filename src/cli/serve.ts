@@ -5,7 +5,7 @@ import { ChunkdError } from '../core/errors.ts';
 import { parseHostPort } from '../core/host-port.ts';
 import { installFailStop } from '../core/fail-stop.ts';
 import { validateName } from '../core/names.ts';
-import { workersMax } from '../core/limits.ts';
+import { pollUsMax, workersMax } from '../core/limits.ts';
 import { formatSize, parseDuration, parseSize } from '../core/units.ts';
 import { metadataKinds, type MetadataKind } from '../store/pool-layout.ts';
 import type { NodeConfig, PeerConfig } from '../node/node.ts';
@@ -50,6 +50,13 @@ export function parseWorkers(text: string, option = '--workers'): number {
   const count = Number(text);
   if (!/^\d+$/.test(text) || count > workersMax) throw ChunkdError.invalid(`invalid ${option} "${text}": a whole number from 0 (none: the main thread does it) to ${workersMax}`);
   return count;
+}
+
+/** --poll-us: 0 (off) to pollUsMax microseconds. */
+function parsePollUs(text: string): number {
+  const micros = Number(text);
+  if (!/^\d+$/.test(text) || micros > pollUsMax) throw ChunkdError.invalid(`invalid --poll-us "${text}": a whole number of microseconds from 0 (off) to ${pollUsMax}`);
+  return micros;
 }
 
 /**
@@ -165,6 +172,7 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): ServeCon
     nbdThreads: parseWorkers(values['nbd-threads'] ?? serveOptions['nbd-threads'].fallback, '--nbd-threads'),
     verifyReads: parseOnOff(values['verify-reads'] ?? serveOptions['verify-reads'].fallback, '--verify-reads'),
     readDefrag: parseOnOff(values['read-defrag'] ?? serveOptions['read-defrag'].fallback, '--read-defrag'),
+    pollUs: parsePollUs(values['poll-us'] ?? serveOptions['poll-us'].fallback),
     // Only when given: a pool of format 3 asked for paged is refused (pool.ts), one asked for nothing opens as it is.
     metadata: values.metadata === undefined ? undefined : parseMetadataKind(values.metadata),
     metadataCacheBytes: parseMetadataCache(values['metadata-cache'] ?? serveOptions['metadata-cache'].fallback),

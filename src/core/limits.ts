@@ -160,6 +160,8 @@ export const inlineCachedReadBytesMax = MiB;
 export const inlineWriteBytesMax = MiB;
 /** Worker threads at most (serve --workers). */
 export const workersMax = 64;
+/** serve --poll-us at most: a poll holds its thread's event loop (nbd/idle-poll.ts). */
+export const pollUsMax = 1000;
 
 /** Chunks freed but not yet reusable (they wait for a commit) that trigger a commit: 256 MiB of extra file space at most. */
 export const deferredChunksCommitMax = (256 * MiB) / chunkSizeBytes;

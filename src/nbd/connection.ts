@@ -66,7 +66,7 @@ import type { Session } from './handshake.ts';
 import { Receiver } from './receiver.ts';
 import type { PayloadBuffers, RequestSink } from './receiver.ts';
 import { ReplyQueue } from './reply-queue.ts';
-import { steerReads, steerTlsReads, widenSendBuffer } from './steered-socket.ts';
+import { descriptorOf, steerReads, steerTlsReads, widenSendBuffer } from './steered-socket.ts';
 import { NBD_CMD_DISC, NBD_CMD_READ, NBD_CMD_WRITE, encodeGreeting, optionHeaderBytes } from './protocol.ts';
 import type { NbdRequest } from './protocol.ts';
 import { peerRefusal } from './tls.ts';
@@ -77,6 +77,7 @@ import type { Log, LogLevel } from '../core/log.ts';
 import { observeLatency } from '../core/latency-histogram.ts';
 import type { ProtocolStageTimes } from '../store/stage-times.ts';
 import { performance } from 'node:perf_hooks';
+import { IdlePollPolicy, pollReadable, threadRequests, type IdlePollCounters } from './idle-poll.ts';
 
 /** Counters the server shares with its connections. */
 export interface RequestCounters {
@@ -84,6 +85,8 @@ export interface RequestCounters {
   requestErrorsTotal: number;
   /** The front end's stages: a WRITE payload's arrival, a reply's way to the kernel (store/stage-times.ts). */
   stages: ProtocolStageTimes;
+  /** Waits for a client's next request polled rather than slept (idle-poll.ts). */
+  idlePoll: IdlePollCounters;
 }
 
 export interface ConnectionOptions {
@@ -101,6 +104,8 @@ export interface ConnectionOptions {
   sharedBuffers?: SharedBufferPool | null;
   /** TLS offered or required (NBD_OPT_STARTTLS); null or absent: off. */
   tls?: TlsSettings | null;
+  /** Microseconds to poll for the next request once idle (serve --poll-us, idle-poll.ts); 0 or absent: off. */
+  pollUs?: number;
 }
 
 /** The connection's life; see the diagram at the top of this file. */
@@ -155,6 +160,8 @@ export class NbdConnection {
   #tlsWriting = false;
   /** `closing` with TLS replies still queued: the socket is ended once they are written. */
   #endAfterReplies = false;
+  /** Whether the next idle wait is polled (idle-poll.ts). */
+  readonly #idlePoll = new IdlePollPolicy();
 
   /** `accepted`: a socket that has read nothing yet (the server accepts with pauseOnConnect). */
   constructor(accepted: Socket, options: ConnectionOptions) {
@@ -413,6 +420,7 @@ export class NbdConnection {
     }
     this.#inFlightCount += 1;
     this.#inFlightBytes += costBytes;
+    threadRequests.inFlight += 1;
     runCommand(session, request, payload, this.#replyBuffers).then(
       (reply) => {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
@@ -436,6 +444,7 @@ export class NbdConnection {
   #finish(costBytes: number): void {
     this.#inFlightCount -= 1;
     this.#inFlightBytes -= costBytes;
+    threadRequests.inFlight -= 1;
     assert(this.#inFlightCount >= 0 && this.#inFlightBytes >= 0, 'in-flight accounting balances');
     this.#maybeResume();
     this.#maybeEnd();
@@ -531,7 +540,22 @@ export class NbdConnection {
   readonly #uncork = (): void => {
     this.#corked = false;
     this.#socket.uncork();
+    this.#pollIdle();
   };
+
+  /**
+   * Once this turn's replies are with the kernel and nothing is in flight on this thread: waits for the client's
+   * next request polling the socket rather than asleep in epoll (idle-poll.ts), when the policy says it pays.
+   */
+  #pollIdle(): void {
+    const pollUs = this.#options.pollUs ?? 0;
+    if (pollUs <= 0 || this.#state !== 'transmission' || this.#tlsReplies !== null) return;
+    if (this.#inFlightCount > 0 || threadRequests.inFlight > 0 || this.#paused || this.#socket.writableLength > 0) return;
+    const fd = descriptorOf(this.#socket);
+    if (fd === null || !this.#idlePoll.shouldPoll()) return;
+    if (pollReadable(fd, pollUs, this.#options.counters.idlePoll)) this.#idlePoll.hit();
+    else this.#idlePoll.missed();
+  }
 
   /** Writes the next slice of queued TLS replies; the one after follows once the socket has taken it. */
   readonly #writeTlsSlice = (): void => {

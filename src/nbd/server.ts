@@ -12,6 +12,7 @@ import type { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdConnection } from './connection.ts';
 import type { RequestCounters } from './connection.ts';
 import type { TlsSettings } from './tls.ts';
+import { emptyIdlePollCounters, type IdlePollCounters } from './idle-poll.ts';
 import type { Log } from '../core/log.ts';
 
 export interface NbdServerOptions {
@@ -25,6 +26,8 @@ export interface NbdServerOptions {
   sharedBuffers?: SharedBufferPool | null;
   /** TLS offered or required on every listener (tls.ts); null or absent: off. */
   tls?: TlsSettings | null;
+  /** Microseconds a connection polls for the next request once idle (idle-poll.ts); 0 or absent: off. */
+  pollUs?: number;
 }
 
 export interface NbdServerStats {
@@ -34,6 +37,8 @@ export interface NbdServerStats {
   requestErrorsTotal: number;
   /** Time in the front end's own stages (store/stage-times.ts). */
   stages: ProtocolStageTimes;
+  /** Idle waits polled (idle-poll.ts). */
+  idlePoll: IdlePollCounters;
 }
 
 export class NbdServer {
@@ -43,9 +48,10 @@ export class NbdServer {
   readonly #connectionsMax: number;
   readonly #sharedBuffers: SharedBufferPool | null;
   readonly #tls: TlsSettings | null;
+  readonly #pollUs: number;
   readonly #listeners: net.Server[] = [];
   readonly #connections = new Set<NbdConnection>();
-  readonly #counters: RequestCounters = { requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes() };
+  readonly #counters: RequestCounters = { requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes(), idlePoll: emptyIdlePollCounters() };
   #connectionsTotal = 0;
   #closing: Promise<void> | null = null;
 
@@ -56,6 +62,7 @@ export class NbdServer {
     this.#connectionsMax = options.connectionsMax ?? connectionsMax;
     this.#sharedBuffers = options.sharedBuffers ?? null;
     this.#tls = options.tls ?? null;
+    this.#pollUs = options.pollUs ?? 0;
   }
 
   /** Listens on a TCP address (port 0 picks a free port: see addresses()). */
@@ -110,6 +117,7 @@ export class NbdServer {
       requestsTotal: this.#counters.requestsTotal,
       requestErrorsTotal: this.#counters.requestErrorsTotal,
       stages: this.#counters.stages,
+      idlePoll: { ...this.#counters.idlePoll },
     };
   }
 
@@ -148,6 +156,7 @@ export class NbdServer {
       label,
       sharedBuffers: this.#sharedBuffers,
       tls: this.#tls,
+      pollUs: this.#pollUs,
     });
     this.#connections.add(connection);
     void connection.done.then(() => this.#connections.delete(connection));

@@ -24,6 +24,8 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
   metric('chunkd_nbd_connections_open', 'gauge', 'NBD connections open now.', [['', status.nbd.connectionsOpen]]);
   metric('chunkd_nbd_connections_total', 'counter', 'NBD connections accepted.', [['', status.nbd.connectionsTotal]]);
   metric('chunkd_nbd_requests_total', 'counter', 'NBD requests served.', [['', status.nbd.requestsTotal]]);
+  metric('chunkd_nbd_idle_polls_total', 'counter', 'Idle waits for a client\'s next request polled (serve --poll-us): hit, the request came within the poll; miss, it did not.', [['{result="hit"}', status.nbd.idlePoll.hits], ['{result="miss"}', status.nbd.idlePoll.misses]]);
+  metric('chunkd_nbd_idle_poll_seconds_total', 'counter', 'Time spent polling for clients\' next requests (serve --poll-us).', [['', status.nbd.idlePoll.microseconds / 1e6]]);
   metric('chunkd_nbd_request_errors_total', 'counter', 'NBD requests answered with an error.', [['', status.nbd.requestErrorsTotal]]);
   metric('chunkd_pool_failed', 'gauge', 'Whether the pool refuses writes after a failed sync or metadata write (1), until the node restarts.', [['', status.pool.failure === null ? 0 : 1]]);
   metric('chunkd_pool_commit_failures_total', 'counter', 'Metadata commits (flush, FUA, background) that failed.', [['', status.pool.commitFailuresTotal]]);

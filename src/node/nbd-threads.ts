@@ -16,6 +16,7 @@ import { failStop } from '../core/fail-stop.ts';
 import type { NbdServerStats } from '../nbd/server.ts';
 import type { TlsServerConfig } from '../nbd/tls.ts';
 import { DeviceHost } from './device-host.ts';
+import { emptyIdlePollCounters } from '../nbd/idle-poll.ts';
 import { ownModule } from '../core/source-files.ts';
 import type { Log, LogLevel } from '../core/log.ts';
 
@@ -35,6 +36,8 @@ export class NbdThreads {
   readonly #host: string;
   /** Credentials as PEM text: each thread makes its own SecureContext from them. */
   readonly #tls: TlsServerConfig | null;
+  /** serve --poll-us, for each thread's server. */
+  #pollUs = 0;
   #port = 0;
   #address = '';
   readonly #threads: ProtocolThread[] = [];
@@ -49,8 +52,9 @@ export class NbdThreads {
   }
 
   /** Starts `count` threads listening on host:port (port 0: the first picks one and the others share it). */
-  static async start(options: { count: number; host: string; port: number; provider: DeviceProvider; log: Log; tls?: TlsServerConfig | null }): Promise<NbdThreads> {
+  static async start(options: { count: number; host: string; port: number; provider: DeviceProvider; log: Log; tls?: TlsServerConfig | null; pollUs?: number }): Promise<NbdThreads> {
     const threads = new NbdThreads(options.provider, options.host, options.log, options.tls ?? null);
+    threads.#pollUs = options.pollUs ?? 0;
     threads.#port = options.port;
     try {
       for (let index = 0; index < options.count; index++) await threads.#startThread(index);
@@ -73,7 +77,7 @@ export class NbdThreads {
   /** Counters summed over the threads (each asked now). */
   async stats(): Promise<NbdServerStats> {
     await Promise.all(this.#threads.map((thread) => this.#refreshStats(thread)));
-    const sum: NbdServerStats = { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes() };
+    const sum: NbdServerStats = { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes(), idlePoll: emptyIdlePollCounters() };
     for (const thread of this.#threads) {
       sum.connectionsOpen += thread.stats.connectionsOpen;
       sum.connectionsTotal += thread.stats.connectionsTotal;
@@ -81,6 +85,9 @@ export class NbdThreads {
       sum.requestErrorsTotal += thread.stats.requestErrorsTotal;
       addHistogram(sum.stages.receive, thread.stats.stages.receive);
       addHistogram(sum.stages.reply, thread.stats.stages.reply);
+      sum.idlePoll.hits += thread.stats.idlePoll.hits;
+      sum.idlePoll.misses += thread.stats.idlePoll.misses;
+      sum.idlePoll.microseconds += thread.stats.idlePoll.microseconds;
     }
     return sum;
   }
@@ -116,10 +123,10 @@ export class NbdThreads {
     const channel = new MessageChannel();
     const host = new DeviceHost(this.#provider, channel.port1);
     const worker = new Worker(threadModule, {
-      workerData: { port: channel.port2, host: this.#host, listenPort: this.#port, index, tls: this.#tls },
+      workerData: { port: channel.port2, host: this.#host, listenPort: this.#port, index, tls: this.#tls, pollUs: this.#pollUs },
       transferList: [channel.port2],
     });
-    const thread: ProtocolThread = { worker, host, stats: { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes() }, stopping: false };
+    const thread: ProtocolThread = { worker, host, stats: { connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes(), idlePoll: emptyIdlePollCounters() }, stopping: false };
     const ready = new Promise<string[]>((resolve, reject) => {
       const timer = setTimeout(() => reject(ChunkdError.io(`NBD thread ${index} did not start in ${threadStartTimeoutMs / 1000} s`)), threadStartTimeoutMs);
       worker.on('message', (message: { type: string; line?: string; level?: LogLevel; addresses?: string[] }) => {

@@ -9,6 +9,7 @@ import { checkName } from '../core/names.ts';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
+import type { IdlePollCounters } from '../nbd/idle-poll.ts';
 import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/tls.ts';
 import { chunkSizeBytes, syncReplicaTimeoutMsDefault } from '../core/limits.ts';
 import type { CheckpointReport } from '../store/commit-engine.ts';
@@ -65,6 +66,8 @@ export interface NodeConfig {
   verifyReads?: boolean;
   /** Large reads rewrite a range they find scattered as one run (serve --read-defrag; default true). */
   readDefrag?: boolean;
+  /** Microseconds an idle NBD connection polls for its next request (serve --poll-us, nbd/idle-poll.ts); 0 or absent: off. */
+  pollUs?: number;
   /** The metadata a pool created now gets (serve --metadata; default memory); an existing pool keeps its own. */
   metadata?: MetadataKind;
   /** Paged metadata: the page cache's bound in bytes (serve --metadata-cache). */
@@ -136,7 +139,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     this.config = config;
     this.pool = pool;
     this.poolId = poolId;
-    this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers, tls: tls === null ? null : tlsSettings(tls) });
+    this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers, tls: tls === null ? null : tlsSettings(tls), pollUs: config.pollUs ?? 0 });
     this.api = new ApiServer(this);
     this.#receiver = new StreamReceiver(pool, config.log);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
@@ -232,7 +235,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         config.log(`metrics on http://${node.#metrics.address()}/metrics`);
       }
       if (config.listen !== null && (config.nbdThreads ?? 0) > 0) {
-        node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log, tls });
+        node.#threads = await NbdThreads.start({ count: config.nbdThreads!, host: config.listen.host, port: config.listen.port, provider: node, log: config.log, tls, pollUs: config.pollUs ?? 0 });
       } else if (config.listen !== null) {
         await node.nbd.listenTcp(config.listen.host, config.listen.port);
       }
@@ -982,6 +985,11 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       connectionsTotal: main.connectionsTotal + (threads?.connectionsTotal ?? 0),
       requestsTotal: main.requestsTotal + (threads?.requestsTotal ?? 0),
       requestErrorsTotal: main.requestErrorsTotal + (threads?.requestErrorsTotal ?? 0),
+      idlePoll: {
+        hits: main.idlePoll.hits + (threads?.idlePoll.hits ?? 0),
+        misses: main.idlePoll.misses + (threads?.idlePoll.misses ?? 0),
+        microseconds: main.idlePoll.microseconds + (threads?.idlePoll.microseconds ?? 0),
+      },
     };
   }
 
@@ -1006,7 +1014,7 @@ export interface NodeStatus {
   metricsListen: string | null;
   pool: Awaited<ReturnType<Pool['status']>> & { id: string };
   volumes: VolumeInfo[];
-  nbd: { listen: string[]; tls: { mode: 'off' | 'on' | 'require'; verifyPeer: boolean }; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number };
+  nbd: { listen: string[]; tls: { mode: 'off' | 'on' | 'require'; verifyPeer: boolean }; threads: number; connectionsOpen: number; connectionsTotal: number; requestsTotal: number; requestErrorsTotal: number; idlePoll: IdlePollCounters };
   api: { socket: string; tls: string | null };
   peer: PeerServerStats | null;
   /** Replicas of this node's volumes elsewhere, and the volumes here that are replicas of others'. */

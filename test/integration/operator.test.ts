@@ -300,6 +300,7 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     CHUNKD_NBD_THREADS: '2',
     CHUNKD_VERIFY_READS: 'off',
     CHUNKD_READ_DEFRAG: 'off',
+    CHUNKD_POLL_US: '120',
     CHUNKD_METADATA: 'paged',
     CHUNKD_METADATA_CACHE: '64MiB',
     CHUNKD_FUSE: '/srv/fuse',
@@ -330,6 +331,7 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
     nbdThreads: 2,
     verifyReads: false,
     readDefrag: false,
+    pollUs: 120,
     metadata: 'paged',
     metadataCacheBytes: 64 * 2 ** 20,
     fuseDirectory: '/srv/fuse',
@@ -356,6 +358,8 @@ test('serve takes every option from CHUNKD_* as well; the command line wins; ser
   // No --metadata: undefined, so that a new pool gets the default (memory) and an existing one opens as it is.
   assert.deepEqual([defaults.metadata, defaults.metadataCacheBytes, serveConfig(['--metadata', 'paged'], {}).metadata], [undefined, 256 * 2 ** 20, 'paged']);
   assert.throws(() => serveConfig(['--metadata', 'lmdb'], {}), (error: UsageError) => error instanceof UsageError && /invalid --metadata "lmdb": memory or paged/.test(error.message));
+  assert.equal(defaults.pollUs, 50);
+  assert.throws(() => serveConfig(['--poll-us', '2000'], {}), (error: UsageError) => error instanceof UsageError && /invalid --poll-us "2000": a whole number of microseconds from 0 \(off\) to 1000/.test(error.message));
   assert.throws(() => serveConfig(['--metadata-cache', '1MiB'], {}), (error: UsageError) => error instanceof UsageError && /invalid --metadata-cache 1MiB: at least 4 MiB/.test(error.message));
 });
 

@@ -1,0 +1,92 @@
+// The wait for a client's next request, polled for a few microseconds before the thread sleeps.
+//
+// Why: at queue depth 1 a client sends its next request a few tens of microseconds after it reads a reply. A
+// thread that sleeps in epoll meanwhile lets its virtual CPU halt, and the request must then wake it: on this
+// project's VMs (guest halt-polling off, /sys/module/haltpoll/parameters/guest_halt_poll_ns = 0) that wake-up,
+// and the cold caches after it, cost a QD1 request over half its speed when nothing else keeps the CPUs busy
+// (BENCHMARKS.md, issue 19, "Queue depth 1 on an idle machine"). So after a connection's replies are written, when no
+// request is in flight on this thread (a request in flight means the thread has work coming anyway), the
+// connection polls its socket (recv with MSG_PEEK | MSG_DONTWAIT: nothing is read, libuv reads it as before) for
+// up to `serve --poll-us` microseconds; the event loop then finds the request at once. The poll holds the event
+// loop, so it is short and bounded, and skipped where it does not pay:
+//
+// - a poll that times out (the client is slow, or done) makes the connection skip its next 1, then 2, 4, ... up to
+//   idlePollBackoffMax waits; a poll that sees the request ends the back-off;
+// - only a connection in transmission, over a plain socket (a TLS socket's bytes need decrypting anyway), with
+//   nothing in flight on its thread.
+//
+// IdlePollPolicy is the decision alone (pure); the probe is the socket's (peekReadable).
+import { libcFunction } from '../core/libc.ts';
+
+/** Idle waits skipped after consecutive polls that timed out, at most. */
+export const idlePollBackoffMax = 64;
+
+const recvFn = libcFunction('long recv(int fd, _Out_ uint8_t *buf, size_t length, int flags)');
+const MSG_PEEK = 0x02;
+const MSG_DONTWAIT = 0x40;
+const peekByte = new Uint8Array(1);
+
+/** Polls, with their outcome: what `chunkd_nbd_idle_poll_*` reports. */
+export interface IdlePollCounters {
+  hits: number;
+  misses: number;
+  /** Time spent polling, hits and misses. */
+  microseconds: number;
+}
+
+export function emptyIdlePollCounters(): IdlePollCounters {
+  return { hits: 0, misses: 0, microseconds: 0 };
+}
+
+/** Whether the next idle wait of one connection is polled, from how its last polls ended. */
+export class IdlePollPolicy {
+  /** Idle waits still to skip. */
+  #skip = 0;
+  /** Waits to skip after the next poll that times out. */
+  #backoff = 1;
+
+  /** Whether to poll this wait (each call is one idle wait). */
+  shouldPoll(): boolean {
+    if (this.#skip === 0) return true;
+    this.#skip -= 1;
+    return false;
+  }
+
+  /** The poll saw the request. */
+  hit(): void {
+    this.#backoff = 1;
+  }
+
+  /** The poll timed out. */
+  missed(): void {
+    this.#skip = this.#backoff;
+    this.#backoff = Math.min(this.#backoff * 2, idlePollBackoffMax);
+  }
+}
+
+/** Requests in flight on this thread, over all its connections: a poll waits only while there are none. */
+export const threadRequests = { inFlight: 0 };
+
+/**
+ * Polls descriptor `fd` for readable bytes (or its end) for up to `pollUs` microseconds; true once something is
+ * there, false when the time ran out. Counted in `counters`.
+ */
+export function pollReadable(fd: number, pollUs: number, counters: IdlePollCounters): boolean {
+  const recv = recvFn();
+  const start = performance.now();
+  const until = start + pollUs / 1000;
+  let seen = false;
+  let now = start;
+  while (now < until) {
+    // >= 0: bytes (1) or the end (0); -1: nothing yet (EAGAIN), or an error the socket's own read will report.
+    if ((recv(fd, peekByte, 1, MSG_PEEK | MSG_DONTWAIT) as number) >= 0) {
+      seen = true;
+      break;
+    }
+    now = performance.now();
+  }
+  counters.microseconds += (performance.now() - start) * 1000;
+  if (seen) counters.hits += 1;
+  else counters.misses += 1;
+  return seen;
+}
