@@ -31,9 +31,11 @@ export interface ChunkIo {
   /**
    * Reads runs of whole chunks into one buffer and checks each chunk against its checksum (unless `verify` is
    * false). `plan` holds (physical chunk, chunk count, chunk index in `target`) triples; `expected` the checksums
-   * of all the chunks read, in plan order. One call per client request, however many runs it is made of.
+   * of all the chunks read, in plan order. One call per client request, however many runs it is made of. The
+   * answer comes at once, not as a promise, when the read was done right here (every byte in the page cache):
+   * a promise per layer of a 4 KiB read was a good part of its CPU cost at queue depth 32 (BENCHMARKS.md, issue 19).
    */
-  readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null>;
+  readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Mismatch | null | Promise<Mismatch | null>;
   /** Writes whole chunks from `physicalChunk` and returns the checksum of each. */
   writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array>;
   status(): IoEngineStatus;
@@ -177,10 +179,14 @@ export class InlineChunkIo implements ChunkIo {
     this.#writer = writer;
   }
 
-  async readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
-    // The usual case first, with no promise per run: every byte in the page cache.
+  readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Mismatch | null | Promise<Mismatch | null> {
+    // The usual case first, with no promise at all: every byte in the page cache.
     const cached = this.readCachedChunks(target, plan, expected, verify);
     if (cached !== undefined) return cached;
+    return this.#readChunksAsync(target, plan, expected, verify);
+  }
+
+  async #readChunksAsync(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
     const reads: Array<Promise<void>> = [];
     for (let p = 0; p < plan.length; p += 3) {
       const start = plan[p + 2]! * chunkSizeBytes;
