@@ -94,6 +94,16 @@ export function firstMismatch(data: Uint8Array, expected: Uint32Array): Mismatch
 }
 
 /**
+ * `chunkCount` chunks of `target` from chunk `targetChunk`: `target` itself when that is all of it (a 4 KiB read's
+ * one run), so that no view is made: a view cost 0.03-0.11 µs against 0.42-0.49 µs for a 4 KiB chunk's CRC.
+ */
+function planBytes<T extends Uint8Array>(target: T, targetChunk: number, chunkCount: number): T {
+  const start = targetChunk * chunkSizeBytes;
+  const end = start + chunkCount * chunkSizeBytes;
+  return start === 0 && end === target.length ? target : (target.subarray(start, end) as T);
+}
+
+/**
  * The chunks of `plan` in `target`, verified in plan order: the first whose checksum differs, or null. Runs that
  * lie back to back in `target` (a range rewritten at random reads as many runs of a chunk or a few, one after
  * another) are checked as one stretch, with one CRC over its bytes against the combination of their chunks'
@@ -111,9 +121,16 @@ export function firstPlanMismatch(target: Uint8Array, plan: Float64Array, expect
       count += plan[end + 1]!;
       end += 3;
     }
-    const start = plan[p + 2]! * chunkSizeBytes;
-    const bytes = target.subarray(start, start + count * chunkSizeBytes);
-    if (count > 1 && runChecksum(bytes) === combinedChecksum(expected, index, count)) {
+    const bytes = planBytes(target, plan[p + 2]!, count);
+    if (count === 1) {
+      // One chunk (a 4 KiB read): its own checksum, with no more views of it.
+      const actual = blockChecksum(bytes);
+      if (actual !== expected[index]) return { chunkIndex: index, expected: expected[index]!, actual };
+      index += 1;
+      p = end;
+      continue;
+    }
+    if (runChecksum(bytes) === combinedChecksum(expected, index, count)) {
       index += count;
       p = end;
       continue;
@@ -223,8 +240,7 @@ export class InlineChunkIo implements ChunkIo {
   }
 
   #readRunCached(target: Buffer, plan: Float64Array, p: number): boolean {
-    const start = plan[p + 2]! * chunkSizeBytes;
-    return this.#files.readCached(plan[p]!, 0, target.subarray(start, start + plan[p + 1]! * chunkSizeBytes));
+    return this.#files.readCached(plan[p]!, 0, planBytes(target, plan[p + 2]!, plan[p + 1]!));
   }
 
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
