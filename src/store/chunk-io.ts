@@ -31,9 +31,11 @@ export interface ChunkIo {
   /**
    * Reads runs of whole chunks into one buffer and checks each chunk against its checksum (unless `verify` is
    * false). `plan` holds (physical chunk, chunk count, chunk index in `target`) triples; `expected` the checksums
-   * of all the chunks read, in plan order. One call per client request, however many runs it is made of.
+   * of all the chunks read, in plan order. One call per client request, however many runs it is made of. The
+   * answer comes at once, not as a promise, when the read was done right here (every byte in the page cache):
+   * a promise per layer of a 4 KiB read was a good part of its CPU cost at queue depth 32 (BENCHMARKS.md, issue 19).
    */
-  readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null>;
+  readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Mismatch | null | Promise<Mismatch | null>;
   /** Writes whole chunks from `physicalChunk` and returns the checksum of each. */
   writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array>;
   status(): IoEngineStatus;
@@ -92,6 +94,16 @@ export function firstMismatch(data: Uint8Array, expected: Uint32Array): Mismatch
 }
 
 /**
+ * `chunkCount` chunks of `target` from chunk `targetChunk`: `target` itself when that is all of it (a 4 KiB read's
+ * one run), so that no view is made: a view cost 0.03-0.11 µs against 0.42-0.49 µs for a 4 KiB chunk's CRC.
+ */
+function planBytes<T extends Uint8Array>(target: T, targetChunk: number, chunkCount: number): T {
+  const start = targetChunk * chunkSizeBytes;
+  const end = start + chunkCount * chunkSizeBytes;
+  return start === 0 && end === target.length ? target : (target.subarray(start, end) as T);
+}
+
+/**
  * The chunks of `plan` in `target`, verified in plan order: the first whose checksum differs, or null. Runs that
  * lie back to back in `target` (a range rewritten at random reads as many runs of a chunk or a few, one after
  * another) are checked as one stretch, with one CRC over its bytes against the combination of their chunks'
@@ -109,9 +121,16 @@ export function firstPlanMismatch(target: Uint8Array, plan: Float64Array, expect
       count += plan[end + 1]!;
       end += 3;
     }
-    const start = plan[p + 2]! * chunkSizeBytes;
-    const bytes = target.subarray(start, start + count * chunkSizeBytes);
-    if (count > 1 && runChecksum(bytes) === combinedChecksum(expected, index, count)) {
+    const bytes = planBytes(target, plan[p + 2]!, count);
+    if (count === 1) {
+      // One chunk (a 4 KiB read): its own checksum, with no more views of it.
+      const actual = blockChecksum(bytes);
+      if (actual !== expected[index]) return { chunkIndex: index, expected: expected[index]!, actual };
+      index += 1;
+      p = end;
+      continue;
+    }
+    if (runChecksum(bytes) === combinedChecksum(expected, index, count)) {
       index += count;
       p = end;
       continue;
@@ -177,10 +196,14 @@ export class InlineChunkIo implements ChunkIo {
     this.#writer = writer;
   }
 
-  async readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
-    // The usual case first, with no promise per run: every byte in the page cache.
+  readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Mismatch | null | Promise<Mismatch | null> {
+    // The usual case first, with no promise at all: every byte in the page cache.
     const cached = this.readCachedChunks(target, plan, expected, verify);
     if (cached !== undefined) return cached;
+    return this.#readChunksAsync(target, plan, expected, verify);
+  }
+
+  async #readChunksAsync(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
     const reads: Array<Promise<void>> = [];
     for (let p = 0; p < plan.length; p += 3) {
       const start = plan[p + 2]! * chunkSizeBytes;
@@ -217,8 +240,7 @@ export class InlineChunkIo implements ChunkIo {
   }
 
   #readRunCached(target: Buffer, plan: Float64Array, p: number): boolean {
-    const start = plan[p + 2]! * chunkSizeBytes;
-    return this.#files.readCached(plan[p]!, 0, target.subarray(start, start + plan[p + 1]! * chunkSizeBytes));
+    return this.#files.readCached(plan[p]!, 0, planBytes(target, plan[p + 2]!, plan[p + 1]!));
   }
 
   async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {

@@ -120,6 +120,8 @@ export class ChunkMap {
 
   /** Splits [virtualChunk, virtualChunk + chunkCount) into holes and physically contiguous runs, in order. */
   runs(virtualChunk: number, chunkCount: number): ChunkRun[] {
+    // A 4 KiB read's lookup, the commonest: one Map lookup, no list of pages.
+    if (chunkCount === 1) return [{ virtualChunk, chunkCount, physicalChunk: this.get(virtualChunk) }];
     const result: ChunkRun[] = [];
     const end = virtualChunk + chunkCount;
     let v = virtualChunk;

@@ -19,7 +19,7 @@ import type { FreeExtent } from './allocator.ts';
 import type { ChunkAllocation, ChunkLookup } from './catalog-backend.ts';
 import { blockChecksum, zeroChunkSum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
-import { locateInPlan, type ChunkIo, type IoEngineStatus } from './chunk-io.ts';
+import { locateInPlan, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import { hex, scrub, type ScrubReport, type ScrubSource } from './scrub.ts';
 import type { ChunkSpace } from './space-map.ts';
@@ -102,8 +102,9 @@ export class ChunkStore {
    * holes give zeros, and the mapped runs under the request become one plan for the chunk I/O engine, read straight
    * into `target` when the request covers whole chunks, else into a scratch buffer whose middle is copied out once
    * every chunk in it has been verified. `exportName` names the volume or VOL@SNAP in a corruption report.
+   * Done at once (undefined, or a throw) when the page cache held every byte (chunk-io.ts), else a promise.
    */
-  async read(exportName: string, found: ChunkLookup, offsetBytes: number, target: Buffer): Promise<void> {
+  read(exportName: string, found: ChunkLookup, offsetBytes: number, target: Buffer): Promise<void> | undefined {
     const firstChunk = Math.floor(offsetBytes / chunkSizeBytes);
     const chunkCount = Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - firstChunk;
     const runs = found.runs;
@@ -116,7 +117,7 @@ export class ChunkStore {
     }
     if (mappedRuns === 0) {
       target.fill(0);
-      return;
+      return undefined;
     }
     const aligned = offsetBytes === firstChunk * chunkSizeBytes && target.length === chunkCount * chunkSizeBytes;
     const buffer = aligned ? target : Buffer.allocUnsafe(chunkCount * chunkSizeBytes);
@@ -135,12 +136,20 @@ export class ChunkStore {
       plan[p++] = targetChunk;
       for (let i = 0; i < run.chunkCount; i++) expected[e++] = found.sumOf(run, i);
     }
-    const mismatch = await this.#io.readChunks(buffer, plan, expected, this.verifyReads);
+    const mismatch = this.#io.readChunks(buffer, plan, expected, this.verifyReads);
+    if (mismatch instanceof Promise) return mismatch.then((settled) => this.#readDone(exportName, plan, settled, offsetBytes, target, buffer));
+    this.#readDone(exportName, plan, mismatch, offsetBytes, target, buffer);
+    return undefined;
+  }
+
+  /** A read's end: the corruption report of its first mismatch, or the bytes copied out of its scratch buffer. */
+  #readDone(exportName: string, plan: Float64Array, mismatch: Mismatch | null, offsetBytes: number, target: Buffer, buffer: Buffer): void {
+    const firstChunk = Math.floor(offsetBytes / chunkSizeBytes);
     if (mismatch !== null) {
       const where = locateInPlan(plan, mismatch.chunkIndex);
       throw this.#corruption(exportName, (firstChunk + where.targetChunk) * chunkSizeBytes, where.physicalChunk, mismatch.expected, mismatch.actual);
     }
-    if (!aligned) buffer.copy(target, 0, offsetBytes - firstChunk * chunkSizeBytes, offsetBytes - firstChunk * chunkSizeBytes + target.length);
+    if (buffer !== target) buffer.copy(target, 0, offsetBytes - firstChunk * chunkSizeBytes, offsetBytes - firstChunk * chunkSizeBytes + target.length);
   }
 
   /** Reads and checks every chunk of the given exports while they stay in use (scrub.ts). */

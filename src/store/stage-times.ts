@@ -49,13 +49,26 @@ async function timed<T>(histogram: LatencyHistogram, work: () => Promise<T>): Pr
   }
 }
 
+/** timed, for work that may be done at once (undefined, or a throw) rather than give a promise: it stays so. */
+function timedNowOrLater(histogram: LatencyHistogram, work: () => Promise<void> | undefined): Promise<void> | undefined {
+  const start = performance.now();
+  let pending: Promise<void> | undefined;
+  try {
+    pending = work();
+  } finally {
+    if (pending === undefined) observeLatency(histogram, (performance.now() - start) / 1000);
+  }
+  if (pending === undefined) return undefined;
+  return pending.finally(() => observeLatency(histogram, (performance.now() - start) / 1000));
+}
+
 /** `store` with each chunk verb and each commit timed into `times`. */
 export function timedVolumeStore<T extends VolumeStore>(store: T, times: StageTimes): T {
   const { chunks, metadata } = store;
   return {
     ...store,
     chunks: {
-      read: (...args: Parameters<typeof chunks.read>) => timed(times.chunk_read, () => chunks.read(...args)),
+      read: (...args: Parameters<typeof chunks.read>) => timedNowOrLater(times.chunk_read, () => chunks.read(...args)),
       write: (...args: Parameters<typeof chunks.write>) => timed(times.chunk_write, () => chunks.write(...args)),
       zero: (...args: Parameters<typeof chunks.zero>) => timed(times.chunk_zero, () => chunks.zero(...args)),
     },

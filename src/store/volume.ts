@@ -106,6 +106,8 @@ const readDefragSeenMax = 65_536;
 /** Buffers read defragmentation copied ranges into (#maybeDefragment), kept for the next (limits.readDefragInFlightBytesMax bounds those in use). */
 const defragBuffers: Buffer[] = [];
 const defragBuffersKept = 8;
+/** What a read done at once gives: a settled promise, shared. */
+const settled = Promise.resolve();
 
 export class Volume implements BlockDevice {
   readonly readOnly = false;
@@ -139,18 +141,48 @@ export class Volume implements BlockDevice {
     return this.#runtime.meta.map;
   }
 
-  async read(offsetBytes: number, target: Buffer): Promise<void> {
-    this.#assertRange(offsetBytes, target.length);
-    if (target.length === 0) return;
-    const release = await this.#lock(offsetBytes, target.length, false);
-    let found: ChunkLookup;
+  /**
+   * Reads under the range lock. Without a promise of its own where none is needed: the lock granted at once, the
+   * lookup in memory and the bytes in the page cache, the read is done before this returns (a settled promise).
+   */
+  read(offsetBytes: number, target: Buffer): Promise<void> {
     try {
-      found = await readThrough(this.#store, this.name, this.#map, offsetBytes, target);
+      this.#assertRange(offsetBytes, target.length);
+      if (target.length === 0) return settled;
+      const locked = this.#lock(offsetBytes, target.length, false);
+      if (locked instanceof Promise) return locked.then((release) => this.#readLocked(offsetBytes, target, release));
+      return this.#readLocked(offsetBytes, target, locked);
     } catch (error) {
-      throw fromSystemError(error, `read of volume ${this.name} at ${offsetBytes}`);
-    } finally {
-      release();
+      return Promise.reject(error);
     }
+  }
+
+  #readLocked(offsetBytes: number, target: Buffer, release: Release): Promise<void> {
+    let read: ChunkLookup | Promise<ChunkLookup>;
+    try {
+      read = readThrough(this.#store, this.name, this.#map, offsetBytes, target);
+    } catch (error) {
+      release();
+      return Promise.reject(fromSystemError(error, `read of volume ${this.name} at ${offsetBytes}`));
+    }
+    if (!(read instanceof Promise)) {
+      release();
+      this.#afterRead(offsetBytes, target, read);
+      return settled;
+    }
+    return read.then(
+      (found) => {
+        release();
+        this.#afterRead(offsetBytes, target, found);
+      },
+      (error: unknown) => {
+        release();
+        throw fromSystemError(error, `read of volume ${this.name} at ${offsetBytes}`);
+      },
+    );
+  }
+
+  #afterRead(offsetBytes: number, target: Buffer, found: ChunkLookup): void {
     if (target.length >= readDefragBytesMin && this.#store.readDefrag !== undefined && !this.#receiver) this.#maybeDefragment(offsetBytes, target, found);
   }
 
@@ -486,10 +518,10 @@ export class Volume implements BlockDevice {
       // Only the partly covered first and last chunks keep old bytes; they are read (and verified) to fill in.
       payload = Buffer.alloc(runBytes);
       const reads: Array<Promise<unknown>> = [];
-      if (offsetBytes > runStart) reads.push(readThrough(this.#store, this.name, this.#map, runStart, payload.subarray(0, chunkSizeBytes)));
+      if (offsetBytes > runStart) reads.push(readThroughLater(this.#store, this.name, this.#map, runStart, payload.subarray(0, chunkSizeBytes)));
       const end = offsetBytes + lengthBytes;
       if (end < runStart + runBytes && (count > 1 || offsetBytes === runStart)) {
-        reads.push(readThrough(this.#store, this.name, this.#map, runStart + runBytes - chunkSizeBytes, payload.subarray(runBytes - chunkSizeBytes)));
+        reads.push(readThroughLater(this.#store, this.name, this.#map, runStart + runBytes - chunkSizeBytes, payload.subarray(runBytes - chunkSizeBytes)));
       }
       await settleAll(reads);
       source(offsetBytes, end).copy(payload, offsetBytes - runStart);
@@ -584,13 +616,25 @@ function lookup(store: VolumeStore, map: MapHandle, virtualChunk: number, chunkC
   return store.metadata.lookup(map, virtualChunk, chunkCount);
 }
 
-/** Reads target.length bytes at `offsetBytes` of `map`, verified (the chunk store's read of the map's lookup); the lookup read through. */
-async function readThrough(store: VolumeStore, exportName: string, map: MapHandle, offsetBytes: number, target: Buffer): Promise<ChunkLookup> {
+/**
+ * Reads target.length bytes at `offsetBytes` of `map`, verified (the chunk store's read of the map's lookup); the
+ * lookup read through. At once (or a throw) when the lookup and the chunk store's read were done at once.
+ */
+function readThrough(store: VolumeStore, exportName: string, map: MapHandle, offsetBytes: number, target: Buffer): ChunkLookup | Promise<ChunkLookup> {
   const first = Math.floor(offsetBytes / chunkSizeBytes);
   const lookedUp = lookup(store, map, first, Math.ceil((offsetBytes + target.length) / chunkSizeBytes) - first);
-  const found = lookedUp instanceof Promise ? await lookedUp : lookedUp;
-  await store.chunks.read(exportName, found, offsetBytes, target);
-  return found;
+  if (lookedUp instanceof Promise) return lookedUp.then((found) => readFound(store, exportName, found, offsetBytes, target));
+  return readFound(store, exportName, lookedUp, offsetBytes, target);
+}
+
+/** readThrough as a promise always (a throw becomes its rejection), for callers that wait on several together. */
+async function readThroughLater(store: VolumeStore, exportName: string, map: MapHandle, offsetBytes: number, target: Buffer): Promise<ChunkLookup> {
+  return readThrough(store, exportName, map, offsetBytes, target);
+}
+
+function readFound(store: VolumeStore, exportName: string, found: ChunkLookup, offsetBytes: number, target: Buffer): ChunkLookup | Promise<ChunkLookup> {
+  const reading = store.chunks.read(exportName, found, offsetBytes, target);
+  return reading === undefined ? found : reading.then(() => found);
 }
 
 /** The physically contiguous pieces the runs of a lookup make (0 when one is a hole). */

@@ -103,7 +103,7 @@ export class WorkerChunkIo implements ChunkIo {
     this.#pool.on('error', (error: Error) => this.#log(`chunk I/O worker error: ${error.message}`, 'error'));
   }
 
-  async readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
+  readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Mismatch | null | Promise<Mismatch | null> {
     // A small request whose bytes are in the page cache costs a microsecond or two here, and a hand-off to a
     // worker and back costs more than that: it stays on this thread, and so does one that misses the cache (its
     // read goes to libuv's pool from here: through a worker it would cross two more threads, and its checksum is
@@ -119,6 +119,10 @@ export class WorkerChunkIo implements ChunkIo {
       const mismatch = this.#inline.readCachedChunks(target, plan, expected, verify);
       if (mismatch !== undefined) return mismatch;
     }
+    return this.#readInWorker(target, plan, expected, verify);
+  }
+
+  async #readInWorker(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Promise<Mismatch | null> {
     const staged = isShared(target) ? null : this.#buffers.acquire(target.length);
     const memory = staged ?? target;
     try {

@@ -34,6 +34,10 @@ test('chunk map: runs split holes and physically contiguous stretches', () => {
     { virtualChunk: 14, chunkCount: 2, physicalChunk: 200 },
     { virtualChunk: 16, chunkCount: 2, physicalChunk: -1 },
   ]);
+  // One chunk (a 4 KiB read's lookup) takes a shorter way: mapped, a hole in a page, a hole with no page.
+  assert.deepEqual(map.runs(11, 1), [{ virtualChunk: 11, chunkCount: 1, physicalChunk: 101 }]);
+  assert.deepEqual(map.runs(9, 1), [{ virtualChunk: 9, chunkCount: 1, physicalChunk: -1 }]);
+  assert.deepEqual(map.runs(1_000_000, 1), [{ virtualChunk: 1_000_000, chunkCount: 1, physicalChunk: -1 }]);
   assert.equal(map.mappedCount, 6);
   assert.equal(map.unmapRange(12, 3, refs), 3);
   assert.deepEqual(freed, [102, 103, 200]);
