@@ -77,7 +77,7 @@ import type { Log, LogLevel } from '../core/log.ts';
 import { observeLatency } from '../core/latency-histogram.ts';
 import type { ProtocolStageTimes } from '../store/stage-times.ts';
 import { performance } from 'node:perf_hooks';
-import { IdlePollPolicy, pollReadable, threadRequests, type IdlePollCounters } from './idle-poll.ts';
+import { IdlePollPolicy, claimTurnPoll, pollReadable, threadPolls, type IdlePollCounters } from './idle-poll.ts';
 
 /** Counters the server shares with its connections. */
 export interface RequestCounters {
@@ -420,8 +420,9 @@ export class NbdConnection {
     }
     this.#inFlightCount += 1;
     this.#inFlightBytes += costBytes;
-    threadRequests.inFlight += 1;
-    runCommand(session, request, payload, this.#replyBuffers).then(
+    const running = runCommand(session, request, payload, this.#replyBuffers);
+    threadPolls.requestsInFlight += 1; // counted once it runs: both ways below end in #finish
+    running.then(
       (reply) => {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
         const answeredAt = performance.now();
@@ -444,7 +445,7 @@ export class NbdConnection {
   #finish(costBytes: number): void {
     this.#inFlightCount -= 1;
     this.#inFlightBytes -= costBytes;
-    threadRequests.inFlight -= 1;
+    threadPolls.requestsInFlight -= 1;
     assert(this.#inFlightCount >= 0 && this.#inFlightBytes >= 0, 'in-flight accounting balances');
     this.#maybeResume();
     this.#maybeEnd();
@@ -550,9 +551,9 @@ export class NbdConnection {
   #pollIdle(): void {
     const pollUs = this.#options.pollUs ?? 0;
     if (pollUs <= 0 || this.#state !== 'transmission' || this.#tlsReplies !== null) return;
-    if (this.#inFlightCount > 0 || threadRequests.inFlight > 0 || this.#paused || this.#socket.writableLength > 0) return;
+    if (this.#inFlightCount > 0 || threadPolls.requestsInFlight > 0 || this.#paused || this.#socket.writableLength > 0) return;
     const fd = descriptorOf(this.#socket);
-    if (fd === null || !this.#idlePoll.shouldPoll()) return;
+    if (fd === null || !this.#idlePoll.shouldPoll() || !claimTurnPoll()) return;
     if (pollReadable(fd, pollUs, this.#options.counters.idlePoll)) this.#idlePoll.hit();
     else this.#idlePoll.missed();
   }

@@ -4,19 +4,24 @@
 // thread that sleeps in epoll meanwhile lets its virtual CPU halt, and the request must then wake it: on this
 // project's VMs (guest halt-polling off, /sys/module/haltpoll/parameters/guest_halt_poll_ns = 0) that wake-up,
 // and the cold caches after it, cost a QD1 request over half its speed when nothing else keeps the CPUs busy
-// (BENCHMARKS.md, issue 19, "Queue depth 1 on an idle machine"). So after a connection's replies are written, when no
-// request is in flight on this thread (a request in flight means the thread has work coming anyway), the
-// connection polls its socket (recv with MSG_PEEK | MSG_DONTWAIT: nothing is read, libuv reads it as before) for
-// up to `serve --poll-us` microseconds; the event loop then finds the request at once. The poll holds the event
-// loop, so it is short and bounded, and skipped where it does not pay:
+// (BENCHMARKS.md, issue 19, "Queue depth 1 on an idle machine"). So after a connection's small replies are written
+// (those #uncork sends; a large READ's reply is written at once and not followed by a poll), when no request is in
+// flight on this thread, the connection polls its socket (recv with MSG_PEEK | MSG_DONTWAIT: nothing is read,
+// libuv reads it as before) for up to `serve --poll-us` microseconds; the event loop then finds the request at
+// once. The poll holds the thread's event loop, so it is short, bounded, and skipped where it does not pay:
 //
 // - a poll that times out (the client is slow, or done) makes the connection skip its next 1, then 2, 4, ... up to
 //   idlePollBackoffMax waits; a poll that sees the request ends the back-off;
+// - at most one poll per turn of the event loop, whatever the number of connections that replied in it;
 // - only a connection in transmission, over a plain socket (a TLS socket's bytes need decrypting anyway), with
-//   nothing in flight on its thread.
+//   nothing in flight on its thread (NBD requests; the node does not poll on a main thread that also serves NBD
+//   threads' device calls, node.ts).
 //
-// IdlePollPolicy is the decision alone (pure); the probe is the socket's (peekReadable).
-import { libcFunction } from '../core/libc.ts';
+// The cost: a poll that sees the request spun through the client's turnaround (tens of microseconds at QD1) where
+// the thread would have slept, which is CPU time the node's figures count; `serve --poll-us 0` turns it off.
+//
+// IdlePollPolicy is the decision alone (pure); the probe is pollReadable.
+import { errnoValue, koffi, libcFunction } from '../core/libc.ts';
 
 /** Idle waits skipped after consecutive polls that timed out, at most. */
 export const idlePollBackoffMax = 64;
@@ -25,6 +30,13 @@ const recvFn = libcFunction('long recv(int fd, _Out_ uint8_t *buf, size_t length
 const MSG_PEEK = 0x02;
 const MSG_DONTWAIT = 0x40;
 const peekByte = new Uint8Array(1);
+
+const EAGAIN = 11;
+const EINTR = 4;
+
+function retryable(errno: number): boolean {
+  return errno === (errnoValue('EAGAIN') ?? EAGAIN) || errno === (errnoValue('EINTR') ?? EINTR);
+}
 
 /** Polls, with their outcome: what `chunkd_nbd_idle_poll_*` reports. */
 export interface IdlePollCounters {
@@ -64,8 +76,23 @@ export class IdlePollPolicy {
   }
 }
 
-/** Requests in flight on this thread, over all its connections: a poll waits only while there are none. */
-export const threadRequests = { inFlight: 0 };
+/**
+ * This thread's state, over all its connections: requests in flight (a poll waits only while there are none), and
+ * whether a poll ran in this turn of the event loop (one per turn).
+ */
+export const threadPolls = { requestsInFlight: 0, polledThisTurn: false };
+
+const endOfTurn = (): void => {
+  threadPolls.polledThisTurn = false;
+};
+
+/** Claims this turn's one poll; false when another connection polled in it already. */
+export function claimTurnPoll(): boolean {
+  if (threadPolls.polledThisTurn) return false;
+  threadPolls.polledThisTurn = true;
+  setImmediate(endOfTurn);
+  return true;
+}
 
 /**
  * Polls descriptor `fd` for readable bytes (or its end) for up to `pollUs` microseconds; true once something is
@@ -78,8 +105,10 @@ export function pollReadable(fd: number, pollUs: number, counters: IdlePollCount
   let seen = false;
   let now = start;
   while (now < until) {
-    // >= 0: bytes (1) or the end (0); -1: nothing yet (EAGAIN), or an error the socket's own read will report.
-    if ((recv(fd, peekByte, 1, MSG_PEEK | MSG_DONTWAIT) as number) >= 0) {
+    // >= 0: bytes (1) or the end (0). -1 and EAGAIN (or EINTR): nothing yet. Any other error ends the poll as
+    // something to read would: recv hands a pending socket error (ECONNRESET) to its caller and clears it, so the
+    // event loop's own read must come at once to see what is left.
+    if ((recv(fd, peekByte, 1, MSG_PEEK | MSG_DONTWAIT) as number) >= 0 || !retryable(koffi().errno())) {
       seen = true;
       break;
     }

@@ -121,7 +121,6 @@ export function widenSendBuffer(socket: net.Socket, bytes: number): void {
   }
 }
 
-/** The socket's descriptor, from its handle (a private field), or null. */
 /** The socket's descriptor, from its handle (a private field); null when it is not there. */
 export function descriptorOf(socket: net.Socket): number | null {
   const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;

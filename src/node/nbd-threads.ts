@@ -37,24 +37,24 @@ export class NbdThreads {
   /** Credentials as PEM text: each thread makes its own SecureContext from them. */
   readonly #tls: TlsServerConfig | null;
   /** serve --poll-us, for each thread's server. */
-  #pollUs = 0;
+  readonly #pollUs: number;
   #port = 0;
   #address = '';
   readonly #threads: ProtocolThread[] = [];
   #nextRequestId = 1;
   #stopping = false;
 
-  private constructor(provider: DeviceProvider, host: string, log: Log, tls: TlsServerConfig | null) {
+  private constructor(provider: DeviceProvider, host: string, log: Log, tls: TlsServerConfig | null, pollUs: number) {
     this.#provider = provider;
     this.#tls = tls;
+    this.#pollUs = pollUs;
     this.#host = host;
     this.#log = log;
   }
 
   /** Starts `count` threads listening on host:port (port 0: the first picks one and the others share it). */
   static async start(options: { count: number; host: string; port: number; provider: DeviceProvider; log: Log; tls?: TlsServerConfig | null; pollUs?: number }): Promise<NbdThreads> {
-    const threads = new NbdThreads(options.provider, options.host, options.log, options.tls ?? null);
-    threads.#pollUs = options.pollUs ?? 0;
+    const threads = new NbdThreads(options.provider, options.host, options.log, options.tls ?? null, options.pollUs ?? 0);
     threads.#port = options.port;
     try {
       for (let index = 0; index < options.count; index++) await threads.#startThread(index);

@@ -139,7 +139,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     this.config = config;
     this.pool = pool;
     this.poolId = poolId;
-    this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers, tls: tls === null ? null : tlsSettings(tls), pollUs: config.pollUs ?? 0 });
+    // With NBD threads the main thread serves their device calls: a poll there would hold those up (idle-poll.ts).
+    const mainThreadPolls = (config.nbdThreads ?? 0) === 0 || config.listen === null;
+    this.nbd = new NbdServer({ provider: this, log: config.log, sharedBuffers, tls: tls === null ? null : tlsSettings(tls), pollUs: mainThreadPolls ? config.pollUs ?? 0 : 0 });
     this.api = new ApiServer(this);
     this.#receiver = new StreamReceiver(pool, config.log);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
