@@ -162,7 +162,14 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     const workers = config.workers ?? defaultWorkerCount();
     // With workers, request buffers live in shared memory so that bytes reach a worker without a copy.
     const sharedBuffers = workers > 0 ? new SharedBufferPool() : null;
+    // The root a paged pool writes after a crashed open's replay waits for the start (Pool.open's metadataRootAfter),
+    // so that its work does not hold up the ready line; a record or a close lets it go first.
+    let startDone = (): void => {};
+    const started = new Promise<void>((resolve) => {
+      startDone = resolve;
+    });
     const pool = await Pool.open({
+      metadataRootAfter: started,
       directory: config.poolDirectory,
       log: config.log,
       makeIo: sharedBuffers === null ? undefined : (chunkFiles, waitTimes) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log, waitTimes }),
@@ -298,6 +305,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       const seconds = (from: number, to: number): string => ((to - from) / 1000).toFixed(3);
       const now = performance.now();
       config.log(`node started ${seconds(0, now)} s after its process (modules and options ${seconds(0, entered)} s, pool open ${seconds(entered, poolOpened)} s, the rest: roles, replication, listeners ${seconds(poolOpened, now)} s)`, 'debug');
+      // After the caller's ready line (written in the same turn as this returns).
+      setImmediate(startDone);
     } catch (error) {
       await node.stop().catch(() => {});
       throw error;

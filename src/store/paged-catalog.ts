@@ -182,6 +182,11 @@ export class PagedCatalog {
   #queue: Promise<unknown> = Promise.resolve();
   /** Records and checkpoints queued and not yet settled: none, and a map record may apply at once (`applyNow`). */
   #queued = 0;
+  /**
+   * Lets a checkpoint queued with `after` start before `after` settles (see `checkpoint`): called by whatever would
+   * otherwise wait behind it (`#enqueue`, `close`, `abandon`); undefined when none waits.
+   */
+  #openGate: (() => void) | undefined;
   /** Whether chunks the record applying now frees are punched out once free (see `apply`). */
   #punchFrees = true;
   /** Records applied since the last checkpoint took its pages (`replayLoad`). */
@@ -503,11 +508,14 @@ export class PagedCatalog {
   /**
    * Makes everything applied before it durable as the root covering journal `journalGeneration`: dirty map nodes,
    * the table, the space maps, then the root (see the top). Queued with the records; the records after it apply
-   * once its pages are taken, beside its write, and the promise resolves when the root is durable.
+   * once its pages are taken, beside its write, and the promise resolves when the root is durable. With `after`,
+   * its work (the encoding, the pages' writes) starts once `after` settles or something is queued behind it.
    */
-  checkpoint(journalGeneration: number): Promise<void> {
+  checkpoint(journalGeneration: number, after?: Promise<unknown>): Promise<void> {
     let durable: Promise<void> | undefined;
+    let gate: Promise<void> | undefined;
     const sealed = this.#enqueue(async () => {
+      if (gate !== undefined) await gate;
       // A failed checkpoint leaves the catalog ahead of its file (pages placed, releases sealed): no root may be
       // written over that state. The engine stops at the first failure, but a checkpoint may already be queued
       // behind the failed one (the root after an open's replay is written in the background: paged-backend.ts).
@@ -530,6 +538,19 @@ export class PagedCatalog {
       // The records after it apply once its pages are taken, beside its write (PagedMaps.commitBeside).
       await commit.sealed;
     });
+    if (after !== undefined) {
+      // Its place in the queue is taken now (it covers exactly what was applied before this call); its work waits
+      // for `after`, or for the first task queued behind it (a record, a checkpoint: it must not wait on the
+      // caller's signal, which may itself wait for that task), or for the close.
+      gate = new Promise<void>((resolve) => {
+        const open = (): void => {
+          if (this.#openGate === open) this.#openGate = undefined;
+          resolve();
+        };
+        this.#openGate = open;
+        void after.then(open, open);
+      });
+    }
     return sealed.then(() => durable!);
   }
 
@@ -550,11 +571,13 @@ export class PagedCatalog {
    * flight writes another page or root through descriptors the test is about to close (and the next open reuse).
    */
   abandon(): void {
+    this.#openGate?.();
     this.#file.close();
   }
 
   /** Waits for what is queued, then closes the page file (what was not checkpointed is lost). */
   async close(): Promise<void> {
+    this.#openGate?.();
     await this.#queue;
     await this.#lastCheckpoint;
     this.#file.close();
@@ -669,6 +692,7 @@ export class PagedCatalog {
   }
 
   #enqueue<T>(task: () => Promise<T>): Promise<T> {
+    this.#openGate?.();
     this.#queued += 1;
     const settle = (): void => {
       this.#queued -= 1;

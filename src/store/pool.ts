@@ -149,6 +149,12 @@ export interface PoolOptions {
   metadataDirtyPages?: number;
   /** Paged metadata: the estimated cost of the replay a crash would leave (microseconds) that starts the next checkpoint (default limits.metadataReplayCostMaxUs). */
   metadataReplayCostMaxUs?: number;
+  /**
+   * Paged metadata: the root covering an open's replay, written in the background, starts its work only once this
+   * settles (or a record or checkpoint comes first): a node passes its start, so that the ready line does not wait
+   * behind it for the CPU (paged-backend.ts's `openPaged`). Default: at once.
+   */
+  metadataRootAfter?: Promise<unknown>;
 }
 
 /** The metadata a pool opens with: its catalog, and the generation just started. */
@@ -183,6 +189,8 @@ export class Pool {
   #defragBytesTotal = 0;
   /** The punch of free chunks a paged open leaves running (never rejects). */
   #punching: Promise<void> = Promise.resolve();
+  /** Lets the root after a paged open's replay go without waiting for `metadataRootAfter` (the close: the punch waits for that root). */
+  #letRootGo = (): void => {};
   #closed = false;
 
   private constructor(directory: string, lockFd: number, opened: OpenedMetadata, chunkFiles: ChunkFiles, options: PoolOptions) {
@@ -279,7 +287,9 @@ export class Pool {
     if (!pageFiles.some((file) => fs.existsSync(file)) && chunksHoldData(directory)) {
       throw ChunkdError.corrupt(`pool ${directory}: ${pageFiles.map((file) => path.basename(file)).join(' and ')} are both missing, but chunks/ holds data`);
     }
-    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault, commitSliceMs: options.metadataCommitSliceMs, dirtyBytes: options.metadataDirtyBytes, dirtyPages: options.metadataDirtyPages, replayCostMaxUs: options.metadataReplayCostMaxUs }).catch((error: unknown) => {
+    let letRootGo = (): void => {};
+    const rootAfter = options.metadataRootAfter === undefined ? undefined : Promise.race([options.metadataRootAfter, new Promise<void>((resolve) => (letRootGo = resolve))]);
+    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault, commitSliceMs: options.metadataCommitSliceMs, dirtyBytes: options.metadataDirtyBytes, dirtyPages: options.metadataDirtyPages, replayCostMaxUs: options.metadataReplayCostMaxUs }, rootAfter).catch((error: unknown) => {
       throw fromSystemError(error, `opening the paged metadata of ${directory}`);
     });
     for (const line of opened.repairs) log(`metadata repaired: ${line}`);
@@ -294,6 +304,7 @@ export class Pool {
       // Only the top at open; the free chunks below it after, beside the node's work (chunk-store.ts).
       await pool.#chunks.punchAboveHighWater();
       punchSeconds = (performance.now() - punchStarted) / 1000;
+      pool.#letRootGo = letRootGo;
       pool.#punching = pool.#punchInBackground(opened.backend.allocator, opened.rootWritten);
     } catch (error) {
       opened.journal.close();
@@ -822,6 +833,8 @@ export class Pool {
     // Rewrites started before: their records go into the last commit (none starts once closed).
     await Promise.all(this.#defrags);
     // It stops between pages of counts once closed, and reads them through the catalog: before the catalog closes.
+    // It waits for the root after the open's replay, which may be waiting for its caller's start.
+    this.#letRootGo();
     await this.#punching;
     try {
       await this.#engine.close();

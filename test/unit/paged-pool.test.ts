@@ -832,6 +832,75 @@ test('an open after a crash serves before the root covering its replay is durabl
   });
 });
 
+/** Counts the writes to the metadata page files. */
+class PageWritesCounted extends TestFiles {
+  pageWrites = 0;
+  override write(fd: number, data: Uint8Array, positionBytes: number): Promise<void> {
+    if (path.basename(this.pathOf(fd)).startsWith('metadata.')) this.pageWrites += 1;
+    return super.write(fd, data, positionBytes);
+  }
+
+  override writev(fd: number, parts: readonly Uint8Array[], positionBytes: number): Promise<void> {
+    if (path.basename(this.pathOf(fd)).startsWith('metadata.')) this.pageWrites += 1;
+    return super.writev(fd, parts, positionBytes);
+  }
+}
+
+test("the root after an open's replay waits for metadataRootAfter (a node's start), unless a write or a close comes first: no page written meanwhile, nothing lost", async () => {
+  await inScratch('paged-pool', async (directory) => {
+    const files = new PageWritesCounted();
+    const model = new Map<number, number>();
+    await crashedWith(directory, files, model, 300);
+    const neverBefore = async (pool: Pool, what: string): Promise<void> => {
+      // Turns of the event loop and time enough for a root's encoding and writes (a few ms here) to begin.
+      for (let i = 0; i < 20; i++) await sleep(5);
+      assert.equal(files.pageWrites, 0, `no page written before ${what}`);
+      assert.ok(journalGenerations(directory).length >= 2, 'the replayed journal stays: no root covers it yet');
+      for (const [index, fill] of model) assert.equal(await readBlock(pool, 'v', index), fill, `block ${index} read before ${what}`);
+    };
+
+    // Released by the caller: the root is written then, and the replayed journal removed.
+    files.pageWrites = 0;
+    let release = (): void => {};
+    let pool = await open(directory, { files, metadataRootAfter: new Promise<void>((resolve) => (release = resolve)) });
+    await neverBefore(pool, 'the release');
+    release();
+    await pool.freeSpacePunched();
+    assert.ok(files.pageWrites > 0, 'the root written once released');
+    assert.equal(journalGenerations(directory).length, 1, 'the replayed journal removed once the root covering it is durable');
+    await writeFlushed(pool, model, 300, 50, 100);
+    await killed(pool, files);
+
+    // Never released: the first write goes first (it would otherwise wait for the root, and a node's start may
+    // wait for that write), and its FLUSH returns.
+    files.pageWrites = 0;
+    pool = await open(directory, { files, metadataRootAfter: new Promise<void>(() => {}) });
+    await neverBefore(pool, 'a write');
+    const flushed = await Promise.race([writeFlushed(pool, model, 350, 50, 150).then(() => true), sleep(20_000).then(() => false)]);
+    assert.ok(flushed, 'a write and a FLUSH with the root still waiting for its release returned');
+    await pool.freeSpacePunched();
+    assert.ok(files.pageWrites > 0, 'the root written once a write came');
+    await killed(pool, files);
+
+    // Never released, nothing written: a close does not wait for the release.
+    files.pageWrites = 0;
+    pool = await open(directory, { files, metadataRootAfter: new Promise<void>(() => {}) });
+    await neverBefore(pool, 'the close');
+    const closed = await Promise.race([pool.close().then(() => true), sleep(20_000).then(() => false)]);
+    assert.ok(closed, 'the close returned with the root still waiting for its release');
+
+    pool = await open(directory, { files });
+    try {
+      for (const [index, fill] of model) assert.equal(await readBlock(pool, 'v', index), fill, `block ${index} after the last open`);
+      await pool.freeSpacePunched();
+    } finally {
+      await pool.close();
+    }
+    const report = await fsckPool(directory);
+    assert.ok(report.clean, report.errors.join('; '));
+  });
+});
+
 test('a power cut at each step of an open, the root after its replay written beside the writes that follow: nothing acknowledged lost, fsck clean', { timeout: 120_000 }, async () => {
   await inScratch('paged-pool', async (base) => {
     const before = new Map<number, number>();
