@@ -250,6 +250,8 @@ export const receiveFrameBuffersHeldBytes = 32 * MiB;
 /** Reads a sender keeps ahead of what it has sent (each at most streamDataRecordBytesMax), and their bytes at most. */
 export const sendReadsAheadMax = 64;
 export const sendReadAheadBytes = 8 * MiB;
+/** A sender's free record arenas kept for reuse (each streamDataRecordBytesMax): its read-ahead's and a link's window's worth. */
+export const sendArenasFreeMax = (2 * sendReadAheadBytes) / streamDataRecordBytesMax;
 
 /** Connections the metrics port (serve --metrics-listen) serves at once: a few scrapers, never a crowd. */
 export const metricsConnectionsMax = 16;
