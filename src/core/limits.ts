@@ -249,9 +249,16 @@ export const receiveWritesInFlightMax = 8;
 export const receiveBatchRecordBytesMax = 256 * KiB;
 /** receiveData frame buffers a peer server keeps for reuse, in bytes: more than a link's window and the writes in flight. */
 export const receiveFrameBuffersHeldBytes = 32 * MiB;
+/**
+ * receiveData frame buffers are made in multiples of this, so that frames of nearby sizes reuse one another's: a
+ * frame of small records ends at the first record end past the link's 1 MiB target, a different byte each time.
+ */
+export const receiveFrameBufferStepBytes = 128 * KiB;
 /** Reads a sender keeps ahead of what it has sent (each at most streamDataRecordBytesMax), and their bytes at most. */
 export const sendReadsAheadMax = 64;
 export const sendReadAheadBytes = 8 * MiB;
+/** A sender's free record arenas kept for reuse (each streamDataRecordBytesMax): its read-ahead's and a link's window's worth. */
+export const sendArenasFreeMax = (2 * sendReadAheadBytes) / streamDataRecordBytesMax;
 
 /** Connections the metrics port (serve --metrics-listen) serves at once: a few scrapers, never a crowd. */
 export const metricsConnectionsMax = 16;

@@ -248,6 +248,8 @@ export class StreamReceiver {
               // Small records (a random writer's scattered 4 KiB chunks) are gathered and written together,
               // one fresh run and one write for many (Volume.writeMany); big ones go as they are, uncopied.
               if (record.data.length < receiveBatchRecordBytesMax) {
+                // A batch stays within one record's size, which Volume.writeMany gathers in a buffer it keeps.
+                if (batchBytes + record.data.length > streamDataRecordBytesMax) await writeBatch();
                 batch.push({ offsetBytes: record.offsetBytes, data: record.data });
                 batchBytes += record.data.length;
                 if (batchBytes >= streamDataRecordBytesMax) await writeBatch();

@@ -10,7 +10,7 @@
 // it the owner); a sender with a lower epoch than the replica has seen is refused (fenced).
 import { ChunkdError } from '../core/errors.ts';
 import { SizedFreeList } from '../core/free-list.ts';
-import { receiveFrameBuffersHeldBytes } from '../core/limits.ts';
+import { receiveFrameBufferStepBytes, receiveFrameBuffersHeldBytes } from '../core/limits.ts';
 import { PeerVerb } from '../peer/protocol.ts';
 import type { PeerRequestContext, VerbHandler } from '../peer/server.ts';
 import type { Pool } from '../store/pool.ts';
@@ -87,7 +87,20 @@ export class ReplicaServer {
    * Where the peer server gathers a receiveData payload (PeerServerOptions.bulkPayload): shared memory, so that the
    * chunk I/O workers write its data in place, from buffers the receiver handed back when it could.
    */
-  readonly bulkPayload = (size: number): Buffer => this.#frameBuffers.take(size) ?? Buffer.from(new SharedArrayBuffer(size));
+  readonly bulkPayload = (size: number): Buffer => {
+    // Rounded up to a step: taken only at its exact size, a frame buffer was almost never reused (each frame of
+    // small records has a size of its own), and a fresh 1 MiB of zeroed shared memory per frame, with the major
+    // collections that much external memory brings, cost more than the receive's own work (BENCHMARKS.md, issue 14).
+    const wholeBytes = frameBufferBytes(size);
+    return (this.#frameBuffers.take(wholeBytes) ?? Buffer.from(new SharedArrayBuffer(wholeBytes))).subarray(0, size);
+  };
+
+  /** A piece the receiver is done with: its whole frame buffer is kept for reuse when it is one bulkPayload made. */
+  #recycle(piece: Buffer): void {
+    const memory = piece.buffer;
+    if (!(memory instanceof SharedArrayBuffer) || piece.byteOffset !== 0 || memory.byteLength !== frameBufferBytes(piece.length)) return;
+    this.#frameBuffers.put(Buffer.from(memory));
+  }
 
   async #open(payload: Buffer, context: PeerRequestContext): Promise<object> {
     const { volume, epoch, replace } = parseReceiveOpen(payload);
@@ -98,7 +111,7 @@ export class ReplicaServer {
     // Recorded before the stream may create the volume, so a replica never exists without its role.
     await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });
     const feed = new ByteFeed();
-    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed, { recycle: (piece) => this.#frameBuffers.put(piece), replace }) };
+    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed, { recycle: (piece) => this.#recycle(piece), replace }) };
     this.#sessions.set(context.connection.id, session);
     session.result.then(
       () => feed.close(ChunkdError.protocol(`the stream into ${volume} is complete; no more bytes belong to it`)),
@@ -227,4 +240,9 @@ export class ReplicaServer {
     const role = this.#roles.replicaOf(volume);
     if (role === null || role.owner !== peer) throw ChunkdError.readOnly(`volume ${volume} on this node is not a replica of ${peer}`);
   }
+}
+
+/** The size of the frame buffer a payload of `size` bytes is gathered in: rounded up to receiveFrameBufferStepBytes. */
+function frameBufferBytes(size: number): number {
+  return Math.max(1, Math.ceil(size / receiveFrameBufferStepBytes)) * receiveFrameBufferStepBytes;
 }

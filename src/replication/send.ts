@@ -9,7 +9,7 @@
 // replicator once the peer has answered) has its read buffers reused, so a long stream allocates a few buffers,
 // not one per record; a consumer that does not leaves them to the garbage collector.
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, inlineReadBytesMax, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, inlineReadBytesMax, sendArenasFreeMax, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
 import { isZero } from '../store/frames.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
 import type { Pool } from '../store/pool.ts';
@@ -83,16 +83,35 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
   // A read small enough to be done on this thread (worker-io.ts) gains nothing from shared memory (a random
   // writer's scattered chunks): it goes straight into the middle of its own record, carved from an arena, and
   // the record is sealed in place (sealDataRecord): one buffer per record, not four, and no allocation of its own.
-  let arena = Buffer.alloc(0);
+  // An arena is reused once nothing holds a part of it: `holds` counts its reads not yet looked at and its records
+  // yielded and not yet recycled; a used-up arena whose holds fall to zero goes back to `freeArenas`. Each arena
+  // fresh from the allocator was 1 MiB of external memory per 250 records, and the major collections that brings
+  // were a good part of the sender's CPU (BENCHMARKS.md, issue 14).
+  const arenas = new Map<ArrayBufferLike, { bytes: Buffer; holds: number; usedUp: boolean }>();
+  const freeArenas: Buffer[] = [];
+  let arena: { bytes: Buffer; holds: number; usedUp: boolean } | null = null;
   let arenaUsed = 0;
+  const letGoArena = (held: { bytes: Buffer; holds: number; usedUp: boolean }, count: number): void => {
+    held.holds -= count;
+    if (held.holds > 0 || !held.usedUp) return;
+    arenas.delete(held.bytes.buffer);
+    if (freeArenas.length < sendArenasFreeMax) freeArenas.push(held.bytes);
+  };
   const takeRecord = (length: number): Buffer => {
     const bytes = length + dataRecordOverheadBytes;
-    if (arena.length - arenaUsed < bytes) {
-      arena = Buffer.allocUnsafe(Math.max(bytes, streamDataRecordBytesMax));
+    if (arena === null || arena.bytes.length - arenaUsed < bytes) {
+      if (arena !== null) {
+        arena.usedUp = true;
+        letGoArena(arena, 0);
+      }
+      const memory = (bytes <= streamDataRecordBytesMax ? freeArenas.pop() : undefined) ?? Buffer.allocUnsafe(Math.max(bytes, streamDataRecordBytesMax));
+      arena = { bytes: memory, holds: 0, usedUp: false };
+      arenas.set(memory.buffer, arena);
       arenaUsed = 0;
     }
     arenaUsed += bytes;
-    return arena.subarray(arenaUsed - bytes, arenaUsed);
+    arena.holds += 1;
+    return arena.bytes.subarray(arenaUsed - bytes, arenaUsed);
   };
   const giveBack = (buffer: Buffer): void => {
     if (buffer.buffer instanceof SharedArrayBuffer && buffer.length === streamDataRecordBytesMax && free.length < sendReadsAheadMax) free.push(buffer);
@@ -100,6 +119,11 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
   const recycle = (records: Buffer[][]): void => {
     for (const record of records) {
       for (const piece of record) {
+        const held = arenas.get(piece.buffer);
+        if (held !== undefined) {
+          letGoArena(held, 1);
+          break;
+        }
         const user = users.get(piece.buffer);
         if (user === undefined) continue;
         user.records -= 1;
@@ -165,6 +189,7 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         const { offset, buffer } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
         if (read.record !== null && !hasZeroChunk(buffer)) {
+          // The read's hold on its arena becomes the record's, until the consumer recycles it.
           recordCount += 1;
           coveredBytes += buffer.length;
           dataBytes += buffer.length;
@@ -174,7 +199,12 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         }
         const runs = zeroRuns(buffer);
         const dataRuns = runs.filter((run) => !run.zero).length;
-        if (dataRuns === 0) giveBack(buffer);
+        const held = read.record === null ? undefined : arenas.get(read.record.buffer);
+        if (held !== undefined) {
+          // Its data records hold the arena instead of the read.
+          held.holds += dataRuns;
+          letGoArena(held, 1);
+        } else if (dataRuns === 0) giveBack(buffer);
         else if (buffer.buffer instanceof SharedArrayBuffer) users.set(buffer.buffer, { buffer, records: dataRuns });
         for (const run of runs) {
           recordCount += 1;

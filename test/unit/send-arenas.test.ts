@@ -1,0 +1,73 @@
+// The sender's record arenas (replication/send.ts): scattered 4 KiB records are carved from 1 MiB arenas, and an
+// arena is reused once every record carved from it was recycled, never before. Records a consumer holds keep their
+// bytes while later records are carved from reused arenas, and every record decodes to the chunk it names.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { test } from 'vitest';
+import { prepareSend } from '../../src/replication/send.ts';
+import { StreamDecoder } from '../../src/replication/stream-format.ts';
+import { Pool } from '../../src/store/pool.ts';
+import { testPoolOptions } from '../../src/testing/test-metadata.ts';
+
+const chunkBytes = 4096;
+/** Scattered chunks: several arenas' worth of 4 KiB records (about 250 fit an arena). */
+const chunkCount = 1200;
+
+/** The bytes written at virtual chunk `chunk`: its index in every word, so a record holding another's bytes shows. */
+function chunkBytesOf(chunk: number): Buffer {
+  const bytes = Buffer.alloc(chunkBytes);
+  for (let at = 0; at < chunkBytes; at += 4) bytes.writeUInt32LE(chunk * 4099 + at + 1, at);
+  return bytes;
+}
+
+test('record arenas are reused once their records are recycled, and a record still held keeps its bytes', async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-send-arenas-'));
+  try {
+    const pool = await Pool.open({ directory, ...testPoolOptions() });
+    await pool.createVolume('v', 2 * chunkCount * chunkBytes);
+    const volume = pool.openVolume('v');
+    // Every other chunk, so that no two written chunks make one extent: one 4 KiB record each.
+    for (let i = 0; i < chunkCount; i++) await volume.write(2 * i * chunkBytes, chunkBytesOf(2 * i));
+    await volume.close();
+    await pool.createSnapshot('v', 's');
+
+    const prepared = await prepareSend(pool, { volume: 'v', snapshot: 's', from: null, resumeOffsetBytes: 0 }, () => {});
+    /** Records held back (never recycled), with the bytes each had when it was yielded. */
+    const held: Array<{ record: Buffer[]; bytes: Buffer }> = [];
+    const arenasSeen = new Set<ArrayBufferLike>();
+    let lastArena: ArrayBufferLike | null = null;
+    let arenasReused = 0;
+    let dataRecords = 0;
+    const decoder = new StreamDecoder();
+    let index = 0;
+    for await (const record of prepared.records) {
+      const bytes = Buffer.concat(record);
+      for (const decoded of decoder.push(bytes)) {
+        if (decoded.type !== 'data') continue;
+        dataRecords += 1;
+        assert.equal(decoded.data.length, chunkBytes);
+        assert.ok(decoded.data.equals(chunkBytesOf(decoded.offsetBytes / chunkBytes)), `the record at byte ${decoded.offsetBytes} holds other bytes`);
+      }
+      if (record.length === 1 && index > 0) {
+        // A record from an arena left before: that arena came back.
+        const memory = record[0]!.buffer;
+        if (memory !== lastArena && arenasSeen.has(memory)) arenasReused += 1;
+        arenasSeen.add(memory);
+        lastArena = memory;
+      }
+      // Two records of the first arena are held for good (it must never come back); the rest are recycled at once.
+      if (index === 7 || index === 107) held.push({ record, bytes });
+      else prepared.recycle([record]);
+      index += 1;
+    }
+    assert.equal(prepared.failure(), null);
+    assert.equal(dataRecords, chunkCount);
+    for (const { record, bytes } of held) assert.ok(Buffer.concat(record).equals(bytes), 'a record still held was overwritten by a later one');
+    assert.ok(arenasReused > 0, 'no arena was reused');
+    await pool.close();
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
