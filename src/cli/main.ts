@@ -13,12 +13,15 @@ import type { CountedSnapshotInfo, SnapshotInfo, VolumeInfo } from '../store/poo
 import type { ClusterVolume } from '../cluster/listing.ts';
 import { commandHelp, commands, commandWords, findCommand, generalHelp, unknownVerb } from './help.ts';
 import { parsing, printError, reportError, UsageError, wantsJson } from './errors.ts';
-import { callApi } from './api-client.ts';
+import type * as ApiClient from './api-client.ts';
 import { needs } from '../core/lazy-import.ts';
 
 // A command's own module is imported when that command runs (core/lazy-import.ts), so that a start loads what
 // the command needs and no more: `chunkd help` or `chunkd volume list` loads neither the node, the store, etcd's
 // client nor TLS.
+
+/** The API's client, loaded by the commands that call the API: its node:http and node:https are most of what `chunkd help` or `--version` would load. */
+const callApi: typeof ApiClient.callApi = async (...args) => (await import('./api-client.ts')).callApi(...args);
 
 /** Runs the command line; returns the exit code. */
 export async function main(argv: string[]): Promise<number> {

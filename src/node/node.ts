@@ -18,11 +18,10 @@ import type { MetadataKind } from '../store/pool-layout.ts';
 import type { ScrubReport } from '../store/scrub.ts';
 import { StreamReceiver, type ReceiveResult } from '../replication/receive.ts';
 import { prepareSend, resumeRequest, type PreparedSend } from '../replication/send.ts';
-import { ReplicaServer } from '../replication/replica-server.ts';
 import { SyncReplicaExport, SyncReplicaServer } from '../replication/sync-replica-server.ts';
 import { SyncDevice, SyncReplication, type SyncReplicaSettings, type SyncReplicaStatus } from '../replication/sync-replicas.ts';
 import { defaultEveryMs, Replicator, uniqueSnapshotName, type CycleResult, type ReplicaSettings, type ReplicaStatus } from '../replication/replicator.ts';
-import { handoff, resolve as resolveHandoff, type HandoffContext, type HandoffResult } from '../replication/handoff.ts';
+import type { HandoffContext, HandoffResult } from '../replication/handoff.ts';
 import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
 import { newestReplicationPoint, replicationSnapshotPrefix } from '../replication/peer-messages.ts';
 import { renderMetrics } from './metrics.ts';
@@ -31,21 +30,20 @@ import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
 import type { IoEngineStatus } from '../store/chunk-io.ts';
 import { defaultWorkerCount, WorkerChunkIo } from '../store/worker-io.ts';
-import { FuseFrontEnd, type FuseStatus } from '../fuse/front-end.ts';
-import { DockerPluginServer } from '../api/docker-plugin.ts';
+import type { FuseFrontEnd, FuseStatus } from '../fuse/front-end.ts';
+import type { DockerPluginServer } from '../api/docker-plugin.ts';
 import { Attachments, type AttachmentStatus } from './attachments.ts';
 import { validateAttachRequest } from './attachment-table.ts';
 import { loadCredentials, type TlsCredentials } from '../peer/credentials.ts';
-import { PeerServer, type PeerServerStats } from '../peer/server.ts';
+import type { PeerServer, PeerServerStats } from '../peer/server.ts';
 import { softwareVersion } from '../core/version.ts';
 import type { Log } from '../core/log.ts';
 import { emptyIoStats, MeasuredDevice, type ExportIoStats } from './io-stats.ts';
 import { needs } from '../core/lazy-import.ts';
 import type { ClusterConfig, ClusterHost, ClusterMember, ClusterStatus } from '../cluster/cluster.ts';
 import type { ClusterVolume } from '../cluster/listing.ts';
-import { createOnNode, parseRemoteCreate, type VolumePlacement } from '../cluster/remote-create.ts';
+import type { VolumePlacement } from '../cluster/remote-create.ts';
 import { formatSize } from '../core/units.ts';
-import { PeerVerb } from '../peer/protocol.ts';
 
 export interface NodeConfig {
   poolDirectory: string;
@@ -221,7 +219,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       });
       node.#syncServer = new SyncReplicaServer(pool, roles, config.log);
       // A handoff a crash interrupted is settled first (it may make a volume a replica here, or take writes again).
-      for (const [volume] of roles.handoffs()) await resolveHandoff(node.#handoffContext(), volume);
+      for (const [volume] of roles.handoffs()) await (await importHandoff()).resolve(node.#handoffContext(), volume);
       // Before any client is served: a node replaced while it was down learns it from its peers, and is fenced.
       await node.#replicator.checkOwnership(ownershipCheckTimeoutMs);
       // Every volume this node may not write is refused in the pool too (the receiver writes past that).
@@ -267,10 +265,13 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       });
       if (node.#attachments.size > 0) await node.#attachments.recoverAll();
       if (config.pluginSocketPath) {
+        const { DockerPluginServer } = await needs('the Docker volume plugin (--plugin-socket)', () => import('../api/docker-plugin.ts'));
         node.#plugin = new DockerPluginServer(node, path.join(pool.directory, 'mounts'), config.log);
         await node.#plugin.listen(config.pluginSocketPath);
       }
       if (config.peer && peerCredentials !== null) {
+        const [{ ReplicaServer }, { PeerServer }, { PeerVerb }] = await needs('the peer port (--peer-listen)', () =>
+          Promise.all([import('../replication/replica-server.ts'), import('../peer/server.ts'), import('../peer/protocol.ts')]));
         const replicaServer = new ReplicaServer(pool, node.#receiver, roles, config.log, async (volume, replicaBack) => {
           // In a cluster, writes start once etcd names this node (the old owner records the move next).
           node.#cluster?.expectOwnership(volume);
@@ -337,7 +338,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** The FUSE front end, mounted on first use: at --fuse DIR, else at <pool>/.fuse. */
   fuse(): Promise<FuseFrontEnd> {
     if (this.#fuse !== null) return Promise.resolve(this.#fuse);
-    this.#fuseMounting ??= FuseFrontEnd.mount(this.config.fuseDirectory || path.join(this.pool.directory, '.fuse'), this, this.config.log).then(
+    this.#fuseMounting ??= needs('the FUSE front end', () => import('../fuse/front-end.ts')).then(({ FuseFrontEnd }) => FuseFrontEnd.mount(this.config.fuseDirectory || path.join(this.pool.directory, '.fuse'), this, this.config.log)).then(
       (frontEnd) => {
         this.#fuse = frontEnd;
         this.config.log(`FUSE front end mounted at ${frontEnd.directory}`);
@@ -463,7 +464,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       if (owner.name !== this.#cluster.nodeName) {
         if (typeof credentials === 'string') throw ChunkdError.invalid(`volume ${name} cannot be created on node ${owner.name} from here: ${credentials}`);
         this.config.log(`volume ${name}: created on node ${owner.name} (${typeof where === 'object' ? 'named' : `the most free space, ${formatSize(owner.freeBytes)}`}), asked here`);
-        return { ...(await createOnNode(owner.name, owner.peer!, credentials, { name, sizeBytes, replicas, sync })) as unknown as VolumeInfo & { replicas?: string[] }, owner: owner.name };
+        return { ...(await (await importRemoteCreate()).createOnNode(owner.name, owner.peer!, credentials, { name, sizeBytes, replicas, sync })) as unknown as VolumeInfo & { replicas?: string[] }, owner: owner.name };
       }
       return { ...(await this.createVolume(name, sizeBytes, replicas, sync, 'here')), owner: owner.name };
     }
@@ -513,7 +514,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   /** A create another node of the cluster placed here (remote-create.ts): made as this node's own. */
   async #createForPeer(payload: Buffer, peerName: string): Promise<object> {
-    const request = parseRemoteCreate(payload);
+    const request = (await importRemoteCreate()).parseRemoteCreate(payload);
     if (this.#cluster === null) throw ChunkdError.invalid(`node ${peerName} asked this node to create volume ${request.name}, but this node is not in a cluster`);
     this.config.log(`volume ${request.name}: created here as asked by node ${peerName} (placement)`);
     return this.createVolume(request.name, request.sizeBytes, request.replicas, request.sync, 'here');
@@ -646,7 +647,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         // Handed over already (this run, or one a crash interrupted and the start settled): only etcd is left.
         if (role !== null && role.owner === to && role.epoch === epoch + 1) return;
         if (role !== null || roles.epochOf(volume) !== epoch) throw ChunkdError.invalid(`volume ${volume} is not this node's at epoch ${epoch}${role === null ? ` (its epoch here is ${roles.epochOf(volume)})` : ` (a replica of ${role.owner} here)`}: it cannot be moved from here`);
-        await handoff(this.#handoffContext(), volume, toAddress, cancelled);
+        await (await importHandoff()).handoff(this.#handoffContext(), volume, toAddress, cancelled);
       },
     };
   }
@@ -804,7 +805,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   handoff(volume: string, to: string): Promise<HandoffResult> {
     this.#refuseInCluster(`chunkd volume handoff ${volume}`);
     this.#sync?.checkUnreplicated(volume, 'a handoff');
-    return handoff(this.#handoffContext(), volume, to);
+    return importHandoff().then(({ handoff }) => handoff(this.#handoffContext(), volume, to));
   }
 
   #handoffContext(): HandoffContext {
@@ -1048,6 +1049,10 @@ export interface NodeStatus {
 
 /** Time each replica peer has to answer the ownership check at start. */
 const ownershipCheckTimeoutMs = 3_000;
+
+// Loaded when used (core/lazy-import.ts): a handoff, a create placed on another node of a cluster.
+const importHandoff = () => needs('a handoff', () => import('../replication/handoff.ts'));
+const importRemoteCreate = () => needs('a create on another node', () => import('../cluster/remote-create.ts'));
 
 /** How long `volume create --sync` waits for its new replicas' first resync (a new volume's holes: quick). */
 const createSyncWaitMs = 60_000;
