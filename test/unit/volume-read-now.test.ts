@@ -23,14 +23,20 @@ afterEach(() => {
   for (const directory of directories.splice(0)) fs.rmSync(directory, { recursive: true, force: true });
 });
 
-test('a cached 4 KiB read is done when read() returns, and a flipped byte under it still fails it', async () => {
+/** A pool in a new directory with volume `v`, its first `blocks` chunks written with namedBlock(label, index) and flushed. */
+async function writtenVolume(label: string, blocks: number) {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'volume-read-now-'));
   directories.push(directory);
   const pool = await Pool.open({ directory, ...testPoolOptions() });
   await pool.createVolume('v', 64 * chunk);
   const volume = pool.openVolume('v');
-  for (let index = 0; index < 4; index++) await volume.write(index * chunk, namedBlock('read-now', index));
+  for (let index = 0; index < blocks; index++) await volume.write(index * chunk, namedBlock(label, index));
   await volume.flush();
+  return { directory, pool, volume };
+}
+
+test('a cached 4 KiB read is done when read() returns, and a flipped byte under it still fails it', async () => {
+  const { directory, pool, volume } = await writtenVolume('read-now', 4);
   const target = Buffer.alloc(chunk);
   // The first read may open the chunk file on this thread (worker threads may have done every write).
   await volume.read(chunk, target);
@@ -52,13 +58,7 @@ test('a cached 4 KiB read is done when read() returns, and a flipped byte under 
 });
 
 test('a cached read through the measured device and SyncDevice is done and counted when read() returns', async () => {
-  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'volume-read-now-'));
-  directories.push(directory);
-  const pool = await Pool.open({ directory, ...testPoolOptions() });
-  await pool.createVolume('v', 64 * chunk);
-  const volume = pool.openVolume('v');
-  for (let index = 0; index < 3; index++) await volume.write(index * chunk, namedBlock('measured-now', index));
-  await volume.flush();
+  const { directory, pool, volume } = await writtenVolume('measured-now', 3);
   const sync = await SyncReplication.load({ pool, poolDirectory: directory, credentials: 'no credentials in this test', log: () => {}, epochOf: () => 1, writeRefusal: () => null });
   const stats = emptyIoStats();
   const device = new MeasuredDevice(new SyncDevice(volume, sync), stats);
