@@ -8,7 +8,7 @@
 // Cost per request: two performance.now() calls, a short bucket scan and four increments (BENCHMARKS.md has
 // the measured cost on 4 KiB random reads).
 import { performance } from 'node:perf_hooks';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
+import { doneNow, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import { emptyHistogram, observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';
 
 export const ioOperations = ['read', 'write', 'trim', 'zero', 'flush'] as const;
@@ -104,17 +104,36 @@ export class MeasuredDevice implements BlockDevice {
     return this.#device.close();
   }
 
-  async #measure(operation: IoOperation, bytes: number, request: () => Promise<void>): Promise<void> {
+  /**
+   * Runs `request`, counted. A request the device finished before it returned (block-device.ts's doneNow: a cached
+   * read of a volume) is counted at once and gives doneNow on, with no promise of this layer's own.
+   */
+  #measure(operation: IoOperation, bytes: number, request: () => Promise<void>): Promise<void> {
     const stats = this.#stats[operation];
     const start = performance.now();
-    let failed = true;
     stats.inFlight += 1;
+    let pending: Promise<void>;
     try {
-      await request();
-      failed = false;
-    } finally {
-      stats.inFlight -= 1;
-      observe(stats, failed ? 0 : bytes, (performance.now() - start) / 1000, failed);
+      pending = request();
+    } catch (error) {
+      this.#done(stats, 0, start, true);
+      return Promise.reject(error);
     }
+    if (pending === doneNow) {
+      this.#done(stats, bytes, start, false);
+      return doneNow;
+    }
+    return pending.then(
+      () => this.#done(stats, bytes, start, false),
+      (error: unknown) => {
+        this.#done(stats, 0, start, true);
+        throw error;
+      },
+    );
+  }
+
+  #done(stats: OperationStats, bytes: number, start: number, failed: boolean): void {
+    stats.inFlight -= 1;
+    observe(stats, bytes, (performance.now() - start) / 1000, failed);
   }
 }

@@ -125,7 +125,7 @@ import { ChunkdError, DamagedDataError } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
 import { chunkSizeBytes, snapshotsPerVolumeMax, syncActivityExtentBytes, syncCatchUpRegionsMax, syncDamagedRetryMs, syncReconnectDelayMs, syncRegionBytes, syncResyncBatchBytes, syncResyncBatchesInFlight, syncResyncPassesMax, syncSumsChunksMax, volumeSizeMaxBytes } from '../core/limits.ts';
-import { ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
+import { doneNow, ForwardingDevice, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import type { Log } from '../core/log.ts';
 import { formatSize } from '../core/units.ts';
 import { PeerClient } from '../peer/client.ts';
@@ -1767,13 +1767,23 @@ export class SyncDevice extends ForwardingDevice {
     this.#sync = sync;
   }
 
-  override async read(offsetBytes: number, target: Buffer): Promise<void> {
+  /**
+   * A read that failed on a damaged block is repaired from a replica (SyncReplication.repairRead). One the volume
+   * finished before it returned (block-device.ts's doneNow: a cached read) found no damage: it gives doneNow on, with
+   * no promise of this layer's own.
+   */
+  override read(offsetBytes: number, target: Buffer): Promise<void> {
+    let reading: Promise<void>;
     try {
-      await this.inner.read(offsetBytes, target);
+      reading = this.inner.read(offsetBytes, target);
     } catch (error) {
-      if (!(error instanceof DamagedDataError)) throw error;
-      await this.#sync.repairRead(this.name, offsetBytes, target, error, this.inner);
+      reading = Promise.reject(error);
     }
+    if (reading === doneNow) return doneNow;
+    return reading.then(undefined, (error: unknown) => {
+      if (!(error instanceof DamagedDataError)) throw error;
+      return this.#sync.repairRead(this.name, offsetBytes, target, error, this.inner);
+    });
   }
 
   override write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {

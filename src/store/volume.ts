@@ -15,7 +15,7 @@
 // unmap is committed) and zero the partly covered ends. A snapshot device reads through the snapshot's frozen
 // map and refuses nothing itself: the NBD edge answers EPERM for writes to a read-only export before they reach it.
 import { assert } from '../core/assert.ts';
-import type { BlockDevice, Extent, WriteOptions, ZeroOptions } from '../core/block-device.ts';
+import { doneNow, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { settleAll } from '../core/settle.ts';
 import { blockStatusExtentsMax, chunkSizeBytes, inlineWriteBytesMax, readDefragBytesMin, readDefragPieceBytesMax } from '../core/limits.ts';
@@ -106,8 +106,6 @@ const readDefragSeenMax = 65_536;
 /** Buffers read defragmentation copied ranges into (#maybeDefragment), kept for the next (limits.readDefragInFlightBytesMax bounds those in use). */
 const defragBuffers: Buffer[] = [];
 const defragBuffersKept = 8;
-/** What a read done at once gives: a settled promise, shared. */
-const settled = Promise.resolve();
 
 export class Volume implements BlockDevice {
   readonly readOnly = false;
@@ -143,12 +141,12 @@ export class Volume implements BlockDevice {
 
   /**
    * Reads under the range lock. Without a promise of its own where none is needed: the lock granted at once, the
-   * lookup in memory and the bytes in the page cache, the read is done before this returns (a settled promise).
+   * lookup in memory and the bytes in the page cache, the read is done before this returns (block-device.ts's doneNow).
    */
   read(offsetBytes: number, target: Buffer): Promise<void> {
     try {
       this.#assertRange(offsetBytes, target.length);
-      if (target.length === 0) return settled;
+      if (target.length === 0) return doneNow;
       const locked = this.#lock(offsetBytes, target.length, false);
       if (locked instanceof Promise) return locked.then((release) => this.#readLocked(offsetBytes, target, release));
       return this.#readLocked(offsetBytes, target, locked);
@@ -168,7 +166,7 @@ export class Volume implements BlockDevice {
     if (!(read instanceof Promise)) {
       release();
       this.#afterRead(offsetBytes, target, read);
-      return settled;
+      return doneNow;
     }
     return read.then(
       (found) => {
