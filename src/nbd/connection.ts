@@ -162,6 +162,8 @@ export class NbdConnection {
   #endAfterReplies = false;
   /** Whether the next idle wait is polled (idle-poll.ts). */
   readonly #idlePoll = new IdlePollPolicy();
+  /** The most requests in flight at once since the last idle wait: a poll is for clients that send one at a time. */
+  #inFlightPeak = 0;
 
   /** `accepted`: a socket that has read nothing yet (the server accepts with pauseOnConnect). */
   constructor(accepted: Socket, options: ConnectionOptions) {
@@ -420,6 +422,7 @@ export class NbdConnection {
     }
     this.#inFlightCount += 1;
     this.#inFlightBytes += costBytes;
+    if (this.#inFlightCount > this.#inFlightPeak) this.#inFlightPeak = this.#inFlightCount;
     const running = runCommand(session, request, payload, this.#replyBuffers);
     threadPolls.requestsInFlight += 1; // counted once it runs: both ways below end in #finish
     running.then(
@@ -552,6 +555,11 @@ export class NbdConnection {
     const pollUs = this.#options.pollUs ?? 0;
     if (pollUs <= 0 || this.#state !== 'transmission' || this.#tlsReplies !== null) return;
     if (this.#inFlightCount > 0 || threadPolls.requestsInFlight > 0 || this.#paused || this.#socket.writableLength > 0) return;
+    // A client with several requests in flight (queue depth 32) sends its next ones as replies reach it, not one
+    // by one: the poll would only take a CPU it needs (measured: 4 KiB reads at QD32 0.81-0.92x without this).
+    const oneAtATime = this.#inFlightPeak <= 1;
+    this.#inFlightPeak = 0;
+    if (!oneAtATime) return;
     const fd = descriptorOf(this.#socket);
     if (fd === null || !this.#idlePoll.shouldPoll() || !claimTurnPoll()) return;
     if (pollReadable(fd, pollUs, this.#options.counters.idlePoll)) this.#idlePoll.hit();

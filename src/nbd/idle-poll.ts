@@ -13,6 +13,8 @@
 // - a poll that times out (the client is slow, or done) makes the connection skip its next 1, then 2, 4, ... up to
 //   idlePollBackoffMax waits; a poll that sees the request ends the back-off;
 // - at most one poll per turn of the event loop, whatever the number of connections that replied in it;
+// - only for a client that had one request in flight at a time since the last wait (queue depth 1): one with
+//   more sends its next requests as their replies reach it, and a poll would take a CPU its threads need;
 // - only a connection in transmission, over a plain socket (a TLS socket's bytes need decrypting anyway), with
 //   nothing in flight on its thread (NBD requests; the node does not poll on a main thread that also serves NBD
 //   threads' device calls, node.ts).

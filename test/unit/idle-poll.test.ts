@@ -163,3 +163,18 @@ test('no poll while another connection on the thread has a request in flight; th
   while (threadPolls.requestsInFlight !== 0 && Date.now() < deadline) await new Promise((done) => setTimeout(done, 10));
   assert.equal(threadPolls.requestsInFlight, 0);
 });
+
+test('no poll for a client that keeps several requests in flight (queue depth 2 and more)', async (t) => {
+  const { server, socketPath } = await serve(t, 500);
+  const client = await RawClient.connect(socketPath);
+  t.onTestFinished(() => client.close());
+  await client.handshake();
+  const before = server.stats().idlePoll;
+  let handle = 0n;
+  for (let round = 0; round < 30; round++) {
+    // Eight requests sent together, then all their replies read: the next eight wait for the last reply.
+    for (let index = 0; index < 8; index++) client.send({ type: nbd.NBD_CMD_READ, handle: (handle += 1n), offsetBytes: index * 4096, lengthBytes: 4096 });
+    for (let index = 0; index < 8; index++) await client.readWholeReply();
+  }
+  assert.deepEqual(server.stats().idlePoll, before, 'several requests in flight at once: no poll');
+});
