@@ -54,7 +54,7 @@ async function metricsOf(pool: Pool): Promise<string> {
   const status = {
     pool: await pool.status(),
     volumes: [],
-    nbd: { listen: [], threads: 0, connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0 },
+    nbd: { listen: [], threads: 0, connectionsOpen: 0, connectionsTotal: 0, requestsTotal: 0, requestErrorsTotal: 0, idlePoll: { hits: 0, misses: 0, microseconds: 0 } },
     io: pool.ioStatus(),
     peer: null,
     replication: { replicas: [], replicaVolumes: [], fenced: [], syncReplicas: [] },
