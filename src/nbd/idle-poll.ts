@@ -33,11 +33,8 @@ const MSG_PEEK = 0x02;
 const MSG_DONTWAIT = 0x40;
 const peekByte = new Uint8Array(1);
 
-const EAGAIN = 11;
-const EINTR = 4;
-
 function retryable(errno: number): boolean {
-  return errno === (errnoValue('EAGAIN') ?? EAGAIN) || errno === (errnoValue('EINTR') ?? EINTR);
+  return errno === errnoValue('EAGAIN') || errno === errnoValue('EINTR');
 }
 
 /** Polls, with their outcome: what `chunkd_nbd_idle_poll_*` reports. */
@@ -50,6 +47,14 @@ export interface IdlePollCounters {
 
 export function emptyIdlePollCounters(): IdlePollCounters {
   return { hits: 0, misses: 0, microseconds: 0 };
+}
+
+/** Adds `from` into `sum` (the node's total over its NBD servers and threads). */
+export function addIdlePollCounters(sum: IdlePollCounters, from: IdlePollCounters): IdlePollCounters {
+  sum.hits += from.hits;
+  sum.misses += from.misses;
+  sum.microseconds += from.microseconds;
+  return sum;
 }
 
 /** Whether the next idle wait of one connection is polled, from how its last polls ended. */

@@ -16,7 +16,7 @@ import { failStop } from '../core/fail-stop.ts';
 import type { NbdServerStats } from '../nbd/server.ts';
 import type { TlsServerConfig } from '../nbd/tls.ts';
 import { DeviceHost } from './device-host.ts';
-import { emptyIdlePollCounters } from '../nbd/idle-poll.ts';
+import { addIdlePollCounters, emptyIdlePollCounters } from '../nbd/idle-poll.ts';
 import { ownModule } from '../core/source-files.ts';
 import type { Log, LogLevel } from '../core/log.ts';
 
@@ -85,9 +85,7 @@ export class NbdThreads {
       sum.requestErrorsTotal += thread.stats.requestErrorsTotal;
       addHistogram(sum.stages.receive, thread.stats.stages.receive);
       addHistogram(sum.stages.reply, thread.stats.stages.reply);
-      sum.idlePoll.hits += thread.stats.idlePoll.hits;
-      sum.idlePoll.misses += thread.stats.idlePoll.misses;
-      sum.idlePoll.microseconds += thread.stats.idlePoll.microseconds;
+      addIdlePollCounters(sum.idlePoll, thread.stats.idlePoll);
     }
     return sum;
   }

@@ -9,7 +9,7 @@ import { checkName } from '../core/names.ts';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
-import type { IdlePollCounters } from '../nbd/idle-poll.ts';
+import { addIdlePollCounters, type IdlePollCounters } from '../nbd/idle-poll.ts';
 import { loadTlsServerConfig, tlsSettings, type TlsServerConfig } from '../nbd/tls.ts';
 import { chunkSizeBytes, syncReplicaTimeoutMsDefault } from '../core/limits.ts';
 import type { CheckpointReport } from '../store/commit-engine.ts';
@@ -997,11 +997,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       connectionsTotal: main.connectionsTotal + (threads?.connectionsTotal ?? 0),
       requestsTotal: main.requestsTotal + (threads?.requestsTotal ?? 0),
       requestErrorsTotal: main.requestErrorsTotal + (threads?.requestErrorsTotal ?? 0),
-      idlePoll: {
-        hits: main.idlePoll.hits + (threads?.idlePoll.hits ?? 0),
-        misses: main.idlePoll.misses + (threads?.idlePoll.misses ?? 0),
-        microseconds: main.idlePoll.microseconds + (threads?.idlePoll.microseconds ?? 0),
-      },
+      idlePoll: threads === null ? main.idlePoll : addIdlePollCounters({ ...main.idlePoll }, threads.idlePoll),
     };
   }
 

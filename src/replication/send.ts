@@ -87,11 +87,11 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
   // yielded and not yet recycled; a used-up arena whose holds fall to zero goes back to `freeArenas`. Each arena
   // fresh from the allocator was 1 MiB of external memory per 250 records, and the major collections that brings
   // were a good part of the sender's CPU (BENCHMARKS.md, issue 14).
-  const arenas = new Map<ArrayBufferLike, { bytes: Buffer; holds: number; usedUp: boolean }>();
+  const arenas = new Map<ArrayBufferLike, SendArena>();
   const freeArenas: Buffer[] = [];
-  let arena: { bytes: Buffer; holds: number; usedUp: boolean } | null = null;
+  let arena: SendArena | null = null;
   let arenaUsed = 0;
-  const letGoArena = (held: { bytes: Buffer; holds: number; usedUp: boolean }, count: number): void => {
+  const letGoArena = (held: SendArena, count: number): void => {
     held.holds -= count;
     if (held.holds > 0 || !held.usedUp) return;
     arenas.delete(held.bytes.buffer);
@@ -265,4 +265,11 @@ function zeroRuns(buffer: Buffer): Array<{ start: number; end: number; zero: boo
     else runs.push({ start, end: start + chunkSizeBytes, zero });
   }
   return runs;
+}
+
+/** A buffer records are carved from (prepareSend's takeRecord): the parts not yet given back, and whether it is full. */
+interface SendArena {
+  bytes: Buffer;
+  holds: number;
+  usedUp: boolean;
 }
