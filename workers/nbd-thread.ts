@@ -18,7 +18,6 @@ const server = new NbdServer({
   sharedBuffers: buffers,
   tls: tls === null ? null : tlsSettings(tls), // the main thread read and checked the credentials
   pollUs,
-  payloadSums: false, // the devices are the main thread's: it sums what it writes
 });
 
 parent.on('message', (message: { type: 'stats'; id: number } | { type: 'disconnect'; id: number; exportName: string } | { type: 'stop' }) => {

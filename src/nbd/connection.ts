@@ -75,7 +75,6 @@ import { validateRequest } from './validate.ts';
 import type { ValidationContext } from './validate.ts';
 import type { Log, LogLevel } from '../core/log.ts';
 import { observeLatency } from '../core/latency-histogram.ts';
-import { dropPayloadSums } from '../store/payload-sums.ts';
 import type { ProtocolStageTimes } from '../store/stage-times.ts';
 import { performance } from 'node:perf_hooks';
 import { IdlePollPolicy, claimTurnPoll, pollReadable, threadPolls, type IdlePollCounters } from './idle-poll.ts';
@@ -107,11 +106,6 @@ export interface ConnectionOptions {
   tls?: TlsSettings | null;
   /** Microseconds to poll for the next request once idle (serve --poll-us, idle-poll.ts); 0 or absent: off. */
   pollUs?: number;
-  /**
-   * Large WRITE payloads' chunks summed as they arrive (store/payload-sums.ts), for the volume that writes them to
-   * take; absent: true. False on NBD threads: their devices are the main thread's, which sums what it writes.
-   */
-  payloadSums?: boolean;
 }
 
 /** The connection's life; see the diagram at the top of this file. */
@@ -176,7 +170,7 @@ export class NbdConnection {
     this.#options = options;
     const shared = options.sharedBuffers ?? null;
     this.#payloadBuffers = shared ?? new BufferPool(bytesInFlightPerConnectionMax);
-    this.#receiver = new Receiver(this.#payloadBuffers, shared !== null, () => this.#onInput(), options.payloadSums ?? true);
+    this.#receiver = new Receiver(this.#payloadBuffers, shared !== null, () => this.#onInput());
     this.#replyBuffers = shared ?? new BufferPool(bytesInFlightPerConnectionMax);
     this.#sink = {
       mayTakeRequest: () => this.#mayTakeRequest(),
@@ -433,14 +427,14 @@ export class NbdConnection {
     threadPolls.requestsInFlight += 1; // counted once it runs: both ways below end in #finish
     running.then(
       (reply) => {
-        if (pooled !== null) this.#releasePayload(pooled);
+        if (pooled !== null) this.#payloadBuffers.release(pooled);
         const answeredAt = performance.now();
         if (reply instanceof Buffer) this.#send(reply, request.type === NBD_CMD_READ, answeredAt);
         else this.#send(successReply(request), false, answeredAt);
         this.#finish(costBytes);
       },
       (error: unknown) => {
-        if (pooled !== null) this.#releasePayload(pooled);
+        if (pooled !== null) this.#payloadBuffers.release(pooled);
         const what = describeRequest(request);
         const failure = expectedError(error, what);
         this.#log(`${what}: ${failure.code}: ${failure.message}`, 'warn');
@@ -449,12 +443,6 @@ export class NbdConnection {
         this.#finish(costBytes);
       },
     );
-  }
-
-  /** A payload buffer goes back once its request is over, without the checksums summed as it arrived if no one took them. */
-  #releasePayload(pooled: Buffer): void {
-    dropPayloadSums(pooled);
-    this.#payloadBuffers.release(pooled);
   }
 
   #finish(costBytes: number): void {

@@ -12,16 +12,12 @@
 // kernel's copy out of the socket is its only copy. A socket whose reads cannot be steered (the move failed, or
 // TLS, which decrypts into buffers of its own) delivers chunks instead (onData), and the same queue takes them.
 //
-// A large payload's checksums are computed as its bytes land, a socket read at a time (store/payload-sums.ts): the
-// client refills its send buffer meanwhile, instead of waiting for all of them once the payload is whole.
-//
 // Cutting the stream, in takeRequests: a request header, decoded whole from the queue; a WRITE's payload, taken
 // from the queue (a view where it lies in one chunk) or, when large, moved into its own buffer that the socket
 // then fills; a refused WRITE's payload, skipped as it arrives. Before each header the connection may say "no
 // more for now" (flow control): nothing is decoded until it asks again.
 import { assert } from '../core/assert.ts';
 import { smallRequestBytesMax } from '../core/limits.ts';
-import { ArrivingSums } from '../store/payload-sums.ts';
 import { InputQueue } from './input-queue.ts';
 import { decodeRequest, requestHeaderBytes } from './protocol.ts';
 import type { NbdRequest } from './protocol.ts';
@@ -59,7 +55,6 @@ export class Receiver {
   readonly #payloadBuffers: PayloadBuffers;
   /** Payloads always go into #payloadBuffers (shared memory for the workers), never stay views of socket chunks. */
   readonly #copyPayloads: boolean;
-  readonly #sumPayloads: boolean;
   /** Called when bytes arrived that someone may take (not after stop()). */
   readonly #onInput: () => void;
   /** Reads are small until the transmission phase. */
@@ -76,8 +71,6 @@ export class Receiver {
   /** A large pending WRITE's own buffer, and how much of its payload is in it. */
   #payload: Buffer | null = null;
   #payloadFilled = 0;
-  /** The checksums of #payload's chunks, summed as they arrive (null: summed when written). */
-  #payloadSums: ArrivingSums | null = null;
   /** The part of #payload the next socket read lands in, when it was steered there. */
   #steeredView: Buffer | null = null;
   /** Where socket reads land otherwise; a new arena is started when little is left. */
@@ -92,12 +85,10 @@ export class Receiver {
   /** Bytes of a refused WRITE's payload still to be read and thrown away. */
   #discardBytes = 0;
 
-  /** `sumPayloads`: large payloads' chunks are summed as they arrive (store/payload-sums.ts). */
-  constructor(payloadBuffers: PayloadBuffers, copyPayloads: boolean, onInput: () => void, sumPayloads = true) {
+  constructor(payloadBuffers: PayloadBuffers, copyPayloads: boolean, onInput: () => void) {
     this.#payloadBuffers = payloadBuffers;
     this.#copyPayloads = copyPayloads;
     this.#onInput = onInput;
-    this.#sumPayloads = sumPayloads;
   }
 
   /** Whether the client sent EOF. */
@@ -138,9 +129,7 @@ export class Receiver {
     if (buffer === this.#steeredView) {
       this.#steeredView = null;
       this.#payloadFilled += count;
-      if (this.#stopped) return;
-      this.#payloadSums?.arrived(this.#payloadFilled);
-      this.#onInput();
+      if (!this.#stopped) this.#onInput();
       return;
     }
     this.#arenaUsed += count;
@@ -177,9 +166,7 @@ export class Receiver {
         if (pending !== null && pending.lengthBytes >= steeredPayloadBytesMin) {
           if (!this.#receivePayload(pending.lengthBytes)) break;
           const payload = this.#payload!;
-          this.#payloadSums?.finish();
           this.#payload = null;
-          this.#payloadSums = null;
           this.#pendingWrite = null;
           sink.onPayload(pending, payload, payload);
           continue;
@@ -223,7 +210,6 @@ export class Receiver {
   stop(): void {
     this.#stopped = true;
     this.#pendingWrite = null; // a payload buffer being filled is given back by closed()
-    this.#payloadSums = null;
     this.#discardBytes = 0;
     this.input.clear();
   }
@@ -240,14 +226,10 @@ export class Receiver {
    * the socket's next reads then land in the buffer itself. Whether the payload is whole.
    */
   #receivePayload(lengthBytes: number): boolean {
-    if (this.#payload === null) {
-      this.#payload = this.#payloadBuffers.acquire(lengthBytes);
-      this.#payloadSums = this.#sumPayloads ? ArrivingSums.for(this.#payload) : null;
-    }
+    this.#payload ??= this.#payloadBuffers.acquire(lengthBytes);
     const count = Math.min(this.input.length, lengthBytes - this.#payloadFilled);
     this.input.takeInto(this.#payload, this.#payloadFilled, count);
     this.#payloadFilled += count;
-    this.#payloadSums?.arrived(this.#payloadFilled);
     if (this.#payloadFilled < lengthBytes) return false;
     this.#payloadFilled = 0;
     return true;

@@ -28,8 +28,6 @@ export interface NbdServerOptions {
   tls?: TlsSettings | null;
   /** Microseconds a connection polls for the next request once idle (idle-poll.ts); 0 or absent: off. */
   pollUs?: number;
-  /** Large WRITE payloads summed as they arrive, for devices on this thread (connection.ts); absent: true. */
-  payloadSums?: boolean;
 }
 
 export interface NbdServerStats {
@@ -51,7 +49,6 @@ export class NbdServer {
   readonly #sharedBuffers: SharedBufferPool | null;
   readonly #tls: TlsSettings | null;
   readonly #pollUs: number;
-  readonly #payloadSums: boolean;
   readonly #listeners: net.Server[] = [];
   readonly #connections = new Set<NbdConnection>();
   readonly #counters: RequestCounters = { requestsTotal: 0, requestErrorsTotal: 0, stages: emptyProtocolStageTimes(), idlePoll: emptyIdlePollCounters() };
@@ -66,7 +63,6 @@ export class NbdServer {
     this.#sharedBuffers = options.sharedBuffers ?? null;
     this.#tls = options.tls ?? null;
     this.#pollUs = options.pollUs ?? 0;
-    this.#payloadSums = options.payloadSums ?? true;
   }
 
   /** Listens on a TCP address (port 0 picks a free port: see addresses()). */
@@ -161,7 +157,6 @@ export class NbdServer {
       sharedBuffers: this.#sharedBuffers,
       tls: this.#tls,
       pollUs: this.#pollUs,
-      payloadSums: this.#payloadSums,
     });
     this.#connections.add(connection);
     void connection.done.then(() => this.#connections.delete(connection));

@@ -36,11 +36,8 @@ export interface ChunkIo {
    * a promise per layer of a 4 KiB read was a good part of its CPU cost at queue depth 32 (BENCHMARKS.md, issue 19).
    */
   readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Mismatch | null | Promise<Mismatch | null>;
-  /**
-   * Writes whole chunks from `physicalChunk` and returns the checksum of each: `sums` when given (computed over
-   * these very bytes as they arrived: payload-sums.ts), else computed here.
-   */
-  writeSummed(physicalChunk: number, data: Buffer, sums?: Uint32Array): Promise<Uint32Array>;
+  /** Writes whole chunks from `physicalChunk` and returns the checksum of each. */
+  writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array>;
   status(): IoEngineStatus;
   /** Waits for the I/O in flight, then stops; `force` stops at once (a simulated crash: nothing more may land). */
   close(options?: { force?: boolean }): Promise<void>;
@@ -50,19 +47,13 @@ export interface ChunkIo {
 export function chunkSums(data: Uint8Array): Uint32Array {
   assert(data.length % chunkSizeBytes === 0, 'checksums cover whole chunks');
   const sums = new Uint32Array(data.length / chunkSizeBytes);
-  chunkSumsInto(data, sums, 0, sums.length);
-  return sums;
-}
-
-/** chunkSums a part at a time: the checksums of `data`'s chunks `fromChunk` to `toChunk` (not included) into `sums`. */
-export function chunkSumsInto(data: Uint8Array, sums: Uint32Array, fromChunk: number, toChunk: number): void {
-  assert(sums.length * chunkSizeBytes === data.length && 0 <= fromChunk && fromChunk <= toChunk && toChunk <= sums.length);
   const views = sums.length >= cachedBlockViewsMin ? blockViews(data) : null;
   if (views !== null) {
-    for (let i = fromChunk; i < toChunk; i++) sums[i] = blockChecksum(views[i]!);
-    return;
+    for (let i = 0; i < sums.length; i++) sums[i] = blockChecksum(views[i]!);
+    return sums;
   }
-  for (let i = fromChunk; i < toChunk; i++) sums[i] = blockChecksum(data.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes));
+  for (let i = 0; i < sums.length; i++) sums[i] = blockChecksum(data.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes));
+  return sums;
 }
 
 /**
@@ -252,9 +243,8 @@ export class InlineChunkIo implements ChunkIo {
     return this.#files.readCached(plan[p]!, 0, planBytes(target, plan[p + 2]!, plan[p + 1]!));
   }
 
-  async writeSummed(physicalChunk: number, data: Buffer, arrivedSums?: Uint32Array): Promise<Uint32Array> {
-    assert(arrivedSums === undefined || arrivedSums.length * chunkSizeBytes === data.length, 'one checksum per chunk written');
-    const sums = arrivedSums ?? chunkSums(data);
+  async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
+    const sums = chunkSums(data);
     await this.#files.write(physicalChunk, 0, data, this.#writer);
     return sums;
   }

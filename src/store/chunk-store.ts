@@ -69,20 +69,17 @@ export class ChunkStore {
 
   // ---- data verbs ----
 
-  /**
-   * Writes whole chunks into a fresh run; on a full file system, reclaims deferred frees and tries once more.
-   * `sums`: the checksum of each chunk of `payload`, when they were computed as it arrived (payload-sums.ts).
-   */
-  async write(payload: Buffer, sums?: Uint32Array): Promise<WrittenRun> {
+  /** Writes whole chunks into a fresh run; on a full file system, reclaims deferred frees and tries once more. */
+  async write(payload: Buffer): Promise<WrittenRun> {
     const chunkCount = payload.length / chunkSizeBytes;
     try {
-      return await this.#writeFresh(payload, chunkCount, sums);
+      return await this.#writeFresh(payload, chunkCount);
     } catch (error) {
       // The file system is full, but chunks this pool freed wait for a commit before they may be reused (they
       // are still space in the files): commit, then try once more, into them.
       if ((error as NodeJS.ErrnoException).code !== 'ENOSPC' || this.#allocator.deferredCount === 0) throw error;
       await this.#reclaim();
-      return this.#writeFresh(payload, chunkCount, sums);
+      return this.#writeFresh(payload, chunkCount);
     }
   }
 
@@ -246,11 +243,11 @@ export class ChunkStore {
     if (options?.force !== true) this.#files.close();
   }
 
-  async #writeFresh(payload: Buffer, chunkCount: number, sums: Uint32Array | undefined): Promise<WrittenRun> {
+  async #writeFresh(payload: Buffer, chunkCount: number): Promise<WrittenRun> {
     const allocated = this.#allocator.allocate(chunkCount);
     const physicalChunk = typeof allocated === 'number' ? allocated : await allocated;
     try {
-      return { physicalChunk, sums: await this.#io.writeSummed(physicalChunk, payload, sums) };
+      return { physicalChunk, sums: await this.#io.writeSummed(physicalChunk, payload) };
     } catch (error) {
       this.#allocator.release(physicalChunk, chunkCount);
       throw error;

@@ -24,7 +24,6 @@ import type { ChunkRun } from './chunk-map.ts';
 import type { ChunkStore } from './chunk-store.ts';
 import type { CommitEngine } from './commit-engine.ts';
 import { copyBytes } from './native.ts';
-import { takePayloadSums } from './payload-sums.ts';
 import type { RangeLock, Release } from './range-lock.ts';
 
 /**
@@ -258,8 +257,6 @@ export class Volume implements BlockDevice {
   }
 
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
-    // Taken first, so that they are used for this write or by no one (payload-sums.ts).
-    const arrivedSums = takePayloadSums(data);
     this.#assertRange(offsetBytes, data.length);
     this.#store.metadata.checkHealthy();
     if (options?.fua !== true && isTurnBatchable(offsetBytes, data.length)) {
@@ -274,7 +271,7 @@ export class Volume implements BlockDevice {
       try {
         // Under the lock, so that a block set while this write waited for it applies (blockWrites takes the whole range).
         this.#checkWritable();
-        await this.#writeBytes(offsetBytes, data.length, (start, end) => data.subarray(start - offsetBytes, end - offsetBytes), arrivedSums);
+        await this.#writeBytes(offsetBytes, data.length, (start, end) => data.subarray(start - offsetBytes, end - offsetBytes));
       } catch (error) {
         throw fromSystemError(error, `write to volume ${this.name} at ${offsetBytes}`);
       } finally {
@@ -519,22 +516,15 @@ export class Volume implements BlockDevice {
     }
   }
 
-  /**
-   * Writes `lengthBytes` at `offsetBytes` from `source` into a fresh physical run covering its chunks. `sourceSums`:
-   * the checksums of the source's 4 KiB blocks from its start (payload-sums.ts), used when those blocks are the
-   * run's chunks (a chunk-aligned write of whole chunks).
-   */
-  async #writeBytes(offsetBytes: number, lengthBytes: number, source: ByteSource, sourceSums?: Uint32Array): Promise<void> {
+  /** Writes `lengthBytes` at `offsetBytes` from `source` into a fresh physical run covering its chunks. */
+  async #writeBytes(offsetBytes: number, lengthBytes: number, source: ByteSource): Promise<void> {
     const first = Math.floor(offsetBytes / chunkSizeBytes);
     const count = Math.ceil((offsetBytes + lengthBytes) / chunkSizeBytes) - first;
     const runStart = first * chunkSizeBytes;
     const runBytes = count * chunkSizeBytes;
     let payload: Buffer;
-    let sums: Uint32Array | undefined;
     if (offsetBytes === runStart && lengthBytes === runBytes) {
       payload = source(offsetBytes, offsetBytes + lengthBytes);
-      sums = sourceSums;
-      assert(sums === undefined || sums.length === count, 'one checksum per chunk of the payload');
     } else {
       // Only the partly covered first and last chunks keep old bytes; they are read (and verified) to fill in.
       payload = Buffer.alloc(runBytes);
@@ -547,7 +537,7 @@ export class Volume implements BlockDevice {
       await settleAll(reads);
       source(offsetBytes, end).copy(payload, offsetBytes - runStart);
     }
-    const written = await this.#store.chunks.write(payload, sums);
+    const written = await this.#store.chunks.write(payload);
     this.#store.metadata.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: first, physicalChunk: written.physicalChunk, chunkCount: count, sums: written.sums });
   }
 

@@ -14,8 +14,6 @@ import { setFailStopHook } from '../../src/core/fail-stop.ts';
 import { requestBytesMax, requestsInFlightPerConnectionMax } from '../../src/core/limits.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
-import { chunkSums } from '../../src/store/chunk-io.ts';
-import { takePayloadSums } from '../../src/store/payload-sums.ts';
 import type { NbdServerOptions } from '../../src/nbd/server.ts';
 import * as nbd from '../../src/nbd/protocol.ts';
 import { MemoryProvider } from './helpers/memory-device.ts';
@@ -473,37 +471,6 @@ test('WRITE payloads arriving in pieces of any size land whole, among other requ
       const replies = await client.call({ type: nbd.NBD_CMD_READ, handle: BigInt(100 + index), offsetBytes: write.offsetBytes, lengthBytes: write.data.length });
       assert.ok(readData(replies, write.offsetBytes, write.data.length).equals(write.data), `write ${index} (${write.data.length} bytes) reads back`);
     }
-  }
-});
-
-test('a large WRITE payload reaches the device with its chunks\' checksums, summed as it arrived, and they go with that request only', async (t) => {
-  // store/payload-sums.ts: the receiver sums a large payload's chunks a socket read at a time; the device that writes
-  // it takes them (a Volume); sums not taken are dropped before the buffer goes back to its pool, so that no later
-  // payload in the same buffer can be given them. Off on NBD threads (payloadSums false).
-  const writes = [
-    { offsetBytes: 0, data: pattern(MiB, 1) },
-    { offsetBytes: MiB, data: pattern(256 * 1024, 2) },
-    { offsetBytes: 2 * MiB, data: pattern(MiB, 3) },
-    { offsetBytes: 3 * MiB, data: pattern(MiB - 512, 4) }, // not whole chunks: summed when written, as before
-  ];
-  for (const [sharedBuffers, payloadSums] of [[null, true], [new SharedBufferPool(), true], [new SharedBufferPool(), false]] as const) {
-    const h = await start(t, { sharedBuffers, payloadSums });
-    const taken = new Map<number, Uint32Array | undefined>();
-    const left: Buffer[] = [];
-    // The device takes the sums of the first two writes, and leaves the others' alone.
-    h.provider.onWrite = (offsetBytes, data) => {
-      if (offsetBytes < 2 * MiB) taken.set(offsetBytes, takePayloadSums(data));
-      else left.push(data);
-    };
-    const client = await h.ready();
-    await writeInPieces(client, writes, [1, 28, 4095, 4097, 65536, 70000, 13, 300000]);
-    for (const _ of writes) assert.equal(replyError([await client.readReply()]), 0);
-    for (const write of writes.slice(0, 2)) {
-      if (payloadSums) assert.deepEqual(taken.get(write.offsetBytes), chunkSums(write.data), `the sums of the write at ${write.offsetBytes} are its chunks'`);
-      else assert.equal(taken.get(write.offsetBytes), undefined, 'no sums without payloadSums');
-    }
-    assert.equal(left.length, 2);
-    for (const data of left) assert.equal(takePayloadSums(data), undefined, 'sums no one took are gone once the request is over');
   }
 });
 

@@ -35,8 +35,6 @@ export class MemoryProvider implements DeviceProvider {
   latencyMs: (op: string, offsetBytes: number) => number = () => 0;
   /** The next read fails with this error (fault injection). */
   failNextRead: unknown = null;
-  /** Called with each write's payload as it reaches the device, before anything else (for assertions). */
-  onWrite: (offsetBytes: number, data: Buffer) => void = () => {};
   /** Every write and zeroing is recorded here with its options, for assertions. */
   readonly writeLog: Array<{ op: string; offsetBytes: number; lengthBytes: number; options?: WriteOptions | ZeroOptions }> = [];
   flushes = 0;
@@ -100,7 +98,6 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
-    this.#provider.onWrite(offsetBytes, data);
     this.#assertRange(offsetBytes, data.length, requestBytesMax);
     assert(!this.readOnly, 'no write reaches a read-only device');
     this.#provider.writeLog.push({ op: 'write', offsetBytes, lengthBytes: data.length, options });
