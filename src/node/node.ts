@@ -25,7 +25,7 @@ import type { HandoffContext, HandoffResult } from '../replication/handoff.ts';
 import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
 import { newestReplicationPoint, replicationSnapshotPrefix } from '../replication/peer-messages.ts';
 import { renderMetrics } from './metrics.ts';
-import { MetricsServer } from './metrics-server.ts';
+import type { MetricsServer } from './metrics-server.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
 import type { IoEngineStatus } from '../store/chunk-io.ts';
@@ -238,6 +238,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         config.log(`management API also on ${node.api.tlsAddress()}: mutual TLS, client certificates from the CA in ${apiCredentials.directory}`);
       }
       if (config.metricsListen) {
+        // Loaded with --metrics-listen only: an HTTP server of its own (node:http).
+        const { MetricsServer } = await needs('the metrics port (--metrics-listen)', () => import('./metrics-server.ts'));
         node.#metrics = await MetricsServer.listen(config.metricsListen.host, config.metricsListen.port, () => node.metrics(), config.log);
         config.log(`metrics on http://${node.#metrics.address()}/metrics`);
       }
