@@ -170,7 +170,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       metadataRootAfter: started,
       directory: config.poolDirectory,
       log: config.log,
-      makeIo: sharedBuffers === null ? undefined : (chunkFiles, waitTimes) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log, waitTimes }),
+      // The chunk I/O threads start after the ready line too (worker-io.ts's threadsAfter): until then the pool's
+      // I/O is done here, as with --workers 0.
+      makeIo: sharedBuffers === null ? undefined : (chunkFiles, waitTimes) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log, waitTimes, threadsAfter: started }),
       verifyReads: config.verifyReads ?? true,
       readDefrag: config.readDefrag ?? true,
       metadata: config.metadata,
