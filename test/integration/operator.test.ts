@@ -102,18 +102,24 @@ test('a package that is not installed fails only the commands that need it, with
   }
 });
 
-test('a node loads the FUSE front end, the Docker plugin, the replica server, handoff and remote create only when used', async () => {
-  // A start without --fuse, --plugin-socket or --peer-listen imports none of them (node.ts loads each where it is
-  // used: core/lazy-import.ts); a resolve hook lists what importing the node's module brings in.
+test('a node loads the FUSE front end, the Docker plugin, the replica server, handoff, remote create, the peer server and the metrics port only when used', async () => {
+  // A start without --fuse, --plugin-socket, --peer-listen, --api-listen or --metrics-listen imports none of them
+  // (node.ts and the API load each where it is used: core/lazy-import.ts); a resolve hook lists what importing the
+  // node's module brings in, and Node's own list of its internal modules tells whether undici came with node:http
+  // (an ES module import of node:http loads it: 15-45 ms of CPU at each start, api/server.ts).
   const nodeModule = path.join(repoRoot, 'src', 'node', 'node.ts');
-  const script = `import { registerHooks } from 'node:module'; const seen = []; registerHooks({ resolve: (specifier, context, next) => { const result = next(specifier, context); seen.push(result.url); return result; } }); await import(${JSON.stringify(`file://${nodeModule}`)}); process.stdout.write(seen.join('\\n'));`;
+  const script = `import { registerHooks } from 'node:module'; const seen = []; registerHooks({ resolve: (specifier, context, next) => { const result = next(specifier, context); seen.push(result.url); return result; } }); await import(${JSON.stringify(`file://${nodeModule}`)}); process.stdout.write([...seen, ...process.moduleLoadList.map((name) => \`internal:\${name}\`)].join('\\n'));`;
   const result = await runTool(nodeBinary, ['--input-type=module', '-e', script], { cwd: repoRoot });
   assert.equal(result.code, 0, result.stderr);
-  const loaded = new Set(result.stdout.split('\n').filter((url) => url.startsWith(`file://${repoRoot}/src/`)).map((url) => url.slice(`file://${repoRoot}/`.length)));
+  const lines = result.stdout.split('\n');
+  const loaded = new Set(lines.filter((url) => url.startsWith(`file://${repoRoot}/src/`)).map((url) => url.slice(`file://${repoRoot}/`.length)));
   assert.ok(loaded.has('src/node/node.ts') && loaded.has('src/store/pool.ts'), [...loaded].join(' '));
-  for (const lazy of ['src/fuse/front-end.ts', 'src/api/docker-plugin.ts', 'src/replication/replica-server.ts', 'src/replication/handoff.ts', 'src/cluster/remote-create.ts']) {
+  for (const lazy of ['src/fuse/front-end.ts', 'src/api/docker-plugin.ts', 'src/replication/replica-server.ts', 'src/replication/handoff.ts', 'src/cluster/remote-create.ts', 'src/peer/server.ts', 'src/node/metrics-server.ts']) {
     assert.ok(!loaded.has(lazy), `${lazy} is loaded by a node that does not use it`);
   }
+  const internal = lines.filter((line) => line.startsWith('internal:'));
+  assert.ok(internal.some((name) => name.endsWith(' http')), 'node:http is loaded (the API serves on it)');
+  assert.deepEqual(internal.filter((name) => /undici|http2/.test(name)), [], 'undici (and node:http2 with it) is loaded by a node that fetches nothing');
 });
 
 test('chunkd --version prints the package version', async () => {

@@ -260,3 +260,37 @@ async function chunkFilesHolding(name: string, data: Buffer): Promise<string> {
   chunkFiles.close();
   return chunkDirectory;
 }
+
+test('with threadsAfter, no thread starts until it settles: I/O is done on this thread until then, by the workers after', async () => {
+  // A node starts its threads after its ready line (node.ts): their boots do not take CPU from its start.
+  const own = new ChunkFiles(path.join(directory, 'deferred'), realFiles);
+  const waits = emptyHistogram();
+  let go = (): void => {};
+  const threadsAfter = new Promise<void>((resolve) => {
+    go = resolve;
+  });
+  const deferred = new WorkerChunkIo(own, { workerCount: 2, buffers, log: (line) => logged.push(line), waitTimes: waits, threadsAfter });
+  const never = new WorkerChunkIo(own, { workerCount: 2, buffers, log: (line) => logged.push(line), threadsAfter: new Promise<void>(() => {}) });
+  try {
+    const data = randomBytes(huge);
+    assert.deepEqual(await deferred.writeSummed(0, data), chunkSums(data));
+    const back = Buffer.alloc(data.length);
+    assert.equal(await deferred.readChunks(back, Float64Array.of(0, back.length / chunkSizeBytes, 0), chunkSums(data), true), null);
+    assert.deepEqual(back, data);
+    assert.equal(waits.count, 0, 'no task went to a worker before the threads started');
+    assert.deepEqual(deferred.status().workers, []);
+    go();
+    await threadsAfter;
+    for (let i = 0; i < 500 && deferred.status().workers.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.equal(deferred.status().workers.length, 2, 'both workers started');
+    assert.deepEqual(await deferred.writeSummed(huge / chunkSizeBytes, data), chunkSums(data));
+    assert.equal(waits.count, 1, 'past 1 MiB, a worker wrote it');
+    // A close before the threads start (a node whose start failed) has no thread to wait for, and none starts later.
+    await never.close();
+    assert.deepEqual(never.status(), { engine: 'workers', workers: [], queued: 0, workerRestarts: 0 });
+  } finally {
+    await deferred.close();
+    await never.close();
+    own.close();
+  }
+});
