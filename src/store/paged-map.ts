@@ -45,23 +45,27 @@
 // 4 KiB read's) takes the root's node from the map (`PagedMap.rootNode`, forgotten at every `setState`: a pass may
 // place a new node on the page it leaves, the root's among them) and each interior node below the root from its
 // parent (`InteriorNode.below`, filled as lookups pass), so only the leaf goes through the cache. Right for a
-// node's whole life: an interior node never changes once placed (a change below it copies the path up to the root,
-// new nodes holding nothing below), and a page it names keeps its content while it names it (a leaf changed in place
-// is the same object). An interior node so held stays while its parent does, cached or not: a 160th to a 250th of
-// the leaves, beside the cache's bound.
+// node's whole life: an interior node above the leaves' parents never changes once placed (a change below it copies
+// the path up to the root, new nodes holding nothing below); a leaves' parent changed since the commit may name a new
+// leaf in place (`#mapInPlace`), which lookups see at once (they hold no leaf); and a page a node names keeps its
+// content while it names it (a leaf changed in place is the same object). An interior node so held stays while its
+// parent does, cached or not: a 160th to a 250th of the leaves, beside the cache's bound.
 //
 // `drop` is the exception: not one pass (a large map would pin all its pages and free them in one turn), it walks
 // the pages it frees one at a time, in slices.
 //
 // Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
-// above it copied once for all the runs that meet it), and a one-run mapRun below nodes all dirty and held once
-// changes the leaf in place (`#mapInPlace`): no copy, no page placed; so does one over chunks all mapped across
-// several such leaves (`#overwriteInPlace`: a large write's overwrite). A pass's chunk count changes are runs
+// above it copied once for all the runs that meet it), and a one-run mapRun below interior nodes all dirty and held
+// once goes in without a pass (`#mapInPlace`): a dirty leaf changed in place, no page placed; a leaf committed since
+// its last change (held once) moved to a new page, its decoded node taken rather than copied, and its parent
+// changed in place to name it; so does one over chunks all mapped across several dirty leaves
+// (`#overwriteInPlace`: a large write's overwrite). A pass's chunk count changes are runs
 // (`ChunkRunList`), applied a run at a time where the counts can (space-map.ts's ChunkSpace). Before a replay's batch, `prefetchRuns`
 // reads the pages its pass will visit and pins the pages of chunk counts it will change (within the cache's size),
 // so that a cold pass computes its edit once instead of again after missing counts.
 //
-// Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (`CachedPage.decoded`) takes more memory than its image (about 6 KiB against 4 for a full leaf: the cache counts both against its bound, so a cache of a given size holds about 40 % of the leaves it would hold as images only); leaves
+// Known weaknesses: any other change (a pass: the first write below interior nodes after a commit, a split, a
+// merge, a new least key, a shared node) copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (`CachedPage.decoded`) takes more memory than its image (about 6 KiB against 4 for a full leaf: the cache counts both against its bound, so a cache of a given size holds about 40 % of the leaves it would hold as images only); leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit's first part
 // is queued with the mutations (they wait for the encoding of its nodes, not for its write: `commitBeside`; the
 // encoding gives the event loop a turn every few ms, but the mutations, and the reads after them, wait for all of it);
@@ -1842,8 +1846,8 @@ class Pins {
  * do not make V8 grow it: a copy of exactly its length (`slice`) was grown at the first insert by half again, a
  * second allocation of the leaf's three arrays for each leaf changed between two checkpoints, and the main source of
  * what fills the old generation between two full collections (BENCHMARKS.md, issue 15, "The young generation
- * bounded, and what the RSS is"). The room (3 arrays of 8 bytes an entry) is not in `decodedBytes`' count: 384
- * bytes a dirty leaf, against the 6 KiB it counts.
+ * bounded, and what the RSS is"). The room (3 arrays of 8 bytes an entry: 384 bytes a leaf) is in `decodedBytes`'
+ * count; `decodeNode` gives a leaf the same room.
  */
 function copyWithRoom(values: readonly number[]): number[] {
   const count = values.length;
