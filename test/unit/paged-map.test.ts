@@ -941,25 +941,33 @@ test('a write applied at once (mapRunNow) keeps the tree, keys and counts a queu
   });
 });
 
+/**
+ * A map written beside its model (`ChunkMap`): `write` maps `count` chunks at `v` in both (at once if it can, unless
+ * `queued`: returns whether it did), then checks the map's chunks 0 to 210 against the model and every count over
+ * `roots` (the map alone unless set).
+ */
+function besideModel(setup: Setup, capacities: { leaf: number; interior: number }) {
+  const modelRefs = new Counts();
+  const model = new ChunkMap();
+  const paged = setup.maps.empty();
+  let nextPhysical = 1_000;
+  const state = { roots: [paged] };
+  const write = async (v: number, count: number, label: string, queued = false): Promise<boolean> => {
+    model.mapRun(v, nextPhysical, count, modelRefs);
+    const atOnce = !queued && paged.mapRunNow(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
+    if (!atOnce) await paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
+    nextPhysical += count;
+    assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), label);
+    await checkCounts(setup, state.roots, capacities, label);
+    return atOnce;
+  };
+  return { modelRefs, model, paged, state, write };
+}
+
 test('an overwrite across several leaves changed since the commit applies at once in place; a hole, a clean leaf or a shared one leaves it to the pass', async () => {
   const capacities = { leaf: 8, interior: 4 };
   await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
-    const modelRefs = new Counts();
-    const model = new ChunkMap();
-    const paged = setup.maps.empty();
-    let nextPhysical = 1_000;
-    /** The maps whose pages the counts are checked against. */
-    let roots = [paged];
-    /** Maps `count` chunks at `v` in both maps (at once if it can: returns whether it did), and checks them. */
-    const write = async (v: number, count: number, label: string): Promise<boolean> => {
-      model.mapRun(v, nextPhysical, count, modelRefs);
-      const atOnce = paged.mapRunNow(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
-      if (!atOnce) await paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
-      nextPhysical += count;
-      assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), label);
-      await checkCounts(setup, roots, capacities, label);
-      return atOnce;
-    };
+    const { modelRefs, model, paged, state, write } = besideModel(setup, capacities);
     await write(0, 200, 'the first lap');
     const placed = (): { nextPage: number; dirty: number } => ({ nextPage: setup.allocator.state().nextPage, dirty: setup.maps.dirtyPages });
     const before = placed();
@@ -979,7 +987,7 @@ test('an overwrite across several leaves changed since the commit applies at onc
 
     const snapshot = paged.clone();
     const snapshotRuns = await runsOf(snapshot, 0, 210);
-    roots = [paged, snapshot];
+    state.roots = [paged, snapshot];
     assert.equal(await write(60, 40, 'an overwrite of leaves a clone shares'), false, 'shared leaves: the pass copies them');
     assert.deepEqual(await runsOf(snapshot, 0, 210), snapshotRuns, 'the clone keeps what it had');
     await snapshot.drop(setup.chunkRefs);
@@ -990,19 +998,8 @@ test('an overwrite across several leaves changed since the commit applies at onc
 test('a write into a leaf committed since its last change, below nodes changed since, copies that leaf alone: no interior node copied, the committed page never written over', async () => {
   const capacities = { leaf: 8, interior: 8 };
   await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
-    const modelRefs = new Counts();
-    const model = new ChunkMap();
-    const paged = setup.maps.empty();
-    let nextPhysical = 1_000;
-    const write = async (v: number, label: string, queued = false): Promise<boolean> => {
-      model.mapRun(v, nextPhysical, 1, modelRefs);
-      const atOnce = !queued && paged.mapRunNow(v, nextPhysical, sumsOf(nextPhysical, 1), setup.chunkRefs);
-      if (!atOnce) await paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, 1), setup.chunkRefs);
-      nextPhysical += 1;
-      assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), label);
-      await checkCounts(setup, [paged], capacities, label);
-      return atOnce;
-    };
+    const { model, paged, write: writeRun } = besideModel(setup, capacities);
+    const write = (v: number, label: string, queued = false): Promise<boolean> => writeRun(v, 1, label, queued);
     /** The pages the map reaches now, and the leaf holding `v`, with its parent. */
     const walk = async (v: number): Promise<{ pages: Set<number>; leaf: number; parent: number }> => {
       const pages = new Set<number>();
