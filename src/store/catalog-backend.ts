@@ -20,6 +20,7 @@
 // opaque (`MapHandle`) outside its backend, which alone knows what it is.
 import { assert } from '../core/assert.ts';
 import { journalCheckpointBytes } from '../core/limits.ts';
+import type { Log } from '../core/log.ts';
 import type { ChunkAllocator, FreeExtent } from './allocator.ts';
 import { encodeCheckpoint } from './checkpoint.ts';
 import { ChunkMap, type ChunkRun } from './chunk-map.ts';
@@ -163,6 +164,8 @@ export interface CatalogBackend {
   close(): Promise<void>;
   /** A simulated crash (Pool.abandon): writes nothing more, whatever is queued or in flight. */
   abandon?(): void;
+  /** Where the catalog logs what the node's operator should see (the commit engine's log, given at its start). */
+  setLog?(log: Log): void;
 }
 
 const settledNow = Promise.resolve();

@@ -142,6 +142,7 @@ export class CommitEngine {
     this.#generation = parts.generation;
     this.#journalCheckpointBytes = parts.journalCheckpointBytes;
     this.#log = parts.log;
+    parts.catalog.setLog?.(parts.log);
     this.#timer = setInterval(() => {
       // A failure is logged, counted and shown in status by the commit itself; only a bug goes further (fail-stop).
       if (this.#queue.length > 0 || this.#chunks.deferredCount > 0 || this.#checkpointOwed) this.commit().catch((error: unknown) => expectedError(error, 'background commit'));

@@ -76,6 +76,13 @@ type VolumeEntry = Omit<VolumeMeta, 'map' | 'snapshots'> & {
 
 type SnapshotEntry = Omit<SnapshotMeta, 'map'> & { map: PagedMap };
 
+/**
+ * Map nodes changed since the last checkpoint past this many times what asks for one hold new writes while a
+ * checkpoint is under way (`dirtyFarPastLimit`): the dirty nodes then stay under about this many times the cache's
+ * size (with a 16 MiB cache, 64 MiB of them), where a checkpoint that fell behind let them grow with the writes.
+ */
+export const dirtyHoldFactor = 4;
+
 export interface PagedCatalogOptions {
   /** The bound of the page cache's clean pages, in bytes. */
   cacheBytes: number;
@@ -315,6 +322,16 @@ export class PagedCatalog {
   get dirtyPastLimit(): boolean {
     const dirty = this.#maps.dirtyPages;
     return dirty >= this.#dirtyPages || dirty * this.#maps.nodeBytes >= this.#dirtyBytes || this.replayCostUs >= this.#replayCostMaxUs;
+  }
+
+  /**
+   * Whether the map nodes changed since the last checkpoint are past `dirtyHoldFactor` times what asks for one
+   * (`dirtyPastLimit`'s memory or count): a checkpoint under way has fallen behind the writes, and paged-backend.ts
+   * holds new writes until it is durable, so that what is dirty (never evicted) stays bounded.
+   */
+  get dirtyFarPastLimit(): boolean {
+    const dirty = this.#maps.dirtyPages;
+    return dirty >= dirtyHoldFactor * this.#dirtyPages || dirty * this.#maps.nodeBytes >= dirtyHoldFactor * this.#dirtyBytes;
   }
 
   /** The replay a crash now would leave (`replayLoad`), in estimated microseconds of CPU (limits.ts's weights). */

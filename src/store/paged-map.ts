@@ -45,23 +45,27 @@
 // 4 KiB read's) takes the root's node from the map (`PagedMap.rootNode`, forgotten at every `setState`: a pass may
 // place a new node on the page it leaves, the root's among them) and each interior node below the root from its
 // parent (`InteriorNode.below`, filled as lookups pass), so only the leaf goes through the cache. Right for a
-// node's whole life: an interior node never changes once placed (a change below it copies the path up to the root,
-// new nodes holding nothing below), and a page it names keeps its content while it names it (a leaf changed in place
-// is the same object). An interior node so held stays while its parent does, cached or not: a 160th to a 250th of
-// the leaves, beside the cache's bound.
+// node's whole life: an interior node above the leaves' parents never changes once placed (a change below it copies
+// the path up to the root, new nodes holding nothing below); a leaves' parent changed since the commit may name a new
+// leaf in place (`#mapInPlace`), which lookups see at once (they hold no leaf); and a page a node names keeps its
+// content while it names it (a leaf changed in place is the same object). An interior node so held stays while its
+// parent does, cached or not: a 160th to a 250th of the leaves, beside the cache's bound.
 //
 // `drop` is the exception: not one pass (a large map would pin all its pages and free them in one turn), it walks
 // the pages it frees one at a time, in slices.
 //
 // Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
-// above it copied once for all the runs that meet it), and a one-run mapRun below nodes all dirty and held once
-// changes the leaf in place (`#mapInPlace`): no copy, no page placed; so does one over chunks all mapped across
-// several such leaves (`#overwriteInPlace`: a large write's overwrite). A pass's chunk count changes are runs
+// above it copied once for all the runs that meet it), and a one-run mapRun below interior nodes all dirty and held
+// once goes in without a pass (`#mapInPlace`): a dirty leaf changed in place, no page placed; a leaf committed since
+// its last change (held once) moved to a new page, its decoded node taken rather than copied, and its parent
+// changed in place to name it; so does one over chunks all mapped across several dirty leaves
+// (`#overwriteInPlace`: a large write's overwrite). A pass's chunk count changes are runs
 // (`ChunkRunList`), applied a run at a time where the counts can (space-map.ts's ChunkSpace). Before a replay's batch, `prefetchRuns`
 // reads the pages its pass will visit and pins the pages of chunk counts it will change (within the cache's size),
 // so that a cold pass computes its edit once instead of again after missing counts.
 //
-// Known weaknesses: any other change copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (`CachedPage.decoded`) takes more memory than its image (about 6 KiB against 4 for a full leaf: the cache counts both against its bound, so a cache of a given size holds about 40 % of the leaves it would hold as images only); leaves
+// Known weaknesses: any other change (a pass: the first write below interior nodes after a commit, a split, a
+// merge, a new least key, a shared node) copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (`CachedPage.decoded`) takes more memory than its image (about 6 KiB against 4 for a full leaf: the cache counts both against its bound, so a cache of a given size holds about 40 % of the leaves it would hold as images only); leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit's first part
 // is queued with the mutations (they wait for the encoding of its nodes, not for its write: `commitBeside`; the
 // encoding gives the event loop a turn every few ms, but the mutations, and the reads after them, wait for all of it);
@@ -166,7 +170,8 @@ export function encodeNode(node: MapNode): CachedPage {
  * node of 300). More than the page's image: the cache counts it with the page (`PageCache.hold`).
  */
 export const decodedBytes = (node: MapNode): number => decodedNodeBytes(node.kind === 'leaf', node.keys.length);
-const decodedNodeBytes = (leaf: boolean, entries: number): number => 128 + entries * (leaf ? 24 : 16);
+/** A leaf's arrays have room for `leafCopyRoom` more entries (`withRoom`), counted. */
+const decodedNodeBytes = (leaf: boolean, entries: number): number => 128 + (leaf ? (entries + leafCopyRoom) * 24 : entries * 16);
 
 /** The node on a page, checked (sizes, order, page numbers); ECORRUPT naming the page when it is not one. */
 export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
@@ -177,19 +182,25 @@ export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
   if (body.length < nodeHeaderBytes) fail(`a body of ${body.length} bytes`);
   const count = body.readUInt16LE(0);
   if (count === 0) fail('no entries');
-  const keys = new Array<number>(count);
   if (page.kind === mapLeafKind) {
     if (count > leafCapacityMax || body.length !== nodeHeaderBytes + count * leafEntryBytes) fail(`${count} leaf entries in ${body.length} bytes`);
-    const physical = new Array<number>(count);
-    const sums = new Array<number>(count);
+    // With room, as `#open`'s copies: a leaf committed and then written is taken as it is (`#mapInPlace`), and the
+    // 4 KiB writes into holes that follow insert without V8 growing its arrays.
+    const keys = new Array<number>(count + leafCopyRoom);
+    const physical = new Array<number>(count + leafCopyRoom);
+    const sums = new Array<number>(count + leafCopyRoom);
     for (let i = 0, at = nodeHeaderBytes; i < count; i++, at += leafEntryBytes) {
       keys[i] = body.readUIntLE(at, 6);
       physical[i] = body.readUIntLE(at + 6, 6);
       sums[i] = body.readUInt32LE(at + 12);
       if (i > 0 && keys[i]! <= keys[i - 1]!) fail('keys out of order');
     }
+    keys.length = count;
+    physical.length = count;
+    sums.length = count;
     return { kind: 'leaf', keys, physical, sums };
   }
+  const keys = new Array<number>(count);
   if (page.kind !== mapInteriorKind) fail(`page kind ${page.kind}`);
   const level = body.readUInt8(2);
   if (level === 0 || count > interiorCapacityMax || body.length !== nodeHeaderBytes + count * interiorEntryBytes) fail(`${count} children at level ${level} in ${body.length} bytes`);
@@ -795,7 +806,10 @@ export class PagedMaps {
     // the run cannot go in place, the usual case for a volume written since the last commit.
     const run = { ...runs[0]!, sums: Uint32Array.from(runs[0]!.sums) };
     let edit: Edit | null = null;
-    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, (edit ??= mapRunsEdit([run])), false), refs, () => this.#mapInPlace(map, run, refs) || this.#overwriteInPlace(map, run, refs)).then(() => {});
+    return this.#mutate(map, (pins, changes) => this.#edit(pins, changes, map.rootPage, (edit ??= mapRunsEdit([run])), false), refs, () => {
+      const inPlace = this.#mapInPlace(map, run, refs);
+      return inPlace === false ? this.#overwriteInPlace(map, run, refs) : inPlace;
+    }).then(() => {});
   }
 
   /**
@@ -808,38 +822,78 @@ export class PagedMaps {
     const chunkCount = sums.length;
     if (this.#queued > 0 || !runInRange(virtualChunk, physicalChunk, chunkCount)) return false;
     const run = { virtualChunk, physicalChunk, sums };
-    return this.#mapInPlace(map, run, refs) || this.#overwriteInPlace(map, run, refs);
+    const inPlace = this.#mapInPlace(map, run, refs);
+    return inPlace === true || (inPlace === false && this.#overwriteInPlace(map, run, refs));
   }
 
   /**
-   * The fast way of a one-run mapRun, tried before its pass: when every node from the root down to the one leaf
-   * the run falls in is changed since the last commit (so no durable root names it) and held once (so no other
-   * map reaches it), the leaf takes the run without passing its capacity, its least key stays (so no interior key
-   * moves), and every chunk count it changes is loaded, the leaf is changed in place: no node copied, no page
-   * placed, no page count moved. The same tree and chunk counts as the pass would leave. Returns false, having
-   * changed nothing, when any of that does not hold (the pass then runs). Checks everything before changing
-   * anything, in one synchronous turn.
+   * The fast way of a one-run mapRun, tried before its pass: when every interior node from the root down to the
+   * one leaf the run falls in is changed since the last commit (so no durable root names it) and held once (so no
+   * other map reaches it), the leaf is held once too, it takes the run without passing its capacity, its least key
+   * stays (so no interior key moves), and every count it changes is loaded, the run goes in without a pass: a leaf
+   * changed since the last commit is changed in place; a leaf committed since its last change (the first write
+   * below it after a checkpoint: most of them once the map has many more leaves than a checkpoint's writes meet)
+   * is copied once to a new page, which its parent, changed since the commit, then names in place. No interior node
+   * is copied (a pass copies every node on its path, even those changed since the commit: at 4 GiB written at
+   * random into 64 GiB with a 16 MiB cache, two interior nodes and the leaf a write, most of what a write allocated:
+   * paged-metadata.md, "Allocations per write"). The same tree and counts as the pass would leave (the new leaf may
+   * get another page number). Copy-on-write against the durable tree holds: only nodes no durable root names change
+   * in place, and the leaf's old page, which one does, is released (reusable after the next commit) and left
+   * unchanged. Returns true when applied; false, having changed nothing, when any of that does not hold (the pass
+   * then runs); or the page of the leaf when it is not in memory (changed nothing: the caller may read it and try
+   * again). Checks everything before changing anything, in one synchronous turn.
    */
-  #mapInPlace(map: PagedMap, run: MapRunEdit, refs: ChunkRefs): boolean {
+  #mapInPlace(map: PagedMap, run: MapRunEdit, refs: ChunkRefs): boolean | number {
     const first = run.virtualChunk;
     const count = run.sums.length;
     const end = first + count;
     const pageCounts = this.#pageCountPages;
     let page = map.rootPage;
     let hi = mapKeyLimit;
+    /** The node naming `page` (changed since the commit, held once), and the index of `page` in it. */
+    let parent: InteriorNode | undefined;
+    let index = 0;
     for (;;) {
-      if (page === emptyRoot) return false;
-      const node = this.#dirty.get(page);
-      if (node === undefined || (pageCounts !== undefined && !pageCounts.loaded(page)) || this.#pageRefs.get(page) !== 1) return false;
-      if (node.kind === 'leaf') {
-        const leaf = node;
-        const a = lowerBound(leaf.keys, first);
-        const b = lowerBound(leaf.keys, end);
-        if (end > hi || leaf.keys.length - (b - a) + count > this.#leafCapacity) return false;
+      if (page === emptyRoot || (pageCounts !== undefined && !pageCounts.loaded(page)) || this.#pageRefs.get(page) !== 1) return false;
+      let node: MapNode | undefined = this.#dirty.get(page);
+      const dirty = node !== undefined;
+      if (!dirty) {
+        // Committed: only a leaf below a parent changed since the commit is taken here (copied); the rest is the pass's.
+        if (parent === undefined || parent.level !== 1) return false;
+        try {
+          node = this.#resident(page);
+        } catch {
+          // A page that does not decode: the pass meets it too, and fails where a mutation's failure belongs.
+          return false;
+        }
+        if (node === undefined) return page;
+        if (node.kind !== 'leaf') return false;
+      }
+      if (node!.kind === 'leaf') {
+        const old = node as LeafNode;
+        const a = lowerBound(old.keys, first);
+        const b = lowerBound(old.keys, end);
+        if (end > hi || old.keys.length - (b - a) + count > this.#leafCapacity) return false;
         const chunkCounts = this.#chunkCountPages;
         if (chunkCounts !== undefined) {
-          for (let i = a; i < b; i++) if (!chunkCounts.loaded(leaf.physical[i]!)) return false;
+          for (let i = a; i < b; i++) if (!chunkCounts.loaded(old.physical[i]!)) return false;
           for (let i = 0; i < count; i++) if (!chunkCounts.loaded(run.physicalChunk + i)) return false;
+        }
+        // The copy's page, and one for a page of counts copied on its first change (as `#wantCounts` asks of a pass).
+        if (!dirty && pageCounts !== undefined && !this.#allocator.upcoming(2).every((upcoming) => pageCounts.loaded(upcoming))) return false;
+        const leaf = old;
+        if (!dirty) {
+          // The committed leaf's page is left (below) and its decoded node taken for the new page, not copied:
+          // unlinked from its cached page first, so that the page's image, if anything reads it again, decodes to
+          // what it holds. Nothing else reaches the node after this turn: its parent names the new page, no other
+          // map reaches the old one (held once), and lookups hold interior nodes only.
+          const cached = this.#cache.peek(page);
+          if (cached !== undefined) cached.decoded = undefined;
+          const placed = this.#allocator.allocate();
+          assert(this.#pageRefs.get(placed) === 0, `page ${placed} allocated with a count of ${this.#pageRefs.get(placed)}`);
+          this.#pageRefs.increment(placed);
+          this.#dirty.set(placed, leaf);
+          parent!.children[index] = placed;
         }
         // Counted up before down, as a pass applies (a chunk named again is never free in between).
         for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
@@ -849,15 +903,24 @@ export class PagedMaps {
         spliceRun(leaf.keys, a, b, count, first, 1);
         spliceRun(leaf.physical, a, b, count, run.physicalChunk, 1);
         spliceRun(leaf.sums, a, b, count, 0, 0, run.sums);
+        if (!dirty) {
+          // The committed leaf left: released (its page written again only after the next root, which no longer names it).
+          assert(this.#pageRefs.decrement(page) === 0);
+          this.#allocator.release(page);
+          this.#cache.discard(page);
+        }
         map.setState(map.rootPage, map.mappedCount + count - (b - a));
         return true;
       }
-      const i = childIndex(node.keys, first);
+      const interior = node as InteriorNode;
+      const i = childIndex(interior.keys, first);
       // Below the least key of the node (a new least key would move keys in the parents: the pass). So a leaf
       // below the root is reached only at or above its least key, which then stays.
-      if (first < node.keys[i]!) return false;
-      if (i + 1 < node.keys.length) hi = node.keys[i + 1]!;
-      page = node.children[i]!;
+      if (first < interior.keys[i]!) return false;
+      if (i + 1 < interior.keys.length) hi = interior.keys[i + 1]!;
+      parent = interior;
+      index = i;
+      page = interior.children[i]!;
     }
   }
 
@@ -1134,17 +1197,26 @@ export class PagedMaps {
   }
 
   /** Queues a mutation of `map`: its pass computes the new root (or null: the map is left empty), then it applies. */
-  #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs, inPlace?: () => boolean): Promise<number> {
-    return this.#queue(() =>
-      inPlace?.() ? Promise.resolve(0) : this.#pass((pins) => {
+  #mutate(map: PagedMap, compute: (pins: Pins, changes: Changes) => Item | null, refs?: ChunkRefs, inPlace?: () => boolean | number): Promise<number> {
+    return this.#queue(async () => {
+      if (inPlace !== undefined) {
+        let tried = inPlace();
+        // A leaf it would copy is not in memory: read (as the pass would), then tried once more.
+        if (typeof tried === 'number') {
+          this.#decode(await this.#cache.get(tried), tried);
+          tried = inPlace();
+        }
+        if (tried === true) return 0;
+      }
+      return this.#pass((pins) => {
         const changes = new Changes(this.#pageRefs, this.#pageCountPages);
         const root = compute(pins, changes);
         this.#wantCounts(changes, root);
         const rootPage = this.#apply(changes, root, refs);
         map.setState(rootPage, map.mappedCount + changes.mappedDelta);
         return changes.mappedDelta === 0 ? 0 : -changes.mappedDelta;
-      }),
-    );
+      });
+    });
   }
 
   /** Runs `task` after every mutation and commit queued before it. */
@@ -1774,8 +1846,8 @@ class Pins {
  * do not make V8 grow it: a copy of exactly its length (`slice`) was grown at the first insert by half again, a
  * second allocation of the leaf's three arrays for each leaf changed between two checkpoints, and the main source of
  * what fills the old generation between two full collections (BENCHMARKS.md, issue 15, "The young generation
- * bounded, and what the RSS is"). The room (3 arrays of 8 bytes an entry) is not in `decodedBytes`' count: 384
- * bytes a dirty leaf, against the 6 KiB it counts.
+ * bounded, and what the RSS is"). The room (3 arrays of 8 bytes an entry: 384 bytes a leaf) is in `decodedBytes`'
+ * count; `decodeNode` gives a leaf the same room.
  */
 function copyWithRoom(values: readonly number[]): number[] {
   const count = values.length;

@@ -566,9 +566,17 @@ export class ChunkSpace implements ChunkRefs {
     }
   }
 
+  /**
+   * Asked before each allocation: null, or a promise the allocation waits for first (paged-backend.ts holds the
+   * writes so while a checkpoint is behind: `PagedBackend`'s `#holdWrite`).
+   */
+  allocationGate: () => Promise<void> | null = () => null;
+
   /** Returns the first of `chunkCount` consecutive free chunks, now the caller's (held until counted or released). */
   allocate(chunkCount: number): Promise<number> {
     assert(Number.isInteger(chunkCount) && chunkCount > 0);
+    const gate = this.allocationGate();
+    if (gate !== null) return gate.then(() => this.#serially(() => this.#allocate(chunkCount)));
     return this.#serially(() => this.#allocate(chunkCount));
   }
 

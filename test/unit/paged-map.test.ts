@@ -29,6 +29,8 @@ import {
   minFill,
   PagedMaps,
   splitSizes,
+  type InteriorNode,
+  type LeafNode,
   type MapNode,
   type PagedMap,
   type PagedMapState,
@@ -939,25 +941,33 @@ test('a write applied at once (mapRunNow) keeps the tree, keys and counts a queu
   });
 });
 
+/**
+ * A map written beside its model (`ChunkMap`): `write` maps `count` chunks at `v` in both (at once if it can, unless
+ * `queued`: returns whether it did), then checks the map's chunks 0 to 210 against the model and every count over
+ * `roots` (the map alone unless set).
+ */
+function besideModel(setup: Setup, capacities: { leaf: number; interior: number }) {
+  const modelRefs = new Counts();
+  const model = new ChunkMap();
+  const paged = setup.maps.empty();
+  let nextPhysical = 1_000;
+  const state = { roots: [paged] };
+  const write = async (v: number, count: number, label: string, queued = false): Promise<boolean> => {
+    model.mapRun(v, nextPhysical, count, modelRefs);
+    const atOnce = !queued && paged.mapRunNow(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
+    if (!atOnce) await paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
+    nextPhysical += count;
+    assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), label);
+    await checkCounts(setup, state.roots, capacities, label);
+    return atOnce;
+  };
+  return { modelRefs, model, paged, state, write };
+}
+
 test('an overwrite across several leaves changed since the commit applies at once in place; a hole, a clean leaf or a shared one leaves it to the pass', async () => {
   const capacities = { leaf: 8, interior: 4 };
   await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
-    const modelRefs = new Counts();
-    const model = new ChunkMap();
-    const paged = setup.maps.empty();
-    let nextPhysical = 1_000;
-    /** The maps whose pages the counts are checked against. */
-    let roots = [paged];
-    /** Maps `count` chunks at `v` in both maps (at once if it can: returns whether it did), and checks them. */
-    const write = async (v: number, count: number, label: string): Promise<boolean> => {
-      model.mapRun(v, nextPhysical, count, modelRefs);
-      const atOnce = paged.mapRunNow(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
-      if (!atOnce) await paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, count), setup.chunkRefs);
-      nextPhysical += count;
-      assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), label);
-      await checkCounts(setup, roots, capacities, label);
-      return atOnce;
-    };
+    const { modelRefs, model, paged, state, write } = besideModel(setup, capacities);
     await write(0, 200, 'the first lap');
     const placed = (): { nextPage: number; dirty: number } => ({ nextPage: setup.allocator.state().nextPage, dirty: setup.maps.dirtyPages });
     const before = placed();
@@ -977,10 +987,69 @@ test('an overwrite across several leaves changed since the commit applies at onc
 
     const snapshot = paged.clone();
     const snapshotRuns = await runsOf(snapshot, 0, 210);
-    roots = [paged, snapshot];
+    state.roots = [paged, snapshot];
     assert.equal(await write(60, 40, 'an overwrite of leaves a clone shares'), false, 'shared leaves: the pass copies them');
     assert.deepEqual(await runsOf(snapshot, 0, 210), snapshotRuns, 'the clone keeps what it had');
     await snapshot.drop(setup.chunkRefs);
     await checkCounts(setup, [paged], capacities, 'after the clone is dropped');
+  });
+});
+
+test('a write into a leaf committed since its last change, below nodes changed since, copies that leaf alone: no interior node copied, the committed page never written over', async () => {
+  const capacities = { leaf: 8, interior: 8 };
+  await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
+    const { model, paged, write: writeRun } = besideModel(setup, capacities);
+    const write = (v: number, label: string, queued = false): Promise<boolean> => writeRun(v, 1, label, queued);
+    /** The pages the map reaches now, and the leaf holding `v`, with its parent. */
+    const walk = async (v: number): Promise<{ pages: Set<number>; leaf: number; parent: number }> => {
+      const pages = new Set<number>();
+      let leaf = 0;
+      let parent = 0;
+      const visit = async (page: number, above: number): Promise<void> => {
+        pages.add(page);
+        const node = await setup.maps.node(page);
+        if (node.kind === 'leaf') {
+          if (node.keys.includes(v)) [leaf, parent] = [page, above];
+          return;
+        }
+        for (const child of node.children) await visit(child, page);
+      };
+      await visit(paged.rootPage, 0);
+      return { pages, leaf, parent };
+    };
+    // Every second key of 0..200: leaves of 4 to 8, interior nodes of 4 to 8 below the root, three levels.
+    for (let v = 0; v < 200; v += 2) await write(v, `fill ${v}`);
+    await setup.maps.commit(() => Buffer.from('first'));
+    const durable = await walk(0);
+    // The first write after the commit copies its path (the pass): the root, the interior nodes, the leaf of 0.
+    assert.equal(await write(1, 'a write below clean nodes'), false, 'clean nodes: the pass');
+    const afterPass = await walk(0);
+    const parentNode = await setup.maps.node(afterPass.parent);
+    const rootNode = await setup.maps.node(paged.rootPage);
+    // Keys in two other leaves below the same parent, committed since: each copied, its parent changed in place.
+    const parent = (await setup.maps.node(afterPass.parent)) as InteriorNode;
+    const others = parent.children.filter((page) => page !== afterPass.leaf);
+    assert.ok(others.length >= 3 && others.every((page) => durable.pages.has(page)), 'other leaves the durable root reaches');
+    const keyIn = async (page: number): Promise<number> => ((await setup.maps.node(page)) as LeafNode).keys[0]! + 1;
+    const dirtyBefore = setup.maps.dirtyPages;
+    assert.ok(await write(await keyIn(others[0]!), 'a write into a committed leaf below a changed parent'), 'applied at once');
+    assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'one page placed: the leaf copied');
+    assert.equal(await setup.maps.node(afterPass.parent), parentNode, 'the parent changed in place, not copied');
+    assert.equal(await setup.maps.node(paged.rootPage), rootNode, 'the root not copied');
+    assert.ok(!(await walk(0)).pages.has(others[0]!), 'the map no longer reaches the committed leaf');
+    // Queued, with the leaf not in memory: read first, then taken the same way.
+    const evictedKey = await keyIn(others[1]!);
+    setup.cache.discard(others[1]!);
+    assert.equal(setup.cache.peek(others[1]!), undefined);
+    assert.equal(await write(evictedKey, 'a queued write into a committed leaf not in memory', true), false);
+    assert.equal(setup.maps.dirtyPages, dirtyBefore + 2, 'one more page placed');
+    assert.equal(await setup.maps.node(afterPass.parent), parentNode, 'read, then its parent changed in place');
+    // The next commit writes none of the pages the first root reaches; reopened from it, the map is the model's.
+    await setup.maps.commit(() => Buffer.from('second'));
+    const rewritten = [...setup.cache.written].filter((page) => durable.pages.has(page));
+    assert.deepEqual(rewritten, [], 'no page the first root reaches is written over');
+    const cold = new PagedMaps({ cache: new PageCache(setup.file, 4 * pageBytes), allocator: new PageAllocator(), pageRefs: new Counts(), leafCapacity: capacities.leaf, interiorCapacity: capacities.interior });
+    const reopened = cold.open({ rootPage: paged.rootPage, mappedCount: paged.mappedCount });
+    assert.deepEqual(await runsOf(reopened, 0, 210), model.runs(0, 210), 'read back from the file');
   });
 });

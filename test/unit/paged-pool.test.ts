@@ -553,6 +553,70 @@ test('map nodes changed since the last checkpoint past their memory limit start 
   });
 });
 
+/** Test files whose page file syncs (metadata.0, .1) wait while `held`: a checkpoint stuck behind a slow disk. */
+class SlowCheckpointFiles extends TestFiles {
+  #release: (() => void) | null = null;
+  #gate: Promise<void> | null = null;
+  hold(): void {
+    this.#gate = new Promise((resolve) => (this.#release = resolve));
+  }
+  let(): void {
+    this.#release?.();
+    this.#gate = null;
+  }
+  override fdatasync(fd: number): Promise<void> {
+    const gate = this.#gate;
+    if (gate !== null && path.basename(this.pathOf(fd)).startsWith('metadata.')) return gate.then(() => super.fdatasync(fd));
+    return super.fdatasync(fd);
+  }
+}
+
+test('while a checkpoint is behind, writes wait once the map nodes changed are four times past their limit, and go on once it is durable', { timeout: 60_000 }, async () => {
+  await inScratch('paged-pool', async (directory) => {
+    // 6,000 writes at random into 4 GiB: about 45 leaves. A checkpoint at 4 nodes changed, writes held at 16.
+    const blocks = (4 * 1024 * MiB) / 4096;
+    const random = makeRandom(21);
+    const indexes = Array.from({ length: 6_000 }, () => Math.floor(random() * blocks));
+    const files = new SlowCheckpointFiles();
+    const logged: string[] = [];
+    const pool = await open(directory, { files, metadataCacheBytes: 4 * MiB, metadataDirtyPages: 4, log: (line) => logged.push(line) });
+    try {
+      await pool.createVolume('v', blocks * 4096);
+      const volume = pool.openVolume('v');
+      files.hold();
+      let next = 0;
+      let done = 0;
+      const writing = Promise.all(
+        Array.from({ length: 8 }, async () => {
+          while (next < indexes.length) {
+            const i = next++;
+            await volume.write(indexes[i]! * 4096, block(1 + (i % 250)));
+            done += 1;
+          }
+        }),
+      );
+      const held = (): string | undefined => logged.find((line) => line.startsWith('writes held'));
+      for (let waited = 0; held() === undefined && done < indexes.length && waited < 30_000; waited += 20) await sleep(20);
+      const line = held();
+      assert.ok(line !== undefined, `writes held and logged (${done} of ${indexes.length} done)`);
+      const dirty = Number(/(\d+) map nodes changed/.exec(line)![1]);
+      // 16 when the first write was held; the writes already past the gate (8 at most) change a leaf and its parent each.
+      assert.ok(dirty >= 16 && dirty <= 16 + 8 * 2, `${dirty} map nodes changed when writes were held`);
+      const stuck = done;
+      await sleep(300);
+      assert.ok(done === stuck && done < indexes.length, `no write completes while the checkpoint is stuck (${stuck}, then ${done})`);
+      files.let();
+      await writing;
+      await volume.flush();
+      await volume.close();
+      await lastFillsReadBack(pool, indexes);
+    } finally {
+      files.let();
+      await pool.close();
+    }
+  });
+});
+
 test("map nodes changed since the last checkpoint past their count start a checkpoint whatever the cache: a crash leaves only the last checkpoints' records to replay, and loses nothing", { timeout: 60_000 }, async () => {
   await inScratch('paged-pool', async (directory) => {
     // 6,000 writes at random into 4 GiB: about 30 leaves, all changed (a 2 MiB journal and a 64 MiB cache are far off).
