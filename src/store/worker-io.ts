@@ -88,7 +88,13 @@ export class WorkerChunkIo implements ChunkIo {
     this.#waitTimes = options.waitTimes;
     this.#workerCount = options.workerCount;
     if (options.threadsAfter === undefined) this.#startThreads();
-    else void options.threadsAfter.then(() => this.#startThreads());
+    else {
+      // After a node's ready line a failure to start them (no thread or memory to be had) must not stop the node:
+      // its I/O goes on here, as with --workers 0, and the log says so.
+      options.threadsAfter.then(() => this.#startThreads()).catch((error: unknown) => {
+        this.#log(`chunk I/O threads did not start (${error instanceof Error ? error.message : String(error)}): chunk I/O stays on the main thread`, 'error');
+      });
+    }
   }
 
   /** Starts the chunk writer's thread and the workers (once; never after close). */

@@ -270,7 +270,11 @@ test('with threadsAfter, no thread starts until it settles: I/O is done on this 
     go = resolve;
   });
   const deferred = new WorkerChunkIo(own, { workerCount: 2, buffers, log: (line) => logged.push(line), waitTimes: waits, threadsAfter });
-  const never = new WorkerChunkIo(own, { workerCount: 2, buffers, log: (line) => logged.push(line), threadsAfter: new Promise<void>(() => {}) });
+  let late = (): void => {};
+  const lateStart = new Promise<void>((resolve) => {
+    late = resolve;
+  });
+  const never = new WorkerChunkIo(own, { workerCount: 2, buffers, log: (line) => logged.push(line), threadsAfter: lateStart });
   try {
     const data = randomBytes(huge);
     assert.deepEqual(await deferred.writeSummed(0, data), chunkSums(data));
@@ -287,6 +291,9 @@ test('with threadsAfter, no thread starts until it settles: I/O is done on this 
     assert.equal(waits.count, 1, 'past 1 MiB, a worker wrote it');
     // A close before the threads start (a node whose start failed) has no thread to wait for, and none starts later.
     await never.close();
+    late();
+    await lateStart;
+    await new Promise((resolve) => setTimeout(resolve, 50));
     assert.deepEqual(never.status(), { engine: 'workers', workers: [], queued: 0, workerRestarts: 0 });
   } finally {
     await deferred.close();
