@@ -564,12 +564,50 @@ class SlowCheckpointFiles extends TestFiles {
     this.#release?.();
     this.#gate = null;
   }
+  /** The held syncs fail (EIO) when let go, and every later one of the page file. */
+  failing = false;
   override fdatasync(fd: number): Promise<void> {
     const gate = this.#gate;
-    if (gate !== null && path.basename(this.pathOf(fd)).startsWith('metadata.')) return gate.then(() => super.fdatasync(fd));
-    return super.fdatasync(fd);
+    const sync = (): Promise<void> => (this.failing ? Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' })) : super.fdatasync(fd));
+    if (!path.basename(this.pathOf(fd)).startsWith('metadata.')) return super.fdatasync(fd);
+    return gate !== null ? gate.then(sync) : sync();
   }
 }
+
+test('writes held behind a checkpoint whose sync fails are let go: each completes or fails, none waits for ever', { timeout: 60_000 }, async () => {
+  await inScratch('paged-pool', async (directory) => {
+    const blocks = (4 * 1024 * MiB) / 4096;
+    const random = makeRandom(22);
+    const indexes = Array.from({ length: 6_000 }, () => Math.floor(random() * blocks));
+    const files = new SlowCheckpointFiles();
+    const logged: string[] = [];
+    const pool = await open(directory, { files, metadataCacheBytes: 4 * MiB, metadataDirtyPages: 4, log: (line) => logged.push(line) });
+    try {
+      await pool.createVolume('v', blocks * 4096);
+      const volume = pool.openVolume('v');
+      files.hold();
+      let next = 0;
+      const writing = Promise.allSettled(
+        Array.from({ length: 8 }, async () => {
+          while (next < indexes.length) {
+            const i = next++;
+            await volume.write(indexes[i]! * 4096, block(1 + (i % 250)));
+          }
+        }),
+      );
+      const held = (): boolean => logged.some((line) => line.startsWith('writes held'));
+      for (let waited = 0; !held() && waited < 30_000; waited += 20) await sleep(20);
+      assert.ok(held(), 'writes held and logged');
+      files.failing = true;
+      files.let();
+      const outcome = await Promise.race([writing.then(() => 'settled'), sleep(20_000).then(() => 'hung')]);
+      assert.equal(outcome, 'settled', 'every writer settled once the checkpoint failed');
+    } finally {
+      files.let();
+      await pool.close().catch(() => {});
+    }
+  });
+});
 
 test('while a checkpoint is behind, writes wait once the map nodes changed are four times past their limit, and go on once it is durable', { timeout: 60_000 }, async () => {
   await inScratch('paged-pool', async (directory) => {
@@ -602,6 +640,10 @@ test('while a checkpoint is behind, writes wait once the map nodes changed are f
       const dirty = Number(/(\d+) map nodes changed/.exec(line)![1]);
       // 16 when the first write was held; the writes already past the gate (8 at most) change a leaf and its parent each.
       assert.ok(dirty >= 16 && dirty <= 16 + 8 * 2, `${dirty} map nodes changed when writes were held`);
+      // The writes already past the gate (8 at most) may still complete; then none does.
+      const atHold = done;
+      await sleep(300);
+      assert.ok(done - atHold <= 8, `at most the 8 writes past the gate complete after the hold (${atHold}, then ${done})`);
       const stuck = done;
       await sleep(300);
       assert.ok(done === stuck && done < indexes.length, `no write completes while the checkpoint is stuck (${stuck}, then ${done})`);
