@@ -383,7 +383,7 @@ export class Replicator {
         this.#options.log(`replication of ${volume} to ${link.peerName}: its replica shares no snapshot with this node's ${volume} (it holds ${info.snapshots.map((snapshot) => snapshot.name).join(', ') || 'none'}); resending it whole, in place (its replication points there are given up, its other snapshots stay)`, 'warn');
         replace = true;
       }
-      if (base !== null && (await pool.diff(volume, base.name, null)).length === 0 && pool.volumeInfo(volume).sizeBytes === base.sizeBytes) {
+      if (base !== null && pool.volumeInfo(volume).sizeBytes === base.sizeBytes && !(await pool.changedSince(volume, base.name))) {
         await this.#landed(link, client, base.uuid, Date.parse(base.createdAt));
         link.currentAsOfMs = Date.now();
         return { volume, peer, outcome: 'current', snapshot: base.name, resumedFromBytes: 0, streamBytes: 0, dataBytes: 0, seconds: (performance.now() - started) / 1000 };
