@@ -272,6 +272,7 @@ export class Replicator {
     if (link.timer !== null) clearTimeout(link.timer);
     link.timer = null;
     link.client?.close();
+    link.client = null;
     for (const waiter of link.waiters.splice(0)) waiter.reject(new ChunkdError('ESHUTDOWN', `replication of ${link.stored.volume} to ${link.stored.peer} stopped`));
   }
 
@@ -301,6 +302,9 @@ export class Replicator {
       for (const waiter of waiters) waiter.resolve(result);
       this.#schedule(link, link.stored.everyMs);
     } catch (error) {
+      // The connection goes with the failed cycle (a receive it carried winds up on the peer); the next opens anew.
+      link.client?.close();
+      link.client = null;
       link.cycles += 1;
       link.failures += 1;
       link.stream = null;
@@ -312,9 +316,6 @@ export class Replicator {
       this.#options.log(`replication of ${link.stored.volume} to ${link.stored.peer} failed (retry in ${formatDuration(link.retryDelayMs)}): ${message}`, 'warn');
       this.#schedule(link, Math.min(link.retryDelayMs, link.stored.everyMs));
       link.retryDelayMs = Math.min(retryDelayMaxMs, link.retryDelayMs * 2);
-    } finally {
-      link.client?.close();
-      link.client = null;
     }
   }
 
@@ -336,20 +337,48 @@ export class Replicator {
     }
   }
 
+  /** A new connection to the link's peer, the link's from now on. */
+  async #connect(link: Link): Promise<PeerClient> {
+    const { host, port } = peerAddress(link.stored.peer);
+    link.client = null;
+    const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
+    if (link.stopped) {
+      client.close();
+      throw new ChunkdError('ESHUTDOWN', 'replication stopped');
+    }
+    link.client = client;
+    link.peerName = client.hello.name;
+    return client;
+  }
+
+  /** A control request on `client`, answered within the request timeout (else the connection is closed). */
+  #asker(link: Link, client: PeerClient): (verb: number, value: object) => Promise<Buffer> {
+    return (verb, value) => withTimeout(client.request(verb, jsonPayload(value)), this.#timeoutMs, () => client.close(), `${link.peerName} did not answer within ${formatDuration(this.#timeoutMs)}`);
+  }
+
   async #cycle(link: Link): Promise<CycleResult> {
     const { pool } = this.#options;
     const { volume, peer } = link.stored;
     const started = performance.now();
     const refusal = this.#options.refuse(volume);
     if (refusal !== null) throw ChunkdError.readOnly(refusal);
-    const { host, port } = peerAddress(peer);
     link.state = 'replicating';
-    const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
-    link.client = client;
-    if (link.stopped) throw new ChunkdError('ESHUTDOWN', 'replication stopped');
-    link.peerName = client.hello.name;
-    const ask = (verb: number, value: object): Promise<Buffer> => withTimeout(client.request(verb, jsonPayload(value)), this.#timeoutMs, () => client.close(), `${link.peerName} did not answer within ${formatDuration(this.#timeoutMs)}`);
-    let info = await this.#replicaInfo(ask, volume);
+    // The connection of the cycle before is kept (each new one cost both nodes a mutual TLS handshake and a secure
+    // context, every cycle of a link replicating every 500 ms); one the peer closed meanwhile is opened anew, and
+    // so is one that dies at the cycle's first question (a peer restarted since: its close not seen yet).
+    const reused = link.client !== null && !link.client.closed;
+    if (!reused) link.client?.close();
+    let client = reused ? link.client! : await this.#connect(link);
+    let ask = this.#asker(link, client);
+    let info: ReplicaInfo;
+    try {
+      info = await this.#replicaInfo(ask, volume);
+    } catch (error) {
+      if (!reused || !client.closed || link.stopped) throw error;
+      client = await this.#connect(link);
+      ask = this.#asker(link, client);
+      info = await this.#replicaInfo(ask, volume);
+    }
     await this.#checkPeer(link, info);
 
     let request: SendRequest | null = null;
