@@ -536,31 +536,33 @@ export class Replicator {
       joined = null;
     };
     try {
-      for await (const record of prepared.records) {
-        records.push(record);
-        for (const piece of record) {
-          pieceBytes += piece.length;
-          if (joined !== null && piece.buffer === joined.buffer && piece.byteOffset === joinedEnd) {
-            joinedEnd += piece.length;
-            continue;
+      for await (const batch of prepared.batches) {
+        for (const record of batch) {
+          records.push(record);
+          for (const piece of record) {
+            pieceBytes += piece.length;
+            if (joined !== null && piece.buffer === joined.buffer && piece.byteOffset === joinedEnd) {
+              joinedEnd += piece.length;
+              continue;
+            }
+            closeJoined();
+            joined = piece;
+            joinedEnd = piece.byteOffset + piece.length;
           }
-          closeJoined();
-          joined = piece;
-          joinedEnd = piece.byteOffset + piece.length;
-        }
-        if (pieceBytes >= frameBytesTarget) {
-          closeJoined();
-          await send(pieces, records, pieceBytes);
-          pieces = [];
-          records = [];
-          pieceBytes = 0;
+          if (pieceBytes >= frameBytesTarget) {
+            closeJoined();
+            await send(pieces, records, pieceBytes);
+            pieces = [];
+            records = [];
+            pieceBytes = 0;
+          }
         }
       }
       closeJoined();
       if (pieceBytes > 0) await send(pieces, records, pieceBytes);
       await Promise.all(inFlight);
     } finally {
-      await prepared.records.return(undefined);
+      await prepared.batches.return(undefined);
     }
     if (failure !== null) throw failure;
     return sentBytes;
