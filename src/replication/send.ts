@@ -10,6 +10,8 @@
 // not one per record; a consumer that does not leaves them to the garbage collector.
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, inlineReadBytesMax, sendArenasFreeMax, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
+import type { ChunkLookup } from '../store/catalog-backend.ts';
+import { combinedChecksum } from '../store/checksum.ts';
 import { isZero } from '../store/frames.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
 import type { Pool } from '../store/pool.ts';
@@ -161,13 +163,18 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         const buffer = record === null ? takeBuffer(length) : record.subarray(dataRecordDataStart, dataRecordDataStart + length);
         readingBytes += length;
         // The error is kept and looked at in order, when the piece's turn comes.
-        const read: PendingRead = { offset, extent, buffer, record, settled: false, error: null, done: null };
+        const read: PendingRead = { offset, extent, buffer, record, settled: false, error: null, done: null, found: null };
         try {
           const reading = device.readNowOrLater(offset, buffer);
-          if (reading === undefined) read.settled = true;
-          else {
+          if (!(reading instanceof Promise)) {
+            read.found = reading;
+            read.settled = true;
+          } else {
             read.done = reading.then(
-              () => void (read.settled = true),
+              (found) => {
+                read.found = found;
+                read.settled = true;
+              },
               (error: unknown) => {
                 read.error = error;
                 read.settled = true;
@@ -229,7 +236,8 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
           recordCount += 1;
           coveredBytes += buffer.length;
           dataBytes += buffer.length;
-          batch.push([sealDataRecord(read.record, offset)]);
+          // Its CRC appended to the head's from the checksums the read verified: the data is not gone over again.
+          batch.push([sealDataRecord(read.record, offset, read.found === null ? undefined : dataChecksum(read.found, buffer.length / chunkSizeBytes))]);
           batchBytes += read.record.length;
           if (coveredBytes >= sendReadAheadBytes) startDigest();
           if (batch.length >= batchRecordsMax || batchBytes >= batchBytesMax) {
@@ -297,6 +305,27 @@ interface PendingRead {
   /** Why the read failed, once settled; null if it did not. */
   error: unknown;
   done: Promise<void> | null;
+  /** What the read looked up (the chunks' recorded checksums), once it settled without an error. */
+  found: ChunkLookup | null;
+}
+
+/**
+ * The combined recorded checksum of a lookup's `chunkCount` chunks in order (combinedChecksum's), or undefined if
+ * one is a hole or the runs do not cover exactly that many (the record is then checksummed over its bytes).
+ */
+function dataChecksum(found: ChunkLookup, chunkCount: number): number | undefined {
+  const runs = found.runs;
+  if (runs.length === 1 && runs[0]!.chunkCount === 1) return runs[0]!.physicalChunk < 0 || chunkCount !== 1 ? undefined : found.sumOf(runs[0]!, 0);
+  let count = 0;
+  for (const run of runs) {
+    if (run.physicalChunk < 0) return undefined;
+    count += run.chunkCount;
+  }
+  if (count !== chunkCount) return undefined;
+  const sums = new Uint32Array(count);
+  let index = 0;
+  for (const run of runs) for (let i = 0; i < run.chunkCount; i++) sums[index++] = found.sumOf(run, i);
+  return combinedChecksum(sums, 0, count);
 }
 
 /** The pieces of at most one record each that the extents are read in, in order. */
