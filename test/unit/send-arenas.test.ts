@@ -22,12 +22,20 @@ function chunkBytesOf(chunk: number): Buffer {
   return bytes;
 }
 
-test('record arenas are reused once their records are recycled, and a record still held keeps its bytes', async () => {
+/** A pool in a fresh directory with volume `v` of `sizeBytes`, open for `body`; the directory is removed after. */
+async function withVolume(sizeBytes: number, body: (pool: Pool, volume: ReturnType<Pool['openVolume']>) => Promise<void>): Promise<void> {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-send-arenas-'));
   try {
     const pool = await Pool.open({ directory, ...testPoolOptions() });
-    await pool.createVolume('v', 2 * chunkCount * chunkBytes);
-    const volume = pool.openVolume('v');
+    await pool.createVolume('v', sizeBytes);
+    await body(pool, pool.openVolume('v'));
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+}
+
+test('record arenas are reused once their records are recycled, and a record still held keeps its bytes', async () => {
+  await withVolume(2 * chunkCount * chunkBytes, async (pool, volume) => {
     // Every other chunk, so that no two written chunks make one extent: one 4 KiB record each.
     for (let i = 0; i < chunkCount; i++) await volume.write(2 * i * chunkBytes, chunkBytesOf(2 * i));
     await volume.close();
@@ -67,17 +75,11 @@ test('record arenas are reused once their records are recycled, and a record sti
     for (const { record, bytes } of held) assert.ok(Buffer.concat(record).equals(bytes), 'a record still held was overwritten by a later one');
     assert.ok(arenasReused > 0, 'no arena was reused');
     await pool.close();
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
 
 test('batches carry the same records as records, in order, a bounded number at a time', async () => {
-  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-send-batches-'));
-  try {
-    const pool = await Pool.open({ directory, ...testPoolOptions() });
-    await pool.createVolume('v', 4 * chunkCount * chunkBytes);
-    const volume = pool.openVolume('v');
+  await withVolume(4 * chunkCount * chunkBytes, async (pool, volume) => {
     // Scattered 4 KiB chunks, some of zeros (ZERO records), and a 1.5 MiB extent (records of their own buffers).
     for (let i = 0; i < chunkCount; i++) await volume.write(2 * i * chunkBytes, i % 50 === 7 ? Buffer.alloc(chunkBytes) : chunkBytesOf(2 * i));
     const big = Buffer.concat(Array.from({ length: 384 }, (_, i) => chunkBytesOf(2 * chunkCount + i)));
@@ -114,7 +116,5 @@ test('batches carry the same records as records, in order, a bounded number at a
     assert.equal(types[types.length - 1], 'end');
     assert.ok(types.includes('zero'));
     await pool.close();
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
 });
