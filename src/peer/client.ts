@@ -102,6 +102,11 @@ export class PeerClient {
     return (await this.#request(verb, payload)).payload;
   }
 
+  /** Whether the connection has ended (a failure, the peer's close, or close()): no request can go on it any more. */
+  get closed(): boolean {
+    return this.#failure !== null;
+  }
+
   /** Resolves with the first failure that ends the connection (close() included): a connection idle for long learns it too. */
   get ended(): Promise<ChunkdError> {
     return this.#ended.promise;

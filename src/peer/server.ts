@@ -44,8 +44,11 @@ export interface PeerRequestContext {
 export interface PeerConnectionScope {
   /** Unique among this server's connections. */
   readonly id: number;
-  /** Runs `callback` once when the connection closes (at once if it has). */
-  onClose(callback: () => void): void;
+  /**
+   * Runs `callback` once when the connection closes (at once if it has); the function returned forgets it, for
+   * state that ends before its connection does (a stream closed on a connection its owner keeps for the next).
+   */
+  onClose(callback: () => void): () => void;
 }
 
 /**
@@ -263,8 +266,12 @@ class PeerConnection {
     this.#scope = {
       id,
       onClose: (callback) => {
-        if (socket.destroyed) queueMicrotask(callback);
-        else socket.once('close', callback);
+        if (socket.destroyed) {
+          queueMicrotask(callback);
+          return () => {};
+        }
+        socket.once('close', callback);
+        return () => void socket.off('close', callback);
       },
     };
   }

@@ -28,6 +28,8 @@ interface Session {
   volume: string;
   feed: ByteFeed;
   result: Promise<ReceiveResult>;
+  /** Forgets the session's close handler: the owner keeps its connection for the next cycle's stream. */
+  forget: () => void;
 }
 
 export class ReplicaServer {
@@ -111,13 +113,13 @@ export class ReplicaServer {
     // Recorded before the stream may create the volume, so a replica never exists without its role.
     await this.#roles.set(volume, { role: 'replica', owner: context.peerName, epoch });
     const feed = new ByteFeed();
-    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed, { recycle: (piece) => this.#recycle(piece), replace }) };
+    const session: Session = { volume, feed, result: this.#receiver.receive(volume, feed, { recycle: (piece) => this.#recycle(piece), replace }), forget: () => {} };
     this.#sessions.set(context.connection.id, session);
     session.result.then(
       () => feed.close(ChunkdError.protocol(`the stream into ${volume} is complete; no more bytes belong to it`)),
       (error: unknown) => feed.close(error as Error),
     );
-    context.connection.onClose(() => {
+    session.forget = context.connection.onClose(() => {
       feed.fail(ChunkdError.io(`the connection from ${context.peerName} closed`));
       this.#sessions.delete(context.connection.id);
       // The outcome is logged by the receiver; nobody is left to tell it to.
@@ -145,6 +147,7 @@ export class ReplicaServer {
       return result;
     } finally {
       this.#sessions.delete(context.connection.id);
+      session.forget();
       if (!this.#pool.hasVolume(session.volume)) await this.#roles.forget(session.volume);
     }
   }

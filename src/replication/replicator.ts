@@ -272,6 +272,7 @@ export class Replicator {
     if (link.timer !== null) clearTimeout(link.timer);
     link.timer = null;
     link.client?.close();
+    link.client = null;
     for (const waiter of link.waiters.splice(0)) waiter.reject(new ChunkdError('ESHUTDOWN', `replication of ${link.stored.volume} to ${link.stored.peer} stopped`));
   }
 
@@ -301,6 +302,9 @@ export class Replicator {
       for (const waiter of waiters) waiter.resolve(result);
       this.#schedule(link, link.stored.everyMs);
     } catch (error) {
+      // The connection goes with the failed cycle (a receive it carried winds up on the peer); the next opens anew.
+      link.client?.close();
+      link.client = null;
       link.cycles += 1;
       link.failures += 1;
       link.stream = null;
@@ -312,9 +316,6 @@ export class Replicator {
       this.#options.log(`replication of ${link.stored.volume} to ${link.stored.peer} failed (retry in ${formatDuration(link.retryDelayMs)}): ${message}`, 'warn');
       this.#schedule(link, Math.min(link.retryDelayMs, link.stored.everyMs));
       link.retryDelayMs = Math.min(retryDelayMaxMs, link.retryDelayMs * 2);
-    } finally {
-      link.client?.close();
-      link.client = null;
     }
   }
 
@@ -336,20 +337,48 @@ export class Replicator {
     }
   }
 
+  /** A new connection to the link's peer, the link's from now on. */
+  async #connect(link: Link): Promise<PeerClient> {
+    const { host, port } = peerAddress(link.stored.peer);
+    link.client = null;
+    const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
+    if (link.stopped) {
+      client.close();
+      throw new ChunkdError('ESHUTDOWN', 'replication stopped');
+    }
+    link.client = client;
+    link.peerName = client.hello.name;
+    return client;
+  }
+
+  /** A control request on `client`, answered within the request timeout (else the connection is closed). */
+  #asker(link: Link, client: PeerClient): (verb: number, value: object) => Promise<Buffer> {
+    return (verb, value) => withTimeout(client.request(verb, jsonPayload(value)), this.#timeoutMs, () => client.close(), `${link.peerName} did not answer within ${formatDuration(this.#timeoutMs)}`);
+  }
+
   async #cycle(link: Link): Promise<CycleResult> {
     const { pool } = this.#options;
     const { volume, peer } = link.stored;
     const started = performance.now();
     const refusal = this.#options.refuse(volume);
     if (refusal !== null) throw ChunkdError.readOnly(refusal);
-    const { host, port } = peerAddress(peer);
     link.state = 'replicating';
-    const client = await PeerClient.connect({ host, port, credentials: this.#credentials() });
-    link.client = client;
-    if (link.stopped) throw new ChunkdError('ESHUTDOWN', 'replication stopped');
-    link.peerName = client.hello.name;
-    const ask = (verb: number, value: object): Promise<Buffer> => withTimeout(client.request(verb, jsonPayload(value)), this.#timeoutMs, () => client.close(), `${link.peerName} did not answer within ${formatDuration(this.#timeoutMs)}`);
-    let info = await this.#replicaInfo(ask, volume);
+    // The connection of the cycle before is kept (each new one cost both nodes a mutual TLS handshake and a secure
+    // context, every cycle of a link replicating every 500 ms); one the peer closed meanwhile is opened anew, and
+    // so is one that dies at the cycle's first question (a peer restarted since: its close not seen yet).
+    const reused = link.client !== null && !link.client.closed;
+    if (!reused) link.client?.close();
+    let client = reused ? link.client! : await this.#connect(link);
+    let ask = this.#asker(link, client);
+    let info: ReplicaInfo;
+    try {
+      info = await this.#replicaInfo(ask, volume);
+    } catch (error) {
+      if (!reused || !client.closed || link.stopped) throw error;
+      client = await this.#connect(link);
+      ask = this.#asker(link, client);
+      info = await this.#replicaInfo(ask, volume);
+    }
     await this.#checkPeer(link, info);
 
     let request: SendRequest | null = null;
@@ -383,7 +412,7 @@ export class Replicator {
         this.#options.log(`replication of ${volume} to ${link.peerName}: its replica shares no snapshot with this node's ${volume} (it holds ${info.snapshots.map((snapshot) => snapshot.name).join(', ') || 'none'}); resending it whole, in place (its replication points there are given up, its other snapshots stay)`, 'warn');
         replace = true;
       }
-      if (base !== null && (await pool.diff(volume, base.name, null)).length === 0 && pool.volumeInfo(volume).sizeBytes === base.sizeBytes) {
+      if (base !== null && pool.volumeInfo(volume).sizeBytes === base.sizeBytes && !(await pool.changedSince(volume, base.name))) {
         await this.#landed(link, client, base.uuid, Date.parse(base.createdAt));
         link.currentAsOfMs = Date.now();
         return { volume, peer, outcome: 'current', snapshot: base.name, resumedFromBytes: 0, streamBytes: 0, dataBytes: 0, seconds: (performance.now() - started) / 1000 };
@@ -507,31 +536,33 @@ export class Replicator {
       joined = null;
     };
     try {
-      for await (const record of prepared.records) {
-        records.push(record);
-        for (const piece of record) {
-          pieceBytes += piece.length;
-          if (joined !== null && piece.buffer === joined.buffer && piece.byteOffset === joinedEnd) {
-            joinedEnd += piece.length;
-            continue;
+      for await (const batch of prepared.batches) {
+        for (const record of batch) {
+          records.push(record);
+          for (const piece of record) {
+            pieceBytes += piece.length;
+            if (joined !== null && piece.buffer === joined.buffer && piece.byteOffset === joinedEnd) {
+              joinedEnd += piece.length;
+              continue;
+            }
+            closeJoined();
+            joined = piece;
+            joinedEnd = piece.byteOffset + piece.length;
           }
-          closeJoined();
-          joined = piece;
-          joinedEnd = piece.byteOffset + piece.length;
-        }
-        if (pieceBytes >= frameBytesTarget) {
-          closeJoined();
-          await send(pieces, records, pieceBytes);
-          pieces = [];
-          records = [];
-          pieceBytes = 0;
+          if (pieceBytes >= frameBytesTarget) {
+            closeJoined();
+            await send(pieces, records, pieceBytes);
+            pieces = [];
+            records = [];
+            pieceBytes = 0;
+          }
         }
       }
       closeJoined();
       if (pieceBytes > 0) await send(pieces, records, pieceBytes);
       await Promise.all(inFlight);
     } finally {
-      await prepared.records.return(undefined);
+      await prepared.batches.return(undefined);
     }
     if (failure !== null) throw failure;
     return sentBytes;

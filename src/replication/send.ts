@@ -10,6 +10,8 @@
 // not one per record; a consumer that does not leaves them to the garbage collector.
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, inlineReadBytesMax, sendArenasFreeMax, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
+import type { ChunkLookup } from '../store/catalog-backend.ts';
+import { combinedChecksum } from '../store/checksum.ts';
 import { isZero } from '../store/frames.ts';
 import type { ChangedExtent } from '../store/map-diff.ts';
 import type { Pool } from '../store/pool.ts';
@@ -32,6 +34,11 @@ export interface PreparedSend {
   header: StreamHeader;
   /** The stream's records, each as the buffers to write in order; after an ABORT record it ends, and `failure` says why. */
   records: AsyncGenerator<Buffer[]>;
+  /**
+   * The same records, several at a time (those ready together, in order): for a consumer that frames them itself
+   * (the replicator), at a promise per batch rather than per record. Iterate this or `records`, not both.
+   */
+  batches: AsyncGenerator<Buffer[][]>;
   failure(): ChunkdError | null;
   /** Bytes of the changed extents (data and zeros) the records yielded so far cover: progress against header.dataBytes. */
   coveredBytes(): number;
@@ -136,14 +143,15 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
     }
   };
   const exportName = `${request.volume}@${request.snapshot}`;
-  async function* records(): AsyncGenerator<Buffer[]> {
-    yield [encodeHeader(header)];
+  async function* batches(): AsyncGenerator<Buffer[][]> {
+    yield [[encodeHeader(header)]];
     let recordCount = 1;
     let dataBytes = 0;
     const device = source.openSnapshot(request.volume, request.snapshot);
-    // Reads run a few records ahead of what is yielded, so the disk works while the consumer sends.
+    // Reads run a few records ahead of what is yielded, so the disk works while the consumer sends. A read the page
+    // cache answers is done at once (readNowOrLater: no promise); one that waits on the disk settles later.
     const pieces = recordPieces(extents);
-    const reads: Array<{ offset: number; extent: { offsetBytes: number; lengthBytes: number }; buffer: Buffer; record: Buffer | null; done: Promise<unknown> }> = [];
+    const reads: PendingRead[] = [];
     let readingBytes = 0;
     const readAhead = (): void => {
       // Bounded by bytes, not only by count, so that scattered 4 KiB extents keep as much in flight as big ones.
@@ -154,8 +162,30 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         const record = length <= inlineReadBytesMax ? takeRecord(length) : null;
         const buffer = record === null ? takeBuffer(length) : record.subarray(dataRecordDataStart, dataRecordDataStart + length);
         readingBytes += length;
-        // The error is kept in the promise's value and looked at in order, when the piece's turn comes.
-        reads.push({ offset, extent, buffer, record, done: device.read(offset, buffer).then(() => null, (error: unknown) => error) });
+        // The error is kept and looked at in order, when the piece's turn comes.
+        const read: PendingRead = { offset, extent, buffer, record, settled: false, error: null, done: null, found: null };
+        try {
+          const reading = device.readNowOrLater(offset, buffer);
+          if (!(reading instanceof Promise)) {
+            read.found = reading;
+            read.settled = true;
+          } else {
+            read.done = reading.then(
+              (found) => {
+                read.found = found;
+                read.settled = true;
+              },
+              (error: unknown) => {
+                read.error = error;
+                read.settled = true;
+              },
+            );
+          }
+        } catch (error) {
+          read.error = error;
+          read.settled = true;
+        }
+        reads.push(read);
       }
     };
     // The END record's digest is computed while the stream goes (a snapshot's map does not change), once a read
@@ -170,10 +200,22 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
       }
       return digest;
     };
+    // Records go out a batch at a time: what is ready, up to a bound (so that coveredBytes runs little ahead of
+    // what the consumer has framed), and at once before waiting on a read that went to the disk.
+    let batch: Buffer[][] = [];
+    let batchBytes = 0;
     try {
       readAhead();
       for (let read = reads.shift(); read !== undefined; read = reads.shift()) {
-        const error = await read.done;
+        if (!read.settled) {
+          if (batch.length > 0) {
+            yield batch;
+            batch = [];
+            batchBytes = 0;
+          }
+          await read.done;
+        }
+        const error = read.error;
         if (error !== null) {
           if (!(error instanceof ChunkdError)) throw error;
           failure = ChunkdError.io(
@@ -181,7 +223,8 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
               `(${error.message}); nothing damaged was sent`,
           );
           log(failure.message);
-          yield [encodeAbort(failure.message)];
+          batch.push([encodeAbort(failure.message)]);
+          yield batch;
           return;
         }
         readingBytes -= read.buffer.length;
@@ -193,8 +236,15 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
           recordCount += 1;
           coveredBytes += buffer.length;
           dataBytes += buffer.length;
-          yield [sealDataRecord(read.record, offset)];
+          // Its CRC appended to the head's from the checksums the read verified: the data is not gone over again.
+          batch.push([sealDataRecord(read.record, offset, read.found === null ? undefined : dataChecksum(read.found, buffer.length / chunkSizeBytes))]);
+          batchBytes += read.record.length;
           if (coveredBytes >= sendReadAheadBytes) startDigest();
+          if (batch.length >= batchRecordsMax || batchBytes >= batchBytesMax) {
+            yield batch;
+            batch = [];
+            batchBytes = 0;
+          }
           continue;
         }
         const runs = zeroRuns(buffer);
@@ -210,15 +260,22 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
           recordCount += 1;
           coveredBytes += run.end - run.start;
           if (run.zero) {
-            yield [encodeZero(offset + run.start, run.end - run.start)];
+            batch.push([encodeZero(offset + run.start, run.end - run.start)]);
           } else {
             dataBytes += run.end - run.start;
-            yield encodeData(offset + run.start, buffer.subarray(run.start, run.end));
+            batch.push(encodeData(offset + run.start, buffer.subarray(run.start, run.end)));
+            batchBytes += run.end - run.start;
           }
         }
         if (coveredBytes >= sendReadAheadBytes) startDigest();
+        if (batch.length >= batchRecordsMax || batchBytes >= batchBytesMax) {
+          yield batch;
+          batch = [];
+          batchBytes = 0;
+        }
       }
-      yield [encodeEnd(recordCount, dataBytes, await startDigest())];
+      batch.push([encodeEnd(recordCount, dataBytes, await startDigest())]);
+      yield batch;
     } finally {
       // Reads still running when the consumer stopped early must end before the device closes.
       await Promise.all(reads.map((read) => read.done));
@@ -226,7 +283,49 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
       await device.close();
     }
   }
-  return { header, records: records(), failure: () => failure, coveredBytes: () => coveredBytes, recycle };
+  const batched = batches();
+  async function* records(): AsyncGenerator<Buffer[]> {
+    for await (const batch of batched) yield* batch;
+  }
+  return { header, records: records(), batches: batched, failure: () => failure, coveredBytes: () => coveredBytes, recycle };
+}
+
+/** Records a batch holds at most, and their bytes (prepareSend's batches): a few frames' worth of small records. */
+const batchRecordsMax = 64;
+const batchBytesMax = 256 * 1024;
+
+/** A read of prepareSend's read-ahead: settled at once when the page cache answered it, else when `done` resolves. */
+interface PendingRead {
+  offset: number;
+  extent: { offsetBytes: number; lengthBytes: number };
+  buffer: Buffer;
+  /** The record a small read lands in (its data part is `buffer`), or null for a read into a buffer of its own. */
+  record: Buffer | null;
+  settled: boolean;
+  /** Why the read failed, once settled; null if it did not. */
+  error: unknown;
+  done: Promise<void> | null;
+  /** What the read looked up (the chunks' recorded checksums), once it settled without an error. */
+  found: ChunkLookup | null;
+}
+
+/**
+ * The combined recorded checksum of a lookup's `chunkCount` chunks in order (combinedChecksum's), or undefined if
+ * one is a hole or the runs do not cover exactly that many (the record is then checksummed over its bytes).
+ */
+function dataChecksum(found: ChunkLookup, chunkCount: number): number | undefined {
+  const runs = found.runs;
+  if (runs.length === 1 && runs[0]!.chunkCount === 1) return runs[0]!.physicalChunk < 0 || chunkCount !== 1 ? undefined : found.sumOf(runs[0]!, 0);
+  let count = 0;
+  for (const run of runs) {
+    if (run.physicalChunk < 0) return undefined;
+    count += run.chunkCount;
+  }
+  if (count !== chunkCount) return undefined;
+  const sums = new Uint32Array(count);
+  let index = 0;
+  for (const run of runs) for (let i = 0; i < run.chunkCount; i++) sums[index++] = found.sumOf(run, i);
+  return combinedChecksum(sums, 0, count);
 }
 
 /** The pieces of at most one record each that the extents are read in, in order. */

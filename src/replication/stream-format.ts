@@ -34,6 +34,7 @@ import { crc32 } from '@node-rs/crc32';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, streamDataRecordBytesMax, streamHeaderBytesMax, streamRecordPayloadBytesMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
+import { appendedChecksum } from '../store/checksum.ts';
 import { contentDigestBytes } from '../store/content-digest.ts';
 import { isSnapshotUuid } from '../store/metadata.ts';
 
@@ -112,15 +113,23 @@ export const dataRecordOverheadBytes = dataRecordDataStart + recordTailBytes;
  * Completes, in place, a data record whose data the caller put at dataRecordDataStart of `record` (which is
  * dataRecordOverheadBytes longer than the data): its head, offset and checksum. The bytes are those of
  * encodeData's pieces joined, with one buffer and one CRC pass for the record (a sender reads small extents
- * straight into their records).
+ * straight into their records). `dataChecksum`, for data of whole chunks: their combined CRC (checksum.ts), which
+ * a sender knows from the read that verified them against their recorded checksums; the record's CRC is then
+ * appended to its head's without a second pass over the data. The CRC is the same either way for data that has
+ * that checksum; for data that does not (a read not verified, `--verify-reads off`), the record's CRC does not
+ * match its bytes, and the receiver refuses the stream as damaged rather than store them.
  */
-export function sealDataRecord(record: Buffer, offsetBytes: number): Buffer {
+export function sealDataRecord(record: Buffer, offsetBytes: number, dataChecksum?: number): Buffer {
   const crcEnd = record.length - recordTailBytes;
   record.writeUInt32LE(recordTypes.data, 0); // type, then the zero flags byte and u16
   record.writeUInt32LE(crcEnd - recordHeadBytes, 4);
   record.writeUInt32LE(offsetBytes % 0x1_0000_0000, 8);
   record.writeUInt32LE(Math.floor(offsetBytes / 0x1_0000_0000), 12);
-  record.writeUInt32LE(crc32(record.subarray(0, crcEnd)) >>> 0, crcEnd);
+  const dataBytes = crcEnd - dataRecordDataStart;
+  const crc = dataChecksum === undefined || dataBytes % chunkSizeBytes !== 0
+    ? crc32(record.subarray(0, crcEnd)) >>> 0
+    : appendedChecksum(crc32(record.subarray(0, dataRecordDataStart)) >>> 0, dataChecksum, dataBytes / chunkSizeBytes);
+  record.writeUInt32LE(crc, crcEnd);
   return record;
 }
 

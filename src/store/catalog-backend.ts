@@ -146,9 +146,10 @@ export interface CatalogBackend {
    * Extents below `chunkLimit` mapped differently in `from` (null: an empty map) and `to`, as the records applied
    * so far left them (the caller awaits `settled` first, then takes the maps from the tables); what the two maps
    * share is skipped (in memory a shared 2 MiB page, over pages a shared subtree), so a diff costs what changed
-   * between them, not the volume's size.
+   * between them, not the volume's size. With `firstOnly` a backend may stop at the first changed chunk (whether
+   * anything changed): it returns that one only, or the whole diff (paged metadata, which has no such shortcut).
    */
-  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): Promise<ChangedExtent[]>;
+  diff(from: MapHandle | null, to: MapHandle, chunkLimit: number, firstOnly?: boolean): Promise<ChangedExtent[]>;
   /** content-digest.ts's digest of `map` over its first `sizeBytes` (the caller awaits `settled` first, as for `diff`). */
   contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer>;
   /**
@@ -216,8 +217,8 @@ export class MemoryBackend implements CatalogBackend {
     return { runs: chunkMap(map).runs(virtualChunk, chunkCount), sumOf: (run, index) => sums.get(run.physicalChunk + index) };
   }
 
-  async diff(from: MapHandle | null, to: MapHandle, chunkLimit: number): Promise<ChangedExtent[]> {
-    return diffMaps(from === null ? new ChunkMap() : chunkMap(from), chunkMap(to), chunkLimit);
+  async diff(from: MapHandle | null, to: MapHandle, chunkLimit: number, firstOnly = false): Promise<ChangedExtent[]> {
+    return diffMaps(from === null ? new ChunkMap() : chunkMap(from), chunkMap(to), chunkLimit, firstOnly);
   }
 
   async contentDigest(map: MapHandle, sizeBytes: number): Promise<Buffer> {

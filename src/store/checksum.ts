@@ -42,6 +42,18 @@ const shiftTables: Uint32Array[] = (() => {
   });
 })();
 
+/**
+ * The checksum of some bytes followed by `blockCount` whole blocks, from the bytes' checksum `head` and the blocks'
+ * combined checksum `blocks` (combinedChecksum's): no byte is read again. A sender seals each record of a chunk it
+ * has just read and verified against its recorded checksum this way (replication/stream-format.ts).
+ */
+export function appendedChecksum(head: number, blocks: number, blockCount: number): number {
+  const [t0, t1, t2, t3] = shiftTables as [Uint32Array, Uint32Array, Uint32Array, Uint32Array];
+  let crc = head >>> 0;
+  for (let i = 0; i < blockCount; i++) crc = (t0[crc & 0xff]! ^ t1[(crc >>> 8) & 0xff]! ^ t2[(crc >>> 16) & 0xff]! ^ t3[crc >>> 24]!) >>> 0;
+  return (crc ^ blocks) >>> 0;
+}
+
 /** The checksum of `count` consecutive blocks (chunkSizeBytes each) whose own checksums are sums[from..]. */
 export function combinedChecksum(sums: Uint32Array, from: number, count: number): number {
   const [t0, t1, t2, t3] = shiftTables as [Uint32Array, Uint32Array, Uint32Array, Uint32Array];

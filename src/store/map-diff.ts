@@ -9,8 +9,11 @@ export interface ChangedExtent {
   chunkCount: number;
 }
 
-/** Extents of virtual chunks (below `chunkLimit`) whose physical chunk differs between `a` and `b`, merged, in order. */
-export function diffMaps(a: ChunkMap, b: ChunkMap, chunkLimit: number): ChangedExtent[] {
+/**
+ * Extents of virtual chunks (below `chunkLimit`) whose physical chunk differs between `a` and `b`, merged, in order;
+ * with `firstOnly`, only the first changed chunk (whether anything changed, at the cost of the first unshared page).
+ */
+export function diffMaps(a: ChunkMap, b: ChunkMap, chunkLimit: number, firstOnly = false): ChangedExtent[] {
   const pageIndexes = new Set<number>();
   for (const [pageIndex] of a.pages()) pageIndexes.add(pageIndex);
   for (const [pageIndex] of b.pages()) pageIndexes.add(pageIndex);
@@ -23,6 +26,7 @@ export function diffMaps(a: ChunkMap, b: ChunkMap, chunkLimit: number): ChangedE
       const virtualChunk = pageIndex * mapPageChunks + slot;
       if (virtualChunk >= chunkLimit) break;
       if ((pageA?.slots[slot] ?? 0) === (pageB?.slots[slot] ?? 0)) continue;
+      if (firstOnly) return [{ virtualChunk, chunkCount: 1 }];
       const last = changed[changed.length - 1];
       if (last !== undefined && last.virtualChunk + last.chunkCount === virtualChunk) last.chunkCount += 1;
       else changed.push({ virtualChunk, chunkCount: 1 });

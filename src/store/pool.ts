@@ -699,6 +699,19 @@ export class Pool {
   }
 
   /**
+   * Whether the live volume's map differs from snapshot `fromName`'s (pool.diff's meaning, after the records applied
+   * before the call), stopping at the first changed chunk where the catalog can: a replication link asks it every
+   * cycle, before it takes a snapshot, and the full diff of a busy volume cost milliseconds (the stream's plan makes
+   * that diff again anyway).
+   */
+  async changedSince(volumeName: string, fromName: string): Promise<boolean> {
+    await this.#engine.settled();
+    const volume = this.#runtime(volumeName).meta;
+    const from = this.#snapshot(volumeName, fromName);
+    return (await this.#catalog.diff(from.map, volume.map, Math.max(from.sizeBytes, volume.sizeBytes) / chunkSizeBytes, true)).length > 0;
+  }
+
+  /**
    * The digest of a snapshot's (or, with null, the live volume's) whole content, from metadata alone, after the
    * records applied before the call: the chunk checksums in order (content-digest.ts says why that and not a hash
    * of the bytes).

@@ -587,6 +587,27 @@ export class SnapshotDevice implements BlockDevice {
     }
   }
 
+  /**
+   * read, done right here when it can be (the map in memory, every byte in the page cache), else a promise; either
+   * way the lookup it read by (the runs and their recorded checksums, which the read verified the bytes against
+   * unless the pool's verifyReads is off); a failure is thrown (or rejects) as read's. A sender reads a random
+   * writer's scattered 4 KiB chunks one at a time (replication/send.ts), and the promises of an asynchronous read
+   * were a good part of each one's CPU.
+   */
+  readNowOrLater(offsetBytes: number, target: Buffer): ChunkLookup | Promise<ChunkLookup> {
+    assertRange(offsetBytes, target.length, this.sizeBytes);
+    let reading: ChunkLookup | Promise<ChunkLookup>;
+    try {
+      reading = readThrough(this.#store, this.name, this.#snapshot.map, offsetBytes, target);
+    } catch (error) {
+      throw fromSystemError(error, `read of snapshot ${this.name} at ${offsetBytes}`);
+    }
+    if (!(reading instanceof Promise)) return reading;
+    return reading.catch((error: unknown) => {
+      throw fromSystemError(error, `read of snapshot ${this.name} at ${offsetBytes}`);
+    });
+  }
+
   write(): Promise<void> {
     return refuseWrite();
   }

@@ -103,6 +103,8 @@ test('a replica equals its source snapshot, is read-only to every client, and an
   const changed = JSON.parse(await ok(alpha.node, 'snapshot', 'diff', 'vol', point, '--json')).changedBytes as number;
   assert.equal(changed, chunks.size * 4096);
   assert.equal((await status(alpha, 'vol'))[0]!.bytesPending, changed);
+  const peerConnections = async (): Promise<number> => JSON.parse(await ok(beta.node, 'status', '--json')).peer.connectionsTotal;
+  const connectionsBefore = await peerConnections();
   const [cycle] = await sync(alpha, 'vol');
   assert.equal(cycle!.outcome, 'incremental');
   assert.equal(cycle!.dataBytes, changed);
@@ -118,6 +120,17 @@ test('a replica equals its source snapshot, is read-only to every client, and an
   assert.equal(idle!.outcome, 'current');
   const metrics = await ok(alpha.node, 'status', '--json');
   assert.equal(JSON.parse(metrics).replication.replicas[0].peerName, 'beta');
+  // The link kept its connection for those two cycles (no new one on beta's peer port)...
+  assert.equal(await peerConnections(), connectionsBefore, 'the link opened a connection per cycle');
+  // ...and opens a new one once its peer went away: beta restarted while the link was idle, and the next cycle runs.
+  await beta.node.kill();
+  beta = await startPeer('beta', ports.beta!);
+  await mustRun('qemu-io', ['-f', 'raw', alpha.node.qemuUri('vol'), '-c', 'write -P 0x33 8M 64k']);
+  const [after] = await sync(alpha, 'vol');
+  assert.equal(after!.outcome, 'incremental');
+  assert.equal(after!.dataBytes, 64 * 1024);
+  assert.equal((await status(alpha, 'vol'))[0]!.lastError, null);
+  assert.equal(await exportHash(beta.node, 'vol'), await exportHash(alpha.node, `vol@${after!.snapshot}`));
 });
 
 test('kill -9 of the receiver, then of the sender, mid-stream: the replica resumes and what arrived is not sent again', { skip }, async () => {

@@ -22,12 +22,20 @@ function chunkBytesOf(chunk: number): Buffer {
   return bytes;
 }
 
-test('record arenas are reused once their records are recycled, and a record still held keeps its bytes', async () => {
+/** A pool in a fresh directory with volume `v` of `sizeBytes`, open for `body`; the directory is removed after. */
+async function withVolume(sizeBytes: number, body: (pool: Pool, volume: ReturnType<Pool['openVolume']>) => Promise<void>): Promise<void> {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-send-arenas-'));
   try {
     const pool = await Pool.open({ directory, ...testPoolOptions() });
-    await pool.createVolume('v', 2 * chunkCount * chunkBytes);
-    const volume = pool.openVolume('v');
+    await pool.createVolume('v', sizeBytes);
+    await body(pool, pool.openVolume('v'));
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+}
+
+test('record arenas are reused once their records are recycled, and a record still held keeps its bytes', async () => {
+  await withVolume(2 * chunkCount * chunkBytes, async (pool, volume) => {
     // Every other chunk, so that no two written chunks make one extent: one 4 KiB record each.
     for (let i = 0; i < chunkCount; i++) await volume.write(2 * i * chunkBytes, chunkBytesOf(2 * i));
     await volume.close();
@@ -67,7 +75,46 @@ test('record arenas are reused once their records are recycled, and a record sti
     for (const { record, bytes } of held) assert.ok(Buffer.concat(record).equals(bytes), 'a record still held was overwritten by a later one');
     assert.ok(arenasReused > 0, 'no arena was reused');
     await pool.close();
-  } finally {
-    fs.rmSync(directory, { recursive: true, force: true });
-  }
+  });
+});
+
+test('batches carry the same records as records, in order, a bounded number at a time', async () => {
+  await withVolume(4 * chunkCount * chunkBytes, async (pool, volume) => {
+    // Scattered 4 KiB chunks, some of zeros (ZERO records), and a 1.5 MiB extent (records of their own buffers).
+    for (let i = 0; i < chunkCount; i++) await volume.write(2 * i * chunkBytes, i % 50 === 7 ? Buffer.alloc(chunkBytes) : chunkBytesOf(2 * i));
+    const big = Buffer.concat(Array.from({ length: 384 }, (_, i) => chunkBytesOf(2 * chunkCount + i)));
+    await volume.write(2 * chunkCount * chunkBytes, big);
+    await volume.close();
+    await pool.createSnapshot('v', 's');
+    const request = { volume: 'v', snapshot: 's', from: null, resumeOffsetBytes: 0 };
+
+    const one = await prepareSend(pool, request, () => {});
+    const byRecord: Buffer[] = [];
+    for await (const record of one.records) {
+      byRecord.push(Buffer.concat(record));
+      one.recycle([record]);
+    }
+    const many = await prepareSend(pool, request, () => {});
+    const byBatch: Buffer[] = [];
+    let batches = 0;
+    for await (const batch of many.batches) {
+      batches += 1;
+      assert.ok(batch.length >= 1 && batch.length <= 65, `a batch of ${batch.length} records`);
+      for (const record of batch) byBatch.push(Buffer.concat(record));
+      many.recycle(batch);
+    }
+    assert.equal(many.failure(), null);
+    assert.equal(byBatch.length, byRecord.length);
+    for (let i = 0; i < byRecord.length; i++) assert.ok(byBatch[i]!.equals(byRecord[i]!), `record ${i} differs`);
+    assert.ok(batches < byRecord.length / 8, `${batches} batches for ${byRecord.length} records: not batched`);
+    assert.equal(many.coveredBytes(), many.header.dataBytes);
+    // The stream decodes whole: every chunk as written, its END last.
+    const decoder = new StreamDecoder();
+    const types: string[] = [];
+    for (const bytes of byBatch) for (const decoded of decoder.push(bytes)) types.push(decoded.type);
+    assert.equal(types[0], 'header');
+    assert.equal(types[types.length - 1], 'end');
+    assert.ok(types.includes('zero'));
+    await pool.close();
+  });
 });

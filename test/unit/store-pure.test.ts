@@ -80,6 +80,26 @@ test('chunk map: clones share pages; a write copies the page, not the data; drop
   volume.drop(refs);
   assert.equal(freed.length, 601);
 });
+test('map diff: "anything changed?" stops at the first changed chunk; maps alike again after a copied page differ nowhere', () => {
+  const { refs } = trackingRefs();
+  const volume = new ChunkMap();
+  volume.mapRun(0, 0, 600, refs); // two pages
+  const snapshot = volume.clone();
+  assert.deepEqual(diffMaps(snapshot, volume, 600, true), [], 'every page shared');
+  volume.mapRun(520, 1001, 2, refs);
+  volume.mapRun(7, 1003, 1, refs);
+  volume.mapRun(5, 1000, 1, refs);
+  assert.deepEqual(diffMaps(snapshot, volume, 600), [{ virtualChunk: 5, chunkCount: 1 }, { virtualChunk: 7, chunkCount: 1 }, { virtualChunk: 520, chunkCount: 2 }]);
+  assert.deepEqual(diffMaps(snapshot, volume, 600, true), [{ virtualChunk: 5, chunkCount: 1 }]);
+  assert.deepEqual(diffMaps(snapshot, volume, 521, true), [{ virtualChunk: 5, chunkCount: 1 }]);
+  volume.mapRun(5, 5, 1, refs);
+  volume.mapRun(7, 7, 1, refs);
+  assert.deepEqual(diffMaps(snapshot, volume, 600, true), [{ virtualChunk: 520, chunkCount: 1 }], 'the first page is copied but as it was: the second page\'s change is found');
+  assert.deepEqual(diffMaps(snapshot, volume, 520, true), [], 'nothing changed below the limit');
+  volume.mapRun(520, 520, 2, refs);
+  assert.deepEqual(diffMaps(snapshot, volume, 600, true), []);
+});
+
 test('content digest: the bytes its definition names, in both of its paths', async () => {
   const seed = testSeed('content digest');
   const random = makeRandom(seed);

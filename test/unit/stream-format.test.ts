@@ -19,6 +19,8 @@ import {
   type StreamHeader,
   type StreamRecord,
 } from '../../src/replication/stream-format.ts';
+import { blockChecksum, combinedChecksum } from '../../src/store/checksum.ts';
+import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 const header: StreamHeader = {
   volumeSizeBytes: 1 << 20,
@@ -103,5 +105,26 @@ test('a data record sealed in place has the bytes of encodeData, past 4 GiB offs
     const record = Buffer.alloc(data.length + dataRecordOverheadBytes, 0xee);
     data.copy(record, dataRecordDataStart);
     assert.deepEqual(sealDataRecord(record, offsetBytes), Buffer.concat(encodeData(offsetBytes, data)));
+  }
+});
+
+test('a data record sealed from its chunks\' checksums has the bytes of one sealed over its data, and a wrong checksum shows', () => {
+  const random = makeRandom(testSeed('sealed from checksums'));
+  for (const chunks of [1, 2, 16]) {
+    const data = Buffer.alloc(chunks * 4096);
+    for (let i = 0; i < data.length; i++) data[i] = randomInt(random, 256);
+    const sums = new Uint32Array(chunks);
+    for (let i = 0; i < chunks; i++) sums[i] = blockChecksum(data.subarray(i * 4096, (i + 1) * 4096));
+    const offsetBytes = 2 ** 32 + 4096 * randomInt(random, 1000);
+    const record = Buffer.alloc(data.length + dataRecordOverheadBytes);
+    data.copy(record, dataRecordDataStart);
+    const expected = Buffer.concat(encodeData(offsetBytes, data));
+    assert.deepEqual(sealDataRecord(record, offsetBytes, combinedChecksum(sums, 0, chunks)), expected);
+    // A checksum that is not the data's gives a record the decoder refuses.
+    sealDataRecord(record, offsetBytes, (combinedChecksum(sums, 0, chunks) ^ 1) >>> 0);
+    assert.notDeepEqual(record, expected);
+    const decoder = new StreamDecoder();
+    decoder.push(encodeHeader(header));
+    assert.throws(() => decoder.push(record), /checksum/);
   }
 });
