@@ -123,14 +123,15 @@ test('handoff under fio with verify=crc32c: fio reconnects to the new owner and 
   await ok(alpha, 'volume', 'create', 'fio', '--size', '256MiB');
   const work = path.join(scratch, 'fio');
   fs.mkdirSync(work);
-  // Sequential 64 KiB writes at QD32, paced so the handoff lands mid-run; fio saves how far it got when the
+  // Sequential 64 KiB writes at QD32, paced so the handoff lands mid-run (16 s of writes: a handoff at load 15 took
+  // 7 increments and fio at 24 MiB/s had finished before its freeze); fio saves how far it got when the
   // writes start failing (verify_state_save), and the verify pass reads back exactly that.
   const job = ['--name=handoff', '--ioengine=nbd', '--rw=write', '--bs=64k', '--iodepth=32', '--size=256M', '--verify=crc32c'];
   // When the old owner closes the connection between two of fio's writes, fio's nbd engine may poll the dead
   // handle without end ("nothing to poll for in state DEAD", one line each time: seen once in about 10 runs).
   // Its output is then cut at 4 MiB, which ends it (it saves its verify state as it exits), and the run counts
   // as the closed-between-writes case below.
-  const writing = runTool('fio', [...job, `--uri=${alpha.uri('fio')}`, '--do_verify=0', '--rate=24m'], { cwd: work, outputBytesMax: 4 * 1024 * 1024 }).catch((error: ToolFailure) => {
+  const writing = runTool('fio', [...job, `--uri=${alpha.uri('fio')}`, '--do_verify=0', '--rate=16m'], { cwd: work, outputBytesMax: 4 * 1024 * 1024 }).catch((error: ToolFailure) => {
     if (error.code !== 'ERR_CHILD_PROCESS_STDIO_MAXBUFFER' || !/nothing to poll for in state DEAD/.test(error.stderr)) throw error;
     return { code: 1, stdout: error.stdout, stderr: error.stderr.slice(-64 * 1024) };
   });
