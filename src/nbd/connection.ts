@@ -143,8 +143,21 @@ export class NbdConnection {
   #inFlightBytes = 0;
   /** The socket is paused by flow control. */
   #paused = false;
-  /** Replies written in this turn of the event loop wait for #uncork. */
+  /** Replies written in this turn of the event loop wait for #uncork (or, corked in a take, for its end). */
   #corked = false;
+  /** #takeRequests is running: replies of the requests it answers at once are written when it ends. */
+  #taking = false;
+  /** The socket was corked in this take, and is uncorked when it ends rather than at setImmediate. */
+  #uncorkAfterTake = false;
+  /**
+   * The one reply answered so far in this take, not yet written: alone at the end of the take it is written as it
+   * is (one write, no cork); a second reply corks the socket and both go in one writev.
+   */
+  #heldReply: Buffer | null = null;
+  #heldPooled = false;
+  #heldAnsweredAt: number | null = null;
+  /** A reply was written at once to a client with one request in flight: its idle wait follows in #finish. */
+  #pollAfterFinish = false;
   /**
    * A large READ was taken in this turn: the next request waits for the next turn (setImmediate), so that this
    * one's reply is written before another large read evicts its bytes from the CPU's caches. Taken together, eight
@@ -376,12 +389,34 @@ export class NbdConnection {
 
   // ---- Transmission: taking requests ----
 
+  /**
+   * Takes the requests that arrived. A READ of cached data is answered before the take ends (runCommand gives its
+   * reply at once): the replies of one take are written when it ends, one as a plain write, several as one writev,
+   * and the idle wait for the next request (#pollIdle) follows in the same callback, with no turn of the event loop
+   * between the request's arrival and its reply.
+   */
   #takeRequests(): void {
+    if (this.#taking) return;
+    this.#taking = true;
     try {
       this.#receiver.takeRequests(this.#sink);
     } catch (error) {
       this.#destroy(`closing: ${expectedError(error, 'reading NBD requests').message}`);
+    } finally {
+      this.#taking = false;
     }
+    const held = this.#heldReply;
+    if (held !== null) {
+      this.#heldReply = null;
+      this.#write(held, this.#heldPooled, this.#heldAnsweredAt);
+    } else if (this.#uncorkAfterTake) {
+      this.#uncorkAfterTake = false;
+      this.#corked = false;
+      this.#socket.uncork();
+    } else {
+      return;
+    }
+    this.#pollIdle();
   }
 
   /** Takes one decoded request: validates it, then runs it, waits for its payload, or answers an error. */
@@ -424,7 +459,13 @@ export class NbdConnection {
     this.#inFlightBytes += costBytes;
     if (this.#inFlightCount > this.#inFlightPeak) this.#inFlightPeak = this.#inFlightCount;
     const running = runCommand(session, request, payload, this.#replyBuffers);
-    threadPolls.requestsInFlight += 1; // counted once it runs: both ways below end in #finish
+    threadPolls.requestsInFlight += 1; // counted once it runs: every way below ends in #finish
+    if (Buffer.isBuffer(running)) {
+      // A READ of cached data, answered before runCommand returned: its reply goes with this take's (#takeRequests).
+      this.#send(running, true, performance.now());
+      this.#finish(costBytes);
+      return;
+    }
     running.then(
       (reply) => {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
@@ -453,6 +494,10 @@ export class NbdConnection {
     this.#maybeResume();
     this.#maybeEnd();
     this.#maybeRelease();
+    if (this.#pollAfterFinish) {
+      this.#pollAfterFinish = false;
+      this.#pollIdle();
+    }
   }
 
   // ---- Flow control ----
@@ -503,6 +548,10 @@ export class NbdConnection {
   /**
    * Writes one whole message; a reply to a client that is gone is dropped. `pooled`: the buffer came from
    * #replyBuffers and goes back once the socket is done with it.
+   *
+   * When: a large READ's reply at once; the replies of one take at its end (#takeRequests); a reply to a client
+   * with one request in flight (queue depth 1) at once, its idle wait right after (#finish); any other reply with
+   * the rest of this turn's, in one writev at setImmediate (#uncork).
    */
   #send(buffer: Buffer, pooled = false, answeredAt: number | null = null): void {
     const socket = this.#socket;
@@ -521,14 +570,50 @@ export class NbdConnection {
     if (pooled && buffer.length >= hotReplyBytesMin) {
       // A large read's reply leaves now, while the CPU's caches still hold the bytes just read and verified
       // (earlier replies of this turn first, in order); see #largeReadTaken.
+      this.#writeHeld();
       if (this.#corked) {
         this.#corked = false;
+        this.#uncorkAfterTake = false;
         socket.uncork();
       }
+    } else if (this.#taking) {
+      if (!this.#corked) {
+        if (this.#heldReply === null) {
+          this.#heldReply = buffer;
+          this.#heldPooled = pooled;
+          this.#heldAnsweredAt = answeredAt;
+          return;
+        }
+        this.#corked = true;
+        this.#uncorkAfterTake = true;
+        socket.cork();
+        this.#writeHeld();
+      }
     } else if (!this.#corked) {
-      this.#corked = true;
-      socket.cork();
-      setImmediate(this.#uncork);
+      if (this.#inFlightCount <= 1 && this.#inFlightPeak <= 1 && this.#state === 'transmission') {
+        this.#pollAfterFinish = true;
+      } else {
+        this.#corked = true;
+        socket.cork();
+        setImmediate(this.#uncork);
+      }
+    }
+    this.#write(buffer, pooled, answeredAt);
+  }
+
+  /** Writes the reply held in this take, if any (before one that must follow it). */
+  #writeHeld(): void {
+    const held = this.#heldReply;
+    if (held === null) return;
+    this.#heldReply = null;
+    this.#write(held, this.#heldPooled, this.#heldAnsweredAt);
+  }
+
+  #write(buffer: Buffer, pooled: boolean, answeredAt: number | null): void {
+    const socket = this.#socket;
+    if (socket.destroyed || !socket.writable) {
+      if (pooled) this.#replyBuffers.release(buffer);
+      return;
     }
     if (!pooled && answeredAt === null) {
       socket.write(buffer);

@@ -85,19 +85,18 @@ export class IdlePollPolicy {
 
 /**
  * This thread's state, over all its connections: requests in flight (a poll waits only while there are none), and
- * whether a poll ran in this turn of the event loop (one per turn).
+ * the turn of the event loop the last poll ran in (one per turn; -1: none yet).
  */
-export const threadPolls = { requestsInFlight: 0, polledThisTurn: false };
+export const threadPolls = { requestsInFlight: 0, polledInTurn: -1 };
 
-const endOfTurn = (): void => {
-  threadPolls.polledThisTurn = false;
-};
-
-/** Claims this turn's one poll; false when another connection polled in it already. */
+/**
+ * Claims this turn's one poll; false when another connection polled in it already. The turn is libuv's loop count
+ * (each thread has its own loop): a setImmediate to mark the turn's end cost a check-phase callback per poll.
+ */
 export function claimTurnPoll(): boolean {
-  if (threadPolls.polledThisTurn) return false;
-  threadPolls.polledThisTurn = true;
-  setImmediate(endOfTurn);
+  const turn = performance.nodeTiming.uvMetricsInfo.loopCount;
+  if (threadPolls.polledInTurn === turn) return false;
+  threadPolls.polledInTurn = turn;
   return true;
 }
 
