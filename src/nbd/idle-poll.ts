@@ -29,6 +29,7 @@ import { errnoValue, koffi, libcFunction } from '../core/libc.ts';
 export const idlePollBackoffMax = 64;
 
 const recvFn = libcFunction('long recv(int fd, _Out_ uint8_t *buf, size_t length, int flags)');
+const receiveFn = libcFunction('long recv(int fd, void *buf, size_t length, int flags)');
 const MSG_PEEK = 0x02;
 const MSG_DONTWAIT = 0x40;
 const peekByte = new Uint8Array(1);
@@ -85,9 +86,10 @@ export class IdlePollPolicy {
 
 /**
  * This thread's state, over all its connections: requests in flight (a poll waits only while there are none), and
- * the turn of the event loop the last poll ran in (one per turn; -1: none yet).
+ * the turn of the event loop the last poll ran in (one per turn; -1: none yet), and the reads receiveNow made
+ * (for tests: how many requests were read by an idle wait rather than by the event loop).
  */
-export const threadPolls = { requestsInFlight: 0, polledInTurn: -1 };
+export const threadPolls = { requestsInFlight: 0, polledInTurn: -1, readsNow: 0 };
 
 /**
  * Claims this turn's one poll; false when another connection polled in it already. The turn is libuv's loop count
@@ -124,4 +126,15 @@ export function pollReadable(fd: number, pollUs: number, counters: IdlePollCount
   if (seen) counters.hits += 1;
   else counters.misses += 1;
   return seen;
+}
+
+/**
+ * Reads what descriptor `fd` holds now into `target`, without waiting: the bytes read, or 0 when none were taken
+ * (nothing there, the end of the stream, or an error, each left for the event loop's own read to find).
+ */
+export function receiveNow(fd: number, target: Buffer): number {
+  const count = receiveFn()(fd, target, target.length, MSG_DONTWAIT) as number;
+  if (count <= 0) return 0;
+  threadPolls.readsNow += 1;
+  return count;
 }
