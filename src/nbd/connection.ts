@@ -111,12 +111,6 @@ export interface ConnectionOptions {
 /** The connection's life; see the diagram at the top of this file. */
 export type ConnectionState = 'handshake' | 'tls' | 'transmission' | 'draining' | 'closing' | 'closed' | 'released';
 
-/**
- * Requests an idle wait reads and answers in a row before it leaves the socket to the event loop again (#idleWait):
- * each waited at most --poll-us for, so the loop is held for at most this many requests' turnarounds.
- */
-const directReadsMax = 16;
-
 /** Input buffered during the handshake before the socket is paused: two maximal options. */
 const handshakeInputBytesMax = 2 * (optionHeaderBytes + optionBytesMax);
 
@@ -162,8 +156,6 @@ export class NbdConnection {
   #heldReply: Buffer | null = null;
   #heldPooled = false;
   #heldAnsweredAt: number | null = null;
-  /** A reply was written at once to a client with one request in flight: its idle wait follows in #finish. */
-  #pollAfterFinish = false;
   /**
    * A large READ was taken in this turn: the next request waits for the next turn (setImmediate), so that this
    * one's reply is written before another large read evicts its bytes from the CPU's caches. Taken together, eight
@@ -432,15 +424,15 @@ export class NbdConnection {
   /**
    * After replies are written: the idle wait for the client's next request, polled (#pollIdle). When the poll sees
    * the request come, it is read here at once (receiveNow; the receiver's readNow says where it lands) and taken,
-   * and the wait after its reply polled again, up to directReadsMax requests, rather than left for the event loop:
-   * its turn (an epoll_pwait, the read and the callback into JavaScript) cost a QD1 request several microseconds.
-   * The count bounds how long the connection holds the event loop (each request waits at most --poll-us).
+   * and the wait after its reply polled again, rather than left for the event loop: its turn (an epoll_pwait, the
+   * read and the callback into JavaScript) cost a QD1 request several microseconds. A request that does not finish
+   * at once (a write) ends the loop; its reply, in #finish, comes back here. idle-poll.ts's turnPollsMax polls a
+   * turn bound how long the connection holds the event loop (each request waited for at most --poll-us).
    */
   #idleWait(): void {
-    for (let direct = 0; this.#pollIdle(direct > 0); direct++) {
-      if (direct === directReadsMax) return;
+    while (this.#pollIdle()) {
       if (!this.#receiver.readNow(this.#receiveNow)) return;
-      if (!this.#takeOnce()) return; // a request that did not finish at once: its reply ends in #finish
+      if (!this.#takeOnce()) return;
     }
   }
 
@@ -519,10 +511,6 @@ export class NbdConnection {
     this.#maybeResume();
     this.#maybeEnd();
     this.#maybeRelease();
-    if (this.#pollAfterFinish) {
-      this.#pollAfterFinish = false;
-      this.#idleWait();
-    }
   }
 
   // ---- Flow control ----
@@ -574,9 +562,9 @@ export class NbdConnection {
    * Writes one whole message; a reply to a client that is gone is dropped. `pooled`: the buffer came from
    * #replyBuffers and goes back once the socket is done with it.
    *
-   * When: a large READ's reply at once; the replies of one take at its end (#takeRequests); a reply to a client
-   * with one request in flight (queue depth 1) at once, its idle wait right after (#finish); any other reply with
-   * the rest of this turn's, in one writev at setImmediate (#uncork).
+   * When: a large READ's reply at once; the replies of one take at its end (#takeRequests); any other reply with
+   * the rest of this turn's, in one writev at setImmediate (#uncork). (Tried: a QD1 WRITE's reply written at once,
+   * its idle wait at the end of the turn: more CPU per write, BENCHMARKS.md issue 19.)
    */
   #send(buffer: Buffer, pooled = false, answeredAt: number | null = null): void {
     const socket = this.#socket;
@@ -615,13 +603,9 @@ export class NbdConnection {
         this.#writeHeld();
       }
     } else if (!this.#corked) {
-      if (this.#inFlightCount <= 1 && this.#inFlightPeak <= 1 && this.#state === 'transmission') {
-        this.#pollAfterFinish = true;
-      } else {
-        this.#corked = true;
-        socket.cork();
-        setImmediate(this.#uncork);
-      }
+      this.#corked = true;
+      socket.cork();
+      setImmediate(this.#uncork);
     }
     this.#write(buffer, pooled, answeredAt);
   }
@@ -666,10 +650,9 @@ export class NbdConnection {
   /**
    * Once this turn's replies are with the kernel and nothing is in flight on this thread: waits for the client's
    * next request polling the socket rather than asleep in epoll (idle-poll.ts), when the policy says it pays.
-   * Whether the poll saw something to read. `again`: this connection polled in this turn already and read what came
-   * (#idleWait), so the turn's one poll is its own.
+   * Whether the poll saw something to read.
    */
-  #pollIdle(again: boolean): boolean {
+  #pollIdle(): boolean {
     const pollUs = this.#options.pollUs ?? 0;
     if (pollUs <= 0 || this.#state !== 'transmission' || this.#tlsReplies !== null) return false;
     if (this.#inFlightCount > 0 || threadPolls.requestsInFlight > 0 || this.#paused || this.#socket.writableLength > 0) return false;
@@ -679,7 +662,7 @@ export class NbdConnection {
     this.#inFlightPeak = 0;
     if (!oneAtATime) return false;
     const fd = descriptorOf(this.#socket);
-    if (fd === null || !this.#idlePoll.shouldPoll() || (!again && !claimTurnPoll())) return false;
+    if (fd === null || !this.#idlePoll.shouldPoll() || !claimTurnPoll(this)) return false;
     if (pollReadable(fd, pollUs, this.#options.counters.idlePoll)) {
       this.#idlePoll.hit();
       return true;

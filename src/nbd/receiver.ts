@@ -131,14 +131,17 @@ export class Receiver {
   /**
    * Reads what the socket holds now with `receive` (a read that does not wait: the count of bytes it put at the
    * start of the buffer it is given, or 0), outside the event loop's own reads (the idle poll saw a request
-   * coming, connection.ts); whether bytes came. Only between requests (nothing queued, no payload expected), and
-   * into the arena past both the bytes read so far (#arenaUsed: views of them may be lent) and the buffer the event
-   * loop's next read lands in, so that no read lands on bytes of another.
+   * coming, connection.ts); whether bytes came. Only between requests (nothing queued, no payload expected, no
+   * view of the arena lent), and into the arena past both the bytes read so far and the buffer the event loop's
+   * next read lands in, so that no read lands on bytes of another.
    */
   readNow(receive: (target: Buffer) => number): boolean {
     const handedOut = this.#handedOut;
     if (!this.#transmission || this.#stopped || this.input.length > 0 || this.#pendingWrite !== null || this.#payload !== null || this.#discardBytes > 0) return false;
-    if (handedOut === null || handedOut.buffer !== this.#arena.buffer) return false;
+    // A view of the arena lent (a small WRITE's payload, to the device): #arenaUsed only grows until a new arena,
+    // and a read here would leave the window the event loop holds unused each time (a new 256 KiB arena every few
+    // QD1 writes, which V8 answers with collections; see the top of this file).
+    if (!this.#arenaReusable || handedOut === null || handedOut.buffer !== this.#arena.buffer) return false;
     const start = Math.max(this.#arenaUsed, handedOut.byteOffset - this.#arena.byteOffset + handedOut.length);
     if (this.#arena.length - start < readWindowBytes) return false;
     const target = this.#arena.subarray(start, start + readWindowBytes);
