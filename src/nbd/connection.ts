@@ -173,8 +173,13 @@ export class NbdConnection {
   #endAfterReplies = false;
   /** Whether the next idle wait is polled (idle-poll.ts). */
   readonly #idlePoll = new IdlePollPolicy();
-  /** The most requests in flight at once since the last idle wait: a poll is for clients that send one at a time. */
+  /**
+   * The most requests in flight at once since the last idle wait: a poll is for clients that send one at a time.
+   * Requests taken in one take count as in flight together, though cached READs finish one by one within it.
+   */
   #inFlightPeak = 0;
+  /** Requests run in the take going on (#takeOnce). */
+  #takenInTake = 0;
 
   /** `accepted`: a socket that has read nothing yet (the server accepts with pauseOnConnect). */
   constructor(accepted: Socket, options: ConnectionOptions) {
@@ -401,6 +406,7 @@ export class NbdConnection {
   /** One take (see #takeRequests); whether it wrote replies. */
   #takeOnce(): boolean {
     this.#taking = true;
+    this.#takenInTake = 0;
     try {
       this.#receiver.takeRequests(this.#sink);
     } catch (error) {
@@ -408,6 +414,7 @@ export class NbdConnection {
     } finally {
       this.#taking = false;
     }
+    if (this.#takenInTake > this.#inFlightPeak) this.#inFlightPeak = this.#takenInTake;
     const held = this.#heldReply;
     if (held !== null) {
       this.#heldReply = null;
@@ -475,6 +482,7 @@ export class NbdConnection {
     this.#inFlightCount += 1;
     this.#inFlightBytes += costBytes;
     if (this.#inFlightCount > this.#inFlightPeak) this.#inFlightPeak = this.#inFlightCount;
+    if (this.#taking) this.#takenInTake += 1;
     const running = runCommand(session, request, payload, this.#replyBuffers);
     threadPolls.requestsInFlight += 1; // counted once it runs: every way below ends in #finish
     if (Buffer.isBuffer(running)) {

@@ -257,14 +257,12 @@ test('readNow: nothing is read while bytes wait, a payload is expected, or a vie
   assert.ok(payloads[0]!.every((byte) => byte === 9), 'the payload lent to the device is as it was');
 });
 
-test('qemu-io at queue depth 1 over a device that answers cached reads at once: writes and reads of distinct patterns, requests read by the idle waits', { skip: qemuIo === null }, async (t) => {
-  const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-poll-now-'));
-  const socketPath = path.join(directory, 'nbd.sock');
-  const provider = new MemoryProvider();
-  provider.add('mem', 4 * MiB);
-  // Reads done before they return (doneNow), as a volume's are from the page cache: each reply is written in the
-  // callback that read its request, and the idle wait that follows reads the next.
-  const cached: DeviceProvider = {
+/**
+ * Reads done before they return (doneNow), as a volume's are from the page cache: each reply is written in the
+ * callback that read its request, and the idle wait that follows reads the next.
+ */
+function cachedReads(provider: MemoryProvider): DeviceProvider {
+  return {
     list: () => provider.list(),
     open: async (name) => {
       const device = await provider.open(name);
@@ -277,7 +275,40 @@ test('qemu-io at queue depth 1 over a device that answers cached reads at once: 
       })(device);
     },
   };
-  const server = new NbdServer({ provider: cached, pollUs: 1000 });
+}
+
+test('no poll for a client that keeps several requests in flight, over a device whose reads finish at once', async (t) => {
+  const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-poll-qd8-'));
+  const socketPath = path.join(directory, 'nbd.sock');
+  const provider = new MemoryProvider();
+  provider.add('mem', 4 * MiB);
+  const server = new NbdServer({ provider: cachedReads(provider), pollUs: 500 });
+  await server.listenUnix(socketPath);
+  t.onTestFinished(async () => {
+    await server.close();
+    await fs.rm(directory, { recursive: true, force: true });
+  });
+  const client = await RawClient.connect(socketPath);
+  t.onTestFinished(() => client.close());
+  await client.handshake();
+  const before = server.stats().idlePoll;
+  let handle = 0n;
+  for (let round = 0; round < 30; round++) {
+    // Eight requests in one write: one take runs them all, each finished before the next is taken.
+    const batch: Buffer[] = [];
+    for (let index = 0; index < 8; index++) batch.push(encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: (handle += 1n), offsetBytes: index * 4096, lengthBytes: 4096 }));
+    client.write(Buffer.concat(batch));
+    for (let index = 0; index < 8; index++) await client.readWholeReply();
+  }
+  assert.deepEqual(server.stats().idlePoll, before, 'several requests in flight at once: no poll');
+});
+
+test('qemu-io at queue depth 1 over a device that answers cached reads at once: writes and reads of distinct patterns, requests read by the idle waits', { skip: qemuIo === null }, async (t) => {
+  const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-poll-now-'));
+  const socketPath = path.join(directory, 'nbd.sock');
+  const provider = new MemoryProvider();
+  provider.add('mem', 4 * MiB);
+  const server = new NbdServer({ provider: cachedReads(provider), pollUs: 1000 });
   await server.listenUnix(socketPath);
   t.onTestFinished(async () => {
     await server.close();
