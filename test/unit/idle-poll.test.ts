@@ -103,12 +103,13 @@ test('pollReadable: false after the poll time when nothing came, true at once fo
   assert.equal(pollReadable(descriptorOf(ended.accepted)!, 1_000_000, counters), true, 'the end of the stream is something to read');
 });
 
-async function serve(t: { onTestFinished(fn: () => Promise<void> | void): void }, pollUs: number): Promise<{ server: NbdServer; socketPath: string; provider: MemoryProvider }> {
+/** `cached`: the device's reads finish before they return (cachedReads, below). */
+async function serve(t: { onTestFinished(fn: () => Promise<void> | void): void }, pollUs: number, cached = false): Promise<{ server: NbdServer; socketPath: string; provider: MemoryProvider }> {
   const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-poll-nbd-'));
   const socketPath = path.join(directory, 'nbd.sock');
   const provider = new MemoryProvider();
   provider.add('mem', 4 * MiB);
-  const server = new NbdServer({ provider, pollUs });
+  const server = new NbdServer({ provider: cached ? cachedReads(provider) : provider, pollUs });
   await server.listenUnix(socketPath);
   t.onTestFinished(async () => {
     await server.close();
@@ -180,20 +181,25 @@ test('no poll while another connection on the thread has a request in flight; th
   assert.equal(threadPolls.requestsInFlight, 0);
 });
 
-test('no poll for a client that keeps several requests in flight (queue depth 2 and more)', async (t) => {
-  const { server, socketPath } = await serve(t, 500);
-  const client = await RawClient.connect(socketPath);
-  t.onTestFinished(() => client.close());
-  await client.handshake();
-  const before = server.stats().idlePoll;
-  let handle = 0n;
-  for (let round = 0; round < 30; round++) {
-    // Eight requests sent together, then all their replies read: the next eight wait for the last reply.
-    for (let index = 0; index < 8; index++) client.send({ type: nbd.NBD_CMD_READ, handle: (handle += 1n), offsetBytes: index * 4096, lengthBytes: 4096 });
-    for (let index = 0; index < 8; index++) await client.readWholeReply();
-  }
-  assert.deepEqual(server.stats().idlePoll, before, 'several requests in flight at once: no poll');
-});
+for (const cached of [false, true]) {
+  const device = cached ? 'a device whose reads finish at once (one take runs all eight, one after another)' : 'a device whose reads finish later';
+  test(`no poll for a client that keeps several requests in flight (queue depth 2 and more), over ${device}`, async (t) => {
+    const { server, socketPath } = await serve(t, 500, cached);
+    const client = await RawClient.connect(socketPath);
+    t.onTestFinished(() => client.close());
+    await client.handshake();
+    const before = server.stats().idlePoll;
+    let handle = 0n;
+    for (let round = 0; round < 30; round++) {
+      // Eight requests sent together, in one write, then all their replies read: the next eight wait for the last.
+      const batch: Buffer[] = [];
+      for (let index = 0; index < 8; index++) batch.push(encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: (handle += 1n), offsetBytes: index * 4096, lengthBytes: 4096 }));
+      client.write(Buffer.concat(batch));
+      for (let index = 0; index < 8; index++) await client.readWholeReply();
+    }
+    assert.deepEqual(server.stats().idlePoll, before, 'several requests in flight at once: no poll');
+  });
+}
 
 const noSink: RequestSink = {
   mayTakeRequest: () => true,
@@ -277,43 +283,8 @@ function cachedReads(provider: MemoryProvider): DeviceProvider {
   };
 }
 
-test('no poll for a client that keeps several requests in flight, over a device whose reads finish at once', async (t) => {
-  const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-poll-qd8-'));
-  const socketPath = path.join(directory, 'nbd.sock');
-  const provider = new MemoryProvider();
-  provider.add('mem', 4 * MiB);
-  const server = new NbdServer({ provider: cachedReads(provider), pollUs: 500 });
-  await server.listenUnix(socketPath);
-  t.onTestFinished(async () => {
-    await server.close();
-    await fs.rm(directory, { recursive: true, force: true });
-  });
-  const client = await RawClient.connect(socketPath);
-  t.onTestFinished(() => client.close());
-  await client.handshake();
-  const before = server.stats().idlePoll;
-  let handle = 0n;
-  for (let round = 0; round < 30; round++) {
-    // Eight requests in one write: one take runs them all, each finished before the next is taken.
-    const batch: Buffer[] = [];
-    for (let index = 0; index < 8; index++) batch.push(encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: (handle += 1n), offsetBytes: index * 4096, lengthBytes: 4096 }));
-    client.write(Buffer.concat(batch));
-    for (let index = 0; index < 8; index++) await client.readWholeReply();
-  }
-  assert.deepEqual(server.stats().idlePoll, before, 'several requests in flight at once: no poll');
-});
-
 test('qemu-io at queue depth 1 over a device that answers cached reads at once: writes and reads of distinct patterns, requests read by the idle waits', { skip: qemuIo === null }, async (t) => {
-  const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-poll-now-'));
-  const socketPath = path.join(directory, 'nbd.sock');
-  const provider = new MemoryProvider();
-  provider.add('mem', 4 * MiB);
-  const server = new NbdServer({ provider: cachedReads(provider), pollUs: 1000 });
-  await server.listenUnix(socketPath);
-  t.onTestFinished(async () => {
-    await server.close();
-    await fs.rm(directory, { recursive: true, force: true });
-  });
+  const { server, socketPath, provider } = await serve(t, 1000, true);
   // Blocks of distinct patterns, read (no WRITE payload has been lent yet, so the idle waits read requests), then
   // written with new ones and read again.
   const disk = provider.exports.get('mem')!.disk;
