@@ -6,9 +6,11 @@
 // The request path, by file: socket → receiver.ts (bytes to requests and payloads) → protocol.ts (the codec) →
 // validate.ts (once, at the edge) → commands.ts (what the command means) → the device (core/block-device.ts).
 //
-// Hot path: one promise per request, the device's own where there is one; a READ reply is one buffer, header
-// and data, that device.read fills in place behind a header written once the data is in.
+// Hot path: one promise per request, the device's own where there is one, and none for a READ of cached data; a
+// READ reply is one buffer, header and data, that device.read fills in place behind a header written once the data
+// is in.
 import { AssertionError } from 'node:assert';
+import { doneNow } from '../core/block-device.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { rangeRequestBytesMax } from '../core/limits.ts';
 import { blockDescriptors } from './extents.ts';
@@ -33,8 +35,10 @@ export interface ReplyBuffers {
  * Runs a validated request (never NBD_CMD_DISC) on the session's device; `payload` is a WRITE's whole payload,
  * else null. The promise gives a Buffer when that is the whole reply (READ, from `replyBuffers`, and
  * BLOCK_STATUS), anything else when the reply is successReply(request); it fails with the request's error.
+ * A READ the device finished before it returned (block-device.ts's doneNow: every byte in the page cache,
+ * verified) gives its reply itself, a Buffer rather than a promise, so that the caller can write it at once.
  */
-export function runCommand(session: Session, request: NbdRequest, payload: Buffer | null, replyBuffers: ReplyBuffers): Promise<unknown> {
+export function runCommand(session: Session, request: NbdRequest, payload: Buffer | null, replyBuffers: ReplyBuffers): Promise<unknown> | Buffer {
   const device = session.device;
   const { type, flags, offsetBytes, lengthBytes } = request;
   switch (type) {
@@ -102,25 +106,32 @@ function nbdErrorFor(request: NbdRequest, error: ChunkdError): number {
   return number;
 }
 
-/** Reads into the reply buffer itself, behind the header that is written once the data is in. */
-function read(session: Session, request: NbdRequest, replyBuffers: ReplyBuffers): Promise<Buffer> {
+/**
+ * Reads into the reply buffer itself, behind the header that is written once the data is in: the reply at once
+ * when the device finished before it returned (doneNow), else a promise of it.
+ */
+function read(session: Session, request: NbdRequest, replyBuffers: ReplyBuffers): Promise<Buffer> | Buffer {
   const { handle, offsetBytes, lengthBytes } = request;
   const structured = session.structuredReplies;
   if (lengthBytes === 0) return Promise.resolve(structured ? encodeStructuredNone(handle) : encodeSimpleReply(0, handle));
   // One content chunk always, so NBD_CMD_FLAG_DF is honoured as it is (requestBytesMax is far below 2^32).
   const headerBytes = structured ? offsetDataHeaderBytes : simpleReplyHeaderBytes;
   const reply = replyBuffers.acquire(headerBytes + lengthBytes);
-  return session.device.read(offsetBytes, reply.subarray(headerBytes)).then(
-    () => {
-      if (structured) writeOffsetDataHeader(reply, 0, NBD_REPLY_FLAG_DONE, handle, offsetBytes, lengthBytes);
-      else writeSimpleReplyHeader(reply, 0, 0, handle);
-      return reply;
-    },
+  const reading = session.device.read(offsetBytes, reply.subarray(headerBytes));
+  if (reading === doneNow) return withReadHeader(reply, structured, handle, offsetBytes, lengthBytes);
+  return reading.then(
+    () => withReadHeader(reply, structured, handle, offsetBytes, lengthBytes),
     (error: unknown) => {
       replyBuffers.release(reply);
       throw error;
     },
   );
+}
+
+function withReadHeader(reply: Buffer, structured: boolean, handle: bigint, offsetBytes: number, lengthBytes: number): Buffer {
+  if (structured) writeOffsetDataHeader(reply, 0, NBD_REPLY_FLAG_DONE, handle, offsetBytes, lengthBytes);
+  else writeSimpleReplyHeader(reply, 0, 0, handle);
+  return reply;
 }
 
 function writeZeroes(session: Session, request: NbdRequest): Promise<unknown> {

@@ -77,7 +77,7 @@ import type { Log, LogLevel } from '../core/log.ts';
 import { observeLatency } from '../core/latency-histogram.ts';
 import type { ProtocolStageTimes } from '../store/stage-times.ts';
 import { performance } from 'node:perf_hooks';
-import { IdlePollPolicy, claimTurnPoll, pollReadable, threadPolls, type IdlePollCounters } from './idle-poll.ts';
+import { IdlePollPolicy, claimTurnPoll, pollReadable, receiveNow, threadPolls, type IdlePollCounters } from './idle-poll.ts';
 
 /** Counters the server shares with its connections. */
 export interface RequestCounters {
@@ -143,8 +143,19 @@ export class NbdConnection {
   #inFlightBytes = 0;
   /** The socket is paused by flow control. */
   #paused = false;
-  /** Replies written in this turn of the event loop wait for #uncork. */
+  /** Replies written in this turn of the event loop wait for #uncork (or, corked in a take, for its end). */
   #corked = false;
+  /** #takeRequests is running: replies of the requests it answers at once are written when it ends. */
+  #taking = false;
+  /** The socket was corked in this take, and is uncorked when it ends rather than at setImmediate. */
+  #uncorkAfterTake = false;
+  /**
+   * The one reply answered so far in this take, not yet written: alone at the end of the take it is written as it
+   * is (one write, no cork); a second reply corks the socket and both go in one writev.
+   */
+  #heldReply: Buffer | null = null;
+  #heldPooled = false;
+  #heldAnsweredAt: number | null = null;
   /**
    * A large READ was taken in this turn: the next request waits for the next turn (setImmediate), so that this
    * one's reply is written before another large read evicts its bytes from the CPU's caches. Taken together, eight
@@ -162,8 +173,13 @@ export class NbdConnection {
   #endAfterReplies = false;
   /** Whether the next idle wait is polled (idle-poll.ts). */
   readonly #idlePoll = new IdlePollPolicy();
-  /** The most requests in flight at once since the last idle wait: a poll is for clients that send one at a time. */
+  /**
+   * The most requests in flight at once since the last idle wait: a poll is for clients that send one at a time.
+   * Requests taken in one take count as in flight together, though cached READs finish one by one within it.
+   */
   #inFlightPeak = 0;
+  /** Requests run in the take going on (#takeOnce). */
+  #takenInTake = 0;
 
   /** `accepted`: a socket that has read nothing yet (the server accepts with pauseOnConnect). */
   constructor(accepted: Socket, options: ConnectionOptions) {
@@ -376,11 +392,54 @@ export class NbdConnection {
 
   // ---- Transmission: taking requests ----
 
+  /**
+   * Takes the requests that arrived. A READ of cached data is answered before the take ends (runCommand gives its
+   * reply at once): the replies of one take are written when it ends, one as a plain write, several as one writev,
+   * and the idle wait for the next request (#idleWait) follows in the same callback, with no turn of the event loop
+   * between the request's arrival and its reply.
+   */
   #takeRequests(): void {
+    if (this.#taking) return;
+    if (this.#takeOnce()) this.#idleWait();
+  }
+
+  /** One take (see #takeRequests); whether it wrote replies. */
+  #takeOnce(): boolean {
+    this.#taking = true;
+    this.#takenInTake = 0;
     try {
       this.#receiver.takeRequests(this.#sink);
     } catch (error) {
       this.#destroy(`closing: ${expectedError(error, 'reading NBD requests').message}`);
+    } finally {
+      this.#taking = false;
+    }
+    if (this.#takenInTake > this.#inFlightPeak) this.#inFlightPeak = this.#takenInTake;
+    const held = this.#heldReply;
+    if (held !== null) {
+      this.#heldReply = null;
+      this.#write(held, this.#heldPooled, this.#heldAnsweredAt);
+      return true;
+    }
+    if (!this.#uncorkAfterTake) return false;
+    this.#uncorkAfterTake = false;
+    this.#corked = false;
+    this.#socket.uncork();
+    return true;
+  }
+
+  /**
+   * After replies are written: the idle wait for the client's next request, polled (#pollIdle). When the poll sees
+   * the request come, it is read here at once (receiveNow; the receiver's readNow says where it lands) and taken,
+   * and the wait after its reply polled again, rather than left for the event loop: its turn (an epoll_pwait, the
+   * read and the callback into JavaScript) cost a QD1 request several microseconds. A request that does not finish
+   * at once (a write) ends the loop; its reply, in #finish, comes back here. idle-poll.ts's turnPollsMax polls a
+   * turn bound how long the connection holds the event loop (each request waited for at most --poll-us).
+   */
+  #idleWait(): void {
+    while (this.#pollIdle()) {
+      if (!this.#receiver.readNow(this.#receiveNow)) return;
+      if (!this.#takeOnce()) return;
     }
   }
 
@@ -423,8 +482,15 @@ export class NbdConnection {
     this.#inFlightCount += 1;
     this.#inFlightBytes += costBytes;
     if (this.#inFlightCount > this.#inFlightPeak) this.#inFlightPeak = this.#inFlightCount;
+    if (this.#taking) this.#takenInTake += 1;
     const running = runCommand(session, request, payload, this.#replyBuffers);
-    threadPolls.requestsInFlight += 1; // counted once it runs: both ways below end in #finish
+    threadPolls.requestsInFlight += 1; // counted once it runs: every way below ends in #finish
+    if (Buffer.isBuffer(running)) {
+      // A READ of cached data, answered before runCommand returned: its reply goes with this take's (#takeRequests).
+      this.#send(running, true, performance.now());
+      this.#finish(costBytes);
+      return;
+    }
     running.then(
       (reply) => {
         if (pooled !== null) this.#payloadBuffers.release(pooled);
@@ -503,6 +569,10 @@ export class NbdConnection {
   /**
    * Writes one whole message; a reply to a client that is gone is dropped. `pooled`: the buffer came from
    * #replyBuffers and goes back once the socket is done with it.
+   *
+   * When: a large READ's reply at once; the replies of one take at its end (#takeRequests); any other reply with
+   * the rest of this turn's, in one writev at setImmediate (#uncork). (Tried: a QD1 WRITE's reply written at once,
+   * its idle wait at the end of the turn: more CPU per write, BENCHMARKS.md issue 19.)
    */
   #send(buffer: Buffer, pooled = false, answeredAt: number | null = null): void {
     const socket = this.#socket;
@@ -521,14 +591,46 @@ export class NbdConnection {
     if (pooled && buffer.length >= hotReplyBytesMin) {
       // A large read's reply leaves now, while the CPU's caches still hold the bytes just read and verified
       // (earlier replies of this turn first, in order); see #largeReadTaken.
+      this.#writeHeld();
       if (this.#corked) {
         this.#corked = false;
+        this.#uncorkAfterTake = false;
         socket.uncork();
+      }
+    } else if (this.#taking) {
+      if (!this.#corked) {
+        if (this.#heldReply === null) {
+          this.#heldReply = buffer;
+          this.#heldPooled = pooled;
+          this.#heldAnsweredAt = answeredAt;
+          return;
+        }
+        this.#corked = true;
+        this.#uncorkAfterTake = true;
+        socket.cork();
+        this.#writeHeld();
       }
     } else if (!this.#corked) {
       this.#corked = true;
       socket.cork();
       setImmediate(this.#uncork);
+    }
+    this.#write(buffer, pooled, answeredAt);
+  }
+
+  /** Writes the reply held in this take, if any (before one that must follow it). */
+  #writeHeld(): void {
+    const held = this.#heldReply;
+    if (held === null) return;
+    this.#heldReply = null;
+    this.#write(held, this.#heldPooled, this.#heldAnsweredAt);
+  }
+
+  #write(buffer: Buffer, pooled: boolean, answeredAt: number | null): void {
+    const socket = this.#socket;
+    if (socket.destroyed || !socket.writable) {
+      if (pooled) this.#replyBuffers.release(buffer);
+      return;
     }
     if (!pooled && answeredAt === null) {
       socket.write(buffer);
@@ -544,26 +646,37 @@ export class NbdConnection {
   readonly #uncork = (): void => {
     this.#corked = false;
     this.#socket.uncork();
-    this.#pollIdle();
+    this.#idleWait();
+  };
+
+  /** Reads what the socket holds now into `target` (#idleWait); 0 when nothing was read. */
+  readonly #receiveNow = (target: Buffer): number => {
+    const fd = descriptorOf(this.#socket);
+    return fd === null ? 0 : receiveNow(fd, target);
   };
 
   /**
    * Once this turn's replies are with the kernel and nothing is in flight on this thread: waits for the client's
    * next request polling the socket rather than asleep in epoll (idle-poll.ts), when the policy says it pays.
+   * Whether the poll saw something to read.
    */
-  #pollIdle(): void {
+  #pollIdle(): boolean {
     const pollUs = this.#options.pollUs ?? 0;
-    if (pollUs <= 0 || this.#state !== 'transmission' || this.#tlsReplies !== null) return;
-    if (this.#inFlightCount > 0 || threadPolls.requestsInFlight > 0 || this.#paused || this.#socket.writableLength > 0) return;
+    if (pollUs <= 0 || this.#state !== 'transmission' || this.#tlsReplies !== null) return false;
+    if (this.#inFlightCount > 0 || threadPolls.requestsInFlight > 0 || this.#paused || this.#socket.writableLength > 0) return false;
     // A client with several requests in flight (queue depth 32) sends its next ones as replies reach it, not one
     // by one: the poll would only take a CPU it needs (measured: 4 KiB reads at QD32 0.81-0.92x without this).
     const oneAtATime = this.#inFlightPeak <= 1;
     this.#inFlightPeak = 0;
-    if (!oneAtATime) return;
+    if (!oneAtATime) return false;
     const fd = descriptorOf(this.#socket);
-    if (fd === null || !this.#idlePoll.shouldPoll() || !claimTurnPoll()) return;
-    if (pollReadable(fd, pollUs, this.#options.counters.idlePoll)) this.#idlePoll.hit();
-    else this.#idlePoll.missed();
+    if (fd === null || !this.#idlePoll.shouldPoll() || !claimTurnPoll(this)) return false;
+    if (pollReadable(fd, pollUs, this.#options.counters.idlePoll)) {
+      this.#idlePoll.hit();
+      return true;
+    }
+    this.#idlePoll.missed();
+    return false;
   }
 
   /** Writes the next slice of queued TLS replies; the one after follows once the socket has taken it. */

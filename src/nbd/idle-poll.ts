@@ -5,19 +5,24 @@
 // project's VMs (guest halt-polling off, /sys/module/haltpoll/parameters/guest_halt_poll_ns = 0) that wake-up,
 // and the cold caches after it, cost a QD1 request over half its speed when nothing else keeps the CPUs busy
 // (BENCHMARKS.md, issue 19, "Queue depth 1 on an idle machine"). So after a connection's small replies are written
-// (those #uncork sends; a large READ's reply is written at once and not followed by a poll), when no request is in
-// flight on this thread, the connection polls its socket (recv with MSG_PEEK | MSG_DONTWAIT: nothing is read,
-// libuv reads it as before) for up to `serve --poll-us` microseconds; the event loop then finds the request at
-// once. The poll holds the thread's event loop, so it is short, bounded, and skipped where it does not pay:
+// (a large READ's reply is not followed by a poll), when no request is in flight on this thread, the connection
+// polls its socket (recv with MSG_PEEK | MSG_DONTWAIT: the peek reads nothing) for up to `serve --poll-us`
+// microseconds, and reads the request it sees (below). The poll holds the thread's event loop, so it is short,
+// bounded, and skipped where it does not pay:
 //
 // - a poll that times out (the client is slow, or done) makes the connection skip its next 1, then 2, 4, ... up to
 //   idlePollBackoffMax waits; a poll that sees the request ends the back-off;
-// - at most one poll per turn of the event loop, whatever the number of connections that replied in it;
+// - one connection's polls per turn of the event loop, whatever the number of connections that replied in it, and
+//   at most turnPollsMax of them (one, then one after each request the connection read when a poll saw it coming);
 // - only for a client that had one request in flight at a time since the last wait (queue depth 1): one with
 //   more sends its next requests as their replies reach it, and a poll would take a CPU its threads need;
 // - only a connection in transmission, over a plain socket (a TLS socket's bytes need decrypting anyway), with
 //   nothing in flight on its thread (NBD requests; the node does not poll on a main thread that also serves NBD
 //   threads' device calls, node.ts).
+//
+// A poll that sees the request come is followed by its read, here (receiveNow, into where the receiver says), and
+// the request is answered in the same callback; only what the poll cannot take this way (the end of the stream,
+// an error, bytes while others wait) is left to the event loop's own read.
 //
 // The cost: a poll that sees the request spun through the client's turnaround (tens of microseconds at QD1) where
 // the thread would have slept, which is CPU time the node's figures count; `serve --poll-us 0` turns it off.
@@ -29,6 +34,7 @@ import { errnoValue, koffi, libcFunction } from '../core/libc.ts';
 export const idlePollBackoffMax = 64;
 
 const recvFn = libcFunction('long recv(int fd, _Out_ uint8_t *buf, size_t length, int flags)');
+const receiveFn = libcFunction('long recv(int fd, void *buf, size_t length, int flags)');
 const MSG_PEEK = 0x02;
 const MSG_DONTWAIT = 0x40;
 const peekByte = new Uint8Array(1);
@@ -83,21 +89,33 @@ export class IdlePollPolicy {
   }
 }
 
+/** Polls one connection may make in one turn of the event loop (each but the first after a request it read). */
+export const turnPollsMax = 16;
+
 /**
- * This thread's state, over all its connections: requests in flight (a poll waits only while there are none), and
- * whether a poll ran in this turn of the event loop (one per turn).
+ * This thread's state, over all its connections: requests in flight (a poll waits only while there are none); the
+ * turn of the event loop the last poll ran in (-1: none yet), the connection that polled in it, and how often;
+ * and the reads receiveNow made (for tests: how many requests were read by an idle wait, not by the event loop).
  */
-export const threadPolls = { requestsInFlight: 0, polledThisTurn: false };
+export const threadPolls = { requestsInFlight: 0, polledInTurn: -1, turnOwner: null as object | null, turnPolls: 0, readsNow: 0 };
 
-const endOfTurn = (): void => {
-  threadPolls.polledThisTurn = false;
-};
-
-/** Claims this turn's one poll; false when another connection polled in it already. */
-export function claimTurnPoll(): boolean {
-  if (threadPolls.polledThisTurn) return false;
-  threadPolls.polledThisTurn = true;
-  setImmediate(endOfTurn);
+/**
+ * Claims a poll for connection `owner` in this turn: false when another connection polled in it already, or this
+ * one turnPollsMax times. A connection that reads and answers the requests its polls see (connection.ts) polls
+ * again after each reply, in the same turn; the bound is how long it may hold the event loop. The turn is libuv's
+ * loop count (each thread has its own loop): a setImmediate to mark the turn's end cost a check-phase callback
+ * per poll.
+ */
+export function claimTurnPoll(owner: object): boolean {
+  const turn = performance.nodeTiming.uvMetricsInfo.loopCount;
+  if (threadPolls.polledInTurn !== turn) {
+    threadPolls.polledInTurn = turn;
+    threadPolls.turnOwner = owner;
+    threadPolls.turnPolls = 1;
+    return true;
+  }
+  if (threadPolls.turnOwner !== owner || threadPolls.turnPolls >= turnPollsMax) return false;
+  threadPolls.turnPolls += 1;
   return true;
 }
 
@@ -125,4 +143,15 @@ export function pollReadable(fd: number, pollUs: number, counters: IdlePollCount
   if (seen) counters.hits += 1;
   else counters.misses += 1;
   return seen;
+}
+
+/**
+ * Reads what descriptor `fd` holds now into `target`, without waiting: the bytes read, or 0 when none were taken
+ * (nothing there, the end of the stream, or an error, each left for the event loop's own read to find).
+ */
+export function receiveNow(fd: number, target: Buffer): number {
+  const count = receiveFn()(fd, target, target.length, MSG_DONTWAIT) as number;
+  if (count <= 0) return 0;
+  threadPolls.readsNow += 1;
+  return count;
 }

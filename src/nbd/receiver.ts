@@ -84,6 +84,8 @@ export class Receiver {
   #arenaReusable = false;
   /** Bytes of a refused WRITE's payload still to be read and thrown away. */
   #discardBytes = 0;
+  /** The buffer nextReadBuffer gave last: where the event loop's next read of the socket lands. */
+  #handedOut: Buffer | null = null;
 
   constructor(payloadBuffers: PayloadBuffers, copyPayloads: boolean, onInput: () => void) {
     this.#payloadBuffers = payloadBuffers;
@@ -110,6 +112,7 @@ export class Receiver {
   nextReadBuffer(): Buffer {
     if (this.#payload !== null && this.input.length === 0 && !this.#stopped) {
       this.#steeredView = this.#payload.subarray(this.#payloadFilled);
+      this.#handedOut = this.#steeredView;
       return this.#steeredView;
     }
     this.#steeredView = null;
@@ -121,7 +124,34 @@ export class Receiver {
       this.#arenaUsed = 0;
       this.#arenaReusable = this.#transmission;
     }
-    return this.#arena.subarray(this.#arenaUsed, this.#arenaUsed + window);
+    this.#handedOut = this.#arena.subarray(this.#arenaUsed, this.#arenaUsed + window);
+    return this.#handedOut;
+  }
+
+  /**
+   * Reads what the socket holds now with `receive` (a read that does not wait: the count of bytes it put at the
+   * start of the buffer it is given, or 0), outside the event loop's own reads (the idle poll saw a request
+   * coming, connection.ts); whether bytes came. Only between requests (nothing queued, no payload expected, no
+   * view of the arena lent), and into the arena past both the bytes read so far and the buffer the event loop's
+   * next read lands in, so that no read lands on bytes of another.
+   */
+  readNow(receive: (target: Buffer) => number): boolean {
+    const handedOut = this.#handedOut;
+    if (!this.#transmission || this.#stopped || this.input.length > 0 || this.#pendingWrite !== null || this.#payload !== null || this.#discardBytes > 0) return false;
+    // A view of the arena lent (a small WRITE's payload, to the device): #arenaUsed only grows until a new arena,
+    // and a read here would leave the window the event loop holds unused each time (a new 256 KiB arena every few
+    // QD1 writes, which V8 answers with collections; see the top of this file).
+    if (!this.#arenaReusable || handedOut === null || handedOut.buffer !== this.#arena.buffer) return false;
+    const start = Math.max(this.#arenaUsed, handedOut.byteOffset - this.#arena.byteOffset + handedOut.length);
+    if (this.#arena.length - start < readWindowBytes) return false;
+    const target = this.#arena.subarray(start, start + readWindowBytes);
+    const count = receive(target);
+    if (count <= 0) return false;
+    // Every byte read lies before #arenaUsed (the event loop's read, when it lands, counts its bytes on top: more
+    // than it used, never less).
+    this.#arenaUsed = start + count;
+    this.input.push(target.subarray(0, count));
+    return true;
   }
 
   /** `count` bytes of a steered read arrived at the start of `buffer`, the one nextReadBuffer returned last. */

@@ -10,12 +10,15 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import { IdlePollPolicy, emptyIdlePollCounters, idlePollBackoffMax, pollReadable, threadPolls } from '../../src/nbd/idle-poll.ts';
+import { IdlePollPolicy, claimTurnPoll, emptyIdlePollCounters, idlePollBackoffMax, pollReadable, threadPolls, turnPollsMax } from '../../src/nbd/idle-poll.ts';
 import { descriptorOf } from '../../src/nbd/steered-socket.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
 import * as nbd from '../../src/nbd/protocol.ts';
 import { MemoryProvider } from './helpers/memory-device.ts';
-import { RawClient, readData } from './helpers/nbd-raw-client.ts';
+import { RawClient, encodeRequestMessage, readData } from './helpers/nbd-raw-client.ts';
+import { BufferPool } from '../../src/nbd/buffer-pool.ts';
+import { Receiver, type RequestSink } from '../../src/nbd/receiver.ts';
+import { ForwardingDevice, doneNow, type DeviceProvider } from '../../src/core/block-device.ts';
 
 const run = promisify(execFile);
 const MiB = 1 << 20;
@@ -42,6 +45,19 @@ test('the policy polls every wait while polls hit, and backs off 1, 2, 4, ... wa
   assert.equal(policy.shouldPoll(), true);
   policy.missed();
   assert.deepEqual([policy.shouldPoll(), policy.shouldPoll()], [false, true]);
+});
+
+test('polls in one turn of the event loop: one connection\'s, at most turnPollsMax; the next turn is anyone\'s', async () => {
+  const first = {};
+  const second = {};
+  await new Promise((done) => setImmediate(done)); // a turn no test polled in
+  let claims = 0;
+  while (claimTurnPoll(first) && claims <= turnPollsMax) claims += 1;
+  assert.equal(claims, turnPollsMax);
+  assert.equal(claimTurnPoll(second), false, 'another connection waits for the next turn');
+  await new Promise((done) => setImmediate(done));
+  assert.equal(claimTurnPoll(second), true);
+  assert.equal(claimTurnPoll(first), false);
 });
 
 async function socketPair(t: { onTestFinished(fn: () => Promise<void> | void): void }): Promise<{ client: net.Socket; accepted: net.Socket }> {
@@ -87,12 +103,13 @@ test('pollReadable: false after the poll time when nothing came, true at once fo
   assert.equal(pollReadable(descriptorOf(ended.accepted)!, 1_000_000, counters), true, 'the end of the stream is something to read');
 });
 
-async function serve(t: { onTestFinished(fn: () => Promise<void> | void): void }, pollUs: number): Promise<{ server: NbdServer; socketPath: string; provider: MemoryProvider }> {
+/** `cached`: the device's reads finish before they return (cachedReads, below). */
+async function serve(t: { onTestFinished(fn: () => Promise<void> | void): void }, pollUs: number, cached = false): Promise<{ server: NbdServer; socketPath: string; provider: MemoryProvider }> {
   const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-poll-nbd-'));
   const socketPath = path.join(directory, 'nbd.sock');
   const provider = new MemoryProvider();
   provider.add('mem', 4 * MiB);
-  const server = new NbdServer({ provider, pollUs });
+  const server = new NbdServer({ provider: cached ? cachedReads(provider) : provider, pollUs });
   await server.listenUnix(socketPath);
   t.onTestFinished(async () => {
     await server.close();
@@ -164,17 +181,127 @@ test('no poll while another connection on the thread has a request in flight; th
   assert.equal(threadPolls.requestsInFlight, 0);
 });
 
-test('no poll for a client that keeps several requests in flight (queue depth 2 and more)', async (t) => {
-  const { server, socketPath } = await serve(t, 500);
-  const client = await RawClient.connect(socketPath);
-  t.onTestFinished(() => client.close());
-  await client.handshake();
-  const before = server.stats().idlePoll;
-  let handle = 0n;
-  for (let round = 0; round < 30; round++) {
-    // Eight requests sent together, then all their replies read: the next eight wait for the last reply.
-    for (let index = 0; index < 8; index++) client.send({ type: nbd.NBD_CMD_READ, handle: (handle += 1n), offsetBytes: index * 4096, lengthBytes: 4096 });
-    for (let index = 0; index < 8; index++) await client.readWholeReply();
+for (const cached of [false, true]) {
+  const device = cached ? 'a device whose reads finish at once (one take runs all eight, one after another)' : 'a device whose reads finish later';
+  test(`no poll for a client that keeps several requests in flight (queue depth 2 and more), over ${device}`, async (t) => {
+    const { server, socketPath } = await serve(t, 500, cached);
+    const client = await RawClient.connect(socketPath);
+    t.onTestFinished(() => client.close());
+    await client.handshake();
+    const before = server.stats().idlePoll;
+    let handle = 0n;
+    for (let round = 0; round < 30; round++) {
+      // Eight requests sent together, in one write, then all their replies read: the next eight wait for the last.
+      const batch: Buffer[] = [];
+      for (let index = 0; index < 8; index++) batch.push(encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: (handle += 1n), offsetBytes: index * 4096, lengthBytes: 4096 }));
+      client.write(Buffer.concat(batch));
+      for (let index = 0; index < 8; index++) await client.readWholeReply();
+    }
+    assert.deepEqual(server.stats().idlePoll, before, 'several requests in flight at once: no poll');
+  });
+}
+
+const noSink: RequestSink = {
+  mayTakeRequest: () => true,
+  onRequest: () => {},
+  onPayload: () => {},
+};
+
+test('readNow: bytes read between requests land past the buffer the event loop reads into next, and both arrive whole, in order', () => {
+  const receiver = new Receiver(new BufferPool(MiB), false, () => {});
+  receiver.startTransmission();
+  const first = encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: 1n, offsetBytes: 0, lengthBytes: 4096 });
+  const second = encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: 2n, offsetBytes: 4096, lengthBytes: 4096 });
+  const loopBuffer = receiver.nextReadBuffer(); // what the event loop's next read of the socket lands in
+  let given: Buffer | null = null;
+  assert.equal(receiver.readNow((target) => {
+    given = target;
+    return first.copy(target);
+  }), true);
+  const start = (view: Buffer): number => view.byteOffset;
+  assert.ok(given !== null && (start(given) >= start(loopBuffer) + loopBuffer.length || start(given) + first.length <= start(loopBuffer)), 'the read now does not land in the event loop\'s buffer');
+  // The event loop's read lands before the first request is taken.
+  receiver.onRead(second.copy(loopBuffer), loopBuffer);
+  const handles: bigint[] = [];
+  receiver.takeRequests({ ...noSink, onRequest: (request) => handles.push(request.handle) });
+  assert.deepEqual(handles, [1n, 2n]);
+});
+
+test('readNow: nothing is read while bytes wait, a payload is expected, or a view of the arena is lent', () => {
+  let calls = 0;
+  const receive = (target: Buffer): number => {
+    calls += 1;
+    return encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: 9n, lengthBytes: 4096 }).copy(target);
+  };
+  // Half a request waits.
+  const receiver = new Receiver(new BufferPool(MiB), false, () => {});
+  receiver.startTransmission();
+  const loopBuffer = receiver.nextReadBuffer();
+  receiver.onRead(encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: 1n, lengthBytes: 4096 }).copy(loopBuffer, 0, 0, 10), loopBuffer);
+  assert.equal(receiver.readNow(receive), false);
+
+  // A WRITE whose payload has not come: the next bytes are the payload.
+  const writing = new Receiver(new BufferPool(MiB), false, () => {});
+  writing.startTransmission();
+  const header = encodeRequestMessage({ type: nbd.NBD_CMD_WRITE, handle: 2n, lengthBytes: 4096 });
+  const buffer = writing.nextReadBuffer();
+  writing.onRead(header.copy(buffer), buffer);
+  writing.takeRequests({ ...noSink, onRequest: (request) => writing.expectPayload(request) });
+  assert.equal(writing.readNow(receive), false);
+  assert.equal(calls, 0);
+
+  // Read now: a small WRITE, whose payload goes to the device as a view of the arena; then nothing more is read
+  // now, and the payload stays as it was.
+  const payloads: Buffer[] = [];
+  const lending = new Receiver(new BufferPool(MiB), false, () => {});
+  lending.startTransmission();
+  lending.nextReadBuffer();
+  assert.equal(lending.readNow((target) => encodeRequestMessage({ type: nbd.NBD_CMD_WRITE, handle: 3n, lengthBytes: 4096 }, Buffer.alloc(4096, 9)).copy(target)), true);
+  lending.takeRequests({ ...noSink, onRequest: (request) => lending.expectPayload(request), onPayload: (_request, payload) => payloads.push(payload) });
+  assert.equal(payloads.length, 1);
+  assert.equal(lending.readNow((target) => target.fill(0xee).length), false);
+  assert.ok(payloads[0]!.every((byte) => byte === 9), 'the payload lent to the device is as it was');
+});
+
+/**
+ * Reads done before they return (doneNow), as a volume's are from the page cache: each reply is written in the
+ * callback that read its request, and the idle wait that follows reads the next.
+ */
+function cachedReads(provider: MemoryProvider): DeviceProvider {
+  return {
+    list: () => provider.list(),
+    open: async (name) => {
+      const device = await provider.open(name);
+      const disk = provider.exports.get(name)!.disk;
+      return new (class extends ForwardingDevice {
+        override read(offsetBytes: number, target: Buffer): Promise<void> {
+          disk.data.copy(target, 0, offsetBytes, offsetBytes + target.length);
+          return doneNow;
+        }
+      })(device);
+    },
+  };
+}
+
+test('qemu-io at queue depth 1 over a device that answers cached reads at once: writes and reads of distinct patterns, requests read by the idle waits', { skip: qemuIo === null }, async (t) => {
+  const { server, socketPath, provider } = await serve(t, 1000, true);
+  // Blocks of distinct patterns, read (no WRITE payload has been lent yet, so the idle waits read requests), then
+  // written with new ones and read again.
+  const disk = provider.exports.get('mem')!.disk;
+  for (let index = 0; index < 32; index++) disk.data.fill(index + 101, index * 4096, (index + 1) * 4096);
+  const commands: string[] = [];
+  for (let round = 0; round < 2; round++) {
+    for (let index = 0; index < 32; index++) commands.push('-c', `read -P ${index + 101} ${index * 4096} 4k`);
   }
-  assert.deepEqual(server.stats().idlePoll, before, 'several requests in flight at once: no poll');
+  for (let index = 0; index < 32; index++) commands.push('-c', `write -P ${index + 1} ${index * 4096} 4k`);
+  for (let index = 0; index < 32; index++) commands.push('-c', `read -P ${index + 1} ${index * 4096} 4k`);
+  const readsBefore = threadPolls.readsNow;
+  const { stdout } = await run(qemuIo!, ['-f', 'raw', `nbd+unix:///mem?socket=${socketPath}`, ...commands]);
+  assert.doesNotMatch(stdout, /Pattern verification failed|error|failed/i, stdout);
+  for (let index = 0; index < 32; index++) {
+    assert.ok(disk.data.subarray(index * 4096, (index + 1) * 4096).every((byte) => byte === index + 1), `block ${index}`);
+  }
+  // As above, a loaded machine may schedule qemu-io late; one request read by an idle wait is asked for.
+  const { idlePoll } = server.stats();
+  assert.ok(threadPolls.readsNow - readsBefore >= 1, `requests read by the idle waits: ${threadPolls.readsNow - readsBefore}, polls ${JSON.stringify(idlePoll)}`);
 });
