@@ -415,17 +415,20 @@ export class NbdConnection {
       this.#taking = false;
     }
     if (this.#takenInTake > this.#inFlightPeak) this.#inFlightPeak = this.#takenInTake;
+    let wrote = false;
     const held = this.#heldReply;
     if (held !== null) {
       this.#heldReply = null;
       this.#write(held, this.#heldPooled, this.#heldAnsweredAt);
-      return true;
+      wrote = true;
+    } else if (this.#uncorkAfterTake) {
+      this.#uncorkAfterTake = false;
+      this.#corked = false;
+      this.#socket.uncork();
+      wrote = true;
     }
-    if (!this.#uncorkAfterTake) return false;
-    this.#uncorkAfterTake = false;
-    this.#corked = false;
-    this.#socket.uncork();
-    return true;
+    this.#maybeEnd(); // deferred while the take ran (#maybeEnd)
+    return wrote;
   }
 
   /**
@@ -725,7 +728,7 @@ export class NbdConnection {
 
   /** draining, or handshake and transmission after client EOF → closing, once nothing is in flight. */
   #maybeEnd(): void {
-    if (this.#inFlightCount > 0 || this.#handshakeBusy) return;
+    if (this.#inFlightCount > 0 || this.#handshakeBusy || this.#taking) return;
     const state = this.#state;
     // After client EOF, a paused connection may still hold whole requests: they are taken on resume first.
     const ended = (state === 'handshake' || state === 'transmission') && this.#receiver.ended && !this.#paused;

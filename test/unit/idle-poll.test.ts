@@ -15,7 +15,7 @@ import { descriptorOf } from '../../src/nbd/steered-socket.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
 import * as nbd from '../../src/nbd/protocol.ts';
 import { MemoryProvider } from './helpers/memory-device.ts';
-import { RawClient, encodeRequestMessage, readData } from './helpers/nbd-raw-client.ts';
+import { RawClient, encodeClientFlags, encodeInfoRequestData, encodeOptionMessage, encodeRequestMessage, readData } from './helpers/nbd-raw-client.ts';
 import { BufferPool } from '../../src/nbd/buffer-pool.ts';
 import { Receiver, type RequestSink } from '../../src/nbd/receiver.ts';
 import { ForwardingDevice, doneNow, type DeviceProvider } from '../../src/core/block-device.ts';
@@ -267,11 +267,12 @@ test('readNow: nothing is read while bytes wait, a payload is expected, or a vie
  * Reads done before they return (doneNow), as a volume's are from the page cache: each reply is written in the
  * callback that read its request, and the idle wait that follows reads the next.
  */
-function cachedReads(provider: MemoryProvider): DeviceProvider {
+function cachedReads(provider: MemoryProvider, openDelayMs = 0): DeviceProvider {
   return {
     list: () => provider.list(),
     open: async (name) => {
       const device = await provider.open(name);
+      if (openDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, openDelayMs));
       const disk = provider.exports.get(name)!.disk;
       return new (class extends ForwardingDevice {
         override read(offsetBytes: number, target: Buffer): Promise<void> {
@@ -282,6 +283,50 @@ function cachedReads(provider: MemoryProvider): DeviceProvider {
     },
   };
 }
+
+test('reads answered at once are still answered before a DISC sent with them, and before the end of a stream that came during a slow open', async (t) => {
+  // The bytes a client gets back until the server closes, over a device whose reads finish later and one whose
+  // reads finish at once (their replies held until the take ends: a DISC or the client's end in the same take
+  // must not close the connection first, nor drop the requests queued behind).
+  const bytesBack = async (cached: boolean, exchange: (client: RawClient) => Promise<void>): Promise<number> => {
+    const directory = await fs.mkdtemp(path.join(os.tmpdir(), 'chunkd-poll-nbd-'));
+    const socketPath = path.join(directory, 'nbd.sock');
+    const provider = new MemoryProvider();
+    provider.add('mem', 4 * MiB);
+    const server = new NbdServer({ provider: cached ? cachedReads(provider, 100) : provider, pollUs: 0 });
+    await server.listenUnix(socketPath);
+    const client = await RawClient.connect(socketPath);
+    try {
+      await exchange(client);
+      assert.equal(await client.waitClosed(10_000), true, 'the server closed the connection');
+      return client.buffered;
+    } finally {
+      client.close();
+      await server.close();
+      await fs.rm(directory, { recursive: true, force: true });
+    }
+  };
+  const readThenDisc = async (client: RawClient): Promise<void> => {
+    await client.handshake({ structured: false });
+    client.write(Buffer.concat([encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: 1n, offsetBytes: 0, lengthBytes: 4096 }), encodeRequestMessage({ type: nbd.NBD_CMD_DISC, handle: 2n })]));
+  };
+  assert.equal(await bytesBack(false, readThenDisc), 16 + 4096);
+  assert.equal(await bytesBack(true, readThenDisc), 16 + 4096, 'the READ before the DISC answered');
+  const goTwoReadsEnd = async (client: RawClient): Promise<void> => {
+    await client.readGreeting();
+    client.write(encodeClientFlags(nbd.NBD_FLAG_C_FIXED_NEWSTYLE | nbd.NBD_FLAG_C_NO_ZEROES));
+    client.socket.end(
+      Buffer.concat([
+        encodeOptionMessage(nbd.NBD_OPT_GO, encodeInfoRequestData('mem', [])),
+        encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: 1n, offsetBytes: 0, lengthBytes: 4096 }),
+        encodeRequestMessage({ type: nbd.NBD_CMD_READ, handle: 2n, offsetBytes: 4096, lengthBytes: 4096 }),
+      ]),
+    );
+  };
+  const later = await bytesBack(false, goTwoReadsEnd);
+  assert.ok(later > 2 * (16 + 4096), `the GO's replies and both READs' (${later} bytes)`);
+  assert.equal(await bytesBack(true, goTwoReadsEnd), later, 'both READs answered before the close');
+});
 
 test('qemu-io at queue depth 1 over a device that answers cached reads at once: writes and reads of distinct patterns, requests read by the idle waits', { skip: qemuIo === null }, async (t) => {
   const { server, socketPath, provider } = await serve(t, 1000, true);
