@@ -574,30 +574,41 @@ class SlowCheckpointFiles extends TestFiles {
   }
 }
 
+/**
+ * A pool whose page file syncs are held (SlowCheckpointFiles), a checkpoint at 4 map nodes changed (writes held at
+ * 16), and 8 writers of 6,000 writes at random into 4 GiB (about 45 leaves) started; it returns once the hold is
+ * logged, or after 30 s (`heldLine` undefined), or once every write is done.
+ */
+async function writersBehindHeldCheckpoint(directory: string, seed: number) {
+  const blocks = (4 * 1024 * MiB) / 4096;
+  const random = makeRandom(seed);
+  const indexes = Array.from({ length: 6_000 }, () => Math.floor(random() * blocks));
+  const files = new SlowCheckpointFiles();
+  const logged: string[] = [];
+  const pool = await open(directory, { files, metadataCacheBytes: 4 * MiB, metadataDirtyPages: 4, log: (line) => logged.push(line) });
+  await pool.createVolume('v', blocks * 4096);
+  const volume = pool.openVolume('v');
+  files.hold();
+  const progress = { next: 0, done: 0 };
+  const writing = Promise.allSettled(
+    Array.from({ length: 8 }, async () => {
+      while (progress.next < indexes.length) {
+        const i = progress.next++;
+        await volume.write(indexes[i]! * 4096, block(1 + (i % 250)));
+        progress.done += 1;
+      }
+    }),
+  );
+  const held = (): string | undefined => logged.find((line) => line.startsWith('writes held'));
+  for (let waited = 0; held() === undefined && progress.done < indexes.length && waited < 30_000; waited += 20) await sleep(20);
+  return { pool, volume, files, indexes, progress, writing, heldLine: held() };
+}
+
 test('writes held behind a checkpoint whose sync fails are let go: each completes or fails, none waits for ever', { timeout: 60_000 }, async () => {
   await inScratch('paged-pool', async (directory) => {
-    const blocks = (4 * 1024 * MiB) / 4096;
-    const random = makeRandom(22);
-    const indexes = Array.from({ length: 6_000 }, () => Math.floor(random() * blocks));
-    const files = new SlowCheckpointFiles();
-    const logged: string[] = [];
-    const pool = await open(directory, { files, metadataCacheBytes: 4 * MiB, metadataDirtyPages: 4, log: (line) => logged.push(line) });
+    const { pool, files, writing, heldLine } = await writersBehindHeldCheckpoint(directory, 22);
     try {
-      await pool.createVolume('v', blocks * 4096);
-      const volume = pool.openVolume('v');
-      files.hold();
-      let next = 0;
-      const writing = Promise.allSettled(
-        Array.from({ length: 8 }, async () => {
-          while (next < indexes.length) {
-            const i = next++;
-            await volume.write(indexes[i]! * 4096, block(1 + (i % 250)));
-          }
-        }),
-      );
-      const held = (): boolean => logged.some((line) => line.startsWith('writes held'));
-      for (let waited = 0; !held() && waited < 30_000; waited += 20) await sleep(20);
-      assert.ok(held(), 'writes held and logged');
+      assert.ok(heldLine !== undefined, 'writes held and logged');
       files.failing = true;
       files.let();
       const outcome = await Promise.race([writing.then(() => 'settled'), sleep(20_000).then(() => 'hung')]);
@@ -611,44 +622,21 @@ test('writes held behind a checkpoint whose sync fails are let go: each complete
 
 test('while a checkpoint is behind, writes wait once the map nodes changed are four times past their limit, and go on once it is durable', { timeout: 60_000 }, async () => {
   await inScratch('paged-pool', async (directory) => {
-    // 6,000 writes at random into 4 GiB: about 45 leaves. A checkpoint at 4 nodes changed, writes held at 16.
-    const blocks = (4 * 1024 * MiB) / 4096;
-    const random = makeRandom(21);
-    const indexes = Array.from({ length: 6_000 }, () => Math.floor(random() * blocks));
-    const files = new SlowCheckpointFiles();
-    const logged: string[] = [];
-    const pool = await open(directory, { files, metadataCacheBytes: 4 * MiB, metadataDirtyPages: 4, log: (line) => logged.push(line) });
+    const { pool, volume, files, indexes, progress, writing, heldLine } = await writersBehindHeldCheckpoint(directory, 21);
     try {
-      await pool.createVolume('v', blocks * 4096);
-      const volume = pool.openVolume('v');
-      files.hold();
-      let next = 0;
-      let done = 0;
-      const writing = Promise.all(
-        Array.from({ length: 8 }, async () => {
-          while (next < indexes.length) {
-            const i = next++;
-            await volume.write(indexes[i]! * 4096, block(1 + (i % 250)));
-            done += 1;
-          }
-        }),
-      );
-      const held = (): string | undefined => logged.find((line) => line.startsWith('writes held'));
-      for (let waited = 0; held() === undefined && done < indexes.length && waited < 30_000; waited += 20) await sleep(20);
-      const line = held();
-      assert.ok(line !== undefined, `writes held and logged (${done} of ${indexes.length} done)`);
-      const dirty = Number(/(\d+) map nodes changed/.exec(line)![1]);
+      assert.ok(heldLine !== undefined, `writes held and logged (${progress.done} of ${indexes.length} done)`);
+      const dirty = Number(/(\d+) map nodes changed/.exec(heldLine)![1]);
       // 16 when the first write was held; the writes already past the gate (8 at most) change a leaf and its parent each.
       assert.ok(dirty >= 16 && dirty <= 16 + 8 * 2, `${dirty} map nodes changed when writes were held`);
       // The writes already past the gate (8 at most) may still complete; then none does.
-      const atHold = done;
+      const atHold = progress.done;
       await sleep(300);
-      assert.ok(done - atHold <= 8, `at most the 8 writes past the gate complete after the hold (${atHold}, then ${done})`);
-      const stuck = done;
+      assert.ok(progress.done - atHold <= 8, `at most the 8 writes past the gate complete after the hold (${atHold}, then ${progress.done})`);
+      const stuck = progress.done;
       await sleep(300);
-      assert.ok(done === stuck && done < indexes.length, `no write completes while the checkpoint is stuck (${stuck}, then ${done})`);
+      assert.ok(progress.done === stuck && progress.done < indexes.length, `no write completes while the checkpoint is stuck (${stuck}, then ${progress.done})`);
       files.let();
-      await writing;
+      for (const outcome of await writing) assert.equal(outcome.status, 'fulfilled', String((outcome as PromiseRejectedResult).reason));
       await volume.flush();
       await volume.close();
       await lastFillsReadBack(pool, indexes);
