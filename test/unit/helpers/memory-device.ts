@@ -3,7 +3,7 @@
 // as a real device asserts what the edge validated.
 import { setTimeout as sleep } from 'node:timers/promises';
 import { assert } from '../../../src/core/assert.ts';
-import type { BlockDevice, DeviceProvider, Extent, WriteOptions, ZeroOptions } from '../../../src/core/block-device.ts';
+import { doneNow, type BlockDevice, type DeviceProvider, type Extent, type WriteOptions, type ZeroOptions } from '../../../src/core/block-device.ts';
 import { ChunkdError } from '../../../src/core/errors.ts';
 import { rangeRequestBytesMax, requestBytesMax } from '../../../src/core/limits.ts';
 
@@ -35,6 +35,11 @@ export class MemoryProvider implements DeviceProvider {
   latencyMs: (op: string, offsetBytes: number) => number = () => 0;
   /** The next read fails with this error (fault injection). */
   failNextRead: unknown = null;
+  /**
+   * Reads with no latency and no fault done before they return (`doneNow`), as a volume's are from the page
+   * cache, so the server takes its path for replies given at once (connection.ts).
+   */
+  readsAtOnce = false;
   /** Every write and zeroing is recorded here with its options, for assertions. */
   readonly writeLog: Array<{ op: string; offsetBytes: number; lengthBytes: number; options?: WriteOptions | ZeroOptions }> = [];
   flushes = 0;
@@ -86,7 +91,21 @@ export class MemoryDevice implements BlockDevice {
     return this.#disk.data.length;
   }
 
-  async read(offsetBytes: number, target: Buffer): Promise<void> {
+  read(offsetBytes: number, target: Buffer): Promise<void> {
+    const provider = this.#provider;
+    if (provider.readsAtOnce && provider.failNextRead === null && provider.latencyMs('read', offsetBytes) === 0) {
+      try {
+        this.#assertRange(offsetBytes, target.length, requestBytesMax);
+      } catch (error) {
+        return Promise.reject(error);
+      }
+      this.#disk.data.copy(target, 0, offsetBytes, offsetBytes + target.length);
+      return doneNow;
+    }
+    return this.#readLater(offsetBytes, target);
+  }
+
+  async #readLater(offsetBytes: number, target: Buffer): Promise<void> {
     this.#assertRange(offsetBytes, target.length, requestBytesMax);
     await this.#delay('read', offsetBytes);
     if (this.#provider.failNextRead !== null) {
