@@ -58,9 +58,8 @@ function enableCompileCache() {
 /**
  * A node (`chunkd serve`) runs with V8's young generation bounded, `--max-semi-space-size=8` (MiB): this file starts
  * again in the same process (process.execve: same pid, nothing left behind) with the flag, since V8 sizes its heap
- * once, at the process's start (v8.setFlagsFromString later changes nothing: measured again on Node 24.21, the new
-space still grew to 64 MiB and more). Node 24 sizes the
- * semi-spaces from the heap limit (64 MiB each with the 4 GiB limit of a 23 GiB machine), and a node that writes
+ * once, at the process's start (v8.setFlagsFromString later changes nothing: measured again on Node
+ * 24.21, the new space still grew to 64 MiB and more). Node 24 sizes the semi-spaces from the heap limit (64 MiB each with the 4 GiB limit of a 23 GiB machine), and a node that writes
  * keeps its young generation at the maximum: 128 MiB of RSS whatever the data (issue 15, "RSS under the cache size
  * plus a fixed base"; BENCHMARKS.md, "The young generation bounded, and what the RSS is": 60 to 120 MiB less RSS at
  * 1 and 4 GiB written, CPU per write within noise). The second start costs Node's boot, about 20 ms of CPU and 40 ms of

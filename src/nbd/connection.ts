@@ -415,13 +415,9 @@ export class NbdConnection {
       this.#taking = false;
     }
     if (this.#takenInTake > this.#inFlightPeak) this.#inFlightPeak = this.#takenInTake;
-    let wrote = false;
-    const held = this.#heldReply;
-    if (held !== null) {
-      this.#heldReply = null;
-      this.#write(held, this.#heldPooled, this.#heldAnsweredAt);
-      wrote = true;
-    } else if (this.#uncorkAfterTake) {
+    let wrote = this.#heldReply !== null;
+    if (wrote) this.#writeHeld();
+    else if (this.#uncorkAfterTake) {
       this.#uncorkAfterTake = false;
       this.#corked = false;
       this.#socket.uncork();

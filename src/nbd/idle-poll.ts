@@ -33,8 +33,8 @@ import { errnoValue, koffi, libcFunction } from '../core/libc.ts';
 /** Idle waits skipped after consecutive polls that timed out, at most. */
 export const idlePollBackoffMax = 64;
 
-const recvFn = libcFunction('long recv(int fd, _Out_ uint8_t *buf, size_t length, int flags)');
-const receiveFn = libcFunction('long recv(int fd, void *buf, size_t length, int flags)');
+/** recv(2) into the caller's memory (koffi passes a Buffer's or typed array's own bytes: nothing copied back). */
+const recvFn = libcFunction('long recv(int fd, void *buf, size_t length, int flags)');
 const MSG_PEEK = 0x02;
 const MSG_DONTWAIT = 0x40;
 const peekByte = new Uint8Array(1);
@@ -150,7 +150,7 @@ export function pollReadable(fd: number, pollUs: number, counters: IdlePollCount
  * (nothing there, the end of the stream, or an error, each left for the event loop's own read to find).
  */
 export function receiveNow(fd: number, target: Buffer): number {
-  const count = receiveFn()(fd, target, target.length, MSG_DONTWAIT) as number;
+  const count = recvFn()(fd, target, target.length, MSG_DONTWAIT) as number;
   if (count <= 0) return 0;
   threadPolls.readsNow += 1;
   return count;

@@ -689,13 +689,13 @@ export class Pool {
    * `to` (or the live volume), from metadata alone, after the records applied before the call; pages the two maps
    * share are skipped.
    */
-  async diff(volumeName: string, fromName: string | null, toName: string | null): Promise<ChangedExtent[]> {
+  async diff(volumeName: string, fromName: string | null, toName: string | null, firstOnly = false): Promise<ChangedExtent[]> {
     await this.#engine.settled();
     // The maps taken after the wait: a rollback applied meanwhile replaces the volume's.
     const volume = this.#runtime(volumeName).meta;
     const from: { map: MapHandle | null; sizeBytes: number } = fromName === null ? { map: null, sizeBytes: 0 } : this.#snapshot(volumeName, fromName);
     const to = toName === null ? volume : this.#snapshot(volumeName, toName);
-    return this.#catalog.diff(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes);
+    return this.#catalog.diff(from.map, to.map, Math.max(from.sizeBytes, to.sizeBytes) / chunkSizeBytes, firstOnly);
   }
 
   /**
@@ -705,10 +705,7 @@ export class Pool {
    * that diff again anyway).
    */
   async changedSince(volumeName: string, fromName: string): Promise<boolean> {
-    await this.#engine.settled();
-    const volume = this.#runtime(volumeName).meta;
-    const from = this.#snapshot(volumeName, fromName);
-    return (await this.#catalog.diff(from.map, volume.map, Math.max(from.sizeBytes, volume.sizeBytes) / chunkSizeBytes, true)).length > 0;
+    return (await this.diff(volumeName, fromName, null, true)).length > 0;
   }
 
   /**

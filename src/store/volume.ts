@@ -579,12 +579,7 @@ export class SnapshotDevice implements BlockDevice {
   }
 
   async read(offsetBytes: number, target: Buffer): Promise<void> {
-    assertRange(offsetBytes, target.length, this.sizeBytes);
-    try {
-      await readThrough(this.#store, this.name, this.#snapshot.map, offsetBytes, target);
-    } catch (error) {
-      throw fromSystemError(error, `read of snapshot ${this.name} at ${offsetBytes}`);
-    }
+    await this.readNowOrLater(offsetBytes, target);
   }
 
   /**
