@@ -221,7 +221,7 @@ export class StreamReceiver {
       dataBytes += writtenBytes;
     };
     // Small data records waiting to be written together (in stream order: increasing, not overlapping).
-    let batch: Array<{ offsetBytes: number; data: Buffer }> = [];
+    let batch: Array<{ offsetBytes: number; data: Buffer; sums?: Uint32Array }> = [];
     let batchBytes = 0;
     const writeBatch = async (): Promise<void> => {
       if (batch.length === 0) return;
@@ -250,7 +250,8 @@ export class StreamReceiver {
               if (record.data.length < receiveBatchRecordBytesMax) {
                 // A batch stays within one record's size, which Volume.writeMany gathers in a buffer it keeps.
                 if (batchBytes + record.data.length > streamDataRecordBytesMax) await writeBatch();
-                batch.push({ offsetBytes: record.offsetBytes, data: record.data });
+                // With the chunks' sums the decoder checked the record's CRC from: the volume records them, not summed again.
+                batch.push({ offsetBytes: record.offsetBytes, data: record.data, sums: record.sums });
                 batchBytes += record.data.length;
                 if (batchBytes >= streamDataRecordBytesMax) await writeBatch();
                 break;

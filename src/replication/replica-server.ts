@@ -39,8 +39,10 @@ export class ReplicaServer {
   readonly #log: Log;
   /** The stream each connection carries, by connection id. */
   readonly #sessions = new Map<number, Session>();
-  /** receiveData payloads' buffers (shared memory), reused once the receiver has written their bytes. */
+  /** receiveData payloads' buffers, reused once the receiver has written their bytes. */
   readonly #frameBuffers = new SizedFreeList(receiveFrameBuffersHeldBytes);
+  /** The memory of every frame buffer bulkPayload made: only those go back to #frameBuffers. */
+  readonly #made = new WeakSet<ArrayBufferLike>();
 
   /** Called once this node owns a volume handed to it, with the old owner's address to replicate back to (or null). */
   readonly #onTaken: (volume: string, replicaBack: string | null) => Promise<void>;
@@ -86,21 +88,29 @@ export class ReplicaServer {
   }
 
   /**
-   * Where the peer server gathers a receiveData payload (PeerServerOptions.bulkPayload): shared memory, so that the
-   * chunk I/O workers write its data in place, from buffers the receiver handed back when it could.
+   * Where the peer server gathers a receiveData payload (PeerServerOptions.bulkPayload): buffers the receiver handed
+   * back when it could. Plain memory, not shared: a stream's records are written inline (a record is at most
+   * limits.streamDataRecordBytesMax, and only writes larger than limits.inlineWriteBytesMax go to a chunk I/O worker,
+   * which stages bytes not in shared memory), while V8 copies out of shared memory word by word (its relaxed
+   * memmove): the receiver's gathering of small records into one run was 6% of its CPU so (BENCHMARKS.md, issue 14).
    */
   readonly bulkPayload = (size: number): Buffer => {
     // Rounded up to a step: taken only at its exact size, a frame buffer was almost never reused (each frame of
     // small records has a size of its own), and a fresh 1 MiB of zeroed shared memory per frame, with the major
     // collections that much external memory brings, cost more than the receive's own work (BENCHMARKS.md, issue 14).
     const wholeBytes = frameBufferBytes(size);
-    return (this.#frameBuffers.take(wholeBytes) ?? Buffer.from(new SharedArrayBuffer(wholeBytes))).subarray(0, size);
+    let buffer = this.#frameBuffers.take(wholeBytes);
+    if (buffer === undefined) {
+      buffer = Buffer.allocUnsafeSlow(wholeBytes);
+      this.#made.add(buffer.buffer);
+    }
+    return buffer.subarray(0, size);
   };
 
   /** A piece the receiver is done with: its whole frame buffer is kept for reuse when it is one bulkPayload made. */
   #recycle(piece: Buffer): void {
     const memory = piece.buffer;
-    if (!(memory instanceof SharedArrayBuffer) || piece.byteOffset !== 0 || memory.byteLength !== frameBufferBytes(piece.length)) return;
+    if (!this.#made.has(memory) || piece.byteOffset !== 0 || memory.byteLength !== frameBufferBytes(piece.length)) return;
     this.#frameBuffers.put(Buffer.from(memory));
   }
 

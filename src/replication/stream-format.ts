@@ -32,9 +32,9 @@
 // Pure: bytes in, values out.
 import { crc32 } from '@node-rs/crc32';
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, streamDataRecordBytesMax, streamHeaderBytesMax, streamRecordPayloadBytesMax, volumeSizeMaxBytes } from '../core/limits.ts';
+import { chunkSizeBytes, receiveBatchRecordBytesMax, streamDataRecordBytesMax, streamHeaderBytesMax, streamRecordPayloadBytesMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
-import { appendedChecksum } from '../store/checksum.ts';
+import { appendedChecksum, combinedChecksum } from '../store/checksum.ts';
 import { contentDigestBytes } from '../store/content-digest.ts';
 import { isSnapshotUuid } from '../store/metadata.ts';
 
@@ -61,7 +61,11 @@ export interface StreamHeader {
 
 export type StreamRecord =
   | { type: 'header'; header: StreamHeader }
-  | { type: 'data'; offsetBytes: number; data: Buffer }
+  /**
+   * `sums`: each 4 KiB chunk's CRC-32, for a record smaller than limits.receiveBatchRecordBytesMax (the decoder's
+   * check of the record's CRC is made from them, one pass over the data: StreamDecoder); absent for bigger ones.
+   */
+  | { type: 'data'; offsetBytes: number; data: Buffer; sums?: Uint32Array }
   | { type: 'zero'; offsetBytes: number; lengthBytes: number }
   | { type: 'end'; recordCount: number; dataBytes: number; digest: Buffer }
   | { type: 'abort'; message: string };
@@ -174,6 +178,27 @@ function isOffset(value: unknown): value is number {
 
 // ---- decoding ----
 
+/** Chunk sums a decoder's arena holds: 256 KiB of them, the chunks of 256 MiB of small records. */
+const decoderSumsArenaLength = 65_536;
+
+/** CRC-32 table for the few bytes of a record's head (the data's go through the native CRC). */
+const crcTable = (() => {
+  const table = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = (c & 1) !== 0 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    table[n] = c >>> 0;
+  }
+  return table;
+})();
+
+/** crc32 of bytes[start..end), without a view of them: for a few bytes, cheaper than the native call's Buffer. */
+function smallCrc(bytes: Buffer, start: number, end: number): number {
+  let crc = 0xffffffff;
+  for (let i = start; i < end; i++) crc = crcTable[(crc ^ bytes[i]!) & 0xff]! ^ (crc >>> 8);
+  return (crc ^ 0xffffffff) >>> 0;
+}
+
 /**
  * Decodes a stream pushed in pieces of any size, checking every record's checksum and every invariant of the
  * design note; ECORRUPT for a record that fails its checksum, EPROTO for one that breaks the format. Holds at
@@ -190,6 +215,9 @@ export class StreamDecoder {
   /** The end of the last extent: the next must start at or after it. */
   #nextExtentBytes = 0;
   #finished = false;
+  /** Where small data records' chunk sums are kept (views of it go out with the records; a full one is replaced, never reused). */
+  #sums = new Uint32Array(decoderSumsArenaLength);
+  #sumsUsed = 0;
 
   /** Stream bytes taken by the records decoded so far. */
   get offsetBytes(): number {
@@ -226,10 +254,13 @@ export class StreamDecoder {
       if (this.#bufferedBytes < recordBytes) break;
       const bytes = this.#take(recordBytes);
       const crcEnd = recordBytes - recordTailBytes;
-      if ((crc32(bytes.subarray(0, crcEnd)) >>> 0) !== bytes.readUInt32LE(crcEnd)) {
-        throw this.#corrupt(`record ${this.#recordCount} at stream byte ${this.#offsetBytes} fails its checksum: the stream is damaged`);
+      const dataBytes = payloadBytes - 8;
+      if (type === recordTypes.data && dataBytes > 0 && dataBytes < receiveBatchRecordBytesMax && dataBytes % chunkSizeBytes === 0) {
+        records.push(this.#smallData(bytes, crcEnd));
+      } else {
+        if ((crc32(bytes.subarray(0, crcEnd)) >>> 0) !== bytes.readUInt32LE(crcEnd)) throw this.#damaged();
+        records.push(this.#decode(type, bytes.subarray(recordHeadBytes, crcEnd)));
       }
-      records.push(this.#decode(type, bytes.subarray(recordHeadBytes, crcEnd)));
       this.#recordCount += 1;
       this.#offsetBytes += recordBytes;
     }
@@ -239,6 +270,37 @@ export class StreamDecoder {
   /** Called at the end of the input: a stream cut short (no END or ABORT) is reported by the caller, not here. */
   get trailingBytes(): number {
     return this.#bufferedBytes;
+  }
+
+  #damaged(): ChunkdError {
+    return this.#corrupt(`record ${this.#recordCount} at stream byte ${this.#offsetBytes} fails its checksum: the stream is damaged`);
+  }
+
+  /**
+   * A data record of whole chunks, smaller than a receiver writes in place: each chunk's CRC-32 is taken once, and
+   * the record's CRC is checked as their combination appended to its head's (checksum.ts), so each byte is summed
+   * once, not once for the record and again for the chunk map. Damage anywhere in the record fails the check
+   * exactly as a CRC over its bytes would (the combination is that CRC). The sums go with the record (`sums`).
+   */
+  #smallData(bytes: Buffer, crcEnd: number): StreamRecord {
+    const data = bytes.subarray(dataRecordDataStart, crcEnd);
+    const count = data.length / chunkSizeBytes;
+    if (this.#sums.length - this.#sumsUsed < count) {
+      this.#sums = new Uint32Array(decoderSumsArenaLength);
+      this.#sumsUsed = 0;
+    }
+    const from = this.#sumsUsed;
+    const arena = this.#sums;
+    if (count === 1) arena[from] = crc32(data) >>> 0;
+    else for (let i = 0; i < count; i++) arena[from + i] = crc32(data.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes)) >>> 0;
+    const crc = appendedChecksum(smallCrc(bytes, 0, dataRecordDataStart), combinedChecksum(arena, from, count), count);
+    if (crc !== bytes.readUInt32LE(crcEnd)) throw this.#damaged();
+    this.#sumsUsed = from + count;
+    const header = this.#header;
+    if (header === null) throw this.#protocol('the stream does not start with a header (not a chunkd stream?)');
+    const offsetBytes = this.#extent(header, bytes.readUInt32LE(recordHeadBytes) + bytes.readUInt32LE(recordHeadBytes + 4) * 0x1_0000_0000, data.length);
+    this.#dataBytes += data.length;
+    return { type: 'data', offsetBytes, data, sums: arena.subarray(from, from + count) };
   }
 
   #decode(type: number, payload: Buffer): StreamRecord {

@@ -36,8 +36,11 @@ export interface ChunkIo {
    * a promise per layer of a 4 KiB read was a good part of its CPU cost at queue depth 32 (BENCHMARKS.md, issue 19).
    */
   readChunks(target: Buffer, plan: Float64Array, expected: Uint32Array, verify: boolean): Mismatch | null | Promise<Mismatch | null>;
-  /** Writes whole chunks from `physicalChunk` and returns the checksum of each. */
-  writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array>;
+  /**
+   * Writes whole chunks from `physicalChunk` and returns the checksum of each: `sums` when the caller gives them
+   * (taken from these bytes already, as a replication receiver's decoder does), else computed here.
+   */
+  writeSummed(physicalChunk: number, data: Buffer, sums?: Uint32Array): Promise<Uint32Array>;
   status(): IoEngineStatus;
   /** Waits for the I/O in flight, then stops; `force` stops at once (a simulated crash: nothing more may land). */
   close(options?: { force?: boolean }): Promise<void>;
@@ -243,8 +246,8 @@ export class InlineChunkIo implements ChunkIo {
     return this.#files.readCached(plan[p]!, 0, planBytes(target, plan[p + 2]!, plan[p + 1]!));
   }
 
-  async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
-    const sums = chunkSums(data);
+  async writeSummed(physicalChunk: number, data: Buffer, given?: Uint32Array): Promise<Uint32Array> {
+    const sums = given ?? chunkSums(data);
     await this.#files.write(physicalChunk, 0, data, this.#writer);
     return sums;
   }

@@ -69,17 +69,20 @@ export class ChunkStore {
 
   // ---- data verbs ----
 
-  /** Writes whole chunks into a fresh run; on a full file system, reclaims deferred frees and tries once more. */
-  async write(payload: Buffer): Promise<WrittenRun> {
+  /**
+   * Writes whole chunks into a fresh run; on a full file system, reclaims deferred frees and tries once more.
+   * `sums`: the chunks' checksums when the caller has taken them from these bytes (ChunkIo.writeSummed).
+   */
+  async write(payload: Buffer, sums?: Uint32Array): Promise<WrittenRun> {
     const chunkCount = payload.length / chunkSizeBytes;
     try {
-      return await this.#writeFresh(payload, chunkCount);
+      return await this.#writeFresh(payload, chunkCount, sums);
     } catch (error) {
       // The file system is full, but chunks this pool freed wait for a commit before they may be reused (they
       // are still space in the files): commit, then try once more, into them.
       if ((error as NodeJS.ErrnoException).code !== 'ENOSPC' || this.#allocator.deferredCount === 0) throw error;
       await this.#reclaim();
-      return this.#writeFresh(payload, chunkCount);
+      return this.#writeFresh(payload, chunkCount, sums);
     }
   }
 
@@ -243,11 +246,11 @@ export class ChunkStore {
     if (options?.force !== true) this.#files.close();
   }
 
-  async #writeFresh(payload: Buffer, chunkCount: number): Promise<WrittenRun> {
+  async #writeFresh(payload: Buffer, chunkCount: number, sums: Uint32Array | undefined): Promise<WrittenRun> {
     const allocated = this.#allocator.allocate(chunkCount);
     const physicalChunk = typeof allocated === 'number' ? allocated : await allocated;
     try {
-      return { physicalChunk, sums: await this.#io.writeSummed(physicalChunk, payload) };
+      return { physicalChunk, sums: await this.#io.writeSummed(physicalChunk, payload, sums) };
     } catch (error) {
       this.#allocator.release(physicalChunk, chunkCount);
       throw error;

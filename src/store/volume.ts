@@ -290,9 +290,11 @@ export class Volume implements BlockDevice {
    * #endTurn). The bytes are copied before the first await, so the caller
    * may reuse the writes' buffers once this returns its promise. The range from the first write to the last is asked
    * of the lock at once, so the batch is ordered against single writes as they were asked. All succeed or all fail;
-   * none with FUA (the caller flushes).
+   * none with FUA (the caller flushes). A write's `sums`, when every write has them, are its chunks' CRC-32s the
+   * caller has already taken (a replication receiver's decoder checks each record's CRC from them): recorded as
+   * they are, the bytes not summed again.
    */
-  async writeMany(writes: ReadonlyArray<{ offsetBytes: number; data: Buffer }>): Promise<void> {
+  async writeMany(writes: ReadonlyArray<{ offsetBytes: number; data: Buffer; sums?: Uint32Array }>): Promise<void> {
     assert(writes.length > 0, 'writeMany: at least one write');
     const sorted = [...writes].sort((a, b) => a.offsetBytes - b.offsetBytes);
     let totalBytes = 0;
@@ -310,6 +312,16 @@ export class Volume implements BlockDevice {
       let at = 0;
       for (const { data } of sorted) at += data.copy(payload, at);
     }
+    let sums = sorted[0]!.sums === undefined ? undefined : new Uint32Array(totalBytes / chunkSizeBytes);
+    for (let at = 0, index = 0; index < sorted.length && sums !== undefined; index++) {
+      const given = sorted[index]!.sums;
+      if (given === undefined) sums = undefined;
+      else {
+        assert(given.length === sorted[index]!.data.length / chunkSizeBytes, 'writeMany: a sum for each chunk');
+        sums.set(given, at);
+        at += given.length;
+      }
+    }
     this.#store.metadata.checkHealthy();
     // One range from the first write's start to the last one's end, asked for now: the lock grants overlapping
     // requests first come, first served, so this batch is ordered against writes asked for before and after it as a
@@ -322,7 +334,7 @@ export class Volume implements BlockDevice {
     try {
       releases.push(lock instanceof Promise ? await lock : lock);
       this.#checkWritable();
-      await this.#writeRun(sorted, payload);
+      await this.#writeRun(sorted, payload, sums);
       // Kept only after a write that succeeded, as #writeGroup keeps its buffers.
       if (kept !== null && groupBuffers.length < groupBuffersKept) groupBuffers.push(kept);
     } catch (error) {
@@ -465,14 +477,15 @@ export class Volume implements BlockDevice {
   }
 
   /** Whole-chunk writes sorted by offset, sharing no chunk, as one fresh run (`payload`, their bytes in that order): one map record each, with its own chunks' checksums. */
-  async #writeRun(sorted: ReadonlyArray<{ offsetBytes: number; data: Buffer }>, payload: Buffer): Promise<void> {
-    const written = await this.#store.chunks.write(payload);
+  async #writeRun(sorted: ReadonlyArray<{ offsetBytes: number; data: Buffer }>, payload: Buffer, sums?: Uint32Array): Promise<void> {
+    const written = await this.#store.chunks.write(payload, sums);
     let chunk = 0;
     for (const { offsetBytes, data } of sorted) {
       const count = data.length / chunkSizeBytes;
       this.#store.metadata.record({
         type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: offsetBytes / chunkSizeBytes, physicalChunk: written.physicalChunk + chunk, chunkCount: count,
-        sums: written.sums.slice(chunk, chunk + count),
+        // A view, not a copy: the run's sums are its own (fresh for this write) and the record's readers copy them.
+        sums: written.sums.subarray(chunk, chunk + count),
       });
       chunk += count;
     }

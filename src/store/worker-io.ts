@@ -166,12 +166,13 @@ export class WorkerChunkIo implements ChunkIo {
     }
   }
 
-  async writeSummed(physicalChunk: number, data: Buffer): Promise<Uint32Array> {
+  async writeSummed(physicalChunk: number, data: Buffer, sums?: Uint32Array): Promise<Uint32Array> {
     // A write's checksums cost well under a microsecond per 4 KiB here (about 0.1 ms per MiB), and libuv's pool
     // takes its pwrite with a lighter hand-off than a worker task (4 KiB at QD1: 40k/s against 17k/s through a
     // worker; 1 MiB at QD8: less CPU per GB, limits.ts), and the chunk writer (chunk-writer.ts) a lighter one
     // still for a turn's first small write. Only writes larger than 1 MiB go to a worker.
-    if (data.length <= inlineWriteBytesMax || this.#pool === null) return this.#inline.writeSummed(physicalChunk, data);
+    // Given sums go with an inline write; a worker sums what it writes (it reads the bytes anyway).
+    if (data.length <= inlineWriteBytesMax || this.#pool === null) return this.#inline.writeSummed(physicalChunk, data, sums);
     let staged: Buffer | null = null;
     if (!isShared(data)) {
       staged = this.#buffers.acquire(data.length);

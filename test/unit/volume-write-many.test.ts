@@ -83,6 +83,34 @@ test('writeMany puts each extent in place with its own checksums, takes the byte
   });
 });
 
+// A replication receiver gives writeMany the chunks' checksums its decoder took (stream-format.ts): those are
+// what is recorded, not sums taken again. So the sums given must be the right ones for each extent: with them the
+// volume reads back (each read verified, after a reopen too); a wrong one given is recorded as it is, and the read
+// of that chunk is refused as damaged, which shows the bytes were not summed again.
+test('writeMany records the checksums given with its extents, each at its own chunks', async () => {
+  const { chunkSums } = await import('../../src/store/chunk-io.ts');
+  await withVolume('chunkd-extents-sums-', async (volume, expected) => {
+    const extents = [
+      { offsetBytes: 2 * 4096, data: pattern(4096, 21) },
+      { offsetBytes: 10 * 4096, data: pattern(5 * 4096, 22) },
+      { offsetBytes: 40 * 4096, data: pattern(2 * 4096, 23) },
+    ].map((extent) => ({ ...extent, sums: chunkSums(extent.data) }));
+    await volume.writeMany(extents);
+    for (const extent of extents) extent.data.copy(expected, extent.offsetBytes);
+    await expectVolume(volume, expected);
+    const wrong = { offsetBytes: 60 * 4096, data: pattern(2 * 4096, 24), sums: chunkSums(pattern(2 * 4096, 24)) };
+    wrong.sums[1] = (wrong.sums[1]! ^ 1) >>> 0;
+    await volume.writeMany([wrong]);
+    await assert.rejects(volume.read(61 * 4096, Buffer.alloc(4096)), /checksum mismatch/);
+    await volume.read(60 * 4096, Buffer.alloc(4096));
+    // Written over with the right ones, so that the reopen's read of the whole volume checks the rest.
+    await volume.writeMany([{ ...wrong, sums: chunkSums(wrong.data) }]);
+    wrong.data.copy(expected, wrong.offsetBytes);
+    await expectVolume(volume, expected);
+    await volume.flush();
+  });
+});
+
 const block = 4096;
 
 // Volume.write's turn batch (NBD at queue depth 32 sends many small writes in one turn): the turn's first small plain
