@@ -682,6 +682,35 @@ test('a leaf looked up through its held page image finds keys and physical chunk
   });
 });
 
+test('a held leaf whose keys are spread unevenly (runs, clusters, gaps of every size) finds every key and every hole beside one', async () => {
+  // The search of a held leaf first probes where the key would be were the keys spread evenly between its parent's
+  // keys, then steps out from there: here they are not, so its steps and their ends are what finds them.
+  await withMaps({ cachePages: 1024 }, async (setup) => {
+    const random = seededRandom('held leaves spread unevenly');
+    const keys = new Set<number>();
+    for (let v = 0; v < 300; v++) keys.add(v); // a run
+    for (let n = 0; n < 400; n++) keys.add(1000 + random(50)); // a cluster
+    for (let g = 1; g < 2 ** 40; g *= 3) keys.add(5000 + g); // gaps growing to 2^40
+    for (let n = 0; n < 2000; n++) keys.add(2 ** 41 + random(1 << 30)); // spread evenly
+    for (let n = 0; n < 300; n++) keys.add(2 ** 46 + n * n * n); // gaps growing by the square
+    const sorted = [...keys].sort((a, b) => a - b);
+    const map = setup.maps.empty();
+    await map.mapRuns(sorted.map((virtualChunk, i) => ({ virtualChunk, physicalChunk: i, sums: [sumOf(i)] })), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    const index = new Map(sorted.map((v, i) => [v, i]));
+    const probes = [...new Set(sorted.flatMap((v) => [v - 1, v, v + 1]).filter((v) => v >= 0))];
+    for (const pass of ['first', 'held']) {
+      for (const v of probes) {
+        const found = map.runsCached(v, 1) ?? (await map.runs(v, 1));
+        const i = index.get(v);
+        assert.deepEqual(withoutSums(found), [{ virtualChunk: v, chunkCount: 1, physicalChunk: i ?? -1 }], `${pass}: chunk ${v}`);
+        if (i !== undefined) assert.equal(found[0]!.sums[0], sumOf(i), `${pass}: chunk ${v}'s sum`);
+      }
+    }
+    assert.ok(heldLeaves(map).length > 5, 'the lookups went through held leaves');
+  });
+});
+
 test('mutations not awaited apply in call order while lookups run beside them through a two-page cache', async () => {
   await withMaps({ cachePages: 2, leafCapacity: 4, interiorCapacity: 4 }, async (setup) => {
     const map = setup.maps.empty();
