@@ -44,12 +44,15 @@
 // Lookups: a decoded node lives on its cached page (`CachedPage.decoded`). A one-chunk lookup (`#runCached`, a
 // 4 KiB read's) takes the root's node from the map (`PagedMap.rootNode`, forgotten at every `setState`: a pass may
 // place a new node on the page it leaves, the root's among them) and each interior node below the root from its
-// parent (`InteriorNode.below`, filled as lookups pass), so only the leaf goes through the cache. Right for a
-// node's whole life: an interior node above the leaves' parents never changes once placed (a change below it copies
-// the path up to the root, new nodes holding nothing below); a leaves' parent changed since the commit may name a new
-// leaf in place (`#mapInPlace`), which lookups see at once (they hold no leaf); and a page a node names keeps its
-// content while it names it (a leaf changed in place is the same object). An interior node so held stays while its
-// parent does, cached or not: a 160th to a 250th of the leaves, beside the cache's bound.
+// parent (`InteriorNode.below`, filled as lookups pass), and a clean leaf from its parent too (`InteriorNode.leaves`:
+// a view of its cached page's body, searched without decoding it, held only while the page is in the cache, whose
+// use is recorded in the cache once per eviction: `#leafRun`, and paged-metadata.md, "Leaves held by their
+// parents"). Right for a node's whole life: an interior node above the leaves' parents never changes once placed (a
+// change below it copies the path up to the root, new nodes holding nothing below); a leaves' parent changed since
+// the commit may name a new leaf in place (`#mapInPlace`, which empties what it held of the old leaf); and a page a
+// node names keeps its content while it names it (a leaf changed in place is the same object, and a clean page's
+// image never changes: a change puts a new page). An interior node so held stays while its parent does, cached or
+// not: a 160th to a 250th of the leaves, beside the cache's bound.
 //
 // `drop` is the exception: not one pass (a large map would pin all its pages and free them in one turn), it walks
 // the pages it frees one at a time, in slices.
