@@ -19,6 +19,15 @@ export interface CachedPage {
   heldBytes?: number;
   /** Its owner's decoded form, kept with it while it is cached (paged-map.ts's node): not read by the cache. */
   decoded?: unknown;
+  /** Another form its owner keeps of it (paged-map.ts: a typed view of a leaf's body), counted in `heldBytes`: not read by the cache. */
+  heldAs?: unknown;
+  /**
+   * Where its owner holds `heldAs` outside the cache (an array and an index in it: paged-map.ts's leaf held by its
+   * parent), set with `holdOutside`; emptied when the page leaves the cache (evicted, discarded, put again), so
+   * that nothing holds a page the cache no longer counts.
+   */
+  holder?: unknown[];
+  holderIndex?: number;
 }
 
 /** What a page counts against the cache's bound: its image, and what its owner keeps beside it. */
@@ -42,6 +51,13 @@ const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(reso
 /** lru-cache's `get` options, the defaults (it sets `status` on them, undefined unless its metrics are watched). */
 const getOptions: LRUCache.GetOptions<number, CachedPage, unknown> = {};
 
+/** Empties the slot where its owner holds `page` outside the cache, if it still does (the slot may hold another's since). */
+function letGo(page: CachedPage): void {
+  if (page.holder === undefined) return;
+  if (page.holder[page.holderIndex!] === page.heldAs) page.holder[page.holderIndex!] = undefined;
+  page.holder = undefined;
+}
+
 export class PageCache {
   readonly #file: PageFile;
   readonly #clean: LRUCache<number, CachedPage>;
@@ -50,6 +66,10 @@ export class PageCache {
   readonly #sliceMs: number;
   #hits = 0;
   #misses = 0;
+  /** Clean pages evicted so far (`evictions`). */
+  #evictions = 0;
+  /** Set while `hold` sizes a page again (a delete and a set of the same page): it does not leave the cache. */
+  #resizing = false;
 
   /**
    * `sliceMs`: the longest a commit works on its pages in memory before it gives the event loop a turn (0: a turn
@@ -59,7 +79,14 @@ export class PageCache {
     this.#sliceMs = sliceMs;
     if (!Number.isSafeInteger(maxBytes) || maxBytes < pageBytes) throw ChunkdError.invalid(`a metadata cache holds at least one page (${pageBytes} bytes), not ${maxBytes} bytes`);
     this.#file = file;
-    this.#clean = new LRUCache<number, CachedPage>({ maxSize: maxBytes, sizeCalculation: cachedBytes });
+    this.#clean = new LRUCache<number, CachedPage>({
+      maxSize: maxBytes,
+      sizeCalculation: cachedBytes,
+      dispose: (page, _pageNumber, reason) => {
+        if (reason === 'evict') this.#evictions += 1;
+        if (!this.#resizing) letGo(page);
+      },
+    });
   }
 
   /** The page as last put or committed, from memory or else read from the file (checked, repaired from the other copy). */
@@ -95,6 +122,36 @@ export class PageCache {
     return held;
   }
 
+  /**
+   * Clean pages evicted so far. A use of a page its owner holds outside the cache (`holdOutside`) is recorded with
+   * `touch` only when this has moved since its last record (paged-metadata.md, "Leaves held by their parents"): a
+   * page used since the last eviction is more recent than any page not used since, which is all eviction asks.
+   */
+  get evictions(): number {
+    return this.#evictions;
+  }
+
+  /** Records a use of a clean page (its recency, as `peek` does), without returning it. */
+  touch(pageNumber: number): void {
+    this.#clean.get(pageNumber, getOptions);
+    this.#hits += 1;
+  }
+
+  /**
+   * Lets its owner hold `page` (got from `peek`) outside the cache, as `page.heldAs` in `holder[index]`, while the
+   * page is clean and cached: the slot is emptied when the page leaves the cache, and where another slot held it,
+   * that one is emptied now (one holder a page). False, holding nothing, when the page is not among the clean
+   * pages (dirty, or no longer cached).
+   */
+  holdOutside(pageNumber: number, page: CachedPage, holder: unknown[], index: number): boolean {
+    if (page.heldAs === undefined || this.#clean.peek(pageNumber) !== page) return false;
+    letGo(page);
+    page.holder = holder;
+    page.holderIndex = index;
+    holder[index] = page.heldAs;
+    return true;
+  }
+
   /** Forgets a page its owner freed: a dirty one is not written at the next commit, a clean one leaves the cache. */
   discard(pageNumber: number): void {
     this.#dirty.delete(pageNumber);
@@ -110,9 +167,16 @@ export class PageCache {
     if (page.heldBytes === bytes) return;
     page.heldBytes = bytes;
     if (this.#clean.peek(pageNumber) !== page) return;
-    // lru-cache sizes an entry when it is set with a new value only: delete it and set it again.
-    this.#clean.delete(pageNumber);
+    // lru-cache sizes an entry when it is set with a new value only: delete it and set it again (not a page
+    // leaving: what holds it outside keeps it, unless the set evicts it).
+    this.#resizing = true;
+    try {
+      this.#clean.delete(pageNumber);
+    } finally {
+      this.#resizing = false;
+    }
     this.#clean.set(pageNumber, page);
+    if (this.#clean.peek(pageNumber) !== page) letGo(page);
   }
 
   /** Replaces a page in memory; it is written at the next commit. */

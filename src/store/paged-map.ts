@@ -44,12 +44,15 @@
 // Lookups: a decoded node lives on its cached page (`CachedPage.decoded`). A one-chunk lookup (`#runCached`, a
 // 4 KiB read's) takes the root's node from the map (`PagedMap.rootNode`, forgotten at every `setState`: a pass may
 // place a new node on the page it leaves, the root's among them) and each interior node below the root from its
-// parent (`InteriorNode.below`, filled as lookups pass), so only the leaf goes through the cache. Right for a
-// node's whole life: an interior node above the leaves' parents never changes once placed (a change below it copies
-// the path up to the root, new nodes holding nothing below); a leaves' parent changed since the commit may name a new
-// leaf in place (`#mapInPlace`), which lookups see at once (they hold no leaf); and a page a node names keeps its
-// content while it names it (a leaf changed in place is the same object). An interior node so held stays while its
-// parent does, cached or not: a 160th to a 250th of the leaves, beside the cache's bound.
+// parent (`InteriorNode.below`, filled as lookups pass), and a clean leaf from its parent too (`InteriorNode.leaves`:
+// a view of its cached page's body, searched without decoding it, held only while the page is in the cache, whose
+// use is recorded in the cache once per eviction: `#leafRun`, and paged-metadata.md, "Leaves held by their
+// parents"). Right for a node's whole life: an interior node above the leaves' parents never changes once placed (a
+// change below it copies the path up to the root, new nodes holding nothing below); a leaves' parent changed since
+// the commit may name a new leaf in place (`#mapInPlace`, which empties what it held of the old leaf); and a page a
+// node names keeps its content while it names it (a leaf changed in place is the same object, and a clean page's
+// image never changes: a change puts a new page). An interior node so held stays while its parent does, cached or
+// not: a 160th to a 250th of the leaves, beside the cache's bound.
 //
 // `drop` is the exception: not one pass (a large map would pin all its pages and free them in one turn), it walks
 // the pages it frees one at a time, in slices.
@@ -76,6 +79,7 @@
 // every restart walks again from the roots; a pass that starts over keeps the nodes it read, and a page freed,
 // reused and evicted between two tries would be seen as it was (reuse waits for a commit, so this needs a
 // checkpoint and an eviction within one pass).
+import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { assert } from '../core/assert.ts';
 import { ChunkdError, isNoSpace } from '../core/errors.ts';
@@ -128,6 +132,13 @@ export interface InteriorNode {
    * until the first lookup through it; set on nodes of this file only.
    */
   below?: Array<InteriorNode | undefined>;
+  /**
+   * At level 1: the leaves below it by child index, each a view of its clean cached page's body (`leafView`), as
+   * lookups found them, held while the page is cached (`PageCache.holdOutside` empties the slot when it leaves),
+   * and the cache's eviction count when each one's use was last recorded (`leafUses`). See "Lookups" at `PagedMaps`.
+   */
+  leaves?: Array<Uint32Array | undefined>;
+  leafUses?: number[];
 }
 
 export type MapNode = LeafNode | InteriorNode;
@@ -211,7 +222,90 @@ export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
     if (i > 0 && keys[i]! <= keys[i - 1]!) fail('keys out of order');
     if (children[i]! < firstDataPage) fail(`a child at page ${children[i]}`);
   }
-  return { kind: 'interior', level, keys, children, below: undefined };
+  return { kind: 'interior', level, keys, children, below: undefined, leaves: undefined, leafUses: undefined };
+}
+
+/** A leaf's page is read in place as 32-bit words of the machine's order (`leafView`): little-endian, as written. */
+const wordsInPageOrder = os.endianness() === 'LE';
+/** The heap a `leafView` takes beside the page's body (V8's typed array object, about), counted with the page. */
+const leafViewBytes = 128;
+
+/**
+ * A leaf's page as 32-bit words, for a lookup to search without decoding it: entry i at word 1 + 4i is the key's
+ * low 32 bits, then the key's high 16 bits and the physical chunk's low 16, the physical chunk's high 32, the crc32.
+ * Checked as `decodeNode` checks a leaf (kind, count, size, keys in order); undefined where it is not one, or
+ * where the body cannot be viewed so (not 4-byte aligned, a big-endian machine): the lookup then decodes the page,
+ * and `decodeNode` names the damage.
+ */
+function leafView(page: CachedPage): Uint32Array | undefined {
+  const body = page.body;
+  if (page.kind !== mapLeafKind || !wordsInPageOrder || body.byteOffset % 4 !== 0 || body.length < nodeHeaderBytes) return undefined;
+  const count = body.readUInt16LE(0);
+  if (count === 0 || count > leafCapacityMax || body.length !== nodeHeaderBytes + count * leafEntryBytes) return undefined;
+  const words = new Uint32Array(body.buffer, body.byteOffset, body.length / 4);
+  let last = -1;
+  for (let at = 1; at < words.length; at += 4) {
+    const key = words[at]! + (words[at + 1]! & 0xffff) * 2 ** 32;
+    if (key <= last) return undefined;
+    last = key;
+  }
+  return words;
+}
+
+/** The key of entry `i` of a `leafView`. */
+const viewKey = (words: Uint32Array, i: number): number => words[1 + 4 * i]! + (words[2 + 4 * i]! & 0xffff) * 2 ** 32;
+
+/**
+ * The first entry of a `leafView` of `count` entries whose key is at or above `key`, given that the leaf's keys
+ * lie in [`from`, `to`) (its parent's keys around it): a first probe where `key` would be if the keys were spread
+ * evenly over that range (random writes spread them so; sequential ones fill it), then steps of doubling length
+ * from there to a pair of entries around `key`, then a binary search between them. So a leaf of keys spread
+ * evenly is searched in a few neighbouring cache lines (a binary search from the middle touches about six of a
+ * full leaf's 64), and any other in at most about twice a binary search's probes.
+ */
+function viewLowerBound(words: Uint32Array, count: number, key: number, from: number, to: number): number {
+  let guess = Math.floor(((key - from) / (to - from)) * count);
+  if (!(guess >= 0)) guess = 0;
+  else if (guess >= count) guess = count - 1;
+  // Invariant of the binary search below: entries before lo are below key, entries from hi on are at or above it.
+  let lo: number;
+  let hi: number;
+  if (viewKey(words, guess) < key) {
+    lo = guess + 1;
+    hi = count;
+    for (let step = 1; lo < count; step *= 2) {
+      const probe = Math.min(count - 1, guess + step);
+      if (viewKey(words, probe) >= key) {
+        hi = probe;
+        break;
+      }
+      lo = probe + 1;
+    }
+  } else {
+    hi = guess;
+    lo = 0;
+    for (let step = 1; hi > 0; step *= 2) {
+      const probe = Math.max(0, guess - step);
+      if (viewKey(words, probe) < key) {
+        lo = probe + 1;
+        break;
+      }
+      hi = probe;
+    }
+  }
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (viewKey(words, mid) < key) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+/** The one-chunk run of `virtualChunk` in a decoded leaf. */
+function leafRun(leaf: LeafNode, virtualChunk: number): PagedRun[] {
+  const i = lowerBound(leaf.keys, virtualChunk);
+  if (leaf.keys[i] === virtualChunk) return [{ virtualChunk, chunkCount: 1, physicalChunk: leaf.physical[i]!, sums: [leaf.sums[i]!] }];
+  return [{ virtualChunk, chunkCount: 1, physicalChunk: -1, sums: [] }];
 }
 
 /** Pages a drop frees between two turns of the event loop. */
@@ -766,22 +860,68 @@ export class PagedMaps {
       const i = childIndex(node.keys, virtualChunk);
       page = node.children[i]!;
       const level = node.level - 1;
-      let child: MapNode | undefined;
-      if (level === 0) child = this.#resident(page);
-      else {
-        const below = (node.below ??= new Array<InteriorNode | undefined>(node.children.length));
-        child = below[i];
-        if (child === undefined) {
-          child = this.#resident(page);
-          if (child !== undefined && child.kind === 'interior') below[i] = child;
-        }
+      if (level === 0) return this.#leafRun(node, i, page, virtualChunk);
+      const below = (node.below ??= new Array<InteriorNode | undefined>(node.children.length));
+      let child: MapNode | undefined = below[i];
+      if (child === undefined) {
+        child = this.#resident(page);
+        if (child !== undefined && child.kind === 'interior') below[i] = child;
       }
       if (child === undefined) return undefined;
       node = checkLevel(child, page, level);
     }
-    const i = lowerBound(node.keys, virtualChunk);
-    if (node.keys[i] === virtualChunk) return [{ virtualChunk, chunkCount: 1, physicalChunk: node.physical[i]!, sums: [node.sums[i]!] }];
+    // A root that is a leaf.
+    return leafRun(node, virtualChunk);
+  }
+
+  /**
+   * The run of `virtualChunk` in the leaf at `page`, child `i` of `parent` (level 1): from the view `parent` holds
+   * (its use recorded in the cache only once per eviction since the last record: `PageCache.evictions`), else from
+   * the cache's page, then held by `parent` if it is clean (a view of its body, not decoded), else decoded (a page
+   * changed since the commit, or one that cannot be viewed). Undefined when the leaf is not in memory.
+   */
+  #leafRun(parent: InteriorNode, i: number, page: number, virtualChunk: number): PagedRun[] | undefined {
+    let words = parent.leaves === undefined ? undefined : parent.leaves[i];
+    if (words !== undefined) {
+      const evictions = this.#cache.evictions;
+      if (parent.leafUses![i] !== evictions) {
+        this.#cache.touch(page);
+        parent.leafUses![i] = evictions;
+      }
+    } else {
+      const dirty = this.#dirty.size === 0 ? undefined : this.#dirty.get(page);
+      if (dirty !== undefined) return leafRun(checkLevel(dirty, page, 0) as LeafNode, virtualChunk);
+      const cached = this.#cache.peek(page);
+      if (cached === undefined) return undefined;
+      words = this.#holdLeaf(parent, i, page, cached);
+      if (words === undefined) return leafRun(checkLevel(this.#decode(cached, page), page, 0) as LeafNode, virtualChunk);
+    }
+    const count = (words.length - 1) >> 2;
+    const keys = parent.keys;
+    const at = 1 + 4 * viewLowerBound(words, count, virtualChunk, keys[i]!, i + 1 < keys.length ? keys[i + 1]! : virtualChunk + 1);
+    if (at < words.length && words[at]! + (words[at + 1]! & 0xffff) * 2 ** 32 === virtualChunk) {
+      return [{ virtualChunk, chunkCount: 1, physicalChunk: (words[at + 1]! >>> 16) + words[at + 2]! * 65536, sums: [words[at + 3]!] }];
+    }
     return [{ virtualChunk, chunkCount: 1, physicalChunk: -1, sums: [] }];
+  }
+
+  /**
+   * Holds the leaf of a clean cached page on its parent as a view of its body (`leafView`, made once a page and
+   * counted with it against the cache's bound), until the page leaves the cache. Undefined, holding nothing, where
+   * the page cannot be viewed or is not clean.
+   */
+  #holdLeaf(parent: InteriorNode, i: number, page: number, cached: CachedPage): Uint32Array | undefined {
+    if (cached.heldAs === undefined) {
+      const view = leafView(cached);
+      if (view === undefined) return undefined;
+      cached.heldAs = view;
+      this.#cache.hold(page, cached, (cached.heldBytes ?? 0) + leafViewBytes);
+    }
+    const leaves = (parent.leaves ??= new Array<Uint32Array | undefined>(parent.children.length));
+    const uses = (parent.leafUses ??= new Array<number>(parent.children.length).fill(-1));
+    if (!this.#cache.holdOutside(page, cached, leaves, i)) return undefined;
+    uses[i] = this.#cache.evictions;
+    return cached.heldAs as Uint32Array;
   }
 
   /** @internal */
@@ -894,6 +1034,8 @@ export class PagedMaps {
           this.#pageRefs.increment(placed);
           this.#dirty.set(placed, leaf);
           parent!.children[index] = placed;
+          // What lookups held of the old page goes with it (its discard below empties the slot too).
+          if (parent!.leaves !== undefined) parent!.leaves[index] = undefined;
         }
         // Counted up before down, as a pass applies (a chunk named again is never free in between).
         for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
@@ -1248,7 +1390,7 @@ export class PagedMaps {
     if (node === undefined) {
       node = decodeNode(page, pageNumber);
       page.decoded = node;
-      this.#cache.hold(pageNumber, page, decodedBytes(node));
+      this.#cache.hold(pageNumber, page, decodedBytes(node) + (page.heldAs === undefined ? 0 : leafViewBytes));
     }
     return node;
   }
@@ -1273,7 +1415,7 @@ export class PagedMaps {
     }
     return node.kind === 'leaf'
       ? { kind: 'leaf', keys: copyWithRoom(node.keys), physical: copyWithRoom(node.physical), sums: copyWithRoom(node.sums) }
-      : { kind: 'interior', level: node.level, keys: node.keys.slice(), children: node.children.slice(), below: undefined };
+      : { kind: 'interior', level: node.level, keys: node.keys.slice(), children: node.children.slice(), below: undefined, leaves: undefined, leafUses: undefined };
   }
 
   #runs(pins: Pins, rootPage: number, virtualChunk: number, chunkCount: number): PagedRun[] {
@@ -1539,7 +1681,7 @@ export class PagedMaps {
           if (typeof item !== 'number') built.items[i] = place(item);
         }
       }
-      const node: MapNode = built.kind === 'leaf' ? built : { kind: 'interior', level: built.level, keys: built.keys, children: built.items as number[], below: undefined };
+      const node: MapNode = built.kind === 'leaf' ? built : { kind: 'interior', level: built.level, keys: built.keys, children: built.items as number[], below: undefined, leaves: undefined, leafUses: undefined };
       let page = changes.reusable.pop();
       if (page !== undefined) changes.add(page, 1);
       else {

@@ -200,8 +200,8 @@ test('node images: decoded as encoded; a wrong kind, count or order is refused a
   const leaf: MapNode = { kind: 'leaf', keys: [1, 5, 2 ** 47], physical: [9, 2 ** 48 - 1, 0], sums: [0, 0xffffffff, 7] };
   assert.deepEqual(decodeNode(encodeNode(leaf), 9), leaf);
   const interior: MapNode = { kind: 'interior', level: 3, keys: [0, 10, 20], children: [2, 3, 2 ** 40] };
-  // Decoded with no interior node below it held yet (`below`, filled by lookups).
-  assert.deepEqual(decodeNode(encodeNode(interior), 9), { ...interior, below: undefined });
+  // Decoded with no interior node below it held yet (`below`, `leaves`: filled by lookups).
+  assert.deepEqual(decodeNode(encodeNode(interior), 9), { ...interior, below: undefined, leaves: undefined, leafUses: undefined });
   const full: MapNode = { kind: 'leaf', keys: [...Array(leafCapacityMax).keys()], physical: Array(leafCapacityMax).fill(1), sums: Array(leafCapacityMax).fill(2) };
   assert.deepEqual(decodeNode(encodeNode(full), 9), full);
   assert.throws(() => decodeNode({ kind: 7, body: encodeNode(leaf).body }, 12), (error) => isCorrupt(error) && /metadata page 12: not a chunk map node \(page kind 7\)/.test((error as Error).message));
@@ -576,6 +576,138 @@ test("a node decoded from a cached page counts with it against the cache's bound
     for (const page of cached) assert.equal(setup.cache.peek(page)!.heldBytes, decodedBytes(await setup.maps.node(page)), `page ${page}: its decoded node is counted`);
     assert.ok(setup.cache.stats().cleanBytes <= 64 * pageBytes);
     assert.ok(cached.length > 0 && cached.length <= 40, `${cached.length} leaves of ${leaves.length} cached in 64 pages' bytes: each counts its image and its decoded node`);
+  });
+});
+
+/** The leaves a 4 KiB read's lookups hold on `map`'s root (a node at level 1), by child index. */
+/** The child of `map`'s root (at level 1) whose range holds `key`. */
+function childIndexOf(map: PagedMap, key: number): number {
+  const keys = (map.rootNode as { keys: number[] }).keys;
+  let index = 0;
+  while (index + 1 < keys.length && keys[index + 1]! <= key) index++;
+  return index;
+}
+
+function heldLeaves(map: PagedMap): Array<{ index: number; page: number; view: Uint32Array }> {
+  const root = map.rootNode;
+  assert.ok(root !== undefined && root.kind === 'interior' && root.level === 1, 'a root above the leaves, held by the map');
+  return (root.leaves ?? []).flatMap((view, index) => (view === undefined ? [] : [{ index, page: root.children[index]!, view }]));
+}
+
+test("leaves held by their parents for a 4 KiB read's lookup stay within the cache's bound: each is a clean cached page, let go when it leaves", async () => {
+  const cachePages = 32;
+  await withMaps({ cachePages }, async (setup) => {
+    const map = setup.maps.empty();
+    await map.mapRuns(Array.from({ length: 30_000 }, (_, i) => ({ virtualChunk: 2 * i, physicalChunk: 2 * i, sums: [sumOf(2 * i)] })), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    const random = seededRandom('held leaves within the bound');
+    let lookedUp = 0;
+    for (let round = 0; round < 6; round++) {
+      for (let n = 0; n < 500; n++) {
+        const v = random(60_000);
+        const found = map.runsCached(v, 1) ?? (lookedUp--, await map.runs(v, 1));
+        lookedUp++;
+        assert.deepEqual(found, [{ virtualChunk: v, chunkCount: 1, physicalChunk: v % 2 === 0 ? v : -1, sums: v % 2 === 0 ? [sumOf(v)] : [] }], `chunk ${v}`);
+      }
+      // The leaf read last, looked up again: held.
+      const last = 2 * random(30_000);
+      await map.runs(last, 1);
+      assert.ok(map.runsCached(last, 1) !== undefined);
+      const held = heldLeaves(map);
+      assert.ok(held.some(({ page }) => page === (map.rootNode as { children: number[] }).children[Math.max(0, childIndexOf(map, last))]), 'the leaf looked up last is held');
+      const leafCount = (map.rootNode as { children: number[] }).children.length;
+      assert.ok(leafCount > 2 * cachePages, `${leafCount} leaves, more than the cache holds`);
+      for (const { page, view } of held) {
+        const cached = setup.cache.peek(page);
+        assert.ok(cached !== undefined && cached.heldAs === view, `page ${page}: a leaf held is a page the cache holds, as cached`);
+        assert.ok(cached.heldBytes !== undefined && cached.heldBytes >= 128, `page ${page}: its view counted with it`);
+      }
+      assert.ok(held.length <= cachePages, `round ${round}: ${held.length} leaves held, within the ${cachePages} pages of the bound`);
+      assert.ok(setup.cache.stats().cleanBytes <= cachePages * pageBytes);
+    }
+    assert.ok(lookedUp > 100, `${lookedUp} lookups answered in memory`);
+  });
+});
+
+test('a leaf held by its parent records its use in the cache once per eviction: a hot leaf stays cached while cold ones cycle through', async () => {
+  await withMaps({ cachePages: 16 }, async (setup) => {
+    const map = setup.maps.empty();
+    await map.mapRuns(Array.from({ length: 30_000 }, (_, i) => ({ virtualChunk: 2 * i, physicalChunk: 2 * i, sums: [sumOf(2 * i)] })), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    await map.runs(0, 1);
+    assert.ok(map.runsCached(0, 1) !== undefined && heldLeaves(map).some(({ index }) => index === 0), 'the hot leaf held');
+    let coldReads = 0;
+    for (let v = 4000; v < 60_000; v += 500) {
+      if (map.runsCached(v, 1) === undefined) {
+        coldReads++;
+        await map.runs(v, 1);
+      }
+      assert.deepEqual(map.runsCached(0, 1), [{ virtualChunk: 0, chunkCount: 1, physicalChunk: 0, sums: [sumOf(0)] }], `the hot leaf still cached after ${coldReads} cold leaves read`);
+    }
+    assert.ok(coldReads > 40, `${coldReads} cold leaves read through a cache of 16 pages`);
+  });
+});
+
+test('a leaf looked up through its held page image finds keys and physical chunks past 32 bits, holes beside them, and the sums', async () => {
+  await withMaps({ cachePages: 64, leafCapacity: 4, interiorCapacity: 4 }, async (setup) => {
+    const map = setup.maps.empty();
+    const keys = [0, 1, 2 ** 16, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 1, 2 ** 40 + 7, 2 ** 47, 2 ** 48 - 3, 2 ** 48 - 2];
+    const physicalOf = (i: number): number => [2 ** 48 - 1, 0, 2 ** 32, 2 ** 32 - 1, 65_535, 65_536, 2 ** 47 + 3, 1, 2 ** 40, 7][i]!;
+    const sumAt = (i: number): number => [0xffffffff, 0, 1, 0x80000000, 42, 0x7fffffff, 3, 4, 5, 6][i]!;
+    await map.mapRuns(keys.map((virtualChunk, i) => ({ virtualChunk, physicalChunk: physicalOf(i), sums: [sumAt(i)] })), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    const expect = (v: number): PagedRun[] => {
+      const i = keys.indexOf(v);
+      return [{ virtualChunk: v, chunkCount: 1, physicalChunk: i < 0 ? -1 : physicalOf(i), sums: i < 0 ? [] : [sumAt(i)] }];
+    };
+    const probes = keys.flatMap((k) => [k - 1, k, k + 1]).filter((v) => v >= 0 && v < 2 ** 48);
+    for (const pass of ['read from the cache', 'through the held views']) {
+      for (const v of probes) {
+        let found = map.runsCached(v, 1);
+        if (found === undefined) {
+          assert.equal(pass, 'read from the cache', `chunk ${v} in memory ${pass}`);
+          found = (await map.runs(v, 1)).map((run) => ({ ...run, sums: [...run.sums] }));
+        }
+        assert.deepEqual(found, expect(v), `chunk ${v}, ${pass}`);
+      }
+    }
+    let held = 0;
+    const count = (node: MapNode | undefined): void => {
+      if (node === undefined || node.kind !== 'interior') return;
+      held += (node.leaves ?? []).filter((view) => view !== undefined).length;
+      for (const below of node.below ?? []) count(below);
+    };
+    count(map.rootNode);
+    assert.ok(held >= 3, `${held} leaves held`);
+  });
+});
+
+test('a held leaf whose keys are spread unevenly (runs, clusters, gaps of every size) finds every key and every hole beside one', async () => {
+  // The search of a held leaf first probes where the key would be were the keys spread evenly between its parent's
+  // keys, then steps out from there: here they are not, so its steps and their ends are what finds them.
+  await withMaps({ cachePages: 1024 }, async (setup) => {
+    const random = seededRandom('held leaves spread unevenly');
+    const keys = new Set<number>();
+    for (let v = 0; v < 300; v++) keys.add(v); // a run
+    for (let n = 0; n < 400; n++) keys.add(1000 + random(50)); // a cluster
+    for (let g = 1; g < 2 ** 40; g *= 3) keys.add(5000 + g); // gaps growing to 2^40
+    for (let n = 0; n < 2000; n++) keys.add(2 ** 41 + random(1 << 30)); // spread evenly
+    for (let n = 0; n < 300; n++) keys.add(2 ** 46 + n * n * n); // gaps growing by the square
+    const sorted = [...keys].sort((a, b) => a - b);
+    const map = setup.maps.empty();
+    await map.mapRuns(sorted.map((virtualChunk, i) => ({ virtualChunk, physicalChunk: i, sums: [sumOf(i)] })), setup.chunkRefs);
+    await setup.maps.commit(() => Buffer.from('root'));
+    const index = new Map(sorted.map((v, i) => [v, i]));
+    const probes = [...new Set(sorted.flatMap((v) => [v - 1, v, v + 1]).filter((v) => v >= 0))];
+    for (const pass of ['first', 'held']) {
+      for (const v of probes) {
+        const found = map.runsCached(v, 1) ?? (await map.runs(v, 1));
+        const i = index.get(v);
+        assert.deepEqual(withoutSums(found), [{ virtualChunk: v, chunkCount: 1, physicalChunk: i ?? -1 }], `${pass}: chunk ${v}`);
+        if (i !== undefined) assert.equal(found[0]!.sums[0], sumOf(i), `${pass}: chunk ${v}'s sum`);
+      }
+    }
+    assert.ok(heldLeaves(map).length > 5, 'the lookups went through held leaves');
   });
 });
 
