@@ -70,17 +70,15 @@ export class ChunkStore {
   // ---- data verbs ----
 
   /** Writes whole chunks into a fresh run; on a full file system, reclaims deferred frees and tries once more. */
-  async write(payload: Buffer): Promise<WrittenRun> {
+  write(payload: Buffer): Promise<WrittenRun> {
     const chunkCount = payload.length / chunkSizeBytes;
-    try {
-      return await this.#writeFresh(payload, chunkCount);
-    } catch (error) {
+    return this.#writeFresh(payload, chunkCount).catch(async (error: unknown) => {
       // The file system is full, but chunks this pool freed wait for a commit before they may be reused (they
       // are still space in the files): commit, then try once more, into them.
       if ((error as NodeJS.ErrnoException).code !== 'ENOSPC' || this.#allocator.deferredCount === 0) throw error;
       await this.#reclaim();
       return this.#writeFresh(payload, chunkCount);
-    }
+    });
   }
 
   /** NO_HOLE zeroing: a fresh run of `chunkCount` chunks, zeroed by the file system and kept allocated. */
@@ -243,15 +241,36 @@ export class ChunkStore {
     if (options?.force !== true) this.#files.close();
   }
 
-  async #writeFresh(payload: Buffer, chunkCount: number): Promise<WrittenRun> {
-    const allocated = this.#allocator.allocate(chunkCount);
-    const physicalChunk = typeof allocated === 'number' ? allocated : await allocated;
+  /**
+   * A fresh run of `chunkCount` chunks, written from `payload`, or a rejection (never a throw) with the run given
+   * back. Promises chained, not an async function's: each layer of the write's chain was its own promise and turn.
+   */
+  #writeFresh(payload: Buffer, chunkCount: number): Promise<WrittenRun> {
+    let allocated: number | Promise<number>;
     try {
-      return { physicalChunk, sums: await this.#io.writeSummed(physicalChunk, payload) };
+      allocated = this.#allocator.allocate(chunkCount);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    if (typeof allocated !== 'number') return allocated.then((physicalChunk) => this.#writeAt(physicalChunk, payload, chunkCount));
+    return this.#writeAt(allocated, payload, chunkCount);
+  }
+
+  #writeAt(physicalChunk: number, payload: Buffer, chunkCount: number): Promise<WrittenRun> {
+    let written: Promise<Uint32Array>;
+    try {
+      written = this.#io.writeSummed(physicalChunk, payload);
     } catch (error) {
       this.#allocator.release(physicalChunk, chunkCount);
-      throw error;
+      return Promise.reject(error);
     }
+    return written.then(
+      (sums) => ({ physicalChunk, sums }),
+      (error: unknown) => {
+        this.#allocator.release(physicalChunk, chunkCount);
+        throw error;
+      },
+    );
   }
 
   /** Logs and counts a chunk whose bytes do not match their checksum; returns the error the read fails with. */
