@@ -23,14 +23,7 @@ export class ChunkRefcounts implements ChunkRunRefs {
   }
 
   increment(physicalChunk: number): void {
-    const blockIndex = Math.floor(physicalChunk / blockChunks);
-    let block = this.#block(blockIndex);
-    if (block === undefined) {
-      block = new Uint32Array(blockChunks);
-      this.#blocks.set(blockIndex, block);
-      this.#last = block;
-    }
-    block[physicalChunk % blockChunks]! += 1;
+    this.#blockMade(Math.floor(physicalChunk / blockChunks))[physicalChunk % blockChunks]! += 1;
   }
 
   decrement(physicalChunk: number): void {
@@ -47,12 +40,7 @@ export class ChunkRefcounts implements ChunkRunRefs {
     const end = start + chunkCount;
     for (let chunk = start; chunk < end; ) {
       const blockIndex = Math.floor(chunk / blockChunks);
-      let block = this.#block(blockIndex);
-      if (block === undefined) {
-        block = new Uint32Array(blockChunks);
-        this.#blocks.set(blockIndex, block);
-        this.#last = block;
-      }
+      const block = this.#blockMade(blockIndex);
       const blockStart = blockIndex * blockChunks;
       // Slots as small integers, whatever the chunk numbers are (they may come from a Float64Array).
       const stop = Math.min(blockChunks, end - blockStart) | 0;
@@ -89,6 +77,17 @@ export class ChunkRefcounts implements ChunkRunRefs {
       chunk = blockStart + stop;
     }
     if (freeEnd > freeStart) this.onFree(freeStart, freeEnd - freeStart);
+  }
+
+  /** The block `blockIndex`, made (all zeros) when missing. */
+  #blockMade(blockIndex: number): Uint32Array {
+    let block = this.#block(blockIndex);
+    if (block === undefined) {
+      block = new Uint32Array(blockChunks);
+      this.#blocks.set(blockIndex, block);
+      this.#last = block;
+    }
+    return block;
   }
 
   #block(blockIndex: number): Uint32Array | undefined {
