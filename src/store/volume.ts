@@ -267,9 +267,7 @@ export class Volume implements BlockDevice {
       setImmediate(this.#endTurn);
     }
     if (data.length > 0) {
-      // Granted at once, the usual case, it is not awaited: an await of a value is a turn of the microtasks too.
-      const locked = this.#lock(offsetBytes, data.length, true);
-      const release = locked instanceof Promise ? await locked : locked;
+      const release = await this.#lock(offsetBytes, data.length, true);
       try {
         // Under the lock, so that a block set while this write waited for it applies (blockWrites takes the whole range).
         this.#checkWritable();
