@@ -12,7 +12,7 @@ import { contentDigest, ContentDigest } from '../../src/store/content-digest.ts'
 import { diffMaps } from '../../src/store/map-diff.ts';
 import { chooseCheckpoint, decodeCheckpoint, encodeCheckpoint } from '../../src/store/checkpoint.ts';
 import { encodeCommit, recoverJournal } from '../../src/store/journal-format.ts';
-import { applyRecord, emptyCatalog, encodeRecords, type MetaRecord } from '../../src/store/metadata.ts';
+import { applyRecord, decodeRecord, emptyCatalog, encodeRecords, type MetaRecord } from '../../src/store/metadata.ts';
 import { RangeLock } from '../../src/store/range-lock.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
@@ -434,11 +434,16 @@ test('journal: damage in one copy is read from the other; damage in different fr
 });
 
 test("journal: a map record's checksums are encoded from a view into a larger array as from an array of their own", () => {
-  const all = Uint32Array.of(1, 0xdeadbeef, 0x01020304, 0xffffffff, 5);
-  const record = (sums: Uint32Array): MetaRecord => ({ type: 'map', volumeId: 1, virtualChunk: 7, physicalChunk: 9, chunkCount: 3, sums });
-  const fromView = encodeRecords([record(all.subarray(1, 4))]);
-  assert.deepEqual(fromView, encodeRecords([record(Uint32Array.of(0xdeadbeef, 0x01020304, 0xffffffff))]));
-  assert.deepEqual([...fromView.subarray(fromView.length - 12)], [0xef, 0xbe, 0xad, 0xde, 4, 3, 2, 1, 0xff, 0xff, 0xff, 0xff], 'little-endian');
+  const record = (sums: Uint32Array): MetaRecord => ({ type: 'map', volumeId: 1, virtualChunk: 7, physicalChunk: 9, chunkCount: sums.length, sums });
+  // A few checksums are written one by one, many copied as bytes: both, from a view that does not start its array.
+  for (const count of [3, 40]) {
+    const all = Uint32Array.from({ length: count + 2 }, (_, i) => (i * 0x9e3779b1) >>> 0);
+    all.set([0xdeadbeef, 0x01020304, 0xffffffff], count - 2);
+    const fromView = encodeRecords([record(all.subarray(1, count + 1))]);
+    assert.deepEqual(fromView, encodeRecords([record(Uint32Array.from(all.subarray(1, count + 1)))]));
+    assert.deepEqual([...fromView.subarray(fromView.length - 12)], [0xef, 0xbe, 0xad, 0xde, 4, 3, 2, 1, 0xff, 0xff, 0xff, 0xff], 'little-endian');
+    assert.deepEqual((decodeRecord(fromView.subarray(8)) as { sums: Uint32Array }).sums, all.subarray(1, count + 1), 'decodes to the same checksums');
+  }
 });
 
 test('journal: applying records builds the catalog; shared chunks are freed only when nothing holds them', () => {
