@@ -196,7 +196,7 @@ export class MemoryBackend implements CatalogBackend {
     this.#files = parts.files;
     this.#directory = parts.directory;
     // From now on a chunk whose last reference goes is free, once the commit that records it is durable.
-    this.#refs.onFree = (physicalChunk) => this.allocator.freeDeferred(physicalChunk, 1, this.#punchFrees);
+    this.#refs.onFree = (start, chunkCount) => this.allocator.freeDeferred(start, chunkCount, this.#punchFrees);
   }
 
   apply(record: MetaRecord, punchFrees: boolean): void {

@@ -246,10 +246,9 @@ export class InlineChunkIo implements ChunkIo {
     return this.#files.readCached(plan[p]!, 0, planBytes(target, plan[p + 2]!, plan[p + 1]!));
   }
 
-  async writeSummed(physicalChunk: number, data: Buffer, given?: Uint32Array): Promise<Uint32Array> {
+  writeSummed(physicalChunk: number, data: Buffer, given?: Uint32Array): Promise<Uint32Array> {
     const sums = given ?? chunkSums(data);
-    await this.#files.write(physicalChunk, 0, data, this.#writer);
-    return sums;
+    return this.#files.write(physicalChunk, 0, data, this.#writer).then(() => sums);
   }
 
   status(): IoEngineStatus {

@@ -27,6 +27,32 @@ export interface ChunkRefs {
   decrement(physicalChunk: number): void;
 }
 
+/** Counts that also change a run at once (chunk-refcounts.ts, space-map.ts): the same counts as a chunk at a time. */
+export interface ChunkRunRefs extends ChunkRefs {
+  incrementRun(start: number, chunkCount: number): void;
+  decrementRun(start: number, chunkCount: number): void;
+}
+
+/** Whether `refs` changes runs at once. */
+export function hasRuns(refs: ChunkRefs): refs is ChunkRunRefs {
+  return typeof (refs as Partial<ChunkRunRefs>).incrementRun === 'function' && typeof (refs as Partial<ChunkRunRefs>).decrementRun === 'function';
+}
+
+/** `refs` itself where it changes runs at once, else a chunk at a time behind the same two calls. */
+function withRuns(refs: ChunkRefs): ChunkRunRefs {
+  if (hasRuns(refs)) return refs;
+  return {
+    increment: (chunk) => refs.increment(chunk),
+    decrement: (chunk) => refs.decrement(chunk),
+    incrementRun: (start, chunkCount) => {
+      for (let chunk = start; chunk < start + chunkCount; chunk++) refs.increment(chunk);
+    },
+    decrementRun: (start, chunkCount) => {
+      for (let chunk = start; chunk < start + chunkCount; chunk++) refs.decrement(chunk);
+    },
+  };
+}
+
 export interface Page {
   slots: Float64Array;
   usedCount: number;
@@ -72,26 +98,45 @@ export class ChunkMap {
     this.#mappedCount = 0;
   }
 
-  /** Points `chunkCount` chunks from `virtualChunk` at consecutive physical chunks, replacing what they named. */
+  /**
+   * Points `chunkCount` chunks from `virtualChunk` at consecutive physical chunks, replacing what they named. A
+   * page at a time, and on it the counts a run at a time (ChunkRunRefs, where `refs` has them): the chunks it
+   * replaces, a physically contiguous stretch at a time (a sequential overwrite replaces one run), then the new run.
+   * A 1 MiB write maps 256 chunks, and two count calls per chunk were 2% of the main thread's CPU (BENCHMARKS.md,
+   * issue 19). The new chunks are fresh (never named by anything), so no count dips to zero on the way.
+   */
   mapRun(virtualChunk: number, physicalChunk: number, chunkCount: number, refs: ChunkRefs): void {
     assert(chunkCount > 0 && physicalChunk >= 0 && virtualChunk >= 0);
+    const runRefs = withRuns(refs);
     let i = 0;
     while (i < chunkCount) {
       // A page at a time: one lookup (and copy-on-write check) per page, not per chunk.
       const v = virtualChunk + i;
       const page = this.#ownPage(Math.floor(v / mapPageChunks), refs, true)!;
-      const first = v % mapPageChunks;
-      const end = Math.min(mapPageChunks, first + chunkCount - i);
-      for (let slot = first; slot < end; slot++, i++) {
-        const old = page.slots[slot]! - 1;
-        if (old >= 0) refs.decrement(old);
+      const slots = page.slots;
+      // Slots as small integers, whatever the chunk numbers are (a record's may be doubles).
+      const first = v % mapPageChunks | 0;
+      const end = Math.min(mapPageChunks, first + chunkCount - i) | 0;
+      const base = physicalChunk + i - first + 1;
+      let fresh = 0;
+      let oldStart = -1;
+      let oldCount = 0;
+      for (let slot = first; slot < end; slot++) {
+        const old = slots[slot]! - 1;
+        slots[slot] = base + slot;
+        if (old < 0) fresh += 1;
+        else if (oldCount > 0 && old === oldStart + oldCount) oldCount += 1;
         else {
-          page.usedCount += 1;
-          this.#mappedCount += 1;
+          if (oldCount > 0) runRefs.decrementRun(oldStart, oldCount);
+          oldStart = old;
+          oldCount = 1;
         }
-        page.slots[slot] = physicalChunk + i + 1;
-        refs.increment(physicalChunk + i);
       }
+      if (oldCount > 0) runRefs.decrementRun(oldStart, oldCount);
+      page.usedCount += fresh;
+      this.#mappedCount += fresh;
+      runRefs.incrementRun(physicalChunk + i, end - first);
+      i += end - first;
     }
   }
 

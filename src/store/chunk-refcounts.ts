@@ -2,19 +2,19 @@
 // only and rebuilt from the maps at load, so they can never disagree with the metadata on disk. Counts live in
 // blocks of 65,536 chunks (256 MiB of pool space each), allocated when first touched. Pure: no I/O.
 import { assert } from '../core/assert.ts';
-import type { ChunkRefs } from './chunk-map.ts';
+import type { ChunkRunRefs } from './chunk-map.ts';
 
 const blockChunks = 65536;
 
-export class ChunkRefcounts implements ChunkRefs {
+export class ChunkRefcounts implements ChunkRunRefs {
   readonly #blocks = new Map<number, Uint32Array>();
   /** The block used last: a write touches hundreds of chunks of one block in a row (saves a Map lookup each). */
   #lastIndex = -1;
   #last: Uint32Array | undefined;
-  /** Called for each chunk whose count falls to zero. */
-  onFree: (physicalChunk: number) => void;
+  /** Called for each run of chunks whose counts fall to zero (a chunk alone from `decrement`), in order. */
+  onFree: (start: number, chunkCount: number) => void;
 
-  constructor(onFree: (physicalChunk: number) => void) {
+  constructor(onFree: (start: number, chunkCount: number) => void) {
     this.onFree = onFree;
   }
 
@@ -23,14 +23,7 @@ export class ChunkRefcounts implements ChunkRefs {
   }
 
   increment(physicalChunk: number): void {
-    const blockIndex = Math.floor(physicalChunk / blockChunks);
-    let block = this.#block(blockIndex);
-    if (block === undefined) {
-      block = new Uint32Array(blockChunks);
-      this.#blocks.set(blockIndex, block);
-      this.#last = block;
-    }
-    block[physicalChunk % blockChunks]! += 1;
+    this.#blockMade(Math.floor(physicalChunk / blockChunks))[physicalChunk % blockChunks]! += 1;
   }
 
   decrement(physicalChunk: number): void {
@@ -39,7 +32,62 @@ export class ChunkRefcounts implements ChunkRefs {
     // The message is built only on failure: this runs for every chunk of every page a snapshot's removal lets go of.
     if (block === undefined || block[slot]! === 0) assert(false, `chunk ${physicalChunk} released more often than referenced`);
     block[slot]! -= 1;
-    if (block[slot] === 0) this.onFree(physicalChunk);
+    if (block[slot] === 0) this.onFree(physicalChunk, 1);
+  }
+
+  /** `increment` of each chunk of [start, start + chunkCount): a block at a time (a large write maps hundreds). */
+  incrementRun(start: number, chunkCount: number): void {
+    const end = start + chunkCount;
+    for (let chunk = start; chunk < end; ) {
+      const blockIndex = Math.floor(chunk / blockChunks);
+      const block = this.#blockMade(blockIndex);
+      const blockStart = blockIndex * blockChunks;
+      // Slots as small integers, whatever the chunk numbers are (they may come from a Float64Array).
+      const stop = Math.min(blockChunks, end - blockStart) | 0;
+      for (let slot = (chunk - blockStart) | 0; slot < stop; slot++) block[slot]! += 1;
+      chunk = blockStart + stop;
+    }
+  }
+
+  /** `decrement` of each chunk of [start, start + chunkCount): `onFree` once for each run of them that falls to zero. */
+  decrementRun(start: number, chunkCount: number): void {
+    // The run of freed chunks being gathered: [freeStart, freeEnd).
+    let freeStart = -1;
+    let freeEnd = -1;
+    const end = start + chunkCount;
+    for (let chunk = start; chunk < end; ) {
+      const blockIndex = Math.floor(chunk / blockChunks);
+      const block = this.#block(blockIndex);
+      if (block === undefined) assert(false, `chunk ${chunk} released more often than referenced`);
+      const blockStart = blockIndex * blockChunks;
+      const stop = Math.min(blockChunks, end - blockStart) | 0;
+      for (let slot = (chunk - blockStart) | 0; slot < stop; slot++) {
+        const count = block[slot]!;
+        if (count === 0) assert(false, `chunk ${blockStart + slot} released more often than referenced`);
+        block[slot] = count - 1;
+        if (count !== 1) continue;
+        const freed = blockStart + slot;
+        if (freed === freeEnd) freeEnd += 1;
+        else {
+          if (freeEnd > freeStart) this.onFree(freeStart, freeEnd - freeStart);
+          freeStart = freed;
+          freeEnd = freed + 1;
+        }
+      }
+      chunk = blockStart + stop;
+    }
+    if (freeEnd > freeStart) this.onFree(freeStart, freeEnd - freeStart);
+  }
+
+  /** The block `blockIndex`, made (all zeros) when missing. */
+  #blockMade(blockIndex: number): Uint32Array {
+    let block = this.#block(blockIndex);
+    if (block === undefined) {
+      block = new Uint32Array(blockChunks);
+      this.#blocks.set(blockIndex, block);
+      this.#last = block;
+    }
+    return block;
   }
 
   #block(blockIndex: number): Uint32Array | undefined {

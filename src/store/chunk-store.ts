@@ -73,17 +73,15 @@ export class ChunkStore {
    * Writes whole chunks into a fresh run; on a full file system, reclaims deferred frees and tries once more.
    * `sums`: the chunks' checksums when the caller has taken them from these bytes (ChunkIo.writeSummed).
    */
-  async write(payload: Buffer, sums?: Uint32Array): Promise<WrittenRun> {
+  write(payload: Buffer, sums?: Uint32Array): Promise<WrittenRun> {
     const chunkCount = payload.length / chunkSizeBytes;
-    try {
-      return await this.#writeFresh(payload, chunkCount, sums);
-    } catch (error) {
+    return this.#writeFresh(payload, chunkCount, sums).catch(async (error: unknown) => {
       // The file system is full, but chunks this pool freed wait for a commit before they may be reused (they
       // are still space in the files): commit, then try once more, into them.
       if ((error as NodeJS.ErrnoException).code !== 'ENOSPC' || this.#allocator.deferredCount === 0) throw error;
       await this.#reclaim();
       return this.#writeFresh(payload, chunkCount, sums);
-    }
+    });
   }
 
   /** NO_HOLE zeroing: a fresh run of `chunkCount` chunks, zeroed by the file system and kept allocated. */
@@ -246,15 +244,38 @@ export class ChunkStore {
     if (options?.force !== true) this.#files.close();
   }
 
-  async #writeFresh(payload: Buffer, chunkCount: number, sums: Uint32Array | undefined): Promise<WrittenRun> {
-    const allocated = this.#allocator.allocate(chunkCount);
-    const physicalChunk = typeof allocated === 'number' ? allocated : await allocated;
+  /**
+   * A fresh run of `chunkCount` chunks, written from `payload`, or a rejection (never a throw) with the run given
+   * back. Promises chained, not an async function's: each layer of the write's chain was its own promise and turn.
+   */
+  #writeFresh(payload: Buffer, chunkCount: number, sums: Uint32Array | undefined): Promise<WrittenRun> {
+    let allocated: number | Promise<number>;
     try {
-      return { physicalChunk, sums: await this.#io.writeSummed(physicalChunk, payload, sums) };
+      allocated = this.#allocator.allocate(chunkCount);
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    if (typeof allocated !== 'number') {
+      return allocated.then((physicalChunk) => this.#writeAt(physicalChunk, payload, chunkCount, sums));
+    }
+    return this.#writeAt(allocated, payload, chunkCount, sums);
+  }
+
+  #writeAt(physicalChunk: number, payload: Buffer, chunkCount: number, sums: Uint32Array | undefined): Promise<WrittenRun> {
+    let written: Promise<Uint32Array>;
+    try {
+      written = this.#io.writeSummed(physicalChunk, payload, sums);
     } catch (error) {
       this.#allocator.release(physicalChunk, chunkCount);
-      throw error;
+      return Promise.reject(error);
     }
+    return written.then(
+      (sums) => ({ physicalChunk, sums }),
+      (error: unknown) => {
+        this.#allocator.release(physicalChunk, chunkCount);
+        throw error;
+      },
+    );
   }
 
   /** Logs and counts a chunk whose bytes do not match their checksum; returns the error the read fails with. */

@@ -43,7 +43,8 @@ export class ChunkSums {
       }
       const slot = chunk % blockChunks;
       const count = Math.min(sums.length - i, blockChunks - slot);
-      for (let k = 0; k < count; k++) block[slot + k] = sums[i + k]!;
+      if (sums instanceof Uint32Array) block.set(sums.subarray(i, i + count), slot);
+      else for (let k = 0; k < count; k++) block[slot + k] = sums[i + k]!;
       i += count;
     }
   }

@@ -83,7 +83,7 @@ import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { assert } from '../core/assert.ts';
 import { ChunkdError, isNoSpace } from '../core/errors.ts';
-import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
+import { continuesRun, hasRuns, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { PageAllocator } from './page-allocator.ts';
 import type { CachedPage, PageCache } from './page-cache.ts';
@@ -436,14 +436,6 @@ class ChunkRunList {
     }
   }
 }
-
-/** Chunk counts that also change a run at once (space-map.ts's ChunkSpace): the same counts as a chunk at a time. */
-interface ChunkRunRefs extends ChunkRefs {
-  incrementRun(start: number, chunkCount: number): void;
-  decrementRun(start: number, chunkCount: number): void;
-}
-
-const hasRuns = (refs: ChunkRefs): refs is ChunkRunRefs => typeof (refs as Partial<ChunkRunRefs>).incrementRun === 'function' && typeof (refs as Partial<ChunkRunRefs>).decrementRun === 'function';
 
 /** Everything a pass changes, applied at its end in one go (increments before decrements, so no count dips to zero). */
 class Changes {

@@ -39,14 +39,27 @@ export function withProtocolStages(store: StageTimes, fronts: ProtocolStageTimes
   return { ...store, receive, reply };
 }
 
-/** Times `work` into `histogram` (failed work too: its time was spent). */
-async function timed<T>(histogram: LatencyHistogram, work: () => Promise<T>): Promise<T> {
+/** Times `work` into `histogram` (failed work too: its time was spent); a throw becomes the promise's rejection. */
+function timed<T>(histogram: LatencyHistogram, work: () => Promise<T>): Promise<T> {
   const start = performance.now();
+  const observe = (): void => observeLatency(histogram, (performance.now() - start) / 1000);
+  let pending: Promise<T>;
   try {
-    return await work();
-  } finally {
-    observeLatency(histogram, (performance.now() - start) / 1000);
+    pending = work();
+  } catch (error) {
+    observe();
+    return Promise.reject(error);
   }
+  return pending.then(
+    (value) => {
+      observe();
+      return value;
+    },
+    (error: unknown) => {
+      observe();
+      throw error;
+    },
+  );
 }
 
 /** timed, for work that may be done at once (undefined, or a throw) rather than give a promise: it stays so. */

@@ -5,14 +5,14 @@ import { test } from 'vitest';
 import { ChunkAllocator } from '../../src/store/allocator.ts';
 import { blockChecksum, combinedChecksum, zeroChunkSum } from '../../src/store/checksum.ts';
 import { chunkSums, firstPlanMismatch } from '../../src/store/chunk-io.ts';
-import { ChunkMap } from '../../src/store/chunk-map.ts';
+import { ChunkMap, type ChunkRefs } from '../../src/store/chunk-map.ts';
 import { ChunkRefcounts } from '../../src/store/chunk-refcounts.ts';
 import { ChunkSums } from '../../src/store/chunk-sums.ts';
 import { contentDigest, ContentDigest } from '../../src/store/content-digest.ts';
 import { diffMaps } from '../../src/store/map-diff.ts';
 import { chooseCheckpoint, decodeCheckpoint, encodeCheckpoint } from '../../src/store/checkpoint.ts';
 import { encodeCommit, recoverJournal } from '../../src/store/journal-format.ts';
-import { applyRecord, emptyCatalog, encodeRecords, type MetaRecord } from '../../src/store/metadata.ts';
+import { applyRecord, decodeRecord, emptyCatalog, encodeRecords, type MetaRecord } from '../../src/store/metadata.ts';
 import { RangeLock } from '../../src/store/range-lock.ts';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
@@ -20,8 +20,88 @@ import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 /** Reference counts that remember which chunks were freed. */
 function trackingRefs(): { refs: ChunkRefcounts; freed: number[] } {
   const freed: number[] = [];
-  return { refs: new ChunkRefcounts((chunk) => freed.push(chunk)), freed };
+  return {
+    refs: new ChunkRefcounts((start, chunkCount) => {
+      for (let i = 0; i < chunkCount; i++) freed.push(start + i);
+    }),
+    freed,
+  };
 }
+
+/** Counts a chunk at a time only (no run methods), in a plain Map: the model for ChunkRefcounts' runs. */
+class ModelRefs implements ChunkRefs {
+  readonly counts = new Map<number, number>();
+  readonly freed: number[] = [];
+  increment(chunk: number): void {
+    this.counts.set(chunk, (this.counts.get(chunk) ?? 0) + 1);
+  }
+  decrement(chunk: number): void {
+    const count = this.counts.get(chunk) ?? 0;
+    assert.ok(count > 0, `model: chunk ${chunk} released more often than referenced`);
+    this.counts.set(chunk, count - 1);
+    if (count === 1) this.freed.push(chunk);
+  }
+}
+
+test("chunk map: a write's counts change a run at a time, as they would a chunk at a time (seeded, across pages and count blocks)", () => {
+  const seed = testSeed('map-runs');
+  const random = makeRandom(seed);
+  const { refs, freed } = trackingRefs();
+  const model = new ModelRefs();
+  const maps = [new ChunkMap()];
+  const models = [new ChunkMap()];
+  const snapshots: Array<[ChunkMap, ChunkMap]> = [];
+  // Physical chunks from just below the count blocks' boundary (65,536), so that runs cross it.
+  let nextPhysical = 65_536 - 3_000;
+  let runCalls = 0;
+  const countedRuns = { incrementRun: refs.incrementRun.bind(refs), decrementRun: refs.decrementRun.bind(refs) };
+  refs.incrementRun = (start, count) => {
+    runCalls += 1;
+    countedRuns.incrementRun(start, count);
+  };
+  for (let step = 0; step < 400; step++) {
+    const which = randomInt(random, maps.length);
+    const roll = random();
+    if (roll < 0.7) {
+      const count = random() < 0.5 ? 1 + randomInt(random, 8) : 1 + randomInt(random, 700);
+      const virtual = randomInt(random, 3_000);
+      maps[which]!.mapRun(virtual, nextPhysical, count, refs);
+      models[which]!.mapRun(virtual, nextPhysical, count, model);
+      nextPhysical += count + (random() < 0.3 ? randomInt(random, 40) : 0);
+    } else if (roll < 0.85) {
+      const virtual = randomInt(random, 3_000);
+      const count = 1 + randomInt(random, 600);
+      assert.equal(maps[which]!.unmapRange(virtual, count, refs), models[which]!.unmapRange(virtual, count, model));
+    } else if (roll < 0.93 || snapshots.length === 0) {
+      snapshots.push([maps[which]!.clone(), models[which]!.clone()]);
+    } else {
+      const [snapshot, snapshotModel] = snapshots.splice(randomInt(random, snapshots.length), 1)[0]!;
+      snapshot.drop(refs);
+      snapshotModel.drop(model);
+    }
+    if (random() < 0.02 && snapshots.length > 0) {
+      // A clone written to as a volume of its own.
+      const [snapshot, snapshotModel] = snapshots[randomInt(random, snapshots.length)]!;
+      maps.push(snapshot.clone());
+      models.push(snapshotModel.clone());
+    }
+  }
+  assert.ok(runCalls > 0, "the map used the counts' run methods");
+  for (let chunk = 65_536 - 3_000; chunk < nextPhysical; chunk++) assert.equal(refs.get(chunk), model.counts.get(chunk) ?? 0, `count of chunk ${chunk} (seed ${seed})`);
+  assert.deepEqual([...freed].sort((a, b) => a - b), [...model.freed].sort((a, b) => a - b), `chunks freed (seed ${seed})`);
+  for (let i = 0; i < maps.length; i++) assert.deepEqual(maps[i]!.runs(0, 3_700), models[i]!.runs(0, 3_700));
+});
+
+test('chunk counts: runs across a block boundary; onFree once per run falling to zero, in order; an extra release is refused', () => {
+  const runs: Array<[number, number]> = [];
+  const refs = new ChunkRefcounts((start, count) => runs.push([start, count]));
+  refs.incrementRun(65_530, 10); // two blocks
+  refs.increment(65_533);
+  refs.decrementRun(65_530, 10);
+  assert.deepEqual(runs, [[65_530, 3], [65_534, 6]], 'chunk 65,533 still held: two runs freed, one across the boundary');
+  assert.equal(refs.get(65_533), 1);
+  assert.throws(() => refs.decrementRun(65_532, 2), /chunk 65532 released more often than referenced/);
+});
 
 test('chunk map: runs split holes and physically contiguous stretches', () => {
   const { refs, freed } = trackingRefs();
@@ -221,6 +301,22 @@ test('allocator: a large run is found among scattered single free chunks; a fail
   assert.equal(runs.allocate(100), 900);
 });
 
+test("allocator: a run's bits set and cleared a word at a time, within a word and across words; a double free is refused", () => {
+  const allocator = new ChunkAllocator();
+  assert.equal(allocator.allocate(3), 0);
+  assert.equal(allocator.allocate(100), 3); // [3, 103): the rest of word 0, words 1 and 2, part of word 3
+  assert.equal(allocator.allocate(40), 103);
+  allocator.release(3, 100);
+  assert.equal(allocator.allocate(29), 3, 'the top of word 0 alone');
+  assert.equal(allocator.allocate(71), 32, 'words 1 and 2 and the start of word 3, up to the run after it');
+  assert.throws(() => allocator.allocate(0));
+  allocator.release(40, 10);
+  assert.throws(() => allocator.release(45, 20), /double free/, 'part of the range free already');
+  assert.throws(() => allocator.release(40, 1), /double free/);
+  assert.equal(allocator.allocate(10), 40, 'the refused frees cleared no bit of theirs (each failed at its first word)');
+  assert.equal(allocator.allocate(1), 143, 'nor any other');
+});
+
 test('allocator: fromUsed refuses a chunk used twice', () => {
   assert.throws(() => ChunkAllocator.fromUsed([{ physicalChunk: 0, chunkCount: 4 }, { physicalChunk: 3, chunkCount: 1 }]), /used twice/);
 });
@@ -335,6 +431,19 @@ test('journal: damage in one copy is read from the other; damage in different fr
   // A missing copy: everything is read from the other and counted as repaired there.
   const missing = recoverJournal([null, b], 2);
   assert.deepEqual([missing.records.length, missing.repairs.length], [sampleRecords.length, 3]);
+});
+
+test("journal: a map record's checksums are encoded from a view into a larger array as from an array of their own", () => {
+  const record = (sums: Uint32Array): MetaRecord => ({ type: 'map', volumeId: 1, virtualChunk: 7, physicalChunk: 9, chunkCount: sums.length, sums });
+  // A few checksums are written one by one, many copied as bytes: both, from a view that does not start its array.
+  for (const count of [3, 40]) {
+    const all = Uint32Array.from({ length: count + 2 }, (_, i) => (i * 0x9e3779b1) >>> 0);
+    all.set([0xdeadbeef, 0x01020304, 0xffffffff], count - 2);
+    const fromView = encodeRecords([record(all.subarray(1, count + 1))]);
+    assert.deepEqual(fromView, encodeRecords([record(Uint32Array.from(all.subarray(1, count + 1)))]));
+    assert.deepEqual([...fromView.subarray(fromView.length - 12)], [0xef, 0xbe, 0xad, 0xde, 4, 3, 2, 1, 0xff, 0xff, 0xff, 0xff], 'little-endian');
+    assert.deepEqual((decodeRecord(fromView.subarray(8)) as { sums: Uint32Array }).sums, all.subarray(1, count + 1), 'decodes to the same checksums');
+  }
 });
 
 test('journal: applying records builds the catalog; shared chunks are freed only when nothing holds them', () => {
