@@ -53,22 +53,19 @@ export function sortedPageNumbers(count: number, ...sources: ReadonlyArray<Itera
 }
 
 /**
- * Page bodies kept for reuse (`takePageBody`, `givePageBody`): a pool of `pageBodyBytesMax`-byte buffers, at least
- * 2,048 (8 MiB) kept spare, or as many as the last checkpoint encoded (`keepSpareBodies`). A checkpoint encodes each
- * dirty map node into a body that the cache then keeps as the clean page, and a page read from the file (`read`) is
- * copied into one; the cache gives it back when the page leaves it decoded (evicted, discarded while clean, or
- * discarded while a commit wrote it, once that write is done: page-cache.ts), and the next checkpoint or read takes
- * it again. Before, each was a new malloc'ed buffer of up to 4 KiB, freed only when a full collection found its
+ * Page bodies kept for reuse (`takePageBody`, `givePageBody`): a fixed pool of `pageBodyBytesMax`-byte buffers, at
+ * most this many (8 MiB) kept spare. A checkpoint encodes each dirty map node into a body that the cache then keeps
+ * as the clean page; the cache gives it back when the page leaves it decoded (evicted, discarded while clean, or
+ * discarded while a commit wrote it, once that write is done: page-cache.ts), and the next checkpoint takes it
+ * again. Before, each was a new malloc'ed buffer of up to 4 KiB, freed only when a full collection found its
  * Buffer, long after the cache had let it go: about nine tenths of the bytes of Buffers a paged node allocated while
- * writing at random, and the main malloc arena (`[heap]`) grew with the data written (BENCHMARKS.md, issue 15, "Page
- * bodies reused"). A body is never given back while a commit may still write it, nor while a page that is not
- * decoded holds it (its reader decodes the body: a page of counts or of a table is never decoded, its counts alias
- * its body).
+ * writing at random, and the main malloc arena (`[heap]`) grew with the data written (BENCHMARKS.md, issue 15,
+ * "Page bodies reused"). A body is never given back while a commit may still write it, nor while a page that is
+ * not decoded holds it (its reader decodes the body).
  */
-const spareBodiesMin = 2048;
-let spareBodiesMax = spareBodiesMin;
+const spareBodiesMax = 2048;
 const spareBodies: ArrayBuffer[] = [];
-/** The pool's buffers: only these are taken back. */
+/** The pool's buffers (only these are taken back: a counts page's body, same size, is aliased by its counts). */
 const poolBodies = new WeakSet<ArrayBuffer>();
 /** Those of them spare now (a body given back twice is taken back once). */
 const spareSet = new WeakSet<ArrayBuffer>();
@@ -104,17 +101,6 @@ export function givePageBody(body: Buffer): Buffer {
 let freshBodies = 0;
 /** Bodies the pool had to allocate (none spare) since the process started (tests, benchmarks). */
 export const freshBodyCount = (): number => freshBodies;
-/**
- * The pool keeps up to `count` bodies spare (at least 2,048): a checkpoint's dirty map nodes, whose bodies come back
- * before the next one takes as many (each is evicted or discarded by then, the next checkpoint's writes moving
- * most of them to new pages). As many as the dirty nodes, which the writes' hold bounds (`dirtyHoldFactor` times
- * what starts a checkpoint): a bound of the cache's size, not the data's.
- */
-export function keepSpareBodies(count: number): void {
-  spareBodiesMax = Math.max(spareBodiesMin, count);
-  while (spareBodies.length > spareBodiesMax) spareSet.delete(spareBodies.pop()!);
-}
-
 /** Bodies spare in the pool now (tests). */
 export const spareBodyCount = (): number => spareBodies.length;
 
@@ -141,12 +127,8 @@ export function encodePageInto(out: Buffer, page: Page): Buffer {
   return out;
 }
 
-/**
- * The page in `bytes` if it is whole and is page `pageNumber`; else why not ('unwritten' for all zeros). Its body
- * is a copy, from the pool of page bodies with `pooled` (`PageFile.read`: the page cache gives it back when the page
- * leaves it decoded).
- */
-export function decodePage(bytes: Buffer, pageNumber: number, pooled = false): Page | string {
+/** The page in `bytes` if it is whole and is page `pageNumber`; else why not ('unwritten' for all zeros). */
+export function decodePage(bytes: Buffer, pageNumber: number): Page | string {
   if (bytes.length !== pageBytes) return `${bytes.length} bytes, not ${pageBytes}`;
   if (bytes.every((byte) => byte === 0)) return 'unwritten';
   if (bytes.readUInt32LE(0) !== magic) return 'no page magic';
@@ -155,13 +137,7 @@ export function decodePage(bytes: Buffer, pageNumber: number, pooled = false): P
   if (found !== pageNumber) return `holds page ${found}`;
   const bodyBytes = bytes.readUInt16LE(20);
   if (bodyBytes > pageBodyBytesMax) return `body of ${bodyBytes} bytes`;
-  const content = bytes.subarray(pageHeaderBytes, pageHeaderBytes + bodyBytes);
-  let body: Buffer;
-  if (pooled) {
-    body = takePageBody(bodyBytes);
-    content.copy(body);
-  } else body = Buffer.from(content);
-  return { pageNumber, kind: bytes.readUInt8(14), generation: bytes.readUInt32LE(16), body };
+  return { pageNumber, kind: bytes.readUInt8(14), generation: bytes.readUInt32LE(16), body: Buffer.from(bytes.subarray(pageHeaderBytes, pageHeaderBytes + bodyBytes)) };
 }
 
 export interface Root {
@@ -375,7 +351,7 @@ export class PageFile {
     const image = this.#images.pop() ?? Buffer.allocUnsafe(pageBytes);
     for (let copy = 0; copy < pageCopies; copy++) {
       const bytes = await readPageImage(this.#files, this.#fds[copy]!, pageNumber, image);
-      const page = typeof bytes === 'string' ? bytes : decodePage(bytes, pageNumber, true);
+      const page = typeof bytes === 'string' ? bytes : decodePage(bytes, pageNumber);
       if (typeof page === 'string') {
         reasons.push(`${this.#paths[copy]}: ${page}`);
         continue;

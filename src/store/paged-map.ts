@@ -83,7 +83,7 @@ import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { PageAllocator } from './page-allocator.ts';
 import type { CachedPage, PageCache } from './page-cache.ts';
-import { firstDataPage, keepSpareBodies, pageBodyBytesMax, pageBytes, takePageBody, type Root } from './page-file.ts';
+import { firstDataPage, pageBodyBytesMax, pageBytes, takePageBody, type Root } from './page-file.ts';
 
 /** Reference counts of metadata pages (space-map.ts will keep them in pages); a page at zero is free. */
 export interface PageRefs {
@@ -668,8 +668,6 @@ export class PagedMaps {
       // the same entries.
       let sliceStarted = performance.now();
       let encoded = 0;
-      // Their bodies come back to the page file's pool before the next commit takes as many: kept for it.
-      keepSpareBodies(this.#dirty.size);
       for (const [page, node] of this.#dirty) {
         const image = encodeNode(node);
         this.#cache.put(page, image);
