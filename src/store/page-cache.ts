@@ -10,7 +10,7 @@
 import { performance } from 'node:perf_hooks';
 import { LRUCache } from 'lru-cache';
 import { ChunkdError } from '../core/errors.ts';
-import { givePageBody, pageBytes, sortedPageNumbers, type Page, type PageFile, type Root } from './page-file.ts';
+import { pageBytes, sortedPageNumbers, type Page, type PageFile, type Root } from './page-file.ts';
 
 export interface CachedPage {
   kind: number;
@@ -20,19 +20,6 @@ export interface CachedPage {
   /** Its owner's decoded form, kept with it while it is cached (paged-map.ts's node): not read by the cache. */
   decoded?: unknown;
 }
-
-/**
- * An evicted page's body goes back to the page file's pool (`givePageBody`: a map node's body that a checkpoint
- * encoded) when its owner holds the page decoded, so that nothing reads the body again (whoever still holds the
- * page reads `decoded`); the page keeps an empty body. Only on eviction: a page deleted or set again may be one
- * that a commit is writing or that is being sized again (`hold`).
- */
-const giveBack = (page: CachedPage): void => {
-  if (page.decoded !== undefined) page.body = givePageBody(page.body);
-};
-const giveBackEvicted = (page: CachedPage, _pageNumber: number, reason: LRUCache.DisposeReason): void => {
-  if (reason === 'evict') giveBack(page);
-};
 
 /** What a page counts against the cache's bound: its image, and what its owner keeps beside it. */
 const cachedBytes = (page: CachedPage): number => pageBytes + (page.heldBytes ?? 0);
@@ -72,7 +59,7 @@ export class PageCache {
     this.#sliceMs = sliceMs;
     if (!Number.isSafeInteger(maxBytes) || maxBytes < pageBytes) throw ChunkdError.invalid(`a metadata cache holds at least one page (${pageBytes} bytes), not ${maxBytes} bytes`);
     this.#file = file;
-    this.#clean = new LRUCache<number, CachedPage>({ maxSize: maxBytes, sizeCalculation: cachedBytes, dispose: giveBackEvicted });
+    this.#clean = new LRUCache<number, CachedPage>({ maxSize: maxBytes, sizeCalculation: cachedBytes });
   }
 
   /** The page as last put or committed, from memory or else read from the file (checked, repaired from the other copy). */
@@ -111,11 +98,7 @@ export class PageCache {
   /** Forgets a page its owner freed: a dirty one is not written at the next commit, a clean one leaves the cache. */
   discard(pageNumber: number): void {
     this.#dirty.delete(pageNumber);
-    // A clean page's body goes back to the pool as an evicted one's; a dirty one's never: a commit may be writing it.
-    const clean = this.#clean.peek(pageNumber);
-    if (clean === undefined) return;
     this.#clean.delete(pageNumber);
-    giveBack(clean);
   }
 
   /**
@@ -160,11 +143,7 @@ export class PageCache {
       const pageNumber = numbers[index]!;
       const page = pages[index]!;
       // A page put again during the commit stays dirty (its newer body is the next commit's); one discarded is gone.
-      // Either way the page written is no longer the cache's, and its write is done: its body goes back.
-      if (this.#dirty.get(pageNumber) !== page) {
-        giveBack(page);
-        continue;
-      }
+      if (this.#dirty.get(pageNumber) !== page) continue;
       this.#dirty.delete(pageNumber);
       this.#clean.set(pageNumber, page);
       if ((index + 1) % sliceCheck === 0 && performance.now() - sliceStarted >= this.#sliceMs) {

@@ -52,58 +52,6 @@ export function sortedPageNumbers(count: number, ...sources: ReadonlyArray<Itera
   return numbers.sort();
 }
 
-/**
- * Page bodies kept for reuse (`takePageBody`, `givePageBody`): a fixed pool of `pageBodyBytesMax`-byte buffers, at
- * most this many (8 MiB) kept spare. A checkpoint encodes each dirty map node into a body that the cache then keeps
- * as the clean page; the cache gives it back when the page leaves it decoded (evicted, discarded while clean, or
- * discarded while a commit wrote it, once that write is done: page-cache.ts), and the next checkpoint takes it
- * again. Before, each was a new malloc'ed buffer of up to 4 KiB, freed only when a full collection found its
- * Buffer, long after the cache had let it go: about nine tenths of the bytes of Buffers a paged node allocated while
- * writing at random, and the main malloc arena (`[heap]`) grew with the data written (BENCHMARKS.md, issue 15,
- * "Page bodies reused"). A body is never given back while a commit may still write it, nor while a page that is
- * not decoded holds it (its reader decodes the body).
- */
-const spareBodiesMax = 2048;
-const spareBodies: ArrayBuffer[] = [];
-/** The pool's buffers (only these are taken back: a counts page's body, same size, is aliased by its counts). */
-const poolBodies = new WeakSet<ArrayBuffer>();
-/** Those of them spare now (a body given back twice is taken back once). */
-const spareSet = new WeakSet<ArrayBuffer>();
-/** What a page whose body went back to the pool holds: nothing (decoding it fails loudly, never reads another page). */
-const emptyBody = Buffer.alloc(0);
-
-/** A body of `length` bytes (at most `pageBodyBytesMax`) from the pool, its bytes undefined: the caller writes them all. */
-export function takePageBody(length: number): Buffer {
-  if (length > pageBodyBytesMax) throw ChunkdError.invalid(`a page body holds at most ${pageBodyBytesMax} bytes, not ${length}`);
-  let whole = spareBodies.pop();
-  if (whole !== undefined) spareSet.delete(whole);
-  else {
-    freshBodies += 1;
-    whole = new ArrayBuffer(pageBodyBytesMax);
-    poolBodies.add(whole);
-  }
-  return Buffer.from(whole, 0, length);
-}
-
-/**
- * Takes back a body that `takePageBody` gave, once nothing will read it again (the page cache's eviction of a page
- * whose owner holds it decoded): returns the empty body to put in its place, or `body` itself when it is not the
- * pool's or the pool is full.
- */
-export function givePageBody(body: Buffer): Buffer {
-  const whole = body.buffer as ArrayBuffer;
-  if (body.byteOffset !== 0 || !poolBodies.has(whole) || spareSet.has(whole) || spareBodies.length >= spareBodiesMax) return body;
-  spareBodies.push(whole);
-  spareSet.add(whole);
-  return emptyBody;
-}
-
-let freshBodies = 0;
-/** Bodies the pool had to allocate (none spare) since the process started (tests, benchmarks). */
-export const freshBodyCount = (): number => freshBodies;
-/** Bodies spare in the pool now (tests). */
-export const spareBodyCount = (): number => spareBodies.length;
-
 /** The 4 KiB image of a page. */
 export function encodePage(page: Page): Buffer {
   return encodePageInto(Buffer.allocUnsafe(pageBytes), page);

@@ -83,7 +83,7 @@ import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { PageAllocator } from './page-allocator.ts';
 import type { CachedPage, PageCache } from './page-cache.ts';
-import { firstDataPage, pageBodyBytesMax, pageBytes, takePageBody, type Root } from './page-file.ts';
+import { firstDataPage, pageBodyBytesMax, pageBytes, type Root } from './page-file.ts';
 
 /** Reference counts of metadata pages (space-map.ts will keep them in pages); a page at zero is free. */
 export interface PageRefs {
@@ -139,16 +139,13 @@ export interface PagedRun extends ChunkRun {
 
 export const levelOf = (node: MapNode): number => (node.kind === 'leaf' ? 0 : node.level);
 
-/**
- * The page image of a node, in a body of the page file's pool (`takePageBody`: every byte written here, the
- * header's spare byte included), which the cache gives back when it evicts the page (page-cache.ts).
- */
+/** The page image of a node. */
 export function encodeNode(node: MapNode): CachedPage {
   const count = node.keys.length;
   if (node.kind === 'leaf') {
     assert(count <= leafCapacityMax && node.physical.length === count && node.sums.length === count);
-    const body = takePageBody(nodeHeaderBytes + count * leafEntryBytes);
-    body.writeUInt32LE(count, 0);
+    const body = Buffer.alloc(nodeHeaderBytes + count * leafEntryBytes);
+    body.writeUInt16LE(count, 0);
     for (let i = 0, at = nodeHeaderBytes; i < count; i++, at += leafEntryBytes) {
       body.writeUIntLE(node.keys[i]!, at, 6);
       body.writeUIntLE(node.physical[i]!, at + 6, 6);
@@ -157,8 +154,9 @@ export function encodeNode(node: MapNode): CachedPage {
     return { kind: mapLeafKind, body };
   }
   assert(count <= interiorCapacityMax && node.children.length === count && node.level >= 1 && node.level < 256);
-  const body = takePageBody(nodeHeaderBytes + count * interiorEntryBytes);
-  body.writeUInt32LE(count + node.level * 0x10000, 0);
+  const body = Buffer.alloc(nodeHeaderBytes + count * interiorEntryBytes);
+  body.writeUInt16LE(count, 0);
+  body.writeUInt8(node.level, 2);
   for (let i = 0, at = nodeHeaderBytes; i < count; i++, at += interiorEntryBytes) {
     body.writeUIntLE(node.keys[i]!, at, 6);
     body.writeUIntLE(node.children[i]!, at + 6, 6);
@@ -885,11 +883,12 @@ export class PagedMaps {
         if (!dirty && pageCounts !== undefined && !this.#allocator.upcoming(2).every((upcoming) => pageCounts.loaded(upcoming))) return false;
         const leaf = old;
         if (!dirty) {
-          // The committed leaf's page is left (below) and its decoded node taken for the new page, not copied.
-          // Nothing else reaches the node after this turn: its parent names the new page, no other map reaches the
-          // old one (held once), and lookups hold interior nodes only. The old page leaves the cache (below) with
-          // its decoded node linked, so that its body goes back to the page file's pool (page-cache.ts's
-          // `discard`); one a commit is writing keeps its body, the image of what the durable root names.
+          // The committed leaf's page is left (below) and its decoded node taken for the new page, not copied:
+          // unlinked from its cached page first, so that the page's image, if anything reads it again, decodes to
+          // what it holds. Nothing else reaches the node after this turn: its parent names the new page, no other
+          // map reaches the old one (held once), and lookups hold interior nodes only.
+          const cached = this.#cache.peek(page);
+          if (cached !== undefined) cached.decoded = undefined;
           const placed = this.#allocator.allocate();
           assert(this.#pageRefs.get(placed) === 0, `page ${placed} allocated with a count of ${this.#pageRefs.get(placed)}`);
           this.#pageRefs.increment(placed);

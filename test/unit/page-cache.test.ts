@@ -6,8 +6,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'vitest';
 import { realFiles } from '../../src/store/file-layer.ts';
-import { PageCache, type CachedPage } from '../../src/store/page-cache.ts';
-import { firstDataPage, freshBodyCount, PageFile, pageBytes, spareBodyCount, takePageBody } from '../../src/store/page-file.ts';
+import { PageCache } from '../../src/store/page-cache.ts';
+import { firstDataPage, PageFile, pageBytes } from '../../src/store/page-file.ts';
 
 const body = (pageNumber: number, version = 0): Buffer => Buffer.from(`page ${pageNumber} version ${version} `.repeat(1 + (pageNumber % 50)));
 
@@ -171,55 +171,6 @@ test('a commit moves its written pages to the clean ones in slices: the loop tur
     const again = await PageFile.open(realFiles, base);
     assert.deepEqual((await again.read(putAgain)).body, body(putAgain, 1));
     assert.deepEqual((await again.read(pages[0]!)).body, body(pages[0]!));
-    again.close();
-  });
-});
-
-test("a pooled body goes back to the page file's pool when its page leaves the cache decoded: evicted, discarded clean, or discarded while a commit wrote it (after the write)", async () => {
-  await withFile(async (base) => {
-    const file = await PageFile.open(realFiles, base);
-    const cache = new PageCache(file, 2 * pageBytes);
-    const pooled = (n: number): CachedPage => {
-      const content = body(n);
-      const taken = takePageBody(content.length);
-      content.copy(taken);
-      return { kind: 1, body: taken, decoded: { page: n } };
-    };
-    // 40 pages: the commit writes them 32 at a time, so the last ones are written after the commit's first await.
-    const pages = Array.from({ length: 40 }, (_, i) => firstDataPage + i);
-    const puts = pages.map((n) => pooled(n));
-    pages.forEach((n, i) => cache.put(n, puts[i]!));
-    // Not decoded: its body is never given back (whoever reads the page decodes the body).
-    const notDecoded = firstDataPage + 40;
-    const plain = pooled(notDecoded);
-    plain.decoded = undefined;
-    cache.put(notDecoded, plain);
-    const last = pages.at(-1)!;
-    const spareBefore = spareBodyCount();
-    const committing = cache.commit(Buffer.from('one'));
-    // Discarded while the commit writes it: its body stays until the write is done.
-    cache.discard(last);
-    assert.equal(puts.at(-1)!.body.length, body(last).length, 'a page being written keeps its body');
-    await committing;
-    assert.equal(puts.at(-1)!.body.length, 0, 'given back once its write was done');
-    // Evicted by the 2-page bound: given back, the decoded form kept.
-    const evicted = puts.filter((page) => page.body.length === 0);
-    assert.ok(evicted.length >= 37, `${evicted.length} bodies given back`);
-    assert.ok(evicted.every((page) => page.decoded !== undefined));
-    assert.equal(plain.body.length, body(notDecoded).length, 'a page not decoded keeps its body');
-    assert.equal(spareBodyCount(), spareBefore + evicted.length);
-    // Discarded while clean: given back.
-    const cleanOne = pages.find((n) => cache.peek(n) !== undefined && cache.peek(n) !== plain)!;
-    const cleanPage = cache.peek(cleanOne)!;
-    cache.discard(cleanOne);
-    assert.equal(cleanPage.body.length, 0);
-    // The pool's bodies are taken again, not allocated; every page reads back whole from the file.
-    const fresh = freshBodyCount();
-    for (let i = 0; i < 10; i++) takePageBody(100);
-    assert.equal(freshBodyCount(), fresh);
-    file.close();
-    const again = await PageFile.open(realFiles, base);
-    for (const n of [...pages, notDecoded]) assert.deepEqual((await again.read(n)).body, body(n), `page ${n}`);
     again.close();
   });
 });
