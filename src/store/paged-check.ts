@@ -13,12 +13,15 @@
 //    that never comes back, one counted below is space an allocation may hand out while a map still names it (a
 //    write then overwrites another volume's data). `recount` sets them to what the maps say, in memory; the
 //    repair's root makes it durable.
-// Known weakness: the walk holds a count per chunk mapped and per map page in memory (Maps, tens of bytes each),
-// so fsck of a pool of a billion chunks needs tens of GiB; a bounded walk would sort references by chunk on disk.
+// Known weakness: the walk holds a count per chunk and per map page in memory (IndexCounts: 4 bytes an index, in
+// blocks of 65,536 allocated where touched), so fsck of a pool of a billion chunks needs 4 GiB; a bounded walk
+// would sort references by chunk on disk. (Maps, before, took tens of bytes an entry and threw past 2^24 entries:
+// 64 GiB of chunks in use.)
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { firstDataPage, pageBytes } from './page-file.ts';
 import type { PagedCatalog } from './paged-catalog.ts';
+import { IndexCounts } from './index-counts.ts';
 import { emptyRoot } from './paged-map.ts';
 import { countsPerPage, type RefCountMap } from './space-map.ts';
 
@@ -70,9 +73,9 @@ interface MapEntry {
 
 export interface MapWalk {
   /** References to each map page: table entries whose root it is, interior entries naming it. */
-  pageRefs: Map<number, number>;
+  pageRefs: IndexCounts;
   /** Leaves naming each chunk. */
-  chunkRefs: Map<number, number>;
+  chunkRefs: IndexCounts;
   /** Map pages that could not be read, with why. */
   lost: Map<number, string>;
 }
@@ -90,21 +93,17 @@ function mapEntries(catalog: PagedCatalog): MapEntry[] {
 
 /** Walks every map tree of the catalog (as applied so far) once, page by page: see the top. */
 export async function walkMaps(catalog: PagedCatalog): Promise<MapWalk> {
-  const walk: MapWalk = { pageRefs: new Map(), chunkRefs: new Map(), lost: new Map() };
-  const add = (counts: Map<number, number>, key: number): void => {
-    counts.set(key, (counts.get(key) ?? 0) + 1);
-  };
+  const walk: MapWalk = { pageRefs: new IndexCounts(), chunkRefs: new IndexCounts(), lost: new Map() };
   const stack: number[] = [];
   for (const entry of mapEntries(catalog)) {
     if (entry.rootPage === emptyRoot) continue;
-    add(walk.pageRefs, entry.rootPage);
+    walk.pageRefs.add(entry.rootPage);
     stack.push(entry.rootPage);
   }
-  const visited = new Set<number>();
+  const visited = new IndexCounts();
   while (stack.length > 0) {
     const page = stack.pop()!;
-    if (visited.has(page)) continue;
-    visited.add(page);
+    if (visited.add(page) !== 0) continue;
     let node;
     try {
       node = await catalog.mapNode(page);
@@ -115,11 +114,11 @@ export async function walkMaps(catalog: PagedCatalog): Promise<MapWalk> {
     }
     if (node.kind === 'interior') {
       for (const child of node.children) {
-        add(walk.pageRefs, child);
+        walk.pageRefs.add(child);
         stack.push(child);
       }
     } else {
-      for (const physical of node.physical) add(walk.chunkRefs, physical);
+      for (const physical of node.physical) walk.chunkRefs.add(physical);
     }
   }
   return walk;
@@ -194,19 +193,17 @@ export interface CountCheck {
 export async function countMismatches(catalog: PagedCatalog, walk: MapWalk): Promise<CountCheck> {
   const check: CountCheck = { chunks: [], pages: [], summaries: [], namedButFree: [] };
   const chunks = catalog.chunks;
-  let chunkEnd = await chunks.settledHighWater();
-  for (const chunk of walk.chunkRefs.keys()) chunkEnd = Math.max(chunkEnd, chunk + 1);
+  const chunkEnd = Math.max(await chunks.settledHighWater(), walk.chunkRefs.end);
   await compareCounts('chunk', chunks.counts, chunkEnd, walk.chunkRefs, check, 0);
   const space = catalog.space;
   const { nextPage, free } = space.pages.state();
-  let pageEnd = nextPage;
-  for (const page of walk.pageRefs.keys()) pageEnd = Math.max(pageEnd, page + 1);
+  const pageEnd = Math.max(nextPage, walk.pageRefs.end);
   await compareCounts('page', space.pageRefs, pageEnd, walk.pageRefs, check, firstDataPage);
   check.namedButFree = free.filter((page) => walk.pageRefs.has(page));
   return check;
 }
 
-async function compareCounts(of: 'chunk' | 'page', counts: RefCountMap, end: number, named: ReadonlyMap<number, number>, check: CountCheck, start: number): Promise<void> {
+async function compareCounts(of: 'chunk' | 'page', counts: RefCountMap, end: number, named: IndexCounts, check: CountCheck, start: number): Promise<void> {
   const out = of === 'chunk' ? check.chunks : check.pages;
   const pages = Math.max(counts.pageCount, Math.ceil(end / countsPerPage));
   for (let page = Math.floor(start / countsPerPage); page < pages; page++) {
@@ -214,7 +211,7 @@ async function compareCounts(of: 'chunk' | 'page', counts: RefCountMap, end: num
     try {
       for (let index = Math.max(start, page * countsPerPage); index < Math.min(end, (page + 1) * countsPerPage); index++) {
         const counted = counts.get(index);
-        const expected = named.get(index) ?? 0;
+        const expected = named.get(index);
         if (counted !== expected) out.push({ index, counted, named: expected });
       }
       if (page < counts.pageCount && counts.zeros(page) !== counts.countZeros(page)) check.summaries.push({ of, page, recorded: counts.zeros(page), counted: counts.countZeros(page) });
