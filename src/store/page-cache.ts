@@ -101,17 +101,22 @@ export class PageCache {
       this.#misses += 1;
       loading = this.#file.read(pageNumber).then((page: Page) => ({ kind: page.kind, body: page.body }));
       this.#loading.set(pageNumber, loading);
-      void loading.then(
+      const read = loading;
+      void read.then(
         (page) => {
+          // A put or discard while the read was under way wins (it forgot this read): the page read is older, and
+          // may be older than a clean page a commit has made of the put since.
+          if (this.#loading.get(pageNumber) !== read) return;
           this.#loading.delete(pageNumber);
-          // A put while the read was under way wins: the page read is older.
-          if (!this.#dirty.has(pageNumber)) this.#clean.set(pageNumber, page);
+          if (!this.#dirty.has(pageNumber) && !this.#clean.has(pageNumber)) this.#clean.set(pageNumber, page);
         },
-        () => this.#loading.delete(pageNumber),
+        () => {
+          if (this.#loading.get(pageNumber) === read) this.#loading.delete(pageNumber);
+        },
       );
     }
     const page = await loading;
-    return this.#dirty.get(pageNumber) ?? page;
+    return this.#dirty.get(pageNumber) ?? this.#clean.peek(pageNumber) ?? page;
   }
 
   /** The page if it is in memory (dirty, or clean and cached), else undefined: no read, never waits. */
@@ -154,6 +159,7 @@ export class PageCache {
 
   /** Forgets a page its owner freed: a dirty one is not written at the next commit, a clean one leaves the cache. */
   discard(pageNumber: number): void {
+    this.#loading.delete(pageNumber);
     this.#dirty.delete(pageNumber);
     this.#clean.delete(pageNumber);
   }
@@ -181,6 +187,7 @@ export class PageCache {
 
   /** Replaces a page in memory; it is written at the next commit. */
   put(pageNumber: number, page: CachedPage): void {
+    this.#loading.delete(pageNumber);
     this.#clean.delete(pageNumber);
     this.#dirty.set(pageNumber, page);
   }

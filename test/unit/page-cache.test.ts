@@ -73,6 +73,36 @@ test('a page asked for by many at once is read once; a put while it is read wins
   });
 });
 
+test('a read in flight across a put and its commit does not replace the committed page, nor answer the older one', async () => {
+  await withFile(async (base) => {
+    const file = await PageFile.open(realFiles, base);
+    const first = new PageCache(file, 16 * pageBytes);
+    first.put(firstDataPage, { kind: 1, body: body(2) });
+    await first.commit(Buffer.from('root'));
+
+    // The read gets the old bytes at once and is answered only when let go: the put and a whole commit come between.
+    let letGo!: () => void;
+    const held = new Promise<void>((resolve) => (letGo = resolve));
+    const read = file.read.bind(file);
+    file.read = (pageNumber: number) => read(pageNumber).then(async (page) => (await held, page));
+    const cache = new PageCache(file, 16 * pageBytes);
+    const reading = cache.get(firstDataPage);
+    await new Promise((resolve) => setImmediate(resolve));
+    cache.put(firstDataPage, { kind: 1, body: body(2, 1) });
+    await cache.commit(Buffer.from('root two'));
+    letGo();
+    assert.deepEqual((await reading).body, body(2, 1), 'the read in flight answers the committed page');
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.deepEqual(cache.peek(firstDataPage)?.body, body(2, 1), 'the page read before the put does not replace it');
+    // The same across a discard: a page freed while it was read is not cached from that read.
+    const again = cache.get(firstDataPage + 7).catch(() => undefined);
+    cache.discard(firstDataPage + 7);
+    await again;
+    assert.equal(cache.peek(firstDataPage + 7), undefined);
+    file.close();
+  });
+});
+
 test('peek answers from memory only; a discarded page is not written by the next commit', async () => {
   await withFile(async (base) => {
     const file = await PageFile.open(realFiles, base);
