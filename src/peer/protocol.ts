@@ -233,8 +233,8 @@ export function parseJsonObject(payload: Buffer, what: string): Record<string, u
  * A socket whose reads can be steered (peer/server.ts: steered-socket.ts's steerTlsReads) asks nextReadBuffer where
  * each read lands and reports it with onRead, instead of pushing chunks: the reads fill an arena a window at a
  * time, queued as views (the arena is never written twice, so a view stays valid), and once a bulk request's
- * header is taken, the rest of its payload is read straight into the buffer `bulkPayload` gave (shared memory that
- * the chunk I/O workers write from), so that TLS decrypts into it and nothing copies it again. Through 'data'
+ * header is taken, the rest of its payload is read straight into the buffer `bulkPayload` gave (on a node, plain
+ * memory reused from frame to frame: replica-server.ts), so that TLS decrypts into it and nothing copies it again. Through 'data'
  * events each TLS record (16 KiB at most) was a buffer of its own, an event, and a copy to gather the frame: about
  * 65,000 of each per GiB a replica receives.
  */
@@ -252,8 +252,8 @@ export class FrameReader {
 
   /**
    * `bulkPayload`, when given, makes the buffer every bulk verb's payload is gathered into, always one copy: a
-   * receiver passes shared memory there, so that the chunk I/O workers write the payload's data in place instead of
-   * staging it through a copy of their own (store/worker-io.ts).
+   * node passes buffers it reuses (replica-server.ts's bulkPayload: plain memory, since a payload's writes are
+   * made inline, up to limits.inlineWriteBytesMax; a larger one is staged by a chunk I/O worker, store/worker-io.ts).
    */
   constructor(options: { bulkPayload?: (size: number) => Buffer } = {}) {
     this.#bulkPayload = options.bulkPayload ?? null;

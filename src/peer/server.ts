@@ -248,7 +248,7 @@ class PeerConnection {
   readonly #where: string;
   readonly #server: PeerServer;
   readonly #onHello: () => void;
-  /** Bulk payloads (replication's stream bytes) land in shared memory: the chunk I/O workers write them in place. */
+  /** Bulk payloads (stream bytes, synchronous writes) land in the buffers PeerServerOptions.bulkPayload gives. */
   readonly #reader: FrameReader;
   #state: 'awaiting-hello' | 'ready' | 'closing' = 'awaiting-hello';
   #version = 0;

@@ -52,8 +52,9 @@ export class SyncReplicaServer {
   }
 
   /**
-   * A buffer of `size` bytes in shared memory that a syncWrite's payload had, for the peer server to gather the next
-   * bulk payload in (PeerServerOptions.bulkPayload), or undefined.
+   * A buffer of `size` bytes that a syncWrite's payload had, for the peer server to gather the next bulk payload in
+   * (PeerServerOptions.bulkPayload), or undefined. Plain memory since the stream's frames are (replica-server.ts): a
+   * synchronous write over limits.inlineWriteBytesMax (1 MiB) is then copied by the chunk I/O worker that writes it.
    */
   takePayload(size: number): Buffer | undefined {
     return this.#payloads.take(size);

@@ -5,7 +5,8 @@
 // whose checksum is not that of a chunk of zeros. Holes and chunks of zeros are left out alike, so content that
 // reads the same digests the same whether it is stored as a hole, as zeros written with NO_HOLE, or as data.
 // Why this and not sha256 over the bytes: every chunk's CRC-32 is already in the metadata and was computed from
-// the bytes stored, so each side computes the digest in O(mapped chunks) without reading any data. A receiver
+// the bytes stored (on a receiver, from the record's bytes as it checked them, before the store copied them into
+// its own buffer: stream-format.ts; a copy that went wrong after that shows at the chunk's first read), so each side computes the digest in O(mapped chunks) without reading any data. A receiver
 // of an incremental would otherwise reread the whole volume, the unchanged part included, to check one stream.
 // The price, named: the digest is as strong as the per-chunk CRC-32 that every read already relies on; two
 // different chunks with the same CRC at the same place go unseen (2^-32 per chunk for random damage; it is a
