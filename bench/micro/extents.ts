@@ -9,7 +9,7 @@ import type { MicroModule } from './harness.ts';
 const chunkBytes = 4096;
 const volumeChunks = (1024 * 2 ** 20) / chunkBytes; // a 1 GiB volume
 
-const refs: ChunkRefs = { increment() {}, decrement() {} };
+const refs: ChunkRefs = { increment() {}, decrement() {}, incrementRun() {}, decrementRun() {} };
 
 /** A fully written 1 GiB volume whose physical chunks are contiguous in runs of 64 (as sequential fills leave them). */
 function filledMap(): ChunkMap {

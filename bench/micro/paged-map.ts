@@ -16,7 +16,7 @@ import { PagedMaps, type PageRefs } from '../../src/store/paged-map.ts';
 import type { MicroModule } from './harness.ts';
 
 const volumeChunks = (1024 * 2 ** 20) / 4096;
-const refs: ChunkRefs = { increment() {}, decrement() {} };
+const refs: ChunkRefs = { increment() {}, decrement() {}, incrementRun() {}, decrementRun() {} };
 
 /** Page counts in a Map: what the benchmark needs of space-map.ts. */
 function memoryPageRefs(): PageRefs {

@@ -21,36 +21,16 @@ export interface ChunkRun {
   physicalChunk: number;
 }
 
-/** Reference counts of physical chunks, kept by the pool; a count that falls to zero frees the chunk. */
+/**
+ * Reference counts of physical chunks, kept by the pool; a count that falls to zero frees the chunk. The run
+ * calls change the counts of [start, start + chunkCount) as a chunk at a time would, in one call (a 1 MiB write
+ * maps 256 chunks: chunk-refcounts.ts and space-map.ts do them a block or a page of counts at a time).
+ */
 export interface ChunkRefs {
   increment(physicalChunk: number): void;
   decrement(physicalChunk: number): void;
-}
-
-/** Counts that also change a run at once (chunk-refcounts.ts, space-map.ts): the same counts as a chunk at a time. */
-export interface ChunkRunRefs extends ChunkRefs {
   incrementRun(start: number, chunkCount: number): void;
   decrementRun(start: number, chunkCount: number): void;
-}
-
-/** Whether `refs` changes runs at once. */
-export function hasRuns(refs: ChunkRefs): refs is ChunkRunRefs {
-  return typeof (refs as Partial<ChunkRunRefs>).incrementRun === 'function' && typeof (refs as Partial<ChunkRunRefs>).decrementRun === 'function';
-}
-
-/** `refs` itself where it changes runs at once, else a chunk at a time behind the same two calls. */
-function withRuns(refs: ChunkRefs): ChunkRunRefs {
-  if (hasRuns(refs)) return refs;
-  return {
-    increment: (chunk) => refs.increment(chunk),
-    decrement: (chunk) => refs.decrement(chunk),
-    incrementRun: (start, chunkCount) => {
-      for (let chunk = start; chunk < start + chunkCount; chunk++) refs.increment(chunk);
-    },
-    decrementRun: (start, chunkCount) => {
-      for (let chunk = start; chunk < start + chunkCount; chunk++) refs.decrement(chunk);
-    },
-  };
 }
 
 export interface Page {
@@ -100,14 +80,13 @@ export class ChunkMap {
 
   /**
    * Points `chunkCount` chunks from `virtualChunk` at consecutive physical chunks, replacing what they named. A
-   * page at a time, and on it the counts a run at a time (ChunkRunRefs, where `refs` has them): the chunks it
+   * page at a time, and on it the counts a run at a time (ChunkRefs' run calls): the chunks it
    * replaces, a physically contiguous stretch at a time (a sequential overwrite replaces one run), then the new run.
    * A 1 MiB write maps 256 chunks, and two count calls per chunk were 2% of the main thread's CPU (BENCHMARKS.md,
    * issue 19). The new chunks are fresh (never named by anything), so no count dips to zero on the way.
    */
   mapRun(virtualChunk: number, physicalChunk: number, chunkCount: number, refs: ChunkRefs): void {
     assert(chunkCount > 0 && physicalChunk >= 0 && virtualChunk >= 0);
-    const runRefs = withRuns(refs);
     let i = 0;
     while (i < chunkCount) {
       // A page at a time: one lookup (and copy-on-write check) per page, not per chunk.
@@ -127,15 +106,15 @@ export class ChunkMap {
         if (old < 0) fresh += 1;
         else if (oldCount > 0 && old === oldStart + oldCount) oldCount += 1;
         else {
-          if (oldCount > 0) runRefs.decrementRun(oldStart, oldCount);
+          if (oldCount > 0) refs.decrementRun(oldStart, oldCount);
           oldStart = old;
           oldCount = 1;
         }
       }
-      if (oldCount > 0) runRefs.decrementRun(oldStart, oldCount);
+      if (oldCount > 0) refs.decrementRun(oldStart, oldCount);
       page.usedCount += fresh;
       this.#mappedCount += fresh;
-      runRefs.incrementRun(physicalChunk + i, end - first);
+      refs.incrementRun(physicalChunk + i, end - first);
       i += end - first;
     }
   }

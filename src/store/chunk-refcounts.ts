@@ -2,11 +2,11 @@
 // only and rebuilt from the maps at load, so they can never disagree with the metadata on disk. Counts live in
 // blocks of 65,536 chunks (256 MiB of pool space each), allocated when first touched. Pure: no I/O.
 import { assert } from '../core/assert.ts';
-import type { ChunkRunRefs } from './chunk-map.ts';
+import type { ChunkRefs } from './chunk-map.ts';
 
 const blockChunks = 65536;
 
-export class ChunkRefcounts implements ChunkRunRefs {
+export class ChunkRefcounts implements ChunkRefs {
   readonly #blocks = new Map<number, Uint32Array>();
   /** The block used last: a write touches hundreds of chunks of one block in a row (saves a Map lookup each). */
   #lastIndex = -1;
@@ -96,6 +96,13 @@ export class ChunkRefcounts implements ChunkRunRefs {
       this.#last = this.#blocks.get(blockIndex);
     }
     return this.#last;
+  }
+
+  /** One past the highest chunk with a nonzero count (0 when none has). */
+  end(): number {
+    let end = 0;
+    for (const run of this.usedRuns()) end = run.physicalChunk + run.chunkCount;
+    return end;
   }
 
   /** Runs of chunks with a nonzero count, in order (to rebuild the allocator at load). */

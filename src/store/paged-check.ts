@@ -13,15 +13,15 @@
 //    that never comes back, one counted below is space an allocation may hand out while a map still names it (a
 //    write then overwrites another volume's data). `recount` sets them to what the maps say, in memory; the
 //    repair's root makes it durable.
-// Known weakness: the walk holds a count per chunk and per map page in memory (IndexCounts: 4 bytes an index, in
-// blocks of 65,536 allocated where touched), so fsck of a pool of a billion chunks needs 4 GiB; a bounded walk
+// Known weakness: the walk holds a count per chunk and per map page in memory (ChunkRefcounts: 4 bytes an index,
+// in blocks of 65,536 allocated where touched), so fsck of a pool of a billion chunks needs 4 GiB; a bounded walk
 // would sort references by chunk on disk. (Maps, before, took tens of bytes an entry and threw past 2^24 entries:
 // 64 GiB of chunks in use.)
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes } from '../core/limits.ts';
 import { firstDataPage, pageBytes } from './page-file.ts';
 import type { PagedCatalog } from './paged-catalog.ts';
-import { IndexCounts } from './index-counts.ts';
+import { ChunkRefcounts } from './chunk-refcounts.ts';
 import { emptyRoot } from './paged-map.ts';
 import { countsPerPage, type RefCountMap } from './space-map.ts';
 
@@ -73,9 +73,9 @@ interface MapEntry {
 
 export interface MapWalk {
   /** References to each map page: table entries whose root it is, interior entries naming it. */
-  pageRefs: IndexCounts;
+  pageRefs: ChunkRefcounts;
   /** Leaves naming each chunk. */
-  chunkRefs: IndexCounts;
+  chunkRefs: ChunkRefcounts;
   /** Map pages that could not be read, with why. */
   lost: Map<number, string>;
 }
@@ -93,17 +93,20 @@ function mapEntries(catalog: PagedCatalog): MapEntry[] {
 
 /** Walks every map tree of the catalog (as applied so far) once, page by page: see the top. */
 export async function walkMaps(catalog: PagedCatalog): Promise<MapWalk> {
-  const walk: MapWalk = { pageRefs: new IndexCounts(), chunkRefs: new IndexCounts(), lost: new Map() };
+  // Counts only go up here: nothing is freed.
+  const counts = (): ChunkRefcounts => new ChunkRefcounts(() => {});
+  const walk: MapWalk = { pageRefs: counts(), chunkRefs: counts(), lost: new Map() };
   const stack: number[] = [];
   for (const entry of mapEntries(catalog)) {
     if (entry.rootPage === emptyRoot) continue;
-    walk.pageRefs.add(entry.rootPage);
+    walk.pageRefs.increment(entry.rootPage);
     stack.push(entry.rootPage);
   }
-  const visited = new IndexCounts();
+  const visited = counts();
   while (stack.length > 0) {
     const page = stack.pop()!;
-    if (visited.add(page) !== 0) continue;
+    if (visited.get(page) !== 0) continue;
+    visited.increment(page);
     let node;
     try {
       node = await catalog.mapNode(page);
@@ -114,11 +117,11 @@ export async function walkMaps(catalog: PagedCatalog): Promise<MapWalk> {
     }
     if (node.kind === 'interior') {
       for (const child of node.children) {
-        walk.pageRefs.add(child);
+        walk.pageRefs.increment(child);
         stack.push(child);
       }
     } else {
-      for (const physical of node.physical) walk.chunkRefs.add(physical);
+      for (const physical of node.physical) walk.chunkRefs.increment(physical);
     }
   }
   return walk;
@@ -193,17 +196,17 @@ export interface CountCheck {
 export async function countMismatches(catalog: PagedCatalog, walk: MapWalk): Promise<CountCheck> {
   const check: CountCheck = { chunks: [], pages: [], summaries: [], namedButFree: [] };
   const chunks = catalog.chunks;
-  const chunkEnd = Math.max(await chunks.settledHighWater(), walk.chunkRefs.end);
+  const chunkEnd = Math.max(await chunks.settledHighWater(), walk.chunkRefs.end());
   await compareCounts('chunk', chunks.counts, chunkEnd, walk.chunkRefs, check, 0);
   const space = catalog.space;
   const { nextPage, free } = space.pages.state();
-  const pageEnd = Math.max(nextPage, walk.pageRefs.end);
+  const pageEnd = Math.max(nextPage, walk.pageRefs.end());
   await compareCounts('page', space.pageRefs, pageEnd, walk.pageRefs, check, firstDataPage);
-  check.namedButFree = free.filter((page) => walk.pageRefs.has(page));
+  check.namedButFree = free.filter((page) => walk.pageRefs.get(page) !== 0);
   return check;
 }
 
-async function compareCounts(of: 'chunk' | 'page', counts: RefCountMap, end: number, named: IndexCounts, check: CountCheck, start: number): Promise<void> {
+async function compareCounts(of: 'chunk' | 'page', counts: RefCountMap, end: number, named: ChunkRefcounts, check: CountCheck, start: number): Promise<void> {
   const out = of === 'chunk' ? check.chunks : check.pages;
   const pages = Math.max(counts.pageCount, Math.ceil(end / countsPerPage));
   for (let page = Math.floor(start / countsPerPage); page < pages; page++) {
@@ -288,7 +291,7 @@ export async function checkPagedCatalog(catalog: PagedCatalog): Promise<PagedFin
   const tablePages = new Set(catalog.tablePages);
   const spacePages = new Set(catalog.space.ownedPages());
   const roleOf = (page: number): string =>
-    walk.pageRefs.has(page)
+    walk.pageRefs.get(page) !== 0
       ? 'a map page: the bytes it held are below'
       : tablePages.has(page)
         ? 'a page of the table of volumes and snapshots: the next open fails'

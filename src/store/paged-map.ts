@@ -83,7 +83,7 @@ import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { assert } from '../core/assert.ts';
 import { ChunkdError, isNoSpace } from '../core/errors.ts';
-import { continuesRun, hasRuns, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
+import { continuesRun, type ChunkRefs, type ChunkRun } from './chunk-map.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { PageAllocator } from './page-allocator.ts';
 import type { CachedPage, PageCache } from './page-cache.ts';
@@ -410,7 +410,7 @@ const builtSize = (built: Built): number => built.keys.length;
 
 /**
  * Chunks counted up or down by a pass, in order, as runs of consecutive chunks (a large write's 256 chunks are one
- * run, and so, most often, are the chunks it replaces): the counts change a run at a time (`ChunkRunRefs`).
+ * run, and so, most often, are the chunks it replaces): the counts change a run at a time (ChunkRefs' run calls).
  */
 class ChunkRunList {
   readonly starts: number[] = [];
@@ -1992,20 +1992,19 @@ function copyWithRoom(values: readonly number[]): number[] {
 }
 const leafCopyRoom = 16;
 
-/** Counts up the chunks of `increments`, then down those of `decrements`, a run at a time where `refs` can (a chunk alone, as a 4 KiB write's or a copied leaf's, costs less one at a time). */
+/** Counts up the chunks of `increments`, then down those of `decrements`, a run at a time (a chunk alone, as a 4 KiB write's or a copied leaf's, costs less by itself). */
 function applyChunkRuns(refs: ChunkRefs, increments: ChunkRunList, decrements: ChunkRunList): void {
-  const runs = hasRuns(refs) ? refs : undefined;
   for (let r = 0; r < increments.starts.length; r++) {
     const start = increments.starts[r]!;
     const count = increments.counts[r]!;
-    if (runs !== undefined && count > 1) runs.incrementRun(start, count);
-    else for (let chunk = start; chunk < start + count; chunk++) refs.increment(chunk);
+    if (count > 1) refs.incrementRun(start, count);
+    else refs.increment(start);
   }
   for (let r = 0; r < decrements.starts.length; r++) {
     const start = decrements.starts[r]!;
     const count = decrements.counts[r]!;
-    if (runs !== undefined && count > 1) runs.decrementRun(start, count);
-    else for (let chunk = start; chunk < start + count; chunk++) refs.decrement(chunk);
+    if (count > 1) refs.decrementRun(start, count);
+    else refs.decrement(start);
   }
 }
 

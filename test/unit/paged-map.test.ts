@@ -59,6 +59,12 @@ class Counts implements PageRefs, ChunkRefs {
     else this.counts.set(key, count - 1);
     return count - 1;
   }
+  incrementRun(start: number, count: number): void {
+    for (let key = start; key < start + count; key++) this.increment(key);
+  }
+  decrementRun(start: number, count: number): void {
+    for (let key = start; key < start + count; key++) this.decrement(key);
+  }
 }
 
 /** A cache that remembers the pages each commit wrote (to check copy-on-write against the durable root). */

@@ -28,7 +28,7 @@ function trackingRefs(): { refs: ChunkRefcounts; freed: number[] } {
   };
 }
 
-/** Counts a chunk at a time only (no run methods), in a plain Map: the model for ChunkRefcounts' runs. */
+/** Counts a chunk at a time only (its runs are loops of single counts), in a plain Map: the model for ChunkRefcounts' runs. */
 class ModelRefs implements ChunkRefs {
   readonly counts = new Map<number, number>();
   readonly freed: number[] = [];
@@ -40,6 +40,12 @@ class ModelRefs implements ChunkRefs {
     assert.ok(count > 0, `model: chunk ${chunk} released more often than referenced`);
     this.counts.set(chunk, count - 1);
     if (count === 1) this.freed.push(chunk);
+  }
+  incrementRun(start: number, chunkCount: number): void {
+    for (let chunk = start; chunk < start + chunkCount; chunk++) this.increment(chunk);
+  }
+  decrementRun(start: number, chunkCount: number): void {
+    for (let chunk = start; chunk < start + chunkCount; chunk++) this.decrement(chunk);
   }
 }
 
@@ -101,6 +107,22 @@ test('chunk counts: runs across a block boundary; onFree once per run falling to
   assert.deepEqual(runs, [[65_530, 3], [65_534, 6]], 'chunk 65,533 still held: two runs freed, one across the boundary');
   assert.equal(refs.get(65_533), 1);
   assert.throws(() => refs.decrementRun(65_532, 2), /chunk 65532 released more often than referenced/);
+});
+
+test("chunk counts hold more distinct chunks than a Map can (2^24: fsck's walk of 64 GiB of chunks in use threw) and chunk numbers past 32 bits", () => {
+  const counts = new ChunkRefcounts(() => assert.fail('nothing is freed'));
+  assert.equal(counts.end(), 0);
+  const n = 2 ** 24 + 3;
+  for (let chunk = 0; chunk < n; chunk++) counts.increment(chunk);
+  counts.increment(70_000);
+  assert.equal(counts.get(70_000), 2);
+  assert.equal(counts.get(n - 1), 1);
+  assert.equal(counts.get(n), 0);
+  assert.equal(counts.end(), n);
+  counts.increment(2 ** 40); // a page or chunk number past 32 bits
+  assert.equal(counts.get(2 ** 40), 1);
+  assert.equal(counts.get(2 ** 40 - 1), 0);
+  assert.equal(counts.end(), 2 ** 40 + 1);
 });
 
 test('chunk map: runs split holes and physically contiguous stretches', () => {
