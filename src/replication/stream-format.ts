@@ -181,24 +181,6 @@ function isOffset(value: unknown): value is number {
 /** Chunk sums a decoder's arena holds: 256 KiB of them, the chunks of 256 MiB of small records. */
 const decoderSumsArenaLength = 65_536;
 
-/** CRC-32 table for the few bytes of a record's head (the data's go through the native CRC). */
-const crcTable = (() => {
-  const table = new Uint32Array(256);
-  for (let n = 0; n < 256; n++) {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = (c & 1) !== 0 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    table[n] = c >>> 0;
-  }
-  return table;
-})();
-
-/** crc32 of bytes[start..end), without a view of them: for a few bytes, cheaper than the native call's Buffer. */
-function smallCrc(bytes: Buffer, start: number, end: number): number {
-  let crc = 0xffffffff;
-  for (let i = start; i < end; i++) crc = crcTable[(crc ^ bytes[i]!) & 0xff]! ^ (crc >>> 8);
-  return (crc ^ 0xffffffff) >>> 0;
-}
-
 /**
  * Decodes a stream pushed in pieces of any size, checking every record's checksum and every invariant of the
  * design note; ECORRUPT for a record that fails its checksum, EPROTO for one that breaks the format. Holds at
@@ -293,7 +275,7 @@ export class StreamDecoder {
     const arena = this.#sums;
     if (count === 1) arena[from] = crc32(data) >>> 0;
     else for (let i = 0; i < count; i++) arena[from + i] = crc32(data.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes)) >>> 0;
-    const crc = appendedChecksum(smallCrc(bytes, 0, dataRecordDataStart), combinedChecksum(arena, from, count), count);
+    const crc = appendedChecksum(crc32(bytes.subarray(0, dataRecordDataStart)) >>> 0, combinedChecksum(arena, from, count), count);
     if (crc !== bytes.readUInt32LE(crcEnd)) throw this.#damaged();
     this.#sumsUsed = from + count;
     const header = this.#header;
