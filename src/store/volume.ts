@@ -312,16 +312,7 @@ export class Volume implements BlockDevice {
       let at = 0;
       for (const { data } of sorted) at += data.copy(payload, at);
     }
-    let sums = sorted[0]!.sums === undefined ? undefined : new Uint32Array(totalBytes / chunkSizeBytes);
-    for (let at = 0, index = 0; index < sorted.length && sums !== undefined; index++) {
-      const given = sorted[index]!.sums;
-      if (given === undefined) sums = undefined;
-      else {
-        assert(given.length === sorted[index]!.data.length / chunkSizeBytes, 'writeMany: a sum for each chunk');
-        sums.set(given, at);
-        at += given.length;
-      }
-    }
+    const sums = joinedSums(sorted, totalBytes / chunkSizeBytes);
     this.#store.metadata.checkHealthy();
     // One range from the first write's start to the last one's end, asked for now: the lock grants overlapping
     // requests first come, first served, so this batch is ordered against writes asked for before and after it as a
@@ -742,4 +733,17 @@ function clip(run: ChunkRun, offsetBytes: number, lengthBytes: number): [number,
   const start = Math.max(offsetBytes, run.virtualChunk * chunkSizeBytes);
   const end = Math.min(offsetBytes + lengthBytes, (run.virtualChunk + run.chunkCount) * chunkSizeBytes);
   return [start, end];
+}
+
+/** The writes' chunk sums in their order as one array, when every write has them (Volume.writeMany), else undefined. */
+function joinedSums(writes: ReadonlyArray<{ data: Buffer; sums?: Uint32Array }>, chunkCount: number): Uint32Array | undefined {
+  if (!writes.every((write) => write.sums !== undefined)) return undefined;
+  const sums = new Uint32Array(chunkCount);
+  let at = 0;
+  for (const { data, sums: given } of writes) {
+    assert(given!.length === data.length / chunkSizeBytes, 'writeMany: a sum for each chunk');
+    sums.set(given!, at);
+    at += given!.length;
+  }
+  return sums;
 }
