@@ -112,36 +112,12 @@ export class ChunkFiles {
    * or its thread preempted on a busy machine) the event loop waited with it, 5-77 ms (BENCHMARKS.md, issue 19).
    */
   write(physicalChunk: number, offsetBytes: number, data: Buffer, writer?: ChunkWriter | null): Promise<void> {
-    const position = physicalChunk * chunkSizeBytes + offsetBytes;
-    const fileIndex = Math.floor(position / chunkFileBytes);
-    const file = this.#files.get(fileIndex);
-    if (file !== undefined && data.length > 0 && position + data.length <= (fileIndex + 1) * chunkFileBytes) {
-      // The usual case, without #eachFile's and #withFile's promises: one file, open already. The same steps.
-      file.users += 1;
-      const filePosition = position - fileIndex * chunkFileBytes;
-      let writing: Promise<void>;
-      try {
-        writing = (file.writesInFlight === 0 ? writer?.write(file.fd, data, filePosition) : null) ?? this.#writeInTurn(file, data, filePosition);
-      } catch (error) {
-        this.#letGo(file);
-        return Promise.reject(error);
-      }
-      return writing.then(
-        () => {
-          this.#dirty.add(fileIndex);
-          this.#letGo(file);
-        },
-        (error: unknown) => {
-          this.#letGo(file);
-          throw error;
-        },
-      );
-    }
-    return this.#eachFile(position, data.length, async (file, position, start, end, fileIndex) => {
-      const part = data.subarray(start, end);
+    return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, data.length, (file, position, start, end, fileIndex) => {
+      const part = start === 0 && end === data.length ? data : data.subarray(start, end);
       const direct = file.writesInFlight === 0 ? writer?.write(file.fd, part, position) : null;
-      await (direct ?? this.#writeInTurn(file, part, position));
-      this.#dirty.add(fileIndex);
+      return (direct ?? this.#writeInTurn(file, part, position)).then(() => {
+        this.#dirty.add(fileIndex);
+      });
     });
   }
 
@@ -262,7 +238,8 @@ export class ChunkFiles {
     this.#files.clear();
   }
 
-  async #eachFile(
+  /** `action` on each file's part of [positionBytes, positionBytes + lengthBytes); one file, open already, without a promise of its own. */
+  #eachFile(
     positionBytes: number,
     lengthBytes: number,
     action: (file: OpenFile, filePosition: number, start: number, end: number, fileIndex: number) => Promise<void>,
@@ -280,17 +257,38 @@ export class ChunkFiles {
       parts.push(this.#withFile(fileIndex, (file) => action(file, positionBytes + start - fileIndex * chunkFileBytes, start, end, fileIndex)));
     }
     // Every part settles before this returns, so no I/O still uses the caller's buffer when it fails.
-    await settleAll(parts);
+    return settleAll(parts);
   }
 
-  async #withFile<T>(fileIndex: number, action: (file: OpenFile) => Promise<T>): Promise<T> {
-    const file = this.#files.get(fileIndex) ?? (await this.#open(fileIndex));
+  /**
+   * `action` on the file, opened if need be, counted as a user of it until the action settles. Promises chained,
+   * not an async function's: a write through an open file (the usual case) costs no promise and turn of its own here.
+   */
+  #withFile<T>(fileIndex: number, action: (file: OpenFile) => Promise<T>): Promise<T> {
+    const file = this.#files.get(fileIndex);
+    if (file === undefined) return this.#open(fileIndex).then((opened) => this.#using(opened, action));
+    return this.#using(file, action);
+  }
+
+  #using<T>(file: OpenFile, action: (file: OpenFile) => Promise<T>): Promise<T> {
     file.users += 1;
+    let pending: Promise<T>;
     try {
-      return await action(file);
-    } finally {
+      pending = action(file);
+    } catch (error) {
       this.#letGo(file);
+      return Promise.reject(error);
     }
+    return pending.then(
+      (value) => {
+        this.#letGo(file);
+        return value;
+      },
+      (error: unknown) => {
+        this.#letGo(file);
+        throw error;
+      },
+    );
   }
 
   /** One user of `file` is done with it: an evicted file's descriptor is closed when the last one is. */
