@@ -17,8 +17,6 @@ export interface ScaleStep {
   rssBytesBeforeRestart: number;
   /** The same RSS by kind of mapping (`memoryParts`), and the node's peak RSS since its start; absent in runs before they were kept. */
   memoryBeforeRestart?: MemoryParts | null;
-  /** The node's malloc trims while the step wrote (core/malloc-trim.ts); null: none (or a node without them). */
-  trims?: { count: number; medianMs: number; maxMs: number; releasedMiB: number } | null;
   /** The node's CPU (user + system, every thread) per 4 KiB write of this step, µs; null for the baseline. */
   writeCpuMicros?: number | null;
   /** The event loop's longest pause over the writes (the node's since its last start: GC, natural checkpoints). */

@@ -127,14 +127,6 @@ function startLines(node: RunningNode): string[] {
   return node.stderr().split('\n').filter((line) => /opened in|replayed \d+ journal records|node started/.test(line)).map((line) => line.replace(/^\S+ chunkd: (debug: )?/, ''));
 }
 
-/** The malloc trims (core/malloc-trim.ts) of a node's log: how many, their median and longest time, the RSS they released. */
-function trimsOf(node: RunningNode): ScaleStep['trims'] {
-  const trims = [...node.stderr().matchAll(/malloc_trim: ([\d.]+) ms, RSS ([\d.]+) MiB lower/g)].map((m) => ({ ms: Number(m[1]), mib: Number(m[2]) }));
-  if (trims.length === 0) return null;
-  const sorted = trims.map((t) => t.ms).sort((a, b) => a - b);
-  return { count: trims.length, medianMs: sorted[Math.floor(sorted.length / 2)]!, maxMs: sorted.at(-1)!, releasedMiB: trims.reduce((sum, t) => sum + t.mib, 0) };
-}
-
 /** Median and largest of the times a step's snapshots took (API call to answer); null when it took none. */
 function summarize(seconds: readonly number[]): ScaleStep['snapshotSeconds'] {
   if (seconds.length === 0) return null;
@@ -241,7 +233,6 @@ async function main(): Promise<void> {
     const writeCpuMicros = cpuBeforeWrites === null || cpuAfterWrites === null || written === stepStart ? null : ((cpuAfterWrites - cpuBeforeWrites) / ((written - stepStart) / blockBytes)) * 1e6;
     const rssBytesBeforeRestart = rssBytes(node.process.pid!);
     const memoryBeforeRestart = memoryParts(node.process.pid!);
-    const trims = trimsOf(node);
 
     // 2. The restart after a crash (the writes ended with a flush: everything acknowledged is in the journal).
     await node.kill();
@@ -296,7 +287,6 @@ async function main(): Promise<void> {
       writeCpuMicros,
       rssBytesBeforeRestart,
       memoryBeforeRestart,
-      trims,
       eventLoopDelayMaxWritingSeconds: writing.eventLoopDelayMaxSeconds,
       checkpointsWhileWriting: writing.pool.checkpointsTotal,
       startSeconds,

@@ -16,7 +16,6 @@ import { parsing, UsageError } from './errors.ts';
 import { commands, environmentName, type OptionSpec } from './help.ts';
 import { notifyServiceManager, stderrIsJournal } from './service-manager.ts';
 import { logLevels, makeLog, parseLogLevel, type LogLevel } from '../core/log.ts';
-import { MallocTrimmer } from '../core/malloc-trim.ts';
 
 /** Parses HOST:PORT (IPv6 as [::1]:PORT), or "none" for no TCP listener. */
 export function parseListen(text: string, option = '--listen', example = '127.0.0.1:10809'): { host: string; port: number } | null {
@@ -221,9 +220,6 @@ export async function serve(argv: string[]): Promise<number> {
   // loads none of them (core/lazy-import.ts).
   const { ChunkdNode } = await needs('serve', () => import('../node/node.ts'));
   const node = await ChunkdNode.start({ ...config, log });
-  // The malloc arena's free pages handed back after each full collection (core/malloc-trim.ts).
-  const trimmer = new MallocTrimmer({ log });
-  trimmer.start();
   // Listen for the stop signals before saying ready: a SIGTERM sent right after the ready line otherwise found no
   // handler in 2 to 5 of 8 quick starts and stops here (the process died of the signal, exit code null).
   const stopping = new Promise<void>((resolve) => {
@@ -240,7 +236,6 @@ export async function serve(argv: string[]): Promise<number> {
   await stopping;
   await notifyServiceManager('STOPPING=1', log);
   log('stopping: finishing in-flight requests and committing');
-  trimmer.stop();
   await node.stop();
   log('stopped');
   return 0;
