@@ -44,9 +44,9 @@ if (process.argv[2] === '--serve') {
   const rate = values['max-rate'] === undefined ? null : Number(values['max-rate']) * MiB;
   const root = fs.mkdtempSync(path.join(values.dir!, 'send-cost-'));
   const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  await initTls({ directory: root, nodes: ['alpha', 'beta'], clients: [], sans: [], days: 1, mode: 'new' });
   const child = fork(new URL(import.meta.url).pathname, ['--serve', root], { stdio: 'inherit' });
   try {
-    await initTls({ directory: root, nodes: ['alpha', 'beta'], clients: [], sans: [], days: 1, mode: 'new' });
     const port = await new Promise<number>((resolve) => child.once('message', (message) => resolve(message as number)));
     const source = await Pool.open({ directory: path.join(root, 'a') });
     await source.createVolume('v', sizeBytes);
