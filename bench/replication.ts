@@ -137,6 +137,8 @@ interface ClientSample {
   /** CPU microseconds (user + system, every thread) per client I/O: alpha over fio's measured window, beta scaled to it. */
   alphaCpuUsPerIo: number;
   betaCpuUsPerIo: number;
+  /** alphaCpuUsPerIo's part on alpha's main thread (its share of alpha's CPU ticks over the whole fio run). */
+  alphaMainCpuUsPerIo: number;
   /** Snapshot cycles alpha ran over the sample (a link's, or the bare snapshot cycle's); null with neither. */
   cycles: number | null;
 }
@@ -348,9 +350,12 @@ async function clientSample(tools: Tools, alpha: Peer, beta: Peer, row: RowSpec,
   const stopCycles = mode.snapshotsEveryMs === null ? null : snapshotCycles(alpha, mode.snapshotsEveryMs);
   const stopPerf = perfDir === null ? [] : [alpha, beta].map((peer) => perfRecord(peer.node.process.pid!, path.join(perfDir, `${row.id}-${mode.id}-run${run + 1}-${peer.name}.data`)));
   const cpu = cpuMeter(alpha, beta);
+  const ticksBefore = threadTicks(alpha.node.process.pid!);
   const started = performance.now();
   const sample = await measure(tools, nbdTarget(alpha.node.uri(volume)), alpha.node.process.pid!, row, mode.id, run, options);
   const seconds = (performance.now() - started) / 1000;
+  const ticksAfter = threadTicks(alpha.node.process.pid!);
+  const mainShare = (ticksAfter.main - ticksBefore.main) / Math.max(1, ticksAfter.all - ticksBefore.all);
   const { betaCpuSeconds } = cpu();
   await Promise.all(stopPerf.map((stop) => stop()));
   const linkAfter = mode.link === null ? null : (await replicas(alpha))[0]!;
@@ -367,8 +372,19 @@ async function clientSample(tools: Tools, alpha: Peer, beta: Peer, row: RowSpec,
     linkBytesPerSecond: linkAfter === null ? null : (linkAfter.streamBytesSentTotal - linkBefore!.streamBytesSentTotal) / seconds,
     alphaCpuUsPerIo: ((sample.serverCpuSeconds ?? Number.NaN) * 1e6) / ios,
     betaCpuUsPerIo: ((betaCpuSeconds * options.runtimeSeconds) / seconds) * 1e6 / ios,
+    alphaMainCpuUsPerIo: (((sample.serverCpuSeconds ?? Number.NaN) * 1e6) / ios) * mainShare,
     cycles,
   };
+}
+
+/** CPU clock ticks (user + system) of a process's main thread and of the whole process, from /proc. */
+function threadTicks(pid: number): { main: number; all: number } {
+  const ticks = (file: string): number => {
+    const stat = fs.readFileSync(file, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return Number(fields[14 - 3]) + Number(fields[15 - 3]);
+  };
+  return { main: ticks(`/proc/${pid}/task/${pid}/stat`), all: ticks(`/proc/${pid}/stat`) };
 }
 
 /** Writes 1% of the volume on `owner` at random, in 4 KiB writes, no block twice; returns the bytes written. */
@@ -528,7 +544,7 @@ async function main(): Promise<void> {
           client.push(sample);
           const rate = sample.linkBytesPerSecond === null ? '' : `, link ${(sample.linkBytesPerSecond / MiB).toFixed(1)} MiB/s`;
           const cycles = sample.cycles === null ? '' : `, ${sample.cycles} cycles`;
-          console.log(`run ${run + 1} ${row.id} ${mode.id}: ${sample.value.toFixed(0)} ${row.metric === 'iops' ? 'IOPS' : 'MB/s'}${rate}${cycles}, CPU us per I/O alpha ${sample.alphaCpuUsPerIo.toFixed(1)} beta ${sample.betaCpuUsPerIo.toFixed(1)}`);
+          console.log(`run ${run + 1} ${row.id} ${mode.id}: ${sample.value.toFixed(0)} ${row.metric === 'iops' ? 'IOPS' : 'MB/s'}${rate}${cycles}, CPU us per I/O alpha ${sample.alphaCpuUsPerIo.toFixed(1)} (main thread ${sample.alphaMainCpuUsPerIo.toFixed(1)}) beta ${sample.betaCpuUsPerIo.toFixed(1)}`);
         }
       }
     }
