@@ -6,7 +6,8 @@
 // records' checksums, TLS, TCP) and nothing of the receiver's. Prints, per MiB of stream sent, the CPU µs of this
 // process's main thread (process.threadCpuUsage) and of all its threads (process.cpuUsage), medians of --runs
 // (each run sends the stream --laps times; the first run is a warm-up, not counted: the page cache, the JIT).
-// The same file runs against another checkout's src/ when copied into it (old and new interleaved by the caller).
+// The same file runs against another checkout's src/ when copied into it (old and new interleaved by the caller);
+// one from before replicator.ts exported sendFrames (its framing) needs that function copied in with it.
 // Usage: node bench/replication-send-cost.ts [--size-mib 256] [--runs 5] [--laps 2] [--max-rate MiB/s] [--dir /tmp/X]
 import { fork } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -20,6 +21,7 @@ import { loadCredentials } from '../src/peer/credentials.ts';
 import { PeerVerb } from '../src/peer/protocol.ts';
 import { PeerServer } from '../src/peer/server.ts';
 import { RateLimiter } from '../src/replication/rate-limit.ts';
+import { sendFrames } from '../src/replication/replicator.ts';
 import { prepareSend } from '../src/replication/send.ts';
 import { Pool } from '../src/store/pool.ts';
 
@@ -82,7 +84,7 @@ if (process.argv[2] === '--serve') {
   }
 }
 
-/** One full stream of v@s1, framed and sent as Replicator's #stream does; returns its bytes. */
+/** One full stream of v@s1, framed and sent as Replicator's #stream does (sendFrames); returns its bytes. */
 async function sendOnce(source: Pool, client: PeerClient, rate: number | null): Promise<number> {
   const prepared = await prepareSend(source, { volume: 'v', snapshot: 's1', from: null, resumeOffsetBytes: 0 }, log);
   const limiter = rate === null ? null : new RateLimiter(rate);
@@ -101,41 +103,7 @@ async function sendOnce(source: Pool, client: PeerClient, rate: number | null): 
     inFlight.add(request);
     void request.finally(() => inFlight.delete(request));
   };
-  // Replicator's framing: pieces side by side in memory go as one view.
-  let pieces: Buffer[] = [];
-  let records: Buffer[][] = [];
-  let pieceBytes = 0;
-  let joined: Buffer | null = null;
-  let joinedEnd = 0;
-  const closeJoined = (): void => {
-    if (joined === null) return;
-    pieces.push(joinedEnd === joined.byteOffset + joined.length ? joined : Buffer.from(joined.buffer, joined.byteOffset, joinedEnd - joined.byteOffset));
-    joined = null;
-  };
-  for await (const batch of prepared.batches) {
-    for (const record of batch) {
-      records.push(record);
-      for (const piece of record) {
-        pieceBytes += piece.length;
-        if (joined !== null && piece.buffer === joined.buffer && piece.byteOffset === joinedEnd) {
-          joinedEnd += piece.length;
-          continue;
-        }
-        closeJoined();
-        joined = piece;
-        joinedEnd = piece.byteOffset + piece.length;
-      }
-      if (pieceBytes >= MiB) {
-        closeJoined();
-        await send(pieces, records, pieceBytes);
-        pieces = [];
-        records = [];
-        pieceBytes = 0;
-      }
-    }
-  }
-  closeJoined();
-  if (pieceBytes > 0) await send(pieces, records, pieceBytes);
+  await sendFrames(prepared.batches, send);
   await Promise.all(inFlight);
   if (prepared.failure() !== null) throw prepared.failure()!;
   return sentBytes;
