@@ -22,6 +22,10 @@
 //      sample's link is added and its first cycle waited for before fio starts, and removed after. The link's
 //      stream rate over the sample comes from alpha's streamBytesSentTotal. Each node's CPU per client I/O:
 //      alpha's over fio's measured window (after its ramp), beta's over the whole fio run scaled to the window.
+//      --warm-up S runs each linked mode once for S seconds before a row's first run, not measured: a fresh pool's
+//      first capped laps grow its chunk files to the peak the cycles' two snapshots need (the first touch of that
+//      memory costs the VM 7-10 ms per MiB; BENCHMARKS.md, issue 14), which a node that has run for long has
+//      behind it; the default, 0, measures from a fresh pool, first laps included.
 //      --perf DIR records each node with perf over each sample (the nodes then run with --perf-basic-prof, so
 //      JavaScript frames have names); --chunkd DIR runs both nodes from another checkout (old and new code,
 //      one bench run each, alternated by the caller).
@@ -37,7 +41,7 @@
 //      volume faster than any increment ships it; phase 1 then gives up after 8.)
 // Everything runs --runs times; the tables give medians and min–max. The control calls go straight to the API
 // sockets (what `chunkd replica add/sync/remove --json` send), so no CLI process start is timed.
-// Usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--steps LIST] [--modes LIST] [--target DIR] [--out DIR]
+// Usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--warm-up 0] [--max-rate 100MiB/s] [--steps LIST] [--modes LIST] [--target DIR] [--out DIR]
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -65,10 +69,11 @@ type Step = (typeof steps)[number];
 
 const modeIds = ['no-link', 'snapshots-500ms', 'every-500ms', 'every-500ms-limited'] as const;
 
-const usage = `usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--max-rate 100MiB/s] [--steps LIST] [--modes LIST] [--target DIR] [--out DIR]
+const usage = `usage: npm run bench:replication -- [--size 4GiB] [--runs 3] [--runtime 10] [--warm-up 0] [--max-rate 100MiB/s] [--steps LIST] [--modes LIST] [--target DIR] [--out DIR]
   --size SIZE      the volume replicated (default 4GiB; 256MiB for a quick check)
   --runs N         runs of every measurement, interleaved (default 3)
   --runtime S      seconds of each client I/O sample, after a 1 s ramp (default 10)
+  --warm-up S      before a client row's first run, each linked mode for S seconds, not measured (default 0: none)
   --max-rate RATE  the limited link's rate in the client I/O rows (default 100MiB/s)
   --steps LIST     which measurements, comma-separated (default full,incremental,client,handoff; incremental needs full)
   --rows LIST      the client step's rows (default randwrite-4k-qd32,write-1m-qd8)
@@ -132,6 +137,8 @@ interface ClientSample {
   /** CPU microseconds (user + system, every thread) per client I/O: alpha over fio's measured window, beta scaled to it. */
   alphaCpuUsPerIo: number;
   betaCpuUsPerIo: number;
+  /** alphaCpuUsPerIo's part on alpha's main thread (its share of alpha's CPU ticks over the whole fio run). */
+  alphaMainCpuUsPerIo: number;
   /** Snapshot cycles alpha ran over the sample (a link's, or the bare snapshot cycle's); null with neither. */
   cycles: number | null;
 }
@@ -343,9 +350,12 @@ async function clientSample(tools: Tools, alpha: Peer, beta: Peer, row: RowSpec,
   const stopCycles = mode.snapshotsEveryMs === null ? null : snapshotCycles(alpha, mode.snapshotsEveryMs);
   const stopPerf = perfDir === null ? [] : [alpha, beta].map((peer) => perfRecord(peer.node.process.pid!, path.join(perfDir, `${row.id}-${mode.id}-run${run + 1}-${peer.name}.data`)));
   const cpu = cpuMeter(alpha, beta);
+  const ticksBefore = threadTicks(alpha.node.process.pid!);
   const started = performance.now();
   const sample = await measure(tools, nbdTarget(alpha.node.uri(volume)), alpha.node.process.pid!, row, mode.id, run, options);
   const seconds = (performance.now() - started) / 1000;
+  const ticksAfter = threadTicks(alpha.node.process.pid!);
+  const mainShare = (ticksAfter.main - ticksBefore.main) / Math.max(1, ticksAfter.all - ticksBefore.all);
   const { betaCpuSeconds } = cpu();
   await Promise.all(stopPerf.map((stop) => stop()));
   const linkAfter = mode.link === null ? null : (await replicas(alpha))[0]!;
@@ -362,8 +372,19 @@ async function clientSample(tools: Tools, alpha: Peer, beta: Peer, row: RowSpec,
     linkBytesPerSecond: linkAfter === null ? null : (linkAfter.streamBytesSentTotal - linkBefore!.streamBytesSentTotal) / seconds,
     alphaCpuUsPerIo: ((sample.serverCpuSeconds ?? Number.NaN) * 1e6) / ios,
     betaCpuUsPerIo: ((betaCpuSeconds * options.runtimeSeconds) / seconds) * 1e6 / ios,
+    alphaMainCpuUsPerIo: (((sample.serverCpuSeconds ?? Number.NaN) * 1e6) / ios) * mainShare,
     cycles,
   };
+}
+
+/** CPU clock ticks (user + system) of a process's main thread and of the whole process, from /proc. */
+function threadTicks(pid: number): { main: number; all: number } {
+  const ticks = (file: string): number => {
+    const stat = fs.readFileSync(file, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return Number(fields[14 - 3]) + Number(fields[15 - 3]);
+  };
+  return { main: ticks(`/proc/${pid}/task/${pid}/stat`), all: ticks(`/proc/${pid}/stat`) };
 }
 
 /** Writes 1% of the volume on `owner` at random, in 4 KiB writes, no block twice; returns the bytes written. */
@@ -433,6 +454,7 @@ async function main(): Promise<void> {
       size: { type: 'string', default: '4GiB' },
       runs: { type: 'string', default: '3' },
       runtime: { type: 'string', default: '10' },
+      'warm-up': { type: 'string', default: '0' },
       'max-rate': { type: 'string', default: '100MiB/s' },
       target: { type: 'string', default: '.' },
       steps: { type: 'string', default: steps.join(',') },
@@ -458,6 +480,8 @@ async function main(): Promise<void> {
   if (sizeBytes % MiB !== 0 || sizeBytes < 64 * MiB) throw new Error('--size must be a whole number of MiB, at least 64MiB');
   if (!Number.isInteger(runs) || runs < 1) throw new Error('--runs must be a whole number, at least 1');
   const options: MeasureOptions = { runtimeSeconds: Number(values.runtime), rampSeconds: 1, sizeBytes, flushEveryBytes: null };
+  const warmUpSeconds = Number(values['warm-up']);
+  if (!Number.isFinite(warmUpSeconds) || warmUpSeconds < 0) throw new Error('--warm-up must be a number of seconds, 0 or more');
   const tools = new Tools(new Map());
   for (const tool of ['fio', 'nbdcopy']) tools.get(tool);
   setClockTicks(Number((await commandOutput('getconf', ['CLK_TCK'])) ?? '100'));
@@ -510,13 +534,17 @@ async function main(): Promise<void> {
       }
       // 3. Client I/O with and without a link; the modes' order turns every run.
       for (const row of doing('client') ? (rows as RowSpec[]) : []) {
+        for (const mode of run > 0 || warmUpSeconds === 0 ? [] : modes.filter((m) => m.link !== null)) {
+          const warm = await clientSample(tools, alpha, beta, row, mode, run, { ...options, runtimeSeconds: warmUpSeconds }, null);
+          console.log(`warm-up ${row.id} ${mode.id} (not measured): ${warm.value.toFixed(0)} ${row.metric === 'iops' ? 'IOPS' : 'MB/s'}, CPU us per I/O alpha ${warm.alphaCpuUsPerIo.toFixed(1)} beta ${warm.betaCpuUsPerIo.toFixed(1)}`);
+        }
         for (let i = 0; i < modes.length; i++) {
           const mode = modes[(i + run) % modes.length]!;
           const sample = await clientSample(tools, alpha, beta, row, mode, run, options, perfDir);
           client.push(sample);
           const rate = sample.linkBytesPerSecond === null ? '' : `, link ${(sample.linkBytesPerSecond / MiB).toFixed(1)} MiB/s`;
           const cycles = sample.cycles === null ? '' : `, ${sample.cycles} cycles`;
-          console.log(`run ${run + 1} ${row.id} ${mode.id}: ${sample.value.toFixed(0)} ${row.metric === 'iops' ? 'IOPS' : 'MB/s'}${rate}${cycles}, CPU us per I/O alpha ${sample.alphaCpuUsPerIo.toFixed(1)} beta ${sample.betaCpuUsPerIo.toFixed(1)}`);
+          console.log(`run ${run + 1} ${row.id} ${mode.id}: ${sample.value.toFixed(0)} ${row.metric === 'iops' ? 'IOPS' : 'MB/s'}${rate}${cycles}, CPU us per I/O alpha ${sample.alphaCpuUsPerIo.toFixed(1)} (main thread ${sample.alphaMainCpuUsPerIo.toFixed(1)}) beta ${sample.betaCpuUsPerIo.toFixed(1)}`);
         }
       }
     }
@@ -533,14 +561,14 @@ async function main(): Promise<void> {
     }
 
     const report = summarise(sizeBytes, runs, maxRate, modes, full, increments, client, handoffs, options);
-    const markdown = formatReport(report, modes);
+    const markdown = formatReport(report, modes) + (warmUpSeconds > 0 && doing('client') ? `\n\nBefore each row's first run, each linked mode ran ${warmUpSeconds} s, not measured (--warm-up).` : '');
     console.log(`\n${markdown}`);
     if (values.out !== undefined) {
       fs.mkdirSync(values.out, { recursive: true });
       const machine = { cpus: os.availableParallelism(), cpuModel: os.cpus()[0]?.model ?? null, kernel: os.release(), node: process.version, loadAverage: os.loadavg() };
       const commit = (await commandOutput('git', ['rev-parse', 'HEAD'])) ?? null;
       const command = `npm run bench:replication -- ${process.argv.slice(2).join(' ')}`.trim();
-      fs.writeFileSync(path.join(values.out, 'results.json'), `${JSON.stringify({ command, commit, machine, ...report, samples: { full, increments, client, handoffs } }, null, 2)}\n`);
+      fs.writeFileSync(path.join(values.out, 'results.json'), `${JSON.stringify({ command, commit, machine, warmUpSeconds, ...report, samples: { full, increments, client, handoffs } }, null, 2)}\n`);
       fs.writeFileSync(path.join(values.out, 'results.md'), `${markdown}\n`);
       for (const peer of [alpha, beta]) fs.writeFileSync(path.join(values.out, `${peer.name}.log`), peer.node.stderr());
       console.log(`results: ${values.out}`);

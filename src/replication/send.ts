@@ -81,11 +81,13 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
   // Read buffers (shared memory) by their memory: the data records yielded from each and not yet recycled.
   const users = new Map<ArrayBufferLike, { buffer: Buffer; records: number }>();
   const free: Buffer[] = [];
-  // Bigger reads land in shared memory. Only whole-record buffers are reused (a full stream is made of them), so
-  // none holds more than it reads.
+  // Bigger reads land in shared memory, in the middle of a buffer with room for their record's head and CRC around
+  // them, so that a record of data with no zero chunk is sealed in place (sealDataRecord) and goes to the socket as
+  // one buffer: one TLS write of it, not three (head, data, tail; BENCHMARKS.md, issue 14). Only whole-record
+  // buffers are reused (a full stream is made of them), so none holds more than it reads.
   const takeBuffer = (length: number): Buffer => {
-    if (length < streamDataRecordBytesMax) return Buffer.from(new SharedArrayBuffer(length));
-    return free.pop() ?? Buffer.from(new SharedArrayBuffer(streamDataRecordBytesMax));
+    if (length < streamDataRecordBytesMax) return Buffer.from(new SharedArrayBuffer(length + dataRecordOverheadBytes));
+    return free.pop() ?? Buffer.from(new SharedArrayBuffer(streamDataRecordBytesMax + dataRecordOverheadBytes));
   };
   // A read small enough to be done on this thread (worker-io.ts) gains nothing from shared memory (a random
   // writer's scattered chunks): it goes straight into the middle of its own record, carved from an arena, and
@@ -121,7 +123,7 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
     return arena.bytes.subarray(arenaUsed - bytes, arenaUsed);
   };
   const giveBack = (buffer: Buffer): void => {
-    if (buffer.buffer instanceof SharedArrayBuffer && buffer.length === streamDataRecordBytesMax && free.length < sendReadsAheadMax) free.push(buffer);
+    if (buffer.buffer instanceof SharedArrayBuffer && buffer.length === streamDataRecordBytesMax + dataRecordOverheadBytes && free.length < sendReadsAheadMax) free.push(buffer);
   };
   const recycle = (records: Buffer[][]): void => {
     for (const record of records) {
@@ -159,11 +161,12 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         const next = pieces.next();
         if (next.done === true) return;
         const { offset, length, extent } = next.value;
-        const record = length <= inlineReadBytesMax ? takeRecord(length) : null;
-        const buffer = record === null ? takeBuffer(length) : record.subarray(dataRecordDataStart, dataRecordDataStart + length);
+        const shared = length <= inlineReadBytesMax ? null : takeBuffer(length);
+        const record = shared === null ? takeRecord(length) : shared;
+        const buffer = record.subarray(dataRecordDataStart, dataRecordDataStart + length);
         readingBytes += length;
         // The error is kept and looked at in order, when the piece's turn comes.
-        const read: PendingRead = { offset, extent, buffer, record, settled: false, error: null, done: null, found: null };
+        const read: PendingRead = { offset, extent, buffer, record, shared, settled: false, error: null, done: null, found: null };
         try {
           const reading = device.readNowOrLater(offset, buffer);
           if (!(reading instanceof Promise)) {
@@ -229,16 +232,18 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         }
         readingBytes -= read.buffer.length;
         readAhead();
-        const { offset, buffer } = read;
+        const { offset, buffer, shared } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
-        if (read.record !== null && !hasZeroChunk(buffer)) {
-          // The read's hold on its arena becomes the record's, until the consumer recycles it.
+        if (!hasZeroChunk(buffer)) {
+          // The read's hold on its arena (or its shared buffer) becomes the record's, until the consumer recycles it.
+          if (shared !== null) users.set(shared.buffer, { buffer: shared, records: 1 });
           recordCount += 1;
           coveredBytes += buffer.length;
           dataBytes += buffer.length;
           // Its CRC appended to the head's from the checksums the read verified: the data is not gone over again.
-          batch.push([sealDataRecord(read.record, offset, read.found === null ? undefined : dataChecksum(read.found, buffer.length / chunkSizeBytes))]);
-          batchBytes += read.record.length;
+          const record = shared === null ? read.record : read.record.subarray(0, buffer.length + dataRecordOverheadBytes);
+          batch.push([sealDataRecord(record, offset, read.found === null ? undefined : dataChecksum(read.found, buffer.length / chunkSizeBytes))]);
+          batchBytes += record.length;
           if (coveredBytes >= sendReadAheadBytes) startDigest();
           if (batch.length >= batchRecordsMax || batchBytes >= batchBytesMax) {
             yield batch;
@@ -249,13 +254,15 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         }
         const runs = zeroRuns(buffer);
         const dataRuns = runs.filter((run) => !run.zero).length;
-        const held = read.record === null ? undefined : arenas.get(read.record.buffer);
+        const held = shared !== null ? undefined : arenas.get(read.record.buffer);
         if (held !== undefined) {
           // Its data records hold the arena instead of the read.
           held.holds += dataRuns;
           letGoArena(held, 1);
-        } else if (dataRuns === 0) giveBack(buffer);
-        else if (buffer.buffer instanceof SharedArrayBuffer) users.set(buffer.buffer, { buffer, records: dataRuns });
+        } else if (shared !== null) {
+          if (dataRuns === 0) giveBack(shared);
+          else users.set(shared.buffer, { buffer: shared, records: dataRuns });
+        }
         for (const run of runs) {
           recordCount += 1;
           coveredBytes += run.end - run.start;
@@ -299,8 +306,10 @@ interface PendingRead {
   offset: number;
   extent: { offsetBytes: number; lengthBytes: number };
   buffer: Buffer;
-  /** The record a small read lands in (its data part is `buffer`), or null for a read into a buffer of its own. */
-  record: Buffer | null;
+  /** The record the read lands in (its data part is `buffer`; for a big read, from the start of `shared`, as long as it may be). */
+  record: Buffer;
+  /** A big read's buffer of its own in shared memory (reused once recycled), or null for a small read carved from an arena. */
+  shared: Buffer | null;
   settled: boolean;
   /** Why the read failed, once settled; null if it did not. */
   error: unknown;

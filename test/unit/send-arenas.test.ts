@@ -118,3 +118,79 @@ test('batches carry the same records as records, in order, a bounded number at a
     await pool.close();
   });
 });
+
+test('a large extent\'s records go as one buffer each, sealed from the checksums their reads verified, and their buffers come back only once recycled', async () => {
+  const MiB = 1024 * 1024;
+  await withVolume(20 * MiB, async (pool, volume) => {
+    // 16 MiB of data (twice the sender's read-ahead, so that buffers are read into again): sixteen 1 MiB records,
+    // the fourth with a zero chunk in its middle (a data, a zero, a data record).
+    const data = Buffer.concat(Array.from({ length: (16 * MiB) / chunkBytes }, (_, i) => (i === 3 * 256 + 100 ? Buffer.alloc(chunkBytes) : chunkBytesOf(i))));
+    await volume.write(0, data);
+    await volume.close();
+    await pool.createSnapshot('v', 's');
+
+    const prepared = await prepareSend(pool, { volume: 'v', snapshot: 's', from: null, resumeOffsetBytes: 0 }, () => {});
+    const decoder = new StreamDecoder();
+    const received = Buffer.alloc(16 * MiB);
+    let held: { record: Buffer[]; bytes: Buffer } | null = null;
+    const memories = new Map<ArrayBufferLike, number>();
+    let wholeRecords = 0;
+    for await (const record of prepared.records) {
+      const bytes = Buffer.concat(record);
+      for (const decoded of decoder.push(bytes)) if (decoded.type === 'data') decoded.data.copy(received, decoded.offsetBytes);
+      if (record.length === 1 && record[0]!.length === MiB + 20) {
+        // A whole 1 MiB record in one buffer: head, data and CRC side by side, nothing copied to make it.
+        wholeRecords += 1;
+        memories.set(record[0]!.buffer, (memories.get(record[0]!.buffer) ?? 0) + 1);
+      }
+      // The first record of data is held for good (its buffer must never come back); the rest are recycled at once.
+      if (held === null && bytes[0] === 2) held = { record, bytes };
+      else prepared.recycle([record]);
+    }
+    assert.equal(prepared.failure(), null);
+    assert.equal(wholeRecords, 15, 'each 1 MiB record of data with no zero chunk is one buffer');
+    assert.ok(received.equals(data), 'the stream decodes to the bytes written');
+    assert.ok(Buffer.concat(held!.record).equals(held!.bytes), 'a record still held was overwritten by a later read');
+    assert.equal(memories.get(held!.record[0]!.buffer), 1, 'a held record\'s buffer was read into again');
+    assert.ok([...memories.values()].some((count) => count > 1), 'no recycled buffer was read into again');
+    await pool.close();
+  });
+});
+
+test('a large record\'s CRC is its chunks\' recorded checksums combined, not one taken over the bytes sent: damage a read did not verify is refused', async () => {
+  const MiB = 1024 * 1024;
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-send-crc-'));
+  try {
+    // Reads not verified (serve --verify-reads off, a benchmark's setting), so that a damaged chunk reaches the sender.
+    const pool = await Pool.open({ directory, ...testPoolOptions(), verifyReads: false });
+    await pool.createVolume('v', 4 * MiB);
+    const volume = pool.openVolume('v');
+    const data = Buffer.concat(Array.from({ length: (2 * MiB) / chunkBytes }, (_, i) => chunkBytesOf(i)));
+    await volume.write(0, data);
+    await volume.close();
+    await pool.createSnapshot('v', 's');
+    // One byte of chunk 300 (the second record's) flipped on disk.
+    const chunks = path.join(directory, 'chunks');
+    let damaged = 0;
+    for (const file of fs.readdirSync(chunks)) {
+      const bytes = fs.readFileSync(path.join(chunks, file));
+      const at = bytes.indexOf(chunkBytesOf(300));
+      if (at < 0) continue;
+      const fd = fs.openSync(path.join(chunks, file), 'r+');
+      fs.writeSync(fd, Buffer.from([bytes[at + 77]! ^ 0x40]), 0, 1, at + 77);
+      fs.closeSync(fd);
+      damaged += 1;
+    }
+    assert.equal(damaged, 1);
+    const prepared = await prepareSend(pool, { volume: 'v', snapshot: 's', from: null, resumeOffsetBytes: 0 }, () => {});
+    const decoder = new StreamDecoder();
+    const types: string[] = [];
+    await assert.rejects(async () => {
+      for await (const record of prepared.records) for (const decoded of decoder.push(Buffer.concat(record))) types.push(decoded.type);
+    }, /record 2 at stream byte \d+ fails its checksum/);
+    assert.deepEqual(types, ['header', 'data'], 'the first record, intact, decodes; the damaged one does not');
+    await pool.close();
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
