@@ -48,7 +48,7 @@ import type { FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import { checkRecord, type CatalogTables, isSnapshotUuid, snapshotUuidOf, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
 import { PageCache } from './page-cache.ts';
-import type { PageAllocatorState } from './page-allocator.ts';
+import type { FreePagesView } from './page-allocator.ts';
 import { firstDataPage, PageFile } from './page-file.ts';
 import { chainPagesFor, readChain, writeChain } from './page-table.ts';
 import { PagedMaps, type MapNode, type PagedMap, type PagedRun } from './paged-map.ts';
@@ -184,7 +184,7 @@ export class PagedCatalog {
   #tablePages: number[] = [];
   #journalGeneration = 0;
   /** The page allocator as the durable root left it (which pages that root names: paged-check.ts). */
-  #pagesAtOpen: PageAllocatorState = { nextPage: firstDataPage, free: [] };
+  #pagesAtOpen: FreePagesView = { nextPage: firstDataPage, isFree: () => false };
   /** The last record or checkpoint queued: they run one at a time, in call order. */
   #queue: Promise<unknown> = Promise.resolve();
   /** Records and checkpoints queued and not yet settled: none, and a map record may apply at once (`applyNow`). */
@@ -235,7 +235,7 @@ export class PagedCatalog {
         chunkCountPages: space.chunks.counts,
       });
       const catalog = new PagedCatalog(file, cache, space, maps, options.dirtyBytes ?? Math.max(options.cacheBytes, metadataDirtyBytesMin), options.dirtyPages ?? metadataReplayPagesMax, options.replayCostMaxUs ?? metadataReplayCostMaxUs);
-      catalog.#pagesAtOpen = space.pages.state();
+      catalog.#pagesAtOpen = space.pages.view();
       if (root !== null) await catalog.#load(root);
       return catalog;
     } catch (error) {
@@ -268,8 +268,8 @@ export class PagedCatalog {
     return this.#file;
   }
 
-  /** The page allocator's state at open: every page below `nextPage` not in `free` is named by the durable root. */
-  get pagesAtOpen(): PageAllocatorState {
+  /** The page allocator's free pages at open: every page below `nextPage` not free is named by the durable root. */
+  get pagesAtOpen(): FreePagesView {
     return this.#pagesAtOpen;
   }
 

@@ -44,12 +44,11 @@ export interface PageScan {
 
 /** Reads both copies of every page the durable root names; with `repair`, rewrites a damaged copy from a whole one. */
 export async function scanPageCopies(catalog: PagedCatalog, repair: boolean): Promise<PageScan> {
-  const { nextPage, free } = catalog.pagesAtOpen;
-  const freePages = new Set(free);
+  const { nextPage, isFree } = catalog.pagesAtOpen;
   const file = catalog.file;
   const scan: PageScan = { oneCopy: [], lost: [], pagesChecked: 0 };
   const pages: number[] = [];
-  for (let page = firstDataPage; page < nextPage; page++) if (!freePages.has(page)) pages.push(page);
+  for (let page = firstDataPage; page < nextPage; page++) if (!isFree(page)) pages.push(page);
   for (let start = 0; start < pages.length; start += scanWindowPages) {
     const window = pages.slice(start, start + scanWindowPages);
     const results = await Promise.all(window.map((page) => file.checkCopies(page, repair)));
@@ -199,10 +198,10 @@ export async function countMismatches(catalog: PagedCatalog, walk: MapWalk): Pro
   const chunkEnd = Math.max(await chunks.settledHighWater(), walk.chunkRefs.end());
   await compareCounts('chunk', chunks.counts, chunkEnd, walk.chunkRefs, check, 0);
   const space = catalog.space;
-  const { nextPage, free } = space.pages.state();
+  const nextPage = space.pages.nextPage;
   const pageEnd = Math.max(nextPage, walk.pageRefs.end());
   await compareCounts('page', space.pageRefs, pageEnd, walk.pageRefs, check, firstDataPage);
-  check.namedButFree = free.filter((page) => walk.pageRefs.get(page) !== 0);
+  for (let page = firstDataPage; page < nextPage; page++) if (space.pages.isFree(page) && walk.pageRefs.get(page) !== 0) check.namedButFree.push(page);
   return check;
 }
 
@@ -253,8 +252,7 @@ export async function recount(catalog: PagedCatalog, check: CountCheck): Promise
     }
   }
   chunks.releaseTaken(chunks.takeDeferred(chunks.deferredMark()));
-  const { nextPage, free: freeList } = space.pages.state();
-  const free = new Set(freeList);
+  const nextPage = space.pages.nextPage;
   const owned = new Set([...space.ownedPages(), ...catalog.tablePages]);
   for (const { index, counted, named } of check.pages) {
     const pin = await space.pageRefs.load([index]);
@@ -263,7 +261,7 @@ export async function recount(catalog: PagedCatalog, check: CountCheck): Promise
     } finally {
       pin.release();
     }
-    if (named === 0 && index < nextPage && !free.has(index) && !owned.has(index)) space.release(index);
+    if (named === 0 && index < nextPage && !space.pages.isFree(index) && !owned.has(index)) space.release(index);
   }
 }
 
