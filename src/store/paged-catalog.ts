@@ -6,7 +6,7 @@
 // What lives where:
 //   - the chunk map of each volume and snapshot: a `PagedMap` (paged-map.ts), the crc32 of each chunk beside it
 //     in the leaves (today's ChunkSums is not needed: a map record's sums go into the entries it writes);
-//   - page and chunk reference counts, the chunk allocator's free space and the page allocator's free list: the
+//   - page and chunk reference counts, the chunk allocator's free space and the page allocator's free pages: the
 //     space maps (space-map.ts), whose pages of counts the map passes load alongside the map pages they visit
 //     (paged-map.ts's `CountPages`);
 //   - the table of volumes and snapshots (ids, names, sizes, snapshot ids, creation times, next ids, and each
@@ -20,9 +20,9 @@
 // Root body (the two-slot root of page-file.ts), little-endian:
 //   u8 version (1) | u48 journal generation covered | u48 first page of the table | u48 table bytes |
 //   the space maps' root (space-map.ts's `encodeSpaceRoot`, 79 bytes)
-// Opening reads the root, the table's chain and the space maps' summaries (SpaceMaps.open: its free-page list and
-// the per-page-of-counts summary, about 1 MiB per TiB of chunks); no map page and no page of counts. Lookups read
-// the pages they need through the cache.
+// Opening reads the root, the table's chain and the space maps' summaries (SpaceMaps.open: the free pages' bitmap,
+// a page per 127 MiB of metadata, and the per-page-of-counts summary, about 1 MiB per TiB of chunks); no map page
+// and no page of counts. Lookups read the pages they need through the cache.
 //
 // `apply` queues a record; records apply one at a time in call order, each over counts loaded first (a map pass
 // stops and loads what it misses, a drop loads page by page). A record that cannot apply is refused with ECORRUPT

@@ -1,7 +1,7 @@
 // The checks fsck makes of paged metadata beyond a walk of each map's runs, and what `fsck --repair` repairs from
 // them (fsck.ts, repair.ts):
 //  - Both copies of every page the durable root names (`scanPageCopies`): every page below the page allocator's
-//    mark that its free list, as the root recorded it, does not hold. A page damaged in one copy is rewritten
+//    mark that its free pages, as the root recorded them, do not hold. A page damaged in one copy is rewritten
 //    from the other by the repair; a read repairs only the pages it reads, and a page damaged in one copy that
 //    nothing reads stays one damage away from lost. A page damaged in both copies is lost.
 //  - Every map tree walked once, page by page (`walkMaps`): how many references each map page has (one per table
@@ -294,7 +294,7 @@ export async function checkPagedCatalog(catalog: PagedCatalog): Promise<PagedFin
       : tablePages.has(page)
         ? 'a page of the table of volumes and snapshots: the next open fails'
         : spacePages.has(page)
-          ? 'a page of the space maps (reference counts, their summary or the free-page list): a write or removal that needs it fails'
+          ? 'a page of the space maps (reference counts, their summary or the free pages\' bitmap): a write or removal that needs it fails'
           : 'named by the root';
   const unrepairable = scan.lost.map((page) => `metadata: ${page.line} (${roleOf(page.pageNumber)})`);
   for (const [page, why] of walk.lost) if (!scan.lost.some((found) => found.pageNumber === page)) unrepairable.push(`metadata: map page ${page} cannot be read: ${why}`);
@@ -318,7 +318,7 @@ export async function checkPagedCatalog(catalog: PagedCatalog): Promise<PagedFin
     for (const m of counts.summaries) {
       repairable.push(`space maps: the summary of page ${m.page} of ${m.of} reference counts records ${m.recorded} free, its counts hold ${m.counted} (repairable: fsck --repair sets it from the counts; nothing is lost)`);
     }
-    for (const page of counts.namedButFree) unrepairable.push(`space maps: map page ${page} is named by a map but on the free-page list (fsck --repair does not rebuild the free-page list)`);
+    for (const page of counts.namedButFree) unrepairable.push(`space maps: map page ${page} is named by a map but free in the page allocator (fsck --repair does not rebuild the free pages)`);
   }
   return { scan, walk, lost, counts, repairable, unrepairable };
 }

@@ -1,6 +1,6 @@
 // Space maps of the paged metadata (step 3 of the plan in paged-metadata.md; nothing uses them yet): reference
 // counts of chunks and of pages kept in pages, the chunk allocator's free space derived from the chunk counts,
-// and the page allocator's free list kept in pages, so that a root names all a pool needs to reopen.
+// and the page allocator's free pages kept in pages, so that a root names all a pool needs to reopen.
 //
 // RefCountMap: a count per index (a physical chunk, or a page of the map trees) in pages of 2,032 counts of 2
 // bytes; a count of 65,535 or more is kept in an overflow list (0xffff in its page: look there), held in memory

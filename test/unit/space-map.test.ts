@@ -233,7 +233,7 @@ const reopen = command('reopen', async (model, real) => {
   checkPages(real.maps, 'before a reopen');
   real.file.close();
   const peek = await openReal(realFiles, real.base);
-  assert.deepEqual(peek.maps.pages.state(), pagesBefore, 'the free-page list read back equal');
+  assert.deepEqual(peek.maps.pages.state(), pagesBefore, 'the free pages read back equal');
   for (const page of pagesBefore.free) await peek.file.write(page, 0x7e, Buffer.from('garbage in a free page'));
   const reopened = { ...peek, cache: new PageCache(peek.file, cacheBytes) };
   reopened.maps = await SpaceMaps.open(reopened.cache, peek.file.root!.body);
