@@ -6,16 +6,17 @@
 //    names the top page). A flush rewrites only the leaves changed since the last one and the pages above them,
 //    so what a commit writes grows with what changed, not with the table. The space maps keep one entry per page
 //    of counts in one (8 bytes per 8 MiB of pool): small enough to hold in memory, which is what lets a search
-//    for free space skip full pages without reading them.
+//    for free space skip full pages without reading them. The page allocator names its leaves of free pages in
+//    one (page-allocator.ts).
 //  - a chain: a list of 48-bit values in pages that each name the next, written whole (for lists that are small
-//    or rarely change: the overflow counts, the free-page list).
+//    or rarely change: the overflow counts; the free-page list of pools before the bitmap, read once to convert).
 // Entries, page bodies: little-endian, 6 bytes per 48-bit value.
 import { ChunkdError } from '../core/errors.ts';
 import type { CachedPage } from './page-cache.ts';
 import { pageBodyBytesMax } from './page-file.ts';
 
 /** Page kinds of the space maps (page-file.ts's header byte). */
-export const pageKinds = { counts: 0x30, table: 0x31, chain: 0x32 } as const;
+export const pageKinds = { counts: 0x30, table: 0x31, chain: 0x32, freePages: 0x33 } as const;
 
 const tableEntryBytes = 8;
 export const tableEntriesPerPage = Math.floor(pageBodyBytesMax / tableEntryBytes);

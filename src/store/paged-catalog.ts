@@ -6,7 +6,7 @@
 // What lives where:
 //   - the chunk map of each volume and snapshot: a `PagedMap` (paged-map.ts), the crc32 of each chunk beside it
 //     in the leaves (today's ChunkSums is not needed: a map record's sums go into the entries it writes);
-//   - page and chunk reference counts, the chunk allocator's free space and the page allocator's free list: the
+//   - page and chunk reference counts, the chunk allocator's free space and the page allocator's free pages: the
 //     space maps (space-map.ts), whose pages of counts the map passes load alongside the map pages they visit
 //     (paged-map.ts's `CountPages`);
 //   - the table of volumes and snapshots (ids, names, sizes, snapshot ids, creation times, next ids, and each
@@ -20,9 +20,9 @@
 // Root body (the two-slot root of page-file.ts), little-endian:
 //   u8 version (1) | u48 journal generation covered | u48 first page of the table | u48 table bytes |
 //   the space maps' root (space-map.ts's `encodeSpaceRoot`, 79 bytes)
-// Opening reads the root, the table's chain and the space maps' summaries (SpaceMaps.open: its free-page list and
-// the per-page-of-counts summary, about 1 MiB per TiB of chunks); no map page and no page of counts. Lookups read
-// the pages they need through the cache.
+// Opening reads the root, the table's chain and the space maps' summaries (SpaceMaps.open: the free pages' bitmap,
+// a page per 127 MiB of metadata, and the per-page-of-counts summary, about 1 MiB per TiB of chunks); no map page
+// and no page of counts. Lookups read the pages they need through the cache.
 //
 // `apply` queues a record; records apply one at a time in call order, each over counts loaded first (a map pass
 // stops and loads what it misses, a drop loads page by page). A record that cannot apply is refused with ECORRUPT
@@ -48,7 +48,7 @@ import type { FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import { checkRecord, type CatalogTables, isSnapshotUuid, snapshotUuidOf, type MetaRecord, type SnapshotMeta, type VolumeMeta } from './metadata.ts';
 import { PageCache } from './page-cache.ts';
-import type { PageAllocatorState } from './page-allocator.ts';
+import type { FreePagesView } from './page-allocator.ts';
 import { firstDataPage, PageFile } from './page-file.ts';
 import { chainPagesFor, readChain, writeChain } from './page-table.ts';
 import { PagedMaps, type MapNode, type PagedMap, type PagedRun } from './paged-map.ts';
@@ -184,7 +184,7 @@ export class PagedCatalog {
   #tablePages: number[] = [];
   #journalGeneration = 0;
   /** The page allocator as the durable root left it (which pages that root names: paged-check.ts). */
-  #pagesAtOpen: PageAllocatorState = { nextPage: firstDataPage, free: [] };
+  #pagesAtOpen: FreePagesView = { nextPage: firstDataPage, isFree: () => false };
   /** The last record or checkpoint queued: they run one at a time, in call order. */
   #queue: Promise<unknown> = Promise.resolve();
   /** Records and checkpoints queued and not yet settled: none, and a map record may apply at once (`applyNow`). */
@@ -235,7 +235,7 @@ export class PagedCatalog {
         chunkCountPages: space.chunks.counts,
       });
       const catalog = new PagedCatalog(file, cache, space, maps, options.dirtyBytes ?? Math.max(options.cacheBytes, metadataDirtyBytesMin), options.dirtyPages ?? metadataReplayPagesMax, options.replayCostMaxUs ?? metadataReplayCostMaxUs);
-      catalog.#pagesAtOpen = space.pages.state();
+      catalog.#pagesAtOpen = space.pages.view();
       if (root !== null) await catalog.#load(root);
       return catalog;
     } catch (error) {
@@ -268,8 +268,8 @@ export class PagedCatalog {
     return this.#file;
   }
 
-  /** The page allocator's state at open: every page below `nextPage` not in `free` is named by the durable root. */
-  get pagesAtOpen(): PageAllocatorState {
+  /** The page allocator's free pages at open: every page below `nextPage` not free is named by the durable root. */
+  get pagesAtOpen(): FreePagesView {
     return this.#pagesAtOpen;
   }
 

@@ -1,7 +1,7 @@
 // The checks fsck makes of paged metadata beyond a walk of each map's runs, and what `fsck --repair` repairs from
 // them (fsck.ts, repair.ts):
 //  - Both copies of every page the durable root names (`scanPageCopies`): every page below the page allocator's
-//    mark that its free list, as the root recorded it, does not hold. A page damaged in one copy is rewritten
+//    mark that its free pages, as the root recorded them, do not hold. A page damaged in one copy is rewritten
 //    from the other by the repair; a read repairs only the pages it reads, and a page damaged in one copy that
 //    nothing reads stays one damage away from lost. A page damaged in both copies is lost.
 //  - Every map tree walked once, page by page (`walkMaps`): how many references each map page has (one per table
@@ -44,12 +44,11 @@ export interface PageScan {
 
 /** Reads both copies of every page the durable root names; with `repair`, rewrites a damaged copy from a whole one. */
 export async function scanPageCopies(catalog: PagedCatalog, repair: boolean): Promise<PageScan> {
-  const { nextPage, free } = catalog.pagesAtOpen;
-  const freePages = new Set(free);
+  const { nextPage, isFree } = catalog.pagesAtOpen;
   const file = catalog.file;
   const scan: PageScan = { oneCopy: [], lost: [], pagesChecked: 0 };
   const pages: number[] = [];
-  for (let page = firstDataPage; page < nextPage; page++) if (!freePages.has(page)) pages.push(page);
+  for (let page = firstDataPage; page < nextPage; page++) if (!isFree(page)) pages.push(page);
   for (let start = 0; start < pages.length; start += scanWindowPages) {
     const window = pages.slice(start, start + scanWindowPages);
     const results = await Promise.all(window.map((page) => file.checkCopies(page, repair)));
@@ -199,10 +198,10 @@ export async function countMismatches(catalog: PagedCatalog, walk: MapWalk): Pro
   const chunkEnd = Math.max(await chunks.settledHighWater(), walk.chunkRefs.end());
   await compareCounts('chunk', chunks.counts, chunkEnd, walk.chunkRefs, check, 0);
   const space = catalog.space;
-  const { nextPage, free } = space.pages.state();
+  const nextPage = space.pages.nextPage;
   const pageEnd = Math.max(nextPage, walk.pageRefs.end());
   await compareCounts('page', space.pageRefs, pageEnd, walk.pageRefs, check, firstDataPage);
-  check.namedButFree = free.filter((page) => walk.pageRefs.get(page) !== 0);
+  for (let page = firstDataPage; page < nextPage; page++) if (space.pages.isFree(page) && walk.pageRefs.get(page) !== 0) check.namedButFree.push(page);
   return check;
 }
 
@@ -253,8 +252,7 @@ export async function recount(catalog: PagedCatalog, check: CountCheck): Promise
     }
   }
   chunks.releaseTaken(chunks.takeDeferred(chunks.deferredMark()));
-  const { nextPage, free: freeList } = space.pages.state();
-  const free = new Set(freeList);
+  const nextPage = space.pages.nextPage;
   const owned = new Set([...space.ownedPages(), ...catalog.tablePages]);
   for (const { index, counted, named } of check.pages) {
     const pin = await space.pageRefs.load([index]);
@@ -263,7 +261,7 @@ export async function recount(catalog: PagedCatalog, check: CountCheck): Promise
     } finally {
       pin.release();
     }
-    if (named === 0 && index < nextPage && !free.has(index) && !owned.has(index)) space.release(index);
+    if (named === 0 && index < nextPage && !space.pages.isFree(index) && !owned.has(index)) space.release(index);
   }
 }
 
@@ -296,7 +294,7 @@ export async function checkPagedCatalog(catalog: PagedCatalog): Promise<PagedFin
       : tablePages.has(page)
         ? 'a page of the table of volumes and snapshots: the next open fails'
         : spacePages.has(page)
-          ? 'a page of the space maps (reference counts, their summary or the free-page list): a write or removal that needs it fails'
+          ? 'a page of the space maps (reference counts, their summary or the free pages\' bitmap): a write or removal that needs it fails'
           : 'named by the root';
   const unrepairable = scan.lost.map((page) => `metadata: ${page.line} (${roleOf(page.pageNumber)})`);
   for (const [page, why] of walk.lost) if (!scan.lost.some((found) => found.pageNumber === page)) unrepairable.push(`metadata: map page ${page} cannot be read: ${why}`);
@@ -320,7 +318,7 @@ export async function checkPagedCatalog(catalog: PagedCatalog): Promise<PagedFin
     for (const m of counts.summaries) {
       repairable.push(`space maps: the summary of page ${m.page} of ${m.of} reference counts records ${m.recorded} free, its counts hold ${m.counted} (repairable: fsck --repair sets it from the counts; nothing is lost)`);
     }
-    for (const page of counts.namedButFree) unrepairable.push(`space maps: map page ${page} is named by a map but on the free-page list (fsck --repair does not rebuild the free-page list)`);
+    for (const page of counts.namedButFree) unrepairable.push(`space maps: map page ${page} is named by a map but free in the page allocator (fsck --repair does not rebuild the free pages)`);
   }
   return { scan, walk, lost, counts, repairable, unrepairable };
 }

@@ -1,6 +1,6 @@
 // Space maps of the paged metadata (step 3 of the plan in paged-metadata.md; nothing uses them yet): reference
 // counts of chunks and of pages kept in pages, the chunk allocator's free space derived from the chunk counts,
-// and the page allocator's free list kept in pages, so that a root names all a pool needs to reopen.
+// and the page allocator's free pages kept in pages, so that a root names all a pool needs to reopen.
 //
 // RefCountMap: a count per index (a physical chunk, or a page of the map trees) in pages of 2,032 counts of 2
 // bytes; a count of 65,535 or more is kept in an overflow list (0xffff in its page: look there), held in memory
@@ -39,16 +39,18 @@
 //
 // SpaceMaps: the two count maps and the page allocator behind them and everything else in pages. `flush()`
 // (synchronous) puts every changed page into the cache and returns the bytes the next root records; after the
-// cache's commit of that root, `committed()` makes the pages released before the flush reusable. The free-page
-// list is written whole at each flush as a chain (pages free, and those released since the last flush, which the
-// new root no longer names), in pages taken from that list itself. Pure apart from the page cache's reads.
+// cache's commit of that root, `committed()` makes the pages released before the flush reusable. The free pages
+// are the page allocator's bitmap in pages (page-allocator.ts), written last: a flush writes its leaves changed
+// since the last one. A root of version 1 named a free-page list written whole as a chain: read once at open and
+// turned into the bitmap, written at the next flush (the chain's pages released by it). Pure apart from the page
+// cache's reads.
 import os from 'node:os';
 import { assert } from '../core/assert.ts';
 import { ChunkdError } from '../core/errors.ts';
 import { DeferredFrees, type FreeExtent } from './allocator.ts';
 import type { ChunkRefs } from './chunk-map.ts';
 import type { PageCache } from './page-cache.ts';
-import { PageAllocator } from './page-allocator.ts';
+import { PageAllocator, pagesPerLeaf } from './page-allocator.ts';
 import { pageBodyBytesMax } from './page-file.ts';
 import { chainPagesFor, PagedTable, pageKinds, readChain, readKind, writeChain, type PageSink, type TableRoot } from './page-table.ts';
 
@@ -898,7 +900,16 @@ export class ChunkSpace implements ChunkRefs {
 export interface SpaceRoot {
   chunkCounts: RefCountRoot;
   pageCounts: RefCountRoot;
-  /** The page allocator: its high-water mark and its free list. */
+  /** The page allocator: its high-water mark and the table of its leaves of free pages (as many entries as leaves cover the mark). */
+  nextPage: number;
+  freeDepth: number;
+  freeTop: number;
+}
+
+/** A root of version 1: the free pages as a list, a chain of `freeCount` values from `freeFirst`. */
+interface SpaceRootV1 {
+  chunkCounts: RefCountRoot;
+  pageCounts: RefCountRoot;
   nextPage: number;
   freeFirst: number;
   freeCount: number;
@@ -906,49 +917,60 @@ export interface SpaceRoot {
 
 const rootFields = 13;
 export const spaceRootBytes = 1 + rootFields * 6;
-const spaceRootVersion = 1;
+/** 2: free pages as a bitmap in pages; 1 (read, converted at the next flush): as a list written whole. */
+const spaceRootVersion = 2;
 
 export function encodeSpaceRoot(root: SpaceRoot): Buffer {
   const fields = [root.chunkCounts, root.pageCounts].flatMap((counts) => [counts.directory.length, counts.directory.depth, counts.directory.top, counts.overflowFirst, counts.overflowCount]);
-  fields.push(root.nextPage, root.freeFirst, root.freeCount);
+  fields.push(root.nextPage, root.freeDepth, root.freeTop);
   const out = Buffer.alloc(spaceRootBytes);
   out.writeUInt8(spaceRootVersion, 0);
   for (const [i, field] of fields.entries()) out.writeUIntLE(field, 1 + i * 6, 6);
   return out;
 }
 
-export function decodeSpaceRoot(bytes: Buffer): SpaceRoot {
-  if (bytes.length < spaceRootBytes || bytes.readUInt8(0) !== spaceRootVersion) throw ChunkdError.corrupt(`space maps root: ${bytes.length} bytes, version ${bytes[0]}`);
+export function decodeSpaceRoot(bytes: Buffer): ({ version: 2 } & SpaceRoot) | ({ version: 1 } & SpaceRootV1) {
+  const version = bytes.readUInt8(0);
+  if (bytes.length < spaceRootBytes || (version !== 1 && version !== 2)) throw ChunkdError.corrupt(`space maps root: ${bytes.length} bytes, version ${bytes[0]}`);
   const field = (i: number): number => bytes.readUIntLE(1 + i * 6, 6);
   const counts = (at: number): RefCountRoot => ({ directory: { length: field(at), depth: field(at + 1), top: field(at + 2) }, overflowFirst: field(at + 3), overflowCount: field(at + 4) });
-  return { chunkCounts: counts(0), pageCounts: counts(5), nextPage: field(10), freeFirst: field(11), freeCount: field(12) };
+  const common = { chunkCounts: counts(0), pageCounts: counts(5), nextPage: field(10) };
+  if (version === 1) return { version, ...common, freeFirst: field(11), freeCount: field(12) };
+  return { version, ...common, freeDepth: field(11), freeTop: field(12) };
 }
 
 /** The chunk space, the page reference counts and the page allocator, kept in pages through one cache. */
 export class SpaceMaps implements PageSink {
   readonly pages: PageAllocator;
   readonly #cache: PageCache;
-  #freeListPages: number[];
   #chunks: ChunkSpace | undefined;
   #pageRefs: RefCountMap | undefined;
 
-  private constructor(cache: PageCache, pages: PageAllocator, freeListPages: number[]) {
+  private constructor(cache: PageCache, pages: PageAllocator) {
     this.#cache = cache;
     this.pages = pages;
-    this.#freeListPages = freeListPages;
   }
 
   /** The space maps a root recorded (`encodeSpaceRoot`'s bytes), or empty ones for null. */
   static async open(cache: PageCache, root: Buffer | null): Promise<SpaceMaps> {
     if (root === null) {
-      const maps = new SpaceMaps(cache, new PageAllocator(), []);
+      const maps = new SpaceMaps(cache, new PageAllocator());
       maps.#chunks = await ChunkSpace.open(RefCountMap.create(cache, maps));
       maps.#pageRefs = RefCountMap.create(cache, maps);
       return maps;
     }
     const decoded = decodeSpaceRoot(root);
-    const free = await readChain(cache, decoded.freeFirst, decoded.freeCount);
-    const maps = new SpaceMaps(cache, new PageAllocator({ nextPage: decoded.nextPage, free: free.values }), free.pages);
+    let pages: PageAllocator;
+    if (decoded.version === 1) {
+      // The list of a pool from before the bitmap: read once, its pages released (the next root no longer names them).
+      const free = await readChain(cache, decoded.freeFirst, decoded.freeCount);
+      pages = new PageAllocator({ nextPage: decoded.nextPage, free: free.values });
+      for (const page of free.pages) pages.release(page);
+    } else {
+      const length = Math.ceil(decoded.nextPage / pagesPerLeaf);
+      pages = await PageAllocator.open(cache, { nextPage: decoded.nextPage, directory: { length, depth: decoded.freeDepth, top: decoded.freeTop } });
+    }
+    const maps = new SpaceMaps(cache, pages);
     maps.#chunks = await ChunkSpace.open(await RefCountMap.open(cache, maps, decoded.chunkCounts));
     maps.#pageRefs = await RefCountMap.open(cache, maps, decoded.pageCounts);
     return maps;
@@ -977,24 +999,20 @@ export class SpaceMaps implements PageSink {
   }
 
   /**
-   * Puts every page changed since the last flush into the cache, last the free-page list, and returns the bytes the
-   * next root records. Call it after everything else that allocates or releases pages for that root has done so.
+   * Puts every page changed since the last flush into the cache, last the free pages' leaves changed, and returns
+   * the bytes the next root records. Call it after everything else that allocates or releases pages for that root
+   * has done so.
    */
   flush(): Buffer {
     const chunkCounts = this.chunks.counts.flush();
     const pageCounts = this.pageRefs.flush();
-    for (const page of this.#freeListPages) this.pages.release(page);
-    // Taking the list's pages out of the free pages only shortens it: as many as the list would fill before is enough.
-    const listPages = Array.from({ length: chainPagesFor(this.pages.freeCount + this.pages.waitingCount) }, () => this.pages.allocate());
-    const state = this.pages.sealForCommit();
-    writeChain(this, listPages, state.free);
-    this.#freeListPages = listPages;
-    return encodeSpaceRoot({ chunkCounts, pageCounts, nextPage: state.nextPage, freeFirst: listPages[0] ?? 0, freeCount: state.free.length });
+    const free = this.pages.flush(this);
+    return encodeSpaceRoot({ chunkCounts, pageCounts, nextPage: free.nextPage, freeDepth: free.directory.depth, freeTop: free.directory.top });
   }
 
   /** Every page the space maps' state is in, as of the last flush (a check: with free pages, each page once). */
   ownedPages(): number[] {
-    return [...this.chunks.counts.ownedPages(), ...this.pageRefs.ownedPages(), ...this.#freeListPages];
+    return [...this.chunks.counts.ownedPages(), ...this.pageRefs.ownedPages(), ...this.pages.ownedPages()];
   }
 
   /** The root of the last flush is durable: the pages released before it may be written again. */

@@ -121,11 +121,11 @@ function snapshotFiles(directory: string): () => void {
 /** The pages the durable root names, with their kinds (read from metadata.0). */
 async function pagesInUse(directory: string): Promise<Array<{ page: number; kind: number }>> {
   const catalog = await PagedCatalog.open(realFiles, directory, { cacheBytes: MiB, readOnly: true });
-  const { nextPage, free } = catalog.pagesAtOpen;
+  const { nextPage, isFree } = catalog.pagesAtOpen;
   await catalog.close();
   const bytes = fs.readFileSync(path.join(directory, 'metadata.0'));
   const out: Array<{ page: number; kind: number }> = [];
-  for (let page = 2; page < nextPage; page++) if (!free.includes(page)) out.push({ page, kind: bytes.readUInt8(page * pageBytes + 14) });
+  for (let page = 2; page < nextPage; page++) if (!isFree(page)) out.push({ page, kind: bytes.readUInt8(page * pageBytes + 14) });
   return out;
 }
 
@@ -179,8 +179,8 @@ test('a metadata page damaged in one copy, of each kind: fsck calls it repairabl
     const { expected, restore } = await prepared(directory);
     const inUse = await pagesInUse(directory);
     const kinds = [...new Set(inUse.map((entry) => entry.kind))].sort((a, b) => a - b);
-    // Map leaves and interior nodes, pages of counts, the table, chains (the free list): 0x01, 0x02, 0x30 to 0x32.
-    assert.ok(kinds.includes(1) && kinds.includes(2) && kinds.includes(0x30), `kinds in use: ${kinds.join(', ')}`);
+    // Map leaves and interior nodes, pages of counts, the tables, chains, the free pages' leaves: 0x01, 0x02, 0x30 to 0x33.
+    assert.ok(kinds.includes(1) && kinds.includes(2) && kinds.includes(0x30) && kinds.includes(0x33), `kinds in use: ${kinds.join(', ')}`);
     for (const [i, kind] of kinds.entries()) {
       restore();
       const { page } = inUse.find((entry) => entry.kind === kind)!;

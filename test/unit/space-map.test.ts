@@ -1,8 +1,9 @@
 // Space maps of the paged metadata (src/store/space-map.ts, page-table.ts): reference counts of chunks and pages
-// in pages, the chunk allocator over the chunk counts and the page allocator's free list in pages, against plain
+// in pages, the chunk allocator over the chunk counts and the page allocator's free pages in pages, against plain
 // models (a Map of counts and today's ChunkAllocator) through a cache of two pages, so pages of counts are evicted
 // and read again; counts past 65,535; the free list written with a root and read back equal, naming no page in
-// use; a search for free space that reads only the pages it needs; and power loss between the pages and the root.
+// use; a search for free space that reads only the pages it needs; power loss between the pages and the root; and
+// a root of version 1 (the free pages as a list) converted at the next flush.
 // fast-check shrinks a failing sequence; SEED=<n> replays one (FC_PATH=<path> the shrunk case), SPACE_MAP_RUNS
 // sets how many sequences run (default 40).
 import assert from 'node:assert/strict';
@@ -17,8 +18,8 @@ import type { ChunkRefs } from '../../src/store/chunk-map.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { PageCache } from '../../src/store/page-cache.ts';
 import { decodePage, firstDataPage, PageFile, pageBytes } from '../../src/store/page-file.ts';
-import { PagedTable, pageKinds, tableEntriesPerPage, type PageSink } from '../../src/store/page-table.ts';
-import { countsPerPage, SpaceMaps } from '../../src/store/space-map.ts';
+import { chainPagesFor, PagedTable, pageKinds, tableEntriesPerPage, writeChain, type PageSink } from '../../src/store/page-table.ts';
+import { countsPerPage, decodeSpaceRoot, encodeSpaceRoot, SpaceMaps } from '../../src/store/space-map.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { makeRandom, modelRunOptions, randomInt, testSeed } from '../helpers/random.ts';
 
@@ -232,7 +233,7 @@ const reopen = command('reopen', async (model, real) => {
   checkPages(real.maps, 'before a reopen');
   real.file.close();
   const peek = await openReal(realFiles, real.base);
-  assert.deepEqual(peek.maps.pages.state(), pagesBefore, 'the free-page list read back equal');
+  assert.deepEqual(peek.maps.pages.state(), pagesBefore, 'the free pages read back equal');
   for (const page of pagesBefore.free) await peek.file.write(page, 0x7e, Buffer.from('garbage in a free page'));
   const reopened = { ...peek, cache: new PageCache(peek.file, cacheBytes) };
   reopened.maps = await SpaceMaps.open(reopened.cache, peek.file.root!.body);
@@ -553,6 +554,50 @@ test('a page of counts damaged in both copies is refused when loaded; a count no
     await assert.rejects(again.maps.chunks.counts.load([5]), (error) => error instanceof ChunkdError && error.code === 'ECORRUPT');
     await withCounts(again.maps.chunks.counts, [3 * countsPerPage], () => assert.equal(again.maps.chunks.get(3 * countsPerPage), 1, 'the other page whole'));
     again.file.close();
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
+test('a root of version 1 (the free pages as a list written whole) opens, and the next flush writes the bitmap in its place', async () => {
+  const directory = scratch();
+  try {
+    const real = await openReal(realFiles, path.join(directory, 'meta'));
+    const bumpPage = (page: number): Promise<void> => withCounts(real.maps.pageRefs, [page], () => real.maps.pageRefs.increment(page));
+    for (let round = 0; round < 6; round++) {
+      await bumpPage(round * countsPerPage + 7);
+      await commit(real);
+    }
+    // The root as a chunkd before the bitmap wrote it: the same counts, the free pages (and the pages the bitmap
+    // took, which that chunkd did not have) as a chain of pages taken from them.
+    const v2 = decodeSpaceRoot(real.file.root!.body);
+    assert.equal(v2.version, 2);
+    const list = [...real.maps.pages.state().free, ...real.maps.pages.ownedPages()].sort((a, b) => a - b);
+    const chainPages = list.splice(0, chainPagesFor(list.length));
+    const sink: PageSink = { allocate: () => assert.fail('no allocation'), release: () => assert.fail('no release'), put: (page, kind, body) => real.cache.put(page, { kind, body }) };
+    const first = writeChain(sink, chainPages, list);
+    const v1 = Buffer.from(encodeSpaceRoot({ ...v2, freeDepth: 0, freeTop: 0 }));
+    v1.writeUInt8(1, 0);
+    v1.writeUIntLE(first, 1 + 11 * 6, 6);
+    v1.writeUIntLE(list.length, 1 + 12 * 6, 6);
+    await real.cache.commit(v1);
+    real.file.close();
+
+    const old = await openReal(realFiles, real.base);
+    assert.equal(decodeSpaceRoot(old.file.root!.body).version, 1);
+    assert.deepEqual(old.maps.pages.state().free, list, 'the list read once: its pages free to hand out');
+    assert.equal(old.maps.pages.waitingCount, chainPages.length, 'the chain\'s own pages wait for the next root');
+    for (const page of chainPages) assert.ok(!old.maps.pages.isFree(page));
+    await withCounts(old.maps.pageRefs, [7], () => assert.equal(old.maps.pageRefs.get(7), 1));
+    await commit(old);
+    assert.equal(decodeSpaceRoot(old.file.root!.body).version, 2, 'the next root names the bitmap');
+    checkPages(old.maps, 'after the conversion');
+    for (const page of chainPages) assert.ok(old.maps.pages.isFree(page) || old.maps.pages.ownedPages().includes(page), `the chain's page ${page} free again`);
+    old.file.close();
+    const converted = await openReal(realFiles, real.base);
+    checkPages(converted.maps, 'reopened after the conversion');
+    assert.deepEqual(converted.maps.pages.state(), old.maps.pages.state());
+    converted.file.close();
   } finally {
     fs.rmSync(directory, { recursive: true, force: true });
   }
