@@ -257,7 +257,7 @@ export class StreamReceiver {
                 break;
               }
               await writeBatch();
-              await issue(record.offsetBytes + record.data.length, record.data.length, (target) => target.write(record.offsetBytes, record.data), record.data.buffer);
+              await issue(record.offsetBytes + record.data.length, record.data.length, (target) => target.write(record.offsetBytes, record.data, { sums: record.sums }), record.data.buffer);
               break;
             }
             case 'zero':

@@ -32,7 +32,7 @@
 // Pure: bytes in, values out.
 import { crc32 } from '@node-rs/crc32';
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, receiveBatchRecordBytesMax, streamDataRecordBytesMax, streamHeaderBytesMax, streamRecordPayloadBytesMax, volumeSizeMaxBytes } from '../core/limits.ts';
+import { chunkSizeBytes, streamDataRecordBytesMax, streamHeaderBytesMax, streamRecordPayloadBytesMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
 import { appendedChecksum, combinedChecksum } from '../store/checksum.ts';
 import { contentDigestBytes } from '../store/content-digest.ts';
@@ -62,8 +62,8 @@ export interface StreamHeader {
 export type StreamRecord =
   | { type: 'header'; header: StreamHeader }
   /**
-   * `sums`: each 4 KiB chunk's CRC-32, for a record smaller than limits.receiveBatchRecordBytesMax (the decoder's
-   * check of the record's CRC is made from them, one pass over the data: StreamDecoder); absent for bigger ones.
+   * `sums`: each 4 KiB chunk's CRC-32, for a record of whole chunks (every record a chunkd sender makes: the
+   * decoder's check of the record's CRC is made from them, one pass over the data: StreamDecoder); absent otherwise.
    */
   | { type: 'data'; offsetBytes: number; data: Buffer; sums?: Uint32Array }
   | { type: 'zero'; offsetBytes: number; lengthBytes: number }
@@ -178,7 +178,7 @@ function isOffset(value: unknown): value is number {
 
 // ---- decoding ----
 
-/** Chunk sums a decoder's arena holds: 256 KiB of them, the chunks of 256 MiB of small records. */
+/** Chunk sums a decoder's arena holds: 256 KiB of them, the chunks of 256 MiB of data records. */
 const decoderSumsArenaLength = 65_536;
 
 /**
@@ -197,7 +197,7 @@ export class StreamDecoder {
   /** The end of the last extent: the next must start at or after it. */
   #nextExtentBytes = 0;
   #finished = false;
-  /** Where small data records' chunk sums are kept (views of it go out with the records; a full one is replaced, never reused). */
+  /** Where data records' chunk sums are kept (views of it go out with the records; a full one is replaced, never reused). */
   #sums = new Uint32Array(decoderSumsArenaLength);
   #sumsUsed = 0;
 
@@ -237,8 +237,8 @@ export class StreamDecoder {
       const bytes = this.#take(recordBytes);
       const crcEnd = recordBytes - recordTailBytes;
       const dataBytes = payloadBytes - 8;
-      if (type === recordTypes.data && dataBytes > 0 && dataBytes < receiveBatchRecordBytesMax && dataBytes % chunkSizeBytes === 0) {
-        records.push(this.#smallData(bytes, crcEnd));
+      if (type === recordTypes.data && dataBytes > 0 && dataBytes <= streamDataRecordBytesMax && dataBytes % chunkSizeBytes === 0) {
+        records.push(this.#wholeChunksData(bytes, crcEnd));
       } else {
         if ((crc32(bytes.subarray(0, crcEnd)) >>> 0) !== bytes.readUInt32LE(crcEnd)) throw this.#damaged();
         records.push(this.#decode(type, bytes.subarray(recordHeadBytes, crcEnd)));
@@ -259,12 +259,12 @@ export class StreamDecoder {
   }
 
   /**
-   * A data record of whole chunks, smaller than a receiver writes in place: each chunk's CRC-32 is taken once, and
-   * the record's CRC is checked as their combination appended to its head's (checksum.ts), so each byte is summed
-   * once, not once for the record and again for the chunk map. Damage anywhere in the record fails the check
-   * exactly as a CRC over its bytes would (the combination is that CRC). The sums go with the record (`sums`).
+   * A data record of whole chunks: each chunk's CRC-32 is taken once, and the record's CRC is checked as their
+   * combination appended to its head's (checksum.ts), so each byte is summed once, not once for the record and
+   * again for the chunk map. Damage anywhere in the record fails the check exactly as a CRC over its bytes would
+   * (the combination is that CRC). The sums go with the record (`sums`).
    */
-  #smallData(bytes: Buffer, crcEnd: number): StreamRecord {
+  #wholeChunksData(bytes: Buffer, crcEnd: number): StreamRecord {
     const data = bytes.subarray(dataRecordDataStart, crcEnd);
     const count = data.length / chunkSizeBytes;
     if (this.#sums.length - this.#sumsUsed < count) {

@@ -256,7 +256,12 @@ export class Volume implements BlockDevice {
     }
   }
 
-  async write(offsetBytes: number, data: Buffer, options?: WriteOptions): Promise<void> {
+  /**
+   * `options.sums`: the chunks' CRC-32s of a write of whole chunks, taken from these bytes by the caller (a
+   * replication receiver's decoder checks each record's CRC from them): recorded as they are, the bytes not summed
+   * again. A write gathered into a turn's batch, or of part of a chunk, sums its bytes as any other.
+   */
+  async write(offsetBytes: number, data: Buffer, options?: WriteOptions & { sums?: Uint32Array }): Promise<void> {
     this.#assertRange(offsetBytes, data.length);
     this.#store.metadata.checkHealthy();
     if (options?.fua !== true && isTurnBatchable(offsetBytes, data.length)) {
@@ -271,7 +276,7 @@ export class Volume implements BlockDevice {
       try {
         // Under the lock, so that a block set while this write waited for it applies (blockWrites takes the whole range).
         this.#checkWritable();
-        await this.#writeBytes(offsetBytes, data.length, (start, end) => data.subarray(start - offsetBytes, end - offsetBytes));
+        await this.#writeBytes(offsetBytes, data.length, (start, end) => data.subarray(start - offsetBytes, end - offsetBytes), options?.sums);
       } catch (error) {
         throw fromSystemError(error, `write to volume ${this.name} at ${offsetBytes}`);
       } finally {
@@ -521,14 +526,17 @@ export class Volume implements BlockDevice {
   }
 
   /** Writes `lengthBytes` at `offsetBytes` from `source` into a fresh physical run covering its chunks. */
-  async #writeBytes(offsetBytes: number, lengthBytes: number, source: ByteSource): Promise<void> {
+  /** `sums`: the chunks' checksums when the write covers whole chunks and the caller took them (write's). */
+  async #writeBytes(offsetBytes: number, lengthBytes: number, source: ByteSource, sums?: Uint32Array): Promise<void> {
     const first = Math.floor(offsetBytes / chunkSizeBytes);
     const count = Math.ceil((offsetBytes + lengthBytes) / chunkSizeBytes) - first;
     const runStart = first * chunkSizeBytes;
     const runBytes = count * chunkSizeBytes;
     let payload: Buffer;
+    let given: Uint32Array | undefined;
     if (offsetBytes === runStart && lengthBytes === runBytes) {
       payload = source(offsetBytes, offsetBytes + lengthBytes);
+      given = sums;
     } else {
       // Only the partly covered first and last chunks keep old bytes; they are read (and verified) to fill in.
       payload = Buffer.alloc(runBytes);
@@ -541,7 +549,8 @@ export class Volume implements BlockDevice {
       await settleAll(reads);
       source(offsetBytes, end).copy(payload, offsetBytes - runStart);
     }
-    const written = await this.#store.chunks.write(payload);
+    assert(given === undefined || given.length === count, 'a write\'s given checksums cover its chunks');
+    const written = await this.#store.chunks.write(payload, given);
     this.#store.metadata.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: first, physicalChunk: written.physicalChunk, chunkCount: count, sums: written.sums });
   }
 

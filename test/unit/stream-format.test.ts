@@ -129,12 +129,13 @@ test('a data record sealed from its chunks\' checksums has the bytes of one seal
   }
 });
 
-// A small data record's CRC is checked from its chunks' own sums (one pass over its bytes), which go out with the
+// A data record's CRC is checked from its chunks' own sums (one pass over its bytes), which go out with the
 // record for the receiver to record: they must be the chunks' real checksums, and damage to any byte of the record
-// (head, offset, any chunk, tail) must still fail the check, in records of one chunk and of several.
-test('a small data record decodes with its chunks\' checksums, and a flipped byte anywhere in it is refused as damaged', () => {
+// (head, offset, any chunk, tail) must still fail the check, in records of one chunk, of several and of the most a
+// record holds (1 MiB).
+test('a data record decodes with its chunks\' checksums, and a flipped byte anywhere in it is refused as damaged', () => {
   const random = makeRandom(testSeed('small records summed once'));
-  for (const chunks of [1, 3, 63, 64]) {
+  for (const chunks of [1, 3, 63, 64, 256]) {
     const data = Buffer.alloc(chunks * 4096);
     for (let i = 0; i < data.length; i++) data[i] = randomInt(random, 256);
     const offsetBytes = 4096 * 8;
@@ -145,12 +146,8 @@ test('a small data record decodes with its chunks\' checksums, and a flipped byt
     const [decoded] = decoder.push(record) as Array<{ type: 'data'; offsetBytes: number; data: Buffer; sums?: Uint32Array }>;
     assert.equal(decoded!.offsetBytes, offsetBytes);
     assert.ok(decoded!.data.equals(data));
-    if (chunks < 64) {
-      const expected = Array.from({ length: chunks }, (_, i) => blockChecksum(data.subarray(i * 4096, (i + 1) * 4096)));
-      assert.deepEqual([...decoded!.sums!], expected, `${chunks} chunk(s): the sums are the chunks' checksums`);
-    } else {
-      assert.equal(decoded!.sums, undefined, 'a record of 256 KiB or more is checked whole, without sums');
-    }
+    const expected = Array.from({ length: chunks }, (_, i) => blockChecksum(data.subarray(i * 4096, (i + 1) * 4096)));
+    assert.deepEqual([...decoded!.sums!], expected, `${chunks} chunk(s): the sums are the chunks' checksums`);
     // Every byte of the head and offset, a few in each chunk, every byte of the tail.
     const positions = [...Array.from({ length: dataRecordDataStart }, (_, i) => i)];
     for (let chunk = 0; chunk < chunks; chunk++) for (let k = 0; k < 3; k++) positions.push(dataRecordDataStart + chunk * 4096 + randomInt(random, 4096));

@@ -111,6 +111,28 @@ test('writeMany records the checksums given with its extents, each at its own ch
   });
 });
 
+// The receiver's large records go through Volume.write with the sums their decoder took: recorded as given (a wrong
+// one makes the read of its chunk fail, which shows the bytes were not summed again); a write of part of a chunk
+// sums its bytes itself.
+test('write records the checksums given for whole chunks', async () => {
+  const { chunkSums } = await import('../../src/store/chunk-io.ts');
+  await withVolume('chunkd-write-sums-', async (volume, expected) => {
+    const data = pattern(64 * 4096, 31);
+    await volume.write(64 * 4096, data, { sums: chunkSums(data) });
+    data.copy(expected, 64 * 4096);
+    await expectVolume(volume, expected);
+    const wrong = chunkSums(data);
+    wrong[5] = (wrong[5]! ^ 1) >>> 0;
+    await volume.write(128 * 4096, data, { sums: wrong });
+    await assert.rejects(volume.read(133 * 4096, Buffer.alloc(4096)), /checksum mismatch/);
+    await volume.read(132 * 4096, Buffer.alloc(4096));
+    await volume.write(128 * 4096, data, { sums: chunkSums(data) });
+    data.copy(expected, 128 * 4096);
+    await expectVolume(volume, expected);
+    await volume.flush();
+  });
+});
+
 const block = 4096;
 
 // Volume.write's turn batch (NBD at queue depth 32 sends many small writes in one turn): the turn's first small plain
