@@ -79,6 +79,8 @@ type ByteSource = (start: number, end: number) => Buffer;
 interface TurnWrite {
   offsetBytes: number;
   data: Buffer;
+  /** Its chunks' checksums when the caller gave them (write's `sums`). */
+  sums: Uint32Array | undefined;
   lock: Release | Promise<Release>;
   resolve: () => void;
   reject: (error: unknown) => void;
@@ -259,13 +261,13 @@ export class Volume implements BlockDevice {
   /**
    * `options.sums`: the chunks' CRC-32s of a write of whole chunks, taken from these bytes by the caller (a
    * replication receiver's decoder checks each record's CRC from them): recorded as they are, the bytes not summed
-   * again. A write gathered into a turn's batch, or of part of a chunk, sums its bytes as any other.
+   * again (in a turn's batch too, #writeGroup). A write of part of a chunk sums its bytes as any other.
    */
   async write(offsetBytes: number, data: Buffer, options?: WriteOptions & { sums?: Uint32Array }): Promise<void> {
     this.#assertRange(offsetBytes, data.length);
     this.#store.metadata.checkHealthy();
     if (options?.fua !== true && isTurnBatchable(offsetBytes, data.length)) {
-      if (this.#turnOpen) return this.#holdForTurn(offsetBytes, data);
+      if (this.#turnOpen) return this.#holdForTurn(offsetBytes, data, options?.sums);
       // A turn's first small write goes now, as it always has (a lone write, QD1, waits for nothing); the turn's
       // later ones are written together when it ends.
       this.#turnOpen = true;
@@ -347,9 +349,9 @@ export class Volume implements BlockDevice {
    * others when the turn ends (#endTurn), acknowledged once that write is done and its map record made: the same
    * durability as a lone write (page cache, recorded, durable at the next flush).
    */
-  #holdForTurn(offsetBytes: number, data: Buffer): Promise<void> {
+  #holdForTurn(offsetBytes: number, data: Buffer, sums: Uint32Array | undefined): Promise<void> {
     const { promise, resolve, reject } = Promise.withResolvers<void>();
-    this.#turnWrites.push({ offsetBytes, data, lock: this.#lock(offsetBytes, data.length, true), resolve, reject });
+    this.#turnWrites.push({ offsetBytes, data, sums, lock: this.#lock(offsetBytes, data.length, true), resolve, reject });
     return promise;
   }
 
@@ -386,12 +388,12 @@ export class Volume implements BlockDevice {
       this.#checkWritable();
       const sorted = [...group].sort((a, b) => a.offsetBytes - b.offsetBytes);
       if (sorted.length === 1) {
-        await this.#writeRun(sorted, sorted[0]!.data);
+        await this.#writeRun(sorted, sorted[0]!.data, sorted[0]!.sums);
       } else {
         const buffer = groupBuffers.pop() ?? Buffer.allocUnsafeSlow(turnBatchBytesMax);
         let bytes = 0;
         for (const { data } of sorted) bytes += data.copy(buffer, bytes);
-        await this.#writeRun(sorted, buffer.subarray(0, bytes));
+        await this.#writeRun(sorted, buffer.subarray(0, bytes), joinedSums(sorted, bytes / chunkSizeBytes));
         // Only after a write that succeeded: every part of a failed one settled too (chunk-files.ts), but a buffer
         // that failed is not worth the doubt.
         if (groupBuffers.length < groupBuffersKept) groupBuffers.push(buffer);
@@ -750,7 +752,7 @@ function joinedSums(writes: ReadonlyArray<{ data: Buffer; sums?: Uint32Array }>,
   const sums = new Uint32Array(chunkCount);
   let at = 0;
   for (const { data, sums: given } of writes) {
-    assert(given!.length === data.length / chunkSizeBytes, 'writeMany: a sum for each chunk');
+    assert(given!.length === data.length / chunkSizeBytes, 'given checksums: one for each chunk');
     sums.set(given!, at);
     at += given!.length;
   }

@@ -129,6 +129,16 @@ test('write records the checksums given for whole chunks', async () => {
     await volume.write(128 * 4096, data, { sums: chunkSums(data) });
     data.copy(expected, 128 * 4096);
     await expectVolume(volume, expected);
+    // Two in one turn: the second is held for the turn's batch (#writeGroup), and its given sums go with it too.
+    const second = pattern(64 * 4096, 32);
+    const secondWrong = chunkSums(second);
+    secondWrong[7] = (secondWrong[7]! ^ 1) >>> 0;
+    await Promise.all([volume.write(0, data, { sums: chunkSums(data) }), volume.write(192 * 4096, second, { sums: secondWrong })]);
+    data.copy(expected, 0);
+    await assert.rejects(volume.read((192 + 7) * 4096, Buffer.alloc(4096)), /checksum mismatch/);
+    await volume.write(192 * 4096, second, { sums: chunkSums(second) });
+    second.copy(expected, 192 * 4096);
+    await expectVolume(volume, expected);
     await volume.flush();
   });
 });
