@@ -1021,58 +1021,44 @@ export class PagedMaps {
         }
         // The copy's page, and one for a page of counts copied on its first change (as `#wantCounts` asks of a pass).
         if ((!dirty || shared) && pageCounts !== undefined && !this.#allocator.upcoming(2).every((upcoming) => pageCounts.loaded(upcoming))) return false;
-        if (shared) {
-          // Copy-on-write: the copy (with room, as `#open`'s) takes the run on a new page, which the parent names in
-          // place; the shared page keeps what it holds for the maps that still name it, one reference fewer. The
-          // chunks the copy keeps are counted up; those the run replaces are not counted up and down (the same
-          // counts as the pass's copy and edit leave). No interior node is copied (the pass would copy the root and
-          // every node down to the leaf, though they are changed since the commit and held once: with a snapshot
-          // every few thousand writes, most of a write's allocations; BENCHMARKS.md, issue 15, "Allocations per
-          // write with snapshots").
-          const leaf: LeafNode = { kind: 'leaf', keys: copyWithRoom(old.keys), physical: copyWithRoom(old.physical), sums: copyWithRoom(old.sums) };
-          const placed = this.#allocator.allocate();
-          assert(this.#pageRefs.get(placed) === 0, `page ${placed} allocated with a count of ${this.#pageRefs.get(placed)}`);
-          this.#pageRefs.increment(placed);
-          this.#dirty.set(placed, leaf);
-          parent!.children[index] = placed;
-          if (parent!.leaves !== undefined) parent!.leaves[index] = undefined;
-          const kept = old.keys.length - (b - a);
-          incrementChunks(refs, old.physical, 0, a);
-          incrementChunks(refs, old.physical, b, old.keys.length);
-          for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
-          spliceRun(leaf.keys, a, b, count, first, 1);
-          spliceRun(leaf.physical, a, b, count, run.physicalChunk, 1);
-          spliceRun(leaf.sums, a, b, count, 0, 0, run.sums);
-          assert(this.#pageRefs.decrement(page) > 0);
-          this.#countChanges += kept + count;
-          map.setState(map.rootPage, map.mappedCount + count - (b - a));
-          return true;
-        }
-        const leaf = old;
-        if (!dirty) {
-          // The committed leaf's page is left (below) and its decoded node taken for the new page, not copied:
-          // unlinked from its cached page first, so that the page's image, if anything reads it again, decodes to
-          // what it holds. Nothing else reaches the node after this turn: its parent names the new page, no other
-          // map reaches the old one (held once), and lookups hold interior nodes only.
-          const cached = this.#cache.peek(page);
+        // Copy-on-write for a leaf another map shares: the copy (with room, as `#open`'s) takes the run on a new page
+        // and the shared page keeps what it holds for the maps that still name it, one reference fewer. No interior
+        // node is copied (a pass would copy the root and every node down to the leaf, though they are changed since
+        // the commit and held once: with a snapshot every few thousand writes, most of what a write allocated;
+        // BENCHMARKS.md, issue 15, "Allocations per write with snapshots").
+        const leaf: LeafNode = shared ? { kind: 'leaf', keys: copyWithRoom(old.keys), physical: copyWithRoom(old.physical), sums: copyWithRoom(old.sums) } : old;
+        if (!dirty || shared) {
+          // A committed leaf held once: its page is left (below) and its decoded node taken for the new page, not
+          // copied: unlinked from its cached page first, so that the page's image, if anything reads it again,
+          // decodes to what it holds. Nothing else reaches the node after this turn: its parent names the new page,
+          // no other map reaches the old one (held once), and lookups hold interior nodes only.
+          const cached = shared ? undefined : this.#cache.peek(page);
           if (cached !== undefined) cached.decoded = undefined;
           const placed = this.#allocator.allocate();
           assert(this.#pageRefs.get(placed) === 0, `page ${placed} allocated with a count of ${this.#pageRefs.get(placed)}`);
           this.#pageRefs.increment(placed);
           this.#dirty.set(placed, leaf);
           parent!.children[index] = placed;
-          // What lookups held of the old page goes with it (its discard below empties the slot too).
+          // What lookups held of the old page goes with it (the discard below of one held once empties the slot too).
           if (parent!.leaves !== undefined) parent!.leaves[index] = undefined;
         }
-        // Counted up before down, as a pass applies (a chunk named again is never free in between).
+        // Counted up before down, as a pass applies (a chunk named again is never free in between). A copy counts
+        // up the chunks it keeps; those the run replaces are not counted up and down (the counts the pass's copy and
+        // edit leave).
+        if (shared) {
+          incrementChunks(refs, old.physical, 0, a);
+          incrementChunks(refs, old.physical, b, old.keys.length);
+          this.#countChanges += old.keys.length - (b - a) + count;
+        }
         for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
-        for (let i = a; i < b; i++) refs.decrement(leaf.physical[i]!);
+        if (!shared) for (let i = a; i < b; i++) refs.decrement(leaf.physical[i]!);
         // Written in place without building the run's arrays (Array.from with a callback cost about a microsecond a
         // write here: paged-metadata.md, "CPU per write").
         spliceRun(leaf.keys, a, b, count, first, 1);
         spliceRun(leaf.physical, a, b, count, run.physicalChunk, 1);
         spliceRun(leaf.sums, a, b, count, 0, 0, run.sums);
-        if (!dirty) {
+        if (shared) assert(this.#pageRefs.decrement(page) > 0);
+        else if (!dirty) {
           // The committed leaf left: released (its page written again only after the next root, which no longer names it).
           assert(this.#pageRefs.decrement(page) === 0);
           this.#allocator.release(page);

@@ -1080,67 +1080,6 @@ test('a write applied at once (mapRunNow) keeps the tree, keys and counts a queu
   });
 });
 
-test('a write into a leaf a clone shares, below nodes changed since the commit and held once, copies that leaf alone; the clone keeps what it had', async () => {
-  const capacities = { leaf: 8, interior: 8 };
-  await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
-    const modelRefs = new Counts();
-    const model = new ChunkMap();
-    const paged = setup.maps.empty();
-    let nextPhysical = 1_000;
-    // Every second key of 0..200 (leaves of 4 to 8, three levels), then a clone (a snapshot) sharing every page.
-    for (let v = 0; v < 200; v += 2, nextPhysical++) {
-      model.mapRun(v, nextPhysical, 1, modelRefs);
-      await paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, 1), setup.chunkRefs);
-    }
-    await setup.maps.commit(() => Buffer.from('first'));
-    const snapshot = paged.clone();
-    const snapshotModel = model.clone();
-    const write = async (v: number, label: string): Promise<boolean> => {
-      model.mapRun(v, nextPhysical, 1, modelRefs);
-      const atOnce = paged.mapRunNow(v, nextPhysical, sumsOf(nextPhysical, 1), setup.chunkRefs);
-      if (!atOnce) await paged.mapRun(v, nextPhysical, sumsOf(nextPhysical, 1), setup.chunkRefs);
-      nextPhysical += 1;
-      assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), label);
-      assert.deepEqual(await runsOf(snapshot, 0, 210), snapshotModel.runs(0, 210), `${label}: the clone`);
-      await checkCounts(setup, [paged, snapshot], capacities, label);
-      return atOnce;
-    };
-    // The first write copies the shared path (the pass); the next ones below the same parent copy their leaf alone.
-    assert.equal(await write(1, 'a write below shared nodes'), false, 'shared interior nodes: the pass');
-    const parentOf = async (v: number): Promise<InteriorNode> => {
-      let node = await setup.maps.node(paged.rootPage);
-      for (;;) {
-        assert.equal(node.kind, 'interior');
-        const interior = node as InteriorNode;
-        const child = await setup.maps.node(interior.children[childIndex(interior.keys, v)]!);
-        if (child.kind === 'leaf') return interior;
-        node = child;
-      }
-    };
-    const parent = await parentOf(1);
-    const root = await setup.maps.node(paged.rootPage);
-    const sharedLeaves = parent.children.filter((page) => setup.pageRefs.get(page) === 2);
-    assert.ok(sharedLeaves.length >= 3, `${sharedLeaves.length} shared leaves below the parent`);
-    for (const [n, page] of sharedLeaves.entries()) {
-      const leaf = (await setup.maps.node(page)) as LeafNode;
-      const dirtyBefore = setup.maps.dirtyPages;
-      // An overwrite of a key it holds, then an insert next to it: the first copies the leaf, the second changes the copy.
-      assert.ok(await write(leaf.keys[0]!, `an overwrite in shared leaf ${n}`), 'applied at once');
-      assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'one page placed: the leaf copied');
-      assert.equal(setup.pageRefs.get(page), 1, 'the shared page held by the clone alone');
-      assert.deepEqual((await setup.maps.node(page)) as LeafNode, leaf, 'the shared leaf unchanged');
-      assert.ok(await write(leaf.keys[0]! + 1, `an insert in shared leaf ${n}'s copy`), 'applied at once');
-      assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'the copy changed in place');
-    }
-    assert.equal(await parentOf(1), parent, 'the parent changed in place, not copied');
-    assert.equal(await setup.maps.node(paged.rootPage), root, 'the root not copied');
-    await setup.maps.commit(() => Buffer.from('second'));
-    await snapshot.drop(setup.chunkRefs);
-    await checkCounts(setup, [paged], capacities, 'after the clone is dropped');
-    assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), 'after the clone is dropped');
-  });
-});
-
 /**
  * A map written beside its model (`ChunkMap`): `write` maps `count` chunks at `v` in both (at once if it can, unless
  * `queued`: returns whether it did), then checks the map's chunks 0 to 210 against the model and every count over
@@ -1192,6 +1131,58 @@ test('an overwrite across several leaves changed since the commit applies at onc
     assert.deepEqual(await runsOf(snapshot, 0, 210), snapshotRuns, 'the clone keeps what it had');
     await snapshot.drop(setup.chunkRefs);
     await checkCounts(setup, [paged], capacities, 'after the clone is dropped');
+  });
+});
+
+test('a write into a leaf a clone shares, below nodes changed since the commit and held once, copies that leaf alone; the clone keeps what it had', async () => {
+  const capacities = { leaf: 8, interior: 8 };
+  await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
+    const { model, paged, state, write: writeRun } = besideModel(setup, capacities);
+    // Every second key of 0..200 (leaves of 4 to 8, three levels), then a clone (a snapshot) sharing every page.
+    for (let v = 0; v < 200; v += 2) await writeRun(v, 1, `fill ${v}`);
+    await setup.maps.commit(() => Buffer.from('first'));
+    const snapshot = paged.clone();
+    const snapshotRuns = await runsOf(snapshot, 0, 210);
+    state.roots = [paged, snapshot];
+    const write = async (v: number, label: string): Promise<boolean> => {
+      const atOnce = await writeRun(v, 1, label);
+      assert.deepEqual(await runsOf(snapshot, 0, 210), snapshotRuns, `${label}: the clone keeps what it had`);
+      return atOnce;
+    };
+    // The first write copies the shared path (the pass); the next ones below the same parent copy their leaf alone.
+    assert.equal(await write(1, 'a write below shared nodes'), false, 'shared interior nodes: the pass');
+    const parentOf = async (v: number): Promise<InteriorNode> => {
+      let node = await setup.maps.node(paged.rootPage);
+      for (;;) {
+        assert.equal(node.kind, 'interior');
+        const interior = node as InteriorNode;
+        const child = await setup.maps.node(interior.children[childIndex(interior.keys, v)]!);
+        if (child.kind === 'leaf') return interior;
+        node = child;
+      }
+    };
+    const parent = await parentOf(1);
+    const root = await setup.maps.node(paged.rootPage);
+    const sharedLeaves = parent.children.filter((page) => setup.pageRefs.get(page) === 2);
+    assert.ok(sharedLeaves.length >= 3, `${sharedLeaves.length} shared leaves below the parent`);
+    for (const [n, page] of sharedLeaves.entries()) {
+      const leaf = (await setup.maps.node(page)) as LeafNode;
+      const dirtyBefore = setup.maps.dirtyPages;
+      // An overwrite of a key it holds, then an insert next to it: the first copies the leaf, the second changes the copy.
+      assert.ok(await write(leaf.keys[0]!, `an overwrite in shared leaf ${n}`), 'applied at once');
+      assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'one page placed: the leaf copied');
+      assert.equal(setup.pageRefs.get(page), 1, 'the shared page held by the clone alone');
+      assert.deepEqual((await setup.maps.node(page)) as LeafNode, leaf, 'the shared leaf unchanged');
+      assert.ok(await write(leaf.keys[0]! + 1, `an insert in shared leaf ${n}'s copy`), 'applied at once');
+      assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'the copy changed in place');
+    }
+    assert.equal(await parentOf(1), parent, 'the parent changed in place, not copied');
+    assert.equal(await setup.maps.node(paged.rootPage), root, 'the root not copied');
+    await setup.maps.commit(() => Buffer.from('second'));
+    await snapshot.drop(setup.chunkRefs);
+    state.roots = [paged];
+    await checkCounts(setup, [paged], capacities, 'after the clone is dropped');
+    assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), 'after the clone is dropped');
   });
 });
 
