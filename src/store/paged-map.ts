@@ -961,12 +961,14 @@ export class PagedMaps {
   /**
    * The fast way of a one-run mapRun, tried before its pass: when every interior node from the root down to the
    * one leaf the run falls in is changed since the last commit (so no durable root names it) and held once (so no
-   * other map reaches it), the leaf is held once too, it takes the run without passing its capacity, its least key
+   * other map reaches it), the leaf takes the run without passing its capacity, its least key
    * stays (so no interior key moves), and every count it changes is loaded, the run goes in without a pass: a leaf
    * changed since the last commit is changed in place; a leaf committed since its last change (the first write
    * below it after a checkpoint: most of them once the map has many more leaves than a checkpoint's writes meet)
-   * is copied once to a new page, which its parent, changed since the commit, then names in place. No interior node
-   * is copied (a pass copies every node on its path, even those changed since the commit: at 4 GiB written at
+   * is copied once to a new page, which its parent, changed since the commit, then names in place; a leaf another
+   * map shares too (a snapshot's or a clone's: the first write below it since the snapshot) is copied to a new page
+   * the same way, the shared page left as it is with one reference fewer and the chunks the copy keeps counted up,
+   * as a pass's copy would. No interior node is copied (a pass copies every node on its path, even those changed since the commit: at 4 GiB written at
    * random into 64 GiB with a 16 MiB cache, two interior nodes and the leaf a write, most of what a write allocated:
    * paged-metadata.md, "Allocations per write"). The same tree and counts as the pass would leave (the new leaf may
    * get another page number). Copy-on-write against the durable tree holds: only nodes no durable root names change
@@ -986,11 +988,16 @@ export class PagedMaps {
     let parent: InteriorNode | undefined;
     let index = 0;
     for (;;) {
-      if (page === emptyRoot || (pageCounts !== undefined && !pageCounts.loaded(page)) || this.#pageRefs.get(page) !== 1) return false;
+      if (page === emptyRoot || (pageCounts !== undefined && !pageCounts.loaded(page))) return false;
+      const pageCount = this.#pageRefs.get(page);
+      // Held by another map too (a snapshot's or a clone's): only a leaf below a parent changed since the commit and
+      // held once is taken here (copied, as a pass copies it); a shared interior node is the pass's.
+      const shared = pageCount !== 1;
+      if (pageCount < 1 || (shared && (parent === undefined || parent.level !== 1))) return false;
       let node: MapNode | undefined = this.#dirty.get(page);
       const dirty = node !== undefined;
       if (!dirty) {
-        // Committed: only a leaf below a parent changed since the commit is taken here (copied); the rest is the pass's.
+        // Committed: only a leaf below a parent changed since the commit is taken here (moved, or copied if shared); the rest is the pass's.
         if (parent === undefined || parent.level !== 1) return false;
         try {
           node = this.#resident(page);
@@ -1008,36 +1015,50 @@ export class PagedMaps {
         if (end > hi || old.keys.length - (b - a) + count > this.#leafCapacity) return false;
         const chunkCounts = this.#chunkCountPages;
         if (chunkCounts !== undefined) {
-          for (let i = a; i < b; i++) if (!chunkCounts.loaded(old.physical[i]!)) return false;
+          // A shared leaf's copy counts up every chunk it keeps (as `#open` has a pass do).
+          for (let i = shared ? 0 : a; i < (shared ? old.keys.length : b); i++) if (!chunkCounts.loaded(old.physical[i]!)) return false;
           for (let i = 0; i < count; i++) if (!chunkCounts.loaded(run.physicalChunk + i)) return false;
         }
         // The copy's page, and one for a page of counts copied on its first change (as `#wantCounts` asks of a pass).
-        if (!dirty && pageCounts !== undefined && !this.#allocator.upcoming(2).every((upcoming) => pageCounts.loaded(upcoming))) return false;
-        const leaf = old;
-        if (!dirty) {
-          // The committed leaf's page is left (below) and its decoded node taken for the new page, not copied:
-          // unlinked from its cached page first, so that the page's image, if anything reads it again, decodes to
-          // what it holds. Nothing else reaches the node after this turn: its parent names the new page, no other
-          // map reaches the old one (held once), and lookups hold interior nodes only.
-          const cached = this.#cache.peek(page);
+        if ((!dirty || shared) && pageCounts !== undefined && !this.#allocator.upcoming(2).every((upcoming) => pageCounts.loaded(upcoming))) return false;
+        // Copy-on-write for a leaf another map shares: the copy (with room, as `#open`'s) takes the run on a new page
+        // and the shared page keeps what it holds for the maps that still name it, one reference fewer. No interior
+        // node is copied (a pass would copy the root and every node down to the leaf, though they are changed since
+        // the commit and held once: with a snapshot every few thousand writes, most of what a write allocated;
+        // BENCHMARKS.md, issue 15, "Allocations per write with snapshots").
+        const leaf: LeafNode = shared ? { kind: 'leaf', keys: copyWithRoom(old.keys), physical: copyWithRoom(old.physical), sums: copyWithRoom(old.sums) } : old;
+        if (!dirty || shared) {
+          // A committed leaf held once: its page is left (below) and its decoded node taken for the new page, not
+          // copied: unlinked from its cached page first, so that the page's image, if anything reads it again,
+          // decodes to what it holds. Nothing else reaches the node after this turn: its parent names the new page,
+          // no other map reaches the old one (held once), and lookups hold interior nodes only.
+          const cached = shared ? undefined : this.#cache.peek(page);
           if (cached !== undefined) cached.decoded = undefined;
           const placed = this.#allocator.allocate();
           assert(this.#pageRefs.get(placed) === 0, `page ${placed} allocated with a count of ${this.#pageRefs.get(placed)}`);
           this.#pageRefs.increment(placed);
           this.#dirty.set(placed, leaf);
           parent!.children[index] = placed;
-          // What lookups held of the old page goes with it (its discard below empties the slot too).
+          // What lookups held of the old page goes with it (the discard below of one held once empties the slot too).
           if (parent!.leaves !== undefined) parent!.leaves[index] = undefined;
         }
-        // Counted up before down, as a pass applies (a chunk named again is never free in between).
+        // Counted up before down, as a pass applies (a chunk named again is never free in between). A copy counts
+        // up the chunks it keeps; those the run replaces are not counted up and down (the counts the pass's copy and
+        // edit leave).
+        if (shared) {
+          incrementChunks(refs, old.physical, 0, a);
+          incrementChunks(refs, old.physical, b, old.keys.length);
+          this.#countChanges += old.keys.length - (b - a) + count;
+        }
         for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
-        for (let i = a; i < b; i++) refs.decrement(leaf.physical[i]!);
+        if (!shared) for (let i = a; i < b; i++) refs.decrement(leaf.physical[i]!);
         // Written in place without building the run's arrays (Array.from with a callback cost about a microsecond a
         // write here: paged-metadata.md, "CPU per write").
         spliceRun(leaf.keys, a, b, count, first, 1);
         spliceRun(leaf.physical, a, b, count, run.physicalChunk, 1);
         spliceRun(leaf.sums, a, b, count, 0, 0, run.sums);
-        if (!dirty) {
+        if (shared) assert(this.#pageRefs.decrement(page) > 0);
+        else if (!dirty) {
           // The committed leaf left: released (its page written again only after the next root, which no longer names it).
           assert(this.#pageRefs.decrement(page) === 0);
           this.#allocator.release(page);
@@ -1991,6 +2012,19 @@ function copyWithRoom(values: readonly number[]): number[] {
   return copy;
 }
 const leafCopyRoom = 16;
+
+/** Counts up `physical[from..to)`, a run of consecutive chunks at a time. */
+function incrementChunks(refs: ChunkRefs, physical: readonly number[], from: number, to: number): void {
+  let i = from;
+  while (i < to) {
+    const start = physical[i]!;
+    let j = i + 1;
+    while (j < to && physical[j] === start + (j - i)) j++;
+    if (j - i > 1) refs.incrementRun(start, j - i);
+    else refs.increment(start);
+    i = j;
+  }
+}
 
 /** Counts up the chunks of `increments`, then down those of `decrements`, a run at a time (a chunk alone, as a 4 KiB write's or a copied leaf's, costs less by itself). */
 function applyChunkRuns(refs: ChunkRefs, increments: ChunkRunList, decrements: ChunkRunList): void {

@@ -20,6 +20,7 @@ import { SpaceMaps } from '../../src/store/space-map.ts';
 import { PageCache, type CachedPage } from '../../src/store/page-cache.ts';
 import { firstDataPage, PageFile, pageBytes, pageHeaderBytes, type Root } from '../../src/store/page-file.ts';
 import {
+  childIndex,
   decodedBytes,
   decodeNode,
   encodeNode,
@@ -1130,6 +1131,58 @@ test('an overwrite across several leaves changed since the commit applies at onc
     assert.deepEqual(await runsOf(snapshot, 0, 210), snapshotRuns, 'the clone keeps what it had');
     await snapshot.drop(setup.chunkRefs);
     await checkCounts(setup, [paged], capacities, 'after the clone is dropped');
+  });
+});
+
+test('a write into a leaf a clone shares, below nodes changed since the commit and held once, copies that leaf alone; the clone keeps what it had', async () => {
+  const capacities = { leaf: 8, interior: 8 };
+  await withMaps({ cachePages: 1024, leafCapacity: capacities.leaf, interiorCapacity: capacities.interior }, async (setup) => {
+    const { model, paged, state, write: writeRun } = besideModel(setup, capacities);
+    // Every second key of 0..200 (leaves of 4 to 8, three levels), then a clone (a snapshot) sharing every page.
+    for (let v = 0; v < 200; v += 2) await writeRun(v, 1, `fill ${v}`);
+    await setup.maps.commit(() => Buffer.from('first'));
+    const snapshot = paged.clone();
+    const snapshotRuns = await runsOf(snapshot, 0, 210);
+    state.roots = [paged, snapshot];
+    const write = async (v: number, label: string): Promise<boolean> => {
+      const atOnce = await writeRun(v, 1, label);
+      assert.deepEqual(await runsOf(snapshot, 0, 210), snapshotRuns, `${label}: the clone keeps what it had`);
+      return atOnce;
+    };
+    // The first write copies the shared path (the pass); the next ones below the same parent copy their leaf alone.
+    assert.equal(await write(1, 'a write below shared nodes'), false, 'shared interior nodes: the pass');
+    const parentOf = async (v: number): Promise<InteriorNode> => {
+      let node = await setup.maps.node(paged.rootPage);
+      for (;;) {
+        assert.equal(node.kind, 'interior');
+        const interior = node as InteriorNode;
+        const child = await setup.maps.node(interior.children[childIndex(interior.keys, v)]!);
+        if (child.kind === 'leaf') return interior;
+        node = child;
+      }
+    };
+    const parent = await parentOf(1);
+    const root = await setup.maps.node(paged.rootPage);
+    const sharedLeaves = parent.children.filter((page) => setup.pageRefs.get(page) === 2);
+    assert.ok(sharedLeaves.length >= 3, `${sharedLeaves.length} shared leaves below the parent`);
+    for (const [n, page] of sharedLeaves.entries()) {
+      const leaf = (await setup.maps.node(page)) as LeafNode;
+      const dirtyBefore = setup.maps.dirtyPages;
+      // An overwrite of a key it holds, then an insert next to it: the first copies the leaf, the second changes the copy.
+      assert.ok(await write(leaf.keys[0]!, `an overwrite in shared leaf ${n}`), 'applied at once');
+      assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'one page placed: the leaf copied');
+      assert.equal(setup.pageRefs.get(page), 1, 'the shared page held by the clone alone');
+      assert.deepEqual((await setup.maps.node(page)) as LeafNode, leaf, 'the shared leaf unchanged');
+      assert.ok(await write(leaf.keys[0]! + 1, `an insert in shared leaf ${n}'s copy`), 'applied at once');
+      assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'the copy changed in place');
+    }
+    assert.equal(await parentOf(1), parent, 'the parent changed in place, not copied');
+    assert.equal(await setup.maps.node(paged.rootPage), root, 'the root not copied');
+    await setup.maps.commit(() => Buffer.from('second'));
+    await snapshot.drop(setup.chunkRefs);
+    state.roots = [paged];
+    await checkCounts(setup, [paged], capacities, 'after the clone is dropped');
+    assert.deepEqual(await runsOf(paged, 0, 210), model.runs(0, 210), 'after the clone is dropped');
   });
 });
 
