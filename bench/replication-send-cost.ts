@@ -7,7 +7,7 @@
 // process's main thread (process.threadCpuUsage) and of all its threads (process.cpuUsage), medians of --runs
 // (each run sends the stream --laps times; the first run is a warm-up, not counted: the page cache, the JIT).
 // The same file runs against another checkout's src/ when copied into it (old and new interleaved by the caller);
-// one from before replicator.ts exported sendFrames (its framing) needs that function copied in with it.
+// one from before replicator.ts exported sendWindowed (its framing, window and pacing) needs that function copied in with it.
 // Usage: node bench/replication-send-cost.ts [--size-mib 256] [--runs 5] [--laps 2] [--max-rate MiB/s] [--dir /tmp/X]
 import { fork } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -20,8 +20,7 @@ import { PeerClient } from '../src/peer/client.ts';
 import { loadCredentials } from '../src/peer/credentials.ts';
 import { PeerVerb } from '../src/peer/protocol.ts';
 import { PeerServer } from '../src/peer/server.ts';
-import { RateLimiter } from '../src/replication/rate-limit.ts';
-import { sendFrames } from '../src/replication/replicator.ts';
+import { sendWindowed } from '../src/replication/replicator.ts';
 import { prepareSend } from '../src/replication/send.ts';
 import { Pool } from '../src/store/pool.ts';
 
@@ -84,27 +83,10 @@ if (process.argv[2] === '--serve') {
   }
 }
 
-/** One full stream of v@s1, framed and sent as Replicator's #stream does (sendFrames); returns its bytes. */
+/** One full stream of v@s1, framed and sent as Replicator's #stream does (sendWindowed); returns its bytes. */
 async function sendOnce(source: Pool, client: PeerClient, rate: number | null): Promise<number> {
   const prepared = await prepareSend(source, { volume: 'v', snapshot: 's1', from: null, resumeOffsetBytes: 0 }, log);
-  const limiter = rate === null ? null : new RateLimiter(rate);
-  const inFlight = new Set<Promise<void>>();
-  let sentBytes = 0;
-  const send = async (pieces: Buffer[], records: Buffer[][], frameBytes: number): Promise<void> => {
-    if (limiter !== null) {
-      const waitMs = limiter.reserve(frameBytes, performance.now());
-      if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
-    }
-    while (inFlight.size >= 8) await Promise.race(inFlight);
-    const request = client.request(PeerVerb.receiveData, pieces).then(() => {
-      prepared.recycle(records);
-      sentBytes += frameBytes;
-    });
-    inFlight.add(request);
-    void request.finally(() => inFlight.delete(request));
-  };
-  await sendFrames(prepared.batches, send);
-  await Promise.all(inFlight);
+  const sentBytes = await sendWindowed(prepared, rate, (pieces) => client.request(PeerVerb.receiveData, pieces));
   if (prepared.failure() !== null) throw prepared.failure()!;
   return sentBytes;
 }

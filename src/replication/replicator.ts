@@ -494,42 +494,16 @@ export class Replicator {
   }
 
   /** Sends the stream as receiveData frames, a window of them in flight, paced by the link's rate; returns its bytes. */
-  async #stream(link: Link, client: PeerClient, prepared: PreparedSend): Promise<number> {
-    const limiter = link.stored.maxRateBytesPerSecond === null ? null : new RateLimiter(link.stored.maxRateBytesPerSecond);
-    const inFlight = new Set<Promise<void>>();
-    let failure: unknown = null;
-    let sentBytes = 0;
-    const send = async (pieces: Buffer[], records: Buffer[][], frameBytes: number): Promise<void> => {
-      if (limiter !== null) {
-        const waitMs = limiter.reserve(frameBytes, performance.now());
-        if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
-      }
-      while (inFlight.size >= frameWindow && failure === null) await Promise.race(inFlight);
-      if (failure !== null) throw failure;
-      const covered = prepared.coveredBytes();
-      const request = withTimeout(client.request(PeerVerb.receiveData, pieces), this.#timeoutMs, () => client.close(), `${link.peerName} took no stream bytes for ${formatDuration(this.#timeoutMs)}`).then(
-        () => {
-          // Answered: the frame's bytes went through TLS long ago, and their read buffers may take the next reads.
-          prepared.recycle(records);
-          sentBytes += frameBytes;
-          link.sentTotal += frameBytes;
-          if (link.stream !== null) link.stream.sentBytes = Math.max(link.stream.sentBytes, covered);
-        },
-        (error: unknown) => {
-          failure ??= error;
-        },
-      );
-      inFlight.add(request);
-      void request.finally(() => inFlight.delete(request));
-    };
-    try {
-      await sendFrames(prepared.batches, send);
-      await Promise.all(inFlight);
-    } finally {
-      await prepared.batches.return(undefined);
-    }
-    if (failure !== null) throw failure;
-    return sentBytes;
+  #stream(link: Link, client: PeerClient, prepared: PreparedSend): Promise<number> {
+    return sendWindowed(
+      prepared,
+      link.stored.maxRateBytesPerSecond,
+      (pieces) => withTimeout(client.request(PeerVerb.receiveData, pieces), this.#timeoutMs, () => client.close(), `${link.peerName} took no stream bytes for ${formatDuration(this.#timeoutMs)}`),
+      (frameBytes, covered) => {
+        link.sentTotal += frameBytes;
+        if (link.stream !== null) link.stream.sentBytes = Math.max(link.stream.sentBytes, covered);
+      },
+    );
   }
 
   /** The peer holds `uuid` complete: record it, and prune replication snapshots no link needs any more, there and here. */
@@ -611,15 +585,58 @@ export class Replicator {
   }
 }
 
-/** `repl-<ms since 1970>`, made unique among `taken` names. */
+/**
+ * Sends a prepared stream (send.ts) as frames (sendFrames), `frameWindow` of them in flight, paced at
+ * `rateBytesPerSecond` (null: as fast as the peer answers): `request` sends one frame's pieces and settles when the
+ * peer has answered it; `answered` is told of each (its bytes, and the stream bytes covered when it was sent).
+ * Answered, a frame's read buffers are recycled for the next reads. Returns the bytes sent; the first failure of a
+ * request stops the stream and is thrown. Exported for bench/replication-send-cost.ts.
+ */
+export async function sendWindowed(prepared: PreparedSend, rateBytesPerSecond: number | null, request: (pieces: Buffer[]) => Promise<unknown>, answered?: (frameBytes: number, coveredBytes: number) => void): Promise<number> {
+  const limiter = rateBytesPerSecond === null ? null : new RateLimiter(rateBytesPerSecond);
+  const inFlight = new Set<Promise<void>>();
+  let failure: unknown = null;
+  let sentBytes = 0;
+  const send = async (pieces: Buffer[], records: Buffer[][], frameBytes: number): Promise<void> => {
+    if (limiter !== null) {
+      const waitMs = limiter.reserve(frameBytes, performance.now());
+      if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
+    }
+    while (inFlight.size >= frameWindow && failure === null) await Promise.race(inFlight);
+    if (failure !== null) throw failure;
+    const covered = prepared.coveredBytes();
+    const sending = request(pieces).then(
+      () => {
+        // Answered: the frame's bytes went through TLS long ago, and their read buffers may take the next reads.
+        prepared.recycle(records);
+        sentBytes += frameBytes;
+        answered?.(frameBytes, covered);
+      },
+      (error: unknown) => {
+        failure ??= error;
+      },
+    );
+    inFlight.add(sending);
+    void sending.finally(() => inFlight.delete(sending));
+  };
+  try {
+    await sendFrames(prepared.batches, send);
+    await Promise.all(inFlight);
+  } finally {
+    await prepared.batches.return(undefined);
+  }
+  if (failure !== null) throw failure;
+  return sentBytes;
+}
+
 /**
  * Cuts a stream's records into receiveData frames of about frameBytesTarget and hands each to `send` (its pieces,
  * its records, its bytes), waiting on it before the next. Frames end at record ends, so the receiver decodes each
  * record in place, without gathering it again. Pieces that lie side by side in memory (a sender's small records,
  * carved one after another from its arena) go as one view of their bytes, not as a write to the socket each: no
- * byte is copied for it. Exported for bench/replication-send-cost.ts.
+ * byte is copied for it.
  */
-export async function sendFrames(batches: AsyncIterable<Buffer[][]>, send: (pieces: Buffer[], records: Buffer[][], frameBytes: number) => Promise<void>): Promise<void> {
+async function sendFrames(batches: AsyncIterable<Buffer[][]>, send: (pieces: Buffer[], records: Buffer[][], frameBytes: number) => Promise<void>): Promise<void> {
   let pieces: Buffer[] = [];
   let records: Buffer[][] = [];
   let pieceBytes = 0;
@@ -656,6 +673,7 @@ export async function sendFrames(batches: AsyncIterable<Buffer[][]>, send: (piec
   if (pieceBytes > 0) await send(pieces, records, pieceBytes);
 }
 
+/** `repl-<ms since 1970>`, made unique among `taken` names. */
 export function uniqueSnapshotName(taken: string[]): string {
   let ms = Date.now();
   while (taken.includes(`${replicationSnapshotPrefix}${ms}`)) ms += 1;

@@ -12,7 +12,7 @@
 // which a later checkpoint rewrites the few its changes touch (the free list this replaced was a `Set`, which V8
 // cannot grow past 2^24 entries, and a chain of 96 MiB rewritten at every checkpoint: BENCHMARKS.md, issue 15).
 // In memory each leaf is two bitmaps (what the next root records, and what may be handed out now): 2 bits a
-// metadata page, held whole (2 MiB a 32 GiB of metadata pages, a 32,768th of them; the chunk counts' own summary
+// metadata page, held whole (2 MiB a 32 GiB of metadata pages, a 16,384th of them; the chunk counts' own summary
 // is larger at any size), plus, for a leaf with pages waiting for a commit, a bitmap of those.
 //
 // A bit set in a leaf means: the root does not name the page, or the page is one of this bitmap's own (a leaf or
@@ -135,15 +135,22 @@ export class PageAllocator {
       allocator.#unmarkOwn();
       return allocator;
     }
+    // A table for one leaf is never written (the root names the leaf): a damaged root, whose table would leak.
+    if (leafCount === 1) throw ChunkdError.corrupt('page allocator: a table of free pages for one leaf');
     const directory = await PagedTable.open(source, root.directory);
     allocator.#directory = directory;
     for (const page of directory.pages()) allocator.#addOwn(page);
+    // Each leaf's page checked before it is read (a damaged entry is corruption, not a failed read), and a missing
+    // leaf has no pages free.
+    for (let index = 0; index < leafCount; index++) {
+      if (directory.value(index) !== 0) allocator.#addOwn(directory.value(index));
+      else if (directory.small(index) !== 0) throw ChunkdError.corrupt(`page allocator: leaf ${index} of free pages has no page but ${directory.small(index)} pages free`);
+    }
     for (let start = 0; start < leafCount; start += openReadAhead) {
       const indexes = Array.from({ length: Math.min(openReadAhead, leafCount - start) }, (_, i) => start + i).filter((index) => directory.value(index) !== 0);
       const bodies = await Promise.all(indexes.map((index) => readKind(source, directory.value(index), pageKinds.freePages)));
       for (const [i, body] of bodies.entries()) allocator.#loadLeaf(indexes[i]!, body, directory.small(indexes[i]!));
     }
-    for (let index = 0; index < leafCount; index++) if (directory.value(index) !== 0) allocator.#addOwn(directory.value(index));
     allocator.#unmarkOwn();
     return allocator;
   }

@@ -965,6 +965,10 @@ export class SpaceMaps implements PageSink {
       // The list of a pool from before the bitmap: read once, its pages released (the next root no longer names them).
       const free = await readChain(cache, decoded.freeFirst, decoded.freeCount);
       pages = new PageAllocator({ nextPage: decoded.nextPage, free: free.values });
+      // A damaged list could name its own pages as free: the allocator would throw a plain error at their release.
+      const listPages = new Set(free.pages);
+      const inList = free.values.find((page) => listPages.has(page));
+      if (inList !== undefined) throw ChunkdError.corrupt(`space maps root: page ${inList} of the free-page list is in the list`);
       for (const page of free.pages) pages.release(page);
     } else {
       const length = Math.ceil(decoded.nextPage / pagesPerLeaf);

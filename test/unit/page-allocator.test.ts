@@ -135,6 +135,7 @@ test('a leaf or table damaged, or disagreeing with the mark, is refused at open'
   await assert.rejects(PageAllocator.open(store, { ...root, nextPage: pagesPerLeaf + 40 }), /outside/, 'a free page above the mark');
   await assert.rejects(PageAllocator.open(store, { ...root, nextPage: 2 * pagesPerLeaf + 5 }), corrupt, 'a table shorter than the mark needs');
   await assert.rejects(PageAllocator.open(store, { ...root, directory: { length: 2, depth: 0, top: root.directory.top } }), corrupt, 'no table for two leaves');
+  await assert.rejects(PageAllocator.open(store, { nextPage: 100, directory: { length: 1, depth: 1, top: root.directory.top } }), /for one leaf/, 'a table for one leaf');
   const leafPage = pages.ownedPages().find((page) => store.pages.get(page)!.kind === 0x33)!;
   const leaf = store.pages.get(leafPage)!;
   const body = Buffer.from(leaf.body);
