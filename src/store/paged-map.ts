@@ -972,8 +972,8 @@ export class PagedMaps {
    * random into 64 GiB with a 16 MiB cache, two interior nodes and the leaf a write, most of what a write allocated:
    * paged-metadata.md, "Allocations per write"). The same tree and counts as the pass would leave (the new leaf may
    * get another page number). Copy-on-write against the durable tree holds: only nodes no durable root names change
-   * in place, and the leaf's old page, which one does, is released (reusable after the next commit) and left
-   * unchanged. Returns true when applied; false, having changed nothing, when any of that does not hold (the pass
+   * in place, and the leaf's old page, which one does, is left unchanged: released (reusable after the next
+   * commit) when this map held it alone, one reference fewer when another map shares it. Returns true when applied; false, having changed nothing, when any of that does not hold (the pass
    * then runs); or the page of the leaf when it is not in memory (changed nothing: the caller may read it and try
    * again). Checks everything before changing anything, in one synchronous turn.
    */
@@ -1008,6 +1008,8 @@ export class PagedMaps {
         if (node === undefined) return page;
         if (node.kind !== 'leaf') return false;
       }
+      // Below a parent of level 1 a node is a leaf: one that is not (damage) is the pass's to meet.
+      if (shared && node!.kind !== 'leaf') return false;
       if (node!.kind === 'leaf') {
         const old = node as LeafNode;
         const a = lowerBound(old.keys, first);
@@ -1031,7 +1033,9 @@ export class PagedMaps {
           // A committed leaf held once: its page is left (below) and its decoded node taken for the new page, not
           // copied: unlinked from its cached page first, so that the page's image, if anything reads it again,
           // decodes to what it holds. Nothing else reaches the node after this turn: its parent names the new page,
-          // no other map reaches the old one (held once), and lookups hold interior nodes only.
+          // no other map reaches the old one (held once), and lookups hold interior nodes only. A shared leaf's node
+          // (dirty or decoded from its cached page) stays with its page, untouched, for the maps that still name it:
+          // the new page takes the copy.
           const cached = shared ? undefined : this.#cache.peek(page);
           if (cached !== undefined) cached.decoded = undefined;
           const placed = this.#allocator.allocate();
