@@ -77,6 +77,15 @@ function popcount(word: number): number {
   return (((x + (x >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
 }
 
+/** The word of its leaf that holds `page`'s bit, and the bit's mask in it. */
+function wordOf(page: number): number {
+  return (page % pagesPerLeaf) >>> 5;
+}
+
+function maskOf(page: number): number {
+  return 1 << (page & 31);
+}
+
 function lowestBit(word: number): number {
   return 31 - Math.clz32(word & -word);
 }
@@ -105,8 +114,8 @@ export class PageAllocator {
     for (const page of state.free) {
       if (!Number.isSafeInteger(page) || page < firstDataPage || page >= state.nextPage) throw ChunkdError.corrupt(`page allocator: free page ${page} outside ${firstDataPage}..${state.nextPage - 1}`);
       const leaf = this.#leaf(page);
-      const word = (page % pagesPerLeaf) >>> 5;
-      const mask = 1 << (page & 31);
+      const word = wordOf(page);
+      const mask = maskOf(page);
       if ((leaf.free[word]! & mask) !== 0) throw ChunkdError.corrupt(`page allocator: page ${page} is free twice`);
       leaf.free[word]! |= mask;
       leaf.avail[word]! |= mask;
@@ -159,8 +168,8 @@ export class PageAllocator {
   #unmarkOwn(): void {
     for (const page of this.#own) {
       const leaf = this.#leaves[Math.floor(page / pagesPerLeaf)];
-      const word = (page % pagesPerLeaf) >>> 5;
-      const mask = 1 << (page & 31);
+      const word = wordOf(page);
+      const mask = maskOf(page);
       if (leaf === undefined || (leaf.free[word]! & mask) === 0) throw ChunkdError.corrupt(`page allocator: page ${page} of the free-page bitmap is not marked in it`);
       leaf.avail[word]! &= ~mask;
       leaf.availCount -= 1;
@@ -210,31 +219,38 @@ export class PageAllocator {
   /** The lowest page free to hand out (its bit cleared in `avail`), or -1. */
   #take(): number {
     if (this.#availCount === 0) return -1;
-    for (let index = Math.floor(this.#hint / pagesPerLeaf); index < this.#leaves.length; index++) {
+    const page = this.#nextAvail(this.#hint);
+    assert(page >= 0, `page allocator: ${this.#availCount} pages free and none found from ${this.#hint}`);
+    const leaf = this.#leaves[Math.floor(page / pagesPerLeaf)]!;
+    leaf.avail[wordOf(page)]! &= ~maskOf(page);
+    leaf.availCount -= 1;
+    this.#availCount -= 1;
+    this.#hint = page;
+    return page;
+  }
+
+  /** The lowest page free to hand out at or above `from`, or -1 (none is below the hint). */
+  #nextAvail(from: number): number {
+    const start = Math.max(from, this.#hint);
+    for (let index = Math.floor(start / pagesPerLeaf); index < this.#leaves.length; index++) {
       const leaf = this.#leaves[index];
       if (leaf === undefined || leaf.availCount === 0) continue;
       const first = index * pagesPerLeaf;
-      const from = this.#hint > first ? (this.#hint - first) >>> 5 : 0;
-      for (let w = from; w < wordsPerLeaf; w++) {
-        const word = leaf.avail[w]!;
-        if (word === 0) continue;
-        const bit = lowestBit(word);
-        leaf.avail[w] = word & ~(1 << bit);
-        leaf.availCount -= 1;
-        this.#availCount -= 1;
-        const page = first + w * 32 + bit;
-        this.#hint = page;
-        return page;
+      const firstWord = start > first ? wordOf(start) : 0;
+      for (let w = firstWord; w < wordsPerLeaf; w++) {
+        // In the first word, only the bits from `start` on.
+        const word = w === firstWord && start > first ? leaf.avail[w]! & ~(maskOf(start) - 1) : leaf.avail[w]!;
+        if (word !== 0) return first + w * 32 + lowestBit(word);
       }
     }
-    assert(false, `page allocator: ${this.#availCount} pages free and none found from ${this.#hint}`);
+    return -1;
   }
 
   allocate(): number {
     const page = this.#take();
     if (page < 0) return this.#nextPage++;
     const leaf = this.#leaves[Math.floor(page / pagesPerLeaf)]!;
-    leaf.free[(page % pagesPerLeaf) >>> 5]! &= ~(1 << (page & 31));
+    leaf.free[wordOf(page)]! &= ~maskOf(page);
     leaf.dirty = true;
     return page;
   }
@@ -242,21 +258,7 @@ export class PageAllocator {
   /** The pages the next `count` calls of `allocate` will return, in order (nothing released or committed between). */
   upcoming(count: number): number[] {
     const pages: number[] = [];
-    if (this.#availCount > 0) {
-      for (let index = Math.floor(this.#hint / pagesPerLeaf); index < this.#leaves.length && pages.length < count; index++) {
-        const leaf = this.#leaves[index];
-        if (leaf === undefined || leaf.availCount === 0) continue;
-        const first = index * pagesPerLeaf;
-        for (let w = this.#hint > first ? (this.#hint - first) >>> 5 : 0; w < wordsPerLeaf && pages.length < count; w++) {
-          let word = leaf.avail[w]!;
-          while (word !== 0 && pages.length < count) {
-            const bit = lowestBit(word);
-            word &= ~(1 << bit);
-            pages.push(first + w * 32 + bit);
-          }
-        }
-      }
-    }
+    if (this.#availCount > 0) for (let page = this.#nextAvail(0); page >= 0 && pages.length < count; page = this.#nextAvail(page + 1)) pages.push(page);
     for (let page = this.#nextPage; pages.length < count; page++) pages.push(page);
     return pages;
   }
@@ -265,8 +267,8 @@ export class PageAllocator {
   release(page: number): void {
     if (!Number.isSafeInteger(page) || page < firstDataPage || page >= this.#nextPage) throw new Error(`page allocator: release of page ${page}, never handed out`);
     const leaf = this.#leaf(page);
-    const word = (page % pagesPerLeaf) >>> 5;
-    const mask = 1 << (page & 31);
+    const word = wordOf(page);
+    const mask = maskOf(page);
     // Free, waiting and the bitmap's own pages all have their bit set.
     if ((leaf.free[word]! & mask) !== 0) throw new Error(`page allocator: page ${page} released twice`);
     leaf.free[word]! |= mask;
@@ -294,8 +296,8 @@ export class PageAllocator {
   #releaseOwn(page: number): void {
     assert(this.#own.delete(page), `page allocator: page ${page} is not the bitmap's`);
     const leaf = this.#leaves[Math.floor(page / pagesPerLeaf)]!;
-    const word = (page % pagesPerLeaf) >>> 5;
-    const mask = 1 << (page & 31);
+    const word = wordOf(page);
+    const mask = maskOf(page);
     assert((leaf.free[word]! & mask) !== 0);
     this.#hold(page, leaf, word, mask);
   }
@@ -364,8 +366,8 @@ export class PageAllocator {
     for (let i = 0; i < count; i++) {
       const page = this.#nextPage++;
       const leaf = this.#leaf(page);
-      const word = (page % pagesPerLeaf) >>> 5;
-      const mask = 1 << (page & 31);
+      const word = wordOf(page);
+      const mask = maskOf(page);
       leaf.free[word]! |= mask;
       leaf.avail[word]! |= mask;
       leaf.availCount += 1;
@@ -421,7 +423,7 @@ export class PageAllocator {
   /** Whether `page` is free to hand out now. */
   isFree(page: number): boolean {
     const leaf = this.#leaves[Math.floor(page / pagesPerLeaf)];
-    return leaf !== undefined && (leaf.avail[(page % pagesPerLeaf) >>> 5]! & (1 << (page & 31))) !== 0;
+    return leaf !== undefined && (leaf.avail[wordOf(page)]! & maskOf(page)) !== 0;
   }
 
   /** A copy of which pages are free to hand out now (a bit a page below the mark: for checks, fsck's). */
@@ -432,7 +434,7 @@ export class PageAllocator {
       nextPage,
       isFree: (page) => {
         const avail = leaves[Math.floor(page / pagesPerLeaf)];
-        return avail !== undefined && (avail[(page % pagesPerLeaf) >>> 5]! & (1 << (page & 31))) !== 0;
+        return avail !== undefined && (avail[wordOf(page)]! & maskOf(page)) !== 0;
       },
     };
   }
@@ -445,17 +447,7 @@ export class PageAllocator {
   /** The pages free to hand out, in order (for tests and small checks: a list as long as the free pages). */
   state(): PageAllocatorState {
     const free: number[] = [];
-    for (const [index, leaf] of this.#leaves.entries()) {
-      if (leaf === undefined || leaf.availCount === 0) continue;
-      for (let w = 0; w < wordsPerLeaf; w++) {
-        let word = leaf.avail[w]!;
-        while (word !== 0) {
-          const bit = lowestBit(word);
-          word &= ~(1 << bit);
-          free.push(index * pagesPerLeaf + w * 32 + bit);
-        }
-      }
-    }
+    if (this.#availCount > 0) for (let page = this.#nextAvail(0); page >= 0; page = this.#nextAvail(page + 1)) free.push(page);
     return { nextPage: this.#nextPage, free };
   }
 }
