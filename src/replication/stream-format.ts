@@ -62,10 +62,10 @@ export interface StreamHeader {
 export type StreamRecord =
   | { type: 'header'; header: StreamHeader }
   /**
-   * `sums`: each 4 KiB chunk's CRC-32, for a record of whole chunks (every record a chunkd sender makes: the
-   * decoder's check of the record's CRC is made from them, one pass over the data: StreamDecoder); absent otherwise.
+   * `sums`: each 4 KiB chunk's CRC-32 (a data record is whole chunks; the decoder's check of the record's CRC is
+   * made from them, one pass over the data: StreamDecoder).
    */
-  | { type: 'data'; offsetBytes: number; data: Buffer; sums?: Uint32Array }
+  | { type: 'data'; offsetBytes: number; data: Buffer; sums: Uint32Array }
   | { type: 'zero'; offsetBytes: number; lengthBytes: number }
   | { type: 'end'; recordCount: number; dataBytes: number; digest: Buffer }
   | { type: 'abort'; message: string };
@@ -296,10 +296,10 @@ export class StreamDecoder {
     if (header === null) throw this.#protocol('the stream does not start with a header (not a chunkd stream?)');
     switch (type) {
       case recordTypes.data: {
+        // A data record of whole chunks, no bigger than a record may be, is #wholeChunksData's: one here is not.
         if (payload.length < 8 + chunkSizeBytes || payload.length > 8 + streamDataRecordBytesMax) throw this.#protocol(`a data record of ${payload.length - 8} bytes`);
-        const offsetBytes = this.#extent(header, Number(payload.readBigUInt64LE(0)), payload.length - 8);
-        this.#dataBytes += payload.length - 8;
-        return { type: 'data', offsetBytes, data: payload.subarray(8) };
+        this.#extent(header, Number(payload.readBigUInt64LE(0)), payload.length - 8);
+        throw this.#protocol(`a data record of ${payload.length - 8} bytes`);
       }
       case recordTypes.zero: {
         if (payload.length !== 16) throw this.#protocol('a zero record of the wrong size');
