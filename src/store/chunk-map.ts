@@ -31,6 +31,12 @@ export interface ChunkRefs {
   decrement(physicalChunk: number): void;
   incrementRun(start: number, chunkCount: number): void;
   decrementRun(start: number, chunkCount: number): void;
+  /**
+   * Optional: `increment` (`decrement`) of each chunk a page's slots name (slot = chunk + 1, 0 a hole), in one call:
+   * a page's copy on write and its last holder's release (chunk-refcounts.ts). Without them, a chunk at a time.
+   */
+  incrementSlots?(slots: Float64Array): void;
+  decrementSlots?(slots: Float64Array): void;
 }
 
 export interface Page {
@@ -214,7 +220,8 @@ export class ChunkMap {
     if (page.shareCount === 1) return page;
     const copy: Page = { slots: page.slots.slice(), usedCount: page.usedCount, shareCount: 1 };
     page.shareCount -= 1;
-    for (const slot of copy.slots) if (slot > 0) refs.increment(slot - 1);
+    if (refs.incrementSlots !== undefined) refs.incrementSlots(copy.slots);
+    else for (const slot of copy.slots) if (slot > 0) refs.increment(slot - 1);
     this.#pages.set(pageIndex, copy);
     return copy;
   }
@@ -225,7 +232,8 @@ export function releasePage(page: Page, refs: ChunkRefs): void {
   assert(page.shareCount > 0);
   page.shareCount -= 1;
   if (page.shareCount > 0) return;
-  for (const slot of page.slots) if (slot > 0) refs.decrement(slot - 1);
+  if (refs.decrementSlots !== undefined) refs.decrementSlots(page.slots);
+  else for (const slot of page.slots) if (slot > 0) refs.decrement(slot - 1);
 }
 
 /** Whether chunks at `virtualChunk` naming `physicalChunk` (-1: a hole) continue the run `last`. */

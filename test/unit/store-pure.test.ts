@@ -109,6 +109,64 @@ test('chunk counts: runs across a block boundary; onFree once per run falling to
   assert.throws(() => refs.decrementRun(65_532, 2), /chunk 65532 released more often than referenced/);
 });
 
+test("chunk map: a shared page's copy on write and its last holder's release change the counts a page at a time, as a chunk at a time would (across count blocks)", () => {
+  const { refs, freed } = trackingRefs();
+  const model = new ModelRefs();
+  const calls = { incrementSlots: 0, decrementSlots: 0, increment: 0, decrement: 0 };
+  for (const name of ['incrementSlots', 'decrementSlots', 'increment', 'decrement'] as const) {
+    const real = (refs[name] as (x: never) => void).bind(refs);
+    (refs as unknown as Record<string, (x: unknown) => void>)[name] = (x: unknown) => {
+      calls[name] += 1;
+      real(x as never);
+    };
+  }
+  const map = new ChunkMap();
+  const mapModel = new ChunkMap();
+  // Two pages (512 chunks each) of scattered chunks on both sides of the count blocks' boundary (65,536), a hole each.
+  const physical = (v: number): number => (v % 2 === 0 ? 65_000 : 65_536 + 400) + v * 3;
+  for (let v = 0; v < 1024; v++) {
+    if (v === 5 || v === 700) continue;
+    map.mapRun(v, physical(v), 1, refs);
+    mapModel.mapRun(v, physical(v), 1, model);
+  }
+  const snapshot = map.clone();
+  const snapshotModel = mapModel.clone();
+  // A write to each page: each is copied, its 511 chunks counted twice.
+  map.mapRun(10, 200_000, 1, refs);
+  mapModel.mapRun(10, 200_000, 1, model);
+  map.mapRun(600, 200_001, 1, refs);
+  mapModel.mapRun(600, 200_001, 1, model);
+  assert.equal(calls.incrementSlots, 2, 'one count call per copied page');
+  assert.equal(calls.increment, 0);
+  assert.equal(refs.get(physical(11)), 2);
+  assert.equal(refs.get(physical(10)), 1, "the overwritten chunk is the snapshot's alone");
+  // The volume's pages dropped first: its own chunks (the two written) are freed, the rest stay for the snapshot.
+  map.drop(refs);
+  mapModel.drop(model);
+  assert.equal(calls.decrementSlots, 2, 'one count call per page let go of');
+  assert.deepEqual([...freed].sort((a, b) => a - b), [200_000, 200_001]);
+  snapshot.drop(refs);
+  snapshotModel.drop(model);
+  assert.equal(calls.decrement, 0);
+  assert.deepEqual([...freed].sort((a, b) => a - b), [...model.freed].sort((a, b) => a - b));
+  for (let v = 0; v < 1024; v++) assert.equal(refs.get(physical(v)), 0);
+});
+
+test('chunk counts by page slots: onFree once per run of chunks (in slot order) falling to zero; an extra release is refused', () => {
+  const runs: Array<[number, number]> = [];
+  const refs = new ChunkRefcounts((start, count) => runs.push([start, count]));
+  const slots = new Float64Array(8);
+  // Chunks 65,534..65,537 (across the boundary) then 10 and 11, a hole between; slot = chunk + 1.
+  slots.set([65_535, 65_536, 0, 65_537, 65_538, 11, 12, 0]);
+  refs.incrementSlots(slots);
+  refs.increment(65_536);
+  assert.equal(refs.get(65_534), 1);
+  assert.equal(refs.get(65_536), 2);
+  refs.decrementSlots(slots);
+  assert.deepEqual(runs, [[65_534, 2], [65_537, 1], [10, 2]], 'chunk 65,536 still held');
+  assert.throws(() => refs.decrementSlots(slots), /chunk 65534 released more often than referenced/);
+});
+
 test("chunk counts hold more distinct chunks than a Map can (2^24: fsck's walk of 64 GiB of chunks in use threw) and chunk numbers past 32 bits", () => {
   const counts = new ChunkRefcounts(() => assert.fail('nothing is freed'));
   assert.equal(counts.end(), 0);
