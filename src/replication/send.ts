@@ -76,139 +76,196 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
     resumeOffsetBytes: request.resumeOffsetBytes,
     dataBytes: extents.reduce((sum, extent) => sum + extent.lengthBytes, 0),
   };
-  let failure: ChunkdError | null = null;
-  let coveredBytes = 0;
+  return new SendStream(source, request, header, extents, log);
+}
+
+/**
+ * A prepared stream's state and its steps, as one object whose methods are the same functions for every stream.
+ * They were closures made anew by each prepareSend: every replication cycle's stream had its own generator (a map
+ * of its own for the generator objects, which the replicator's framing loop met as a new map each cycle) and its own
+ * helpers (a new call target at each call site), so V8 threw the optimized code of the stream's loops away and
+ * compiled them again every cycle: about 2 µs of the owner's CPU per client write in the capped 4 KiB row,
+ * on V8's compiler threads (BENCHMARKS.md, issue 14).
+ */
+class SendStream implements PreparedSend {
+  readonly header: StreamHeader;
+  readonly batches: AsyncGenerator<Buffer[][]>;
+  readonly records: AsyncGenerator<Buffer[]>;
+  readonly #source: SendSource;
+  readonly #request: SendRequest;
+  readonly #extents: Array<{ offsetBytes: number; lengthBytes: number }>;
+  readonly #log: Log;
+  #failure: ChunkdError | null = null;
+  #coveredBytes = 0;
   // Read buffers (shared memory) by their memory: the data records yielded from each and not yet recycled.
-  const users = new Map<ArrayBufferLike, { buffer: Buffer; records: number }>();
-  const free: Buffer[] = [];
-  // Bigger reads land in shared memory, in the middle of a buffer with room for their record's head and CRC around
-  // them, so that a record of data with no zero chunk is sealed in place (sealDataRecord) and goes to the socket as
-  // one buffer: one TLS write of it, not three (head, data, tail; BENCHMARKS.md, issue 14). Only whole-record
-  // buffers are reused (a full stream is made of them), so none holds more than it reads.
-  const takeBuffer = (length: number): Buffer => {
-    if (length < streamDataRecordBytesMax) return Buffer.from(new SharedArrayBuffer(length + dataRecordOverheadBytes));
-    return free.pop() ?? Buffer.from(new SharedArrayBuffer(streamDataRecordBytesMax + dataRecordOverheadBytes));
-  };
+  readonly #users = new Map<ArrayBufferLike, { buffer: Buffer; records: number }>();
+  readonly #free: Buffer[] = [];
   // A read small enough to be done on this thread (worker-io.ts) gains nothing from shared memory (a random
   // writer's scattered chunks): it goes straight into the middle of its own record, carved from an arena, and
   // the record is sealed in place (sealDataRecord): one buffer per record, not four, and no allocation of its own.
   // An arena is reused once nothing holds a part of it: `holds` counts its reads not yet looked at and its records
-  // yielded and not yet recycled; a used-up arena whose holds fall to zero goes back to `freeArenas`. Each arena
+  // yielded and not yet recycled; a used-up arena whose holds fall to zero goes back to `#freeArenas`. Each arena
   // fresh from the allocator was 1 MiB of external memory per 250 records, and the major collections that brings
   // were a good part of the sender's CPU (BENCHMARKS.md, issue 14).
-  const arenas = new Map<ArrayBufferLike, SendArena>();
-  const freeArenas: Buffer[] = [];
-  let arena: SendArena | null = null;
-  let arenaUsed = 0;
-  const letGoArena = (held: SendArena, count: number): void => {
-    held.holds -= count;
-    if (held.holds > 0 || !held.usedUp) return;
-    arenas.delete(held.bytes.buffer);
-    if (freeArenas.length < sendArenasFreeMax) freeArenas.push(held.bytes);
-  };
-  const takeRecord = (length: number): Buffer => {
-    const bytes = length + dataRecordOverheadBytes;
-    if (arena === null || arena.bytes.length - arenaUsed < bytes) {
-      if (arena !== null) {
-        arena.usedUp = true;
-        letGoArena(arena, 0);
-      }
-      const memory = (bytes <= streamDataRecordBytesMax ? freeArenas.pop() : undefined) ?? Buffer.allocUnsafe(Math.max(bytes, streamDataRecordBytesMax));
-      arena = { bytes: memory, holds: 0, usedUp: false };
-      arenas.set(memory.buffer, arena);
-      arenaUsed = 0;
-    }
-    arenaUsed += bytes;
-    arena.holds += 1;
-    return arena.bytes.subarray(arenaUsed - bytes, arenaUsed);
-  };
-  const giveBack = (buffer: Buffer): void => {
-    if (buffer.buffer instanceof SharedArrayBuffer && buffer.length === streamDataRecordBytesMax + dataRecordOverheadBytes && free.length < sendReadsAheadMax) free.push(buffer);
-  };
-  const recycle = (records: Buffer[][]): void => {
+  readonly #arenas = new Map<ArrayBufferLike, SendArena>();
+  readonly #freeArenas: Buffer[] = [];
+  #arena: SendArena | null = null;
+  #arenaUsed = 0;
+  // The reads in flight (#readAhead), their source, and their bytes.
+  readonly #reads: PendingRead[] = [];
+  #pieces: Generator<{ offset: number; length: number; extent: { offsetBytes: number; lengthBytes: number } }> | null = null;
+  #device: ReturnType<SendSource['openSnapshot']> | null = null;
+  #readingBytes = 0;
+  #digest: Promise<Buffer> | undefined;
+
+  constructor(source: SendSource, request: SendRequest, header: StreamHeader, extents: Array<{ offsetBytes: number; lengthBytes: number }>, log: Log) {
+    this.#source = source;
+    this.#request = request;
+    this.header = header;
+    this.#extents = extents;
+    this.#log = log;
+    this.batches = this.#batches();
+    this.records = this.#records();
+  }
+
+  failure(): ChunkdError | null {
+    return this.#failure;
+  }
+
+  coveredBytes(): number {
+    return this.#coveredBytes;
+  }
+
+  recycle(records: Buffer[][]): void {
     for (const record of records) {
       for (const piece of record) {
-        const held = arenas.get(piece.buffer);
+        const held = this.#arenas.get(piece.buffer);
         if (held !== undefined) {
-          letGoArena(held, 1);
+          this.#letGoArena(held, 1);
           break;
         }
-        const user = users.get(piece.buffer);
+        const user = this.#users.get(piece.buffer);
         if (user === undefined) continue;
         user.records -= 1;
         if (user.records === 0) {
-          users.delete(piece.buffer);
-          giveBack(user.buffer);
+          this.#users.delete(piece.buffer);
+          this.#giveBack(user.buffer);
         }
         break;
       }
     }
-  };
-  const exportName = `${request.volume}@${request.snapshot}`;
-  async function* batches(): AsyncGenerator<Buffer[][]> {
-    yield [[encodeHeader(header)]];
+  }
+
+  async *#records(): AsyncGenerator<Buffer[]> {
+    for await (const batch of this.batches) yield* batch;
+  }
+
+  // Bigger reads land in shared memory, in the middle of a buffer with room for their record's head and CRC around
+  // them, so that a record of data with no zero chunk is sealed in place (sealDataRecord) and goes to the socket as
+  // one buffer: one TLS write of it, not three (head, data, tail; BENCHMARKS.md, issue 14). Only whole-record
+  // buffers are reused (a full stream is made of them), so none holds more than it reads.
+  #takeBuffer(length: number): Buffer {
+    if (length < streamDataRecordBytesMax) return Buffer.from(new SharedArrayBuffer(length + dataRecordOverheadBytes));
+    return this.#free.pop() ?? Buffer.from(new SharedArrayBuffer(streamDataRecordBytesMax + dataRecordOverheadBytes));
+  }
+
+  #giveBack(buffer: Buffer): void {
+    if (buffer.buffer instanceof SharedArrayBuffer && buffer.length === streamDataRecordBytesMax + dataRecordOverheadBytes && this.#free.length < sendReadsAheadMax) this.#free.push(buffer);
+  }
+
+  #letGoArena(held: SendArena, count: number): void {
+    held.holds -= count;
+    if (held.holds > 0 || !held.usedUp) return;
+    this.#arenas.delete(held.bytes.buffer);
+    if (this.#freeArenas.length < sendArenasFreeMax) this.#freeArenas.push(held.bytes);
+  }
+
+  #takeRecord(length: number): Buffer {
+    const bytes = length + dataRecordOverheadBytes;
+    let arena = this.#arena;
+    if (arena === null || arena.bytes.length - this.#arenaUsed < bytes) {
+      if (arena !== null) {
+        arena.usedUp = true;
+        this.#letGoArena(arena, 0);
+      }
+      const memory = (bytes <= streamDataRecordBytesMax ? this.#freeArenas.pop() : undefined) ?? Buffer.allocUnsafe(Math.max(bytes, streamDataRecordBytesMax));
+      arena = { bytes: memory, holds: 0, usedUp: false };
+      this.#arena = arena;
+      this.#arenas.set(memory.buffer, arena);
+      this.#arenaUsed = 0;
+    }
+    this.#arenaUsed += bytes;
+    arena.holds += 1;
+    return arena.bytes.subarray(this.#arenaUsed - bytes, this.#arenaUsed);
+  }
+
+  // Reads run a few records ahead of what is yielded, so the disk works while the consumer sends. A read the page
+  // cache answers is done at once (readNowOrLater: no promise); one that waits on the disk settles later.
+  #readAhead(): void {
+    const reads = this.#reads;
+    // Bounded by bytes, not only by count, so that scattered 4 KiB extents keep as much in flight as big ones.
+    while (reads.length < sendReadsAheadMax && this.#readingBytes < sendReadAheadBytes) {
+      const next = this.#pieces!.next();
+      if (next.done === true) return;
+      const { offset, length, extent } = next.value;
+      const shared = length <= inlineReadBytesMax ? null : this.#takeBuffer(length);
+      const record = shared === null ? this.#takeRecord(length) : shared;
+      const buffer = record.subarray(dataRecordDataStart, dataRecordDataStart + length);
+      this.#readingBytes += length;
+      // The error is kept and looked at in order, when the piece's turn comes.
+      const read: PendingRead = { offset, extent, buffer, record, shared, settled: false, error: null, done: null, found: null };
+      try {
+        const reading = this.#device!.readNowOrLater(offset, buffer);
+        if (!(reading instanceof Promise)) {
+          read.found = reading;
+          read.settled = true;
+        } else {
+          read.done = reading.then(
+            (found) => {
+              read.found = found;
+              read.settled = true;
+            },
+            (error: unknown) => {
+              read.error = error;
+              read.settled = true;
+            },
+          );
+        }
+      } catch (error) {
+        read.error = error;
+        read.settled = true;
+      }
+      reads.push(read);
+    }
+  }
+
+  // The END record's digest is computed while the stream goes (a snapshot's map does not change), once a read
+  // ahead's worth of data is out: computed before the header, it held the whole stream back (0.2-1.6 s for 4 GiB
+  // on a busy machine); at that point the peer has records to write while this thread digests. Its failure
+  // (metadata that cannot be read) ends the stream before its END, as a cut link does.
+  #startDigest(): Promise<Buffer> {
+    if (this.#digest === undefined) {
+      this.#digest = this.#source.contentDigest(this.#request.volume, this.#request.snapshot);
+      this.#digest.catch(() => {}); // looked at before the END; a consumer that stops early never asks
+    }
+    return this.#digest;
+  }
+
+  async *#batches(): AsyncGenerator<Buffer[][]> {
+    const request = this.#request;
+    const exportName = `${request.volume}@${request.snapshot}`;
+    yield [[encodeHeader(this.header)]];
     let recordCount = 1;
     let dataBytes = 0;
-    const device = source.openSnapshot(request.volume, request.snapshot);
-    // Reads run a few records ahead of what is yielded, so the disk works while the consumer sends. A read the page
-    // cache answers is done at once (readNowOrLater: no promise); one that waits on the disk settles later.
-    const pieces = recordPieces(extents);
-    const reads: PendingRead[] = [];
-    let readingBytes = 0;
-    const readAhead = (): void => {
-      // Bounded by bytes, not only by count, so that scattered 4 KiB extents keep as much in flight as big ones.
-      while (reads.length < sendReadsAheadMax && readingBytes < sendReadAheadBytes) {
-        const next = pieces.next();
-        if (next.done === true) return;
-        const { offset, length, extent } = next.value;
-        const shared = length <= inlineReadBytesMax ? null : takeBuffer(length);
-        const record = shared === null ? takeRecord(length) : shared;
-        const buffer = record.subarray(dataRecordDataStart, dataRecordDataStart + length);
-        readingBytes += length;
-        // The error is kept and looked at in order, when the piece's turn comes.
-        const read: PendingRead = { offset, extent, buffer, record, shared, settled: false, error: null, done: null, found: null };
-        try {
-          const reading = device.readNowOrLater(offset, buffer);
-          if (!(reading instanceof Promise)) {
-            read.found = reading;
-            read.settled = true;
-          } else {
-            read.done = reading.then(
-              (found) => {
-                read.found = found;
-                read.settled = true;
-              },
-              (error: unknown) => {
-                read.error = error;
-                read.settled = true;
-              },
-            );
-          }
-        } catch (error) {
-          read.error = error;
-          read.settled = true;
-        }
-        reads.push(read);
-      }
-    };
-    // The END record's digest is computed while the stream goes (a snapshot's map does not change), once a read
-    // ahead's worth of data is out: computed before the header, it held the whole stream back (0.2-1.6 s for 4 GiB
-    // on a busy machine); at that point the peer has records to write while this thread digests. Its failure
-    // (metadata that cannot be read) ends the stream before its END, as a cut link does.
-    let digest: Promise<Buffer> | undefined;
-    const startDigest = (): Promise<Buffer> => {
-      if (digest === undefined) {
-        digest = source.contentDigest(request.volume, request.snapshot);
-        digest.catch(() => {}); // looked at before the END; a consumer that stops early never asks
-      }
-      return digest;
-    };
+    this.#device = this.#source.openSnapshot(request.volume, request.snapshot);
+    this.#pieces = recordPieces(this.#extents);
+    const reads = this.#reads;
     // Records go out a batch at a time: what is ready, up to a bound (so that coveredBytes runs little ahead of
     // what the consumer has framed), and at once before waiting on a read that went to the disk.
     let batch: Buffer[][] = [];
     let batchBytes = 0;
     try {
-      readAhead();
+      this.#readAhead();
       for (let read = reads.shift(); read !== undefined; read = reads.shift()) {
         if (!read.settled) {
           if (batch.length > 0) {
@@ -221,30 +278,31 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         const error = read.error;
         if (error !== null) {
           if (!(error instanceof ChunkdError)) throw error;
-          failure = ChunkdError.io(
+          const failure = ChunkdError.io(
             `send of ${exportName} stopped: the extent at byte ${read.extent.offsetBytes} of ${read.extent.lengthBytes} bytes could not be read intact ` +
               `(${error.message}); nothing damaged was sent`,
           );
-          log(failure.message);
+          this.#failure = failure;
+          this.#log(failure.message);
           batch.push([encodeAbort(failure.message)]);
           yield batch;
           return;
         }
-        readingBytes -= read.buffer.length;
-        readAhead();
+        this.#readingBytes -= read.buffer.length;
+        this.#readAhead();
         const { offset, buffer, shared } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
         if (!hasZeroChunk(buffer)) {
           // The read's hold on its arena (or its shared buffer) becomes the record's, until the consumer recycles it.
-          if (shared !== null) users.set(shared.buffer, { buffer: shared, records: 1 });
+          if (shared !== null) this.#users.set(shared.buffer, { buffer: shared, records: 1 });
           recordCount += 1;
-          coveredBytes += buffer.length;
+          this.#coveredBytes += buffer.length;
           dataBytes += buffer.length;
           // Its CRC appended to the head's from the checksums the read verified: the data is not gone over again.
           const record = shared === null ? read.record : read.record.subarray(0, buffer.length + dataRecordOverheadBytes);
           batch.push([sealDataRecord(record, offset, read.found === null ? undefined : dataChecksum(read.found, buffer.length / chunkSizeBytes))]);
           batchBytes += record.length;
-          if (coveredBytes >= sendReadAheadBytes) startDigest();
+          if (this.#coveredBytes >= sendReadAheadBytes) this.#startDigest();
           if (batch.length >= batchRecordsMax || batchBytes >= batchBytesMax) {
             yield batch;
             batch = [];
@@ -254,18 +312,18 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
         }
         const runs = zeroRuns(buffer);
         const dataRuns = runs.filter((run) => !run.zero).length;
-        const held = shared !== null ? undefined : arenas.get(read.record.buffer);
+        const held = shared !== null ? undefined : this.#arenas.get(read.record.buffer);
         if (held !== undefined) {
           // Its data records hold the arena instead of the read.
           held.holds += dataRuns;
-          letGoArena(held, 1);
+          this.#letGoArena(held, 1);
         } else if (shared !== null) {
-          if (dataRuns === 0) giveBack(shared);
-          else users.set(shared.buffer, { buffer: shared, records: dataRuns });
+          if (dataRuns === 0) this.#giveBack(shared);
+          else this.#users.set(shared.buffer, { buffer: shared, records: dataRuns });
         }
         for (const run of runs) {
           recordCount += 1;
-          coveredBytes += run.end - run.start;
+          this.#coveredBytes += run.end - run.start;
           if (run.zero) {
             batch.push([encodeZero(offset + run.start, run.end - run.start)]);
           } else {
@@ -274,27 +332,22 @@ export async function prepareSend(source: SendSource, request: SendRequest, log:
             batchBytes += run.end - run.start;
           }
         }
-        if (coveredBytes >= sendReadAheadBytes) startDigest();
+        if (this.#coveredBytes >= sendReadAheadBytes) this.#startDigest();
         if (batch.length >= batchRecordsMax || batchBytes >= batchBytesMax) {
           yield batch;
           batch = [];
           batchBytes = 0;
         }
       }
-      batch.push([encodeEnd(recordCount, dataBytes, await startDigest())]);
+      batch.push([encodeEnd(recordCount, dataBytes, await this.#startDigest())]);
       yield batch;
     } finally {
       // Reads still running when the consumer stopped early must end before the device closes.
       await Promise.all(reads.map((read) => read.done));
-      await digest?.catch(() => {});
-      await device.close();
+      await this.#digest?.catch(() => {});
+      await this.#device.close();
     }
   }
-  const batched = batches();
-  async function* records(): AsyncGenerator<Buffer[]> {
-    for await (const batch of batched) yield* batch;
-  }
-  return { header, records: records(), batches: batched, failure: () => failure, coveredBytes: () => coveredBytes, recycle };
 }
 
 /** Records a batch holds at most, and their bytes (prepareSend's batches): a few frames' worth of small records. */

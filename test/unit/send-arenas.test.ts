@@ -194,3 +194,37 @@ test('a large record\'s CRC is its chunks\' recorded checksums combined, not one
     fs.rmSync(directory, { recursive: true, force: true });
   }
 });
+
+test("every stream's steps are the same functions, and its generators' objects share their prototype (so V8 keeps the code it optimized for one stream for the next)", async () => {
+  await withVolume(64 * chunkBytes, async (pool, volume) => {
+    for (let i = 0; i < 8; i++) await volume.write(2 * i * chunkBytes, chunkBytesOf(2 * i));
+    await volume.close();
+    await pool.createSnapshot('v', 's1');
+    await pool.createSnapshot('v', 's2');
+    const streams = [
+      await prepareSend(pool, { volume: 'v', snapshot: 's1', from: null, resumeOffsetBytes: 0 }, () => {}),
+      await prepareSend(pool, { volume: 'v', snapshot: 's2', from: 's1', resumeOffsetBytes: 0 }, () => {}),
+    ];
+    const [a, b] = streams as [typeof streams[0], typeof streams[0]];
+    // Generator objects made by two instances of one generator function each take their function's own prototype
+    // (and map): the replicator's framing loop then met a new map every cycle, and V8 compiled it again.
+    assert.equal(Object.getPrototypeOf(a.batches), Object.getPrototypeOf(b.batches));
+    assert.equal(Object.getPrototypeOf(a.records), Object.getPrototypeOf(b.records));
+    assert.equal(a.recycle, b.recycle);
+    assert.equal(a.coveredBytes, b.coveredBytes);
+    assert.equal(a.failure, b.failure);
+    // And each still is its own stream: the first is full (8 chunks), the second has nothing to send.
+    let fullData = 0;
+    for await (const batch of a.batches) {
+      fullData += batch.length;
+      a.recycle(batch);
+    }
+    assert.equal(fullData, 1 + 8 + 1, 'header, eight data records, end');
+    assert.equal(a.coveredBytes(), 8 * chunkBytes);
+    assert.equal(a.failure(), null);
+    let incremental = 0;
+    for await (const record of b.records) incremental += record.length > 0 ? 1 : 0;
+    assert.equal(incremental, 2, 'header and end');
+    assert.equal(b.coveredBytes(), 0);
+  });
+});
