@@ -81,24 +81,11 @@ export class ChunkRefcounts implements ChunkRefs {
 
   /**
    * `increment` of each chunk a map page's slots name (a slot holds its chunk + 1; 0 is a hole): a page's copy on
-   * write (chunk-map.ts) in one call, a block looked up when the chunks move to another. Chunk by chunk, through the
-   * interface, a copied page of 512 chunks cost about 20 µs: 10 ms for a 1 GiB volume written at random, after each
+   * write (chunk-map.ts) in one call. Chunk by chunk, through the interface, a copied page of 512 chunks cost about 20 µs: 10 ms for a 1 GiB volume written at random, after each
    * snapshot a replication cycle takes, on both nodes (BENCHMARKS.md, issue 14).
    */
   incrementSlots(slots: Float64Array): void {
-    let blockIndex = -1;
-    let block: Uint32Array | undefined;
-    for (let i = 0; i < slots.length; i++) {
-      const slot = slots[i]!;
-      if (slot === 0) continue;
-      const chunk = slot - 1;
-      const index = Math.floor(chunk / blockChunks);
-      if (index !== blockIndex) {
-        blockIndex = index;
-        block = this.#blockMade(index);
-      }
-      block![chunk - index * blockChunks]! += 1;
-    }
+    this.#changeSlots(slots, 1);
   }
 
   /**
@@ -106,6 +93,11 @@ export class ChunkRefcounts implements ChunkRefs {
    * one call: `onFree` once for each run of chunks, in slot order, that falls to zero.
    */
   decrementSlots(slots: Float64Array): void {
+    this.#changeSlots(slots, -1);
+  }
+
+  /** incrementSlots (`by` 1) or decrementSlots (-1): a block looked up only when the chunks move to another. */
+  #changeSlots(slots: Float64Array, by: 1 | -1): void {
     let blockIndex = -1;
     let block: Uint32Array | undefined;
     let freeStart = -1;
@@ -117,10 +109,14 @@ export class ChunkRefcounts implements ChunkRefs {
       const index = Math.floor(chunk / blockChunks);
       if (index !== blockIndex) {
         blockIndex = index;
-        block = this.#block(index);
+        block = by > 0 ? this.#blockMade(index) : this.#block(index);
       }
       const at = chunk - index * blockChunks;
       const count = block?.[at] ?? 0;
+      if (by > 0) {
+        block![at] = count + 1;
+        continue;
+      }
       if (count === 0) assert(false, `chunk ${chunk} released more often than referenced`);
       block![at] = count - 1;
       if (count !== 1) continue;
