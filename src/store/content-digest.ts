@@ -117,15 +117,23 @@ export async function contentDigest(map: ChunkMap, sums: Pick<ChunkSums, 'get'>,
   // Page by page rather than through mappedRuns(): a volume written at random has runs of a chunk or two, and
   // an object per run was most of the walk.
   for (const [pageIndex, page] of map.pages()) {
-    const first = pageIndex * mapPageChunks;
-    const slots = page.slots;
-    for (let slot = 0; slot < mapPageChunks; slot++) {
-      const physical = slots[slot]! - 1;
-      if (physical >= 0) digest.addChunk(first + slot, sums.get(physical));
-    }
-    digest.countChunks(mapPageChunks);
+    addPage(digest, pageIndex * mapPageChunks, page.slots, sums);
     const turn = digest.turn();
     if (turn !== null) await turn;
   }
   return digest.digest();
+}
+
+/**
+ * A map page's mapped chunks, from virtual chunk `first`. A function of its own, called a page at a time, rather than
+ * the loop inside the async walk above: a replication cycle digests its target once, so that long loop ran in
+ * on-stack-replaced code, which V8 compiled again at every cycle on both nodes (twice a cycle, Maglev and TurboFan,
+ * in the capped 4 KiB row: BENCHMARKS.md, issue 14); a short function called hundreds of times is compiled once.
+ */
+function addPage(digest: ContentDigest, first: number, slots: Float64Array, sums: Pick<ChunkSums, 'get'>): void {
+  for (let slot = 0; slot < mapPageChunks; slot++) {
+    const physical = slots[slot]! - 1;
+    if (physical >= 0) digest.addChunk(first + slot, sums.get(physical));
+  }
+  digest.countChunks(mapPageChunks);
 }
