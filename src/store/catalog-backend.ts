@@ -136,6 +136,11 @@ export interface CatalogBackend {
   readonly allocator: ChunkAllocation;
   /** Applies `record` (or queues its apply after those before it); chunks it frees are punched out when `punchFrees`. */
   apply(record: MetaRecord, punchFrees: boolean): void;
+  /**
+   * Told of each record `apply` took (applied, or queued behind those before it), in order, as `apply` returns:
+   * the pool's memo of what each snapshot holds alone (held-alone.ts). Null: nobody.
+   */
+  onApplied: ((record: MetaRecord) => void) | null;
   /** Resolves once every record applied before the call has been; rejects with the first that failed. */
   settled(): Promise<void>;
   /** The first apply that failed (the engine makes it its sticky failure), or null. */
@@ -186,6 +191,7 @@ export class MemoryBackend implements CatalogBackend {
   readonly #files: FileLayer;
   readonly #directory: string;
   #punchFrees = true;
+  onApplied: ((record: MetaRecord) => void) | null = null;
   /** The generation of the last checkpoint begun (0: none yet). */
   #lastCheckpointGeneration = 0;
 
@@ -206,6 +212,8 @@ export class MemoryBackend implements CatalogBackend {
     } finally {
       this.#punchFrees = true;
     }
+    // Not for a record refused: it changed nothing.
+    this.onApplied?.(record);
   }
 
   settled(): Promise<void> {

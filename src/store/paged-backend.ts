@@ -73,6 +73,7 @@ export class PagedBackend implements CatalogBackend {
   #holdStarted: number | null = null;
   #holdLoggedAt = -Infinity;
   #log: Log | undefined;
+  onApplied: ((record: MetaRecord) => void) | null = null;
 
   constructor(catalog: PagedCatalog, files: FileLayer, directory: string, rootAfterOpen: Promise<unknown> = resolved) {
     this.#catalog = catalog;
@@ -140,7 +141,10 @@ export class PagedBackend implements CatalogBackend {
     // Most live writes apply at once, in place (PagedCatalog.applyNow); the rest queue. A failure there is the
     // sticky failure, as a queued apply's is.
     try {
-      if (this.#catalog.applyNow(record, punchFrees)) return;
+      if (this.#catalog.applyNow(record, punchFrees)) {
+        this.onApplied?.(record);
+        return;
+      }
     } catch (error) {
       this.#failure ??= error as Error;
       return;
@@ -155,6 +159,8 @@ export class PagedBackend implements CatalogBackend {
         this.#failure ??= error as Error;
       },
     );
+    // Told once queued: a count whose walk waits for `settled` after this sees what the record changes.
+    this.onApplied?.(record);
   }
 
   get failure(): Error | null {

@@ -52,6 +52,7 @@ import { CommitEngine, type CheckpointReport } from './commit-engine.ts';
 import { realFiles, type FileLayer } from './file-layer.ts';
 import type { ChangedExtent } from './map-diff.ts';
 import type { JournalFile } from './journal-file.ts';
+import { HeldAloneMemo } from './held-alone.ts';
 import { isSnapshotUuid } from './metadata.ts';
 import { openPaged } from './paged-backend.ts';
 import { pagedCatalogFile } from './paged-catalog.ts';
@@ -187,6 +188,8 @@ export class Pool {
   readonly #defrags = new Set<Promise<void>>();
   #defragBytesInFlight = 0;
   #defragBytesTotal = 0;
+  /** What each snapshot holds alone, remembered between lists (held-alone.ts): told every record the catalog applies. */
+  readonly #heldAlone: HeldAloneMemo;
   /** The punch of free chunks a paged open leaves running (never rejects). */
   #punching: Promise<void> = Promise.resolve();
   /** Lets the root after a paged open's replay go without waiting for `metadataRootAfter` (the close: the punch waits for that root). */
@@ -199,6 +202,8 @@ export class Pool {
     this.#files = chunkFiles.layer;
     this.#lockFd = lockFd;
     this.#catalog = opened.catalog;
+    this.#heldAlone = new HeldAloneMemo(opened.catalog.tables);
+    opened.catalog.onApplied = (record) => this.#heldAlone.observe(record);
     this.#metadataRepairs = opened.repairs;
     this.#log = log;
     this.#chunks = new ChunkStore({
@@ -657,31 +662,56 @@ export class Pool {
 
   /**
    * The volume's snapshots (only `snapshotName` if given) with what each holds alone, after the records applied
-   * before the call: a walk of each snapshot's unshared pages (over paged metadata, read a slice at a time).
+   * before the call: remembered from an earlier call where no record since may have changed it (held-alone.ts),
+   * else a walk of the snapshot's unshared pages (over paged metadata, read a slice at a time). `recount`: walk
+   * every one (tests compare the two).
    */
-  async countedSnapshots(volumeName: string, snapshotName?: string): Promise<CountedSnapshotInfo[]> {
+  async countedSnapshots(volumeName: string, snapshotName?: string, options: { recount?: boolean } = {}): Promise<CountedSnapshotInfo[]> {
     const listed = snapshotName === undefined ? this.listSnapshots(volumeName) : [this.snapshotInfo(volumeName, snapshotName)];
     await this.#engine.settled();
     const counted: CountedSnapshotInfo[] = [];
     for (const info of listed) {
-      // Taken after the wait; one removed meanwhile is left out (or, asked by name, not found).
-      const snapshot = this.#runtime(volumeName).meta.snapshots.get(info.name);
-      if (snapshot === undefined || snapshot.uuid !== info.uuid) {
-        if (snapshotName !== undefined) this.#snapshot(volumeName, snapshotName);
-        continue;
-      }
-      let uniqueChunks: number;
-      try {
-        uniqueChunks = await this.#catalog.uniqueChunks(snapshot.map);
-      } catch (error) {
-        // Removed during the walk (paged-map.ts): as above.
-        if (!(error instanceof ChunkdError && error.code === 'ENOENT')) throw error;
+      const uniqueChunks = await this.#heldAloneChunks(volumeName, info, options.recount === true);
+      if (uniqueChunks === null) {
+        // Removed meanwhile: left out (or, asked by name, not found).
         if (snapshotName !== undefined) this.#snapshot(volumeName, snapshotName);
         continue;
       }
       counted.push({ ...info, uniqueBytes: uniqueChunks * chunkSizeBytes });
     }
     return counted;
+  }
+
+  /** Counts and walks of `countedSnapshots` since the open: answered from the memo, and walked (tests, benchmarks). */
+  get heldAloneCounts(): { remembered: number; walked: number } {
+    return { remembered: this.#heldAlone.hits, walked: this.#heldAlone.walks };
+  }
+
+  /** What the snapshot `info` names holds alone, in chunks; null if it was removed before or during its walk. */
+  async #heldAloneChunks(volumeName: string, info: SnapshotInfo, recount: boolean): Promise<number | null> {
+    const current = (): SnapshotView | undefined => {
+      const snapshot = this.#tables.byName.get(volumeName)?.snapshots.get(info.name);
+      return snapshot?.uuid === info.uuid ? snapshot : undefined;
+    };
+    let snapshot = current();
+    if (snapshot === undefined) return null;
+    const remembered = recount ? undefined : this.#heldAlone.remembered(snapshot.id);
+    if (remembered !== undefined) return remembered;
+    // The token before the wait: every record it does not cover is applied before the walk begins.
+    const token = this.#heldAlone.token(snapshot.id);
+    await this.#engine.settled();
+    snapshot = current();
+    if (snapshot === undefined) return null;
+    let uniqueChunks: number;
+    try {
+      uniqueChunks = await this.#catalog.uniqueChunks(snapshot.map);
+    } catch (error) {
+      // Removed during the walk (paged-map.ts).
+      if (!(error instanceof ChunkdError && error.code === 'ENOENT')) throw error;
+      return null;
+    }
+    this.#heldAlone.remember(token, uniqueChunks);
+    return uniqueChunks;
   }
 
   /**
