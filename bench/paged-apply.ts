@@ -50,7 +50,7 @@ if (kind === 'paged') {
 } else {
   const catalog = emptyCatalog();
   const allocator = new ChunkAllocator();
-  const refs = new ChunkRefcounts((physicalChunk) => allocator.freeDeferred(physicalChunk, 1, false));
+  const refs = new ChunkRefcounts((physicalChunk, chunkCount) => allocator.freeDeferred(physicalChunk, chunkCount, false));
   applyRecord(catalog, { type: 'create', volumeId: 1, name: 'v', sizeBytes: volumeChunks * chunkSizeBytes }, refs);
   side = {
     allocate: (count) => allocator.allocate(count),
