@@ -241,6 +241,15 @@ test('node images: decoded as encoded; a wrong kind, count or order is refused a
   for (let i = leafCapacityMax - 1; i >= 0; i--) full.insert(0, i, 1, 2);
   assert.deepEqual(leafOf(decodeNode(encodeNode(full), 9)), fullEntries);
   assert.equal(encodeNode(full).body.buffer, full.words.buffer, "a full leaf's image is its words, not a copy");
+  // A body the words cannot view in place (not 4-byte aligned) is copied into words: the same entries, checked the same.
+  const image = encodeNode(leaf).body;
+  const unaligned = Buffer.alloc(image.length + 1).subarray(1);
+  image.copy(unaligned);
+  const fromUnaligned = decodeNode({ kind: mapLeafKind, body: unaligned }, 9) as LeafPage;
+  assert.deepEqual(fromUnaligned.entries(), entries);
+  assert.ok(fromUnaligned.heldBytes > image.length, 'its own words counted with the page');
+  unaligned.writeUIntLE(0, 4 + 16, 6);
+  assert.throws(() => decodeNode({ kind: mapLeafKind, body: unaligned }, 12), /metadata page 12: not a chunk map node \(keys out of order\)/);
   assert.throws(() => decodeNode({ kind: 7, body: encodeNode(leaf).body }, 12), (error) => isCorrupt(error) && /metadata page 12: not a chunk map node \(page kind 7\)/.test((error as Error).message));
   const swapped = encodeNode(LeafPage.of([1, 5, 3], entries.physical, entries.sums));
   swapped.body.writeUIntLE(0, 4 + 16, 6);
