@@ -26,11 +26,17 @@
 // children it names (or, for a leaf, on the chunks). `drop` releases the root; pages whose count falls to zero
 // release their children in turn. `diff` walks two trees in key order and skips a page both reach.
 //
-// Shape of an operation: a pure synchronous pass over decoded nodes computes every change (new nodes, count
+// Leaves are kept as their page images (`LeafPage`: the body's layout as 32-bit words), interior nodes decoded
+// into arrays. A leaf read from the cache is checked, not decoded (its words a view of the cached body); a leaf
+// being changed has room for a full page's entries; a commit hands a changed leaf's words to the cache as its page's
+// body (no encoding), and the leaf is frozen from then on: the next change copies it (one 4 KiB copy a leaf per
+// checkpoint). paged-metadata.md, "Leaves as their page images".
+//
+// Shape of an operation: a pure synchronous pass over nodes in memory computes every change (new nodes, count
 // changes, pages freed) and then applies it, in one turn of the event loop. The pass reads pages through `Pins`:
 // a page not in the cache stops the pass (`MissingPages`, with every missing page it can name at once), the pages
 // are read (async, in parallel), kept in the pins so that eviction cannot take them again, and the pass starts
-// over. So a pass never sees a half-applied change, and the tree logic (encode, decode, split, merge) stays pure.
+// over. So a pass never sees a half-applied change, and the tree logic (check, split, merge) stays pure.
 // Counts kept in pages (space-map.ts's RefCountMap, given as `pageCountPages` and `chunkCountPages`) are loaded
 // the same way: a pass stops at a page count not in memory, and before it applies it names every count it will
 // change (the pages whose counts move, the pages it will allocate, the chunks counted up or down); those are
@@ -38,14 +44,14 @@
 // Mutations (mapRun, unmapRange, drop) and commits are applied in the order they were called; reads see what was
 // applied.
 //
-// Nodes changed since the last commit stay decoded in `PagedMaps` (not in the cache, which holds page images) and
-// are encoded once, when `commit` hands them to the cache; `dirtyPages` counts them.
+// Nodes changed since the last commit stay in `PagedMaps` (not in the cache, which holds page images) until
+// `commit` hands them to the cache, an interior node encoded, a leaf as its own words; `dirtyPages` counts them.
 //
-// Lookups: a decoded node lives on its cached page (`CachedPage.decoded`). A one-chunk lookup (`#runCached`, a
+// Lookups: a node in memory lives on its cached page (`CachedPage.decoded`). A one-chunk lookup (`#runCached`, a
 // 4 KiB read's) takes the root's node from the map (`PagedMap.rootNode`, forgotten at every `setState`: a pass may
 // place a new node on the page it leaves, the root's among them) and each interior node below the root from its
 // parent (`InteriorNode.below`, filled as lookups pass), and a clean leaf from its parent too (`InteriorNode.leaves`:
-// a view of its cached page's body, searched without decoding it, held only while the page is in the cache, whose
+// the `LeafPage` over its cached page's body, searched in its words, held only while the page is in the cache, whose
 // use is recorded in the cache once per eviction: `#leafRun`, and paged-metadata.md, "Leaves held by their
 // parents"). Right for a node's whole life: an interior node above the leaves' parents never changes once placed (a
 // change below it copies the path up to the root, new nodes holding nothing below); a leaves' parent changed since
@@ -60,7 +66,7 @@
 // Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
 // above it copied once for all the runs that meet it), and a one-run mapRun below interior nodes all dirty and held
 // once goes in without a pass (`#mapInPlace`): a dirty leaf changed in place, no page placed; a leaf committed since
-// its last change (held once) moved to a new page, its decoded node taken rather than copied, and its parent
+// its last change (held once) copied to a new page (its words are its committed image, frozen), and its parent
 // changed in place to name it; so does one over chunks all mapped across several dirty leaves
 // (`#overwriteInPlace`: a large write's overwrite). A pass's chunk count changes are runs
 // (`ChunkRunList`), applied a run at a time where the counts can (space-map.ts's ChunkSpace). Before a replay's batch, `prefetchRuns`
@@ -68,10 +74,15 @@
 // so that a cold pass computes its edit once instead of again after missing counts.
 //
 // Known weaknesses: any other change (a pass: the first write below interior nodes after a commit, a split, a
-// merge, a new least key, a shared node) copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (`CachedPage.decoded`) takes more memory than its image (about 6 KiB against 4 for a full leaf: the cache counts both against its bound, so a cache of a given size holds about 40 % of the leaves it would hold as images only); leaves
-// filled by appends in key order end about half full (a split shares entries evenly); a commit's first part
-// is queued with the mutations (they wait for the encoding of its nodes, not for its write: `commitBeside`; the
-// encoding gives the event loop a turn every few ms, but the mutations, and the reads after them, wait for all of it);
+// merge, a new least key, a shared node) copies the nodes on its path whole (an interior node's arrays of up to
+// 338 numbers each, a leaf's 4 KiB of words); an interior node in memory takes more than its image (two arrays of
+// numbers: about 5 KiB against 4, counted by the cache with its page; they are a 160th to a 250th of the nodes); a
+// leaf being changed takes a full page's room (4 KiB) however few its entries, and keeps it as its image once
+// committed (the cache counts a page as 4 KiB in any case); leaves filled by appends in key order end about half
+// full (a split shares entries evenly), so half of such a leaf's room is unused; a commit's first part
+// is queued with the mutations (they wait for its nodes' hand-over to the cache, interior ones encoded, not for
+// its write: `commitBeside`; it gives the event loop a turn every few ms, but the mutations, and the reads after
+// them, wait for all of it);
 // a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
 // rarely); a walk does not check page generations against the
 // root's yet; a cold diff starts over once per node whose children differ on both sides (it reads a node's
@@ -822,9 +833,9 @@ export class PagedMaps {
   /** When the queue's tasks began running back to back in this turn of the event loop (undefined: none ran since the last turn). */
   #runStarted: number | undefined;
   /**
-   * The nodes of pages allocated since the last commit, kept decoded and encoded only when a commit puts them in
-   * the cache (a leaf changed a hundred times is encoded once). No durable root names these pages, so they are
-   * the ones that may be rewritten in place.
+   * The nodes of pages allocated since the last commit, kept in memory until a commit puts them in the cache (an
+   * interior node encoded once however often it changed; a leaf's words are its image, frozen from then on). No
+   * durable root names these pages, so they are the ones that may be rewritten in place.
    */
   readonly #dirty = new Map<number, MapNode>();
   readonly #memoryPins = this.#pins();
@@ -890,12 +901,12 @@ export class PagedMaps {
       await this.#lastWrite.catch((error: unknown) => {
         if (!isNoSpace(error)) throw error;
       });
-      // From here on the pages written are named by the root being committed: none may change in place. Encoded
-      // in slices of about `commitSliceMs`, giving the event loop a turn between them (after 16 GiB written at
-      // random a checkpoint encodes some 20,000 leaves: 0.3 to 3 s of the loop held in one piece, with this
-      // machine's load, before the slices). The mutations wait meanwhile (this task holds their queue), so no node
-      // changes before the root takes it; lookups find each node decoded among the dirty or encoded in the cache,
-      // the same entries.
+      // From here on the pages written are named by the root being committed: none may change in place (a leaf's
+      // image is its words: `encodeNode` freezes it). Handed over in slices of about `commitSliceMs`, giving the
+      // event loop a turn between them (after 16 GiB written at random a checkpoint encoded some 20,000 leaves: 0.3
+      // to 3 s of the loop held in one piece, with this machine's load, before the slices; leaves are no longer
+      // encoded, interior nodes are). The mutations wait meanwhile (this task holds their queue), so no node
+      // changes before the root takes it; lookups find each node among the dirty or in the cache, the same entries.
       let sliceStarted = performance.now();
       let encoded = 0;
       for (const [page, node] of this.#dirty) {
