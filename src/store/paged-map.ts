@@ -365,7 +365,7 @@ export interface InteriorNode {
    */
   below?: Array<InteriorNode | undefined>;
   /**
-   * At level 1: the leaves below it by child index, each a view of its clean cached page's body (`leafView`), as
+   * At level 1: the leaves below it by child index, each the `LeafPage` over its clean cached page's body, as
    * lookups found them, held while the page is cached (`PageCache.holdOutside` empties the slot when it leaves),
    * and the cache's eviction count when each one's use was last recorded (`leafUses`). See "Lookups" at `PagedMaps`.
    */
