@@ -128,6 +128,13 @@ export const emptyRoot = 0;
 const wordsInPageOrder = os.endianness() === 'LE';
 /** The heap a `LeafPage` takes beside its words (its object, the typed array's and the buffer's, about). */
 const leafObjectBytes = 256;
+/**
+ * Entries a leaf copied for changing has room for beyond its own (`copy`, `slice`, `concat`): the 4 KiB writes into
+ * holes between two checkpoints insert a few entries a leaf at scale (more grow it: `#shift`). Not a full page's room:
+ * every byte of a copy is allocated again at each checkpoint interval, and a leaf's words are its image once
+ * committed, held while it is cached.
+ */
+const leafRoom = 16;
 /** Words of a leaf of `entries` entries: the header's one, four an entry. */
 const leafWords = (entries: number): number => 1 + 4 * entries;
 
@@ -157,14 +164,14 @@ export class LeafPage {
   }
 
   /** An empty leaf with room for `room` entries. */
-  static empty(room: number = leafCapacityMax): LeafPage {
+  static empty(room: number = leafRoom): LeafPage {
     return new LeafPage(new Uint32Array(leafWords(room)), 0, false, false);
   }
 
   /** A leaf of these entries (for tests and tools). */
   static of(keys: readonly number[], physical: readonly number[], sums: readonly number[]): LeafPage {
     assert(physical.length === keys.length && sums.length === keys.length);
-    const leaf = LeafPage.empty(Math.max(leafCapacityMax, keys.length));
+    const leaf = LeafPage.empty(keys.length + leafRoom);
     for (let i = 0; i < keys.length; i++) leaf.#write(i, keys[i]!, physical[i]!, sums[i]!);
     leaf.#count = keys.length;
     return leaf;
@@ -281,15 +288,15 @@ export class LeafPage {
     for (let i = 0; i < count; i++) this.#write(from + i, key + i, physical + i, sums[sumsFrom + i]!);
   }
 
-  /** A copy to change (with room for a full page's entries). */
+  /** A copy to change (with room for `leafRoom` more entries). */
   copy(): LeafPage {
     return this.slice(0, this.#count);
   }
 
-  /** Entries [from, to) as a new leaf, with room for a full page's entries. */
+  /** Entries [from, to) as a new leaf, with room for `leafRoom` more entries. */
   slice(from: number, to: number): LeafPage {
     const count = to - from;
-    const copy = LeafPage.empty(Math.max(leafCapacityMax, count));
+    const copy = LeafPage.empty(count + leafRoom);
     copy.#words.set(this.#words.subarray(leafWords(from), leafWords(to)), 1);
     copy.#count = count;
     return copy;
@@ -298,7 +305,7 @@ export class LeafPage {
   /** Its entries then `other`'s, as a new leaf (whose keys must follow its own). */
   concat(other: LeafPage): LeafPage {
     const count = this.#count + other.#count;
-    const joined = LeafPage.empty(Math.max(leafCapacityMax, count));
+    const joined = LeafPage.empty(count + leafRoom);
     joined.#words.set(this.#words.subarray(1, leafWords(this.#count)), 1);
     joined.#words.set(other.#words.subarray(1, leafWords(other.#count)), leafWords(this.#count));
     joined.#count = count;
@@ -335,12 +342,16 @@ export class LeafPage {
     w[at + 3] = sum;
   }
 
-  /** Makes entries [from, to) take `count` entries' room (the ones after them moved), growing the words if need be. */
+  /**
+   * Makes entries [from, to) take `count` entries' room (the ones after them moved), growing the words if need be:
+   * to twice its entries, at most a full page's while it fits one (a pass building a leaf it will split grows past).
+   */
   #shift(from: number, to: number, count: number): void {
     assert(!this.#frozen && from <= to && to <= this.#count);
     const total = this.#count - (to - from) + count;
     if (leafWords(total) > this.#words.length) {
-      const grown = new Uint32Array(leafWords(Math.max(total, 2 * this.#count)));
+      const doubled = total <= leafCapacityMax ? Math.min(leafCapacityMax, 2 * this.#count) : 2 * this.#count;
+      const grown = new Uint32Array(leafWords(Math.max(total, doubled)));
       grown.set(this.#words.subarray(0, leafWords(this.#count)));
       this.#words = grown;
     }
