@@ -28,9 +28,10 @@
 //
 // Leaves are kept as their page images (`LeafPage`: the body's layout as 32-bit words), interior nodes decoded
 // into arrays. A leaf read from the cache is checked, not decoded (its words a view of the cached body); a leaf
-// being changed has room for a full page's entries; a commit hands a changed leaf's words to the cache as its page's
-// body (no encoding), and the leaf is frozen from then on: the next change copies it (one 4 KiB copy a leaf per
-// checkpoint). paged-metadata.md, "Leaves as their page images".
+// copied for changing has room for 16 more entries (grown by doubling past them); a commit hands a changed
+// leaf's words to the cache as its page's body (no encoding), and the leaf is frozen from then on: the next
+// change copies it (one copy of up to 4 KiB a leaf per checkpoint). paged-metadata.md, "Leaves as their page
+// images".
 //
 // Shape of an operation: a pure synchronous pass over nodes in memory computes every change (new nodes, count
 // changes, pages freed) and then applies it, in one turn of the event loop. The pass reads pages through `Pins`:
@@ -77,9 +78,10 @@
 // merge, a new least key, a shared node) copies the nodes on its path whole (an interior node's arrays of up to
 // 338 numbers each, a leaf's 4 KiB of words); an interior node in memory takes more than its image (two arrays of
 // numbers: about 5 KiB against 4, counted by the cache with its page; they are a 160th to a 250th of the nodes); a
-// leaf being changed takes a full page's room (4 KiB) however few its entries, and keeps it as its image once
-// committed (the cache counts a page as 4 KiB in any case); leaves filled by appends in key order end about half
-// full (a split shares entries evenly), so half of such a leaf's room is unused; a commit's first part
+// leaf copied for changing is a new 4 KiB (or less) typed array, many of them between two full collections, where
+// its arrays were V8's (the bytes a write allocates are about the same, more of them outside V8's heap: the main
+// malloc arena holds them until a full collection); leaves filled by appends in key order end about half full (a
+// split shares entries evenly); a commit's first part
 // is queued with the mutations (they wait for its nodes' hand-over to the cache, interior ones encoded, not for
 // its write: `commitBeside`; it gives the event loop a turn every few ms, but the mutations, and the reads after
 // them, wait for all of it);
@@ -144,8 +146,8 @@ const leafWords = (entries: number): number => 1 + 4 * entries;
  * then the key's high 16 bits and the physical chunk's low 16, the physical chunk's high 32, the crc32. So a leaf
  * read from its page is checked, not decoded (its words a view of the cached body), and a leaf changed since the
  * last commit is its own image: the commit hands its words to the cache as the page's body, not encoded. A leaf
- * being changed has room for a full page's entries (an insert moves the entries after it, no reallocation), more
- * where a pass builds one that it will split. A leaf whose words are a page's image (read from the cache, or
+ * copied for changing has room for `leafRoom` more entries (an insert moves the entries after it, most often
+ * without reallocating), grown by doubling past them (beyond a page's where a pass builds one it will split). A leaf whose words are a page's image (read from the cache, or
  * committed) is frozen: it is never changed again, and a change copies it (`copy`).
  */
 export class LeafPage {
@@ -959,8 +961,8 @@ export class PagedMaps {
 
   /**
    * The memory a leaf takes in the cache, its image and its object (`decodedBytes`: its words are the image), and
-   * a dirty one until its commit (its words, with room for a full page, become the image): the cache holds about
-   * its size over this many leaves.
+   * a dirty one until its commit (its words, with room for a few more entries, become the image): the cache holds
+   * about its size over this many leaves.
    */
   get nodeBytes(): number {
     return pageBytes + leafObjectBytes;
@@ -1185,9 +1187,9 @@ export class PagedMaps {
         }
         // The copy's page, and one for a page of counts copied on its first change (as `#wantCounts` asks of a pass).
         if ((!dirty || shared) && pageCounts !== undefined && !this.#allocator.upcoming(2).every((upcoming) => pageCounts.loaded(upcoming))) return false;
-        // A leaf committed since its last change (its words are its cached page's image, frozen) or shared with another
-        // map (a snapshot's or a clone's) is copied (with room for a full page, as `#open`'s), and the copy takes the
-        // run on a new page: one 4 KiB copy a leaf per checkpoint, where the commit then encodes nothing. A shared
+        // A leaf committed since its last change (its words are its cached page's image, frozen) or shared with
+        // another map (a snapshot's or a clone's) is copied (with room for `leafRoom` more entries, as `#open`'s), and
+        // the copy takes the run on a new page: one copy a leaf per checkpoint, where the commit then encodes nothing. A shared
         // page keeps what it holds for the maps that still name it, one reference fewer. No interior node is copied
         // (a pass would copy the root and every node down to the leaf, though they are changed since the commit and
         // held once: with a snapshot every few thousand writes, most of what a write allocated; BENCHMARKS.md, issue
