@@ -80,8 +80,9 @@
 // numbers: about 5 KiB against 4, counted by the cache with its page; they are a 160th to a 250th of the nodes); a
 // leaf copied for changing is a new 4 KiB (or less) typed array, many of them between two full collections, where
 // its arrays were V8's (the bytes a write allocates are about the same, more of them outside V8's heap: the main
-// malloc arena holds them until a full collection); leaves filled by appends in key order end about half full (a
-// split shares entries evenly); a commit's first part
+// malloc arena holds them until a full collection; the longest pause while writing was longer than with decoded
+// leaves in some bench:scale rounds, not explained yet: BENCHMARKS.md, "Leaves as their page images"); leaves
+// filled by appends in key order end about half full (a split shares entries evenly); a commit's first part
 // is queued with the mutations (they wait for its nodes' hand-over to the cache, interior ones encoded, not for
 // its write: `commitBeside`; it gives the event loop a turn every few ms, but the mutations, and the reads after
 // them, wait for all of it);
