@@ -3,8 +3,9 @@
 // will set); a page changed since the last commit is dirty and lives apart, never evicted, until `commit` writes
 // it and it becomes clean. So the memory the cache holds is its bound plus the dirty pages, which the caller keeps
 // in check by committing when `dirtyBytes` grows (the checkpoint trigger of the plan). What an owner keeps beside a
-// cached page while it is cached (paged-map.ts's decoded node: about 6 KiB for a full leaf, more than the page's
-// 4 KiB image) is counted with the page against the bound (`hold`): the bound is the memory, not the images only.
+// cached page while it is cached (paged-map.ts's node: an interior node's arrays, about 5 KiB, more than the page's
+// 4 KiB image; a leaf's object, its words being the image) is counted with the page against the bound (`hold`):
+// the bound is the memory, not the images only.
 // Pages are shared, not copied: a page got from the cache must not be changed in place; `put` gives the cache a
 // new page (copy-on-write in memory as on disk).
 import { performance } from 'node:perf_hooks';
@@ -19,7 +20,7 @@ export interface CachedPage {
   heldBytes?: number;
   /** Its owner's decoded form, kept with it while it is cached (paged-map.ts's node): not read by the cache. */
   decoded?: unknown;
-  /** Another form its owner keeps of it (paged-map.ts: a typed view of a leaf's body), counted in `heldBytes`: not read by the cache. */
+  /** What its owner holds of it outside the cache (paged-map.ts: a leaf, whose words view its body), counted in `heldBytes`: not read by the cache. */
   heldAs?: unknown;
   /**
    * Where its owner holds `heldAs` outside the cache (an array and an index in it: paged-map.ts's leaf held by its

@@ -120,7 +120,7 @@ export async function walkMaps(catalog: PagedCatalog): Promise<MapWalk> {
         stack.push(child);
       }
     } else {
-      for (const physical of node.physical) walk.chunkRefs.increment(physical);
+      for (let i = 0; i < node.count; i++) walk.chunkRefs.increment(node.physicalAt(i));
     }
   }
   return walk;

@@ -26,11 +26,18 @@
 // children it names (or, for a leaf, on the chunks). `drop` releases the root; pages whose count falls to zero
 // release their children in turn. `diff` walks two trees in key order and skips a page both reach.
 //
-// Shape of an operation: a pure synchronous pass over decoded nodes computes every change (new nodes, count
+// Leaves are kept as their page images (`LeafPage`: the body's layout as 32-bit words), interior nodes decoded
+// into arrays. A leaf read from the cache is checked, not decoded (its words a view of the cached body); a leaf
+// copied for changing has room for 16 more entries (grown by doubling past them); a commit hands a changed
+// leaf's words to the cache as its page's body (no encoding), and the leaf is frozen from then on: the next
+// change copies it (one copy of up to 4 KiB a leaf per checkpoint). paged-metadata.md, "Leaves as their page
+// images".
+//
+// Shape of an operation: a pure synchronous pass over nodes in memory computes every change (new nodes, count
 // changes, pages freed) and then applies it, in one turn of the event loop. The pass reads pages through `Pins`:
 // a page not in the cache stops the pass (`MissingPages`, with every missing page it can name at once), the pages
 // are read (async, in parallel), kept in the pins so that eviction cannot take them again, and the pass starts
-// over. So a pass never sees a half-applied change, and the tree logic (encode, decode, split, merge) stays pure.
+// over. So a pass never sees a half-applied change, and the tree logic (check, split, merge) stays pure.
 // Counts kept in pages (space-map.ts's RefCountMap, given as `pageCountPages` and `chunkCountPages`) are loaded
 // the same way: a pass stops at a page count not in memory, and before it applies it names every count it will
 // change (the pages whose counts move, the pages it will allocate, the chunks counted up or down); those are
@@ -38,14 +45,14 @@
 // Mutations (mapRun, unmapRange, drop) and commits are applied in the order they were called; reads see what was
 // applied.
 //
-// Nodes changed since the last commit stay decoded in `PagedMaps` (not in the cache, which holds page images) and
-// are encoded once, when `commit` hands them to the cache; `dirtyPages` counts them.
+// Nodes changed since the last commit stay in `PagedMaps` (not in the cache, which holds page images) until
+// `commit` hands them to the cache, an interior node encoded, a leaf as its own words; `dirtyPages` counts them.
 //
-// Lookups: a decoded node lives on its cached page (`CachedPage.decoded`). A one-chunk lookup (`#runCached`, a
+// Lookups: a node in memory lives on its cached page (`CachedPage.decoded`). A one-chunk lookup (`#runCached`, a
 // 4 KiB read's) takes the root's node from the map (`PagedMap.rootNode`, forgotten at every `setState`: a pass may
 // place a new node on the page it leaves, the root's among them) and each interior node below the root from its
 // parent (`InteriorNode.below`, filled as lookups pass), and a clean leaf from its parent too (`InteriorNode.leaves`:
-// a view of its cached page's body, searched without decoding it, held only while the page is in the cache, whose
+// the `LeafPage` over its cached page's body, searched in its words, held only while the page is in the cache, whose
 // use is recorded in the cache once per eviction: `#leafRun`, and paged-metadata.md, "Leaves held by their
 // parents"). Right for a node's whole life: an interior node above the leaves' parents never changes once placed (a
 // change below it copies the path up to the root, new nodes holding nothing below); a leaves' parent changed since
@@ -60,7 +67,7 @@
 // Batches and the fast way: `mapRuns` applies many runs in one pass (a replay's records: each leaf and the path
 // above it copied once for all the runs that meet it), and a one-run mapRun below interior nodes all dirty and held
 // once goes in without a pass (`#mapInPlace`): a dirty leaf changed in place, no page placed; a leaf committed since
-// its last change (held once) moved to a new page, its decoded node taken rather than copied, and its parent
+// its last change (held once) copied to a new page (its words are its committed image, frozen), and its parent
 // changed in place to name it; so does one over chunks all mapped across several dirty leaves
 // (`#overwriteInPlace`: a large write's overwrite). A pass's chunk count changes are runs
 // (`ChunkRunList`), applied a run at a time where the counts can (space-map.ts's ChunkSpace). Before a replay's batch, `prefetchRuns`
@@ -68,10 +75,17 @@
 // so that a cold pass computes its edit once instead of again after missing counts.
 //
 // Known weaknesses: any other change (a pass: the first write below interior nodes after a commit, a split, a
-// merge, a new least key, a shared node) copies the nodes on its path whole (arrays of up to 338 numbers each); a cached page's decoded form (`CachedPage.decoded`) takes more memory than its image (about 6 KiB against 4 for a full leaf: the cache counts both against its bound, so a cache of a given size holds about 40 % of the leaves it would hold as images only); leaves
+// merge, a new least key, a shared node) copies the nodes on its path whole (an interior node's arrays of up to
+// 338 numbers each, a leaf's 4 KiB of words); an interior node in memory takes more than its image (two arrays of
+// numbers: about 5 KiB against 4, counted by the cache with its page; they are a 160th to a 250th of the nodes); a
+// leaf copied for changing is a new 4 KiB (or less) typed array, many of them between two full collections, where
+// its arrays were V8's (the bytes a write allocates are about the same, more of them outside V8's heap: the main
+// malloc arena holds them until a full collection; the longest pause while writing was longer than with decoded
+// leaves in some bench:scale rounds, not explained yet: BENCHMARKS.md, "Leaves as their page images"); leaves
 // filled by appends in key order end about half full (a split shares entries evenly); a commit's first part
-// is queued with the mutations (they wait for the encoding of its nodes, not for its write: `commitBeside`; the
-// encoding gives the event loop a turn every few ms, but the mutations, and the reads after them, wait for all of it);
+// is queued with the mutations (they wait for its nodes' hand-over to the cache, interior ones encoded, not for
+// its write: `commitBeside`; it gives the event loop a turn every few ms, but the mutations, and the reads after
+// them, wait for all of it);
 // a pass that misses a page count starts over once per page of counts missed (2,032 pages a page of counts, so
 // rarely); a walk does not check page generations against the
 // root's yet; a cold diff starts over once per node whose children differ on both sides (it reads a node's
@@ -113,12 +127,244 @@ const runInRange = (virtualChunk: number, physicalChunk: number, chunkCount: num
 /** The root page of an empty map (page 0 is a root slot, never a node). */
 export const emptyRoot = 0;
 
-export interface LeafNode {
-  kind: 'leaf';
-  keys: number[];
-  physical: number[];
-  sums: number[];
+/** A page's body read as 32-bit words of the machine's order is its layout little-endian, as written (else converted at the page's edge). */
+const wordsInPageOrder = os.endianness() === 'LE';
+/** The heap a `LeafPage` takes beside its words (its object, the typed array's and the buffer's, about). */
+const leafObjectBytes = 256;
+/**
+ * Entries a leaf copied for changing has room for beyond its own (`copy`, `slice`, `concat`): the 4 KiB writes into
+ * holes between two checkpoints insert a few entries a leaf at scale (more grow it: `#shift`). Not a full page's room:
+ * every byte of a copy is allocated again at each checkpoint interval, and a leaf's words are its image once
+ * committed, held while it is cached.
+ */
+const leafRoom = 16;
+/** Words of a leaf of `entries` entries: the header's one, four an entry. */
+const leafWords = (entries: number): number => 1 + 4 * entries;
+
+/**
+ * A leaf in its page image's layout (the body `encodeNode` writes: u16 count, u16 0, then 16-byte entries of u48
+ * virtual chunk, u48 physical chunk, u32 crc32), as 32-bit words: entry i at word 1 + 4i is the key's low 32 bits,
+ * then the key's high 16 bits and the physical chunk's low 16, the physical chunk's high 32, the crc32. So a leaf
+ * read from its page is checked, not decoded (its words a view of the cached body), and a leaf changed since the
+ * last commit is its own image: the commit hands its words to the cache as the page's body, not encoded. A leaf
+ * copied for changing has room for `leafRoom` more entries (an insert moves the entries after it, most often
+ * without reallocating), grown by doubling past them (beyond a page's where a pass builds one it will split). A leaf whose words are a page's image (read from the cache, or
+ * committed) is frozen: it is never changed again, and a change copies it (`copy`).
+ */
+export class LeafPage {
+  readonly kind = 'leaf' as const;
+  #words: Uint32Array;
+  #count: number;
+  #frozen: boolean;
+  /** Whether its words are a cached page's body (counted with the page), not a copy of its own. */
+  #sharesImage: boolean;
+
+  private constructor(words: Uint32Array, count: number, frozen: boolean, sharesImage: boolean) {
+    this.#words = words;
+    this.#count = count;
+    this.#frozen = frozen;
+    this.#sharesImage = sharesImage;
+  }
+
+  /** An empty leaf with room for `room` entries. */
+  static empty(room: number = leafRoom): LeafPage {
+    return new LeafPage(new Uint32Array(leafWords(room)), 0, false, false);
+  }
+
+  /** A leaf of these entries (for tests and tools). */
+  static of(keys: readonly number[], physical: readonly number[], sums: readonly number[]): LeafPage {
+    assert(physical.length === keys.length && sums.length === keys.length);
+    const leaf = LeafPage.empty(keys.length + leafRoom);
+    for (let i = 0; i < keys.length; i++) leaf.#write(i, keys[i]!, physical[i]!, sums[i]!);
+    leaf.#count = keys.length;
+    return leaf;
+  }
+
+  /**
+   * The leaf on a page, checked as `decodeNode` checks one (count, size, keys in order): its words a view of the
+   * page's body where the machine's order and the body's alignment allow (the usual case), else a copy. Frozen.
+   */
+  static fromPage(page: CachedPage, fail: (why: string) => never): LeafPage {
+    const body = page.body;
+    const count = body.readUInt16LE(0);
+    if (count > leafCapacityMax || body.length !== nodeHeaderBytes + count * leafEntryBytes) fail(`${count} leaf entries in ${body.length} bytes`);
+    let words: Uint32Array;
+    const sharesImage = wordsInPageOrder && body.byteOffset % 4 === 0;
+    if (sharesImage) words = new Uint32Array(body.buffer, body.byteOffset, body.length / 4);
+    else {
+      words = new Uint32Array(body.length / 4);
+      for (let j = 0; j < words.length; j++) words[j] = body.readUInt32LE(4 * j);
+    }
+    const leaf = new LeafPage(words, count, true, sharesImage);
+    for (let i = 1; i < count; i++) if (leaf.keyAt(i) <= leaf.keyAt(i - 1)) fail('keys out of order');
+    return leaf;
+  }
+
+  get count(): number {
+    return this.#count;
+  }
+
+  /** The words, entry i at word 1 + 4i (for a lookup's search, `viewLowerBound`); only the first `count` entries are the leaf's. */
+  get words(): Uint32Array {
+    return this.#words;
+  }
+
+  /** Whether it is a page's image, never to change again. */
+  get frozen(): boolean {
+    return this.#frozen;
+  }
+
+  /** The memory it takes beside a cached page's image (counted with the page: `PageCache.hold`): its words too where they are not the image. */
+  get heldBytes(): number {
+    return leafObjectBytes + (this.#sharesImage ? Math.max(0, this.#words.byteLength - pageBytes) : this.#words.byteLength);
+  }
+
+  keyAt(i: number): number {
+    const w = this.#words;
+    return w[1 + 4 * i]! + (w[2 + 4 * i]! & 0xffff) * 2 ** 32;
+  }
+
+  physicalAt(i: number): number {
+    const w = this.#words;
+    return (w[2 + 4 * i]! >>> 16) + w[3 + 4 * i]! * 65536;
+  }
+
+  sumAt(i: number): number {
+    return this.#words[4 + 4 * i]!;
+  }
+
+  /** The first entry whose key is at or above `key` (`count` if none). */
+  lowerBound(key: number): number {
+    let lo = 0;
+    let hi = this.#count;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.keyAt(mid) < key) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  /** The physical chunks it names, in key order. */
+  physicalChunks(): number[] {
+    const chunks = new Array<number>(this.#count);
+    for (let i = 0; i < this.#count; i++) chunks[i] = this.physicalAt(i);
+    return chunks;
+  }
+
+  /** Its entries as arrays (for checks, tests and tools). */
+  entries(): { keys: number[]; physical: number[]; sums: number[] } {
+    const keys: number[] = [];
+    const physical: number[] = [];
+    const sums: number[] = [];
+    for (let i = 0; i < this.#count; i++) {
+      keys.push(this.keyAt(i));
+      physical.push(this.physicalAt(i));
+      sums.push(this.sumAt(i));
+    }
+    return { keys, physical, sums };
+  }
+
+  /** Entry `i` maps to `physical` with `sum` (its key stays). */
+  set(i: number, physical: number, sum: number): void {
+    assert(!this.#frozen && i < this.#count);
+    this.#write(i, this.keyAt(i), physical, sum);
+  }
+
+  /** Entry `key` inserted at `i` (the first entry at or above it). */
+  insert(i: number, key: number, physical: number, sum: number): void {
+    this.#shift(i, i, 1);
+    this.#write(i, key, physical, sum);
+  }
+
+  /** Entries [from, to) removed. */
+  remove(from: number, to: number): void {
+    this.#shift(from, to, 0);
+  }
+
+  /**
+   * Entries [from, to) replaced by `count` entries of consecutive keys from `key` and consecutive physical chunks
+   * from `physical`, with the sums `sums[sumsFrom..]` (read as unsigned).
+   */
+  replaceRun(from: number, to: number, count: number, key: number, physical: number, sums: ArrayLike<number>, sumsFrom: number): void {
+    this.#shift(from, to, count);
+    for (let i = 0; i < count; i++) this.#write(from + i, key + i, physical + i, sums[sumsFrom + i]!);
+  }
+
+  /** A copy to change (with room for `leafRoom` more entries). */
+  copy(): LeafPage {
+    return this.slice(0, this.#count);
+  }
+
+  /** Entries [from, to) as a new leaf, with room for `leafRoom` more entries. */
+  slice(from: number, to: number): LeafPage {
+    const count = to - from;
+    const copy = LeafPage.empty(count + leafRoom);
+    copy.#words.set(this.#words.subarray(leafWords(from), leafWords(to)), 1);
+    copy.#count = count;
+    return copy;
+  }
+
+  /** Its entries then `other`'s, as a new leaf (whose keys must follow its own). */
+  concat(other: LeafPage): LeafPage {
+    const count = this.#count + other.#count;
+    const joined = LeafPage.empty(count + leafRoom);
+    joined.#words.set(this.#words.subarray(1, leafWords(this.#count)), 1);
+    joined.#words.set(other.#words.subarray(1, leafWords(other.#count)), leafWords(this.#count));
+    joined.#count = count;
+    return joined;
+  }
+
+  /**
+   * The page's body, `encodeNode`'s layout: its words themselves where the machine's order is the page's (no copy),
+   * and from then on it is frozen (the body is the cache's, which must not change).
+   */
+  image(): Buffer {
+    const count = this.#count;
+    assert(count <= leafCapacityMax);
+    this.#frozen = true;
+    const bytes = nodeHeaderBytes + count * leafEntryBytes;
+    if (wordsInPageOrder) {
+      this.#words[0] = count;
+      this.#sharesImage = true;
+      return Buffer.from(this.#words.buffer, this.#words.byteOffset, bytes);
+    }
+    const body = Buffer.alloc(bytes);
+    body.writeUInt16LE(count, 0);
+    for (let j = 1; j < bytes / 4; j++) body.writeUInt32LE(this.#words[j]!, 4 * j);
+    return body;
+  }
+
+  #write(i: number, key: number, physical: number, sum: number): void {
+    const w = this.#words;
+    const at = 1 + 4 * i;
+    const physicalLow = physical % 65536;
+    w[at] = key % 2 ** 32;
+    w[at + 1] = Math.floor(key / 2 ** 32) + physicalLow * 65536;
+    w[at + 2] = (physical - physicalLow) / 65536;
+    w[at + 3] = sum;
+  }
+
+  /**
+   * Makes entries [from, to) take `count` entries' room (the ones after them moved), growing the words if need be:
+   * to twice its entries, at most a full page's while it fits one (a pass building a leaf it will split grows past).
+   */
+  #shift(from: number, to: number, count: number): void {
+    assert(!this.#frozen && from <= to && to <= this.#count);
+    const total = this.#count - (to - from) + count;
+    if (leafWords(total) > this.#words.length) {
+      const doubled = total <= leafCapacityMax ? Math.min(leafCapacityMax, 2 * this.#count) : 2 * this.#count;
+      const grown = new Uint32Array(leafWords(Math.max(total, doubled)));
+      grown.set(this.#words.subarray(0, leafWords(this.#count)));
+      this.#words = grown;
+    }
+    if (count !== to - from) this.#words.copyWithin(leafWords(from + count), leafWords(to), leafWords(this.#count));
+    this.#count = total;
+  }
 }
+
+/** A leaf, in its page image's layout. */
+export type LeafNode = LeafPage;
 
 export interface InteriorNode {
   kind: 'interior';
@@ -133,11 +379,11 @@ export interface InteriorNode {
    */
   below?: Array<InteriorNode | undefined>;
   /**
-   * At level 1: the leaves below it by child index, each a view of its clean cached page's body (`leafView`), as
+   * At level 1: the leaves below it by child index, each the `LeafPage` over its clean cached page's body, as
    * lookups found them, held while the page is cached (`PageCache.holdOutside` empties the slot when it leaves),
    * and the cache's eviction count when each one's use was last recorded (`leafUses`). See "Lookups" at `PagedMaps`.
    */
-  leaves?: Array<Uint32Array | undefined>;
+  leaves?: Array<LeafPage | undefined>;
   leafUses?: number[];
 }
 
@@ -150,20 +396,10 @@ export interface PagedRun extends ChunkRun {
 
 export const levelOf = (node: MapNode): number => (node.kind === 'leaf' ? 0 : node.level);
 
-/** The page image of a node. */
+/** The page image of a node: a leaf's is its own words, the leaf frozen from then on (`LeafPage.image`). */
 export function encodeNode(node: MapNode): CachedPage {
+  if (node.kind === 'leaf') return { kind: mapLeafKind, body: node.image() };
   const count = node.keys.length;
-  if (node.kind === 'leaf') {
-    assert(count <= leafCapacityMax && node.physical.length === count && node.sums.length === count);
-    const body = Buffer.alloc(nodeHeaderBytes + count * leafEntryBytes);
-    body.writeUInt16LE(count, 0);
-    for (let i = 0, at = nodeHeaderBytes; i < count; i++, at += leafEntryBytes) {
-      body.writeUIntLE(node.keys[i]!, at, 6);
-      body.writeUIntLE(node.physical[i]!, at + 6, 6);
-      body.writeUInt32LE(node.sums[i]!, at + 12);
-    }
-    return { kind: mapLeafKind, body };
-  }
   assert(count <= interiorCapacityMax && node.children.length === count && node.level >= 1 && node.level < 256);
   const body = Buffer.alloc(nodeHeaderBytes + count * interiorEntryBytes);
   body.writeUInt16LE(count, 0);
@@ -176,13 +412,12 @@ export function encodeNode(node: MapNode): CachedPage {
 }
 
 /**
- * The heap a decoded node takes, about (V8, Node 24: three arrays of numbers of 8 bytes an element for a leaf, two
- * for an interior node, and their headers; measured 6,288 bytes for a leaf of 253 entries, 4,986 for an interior
- * node of 300). More than the page's image: the cache counts it with the page (`PageCache.hold`).
+ * The memory a node in memory takes beside its page's image, about: a leaf's object (its words are the image's,
+ * or a copy of them: `LeafPage.heldBytes`); an interior node's two arrays of numbers (V8, Node 24: 8 bytes an
+ * element and their headers; measured 4,986 bytes for one of 300 children). The cache counts it with the page
+ * (`PageCache.hold`).
  */
-export const decodedBytes = (node: MapNode): number => decodedNodeBytes(node.kind === 'leaf', node.keys.length);
-/** A leaf's arrays have room for `leafCopyRoom` more entries (`withRoom`), counted. */
-const decodedNodeBytes = (leaf: boolean, entries: number): number => 128 + (leaf ? (entries + leafCopyRoom) * 24 : entries * 16);
+export const decodedBytes = (node: MapNode): number => (node.kind === 'leaf' ? node.heldBytes : 128 + node.keys.length * 16);
 
 /** The node on a page, checked (sizes, order, page numbers); ECORRUPT naming the page when it is not one. */
 export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
@@ -193,24 +428,7 @@ export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
   if (body.length < nodeHeaderBytes) fail(`a body of ${body.length} bytes`);
   const count = body.readUInt16LE(0);
   if (count === 0) fail('no entries');
-  if (page.kind === mapLeafKind) {
-    if (count > leafCapacityMax || body.length !== nodeHeaderBytes + count * leafEntryBytes) fail(`${count} leaf entries in ${body.length} bytes`);
-    // With room, as `#open`'s copies: a leaf committed and then written is taken as it is (`#mapInPlace`), and the
-    // 4 KiB writes into holes that follow insert without V8 growing its arrays.
-    const keys = new Array<number>(count + leafCopyRoom);
-    const physical = new Array<number>(count + leafCopyRoom);
-    const sums = new Array<number>(count + leafCopyRoom);
-    for (let i = 0, at = nodeHeaderBytes; i < count; i++, at += leafEntryBytes) {
-      keys[i] = body.readUIntLE(at, 6);
-      physical[i] = body.readUIntLE(at + 6, 6);
-      sums[i] = body.readUInt32LE(at + 12);
-      if (i > 0 && keys[i]! <= keys[i - 1]!) fail('keys out of order');
-    }
-    keys.length = count;
-    physical.length = count;
-    sums.length = count;
-    return { kind: 'leaf', keys, physical, sums };
-  }
+  if (page.kind === mapLeafKind) return LeafPage.fromPage(page, fail);
   const keys = new Array<number>(count);
   if (page.kind !== mapInteriorKind) fail(`page kind ${page.kind}`);
   const level = body.readUInt8(2);
@@ -225,38 +443,11 @@ export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
   return { kind: 'interior', level, keys, children, below: undefined, leaves: undefined, leafUses: undefined };
 }
 
-/** A leaf's page is read in place as 32-bit words of the machine's order (`leafView`): little-endian, as written. */
-const wordsInPageOrder = os.endianness() === 'LE';
-/** The heap a `leafView` takes beside the page's body (V8's typed array object, about), counted with the page. */
-const leafViewBytes = 128;
-
-/**
- * A leaf's page as 32-bit words, for a lookup to search without decoding it: entry i at word 1 + 4i is the key's
- * low 32 bits, then the key's high 16 bits and the physical chunk's low 16, the physical chunk's high 32, the crc32.
- * Checked as `decodeNode` checks a leaf (kind, count, size, keys in order); undefined where it is not one, or
- * where the body cannot be viewed so (not 4-byte aligned, a big-endian machine): the lookup then decodes the page,
- * and `decodeNode` names the damage.
- */
-function leafView(page: CachedPage): Uint32Array | undefined {
-  const body = page.body;
-  if (page.kind !== mapLeafKind || !wordsInPageOrder || body.byteOffset % 4 !== 0 || body.length < nodeHeaderBytes) return undefined;
-  const count = body.readUInt16LE(0);
-  if (count === 0 || count > leafCapacityMax || body.length !== nodeHeaderBytes + count * leafEntryBytes) return undefined;
-  const words = new Uint32Array(body.buffer, body.byteOffset, body.length / 4);
-  let last = -1;
-  for (let at = 1; at < words.length; at += 4) {
-    const key = words[at]! + (words[at + 1]! & 0xffff) * 2 ** 32;
-    if (key <= last) return undefined;
-    last = key;
-  }
-  return words;
-}
-
-/** The key of entry `i` of a `leafView`. */
+/** The key of entry `i` of a leaf's words (`LeafPage.words`). */
 const viewKey = (words: Uint32Array, i: number): number => words[1 + 4 * i]! + (words[2 + 4 * i]! & 0xffff) * 2 ** 32;
 
 /**
- * The first entry of a `leafView` of `count` entries whose key is at or above `key`, given that the leaf's keys
+ * The first entry of a leaf's words (`LeafPage.words`) of `count` entries whose key is at or above `key`, given that the leaf's keys
  * lie in [`from`, `to`) (its parent's keys around it): a first probe where `key` would be if the keys were spread
  * evenly over that range (random writes spread them so; sequential ones fill it), then steps of doubling length
  * from there to a pair of entries around `key`, then a binary search between them. So a leaf of keys spread
@@ -301,10 +492,10 @@ function viewLowerBound(words: Uint32Array, count: number, key: number, from: nu
   return lo;
 }
 
-/** The one-chunk run of `virtualChunk` in a decoded leaf. */
-function leafRun(leaf: LeafNode, virtualChunk: number): PagedRun[] {
-  const i = lowerBound(leaf.keys, virtualChunk);
-  if (leaf.keys[i] === virtualChunk) return [{ virtualChunk, chunkCount: 1, physicalChunk: leaf.physical[i]!, sums: [leaf.sums[i]!] }];
+/** The one-chunk run of `virtualChunk` in a leaf. */
+function leafRun(leaf: LeafPage, virtualChunk: number): PagedRun[] {
+  const i = leaf.lowerBound(virtualChunk);
+  if (i < leaf.count && leaf.keyAt(i) === virtualChunk) return [{ virtualChunk, chunkCount: 1, physicalChunk: leaf.physicalAt(i), sums: [leaf.sumAt(i)] }];
   return [{ virtualChunk, chunkCount: 1, physicalChunk: -1, sums: [] }];
 }
 
@@ -357,18 +548,6 @@ export function childIndex(keys: readonly number[], key: number): number {
   return lo;
 }
 
-/** The first index whose key is at or above `key`. */
-function lowerBound(keys: readonly number[], key: number): number {
-  let lo = 0;
-  let hi = keys.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >> 1;
-    if (keys[mid]! < key) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
 /**
  * Thrown by a pass that needs pages the cache does not hold, or counts not in memory (not an Error: never escapes
  * `PagedMaps`): map pages, and the indexes of page counts and chunk counts whose pages of counts must be loaded.
@@ -406,7 +585,7 @@ type Item = number | Built;
 /** A node being built by a pass. */
 type Built = LeafNode | ({ kind: 'interior'; level: number } & Outs);
 
-const builtSize = (built: Built): number => built.keys.length;
+const builtSize = (built: Built): number => (built.kind === 'leaf' ? built.count : built.keys.length);
 
 /**
  * Chunks counted up or down by a pass, in order, as runs of consecutive chunks (a large write's 256 chunks are one
@@ -546,7 +725,7 @@ function visitedChildren(node: InteriorNode, visit: Visit, edit: Edit, into: Vis
 function mappedUnder(leaf: LeafNode, visit: Visit, edit: Edit, into: number[]): void {
   for (let r = firstRangeAbove(edit, visit.lo); r < edit.starts.length && edit.starts[r]! < visit.hi; r++) {
     const end = Math.min(visit.hi, edit.ends[r]!);
-    for (let i = lowerBound(leaf.keys, Math.max(visit.lo, edit.starts[r]!)); i < leaf.keys.length && leaf.keys[i]! < end; i++) into.push(leaf.physical[i]!);
+    for (let i = leaf.lowerBound(Math.max(visit.lo, edit.starts[r]!)); i < leaf.count && leaf.keyAt(i) < end; i++) into.push(leaf.physicalAt(i));
   }
 }
 
@@ -631,29 +810,21 @@ function mapRunsEdit(runs: readonly MapRunEdit[]): Edit {
           const from = Math.max(lo, run.virtualChunk);
           const to = Math.min(hi, run.virtualChunk + at[i + 1]! - at[i]!);
           if (from >= to) continue;
-          const a = lowerBound(leaf.keys, from);
-          const b = lowerBound(leaf.keys, to);
-          for (let k = a; k < b; k++) changes.chunkDecrements.push(leaf.physical[k]!);
+          const a = leaf.lowerBound(from);
+          const b = leaf.lowerBound(to);
+          for (let k = a; k < b; k++) changes.chunkDecrements.push(leaf.physicalAt(k));
           changes.mappedDelta += to - from - (b - a);
           const physicalFrom = run.physicalChunk + from - run.virtualChunk;
           if (to - from === 1 && b - a <= 1) {
-            // One chunk (a 4 KiB write): overwritten or inserted without building arrays.
+            // One chunk (a 4 KiB write): overwritten or inserted.
             changes.chunkIncrements.push(physicalFrom);
-            if (b === a) {
-              leaf.keys.splice(a, 0, from);
-              leaf.physical.splice(a, 0, physicalFrom);
-              leaf.sums.splice(a, 0, allSums[sumAt + from]!);
-            } else {
-              leaf.physical[a] = physicalFrom;
-              leaf.sums[a] = allSums[sumAt + from]!;
-            }
+            if (b === a) leaf.insert(a, from, physicalFrom, allSums[sumAt + from]!);
+            else leaf.set(a, physicalFrom, allSums[sumAt + from]!);
             continue;
           }
           changes.chunkIncrements.pushRun(physicalFrom, to - from);
-          // The leaf is the pass's own copy (#open): changed in place, without building the run's arrays.
-          spliceRun(leaf.keys, a, b, to - from, from, 1);
-          spliceRun(leaf.physical, a, b, to - from, physicalFrom, 1);
-          spliceRun(leaf.sums, a, b, to - from, 0, 0, allSums.subarray(sumAt + from, sumAt + to));
+          // The leaf is the pass's own copy (#open): changed in place.
+          leaf.replaceRun(a, b, to - from, from, physicalFrom, allSums, sumAt + from);
         }
       }
       return leaf;
@@ -676,9 +847,9 @@ export class PagedMaps {
   /** When the queue's tasks began running back to back in this turn of the event loop (undefined: none ran since the last turn). */
   #runStarted: number | undefined;
   /**
-   * The nodes of pages allocated since the last commit, kept decoded and encoded only when a commit puts them in
-   * the cache (a leaf changed a hundred times is encoded once). No durable root names these pages, so they are
-   * the ones that may be rewritten in place.
+   * The nodes of pages allocated since the last commit, kept in memory until a commit puts them in the cache (an
+   * interior node encoded once however often it changed; a leaf's words are its image, frozen from then on). No
+   * durable root names these pages, so they are the ones that may be rewritten in place.
    */
   readonly #dirty = new Map<number, MapNode>();
   readonly #memoryPins = this.#pins();
@@ -744,19 +915,18 @@ export class PagedMaps {
       await this.#lastWrite.catch((error: unknown) => {
         if (!isNoSpace(error)) throw error;
       });
-      // From here on the pages written are named by the root being committed: none may change in place. Encoded
-      // in slices of about `commitSliceMs`, giving the event loop a turn between them (after 16 GiB written at
-      // random a checkpoint encodes some 20,000 leaves: 0.3 to 3 s of the loop held in one piece, with this
-      // machine's load, before the slices). The mutations wait meanwhile (this task holds their queue), so no node
-      // changes before the root takes it; lookups find each node decoded among the dirty or encoded in the cache,
-      // the same entries.
+      // From here on the pages written are named by the root being committed: none may change in place (a leaf's
+      // image is its words: `encodeNode` freezes it). Handed over in slices of about `commitSliceMs`, giving the
+      // event loop a turn between them (after 16 GiB written at random a checkpoint encoded some 20,000 leaves: 0.3
+      // to 3 s of the loop held in one piece, with this machine's load, before the slices; leaves are no longer
+      // encoded, interior nodes are). The mutations wait meanwhile (this task holds their queue), so no node
+      // changes before the root takes it; lookups find each node among the dirty or in the cache, the same entries.
       let sliceStarted = performance.now();
       let encoded = 0;
       for (const [page, node] of this.#dirty) {
         const image = encodeNode(node);
         this.#cache.put(page, image);
-        image.decoded = node;
-        this.#cache.hold(page, image, decodedBytes(node));
+        this.#attach(page, image, node);
         if (++encoded % commitSliceCheck === 0 && performance.now() - sliceStarted >= this.#commitSliceMs) {
           await nextTurn();
           sliceStarted = performance.now();
@@ -791,11 +961,12 @@ export class PagedMaps {
   }
 
   /**
-   * The memory a full leaf takes in the cache, its image and its decoded node (`decodedBytes`), and a dirty one
-   * until its commit (decoded, then encoded): the cache holds about its size over this many leaves.
+   * The memory a leaf takes in the cache, its image and its object (`decodedBytes`: its words are the image), and
+   * a dirty one until its commit (its words, with room for a few more entries, become the image): the cache holds
+   * about its size over this many leaves.
    */
   get nodeBytes(): number {
-    return pageBytes + decodedNodeBytes(true, this.#leafCapacity);
+    return pageBytes + leafObjectBytes;
   }
 
   /** Pages changed since the last commit (what the commit will write; their memory is not the cache's). */
@@ -867,14 +1038,14 @@ export class PagedMaps {
   }
 
   /**
-   * The run of `virtualChunk` in the leaf at `page`, child `i` of `parent` (level 1): from the view `parent` holds
+   * The run of `virtualChunk` in the leaf at `page`, child `i` of `parent` (level 1): from the leaf `parent` holds
    * (its use recorded in the cache only once per eviction since the last record: `PageCache.evictions`), else from
-   * the cache's page, then held by `parent` if it is clean (a view of its body, not decoded), else decoded (a page
-   * changed since the commit, or one that cannot be viewed). Undefined when the leaf is not in memory.
+   * the cache's page, then held by `parent` if it is clean, else the leaf changed since the commit. Undefined when
+   * the leaf is not in memory. Searched in its words (`viewLowerBound`), as every leaf is kept.
    */
   #leafRun(parent: InteriorNode, i: number, page: number, virtualChunk: number): PagedRun[] | undefined {
-    let words = parent.leaves === undefined ? undefined : parent.leaves[i];
-    if (words !== undefined) {
+    let leaf = parent.leaves === undefined ? undefined : parent.leaves[i];
+    if (leaf !== undefined) {
       const evictions = this.#cache.evictions;
       if (parent.leafUses![i] !== evictions) {
         this.#cache.touch(page);
@@ -882,38 +1053,32 @@ export class PagedMaps {
       }
     } else {
       const dirty = this.#dirty.size === 0 ? undefined : this.#dirty.get(page);
-      if (dirty !== undefined) return leafRun(checkLevel(dirty, page, 0) as LeafNode, virtualChunk);
-      const cached = this.#cache.peek(page);
-      if (cached === undefined) return undefined;
-      words = this.#holdLeaf(parent, i, page, cached);
-      if (words === undefined) return leafRun(checkLevel(this.#decode(cached, page), page, 0) as LeafNode, virtualChunk);
+      if (dirty !== undefined) leaf = checkLevel(dirty, page, 0) as LeafPage;
+      else {
+        const cached = this.#cache.peek(page);
+        if (cached === undefined) return undefined;
+        leaf = checkLevel(this.#decode(cached, page), page, 0) as LeafPage;
+        this.#holdLeaf(parent, i, page, cached);
+      }
     }
-    const count = (words.length - 1) >> 2;
+    const words = leaf.words;
+    const count = leaf.count;
     const keys = parent.keys;
     const at = 1 + 4 * viewLowerBound(words, count, virtualChunk, keys[i]!, i + 1 < keys.length ? keys[i + 1]! : virtualChunk + 1);
-    if (at < words.length && words[at]! + (words[at + 1]! & 0xffff) * 2 ** 32 === virtualChunk) {
+    if (at < 1 + 4 * count && words[at]! + (words[at + 1]! & 0xffff) * 2 ** 32 === virtualChunk) {
       return [{ virtualChunk, chunkCount: 1, physicalChunk: (words[at + 1]! >>> 16) + words[at + 2]! * 65536, sums: [words[at + 3]!] }];
     }
     return [{ virtualChunk, chunkCount: 1, physicalChunk: -1, sums: [] }];
   }
 
   /**
-   * Holds the leaf of a clean cached page on its parent as a view of its body (`leafView`, made once a page and
-   * counted with it against the cache's bound), until the page leaves the cache. Undefined, holding nothing, where
-   * the page cannot be viewed or is not clean.
+   * Holds the leaf of a clean cached page (decoded: `#decode`, its `heldAs`) on its parent until the page leaves
+   * the cache; nothing where the page is not clean.
    */
-  #holdLeaf(parent: InteriorNode, i: number, page: number, cached: CachedPage): Uint32Array | undefined {
-    if (cached.heldAs === undefined) {
-      const view = leafView(cached);
-      if (view === undefined) return undefined;
-      cached.heldAs = view;
-      this.#cache.hold(page, cached, (cached.heldBytes ?? 0) + leafViewBytes);
-    }
-    const leaves = (parent.leaves ??= new Array<Uint32Array | undefined>(parent.children.length));
+  #holdLeaf(parent: InteriorNode, i: number, page: number, cached: CachedPage): void {
+    const leaves = (parent.leaves ??= new Array<LeafPage | undefined>(parent.children.length));
     const uses = (parent.leafUses ??= new Array<number>(parent.children.length).fill(-1));
-    if (!this.#cache.holdOutside(page, cached, leaves, i)) return undefined;
-    uses[i] = this.#cache.evictions;
-    return cached.heldAs as Uint32Array;
+    if (this.#cache.holdOutside(page, cached, leaves, i)) uses[i] = this.#cache.evictions;
   }
 
   /** @internal */
@@ -1011,33 +1176,27 @@ export class PagedMaps {
       // Below a parent of level 1 a node is a leaf: one that is not (damage) is the pass's to meet.
       if (shared && node!.kind !== 'leaf') return false;
       if (node!.kind === 'leaf') {
-        const old = node as LeafNode;
-        const a = lowerBound(old.keys, first);
-        const b = lowerBound(old.keys, end);
-        if (end > hi || old.keys.length - (b - a) + count > this.#leafCapacity) return false;
+        const old = node as LeafPage;
+        const a = old.lowerBound(first);
+        const b = old.lowerBound(end);
+        if (end > hi || old.count - (b - a) + count > this.#leafCapacity) return false;
         const chunkCounts = this.#chunkCountPages;
         if (chunkCounts !== undefined) {
           // A shared leaf's copy counts up every chunk it keeps (as `#open` has a pass do).
-          for (let i = shared ? 0 : a; i < (shared ? old.keys.length : b); i++) if (!chunkCounts.loaded(old.physical[i]!)) return false;
+          for (let i = shared ? 0 : a; i < (shared ? old.count : b); i++) if (!chunkCounts.loaded(old.physicalAt(i))) return false;
           for (let i = 0; i < count; i++) if (!chunkCounts.loaded(run.physicalChunk + i)) return false;
         }
         // The copy's page, and one for a page of counts copied on its first change (as `#wantCounts` asks of a pass).
         if ((!dirty || shared) && pageCounts !== undefined && !this.#allocator.upcoming(2).every((upcoming) => pageCounts.loaded(upcoming))) return false;
-        // Copy-on-write for a leaf another map shares: the copy (with room, as `#open`'s) takes the run on a new page
-        // and the shared page keeps what it holds for the maps that still name it, one reference fewer. No interior
-        // node is copied (a pass would copy the root and every node down to the leaf, though they are changed since
-        // the commit and held once: with a snapshot every few thousand writes, most of what a write allocated;
-        // BENCHMARKS.md, issue 15, "Allocations per write with snapshots").
-        const leaf: LeafNode = shared ? { kind: 'leaf', keys: copyWithRoom(old.keys), physical: copyWithRoom(old.physical), sums: copyWithRoom(old.sums) } : old;
+        // A leaf committed since its last change (its words are its cached page's image, frozen) or shared with
+        // another map (a snapshot's or a clone's) is copied (with room for `leafRoom` more entries, as `#open`'s), and
+        // the copy takes the run on a new page: one copy a leaf per checkpoint, where the commit then encodes nothing. A shared
+        // page keeps what it holds for the maps that still name it, one reference fewer. No interior node is copied
+        // (a pass would copy the root and every node down to the leaf, though they are changed since the commit and
+        // held once: with a snapshot every few thousand writes, most of what a write allocated; BENCHMARKS.md, issue
+        // 15, "Allocations per write with snapshots").
+        const leaf = !dirty || shared ? old.copy() : old;
         if (!dirty || shared) {
-          // A committed leaf held once: its page is left (below) and its decoded node taken for the new page, not
-          // copied: unlinked from its cached page first, so that the page's image, if anything reads it again,
-          // decodes to what it holds. Nothing else reaches the node after this turn: its parent names the new page,
-          // no other map reaches the old one (held once), and lookups hold interior nodes only. A shared leaf's node
-          // (dirty or decoded from its cached page) stays with its page, untouched, for the maps that still name it:
-          // the new page takes the copy.
-          const cached = shared ? undefined : this.#cache.peek(page);
-          if (cached !== undefined) cached.decoded = undefined;
           const placed = this.#allocator.allocate();
           assert(this.#pageRefs.get(placed) === 0, `page ${placed} allocated with a count of ${this.#pageRefs.get(placed)}`);
           this.#pageRefs.increment(placed);
@@ -1050,17 +1209,13 @@ export class PagedMaps {
         // up the chunks it keeps; those the run replaces are not counted up and down (the counts the pass's copy and
         // edit leave).
         if (shared) {
-          incrementChunks(refs, old.physical, 0, a);
-          incrementChunks(refs, old.physical, b, old.keys.length);
-          this.#countChanges += old.keys.length - (b - a) + count;
+          incrementChunks(refs, old, 0, a);
+          incrementChunks(refs, old, b, old.count);
+          this.#countChanges += old.count - (b - a) + count;
         }
         for (let i = 0; i < count; i++) refs.increment(run.physicalChunk + i);
-        if (!shared) for (let i = a; i < b; i++) refs.decrement(leaf.physical[i]!);
-        // Written in place without building the run's arrays (Array.from with a callback cost about a microsecond a
-        // write here: paged-metadata.md, "CPU per write").
-        spliceRun(leaf.keys, a, b, count, first, 1);
-        spliceRun(leaf.physical, a, b, count, run.physicalChunk, 1);
-        spliceRun(leaf.sums, a, b, count, 0, 0, run.sums);
+        if (!shared) for (let i = a; i < b; i++) refs.decrement(leaf.physicalAt(i));
+        leaf.replaceRun(a, b, count, first, run.physicalChunk, run.sums, 0);
         if (shared) assert(this.#pageRefs.decrement(page) > 0);
         else if (!dirty) {
           // The committed leaf left: released (its page written again only after the next root, which no longer names it).
@@ -1100,7 +1255,7 @@ export class PagedMaps {
     const pageCounts = this.#pageCountPages;
     const chunkCounts = this.#chunkCountPages;
     // The leaves the run falls in, in key order, and the index in each of the run's first entry there.
-    const leaves: LeafNode[] = [];
+    const leaves: LeafPage[] = [];
     const from: number[] = [];
     let key = first;
     while (key < end) {
@@ -1114,9 +1269,9 @@ export class PagedMaps {
         page = node.children[childIndex(node.keys, key)]!;
       }
       const leaf = node;
-      const a = lowerBound(leaf.keys, key);
+      const a = leaf.lowerBound(key);
       let i = a;
-      for (; i < leaf.keys.length && key < end && leaf.keys[i] === key; i++, key++) if (chunkCounts !== undefined && !chunkCounts.loaded(leaf.physical[i]!)) return false;
+      for (; i < leaf.count && key < end && leaf.keyAt(i) === key; i++, key++) if (chunkCounts !== undefined && !chunkCounts.loaded(leaf.physicalAt(i))) return false;
       // A hole (no entry for `key`, here or at the start of the next leaf): entries would be added, the pass's work.
       if (i === a) return false;
       leaves.push(leaf);
@@ -1132,10 +1287,9 @@ export class PagedMaps {
     let v = first;
     for (let l = 0; l < leaves.length; l++) {
       const leaf = leaves[l]!;
-      for (let i = from[l]!; i < leaf.keys.length && v < end && leaf.keys[i] === v; i++, v++) {
-        decrements.push(leaf.physical[i]!);
-        leaf.physical[i] = run.physicalChunk + v - first;
-        leaf.sums[i] = run.sums[v - first]! >>> 0;
+      for (let i = from[l]!; i < leaf.count && v < end && leaf.keyAt(i) === v; i++, v++) {
+        decrements.push(leaf.physicalAt(i));
+        leaf.set(i, run.physicalChunk + v - first, run.sums[v - first]!);
       }
     }
     assert(v === end);
@@ -1151,13 +1305,11 @@ export class PagedMaps {
       starts: [virtualChunk],
       ends: [end],
       apply: (leaf, _lo, _hi, changes) => {
-        const a = lowerBound(leaf.keys, virtualChunk);
-        const b = lowerBound(leaf.keys, end);
-        for (let i = a; i < b; i++) changes.chunkDecrements.push(leaf.physical[i]!);
+        const a = leaf.lowerBound(virtualChunk);
+        const b = leaf.lowerBound(end);
+        for (let i = a; i < b; i++) changes.chunkDecrements.push(leaf.physicalAt(i));
         changes.mappedDelta -= b - a;
-        splice(leaf.keys, a, b, []);
-        splice(leaf.physical, a, b, []);
-        splice(leaf.sums, a, b, []);
+        leaf.remove(a, b);
         return leaf;
       },
     };
@@ -1219,12 +1371,12 @@ export class PagedMaps {
       }
       const node = this.#resident(page) ?? (await this.node(page));
       checkLevel(node, page, level);
-      if (node.kind === 'leaf') chunkPin = await this.#chunkCountPages?.load(node.physical);
+      if (node.kind === 'leaf') chunkPin = await this.#chunkCountPages?.load(node.physicalChunks());
       assert(this.#pageRefs.decrement(page) === 0);
       this.#allocator.release(page);
       this.#cache.discard(page);
       this.#dirty.delete(page);
-      if (node.kind === 'leaf') for (const physical of node.physical) refs.decrement(physical);
+      if (node.kind === 'leaf') for (let i = 0; i < node.count; i++) refs.decrement(node.physicalAt(i));
       else for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
       return true;
     } finally {
@@ -1267,11 +1419,11 @@ export class PagedMaps {
         for (const [i, { page, level }] of alone.entries()) {
           const node = checkLevel(nodes[i]!, page, level);
           if (node.kind === 'interior') for (const child of node.children) stack.push({ page: child, level: node.level - 1 });
-          else chunkCount += node.physical.length;
+          else chunkCount += node.count;
         }
         const chunks = new Float64Array(chunkCount);
         let at = 0;
-        for (const node of nodes) if (node.kind === 'leaf') for (const physical of node.physical) chunks[at++] = physical;
+        for (const node of nodes) if (node.kind === 'leaf') for (let i = 0; i < node.count; i++) chunks[at++] = node.physicalAt(i);
         chunks.sort();
         let found = 0;
         for (let from = 0; from < chunks.length; from += uniqueCountRun) {
@@ -1406,10 +1558,16 @@ export class PagedMaps {
     let node = page.decoded as MapNode | undefined;
     if (node === undefined) {
       node = decodeNode(page, pageNumber);
-      page.decoded = node;
-      this.#cache.hold(pageNumber, page, decodedBytes(node) + (page.heldAs === undefined ? 0 : leafViewBytes));
+      this.#attach(pageNumber, page, node);
     }
     return node;
+  }
+
+  /** Keeps `node` with its cached page, counted with it (a leaf also as what its parent holds for lookups: `#holdLeaf`). */
+  #attach(pageNumber: number, page: CachedPage, node: MapNode): void {
+    page.decoded = node;
+    if (node.kind === 'leaf') page.heldAs = node;
+    this.#cache.hold(pageNumber, page, decodedBytes(node));
   }
 
   /** The node of `page`, checked to sit at `level` where the parent says. */
@@ -1425,13 +1583,13 @@ export class PagedMaps {
     changes.add(page, -1);
     if (count > 1) {
       // Copy-on-write: the copy names what the page names, once more.
-      if (node.kind === 'leaf') for (const physical of node.physical) changes.chunkIncrements.push(physical);
+      if (node.kind === 'leaf') for (let i = 0; i < node.count; i++) changes.chunkIncrements.push(node.physicalAt(i));
       else for (const child of node.children) changes.add(child, 1);
     } else {
       (this.#dirty.has(page) ? changes.reusable : changes.freed).push(page);
     }
     return node.kind === 'leaf'
-      ? { kind: 'leaf', keys: copyWithRoom(node.keys), physical: copyWithRoom(node.physical), sums: copyWithRoom(node.sums) }
+      ? node.copy()
       : { kind: 'interior', level: node.level, keys: node.keys.slice(), children: node.children.slice(), below: undefined, leaves: undefined, leafUses: undefined };
   }
 
@@ -1448,10 +1606,10 @@ export class PagedMaps {
         for (let i = first; i <= last; i++) visit(node.children[i]!, node.level - 1);
         return;
       }
-      for (let i = lowerBound(node.keys, virtualChunk); i < node.keys.length && node.keys[i]! < end; i++) {
-        const v = node.keys[i]!;
+      for (let i = node.lowerBound(virtualChunk); i < node.count && node.keyAt(i) < end; i++) {
+        const v = node.keyAt(i);
         if (next < v) pushRun(runs, next, v - next, -1, undefined);
-        pushRun(runs, v, 1, node.physical[i]!, node.sums[i]!);
+        pushRun(runs, v, 1, node.physicalAt(i), node.sumAt(i));
         next = v + 1;
       }
     };
@@ -1465,8 +1623,8 @@ export class PagedMaps {
   #anyIn(pins: Pins, page: number, level: number, first: number, end: number): boolean {
     const node = this.#node(pins, page, level);
     if (node.kind === 'leaf') {
-      const i = lowerBound(node.keys, first);
-      return i < node.keys.length && node.keys[i]! < end;
+      const i = node.lowerBound(first);
+      return i < node.count && node.keyAt(i) < end;
     }
     const from = childIndex(node.keys, first);
     const to = childIndex(node.keys, end - 1);
@@ -1480,7 +1638,7 @@ export class PagedMaps {
     if (editFirst(edit) >= editEnd(edit)) return rootPage === emptyRoot ? null : rootPage;
     if (rootPage === emptyRoot) {
       if (onlyWhereMapped) return null;
-      const leaf = edit.apply({ kind: 'leaf', keys: [], physical: [], sums: [] }, 0, mapKeyLimit, changes);
+      const leaf = edit.apply(LeafPage.empty(), 0, mapKeyLimit, changes);
       return this.#rootOf(this.#split(leaf, 0), 0);
     }
     const root = this.#node(pins, rootPage, undefined);
@@ -1644,7 +1802,7 @@ export class PagedMaps {
   }
 
   #concat(a: Built, b: Built): Built {
-    if (a.kind === 'leaf' && b.kind === 'leaf') return { kind: 'leaf', keys: a.keys.concat(b.keys), physical: a.physical.concat(b.physical), sums: a.sums.concat(b.sums) };
+    if (a.kind === 'leaf' && b.kind === 'leaf') return a.concat(b);
     assert(a.kind === 'interior' && b.kind === 'interior' && a.level === b.level);
     return { kind: 'interior', level: a.level, keys: a.keys.concat(b.keys), items: a.items.concat(b.items) };
   }
@@ -1654,12 +1812,11 @@ export class PagedMaps {
     const outs: Outs = { keys: [], items: [] };
     let at = 0;
     if (built.kind === 'leaf') {
-      const sizes = splitSizes(built.keys.length, this.#leafCapacity);
-      if (sizes.length === 1) return { keys: [built.keys[0]!], items: [built] };
+      const sizes = splitSizes(built.count, this.#leafCapacity);
+      if (sizes.length === 1) return { keys: [built.keyAt(0)], items: [built] };
       for (const size of sizes) {
-        const part: LeafNode = { kind: 'leaf', keys: built.keys.slice(at, at + size), physical: built.physical.slice(at, at + size), sums: built.sums.slice(at, at + size) };
-        outs.keys.push(part.keys[0]!);
-        outs.items.push(part);
+        outs.keys.push(built.keyAt(at));
+        outs.items.push(built.slice(at, at + size));
         at += size;
       }
       return outs;
@@ -1782,7 +1939,7 @@ export class PagedMaps {
       }
       stack.pop();
       if (node.kind === 'leaf') {
-        for (let i = node.keys.length - 1; i >= 0; i--) stack.push({ entry: node.keys[i]!, physical: node.physical[i]! });
+        for (let i = node.count - 1; i >= 0; i--) stack.push({ entry: node.keyAt(i), physical: node.physicalAt(i) });
       } else {
         for (let i = node.children.length - 1; i >= 0; i--) stack.push({ page: node.children[i]!, level: node.level - 1, lo: i === 0 ? item.lo : node.keys[i]! });
       }
@@ -1999,31 +2156,13 @@ class Pins {
   }
 }
 
-/**
- * A leaf's array copied for changing (`#open`), with room for `leafCopyRoom` more entries, so that the 4 KiB writes
- * into holes that follow (an insert by `Array.prototype.splice`, in `mapRunsEdit`'s `apply` and in `#mapInPlace`)
- * do not make V8 grow it: a copy of exactly its length (`slice`) was grown at the first insert by half again, a
- * second allocation of the leaf's three arrays for each leaf changed between two checkpoints, and the main source of
- * what fills the old generation between two full collections (BENCHMARKS.md, issue 15, "The young generation
- * bounded, and what the RSS is"). The room (3 arrays of 8 bytes an entry: 384 bytes a leaf) is in `decodedBytes`'
- * count; `decodeNode` gives a leaf the same room.
- */
-function copyWithRoom(values: readonly number[]): number[] {
-  const count = values.length;
-  const copy = new Array<number>(count + leafCopyRoom);
-  for (let i = 0; i < count; i++) copy[i] = values[i]!;
-  copy.length = count;
-  return copy;
-}
-const leafCopyRoom = 16;
-
-/** Counts up `physical[from..to)`, a run of consecutive chunks at a time. */
-function incrementChunks(refs: ChunkRefs, physical: readonly number[], from: number, to: number): void {
+/** Counts up the physical chunks of `leaf`'s entries [from, to), a run of consecutive chunks at a time. */
+function incrementChunks(refs: ChunkRefs, leaf: LeafPage, from: number, to: number): void {
   let i = from;
   while (i < to) {
-    const start = physical[i]!;
+    const start = leaf.physicalAt(i);
     let j = i + 1;
-    while (j < to && physical[j] === start + (j - i)) j++;
+    while (j < to && leaf.physicalAt(j) === start + (j - i)) j++;
     if (j - i > 1) refs.incrementRun(start, j - i);
     else refs.increment(start);
     i = j;
@@ -2060,26 +2199,6 @@ function splice<T>(values: T[], from: number, to: number, replacement: T[]): voi
   values.length = from;
   for (const value of replacement) values.push(value);
   for (const value of tail) values.push(value);
-}
-
-/**
- * Replaces values[from..to) with `count` values in place: `start + i * step` for i from 0, or, given `sums`, those
- * read as unsigned. The same as `splice(values, from, to, replacement)` without the replacement built.
- */
-function spliceRun(values: number[], from: number, to: number, count: number, start: number, step: number, sums?: ArrayLike<number>): void {
-  const removed = to - from;
-  if (count !== removed) {
-    const length = values.length;
-    const shift = count - removed;
-    if (shift > 0) {
-      for (let i = 0; i < shift; i++) values.push(0);
-      for (let i = length - 1; i >= to; i--) values[i + shift] = values[i]!;
-    } else {
-      for (let i = to; i < length; i++) values[i + shift] = values[i]!;
-      values.length = length + shift;
-    }
-  }
-  for (let i = 0; i < count; i++) values[from + i] = sums === undefined ? start + i * step : sums[i]! >>> 0;
 }
 
 function pushRun(runs: PagedRun[], virtualChunk: number, chunkCount: number, physicalChunk: number, sum: number | undefined): void {

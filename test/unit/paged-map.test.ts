@@ -25,6 +25,7 @@ import {
   decodeNode,
   encodeNode,
   leafCapacityMax,
+  LeafPage,
   levelOf,
   mapLeafKind,
   minFill,
@@ -167,12 +168,14 @@ async function treeFacts(setup: Setup, roots: readonly PagedMap[], capacities: {
     node ??= await setup.maps.node(page);
     seen.set(page, node);
     if (level !== undefined) assert.equal(levelOf(node), level, `page ${page} level`);
-    if (!isRoot) assert.ok(node.keys.length >= minFill(node.kind === 'leaf' ? capacities.leaf : capacities.interior), `page ${page} below its fill: ${node.keys.length}`);
-    assert.ok(node.keys.length <= (node.kind === 'leaf' ? capacities.leaf : capacities.interior), `page ${page} over its capacity`);
-    assert.ok(node.keys[0]! >= lo && node.keys[node.keys.length - 1]! < hi, `page ${page} keys outside [${lo}, ${hi})`);
+    const keys = node.kind === 'leaf' ? node.entries().keys : node.keys;
+    if (!isRoot) assert.ok(keys.length >= minFill(node.kind === 'leaf' ? capacities.leaf : capacities.interior), `page ${page} below its fill: ${keys.length}`);
+    assert.ok(keys.length <= (node.kind === 'leaf' ? capacities.leaf : capacities.interior), `page ${page} over its capacity`);
+    assert.ok(keys[0]! >= lo && keys[keys.length - 1]! < hi, `page ${page} keys outside [${lo}, ${hi})`);
+    for (let i = 1; i < keys.length; i++) assert.ok(keys[i - 1]! < keys[i]!, `page ${page}: keys in order`);
     if (node.kind === 'leaf') {
-      if (first) for (const physical of node.physical) bump(chunkCounts, physical);
-      return node.keys[0]!;
+      if (first) for (const physical of node.physicalChunks()) bump(chunkCounts, physical);
+      return keys[0]!;
     }
     for (let i = 0; i < node.children.length; i++) {
       const child = node.children[i]!;
@@ -204,15 +207,51 @@ async function checkCounts(setup: Setup, roots: readonly PagedMap[], capacities:
 }
 
 test('node images: decoded as encoded; a wrong kind, count or order is refused as damage naming the page', () => {
-  const leaf: MapNode = { kind: 'leaf', keys: [1, 5, 2 ** 47], physical: [9, 2 ** 48 - 1, 0], sums: [0, 0xffffffff, 7] };
-  assert.deepEqual(decodeNode(encodeNode(leaf), 9), leaf);
+  const entries = { keys: [1, 5, 2 ** 47], physical: [9, 2 ** 48 - 1, 0], sums: [0, 0xffffffff, 7] };
+  const leaf = LeafPage.of(entries.keys, entries.physical, entries.sums);
+  const leafOf = (node: MapNode): ReturnType<LeafPage['entries']> => (node as LeafPage).entries();
+  assert.deepEqual(leafOf(decodeNode(encodeNode(leaf), 9)), entries);
+  // The image is the leaf's own layout: the same bytes as the page format written field by field.
+  const expected = Buffer.alloc(4 + 3 * 16);
+  expected.writeUInt16LE(3, 0);
+  for (let i = 0; i < 3; i++) {
+    expected.writeUIntLE(entries.keys[i]!, 4 + 16 * i, 6);
+    expected.writeUIntLE(entries.physical[i]!, 10 + 16 * i, 6);
+    expected.writeUInt32LE(entries.sums[i]!, 16 + 16 * i);
+  }
+  assert.deepEqual(encodeNode(leaf).body, expected);
+  assert.ok(leaf.frozen, 'a leaf whose image was taken is frozen');
+  assert.throws(() => leaf.set(0, 1, 1));
+  // A copy changes apart from the image: an insert, an overwrite, a run replacing entries, a removal.
+  const copy = leaf.copy();
+  copy.insert(1, 3, 2 ** 40 + 7, 11);
+  copy.set(0, 2 ** 48 - 2, 0x80000000);
+  copy.replaceRun(2, 3, 3, 5, 100, [1, 2, -1], 0);
+  assert.deepEqual(copy.entries(), { keys: [1, 3, 5, 6, 7, 2 ** 47], physical: [2 ** 48 - 2, 2 ** 40 + 7, 100, 101, 102, 0], sums: [0x80000000, 11, 1, 2, 0xffffffff, 7] });
+  copy.remove(1, 4);
+  assert.deepEqual(copy.entries(), { keys: [1, 7, 2 ** 47], physical: [2 ** 48 - 2, 102, 0], sums: [0x80000000, 0xffffffff, 7] });
+  assert.deepEqual(leafOf(decodeNode(encodeNode(leaf), 9)), entries, 'the image unchanged by its copy');
+  assert.deepEqual(copy.concat(leaf.slice(1, 3)).entries(), { keys: [1, 7, 2 ** 47, 5, 2 ** 47], physical: [2 ** 48 - 2, 102, 0, 2 ** 48 - 1, 0], sums: [0x80000000, 0xffffffff, 7, 0xffffffff, 7] });
   const interior: MapNode = { kind: 'interior', level: 3, keys: [0, 10, 20], children: [2, 3, 2 ** 40] };
   // Decoded with no interior node below it held yet (`below`, `leaves`: filled by lookups).
   assert.deepEqual(decodeNode(encodeNode(interior), 9), { ...interior, below: undefined, leaves: undefined, leafUses: undefined });
-  const full: MapNode = { kind: 'leaf', keys: [...Array(leafCapacityMax).keys()], physical: Array(leafCapacityMax).fill(1), sums: Array(leafCapacityMax).fill(2) };
-  assert.deepEqual(decodeNode(encodeNode(full), 9), full);
+  const fullEntries = { keys: [...Array(leafCapacityMax).keys()], physical: Array<number>(leafCapacityMax).fill(1), sums: Array<number>(leafCapacityMax).fill(2) };
+  const full = LeafPage.empty();
+  // Filled by inserts at the front: no room grown past a page's.
+  for (let i = leafCapacityMax - 1; i >= 0; i--) full.insert(0, i, 1, 2);
+  assert.deepEqual(leafOf(decodeNode(encodeNode(full), 9)), fullEntries);
+  assert.equal(encodeNode(full).body.buffer, full.words.buffer, "a full leaf's image is its words, not a copy");
+  // A body the words cannot view in place (not 4-byte aligned) is copied into words: the same entries, checked the same.
+  const image = encodeNode(leaf).body;
+  const unaligned = Buffer.alloc(image.length + 1).subarray(1);
+  image.copy(unaligned);
+  const fromUnaligned = decodeNode({ kind: mapLeafKind, body: unaligned }, 9) as LeafPage;
+  assert.deepEqual(fromUnaligned.entries(), entries);
+  assert.ok(fromUnaligned.heldBytes > image.length, 'its own words counted with the page');
+  unaligned.writeUIntLE(0, 4 + 16, 6);
+  assert.throws(() => decodeNode({ kind: mapLeafKind, body: unaligned }, 12), /metadata page 12: not a chunk map node \(keys out of order\)/);
   assert.throws(() => decodeNode({ kind: 7, body: encodeNode(leaf).body }, 12), (error) => isCorrupt(error) && /metadata page 12: not a chunk map node \(page kind 7\)/.test((error as Error).message));
-  const swapped = encodeNode({ ...leaf, keys: [1, 5, 3] });
+  const swapped = encodeNode(LeafPage.of([1, 5, 3], entries.physical, entries.sums));
   swapped.body.writeUIntLE(0, 4 + 16, 6);
   assert.throws(() => decodeNode(swapped, 12), /keys out of order/);
   const short = encodeNode(leaf);
@@ -569,7 +608,7 @@ test('a warm map answers without a promise; a cold one reads its path through th
   });
 });
 
-test("a node decoded from a cached page counts with it against the cache's bound (more than the page's image)", async () => {
+test("a leaf read from a cached page counts with it against the cache's bound: its object only, its words being the page's image", async () => {
   await withMaps({ cachePages: 64 }, async (setup) => {
     const map = setup.maps.empty();
     await map.mapRuns(Array.from({ length: 30_000 }, (_, i) => ({ virtualChunk: 2 * i, physicalChunk: 2 * i, sums: [sumOf(2 * i)] })), setup.chunkRefs);
@@ -580,9 +619,14 @@ test("a node decoded from a cached page counts with it against the cache's bound
     assert.ok(leaves.length > 64, `${leaves.length} leaves, more than the cache's 64 pages of images`);
     for (const page of leaves) await setup.maps.node(page);
     const cached = leaves.filter((page) => setup.cache.peek(page) !== undefined);
-    for (const page of cached) assert.equal(setup.cache.peek(page)!.heldBytes, decodedBytes(await setup.maps.node(page)), `page ${page}: its decoded node is counted`);
+    for (const page of cached) {
+      const leaf = (await setup.maps.node(page)) as LeafNode;
+      assert.equal(setup.cache.peek(page)!.heldBytes, decodedBytes(leaf), `page ${page}: its leaf is counted`);
+      assert.equal(leaf.words.buffer, setup.cache.peek(page)!.body.buffer, `page ${page}: the leaf's words are its image`);
+    }
     assert.ok(setup.cache.stats().cleanBytes <= 64 * pageBytes);
-    assert.ok(cached.length > 0 && cached.length <= 40, `${cached.length} leaves of ${leaves.length} cached in 64 pages' bytes: each counts its image and its decoded node`);
+    // Decoded into arrays (6 KiB beside the 4 KiB image) the cache held 40 of them at most; as their images, 56 or more.
+    assert.ok(cached.length >= 56, `${cached.length} leaves of ${leaves.length} cached in 64 pages' bytes: each counts its image and its object`);
   });
 });
 
@@ -595,7 +639,7 @@ function childIndexOf(map: PagedMap, key: number): number {
   return index;
 }
 
-function heldLeaves(map: PagedMap): Array<{ index: number; page: number; view: Uint32Array }> {
+function heldLeaves(map: PagedMap): Array<{ index: number; page: number; view: LeafPage }> {
   const root = map.rootNode;
   assert.ok(root !== undefined && root.kind === 'interior' && root.level === 1, 'a root above the leaves, held by the map');
   return (root.leaves ?? []).flatMap((view, index) => (view === undefined ? [] : [{ index, page: root.children[index]!, view }]));
@@ -1166,13 +1210,13 @@ test('a write into a leaf a clone shares, below nodes changed since the commit a
     const sharedLeaves = parent.children.filter((page) => setup.pageRefs.get(page) === 2);
     assert.ok(sharedLeaves.length >= 3, `${sharedLeaves.length} shared leaves below the parent`);
     for (const [n, page] of sharedLeaves.entries()) {
-      const leaf = (await setup.maps.node(page)) as LeafNode;
+      const leaf = ((await setup.maps.node(page)) as LeafNode).entries();
       const dirtyBefore = setup.maps.dirtyPages;
       // An overwrite of a key it holds, then an insert next to it: the first copies the leaf, the second changes the copy.
       assert.ok(await write(leaf.keys[0]!, `an overwrite in shared leaf ${n}`), 'applied at once');
       assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'one page placed: the leaf copied');
       assert.equal(setup.pageRefs.get(page), 1, 'the shared page held by the clone alone');
-      assert.deepEqual((await setup.maps.node(page)) as LeafNode, leaf, 'the shared leaf unchanged');
+      assert.deepEqual(((await setup.maps.node(page)) as LeafNode).entries(), leaf, 'the shared leaf unchanged');
       assert.ok(await write(leaf.keys[0]! + 1, `an insert in shared leaf ${n}'s copy`), 'applied at once');
       assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'the copy changed in place');
     }
@@ -1200,7 +1244,7 @@ test('a write into a leaf committed since its last change, below nodes changed s
         pages.add(page);
         const node = await setup.maps.node(page);
         if (node.kind === 'leaf') {
-          if (node.keys.includes(v)) [leaf, parent] = [page, above];
+          if (node.entries().keys.includes(v)) [leaf, parent] = [page, above];
           return;
         }
         for (const child of node.children) await visit(child, page);
@@ -1221,7 +1265,7 @@ test('a write into a leaf committed since its last change, below nodes changed s
     const parent = (await setup.maps.node(afterPass.parent)) as InteriorNode;
     const others = parent.children.filter((page) => page !== afterPass.leaf);
     assert.ok(others.length >= 3 && others.every((page) => durable.pages.has(page)), 'other leaves the durable root reaches');
-    const keyIn = async (page: number): Promise<number> => ((await setup.maps.node(page)) as LeafNode).keys[0]! + 1;
+    const keyIn = async (page: number): Promise<number> => ((await setup.maps.node(page)) as LeafNode).keyAt(0) + 1;
     const dirtyBefore = setup.maps.dirtyPages;
     assert.ok(await write(await keyIn(others[0]!), 'a write into a committed leaf below a changed parent'), 'applied at once');
     assert.equal(setup.maps.dirtyPages, dirtyBefore + 1, 'one page placed: the leaf copied');
