@@ -60,6 +60,8 @@ interface SnapshotEntry {
   newer: number | null;
 }
 
+const newEntry = (family: number): SnapshotEntry => ({ family, generation: 0, memo: null, older: null, newer: null });
+
 /** What a count is remembered against (`token`): the snapshot's generation and its family's when the walk began. */
 export interface HeldAloneToken {
   readonly snapshotId: number;
@@ -81,7 +83,7 @@ export class HeldAloneMemo {
   /** The memo at an open: nothing remembered, every volume and snapshot of one family, no anchor known. */
   constructor(tables: CatalogView) {
     for (const volume of tables.volumes.values()) this.#volumes.set(volume.id, { family: openedFamily, anchor: 'unknown' });
-    for (const snapshot of tables.snapshots.values()) this.#snapshots.set(snapshot.id, { family: openedFamily, generation: 0, memo: null, older: null, newer: null });
+    for (const snapshot of tables.snapshots.values()) this.#snapshots.set(snapshot.id, newEntry(openedFamily));
   }
 
   /** Told of each record as the catalog applies (or queues) it, in that order; after it was accepted. */
@@ -112,7 +114,7 @@ export class HeldAloneMemo {
         return;
       case 'snapshot': {
         const volume = this.#volume(record.volumeId);
-        const entry: SnapshotEntry = { family: volume.family, generation: 0, memo: null, older: null, newer: null };
+        const entry = newEntry(volume.family);
         if (this.#linearFamilies.has(volume.family) && typeof volume.anchor === 'number') {
           entry.older = volume.anchor;
           this.#snapshots.get(volume.anchor)!.newer = record.snapshotId;
