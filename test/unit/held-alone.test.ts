@@ -147,7 +147,7 @@ function linearOps(random: () => number, steps: number, linearSteps: number): (p
       const at = places[randomInt(random, places.length)]!;
       return { op: random() < 0.85 ? 'write' : 'trim', volume, at, chunks: 1 + randomInt(random, 4), fill: 1 + randomInt(random, 255) };
     }
-    if (roll < 0.75 && snapshots.length < 14) return { op: 'snapshot', volume, snapshot: `s${names++}` };
+    if (roll < 0.8 && snapshots.length < 14) return { op: 'snapshot', volume, snapshot: `s${names++}` };
     if (snapshots.length === 0) return { op: 'snapshot', volume, snapshot: `s${names++}` };
     return { op: 'remove', volume, snapshot: snapshots[randomInt(random, snapshots.length)]! };
   };
@@ -244,7 +244,7 @@ for (const { kind, options } of kinds) {
     const runs = Number(process.env.HELD_ALONE_RUNS ?? 4);
     let remembered = 0;
     for (let run = 0; run < runs; run++) remembered += await runSequence(options, `run ${run}`, linearOps(makeRandom(seed + run), 150, 100));
-    assert.ok(remembered > runs * 250, `counts answered from the memo: ${remembered}`);
+    assert.ok(remembered > runs * 150, `counts answered from the memo: ${remembered}`);
   });
 
   test(`what each snapshot holds alone, remembered between lists, equals a fresh count after sequences that need one rule each (${kind} metadata)`, { timeout: 60_000 }, async () => {
