@@ -16,11 +16,27 @@
 //     V's family (a clone of the removed anchor and that clone's snapshots), so the whole family is forgotten.
 //   - A clone of S, a rollback to S: S's chunks gain a holder (S only); a rollback also drops V's map, as above.
 //   - A snapshot taken of V: its chunks are V's, which no snapshot held alone; no count but its own changes.
-//   - A snapshot removed: its chunks lose a holder, any of which may then be another map's alone: the family.
+//   - A snapshot removed: its chunks lose a holder, any of which may then be another map's alone: the family;
+//     but in a linear family (below) only the removed snapshot's nearest remaining older and newer snapshots.
 //   - A resize changes no map (a shrink records the unmap of the end first).
 // A family is the volumes and snapshots linked by clones: chunks are shared only within one. After an open the
 // memo knows no anchor and no clone link: every volume then is of one family, its anchor unknown (a write forgets
-// that family's counts), until a snapshot or rollback of the volume makes its anchor known again.
+// that family's counts), until a snapshot or rollback of the volume makes its anchor known again. The catalog
+// records neither a volume's clone origin nor its rollbacks (a clone record names its origin, but the checkpoint
+// keeps only the volumes and snapshots), so nothing read at an open tells more.
+//
+// A linear family: one volume created empty since the open (`create`, so its whole history is known), no clone
+// ever made of any of its snapshots, no rollback of it. Its maps are the volume and its snapshots, each snapshot a
+// copy of the volume at one time, in the order of their `snapshot` records. A chunk enters the volume's map once
+// (a write maps fresh chunks) and leaves it once (never to come back: only a rollback or clone brings an old chunk
+// back into a map), so the snapshots that name it are those taken over one stretch of time, consecutive in that
+// order, and the volume too if it names it still (then the stretch runs to the newest). Removing snapshots keeps
+// the rest consecutive. So a chunk that removed snapshot R shared with exactly one other map is named by R's
+// nearest remaining older or newer snapshot, or by the volume when R was the newest (a volume's count is not
+// shown); only those two counts may change. The volume's anchor is its newest snapshot (or none), so when R was
+// the anchor, the next older one is the anchor from then on. A rollback breaks the stretch (the chunks of the
+// snapshot rolled back to come back into the volume, and into the snapshots taken after it, while the snapshots
+// between do not name them), a clone adds maps outside the order: either makes the family not linear for good.
 //
 // A count is remembered only if nothing that may change it was recorded while it was taken (`token`, `remember`):
 // a walk over paged metadata goes on beside writes, and the records queued before it must be applied first.
@@ -39,7 +55,12 @@ interface SnapshotEntry {
   generation: number;
   /** The count and the generations it was taken at. */
   memo: { chunks: number; generation: number; familyGeneration: number } | null;
+  /** In a linear family: the volume's nearest remaining older and newer snapshots (null: none). */
+  older: number | null;
+  newer: number | null;
 }
+
+const newEntry = (family: number): SnapshotEntry => ({ family, generation: 0, memo: null, older: null, newer: null });
 
 /** What a count is remembered against (`token`): the snapshot's generation and its family's when the walk began. */
 export interface HeldAloneToken {
@@ -53,6 +74,8 @@ export class HeldAloneMemo {
   readonly #snapshots = new Map<number, SnapshotEntry>();
   /** Moved on by each record that may change any count of the family. */
   readonly #familyGenerations = new Map<number, number>();
+  /** The linear families (see above), by label: the volume's id. */
+  readonly #linearFamilies = new Set<number>();
   /** Counts answered from the memo, and counts taken by a walk, since the open. */
   hits = 0;
   walks = 0;
@@ -60,7 +83,7 @@ export class HeldAloneMemo {
   /** The memo at an open: nothing remembered, every volume and snapshot of one family, no anchor known. */
   constructor(tables: CatalogView) {
     for (const volume of tables.volumes.values()) this.#volumes.set(volume.id, { family: openedFamily, anchor: 'unknown' });
-    for (const snapshot of tables.snapshots.values()) this.#snapshots.set(snapshot.id, { family: openedFamily, generation: 0, memo: null });
+    for (const snapshot of tables.snapshots.values()) this.#snapshots.set(snapshot.id, newEntry(openedFamily));
   }
 
   /** Told of each record as the catalog applies (or queues) it, in that order; after it was accepted. */
@@ -68,10 +91,12 @@ export class HeldAloneMemo {
     switch (record.type) {
       case 'create':
         this.#volumes.set(record.volumeId, { family: record.volumeId, anchor: 'none' });
+        this.#linearFamilies.add(record.volumeId);
         return;
       case 'clone': {
         const origin = this.#snapshots.get(record.snapshotId);
         this.#forgetSnapshot(record.snapshotId);
+        if (origin !== undefined) this.#linearFamilies.delete(origin.family);
         this.#volumes.set(record.volumeId, { family: origin?.family ?? openedFamily, anchor: record.snapshotId });
         return;
       }
@@ -81,23 +106,32 @@ export class HeldAloneMemo {
         return;
       case 'remove':
         this.#dropped(record.volumeId);
+        // A volume is removed without snapshots: if its family is linear, nothing of it is left.
+        this.#linearFamilies.delete(this.#volume(record.volumeId).family);
         this.#volumes.delete(record.volumeId);
         return;
       case 'resize':
         return;
       case 'snapshot': {
         const volume = this.#volume(record.volumeId);
-        this.#snapshots.set(record.snapshotId, { family: volume.family, generation: 0, memo: null });
+        const entry = newEntry(volume.family);
+        if (this.#linearFamilies.has(volume.family) && typeof volume.anchor === 'number') {
+          entry.older = volume.anchor;
+          this.#snapshots.get(volume.anchor)!.newer = record.snapshotId;
+        }
+        this.#snapshots.set(record.snapshotId, entry);
         volume.anchor = record.snapshotId;
         return;
       }
       case 'snapshot-remove': {
         const snapshot = this.#snapshots.get(record.snapshotId);
         this.#snapshots.delete(record.snapshotId);
-        this.#forgetFamily(snapshot?.family ?? openedFamily);
+        if (snapshot !== undefined && this.#linearFamilies.has(snapshot.family)) this.#removedFromLinear(record.snapshotId, snapshot);
+        else this.#forgetFamily(snapshot?.family ?? openedFamily);
         return;
       }
       case 'rollback': {
+        this.#linearFamilies.delete(this.#volume(record.volumeId).family);
         this.#dropped(record.volumeId);
         this.#forgetSnapshot(record.snapshotId);
         this.#volume(record.volumeId).anchor = record.snapshotId;
@@ -138,6 +172,21 @@ export class HeldAloneMemo {
     if (anchor === 'none') return;
     if (anchor !== 'unknown' && this.#snapshots.has(anchor)) this.#forgetSnapshot(anchor);
     else this.#forgetFamily(volume.family);
+  }
+
+  /** Snapshot `snapshotId` of a linear family's volume removed: its nearest older and newer snapshots' counts may change. */
+  #removedFromLinear(snapshotId: number, snapshot: SnapshotEntry): void {
+    const { older, newer } = snapshot;
+    if (older !== null) {
+      this.#snapshots.get(older)!.newer = newer;
+      this.#forgetSnapshot(older);
+    }
+    if (newer !== null) {
+      this.#snapshots.get(newer)!.older = older;
+      this.#forgetSnapshot(newer);
+    }
+    const volume = this.#volume(snapshot.family);
+    if (volume.anchor === snapshotId) volume.anchor = older ?? 'none';
   }
 
   #forgetSnapshot(snapshotId: number): void {

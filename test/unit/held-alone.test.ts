@@ -3,10 +3,15 @@
 // of metadata; after every step each volume's `countedSnapshots` (from the memo where it holds a count) must equal
 // a recount of every snapshot. Each invalidation rule of held-alone.ts was removed in turn and this test failed
 // for every one (the commit that added it says how); a few sequences made for the rules a random run meets only
-// now and then make sure of those. SEED=<n> replays a run; HELD_ALONE_RUNS sets how many.
+// now and then make sure of those. A second random kind of sequence keeps one volume's history linear for its
+// first 100 steps (many snapshots, removals anywhere among them), then lets a rollback, clone or reopen end it:
+// with the removal's rule forgetting only the older neighbour, or only the newer, or not moving the anchor, or a
+// rollback or clone leaving the history linear, it failed. SEED=<n> replays a run; HELD_ALONE_RUNS sets how many.
 // Then the memo alone: a count whose walk saw records recorded after it began is not remembered (over paged
 // metadata a walk goes on beside the records; in practice they queue behind its slice, so the pool test above
 // cannot make one land inside it on purpose).
+// And which counts a removal forgets: in a linear history only its neighbours' (with the family's forgotten, as
+// before, that test fails), after a rollback or at an open the family's.
 import assert from 'node:assert/strict';
 import { test } from 'vitest';
 import { chunkSizeBytes } from '../../src/core/limits.ts';
@@ -119,7 +124,38 @@ function randomOps(random: () => number, steps: number): (pool: Pool) => Op | nu
   };
 }
 
-const write = (volume: string, fill: number): Op => ({ op: 'write', volume, at: 0, chunks: 1, fill });
+/**
+ * The next random step of a sequence that keeps a linear history (held-alone.ts) for its first `linearSteps`:
+ * writes, many snapshots (up to 14 of a volume), removals of any of them, the middle ones most often; after it, now
+ * and then a rollback, clone or reopen ends it, and the removals go on.
+ */
+function linearOps(random: () => number, steps: number, linearSteps: number): (pool: Pool) => Op | null {
+  let step = 0;
+  let names = 0;
+  return (pool) => {
+    if (step++ === steps) return null;
+    const volumes = pool.listVolumes();
+    const { name: volume, snapshots } = volumes[randomInt(random, volumes.length)]!;
+    const roll = random();
+    if (step > linearSteps && roll < 0.04 && snapshots.length > 0) {
+      const snapshot = snapshots[randomInt(random, snapshots.length)]!;
+      if (roll < 0.015) return { op: 'rollback', volume, snapshot };
+      if (roll < 0.03 && volumes.length < 3) return { op: 'clone', volume, snapshot, clone: `c${names++}` };
+      return { op: 'reopen' };
+    }
+    if (roll < 0.5) {
+      const at = places[randomInt(random, places.length)]!;
+      return { op: random() < 0.85 ? 'write' : 'trim', volume, at, chunks: 1 + randomInt(random, 4), fill: 1 + randomInt(random, 255) };
+    }
+    if (roll < 0.8 && snapshots.length < 14) return { op: 'snapshot', volume, snapshot: `s${names++}` };
+    if (snapshots.length === 0) return { op: 'snapshot', volume, snapshot: `s${names++}` };
+    return { op: 'remove', volume, snapshot: snapshots[randomInt(random, snapshots.length)]! };
+  };
+}
+
+const write = (volume: string, fill: number, at = 0): Op => ({ op: 'write', volume, at, chunks: 1, fill });
+const snap = (snapshot: string, volume = 'v'): Op => ({ op: 'snapshot', volume, snapshot });
+const remove = (snapshot: string, volume = 'v'): Op => ({ op: 'remove', volume, snapshot });
 
 /**
  * Sequences that need one rule each (a random run meets some only now and then): a chunk a snapshot shares with
@@ -162,6 +198,35 @@ const directed: Array<{ rule: string; ops: Op[] }> = [
       write('v', 4),
     ],
   },
+  // A linear history (held-alone.ts): a removal changes only its nearest remaining older and newer snapshots.
+  {
+    rule: 'a removal in a linear history changes the nearest older snapshot, past those removed before',
+    ops: [write('v', 1), snap('a'), snap('b'), snap('c'), write('v', 2), snap('d'), remove('b'), remove('c')],
+  },
+  {
+    rule: 'a removal in a linear history changes the nearest newer snapshot, past those removed before',
+    ops: [write('v', 1), snap('a'), write('v', 2), snap('b'), snap('c'), snap('d'), write('v', 3), snap('e'), remove('c'), remove('b')],
+  },
+  {
+    rule: "removing a linear history's newest snapshot changes the one before it",
+    ops: [write('v', 1), snap('a'), snap('b'), write('v', 2), remove('b')],
+  },
+  {
+    rule: "removing a linear history's newest snapshot makes the one before it the anchor",
+    ops: [write('v', 1), write('v', 2, 1), snap('a'), write('v', 3), snap('b'), remove('b'), write('v', 4, 1)],
+  },
+  {
+    rule: 'after a rollback a removal may change a snapshot that is not its neighbour',
+    ops: [write('v', 1), snap('a'), write('v', 2), snap('b'), { op: 'rollback', volume: 'v', snapshot: 'a' }, snap('m'), write('v', 3), remove('m')],
+  },
+  {
+    rule: 'after a rollback, removals among the snapshots before it and after it',
+    ops: [write('v', 1), snap('a'), snap('b'), { op: 'rollback', volume: 'v', snapshot: 'a' }, snap('m'), write('v', 2), remove('a'), remove('b')],
+  },
+  {
+    rule: "removing a clone's snapshot may change its origin, of another volume",
+    ops: [write('v', 1), snap('a'), snap('b'), write('v', 2), { op: 'clone', volume: 'v', snapshot: 'a', clone: 'c' }, snap('t', 'c'), write('c', 3), remove('t', 'c')],
+  },
 ];
 
 for (const { kind, options } of kinds) {
@@ -172,6 +237,14 @@ for (const { kind, options } of kinds) {
     for (let run = 0; run < runs; run++) remembered += await runSequence(options, `run ${run}`, randomOps(makeRandom(seed + run), 150));
     // The memo answered most lists: the comparison above is of remembered counts, not of two walks.
     assert.ok(remembered > runs * 100, `counts answered from the memo: ${remembered}`);
+  });
+
+  test(`what each snapshot holds alone, remembered between lists, equals a fresh count after random removals among many snapshots of a linear history (${kind} metadata)`, { timeout: 300_000 }, async () => {
+    const seed = testSeed(`held alone, linear, ${kind}`);
+    const runs = Number(process.env.HELD_ALONE_RUNS ?? 4);
+    let remembered = 0;
+    for (let run = 0; run < runs; run++) remembered += await runSequence(options, `run ${run}`, linearOps(makeRandom(seed + run), 150, 100));
+    assert.ok(remembered > runs * 150, `counts answered from the memo: ${remembered}`);
   });
 
   test(`what each snapshot holds alone, remembered between lists, equals a fresh count after sequences that need one rule each (${kind} metadata)`, { timeout: 60_000 }, async () => {
@@ -209,4 +282,40 @@ test('a count is not remembered when a record that may change it came between it
   memo.observe({ type: 'snapshot-remove', snapshotId: 3 });
   memo.remember(before, 6);
   assert.equal(memo.remembered(1), undefined);
+});
+
+test('in a linear history a removal forgets only its nearest remaining neighbours; after a rollback, or for what was there at the open, the family', () => {
+  const empty = { nextVolumeId: 1, nextSnapshotId: 1, volumes: new Map(), byName: new Map(), snapshots: new Map() } as CatalogView;
+  const memo = new HeldAloneMemo(empty);
+  memo.observe({ type: 'create', volumeId: 1, name: 'v', sizeBytes: MiB });
+  for (let id = 1; id <= 6; id++) memo.observe({ type: 'snapshot', volumeId: 1, snapshotId: id, name: `s${id}`, createdAtMs: 0 });
+  const rememberAll = (ids: number[]): void => ids.forEach((id) => memo.remember(memo.token(id), id));
+  const stillRemembered = (ids: number[]): number[] => ids.filter((id) => memo.remembered(id) !== undefined);
+  rememberAll([1, 2, 3, 4, 5, 6]);
+  memo.observe({ type: 'snapshot-remove', snapshotId: 3 });
+  assert.deepEqual(stillRemembered([1, 2, 4, 5, 6]), [1, 5, 6]);
+  // Past the one removed before: 2's neighbours are 1 and 4 now.
+  rememberAll([1, 2, 4, 5, 6]);
+  memo.observe({ type: 'snapshot-remove', snapshotId: 2 });
+  assert.deepEqual(stillRemembered([1, 4, 5, 6]), [5, 6]);
+  // The newest: the one before it is forgotten, and is the anchor from then on (a write forgets it alone).
+  rememberAll([1, 4, 5, 6]);
+  memo.observe({ type: 'snapshot-remove', snapshotId: 6 });
+  assert.deepEqual(stillRemembered([1, 4, 5]), [1, 4]);
+  rememberAll([1, 4, 5]);
+  memo.observe({ type: 'map', volumeId: 1, virtualChunk: 0, physicalChunk: 7, chunkCount: 1, sums: new Uint32Array(1) });
+  assert.deepEqual(stillRemembered([1, 4, 5]), [1, 4]);
+  // After a rollback the history is not linear: a removal forgets the family.
+  memo.observe({ type: 'rollback', volumeId: 1, snapshotId: 1 });
+  rememberAll([1, 4, 5]);
+  memo.observe({ type: 'snapshot-remove', snapshotId: 5 });
+  assert.deepEqual(stillRemembered([1, 4]), []);
+
+  // At an open nothing tells how a volume's snapshots came to be: a removal forgets every count.
+  const snapshot = (id: number): [number, { id: number }] => [id, { id }];
+  const opened = { volumes: new Map([[1, { id: 1 }]]), snapshots: new Map([1, 2, 3, 4].map(snapshot)) } as unknown as CatalogView;
+  const reopened = new HeldAloneMemo(opened);
+  [1, 2, 3, 4].forEach((id) => reopened.remember(reopened.token(id), id));
+  reopened.observe({ type: 'snapshot-remove', snapshotId: 2 });
+  assert.deepEqual([1, 3, 4].filter((id) => reopened.remembered(id) !== undefined), []);
 });
