@@ -85,7 +85,12 @@ export function decodePage(bytes: Buffer, pageNumber: number): Page | string {
   if (found !== pageNumber) return `holds page ${found}`;
   const bodyBytes = bytes.readUInt16LE(20);
   if (bodyBytes > pageBodyBytesMax) return `body of ${bodyBytes} bytes`;
-  return { pageNumber, kind: bytes.readUInt8(14), generation: bytes.readUInt32LE(16), body: Buffer.from(bytes.subarray(pageHeaderBytes, pageHeaderBytes + bodyBytes)) };
+  // Copied into a buffer of its own, not Node's shared pool (`Buffer.from` takes a slice of a 64 KiB pool for a
+  // body this small): a cached body, and a leaf or counts viewing it, would keep the whole pool alive, with the
+  // other pages and buffers cut from it, where the cache counts a page.
+  const body = Buffer.allocUnsafeSlow(bodyBytes);
+  bytes.copy(body, 0, pageHeaderBytes, pageHeaderBytes + bodyBytes);
+  return { pageNumber, kind: bytes.readUInt8(14), generation: bytes.readUInt32LE(16), body };
 }
 
 export interface Root {

@@ -309,7 +309,7 @@ export class PagedCatalog {
   /**
    * Whether the map nodes changed since the last checkpoint hold the memory that asks for the next (the cache's
    * bound, at least limits.metadataDirtyBytesMin; `PagedCatalogOptions.dirtyBytes`), each counted as a full leaf,
-   * decoded and then encoded by the checkpoint (`PagedMaps.nodeBytes`). They are never evicted, only a checkpoint
+   * its words and its object, the words becoming its page's image at the checkpoint (`PagedMaps.nodeBytes`). They are never evicted, only a checkpoint
    * makes them clean pages of the cache: the engine starts one when this says so (`CatalogBackend.checkpointWanted`),
    * so that the metadata's memory stays about twice the cache's size, whatever the data held. Without it only the
    * journal's size started one: up to a journal's records (about 51,000) of dirty leaves, some 500 MiB, once the

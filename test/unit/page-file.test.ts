@@ -260,3 +260,25 @@ test('many pages written and read at once through reused images: each page whole
     fs.rmSync(directory, { recursive: true, force: true });
   }
 });
+
+test("a page read keeps only its own bytes alive: its body is a buffer of its own, not a slice of Node's shared pool", async () => {
+  const directory = scratch();
+  try {
+    const file = await PageFile.open(realFiles, path.join(directory, 'meta'));
+    // Bodies of a leaf's sizes and smaller: `Buffer.from` would cut each from a 64 KiB pool shared with whatever
+    // else is allocated around it, and a cached page (or a map leaf, or counts, viewing its body) would keep the
+    // whole pool alive where the cache counts one page.
+    const bodyOf = (index: number): Buffer => Buffer.alloc(4 + 16 * (1 + ((index * 37) % 253)), index + 1);
+    const count = 40;
+    for (let index = 0; index < count; index++) await file.write(firstDataPage + index, 1, bodyOf(index));
+    await file.commit(Buffer.from('root'));
+    for (let index = 0; index < count; index++) {
+      const { body } = await file.read(firstDataPage + index);
+      assert.deepEqual(body, bodyOf(index), `page ${index}`);
+      assert.equal(body.buffer.byteLength, body.length, `page ${index}: its body's buffer is the body (${body.buffer.byteLength} bytes kept for ${body.length})`);
+    }
+    file.close();
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
