@@ -57,6 +57,8 @@ export interface ScaleStep {
   diff?: { seconds: number; changedBytes: number; extents: number } | null;
   /** After the diff, with snapshots: `snapshot list` (GET /v1/volumes/VOL/snapshots, each snapshot's bytes held alone counted). */
   snapshotListSeconds?: number | null;
+  /** Right after it, nothing written between: the same list again, the counts remembered (held-alone.ts). */
+  snapshotListAgainSeconds?: number | null;
 }
 
 /**
@@ -127,7 +129,7 @@ const memoryPartsText = (parts: MemoryParts | null | undefined): string =>
 
 export function formatStepsTable(steps: readonly ScaleStep[]): string {
   return markdownTable(
-    ['written', 'snapshots', 'write IOPS', 'node CPU per write µs', 'RSS before restart MiB (peak)', 'RSS before restart MiB: [heap] / arenas (count) / other anon / file', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'read IOPS cold', 'read IOPS warm', 'node CPU per read µs cold / warm', 'RSS after reads MiB', 'snapshots taken: ms median (max)', 'diff of the last two s (changed)', 'snapshot list s'],
+    ['written', 'snapshots', 'write IOPS', 'node CPU per write µs', 'RSS before restart MiB (peak)', 'RSS before restart MiB: [heap] / arenas (count) / other anon / file', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'read IOPS cold', 'read IOPS warm', 'node CPU per read µs cold / warm', 'RSS after reads MiB', 'snapshots taken: ms median (max)', 'diff of the last two s (changed)', 'snapshot list s (again)'],
     steps.map((s) => [
       formatSize(s.writtenBytes), String(s.snapshots), s.writeIops === null ? '' : round(s.writeIops), s.writeCpuMicros == null ? '' : s.writeCpuMicros.toFixed(1),
       `${mib(s.rssBytesBeforeRestart)}${s.memoryBeforeRestart == null ? '' : ` (${mib(s.memoryBeforeRestart.peakBytes)})`}`, memoryPartsText(s.memoryBeforeRestart), `${s.startSeconds.toFixed(2)} (${s.startSecondsAgain.toFixed(2)})`, mib(s.rssBytesAfterStart),
@@ -136,7 +138,7 @@ export function formatStepsTable(steps: readonly ScaleStep[]): string {
       round(s.coldReadIops), round(s.warmReadIops), micros(s.coldReadCpuMicros, s.warmReadCpuMicros), mib(s.rssBytesAfterReads),
       s.snapshotSeconds == null ? '' : `${s.snapshotSeconds.count}: ${ms(s.snapshotSeconds.median)} (${ms(s.snapshotSeconds.max)})`,
       s.diff == null ? '' : `${s.diff.seconds.toFixed(2)} (${mib(s.diff.changedBytes)} MiB)`,
-      s.snapshotListSeconds == null ? '' : s.snapshotListSeconds.toFixed(2),
+      s.snapshotListSeconds == null ? '' : `${s.snapshotListSeconds.toFixed(2)}${s.snapshotListAgainSeconds == null ? '' : ` (${s.snapshotListAgainSeconds.toFixed(3)})`}`,
     ]),
   );
 }

@@ -288,7 +288,7 @@ async function main(): Promise<void> {
     node = await startNode(pool, nodeArgs, { readyTimeoutMs });
     const startSecondsAgain = (performance.now() - respawned) / 1000;
     const startPhasesAgain = startLines(node);
-    const step: ScaleStep & { snapshotListAgainSeconds: number | null } = {
+    const step: ScaleStep = {
       writtenBytes: written,
       snapshots,
       writeIops: written === stepStart ? null : (written - stepStart) / blockBytes / writeSeconds,

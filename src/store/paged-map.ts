@@ -138,6 +138,8 @@ const leafObjectBytes = 256;
  * committed, held while it is cached.
  */
 const leafRoom = 16;
+/** The key of entry `i` of a leaf's words (`LeafPage.words`): its low 32 bits, then its high 16 in the next word's low half. */
+const viewKey = (words: Uint32Array, i: number): number => words[1 + 4 * i]! + (words[2 + 4 * i]! & 0xffff) * 2 ** 32;
 /** Words of a leaf of `entries` entries: the header's one, four an entry. */
 const leafWords = (entries: number): number => 1 + 4 * entries;
 
@@ -220,8 +222,7 @@ export class LeafPage {
   }
 
   keyAt(i: number): number {
-    const w = this.#words;
-    return w[1 + 4 * i]! + (w[2 + 4 * i]! & 0xffff) * 2 ** 32;
+    return viewKey(this.#words, i);
   }
 
   physicalAt(i: number): number {
@@ -442,9 +443,6 @@ export function decodeNode(page: CachedPage, pageNumber: number): MapNode {
   }
   return { kind: 'interior', level, keys, children, below: undefined, leaves: undefined, leafUses: undefined };
 }
-
-/** The key of entry `i` of a leaf's words (`LeafPage.words`). */
-const viewKey = (words: Uint32Array, i: number): number => words[1 + 4 * i]! + (words[2 + 4 * i]! & 0xffff) * 2 ** 32;
 
 /**
  * The first entry of a leaf's words (`LeafPage.words`) of `count` entries whose key is at or above `key`, given that the leaf's keys
