@@ -95,7 +95,8 @@ export interface Projection {
    * At 1, 4 and 16 TiB written: `value` extends the last step by the marginal slope; `valueAverage` by the average
    * slope. The first is the lower estimate where the last steps only filled in map pages that already existed
    * (a volume small beside the data); the second holds where more data also means as many more pages (the data
-   * spread as thinly over volumes as large in proportion).
+   * spread as thinly over volumes as large in proportion). A slope below zero (a figure that fell between the steps:
+   * start time and pauses within their noise) is not extended downwards: the projection holds the last step's value.
    */
   at: Array<{ writtenBytes: number; value: number; valueAverage: number }>;
 }
@@ -113,8 +114,8 @@ export function project(steps: readonly ScaleStep[], sizes: readonly number[] = 
   return projectedFigures.map((figure) => {
     const perGiB = (last[figure] - previous[figure]) / spanGiB;
     const perGiBAverage = (last[figure] - baseline[figure]) / (last.writtenBytes / GiB);
-    const beyond = (writtenBytes: number): number => (writtenBytes - last.writtenBytes) / GiB;
-    return { figure, perGiB, perGiBAverage, at: sizes.map((writtenBytes) => ({ writtenBytes, value: last[figure] + perGiB * beyond(writtenBytes), valueAverage: last[figure] + perGiBAverage * beyond(writtenBytes) })) };
+    const extend = (slope: number, writtenBytes: number): number => last[figure] + Math.max(0, slope) * ((writtenBytes - last.writtenBytes) / GiB);
+    return { figure, perGiB, perGiBAverage, at: sizes.map((writtenBytes) => ({ writtenBytes, value: extend(perGiB, writtenBytes), valueAverage: extend(perGiBAverage, writtenBytes) })) };
   });
 }
 

@@ -90,6 +90,7 @@ test('scale: snapshots evenly spaced on 4 KiB boundaries; projection from the sl
   assert.ok(snapshotPoints(2 ** 30, 3).every((at) => at % 4096 === 0));
   assert.deepEqual(snapshotPoints(2 ** 30, 0), []);
   const GiB = 2 ** 30;
+  const TiB = 2 ** 40;
   const step = (gib: number, rss: number, start: number): ScaleStep => ({
     writtenBytes: gib * GiB, snapshots: 0, writeIops: 1, rssBytesBeforeRestart: 0, eventLoopDelayMaxWritingSeconds: 0, checkpointsWhileWriting: 0,
     startSeconds: start, startSecondsAgain: start, rssBytesAfterStart: 0, metadataBytes: gib * 2 ** 20, checkpointBytes: 0, checkpointSeconds: 0,
@@ -105,4 +106,9 @@ test('scale: snapshots evenly spaced on 4 KiB boundaries; projection from the sl
   assert.deepEqual(projections.find((p) => p.figure === 'startSeconds')!.at, [{ writtenBytes: 8 * GiB, value: 4, valueAverage: 3 }]);
   assert.match(formatProjectionTable(projections), /\| start time \| 500 ms – 250 ms \| 4 s – 3 s \|/);
   assert.throws(() => project([step(0, 0, 0), step(2, 0, 0), step(2, 0, 0)]), /must write more/);
+  // A figure that fell between the last two steps (start time within its noise) projects flat, never below the last step.
+  const falling = project([step(0, 100, 0.2), step(4, 300, 0.5), step(16, 400, 0.4)], [TiB]).find((p) => p.figure === 'startSeconds')!;
+  assert.ok(falling.perGiB < 0, 'the measured slope is still reported');
+  assert.equal(falling.at[0]!.value, 0.4);
+  assert.ok(falling.at[0]!.valueAverage > 0.4, 'the average slope from nothing still rises');
 });
