@@ -257,6 +257,12 @@ export const receiveFrameBufferStepBytes = 128 * KiB;
 /** Reads a sender keeps ahead of what it has sent (each at most streamDataRecordBytesMax), and their bytes at most. */
 export const sendReadsAheadMax = 64;
 export const sendReadAheadBytes = 8 * MiB;
+/**
+ * Small reads (at most inlineReadBytesMax: a random writer's scattered chunks) a sender keeps ahead, read a batch
+ * at a time once half are used, together (SnapshotDevice.readManyNowOrLater), so that each batch holds many
+ * chunks that lie side by side on disk: at most sendReadAheadBytes of them too.
+ */
+export const sendSmallReadsAheadMax = 2048;
 /** A sender's free record arenas kept for reuse (each streamDataRecordBytesMax): its read-ahead's and a link's window's worth. */
 export const sendArenasFreeMax = (2 * sendReadAheadBytes) / streamDataRecordBytesMax;
 

@@ -9,7 +9,7 @@
 // replicator once the peer has answered) has its read buffers reused, so a long stream allocates a few buffers,
 // not one per record; a consumer that does not leaves them to the garbage collector.
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, inlineReadBytesMax, sendArenasFreeMax, sendReadAheadBytes, sendReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, inlineReadBytesMax, sendArenasFreeMax, sendReadAheadBytes, sendReadsAheadMax, sendSmallReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
 import type { ChunkLookup } from '../store/catalog-backend.ts';
 import { combinedChecksum } from '../store/checksum.ts';
 import { isZero } from '../store/frames.ts';
@@ -116,6 +116,8 @@ class SendStream implements PreparedSend {
   #pieces: Generator<{ offset: number; length: number; extent: { offsetBytes: number; lengthBytes: number } }> | null = null;
   #device: ReturnType<SendSource['openSnapshot']> | null = null;
   #readingBytes = 0;
+  /** Small reads in #reads (read a batch at a time: #readAhead). */
+  #smallAhead = 0;
   #digest: Promise<Buffer> | undefined;
 
   constructor(source: SendSource, request: SendRequest, header: StreamHeader, extents: Array<{ offsetBytes: number; lengthBytes: number }>, log: Log) {
@@ -200,13 +202,19 @@ class SendStream implements PreparedSend {
   }
 
   // Reads run a few records ahead of what is yielded, so the disk works while the consumer sends. A read the page
-  // cache answers is done at once (readNowOrLater: no promise); one that waits on the disk settles later.
+  // cache answers is done at once (readNowOrLater: no promise); one that waits on the disk settles later. Small
+  // reads (a random writer's scattered chunks) go a batch at a time, once half of those ahead were used, read
+  // together in order of their place on disk (readManyNowOrLater): a cycle's chunks were written close together
+  // in time, so in a batch of a thousand about half lie next to another of it, and are read with it in one call
+  // (BENCHMARKS.md, issue 14); a read ahead one at a time found almost none.
   #readAhead(): void {
     const reads = this.#reads;
+    if (this.#smallAhead > sendSmallReadsAheadMax / 2) return;
+    const gathered: PendingRead[] = [];
     // Bounded by bytes, not only by count, so that scattered 4 KiB extents keep as much in flight as big ones.
-    while (reads.length < sendReadsAheadMax && this.#readingBytes < sendReadAheadBytes) {
+    while (reads.length - this.#smallAhead < sendReadsAheadMax && this.#smallAhead < sendSmallReadsAheadMax && this.#readingBytes < sendReadAheadBytes) {
       const next = this.#pieces!.next();
-      if (next.done === true) return;
+      if (next.done === true) break;
       const { offset, length, extent } = next.value;
       const shared = length <= inlineReadBytesMax ? null : this.#takeBuffer(length);
       const record = shared === null ? this.#takeRecord(length) : shared;
@@ -214,29 +222,25 @@ class SendStream implements PreparedSend {
       this.#readingBytes += length;
       // The error is kept and looked at in order, when the piece's turn comes.
       const read: PendingRead = { offset, extent, buffer, record, shared, settled: false, error: null, done: null, found: null };
+      reads.push(read);
+      if (shared === null) {
+        this.#smallAhead += 1;
+        gathered.push(read);
+        continue;
+      }
       try {
-        const reading = this.#device!.readNowOrLater(offset, buffer);
-        if (!(reading instanceof Promise)) {
-          read.found = reading;
-          read.settled = true;
-        } else {
-          read.done = reading.then(
-            (found) => {
-              read.found = found;
-              read.settled = true;
-            },
-            (error: unknown) => {
-              read.error = error;
-              read.settled = true;
-            },
-          );
-        }
+        settle(read, this.#device!.readNowOrLater(offset, buffer));
       } catch (error) {
         read.error = error;
         read.settled = true;
       }
-      reads.push(read);
     }
+    if (gathered.length === 0) return;
+    const outcomes = this.#device!.readManyNowOrLater(
+      gathered.map((read) => read.offset),
+      gathered.map((read) => read.buffer),
+    );
+    for (let i = 0; i < gathered.length; i++) settle(gathered[i]!, outcomes[i]!);
   }
 
   // The END record's digest is computed while the stream goes (a snapshot's map does not change), once a read
@@ -289,6 +293,7 @@ class SendStream implements PreparedSend {
           return;
         }
         this.#readingBytes -= read.buffer.length;
+        if (read.shared === null) this.#smallAhead -= 1;
         this.#readAhead();
         const { offset, buffer, shared } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
@@ -369,6 +374,26 @@ interface PendingRead {
   done: Promise<void> | null;
   /** What the read looked up (the chunks' recorded checksums), once it settled without an error. */
   found: ChunkLookup | null;
+}
+
+/** Records what a read gave (readNowOrLater's, or its failure): settled now, or once its promise settles. */
+function settle(read: PendingRead, reading: ChunkLookup | Promise<ChunkLookup> | Error): void {
+  if (reading instanceof Promise) {
+    read.done = reading.then(
+      (found) => {
+        read.found = found;
+        read.settled = true;
+      },
+      (error: unknown) => {
+        read.error = error;
+        read.settled = true;
+      },
+    );
+    return;
+  }
+  if (reading instanceof Error) read.error = reading;
+  else read.found = reading;
+  read.settled = true;
 }
 
 /**

@@ -6,14 +6,17 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'vitest';
+import { sendSmallReadsAheadMax } from '../../src/core/limits.ts';
 import { prepareSend } from '../../src/replication/send.ts';
 import { StreamDecoder } from '../../src/replication/stream-format.ts';
 import { Pool } from '../../src/store/pool.ts';
 import { testPoolOptions } from '../../src/testing/test-metadata.ts';
 
 const chunkBytes = 4096;
-/** Scattered chunks: several arenas' worth of 4 KiB records (about 250 fit an arena). */
+/** Scattered chunks: several arenas' worth of 4 KiB records (about 250 fit an arena), beyond what is read ahead. */
 const chunkCount = 1200;
+/** For the test of reuse: twice the small reads a sender keeps ahead, so that later reads find arenas recycled. */
+const reuseChunkCount = 2 * sendSmallReadsAheadMax;
 
 /** The bytes written at virtual chunk `chunk`: its index in every word, so a record holding another's bytes shows. */
 function chunkBytesOf(chunk: number): Buffer {
@@ -35,9 +38,9 @@ async function withVolume(sizeBytes: number, body: (pool: Pool, volume: ReturnTy
 }
 
 test('record arenas are reused once their records are recycled, and a record still held keeps its bytes', async () => {
-  await withVolume(2 * chunkCount * chunkBytes, async (pool, volume) => {
+  await withVolume(2 * reuseChunkCount * chunkBytes, async (pool, volume) => {
     // Every other chunk, so that no two written chunks make one extent: one 4 KiB record each.
-    for (let i = 0; i < chunkCount; i++) await volume.write(2 * i * chunkBytes, chunkBytesOf(2 * i));
+    for (let i = 0; i < reuseChunkCount; i++) await volume.write(2 * i * chunkBytes, chunkBytesOf(2 * i));
     await volume.close();
     await pool.createSnapshot('v', 's');
 
@@ -71,7 +74,7 @@ test('record arenas are reused once their records are recycled, and a record sti
       index += 1;
     }
     assert.equal(prepared.failure(), null);
-    assert.equal(dataRecords, chunkCount);
+    assert.equal(dataRecords, reuseChunkCount);
     for (const { record, bytes } of held) assert.ok(Buffer.concat(record).equals(bytes), 'a record still held was overwritten by a later one');
     assert.ok(arenasReused > 0, 'no arena was reused');
     await pool.close();
