@@ -231,3 +231,40 @@ test("every stream's steps are the same functions, and its generators' objects s
     assert.equal(b.coveredBytes(), 0);
   });
 });
+
+test('only a read with a chunk whose recorded checksum is that of zeros is scanned for zero chunks: a chunk zeroed on disk under its checksum goes as data and is refused', async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-send-zeros-'));
+  try {
+    // Reads not verified, so that bytes that lost their checksum reach the sender.
+    const pool = await Pool.open({ directory, ...testPoolOptions(), verifyReads: false });
+    await pool.createVolume('v', 64 * chunkBytes);
+    const volume = pool.openVolume('v');
+    // Scattered 4 KiB chunks: 2 written with zeros (its checksum is that of zeros), 4 and 6 with data.
+    for (const chunk of [2, 4, 6]) await volume.write(chunk * chunkBytes, chunk === 2 ? Buffer.alloc(chunkBytes) : chunkBytesOf(chunk));
+    await volume.close();
+    await pool.createSnapshot('v', 's');
+    // Chunk 6's bytes zeroed on disk, its recorded checksum left as it was.
+    const chunks = path.join(directory, 'chunks');
+    let zeroed = 0;
+    for (const file of fs.readdirSync(chunks)) {
+      const at = fs.readFileSync(path.join(chunks, file)).indexOf(chunkBytesOf(6));
+      if (at < 0) continue;
+      const fd = fs.openSync(path.join(chunks, file), 'r+');
+      fs.writeSync(fd, Buffer.alloc(chunkBytes), 0, chunkBytes, at);
+      fs.closeSync(fd);
+      zeroed += 1;
+    }
+    assert.equal(zeroed, 1);
+    const prepared = await prepareSend(pool, { volume: 'v', snapshot: 's', from: null, resumeOffsetBytes: 0 }, () => {});
+    const decoder = new StreamDecoder();
+    const types: string[] = [];
+    await assert.rejects(async () => {
+      for await (const record of prepared.records) for (const decoded of decoder.push(Buffer.concat(record))) types.push(`${decoded.type}${decoded.type === 'header' ? '' : ` ${(decoded as { offsetBytes: number }).offsetBytes / chunkBytes}`}`);
+    }, /fails its checksum/);
+    // Scanned as before, chunk 6 would have gone as a ZERO record, accepted.
+    assert.deepEqual(types, ['header', 'zero 2', 'data 4'], 'chunk 2 (zeros, by its checksum) goes as ZERO; chunk 6 as data, refused');
+    await pool.close();
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
