@@ -258,11 +258,13 @@ export const receiveFrameBufferStepBytes = 128 * KiB;
 export const sendReadsAheadMax = 64;
 export const sendReadAheadBytes = 8 * MiB;
 /**
- * Small reads (at most inlineReadBytesMax: a random writer's scattered chunks) a sender keeps ahead, read a batch
+ * Reads of at most sendGatheredReadBytesMax (a random writer's scattered chunks) a sender keeps ahead, read a batch
  * at a time once half are used, together (SnapshotDevice.readManyNowOrLater), so that each batch holds many
- * chunks that lie side by side on disk: at most sendReadAheadBytes of them too.
+ * chunks that lie side by side on disk: at most sendReadAheadBytes of them too. A larger read is one call already
+ * for several chunks, and goes as before (sendReadsAheadMax).
  */
 export const sendSmallReadsAheadMax = 2048;
+export const sendGatheredReadBytesMax = 16 * KiB;
 /** A sender's free record arenas kept for reuse (each streamDataRecordBytesMax): its read-ahead's and a link's window's worth. */
 export const sendArenasFreeMax = (2 * sendReadAheadBytes) / streamDataRecordBytesMax;
 

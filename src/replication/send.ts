@@ -9,7 +9,7 @@
 // replicator once the peer has answered) has its read buffers reused, so a long stream allocates a few buffers,
 // not one per record; a consumer that does not leaves them to the garbage collector.
 import { ChunkdError } from '../core/errors.ts';
-import { chunkSizeBytes, inlineReadBytesMax, sendArenasFreeMax, sendReadAheadBytes, sendReadsAheadMax, sendSmallReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
+import { chunkSizeBytes, inlineReadBytesMax, sendArenasFreeMax, sendGatheredReadBytesMax, sendReadAheadBytes, sendReadsAheadMax, sendSmallReadsAheadMax, streamDataRecordBytesMax } from '../core/limits.ts';
 import type { ChunkLookup } from '../store/catalog-backend.ts';
 import { combinedChecksum, zeroChunkSum } from '../store/checksum.ts';
 import { isZero } from '../store/frames.ts';
@@ -116,7 +116,7 @@ class SendStream implements PreparedSend {
   #pieces: Generator<{ offset: number; length: number; extent: { offsetBytes: number; lengthBytes: number } }> | null = null;
   #device: ReturnType<SendSource['openSnapshot']> | null = null;
   #readingBytes = 0;
-  /** Small reads in #reads (read a batch at a time: #readAhead). */
+  /** Reads of at most sendGatheredReadBytesMax in #reads (read a batch at a time: #readAhead). */
   #smallAhead = 0;
   #digest: Promise<Buffer> | undefined;
 
@@ -202,8 +202,8 @@ class SendStream implements PreparedSend {
   }
 
   // Reads run a few records ahead of what is yielded, so the disk works while the consumer sends. A read the page
-  // cache answers is done at once (readNowOrLater: no promise); one that waits on the disk settles later. Small
-  // reads (a random writer's scattered chunks) go a batch at a time, once half of those ahead were used, read
+  // cache answers is done at once (readNowOrLater: no promise); one that waits on the disk settles later. Reads of
+  // a few chunks (a random writer's scattered ones) go a batch at a time, once half of those ahead were used, read
   // together in order of their place on disk (readManyNowOrLater): a cycle's chunks were written close together
   // in time, so in a batch of a thousand about half lie next to another of it, and are read with it in one call
   // (BENCHMARKS.md, issue 14); a read ahead one at a time found almost none.
@@ -223,7 +223,7 @@ class SendStream implements PreparedSend {
       // The error is kept and looked at in order, when the piece's turn comes.
       const read: PendingRead = { offset, extent, buffer, record, shared, settled: false, error: null, done: null, found: null };
       reads.push(read);
-      if (shared === null) {
+      if (length <= sendGatheredReadBytesMax) {
         this.#smallAhead += 1;
         gathered.push(read);
         continue;
@@ -293,7 +293,7 @@ class SendStream implements PreparedSend {
           return;
         }
         this.#readingBytes -= read.buffer.length;
-        if (read.shared === null) this.#smallAhead -= 1;
+        if (read.buffer.length <= sendGatheredReadBytesMax) this.#smallAhead -= 1;
         this.#readAhead();
         const { offset, buffer, shared } = read;
         // Runs of zero chunks go as ZERO records (the receiver unmaps them), the rest as DATA.
