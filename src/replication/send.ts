@@ -1,7 +1,8 @@
 // The sending side of a replication stream (the format: stream-format.ts). What changed is found from metadata
 // (the snapshot diff; a full stream is a diff against an empty volume), and only those chunks are read, through
 // the chunk store's verified read: a chunk that fails its checksum stops the stream with an ABORT record naming
-// the extent, so damaged bytes are never shipped. Reads go a record (at most 1 MiB) at a time, a few ahead, and the records are
+// the extent, so damaged bytes are never shipped. Reads go a record (at most 1 MiB) at a time, several ahead (small
+// ones a batch at a time, read together where they lie side by side on disk), and the records are
 // yielded to a consumer that applies backpressure (the API's HTTP response), so memory stays bounded.
 //
 // Reads land in shared memory, so that a chunk I/O worker reads and verifies in place (store/worker-io.ts stages
@@ -118,6 +119,12 @@ class SendStream implements PreparedSend {
   #readingBytes = 0;
   /** Reads of at most sendGatheredReadBytesMax in #reads (read a batch at a time: #readAhead). */
   #smallAhead = 0;
+  /**
+   * How many of those may be ahead: sendSmallReadsAheadMax once the last batch came wholly from the page cache,
+   * else (at the start, and while reads wait on the disk) sendReadsAheadMax, so that a cold stream keeps no more
+   * reads queued on libuv's pool, beside the clients' writes and flushes, than a read ahead one at a time did.
+   */
+  #smallLimit = sendReadsAheadMax;
   #digest: Promise<Buffer> | undefined;
 
   constructor(source: SendSource, request: SendRequest, header: StreamHeader, extents: Array<{ offsetBytes: number; lengthBytes: number }>, log: Log) {
@@ -209,10 +216,12 @@ class SendStream implements PreparedSend {
   // (BENCHMARKS.md, issue 14); a read ahead one at a time found almost none.
   #readAhead(): void {
     const reads = this.#reads;
-    if (this.#smallAhead > sendSmallReadsAheadMax / 2) return;
+    // A batch at a time: once half of those ahead were used, or half of their bytes (reads of 8-16 KiB fill the
+    // bytes' bound before the count's, and would otherwise be read a batch of one at a time).
+    if (this.#smallAhead > this.#smallLimit / 2 || (this.#smallAhead > 0 && this.#readingBytes > sendReadAheadBytes / 2)) return;
     const gathered: PendingRead[] = [];
     // Bounded by bytes, not only by count, so that scattered 4 KiB extents keep as much in flight as big ones.
-    while (reads.length - this.#smallAhead < sendReadsAheadMax && this.#smallAhead < sendSmallReadsAheadMax && this.#readingBytes < sendReadAheadBytes) {
+    while (reads.length - this.#smallAhead < sendReadsAheadMax && this.#smallAhead < this.#smallLimit && this.#readingBytes < sendReadAheadBytes) {
       const next = this.#pieces!.next();
       if (next.done === true) break;
       const { offset, length, extent } = next.value;
@@ -240,7 +249,12 @@ class SendStream implements PreparedSend {
       gathered.map((read) => read.offset),
       gathered.map((read) => read.buffer),
     );
-    for (let i = 0; i < gathered.length; i++) settle(gathered[i]!, outcomes[i]!);
+    let cached = true;
+    for (let i = 0; i < gathered.length; i++) {
+      settle(gathered[i]!, outcomes[i]!);
+      if (!gathered[i]!.settled) cached = false;
+    }
+    this.#smallLimit = cached ? sendSmallReadsAheadMax : sendReadsAheadMax;
   }
 
   // The END record's digest is computed while the stream goes (a snapshot's map does not change), once a read

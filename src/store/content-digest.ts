@@ -108,11 +108,6 @@ export class ContentDigest {
     this.#sinceTurnChunks += slots.length;
   }
 
-  /** Counts `chunkCount` chunks walked through `addChunk` towards the next turn (`add` counts its own). */
-  countChunks(chunkCount: number): void {
-    this.#sinceTurnChunks += chunkCount;
-  }
-
   /**
    * Once a slice's worth of chunks was added since the last turn, a promise of the event loop's next turn (await
    * it before the next `add`); null before. A 4 GiB volume's digest is 35 ms of CPU at best and far more on a busy

@@ -600,9 +600,9 @@ export class SnapshotDevice implements BlockDevice {
   /**
    * read, done right here when it can be (the map in memory, every byte in the page cache), else a promise; either
    * way the lookup it read by (the runs and their recorded checksums, which the read verified the bytes against
-   * unless the pool's verifyReads is off); a failure is thrown (or rejects) as read's. A sender reads a random
-   * writer's scattered 4 KiB chunks one at a time (replication/send.ts), and the promises of an asynchronous read
-   * were a good part of each one's CPU.
+   * unless the pool's verifyReads is off); a failure is thrown (or rejects) as read's. A sender reads a
+   * large extent this way (replication/send.ts; a random writer's scattered small chunks a batch at a time:
+   * readManyNowOrLater), and the promises of an asynchronous read were a good part of each one's CPU.
    */
   readNowOrLater(offsetBytes: number, target: Buffer): ChunkLookup | Promise<ChunkLookup> {
     assertRange(offsetBytes, target.length, this.sizeBytes);

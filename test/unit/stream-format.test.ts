@@ -129,10 +129,6 @@ test('a data record sealed from its chunks\' checksums has the bytes of one seal
   }
 });
 
-// A data record's CRC is checked from its chunks' own sums (one pass over its bytes), which go out with the
-// record for the receiver to record: they must be the chunks' real checksums, and damage to any byte of the record
-// (head, offset, any chunk, tail) must still fail the check, in records of one chunk, of several and of the most a
-// record holds (1 MiB).
 test('shortChecksum, which seals and checks a data record\'s head, is blockChecksum over the same bytes', () => {
   const random = makeRandom(testSeed('short checksum'));
   const bytes = Buffer.alloc(256);
@@ -145,6 +141,10 @@ test('shortChecksum, which seals and checks a data record\'s head, is blockCheck
   assert.equal(shortChecksum(bytes, 5, 5), blockChecksum(Buffer.alloc(0)));
 });
 
+// A data record's CRC is checked from its chunks' own sums (one pass over its bytes), which go out with the
+// record for the receiver to record: they must be the chunks' real checksums, and damage to any byte of the record
+// (head, offset, any chunk, tail) must still fail the check, in records of one chunk, of several and of the most a
+// record holds (1 MiB).
 test('a data record decodes with its chunks\' checksums, and a flipped byte anywhere in it is refused as damaged', () => {
   const random = makeRandom(testSeed('small records summed once'));
   for (const chunks of [1, 3, 63, 64, 256]) {
