@@ -257,6 +257,15 @@ export const receiveFrameBufferStepBytes = 128 * KiB;
 /** Reads a sender keeps ahead of what it has sent (each at most streamDataRecordBytesMax), and their bytes at most. */
 export const sendReadsAheadMax = 64;
 export const sendReadAheadBytes = 8 * MiB;
+/**
+ * Reads of at most sendGatheredReadBytesMax (a random writer's scattered chunks) a sender keeps ahead, read a batch
+ * at a time once half of them (or of their bytes) are used, together (SnapshotDevice.readManyNowOrLater), so that
+ * each batch holds many chunks that lie side by side on disk: at most sendReadAheadBytes of them too, and only
+ * sendReadsAheadMax while the page cache does not answer them all (send.ts's #smallLimit). A larger read is one call already
+ * for several chunks, and goes as before (sendReadsAheadMax).
+ */
+export const sendSmallReadsAheadMax = 2048;
+export const sendGatheredReadBytesMax = 16 * KiB;
 /** A sender's free record arenas kept for reuse (each streamDataRecordBytesMax): its read-ahead's and a link's window's worth. */
 export const sendArenasFreeMax = (2 * sendReadAheadBytes) / streamDataRecordBytesMax;
 

@@ -34,7 +34,7 @@ import { crc32 } from '@node-rs/crc32';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, streamDataRecordBytesMax, streamHeaderBytesMax, streamRecordPayloadBytesMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
-import { appendedChecksum, combinedChecksum } from '../store/checksum.ts';
+import { appendedChecksum, combinedChecksum, shortChecksum } from '../store/checksum.ts';
 import { contentDigestBytes } from '../store/content-digest.ts';
 import { isSnapshotUuid } from '../store/metadata.ts';
 
@@ -132,7 +132,7 @@ export function sealDataRecord(record: Buffer, offsetBytes: number, dataChecksum
   const dataBytes = crcEnd - dataRecordDataStart;
   const crc = dataChecksum === undefined || dataBytes % chunkSizeBytes !== 0
     ? crc32(record.subarray(0, crcEnd)) >>> 0
-    : appendedChecksum(crc32(record.subarray(0, dataRecordDataStart)) >>> 0, dataChecksum, dataBytes / chunkSizeBytes);
+    : appendedChecksum(shortChecksum(record, 0, dataRecordDataStart), dataChecksum, dataBytes / chunkSizeBytes);
   record.writeUInt32LE(crc, crcEnd);
   return record;
 }
@@ -275,7 +275,7 @@ export class StreamDecoder {
     const arena = this.#sums;
     if (count === 1) arena[from] = crc32(data) >>> 0;
     else for (let i = 0; i < count; i++) arena[from + i] = crc32(data.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes)) >>> 0;
-    const crc = appendedChecksum(crc32(bytes.subarray(0, dataRecordDataStart)) >>> 0, combinedChecksum(arena, from, count), count);
+    const crc = appendedChecksum(shortChecksum(bytes, 0, dataRecordDataStart), combinedChecksum(arena, from, count), count);
     if (crc !== bytes.readUInt32LE(crcEnd)) throw this.#damaged();
     this.#sumsUsed = from + count;
     const header = this.#header;

@@ -17,6 +17,28 @@ export function blockChecksum(bytes: Uint8Array): number {
   return crc32(bytes as Buffer) >>> 0;
 }
 
+/** CRC-32 (IEEE, reflected: the polynomial 0xedb88320) of each byte value, for shortChecksum. */
+const byteTable: Uint32Array = (() => {
+  const table = new Uint32Array(256);
+  for (let value = 0; value < 256; value++) {
+    let crc = value;
+    for (let bit = 0; bit < 8; bit++) crc = (crc & 1) !== 0 ? 0xedb88320 ^ (crc >>> 1) : crc >>> 1;
+    table[value] = crc >>> 0;
+  }
+  return table;
+})();
+
+/**
+ * blockChecksum of bytes[start..end) for a few bytes (a replication record's 16-byte head), computed here a byte at a
+ * time: the native call costs about 0.16-0.2 µs whatever the length (it was a fifth of a 4 KiB record's checksum
+ * work on each side of a stream), these 16 bytes about 0.02. The same value as blockChecksum's.
+ */
+export function shortChecksum(bytes: Uint8Array, start: number, end: number): number {
+  let crc = 0xffffffff;
+  for (let i = start; i < end; i++) crc = byteTable[(crc ^ bytes[i]!) & 0xff]! ^ (crc >>> 8);
+  return (crc ^ 0xffffffff) >>> 0;
+}
+
 /** The checksum of a chunk of zeros: what a hole reads as. */
 export const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
 

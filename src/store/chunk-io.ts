@@ -177,6 +177,41 @@ export function spanEnd(plan: Float64Array, p: number): number {
   return last;
 }
 
+/**
+ * Reads single chunks scattered over the chunk files, each into its own 4 KiB target, from the page cache only, in
+ * order of physical place: each stretch of chunks that lie back to back in one chunk file (at most
+ * scratch.length bytes) is read with one call into `scratch` and copied out to its chunks' targets, instead of one
+ * read call per chunk. A replication cycle's changed chunks were written close together in time, so they lie close
+ * together in the chunk files though far apart in the volume, and a sender reads them in volume order (BENCHMARKS.md,
+ * issue 14). Nothing is verified here. Returns a flag per chunk: 1 when read, 0 when not (a byte not in the page
+ * cache, or its file not open yet: the caller reads it another way).
+ */
+export function readCachedGathered(files: Pick<ChunkFiles, 'readCached'>, physical: Float64Array, targets: readonly Buffer[], scratch: Buffer): Uint8Array {
+  const count = physical.length;
+  const done = new Uint8Array(count);
+  const order = new Uint32Array(count);
+  for (let i = 0; i < count; i++) order[i] = i;
+  order.sort((a, b) => physical[a]! - physical[b]!);
+  const stretchMax = Math.max(1, Math.floor(scratch.length / chunkSizeBytes));
+  let k = 0;
+  while (k < count) {
+    const first = physical[order[k]!]!;
+    const file = Math.floor(first / chunksPerFile);
+    let end = k + 1;
+    while (end < count && end - k < stretchMax && physical[order[end]!]! === first + (end - k) && Math.floor(physical[order[end]!]! / chunksPerFile) === file) end += 1;
+    if (end - k === 1) {
+      if (files.readCached(first, 0, targets[order[k]!]!)) done[order[k]!] = 1;
+    } else if (files.readCached(first, 0, scratch.subarray(0, (end - k) * chunkSizeBytes))) {
+      for (let j = k; j < end; j++) {
+        scratch.copy(targets[order[j]!]!, 0, (j - k) * chunkSizeBytes, (j - k + 1) * chunkSizeBytes);
+        done[order[j]!] = 1;
+      }
+    }
+    k = end;
+  }
+  return done;
+}
+
 /** The plan entry (physical chunk, and chunk index in the target) of the `index`th chunk read. */
 export function locateInPlan(plan: Float64Array, index: number): { physicalChunk: number; targetChunk: number } {
   let remaining = index;

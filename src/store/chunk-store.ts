@@ -19,7 +19,7 @@ import type { FreeExtent } from './allocator.ts';
 import type { ChunkAllocation, ChunkLookup } from './catalog-backend.ts';
 import { blockChecksum, zeroChunkSum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
-import { locateInPlan, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
+import { locateInPlan, readCachedGathered, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import { hex, scrub, type ScrubReport, type ScrubSource } from './scrub.ts';
 import type { ChunkSpace } from './space-map.ts';
@@ -56,6 +56,8 @@ export class ChunkStore {
   readonly #io: ChunkIo;
   readonly #log: Log;
   readonly #reclaim: () => Promise<void>;
+  /** Where readCachedMany reads a stretch of chunks back to back on disk before copying each to its target. */
+  readonly #gatherScratch = Buffer.allocUnsafe(gatherStretchBytesMax);
   #checksumErrorsTotal = 0;
 
   constructor(parts: ChunkStoreParts) {
@@ -141,6 +143,61 @@ export class ChunkStore {
     if (mismatch instanceof Promise) return mismatch.then((settled) => this.#readDone(exportName, plan, settled, offsetBytes, target, buffer));
     this.#readDone(exportName, plan, mismatch, offsetBytes, target, buffer);
     return undefined;
+  }
+
+  /**
+   * read() for many reads of whole chunks at once, each with its lookup, done here only from the page cache: their
+   * chunks read in order of physical place, a call per stretch of them back to back in one chunk file rather than
+   * a call per read (readCachedGathered), each chunk then verified in its target as read() verifies it. A sender
+   * reads a random writer's scattered 4 KiB chunks so (replication/send.ts). `outcomes[i]`: null when read i was
+   * done (its target filled and verified), the corruption error read() would throw, or undefined when it was not
+   * done here (a hole in it, not whole chunks, or a byte not in the page cache): the caller reads it with read().
+   */
+  readCachedMany(exportName: string, founds: readonly ChunkLookup[], offsets: readonly number[], targets: readonly Buffer[]): Array<Error | null | undefined> {
+    const outcomes: Array<Error | null | undefined> = new Array<Error | null | undefined>(founds.length).fill(undefined);
+    let total = 0;
+    const wanted = new Uint8Array(founds.length);
+    for (let r = 0; r < founds.length; r++) {
+      if (offsets[r]! % chunkSizeBytes !== 0 || targets[r]!.length % chunkSizeBytes !== 0) continue;
+      let mapped = 0;
+      for (const run of founds[r]!.runs) mapped += run.physicalChunk < 0 ? -Infinity : run.chunkCount;
+      if (mapped !== targets[r]!.length / chunkSizeBytes) continue;
+      wanted[r] = 1;
+      total += mapped;
+    }
+    // Every chunk wanted, in read order: its physical place, its 4 KiB of its read's target, its recorded sum, its read.
+    const physical = new Float64Array(total);
+    const views: Buffer[] = new Array<Buffer>(total);
+    const expected = new Uint32Array(total);
+    const owner = new Uint32Array(total);
+    let c = 0;
+    for (let r = 0; r < founds.length; r++) {
+      if (wanted[r] === 0) continue;
+      const found = founds[r]!;
+      const target = targets[r]!;
+      const firstChunk = offsets[r]! / chunkSizeBytes;
+      for (const run of found.runs) {
+        for (let i = 0; i < run.chunkCount; i++) {
+          const at = (run.virtualChunk + i - firstChunk) * chunkSizeBytes;
+          physical[c] = run.physicalChunk + i;
+          views[c] = target.length === chunkSizeBytes ? target : target.subarray(at, at + chunkSizeBytes);
+          expected[c] = found.sumOf(run, i);
+          owner[c++] = r;
+        }
+      }
+    }
+    const done = readCachedGathered(this.#files, physical, views, this.#gatherScratch);
+    // A read is done when all its chunks were; verified chunk by chunk, the first mismatch in its order reported.
+    for (let k = 0; k < total; k++) if (done[k] === 0) wanted[owner[k]!] = 0;
+    for (let k = 0; k < total; k++) {
+      const r = owner[k]!;
+      if (wanted[r] === 0 || outcomes[r] instanceof Error) continue;
+      outcomes[r] = null;
+      if (!this.verifyReads) continue;
+      const actual = blockChecksum(views[k]!);
+      if (actual !== expected[k]) outcomes[r] = this.#corruption(exportName, offsets[r]! + (views[k]!.byteOffset - targets[r]!.byteOffset), physical[k]!, expected[k]!, actual);
+    }
+    return outcomes;
   }
 
   /** A read's end: the corruption report of its first mismatch, or the bytes copied out of its scratch buffer. */
@@ -290,6 +347,9 @@ export class ChunkStore {
     return new DamagedDataError(`${message}; the read fails rather than return damaged data`);
   }
 }
+
+/** The most bytes readCachedMany reads with one call: 64 chunks. */
+const gatherStretchBytesMax = 64 * chunkSizeBytes;
 
 /** Extents sorted and merged where they touch, so that each stretch of freed space is punched in one call. */
 function coalesce(extents: FreeExtent[]): FreeExtent[] {

@@ -78,9 +78,34 @@ export class ContentDigest {
     this.#used = used;
   }
 
-  /** Counts `chunkCount` chunks walked through `addChunk` towards the next turn (`add` counts its own). */
-  countChunks(chunkCount: number): void {
-    this.#sinceTurnChunks += chunkCount;
+  /**
+   * A map page's mapped chunks from virtual chunk `first` (a multiple of the page's length), in order: `slots` holds
+   * each chunk's physical chunk plus one (0: a hole), `sums` the checksums by physical chunk. addChunk for each, with
+   * the batch's words and place held in locals over the page and the high word of the virtual chunk taken once (a
+   * page never crosses a multiple of 2^32 chunks). A method called a page at a time, rather than a loop inside
+   * contentDigest's async walk: a replication cycle digests its target once, so that long loop ran in
+   * on-stack-replaced code, which V8 compiled again at every cycle on both nodes (BENCHMARKS.md, issue 14).
+   */
+  addPage(first: number, slots: Float64Array, sums: Pick<ChunkSums, 'get'>): void {
+    const words = this.#words;
+    let used = this.#used;
+    const high = Math.floor(first / twoTo32);
+    const count = Math.min(slots.length, this.#chunkLimit - first);
+    for (let slot = 0; slot < count; slot++) {
+      const physical = slots[slot]! - 1;
+      if (physical < 0) continue;
+      const sum = sums.get(physical);
+      if (sum === zeroChunkSum) continue;
+      words[used++] = (first + slot) >>> 0;
+      words[used++] = high;
+      words[used++] = sum;
+      if (used === words.length) {
+        this.#flush(used);
+        used = 0;
+      }
+    }
+    this.#used = used;
+    this.#sinceTurnChunks += slots.length;
   }
 
   /**
@@ -117,23 +142,10 @@ export async function contentDigest(map: ChunkMap, sums: Pick<ChunkSums, 'get'>,
   // Page by page rather than through mappedRuns(): a volume written at random has runs of a chunk or two, and
   // an object per run was most of the walk.
   for (const [pageIndex, page] of map.pages()) {
-    addPage(digest, pageIndex * mapPageChunks, page.slots, sums);
+    digest.addPage(pageIndex * mapPageChunks, page.slots, sums);
     const turn = digest.turn();
     if (turn !== null) await turn;
   }
   return digest.digest();
 }
 
-/**
- * A map page's mapped chunks, from virtual chunk `first`. A function of its own, called a page at a time, rather than
- * the loop inside the async walk above: a replication cycle digests its target once, so that long loop ran in
- * on-stack-replaced code, which V8 compiled again at every cycle on both nodes (twice a cycle, Maglev and TurboFan,
- * in the capped 4 KiB row: BENCHMARKS.md, issue 14); a short function called hundreds of times is compiled once.
- */
-function addPage(digest: ContentDigest, first: number, slots: Float64Array, sums: Pick<ChunkSums, 'get'>): void {
-  for (let slot = 0; slot < mapPageChunks; slot++) {
-    const physical = slots[slot]! - 1;
-    if (physical >= 0) digest.addChunk(first + slot, sums.get(physical));
-  }
-  digest.countChunks(mapPageChunks);
-}

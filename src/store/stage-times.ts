@@ -82,6 +82,8 @@ export function timedVolumeStore<T extends VolumeStore>(store: T, times: StageTi
     ...store,
     chunks: {
       read: (...args: Parameters<typeof chunks.read>) => timedNowOrLater(times.chunk_read, () => chunks.read(...args)),
+      // Many reads in one call, not one request's latency: not timed.
+      readCachedMany: (...args: Parameters<typeof chunks.readCachedMany>) => chunks.readCachedMany(...args),
       write: (...args: Parameters<typeof chunks.write>) => timed(times.chunk_write, () => chunks.write(...args)),
       zero: (...args: Parameters<typeof chunks.zero>) => timed(times.chunk_zero, () => chunks.zero(...args)),
     },

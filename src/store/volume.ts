@@ -31,7 +31,7 @@ import type { RangeLock, Release } from './range-lock.ts';
  * read through a map's lookup with verification) and the commit engine's record, commit, lookup and health check.
  */
 export interface VolumeStore {
-  readonly chunks: Pick<ChunkStore, 'write' | 'zero' | 'read'>;
+  readonly chunks: Pick<ChunkStore, 'write' | 'zero' | 'read' | 'readCachedMany'>;
   readonly metadata: Pick<CommitEngine, 'record' | 'commit' | 'checkHealthy' | 'lookup'>;
   /**
    * Asked at every write, trim, zero and flush of a volume (not of the stream receiver's handle), before it is
@@ -600,9 +600,9 @@ export class SnapshotDevice implements BlockDevice {
   /**
    * read, done right here when it can be (the map in memory, every byte in the page cache), else a promise; either
    * way the lookup it read by (the runs and their recorded checksums, which the read verified the bytes against
-   * unless the pool's verifyReads is off); a failure is thrown (or rejects) as read's. A sender reads a random
-   * writer's scattered 4 KiB chunks one at a time (replication/send.ts), and the promises of an asynchronous read
-   * were a good part of each one's CPU.
+   * unless the pool's verifyReads is off); a failure is thrown (or rejects) as read's. A sender reads a
+   * large extent this way (replication/send.ts; a random writer's scattered small chunks a batch at a time:
+   * readManyNowOrLater), and the promises of an asynchronous read were a good part of each one's CPU.
    */
   readNowOrLater(offsetBytes: number, target: Buffer): ChunkLookup | Promise<ChunkLookup> {
     assertRange(offsetBytes, target.length, this.sizeBytes);
@@ -613,6 +613,66 @@ export class SnapshotDevice implements BlockDevice {
       throw fromSystemError(error, `read of snapshot ${this.name} at ${offsetBytes}`);
     }
     if (!(reading instanceof Promise)) return reading;
+    return this.#later(offsetBytes, reading);
+  }
+
+  /**
+   * readNowOrLater for many ranges at once (a sender's scattered chunks, a window of them): those whose lookups are
+   * in memory and whose bytes the page cache holds are read together, in order of their place on disk
+   * (ChunkStore.readCachedMany: a read call per stretch of chunks back to back there, not one per range); each of
+   * the others as readNowOrLater reads it. `outcomes[i]` is what readNowOrLater(offsets[i], targets[i]) would
+   * give, its failure as an Error (in the slot, not thrown): the lookup, a promise of it, or the error.
+   */
+  readManyNowOrLater(offsets: readonly number[], targets: readonly Buffer[]): Array<ChunkLookup | Promise<ChunkLookup> | Error> {
+    const outcomes = new Array<ChunkLookup | Promise<ChunkLookup> | Error>(offsets.length);
+    const founds: ChunkLookup[] = [];
+    const at: number[] = [];
+    for (let i = 0; i < offsets.length; i++) {
+      try {
+        assertRange(offsets[i]!, targets[i]!.length, this.sizeBytes);
+        const first = Math.floor(offsets[i]! / chunkSizeBytes);
+        const lookedUp = lookup(this.#store, this.#snapshot.map, first, Math.ceil((offsets[i]! + targets[i]!.length) / chunkSizeBytes) - first);
+        if (lookedUp instanceof Promise) {
+          outcomes[i] = this.#later(offsets[i]!, lookedUp.then((found) => readFound(this.#store, this.name, found, offsets[i]!, targets[i]!)));
+        } else {
+          outcomes[i] = lookedUp;
+          founds.push(lookedUp);
+          at.push(i);
+        }
+      } catch (error) {
+        outcomes[i] = this.#failed(offsets[i]!, error);
+      }
+    }
+    if (founds.length === 0) return outcomes;
+    const read = this.#store.chunks.readCachedMany(this.name, founds, at.map((i) => offsets[i]!), at.map((i) => targets[i]!));
+    for (let k = 0; k < at.length; k++) {
+      const i = at[k]!;
+      const outcome = read[k];
+      if (outcome === null) continue;
+      if (outcome !== undefined) {
+        outcomes[i] = this.#failed(offsets[i]!, outcome);
+        continue;
+      }
+      try {
+        const reading = readFound(this.#store, this.name, founds[k]!, offsets[i]!, targets[i]!);
+        outcomes[i] = reading instanceof Promise ? this.#later(offsets[i]!, reading) : reading;
+      } catch (error) {
+        outcomes[i] = this.#failed(offsets[i]!, error);
+      }
+    }
+    return outcomes;
+  }
+
+  /** A read's failure as read throws it (a failure that is not the system's, a bug, as it is). */
+  #failed(offsetBytes: number, error: unknown): Error {
+    try {
+      return fromSystemError(error, `read of snapshot ${this.name} at ${offsetBytes}`);
+    } catch (other) {
+      return other as Error;
+    }
+  }
+
+  #later(offsetBytes: number, reading: Promise<ChunkLookup>): Promise<ChunkLookup> {
     return reading.catch((error: unknown) => {
       throw fromSystemError(error, `read of snapshot ${this.name} at ${offsetBytes}`);
     });

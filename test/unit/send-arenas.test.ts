@@ -6,14 +6,17 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'vitest';
+import { sendSmallReadsAheadMax } from '../../src/core/limits.ts';
 import { prepareSend } from '../../src/replication/send.ts';
 import { StreamDecoder } from '../../src/replication/stream-format.ts';
 import { Pool } from '../../src/store/pool.ts';
 import { testPoolOptions } from '../../src/testing/test-metadata.ts';
 
 const chunkBytes = 4096;
-/** Scattered chunks: several arenas' worth of 4 KiB records (about 250 fit an arena). */
+/** Scattered chunks: several arenas' worth of 4 KiB records (about 250 fit an arena), beyond what is read ahead. */
 const chunkCount = 1200;
+/** For the test of reuse: twice the small reads a sender keeps ahead, so that later reads find arenas recycled. */
+const reuseChunkCount = 2 * sendSmallReadsAheadMax;
 
 /** The bytes written at virtual chunk `chunk`: its index in every word, so a record holding another's bytes shows. */
 function chunkBytesOf(chunk: number): Buffer {
@@ -35,9 +38,9 @@ async function withVolume(sizeBytes: number, body: (pool: Pool, volume: ReturnTy
 }
 
 test('record arenas are reused once their records are recycled, and a record still held keeps its bytes', async () => {
-  await withVolume(2 * chunkCount * chunkBytes, async (pool, volume) => {
+  await withVolume(2 * reuseChunkCount * chunkBytes, async (pool, volume) => {
     // Every other chunk, so that no two written chunks make one extent: one 4 KiB record each.
-    for (let i = 0; i < chunkCount; i++) await volume.write(2 * i * chunkBytes, chunkBytesOf(2 * i));
+    for (let i = 0; i < reuseChunkCount; i++) await volume.write(2 * i * chunkBytes, chunkBytesOf(2 * i));
     await volume.close();
     await pool.createSnapshot('v', 's');
 
@@ -71,7 +74,7 @@ test('record arenas are reused once their records are recycled, and a record sti
       index += 1;
     }
     assert.equal(prepared.failure(), null);
-    assert.equal(dataRecords, chunkCount);
+    assert.equal(dataRecords, reuseChunkCount);
     for (const { record, bytes } of held) assert.ok(Buffer.concat(record).equals(bytes), 'a record still held was overwritten by a later one');
     assert.ok(arenasReused > 0, 'no arena was reused');
     await pool.close();
@@ -227,4 +230,41 @@ test("every stream's steps are the same functions, and its generators' objects s
     assert.equal(incremental, 2, 'header and end');
     assert.equal(b.coveredBytes(), 0);
   });
+});
+
+test('only a read with a chunk whose recorded checksum is that of zeros is scanned for zero chunks: a chunk zeroed on disk under its checksum goes as data and is refused', async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-send-zeros-'));
+  try {
+    // Reads not verified, so that bytes that lost their checksum reach the sender.
+    const pool = await Pool.open({ directory, ...testPoolOptions(), verifyReads: false });
+    await pool.createVolume('v', 64 * chunkBytes);
+    const volume = pool.openVolume('v');
+    // Scattered 4 KiB chunks: 2 written with zeros (its checksum is that of zeros), 4 and 6 with data.
+    for (const chunk of [2, 4, 6]) await volume.write(chunk * chunkBytes, chunk === 2 ? Buffer.alloc(chunkBytes) : chunkBytesOf(chunk));
+    await volume.close();
+    await pool.createSnapshot('v', 's');
+    // Chunk 6's bytes zeroed on disk, its recorded checksum left as it was.
+    const chunks = path.join(directory, 'chunks');
+    let zeroed = 0;
+    for (const file of fs.readdirSync(chunks)) {
+      const at = fs.readFileSync(path.join(chunks, file)).indexOf(chunkBytesOf(6));
+      if (at < 0) continue;
+      const fd = fs.openSync(path.join(chunks, file), 'r+');
+      fs.writeSync(fd, Buffer.alloc(chunkBytes), 0, chunkBytes, at);
+      fs.closeSync(fd);
+      zeroed += 1;
+    }
+    assert.equal(zeroed, 1);
+    const prepared = await prepareSend(pool, { volume: 'v', snapshot: 's', from: null, resumeOffsetBytes: 0 }, () => {});
+    const decoder = new StreamDecoder();
+    const types: string[] = [];
+    await assert.rejects(async () => {
+      for await (const record of prepared.records) for (const decoded of decoder.push(Buffer.concat(record))) types.push(`${decoded.type}${decoded.type === 'header' ? '' : ` ${(decoded as { offsetBytes: number }).offsetBytes / chunkBytes}`}`);
+    }, /fails its checksum/);
+    // Scanned as before, chunk 6 would have gone as a ZERO record, accepted.
+    assert.deepEqual(types, ['header', 'zero 2', 'data 4'], 'chunk 2 (zeros, by its checksum) goes as ZERO; chunk 6 as data, refused');
+    await pool.close();
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
 });

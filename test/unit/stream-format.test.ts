@@ -19,7 +19,7 @@ import {
   type StreamHeader,
   type StreamRecord,
 } from '../../src/replication/stream-format.ts';
-import { blockChecksum, combinedChecksum } from '../../src/store/checksum.ts';
+import { blockChecksum, combinedChecksum, shortChecksum } from '../../src/store/checksum.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 const header: StreamHeader = {
@@ -127,6 +127,18 @@ test('a data record sealed from its chunks\' checksums has the bytes of one seal
     decoder.push(encodeHeader(header));
     assert.throws(() => decoder.push(record), /checksum/);
   }
+});
+
+test('shortChecksum, which seals and checks a data record\'s head, is blockChecksum over the same bytes', () => {
+  const random = makeRandom(testSeed('short checksum'));
+  const bytes = Buffer.alloc(256);
+  for (let round = 0; round < 200; round++) {
+    for (let i = 0; i < bytes.length; i++) bytes[i] = randomInt(random, 256);
+    const start = randomInt(random, 64);
+    const end = start + randomInt(random, 65);
+    assert.equal(shortChecksum(bytes, start, end), blockChecksum(bytes.subarray(start, end)), `bytes ${start}-${end} of round ${round}`);
+  }
+  assert.equal(shortChecksum(bytes, 5, 5), blockChecksum(Buffer.alloc(0)));
 });
 
 // A data record's CRC is checked from its chunks' own sums (one pass over its bytes), which go out with the
