@@ -79,32 +79,16 @@ export class ContentDigest {
   }
 
   /**
-   * A map page's mapped chunks from virtual chunk `first` (a multiple of the page's length), in order: `slots` holds
-   * each chunk's physical chunk plus one (0: a hole), `sums` the checksums by physical chunk. addChunk for each, with
-   * the batch's words and place held in locals over the page and the high word of the virtual chunk taken once (a
-   * page never crosses a multiple of 2^32 chunks). A method called a page at a time, rather than a loop inside
-   * contentDigest's async walk: a replication cycle digests its target once, so that long loop ran in
+   * A map page's mapped chunks from virtual chunk `first`, in order: `slots` holds each chunk's physical chunk plus
+   * one (0: a hole), `sums` the checksums by physical chunk. A method called a page at a time, rather than a loop
+   * inside contentDigest's async walk: a replication cycle digests its target once, so that long loop ran in
    * on-stack-replaced code, which V8 compiled again at every cycle on both nodes (BENCHMARKS.md, issue 14).
    */
   addPage(first: number, slots: Float64Array, sums: Pick<ChunkSums, 'get'>): void {
-    const words = this.#words;
-    let used = this.#used;
-    const high = Math.floor(first / twoTo32);
-    const count = Math.min(slots.length, this.#chunkLimit - first);
-    for (let slot = 0; slot < count; slot++) {
+    for (let slot = 0; slot < slots.length; slot++) {
       const physical = slots[slot]! - 1;
-      if (physical < 0) continue;
-      const sum = sums.get(physical);
-      if (sum === zeroChunkSum) continue;
-      words[used++] = (first + slot) >>> 0;
-      words[used++] = high;
-      words[used++] = sum;
-      if (used === words.length) {
-        this.#flush(used);
-        used = 0;
-      }
+      if (physical >= 0) this.addChunk(first + slot, sums.get(physical));
     }
-    this.#used = used;
     this.#sinceTurnChunks += slots.length;
   }
 
