@@ -1,6 +1,7 @@
 // chunkd serve: runs a node in the foreground until SIGINT or SIGTERM, then stops it cleanly and exits 0.
 import { caCertFile, clientCertFile, clientKeyFile, readPem } from '../core/tls-files.ts';
 import { parseArgs } from 'node:util';
+import v8 from 'node:v8';
 import { ChunkdError } from '../core/errors.ts';
 import { parseHostPort } from '../core/host-port.ts';
 import { installFailStop } from '../core/fail-stop.ts';
@@ -53,6 +54,27 @@ export function parseWorkers(text: string, option = '--workers'): number {
 }
 
 /** --poll-us: 0 (off) to pollUsMax microseconds. */
+/** serve --heap-growth: null for auto (V8's own factor), else a percent from 1 to 1000. */
+export function parseHeapGrowth(text: string): number | null {
+  if (text === 'auto') return null;
+  const percent = Number(text);
+  if (!/^\d+$/.test(text) || percent < 1 || percent > heapGrowthPercentMax) throw ChunkdError.invalid(`invalid --heap-growth "${text}": auto, or a whole percent from 1 to ${heapGrowthPercentMax}`);
+  return percent;
+}
+
+const heapGrowthPercentMax = 1000;
+
+/**
+ * Sets how far V8's heap may grow past what the last full collection left live (its --heap-growing-percent, read at
+ * every full collection when it sets the next limit, so setting it once the process runs takes effect from the next
+ * one: checked in serve-heap-growth.test.ts by the full collections a workload makes). Left to V8 (up to 4x live on
+ * a machine with this much memory) unless asked: the garbage a node's writes promote, and the array buffers that
+ * wait for a full collection, then sit in the RSS that much longer (BENCHMARKS.md, issue 15, "The RSS's level").
+ */
+export function applyHeapGrowth(percent: number | null): void {
+  if (percent !== null) v8.setFlagsFromString(`--heap-growing-percent=${percent}`);
+}
+
 function parsePollUs(text: string): number {
   const micros = Number(text);
   if (!/^\d+$/.test(text) || micros > pollUsMax) throw ChunkdError.invalid(`invalid --poll-us "${text}": a whole number of microseconds from 0 (off) to ${pollUsMax}`);
@@ -118,7 +140,7 @@ function checkedLogLevel(text: string): LogLevel {
   return level;
 }
 
-export type ServeConfig = Omit<NodeConfig, 'log'> & { logLevel: LogLevel; logFormat: 'text' | 'json' };
+export type ServeConfig = Omit<NodeConfig, 'log'> & { logLevel: LogLevel; logFormat: 'text' | 'json'; heapGrowthPercent: number | null };
 
 export function serveConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): ServeConfig {
   let fromEnvironment = new Set<string>();
@@ -185,6 +207,7 @@ function configFrom(values: ServeValues, fromEnvironment: Set<string>): ServeCon
     peerTimeoutMs: parseDuration(values['peer-timeout'] ?? serveOptions['peer-timeout'].fallback, '--peer-timeout'),
     logLevel: checkedLogLevel(values['log-level'] ?? serveOptions['log-level'].fallback),
     logFormat: parseLogFormat(values['log-format'] ?? serveOptions['log-format'].fallback),
+    heapGrowthPercent: parseHeapGrowth(values['heap-growth'] ?? serveOptions['heap-growth'].fallback),
     cluster: parseClusterOptions(values.etcd, values['node-name'], values['lease-ttl'], tlsDirectory),
   };
 }
@@ -213,6 +236,7 @@ export function parseClusterOptions(etcd: string | undefined, nodeName: string |
 
 export async function serve(argv: string[]): Promise<number> {
   const config = serveConfig(argv);
+  applyHeapGrowth(config.heapGrowthPercent);
   const log = makeLog({ level: config.logLevel, format: config.logFormat, stamped: !stderrIsJournal() });
   // A bug anywhere, even one no request handler sees, stops the node at once (core/fail-stop.ts).
   installFailStop();
