@@ -761,10 +761,16 @@ export class ChunkSpace implements ChunkRefs {
         position = pageEnd;
         continue;
       }
-      // Part free. Nothing carried in and nothing free in the next page: a run here lies within this page.
-      if (runStart < 0 && available < count && (pageEnd >= to || this.#available(page + 1) === 0)) {
-        position = pageEnd;
-        continue;
+      // Part free, nothing carried in and fewer free chunks here than the run: a run starting here goes on into the
+      // next page, so it needs free chunks there too, and (unless longer than a page) this page's and the next's
+      // free chunks together hold it. After random overwrites every page holds a few free chunks among 2,000 in
+      // use, and a search for a write's run of tens read every page's counts.
+      if (runStart < 0 && available < count) {
+        const next = pageEnd >= to ? 0 : this.#available(page + 1);
+        if (next === 0 || (count <= countsPerPage && available + next < count)) {
+          position = pageEnd;
+          continue;
+        }
       }
       const counts = this.counts.countsOf(page);
       if (counts === undefined) {
@@ -777,9 +783,7 @@ export class ChunkSpace implements ChunkRefs {
         }
         return need;
       }
-      // Nothing carried in and fewer free chunks here than the run: a run starting in this page goes on into the
-      // next, so it starts among the page's last `available` chunks. After random overwrites every page holds a few
-      // free chunks among 2,000 in use, and a search for a write's run walked every count of every page.
+      // And such a run starts among the page's last `available` chunks.
       if (runStart < 0 && available < count) position = Math.max(position, pageEnd - available);
       // Held chunks as the page's bits, read here rather than looked up a chunk at a time.
       const reserved = this.#reserved.wordsOf(page);
