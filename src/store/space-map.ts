@@ -788,20 +788,39 @@ export class ChunkSpace implements ChunkRefs {
       // Held chunks as the page's bits, read here rather than looked up a chunk at a time.
       const reserved = this.#reserved.wordsOf(page);
       const freeing = this.#freeing.wordsOf(page);
-      for (let chunk = position; chunk < pageEnd; chunk++) {
-        const slot = chunk - first;
-        if (counts[slot] === 0 && ((reserved[slot >>> 5]! | freeing[slot >>> 5]!) & (1 << (slot & 31))) === 0) {
-          if (runStart < 0) {
-            if (chunk >= limit) return -1;
-            runStart = chunk;
-          }
+      let chunk = position;
+      if (runStart >= 0) {
+        // A run carried in from the page before: it goes on through the free chunks at this page's start.
+        for (; chunk < pageEnd && isFreeSlot(counts, reserved, freeing, chunk - first); chunk++) {
           if (chunk + 1 - runStart >= count) {
             this.#searchedChunks += chunk + 1 - position;
             return runStart;
           }
-        } else runStart = -1;
+        }
+        this.#searchedChunks += Math.min(pageEnd, chunk + 1) - position;
+        if (chunk < pageEnd) {
+          runStart = -1;
+          chunk += 1;
+        }
       }
-      this.#searchedChunks += pageEnd - position;
+      // A run starting at `chunk` holds the chunk `count` - 1 further (or the page's last): that one is looked at
+      // first, and if in use no run starts before it, so the search moves `count` chunks at a time through chunks
+      // in use (a page of a few free chunks among 2,000 is not walked a count at a time).
+      while (chunk < pageEnd) {
+        const last = Math.min(chunk + count, pageEnd) - 1;
+        let back = last;
+        while (back >= chunk && isFreeSlot(counts, reserved, freeing, back - first)) back -= 1;
+        this.#searchedChunks += last - back + (back >= chunk ? 1 : 0);
+        if (back >= chunk) {
+          chunk = back + 1; // in use at `back`: a run starts after it
+          continue;
+        }
+        // [chunk, last] free: a run, or the start of one that goes on into the next page.
+        if (chunk >= limit) return -1;
+        if (last + 1 - chunk >= count) return chunk;
+        runStart = chunk;
+        break;
+      }
       position = pageEnd;
     }
     return -1;
@@ -1041,4 +1060,9 @@ export class SpaceMaps implements PageSink {
   committed(): void {
     this.pages.committed();
   }
+}
+
+/** Whether the chunk at `slot` of a page of counts is free: of count zero and held neither for a write nor for a commit. */
+function isFreeSlot(counts: Uint16Array, reserved: Uint32Array, freeing: Uint32Array, slot: number): boolean {
+  return counts[slot] === 0 && ((reserved[slot >>> 5]! | freeing[slot >>> 5]!) & (1 << (slot & 31))) === 0;
 }
