@@ -25,7 +25,9 @@
 // `releaseTaken`), the same high-water mark, and the same run found for the same history below its scan limit. A
 // chunk is free when its count is zero, unless it is held in memory: allocated and not yet counted (a write under
 // way), or freed and waiting for a commit. A search reads only the pages of counts whose summary says they are
-// part free and could hold part of the run (a page all free or all used is decided from the summary); the pages it
+// part free and could hold part of the run (a page all free or all used is decided from the summary; a page with
+// fewer free chunks than the run only if it and the next page hold enough, and then only its last ones), and
+// within a page moves a run's length at a time through chunks in use (`#scan`); the pages it
 // reads stay pinned until it ends, the last few until the next search (where the next allocation starts: without
 // that, each allocation read its pages from the cache again, 30 us against 5). So `allocate` is async, and
 // allocations run one at a time. The high-water mark is lowered lazily (finding the new top may read a page):
