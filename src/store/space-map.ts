@@ -842,10 +842,7 @@ export class ChunkSpace implements ChunkRefs {
       if (counts === undefined) return false;
       const reserved = this.#reserved.wordsOf(page);
       const freeing = this.#freeing.wordsOf(page);
-      for (; chunk < stop; chunk++) {
-        const slot = chunk - first;
-        if (counts[slot] !== 0 || ((reserved[slot >>> 5]! | freeing[slot >>> 5]!) & (1 << (slot & 31))) !== 0) return false;
-      }
+      for (; chunk < stop; chunk++) if (!isFreeSlot(counts, reserved, freeing, chunk - first)) return false;
     }
     return true;
   }
