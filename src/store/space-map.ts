@@ -25,7 +25,9 @@
 // `releaseTaken`), the same high-water mark, and the same run found for the same history below its scan limit. A
 // chunk is free when its count is zero, unless it is held in memory: allocated and not yet counted (a write under
 // way), or freed and waiting for a commit. A search reads only the pages of counts whose summary says they are
-// part free and could hold part of the run (a page all free or all used is decided from the summary); the pages it
+// part free and could hold part of the run (a page all free or all used is decided from the summary; a page with
+// fewer free chunks than the run only if it and the next page hold enough, and then only its last ones), and
+// within a page moves a run's length at a time through chunks in use (`#scan`); the pages it
 // reads stay pinned until it ends, the last few until the next search (where the next allocation starts: without
 // that, each allocation read its pages from the cache again, 30 us against 5). So `allocate` is async, and
 // allocations run one at a time. The high-water mark is lowered lazily (finding the new top may read a page):
@@ -463,6 +465,7 @@ export class ChunkSpace implements ChunkRefs {
   #allocating: Promise<unknown> = Promise.resolve();
   /** The pages of counts a search read last (at most `searchReadAhead`). */
   #searchPin: Pin | undefined;
+  #searchedChunks = 0;
   /** Called for each run of chunks whose counts fall to zero (in order); by default their free is deferred (and punched). */
   onFree: (start: number, chunkCount: number) => void = (start, chunkCount) => this.freeDeferred(start, chunkCount);
   /** The chunks whose counts went from or to zero in a run's change (`incrementRun`, `decrementRun`): reused. */
@@ -494,6 +497,11 @@ export class ChunkSpace implements ChunkRefs {
 
   get deferredCount(): number {
     return this.#deferred.count;
+  }
+
+  /** Chunks whose counts searches for free space walked one by one, since open. */
+  get searchedChunks(): number {
+    return this.#searchedChunks;
   }
 
   /** The exact high-water mark (after the allocations under way). */
@@ -755,10 +763,16 @@ export class ChunkSpace implements ChunkRefs {
         position = pageEnd;
         continue;
       }
-      // Part free. Nothing carried in and nothing free in the next page: a run here lies within this page.
-      if (runStart < 0 && available < count && (pageEnd >= to || this.#available(page + 1) === 0)) {
-        position = pageEnd;
-        continue;
+      // Part free, nothing carried in and fewer free chunks here than the run: a run starting here goes on into the
+      // next page, so it needs free chunks there too, and (unless longer than a page) this page's and the next's
+      // free chunks together hold it. After random overwrites every page holds a few free chunks among 2,000 in
+      // use, and a search for a write's run of tens read every page's counts.
+      if (runStart < 0 && available < count) {
+        const next = pageEnd >= to ? 0 : this.#available(page + 1);
+        if (next === 0 || (count <= countsPerPage && available + next < count)) {
+          position = pageEnd;
+          continue;
+        }
       }
       const counts = this.counts.countsOf(page);
       if (counts === undefined) {
@@ -771,18 +785,43 @@ export class ChunkSpace implements ChunkRefs {
         }
         return need;
       }
+      // And such a run starts among the page's last `available` chunks.
+      if (runStart < 0 && available < count) position = Math.max(position, pageEnd - available);
       // Held chunks as the page's bits, read here rather than looked up a chunk at a time.
       const reserved = this.#reserved.wordsOf(page);
       const freeing = this.#freeing.wordsOf(page);
-      for (let chunk = position; chunk < pageEnd; chunk++) {
-        const slot = chunk - first;
-        if (counts[slot] === 0 && ((reserved[slot >>> 5]! | freeing[slot >>> 5]!) & (1 << (slot & 31))) === 0) {
-          if (runStart < 0) {
-            if (chunk >= limit) return -1;
-            runStart = chunk;
+      let chunk = position;
+      if (runStart >= 0) {
+        // A run carried in from the page before: it goes on through the free chunks at this page's start.
+        for (; chunk < pageEnd && isFreeSlot(counts, reserved, freeing, chunk - first); chunk++) {
+          if (chunk + 1 - runStart >= count) {
+            this.#searchedChunks += chunk + 1 - position;
+            return runStart;
           }
-          if (chunk + 1 - runStart >= count) return runStart;
-        } else runStart = -1;
+        }
+        this.#searchedChunks += Math.min(pageEnd, chunk + 1) - position;
+        if (chunk < pageEnd) {
+          runStart = -1;
+          chunk += 1;
+        }
+      }
+      // A run starting at `chunk` holds the chunk `count` - 1 further (or the page's last): that one is looked at
+      // first, and if in use no run starts before it, so the search moves `count` chunks at a time through chunks
+      // in use (a page of a few free chunks among 2,000 is not walked a count at a time).
+      while (chunk < pageEnd) {
+        const last = Math.min(chunk + count, pageEnd) - 1;
+        let back = last;
+        while (back >= chunk && isFreeSlot(counts, reserved, freeing, back - first)) back -= 1;
+        this.#searchedChunks += last - back + (back >= chunk ? 1 : 0);
+        if (back >= chunk) {
+          chunk = back + 1; // in use at `back`: a run starts after it
+          continue;
+        }
+        // [chunk, last] free: a run, or the start of one that goes on into the next page.
+        if (chunk >= limit) return -1;
+        if (last + 1 - chunk >= count) return chunk;
+        runStart = chunk;
+        break;
       }
       position = pageEnd;
     }
@@ -803,10 +842,7 @@ export class ChunkSpace implements ChunkRefs {
       if (counts === undefined) return false;
       const reserved = this.#reserved.wordsOf(page);
       const freeing = this.#freeing.wordsOf(page);
-      for (; chunk < stop; chunk++) {
-        const slot = chunk - first;
-        if (counts[slot] !== 0 || ((reserved[slot >>> 5]! | freeing[slot >>> 5]!) & (1 << (slot & 31))) !== 0) return false;
-      }
+      for (; chunk < stop; chunk++) if (!isFreeSlot(counts, reserved, freeing, chunk - first)) return false;
     }
     return true;
   }
@@ -1023,4 +1059,9 @@ export class SpaceMaps implements PageSink {
   committed(): void {
     this.pages.committed();
   }
+}
+
+/** Whether the chunk at `slot` of a page of counts is free: of count zero and held neither for a write nor for a commit. */
+function isFreeSlot(counts: Uint16Array, reserved: Uint32Array, freeing: Uint32Array, slot: number): boolean {
+  return counts[slot] === 0 && ((reserved[slot >>> 5]! | freeing[slot >>> 5]!) & (1 << (slot & 31))) === 0;
 }

@@ -373,6 +373,39 @@ test('a search for free space reads only the pages of counts that can hold the r
   }
 });
 
+test('a search for a run walks only the free tail of a page with fewer free chunks than the run', async () => {
+  // After random overwrites every page of counts holds a few free chunks among thousands in use: a run of a
+  // write's chunks fits in none, and only the chunks that could begin a run into the next page are worth reading.
+  const directory = scratch();
+  try {
+    const real = await openReal(realFiles, path.join(directory, 'meta'));
+    const pagesOfCounts = 8;
+    const total = pagesOfCounts * countsPerPage;
+    assert.equal(await real.maps.chunks.allocate(total), 0);
+    for (let first = 0; first < total; first += countsPerPage) {
+      const run = Array.from({ length: countsPerPage }, (_, i) => first + i);
+      await withCounts(real.maps.chunks.counts, run, () => run.forEach((chunk) => real.maps.chunks.increment(chunk)));
+    }
+    // Three chunks dropped in each page, fewer than any run asked for below: single chunks at its start, middle
+    // and end, but for a run of four across pages 5 and 6 (the last two of one, the first two of the other).
+    const slotsOf = (page: number): number[] => (page === 5 ? [1000, countsPerPage - 2, countsPerPage - 1] : page === 6 ? [0, 1, 1000] : [3, 1000, countsPerPage - 2]);
+    const dropped = Array.from({ length: pagesOfCounts }, (_, page) => slotsOf(page).map((slot) => page * countsPerPage + slot)).flat();
+    await withCounts(real.maps.chunks.counts, dropped, () => dropped.forEach((chunk) => real.maps.chunks.decrement(chunk)));
+    const mark = real.maps.chunks.deferredMark();
+    await commit(real);
+    real.maps.chunks.releaseTaken(real.maps.chunks.takeDeferred(mark));
+    const before = real.maps.chunks.searchedChunks;
+    assert.equal(await real.maps.chunks.allocate(4), 6 * countsPerPage - 2, 'the run of four across pages 5 and 6');
+    const searched = real.maps.chunks.searchedChunks - before;
+    assert.ok(searched <= 4 * pagesOfCounts, `${searched} counts walked, for ${pagesOfCounts} pages of ${countsPerPage}`);
+    assert.equal(await real.maps.chunks.allocate(8), total, 'no run of 8: above the mark');
+    assert.equal(real.maps.chunks.searchedChunks - before - searched, 0, 'no page and the next hold 8 free chunks together: no count walked');
+    real.file.close();
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
 test('a page released is not handed out before the root that stops naming it is durable', async () => {
   const directory = scratch();
   try {
