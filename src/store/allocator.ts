@@ -16,7 +16,8 @@
 // bit by bit, and ran at 290 against 1,250 MB/s.
 // Known weakness: a search gives up after scanning `allocationScanChunksMax` chunks and goes above the mark, so a
 // pool fragmented into small holes grows its files' address space for large writes (not their allocated space
-// when the holes were punched); the holes are reused by smaller writes. Space above the mark costs more CPU to
+// when the holes were punched); the holes are reused by smaller writes, and by a larger one that the file system
+// has no room for above the mark (ChunkStore.write then writes it in pieces). Space above the mark costs more CPU to
 // write than recycled space, and not because of its blocks: its page-cache folios are new memory, which on a VM
 // whose balloon reports free pages to the host faults in the host on first touch (measured on the 2-vCPU VM: the
 // copy into the page cache at 0.23-0.51 s/GB against 0.07-0.11 into recycled chunks; BENCHMARKS.md, issue 19).

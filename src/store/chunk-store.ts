@@ -25,11 +25,22 @@ import { hex, scrub, type ScrubReport, type ScrubSource } from './scrub.ts';
 import type { ChunkSpace } from './space-map.ts';
 import type { Log } from '../core/log.ts';
 
-/** Chunks just written: the first of the fresh run and the checksum of each. */
-export interface WrittenRun {
+/** Where some of a write's chunks went: `chunkCount` chunks from `physicalChunk` on. */
+export interface RunPiece {
   physicalChunk: number;
+  chunkCount: number;
+}
+
+/**
+ * Chunks just written: where they went, in the payload's order (one fresh run; several only on a full file system
+ * whose free space lies in holes smaller than the write, ChunkStore.write), and the checksum of each.
+ */
+export interface WrittenRun {
+  pieces: RunPiece[];
   sums: Uint32Array;
 }
+
+const isNoSpace = (error: unknown): boolean => (error as NodeJS.ErrnoException | null)?.code === 'ENOSPC';
 
 /** One export's mapped runs, for a scrub. */
 export interface ScrubTarget {
@@ -72,18 +83,56 @@ export class ChunkStore {
   // ---- data verbs ----
 
   /**
-   * Writes whole chunks into a fresh run; on a full file system, reclaims deferred frees and tries once more.
-   * `sums`: the chunks' checksums when the caller has taken them from these bytes (ChunkIo.writeSummed).
+   * Writes whole chunks into a fresh run; on a full file system, reclaims deferred frees and tries once more, then
+   * in pieces. `sums`: the chunks' checksums when the caller has taken them from these bytes (ChunkIo.writeSummed).
    */
   write(payload: Buffer, sums?: Uint32Array): Promise<WrittenRun> {
     const chunkCount = payload.length / chunkSizeBytes;
     return this.#writeFresh(payload, chunkCount, sums).catch(async (error: unknown) => {
+      if (!isNoSpace(error)) throw error;
       // The file system is full, but chunks this pool freed wait for a commit before they may be reused (they
       // are still space in the files): commit, then try once more, into them.
-      if ((error as NodeJS.ErrnoException).code !== 'ENOSPC' || this.#allocator.deferredCount === 0) throw error;
-      await this.#reclaim();
-      return this.#writeFresh(payload, chunkCount, sums);
+      if (this.#allocator.deferredCount > 0) {
+        await this.#reclaim();
+        try {
+          return await this.#writeFresh(payload, chunkCount, sums);
+        } catch (again) {
+          if (!isNoSpace(again) || chunkCount === 1) throw again;
+        }
+      } else if (chunkCount === 1) throw error;
+      return this.#writeInPieces(payload, chunkCount, sums);
     });
+  }
+
+  /**
+   * A write the full file system has no room for in one run, in halves, each its own run, halved again down to
+   * single chunks as need be: the free space below the high-water mark may all be holes smaller than the write
+   * (overwrites at random free chunks one by one; a run found nowhere below goes above the mark, where the file
+   * system has no room), and without this a pool whose files held many free chunks refused every write of more
+   * than one. All of it written, or nothing kept (each piece written is given back) and the error thrown.
+   */
+  async #writeInPieces(payload: Buffer, chunkCount: number, sums: Uint32Array | undefined): Promise<WrittenRun> {
+    const half = Math.ceil(chunkCount / 2);
+    const parts: WrittenRun[] = [];
+    try {
+      for (const [first, count] of [[0, half], [half, chunkCount - half]] as const) {
+        const bytes = payload.subarray(first * chunkSizeBytes, (first + count) * chunkSizeBytes);
+        const given = sums?.subarray(first, first + count);
+        parts.push(
+          await this.#writeFresh(bytes, count, given).catch((error: unknown) => {
+            if (!isNoSpace(error) || count === 1) throw error;
+            return this.#writeInPieces(bytes, count, given);
+          }),
+        );
+      }
+    } catch (error) {
+      for (const part of parts) for (const piece of part.pieces) this.#allocator.release(piece.physicalChunk, piece.chunkCount);
+      throw error;
+    }
+    const joined = new Uint32Array(chunkCount);
+    joined.set(parts[0]!.sums, 0);
+    joined.set(parts[1]!.sums, half);
+    return { pieces: [...parts[0]!.pieces, ...parts[1]!.pieces], sums: joined };
   }
 
   /** NO_HOLE zeroing: a fresh run of `chunkCount` chunks, zeroed by the file system and kept allocated. */
@@ -96,7 +145,7 @@ export class ChunkStore {
       this.#allocator.release(physicalChunk, chunkCount);
       throw error;
     }
-    return { physicalChunk, sums: new Uint32Array(chunkCount).fill(zeroChunkSum) };
+    return { pieces: [{ physicalChunk, chunkCount }], sums: new Uint32Array(chunkCount).fill(zeroChunkSum) };
   }
 
   /**
@@ -327,7 +376,7 @@ export class ChunkStore {
       return Promise.reject(error);
     }
     return written.then(
-      (sums) => ({ physicalChunk, sums }),
+      (sums) => ({ pieces: [{ physicalChunk, chunkCount }], sums }),
       (error: unknown) => {
         this.#allocator.release(physicalChunk, chunkCount);
         throw error;

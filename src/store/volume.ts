@@ -21,7 +21,7 @@ import { settleAll } from '../core/settle.ts';
 import { blockStatusExtentsMax, chunkSizeBytes, inlineWriteBytesMax, readDefragBytesMin, readDefragPieceBytesMax } from '../core/limits.ts';
 import type { ChunkLookup, MapHandle, SnapshotView, VolumeView } from './catalog-backend.ts';
 import type { ChunkRun } from './chunk-map.ts';
-import type { ChunkStore } from './chunk-store.ts';
+import type { ChunkStore, WrittenRun } from './chunk-store.ts';
 import type { CommitEngine } from './commit-engine.ts';
 import { copyBytes } from './native.ts';
 import type { RangeLock, Release } from './range-lock.ts';
@@ -248,7 +248,7 @@ export class Volume implements BlockDevice {
         const written = await this.#store.chunks.write(copy);
         // The copy was verified against these checksums as it was read: a difference is a bug, and is not recorded.
         for (let i = 0; i < count; i++) assert(written.sums[i] === read.sums[i], 'a defragmented chunk differs from the one read');
-        this.#store.metadata.record({ type: 'map', volumeId: runtime.meta.id, virtualChunk: first, physicalChunk: written.physicalChunk, chunkCount: count, sums: written.sums });
+        this.#recordMapped(first, written, 0, count);
         return true;
       } finally {
         release();
@@ -480,12 +480,28 @@ export class Volume implements BlockDevice {
     let chunk = 0;
     for (const { offsetBytes, data } of sorted) {
       const count = data.length / chunkSizeBytes;
-      this.#store.metadata.record({
-        type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: offsetBytes / chunkSizeBytes, physicalChunk: written.physicalChunk + chunk, chunkCount: count,
-        // A view, not a copy: the run's sums are its own (fresh for this write) and the record's readers copy them.
-        sums: written.sums.subarray(chunk, chunk + count),
-      });
+      this.#recordMapped(offsetBytes / chunkSizeBytes, written, chunk, count);
       chunk += count;
+    }
+  }
+
+  /**
+   * The map records of chunks [from, from + count) of `written` at `virtualChunk`: one, or one for each piece they
+   * lie in when a full file system had the write in pieces (ChunkStore.write). Their sums are views, not copies: the
+   * run's sums are its own (fresh for this write) and the record's readers copy them.
+   */
+  #recordMapped(virtualChunk: number, written: WrittenRun, from: number, count: number): void {
+    let pieceStart = 0;
+    for (const piece of written.pieces) {
+      const start = Math.max(from, pieceStart);
+      const end = Math.min(from + count, pieceStart + piece.chunkCount);
+      if (start < end) {
+        this.#store.metadata.record({
+          type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: virtualChunk + start - from, physicalChunk: piece.physicalChunk + start - pieceStart, chunkCount: end - start,
+          sums: start === 0 && end === written.sums.length ? written.sums : written.sums.subarray(start, end),
+        });
+      }
+      pieceStart += piece.chunkCount;
     }
   }
 
@@ -553,13 +569,13 @@ export class Volume implements BlockDevice {
     }
     assert(given === undefined || given.length === count, 'a write\'s given checksums cover its chunks');
     const written = await this.#store.chunks.write(payload, given);
-    this.#store.metadata.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: first, physicalChunk: written.physicalChunk, chunkCount: count, sums: written.sums });
+    this.#recordMapped(first, written, 0, count);
   }
 
   /** NO_HOLE zeroing of whole chunks: a fresh run, zeroed by the file system and kept allocated. */
   async #zeroWholeChunks(firstChunk: number, chunkCount: number): Promise<void> {
     const written = await this.#store.chunks.zero(chunkCount);
-    this.#store.metadata.record({ type: 'map', volumeId: this.#runtime.meta.id, virtualChunk: firstChunk, physicalChunk: written.physicalChunk, chunkCount, sums: written.sums });
+    this.#recordMapped(firstChunk, written, 0, chunkCount);
   }
 }
 
