@@ -12,7 +12,7 @@
 //
 // Frees are deferred (allocator.ts): a freed chunk is reused, and its space punched out of the file when the
 // free was a trim or a removal, only after the commit that records it is durable (`reuseFreed`).
-import { ChunkdError, DamagedDataError } from '../core/errors.ts';
+import { ChunkdError, DamagedDataError, isNoSpace } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { formatSize } from '../core/units.ts';
 import type { FreeExtent } from './allocator.ts';
@@ -39,8 +39,6 @@ export interface WrittenRun {
   pieces: RunPiece[];
   sums: Uint32Array;
 }
-
-const isNoSpace = (error: unknown): boolean => (error as NodeJS.ErrnoException | null)?.code === 'ENOSPC';
 
 /** One export's mapped runs, for a scrub. */
 export interface ScrubTarget {
