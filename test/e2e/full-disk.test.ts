@@ -11,13 +11,34 @@ import { makeRandom, randomInt } from '../../src/testing/random.ts';
 
 const MiB = 1024 * 1024;
 
-test('a full pool file system: ENOSPC to the client, nothing corrupted, writes work again after a trim', { timeout: 120_000 }, async () => {
-  const scratch = makeTempDir('full');
+
+type RunningNode = Awaited<ReturnType<typeof startNode>>;
+
+/**
+ * Runs `body` over a tmpfs of `size` mounted in a fresh directory; the nodes it passes to `started` are killed if
+ * still running, and the mount and directory removed, however it ends.
+ */
+async function onSmallFileSystem(name: string, size: string, body: (small: string, started: (node: RunningNode) => RunningNode) => Promise<void>): Promise<void> {
+  const scratch = makeTempDir(name);
   const small = path.join(scratch, 'small');
   fs.mkdirSync(small);
-  await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', small]);
+  await mustRun('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', small]);
+  const nodes: RunningNode[] = [];
   try {
-    const node = await startNode(path.join(small, 'pool'), ['--default-volume', 'big:1GiB']);
+    await body(small, (node) => {
+      nodes.push(node);
+      return node;
+    });
+  } finally {
+    for (const node of nodes) if (node.process.exitCode === null) await node.kill();
+    await runTool('umount', ['-l', small]);
+    fs.rmSync(scratch, { recursive: true, force: true });
+  }
+}
+
+test('a full pool file system: ENOSPC to the client, nothing corrupted, writes work again after a trim', { timeout: 120_000 }, async () => {
+  await onSmallFileSystem('full', '48m', async (small, started) => {
+    const node = started(await startNode(path.join(small, 'pool'), ['--default-volume', 'big:1GiB']));
     const client = await TestNbdClient.connect(node.nbdSocket, 'big');
     const witness = crypto.randomBytes(4 * MiB);
     await client.write(0, witness);
@@ -60,16 +81,13 @@ test('a full pool file system: ENOSPC to the client, nothing corrupted, writes w
     assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
 
     // And after a restart everything flushed is there.
-    const again = await startNode(node.pool);
+    const again = started(await startNode(node.pool));
     const reader = await TestNbdClient.connect(again.nbdSocket, 'big');
     assert.ok((await reader.read(0, 4 * MiB)).equals(witness));
     assert.ok((await reader.read(offset, 4 * MiB)).equals(fresh));
     await reader.disconnect();
     assert.equal(await again.stop(), 0);
-  } finally {
-    await runTool('umount', ['-l', small]);
-    fs.rmSync(scratch, { recursive: true, force: true });
-  }
+  });
 });
 
 test('overwrites of a volume that fills most of the file system never run out of space, and the node stops and starts again there', { timeout: 120_000 }, async () => {
@@ -77,13 +95,8 @@ test('overwrites of a volume that fills most of the file system never run out of
   // With no FLUSH from the client, the node must commit and reuse them rather than fail with ENOSPC. The free
   // chunks kept for reuse hold the file system's space until the open after a restart punches them: a paged
   // pool's checkpoint at close, and the root after its open's replay, meet a full file system there.
-  const scratch = makeTempDir('full-overwrite');
-  const small = path.join(scratch, 'small');
-  fs.mkdirSync(small);
-  await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=48m', 'tmpfs', small]);
-  let node: Awaited<ReturnType<typeof startNode>> | null = null;
-  try {
-    node = await startNode(path.join(small, 'pool'), ['--default-volume', 'v:64MiB']);
+  await onSmallFileSystem('full-overwrite', '48m', async (small, started) => {
+    let node = started(await startNode(path.join(small, 'pool'), ['--default-volume', 'v:64MiB']));
     const client = await TestNbdClient.connect(node.nbdSocket, 'v');
     let last = Buffer.alloc(0);
     for (let pass = 0; pass < 6; pass++) {
@@ -98,7 +111,7 @@ test('overwrites of a volume that fills most of the file system never run out of
     assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
 
     // And it starts again on that file system, serves what was written, and takes more overwrites.
-    node = await startNode(node.pool);
+    node = started(await startNode(node.pool));
     const again = await TestNbdClient.connect(node.nbdSocket, 'v');
     assert.ok((await again.read(0, last.length)).equals(last), 'the last pass reads back after a restart');
     const more = crypto.randomBytes(8 * MiB);
@@ -109,11 +122,7 @@ test('overwrites of a volume that fills most of the file system never run out of
     assert.equal(await node.stop(), 0);
     const after = await node.cli('fsck', '--pool', node.pool);
     assert.equal(after.code, 0, after.stdout + after.stderr);
-  } finally {
-    if (node !== null && node.process.exitCode === null) await node.kill();
-    await runTool('umount', ['-l', small]);
-    fs.rmSync(scratch, { recursive: true, force: true });
-  }
+  });
 });
 
 test('random 4 KiB overwrites on a nearly full file system go into the free chunks overwrites leave, not ENOSPC', { timeout: 120_000 }, async () => {
@@ -121,13 +130,8 @@ test('random 4 KiB overwrites on a nearly full file system go into the free chun
   // the files' high-water mark is single chunks, so such a run goes above the mark, where the file system has no
   // room left: without ChunkStore.write's writes in pieces every grouped write failed with ENOSPC there while the
   // pool's files held thousands of free chunks (measured: a 64 MiB volume on 112 MiB failed in its first pass).
-  const scratch = makeTempDir('full-random');
-  const small = path.join(scratch, 'small');
-  fs.mkdirSync(small);
-  await mustRun('mount', ['-t', 'tmpfs', '-o', 'size=44m', 'tmpfs', small]);
-  let node: Awaited<ReturnType<typeof startNode>> | null = null;
-  try {
-    node = await startNode(path.join(small, 'pool'), ['--default-volume', 'v:24MiB']);
+  await onSmallFileSystem('full-random', '44m', async (small, started) => {
+    const node = started(await startNode(path.join(small, 'pool'), ['--default-volume', 'v:24MiB']));
     const client = await TestNbdClient.connect(node.nbdSocket, 'v');
     const blocks = (24 * MiB) / 4096;
     const expected = crypto.randomBytes(24 * MiB);
@@ -158,9 +162,5 @@ test('random 4 KiB overwrites on a nearly full file system go into the free chun
     assert.equal(await node.stop(), 0);
     const fsck = await node.cli('fsck', '--pool', node.pool);
     assert.equal(fsck.code, 0, fsck.stdout + fsck.stderr);
-  } finally {
-    if (node !== null && node.process.exitCode === null) await node.kill();
-    await runTool('umount', ['-l', small]);
-    fs.rmSync(scratch, { recursive: true, force: true });
-  }
+  });
 });
