@@ -4,7 +4,9 @@
 // Writes never overwrite a chunk the metadata names (redirect-on-write): `write` and `zero` put whole chunks into
 // a fresh contiguous run and return where it is with the checksum of each chunk; the caller records the mapping
 // once they return. A run whose write fails goes straight back to the allocator. A full file system is met by
-// asking the commit engine to make the chunks freed since the last commit reusable, then trying once more.
+// asking the commit engine to make the chunks freed since the last commit reusable, then trying once more, then
+// (`write`, not `zero`) in pieces: halves, each a run of its own, down to single chunks, into the free chunks the
+// files hold; all of them written or none kept.
 //
 // Reads go through a map (`read`): holes give zeros, mapped runs become one plan for the I/O engine, and every
 // chunk read is checked against its checksum. A mismatch is logged, counted, and the read fails with EIO naming
@@ -91,8 +93,10 @@ export class ChunkStore {
       // The file system is full, but chunks this pool freed wait for a commit before they may be reused (they
       // are still space in the files): commit, then try once more, into them.
       if (this.#allocator.deferredCount > 0) {
-        await this.#reclaim();
         try {
+          // Refused at once while a commit met the full file system a moment ago (commit-engine.ts): the pieces
+          // below may still find free chunks.
+          await this.#reclaim();
           return await this.#writeFresh(payload, chunkCount, sums);
         } catch (again) {
           if (!isNoSpace(again) || chunkCount === 1) throw again;
