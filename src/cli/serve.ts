@@ -53,7 +53,6 @@ export function parseWorkers(text: string, option = '--workers'): number {
   return count;
 }
 
-/** --poll-us: 0 (off) to pollUsMax microseconds. */
 /** serve --heap-growth: null for auto (V8's own factor), else a percent from 1 to 1000. */
 export function parseHeapGrowth(text: string): number | null {
   if (text === 'auto') return null;
@@ -75,6 +74,7 @@ export function applyHeapGrowth(percent: number | null): void {
   if (percent !== null) v8.setFlagsFromString(`--heap-growing-percent=${percent}`);
 }
 
+/** --poll-us: 0 (off) to pollUsMax microseconds. */
 function parsePollUs(text: string): number {
   const micros = Number(text);
   if (!/^\d+$/.test(text) || micros > pollUsMax) throw ChunkdError.invalid(`invalid --poll-us "${text}": a whole number of microseconds from 0 (off) to ${pollUsMax}`);
