@@ -54,6 +54,23 @@ async function commit(real: Real): Promise<void> {
   real.maps.committed();
 }
 
+/** Chunks [0, total) allocated and each counted once, a page of counts at a time. */
+async function allInUse(real: Real, total: number): Promise<void> {
+  assert.equal(await real.maps.chunks.allocate(total), 0);
+  for (let first = 0; first < total; first += countsPerPage) {
+    const run = Array.from({ length: countsPerPage }, (_, i) => first + i);
+    await withCounts(real.maps.chunks.counts, run, () => run.forEach((chunk) => real.maps.chunks.increment(chunk)));
+  }
+}
+
+/** `chunks` counted down to free, committed, and their deferred frees made reusable. */
+async function freeCommitted(real: Real, chunks: number[]): Promise<void> {
+  await withCounts(real.maps.chunks.counts, chunks, () => chunks.forEach((chunk) => real.maps.chunks.decrement(chunk)));
+  const mark = real.maps.chunks.deferredMark();
+  await commit(real);
+  real.maps.chunks.releaseTaken(real.maps.chunks.takeDeferred(mark));
+}
+
 /** Runs `change` with the pages of counts of `indexes` loaded (a map of chunks or of pages). */
 async function withCounts<T>(counts: { load(indexes: Iterable<number>): Promise<{ release(): void }> }, indexes: Iterable<number>, change: () => T): Promise<T> {
   const pin = await counts.load(indexes);
@@ -339,17 +356,10 @@ test('a search for free space reads only the pages of counts that can hold the r
     let real = await openReal(realFiles, path.join(directory, 'meta'));
     const pagesOfCounts = 40;
     const total = pagesOfCounts * countsPerPage;
-    assert.equal(await real.maps.chunks.allocate(total), 0);
-    for (let first = 0; first < total; first += countsPerPage) {
-      const run = Array.from({ length: countsPerPage }, (_, i) => first + i);
-      await withCounts(real.maps.chunks.counts, run, () => run.forEach((chunk) => real.maps.chunks.increment(chunk)));
-    }
+    await allInUse(real, total);
     // One chunk dropped in page 30, two neighbours in page 35.
     const dropped = [30 * countsPerPage + 7, 35 * countsPerPage + 100, 35 * countsPerPage + 101];
-    await withCounts(real.maps.chunks.counts, dropped, () => dropped.forEach((chunk) => real.maps.chunks.decrement(chunk)));
-    const mark = real.maps.chunks.deferredMark();
-    await commit(real);
-    real.maps.chunks.releaseTaken(real.maps.chunks.takeDeferred(mark));
+    await freeCommitted(real, dropped);
     real.file.close();
 
     real = await openReal(realFiles, real.base);
@@ -362,10 +372,7 @@ test('a search for free space reads only the pages of counts that can hold the r
 
     // A run across the boundary of two pages of counts, neither of which holds it alone.
     const across = Array.from({ length: 30 }, (_, i) => 12 * countsPerPage - 10 + i);
-    await withCounts(real.maps.chunks.counts, across, () => across.forEach((chunk) => real.maps.chunks.decrement(chunk)));
-    const acrossMark = real.maps.chunks.deferredMark();
-    await commit(real);
-    real.maps.chunks.releaseTaken(real.maps.chunks.takeDeferred(acrossMark));
+    await freeCommitted(real, across);
     assert.equal(await real.maps.chunks.allocate(25), 12 * countsPerPage - 10, 'the run that starts in one page and ends in the next');
     real.file.close();
   } finally {
@@ -381,19 +388,12 @@ test('a search for a run walks only the free tail of a page with fewer free chun
     const real = await openReal(realFiles, path.join(directory, 'meta'));
     const pagesOfCounts = 8;
     const total = pagesOfCounts * countsPerPage;
-    assert.equal(await real.maps.chunks.allocate(total), 0);
-    for (let first = 0; first < total; first += countsPerPage) {
-      const run = Array.from({ length: countsPerPage }, (_, i) => first + i);
-      await withCounts(real.maps.chunks.counts, run, () => run.forEach((chunk) => real.maps.chunks.increment(chunk)));
-    }
+    await allInUse(real, total);
     // Three chunks dropped in each page, fewer than any run asked for below: single chunks at its start, middle
     // and end, but for a run of four across pages 5 and 6 (the last two of one, the first two of the other).
     const slotsOf = (page: number): number[] => (page === 5 ? [1000, countsPerPage - 2, countsPerPage - 1] : page === 6 ? [0, 1, 1000] : [3, 1000, countsPerPage - 2]);
     const dropped = Array.from({ length: pagesOfCounts }, (_, page) => slotsOf(page).map((slot) => page * countsPerPage + slot)).flat();
-    await withCounts(real.maps.chunks.counts, dropped, () => dropped.forEach((chunk) => real.maps.chunks.decrement(chunk)));
-    const mark = real.maps.chunks.deferredMark();
-    await commit(real);
-    real.maps.chunks.releaseTaken(real.maps.chunks.takeDeferred(mark));
+    await freeCommitted(real, dropped);
     const before = real.maps.chunks.searchedChunks;
     assert.equal(await real.maps.chunks.allocate(4), 6 * countsPerPage - 2, 'the run of four across pages 5 and 6');
     const searched = real.maps.chunks.searchedChunks - before;
