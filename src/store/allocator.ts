@@ -67,6 +67,9 @@ export class DeferredFrees {
   }
 }
 
+/** Chunks in one span of `holdFree` (32 MiB of chunks). */
+const holdSpanChunks = 8192;
+
 /** Chunks one allocation scans before it settles for the space above the high-water mark. */
 const allocationScanChunksMax = 1 << 20;
 
@@ -118,6 +121,26 @@ export class ChunkAllocator {
       extents.push({ start, count: end - start, punch: true });
       chunk = end;
     }
+    return extents;
+  }
+
+  /** Spans of `holdSpanChunks` below the high-water mark (for `holdFree`). */
+  get pagesInUse(): number {
+    return Math.ceil(this.#highWater / holdSpanChunks);
+  }
+
+  /** The free chunks of span `page` below the mark, held (set, not counted as used) until `releaseTaken`. */
+  holdFree(page: number): FreeExtent[] {
+    const first = page * holdSpanChunks;
+    const end = Math.min(first + holdSpanChunks, this.#highWater);
+    const extents: FreeExtent[] = [];
+    for (let chunk = first; chunk < end; ) {
+      const start = this.#nextClear(chunk, end);
+      if (start < 0) break;
+      chunk = this.#nextSet(start, end);
+      extents.push({ start, count: chunk - start, punch: true });
+    }
+    for (const extent of extents) this.#setRange(extent.start, extent.count);
     return extents;
   }
 

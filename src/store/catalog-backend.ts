@@ -85,6 +85,13 @@ export interface ChunkAllocation {
   takeDeferred(mark: number): FreeExtent[];
   releaseTaken(extents: readonly FreeExtent[]): void;
   freeExtents(): FreeExtent[] | Promise<FreeExtent[]>;
+  /** Spans of chunks below the high-water mark, for `holdFree` (the paged space's pages of counts). */
+  readonly pagesInUse: number;
+  /**
+   * The free chunks of span `page` below the high-water mark, held (no allocation returns them) until
+   * `releaseTaken` of the same extents: for punching their space out while the node runs (ChunkStore.giveBackFree).
+   */
+  holdFree(page: number): FreeExtent[] | Promise<FreeExtent[]>;
 }
 
 /**

@@ -325,6 +325,23 @@ test('allocator: contiguous runs, deferred frees reused only after release, high
   assert.equal(allocator.usedCount, 0);
 });
 
+test('allocator: holdFree holds a span\'s free chunks below the mark (not deferred ones, not used ones) until releaseTaken', () => {
+  const allocator = new ChunkAllocator();
+  assert.equal(allocator.allocate(8200), 0);
+  allocator.release(2, 3);
+  allocator.release(8100, 50);
+  allocator.freeDeferred(10, 1);
+  assert.equal(allocator.pagesInUse, 2);
+  const first = allocator.holdFree(0);
+  assert.deepEqual(first, [{ start: 2, count: 3, punch: true }, { start: 8100, count: 50, punch: true }], 'the deferred free and the chunks in use are not held');
+  assert.deepEqual(allocator.holdFree(1), [], 'the second span (8192 on) is all in use');
+  assert.equal(allocator.usedCount, 8200 - 53 - 1, 'held chunks are not counted as used');
+  assert.equal(allocator.allocate(3), 8200, 'no allocation returns a held chunk: the run goes above the mark');
+  allocator.releaseTaken(first);
+  assert.equal(allocator.allocate(3), 2, 'released, they are reused');
+  assert.deepEqual(allocator.holdFree(0), [{ start: 8100, count: 50, punch: true }]);
+});
+
 test('allocator: seeded random allocation never hands out a used chunk', () => {
   const seed = testSeed('allocator');
   const random = makeRandom(seed);
