@@ -14,6 +14,7 @@
 //
 // Frees are deferred (allocator.ts): a freed chunk is reused, and its space punched out of the file when the
 // free was a trim or a removal, only after the commit that records it is durable (`reuseFreed`).
+import { performance } from 'node:perf_hooks';
 import { ChunkdError, DamagedDataError, isNoSpace } from '../core/errors.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { formatSize } from '../core/units.ts';
@@ -24,7 +25,6 @@ import type { ChunkFiles } from './chunk-files.ts';
 import { locateInPlan, readCachedGathered, type ChunkIo, type IoEngineStatus, type Mismatch } from './chunk-io.ts';
 import type { ChunkRun } from './chunk-map.ts';
 import { hex, scrub, type ScrubReport, type ScrubSource } from './scrub.ts';
-import type { ChunkSpace } from './space-map.ts';
 import type { Log } from '../core/log.ts';
 
 /** Where some of a write's chunks went: `chunkCount` chunks from `physicalChunk` on. */
@@ -70,6 +70,8 @@ export class ChunkStore {
   /** Where readCachedMany reads a stretch of chunks back to back on disk before copying each to its target. */
   readonly #gatherScratch = Buffer.allocUnsafe(gatherStretchBytesMax);
   #checksumErrorsTotal = 0;
+  /** When a one-chunk write last found no free chunk it could write on a full file system (#writePastHoles). */
+  #pastHolesFailedAtMs = -Infinity;
 
   constructor(parts: ChunkStoreParts) {
     this.#files = parts.chunkFiles;
@@ -99,11 +101,44 @@ export class ChunkStore {
           await this.#reclaim();
           return await this.#writeFresh(payload, chunkCount, sums);
         } catch (again) {
-          if (!isNoSpace(again) || chunkCount === 1) throw again;
+          if (!isNoSpace(again)) throw again;
         }
-      } else if (chunkCount === 1) throw error;
-      return this.#writeInPieces(payload, chunkCount, sums);
+      }
+      return chunkCount === 1 ? this.#writePastHoles(payload, sums) : this.#writeInPieces(payload, chunkCount, sums);
     });
+  }
+
+  /**
+   * One chunk on a full file system. A free chunk may be a hole (punched: a trim, a removal, the open's punch, the
+   * metadata's give-back), whose write needs a block the file system has not got, while other free chunks still
+   * hold theirs (an overwrite's free keeps its space for the next write). Tries free chunks in the allocator's
+   * order, each that met ENOSPC held aside meanwhile (so the allocator hands out another) and given back at the
+   * end: up to `holeTriesMax`, and none more once a chunk above the high-water mark (never a held block) failed.
+   * A search that found nothing makes the next second's try one chunk only: on a file system full for good, every
+   * write would otherwise fail thousands of pwrites.
+   */
+  async #writePastHoles(payload: Buffer, sums: Uint32Array | undefined): Promise<WrittenRun> {
+    const triesMax = performance.now() - this.#pastHolesFailedAtMs < pastHolesRetryMs ? 1 : holeTriesMax;
+    const holes: number[] = [];
+    try {
+      for (;;) {
+        const mark = this.#allocator.highWater;
+        const allocated = this.#allocator.allocate(1);
+        const physicalChunk = typeof allocated === 'number' ? allocated : await allocated;
+        try {
+          return { pieces: [{ physicalChunk, chunkCount: 1 }], sums: await this.#io.writeSummed(physicalChunk, payload, sums) };
+        } catch (error) {
+          holes.push(physicalChunk);
+          if (!isNoSpace(error)) throw error;
+          if (physicalChunk >= mark || holes.length >= triesMax) {
+            this.#pastHolesFailedAtMs = performance.now();
+            throw error;
+          }
+        }
+      }
+    } finally {
+      for (const chunk of holes) this.#allocator.release(chunk, 1);
+    }
   }
 
   /**
@@ -121,10 +156,12 @@ export class ChunkStore {
         const bytes = payload.subarray(first * chunkSizeBytes, (first + count) * chunkSizeBytes);
         const given = sums?.subarray(first, first + count);
         parts.push(
-          await this.#writeFresh(bytes, count, given).catch((error: unknown) => {
-            if (!isNoSpace(error) || count === 1) throw error;
-            return this.#writeInPieces(bytes, count, given);
-          }),
+          await (count === 1
+            ? this.#writePastHoles(bytes, given)
+            : this.#writeFresh(bytes, count, given).catch((error: unknown) => {
+                if (!isNoSpace(error)) throw error;
+                return this.#writeInPieces(bytes, count, given);
+              })),
         );
       }
     } catch (error) {
@@ -317,7 +354,7 @@ export class ChunkStore {
    * and from then on a record names a chunk of no count only after an allocation returned it, which a held chunk
    * never is. Stops between pages once `stopped()`. Returns the chunks punched.
    */
-  async punchFreeInBackground(space: ChunkSpace, stopped: () => boolean): Promise<number> {
+  async punchFreeInBackground(space: ChunkAllocation, stopped: () => boolean): Promise<number> {
     let punched = 0;
     for (let page = 0; page < space.pagesInUse && !stopped(); page++) {
       const extents = await space.holdFree(page);
@@ -329,6 +366,18 @@ export class ChunkStore {
       }
     }
     return punched;
+  }
+
+  /**
+   * While the node runs, when the metadata meets a full file system (commit-engine.ts): punches out every free
+   * chunk below the high-water mark, as the open does, so that a journal's next files and a checkpoint find room.
+   * An overwrite's free is not punched (a write soon reuses its space), so after overwrites the pool's files can
+   * hold the whole file system while much of them is free chunks. Safe beside writes, as `punchFreeInBackground`
+   * says (the in-memory allocator holds a span's free chunks by setting their bits). Returns the chunks punched,
+   * holes punched again among them.
+   */
+  giveBackFree(): Promise<number> {
+    return this.punchFreeInBackground(this.#allocator, () => false);
   }
 
   // ---- status and life ----
@@ -398,6 +447,11 @@ export class ChunkStore {
     return new DamagedDataError(`${message}; the read fails rather than return damaged data`);
   }
 }
+
+/** Free chunks a one-chunk write on a full file system tries before it fails with ENOSPC (#writePastHoles). */
+const holeTriesMax = 4096;
+/** After such a search found nothing, the one-chunk writes of this long try one chunk only. */
+const pastHolesRetryMs = 1_000;
 
 /** The most bytes readCachedMany reads with one call: 64 chunks. */
 const gatherStretchBytesMax = 64 * chunkSizeBytes;

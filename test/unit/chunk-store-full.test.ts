@@ -1,7 +1,8 @@
 // ChunkStore.write on a full file system: a write that has no room in one run goes in pieces into the free chunks
 // the files hold, every chunk where its piece says with its own checksum, and all of it or nothing. The chunk
 // files are a stand-in that refuses (ENOSPC) any write reaching past a fixed end, as a full file system does above
-// the high-water mark; the allocator is the in-memory pool's (allocator.ts).
+// the high-water mark, and at the free chunks a test calls punched (a hole needs a block the file system has not
+// got, where a recycled chunk keeps its own); the allocator is the in-memory pool's (allocator.ts).
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import { test } from 'vitest';
@@ -16,13 +17,16 @@ import { ChunkStore, type WrittenRun } from '../../src/store/chunk-store.ts';
 const end = 100;
 
 /** A pool of `end` chunks all in use but `holes`; its files take writes below `end` only, and record them. */
-function fullPool(holes: number[], options: { reclaim?: () => Promise<void>; failAt?: number } = {}) {
+function fullPool(holes: number[], options: { reclaim?: () => Promise<void>; failAt?: number; punched?: number[] } = {}) {
   const allocator = ChunkAllocator.fromUsed(Array.from({ length: end }, (_, chunk) => chunk).filter((chunk) => !holes.includes(chunk)).map((physicalChunk) => ({ physicalChunk, chunkCount: 1 })));
   const written = new Map<number, Buffer>();
+  const tried: number[] = [];
   const io = {
     writeSummed(physicalChunk: number, payload: Buffer, sums?: Uint32Array): Promise<Uint32Array> {
       const count = payload.length / chunkSizeBytes;
-      if (physicalChunk + count > end) return Promise.reject(Object.assign(new Error('no space left on device'), { code: 'ENOSPC' }));
+      tried.push(physicalChunk);
+      const hole = options.punched?.some((chunk) => physicalChunk <= chunk && chunk < physicalChunk + count) ?? false;
+      if (physicalChunk + count > end || hole) return Promise.reject(Object.assign(new Error('no space left on device'), { code: 'ENOSPC' }));
       if (options.failAt !== undefined && physicalChunk <= options.failAt && options.failAt < physicalChunk + count) return Promise.reject(Object.assign(new Error('i/o error'), { code: 'EIO' }));
       for (let i = 0; i < count; i++) written.set(physicalChunk + i, Buffer.from(payload.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes)));
       return Promise.resolve(sums ?? chunkSums(payload));
@@ -36,7 +40,7 @@ function fullPool(holes: number[], options: { reclaim?: () => Promise<void>; fai
     log: () => {},
     reclaim: options.reclaim ?? (() => Promise.resolve()),
   });
-  return { allocator, store, written };
+  return { allocator, store, written, tried };
 }
 
 /** Each chunk of `payload` is where `run`'s pieces say, with its own checksum. */
@@ -85,4 +89,35 @@ test('all of it or nothing: too few free chunks, or a piece that fails, gives ev
   const failing = fullPool([3, 10, 11, 20], { failAt: 20 });
   await assert.rejects(failing.store.write(crypto.randomBytes(4 * chunkSizeBytes)), (error: NodeJS.ErrnoException) => error.code === 'EIO');
   assert.equal(failing.allocator.usedCount, end - 4, 'no chunk kept');
+});
+
+test('a one-chunk write on a full file system steps past free chunks that are holes to one that still holds its block', async () => {
+  // Free: 3, 10, 11, 20, 41; 3, 10, 11 punched (a trim, or the metadata's give-back), 20 and 41 recycled.
+  const { allocator, store, written, tried } = fullPool([3, 10, 11, 20, 41], { punched: [3, 10, 11] });
+  const payload = crypto.randomBytes(chunkSizeBytes);
+  const run = await store.write(payload);
+  assert.deepEqual(run.pieces, [{ physicalChunk: 20, chunkCount: 1 }]);
+  assertPlaced(run, payload, written);
+  assert.deepEqual(tried, [3, 10, 11, 20], 'the first try, then the search on from it (next-fit): each hole once');
+  assert.equal(allocator.usedCount, end - 4, 'the holes tried are free again');
+  // A write in pieces does the same for each single chunk: two chunks, no run of two below, into 41 and 3's
+  // neighbours' holes skipped.
+  const pieces = fullPool([3, 10, 20, 41], { punched: [3, 10] });
+  const two = crypto.randomBytes(2 * chunkSizeBytes);
+  const split = await pieces.store.write(two);
+  assertPlaced(split, two, pieces.written);
+  assert.deepEqual(split.pieces.map((piece) => piece.physicalChunk), [20, 41]);
+  assert.equal(pieces.allocator.usedCount, end - 2);
+});
+
+test('when every free chunk is a hole, a one-chunk write stops at the high-water mark, and for a second the next try one chunk only', async () => {
+  const { allocator, store, tried } = fullPool([3, 10, 11], { punched: [3, 10, 11] });
+  await assert.rejects(store.write(crypto.randomBytes(chunkSizeBytes)), (error: NodeJS.ErrnoException) => error.code === 'ENOSPC');
+  assert.deepEqual(tried, [3, 10, 11, 3, end], 'the first try, the holes on from it and from the start, then the first chunk above the mark, and no more');
+  assert.equal(allocator.usedCount, end - 3, 'nothing kept');
+  assert.equal(allocator.highWater, end, 'the chunk above the mark given back');
+  tried.length = 0;
+  await assert.rejects(store.write(crypto.randomBytes(chunkSizeBytes)), (error: NodeJS.ErrnoException) => error.code === 'ENOSPC');
+  assert.equal(tried.length, 2, `the first try and one more, not the search again: ${tried.join(', ')}`);
+  assert.equal(allocator.usedCount, end - 3);
 });
