@@ -52,7 +52,8 @@
 import { performance } from 'node:perf_hooks';
 import { ChunkdError, fromSystemError, isNoSpace } from '../core/errors.ts';
 import { expectedError } from '../core/fail-stop.ts';
-import { deferredChunksCommitMax } from '../core/limits.ts';
+import { chunkSizeBytes, deferredChunksCommitMax } from '../core/limits.ts';
+import { formatSize } from '../core/units.ts';
 import type { CatalogBackend, ChunkLookup, MapHandle, PendingCheckpoint } from './catalog-backend.ts';
 import type { ChunkStore } from './chunk-store.ts';
 import type { JournalFile } from './journal-file.ts';
@@ -87,6 +88,8 @@ export interface CommitStatus {
   /** The last commit's failure when it was not final (a full file system), or null once a commit succeeds again. */
   commitError: string | null;
   commitFailuresTotal: number;
+  /** Bytes of free chunks punched out of the pool's files because the metadata met a full file system (holes punched again counted too). */
+  freeChunksGivenBackBytesTotal: number;
   /** Checkpoints written since the pool opened (a full journal, or one asked for), not counting the one at open. */
   checkpointsTotal: number;
   /** The newest of those, or null before the first. */
@@ -129,6 +132,8 @@ export class CommitEngine {
    * to the old journal meanwhile: what the failed one left of the new generation could hide it after a restart.
    */
   #checkpointOwed = false;
+  /** Free chunks given back to the file system when the metadata met it full (`#giveBackFree`): the last try, the chunks punched, the tries, the last line. */
+  readonly #gaveBack = { atMs: -Infinity, chunks: 0, times: 0, loggedAtMs: -Infinity };
   #checkpointsTotal = 0;
   #lastCheckpoint: CheckpointReport | null = null;
   #checkpointEncodeSecondsMax = 0;
@@ -265,6 +270,7 @@ export class CommitEngine {
       failure: this.#failure?.message ?? null,
       commitError: this.#commitError,
       commitFailuresTotal: this.#commitFailures,
+      freeChunksGivenBackBytesTotal: this.#gaveBack.chunks * chunkSizeBytes,
     };
   }
 
@@ -306,7 +312,8 @@ export class CommitEngine {
     clearInterval(this.#timer);
   }
 
-  async #runCommit(): Promise<void> {
+  /** `gaveBack`: this is the commit run again at once after a give-back of free chunks (below): not run a third time. */
+  async #runCommit(gaveBack = false): Promise<void> {
     this.checkHealthy();
     const records = this.#queue;
     const recordsBytes = this.#queueBytes;
@@ -354,6 +361,13 @@ export class CommitEngine {
         // Records appended before a checkpoint (paged) are durable in the journal: the commit is done, and only
         // its checkpoint waits for space (every later commit tries it again); a FLUSH it covers succeeds.
         this.#commitError = appended ? `metadata checkpoint failed (the commits are durable in the journal): ${thrown.message}` : `metadata commit failed: ${thrown.message}`;
+        // The pool's files may be holding the room: an overwrite's free chunk keeps its space for the next write.
+        // Punch the free chunks out, then run the commit again at once (it takes the records put back, and begins
+        // the checkpoint owed anew), so that the FLUSH or the write waiting for it need not fail.
+        if (!gaveBack && (await this.#giveBackFree()) > 0) {
+          if (appended) await this.#chunks.reuseFreed(freeMark);
+          return this.#runCommit(true);
+        }
         this.#fullFailure(thrown);
         if (!appended) throw thrown;
         await this.#chunks.reuseFreed(freeMark);
@@ -375,6 +389,30 @@ export class CommitEngine {
     }
     // The frees are durable now: punch their space out, then let the allocator hand them out again.
     await this.#chunks.reuseFreed(freeMark);
+  }
+
+  /**
+   * Punches the pool's free chunks out of its files (ChunkStore.giveBackFree), at most once per `fullRetryMs`;
+   * the chunks punched (0 when it did not run or failed). Logged at most once per `fullLogIntervalMs`.
+   */
+  async #giveBackFree(): Promise<number> {
+    const now = performance.now();
+    if (now - this.#gaveBack.atMs < fullRetryMs) return 0;
+    this.#gaveBack.atMs = now;
+    try {
+      const punched = await this.#chunks.giveBackFree();
+      this.#gaveBack.chunks += punched;
+      this.#gaveBack.times += 1;
+      if (punched > 0 && now - this.#gaveBack.loggedAtMs >= fullLogIntervalMs) {
+        const since = this.#gaveBack.times > 1 ? ` (${this.#gaveBack.times} times since the node started)` : '';
+        this.#log(`the metadata met a full file system: ${formatSize(punched * chunkSizeBytes)} of free chunks punched out of the pool's files to give it room, and the commit tried again${since}`, 'warn');
+        this.#gaveBack.loggedAtMs = now;
+      }
+      return punched;
+    } catch (error) {
+      this.#log(`giving free chunks back to the file system failed: ${(error as Error).message}`, 'warn');
+      return 0;
+    }
   }
 
   /** Whether a commit met a full file system less than `fullRetryMs` ago. */

@@ -105,6 +105,7 @@ export interface PoolStatus {
   /** The last commit's failure when it was not final (a full file system), or null once a commit succeeds again. */
   commitError: string | null;
   commitFailuresTotal: number;
+  freeChunksGivenBackBytesTotal: number;
   checkpointsTotal: number;
   lastCheckpoint: CheckpointReport | null;
   checkpointEncodeSecondsMax: number;

@@ -189,6 +189,47 @@ test('a full file system at a background commit fails that commit only: status s
   );
 });
 
+for (const metadata of ['memory', 'paged'] as const) {
+  test(`a commit that meets a full file system while the pool's files hold free chunks punches them out and commits again at once: the FLUSH succeeds (${metadata} metadata)`, async () => {
+    // An overwrite's free chunk keeps its space for the next write (not punched): after overwrites the files can
+    // hold the file system's room while much of them is free. The journal's next write fails once with ENOSPC.
+    const files = new TestFiles([{ op: 'write', path: 'journal-', nth: 1, code: 'ENOSPC', armed: false }]);
+    const lines: string[] = [];
+    await withPool(
+      files,
+      async (pool, directory) => {
+        await pool.createVolume('v', 4 * MiB);
+        const volume = pool.openVolume('v');
+        await volume.write(0, Buffer.alloc(MiB, 1));
+        await volume.flush();
+        await volume.write(0, Buffer.alloc(MiB, 2));
+        await volume.flush();
+        await volume.flush(); // the second's frees are reusable once the commit that recorded them is durable
+        const chunkFile = path.join(directory, 'chunks', '00000000.chunk');
+        const allocatedBefore = fs.statSync(chunkFile).blocks * 512;
+        assert.ok(allocatedBefore >= 2 * MiB, `the first MiB's chunks are free and still allocated: ${allocatedBefore}`);
+        files.arm(0);
+        await volume.write(MiB, Buffer.alloc(4096, 3));
+        await volume.flush();
+        assert.equal(files.fired(0), 1, 'the first try met ENOSPC');
+        const status = await pool.status();
+        assert.deepEqual([status.commitError, status.failure], [null, null], 'the commit tried again succeeded');
+        assert.ok(status.commitFailuresTotal >= 1);
+        const allocatedAfter = fs.statSync(chunkFile).blocks * 512;
+        assert.ok(allocatedBefore - allocatedAfter >= MiB - 4096, `the free chunks' space given back: ${allocatedBefore} -> ${allocatedAfter}`);
+        assert.ok(status.freeChunksGivenBackBytesTotal >= MiB - 4096, `status counts it: ${status.freeChunksGivenBackBytesTotal}`);
+        assert.match(await metricsOf(pool), /^chunkd_pool_free_chunks_given_back_bytes_total [1-9]/m);
+        assert.equal(lines.filter((line) => line.includes('punched out of the pool\'s files to give it room')).length, 1, lines.join('\n'));
+        const read = Buffer.alloc(MiB + 4096);
+        await volume.read(0, read);
+        assert.ok(read.subarray(0, MiB).every((byte) => byte === 2) && read.subarray(MiB).every((byte) => byte === 3));
+        await volume.close();
+      },
+      { metadata, log: (line) => lines.push(line) },
+    );
+  });
+}
+
 for (const workers of [false, true]) {
   test(`a disk read error during a scrub is a damaged extent, not an aborted scrub (${workers ? 'worker' : 'inline'} I/O)`, async () => {
     // Chunk 300 of file 0 (a 1 MiB write at 1 MiB lands at chunks 256..511 of a fresh pool) fails every read.
