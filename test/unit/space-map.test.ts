@@ -476,10 +476,14 @@ test('power loss between the pages and the root leaves the last root or the one 
   const chunkRange = 3 * countsPerPage;
   /** Random changes to the counts, applied to the maps and the snapshot alike. */
   const change = async (real: Real, snapshot: Snapshot): Promise<void> => {
+    // A chunk whose count fell to zero waits for the commit before it may be counted again (the store never
+    // references a freed chunk before its free is committed and released): not picked again in this change.
+    const zeroed = new Set<number>();
     for (let i = 0; i < 20; i++) {
       const chunk = randomInt(random, chunkRange);
       const page = 2 + randomInt(random, 500);
       const times = random() < 0.05 ? 66_000 : 1 + randomInt(random, 3);
+      if (zeroed.has(chunk)) continue;
       await withCounts(real.maps.chunks.counts, [chunk], () => {
         const down = (snapshot.chunks.get(chunk) ?? 0) >= times && random() < 0.4;
         for (let t = 0; t < times; t++) {
@@ -487,6 +491,7 @@ test('power loss between the pages and the root leaves the last root or the one 
           else real.maps.chunks.increment(chunk);
         }
         bump(snapshot.chunks, chunk, down ? -times : times);
+        if ((snapshot.chunks.get(chunk) ?? 0) === 0) zeroed.add(chunk);
       });
       await withCounts(real.maps.pageRefs, [page], () => {
         real.maps.pageRefs.increment(page);
