@@ -112,14 +112,17 @@ export class ChunkAllocator {
 
   /** Free runs below the high-water mark (for punching leaked space at load). */
   freeExtents(): FreeExtent[] {
+    return this.#freeRuns(0, this.#highWater);
+  }
+
+  /** The free runs of [first, end). */
+  #freeRuns(first: number, end: number): FreeExtent[] {
     const extents: FreeExtent[] = [];
-    let chunk = 0;
-    while (chunk < this.#highWater) {
-      const start = this.#nextClear(chunk, this.#highWater);
+    for (let chunk = first; chunk < end; ) {
+      const start = this.#nextClear(chunk, end);
       if (start < 0) break;
-      const end = this.#nextSet(start, this.#highWater);
-      extents.push({ start, count: end - start, punch: true });
-      chunk = end;
+      chunk = this.#nextSet(start, end);
+      extents.push({ start, count: chunk - start, punch: true });
     }
     return extents;
   }
@@ -132,14 +135,7 @@ export class ChunkAllocator {
   /** The free chunks of span `page` below the mark, held (set, not counted as used) until `releaseTaken`. */
   holdFree(page: number): FreeExtent[] {
     const first = page * holdSpanChunks;
-    const end = Math.min(first + holdSpanChunks, this.#highWater);
-    const extents: FreeExtent[] = [];
-    for (let chunk = first; chunk < end; ) {
-      const start = this.#nextClear(chunk, end);
-      if (start < 0) break;
-      chunk = this.#nextSet(start, end);
-      extents.push({ start, count: chunk - start, punch: true });
-    }
+    const extents = this.#freeRuns(first, Math.min(first + holdSpanChunks, this.#highWater));
     for (const extent of extents) this.#setRange(extent.start, extent.count);
     return extents;
   }

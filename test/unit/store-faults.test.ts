@@ -514,6 +514,44 @@ for (const metadata of ['memory', 'paged'] as const) {
   });
 }
 
+for (const metadata of ['memory', 'paged'] as const) {
+  test(`free chunks punched out because a commit met a full file system, new writes onto them, then a power cut (${metadata} metadata): every flushed write reads back`, async () => {
+    const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
+    const files = new PowerLossFiles(directory, { rules: [{ op: 'write', path: 'journal-', nth: 1, code: 'ENOSPC', armed: false }] });
+    const lines: string[] = [];
+    const block = (value: number): Buffer => Buffer.alloc(4096, value);
+    const pool = await Pool.open({ directory, files, metadata, log: (line) => lines.push(line) });
+    try {
+      await pool.createVolume('v', 4 * MiB);
+      const volume = pool.openVolume('v');
+      for (let i = 0; i < 256; i++) await volume.write(i * 4096, block(1));
+      await volume.flush();
+      for (let i = 0; i < 256; i++) await volume.write(i * 4096, block(2));
+      await volume.flush();
+      await volume.flush(); // the overwritten chunks are free and reusable, their space still in the file
+      files.inner.arm(0);
+      await volume.write(256 * 4096, block(3));
+      await volume.flush();
+      assert.equal(files.inner.fired(0), 1, 'the first try met ENOSPC');
+      assert.ok(lines.some((line) => line.includes('punched out of the pool\'s files to give it room')), lines.join('\n'));
+      // Writes that reuse the punched chunks, flushed; the power is cut after.
+      for (let i = 0; i < 128; i++) await volume.write(i * 4096, block(4));
+      await volume.flush();
+    } finally {
+      files.inner.freeze();
+      await pool.abandon();
+    }
+    try {
+      await readAfterPowerCut(files, directory, 11, async (readBlock) => {
+        for (let i = 0; i < 256; i++) assert.ok((await readBlock(i)).equals(block(i < 128 ? 4 : 2)), `block ${i}`);
+        assert.ok((await readBlock(256)).equals(block(3)), 'the write whose FLUSH was committed again');
+      });
+    } finally {
+      fs.rmSync(directory, { recursive: true, force: true });
+    }
+  });
+}
+
 test('a paged pool whose page file is full at a checkpoint: a FLUSH still succeeds (its records are durable in the journal), an asked-for checkpoint gets ENOSPC and status says so; space back, the checkpoint is written; a power cut keeps every flushed write', async () => {
   const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-faults-'));
   // The page file (and its growth) is full; the journal, already reserved ahead, still takes appends.
