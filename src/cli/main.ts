@@ -317,7 +317,7 @@ async function statusCommand(argv: string[]): Promise<number> {
     version?: string;
     uptimeSeconds: number;
     metricsListen?: string | null;
-    pool: { directory: string; allocatedBytes: number; fileSystem: { freeBytes: number }; failure: string | null; commitError: string | null; metadataRepairsTotal: number };
+    pool: { directory: string; allocatedBytes: number; chunkFilesBytes?: number; fileSystem: { freeBytes: number }; failure: string | null; commitError: string | null; metadataRepairsTotal: number };
     volumes: VolumeInfo[];
     nbd: { listen: string[]; tls?: { mode: string; verifyPeer: boolean }; connectionsOpen: number; requestsTotal: number };
     io: { engine: string; workers: Array<{ id: number; inFlight: number }>; queued: number; workerRestarts: number };
@@ -334,7 +334,7 @@ async function statusCommand(argv: string[]): Promise<number> {
   print(values.json, status, () =>
     [
       `chunkd ${status.version ?? '(unknown version)'}, node pid ${status.pid}, up ${status.uptimeSeconds} s${status.metricsListen ? `, metrics on http://${status.metricsListen}/metrics` : ''}`,
-      `pool ${status.pool.directory}: ${formatSize(status.pool.allocatedBytes)} allocated, ${formatSize(status.pool.fileSystem.freeBytes)} free on its file system${status.pool.failure ? `, FAILED: ${status.pool.failure}` : ''}`,
+      `pool ${status.pool.directory}: ${formatSize(status.pool.allocatedBytes)} allocated${status.pool.chunkFilesBytes === undefined ? '' : ` in ${formatSize(status.pool.chunkFilesBytes)} of chunk files`}, ${formatSize(status.pool.fileSystem.freeBytes)} free on its file system${status.pool.failure ? `, FAILED: ${status.pool.failure}` : ''}`,
       ...(status.pool.failure === null && status.pool.commitError ? [`  last commit failed: ${status.pool.commitError}`] : []),
       ...(status.pool.metadataRepairsTotal > 0 ? [`  ${status.pool.metadataRepairsTotal} damaged metadata copies repaired at start (see the log)`] : []),
       `nbd ${status.nbd.listen.join(', ') || '(not listening)'}${status.nbd.tls === undefined || status.nbd.tls.mode === 'off' ? '' : ` (TLS ${status.nbd.tls.mode}${status.nbd.tls.verifyPeer ? ', client certificates verified' : ''})`}: ${status.nbd.connectionsOpen} connections, ${status.nbd.requestsTotal} requests served`,

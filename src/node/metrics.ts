@@ -15,6 +15,7 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
   };
   metric('chunkd_build_info', 'gauge', 'The chunkd version and the Node.js it runs on; always 1.', [[`{version="${softwareVersion}",nodejs="${process.version}"}`, 1]]);
   metric('chunkd_pool_allocated_bytes', 'gauge', 'Bytes of chunks allocated in the pool.', [['', status.pool.allocatedBytes]]);
+  metric('chunkd_pool_chunk_files_bytes', 'gauge', "The pool's chunk files' span: the chunks allocated, those freed and waiting for a commit, and the free chunks kept for reuse.", [['', status.pool.chunkFilesBytes]]);
   metric('chunkd_pool_filesystem_free_bytes', 'gauge', "Free bytes on the pool's file system.", [['', status.pool.fileSystem.freeBytes]]);
   metric('chunkd_pool_journal_bytes', 'gauge', 'Bytes in the current metadata journal.', [['', status.pool.journalBytes]]);
   metric('chunkd_volumes', 'gauge', 'Volumes in the pool.', [['', status.volumes.length]]);

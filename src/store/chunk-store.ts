@@ -386,6 +386,14 @@ export class ChunkStore {
     return this.#allocator.usedCount * chunkSizeBytes;
   }
 
+  /**
+   * The chunk files' span, up to the high-water mark: the chunks in use, those freed and waiting for a commit, and
+   * the free ones kept for reuse (some of them holes), so an upper bound of the files' space on disk.
+   */
+  get spanBytes(): number {
+    return this.#allocator.highWater * chunkSizeBytes;
+  }
+
   /** Reads that failed their checksum since the node started. */
   get checksumErrorsTotal(): number {
     return this.#checksumErrorsTotal;

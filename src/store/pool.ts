@@ -97,6 +97,11 @@ export interface PoolStatus {
   volumeCount: number;
   snapshotCount: number;
   allocatedBytes: number;
+  /**
+   * The chunk files' span (ChunkStore.spanBytes): above `allocatedBytes` by the chunks freed since the last commit
+   * and the free chunks the files keep for reuse (random overwrites leave many: README, Durability).
+   */
+  chunkFilesBytes: number;
   journalBytes: number;
   generation: number;
   fileSystem: { sizeBytes: number; freeBytes: number };
@@ -801,6 +806,7 @@ export class Pool {
       volumeCount: this.#tables.volumes.size,
       snapshotCount: this.#tables.snapshots.size,
       allocatedBytes: this.#chunks.allocatedBytes,
+      chunkFilesBytes: this.#chunks.spanBytes,
       ...this.#engine.status(),
       fileSystem: { sizeBytes: stats.blocks * stats.bsize, freeBytes: stats.bavail * stats.bsize },
       metadataRepairsTotal: this.#metadataRepairs,

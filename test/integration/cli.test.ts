@@ -55,6 +55,7 @@ test('volume lifecycle through the CLI', async () => {
 
     const status = await node.cli('status');
     assert.match(status.stdout, /volumes: 1/);
+    assert.match(status.stdout, /^pool .*: [\d.]+ \S+ allocated in [\d.]+ \S+ of chunk files, /m);
     const metrics = await runTool('curl', ['-s', '--unix-socket', node.apiSocket, 'http://chunkd/metrics']);
     assert.match(metrics.stdout, /chunkd_volume_size_bytes\{volume="alpha"\} 1073741824/);
     assert.equal(fs.statSync(node.apiSocket).mode & 0o777, 0o600, 'the API socket is for its owner only');

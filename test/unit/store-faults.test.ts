@@ -10,7 +10,7 @@
 // it leaves the journal to the next open, and a journal whose reserve ahead does not fit still takes commits; a failed chunk write fails that write only (also on the chunk
 // writer's thread). And, directly: an overwrite lands in a new physical chunk (redirect-on-write), never over the
 // chunk the metadata names. And a checkpoint asked for (POST /v1/checkpoint) is written now and counted, and its
-// failed write is a failure like the journal's.
+// failed write is a failure like the journal's. And status gives the chunk files' span beside the data allocated.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -280,6 +280,39 @@ test('a failed chunk write on a worker fails that write with EIO, and the next o
     { workers: true },
   );
 });
+
+for (const metadata of ['memory', 'paged'] as const) {
+  test(`status and /metrics give the chunk files' span beside the data allocated: an overwrite's old chunks stay in the files, free, and the next write reuses them (${metadata} metadata)`, async () => {
+    await withPool(
+      realFiles,
+      async (pool) => {
+        await pool.createVolume('v', 4 * MiB);
+        const volume = pool.openVolume('v');
+        const spans = async (): Promise<[number, number]> => {
+          const status = await pool.status();
+          return [status.allocatedBytes, status.chunkFilesBytes];
+        };
+        await volume.write(0, Buffer.alloc(MiB, 1));
+        await volume.flush();
+        assert.deepEqual(await spans(), [MiB, MiB], 'one MiB written: the files span it');
+        await volume.write(0, Buffer.alloc(MiB, 2));
+        await volume.flush();
+        await volume.flush();
+        assert.deepEqual(await spans(), [MiB, 2 * MiB], 'overwritten: the old chunks stay in the files, free');
+        assert.match(await metricsOf(pool), new RegExp(`^chunkd_pool_chunk_files_bytes ${2 * MiB}$`, 'm'));
+        await volume.write(0, Buffer.alloc(MiB, 3));
+        await volume.flush();
+        await volume.flush();
+        // Into the first MiB's chunks; the second's, freed now, reach the high-water mark, which the in-memory
+        // allocator lowers (the span back to 1 MiB) and the paged one keeps.
+        const [allocated, span] = await spans();
+        assert.ok(allocated === MiB && span >= MiB && span <= 2 * MiB, `overwritten again: into the free chunks, the span does not grow: ${allocated}, ${span}`);
+        await volume.close();
+      },
+      { metadata },
+    );
+  });
+}
 
 test('an overwrite goes to a new physical chunk; the old one keeps its bytes until the new mapping is committed', async () => {
   // A layer that notes where each chunk write lands.
