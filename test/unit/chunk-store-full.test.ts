@@ -100,8 +100,8 @@ test('a one-chunk write on a full file system steps past free chunks that are ho
   assertPlaced(run, payload, written);
   assert.deepEqual(tried, [3, 10, 11, 20], 'the first try, then the search on from it (next-fit): each hole once');
   assert.equal(allocator.usedCount, end - 4, 'the holes tried are free again');
-  // A write in pieces does the same for each single chunk: two chunks, no run of two below, into 41 and 3's
-  // neighbours' holes skipped.
+  // A write in pieces does the same for each single chunk: two chunks, no run of two below, the holes 3 and 10
+  // skipped, into 20 and 41.
   const pieces = fullPool([3, 10, 20, 41], { punched: [3, 10] });
   const two = crypto.randomBytes(2 * chunkSizeBytes);
   const split = await pieces.store.write(two);
