@@ -33,7 +33,7 @@
 // are cut there: a block may then be written twice within a step), each timed. The node's CPU per read (every
 // thread, /proc/PID/stat) is kept with each read sample.
 // With --metadata paged the pool is made with paged metadata (paged-metadata.md) and a page cache of --metadata-cache.
-// Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--target DIR] [--out DIR]
+// Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--node-env N=V] [--target DIR] [--out DIR]
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -41,7 +41,7 @@ import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import { callApi } from '../src/cli/api-client.ts';
 import { formatSize, parseSize } from '../src/core/units.ts';
-import { startNode, type RunningNode } from '../src/testing/node-process.ts';
+import { chunkdBin, nodeBinary, startNode, type Launcher, type RunningNode } from '../src/testing/node-process.ts';
 import { fioFailure, nbdTarget, parseFioJson, runFio } from './fio.ts';
 import { cleanup, cleanupOnSignals, commandOutput, onCleanup, processCpuSeconds, Tools } from './processes.ts';
 import { formatProjectionTable, formatStepsTable, project, snapshotPoints, type MemoryParts, type ScaleStep } from './scale-report.ts';
@@ -52,7 +52,7 @@ const fioTimeoutMs = 60 * 60_000;
 /** A pool with much metadata takes long to open today; the point is to measure it, not to give up. */
 const readyTimeoutMs = 30 * 60_000;
 
-const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots N] [--runtime S] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--target DIR] [--out DIR]
+const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots N] [--runtime S] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--node-env NAME=VALUE]... [--target DIR] [--out DIR]
   --steps LIST        cumulative bytes written at random in 4 KiB writes, measured after each (default 1GiB,4GiB,16GiB);
                       past --volume-size the writes overwrite, a pass over the volume at a time
   --volume-size SIZE  the thin volume written into (default 1TiB)
@@ -61,11 +61,14 @@ const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume
   --warmup S          seconds of unmeasured random reads between the cold and the warm sample (default --runtime; 0: none, as before)
   --metadata KIND     the pool's metadata: memory (default) or paged
   --metadata-cache S  paged metadata: the page cache (default serve's)
+  --node-env N=V      set this in the node's environment only (repeatable), e.g. to run it under another malloc:
+                      LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
   --target DIR        where the pool goes (default .); needs the last step's bytes free, and some more
   --out DIR           also write results.json and results.md there`;
 
 interface NodeStatusPart {
   eventLoopDelayMaxSeconds: number;
+  eventLoopLongestPause?: ScaleStep['longestPauseWriting'];
   pool: { checkpointsTotal: number };
 }
 
@@ -150,6 +153,7 @@ async function main(): Promise<void> {
       warmup: { type: 'string' },
       metadata: { type: 'string', default: 'memory' },
       'metadata-cache': { type: 'string' },
+      'node-env': { type: 'string', multiple: true, default: [] },
       target: { type: 'string', default: '.' },
       out: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
@@ -171,6 +175,12 @@ async function main(): Promise<void> {
 
   // At debug level the node logs where its start went (the pool open's phases, modules, the rest): kept per step.
   const nodeArgs = ['--log-level', 'debug', '--metadata', values.metadata, ...(values['metadata-cache'] === undefined ? [] : ['--metadata-cache', values['metadata-cache']])];
+  const nodeEnv = values['node-env'].map((pair) => {
+    const at = pair.indexOf('=');
+    if (at < 1) throw new Error(`--node-env takes NAME=VALUE, not ${pair}`);
+    return [pair.slice(0, at), pair.slice(at + 1)] as const;
+  });
+  const launcher: Launcher = { command: nodeBinary, prefix: [chunkdBin], env: { ...process.env, ...Object.fromEntries(nodeEnv) } };
   const tools = new Tools(new Map());
   tools.get('fio');
   cleanupOnSignals();
@@ -210,7 +220,7 @@ async function main(): Promise<void> {
   let written = 0;
   let snapshots = 0;
   let snapshotSeconds: number[] = [];
-  node = await startNode(pool, nodeArgs, { readyTimeoutMs });
+  node = await startNode(pool, nodeArgs, { readyTimeoutMs, launcher });
   await api('POST', '/v1/volumes', { name: volume, sizeBytes: volumeBytes });
   console.log(`node pid ${node.process.pid}; volume ${volume} of ${formatSize(volumeBytes)}; steps ${steps.map(formatSize).join(', ')}${snapshotCount > 0 ? `; ${snapshotCount} snapshots along the way` : ''}`);
 
@@ -242,7 +252,7 @@ async function main(): Promise<void> {
     await node.kill();
     node = null;
     const spawned = performance.now();
-    node = await startNode(pool, nodeArgs, { readyTimeoutMs });
+    node = await startNode(pool, nodeArgs, { readyTimeoutMs, launcher });
     const startSeconds = (performance.now() - spawned) / 1000;
     // Its CPU from spawn to the ready line (every thread): on a loaded machine it moves less than the wall time.
     const startCpuSeconds = processCpuSeconds(node.process.pid!);
@@ -288,7 +298,7 @@ async function main(): Promise<void> {
     await node.stop();
     node = null;
     const respawned = performance.now();
-    node = await startNode(pool, nodeArgs, { readyTimeoutMs });
+    node = await startNode(pool, nodeArgs, { readyTimeoutMs, launcher });
     const startSecondsAgain = (performance.now() - respawned) / 1000;
     const startPhasesAgain = startLines(node);
     const step: ScaleStep = {
@@ -299,6 +309,7 @@ async function main(): Promise<void> {
       rssBytesBeforeRestart,
       memoryBeforeRestart,
       eventLoopDelayMaxWritingSeconds: writing.eventLoopDelayMaxSeconds,
+      longestPauseWriting: writing.eventLoopLongestPause ?? null,
       checkpointsWhileWriting: writing.pool.checkpointsTotal,
       startSeconds,
       startCpuSeconds,

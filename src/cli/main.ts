@@ -139,6 +139,13 @@ function print(json: boolean | undefined, value: unknown, text: () => string): v
   process.stdout.write(json ? `${JSON.stringify(value, null, 2)}\n` : `${text()}\n`);
 }
 
+/** ", longest pause 102 ms (18 on CPU, 80 waiting for a CPU, 4 elsewhere)", or nothing from a node that does not say. */
+function describePause(pause: { gapSeconds: number; onCpuSeconds: number; runQueueSeconds: number | null; elsewhereSeconds: number } | null | undefined): string {
+  if (pause === null || pause === undefined) return '';
+  const ms = (seconds: number): string => (seconds * 1000).toFixed(0);
+  return `, longest pause ${ms(pause.gapSeconds)} ms (${ms(pause.onCpuSeconds)} on CPU, ${pause.runQueueSeconds === null ? '' : `${ms(pause.runQueueSeconds)} waiting for a CPU, `}${ms(pause.elsewhereSeconds)} elsewhere)`;
+}
+
 function describeVolume(volume: VolumeInfo): string {
   const snapshots = volume.snapshots.length > 0 ? `\t${volume.snapshots.length} snapshots` : '';
   return `${volume.name}\tsize ${formatSize(volume.sizeBytes)} (${volume.sizeBytes} bytes)\tallocated ${formatSize(volume.allocatedBytes)} (${volume.allocatedBytes} bytes)${snapshots}`;
@@ -324,6 +331,7 @@ async function statusCommand(argv: string[]): Promise<number> {
     fuse?: { mountpoint: string; openFiles: number } | null;
     attachments?: Array<{ volume: string; mountpoint: string; fsType: string; via: string; state: string; loopDevice: string | null; error: string | null; dockerIds: string[] }>;
     eventLoopUtilization: number;
+    eventLoopLongestPause?: { gapSeconds: number; onCpuSeconds: number; runQueueSeconds: number | null; elsewhereSeconds: number } | null;
     replication?: {
       replicas: Array<{ volume: string; peer: string; peerName: string | null; state: string; lagSeconds: number | null; lastError: { message: string } | null }>;
       replicaVolumes: Array<{ volume: string; owner: string; epoch: number }>;
@@ -338,7 +346,7 @@ async function statusCommand(argv: string[]): Promise<number> {
       ...(status.pool.failure === null && status.pool.commitError ? [`  last commit failed: ${status.pool.commitError}`] : []),
       ...(status.pool.metadataRepairsTotal > 0 ? [`  ${status.pool.metadataRepairsTotal} damaged metadata copies repaired at start (see the log)`] : []),
       `nbd ${status.nbd.listen.join(', ') || '(not listening)'}${status.nbd.tls === undefined || status.nbd.tls.mode === 'off' ? '' : ` (TLS ${status.nbd.tls.mode}${status.nbd.tls.verifyPeer ? ', client certificates verified' : ''})`}: ${status.nbd.connectionsOpen} connections, ${status.nbd.requestsTotal} requests served`,
-      `event loop utilisation ${(status.eventLoopUtilization * 100).toFixed(1)}%`,
+      `event loop utilisation ${(status.eventLoopUtilization * 100).toFixed(1)}%${describePause(status.eventLoopLongestPause)}`,
       status.io.engine === 'inline'
         ? 'chunk I/O on the main thread (--workers 0)'
         : `chunk I/O on ${status.io.workers.length} worker threads, ${status.io.queued} requests queued, ${status.io.workerRestarts} restarted: ` +

@@ -69,6 +69,13 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
   metric('chunkd_checkpoint_bytes', 'gauge', 'Size of the newest metadata checkpoint written since the node started (0 before one).', [['', status.pool.lastCheckpoint?.bytes ?? 0]]);
   metric('chunkd_checkpoint_encode_seconds_max', 'gauge', 'The longest a checkpoint held the event loop to encode the metadata, since the node started.', [['', status.pool.checkpointEncodeSecondsMax]]);
   metric('chunkd_event_loop_delay_max_seconds', 'gauge', 'The longest pause of the event loop since the node started (resolution 10 ms).', [['', status.eventLoopDelayMaxSeconds]]);
+  const pause = status.eventLoopLongestPause ?? null;
+  metric(
+    'chunkd_event_loop_longest_pause_seconds',
+    'gauge',
+    'The longest gap between two ticks of a 10 ms timer on the main thread since the node started, and how it was spent: on_cpu (the thread ran), run_queue (it waited for a CPU: other threads or processes had the cores), elsewhere (blocked or idle).',
+    pause === null ? [] : [['{part="gap"}', pause.gapSeconds], ['{part="on_cpu"}', pause.onCpuSeconds], ...(pause.runQueueSeconds === null ? [] : [['{part="run_queue"}', pause.runQueueSeconds] as [string, number]]), ['{part="elsewhere"}', pause.elsewhereSeconds]],
+  );
   metric('chunkd_event_loop_utilization', 'gauge', 'Event loop utilisation since the previous scrape.', [['', status.eventLoopUtilization]]);
   // Per export (a volume, or VOL@SNAP) and operation, as every front end's requests reach the device (io-stats.ts).
   const exports = Object.entries(io);

@@ -26,6 +26,7 @@ import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
 import { newestReplicationPoint, replicationSnapshotPrefix } from '../replication/peer-messages.ts';
 import { renderMetrics } from './metrics.ts';
 import type { MetricsServer } from './metrics-server.ts';
+import { LoopPauses, type LoopPause } from './loop-pauses.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
 import type { IoEngineStatus } from '../store/chunk-io.ts';
@@ -113,6 +114,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   readonly #ioStats = new Map<string, ExportIoStats>();
   /** How late the event loop ran a 10 ms timer, since the node was made (after the pool opened): its longest pause. */
   readonly #eventLoopDelay = monitorEventLoopDelay({ resolution: 10 });
+  /** The longest of those pauses with what the main thread did through it (loop-pauses.ts). */
+  readonly #loopPauses = new LoopPauses();
   #threads: NbdThreads | null = null;
   #fuse: FuseFrontEnd | null = null;
   #fuseMounting: Promise<FuseFrontEnd> | null = null;
@@ -144,6 +147,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     this.#receiver = new StreamReceiver(pool, config.log);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
     this.#eventLoopDelay.enable();
+    this.#loopPauses.start();
   }
 
   /** Opens the pool and starts the front ends; on any failure everything started is stopped again. */
@@ -321,6 +325,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
 
   async stop(): Promise<void> {
     this.#eventLoopDelay.disable();
+    this.#loopPauses.stop();
     await this.#replicator?.stop();
     await this.#metrics?.close();
     await this.#peer?.close();
@@ -971,6 +976,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       attachments: this.#attachments?.list() ?? [],
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
       eventLoopDelayMaxSeconds: this.#eventLoopDelay.max / 1e9,
+      eventLoopLongestPause: this.#loopPauses.longest(),
       io: this.pool.ioStatus(),
     };
   }
@@ -1043,6 +1049,8 @@ export interface NodeStatus {
   eventLoopUtilization: number;
   /** The event loop's longest pause since the node started (from a 10 ms timer's lateness, so +-10 ms); 0 before any. */
   eventLoopDelayMaxSeconds: number;
+  /** The longest gap between two ticks of a 10 ms timer on the main thread, split into its CPU, its wait for a CPU and the rest; null before two ticks. */
+  eventLoopLongestPause: LoopPause | null;
   /** The chunk I/O engine: inline, or worker threads with each one's requests in flight. */
   io: IoEngineStatus;
 }

@@ -1,0 +1,83 @@
+// The event loop's longest pause split into the main thread's CPU, its wait for a CPU and the rest
+// (loop-pauses.ts): each part shown by making the thread spend a pause that way for real: a busy loop (CPU), a
+// sleep (elsewhere), and a busy loop on a core another busy process shares (run queue).
+import assert from 'node:assert/strict';
+import { execFile, spawn } from 'node:child_process';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { test } from 'vitest';
+import { LoopPauses, openThreadClock, parseSchedstat, splitGap, type LoopPause } from '../../src/node/loop-pauses.ts';
+
+const loopPausesModule = path.resolve(import.meta.dirname, '../../src/node/loop-pauses.ts');
+
+test('schedstat is read as CPU and run-queue nanoseconds; a gap is split into them and the rest', () => {
+  assert.deepEqual(parseSchedstat('43447405 8997848 68\n'), { cpuNs: 43447405, runQueueNs: 8997848 });
+  assert.equal(parseSchedstat('garbage'), null);
+  const pause = splitGap(120e6, 10e6, { cpuNs: 1e6, runQueueNs: 2e6 }, { cpuNs: 31e6, runQueueNs: 72e6 }, 5);
+  assert.deepEqual(pause, { delaySeconds: 0.11, gapSeconds: 0.12, onCpuSeconds: 0.03, runQueueSeconds: 0.07, elsewhereSeconds: 0.02, endedAtMs: 5 });
+  const unknownQueue = splitGap(50e6, 10e6, { cpuNs: 0, runQueueNs: null }, { cpuNs: 20e6, runQueueNs: null }, 0);
+  assert.equal(unknownQueue.runQueueSeconds, null);
+  assert.equal(unknownQueue.elsewhereSeconds, 0.03);
+  // This kernel says: the tests below need the run queue.
+  assert.notEqual(openThreadClock().read().runQueueNs, null);
+});
+
+const ticks = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
+function busy(ms: number): void {
+  const until = performance.now() + ms;
+  while (performance.now() < until);
+}
+
+test('a pause the thread spends computing is on its CPU, one it spends asleep is elsewhere', async () => {
+  const pauses = new LoopPauses();
+  pauses.start();
+  try {
+    await ticks(30);
+    busy(150);
+    await ticks(30);
+    const computing = pauses.longest()!;
+    assert.ok(computing.gapSeconds >= 0.15, `gap ${computing.gapSeconds}`);
+    // The test's machine may be shared: the CPU plus the wait for it make the busy loop's wall time.
+    assert.ok(computing.onCpuSeconds + (computing.runQueueSeconds ?? 0) >= 0.14, JSON.stringify(computing));
+    assert.ok(computing.elsewhereSeconds < 0.03, JSON.stringify(computing));
+
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 300);
+    await ticks(30);
+    const asleep = pauses.longest()!;
+    assert.ok(asleep.gapSeconds >= 0.3, `gap ${asleep.gapSeconds}`);
+    assert.ok(asleep.endedAtMs > computing.endedAtMs);
+    assert.ok(asleep.onCpuSeconds < 0.05, JSON.stringify(asleep));
+    assert.ok(asleep.elsewhereSeconds >= 0.25, JSON.stringify(asleep));
+  } finally {
+    pauses.stop();
+  }
+});
+
+test('a pause spent waiting for a core another process holds is run-queue time', { timeout: 20_000 }, async () => {
+  // Both on core 0: a busy process, and a child that busies its main thread for 600 ms of wall time and reports
+  // its longest pause; the scheduler shares the core, so about half of the child's pause is spent waiting.
+  const hog = spawn('taskset', ['-c', '0', process.execPath, '-e', 'for (;;);'], { stdio: 'ignore' });
+  try {
+    await ticks(100);
+    const script = `
+      import { LoopPauses } from ${JSON.stringify(loopPausesModule)};
+      const pauses = new LoopPauses();
+      pauses.start();
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      const until = performance.now() + 600;
+      while (performance.now() < until);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      process.stdout.write(JSON.stringify(pauses.longest()));
+      pauses.stop();
+    `;
+    const { stdout } = await promisify(execFile)('taskset', ['-c', '0', process.execPath, '--input-type=module', '-e', script]);
+    const pause = JSON.parse(stdout) as LoopPause;
+    assert.ok(pause.gapSeconds >= 0.6, stdout);
+    assert.ok(pause.runQueueSeconds! >= 0.15, stdout);
+    assert.ok(pause.onCpuSeconds >= 0.15, stdout);
+    assert.ok(Math.abs(pause.gapSeconds - pause.onCpuSeconds - pause.runQueueSeconds! - pause.elsewhereSeconds) < 1e-6, stdout);
+  } finally {
+    hog.kill('SIGKILL');
+  }
+});
