@@ -15,6 +15,7 @@ import { commandHelp, commands, commandWords, findCommand, generalHelp, unknownV
 import { parsing, printError, reportError, UsageError, wantsJson } from './errors.ts';
 import type * as ApiClient from './api-client.ts';
 import { needs } from '../core/lazy-import.ts';
+import { describeLoopPause } from '../node/loop-pauses.ts';
 
 // A command's own module is imported when that command runs (core/lazy-import.ts), so that a start loads what
 // the command needs and no more: `chunkd help` or `chunkd volume list` loads neither the node, the store, etcd's
@@ -139,11 +140,9 @@ function print(json: boolean | undefined, value: unknown, text: () => string): v
   process.stdout.write(json ? `${JSON.stringify(value, null, 2)}\n` : `${text()}\n`);
 }
 
-/** ", longest pause 102 ms (18 on CPU, 80 waiting for a CPU, 4 elsewhere)", or nothing from a node that does not say. */
-function describePause(pause: { gapSeconds: number; onCpuSeconds: number; runQueueSeconds: number | null; elsewhereSeconds: number } | null | undefined): string {
-  if (pause === null || pause === undefined) return '';
-  const ms = (seconds: number): string => (seconds * 1000).toFixed(0);
-  return `, longest pause ${ms(pause.gapSeconds)} ms (${ms(pause.onCpuSeconds)} on CPU, ${pause.runQueueSeconds === null ? '' : `${ms(pause.runQueueSeconds)} waiting for a CPU, `}${ms(pause.elsewhereSeconds)} elsewhere)`;
+/** ", longest pause 102 ms (18 on CPU, 80 waiting for a CPU, 4 elsewhere; 12 in collections)", or nothing from a node that does not say. */
+function describePause(pause: Parameters<typeof describeLoopPause>[0] | null | undefined): string {
+  return pause === null || pause === undefined ? '' : `, longest pause ${describeLoopPause(pause)}`;
 }
 
 function describeVolume(volume: VolumeInfo): string {
@@ -331,7 +330,7 @@ async function statusCommand(argv: string[]): Promise<number> {
     fuse?: { mountpoint: string; openFiles: number } | null;
     attachments?: Array<{ volume: string; mountpoint: string; fsType: string; via: string; state: string; loopDevice: string | null; error: string | null; dockerIds: string[] }>;
     eventLoopUtilization: number;
-    eventLoopLongestPause?: { gapSeconds: number; onCpuSeconds: number; runQueueSeconds: number | null; elsewhereSeconds: number } | null;
+    eventLoopLongestPause?: Parameters<typeof describeLoopPause>[0] | null;
     replication?: {
       replicas: Array<{ volume: string; peer: string; peerName: string | null; state: string; lagSeconds: number | null; lastError: { message: string } | null }>;
       replicaVolumes: Array<{ volume: string; owner: string; epoch: number }>;

@@ -7,9 +7,12 @@
 //
 // A timer every `intervalMs` notes the monotonic clock and the main thread's times from Linux's
 // /proc/thread-self/schedstat (nanoseconds on a CPU, nanoseconds waiting on a run queue); the longest gap between
-// two ticks is kept with the split of that gap. Without schedstat (another kernel) the CPU comes from
+// two ticks is kept with the split of that gap, and with the time V8's collections paused the thread within it
+// (PerformanceObserver's 'gc' entries): a collection's pause is CPU, or waiting for its helper threads (elsewhere:
+// a futex) when those wait for a CPU. Without schedstat (another kernel) the CPU comes from
 // process.threadCpuUsage() and the run queue is unknown (null).
 import fs from 'node:fs';
+import { performance, PerformanceObserver } from 'node:perf_hooks';
 
 /** The main thread's cumulative times, nanoseconds. */
 export interface ThreadTimes {
@@ -30,8 +33,21 @@ export interface LoopPause {
   runQueueSeconds: number | null;
   /** The rest of the gap: blocked or idle (includes up to one interval of waiting for the timer). */
   elsewhereSeconds: number;
+  /**
+   * V8's collections within the gap (the main thread's pauses for them, from PerformanceObserver's 'gc' entries):
+   * part of the CPU, and of the rest where the main thread waited for the collector's helper threads.
+   */
+  gcSeconds: number;
   /** When the gap ended (ms since the epoch). */
   endedAtMs: number;
+}
+
+/** "102 ms (18 on CPU, 80 waiting for a CPU, 4 elsewhere; 12 in collections)", as the log and chunkd status say it. */
+export function describeLoopPause(pause: Pick<LoopPause, 'gapSeconds' | 'onCpuSeconds' | 'runQueueSeconds' | 'elsewhereSeconds'> & { gcSeconds?: number }): string {
+  const ms = (seconds: number): string => (seconds * 1000).toFixed(0);
+  const queue = pause.runQueueSeconds === null ? '' : `${ms(pause.runQueueSeconds)} waiting for a CPU, `;
+  const gc = pause.gcSeconds === undefined ? '' : `; ${ms(pause.gcSeconds)} in collections`;
+  return `${ms(pause.gapSeconds)} ms (${ms(pause.onCpuSeconds)} on CPU, ${queue}${ms(pause.elsewhereSeconds)} elsewhere${gc})`;
 }
 
 /** Parses /proc/.../schedstat: "<ns on cpu> <ns waiting on a run queue> <timeslices>". */
@@ -50,6 +66,7 @@ export function splitGap(gapNs: number, intervalNs: number, before: ThreadTimes,
     onCpuSeconds: onCpuNs / 1e9,
     runQueueSeconds: runQueueNs === null ? null : runQueueNs / 1e9,
     elsewhereSeconds: Math.max(0, gapNs - onCpuNs - (runQueueNs ?? 0)) / 1e9,
+    gcSeconds: 0,
     endedAtMs,
   };
 }
@@ -87,47 +104,106 @@ function cpuOnly(): ThreadTimes {
   return { cpuNs: (usage.user + usage.system) * 1000, runQueueNs: null };
 }
 
-/** The longest gap between two ticks of a timer on this thread, since start(), with its split. */
+/** A span of performance.now() (ms). */
+interface Span {
+  startMs: number;
+  endMs: number;
+}
+
+/** How much of `b` lies within `a`, ms. */
+export function overlapMs(a: Span, b: Span): number {
+  return Math.max(0, Math.min(a.endMs, b.endMs) - Math.max(a.startMs, b.startMs));
+}
+
+/** How long after a long gap it is told (onLongGap), ms. */
+const longGapToldAfterMs = 100;
+
+/** Collections kept to match against a gap whose tick ran before their entries arrived. */
+const recentCollectionsKept = 32;
+
+/**
+ * The longest gap between two ticks of a timer on this thread, since start(), with its split; `onLongGap` hears
+ * of every gap over `longGapMs` (the node logs them at debug level), before its collections are known.
+ */
 export class LoopPauses {
   readonly #intervalNs: number;
   readonly #clock: () => ThreadClock;
+  readonly #longGapMs: number;
+  readonly #onLongGap: ((pause: LoopPause) => void) | null;
   #timer: NodeJS.Timeout | null = null;
   #threadClock: ThreadClock | null = null;
-  #last: { atNs: bigint; times: ThreadTimes } | null = null;
-  #longest: LoopPause | null = null;
+  #observer: PerformanceObserver | null = null;
+  #last: { atNs: bigint; atMs: number; times: ThreadTimes } | null = null;
+  #longest: { pause: LoopPause; span: Span; collections: Set<Span> } | null = null;
+  readonly #recentCollections: Span[] = [];
 
-  constructor(options: { intervalMs?: number; clock?: () => ThreadClock } = {}) {
+  constructor(options: { intervalMs?: number; clock?: () => ThreadClock; longGapMs?: number; onLongGap?: (pause: LoopPause) => void } = {}) {
     this.#intervalNs = (options.intervalMs ?? 10) * 1e6;
     this.#clock = options.clock ?? openThreadClock;
+    this.#longGapMs = options.longGapMs ?? 50;
+    this.#onLongGap = options.onLongGap ?? null;
   }
 
   start(): void {
     if (this.#timer !== null) return;
     this.#threadClock = this.#clock();
-    this.#last = { atNs: process.hrtime.bigint(), times: this.#threadClock.read() };
+    this.#last = { atNs: process.hrtime.bigint(), atMs: performance.now(), times: this.#threadClock.read() };
     this.#timer = setInterval(() => this.#tick(), this.#intervalNs / 1e6);
     this.#timer.unref();
+    this.#observer = new PerformanceObserver((list) => {
+      for (const entry of list.getEntries()) this.#collected({ startMs: entry.startTime, endMs: entry.startTime + entry.duration });
+    });
+    this.#observer.observe({ entryTypes: ['gc'] });
   }
 
   stop(): void {
     if (this.#timer !== null) clearInterval(this.#timer);
     this.#timer = null;
+    this.#observer?.disconnect();
+    this.#observer = null;
     this.#threadClock?.close();
     this.#threadClock = null;
     this.#last = null;
   }
 
-  /** The longest gap so far (null before two ticks). */
+  /** The longest gap so far (null before two ticks), with the collections within it. */
   longest(): LoopPause | null {
-    return this.#longest;
+    const longest = this.#longest;
+    if (longest === null) return null;
+    let gcMs = 0;
+    for (const collection of longest.collections) gcMs += overlapMs(longest.span, collection);
+    return { ...longest.pause, gcSeconds: gcMs / 1000 };
   }
 
   #tick(): void {
     const atNs = process.hrtime.bigint();
+    const atMs = performance.now();
     const times = this.#threadClock!.read();
     const last = this.#last!;
     const gapNs = Number(atNs - last.atNs);
-    if (this.#longest === null || gapNs / 1e9 > this.#longest.gapSeconds) this.#longest = splitGap(gapNs, this.#intervalNs, last.times, times, Date.now());
-    this.#last = { atNs, times };
+    const long = gapNs / 1e6 > this.#longGapMs;
+    if (long || this.#longest === null || gapNs / 1e9 > this.#longest.pause.gapSeconds) {
+      const pause = splitGap(gapNs, this.#intervalNs, last.times, times, Date.now());
+      const span = { startMs: last.atMs, endMs: atMs };
+      if (this.#longest === null || pause.gapSeconds > this.#longest.pause.gapSeconds) {
+        this.#longest = { pause, span, collections: new Set(this.#recentCollections.filter((collection) => overlapMs(span, collection) > 0)) };
+      }
+      // Told a little later, when the collections' entries (which come after the gap) are in.
+      if (long && this.#onLongGap !== null) {
+        const onLongGap = this.#onLongGap;
+        setTimeout(() => {
+          const gcMs = this.#recentCollections.reduce((sum, collection) => sum + overlapMs(span, collection), 0);
+          onLongGap({ ...pause, gcSeconds: gcMs / 1000 });
+        }, longGapToldAfterMs).unref();
+      }
+    }
+    this.#last = { atNs, atMs, times };
+  }
+
+  #collected(collection: Span): void {
+    this.#recentCollections.push(collection);
+    if (this.#recentCollections.length > recentCollectionsKept) this.#recentCollections.shift();
+    const longest = this.#longest;
+    if (longest !== null && overlapMs(longest.span, collection) > 0) longest.collections.add(collection);
   }
 }

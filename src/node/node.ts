@@ -26,7 +26,7 @@ import { VolumeRoles, type FencedRole } from '../replication/roles.ts';
 import { newestReplicationPoint, replicationSnapshotPrefix } from '../replication/peer-messages.ts';
 import { renderMetrics } from './metrics.ts';
 import type { MetricsServer } from './metrics-server.ts';
-import { LoopPauses, type LoopPause } from './loop-pauses.ts';
+import { describeLoopPause, LoopPauses, type LoopPause } from './loop-pauses.ts';
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
 import type { IoEngineStatus } from '../store/chunk-io.ts';
@@ -115,7 +115,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   /** How late the event loop ran a 10 ms timer, since the node was made (after the pool opened): its longest pause. */
   readonly #eventLoopDelay = monitorEventLoopDelay({ resolution: 10 });
   /** The longest of those pauses with what the main thread did through it (loop-pauses.ts). */
-  readonly #loopPauses = new LoopPauses();
+  readonly #loopPauses: LoopPauses;
   #threads: NbdThreads | null = null;
   #fuse: FuseFrontEnd | null = null;
   #fuseMounting: Promise<FuseFrontEnd> | null = null;
@@ -147,6 +147,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     this.#receiver = new StreamReceiver(pool, config.log);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
     this.#eventLoopDelay.enable();
+    this.#loopPauses = new LoopPauses({ onLongGap: (pause) => config.log(`event loop paused ${describeLoopPause(pause)}`, 'debug') });
     this.#loopPauses.start();
   }
 

@@ -6,7 +6,7 @@ import { execFile, spawn } from 'node:child_process';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { test } from 'vitest';
-import { LoopPauses, openThreadClock, parseSchedstat, splitGap, type LoopPause } from '../../src/node/loop-pauses.ts';
+import { LoopPauses, openThreadClock, overlapMs, parseSchedstat, splitGap, type LoopPause } from '../../src/node/loop-pauses.ts';
 
 const loopPausesModule = path.resolve(import.meta.dirname, '../../src/node/loop-pauses.ts');
 
@@ -14,7 +14,10 @@ test('schedstat is read as CPU and run-queue nanoseconds; a gap is split into th
   assert.deepEqual(parseSchedstat('43447405 8997848 68\n'), { cpuNs: 43447405, runQueueNs: 8997848 });
   assert.equal(parseSchedstat('garbage'), null);
   const pause = splitGap(120e6, 10e6, { cpuNs: 1e6, runQueueNs: 2e6 }, { cpuNs: 31e6, runQueueNs: 72e6 }, 5);
-  assert.deepEqual(pause, { delaySeconds: 0.11, gapSeconds: 0.12, onCpuSeconds: 0.03, runQueueSeconds: 0.07, elsewhereSeconds: 0.02, endedAtMs: 5 });
+  assert.deepEqual(pause, { delaySeconds: 0.11, gapSeconds: 0.12, onCpuSeconds: 0.03, runQueueSeconds: 0.07, elsewhereSeconds: 0.02, gcSeconds: 0, endedAtMs: 5 });
+  assert.equal(overlapMs({ startMs: 10, endMs: 20 }, { startMs: 15, endMs: 30 }), 5);
+  assert.equal(overlapMs({ startMs: 10, endMs: 20 }, { startMs: 20, endMs: 30 }), 0);
+  assert.equal(overlapMs({ startMs: 10, endMs: 20 }, { startMs: 12, endMs: 13 }), 1);
   const unknownQueue = splitGap(50e6, 10e6, { cpuNs: 0, runQueueNs: null }, { cpuNs: 20e6, runQueueNs: null }, 0);
   assert.equal(unknownQueue.runQueueSeconds, null);
   assert.equal(unknownQueue.elsewhereSeconds, 0.03);
@@ -52,6 +55,32 @@ test('a pause the thread spends computing is on its CPU, one it spends asleep is
   } finally {
     pauses.stop();
   }
+});
+
+test("a pause V8's collector took is counted as the collections' time within it, and a long gap is told with it", { timeout: 20_000 }, async () => {
+  // A child with --expose-gc: 300 ms of busy loop around full collections of a heap of some 100 MiB of live
+  // objects; its longest gap holds them, and the gap told (over 50 ms) says the same.
+  const script = `
+    import { LoopPauses } from ${JSON.stringify(loopPausesModule)};
+    const told = [];
+    const pauses = new LoopPauses({ longGapMs: 50, onLongGap: (pause) => told.push(pause) });
+    pauses.start();
+    const live = Array.from({ length: 1_000_000 }, (_, i) => ({ i, text: 'x' + i }));
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    const until = performance.now() + 300;
+    let collections = 0;
+    while (performance.now() < until) if (collections < 3) { globalThis.gc(); collections += 1; }
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    process.stdout.write(JSON.stringify({ longest: pauses.longest(), told, live: live.length }));
+    pauses.stop();
+  `;
+  const { stdout } = await promisify(execFile)(process.execPath, ['--expose-gc', '--input-type=module', '-e', script]);
+  const { longest, told } = JSON.parse(stdout) as { longest: LoopPause; told: LoopPause[] };
+  assert.ok(longest.gapSeconds >= 0.3, stdout);
+  assert.ok(longest.gcSeconds > 0.005 && longest.gcSeconds <= longest.gapSeconds, stdout);
+  const same = told.find((pause) => pause.endedAtMs === longest.endedAtMs);
+  assert.ok(same !== undefined, stdout);
+  assert.equal(same.gcSeconds, longest.gcSeconds);
 });
 
 test('a pause spent waiting for a core another process holds is run-queue time', { timeout: 20_000 }, async () => {
