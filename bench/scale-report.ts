@@ -25,7 +25,9 @@ export interface ScaleStep {
    * The longest gap between two ticks of the node's 10 ms timer over the same span, and what its main thread did
    * through it (src/node/loop-pauses.ts): its CPU, its wait for a CPU, the rest; absent in runs before it was kept.
    */
-  longestPauseWriting?: { gapSeconds: number; onCpuSeconds: number; runQueueSeconds: number | null; elsewhereSeconds: number } | null;
+  longestPauseWriting?: { gapSeconds: number; onCpuSeconds: number; runQueueSeconds: number | null; elsewhereSeconds: number; gcSeconds?: number } | null;
+  /** Small writes the node's main thread pwrote itself or handed to the chunk writer's thread over the same span, and the longest of its own (chunk-writer.ts); absent in runs before it was kept. */
+  smallWritesWriting?: { inline: number; thread: number; longestInlineSeconds: number } | null;
   /** Checkpoints the node wrote during the writes (its journal filled). */
   checkpointsWhileWriting: number;
   /**
@@ -131,20 +133,21 @@ const micros = (cold: number | null | undefined, warm: number | null | undefined
   cold == null || warm == null ? '' : `${cold.toFixed(0)} / ${warm.toFixed(0)}`;
 
 const pauseText = (p: NonNullable<ScaleStep['longestPauseWriting']>): string =>
-  `${ms(p.gapSeconds)}: ${ms(p.onCpuSeconds)} / ${p.runQueueSeconds === null ? '?' : ms(p.runQueueSeconds)} / ${ms(p.elsewhereSeconds)}`;
+  `${ms(p.gapSeconds)}: ${ms(p.onCpuSeconds)} / ${p.runQueueSeconds === null ? '?' : ms(p.runQueueSeconds)} / ${ms(p.elsewhereSeconds)}${p.gcSeconds === undefined ? '' : ` (${ms(p.gcSeconds)})`}`;
 
 const memoryPartsText = (parts: MemoryParts | null | undefined): string =>
   parts == null ? '' : `${mib(parts.mallocMainBytes)} / ${mib(parts.mallocArenaBytes)} (${parts.mallocArenas}) / ${mib(parts.otherAnonBytes)} / ${mib(parts.fileBytes)}`;
 
 export function formatStepsTable(steps: readonly ScaleStep[]): string {
   return markdownTable(
-    ['written', 'snapshots', 'write IOPS', 'node CPU per write µs', 'RSS before restart MiB (peak)', 'RSS before restart MiB: [heap] / arenas (count) / other anon / file', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'longest gap writing ms: on CPU / waiting for a CPU / elsewhere', 'read IOPS cold', 'read IOPS warm', 'node CPU per read µs cold / warm', 'RSS after reads MiB', 'snapshots taken: ms median (max)', 'diff of the last two s (changed)', 'snapshot list s (again)'],
+    ['written', 'snapshots', 'write IOPS', 'node CPU per write µs', 'RSS before restart MiB (peak)', 'RSS before restart MiB: [heap] / arenas (count) / other anon / file', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'longest gap writing ms: on CPU / waiting for a CPU / elsewhere (in collections)', 'small writes inline / on the thread (longest inline ms)', 'read IOPS cold', 'read IOPS warm', 'node CPU per read µs cold / warm', 'RSS after reads MiB', 'snapshots taken: ms median (max)', 'diff of the last two s (changed)', 'snapshot list s (again)'],
     steps.map((s) => [
       formatSize(s.writtenBytes), String(s.snapshots), s.writeIops === null ? '' : round(s.writeIops), s.writeCpuMicros == null ? '' : s.writeCpuMicros.toFixed(1),
       `${mib(s.rssBytesBeforeRestart)}${s.memoryBeforeRestart == null ? '' : ` (${mib(s.memoryBeforeRestart.peakBytes)})`}`, memoryPartsText(s.memoryBeforeRestart), `${s.startSeconds.toFixed(2)} (${s.startSecondsAgain.toFixed(2)})`, mib(s.rssBytesAfterStart),
       mib(s.metadataBytes), mib(s.checkpointBytes), s.checkpointSeconds.toFixed(2), ms(s.checkpointEncodeSeconds), ms(s.eventLoopDelayMaxCheckpointSeconds),
       s.writtenBytes === 0 ? '' : `${ms(s.eventLoopDelayMaxWritingSeconds)}${s.checkpointsWhileWriting > 0 ? ` (${s.checkpointsWhileWriting} checkpoint${s.checkpointsWhileWriting > 1 ? 's' : ''})` : ''}`,
       s.longestPauseWriting == null || s.writtenBytes === 0 ? '' : pauseText(s.longestPauseWriting),
+      s.smallWritesWriting == null || s.writtenBytes === 0 ? '' : `${s.smallWritesWriting.inline} / ${s.smallWritesWriting.thread} (${ms(s.smallWritesWriting.longestInlineSeconds)})`,
       round(s.coldReadIops), round(s.warmReadIops), micros(s.coldReadCpuMicros, s.warmReadCpuMicros), mib(s.rssBytesAfterReads),
       s.snapshotSeconds == null ? '' : `${s.snapshotSeconds.count}: ${ms(s.snapshotSeconds.median)} (${ms(s.snapshotSeconds.max)})`,
       s.diff == null ? '' : `${s.diff.seconds.toFixed(2)} (${mib(s.diff.changedBytes)} MiB)`,

@@ -69,6 +69,7 @@ const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume
 interface NodeStatusPart {
   eventLoopDelayMaxSeconds: number;
   eventLoopLongestPause?: ScaleStep['longestPauseWriting'];
+  io?: { smallWrites?: ScaleStep['smallWritesWriting'] };
   pool: { checkpointsTotal: number };
 }
 
@@ -310,6 +311,7 @@ async function main(): Promise<void> {
       memoryBeforeRestart,
       eventLoopDelayMaxWritingSeconds: writing.eventLoopDelayMaxSeconds,
       longestPauseWriting: writing.eventLoopLongestPause ?? null,
+      smallWritesWriting: writing.io?.smallWrites ?? null,
       checkpointsWhileWriting: writing.pool.checkpointsTotal,
       startSeconds,
       startCpuSeconds,

@@ -10,6 +10,7 @@
 import { performance } from 'node:perf_hooks';
 import { doneNow, type BlockDevice, type Extent, type WriteOptions, type ZeroOptions } from '../core/block-device.ts';
 import { emptyHistogram, observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';
+import { requestOverlap } from '../core/request-overlap.ts';
 
 export const ioOperations = ['read', 'write', 'trim', 'zero', 'flush'] as const;
 export type IoOperation = (typeof ioOperations)[number];
@@ -112,6 +113,7 @@ export class MeasuredDevice implements BlockDevice {
     const stats = this.#stats[operation];
     const start = performance.now();
     stats.inFlight += 1;
+    requestOverlap.started();
     let pending: Promise<void>;
     try {
       pending = request();
@@ -134,6 +136,7 @@ export class MeasuredDevice implements BlockDevice {
 
   #done(stats: OperationStats, bytes: number, start: number, failed: boolean): void {
     stats.inFlight -= 1;
+    requestOverlap.ended();
     observe(stats, bytes, (performance.now() - start) / 1000, failed);
   }
 }

@@ -9,7 +9,7 @@ import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { settleAll } from '../core/settle.ts';
 import { blockChecksum, combinedChecksum, runChecksum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
-import type { ChunkWriter } from './chunk-writer.ts';
+import type { ChunkWriter, SmallWriteCounts } from './chunk-writer.ts';
 
 /** The first chunk of a read whose bytes do not match their checksum. */
 export interface Mismatch {
@@ -25,6 +25,8 @@ export interface IoEngineStatus {
   workers: Array<{ id: number; inFlight: number }>;
   queued: number;
   workerRestarts: number;
+  /** Small writes pwritten by the main thread itself or by the chunk writer's thread (chunk-writer.ts), where one runs. */
+  smallWrites?: SmallWriteCounts;
 }
 
 export interface ChunkIo {

@@ -11,7 +11,11 @@
 // the event loop with it, so one that took longer than `inlineStallMs` sends the writes of the next
 // `inlinePauseMs` to the thread: the event loop waits on a pwrite for longer than that at most once per pause.
 // (Measured at queue depth 1 on 2 busy vCPUs: 99.7% of these pwrites took under 0.1 ms, about one in 5,000 over
-// 1 ms, one in 20,000 over 5 ms.)
+// 1 ms, one in 20,000 over 5 ms.) And only while requests come one at a time (core/request-overlap.ts) and no
+// other write of the pool's is with the file layer (the caller says, chunk-files.ts): under a stream of writes the
+// kernel holds a writer up once the dirty pages pass its limit, for 55-118 ms at a time into a 1 TiB volume at queue
+// depth 32, and an inline pwrite held the event loop that long (BENCHMARKS.md, issue 15, "Where a pause goes"); at
+// queue depth 1 nothing else waits for the event loop meanwhile.
 //
 // The thread: the main thread hands the write over (its bytes are in the shared slab already: the NBD payload
 // buffers) and waits for it on a futex for at most `waitMs`: the usual pwrite is over well within that and the
@@ -36,6 +40,7 @@ import util from 'node:util';
 import type { FileLayer, FileLayerSpec } from './file-layer.ts';
 import { ownModule } from '../core/source-files.ts';
 import type { Log } from '../core/log.ts';
+import { requestOverlap } from '../core/request-overlap.ts';
 
 /** Slots of the control block (an Int32Array); the position is a Float64 at positionByte. */
 const seqSlot = 0;
@@ -110,6 +115,12 @@ function writeAll(layer: FileLayer | null, fd: number, bytes: Uint8Array, offset
   }
 }
 
+export interface SmallWriteCounts {
+  inline: number;
+  thread: number;
+  longestInlineSeconds: number;
+}
+
 export class ChunkWriter {
   readonly #control = new SharedArrayBuffer(controlBytes);
   readonly #slots = new Int32Array(this.#control, 0, positionByte / 4);
@@ -125,6 +136,8 @@ export class ChunkWriter {
   #threadUntilMs = 0;
   #inlineCount = 0;
   #threadCount = 0;
+  /** The longest pwrite on the calling thread so far, ms: the longest the event loop waited on one. */
+  #longestInlineMs = 0;
   #seq = 0;
   #busy = false;
   #turnUsed = false;
@@ -152,18 +165,20 @@ export class ChunkWriter {
   /**
    * Writes all of `data` at `positionBytes` of `fd`, here or on the writer thread; null when it takes no write
    * now (one is in flight, it wrote one in this turn already, or `data` is not in its slab): the caller writes
-   * another way. The descriptor must stay open until the promise settles.
+   * another way. The descriptor must stay open until the promise settles. `inline`: false hands it to the thread
+   * whatever the last inline write took (the caller knows other writes are in flight: chunk-files.ts).
    */
-  write(fd: number, data: Uint8Array, positionBytes: number): Promise<void> | null {
+  write(fd: number, data: Uint8Array, positionBytes: number, inline = true): Promise<void> | null {
     if (this.#busy || this.#turnUsed || this.#closed || data.buffer !== this.#slab) return null;
     this.#turnUsed = true;
     setImmediate(this.#nextTurn);
-    if (this.#inlineStallMs !== null) {
+    if (this.#inlineStallMs !== null && inline && !requestOverlap.overlapping) {
       const startMs = performance.now();
       if (startMs >= this.#threadUntilMs) {
         this.#inlineCount += 1;
         const result = writeAll(this.#layer, fd, data, 0, data.length, positionBytes);
         const endMs = performance.now();
+        if (endMs - startMs > this.#longestInlineMs) this.#longestInlineMs = endMs - startMs;
         if (endMs - startMs > this.#inlineStallMs) this.#threadUntilMs = endMs + this.#inlinePauseMs;
         return settled(result, data.length);
       }
@@ -185,9 +200,9 @@ export class ChunkWriter {
     return waiting.value.then(() => this.#result(data.length));
   }
 
-  /** Writes done on the calling thread and on the writer thread since it started. */
-  counts(): { inline: number; thread: number } {
-    return { inline: this.#inlineCount, thread: this.#threadCount };
+  /** Writes done on the calling thread and on the writer thread since it started, and the longest inline one's time. */
+  counts(): SmallWriteCounts {
+    return { inline: this.#inlineCount, thread: this.#threadCount, longestInlineSeconds: this.#longestInlineMs / 1000 };
   }
 
   /** Ends the thread (a write in flight finishes first, on its own). */

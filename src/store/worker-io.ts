@@ -202,6 +202,7 @@ export class WorkerChunkIo implements ChunkIo {
       workers: [...this.#workers].map(([worker, id]) => ({ id, inFlight: worker.currentUsage })),
       queued: this.#pool?.queueSize ?? 0,
       workerRestarts: this.#restarts,
+      ...(this.#writer === null ? {} : { smallWrites: this.#writer.counts() }),
     };
   }
 

@@ -21,6 +21,8 @@ let patient: ChunkWriter;
 /** Never waits: every write is waited for asynchronously. */
 let hasty: ChunkWriter;
 
+const writeCounts = (writer: ChunkWriter): { inline: number; thread: number } => ({ inline: writer.counts().inline, thread: writer.counts().thread });
+
 beforeAll(() => {
   directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-writer-'));
   fd = fs.openSync(path.join(directory, 'file'), 'w+');
@@ -76,11 +78,48 @@ test('inline writes land whole; one slower than the bound sends the next writes 
       }
       await nextTurn();
     }
-    assert.deepEqual(inline.counts(), { inline: 10, thread: 0 });
-    assert.deepEqual(stalled.counts(), { inline: 1, thread: 9 });
+    assert.deepEqual(writeCounts(inline), { inline: 10, thread: 0 });
+    assert.deepEqual(writeCounts(stalled), { inline: 1, thread: 9 });
   } finally {
     inline.close();
     stalled.close();
+  }
+});
+
+test('a write asked not inline goes to the thread, and lands whole', async () => {
+  const writer = new ChunkWriter(slab, { waitMs: 5000 });
+  try {
+    await nextTurn();
+    const data = inSlab(4096, 4096);
+    await writer.write(fd, data, 95 * 4096, false);
+    assert.deepEqual(readBack(95 * 4096, 4096), data);
+    await nextTurn();
+    await writer.write(fd, inSlab(8192, 4096), 96 * 4096);
+    assert.deepEqual(writeCounts(writer), { inline: 1, thread: 1 });
+  } finally {
+    writer.close();
+  }
+});
+
+test('the longest inline pwrite is counted: what the event loop waited on one', async () => {
+  // A file layer whose pwrite takes 30 ms of the calling thread, as ext4 holds one up now and then.
+  class SlowFiles extends TestFiles {
+    override writeSync(fd: number, data: Uint8Array, positionBytes: number): void {
+      const until = performance.now() + 30;
+      while (performance.now() < until);
+      super.writeSync(fd, data, positionBytes);
+    }
+  }
+  const writer = new ChunkWriter(slab, { waitMs: 5000, inlineStallMs: 1000, files: new SlowFiles() });
+  try {
+    await nextTurn();
+    assert.equal(writer.counts().longestInlineSeconds, 0);
+    await writer.write(fd, inSlab(0, 4096), 90 * 4096);
+    const { inline, longestInlineSeconds } = writer.counts();
+    assert.equal(inline, 1);
+    assert.ok(longestInlineSeconds >= 0.03 && longestInlineSeconds < 5, String(longestInlineSeconds));
+  } finally {
+    writer.close();
   }
 });
 
@@ -90,7 +129,7 @@ test('a failed inline pwrite rejects with its code', async () => {
   try {
     await nextTurn();
     await assert.rejects(writer.write(readOnly, inSlab(0, 4096), 0)!, { code: 'EBADF' });
-    assert.deepEqual(writer.counts(), { inline: 1, thread: 0 });
+    assert.deepEqual(writeCounts(writer), { inline: 1, thread: 0 });
   } finally {
     fs.closeSync(readOnly);
     writer.close();
