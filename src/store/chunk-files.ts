@@ -112,10 +112,10 @@ export class ChunkFiles {
    * for the file's inode lock, which a write on a pool thread holds while it copies its bytes: at queue depth 32 a
    * turn's first write met the 124 KiB write of the turn before's others there, and when that one was held up (ext4,
    * or its thread preempted on a busy machine) the event loop waited with it, 5-77 ms (BENCHMARKS.md, issue 19).
-   * The writer pwrites on this thread only while no other write of the pool's is with the file layer: a queue
-   * depth of one, where the event loop has nothing else to do meanwhile. Under a stream of writes the kernel
-   * throttles a writer once the dirty pages pass its limit, and an inline pwrite held the event loop for 55-118 ms
-   * that way, into a 1 TiB volume at queue depth 32 (BENCHMARKS.md, issue 15, "Where a pause goes").
+   * The writer pwrites on this thread only while no other write of the pool's is with the file layer (and
+   * requests come one at a time, which it checks itself: chunk-writer.ts): under a stream of writes the kernel holds
+   * a writer up now and then, and an inline pwrite held the event loop for 118-141 ms that way, into a 1 TiB volume
+   * at queue depth 32 (BENCHMARKS.md, issue 15, "Where a pause goes").
    */
   write(physicalChunk: number, offsetBytes: number, data: Buffer, writer?: ChunkWriter | null): Promise<void> {
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, data.length, (file, position, start, end, fileIndex) => {
