@@ -26,6 +26,8 @@ export interface ScaleStep {
    * through it (src/node/loop-pauses.ts): its CPU, its wait for a CPU, the rest; absent in runs before it was kept.
    */
   longestPauseWriting?: { gapSeconds: number; onCpuSeconds: number; runQueueSeconds: number | null; elsewhereSeconds: number; gcSeconds?: number } | null;
+  /** Every gap of the event loop over 50 ms over the writes, as the node logged it (src/node/loop-pauses.ts); absent in runs before it was kept. */
+  longGapsWriting?: string[];
   /** Small writes the node's main thread pwrote itself or handed to the chunk writer's thread over the same span, and the longest of its own (chunk-writer.ts); absent in runs before it was kept. */
   smallWritesWriting?: { inline: number; thread: number; longestInlineSeconds: number } | null;
   /** Checkpoints the node wrote during the writes (its journal filled). */

@@ -136,6 +136,11 @@ function startLines(node: RunningNode): string[] {
   return node.stderr().split('\n').filter((line) => /opened in|replayed \d+ journal records|node started/.test(line)).map((line) => line.replace(/^\S+ chunkd: (debug: )?/, ''));
 }
 
+/** The gaps of the node's event loop over 50 ms it logged (debug: "event loop paused ..."), as it said them. */
+function pauseLines(node: RunningNode): string[] {
+  return node.stderr().split('\n').filter((line) => line.includes('event loop paused ')).map((line) => line.replace(/^.*event loop paused /, ''));
+}
+
 /** Median and largest of the times a step's snapshots took (API call to answer); null when it took none. */
 function summarize(seconds: readonly number[]): ScaleStep['snapshotSeconds'] {
   if (seconds.length === 0) return null;
@@ -230,6 +235,7 @@ async function main(): Promise<void> {
     let writeSeconds = 0;
     const stepStart = written;
     const cpuBeforeWrites = processCpuSeconds(node.process.pid!);
+    const pausesBeforeWrites = pauseLines(node).length;
     while (written < stepBytes) {
       const until = Math.min(stepBytes, pending[0] ?? Infinity);
       const job = await fio(['--name=randwrite', '--rw=randwrite', `--io_size=${until - written}`, '--end_fsync=1']);
@@ -244,6 +250,7 @@ async function main(): Promise<void> {
       }
     }
     const writing = await api<NodeStatusPart>('GET', '/v1/status');
+    const longGapsWriting = pauseLines(node).slice(pausesBeforeWrites);
     const cpuAfterWrites = processCpuSeconds(node.process.pid!);
     const writeCpuMicros = cpuBeforeWrites === null || cpuAfterWrites === null || written === stepStart ? null : ((cpuAfterWrites - cpuBeforeWrites) / ((written - stepStart) / blockBytes)) * 1e6;
     const rssBytesBeforeRestart = rssBytes(node.process.pid!);
@@ -312,6 +319,7 @@ async function main(): Promise<void> {
       eventLoopDelayMaxWritingSeconds: writing.eventLoopDelayMaxSeconds,
       longestPauseWriting: writing.eventLoopLongestPause ?? null,
       smallWritesWriting: writing.io?.smallWrites ?? null,
+      longGapsWriting,
       checkpointsWhileWriting: writing.pool.checkpointsTotal,
       startSeconds,
       startCpuSeconds,

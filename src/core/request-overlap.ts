@@ -2,8 +2,8 @@
 // The node's devices count every front end's requests here as they reach a volume (node/io-stats.ts); the chunk
 // writer pwrites a small write on the event loop's own thread only while requests come one at a time
 // (store/chunk-writer.ts): then nothing else waits for the event loop while the kernel holds that pwrite up, and
-// under a stream of writes it does, for 55-118 ms at a time when the dirty pages pass its limit (BENCHMARKS.md,
-// issue 15, "Where a pause goes").
+// under a stream of writes it does, for 118-141 ms at a time into a 1 TiB volume at queue depth 32 (the throttling of
+// writers past the dirty limit, or a journal commit; BENCHMARKS.md, issue 15, "Where a pause goes").
 //
 // "Several at once" starts with the first request that starts while another is in flight, and ends only after
 // `aloneStreakToClear` requests in a row started alone: a client at queue depth 32 whose requests all happen to be

@@ -123,7 +123,7 @@ const recentCollectionsKept = 32;
 
 /**
  * The longest gap between two ticks of a timer on this thread, since start(), with its split; `onLongGap` hears
- * of every gap over `longGapMs` (the node logs them at debug level), before its collections are known.
+ * of every gap over `longGapMs` (the node logs them at debug level), 100 ms after it, with the collections in it.
  */
 export class LoopPauses {
   readonly #intervalNs: number;

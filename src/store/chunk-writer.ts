@@ -13,9 +13,9 @@
 // (Measured at queue depth 1 on 2 busy vCPUs: 99.7% of these pwrites took under 0.1 ms, about one in 5,000 over
 // 1 ms, one in 20,000 over 5 ms.) And only while requests come one at a time (core/request-overlap.ts) and no
 // other write of the pool's is with the file layer (the caller says, chunk-files.ts): under a stream of writes the
-// kernel holds a writer up once the dirty pages pass its limit, for 55-118 ms at a time into a 1 TiB volume at queue
-// depth 32, and an inline pwrite held the event loop that long (BENCHMARKS.md, issue 15, "Where a pause goes"); at
-// queue depth 1 nothing else waits for the event loop meanwhile.
+// kernel holds a writer up now and then (the throttling of writers past the dirty limit, or a journal commit), for
+// 118-141 ms at a time into a 1 TiB volume at queue depth 32, and an inline pwrite held the event loop that long
+// (BENCHMARKS.md, issue 15, "Where a pause goes"); at queue depth 1 nothing else waits for the event loop meanwhile.
 //
 // The thread: the main thread hands the write over (its bytes are in the shared slab already: the NBD payload
 // buffers) and waits for it on a futex for at most `waitMs`: the usual pwrite is over well within that and the
