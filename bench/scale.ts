@@ -33,7 +33,7 @@
 // are cut there: a block may then be written twice within a step), each timed. The node's CPU per read (every
 // thread, /proc/PID/stat) is kept with each read sample.
 // With --metadata paged the pool is made with paged metadata (paged-metadata.md) and a page cache of --metadata-cache.
-// Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--node-env N=V] [--target DIR] [--out DIR]
+// Usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots 0] [--runtime 10] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--node-env N=V] [--node-flag FLAG] [--target DIR] [--out DIR]
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -52,7 +52,7 @@ const fioTimeoutMs = 60 * 60_000;
 /** A pool with much metadata takes long to open today; the point is to measure it, not to give up. */
 const readyTimeoutMs = 30 * 60_000;
 
-const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots N] [--runtime S] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--node-env NAME=VALUE]... [--target DIR] [--out DIR]
+const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume-size 1TiB] [--snapshots N] [--runtime S] [--warmup S] [--metadata memory|paged] [--metadata-cache SIZE] [--node-env NAME=VALUE]... [--node-flag FLAG]... [--target DIR] [--out DIR]
   --steps LIST        cumulative bytes written at random in 4 KiB writes, measured after each (default 1GiB,4GiB,16GiB);
                       past --volume-size the writes overwrite, a pass over the volume at a time
   --volume-size SIZE  the thin volume written into (default 1TiB)
@@ -63,6 +63,7 @@ const usage = `usage: npm run bench:scale -- [--steps 1GiB,4GiB,16GiB] [--volume
   --metadata-cache S  paged metadata: the page cache (default serve's)
   --node-env N=V      set this in the node's environment only (repeatable), e.g. to run it under another malloc:
                       LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+  --node-flag=FLAG    give Node.js this flag when it runs the node (repeatable), e.g. --node-flag=--single-threaded-gc
   --target DIR        where the pool goes (default .); needs the last step's bytes free, and some more
   --out DIR           also write results.json and results.md there`;
 
@@ -160,6 +161,7 @@ async function main(): Promise<void> {
       metadata: { type: 'string', default: 'memory' },
       'metadata-cache': { type: 'string' },
       'node-env': { type: 'string', multiple: true, default: [] },
+      'node-flag': { type: 'string', multiple: true, default: [] },
       target: { type: 'string', default: '.' },
       out: { type: 'string' },
       help: { type: 'boolean', short: 'h' },
@@ -186,7 +188,7 @@ async function main(): Promise<void> {
     if (at < 1) throw new Error(`--node-env takes NAME=VALUE, not ${pair}`);
     return [pair.slice(0, at), pair.slice(at + 1)] as const;
   });
-  const launcher: Launcher = { command: nodeBinary, prefix: [chunkdBin], env: { ...process.env, ...Object.fromEntries(nodeEnv) } };
+  const launcher: Launcher = { command: nodeBinary, prefix: [...values['node-flag'], chunkdBin], env: { ...process.env, ...Object.fromEntries(nodeEnv) } };
   const tools = new Tools(new Map());
   tools.get('fio');
   cleanupOnSignals();

@@ -35,6 +35,20 @@ test('npm run bench:scale with tiny steps and snapshots reports every figure', {
           const expected = figure === 'diff' ? step.snapshots >= 2 : step.writtenBytes > 0;
           if (!expected) assert.equal(value, null, figure);
           else for (const [part, number] of Object.entries(value as object)) assert.ok(typeof number === 'number' && Number.isFinite(number) && number >= 0, `${figure}.${part} = ${number}`);
+        } else if (figure === 'longestPauseWriting' || figure === 'smallWritesWriting') {
+          // The event loop's longest gap over the writes with its split (loop-pauses.ts), and the small writes'
+          // counts (chunk-writer.ts): every part a number.
+          for (const [part, number] of Object.entries(value as object)) assert.ok(typeof number === 'number' && Number.isFinite(number) && number >= 0, `${figure}.${part} = ${number}`);
+          if (figure === 'longestPauseWriting') {
+            const pause = value as { gapSeconds: number; onCpuSeconds: number; runQueueSeconds: number; elsewhereSeconds: number };
+            assert.ok(pause.gapSeconds > 0 && pause.onCpuSeconds + pause.runQueueSeconds + pause.elsewhereSeconds >= pause.gapSeconds - 1e-6, JSON.stringify(pause));
+          } else if (step.writtenBytes > 0) {
+            const counts = value as { inline: number; thread: number };
+            assert.ok(counts.inline + counts.thread > 0, `the chunk writer took writes: ${JSON.stringify(counts)}`);
+          }
+        } else if (figure === 'longGapsWriting') {
+          // The node's logged gaps over 50 ms while writing, as it said them (often none).
+          assert.ok(Array.isArray(value) && value.every((line) => /^\d+ ms \(\d+ on CPU, .* elsewhere; \d+ in collections\)$/.test(line)), `${figure} = ${JSON.stringify(value)}`);
         } else if ((figure === 'snapshotListSeconds' || figure === 'snapshotListAgainSeconds') && step.snapshots === 0) assert.equal(value, null);
         else assert.ok(typeof value === 'number' && Number.isFinite(value) && value >= 0, `${figure} = ${value}`);
       }
