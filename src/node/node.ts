@@ -3,7 +3,7 @@
 // pool's lock is released.
 import { withProtocolStages } from '../store/stage-times.ts';
 import path from 'node:path';
-import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
+import { performance } from 'node:perf_hooks';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { checkName } from '../core/names.ts';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
@@ -112,9 +112,10 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   #eventLoop = performance.eventLoopUtilization();
   /** By export name (VOL, VOL@SNAP): what its devices served since start. */
   readonly #ioStats = new Map<string, ExportIoStats>();
-  /** How late the event loop ran a 10 ms timer, since the node was made (after the pool opened): its longest pause. */
-  readonly #eventLoopDelay = monitorEventLoopDelay({ resolution: 10 });
-  /** The longest of those pauses with what the main thread did through it (loop-pauses.ts). */
+  /**
+   * The event loop's longest gap between two ticks of a 10 ms timer, since the node was made (after the pool
+   * opened), with what the main thread did through it (loop-pauses.ts); its lateness is the longest pause.
+   */
   readonly #loopPauses: LoopPauses;
   #threads: NbdThreads | null = null;
   #fuse: FuseFrontEnd | null = null;
@@ -146,7 +147,6 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     this.api = new ApiServer(this);
     this.#receiver = new StreamReceiver(pool, config.log);
     this.apiSocketPath = config.apiSocketPath ?? path.join(pool.directory, 'chunkd.sock');
-    this.#eventLoopDelay.enable();
     this.#loopPauses = new LoopPauses({ onLongGap: (pause) => config.log(`event loop paused ${describeLoopPause(pause)}`, 'debug') });
     this.#loopPauses.start();
   }
@@ -325,7 +325,6 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   }
 
   async stop(): Promise<void> {
-    this.#eventLoopDelay.disable();
     this.#loopPauses.stop();
     await this.#replicator?.stop();
     await this.#metrics?.close();
@@ -952,6 +951,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
   async status(): Promise<NodeStatus> {
     const now = performance.eventLoopUtilization();
     const sinceLast = performance.eventLoopUtilization(now, this.#eventLoop);
+    const longestPause = this.#loopPauses.longest();
     this.#eventLoop = now;
     return {
       pid: process.pid,
@@ -976,8 +976,8 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       fuse: this.#fuse?.status() ?? null,
       attachments: this.#attachments?.list() ?? [],
       eventLoopUtilization: Number(sinceLast.utilization.toFixed(4)),
-      eventLoopDelayMaxSeconds: this.#eventLoopDelay.max / 1e9,
-      eventLoopLongestPause: this.#loopPauses.longest(),
+      eventLoopDelayMaxSeconds: longestPause?.delaySeconds ?? 0,
+      eventLoopLongestPause: longestPause,
       io: this.pool.ioStatus(),
     };
   }

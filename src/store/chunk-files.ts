@@ -53,8 +53,6 @@ export class ChunkFiles {
   /** Files whose directory entry is durable: those found at open (the pool syncs the directory then), and synced since. */
   readonly #named: Set<number>;
   #zeroRangeWorks = true;
-  /** Writes of every file with the file layer now (the sum of their writesInFlight). */
-  #writesWithLayer = 0;
 
   /** The caller syncs the directory once after this (Pool.open does), so that the files found here are durably named. */
   constructor(directory: string, layer: FileLayer) {
@@ -112,15 +110,12 @@ export class ChunkFiles {
    * for the file's inode lock, which a write on a pool thread holds while it copies its bytes: at queue depth 32 a
    * turn's first write met the 124 KiB write of the turn before's others there, and when that one was held up (ext4,
    * or its thread preempted on a busy machine) the event loop waited with it, 5-77 ms (BENCHMARKS.md, issue 19).
-   * The writer pwrites on this thread only while no other write of the pool's is with the file layer (and
-   * requests come one at a time, which it checks itself: chunk-writer.ts): under a stream of writes the kernel holds
-   * a writer up now and then, and an inline pwrite held the event loop for 118-141 ms that way, into a 1 TiB volume
-   * at queue depth 32 (BENCHMARKS.md, issue 15, "Where a pause goes").
+   * The writer pwrites on this thread only while requests come one at a time (chunk-writer.ts).
    */
   write(physicalChunk: number, offsetBytes: number, data: Buffer, writer?: ChunkWriter | null): Promise<void> {
     return this.#eachFile(physicalChunk * chunkSizeBytes + offsetBytes, data.length, (file, position, start, end, fileIndex) => {
       const part = start === 0 && end === data.length ? data : data.subarray(start, end);
-      const direct = file.writesInFlight === 0 ? writer?.write(file.fd, part, position, this.#writesWithLayer === 0) : null;
+      const direct = file.writesInFlight === 0 ? writer?.write(file.fd, part, position) : null;
       return (direct ?? this.#writeInTurn(file, part, position)).then(() => {
         this.#dirty.add(fileIndex);
       });
@@ -151,7 +146,6 @@ export class ChunkFiles {
     const first = queue[0];
     if (first === undefined) return;
     file.writesInFlight += 1;
-    this.#writesWithLayer += 1;
     let count = 1;
     let end = first.position + first.part.length;
     while (count < queue.length && count < mergedWritePartsMax) {
@@ -165,13 +159,11 @@ export class ChunkFiles {
     written.then(
       () => {
         file.writesInFlight -= 1;
-        this.#writesWithLayer -= 1;
         for (const write of batch) write.resolve();
         this.#writeQueued(file);
       },
       (error: unknown) => {
         file.writesInFlight -= 1;
-        this.#writesWithLayer -= 1;
         for (const write of batch) write.reject(error);
         this.#writeQueued(file);
       },

@@ -11,11 +11,11 @@
 // the event loop with it, so one that took longer than `inlineStallMs` sends the writes of the next
 // `inlinePauseMs` to the thread: the event loop waits on a pwrite for longer than that at most once per pause.
 // (Measured at queue depth 1 on 2 busy vCPUs: 99.7% of these pwrites took under 0.1 ms, about one in 5,000 over
-// 1 ms, one in 20,000 over 5 ms.) And only while requests come one at a time (core/request-overlap.ts) and no
-// other write of the pool's is with the file layer (the caller says, chunk-files.ts): under a stream of writes the
-// kernel holds a writer up now and then (the throttling of writers past the dirty limit, or a journal commit), for
-// 118-141 ms at a time into a 1 TiB volume at queue depth 32, and an inline pwrite held the event loop that long
-// (BENCHMARKS.md, issue 15, "Where a pause goes"); at queue depth 1 nothing else waits for the event loop meanwhile.
+// 1 ms, one in 20,000 over 5 ms.) And only while requests come one at a time (core/request-overlap.ts): under a
+// stream of writes the kernel holds a writer up now and then (the throttling of writers past the dirty limit, or a
+// journal commit), for 118-141 ms at a time into a 1 TiB volume at queue depth 32, and an inline pwrite held the
+// event loop that long (BENCHMARKS.md, issue 15, "Where a pause goes"); at queue depth 1 nothing else waits for the
+// event loop meanwhile.
 //
 // The thread: the main thread hands the write over (its bytes are in the shared slab already: the NBD payload
 // buffers) and waits for it on a futex for at most `waitMs`: the usual pwrite is over well within that and the
@@ -165,14 +165,13 @@ export class ChunkWriter {
   /**
    * Writes all of `data` at `positionBytes` of `fd`, here or on the writer thread; null when it takes no write
    * now (one is in flight, it wrote one in this turn already, or `data` is not in its slab): the caller writes
-   * another way. The descriptor must stay open until the promise settles. `inline`: false hands it to the thread
-   * whatever the last inline write took (the caller knows other writes are in flight: chunk-files.ts).
+   * another way. The descriptor must stay open until the promise settles.
    */
-  write(fd: number, data: Uint8Array, positionBytes: number, inline = true): Promise<void> | null {
+  write(fd: number, data: Uint8Array, positionBytes: number): Promise<void> | null {
     if (this.#busy || this.#turnUsed || this.#closed || data.buffer !== this.#slab) return null;
     this.#turnUsed = true;
     setImmediate(this.#nextTurn);
-    if (this.#inlineStallMs !== null && inline && !requestOverlap.overlapping) {
+    if (this.#inlineStallMs !== null && !requestOverlap.overlapping) {
       const startMs = performance.now();
       if (startMs >= this.#threadUntilMs) {
         this.#inlineCount += 1;

@@ -86,21 +86,6 @@ test('inline writes land whole; one slower than the bound sends the next writes 
   }
 });
 
-test('a write asked not inline goes to the thread, and lands whole', async () => {
-  const writer = new ChunkWriter(slab, { waitMs: 5000 });
-  try {
-    await nextTurn();
-    const data = inSlab(4096, 4096);
-    await writer.write(fd, data, 95 * 4096, false);
-    assert.deepEqual(readBack(95 * 4096, 4096), data);
-    await nextTurn();
-    await writer.write(fd, inSlab(8192, 4096), 96 * 4096);
-    assert.deepEqual(writeCounts(writer), { inline: 1, thread: 1 });
-  } finally {
-    writer.close();
-  }
-});
-
 test('the longest inline pwrite is counted: what the event loop waited on one', async () => {
   // A file layer whose pwrite takes 30 ms of the calling thread, as ext4 holds one up now and then.
   class SlowFiles extends TestFiles {
