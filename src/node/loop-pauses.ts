@@ -9,8 +9,11 @@
 // /proc/thread-self/schedstat (nanoseconds on a CPU, nanoseconds waiting on a run queue); the longest gap between
 // two ticks is kept with the split of that gap, and with the time V8's collections paused the thread within it
 // (PerformanceObserver's 'gc' entries): a collection's pause is CPU, or waiting for its helper threads (elsewhere:
-// a futex) when those wait for a CPU. Without schedstat (another kernel) the CPU comes from
-// process.threadCpuUsage() and the run queue is unknown (null).
+// a futex) when those wait for a CPU. Beside the split, the CPU the process's other threads took within the gap
+// (the process's CPU from getrusage less the main thread's): a main thread waiting for a CPU while they took one or
+// both is waiting for the node's own work (chunk I/O, libuv's pool, V8's helpers), else for other processes.
+// Without schedstat (another kernel) the CPU comes from process.threadCpuUsage() and the run queue is unknown
+// (null).
 import fs from 'node:fs';
 import { performance, PerformanceObserver } from 'node:perf_hooks';
 
@@ -19,6 +22,8 @@ export interface ThreadTimes {
   cpuNs: number;
   /** null where the kernel does not say. */
   runQueueNs: number | null;
+  /** The whole process's CPU, every thread (getrusage). */
+  processCpuNs: number;
 }
 
 /** One gap between two ticks of the timer, split. */
@@ -38,20 +43,29 @@ export interface LoopPause {
    * part of the CPU, and of the rest where the main thread waited for the collector's helper threads.
    */
   gcSeconds: number;
+  /**
+   * The CPU the process's other threads took within the gap (not a part of it: up to the CPUs' count times the
+   * gap), on whatever cores they ran.
+   */
+  otherThreadsCpuSeconds: number;
   /** When the gap ended (ms since the epoch). */
   endedAtMs: number;
 }
 
-/** "102 ms (18 on CPU, 80 waiting for a CPU, 4 elsewhere; 12 in collections)", as the log and chunkd status say it. */
-export function describeLoopPause(pause: Pick<LoopPause, 'gapSeconds' | 'onCpuSeconds' | 'runQueueSeconds' | 'elsewhereSeconds'> & { gcSeconds?: number }): string {
+/**
+ * "102 ms (18 on CPU, 80 waiting for a CPU, 4 elsewhere; 12 in collections; other threads 70 ms of CPU)", as the
+ * log and chunkd status say it.
+ */
+export function describeLoopPause(pause: Pick<LoopPause, 'gapSeconds' | 'onCpuSeconds' | 'runQueueSeconds' | 'elsewhereSeconds'> & { gcSeconds?: number; otherThreadsCpuSeconds?: number }): string {
   const ms = (seconds: number): string => (seconds * 1000).toFixed(0);
   const queue = pause.runQueueSeconds === null ? '' : `${ms(pause.runQueueSeconds)} waiting for a CPU, `;
   const gc = pause.gcSeconds === undefined ? '' : `; ${ms(pause.gcSeconds)} in collections`;
-  return `${ms(pause.gapSeconds)} ms (${ms(pause.onCpuSeconds)} on CPU, ${queue}${ms(pause.elsewhereSeconds)} elsewhere${gc})`;
+  const others = pause.otherThreadsCpuSeconds === undefined ? '' : `; other threads ${ms(pause.otherThreadsCpuSeconds)} ms of CPU`;
+  return `${ms(pause.gapSeconds)} ms (${ms(pause.onCpuSeconds)} on CPU, ${queue}${ms(pause.elsewhereSeconds)} elsewhere${gc}${others})`;
 }
 
 /** Parses /proc/.../schedstat: "<ns on cpu> <ns waiting on a run queue> <timeslices>". */
-export function parseSchedstat(text: string): ThreadTimes | null {
+export function parseSchedstat(text: string): Omit<ThreadTimes, 'processCpuNs'> | null {
   const match = /^(\d+) (\d+) \d+/.exec(text);
   return match === null ? null : { cpuNs: Number(match[1]), runQueueNs: Number(match[2]) };
 }
@@ -67,6 +81,7 @@ export function splitGap(gapNs: number, intervalNs: number, before: ThreadTimes,
     runQueueSeconds: runQueueNs === null ? null : runQueueNs / 1e9,
     elsewhereSeconds: Math.max(0, gapNs - onCpuNs - (runQueueNs ?? 0)) / 1e9,
     gcSeconds: 0,
+    otherThreadsCpuSeconds: Math.max(0, after.processCpuNs - before.processCpuNs - onCpuNs) / 1e9,
     endedAtMs,
   };
 }
@@ -84,7 +99,8 @@ export function openThreadClock(): ThreadClock {
     const buffer = Buffer.alloc(96);
     const readSchedstat = (): ThreadTimes | null => {
       const bytes = fs.readSync(fd!, buffer, 0, buffer.length, 0);
-      return parseSchedstat(buffer.toString('latin1', 0, bytes));
+      const times = parseSchedstat(buffer.toString('latin1', 0, bytes));
+      return times === null ? null : { ...times, processCpuNs: processCpuNs() };
     };
     if (readSchedstat() !== null) {
       return {
@@ -101,7 +117,12 @@ export function openThreadClock(): ThreadClock {
 
 function cpuOnly(): ThreadTimes {
   const usage = process.threadCpuUsage();
-  return { cpuNs: (usage.user + usage.system) * 1000, runQueueNs: null };
+  return { cpuNs: (usage.user + usage.system) * 1000, runQueueNs: null, processCpuNs: processCpuNs() };
+}
+
+function processCpuNs(): number {
+  const usage = process.cpuUsage();
+  return (usage.user + usage.system) * 1000;
 }
 
 /** A span of performance.now() (ms). */

@@ -1,26 +1,30 @@
 // The event loop's longest pause split into the main thread's CPU, its wait for a CPU and the rest
 // (loop-pauses.ts): each part shown by making the thread spend a pause that way for real: a busy loop (CPU), a
-// sleep (elsewhere), and a busy loop on a core another busy process shares (run queue).
+// sleep (elsewhere), and a busy loop on a core another busy process shares (run queue); and beside the split, the
+// CPU the process's other threads took within the gap (a worker thread's busy loop while the main thread sleeps).
 import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import { Worker } from 'node:worker_threads';
 import { test } from 'vitest';
-import { LoopPauses, openThreadClock, overlapMs, parseSchedstat, splitGap, type LoopPause } from '../../src/node/loop-pauses.ts';
+import { describeLoopPause, LoopPauses, openThreadClock, overlapMs, parseSchedstat, splitGap, type LoopPause } from '../../src/node/loop-pauses.ts';
 
 const loopPausesModule = path.resolve(import.meta.dirname, '../../src/node/loop-pauses.ts');
 
 test('schedstat is read as CPU and run-queue nanoseconds; a gap is split into them and the rest', () => {
   assert.deepEqual(parseSchedstat('43447405 8997848 68\n'), { cpuNs: 43447405, runQueueNs: 8997848 });
   assert.equal(parseSchedstat('garbage'), null);
-  const pause = splitGap(120e6, 10e6, { cpuNs: 1e6, runQueueNs: 2e6 }, { cpuNs: 31e6, runQueueNs: 72e6 }, 5);
-  assert.deepEqual(pause, { delaySeconds: 0.11, gapSeconds: 0.12, onCpuSeconds: 0.03, runQueueSeconds: 0.07, elsewhereSeconds: 0.02, gcSeconds: 0, endedAtMs: 5 });
+  const pause = splitGap(120e6, 10e6, { cpuNs: 1e6, runQueueNs: 2e6, processCpuNs: 10e6 }, { cpuNs: 31e6, runQueueNs: 72e6, processCpuNs: 140e6 }, 5);
+  assert.deepEqual(pause, { delaySeconds: 0.11, gapSeconds: 0.12, onCpuSeconds: 0.03, runQueueSeconds: 0.07, elsewhereSeconds: 0.02, gcSeconds: 0, otherThreadsCpuSeconds: 0.1, endedAtMs: 5 });
   assert.equal(overlapMs({ startMs: 10, endMs: 20 }, { startMs: 15, endMs: 30 }), 5);
   assert.equal(overlapMs({ startMs: 10, endMs: 20 }, { startMs: 20, endMs: 30 }), 0);
   assert.equal(overlapMs({ startMs: 10, endMs: 20 }, { startMs: 12, endMs: 13 }), 1);
-  const unknownQueue = splitGap(50e6, 10e6, { cpuNs: 0, runQueueNs: null }, { cpuNs: 20e6, runQueueNs: null }, 0);
+  const unknownQueue = splitGap(50e6, 10e6, { cpuNs: 0, runQueueNs: null, processCpuNs: 0 }, { cpuNs: 20e6, runQueueNs: null, processCpuNs: 20e6 }, 0);
   assert.equal(unknownQueue.runQueueSeconds, null);
   assert.equal(unknownQueue.elsewhereSeconds, 0.03);
+  assert.equal(unknownQueue.otherThreadsCpuSeconds, 0);
+  assert.equal(describeLoopPause({ ...pause, gcSeconds: 0.012 }), '120 ms (30 on CPU, 70 waiting for a CPU, 20 elsewhere; 12 in collections; other threads 100 ms of CPU)');
   // This kernel says: the tests below need the run queue.
   assert.notEqual(openThreadClock().read().runQueueNs, null);
 });
@@ -52,8 +56,32 @@ test('a pause the thread spends computing is on its CPU, one it spends asleep is
     assert.ok(asleep.endedAtMs > computing.endedAtMs);
     assert.ok(asleep.onCpuSeconds < 0.05, JSON.stringify(asleep));
     assert.ok(asleep.elsewhereSeconds >= 0.25, JSON.stringify(asleep));
+    assert.ok(asleep.otherThreadsCpuSeconds < 0.1, JSON.stringify(asleep));
   } finally {
     pauses.stop();
+  }
+});
+
+test("the CPU the process's other threads took within a gap: a worker's busy loop while the main thread sleeps", { timeout: 20_000 }, async () => {
+  const pauses = new LoopPauses();
+  pauses.start();
+  const signal = new Int32Array(new SharedArrayBuffer(4));
+  // The worker spins until told to stop; the main thread sleeps 300 ms meanwhile, then tells it.
+  const worker = new Worker('const { workerData } = require("node:worker_threads"); const flag = new Int32Array(workerData); Atomics.store(flag, 0, 1); while (Atomics.load(flag, 0) === 1);', { eval: true, workerData: signal.buffer });
+  try {
+    while (Atomics.load(signal, 0) !== 1) await ticks(10);
+    await ticks(30);
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 300);
+    Atomics.store(signal, 0, 2);
+    await ticks(30);
+    const pause = pauses.longest()!;
+    assert.ok(pause.gapSeconds >= 0.3, JSON.stringify(pause));
+    assert.ok(pause.onCpuSeconds < 0.05, JSON.stringify(pause));
+    // The worker ran for most of the gap (on a shared machine, at least half of it).
+    assert.ok(pause.otherThreadsCpuSeconds >= 0.15 && pause.otherThreadsCpuSeconds <= pause.gapSeconds * 2 + 0.02, JSON.stringify(pause));
+  } finally {
+    pauses.stop();
+    await worker.terminate();
   }
 });
 
