@@ -11,7 +11,7 @@
 import { performance } from 'node:perf_hooks';
 import { LRUCache } from 'lru-cache';
 import { ChunkdError } from '../core/errors.ts';
-import { pageBytes, sortedPageNumbers, type Page, type PageFile, type Root } from './page-file.ts';
+import { pageBytes, runPagesMax, sortedPageNumbers, type Page, type PageFile, type Root } from './page-file.ts';
 
 export interface CachedPage {
   kind: number;
@@ -43,8 +43,8 @@ export interface PageCacheStats {
   misses: number;
 }
 
-/** Page writes a commit has under way at once. */
-const writesInFlight = 32;
+/** Writes a commit has under way at once (a run of pages is one write per copy). */
+const runsInFlight = 16;
 /** A commit's work on its pages in memory gives the event loop a turn after about this long (checked every `sliceCheck` pages). */
 const commitSliceMs = 2;
 const sliceCheck = 64;
@@ -202,11 +202,18 @@ export class PageCache {
   async commit(rootBody: Buffer): Promise<Root> {
     const numbers = sortedPageNumbers(this.#dirty.size, this.#dirty.keys());
     const pages = Array.from(numbers, (pageNumber) => this.#dirty.get(pageNumber)!);
-    // Many at once (their order does not matter: none is durable before the fdatasync that precedes the root).
+    // Runs of consecutive pages, one write each per copy, many at once (their order does not matter: none is
+    // durable before the fdatasync that precedes the root).
     const writes: Array<Promise<void>> = [];
-    for (let first = 0; first < pages.length; first += writesInFlight) {
+    let index = 0;
+    while (index < pages.length) {
       writes.length = 0;
-      for (let index = first; index < Math.min(first + writesInFlight, pages.length); index++) writes.push(this.#file.write(numbers[index]!, pages[index]!.kind, pages[index]!.body));
+      while (index < pages.length && writes.length < runsInFlight) {
+        let end = index + 1;
+        while (end < pages.length && end - index < runPagesMax && numbers[end] === numbers[end - 1]! + 1) end++;
+        writes.push(end - index === 1 ? this.#file.write(numbers[index]!, pages[index]!.kind, pages[index]!.body) : this.#file.writeRun(numbers[index]!, pages.slice(index, end)));
+        index = end;
+      }
       await Promise.all(writes);
     }
     const root = await this.#file.commit(rootBody);

@@ -48,6 +48,28 @@ test('dirty pages are kept whatever the bound until commit writes them; then cle
   });
 });
 
+test('a commit writes consecutive dirty pages as runs, one write per copy for up to 32 pages, and single pages alone', async () => {
+  await withFile(async (base) => {
+    const lengths: number[] = [];
+    // The data pages' writes (not the root slots').
+    const counting = { ...realFiles, write: (fd: number, data: Uint8Array, position: number) => (position >= firstDataPage * pageBytes && lengths.push(data.length), realFiles.write(fd, data, position)) };
+    const file = await PageFile.open(counting, base);
+    const cache = new PageCache(file, 256 * pageBytes);
+    // 40 consecutive pages (a run of 32 and one of 8), a gap, 1 page alone, a gap, 2 pages.
+    const pages = [...Array.from({ length: 40 }, (_, i) => firstDataPage + i), firstDataPage + 50, firstDataPage + 60, firstDataPage + 61];
+    for (const n of pages.toReversed()) cache.put(n, { kind: 1, body: body(n) });
+    lengths.length = 0;
+    await cache.commit(Buffer.from('one'));
+    const pageWrites = lengths.map((length) => length / pageBytes).sort((a, b) => a - b);
+    assert.deepEqual(pageWrites, [1, 1, 2, 2, 8, 8, 32, 32]);
+    file.close();
+    const again = await PageFile.open(realFiles, base);
+    const cold = new PageCache(again, 8 * pageBytes);
+    for (const n of pages) assert.deepEqual((await cold.get(n)).body, body(n));
+    again.close();
+  });
+});
+
 test('a page asked for by many at once is read once; a put while it is read wins', async () => {
   await withFile(async (base) => {
     const file = await PageFile.open(realFiles, base);

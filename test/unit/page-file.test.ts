@@ -9,7 +9,7 @@ import path from 'node:path';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
-import { chooseRoot, decodePage, encodePage, firstDataPage, PageFile, pageBytes, pageHeaderBytes } from '../../src/store/page-file.ts';
+import { chooseRoot, decodePage, encodePage, firstDataPage, PageFile, pageBytes, pageHeaderBytes, runPagesMax } from '../../src/store/page-file.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
@@ -254,6 +254,47 @@ test('many pages written and read at once through reused images: each page whole
       for (let index = 0; index < count; index++) {
         const image = bytes.subarray((firstDataPage + index) * pageBytes, (firstDataPage + index + 1) * pageBytes);
         assert.deepEqual(image, encodePage({ pageNumber: firstDataPage + index, kind: 1, generation: 1, body: bodyOf(index) }), `copy ${copy}, page ${index}: byte for byte`);
+      }
+    }
+  } finally {
+    fs.rmSync(directory, { recursive: true, force: true });
+  }
+});
+
+test('a run of pages is written as one write per copy, each page byte for byte as a page written alone; bad runs are refused', async () => {
+  const directory = scratch();
+  try {
+    const base = path.join(directory, 'meta');
+    const writes: Array<{ position: number; length: number }> = [];
+    const counting: FileLayer = {
+      ...realFiles,
+      write: (fd, data, position) => {
+        writes.push({ position, length: data.length });
+        return realFiles.write(fd, data, position);
+      },
+    };
+    const file = await PageFile.open(counting, base);
+    const bodyOf = (index: number): Buffer => Buffer.alloc(index % 2 === 0 ? 4000 - index * 10 : 5 + index, index + 1);
+    // Two full runs at once (their buffers in use together), then a short one that reuses a longer run's buffer:
+    // a page's tail must still be zeros, not the last body's.
+    const first = firstDataPage + 3;
+    const run = (from: number, count: number): Array<{ kind: number; body: Buffer }> => Array.from({ length: count }, (_, i) => ({ kind: 2, body: bodyOf(from + i) }));
+    writes.length = 0;
+    await Promise.all([file.writeRun(first, run(0, runPagesMax)), file.writeRun(first + runPagesMax, run(runPagesMax, runPagesMax))]);
+    assert.deepEqual(writes.map((write) => write.length), [runPagesMax * pageBytes, runPagesMax * pageBytes, runPagesMax * pageBytes, runPagesMax * pageBytes], 'one write per copy per run');
+    await file.writeRun(first + 2 * runPagesMax, run(2 * runPagesMax, 5));
+    await assert.rejects(file.writeRun(first, run(0, runPagesMax + 1)), /at most/);
+    await assert.rejects(file.writeRun(1, run(0, 2)), /root slot/);
+    await assert.rejects(file.writeRun(first, [{ kind: 2, body: Buffer.alloc(1) }, { kind: 0xff, body: Buffer.alloc(1) }]), /root's/);
+    await file.commit(Buffer.from('root'));
+    const count = 2 * runPagesMax + 5;
+    for (let index = 0; index < count; index++) assert.deepEqual((await file.read(first + index)).body, bodyOf(index), `page ${index}`);
+    file.close();
+    for (const copy of [0, 1]) {
+      const bytes = fs.readFileSync(`${base}.${copy}`);
+      for (let index = 0; index < count; index++) {
+        const image = bytes.subarray((first + index) * pageBytes, (first + index + 1) * pageBytes);
+        assert.deepEqual(image, encodePage({ pageNumber: first + index, kind: 2, generation: 1, body: bodyOf(index) }), `copy ${copy}, page ${index}: byte for byte`);
       }
     }
   } finally {
