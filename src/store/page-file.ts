@@ -274,9 +274,10 @@ export class PageFile {
   /**
    * Writes pages `firstPage`, `firstPage + 1`, ... to both copies, one write per copy for the run (not yet durable:
    * `commit` makes it so). A checkpoint's dirty pages lie in runs (copy-on-write puts a pass's new nodes side by
-   * side: 25-31 pages a run on average, measured over 1 TiB written at random), and a write each cost a job of
-   * libuv's pool per copy, the pool's threads taking the CPU the event loop then waited for (BENCHMARKS.md, issue
-   * 15). At most `runPagesMax` pages a call.
+   * side: 31 pages a run over all of a run's checkpoints, 22 to 290 in each of those of 1,000 pages or more, writing
+   * 3 GiB at random into 1 TiB with a 64 MiB cache), and a write each cost a job of libuv's pool per copy, the
+   * pool's threads taking the CPU the event loop then waited for (BENCHMARKS.md, issue 15). At most `runPagesMax`
+   * pages a call.
    */
   async writeRun(firstPage: number, pages: ReadonlyArray<{ kind: number; body: Buffer }>): Promise<void> {
     this.#check();
