@@ -298,15 +298,7 @@ export class PageFile {
       this.#runImages.push(buffer);
       throw error;
     }
-    const image = buffer.subarray(0, pages.length * pageBytes);
-    const position = firstPage * pageBytes;
-    const writes: Array<Promise<WriteFailure | undefined>> = [];
-    for (const fd of this.#fds) writes.push(this.#files.write(fd, image, position).then(writeDone, writeFailed));
-    let failure: WriteFailure | undefined;
-    for (const write of writes) {
-      const outcome = await write;
-      failure ??= outcome;
-    }
+    const failure = await this.#writeCopies(buffer.subarray(0, pages.length * pageBytes), firstPage * pageBytes);
     if (this.#runImages.length < runImagesKept) this.#runImages.push(buffer);
     if (failure !== undefined) throw failure.error;
   }
@@ -321,12 +313,19 @@ export class PageFile {
     // its write settles; a write that never settles, a frozen layer's, keeps its buffer): a checkpoint writes
     // thousands of pages, and a 4 KiB buffer each was garbage for the collector to find while the loop waits.
     const image = encodePageInto(this.#images.pop() ?? Buffer.allocUnsafe(pageBytes), { pageNumber, kind, generation: this.nextGeneration, body });
-    // Both copies written at once, each write's outcome handled as it settles (a rejection left unhandled while the
-    // other copy is awaited is reported by Node), then awaited in turn: not `Promise.allSettled` of a mapped array,
-    // whose array, closure and result objects were several hundred bytes of what a 4 KiB write allocated over paged
-    // metadata, at about a checkpoint's page per write. The first failure, in copy order, is thrown once both have
-    // settled.
-    const position = pageNumber * pageBytes;
+    const failure = await this.#writeCopies(image, pageNumber * pageBytes);
+    if (this.#images.length < imagesKept) this.#images.push(image);
+    if (failure !== undefined) throw failure.error;
+  }
+
+  /**
+   * Writes `image` at `position` in both copies at once, each write's outcome handled as it settles (a rejection
+   * left unhandled while the other copy is awaited is reported by Node), then awaited in turn: not
+   * `Promise.allSettled` of a mapped array, whose array, closure and result objects were several hundred bytes of
+   * what a 4 KiB write allocated over paged metadata, at about a checkpoint's page per write. Answers the first
+   * failure, in copy order, once both have settled.
+   */
+  async #writeCopies(image: Buffer, position: number): Promise<WriteFailure | undefined> {
     const writes: Array<Promise<WriteFailure | undefined>> = [];
     for (const fd of this.#fds) writes.push(this.#files.write(fd, image, position).then(writeDone, writeFailed));
     let failure: WriteFailure | undefined;
@@ -334,8 +333,7 @@ export class PageFile {
       const outcome = await write;
       failure ??= outcome;
     }
-    if (this.#images.length < imagesKept) this.#images.push(image);
-    if (failure !== undefined) throw failure.error;
+    return failure;
   }
 
   /** Reads a page, from the other copy where one is damaged (and repairs it); both damaged: ECORRUPT. */

@@ -15,6 +15,19 @@ import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 const scratch = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pages-'));
 const isCorrupt = (error: unknown): boolean => error instanceof ChunkdError && error.code === 'ECORRUPT';
+/** Long bodies and short ones, by index: a reused image would show the last body's tail. */
+const bodyOf = (index: number): Buffer => Buffer.alloc(index % 2 === 0 ? 4000 - index * 10 : 5 + index, index + 1);
+
+/** Pages `first` to `first + count - 1` in both copies are, byte for byte, the images of generation 1 with these bodies. */
+function assertImages(base: string, first: number, count: number, kind: number, bodyOf: (index: number) => Buffer): void {
+  for (const copy of [0, 1]) {
+    const bytes = fs.readFileSync(`${base}.${copy}`);
+    for (let index = 0; index < count; index++) {
+      const image = bytes.subarray((first + index) * pageBytes, (first + index + 1) * pageBytes);
+      assert.deepEqual(image, encodePage({ pageNumber: first + index, kind, generation: 1, body: bodyOf(index) }), `copy ${copy}, page ${index}: byte for byte`);
+    }
+  }
+}
 
 test('a page image: decoded as written; any flipped byte, another number or all zeros is refused', () => {
   const body = Buffer.from('the body of page seven');
@@ -241,7 +254,6 @@ test('many pages written and read at once through reused images: each page whole
   try {
     const base = path.join(directory, 'meta');
     const file = await PageFile.open(realFiles, base);
-    const bodyOf = (index: number): Buffer => Buffer.alloc(index % 2 === 0 ? 4000 - index * 10 : 5 + index, index + 1);
     const count = 200;
     // Long bodies and short ones alternate, so that a reused image would show the last body's tail.
     await Promise.all(Array.from({ length: count }, (_, index) => file.write(firstDataPage + index, 1, bodyOf(index))));
@@ -249,13 +261,7 @@ test('many pages written and read at once through reused images: each page whole
     const pages = await Promise.all(Array.from({ length: count }, (_, index) => file.read(firstDataPage + index)));
     for (const [index, page] of pages.entries()) assert.deepEqual(page.body, bodyOf(index), `page ${index}`);
     file.close();
-    for (const copy of [0, 1]) {
-      const bytes = fs.readFileSync(`${base}.${copy}`);
-      for (let index = 0; index < count; index++) {
-        const image = bytes.subarray((firstDataPage + index) * pageBytes, (firstDataPage + index + 1) * pageBytes);
-        assert.deepEqual(image, encodePage({ pageNumber: firstDataPage + index, kind: 1, generation: 1, body: bodyOf(index) }), `copy ${copy}, page ${index}: byte for byte`);
-      }
-    }
+    assertImages(base, firstDataPage, count, 1, bodyOf);
   } finally {
     fs.rmSync(directory, { recursive: true, force: true });
   }
@@ -274,7 +280,6 @@ test('a run of pages is written as one write per copy, each page byte for byte a
       },
     };
     const file = await PageFile.open(counting, base);
-    const bodyOf = (index: number): Buffer => Buffer.alloc(index % 2 === 0 ? 4000 - index * 10 : 5 + index, index + 1);
     // Two full runs at once (their buffers in use together), then a short one that reuses a longer run's buffer:
     // a page's tail must still be zeros, not the last body's.
     const first = firstDataPage + 3;
@@ -290,13 +295,7 @@ test('a run of pages is written as one write per copy, each page byte for byte a
     const count = 2 * runPagesMax + 5;
     for (let index = 0; index < count; index++) assert.deepEqual((await file.read(first + index)).body, bodyOf(index), `page ${index}`);
     file.close();
-    for (const copy of [0, 1]) {
-      const bytes = fs.readFileSync(`${base}.${copy}`);
-      for (let index = 0; index < count; index++) {
-        const image = bytes.subarray((first + index) * pageBytes, (first + index + 1) * pageBytes);
-        assert.deepEqual(image, encodePage({ pageNumber: first + index, kind: 2, generation: 1, body: bodyOf(index) }), `copy ${copy}, page ${index}: byte for byte`);
-      }
-    }
+    assertImages(base, first, count, 2, bodyOf);
   } finally {
     fs.rmSync(directory, { recursive: true, force: true });
   }
