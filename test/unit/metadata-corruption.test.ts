@@ -15,6 +15,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { Worker } from 'node:worker_threads';
 import { test } from 'vitest';
 import { ChunkdError } from '../../src/core/errors.ts';
 import { fsckPool } from '../../src/store/fsck.ts';
@@ -22,48 +23,13 @@ import { recoverJournal } from '../../src/store/journal-format.ts';
 import { Pool } from '../../src/store/pool.ts';
 import { repairPool } from '../../src/store/repair.ts';
 import { closeDescriptorsUnder } from '../../src/testing/power-loss.ts';
+import { contents, fingerprint, metadataName, type CasesJob, type CasesResult, type CorruptionCase } from '../helpers/corruption-cases.ts';
 import { TestFiles } from '../../src/testing/test-files.ts';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const stride = Number(process.env.CORRUPTION_STRIDE ?? 8);
 const pastEndBytes = stride === 1 ? 512 : 64;
-const metadataName = /^(checkpoint\.\d|journal-\d+\.\d)$/;
-
-/** Every volume's and snapshot's bytes. `into`: buffers to read into, kept by name between calls (a case reads
- * 5 MiB; fresh buffers each time made V8's collections a quarter of this test's time). */
-async function contents(pool: Pool, into?: Map<string, Buffer>): Promise<Map<string, Buffer>> {
-  const out = new Map<string, Buffer>();
-  for (const volume of pool.listVolumes()) {
-    for (const name of [volume.name, ...volume.snapshots.map((s) => `${volume.name}@${s}`)]) {
-      const at = name.indexOf('@');
-      const device = at < 0 ? pool.openVolume(name) : pool.openSnapshot(name.slice(0, at), name.slice(at + 1));
-      let bytes = into?.get(name);
-      if (bytes?.length !== device.sizeBytes) {
-        bytes = Buffer.alloc(device.sizeBytes);
-        into?.set(name, bytes);
-      }
-      bytes.fill(0xee);
-      await device.read(0, bytes);
-      await device.close();
-      out.set(name, bytes);
-    }
-  }
-  return out;
-}
-
-/** A hash of every file in the pool directory, by name. */
-function fingerprint(directory: string): Map<string, string> {
-  const out = new Map<string, string>();
-  const walk = (dir: string, prefix: string): void => {
-    for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
-      if (entry.isDirectory()) walk(path.join(dir, entry.name), `${prefix}${entry.name}/`);
-      else if (entry.isFile() && entry.name !== 'lock') out.set(`${prefix}${entry.name}`, crypto.createHash('sha1').update(fs.readFileSync(path.join(dir, entry.name))).digest('hex'));
-    }
-  };
-  walk(directory, '');
-  return out;
-}
 
 /** A pool as a kill -9 leaves it: checkpoint with data, then a journal of several commits. */
 async function buildPool(directory: string): Promise<void> {
@@ -121,62 +87,14 @@ test(`metadata corruption: every byte of a journal and a checkpoint copy flipped
     // hashes these files; 4 MiB of zeros would only make that slower).
     for (const name of [journalName, journal1]) originals.set(name, originals.get(name)!.subarray(0, journalBytes + KiB));
 
-    // (Unlinking a journal frees its 4 MiB reserve: on libuv's threads, not this one.)
-    const restore = async (into: string): Promise<void> => {
-      await Promise.all(fs.readdirSync(into).filter((name) => metadataName.test(name) || name.endsWith('.tmp')).map((name) => fs.promises.unlink(path.join(into, name))));
-      for (const [name, bytes] of originals) fs.writeFileSync(path.join(into, name), bytes);
-    };
     // What the pool holds, read once through a start on an undamaged copy of its files.
     const reference = await Pool.open({ directory });
     const expected = await contents(reference);
     await reference.close();
     assert.deepEqual([...expected.keys()].sort(), ['a', 'a@s1', 'b', 'c', 'c@s2']);
-    // Cases run three at a time, each in a copy of the pool's directory: a case waits for its files (fallocate,
-    // fdatasync, unlink), and the copies' waits overlap on libuv's threads. Measured: 60 to 40 s at
-    // CORRUPTION_STRIDE=64 without coverage; under npm test's coverage, where the cases are mostly CPU, 94 to 90 s
-    // (the commit that brought this said 93 to 52, comparing a covered run with an uncovered one).
-    const directories = [directory];
-    for (let copy = 1; copy < 3; copy++) {
-      directories.push(`${directory}-${copy}`);
-      fs.cpSync(directory, directories[copy]!, { recursive: true });
-    }
-
-    const counts = { repaired: 0, harmless: 0, refused: 0 };
-    const byTarget = new Map<string, { repaired: number; harmless: number; refused: number }>();
-    const tryCase = async (into: string, readBuffers: Map<string, Buffer>, targets: string[], offset: number): Promise<void> => {
-      await restore(into);
-      for (const name of targets) {
-        const bytes = Buffer.from(originals.get(name)!);
-        bytes[offset]! ^= 0x5a;
-        fs.writeFileSync(path.join(into, name), bytes);
-      }
-      const label = `${targets.join(' and ')} byte ${offset}`;
-      const report = await fsckPool(into);
-      const before = fingerprint(into);
-      let outcome: 'repaired' | 'harmless' | 'refused';
-      try {
-        const pool = await Pool.open({ directory: into });
-        const found = await contents(pool, readBuffers);
-        await pool.close();
-        assert.deepEqual([...found.keys()].sort(), [...expected.keys()].sort(), `${label}: a start served other volumes (silent loss)`);
-        for (const [name, bytes] of expected) assert.ok(found.get(name)!.equals(bytes), `${label}: ${name} reads differently after a start (silent loss)`);
-        outcome = report.clean ? 'harmless' : 'repaired';
-      } catch (error) {
-        if (!(error instanceof ChunkdError) || error.code !== 'ECORRUPT') throw error;
-        assert.equal(report.clean, false, `${label}: fsck called clean a pool that does not start (${error.message})`);
-        assert.deepEqual(fingerprint(into), before, `${label}: a refused start changed the pool's files`);
-        outcome = 'refused';
-      }
-      counts[outcome] += 1;
-      const key = targets.length === 1 ? targets[0]!.replace(/^journal-\d+/, 'journal') : 'both copies';
-      const entry = byTarget.get(key) ?? { repaired: 0, harmless: 0, refused: 0 };
-      entry[outcome] += 1;
-      byTarget.set(key, entry);
-      if (targets.length === 1) assert.notEqual(outcome, 'refused', `${label}: one damaged byte in one copy must be repaired from the other`);
-    };
 
     const checkpointBytes = originals.get('checkpoint.0')!.length;
-    const cases: Array<{ targets: string[]; offset: number }> = [];
+    const cases: CorruptionCase[] = [];
     const every = (targets: string[], end: number, step: number): void => {
       for (let offset = 0; offset < end; offset += step) cases.push({ targets, offset });
     };
@@ -186,16 +104,36 @@ test(`metadata corruption: every byte of a journal and a checkpoint copy flipped
     every(['checkpoint.1'], checkpointBytes, stride);
     every([journalName, journal1], journalBytes, stride);
     every(['checkpoint.0', 'checkpoint.1'], checkpointBytes, stride);
-    let next = 0;
-    let failure: unknown;
-    await Promise.all(directories.map(async (into) => {
-      const readBuffers = new Map<string, Buffer>();
-      while (failure === undefined && next < cases.length) {
-        const { targets, offset } = cases[next++]!;
-        await tryCase(into, readBuffers, targets, offset).catch((error: unknown) => { failure ??= error; });
-      }
+    // The cases on two worker threads (test/helpers/corruption-cases.ts), each with two copies of the pool's
+    // directory: under npm test's coverage they were mostly CPU on this thread (94 s here; 60 to 40 s at
+    // CORRUPTION_STRIDE=64 without coverage from running them several at a time).
+    const workers = 2;
+    const copiesEach = 2;
+    for (let copy = 1; copy < workers * copiesEach; copy++) fs.cpSync(directory, `${directory}-${copy}`, { recursive: true });
+    const results = await Promise.all(Array.from({ length: workers }, (_, w) => {
+      const job: CasesJob = {
+        directories: Array.from({ length: copiesEach }, (_, c) => (w * copiesEach + c === 0 ? directory : `${directory}-${w * copiesEach + c}`)),
+        originals: [...originals],
+        expected: [...expected],
+        cases: cases.filter((_, index) => index % workers === w),
+      };
+      return new Promise<CasesResult>((resolve, reject) => {
+        const worker = new Worker(new URL('../helpers/corruption-cases.ts', import.meta.url), { workerData: { corruptionCases: job } });
+        worker.once('message', (result: CasesResult) => resolve(result));
+        worker.once('error', reject);
+        worker.once('exit', (code) => reject(new Error(`a cases worker exited (${code}) without its result`)));
+      });
     }));
-    if (failure !== undefined) throw failure;
+    for (const result of results) if (result.failure !== null) throw new Error(result.failure);
+    const counts = { repaired: 0, harmless: 0, refused: 0 };
+    const byTarget = new Map<string, { repaired: number; harmless: number; refused: number }>();
+    for (const { targets, outcome } of results.flatMap((result) => result.outcomes)) {
+      counts[outcome] += 1;
+      const key = targets.length === 1 ? targets[0]!.replace(/^journal-\d+/, 'journal') : 'both copies';
+      const entry = byTarget.get(key) ?? { repaired: 0, harmless: 0, refused: 0 };
+      entry[outcome] += 1;
+      byTarget.set(key, entry);
+    }
     const total = counts.repaired + counts.harmless + counts.refused;
     console.log(`# metadata corruption: ${total} flipped bytes (journal ${journalBytes} bytes of commits, checkpoint ${checkpointBytes} bytes): ` +
       `${counts.repaired} repaired, ${counts.harmless} harmless, ${counts.refused} refused untouched, 0 silent losses`);
@@ -203,7 +141,7 @@ test(`metadata corruption: every byte of a journal and a checkpoint copy flipped
     assert.equal(total, cases.length);
     assert.ok(counts.repaired > 0 && counts.refused > 0);
   } finally {
-    for (const copy of [directory, `${directory}-1`, `${directory}-2`]) fs.rmSync(copy, { recursive: true, force: true });
+    for (const copy of [directory, `${directory}-1`, `${directory}-2`, `${directory}-3`]) fs.rmSync(copy, { recursive: true, force: true });
   }
 });
 
