@@ -202,7 +202,7 @@ export class PageCache {
   async commit(rootBody: Buffer): Promise<Root> {
     const numbers = sortedPageNumbers(this.#dirty.size, this.#dirty.keys());
     const pages = Array.from(numbers, (pageNumber) => this.#dirty.get(pageNumber)!);
-    // Runs of consecutive pages, one write each per copy, many at once (their order does not matter: none is
+    // Runs of consecutive pages (a page alone is a run of one), one write each per copy, many at once (their order does not matter: none is
     // durable before the fdatasync that precedes the root).
     const writes: Array<Promise<void>> = [];
     let index = 0;
@@ -211,7 +211,7 @@ export class PageCache {
       while (index < pages.length && writes.length < runsInFlight) {
         let end = index + 1;
         while (end < pages.length && end - index < runPagesMax && numbers[end] === numbers[end - 1]! + 1) end++;
-        writes.push(end - index === 1 ? this.#file.write(numbers[index]!, pages[index]!.kind, pages[index]!.body) : this.#file.writeRun(numbers[index]!, pages.slice(index, end)));
+        writes.push(this.#file.writeRun(numbers[index]!, pages.slice(index, end)));
         index = end;
       }
       await Promise.all(writes);

@@ -285,8 +285,13 @@ export class PageFile {
     if (pages.length === 0) return;
     if (pages.length > runPagesMax) throw ChunkdError.invalid(`a run of pages is at most ${runPagesMax} pages, not ${pages.length}`);
     if (firstPage < firstDataPage) throw ChunkdError.invalid(`page ${firstPage} is a root slot`);
-    // Runs of the most pages reuse their buffers as single pages do theirs; shorter ones are views of one.
-    const buffer = this.#runImages.pop() ?? Buffer.allocUnsafe(runPagesMax * pageBytes);
+    // The buffer is reused once both writes have settled (the file layers keep nothing of a buffer after its write
+    // settles; a write that never settles, a frozen layer's, keeps its buffer): a checkpoint writes thousands of
+    // pages, and a buffer each was garbage for the collector to find while the loop waits. A page alone takes a
+    // 4 KiB image, a run a view of a buffer of the longest run's size.
+    const alone = pages.length === 1;
+    const images = alone ? this.#images : this.#runImages;
+    const buffer = images.pop() ?? Buffer.allocUnsafe(alone ? pageBytes : runPagesMax * pageBytes);
     const generation = this.nextGeneration;
     try {
       for (let index = 0; index < pages.length; index++) {
@@ -295,27 +300,17 @@ export class PageFile {
         encodePageInto(buffer.subarray(index * pageBytes, (index + 1) * pageBytes), { pageNumber: firstPage + index, kind, generation, body });
       }
     } catch (error) {
-      this.#runImages.push(buffer);
+      images.push(buffer);
       throw error;
     }
     const failure = await this.#writeCopies(buffer.subarray(0, pages.length * pageBytes), firstPage * pageBytes);
-    if (this.#runImages.length < runImagesKept) this.#runImages.push(buffer);
+    if (images.length < (alone ? imagesKept : runImagesKept)) images.push(buffer);
     if (failure !== undefined) throw failure.error;
   }
 
-  /** Writes a page to both copies (not yet durable: `commit` makes it so). */
-  async write(pageNumber: number, kind: number, body: Buffer): Promise<void> {
-    this.#check();
-    this.#writable();
-    if (pageNumber < firstDataPage) throw ChunkdError.invalid(`page ${pageNumber} is a root slot`);
-    if (kind === rootKind) throw ChunkdError.invalid(`page kind ${rootKind} is the root's`);
-    // The image's buffer is reused once both writes have settled (the file layers keep nothing of a buffer after
-    // its write settles; a write that never settles, a frozen layer's, keeps its buffer): a checkpoint writes
-    // thousands of pages, and a 4 KiB buffer each was garbage for the collector to find while the loop waits.
-    const image = encodePageInto(this.#images.pop() ?? Buffer.allocUnsafe(pageBytes), { pageNumber, kind, generation: this.nextGeneration, body });
-    const failure = await this.#writeCopies(image, pageNumber * pageBytes);
-    if (this.#images.length < imagesKept) this.#images.push(image);
-    if (failure !== undefined) throw failure.error;
+  /** Writes a page to both copies (not yet durable: `commit` makes it so): a run of one. */
+  write(pageNumber: number, kind: number, body: Buffer): Promise<void> {
+    return this.writeRun(pageNumber, [{ kind, body }]);
   }
 
   /**
