@@ -11,7 +11,7 @@
 import { performance } from 'node:perf_hooks';
 import { LRUCache } from 'lru-cache';
 import { ChunkdError } from '../core/errors.ts';
-import { pageBytes, runPagesMax, sortedPageNumbers, type Page, type PageFile, type Root } from './page-file.ts';
+import { pageBytes, sortedPageNumbers, type Page, type PageFile, type Root } from './page-file.ts';
 
 export interface CachedPage {
   kind: number;
@@ -43,8 +43,6 @@ export interface PageCacheStats {
   misses: number;
 }
 
-/** Writes a commit has under way at once (a run of pages is one write per copy). */
-const runsInFlight = 16;
 /** A commit's work on its pages in memory gives the event loop a turn after about this long (checked every `sliceCheck` pages). */
 const commitSliceMs = 2;
 const sliceCheck = 64;
@@ -202,20 +200,7 @@ export class PageCache {
   async commit(rootBody: Buffer): Promise<Root> {
     const numbers = sortedPageNumbers(this.#dirty.size, this.#dirty.keys());
     const pages = Array.from(numbers, (pageNumber) => this.#dirty.get(pageNumber)!);
-    // Runs of consecutive pages (a page alone is a run of one), one write each per copy, many at once (their order does not matter: none is
-    // durable before the fdatasync that precedes the root).
-    const writes: Array<Promise<void>> = [];
-    let index = 0;
-    while (index < pages.length) {
-      writes.length = 0;
-      while (index < pages.length && writes.length < runsInFlight) {
-        let end = index + 1;
-        while (end < pages.length && end - index < runPagesMax && numbers[end] === numbers[end - 1]! + 1) end++;
-        writes.push(this.#file.writeRun(numbers[index]!, pages.slice(index, end)));
-        index = end;
-      }
-      await Promise.all(writes);
-    }
+    await this.#file.writePages(numbers, pages);
     const root = await this.#file.commit(rootBody);
     let sliceStarted = performance.now();
     for (let index = 0; index < pages.length; index++) {

@@ -20,7 +20,9 @@
 // Encoding and choosing are pure; the class is the I/O around them.
 import { crc32 } from 'node:zlib';
 import { ChunkdError } from '../core/errors.ts';
+import type { Log } from '../core/log.ts';
 import { readFully, type FileLayer } from './file-layer.ts';
+import { batchPages, pageWriterMinPages, PageWriter } from './page-writer.ts';
 
 export const pageBytes = 4096;
 export const pageHeaderBytes = 32;
@@ -30,11 +32,13 @@ export const firstDataPage = 2;
 export const pageCopies = 2;
 const magic = 0x47504b43; // "CKPG" little-endian
 const rootKind = 0xff;
-/** Page images kept for reuse: as many as a commit writes at once (page-cache.ts's `runsInFlight`), and some. */
+/** Page images kept for reuse: as many as a commit writes at once through libuv's pool (`runsInFlight`), and some. */
 const imagesKept = 64;
 /** The most pages `writeRun` writes at once (128 KiB), and how many of its buffers are kept for reuse. */
 export const runPagesMax = 32;
 const runImagesKept = 16;
+/** Runs `writePages` has in flight through libuv's pool (a write per copy each). */
+const runsInFlight = 16;
 
 export interface Page {
   pageNumber: number;
@@ -62,6 +66,11 @@ export function encodePage(page: Page): Buffer {
 
 /** The 4 KiB image of a page, written over all of `out` (a buffer of `pageBytes`, reused: whatever it held goes). */
 export function encodePageInto(out: Buffer, page: Page): Buffer {
+  return sealPageImage(encodePageUnsealed(out, page));
+}
+
+/** A page's image in `out` but for its checksum, which `sealPageImage` writes (the page writer thread does: page-writer.ts). */
+export function encodePageUnsealed(out: Buffer, page: Page): Buffer {
   if (page.body.length > pageBodyBytesMax) throw ChunkdError.invalid(`a page body holds at most ${pageBodyBytesMax} bytes, not ${page.body.length}`);
   if (!Number.isSafeInteger(page.pageNumber) || page.pageNumber < 0 || page.pageNumber >= 2 ** 48) throw ChunkdError.invalid(`bad page number ${page.pageNumber}`);
   if (out.length !== pageBytes) throw new Error(`a page image is ${pageBytes} bytes, not ${out.length}`);
@@ -74,6 +83,11 @@ export function encodePageInto(out: Buffer, page: Page): Buffer {
   out.fill(0, 22, pageHeaderBytes);
   page.body.copy(out, pageHeaderBytes);
   out.fill(0, pageHeaderBytes + page.body.length);
+  return out;
+}
+
+/** Writes the checksum of the image in `out` (a page's `pageBytes`, encoded by `encodePageUnsealed`). */
+export function sealPageImage(out: Buffer): Buffer {
   out.writeUInt32LE(crc32(out.subarray(8)), 4);
   return out;
 }
@@ -107,6 +121,13 @@ export type PageCopies = { state: 'whole' } | { state: 'one-damaged'; bad: numbe
 export interface PageFileOptions {
   /** Read only: no repair is written (fsck); `write` and `commit` refuse. */
   readOnly?: boolean;
+  /**
+   * `writePages` of at least this many pages writes them on a thread of its own (page-writer.ts), started at the
+   * first such call; null: never (default page-writer.ts's `pageWriterMinPages`).
+   */
+  writerMinPages?: number | null;
+  /** Where the page writer thread's failures are reported (the node's log). */
+  log?: Log;
 }
 
 /**
@@ -150,6 +171,11 @@ export class PageFile {
   readonly #paths: string[];
   readonly #fds: number[];
   readonly #readOnly: boolean;
+  readonly #writerMinPages: number | null;
+  readonly #log: Log | undefined;
+  /** The page writer thread, from the first `writePages` of `#writerMinPages` pages on (null: none yet, or lost). */
+  #writer: PageWriter | null = null;
+  #writerLost = false;
   #root: Root | null;
   #repairs = 0;
   /** The copies that lacked the newest root at open (a commit cut short by a crash, or damage). */
@@ -159,12 +185,14 @@ export class PageFile {
   readonly #images: Buffer[] = [];
   readonly #runImages: Buffer[] = [];
 
-  private constructor(files: FileLayer, paths: string[], fds: number[], root: Root | null, readOnly: boolean) {
+  private constructor(files: FileLayer, paths: string[], fds: number[], root: Root | null, readOnly: boolean, options: PageFileOptions) {
     this.#files = files;
     this.#paths = paths;
     this.#fds = fds;
     this.#root = root;
     this.#readOnly = readOnly;
+    this.#writerMinPages = options.writerMinPages === undefined ? pageWriterMinPages : options.writerMinPages;
+    this.#log = options.log;
   }
 
   /**
@@ -191,7 +219,7 @@ export class PageFile {
       const root = chooseRoot(images);
       if (root === null && anyWritten) throw ChunkdError.corrupt(`${base}.0 and ${base}.1: neither root slot is readable in either copy`);
       const readOnly = options.readOnly === true;
-      const file = new PageFile(files, paths, fds, root, readOnly);
+      const file = new PageFile(files, paths, fds, root, readOnly, options);
       // A root whole in one copy only is written whole to the other now: else damage to the one good copy later
       // would make an older root the newest valid one, and the pool would silently go back in time.
       if (root !== null) {
@@ -314,6 +342,107 @@ export class PageFile {
   }
 
   /**
+   * Writes pages `numbers[i]` (ascending, no page twice) to both copies (not yet durable: `commit` makes it so), as
+   * a checkpoint does: consecutive pages as one write. Many pages go to the page writer thread, a batch of images
+   * a message (page-writer.ts: a checkpoint past the cache's fill writes thousands of scattered pages); fewer, or
+   * until the thread is up, runs of `runPagesMax` through libuv's pool, `runsInFlight` at once. Their order does not
+   * matter: none is durable before the fdatasync that precedes the root. Rejects with the first failure.
+   */
+  async writePages(numbers: Float64Array, pages: ReadonlyArray<{ kind: number; body: Buffer }>): Promise<void> {
+    this.#check();
+    this.#writable();
+    if (numbers.length !== pages.length) throw new Error(`writePages: ${numbers.length} page numbers for ${pages.length} pages`);
+    for (let index = 1; index < numbers.length; index++) if (!(numbers[index]! > numbers[index - 1]!)) throw ChunkdError.invalid(`writePages: page numbers out of order at ${numbers[index]}`);
+    const writer = this.#writerFor(pages.length);
+    if (writer !== null) return this.#writePagesOnThread(writer, numbers, pages);
+    const writes: Array<Promise<void>> = [];
+    let index = 0;
+    while (index < pages.length) {
+      writes.length = 0;
+      while (index < pages.length && writes.length < runsInFlight) {
+        let end = index + 1;
+        while (end < pages.length && end - index < runPagesMax && numbers[end] === numbers[end - 1]! + 1) end++;
+        writes.push(this.writeRun(numbers[index]!, pages.slice(index, end)));
+        index = end;
+      }
+      await Promise.all(writes);
+    }
+  }
+
+  /** The page writer thread: none started yet, starting, up, or lost (writes go through libuv's pool then). */
+  get writerThread(): 'none' | 'starting' | 'up' | 'lost' {
+    if (this.#writerLost || this.#writer?.lost === true) return 'lost';
+    if (this.#writer === null) return 'none';
+    return this.#writer.ready ? 'up' : 'starting';
+  }
+
+  /** Test hook: ends the page writer thread as a crash would (see PageWriter.stopThreadForTest). */
+  async stopWriterThreadForTest(): Promise<void> {
+    await this.#writer?.stopThreadForTest();
+  }
+
+  /** The page writer thread when a write of `pageCount` pages should go to it and it is up (started here if need be), else null. */
+  #writerFor(pageCount: number): PageWriter | null {
+    if (this.#writerMinPages === null || pageCount < this.#writerMinPages || this.#writerLost) return null;
+    if (this.#writer?.lost === true) {
+      this.#writer = null;
+      this.#writerLost = true;
+      return null;
+    }
+    this.#writer ??= new PageWriter(this.#files, this.#paths, batchPages * pageBytes, this.#log);
+    return this.#writer.ready ? this.#writer : null;
+  }
+
+  /** `writePages` through the thread: each batch encoded into a free slab while the one before is written. */
+  async #writePagesOnThread(writer: PageWriter, numbers: Float64Array, pages: ReadonlyArray<{ kind: number; body: Buffer }>): Promise<void> {
+    const generation = this.nextGeneration;
+    const writes: Array<Promise<void>> = [];
+    let failure: { error: unknown } | undefined;
+    const failed = (error: unknown): void => {
+      failure ??= { error };
+    };
+    let index = 0;
+    while (index < pages.length && failure === undefined) {
+      const slab = await writer.acquire();
+      if (failure !== undefined) {
+        writer.release(slab);
+        break;
+      }
+      const images = writer.images(slab);
+      const runs: number[] = [];
+      let used = 0;
+      try {
+        while (index < pages.length && used < batchPages) {
+          const first = numbers[index]!;
+          if (first < firstDataPage) throw ChunkdError.invalid(`page ${first} is a root slot`);
+          let count = 0;
+          while (index < pages.length && used < batchPages && (count === 0 || numbers[index] === first + count)) {
+            const { kind, body } = pages[index]!;
+            if (kind === rootKind) throw ChunkdError.invalid(`page kind ${rootKind} is the root's`);
+            // The checksum is the thread's to write (writeBatch), off this one.
+            encodePageUnsealed(images.subarray(used * pageBytes, (used + 1) * pageBytes), { pageNumber: first + count, kind, generation, body });
+            used++;
+            count++;
+            index++;
+          }
+          runs.push(used - count, count, first);
+        }
+      } catch (error) {
+        writer.release(slab);
+        failed(error);
+        break;
+      }
+      writes.push(writer.write(slab, Float64Array.from(runs)).catch(failed));
+    }
+    await Promise.all(writes);
+    if (failure === undefined) return;
+    // A thread that died (not a write that failed) is no failure of the disk's: the pages are written again, all
+    // of them, through libuv's pool (the same images at the same places, none durable before the commit).
+    if (writer.lost) return this.writePages(numbers, pages);
+    throw failure.error;
+  }
+
+  /**
    * Writes `image` at `position` in both copies at once, each write's outcome handled as it settles (a rejection
    * left unhandled while the other copy is awaited is reported by Node), then awaited in turn: not
    * `Promise.allSettled` of a mapped array, whose array, closure and result objects were several hundred bytes of
@@ -379,6 +508,7 @@ export class PageFile {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#writer?.close();
     for (const fd of this.#fds) this.#files.close(fd);
   }
 

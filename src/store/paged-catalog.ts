@@ -40,6 +40,7 @@
 // (deferredMark / takeDeferred / releaseTaken), since in step 4b the journal commit, not the checkpoint, makes a
 // free durable.
 import path from 'node:path';
+import type { Log } from '../core/log.ts';
 import { unreachable } from '../core/assert.ts';
 import { ChunkdError, isNoSpace } from '../core/errors.ts';
 import { chunkSizeBytes, metadataDirtyBytesMin, metadataReplayCostMaxUs, metadataReplayPagesMax, replayCostCountChangeUs, replayCostPageUs, replayCostRecordUs } from '../core/limits.ts';
@@ -99,6 +100,10 @@ export interface PagedCatalogOptions {
   replayCostMaxUs?: number;
   /** Read only (fsck): the page file writes no repair and refuses commits; records still apply, in memory. */
   readOnly?: boolean;
+  /** Checkpoints of at least this many pages write them on the page writer thread (PageFileOptions.writerMinPages; null: never). */
+  pageWriterMinPages?: number | null;
+  /** Where the page writer thread's failures are reported. */
+  log?: Log;
 }
 
 interface CatalogRoot {
@@ -216,7 +221,7 @@ export class PagedCatalog {
 
   /** Opens the paged catalog of `directory` (an empty one where none was committed): reads its root and table. */
   static async open(files: FileLayer, directory: string, options: PagedCatalogOptions): Promise<PagedCatalog> {
-    const file = await PageFile.open(files, path.join(directory, pagedCatalogFile), { readOnly: options.readOnly });
+    const file = await PageFile.open(files, path.join(directory, pagedCatalogFile), { readOnly: options.readOnly, writerMinPages: options.pageWriterMinPages, log: options.log });
     try {
       // The files may have just been created: their entries must be durable before a root in them counts.
       if (file.root === null) await files.syncDirectory(directory);

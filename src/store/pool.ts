@@ -152,6 +152,8 @@ export interface PoolOptions {
   metadataCommitSliceMs?: number;
   /** Paged metadata: the memory of map nodes changed since the last checkpoint that starts the next (default: the cache's size, at least limits.metadataDirtyBytesMin). */
   metadataDirtyBytes?: number;
+  /** Paged metadata: checkpoints of at least this many pages write them on a thread of their own (default page-writer.ts's pageWriterMinPages; null: never). */
+  metadataPageWriterMinPages?: number | null;
   /** Paged metadata: the count of map nodes changed since the last checkpoint that starts the next, whatever their memory (default limits.metadataReplayPagesMax: it bounds what a crash leaves to replay). */
   metadataDirtyPages?: number;
   /** Paged metadata: the estimated cost of the replay a crash would leave (microseconds) that starts the next checkpoint (default limits.metadataReplayCostMaxUs). */
@@ -300,7 +302,7 @@ export class Pool {
     }
     let letRootGo = (): void => {};
     const rootAfter = options.metadataRootAfter === undefined ? undefined : Promise.race([options.metadataRootAfter, new Promise<void>((resolve) => (letRootGo = resolve))]);
-    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault, commitSliceMs: options.metadataCommitSliceMs, dirtyBytes: options.metadataDirtyBytes, dirtyPages: options.metadataDirtyPages, replayCostMaxUs: options.metadataReplayCostMaxUs }, rootAfter).catch((error: unknown) => {
+    const opened = await openPaged(files, directory, { cacheBytes: options.metadataCacheBytes ?? metadataCacheBytesDefault, commitSliceMs: options.metadataCommitSliceMs, dirtyBytes: options.metadataDirtyBytes, dirtyPages: options.metadataDirtyPages, replayCostMaxUs: options.metadataReplayCostMaxUs, pageWriterMinPages: options.metadataPageWriterMinPages, log }, rootAfter).catch((error: unknown) => {
       throw fromSystemError(error, `opening the paged metadata of ${directory}`);
     });
     for (const line of opened.repairs) log(`metadata repaired: ${line}`);

@@ -13,9 +13,10 @@ export function testMetadata(): 'paged' | undefined {
 
 /**
  * Pool options for an in-process test pool: paged metadata with a cache of a few pages (so that lookups and
- * map passes miss and read pages), and checkpoints that give the event loop a turn every few map nodes they encode
- * (so that what runs beside them runs between their slices), when CHUNKD_TEST_METADATA=paged, nothing otherwise.
+ * map passes miss and read pages), checkpoints that give the event loop a turn every few map nodes they encode
+ * (so that what runs beside them runs between their slices), and a checkpoint of a few pages written on the page
+ * writer thread (page-writer.ts; a node's takes 256), when CHUNKD_TEST_METADATA=paged, nothing otherwise.
  */
-export function testPoolOptions(): Pick<PoolOptions, 'metadata' | 'metadataCacheBytes' | 'metadataCommitSliceMs'> {
-  return testMetadata() === 'paged' ? { metadata: 'paged', metadataCacheBytes: 64 * 1024, metadataCommitSliceMs: 0 } : {};
+export function testPoolOptions(): Pick<PoolOptions, 'metadata' | 'metadataCacheBytes' | 'metadataCommitSliceMs' | 'metadataPageWriterMinPages'> {
+  return testMetadata() === 'paged' ? { metadata: 'paged', metadataCacheBytes: 64 * 1024, metadataCommitSliceMs: 0, metadataPageWriterMinPages: 4 } : {};
 }
