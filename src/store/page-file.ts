@@ -352,7 +352,10 @@ export class PageFile {
     this.#check();
     this.#writable();
     if (numbers.length !== pages.length) throw new Error(`writePages: ${numbers.length} page numbers for ${pages.length} pages`);
+    // Checked before anything is written, whichever way the pages go.
+    if (numbers.length > 0 && numbers[0]! < firstDataPage) throw ChunkdError.invalid(`page ${numbers[0]} is a root slot`);
     for (let index = 1; index < numbers.length; index++) if (!(numbers[index]! > numbers[index - 1]!)) throw ChunkdError.invalid(`writePages: page numbers out of order at ${numbers[index]}`);
+    for (const { kind } of pages) if (kind === rootKind) throw ChunkdError.invalid(`page kind ${rootKind} is the root's`);
     const writer = this.#writerFor(pages.length);
     if (writer !== null) return this.#writePagesOnThread(writer, numbers, pages);
     const writes: Array<Promise<void>> = [];
@@ -414,11 +417,9 @@ export class PageFile {
       try {
         while (index < pages.length && used < batchPages) {
           const first = numbers[index]!;
-          if (first < firstDataPage) throw ChunkdError.invalid(`page ${first} is a root slot`);
           let count = 0;
           while (index < pages.length && used < batchPages && (count === 0 || numbers[index] === first + count)) {
             const { kind, body } = pages[index]!;
-            if (kind === rootKind) throw ChunkdError.invalid(`page kind ${rootKind} is the root's`);
             // The checksum is the thread's to write (writeBatch), off this one.
             encodePageUnsealed(images.subarray(used * pageBytes, (used + 1) * pageBytes), { pageNumber: first + count, kind, generation, body });
             used++;

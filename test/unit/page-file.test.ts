@@ -368,6 +368,8 @@ test('writePages: pages scattered and in runs, over several batches, land byte f
     await assert.rejects(file.writePages(new Float64Array([9_000, 9_000]), [{ kind: 2, body: bodyOf(1) }, { kind: 2, body: bodyOf(2) }]), /out of order/);
     await assert.rejects(file.writePages(Float64Array.from({ length: 8 }, (_, i) => 1 + i), Array.from({ length: 8 }, () => ({ kind: 2, body: bodyOf(1) }))), /root slot/);
     await assert.rejects(file.writePages(Float64Array.from({ length: 8 }, (_, i) => 9_000 + i), Array.from({ length: 8 }, (_, i) => ({ kind: i === 5 ? 0xff : 2, body: bodyOf(1) }))), /root's/);
+    // The root's kind in a later batch than the first: refused before any batch is written.
+    await assert.rejects(file.writePages(Float64Array.from({ length: 300 }, (_, i) => 9_000 + 2 * i), Array.from({ length: 300 }, (_, i) => ({ kind: i === 299 ? 0xff : 2, body: bodyOf(1) }))), /root's/);
     await file.commit(Buffer.from('root'));
     for (const pageNumber of numbers) assert.deepEqual((await file.read(pageNumber)).body, bodyOf(indexOf(pageNumber)), `page ${pageNumber}`);
     file.close();
@@ -378,7 +380,7 @@ test('writePages: pages scattered and in runs, over several batches, land byte f
         assert.deepEqual(image, encodePage({ pageNumber, kind: 3, generation: 1, body: bodyOf(indexOf(pageNumber)) }), `copy ${copy}, page ${pageNumber}: byte for byte`);
       }
       // Refused calls wrote nothing.
-      assert.ok(bytes.subarray(8_999 * pageBytes, 9_010 * pageBytes).every((byte) => byte === 0), `copy ${copy}: nothing of the refused calls`);
+      assert.ok(bytes.subarray(8_999 * pageBytes, 9_600 * pageBytes).every((byte) => byte === 0), `copy ${copy}: nothing of the refused calls`);
     }
   } finally {
     fs.rmSync(directory, { recursive: true, force: true });
