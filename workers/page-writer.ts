@@ -1,5 +1,6 @@
 // The metadata page writer's thread (src/store/page-writer.ts): a batch of page images a message, pwritten to
 // every copy of the page file, opened here through the pool's file layer.
+import os from 'node:os';
 import { parentPort, workerData } from 'node:worker_threads';
 import { fileLayerFromSpec, type FileLayer, type FileLayerSpec } from '../src/store/file-layer.ts';
 import { pageBytes, sealPageImage } from '../src/store/page-file.ts';
@@ -26,6 +27,12 @@ function writeBatch(files: FileLayer, fds: readonly number[], slab: Buffer, runs
 }
 
 const port = parentPort!;
+// Below the event loop's priority (Linux: this thread only; raising one's nice value needs no privilege).
+try {
+  if (typeof workerData.nice === 'number' && workerData.nice !== 0) os.setPriority(workerData.nice);
+} catch {
+  // Another system's rule: the thread runs at the process's priority.
+}
 const files = await fileLayerFromSpec(workerData.files as FileLayerSpec);
 const slabs = (workerData.slabs as SharedArrayBuffer[]).map((slab) => Buffer.from(slab));
 const fds: number[] = [];

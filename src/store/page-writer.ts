@@ -4,10 +4,11 @@
 // (a 1 TiB volume's map has some 500,000 leaves, a checkpoint some 8,000 dirty ones), and copy-on-write puts the
 // new leaves into the pages the last checkpoints freed, scattered through the file: a checkpoint's pages lie in
 // runs of one or two, not the runs `writeRun` joins. Each was a job of libuv's pool per copy: a thread's wake-up,
-// a pwrite, the answer back through the event loop and a promise, 26 to 57 us of the process's CPU a page (both
-// copies) and 14 to 28 of the main thread's, measured writing 8,192 scattered pages; a thread that pwrites a batch
-// of 256 in a loop takes 14 to 25 and 4 to 8 (the images' encoding, which stays on the main thread). And the pool's
-// 32 jobs in flight were the CPU the event loop waited for (BENCHMARKS.md, issue 15, "Who holds the CPUs").
+// a pwrite, the answer back through the event loop and a promise: 27 to 51 us of the process's CPU a page (both
+// copies) and 14 to 25 of the main thread's, writing 8,192 scattered pages through PageFile; through this thread,
+// 256 a message, 15 to 22 and 5 to 7 (the images' encoding, on the main thread). And the pool's 32 jobs in flight
+// were the CPU the event loop waited for (BENCHMARKS.md, issue 15, "Who holds the CPUs" and "A checkpoint's
+// scattered pages on a thread of their own").
 //
 // The images go through shared memory: `slabCount` slabs of `batchPages` pages, so that the main thread encodes a
 // batch while the thread writes the one before. The thread opens the page file's copies itself, through the
@@ -27,6 +28,13 @@ export const batchPages = 256;
 export const slabCount = 2;
 /** A commit of at least this many pages writes through the thread by default (fewer: libuv's pool, no thread started). */
 export const pageWriterMinPages = 256;
+/**
+ * The thread's nice value: a checkpoint's 8,000 pages are one stretch of the thread's CPU, and on 2 vCPUs with the
+ * client beside the node that stretch kept the event loop waiting for a CPU (gaps over 50 ms while writing from 16
+ * to 32 GiB into 1 TiB: 53 at the process's priority, 29 at 10, in one run each; BENCHMARKS.md, issue 15, "A
+ * checkpoint's scattered pages on a thread of their own"). A thread may lower its own priority without privilege.
+ */
+export const pageWriterNice = 10;
 
 /** What the main thread posts: a batch, or the end. */
 export type PageWriterRequest = { id: number; slab: number; runs: Float64Array } | { stop: true };
@@ -65,7 +73,7 @@ export class PageWriter {
     this.#images = this.#slabs.map((slab) => Buffer.from(slab));
     this.#freeSlabs = this.#slabs.map((_, index) => index);
     const spec: FileLayerSpec = files.workerSpec;
-    this.#worker = new Worker(ownModule('workers', 'page-writer'), { workerData: { files: spec, paths, slabs: this.#slabs } });
+    this.#worker = new Worker(ownModule('workers', 'page-writer'), { workerData: { files: spec, paths, slabs: this.#slabs, nice: pageWriterNice } });
     this.#worker.unref();
     this.#worker.on('message', (answer: PageWriterAnswer) => {
       if ('ready' in answer) {
