@@ -21,9 +21,14 @@ function writeBatch(files: FileLayer, fds: readonly number[], slab: Buffer, runs
     }
     return null;
   } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    return { code: typeof code === 'string' ? code : 'EIO', message: (error as Error).message };
+    return failureOf(error);
   }
+}
+
+/** An error as the main thread rebuilds it: its system code (EIO where it has none) and message. */
+function failureOf(error: unknown): { code: string; message: string } {
+  const code = (error as NodeJS.ErrnoException).code;
+  return { code: typeof code === 'string' ? code : 'EIO', message: (error as Error).message };
 }
 
 const port = parentPort!;
@@ -41,8 +46,7 @@ try {
   port.postMessage({ ready: true } satisfies PageWriterAnswer);
 } catch (error) {
   for (const fd of fds) files.close(fd);
-  const code = (error as NodeJS.ErrnoException).code;
-  port.postMessage({ ready: false, code: typeof code === 'string' ? code : 'EIO', message: (error as Error).message } satisfies PageWriterAnswer);
+  port.postMessage({ ready: false, ...failureOf(error) } satisfies PageWriterAnswer);
   process.exit(0);
 }
 port.on('message', (request: PageWriterRequest) => {

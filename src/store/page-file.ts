@@ -173,9 +173,8 @@ export class PageFile {
   readonly #readOnly: boolean;
   readonly #writerMinPages: number | null;
   readonly #log: Log | undefined;
-  /** The page writer thread, from the first `writePages` of `#writerMinPages` pages on (null: none yet, or lost). */
+  /** The page writer thread, from the first `writePages` of `#writerMinPages` pages on (null: none yet); once lost, kept so, and none started again. */
   #writer: PageWriter | null = null;
-  #writerLost = false;
   #root: Root | null;
   #repairs = 0;
   /** The copies that lacked the newest root at open (a commit cut short by a crash, or damage). */
@@ -374,8 +373,8 @@ export class PageFile {
 
   /** The page writer thread: none started yet, starting, up, or lost (writes go through libuv's pool then). */
   get writerThread(): 'none' | 'starting' | 'up' | 'lost' {
-    if (this.#writerLost || this.#writer?.lost === true) return 'lost';
     if (this.#writer === null) return 'none';
+    if (this.#writer.lost) return 'lost';
     return this.#writer.ready ? 'up' : 'starting';
   }
 
@@ -386,12 +385,7 @@ export class PageFile {
 
   /** The page writer thread when a write of `pageCount` pages should go to it and it is up (started here if need be), else null. */
   #writerFor(pageCount: number): PageWriter | null {
-    if (this.#writerMinPages === null || pageCount < this.#writerMinPages || this.#writerLost) return null;
-    if (this.#writer?.lost === true) {
-      this.#writer = null;
-      this.#writerLost = true;
-      return null;
-    }
+    if (this.#writerMinPages === null || pageCount < this.#writerMinPages) return null;
     this.#writer ??= new PageWriter(this.#files, this.#paths, batchPages * pageBytes, this.#log);
     return this.#writer.ready ? this.#writer : null;
   }

@@ -285,19 +285,23 @@ test('many pages written and read at once through reused images: each page whole
   }
 });
 
+/** A layer that counts this thread's writes (the page writer thread writes through the real files, its own). */
+function countingLayer(writes: Array<{ position: number; length: number }>): FileLayer {
+  return {
+    ...realFiles,
+    write: (fd, data, position) => {
+      writes.push({ position, length: data.length });
+      return realFiles.write(fd, data, position);
+    },
+  };
+}
+
 test('a run of pages is written as one write per copy, each page byte for byte as a page written alone; bad runs are refused', async () => {
   const directory = scratch();
   try {
     const base = path.join(directory, 'meta');
     const writes: Array<{ position: number; length: number }> = [];
-    const counting: FileLayer = {
-      ...realFiles,
-      write: (fd, data, position) => {
-        writes.push({ position, length: data.length });
-        return realFiles.write(fd, data, position);
-      },
-    };
-    const file = await PageFile.open(counting, base);
+    const file = await PageFile.open(countingLayer(writes), base);
     // Two full runs at once (their buffers in use together), then a short one that reuses a longer run's buffer:
     // a page's tail must still be zeros, not the last body's.
     const first = firstDataPage + 3;
@@ -327,17 +331,6 @@ async function writerUp(file: PageFile): Promise<void> {
     assert.ok(Date.now() < deadline, `the page writer thread is ${file.writerThread} after 20 s`);
     await new Promise((resolve) => setTimeout(resolve, 10));
   }
-}
-
-/** A layer that counts this thread's writes (the page writer thread writes through the real files, its own). */
-function countingLayer(writes: Array<{ position: number; length: number }>): FileLayer {
-  return {
-    ...realFiles,
-    write: (fd, data, position) => {
-      writes.push({ position, length: data.length });
-      return realFiles.write(fd, data, position);
-    },
-  };
 }
 
 test('writePages: pages scattered and in runs, over several batches, land byte for byte as pages written alone, on the thread from the threshold on and through libuv below it; bad input is refused', async () => {
