@@ -11,7 +11,7 @@ import { chunkSizeBytes, chunksPerFile, inlineCachedReadBytesMax, inlineWriteByt
 import { emptyHistogram } from '../../src/core/latency-histogram.ts';
 import { SharedBufferPool } from '../../src/core/shared-buffers.ts';
 import { chunkSums } from '../../src/store/chunk-io.ts';
-import { realFiles } from '../../src/store/file-layer.ts';
+import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { ChunkFiles } from '../../src/store/chunk-files.ts';
 import { ChunkTaskRunner, type ChunkTask } from '../../src/store/chunk-task.ts';
 import koffi from 'koffi';
@@ -118,7 +118,8 @@ test('a read up to 1 MiB that the page cache holds is served on this thread, ver
 test('a worker reads page-cache hits at once and waits for the disk without blocking: uncached reads come back as promises', async () => {
   const data = randomBytes(large);
   const chunkDirectory = await chunkFilesHolding('runner', data);
-  const runner = new ChunkTaskRunner(chunkDirectory, realFiles, null, false);
+  const disk = diskWhen();
+  const runner = new ChunkTaskRunner(chunkDirectory, disk.layer, null, false);
   const sums = chunkSums(data);
   const readTask = (memory: SharedArrayBuffer): ChunkTask => ({
     op: 'read', bytes: { slab: false, memory, byteOffset: 0, lengthBytes: large }, plan: Float64Array.of(0, large / chunkSizeBytes, 0), expected: sums, verify: true,
@@ -130,6 +131,7 @@ test('a worker reads page-cache hits at once and waits for the disk without bloc
   assert.deepEqual(Buffer.from(cachedTarget), data);
 
   dropFromPageCache(path.join(chunkDirectory, '00000000.chunk'));
+  disk.cold = true;
   const coldTarget = new SharedArrayBuffer(large);
   const cold = runner.run(readTask(coldTarget));
   assert.ok(cold instanceof Promise, 'bytes not in the page cache: the read goes to libuv and the task answers later');
@@ -145,7 +147,9 @@ test('a worker never closes a descriptor under a read still waiting in libuv\'s 
   dropFromPageCache(path.join(chunkDirectory, '00000000.chunk'));
   // Keep libuv's pool busy, so that the read below waits in its queue while the worker opens other files.
   const busy = Array.from({ length: 16 }, () => new Promise((resolve) => pbkdf2('x', 'y', 200_000, 32, 'sha256', resolve)));
-  const runner = new ChunkTaskRunner(chunkDirectory, realFiles, null, false);
+  const disk = diskWhen();
+  disk.cold = true;
+  const runner = new ChunkTaskRunner(chunkDirectory, disk.layer, null, false);
   const target = new SharedArrayBuffer(chunkSizeBytes);
   const read = runner.run({ op: 'read', bytes: { slab: false, memory: target, byteOffset: 0, lengthBytes: chunkSizeBytes }, plan: Float64Array.of(0, 1, 0), expected: chunkSums(wanted), verify: true });
   assert.ok(read instanceof Promise);
@@ -252,6 +256,20 @@ function dropFromPageCache(file: string): void {
 }
 
 /** A chunk directory of its own whose chunk 0 on holds `data`, synced to disk. */
+/**
+ * The real files, whose page cache can be made to answer as a cold one. A read with RWF_NOWAIT of pages just
+ * dropped starts the kernel's readahead, and on a fast disk the pages can be in by the time the read looks again:
+ * it then reads them, and the kernel's answer is not one a test can count on (it failed CI once). With `cold` set,
+ * every cached read answers -1, what RWF_NOWAIT's EAGAIN gives, and the bytes come from the disk through libuv.
+ */
+function diskWhen(): { layer: FileLayer; cold: boolean } {
+  const disk = {
+    cold: false,
+    layer: { ...realFiles, readCached: (fd: number, target: Uint8Array, position: number) => (disk.cold ? -1 : realFiles.readCached(fd, target, position)) },
+  };
+  return disk;
+}
+
 async function chunkFilesHolding(name: string, data: Buffer): Promise<string> {
   const chunkDirectory = path.join(directory, name);
   const chunkFiles = new ChunkFiles(chunkDirectory, realFiles);
