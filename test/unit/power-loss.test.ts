@@ -1,5 +1,5 @@
 // Seeded power-loss model tests of the store (test/helpers/power-loss-model.ts), in both chunk I/O layouts, for
-// a fixed time budget each: POWER_LOSS_SECONDS (default 25 per layout). `npm run soak` runs them for longer.
+// a fixed time budget each: POWER_LOSS_SECONDS (default 15 per layout: CI's time is bounded). `npm run soak` runs them for longer.
 // SEED= replays one run (one seed, both layouts).
 //
 // Shrinking: a run draws every choice it makes (operations, ranges, the file-system call the power is cut at,
@@ -14,7 +14,7 @@ import fc from 'fast-check';
 import { runPowerLoss, runPowerLossSeed, type Layout, type RunStats } from '../helpers/power-loss-model.ts';
 import { makeRandom, testSeed } from '../helpers/random.ts';
 
-const budgetMs = Number(process.env.POWER_LOSS_SECONDS ?? 25) * 1000;
+const budgetMs = Number(process.env.POWER_LOSS_SECONDS ?? 15) * 1000;
 const shrinkMs = Number(process.env.POWER_LOSS_SHRINK_SECONDS ?? 120) * 1000;
 
 /** `random`, with every draw recorded. */
