@@ -15,7 +15,7 @@
 // Without schedstat (another kernel) the CPU comes from process.threadCpuUsage() and the run queue is unknown
 // (null).
 import fs from 'node:fs';
-import { performance, PerformanceObserver } from 'node:perf_hooks';
+import { constants, performance, PerformanceObserver } from 'node:perf_hooks';
 
 /** The main thread's cumulative times, nanoseconds. */
 export interface ThreadTimes {
@@ -44,6 +44,11 @@ export interface LoopPause {
    */
   gcSeconds: number;
   /**
+   * Of gcSeconds, the full collections' (mark-compact of the whole heap, V8's major GC): the rest were scavenges of
+   * the young generation and V8's smaller steps. Which of the two holds a pause says which knob could shorten it.
+   */
+  majorGcSeconds: number;
+  /**
    * The CPU the process's other threads took within the gap (not a part of it: up to the CPUs' count times the
    * gap), on whatever cores they ran.
    */
@@ -56,10 +61,11 @@ export interface LoopPause {
  * "102 ms (18 on CPU, 80 waiting for a CPU, 4 elsewhere; 12 in collections; other threads 70 ms of CPU)", as the
  * log and chunkd status say it.
  */
-export function describeLoopPause(pause: Pick<LoopPause, 'gapSeconds' | 'onCpuSeconds' | 'runQueueSeconds' | 'elsewhereSeconds'> & { gcSeconds?: number; otherThreadsCpuSeconds?: number }): string {
+export function describeLoopPause(pause: Pick<LoopPause, 'gapSeconds' | 'onCpuSeconds' | 'runQueueSeconds' | 'elsewhereSeconds'> & { gcSeconds?: number; majorGcSeconds?: number; otherThreadsCpuSeconds?: number }): string {
   const ms = (seconds: number): string => (seconds * 1000).toFixed(0);
   const queue = pause.runQueueSeconds === null ? '' : `${ms(pause.runQueueSeconds)} waiting for a CPU, `;
-  const gc = pause.gcSeconds === undefined ? '' : `; ${ms(pause.gcSeconds)} in collections`;
+  const full = pause.majorGcSeconds === undefined || pause.majorGcSeconds === 0 ? '' : ` (${ms(pause.majorGcSeconds)} full)`;
+  const gc = pause.gcSeconds === undefined ? '' : `; ${ms(pause.gcSeconds)} in collections${full}`;
   const others = pause.otherThreadsCpuSeconds === undefined ? '' : `; other threads ${ms(pause.otherThreadsCpuSeconds)} ms of CPU`;
   return `${ms(pause.gapSeconds)} ms (${ms(pause.onCpuSeconds)} on CPU, ${queue}${ms(pause.elsewhereSeconds)} elsewhere${gc}${others})`;
 }
@@ -81,6 +87,7 @@ export function splitGap(gapNs: number, intervalNs: number, before: ThreadTimes,
     runQueueSeconds: runQueueNs === null ? null : runQueueNs / 1e9,
     elsewhereSeconds: Math.max(0, gapNs - onCpuNs - (runQueueNs ?? 0)) / 1e9,
     gcSeconds: 0,
+    majorGcSeconds: 0,
     otherThreadsCpuSeconds: Math.max(0, after.processCpuNs - before.processCpuNs - onCpuNs) / 1e9,
     endedAtMs,
   };
@@ -131,6 +138,23 @@ interface Span {
   endMs: number;
 }
 
+/** A collection's pause: its span, and whether it was a full one. */
+interface Collection extends Span {
+  major: boolean;
+}
+
+/** The collections' time within `span`, all and the full ones' (seconds). */
+function collectionsWithin(span: Span, collections: Iterable<Collection>): { gcSeconds: number; majorGcSeconds: number } {
+  let gcMs = 0;
+  let majorMs = 0;
+  for (const collection of collections) {
+    const overlap = overlapMs(span, collection);
+    gcMs += overlap;
+    if (collection.major) majorMs += overlap;
+  }
+  return { gcSeconds: gcMs / 1000, majorGcSeconds: majorMs / 1000 };
+}
+
 /** How much of `b` lies within `a`, ms. */
 export function overlapMs(a: Span, b: Span): number {
   return Math.max(0, Math.min(a.endMs, b.endMs) - Math.max(a.startMs, b.startMs));
@@ -155,8 +179,8 @@ export class LoopPauses {
   #threadClock: ThreadClock | null = null;
   #observer: PerformanceObserver | null = null;
   #last: { atNs: bigint; atMs: number; times: ThreadTimes } | null = null;
-  #longest: { pause: LoopPause; span: Span; collections: Set<Span> } | null = null;
-  readonly #recentCollections: Span[] = [];
+  #longest: { pause: LoopPause; span: Span; collections: Set<Collection> } | null = null;
+  readonly #recentCollections: Collection[] = [];
 
   constructor(options: { intervalMs?: number; clock?: () => ThreadClock; longGapMs?: number; onLongGap?: (pause: LoopPause) => void } = {}) {
     this.#intervalNs = (options.intervalMs ?? 10) * 1e6;
@@ -172,7 +196,10 @@ export class LoopPauses {
     this.#timer = setInterval(() => this.#tick(), this.#intervalNs / 1e6);
     this.#timer.unref();
     this.#observer = new PerformanceObserver((list) => {
-      for (const entry of list.getEntries()) this.#collected({ startMs: entry.startTime, endMs: entry.startTime + entry.duration });
+      for (const entry of list.getEntries()) {
+        const major = ((entry as { detail?: unknown }).detail as { kind?: number } | undefined)?.kind === constants.NODE_PERFORMANCE_GC_MAJOR;
+        this.#collected({ startMs: entry.startTime, endMs: entry.startTime + entry.duration, major });
+      }
     });
     this.#observer.observe({ entryTypes: ['gc'] });
   }
@@ -191,9 +218,7 @@ export class LoopPauses {
   longest(): LoopPause | null {
     const longest = this.#longest;
     if (longest === null) return null;
-    let gcMs = 0;
-    for (const collection of longest.collections) gcMs += overlapMs(longest.span, collection);
-    return { ...longest.pause, gcSeconds: gcMs / 1000 };
+    return { ...longest.pause, ...collectionsWithin(longest.span, longest.collections) };
   }
 
   #tick(): void {
@@ -212,16 +237,13 @@ export class LoopPauses {
       // Told a little later, when the collections' entries (which come after the gap) are in.
       if (long && this.#onLongGap !== null) {
         const onLongGap = this.#onLongGap;
-        setTimeout(() => {
-          const gcMs = this.#recentCollections.reduce((sum, collection) => sum + overlapMs(span, collection), 0);
-          onLongGap({ ...pause, gcSeconds: gcMs / 1000 });
-        }, longGapToldAfterMs).unref();
+        setTimeout(() => onLongGap({ ...pause, ...collectionsWithin(span, this.#recentCollections) }), longGapToldAfterMs).unref();
       }
     }
     this.#last = { atNs, atMs, times };
   }
 
-  #collected(collection: Span): void {
+  #collected(collection: Collection): void {
     this.#recentCollections.push(collection);
     if (this.#recentCollections.length > recentCollectionsKept) this.#recentCollections.shift();
     const longest = this.#longest;

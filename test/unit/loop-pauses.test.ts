@@ -16,7 +16,7 @@ test('schedstat is read as CPU and run-queue nanoseconds; a gap is split into th
   assert.deepEqual(parseSchedstat('43447405 8997848 68\n'), { cpuNs: 43447405, runQueueNs: 8997848 });
   assert.equal(parseSchedstat('garbage'), null);
   const pause = splitGap(120e6, 10e6, { cpuNs: 1e6, runQueueNs: 2e6, processCpuNs: 10e6 }, { cpuNs: 31e6, runQueueNs: 72e6, processCpuNs: 140e6 }, 5);
-  assert.deepEqual(pause, { delaySeconds: 0.11, gapSeconds: 0.12, onCpuSeconds: 0.03, runQueueSeconds: 0.07, elsewhereSeconds: 0.02, gcSeconds: 0, otherThreadsCpuSeconds: 0.1, endedAtMs: 5 });
+  assert.deepEqual(pause, { delaySeconds: 0.11, gapSeconds: 0.12, onCpuSeconds: 0.03, runQueueSeconds: 0.07, elsewhereSeconds: 0.02, gcSeconds: 0, majorGcSeconds: 0, otherThreadsCpuSeconds: 0.1, endedAtMs: 5 });
   assert.equal(overlapMs({ startMs: 10, endMs: 20 }, { startMs: 15, endMs: 30 }), 5);
   assert.equal(overlapMs({ startMs: 10, endMs: 20 }, { startMs: 20, endMs: 30 }), 0);
   assert.equal(overlapMs({ startMs: 10, endMs: 20 }, { startMs: 12, endMs: 13 }), 1);
@@ -25,6 +25,7 @@ test('schedstat is read as CPU and run-queue nanoseconds; a gap is split into th
   assert.equal(unknownQueue.elsewhereSeconds, 0.03);
   assert.equal(unknownQueue.otherThreadsCpuSeconds, 0);
   assert.equal(describeLoopPause({ ...pause, gcSeconds: 0.012 }), '120 ms (30 on CPU, 70 waiting for a CPU, 20 elsewhere; 12 in collections; other threads 100 ms of CPU)');
+  assert.equal(describeLoopPause({ ...pause, gcSeconds: 0.05, majorGcSeconds: 0.04 }), '120 ms (30 on CPU, 70 waiting for a CPU, 20 elsewhere; 50 in collections (40 full); other threads 100 ms of CPU)');
   // This kernel says: the tests below need the run queue.
   assert.notEqual(openThreadClock().read().runQueueNs, null);
 });
@@ -87,13 +88,14 @@ test("the CPU the process's other threads took within a gap: a worker's busy loo
 
 test("a pause V8's collector took is counted as the collections' time within it, and a long gap is told with it", { timeout: 20_000 }, async () => {
   // A child with --expose-gc: 300 ms of busy loop around full collections of a heap of some 100 MiB of live
-  // objects; its longest gap holds them, and the gap told (over 50 ms) says the same.
+  // objects; its longest gap holds them, and the gap told (over 50 ms) says the same. The heap is made before the
+  // probe starts: its scavenges would make a gap of their own, as long.
   const script = `
     import { LoopPauses } from ${JSON.stringify(loopPausesModule)};
     const told = [];
+    const live = Array.from({ length: 1_000_000 }, (_, i) => ({ i, text: 'x' + i }));
     const pauses = new LoopPauses({ longGapMs: 50, onLongGap: (pause) => told.push(pause) });
     pauses.start();
-    const live = Array.from({ length: 1_000_000 }, (_, i) => ({ i, text: 'x' + i }));
     await new Promise((resolve) => setTimeout(resolve, 50));
     const until = performance.now() + 300;
     let collections = 0;
@@ -106,9 +108,12 @@ test("a pause V8's collector took is counted as the collections' time within it,
   const { longest, told } = JSON.parse(stdout) as { longest: LoopPause; told: LoopPause[] };
   assert.ok(longest.gapSeconds >= 0.3, stdout);
   assert.ok(longest.gcSeconds > 0.005 && longest.gcSeconds <= longest.gapSeconds, stdout);
+  // gc() is a full collection: its pauses are the full ones' time (less any scavenge V8 slipped in beside them).
+  assert.ok(longest.majorGcSeconds > 0.005 && longest.majorGcSeconds <= longest.gcSeconds, stdout);
   const same = told.find((pause) => pause.endedAtMs === longest.endedAtMs);
   assert.ok(same !== undefined, stdout);
   assert.equal(same.gcSeconds, longest.gcSeconds);
+  assert.equal(same.majorGcSeconds, longest.majorGcSeconds);
 });
 
 test('a pause spent waiting for a core another process holds is run-queue time', { timeout: 20_000 }, async () => {

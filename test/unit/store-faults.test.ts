@@ -60,7 +60,7 @@ async function metricsOf(pool: Pool): Promise<string> {
     replication: { replicas: [], replicaVolumes: [], fenced: [], syncReplicas: [] },
     eventLoopUtilization: 0,
     eventLoopDelayMaxSeconds: 0,
-    eventLoopLongestPause: { delaySeconds: 0.11, gapSeconds: 0.12, onCpuSeconds: 0.03, runQueueSeconds: 0.07, elsewhereSeconds: 0.02, gcSeconds: 0.01, otherThreadsCpuSeconds: 0.09, endedAtMs: 0 },
+    eventLoopLongestPause: { delaySeconds: 0.11, gapSeconds: 0.12, onCpuSeconds: 0.03, runQueueSeconds: 0.07, elsewhereSeconds: 0.02, gcSeconds: 0.01, majorGcSeconds: 0, otherThreadsCpuSeconds: 0.09, endedAtMs: 0 },
   } as unknown as NodeStatus;
   return renderMetrics(status);
 }
@@ -90,7 +90,7 @@ test('a checkpoint asked for (POST /v1/checkpoint) starts a generation now: the 
     assert.match(metrics, /^chunkd_checkpoints_total 1$/m);
     assert.match(metrics, new RegExp(`^chunkd_checkpoint_bytes ${report.bytes}$`, 'm'));
     assert.match(metrics, /^chunkd_event_loop_delay_max_seconds 0$/m);
-    assert.match(metrics, /^chunkd_event_loop_longest_pause_seconds\{part="gap"\} 0.12\nchunkd_event_loop_longest_pause_seconds\{part="on_cpu"\} 0.03\nchunkd_event_loop_longest_pause_seconds\{part="run_queue"\} 0.07\nchunkd_event_loop_longest_pause_seconds\{part="elsewhere"\} 0.02\nchunkd_event_loop_longest_pause_seconds\{part="gc"\} 0.01\nchunkd_event_loop_longest_pause_seconds\{part="other_threads_cpu"\} 0.09$/m);
+    assert.match(metrics, /^chunkd_event_loop_longest_pause_seconds\{part="gap"\} 0.12\nchunkd_event_loop_longest_pause_seconds\{part="on_cpu"\} 0.03\nchunkd_event_loop_longest_pause_seconds\{part="run_queue"\} 0.07\nchunkd_event_loop_longest_pause_seconds\{part="elsewhere"\} 0.02\nchunkd_event_loop_longest_pause_seconds\{part="gc"\} 0.01\nchunkd_event_loop_longest_pause_seconds\{part="gc_full"\} 0\nchunkd_event_loop_longest_pause_seconds\{part="other_threads_cpu"\} 0.09$/m);
     await volume.close();
     await pool.close();
     const reopened = await Pool.open({ directory });
