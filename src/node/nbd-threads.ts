@@ -121,6 +121,7 @@ export class NbdThreads {
     const channel = new MessageChannel();
     const host = new DeviceHost(this.#provider, channel.port1);
     const worker = new Worker(threadModule, {
+      name: 'chunkd-nbd',
       workerData: { port: channel.port2, host: this.#host, listenPort: this.#port, index, tls: this.#tls, pollUs: this.#pollUs },
       transferList: [channel.port2],
     });

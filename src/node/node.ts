@@ -6,6 +6,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { BlockDevice, DeviceProvider } from '../core/block-device.ts';
 import { checkName } from '../core/names.ts';
+import { helperThreadNice, setLibuvPoolNice } from '../core/thread-priority.ts';
 import { ChunkdError, fromSystemError } from '../core/errors.ts';
 import { ApiServer, type ControlPlane, type DiffReport } from '../api/server.ts';
 import { NbdServer } from '../nbd/server.ts';
@@ -317,6 +318,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       config.log(`node started ${seconds(0, now)} s after its process (modules and options ${seconds(0, entered)} s, pool open ${seconds(entered, poolOpened)} s, the rest: roles, replication, listeners ${seconds(poolOpened, now)} s)`, 'debug');
       // After the caller's ready line (written in the same turn as this returns).
       setImmediate(startDone);
+      // libuv's pool below the event loop (thread-priority.ts): its threads exist by now (the pool's files were
+      // opened through it); the worker threads set their own.
+      setLibuvPoolNice(helperThreadNice);
     } catch (error) {
       await node.stop().catch(() => {});
       throw error;

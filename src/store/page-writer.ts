@@ -20,6 +20,7 @@
 import { Worker } from 'node:worker_threads';
 import type { Log } from '../core/log.ts';
 import { ownModule } from '../core/source-files.ts';
+import { helperThreadNice } from '../core/thread-priority.ts';
 import type { FileLayer, FileLayerSpec } from './file-layer.ts';
 
 /** Pages a batch (a slab) holds: 1 MiB. */
@@ -28,13 +29,6 @@ export const batchPages = 256;
 export const slabCount = 2;
 /** A commit of at least this many pages writes through the thread by default (fewer: libuv's pool, no thread started). */
 export const pageWriterMinPages = 256;
-/**
- * The thread's nice value: a checkpoint's 8,000 pages are one stretch of the thread's CPU, and on 2 vCPUs with the
- * client beside the node that stretch kept the event loop waiting for a CPU (gaps over 50 ms while writing from 16
- * to 32 GiB into 1 TiB: 53 at the process's priority, 29 at 10, in one run each; BENCHMARKS.md, issue 15, "A
- * checkpoint's scattered pages on a thread of their own"). A thread may lower its own priority without privilege.
- */
-export const pageWriterNice = 10;
 
 /** What the main thread posts: a batch, or the end. */
 export type PageWriterRequest = { id: number; slab: number; runs: Float64Array } | { stop: true };
@@ -73,7 +67,7 @@ export class PageWriter {
     this.#images = this.#slabs.map((slab) => Buffer.from(slab));
     this.#freeSlabs = this.#slabs.map((_, index) => index);
     const spec: FileLayerSpec = files.workerSpec;
-    this.#worker = new Worker(ownModule('workers', 'page-writer'), { workerData: { files: spec, paths, slabs: this.#slabs, nice: pageWriterNice } });
+    this.#worker = new Worker(ownModule('workers', 'page-writer'), { name: 'chunkd-pages', workerData: { files: spec, paths, slabs: this.#slabs, nice: helperThreadNice } });
     this.#worker.unref();
     this.#worker.on('message', (answer: PageWriterAnswer) => {
       if ('ready' in answer) {

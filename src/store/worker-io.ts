@@ -23,6 +23,7 @@ import type { ChunkTask, ChunkTaskResult, TaskMemory, WorkerBatchResult, WorkerT
 import { observeLatency, type LatencyHistogram } from '../core/latency-histogram.ts';
 import { performance } from 'node:perf_hooks';
 import { ownModule } from '../core/source-files.ts';
+import { helperThreadNice } from '../core/thread-priority.ts';
 import type { Log } from '../core/log.ts';
 
 const workerModule = ownModule('workers', 'chunk-io');
@@ -111,7 +112,7 @@ export class WorkerChunkIo implements ChunkIo {
       maxThreads: options.workerCount,
       idleTimeout: Number.MAX_SAFE_INTEGER,
       concurrentTasksPerWorker: 1 + workerTasksQueuedMax,
-      workerData: { chunkDirectory: files.directory, files: files.layer.workerSpec, slab: options.buffers.slab, testHooks: options.testHooks === true },
+      workerData: { chunkDirectory: files.directory, files: files.layer.workerSpec, slab: options.buffers.slab, testHooks: options.testHooks === true, nice: helperThreadNice },
     });
     this.#pool.on('workerCreate', (worker: WorkerView) => this.#workers.set(worker, worker.id));
     this.#pool.on('workerDestroy', () => {

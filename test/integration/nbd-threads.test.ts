@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
+import { helperThreadNice, processThreads } from '../../src/core/thread-priority.ts';
 import { TestNbdClient } from '../helpers/nbd-client.ts';
 import { makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
 
@@ -45,6 +46,20 @@ test('fio, four connections at once, random reads and writes verified with crc32
   const status = JSON.parse((await node.cli('status', '--json')).stdout);
   assert.equal(status.nbd.threads, 2);
   assert.ok(status.nbd.requestsTotal > 4 * 8192, `requests counted across threads: ${status.nbd.requestsTotal}`);
+});
+
+test('the helper threads run below the event loop (libuv\'s pool, chunk I/O, the chunk writer); the NBD threads and V8\'s at its priority', async () => {
+  // After the fio test: every thread has started and served by now.
+  const threads = processThreads(node.process.pid!);
+  const described = threads.map((thread) => `${thread.name}:${thread.nice}`).join(' ');
+  const nicesOf = (name: string): number[] => threads.filter((thread) => thread.name === name).map((thread) => thread.nice);
+  assert.equal(threads.find((thread) => thread.id === node.process.pid)?.nice, 0, described);
+  assert.deepEqual(nicesOf('libuv-worker'), Array(16).fill(helperThreadNice), described);
+  // piscina's chunk I/O workers keep Node's name for a worker thread; chunkd's own threads are named.
+  assert.ok(nicesOf('WorkerThread').length >= 1 && nicesOf('WorkerThread').every((nice) => nice === helperThreadNice), described);
+  assert.deepEqual(nicesOf('chunkd-writer'), [helperThreadNice], described);
+  assert.deepEqual(nicesOf('chunkd-nbd'), [0, 0], described);
+  assert.ok(nicesOf('V8Worker').length >= 1 && nicesOf('V8Worker').every((nice) => nice === 0), described);
 });
 
 test('garbage on one connection closes it only; the others go on', async () => {

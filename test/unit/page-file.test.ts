@@ -12,7 +12,8 @@ import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
 import { chooseRoot, decodePage, encodePage, firstDataPage, PageFile, pageBytes, pageHeaderBytes, runPagesMax } from '../../src/store/page-file.ts';
 import { closeDescriptorsUnder, PowerLossFiles } from '../../src/testing/power-loss.ts';
 import { TestFiles } from '../../src/testing/test-files.ts';
-import { batchPages, pageWriterNice } from '../../src/store/page-writer.ts';
+import { batchPages } from '../../src/store/page-writer.ts';
+import { helperThreadNice, processThreads } from '../../src/core/thread-priority.ts';
 import { makeRandom, randomInt, testSeed } from '../helpers/random.ts';
 
 const scratch = (): string => fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-pages-'));
@@ -349,9 +350,9 @@ test('writePages: pages scattered and in runs, over several batches, land byte f
     assert.notEqual(file.writerThread, 'none');
     await writerUp(file);
     // The thread runs below the event loop's priority (its nice value, Linux: per thread).
-    const niceOf = (task: string): number => Number(fs.readFileSync(`/proc/self/task/${task}/stat`, 'utf8').split(') ')[1]!.split(' ')[16]);
-    assert.ok(fs.readdirSync('/proc/self/task').some((task) => niceOf(task) === pageWriterNice), `a thread at nice ${pageWriterNice}`);
-    assert.ok(niceOf(String(process.pid)) < pageWriterNice, 'the main thread above it');
+    const threads = processThreads();
+    assert.equal(threads.find((thread) => thread.name === 'chunkd-pages')?.nice, helperThreadNice, JSON.stringify(threads));
+    assert.ok(threads.find((thread) => thread.id === process.pid)!.nice < helperThreadNice, 'the main thread above it');
     // Some 2.5 batches of pages: every third page alone, then runs of 40 that cross the batches' edges.
     const numbers: number[] = [];
     for (let page = 1_000; numbers.length < batchPages; page += 3) numbers.push(page);
