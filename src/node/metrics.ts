@@ -73,7 +73,7 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
   metric(
     'chunkd_event_loop_longest_pause_seconds',
     'gauge',
-    'The longest gap between two ticks of a 10 ms timer on the main thread since the node started, and how it was spent: on_cpu (the thread ran), run_queue (it waited for a CPU: other threads or processes had the cores), elsewhere (blocked or idle); gc: V8\'s collections within it (part of the others); other_threads_cpu: the CPU the process\'s other threads took within it (not a part of it: up to the CPUs\' count times the gap).',
+    'The longest gap between two ticks of a 10 ms timer on the main thread since the node started, and how it was spent: on_cpu (the thread ran), run_queue (it waited for a CPU: other threads or processes had the cores), elsewhere (blocked or idle); gc: V8\'s collections within it (part of the others); gc_full: the full collections among them; other_threads_cpu: the CPU the process\'s other threads took within it (not a part of it: up to the CPUs\' count times the gap).',
     pause === null ? [] : [['{part="gap"}', pause.gapSeconds], ['{part="on_cpu"}', pause.onCpuSeconds], ...(pause.runQueueSeconds === null ? [] : [['{part="run_queue"}', pause.runQueueSeconds] as [string, number]]), ['{part="elsewhere"}', pause.elsewhereSeconds], ['{part="gc"}', pause.gcSeconds], ['{part="gc_full"}', pause.majorGcSeconds], ['{part="other_threads_cpu"}', pause.otherThreadsCpuSeconds]],
   );
   metric('chunkd_event_loop_utilization', 'gauge', 'Event loop utilisation since the previous scrape.', [['', status.eventLoopUtilization]]);
