@@ -172,6 +172,41 @@ export async function waitForSocket(socketPath: string, child: ChildProcess, std
   throw new Error(`not ready in ${timeoutMs / 1000} s: ${stderr().trim().slice(0, 400)}`);
 }
 
+/** The machine's CPU time so far, all CPUs together, in clock ticks (/proc/stat's `cpu` line). */
+export interface MachineCpuTicks {
+  /** Every state's ticks (user, nice, system, idle, iowait, irq, softirq, steal). */
+  total: number;
+  /** Idle and iowait. */
+  idle: number;
+  /** Time the hypervisor ran something else while a virtual CPU had work (0 on bare metal). */
+  steal: number;
+}
+
+/** Parses /proc/stat's first line ("cpu  user nice system idle iowait irq softirq steal guest guest_nice"). */
+export function parseMachineCpuTicks(text: string): MachineCpuTicks | null {
+  const match = /^cpu +(\d+(?: +\d+){7,})/m.exec(text);
+  if (match === null) return null;
+  // guest and guest_nice are already counted in user and nice.
+  const [user, nice, system, idle, iowait, irq, softirq, steal] = match[1]!.split(/ +/).slice(0, 8).map(Number) as [number, number, number, number, number, number, number, number];
+  return { total: user + nice + system + idle + iowait + irq + softirq + steal, idle: idle + iowait, steal };
+}
+
+/** The machine's CPU time so far; null where there is no /proc/stat. */
+export function machineCpuTicks(): MachineCpuTicks | null {
+  try {
+    return parseMachineCpuTicks(fs.readFileSync('/proc/stat', 'latin1'));
+  } catch {
+    return null;
+  }
+}
+
+/** How the machine's CPU time went between two readings, in percent of it: stolen by the hypervisor, idle. */
+export function machineCpuShares(before: MachineCpuTicks | null, after: MachineCpuTicks | null): { stealPercent: number; idlePercent: number } | null {
+  if (before === null || after === null || after.total <= before.total) return null;
+  const total = after.total - before.total;
+  return { stealPercent: ((after.steal - before.steal) / total) * 100, idlePercent: ((after.idle - before.idle) / total) * 100 };
+}
+
 let clockTicksPerSecond = 100;
 
 export function setClockTicks(ticks: number): void {

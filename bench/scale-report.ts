@@ -28,6 +28,12 @@ export interface ScaleStep {
   longestPauseWriting?: { gapSeconds: number; onCpuSeconds: number; runQueueSeconds: number | null; elsewhereSeconds: number; gcSeconds?: number } | null;
   /** Every gap of the event loop over 50 ms over the writes, as the node logged it (src/node/loop-pauses.ts); absent in runs before it was kept. */
   longGapsWriting?: string[];
+  /**
+   * The whole machine's CPU time over the same span (/proc/stat): the share a hypervisor stole (a virtual CPU with
+   * work, not run: the node's threads waited for a CPU or stood still in the middle of their work meanwhile), and
+   * the share idle; null for the baseline, absent in runs before it was kept.
+   */
+  machineWriting?: { stealPercent: number; idlePercent: number } | null;
   /** Small writes the node's main thread pwrote itself or handed to the chunk writer's thread over the same span, and the longest of its own (chunk-writer.ts); absent in runs before it was kept. */
   smallWritesWriting?: { inline: number; thread: number; longestInlineSeconds: number } | null;
   /** Checkpoints the node wrote during the writes (its journal filled). */
@@ -142,13 +148,15 @@ const memoryPartsText = (parts: MemoryParts | null | undefined): string =>
 
 export function formatStepsTable(steps: readonly ScaleStep[]): string {
   return markdownTable(
-    ['written', 'snapshots', 'write IOPS', 'node CPU per write µs', 'RSS before restart MiB (peak)', 'RSS before restart MiB: [heap] / arenas (count) / other anon / file', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'longest gap writing ms: on CPU / waiting for a CPU / elsewhere (in collections)', 'small writes inline / on the thread (longest inline ms)', 'read IOPS cold', 'read IOPS warm', 'node CPU per read µs cold / warm', 'RSS after reads MiB', 'snapshots taken: ms median (max)', 'diff of the last two s (changed)', 'snapshot list s (again)'],
+    ['written', 'snapshots', 'write IOPS', 'node CPU per write µs', 'RSS before restart MiB (peak)', 'RSS before restart MiB: [heap] / arenas (count) / other anon / file', 'start after kill -9 s (after a stop)', 'RSS after start MiB', 'metadata on disk MiB', 'checkpoint MiB', 'checkpoint s', 'checkpoint encode ms', 'longest pause, checkpoint ms', 'longest pause, writing ms', 'longest gap writing ms: on CPU / waiting for a CPU / elsewhere (in collections)', 'gaps over 50 ms writing', 'machine CPU writing: stolen / idle %', 'small writes inline / on the thread (longest inline ms)', 'read IOPS cold', 'read IOPS warm', 'node CPU per read µs cold / warm', 'RSS after reads MiB', 'snapshots taken: ms median (max)', 'diff of the last two s (changed)', 'snapshot list s (again)'],
     steps.map((s) => [
       formatSize(s.writtenBytes), String(s.snapshots), s.writeIops === null ? '' : round(s.writeIops), s.writeCpuMicros == null ? '' : s.writeCpuMicros.toFixed(1),
       `${mib(s.rssBytesBeforeRestart)}${s.memoryBeforeRestart == null ? '' : ` (${mib(s.memoryBeforeRestart.peakBytes)})`}`, memoryPartsText(s.memoryBeforeRestart), `${s.startSeconds.toFixed(2)} (${s.startSecondsAgain.toFixed(2)})`, mib(s.rssBytesAfterStart),
       mib(s.metadataBytes), mib(s.checkpointBytes), s.checkpointSeconds.toFixed(2), ms(s.checkpointEncodeSeconds), ms(s.eventLoopDelayMaxCheckpointSeconds),
       s.writtenBytes === 0 ? '' : `${ms(s.eventLoopDelayMaxWritingSeconds)}${s.checkpointsWhileWriting > 0 ? ` (${s.checkpointsWhileWriting} checkpoint${s.checkpointsWhileWriting > 1 ? 's' : ''})` : ''}`,
       s.longestPauseWriting == null || s.writtenBytes === 0 ? '' : pauseText(s.longestPauseWriting),
+      s.longGapsWriting == null || s.writtenBytes === 0 ? '' : String(s.longGapsWriting.length),
+      s.machineWriting == null ? '' : `${s.machineWriting.stealPercent.toFixed(1)} / ${s.machineWriting.idlePercent.toFixed(1)}`,
       s.smallWritesWriting == null || s.writtenBytes === 0 ? '' : `${s.smallWritesWriting.inline} / ${s.smallWritesWriting.thread} (${ms(s.smallWritesWriting.longestInlineSeconds)})`,
       round(s.coldReadIops), round(s.warmReadIops), micros(s.coldReadCpuMicros, s.warmReadCpuMicros), mib(s.rssBytesAfterReads),
       s.snapshotSeconds == null ? '' : `${s.snapshotSeconds.count}: ${ms(s.snapshotSeconds.median)} (${ms(s.snapshotSeconds.max)})`,

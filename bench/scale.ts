@@ -43,7 +43,7 @@ import { callApi } from '../src/cli/api-client.ts';
 import { formatSize, parseSize } from '../src/core/units.ts';
 import { chunkdBin, nodeBinary, startNode, type Launcher, type RunningNode } from '../src/testing/node-process.ts';
 import { fioFailure, nbdTarget, parseFioJson, runFio } from './fio.ts';
-import { cleanup, cleanupOnSignals, commandOutput, onCleanup, processCpuSeconds, Tools } from './processes.ts';
+import { cleanup, cleanupOnSignals, commandOutput, machineCpuShares, machineCpuTicks, onCleanup, processCpuSeconds, Tools } from './processes.ts';
 import { formatProjectionTable, formatStepsTable, project, snapshotPoints, type MemoryParts, type ScaleStep } from './scale-report.ts';
 
 const volume = 'vol';
@@ -238,6 +238,7 @@ async function main(): Promise<void> {
     const stepStart = written;
     const cpuBeforeWrites = processCpuSeconds(node.process.pid!);
     const pausesBeforeWrites = pauseLines(node).length;
+    const machineBeforeWrites = machineCpuTicks();
     while (written < stepBytes) {
       const until = Math.min(stepBytes, pending[0] ?? Infinity);
       const job = await fio(['--name=randwrite', '--rw=randwrite', `--io_size=${until - written}`, '--end_fsync=1']);
@@ -254,6 +255,7 @@ async function main(): Promise<void> {
     const writing = await api<NodeStatusPart>('GET', '/v1/status');
     const longGapsWriting = pauseLines(node).slice(pausesBeforeWrites);
     const cpuAfterWrites = processCpuSeconds(node.process.pid!);
+    const machineWriting = written === stepStart ? null : machineCpuShares(machineBeforeWrites, machineCpuTicks());
     const writeCpuMicros = cpuBeforeWrites === null || cpuAfterWrites === null || written === stepStart ? null : ((cpuAfterWrites - cpuBeforeWrites) / ((written - stepStart) / blockBytes)) * 1e6;
     const rssBytesBeforeRestart = rssBytes(node.process.pid!);
     const memoryBeforeRestart = memoryParts(node.process.pid!);
@@ -322,6 +324,7 @@ async function main(): Promise<void> {
       longestPauseWriting: writing.eventLoopLongestPause ?? null,
       smallWritesWriting: writing.io?.smallWrites ?? null,
       longGapsWriting,
+      machineWriting,
       checkpointsWhileWriting: writing.pool.checkpointsTotal,
       startSeconds,
       startCpuSeconds,

@@ -49,6 +49,10 @@ test('npm run bench:scale with tiny steps and snapshots reports every figure', {
         } else if (figure === 'longGapsWriting') {
           // The node's logged gaps over 50 ms while writing, as it said them (often none).
           assert.ok(Array.isArray(value) && value.every((line) => /^\d+ ms \(\d+ on CPU, .* elsewhere; \d+ in collections(?: \(\d+ full\))?; other threads \d+ ms of CPU\)$/.test(line)), `${figure} = ${JSON.stringify(value)}`);
+        } else if (figure === 'machineWriting') {
+          // The machine's CPU over the writes (/proc/stat): stolen and idle shares, percent; none for the baseline.
+          if (step.writtenBytes === 0) assert.equal(value, null);
+          else for (const [part, number] of Object.entries(value as object)) assert.ok(typeof number === 'number' && number >= 0 && number <= 100, `${figure}.${part} = ${number}`);
         } else if ((figure === 'snapshotListSeconds' || figure === 'snapshotListAgainSeconds') && step.snapshots === 0) assert.equal(value, null);
         else assert.ok(typeof value === 'number' && Number.isFinite(value) && value >= 0, `${figure} = ${value}`);
       }

@@ -1,11 +1,13 @@
 // The benchmark suite's pure half: row selection, medians and spreads, ratios to the raw disk and to the best peer,
 // and the Markdown tables (bench/report.ts), on hand-made samples.
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'vitest';
 import { allRows, defaultRowIds, formatMarkdownTables, selectRows, summariseRow, type Sample, type SystemInfo } from '../../bench/report.ts';
 import { rowArgs } from '../../bench/fio.ts';
 import { formatProjectionTable, project, snapshotPoints, type ScaleStep } from '../../bench/scale-report.ts';
+import { machineCpuShares, machineCpuTicks, parseMachineCpuTicks } from '../../bench/processes.ts';
 import { parseVariant } from '../../bench/systems.ts';
 
 function system(id: string, kind: SystemInfo['kind'], multiConn = true): SystemInfo {
@@ -111,4 +113,22 @@ test('scale: snapshots evenly spaced on 4 KiB boundaries; projection from the sl
   assert.ok(falling.perGiB < 0, 'the measured slope is still reported');
   assert.equal(falling.at[0]!.value, 0.4);
   assert.ok(falling.at[0]!.valueAverage > 0.4, 'the average slope from nothing still rises');
+});
+
+test("scale: the machine's CPU shares from /proc/stat: steal and idle in percent of all CPU time between two readings", () => {
+  const text = (user: number, idle: number, iowait: number, steal: number): string =>
+    `cpu  ${user} 10 200 ${idle} ${iowait} 0 30 ${steal} 7 0\ncpu0 1 2 3 4 5 6 7 8 9 0\nintr 1 2 3\n`;
+  const before = parseMachineCpuTicks(text(1000, 5000, 100, 50))!;
+  // guest (7) is already in user: not counted twice.
+  assert.deepEqual(before, { total: 1000 + 10 + 200 + 5000 + 100 + 30 + 50, idle: 5100, steal: 50 });
+  const after = parseMachineCpuTicks(text(1600, 5200, 100, 250))!;
+  // 1,000 ticks more in all: 200 stolen, 200 idle.
+  assert.deepEqual(machineCpuShares(before, after), { stealPercent: 20, idlePercent: 20 });
+  assert.equal(machineCpuShares(before, before), null, 'no time between the readings');
+  assert.equal(machineCpuShares(null, after), null);
+  // A kernel before steal was counted (fewer than eight fields) or something else is not read.
+  assert.equal(parseMachineCpuTicks('cpu  1 2 3 4\n'), null);
+  assert.equal(parseMachineCpuTicks('nothing'), null);
+  const real = machineCpuTicks();
+  if (fs.existsSync('/proc/stat')) assert.ok(real !== null && real.total > 0 && real.steal >= 0 && real.idle <= real.total);
 });
