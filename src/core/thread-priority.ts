@@ -2,14 +2,34 @@
 // threads beside it (libuv's pool, the chunk I/O workers, the chunk writer, the page writer) work for it, and on a
 // machine whose CPUs are short the scheduler otherwise shares a CPU between them and the event loop as equals, so
 // the loop waits while they run (BENCHMARKS.md, issue 15, "The node's helper threads below the event loop"). On
-// Linux a nice value is a thread's own (setpriority on a thread id), and raising one needs no privilege. The NBD
+// Linux a nice value is a thread's own (setpriority on a thread id; a new thread takes its creator's), and raising
+// one needs no privilege. The helpers' value is the event loop's plus 10, whatever the node was started at. The NBD
 // protocol threads serve requests as the main thread does, and V8's helpers are the collector's, which the main
 // thread waits for in its pauses: both stay at the process's priority.
 import fs from 'node:fs';
 import os from 'node:os';
 
-/** The helper threads' nice value (the process's is 0 unless its caller set another; at most 19). */
-export const helperThreadNice = 10;
+/** How far below the event loop the helper threads run, in nice values (the sum at most 19). */
+export const helperNiceBelow = 10;
+
+/**
+ * The nice value for the helper threads of a node whose event loop is the calling thread: its own plus
+ * `helperNiceBelow`, at most 19. A node started at nice 0 (as usual) gives them 10; one started lower (`nice -n -5`,
+ * systemd's `Nice=-5`) or higher keeps them as far below its event loop, never above it (as an absolute value
+ * would, for a node started at 15).
+ */
+export function helperThreadNice(): number {
+  return Math.min(19, threadNice() + helperNiceBelow);
+}
+
+/** The calling thread's nice value (Linux: this thread's own), 0 where the system does not say. */
+export function threadNice(): number {
+  try {
+    return os.getPriority();
+  } catch {
+    return 0;
+  }
+}
 
 /** libuv's name for the threads of its pool (the file system's calls, DNS, zlib, crypto's slow calls). */
 const libuvPoolThreadName = 'libuv-worker';

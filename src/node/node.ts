@@ -320,7 +320,7 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
       setImmediate(startDone);
       // libuv's pool below the event loop (thread-priority.ts): its threads exist by now (the pool's files were
       // opened through it); the worker threads set their own.
-      setLibuvPoolNice(helperThreadNice);
+      setLibuvPoolNice(helperThreadNice());
     } catch (error) {
       await node.stop().catch(() => {});
       throw error;

@@ -152,7 +152,7 @@ export class ChunkWriter {
     this.#inlinePauseMs = options.inlinePauseMs ?? inlinePauseMs;
     const files: FileLayerSpec = options.files?.workerSpec ?? { kind: 'real' };
     this.#layer = files.kind === 'real' ? null : options.files!;
-    this.#worker = new Worker(ownModule('workers', 'chunk-writer'), { name: 'chunkd-writer', workerData: { control: this.#control, slab, files, nice: helperThreadNice } });
+    this.#worker = new Worker(ownModule('workers', 'chunk-writer'), { name: 'chunkd-writer', workerData: { control: this.#control, slab, files, nice: helperThreadNice() } });
     this.#worker.unref();
     // A thread that could not start or died: the write it held fails (EIO) and writes go another way from now on.
     const log = options.log ?? ((): void => {});

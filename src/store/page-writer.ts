@@ -67,7 +67,7 @@ export class PageWriter {
     this.#images = this.#slabs.map((slab) => Buffer.from(slab));
     this.#freeSlabs = this.#slabs.map((_, index) => index);
     const spec: FileLayerSpec = files.workerSpec;
-    this.#worker = new Worker(ownModule('workers', 'page-writer'), { name: 'chunkd-pages', workerData: { files: spec, paths, slabs: this.#slabs, nice: helperThreadNice } });
+    this.#worker = new Worker(ownModule('workers', 'page-writer'), { name: 'chunkd-pages', workerData: { files: spec, paths, slabs: this.#slabs, nice: helperThreadNice() } });
     this.#worker.unref();
     this.#worker.on('message', (answer: PageWriterAnswer) => {
       if ('ready' in answer) {

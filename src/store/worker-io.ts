@@ -112,7 +112,7 @@ export class WorkerChunkIo implements ChunkIo {
       maxThreads: options.workerCount,
       idleTimeout: Number.MAX_SAFE_INTEGER,
       concurrentTasksPerWorker: 1 + workerTasksQueuedMax,
-      workerData: { chunkDirectory: files.directory, files: files.layer.workerSpec, slab: options.buffers.slab, testHooks: options.testHooks === true, nice: helperThreadNice },
+      workerData: { chunkDirectory: files.directory, files: files.layer.workerSpec, slab: options.buffers.slab, testHooks: options.testHooks === true, nice: helperThreadNice() },
     });
     this.#pool.on('workerCreate', (worker: WorkerView) => this.#workers.set(worker, worker.id));
     this.#pool.on('workerDestroy', () => {

@@ -8,9 +8,9 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, test } from 'vitest';
-import { helperThreadNice, processThreads } from '../../src/core/thread-priority.ts';
+import { helperNiceBelow, processThreads } from '../../src/core/thread-priority.ts';
 import { TestNbdClient } from '../helpers/nbd-client.ts';
-import { makeTempDir, mustRun, startNode, type RunningNode } from '../helpers/node-process.ts';
+import { chunkdBin, makeTempDir, mustRun, nodeBinary, startNode, type RunningNode } from '../helpers/node-process.ts';
 
 const MiB = 1024 * 1024;
 let scratch: string;
@@ -54,12 +54,40 @@ test('the helper threads run below the event loop (libuv\'s pool, chunk I/O, the
   const described = threads.map((thread) => `${thread.name}:${thread.nice}`).join(' ');
   const nicesOf = (name: string): number[] => threads.filter((thread) => thread.name === name).map((thread) => thread.nice);
   assert.equal(threads.find((thread) => thread.id === node.process.pid)?.nice, 0, described);
+  const helperThreadNice = helperNiceBelow;
   assert.deepEqual(nicesOf('libuv-worker'), Array(16).fill(helperThreadNice), described);
   // piscina's chunk I/O workers keep Node's name for a worker thread; chunkd's own threads are named.
   assert.ok(nicesOf('WorkerThread').length >= 1 && nicesOf('WorkerThread').every((nice) => nice === helperThreadNice), described);
   assert.deepEqual(nicesOf('chunkd-writer'), [helperThreadNice], described);
   assert.deepEqual(nicesOf('chunkd-nbd'), [0, 0], described);
   assert.ok(nicesOf('V8Worker').length >= 1 && nicesOf('V8Worker').every((nice) => nice === 0), described);
+});
+
+test('a node started at nice 5 keeps its helper threads 10 below its event loop (at 15), and the rest at 5', async () => {
+  const started = await startNode(path.join(scratch, 'pool-niced'), ['--default-volume', 'vol:64MiB', '--nbd-threads', '1'], { launcher: { command: 'nice', prefix: ['-n', '5', nodeBinary, chunkdBin] } });
+  try {
+    // A write through the main thread (the unix socket), so that the chunk writer has started.
+    const client = await TestNbdClient.connect(started.nbdSocket, 'vol');
+    await client.write(0, crypto.randomBytes(4096));
+    await client.disconnect();
+    // A worker thread has its name before its module has loaded and set its value: wait until none is left at 5.
+    const helpers = new Set(['libuv-worker', 'WorkerThread', 'chunkd-writer']);
+    let threads = processThreads(started.process.pid!);
+    for (const deadline = Date.now() + 10_000; Date.now() < deadline && threads.some((thread) => helpers.has(thread.name) && thread.nice === 5); ) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      threads = processThreads(started.process.pid!);
+    }
+    const described = threads.map((thread) => `${thread.name}:${thread.nice}`).join(' ');
+    const nicesOf = (name: string): number[] => threads.filter((thread) => thread.name === name).map((thread) => thread.nice);
+    assert.equal(threads.find((thread) => thread.id === started.process.pid)?.nice, 5, described);
+    assert.deepEqual(nicesOf('libuv-worker'), Array(16).fill(15), described);
+    assert.ok(nicesOf('WorkerThread').length >= 1 && nicesOf('WorkerThread').every((nice) => nice === 15), described);
+    assert.deepEqual(nicesOf('chunkd-writer'), [15], described);
+    assert.deepEqual(nicesOf('chunkd-nbd'), [5], described);
+    assert.ok(nicesOf('V8Worker').every((nice) => nice === 5), described);
+  } finally {
+    await started.stop();
+  }
 });
 
 test('garbage on one connection closes it only; the others go on', async () => {

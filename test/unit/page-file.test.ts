@@ -351,8 +351,8 @@ test('writePages: pages scattered and in runs, over several batches, land byte f
     await writerUp(file);
     // The thread runs below the event loop's priority (its nice value, Linux: per thread).
     const threads = processThreads();
-    assert.equal(threads.find((thread) => thread.name === 'chunkd-pages')?.nice, helperThreadNice, JSON.stringify(threads));
-    assert.ok(threads.find((thread) => thread.id === process.pid)!.nice < helperThreadNice, 'the main thread above it');
+    assert.equal(threads.find((thread) => thread.name === 'chunkd-pages')?.nice, helperThreadNice(), JSON.stringify(threads));
+    assert.ok(threads.find((thread) => thread.id === process.pid)!.nice < helperThreadNice(), 'the main thread above it');
     // Some 2.5 batches of pages: every third page alone, then runs of 40 that cross the batches' edges.
     const numbers: number[] = [];
     for (let page = 1_000; numbers.length < batchPages; page += 3) numbers.push(page);
