@@ -23,7 +23,7 @@ export function helperThreadNice(): number {
 }
 
 /** The calling thread's nice value (Linux: this thread's own), 0 where the system does not say. */
-export function threadNice(): number {
+function threadNice(): number {
   try {
     return os.getPriority();
   } catch {

@@ -54,11 +54,11 @@ test('the helper threads run below the event loop (libuv\'s pool, chunk I/O, the
   const described = threads.map((thread) => `${thread.name}:${thread.nice}`).join(' ');
   const nicesOf = (name: string): number[] => threads.filter((thread) => thread.name === name).map((thread) => thread.nice);
   assert.equal(threads.find((thread) => thread.id === node.process.pid)?.nice, 0, described);
-  const helperThreadNice = helperNiceBelow;
-  assert.deepEqual(nicesOf('libuv-worker'), Array(16).fill(helperThreadNice), described);
+  // A node started at nice 0: its helpers at helperNiceBelow (10).
+  assert.deepEqual(nicesOf('libuv-worker'), Array(16).fill(helperNiceBelow), described);
   // piscina's chunk I/O workers keep Node's name for a worker thread; chunkd's own threads are named.
-  assert.ok(nicesOf('WorkerThread').length >= 1 && nicesOf('WorkerThread').every((nice) => nice === helperThreadNice), described);
-  assert.deepEqual(nicesOf('chunkd-writer'), [helperThreadNice], described);
+  assert.ok(nicesOf('WorkerThread').length >= 1 && nicesOf('WorkerThread').every((nice) => nice === helperNiceBelow), described);
+  assert.deepEqual(nicesOf('chunkd-writer'), [helperNiceBelow], described);
   assert.deepEqual(nicesOf('chunkd-nbd'), [0, 0], described);
   assert.ok(nicesOf('V8Worker').length >= 1 && nicesOf('V8Worker').every((nice) => nice === 0), described);
 });
