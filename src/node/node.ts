@@ -31,6 +31,7 @@ import { describeLoopPause, LoopPauses, type LoopPause } from './loop-pauses.ts'
 import { SharedBufferPool } from '../core/shared-buffers.ts';
 import { NbdThreads } from './nbd-threads.ts';
 import type { IoEngineStatus } from '../store/chunk-io.ts';
+import { checksumEngine, nativeChecksums } from '../store/checksum.ts';
 import { defaultWorkerCount, WorkerChunkIo } from '../store/worker-io.ts';
 import type { FuseFrontEnd, FuseStatus } from '../fuse/front-end.ts';
 import type { DockerPluginServer } from '../api/docker-plugin.ts';
@@ -163,6 +164,9 @@ export class ChunkdNode implements ControlPlane, DeviceProvider {
     if (config.cluster && peerCredentials !== null && peerCredentials.name !== config.cluster.nodeName) {
       throw ChunkdError.invalid(`--node-name ${config.cluster.nodeName} differs from the name in this node's certificate (${peerCredentials.name}, in ${peerCredentials.directory}): peers know it by that name, so give --node-name ${peerCredentials.name}`);
     }
+    // The checksums' engine, loaded now: a bad CHUNKD_CRC is refused before the pool opens, and a node whose
+    // native CRC was not built says so (it runs, its large writes and reads at more CPU).
+    config.log(`checksums: ${checksumEngine()}`, nativeChecksums() ? 'debug' : 'info');
     const workers = config.workers ?? defaultWorkerCount();
     // With workers, request buffers live in shared memory so that bytes reach a worker without a copy.
     const sharedBuffers = workers > 0 ? new SharedBufferPool() : null;

@@ -34,7 +34,7 @@ import { crc32 } from '@node-rs/crc32';
 import { ChunkdError } from '../core/errors.ts';
 import { chunkSizeBytes, streamDataRecordBytesMax, streamHeaderBytesMax, streamRecordPayloadBytesMax, volumeSizeMaxBytes } from '../core/limits.ts';
 import { checkName } from '../core/names.ts';
-import { appendedChecksum, combinedChecksum, shortChecksum } from '../store/checksum.ts';
+import { appendedChecksum, blockChecksum, blockChecksums, combinedChecksum, shortChecksum } from '../store/checksum.ts';
 import { contentDigestBytes } from '../store/content-digest.ts';
 import { isSnapshotUuid } from '../store/metadata.ts';
 
@@ -273,8 +273,8 @@ export class StreamDecoder {
     }
     const from = this.#sumsUsed;
     const arena = this.#sums;
-    if (count === 1) arena[from] = crc32(data) >>> 0;
-    else for (let i = 0; i < count; i++) arena[from + i] = crc32(data.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes)) >>> 0;
+    if (count === 1) arena[from] = blockChecksum(data);
+    else blockChecksums(data, count, arena, from);
     const crc = appendedChecksum(shortChecksum(bytes, 0, dataRecordDataStart), combinedChecksum(arena, from, count), count);
     if (crc !== bytes.readUInt32LE(crcEnd)) throw this.#damaged();
     this.#sumsUsed = from + count;

@@ -1,7 +1,9 @@
-// The checksum of one 4 KiB block: CRC-32 (IEEE) from @node-rs/crc32, a native SIMD implementation.
-// Measured here (tmp/crcbench, Node 24, 4 KiB blocks): 10.3 GB/s, against 1.8 GB/s for Node's built-in
-// zlib.crc32 and 2.9 GB/s for the same package's crc32c; 32 bits detect every burst error up to 32 bits and any
-// other damage with probability 1 - 2^-32, which is what a per-block check on a local disk needs.
+// The checksum of one 4 KiB block: CRC-32 (IEEE), from native/crc32.c through koffi where it was built at install
+// (native-crc.ts: a run's blocks in one call, 0.06 s/GiB in 4 KiB blocks here with VPCLMULQDQ), else from
+// @node-rs/crc32, a native SIMD implementation (10.3 GB/s in 4 KiB blocks when measured first, against 1.8 GB/s
+// for Node's built-in zlib.crc32 and 2.9 GB/s for the same package's crc32c; a call per block). Both give the
+// same values, so pools move between them freely. 32 bits detect every burst error up to 32 bits and any other
+// damage with probability 1 - 2^-32, which is what a per-block check on a local disk needs.
 //
 // Verifying many blocks at once: the CRC of a concatenation follows from the CRCs of its parts (zlib's
 // crc32_combine), crc(A || B) = shift(crc(A)) ^ crc(B), where shift, for a B of one block, is a fixed linear map
@@ -11,10 +13,42 @@
 // polynomial is invertible), and a mismatch is then looked for block by block to name the block.
 import { crc32 } from '@node-rs/crc32';
 import { chunkSizeBytes } from '../core/limits.ts';
+import { loadNativeCrc, nativeCrcLibrary, type NativeCrc } from './native-crc.ts';
+
+/** The native CRC, null where @node-rs/crc32 computes them; undefined until the first checksum asks. */
+let native: NativeCrc | null | undefined;
+
+function nativeCrc(): NativeCrc | null {
+  if (native === undefined) native = loadNativeCrc();
+  return native;
+}
+
+/** What computes the checksums, for the node's log: loads the native CRC (and refuses a bad CHUNKD_CRC) now. */
+export function checksumEngine(): string {
+  const loaded = nativeCrc();
+  if (loaded !== null) return `CRC-32 by ${nativeCrcLibrary} (${loaded.kernel} kernel)`;
+  return process.env.CHUNKD_CRC === 'node-rs' ? 'CRC-32 by @node-rs/crc32 (CHUNKD_CRC=node-rs)' : `CRC-32 by @node-rs/crc32, a call per 4 KiB block (${nativeCrcLibrary} was not built: install a C compiler and run sh native/build.sh)`;
+}
 
 /** The checksum of one block's bytes (any length; the store passes whole 4 KiB chunks). */
 export function blockChecksum(bytes: Uint8Array): number {
-  return crc32(bytes as Buffer) >>> 0;
+  const loaded = native === undefined ? nativeCrc() : native;
+  return loaded !== null ? loaded.checksum(bytes) : crc32(bytes as Buffer) >>> 0;
+}
+
+/** Whether checksums are native (one call for many blocks, blockChecksums); false where @node-rs/crc32 computes them. */
+export function nativeChecksums(): boolean {
+  return (native === undefined ? nativeCrc() : native) !== null;
+}
+
+/** The checksum of each of the `count` whole blocks at the start of `bytes`, into out[from..from + count). */
+export function blockChecksums(bytes: Uint8Array, count: number, out: Uint32Array, from = 0): void {
+  const loaded = native === undefined ? nativeCrc() : native;
+  if (loaded !== null) {
+    loaded.blocks(bytes, chunkSizeBytes, count, from === 0 ? out : out.subarray(from, from + count));
+    return;
+  }
+  for (let i = 0; i < count; i++) out[from + i] = crc32(bytes.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes) as Buffer) >>> 0;
 }
 
 /** CRC-32 (IEEE, reflected: the polynomial 0xedb88320) of each byte value, for shortChecksum. */
@@ -39,8 +73,8 @@ export function shortChecksum(bytes: Uint8Array, start: number, end: number): nu
   return (crc ^ 0xffffffff) >>> 0;
 }
 
-/** The checksum of a chunk of zeros: what a hole reads as. */
-export const zeroChunkSum = blockChecksum(new Uint8Array(chunkSizeBytes));
+/** The checksum of a chunk of zeros: what a hole reads as (@node-rs/crc32's: nothing native loads at import). */
+export const zeroChunkSum = crc32(Buffer.alloc(chunkSizeBytes)) >>> 0;
 
 /** The checksum of a run of bytes: blockChecksum of their concatenation (compare with combinedChecksum). */
 export const runChecksum = blockChecksum;

@@ -7,7 +7,7 @@
 import { assert } from '../core/assert.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { settleAll } from '../core/settle.ts';
-import { blockChecksum, combinedChecksum, runChecksum } from './checksum.ts';
+import { blockChecksum, blockChecksums, combinedChecksum, nativeChecksums, runChecksum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import type { ChunkWriter, SmallWriteCounts } from './chunk-writer.ts';
 
@@ -52,6 +52,10 @@ export interface ChunkIo {
 export function chunkSums(data: Uint8Array): Uint32Array {
   assert(data.length % chunkSizeBytes === 0, 'checksums cover whole chunks');
   const sums = new Uint32Array(data.length / chunkSizeBytes);
+  if (nativeChecksums()) {
+    blockChecksums(data, sums.length, sums);
+    return sums;
+  }
   const views = sums.length >= cachedBlockViewsMin ? blockViews(data) : null;
   if (views !== null) {
     for (let i = 0; i < sums.length; i++) sums[i] = blockChecksum(views[i]!);
@@ -62,14 +66,14 @@ export function chunkSums(data: Uint8Array): Uint32Array {
 }
 
 /**
- * A large write's checksums take one view per 4 KiB chunk (the native CRC takes a buffer, no offset): 256 objects
- * per MiB, 30 KB of the 49 KB the main thread allocated per 1 MiB NBD write, most of what set the pace of the
- * scavenges in the node's bounded young generation (bin/chunkd.js; BENCHMARKS.md, issue 19, seventh pass). Large
- * payloads come from pools and are reused (the shared buffers' large list, the connections' buffer pools), so
- * their chunks' views are made once and kept with their memory: a WeakMap keyed by the ArrayBuffer, which holds
- * them as long as that memory lives and no longer. Only for a view that covers its whole (fixed-length)
- * ArrayBuffer: that is what pooled payloads are, and it bounds what is kept to one view per chunk of memory that
- * is in use anyway.
+ * Without the native CRC (checksum.ts), a large write's checksums take one view per 4 KiB chunk (@node-rs/crc32
+ * takes a buffer, no offset): 256 objects per MiB, 30 KB of the 49 KB the main thread allocated per 1 MiB NBD
+ * write, most of what set the pace of the scavenges in the node's bounded young generation (bin/chunkd.js;
+ * BENCHMARKS.md, issue 19, seventh pass). Large payloads come from pools and are reused (the shared buffers' large
+ * list, the connections' buffer pools), so their chunks' views are made once and kept with their memory: a
+ * WeakMap keyed by the ArrayBuffer, which holds them as long as that memory lives and no longer. Only for a view
+ * that covers its whole (fixed-length) ArrayBuffer: that is what pooled payloads are, and it bounds what is kept
+ * to one view per chunk of memory that is in use anyway.
  */
 const cachedBlockViewsMin = 32;
 const blockViewCache = new WeakMap<ArrayBufferLike, Uint8Array[]>();
