@@ -163,8 +163,13 @@ export const workersMax = 64;
 /** serve --poll-us at most: a poll holds its thread's event loop (nbd/idle-poll.ts). */
 export const pollUsMax = 1000;
 
-/** Chunks freed but not yet reusable (they wait for a commit) that trigger a commit: 256 MiB of extra file space at most. */
+/** Chunks freed but not yet reusable (they wait for a commit) that trigger a commit. */
 export const deferredChunksCommitMax = (256 * MiB) / chunkSizeBytes;
+/**
+ * Writes wait for the commit under way once the chunks freed and not yet reusable are this many times
+ * deferredChunksCommitMax (commit-engine.ts): the chunk files' extra space bounded by about 512 MiB.
+ */
+export const freedChunksHoldFactor = 2;
 
 /** Volumes in one pool. */
 export const volumesMax = 4096;

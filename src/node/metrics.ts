@@ -30,6 +30,7 @@ export function renderMetrics(status: NodeStatus, io: Record<string, ExportIoSta
   metric('chunkd_nbd_request_errors_total', 'counter', 'NBD requests answered with an error.', [['', status.nbd.requestErrorsTotal]]);
   metric('chunkd_pool_failed', 'gauge', 'Whether the pool refuses writes after a failed sync or metadata write (1), until the node restarts.', [['', status.pool.failure === null ? 0 : 1]]);
   metric('chunkd_pool_commit_failures_total', 'counter', 'Metadata commits (flush, FUA, background) that failed.', [['', status.pool.commitFailuresTotal]]);
+  metric('chunkd_pool_writes_held_for_freed_space_total', 'counter', 'Writes that waited for the commit under way before taking chunks, while the chunks freed by overwrites and not yet reusable were past their bound (the disk writes back slower than the writes come).', [['', status.pool.writesHeldForFreedSpaceTotal]]);
   metric('chunkd_pool_free_chunks_given_back_bytes_total', 'counter', 'Free chunks punched out of the pool\'s files, while the node runs, because the metadata met a full file system.', [['', status.pool.freeChunksGivenBackBytesTotal]]);
   metric('chunkd_metadata_repairs_total', 'counter', 'Damaged or missing metadata copies found at open and repaired from the other copy.', [['', status.pool.metadataRepairsTotal]]);
   metric('chunkd_read_defrag_bytes_total', 'counter', 'Bytes that large reads found scattered in small pieces and rewrote as one run (serve --read-defrag).', [['', status.pool.readDefragBytesTotal]]);

@@ -89,6 +89,18 @@ export class ChunkStore {
    * in pieces. `sums`: the chunks' checksums when the caller has taken them from these bytes (ChunkIo.writeSummed).
    */
   write(payload: Buffer, sums?: Uint32Array): Promise<WrittenRun> {
+    const gate = this.allocationGate();
+    if (gate !== null) return gate.then(() => this.#write(payload, sums));
+    return this.#write(payload, sums);
+  }
+
+  /**
+   * Asked before each write takes its chunks: null, or a promise it waits for first (the commit engine holds writes
+   * so while the chunks freed and not yet reusable are past its bound: commit-engine.ts, `#spaceGate`).
+   */
+  allocationGate: () => Promise<void> | null = () => null;
+
+  #write(payload: Buffer, sums: Uint32Array | undefined): Promise<WrittenRun> {
     const chunkCount = payload.length / chunkSizeBytes;
     return this.#writeFresh(payload, chunkCount, sums).catch(async (error: unknown) => {
       if (!isNoSpace(error)) throw error;

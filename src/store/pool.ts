@@ -33,6 +33,7 @@ import { ChunkdError, fromSystemError, isNoSpace } from '../core/errors.ts';
 import {
   backgroundCommitIntervalMs,
   chunkSizeBytes,
+  deferredChunksCommitMax,
   metadataCacheBytesDefault,
   readDefragInFlightBytesMax,
   snapshotsPerVolumeMax,
@@ -111,6 +112,8 @@ export interface PoolStatus {
   commitError: string | null;
   commitFailuresTotal: number;
   freeChunksGivenBackBytesTotal: number;
+  /** Writes that waited for a commit before taking chunks, while the chunks freed and not yet reusable were past their bound. */
+  writesHeldForFreedSpaceTotal: number;
   checkpointsTotal: number;
   lastCheckpoint: CheckpointReport | null;
   checkpointEncodeSecondsMax: number;
@@ -134,6 +137,8 @@ export interface PoolOptions {
   journalCheckpointBytes?: number;
   /** How often unflushed writes are committed in the background (default limits.backgroundCommitIntervalMs). */
   backgroundCommitIntervalMs?: number;
+  /** Chunks freed and not yet reusable that start a commit (default limits.deferredChunksCommitMax; small in tests). */
+  freedChunksCommitMax?: number;
   /** Makes the engine that carries chunk reads and writes (default: inline, on the calling thread). */
   makeIo?: (chunkFiles: ChunkFiles, waitTimes: LatencyHistogram) => ChunkIo;
   /** Verify checksums on reads (default true); false only to measure what verification costs. */
@@ -228,6 +233,7 @@ export class Pool {
       journal: opened.journal,
       generation: opened.generation,
       journalCheckpointBytes: options.journalCheckpointBytes ?? opened.catalog.journalCheckpointBytes,
+      freedChunksCommitMax: options.freedChunksCommitMax ?? deferredChunksCommitMax,
       backgroundCommitIntervalMs: options.backgroundCommitIntervalMs ?? backgroundCommitIntervalMs,
       log,
     });

@@ -1,0 +1,95 @@
+// The chunk files' extra space under a stream of overwrites is bounded when the disk is slower than the writes: the
+// chunks an overwrite frees are reusable only after the commit that records the free, a commit's fdatasync takes
+// as long as the disk needs for what the page cache holds dirty, and a write that found no reusable chunk went above
+// the high-water mark. Writes now wait for the commit under way once the chunks freed and not yet reusable are
+// twice what starts a commit (commit-engine.ts, `#spaceGate`). Here the chunk files' fdatasync is held (the
+// slowest disk), the bound made small (freedChunksCommitMax: 1 MiB), and the files' span watched.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, test } from 'vitest';
+import { freedChunksHoldFactor } from '../../src/core/limits.ts';
+import { realFiles, type FileLayer } from '../../src/store/file-layer.ts';
+import { Pool } from '../../src/store/pool.ts';
+
+const MiB = 1024 * 1024;
+const directories: string[] = [];
+afterAll(() => {
+  for (const directory of directories) fs.rmSync(directory, { recursive: true, force: true });
+});
+
+test('overwrites wait for the commit under way instead of growing the chunk files while a slow fdatasync holds the freed chunks', { timeout: 60_000 }, async () => {
+  const directory = fs.mkdtempSync(path.join(os.tmpdir(), 'chunkd-freed-'));
+  directories.push(directory);
+  // The chunk files' fdatasync waits while `held` is set: the disk is slower than any write.
+  const chunkFds = new Set<number>();
+  let held: PromiseWithResolvers<void> | null = null;
+  const files: FileLayer = {
+    ...realFiles,
+    open: async (file, mode) => {
+      const fd = await realFiles.open(file, mode);
+      if (file.endsWith('.chunk')) chunkFds.add(fd);
+      return fd;
+    },
+    fdatasync: async (fd) => {
+      if (chunkFds.has(fd) && held !== null) await held.promise;
+      return realFiles.fdatasync(fd);
+    },
+  };
+  const freedChunksCommitMax = MiB / 4096;
+  const pool = await Pool.open({ directory, files, freedChunksCommitMax, backgroundCommitIntervalMs: 3_600_000 });
+  try {
+    const volumeBytes = 16 * MiB;
+    await pool.createVolume('v', volumeBytes);
+    const volume = pool.openVolume('v');
+    for (let offset = 0; offset < volumeBytes; offset += MiB) await volume.write(offset, Buffer.alloc(MiB, 1));
+    await volume.flush();
+    const filled = (await pool.status()).chunkFilesBytes;
+
+    // Four laps of overwrites at queue depth 4, lap n writing the byte n + 2.
+    held = Promise.withResolvers<void>();
+    const writes = 4 * (volumeBytes / MiB);
+    let done = 0;
+    let failed: unknown = null;
+    const writer = async (first: number): Promise<void> => {
+      for (let i = first; i < writes; i += 4) {
+        await volume.write((i * MiB) % volumeBytes, Buffer.alloc(MiB, 2 + Math.floor(i / (volumeBytes / MiB))));
+        done += 1;
+      }
+    };
+    const writers = Promise.all([0, 1, 2, 3].map(writer)).catch((error: unknown) => {
+      failed = error;
+    });
+    // The writes go on until the freed chunks reach the bound, then wait for the commit (held in its fdatasync).
+    let seen = -1;
+    while (seen !== done) {
+      seen = done;
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    assert.equal(failed, null);
+    // What is live, the freed chunks up to the bound, and the four writes in flight: the fresh chunks they took, and
+    // the chunks they free after passing the bound. Not the laps (without the bound: 16 MiB more a lap).
+    const boundBytes = filled + freedChunksHoldFactor * MiB + 2 * 4 * MiB;
+    assert.ok(done < writes, `all ${writes} overwrites went on while the commit's fdatasync was held: nothing held them`);
+    const spanWhileHeld = (await pool.status()).chunkFilesBytes;
+    assert.ok(spanWhileHeld <= boundBytes, `chunk files at ${spanWhileHeld / MiB} MiB while the sync was held (${filled / MiB} MiB filled, ${done} of ${writes} overwrites done)`);
+    assert.ok((await pool.status()).writesHeldForFreedSpaceTotal > 0);
+
+    // The disk catches up: every write completes, the files grow no further than the bound allows, the data is the last lap's.
+    held.resolve();
+    held = null;
+    await writers;
+    assert.equal(failed, null);
+    assert.equal(done, writes);
+    await volume.flush();
+    const spanAfter = (await pool.status()).chunkFilesBytes;
+    assert.ok(spanAfter <= boundBytes, `chunk files at ${spanAfter / MiB} MiB after ${writes} MiB of overwrites into ${volumeBytes / MiB} MiB`);
+    const back = Buffer.alloc(volumeBytes);
+    await volume.read(0, back);
+    assert.ok(back.every((byte) => byte === 5), 'the last lap (byte 5) is what reads back');
+  } finally {
+    held?.resolve();
+    await pool.close();
+  }
+});
