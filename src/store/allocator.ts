@@ -37,6 +37,8 @@ export interface FreeExtent {
 export class DeferredFrees {
   #extents: FreeExtent[] = [];
   #count = 0;
+  /** Chunks waiting in extents of `freedRunChunksMin` or more. */
+  #runCount = 0;
   /** Frees claimed by a commit in progress (the first ones). */
   #sealedCount = 0;
 
@@ -45,11 +47,26 @@ export class DeferredFrees {
     return this.#count;
   }
 
+  /**
+   * Chunks waiting in runs of at least `freedRunChunksMin`: the frees a large write can reuse once they are
+   * released. An overwrite of data written at random frees single chunks, which no run of a large write fits.
+   */
+  get runCount(): number {
+    return this.#runCount;
+  }
+
   add(start: number, chunkCount: number, punch: boolean): void {
     this.#count += chunkCount;
     const last = this.#extents[this.#extents.length - 1];
-    if (last !== undefined && this.#extents.length > this.#sealedCount && last.punch === punch && last.start + last.count === start) last.count += chunkCount;
-    else this.#extents.push({ start, count: chunkCount, punch });
+    if (last !== undefined && this.#extents.length > this.#sealedCount && last.punch === punch && last.start + last.count === start) {
+      const before = last.count;
+      last.count += chunkCount;
+      if (before >= freedRunChunksMin) this.#runCount += chunkCount;
+      else if (last.count >= freedRunChunksMin) this.#runCount += last.count;
+    } else {
+      this.#extents.push({ start, count: chunkCount, punch });
+      if (chunkCount >= freedRunChunksMin) this.#runCount += chunkCount;
+    }
   }
 
   /** Marks the frees a commit is about to make durable; pass the result to `take` after it. */
@@ -62,10 +79,16 @@ export class DeferredFrees {
   take(mark: number): FreeExtent[] {
     this.#sealedCount -= mark;
     const taken = this.#extents.splice(0, mark);
-    for (const extent of taken) this.#count -= extent.count;
+    for (const extent of taken) {
+      this.#count -= extent.count;
+      if (extent.count >= freedRunChunksMin) this.#runCount -= extent.count;
+    }
     return taken;
   }
 }
+
+/** Freed chunks in a run at least this long count as reusable by large writes (`DeferredFrees.runCount`): 128 KiB. */
+export const freedRunChunksMin = 32;
 
 /** Chunks in one span of `holdFree` (32 MiB of chunks). */
 const holdSpanChunks = 8192;
@@ -108,6 +131,10 @@ export class ChunkAllocator {
 
   get deferredCount(): number {
     return this.#deferred.count;
+  }
+
+  get deferredRunCount(): number {
+    return this.#deferred.runCount;
   }
 
   /** Free runs below the high-water mark (for punching leaked space at load). */

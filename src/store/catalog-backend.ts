@@ -79,6 +79,8 @@ export interface ChunkAllocation {
   readonly highWater: number;
   readonly usedCount: number;
   readonly deferredCount: number;
+  /** Of those, the chunks in runs of at least allocator.ts's `freedRunChunksMin` (DeferredFrees.runCount). */
+  readonly deferredRunCount: number;
   allocate(chunkCount: number): number | Promise<number>;
   release(start: number, chunkCount: number): void;
   deferredMark(): number;

@@ -324,6 +324,11 @@ export class ChunkStore {
     return this.#allocator.deferredCount;
   }
 
+  /** Of those, the chunks in runs a large write can reuse (DeferredFrees.runCount). */
+  get deferredRunCount(): number {
+    return this.#allocator.deferredRunCount;
+  }
+
   /** Marks the frees a commit is about to cover (see `reuseFreed`). */
   deferredMark(): number {
     return this.#allocator.deferredMark();

@@ -221,15 +221,16 @@ export class CommitEngine {
 
   /**
    * Writes wait for the commit under way while the chunks freed and not yet reusable (those it makes reusable, and
-   * those freed since it began) are `freedChunksHoldFactor` times what starts a commit. Without it a disk slower
-   * than the writes made each commit's fdatasync longer (it writes back what the page cache holds dirty), and the
-   * writes meanwhile went above the high-water mark: a 512 MiB volume rewritten by 1 MiB writes for 30 s left
-   * 6.3 GB of chunk files, and the copy into new page-cache folios cost the writes 2.4 times nbdkit's
-   * (BENCHMARKS.md, issue 19).
+   * those freed since it began) in runs a large write can reuse are `freedChunksHoldFactor` times what starts a
+   * commit. Without it a disk slower than the writes made each commit's fdatasync longer (it writes back what the
+   * page cache holds dirty), and the writes meanwhile went above the high-water mark: a 512 MiB volume rewritten by
+   * 1 MiB writes for 30 s left 6.3 GB of chunk files, and the copy into new page-cache folios cost the writes 2.4
+   * times nbdkit's (BENCHMARKS.md, issue 19). Frees of single chunks (an overwrite of data written at random) do
+   * not count: waiting for them would slow the writes and give them no room their runs fit.
    */
   #spaceGate(): Promise<void> | null {
     const running = this.#currentCommit;
-    if (running === null || this.#chunks.deferredCount < freedChunksHoldFactor * this.#freedChunksCommitMax) return null;
+    if (running === null || this.#chunks.deferredRunCount < freedChunksHoldFactor * this.#freedChunksCommitMax) return null;
     this.#spaceHolds += 1;
     return running.then(
       () => {},

@@ -499,6 +499,10 @@ export class ChunkSpace implements ChunkRefs {
     return this.#deferred.count;
   }
 
+  get deferredRunCount(): number {
+    return this.#deferred.runCount;
+  }
+
   /** Chunks whose counts searches for free space walked one by one, since open. */
   get searchedChunks(): number {
     return this.#searchedChunks;
