@@ -103,6 +103,8 @@ test('overwrites wait for the commit under way instead of growing the chunk file
       failed = error;
     });
     // The writes go on until the freed chunks reach the bound, then wait for the commit (held in its fdatasync).
+    const deadline = Date.now() + 20_000;
+    while ((await pool.status()).writesHeldForFreedSpaceTotal === 0 && done < writes && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
     await settledCount(() => done);
     assert.equal(failed, null);
     // What is live, the freed chunks up to the bound, and the four writes in flight: the fresh chunks they took, and
@@ -154,7 +156,8 @@ test('overwrites of data written at random are not held: the single chunks they 
         done += 1;
       }
     }));
-    await settledCount(() => done);
+    // All of them complete while the fdatasync is still held (a held write would wait for it forever).
+    await Promise.race([writers, new Promise((resolve) => setTimeout(resolve, 20_000))]);
     assert.equal(done, writes, `${done} of ${writes} overwrites done while the commit's fdatasync was held: single freed chunks held writes`);
     assert.equal((await pool.status()).writesHeldForFreedSpaceTotal, 0);
     release();
