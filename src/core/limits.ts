@@ -166,8 +166,9 @@ export const pollUsMax = 1000;
 /** Chunks freed but not yet reusable (they wait for a commit) that trigger a commit. */
 export const deferredChunksCommitMax = (256 * MiB) / chunkSizeBytes;
 /**
- * Writes wait for the commit under way once the chunks freed and not yet reusable are this many times
- * deferredChunksCommitMax (commit-engine.ts): the chunk files' extra space bounded by about 512 MiB.
+ * Writes wait for the commit under way once the chunks freed in runs (allocator.ts, `freedRunChunksMin`) and not
+ * yet reusable are this many times deferredChunksCommitMax (commit-engine.ts): the chunk files' extra space under a
+ * stream of large overwrites bounded by about 512 MiB.
  */
 export const freedChunksHoldFactor = 2;
 
