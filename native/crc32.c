@@ -158,13 +158,18 @@ int chunkd_crc32_best_kernel(void) {
   return best_kernel;
 }
 
-/* The CRC-32 of n bytes (a kernel the CPU lacks runs as the best it has). */
+/* The kernel asked for, or the best this CPU has where it lacks that one. */
+static int runnable(int kernel) {
+  return kernel < best_kernel ? kernel : best_kernel;
+}
+
+/* The CRC-32 of n bytes. */
 uint32_t chunkd_crc32(int kernel, const uint8_t *p, size_t n) {
-  return ~crc_state(kernel < best_kernel ? kernel : best_kernel, 0xffffffffu, p, n);
+  return ~crc_state(runnable(kernel), 0xffffffffu, p, n);
 }
 
 /* The CRC-32 of each of `count` blocks of `block_bytes` from p, into out[0..count). */
 void chunkd_crc32_blocks(int kernel, const uint8_t *p, size_t block_bytes, size_t count, uint32_t *out) {
-  if (kernel > best_kernel) kernel = best_kernel;
+  kernel = runnable(kernel);
   for (size_t i = 0; i < count; i++) out[i] = ~crc_state(kernel, 0xffffffffu, p + i * block_bytes, block_bytes);
 }

@@ -30,25 +30,53 @@ export function checksumEngine(): string {
   return process.env.CHUNKD_CRC === 'node-rs' ? 'CRC-32 by @node-rs/crc32 (CHUNKD_CRC=node-rs)' : `CRC-32 by @node-rs/crc32, a call per 4 KiB block (${nativeCrcLibrary} was not built: install a C compiler and run sh native/build.sh)`;
 }
 
-/** The checksum of one block's bytes (any length; the store passes whole 4 KiB chunks). */
-export function blockChecksum(bytes: Uint8Array): number {
-  const loaded = native === undefined ? nativeCrc() : native;
-  return loaded !== null ? loaded.checksum(bytes) : crc32(bytes as Buffer) >>> 0;
-}
-
 /** Whether checksums are native (one call for many blocks, blockChecksums); false where @node-rs/crc32 computes them. */
 export function nativeChecksums(): boolean {
-  return (native === undefined ? nativeCrc() : native) !== null;
+  return nativeCrc() !== null;
+}
+
+/** The checksum of one block's bytes (any length; the store passes whole 4 KiB chunks). */
+export function blockChecksum(bytes: Uint8Array): number {
+  const loaded = nativeCrc();
+  return loaded !== null ? loaded.checksum(bytes) : crc32(bytes as Buffer) >>> 0;
 }
 
 /** The checksum of each of the `count` whole blocks at the start of `bytes`, into out[from..from + count). */
 export function blockChecksums(bytes: Uint8Array, count: number, out: Uint32Array, from = 0): void {
-  const loaded = native === undefined ? nativeCrc() : native;
+  const loaded = nativeCrc();
   if (loaded !== null) {
     loaded.blocks(bytes, chunkSizeBytes, count, from === 0 ? out : out.subarray(from, from + count));
     return;
   }
-  for (let i = 0; i < count; i++) out[from + i] = crc32(bytes.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes) as Buffer) >>> 0;
+  const views = count >= cachedBlockViewsMin ? blockViews(bytes, count) : null;
+  for (let i = 0; i < count; i++) out[from + i] = crc32((views?.[i] ?? bytes.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes)) as Buffer) >>> 0;
+}
+
+/**
+ * Without the native CRC, a large write's checksums take one view per 4 KiB chunk (@node-rs/crc32 takes a buffer,
+ * no offset): 256 objects per MiB, 30 KB of the 49 KB the main thread allocated per 1 MiB NBD write, most of what
+ * set the pace of the scavenges in the node's bounded young generation (bin/chunkd.js; BENCHMARKS.md, issue 19,
+ * seventh pass). Large payloads come from pools and are reused (the shared buffers' large list, the connections'
+ * buffer pools), so their chunks' views are made once and kept with their memory: a WeakMap keyed by the
+ * ArrayBuffer, which holds them as long as that memory lives and no longer. Only for bytes that cover their whole
+ * (fixed-length) ArrayBuffer: that is what pooled payloads are, and it bounds what is kept to one view per chunk of
+ * memory that is in use anyway.
+ */
+const cachedBlockViewsMin = 32;
+const blockViewCache = new WeakMap<ArrayBufferLike, Uint8Array[]>();
+
+/** The views of the first `count` chunks of `bytes`, kept with its memory, or null when it is not a whole fixed-length buffer. */
+function blockViews(bytes: Uint8Array, count: number): Uint8Array[] | null {
+  const memory = bytes.buffer;
+  if (bytes.byteOffset !== 0 || bytes.byteLength !== memory.byteLength || count * chunkSizeBytes > memory.byteLength) return null;
+  if ((memory as { resizable?: boolean }).resizable === true || (memory as { growable?: boolean }).growable === true) return null;
+  let views = blockViewCache.get(memory);
+  if (views === undefined) {
+    views = [];
+    for (let offset = 0; offset + chunkSizeBytes <= memory.byteLength; offset += chunkSizeBytes) views.push(Buffer.from(memory, offset, chunkSizeBytes));
+    blockViewCache.set(memory, views);
+  }
+  return views;
 }
 
 /** CRC-32 (IEEE, reflected: the polynomial 0xedb88320) of each byte value, for shortChecksum. */

@@ -7,7 +7,7 @@
 import { assert } from '../core/assert.ts';
 import { chunkSizeBytes, chunksPerFile } from '../core/limits.ts';
 import { settleAll } from '../core/settle.ts';
-import { blockChecksum, blockChecksums, combinedChecksum, nativeChecksums, runChecksum } from './checksum.ts';
+import { blockChecksum, blockChecksums, combinedChecksum, runChecksum } from './checksum.ts';
 import type { ChunkFiles } from './chunk-files.ts';
 import type { ChunkWriter, SmallWriteCounts } from './chunk-writer.ts';
 
@@ -52,44 +52,8 @@ export interface ChunkIo {
 export function chunkSums(data: Uint8Array): Uint32Array {
   assert(data.length % chunkSizeBytes === 0, 'checksums cover whole chunks');
   const sums = new Uint32Array(data.length / chunkSizeBytes);
-  if (nativeChecksums()) {
-    blockChecksums(data, sums.length, sums);
-    return sums;
-  }
-  const views = sums.length >= cachedBlockViewsMin ? blockViews(data) : null;
-  if (views !== null) {
-    for (let i = 0; i < sums.length; i++) sums[i] = blockChecksum(views[i]!);
-    return sums;
-  }
-  for (let i = 0; i < sums.length; i++) sums[i] = blockChecksum(data.subarray(i * chunkSizeBytes, (i + 1) * chunkSizeBytes));
+  blockChecksums(data, sums.length, sums);
   return sums;
-}
-
-/**
- * Without the native CRC (checksum.ts), a large write's checksums take one view per 4 KiB chunk (@node-rs/crc32
- * takes a buffer, no offset): 256 objects per MiB, 30 KB of the 49 KB the main thread allocated per 1 MiB NBD
- * write, most of what set the pace of the scavenges in the node's bounded young generation (bin/chunkd.js;
- * BENCHMARKS.md, issue 19, seventh pass). Large payloads come from pools and are reused (the shared buffers' large
- * list, the connections' buffer pools), so their chunks' views are made once and kept with their memory: a
- * WeakMap keyed by the ArrayBuffer, which holds them as long as that memory lives and no longer. Only for a view
- * that covers its whole (fixed-length) ArrayBuffer: that is what pooled payloads are, and it bounds what is kept
- * to one view per chunk of memory that is in use anyway.
- */
-const cachedBlockViewsMin = 32;
-const blockViewCache = new WeakMap<ArrayBufferLike, Uint8Array[]>();
-
-/** The views of `data`'s chunks, kept with its memory, or null when `data` is not a whole fixed-length buffer. */
-function blockViews(data: Uint8Array): Uint8Array[] | null {
-  const memory = data.buffer;
-  if (data.byteOffset !== 0 || data.byteLength !== memory.byteLength) return null;
-  if ((memory as { resizable?: boolean }).resizable === true || (memory as { growable?: boolean }).growable === true) return null;
-  let views = blockViewCache.get(memory);
-  if (views === undefined) {
-    views = [];
-    for (let offset = 0; offset < memory.byteLength; offset += chunkSizeBytes) views.push(Buffer.from(memory, offset, chunkSizeBytes));
-    blockViewCache.set(memory, views);
-  }
-  return views;
 }
 
 /** The first chunk of `data` whose checksum differs from `expected`, or null. */
